@@ -1,0 +1,1 @@
+"""Subcommands of the `douane` CLI, one module per command group."""

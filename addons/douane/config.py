@@ -1,0 +1,417 @@
+"""The gateway's YAML configuration: loaded once, validated completely, errors with file and line.
+
+    policies/default.yaml:14 upstreams.openai.credential.env: unknown env var OPENAI_KEY
+
+Core sections (gateway, identity, upstreams, passthrough, audit) are parsed here. Sections owned by
+other concerns are parsed by the function `SECTIONS` names, so `douane check` and start-up validate
+the whole file in one pass. Relative paths are resolved against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import importlib
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+# section name -> "module:function" taking a View and returning the parsed section
+SECTIONS: dict[str, str] = {}
+
+PROTOCOLS = ("openai", "anthropic", "mcp", "generic")
+ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                         "ES256", "ES384", "ES512")
+# Where each protocol's SDK sends its key, and so where douane injects the upstream credential.
+DEFAULT_CREDENTIAL_HEADER = {"openai": ("authorization", "Bearer {secret}"),
+                             "anthropic": ("x-api-key", "{secret}"),
+                             "mcp": ("authorization", "Bearer {secret}")}
+
+
+class ConfigError(Exception):
+    def __init__(self, file: str, line: int | None, path: str, message: str):
+        self.file, self.line, self.path, self.message = file, line, path, message
+        where = f"{file}:{line}" if line else file
+        super().__init__(f"{where} {path}: {message}" if path else f"{where}: {message}")
+
+
+_REQUIRED: Any = object()
+
+
+class View:
+    """A mapping of the config file with its location: typed reads, errors that point at the line."""
+
+    def __init__(self, data: dict[str, Any], path: tuple[str, ...], doc: Document):
+        self.data, self.path, self.doc = data, path, doc
+
+    def error(self, message: str, key: str | None = None) -> ConfigError:
+        path = self.path + ((key,) if key is not None else ())
+        return ConfigError(self.doc.file, self.doc.line_of(path), ".".join(path), message)
+
+    def only(self, *keys: str) -> None:
+        for key in self.data:
+            if key not in keys:
+                raise self.error(f"unknown key (expected one of: {', '.join(keys)})", str(key))
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
+        if key not in self.data or self.data[key] is None:
+            if default is _REQUIRED:
+                raise self.error("required key is missing", key)
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+            raise self.error(f"expected {names}, got {_TYPE_NAMES.get(type(value), type(value).__name__)}", key)
+        return value
+
+    def strings(self, key: str, default: Any = _REQUIRED) -> tuple[str, ...]:
+        """A string or a list of strings."""
+        value = self.get(key, (str, list), default)
+        if isinstance(value, str):
+            return (value,)
+        if any(not isinstance(v, str) for v in value):
+            raise self.error("expected a list of strings", key)
+        return tuple(value)
+
+    def size(self, key: str, default: Any = _REQUIRED) -> int:
+        """A byte size: an integer, or a string such as 10m, 512k, 1g."""
+        value = self.get(key, (int, str), default)
+        if isinstance(value, int):
+            return value
+        m = re.fullmatch(r"\s*(\d+)\s*([kmg]?)b?\s*", value.lower())
+        if not m:
+            raise self.error(f"expected a size such as 10m or 512k, got {value!r}", key)
+        return int(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2)]
+
+    def path_value(self, key: str, default: Any = _REQUIRED) -> Path:
+        value = self.get(key, str, default)
+        return self.doc.resolve(value) if isinstance(value, str) else value
+
+    def sub(self, key: str, required: bool = False) -> View:
+        value = self.get(key, dict, _REQUIRED if required else {})
+        return View(value, self.path + (key,), self.doc)
+
+    def views(self, key: str) -> Iterator[View]:
+        """Each mapping of a list under `key`."""
+        items = self.get(key, list, [])
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise View({}, self.path + (key, str(i)), self.doc).error("expected a mapping")
+            yield View(item, self.path + (key, str(i)), self.doc)
+
+    def named(self, key: str) -> Iterator[tuple[str, View]]:
+        """Each entry of a mapping of name -> mapping under `key`."""
+        for name, item in self.get(key, dict, {}).items():
+            if not isinstance(item, dict):
+                raise self.error("expected a mapping", f"{key}.{name}")
+            yield str(name), View(item, self.path + (key, str(name)), self.doc)
+
+    def secret(self, key: str) -> str | None:
+        """A secret given as {env: NAME} or {file: PATH}; never inline in the file."""
+        if key not in self.data:
+            return None
+        src = self.sub(key)
+        src.only("env", "file", "optional", "header", "format")
+        optional = src.get("optional", bool, False)
+        if "env" in src.data:
+            name = src.get("env", str)
+            value = os.environ.get(name)
+            if value is None and not optional:
+                raise src.error(f"unknown env var {name}", "env")
+            return value
+        if "file" in src.data:
+            path = src.path_value("file")
+            try:
+                return path.read_text().strip()
+            except OSError as e:
+                if optional:
+                    return None
+                raise src.error(f"cannot read {path}: {e.strerror}", "file") from None
+        raise src.error("give the secret as env: NAME or file: PATH")
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false",
+               list: "a list", dict: "a mapping", type(None): "nothing"}
+
+
+class Document:
+    """A YAML file parsed with the line of every key, so errors can point at it."""
+
+    def __init__(self, file: str, text: str):
+        self.file, self.text = file, text
+        self.base = Path(file).resolve().parent
+        self._lines: dict[tuple[str, ...], int] = {}
+        try:
+            loader = yaml.SafeLoader(text)
+            try:
+                node = loader.get_single_node()
+                self.data = self._build(loader, node, ()) if node is not None else {}
+            finally:
+                loader.dispose()
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            raise ConfigError(file, mark.line + 1 if mark else None, "",
+                              f"invalid YAML: {e.problem or e.context}") from None
+        if not isinstance(self.data, dict):
+            raise ConfigError(file, 1, "", "the file must hold a mapping at the top level")
+
+    def _build(self, loader: yaml.SafeLoader, node: yaml.Node, path: tuple[str, ...]) -> Any:
+        self._lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                key = str(loader.construct_object(key_node))
+                if key in out:
+                    raise ConfigError(self.file, key_node.start_mark.line + 1,
+                                      ".".join(path + (key,)), "duplicate key")
+                self._lines[path + (key,)] = key_node.start_mark.line + 1
+                out[key] = self._build(loader, value_node, path + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self._build(loader, n, path + (str(i),)) for i, n in enumerate(node.value)]
+        return loader.construct_object(node)
+
+    def line_of(self, path: tuple[str, ...]) -> int | None:
+        while path and path not in self._lines:
+            path = path[:-1]
+        return self._lines.get(path)
+
+    def resolve(self, value: str) -> Path:
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (self.base / p).resolve()
+
+    def root(self) -> View:
+        return View(self.data, (), self)
+
+
+# --- the core sections ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Issuer:
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_uri: str | None  # None: discover from {issuer}/.well-known/openid-configuration
+    algorithms: tuple[str, ...]
+    user_claim: str
+    groups_claim: str  # dotted path, e.g. realm_access.roles
+
+
+@dataclass(frozen=True)
+class DevIssuer:
+    """A local issuer for development: douane mints and accepts its own tokens."""
+
+    enabled: bool
+    issuer: str
+    audience: str
+    key_file: Path
+
+
+@dataclass(frozen=True)
+class TrustedHeaders:
+    sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    user: str
+    groups: str
+    email: str
+
+    def names(self) -> tuple[str, ...]:
+        return (self.user, self.groups, self.email)
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    issuers: tuple[Issuer, ...]
+    dev_issuer: DevIssuer | None
+    trusted_headers: TrustedHeaders
+    leeway_seconds: int
+    jwks_refresh_seconds: int  # minimum interval between JWKS fetches for unknown kids
+    jwks_timeout_seconds: int
+
+
+@dataclass(frozen=True)
+class Credential:
+    header: str
+    value: str | None = field(repr=False)  # the header value, with the secret; None: not set
+    source: str = ""  # "env OPENAI_API_KEY" — for messages, never the secret
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    scheme: str
+    host: str  # may be a glob such as *.openai.azure.com
+    port: int
+    path_prefix: str
+    protocol: str
+    credential: Credential | None
+    allow_websocket: bool = False
+    # generic protocol: JSON paths (dotted, [*] for lists) of prompt and response text
+    request_text_paths: tuple[str, ...] = ()
+    response_text_paths: tuple[str, ...] = ()
+
+    def matches(self, host: str, port: int, path: str) -> bool:
+        return (port == self.port and fnmatch.fnmatchcase(host.lower(), self.host)
+                and (path == self.path_prefix or path.startswith(self.path_prefix.rstrip("/") + "/")
+                     or self.path_prefix in ("", "/")))
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    path: Path
+    max_bytes: int
+    backups: int
+    hmac_key: str | None = field(repr=False, default=None)
+
+
+@dataclass(frozen=True)
+class Config:
+    file: str
+    version: str  # hash of the config file, written into every audit record
+    state_dir: Path
+    body_size_limit: int
+    identity: IdentityConfig
+    upstreams: tuple[Upstream, ...]
+    passthrough_hosts: tuple[str, ...]
+    audit: AuditConfig
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def upstream_for(self, host: str, port: int, path: str) -> Upstream | None:
+        """The most specific declared upstream for a request (longest path prefix wins)."""
+        found = [u for u in self.upstreams if u.matches(host, port, path)]
+        return max(found, key=lambda u: len(u.path_prefix), default=None)
+
+    def passthrough(self, host: str) -> bool:
+        return any(fnmatch.fnmatchcase(host.lower(), pattern) for pattern in self.passthrough_hosts)
+
+
+def load(file: str | os.PathLike[str]) -> Config:
+    file = str(file)
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(file, None, "", f"cannot read the config: {e.strerror}") from None
+    doc = Document(file, text)
+    root = doc.root()
+    root.only("version", "gateway", "identity", "upstreams", "passthrough", "audit", *SECTIONS)
+    if root.get("version", int, 1) != 1:
+        raise root.error("only version 1 is supported", "version")
+    gateway = root.sub("gateway")
+    gateway.only("state_dir", "body_size_limit")
+    state_dir = gateway.path_value("state_dir", doc.resolve(".douane"))
+    config = Config(
+        file=file,
+        version=hashlib.sha256(text.encode()).hexdigest()[:12],
+        state_dir=state_dir,
+        body_size_limit=gateway.size("body_size_limit", 10 * 1024**2),
+        identity=_identity(root.sub("identity"), state_dir),
+        upstreams=tuple(_upstream(name, v) for name, v in root.named("upstreams")),
+        passthrough_hosts=tuple(h.lower() for h in root.sub("passthrough").strings("hosts", ())),
+        audit=_audit(root.sub("audit"), state_dir),
+    )
+    root.sub("passthrough").only("hosts")
+    for name, target in SECTIONS.items():
+        module, func = target.split(":")
+        parse: Callable[[View], Any] = getattr(importlib.import_module(module), func)
+        config.sections[name] = parse(root.sub(name))
+    return config
+
+
+def _identity(v: View, state_dir: Path) -> IdentityConfig:
+    v.only("issuers", "dev_issuer", "trusted_headers", "leeway_seconds", "jwks_refresh_seconds",
+           "jwks_timeout_seconds")
+    issuers = []
+    for iv in v.views("issuers"):
+        iv.only("issuer", "audience", "jwks_uri", "algorithms", "user_claim", "groups_claim")
+        algorithms = iv.strings("algorithms", ("RS256", "ES256"))
+        for alg in algorithms:
+            if alg not in ASYMMETRIC_ALGORITHMS:
+                raise iv.error(f"{alg} is not allowed: only asymmetric algorithms "
+                               f"({', '.join(ASYMMETRIC_ALGORITHMS)})", "algorithms")
+        issuers.append(Issuer(
+            issuer=iv.get("issuer", str),
+            audiences=iv.strings("audience"),
+            jwks_uri=iv.get("jwks_uri", str, None),
+            algorithms=algorithms,
+            user_claim=iv.get("user_claim", str, "email"),
+            groups_claim=iv.get("groups_claim", str, "groups"),
+        ))
+    dev = None
+    dv = v.sub("dev_issuer")
+    dv.only("enabled", "issuer", "audience", "key_file")
+    if dv.get("enabled", bool, False):
+        dev = DevIssuer(True, dv.get("issuer", str, "https://douane.local/dev"),
+                        dv.get("audience", str, "douane"),
+                        dv.path_value("key_file", state_dir / "dev-issuer-key.pem"))
+    tv = v.sub("trusted_headers")
+    tv.only("sources", "user", "groups", "email")
+    sources = []
+    for cidr in tv.strings("sources", ()):
+        try:
+            sources.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError:
+            raise tv.error(f"not an address or CIDR: {cidr!r}", "sources") from None
+    trusted = TrustedHeaders(tuple(sources), tv.get("user", str, "x-auth-request-user").lower(),
+                             tv.get("groups", str, "x-auth-request-groups").lower(),
+                             tv.get("email", str, "x-forwarded-email").lower())
+    if not issuers and dev is None and not sources:
+        raise v.error("no way to authenticate: declare identity.issuers, enable "
+                      "identity.dev_issuer, or trust an auth proxy in identity.trusted_headers")
+    return IdentityConfig(tuple(issuers), dev, trusted, v.get("leeway_seconds", int, 30),
+                          v.get("jwks_refresh_seconds", int, 30),
+                          v.get("jwks_timeout_seconds", int, 5))
+
+
+def _upstream(name: str, v: View) -> Upstream:
+    v.only("url", "protocol", "credential", "allow_websocket", "request_text_paths",
+           "response_text_paths")
+    url = v.get("url", str)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise v.error(f"expected an http(s) URL such as https://api.openai.com, got {url!r}", "url")
+    protocol = v.get("protocol", str)
+    if protocol not in PROTOCOLS:
+        raise v.error(f"unknown protocol {protocol!r} (expected one of: {', '.join(PROTOCOLS)})",
+                      "protocol")
+    credential = None
+    if "credential" in v.data:
+        cv = v.sub("credential")
+        default_header, default_format = DEFAULT_CREDENTIAL_HEADER.get(protocol, (None, "{secret}"))
+        header = cv.get("header", str, default_header)
+        if header is None:
+            raise cv.error("a generic upstream needs credential.header", "header")
+        fmt = cv.get("format", str, default_format)
+        if "{secret}" not in fmt:
+            raise cv.error("the format must contain {secret}", "format")
+        secret = v.secret("credential")
+        source = f"env {cv.data['env']}" if "env" in cv.data else f"file {cv.data.get('file')}"
+        credential = Credential(header.lower(), fmt.replace("{secret}", secret) if secret else None,
+                                source)
+    request_paths = v.strings("request_text_paths", ())
+    response_paths = v.strings("response_text_paths", ())
+    if protocol == "generic" and not (request_paths or response_paths):
+        raise v.error("a generic upstream needs request_text_paths or response_text_paths")
+    return Upstream(
+        name=name, scheme=parts.scheme, host=parts.hostname.lower(),
+        port=parts.port or (443 if parts.scheme == "https" else 80),
+        path_prefix=parts.path.rstrip("/") or "/", protocol=protocol, credential=credential,
+        allow_websocket=v.get("allow_websocket", bool, False),
+        request_text_paths=request_paths, response_text_paths=response_paths,
+    )
+
+
+def _audit(v: View, state_dir: Path) -> AuditConfig:
+    v.only("path", "max_bytes", "backups", "hmac_key")
+    return AuditConfig(path=v.path_value("path", state_dir / "audit" / "audit.jsonl"),
+                       max_bytes=v.size("max_bytes", 50 * 1024**2),
+                       backups=v.get("backups", int, 20),
+                       hmac_key=v.secret("hmac_key"))

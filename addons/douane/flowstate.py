@@ -1,0 +1,137 @@
+"""What douane knows about a flow while it is live: identity, upstream, interaction, decision.
+
+The typed state lives beside the flow (a WeakKeyDictionary), not in `flow.metadata`, because
+metadata must stay serialisable for `.mitm` files. `publish()` mirrors a serialisable summary into
+`flow.metadata["douane"]` (plus a flat `user` key so `~meta 'user: alice'` filters work).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from mitmproxy import http
+
+    from douane.config import Upstream
+    from douane.interaction import Interaction
+
+Action = Literal["allow", "mask", "hold", "block", "refuse", "error"]
+
+
+@dataclass(frozen=True)
+class Identity:
+    user: str
+    groups: tuple[str, ...]
+    issuer: str  # the token issuer, or "trusted-header" for an auth proxy in front
+    subject: str
+    source: str  # where the identity came from: bearer, x-api-key, proxy-authorization, header
+    expires_at: int | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"user": self.user, "groups": list(self.groups), "issuer": self.issuer,
+                "source": self.source}
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a decision was taken; never carries the sensitive match itself."""
+
+    rule: str  # rule id, e.g. "identity.expired", "deny.secrets.aws_key"
+    message: str
+    field: str | None = None  # where it matched, e.g. "prompt[2]", "tool_arguments.path"
+    score: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rule": self.rule, "message": self.message}
+        if self.field:
+            out["field"] = self.field
+        if self.score:
+            out["score"] = self.score
+        return out
+
+
+@dataclass
+class Decision:
+    action: Action
+    reasons: list[Reason] = field(default_factory=list)
+    risk: float = 0.0
+    status: int | None = None  # HTTP status of a refusal
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"action": self.action, "reasons": [r.summary() for r in self.reasons]}
+        if self.risk:
+            out["risk"] = self.risk
+        if self.status:
+            out["status"] = self.status
+        return out
+
+
+@dataclass
+class FlowState:
+    decision_id: str
+    started: float  # time.monotonic() at the first hook
+    identity: Identity | None = None
+    upstream: Upstream | None = None
+    interaction: Interaction | None = None
+    decision: Decision | None = None
+    masked: dict[str, int] = field(default_factory=dict)  # entity type -> count, never values
+    timings_ms: dict[str, float] = field(default_factory=dict)  # stage -> milliseconds spent
+    audited: bool = False
+
+    def decide(self, action: Action, *reasons: Reason, status: int | None = None) -> Decision:
+        """Record a decision; a stricter one already taken is kept (block beats mask beats allow)."""
+        new = Decision(action, list(reasons), status=status)
+        if self.decision is None or _SEVERITY[action] >= _SEVERITY[self.decision.action]:
+            if self.decision is not None and self.decision.action == action:
+                new.reasons = self.decision.reasons + new.reasons
+                new.risk = self.decision.risk
+            self.decision = new
+        return self.decision
+
+    def time(self, stage: str, since: float) -> None:
+        self.timings_ms[stage] = round(self.timings_ms.get(stage, 0.0)
+                                       + (time.perf_counter() - since) * 1000, 3)
+
+
+_SEVERITY = {"allow": 0, "mask": 1, "hold": 2, "block": 3, "refuse": 3, "error": 4}
+
+_states: weakref.WeakKeyDictionary[http.HTTPFlow, FlowState] = weakref.WeakKeyDictionary()
+
+
+def new_decision_id() -> str:
+    return "dcn_" + uuid.uuid4().hex[:20]
+
+
+def state(flow: http.HTTPFlow) -> FlowState:
+    """The flow's state, created on first use (so every flow has a decision id)."""
+    st = _states.get(flow)
+    if st is None:
+        st = FlowState(decision_id=new_decision_id(), started=time.monotonic())
+        _states[flow] = st
+    return st
+
+
+def peek(flow: http.HTTPFlow) -> FlowState | None:
+    return _states.get(flow)
+
+
+def publish(flow: http.HTTPFlow) -> None:
+    """Mirror a serialisable summary into flow.metadata, for mitmweb and recordings."""
+    st = state(flow)
+    meta: dict[str, Any] = {"decision_id": st.decision_id}
+    if st.identity:
+        meta["identity"] = st.identity.summary()
+        flow.metadata["user"] = st.identity.user
+    if st.upstream:
+        meta["upstream"] = st.upstream.name
+    if st.interaction:
+        meta["interaction"] = st.interaction.summary()
+    if st.decision:
+        meta["decision"] = st.decision.summary()
+    if st.masked:
+        meta["masked"] = dict(st.masked)
+    flow.metadata["douane"] = meta

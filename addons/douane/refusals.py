@@ -1,0 +1,123 @@
+"""Refusals shaped like the target API's own errors, so SDKs raise their usual typed exceptions.
+
+Every refusal names its decision id (in the message and the `x-douane-decision-id` header), which
+finds the audit record.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy import http
+
+from douane.flowstate import Action, Reason, state
+
+logger = logging.getLogger(__name__)
+
+DECISION_HEADER = "x-douane-decision-id"
+
+# HTTP status -> (OpenAI error type, Anthropic error type)
+_TYPES = {
+    400: ("invalid_request_error", "invalid_request_error"),
+    401: ("invalid_request_error", "authentication_error"),
+    403: ("permission_error", "permission_error"),
+    404: ("invalid_request_error", "not_found_error"),
+    407: ("invalid_request_error", "authentication_error"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "invalid_request_error"),
+    429: ("rate_limit_error", "rate_limit_error"),
+    500: ("server_error", "api_error"),
+    502: ("server_error", "api_error"),
+    503: ("server_error", "overloaded_error"),
+    504: ("server_error", "api_error"),
+}
+
+# JSON-RPC error codes douane uses for MCP refusals (implementation-defined server error range).
+MCP_UNAUTHORIZED = -32001
+MCP_FORBIDDEN = -32003
+MCP_INVALID = -32600
+
+
+def error_body(protocol: str, status: int, message: str, code: str, decision_id: str,
+               rpc_id: Any = None) -> dict[str, Any]:
+    """The JSON error document for `protocol` ("openai", "anthropic", "mcp", "generic")."""
+    text = f"{message} (douane decision {decision_id})"
+    openai_type, anthropic_type = _TYPES.get(status, ("invalid_request_error", "api_error"))
+    if protocol == "anthropic":
+        return {"type": "error", "error": {"type": anthropic_type, "message": text},
+                "request_id": decision_id}
+    if protocol == "mcp":
+        rpc_code = {401: MCP_UNAUTHORIZED, 407: MCP_UNAUTHORIZED, 400: MCP_INVALID}.get(
+            status, MCP_FORBIDDEN)
+        return {"jsonrpc": "2.0", "id": rpc_id,
+                "error": {"code": rpc_code, "message": text,
+                          "data": {"decision_id": decision_id, "reason": code}}}
+    return {"error": {"message": text, "type": openai_type, "code": code, "param": None,
+                      "decision_id": decision_id}}
+
+
+def make_response(protocol: str, status: int, message: str, *, code: str, decision_id: str,
+                  rpc_id: Any = None, headers: dict[str, str] | None = None) -> http.Response:
+    body = json.dumps(error_body(protocol, status, message, code, decision_id, rpc_id))
+    resp = http.Response.make(status, body, {"content-type": "application/json",
+                                             DECISION_HEADER: decision_id})
+    for name, value in (headers or {}).items():
+        resp.headers[name] = value
+    return resp
+
+
+def refuse(flow: http.HTTPFlow, status: int, message: str, code: str, *reasons: Reason,
+           action: Action = "refuse", headers: dict[str, str] | None = None) -> None:
+    """Answer the flow with a refusal in its upstream's shape and record the decision.
+
+    The request never reaches the upstream once `flow.response` is set in a request hook.
+    """
+    st = state(flow)
+    protocol = st.upstream.protocol if st.upstream else "generic"
+    rpc_id = st.interaction.mcp[0].request_id if st.interaction and st.interaction.mcp else None
+    st.decide(action, *(reasons or (Reason(code, message),)), status=status)
+    flow.response = make_response(protocol, status, message, code=code,
+                                  decision_id=st.decision_id, rpc_id=rpc_id, headers=headers)
+
+
+def guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """Fail closed: an exception in a flow hook refuses the flow instead of letting it through.
+
+    mitmproxy logs a raising hook as "Addon error" and carries on delivering the flow; this turns
+    that into a 500 in the API's shape, logged with the decision id.
+    """
+
+    def refuse_on_error(flow: http.HTTPFlow, error: Exception) -> None:
+        st = state(flow)
+        logger.error("douane: %s failed on %s (decision %s): %s",
+                     hook.__qualname__, flow.request.pretty_url if flow.request else "?",
+                     st.decision_id, "".join(traceback.format_exception_only(error)).strip())
+        logger.debug("traceback", exc_info=error)
+        if flow.live and not (flow.response and flow.response.stream):
+            refuse(flow, 500, "douane could not evaluate this request and refused it",
+                   "gateway_error", Reason("gateway.error", type(error).__name__), action="error")
+        elif flow.live:
+            flow.kill()
+
+    if inspect.iscoroutinefunction(hook):
+        @functools.wraps(hook)
+        async def run_async(self: Any, flow: http.HTTPFlow) -> Any:
+            try:
+                return await hook(self, flow)
+            except Exception as e:
+                refuse_on_error(flow, e)
+        return run_async
+
+    @functools.wraps(hook)
+    def run(self: Any, flow: http.HTTPFlow) -> Any:
+        try:
+            return hook(self, flow)
+        except Exception as e:
+            refuse_on_error(flow, e)
+    return run
