@@ -1,0 +1,137 @@
+"""Start a real `mitmdump -s addons/gateway.py` for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+MITMDUMP = Path(sys.executable).parent / "mitmdump"
+_LISTENING = re.compile(r"listening at \S*?:(\d+)")
+
+
+def base_config(issuer_url: str | None, upstream_url: str, *, audience: str = "douane-tests",
+                protocol: str = "openai", key_env: str = "DOUANE_TEST_UPSTREAM_KEY",
+                **sections: Any) -> dict[str, Any]:
+    """A config accepting the test issuer's tokens, with one upstream named `llm`."""
+    identity: dict[str, Any] = {"issuers": [{"issuer": issuer_url, "audience": audience}]} \
+        if issuer_url else {"dev_issuer": {"enabled": True}}
+    config = {"version": 1, "identity": identity,
+              "upstreams": {"llm": {"url": upstream_url, "protocol": protocol,
+                                    "credential": {"env": key_env}}}}
+    config.update(sections)
+    return config
+
+
+class Gateway:
+    """A mitmdump subprocess running douane.
+
+    `config` is YAML text or a dict; `state_dir` defaults to a fresh temporary folder. `mode` is a
+    mitmproxy mode ("regular", "reverse:http://127.0.0.1:PORT", ...). `env` adds environment
+    variables (upstream credentials). The CA is generated in the gateway's own confdir.
+    """
+
+    def __init__(self, config: str | dict[str, Any], *, mode: str = "regular",
+                 env: dict[str, str] | None = None, args: list[str] | None = None,
+                 workdir: Path | None = None, start: bool = True, timeout: float = 60) -> None:
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="douane-gw-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if isinstance(config, dict):
+            config = dict(config)
+            config.setdefault("gateway", {}).setdefault("state_dir", str(self.dir / "state"))
+            config = yaml.safe_dump(config, sort_keys=False)
+        self.config_file = self.dir / "douane.yaml"
+        self.config_file.write_text(config)
+        self.confdir = self.dir / "confdir"
+        self.log_file = self.dir / "mitmdump.log"
+        self.mode, self.args, self.timeout = mode, list(args or []), timeout
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port: int | None = None
+        if start:
+            self.start()
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(yaml.safe_load(self.config_file.read_text()).get("gateway", {})
+                    .get("state_dir", self.dir / "state"))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def proxy_url(self, user: str = "", password: str = "") -> str:
+        auth = f"{user}:{password}@" if password else ""
+        return f"http://{auth}127.0.0.1:{self.port}"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.confdir / "mitmproxy-ca-cert.pem"
+
+    def command(self) -> list[str]:
+        return [str(MITMDUMP), "-s", str(REPO / "addons" / "gateway.py"),
+                "--set", f"douane_config={self.config_file}", "--set", f"confdir={self.confdir}",
+                "--mode", self.mode, "--listen-host", "127.0.0.1", "--listen-port", "0",
+                *self.args]
+
+    def start(self) -> Gateway:
+        log = self.log_file.open("ab")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                     env=self.env, cwd=self.dir, start_new_session=True)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            m = _LISTENING.search(self.log_text())
+            if m:
+                self.port = int(m.group(1))
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mitmdump exited with {self.proc.returncode}:\n{self.log_text()}")
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"mitmdump did not start within {self.timeout}s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def audit_file(self) -> Path:
+        return self.state_dir / "audit" / "audit.jsonl"
+
+    def audit_records(self, wait_for: int = 0, timeout: float = 5) -> list[dict[str, Any]]:
+        """The audit log's records, waiting up to `timeout` until there are `wait_for` of them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.audit_file().read_text().splitlines() if self.audit_file().exists() else []
+            records = [json.loads(line) for line in lines if line.strip()]
+            if len(records) >= wait_for or time.monotonic() > deadline:
+                return records
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """kill -9, as a crash would."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> Gateway:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,229 @@
+"""A local upstream that speaks the OpenAI and Anthropic wire formats, streaming included.
+
+It records every request it receives, so tests can assert what reached it (and what did not).
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+DEFAULT_REPLY = "Hello from the fake upstream."
+
+
+@dataclass
+class ReceivedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _openai_chat(model: str, text: str) -> dict[str, Any]:
+    return {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                                         "message": {"role": "assistant", "content": text,
+                                                     "refusal": None}}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}
+
+
+def _openai_chat_events(model: str, pieces: list[str]) -> list[str]:
+    base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model}
+    events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None}]}]
+    events += [{**base, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]}
+               for p in pieces]
+    events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    return [f"data: {json.dumps(e)}\n\n" for e in events] + ["data: [DONE]\n\n"]
+
+
+def _responses(model: str, text: str) -> dict[str, Any]:
+    return {"id": "resp_fake", "object": "response", "created_at": int(time.time()),
+            "status": "completed", "model": model,
+            "output": [{"id": "msg_fake", "type": "message", "role": "assistant",
+                        "status": "completed",
+                        "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+            "usage": {"input_tokens": 5, "output_tokens": 7, "total_tokens": 12}}
+
+
+def _responses_events(model: str, pieces: list[str]) -> list[str]:
+    text = "".join(pieces)
+    out = [("response.created", {"response": {**_responses(model, ""), "status": "in_progress",
+                                              "output": []}}),
+           ("response.output_item.added", {"output_index": 0, "item": {
+               "id": "msg_fake", "type": "message", "role": "assistant", "status": "in_progress",
+               "content": []}}),
+           ("response.content_part.added", {"item_id": "msg_fake", "output_index": 0,
+                                            "content_index": 0, "part": {
+                                                "type": "output_text", "text": "",
+                                                "annotations": []}})]
+    out += [("response.output_text.delta", {"item_id": "msg_fake", "output_index": 0,
+                                            "content_index": 0, "delta": p}) for p in pieces]
+    out += [("response.output_text.done", {"item_id": "msg_fake", "output_index": 0,
+                                           "content_index": 0, "text": text}),
+            ("response.completed", {"response": _responses(model, text)})]
+    return [f"event: {name}\ndata: {json.dumps({'type': name, 'sequence_number': i, **data})}\n\n"
+            for i, (name, data) in enumerate(out)]
+
+
+def _anthropic(model: str, text: str) -> dict[str, Any]:
+    return {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+            "stop_sequence": None, "usage": {"input_tokens": 5, "output_tokens": 7}}
+
+
+def _anthropic_events(model: str, pieces: list[str]) -> list[str]:
+    start = _anthropic(model, "")
+    start["content"] = []
+    out = [("message_start", {"message": start}),
+           ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})]
+    out += [("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": p}})
+            for p in pieces]
+    out += [("content_block_stop", {"index": 0}),
+            ("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                               "usage": {"output_tokens": 7}}),
+            ("message_stop", {})]
+    return [f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n"
+            for name, data in out]
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    return [text[i:i + size] for i in range(0, len(text), size)] or [""]
+
+
+class FakeUpstream:
+    """Threaded HTTP(S) server on 127.0.0.1.
+
+    Routes: POST /v1/chat/completions, /v1/responses (OpenAI), /v1/messages (Anthropic), JSON or
+    SSE when the body asks `stream: true`. `reply` sets the answer text, `chunk_size` and
+    `chunk_delay` pace streams. Anything else answers 404 in OpenAI's error shape.
+    """
+
+    def __init__(self, tls: bool = False) -> None:
+        self.requests: list[ReceivedRequest] = []
+        self.reply = DEFAULT_REPLY
+        self.chunk_size = 4
+        self.chunk_delay = 0.0
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                self._handle()
+
+            def do_POST(self) -> None:
+                self._handle()
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else b""
+                upstream.requests.append(ReceivedRequest(
+                    self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                try:
+                    req = json.loads(body) if body else {}
+                except ValueError:
+                    req = {}
+                model = req.get("model", "fake-model") if isinstance(req, dict) else "fake-model"
+                stream = isinstance(req, dict) and req.get("stream") is True
+                path = self.path.split("?")[0]
+                pieces = _pieces(upstream.reply, upstream.chunk_size)
+                if path.endswith("/chat/completions"):
+                    self._answer(stream, _openai_chat(model, upstream.reply),
+                                 lambda: _openai_chat_events(model, pieces))
+                elif path.endswith("/responses"):
+                    self._answer(stream, _responses(model, upstream.reply),
+                                 lambda: _responses_events(model, pieces))
+                elif path.endswith("/messages"):
+                    self._answer(stream, _anthropic(model, upstream.reply),
+                                 lambda: _anthropic_events(model, pieces))
+                else:
+                    self._json(404, {"error": {"message": f"no route {path}",
+                                               "type": "invalid_request_error"}})
+
+            def _answer(self, stream: bool, doc: dict, events) -> None:
+                if not stream:
+                    self._json(200, doc)
+                    return
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("cache-control", "no-cache")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                for event in events():
+                    data = event.encode()
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+                    if upstream.chunk_delay:
+                        time.sleep(upstream.chunk_delay)
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+
+            def _json(self, status: int, doc: dict) -> None:
+                data = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.scheme = "https" if tls else "http"
+        if tls:
+            self.server.socket = _tls_context().wrap_socket(self.server.socket, server_side=True)
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def received_bytes(self) -> bytes:
+        """Everything the upstream received, headers and bodies, for leak checks."""
+        return b"\n".join(
+            json.dumps(r.headers).encode() + b"\n" + r.body for r in self.requests)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _tls_context() -> ssl.SSLContext:
+    """A self-signed certificate for 127.0.0.1 (mitmdump runs with ssl_insecure in TLS tests)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    folder = Path(tempfile.mkdtemp(prefix="douane-upstream-tls-"))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    return context
