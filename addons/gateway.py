@@ -1,13 +1,22 @@
 """douane's mitmproxy script: `mitmdump -s addons/gateway.py --set douane_config=FILE`.
 
-The addons run in this order on every flow: settings, identity, routing (credential broker), then
-the inspection stages, and the audit trail last so it sees every decision.
+mitmproxy calls each hook on these addons in this order, so a flow is routed (for the shape of any
+refusal), authenticated, brokered, inspected, decided and masked before the audit trail records the
+decision.
 """
 
+from douane.audit import AuditTrail
+from douane.identity import Authenticate
+from douane.routing import Broker, Route
 from douane.settings import Settings
 
 settings = Settings()
+audit_trail = AuditTrail(settings)
 
 addons = [
     settings,
+    Route(settings),
+    Authenticate(settings),
+    Broker(settings),
+    audit_trail,
 ]

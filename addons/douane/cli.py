@@ -14,6 +14,7 @@ import sys
 COMMANDS = [
     "douane.commands.check",
     "douane.commands.token",
+    "douane.commands.audit",
 ]
 
 

@@ -112,14 +112,16 @@ class Authenticate:
     async def _from_request_headers(self, flow: http.HTTPFlow) -> Identity | None:
         headers = flow.request.headers
         auth = headers.get("authorization", "")
-        if auth[:7].lower() == "bearer ":
-            return await self._verify(flow, auth[7:].strip(), "bearer")
-        if "x-api-key" in headers:
-            return await self._verify(flow, headers["x-api-key"].strip(), "x-api-key")
+        token, source = (auth[7:].strip(), "bearer") if auth[:7].lower() == "bearer " else \
+            (headers.get("x-api-key", "").strip(), "x-api-key")
+        # Through a regular proxy, SDKs still send a placeholder api key: ask for proxy auth.
         in_proxy = isinstance(flow.client_conn.proxy_mode, RegularMode)
-        self._refuse(flow, TokenError("missing", "authentication required: send an OIDC access "
-                                      "token as a Bearer token"), proxy=in_proxy)
-        return None
+        if not token or (in_proxy and not looks_like_jwt(token)):
+            self._refuse(flow, TokenError("missing", "authentication required: send an OIDC "
+                                          "access token as a Bearer token (or as the proxy "
+                                          "password)"), proxy=in_proxy)
+            return None
+        return await self._verify(flow, token, source)
 
     async def _verify(self, flow: http.HTTPFlow, token: str, source: str,
                       proxy: bool = False) -> Identity | None:

@@ -67,7 +67,8 @@ class KeySet:
 
     async def key_for(self, kid: str | None, alg: str) -> dict[str, Any]:
         key = self._find(kid, alg)
-        if key is None and time.monotonic() - self.fetched_at >= self.refresh_seconds:
+        stale = time.monotonic() - self.fetched_at >= self.refresh_seconds
+        if key is None and (stale or self._inflight is not None):
             await self.refresh()
             key = self._find(kid, alg)
         if key is None:
