@@ -15,6 +15,7 @@ COMMANDS = [
     "douane.commands.check",
     "douane.commands.token",
     "douane.commands.audit",
+    "douane.commands.ca",
 ]
 
 

@@ -1,0 +1,54 @@
+"""`douane ca create|show|env`: douane's interception CA under certs/ (keys never committed)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mitmproxy.certs import CertStore
+
+CERTS = Path(__file__).resolve().parents[3] / "certs"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ca", help="create and show douane's CA, and how to trust it")
+    p.add_argument("--dir", type=Path, default=CERTS, help="CA folder (default: certs/)")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("create", help="generate the CA if it does not exist").set_defaults(func=create)
+    verbs.add_parser("show", help="print the CA's subject, fingerprint and expiry"
+                     ).set_defaults(func=show)
+    verbs.add_parser("env", help="print the commands that make clients trust the CA"
+                     ).set_defaults(func=env)
+
+
+def _store(folder: Path) -> CertStore:
+    folder.mkdir(parents=True, exist_ok=True)
+    return CertStore.from_store(folder, "mitmproxy", 2048)  # creates the CA on first use
+
+
+def create(args: argparse.Namespace) -> int:
+    existed = (args.dir / "mitmproxy-ca.pem").exists()
+    cert = _store(args.dir).default_ca
+    print(f"{'existing' if existed else 'created'} CA {cert.cn} in {args.dir} "
+          f"(sha256 {cert.fingerprint().hex()[:16]}..., expires {cert.notafter:%Y-%m-%d})")
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    if not (args.dir / "mitmproxy-ca.pem").exists():
+        print(f"no CA in {args.dir}: run `douane ca create`")
+        return 1
+    cert = _store(args.dir).default_ca
+    print(f"subject:     {cert.cn}\nsha256:      {cert.fingerprint().hex()}\n"
+          f"not before:  {cert.notbefore:%Y-%m-%d}\nnot after:   {cert.notafter:%Y-%m-%d}\n"
+          f"certificate: {args.dir / 'mitmproxy-ca-cert.pem'}")
+    return 0
+
+
+def env(args: argparse.Namespace) -> int:
+    pem = args.dir / "mitmproxy-ca-cert.pem"
+    print(f"export SSL_CERT_FILE={pem}\nexport REQUESTS_CA_BUNDLE={pem}\n"
+          f"export NODE_EXTRA_CA_CERTS={pem}\n# curl: curl --cacert {pem} ...\n"
+          f"# system store (Debian/Ubuntu): cp {pem} /usr/local/share/ca-certificates/douane.crt"
+          f" && update-ca-certificates")
+    return 0

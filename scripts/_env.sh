@@ -1,0 +1,40 @@
+# Sourced by scripts/run and scripts/test: find Python >= 3.12 (3.13 preferred), create .venv,
+# install the pinned dependencies and douane itself. Idempotent and quiet when up to date.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+
+find_python() {
+  local candidates=() root
+  if command -v pyenv >/dev/null 2>&1 && root="$(pyenv root 2>/dev/null)"; then
+    for v in 3.13 3.12; do
+      for p in "$root"/versions/"$v".*/bin/python"$v"; do [ -x "$p" ] && candidates+=("$p"); done
+    done
+  fi
+  for v in 3.14 3.13 3.12; do
+    command -v "python$v" >/dev/null 2>&1 && candidates+=("$(command -v "python$v")")
+  done
+  candidates+=(python3)
+  for p in "${candidates[@]}"; do
+    if "$p" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' 2>/dev/null; then
+      echo "$p"; return 0
+    fi
+  done
+  echo "douane needs Python >= 3.12 (3.13 preferred); none found (tried: ${candidates[*]})" >&2
+  return 1
+}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  PY="$(find_python)"
+  echo "douane: creating .venv with $PY ($("$PY" --version))" >&2
+  "$PY" -m venv "$VENV"
+fi
+STAMP="$VENV/.douane-installed"
+if [ ! -f "$STAMP" ] || [ "$ROOT/scripts/requirements.lock" -nt "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
+  echo "douane: installing pinned dependencies (scripts/requirements.lock)" >&2
+  "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+  "$VENV/bin/python" -m pip install -q -r "$ROOT/scripts/requirements.lock" >&2
+  "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT" >&2
+  touch "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
