@@ -1,8 +1,13 @@
-"""`douane ca create|show|env`: douane's interception CA under certs/ (keys never committed)."""
+"""`douane ca create|show|export|rotate|env`: douane's interception CA under certs/.
+
+The CA's private key never leaves certs/ (git-ignored); `export` writes only the certificate.
+"""
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import time
 from pathlib import Path
 
 from mitmproxy.certs import CertStore
@@ -19,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                      ).set_defaults(func=show)
     verbs.add_parser("env", help="print the commands that make clients trust the CA"
                      ).set_defaults(func=env)
+    exp = verbs.add_parser("export", help="write the CA certificate (PEM, no key) to a file")
+    exp.add_argument("-o", "--output", type=Path, required=True)
+    exp.set_defaults(func=export)
+    verbs.add_parser("rotate", help="move the current CA aside and generate a new one"
+                     ).set_defaults(func=rotate)
 
 
 def _store(folder: Path) -> CertStore:
@@ -51,4 +61,28 @@ def env(args: argparse.Namespace) -> int:
           f"export NODE_EXTRA_CA_CERTS={pem}\n# curl: curl --cacert {pem} ...\n"
           f"# system store (Debian/Ubuntu): cp {pem} /usr/local/share/ca-certificates/douane.crt"
           f" && update-ca-certificates")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    pem = args.dir / "mitmproxy-ca-cert.pem"
+    if not pem.exists():
+        print(f"no CA in {args.dir}: run `douane ca create`")
+        return 1
+    shutil.copyfile(pem, args.output)
+    print(f"wrote {args.output} (certificate only)")
+    return 0
+
+
+def rotate(args: argparse.Namespace) -> int:
+    """Keep the old CA in certs/retired-<time>/ so recordings made under it stay explainable."""
+    old = sorted(args.dir.glob("mitmproxy-ca*")) + sorted(args.dir.glob("mitmproxy-dhparam.pem"))
+    if old:
+        retired = args.dir / f"retired-{time.strftime('%Y%m%dT%H%M%S')}"
+        retired.mkdir()
+        for path in old:
+            path.rename(retired / path.name)
+        print(f"retired the old CA to {retired}")
+    create(args)
+    print("restart douane and re-distribute the new certificate to clients (`douane ca env`)")
     return 0
