@@ -7,6 +7,7 @@ decision.
 
 from douane.audit import AuditTrail
 from douane.identity import Authenticate
+from douane.inspect import Inspect
 from douane.routing import Broker, Route
 from douane.settings import Settings
 
@@ -18,5 +19,6 @@ addons = [
     Route(settings),
     Authenticate(settings),
     Broker(settings),
+    Inspect(settings),
     audit_trail,
 ]

@@ -20,6 +20,9 @@ from tests.support.issuer import TestIssuer
 from tests.support.upstream import DEFAULT_REPLY, FakeUpstream
 
 
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
 @pytest.fixture(scope="module")
 def llm() -> FakeUpstream:
     upstream = FakeUpstream()
@@ -227,7 +230,7 @@ def test_trusted_identity_headers_only_from_trusted_sources(issuer, make_gateway
     trusted["identity"]["trusted_headers"] = {"sources": ["127.0.0.1/32"]}
     gw = make_gateway(trusted, mode=f"reverse:{upstream.url}")
     headers = {"x-forwarded-email": "hank@corp.example", "x-auth-request-groups": "ops,oncall"}
-    resp = httpx.post(gw.url + "/v1/chat/completions", headers=headers, json={"model": "m"})
+    resp = httpx.post(gw.url + "/v1/chat/completions", headers=headers, json=CHAT)
     assert resp.status_code == 200
     assert "x-forwarded-email" not in upstream.requests[0].headers
     assert gw.audit_records(wait_for=1)[-1]["groups"] == ["ops", "oncall"]
@@ -235,6 +238,6 @@ def test_trusted_identity_headers_only_from_trusted_sources(issuer, make_gateway
     untrusted = base_config(issuer.url, upstream.url)
     untrusted["identity"]["trusted_headers"] = {"sources": ["10.0.0.0/8"]}
     gw2 = make_gateway(untrusted, mode=f"reverse:{upstream.url}")
-    resp = httpx.post(gw2.url + "/v1/chat/completions", headers=headers, json={"model": "m"})
+    resp = httpx.post(gw2.url + "/v1/chat/completions", headers=headers, json=CHAT)
     assert resp.status_code == 401
     assert len(upstream.requests) == 1

@@ -77,13 +77,26 @@ def refuse(flow: http.HTTPFlow, status: int, message: str, code: str, *reasons: 
     """Answer the flow with a refusal in its upstream's shape and record the decision.
 
     The request never reaches the upstream once `flow.response` is set in a request hook.
+    MCP: a refused JSON-RPC request is answered at the JSON-RPC level (HTTP 200) so MCP clients
+    raise their usual error; a refused `tools/call` becomes a tool result with `isError: true`, which
+    agents show to the model instead of aborting. Authentication failures stay HTTP 401.
     """
     st = state(flow)
     protocol = st.upstream.protocol if st.upstream else "generic"
-    rpc_id = st.interaction.mcp[0].request_id if st.interaction and st.interaction.mcp else None
     st.decide(action, *(reasons or (Reason(code, message),)), status=status)
+    first = st.interaction.mcp[0] if st.interaction and st.interaction.mcp else None
+    if protocol == "mcp" and first and first.request_id is not None and status not in (401, 407):
+        text = f"{message} (douane decision {st.decision_id})"
+        if first.method == "tools/call":
+            doc: dict[str, Any] = {"jsonrpc": "2.0", "id": first.request_id, "result": {
+                "content": [{"type": "text", "text": text}], "isError": True}}
+        else:
+            doc = error_body("mcp", status, message, code, st.decision_id, first.request_id)
+        flow.response = http.Response.make(200, json.dumps(doc), {
+            "content-type": "application/json", DECISION_HEADER: st.decision_id})
+        return
     flow.response = make_response(protocol, status, message, code=code,
-                                  decision_id=st.decision_id, rpc_id=rpc_id, headers=headers)
+                                  decision_id=st.decision_id, rpc_id=None, headers=headers)
 
 
 def guarded(hook: Callable[..., Any]) -> Callable[..., Any]:

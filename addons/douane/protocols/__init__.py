@@ -1,0 +1,140 @@
+"""Wire formats: every flow to a declared upstream becomes one `Interaction`, or is refused.
+
+Public API for the other stages:
+- `parse_request(upstream, flow)` / `parse_response(upstream, flow, interaction)`: raise
+  `ProtocolError` (status, code, message) when the body cannot be understood.
+- `stream_format(upstream, interaction)`: the `StreamFormat` of an SSE response.
+- `apply_text_edits(flow, side, pieces)`: write edited `TextPiece.text` back at their paths and
+  re-serialise the body (Content-Encoding and Content-Length stay consistent).
+- `remove_paths(flow, side, paths)`: drop items (e.g. tools a caller may not see from tools/list).
+- `streams.rewriter_of(flow)`: the live SSE rewriter, to append a `streams.TextFilter` or abort.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from mitmproxy import http
+
+from douane.config import Upstream
+from douane.interaction import Interaction, JsonPath, TextPiece
+from douane.protocols import anthropic, generic, jsonpath, mcp, openai
+from douane.protocols.base import ProtocolError, StreamFormat
+
+__all__ = ["ProtocolError", "apply_text_edits", "parse_request", "parse_response",
+           "remove_paths", "stream_format"]
+
+Side = Literal["request", "response"]
+OPENAI_ENDPOINTS = ("chat/completions", "responses", "embeddings", "completions", "moderations")
+ANTHROPIC_ENDPOINTS = ("messages/count_tokens", "messages")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A key given twice may be read differently upstream than here: refuse the ambiguity.
+    doc: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in doc:
+            raise ProtocolError(400, "duplicate_json_key", f"the JSON key {key[:40]!r} appears twice")
+        doc[key] = value
+    return doc
+
+
+def _no_constants(name: str) -> Any:
+    raise ProtocolError(400, "invalid_json", f"{name} is not valid JSON")
+
+
+def load_json(message: http.Message, what: str) -> Any:
+    """The decoded body as JSON; a body that cannot be decoded or parsed is refused."""
+    try:
+        raw = message.get_content(strict=True)
+    except ValueError:
+        encoding = message.headers.get("content-encoding", "")
+        raise ProtocolError(415, "undecodable_body",
+                            f"the {what} body cannot be decoded (Content-Encoding {encoding!r})"
+                            ) from None
+    ctype = message.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise ProtocolError(415, "unsupported_content_type",
+                            f"douane inspects JSON {what}s only, not {ctype or 'an untyped body'!r}")
+    try:
+        return json.loads(raw or b"null", object_pairs_hook=_no_duplicates,
+                          parse_constant=_no_constants)
+    except (ValueError, RecursionError):
+        raise ProtocolError(400, "invalid_json", f"the {what} body is not valid JSON") from None
+
+
+def _endpoint(path: str, known: tuple[str, ...]) -> str:
+    path = path.split("?")[0].rstrip("/")
+    return next((e for e in known if path.endswith("/" + e)), path.lstrip("/"))
+
+
+def parse_request(upstream: Upstream, flow: http.HTTPFlow) -> Interaction:
+    req = flow.request
+    if upstream.protocol == "mcp":
+        session = req.headers.get("mcp-session-id")
+        if req.method in ("GET", "DELETE"):
+            it = Interaction("mcp", f"mcp:{req.method.lower()}")
+            return it
+        if req.method != "POST":
+            raise ProtocolError(405, "method_not_allowed", f"MCP does not use {req.method}")
+        return mcp.parse_request(load_json(req, "request"), session)
+    if req.method in ("GET", "HEAD", "DELETE", "OPTIONS") and not req.raw_content:
+        return Interaction(upstream.protocol, f"{req.method} {req.path.split('?')[0]}")
+    doc = load_json(req, "request")
+    if upstream.protocol == "openai":
+        return openai.parse_request(doc, _endpoint(req.path, OPENAI_ENDPOINTS))
+    if upstream.protocol == "anthropic":
+        return anthropic.parse_request(doc, _endpoint(req.path, ANTHROPIC_ENDPOINTS))
+    return generic.parse_request(doc, upstream, req.path.split("?")[0])
+
+
+def parse_response(upstream: Upstream, flow: http.HTTPFlow, it: Interaction) -> None:
+    assert flow.response
+    if not flow.response.raw_content:
+        return
+    doc = load_json(flow.response, "response")
+    if flow.response.status_code >= 400:
+        return  # an upstream error document carries no model text
+    if upstream.protocol == "openai":
+        openai.parse_response(doc, it)
+    elif upstream.protocol == "anthropic":
+        anthropic.parse_response(doc, it)
+    elif upstream.protocol == "mcp":
+        mcp.parse_response(doc, it)
+    else:
+        generic.parse_response(doc, upstream, it)
+
+
+def stream_format(upstream: Upstream, it: Interaction) -> StreamFormat:
+    if upstream.protocol == "mcp":
+        return mcp.McpStream(it)
+    if upstream.protocol == "anthropic":
+        return anthropic.MessagesStream()
+    if upstream.protocol == "openai" and it.operation == "chat.completions":
+        return openai.ChatStream()
+    if upstream.protocol == "openai" and it.operation == "responses":
+        return openai.ResponsesStream()
+    raise ProtocolError(502, "unsupported_stream",
+                        f"douane cannot inspect a stream from {upstream.name} {it.operation}")
+
+
+def _message(flow: http.HTTPFlow, side: Side) -> http.Message:
+    message = flow.request if side == "request" else flow.response
+    assert message is not None
+    return message
+
+
+def apply_text_edits(flow: http.HTTPFlow, side: Side, pieces: list[TextPiece]) -> None:
+    message = _message(flow, side)
+    doc = json.loads(message.get_content(strict=True) or b"null")
+    for piece in pieces:
+        jsonpath.set_(doc, piece.path, piece.text)
+    message.content = json.dumps(doc, ensure_ascii=False).encode()
+
+
+def remove_paths(flow: http.HTTPFlow, side: Side, paths: list[JsonPath]) -> None:
+    message = _message(flow, side)
+    doc = json.loads(message.get_content(strict=True) or b"null")
+    jsonpath.delete(doc, paths)
+    message.content = json.dumps(doc, ensure_ascii=False).encode()

@@ -1,0 +1,137 @@
+"""Anthropic Messages (`/v1/messages`, `/v1/messages/count_tokens`)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from douane.interaction import Interaction, Kind, TextPiece, ToolCall, ToolDef
+from douane.protocols import jsonpath
+from douane.protocols.base import (
+    ALL,
+    Delta,
+    ProtocolError,
+    StreamFormat,
+    optional_number,
+    require_object,
+)
+from douane.protocols.sse import Event
+
+MEDIA_BLOCKS = ("image", "document", "file", "container_upload")
+
+
+def parse_request(doc: Any, endpoint: str) -> Interaction:
+    doc = require_object(doc)
+    if endpoint not in ("messages", "messages/count_tokens"):
+        raise ProtocolError(403, "endpoint_not_governed",
+                            f"douane does not inspect POST /v1/{endpoint} and refuses it")
+    it = Interaction("anthropic", "messages" if endpoint == "messages" else "count_tokens")
+    it.model = doc.get("model") if isinstance(doc.get("model"), str) else None
+    it.stream = doc.get("stream") is True
+    max_tokens = optional_number(doc, "max_tokens")
+    it.max_tokens = int(max_tokens) if max_tokens is not None else None
+    it.temperature = optional_number(doc, "temperature")
+    system = doc.get("system")
+    if isinstance(system, str):
+        it.texts.append(TextPiece("prompt", "system", system, ("system",)))
+    elif isinstance(system, list):
+        _blocks(it, system, "system", ("system",))
+    messages = doc.get("messages")
+    if not isinstance(messages, list):
+        raise ProtocolError(400, "invalid_body", "messages must be a list")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise ProtocolError(400, "invalid_body", f"messages[{i}] must be an object")
+        role = msg.get("role") if msg.get("role") in ("user", "assistant") else None
+        content = msg.get("content")
+        if isinstance(content, str):
+            it.texts.append(TextPiece("prompt", role, content, ("messages", i, "content")))
+        elif isinstance(content, list):
+            _blocks(it, content, role, ("messages", i, "content"))
+    for k, tool in enumerate(doc.get("tools") or []):
+        if isinstance(tool, dict) and isinstance(tool.get("name"), str):
+            description = tool.get("description") if isinstance(tool.get("description"), str) \
+                else ""
+            it.tools.append(ToolDef(tool["name"], description, ("tools", k)))
+            if description:
+                it.texts.append(TextPiece("tool_description", None, description,
+                                          ("tools", k, "description")))
+    return it
+
+
+def _blocks(it: Interaction, blocks: list[Any], role: Any, base: tuple) -> None:
+    for j, block in enumerate(blocks):
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            it.texts.append(TextPiece("prompt", role, block["text"], (*base, j, "text")))
+        elif kind == "tool_use":
+            it.tool_calls.append(ToolCall(str(block.get("name")), block.get("input") or {},
+                                          block.get("id"), (*base, j, "input")))
+            it.texts += [TextPiece("tool_arguments", "assistant", text, path) for path, text in
+                         jsonpath.strings(block.get("input"), (*base, j, "input"))]
+        elif kind == "tool_result":
+            content = block.get("content")
+            if isinstance(content, str):
+                it.texts.append(TextPiece("tool_result", "tool", content, (*base, j, "content")))
+            elif isinstance(content, list):
+                for m, part in enumerate(content):
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        it.texts.append(TextPiece("tool_result", "tool", part["text"],
+                                                  (*base, j, "content", m, "text")))
+                    elif isinstance(part, dict) and part.get("type") in MEDIA_BLOCKS:
+                        it.has_media = True
+        elif kind in MEDIA_BLOCKS:
+            it.has_media = True
+
+
+def parse_response(doc: Any, it: Interaction) -> None:
+    if not isinstance(doc, dict):
+        raise ProtocolError(502, "invalid_upstream_response", "the upstream answer is not JSON")
+    for j, block in enumerate(doc.get("content") or []):
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text" and isinstance(block.get("text"), str):
+            it.response_texts.append(TextPiece("completion", "assistant", block["text"],
+                                               ("content", j, "text")))
+        elif block.get("type") == "tool_use":
+            it.response_tool_calls.append(ToolCall(str(block.get("name")), block.get("input") or {},
+                                                   block.get("id"), ("content", j, "input")))
+            it.response_texts += [TextPiece("tool_arguments", "assistant", text, path)
+                                  for path, text in jsonpath.strings(block.get("input"),
+                                                                     ("content", j, "input"))]
+
+
+class MessagesStream(StreamFormat):
+    """`content_block_delta` events (`text_delta`, `input_json_delta`) per block index."""
+
+    def deltas(self, event: Event, doc: Any) -> list[Delta]:
+        if not isinstance(doc, dict) or doc.get("type") != "content_block_delta":
+            return []
+        delta = doc.get("delta") or {}
+        if delta.get("type") == "text_delta":
+            return [Delta(f"block{doc.get('index')}", "completion", ("delta", "text"))]
+        if delta.get("type") == "input_json_delta":
+            return [Delta(f"block{doc.get('index')}", "tool_arguments",
+                          ("delta", "partial_json"))]
+        return []
+
+    def closes(self, event: Event, doc: Any) -> list[str]:
+        kind = doc.get("type") if isinstance(doc, dict) else None
+        if kind == "content_block_stop":
+            return [f"block{doc.get('index')}"]
+        if kind in ("message_delta", "message_stop", "error"):
+            return [ALL]
+        return []
+
+    def synthesize(self, channel: str, kind: Kind, text: str, template: Any) -> Event:
+        index = int(channel.removeprefix("block"))
+        delta = {"type": "input_json_delta", "partial_json": text} if kind == "tool_arguments" \
+            else {"type": "text_delta", "text": text}
+        return Event(json.dumps({"type": "content_block_delta", "index": index, "delta": delta}),
+                     event="content_block_delta")
+
+    def error_event(self, message: str, code: str) -> Event:
+        return Event(json.dumps({"type": "error", "error": {"type": "permission_error",
+                                                            "message": message}}), event="error")

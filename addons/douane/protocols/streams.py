@@ -1,0 +1,167 @@
+"""Streams stay streams: SSE responses are rewritten event by event as they pass.
+
+`StreamRewriter` is the callable set as `flow.response.stream`. It parses events across arbitrary
+chunk boundaries, hands each text delta to the `filters` of later stages (masking appends one), puts
+what they return back into the event, and emits valid SSE. A filter may hold back a bounded tail of a
+channel; before the event that closes that channel (and at the end) the held text is emitted as an
+extra delta event of that channel in the API's own format, and fields that repeat a channel's whole
+text (`*.done` events) are rewritten to what was actually sent.
+
+The callable is synchronous (mitmproxy calls it from the event loop): filters must not block.
+Returning `[]` holds data back; `b""` is only returned on the final call (see docs: an empty chunk
+ends an HTTP/1.1 chunked body).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import weakref
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from mitmproxy import http
+
+from douane.interaction import Interaction, Kind, TextPiece
+from douane.protocols import jsonpath
+from douane.protocols.base import ALL, ProtocolError, StreamFormat
+from douane.protocols.sse import Event, SseError, SseParser
+
+logger = logging.getLogger(__name__)
+
+
+class TextFilter(Protocol):
+    """A later stage's view of a stream's text; it may hold back a bounded tail."""
+
+    def feed(self, channel: str, text: str) -> str:
+        """A text delta arrives; returns the text to emit now ("" to hold)."""
+
+    def finish(self, channel: str) -> str:
+        """The channel ends; returns everything still held."""
+
+
+class StreamRewriter:
+    def __init__(self, fmt: StreamFormat, interaction: Interaction, decision_id: str):
+        self.format = fmt
+        self.interaction = interaction
+        self.decision_id = decision_id
+        self.filters: list[TextFilter] = []
+        self.parser = SseParser()
+        self.open: dict[str, tuple[Kind, Any]] = {}  # channel -> (kind, last delta event doc)
+        self.sent: dict[str, list[str]] = {}  # channel -> text emitted
+        self.kinds: dict[str, Kind] = {}
+        self.abort_message: str | None = None
+        self.ended = False
+
+    def abort(self, message: str) -> None:
+        """Fail closed: end the stream with the API's error event at the next opportunity."""
+        self.abort_message = self.abort_message or message
+
+    def __call__(self, data: bytes) -> bytes | Iterable[bytes]:
+        final = data == b""
+        if self.ended:
+            return b"" if final else []
+        out: list[bytes] = []
+        try:
+            if self.abort_message is None:
+                for event in self.parser.feed(data):
+                    out += self._event(event)
+                    if self.abort_message:
+                        break
+            if final and self.abort_message is None:
+                out += self._close([ALL])
+        except (SseError, ProtocolError, UnicodeDecodeError) as e:
+            self.abort(e.message if isinstance(e, ProtocolError) else f"broken stream: {e}")
+        except Exception as e:  # a filter failed: never send what it did not approve
+            logger.error("douane: stream processing failed (decision %s): %r", self.decision_id, e)
+            self.abort("douane could not inspect this stream and ended it")
+        if self.abort_message is not None:
+            message = f"{self.abort_message} (douane decision {self.decision_id})"
+            out.append(self.format.error_event(message, "douane_refusal").encode())
+            self.ended = True
+            self._record()
+        elif final:
+            self._record()
+        chunk = b"".join(out)
+        if final:
+            return chunk
+        return [chunk] if chunk else []
+
+    def _event(self, event: Event) -> list[bytes]:
+        if not event.data.strip() or event.data.strip() == "[DONE]":
+            doc = None
+        else:
+            try:
+                doc = json.loads(event.data)
+            except ValueError:
+                raise ProtocolError(502, "broken_stream", "the upstream sent an event that is not "
+                                    "JSON") from None
+        out = self._close(self.format.closes(event, doc))
+        deltas = self.format.deltas(event, doc) if doc is not None else []
+        for delta in deltas:
+            text = jsonpath.get(doc, delta.path)
+            if not isinstance(text, str):
+                continue
+            emitted = self._feed(delta.channel, text)
+            if getattr(self.format, "complete_events", False):
+                emitted += self._finish(delta.channel)
+            else:
+                self.open[delta.channel] = (delta.kind, doc)
+            self.sent.setdefault(delta.channel, []).append(emitted)
+            self.kinds[delta.channel] = delta.kind
+            jsonpath.set_(doc, delta.path, emitted)
+        for path, channel in self.format.recaps(event, doc) if doc is not None else []:
+            if channel in self.sent:
+                jsonpath.set_(doc, path, "".join(self.sent[channel]))
+        if deltas or (doc is not None and self.format.recaps(event, doc)):
+            event = Event(json.dumps(doc, ensure_ascii=False), event.event, event.id, event.retry,
+                          event.comments)
+        return [*out, event.encode()]
+
+    def _feed(self, channel: str, text: str) -> str:
+        for f in self.filters:
+            text = f.feed(channel, text)
+        return text
+
+    def _finish(self, channel: str) -> str:
+        rest = ""
+        for f in self.filters:
+            rest = f.feed(channel, rest) if rest else rest
+            rest += f.finish(channel)
+        return rest
+
+    def _close(self, channels: list[str]) -> list[bytes]:
+        if ALL in channels:
+            channels = list(self.open)
+        out = []
+        for channel in channels:
+            if channel not in self.open:
+                continue
+            kind, template = self.open.pop(channel)
+            rest = self._finish(channel)
+            if rest:
+                self.sent.setdefault(channel, []).append(rest)
+                out.append(self.format.synthesize(channel, kind, rest, template).encode())
+        return out
+
+    def _record(self) -> None:
+        """What was delivered, as response text pieces (for policy, audit and recording)."""
+        for channel, parts in self.sent.items():
+            self.interaction.response_texts.append(
+                TextPiece(self.kinds.get(channel, "completion"), "assistant",
+                          "".join(parts), ("stream", channel)))
+        if "response-stream" not in self.interaction.inspected:
+            self.interaction.inspected.append("response-stream")
+
+
+_rewriters: weakref.WeakKeyDictionary[http.HTTPFlow, StreamRewriter] = weakref.WeakKeyDictionary()
+
+
+def attach(flow: http.HTTPFlow, rewriter: StreamRewriter) -> None:
+    assert flow.response
+    flow.response.stream = rewriter
+    _rewriters[flow] = rewriter
+
+
+def rewriter_of(flow: http.HTTPFlow) -> StreamRewriter | None:
+    return _rewriters.get(flow)
