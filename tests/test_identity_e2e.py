@@ -19,7 +19,6 @@ from tests.support.gateway import Gateway, base_config
 from tests.support.issuer import TestIssuer
 from tests.support.upstream import DEFAULT_REPLY, FakeUpstream
 
-
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 

@@ -32,6 +32,9 @@ ALL = "*"  # closes(): every open channel
 class StreamFormat:
     """How one API streams: which events carry text, which close a channel, how to emit more."""
 
+    def check(self, event: Event) -> None:
+        """Raise ProtocolError for an event that must end the stream (before it is parsed)."""
+
     def deltas(self, event: Event, doc: Any) -> list[Delta]:
         return []
 

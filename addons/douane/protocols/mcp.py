@@ -127,11 +127,13 @@ class McpStream(StreamFormat):
         self.interaction = interaction
         self.count = 0
 
-    def deltas(self, event: Event, doc: Any) -> list[Delta]:
+    def check(self, event: Event) -> None:
         if event.event == "endpoint":
             raise ProtocolError(403, "legacy_transport",
                                 "the legacy MCP HTTP+SSE transport is not governed by douane; "
                                 "use Streamable HTTP")
+
+    def deltas(self, event: Event, doc: Any) -> list[Delta]:
         if not isinstance(doc, dict):
             return []
         self.count += 1

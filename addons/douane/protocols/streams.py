@@ -88,6 +88,7 @@ class StreamRewriter:
         return [chunk] if chunk else []
 
     def _event(self, event: Event) -> list[bytes]:
+        self.format.check(event)
         if not event.data.strip() or event.data.strip() == "[DONE]":
             doc = None
         else:

@@ -1,0 +1,276 @@
+"""Wire formats: parse -> edit one text piece -> serialise keeps everything else; streams survive
+any chunking and any hold-back by a later stage."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from mitmproxy.test import tflow, tutils
+
+from douane import protocols
+from douane.config import Upstream
+from douane.protocols import jsonpath, streams
+from douane.protocols.sse import SseParser
+from tests.support import upstream as samples
+
+OPENAI = Upstream("openai", "https", "api.openai.com", 443, "/v1", "openai", None)
+ANTHROPIC = Upstream("anthropic", "https", "api.anthropic.com", 443, "/", "anthropic", None)
+MCP = Upstream("mcp", "https", "mcp.example.com", 443, "/mcp", "mcp", None)
+GENERIC = Upstream("gen", "https", "llm.internal", 443, "/", "generic", None,
+                   request_text_paths=("messages[*].content", "prompt"),
+                   response_text_paths=("output.text",))
+
+CHAT_REQUEST = {
+    "model": "gpt-4o", "stream": False, "max_completion_tokens": 200, "temperature": 0.2,
+    "messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [{"type": "text", "text": "What is in this image?"},
+                                     {"type": "image_url", "image_url": {"url": "data:,x"}}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, cloudy"},
+    ],
+    "tools": [{"type": "function", "function": {"name": "get_weather",
+                                                "description": "Weather for a city",
+                                                "parameters": {"type": "object"}}}],
+}
+RESPONSES_REQUEST = {
+    "model": "gpt-4.1", "instructions": "Be brief.", "max_output_tokens": 100,
+    "input": [{"role": "user", "content": [{"type": "input_text", "text": "Hello there"}]},
+              {"type": "function_call", "call_id": "c1", "name": "lookup",
+               "arguments": "{\"id\": 7}"},
+              {"type": "function_call_output", "call_id": "c1", "output": "id 7 is Bob"}],
+    "tools": [{"type": "function", "name": "lookup", "description": "Find a record",
+               "parameters": {}}],
+}
+ANTHROPIC_REQUEST = {
+    "model": "claude-test", "max_tokens": 512, "system": [{"type": "text", "text": "Be kind."}],
+    "messages": [
+        {"role": "user", "content": "Find order 12"},
+        {"role": "assistant", "content": [
+            {"type": "text", "text": "Looking it up."},
+            {"type": "tool_use", "id": "tu_1", "name": "find_order", "input": {"id": "12"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "tu_1",
+             "content": [{"type": "text", "text": "Order 12: shipped"}]}]},
+    ],
+    "tools": [{"name": "find_order", "description": "Find an order", "input_schema": {}}],
+}
+MCP_CALL = {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+            "params": {"name": "lookup_customer", "arguments": {"customer_id": "42",
+                                                                "note": "urgent"}}}
+MCP_BATCH = [{"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+             {"jsonrpc": "2.0", "method": "notifications/initialized"}]
+
+CASES = [
+    (OPENAI, "/v1/chat/completions", CHAT_REQUEST,
+     ["You are terse.", "What is in this image?", "{\"city\": \"Paris\"}", "18 degrees, cloudy",
+      "Weather for a city"]),
+    (OPENAI, "/v1/responses", RESPONSES_REQUEST,
+     ["Be brief.", "Hello there", "{\"id\": 7}", "id 7 is Bob", "Find a record"]),
+    (ANTHROPIC, "/v1/messages", ANTHROPIC_REQUEST,
+     ["Be kind.", "Find order 12", "Looking it up.", "12", "Order 12: shipped", "Find an order"]),
+    (MCP, "/mcp", MCP_CALL, ["42", "urgent"]),
+    (GENERIC, "/generate", {"prompt": "hi", "messages": [{"content": "a"}, {"content": "b"}]},
+     ["a", "b", "hi"]),
+]
+
+
+def flow_for(upstream: Upstream, path: str, doc, **headers) -> tflow.HTTPFlow:
+    body = json.dumps(doc).encode()
+    f = tflow.tflow(req=tutils.treq(host=upstream.host, path=path.encode(), content=body,
+                                    method=b"POST"))
+    f.request.headers.clear()
+    f.request.headers.update({"content-type": "application/json", **headers})
+    f.request.content = body
+    return f
+
+
+@pytest.mark.parametrize(("upstream", "path", "doc", "texts"), CASES)
+def test_request_text_pieces(upstream, path, doc, texts):
+    it = protocols.parse_request(upstream, flow_for(upstream, path, doc))
+    assert sorted(p.text for p in it.texts) == sorted(texts)
+    for piece in it.texts:
+        assert jsonpath.get(doc, piece.path) == piece.text
+
+
+@pytest.mark.parametrize(("upstream", "path", "doc", "texts"), CASES)
+@pytest.mark.parametrize("encoding", ["identity", "gzip", "br", "zstd", "deflate"])
+def test_round_trip_edits_one_piece_and_keeps_the_rest(upstream, path, doc, texts, encoding):
+    f = flow_for(upstream, path, doc)
+    if encoding != "identity":
+        f.request.encode(encoding)
+        assert f.request.raw_content != f.request.content
+    it = protocols.parse_request(upstream, f)
+    piece = it.texts[0]
+    piece.text = "<EDITED>"
+    protocols.apply_text_edits(f, "request", [piece])
+    expected = copy.deepcopy(doc)
+    jsonpath.set_(expected, piece.path, "<EDITED>")
+    assert json.loads(f.request.get_content()) == expected
+    assert f.request.headers.get("content-encoding", "identity") == encoding
+    assert int(f.request.headers["content-length"]) == len(f.request.raw_content)
+
+
+def test_request_metadata():
+    it = protocols.parse_request(OPENAI, flow_for(OPENAI, "/v1/chat/completions", CHAT_REQUEST))
+    assert (it.operation, it.model, it.max_tokens, it.temperature, it.has_media) == \
+        ("chat.completions", "gpt-4o", 200, 0.2, True)
+    assert [t.name for t in it.tools] == ["get_weather"]
+    assert it.tool_calls[0].arguments == {"city": "Paris"}
+    mcp = protocols.parse_request(MCP, flow_for(MCP, "/mcp", MCP_BATCH))
+    assert mcp.operation == "mcp:batch" and [m.method for m in mcp.mcp] == \
+        ["tools/list", "notifications/initialized"]
+
+
+@pytest.mark.parametrize(("upstream", "path", "body", "ctype", "code"), [
+    (OPENAI, "/v1/chat/completions", b"{not json", "application/json", "invalid_json"),
+    (OPENAI, "/v1/chat/completions", b'{"model": "a", "model": "b", "messages": []}',
+     "application/json", "duplicate_json_key"),
+    (OPENAI, "/v1/chat/completions", b'{"messages": [], "temperature": NaN}', "application/json",
+     "invalid_json"),
+    (OPENAI, "/v1/chat/completions", b"messages=hi", "application/x-www-form-urlencoded",
+     "unsupported_content_type"),
+    (OPENAI, "/v1/files", b"{}", "application/json", "endpoint_not_governed"),
+    (OPENAI, "/v1/chat/completions", b'{"messages": "hi"}', "application/json", "invalid_body"),
+    (ANTHROPIC, "/v1/messages", b"[1, 2]", "application/json", "invalid_body"),
+    (MCP, "/mcp", b'{"jsonrpc": "2.0", "id": 1, "method": "sampling/evil"}', "application/json",
+     "method_not_governed"),
+    (MCP, "/mcp", b'{"id": 1, "method": "tools/list"}', "application/json", "invalid_body"),
+])
+def test_unparseable_bodies_are_refused(upstream, path, body, ctype, code):
+    f = flow_for(upstream, path, {})
+    f.request.headers["content-type"] = ctype
+    f.request.content = body
+    with pytest.raises(protocols.ProtocolError) as err:
+        protocols.parse_request(upstream, f)
+    assert err.value.code == code
+
+
+def test_undecodable_content_encoding_is_refused():
+    f = flow_for(OPENAI, "/v1/chat/completions", CHAT_REQUEST)
+    f.request.headers["content-encoding"] = "gzip"  # but the body is not gzip
+    with pytest.raises(protocols.ProtocolError) as err:
+        protocols.parse_request(OPENAI, f)
+    assert err.value.code == "undecodable_body"
+
+
+def stream_samples() -> dict[str, tuple[Upstream, str, dict, bytes]]:
+    pieces = ["Hel", "lo, ", "john.sm", "ith@exa", "mple.com", " bye"]
+    return {
+        "chat": (OPENAI, "/v1/chat/completions", {"messages": [], "stream": True},
+                 "".join(samples._openai_chat_events("m", pieces)).encode()),
+        "responses": (OPENAI, "/v1/responses", {"input": "x", "stream": True},
+                      "".join(samples._responses_events("m", pieces)).encode()),
+        "anthropic": (ANTHROPIC, "/v1/messages", {"messages": [], "stream": True},
+                      "".join(samples._anthropic_events("m", pieces)).encode()),
+    }
+
+
+def run_stream(name: str, chunks: list[bytes], filters=()) -> tuple[bytes, object]:
+    upstream, path, doc, _ = stream_samples()[name]
+    it = protocols.parse_request(upstream, flow_for(upstream, path, doc))
+    rewriter = streams.StreamRewriter(protocols.stream_format(upstream, it), it, "dcn_test")
+    rewriter.filters.extend(filters)
+    out = b""
+    for chunk in chunks:
+        result = rewriter(chunk)
+        assert result != b"", "an empty chunk mid-stream ends an HTTP/1.1 body"
+        out += b"".join(result) if isinstance(result, list) else result
+    result = rewriter(b"")
+    out += result if isinstance(result, bytes) else b"".join(result)
+    return out, it
+
+
+def events(data: bytes) -> list[tuple]:
+    parser = SseParser()
+    return [(e.event, e.data) for e in parser.feed(data) + parser.feed(b"")]
+
+
+def streamed_text(name: str, data: bytes) -> str:
+    text = ""
+    for _, payload in events(data):
+        if payload.strip() in ("", "[DONE]"):
+            continue
+        doc = json.loads(payload)
+        if name == "chat":
+            text += "".join(c["delta"].get("content") or "" for c in doc["choices"])
+        elif name == "responses" and doc["type"] == "response.output_text.delta":
+            text += doc["delta"]
+        elif name == "anthropic" and doc["type"] == "content_block_delta":
+            text += doc["delta"]["text"]
+    return text
+
+
+@pytest.mark.parametrize("name", ["chat", "responses", "anthropic"])
+def test_stream_split_at_every_offset_yields_the_same_events(name):
+    data = stream_samples()[name][3]
+    whole, _ = run_stream(name, [data])
+    assert events(whole) == events(data)
+    for i in range(1, len(data)):
+        out, _ = run_stream(name, [data[:i], data[i:]])
+        assert events(out) == events(data), f"split at {i}"
+
+
+class HoldAll:
+    """A filter that holds every delta until its channel ends (the worst case for the seam)."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, str] = {}
+
+    def feed(self, channel: str, text: str) -> str:
+        self.held[channel] = self.held.get(channel, "") + text
+        return ""
+
+    def finish(self, channel: str) -> str:
+        return self.held.pop(channel, "").replace("john.smith@example.com", "<EMAIL>")
+
+
+@pytest.mark.parametrize("name", ["chat", "responses", "anthropic"])
+def test_held_text_is_emitted_before_the_channel_closes_in_the_api_format(name):
+    data = stream_samples()[name][3]
+    out, it = run_stream(name, [data[i:i + 7] for i in range(0, len(data), 7)], [HoldAll()])
+    assert streamed_text(name, out) == "Hello, <EMAIL> bye"
+    assert b"john.sm" not in out and b"ith@exa" not in out  # neither deltas nor recaps leak
+    assert [p.text for p in it.response_texts] == ["Hello, <EMAIL> bye"]
+    assert it.inspected == ["request", "response-stream"] or "response-stream" in it.inspected
+
+
+class Broken:
+    def feed(self, channel: str, text: str) -> str:
+        raise RuntimeError("analyser down")
+
+    def finish(self, channel: str) -> str:
+        return ""
+
+
+@pytest.mark.parametrize("name", ["chat", "responses", "anthropic"])
+def test_a_failing_filter_ends_the_stream_with_the_apis_error_event(name):
+    data = stream_samples()[name][3]
+    out, _ = run_stream(name, [data], [Broken()])
+    assert b"john" not in out
+    assert b"douane decision dcn_test" in out
+    last = json.loads(events(out)[-1][1])
+    assert "error" in last or last.get("type") == "error"
+
+
+def test_broken_sse_is_cut_with_an_error_event():
+    out, _ = run_stream("chat", [b"data: {\"choices\": [\n\n"])
+    assert b"not JSON" in out and b"douane decision" in out
+
+
+def test_mcp_stream_events_are_complete_and_filtered_whole():
+    it = protocols.parse_request(MCP, flow_for(MCP, "/mcp", MCP_CALL))
+    rewriter = streams.StreamRewriter(protocols.stream_format(MCP, it), it, "dcn_x")
+    rewriter.filters.append(HoldAll())
+    result = {"jsonrpc": "2.0", "id": 3, "result": {"content": [
+        {"type": "text", "text": "mail john.smith@example.com"}], "isError": False}}
+    data = b"event: message\ndata: \n\n" + f"event: message\ndata: {json.dumps(result)}\n\n".encode()
+    out = b"".join(rewriter(data)) + rewriter(b"")
+    assert b"mail <EMAIL>" in out and b"john" not in out
+    legacy = streams.StreamRewriter(protocols.stream_format(MCP, it), it, "dcn_y")
+    out = b"".join(legacy(b"event: endpoint\ndata: /messages?sessionId=1\n\n")) + legacy(b"")
+    assert b"legacy MCP HTTP+SSE transport" in out and b"/messages" not in out
