@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 
 def _refuse_protocol(flow: http.HTTPFlow, error: protocols.ProtocolError) -> None:
+    if error.interaction is not None and state(flow).interaction is None:
+        state(flow).interaction = error.interaction
     refuse(flow, error.status, error.message, error.code,
            Reason(f"protocol.{error.code}", error.message))
 

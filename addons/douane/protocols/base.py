@@ -5,16 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from douane.interaction import JsonPath, Kind
+from douane.interaction import Interaction, JsonPath, Kind
 from douane.protocols.sse import Event
 
 
 class ProtocolError(Exception):
     """The flow cannot be understood: it is refused with this status, code and message."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str,
+                 interaction: Interaction | None = None):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.interaction = interaction  # what was understood, so the refusal can answer in kind
 
 
 @dataclass(frozen=True)

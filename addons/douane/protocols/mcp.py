@@ -42,8 +42,10 @@ def parse_request(doc: Any, session_id: str | None) -> Interaction:
         if not isinstance(method, str):
             raise ProtocolError(400, "invalid_body", "a JSON-RPC method must be a string")
         if method not in KNOWN_METHODS and not method.startswith("notifications/"):
+            it.mcp.insert(0, McpMessage(method, msg.get("id"), params, session_id))
+            it.operation = f"mcp:{method}"
             raise ProtocolError(403, "method_not_governed",
-                                f"douane does not govern the MCP method {method!r}")
+                                f"douane does not govern the MCP method {method!r}", it)
         message = McpMessage(method, msg.get("id"), params, session_id)
         if method == "tools/call":
             message.tool = str(params.get("name"))

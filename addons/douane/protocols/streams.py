@@ -48,10 +48,11 @@ class StreamRewriter:
         self.filters: list[TextFilter] = []
         self.parser = SseParser()
         self.open: dict[str, tuple[Kind, Any]] = {}  # channel -> (kind, last delta event doc)
-        self.sent: dict[str, list[str]] = {}  # channel -> text emitted
-        self.kinds: dict[str, Kind] = {}
+        self.sent: dict[str, TextPiece] = {}  # channel -> text emitted so far
         self.abort_message: str | None = None
         self.ended = False
+        # Every event passes through here from now on, even if the client leaves early.
+        interaction.inspected.append("response-stream")
 
     def abort(self, message: str) -> None:
         """Fail closed: end the stream with the API's error event at the next opportunity."""
@@ -79,9 +80,6 @@ class StreamRewriter:
             message = f"{self.abort_message} (douane decision {self.decision_id})"
             out.append(self.format.error_event(message, "douane_refusal").encode())
             self.ended = True
-            self._record()
-        elif final:
-            self._record()
         chunk = b"".join(out)
         if final:
             return chunk
@@ -108,12 +106,11 @@ class StreamRewriter:
                 emitted += self._finish(delta.channel)
             else:
                 self.open[delta.channel] = (delta.kind, doc)
-            self.sent.setdefault(delta.channel, []).append(emitted)
-            self.kinds[delta.channel] = delta.kind
+            self._sent(delta.channel, delta.kind, emitted)
             jsonpath.set_(doc, delta.path, emitted)
         for path, channel in self.format.recaps(event, doc) if doc is not None else []:
             if channel in self.sent:
-                jsonpath.set_(doc, path, "".join(self.sent[channel]))
+                jsonpath.set_(doc, path, self.sent[channel].text)
         if deltas or (doc is not None and self.format.recaps(event, doc)):
             event = Event(json.dumps(doc, ensure_ascii=False), event.event, event.id, event.retry,
                           event.comments)
@@ -141,18 +138,17 @@ class StreamRewriter:
             kind, template = self.open.pop(channel)
             rest = self._finish(channel)
             if rest:
-                self.sent.setdefault(channel, []).append(rest)
+                self._sent(channel, kind, rest)
                 out.append(self.format.synthesize(channel, kind, rest, template).encode())
         return out
 
-    def _record(self) -> None:
+    def _sent(self, channel: str, kind: Kind, text: str) -> None:
         """What was delivered, as response text pieces (for policy, audit and recording)."""
-        for channel, parts in self.sent.items():
-            self.interaction.response_texts.append(
-                TextPiece(self.kinds.get(channel, "completion"), "assistant",
-                          "".join(parts), ("stream", channel)))
-        if "response-stream" not in self.interaction.inspected:
-            self.interaction.inspected.append("response-stream")
+        piece = self.sent.get(channel)
+        if piece is None:
+            piece = self.sent[channel] = TextPiece(kind, "assistant", "", ("stream", channel))
+            self.interaction.response_texts.append(piece)
+        piece.text += text
 
 
 _rewriters: weakref.WeakKeyDictionary[http.HTTPFlow, StreamRewriter] = weakref.WeakKeyDictionary()
