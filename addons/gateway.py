@@ -8,6 +8,7 @@ decision.
 from douane.audit import AuditTrail
 from douane.identity import Authenticate
 from douane.inspect import Inspect
+from douane.policy.addon import Enforce
 from douane.routing import Broker, Route
 from douane.settings import Settings
 
@@ -20,5 +21,6 @@ addons = [
     Authenticate(settings),
     Broker(settings),
     Inspect(settings),
+    Enforce(settings),
     audit_trail,
 ]

@@ -219,9 +219,8 @@ def flow_record(flow: http.HTTPFlow, config: Config) -> dict[str, Any]:
         record["interaction"] = st.interaction.summary()
         if st.interaction.model:
             record["model"] = st.interaction.model
-    policy_version = getattr(st, "policy_version", None)
-    if policy_version:
-        record["policy_version"] = policy_version
+    if st.policy_version:
+        record["policy_version"] = st.policy_version
     if st.masked:
         record["masked"] = dict(st.masked)
     if flow.response:

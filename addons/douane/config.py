@@ -24,7 +24,9 @@ from urllib.parse import urlsplit
 import yaml
 
 # section name -> "module:function" taking a View and returning the parsed section
-SECTIONS: dict[str, str] = {}
+SECTIONS: dict[str, str] = {
+    "policy": "douane.policy.store:parse_section",
+}
 
 PROTOCOLS = ("openai", "anthropic", "mcp", "generic")
 ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",

@@ -80,6 +80,7 @@ class FlowState:
     decision: Decision | None = None
     masked: dict[str, int] = field(default_factory=dict)  # entity type -> count, never values
     timings_ms: dict[str, float] = field(default_factory=dict)  # stage -> milliseconds spent
+    policy_version: str | None = None
     audited: bool = False
 
     def decide(self, action: Action, *reasons: Reason, status: int | None = None) -> Decision:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from mitmproxy import http
@@ -46,6 +46,9 @@ class StreamRewriter:
         self.interaction = interaction
         self.decision_id = decision_id
         self.filters: list[TextFilter] = []
+        # Called with each event's parsed JSON before its text is filtered; may edit it in place
+        # (list filtering) or call abort() (a blocked tool result).
+        self.message_hooks: list[Callable[[Any], None]] = []
         self.parser = SseParser()
         self.open: dict[str, tuple[Kind, Any]] = {}  # channel -> (kind, last delta event doc)
         self.sent: dict[str, TextPiece] = {}  # channel -> text emitted so far
@@ -95,6 +98,11 @@ class StreamRewriter:
             except ValueError:
                 raise ProtocolError(502, "broken_stream", "the upstream sent an event that is not "
                                     "JSON") from None
+        if doc is not None:
+            for hook in self.message_hooks:
+                hook(doc)
+            if self.abort_message:
+                return []
         out = self._close(self.format.closes(event, doc))
         deltas = self.format.deltas(event, doc) if doc is not None else []
         for delta in deltas:

@@ -1,0 +1,164 @@
+"""`Enforce`: the policy decides each request (grants, limits, risk) and polices responses
+(tool results, resources, MCP listings filtered to what the caller may use).
+
+Without a `policy:` section in the config, nothing is enforced here (identity, routing and
+inspection still are); the audit record then carries no policy version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from mitmproxy import http
+
+from douane import protocols
+from douane.flowstate import Decision, FlowState, Reason, state
+from douane.policy import engine
+from douane.policy.limits import RateLimiter
+from douane.policy.store import LivePolicy
+from douane.protocols import jsonpath, mcp, streams
+from douane.refusals import guarded, refuse
+from douane.settings import Settings
+
+logger = logging.getLogger(__name__)
+LISTINGS = ("tools/list", "resources/list", "prompts/list")
+
+
+def explain(decision: Decision) -> str:
+    return "; ".join(r.message for r in decision.reasons) or decision.action
+
+
+def hold(flow: http.HTTPFlow, decision: Decision) -> None:
+    """A request that needs a human approver. Until approvals exist, it is refused."""
+    refuse(flow, 403, f"this request needs an approver: {explain(decision)}",
+           "approval_required", *decision.reasons, action="hold")
+
+
+class Enforce:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.live: LivePolicy | None = None
+        self.limiter = RateLimiter()
+
+    def configure(self, updated: set[str]) -> None:
+        if "douane_config" in updated or self.live is None:
+            section = self.settings.config.sections.get("policy")
+            if self.live:
+                self.live.stop()
+            self.live = LivePolicy(section) if section else None
+
+    def running(self) -> None:
+        if self.live:
+            self.live.start()
+
+    def done(self) -> None:
+        if self.live:
+            self.live.stop()
+
+    def _ready(self, flow: http.HTTPFlow) -> FlowState | None:
+        st = state(flow)
+        if self.live is None or st.interaction is None or st.identity is None \
+                or st.upstream is None or not flow.live:
+            return None
+        st.policy_version = self.live.current.version
+        return st
+
+    @guarded
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error:
+            return
+        st = self._ready(flow)
+        if st is None:
+            return
+        assert self.live and st.identity and st.upstream and st.interaction
+        policy = self.live.current
+        grant, violations = engine.granting(policy, st.identity, st.upstream.name, st.interaction)
+        if grant is None:
+            decision = Decision("block", violations)
+            refuse(flow, 403, f"blocked by policy: {explain(decision)}", "policy_denied",
+                   *violations, action="block")
+            return
+        over = self.limiter.check(f"{grant.source}|{st.identity.user}", grant.limits,
+                                  st.interaction)
+        if over:
+            refuse(flow, 429, over.message, "rate_limited", over, action="block")
+            return
+        decision = engine.decide(policy, engine.risk(policy, st.interaction.texts)
+                                 + engine.tool_risk(policy, st.interaction))
+        if decision.action == "block":
+            refuse(flow, 403, f"blocked by policy: {explain(decision)}", "policy_denied",
+                   *decision.reasons, action="block")
+        elif decision.action == "hold":
+            hold(flow, decision)
+        elif decision.reasons:
+            st.decide("allow", *decision.reasons)
+        if st.decision:
+            st.decision.risk = decision.risk
+
+    @guarded
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        st = self._ready(flow)
+        rewriter = streams.rewriter_of(flow)
+        if st is None or rewriter is None:
+            return
+        assert st.interaction
+        if st.interaction.protocol == "mcp":
+            rewriter.message_hooks.append(lambda doc: self._police_message(flow, doc, rewriter))
+
+    @guarded
+    def response(self, flow: http.HTTPFlow) -> None:
+        st = self._ready(flow)
+        if st is None or streams.rewriter_of(flow) or not flow.response or \
+                (st.decision and st.decision.action in ("block", "refuse", "error", "hold")):
+            return
+        assert st.interaction
+        if st.interaction.protocol == "mcp" and flow.response.raw_content:
+            doc = json.loads(flow.response.get_content(strict=True))
+            messages = doc if isinstance(doc, list) else [doc]
+            removals = [((n,) if isinstance(doc, list) else ()) + path
+                        for n, msg in enumerate(messages) for path in self._hidden(flow, msg)]
+            if removals:
+                protocols.remove_paths(flow, "response", removals)
+        decision = engine.evaluate_response(self.live.current, st.interaction.response_texts)
+        if decision.action == "block":
+            refuse(flow, 403, f"the answer was blocked by policy: {explain(decision)}",
+                   "policy_denied_response", *decision.reasons, action="block")
+            if st.decision:
+                st.decision.risk = decision.risk
+
+    def _hidden(self, flow: http.HTTPFlow, msg: Any) -> list[tuple]:
+        """Paths of listed items the caller may not use, in one JSON-RPC response."""
+        st = state(flow)
+        assert self.live and st.identity and st.upstream and st.interaction
+        method = next((m.method for m in st.interaction.mcp
+                       if isinstance(msg, dict) and m.request_id == msg.get("id")), None)
+        result = msg.get("result") if isinstance(msg, dict) else None
+        if method not in LISTINGS or not isinstance(result, dict):
+            return []
+        key = method.split("/")[0]
+        hidden = engine.hidden_items(self.live.current, st.identity, st.upstream.name, method,
+                                     result)
+        if hidden:
+            st.decide("allow", Reason("policy.list_filtered",
+                                      f"{len(hidden)} {key} hidden from {method}"))
+        return [("result", key, i) for i in hidden]
+
+    def _police_message(self, flow: http.HTTPFlow, doc: Any,
+                        rewriter: streams.StreamRewriter) -> None:
+        """One JSON-RPC message of an MCP SSE stream: filter listings, check tool results."""
+        hidden = self._hidden(flow, doc)
+        if hidden:
+            jsonpath.delete(doc, hidden)
+        st = state(flow)
+        assert self.live and st.interaction
+        pieces: list = []
+        method = next((m.method for m in st.interaction.mcp
+                       if isinstance(doc, dict) and m.request_id == doc.get("id")), None)
+        mcp.message_pieces(doc, method, (), st.interaction, pieces)
+        decision = engine.evaluate_response(self.live.current, pieces)
+        if decision.action == "block":
+            st.decide("block", *decision.reasons)
+            st.decision.risk = decision.risk  # type: ignore[union-attr]
+            rewriter.abort(f"the answer was blocked by policy: {explain(decision)}")

@@ -1,0 +1,184 @@
+"""Pure policy evaluation: an interaction and an identity in, a decision with its reasons out.
+
+Order: grants (least privilege: what is not granted is refused), then risk (deny rules, built-in
+detectors and tool risk add weighted scores; the total chooses allow, hold or block). Reasons name
+the rule, the field and the score, never the matched text.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from typing import Any
+
+from douane.flowstate import Decision, Identity, Reason
+from douane.interaction import Interaction, TextPiece
+from douane.policy import detectors
+from douane.policy.model import Grant, Policy, UpstreamGrant
+from douane.policy.normalize import decoded_base64, normalize
+
+LIMITED_OPERATIONS = ("chat.completions", "responses", "messages", "completions")
+
+
+def grant_violations(ug: UpstreamGrant, it: Interaction) -> list[Reason]:
+    """Why this grant does not cover the interaction (empty: it does)."""
+    out: list[Reason] = []
+    if it.model and ug.models is not None and not any(fnmatch.fnmatchcase(it.model, m)
+                                                      for m in ug.models):
+        out.append(Reason("grant.model", f"model {it.model} is not granted", "model"))
+    if ug.max_tokens is not None and it.operation in LIMITED_OPERATIONS:
+        if it.max_tokens is None:
+            out.append(Reason("grant.max_tokens", f"set max_tokens (at most {ug.max_tokens})",
+                              "max_tokens"))
+        elif it.max_tokens > ug.max_tokens:
+            out.append(Reason("grant.max_tokens", f"max_tokens {it.max_tokens} is above the "
+                              f"granted {ug.max_tokens}", "max_tokens"))
+    if it.stream and not ug.stream:
+        out.append(Reason("grant.stream", "streaming is not granted", "stream"))
+    if it.has_media and not ug.media:
+        out.append(Reason("grant.media", "images, audio and files are not granted", "media"))
+    if it.temperature is not None and ug.temperature is not None and \
+            not ug.temperature[0] <= it.temperature <= ug.temperature[1]:
+        out.append(Reason("grant.temperature", f"temperature must be within "
+                          f"{ug.temperature[0]}..{ug.temperature[1]}", "temperature"))
+    if it.tools and not ug.tools:
+        out.append(Reason("grant.tools", "offering tools to the model is not granted", "tools"))
+    for tool in it.tools:
+        if ug.tools and not ug.tool_allowed(tool.name):
+            out.append(Reason("grant.tool", f"tool {tool.name} is not granted", "tools"))
+    for msg in it.mcp:
+        if msg.method == "tools/call" and msg.tool is not None:
+            if not ug.tool_allowed(msg.tool):
+                out.append(Reason("grant.tool", f"tool {msg.tool} is not granted", "params.name"))
+                continue
+            arguments = msg.params.get("arguments") or {}
+            for arg, constraint in ug.arguments.get(msg.tool, {}).items():
+                if arg not in arguments:
+                    continue
+                problem = constraint.violation(arguments[arg])
+                if problem:
+                    out.append(Reason("grant.argument", f"argument {arg} of {msg.tool} {problem}",
+                                      f"arguments.{arg}"))
+        elif msg.method == "resources/read" and msg.uri is not None and \
+                not any(fnmatch.fnmatchcase(msg.uri, g) for g in ug.resources):
+            out.append(Reason("grant.resource", f"resource {msg.uri} is not granted", "params.uri"))
+        elif msg.method == "prompts/get" and msg.prompt is not None and \
+                not any(fnmatch.fnmatchcase(msg.prompt, g) for g in ug.prompts):
+            out.append(Reason("grant.prompt", f"prompt {msg.prompt} is not granted", "params.name"))
+    return out
+
+
+def granting(policy: Policy, identity: Identity, upstream: str,
+             it: Interaction) -> tuple[Grant | None, list[Reason]]:
+    """The first grant that covers the interaction, or the reasons none does."""
+    grants = policy.grants_for(identity.user, identity.groups)
+    reasons: list[Reason] = []
+    for grant in grants:
+        ug = grant.upstreams.get(upstream)
+        if ug is None:
+            continue
+        violations = grant_violations(ug, it)
+        if not violations:
+            return grant, []
+        reasons = reasons or violations
+    if not reasons:
+        reasons = [Reason("grant.upstream", f"no grant for upstream {upstream}", "upstream")]
+    return None, reasons
+
+
+def _labels(pieces: Iterable[TextPiece]) -> Iterable[tuple[str, TextPiece]]:
+    counts: dict[str, int] = {}
+    for piece in pieces:
+        n = counts.get(piece.kind, 0)
+        counts[piece.kind] = n + 1
+        yield f"{piece.kind}[{n}]", piece
+
+
+def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
+    """Every rule and detector that matches, once per rule, with the first field it matched."""
+    found: dict[str, Reason] = {}
+    for label, piece in _labels(pieces):
+        normalized: str | None = None
+        for rule in policy.rules:
+            if rule.id in found or piece.kind not in rule.kinds:
+                continue
+            normalized = normalized if normalized is not None else normalize(piece.text)
+            texts = [normalized]
+            if rule.decode_base64:
+                texts += [normalize(t) for t in decoded_base64(piece.text)]
+            if any(rule.pattern.search(t) for t in texts):
+                found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched", label, rule.score)
+        if policy.secrets and piece.kind in ("prompt", "tool_arguments", "tool_result"):
+            for rule_id, pattern, score in detectors.SECRETS:
+                if rule_id not in found and pattern.search(piece.text):
+                    found[rule_id] = Reason(rule_id, "a secret is in the text", label, score)
+            if detectors.HIGH_ENTROPY_RULE not in found and \
+                    detectors.high_entropy_tokens(piece.text):
+                found[detectors.HIGH_ENTROPY_RULE] = Reason(
+                    detectors.HIGH_ENTROPY_RULE, "a high-entropy token (credential?) is in the "
+                    "text", label, detectors.HIGH_ENTROPY_SCORE)
+        if policy.injection and piece.kind in ("tool_result", "resource"):
+            normalized = normalized if normalized is not None else normalize(piece.text)
+            for rule_id, pattern, score in detectors.INJECTION:
+                if rule_id not in found and pattern.search(normalized):
+                    found[rule_id] = Reason(rule_id, "prompt-injection phrasing in a tool result",
+                                            label, score)
+    return list(found.values())
+
+
+def tool_risk(policy: Policy, it: Interaction) -> list[Reason]:
+    out = []
+    for msg in it.mcp:
+        if msg.method == "tools/call" and msg.tool:
+            for globs, score in policy.tool_risk:
+                if any(fnmatch.fnmatchcase(msg.tool, g) for g in globs):
+                    out.append(Reason("tool_risk", f"calling {msg.tool} is risky", "params.name",
+                                      score))
+                    break
+    return out
+
+
+def decide(policy: Policy, reasons: list[Reason], hold_allowed: bool = True) -> Decision:
+    score = sum(r.score for r in reasons)
+    if score >= policy.block or (not hold_allowed and score >= policy.hold):
+        action = "block"
+    elif score >= policy.hold:
+        action = "hold"
+    else:
+        action = "allow"
+    decision = Decision(action, reasons)
+    decision.risk = score
+    return decision
+
+
+def evaluate(policy: Policy, identity: Identity, upstream: str, it: Interaction) -> Decision:
+    """The request-side decision. Grant failures block outright; risk decides the rest."""
+    grant, violations = granting(policy, identity, upstream, it)
+    if grant is None:
+        return Decision("block", violations, status=403)
+    return decide(policy, risk(policy, it.texts) + tool_risk(policy, it))
+
+
+def evaluate_response(policy: Policy, pieces: list[TextPiece]) -> Decision:
+    """A response cannot be held (the upstream has acted): at the hold threshold it is blocked."""
+    return decide(policy, risk(policy, pieces), hold_allowed=False)
+
+
+def hidden_items(policy: Policy, identity: Identity, upstream: str, method: str,
+                 result: dict[str, Any]) -> list[int]:
+    """Indexes of listed tools, resources or prompts the caller may not use."""
+    grants = [g.upstreams[upstream] for g in policy.grants_for(identity.user, identity.groups)
+              if upstream in g.upstreams]
+    key, field, allowed = {
+        "tools/list": ("tools", "name", lambda ug, v: ug.tool_allowed(v)),
+        "resources/list": ("resources", "uri",
+                           lambda ug, v: any(fnmatch.fnmatchcase(v, g) for g in ug.resources)),
+        "prompts/list": ("prompts", "name",
+                         lambda ug, v: any(fnmatch.fnmatchcase(v, g) for g in ug.prompts)),
+    }[method]
+    hidden = []
+    for i, item in enumerate(result.get(key) or []):
+        value = item.get(field) if isinstance(item, dict) else None
+        if not isinstance(value, str) or not any(allowed(ug, value) for ug in grants):
+            hidden.append(i)
+    return hidden

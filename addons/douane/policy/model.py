@@ -1,0 +1,264 @@
+"""The policy file format, parsed once into compiled, immutable objects.
+
+```yaml
+version: 1
+default:                      # the authenticated but unlisted
+  upstreams:
+    openai: {models: ["gpt-4o-mini"], max_tokens: 1000}
+groups:
+  engineering:
+    upstreams:
+      openai:
+        models: ["gpt-4*", "o*"]    # globs; default: any
+        max_tokens: 8000            # ceiling on max_tokens / max_completion_tokens
+        stream: true                # default true
+        tools: true                 # may offer tools to the model; default true
+        media: true                 # images, audio, files; default true
+        temperature: [0, 1.2]       # allowed range; default any
+      crm:                          # an MCP upstream
+        tools:
+          allow: ["lookup_*", "delete_records"]
+          deny: ["*_admin"]
+          arguments:                # per tool, per argument: regex, enum, range, prefix, max_length
+            lookup_customer: {customer_id: {regex: "^[0-9]{1,10}$"}}
+            delete_records: {table: {enum: [sessions, cache]}, limit: {range: [1, 100]}}
+        resources: ["file:///docs/*"]
+        prompts: ["summarize"]
+    limits: {requests_per_minute: 60, tokens_per_day: 2000000}   # per user of the group
+users:
+  alice@corp.example:         # same shape as a group; added to her groups' grants
+    upstreams: {anthropic: {models: ["claude-*"]}}
+rules:                        # deny rules: each match adds its score
+  - id: internal.hostnames
+    regex: "\\bcorp-db-[0-9]+\\b"     # or literal: "..."; matched on normalised text
+    in: [prompt, tool_arguments]      # text kinds; default [prompt, tool_arguments]
+    score: 60
+    decode_base64: false              # also match inside base64 runs
+detectors: {secrets: true, injection: true}   # built-in detectors (scores in detectors.py)
+tool_risk:                    # risk of calling a tool, by name glob
+  - {tools: ["delete_*", "exec*", "*_write"], score: 50}
+thresholds: {hold: 50, block: 80}   # total score: >= hold -> approval, >= block -> refuse
+```
+
+A caller's grants are the union of the grants of their user entry and of each of their groups
+(or `default` when none applies): a request passes when one grant allows all of it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from douane.config import ConfigError, Document, View
+from douane.policy.normalize import normalize
+
+KINDS = ("prompt", "tool_description", "tool_arguments", "tool_result", "resource", "completion")
+
+
+@dataclass(frozen=True)
+class ArgConstraint:
+    regex: re.Pattern[str] | None = None
+    enum: tuple[object, ...] | None = None
+    range: tuple[float, float] | None = None
+    prefix: str | None = None
+    max_length: int | None = None
+
+    def violation(self, value: object) -> str | None:
+        if self.enum is not None and value not in self.enum:
+            return "is not one of the allowed values"
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if self.range is not None and not (number and self.range[0] <= value <= self.range[1]):
+            return f"is outside {self.range[0]}..{self.range[1]}"
+        if self.regex is None and self.prefix is None and self.max_length is None:
+            return None
+        if not isinstance(value, str):
+            return "must be a string"
+        if self.regex is not None and not self.regex.fullmatch(value):
+            return "does not match the allowed pattern"
+        # no escaping the prefix with ../ segments or backslashes
+        if self.prefix is not None and (not value.startswith(self.prefix)
+                                        or "/../" in f"/{value}/" or "\\" in value):
+            return f"is not under {self.prefix}"
+        if self.max_length is not None and len(value) > self.max_length:
+            return f"is longer than {self.max_length}"
+        return None
+
+
+@dataclass(frozen=True)
+class UpstreamGrant:
+    models: tuple[str, ...] | None  # None: any
+    max_tokens: int | None
+    stream: bool
+    tools: bool
+    media: bool
+    temperature: tuple[float, float] | None
+    tools_allow: tuple[str, ...]  # MCP tool globs ("*" when unspecified)
+    tools_deny: tuple[str, ...]
+    arguments: dict[str, dict[str, ArgConstraint]]
+    resources: tuple[str, ...]
+    prompts: tuple[str, ...]
+
+    def tool_allowed(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, g) for g in self.tools_allow) and \
+            not any(fnmatch.fnmatchcase(name, g) for g in self.tools_deny)
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests_per_minute: int | None = None
+    tokens_per_day: int | None = None
+
+
+@dataclass(frozen=True)
+class Grant:
+    source: str  # "group engineering", "user alice@...", "default"
+    upstreams: dict[str, UpstreamGrant]
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    pattern: re.Pattern[str]  # compiled on normalised text
+    kinds: frozenset[str]
+    score: float
+    decode_base64: bool
+
+
+@dataclass(frozen=True)
+class Policy:
+    version: str  # hash of the policy files
+    files: tuple[Path, ...]
+    default: Grant | None
+    groups: dict[str, Grant]
+    users: dict[str, Grant]
+    rules: tuple[Rule, ...]
+    secrets: bool
+    injection: bool
+    tool_risk: tuple[tuple[tuple[str, ...], float], ...]
+    hold: float
+    block: float
+    kinds_checked: frozenset[str] = field(default_factory=frozenset)
+
+    def grants_for(self, user: str, groups: tuple[str, ...]) -> list[Grant]:
+        found = ([self.users[user]] if user in self.users else []) + \
+            [self.groups[g] for g in groups if g in self.groups]
+        return found or ([self.default] if self.default else [])
+
+
+def load(files: list[Path]) -> Policy:
+    """Parse and merge policy files; later files add groups, users and rules."""
+    default, groups, users, rules = None, {}, {}, []
+    secrets = injection = True
+    tool_risk: list[tuple[tuple[str, ...], float]] = []
+    hold, block = 50.0, 80.0
+    digest = hashlib.sha256()
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(str(path), None, "", f"cannot read the policy file: {e.strerror}") \
+                from None
+        digest.update(text.encode())
+        root = Document(str(path), text).root()
+        root.only("version", "default", "groups", "users", "rules", "detectors", "tool_risk",
+                  "thresholds")
+        if "default" in root.data:
+            default = _grant("default", root.sub("default"))
+        groups.update({n: _grant(f"group {n}", v) for n, v in root.named("groups")})
+        users.update({n: _grant(f"user {n}", v) for n, v in root.named("users")})
+        rules += [_rule(v) for v in root.views("rules")]
+        det = root.sub("detectors")
+        det.only("secrets", "injection")
+        secrets = det.get("secrets", bool, secrets)
+        injection = det.get("injection", bool, injection)
+        for v in root.views("tool_risk"):
+            v.only("tools", "score")
+            tool_risk.append((v.strings("tools"), v.get("score", float)))
+        th = root.sub("thresholds")
+        th.only("hold", "block")
+        hold, block = th.get("hold", float, hold), th.get("block", float, block)
+        if hold > block:
+            raise th.error("hold must not be above block")
+    kinds = frozenset(k for r in rules for k in r.kinds)
+    return Policy(digest.hexdigest()[:12], tuple(files), default, groups, users, tuple(rules),
+                  secrets, injection, tuple(tool_risk), hold, block, kinds)
+
+
+def _grant(source: str, v: View) -> Grant:
+    v.only("upstreams", "limits")
+    lv = v.sub("limits")
+    lv.only("requests_per_minute", "tokens_per_day")
+    limits = Limits(lv.get("requests_per_minute", int, None), lv.get("tokens_per_day", int, None))
+    return Grant(source, {name: _upstream_grant(uv) for name, uv in v.named("upstreams")}, limits)
+
+
+def _upstream_grant(v: View) -> UpstreamGrant:
+    v.only("models", "max_tokens", "stream", "tools", "media", "temperature", "resources",
+           "prompts")
+    tools = v.data.get("tools", True)
+    allow: tuple[str, ...] = ("*",)
+    deny: tuple[str, ...] = ()
+    arguments: dict[str, dict[str, ArgConstraint]] = {}
+    if isinstance(tools, dict):
+        tv = v.sub("tools")
+        tv.only("allow", "deny", "arguments")
+        allow, deny = tv.strings("allow", ("*",)), tv.strings("deny", ())
+        for tool, av in tv.named("arguments"):
+            arguments[tool] = {}
+            for arg, c in av.data.items():
+                if not isinstance(c, dict):
+                    raise av.error("expected a mapping of constraints", str(arg))
+                arguments[tool][str(arg)] = _constraint(View(c, av.path + (str(arg),), av.doc))
+        tools = True
+    elif not isinstance(tools, bool):
+        raise v.error("expected true/false or a mapping with allow/deny/arguments", "tools")
+    temperature = v.get("temperature", list, None)
+    if temperature is not None and (len(temperature) != 2 or not all(
+            isinstance(t, int | float) for t in temperature)):
+        raise v.error("expected [min, max]", "temperature")
+    return UpstreamGrant(
+        models=v.strings("models", None), max_tokens=v.get("max_tokens", int, None),
+        stream=v.get("stream", bool, True), tools=tools, media=v.get("media", bool, True),
+        temperature=tuple(temperature) if temperature else None,
+        tools_allow=allow, tools_deny=deny, arguments=arguments,
+        resources=v.strings("resources", ("*",)), prompts=v.strings("prompts", ("*",)))
+
+
+def _constraint(v: View) -> ArgConstraint:
+    v.only("regex", "enum", "range", "prefix", "max_length")
+    regex = v.get("regex", str, None)
+    try:
+        compiled = re.compile(regex) if regex is not None else None
+    except re.error as e:
+        raise v.error(f"invalid regex: {e}", "regex") from None
+    rng = v.get("range", list, None)
+    if rng is not None and (len(rng) != 2 or not all(isinstance(x, int | float) for x in rng)):
+        raise v.error("expected [min, max]", "range")
+    enum = v.get("enum", list, None)
+    return ArgConstraint(compiled, tuple(enum) if enum is not None else None,
+                         tuple(rng) if rng else None, v.get("prefix", str, None),
+                         v.get("max_length", int, None))
+
+
+def _rule(v: View) -> Rule:
+    v.only("id", "regex", "literal", "in", "score", "decode_base64")
+    rule_id = v.get("id", str)
+    if ("regex" in v.data) == ("literal" in v.data):
+        raise v.error("give exactly one of regex or literal")
+    if "regex" in v.data:
+        try:
+            pattern = re.compile(v.get("regex", str), re.IGNORECASE)
+        except re.error as e:
+            raise v.error(f"invalid regex: {e}", "regex") from None
+    else:
+        pattern = re.compile(re.escape(normalize(v.get("literal", str))))
+    kinds = v.strings("in", ("prompt", "tool_arguments"))
+    for kind in kinds:
+        if kind not in KINDS:
+            raise v.error(f"unknown text kind {kind!r} (expected: {', '.join(KINDS)})", "in")
+    return Rule(rule_id, pattern, frozenset(kinds), v.get("score", float, 100.0),
+                v.get("decode_base64", bool, False))
