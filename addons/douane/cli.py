@@ -16,6 +16,7 @@ COMMANDS = [
     "douane.commands.token",
     "douane.commands.audit",
     "douane.commands.ca",
+    "douane.commands.explain",
 ]
 
 

@@ -79,6 +79,8 @@ class View:
     def strings(self, key: str, default: Any = _REQUIRED) -> tuple[str, ...]:
         """A string or a list of strings."""
         value = self.get(key, (str, list), default)
+        if value is None or isinstance(value, tuple):  # a default
+            return value
         if isinstance(value, str):
             return (value,)
         if any(not isinstance(v, str) for v in value):

@@ -1,0 +1,75 @@
+"""`douane explain --as USER --groups G REQUEST.json [--upstream NAME]`: the policy's decision on
+a request body, with every reason, without sending anything."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mitmproxy.test import tflow, tutils
+
+from douane import config as configmod
+from douane import protocols
+from douane.flowstate import Identity
+from douane.policy import engine
+from douane.settings import DEFAULT_CONFIG
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="show the policy decision for a request, sending nothing")
+    p.add_argument("request", type=Path, help="a JSON request body")
+    p.add_argument("--as", dest="user", required=True, help="the caller's user id")
+    p.add_argument("--groups", default="", help="comma-separated groups")
+    p.add_argument("--upstream", help="upstream name (default: the first declared)")
+    p.add_argument("--path", help="request path (default: the protocol's main endpoint)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.set_defaults(func=run)
+
+
+DEFAULT_PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages", "mcp": "/mcp",
+                 "generic": "/"}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = configmod.load(args.config)
+    except configmod.ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    section = config.sections.get("policy")
+    if section is None:
+        print(f"{args.config} has no policy section: nothing to explain", file=sys.stderr)
+        return 2
+    upstream = next((u for u in config.upstreams if u.name == args.upstream or
+                     args.upstream is None), None)
+    if upstream is None:
+        print(f"no upstream named {args.upstream}", file=sys.stderr)
+        return 2
+    # A flow built in memory, parsed by the same code the gateway runs.
+    flow = tflow.tflow(req=tutils.treq(method=b"POST", host=upstream.host,
+                                       path=(args.path or DEFAULT_PATHS[upstream.protocol]).encode(),
+                                       content=args.request.read_bytes()))
+    flow.request.headers["content-type"] = "application/json"
+    try:
+        it = protocols.parse_request(upstream, flow)
+    except protocols.ProtocolError as e:
+        print(f"decision: refuse ({e.status} {e.code})\n  - {e.message}")
+        return 0
+    identity = Identity(args.user, tuple(g for g in args.groups.split(",") if g), "explain",
+                        args.user, "explain")
+    policy = section.policy
+    grant, violations = engine.granting(policy, identity, upstream.name, it)
+    decision = engine.evaluate(policy, identity, upstream.name, it)
+    print(f"decision: {decision.action} (risk {decision.risk:g}; hold at {policy.hold:g}, "
+          f"block at {policy.block:g}; policy version {policy.version})")
+    print(f"upstream: {upstream.name} ({upstream.protocol}), operation {it.operation}, "
+          f"model {it.model or '-'}")
+    print(f"grant:    {grant.source if grant else 'none covers this request'}")
+    for reason in decision.reasons:
+        where = f" in {reason.field}" if reason.field else ""
+        score = f" +{reason.score:g}" if reason.score else ""
+        print(f"  - {reason.rule}{where}{score}: {reason.message}")
+    if not decision.reasons:
+        print("  (no rule matched)")
+    return 0
