@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from tests.support.gateway import Gateway
+from tests.support.gateway import REPO, Gateway
 from tests.support.issuer import TestIssuer
 from tests.support.upstream import FakeUpstream
 
@@ -45,3 +49,24 @@ def make_gateway(tmp_path) -> Iterator[Callable[..., Gateway]]:
     yield make
     for gw in started:
         gw.stop()
+
+
+@pytest.fixture(scope="session")
+def mcp_server() -> Iterator[str]:
+    """A real MCP server (tests/support/mcp_server.py) over Streamable HTTP; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = subprocess.Popen([sys.executable, "-m", "tests.support.mcp_server", str(port)],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    server.kill()
+    server.wait()

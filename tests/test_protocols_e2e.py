@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import socket
-import subprocess
-import sys
 import time
 
 import anthropic
@@ -22,7 +19,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from tests.conftest import UPSTREAM_KEY
-from tests.support.gateway import REPO, Gateway, base_config
+from tests.support.gateway import Gateway, base_config
 from tests.support.upstream import DEFAULT_REPLY, FakeUpstream
 
 
@@ -152,29 +149,11 @@ def test_websocket_upgrade_is_refused(gw, llm, token):
 
 
 @pytest.fixture(scope="module")
-def mcp_gw(issuer, tmp_path_factory):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = subprocess.Popen([sys.executable, "-m", "tests.support.mcp_server", str(port)],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    url = f"http://127.0.0.1:{port}"
-    config = base_config(issuer.url, url + "/mcp", protocol="mcp")
-    try:
-        with Gateway(config, mode=f"reverse:{url}", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
-                     workdir=tmp_path_factory.mktemp("mcp")) as gateway:
-            yield gateway
-    finally:
-        server.kill()
-        server.wait()
+def mcp_gw(issuer, mcp_server, tmp_path_factory):
+    config = base_config(issuer.url, mcp_server + "/mcp", protocol="mcp")
+    with Gateway(config, mode=f"reverse:{mcp_server}", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+                 workdir=tmp_path_factory.mktemp("mcp")) as gateway:
+        yield gateway
 
 
 async def mcp_session(gw: Gateway, token: str, body):

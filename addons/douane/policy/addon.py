@@ -24,6 +24,9 @@ from douane.settings import Settings
 
 logger = logging.getLogger(__name__)
 LISTINGS = ("tools/list", "resources/list", "prompts/list")
+# MCP session housekeeping does not count against a caller's limits.
+UNMETERED = ("mcp:initialize", "mcp:ping", "mcp:notifications/initialized",
+             "mcp:notifications/cancelled", "mcp:get", "mcp:delete", "mcp:response")
 
 
 def explain(decision: Decision) -> str:
@@ -80,8 +83,8 @@ class Enforce:
             refuse(flow, 403, f"blocked by policy: {explain(decision)}", "policy_denied",
                    *violations, action="block")
             return
-        over = self.limiter.check(f"{grant.source}|{st.identity.user}", grant.limits,
-                                  st.interaction)
+        over = None if st.interaction.operation in UNMETERED else self.limiter.check(
+            f"{grant.source}|{st.identity.user}", grant.limits, st.interaction)
         if over:
             refuse(flow, 429, over.message, "rate_limited", over, action="block")
             return
