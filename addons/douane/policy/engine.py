@@ -99,18 +99,25 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
     found: dict[str, Reason] = {}
     for label, piece in _labels(pieces):
         normalized: str | None = None
-        for rule in policy.rules:
-            if rule.id in found or piece.kind not in rule.kinds:
+        hidden: list[str] | None = None
+        for rule in policy.rules_by_kind[piece.kind]:
+            if rule.id in found:
                 continue
             normalized = normalized if normalized is not None else normalize(piece.text)
-            texts = [normalized]
-            if rule.decode_base64:
-                texts += [normalize(t) for t in decoded_base64(piece.text)]
-            if any(rule.pattern.search(t) for t in texts):
+            if not rule.decode_base64:
+                if rule.matches(normalized):
+                    found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched", label,
+                                            rule.score)
+                continue
+            hidden = hidden if hidden is not None else \
+                [normalize(t) for t in decoded_base64(piece.text)]
+            if any(rule.matches(t) for t in (normalized, *hidden)):
                 found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched", label, rule.score)
         if policy.secrets and piece.kind in ("prompt", "tool_arguments", "tool_result"):
-            for rule_id, pattern, score in detectors.SECRETS:
-                if rule_id not in found and pattern.search(piece.text):
+            lowered = piece.text.lower()
+            for rule_id, pattern, score, hints in detectors.SECRETS:
+                if rule_id not in found and any(h in lowered for h in hints) and \
+                        pattern.search(piece.text):
                     found[rule_id] = Reason(rule_id, "a secret is in the text", label, score)
             if detectors.HIGH_ENTROPY_RULE not in found and \
                     detectors.high_entropy_tokens(piece.text):
@@ -119,8 +126,9 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
                     "text", label, detectors.HIGH_ENTROPY_SCORE)
         if policy.injection and piece.kind in ("tool_result", "resource"):
             normalized = normalized if normalized is not None else normalize(piece.text)
-            for rule_id, pattern, score in detectors.INJECTION:
-                if rule_id not in found and pattern.search(normalized):
+            for rule_id, pattern, score, hints in detectors.INJECTION:
+                if rule_id not in found and any(h in normalized for h in hints) and \
+                        pattern.search(normalized):
                     found[rule_id] = Reason(rule_id, "prompt-injection phrasing in a tool result",
                                             label, score)
     return list(found.values())
