@@ -8,6 +8,7 @@ decision.
 from douane.audit import AuditTrail
 from douane.identity import Authenticate
 from douane.inspect import Inspect
+from douane.masking.addon import Mask
 from douane.policy.addon import Enforce
 from douane.routing import Broker, Route
 from douane.settings import Settings
@@ -22,5 +23,6 @@ addons = [
     Broker(settings),
     Inspect(settings),
     Enforce(settings),
+    Mask(settings),
     audit_trail,
 ]

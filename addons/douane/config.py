@@ -26,6 +26,7 @@ import yaml
 # section name -> "module:function" taking a View and returning the parsed section
 SECTIONS: dict[str, str] = {
     "policy": "douane.policy.store:parse_section",
+    "masking": "douane.masking.config:parse",
 }
 
 PROTOCOLS = ("openai", "anthropic", "mcp", "generic")

