@@ -129,3 +129,48 @@ def test_stream_text_is_released_before_the_end(analyzer):
         released += masker.feed("c", ANSWER[i:i + 4])
     assert len(released) > len(ANSWER) - SETTINGS.stream_window - 40
     assert "john" not in released
+
+
+def test_a_crashed_worker_fails_the_analysis_and_the_pool_recovers():
+    from concurrent.futures.process import BrokenProcessPool
+
+    from douane.masking import engine
+    from douane.masking.pool import MaskingPool
+
+    pool = MaskingPool(SETTINGS)
+    try:
+        with pytest.raises(BrokenProcessPool):
+            pool.result(pool.executor().submit(engine.crash_worker))
+        (spans,) = pool.result(pool.submit(["mail maria@example.com"]))
+        assert [s.entity for s in spans] == ["EMAIL_ADDRESS"]
+    finally:
+        pool.shutdown()
+
+
+def test_an_analyser_failure_refuses_the_answer():
+    import asyncio
+
+    from mitmproxy.test import taddons, tflow, tutils
+
+    from douane.config import Upstream
+    from douane.flowstate import Identity, state
+    from douane.interaction import Interaction, TextPiece
+    from douane.masking.addon import Mask
+    from douane.settings import Settings
+
+    class DeadPool:
+        async def analyze(self, texts):
+            raise RuntimeError("worker gone")
+
+    mask = Mask(Settings())
+    mask.masking, mask.pool = SETTINGS, DeadPool()
+    flow = tflow.tflow(resp=tutils.tresp(content=b'{"choices": []}'))
+    st = state(flow)
+    st.identity = Identity("a", (), "t", "a", "bearer")
+    st.upstream = Upstream("openai", "https", "api.openai.com", 443, "/v1", "openai", None)
+    st.interaction = Interaction("openai", "chat.completions", response_texts=[
+        TextPiece("completion", "assistant", "maria@example.com", ("choices", 0))])
+    with taddons.context():
+        asyncio.run(mask.response(flow))
+    assert flow.response.status_code == 500 and b"maria" not in flow.response.content
+    assert st.decision.action == "error"

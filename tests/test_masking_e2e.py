@@ -1,0 +1,151 @@
+"""Masking through a real mitmdump with the official SDKs: answers, streams, MCP tool results,
+request-side masking, exemptions, fail-closed, and a responsive event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+
+import anthropic
+import httpx2
+import openai
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from tests.conftest import UPSTREAM_KEY
+from tests.support.gateway import Gateway, base_config
+from tests.support.upstream import FakeUpstream
+
+PII = ("Your account manager is Maria Garcia. Reach her at maria.garcia@example.com or "
+       "212-555-0147; the card on file is 4111 1111 1111 1111.")
+SECRETS = ("maria.garcia@example.com", "212-555-0147", "4111 1111 1111 1111", "Maria Garcia")
+
+
+@pytest.fixture(scope="module")
+def setup(issuer, mcp_server, tmp_path_factory):
+    llm = FakeUpstream()
+    llm.reply = PII
+    big = FakeUpstream()
+    big.reply = (PII + " ") * 700  # ~100 KB of text with PII all through it
+    config = base_config(issuer.url, llm.url, masking={
+        "workers": 2, "requests": True, "exempt_groups": ["privacy-officers"],
+        "allow_list": ["S3", "EKS"]})
+    config["upstreams"]["claude"] = {"url": llm.url + "/anthropic", "protocol": "anthropic",
+                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
+    config["upstreams"]["crm"] = {"url": mcp_server + "/mcp", "protocol": "mcp"}
+    config["upstreams"]["big"] = {"url": big.url + "/v1", "protocol": "openai"}
+    with Gateway(config, mode="regular", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+                 workdir=tmp_path_factory.mktemp("masking")) as gw:
+        gw.big = big
+        yield gw, llm
+    llm.close()
+    big.close()
+
+
+def openai_client(gw, llm, token) -> openai.OpenAI:
+    return openai.OpenAI(base_url=llm.url + "/v1", api_key="unused", max_retries=0,
+                         http_client=openai.DefaultHttpxClient(proxy=gw.proxy_url("u", token)))
+
+
+def assert_masked(text: str) -> None:
+    for value in SECRETS:
+        assert value not in text
+    assert "<EMAIL_ADDRESS>" in text and "<CREDIT_CARD>" in text and "<PERSON>" in text
+
+
+def test_openai_answer_is_masked(setup, issuer):
+    gw, llm = setup
+    c = openai_client(gw, llm, issuer.mint("alice@corp", ["engineering"]))
+    reply = c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "?"}])
+    assert_masked(reply.choices[0].message.content)
+    records = gw.audit_records(wait_for=1)
+    masked = [r for r in records if r.get("masked")]
+    assert masked and masked[-1]["masked"]["CREDIT_CARD"] == 1 and masked[-1]["action"] == "mask"
+    assert "4111" not in gw.audit_file().read_text()
+
+
+def test_streamed_answer_is_masked_even_when_values_are_split(setup, issuer):
+    gw, llm = setup
+    llm.chunk_size, llm.chunk_delay = 3, 0.02  # every value crosses several deltas
+    try:
+        c = openai_client(gw, llm, issuer.mint("alice@corp", ["engineering"]))
+        stream = c.chat.completions.create(model="gpt-4o", stream=True,
+                                           messages=[{"role": "user", "content": "?"}])
+        deltas = [ch.choices[0].delta.content for ch in stream
+                  if ch.choices and ch.choices[0].delta.content]
+    finally:
+        llm.chunk_size, llm.chunk_delay = 4, 0.0
+    assert_masked("".join(deltas))
+    assert len(deltas) > 5  # still a stream, released as analysis completes, not one final chunk
+
+
+def test_anthropic_answer_and_stream_are_masked(setup, issuer):
+    gw, llm = setup
+    token = issuer.mint("alice@corp", ["engineering"])
+    c = anthropic.Anthropic(base_url=llm.url + "/anthropic", api_key="unused", max_retries=0,
+                            http_client=anthropic.DefaultHttpxClient(proxy=gw.proxy_url("u", token)))
+    reply = c.messages.create(model="claude-test", max_tokens=100,
+                              messages=[{"role": "user", "content": "?"}])
+    assert_masked(reply.content[0].text)
+    with c.messages.stream(model="claude-test", max_tokens=100,
+                           messages=[{"role": "user", "content": "?"}]) as stream:
+        assert_masked("".join(stream.text_stream))
+
+
+def test_mcp_tool_result_is_masked(setup, issuer, mcp_server):
+    gw, _ = setup
+    proxy = gw.proxy_url("u", issuer.mint("alice@corp", ["engineering"]))
+
+    async def run():
+        async with Client(streamable_http_client(
+                mcp_server + "/mcp", http_client=httpx2.AsyncClient(proxy=proxy))) as c:
+            return await c.call_tool("lookup_customer", {"customer_id": "42"})
+
+    text = asyncio.run(run()).content[0].text
+    assert "john.smith@example.com" not in text and "4111 1111 1111 1111" not in text
+    assert "<EMAIL_ADDRESS>" in text and "Customer 42" in text
+
+
+def test_exempt_group_sees_the_original(setup, issuer):
+    gw, llm = setup
+    c = openai_client(gw, llm, issuer.mint("pat@corp", ["privacy-officers"]))
+    reply = c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "?"}])
+    assert reply.choices[0].message.content == PII
+
+
+def test_request_side_masking_keeps_the_value_from_the_upstream(setup, issuer):
+    gw, llm = setup
+    c = openai_client(gw, llm, issuer.mint("alice@corp", ["engineering"]))
+    before = len(llm.requests)
+    c.chat.completions.create(model="gpt-4o", messages=[
+        {"role": "user", "content": "Email bob.jones@example.org about our S3 bucket"}])
+    (sent,) = llm.requests[before:]
+    content = sent.json()["messages"][0]["content"]
+    assert "<EMAIL_ADDRESS> about our S3 bucket" in content  # S3 is on the allow-list
+    assert b"bob.jones" not in llm.received_bytes()
+
+
+def test_event_loop_stays_responsive_while_a_large_answer_is_masked(setup, issuer):
+    gw, llm = setup
+    token = issuer.mint("alice@corp", ["engineering"])
+    c = openai_client(gw, llm, token)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(lambda: openai_client(gw, gw.big, token).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "?"}]))
+        time.sleep(0.3)  # the big answer is being analysed now
+        started = time.monotonic()
+        llm.reply = "Call 212-555-0147"  # needs analysis too, by the other worker
+        try:
+            quick = c.chat.completions.create(model="gpt-4o",
+                                              messages=[{"role": "user", "content": "?"}])
+        finally:
+            llm.reply = PII
+        quick_done = time.monotonic()
+        slow_result = slow.result(timeout=120)
+        slow_done = time.monotonic()
+    assert quick.choices[0].message.content == "Call <PHONE_NUMBER>"
+    # the tiny request finished long before the big one: it did not wait behind the masking
+    assert quick_done - started < (slow_done - started) / 3
+    assert "maria.garcia@example.com" not in slow_result.choices[0].message.content
