@@ -16,8 +16,7 @@ from douane.flowstate import Identity
 from douane.interaction import Interaction, McpMessage, TextPiece, ToolDef
 from douane.policy import engine, model
 
-WORDS = ("deploy service customer invoice report latency database cluster summary weather "
-         "refund shipment kubernetes incident roadmap budget forecast contract review").split()
+WORDS = ["deploy", "service", "customer", "invoice", "report", "latency", "database", "cluster", "summary", "weather", "refund", "shipment", "kubernetes", "incident", "roadmap", "budget", "forecast", "contract", "review"]
 
 
 def build_policy(folder: Path) -> model.Policy:

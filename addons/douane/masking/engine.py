@@ -7,7 +7,7 @@ Faster than stock Presidio without losing recall on the configured entities:
 - phone regions from config instead of every region;
 - spaCy's dependency parser (unused by NER and by Presidio) disabled; spaCy skipped entirely when
   no NER entity is configured or the text has no capitalised word;
-- texts analysed in a batch per call.
+- texts analysed in a batch per call (spaCy's `pipe`).
 Offline: tldextract uses its bundled public-suffix snapshot, never the network.
 """
 
@@ -135,13 +135,23 @@ class Analyzer:
         return [e for e in self.entities if PREFILTERS[e](text, digits)]
 
     def analyze(self, text: str) -> list[Span]:
-        entities = self.candidates(text)
-        if not entities:
-            return []
-        results = self.engine.analyze(text=text, language="en", entities=entities,
-                                      score_threshold=self.settings.score_threshold,
-                                      allow_list=list(self.settings.allow_list) or None)
-        return [Span(r.start, r.end, r.entity_type, r.score) for r in results]
+        return self.analyze_many([text])[0]
+
+    def analyze_many(self, texts: list[str]) -> list[list[Span]]:
+        """Texts analysed together: spaCy runs once over the batch (about half the cost per
+        text of separate calls), then each text's recognisers."""
+        candidates = [self.candidates(t) for t in texts]
+        todo = [i for i, c in enumerate(candidates) if c]
+        out: list[list[Span]] = [[] for _ in texts]
+        artifacts = self.nlp_engine.process_batch([texts[i] for i in todo], language="en",
+                                                  batch_size=max(1, len(todo)))
+        for i, (_, nlp_artifacts) in zip(todo, artifacts, strict=True):
+            results = self.engine.analyze(text=texts[i], language="en", entities=candidates[i],
+                                          score_threshold=self.settings.score_threshold,
+                                          allow_list=list(self.settings.allow_list) or None,
+                                          nlp_artifacts=nlp_artifacts)
+            out[i] = [Span(r.start, r.end, r.entity_type, r.score) for r in results]
+        return out
 
 
 _analyzer: Analyzer | None = None
@@ -156,7 +166,7 @@ def init_worker(settings: MaskingSettings) -> None:
 
 def analyze_batch(texts: list[str]) -> list[list[Span]]:
     assert _analyzer is not None, "worker not initialised"
-    return [_analyzer.analyze(t) for t in texts]
+    return _analyzer.analyze_many(texts)
 
 
 def crash_worker() -> None:
