@@ -67,7 +67,7 @@ def corpus(n: int, seed: int = 7) -> list[Item]:
     items = []
     for i in range(n):
         template = templates[i % len(templates)]
-        text, spans, pos = "", [], 0
+        text, spans = "", []
         for part in template.replace("{{", "\0").replace("}}", "\1").split("{"):
             if "}" in part:
                 key, rest = part.split("}", 1)
@@ -77,7 +77,6 @@ def corpus(n: int, seed: int = 7) -> list[Item]:
                 text += value + rest
             else:
                 text += part
-            pos += 1
         items.append(Item(text.replace("\0", "{").replace("\1", "}"), spans))
     return items
 
