@@ -10,6 +10,7 @@ from douane.identity import Authenticate
 from douane.inspect import Inspect
 from douane.masking.addon import Mask
 from douane.policy.addon import Enforce
+from douane.recording.addon import Record
 from douane.routing import Broker, Route
 from douane.settings import Settings
 
@@ -25,4 +26,5 @@ addons = [
     Enforce(settings),
     Mask(settings),
     audit_trail,
+    Record(settings),
 ]

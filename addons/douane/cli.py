@@ -17,6 +17,7 @@ COMMANDS = [
     "douane.commands.audit",
     "douane.commands.ca",
     "douane.commands.explain",
+    "douane.commands.sessions",
 ]
 
 

@@ -27,6 +27,7 @@ import yaml
 SECTIONS: dict[str, str] = {
     "policy": "douane.policy.store:parse_section",
     "masking": "douane.masking.config:parse",
+    "recording": "douane.recording.config:parse",
 }
 
 PROTOCOLS = ("openai", "anthropic", "mcp", "generic")

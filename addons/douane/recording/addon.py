@@ -1,0 +1,158 @@
+"""`Record`: every flow through douane, whatever was decided, written to
+`recordings/<user>/<yyyy-mm-dd>/<session>.mitm` with mitmproxy's own FlowWriter, and indexed.
+
+What is written is what crossed the wire after masking, scrubbed of credentials (a copy is
+scrubbed; the live flow is untouched). Streamed answers are recorded as delivered (the Inspect addon
+turns on `store_streamed_bodies`). A writer thread does the I/O and flushes per flow, so a crash
+loses at most the flow in flight. Flows read back (`-r`) or replayed are not recorded again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import sqlite3
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mitmproxy import http, io
+
+from douane.flowstate import Reason, peek, publish, state
+from douane.recording import index
+from douane.recording.config import RecordingSettings
+from douane.refusals import guarded, refuse
+from douane.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SCRUBBED = "<scrubbed by douane>"
+SCRUB_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "cookie", "set-cookie",
+                 "x-goog-api-key", "api-key")
+UNSAFE = re.compile(r"[^A-Za-z0-9@._+-]")
+
+
+def scrubbed(flow: http.HTTPFlow, extra: tuple[str, ...]) -> http.HTTPFlow:
+    """A copy of the flow with every credential header replaced."""
+    copy = flow.copy()
+    st = peek(flow)
+    names = set(SCRUB_HEADERS + extra)
+    if st and st.upstream and st.upstream.credential:
+        names.add(st.upstream.credential.header)
+    for message in (copy.request, copy.response):
+        if message is None:
+            continue
+        for name in names:
+            if name in message.headers:
+                message.headers[name] = SCRUBBED
+    copy.metadata = {k: v for k, v in copy.metadata.items() if k in ("douane", "user")}
+    return copy
+
+
+def session_path(flow: http.HTTPFlow, settings: RecordingSettings) -> Path:
+    st = state(flow)
+    user = UNSAFE.sub("_", st.identity.user if st.identity else "anonymous")[:128]
+    started = datetime.fromtimestamp(flow.request.timestamp_start, UTC)
+    mcp_session = flow.request.headers.get("mcp-session-id")
+    if mcp_session:
+        session = "mcp-" + UNSAFE.sub("_", mcp_session)[:64]
+    elif settings.session == "window":
+        minute = started.hour * 60 + started.minute
+        session = f"window-{minute // settings.window_minutes * settings.window_minutes:04d}"
+    else:
+        session = f"conn-{flow.client_conn.id[:8]}"
+    return Path(UNSAFE.sub("_", user)) / started.strftime("%Y-%m-%d") / f"{session}.mitm"
+
+
+class RecordingWriter:
+    """Appends flows to their session files and index rows to SQLite, from one thread."""
+
+    def __init__(self, settings: RecordingSettings):
+        self.settings = settings
+        self.healthy = True
+        self._queue: queue.SimpleQueue[tuple[Path, http.HTTPFlow] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="douane-recording", daemon=True)
+        self._thread.start()
+
+    def put(self, relative: Path, flow: http.HTTPFlow) -> None:
+        self._queue.put((relative, flow))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        db: sqlite3.Connection | None = None
+        while (item := self._queue.get()) is not None:
+            relative, flow = item
+            try:
+                db = db or index.connect(self.settings.index_path)
+                path = self.settings.dir / relative
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("ab") as f:
+                    offset = f.tell()
+                    io.FlowWriter(f).add(flow)
+                    f.flush()
+                index.insert(db, [index.row(flow, str(relative), offset)])
+                self.healthy = True
+            except Exception:
+                self.healthy = False
+                logger.exception("douane: cannot record flow %s to %s", flow.id, relative)
+        if db:
+            db.close()
+
+
+class Record:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.recording: RecordingSettings | None = None
+        self.writer: RecordingWriter | None = None
+
+    def configure(self, updated: set[str]) -> None:
+        if "douane_config" not in updated and self.writer is not None:
+            return
+        recording = self.settings.config.sections.get("recording")
+        if recording != self.recording:
+            if self.writer:
+                self.writer.close()
+            self.recording = recording
+            self.writer = RecordingWriter(recording) if recording else None
+
+    def done(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+    @guarded
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Fail closed by default: while recordings cannot be written, traffic is refused.
+        if self.writer and not self.writer.healthy and self.recording and \
+                self.recording.on_error == "refuse" and not flow.response and flow.live:
+            refuse(flow, 503, "douane cannot write its recordings and refuses traffic until it "
+                   "can", "recording_unavailable",
+                   Reason("recording.unavailable", "recordings not writable"))
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response:
+            self._record(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._record(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._record(flow)
+
+    def _record(self, flow: http.HTTPFlow) -> None:
+        st = peek(flow)
+        if self.writer is None or self.recording is None or st is None or \
+                flow.metadata.get("douane_recorded"):
+            return  # not a live flow of this gateway, or already written
+        publish(flow)
+        flow.metadata["douane"]["latency_ms"] = round((time.monotonic() - st.started) * 1000, 3)
+        decision = flow.metadata["douane"].get("decision", {}).get("action", "allow")
+        flow.comment = f"douane {decision}: " + "; ".join(
+            r["message"] for r in flow.metadata["douane"].get("decision", {}).get("reasons", []))
+        flow.metadata["douane_recorded"] = True
+        self.writer.put(session_path(flow, self.recording),
+                        scrubbed(flow, self.recording.scrub_headers))
