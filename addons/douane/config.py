@@ -129,6 +129,8 @@ class View:
         src = self.sub(key)
         src.only("env", "file", "optional", "header", "format")
         optional = src.get("optional", bool, False)
+        if not self.doc.resolve_secrets:
+            return None
         if "env" in src.data:
             name = src.get("env", str)
             value = os.environ.get(name)
@@ -153,8 +155,9 @@ _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "tru
 class Document:
     """A YAML file parsed with the line of every key, so errors can point at it."""
 
-    def __init__(self, file: str, text: str):
+    def __init__(self, file: str, text: str, resolve_secrets: bool = True):
         self.file, self.text = file, text
+        self.resolve_secrets = resolve_secrets
         self.base = Path(file).resolve().parent
         self._lines: dict[tuple[str, ...], int] = {}
         try:
@@ -300,13 +303,15 @@ class Config:
         return any(fnmatch.fnmatchcase(host.lower(), pattern) for pattern in self.passthrough_hosts)
 
 
-def load(file: str | os.PathLike[str]) -> Config:
+def load(file: str | os.PathLike[str], resolve_secrets: bool = True) -> Config:
+    """Load and validate; operator commands pass resolve_secrets=False (they need no upstream
+    credential, and the ones they need, such as the audit HMAC key, they resolve themselves)."""
     file = str(file)
     try:
         text = Path(file).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(file, None, "", f"cannot read the config: {e.strerror}") from None
-    doc = Document(file, text)
+    doc = Document(file, text, resolve_secrets)
     root = doc.root()
     root.only("version", "gateway", "identity", "upstreams", "passthrough", "audit", *SECTIONS)
     if root.get("version", int, 1) != 1:
@@ -326,6 +331,8 @@ def load(file: str | os.PathLike[str]) -> Config:
     )
     root.sub("passthrough").only("hosts")
     for name, target in SECTIONS.items():
+        if name not in root.data:
+            continue  # a section that is absent is off; `name: {}` turns it on with defaults
         module, func = target.split(":")
         parse: Callable[[View], Any] = getattr(importlib.import_module(module), func)
         config.sections[name] = parse(root.sub(name))

@@ -46,8 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     prune.set_defaults(func=prune_)
 
 
-def _load(args: argparse.Namespace):
-    config = configmod.load(args.config)
+def _load(args: argparse.Namespace, secrets: bool = False):
+    config = configmod.load(args.config, resolve_secrets=secrets)
     recording = config.sections.get("recording")
     if recording is None:
         raise SystemExit(f"{args.config} has no recording section")
@@ -159,7 +159,7 @@ def reindex_(args: argparse.Namespace) -> int:
 
 
 def prune_(args: argparse.Namespace) -> int:
-    config, recording = _load(args)
+    config, recording = _load(args, secrets=True)  # the audit HMAC key
     max_age = duration(args.older_than) if args.older_than else recording.retention_days * 86400
     max_bytes = configmod.Document("--max-bytes", f"m: {args.max_bytes}").root().size("m") \
         if args.max_bytes else recording.max_bytes

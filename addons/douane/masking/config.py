@@ -70,9 +70,7 @@ class MaskingSettings:
         return self.operators.get(entity) or self.operators.get("default") or Operator()
 
 
-def parse(v: View) -> MaskingSettings | None:
-    if not v.data:
-        return None
+def parse(v: View) -> MaskingSettings:
     v.only("model", "ner_missing", "entities", "score_threshold", "phone_regions", "allow_list",
            "operators", "hash_key", "requests", "responses", "exempt_groups", "workers",
            "stream_window", "timeout_seconds")

@@ -29,9 +29,7 @@ class PolicySection:
     policy: model.Policy  # as loaded with the config
 
 
-def parse_section(v: View) -> PolicySection | None:
-    if not v.data:
-        return None
+def parse_section(v: View) -> PolicySection:
     v.only("files", "reload_seconds")
     files = tuple(v.doc.resolve(f) for f in v.strings("files"))
     return PolicySection(files, v.get("reload_seconds", int, 2), model.load(list(files)))

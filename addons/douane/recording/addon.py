@@ -53,7 +53,8 @@ def scrubbed(flow: http.HTTPFlow, extra: tuple[str, ...]) -> http.HTTPFlow:
 
 def session_path(flow: http.HTTPFlow, settings: RecordingSettings) -> Path:
     st = state(flow)
-    user = UNSAFE.sub("_", st.identity.user if st.identity else "anonymous")[:128]
+    # a user id is a path component: no separators, no leading dots (no "..")
+    user = UNSAFE.sub("_", st.identity.user if st.identity else "anonymous")[:128].lstrip(".")
     started = datetime.fromtimestamp(flow.request.timestamp_start, UTC)
     mcp_session = flow.request.headers.get("mcp-session-id")
     if mcp_session:
@@ -63,7 +64,7 @@ def session_path(flow: http.HTTPFlow, settings: RecordingSettings) -> Path:
         session = f"window-{minute // settings.window_minutes * settings.window_minutes:04d}"
     else:
         session = f"conn-{flow.client_conn.id[:8]}"
-    return Path(UNSAFE.sub("_", user)) / started.strftime("%Y-%m-%d") / f"{session}.mitm"
+    return Path(user or "_") / started.strftime("%Y-%m-%d") / f"{session}.mitm"
 
 
 class RecordingWriter:

@@ -37,9 +37,7 @@ class RecordingSettings:
         return self.dir / "index.sqlite3"
 
 
-def parse(v: View) -> RecordingSettings | None:
-    if not v.data:
-        return None
+def parse(v: View) -> RecordingSettings:
     v.only("dir", "session", "window_minutes", "scrub_headers", "on_error", "retention_days",
            "max_bytes")
     session = v.get("session", str, "connection")

@@ -1,0 +1,213 @@
+"""Recordings: per-user .mitm files that mitmproxy reads, scrubbed, indexed, crash-safe."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from mitmproxy.test import tflow, tutils
+
+from douane import audit
+from douane.cli import main
+from douane.config import Credential, Upstream
+from douane.flowstate import Identity, state
+from douane.recording import index
+from douane.recording.addon import SCRUBBED, scrubbed, session_path
+from douane.recording.config import RecordingSettings
+from tests.conftest import UPSTREAM_KEY
+from tests.support.gateway import MITMDUMP, Gateway, base_config
+from tests.support.upstream import FakeUpstream
+
+SETTINGS = RecordingSettings(Path("/tmp/rec"), "connection", 60, ("x-trace",), "refuse", 30, 10**9)
+
+
+def test_scrubbing_works_on_a_copy():
+    f = tflow.tflow(resp=tutils.tresp())
+    f.request.headers.update({"authorization": "Bearer t", "cookie": "s=1", "x-trace": "abc",
+                              "x-upstream-key": "secret"})
+    f.response.headers["set-cookie"] = "s=2"
+    f.metadata["proxyauth"] = ("user", "token")
+    state(f).upstream = Upstream("u", "https", "h", 443, "/", "generic", Credential(
+        "x-upstream-key", "secret"), request_text_paths=("p",))
+    copy = scrubbed(f, SETTINGS.scrub_headers)
+    for name in ("authorization", "cookie", "x-trace", "x-upstream-key"):
+        assert copy.request.headers[name] == SCRUBBED
+    assert copy.response.headers["set-cookie"] == SCRUBBED
+    assert "proxyauth" not in copy.metadata
+    assert f.request.headers["authorization"] == "Bearer t"  # the live flow is untouched
+
+
+def test_session_paths():
+    f = tflow.tflow()
+    state(f).identity = Identity("alice@corp/../x", (), "t", "a", "bearer")
+    path = session_path(f, SETTINGS)
+    assert path.parts[0] == "alice@corp_.._x" and path.suffix == ".mitm"
+    state(f).identity = Identity("../..", (), "t", "a", "bearer")
+    assert session_path(f, SETTINGS).parts[0] == "_.."
+    assert path.name.startswith("conn-")
+    f.request.headers["mcp-session-id"] = "abc/123"
+    assert session_path(f, SETTINGS).name == "mcp-abc_123.mitm"
+
+
+@pytest.fixture(scope="module")
+def recorded(issuer, tmp_path_factory):
+    llm = FakeUpstream()
+    llm.reply = "Reach Maria Garcia at maria.garcia@example.com."
+    work = tmp_path_factory.mktemp("recording")
+    (work / "grants.yaml").write_text(
+        "version: 1\ngroups:\n  eng:\n    upstreams:\n      llm: {models: ['*']}\n"
+        "rules:\n  - {id: deny.codename, literal: nightingale, score: 90}\n")
+    config = base_config(issuer.url, llm.url, recording={},
+                         policy={"files": [str(work / "grants.yaml")]},
+                         masking={"workers": 1})
+    gw = Gateway(config, mode=f"reverse:{llm.url}",
+                 env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, workdir=work / "gw")
+    alice, bob = issuer.mint("alice@corp", ["eng"]), issuer.mint("bob@corp", ["eng"])
+    for token in (alice, bob):
+        c = openai.OpenAI(base_url=gw.url + "/v1", api_key=token, max_retries=0)
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        stream = c.chat.completions.create(model="m", stream=True,
+                                           messages=[{"role": "user", "content": "hi"}])
+        "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    with pytest.raises(openai.PermissionDeniedError):
+        openai.OpenAI(base_url=gw.url + "/v1", api_key=alice, max_retries=0).chat.completions \
+            .create(model="m", messages=[{"role": "user", "content": "about nightingale"}])
+    httpx.post(gw.url + "/v1/chat/completions", json={},
+               headers={"authorization": "Bearer not.a.valid-token-at-all-xxxxxxxx",
+                        "cookie": "session=chocolate-chip-secret"})
+    time.sleep(1)
+    yield gw, work, [alice, bob]
+    gw.stop()
+    llm.close()
+
+
+def recordings(gw: Gateway) -> Path:
+    return gw.state_dir / "recordings"
+
+
+def test_recordings_per_user_open_with_mitmproxy(recorded):
+    gw, _, _ = recorded
+    files = sorted(recordings(gw).rglob("*.mitm"))
+    users = {p.relative_to(recordings(gw)).parts[0] for p in files}
+    assert users == {"alice@corp", "bob@corp", "anonymous"}
+    flows = [f for p in files for _, f in index.read_flows(p)]
+    assert len(flows) == 6
+    out = subprocess.run([str(MITMDUMP), "-n", "-r", str(files[0]), "--flow-detail", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "POST" in out.stdout
+
+
+def test_streamed_bodies_are_recorded_as_delivered(recorded):
+    gw, _, _ = recorded
+    flows = [f for p in recordings(gw).rglob("*.mitm") for _, f in index.read_flows(p)]
+    streamed = [f for f in flows if f.response and
+                f.response.headers.get("content-type") == "text/event-stream"]
+    assert len(streamed) == 2
+    for f in streamed:
+        body = f.response.content
+        assert b"[DONE]" in body and b"<EMAIL_ADDRESS>" in body and b"maria.garcia" not in body
+        assert f.metadata["douane"]["decision"]["action"] == "mask"
+        assert f.comment.startswith("douane mask")
+
+
+def test_no_secret_in_any_file_written(recorded):
+    gw, _, tokens = recorded
+    secrets = [*tokens, UPSTREAM_KEY, "chocolate-chip-secret", "maria.garcia@example.com",
+               "not.a.valid-token-at-all"]
+    written = [p for p in gw.dir.rglob("*") if p.is_file() and not p.name.endswith(".pem")]
+    assert len(written) > 5
+    for path in written:
+        data = path.read_bytes()
+        for secret in secrets:
+            assert secret.encode() not in data, f"{secret[:12]}... leaked into {path}"
+
+
+def test_sessions_commands(recorded, capsys):
+    gw, _, _ = recorded
+    config = str(gw.config_file)
+    assert main(["sessions", "--config", config, "list", "--user", "alice@corp"]) == 0
+    out = capsys.readouterr().out
+    assert "(3 flow(s))" in out and "block" in out and "mask" in out
+    assert main(["sessions", "--config", config, "list", "--decision", "refuse"]) == 0
+    assert "anonymous" in capsys.readouterr().out
+    db = index.connect(gw.state_dir / "recordings" / "index.sqlite3")
+    blocked = index.query(db, decision="block")[0]["decision_id"]
+    assert main(["sessions", "--config", config, "show", blocked]) == 0
+    out = capsys.readouterr().out
+    assert "reason: deny.codename" in out and "[user] about nightingale" in out
+    masked = index.query(db, user="bob@corp", decision="mask")[0]["decision_id"]
+    assert main(["sessions", "--config", config, "show", masked]) == 0
+    assert "Reach <PERSON> at <EMAIL_ADDRESS>" in capsys.readouterr().out.replace(" | ", "")
+
+
+def test_kill_9_leaves_readable_files_and_a_rebuildable_index(issuer, tmp_path):
+    llm = FakeUpstream()
+    gw = Gateway(base_config(issuer.url, llm.url, recording={}), mode=f"reverse:{llm.url}",
+                 env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, workdir=tmp_path / "gw")
+    token = issuer.mint("carol@corp")
+    stop = threading.Event()
+    sent = []
+
+    def traffic() -> None:
+        with httpx.Client(timeout=2) as client:
+            while not stop.is_set() and len(sent) < 2000:
+                try:
+                    client.post(gw.url + "/v1/chat/completions",
+                                headers={"authorization": f"Bearer {token}"},
+                                json={"model": "m", "messages": [{"role": "user",
+                                                                  "content": "hi"}]})
+                    sent.append(1)
+                except httpx.HTTPError:
+                    return
+
+    workers = [threading.Thread(target=traffic) for _ in range(4)]
+    for w in workers:
+        w.start()
+    time.sleep(2)
+    gw.kill()
+    stop.set()
+    for w in workers:
+        w.join()
+    llm.close()
+    root = gw.state_dir / "recordings"
+    readable = sum(1 for p in root.rglob("*.mitm") for _ in index.read_flows(p))
+    live = index.connect(root / "index.sqlite3")
+    live_rows = {r[0] for r in live.execute("SELECT flow_id FROM flows")}
+    live.close()
+    assert readable >= len(sent) - 8 and readable > 20  # at most the flows in flight are lost
+    config = str(gw.config_file)
+    assert main(["sessions", "--config", config, "reindex"]) == 0
+    db = index.connect(root / "index.sqlite3")
+    rebuilt = {r[0] for r in db.execute("SELECT flow_id FROM flows")}
+    assert len(rebuilt) == readable and live_rows <= rebuilt
+    gw.start()  # the next start cuts a torn audit line and records the cut
+    gw.stop()
+    verified = audit.verify(gw.audit_file(), (gw.state_dir / "audit-hmac.key").read_bytes().strip())
+    assert verified.ok, verified.error
+    assert verified.records >= readable
+
+
+def test_prune_deletes_old_recordings_and_audits_each_deletion(tmp_path, capsys):
+    state_dir = tmp_path / "state"
+    config = tmp_path / "douane.yaml"
+    config.write_text(f"version: 1\ngateway: {{state_dir: {state_dir}}}\n"
+                      "identity: {dev_issuer: {enabled: true}}\nrecording: {retention_days: 7}\n")
+    old = state_dir / "recordings" / "alice" / "2020-01-01" / "conn-1.mitm"
+    new = state_dir / "recordings" / "alice" / "2099-01-01" / "conn-2.mitm"
+    for path in (old, new):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
+    import os
+
+    os.utime(old, (time.time() - 30 * 86400,) * 2)
+    assert main(["sessions", "--config", str(config), "prune"]) == 0
+    assert "deleted 1 recording file(s)" in capsys.readouterr().out
+    assert not old.exists() and new.exists()
+    log = state_dir / "audit" / "operator-audit.jsonl"
+    assert "recording.deleted" in log.read_text() and "conn-1.mitm" in log.read_text()
+    assert audit.verify(log, (state_dir / "audit-hmac.key").read_bytes().strip()).ok
