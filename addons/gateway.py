@@ -6,6 +6,7 @@ decision.
 """
 
 from douane.audit import AuditTrail
+from douane.health import LoopMonitor
 from douane.identity import Authenticate
 from douane.inspect import Inspect
 from douane.masking.addon import Mask
@@ -19,6 +20,7 @@ audit_trail = AuditTrail(settings)
 
 addons = [
     settings,
+    LoopMonitor(),
     Route(settings),
     Authenticate(settings),
     Broker(settings),

@@ -1,0 +1,69 @@
+"""`LoopMonitor`: how long the event loop was kept from running (a lag probe).
+
+A background task sleeps 5 ms at a time and measures how late it wakes up. The largest stall is
+logged at shutdown, a stall over 100 ms is logged when it happens, and with
+`--set douane_loop_stats=FILE` the figures are written to FILE every second (for benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+from mitmproxy import ctx
+
+logger = logging.getLogger(__name__)
+INTERVAL = 0.005
+WARN_MS = 100.0
+
+
+class LoopMonitor:
+    def __init__(self) -> None:
+        self.max_lag_ms = 0.0
+        self.over_10ms = 0
+        self.samples = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def load(self, loader) -> None:
+        loader.add_option("douane_loop_stats", str, "",
+                          "Write event-loop lag figures (JSON) to this file every second.")
+
+    def running(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._probe())
+
+    def done(self) -> None:
+        if self._task:
+            self._task.cancel()
+        self._write()
+        logger.info("douane: largest event-loop stall %.1f ms (%d over 10 ms in %d samples)",
+                    self.max_lag_ms, self.over_10ms, self.samples)
+
+    def reset(self) -> None:
+        self.max_lag_ms, self.over_10ms, self.samples = 0.0, 0, 0
+
+    async def _probe(self) -> None:
+        last_write = time.monotonic()
+        while True:
+            start = time.monotonic()
+            await asyncio.sleep(INTERVAL)
+            now = time.monotonic()
+            lag = (now - start - INTERVAL) * 1000
+            self.samples += 1
+            self.max_lag_ms = max(self.max_lag_ms, lag)
+            if lag > 10:
+                self.over_10ms += 1
+            if lag > WARN_MS:
+                logger.warning("douane: the event loop stalled for %.0f ms", lag)
+            if now - last_write >= 1:
+                self._write()
+                last_write = now
+
+    def _write(self) -> None:
+        path = ctx.options.douane_loop_stats
+        if path:
+            Path(path).write_text(json.dumps({"max_lag_ms": round(self.max_lag_ms, 2),
+                                              "over_10ms": self.over_10ms,
+                                              "samples": self.samples}))
