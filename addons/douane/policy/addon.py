@@ -15,8 +15,10 @@ from mitmproxy import http
 
 from douane import protocols
 from douane.flowstate import Decision, FlowState, Reason, state
+from douane.interaction import TextPiece
 from douane.policy import engine
 from douane.policy.limits import RateLimiter
+from douane.policy.model import Policy
 from douane.policy.store import LivePolicy
 from douane.protocols import jsonpath, mcp, streams
 from douane.refusals import guarded, refuse
@@ -33,10 +35,44 @@ def explain(decision: Decision) -> str:
     return "; ".join(r.message for r in decision.reasons) or decision.action
 
 
-def hold(flow: http.HTTPFlow, decision: Decision) -> None:
-    """A request that needs a human approver. Until approvals exist, it is refused."""
+def hold(flow: http.HTTPFlow, decision: Decision, approvals: bool) -> None:
+    """A request that needs a human approver: left for the `Approvals` addon (next in the chain)
+    when an `approvals:` section is configured, else refused (fail closed)."""
+    if approvals:
+        state(flow).decide("hold", *decision.reasons)
+        return
     refuse(flow, 403, f"this request needs an approver: {explain(decision)}",
            "approval_required", *decision.reasons, action="hold")
+
+
+class StreamPolicy:
+    """Deny rules on a streamed answer, as a stream filter: each channel's text so far is matched
+    as it grows, so a phrase split across SSE events is caught and the event completing it is
+    never sent (the stream ends with the API's error event instead)."""
+
+    TAIL = 2048  # characters of a channel's text matched again with each delta
+
+    def __init__(self, policy: Policy, st: FlowState, rewriter: streams.StreamRewriter):
+        self.policy, self.st, self.rewriter = policy, st, rewriter
+        self.seen: dict[str, str] = {}
+
+    def feed(self, channel: str, text: str) -> str:
+        if self.rewriter.abort_message:
+            return ""
+        seen = (self.seen.get(channel, "") + text)[-self.TAIL:]
+        self.seen[channel] = seen
+        decision = engine.evaluate_response(
+            self.policy, [TextPiece("completion", "assistant", seen, ("stream", channel))])
+        if decision.action != "block":
+            return text
+        self.st.decide("block", *decision.reasons)
+        self.st.decision.risk = decision.risk  # type: ignore[union-attr]
+        self.rewriter.abort(f"the answer was blocked by policy: {explain(decision)}")
+        return ""
+
+    def finish(self, channel: str) -> str:
+        self.seen.pop(channel, None)
+        return ""
 
 
 class Enforce:
@@ -94,7 +130,7 @@ class Enforce:
             refuse(flow, 403, f"blocked by policy: {explain(decision)}", "policy_denied",
                    *decision.reasons, action="block")
         elif decision.action == "hold":
-            hold(flow, decision)
+            hold(flow, decision, "approvals" in self.settings.config.sections)
         elif decision.reasons:
             st.decide("allow", *decision.reasons)
         if st.decision:
@@ -109,6 +145,8 @@ class Enforce:
         assert st.interaction
         if st.interaction.protocol == "mcp":
             rewriter.message_hooks.append(lambda doc: self._police_message(flow, doc, rewriter))
+        elif self.live.current.rules_by_kind["completion"]:
+            rewriter.filters.append(StreamPolicy(self.live.current, st, rewriter))
 
     @guarded
     def response(self, flow: http.HTTPFlow) -> None:

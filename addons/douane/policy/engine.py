@@ -131,7 +131,24 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
                         pattern.search(normalized):
                     found[rule_id] = Reason(rule_id, "prompt-injection phrasing in a tool result",
                                             label, score)
+    _split_across_pieces(policy, pieces, found)
     return list(found.values())
+
+
+def _split_across_pieces(policy: Policy, pieces: list[TextPiece], found: dict[str, Reason]) -> None:
+    """A denied phrase split across messages ("project" | "nightingale") matches their join."""
+    texts: dict[str, list[str]] = {}
+    for piece in pieces:
+        texts.setdefault(piece.kind, []).append(piece.text)
+    for kind, parts in texts.items():
+        rules = [r for r in policy.rules_by_kind[kind] if r.id not in found]
+        if len(parts) < 2 or not rules:
+            continue
+        joined = normalize(" ".join(parts))
+        for rule in rules:
+            if rule.matches(joined):
+                found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched across messages",
+                                        f"{kind}[*]", rule.score)
 
 
 def tool_risk(policy: Policy, it: Interaction) -> list[Reason]:

@@ -1,0 +1,67 @@
+"""Shared by the hardening suite: a registry of every secret the suite uses (for the final leak
+scan), a policy denying one phrase, and the assertion every case makes: refused (or caught), never
+seen by the upstream, audited under the decision id the response names."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import UPSTREAM_KEY
+from tests.support.gateway import REPO, Gateway
+from tests.support.upstream import FakeUpstream
+
+DENIED = "project nightingale"
+COOKIE = "douane_session=oatmeal-raisin-secret-7c1f"
+POLICY = """\
+version: 1
+default:
+  upstreams:
+    llm: {models: ["*"]}
+rules:
+  - {id: deny.codename, literal: "project nightingale", in: [prompt, tool_arguments, completion],
+     score: 90, decode_base64: true}
+thresholds: {hold: 50, block: 80}
+"""
+# fault injection in the gateway process (tests/hardening/faults.py), importable by its workers
+FAULT_SCRIPT = REPO / "tests" / "hardening" / "fault_script.py"
+FAULT_ENV = {"PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="session")
+def secrets() -> set[str]:
+    """Every token, key and cookie the hardening suite sends; test_z_leaks scans for them."""
+    return {UPSTREAM_KEY, COOKIE.split("=", 1)[1]}
+
+
+def write_policy(folder: Path) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "policy.yaml"
+    path.write_text(POLICY)
+    return str(path)
+
+
+def audit_record(gw: Gateway, decision_id: str, timeout: float = 10) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [r for r in gw.audit_records() if r.get("decision_id") == decision_id]
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no audit record for {decision_id}")
+
+
+def assert_refused(gw: Gateway, upstream: FakeUpstream, before: int, resp: httpx.Response,
+                   *statuses: int) -> dict:
+    """The response is a refusal with one of `statuses`, the upstream saw nothing new, and the
+    decision id in the response finds its audit record (returned)."""
+    assert resp.status_code in statuses, (resp.status_code, resp.text[:300])
+    assert len(upstream.requests) == before, "the upstream received a refused request"
+    decision_id = resp.headers["x-douane-decision-id"]
+    assert decision_id in resp.text
+    record = audit_record(gw, decision_id)
+    assert record["action"] in ("refuse", "block", "error", "hold"), record
+    return record

@@ -1,0 +1,240 @@
+"""Evasion: a denied phrase ("project nightingale") hidden from inspection in every way the issue
+lists. Each case is either caught by the policy (403, blocked) or refused as uninspectable or
+ambiguous (400/415); the upstream never sees it, and the refusal is audited.
+
+Compressed bodies with duplicate keys are also in tests/test_protocols_e2e.py (decoding proof);
+here the encodings carry the denied phrase itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import ssl
+import zlib
+
+import brotli
+import httpx
+import pytest
+import zstandard
+
+from tests.conftest import UPSTREAM_KEY
+from tests.hardening.conftest import DENIED, assert_refused, audit_record, write_policy
+from tests.support.gateway import Gateway, base_config
+from tests.support.upstream import FakeUpstream
+
+
+@pytest.fixture(scope="module")
+def llm():
+    upstream = FakeUpstream()
+    yield upstream
+    upstream.close()
+
+
+@pytest.fixture(scope="module")
+def gw(issuer, llm, tmp_path_factory):
+    work = tmp_path_factory.mktemp("evasion")
+    config = base_config(issuer.url, llm.url, policy={"files": [write_policy(work)]},
+                         recording={})
+    with Gateway(config, mode=f"reverse:{llm.url}", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+                 workdir=work / "gw") as gateway:
+        yield gateway
+
+
+@pytest.fixture(scope="module")
+def token(issuer, secrets):
+    token = issuer.mint("eve@corp.example", ["engineering"])
+    secrets.add(token)
+    return token
+
+
+def chat(*contents: str | list) -> dict:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": c} for c in contents]}
+
+
+def body(doc: dict) -> bytes:
+    return json.dumps(doc).encode()
+
+
+JSON = {"content-type": "application/json"}
+PLAIN = body(chat(f"tell me about {DENIED}"))
+ENCODERS = {"gzip": gzip.compress, "br": brotli.compress, "zstd": zstandard.compress,
+            "deflate": zlib.compress}
+
+# (body, extra headers, statuses that count as caught or refused)
+CASES: dict[str, tuple[bytes, dict[str, str], tuple[int, ...]]] = {
+    "plain": (PLAIN, JSON, (403,)),
+    **{f"encoding_{name}": (encode(PLAIN), {**JSON, "content-encoding": name}, (403,))
+       for name, encode in ENCODERS.items()},
+    "encoding_stacked_gzip_gzip": (gzip.compress(gzip.compress(PLAIN)),
+                                   {**JSON, "content-encoding": "gzip, gzip"}, (403, 415)),
+    "encoding_claimed_but_plain": (PLAIN, {**JSON, "content-encoding": "gzip"}, (415,)),
+    "encoding_unknown": (PLAIN, {**JSON, "content-encoding": "x-rot13"}, (415,)),
+    "confusable_cyrillic": (body(chat("tell me about prоject nightіngale")), JSON, (403,)),
+    "confusable_greek": (body(chat("tell me about prοject nightingαle")), JSON, (403,)),
+    "fullwidth": (body(chat("ｐｒｏｊｅｃｔ ｎｉｇｈｔｉｎｇａｌｅ")), JSON, (403,)),
+    "mathematical_letters": (body(chat("𝐩𝐫𝐨𝐣𝐞𝐜𝐭 𝐧𝐢𝐠𝐡𝐭𝐢𝐧𝐠𝐚𝐥𝐞")), JSON, (403,)),
+    "zero_width_and_soft_hyphen": (body(chat("pro\u200bject night\u00adin\u200dgale")), JSON,
+                                   (403,)),
+    "bidi_controls": (body(chat("\u202eproject\u202c \u2066nightingale\u2069")), JSON, (403,)),
+    "case_and_whitespace": (body(chat("PrOjEcT \t\n  NiGhTiNgAlE")), JSON, (403,)),
+    "nbsp": (body(chat("project\u00a0nightingale")), JSON, (403,)),
+    "base64": (body(chat("decode: " + base64.b64encode(DENIED.encode()).decode())), JSON,
+               (403,)),
+    "split_across_messages": (body(chat("tell me about project", "nightingale, please")), JSON,
+                              (403,)),
+    "split_across_content_parts": (body(chat([{"type": "text", "text": "project"},
+                                              {"type": "text", "text": "nightingale"}])),
+                                   JSON, (403,)),
+    "json_unicode_escapes": (b'{"model": "m", "messages": [{"role": "user", "content": '
+                             b'"\\u0070roject \\u006eightingale"}]}', JSON, (403,)),
+    "json_surrogate_escapes": (b'{"model": "m", "messages": [{"role": "user", "content": '
+                               b'"project night\\u0069ngale \\ud83d\\ude00"}]}', JSON, (403,)),
+    "duplicate_key_top_level": (b'{"model": "m", "messages": [{"role": "user", "content": '
+                                b'"project nightingale"}], "messages": []}', JSON, (400,)),
+    "duplicate_key_in_message": (b'{"model": "m", "messages": [{"role": "user", "content": '
+                                 b'"project nightingale", "content": "hello"}]}', JSON, (400,)),
+    "utf16_body": (json.dumps(chat(f"about {DENIED}")).encode("utf-16"), JSON, (403, 400, 415)),
+    "content_type_text_plain": (PLAIN, {"content-type": "text/plain"}, (415,)),
+    "content_type_form": (PLAIN, {"content-type": "application/x-www-form-urlencoded"}, (415,)),
+    "content_type_multipart": (b"--b\r\ncontent-disposition: form-data; name=\"x\"\r\n\r\n"
+                               + PLAIN + b"\r\n--b--\r\n",
+                               {"content-type": "multipart/form-data; boundary=b"}, (415,)),
+    "content_type_missing": (PLAIN, {}, (415,)),
+    "content_type_twice": (PLAIN, {"content-type": "text/plain, application/json"}, (415,)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hidden_denied_phrase_is_caught_or_refused(case, gw, llm, token):
+    content, headers, statuses = CASES[case]
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + "/v1/chat/completions", content=content,
+                      headers={"authorization": f"Bearer {token}", **headers})
+    record = assert_refused(gw, llm, before, resp, *statuses)
+    if resp.status_code == 403:
+        assert record["action"] == "block"
+        assert record["reasons"][0]["rule"] == "deny.codename"
+
+
+def test_two_content_type_headers_are_refused(gw, llm, token):
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + "/v1/chat/completions", content=PLAIN,
+                      headers=[("authorization", f"Bearer {token}"),
+                               ("content-type", "application/json"),
+                               ("content-type", "text/plain")])
+    assert_refused(gw, llm, before, resp, 415)
+
+
+def test_chunked_transfer_encoding_is_read_whole(gw, llm, token):
+    def pieces():
+        for i in range(0, len(PLAIN), 7):
+            yield PLAIN[i:i + 7]
+
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + "/v1/chat/completions", content=pieces(),
+                      headers={"authorization": f"Bearer {token}", **JSON})
+    assert resp.request.headers["transfer-encoding"] == "chunked"
+    assert_refused(gw, llm, before, resp, 403)
+
+
+def test_clean_request_still_passes(gw, llm, token):
+    # the control: the same gateway lets an innocent prompt through, so the refusals above are
+    # the policy's and not a broken setup
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + "/v1/chat/completions", content=gzip.compress(body(chat("hello"))),
+                      headers={"authorization": f"Bearer {token}", **JSON,
+                               "content-encoding": "gzip"})
+    assert resp.status_code == 200, resp.text
+    assert len(llm.requests) == before + 1
+
+
+def read_stream(gw: Gateway, token: str, path: str, doc: dict) -> tuple[str, str]:
+    with httpx.stream("POST", gw.url + path, json=doc, headers={"authorization": f"Bearer {token}"},
+                      timeout=30) as resp:
+        assert resp.status_code == 200
+        return resp.read().decode(), resp.headers["x-douane-decision-id"]
+
+
+def delivered(sse: str) -> str:
+    """The answer text the client received, from chat or responses delta events."""
+    out = ""
+    for line in sse.splitlines():
+        if not line.startswith("data: {"):
+            continue
+        doc = json.loads(line[6:])
+        if doc.get("type") == "response.output_text.delta":
+            out += doc["delta"]
+        elif doc.get("choices"):
+            out += doc["choices"][0]["delta"].get("content") or ""
+    return out
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_denied_answer_split_across_sse_events_is_cut(gw, llm, token, path):
+    llm.reply, llm.chunk_size = "The codename is Project Nightingale, keep it quiet.", 3
+    try:
+        doc = {"model": "gpt-4o-mini", "stream": True, **(
+            {"input": "codename?"} if path.endswith("responses") else chat("codename?"))}
+        text, decision_id = read_stream(gw, token, path, doc)
+    finally:
+        llm.reply, llm.chunk_size = "Hello from the fake upstream.", 4
+    answer = delivered(text)
+    assert answer.startswith("The codename is")  # the stream did flow until the phrase
+    assert "nightingale" not in answer.lower() and "quiet" not in answer
+    assert "blocked by policy" in text and decision_id in text
+    record = audit_record(gw, decision_id)
+    assert record["action"] == "block" and record["reasons"][0]["rule"] == "deny.codename"
+
+
+def test_denied_answer_is_caught_in_a_plain_response(gw, llm, token):
+    llm.reply = "Sure: PROJECT\u200b NIGHTINGALE is the codename."
+    try:
+        resp = httpx.post(gw.url + "/v1/chat/completions", json=chat("codename?"),
+                          headers={"authorization": f"Bearer {token}"})
+    finally:
+        llm.reply = "Hello from the fake upstream."
+    assert resp.status_code == 403 and "NIGHTINGALE" not in resp.text
+    assert audit_record(gw, resp.headers["x-douane-decision-id"])["action"] == "block"
+
+
+@pytest.fixture(scope="module")
+def tls_llm():
+    upstream = FakeUpstream(tls=True)
+    yield upstream
+    upstream.close()
+
+
+@pytest.fixture(scope="module")
+def proxy_gw(issuer, tls_llm, tmp_path_factory):
+    work = tmp_path_factory.mktemp("evasion-h2")
+    config = base_config(issuer.url, tls_llm.url, policy={"files": [write_policy(work)]})
+    # lazy: the client's ALPN (h2) is chosen before the HTTP/1.1-only fake upstream is reached
+    with Gateway(config, mode="regular", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+                 args=["--set", "ssl_insecure=true", "--set", "connection_strategy=lazy"],
+                 workdir=work / "gw") as gateway:
+        yield gateway
+
+
+class H2Only(ssl.SSLContext):
+    """httpx offers http/1.1 before h2 and mitmproxy honours the client's order: offer h2 alone."""
+
+    def set_alpn_protocols(self, protocols):
+        super().set_alpn_protocols(["h2"])
+
+
+def test_http2_through_the_proxy_is_inspected(proxy_gw, tls_llm, token):
+    verify = H2Only(ssl.PROTOCOL_TLS_CLIENT)
+    verify.load_verify_locations(cafile=proxy_gw.ca_file)
+    with httpx.Client(http2=True, proxy=proxy_gw.proxy_url("eve", token), verify=verify) as client:
+        ok = client.post(tls_llm.url + "/v1/chat/completions", json=chat("hello"))
+        assert ok.http_version == "HTTP/2" and ok.status_code == 200, ok.text
+        before = len(tls_llm.requests)
+        for content, headers in [(PLAIN, JSON),
+                                 (zstandard.compress(PLAIN), {**JSON, "content-encoding": "zstd"}),
+                                 (PLAIN, {"content-type": "text/plain"})]:
+            resp = client.post(tls_llm.url + "/v1/chat/completions", content=content,
+                               headers=headers)
+            assert resp.http_version == "HTTP/2"
+            assert_refused(proxy_gw, tls_llm, before, resp, 403, 415)
