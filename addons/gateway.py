@@ -12,6 +12,7 @@ from douane.inspect import Inspect
 from douane.masking.addon import Mask
 from douane.policy.addon import Enforce
 from douane.recording.addon import Record
+from douane.recording.originals import KeepOriginals
 from douane.routing import Broker, Route
 from douane.settings import Settings
 
@@ -26,6 +27,7 @@ addons = [
     Broker(settings),
     Inspect(settings),
     Enforce(settings),
+    KeepOriginals(settings),  # before Mask: the unmasked bodies, when auditors want them
     Mask(settings),
     audit_trail,
     Record(settings),

@@ -142,7 +142,7 @@ def test_sessions_commands(recorded, capsys):
     assert "reason: deny.codename" in out and "[user] about nightingale" in out
     masked = index.query(db, user="bob@corp", decision="mask")[0]["decision_id"]
     assert main(["sessions", "--config", config, "show", masked]) == 0
-    assert "Reach <PERSON> at <EMAIL_ADDRESS>" in capsys.readouterr().out.replace(" | ", "")
+    assert "Reach «PERSON» at «EMAIL_ADDRESS»" in capsys.readouterr().out.replace(" | ", "")
 
 
 def test_kill_9_leaves_readable_files_and_a_rebuildable_index(issuer, tmp_path):

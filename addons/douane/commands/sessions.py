@@ -1,25 +1,32 @@
-"""`douane sessions list|show|export|reindex|prune`: the recordings, by user, time and decision."""
+"""`douane sessions list|show|export|replay|reveal|reindex|prune`: the recordings, by user, time
+and decision."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
 import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography.fernet import InvalidToken
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from mitmproxy import http, io
 
 from douane import config as configmod
 from douane import protocols
 from douane.audit import AuditConfig, AuditLog, hmac_key
-from douane.recording import index
+from douane.recording import index, originals, replay
 from douane.settings import DEFAULT_CONFIG
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sessions", help="recorded sessions: list, show, export, reindex, prune")
+    p = sub.add_parser("sessions", help="recorded sessions: list, show, export, replay, reveal, "
+                       "reindex, prune")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     verbs = p.add_subparsers(dest="verb", required=True)
     ls = verbs.add_parser("list", help="recorded flows, newest first")
@@ -37,6 +44,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("-o", "--output", type=Path, required=True)
     export.add_argument("--session", action="store_true", help="the whole session file")
     export.set_defaults(func=export_)
+    again = verbs.add_parser("replay", help="re-send a flow, or its whole session, through the "
+                             "gateway (mitmproxy client replay) with your token")
+    again.add_argument("id")
+    again.add_argument("--session", action="store_true", help="every flow of its session file")
+    again.add_argument("--gateway", default="http://127.0.0.1:8080", help="the gateway's URL")
+    again.add_argument("--token", help="default: $DOUANE_TOKEN (recordings hold no credential)")
+    again.add_argument("--ca", type=Path, help="the gateway's CA (proxy mode, HTTPS upstreams)")
+    again.set_defaults(func=replay_)
+    reveal = verbs.add_parser("reveal", help="auditors: a flow before masking, decrypted with "
+                              "the auditors' private key (audited in operator-audit.jsonl)")
+    reveal.add_argument("id")
+    reveal.add_argument("--private-key", type=Path, required=True, help="PEM (RSA)")
+    reveal.set_defaults(func=reveal_)
     verbs.add_parser("reindex", help="rebuild the index from the .mitm files"
                      ).set_defaults(func=reindex_)
     prune = verbs.add_parser("prune", help="delete recordings past retention (each deletion is "
@@ -92,18 +112,29 @@ def _flow(recording, ident: str) -> tuple[dict, http.HTTPFlow]:
 def show_(args: argparse.Namespace) -> int:
     config, recording = _load(args)
     r, flow = _flow(recording, args.id)
+    return _transcript(config, r, flow, masked=True)
+
+
+def _transcript(config, r: dict, flow: http.HTTPFlow, masked: bool) -> int:
     meta = flow.metadata.get("douane", {})
     decision = meta.get("decision", {})
+    types = json.loads(r["masked_types"]) if r["masked_types"] else {}
     print(f"{r['decision_id']}  {flow.request.method} {flow.request.pretty_url}")
     print(f"user {r['user']} ({r['groups'] or 'no groups'}), upstream {r['upstream']}, "
           f"decision {decision.get('action', 'allow')}"
-          + (f", risk {decision['risk']:g}" if decision.get("risk") else "")
-          + (f", masked {json.loads(r['masked_types'])}" if r["masked_types"] else ""))
+          + (f", risk {decision['risk']:g}" if decision.get("risk") else ""))
+    if types and masked:
+        print("masked: " + ", ".join(f"{t} x{n}" for t, n in types.items())
+              + " (marked «...» below)")
     for reason in decision.get("reasons", []):
         print(f"  reason: {reason['rule']}: {reason['message']}")
     upstream = next((u for u in config.upstreams if u.name == r["upstream"]), None)
     if upstream is None:
         return 0
+
+    def out(label: str, text: str) -> None:
+        print(f"[{label}] {mark(text, types) if masked else text}")
+
     try:
         it = protocols.parse_request(upstream, flow)
     except protocols.ProtocolError as e:
@@ -111,23 +142,34 @@ def show_(args: argparse.Namespace) -> int:
         return 0
     print()
     for piece in it.texts:
-        print(f"[{piece.role or piece.kind}] {piece.text}")
+        out(piece.role or piece.kind, piece.text)
     for call in it.tool_calls:
-        print(f"[tool call] {call.name}({json.dumps(call.arguments)})")
+        out("tool call", f"{call.name}({json.dumps(call.arguments)})")
     if flow.response and flow.response.headers.get("content-type", "").startswith(
             "text/event-stream"):
-        print(f"[assistant, streamed] {_streamed_text(upstream, it, flow)}")
+        out("assistant, streamed", _streamed_text(upstream, it, flow))
     elif flow.response:
         try:
             protocols.parse_response(upstream, flow, it)
         except protocols.ProtocolError:
-            print(f"[response {flow.response.status_code}] {flow.response.text[:500]}")
+            out(f"response {flow.response.status_code}", flow.response.text[:500])
             return 0
         for piece in it.response_texts:
-            print(f"[{piece.kind}] {piece.text}")
+            out(piece.kind, piece.text)
         if not it.response_texts:
-            print(f"[response {flow.response.status_code}] {flow.response.text[:500]}")
+            out(f"response {flow.response.status_code}", flow.response.text[:500])
     return 0
+
+
+def mark(text: str, types: dict[str, int]) -> str:
+    """Masked spans made visible: `<EMAIL_ADDRESS>` / `<PERSON:1a2b3c4d>` (replace, hash) and
+    runs of `*` (partial masks) become «EMAIL_ADDRESS», «PERSON:1a2b3c4d», «************1234».
+    Redacted values leave nothing to mark; the count above says they were there."""
+    if not types:
+        return text
+    names = "|".join(re.escape(t) for t in sorted(types, key=len, reverse=True))
+    return re.sub(rf"<((?:{names})(?::[0-9a-f]{{8}})?)>|(\*{{4,}}\w{{0,4}})",
+                  lambda m: f"«{m.group(1) or m.group(2)}»", text)
 
 
 def _streamed_text(upstream, it, flow: http.HTTPFlow) -> str:
@@ -158,6 +200,71 @@ def reindex_(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator_log(config) -> AuditLog:
+    # Operator actions have their own chain: the gateway may be appending to the main log now.
+    return AuditLog(AuditConfig(config.audit.path.with_name("operator-" + config.audit.path.name),
+                                config.audit.max_bytes, config.audit.backups), hmac_key(config))
+
+
+def replay_(args: argparse.Namespace) -> int:
+    _, recording = _load(args)
+    token = args.token or os.environ.get("DOUANE_TOKEN")
+    if not token:
+        raise SystemExit("give a token with --token or DOUANE_TOKEN: recordings hold none")
+    r, flow = _flow(recording, args.id)
+    flows = [f for _, f in index.read_flows(recording.dir / r["file"])] if args.session \
+        else [flow]
+    failed = 0
+    for f in replay.replay(flows, args.gateway, token, args.ca):
+        if f.response:
+            print(f"{f.request.method} {f.request.pretty_url} -> {f.response.status_code} "
+                  f"{f.response.headers.get('x-douane-decision-id', '')}")
+        else:
+            failed += 1
+            print(f"{f.request.method} {f.request.pretty_url} -> failed: "
+                  f"{f.error.msg if f.error else 'no response'}")
+    return 1 if failed else 0
+
+
+def reveal_(args: argparse.Namespace) -> int:
+    config, recording = _load(args, secrets=True)  # the audit HMAC key
+    r, flow = _flow(recording, args.id)
+    sealed = originals.find((recording.dir / r["file"]).with_suffix(originals.SUFFIX),
+                            r["flow_id"])
+    outcome, error = "revealed", None
+    if sealed is None:
+        outcome = error = "no original kept for this flow (nothing was masked, or originals " \
+                          "are off)"
+    else:
+        pem = args.private_key.read_bytes()
+        try:
+            try:
+                key = serialization.load_pem_private_key(pem, None)
+            except TypeError:  # encrypted: ask for its passphrase
+                key = serialization.load_pem_private_key(
+                    pem, getpass.getpass(f"passphrase for {args.private_key}: ").encode())
+            if not isinstance(key, rsa.RSAPrivateKey):
+                raise ValueError("not an RSA key")
+            original = originals.unseal(key, sealed)
+        except (ValueError, InvalidToken) as e:
+            outcome = "wrong key"
+            error = f"{args.private_key} cannot open this original (not the auditors' key: {e})"
+    log = _operator_log(config)
+    log.append({"event": "recording.revealed", "decision_id": r["decision_id"],
+                "flow_id": r["flow_id"], "file": r["file"], "operator": getpass.getuser(),
+                "outcome": outcome})
+    log.close()
+    if error:
+        print(f"douane: {error}")
+        return 1
+    if original.request is not None:
+        flow.request.raw_content = original.request
+    if original.response is not None and flow.response:
+        flow.response.raw_content = original.response
+    print("UNMASKED ORIGINAL (this reveal is audited)")
+    return _transcript(config, r, flow, masked=False)
+
+
 def prune_(args: argparse.Namespace) -> int:
     config, recording = _load(args, secrets=True)  # the audit HMAC key
     max_age = duration(args.older_than) if args.older_than else recording.retention_days * 86400
@@ -170,14 +277,14 @@ def prune_(args: argparse.Namespace) -> int:
         if time.time() - path.stat().st_mtime > max_age or total > max_bytes:
             doomed.append(path)
             total -= path.stat().st_size
-    # Operator actions have their own chain: the gateway may be appending to the main log now.
-    log = AuditLog(AuditConfig(config.audit.path.with_name("operator-" + config.audit.path.name),
-                               config.audit.max_bytes, config.audit.backups), hmac_key(config))
+    log = _operator_log(config)
     db = index.connect(recording.index_path)
     for path in doomed:
         relative = str(path.relative_to(recording.dir))
-        size = path.stat().st_size
+        sealed = path.with_suffix(originals.SUFFIX)  # its originals go with it
+        size = path.stat().st_size + (sealed.stat().st_size if sealed.exists() else 0)
         path.unlink()
+        sealed.unlink(missing_ok=True)
         db.execute("DELETE FROM flows WHERE file = ?", (relative,))
         log.append({"event": "recording.deleted", "file": relative, "bytes": size,
                     "reason": "retention"})

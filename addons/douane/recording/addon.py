@@ -5,6 +5,7 @@ What is written is what crossed the wire after masking, scrubbed of credentials 
 scrubbed; the live flow is untouched). Streamed answers are recorded as delivered (the Inspect addon
 turns on `store_streamed_bodies`). A writer thread does the I/O and flushes per flow, so a crash
 loses at most the flow in flight. Flows read back (`-r`) or replayed are not recorded again.
+When configured, the unmasked originals are sealed for auditors beside it (`originals`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from mitmproxy import http, io
 
 from douane.flowstate import Reason, peek, publish, state
-from douane.recording import index
+from douane.recording import index, originals
 from douane.recording.config import RecordingSettings
 from douane.refusals import guarded, refuse
 from douane.settings import Settings
@@ -73,12 +74,14 @@ class RecordingWriter:
     def __init__(self, settings: RecordingSettings):
         self.settings = settings
         self.healthy = True
-        self._queue: queue.SimpleQueue[tuple[Path, http.HTTPFlow] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[
+            tuple[Path, http.HTTPFlow, originals.Original | None] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="douane-recording", daemon=True)
         self._thread.start()
 
-    def put(self, relative: Path, flow: http.HTTPFlow) -> None:
-        self._queue.put((relative, flow))
+    def put(self, relative: Path, flow: http.HTTPFlow,
+            original: originals.Original | None = None) -> None:
+        self._queue.put((relative, flow, original))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -86,8 +89,10 @@ class RecordingWriter:
 
     def _run(self) -> None:
         db: sqlite3.Connection | None = None
+        key = originals.public_key(self.settings.originals_key) \
+            if self.settings.originals_key else None
         while (item := self._queue.get()) is not None:
-            relative, flow = item
+            relative, flow, original = item
             try:
                 db = db or index.connect(self.settings.index_path)
                 path = self.settings.dir / relative
@@ -96,6 +101,10 @@ class RecordingWriter:
                     offset = f.tell()
                     io.FlowWriter(f).add(flow)
                     f.flush()
+                if original is not None and key is not None:
+                    with path.with_suffix(originals.SUFFIX).open("ab") as f:
+                        f.write(originals.seal(
+                            key, flow.id, flow.metadata["douane"].get("decision_id"), original))
                 index.insert(db, [index.row(flow, str(relative), offset)])
                 self.healthy = True
             except Exception:
@@ -155,5 +164,7 @@ class Record:
         flow.comment = f"douane {decision}: " + "; ".join(
             r["message"] for r in flow.metadata["douane"].get("decision", {}).get("reasons", []))
         flow.metadata["douane_recorded"] = True
+        original = originals.take(flow)
         self.writer.put(session_path(flow, self.recording),
-                        scrubbed(flow, self.recording.scrub_headers))
+                        scrubbed(flow, self.recording.scrub_headers),
+                        original if st.masked else None)

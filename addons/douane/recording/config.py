@@ -9,6 +9,8 @@ recording:
   on_error: refuse               # refuse | continue: traffic while recordings cannot be written
   retention_days: 30             # `douane sessions prune` deletes older recordings
   max_bytes: 10g                 # ... and the oldest beyond this total
+  originals:                     # off by default: keep unmasked originals for auditors only
+    public_key: auditors.pub.pem # RSA >= 2048 bits; the gateway can seal, never read
 ```
 A session is an MCP session (`Mcp-Session-Id`) when there is one, else a client connection
 (`session: connection`) or a fixed time window per user (`session: window`).
@@ -16,10 +18,11 @@ A session is an MCP session (`Mcp-Session-Id`) when there is one, else a client 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from douane.config import View
+from douane.recording import originals
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class RecordingSettings:
     on_error: str
     retention_days: int
     max_bytes: int
+    originals_key: bytes | None = field(default=None, repr=False)  # auditors' PEM public key
 
     @property
     def index_path(self) -> Path:
@@ -39,7 +43,7 @@ class RecordingSettings:
 
 def parse(v: View) -> RecordingSettings:
     v.only("dir", "session", "window_minutes", "scrub_headers", "on_error", "retention_days",
-           "max_bytes")
+           "max_bytes", "originals")
     session = v.get("session", str, "connection")
     if session not in ("connection", "window"):
         raise v.error("expected connection or window", "session")
@@ -50,4 +54,19 @@ def parse(v: View) -> RecordingSettings:
     directory = v.doc.resolve(v.get("dir", str)) if "dir" in v.data else state_dir / "recordings"
     return RecordingSettings(directory, session, v.get("window_minutes", int, 60),
                              tuple(h.lower() for h in v.strings("scrub_headers", ())), on_error,
-                             v.get("retention_days", int, 30), v.size("max_bytes", 10 * 1024**3))
+                             v.get("retention_days", int, 30), v.size("max_bytes", 10 * 1024**3),
+                             _originals_key(v.sub("originals")) if "originals" in v.data else None)
+
+
+def _originals_key(v: View) -> bytes:
+    v.only("public_key")
+    path = v.path_value("public_key")
+    try:
+        pem = path.read_bytes()
+    except OSError as e:
+        raise v.error(f"cannot read {path}: {e.strerror}", "public_key") from None
+    try:
+        originals.public_key(pem)
+    except ValueError as e:
+        raise v.error(f"{path}: {e}", "public_key") from None
+    return pem
