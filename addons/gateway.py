@@ -5,10 +5,14 @@ refusal), authenticated, brokered, inspected, decided and masked before the audi
 decision.
 """
 
+from mitmproxy import contentviews
+
 from douane.audit import AuditTrail
+from douane.contentview import DouaneContentview
 from douane.health import LoopMonitor
 from douane.identity import Authenticate
 from douane.inspect import Inspect
+from douane.marks import Mark
 from douane.masking.addon import Mask
 from douane.policy.addon import Enforce
 from douane.recording.addon import Record
@@ -18,6 +22,8 @@ from douane.settings import Settings
 
 settings = Settings()
 audit_trail = AuditTrail(settings)
+
+contentviews.add(DouaneContentview)  # LLM and MCP flows read as conversations
 
 addons = [
     settings,
@@ -30,5 +36,6 @@ addons = [
     KeepOriginals(settings),  # before Mask: the unmasked bodies, when auditors want them
     Mask(settings),
     audit_trail,
+    Mark(),  # blocked, held, masked flows stand out in mitmweb and in recordings
     Record(settings),
 ]

@@ -120,13 +120,11 @@ def peek(flow: http.HTTPFlow) -> FlowState | None:
     return _states.get(flow)
 
 
-def publish(flow: http.HTTPFlow) -> None:
-    """Mirror a serialisable summary into flow.metadata, for mitmweb and recordings."""
-    st = state(flow)
+def summary(st: FlowState) -> dict[str, Any]:
+    """The serialisable summary of a flow's state (what `publish` mirrors into metadata)."""
     meta: dict[str, Any] = {"decision_id": st.decision_id}
     if st.identity:
         meta["identity"] = st.identity.summary()
-        flow.metadata["user"] = st.identity.user
     if st.upstream:
         meta["upstream"] = st.upstream.name
     if st.interaction:
@@ -135,4 +133,12 @@ def publish(flow: http.HTTPFlow) -> None:
         meta["decision"] = st.decision.summary()
     if st.masked:
         meta["masked"] = dict(st.masked)
-    flow.metadata["douane"] = meta
+    return meta
+
+
+def publish(flow: http.HTTPFlow) -> None:
+    """Mirror a serialisable summary into flow.metadata, for mitmweb and recordings."""
+    st = state(flow)
+    if st.identity:
+        flow.metadata["user"] = st.identity.user
+    flow.metadata["douane"] = summary(st)
