@@ -88,3 +88,27 @@ def test_verify_command(tmp_path, capsys, monkeypatch):
     loaded.audit.path.write_text(loaded.audit.path.read_text().replace("decision", "decisioN"))
     assert main(["audit", "verify", "--config", str(config)]) == 1
     assert "bad MAC" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tamper", ["delete a rotated file", "swap rotated files",
+                                    "edit a rotated file"])
+def test_tampering_across_rotated_files_is_detected(tmp_path, tamper):
+    path = tmp_path / "audit.jsonl"
+    write_log(path, 20, max_bytes=1000)
+    files = audit.log_files(path)
+    assert len(files) >= 4 and audit.verify(path, KEY).ok
+    oldest, middle, newer = files[0], files[1], files[2]
+    if tamper == "delete a rotated file":
+        middle.unlink()
+        bad = newer
+    elif tamper == "swap rotated files":
+        middle.rename(tmp_path / "tmp")
+        newer.rename(middle)
+        (tmp_path / "tmp").rename(newer)
+        bad = middle
+    else:
+        middle.write_text(middle.read_text().replace('"alice"', '"mallory"', 1))
+        bad = middle
+    result = audit.verify(path, KEY)
+    assert not result.ok and result.error.startswith(f"{bad}:1: "), result.error
+    assert result.records == len(lines(oldest))
