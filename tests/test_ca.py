@@ -25,4 +25,9 @@ def test_ca_lifecycle(tmp_path, capsys):
     assert (retired / "mitmproxy-ca-cert.pem").read_bytes() == first
 
     assert main(["ca", "--dir", str(ca), "env"]) == 0
-    assert f"SSL_CERT_FILE={ca / 'mitmproxy-ca-cert.pem'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    pem = ca / "mitmproxy-ca-cert.pem"
+    for line in (f"SSL_CERT_FILE={pem}", f"REQUESTS_CA_BUNDLE={pem}", f"NODE_EXTRA_CA_CERTS={pem}",
+                 f"curl --cacert {pem}", "update-ca-certificates", "update-ca-trust",
+                 "security add-trusted-cert"):
+        assert line in out

@@ -60,7 +60,11 @@ def env(args: argparse.Namespace) -> int:
     print(f"export SSL_CERT_FILE={pem}\nexport REQUESTS_CA_BUNDLE={pem}\n"
           f"export NODE_EXTRA_CA_CERTS={pem}\n# curl: curl --cacert {pem} ...\n"
           f"# system store (Debian/Ubuntu): cp {pem} /usr/local/share/ca-certificates/douane.crt"
-          f" && update-ca-certificates")
+          f" && update-ca-certificates\n"
+          f"# system store (Fedora/RHEL): cp {pem} /etc/pki/ca-trust/source/anchors/douane.pem"
+          f" && update-ca-trust\n"
+          f"# system store (macOS): sudo security add-trusted-cert -d -r trustRoot"
+          f" -k /Library/Keychains/System.keychain {pem}")
     return 0
 
 
