@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -189,3 +190,29 @@ def test_originals_key_is_checked_at_load(tmp_path, content, message):
     with pytest.raises(configmod.ConfigError, match=message) as e:
         configmod.load(file, resolve_secrets=False)
     assert e.value.line == 5 and e.value.path == "recording.originals.public_key"
+
+
+def test_replay_of_a_proxy_mode_session_goes_through_the_gateway_as_proxy(
+        issuer, upstream, make_gateway, capsys):
+    gw = make_gateway(base_config(issuer.url, upstream.url, recording={}))
+    bob = issuer.mint("bob@corp")
+    client = openai.OpenAI(base_url=upstream.url + "/v1", api_key="unused", max_retries=0,
+                           http_client=httpx.Client(proxy=gw.proxy_url("bob", bob)))
+    for text in ("first", "second"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": text}])
+    db_path = gw.state_dir / "recordings" / "index.sqlite3"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (
+            db_path.exists() and len(index.query(index.connect(db_path))) >= 2):
+        time.sleep(0.1)
+    first = min(index.query(index.connect(db_path)), key=lambda r: r["ts"])
+    assert len(upstream.requests) == 2
+    assert main(["sessions", "--config", str(gw.config_file), "replay", first["decision_id"],
+                 "--session", "--gateway", gw.url, "--token", bob]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all(" -> 200 dcn_" in line for line in out)
+    assert [r.json()["messages"][0]["content"] for r in upstream.requests] == [
+        "first", "second", "first", "second"]
+    new_ids = {line.split()[-1] for line in out}
+    records = gw.audit_records(wait_for=4)
+    assert {r["decision_id"] for r in records if r.get("user") == "bob@corp"} >= new_ids

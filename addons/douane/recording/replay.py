@@ -39,6 +39,8 @@ def prepare(flow: http.HTTPFlow, gateway: str, token: str) -> http.HTTPFlow:
         request.scheme, request.host = url.scheme, url.hostname or "127.0.0.1"
         request.port = url.port or (443 if url.scheme == "https" else 80)
         request.headers["authorization"] = f"Bearer {token}"
+    else:  # mitmproxy's upstream layer takes the proxy from the client connection's mode
+        copy.client_conn.proxy_mode = mode_specs.ProxyMode.parse(f"upstream:{gateway}")
     return copy
 
 
@@ -63,13 +65,14 @@ def replay(flows: Sequence[http.HTTPFlow], gateway: str, token: str, ca: Path | 
            timeout: float = 120) -> list[http.HTTPFlow]:
     """Send `flows` (recorded, in order) through the gateway; returns them with their new
     responses (or errors)."""
+    via_proxy = bool(flows) and not reverse_mode(flows[0])
     prepared = [prepare(f, gateway, token) for f in flows]
     opts = options.Options()
 
     async def run() -> None:
         master = DumpMaster(opts, with_termlog=False, with_dumper=False)
         settings = {"server": False}
-        if prepared and not reverse_mode(prepared[0]):
+        if via_proxy:
             settings |= {"mode": [f"upstream:{gateway}"], "upstream_auth": f"douane:{token}"}
         if ca:
             settings["ssl_verify_upstream_trusted_ca"] = str(ca)
