@@ -7,6 +7,7 @@ decision.
 
 from mitmproxy import contentviews
 
+from douane.approvals.addon import Approvals
 from douane.audit import AuditTrail
 from douane.contentview import DouaneContentview
 from douane.health import LoopMonitor
@@ -22,6 +23,7 @@ from douane.settings import Settings
 
 settings = Settings()
 audit_trail = AuditTrail(settings)
+mask = Mask(settings)
 
 contentviews.add(DouaneContentview)  # LLM and MCP flows read as conversations
 
@@ -33,8 +35,9 @@ addons = [
     Broker(settings),
     Inspect(settings),
     Enforce(settings),
+    Approvals(settings, audit_trail, mask),  # right after Enforce: a "hold" waits for an approver
     KeepOriginals(settings),  # before Mask: the unmasked bodies, when auditors want them
-    Mask(settings),
+    mask,
     audit_trail,
     Mark(),  # blocked, held, masked flows stand out in mitmweb and in recordings
     Record(settings),

@@ -18,6 +18,7 @@ COMMANDS = [
     "douane.commands.ca",
     "douane.commands.explain",
     "douane.commands.sessions",
+    "douane.commands.approvals",
 ]
 
 

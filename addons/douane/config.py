@@ -28,6 +28,7 @@ SECTIONS: dict[str, str] = {
     "policy": "douane.policy.store:parse_section",
     "masking": "douane.masking.config:parse",
     "recording": "douane.recording.config:parse",
+    "approvals": "douane.approvals.config:parse",
 }
 
 PROTOCOLS = ("openai", "anthropic", "mcp", "generic")

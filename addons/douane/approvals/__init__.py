@@ -1,0 +1,1 @@
+"""Human approval of "hold" decisions: held flows, approvers on an admin API, persisted grants."""

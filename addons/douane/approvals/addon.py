@@ -1,0 +1,339 @@
+"""`Approvals`: a "hold" decision waits for a human approver instead of being refused.
+
+Placed right after `Enforce`. For a held flow it first looks for a persisted grant (user, upstream,
+tool or model, unexpired) and lets the flow pass on it. Otherwise it opens an approval request
+(audited, sent to the webhook) and, by the upstream's mode:
+- hold: `flow.intercept()` and await the outcome with a deadline. Awaiting costs the event loop
+  nothing, so other flows keep moving. Approved (API, or resumed in mitmweb) -> the flow goes on
+  unchanged with an `approval.granted` reason; denied (API, or killed in mitmweb), timed out ->
+  a refusal in the API's shape with the reason; the client disconnected -> abandoned.
+- answer: refuse at once with the approval id; once approved, the retry passes on the grant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from mitmproxy import ctx, hooks, http
+from mitmproxy.flow import Error
+
+from douane import devissuer
+from douane.approvals.api import AdminAPI, ApprovalError
+from douane.approvals.config import ApprovalSettings
+from douane.approvals.notify import Notifier
+from douane.approvals.store import (
+    Grant,
+    GrantStore,
+    Pending,
+    fingerprint,
+    new_approval_id,
+    subject_of,
+)
+from douane.audit import AuditTrail
+from douane.flowstate import Decision, FlowState, Identity, Reason, state
+from douane.masking import operators
+from douane.masking.addon import Mask
+from douane.policy.addon import explain
+from douane.refusals import guarded, refuse
+from douane.settings import Settings
+from douane.tokens import TokenVerifier
+
+logger = logging.getLogger(__name__)
+MITMWEB = "mitmweb operator"
+POLL = 0.5  # how often a held flow checks for a kill in mitmweb or a gone client
+PREVIEW_PIECES, PREVIEW_CHARS = 8, 2000
+KEEP_DECIDED = 3600  # seconds a decided request stays visible to `show`
+
+
+class Approvals:
+    def __init__(self, settings: Settings, audit_trail: AuditTrail, mask: Mask):
+        self.settings, self.audit_trail, self.mask = settings, audit_trail, mask
+        self.approvals: ApprovalSettings | None = None
+        self.store: GrantStore | None = None
+        self.api: AdminAPI | None = None
+        self.notifier: Notifier | None = None
+        self.requests: dict[str, Pending] = {}
+        self.flows: dict[str, http.HTTPFlow] = {}  # held flows by approval id
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def configure(self, updated: set[str]) -> None:
+        if "douane_config" not in updated and self.store is not None:
+            return
+        approvals = self.settings.config.sections.get("approvals")
+        if approvals == self.approvals:
+            return
+        self._close("douane's approval settings changed before an approver answered")
+        self.approvals = approvals
+        if approvals is None:
+            return
+        self.store = GrantStore(approvals.database)
+        identity = self.settings.config.identity
+        dev_key = devissuer.public_jwk(identity.dev_issuer) if identity.dev_issuer else None
+        self.api = AdminAPI(self, approvals, TokenVerifier(identity, dev_key))
+        self.notifier = Notifier(approvals.webhook, self.audit) \
+            if approvals.webhook and approvals.webhook.url else None
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # started by running()
+        self.api.start()
+
+    def running(self) -> None:
+        if self.api and self.api.server is None:
+            self.api.start()
+
+    def done(self) -> None:
+        self._close("douane shut down before an approver answered")
+
+    def _close(self, why: str) -> None:
+        """Deny whatever is still open (never left hanging), stop the API, close the database."""
+        for pending in self.open_requests():
+            self._finish(pending, "denied", None, why)
+        if self.api:
+            self.api.stop()
+        if self.store:
+            self.store.close()
+        self.api = self.store = self.notifier = None
+
+    def audit(self, record: dict[str, Any]) -> None:
+        self.audit_trail.append(record)
+
+    # --- the hook ------------------------------------------------------------------------------
+
+    @guarded
+    async def request(self, flow: http.HTTPFlow) -> None:
+        st = state(flow)
+        if flow.response or flow.error or not flow.live or st.decision is None \
+                or st.decision.action != "hold":
+            return
+        decision = st.decision
+        if self.approvals is None or self.store is None:
+            refuse(flow, 403, f"this request needs an approver: {explain(decision)}",
+                   "approval_required", *decision.reasons, action="hold")
+            return
+        assert st.identity and st.upstream and st.interaction
+        subject = subject_of(st.interaction)
+        fp = fingerprint(st.upstream.name, st.interaction)
+        grant = await self.store.use(st.identity.user, st.upstream.name, subject, fp)
+        if grant is not None:
+            self.audit({"event": "approval.grant_used", "grant_id": grant.id,
+                        "approval_id": grant.approval_id, "decision_id": st.decision_id,
+                        "user": st.identity.user, "upstream": grant.upstream,
+                        "subject": grant.subject})
+            self._allow(st, Reason("approval.grant", f"grant {grant.id} by {grant.approver} "
+                                   f"({grant.reason}) until {time.ctime(grant.expires_at)}"))
+            return
+        wait = self.approvals.wait_for(st.upstream.name, st.upstream.protocol)
+        if wait.mode == "answer":
+            pending = self._open_for_retry(st, fp) or await self._open(flow, st, "answer",
+                                                                       wait.timeout)
+            refuse(flow, 403, f"this request needs an approver: approval {pending.id} is "
+                   f"pending; retry after it is approved ({explain(decision)})",
+                   "approval_pending", *decision.reasons, action="hold",
+                   headers={"x-douane-approval-id": pending.id})
+            return
+        pending = await self._open(flow, st, "hold", wait.timeout)
+        await self._hold(flow, pending)
+        self._conclude(flow, st, pending)
+
+    def _open_for_retry(self, st: FlowState, fp: str) -> Pending | None:
+        """An agent retrying before anyone acted gets the same approval request, not a new one."""
+        assert st.identity
+        return next((p for p in self.open_requests() if p.mode == "answer" and p.fingerprint == fp
+                     and p.requester.user == st.identity.user), None)
+
+    async def _open(self, flow: http.HTTPFlow, st: FlowState, mode: str, timeout: int) -> Pending:
+        assert st.identity and st.upstream and st.interaction and st.decision
+        now = time.time()
+        self._forget_old(now)
+        pending = Pending(
+            id=new_approval_id(), requester=st.identity, upstream=st.upstream.name,
+            protocol=st.upstream.protocol, operation=st.interaction.operation,
+            subject=subject_of(st.interaction), model=st.interaction.model,
+            fingerprint=fingerprint(st.upstream.name, st.interaction),
+            decision_id=st.decision_id, mode=mode,
+            reasons=[r.summary() for r in st.decision.reasons], risk=st.decision.risk,
+            preview=await self._preview(st), created_at=now, expires_at=now + timeout)
+        self.requests[pending.id] = pending
+        if mode == "hold":
+            self.flows[pending.id] = flow
+        else:
+            self._timers[pending.id] = asyncio.get_running_loop().call_later(
+                timeout, self._expire, pending)
+        self.audit({"event": "approval.requested", "approval_id": pending.id,
+                    "decision_id": pending.decision_id, "user": pending.requester.user,
+                    "groups": list(pending.requester.groups), "upstream": pending.upstream,
+                    "operation": pending.operation, "subject": pending.subject,
+                    "model": pending.model, "reasons": pending.reasons, "risk": pending.risk,
+                    "mode": mode, "timeout_seconds": timeout})
+        logger.info("douane: approval %s opened for %s (%s on %s, %s mode)", pending.id,
+                    pending.requester.user, pending.subject, pending.upstream, mode)
+        if self.notifier:
+            assert self.api
+            self.notifier.notify(pending, self.approvals.public_url or
+                                 f"http://{self.approvals.host}:{self.api.port}")
+        return pending
+
+    async def _preview(self, st: FlowState) -> list[dict[str, str]]:
+        """The last prompt pieces or tool arguments, masked when masking is configured."""
+        assert st.interaction
+        pieces = [p for p in st.interaction.texts
+                  if p.kind in ("prompt", "tool_arguments")][-PREVIEW_PIECES:]
+        texts = [p.text[:PREVIEW_CHARS] for p in pieces]
+        if self.mask.pool and self.mask.masking and texts:
+            try:
+                spans = await self.mask.pool.analyze(texts)
+            except Exception as e:  # never show what masking could not check
+                logger.warning("douane: approval preview withheld, masking failed: %s", e)
+                return [{"kind": "notice", "where": "", "text": "preview withheld: masking "
+                         "failed"}]
+            texts = [operators.apply(self.mask.masking, t, s, {}) for t, s in zip(texts, spans,
+                                                                                   strict=True)]
+        return [{"kind": p.kind, "where": ".".join(map(str, p.path)), "text": t}
+                for p, t in zip(pieces, texts, strict=True)]
+
+    async def _hold(self, flow: http.HTTPFlow, pending: Pending) -> None:
+        """Wait for the outcome; a kill in mitmweb does not wake `wait_for_resume`, so poll."""
+        flow.intercept()
+        ctx.master.addons.trigger(hooks.UpdateHook([flow]))  # mitmweb shows it as intercepted
+        try:
+            while pending.status in ("pending", "approving"):
+                remaining = pending.expires_at - time.time()
+                if remaining <= 0 and pending.status == "pending":
+                    self._finish(pending, "timed_out", None, "timed out")
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(flow.wait_for_resume(), max(0.05, min(POLL, remaining)))
+                if pending.status != "pending":
+                    continue  # decided, or an approver's grant is being saved
+                if flow.error and flow.error.msg == Error.KILLED_MESSAGE:
+                    self._finish(pending, "denied", MITMWEB, "killed in mitmweb")
+                elif not flow.intercepted:
+                    self._finish(pending, "approved", MITMWEB, "resumed in mitmweb")
+                elif not flow.client_conn.connected:
+                    self._finish(pending, "abandoned", None, "the client disconnected")
+        finally:
+            self.flows.pop(pending.id, None)
+            if flow.intercepted:
+                flow.resume()
+
+    def _conclude(self, flow: http.HTTPFlow, st: FlowState, pending: Pending) -> None:
+        if flow.error and flow.error.msg == Error.KILLED_MESSAGE and pending.status != "abandoned":
+            flow.error, flow.live = None, True  # answer the client instead of cutting it off
+        if pending.status == "approved":
+            self._allow(st, Reason("approval.granted", f"approved by {pending.approver} "
+                                   f"({pending.reason}), approval {pending.id}"))
+        elif pending.status == "abandoned":
+            st.decide("block", Reason("approval.abandoned", f"approval {pending.id}: the client "
+                                      "disconnected while held"))
+            if flow.killable:
+                flow.kill()
+        else:
+            why = "no approver answered in time (timed out)" if pending.status == "timed_out" \
+                else f"denied by {pending.approver or 'douane'}: {pending.reason}"
+            refuse(flow, 403, f"approval {pending.id}: {why}", f"approval_{pending.status}",
+                   Reason(f"approval.{pending.status}", why), action="block",
+                   headers={"x-douane-approval-id": pending.id})
+
+    @staticmethod
+    def _allow(st: FlowState, reason: Reason) -> None:
+        held = st.decision
+        assert held
+        # not st.decide(): an approval is the one thing that lowers a hold to an allow
+        st.decision = Decision("allow", [*held.reasons, reason])
+        st.decision.risk = held.risk
+
+    # --- outcomes ------------------------------------------------------------------------------
+
+    def _finish(self, pending: Pending, status: str, approver: str | None, reason: str,
+                grant: Grant | None = None) -> None:
+        pending.decide(status, approver, reason, round(grant.expires_at - grant.created_at)
+                       if grant and grant.fingerprint is None else None)
+        timer = self._timers.pop(pending.id, None)
+        if timer:
+            timer.cancel()
+        flow = self.flows.get(pending.id)
+        if flow is not None and flow.intercepted:
+            flow.resume()
+        record: dict[str, Any] = {"event": f"approval.{status}", "approval_id": pending.id,
+                                  "decision_id": pending.decision_id,
+                                  "user": pending.requester.user, "upstream": pending.upstream,
+                                  "subject": pending.subject, "reason": reason}
+        if approver:
+            record["approver"] = approver
+        if grant:
+            record.update(grant_id=grant.id, grant_expires_at=grant.expires_at,
+                          grant_one_shot=grant.fingerprint is not None)
+        self.audit(record)
+        logger.info("douane: approval %s %s%s: %s", pending.id, status,
+                    f" by {approver}" if approver else "", reason)
+
+    def _expire(self, pending: Pending) -> None:
+        if pending.status == "pending":
+            self._finish(pending, "timed_out", None, "timed out")
+
+    def _forget_old(self, now: float) -> None:
+        for key, p in list(self.requests.items()):
+            if p.decided_at is not None and now - p.decided_at > KEEP_DECIDED:
+                del self.requests[key]
+
+    def open_requests(self) -> list[Pending]:
+        return [p for p in self.requests.values() if p.status == "pending"]
+
+    def find(self, approval_id: str) -> Pending:
+        pending = self.requests.get(approval_id)
+        if pending is None:
+            raise ApprovalError(404, f"no approval request {approval_id}")
+        return pending
+
+    def _decidable(self, approval_id: str, approver: Identity) -> Pending:
+        pending = self.find(approval_id)
+        if pending.status != "pending":
+            raise ApprovalError(409, f"approval {approval_id} is already {pending.status}")
+        if approver.user == pending.requester.user:
+            self.audit_refusal(approver, pending, "self-approval")
+            raise ApprovalError(403, "nobody approves or denies their own request")
+        return pending
+
+    def audit_refusal(self, approver: Identity, pending: Pending | None, why: str) -> None:
+        self.audit({"event": "approval.refused", "approver": approver.user,
+                    "approver_groups": list(approver.groups), "reason": why,
+                    "approval_id": pending.id if pending else None})
+
+    async def approve(self, approval_id: str, approver: Identity, reason: str,
+                      grant_seconds: int | None) -> Pending:
+        pending = self._decidable(approval_id, approver)
+        assert self.approvals and self.store
+        if grant_seconds is not None and grant_seconds > self.approvals.max_grant:
+            raise ApprovalError(400, f"a grant lasts at most {self.approvals.max_grant} s "
+                                "(approvals.max_grant)")
+        grant = None
+        now = time.time()
+        if grant_seconds is not None or pending.mode == "answer":
+            # answer mode, "this request only": a one-shot grant for the identical retry
+            one_shot = grant_seconds is None
+            grant = Grant(id="grt_" + pending.id[4:], user=pending.requester.user,
+                          upstream=pending.upstream, subject=pending.subject,
+                          fingerprint=pending.fingerprint if one_shot else None,
+                          uses_left=1 if one_shot else None, created_at=now,
+                          expires_at=now + (grant_seconds or self.approvals.retry_window),
+                          approval_id=pending.id, approver=approver.user, reason=reason)
+            pending.status = "approving"  # nobody else decides it while the grant is saved
+            try:
+                await self.store.add(grant)  # persisted before the flow goes on
+            except Exception:
+                pending.status = "pending"
+                raise
+        self._finish(pending, "approved", approver.user, reason, grant)
+        return pending
+
+    def deny(self, approval_id: str, approver: Identity, reason: str) -> Pending:
+        pending = self._decidable(approval_id, approver)
+        self._finish(pending, "denied", approver.user, reason)
+        return pending

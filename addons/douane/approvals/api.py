@@ -1,0 +1,137 @@
+"""The admin API approvers use (and `douane approvals` talks to), on its own port, loopback by
+default. Tornado ships with mitmproxy and runs on mitmproxy's own event loop.
+
+    GET  /approvals                    pending approval requests
+    GET  /approvals/ID                 one request (also after its outcome)
+    POST /approvals/ID/approve         {"for": "1h", "reason": "..."}   (for: optional time box)
+    POST /approvals/ID/deny            {"reason": "..."}
+
+Every call carries `Authorization: Bearer <OIDC token>`, verified like any client token; the
+token's groups must include an approver group, and nobody decides their own request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+
+from douane.approvals.config import ApprovalSettings, seconds
+from douane.flowstate import Identity
+from douane.tokens import TokenError, TokenVerifier
+
+if TYPE_CHECKING:
+    from douane.approvals.addon import Approvals
+
+logger = logging.getLogger(__name__)
+ID = r"(apr_[0-9a-f]{16})"
+
+
+class ApprovalError(tornado.web.HTTPError):
+    """A refused API call: its message is the JSON error shown to the approver."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(status)
+        self.message = message
+
+
+class _Handler(tornado.web.RequestHandler):
+    approver: Identity
+
+    def initialize(self, api: AdminAPI) -> None:
+        self.api = api
+
+    async def prepare(self) -> None:
+        auth = self.request.headers.get("authorization", "")
+        if auth[:7].lower() != "bearer ":
+            raise ApprovalError(401, "send an approver's OIDC token as Authorization: Bearer")
+        try:
+            identity = await self.api.verifier.verify(auth[7:].strip(), "bearer")
+        except TokenError as e:
+            raise ApprovalError(401, e.message) from None
+        if not set(identity.groups) & set(self.api.settings.approver_groups):
+            self.api.addon.audit_refusal(identity, None, "not in an approver group")
+            raise ApprovalError(403, f"{identity.user} is not an approver (needs one of the "
+                                f"groups {', '.join(self.api.settings.approver_groups)})")
+        self.approver = identity
+
+    def body(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.request.body or b"{}")
+        except ValueError:
+            raise ApprovalError(400, "the body is not JSON") from None
+        if not isinstance(doc, dict):
+            raise ApprovalError(400, "the body must be a JSON object")
+        return doc
+
+    def reply(self, doc: dict[str, Any], status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("content-type", "application/json")
+        self.set_header("cache-control", "no-store")
+        self.finish(json.dumps(doc))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None))[1]
+        self.reply({"error": error.message if isinstance(error, ApprovalError) else self._reason},
+                   status_code)
+
+
+class ListHandler(_Handler):
+    def get(self) -> None:
+        self.reply({"approvals": [p.summary() for p in self.api.addon.open_requests()]})
+
+
+class ShowHandler(_Handler):
+    def get(self, approval_id: str) -> None:
+        self.reply(self.api.addon.find(approval_id).summary())
+
+
+class ApproveHandler(_Handler):
+    async def post(self, approval_id: str) -> None:
+        doc = self.body()
+        grant = None
+        if doc.get("for") is not None:
+            grant = seconds(doc["for"])
+            if grant is None or grant <= 0:
+                raise ApprovalError(400, f"not a duration: {doc['for']!r} (e.g. 15m, 1h, 1d)")
+        pending = await self.api.addon.approve(approval_id, self.approver,
+                                               str(doc.get("reason") or "approved"), grant)
+        self.reply(pending.summary())
+
+
+class DenyHandler(_Handler):
+    async def post(self, approval_id: str) -> None:
+        reason = str(self.body().get("reason") or "").strip()
+        if not reason:
+            raise ApprovalError(400, "a denial needs a reason (it is shown to the requester)")
+        self.reply(self.api.addon.deny(approval_id, self.approver, reason).summary())
+
+
+class AdminAPI:
+    def __init__(self, addon: Approvals, settings: ApprovalSettings, verifier: TokenVerifier):
+        self.addon, self.settings, self.verifier = addon, settings, verifier
+        self.server: tornado.httpserver.HTTPServer | None = None
+        self.port: int | None = None
+
+    def start(self) -> None:
+        app = tornado.web.Application([
+            (r"/approvals/?", ListHandler, {"api": self}),
+            (rf"/approvals/{ID}", ShowHandler, {"api": self}),
+            (rf"/approvals/{ID}/approve", ApproveHandler, {"api": self}),
+            (rf"/approvals/{ID}/deny", DenyHandler, {"api": self}),
+        ])
+        sockets = tornado.netutil.bind_sockets(self.settings.port, self.settings.host)
+        self.port = sockets[0].getsockname()[1]
+        self.server = tornado.httpserver.HTTPServer(app, xheaders=False)
+        self.server.add_sockets(sockets)
+        logger.info("douane: approvals API serving on http://%s:%d", self.settings.host,
+                    self.port)
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.stop()
+            self.server = None
