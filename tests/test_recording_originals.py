@@ -3,21 +3,28 @@ replay` through a live gateway, masked spans marked in `sessions show`."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from mitmproxy import http
+from mitmproxy.test import tflow, tutils
 
 from douane import audit
 from douane import config as configmod
 from douane.cli import main
 from douane.commands.sessions import mark
+from douane.flowstate import state
+from douane.protocols import streams
 from douane.recording import index, originals
+from douane.recording.config import RecordingSettings
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import Gateway, base_config
 from tests.support.upstream import FakeUpstream
@@ -216,3 +223,68 @@ def test_replay_of_a_proxy_mode_session_goes_through_the_gateway_as_proxy(
     new_ids = {line.split()[-1] for line in out}
     records = gw.audit_records(wait_for=4)
     assert {r["decision_id"] for r in records if r.get("user") == "bob@corp"} >= new_ids
+
+
+def keeper(tmp_path: Path, on: bool) -> originals.KeepOriginals:
+    _, public = key_pair(tmp_path, "unit")
+    recording = RecordingSettings(tmp_path, "connection", 60, (), "refuse", 30, 10**9,
+                                  public.read_bytes() if on else None)
+    keep = originals.KeepOriginals(SimpleNamespace(config=SimpleNamespace(
+        sections={"recording": recording})))
+    keep.configure({"douane_config"})
+    return keep
+
+
+def governed_flow() -> http.HTTPFlow:
+    f = tflow.tflow(req=tutils.treq(content=b'{"prompt": "jane.doe@example.org"}'))
+    f.live = True
+    state(f).interaction = SimpleNamespace()  # only its presence matters here
+    return f
+
+
+def answer(f: http.HTTPFlow) -> None:
+    f.response = tutils.tresp(content=b'{"answer": "maria.garcia@example.com"}')
+
+
+def test_keep_originals_does_nothing_when_off(tmp_path):
+    keep, f = keeper(tmp_path, on=False), governed_flow()
+    keep.request(f)
+    answer(f)
+    streams.attach(f, lambda data: [data])
+    stream = f.response.stream
+    keep.responseheaders(f)
+    keep.response(f)
+    assert originals.take(f) is None and f.response.stream is stream
+
+
+def test_keep_originals_captures_bodies_and_tees_streams(tmp_path):
+    keep, f = keeper(tmp_path, on=True), governed_flow()
+    keep.request(f)
+    answer(f)
+    keep.response(f)
+    original = originals.take(f)
+    assert original.request == f.request.raw_content and original.response == f.response.raw_content
+    streamed = governed_flow()
+    keep.request(streamed)
+    answer(streamed)
+    streams.attach(streamed, lambda data: [data.upper()])
+    keep.responseheaders(streamed)
+    assert streamed.response.stream(b"data: maria") == [b"DATA: MARIA"]  # still the rewriter
+    streamed.response.stream(b"")
+    keep.response(streamed)
+    assert originals.take(streamed).payload()["response"] == base64.b64encode(
+        b"data: maria").decode()
+
+
+def test_sealed_records_open_only_with_the_auditors_key(tmp_path):
+    private, public = key_pair(tmp_path, "auditors")
+    other, _ = key_pair(tmp_path, "other")
+    line = originals.seal(originals.public_key(public.read_bytes()), "f1", "dcn_1",
+                          originals.Original(b"jane.doe@example.org", None))
+    assert b"jane.doe" not in line
+    record = json.loads(line)
+    load = serialization.load_pem_private_key
+    assert originals.unseal(load(private.read_bytes(), None), record).request == \
+        b"jane.doe@example.org"
+    with pytest.raises(ValueError):
+        originals.unseal(load(other.read_bytes(), None), record)
