@@ -200,7 +200,7 @@ def test_originals_key_is_checked_at_load(tmp_path, content, message):
 
 
 def test_replay_of_a_proxy_mode_session_goes_through_the_gateway_as_proxy(
-        issuer, upstream, make_gateway, capsys):
+        issuer, upstream, make_gateway, capsys, operator_env, tmp_path):
     gw = make_gateway(base_config(issuer.url, upstream.url, recording={}))
     bob = issuer.mint("bob@corp")
     client = openai.OpenAI(base_url=upstream.url + "/v1", api_key="unused", max_retries=0,
@@ -223,6 +223,10 @@ def test_replay_of_a_proxy_mode_session_goes_through_the_gateway_as_proxy(
     new_ids = {line.split()[-1] for line in out}
     records = gw.audit_records(wait_for=4)
     assert {r["decision_id"] for r in records if r.get("user") == "bob@corp"} >= new_ids
+    private, _ = key_pair(tmp_path, "auditors")  # this gateway keeps no originals
+    assert main(["sessions", "--config", str(gw.config_file), "reveal", first["decision_id"],
+                 "--private-key", str(private)]) == 1
+    assert "no original kept" in capsys.readouterr().out
 
 
 def keeper(tmp_path: Path, on: bool) -> originals.KeepOriginals:

@@ -233,8 +233,8 @@ def reveal_(args: argparse.Namespace) -> int:
                             r["flow_id"])
     outcome, error = "revealed", None
     if sealed is None:
-        outcome = error = "no original kept for this flow (nothing was masked, or originals " \
-                          "are off)"
+        outcome, error = "no original", "no original kept for this flow (nothing was masked, " \
+                                        "or originals are off)"
     else:
         pem = args.private_key.read_bytes()
         try:
