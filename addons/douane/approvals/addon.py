@@ -88,8 +88,15 @@ class Approvals:
         if self.api and self.api.server is None:
             self.api.start()
 
-    def done(self) -> None:
+    async def done(self) -> None:
+        # Held clients get their refusal before the loop stops (and before the audit log closes).
         self._close("douane shut down before an approver answered")
+        deadline = time.monotonic() + 5
+        held = bool(self.flows)
+        while self.flows and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if held:
+            await asyncio.sleep(0.3)  # the proxy writes those refusals
 
     def _close(self, why: str) -> None:
         """Deny whatever is still open (never left hanging), stop the API, close the database."""
@@ -139,8 +146,11 @@ class Approvals:
                    headers={"x-douane-approval-id": pending.id})
             return
         pending = await self._open(flow, st, "hold", wait.timeout)
-        await self._hold(flow, pending)
-        self._conclude(flow, st, pending)
+        try:
+            await self._hold(flow, pending)
+            self._conclude(flow, st, pending)
+        finally:
+            self.flows.pop(pending.id, None)
 
     def _open_for_retry(self, st: FlowState, fp: str) -> Pending | None:
         """An agent retrying before anyone acted gets the same approval request, not a new one."""
@@ -219,7 +229,6 @@ class Approvals:
                 elif not flow.client_conn.connected:
                     self._finish(pending, "abandoned", None, "the client disconnected")
         finally:
-            self.flows.pop(pending.id, None)
             if flow.intercepted:
                 flow.resume()
 
