@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +26,7 @@ from douane.config import ConfigError, load
 from douane.flowstate import Identity, Reason, state
 from douane.interaction import Interaction, McpMessage, TextPiece
 from douane.masking.addon import Mask
+from douane.masking.engine import Span
 from douane.settings import Settings
 
 
@@ -219,3 +221,36 @@ def test_without_an_approvals_section_a_hold_is_refused(tmp_path):
         f, st = held_flow(settings)
         asyncio.run(approvals.request(f))
     assert f.response.status_code == 403 and b"approval_required" in f.response.content
+
+
+class EmailSpans:
+    """Stands in for the masking worker pool: finds e-mail addresses, or fails."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+
+    async def analyze(self, texts: list[str]) -> list[list[Span]]:
+        if self.fail:
+            raise RuntimeError("worker crashed")
+        return [[Span(m.start(), m.end(), "EMAIL_ADDRESS", 1.0)
+                 for m in re.finditer(r"\S+@\S+", t)] for t in texts]
+
+
+def test_the_approvers_preview_is_masked_and_withheld_when_masking_fails(tmp_path):
+    path = write_config(tmp_path, {"approver_groups": ["approvers"]})
+    text = path.read_text() + "masking: {entities: [EMAIL_ADDRESS], ner_missing: pattern_only}\n"
+    path.write_text(text)
+    settings = Settings()
+    mask = Mask(settings)
+    approvals = Approvals(settings, AuditTrail(settings), mask)
+    with taddons.context(settings) as tctx:
+        tctx.configure(settings, douane_config=str(path))
+        mask.masking = settings.config.sections["masking"]
+        _, st = held_flow(settings)
+        st.interaction.texts[0].text = "mail jane.doe@example.org the dump"
+        mask.pool = EmailSpans()
+        assert asyncio.run(approvals._preview(st)) == [
+            {"kind": "prompt", "where": "messages.0", "text": "mail <EMAIL_ADDRESS> the dump"}]
+        mask.pool = EmailSpans(fail=True)
+        preview = asyncio.run(approvals._preview(st))
+    assert "jane.doe" not in json.dumps(preview) and "withheld" in preview[0]["text"]
