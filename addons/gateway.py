@@ -20,10 +20,12 @@ from douane.recording.addon import Record
 from douane.recording.originals import KeepOriginals
 from douane.routing import Broker, Route
 from douane.settings import Settings
+from douane.websocket import PoliceWebSocket
 
 settings = Settings()
 audit_trail = AuditTrail(settings)
 mask = Mask(settings)
+enforce = Enforce(settings)
 
 contentviews.add(DouaneContentview)  # LLM and MCP flows read as conversations
 
@@ -34,8 +36,9 @@ addons = [
     Authenticate(settings),
     Broker(settings),
     Inspect(settings),
-    Enforce(settings),
+    enforce,
     Approvals(settings, audit_trail, mask),  # right after Enforce: a "hold" waits for an approver
+    PoliceWebSocket(enforce, audit_trail),  # allowed WebSockets: every message policed
     KeepOriginals(settings),  # before Mask: the unmasked bodies, when auditors want them
     mask,
     audit_trail,

@@ -1,0 +1,103 @@
+"""A Realtime-style WebSocket upstream and a blocking client, both on wsproto (a mitmproxy
+dependency): the upstream records every message it receives and answers each text message with a
+`response.output_text.delta` event carrying `reply`."""
+
+from __future__ import annotations
+
+import json
+import socket
+import socketserver
+import threading
+from typing import Any
+
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Message,
+    Request,
+    TextMessage,
+)
+
+
+class RealtimeUpstream:
+    def __init__(self) -> None:
+        self.received: list[str | bytes] = []
+        self.headers: list[dict[str, str]] = []
+        self.reply = "Hello over the WebSocket."
+        upstream = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                ws = WSConnection(ConnectionType.SERVER)
+                while True:
+                    data = self.request.recv(65536)
+                    if not data:
+                        return
+                    ws.receive_data(data)
+                    for event in ws.events():
+                        if isinstance(event, Request):
+                            upstream.headers.append({k.decode().lower(): v.decode()
+                                                     for k, v in event.extra_headers})
+                            self.request.sendall(ws.send(AcceptConnection()))
+                        elif isinstance(event, Message):
+                            upstream.received.append(event.data)
+                            answer = {"type": "response.output_text.delta", "delta": upstream.reply}
+                            self.request.sendall(ws.send(TextMessage(json.dumps(answer))))
+                        elif isinstance(event, CloseConnection):
+                            self.request.sendall(ws.send(event.response()))
+                            return
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class WsClient:
+    """Opens a WebSocket (HTTP/1.1 upgrade) to 127.0.0.1:port and exchanges whole messages."""
+
+    def __init__(self, port: int, path: str, headers: dict[str, str]):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.sock.sendall(self.ws.send(Request(
+            host="127.0.0.1", target=path,
+            extra_headers=[(k.encode(), v.encode()) for k, v in headers.items()])))
+        self.pending: list[Any] = []
+        self.status: int | None = None
+        while self.status is None:
+            for event in self._events():
+                if isinstance(event, AcceptConnection):
+                    self.status = 101
+                elif not isinstance(event, Message):
+                    self.status = getattr(event, "status_code", 0)
+
+    def _events(self) -> list[Any]:
+        data = self.sock.recv(65536)
+        self.ws.receive_data(data or None)
+        events = list(self.ws.events())
+        self.pending += [e for e in events if isinstance(e, Message)]
+        return events
+
+    def send(self, message: str | bytes) -> None:
+        event = TextMessage(message) if isinstance(message, str) else BytesMessage(message)
+        self.sock.sendall(self.ws.send(event))
+
+    def receive(self, timeout: float = 5) -> dict[str, Any] | None:
+        """The next message as JSON, or None when the peer sends nothing within `timeout`."""
+        self.sock.settimeout(timeout)
+        try:
+            while not self.pending:
+                self._events()
+        except TimeoutError:
+            return None
+        return json.loads(self.pending.pop(0).data)
+
+    def close(self) -> None:
+        self.sock.close()
