@@ -84,7 +84,8 @@ class Figures:
             f"  audit records {self.audit_load}, recorded flows {self.recorded_load}, "
             f"index rows {self.index_load}",
             f"  mitmdump RSS MB: first {rss[0]:.1f}, after warm-up {warm[0]:.1f}, "
-            f"max {max(rss):.1f}, last {rss[-1]:.1f} ({len(rss)} samples)",
+            f"max {max(rss):.1f}, last {rss[-1]:.1f} ({len(rss)} samples; every 10 s: "
+            f"{', '.join(f'{x:.0f}' for x in rss[::10])})",
             f"kill -9 under load: sent {self.kill.sent}, completed {self.kill.completed}, "
             f"failed {self.kill.failed}, in flight at the kill {self.kill.in_flight_at_kill}"
             + (f" failures {self.kill.errors}" if self.kill.errors else ""),
@@ -184,6 +185,7 @@ def soak(workdir: Path, clients: int = 200, seconds: float = 60, kill_after: flo
     llm = FakeUpstream()
     llm.chunk_delay = 0.01  # ~10 events: each stream stays open ~0.1 s upstream
     llm.server.socket.listen(1024)  # socketserver's backlog of 5 drops bursts of connections
+    llm.server.handle_error = lambda *args: None  # resets at the kill are expected
     (workdir / "policy.yaml").write_text(POLICY)
     config = base_config(issuer.url, llm.url, policy={"files": [str(workdir / "policy.yaml")]},
                          recording={})
