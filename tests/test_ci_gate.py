@@ -21,10 +21,14 @@ import os, sys, openai
 client = openai.OpenAI(base_url=os.environ["APP_LLM_URL"] + "/v1", api_key="unused",
                        max_retries=0)
 print("APP KEY:", os.environ.get("DOUANE_TEST_UPSTREAM_KEY"))
+messages = [{"role": "user", "content": sys.argv[1]}]
 try:
-    answer = client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": sys.argv[1]}])
-    print("ANSWER:", answer.choices[0].message.content)
+    if sys.argv[2:] == ["stream"]:
+        stream = client.chat.completions.create(model="m", messages=messages, stream=True)
+        print("ANSWER:", "".join(c.choices[0].delta.content or "" for c in stream if c.choices))
+    else:
+        answer = client.chat.completions.create(model="m", messages=messages)
+        print("ANSWER:", answer.choices[0].message.content)
 except openai.APIStatusError as e:
     print("REFUSED:", e.status_code)  # a sloppy test that swallows the error: the gate does not
 except openai.APIConnectionError:
@@ -48,15 +52,16 @@ def setup(tmp_path):
     llm.close()
 
 
-def gate(work: Path, llm: FakeUpstream, prompt: str, *extra: str,
-         key: bool = True) -> subprocess.CompletedProcess[str]:
+def gate(work: Path, llm: FakeUpstream, prompt: str, *extra: str, key: bool = True,
+         stream: bool = False) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "all_proxy")}
     env.pop("DOUANE_TEST_UPSTREAM_KEY", None)
     env.update(APP_LLM_URL=llm.url, **({"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY} if key else {}))
     return subprocess.run([sys.executable, str(REPO / "scripts" / "ci_gate.py"),
                            "--config", str(work / "douane.yaml"), "--certs", str(work / "certs"),
                            "--log", str(work / "gateway.log"), *extra,
-                           "--", sys.executable, str(work / "app.py"), prompt],
+                           "--", sys.executable, str(work / "app.py"), prompt,
+                           *(["stream"] if stream else [])],
                           capture_output=True, text=True, env=env, timeout=180)
 
 
@@ -98,4 +103,29 @@ def test_replay_answers_from_a_recording_with_the_upstream_stopped(setup):
     # a request without a recorded answer is killed, never sent to a model
     run = gate(work, llm, "something new", "--replay", str(recorded), key=False)
     assert "NO ANSWER" in run.stdout and run.returncode == 1
+    assert len(llm.requests) == 1
+
+
+def test_replay_answers_a_streamed_recording_through_the_same_inspection(setup):
+    work, llm = setup
+    llm.reply = "A recorded answer, streamed."
+    assert gate(work, llm, "summarise the release", stream=True).returncode == 0
+    recorded = work / "llm.mitm"
+    recorded.write_bytes(b"".join(p.read_bytes() for p in
+                                  sorted((work / "state" / "recordings").rglob("*.mitm"))))
+    llm.close()
+    run = gate(work, llm, "summarise the release", "--replay", str(recorded), key=False,
+               stream=True)
+    assert run.returncode == 0, run.stderr + (work / "gateway.log").read_text()
+    assert "ANSWER: A recorded answer, streamed." in run.stdout
+    # the replayed stream is policed as a live one: a rule added since blocks the recorded answer
+    grants = work / "grants.yaml"
+    grants.write_text(grants.read_text() + "  - {id: deny.release, literal: 'recorded answer', "
+                      "score: 90, in: [completion]}\n")
+    run = gate(work, llm, "summarise the release", "--replay", str(recorded), key=False,
+               stream=True)
+    assert "recorded answer" not in run.stdout and run.returncode == 1, run.stderr
+    # the SDK read a valid stream ending in douane's error event, and the gate names the block
+    assert "APIError: the answer was blocked by policy: deny rule deny.release" in run.stderr
+    assert re.search(r"ci-gate: BLOCK dcn_\w+ 200 POST .*deny\.release", run.stderr)
     assert len(llm.requests) == 1

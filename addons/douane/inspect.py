@@ -3,12 +3,14 @@
 Requests: size limit (413, checked on Content-Length before the body is read, then on the body),
 Content-Encoding decoded before parsing (a body that cannot be decoded is refused), JSON only,
 duplicate keys refused, WebSocket upgrades refused unless the upstream allows them. Responses: JSON
-parsed into the interaction; SSE rewritten event by event (`douane.protocols.streams`). The
+parsed into the interaction; SSE rewritten event by event (`douane.protocols.streams`), also when
+it arrives whole (server replay): then the whole body goes through the same rewriter. The
 interaction's `inspected` list says truthfully what was looked at.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from mitmproxy import ctx, http
@@ -103,11 +105,15 @@ class Inspect:
         streams.attach(flow, rewriter)
 
     @guarded
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         st = state(flow)
         if (st.interaction is None or st.upstream is None or not flow.response
-                or streams.rewriter_of(flow) is not None
                 or (st.decision and st.decision.action in ("refuse", "block", "error"))):
+            return
+        rewriter = streams.rewriter_of(flow)
+        if rewriter is not None:
+            if not rewriter.finished:  # an SSE body that arrived whole (server replay)
+                await asyncio.to_thread(streams.rewrite_whole, flow)
             return
         try:
             protocols.parse_response(st.upstream, flow, st.interaction)

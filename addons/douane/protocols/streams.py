@@ -54,6 +54,7 @@ class StreamRewriter:
         self.sent: dict[str, TextPiece] = {}  # channel -> text emitted so far
         self.abort_message: str | None = None
         self.ended = False
+        self.finished = False  # the final call (b"") was made: the stream went through
         # Every event passes through here from now on, even if the client leaves early.
         interaction.inspected.append("response-stream")
 
@@ -63,6 +64,7 @@ class StreamRewriter:
 
     def __call__(self, data: bytes) -> bytes | Iterable[bytes]:
         final = data == b""
+        self.finished = self.finished or final
         if self.ended:
             return b"" if final else []
         out: list[bytes] = []
@@ -170,3 +172,16 @@ def attach(flow: http.HTTPFlow, rewriter: StreamRewriter) -> None:
 
 def rewriter_of(flow: http.HTTPFlow) -> StreamRewriter | None:
     return _rewriters.get(flow)
+
+
+def rewrite_whole(flow: http.HTTPFlow) -> None:
+    """A stream that arrived in one piece (mitmproxy's server replay, a response set by a script)
+    is passed through the flow's stream callable as if it had streamed: the whole body, then the
+    end. Every stage that hooked the rewriter (policy, masking, originals) sees it exactly as it
+    would a live stream, and the client gets the rewritten body. Blocking: run it off the loop."""
+    assert flow.response and callable(flow.response.stream)
+    stream, body = flow.response.stream, flow.response.raw_content or b""
+    chunks = stream(body) if body else []
+    out = chunks if isinstance(chunks, bytes) else b"".join(chunks)
+    flow.response.content = out + stream(b"")  # re-encoded if the body was (an error event)
+    flow.response.stream = False  # delivered whole from here, like any set response
