@@ -21,9 +21,13 @@ version: 1
 default:
   upstreams:
     llm: {models: ["*"]}
+    claude: {models: ["*"]}
 rules:
-  - {id: deny.codename, literal: "project nightingale", in: [prompt, tool_arguments, completion],
-     score: 90, decode_base64: true}
+  - id: deny.codename
+    literal: "project nightingale"
+    in: [prompt, tool_arguments, tool_result, tool_description, completion]
+    score: 90
+    decode_base64: true
 thresholds: {hold: 50, block: 80}
 """
 # fault injection in the gateway process (tests/hardening/faults.py), importable by its workers

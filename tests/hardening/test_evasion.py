@@ -37,6 +37,8 @@ def gw(issuer, llm, tmp_path_factory):
     work = tmp_path_factory.mktemp("evasion")
     config = base_config(issuer.url, llm.url, policy={"files": [write_policy(work)]},
                          recording={})
+    config["upstreams"]["claude"] = {"url": llm.url + "/anthropic", "protocol": "anthropic",
+                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
     with Gateway(config, mode=f"reverse:{llm.url}", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
                  workdir=work / "gw") as gateway:
         yield gateway
@@ -116,6 +118,62 @@ def test_hidden_denied_phrase_is_caught_or_refused(case, gw, llm, token):
     if resp.status_code == 403:
         assert record["action"] == "block"
         assert record["reasons"][0]["rule"] == "deny.codename"
+
+
+CALL = {"id": "call_1", "type": "function",
+        "function": {"name": "search", "arguments": json.dumps({"q": DENIED})}}
+# the phrase in every field a model reads: (path, document)
+FIELDS: dict[str, tuple[str, dict]] = {
+    "system_message": ("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "system", "content": DENIED}, {"role": "user", "content": "hi"}]}),
+    "developer_message": ("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "developer", "content": DENIED}, {"role": "user", "content": "hi"}]}),
+    "assistant_history": ("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "assistant", "content": DENIED}, {"role": "user", "content": "go on"}]}),
+    "tool_call_arguments": ("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "no results"}]}),
+    "tool_result": ("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "assistant", "content": None, "tool_calls": [dict(CALL, function={
+            "name": "search", "arguments": "{}"})]},
+        {"role": "tool", "tool_call_id": "call_1", "content": DENIED}]}),
+    "tool_description": ("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {
+            "name": "f", "description": DENIED, "parameters": {"type": "object"}}}]}),
+    "responses_instructions": ("/v1/responses", {"model": "m", "instructions": DENIED,
+                                                 "input": "hi"}),
+    "responses_input_parts": ("/v1/responses", {"model": "m", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": DENIED}]}]}),
+    "completions_prompt_list": ("/v1/completions", {"model": "m", "prompt": ["hi", DENIED]}),
+    "embeddings_input": ("/v1/embeddings", {"model": "m", "input": [DENIED]}),
+    "ungoverned_endpoint": ("/v1/assistants", {"model": "m", "instructions": DENIED}),
+    "anthropic_system": ("/anthropic/v1/messages", {"model": "c", "max_tokens": 5,
+                                                    "system": DENIED, "messages": [
+                                                        {"role": "user", "content": "hi"}]}),
+    "anthropic_system_blocks": ("/anthropic/v1/messages", {
+        "model": "c", "max_tokens": 5, "system": [{"type": "text", "text": DENIED}],
+        "messages": [{"role": "user", "content": "hi"}]}),
+    "anthropic_tool_result": ("/anthropic/v1/messages", {"model": "c", "max_tokens": 5,
+                                                         "messages": [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f",
+                                           "input": {"q": "x"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                      "content": [{"type": "text", "text": DENIED}]}]}]}),
+    "anthropic_tool_use_input": ("/anthropic/v1/messages", {"model": "c", "max_tokens": 5,
+                                                            "messages": [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f",
+                                           "input": {"q": DENIED}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                      "content": "ok"}]}]}),
+}
+
+
+@pytest.mark.parametrize("case", list(FIELDS))
+def test_denied_phrase_in_any_field_the_model_reads(case, gw, llm, token):
+    path, doc = FIELDS[case]
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + path, json=doc, headers={"authorization": f"Bearer {token}"})
+    assert_refused(gw, llm, before, resp, 403)
 
 
 def test_two_content_type_headers_are_refused(gw, llm, token):

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from tests.conftest import UPSTREAM_KEY
-from tests.hardening.conftest import COOKIE, DENIED, POLICY, write_policy
+from tests.hardening.conftest import COOKIE, DENIED, write_policy
 from tests.support.gateway import Gateway, base_config
 from tests.support.upstream import FakeUpstream
 
@@ -37,10 +37,8 @@ def traffic(issuer, secrets, tmp_path_factory):
     """Every way a secret reaches the gateway, through a reverse and a regular gateway."""
     work = tmp_path_factory.mktemp("leaks")
     llm = FakeUpstream()
-    policy = write_policy(work)
-    Path(policy).write_text(POLICY.replace('    llm: {models: ["*"]}\n',
-                                           '    llm: {models: ["*"]}\n    claude: {}\n'))
-    config = base_config(issuer.url, llm.url, policy={"files": [policy]}, recording={})
+    config = base_config(issuer.url, llm.url, policy={"files": [write_policy(work)]},
+                         recording={})
     config["upstreams"]["claude"] = {"url": llm.url + "/anthropic", "protocol": "anthropic",
                                      "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
     env = {"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
