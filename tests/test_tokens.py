@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -96,3 +97,20 @@ def test_oversized_token(fresh_issuer):
     with pytest.raises(TokenError) as err:
         verify(verifier(fresh_issuer), fresh_issuer.mint("a@x", pad="x" * 20000))
     assert err.value.code == "oversized"
+
+
+def test_a_verified_token_is_remembered_but_its_expiry_still_counts(fresh_issuer, monkeypatch):
+    v = verifier(fresh_issuer)
+    token = fresh_issuer.mint("alice@x", ["eng"])
+    assert verify(v, token).user == "alice@x"
+    fresh_issuer.close()  # the JWKS endpoint is gone: a second verification could not fetch keys
+    v.keysets[fresh_issuer.url].keys = {}
+    assert verify(v, token).source == "bearer"  # served from the cache of verified tokens
+    tampered = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    with pytest.raises(TokenError):
+        verify(v, tampered)  # only the exact string that verified is remembered
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
+    with pytest.raises(TokenError) as e:
+        verify(v, token)
+    assert e.value.code == "expired"

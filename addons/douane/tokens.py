@@ -4,6 +4,11 @@ Checks, in order, before any claim is trusted: compact JWS form (JWE refused), h
 the issuer's asymmetric allow-list (never `none`, never HS*), no key-carrying headers (`jku`, `x5u`,
 `jwk`, `x5c`: keys only ever come from the configured JWKS), known issuer, signature with the key of
 that `kid`, then `exp` (required), `nbf` and `iat` when present, and audience, all with a small leeway.
+
+A token whose signature verified is remembered for `VERIFIED_CACHE_SECONDS` (its time claims are
+checked again on every use), so a client sending the same token on every request does not pay an
+RSA verification each time (~0.6 ms of event-loop time); a key removed from the JWKS therefore
+stops accepting its tokens at most that long after the refresh.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import logging
 import time
 import urllib.request
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 MAX_TOKEN_BYTES = 16 * 1024
 KEY_HEADERS = ("jku", "x5u", "jwk", "x5c")
+VERIFIED_CACHE_SECONDS = 60
+VERIFIED_CACHE_SIZE = 4096
 
 
 class TokenError(Exception):
@@ -125,8 +133,15 @@ class TokenVerifier:
                                          identity.jwks_timeout_seconds) for i in identity.issuers}
         self.dev = identity.dev_issuer
         self.dev_key = dev_public_jwk
+        # token -> (claims, issuer, when its signature was verified)
+        self._verified: OrderedDict[str, tuple[dict[str, Any], Issuer, float]] = OrderedDict()
 
     async def verify(self, token: str, source: str) -> Identity:
+        cached = self._verified.get(token)
+        if cached and time.monotonic() - cached[2] < VERIFIED_CACHE_SECONDS:
+            claims, issuer, _ = cached
+            self._check_claims(claims, issuer)
+            return self._identity(claims, issuer, source)
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenError("oversized", "the token is too large")
         parts = token.split(".")
@@ -161,7 +176,11 @@ class TokenVerifier:
         except (JOSEError, ValueError, TypeError):
             raise TokenError("bad_signature", "the token's signature is invalid") from None
         self._check_claims(claims, issuer)
-        return self._identity(claims, issuer, source)
+        identity = self._identity(claims, issuer, source)
+        self._verified[token] = (claims, issuer, time.monotonic())
+        if len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return identity
 
     @staticmethod
     def _dev_issuer(dev: DevIssuer) -> Issuer:
