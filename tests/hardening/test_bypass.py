@@ -207,3 +207,23 @@ def test_identity_does_not_carry_over_on_a_keep_alive_connection(gw, llm, token)
     statuses = [int(s) for s in re.findall(rb"HTTP/1\.1 (\d{3}) ", resp)]
     assert statuses == [200, 407], resp[:600]
     assert len(llm.requests) == before + 1
+
+
+def test_host_header_inside_a_declared_tunnel_cannot_reach_another_server(gw, llm, other, token):
+    # a plain-HTTP tunnel to the declared upstream, then a request naming another server
+    authority = f"localhost:{llm.port}".encode()
+    before = len(llm.requests)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        sock.sendall(b"CONNECT " + authority + b" HTTP/1.1\r\nHost: " + authority + b"\r\n"
+                     + proxy_auth(token) + b"\r\n")
+        assert status_of(sock.recv(65536)) == 200
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:"
+                     + str(other.port).encode() + b"\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: " + str(len(CHAT)).encode()
+                     + b"\r\n\r\n" + CHAT)
+        resp = b""
+        while chunk := sock.recv(65536):
+            resp += chunk
+    # the tunnel's target is the declared server: that is where the request went, nowhere else
+    assert other.requests == []
+    assert status_of(resp) == 200 and len(llm.requests) == before + 1
