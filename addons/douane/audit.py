@@ -11,6 +11,7 @@ No token, key or cookie is ever put in a record: identities are claims, paths lo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -115,11 +116,17 @@ class AuditLog:
         return record["seq"], record["mac"], torn
 
     def _run(self) -> None:
+        lost = 0  # records the disk refused since the last good write
         while (record := self._queue.get()) is not None:
             try:
+                if lost:  # the chain itself says that records are missing, and how many
+                    self._write({"event": "audit.gap", "lost_records": lost,
+                                 "message": "records could not be written (disk full?)"})
+                    lost = 0
                 self._write(record)
                 self.healthy = True
             except Exception:
+                lost += 1
                 self.healthy = False
                 logger.exception("douane: cannot write the audit log %s", self.path)
         self._file.close()
@@ -131,9 +138,23 @@ class AuditLog:
         line = canonical(record) + b"\n"
         if self._file.tell() and self._file.tell() + len(line) > self.config.max_bytes:
             self._rotate()
-        self._file.write(line)
-        self._file.flush()
+        good = self._file.tell()
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError:
+            self._forget_unwritten(good)
+            raise
         self._seq, self._prev = record["seq"], record["mac"]
+
+    def _forget_unwritten(self, good: int) -> None:
+        """Drop a record the disk refused: left in the buffer, it would be flushed later, after a
+        record with the same sequence number, and break the chain (a partial line too)."""
+        with contextlib.suppress(OSError):
+            self._file.close()  # closes the file even when flushing the refused bytes fails
+        with self.path.open("r+b") as f:
+            f.truncate(good)
+        self._file = self.path.open("ab")
 
     def _rotate(self) -> None:
         self._file.close()

@@ -4,7 +4,7 @@ recording case follows its declared `on_error`), and the gateway keeps serving t
 
 Also proven elsewhere (cited in docs/security.md): an exception in any hook refuses the flow
 (tests/test_routing.py), a crashed worker fails the analysis and the pool recovers
-(tests/test_masking.py), an unwritable audit log refuses traffic (tests/test_audit.py).
+(tests/test_masking.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from douane import audit
 from tests.conftest import UPSTREAM_KEY
 from tests.hardening.conftest import (
     FAULT_ENV,
@@ -201,3 +202,37 @@ def test_full_recordings_disk_follows_on_error(issuer, make_gateway, upstream, t
     assert resp.status_code == 200
     audit = [json.loads(line) for line in gw.audit_file().read_text().splitlines()]
     assert [r["action"] for r in audit][:3] == ["allow", "allow", "refuse"]
+
+
+def test_full_audit_disk_refuses_traffic_and_the_chain_stays_intact(issuer, make_gateway,
+                                                                    upstream, tiny_disk, token):
+    config = base_config(issuer.url, upstream.url,
+                         audit={"path": str(tiny_disk / "audit" / "audit.jsonl")})
+    gw = make_gateway(config, mode=f"reverse:{upstream.url}")
+    assert post(gw, token, chat("first")).status_code == 200
+    filler = fill(tiny_disk)
+    for _ in range(30):  # the log's last page still has room for a few records
+        assert post(gw, token, chat("until its records cannot be written")).status_code == 200
+        time.sleep(0.1)
+        if "cannot write the audit log" in gw.log_text():
+            break
+    wait_for_log(gw, "cannot write the audit log")
+    before = len(upstream.requests)
+    resp = post(gw, token, chat("while the disk is full"))
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "audit_unavailable"
+    assert len(upstream.requests) == before
+
+    filler.unlink()
+    deadline = time.monotonic() + 10
+    while (resp := post(gw, token, chat("after"))).status_code == 503:
+        assert time.monotonic() < deadline, "traffic did not resume"
+        time.sleep(0.2)
+    assert resp.status_code == 200
+    gw.stop()
+    key = (gw.state_dir / "audit-hmac.key").read_bytes().strip()
+    log = tiny_disk / "audit" / "audit.jsonl"
+    verified = audit.verify(log, key)
+    assert verified.ok, verified.error
+    gaps = [r for r in map(json.loads, log.read_text().splitlines())
+            if r.get("event") == "audit.gap"]
+    assert gaps and all(g["lost_records"] >= 1 for g in gaps)
