@@ -70,7 +70,7 @@ CASES: dict[str, tuple[bytes, dict[str, str], tuple[int, ...]]] = {
     **{f"encoding_{name}": (encode(PLAIN), {**JSON, "content-encoding": name}, (403,))
        for name, encode in ENCODERS.items()},
     "encoding_stacked_gzip_gzip": (gzip.compress(gzip.compress(PLAIN)),
-                                   {**JSON, "content-encoding": "gzip, gzip"}, (403, 415)),
+                                   {**JSON, "content-encoding": "gzip, gzip"}, (415,)),
     "encoding_claimed_but_plain": (PLAIN, {**JSON, "content-encoding": "gzip"}, (415,)),
     "encoding_unknown": (PLAIN, {**JSON, "content-encoding": "x-rot13"}, (415,)),
     "confusable_cyrillic": (body(chat("tell me about prоject nightіngale")), JSON, (403,)),
@@ -97,7 +97,7 @@ CASES: dict[str, tuple[bytes, dict[str, str], tuple[int, ...]]] = {
                                 b'"project nightingale"}], "messages": []}', JSON, (400,)),
     "duplicate_key_in_message": (b'{"model": "m", "messages": [{"role": "user", "content": '
                                  b'"project nightingale", "content": "hello"}]}', JSON, (400,)),
-    "utf16_body": (json.dumps(chat(f"about {DENIED}")).encode("utf-16"), JSON, (403, 400, 415)),
+    "utf16_body": (json.dumps(chat(f"about {DENIED}")).encode("utf-16"), JSON, (403,)),
     "content_type_text_plain": (PLAIN, {"content-type": "text/plain"}, (415,)),
     "content_type_form": (PLAIN, {"content-type": "application/x-www-form-urlencoded"}, (415,)),
     "content_type_multipart": (b"--b\r\ncontent-disposition: form-data; name=\"x\"\r\n\r\n"
