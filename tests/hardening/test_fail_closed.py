@@ -183,11 +183,16 @@ def test_full_recordings_disk_follows_on_error(issuer, make_gateway, upstream, t
         assert time.monotonic() < deadline, "the first flow was not recorded"
         time.sleep(0.05)
     filler = fill(tiny_disk)
-
-    assert post(gw, token, chat("written to a full disk")).status_code == 200
+    for _ in range(40):  # until a recording fails (that flow itself was already answered)
+        before = len(upstream.requests)
+        resp = post(gw, token, chat("while the disk is full"))
+        if resp.status_code != 200 or "cannot record flow" in gw.log_text():
+            break
+        time.sleep(0.1)
     wait_for_log(gw, "cannot record flow")
-    before = len(upstream.requests)
-    resp = post(gw, token, chat("while the disk is full"))
+    if resp.status_code == 200:  # the next request meets the declared behaviour
+        before = len(upstream.requests)
+        resp = post(gw, token, chat("while the disk is full"))
     if on_error == "continue":
         assert resp.status_code == 200 and len(upstream.requests) == before + 1
         return
@@ -200,8 +205,8 @@ def test_full_recordings_disk_follows_on_error(issuer, make_gateway, upstream, t
         assert time.monotonic() < deadline, "traffic did not resume"
         time.sleep(0.2)
     assert resp.status_code == 200
-    audit = [json.loads(line) for line in gw.audit_file().read_text().splitlines()]
-    assert [r["action"] for r in audit][:3] == ["allow", "allow", "refuse"]
+    actions = [json.loads(line)["action"] for line in gw.audit_file().read_text().splitlines()]
+    assert actions[0] == "allow" and "refuse" in actions and actions[-1] == "allow"
 
 
 def test_full_audit_disk_refuses_traffic_and_the_chain_stays_intact(issuer, make_gateway,
