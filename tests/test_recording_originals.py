@@ -20,11 +20,11 @@ from mitmproxy.test import tflow, tutils
 from douane import audit
 from douane import config as configmod
 from douane.cli import main
-from douane.commands.sessions import mark
 from douane.flowstate import state
 from douane.protocols import streams
 from douane.recording import index, originals
 from douane.recording.config import RecordingSettings
+from douane.transcript import mark_masked as mark
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import Gateway, base_config
 from tests.support.upstream import FakeUpstream
@@ -109,7 +109,8 @@ def test_reveal_gets_the_originals_back_and_is_audited(sealed, capsys, operator_
     assert main(["sessions", "--config", config, "reveal", streamed["decision_id"],
                  "--private-key", str(private)]) == 0
     out = capsys.readouterr().out
-    assert "maria.garcia@example.com" in out.replace(" | ", "")  # the stream as the upstream sent it
+    # the stream as the upstream sent it, reassembled, with no mask marks
+    assert "[assistant, streamed] Reach Maria Garcia at maria.garcia@example.com." in out
     log = gw.state_dir / "audit" / "operator-audit.jsonl"
     revealed = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(r["event"], r["decision_id"], r["outcome"]) for r in revealed[-2:]] == [

@@ -2,7 +2,7 @@
 their arguments, tool results, the answer (streams reassembled) and masked spans marked.
 
 One renderer for every reader: the mitmproxy content view (mitmweb, mitmproxy, `mitmdump
---flow-detail 3`) and `douane sessions show`. It reads what the flow carries: douane's summary in
+--flow-detail 3`), `douane sessions show` and `douane sessions reveal`. It reads what the flow carries: douane's summary in
 `flow.metadata["douane"]` (recordings, or live once published), the live state while a flow is still
 in flight, or, for a capture douane never saw, the API guessed from the path or a JSON-RPC body.
 """
@@ -260,10 +260,11 @@ def _stream_tool_names(body: bytes) -> dict[str, str]:
     return names
 
 
-def render(flow: http.HTTPFlow, upstream: Upstream | None = None) -> str:
-    """The whole flow: decision, request turns, then the answer."""
+def render(flow: http.HTTPFlow, upstream: Upstream | None = None, marked: bool = True) -> str:
+    """The whole flow: decision, request turns, then the answer. `marked=False` for bodies that
+    were never masked (an auditor's revealed original): nothing in them is a mask."""
     meta = douane_summary(flow)
     upstream = upstream or upstream_of(flow)
-    masked = meta.get("masked") or {}
+    masked = (meta.get("masked") or {}) if marked else {}
     return "\n".join([*header(meta), "", *request_lines(flow, upstream, masked),
                       *response_lines(flow, upstream, masked)])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import os
 import re
 import time
@@ -18,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from mitmproxy import http, io
 
 from douane import config as configmod
-from douane import protocols
+from douane import transcript
 from douane.audit import AuditConfig, AuditLog, hmac_key
 from douane.recording import index, originals, replay
 from douane.settings import DEFAULT_CONFIG
@@ -112,73 +111,16 @@ def _flow(recording, ident: str) -> tuple[dict, http.HTTPFlow]:
 def show_(args: argparse.Namespace) -> int:
     config, recording = _load(args)
     r, flow = _flow(recording, args.id)
-    return _transcript(config, r, flow, masked=True)
-
-
-def _transcript(config, r: dict, flow: http.HTTPFlow, masked: bool) -> int:
-    meta = flow.metadata.get("douane", {})
-    decision = meta.get("decision", {})
-    types = json.loads(r["masked_types"]) if r["masked_types"] else {}
-    print(f"{r['decision_id']}  {flow.request.method} {flow.request.pretty_url}")
-    print(f"user {r['user']} ({r['groups'] or 'no groups'}), upstream {r['upstream']}, "
-          f"decision {decision.get('action', 'allow')}"
-          + (f", risk {decision['risk']:g}" if decision.get("risk") else ""))
-    if types and masked:
-        print("masked: " + ", ".join(f"{t} x{n}" for t, n in types.items())
-              + " (marked «...» below)")
-    for reason in decision.get("reasons", []):
-        print(f"  reason: {reason['rule']}: {reason['message']}")
-    upstream = next((u for u in config.upstreams if u.name == r["upstream"]), None)
-    if upstream is None:
-        return 0
-
-    def out(label: str, text: str) -> None:
-        print(f"[{label}] {mark(text, types) if masked else text}")
-
-    try:
-        it = protocols.parse_request(upstream, flow)
-    except protocols.ProtocolError as e:
-        print(f"  (request not readable: {e.message})")
-        return 0
-    print()
-    for piece in it.texts:
-        out(piece.role or piece.kind, piece.text)
-    for call in it.tool_calls:
-        out("tool call", f"{call.name}({json.dumps(call.arguments)})")
-    if flow.response and flow.response.headers.get("content-type", "").startswith(
-            "text/event-stream"):
-        out("assistant, streamed", _streamed_text(upstream, it, flow))
-    elif flow.response:
-        try:
-            protocols.parse_response(upstream, flow, it)
-        except protocols.ProtocolError:
-            out(f"response {flow.response.status_code}", flow.response.text[:500])
-            return 0
-        for piece in it.response_texts:
-            out(piece.kind, piece.text)
-        if not it.response_texts:
-            out(f"response {flow.response.status_code}", flow.response.text[:500])
+    print(_transcript(config, r, flow, marked=True))
     return 0
 
 
-def mark(text: str, types: dict[str, int]) -> str:
-    """Masked spans made visible: `<EMAIL_ADDRESS>` / `<PERSON:1a2b3c4d>` (replace, hash) and
-    runs of `*` (partial masks) become «EMAIL_ADDRESS», «PERSON:1a2b3c4d», «************1234».
-    Redacted values leave nothing to mark; the count above says they were there."""
-    if not types:
-        return text
-    names = "|".join(re.escape(t) for t in sorted(types, key=len, reverse=True))
-    return re.sub(rf"<((?:{names})(?::[0-9a-f]{{8}})?)>|(\*{{4,}}\w{{0,4}})",
-                  lambda m: f"«{m.group(1) or m.group(2)}»", text)
-
-
-def _streamed_text(upstream, it, flow: http.HTTPFlow) -> str:
-    from douane.protocols import streams
-
-    rewriter = streams.StreamRewriter(protocols.stream_format(upstream, it), it, "show")
-    rewriter(flow.response.content or b"")
-    rewriter(b"")
-    return " | ".join(p.text for p in it.response_texts)
+def _transcript(config, r: dict, flow: http.HTTPFlow, marked: bool) -> str:
+    """The flow as douane.transcript renders it everywhere (the content view too), parsed as the
+    configured upstream when it still exists (a generic upstream's text paths live there)."""
+    upstream = next((u for u in config.upstreams if u.name == r["upstream"]), None)
+    return (f"{flow.request.method} {flow.request.pretty_url}\n"
+            + transcript.render(flow, upstream, marked=marked))
 
 
 def export_(args: argparse.Namespace) -> int:
@@ -262,7 +204,8 @@ def reveal_(args: argparse.Namespace) -> int:
     if original.response is not None and flow.response:
         flow.response.raw_content = original.response
     print("UNMASKED ORIGINAL (this reveal is audited)")
-    return _transcript(config, r, flow, masked=False)
+    print(_transcript(config, r, flow, marked=False))
+    return 0
 
 
 def prune_(args: argparse.Namespace) -> int:
