@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -12,12 +13,12 @@ import openai
 import pytest
 from mitmproxy.test import tflow, tutils
 
-from douane import audit
+from douane import audit, transcript
 from douane.cli import main
 from douane.config import Credential, Upstream
 from douane.flowstate import Identity, state
 from douane.recording import index
-from douane.recording.addon import SCRUBBED, scrubbed, session_path
+from douane.recording.addon import SCRUBBED, scrubbed, session_path, without_secrets
 from douane.recording.config import RecordingSettings
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import MITMDUMP, Gateway, base_config
@@ -127,6 +128,82 @@ def test_no_secret_in_any_file_written(recorded):
             assert secret.encode() not in data, f"{secret[:12]}... leaked into {path}"
 
 
+AWS_KEY = "AKIA" + "Q3VJ7XK2MZP4WT6B"  # fake, assembled so this file holds no key-shaped literal
+JWT = ".".join(("eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0", "eyJzdWIiOiJhbGljZUBjb3JwIiwiZXhwIjo5fQ",
+                "c2lnbmF0dXJlLW5vdC1yZWFsLWF0LWFsbC14eXo"))
+
+
+def test_no_credential_from_a_body_in_any_file_written(issuer, tmp_path, capsys):
+    llm = FakeUpstream()
+    llm.reply = f"Use {AWS_KEY} for that bucket."  # an answer is recorded, secret included
+    (tmp_path / "grants.yaml").write_text(
+        "version: 1\ngroups:\n  eng:\n    upstreams:\n      llm: {models: ['*']}\n")
+    gw = Gateway(base_config(issuer.url, llm.url, recording={},
+                             policy={"files": [str(tmp_path / "grants.yaml")]}),
+                 mode=f"reverse:{llm.url}", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+                 workdir=tmp_path / "gw")
+    try:
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key=issuer.mint("dan@corp", ["eng"]),
+                               max_retries=0)
+        with pytest.raises(openai.PermissionDeniedError, match="a secret is in the text"):
+            client.chat.completions.create(model="m", messages=[
+                {"role": "user", "content": f"why is\n{AWS_KEY} refused? and {JWT}?"}])
+        answer = client.chat.completions.create(model="m", messages=[
+            {"role": "user", "content": "which key?"}])
+        assert AWS_KEY in answer.choices[0].message.content  # the client got it; no file keeps it
+        stream = client.chat.completions.create(model="m", stream=True, messages=[
+            {"role": "user", "content": "which key, streamed?"}])  # split across 4-char deltas
+        assert AWS_KEY in "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        db_path = recordings(gw) / "index.sqlite3"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (
+                db_path.exists() and len(index.query(index.connect(db_path))) >= 3):
+            time.sleep(0.1)
+        blocked = index.query(index.connect(db_path), decision="block")[0]["decision_id"]
+        assert main(["sessions", "--config", str(gw.config_file), "show", blocked]) == 0
+    finally:
+        gw.stop()
+        llm.close()
+    out = capsys.readouterr().out
+    assert ("[user] why is\n    <SECRET:detector.secret.aws_access_key> refused? and "
+            "<SECRET:detector.secret.jwt>?") in out
+    flows = [f for p in recordings(gw).rglob("*.mitm") for _, f in index.read_flows(p)]
+    refused, plain, streamed = sorted(flows, key=lambda f: f.request.timestamp_start)
+    for f in (refused, plain):  # the bodies stay valid JSON, the secrets replaced in place
+        assert json.loads(f.request.content)["messages"]
+        assert json.loads(f.response.content)
+    marked = "Use <SECRET:detector.secret.aws_access_key> for that bucket."
+    assert marked in plain.response.text
+    # the streamed answer, reassembled as the content view and `sessions show` do
+    assert f"[assistant, streamed] {marked}" in transcript.render(streamed)
+    assert streamed.response.text.endswith("data: [DONE]\n\n")
+    written = [p for p in gw.dir.rglob("*") if p.is_file() and not p.name.endswith(".pem")]
+    for path in written:
+        data = path.read_bytes()
+        for secret in (AWS_KEY, JWT, JWT.split(".")[2]):
+            assert secret.encode() not in data, f"{secret[:12]}... leaked into {path}"
+
+
+def test_secrets_are_replaced_in_json_string_values_only():
+    f = tflow.tflow(resp=tutils.tresp())
+    f.request.headers["content-type"] = "application/json"
+    f.request.text = json.dumps({"model": "m", "id": "chatcmpl-" + "a1" * 20, "messages": [
+        {"role": "user", "content": f"\u0000{AWS_KEY}\t{JWT}", "image": "iVBORw0K" * 200}]},
+        ensure_ascii=True)
+    f.request.path = f"/v1/chat?key={AWS_KEY}"
+    f.response.headers["content-type"] = "text/event-stream"
+    f.response.text = f'data: {{"delta": "key {AWS_KEY}"}}\n\nevent: x\ndata: [DONE]\n\n'
+    without_secrets(f)
+    doc = json.loads(f.request.content)
+    assert doc["messages"][0]["content"] == (
+        "\u0000<SECRET:detector.secret.aws_access_key>\t<SECRET:detector.secret.jwt>")
+    assert doc["id"] == "chatcmpl-" + "a1" * 20  # no secret: untouched
+    assert doc["messages"][0]["image"] == "iVBORw0K" * 200  # encoded content, not a credential
+    assert f.request.path == "/v1/chat?key=<SECRET:detector.secret.aws_access_key>"
+    assert f.response.text == ('data: {"delta": "key <SECRET:detector.secret.aws_access_key>"}'
+                               '\n\nevent: x\ndata: [DONE]\n\n')
+
+
 def test_sessions_commands(recorded, capsys):
     gw, _, _ = recorded
     config = str(gw.config_file)
@@ -142,7 +219,7 @@ def test_sessions_commands(recorded, capsys):
     assert "reason: deny.codename" in out and "[user] about nightingale" in out
     masked = index.query(db, user="bob@corp", decision="mask")[0]["decision_id"]
     assert main(["sessions", "--config", config, "show", masked]) == 0
-    assert "Reach «PERSON» at «EMAIL_ADDRESS»" in capsys.readouterr().out.replace(" | ", "")
+    assert "Reach «PERSON» at «EMAIL_ADDRESS»." in capsys.readouterr().out
 
 
 def test_kill_9_leaves_readable_files_and_a_rebuildable_index(issuer, tmp_path):

@@ -31,6 +31,8 @@ SECRETS: list[tuple[str, re.Pattern[str], float, tuple[str, ...]]] = [
 ]
 HIGH_ENTROPY = re.compile(r"[A-Za-z0-9+/_=-]{32,}")
 HIGH_ENTROPY_RULE, HIGH_ENTROPY_SCORE, ENTROPY_BITS = "detector.secret.high_entropy", 40.0, 4.5
+ENCODED_CONTENT = 1024
+SHORTEST_SECRET = 15  # no pattern above matches fewer characters (a Slack token)
 
 INJECTION: list[tuple[str, re.Pattern[str], float, tuple[str, ...]]] = [
     ("detector.injection.ignore_instructions", re.compile(
@@ -58,11 +60,27 @@ def entropy(token: str) -> float:
     return -sum(n / len(token) * math.log2(n / len(token)) for n in counts.values())
 
 
-def high_entropy_tokens(text: str) -> bool:
+def credential_like(token: str) -> bool:
     """A long token mixing cases and digits with high entropy: likely a credential. Hex digests
     and UUIDs stay below the bar (16 symbols: at most 4 bits per character)."""
-    for token in HIGH_ENTROPY.findall(text):
-        if (any(c.islower() for c in token) and any(c.isupper() for c in token)
-                and any(c.isdigit() for c in token) and entropy(token) >= ENTROPY_BITS):
-            return True
-    return False
+    return (any(c.islower() for c in token) and any(c.isupper() for c in token)
+            and any(c.isdigit() for c in token) and entropy(token) >= ENTROPY_BITS)
+
+
+def high_entropy_tokens(text: str) -> bool:
+    return any(credential_like(token) for token in HIGH_ENTROPY.findall(text))
+
+
+def redact_secrets(text: str, high_entropy: bool = True) -> str:
+    """`text` with every match of the secret detectors replaced by `<SECRET:rule id>`: what the
+    policy would flag as a credential is never kept (recordings). High-entropy runs longer than
+    `ENCODED_CONTENT` characters are encoded content (an image, a file), not a credential."""
+    lowered = text.lower()
+    for rule_id, pattern, _, hints in SECRETS:
+        if any(h in lowered for h in hints):
+            text = pattern.sub(f"<SECRET:{rule_id}>", text)
+    if high_entropy:
+        text = HIGH_ENTROPY.sub(lambda m: f"<SECRET:{HIGH_ENTROPY_RULE}>"
+                                if len(m.group(0)) <= ENCODED_CONTENT
+                                and credential_like(m.group(0)) else m.group(0), text)
+    return text

@@ -1,0 +1,63 @@
+"""Recording redaction benchmark: what `without_secrets` costs the recording writer thread per flow
+(JSON prompts and answers, a streamed answer of 4-character deltas, a base64 image, and a stream
+whose secret is split across deltas and is rewritten)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from mitmproxy.test import tflow, tutils
+
+from douane.recording.addon import without_secrets
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.upstream import _openai_chat_events, _pieces  # noqa: E402
+
+WORDS = "The quarterly report shows revenue grew in every region except the north. "
+KEY = "AKIA" + "Q3VJ7XK2MZP4WT6B"  # fake
+
+
+def bench(name: str, request: str, ctype: str, response: str, runs: int = 20,
+          streamed: tuple[str, ...] = ()) -> None:
+    times = []
+    for _ in range(runs):
+        f = tflow.tflow(resp=tutils.tresp())
+        f.request.path = "/v1/chat/completions"
+        f.metadata["douane"] = {"interaction": {"protocol": "openai"}}
+        f.request.headers["content-type"] = "application/json"
+        f.request.text = request
+        f.response.headers["content-type"] = ctype
+        f.response.text = response
+        start = time.perf_counter()
+        without_secrets(f, streamed)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    print(f"{name:<46} {len(request) + len(response):>9} bytes  p50 "
+          f"{times[len(times) // 2] * 1000:8.2f} ms  max {times[-1] * 1000:8.2f} ms")
+
+
+def main() -> int:
+    prompt = json.dumps({"model": "m", "messages": [{"role": "user", "content": WORDS * 4}]})
+    answer = json.dumps({"choices": [{"message": {"role": "assistant", "content": WORDS * 8}}]})
+    bench("chat 1 KB prompt, JSON answer", prompt, "application/json", answer)
+    history = json.dumps({"model": "m", "messages": [{"role": "user", "content": WORDS * 20}]
+                          * 700})
+    bench("chat 1 MB conversation, JSON answer", history, "application/json", answer)
+    text = WORDS * 100
+    stream = "".join(_openai_chat_events("m", _pieces(text, 4)))
+    bench("7.5 KB answer streamed in 4-character deltas", prompt, "text/event-stream", stream)
+    image = json.dumps({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                            + "iVBORw0KGgoAAAANSUhEUgAA" * 200_000}}]}]})
+    bench("5 MB base64 image", image, "application/json", answer, runs=5)
+    leaky = "".join(_openai_chat_events("m", _pieces(text + KEY, 4)))
+    bench("same stream, a secret split across deltas", prompt, "text/event-stream", leaky,
+          streamed=(text + KEY,))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
