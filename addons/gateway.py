@@ -18,6 +18,7 @@ from douane.masking.addon import Mask
 from douane.policy.addon import Enforce
 from douane.recording.addon import Record
 from douane.recording.originals import KeepOriginals
+from douane.refusals import KeepRefusals
 from douane.routing import Broker, Route
 from douane.settings import Settings
 from douane.websocket import PoliceWebSocket
@@ -31,6 +32,7 @@ contentviews.add(DouaneContentview)  # LLM and MCP flows read as conversations
 
 addons = [
     settings,
+    KeepRefusals(),  # first on every response: a refusal is never replaced (server replay)
     LoopMonitor(),
     Route(settings),
     Authenticate(settings),

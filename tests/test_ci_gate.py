@@ -103,6 +103,13 @@ def test_replay_answers_from_a_recording_with_the_upstream_stopped(setup):
     # a request without a recorded answer is killed, never sent to a model
     run = gate(work, llm, "something new", "--replay", str(recorded), key=False)
     assert "NO ANSWER" in run.stdout and run.returncode == 1
+    # a prompt the policy now refuses is refused, not answered from the recording
+    grants = work / "grants.yaml"
+    grants.write_text(grants.read_text() + "  - {id: deny.release, literal: 'the release', "
+                      "score: 90}\n")
+    run = gate(work, llm, "summarise the release", "--replay", str(recorded), key=False)
+    assert "REFUSED: 403" in run.stdout and "recorded answer" not in run.stdout, run.stdout
+    assert run.returncode == 3 and re.search(r"ci-gate: BLOCK dcn_\w+ 403 POST", run.stderr)
     assert len(llm.requests) == 1
 
 

@@ -11,6 +11,7 @@ import inspect
 import json
 import logging
 import traceback
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,9 @@ _TYPES = {
 MCP_UNAUTHORIZED = -32001
 MCP_FORBIDDEN = -32003
 MCP_INVALID = -32600
+
+# Every refusal douane gave, so `KeepRefusals` can put one back when another addon replaced it.
+_refusals: weakref.WeakKeyDictionary[http.HTTPFlow, http.Response] = weakref.WeakKeyDictionary()
 
 
 def error_body(protocol: str, status: int, message: str, code: str, decision_id: str,
@@ -94,9 +98,24 @@ def refuse(flow: http.HTTPFlow, status: int, message: str, code: str, *reasons: 
             doc = error_body("mcp", status, message, code, st.decision_id, first.request_id)
         flow.response = http.Response.make(200, json.dumps(doc), {
             "content-type": "application/json", DECISION_HEADER: st.decision_id})
-        return
-    flow.response = make_response(protocol, status, message, code=code,
-                                  decision_id=st.decision_id, rpc_id=None, headers=headers)
+    else:
+        flow.response = make_response(protocol, status, message, code=code,
+                                      decision_id=st.decision_id, rpc_id=None, headers=headers)
+    _refusals[flow] = flow.response
+
+
+class KeepRefusals:
+    """A refusal is final. mitmproxy's server replay (`--server-replay`, used to run tests on
+    recordings) answers in its own `request` hook, which runs after douane's and would replace a
+    refusal with the recorded answer; the refusal is put back before any response hook reads it."""
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        refusal = _refusals.get(flow)
+        if refusal is not None and flow.response is not refusal:
+            logger.info("douane: %s answered a refused flow (decision %s); the refusal stands",
+                        "server replay" if flow.is_replay == "response" else "another addon",
+                        state(flow).decision_id)
+            flow.response = refusal
 
 
 def guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
