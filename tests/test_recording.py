@@ -18,7 +18,13 @@ from douane.cli import main
 from douane.config import Credential, Upstream
 from douane.flowstate import Identity, state
 from douane.recording import index
-from douane.recording.addon import SCRUBBED, scrubbed, session_path, without_secrets
+from douane.recording.addon import (
+    SCRUBBED,
+    credential_headers,
+    scrubbed,
+    session_path,
+    without_secrets,
+)
 from douane.recording.config import RecordingSettings
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import MITMDUMP, Gateway, base_config
@@ -35,7 +41,7 @@ def test_scrubbing_works_on_a_copy():
     f.metadata["proxyauth"] = ("user", "token")
     state(f).upstream = Upstream("u", "https", "h", 443, "/", "generic", Credential(
         "x-upstream-key", "secret"), request_text_paths=("p",))
-    copy = scrubbed(f, SETTINGS.scrub_headers)
+    copy = scrubbed(f.get_state(), credential_headers(f, SETTINGS.scrub_headers))
     for name in ("authorization", "cookie", "x-trace", "x-upstream-key"):
         assert copy.request.headers[name] == SCRUBBED
     assert copy.response.headers["set-cookie"] == SCRUBBED
