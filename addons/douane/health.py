@@ -5,11 +5,16 @@ logged at shutdown, a stall over 100 ms is logged when it happens, and with
 `--set douane_loop_stats=FILE` the figures are written to FILE every second (for benchmarks), with
 the time of each of the last 1,000 stalls over 10 ms so a benchmark can tell which of its phases
 (start-up, warm-up, a load) a stall belongs to.
+
+At start the objects alive then (modules, the configuration, the compiled policy, imported
+libraries) are frozen out of the garbage collector's reach (`gc.freeze()`): a full collection then
+scans only what traffic created, instead of pausing the loop for ~100 ms under load.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -36,6 +41,7 @@ class LoopMonitor:
                           "Write event-loop lag figures (JSON) to this file every second.")
 
     def running(self) -> None:
+        gc.freeze()
         self._task = asyncio.get_running_loop().create_task(self._probe())
 
     def done(self) -> None:
