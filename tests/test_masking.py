@@ -89,7 +89,7 @@ class InlinePool:
     def __init__(self, analyzer: Analyzer):
         self.analyzer = analyzer
 
-    def submit(self, texts):
+    def submit(self, texts, urgent=False):
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_result([self.analyzer.analyze(t) for t in texts])
         return future
@@ -131,7 +131,8 @@ def test_stream_text_is_released_before_the_end(analyzer):
     assert "john" not in released
 
 
-def test_a_crashed_worker_fails_the_analysis_and_the_pool_recovers():
+@pytest.mark.parametrize("urgent", [False, True])
+def test_a_crashed_worker_fails_the_analysis_and_the_pool_recovers(urgent):
     from concurrent.futures.process import BrokenProcessPool
 
     from douane.masking import engine
@@ -140,8 +141,8 @@ def test_a_crashed_worker_fails_the_analysis_and_the_pool_recovers():
     pool = MaskingPool(SETTINGS)
     try:
         with pytest.raises(BrokenProcessPool):
-            pool.result(pool.executor().submit(engine.crash_worker))
-        (spans,) = pool.result(pool.submit(["mail maria@example.com"]))
+            pool.result(pool.executor(urgent).submit(engine.crash_worker))
+        (spans,) = pool.result(pool.submit(["mail maria@example.com"], urgent=urgent))
         assert [s.entity for s in spans] == ["EMAIL_ADDRESS"]
     finally:
         pool.shutdown()
@@ -174,3 +175,25 @@ def test_an_analyser_failure_refuses_the_answer():
         asyncio.run(mask.response(flow))
     assert flow.response.status_code == 500 and b"maria" not in flow.response.content
     assert st.decision.action == "error"
+
+
+def test_a_stream_end_does_not_wait_behind_a_busy_pool(analyzer):
+    import time
+
+    from douane.masking.pool import MaskingPool
+
+    pool = MaskingPool(SETTINGS)
+    try:
+        for future in pool.warm_up():
+            pool.result(future)
+        # every main worker busy for longer than any bound below, other analyses queued behind
+        busy = [pool.executor().submit(time.sleep, 8) for _ in range(SETTINGS.workers)]
+        queued = [pool.submit([ANSWER * 20]) for _ in range(4)]
+        masker = StreamMasker(SETTINGS, pool)
+        out = masker.feed("c", ANSWER)  # its proposal is queued behind the busy workers
+        assert masker.channels["c"].inflight is not None and out == ""
+        out += masker.finish("c")
+        assert not any(f.done() for f in busy + queued), "finish waited for the main pool"
+        assert out == masked(analyzer, ANSWER)
+    finally:
+        pool.shutdown()

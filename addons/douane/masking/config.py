@@ -17,7 +17,7 @@ masking:
   requests: false                 # also mask prompts and tool arguments before they leave
   responses: true                 # mask answers, tool results, resources
   exempt_groups: [privacy-officers]
-  workers: 2                      # analysis processes
+  workers: 2                      # analysis processes (plus one urgent worker for stream ends)
   stream_window: 32               # characters held back in a stream (see streaming.py)
   timeout_seconds: 10             # an analysis slower than this fails closed
 ```

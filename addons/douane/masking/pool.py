@@ -1,8 +1,11 @@
-"""Analysis off the event loop: a pool of worker processes (threads would share the GIL).
+"""Analysis off the event loop: pools of worker processes (threads would share the GIL).
 
 The event loop only awaits (`analyze`); streams use `submit`/`result` (the stream callable cannot
-await). A crashed worker breaks the pool: the request in flight fails (and is refused by the
-caller), and the pool is rebuilt for the next one.
+await). Two executors: the main one (`workers` processes) takes every analysis that is awaited or
+collected later; the urgent one (one more process) takes only analyses the event loop blocks on (a
+stream channel's end, `StreamMasker.finish`), so that wait is its own analysis, never the queue of
+every other stream's. A crashed worker breaks its executor: the analyses in flight on it fail (and
+are refused by the caller), and it is rebuilt at the next submit.
 """
 
 from __future__ import annotations
@@ -23,51 +26,40 @@ logger = logging.getLogger(__name__)
 class MaskingPool:
     def __init__(self, settings: MaskingSettings):
         self.settings = settings
-        self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+        self._executors: dict[bool, concurrent.futures.ProcessPoolExecutor] = {}  # by urgent
 
-    def executor(self) -> concurrent.futures.ProcessPoolExecutor:
-        if self._executor is None:
+    def executor(self, urgent: bool = False) -> concurrent.futures.ProcessPoolExecutor:
+        if urgent not in self._executors:
             # spawn: forking a process that runs an asyncio loop and threads is unsafe
-            self._executor = concurrent.futures.ProcessPoolExecutor(
-                max_workers=self.settings.workers, mp_context=multiprocessing.get_context("spawn"),
+            self._executors[urgent] = concurrent.futures.ProcessPoolExecutor(
+                max_workers=1 if urgent else self.settings.workers,
+                mp_context=multiprocessing.get_context("spawn"),
                 initializer=engine.init_worker, initargs=(self.settings,))
-        return self._executor
+        return self._executors[urgent]
 
     def warm_up(self) -> list[concurrent.futures.Future[list[list[Span]]]]:
         """Start every worker now, so the first request does not wait for spaCy to load."""
-        return [self.submit(["warm up"]) for _ in range(self.settings.workers)]
+        return [*(self.submit(["warm up"]) for _ in range(self.settings.workers)),
+                self.submit(["warm up"], urgent=True)]
 
-    def submit(self, texts: list[str]) -> concurrent.futures.Future[list[list[Span]]]:
+    def submit(self, texts: list[str],
+               urgent: bool = False) -> concurrent.futures.Future[list[list[Span]]]:
         try:
-            return self.executor().submit(engine.analyze_batch, texts)
+            return self.executor(urgent).submit(engine.analyze_batch, texts)
         except BrokenProcessPool:
-            self._reset()
-            return self.executor().submit(engine.analyze_batch, texts)
+            logger.error("douane: a masking worker died; its pool is rebuilt")
+            self._executors.pop(urgent).shutdown(wait=False, cancel_futures=True)
+            return self.executor(urgent).submit(engine.analyze_batch, texts)
 
     def result(self, future: concurrent.futures.Future[list[list[Span]]]) -> list[list[Span]]:
         """Wait for a submitted analysis (blocking; bounded by the configured timeout)."""
-        try:
-            return future.result(timeout=self.settings.timeout_seconds)
-        except BrokenProcessPool:
-            self._reset()
-            raise
+        return future.result(timeout=self.settings.timeout_seconds)
 
     async def analyze(self, texts: list[str]) -> list[list[Span]]:
-        future = self.submit(texts)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future),
-                                          self.settings.timeout_seconds)
-        except BrokenProcessPool:
-            self._reset()
-            raise
-
-    def _reset(self) -> None:
-        logger.error("douane: a masking worker died; the pool is rebuilt")
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-        self._executor = None
+        return await asyncio.wait_for(asyncio.wrap_future(self.submit(texts)),
+                                      self.settings.timeout_seconds)
 
     def shutdown(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        for executor in self._executors.values():
+            executor.shutdown(wait=False, cancel_futures=True)
+        self._executors.clear()

@@ -9,8 +9,11 @@ token more (a stream's first characters wait until `window` more have arrived).
 
 The stream callable is synchronous, so analysis is submitted to the worker pool from `feed` and its
 result collected by a later `feed`: the event loop never waits for Presidio mid-stream. Only
-`finish` (a channel's end) waits for the last analysis, bounded by the configured timeout; an
-analyser failure raises, and the stream rewriter then ends the stream with the API's error event.
+`finish` (a channel's end) must wait: it drops the channel's proposal still in flight (queued
+behind every other stream's analyses) and sends all the held text as one analysis to the pool's
+urgent worker, so the loop waits for that analysis alone, bounded by the configured timeout. An
+analyser failure or timeout raises, and the stream rewriter then ends the stream with the API's
+error event.
 """
 
 from __future__ import annotations
@@ -53,13 +56,12 @@ class StreamMasker:
         ch = self.channels.pop(channel, None)
         if ch is None:
             return ""
-        out = ""
         if ch.inflight is not None:
-            out = self._release(ch, self.pool.result(ch.inflight)[0])
-        if ch.pending:
-            spans = self.pool.result(self.pool.submit([ch.pending]))[0]
-            out += operators.apply(self.settings, ch.pending, spans, self.counts)
-        return out
+            ch.inflight.cancel()  # its snapshot is a prefix of `pending`, analysed whole below
+        if not ch.pending:
+            return ""
+        spans = self.pool.result(self.pool.submit([ch.pending], urgent=True))[0]
+        return operators.apply(self.settings, ch.pending, spans, self.counts)
 
     def _propose(self, ch: _Channel) -> None:
         limit = len(ch.pending) - self.settings.stream_window
