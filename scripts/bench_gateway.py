@@ -148,7 +148,7 @@ class Proxy:
             args += ["-s", str(ROOT / "addons" / "gateway.py"), "--set", f"douane_config={path}",
                      "--set", f"douane_loop_stats={self.loop_stats}"]
         else:  # bare mitmdump buffers whole answers unless told to stream: compare like with like
-            args += ["--set", "stream_large_bodies=1k"]
+            args += ["--set", "stream_large_bodies=1"]
         env = {**os.environ, "BENCH_UPSTREAM_KEY": "sk-bench-upstream"}
         with open(work / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=log)
@@ -290,7 +290,7 @@ def write_doc(results: list[Result], lines: list[str], quick: bool) -> None:
         "Upstream: uvicorn on loopback; a JSON answer at once, or 50 tokens at 20 ms in OpenAI "
         "SSE (with PII). douane: identity (dev issuer JWT), policy, audit log, recording; "
         "'+ masking' adds Presidio masking of the answer (2 worker processes). Bare mitmdump "
-        "runs with `stream_large_bodies=1k` so it streams SSE as douane does. 'ttft' is the "
+        "runs with `stream_large_bodies=1` so it streams SSE as douane does. 'ttft' is the "
         "time to the first content delta; 'loop max' is the largest event-loop stall inside "
         "douane during that row's load (0: none over 10 ms).\n\n"
         "```\n" + HEADER + "\n" + "\n".join(format_row(r) for r in results) + "\n```\n\n"
