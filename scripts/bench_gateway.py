@@ -279,8 +279,13 @@ def main() -> int:
     return 0
 
 
+ANALYSIS = "<!-- analysis: kept when scripts/bench rewrites the figures above -->"
+
+
 def write_doc(results: list[Result], lines: list[str], quick: bool) -> None:
     doc = ROOT / "docs" / "benchmarks.md"
+    old = doc.read_text() if doc.exists() else ""
+    analysis = old[old.index(ANALYSIS):] if ANALYSIS in old else ""
     doc.write_text(
         "# Benchmarks\n\n"
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} cores "
@@ -289,12 +294,13 @@ def write_doc(results: list[Result], lines: list[str], quick: bool) -> None:
         "the proxy share the machine, so absolute figures are low; compare rows of one run.\n\n"
         "Upstream: uvicorn on loopback; a JSON answer at once, or 50 tokens at 20 ms in OpenAI "
         "SSE (with PII). douane: identity (dev issuer JWT), policy, audit log, recording; "
-        "'+ masking' adds Presidio masking of the answer (2 worker processes). Bare mitmdump "
+        "'+ masking' adds Presidio masking of the answer (2 worker processes and the urgent one). Bare mitmdump "
         "runs with `stream_large_bodies=1` so it streams SSE as douane does. 'ttft' is the "
         "time to the first content delta; 'loop max' is the largest event-loop stall inside "
         "douane during that row's load (0: none over 10 ms).\n\n"
         "```\n" + HEADER + "\n" + "\n".join(format_row(r) for r in results) + "\n```\n\n"
-        "Against bare mitmdump:\n\n```\n" + "\n".join(lines) + "\n```\n")
+        "Against bare mitmdump:\n\n```\n" + "\n".join(lines) + "\n```\n"
+        + ("\n" + analysis if analysis else ""))
     print(f"wrote {doc}")
 
 
