@@ -32,6 +32,14 @@ def upstream() -> Iterator[FakeUpstream]:
     upstream.close()
 
 
+@pytest.fixture(scope="module")
+def llm() -> Iterator[FakeUpstream]:
+    """A fake OpenAI/Anthropic upstream shared by the tests of one module."""
+    upstream = FakeUpstream()
+    yield upstream
+    upstream.close()
+
+
 @pytest.fixture
 def make_gateway(tmp_path) -> Iterator[Callable[..., Gateway]]:
     """make_gateway(config, mode=..., env=..., args=...) -> a started Gateway, stopped after the test.

@@ -23,13 +23,6 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.fixture(scope="module")
-def llm() -> FakeUpstream:
-    upstream = FakeUpstream()
-    yield upstream
-    upstream.close()
-
-
-@pytest.fixture(scope="module")
 def reverse_gw(issuer: TestIssuer, llm: FakeUpstream, tmp_path_factory) -> Gateway:
     config = base_config(issuer.url, llm.url)
     config["identity"]["jwks_refresh_seconds"] = 1

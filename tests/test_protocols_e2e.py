@@ -20,14 +20,7 @@ from mcp.shared.exceptions import MCPError
 
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import Gateway, base_config
-from tests.support.upstream import DEFAULT_REPLY, FakeUpstream
-
-
-@pytest.fixture(scope="module")
-def llm():
-    upstream = FakeUpstream()
-    yield upstream
-    upstream.close()
+from tests.support.upstream import DEFAULT_REPLY
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,6 @@ CHAT = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
 
 
 @pytest.fixture(scope="module")
-def llm():
-    upstream = FakeUpstream()
-    yield upstream
-    upstream.close()
-
-
-@pytest.fixture(scope="module")
 def other():
     """A server no upstream declares (same machine, another port)."""
     upstream = FakeUpstream()

@@ -26,13 +26,6 @@ from tests.support.upstream import FakeUpstream
 
 
 @pytest.fixture(scope="module")
-def llm():
-    upstream = FakeUpstream()
-    yield upstream
-    upstream.close()
-
-
-@pytest.fixture(scope="module")
 def gw(issuer, llm, tmp_path_factory):
     work = tmp_path_factory.mktemp("evasion")
     config = base_config(issuer.url, llm.url, policy={"files": [write_policy(work)]},

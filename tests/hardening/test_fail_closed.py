@@ -47,13 +47,6 @@ def closed_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def llm():
-    upstream = FakeUpstream()
-    yield upstream
-    upstream.close()
-
-
-@pytest.fixture(scope="module")
 def dead_issuer() -> str:
     return f"http://127.0.0.1:{closed_port()}/realms/down"
 
