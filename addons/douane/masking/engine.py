@@ -30,6 +30,10 @@ class Span:
     score: float
 
 
+# spaCy components the NER of the en_core_web_sm family does not use (its `ner` has a tok2vec of
+# its own): loading without them gives the same entities at about 2.6x the speed. Presidio's
+# context enhancement then sees no lemmas; scripts/bench-masking shows recall unchanged.
+NOT_FOR_NER = ["parser", "senter", "tok2vec", "tagger", "attribute_ruler", "lemmatizer"]
 DIGITS = re.compile(r"\d")
 CAPITALISED = re.compile(r"\b[A-Z][a-z]")
 # entity -> a cheap test a text must pass for that entity's recogniser to run
@@ -101,7 +105,7 @@ class Analyzer:
         if settings.model:
             import spacy
 
-            nlp_engine.nlp = {"en": spacy.load(settings.model, exclude=["parser"])}
+            nlp_engine.nlp = {"en": spacy.load(settings.model, exclude=NOT_FOR_NER)}
         else:
             import spacy
 
