@@ -95,13 +95,20 @@ def _labels(pieces: Iterable[TextPiece]) -> Iterable[tuple[str, TextPiece]]:
 
 
 def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
-    """Every rule and detector that matches, once per rule, with the first field it matched."""
+    """Every rule and detector that matches, once per rule, with the first field it matched.
+
+    Rules run once over each kind's texts joined (a phrase split across messages is caught there);
+    a `local` rule that misses the join cannot match any single text, so only the rules that hit
+    it are run again per text, to name the field."""
     found: dict[str, Reason] = {}
+    joined = _joined(policy, pieces)
+    hits = {kind: {r.id for r in policy.rules_by_kind[kind] if r.local and r.matches(text)}
+            for kind, text in joined.items()}
     for label, piece in _labels(pieces):
         normalized: str | None = None
         hidden: list[str] | None = None
         for rule in policy.rules_by_kind[piece.kind]:
-            if rule.id in found:
+            if rule.id in found or (rule.local and rule.id not in hits[piece.kind]):
                 continue
             normalized = normalized if normalized is not None else normalize(piece.text)
             if not rule.decode_base64:
@@ -131,24 +138,24 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
                         pattern.search(normalized):
                     found[rule_id] = Reason(rule_id, "prompt-injection phrasing in a tool result",
                                             label, score)
-    _split_across_pieces(policy, pieces, found)
+    for kind, text in joined.items():
+        if sum(p.kind == kind for p in pieces) < 2:
+            continue
+        for rule in policy.rules_by_kind[kind]:
+            if rule.id not in found and (rule.id in hits[kind] if rule.local
+                                         else rule.matches(text)):
+                found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched across messages",
+                                        f"{kind}[*]", rule.score)
     return list(found.values())
 
 
-def _split_across_pieces(policy: Policy, pieces: list[TextPiece], found: dict[str, Reason]) -> None:
-    """A denied phrase split across messages ("project" | "nightingale") matches their join."""
+def _joined(policy: Policy, pieces: list[TextPiece]) -> dict[str, str]:
+    """Per text kind that has rules, its texts joined by spaces and normalised."""
     texts: dict[str, list[str]] = {}
     for piece in pieces:
-        texts.setdefault(piece.kind, []).append(piece.text)
-    for kind, parts in texts.items():
-        rules = [r for r in policy.rules_by_kind[kind] if r.id not in found]
-        if len(parts) < 2 or not rules:
-            continue
-        joined = normalize(" ".join(parts))
-        for rule in rules:
-            if rule.matches(joined):
-                found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched across messages",
-                                        f"{kind}[*]", rule.score)
+        if policy.rules_by_kind[piece.kind]:
+            texts.setdefault(piece.kind, []).append(piece.text)
+    return {kind: normalize(" ".join(parts)) for kind, parts in texts.items()}
 
 
 def tool_risk(policy: Policy, it: Interaction) -> list[Reason]:

@@ -122,6 +122,10 @@ class Grant:
     limits: Limits
 
 
+# Regex syntax whose meaning depends on what surrounds a match (conservative: `[^...]` counts too).
+EDGE_SENSITIVE = re.compile(r"[\^$]|\\[AZz]|\(\?<?[=!]")
+
+
 @dataclass(frozen=True)
 class Rule:
     id: str
@@ -136,6 +140,12 @@ class Rule:
     def matches(self, text: str) -> bool:
         return (self.required is None or self.required in text) and \
             self.pattern.search(text) is not None
+
+    @functools.cached_property
+    def local(self) -> bool:
+        """A match inside one text is also a match inside texts joined by spaces: no anchors or
+        lookarounds (which see a text's edges) and no base64 decoding (which sees each text)."""
+        return not self.decode_base64 and not EDGE_SENSITIVE.search(self.pattern.pattern)
 
 
 @dataclass(frozen=True, eq=False)
