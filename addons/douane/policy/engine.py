@@ -102,13 +102,14 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
     it are run again per text, to name the field."""
     found: dict[str, Reason] = {}
     joined = _joined(policy, pieces)
-    hits = {kind: {r.id for r in policy.rules_by_kind[kind] if r.local and r.matches(text)}
+    # per kind, the rules worth running on each text: the local ones that hit the join, the rest
+    todo = {kind: [r for r in policy.rules_by_kind[kind] if not r.local or r.matches(text)]
             for kind, text in joined.items()}
     for label, piece in _labels(pieces):
         normalized: str | None = None
         hidden: list[str] | None = None
-        for rule in policy.rules_by_kind[piece.kind]:
-            if rule.id in found or (rule.local and rule.id not in hits[piece.kind]):
+        for rule in todo.get(piece.kind, ()):
+            if rule.id in found:
                 continue
             normalized = normalized if normalized is not None else normalize(piece.text)
             if not rule.decode_base64:
@@ -141,9 +142,8 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
     for kind, text in joined.items():
         if sum(p.kind == kind for p in pieces) < 2:
             continue
-        for rule in policy.rules_by_kind[kind]:
-            if rule.id not in found and (rule.id in hits[kind] if rule.local
-                                         else rule.matches(text)):
+        for rule in todo[kind]:
+            if rule.id not in found and (rule.local or rule.matches(text)):
                 found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched across messages",
                                         f"{kind}[*]", rule.score)
     return list(found.values())
