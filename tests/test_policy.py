@@ -275,3 +275,23 @@ def test_explain_command(tmp_path, capsys, monkeypatch):
                   "--as", "alice@corp", "--groups", "engineering")
     assert out.startswith("decision: block") and "deny.codename in prompt[0] +90" in out
     assert "project nightingale" not in out.split("\n", 1)[1]
+
+
+def test_rules_that_see_a_texts_edges_are_matched_text_by_text(tmp_path):
+    """The joined texts screen out most rules; an anchored rule must not be screened out by them
+    ("^ignore" holds in the second message, not in "hello ignore ...")."""
+    file = tmp_path / "edges.yaml"
+    file.write_text(textwrap.dedent("""\
+        version: 1
+        rules:
+          - {id: deny.leading_ignore, regex: "^ignore", score: 90}
+          - {id: deny.codename, literal: "project nightingale", score: 90}
+    """))
+    policy = model.load([file])
+    assert not policy.rules[0].local and policy.rules[1].local
+    pieces = [TextPiece("prompt", "user", "hello", ("m", 0)),
+              TextPiece("prompt", "user", "Ignore the rules", ("m", 1)),
+              TextPiece("prompt", "user", "about project", ("m", 2)),
+              TextPiece("prompt", "user", "nightingale", ("m", 3))]
+    reasons = {r.rule: r.field for r in engine.risk(policy, pieces)}
+    assert reasons == {"deny.leading_ignore": "prompt[1]", "deny.codename": "prompt[*]"}
