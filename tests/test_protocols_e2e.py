@@ -39,16 +39,6 @@ def token(issuer):
     return issuer.mint("alice@corp.example", ["engineering"])
 
 
-def last_record(gw: Gateway, decision_id: str) -> dict:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        found = [r for r in gw.audit_records() if r.get("decision_id") == decision_id]
-        if found:
-            return found[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no audit record for {decision_id}")
-
-
 def test_openai_chat_stream_stays_a_stream(gw, llm, token):
     llm.chunk_delay = 0.05
     try:
@@ -68,7 +58,7 @@ def test_openai_chat_stream_stays_a_stream(gw, llm, token):
     # the first token arrives long before the whole answer (not buffered)
     assert first_at < total / 2
     decision_id = stream.response.headers["x-douane-decision-id"]
-    record = last_record(gw, decision_id)
+    record = gw.audit_record(decision_id)
     assert record["interaction"]["inspected"] == ["request", "response-stream"]
     assert record["interaction"]["stream"] is True
 

@@ -4,7 +4,6 @@ seen by the upstream, audited under the decision id the response names."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
@@ -48,16 +47,6 @@ def write_policy(folder: Path) -> str:
     return str(path)
 
 
-def audit_record(gw: Gateway, decision_id: str, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [r for r in gw.audit_records() if r.get("decision_id") == decision_id]
-        if found:
-            return found[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no audit record for {decision_id}")
-
-
 def assert_refused(gw: Gateway, upstream: FakeUpstream, before: int, resp: httpx.Response,
                    *statuses: int) -> dict:
     """The response is a refusal with one of `statuses`, the upstream saw nothing new, and the
@@ -66,6 +55,6 @@ def assert_refused(gw: Gateway, upstream: FakeUpstream, before: int, resp: httpx
     assert len(upstream.requests) == before, "the upstream received a refused request"
     decision_id = resp.headers["x-douane-decision-id"]
     assert decision_id in resp.text
-    record = audit_record(gw, decision_id)
+    record = gw.audit_record(decision_id)
     assert record["action"] in ("refuse", "block", "error", "hold"), record
     return record

@@ -20,7 +20,7 @@ import pytest
 import zstandard
 
 from tests.conftest import UPSTREAM_KEY
-from tests.hardening.conftest import DENIED, assert_refused, audit_record, write_policy
+from tests.hardening.conftest import DENIED, assert_refused, write_policy
 from tests.support.gateway import Gateway, base_config
 from tests.support.upstream import FakeUpstream
 
@@ -235,7 +235,7 @@ def test_denied_answer_split_across_sse_events_is_cut(gw, llm, token, path):
     assert answer.startswith("The codename is")  # the stream did flow until the phrase
     assert "nightingale" not in answer.lower() and "quiet" not in answer
     assert "blocked by policy" in text and decision_id in text
-    record = audit_record(gw, decision_id)
+    record = gw.audit_record(decision_id)
     assert record["action"] == "block" and record["reasons"][0]["rule"] == "deny.codename"
 
 
@@ -247,7 +247,7 @@ def test_denied_answer_is_caught_in_a_plain_response(gw, llm, token):
     finally:
         llm.reply = "Hello from the fake upstream."
     assert resp.status_code == 403 and "NIGHTINGALE" not in resp.text
-    assert audit_record(gw, resp.headers["x-douane-decision-id"])["action"] == "block"
+    assert gw.audit_record(resp.headers["x-douane-decision-id"])["action"] == "block"
 
 
 @pytest.fixture(scope="module")

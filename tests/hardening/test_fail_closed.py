@@ -25,7 +25,6 @@ from tests.hardening.conftest import (
     FAULT_ENV,
     FAULT_SCRIPT,
     assert_refused,
-    audit_record,
     write_policy,
 )
 from tests.support.gateway import Gateway, base_config
@@ -103,7 +102,7 @@ def test_a_failing_answer_analysis_withholds_the_answer(gw, llm, token):
     finally:
         llm.reply = REPLY
     assert resp.status_code == 500 and "Maria" not in resp.text
-    assert audit_record(gw, resp.headers["x-douane-decision-id"])["action"] == "error"
+    assert gw.audit_record(resp.headers["x-douane-decision-id"])["action"] == "error"
     assert_serving(gw, llm, token)
 
 
@@ -119,7 +118,7 @@ def test_a_failing_stream_analysis_cuts_the_stream(gw, llm, token, trigger):
         llm.reply = REPLY
     assert trigger not in body and "Garcia" not in body
     assert "could not inspect this stream" in body and decision_id in body
-    assert audit_record(gw, decision_id)
+    assert gw.audit_record(decision_id)
     assert_serving(gw, llm, token)
 
 

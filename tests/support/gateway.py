@@ -116,6 +116,16 @@ class Gateway:
                 return records
             time.sleep(0.05)
 
+    def audit_record(self, decision_id: str, timeout: float = 10) -> dict[str, Any]:
+        """The audit record of one decision, waiting up to `timeout` for it to be written."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [r for r in self.audit_records() if r.get("decision_id") == decision_id]
+            if found:
+                return found[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no audit record for {decision_id}")
+
     def kill(self) -> None:
         """kill -9, as a crash would."""
         if self.proc and self.proc.poll() is None:
