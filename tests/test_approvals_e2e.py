@@ -214,8 +214,8 @@ def test_a_held_request_waits_for_approval_without_delaying_20_others(setup, iss
     steps = events(gw, pending["id"], "approval.notified")
     assert steps[0] == "approval.requested" and {"approval.notified", "approval.approved"} \
         <= set(steps)
-    record = next(r for r in gw.audit_records() if r.get("decision_id") == pending["decision_id"]
-                  and r["event"] == "decision")
+    (record,) = gw.audit_where(lambda r: r.get("decision_id") == pending["decision_id"]
+                               and r["event"] == "decision")
     assert record["action"] == "allow" and record["status"] == 200
     assert "approved by bob@corp" in record["reasons"][-1]["message"]
     post = next(p for p in hook.posts if p["approval_id"] == pending["id"])
@@ -300,7 +300,7 @@ def test_self_approval_and_non_approvers_are_refused(setup, issuer):
     forged = issuer.mint("bob@corp", ["approvers"], aud="someone-else")
     assert call(api, forged, "POST", path, {})[0] == 401
     assert not held.future.done()
-    refused = [r for r in gw.audit_records() if r["event"] == "approval.refused"]
+    refused = gw.audit_where(lambda r: r["event"] == "approval.refused", count=2)
     assert {"self-approval", "not in an approver group"} <= {r["reason"] for r in refused}
     call(api, bob, "POST", f"/approvals/{pending['id']}/deny", {"reason": "cleanup"})
     with pytest.raises(openai.PermissionDeniedError):
@@ -370,8 +370,8 @@ def test_mcp_answers_at_once_and_a_time_boxed_grant_lets_retries_pass_until_it_e
     assert time.monotonic() - granted_at < 3, "the machine is too slow for a 3 s grant"
     time.sleep(max(0.0, 3.2 - (time.monotonic() - granted_at)))
     assert refused_approval(delete()) != approval_id  # expired: a new approval request
-    used = [r for r in gw.audit_records() if r["event"] == "approval.grant_used"
-            and r["approval_id"] == approval_id]
+    used = gw.audit_where(lambda r: r["event"] == "approval.grant_used"
+                          and r["approval_id"] == approval_id, count=2)
     assert len(used) == 2
     assert any(p["approval_id"] == approval_id for p in hook.posts)
 

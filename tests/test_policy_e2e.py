@@ -145,7 +145,7 @@ def test_risky_tool_call_is_held_for_an_approver(setup, issuer, mcp_server):
 
     result = asyncio.run(run())
     assert result.is_error and "needs an approver" in result.content[0].text
-    assert any(r.get("action") == "hold" for r in gw.audit_records())
+    assert gw.audit_where(lambda r: r.get("action") == "hold")
 
 
 def test_policy_reload_takes_effect_and_a_broken_file_keeps_the_old_policy(setup, issuer):

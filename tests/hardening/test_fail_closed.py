@@ -203,6 +203,7 @@ def test_full_recordings_disk_follows_on_error(issuer, make_gateway, upstream, t
         assert time.monotonic() < deadline, "traffic did not resume"
         time.sleep(0.2)
     assert resp.status_code == 200
+    assert gw.audit_record(resp.headers["x-douane-decision-id"])["action"] == "allow"
     actions = [json.loads(line)["action"] for line in gw.audit_file().read_text().splitlines()]
     assert actions[0] == "allow" and "refuse" in actions and actions[-1] == "allow"
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,15 +117,23 @@ class Gateway:
                 return records
             time.sleep(0.05)
 
+    def audit_where(self, match: Callable[[dict[str, Any]], bool], count: int = 1,
+                    timeout: float = 10) -> list[dict[str, Any]]:
+        """The audit records that `match`, waiting up to `timeout` until there are `count` of them
+        (records are written off the event loop, after the response may have left)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.audit_records() if match(r)]
+            if len(found) >= count:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(found)} matching audit records, expected {count}")
+            time.sleep(0.05)
+
     def audit_record(self, decision_id: str, timeout: float = 10) -> dict[str, Any]:
         """The audit record of one decision, waiting up to `timeout` for it to be written."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [r for r in self.audit_records() if r.get("decision_id") == decision_id]
-            if found:
-                return found[0]
-            time.sleep(0.05)
-        raise AssertionError(f"no audit record for {decision_id}")
+        return self.audit_where(lambda r: r.get("decision_id") == decision_id,
+                                timeout=timeout)[0]
 
     def kill(self) -> None:
         """kill -9, as a crash would."""
