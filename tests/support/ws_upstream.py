@@ -16,6 +16,7 @@ from wsproto.events import (
     BytesMessage,
     CloseConnection,
     Message,
+    RejectConnection,
     Request,
     TextMessage,
 )
@@ -71,15 +72,17 @@ class WsClient:
             extra_headers=[(k.encode(), v.encode()) for k, v in headers.items()])))
         self.pending: list[Any] = []
         self.status: int | None = None
-        while self.status is None:
+        while self.status is None:  # the answer's head may come alone or with its body
             for event in self._events():
                 if isinstance(event, AcceptConnection):
                     self.status = 101
-                elif not isinstance(event, Message):
-                    self.status = getattr(event, "status_code", 0)
+                elif isinstance(event, RejectConnection):
+                    self.status = event.status_code
 
     def _events(self) -> list[Any]:
         data = self.sock.recv(65536)
+        if not data and self.status is None:
+            raise ConnectionError("the proxy closed the connection without answering the upgrade")
         self.ws.receive_data(data or None)
         events = list(self.ws.events())
         self.pending += [e for e in events if isinstance(e, Message)]
