@@ -88,8 +88,10 @@ class InlinePool:
 
     def __init__(self, analyzer: Analyzer):
         self.analyzer = analyzer
+        self.urgent = 0  # analyses the event loop would have blocked on
 
     def submit(self, texts, urgent=False):
+        self.urgent += urgent
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_result([self.analyzer.analyze(t) for t in texts])
         return future
@@ -129,6 +131,66 @@ def test_stream_text_is_released_before_the_end(analyzer):
         released += masker.feed("c", ANSWER[i:i + 4])
     assert len(released) > len(ANSWER) - SETTINGS.stream_window - 40
     assert "john" not in released
+
+
+def test_an_end_after_the_last_analysis_does_not_wait(analyzer):
+    pool = InlinePool(analyzer)
+    masker = StreamMasker(SETTINGS, pool)
+    out = "".join(masker.feed("c", ANSWER[i:i + 4]) for i in range(0, len(ANSWER), 4))
+    out += masker.feed("c", "")  # a later event collects the analysis of all the held text
+    out += masker.finish("c")
+    assert out == masked(analyzer, ANSWER) and pool.urgent == 0
+    # text that arrived after the last analysis is analysed at the end, by the urgent worker
+    masker = StreamMasker(SETTINGS, pool)
+    out = masker.feed("c", ANSWER[:100])
+    masker.channels["c"].inflight = None  # as if its analysis were still out, then dropped
+    out += masker.feed("c", "")
+    assert masker.channels["c"].analysed is None
+    masker.channels["c"].inflight = None
+    out += masker.finish("c")
+    assert out == masked(analyzer, ANSWER[:100]) and pool.urgent == 1
+
+
+def test_overlapping_entities_across_the_cut_are_held_whole():
+    class Fixed(InlinePool):
+        def submit(self, texts, urgent=False):
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            # B crosses the proposed cut (43); A, listed first, ends inside B: both stay behind
+            future.set_result([[Span(30, 38, "A", 1.0), Span(35, 50, "B", 1.0)]
+                               for _ in texts])
+            return future
+
+    masker = StreamMasker(SETTINGS, Fixed(None))
+    text = "0123456789 " * 7  # 77 characters: the first proposal cuts at the space at 43
+    out = masker.feed("c", text) + masker.feed("c", "")
+    assert out == text[:30]
+    assert masker.channels["c"].pending == text[30:]
+
+
+def test_the_pool_batches_analyses_while_its_workers_are_busy():
+    from douane.masking.pool import MaskingPool
+
+    settings = SETTINGS.__class__(**{**SETTINGS.__dict__, "workers": 1})
+    pool = MaskingPool(settings)
+    sent: list[int] = []
+    send_to = pool._send_to
+    pool._send_to = lambda urgent, texts: (sent.append(len(texts)), send_to(urgent, texts))[1]
+    try:
+        for future in pool.warm_up():
+            pool.result(future)
+        sent.clear()
+        busy = pool.submit(["Maria Garcia " * 2000])  # takes the only worker for a while
+        texts = ["mail maria@example.com", "call 212-555-0147", "nothing here", "John Smith"]
+        futures = [pool.submit([t]) for t in texts]
+        dropped = pool.submit(["cancelled before it left"])
+        assert dropped.cancel()
+        results = [pool.result(f)[0] for f in futures]
+        assert [[s.entity for s in spans] for spans in results] == \
+            [["EMAIL_ADDRESS"], ["PHONE_NUMBER"], [], ["PERSON"]]
+        assert pool.result(busy)[0]  # the long analysis, delivered to its own caller
+        assert sent == [1, 4], "the analyses that waited left together, the cancelled one not"
+    finally:
+        pool.shutdown()
 
 
 @pytest.mark.parametrize("urgent", [False, True])
