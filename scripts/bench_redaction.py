@@ -1,4 +1,4 @@
-"""Recording redaction benchmark: what `without_secrets` costs the recording writer thread per flow
+"""Recording redaction benchmark: what `without_secrets` costs the recording writer process per flow
 (JSON prompts and answers, a streamed answer of 4-character deltas, a base64 image, and a stream
 whose secret is split across deltas and is rewritten)."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mitmproxy.test import tflow, tutils
 
-from douane.recording.addon import without_secrets
+from douane.recording.writer import without_secrets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.upstream import _openai_chat_events, _pieces  # noqa: E402

@@ -18,14 +18,9 @@ from douane.cli import main
 from douane.config import Credential, Upstream
 from douane.flowstate import Identity, state
 from douane.recording import index
-from douane.recording.addon import (
-    SCRUBBED,
-    credential_headers,
-    scrubbed,
-    session_path,
-    without_secrets,
-)
+from douane.recording.addon import credential_headers, session_path
 from douane.recording.config import RecordingSettings
+from douane.recording.writer import SCRUBBED, scrubbed, without_secrets
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import MITMDUMP, Gateway, base_config
 from tests.support.upstream import FakeUpstream

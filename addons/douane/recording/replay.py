@@ -21,7 +21,7 @@ from mitmproxy.proxy import mode_specs
 from mitmproxy.tools.dump import DumpMaster
 from mitmproxy.utils import asyncio_utils
 
-from douane.recording.addon import SCRUBBED
+from douane.recording.writer import SCRUBBED
 
 
 def reverse_mode(flow: http.HTTPFlow) -> bool:

@@ -1,0 +1,330 @@
+"""The recording writer: a process of its own, so that rebuilding, scrubbing, redacting and
+writing a flow (about 1.6 ms of CPU each) neither takes the gateway's GIL nor its core.
+
+The gateway's event loop hands `RecordingWriter.put` a `flow.get_state()` snapshot; a feeder
+thread pickles it into a one-way pipe; the child rebuilds the flow, scrubs its credential
+headers, redacts the secrets in its bodies, appends it to its session file (flushed per flow, so a
+crash loses at most the flows in flight), seals the originals and indexes it. One child, one pipe:
+flows are written in the order they were put. The child holds only the pipe's read end, so when
+the gateway dies (kill -9) it reads EOF, writes what was sent and exits; Ctrl-C (sent to the whole
+process group) is the gateway's to handle: the child drains until `close()` says stop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import queue
+import re
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from collections import OrderedDict
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import IO, Any
+
+from mitmproxy import http, io
+
+from douane import protocols, transcript
+from douane.policy import detectors
+from douane.protocols import streams
+from douane.recording import index, originals
+from douane.recording.config import RecordingSettings
+
+logger = logging.getLogger(__name__)
+
+SCRUBBED = "<scrubbed by douane>"
+# One JSON string literal (no raw newline), unrolled: runs of plain characters match in C at
+# full speed (the regex holds the GIL, so a multi-megabyte value must not take long).
+JSON_STRING = re.compile(r'"[^"\\\n]*(?:\\.[^"\\\n]*)*"')
+OPEN_FILES = 32  # session files kept open: one per active connection or MCP session
+BATCH_ROWS = 500  # index rows per commit at most, under a load that never lets the queue drain
+BATCH_SECONDS = 1.0  # ... and the oldest uncommitted row waits no longer than this
+STARTING = -1  # the shared health flag before the child runs
+STARTUP_SECONDS = 60
+
+Item = tuple[Path, dict, frozenset[str], originals.Original | None, tuple[str, ...]]
+
+
+def scrubbed(snapshot: dict, names: frozenset[str]) -> http.HTTPFlow:
+    """A flow rebuilt from `flow.get_state()` with every credential header replaced. The event
+    loop takes only the snapshot (a quarter of the cost of `flow.copy()`); the writer rebuilds
+    and scrubs it. The live flow is untouched."""
+    copy = http.HTTPFlow.from_state(snapshot)
+    for message in (copy.request, copy.response):
+        if message is None:
+            continue
+        for name in names:
+            if name in message.headers:
+                message.headers[name] = SCRUBBED
+    copy.metadata = {k: v for k, v in copy.metadata.items() if k in ("douane", "user")}
+    return copy
+
+
+def _json_string(m: re.Match[str]) -> str:
+    literal = m.group(0)
+    if len(literal) < detectors.SHORTEST_SECRET + 2:  # most values of a stream's events: fast
+        return literal
+    try:
+        value = json.loads(literal) if "\\" in literal else literal[1:-1]
+    except ValueError:
+        return literal
+    clean = detectors.redact_secrets(value)
+    return literal if clean == value else json.dumps(clean, ensure_ascii=False)
+
+
+def without_secrets(flow: http.HTTPFlow, streamed: tuple[str, ...] = ()) -> None:
+    """Every credential the secret detectors find in the bodies (and a request path's query)
+    replaced by `<SECRET:rule id>`, in place: a prompt blocked for carrying a key must not keep it.
+    JSON and SSE bodies are edited one decoded string value at a time, so they stay valid and
+    byte-identical elsewhere (a recorded request without secrets still matches in server replay).
+    `streamed`: a streamed answer's text as delivered, per channel, where a secret split across
+    deltas shows. Regexes over whole bodies: the writer process calls this, never the gateway."""
+    flow.request.path = detectors.redact_secrets(flow.request.path, high_entropy=False)
+    for message in (flow.request, flow.response):
+        if message is None or not message.raw_content:
+            continue
+        text = message.get_text(strict=False) or ""
+        ctype = message.headers.get("content-type", "").lower()
+        if "json" in ctype or "event-stream" in ctype or text.lstrip()[:1] in ("{", "["):
+            clean = JSON_STRING.sub(_json_string, text)
+        else:
+            clean = detectors.redact_secrets(text)
+        if clean != text:
+            message.text = clean
+    if any(detectors.redact_secrets(text) != text for text in streamed):
+        _split_secrets(flow)
+
+
+class _HoldAndRedact:
+    """A stream filter that keeps each channel whole and releases it, redacted, at its end."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, str] = {}
+
+    def feed(self, channel: str, text: str) -> str:
+        self.held[channel] = self.held.get(channel, "") + text
+        return ""
+
+    def finish(self, channel: str) -> str:
+        return detectors.redact_secrets(self.held.pop(channel, ""))
+
+
+def _split_secrets(flow: http.HTTPFlow) -> None:
+    """A secret split across a stream's deltas (no single JSON value shows it): the stream goes
+    through the same rewriter the gateway uses, each channel released whole and redacted."""
+    upstream = transcript.upstream_of(flow)
+    if upstream is None or flow.response is None or not flow.response.raw_content:
+        return
+    try:
+        it = protocols.parse_request(upstream, flow)
+        rewriter = streams.StreamRewriter(protocols.stream_format(upstream, it), it, "recording")
+    except protocols.ProtocolError:
+        return  # not a stream douane can read: each JSON value was redacted on its own
+    rewriter.filters.append(_HoldAndRedact())
+    body = b"".join(rewriter(flow.response.get_content(strict=False))) + rewriter(b"")
+    if rewriter.abort_message is None:
+        flow.response.content = body
+
+
+class RecordingWriter:
+    """The gateway's end: `put` from the event loop (never blocks), `healthy` read by the
+    request hook, `close` drains and joins."""
+
+    def __init__(self, settings: RecordingSettings):
+        # spawn: forking a process that runs an asyncio loop and threads is unsafe
+        context = multiprocessing.get_context("spawn")
+        # set by the child: 1 once it runs, 0 after a failed write, 1 after one that succeeds
+        self._healthy = context.RawValue("b", STARTING)
+        receiver, self._sender = context.Pipe(duplex=False)
+        self._process = context.Process(target=serve, args=(receiver, settings, self._healthy),
+                                        name="douane-recording", daemon=True)
+        self._process.start()
+        receiver.close()  # the child's alone: the gateway's death is its EOF
+        # Serve no flow before the writer runs: one answered then would be lost in a crash.
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while self._healthy.value == STARTING:
+            if wait([self._process.sentinel], 0.01) or time.monotonic() > deadline:
+                self._process.kill()
+                self._process.join()
+                self._sender.close()
+                raise RuntimeError("the recording writer did not start (exit code "
+                                   f"{self._process.exitcode}; its error is logged above)")
+        self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
+        self._feeder = threading.Thread(target=self._feed, name="douane-recording-feeder",
+                                        daemon=True)
+        self._feeder.start()
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self._healthy.value)
+
+    def put(self, relative: Path, snapshot: dict, scrub: frozenset[str],
+            original: originals.Original | None = None, streamed: tuple[str, ...] = ()) -> None:
+        """`snapshot` is `flow.get_state()`; `scrub` the credential headers to replace."""
+        self._queue.put((relative, snapshot, scrub, original, streamed))
+
+    def close(self, timeout: float = 10) -> None:
+        self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        self._feeder.join(timeout)
+        self._process.join(max(0.0, deadline - time.monotonic()))
+        if self._process.is_alive():
+            logger.error("douane: the recording writer did not finish within %ss; stopped",
+                         timeout)
+            self._process.kill()
+            self._process.join()
+        self._sender.close()
+
+    def _feed(self) -> None:
+        """Pickles and sends in this thread: the event loop only appends to a queue."""
+        item = self._queue.get()
+        while True:
+            try:
+                self._sender.send(item)
+            except OSError:  # the child died
+                break
+            if item is None:
+                return
+            item = self._queue.get()
+        self._healthy.value = 0
+        self._process.join(5)
+        logger.error("douane: the recording writer exited (code %s); flows are no longer "
+                     "recorded", self._process.exitcode)
+        while item is not None:  # dropped until close()
+            item = self._queue.get()
+
+
+def serve(receiver: Connection, settings: RecordingSettings, healthy: Any) -> None:
+    """The child process: writes what arrives until the gateway's sentinel or its death."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, datefmt="%H:%M:%S",
+                        format="[%(asctime)s.%(msecs)03d] douane recording writer "
+                               f"(pid {os.getpid()}): %(message)s")
+    writer = _Writer(settings, healthy)
+    try:
+        while True:
+            if writer.rows and (not receiver.poll() or writer.overdue()):
+                writer.commit()  # before blocking: the index is never behind for long
+            try:
+                item = receiver.recv()
+            except EOFError:
+                logger.error("douane: the gateway is gone; what it sent is written")
+                break
+            if item is None:
+                break
+            writer.write(item)
+    finally:
+        writer.close()
+
+
+class _Writer:
+    def __init__(self, settings: RecordingSettings, healthy: Any):
+        self.settings, self.healthy = settings, healthy
+        self.key = originals.public_key(settings.originals_key) \
+            if settings.originals_key else None
+        self.files: OrderedDict[Path, IO[bytes]] = OrderedDict()  # least recently used first
+        self.db: sqlite3.Connection | None = None
+        self.rows: list[dict[str, Any]] = []
+        self.since = 0.0  # when the oldest uncommitted row was written
+        self.last_ok = True
+        try:
+            self.db = index.connect(settings.index_path)
+            healthy.value = 1
+        except Exception:
+            healthy.value = 0
+            logger.exception("douane: cannot open the recordings index %s", settings.index_path)
+
+    def write(self, item: Item) -> None:
+        relative, snapshot, scrub, original, streamed = item
+        path, offset = self.settings.dir / relative, None
+        try:
+            flow = scrubbed(snapshot, scrub)
+            without_secrets(flow, streamed)
+            f = self.file(path)
+            offset = f.tell()
+            io.FlowWriter(f).add(flow)
+            f.flush()
+            if original is not None and self.key is not None:
+                with path.with_suffix(originals.SUFFIX).open("ab") as sealed:
+                    sealed.write(originals.seal(
+                        self.key, flow.id, flow.metadata["douane"].get("decision_id"), original))
+            row = index.row(flow, str(relative), offset)
+        except Exception:
+            self.failed(path, offset)
+            logger.exception("douane: cannot record flow %s to %s", snapshot.get("id"), relative)
+            return
+        if not self.rows:
+            self.since = time.monotonic()
+        self.rows.append(row)
+        self.last_ok = True
+
+    def file(self, path: Path) -> IO[bytes]:
+        """The session file, kept open; reopened if `douane sessions prune` deleted it."""
+        f = self.files.pop(path, None)
+        if f is not None and os.fstat(f.fileno()).st_nlink == 0:
+            f.close()
+            f = None
+        if f is None:
+            try:
+                f = path.open("ab")
+            except FileNotFoundError:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                f = path.open("ab")
+            if len(self.files) >= OPEN_FILES:
+                self.files.popitem(last=False)[1].close()
+        self.files[path] = f
+        return f
+
+    def failed(self, path: Path, offset: int | None) -> None:
+        """A failed write (a full disk): the file is closed and cut back to its last whole flow,
+        so the flows written after it stay readable."""
+        self.healthy.value = 0
+        self.last_ok = False
+        f = self.files.pop(path, None)
+        try:
+            if f is not None:
+                f.close()
+        except OSError:
+            pass  # the rest of its buffer could not be written either: cut below
+        if offset is not None:
+            try:
+                os.truncate(path, offset)
+            except OSError:
+                logger.exception("douane: cannot cut %s back to its last whole flow", path)
+
+    def overdue(self) -> bool:
+        return len(self.rows) >= BATCH_ROWS or time.monotonic() - self.since >= BATCH_SECONDS
+
+    def commit(self) -> None:
+        rows, self.rows = self.rows, []
+        try:
+            self.db = self.db or index.connect(self.settings.index_path)
+            index.insert(self.db, rows)
+        except Exception:
+            self.healthy.value = 0
+            logger.exception("douane: cannot record flow %s to the index (`douane sessions "
+                             "reindex` restores it from the files)",
+                             ", ".join(r["flow_id"] for r in rows))
+            if self.db is not None:
+                self.db.close()
+                self.db = None
+            return
+        if self.last_ok:
+            self.healthy.value = 1
+
+    def close(self) -> None:
+        if self.rows:
+            self.commit()
+        for f in self.files.values():
+            try:
+                f.close()
+            except OSError:
+                logger.exception("douane: cannot close %s", f.name)
+        if self.db is not None:
+            self.db.close()
