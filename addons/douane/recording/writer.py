@@ -242,7 +242,7 @@ class _Writer:
 
     def write(self, item: Item) -> None:
         relative, snapshot, scrub, original, streamed = item
-        path, offset = self.settings.dir / relative, None
+        path, offset, flow_id = self.settings.dir / relative, None, snapshot.get("id")
         try:
             flow = scrubbed(snapshot, scrub)
             without_secrets(flow, streamed)
@@ -257,7 +257,7 @@ class _Writer:
             row = index.row(flow, str(relative), offset)
         except Exception:
             self.failed(path, offset)
-            logger.exception("douane: cannot record flow %s to %s", snapshot.get("id"), relative)
+            logger.exception("douane: cannot record flow %s to %s", flow_id, relative)
             return
         if not self.rows:
             self.since = time.monotonic()

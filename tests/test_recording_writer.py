@@ -1,0 +1,172 @@
+"""The recording writer process: session files kept open and still written in order, a torn write
+cut back, a batched index; no process left behind when the gateway stops or is killed."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from mitmproxy import io as mitmio
+from mitmproxy.test import tflow
+
+from douane.recording import index, writer
+from douane.recording.config import RecordingSettings
+from tests.conftest import UPSTREAM_KEY
+from tests.support.gateway import Gateway, base_config
+from tests.support.upstream import FakeUpstream
+
+GRANTS = "version: 1\ngroups:\n  eng:\n    upstreams:\n      llm: {models: ['*']}\n"
+
+
+def settings(tmp_path: Path) -> RecordingSettings:
+    return RecordingSettings(tmp_path / "rec", "connection", 60, (), "refuse", 30, 10**9)
+
+
+def item(session: str) -> writer.Item:
+    return Path("alice") / "2026-01-01" / f"{session}.mitm", tflow.tflow(resp=True).get_state(), \
+        frozenset({"authorization"}), None, ()
+
+
+def flow_ids(path: Path) -> list[str]:
+    return [f.id for _, f in index.read_flows(path)]
+
+
+def test_open_session_files_stay_in_order_past_the_lru_and_a_prune(tmp_path):
+    healthy = ctypes.c_byte(writer.STARTING)
+    w = writer._Writer(settings(tmp_path), healthy)
+    assert healthy.value == 1
+    sessions = [f"conn-{i}" for i in range(writer.OPEN_FILES + 8)]  # more than stay open
+    sent: dict[str, list[str]] = {s: [] for s in sessions}
+    for round_ in range(3):
+        if round_ == 2:  # `douane sessions prune` deleted a file the writer holds open
+            (tmp_path / "rec" / item("conn-0")[0]).unlink()
+            sent["conn-0"] = []
+        for s in sessions:
+            it = item(s)
+            sent[s].append(it[1]["id"])  # the writer consumes the snapshot
+            w.write(it)
+    assert len(w.files) == writer.OPEN_FILES
+    w.close()
+    for s in sessions:
+        assert flow_ids(tmp_path / "rec" / item(s)[0]) == sent[s]
+    db = index.connect(settings(tmp_path).index_path)
+    rows = db.execute("SELECT count(*) FROM flows").fetchone()[0]
+    assert rows == len(sessions) * 3
+
+
+def test_a_torn_write_is_cut_back_and_health_returns_after_the_next_write(tmp_path, monkeypatch):
+    healthy = ctypes.c_byte(writer.STARTING)
+    w = writer._Writer(settings(tmp_path), healthy)
+    first, torn, last = item("conn-1"), item("conn-1"), item("conn-1")
+    expected = [first[1]["id"], last[1]["id"]]
+    w.write(first)
+    add = mitmio.FlowWriter.add
+
+    def disk_full(self, flow):  # half a record reaches the file, then the disk is full
+        self.fo.write(b"123456:{half a flow")
+        self.fo.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mitmio.FlowWriter, "add", disk_full)
+    w.write(torn)
+    assert healthy.value == 0
+    monkeypatch.setattr(mitmio.FlowWriter, "add", add)
+    w.write(last)
+    assert healthy.value == 0  # healthy again once the flow is indexed too
+    w.commit()
+    assert healthy.value == 1
+    w.close()
+    assert flow_ids(tmp_path / "rec" / first[0]) == expected
+
+
+def test_index_rows_are_committed_per_burst_not_per_flow(tmp_path):
+    healthy = ctypes.c_byte(writer.STARTING)
+    w = writer._Writer(settings(tmp_path), healthy)
+    for _ in range(5):
+        w.write(item("conn-1"))
+    reader = index.connect(settings(tmp_path).index_path)
+    assert reader.execute("SELECT count(*) FROM flows").fetchone()[0] == 0
+    assert not w.overdue()  # the serving loop commits when the pipe is empty or this says so
+    w.commit()
+    assert reader.execute("SELECT count(*) FROM flows").fetchone()[0] == 5
+    w.close()
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()]
+
+
+def gone(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(Path(f"/proc/{p}").exists() and
+                   Path(f"/proc/{p}/stat").read_text().split(") ")[1][0] != "Z" for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def gateway(issuer, tmp_path):
+    llm = FakeUpstream()
+    (tmp_path / "grants.yaml").write_text(GRANTS)
+    gw = Gateway(base_config(issuer.url, llm.url, recording={},
+                             policy={"files": [str(tmp_path / "grants.yaml")]}),
+                 mode=f"reverse:{llm.url}", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+                 workdir=tmp_path / "gw")
+    token = issuer.mint("erin@corp", ["eng"])
+    yield gw, lambda: httpx.post(gw.url + "/v1/chat/completions",
+                                 headers={"authorization": f"Bearer {token}"},
+                                 json={"model": "m", "messages": [{"role": "user",
+                                                                   "content": "hi"}]})
+    gw.stop()
+    llm.close()
+
+
+def recorded(gw: Gateway) -> tuple[int, int]:
+    """(flows in the session files, rows in the index)."""
+    root = gw.state_dir / "recordings"
+    files = sum(1 for p in root.rglob("*.mitm") for _ in index.read_flows(p))
+    db = index.connect(root / "index.sqlite3")
+    rows = db.execute("SELECT count(*) FROM flows").fetchone()[0]
+    db.close()
+    return files, rows
+
+
+def test_ctrl_c_on_the_process_group_drains_the_writer(gateway):
+    gw, post = gateway
+    assert all(post().status_code == 200 for _ in range(20))
+    helpers = children(gw.proc.pid)  # the writer (and multiprocessing's resource tracker)
+    assert helpers
+    os.killpg(gw.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    assert gw.proc.wait(15) == 0
+    assert gone(helpers, 10)
+    assert recorded(gw) == (20, 20)
+    assert "KeyboardInterrupt" not in gw.log_text()
+
+
+def test_the_writer_exits_when_the_gateway_is_killed(gateway):
+    gw, post = gateway
+    assert all(post().status_code == 200 for _ in range(20))
+    helpers = children(gw.proc.pid)
+    assert helpers
+    time.sleep(0.5)  # the last answer's flow has left the gateway for the writer
+    try:
+        os.kill(gw.proc.pid, signal.SIGKILL)  # the gateway alone: its children see it go
+        gw.proc.wait()
+        assert gone(helpers, 10), "a child of the killed gateway is still running"
+    finally:
+        for pid in helpers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    files, rows = recorded(gw)
+    assert files == 20 and rows == files  # what was handed to the writer is written
+    assert "the gateway is gone" in gw.log_text()
