@@ -13,8 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from mitmproxy import http
 from mitmproxy import io as mitmio
-from mitmproxy.test import tflow
+from mitmproxy.io import tnetstring
+from mitmproxy.test import tflow, tutils
 
 from douane.recording import index, writer
 from douane.recording.config import RecordingSettings
@@ -36,6 +38,27 @@ def item(session: str) -> writer.Item:
 
 def flow_ids(path: Path) -> list[str]:
     return [f.id for _, f in index.read_flows(path)]
+
+
+def test_a_flow_is_written_as_flowwriter_writes_it_scrubbed(tmp_path):
+    f = tflow.tflow(client_conn=tflow.tclient_conn(), server_conn=tflow.tserver_conn(),
+                    resp=tutils.tresp(), err=True)
+    f.request.headers["authorization"] = "Bearer t"
+    f.response.headers["set-cookie"] = "s=1"
+    f.metadata.update({"douane": {"decision_id": "dcn_1"}, "user": "alice", "other": [1]})
+    # what the writer did before it skipped rebuilding connections
+    full = http.HTTPFlow.from_state(f.get_state())
+    full.request.headers["authorization"] = full.response.headers["set-cookie"] = \
+        writer.SCRUBBED
+    full.metadata = {"douane": {"decision_id": "dcn_1"}, "user": "alice"}
+    expected = tmp_path / "expected.mitm"
+    with expected.open("wb") as out:
+        mitmio.FlowWriter(out).add(full)
+    w = writer._Writer(settings(tmp_path), ctypes.c_byte(writer.STARTING))
+    relative = Path("alice") / "conn-1.mitm"
+    w.write((relative, f.get_state(), frozenset({"authorization", "set-cookie"}), None, ()))
+    w.close()
+    assert (tmp_path / "rec" / relative).read_bytes() == expected.read_bytes()
 
 
 def test_open_session_files_stay_in_order_past_the_lru_and_a_prune(tmp_path):
@@ -67,17 +90,17 @@ def test_a_torn_write_is_cut_back_and_health_returns_after_the_next_write(tmp_pa
     first, torn, last = item("conn-1"), item("conn-1"), item("conn-1")
     expected = [first[1]["id"], last[1]["id"]]
     w.write(first)
-    add = mitmio.FlowWriter.add
+    dump = tnetstring.dump
 
-    def disk_full(self, flow):  # half a record reaches the file, then the disk is full
-        self.fo.write(b"123456:{half a flow")
-        self.fo.flush()
+    def disk_full(value, file):  # half a record reaches the file, then the disk is full
+        file.write(b"123456:{half a flow")
+        file.flush()
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mitmio.FlowWriter, "add", disk_full)
+    monkeypatch.setattr(tnetstring, "dump", disk_full)
     w.write(torn)
     assert healthy.value == 0
-    monkeypatch.setattr(mitmio.FlowWriter, "add", add)
+    monkeypatch.setattr(tnetstring, "dump", dump)
     w.write(last)
     assert healthy.value == 0  # healthy again once the flow is indexed too
     w.commit()

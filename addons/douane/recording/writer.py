@@ -28,7 +28,8 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import IO, Any
 
-from mitmproxy import http, io
+from mitmproxy import connection, http
+from mitmproxy.io import tnetstring
 
 from douane import protocols, transcript
 from douane.policy import detectors
@@ -48,22 +49,37 @@ BATCH_SECONDS = 1.0  # ... and the oldest uncommitted row waits no longer than t
 STARTING = -1  # the shared health flag before the child runs
 STARTUP_SECONDS = 60
 
+_CLIENT = connection.Client(peername=("", 0), sockname=("", 0))  # see `scrubbed`
+_SERVER = connection.Server(address=None)
 Item = tuple[Path, dict, frozenset[str], originals.Original | None, tuple[str, ...]]
 
 
 def scrubbed(snapshot: dict, names: frozenset[str]) -> http.HTTPFlow:
-    """A flow rebuilt from `flow.get_state()` with every credential header replaced. The event
-    loop takes only the snapshot (a quarter of the cost of `flow.copy()`); the writer rebuilds
-    and scrubs it. The live flow is untouched."""
-    copy = http.HTTPFlow.from_state(snapshot)
+    """The flow of a `flow.get_state()` snapshot with every credential header replaced. Only its
+    messages and douane's metadata are rebuilt: the connections, half the cost of rebuilding a
+    flow and read by nothing here, are placeholders, and `snapshot_of` writes them back as they
+    were. The live flow is untouched."""
+    copy = http.HTTPFlow(_CLIENT, _SERVER)
+    copy.id = snapshot["id"]
+    copy.request = http.Request.from_state(snapshot["request"])
+    copy.response = http.Response.from_state(snapshot["response"]) \
+        if snapshot["response"] else None
     for message in (copy.request, copy.response):
         if message is None:
             continue
         for name in names:
             if name in message.headers:
                 message.headers[name] = SCRUBBED
-    copy.metadata = {k: v for k, v in copy.metadata.items() if k in ("douane", "user")}
+    copy.metadata = {k: v for k, v in snapshot["metadata"].items() if k in ("douane", "user")}
     return copy
+
+
+def snapshot_of(flow: http.HTTPFlow, snapshot: dict) -> dict:
+    """What `FlowWriter` would write for the flow with its real connections: the snapshot with
+    the flow's scrubbed messages and metadata. No backup (an unscrubbed earlier request)."""
+    return {**snapshot, "request": flow.request.get_state(),
+            "response": flow.response.get_state() if flow.response else None,
+            "metadata": flow.metadata, "backup": None}
 
 
 def _json_string(m: re.Match[str]) -> str:
@@ -248,7 +264,7 @@ class _Writer:
             without_secrets(flow, streamed)
             f = self.file(path)
             offset = f.tell()
-            io.FlowWriter(f).add(flow)
+            tnetstring.dump(snapshot_of(flow, snapshot), f)
             f.flush()
             if original is not None and self.key is not None:
                 with path.with_suffix(originals.SUFFIX).open("ab") as sealed:
