@@ -19,6 +19,7 @@ from mitmproxy.io import tnetstring
 from mitmproxy.test import tflow, tutils
 
 from douane.recording import index, writer
+from douane.recording.addon import snapshot
 from douane.recording.config import RecordingSettings
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import Gateway, base_config
@@ -38,6 +39,23 @@ def item(session: str) -> writer.Item:
 
 def flow_ids(path: Path) -> list[str]:
     return [f.id for _, f in index.read_flows(path)]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: tflow.tflow(), lambda: tflow.tflow(resp=True, err=True),
+    lambda: tflow.tflow(client_conn=tflow.tclient_conn(), resp=True),
+    lambda: tflow.twebsocketflow()])
+def test_the_snapshot_is_mitmproxys_state_with_connections_cached(make):
+    f = make()
+    f.metadata["douane"] = {"decision": {"reasons": [{"rule": "r"}]}}
+    assert snapshot(f) == {**f.get_state(), "backup": None}
+    f.client_conn.timestamp_end = 1234.5  # a field replaced: computed again
+    f.server_conn.sni = "other.example"
+    assert snapshot(f) == {**f.get_state(), "backup": None}
+    assert snapshot(f)["client_conn"]["timestamp_end"] == 1234.5
+    before = snapshot(f)
+    f.metadata["douane"]["decision"]["reasons"].append({"rule": "later"})
+    assert before["metadata"]["douane"]["decision"]["reasons"] == [{"rule": "r"}]
 
 
 def test_a_flow_is_written_as_flowwriter_writes_it_scrubbed(tmp_path):
