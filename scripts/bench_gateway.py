@@ -54,13 +54,28 @@ def wait_port(port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def proc_stats(pid: int) -> tuple[float, int]:
-    """CPU seconds (user + system) of a process and its children, and its peak RSS in KiB."""
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of one live process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / ticks
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child), *descendants(int(child))]
+    return found
+
+
+def proc_stats(pid: int) -> tuple[float, int]:
+    """CPU seconds (user + system) of a process and all its processes, live (the recording
+    writer, the masking workers) or exited, and its peak RSS in KiB."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    exited = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+    live = sum(cpu_seconds(child) for child in descendants(pid))
     hwm = int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
-    return cpu, hwm
+    return cpu_seconds(pid) + exited + live, hwm
 
 
 async def one_request(reader, writer, path: str, body: bytes, token: str | None,
@@ -296,7 +311,8 @@ def write_doc(results: list[Result], lines: list[str], quick: bool) -> None:
         "SSE (with PII). douane: identity (dev issuer JWT), policy, audit log, recording; "
         "'+ masking' adds Presidio masking of the answer (2 worker processes and the urgent one). Bare mitmdump "
         "runs with `stream_large_bodies=1` so it streams SSE as douane does. 'ttft' is the "
-        "time to the first content delta; 'loop max' is the largest event-loop stall inside "
+        "time to the first content delta; 'cpu s/1k' counts the proxy and its processes (the "
+        "recording writer, the masking workers); 'loop max' is the largest event-loop stall inside "
         "douane during that row's load (0: none over 10 ms).\n\n"
         "```\n" + HEADER + "\n" + "\n".join(format_row(r) for r in results) + "\n```\n\n"
         "Against bare mitmdump:\n\n```\n" + "\n".join(lines) + "\n```\n"

@@ -10,7 +10,6 @@ Usage: python scripts/bench_recording.py [requests at concurrency 1] [requests a
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
@@ -19,23 +18,20 @@ import time
 from pathlib import Path
 
 import yaml
-from bench_gateway import CHAT, ROOT, Proxy, bench_config, free_port, load, wait_port
+from bench_gateway import (
+    CHAT,
+    ROOT,
+    Proxy,
+    bench_config,
+    cpu_seconds,
+    descendants,
+    free_port,
+    load,
+    wait_port,
+)
 
 from douane import config as configmod
 from douane import devissuer
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def descendants(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            found += [int(child), *descendants(int(child))]
-    return found
 
 
 def cpu(pid: int) -> tuple[float, float]:
