@@ -10,7 +10,7 @@ from douane.config import ConfigError, Document
 from douane.masking import config as masking_config
 from douane.masking import operators
 from douane.masking.config import DEFAULT_ENTITIES, MaskingSettings, Operator
-from douane.masking.engine import Analyzer, Span
+from douane.masking.engine import Analyzer, Span, merge
 from douane.masking.streaming import StreamMasker
 
 SETTINGS = MaskingSettings(
@@ -259,3 +259,26 @@ def test_a_stream_end_does_not_wait_behind_a_busy_pool(analyzer):
         assert out == masked(analyzer, ANSWER)
     finally:
         pool.shutdown()
+
+
+def test_overlapping_detections_mask_their_union(analyzer):
+    # spaCy reads the SSN as part of the name: the PERSON span overlaps the US_SSN one
+    text = "Patient John Smith 078-05-1120 was admitted."
+    assert masked(analyzer, text) == "Patient <PERSON> was admitted."
+    spans = [Span(8, 22, "PERSON", 0.85), Span(19, 30, "US_SSN", 0.5)]
+    out = operators.apply(SETTINGS, text, spans, counts := {})
+    assert out == "Patient <PERSON> was admitted." and counts == {"PERSON": 1}
+    # a chain of overlaps is one union; spans that only touch stay apart
+    assert merge([Span(0, 4, "A", 0.5), Span(3, 8, "B", 0.9), Span(7, 9, "C", 0.1),
+                  Span(9, 12, "D", 0.3)]) == [Span(0, 9, "B", 0.9), Span(9, 12, "D", 0.3)]
+    assert merge([Span(5, 9, "A", 0.5), Span(0, 20, "B", 0.5)]) == [Span(0, 20, "B", 0.5)]
+
+
+@pytest.mark.parametrize("text", [
+    '{"client_ip": "2001:0db8:85a3:0000:0000:8a2e:0370:7334"}',  # full form: no "::", no "."
+    "from 2001:db8:85a3:0:0:8a2e:370:7334 and fe80::1",
+    "mapped ::ffff:192.0.2.128 here",
+])
+def test_ipv6_in_every_form_is_masked(analyzer, text):
+    out = masked(analyzer, text)
+    assert "<IP_ADDRESS>" in out and "2001" not in out and "fe80" not in out and "192.0" not in out

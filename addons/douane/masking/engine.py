@@ -30,11 +30,36 @@ class Span:
     score: float
 
 
+def merge(spans: list[Span]) -> list[Span]:
+    """Overlapping detections become one span over their union (an SSN inside a longer PERSON
+    span is masked whole, not left partly in clear), named after the highest-scored one (then the
+    longest); sorted by start. Spans that only touch stay apart."""
+    out: list[Span] = []
+    group: list[Span] = []
+    end = 0
+    for span in sorted(spans, key=lambda s: (s.start, s.end)):
+        if group and span.start >= end:
+            out.append(_union(group, end))
+            group = []
+        group.append(span)
+        end = max(end, span.end) if len(group) > 1 else span.end
+    if group:
+        out.append(_union(group, end))
+    return out
+
+
+def _union(group: list[Span], end: int) -> Span:
+    top = max(group, key=lambda s: (s.score, s.end - s.start))
+    return Span(group[0].start, end, top.entity, top.score)
+
+
 # spaCy components the NER of the en_core_web_sm family does not use (its `ner` has a tok2vec of
 # its own): loading without them gives the same entities at about 2.6x the speed. Presidio's
 # context enhancement then sees no lemmas; scripts/bench-masking shows recall unchanged.
 NOT_FOR_NER = ["parser", "senter", "tok2vec", "tagger", "attribute_ruler", "lemmatizer"]
 DIGITS = re.compile(r"\d")
+# two colons with at most 4 hex digits between: every IPv6 form ("::1", the full 8 groups, mapped)
+IPV6_SHAPE = re.compile(r"[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:")
 CAPITALISED = re.compile(r"\b[A-Z][a-z]")
 # entity -> a cheap test a text must pass for that entity's recogniser to run
 PREFILTERS = {
@@ -42,7 +67,7 @@ PREFILTERS = {
     "PHONE_NUMBER": lambda t, d: d >= 7,
     "CREDIT_CARD": lambda t, d: d >= 12,
     "US_SSN": lambda t, d: d >= 9,
-    "IP_ADDRESS": lambda t, d: (d >= 4 and "." in t) or "::" in t,
+    "IP_ADDRESS": lambda t, d: (d >= 4 and "." in t) or IPV6_SHAPE.search(t) is not None,
     "IBAN_CODE": lambda t, d: d >= 8,
     "AWS_ACCESS_KEY": lambda t, d: "AKIA" in t or "ASIA" in t,
     "API_KEY": lambda t, d: "sk-" in t or "ghp_" in t or "xox" in t or "AIza" in t,
@@ -154,7 +179,7 @@ class Analyzer:
                                           score_threshold=self.settings.score_threshold,
                                           allow_list=list(self.settings.allow_list) or None,
                                           nlp_artifacts=nlp_artifacts)
-            out[i] = [Span(r.start, r.end, r.entity_type, r.score) for r in results]
+            out[i] = merge([Span(r.start, r.end, r.entity_type, r.score) for r in results])
         return out
 
 

@@ -6,16 +6,7 @@ import hashlib
 import hmac
 
 from douane.masking.config import MaskingSettings
-from douane.masking.engine import Span
-
-
-def resolve(spans: list[Span]) -> list[Span]:
-    """Non-overlapping spans, preferring the higher score, then the longer span."""
-    chosen: list[Span] = []
-    for span in sorted(spans, key=lambda s: (-s.score, -(s.end - s.start), s.start)):
-        if all(span.end <= c.start or span.start >= c.end for c in chosen):
-            chosen.append(span)
-    return sorted(chosen, key=lambda s: s.start)
+from douane.masking.engine import Span, merge
 
 
 def replacement(settings: MaskingSettings, span: Span, value: str) -> str:
@@ -33,9 +24,10 @@ def replacement(settings: MaskingSettings, span: Span, value: str) -> str:
 
 def apply(settings: MaskingSettings, text: str, spans: list[Span],
           counts: dict[str, int]) -> str:
-    """`text` with each span replaced; entity counts are added to `counts` (never values)."""
+    """`text` with each span replaced (overlapping spans as their union); entity counts are
+    added to `counts` (never values)."""
     out, last = [], 0
-    for span in resolve(spans):
+    for span in merge(spans):
         out += [text[last:span.start], replacement(settings, span, text[span.start:span.end])]
         last = span.end
         counts[span.entity] = counts.get(span.entity, 0) + 1
