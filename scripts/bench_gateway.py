@@ -217,7 +217,7 @@ def run(quick: bool) -> list[Result]:
     wait_port(upstream_port)
     config = bench_config(work, upstream_port, masking=False)
     (work / "cfg.yaml").write_text(yaml.safe_dump(config))
-    dev = configmod.load(work / "cfg.yaml", resolve_secrets=False).identity.dev_issuer
+    dev = configmod.load(work / "cfg.yaml", gateway=False).identity.dev_issuer
     token = devissuer.mint(dev, "bench@corp", ["bench"], 3600)
     results: list[Result] = []
     variants: list[tuple[str, dict | None]] = [

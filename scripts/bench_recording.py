@@ -50,7 +50,7 @@ def main() -> int:
     config = bench_config(work, upstream_port, masking=False)
     without = {k: v for k, v in config.items() if k != "recording"}
     (work / "cfg.yaml").write_text(yaml.safe_dump(config))
-    dev = configmod.load(work / "cfg.yaml", resolve_secrets=False).identity.dev_issuer
+    dev = configmod.load(work / "cfg.yaml", gateway=False).identity.dev_issuer
     token = devissuer.mint(dev, "bench@corp", ["bench"], 3600)
     print(f"{'variant':<22} {'conc':>4} {'n':>5} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'cpu/req ms':>10} {'child cpu/req ms':>16} {'start s':>7}", flush=True)

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         p.error("give the test command after --")
 
-    config = configmod.load(args.config, resolve_secrets=False)
+    config = configmod.load(args.config, gateway=False)
     token = os.environ.get("DOUANE_CI_TOKEN")
     if not token:
         if config.identity.dev_issuer is None:

@@ -226,7 +226,7 @@ def test_policy_file_errors_name_file_and_line(tmp_path, text, error):
 def test_reload_swaps_valid_versions_and_keeps_the_old_one_on_errors(tmp_path):
     path = tmp_path / "grants.yaml"
     path.write_text(POLICY)
-    live = LivePolicy(PolicySection((path,), 1, model.load([path])))
+    live = LivePolicy(PolicySection((path,), 1, model.load([path]), None))
     first = live.current
 
     async def scenario() -> None:

@@ -196,7 +196,7 @@ def test_originals_key_is_checked_at_load(tmp_path, content, message):
     file.write_text("version: 1\nidentity: {dev_issuer: {enabled: true}}\nrecording:\n"
                     f"  originals:\n    public_key: {key}\n")
     with pytest.raises(configmod.ConfigError, match=message) as e:
-        configmod.load(file, resolve_secrets=False)
+        configmod.load(file, gateway=False)
     assert e.value.line == 5 and e.value.path == "recording.originals.public_key"
 
 

@@ -48,12 +48,13 @@ def sign(record: dict[str, Any], key: bytes) -> str:
     return hmac.new(key, canonical(body), hashlib.sha256).hexdigest()
 
 
-def hmac_key(config: Config) -> bytes:
-    """The configured key, or one generated once into the state dir (mode 0600)."""
+def hmac_key(config: Config, create: bool = True) -> bytes:
+    """The configured key, or one generated once into the state dir (mode 0600). Readers pass
+    create=False: a missing key file raises FileNotFoundError instead of minting a new key."""
     if config.audit.hmac_key:
         return config.audit.hmac_key.encode()
     key_file = config.state_dir / "audit-hmac.key"
-    if not key_file.exists():
+    if create and not key_file.exists():
         key_file.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:

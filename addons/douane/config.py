@@ -123,22 +123,25 @@ class View:
                 raise self.error("expected a mapping", f"{key}.{name}")
             yield str(name), View(item, self.path + (key, str(name)), self.doc)
 
-    def secret(self, key: str) -> str | None:
-        """A secret given as {env: NAME} or {file: PATH}; never inline in the file."""
+    def secret(self, key: str, resolve: bool = True) -> str | None:
+        """A secret given as {env: NAME} or {file: PATH}; never inline in the file. With
+        resolve=False only its form is checked."""
         if key not in self.data:
             return None
         src = self.sub(key)
         src.only("env", "file", "optional", "header", "format")
         optional = src.get("optional", bool, False)
-        if not self.doc.resolve_secrets:
+        if "env" not in src.data and "file" not in src.data:
+            raise src.error("give the secret as env: NAME or file: PATH")
+        if not resolve:
             return None
-        if "env" in src.data:
-            name = src.get("env", str)
-            value = os.environ.get(name)
-            if value is None and not optional:
-                raise src.error(f"unknown env var {name}", "env")
-            return value
-        if "file" in src.data:
+        try:
+            if "env" in src.data:
+                name = src.get("env", str)
+                value = os.environ.get(name)
+                if value is None and not optional:
+                    raise src.error(f"unknown env var {name}", "env")
+                return value
             path = src.path_value("file")
             try:
                 return path.read_text().strip()
@@ -146,7 +149,13 @@ class View:
                 if optional:
                     return None
                 raise src.error(f"cannot read {path}: {e.strerror}", "file") from None
-        raise src.error("give the secret as env: NAME or file: PATH")
+        except ConfigError as e:
+            if self.doc.strict_secrets:
+                raise
+            # An operator command: a secret it does not use must not stop it; one it uses
+            # (the audit HMAC key) is looked up in `unresolved` and reported there.
+            self.doc.unresolved[".".join(self.path + (key,))] = e.message
+            return None
 
 
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false",
@@ -156,9 +165,12 @@ _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "tru
 class Document:
     """A YAML file parsed with the line of every key, so errors can point at it."""
 
-    def __init__(self, file: str, text: str, resolve_secrets: bool = True):
+    def __init__(self, file: str, text: str, gateway: bool = True):
         self.file, self.text = file, text
-        self.resolve_secrets = resolve_secrets
+        # The gateway needs every secret; operator commands need no upstream credential, and a
+        # secret they cannot resolve is noted in `unresolved` instead of failing the load.
+        self.strict_secrets = self.credentials = gateway
+        self.unresolved: dict[str, str] = {}
         self.base = Path(file).resolve().parent
         self._lines: dict[tuple[str, ...], int] = {}
         try:
@@ -294,6 +306,8 @@ class Config:
     passthrough_hosts: tuple[str, ...]
     audit: AuditConfig
     sections: dict[str, Any] = field(default_factory=dict)
+    # secrets an operator command could not resolve: config path -> why (never the value)
+    unresolved: dict[str, str] = field(default_factory=dict)
 
     def upstream_for(self, host: str, port: int, path: str) -> Upstream | None:
         """The most specific declared upstream for a request (longest path prefix wins)."""
@@ -304,15 +318,16 @@ class Config:
         return any(fnmatch.fnmatchcase(host.lower(), pattern) for pattern in self.passthrough_hosts)
 
 
-def load(file: str | os.PathLike[str], resolve_secrets: bool = True) -> Config:
-    """Load and validate; operator commands pass resolve_secrets=False (they need no upstream
-    credential, and the ones they need, such as the audit HMAC key, they resolve themselves)."""
+def load(file: str | os.PathLike[str], gateway: bool = True) -> Config:
+    """Load and validate. Operator commands pass gateway=False: upstream credentials are not read
+    (they send no traffic), and other secrets that cannot be resolved are listed in
+    `Config.unresolved` for the command that needs one to report."""
     file = str(file)
     try:
         text = Path(file).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(file, None, "", f"cannot read the config: {e.strerror}") from None
-    doc = Document(file, text, resolve_secrets)
+    doc = Document(file, text, gateway)
     root = doc.root()
     root.only("version", "gateway", "identity", "upstreams", "passthrough", "audit", *SECTIONS)
     if root.get("version", int, 1) != 1:
@@ -329,6 +344,7 @@ def load(file: str | os.PathLike[str], resolve_secrets: bool = True) -> Config:
         upstreams=tuple(_upstream(name, v) for name, v in root.named("upstreams")),
         passthrough_hosts=tuple(h.lower() for h in root.sub("passthrough").strings("hosts", ())),
         audit=_audit(root.sub("audit"), state_dir),
+        unresolved=doc.unresolved,
     )
     root.sub("passthrough").only("hosts")
     for name, target in SECTIONS.items():
@@ -406,7 +422,7 @@ def _upstream(name: str, v: View) -> Upstream:
         fmt = cv.get("format", str, default_format)
         if "{secret}" not in fmt:
             raise cv.error("the format must contain {secret}", "format")
-        secret = v.secret("credential")
+        secret = v.secret("credential", resolve=v.doc.credentials)
         source = f"env {cv.data['env']}" if "env" in cv.data else f"file {cv.data.get('file')}"
         credential = Credential(header.lower(), fmt.replace("{secret}", secret) if secret else None,
                                 source)

@@ -11,13 +11,12 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from douane import config as configmod
-from douane.settings import DEFAULT_CONFIG
+from douane.commands import add_config_option, config_file, load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("approvals", help="held requests: list, show, approve, deny")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    add_config_option(p)
     p.add_argument("--url", default=os.environ.get("DOUANE_APPROVALS_URL"),
                    help="the admin API (default: $DOUANE_APPROVALS_URL, else approvals.public_url)")
     p.add_argument("--token", default=os.environ.get("DOUANE_TOKEN"),
@@ -44,9 +43,9 @@ def _call(args: argparse.Namespace, method: str, path: str,
           body: dict[str, Any] | None = None) -> dict[str, Any]:
     url = args.url
     if not url:
-        section = configmod.load(args.config, resolve_secrets=False).sections.get("approvals")
+        section = load_config(args).sections.get("approvals")
         if section is None:
-            raise SystemExit(f"{args.config} has no approvals section (or pass --url)")
+            raise SystemExit(f"{config_file(args)} has no approvals section (or pass --url)")
         url = section.public_url or f"http://{section.host}:{section.port}"
     if not args.token:
         raise SystemExit("pass the approver's token with --token or $DOUANE_TOKEN")

@@ -4,31 +4,43 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from douane import audit
-from douane import config as configmod
-from douane.settings import DEFAULT_CONFIG
+from douane.commands import add_config_option, load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="audit log operations")
     verbs = p.add_subparsers(dest="verb", required=True)
     v = verbs.add_parser("verify", help="verify the audit log's hash chain and MACs")
-    v.add_argument("--config", default=str(DEFAULT_CONFIG))
+    add_config_option(v)
     v.add_argument("--log", help="the audit log (default: the config's audit.path)")
     v.set_defaults(func=verify)
 
 
 def verify(args: argparse.Namespace) -> int:
-    try:
-        config = configmod.load(args.config)
-    except configmod.ConfigError as e:
-        print(e, file=sys.stderr)
+    config = load_config(args)
+    if "audit.hmac_key" in config.unresolved:
+        print(f"audit.hmac_key: {config.unresolved['audit.hmac_key']}: verifying needs the "
+              "gateway's HMAC key", file=sys.stderr)
         return 2
-    path = configmod.Path(args.log) if args.log else config.audit.path
-    result = audit.verify(path, audit.hmac_key(config))
+    path = Path(args.log) if args.log else config.audit.path
+    if not audit.log_files(path):
+        print(f"FAIL: no audit log at {path} (is this the gateway's configuration?)")
+        return 1
+    try:
+        key = audit.hmac_key(config, create=False)
+    except FileNotFoundError as e:
+        print(f"FAIL: no HMAC key at {e.filename}: the gateway that wrote {path} keeps its key "
+              "there (or set audit.hmac_key)")
+        return 1
+    result = audit.verify(path, key)
     if not result.ok:
         print(f"FAIL after {result.records} good record(s): {result.error}")
+        return 1
+    if result.records == 0:
+        print(f"FAIL: {path} holds no audit record")
         return 1
     print(f"ok: {result.records} record(s) in {result.files} file(s), chain intact")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from douane import config as configmod
@@ -11,13 +12,13 @@ from douane.settings import DEFAULT_CONFIG
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="validate a configuration file")
-    p.add_argument("file", nargs="?", default=str(DEFAULT_CONFIG))
+    p.add_argument("file", nargs="?", help="default: $DOUANE_CONFIG, else policies/default.yaml")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = configmod.load(args.file)
+        config = configmod.load(args.file or os.environ.get("DOUANE_CONFIG") or DEFAULT_CONFIG)
     except configmod.ConfigError as e:
         print(e, file=sys.stderr)
         return 1

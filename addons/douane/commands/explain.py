@@ -9,11 +9,10 @@ from pathlib import Path
 
 from mitmproxy.test import tflow, tutils
 
-from douane import config as configmod
 from douane import protocols
+from douane.commands import add_config_option, config_file, load_config
 from douane.flowstate import Identity
 from douane.policy import engine
-from douane.settings import DEFAULT_CONFIG
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--groups", default="", help="comma-separated groups")
     p.add_argument("--upstream", help="upstream name (default: the first declared)")
     p.add_argument("--path", help="request path (default: the protocol's main endpoint)")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    add_config_option(p)
     p.set_defaults(func=run)
 
 
@@ -32,14 +31,10 @@ DEFAULT_PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages", 
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = configmod.load(args.config)
-    except configmod.ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
+    config = load_config(args)
     section = config.sections.get("policy")
     if section is None:
-        print(f"{args.config} has no policy section: nothing to explain", file=sys.stderr)
+        print(f"{config_file(args)} has no policy section: nothing to explain", file=sys.stderr)
         return 2
     upstream = next((u for u in config.upstreams if u.name == args.upstream or
                      args.upstream is None), None)

@@ -19,14 +19,14 @@ from mitmproxy import http, io
 from douane import config as configmod
 from douane import transcript
 from douane.audit import AuditConfig, AuditLog, hmac_key
+from douane.commands import add_config_option, config_file, load_config
 from douane.recording import index, originals, replay
-from douane.settings import DEFAULT_CONFIG
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sessions", help="recorded sessions: list, show, export, replay, reveal, "
                        "reindex, prune")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    add_config_option(p)
     verbs = p.add_subparsers(dest="verb", required=True)
     ls = verbs.add_parser("list", help="recorded flows, newest first")
     ls.add_argument("--user")
@@ -65,11 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     prune.set_defaults(func=prune_)
 
 
-def _load(args: argparse.Namespace, secrets: bool = False):
-    config = configmod.load(args.config, resolve_secrets=secrets)
+def _load(args: argparse.Namespace):
+    config = load_config(args)
     recording = config.sections.get("recording")
     if recording is None:
-        raise SystemExit(f"{args.config} has no recording section")
+        raise SystemExit(f"{config_file(args)} has no recording section")
     return config, recording
 
 
@@ -144,6 +144,9 @@ def reindex_(args: argparse.Namespace) -> int:
 
 def _operator_log(config) -> AuditLog:
     # Operator actions have their own chain: the gateway may be appending to the main log now.
+    if "audit.hmac_key" in config.unresolved:
+        raise SystemExit(f"audit.hmac_key: {config.unresolved['audit.hmac_key']}: operator "
+                         "actions are audited with the gateway's HMAC key")
     return AuditLog(AuditConfig(config.audit.path.with_name("operator-" + config.audit.path.name),
                                 config.audit.max_bytes, config.audit.backups), hmac_key(config))
 
@@ -169,7 +172,7 @@ def replay_(args: argparse.Namespace) -> int:
 
 
 def reveal_(args: argparse.Namespace) -> int:
-    config, recording = _load(args, secrets=True)  # the audit HMAC key
+    config, recording = _load(args)
     r, flow = _flow(recording, args.id)
     sealed = originals.find((recording.dir / r["file"]).with_suffix(originals.SUFFIX),
                             r["flow_id"])
@@ -209,7 +212,7 @@ def reveal_(args: argparse.Namespace) -> int:
 
 
 def prune_(args: argparse.Namespace) -> int:
-    config, recording = _load(args, secrets=True)  # the audit HMAC key
+    config, recording = _load(args)
     max_age = duration(args.older_than) if args.older_than else recording.retention_days * 86400
     max_bytes = configmod.Document("--max-bytes", f"m: {args.max_bytes}").root().size("m") \
         if args.max_bytes else recording.max_bytes

@@ -6,9 +6,8 @@ import argparse
 import re
 import sys
 
-from douane import config as configmod
 from douane import devissuer
-from douane.settings import DEFAULT_CONFIG
+from douane.commands import add_config_option, config_file, load_config
 
 
 def ttl(value: str) -> int:
@@ -23,19 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("user")
     p.add_argument("--groups", default="", help="comma-separated groups")
     p.add_argument("--ttl", type=ttl, default=3600, help="lifetime, e.g. 15m, 1h (default 1h)")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    add_config_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = configmod.load(args.config)
-    except configmod.ConfigError as e:
-        print(e, file=sys.stderr)
-        return 1
+    config = load_config(args)
     dev = config.identity.dev_issuer
     if dev is None:
-        print(f"{args.config}: identity.dev_issuer is not enabled; get a token from your "
+        print(f"{config_file(args)}: identity.dev_issuer is not enabled; get a token from your "
               "identity provider instead", file=sys.stderr)
         return 1
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]

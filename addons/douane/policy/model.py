@@ -172,8 +172,10 @@ class Policy:
         return found or ([self.default] if self.default else [])
 
 
-def load(files: list[Path]) -> Policy:
-    """Parse and merge policy files; later files add groups, users and rules."""
+def load(files: list[Path], upstreams: frozenset[str] | None = None) -> Policy:
+    """Parse and merge policy files; later files add groups, users and rules. With `upstreams`
+    (the names the configuration declares), a grant naming any other upstream is an error: it
+    would never apply, and a typo must not silently leave a grant off."""
     default, groups, users, rules = None, {}, {}, []
     secrets = injection = True
     tool_risk: list[tuple[tuple[str, ...], float]] = []
@@ -190,9 +192,9 @@ def load(files: list[Path]) -> Policy:
         root.only("version", "default", "groups", "users", "rules", "detectors", "tool_risk",
                   "thresholds")
         if "default" in root.data:
-            default = _grant("default", root.sub("default"))
-        groups.update({n: _grant(f"group {n}", v) for n, v in root.named("groups")})
-        users.update({n: _grant(f"user {n}", v) for n, v in root.named("users")})
+            default = _grant("default", root.sub("default"), upstreams)
+        groups.update({n: _grant(f"group {n}", v, upstreams) for n, v in root.named("groups")})
+        users.update({n: _grant(f"user {n}", v, upstreams) for n, v in root.named("users")})
         rules += [_rule(v) for v in root.views("rules")]
         det = root.sub("detectors")
         det.only("secrets", "injection")
@@ -210,8 +212,12 @@ def load(files: list[Path]) -> Policy:
                   secrets, injection, tuple(tool_risk), hold, block)
 
 
-def _grant(source: str, v: View) -> Grant:
+def _grant(source: str, v: View, upstreams: frozenset[str] | None) -> Grant:
     v.only("upstreams", "limits")
+    for name, uv in v.named("upstreams"):
+        if upstreams is not None and name not in upstreams:
+            raise uv.error(f"no upstream named {name!r} is declared in the configuration "
+                           f"(declared: {', '.join(sorted(upstreams)) or 'none'})")
     lv = v.sub("limits")
     lv.only("requests_per_minute", "tokens_per_day")
     limits = Limits(lv.get("requests_per_minute", int, None), lv.get("tokens_per_day", int, None))

@@ -27,12 +27,15 @@ class PolicySection:
     files: tuple[Path, ...]
     reload_seconds: int
     policy: model.Policy  # as loaded with the config
+    upstreams: frozenset[str] | None  # the upstream names the configuration declares
 
 
 def parse_section(v: View) -> PolicySection:
     v.only("files", "reload_seconds")
     files = tuple(v.doc.resolve(f) for f in v.strings("files"))
-    return PolicySection(files, v.get("reload_seconds", int, 2), model.load(list(files)))
+    upstreams = frozenset(str(name) for name in v.doc.data.get("upstreams") or {})
+    return PolicySection(files, v.get("reload_seconds", int, 2),
+                         model.load(list(files), upstreams), upstreams)
 
 
 class LivePolicy:
@@ -65,7 +68,8 @@ class LivePolicy:
             return False
         self._mtimes = mtimes
         try:
-            new = await asyncio.to_thread(model.load, list(self.section.files))
+            new = await asyncio.to_thread(model.load, list(self.section.files),
+                                          self.section.upstreams)
         except ConfigError as e:
             logger.error("douane: policy change refused, version %s keeps serving: %s",
                          self.current.version, e)
