@@ -280,6 +280,9 @@ class Upstream:
     # generic protocol: JSON paths (dotted, [*] for lists) of prompt and response text
     request_text_paths: tuple[str, ...] = ()
     response_text_paths: tuple[str, ...] = ()
+    # (scheme, host, port) of a stand-in that serves this upstream's API (a staging provider, a
+    # local model server): flows are routed and decided as this upstream, then sent there
+    connect_to: tuple[str, str, int] | None = None
 
     def matches(self, host: str, port: int, path: str) -> bool:
         return (port == self.port and fnmatch.fnmatchcase(host.lower(), self.host)
@@ -403,7 +406,7 @@ def _identity(v: View, state_dir: Path) -> IdentityConfig:
 
 def _upstream(name: str, v: View) -> Upstream:
     v.only("url", "protocol", "credential", "allow_websocket", "request_text_paths",
-           "response_text_paths")
+           "response_text_paths", "connect_to")
     url = v.get("url", str)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -436,7 +439,19 @@ def _upstream(name: str, v: View) -> Upstream:
         path_prefix=parts.path.rstrip("/") or "/", protocol=protocol, credential=credential,
         allow_websocket=v.get("allow_websocket", bool, False),
         request_text_paths=request_paths, response_text_paths=response_paths,
+        connect_to=_connect_to(v),
     )
+
+
+def _connect_to(v: View) -> tuple[str, str, int] | None:
+    url = v.get("connect_to", str, None)
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise v.error(f"expected scheme://host[:port] such as http://127.0.0.1:8000, got {url!r}",
+                      "connect_to")
+    return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def _audit(v: View, state_dir: Path) -> AuditConfig:

@@ -76,6 +76,12 @@ class Broker:
                        Reason("route.no_credential", f"{credential.source} is not set"))
                 return
             flow.request.headers[credential.header] = credential.value
+        if upstream.connect_to:
+            # A stand-in serves this upstream: decided and recorded as the declared upstream,
+            # sent to the stand-in with the Host the client asked for.
+            host_header = flow.request.host_header
+            flow.request.scheme, flow.request.host, flow.request.port = upstream.connect_to
+            flow.request.host_header = host_header
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._forget_credential(flow)

@@ -33,6 +33,10 @@ class Settings:
                         self.config.file, self.config.version, len(self.config.upstreams))
 
     def running(self) -> None:
+        # No upstream connection before a request is authenticated and routed (mitmproxy's
+        # default, eager, connects for every client connection, and to a host a stand-in
+        # replaces).
+        ctx.options.update(connection_strategy="lazy")
         # `--set` with an unknown name is silently deferred by mitmproxy; a misspelled douane
         # option would otherwise leave a control silently off.
         unknown = sorted(k for k in ctx.options.deferred if k.startswith("douane"))

@@ -18,6 +18,9 @@ from douane.policy.model import Grant, Policy, UpstreamGrant
 from douane.policy.normalize import decoded_base64, normalize
 
 LIMITED_OPERATIONS = ("chat.completions", "responses", "messages", "completions")
+# What each API calls its output ceiling, so a refusal names the parameter the caller can set.
+MAX_TOKENS_PARAMETER = {"responses": "max_output_tokens",
+                        "chat.completions": "max_completion_tokens (or max_tokens)"}
 
 
 def grant_violations(ug: UpstreamGrant, it: Interaction) -> list[Reason]:
@@ -27,12 +30,13 @@ def grant_violations(ug: UpstreamGrant, it: Interaction) -> list[Reason]:
                                                       for m in ug.models):
         out.append(Reason("grant.model", f"model {it.model} is not granted", "model"))
     if ug.max_tokens is not None and it.operation in LIMITED_OPERATIONS:
+        parameter = MAX_TOKENS_PARAMETER.get(it.operation, "max_tokens")
         if it.max_tokens is None:
-            out.append(Reason("grant.max_tokens", f"set max_tokens (at most {ug.max_tokens})",
+            out.append(Reason("grant.max_tokens", f"set {parameter} (at most {ug.max_tokens})",
                               "max_tokens"))
         elif it.max_tokens > ug.max_tokens:
-            out.append(Reason("grant.max_tokens", f"max_tokens {it.max_tokens} is above the "
-                              f"granted {ug.max_tokens}", "max_tokens"))
+            out.append(Reason("grant.max_tokens", f"the requested {parameter} {it.max_tokens} "
+                              f"is above the granted {ug.max_tokens}", "max_tokens"))
     if it.stream and not ug.stream:
         out.append(Reason("grant.stream", "streaming is not granted", "stream"))
     if it.has_media and not ug.media:

@@ -266,8 +266,12 @@ class ResponsesStream(StreamFormat):
         return Event(json.dumps(doc), event=doc.get("type"))
 
     def error_event(self, message: str, code: str) -> Event:
+        # The API's own `error` event (type, code, message) plus an `error` object: the openai
+        # SDK raises APIError with its message on that, where it ends a bare `error` event
+        # silently (and `get_final_response()` then fails without douane's reason).
+        error = {"type": "douane_refusal", "code": code, "message": message, "param": None}
         return Event(json.dumps({"type": "error", "code": code, "message": message,
-                                 "param": None}), event="error")
+                                 "param": None, "error": error}), event="error")
 
 
 def _item_recaps(item: dict[str, Any], base: tuple, index: Any) -> list[tuple[tuple, str]]:
