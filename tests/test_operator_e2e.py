@@ -4,14 +4,18 @@ own parameters, and what a proxy-mode identity failure looks like."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 
 import anthropic
 import openai
 import pytest
+import yaml
 
 from tests.conftest import UPSTREAM_KEY
-from tests.support.gateway import base_config
+from tests.support.gateway import REPO, base_config
 from tests.support.upstream import DEFAULT_REPLY, FakeUpstream
 
 CREDENTIAL = {"env": "DOUANE_TEST_UPSTREAM_KEY"}
@@ -156,3 +160,29 @@ def test_a_proxy_mode_identity_failure_and_where_its_reason_is(make_gateway, iss
             model="gpt-4o-mini", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
     assert err.value.status_code == 407 and "douane decision dcn_" in str(err.value)
     assert not upstream.requests
+
+
+@pytest.mark.parametrize("dev_issuer", [True, False])
+def test_the_start_banner_suggests_a_token_this_config_accepts(issuer, upstream, tmp_path,
+                                                               dev_issuer):
+    config = base_config(None if dev_issuer else issuer.url, upstream.url)
+    config["gateway"] = {"state_dir": str(tmp_path / "state")}
+    (tmp_path / "douane.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "DOUANE_CONFIG": str(tmp_path / "douane.yaml"),
+           "DOUANE_PORT": str(free_port()), "DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
+    run = subprocess.Popen([REPO / "scripts" / "run"], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        banner = ""
+        for line in run.stderr:
+            banner += line
+            if line.startswith("  Proxy mode:"):
+                break
+    finally:
+        os.killpg(run.pid, signal.SIGTERM)
+        run.wait(timeout=60)
+    if dev_issuer:
+        assert "douane token alice@example.com" in banner and "local dev issuer" in banner
+    else:
+        assert "douane token" not in banner
+        assert f"an access token from your identity provider: {issuer.url}" in banner
