@@ -294,4 +294,4 @@ def test_rules_that_see_a_texts_edges_are_matched_text_by_text(tmp_path):
               TextPiece("prompt", "user", "about project", ("m", 2)),
               TextPiece("prompt", "user", "nightingale", ("m", 3))]
     reasons = {r.rule: r.field for r in engine.risk(policy, pieces)}
-    assert reasons == {"deny.leading_ignore": "prompt[1]", "deny.codename": "prompt[*]"}
+    assert reasons == {"deny.leading_ignore": "prompt[1]", "deny.codename": "prompt[2..3]"}

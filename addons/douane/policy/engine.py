@@ -7,6 +7,7 @@ the rule, the field and the score, never the matched text.
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 from collections.abc import Iterable
 from typing import Any
@@ -15,7 +16,7 @@ from douane.flowstate import Decision, Identity, Reason
 from douane.interaction import Interaction, TextPiece
 from douane.policy import detectors
 from douane.policy.model import Grant, Policy, UpstreamGrant
-from douane.policy.normalize import decoded_base64, normalize
+from douane.policy.normalize import Normalized, decoded_base64, normalize
 
 LIMITED_OPERATIONS = ("chat.completions", "responses", "messages", "completions")
 # What each API calls its output ceiling, so a refusal names the parameter the caller can set.
@@ -101,29 +102,31 @@ def _labels(pieces: Iterable[TextPiece]) -> Iterable[tuple[str, TextPiece]]:
 def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
     """Every rule and detector that matches, once per rule, with the first field it matched.
 
-    Rules run once over each kind's texts joined (a phrase split across messages is caught there);
-    a `local` rule that misses the join cannot match any single text, so only the rules that hit
-    it are run again per text, to name the field."""
+    Rules run once over each kind's texts joined (a phrase split across messages, or mid-word
+    across two tool argument values, is caught there); a `local` rule that misses the join cannot
+    match any single text, so only the rules that hit it are run again per text, to name the
+    field. A match only the join holds names the texts it spans (`prompt[2..3]`)."""
     found: dict[str, Reason] = {}
-    joined = _joined(policy, pieces)
+    normalized: list[Normalized | None] = [None] * len(pieces)
+    joined = _joined(policy, pieces, normalized)
     # per kind, the rules worth running on each text: the local ones that hit the join, the rest
     todo = {kind: [r for r in policy.rules_by_kind[kind] if not r.local or r.matches(text)]
-            for kind, text in joined.items()}
-    for label, piece in _labels(pieces):
-        normalized: str | None = None
-        hidden: list[str] | None = None
+            for kind, (text, _) in joined.items()}
+    for i, (label, piece) in enumerate(_labels(pieces)):
+        hidden: list[Normalized] | None = None
         for rule in todo.get(piece.kind, ()):
             if rule.id in found:
                 continue
-            normalized = normalized if normalized is not None else normalize(piece.text)
+            text = normalized[i]
+            assert text is not None  # a kind with rules has its pieces normalised by _joined
             if not rule.decode_base64:
-                if rule.matches(normalized):
+                if rule.matches(text):
                     found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched", label,
                                             rule.score)
                 continue
             hidden = hidden if hidden is not None else \
-                [normalize(t) for t in decoded_base64(piece.text)]
-            if any(rule.matches(t) for t in (normalized, *hidden)):
+                [Normalized(normalize(t)) for t in decoded_base64(piece.text)]
+            if any(rule.matches(t) for t in (text, *hidden)):
                 found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched", label, rule.score)
         if policy.secrets and piece.kind in ("prompt", "tool_arguments", "tool_result"):
             lowered = piece.text.lower()
@@ -137,29 +140,51 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
                     detectors.HIGH_ENTROPY_RULE, "a high-entropy token (credential?) is in the "
                     "text", label, detectors.HIGH_ENTROPY_SCORE)
         if policy.injection and piece.kind in ("tool_result", "resource"):
-            normalized = normalized if normalized is not None else normalize(piece.text)
+            plain = normalized[i].text if normalized[i] else normalize(piece.text)
             for rule_id, pattern, score, hints in detectors.INJECTION:
-                if rule_id not in found and any(h in normalized for h in hints) and \
-                        pattern.search(normalized):
+                if rule_id not in found and any(h in plain for h in hints) and \
+                        pattern.search(plain):
                     found[rule_id] = Reason(rule_id, "prompt-injection phrasing in a tool result",
                                             label, score)
-    for kind, text in joined.items():
-        if sum(p.kind == kind for p in pieces) < 2:
+    for kind, (text, starts) in joined.items():
+        if len(starts) < 2:
             continue
         for rule in todo[kind]:
-            if rule.id not in found and (rule.local or rule.matches(text)):
-                found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched across messages",
-                                        f"{kind}[*]", rule.score)
+            if rule.id in found or not (rule.local or rule.matches(text)):
+                continue
+            span = rule.span(text)
+            first, last = (bisect.bisect_right(starts, span[0]) - 1,
+                           bisect.bisect_right(starts, span[1] - 1) - 1) if span else (0, 0)
+            field = f"{kind}[{first}..{last}]" if span else f"{kind}[*]"
+            found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched across texts", field,
+                                    rule.score)
     return list(found.values())
 
 
-def _joined(policy: Policy, pieces: list[TextPiece]) -> dict[str, str]:
-    """Per text kind that has rules, its texts joined by spaces and normalised."""
-    texts: dict[str, list[str]] = {}
-    for piece in pieces:
+def _joined(policy: Policy, pieces: list[TextPiece],
+            normalized: list[Normalized | None]) -> dict[str, tuple[Normalized, list[int]]]:
+    """Per text kind that has rules, its texts normalised (into `normalized`) and joined by
+    spaces, with where each text starts in the join (by its index among the kind's texts)."""
+    texts: dict[str, list[Normalized]] = {}
+    for i, piece in enumerate(pieces):
         if policy.rules_by_kind[piece.kind]:
-            texts.setdefault(piece.kind, []).append(piece.text)
-    return {kind: normalize(" ".join(parts)) for kind, parts in texts.items()}
+            normalized[i] = Normalized(normalize(piece.text))
+            texts.setdefault(piece.kind, []).append(normalized[i])
+    out = {}
+    for kind, kind_texts in texts.items():
+        if len(kind_texts) == 1:
+            out[kind] = (kind_texts[0], [0])
+            continue
+        parts, starts, at = [], [], 0
+        for text in kind_texts:
+            if parts and not (parts[-1].endswith(" ") or text.text.startswith(" ")):
+                parts.append(" ")
+                at += 1
+            starts.append(at)
+            parts.append(text.text)
+            at += len(text.text)
+        out[kind] = (Normalized("".join(parts)), starts)
+    return out
 
 
 def tool_risk(policy: Policy, it: Interaction) -> list[Reason]:

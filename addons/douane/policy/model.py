@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from douane.config import ConfigError, Document, View
-from douane.policy.normalize import normalize
+from douane.policy.normalize import Normalized, normalize, skeleton, skeleton_spans
 
 KINDS = ("prompt", "tool_description", "tool_arguments", "tool_result", "resource", "completion")
 
@@ -122,6 +122,8 @@ class Grant:
     limits: Limits
 
 
+# Skeletons of literals at least this long are matched anywhere, even inside longer words.
+UNBOUNDED_SKELETON = 12
 # Regex syntax whose meaning depends on what surrounds a match (conservative: `[^...]` counts too).
 EDGE_SENSITIVE = re.compile(r"[\^$]|\\[AZz]|\(\?<?[=!]")
 
@@ -136,10 +138,28 @@ class Rule:
     # A substring every match contains: the regex only runs on texts that hold it (Python's re
     # has no multi-pattern engine, so this keeps 100 rules cheap on the common, clean text).
     required: str | None
+    # A literal's letters and digits (leetspeak read as letters), also looked for in a text's
+    # skeleton: separators and punctuation between letters do not hide it. A short one must
+    # start and end at word edges (`ssn` is in the skeleton of "class name").
+    skeleton: str | None = None
+    bounded: bool = False
 
-    def matches(self, text: str) -> bool:
-        return (self.required is None or self.required in text) and \
-            self.pattern.search(text) is not None
+    def matches(self, text: Normalized) -> bool:
+        if self.skeleton is not None:  # a literal: its skeleton is in every text it is in
+            return self.skeleton in text.skeleton and (
+                not self.bounded or self.required in text.text  # type: ignore[operator]
+                or next(skeleton_spans(text.text, self.skeleton, True), None) is not None)
+        return (self.required is None or self.required in text.text) and \
+            self.pattern.search(text.text) is not None
+
+    def span(self, text: Normalized) -> tuple[int, int] | None:
+        """Where the rule first matches in the normalised text."""
+        found = self.pattern.search(text.text)
+        if found:
+            return found.span()
+        if self.skeleton is None:
+            return None
+        return next(skeleton_spans(text.text, self.skeleton, self.bounded), None)
 
     @functools.cached_property
     def local(self) -> bool:
@@ -283,15 +303,19 @@ def _rule(v: View) -> Rule:
         except re.error as e:
             raise v.error(f"invalid regex: {e}", "regex") from None
         required = required_literal(pattern.pattern)
+        letters = None
     else:
         required = normalize(v.get("literal", str))
         pattern = re.compile(re.escape(required))
+        letters = skeleton(required).split("\n")[-1]  # punctuation in a literal is punctuation
+        letters = letters if len(letters) >= 3 else None
     kinds = v.strings("in", ("prompt", "tool_arguments"))
     for kind in kinds:
         if kind not in KINDS:
             raise v.error(f"unknown text kind {kind!r} (expected: {', '.join(KINDS)})", "in")
     return Rule(rule_id, pattern, frozenset(kinds), v.get("score", float, 100.0),
-                v.get("decode_base64", bool, False), required)
+                v.get("decode_base64", bool, False), required, letters,
+                letters is not None and len(letters) < UNBOUNDED_SKELETON)
 
 
 def required_literal(regex: str) -> str | None:

@@ -1,37 +1,200 @@
-"""Text as a rule should see it: trivial obfuscation folded away before matching.
+"""Text as a rule should see it: obfuscation folded away before matching.
 
-NFKC (full-width and styled letters become plain), case folding, zero-width and bidi control
-characters removed, look-alike Cyrillic and Greek letters folded to Latin, whitespace collapsed.
-Optionally, base64 runs are decoded and appended so a denied phrase cannot hide in them.
+`normalize` maps each character through one table built at import, so a text is folded in a
+single `str.translate` pass (ASCII text takes CPython's fast path):
+- compatibility decomposition (NFKD: full-width, mathematical, circled and parenthesised
+  letters, ligatures), then every combining mark removed (accents, U+0336 strike-through, ...);
+- case folding;
+- look-alike letters and digits folded to the ASCII ones they imitate, from Unicode's confusables
+  data (TR39, as shipped by `confusable-homoglyphs`): Cyrillic, Greek, Armenian, Cherokee, Lisu,
+  Coptic, ...; Latin letters the data leaves out (small capitals, letters with a stroke) and
+  regional indicator letters fall back to their `anyascii` transliteration;
+- decimal digits of every script to ASCII digits;
+- tag characters (U+E0020-E007E) decoded to the ASCII they encode, so a phrase smuggled as tags
+  is read; other invisible characters (format characters: zero-width, bidi, soft hyphen;
+  variation selectors, which are marks; control characters) removed;
+- blank-looking characters that are not whitespace (U+2800, Hangul fillers) made spaces, and
+  whitespace collapsed.
+
+`skeletons` then gives what literal rules are also matched on: the normalised text with
+separators and punctuation removed and leetspeak read as letters.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-INVISIBLE = dict.fromkeys(map(ord, "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e"
-                                   "\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
-                                   "\u2060\u2061\u2062\u2063\u2064\u2066\u2067\u2068\u2069"
-                                   "\u206a\u206b\u206c\u206d\u206e\u206f\ufeff\ufe0f\ufe0e"))
-# Letters that look like Latin ones (after case folding), from Unicode's confusables list.
-CONFUSABLES = str.maketrans({
-    "а": "a", "в": "b", "е": "e", "ё": "e", "з": "3", "і": "i", "ї": "i", "ј": "j", "к": "k",
-    "м": "m", "н": "h", "о": "o", "р": "p", "с": "c", "т": "t", "у": "y", "х": "x", "ѕ": "s",
-    "ԁ": "d", "ԛ": "q", "ԝ": "w", "һ": "h", "ӏ": "l", "ɡ": "g", "ı": "i",
-    "α": "a", "β": "b", "γ": "y", "ε": "e", "η": "n", "ι": "i", "κ": "k", "ν": "v", "ο": "o",
-    "ρ": "p", "σ": "o", "ς": "c", "τ": "t", "υ": "u", "χ": "x", "ω": "w", "ϲ": "c", "ϳ": "j",
-    "ℓ": "l", "∕": "/", "⁄": "/", "‐": "-", "‑": "-", "‒": "-", "–": "-", "—": "-",
-})
-WHITESPACE = re.compile(r"\s+")
+from anyascii import anyascii
+from confusable_homoglyphs.confusables import confusables_data
+
+# Shown as nothing or a blank space, yet neither whitespace nor a format character.
+BLANKS = "\u115f\u1160\u2800\u3164\uffa0"
+TAGS = range(0xE0000, 0xE0080)
+# Code points worth a table entry: everything but the unified CJK ideographs and Hangul
+# syllables (whose NFKD is jamo: a Korean rule keeps matching Korean text).
+# Letters the confusables data leaves out, read by their transliteration
+TRANSLITERATED = ("LATIN ", "REGIONAL INDICATOR SYMBOL LETTER")
+SMALL_CAPITAL = re.compile(r"LATIN LETTER SMALL CAPITAL [A-Z]$")
+SMALL_CAPITAL_SCRIPTS = ("CYRILLIC SMALL LETTER", "GREEK SMALL LETTER", "CHEROKEE SMALL LETTER")
+SCANNED = (range(0x0000, 0x3400), range(0xA000, 0xAC00), range(0xD7B0, 0x20000),
+           range(0x2F800, 0x2FA20), range(0xE0000, 0xE01F0))
+
+
+def _visual(c: str, depth: int) -> str | None:
+    """The ASCII letter or digit (or, for a symbol, character) that `c` imitates, per the
+    confusables data, else None. A target may itself need folding (marks, a Latin small capital);
+    a small Cyrillic, Greek or Cherokee letter that has no look-alike imitates what its capital
+    imitates (`м` of `М`: their small letters are small capitals)."""
+    alnum = unicodedata.category(c)[0] in "LN"
+    best = None
+    for entry in confusables_data.get(c, ()):
+        target = entry["c"]
+        if not target.isascii():
+            if depth >= 2 or not all(SMALL_CAPITAL.match(unicodedata.name(t, "")) or
+                                     unicodedata.category(t)[0] == "M" or t.isascii()
+                                     for t in target):
+                continue
+            target = "".join(_fold(t, depth + 1) for t in target)
+        if not target or not target.isascii() or (alnum and not target.isalnum()):
+            continue
+        rank = (not target.islower(), not target.isalpha(), len(target), target)
+        if best is None or rank < best[0]:
+            best = (rank, target)
+    if best is None and depth == 0 and len(c.upper()) == 1 and c != c.upper() and \
+            unicodedata.name(c, "").startswith(SMALL_CAPITAL_SCRIPTS):
+        return _visual(c.upper(), depth + 1)
+    return best[1].lower() if best else None
+
+
+def _fold(c: str, depth: int = 0) -> str:
+    """One character as rules see it (see the module docstring)."""
+    cp = ord(c)
+    if cp in TAGS:
+        return chr(cp - 0xE0000).lower() if 0x20 <= cp - 0xE0000 < 0x7F else ""
+    if c in BLANKS:
+        return " "
+    category = unicodedata.category(c)
+    if category[0] == "M" or category == "Cf" or (category == "Cc" and not c.isspace()):
+        return ""
+    if c.isascii():
+        return c.lower()
+    if category == "Nd":
+        return str(unicodedata.decimal(c))
+    decomposed = unicodedata.normalize("NFKD", c)
+    if decomposed != c and depth < 4:  # styled letters, ligatures, letters with marks
+        return "".join(_fold(d, depth + 1) for d in decomposed)
+    visual = _visual(c, depth)  # before case folding: a capital eta imitates H, its small form n
+    if visual is not None:
+        return visual
+    folded = c.casefold()
+    if folded != c and depth < 4:
+        return "".join(_fold(d, depth + 1) for d in folded)
+    if unicodedata.name(c, "").startswith(TRANSLITERATED):
+        ascii_ = anyascii(c).lower()
+        if ascii_.isalnum():
+            return ascii_
+    return c
+
+
+def _table() -> dict[int, str]:
+    table = {}
+    for block in SCANNED:
+        for cp in block:
+            c = chr(cp)
+            category = unicodedata.category(c)
+            # unassigned, private, surrogates; and most of the 30,000 letters and symbols of other
+            # scripts: nothing to fold (a quick exit keeps the import short)
+            if category in ("Cn", "Co", "Cs") or (
+                    category in ("Lo", "So") and c not in confusables_data and c not in BLANKS
+                    and unicodedata.is_normalized("NFKD", c)
+                    and not unicodedata.name(c, "").startswith(TRANSLITERATED)):
+                continue
+            folded = _fold(c)
+            if folded != c:
+                table[cp] = folded
+    return table
+
+
+FOLD = _table()
 BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
 
 
 def normalize(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text).translate(INVISIBLE).casefold()
-    return WHITESPACE.sub(" ", text.translate(CONFUSABLES))
+    folded = text.translate(FOLD)
+    collapsed = " ".join(folded.split())  # whitespace runs made one space, edges kept
+    if folded[:1].isspace():
+        collapsed = " " + collapsed
+    if folded[-1:].isspace() and collapsed != " ":
+        collapsed += " "
+    return collapsed
+
+
+# Skeletons: letters and digits only, leetspeak read as letters. i, l, 1, | and ! are one letter
+# (as in TR39 skeletons), so `nightinga1e` and `n1ght1ngale` are both `nightingaie`.
+LEET = str.maketrans("01l345789", "oiieastbg")
+# Punctuation that is a letter in leetspeak (`n!ght!ngale`, `$ecret`) or a separator
+# (`project|nightingale`): a text that holds some has two skeletons, one reading it each way.
+AMBIGUOUS = str.maketrans("!|@$+", "iiast")
+# 1:1 maps (positions kept, for `skeleton_spans`), and the same deleting what is not kept.
+AS_LETTERS = str.maketrans({**LEET, **AMBIGUOUS})
+AS_SEPARATORS = str.maketrans({**LEET, **dict.fromkeys(AMBIGUOUS, " ")})
+PUNCTUATION = [c for c in range(128) if not chr(c).isalnum() and c not in AMBIGUOUS]
+SKELETON = str.maketrans({**LEET, **AMBIGUOUS, **dict.fromkeys(PUNCTUATION)})
+SKELETON_SEPARATED = str.maketrans({**LEET, **dict.fromkeys([*PUNCTUATION, *AMBIGUOUS])})
+NOT_KEPT = re.compile(r"[\W_]+")
+KEPT = re.compile(r"[^\W_]")
+
+
+@dataclass
+class Normalized:
+    """A text normalised once; its skeleton is computed when a literal rule first asks."""
+
+    text: str
+
+    @functools.cached_property
+    def skeleton(self) -> str:
+        return skeleton(self.text)
+
+
+def _ambiguous(normalized: str) -> bool:
+    return "!" in normalized or "|" in normalized or "@" in normalized or "$" in normalized \
+        or "+" in normalized
+
+
+def skeleton(normalized: str) -> str:
+    """`normalized` (a `normalize` result) reduced to letters and digits, leetspeak read as
+    letters. A text with punctuation that leetspeak uses as letters is read both ways, the two
+    readings separated by a newline (which no skeleton holds)."""
+    out = []
+    for table in (SKELETON, SKELETON_SEPARATED) if _ambiguous(normalized) else (SKELETON,):
+        kept = normalized.translate(table)
+        out.append(kept if kept.isalnum() or not kept else NOT_KEPT.sub("", kept))
+    return "\n".join(out)
+
+
+def skeleton_spans(normalized: str, skeleton: str, bounded: bool) -> Iterator[tuple[int, int]]:
+    """Where `skeleton` (a literal's) occurs in the skeleton of `normalized`, as spans of
+    `normalized`; `bounded`: only occurrences that start and end at word edges."""
+    for table in (AS_LETTERS, AS_SEPARATORS) if _ambiguous(normalized) else (AS_LETTERS,):
+        mapped = normalized.translate(table)
+        positions = [m.start() for m in KEPT.finditer(mapped)]
+        kept = "".join(mapped[p] for p in positions)
+        i = kept.find(skeleton)
+        while i >= 0:
+            start, end = positions[i], positions[i + len(skeleton) - 1] + 1
+            if not bounded or not (_word(normalized, start - 1) or _word(normalized, end)):
+                yield start, end
+            i = kept.find(skeleton, i + 1)
+
+
+def _word(text: str, i: int) -> bool:
+    return 0 <= i < len(text) and text[i].isalnum()
 
 
 def decoded_base64(text: str) -> list[str]:
