@@ -1,15 +1,20 @@
 """A real MCP server (the `mcp` SDK's MCPServer) over Streamable HTTP, for end-to-end tests.
 
 Run as `python -m tests.support.mcp_server PORT`; tools: echo, lookup_customer (returns PII),
-delete_records; a resource and a prompt.
+delete_records; a resource and a prompt. Streams are resumable (`Last-Event-ID` replays a
+stream's events from memory), and the server counts what it receives: `GET /_received` answers
+`{"requests": N, "bodies": [...]}` (the last 100 bodies), so a test can tell what reached it.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import sys
 
 import uvicorn
 from mcp.server.mcpserver import MCPServer
+from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
 
 server = MCPServer("douane-test-server")
 
@@ -45,6 +50,57 @@ def summarize(topic: str) -> str:
     return f"Please summarize {topic}."
 
 
+class MemoryEvents(EventStore):
+    """Every event of every stream, so a client may resume one with `Last-Event-ID`."""
+
+    def __init__(self) -> None:
+        self.ids = itertools.count(1)
+        self.events: list[tuple[str, str, object]] = []  # (event id, stream id, message)
+
+    async def store_event(self, stream_id, message):
+        event_id = str(next(self.ids))
+        self.events.append((event_id, stream_id, message))
+        return event_id
+
+    async def replay_events_after(self, last_event_id, send_callback: EventCallback):
+        stream = next((s for e, s, _ in self.events if e == last_event_id), None)
+        after = False
+        for event_id, stream_id, message in self.events:
+            if after and stream_id == stream and message is not None:
+                await send_callback(EventMessage(message, event_id))
+            after = after or event_id == last_event_id
+        return stream
+
+
+class Recorder:
+    """ASGI middleware counting the requests that reach the MCP app."""
+
+    def __init__(self, app) -> None:
+        self.app, self.count, self.bodies = app, 0, []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["path"] == "/_received":
+            body = json.dumps({"requests": self.count, "bodies": self.bodies[-100:]}).encode()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json")]})
+            return await send({"type": "http.response.body", "body": body})
+        self.count += 1
+        chunks: list[bytes] = []
+
+        async def recorded():
+            message = await receive()
+            if message["type"] != "http.request":
+                return message
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                self.bodies.append(b"".join(chunks).decode(errors="replace"))
+            return message
+
+        return await self.app(scope, recorded, send)
+
+
 if __name__ == "__main__":
-    uvicorn.run(server.streamable_http_app(), host="127.0.0.1", port=int(sys.argv[1]),
-                log_level="warning")
+    app = Recorder(server.streamable_http_app(event_store=MemoryEvents()))
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")

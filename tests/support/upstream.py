@@ -106,7 +106,9 @@ class FakeUpstream:
 
     Routes: POST /v1/chat/completions, /v1/responses (OpenAI), /v1/messages (Anthropic), JSON or
     SSE when the body asks `stream: true`. `reply` sets the answer text, `chunk_size` and
-    `chunk_delay` pace streams. Anything else answers 404 in OpenAI's error shape.
+    `chunk_delay` pace streams. `canned[path] = (content type, body)` answers that path (any
+    method) with exactly that body: a misbehaving server. Anything else answers 404 in OpenAI's
+    error shape.
     """
 
     def __init__(self, tls: bool = False) -> None:
@@ -114,6 +116,7 @@ class FakeUpstream:
         self.reply = DEFAULT_REPLY
         self.chunk_size = 4
         self.chunk_delay = 0.0
+        self.canned: dict[str, tuple[str, bytes]] = {}
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -138,7 +141,14 @@ class FakeUpstream:
                 stream = isinstance(req, dict) and req.get("stream") is True
                 path = self.path.split("?")[0]
                 pieces = _pieces(upstream.reply, upstream.chunk_size)
-                if path.endswith("/chat/completions"):
+                if path in upstream.canned:
+                    ctype, data = upstream.canned[path]
+                    self.send_response(200)
+                    self.send_header("content-type", ctype)
+                    self.send_header("transfer-encoding", "chunked")
+                    self.end_headers()
+                    self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+                elif path.endswith("/chat/completions"):
                     self._answer(stream, _openai_chat(model, upstream.reply),
                                  lambda: _openai_chat_events(model, pieces))
                 elif path.endswith("/responses"):

@@ -26,9 +26,6 @@ from douane.settings import Settings
 
 logger = logging.getLogger(__name__)
 LISTINGS = ("tools/list", "resources/list", "prompts/list")
-# MCP session housekeeping does not count against a caller's limits.
-UNMETERED = ("mcp:initialize", "mcp:ping", "mcp:notifications/initialized",
-             "mcp:notifications/cancelled", "mcp:get", "mcp:delete", "mcp:response")
 
 
 def explain(decision: Decision) -> str:
@@ -119,8 +116,8 @@ class Enforce:
             refuse(flow, 403, f"blocked by policy: {explain(decision)}", "policy_denied",
                    *violations, action="block")
             return
-        over = None if st.interaction.operation in UNMETERED else self.limiter.check(
-            f"{grant.source}|{st.identity.user}", grant.limits, st.interaction)
+        over = self.limiter.check(f"{grant.source}|{st.identity.user}", grant.limits,
+                                  st.interaction)
         if over:
             refuse(flow, 429, over.message, "rate_limited", over, action="block")
             return
@@ -157,9 +154,8 @@ class Enforce:
         assert st.interaction
         if st.interaction.protocol == "mcp" and flow.response.raw_content:
             doc = json.loads(flow.response.get_content(strict=True))
-            messages = doc if isinstance(doc, list) else [doc]
-            removals = [((n,) if isinstance(doc, list) else ()) + path
-                        for n, msg in enumerate(messages) for path in self._hidden(flow, msg)]
+            removals = [base + path for base, msg in mcp.each(doc)
+                        for path in self._hidden(flow, msg)]
             if removals:
                 protocols.remove_paths(flow, "response", removals)
         decision = engine.evaluate_response(self.live.current, st.interaction.response_texts)
@@ -170,34 +166,39 @@ class Enforce:
                 st.decision.risk = decision.risk
 
     def _hidden(self, flow: http.HTTPFlow, msg: Any) -> list[tuple]:
-        """Paths of listed items the caller may not use, in one JSON-RPC response."""
+        """Paths of listed items the caller may not use, in one JSON-RPC message. An answer to
+        no request of this flow (a resumed stream) is filtered as every listing it looks like."""
         st = state(flow)
         assert self.live and st.identity and st.upstream and st.interaction
-        method = next((m.method for m in st.interaction.mcp
-                       if isinstance(msg, dict) and m.request_id == msg.get("id")), None)
         result = msg.get("result") if isinstance(msg, dict) else None
-        if method not in LISTINGS or not isinstance(result, dict):
+        if not isinstance(result, dict):
             return []
-        key = method.split("/")[0]
-        hidden = engine.hidden_items(self.live.current, st.identity, st.upstream.name, method,
-                                     result)
-        if hidden:
-            st.decide("allow", Reason("policy.list_filtered",
-                                      f"{len(hidden)} {key} hidden from {method}"))
-        return [("result", key, i) for i in hidden]
+        method = mcp.answered_method(st.interaction, msg)
+        methods = [method] if method else [m for m in LISTINGS if m.split("/")[0] in result]
+        paths = []
+        for listing in (m for m in methods if m in LISTINGS):
+            key = listing.split("/")[0]
+            hidden = engine.hidden_items(self.live.current, st.identity, st.upstream.name,
+                                         listing, result)
+            if hidden:
+                st.decide("allow", Reason("policy.list_filtered",
+                                          f"{len(hidden)} {key} hidden from {listing}"))
+            paths += [("result", key, i) for i in hidden]
+        return paths
 
     def _police_message(self, flow: http.HTTPFlow, doc: Any,
                         rewriter: streams.StreamRewriter) -> None:
-        """One JSON-RPC message of an MCP SSE stream: filter listings, check tool results."""
-        hidden = self._hidden(flow, doc)
-        if hidden:
-            jsonpath.delete(doc, hidden)
+        """One SSE event of an MCP stream (a message or a batch): filter listings, police its
+        text (answers as the method they answer, server requests and notifications whole)."""
         st = state(flow)
         assert self.live and st.interaction
         pieces: list = []
-        method = next((m.method for m in st.interaction.mcp
-                       if isinstance(doc, dict) and m.request_id == doc.get("id")), None)
-        mcp.message_pieces(doc, method, (), st.interaction, pieces)
+        for base, msg in mcp.each(doc):
+            hidden = self._hidden(flow, msg)
+            if hidden:
+                jsonpath.delete(doc, [base + path for path in hidden])
+            mcp.message_pieces(msg, mcp.answered_method(st.interaction, msg), base,
+                               st.interaction, pieces)
         decision = engine.evaluate_response(self.live.current, pieces)
         if decision.action == "block":
             st.decide("block", *decision.reasons)

@@ -15,8 +15,9 @@ from typing import Any
 from douane.flowstate import Decision, Identity, Reason
 from douane.interaction import Interaction, TextPiece
 from douane.policy import detectors
-from douane.policy.model import Grant, Policy, UpstreamGrant
+from douane.policy.model import Grant, Policy, UpstreamGrant, names_match
 from douane.policy.normalize import Normalized, decoded_base64, normalize
+from douane.protocols.mcp import uri_problem
 
 LIMITED_OPERATIONS = ("chat.completions", "responses", "messages", "completions")
 # What each API calls its output ceiling, so a refusal names the parameter the caller can set.
@@ -57,7 +58,7 @@ def grant_violations(ug: UpstreamGrant, it: Interaction) -> list[Reason]:
                 out.append(Reason("grant.tool", f"tool {msg.tool} is not granted", "params.name"))
                 continue
             arguments = msg.params.get("arguments") or {}
-            for arg, constraint in ug.arguments.get(msg.tool, {}).items():
+            for arg, constraint in ug.tool_arguments(msg.tool).items():
                 if arg not in arguments:
                     continue
                 problem = constraint.violation(arguments[arg])
@@ -65,7 +66,7 @@ def grant_violations(ug: UpstreamGrant, it: Interaction) -> list[Reason]:
                     out.append(Reason("grant.argument", f"argument {arg} of {msg.tool} {problem}",
                                       f"arguments.{arg}"))
         elif msg.method == "resources/read" and msg.uri is not None and \
-                not any(fnmatch.fnmatchcase(msg.uri, g) for g in ug.resources):
+                not ug.resource_allowed(msg.uri):
             out.append(Reason("grant.resource", f"resource {msg.uri} is not granted", "params.uri"))
         elif msg.method == "prompts/get" and msg.prompt is not None and \
                 not any(fnmatch.fnmatchcase(msg.prompt, g) for g in ug.prompts):
@@ -192,7 +193,7 @@ def tool_risk(policy: Policy, it: Interaction) -> list[Reason]:
     for msg in it.mcp:
         if msg.method == "tools/call" and msg.tool:
             for globs, score in policy.tool_risk:
-                if any(fnmatch.fnmatchcase(msg.tool, g) for g in globs):
+                if names_match(msg.tool, globs):
                     out.append(Reason("tool_risk", f"calling {msg.tool} is risky", "params.name",
                                       score))
                     break
@@ -233,7 +234,7 @@ def hidden_items(policy: Policy, identity: Identity, upstream: str, method: str,
     key, field, allowed = {
         "tools/list": ("tools", "name", lambda ug, v: ug.tool_allowed(v)),
         "resources/list": ("resources", "uri",
-                           lambda ug, v: any(fnmatch.fnmatchcase(v, g) for g in ug.resources)),
+                           lambda ug, v: uri_problem(v) is None and ug.resource_allowed(v)),
         "prompts/list": ("prompts", "name",
                          lambda ug, v: any(fnmatch.fnmatchcase(v, g) for g in ug.prompts)),
     }[method]

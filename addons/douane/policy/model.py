@@ -61,6 +61,35 @@ from douane.policy.normalize import Normalized, normalize, skeleton, skeleton_sp
 KINDS = ("prompt", "tool_description", "tool_arguments", "tool_result", "resource", "completion")
 
 
+def name_key(name: str) -> str:
+    """A tool name as deny lists, argument constraints and tool risk compare it: normalised as
+    deny rules see text (case, width, look-alikes, invisible characters) and stripped."""
+    return normalize(name).strip()
+
+
+GLOB_TOKENS = re.compile(r"(\*|\?|\[[^\]]*\])")
+
+
+@functools.lru_cache(maxsize=1024)
+def glob_key(glob: str) -> str:
+    """A name glob normalised like `name_key`, its wildcards kept."""
+    return "".join(part if GLOB_TOKENS.fullmatch(part) else normalize(part)
+                   for part in GLOB_TOKENS.split(glob)).strip()
+
+
+def names_match(name: str, globs: tuple[str, ...]) -> bool:
+    key = name_key(name)
+    return any(fnmatch.fnmatchcase(key, glob_key(g)) for g in globs)
+
+
+@functools.lru_cache(maxsize=1024)
+def uri_glob(glob: str) -> re.Pattern[str]:
+    """A resource glob: `*` is any run of characters but `/` (one path segment), `**` any run,
+    `?` one character but `/`; everything else is literal."""
+    return re.compile("".join({"**": ".*", "*": "[^/]*", "?": "[^/]"}.get(part, re.escape(part))
+                              for part in re.split(r"(\*\*|\*|\?)", glob)))
+
+
 @dataclass(frozen=True)
 class ArgConstraint:
     regex: re.Pattern[str] | None = None
@@ -100,13 +129,22 @@ class UpstreamGrant:
     temperature: tuple[float, float] | None
     tools_allow: tuple[str, ...]  # MCP tool globs ("*" when unspecified)
     tools_deny: tuple[str, ...]
-    arguments: dict[str, dict[str, ArgConstraint]]
+    arguments: dict[str, dict[str, ArgConstraint]]  # by normalised tool name
     resources: tuple[str, ...]
     prompts: tuple[str, ...]
 
     def tool_allowed(self, name: str) -> bool:
+        """Allow globs match the name as sent (a variant of an allowed name is not allowed);
+        deny globs match it normalised (any variant of a denied name is denied)."""
         return any(fnmatch.fnmatchcase(name, g) for g in self.tools_allow) and \
-            not any(fnmatch.fnmatchcase(name, g) for g in self.tools_deny)
+            not names_match(name, self.tools_deny)
+
+    def tool_arguments(self, name: str) -> dict[str, ArgConstraint]:
+        """The argument constraints of a tool, by its normalised name."""
+        return self.arguments.get(name_key(name), {})
+
+    def resource_allowed(self, uri: str) -> bool:
+        return any(uri_glob(g).fullmatch(uri) for g in self.resources)
 
 
 @dataclass(frozen=True)
@@ -256,11 +294,11 @@ def _upstream_grant(v: View) -> UpstreamGrant:
         tv.only("allow", "deny", "arguments")
         allow, deny = tv.strings("allow", ("*",)), tv.strings("deny", ())
         for tool, av in tv.named("arguments"):
-            arguments[tool] = {}
+            constraints = arguments.setdefault(name_key(tool), {})
             for arg, c in av.data.items():
                 if not isinstance(c, dict):
                     raise av.error("expected a mapping of constraints", str(arg))
-                arguments[tool][str(arg)] = _constraint(View(c, av.path + (str(arg),), av.doc))
+                constraints[str(arg)] = _constraint(View(c, av.path + (str(arg),), av.doc))
         tools = True
     elif not isinstance(tools, bool):
         raise v.error("expected true/false or a mapping with allow/deny/arguments", "tools")

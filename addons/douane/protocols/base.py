@@ -37,6 +37,10 @@ class StreamFormat:
     def check(self, event: Event) -> None:
         """Raise ProtocolError for an event that must end the stream (before it is parsed)."""
 
+    def check_message(self, doc: Any) -> None:
+        """Raise ProtocolError for a parsed event that must end the stream (before any stage
+        reads it)."""
+
     def deltas(self, event: Event, doc: Any) -> list[Delta]:
         return []
 

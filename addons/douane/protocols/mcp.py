@@ -9,6 +9,8 @@ SDK's `server/discover` -> `initialize` fallback working.
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from typing import Any
 
 from douane.interaction import Interaction, Kind, McpMessage, TextPiece, ToolCall, ToolDef
@@ -23,43 +25,148 @@ KNOWN_METHODS = {
 }
 
 
+# JSON-RPC ids as answers are paired by. Strings and integers only (MCP's RequestId): a float, a
+# boolean or null could equal another id on one side and not on the other (Python's 1 == True,
+# JavaScript's 2**53 == 2**53 + 1), so an answer could be policed as the wrong request.
+ID_CHARS = 128
+SAFE_INTEGER = 2**53 - 1
+URI_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*:")
+URI_CHARS = 2048
+BATCH_MESSAGES = 1000
+NAME_CHARS = 128  # MCP: tool names are 1 to 128 characters
+# Answers whose text is read field by field; the text of any other message is read whole.
+SPECIFIC = ("tools/call", "tools/list", "resources/read", "prompts/get")
+# Keys of binary payloads (base64 images, audio, blobs, next to their mimeType), not text.
+BINARY_KEYS = ("data", "blob")
+
+
+def id_key(rid: Any) -> str | None:
+    """An id's pairing key (type and value: `1` and `"1"` differ), or None if unusable."""
+    if isinstance(rid, bool) or not isinstance(rid, int | str):
+        return None
+    if isinstance(rid, int) and abs(rid) > SAFE_INTEGER or isinstance(rid, str) and \
+            (len(rid) > ID_CHARS or not rid.isprintable()):
+        return None
+    return repr(rid)
+
+
+def _checked_id(msg: dict[str, Any], seen: set[str], what: str) -> int | str:
+    rid = msg.get("id")
+    if id_key(rid) is None:
+        raise ProtocolError(400, "invalid_id", f"{what} needs an id that is a string (at most "
+                            f"{ID_CHARS} printable characters) or an integer within +-2**53")
+    # 1 and "1" are distinct ids, but a server may not keep them apart: refuse them together.
+    if str(rid) in seen:
+        raise ProtocolError(400, "duplicate_id", "a JSON-RPC id appears twice in one batch")
+    seen.add(str(rid))
+    return rid
+
+
+def _params(msg: dict[str, Any], method: str) -> dict[str, Any]:
+    params = msg.get("params", {})
+    if not isinstance(params, dict):
+        raise ProtocolError(400, "invalid_body", f"the params of {method} must be an object")
+    return params
+
+
+def _name(params: dict[str, Any], method: str) -> str:
+    name = params.get("name")
+    if not isinstance(name, str) or not 0 < len(name) <= NAME_CHARS or not name.isprintable():
+        raise ProtocolError(400, "invalid_name", f"the name in {method} must be a string of 1 "
+                            f"to {NAME_CHARS} printable characters")
+    return name
+
+
+def uri_problem(uri: str) -> str | None:
+    """Why a resource URI is not in the one form grants are matched on, or None if it is.
+
+    Only URIs that every server reads the same way pass: no dot or empty path segments, no
+    percent-encoded character that could be read as something else once decoded (`/`, `\\`, `%`,
+    or an unreserved character such as `.`), no backslash, fragment, space, control or
+    compatibility character (full-width `．`). What passes is matched as sent."""
+    if not URI_SCHEME.match(uri) or len(uri) > URI_CHARS:
+        return f"is not an absolute URI with a lower-case scheme (at most {URI_CHARS} characters)"
+    if any(c in uri for c in "\\#") or not uri.isprintable() or any(c.isspace() for c in uri):
+        return "holds a backslash, a fragment, a space or a control character"
+    for escape in re.findall(r"%(.{0,2})", uri):
+        if not re.fullmatch(r"[0-9A-Fa-f]{2}", escape):
+            return "has a broken percent-escape"
+        char = chr(int(escape, 16))
+        if char in "/\\%" or re.fullmatch(r"[A-Za-z0-9._~-]", char):
+            return f"percent-encodes {char!r}, which a server may decode"
+    if unicodedata.normalize("NFKC", uri) != uri:
+        return "holds compatibility characters (full-width or styled letters)"
+    rest = uri.split(":", 1)[1].split("?", 1)[0]
+    path = rest[2:].partition("/")[2] if rest.startswith("//") else rest
+    segments = path.split("/")
+    if any(s in (".", "..") for s in segments) or "" in segments[:-1]:
+        return "has dot or empty path segments"
+    return None
+
+
 def parse_request(doc: Any, session_id: str | None) -> Interaction:
     messages = doc if isinstance(doc, list) else [doc]
     if not messages:
         raise ProtocolError(400, "invalid_body", "an empty JSON-RPC batch")
+    if len(messages) > BATCH_MESSAGES:
+        raise ProtocolError(413, "batch_too_large", f"a JSON-RPC batch holds at most "
+                            f"{BATCH_MESSAGES} messages")
     it = Interaction("mcp", "")
+    requests: set[str] = set()
+    answers: set[str] = set()
     for n, msg in enumerate(messages):
         base: tuple = (n,) if isinstance(doc, list) else ()
         if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
             raise ProtocolError(400, "invalid_body", "not a JSON-RPC 2.0 message")
         method = msg.get("method")
-        params = msg.get("params") if isinstance(msg.get("params"), dict) else {}
         if method is None:  # the client answers a server request (sampling, elicitation, roots)
-            it.mcp.append(McpMessage(None, msg.get("id"), {}, session_id))
-            it.texts += [TextPiece("prompt", "user", text, path) for path, text in
-                         jsonpath.strings(msg.get("result"), (*base, "result"))]
+            if ("result" in msg) == ("error" in msg):
+                raise ProtocolError(400, "invalid_body", "a JSON-RPC answer needs a result or "
+                                    "an error")
+            rid = _checked_id(msg, answers, "an answer")
+            it.mcp.append(McpMessage(None, rid, {}, session_id))
+            it.texts += [TextPiece("prompt", "user", text, path) for key in ("result", "error")
+                         for path, text in jsonpath.strings(msg.get(key), (*base, key))]
             continue
         if not isinstance(method, str):
             raise ProtocolError(400, "invalid_body", "a JSON-RPC method must be a string")
         if method not in KNOWN_METHODS and not method.startswith("notifications/"):
-            it.mcp.insert(0, McpMessage(method, msg.get("id"), params, session_id))
-            it.operation = f"mcp:{method}"
+            rid = msg.get("id") if id_key(msg.get("id")) else None
+            it.mcp.insert(0, McpMessage(method[:NAME_CHARS], rid, {}, session_id))
+            it.operation = f"mcp:{method[:NAME_CHARS]}"
             raise ProtocolError(403, "method_not_governed",
-                                f"douane does not govern the MCP method {method!r}", it)
-        message = McpMessage(method, msg.get("id"), params, session_id)
+                                f"douane does not govern the MCP method {method[:NAME_CHARS]!r}",
+                                it)
+        params = _params(msg, method)
+        if method.startswith("notifications/"):
+            if "id" in msg:
+                raise ProtocolError(400, "invalid_id", "a notification has no id")
+            rid = None
+        else:  # without an id the server acts but never answers: nothing would be policed
+            rid = _checked_id(msg, requests, f"the request {method}")
+        message = McpMessage(method, rid, params, session_id)
         if method == "tools/call":
-            message.tool = str(params.get("name"))
-            arguments = params.get("arguments") or {}
-            it.tool_calls.append(ToolCall(message.tool, arguments, msg.get("id"),
+            message.tool = _name(params, method)
+            arguments = params.get("arguments", {})
+            if not isinstance(arguments, dict):
+                raise ProtocolError(400, "invalid_body", "tool arguments must be an object")
+            it.tool_calls.append(ToolCall(message.tool, arguments, rid,
                                           (*base, "params", "arguments")))
             it.texts += [TextPiece("tool_arguments", "user", text, path) for path, text in
                          jsonpath.strings(arguments, (*base, "params", "arguments"))]
         elif method == "resources/read":
-            message.uri = str(params.get("uri"))
+            uri = params.get("uri")
+            problem = "is not a string" if not isinstance(uri, str) else uri_problem(uri)
+            if problem:
+                raise ProtocolError(400, "invalid_uri", f"the resource URI {problem}")
+            message.uri = uri
         elif method == "prompts/get":
-            message.prompt = str(params.get("name"))
+            message.prompt = _name(params, method)
             it.texts += [TextPiece("prompt", "user", text, path) for path, text in
                          jsonpath.strings(params.get("arguments"), (*base, "params", "arguments"))]
+        else:  # notifications, completions, ...: every string the client sends is inspected
+            it.texts += [TextPiece("prompt", "user", text, path) for path, text in
+                         jsonpath.strings(params, (*base, "params"))]
         it.mcp.append(message)
     methods = [m.method or "response" for m in it.mcp]
     it.operation = "mcp:" + (methods[0] if len(methods) == 1 else "batch")
@@ -68,8 +175,18 @@ def parse_request(doc: Any, session_id: str | None) -> Interaction:
 
 def message_pieces(msg: Any, method: str | None, base: tuple, it: Interaction,
                    texts: list[TextPiece]) -> None:
-    """The text of one JSON-RPC response, by the method it answers."""
-    result = msg.get("result") if isinstance(msg, dict) else None
+    """The text of one JSON-RPC message from the server: an answer, by the method it answers
+    (None: an answer no request of this flow asked for, as on a resumed stream), or a server
+    request or notification. Apart from the answers read field by field (SPECIFIC), every string
+    the server sends but binary payloads is read as a tool result."""
+    if not isinstance(msg, dict):
+        return
+    if "method" in msg or "error" in msg or method not in SPECIFIC:
+        key = "params" if "method" in msg else "error" if "error" in msg else "result"
+        texts += [TextPiece("tool_result", "tool", text, (*base, *path)) for path, text in
+                  jsonpath.strings(msg.get(key), (key,)) if not _binary(msg, path)]
+        return
+    result = msg.get("result")
     if not isinstance(result, dict):
         return
     if method == "tools/call":
@@ -108,16 +225,57 @@ def message_pieces(msg: Any, method: str | None, base: tuple, it: Interaction,
                                        (*base, "result", "messages", k, "content", "text")))
 
 
-def _method_of(it: Interaction, msg: Any) -> str | None:
-    rid = msg.get("id") if isinstance(msg, dict) else None
-    return next((m.method for m in it.mcp if m.request_id == rid and m.method), None)
+def _binary(msg: dict[str, Any], path: tuple) -> bool:
+    return path[-1] in BINARY_KEYS and "mimeType" in jsonpath.get(msg, path[:-1])
+
+
+def each(doc: Any) -> list[tuple[tuple, Any]]:
+    """The messages of a JSON-RPC body or event (one, or a batch) with their base paths."""
+    return [((n,), m) for n, m in enumerate(doc)] if isinstance(doc, list) else [((), doc)]
+
+
+def answered_method(it: Interaction, msg: Any) -> str | None:
+    """The method of the request this message answers (None: not an answer to one of ours)."""
+    if not isinstance(msg, dict) or "method" in msg:
+        return None
+    key = id_key(msg.get("id"))
+    return next((m.method for m in it.mcp if m.method and m.request_id is not None
+                 and id_key(m.request_id) == key), None) if key else None
+
+
+class Pairing:
+    """Answers paired to the requests of one flow: each request is answered at most once, and
+    an answer to no request of the flow ends it (it would be policed as nothing). A GET stream
+    asked nothing: what comes down it is policed whole, whatever it claims to answer."""
+
+    def __init__(self, it: Interaction):
+        self.open = {id_key(m.request_id) for m in it.mcp if m.method and m.request_id is not None}
+        self.paired = it.operation != "mcp:get"
+
+    def check(self, doc: Any) -> None:
+        for _, msg in each(doc):
+            if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
+                raise ProtocolError(502, "invalid_answer", "the MCP server sent something that "
+                                    "is not a JSON-RPC 2.0 message")
+            if "method" in msg:
+                continue
+            if ("result" in msg) == ("error" in msg):
+                raise ProtocolError(502, "invalid_answer", "a JSON-RPC answer needs a result or "
+                                    "an error")
+            if not self.paired:
+                continue
+            key = id_key(msg.get("id"))
+            if key in self.open:
+                self.open.discard(key)
+            elif msg.get("id") is not None or "error" not in msg:
+                raise ProtocolError(502, "unpaired_answer", "the MCP server answered a request "
+                                    "that was not asked, or answered one twice")
 
 
 def parse_response(doc: Any, it: Interaction) -> None:
-    messages = doc if isinstance(doc, list) else [doc]
-    for n, msg in enumerate(messages):
-        base = (n,) if isinstance(doc, list) else ()
-        message_pieces(msg, _method_of(it, msg), base, it, it.response_texts)
+    Pairing(it).check(doc)
+    for base, msg in each(doc):
+        message_pieces(msg, answered_method(it, msg), base, it, it.response_texts)
 
 
 class McpStream(StreamFormat):
@@ -127,6 +285,7 @@ class McpStream(StreamFormat):
 
     def __init__(self, interaction: Interaction):
         self.interaction = interaction
+        self.pairing = Pairing(interaction)
         self.count = 0
 
     def check(self, event: Event) -> None:
@@ -135,12 +294,15 @@ class McpStream(StreamFormat):
                                 "the legacy MCP HTTP+SSE transport is not governed by douane; "
                                 "use Streamable HTTP")
 
+    def check_message(self, doc: Any) -> None:
+        self.pairing.check(doc)
+
     def deltas(self, event: Event, doc: Any) -> list[Delta]:
-        if not isinstance(doc, dict):
-            return []
         self.count += 1
         pieces: list[TextPiece] = []
-        message_pieces(doc, _method_of(self.interaction, doc), (), self.interaction, pieces)
+        for base, msg in each(doc):
+            message_pieces(msg, answered_method(self.interaction, msg), base, self.interaction,
+                           pieces)
         return [Delta(f"msg{self.count}.{k}", p.kind, p.path) for k, p in enumerate(pieces)]
 
     def synthesize(self, channel: str, kind: Kind, text: str, template: Any) -> Event:

@@ -101,6 +101,7 @@ class StreamRewriter:
                 raise ProtocolError(502, "broken_stream", "the upstream sent an event that is not "
                                     "JSON") from None
         if doc is not None:
+            self.format.check_message(doc)
             for hook in self.message_hooks:
                 hook(doc)
             if self.abort_message:

@@ -1,0 +1,285 @@
+"""MCP without side doors (unit level): ids pair answers to requests unambiguously, every message
+from the server is policed (answers by the method they answer, the rest whole), tool names are
+compared normalised, resource URIs are matched only in their one unambiguous form, and limits
+count calls. End to end: tests/hardening/test_mcp_side_doors.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from douane.flowstate import Identity
+from douane.interaction import Interaction
+from douane.policy import engine, model
+from douane.policy.limits import RateLimiter
+from douane.protocols import mcp, streams
+from douane.protocols.base import ProtocolError
+
+
+def rpc(method: str | None = None, rid=1, **params) -> dict:
+    msg: dict = {"jsonrpc": "2.0"}
+    if rid is not ...:
+        msg["id"] = rid
+    if method:
+        msg["method"] = method
+        msg["params"] = params
+    return msg
+
+
+def refused(doc, code: str) -> None:
+    with pytest.raises(ProtocolError) as err:
+        mcp.parse_request(doc, None)
+    assert err.value.code == code, err.value.message
+
+
+@pytest.mark.parametrize(("doc", "code"), [
+    ([rpc("tools/list", 1), rpc("tools/call", 1, name="echo")], "duplicate_id"),
+    ([rpc("tools/list", 1), rpc("tools/call", "1", name="echo")], "duplicate_id"),
+    ([rpc(None, 7) | {"result": {}}, rpc(None, 7) | {"result": {}}], "duplicate_id"),
+    (rpc("tools/call", True, name="echo"), "invalid_id"),
+    (rpc("tools/call", 1.0, name="echo"), "invalid_id"),
+    (rpc("tools/call", None, name="echo"), "invalid_id"),
+    (rpc("tools/call", {"a": 1}, name="echo"), "invalid_id"),
+    (rpc("tools/call", [1], name="echo"), "invalid_id"),
+    (rpc("tools/call", 2**53, name="echo"), "invalid_id"),
+    (rpc("tools/call", "x" * 129, name="echo"), "invalid_id"),
+    (rpc("tools/call", "a\nb", name="echo"), "invalid_id"),
+    (rpc("tools/call", ..., name="echo"), "invalid_id"),  # the server would act and never answer
+    (rpc("notifications/message", 3, level="info", data="x"), "invalid_id"),
+    (rpc(None, 4), "invalid_body"),  # an answer with neither result nor error
+    (rpc("tools/call", 1, name=["echo"]), "invalid_name"),
+    (rpc("tools/call", 1, name={"n": "echo"}), "invalid_name"),
+    (rpc("tools/call", 1, name=None), "invalid_name"),
+    (rpc("tools/call", 1, name=7), "invalid_name"),
+    (rpc("tools/call", 1, name=""), "invalid_name"),
+    (rpc("tools/call", 1, name="x" * 129), "invalid_name"),
+    (rpc("tools/call", 1, name="ec\u200bho"), "invalid_name"),
+    (rpc("tools/call", 1), "invalid_name"),
+    (rpc("prompts/get", 1, name=["summarize"]), "invalid_name"),
+    (rpc("tools/call", 1, name="echo", arguments=["x"]), "invalid_body"),
+    (rpc("resources/read", 1, uri=["file:///docs/a"]), "invalid_uri"),
+    (rpc("resources/read", 1, uri="file:///docs/../secret/keys.txt"), "invalid_uri"),
+    (rpc("resources/read", 1, uri="file:///docs/%2e%2e/secret/keys.txt"), "invalid_uri"),
+    ({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": [1]}, "invalid_body"),
+    ([rpc("ping", n) for n in range(mcp.BATCH_MESSAGES + 1)], "batch_too_large"),
+])
+def test_ambiguous_requests_are_refused(doc, code):
+    refused(doc, code)
+
+
+def test_well_formed_batches_pass_and_notifications_are_inspected():
+    it = mcp.parse_request([rpc("tools/list", 1), rpc("tools/call", "2", name="echo",
+                                                      arguments={"text": "hi"}),
+                            rpc("notifications/message", ..., level="info",
+                                data={"note": "AKIAABCDEFGHIJKLMNOP"}),
+                            rpc(None, 1) | {"result": {"content": "sampled"}}], None)
+    assert [m.request_id for m in it.mcp] == [1, "2", None, 1]
+    texts = {(p.kind, p.text) for p in it.texts}
+    assert ("prompt", "AKIAABCDEFGHIJKLMNOP") in texts and ("tool_arguments", "hi") in texts
+    assert ("prompt", "sampled") in texts
+
+
+@pytest.mark.parametrize(("uri", "ok"), [
+    ("file:///docs/readme.txt", True),
+    ("file:///docs/my%20file.txt", True),
+    ("file:///docs/", True),
+    ("db://crm/table?id=7", True),
+    ("urn:isbn:0451450523", True),
+    ("file:///docs/../secret/keys.txt", False),
+    ("file:///docs/./readme.txt", False),
+    ("file:///docs/%2e%2e/secret/keys.txt", False),
+    ("file:///docs/%2E%2E/secret/keys.txt", False),
+    ("file:///docs/..%2fsecret/keys.txt", False),
+    ("file:///docs/..%5csecret", False),
+    ("file:///docs/%252e%252e/secret", False),
+    ("file:///docs/%41.txt", False),
+    ("file:///docs/%zz", False),
+    ("file:///docs/a%", False),
+    ("file:///docs//../secret", False),
+    ("file:////secret", False),
+    ("file:///docs\\..\\secret", False),
+    ("file:///docs/\uff0e\uff0e/secret", False),
+    ("file:///docs/readme.txt#x", False),
+    ("file:///docs/read me.txt", False),
+    (" file:///docs/readme.txt", False),
+    ("FILE:///docs/readme.txt", False),
+    ("docs/readme.txt", False),
+    ("x:a/../b", False),
+])
+def test_resource_uris_are_matched_only_in_their_one_form(uri, ok):
+    assert (mcp.uri_problem(uri) is None) is ok
+
+
+@pytest.mark.parametrize(("glob", "uri", "ok"), [
+    ("file:///docs/*", "file:///docs/readme.txt", True),
+    ("file:///docs/*", "file:///docs/sub/readme.txt", False),
+    ("file:///docs/*", "file:///docsx/readme.txt", False),
+    ("file:///docs/**", "file:///docs/sub/readme.txt", True),
+    ("file:///docs/*.txt", "file:///docs/readme.md", False),
+    ("file:///docs/?.txt", "file:///docs/a.txt", True),
+    ("file:///docs/?.txt", "file:///docs//.txt", False),
+    ("file:///docs/[ab].txt", "file:///docs/a.txt", False),  # brackets are literal
+])
+def test_resource_globs(glob, uri, ok):
+    assert bool(model.uri_glob(glob).fullmatch(uri)) is ok
+
+
+POLICY = """\
+version: 1
+default:
+  upstreams:
+    crm:
+      tools:
+        allow: ["*"]
+        deny: ["delete_records", "purge-cache", "*_ADMIN"]
+        arguments:
+          Lookup_Customer: {customer_id: {regex: "^[0-9]+$"}}
+      resources: ["file:///docs/*"]
+      prompts: ["summarize"]
+  limits: {requests_per_minute: 3}
+tool_risk:
+  - {tools: ["exec*"], score: 90}
+"""
+USER = Identity("u@corp", (), "test", "u", "bearer")
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> model.Policy:
+    (tmp_path / "p.yaml").write_text(POLICY)
+    return model.load([tmp_path / "p.yaml"])
+
+
+def call(name: str, **arguments) -> Interaction:
+    return mcp.parse_request(rpc("tools/call", 1, name=name, arguments=arguments), None)
+
+
+@pytest.mark.parametrize("name", [
+    "delete_records", "DELETE_RECORDS", "Delete_Records", " delete_records", "delete_records ",
+    "\uff44\uff45\uff4c\uff45\uff54\uff45_records", "purge\u2010cache", "purge\u2011cache",
+    "PURGE-CACHE", "user_admin", "user_Admin", "ехес_shell",  # Cyrillic е, х, с
+])
+def test_variants_of_denied_tools_are_refused(policy, name):
+    decision = engine.evaluate(policy, USER, "crm", call(name))
+    assert decision.action == "block", name
+
+
+def test_allowed_tools_pass_and_constraints_and_risk_follow_normalised_names(policy):
+    assert engine.evaluate(policy, USER, "crm", call("echo", text="hi")).action == "allow"
+    assert engine.evaluate(policy, USER, "crm", call("lookup_customer",
+                                                     customer_id="12")).action == "allow"
+    for name in ("lookup_customer", "LOOKUP_CUSTOMER", "lookup_\uff43ustomer"):
+        decision = engine.evaluate(policy, USER, "crm", call(name, customer_id="1 or 1=1"))
+        assert [r.rule for r in decision.reasons] == ["grant.argument"], name
+    for name in ("exec", "EXEC_sql", "\uff45xec"):
+        decision = engine.evaluate(policy, USER, "crm", call(name))
+        assert decision.action == "block" and decision.reasons[0].rule == "tool_risk", name
+
+
+def test_listed_variants_of_denied_tools_are_hidden(policy):
+    result = {"tools": [{"name": n} for n in ("echo", "Delete_Records", "purge\u2010cache")]}
+    assert engine.hidden_items(policy, USER, "crm", "tools/list", result) == [1, 2]
+    listed = {"resources": [{"uri": u} for u in ("file:///docs/a", "file:///docs/%2e%2e/b",
+                                                  "file:///docs/x/y")]}
+    assert engine.hidden_items(policy, USER, "crm", "resources/list", listed) == [1, 2]
+
+
+def test_resource_grants_match_within_a_segment(policy):
+    read = mcp.parse_request(rpc("resources/read", 1, uri="file:///docs/sub/keys.txt"), None)
+    assert engine.evaluate(policy, USER, "crm", read).reasons[0].rule == "grant.resource"
+    read = mcp.parse_request(rpc("resources/read", 1, uri="file:///docs/readme.txt"), None)
+    assert engine.evaluate(policy, USER, "crm", read).action == "allow"
+
+
+def test_limits_count_calls_not_requests(policy):
+    limits = policy.default.limits
+    limiter = RateLimiter()
+    batch = [rpc("tools/call", n, name="echo") for n in range(200)]
+    assert limiter.check("k", limits, mcp.parse_request(batch, None), now=0.0).rule == \
+        "limit.requests_per_minute"
+    housekeeping = mcp.parse_request([rpc("ping", 1), rpc("notifications/initialized", ...)], None)
+    for _ in range(5):
+        assert limiter.check("k", limits, housekeeping, now=1.0) is None
+    assert limiter.check("k", limits, mcp.parse_request(batch[:2], None), now=2.0) is None
+    assert limiter.check("k", limits, call("echo"), now=3.0) is None
+    assert limiter.check("k", limits, call("echo"), now=4.0) is not None
+    assert limiter.check("k", limits, mcp.parse_request(batch[:3], None), now=63.5) is None
+
+
+def answer(rid, **result) -> dict:
+    return {"jsonrpc": "2.0", "id": rid, "result": result}
+
+
+@pytest.mark.parametrize("doc", [
+    answer(2, content=[]),
+    answer(True, content=[]),
+    answer("1", content=[]),
+    [answer(1, content=[]), answer(1, content=[])],
+    {"jsonrpc": "2.0", "id": 1},
+    {"id": 1, "result": {}},
+    [1],
+])
+def test_answers_that_pair_with_no_request_are_refused(doc):
+    it = call("echo")
+    with pytest.raises(ProtocolError):
+        mcp.parse_response(doc, it)
+
+
+def test_answers_are_policed_as_the_method_they_answer():
+    it = mcp.parse_request([rpc("tools/list", 1), rpc("tools/call", 2, name="echo")], None)
+    assert mcp.answered_method(it, answer(1)) == "tools/list"
+    assert mcp.answered_method(it, answer(2)) == "tools/call"
+    assert mcp.answered_method(it, answer(True)) is None
+    mcp.parse_response([answer(2, content=[{"type": "text", "text": "a result"}]),
+                        {"jsonrpc": "2.0", "id": None, "error": {"code": -1, "message": "oops"}},
+                        answer(1, tools=[{"name": "t", "description": "d"}])], it)
+    assert [(p.kind, p.text) for p in it.response_texts] == \
+        [("tool_result", "a result"), ("tool_result", "oops"), ("tool_description", "d")]
+
+
+def run(it: Interaction, events: list[dict]) -> bytes:
+    rewriter = streams.StreamRewriter(mcp.McpStream(it), it, "dcn_t")
+    rewriter.filters.append(Redact())
+    data = b"".join(f"id: {n}\nevent: message\ndata: {json.dumps(e)}\n\n".encode()
+                    for n, e in enumerate(events))
+    out = rewriter(data)
+    return (out if isinstance(out, bytes) else b"".join(out)) + rewriter(b"")
+
+
+class Redact:
+    def feed(self, channel: str, text: str) -> str:
+        return text.replace("john@example.com", "<EMAIL>")
+
+    def finish(self, channel: str) -> str:
+        return ""
+
+
+def test_everything_down_a_get_stream_is_read():
+    it = Interaction("mcp", "mcp:get")
+    out = run(it, [
+        answer(5, content=[{"type": "text", "text": "mail john@example.com"}],
+               structuredContent={"r": "john@example.com"}),
+        {"jsonrpc": "2.0", "method": "notifications/message",
+         "params": {"level": "info", "data": {"who": "john@example.com"}}},
+        {"jsonrpc": "2.0", "id": 9, "method": "sampling/createMessage", "params": {"messages": [
+            {"role": "user", "content": {"type": "text", "text": "to john@example.com"}}]}},
+        answer(6, content=[{"type": "image", "data": "am9obkBleGFtcGxlLmNvbQ==",
+                            "mimeType": "image/png"}]),
+        {"jsonrpc": "2.0", "method": "notifications/message",
+         "params": {"level": "info", "data": "john@example.com"}},
+        [answer(7, content=[{"type": "text", "text": "john@example.com"}])],
+    ])
+    assert b"john@example.com" not in out and out.count(b"<EMAIL>") == 6
+    assert b"am9obkBleGFtcGxlLmNvbQ==" in out  # binary payloads are not text
+    assert all(p.kind == "tool_result" for p in it.response_texts)
+
+
+def test_a_post_stream_ends_at_an_unpaired_or_repeated_answer():
+    it = call("echo")
+    out = run(it, [answer(1, content=[{"type": "text", "text": "first"}]),
+                   answer(1, content=[{"type": "text", "text": "second"}])])
+    assert b"first" in out and b"second" not in out and b"answered one twice" in out
+    it = call("echo")
+    out = run(it, [answer(2, content=[{"type": "text", "text": "stray"}])])
+    assert b"stray" not in out and b"douane decision dcn_t" in out
