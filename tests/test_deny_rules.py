@@ -103,6 +103,7 @@ TRANSFORMS: dict[str, Callable[[str], str]] = {
     "variation_selector_1": after_each_letter("\ufe00"),
     "variation_selector_supplement": after_each_letter("\U000e0100"),
     "tag_controls_interleaved": after_each_letter("\U000e0001\U000e007f"),
+    "tag_letters_interleaved": after_each_letter(tags("xq")),
     "tags_whole_phrase": lambda s: "please summarise the notes" + tags(s),
     "tags_only": tags,
     "zero_width_space": between_letters("\u200b"),
@@ -249,7 +250,8 @@ def test_hard_negatives_joined_do_not_match(policy):
 def test_normalize_folds_what_a_reader_does_not_see():
     assert normalize("Ｈｅｌｌｏ\u200b  Wоrld") == "hello world"
     assert normalize("caf\u00e9 na\u0308ive \u0130stanbul") == "cafe naive istanbul"
-    assert normalize("hi" + tags("Project X")) == "hiproject x"
+    # tags read both ways: decoded (as a model that reads them) and unseen (as a person)
+    assert normalize("hi" + tags("Project X")) == "hiproject x hi"
     assert normalize("a\u2800b\u3164c") == "a b c"
     assert normalize("\u0661\u0662\u0663 \u09e7") == "123 1"  # Arabic-Indic, Bengali digits
     assert normalize("ΗΕLLO") == "hello"  # Greek capitals imitate Latin ones

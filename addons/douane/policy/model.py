@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from douane.config import ConfigError, Document, View
-from douane.policy.normalize import Normalized, normalize, skeleton, skeleton_spans
+from douane.policy.normalize import Normalized, normalize, skeleton, skeleton_pattern
 
 KINDS = ("prompt", "tool_description", "tool_arguments", "tool_result", "resource", "completion")
 
@@ -186,18 +186,21 @@ class Rule:
         if self.skeleton is not None:  # a literal: its skeleton is in every text it is in
             return self.skeleton in text.skeleton and (
                 not self.bounded or self.required in text.text  # type: ignore[operator]
-                or next(skeleton_spans(text.text, self.skeleton, True), None) is not None)
+                or any(self.letters.search(r) for r in text.readings))
         return (self.required is None or self.required in text.text) and \
             self.pattern.search(text.text) is not None
 
     def span(self, text: Normalized) -> tuple[int, int] | None:
         """Where the rule first matches in the normalised text."""
         found = self.pattern.search(text.text)
-        if found:
-            return found.span()
-        if self.skeleton is None:
-            return None
-        return next(skeleton_spans(text.text, self.skeleton, self.bounded), None)
+        if found or self.skeleton is None:
+            return found.span() if found else None
+        return next((m.span() for r in text.readings if (m := self.letters.search(r))), None)
+
+    @functools.cached_property
+    def letters(self) -> re.Pattern[str]:
+        """A literal's skeleton, found in a text's readings."""
+        return skeleton_pattern(self.skeleton or "", self.bounded)
 
     @functools.cached_property
     def local(self) -> bool:

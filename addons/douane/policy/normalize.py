@@ -27,7 +27,6 @@ import binascii
 import functools
 import re
 import unicodedata
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from anyascii import anyascii
@@ -86,10 +85,14 @@ def _fold(c: str, depth: int = 0) -> str:
         return c.lower()
     if category == "Nd":
         return str(unicodedata.decimal(c))
+    # a look-alike letter first (before case folding: a capital eta imitates H, its small form
+    # n), then the compatibility decomposition (styled letters, ligatures, letters with marks)
+    visual = _visual(c, depth)
+    if visual is not None and len(visual) == 1:
+        return visual
     decomposed = unicodedata.normalize("NFKD", c)
-    if decomposed != c and depth < 4:  # styled letters, ligatures, letters with marks
+    if decomposed != c and depth < 4:
         return "".join(_fold(d, depth + 1) for d in decomposed)
-    visual = _visual(c, depth)  # before case folding: a capital eta imitates H, its small form n
     if visual is not None:
         return visual
     folded = c.casefold()
@@ -122,11 +125,16 @@ def _table() -> dict[int, str]:
 
 
 FOLD = _table()
+TAG = re.compile("[\U000e0000-\U000e007f]")
 BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
 
 
 def normalize(text: str) -> str:
     folded = text.translate(FOLD)
+    if not text.isascii() and TAG.search(text):
+        # read both ways: by a model that decodes tags, and by one (or a person) that does not
+        # see them, so tag letters sprinkled inside a visible phrase do not hide it either
+        folded += " " + TAG.sub("", text).translate(FOLD)
     collapsed = " ".join(folded.split())  # whitespace runs made one space, edges kept
     if folded[:1].isspace():
         collapsed = " " + collapsed
@@ -139,27 +147,16 @@ def normalize(text: str) -> str:
 # (as in TR39 skeletons), so `nightinga1e` and `n1ght1ngale` are both `nightingaie`.
 LEET = str.maketrans("01l345789", "oiieastbg")
 # Punctuation that is a letter in leetspeak (`n!ght!ngale`, `$ecret`) or a separator
-# (`project|nightingale`): a text that holds some has two skeletons, one reading it each way.
+# (`project|nightingale`): a text that holds some is read both ways.
 AMBIGUOUS = str.maketrans("!|@$+", "iiast")
-# 1:1 maps (positions kept, for `skeleton_spans`), and the same deleting what is not kept.
+# Readings: 1:1 maps of a normalised text (positions kept, to find where a literal matched)...
 AS_LETTERS = str.maketrans({**LEET, **AMBIGUOUS})
 AS_SEPARATORS = str.maketrans({**LEET, **dict.fromkeys(AMBIGUOUS, " ")})
+# ... and the same, keeping letters and digits only: skeletons
 PUNCTUATION = [c for c in range(128) if not chr(c).isalnum() and c not in AMBIGUOUS]
 SKELETON = str.maketrans({**LEET, **AMBIGUOUS, **dict.fromkeys(PUNCTUATION)})
 SKELETON_SEPARATED = str.maketrans({**LEET, **dict.fromkeys([*PUNCTUATION, *AMBIGUOUS])})
 NOT_KEPT = re.compile(r"[\W_]+")
-KEPT = re.compile(r"[^\W_]")
-
-
-@dataclass
-class Normalized:
-    """A text normalised once; its skeleton is computed when a literal rule first asks."""
-
-    text: str
-
-    @functools.cached_property
-    def skeleton(self) -> str:
-        return skeleton(self.text)
 
 
 def _ambiguous(normalized: str) -> bool:
@@ -169,8 +166,8 @@ def _ambiguous(normalized: str) -> bool:
 
 def skeleton(normalized: str) -> str:
     """`normalized` (a `normalize` result) reduced to letters and digits, leetspeak read as
-    letters. A text with punctuation that leetspeak uses as letters is read both ways, the two
-    readings separated by a newline (which no skeleton holds)."""
+    letters; a text with punctuation that leetspeak uses as letters has two readings, separated
+    by a newline (which no skeleton holds)."""
     out = []
     for table in (SKELETON, SKELETON_SEPARATED) if _ambiguous(normalized) else (SKELETON,):
         kept = normalized.translate(table)
@@ -178,23 +175,36 @@ def skeleton(normalized: str) -> str:
     return "\n".join(out)
 
 
-def skeleton_spans(normalized: str, skeleton: str, bounded: bool) -> Iterator[tuple[int, int]]:
-    """Where `skeleton` (a literal's) occurs in the skeleton of `normalized`, as spans of
-    `normalized`; `bounded`: only occurrences that start and end at word edges."""
-    for table in (AS_LETTERS, AS_SEPARATORS) if _ambiguous(normalized) else (AS_LETTERS,):
-        mapped = normalized.translate(table)
-        positions = [m.start() for m in KEPT.finditer(mapped)]
-        kept = "".join(mapped[p] for p in positions)
-        i = kept.find(skeleton)
-        while i >= 0:
-            start, end = positions[i], positions[i + len(skeleton) - 1] + 1
-            if not bounded or not (_word(normalized, start - 1) or _word(normalized, end)):
-                yield start, end
-            i = kept.find(skeleton, i + 1)
+def readings(normalized: str) -> tuple[str, ...]:
+    """`normalized` with leetspeak read as letters, position for position: what
+    `skeleton_pattern`s search."""
+    if _ambiguous(normalized):
+        return normalized.translate(AS_LETTERS), normalized.translate(AS_SEPARATORS)
+    return (normalized.translate(AS_LETTERS),)
 
 
-def _word(text: str, i: int) -> bool:
-    return 0 <= i < len(text) and text[i].isalnum()
+def skeleton_pattern(skeleton: str, bounded: bool) -> re.Pattern[str]:
+    """Finds a literal's skeleton in a reading: its letters and digits, anything else between
+    them; `bounded`: starting and ending at word edges. (Linear: what may come between two
+    letters is never a letter.)"""
+    body = r"[\W_]*".join(map(re.escape, skeleton))
+    return re.compile(rf"(?<![^\W_]){body}(?![^\W_])" if bounded else body)
+
+
+@dataclass
+class Normalized:
+    """A text normalised once; its skeleton and readings are computed when a literal rule first
+    asks."""
+
+    text: str
+
+    @functools.cached_property
+    def skeleton(self) -> str:
+        return skeleton(self.text)
+
+    @functools.cached_property
+    def readings(self) -> tuple[str, ...]:
+        return readings(self.text)
 
 
 def decoded_base64(text: str) -> list[str]:
