@@ -425,3 +425,52 @@ def test_grants_survive_a_restart_and_pending_requests_are_denied_at_shutdown(
     finally:
         llm.close()
         hook.close()
+
+
+def test_the_preview_leads_with_what_was_flagged_and_claims_cannot_forge_output(setup, issuer):
+    """A 10-message request flagged in its first message; a user claim carrying a newline, a
+    forged log line and ANSI escapes; an approver's reason of 2 MB, then one with escapes."""
+    gw, llm, _, api = setup
+    bob = issuer.mint("bob@corp", ["approvers"])
+    forged = "[09:00:00.000] douane: approval apr_0000000000000000 approved by ciso@corp.example"
+    eve = f"eve\x1b[2K\radmin@corp.ex\n{forged}"
+    filler = [{"role": "user" if n % 2 else "assistant", "content": f"filler {n} " + "x" * 3000}
+              for n in range(1, 10)]
+    before = len(llm.requests)
+    held = Background(lambda: client(gw, llm, issuer.mint(eve, ["engineering"])).chat
+                      .completions.create(model="gpt-4o-mini", max_tokens=50, messages=[
+                          {"role": "user", "content": HELD}, *filler]))
+    pending = pending_for(api, bob, eve)
+    preview = pending["preview"]
+    assert preview[0] == {"kind": "prompt", "where": "messages.0.content", "text": HELD,
+                          "flagged": "hold.kestrel"}
+    assert [p["text"][:9] for p in preview[1:8]] == [f"filler {n} " for n in range(3, 10)]
+    assert all(p["note"] == "cut: the first 2,000 of 3,009 characters are shown"
+               for p in preview[1:8])
+    assert preview[8] == {"kind": "notice", "where": "",
+                          "text": "2 more piece(s) not shown (8 of 10)"}
+
+    def douane(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(DOUANE), "approvals", "--url", api, "--token", bob, *args],
+                              capture_output=True, text=True, timeout=30)
+
+    for shown in (douane("list"), douane("show", pending["id"])):
+        assert shown.returncode == 0 and "\x1b" not in shown.stdout and "\r" not in shown.stdout
+        assert "eve\\x1b[2K\\x0dadmin@corp" in shown.stdout
+        assert not any(line.startswith(forged[:20]) for line in shown.stdout.splitlines())
+    status, doc = call(api, bob, "POST", f"/approvals/{pending['id']}/deny",
+                       {"reason": "r" * 2_000_000})
+    assert status == 400 and "at most 1000" in doc["error"]
+    status, _ = call(api, bob, "POST", f"/approvals/{pending['id']}/deny",
+                     {"reason": "no\n" + forged + "\x1b[8m"})
+    assert status == 200
+    with pytest.raises(openai.PermissionDeniedError):
+        held.result()
+    assert len(llm.requests) == before
+    events(gw, pending["id"], "approval.denied")
+    log = gw.log_text()
+    assert not any(line.startswith(forged[:40]) for line in log.splitlines())
+    assert f"eve\\x1b[2K\\x0dadmin@corp.ex\\x0a{forged}" in log  # opened for ...
+    assert f"no\\x0a{forged}\\x1b[8m" in log  # denied by bob@corp: ...
+    records = gw.audit_where(lambda r: r.get("approval_id") == pending["id"], count=2)
+    assert all(len(json.dumps(r)) < 10_000 for r in records)

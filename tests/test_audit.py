@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from douane import audit
+from douane import audit, untrusted
 from douane.config import AuditConfig
 
 KEY = b"k" * 32
@@ -112,3 +112,89 @@ def test_tampering_across_rotated_files_is_detected(tmp_path, tamper):
     result = audit.verify(path, KEY)
     assert not result.ok and result.error.startswith(f"{bad}:1: "), result.error
     assert result.records == len(lines(oldest))
+
+
+def write_records(path: Path, n: int, *, backups: int, retention_days: int) -> audit.AuditLog:
+    log = audit.AuditLog(AuditConfig(path, 1000, backups, retention_days=retention_days), KEY)
+    for i in range(n):
+        log.append({"event": "decision", "decision_id": f"dcn_{i}", "user": "alice"})
+    log.close()
+    return log
+
+
+def test_rotation_keeps_records_younger_than_the_retention(tmp_path, caplog):
+    path = tmp_path / "audit.jsonl"
+    write_records(path, 40, backups=2, retention_days=30)
+    files = audit.log_files(path)
+    assert len(files) > 3  # over the budget of 2 backups: nothing young was deleted
+    result = audit.verify(path, KEY)
+    assert result.ok and result.first_seq == 1 and result.first_file == files[0], result
+    records = [json.loads(line) for f in files for line in lines(f)]
+    assert not [r for r in records if r["event"] == "audit.deleted"]
+    over = [r for r in records if r["event"] == "audit.over_budget"]
+    assert over and over[-1]["files_over_budget"] == len(files) - 1 - 2
+    assert "over its size budget" in caplog.text
+
+
+def test_rotation_past_retention_deletes_and_says_so(tmp_path, capsys):
+    path = tmp_path / "audit.jsonl"
+    write_records(path, 40, backups=2, retention_days=0)
+    files = audit.log_files(path)
+    assert len(files) == 3
+    result = audit.verify(path, KEY)
+    assert result.ok and result.first_seq > 1 and result.deleted_by is not None, result
+    assert f"records 1-{result.first_seq - 1} were deleted by rotation" in result.describe()
+    deleted = [json.loads(line) for f in files for line in lines(f)
+               if '"audit.deleted"' in line]
+    assert deleted[-1]["last_seq"] == result.first_seq - 1
+
+
+@pytest.mark.parametrize("retention_days", [0, 30])
+def test_a_chain_cut_at_its_start_does_not_verify(tmp_path, retention_days):
+    # someone deleted the oldest file(s): the surviving chain is intact, but its start is gone
+    path = tmp_path / "audit.jsonl"
+    write_records(path, 40, backups=3, retention_days=retention_days)
+    audit.log_files(path)[0].unlink()
+    result = audit.verify(path, KEY)
+    assert not result.ok and "are gone and no audit.deleted record" in result.error, result
+    assert result.first_seq > 1 and result.records > 0
+
+
+def test_client_values_in_a_record_are_bounded_and_scrubbed(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    key = "sk-proj-" + "Zq3x" * 10
+    log = audit.AuditLog(AuditConfig(path, 10**9, 5), KEY)
+    log.append({"event": "decision", "model": "m" * 10_000_000, "user": key,
+                "groups": [f"g{i}" for i in range(10_000)],
+                "reasons": [{"rule": "x", "message": "tool " + "t" * 100_000}]})
+    log.close()
+    data = path.read_bytes()
+    assert len(data) < 12_000 and key.encode() not in data
+    record = json.loads(data)
+    assert record["user"] == "<SECRET:detector.secret.api_key>"
+    assert record["model"].endswith(f"…[cut: 10000000 characters, sha256 "
+                                    f"{untrusted.digest('m' * 10_000_000)}]")
+    assert len(record["groups"]) == untrusted.LIST_ITEMS + 1
+    assert audit.verify(path, KEY).ok
+
+
+def test_verify_command_says_where_the_chain_starts(tmp_path, capsys):
+    from douane import config as configmod
+    from douane.cli import main
+
+    config = tmp_path / "douane.yaml"
+    config.write_text(f"version: 1\ngateway: {{state_dir: {tmp_path / 'state'}}}\n"
+                      "identity: {dev_issuer: {enabled: true}}\n"
+                      "audit: {max_bytes: 1000, backups: 2, retention_days: 0}\n")
+    loaded = configmod.load(config)
+    log = audit.AuditLog(loaded.audit, audit.hmac_key(loaded))
+    for i in range(40):
+        log.append({"event": "decision", "decision_id": f"dcn_{i}"})
+    log.close()
+    assert main(["audit", "verify", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    first = audit.verify(loaded.audit.path, audit.hmac_key(loaded)).first_seq
+    assert f"chain starts at seq {first} " in out and "deleted by rotation past retention" in out
+    audit.log_files(loaded.audit.path)[0].unlink()  # the evidence someone wants gone
+    assert main(["audit", "verify", "--config", str(config)]) == 1
+    assert "are gone and no audit.deleted record" in capsys.readouterr().out

@@ -13,7 +13,7 @@ import openai
 import pytest
 from mitmproxy.test import tflow, tutils
 
-from douane import audit, transcript
+from douane import audit, transcript, untrusted
 from douane.cli import main
 from douane.config import Credential, Upstream
 from douane.flowstate import Identity, state
@@ -46,14 +46,23 @@ def test_scrubbing_works_on_a_copy():
 
 def test_session_paths():
     f = tflow.tflow()
-    state(f).identity = Identity("alice@corp/../x", (), "t", "a", "bearer")
-    path = session_path(f, SETTINGS)
-    assert path.parts[0] == "alice@corp_.._x" and path.suffix == ".mitm"
-    state(f).identity = Identity("../..", (), "t", "a", "bearer")
-    assert session_path(f, SETTINGS).parts[0] == "_.."
-    assert path.name.startswith("conn-")
+
+    def folder(user: str) -> str:
+        state(f).identity = Identity(user, (), "t", "a", "bearer")
+        return session_path(f, SETTINGS).parts[0]
+
+    assert folder("alice@corp/../x").startswith("alice@corp-..-x--")
+    assert folder("../..").startswith("x--") and session_path(f, SETTINGS).suffix == ".mitm"
+    assert session_path(f, SETTINGS).name.startswith("conn-")
+    # one folder per exact name: no two users share one, whatever their names
+    names = ["иван@x.example", "олег@x.example", "a/b", "a_b", "a\\b", "Alice", "alice",
+             "x" * 300, "x" * 301, "../..", "..", "anonymous", "é", "e\u0301"]
+    folders = [folder(n) for n in names]
+    assert len(set(folders)) == len(names), folders
+    assert all(len(p) <= 62 and "/" not in p and not p.startswith(".") for p in folders)
+    assert folders[0] == "@x.example--" + untrusted.digest("иван@x.example")
     f.request.headers["mcp-session-id"] = "abc/123"
-    assert session_path(f, SETTINGS).name == "mcp-abc_123.mitm"
+    assert session_path(f, SETTINGS).name.startswith("mcp-abc-123--")
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +105,7 @@ def test_recordings_per_user_open_with_mitmproxy(recorded):
     gw, _, _ = recorded
     files = sorted(recordings(gw).rglob("*.mitm"))
     users = {p.relative_to(recordings(gw)).parts[0] for p in files}
-    assert users == {"alice@corp", "bob@corp", "anonymous"}
+    assert users == {untrusted.slug("alice@corp"), untrusted.slug("bob@corp"), "anonymous"}
     flows = [f for p in files for _, f in index.read_flows(p)]
     assert len(flows) == 6
     out = subprocess.run([str(MITMDUMP), "-n", "-r", str(files[0]), "--flow-detail", "1"],

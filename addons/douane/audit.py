@@ -29,14 +29,17 @@ from typing import Any
 
 from mitmproxy import http
 
+from douane import untrusted
 from douane.config import AuditConfig, Config
 from douane.flowstate import Reason, peek, publish, state
 from douane.refusals import DECISION_HEADER, guarded, refuse
 from douane.settings import Settings
+from douane.statefile import create_once
 
 logger = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
+EDGE_BYTES = 1 << 20  # the tail read for a file's last record (records are bounded)
 
 
 def canonical(record: dict[str, Any]) -> bytes:
@@ -54,12 +57,9 @@ def hmac_key(config: Config, create: bool = True) -> bytes:
     if config.audit.hmac_key:
         return config.audit.hmac_key.encode()
     key_file = config.state_dir / "audit-hmac.key"
-    if create and not key_file.exists():
-        key_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-    return key_file.read_text().strip().encode()
+    if not create:
+        return key_file.read_bytes().strip()
+    return create_once(key_file, lambda: secrets.token_hex(32).encode()).strip()
 
 
 def log_files(path: Path) -> list[Path]:
@@ -132,13 +132,23 @@ class AuditLog:
                 logger.exception("douane: cannot write the audit log %s", self.path)
         self._file.close()
 
-    def _write(self, record: dict[str, Any]) -> None:
-        record = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"), **record,
-                  "seq": self._seq + 1, "prev": self._prev}
+    def _line(self, record: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        # every value bounded and scrubbed here, off the event loop: a record never grows with
+        # what a client sent, and never keeps a key it put in a model name or a header
+        record = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                  **untrusted.scrub_all(record), "seq": self._seq + 1, "prev": self._prev}
         record["mac"] = sign(record, self.key)
-        line = canonical(record) + b"\n"
+        return canonical(record) + b"\n", record
+
+    def _write(self, record: dict[str, Any]) -> None:
+        line, signed = self._line(record)
         if self._file.tell() and self._file.tell() + len(line) > self.config.max_bytes:
-            self._rotate()
+            for note in self._rotate():  # what rotation deleted, or kept, starts the new file
+                self._put(*self._line(note))
+            line, signed = self._line(record)
+        self._put(line, signed)
+
+    def _put(self, line: bytes, record: dict[str, Any]) -> None:
         good = self._file.tell()
         try:
             self._file.write(line)
@@ -157,17 +167,62 @@ class AuditLog:
             f.truncate(good)
         self._file = self.path.open("ab")
 
-    def _rotate(self) -> None:
+    def _rotate(self) -> list[dict[str, Any]]:
+        """Shift the files up (audit.jsonl becomes .1) and delete the oldest beyond `backups`,
+        but only files whose every record is past `retention_days`: evidence younger than that
+        is kept over the size budget. Returns the records saying what was deleted or kept."""
         self._file.close()
-        for n in range(self.config.backups, 0, -1):
-            older = self.path.with_name(f"{self.path.name}.{n}")
-            if older.exists():
-                if n == self.config.backups:
-                    older.unlink()
-                else:
-                    older.rename(self.path.with_name(f"{self.path.name}.{n + 1}"))
+        for older in log_files(self.path)[:-1]:  # highest number first
+            older.rename(self.path.with_name(f"{self.path.name}.{int(older.suffix[1:]) + 1}"))
         self.path.rename(self.path.with_name(self.path.name + ".1"))
         self._file = self.path.open("ab")
+        rotated = log_files(self.path)[:-1]
+        horizon = time.time() - self.config.retention_days * 86400
+        notes: list[dict[str, Any]] = []
+        for n, oldest in enumerate(rotated[:max(0, len(rotated) - self.config.backups)]):
+            first, last = _edge_records(oldest)
+            if first is None or last is None or _timestamp(last) > horizon:
+                over = len(rotated) - self.config.backups - n
+                logger.error("douane: the audit log is over its size budget by %d file(s): its "
+                             "oldest records are younger than audit.retention_days (%d) and are "
+                             "kept", over, self.config.retention_days)
+                notes.append({"event": "audit.over_budget", "files_over_budget": over,
+                              "kept_file": oldest.name, "retention_days":
+                              self.config.retention_days, "message": "records younger than the "
+                              "retention are kept beyond the size budget (audit.max_bytes x "
+                              "audit.backups)"})
+                break
+            oldest.unlink()
+            notes.append({"event": "audit.deleted", "file": oldest.name, "first_seq": first["seq"],
+                          "last_seq": last["seq"], "last_ts": last["ts"],
+                          "retention_days": self.config.retention_days,
+                          "message": "rotation deleted records past the retention, beyond the "
+                          "size budget"})
+        return notes
+
+
+def _edge_records(file: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The first and last records of a log file, or None where one cannot be read."""
+    with file.open("rb") as f:
+        head = f.readline()
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - EDGE_BYTES))
+        tail = f.read().rstrip(b"\n").rpartition(b"\n")[2]
+
+    def parse(line: bytes) -> dict[str, Any] | None:
+        try:
+            record = json.loads(line)
+            return record if isinstance(record.get("seq"), int) and "ts" in record else None
+        except (ValueError, AttributeError):
+            return None
+    return parse(head), parse(tail)
+
+
+def _timestamp(record: dict[str, Any]) -> float:
+    try:
+        return datetime.fromisoformat(str(record["ts"])).timestamp()
+    except ValueError:
+        return time.time()  # unreadable: taken as young, so kept
 
 
 @dataclass
@@ -175,16 +230,32 @@ class Verification:
     records: int
     files: int
     error: str | None  # "FILE:LINE: what is wrong", the first bad record
+    first_seq: int | None = None  # where the surviving chain starts
+    first_file: Path | None = None
+    deleted_by: int | None = None  # seq of the audit.deleted record accounting for 1..first-1
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
+    def describe(self) -> str:
+        """Where the chain starts, and what happened to the records before it."""
+        if self.first_seq is None:
+            return "no records"
+        text = f"chain starts at seq {self.first_seq} ({self.first_file})"
+        if self.first_seq > 1 and self.deleted_by is not None:
+            text += (f"; records 1-{self.first_seq - 1} were deleted by rotation past retention "
+                     f"(audit.deleted record, seq {self.deleted_by})")
+        return text
+
 
 def verify(path: Path, key: bytes) -> Verification:
-    """Check the chain across rotated files, stopping at the first bad record."""
+    """Check the chain across rotated files, stopping at the first bad record. A chain whose
+    first surviving record is not seq 1 verifies only if a later record in it, `audit.deleted`,
+    says rotation deleted the records before it (past retention)."""
     files = log_files(path)
     count, seq, prev = 0, None, None
+    result = Verification(0, len(files), None)
     for file in files:
         for lineno, line in _lines(file):
             where = f"{file}:{lineno}"
@@ -192,21 +263,34 @@ def verify(path: Path, key: bytes) -> Verification:
                 record = json.loads(line)
                 rseq, rprev, mac = record["seq"], record["prev"], record["mac"]
             except (ValueError, KeyError, TypeError):
-                return Verification(count, len(files), f"{where}: not an audit record")
+                return _failed(result, count, f"{where}: not an audit record")
             if not hmac.compare_digest(sign(record, key), str(mac)):
-                return Verification(count, len(files), f"{where}: record was altered (bad MAC)")
+                return _failed(result, count, f"{where}: record was altered (bad MAC)")
             if seq is None:
                 if rseq == 1 and rprev != GENESIS:
-                    return Verification(count, len(files), f"{where}: first record is not the "
-                                                           f"start of the chain")
+                    return _failed(result, count, f"{where}: first record is not the start of "
+                                                  f"the chain")
+                result.first_seq, result.first_file = rseq, file
             elif rseq != seq + 1:
                 what = "deleted" if rseq > seq + 1 else "inserted or reordered"
-                return Verification(count, len(files),
-                                    f"{where}: records {what} (seq {rseq} follows {seq})")
+                return _failed(result, count, f"{where}: records {what} (seq {rseq} follows {seq})")
             elif rprev != prev:
-                return Verification(count, len(files), f"{where}: chain broken (prev mismatch)")
+                return _failed(result, count, f"{where}: chain broken (prev mismatch)")
+            if record.get("event") == "audit.deleted" and result.first_seq is not None and \
+                    record.get("last_seq") == result.first_seq - 1:
+                result.deleted_by = rseq
             seq, prev, count = rseq, mac, count + 1
-    return Verification(count, len(files), None)
+    result.records = count
+    if result.first_seq is not None and result.first_seq > 1 and result.deleted_by is None:
+        result.error = (f"{result.first_file}:1: the chain starts at seq {result.first_seq}: "
+                        f"records 1-{result.first_seq - 1} are gone and no audit.deleted record "
+                        f"says rotation deleted them past retention")
+    return result
+
+
+def _failed(result: Verification, count: int, error: str) -> Verification:
+    result.records, result.error = count, error
+    return result
 
 
 def _lines(file: Path) -> Iterator[tuple[int, bytes]]:

@@ -296,6 +296,7 @@ class AuditConfig:
     max_bytes: int
     backups: int
     hmac_key: str | None = field(repr=False, default=None)
+    retention_days: int = 30  # rotation never deletes a file holding a younger record
 
 
 @dataclass(frozen=True)
@@ -455,8 +456,11 @@ def _connect_to(v: View) -> tuple[str, str, int] | None:
 
 
 def _audit(v: View, state_dir: Path) -> AuditConfig:
-    v.only("path", "max_bytes", "backups", "hmac_key")
+    v.only("path", "max_bytes", "backups", "hmac_key", "retention_days")
+    retention = v.get("retention_days", int, 30)
+    if retention < 0:
+        raise v.error("expected a number of days (0 or more)", "retention_days")
     return AuditConfig(path=v.path_value("path", state_dir / "audit" / "audit.jsonl"),
                        max_bytes=v.size("max_bytes", 50 * 1024**2),
                        backups=v.get("backups", int, 20),
-                       hmac_key=v.secret("hmac_key"))
+                       hmac_key=v.secret("hmac_key"), retention_days=retention)

@@ -7,7 +7,6 @@ accepts its tokens only when the config sets `identity.dev_issuer.enabled: true`
 from __future__ import annotations
 
 import base64
-import os
 import time
 import uuid
 from pathlib import Path
@@ -18,20 +17,19 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jose import jwt
 
 from douane.config import DevIssuer
+from douane.statefile import create_once
 
 KID = "douane-dev"
 
 
+def _new_key() -> bytes:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+
+
 def _private_key(key_file: Path) -> rsa.RSAPrivateKey:
-    if not key_file.exists():
-        key_file.parent.mkdir(parents=True, exist_ok=True)
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-    loaded = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    loaded = serialization.load_pem_private_key(create_once(key_file, _new_key), password=None)
     assert isinstance(loaded, rsa.RSAPrivateKey), f"{key_file} does not hold an RSA key"
     return loaded
 

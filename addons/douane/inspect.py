@@ -15,7 +15,7 @@ import logging
 
 from mitmproxy import ctx, http
 
-from douane import protocols
+from douane import protocols, untrusted
 from douane.flowstate import Reason, state
 from douane.protocols import streams
 from douane.refusals import guarded, refuse
@@ -81,6 +81,10 @@ class Inspect:
             st.interaction = protocols.parse_request(st.upstream, flow)
         except protocols.ProtocolError as e:
             _refuse_protocol(flow, e)
+            return
+        problem = untrusted.absurd_name(st.interaction)
+        if problem:  # it would grow every record and log line that names it
+            refuse(flow, 400, problem, "invalid_name", Reason("protocol.invalid_name", problem))
             return
         st.interaction.inspected.append("request")
 

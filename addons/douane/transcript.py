@@ -21,6 +21,7 @@ from douane.flowstate import peek, summary
 from douane.interaction import Interaction, TextPiece, ToolCall
 from douane.protocols import streams
 from douane.protocols.sse import SseError, SseParser
+from douane.untrusted import escape
 
 OPENAI_PATHS = tuple("/" + e for e in protocols.OPENAI_ENDPOINTS)
 ANTHROPIC_PATHS = ("/messages", "/messages/count_tokens")
@@ -102,7 +103,13 @@ def header(meta: dict[str, Any]) -> list[str]:
     if meta.get("masked"):
         counts = ", ".join(f"{k} x{v}" for k, v in sorted(meta["masked"].items()))
         lines.append(f"  masked: {counts}")
-    return lines
+    return [escape(line) for line in lines]  # one value, one line: none starts a line of its own
+
+
+def _shown(lines: list[str]) -> list[str]:
+    """Conversation lines for a terminal: control characters escaped but newlines and tabs, and
+    a value's continuation lines indented, so no text the client or model sent starts a line."""
+    return [escape(line, keep="\n\t").replace("\n", "\n    ") for line in lines]
 
 
 def mark_masked(text: str, masked: dict[str, int]) -> str:
@@ -147,11 +154,21 @@ def _line(item: TextOrCall, masked: dict[str, int], streamed: bool = False) -> s
     else:
         label, text = LABELS.get(item.kind) or item.role or item.kind, item.text
     label += ", streamed" if streamed else ""
-    return f"[{label}] " + mark_masked(text, masked).replace("\n", "\n    ")
+    return f"[{label}] " + mark_masked(text, masked)
 
 
 def request_lines(flow: http.HTTPFlow, upstream: Upstream | None,
                   masked: dict[str, int]) -> list[str]:
+    return _shown(_request_lines(flow, upstream, masked))
+
+
+def response_lines(flow: http.HTTPFlow, upstream: Upstream | None,
+                   masked: dict[str, int]) -> list[str]:
+    return _shown(_response_lines(flow, upstream, masked))
+
+
+def _request_lines(flow: http.HTTPFlow, upstream: Upstream | None,
+                   masked: dict[str, int]) -> list[str]:
     if upstream is None:
         return ["(douane cannot read this API's conversation)"]
     try:
@@ -166,8 +183,8 @@ def request_lines(flow: http.HTTPFlow, upstream: Upstream | None,
     return lines
 
 
-def response_lines(flow: http.HTTPFlow, upstream: Upstream | None,
-                   masked: dict[str, int]) -> list[str]:
+def _response_lines(flow: http.HTTPFlow, upstream: Upstream | None,
+                    masked: dict[str, int]) -> list[str]:
     resp = flow.response
     if resp is None:
         return ["(no response)"]

@@ -35,17 +35,21 @@ from douane.approvals.store import (
 )
 from douane.audit import AuditTrail
 from douane.flowstate import Decision, FlowState, Identity, Reason, state
+from douane.interaction import TextPiece
 from douane.masking import operators
 from douane.masking.addon import Mask
 from douane.policy.addon import explain
+from douane.policy.engine import _labels
 from douane.refusals import guarded, refuse
 from douane.settings import Settings
 from douane.tokens import TokenVerifier
+from douane.untrusted import escape
 
 logger = logging.getLogger(__name__)
 MITMWEB = "mitmweb operator"
 POLL = 0.5  # how often a held flow checks for a kill in mitmweb or a gone client
 PREVIEW_PIECES, PREVIEW_CHARS = 8, 2000
+PREVIEW_KINDS = ("prompt", "tool_arguments")  # the context shown after the flagged pieces
 KEEP_DECIDED = 3600  # seconds a decided request stays visible to `show`
 
 
@@ -183,7 +187,8 @@ class Approvals:
                     "model": pending.model, "reasons": pending.reasons, "risk": pending.risk,
                     "mode": mode, "timeout_seconds": timeout})
         logger.info("douane: approval %s opened for %s (%s on %s, %s mode)", pending.id,
-                    pending.requester.user, pending.subject, pending.upstream, mode)
+                    escape(pending.requester.user), escape(pending.subject), pending.upstream,
+                    mode)
         if self.notifier:
             assert self.api
             self.notifier.notify(pending, self.approvals.public_url or
@@ -191,11 +196,12 @@ class Approvals:
         return pending
 
     async def _preview(self, st: FlowState) -> list[dict[str, str]]:
-        """The last prompt pieces or tool arguments, masked when masking is configured."""
-        assert st.interaction
-        pieces = [p for p in st.interaction.texts
-                  if p.kind in ("prompt", "tool_arguments")][-PREVIEW_PIECES:]
-        texts = [p.text[:PREVIEW_CHARS] for p in pieces]
+        """What the approver reads: the pieces the reasons point at first, then the last prompt
+        pieces or tool arguments for context, masked when masking is configured; a piece or a
+        list that was cut says so."""
+        assert st.interaction and st.decision
+        chosen, candidates = preview_pieces(st.interaction.texts, st.decision.reasons)
+        texts = [p.text[:PREVIEW_CHARS] for p, _ in chosen]
         if self.mask.pool and self.mask.masking and texts:
             try:
                 spans = await self.mask.pool.analyze(texts)
@@ -205,8 +211,19 @@ class Approvals:
                          "failed"}]
             texts = [operators.apply(self.mask.masking, t, s, {}) for t, s in zip(texts, spans,
                                                                                    strict=True)]
-        return [{"kind": p.kind, "where": ".".join(map(str, p.path)), "text": t}
-                for p, t in zip(pieces, texts, strict=True)]
+        out = []
+        for (piece, rules), text in zip(chosen, texts, strict=True):
+            shown = {"kind": piece.kind, "where": ".".join(map(str, piece.path)), "text": text}
+            if rules:
+                shown["flagged"] = ", ".join(rules)
+            if len(piece.text) > PREVIEW_CHARS:
+                shown["note"] = f"cut: the first {PREVIEW_CHARS:,} of {len(piece.text):,} " \
+                                "characters are shown"
+            out.append(shown)
+        if candidates > len(chosen):
+            out.append({"kind": "notice", "where": "", "text": f"{candidates - len(chosen)} "
+                        f"more piece(s) not shown ({len(chosen)} of {candidates})"})
+        return out
 
     async def _hold(self, flow: http.HTTPFlow, pending: Pending) -> None:
         """Wait for the outcome; a kill in mitmweb does not wake `wait_for_resume`, so poll."""
@@ -281,7 +298,7 @@ class Approvals:
                           grant_one_shot=grant.fingerprint is not None)
         self.audit(record)
         logger.info("douane: approval %s %s%s: %s", pending.id, status,
-                    f" by {approver}" if approver else "", reason)
+                    f" by {escape(approver)}" if approver else "", escape(reason))
 
     def _expire(self, pending: Pending) -> None:
         if pending.status == "pending":
@@ -346,3 +363,21 @@ class Approvals:
         pending = self._decidable(approval_id, approver)
         self._finish(pending, "denied", approver.user, reason)
         return pending
+
+
+def preview_pieces(texts: list[TextPiece], reasons: list[Reason]
+                   ) -> tuple[list[tuple[TextPiece, list[str]]], int]:
+    """The pieces an approver sees, each with the rules pointing at it (a reason's field names
+    a piece as `prompt[2]`, or every piece of a kind as `prompt[*]`): the flagged ones first,
+    then the last prompt pieces or tool arguments, `PREVIEW_PIECES` in all; and how many were
+    candidates."""
+    flagged, context = [], []
+    for label, piece in _labels(texts):
+        rules = [r.rule for r in reasons if r.field in (label, f"{piece.kind}[*]")]
+        if rules:
+            flagged.append((piece, rules))
+        elif piece.kind in PREVIEW_KINDS:
+            context.append((piece, rules))
+    shown = flagged[:PREVIEW_PIECES]
+    room = PREVIEW_PIECES - len(shown)
+    return shown + context[max(0, len(context) - room):], len(flagged) + len(context)

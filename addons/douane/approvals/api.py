@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 ID = r"(apr_[0-9a-f]{16})"
+REASON_CHARS = 1000
 
 
 class ApprovalError(tornado.web.HTTPError):
@@ -68,6 +69,14 @@ class _Handler(tornado.web.RequestHandler):
             raise ApprovalError(400, "the body must be a JSON object")
         return doc
 
+    def reason(self, doc: dict[str, Any], default: str = "") -> str:
+        """The approver's reason: it reaches the held client and the audit records, bounded."""
+        reason = str(doc.get("reason") or default).strip()
+        if len(reason) > REASON_CHARS:
+            raise ApprovalError(400, f"the reason is {len(reason)} characters long (at most "
+                                f"{REASON_CHARS})")
+        return reason
+
     def reply(self, doc: dict[str, Any], status: int = 200) -> None:
         self.set_status(status)
         self.set_header("content-type", "application/json")
@@ -99,13 +108,13 @@ class ApproveHandler(_Handler):
             if grant is None or grant <= 0:
                 raise ApprovalError(400, f"not a duration: {doc['for']!r} (e.g. 15m, 1h, 1d)")
         pending = await self.api.addon.approve(approval_id, self.approver,
-                                               str(doc.get("reason") or "approved"), grant)
+                                               self.reason(doc, "approved"), grant)
         self.reply(pending.summary())
 
 
 class DenyHandler(_Handler):
     async def post(self, approval_id: str) -> None:
-        reason = str(self.body().get("reason") or "").strip()
+        reason = self.reason(self.body())
         if not reason:
             raise ApprovalError(400, "a denial needs a reason (it is shown to the requester)")
         self.reply(self.api.addon.deny(approval_id, self.approver, reason).summary())

@@ -12,6 +12,7 @@ import urllib.request
 from typing import Any
 
 from douane.commands import add_config_option, config_file, load_config
+from douane.untrusted import escape
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,14 +75,28 @@ def list_(args: argparse.Namespace) -> int:
     rows = _call(args, "GET", "/approvals")["approvals"]
     print(f"{'approval id':<20} {'user':<24} {'upstream':<10} {'subject':<24} {'mode':<6} "
           f"{'risk':>5}  expires")
-    for r in rows:
+    for r in map(_escaped, rows):
         print(f"{r['id']:<20} {r['user'][:24]:<24} {r['upstream'][:10]:<10} "
               f"{r['subject'][:24]:<24} {r['mode']:<6} {r['risk']:>5g}  {_when(r['expires_at'])}")
     print(f"({len(rows)} pending)")
     return 0
 
 
+def _escaped(value: Any) -> Any:
+    """Every string the gateway sent (claims, names, reasons, a prompt) escaped for a terminal:
+    newlines and tabs kept in a preview's text only, where the lines are indented."""
+    if isinstance(value, str):
+        return escape(value)
+    if isinstance(value, dict):
+        return {k: escape(v, keep="\n\t").replace("\n", "\n    ") if k == "text" and
+                isinstance(v, str) else _escaped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escaped(v) for v in value]
+    return value
+
+
 def _print(r: dict[str, Any]) -> None:
+    r = _escaped(r)
     print(f"approval   {r['id']} ({r['status']}, {r['mode']} mode)")
     print(f"requester  {r['user']} (groups: {', '.join(r['groups']) or '-'})")
     print(f"target     {r['upstream']} ({r['protocol']}) {r['operation']} {r['subject']}")
@@ -95,8 +110,11 @@ def _print(r: dict[str, Any]) -> None:
         box = f" (grant for {r['grant_seconds']} s)" if r.get("grant_seconds") else ""
         print(f"outcome    {r['status']} by {r['approver'] or 'douane'}{box}: {r['reason']}")
     for piece in r["preview"]:
-        print(f"--- {piece['kind']} {piece['where']}".rstrip())
-        print(piece["text"])
+        flagged = f" (flagged: {piece['flagged']})" if piece.get("flagged") else ""
+        print(f"--- {piece['kind']} {piece['where']}".rstrip() + flagged)
+        print("    " + piece["text"])
+        if piece.get("note"):
+            print(f"    [{piece['note']}]")
 
 
 def show_(args: argparse.Namespace) -> int:
@@ -116,5 +134,5 @@ def approve_(args: argparse.Namespace) -> int:
 
 def deny_(args: argparse.Namespace) -> int:
     r = _call(args, "POST", f"/approvals/{args.id}/deny", {"reason": args.reason})
-    print(f"{r['id']} denied: {r['reason']}")
+    print(escape(f"{r['id']} denied: {r['reason']}"))
     return 0

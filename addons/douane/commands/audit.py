@@ -8,6 +8,7 @@ from pathlib import Path
 
 from douane import audit
 from douane.commands import add_config_option, load_config
+from douane.untrusted import escape
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,10 +38,11 @@ def verify(args: argparse.Namespace) -> int:
         return 1
     result = audit.verify(path, key)
     if not result.ok:
-        print(f"FAIL after {result.records} good record(s): {result.error}")
+        print(escape(f"FAIL after {result.records} good record(s): {result.error}"))
         return 1
     if result.records == 0:
         print(f"FAIL: {path} holds no audit record")
         return 1
-    print(f"ok: {result.records} record(s) in {result.files} file(s), chain intact")
+    print(escape(f"ok: {result.records} record(s) in {result.files} file(s), chain intact; "
+                 f"{result.describe()}"))
     return 0

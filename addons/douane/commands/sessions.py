@@ -21,6 +21,7 @@ from douane import transcript
 from douane.audit import AuditConfig, AuditLog, hmac_key
 from douane.commands import add_config_option, config_file, load_config
 from douane.recording import index, originals, replay
+from douane.untrusted import escape
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,8 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     show = verbs.add_parser("show", help="one flow as a readable transcript")
     show.add_argument("id", help="a decision id (dcn_...) or a flow id")
     show.set_defaults(func=show_)
-    export = verbs.add_parser("export", help="write a flow, or its whole session, to a .mitm")
-    export.add_argument("id")
+    export = verbs.add_parser("export", help="write a flow, its whole session, or every flow "
+                              "of a user, to a .mitm")
+    export.add_argument("id", nargs="?")
+    export.add_argument("--user", help="every recorded flow of this user (the exact name), "
+                        "oldest first")
+    export.add_argument("--since", help="with --user: e.g. 30m, 12h, 1d, 2w")
     export.add_argument("-o", "--output", type=Path, required=True)
     export.add_argument("--session", action="store_true", help="the whole session file")
     export.set_defaults(func=export_)
@@ -89,6 +94,7 @@ def list_(args: argparse.Namespace) -> int:
           f"{'decision':<8} {'status':>6} {'masked':>6}  decision id")
     for r in rows:
         when = datetime.fromtimestamp(r["ts"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+        r = {k: escape(v) if isinstance(v, str) else v for k, v in r.items()}
         op = (r["operation"] or "-") + (f" {r['tool']}" if r["tool"] else "")
         print(f"{when:<20} {r['user'][:24]:<24} {(r['upstream'] or '-')[:10]:<10} {op[:22]:<22} "
               f"{r['decision']:<8} {r['status'] or '-':>6} {r['masked'] or 0:>6}  "
@@ -101,11 +107,14 @@ def _flow(recording, ident: str) -> tuple[dict, http.HTTPFlow]:
     db = index.connect(recording.index_path)
     r = index.find(db, ident)
     if r is None:
-        raise SystemExit(f"no recorded flow {ident}")
+        raise SystemExit(f"no recorded flow {escape(ident)}")
+    return r, _read(recording, r)
+
+
+def _read(recording, r: dict) -> http.HTTPFlow:
     with (recording.dir / r["file"]).open("rb") as f:
         f.seek(r["offset"])
-        flow = next(iter(io.FlowReader(f).stream()))
-    return r, flow
+        return next(iter(io.FlowReader(f).stream()))
 
 
 def show_(args: argparse.Namespace) -> int:
@@ -119,12 +128,16 @@ def _transcript(config, r: dict, flow: http.HTTPFlow, marked: bool) -> str:
     """The flow as douane.transcript renders it everywhere (the content view too), parsed as the
     configured upstream when it still exists (a generic upstream's text paths live there)."""
     upstream = next((u for u in config.upstreams if u.name == r["upstream"]), None)
-    return (f"{flow.request.method} {flow.request.pretty_url}\n"
+    return (escape(f"{flow.request.method} {flow.request.pretty_url}") + "\n"
             + transcript.render(flow, upstream, marked=marked))
 
 
 def export_(args: argparse.Namespace) -> int:
     _, recording = _load(args)
+    if args.user is not None:
+        return _export_user(args, recording)
+    if args.id is None:
+        raise SystemExit("give a decision or flow id, or --user")
     r, flow = _flow(recording, args.id)
     if args.session:
         args.output.write_bytes((recording.dir / r["file"]).read_bytes())
@@ -132,6 +145,19 @@ def export_(args: argparse.Namespace) -> int:
         with args.output.open("wb") as f:
             io.FlowWriter(f).add(flow)
     print(f"wrote {args.output}")
+    return 0
+
+
+def _export_user(args: argparse.Namespace, recording) -> int:
+    """A user's flows from every session file (their folder's name is a slug and a hash)."""
+    since = time.time() - duration(args.since) if args.since else None
+    rows = index.query(index.connect(recording.index_path), user=args.user, since=since,
+                       limit=-1)
+    with args.output.open("wb") as f:
+        writer = io.FlowWriter(f)
+        for r in reversed(rows):
+            writer.add(_read(recording, r))
+    print(f"wrote {len(rows)} flow(s) of {escape(args.user)} to {args.output}")
     return 0
 
 
@@ -148,7 +174,8 @@ def _operator_log(config) -> AuditLog:
         raise SystemExit(f"audit.hmac_key: {config.unresolved['audit.hmac_key']}: operator "
                          "actions are audited with the gateway's HMAC key")
     return AuditLog(AuditConfig(config.audit.path.with_name("operator-" + config.audit.path.name),
-                                config.audit.max_bytes, config.audit.backups), hmac_key(config))
+                                config.audit.max_bytes, config.audit.backups,
+                                retention_days=config.audit.retention_days), hmac_key(config))
 
 
 def replay_(args: argparse.Namespace) -> int:
@@ -162,12 +189,13 @@ def replay_(args: argparse.Namespace) -> int:
     failed = 0
     for f in replay.replay(flows, args.gateway, token, args.ca):
         if f.response:
-            print(f"{f.request.method} {f.request.pretty_url} -> {f.response.status_code} "
-                  f"{f.response.headers.get('x-douane-decision-id', '')}")
+            print(escape(f"{f.request.method} {f.request.pretty_url} -> "
+                         f"{f.response.status_code} "
+                         f"{f.response.headers.get('x-douane-decision-id', '')}"))
         else:
             failed += 1
-            print(f"{f.request.method} {f.request.pretty_url} -> failed: "
-                  f"{f.error.msg if f.error else 'no response'}")
+            print(escape(f"{f.request.method} {f.request.pretty_url} -> failed: "
+                         f"{f.error.msg if f.error else 'no response'}"))
     return 1 if failed else 0
 
 

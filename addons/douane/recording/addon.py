@@ -13,7 +13,6 @@ When configured, the unmasked originals are sealed for auditors beside it (`orig
 from __future__ import annotations
 
 import copy
-import re
 import time
 import weakref
 from datetime import UTC, datetime
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from mitmproxy import connection, exceptions, http, version
 
+from douane import untrusted
 from douane.flowstate import Reason, peek, publish, state
 from douane.protocols import streams
 from douane.recording import originals
@@ -31,7 +31,6 @@ from douane.settings import Settings
 
 SCRUB_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "cookie", "set-cookie",
                  "x-goog-api-key", "api-key")
-UNSAFE = re.compile(r"[^A-Za-z0-9@._+-]")
 
 
 def credential_headers(flow: http.HTTPFlow, extra: tuple[str, ...]) -> frozenset[str]:
@@ -78,18 +77,18 @@ def snapshot(flow: http.HTTPFlow) -> dict:
 
 def session_path(flow: http.HTTPFlow, settings: RecordingSettings) -> Path:
     st = state(flow)
-    # a user id is a path component: no separators, no leading dots (no "..")
-    user = UNSAFE.sub("_", st.identity.user if st.identity else "anonymous")[:128].lstrip(".")
+    # one folder per exact user name (a slug and a hash: no two users share one), no separators
+    user = untrusted.slug(st.identity.user) if st.identity else "anonymous"
     started = datetime.fromtimestamp(flow.request.timestamp_start, UTC)
     mcp_session = flow.request.headers.get("mcp-session-id")
     if mcp_session:
-        session = "mcp-" + UNSAFE.sub("_", mcp_session)[:64]
+        session = "mcp-" + untrusted.slug(mcp_session, 32)
     elif settings.session == "window":
         minute = started.hour * 60 + started.minute
         session = f"window-{minute // settings.window_minutes * settings.window_minutes:04d}"
     else:
         session = f"conn-{flow.client_conn.id[:8]}"
-    return Path(user or "_") / started.strftime("%Y-%m-%d") / f"{session}.mitm"
+    return Path(user) / started.strftime("%Y-%m-%d") / f"{session}.mitm"
 
 
 class Record:

@@ -32,7 +32,7 @@ from typing import IO, Any
 from mitmproxy import connection, http
 from mitmproxy.io import tnetstring
 
-from douane import protocols, transcript
+from douane import protocols, transcript, untrusted
 from douane.policy import detectors
 from douane.protocols import streams
 from douane.recording import index, originals
@@ -44,6 +44,7 @@ SCRUBBED = "<scrubbed by douane>"
 # One JSON string literal (no raw newline), unrolled: runs of plain characters match in C at
 # full speed (the regex holds the GIL, so a multi-megabyte value must not take long).
 JSON_STRING = re.compile(r'"[^"\\\n]*(?:\\.[^"\\\n]*)*"')
+COMMENT_CHARS = 4096  # the flow's comment: douane's decision and its reasons' messages
 OPEN_FILES = 32  # session files kept open: one per active connection or MCP session
 BATCH_ROWS = 500  # index rows per commit at most, under a load that never lets the queue drain
 BATCH_SECONDS = 1.0  # ... and the oldest uncommitted row waits no longer than this
@@ -67,13 +68,22 @@ def scrubbed(snapshot: dict, names: frozenset[str]) -> http.HTTPFlow:
     copy.response = http.Response.from_state(snapshot["response"]) \
         if snapshot["response"] else None
     for message in (copy.request, copy.response):
-        if message is None:
-            continue
-        for name in names:
-            if name in message.headers:
-                message.headers[name] = SCRUBBED
-    copy.metadata = {k: v for k, v in snapshot["metadata"].items() if k in ("douane", "user")}
+        if message is not None:
+            message.headers.fields = tuple(_header(k, v, names) for k, v in message.headers.fields)
+    # douane's summary quotes what the client sent (model, tool names, claims): bounded, scrubbed
+    copy.metadata = untrusted.scrub_all(
+        {k: v for k, v in snapshot["metadata"].items() if k in ("douane", "user")})
     return copy
+
+
+def _header(name: bytes, value: bytes, names: frozenset[str]) -> tuple[bytes, bytes]:
+    """A credential header replaced; any other value with the secrets in it redacted (a key in
+    `X-Custom-Token` or `User-Agent` is no less a key)."""
+    if name.decode("latin-1").lower() in names:
+        return name, SCRUBBED.encode()
+    text = value.decode("utf-8", "surrogateescape")
+    clean = detectors.redact_secrets(text)
+    return name, value if clean == text else clean.encode("utf-8", "surrogateescape")
 
 
 def snapshot_of(flow: http.HTTPFlow, snapshot: dict) -> dict:
@@ -81,7 +91,8 @@ def snapshot_of(flow: http.HTTPFlow, snapshot: dict) -> dict:
     the flow's scrubbed messages and metadata. No backup (an unscrubbed earlier request)."""
     return {**snapshot, "request": flow.request.get_state(),
             "response": flow.response.get_state() if flow.response else None,
-            "metadata": flow.metadata, "backup": None}
+            "metadata": flow.metadata, "backup": None,
+            "comment": untrusted.scrub(snapshot["comment"], COMMENT_CHARS)}
 
 
 def _json_string(m: re.Match[str]) -> str:

@@ -1,0 +1,87 @@
+"""Values douane did not write (claims, model and tool names, paths, header values, messages
+quoting them, an approver's reason): refused at the door when absurd, bounded and scrubbed of
+secrets before they are kept in a record, escaped before they reach a terminal or a log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from typing import Any
+
+from douane.interaction import Interaction
+from douane.policy.detectors import redact_secrets
+
+# C0, DEL, C1, the Arabic letter mark, LRM/RLM, line and paragraph separators, bidi embeddings,
+# overrides and isolates: what moves a terminal's cursor, colours or hides text, or reorders it.
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+                     "\u2066-\u2069]")
+NAME_CHARS = 256  # a model or tool name longer than this is not a name
+FIELD_CHARS = 1024  # a string kept in a record (audit, index, recording metadata)
+LIST_ITEMS = 64  # items of a list kept in a record
+SECRET_MARGIN = 512  # redaction looks this far past a cut: a secret straddling it goes whole
+HASH_CHARS = 12  # hex digits of SHA-256 naming a cut value (or a user's folder)
+
+
+def escape(value: object, keep: str = "") -> str:
+    """`value` as text with every control character (but those in `keep`) shown as `\\xNN` or
+    `\\uNNNN`: a value cannot start a log line, move the cursor, recolour or reorder text."""
+    text = str(value)
+    if not CONTROL.search(text):
+        return text
+    return CONTROL.sub(lambda m: m.group(0) if m.group(0) in keep else
+                       f"\\x{ord(m.group(0)):02x}" if ord(m.group(0)) < 0x100 else
+                       f"\\u{ord(m.group(0)):04x}", text)
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_CHARS]
+
+
+def bad_name(what: str, name: str) -> str | None:
+    """Why `name` (a model's, a tool's) is refused at the door, or None."""
+    if len(name) > NAME_CHARS:
+        return f"the {what} is {len(name)} characters long (at most {NAME_CHARS})"
+    if CONTROL.search(name):
+        return f"the {what} contains control characters"
+    return None
+
+
+def scrub(text: str, limit: int = FIELD_CHARS) -> str:
+    """A value to keep: secrets redacted, cut at `limit` characters with a marker naming the
+    full value's length and hash (the same value recognised across records, never kept whole)."""
+    if len(text) <= limit:
+        return redact_secrets(text)
+    kept = redact_secrets(text[:limit + SECRET_MARGIN])[:limit]
+    return f"{kept}…[cut: {len(text)} characters, sha256 {digest(text)}]"
+
+
+def scrub_all(value: Any, limit: int = FIELD_CHARS) -> Any:
+    """`scrub` on every string of a JSON-like value, and lists cut at `LIST_ITEMS` items."""
+    if isinstance(value, str):
+        return scrub(value, limit)
+    if isinstance(value, dict):
+        return {k: scrub_all(v, limit) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        items = [scrub_all(v, limit) for v in value[:LIST_ITEMS]]
+        if len(value) > LIST_ITEMS:
+            items.append(f"…[cut: {len(value)} items]")
+        return items
+    return value
+
+
+def slug(name: str, chars: int = 48) -> str:
+    """A file name for `name`, injective: a readable ASCII part plus a hash of the exact name
+    (`иван@x.example` and `олег@x.example`, `a/b` and `a_b` differ), at most chars + 14 long."""
+    ascii_ = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    readable = re.sub(r"[^A-Za-z0-9@._+-]+", "-", ascii_).strip("-.")[:chars].rstrip("-.")
+    return f"{readable or 'x'}--{digest(name)}"
+
+
+def absurd_name(it: Interaction) -> str | None:
+    """Why the interaction's model or a tool it names is refused at the door, or None."""
+    names = [("model name", it.model), *(("tool name", n) for n in (
+        *(m.tool for m in it.mcp), *(c.name for c in it.tool_calls), *(t.name for t in it.tools)))]
+    return next((problem for what, name in names if name is not None
+                 if (problem := bad_name(what, str(name)))), None)

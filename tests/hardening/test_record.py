@@ -1,0 +1,184 @@
+"""The record: what a client sends never grows an audit record, never puts a key into the audit
+log, the index or a recording, never forges a terminal line, and two users never share a
+recordings folder. Through a real gateway and the real `douane` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import time
+
+import httpx
+import openai
+import pytest
+
+from douane import audit, untrusted
+from tests.conftest import UPSTREAM_KEY
+from tests.hardening.conftest import assert_refused
+from tests.support.gateway import MITMDUMP, Gateway, base_config
+from tests.support.upstream import FakeUpstream
+
+DOUANE = MITMDUMP.parent / "douane"
+POLICY = """\
+version: 1
+default:
+  upstreams:
+    llm: {models: ["*"]}
+    crm: {tools: {allow: ["*"]}}
+"""
+MODEL_KEY = "sk-proj-" + "Qm7vR2xT9kLp4Wn8" * 3
+TOOL_TOKEN = "ghp_" + "aB3dE5gH7jK9mN1pQ3sT5vW7yZ9bC1dF2hJ4"
+HEADER_KEYS = {"x-custom-token": "sk-" + "Zt4Hq8Lm2Vx6Pc9R" * 2,
+               "x-aws-key": "AKIA" + "Q7WERTY2UIOP3ASD",
+               "user-agent": "agent/1.0 (ghp_" + "Xy2Wv4Ut6Sr8Qp0On2Ml4Kj6Ih8Gf0Ed2Cb4A" + ")"}
+LEAKED = (MODEL_KEY, TOOL_TOKEN, HEADER_KEYS["x-custom-token"], HEADER_KEYS["x-aws-key"],
+          "ghp_Xy2Wv4Ut6Sr8Qp0On2Ml4Kj6Ih8Gf0Ed2Cb4A")
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    llm = FakeUpstream()
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def gw(issuer, upstream, tmp_path_factory, secrets):
+    work = tmp_path_factory.mktemp("record")
+    (work / "policy.yaml").write_text(POLICY)
+    config = base_config(issuer.url, upstream.url, policy={"files": [str(work / "policy.yaml")]},
+                         recording={})
+    config["upstreams"]["crm"] = {"url": upstream.url + "/mcp", "protocol": "mcp"}
+    secrets.update(LEAKED)  # the suite's last module scans every file for them again
+    with Gateway(config, mode=f"reverse:{upstream.url}", workdir=work / "gw",
+                 env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}) as gateway:
+        yield gateway
+
+
+def chat(gw: Gateway, token: str, model: str = "m", headers: dict | None = None,
+         **fields) -> httpx.Response:
+    return httpx.post(gw.url + "/v1/chat/completions", timeout=120,
+                      headers={"authorization": f"Bearer {token}", **(headers or {})},
+                      json={"model": model, "messages": [{"role": "user", "content": "hi"}],
+                            **fields})
+
+
+def rpc(gw: Gateway, token: str, doc: dict) -> httpx.Response:
+    return httpx.post(gw.url + "/mcp", timeout=60, json=doc, headers={
+        "authorization": f"Bearer {token}", "accept": "application/json, text/event-stream"})
+
+
+def douane(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
+    """`douane sessions VERB ...` or `douane audit verify` on the gateway's config."""
+    where = 1 if args[0] == "sessions" else len(args)
+    return subprocess.run([str(DOUANE), *args[:where], "--config", str(gw.config_file),
+                           *args[where:]], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY})
+
+
+def indexed(gw: Gateway, count: int) -> list[dict]:
+    db = gw.state_dir / "recordings" / "index.sqlite3"
+    deadline = time.monotonic() + 20
+    while True:
+        rows = []
+        if db.exists():
+            with sqlite3.connect(db) as c:
+                c.row_factory = sqlite3.Row
+                rows = [dict(r) for r in c.execute("SELECT * FROM flows")]
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.1)
+
+
+def test_absurd_model_and_tool_names_are_refused_at_the_door(gw, upstream, issuer):
+    token = issuer.mint("mallory@corp.example", ["engineering"])
+    key = (gw.state_dir / "audit-hmac.key").read_bytes().strip()
+    before_size = gw.audit_file().stat().st_size if gw.audit_file().exists() else 0
+    cases = {
+        "a 9.9 MB model name": {"model": "m" * 9_900_000},
+        "a 257-character model name": {"model": "m" * 257},
+        "a newline in a model name": {"model": "gpt-4o\n[audit] forged"},
+        "an ANSI escape in a tool name": {"tools": [{"type": "function", "function": {
+            "name": "search\x1b[2K", "parameters": {"type": "object"}}}]},
+        "a bidi override in a tool call's name": {"messages": [
+            {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+                "name": "safe\u202eexe.tab", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"}]},
+    }
+    for what, fields in cases.items():
+        before = len(upstream.requests)
+        record = assert_refused(gw, upstream, before, chat(gw, token, **fields), 400)
+        assert record["reasons"][0]["rule"] == "protocol.invalid_name", what
+        assert len(json.dumps(record)) < 8_000, (what, len(json.dumps(record)))
+    # an MCP tool name: refused as a JSON-RPC tool error, the upstream sees nothing
+    before = len(upstream.requests)
+    resp = rpc(gw, token, {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                           "params": {"name": "t" * 300, "arguments": {}}})
+    assert resp.json()["result"]["isError"] and len(upstream.requests) == before
+    record = gw.audit_record(resp.headers["x-douane-decision-id"])
+    assert record["reasons"][0]["rule"] == "protocol.invalid_name"
+    grown = gw.audit_file().stat().st_size - before_size
+    print(f"\naudit log grown by {grown} bytes for {len(cases) + 1} refusals "
+          f"(one with a 9.9 MB model name)")
+    assert grown < 30_000
+    assert audit.verify(gw.audit_file(), key).ok
+
+
+def test_secrets_sent_as_names_and_headers_are_in_no_record(gw, upstream, issuer):
+    token = issuer.mint("sam@corp.example", ["engineering"])
+    rows = len(indexed(gw, 0))
+    resp = chat(gw, token, MODEL_KEY, headers=HEADER_KEYS)
+    assert resp.status_code == 200, resp.text  # allowed: the model is the client's business
+    assert MODEL_KEY in upstream.requests[-1].body.decode()
+    resp = rpc(gw, token, {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                           "params": {"name": TOOL_TOKEN, "arguments": {}}})
+    assert resp.headers["x-douane-decision-id"]
+    gw.audit_where(lambda r: r.get("user") == "sam@corp.example", count=2)
+    assert len(indexed(gw, rows + 2)) >= rows + 2
+    files = [p for p in gw.state_dir.rglob("*") if p.is_file() and
+             (p.suffix in (".mitm", ".jsonl") or "sqlite3" in p.name)]
+    assert {".mitm", ".jsonl"} <= {p.suffix for p in files}
+    leaks = {str(p): [s[:10] for s in LEAKED if s.encode() in p.read_bytes()] for p in files}
+    assert not any(leaks.values()), leaks
+    record = gw.audit_where(lambda r: r.get("user") == "sam@corp.example" and r.get("model"))[0]
+    assert record["model"] == "<SECRET:detector.secret.api_key>"
+
+
+def test_users_get_one_folder_each_and_the_terminal_sees_escapes(gw, issuer):
+    users = ["иван@x.example", "олег@x.example", "a/b@x.example", "a_b@x.example",
+             "eve\x1b[2K\radmin@corp.ex"]
+    for user in users:
+        assert chat(gw, issuer.mint(user, ["engineering"])).status_code == 200
+    rows = indexed(gw, 5)
+    folders = {r["user"]: r["file"].split("/")[0] for r in rows}
+    assert len({folders[u] for u in users}) == len(users), folders
+    assert folders["иван@x.example"] == untrusted.slug("иван@x.example")
+    listed = douane(gw, "sessions", "list", "--limit", "100")
+    assert listed.returncode == 0 and "\x1b" not in listed.stdout and "\r" not in listed.stdout
+    assert "eve\\x1b[2K\\x0dadmin@corp" in listed.stdout
+    eve = next(r for r in rows if r["user"] == users[-1])
+    shown = douane(gw, "sessions", "show", eve["decision_id"])
+    assert "user eve\\x1b[2K\\x0dadmin@corp.ex (engineering)" in shown.stdout
+    assert "\x1b" not in shown.stdout
+    out = gw.dir / "ivan.mitm"
+    exported = douane(gw, "sessions", "export", "--user", "иван@x.example", "-o", str(out))
+    assert exported.returncode == 0 and "wrote 1 flow(s)" in exported.stdout
+    read = subprocess.run([str(MITMDUMP), "-nr", str(out), "--flow-detail", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert read.returncode == 0 and read.stdout.count("POST") == 1
+
+
+def test_verify_says_where_the_chain_starts(gw):
+    verified = douane(gw, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout
+    assert "chain starts at seq 1 (" in verified.stdout
+
+
+def test_openai_sdk_error_for_an_absurd_model_name(gw, issuer):
+    c = openai.OpenAI(base_url=gw.url + "/v1", api_key=issuer.mint("o@corp.example"),
+                      max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model="m" * 1000, messages=[{"role": "user", "content": "x"}])
+    assert "model name is 1000 characters long (at most 256)" in str(err.value)
