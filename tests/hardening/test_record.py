@@ -170,7 +170,9 @@ def test_users_get_one_folder_each_and_the_terminal_sees_escapes(gw, issuer):
     assert read.returncode == 0 and read.stdout.count("POST") == 1
 
 
-def test_verify_says_where_the_chain_starts(gw):
+def test_verify_says_where_the_chain_starts(gw, issuer):
+    resp = chat(gw, issuer.mint("vera@corp.example", ["engineering"]))
+    gw.audit_record(resp.headers["x-douane-decision-id"])
     verified = douane(gw, "audit", "verify")
     assert verified.returncode == 0, verified.stdout
     assert "chain starts at seq 1 (" in verified.stdout
