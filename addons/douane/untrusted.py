@@ -11,7 +11,7 @@ import unicodedata
 from typing import Any
 
 from douane.interaction import Interaction
-from douane.policy.detectors import redact_secrets
+from douane.policy.detectors import SHORTEST_SECRET, redact_secrets
 
 # C0, DEL, C1, the Arabic letter mark, LRM/RLM, line and paragraph separators, bidi embeddings,
 # overrides and isolates: what moves a terminal's cursor, colours or hides text, or reorders it.
@@ -52,7 +52,7 @@ def scrub(text: str, limit: int = FIELD_CHARS) -> str:
     """A value to keep: secrets redacted, cut at `limit` characters with a marker naming the
     full value's length and hash (the same value recognised across records, never kept whole)."""
     if len(text) <= limit:
-        return redact_secrets(text)
+        return text if len(text) < SHORTEST_SECRET else redact_secrets(text)
     kept = redact_secrets(text[:limit + SECRET_MARGIN])[:limit]
     return f"{kept}…[cut: {len(text)} characters, sha256 {digest(text)}]"
 

@@ -69,21 +69,25 @@ def scrubbed(snapshot: dict, names: frozenset[str]) -> http.HTTPFlow:
         if snapshot["response"] else None
     for message in (copy.request, copy.response):
         if message is not None:
-            message.headers.fields = tuple(_header(k, v, names) for k, v in message.headers.fields)
+            message.headers.fields = _headers(message.headers.fields, names)
     # douane's summary quotes what the client sent (model, tool names, claims): bounded, scrubbed
     copy.metadata = untrusted.scrub_all(
         {k: v for k, v in snapshot["metadata"].items() if k in ("douane", "user")})
     return copy
 
 
-def _header(name: bytes, value: bytes, names: frozenset[str]) -> tuple[bytes, bytes]:
-    """A credential header replaced; any other value with the secrets in it redacted (a key in
-    `X-Custom-Token` or `User-Agent` is no less a key)."""
-    if name.decode("latin-1").lower() in names:
-        return name, SCRUBBED.encode()
-    text = value.decode("utf-8", "surrogateescape")
-    clean = detectors.redact_secrets(text)
-    return name, value if clean == text else clean.encode("utf-8", "surrogateescape")
+def _headers(fields: tuple[tuple[bytes, bytes], ...],
+             names: frozenset[str]) -> tuple[tuple[bytes, bytes], ...]:
+    """Credential headers replaced; in any other value, the secrets redacted (a key in
+    `X-Custom-Token` or `User-Agent` is no less a key). One scan of all values (joined by NUL,
+    which no secret pattern crosses) finds the usual case, where there is none."""
+    fields = tuple((k, SCRUBBED.encode() if k.decode("latin-1").lower() in names else v)
+                   for k, v in fields)
+    values = [v.decode("utf-8", "surrogateescape") for _, v in fields]
+    if detectors.redact_secrets("\0".join(values)) == "\0".join(values):
+        return fields
+    return tuple((k, detectors.redact_secrets(text).encode("utf-8", "surrogateescape"))
+                 for (k, _), text in zip(fields, values, strict=True))
 
 
 def snapshot_of(flow: http.HTTPFlow, snapshot: dict) -> dict:
