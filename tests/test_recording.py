@@ -60,7 +60,7 @@ def test_session_paths():
     folders = [folder(n) for n in names]
     assert len(set(folders)) == len(names), folders
     assert all(len(p) <= 62 and "/" not in p and not p.startswith(".") for p in folders)
-    assert folders[0] == "@x.example--" + untrusted.digest("иван@x.example")
+    assert folders[0] == "ivan@x.example--" + untrusted.digest("иван@x.example")
     f.request.headers["mcp-session-id"] = "abc/123"
     assert session_path(f, SETTINGS).name.startswith("mcp-abc-123--")
 

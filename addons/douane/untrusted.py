@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-import unicodedata
 from typing import Any
+
+from anyascii import anyascii
 
 from douane.interaction import Interaction
 from douane.policy.detectors import SHORTEST_SECRET, redact_secrets
@@ -72,10 +73,10 @@ def scrub_all(value: Any, limit: int = FIELD_CHARS) -> Any:
 
 
 def slug(name: str, chars: int = 48) -> str:
-    """A file name for `name`, injective: a readable ASCII part plus a hash of the exact name
-    (`иван@x.example` and `олег@x.example`, `a/b` and `a_b` differ), at most chars + 14 long."""
-    ascii_ = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
-    readable = re.sub(r"[^A-Za-z0-9@._+-]+", "-", ascii_).strip("-.")[:chars].rstrip("-.")
+    """A file name for `name`, injective: a readable ASCII part (transliterated) plus a hash of
+    the exact name (`иван@x.example` -> `ivan@x.example--…`, `a/b` and `a_b` differ), at most
+    chars + 14 long."""
+    readable = re.sub(r"[^A-Za-z0-9@._+-]+", "-", anyascii(name)).strip("-.")[:chars].rstrip("-.")
     return f"{readable or 'x'}--{digest(name)}"
 
 
