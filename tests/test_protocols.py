@@ -92,9 +92,10 @@ def flow_for(upstream: Upstream, path: str, doc, **headers) -> tflow.HTTPFlow:
 @pytest.mark.parametrize(("upstream", "path", "doc", "texts"), CASES)
 def test_request_text_pieces(upstream, path, doc, texts):
     it = protocols.parse_request(upstream, flow_for(upstream, path, doc))
-    assert sorted(p.text for p in it.texts) == sorted(texts)
+    assert sorted(p.text for p in it.texts if p.editable) == sorted(texts)
     for piece in it.texts:
-        assert jsonpath.get(doc, piece.path) == piece.text
+        if piece.editable:
+            assert jsonpath.get(doc, piece.path) == piece.text
 
 
 @pytest.mark.parametrize(("upstream", "path", "doc", "texts"), CASES)

@@ -22,6 +22,11 @@ Kind = Literal[
     "completion",  # model output text
 ]
 JsonPath = tuple[str | int, ...]
+# Tools a provider runs itself (or defines itself), by kind; a grant names those it allows.
+# Remote MCP servers are granted by URL instead (`mcp_servers`).
+HOSTED_TOOLS = ("web_search", "web_fetch", "file_search", "code_interpreter", "code_execution",
+                "computer_use", "image_generation", "local_shell", "shell", "apply_patch", "bash",
+                "text_editor", "memory", "tool_search")
 
 
 @dataclass
@@ -32,6 +37,9 @@ class TextPiece:
     role: Role | None
     text: str
     path: JsonPath  # location in the body's JSON document (for SSE: in that event's data)
+    # Masking may rewrite it at `path`: free text. Keys, ids, enums and text decoded from inside
+    # a string (tool arguments, files) are inspected by policy but never edited.
+    editable: bool = True
 
 
 @dataclass
@@ -75,6 +83,8 @@ class Interaction:
     has_media: bool = False  # images, audio or files in the prompt
     texts: list[TextPiece] = field(default_factory=list)  # request side
     tools: list[ToolDef] = field(default_factory=list)  # tools offered to a model
+    hosted_tools: list[str] = field(default_factory=list)  # HOSTED_TOOLS kinds requested
+    mcp_servers: list[str] = field(default_factory=list)  # remote MCP server URLs a model may use
     tool_calls: list[ToolCall] = field(default_factory=list)  # request side (history, MCP call)
     mcp: list[McpMessage] = field(default_factory=list)  # a batch has several
     response_texts: list[TextPiece] = field(default_factory=list)
@@ -97,6 +107,8 @@ class Interaction:
         tools = [m.tool for m in self.mcp if m.tool]
         if tools:
             out["tool"] = tools[0] if len(tools) == 1 else tools
+        if self.hosted_tools or self.mcp_servers:
+            out["hosted_tools"] = [*self.hosted_tools, *(f"mcp:{u[:200]}" for u in self.mcp_servers)]
         if self.tool_calls:
             out["tool_calls"] = [c.name for c in self.tool_calls]
         if self.inspected:

@@ -87,7 +87,7 @@ class Mask:
         assert st.interaction
         before = sum(st.masked.values())
         changed = await self._mask(st, [p for p in st.interaction.texts
-                                        if p.kind in REQUEST_KINDS])
+                                        if p.kind in REQUEST_KINDS and p.editable])
         if changed:
             protocols.apply_text_edits(flow, "request", changed)
         self._record(st, "request", sum(st.masked.values()) - before)
@@ -114,7 +114,7 @@ class Mask:
             return  # douane's own refusal: nothing from the upstream is in it
         before = sum(st.masked.values())
         changed = await self._mask(st, [p for p in st.interaction.response_texts
-                                        if p.kind in RESPONSE_KINDS])
+                                        if p.kind in RESPONSE_KINDS and p.editable])
         if changed:
             protocols.apply_text_edits(flow, "response", changed)
         self._record(st, "response", sum(st.masked.values()) - before)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from douane.interaction import Interaction, Kind, TextPiece, ToolCall, ToolDef
-from douane.protocols import jsonpath
+from douane.interaction import Interaction, JsonPath, Kind, Role, TextPiece, ToolCall, ToolDef
+from douane.protocols import fields, jsonpath
 from douane.protocols.base import (
     ALL,
     Delta,
     ProtocolError,
     StreamFormat,
+    hosted_tool,
+    mcp_server,
     optional_number,
     require_object,
 )
@@ -48,15 +50,50 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
             it.texts.append(TextPiece("prompt", role, content, ("messages", i, "content")))
         elif isinstance(content, list):
             _blocks(it, content, role, ("messages", i, "content"))
-    for k, tool in enumerate(doc.get("tools") or []):
-        if isinstance(tool, dict) and isinstance(tool.get("name"), str):
+    for k, tool in enumerate(_list(doc, "tools")):
+        if tool.get("type") in (None, "custom"):
+            name = tool.get("name") if isinstance(tool.get("name"), str) else ""
             description = tool.get("description") if isinstance(tool.get("description"), str) \
                 else ""
-            it.tools.append(ToolDef(tool["name"], description, ("tools", k)))
+            it.tools.append(ToolDef(name, description, ("tools", k)))
             if description:
                 it.texts.append(TextPiece("tool_description", None, description,
                                           ("tools", k, "description")))
+        elif tool.get("type") != "mcp_toolset":  # an mcp_servers entry's tools, granted by URL
+            it.hosted_tools.append(hosted_tool(tool.get("type")))
+    it.mcp_servers += [mcp_server(server.get("url")) for server in _list(doc, "mcp_servers")]
+    fields.cover(it, doc, _kind(doc, "prompt"))
     return it
+
+
+def _list(doc: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    items = doc.get(key) or []
+    if not isinstance(items, list) or not all(isinstance(t, dict) for t in items):
+        raise ProtocolError(400, "invalid_body", f"{key} must be a list of objects")
+    return items
+
+
+def _kind(doc: dict[str, Any], text: Kind) -> fields.Classify:
+    """Tool definitions, tool inputs, tool results (server tools' too), or text."""
+    def classify(path: JsonPath) -> tuple[Kind, Role | None]:
+        if path[:1] == ("tools",):
+            return "tool_description", None
+        role: Role | None = "assistant" if text == "completion" else None
+        block = None
+        if path[:1] == ("messages",) and len(path) > 1:
+            msg = doc["messages"][path[1]]
+            role = msg.get("role") if msg.get("role") in ("user", "assistant") else None
+            if path[2:3] == ("content",) and len(path) > 3 and isinstance(msg["content"], list):
+                block = msg["content"][path[3]]
+        elif path[:1] == ("content",) and len(path) > 1 and isinstance(doc["content"], list):
+            block = doc["content"][path[1]]
+        kind = block.get("type") if isinstance(block, dict) else None
+        if isinstance(kind, str) and kind.endswith("tool_use"):
+            return "tool_arguments", "assistant"
+        if isinstance(kind, str) and kind.endswith("tool_result"):
+            return "tool_result", "tool"
+        return text, role
+    return classify
 
 
 def _blocks(it: Interaction, blocks: list[Any], role: Any, base: tuple) -> None:
@@ -101,20 +138,28 @@ def parse_response(doc: Any, it: Interaction) -> None:
             it.response_texts += [TextPiece("tool_arguments", "assistant", text, path)
                                   for path, text in jsonpath.strings(block.get("input"),
                                                                      ("content", j, "input"))]
+    fields.cover(it, doc, _kind(doc, "completion"), "response")
+
+
+# content_block_delta types that stream a block's text: type -> (field, kind)
+DELTAS: dict[str, tuple[str, Kind]] = {"text_delta": ("text", "completion"),
+                                       "thinking_delta": ("thinking", "completion"),
+                                       "input_json_delta": ("partial_json", "tool_arguments")}
 
 
 class MessagesStream(StreamFormat):
-    """`content_block_delta` events (`text_delta`, `input_json_delta`) per block index."""
+    """`content_block_delta` events (`text_delta`, `thinking_delta`, `input_json_delta`) per
+    block index."""
+
+    strays = True
 
     def deltas(self, event: Event, doc: Any) -> list[Delta]:
         if not isinstance(doc, dict) or doc.get("type") != "content_block_delta":
             return []
         delta = doc.get("delta") or {}
-        if delta.get("type") == "text_delta":
-            return [Delta(f"block{doc.get('index')}", "completion", ("delta", "text"))]
-        if delta.get("type") == "input_json_delta":
-            return [Delta(f"block{doc.get('index')}", "tool_arguments",
-                          ("delta", "partial_json"))]
+        if delta.get("type") in DELTAS:
+            field, kind = DELTAS[delta["type"]]
+            return [Delta(f"block{doc.get('index')}", kind, ("delta", field))]
         return []
 
     def closes(self, event: Event, doc: Any) -> list[str]:
@@ -127,8 +172,9 @@ class MessagesStream(StreamFormat):
 
     def synthesize(self, channel: str, kind: Kind, text: str, template: Any) -> Event:
         index = int(channel.removeprefix("block"))
-        delta = {"type": "input_json_delta", "partial_json": text} if kind == "tool_arguments" \
-            else {"type": "text_delta", "text": text}
+        kind_of = (template.get("delta") or {}).get("type") if isinstance(template, dict) else None
+        kind_of = kind_of if kind_of in DELTAS else "text_delta"
+        delta = {"type": kind_of, DELTAS[kind_of][0]: text}
         return Event(json.dumps({"type": "content_block_delta", "index": index, "delta": delta}),
                      event="content_block_delta")
 

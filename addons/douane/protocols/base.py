@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from douane.interaction import Interaction, JsonPath, Kind
+from douane.interaction import HOSTED_TOOLS, Interaction, JsonPath, Kind
 from douane.protocols.sse import Event
 
 
@@ -33,6 +34,10 @@ ALL = "*"  # closes(): every open channel
 
 class StreamFormat:
     """How one API streams: which events carry text, which close a channel, how to emit more."""
+
+    # Strings no delta or recap names are filtered whole, each on its own (a field or event type
+    # the format does not know is still inspected, never passed).
+    strays = False
 
     def check(self, event: Event) -> None:
         """Raise ProtocolError for an event that must end the stream (before it is parsed)."""
@@ -71,3 +76,29 @@ def optional_number(doc: dict[str, Any], *keys: str) -> float | None:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return value
     return None
+
+
+DATED = re.compile(r"_(?:\d{8}|\d{4}_\d{2}_\d{2})$")  # web_search_20250305, ..._2025_03_11
+HOSTED_ALIASES = {"web_search_preview": "web_search", "computer_use_preview": "computer_use",
+                  "computer": "computer_use", "tool_search_tool_regex": "tool_search",
+                  "tool_search_tool_bm25": "tool_search"}
+
+
+def hosted_tool(wire_type: Any) -> str:
+    """The HOSTED_TOOLS kind of a tool's wire `type`; a type douane does not know is refused."""
+    base = DATED.sub("", wire_type) if isinstance(wire_type, str) else ""
+    kind = HOSTED_ALIASES.get(base, base)
+    if kind not in HOSTED_TOOLS:
+        raise unknown_tool(wire_type)
+    return kind
+
+
+def unknown_tool(wire_type: Any) -> ProtocolError:
+    return ProtocolError(400, "unknown_tool_type", f"douane does not know the tool type "
+                         f"{str(wire_type)[:40]!r} and refuses it")
+
+
+def mcp_server(url: Any) -> str:
+    if not isinstance(url, str) or not url:
+        raise ProtocolError(400, "invalid_body", "a remote MCP server needs a URL")
+    return url

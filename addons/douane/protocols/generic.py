@@ -1,4 +1,5 @@
-"""Any JSON API: prompt and response text found at the paths the upstream's config declares."""
+"""Any JSON API: prompt and response text found at the paths the upstream's config declares, and
+every other string of the bodies inspected as prompt or answer text (`douane.protocols.fields`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 from douane.config import Upstream
 from douane.interaction import Interaction, TextPiece
-from douane.protocols import jsonpath
+from douane.protocols import fields, jsonpath
 
 
 def parse_request(doc: Any, upstream: Upstream, endpoint: str) -> Interaction:
@@ -16,6 +17,7 @@ def parse_request(doc: Any, upstream: Upstream, endpoint: str) -> Interaction:
     for pattern in upstream.request_text_paths:
         it.texts += [TextPiece("prompt", "user", text, path)
                      for path, text in jsonpath.expand(doc, pattern)]
+    fields.cover(it, doc, lambda path: ("prompt", "user"))
     return it
 
 
@@ -23,3 +25,4 @@ def parse_response(doc: Any, upstream: Upstream, it: Interaction) -> None:
     for pattern in upstream.response_text_paths:
         it.response_texts += [TextPiece("completion", "assistant", text, path)
                               for path, text in jsonpath.expand(doc, pattern)]
+    fields.cover(it, doc, lambda path: ("completion", "assistant"), "response")

@@ -7,14 +7,18 @@ import copy
 import json
 from typing import Any
 
-from douane.interaction import Interaction, Kind, TextPiece, ToolCall, ToolDef
+from douane.interaction import Interaction, JsonPath, Kind, Role, TextPiece, ToolCall, ToolDef
+from douane.protocols import fields
 from douane.protocols.base import (
     ALL,
     Delta,
     ProtocolError,
     StreamFormat,
+    hosted_tool,
+    mcp_server,
     optional_number,
     require_object,
+    unknown_tool,
 )
 from douane.protocols.sse import Event
 
@@ -27,15 +31,17 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
     if endpoint == "chat/completions":
         it = Interaction("openai", "chat.completions")
         _chat_messages(doc, it)
-        for k, tool in enumerate(doc.get("tools") or []):
-            fn = tool.get("function", {}) if isinstance(tool, dict) else {}
-            _tool_def(it, fn, ("tools", k), ("tools", k, "function", "description"))
+        _tools(it, doc, chat=True)
+        for k, fn in enumerate(_list(doc, "functions")):  # the legacy form of function tools
+            _tool_def(it, fn, ("functions", k), ("functions", k, "description"))
+        if doc.get("web_search_options") is not None:
+            it.hosted_tools.append("web_search")
+        fields.cover(it, doc, _chat_kind(doc))
     elif endpoint == "responses":
         it = Interaction("openai", "responses")
         _responses_input(doc, it)
-        for k, tool in enumerate(doc.get("tools") or []):
-            if isinstance(tool, dict) and tool.get("type") == "function":
-                _tool_def(it, tool, ("tools", k), ("tools", k, "description"))
+        _tools(it, doc, chat=False)
+        fields.cover(it, doc, _responses_kind(doc))
     elif endpoint in ("embeddings", "completions", "moderations"):
         it = Interaction("openai", endpoint)
         key = "prompt" if endpoint == "completions" else "input"
@@ -45,15 +51,90 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
         elif isinstance(value, list):
             it.texts += [TextPiece("prompt", "user", v, (key, i))
                          for i, v in enumerate(value) if isinstance(v, str)]
+        fields.cover(it, doc, lambda path: ("prompt", "user"))
     else:
         raise ProtocolError(403, "endpoint_not_governed",
                             f"douane does not inspect POST /{endpoint} and refuses it")
+    include = doc.get("include") if isinstance(doc.get("include"), list) else []
+    if doc.get("logprobs") or doc.get("top_logprobs") or "message.output_text.logprobs" in include:
+        # each token of the answer again, one by one: masking and deny rules cannot see a value
+        # split across tokens, so the answer would leave unmasked
+        raise ProtocolError(400, "logprobs_refused", "douane does not pass log probabilities "
+                            "(they repeat the answer token by token, unmasked)", it)
     it.model = doc.get("model") if isinstance(doc.get("model"), str) else None
     it.stream = doc.get("stream") is True
     max_tokens = optional_number(doc, "max_completion_tokens", "max_tokens", "max_output_tokens")
     it.max_tokens = int(max_tokens) if max_tokens is not None else None
     it.temperature = optional_number(doc, "temperature")
     return it
+
+
+def _list(doc: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    items = doc.get(key) or []
+    if not isinstance(items, list) or not all(isinstance(t, dict) for t in items):
+        raise ProtocolError(400, "invalid_body", f"{key} must be a list of objects")
+    return items
+
+
+def _tools(it: Interaction, doc: dict[str, Any], chat: bool) -> None:
+    """Function and custom tools are the grant's `tools`; every other kind is a hosted tool or a
+    remote MCP server, granted by name or URL; an unknown type is refused."""
+    for k, tool in enumerate(_list(doc, "tools")):
+        kind = tool.get("type")
+        if kind in ("function", "custom"):
+            spec = tool.get(kind) if chat else tool
+            spec = spec if isinstance(spec, dict) else {}
+            _tool_def(it, spec, ("tools", k), ("tools", k, *((kind,) if chat else ()),
+                                                "description"))
+        elif kind == "mcp" and not chat:
+            it.mcp_servers.append(mcp_server(tool.get("server_url") or (
+                f"connector:{tool['connector_id']}" if isinstance(tool.get("connector_id"), str)
+                else None)))
+        elif chat:
+            raise unknown_tool(kind)
+        else:
+            it.hosted_tools.append(hosted_tool(kind))
+
+
+def _chat_kind(doc: dict[str, Any]) -> fields.Classify:
+    def classify(path: JsonPath) -> tuple[Kind, Role | None]:
+        if path[:1] in (("tools",), ("functions",)):
+            return "tool_description", None
+        if path[:1] == ("messages",) and len(path) > 1:
+            msg = doc["messages"][path[1]]
+            if path[2:3] in (("tool_calls",), ("function_call",)):
+                return "tool_arguments", "assistant"
+            if msg.get("role") in ("tool", "function"):
+                return "tool_result", "tool"
+            return "prompt", _role(msg.get("role"))
+        return "prompt", None
+    return classify
+
+
+def _responses_kind(doc: dict[str, Any]) -> fields.Classify:
+    def classify(path: JsonPath) -> tuple[Kind, Role | None]:
+        if path[:1] == ("tools",):
+            return "tool_description", None
+        if path[:1] == ("input",) and len(path) > 1 and isinstance(doc["input"], list):
+            item = doc["input"][path[1]]
+            return _item_kind(item, path[2:3], "prompt") if item.get("type") not in (
+                None, "message") else ("prompt", _role(item.get("role")))
+        return "prompt", None
+    return classify
+
+
+def _item_kind(item: dict[str, Any], field: JsonPath, text: Kind) -> tuple[Kind, Role | None]:
+    """A Responses item: a call's arguments, a call's output or its result, or text."""
+    kind = str(item.get("type"))
+    if kind.endswith("_output") or field in (("output",), ("result",), ("results",)):
+        return "tool_result", "tool"
+    if kind.endswith("_call"):
+        return "tool_arguments", "assistant"
+    return text, _role(item.get("role")) or "assistant"
+
+
+def _role(role: Any) -> Role | None:
+    return role if role in ("system", "user", "assistant", "tool", "developer") else None
 
 
 def _tool_def(it: Interaction, fn: dict[str, Any], path: tuple, description_path: tuple) -> None:
@@ -67,7 +148,7 @@ def _tool_def(it: Interaction, fn: dict[str, Any], path: tuple, description_path
 
 def _content(it: Interaction, content: Any, kind: Kind, role: Any, path: tuple) -> None:
     """A message content: a string, or a list of typed parts."""
-    role = role if role in ("system", "user", "assistant", "tool", "developer") else None
+    role = _role(role)
     if isinstance(content, str):
         it.texts.append(TextPiece(kind, role, content, path))
     elif isinstance(content, list):
@@ -105,6 +186,11 @@ def _chat_messages(doc: dict[str, Any], it: Interaction) -> None:
                                           call.get("id"), path))
             if isinstance(fn.get("arguments"), str):
                 it.texts.append(TextPiece("tool_arguments", "assistant", fn["arguments"], path))
+        legacy = msg.get("function_call")
+        if isinstance(legacy, dict):
+            it.tool_calls.append(ToolCall(str(legacy.get("name")),
+                                          _arguments(legacy.get("arguments")), None,
+                                          ("messages", i, "function_call", "arguments")))
 
 
 def _responses_input(doc: dict[str, Any], it: Interaction) -> None:
@@ -159,6 +245,19 @@ def parse_response(doc: Any, it: Interaction) -> None:
             if isinstance(choice.get("text"), str):
                 it.response_texts.append(TextPiece("completion", "assistant", choice["text"],
                                                    ("choices", i, "text")))
+    fields.cover(it, doc, _answer_kind(doc, it.operation), "response")
+
+
+def _answer_kind(doc: dict[str, Any], operation: str) -> fields.Classify:
+    def classify(path: JsonPath) -> tuple[Kind, Role | None]:
+        if operation == "responses" and path[:1] == ("output",) and len(path) > 1 and \
+                isinstance(doc["output"], list) and isinstance(doc["output"][path[1]], dict):
+            return _item_kind(doc["output"][path[1]], path[2:3], "completion")
+        if path[:1] == ("choices",) and path[2:4] in (("message", "tool_calls"),
+                                                     ("message", "function_call")):
+            return "tool_arguments", "assistant"
+        return "completion", "assistant"
+    return classify
 
 
 def _responses_output(output: list[Any], base: tuple, it: Interaction) -> None:
@@ -183,12 +282,21 @@ def _responses_output(output: list[Any], base: tuple, it: Interaction) -> None:
 class ChatStream(StreamFormat):
     """`data: {chunk}` events with `choices[].delta`, ended by `data: [DONE]`."""
 
+    strays = True
+
     def deltas(self, event: Event, doc: Any) -> list[Delta]:
         out = []
         for n, choice in enumerate(doc.get("choices") or [] if isinstance(doc, dict) else []):
             i, delta = choice.get("index", n), choice.get("delta") or {}
             if isinstance(delta.get("content"), str):
                 out.append(Delta(f"choice{i}", "completion", ("choices", n, "delta", "content")))
+            if isinstance(delta.get("refusal"), str):
+                out.append(Delta(f"choice{i}.refusal", "completion",
+                                 ("choices", n, "delta", "refusal")))
+            legacy = delta.get("function_call") or {}
+            if isinstance(legacy.get("arguments"), str):
+                out.append(Delta(f"choice{i}.function", "tool_arguments",
+                                 ("choices", n, "delta", "function_call", "arguments")))
             for m, call in enumerate(delta.get("tool_calls") or []):
                 fn = call.get("function") or {}
                 if isinstance(fn.get("arguments"), str):
@@ -206,11 +314,14 @@ class ChatStream(StreamFormat):
 
     def synthesize(self, channel: str, kind: Kind, text: str, template: Any) -> Event:
         index = int(channel.split(".")[0].removeprefix("choice"))
-        if kind == "tool_arguments":
-            tool = int(channel.split(".tool")[1])
-            delta: dict[str, Any] = {"tool_calls": [{"index": tool, "function": {"arguments": text}}]}
+        sub = channel.partition(".")[2]
+        if sub.startswith("tool"):
+            delta: dict[str, Any] = {"tool_calls": [{"index": int(sub.removeprefix("tool")),
+                                                     "function": {"arguments": text}}]}
+        elif sub == "function":
+            delta = {"function_call": {"arguments": text}}
         else:
-            delta = {"content": text}
+            delta = {sub or "content": text}
         doc = {k: template[k] for k in ("id", "object", "created", "model", "system_fingerprint")
                if isinstance(template, dict) and k in template}
         doc["choices"] = [{"index": index, "delta": delta, "finish_reason": None}]
@@ -221,37 +332,73 @@ class ChatStream(StreamFormat):
                                            "code": code, "param": None}}))
 
 
+# Responses events that stream a text: the type's stem -> (the field of its `.done`, text kind)
+STREAMED: dict[str, tuple[str, Kind]] = {
+    "response.output_text": ("text", "completion"),
+    "response.refusal": ("refusal", "completion"),
+    "response.reasoning_text": ("text", "completion"),
+    "response.reasoning_summary_text": ("text", "completion"),
+    "response.function_call_arguments": ("arguments", "tool_arguments"),
+    "response.custom_tool_call_input": ("input", "tool_arguments"),
+    "response.mcp_call_arguments": ("arguments", "tool_arguments"),
+    "response.code_interpreter_call_code": ("code", "tool_arguments"),
+}
+ITEM_ARGUMENTS = {"function_call": "arguments", "custom_tool_call": "input",
+                  "mcp_call": "arguments", "code_interpreter_call": "code"}
+
+
+def _streamed(doc: Any, suffix: str) -> tuple[str, str, Kind] | None:
+    """(channel, .done field, kind) of a `<stem>.delta` / `<stem>.done` event."""
+    kind = doc.get("type") if isinstance(doc, dict) else None
+    stem = kind.removesuffix(suffix) if isinstance(kind, str) and kind.endswith(suffix) else None
+    if stem not in STREAMED:
+        return None
+    field, text_kind = STREAMED[stem]
+    out = doc.get("output_index")
+    if text_kind == "tool_arguments":
+        return f"out{out}.args", field, text_kind
+    if stem == "response.reasoning_summary_text":
+        return f"out{out}.s{doc.get('summary_index')}", field, text_kind
+    return f"out{out}.{doc.get('content_index')}", field, text_kind
+
+
 class ResponsesStream(StreamFormat):
-    """Typed events: `response.output_text.delta`, `...function_call_arguments.delta`, and the
-    `*.done` / `response.completed` events that repeat the whole text."""
+    """Typed events: `response.output_text.delta`, `...function_call_arguments.delta`, reasoning
+    summaries, refusals, and the `*.done` / `response.completed` events that repeat the whole
+    text."""
+
+    strays = True
 
     def deltas(self, event: Event, doc: Any) -> list[Delta]:
-        kind = doc.get("type") if isinstance(doc, dict) else None
-        if kind == "response.output_text.delta":
-            return [Delta(f"out{doc.get('output_index')}.{doc.get('content_index')}",
-                          "completion", ("delta",))]
-        if kind == "response.function_call_arguments.delta":
-            return [Delta(f"out{doc.get('output_index')}.args", "tool_arguments", ("delta",))]
-        return []
+        found = _streamed(doc, ".delta")
+        if found is None or not isinstance(doc.get("delta"), str):
+            return []
+        return [Delta(found[0], found[2], ("delta",))]
 
     def closes(self, event: Event, doc: Any) -> list[str]:
         kind = doc.get("type") if isinstance(doc, dict) else None
-        if kind in ("response.output_text.done", "response.content_part.done"):
+        found = _streamed(doc, ".done")
+        if found is not None:
+            return [found[0]]
+        if kind == "response.content_part.done":
             return [f"out{doc.get('output_index')}.{doc.get('content_index')}"]
-        if kind == "response.function_call_arguments.done":
-            return [f"out{doc.get('output_index')}.args"]
+        if kind == "response.reasoning_summary_part.done":
+            return [f"out{doc.get('output_index')}.s{doc.get('summary_index')}"]
         if kind in ("response.completed", "response.incomplete", "response.failed", "error"):
             return [ALL]
         return []
 
     def recaps(self, event: Event, doc: Any) -> list[tuple[tuple, str]]:
         kind = doc.get("type") if isinstance(doc, dict) else None
-        if kind == "response.output_text.done":
-            return [(("text",), f"out{doc.get('output_index')}.{doc.get('content_index')}")]
+        found = _streamed(doc, ".done")
+        if found is not None:
+            return [((found[1],), found[0])]
         if kind == "response.content_part.done":
-            return [(("part", "text"), f"out{doc.get('output_index')}.{doc.get('content_index')}")]
-        if kind == "response.function_call_arguments.done":
-            return [(("arguments",), f"out{doc.get('output_index')}.args")]
+            part = doc.get("part") or {}
+            return [(("part", f), f"out{doc.get('output_index')}.{doc.get('content_index')}")
+                    for f in ("text", "refusal") if isinstance(part.get(f), str)]
+        if kind == "response.reasoning_summary_part.done":
+            return [(("part", "text"), f"out{doc.get('output_index')}.s{doc.get('summary_index')}")]
         if kind == "response.output_item.done":
             return _item_recaps(doc.get("item") or {}, ("item",), doc.get("output_index"))
         if kind in ("response.completed", "response.incomplete", "response.failed"):
@@ -275,10 +422,14 @@ class ResponsesStream(StreamFormat):
 
 
 def _item_recaps(item: dict[str, Any], base: tuple, index: Any) -> list[tuple[tuple, str]]:
-    if item.get("type") == "message":
-        return [((*base, "content", j, "text"), f"out{index}.{j}")
-                for j, part in enumerate(item.get("content") or [])
+    kind = item.get("type")
+    if kind in ITEM_ARGUMENTS:
+        return [((*base, ITEM_ARGUMENTS[kind]), f"out{index}.args")]
+    out = [((*base, "content", j, f), f"out{index}.{j}")
+           for j, part in enumerate(item.get("content") or [])
+           for f in ("text", "refusal") if isinstance(part, dict) and isinstance(part.get(f), str)]
+    if kind == "reasoning":
+        out += [((*base, "summary", k, "text"), f"out{index}.s{k}")
+                for k, part in enumerate(item.get("summary") or [])
                 if isinstance(part, dict) and isinstance(part.get("text"), str)]
-    if item.get("type") == "function_call":
-        return [((*base, "arguments"), f"out{index}.args")]
-    return []
+    return out

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from mitmproxy import http
 
 from douane.interaction import Interaction, Kind, TextPiece
-from douane.protocols import jsonpath
+from douane.protocols import fields, jsonpath
 from douane.protocols.base import ALL, ProtocolError, StreamFormat
 from douane.protocols.sse import Event, SseError, SseParser
 
@@ -119,13 +119,27 @@ class StreamRewriter:
                 self.open[delta.channel] = (delta.kind, doc)
             self._sent(delta.channel, delta.kind, emitted)
             jsonpath.set_(doc, delta.path, emitted)
-        for path, channel in self.format.recaps(event, doc) if doc is not None else []:
+        recaps = self.format.recaps(event, doc) if doc is not None else []
+        for path, channel in recaps:
             if channel in self.sent:
                 jsonpath.set_(doc, path, self.sent[channel].text)
-        if deltas or (doc is not None and self.format.recaps(event, doc)):
+        strays = self._strays(doc, {d.path for d in deltas} | {
+            path for path, channel in recaps if channel in self.sent})
+        if deltas or recaps or strays:
             event = Event(json.dumps(doc, ensure_ascii=False), event.event, event.id, event.retry,
                           event.comments)
         return [*out, event.encode()]
+
+    def _strays(self, doc: Any, claimed: set[tuple]) -> bool:
+        """Filter the event's other strings in place, each as a whole text of its own channel
+        (all fed before any is finished, so their analyses run together)."""
+        if doc is None or not self.format.strays:
+            return False
+        found = fields.strays(doc, claimed)
+        emitted = [self._feed(f"~{n}", text) for n, (_, text) in enumerate(found)]
+        for n, (path, _) in enumerate(found):
+            jsonpath.set_(doc, path, emitted[n] + self._finish(f"~{n}"))
+        return bool(found)
 
     def _feed(self, channel: str, text: str) -> str:
         for f in self.filters:

@@ -1,0 +1,236 @@
+"""Every string of a body is inspected: a field no parser names cannot be a hole.
+
+The per-API parsers name the fields they understand (roles, tool calls, ids); `cover` then walks
+the whole JSON document and turns every other string into a `TextPiece` too, with the text kind of
+where it sits (a classifier per API), so deny rules, detectors and masking see it:
+- object keys, and string values under ids and enums (`STRUCTURAL`): inspected, never edited;
+- tool `arguments` given as a JSON string: parsed and walked too, keys and decoded values (a
+  `\\u006e` escape or a phrase split across two values is read as the tool will read it);
+- data URLs and base64 payloads (`data:text/plain;base64,...`, `file_data`, base64 `source`s):
+  decoded; text (whatever the declared type) is inspected, anything else is media (the grant's
+  `media` decides);
+- `OPAQUE` provider blobs (thinking signatures, encrypted reasoning) are not text and are skipped:
+  the provider verifies them.
+Free text goes first, in document order (a phrase split across messages stays adjacent when a
+kind's texts are joined), keys and structural values after it. Walks are bounded in depth, in the
+number of strings and in decoded size: past a bound the body is refused, never partly inspected.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from douane.interaction import Interaction, JsonPath, Kind, Role, TextPiece
+from douane.protocols.base import ProtocolError
+
+# String values that are ids, names or enums: inspected by policy, never rewritten by masking.
+STRUCTURAL = frozenset({
+    "id", "type", "role", "model", "object", "status", "name", "call_id", "tool_call_id",
+    "tool_use_id", "item_id", "response_id", "previous_response_id", "finish_reason",
+    "stop_reason", "system_fingerprint", "service_tier", "media_type", "mime_type", "detail",
+    "format", "file_id", "container_id", "server_label", "server_name", "mcp_server_name",
+    "effort", "truncation", "verbosity", "tool_choice", "stop_sequence",
+})
+# Provider-verified blobs (not text) and per-event padding: never text pieces.
+OPAQUE = frozenset({"signature", "encrypted_content", "obfuscation"})
+MAX_DEPTH = 64  # JSON nesting douane walks (tool schemas nest, but not this deep)
+MAX_STRINGS = 100_000  # strings and keys of one body, decoded tool arguments included
+MAX_DECODED = 4 * 1024**2  # characters of text decoded from one data URL or base64 payload
+ENCODED = 1024  # a base64 run this long with no other character is a payload, not prose
+BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+TEXT_TYPES = ("text/", "application/json", "application/xml", "application/csv",
+              "application/x-ndjson", "application/yaml", "application/x-yaml")
+DECODED, JSON_STRING = "<decoded>", "<json>"  # path steps of text that is not at a JSON path
+
+Classify = Callable[[JsonPath], tuple[Kind, Role | None]]
+
+
+@dataclass
+class _Walk:
+    classify: Classify
+    named: dict[JsonPath, TextPiece]
+    text: list[TextPiece] = field(default_factory=list)  # free text, in document order
+    tail: list[TextPiece] = field(default_factory=list)  # keys and structural values
+    media: bool = False
+    count: int = 0
+
+    def add(self, path: JsonPath, text: str, editable: bool, tail: bool,
+            classify_at: JsonPath | None = None) -> None:
+        self.count += 1
+        if self.count > MAX_STRINGS:
+            raise ProtocolError(413, "too_many_fields",
+                                f"the body holds more than {MAX_STRINGS} strings; douane refuses "
+                                "what it cannot inspect whole")
+        named = self.named.pop(path, None)
+        if named is not None:
+            self.text.append(named)
+            return
+        if not text:
+            return
+        kind, role = self.classify(classify_at if classify_at is not None else path)
+        (self.tail if tail else self.text).append(TextPiece(kind, role, text, path, editable))
+
+
+def cover(it: Interaction, doc: Any, classify: Classify, side: str = "request") -> None:
+    """Every string of `doc` as a text piece of `it` (the parsers' named pieces kept, in place)."""
+    pieces = it.texts if side == "request" else it.response_texts
+    walk = _Walk(classify, {p.path: p for p in pieces})
+    _node(walk, doc, (), None, {}, 0)
+    pieces[:] = [*walk.text, *walk.named.values(), *walk.tail]
+    it.has_media = it.has_media or (walk.media and side == "request")
+
+
+def strays(doc: Any, claimed: set[JsonPath]) -> list[tuple[JsonPath, str]]:
+    """The free-text strings of one stream event that no delta or recap claims: a stream format
+    names the fields it knows, and everything else carrying text is still filtered (whole).
+    A text file inside a streamed answer cannot be inspected in place and ends the stream."""
+    out: list[tuple[JsonPath, str]] = []
+
+    def visit(node: Any, path: JsonPath, key: str | None, parent: dict[str, Any],
+              depth: int) -> None:
+        if depth > MAX_DEPTH:
+            raise ProtocolError(502, "too_deep", f"a stream event nests deeper than {MAX_DEPTH}")
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k not in OPAQUE and k not in STRUCTURAL:
+                    visit(v, (*path, k), k, node, depth + 1)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                visit(v, (*path, i), key, parent, depth + 1)
+        elif isinstance(node, str) and node and path not in claimed:
+            payload = _payload(node, key, parent)
+            if payload is None:
+                out.append((path, node))
+            elif _text_of(*payload) is not None:
+                raise ProtocolError(502, "file_in_stream", "the streamed answer carries a text "
+                                    "file douane cannot inspect in place")
+
+    visit(doc, (), None, {}, 0)
+    return out
+
+
+def _node(walk: _Walk, node: Any, path: JsonPath, key: str | None, parent: dict[str, Any],
+          depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise ProtocolError(400, "too_deep", f"the body nests deeper than {MAX_DEPTH} levels; "
+                            "douane refuses what it cannot inspect whole")
+    if isinstance(node, dict):
+        for k, v in node.items():
+            walk.add((*path, k, "<key>"), k, False, True, (*path, k))
+            if k not in OPAQUE:
+                _node(walk, v, (*path, k), k, node, depth + 1)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _node(walk, v, (*path, i), key, parent, depth + 1)
+    elif isinstance(node, str):
+        _string(walk, node, path, key, parent, depth)
+
+
+def _string(walk: _Walk, text: str, path: JsonPath, key: str | None, parent: dict[str, Any],
+            depth: int) -> None:
+    if key == "data" and parent.get("type") == "redacted_thinking":
+        return  # encrypted thinking: a provider blob
+    payload = _payload(text, key, parent)
+    if payload is not None:
+        media_type, raw = payload
+        decoded = _text_of(media_type, raw)
+        if decoded is None:
+            walk.media = True
+        else:
+            walk.add((*path, DECODED), decoded, False, False, path)
+        if path in walk.named or decoded is None and len(text) < ENCODED:
+            walk.add(path, text, False, False)  # named as text, or too short to be a real file
+        return
+    walk.add(path, text, key not in STRUCTURAL, key in STRUCTURAL)
+    if key == "arguments":
+        try:
+            decoded_args = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant)
+        except (ValueError, RecursionError):
+            return  # not JSON: the raw string above is what the tool reads
+        if isinstance(decoded_args, dict | list):
+            _arguments(walk, decoded_args, (*path, JSON_STRING), path, depth + 1)
+
+
+def _arguments(walk: _Walk, node: Any, path: JsonPath, at: JsonPath, depth: int) -> None:
+    """Decoded tool arguments: values in order (a phrase split across two stays adjacent), keys
+    after them; all classified where the arguments string sits, none edited in place."""
+    if depth > MAX_DEPTH:
+        raise ProtocolError(400, "too_deep", f"tool arguments nest deeper than {MAX_DEPTH} levels")
+    if isinstance(node, dict):
+        for k, v in node.items():
+            walk.add((*path, k, "<key>"), k, False, True, at)
+            _arguments(walk, v, (*path, k), at, depth + 1)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _arguments(walk, v, (*path, i), at, depth + 1)
+    elif isinstance(node, str):
+        walk.add(path, node, False, False, at)
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in doc:  # the tool may read either value: refuse the ambiguity
+            raise ProtocolError(400, "duplicate_json_key",
+                                f"the tool arguments give the key {key[:40]!r} twice")
+        doc[key] = value
+    return doc
+
+
+def _constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def _payload(text: str, key: str | None, parent: dict[str, Any]) -> tuple[str, bytes] | None:
+    """(media type, bytes) when the string carries a file rather than text."""
+    if text[:5].lower() == "data:" and "," in text:
+        header, _, data = text[5:].partition(",")
+        params = header.split(";")
+        media_type = params[0].strip().lower()
+        if "base64" in (p.strip().lower() for p in params[1:]):
+            raw = _b64(data)
+            if raw is None:
+                raise ProtocolError(400, "invalid_data_url", "a data URL's base64 is invalid")
+            return media_type, raw
+        return media_type, urllib.parse.unquote_to_bytes(data)
+    declared = parent.get("media_type") or parent.get("mime_type") or parent.get("format") or ""
+    declared = declared if isinstance(declared, str) else ""
+    if key in ("data", "file_data") and parent.get("type") != "text" or \
+            len(text) >= ENCODED and BASE64.fullmatch(text):
+        raw = _b64(text)
+        if raw is not None:
+            return declared.lower(), raw
+    return None
+
+
+def _b64(data: str) -> bytes | None:
+    try:
+        return base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _text_of(media_type: str, raw: bytes) -> str | None:
+    """The text a file carries, or None for media. Text is recognised by its bytes too: a
+    mislabelled text file is still read as text."""
+    texty = media_type.startswith(TEXT_TYPES) or media_type.endswith(("+json", "+xml"))
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        if texty:
+            raise ProtocolError(415, "undecodable_file",
+                                f"a {media_type[:60]} file is not UTF-8 text") from None
+        return None
+    if not texty and any(ord(c) < 32 and c not in "\t\n\r\f" for c in text):
+        return None  # binary that happens to be valid UTF-8
+    if len(text) > MAX_DECODED:
+        raise ProtocolError(413, "file_too_large", f"a text file in the body is longer than "
+                            f"{MAX_DECODED} characters, more than douane inspects")
+    return text

@@ -1,0 +1,256 @@
+"""Every string of a body is a text piece (douane.protocols.fields): the fields the parsers do not
+name, keys, decoded tool arguments and text files; masking edits free text only; streams filter
+every text-bearing event."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+
+import pytest
+from mitmproxy.test import tutils
+
+from douane import protocols
+from douane.protocols import jsonpath, streams
+from douane.protocols.sse import SseParser
+from tests.test_protocols import ANTHROPIC, GENERIC, OPENAI, flow_for
+
+PHRASE = "project nightingale"
+B64 = base64.b64encode(PHRASE.encode()).decode()
+CHAT, RESPONSES, MESSAGES = "/v1/chat/completions", "/v1/responses", "/v1/messages"
+USER = {"role": "user", "content": "hi"}
+
+
+def chat(**extra) -> dict:
+    return {"model": "m", "messages": [USER], **extra}
+
+
+def messages(*blocks, **extra) -> dict:
+    return {"model": "c", "max_tokens": 5, "messages": [{"role": "user", "content": list(blocks)}],
+            **extra}
+
+
+# (upstream, path, body, text kind the phrase must be seen as)
+REQUEST_FIELDS = {
+    "chat_legacy_function_call": (OPENAI, CHAT, {"model": "m", "messages": [
+        {"role": "assistant", "content": None,
+         "function_call": {"name": "f", "arguments": json.dumps({"q": PHRASE})}}, USER]},
+        "tool_arguments"),
+    "chat_assistant_refusal_part": (OPENAI, CHAT, {"model": "m", "messages": [
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": PHRASE}]}, USER]},
+        "prompt"),
+    "chat_tool_parameter_description": (OPENAI, CHAT, chat(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {
+            "q": {"type": "string", "description": PHRASE}}}}}]), "tool_description"),
+    "chat_legacy_functions": (OPENAI, CHAT, chat(functions=[{"name": "f", "description": PHRASE}]),
+                              "tool_description"),
+    "chat_response_format_schema": (OPENAI, CHAT, chat(response_format={
+        "type": "json_schema", "json_schema": {"name": "s", "schema": {
+            "type": "object", "properties": {"a": {"type": "string", "description": PHRASE}}}}}),
+        "prompt"),
+    "chat_prediction": (OPENAI, CHAT, chat(prediction={"type": "content", "content": PHRASE}),
+                        "prompt"),
+    "chat_key": (OPENAI, CHAT, chat(metadata={PHRASE: "x"}), "prompt"),
+    "responses_reasoning_summary": (OPENAI, RESPONSES, {"model": "m", "input": [
+        {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": PHRASE}]},
+        {"role": "user", "content": "hi"}]}, "prompt"),
+    "responses_custom_tool_call_output": (OPENAI, RESPONSES, {"model": "m", "input": [
+        {"type": "custom_tool_call_output", "call_id": "c1", "output": PHRASE}]}, "tool_result"),
+    "responses_function_call_output_list": (OPENAI, RESPONSES, {"model": "m", "input": [
+        {"type": "function_call_output", "call_id": "c1",
+         "output": [{"type": "input_text", "text": PHRASE}]}]}, "tool_result"),
+    "responses_custom_tool_description": (OPENAI, RESPONSES, {"model": "m", "input": "hi", "tools": [
+        {"type": "custom", "name": "f", "description": PHRASE}]}, "tool_description"),
+    "responses_text_format_description": (OPENAI, RESPONSES, {"model": "m", "input": "hi", "text": {
+        "format": {"type": "json_schema", "name": "s", "description": PHRASE, "schema": {}}}},
+        "prompt"),
+    "anthropic_document_text_source": (ANTHROPIC, MESSAGES, messages(
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                        "data": PHRASE}}), "prompt"),
+    "anthropic_search_result": (ANTHROPIC, MESSAGES, messages(
+        {"type": "search_result", "source": "https://x.example", "title": "t",
+         "content": [{"type": "text", "text": PHRASE}]}), "prompt"),
+    "anthropic_thinking": (ANTHROPIC, MESSAGES, {"model": "c", "max_tokens": 5, "messages": [
+        USER, {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": PHRASE, "signature": "c2lnbmF0dXJl"}]}, USER]},
+        "prompt"),
+    "anthropic_input_schema_description": (ANTHROPIC, MESSAGES, {
+        "model": "c", "max_tokens": 5, "messages": [USER], "tools": [
+            {"name": "f", "input_schema": {"type": "object", "properties": {
+                "q": {"type": "string", "description": PHRASE}}}}]}, "tool_description"),
+    "data_url_text_file": (OPENAI, CHAT, {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "file", "file": {"filename": "a.txt",
+                                  "file_data": f"data:text/plain;base64,{B64}"}}]}]}, "prompt"),
+    "data_url_mislabelled_as_pdf": (OPENAI, RESPONSES, {"model": "m", "input": [
+        {"role": "user", "content": [{"type": "input_file", "filename": "a.pdf",
+                                      "file_data": f"data:application/pdf;base64,{B64}"}]}]},
+        "prompt"),
+    "data_url_percent_encoded": (OPENAI, CHAT, {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:text/plain,project%20nightingale"}}]}]},
+        "prompt"),
+    "anthropic_base64_text_document": (ANTHROPIC, MESSAGES, messages(
+        {"type": "document", "source": {"type": "base64", "media_type": "text/csv",
+                                        "data": B64}}), "prompt"),
+    "tool_arguments_json_escape": (OPENAI, CHAT, {"model": "m", "messages": [
+        {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+            "name": "f", "arguments": '{"q": "project \\u006eightingale"}'}}]}]}, "tool_arguments"),
+    "tool_arguments_key": (OPENAI, RESPONSES, {"model": "m", "input": [
+        {"type": "function_call", "call_id": "c", "name": "f",
+         "arguments": json.dumps({PHRASE: 1})}]}, "tool_arguments"),
+    "generic_unlisted_field": (GENERIC, "/generate", {"prompt": "hi", "extra": {"x": [PHRASE]}},
+                               "prompt"),
+}
+
+
+@pytest.mark.parametrize("case", list(REQUEST_FIELDS))
+def test_every_request_field_is_a_text_piece(case):
+    upstream, path, doc, kind = REQUEST_FIELDS[case]
+    it = protocols.parse_request(upstream, flow_for(upstream, path, doc))
+    assert [p.kind for p in it.texts if p.text == PHRASE] == [kind]
+
+
+def test_split_tool_argument_values_stay_adjacent():
+    doc = {"model": "m", "messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {
+            "name": "f", "arguments": json.dumps({"a": "project", "b": "nightingale"})}}]}]}
+    it = protocols.parse_request(OPENAI, flow_for(OPENAI, CHAT, doc))
+    args = [p.text for p in it.texts if p.kind == "tool_arguments"]
+    assert "project nightingale" in " ".join(args)
+    assert not [p for p in it.texts if p.kind == "tool_arguments" and p.editable][1:]
+
+
+def test_keys_ids_and_decoded_text_are_never_edited():
+    _, _, doc, _ = REQUEST_FIELDS["data_url_text_file"]
+    it = protocols.parse_request(OPENAI, flow_for(OPENAI, CHAT, doc))
+    editable = {p.path for p in it.texts if p.editable}
+    assert ("model",) not in editable and ("messages", 0, "role") not in editable
+    assert not [p for p in it.texts if p.text == PHRASE and p.editable]
+    for piece in it.texts:
+        if piece.editable:
+            assert jsonpath.get(doc, piece.path) == piece.text
+
+
+def test_images_are_media_not_text():
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8).decode()
+    doc = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}]}
+    it = protocols.parse_request(OPENAI, flow_for(OPENAI, CHAT, doc))
+    assert it.has_media and not [p for p in it.texts if png in p.text]
+    raw = messages({"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                "data": png}})
+    it = protocols.parse_request(ANTHROPIC, flow_for(ANTHROPIC, MESSAGES, raw))
+    assert it.has_media and not [p for p in it.texts if png in p.text]
+
+
+@pytest.mark.parametrize(("doc", "code"), [
+    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "file", "file": {
+        "file_data": "data:text/plain;base64,not base64!"}}]}]}, "invalid_data_url"),
+    ({"model": "m", "messages": [{"role": "assistant", "tool_calls": [{
+        "id": "c", "type": "function", "function": {"name": "f",
+                                                   "arguments": '{"q": "a", "q": "b"}'}}]}]},
+     "duplicate_json_key"),
+    (chat(x=json.loads("[" * 70 + "]" * 70)), "too_deep"),
+    (chat(x=["a"] * 100_001), "too_many_fields"),
+    (chat(logprobs=True), "logprobs_refused"),
+])
+def test_what_cannot_be_inspected_whole_is_refused(doc, code):
+    with pytest.raises(protocols.ProtocolError) as err:
+        protocols.parse_request(OPENAI, flow_for(OPENAI, CHAT, doc))
+    assert err.value.code == code
+
+
+def answer(upstream, path, request, doc):
+    f = flow_for(upstream, path, request)
+    it = protocols.parse_request(upstream, f)
+    f.response = tutils.tresp(content=json.dumps(doc).encode())
+    f.response.headers["content-type"] = "application/json"
+    protocols.parse_response(upstream, f, it)
+    return f, it
+
+
+ANSWERS = {
+    "chat_message_refusal": (OPENAI, CHAT, chat(), {"choices": [{"index": 0, "message": {
+        "role": "assistant", "content": None, "refusal": PHRASE}}]}, ("choices", 0, "message",
+                                                                      "refusal")),
+    "anthropic_thinking": (ANTHROPIC, MESSAGES, messages({"type": "text", "text": "hi"}), {
+        "type": "message", "content": [{"type": "thinking", "thinking": PHRASE,
+                                        "signature": "abc"}, {"type": "text", "text": "ok"}]},
+        ("content", 0, "thinking")),
+    "responses_reasoning_summary": (OPENAI, RESPONSES, {"model": "m", "input": "hi"}, {
+        "output": [{"type": "reasoning", "id": "rs", "summary": [
+            {"type": "summary_text", "text": PHRASE}]}]}, ("output", 0, "summary", 0, "text")),
+}
+
+
+@pytest.mark.parametrize("case", list(ANSWERS))
+def test_answer_fields_are_inspected_and_editable(case):
+    upstream, path, request, doc, where = ANSWERS[case]
+    f, it = answer(upstream, path, request, doc)
+    piece = next(p for p in it.response_texts if p.text == PHRASE)
+    assert piece.kind == "completion" and piece.editable and piece.path == where
+    piece.text = "<MASKED>"
+    protocols.apply_text_edits(f, "response", [piece])
+    expected = copy.deepcopy(doc)
+    jsonpath.set_(expected, where, "<MASKED>")
+    assert json.loads(f.response.get_content()) == expected
+
+
+class Upper:
+    """A filter that changes every text it sees (stands for masking)."""
+
+    def feed(self, channel: str, text: str) -> str:
+        return text.upper()
+
+    def finish(self, channel: str) -> str:
+        return ""
+
+
+def sse(*docs) -> bytes:
+    return b"".join(f"event: {d.get('type', 'x')}\ndata: {json.dumps(d)}\n\n".encode()
+                    for d in docs)
+
+
+STREAMS = {
+    "chat_delta_refusal": (OPENAI, CHAT, b"".join(
+        f"data: {json.dumps(d)}\n\n".encode() for d in [
+            {"id": "x", "choices": [{"index": 0, "delta": {"refusal": "project "}}]},
+            {"id": "x", "choices": [{"index": 0, "delta": {"refusal": "nightingale"}}]}])
+        + b"data: [DONE]\n\n"),
+    "anthropic_thinking_delta": (ANTHROPIC, MESSAGES, sse(
+        {"type": "content_block_start", "index": 0,
+         "content_block": {"type": "thinking", "thinking": ""}},
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "thinking_delta", "thinking": "project "}},
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "thinking_delta", "thinking": "nightingale"}},
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "signature_delta", "signature": "abc"}},
+        {"type": "content_block_stop", "index": 0})),
+    "responses_reasoning_summary": (OPENAI, RESPONSES, sse(
+        {"type": "response.reasoning_summary_text.delta", "output_index": 0, "summary_index": 0,
+         "delta": "project "},
+        {"type": "response.reasoning_summary_text.delta", "output_index": 0, "summary_index": 0,
+         "delta": "nightingale"},
+        {"type": "response.reasoning_summary_text.done", "output_index": 0, "summary_index": 0,
+         "text": "project nightingale"},
+        {"type": "response.completed", "response": {"output": [{"type": "reasoning", "summary": [
+            {"type": "summary_text", "text": "project nightingale"}]}]}})),
+    "unknown_event_type": (OPENAI, RESPONSES, sse(
+        {"type": "response.future_thing.delta", "output_index": 0, "delta": "project nightingale"})),
+}
+
+
+@pytest.mark.parametrize("case", list(STREAMS))
+def test_every_streamed_text_passes_the_filters(case):
+    upstream, path, data = STREAMS[case]
+    body = {"model": "m", "stream": True, **({"input": "x"} if path == RESPONSES else
+                                            {"messages": [USER], "max_tokens": 5})}
+    it = protocols.parse_request(upstream, flow_for(upstream, path, body))
+    rewriter = streams.StreamRewriter(protocols.stream_format(upstream, it), it, "dcn_t")
+    rewriter.filters.append(Upper())
+    out = b"".join(rewriter(data)) + rewriter(b"")
+    assert b"nightingale" not in out and b"NIGHTINGALE" in out
+    parser = SseParser()
+    assert len(parser.feed(out) + parser.feed(b"")) >= len(SseParser().feed(data + b"\n"))
+    assert b'"signature": "abc"' in out or b"signature" not in data  # opaque blobs untouched
