@@ -12,6 +12,9 @@ import pytest
 from mitmproxy.test import tutils
 
 from douane import protocols
+from douane.config import ConfigError
+from douane.interaction import Interaction
+from douane.policy import engine, model
 from douane.protocols import jsonpath, streams
 from douane.protocols.sse import SseParser
 from tests.test_protocols import ANTHROPIC, GENERIC, OPENAI, flow_for
@@ -254,3 +257,98 @@ def test_every_streamed_text_passes_the_filters(case):
     parser = SseParser()
     assert len(parser.feed(out) + parser.feed(b"")) >= len(SseParser().feed(data + b"\n"))
     assert b'"signature": "abc"' in out or b"signature" not in data  # opaque blobs untouched
+
+
+# Hosted tools and remote MCP servers: parsed from every API, granted by kind and URL.
+HOSTED = {
+    "responses_mcp": (OPENAI, RESPONSES, {"model": "m", "input": "hi", "tools": [
+        {"type": "mcp", "server_label": "x", "server_url": "https://evil.example/mcp"}]},
+        [], ["https://evil.example/mcp"]),
+    "responses_builtins": (OPENAI, RESPONSES, {"model": "m", "input": "hi", "tools": [
+        {"type": "web_search_preview_2025_03_11"}, {"type": "code_interpreter", "container": {}},
+        {"type": "file_search", "vector_store_ids": ["v"]}, {"type": "computer_use_preview"},
+        {"type": "image_generation"}]},
+        ["web_search", "code_interpreter", "file_search", "computer_use", "image_generation"], []),
+    "chat_web_search_options": (OPENAI, CHAT, chat(web_search_options={}), ["web_search"], []),
+    "anthropic_server_tools": (ANTHROPIC, MESSAGES, {
+        "model": "c", "max_tokens": 5, "messages": [USER],
+        "tools": [{"type": "web_search_20250305", "name": "web_search"},
+                  {"type": "bash_20250124", "name": "bash"}]}, ["web_search", "bash"], []),
+    "anthropic_mcp_servers": (ANTHROPIC, MESSAGES, {
+        "model": "c", "max_tokens": 5, "messages": [USER],
+        "mcp_servers": [{"type": "url", "url": "https://mcp.example.com/sse", "name": "x"}]},
+        [], ["https://mcp.example.com/sse"]),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTED))
+def test_hosted_tools_and_mcp_servers_are_parsed(case):
+    upstream, path, doc, kinds, servers = HOSTED[case]
+    it = protocols.parse_request(upstream, flow_for(upstream, path, doc))
+    assert (it.hosted_tools, it.mcp_servers, it.tools) == (kinds, servers, [])
+
+
+@pytest.mark.parametrize(("upstream", "path", "doc"), [
+    (OPENAI, RESPONSES, {"model": "m", "input": "hi", "tools": [{"type": "teleport"}]}),
+    (OPENAI, CHAT, chat(tools=[{"type": "web_search"}])),
+    (ANTHROPIC, MESSAGES, {"model": "c", "max_tokens": 5, "messages": [USER],
+                           "tools": [{"type": "teleport_20260101", "name": "t"}]}),
+    (OPENAI, RESPONSES, {"model": "m", "input": "hi", "tools": [{"type": "mcp"}]}),
+])
+def test_unknown_tool_types_are_refused(upstream, path, doc):
+    with pytest.raises(protocols.ProtocolError) as err:
+        protocols.parse_request(upstream, flow_for(upstream, path, doc))
+    assert err.value.code in ("unknown_tool_type", "invalid_body")
+
+
+GRANTS = """\
+version: 1
+groups:
+  plain: {upstreams: {openai: {tools: true}}}
+  search:
+    upstreams:
+      openai:
+        tools: false
+        hosted_tools: [web_search]
+        mcp_servers: ["https://mcp.example.com/*", "https://*.corp.example/mcp"]
+"""
+
+
+def test_hosted_tools_are_granted_by_kind_and_mcp_servers_by_url(tmp_path):
+
+    path = tmp_path / "grants.yaml"
+    path.write_text(GRANTS)
+    policy = model.load([path])
+    plain, search = policy.groups["plain"].upstreams["openai"], \
+        policy.groups["search"].upstreams["openai"]
+
+    def rules(ug, hosted=(), servers=()):
+        it = Interaction("openai", "responses", hosted_tools=list(hosted),
+                         mcp_servers=list(servers))
+        return [r.rule for r in engine.grant_violations(ug, it)]
+
+    assert rules(plain, ["web_search"]) == ["grant.hosted_tool"]  # tools: true is not enough
+    assert rules(plain, [], ["https://mcp.example.com/x"]) == ["grant.mcp_server"]
+    assert rules(search, ["web_search"], ["https://mcp.example.com/x",
+                                          "https://a.corp.example/mcp",
+                                          "HTTPS://MCP.EXAMPLE.COM:443/x?q=1"]) == []
+    assert rules(search, ["code_interpreter"]) == ["grant.hosted_tool"]
+    for url in ["https://mcp.example.com/a/b", "https://mcp.example.com/../admin",
+                "https://mcp.example.com/%2e%2e/admin", "https://mcp.example.com@evil.example/x",
+                "https://evil.example?.corp.example/mcp", "http://mcp.example.com/x",
+                "https://mcp.example.com.evil.example/x"]:
+        assert rules(search, [], [url]) == ["grant.mcp_server"], url
+
+
+@pytest.mark.parametrize(("grant", "message"), [
+    ("hosted_tools: [web_serch]", "unknown hosted tool 'web_serch'"),
+    ("hosted_tools: [mcp]", "unknown hosted tool 'mcp'"),
+    ("mcp_servers: [mcp.example.com]", "expected an http(s) URL glob"),
+])
+def test_hosted_tool_grants_are_validated_with_file_and_line(tmp_path, grant, message):
+
+    path = tmp_path / "grants.yaml"
+    path.write_text(f"version: 1\ndefault:\n  upstreams:\n    openai:\n      {grant}\n")
+    with pytest.raises(ConfigError) as err:
+        model.load([path])
+    assert message in str(err.value) and "grants.yaml:5" in str(err.value)

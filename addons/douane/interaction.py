@@ -108,7 +108,9 @@ class Interaction:
         if tools:
             out["tool"] = tools[0] if len(tools) == 1 else tools
         if self.hosted_tools or self.mcp_servers:
-            out["hosted_tools"] = [*self.hosted_tools, *(f"mcp:{u[:200]}" for u in self.mcp_servers)]
+            # bounded: the kinds and URLs come from the client
+            out["hosted_tools"] = sorted({*self.hosted_tools, *(f"mcp:{u[:200]}"
+                                                                for u in self.mcp_servers[:10])})
         if self.tool_calls:
             out["tool_calls"] = [c.name for c in self.tool_calls]
         if self.inspected:

@@ -52,6 +52,14 @@ def grant_violations(ug: UpstreamGrant, it: Interaction) -> list[Reason]:
     for tool in it.tools:
         if ug.tools and not ug.tool_allowed(tool.name):
             out.append(Reason("grant.tool", f"tool {tool.name} is not granted", "tools"))
+    for kind in dict.fromkeys(it.hosted_tools):
+        if kind not in ug.hosted_tools:
+            out.append(Reason("grant.hosted_tool", f"the hosted tool {kind} is not granted",
+                              "tools"))
+    for url in dict.fromkeys(it.mcp_servers):
+        if not ug.mcp_server_allowed(url):
+            out.append(Reason("grant.mcp_server", f"the MCP server {url[:100]!r} is not granted",
+                              "tools"))
     for msg in it.mcp:
         if msg.method == "tools/call" and msg.tool is not None:
             if not ug.tool_allowed(msg.tool):

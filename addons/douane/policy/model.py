@@ -13,6 +13,8 @@ groups:
         max_tokens: 8000            # ceiling on max_tokens / max_completion_tokens
         stream: true                # default true
         tools: true                 # may offer tools to the model; default true
+        hosted_tools: [web_search]  # provider-run tools allowed; default none
+        mcp_servers: ["https://mcp.example.com/*"]   # remote MCP servers a model may use; default none
         media: true                 # images, audio, files; default true
         temperature: [0, 1.2]       # allowed range; default any
       crm:                          # an MCP upstream
@@ -52,10 +54,12 @@ import hashlib
 import re
 import re._constants as _constants
 import re._parser as _parser
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 from douane.config import ConfigError, Document, View
+from douane.interaction import HOSTED_TOOLS
 from douane.policy.normalize import Normalized, normalize, skeleton, skeleton_pattern
 
 KINDS = ("prompt", "tool_description", "tool_arguments", "tool_result", "resource", "completion")
@@ -132,6 +136,8 @@ class UpstreamGrant:
     arguments: dict[str, dict[str, ArgConstraint]]  # by normalised tool name
     resources: tuple[str, ...]
     prompts: tuple[str, ...]
+    hosted_tools: tuple[str, ...] = ()  # HOSTED_TOOLS kinds; none unless named
+    mcp_servers: tuple[str, ...] = ()  # URL globs of remote MCP servers; none unless named
 
     def tool_allowed(self, name: str) -> bool:
         """Allow globs match the name as sent (a variant of an allowed name is not allowed);
@@ -145,6 +151,29 @@ class UpstreamGrant:
 
     def resource_allowed(self, uri: str) -> bool:
         return any(uri_glob(g).fullmatch(uri) for g in self.resources)
+
+    def mcp_server_allowed(self, url: str) -> bool:
+        target = server_url(url)
+        return target is not None and any(uri_glob(g).fullmatch(target)
+                                          for g in self.mcp_servers)
+
+
+def server_url(url: str) -> str | None:
+    """A remote MCP server's `scheme://host[:port]/path` (query ignored), or None for a URL that
+    could be read two ways (credentials, dot segments, percent-encoding in the path)."""
+    if url.startswith("connector:"):
+        return url
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, path = parts.scheme.lower(), parts.path or "/"
+    if scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc or \
+            "%" in path or "\\" in url or any(s in (".", "..") for s in path.split("/")):
+        return None
+    default = {"http": 80, "https": 443}[scheme]
+    return f"{scheme}://{parts.hostname}{f':{port}' if port not in (None, default) else ''}{path}"
 
 
 @dataclass(frozen=True)
@@ -287,7 +316,7 @@ def _grant(source: str, v: View, upstreams: frozenset[str] | None) -> Grant:
 
 def _upstream_grant(v: View) -> UpstreamGrant:
     v.only("models", "max_tokens", "stream", "tools", "media", "temperature", "resources",
-           "prompts")
+           "prompts", "hosted_tools", "mcp_servers")
     tools = v.data.get("tools", True)
     allow: tuple[str, ...] = ("*",)
     deny: tuple[str, ...] = ()
@@ -309,12 +338,24 @@ def _upstream_grant(v: View) -> UpstreamGrant:
     if temperature is not None and (len(temperature) != 2 or not all(
             isinstance(t, int | float) for t in temperature)):
         raise v.error("expected [min, max]", "temperature")
+    hosted = v.strings("hosted_tools", ())
+    for kind in hosted:
+        if kind not in HOSTED_TOOLS:
+            raise v.error(f"unknown hosted tool {kind!r} (expected: {', '.join(HOSTED_TOOLS)}; "
+                          "remote MCP servers go in mcp_servers)", "hosted_tools")
+    servers = v.strings("mcp_servers", ())
+    for glob in servers:
+        if not glob.startswith(("https://", "http://", "connector:")) or \
+                server_url(glob.replace("*", "x")) is None:
+            raise v.error(f"expected an http(s) URL glob or connector:ID, not {glob!r}",
+                          "mcp_servers")
     return UpstreamGrant(
         models=v.strings("models", None), max_tokens=v.get("max_tokens", int, None),
         stream=v.get("stream", bool, True), tools=tools, media=v.get("media", bool, True),
         temperature=tuple(temperature) if temperature else None,
         tools_allow=allow, tools_deny=deny, arguments=arguments,
-        resources=v.strings("resources", ("*",)), prompts=v.strings("prompts", ("*",)))
+        resources=v.strings("resources", ("*",)), prompts=v.strings("prompts", ("*",)),
+        hosted_tools=hosted, mcp_servers=servers)
 
 
 def _constraint(v: View) -> ArgConstraint:
