@@ -139,6 +139,8 @@ default:
       resources: ["file:///docs/*"]
       prompts: ["summarize"]
   limits: {requests_per_minute: 3}
+rules:
+  - {id: deny.codename, literal: "project nightingale", score: 90}
 tool_risk:
   - {tools: ["exec*"], score: 90}
 """
@@ -175,6 +177,17 @@ def test_allowed_tools_pass_and_constraints_and_risk_follow_normalised_names(pol
     for name in ("exec", "EXEC_sql", "\uff45xec"):
         decision = engine.evaluate(policy, USER, "crm", call(name))
         assert decision.action == "block" and decision.reasons[0].rule == "tool_risk", name
+
+
+@pytest.mark.parametrize("doc", [
+    rpc("tools/call", 1, name="Project_Nightingale"),
+    rpc("prompts/get", 1, name="project-nightingale"),
+])
+def test_deny_rules_read_tool_and_prompt_names(tmp_path, doc):
+    (tmp_path / "p.yaml").write_text(POLICY.replace('prompts: ["summarize"]', 'prompts: ["*"]'))
+    policy = model.load([tmp_path / "p.yaml"])
+    decision = engine.evaluate(policy, USER, "crm", mcp.parse_request(doc, None))
+    assert [r.rule for r in decision.reasons] == ["deny.codename"]
 
 
 def test_listed_variants_of_denied_tools_are_hidden(policy):

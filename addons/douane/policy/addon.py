@@ -121,8 +121,7 @@ class Enforce:
         if over:
             refuse(flow, 429, over.message, "rate_limited", over, action="block")
             return
-        decision = engine.decide(policy, engine.risk(policy, st.interaction.texts)
-                                 + engine.tool_risk(policy, st.interaction))
+        decision = engine.decide(policy, engine.request_risk(policy, st.interaction))
         if decision.action == "block":
             refuse(flow, 403, f"blocked by policy: {explain(decision)}", "policy_denied",
                    *decision.reasons, action="block")

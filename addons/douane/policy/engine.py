@@ -208,6 +208,14 @@ def tool_risk(policy: Policy, it: Interaction) -> list[Reason]:
     return out
 
 
+def request_risk(policy: Policy, it: Interaction) -> list[Reason]:
+    """Deny rules and detectors on the request's texts and on the MCP tool and prompt names it
+    calls (a denied phrase is denied as a name too), then tool risk."""
+    names = [TextPiece("tool_arguments" if m.tool else "prompt", "user", m.tool or m.prompt or "",
+                       ("params", "name")) for m in it.mcp if m.tool or m.prompt]
+    return risk(policy, it.texts + names) + tool_risk(policy, it)
+
+
 def decide(policy: Policy, reasons: list[Reason], hold_allowed: bool = True) -> Decision:
     score = sum(r.score for r in reasons)
     if score >= policy.block or (not hold_allowed and score >= policy.hold):
@@ -226,7 +234,7 @@ def evaluate(policy: Policy, identity: Identity, upstream: str, it: Interaction)
     grant, violations = granting(policy, identity, upstream, it)
     if grant is None:
         return Decision("block", violations, status=403)
-    return decide(policy, risk(policy, it.texts) + tool_risk(policy, it))
+    return decide(policy, request_risk(policy, it))
 
 
 def evaluate_response(policy: Policy, pieces: list[TextPiece]) -> Decision:

@@ -250,7 +250,7 @@ class Pairing:
 
     def __init__(self, it: Interaction):
         self.open = {id_key(m.request_id) for m in it.mcp if m.method and m.request_id is not None}
-        self.paired = it.operation != "mcp:get"
+        self.paired = bool(it.mcp)  # a POST; a GET carries no message
 
     def check(self, doc: Any) -> None:
         for _, msg in each(doc):
