@@ -103,6 +103,27 @@ def test_a_phrase_split_across_mcp_tool_argument_values_is_blocked(gw, llm, toke
         ("deny.codename", "tool_arguments[0..1]")
 
 
+@pytest.mark.parametrize("arguments", [
+    # split across two values, with JSON escapes (\u006f is o) and a dotless i
+    '{"q": "pr\\u006fject nigh", "r": "t\\u0131ngale"}',
+    '{"pr0ject-n1ghtingale": 1}',  # as a key
+    '{"project nigh": 1, "tingale": 2}',  # split across two keys
+])
+def test_a_phrase_in_chat_tool_call_arguments_is_blocked(gw, llm, token, arguments):
+    # the arguments JSON string is decoded into its values and keys
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "search", "arguments": arguments}}
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + "/v1/chat/completions", json={"model": "m", "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "no results"}]},
+        headers={"authorization": f"Bearer {token}"})
+    record = assert_refused(gw, llm, before, resp, 403)
+    assert record["reasons"][0]["rule"] == "deny.codename"
+    assert record["reasons"][0]["field"].startswith("tool_arguments["), record["reasons"]
+
+
 def test_a_phrase_split_across_anthropic_tool_input_values_is_blocked(gw, llm, token):
     before = len(llm.requests)
     doc = {"model": "c", "max_tokens": 5, "messages": [
