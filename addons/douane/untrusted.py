@@ -12,7 +12,7 @@ from typing import Any
 from anyascii import anyascii
 
 from douane.interaction import Interaction
-from douane.policy.detectors import SHORTEST_SECRET, redact_secrets
+from douane.secrets import SHORTEST_SECRET, redact
 
 # C0, DEL, C1, the Arabic letter mark, LRM/RLM, line and paragraph separators, bidi embeddings,
 # overrides and isolates: what moves a terminal's cursor, colours or hides text, or reorders it.
@@ -53,8 +53,8 @@ def scrub(text: str, limit: int = FIELD_CHARS) -> str:
     """A value to keep: secrets redacted, cut at `limit` characters with a marker naming the
     full value's length and hash (the same value recognised across records, never kept whole)."""
     if len(text) <= limit:
-        return text if len(text) < SHORTEST_SECRET else redact_secrets(text)
-    kept = redact_secrets(text[:limit + SECRET_MARGIN])[:limit]
+        return text if len(text) < SHORTEST_SECRET else redact(text)
+    kept = redact(text[:limit + SECRET_MARGIN])[:limit]
     return f"{kept}…[cut: {len(text)} characters, sha256 {digest(text)}]"
 
 

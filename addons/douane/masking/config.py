@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 import spacy.util
 
 from douane.config import View
+from douane.secrets import ENTITIES as SECRET_ENTITIES  # what recordings redact
 
 logger = logging.getLogger(__name__)
 
 NER_ENTITIES = ("PERSON", "LOCATION", "NRP")
-SECRET_ENTITIES = ("AWS_ACCESS_KEY", "API_KEY", "PRIVATE_KEY", "JWT", "BEARER_TOKEN")
 PATTERN_ENTITIES = ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "IP_ADDRESS",
                     "IBAN_CODE", *SECRET_ENTITIES)
 DEFAULT_ENTITIES = ("PERSON", "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "US_SSN",

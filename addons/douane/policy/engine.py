@@ -12,6 +12,7 @@ import fnmatch
 from collections.abc import Iterable
 from typing import Any
 
+from douane import secrets
 from douane.flowstate import Decision, Identity, Reason
 from douane.interaction import Interaction, TextPiece
 from douane.policy import detectors
@@ -138,16 +139,12 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
             if any(rule.matches(t) for t in (text, *hidden)):
                 found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched", label, rule.score)
         if policy.secrets and piece.kind in ("prompt", "tool_arguments", "tool_result"):
-            lowered = piece.text.lower()
-            for rule_id, pattern, score, hints in detectors.SECRETS:
-                if rule_id not in found and any(h in lowered for h in hints) and \
-                        pattern.search(piece.text):
-                    found[rule_id] = Reason(rule_id, "a secret is in the text", label, score)
-            if detectors.HIGH_ENTROPY_RULE not in found and \
-                    detectors.high_entropy_tokens(piece.text):
-                found[detectors.HIGH_ENTROPY_RULE] = Reason(
-                    detectors.HIGH_ENTROPY_RULE, "a high-entropy token (credential?) is in the "
-                    "text", label, detectors.HIGH_ENTROPY_SCORE)
+            for secret in secrets.find(piece.text):
+                kind = secret.kind
+                if kind.rule not in found:
+                    found[kind.rule] = Reason(kind.rule, "a high-entropy token (credential?) is "
+                                              "in the text" if kind is secrets.HIGH_ENTROPY_KIND
+                                              else "a secret is in the text", label, kind.score)
         if policy.injection and piece.kind in ("tool_result", "resource"):
             plain = normalized[i].text if normalized[i] else normalize(piece.text)
             for rule_id, pattern, score, hints in detectors.INJECTION:

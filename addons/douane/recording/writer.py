@@ -32,8 +32,7 @@ from typing import IO, Any
 from mitmproxy import connection, http
 from mitmproxy.io import tnetstring
 
-from douane import protocols, transcript, untrusted
-from douane.policy import detectors
+from douane import protocols, secrets, transcript, untrusted
 from douane.protocols import streams
 from douane.recording import index, originals
 from douane.recording.config import RecordingSettings
@@ -84,9 +83,9 @@ def _headers(fields: tuple[tuple[bytes, bytes], ...],
     fields = tuple((k, SCRUBBED.encode() if k.decode("latin-1").lower() in names else v)
                    for k, v in fields)
     values = [v.decode("utf-8", "surrogateescape") for _, v in fields]
-    if detectors.redact_secrets("\0".join(values)) == "\0".join(values):
+    if secrets.redact("\0".join(values)) == "\0".join(values):
         return fields
-    return tuple((k, detectors.redact_secrets(text).encode("utf-8", "surrogateescape"))
+    return tuple((k, secrets.redact(text).encode("utf-8", "surrogateescape"))
                  for (k, _), text in zip(fields, values, strict=True))
 
 
@@ -101,13 +100,13 @@ def snapshot_of(flow: http.HTTPFlow, snapshot: dict) -> dict:
 
 def _json_string(m: re.Match[str]) -> str:
     literal = m.group(0)
-    if len(literal) < detectors.SHORTEST_SECRET + 2:  # most values of a stream's events: fast
+    if len(literal) < secrets.SHORTEST_SECRET + 2:  # most values of a stream's events: fast
         return literal
     try:
         value = json.loads(literal) if "\\" in literal else literal[1:-1]
     except ValueError:
         return literal
-    clean = detectors.redact_secrets(value)
+    clean = secrets.redact(value)
     return literal if clean == value else json.dumps(clean, ensure_ascii=False)
 
 
@@ -118,7 +117,7 @@ def without_secrets(flow: http.HTTPFlow, streamed: tuple[str, ...] = ()) -> None
     byte-identical elsewhere (a recorded request without secrets still matches in server replay).
     `streamed`: a streamed answer's text as delivered, per channel, where a secret split across
     deltas shows. Regexes over whole bodies: the writer process calls this, never the gateway."""
-    flow.request.path = detectors.redact_secrets(flow.request.path, high_entropy=False)
+    flow.request.path = secrets.redact(flow.request.path, high_entropy=False)
     for message in (flow.request, flow.response):
         if message is None or not message.raw_content:
             continue
@@ -127,10 +126,10 @@ def without_secrets(flow: http.HTTPFlow, streamed: tuple[str, ...] = ()) -> None
         if "json" in ctype or "event-stream" in ctype or text.lstrip()[:1] in ("{", "["):
             clean = JSON_STRING.sub(_json_string, text)
         else:
-            clean = detectors.redact_secrets(text)
+            clean = secrets.redact(text)
         if clean != text:
             message.text = clean
-    if any(detectors.redact_secrets(text) != text for text in streamed):
+    if any(secrets.redact(text) != text for text in streamed):
         _split_secrets(flow)
 
 
@@ -145,7 +144,7 @@ class _HoldAndRedact:
         return ""
 
     def finish(self, channel: str) -> str:
-        return detectors.redact_secrets(self.held.pop(channel, ""))
+        return secrets.redact(self.held.pop(channel, ""))
 
 
 def _split_secrets(flow: http.HTTPFlow) -> None:

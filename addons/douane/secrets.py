@@ -1,0 +1,203 @@
+"""The one catalogue of what a secret looks like: the policy flags it in what leaves, masking hides
+it in what comes back, the recording redacts it. Whatever one of them finds, the others find.
+
+Each kind names a rule id (policy reasons, `<SECRET:rule id>` in recordings), the masking entity
+type, a pattern whose group `v` (or whole match) is the value, the policy's risk score, lower-case
+hints (the pattern runs only when one occurs: a cheap substring test first) and an optional check
+of the value. Kinds are tried in order; the first one to claim characters names the span.
+
+Shapes that depend on context (an AWS secret access key is 40 base64-ish characters, like many
+other things) are secrets only after a credential name and `:`/`=`; ordinary hashes (hex: 16
+symbols, at most 4 bits per character), UUIDs and versions stay below every bar.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Kind:
+    rule: str
+    entity: str
+    pattern: re.Pattern[str]
+    score: float
+    hints: tuple[str, ...]
+    check: Callable[[str], bool] | None = None
+
+
+@dataclass(frozen=True)
+class Found:
+    start: int
+    end: int
+    kind: Kind
+
+
+# whole runs only; not Subresource-Integrity digests (`sha512-<base64>`) nor data URIs
+HIGH_ENTROPY = re.compile(r"(?<![A-Za-z0-9+/_=-])(?<!base64,)(?!sha(?:1|256|384|512)-)"
+                          r"[A-Za-z0-9+/_=-]{32,}")
+ENTROPY_BITS = 4.5
+ENCODED_CONTENT = 1024  # high-entropy runs longer than this are encoded content (an image, a file)
+SHORTEST_SECRET = 10  # no kind matches fewer characters (`pwd=Ab3xyz`)
+
+# A credential's name in an assignment (`AWS_SECRET=`, `"api_key": "`, `token: `), up to the
+# separator and an opening quote. `token` but not `tokenizer`; `pass` but not `bypass`.
+_NAME = r"[\w.-]{0,30}?"
+_SEP = r"""["']?\s*(?:[:=]|:=|=>|\s(?:is|was)\s)\s*["']?"""
+_CREDENTIAL = (r"(?:api[_-]?key|apikey|access[_-]?key|secret|token(?!iz)|credential|auth[_-]?key|"
+               r"account[_-]?key|private[_-]?key|signing[_-]?key|encryption[_-]?key|"
+               r"master[_-]?key|sharedaccesskey)")
+_PASSWORD = r"(?:password|passwd|passphrase|(?<![a-z])pwd(?![a-z])|(?<![a-z])pass(?![a-z]))"
+_PLACEHOLDER = re.compile(r"^(?:[$%{<*(\[]|\.\.\.)|^x+$|[(\[]|^(?:none|null|nil|true|false|str|string|"
+                          r"required|optional|undefined|redacted|hidden|masked)$", re.I)
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+
+def entropy(token: str) -> float:
+    counts = Counter(token)
+    return -sum(n / len(token) * math.log2(n / len(token)) for n in counts.values())
+
+
+def credential_like(token: str) -> bool:
+    """A long token mixing cases and digits with high entropy: likely a credential. Hex digests
+    and UUIDs stay below the bar (16 symbols: at most 4 bits per character)."""
+    return (len(token) <= ENCODED_CONTENT and any(c.islower() for c in token)
+            and any(c.isupper() for c in token) and any(c.isdigit() for c in token)
+            and entropy(token) >= ENTROPY_BITS)
+
+
+def _token_value(value: str) -> bool:
+    """A value after a credential name: long enough, letters and digits, not a placeholder, a
+    path, a URL or a date."""
+    return (len(value) >= 16 and any(c.isdigit() for c in value)
+            and any(c.isalpha() for c in value) and not _PLACEHOLDER.search(value)
+            and not value.startswith(("/", "./", "~/")) and "://" not in value
+            and not _DATE.match(value))
+
+
+def _password_value(value: str) -> bool:
+    """A password: not a placeholder, and at least two of lower, upper, digit, symbol."""
+    classes = (any(c.islower() for c in value), any(c.isupper() for c in value),
+               any(c.isdigit() for c in value), any(not c.isalnum() for c in value))
+    return not _PLACEHOLDER.search(value) and sum(classes) >= 2
+
+
+def _basic_credentials(value: str) -> bool:
+    try:
+        decoded = base64.b64decode(value + "=" * (-len(value) % 4), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return ":" in decoded and decoded.isprintable()
+
+
+def _kind(rule: str, entity: str, pattern: str, score: float, hints: tuple[str, ...],
+          check: Callable[[str], bool] | None = None) -> Kind:
+    return Kind(f"detector.secret.{rule}", entity, re.compile(pattern), score, hints, check)
+
+
+CATALOGUE: tuple[Kind, ...] = (
+    _kind("private_key", "PRIVATE_KEY",
+          r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----(?:[\s\S]*?-----END "
+          r"(?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|(?:[A-Za-z0-9+/=\s]|\\[rn])*)", 100,
+          ("private key",)),
+    _kind("aws_access_key", "AWS_ACCESS_KEY", r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", 90,
+          ("akia", "asia")),
+    _kind("aws_secret_key", "AWS_SECRET_KEY",
+          r"(?i:aws" + _NAME + r"secret|secret[_-]?access[_-]?key|secretaccesskey)" + _NAME
+          + _SEP + r"(?P<v>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"
+          r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}[\s,;:|/\"']{1,4}(?P<v2>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])",
+          90, ("secret", "akia", "asia")),
+    _kind("jwt", "JWT",
+          r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", 80, ("eyj",)),
+    _kind("api_key", "API_KEY",
+          r"\bsk-(?:proj-|ant-|live-|admin-|svcacct-)?[A-Za-z0-9_-]{20,}", 90, ("sk-",)),
+    _kind("stripe_key", "API_KEY", r"\b[rs]k_(?:live|test)_[0-9A-Za-z]{16,}", 90,
+          ("sk_live_", "sk_test_", "rk_live_", "rk_test_")),
+    _kind("github_token", "API_KEY",
+          r"\bgh[pousr]_[A-Za-z0-9]{36,}\b|\bgithub_pat_[A-Za-z0-9_]{40,}", 90,
+          ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")),
+    _kind("gitlab_token", "API_KEY", r"\bgl(?:pat|dt|rt|ptt|cbt)-[A-Za-z0-9_-]{20,}", 90,
+          ("glpat-", "gldt-", "glrt-", "glptt-", "glcbt-")),
+    _kind("npm_token", "API_KEY", r"\bnpm_[A-Za-z0-9]{36}\b", 90, ("npm_",)),
+    _kind("huggingface_token", "API_KEY", r"\bhf_[A-Za-z0-9]{34,}\b", 90, ("hf_",)),
+    _kind("sendgrid_key", "API_KEY", r"\bSG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}\b", 90, ("sg.",)),
+    _kind("slack_token", "API_KEY", r"\bxox[abposre]-[A-Za-z0-9-]{10,}", 90, ("xox",)),
+    _kind("slack_webhook", "API_KEY",
+          r"https://hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9_/-]{20,}", 90,
+          ("hooks.slack.com",)),
+    _kind("google_api_key", "API_KEY", r"\bAIza[0-9A-Za-z_-]{35}\b", 90, ("aiza",)),
+    _kind("google_oauth_secret", "API_KEY", r"\bGOCSPX-[A-Za-z0-9_-]{28}\b", 90, ("gocspx-",)),
+    _kind("bearer", "BEARER_TOKEN", r"(?i:\bbearer)\s+(?P<v>[A-Za-z0-9._~+/-]{20,}=*)", 70,
+          ("bearer",)),
+    _kind("basic_auth", "PASSWORD",
+          r"(?i:\bbasic)\s+(?P<v>[A-Za-z0-9+/]{8,}={0,2})(?![A-Za-z0-9+/=])", 70, ("basic",),
+          _basic_credentials),
+    _kind("url_password", "PASSWORD",
+          r"\b[A-Za-z][A-Za-z0-9+.-]{1,15}://[^\s:/@\"'<>]{1,64}:(?P<v>[^\s/@\"'<>]{1,128})@", 70,
+          ("://",), lambda v: not _PLACEHOLDER.search(v)),
+    _kind("password", "PASSWORD",
+          r"(?i:" + _NAME + _PASSWORD + r")" + _NAME + _SEP
+          + r"(?P<v>[^\s\"'`,;&<>]{6,128})", 50, ("pass", "pwd"), _password_value),
+    _kind("credential", "SECRET",
+          r"(?i:" + _NAME + _CREDENTIAL + r")" + _NAME + _SEP
+          + r"(?P<v>[A-Za-z0-9_\-+/=.~]{16,1024})", 40,
+          ("key", "secret", "token", "credential"), _token_value),
+)
+HIGH_ENTROPY_KIND = Kind("detector.secret.high_entropy", "SECRET", HIGH_ENTROPY, 40, (),
+                         credential_like)
+KINDS = (*CATALOGUE, HIGH_ENTROPY_KIND)
+ENTITIES = tuple(dict.fromkeys(k.entity for k in KINDS))
+
+
+def _value_span(m: re.Match[str]) -> tuple[int, int]:
+    for group in ("v", "v2"):
+        if group in m.re.groupindex and m.group(group) is not None:
+            return m.span(group)
+    return m.span()
+
+
+def find(text: str, high_entropy: bool = True) -> list[Found]:
+    """Every secret in `text`, in order, overlapping finds merged (the first kind names them)."""
+    lowered = text.lower()
+    found: list[Found] = []
+    for kind in KINDS if high_entropy else CATALOGUE:
+        if kind.hints and not any(h in lowered for h in kind.hints):
+            continue
+        for m in kind.pattern.finditer(text):
+            start, end = _value_span(m)
+            if start == end or (kind.check and not kind.check(text[start:end])):
+                continue
+            found.append(Found(start, end, kind))
+    order = {kind: i for i, kind in enumerate(KINDS)}
+    merged: list[Found] = []
+    for f in sorted(found, key=lambda f: (f.start, order[f.kind])):
+        if merged and f.start < merged[-1].end:
+            last = merged[-1]
+            winner = last.kind if order[last.kind] <= order[f.kind] else f.kind
+            merged[-1] = Found(last.start, max(last.end, f.end), winner)
+        else:
+            merged.append(f)
+    return merged
+
+
+def maybe(text: str) -> bool:
+    """Whether `find` could find anything: a cheap test before it."""
+    lowered = text.lower()
+    return any(h in lowered for kind in CATALOGUE for h in kind.hints) or \
+        HIGH_ENTROPY.search(text) is not None
+
+
+def redact(text: str, high_entropy: bool = True) -> str:
+    """`text` with every secret replaced by `<SECRET:rule id>`."""
+    out, last = [], 0
+    for f in find(text, high_entropy):
+        out += [text[last:f.start], f"<SECRET:{f.kind.rule}>"]
+        last = f.end
+    out.append(text[last:])
+    return "".join(out)

