@@ -415,11 +415,40 @@ def lowercase_chat(g: Gen, b: Text) -> None:
     b.v("EMAIL_ADDRESS", g.email()).t(" or text ").v("PHONE_NUMBER", g.phone()).t(" lol")
 
 
+def narrative(g: Gen, b: Text) -> None:
+    b.t(g.pick("Yesterday ", "Last week ", "On Monday ")).v("PERSON", g.person()).t(" met ")
+    b.v("PERSON", g.person()).t(" in ").v("LOCATION", g.location()).t(
+        g.pick(" to review the contract. ", " for the quarterly review. "))
+    b.t(g.pick("Thanks to ", "Kudos to ")).v("PERSON", g.fake.first_name()).t(
+        " for the fix in ").v(None, g.negative()).t(". ")
+    name = g.person()
+    b.v("PERSON", name).t(" will send the signed copy to ").v("EMAIL_ADDRESS", g.email(name))
+    b.t(g.pick(" by Friday.", " before the release of ")).t(g.negative()).t(".")
+
+
+def markdown_table(g: Gen, b: Text) -> None:
+    b.t("| Customer | Assigned to | Phone | Opened |\n|---|---|---|---|\n")
+    for _ in range(g.rng.randint(2, 4)):
+        b.t("| ").v("PERSON", g.person()).t(" | ").v("PERSON", g.person()).t(" | ")
+        b.v("PHONE_NUMBER", g.phone()).t(" | ").v(None, g.timestamp()).t(" |\n")
+
+
+def cloud_json(g: Gen, b: Text) -> None:
+    b.t('[{"name": ').j(None, g.pick("Nightly Build", "Backup Policy", "Main Branch",
+                                     "Default Pool", "Primary Cluster", "Marketing"))
+    b.t(', "state": ').j(None, g.pick("RUNNING", "Active", "Pending", "Stopped"))
+    b.t(', "region": ').j(None, g.pick("eu-west-1", "us-east-2", "europe-west4"))
+    b.t(', "owner": ').j(None, g.pick("team-platform", "svc-ci", "root"))
+    b.t(', "id": ').j(None, str(g.us.uuid4())).t(', "from": "EUR", "to": "USD"}, {"name": ')
+    b.j("PERSON", g.person()).t(', "role": "admin", "created": ').j(None, g.timestamp()).t("}]")
+
+
 TEMPLATES: dict[str, tuple[Callable[[Gen, Text], None], int]] = {  # name -> (template, weight)
     "chat": (chat, 14), "greeting": (greeting, 8), "email": (email_header, 7), "csv": (csv, 8),
     "psql": (psql, 5), "json": (json_tool, 12), "log": (log, 9), "payment": (payment, 7),
     "ssn": (ssn_record, 5), "code": (code, 9), "secret": (secret_prose, 6),
     "negatives": (negatives_only, 6), "foreign": (foreign, 6), "lowercase": (lowercase_chat, 3),
+    "narrative": (narrative, 6), "markdown": (markdown_table, 4), "cloud": (cloud_json, 4),
 }
 
 

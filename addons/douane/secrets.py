@@ -72,13 +72,19 @@ def credential_like(token: str) -> bool:
             and entropy(token) >= ENTROPY_BITS)
 
 
+def _path(value: str) -> bool:
+    """`projects/acme/secrets/db`: segments, most of them lower-case words."""
+    parts = value.split("/")
+    return len(parts) >= 3 and sum(p.isalpha() and p.islower() for p in parts) * 2 >= len(parts)
+
+
 def _token_value(value: str) -> bool:
     """A value after a credential name: long enough, letters and digits, not a placeholder, a
     path, a URL or a date."""
     return (len(value) >= 16 and any(c.isdigit() for c in value)
             and any(c.isalpha() for c in value) and not _PLACEHOLDER.search(value)
             and not value.startswith(("/", "./", "~/")) and "://" not in value
-            and not _DATE.match(value))
+            and not _DATE.match(value) and not _path(value))
 
 
 def _password_value(value: str) -> bool:

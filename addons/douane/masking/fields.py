@@ -1,0 +1,126 @@
+"""Names, places and SSNs known by where they stand, not by what they look like: the value of a
+`"display_name"` or `city` key, a CSV or psql column headed `name` or `ssn`, the name after
+`Hi`/`Dear` or under a sign-off, after `Author:` or `From:` in a header. NER misses many of
+them (a lone first name, a foreign name, a place it calls a person); the field says what they are.
+
+No name lists: a value counts when its field says so and it has the shape (capitalised words, no
+digits or `@`; for SSNs, nine valid digits).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+PERSON_FIELDS = {"name", "full_name", "fullname", "display_name", "displayname", "first_name",
+                 "firstname", "last_name", "lastname", "given_name", "family_name", "surname",
+                 "customer", "customer_name", "author", "owner", "holder", "account_holder",
+                 "employee", "employee_name", "contact", "contact_name", "assignee", "reporter",
+                 "patient", "recipient", "sender", "from", "to", "cc", "signed_by", "nom",
+                 "prénom", "nome", "nombre"}
+LOCATION_FIELDS = {"city", "town", "country", "location", "office",  # not state, region: "RUNNING"
+                   "birthplace", "place_of_birth", "ville", "pays", "stadt", "land", "cidade",
+                   "ciudad", "país"}
+SSN_FIELDS = {"ssn", "social_security_number", "social_security_no", "us_ssn"}
+ENTITIES = ("PERSON", "LOCATION", "US_SSN")
+FIELDS = {**{f: "PERSON" for f in PERSON_FIELDS}, **{f: "LOCATION" for f in LOCATION_FIELDS},
+          **{f: "US_SSN" for f in SSN_FIELDS}}
+
+_UPPER = "A-ZÀ-ÖØ-Þ"
+_LOWER = "a-zß-öø-ÿ"
+# capitalised, not all capitals (`"to": "EUR"`): Marie, O'Connor, McDonald, Hugues-la-Forêt, J.
+_WORD = (rf"(?:[dl{_UPPER}]['’])?[{_UPPER}](?:[{_LOWER}]+(?:[{_UPPER}][{_LOWER}]+)?"
+         rf"(?:['’.-][^\W\d_]+)*\.?|\.)")
+_PARTICLE = r"(?:de|da|do|dos|das|del|della|di|du|van|von|der|den|le|la|y|e|and|of|the|sur|am|im)"
+NAME = rf"{_WORD}(?:[ ](?:{_WORD}|{_PARTICLE}(?=[ ](?:[dl]['’])?[{_UPPER}]))){{0,5}}"
+SSN = re.compile(r"(?!000|666|9)\d{3}([- ]?)(?!00)\d{2}\1(?!0000)\d{4}")
+_KEY = "(?i:" + "|".join(re.escape(f).replace("_", "[ _-]?")
+                        for f in sorted(FIELDS, key=len, reverse=True)) + ")"
+# "key": "value"
+JSON_FIELD = re.compile(rf'"(?P<key>{_KEY})"\s*:\s*"(?P<v>[^"\\]{{1,80}})"')
+# key: value, key=value (a line, a log's pairs), up to the end of the line, `<`, `(`, `,`, `|`
+PAIR = re.compile(rf"(?<![\w-])(?P<key>{_KEY})(?![\w-])[ \t]*[:=][ \t]*(?P<v>{NAME}|[\d -]{{9,11}})"
+                  r"(?=[ \t]*(?:$|[<(),;|\n]))", re.M)
+GREETING = re.compile(rf"(?:^|\n)[ \t]*(?:Hi|Hello|Hey|Dear|Bonjour|Hallo|Hola|Olá|Ciao|Salut|"
+                      rf"Moin|Hej)[ \t]+(?P<v>{NAME})[ \t]*[,!:\n]")
+SIGN_OFF = re.compile(rf"(?i:regards|best|thanks|thank you|cheers|sincerely|cordialement|grüße|"
+                      rf"gruß|atenciosamente|saludos|cordiali saluti),?[ \t]*\n[ \t]*(?P<v>{NAME})"
+                      r"[ \t]*(?=\n|$)")
+TABLE_SEPARATORS = (",", "|", "\t", ";")
+RULE_LINE = re.compile(r"^[\s|:+=-]*$")
+
+
+def field_type(key: str) -> str | None:
+    return FIELDS.get(re.sub(r"[\s-]+", "_", key.strip().lower()))
+
+
+def _shaped(entity: str, value: str) -> bool:
+    if entity == "US_SSN":
+        return SSN.fullmatch(value) is not None
+    return re.fullmatch(NAME, value) is not None
+
+
+def _cells(line: str, sep: str) -> list[tuple[int, int]]:
+    """The cells of a delimited line as (start, end), trimmed, quotes ("a, b") respected."""
+    cells, start, quoted = [], 0, False
+    for i, c in enumerate(line + sep):
+        if c == '"':
+            quoted = not quoted
+        elif c == sep and not quoted:
+            s, e = start, i
+            while s < e and line[s] in ' "\t':
+                s += 1
+            while e > s and line[e - 1] in ' "\t\r':
+                e -= 1
+            cells.append((s, e))
+            start = i + 1
+    if sep == "|" and line.strip().startswith("|"):  # markdown: outer pipes
+        cells = cells[1:-1] if len(cells) > 2 else cells
+    return cells
+
+
+def _tables(text: str) -> Iterator[tuple[int, int, str]]:
+    lines, offset = [], 0
+    for line in text.split("\n"):
+        lines.append((offset, line))
+        offset += len(line) + 1
+    i = 0
+    while i < len(lines):
+        base, header = lines[i]
+        i += 1
+        for sep in TABLE_SEPARATORS:
+            if header.count(sep) < 1:
+                continue
+            columns = [field_type(header[s:e]) for s, e in _cells(header, sep)]
+            if not any(columns) or not all(re.fullmatch(r"[\w .-]{1,30}", header[s:e])
+                                           for s, e in _cells(header, sep)):
+                continue
+            while i < len(lines) and (RULE_LINE.match(lines[i][1]) and lines[i][1].strip()):
+                i += 1  # psql's ----+---- and markdown's |---|
+            while i < len(lines):
+                row_base, row = lines[i]
+                cells = _cells(row, sep)
+                if len(cells) != len(columns):
+                    break
+                for (s, e), entity in zip(cells, columns, strict=True):
+                    if entity and _shaped(entity, row[s:e]):
+                        yield row_base + s, row_base + e, entity
+                i += 1
+            break
+
+
+def find(text: str, entities: set[str]) -> Iterator[tuple[int, int, str]]:
+    """(start, end, entity) of each field value of the wanted entities."""
+    for pattern in (JSON_FIELD, PAIR):
+        for m in pattern.finditer(text):
+            entity = field_type(m.group("key"))
+            if entity in entities and _shaped(entity, m.group("v").strip()):
+                start = m.start("v")
+                yield start, start + len(m.group("v").strip()), entity
+    if "PERSON" in entities:
+        for pattern in (GREETING, SIGN_OFF):
+            for m in pattern.finditer(text):
+                yield m.start("v"), m.end("v"), "PERSON"
+    for start, end, entity in _tables(text):
+        if entity in entities:
+            yield start, end, entity
