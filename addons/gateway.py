@@ -19,7 +19,7 @@ from douane.policy.addon import Enforce
 from douane.recording.addon import Record
 from douane.recording.originals import KeepOriginals
 from douane.refusals import KeepRefusals
-from douane.routing import Broker, Route
+from douane.routing import Broker, InjectCredential, Route
 from douane.settings import Settings
 from douane.websocket import PoliceWebSocket
 
@@ -46,4 +46,5 @@ addons = [
     audit_trail,
     Mark(),  # blocked, held, masked flows stand out in mitmweb and in recordings
     Record(settings),
+    InjectCredential(),  # last: nothing held, shown or recorded before sending carries the key
 ]

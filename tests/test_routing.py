@@ -7,7 +7,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from douane.flowstate import Identity, state
 from douane.refusals import guarded
-from douane.routing import Broker, Route
+from douane.routing import Broker, InjectCredential, Route
 from douane.settings import Settings
 
 CONFIG = """\
@@ -28,10 +28,10 @@ def gateway(tmp_path, monkeypatch):
     path = tmp_path / "douane.yaml"
     path.write_text(CONFIG % {"dir": tmp_path})
     settings = Settings()
-    route, broker = Route(settings), Broker(settings)
-    with taddons.context(settings, route, broker) as tctx:
+    route, broker, inject = Route(settings), Broker(settings), InjectCredential()
+    with taddons.context(settings, route, broker, inject) as tctx:
         tctx.configure(settings, douane_config=str(path))
-        yield route, broker
+        yield route, broker, inject
 
 
 def flow_to(host: str, path: str, port: int = 443, **headers: str):
@@ -43,14 +43,19 @@ def flow_to(host: str, path: str, port: int = 443, **headers: str):
 
 
 def run(gateway, f) -> None:
-    for addon in gateway:
-        addon.requestheaders(f)
+    route, broker, inject = gateway
+    for hook in (route.requestheaders, broker.requestheaders, inject.request):
+        hook(f)
 
 
 def test_declared_upstream_gets_the_credential_and_loses_the_client_token(gateway):
     f = flow_to("api.openai.com", "/v1/chat/completions", authorization="Bearer client.jwt.x",
                 **{"x-api-key": "k", "proxy-authorization": "Basic x"})
-    run(gateway, f)
+    gateway[0].requestheaders(f)
+    gateway[1].requestheaders(f)
+    # only the last step adds it: a held or displayed request does not carry the key
+    assert "authorization" not in f.request.headers
+    gateway[2].request(f)
     assert f.response is None
     assert state(f).upstream.name == "openai"
     assert f.request.headers["authorization"] == "Bearer sk-upstream"

@@ -2,9 +2,10 @@
 
 `Route` matches every flow against the declared upstreams (host, port, path prefix) before
 authentication, so even a refusal is shaped like the target API. `Broker` runs after
-authentication: it refuses flows no upstream declares (unless their host is pass-through), strips
-every client credential and injects the upstream credential douane holds. Clients hold no
-provider key.
+authentication: it refuses flows no upstream declares (unless their host is pass-through) and
+strips every client credential. `InjectCredential`, the request's last step, adds the upstream
+credential douane holds: a request held for an approver, shown in mitmweb or refused on the way
+never carries it. Clients hold no provider key.
 """
 
 from __future__ import annotations
@@ -69,13 +70,11 @@ class Broker:
         for name in CLIENT_CREDENTIAL_HEADERS:
             flow.request.headers.pop(name, None)
         credential = upstream.credential
-        if credential is not None:
-            if credential.value is None:
-                refuse(flow, 503, f"upstream {upstream.name} has no credential configured "
-                       f"({credential.source})", "upstream_credential_missing",
-                       Reason("route.no_credential", f"{credential.source} is not set"))
-                return
-            flow.request.headers[credential.header] = credential.value
+        if credential is not None and credential.value is None:
+            refuse(flow, 503, f"upstream {upstream.name} has no credential configured "
+                   f"({credential.source})", "upstream_credential_missing",
+                   Reason("route.no_credential", f"{credential.source} is not set"))
+            return
         if upstream.connect_to:
             # A stand-in serves this upstream: decided and recorded as the declared upstream,
             # sent to the stand-in with the Host the client asked for.
@@ -96,3 +95,15 @@ class Broker:
         st = state(flow)
         if st.upstream and st.upstream.credential and flow.request:
             flow.request.headers.pop(st.upstream.credential.header, None)
+
+
+class InjectCredential:
+    """The upstream credential, added when every other step has let the request go."""
+
+    @guarded
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        upstream = state(flow).upstream
+        if upstream is not None and upstream.credential is not None:
+            flow.request.headers[upstream.credential.header] = upstream.credential.value

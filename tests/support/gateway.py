@@ -18,7 +18,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
-_LISTENING = re.compile(r"listening at \S*?:(\d+)")
+_LISTENING = re.compile(r"proxy\b[^\n]*? listening at \S*?:(\d+)")  # not mitmweb's web server
 
 
 def base_config(issuer_url: str | None, upstream_url: str, *, audience: str = "douane-tests",
@@ -44,7 +44,8 @@ class Gateway:
 
     def __init__(self, config: str | dict[str, Any], *, mode: str = "regular",
                  env: dict[str, str] | None = None, args: list[str] | None = None,
-                 workdir: Path | None = None, start: bool = True, timeout: float = 60) -> None:
+                 workdir: Path | None = None, start: bool = True, timeout: float = 60,
+                 tool: str = "mitmdump") -> None:
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="douane-gw-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         if isinstance(config, dict):
@@ -56,6 +57,7 @@ class Gateway:
         self.confdir = self.dir / "confdir"
         self.log_file = self.dir / "mitmdump.log"
         self.mode, self.args, self.timeout = mode, list(args or []), timeout
+        self.tool = MITMDUMP.with_name(tool)  # or mitmweb, for the live console
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.port: int | None = None
@@ -80,7 +82,7 @@ class Gateway:
         return self.confdir / "mitmproxy-ca-cert.pem"
 
     def command(self) -> list[str]:
-        return [str(MITMDUMP), "-s", str(REPO / "addons" / "gateway.py"),
+        return [str(self.tool), "-s", str(REPO / "addons" / "gateway.py"),
                 "--set", f"douane_config={self.config_file}", "--set", f"confdir={self.confdir}",
                 "--mode", self.mode, "--listen-host", "127.0.0.1", "--listen-port", "0",
                 *self.args]
