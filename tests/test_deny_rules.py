@@ -189,6 +189,7 @@ def test_a_literal_still_matches_as_a_substring(policy):
 
 @pytest.mark.parametrize("text", [
     "the class name is set",        # "ssn" in the skeleton, across two words
+    "print('%s%s\\n' % (a, b))",
     "gross net income",
     "a glass nail",
     "pacme-merger",                 # a short skeleton inside longer words
@@ -271,7 +272,8 @@ def test_rule_file_literals_get_skeletons(policy):
     rules = {r.id: r for r in policy.rules}
     assert rules["deny.codename"].skeleton == "projectnightingaie"
     assert not rules["deny.codename"].bounded and rules["deny.merger"].bounded
-    assert rules["deny.ssn"].skeleton == "ssn" and rules["deny.ssn"].bounded
+    # three letters: matched only as written (`%s%s\n` is s-s-n)
+    assert rules["deny.ssn"].skeleton is None
 
 
 def test_regex_rules_are_not_given_skeletons(tmp_path):

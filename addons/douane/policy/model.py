@@ -189,8 +189,11 @@ class Grant:
     limits: Limits
 
 
-# Skeletons of literals at least this long are matched anywhere, even inside longer words.
+# Skeletons of literals at least this long are matched anywhere, even inside longer words; shorter
+# ones only between word edges; and a literal with fewer letters than SHORTEST_SKELETON only as
+# written (`ssn` would be found in "%s%s\n" and `pii` in "(p, 1, 1)").
 UNBOUNDED_SKELETON = 12
+SHORTEST_SKELETON = 4
 # Regex syntax whose meaning depends on what surrounds a match (conservative: `[^...]` counts too).
 EDGE_SENSITIVE = re.compile(r"[\^$]|\\[AZz]|\(\?<?[=!]")
 
@@ -390,7 +393,7 @@ def _rule(v: View) -> Rule:
         required = normalize(v.get("literal", str))
         pattern = re.compile(re.escape(required))
         letters = skeleton(required).split("\n")[-1]  # punctuation in a literal is punctuation
-        letters = letters if len(letters) >= 3 else None
+        letters = letters if len(letters) >= SHORTEST_SKELETON else None
     kinds = v.strings("in", ("prompt", "tool_arguments"))
     for kind in kinds:
         if kind not in KINDS:

@@ -11,12 +11,12 @@ single `str.translate` pass (ASCII text takes CPython's fast path):
   regional indicator letters fall back to their `anyascii` transliteration;
 - decimal digits of every script to ASCII digits;
 - tag characters (U+E0020-E007E) decoded to the ASCII they encode, so a phrase smuggled as tags
-  is read; other invisible characters (format characters: zero-width, bidi, soft hyphen;
+  is read (a text holding tags is also read with them unseen); other invisible characters (format characters: zero-width, bidi, soft hyphen;
   variation selectors, which are marks; control characters) removed;
 - blank-looking characters that are not whitespace (U+2800, Hangul fillers) made spaces, and
   whitespace collapsed.
 
-`skeletons` then gives what literal rules are also matched on: the normalised text with
+`skeleton` then gives what literal rules are also matched on: the normalised text with
 separators and punctuation removed and leetspeak read as letters.
 """
 
@@ -35,12 +35,12 @@ from confusable_homoglyphs.confusables import confusables_data
 # Shown as nothing or a blank space, yet neither whitespace nor a format character.
 BLANKS = "\u115f\u1160\u2800\u3164\uffa0"
 TAGS = range(0xE0000, 0xE0080)
-# Code points worth a table entry: everything but the unified CJK ideographs and Hangul
-# syllables (whose NFKD is jamo: a Korean rule keeps matching Korean text).
 # Letters the confusables data leaves out, read by their transliteration
 TRANSLITERATED = ("LATIN ", "REGIONAL INDICATOR SYMBOL LETTER")
 SMALL_CAPITAL = re.compile(r"LATIN LETTER SMALL CAPITAL [A-Z]$")
 SMALL_CAPITAL_SCRIPTS = ("CYRILLIC SMALL LETTER", "GREEK SMALL LETTER", "CHEROKEE SMALL LETTER")
+# Code points worth a table entry: everything but the unified CJK ideographs and Hangul
+# syllables (whose NFKD is jamo: a Korean rule keeps matching Korean text).
 SCANNED = (range(0x0000, 0x3400), range(0xA000, 0xAC00), range(0xD7B0, 0x20000),
            range(0x2F800, 0x2FA20), range(0xE0000, 0xE01F0))
 
