@@ -248,6 +248,36 @@ def test_hard_negatives_joined_do_not_match(policy):
     assert matched(policy, *HARD_NEGATIVES) == {}
 
 
+LOCALES = ["en_US", "fr_FR", "de_DE", "es_ES", "it_IT", "pl_PL", "tr_TR", "ru_RU", "uk_UA",
+           "el_GR", "hy_AM", "he_IL", "ar_AA", "hi_IN", "th_TH", "vi_VN", "zh_CN", "ja_JP",
+           "ko_KR", "cs_CZ"]
+SHORT_WORDS = ["acme", "root", "pass", "user", "temp", "admin", "token", "secret", "salary",
+               "layoffs", "codename", "password", "merger"]
+
+
+def test_generated_text_in_20_locales_gains_no_match_from_skeletons(tmp_path):
+    """Sentences, addresses, names and phone numbers (Faker, seeded) of 20 locales: whatever the
+    literals match as written, reading them with separators and leetspeak adds nothing."""
+    faker = pytest.importorskip("faker")
+    path = tmp_path / "words.yaml"
+    path.write_text("version: 1\nrules:\n" + "".join(
+        f"  - {{id: w{i}, literal: {word}, score: 90}}\n"
+        for i, word in enumerate([*PHRASES.values(), *SHORT_WORDS])))
+    policy = model.load([path])
+    literals = {r.id: r.required for r in policy.rules}
+    texts = 0
+    for locale in LOCALES:
+        fake = faker.Faker(locale)
+        fake.seed_instance(7)
+        for _ in range(25):
+            text = " ".join((fake.paragraph(nb_sentences=4), fake.address(), fake.name(),
+                             fake.phone_number()))
+            found = {r.rule for r in engine.risk(policy, [TextPiece("prompt", "user", text, ())])}
+            assert all(literals[rule] in normalize(text) for rule in found), (locale, text)
+            texts += 1
+    assert texts == 500
+
+
 def test_normalize_folds_what_a_reader_does_not_see():
     assert normalize("Ｈｅｌｌｏ\u200b  Wоrld") == "hello world"
     assert normalize("caf\u00e9 na\u0308ive \u0130stanbul") == "cafe naive istanbul"
