@@ -319,3 +319,18 @@ def test_regex_rules_are_not_given_skeletons(tmp_path):
     assert [r.rule for r in engine.risk(policy, pieces)] == ["deny.hosts"]
     pieces = [TextPiece("prompt", "user", "reach corp.db.42 now", ("m", 0))]
     assert engine.risk(policy, pieces) == []
+
+
+@pytest.mark.parametrize(("regex", "text"), [
+    ("café [0-9]+", "Café 42"),
+    ("café", "cafe\u0301"),
+    ("пароль: \\\\w+", "мой пароль: hunter2"),
+    ("пароль", "ПАРОЛЬ"),
+    ("[ée]té", "été"),
+])
+def test_a_regex_with_non_ascii_letters_is_folded_like_the_text(tmp_path, regex, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(f'version: 1\nrules:\n  - {{id: deny.x, regex: "{regex}", score: 90}}\n')
+    policy = model.load([path])
+    assert [r.rule for r in engine.risk(policy, [TextPiece("prompt", "user", text, ())])] == \
+        ["deny.x"]

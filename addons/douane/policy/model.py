@@ -60,7 +60,13 @@ from pathlib import Path
 
 from douane.config import ConfigError, Document, View
 from douane.interaction import HOSTED_TOOLS
-from douane.policy.normalize import Normalized, normalize, skeleton, skeleton_pattern
+from douane.policy.normalize import (
+    Normalized,
+    fold_pattern,
+    normalize,
+    skeleton,
+    skeleton_pattern,
+)
 
 KINDS = ("prompt", "tool_description", "tool_arguments", "tool_result", "resource", "completion")
 
@@ -384,7 +390,7 @@ def _rule(v: View) -> Rule:
         raise v.error("give exactly one of regex or literal")
     if "regex" in v.data:
         try:
-            pattern = re.compile(v.get("regex", str), re.IGNORECASE)
+            pattern = re.compile(fold_pattern(v.get("regex", str)), re.IGNORECASE)
         except re.error as e:
             raise v.error(f"invalid regex: {e}", "regex") from None
         required = required_literal(pattern.pattern)

@@ -143,6 +143,12 @@ def normalize(text: str) -> str:
     return collapsed
 
 
+def fold_pattern(regex: str) -> str:
+    """A regex rewritten for normalised text: its non-ASCII characters (always literal in a
+    regex) folded as texts are, so `café` or `пароль` still match; ASCII (the syntax) kept."""
+    return "".join(re.escape(FOLD.get(ord(c), c)) if not c.isascii() else c for c in regex)
+
+
 # Skeletons: letters and digits only, leetspeak read as letters. i, l, 1, | and ! are one letter
 # (as in TR39 skeletons), so `nightinga1e` and `n1ght1ngale` are both `nightingaie`.
 LEET = str.maketrans("01l345789", "oiieastbg")
