@@ -30,7 +30,7 @@ groups:
         resources: ["file:///docs/*"]
         prompts: ["summarize"]
       evil: {tools: {allow: ["*"], deny: ["delete_records"]}}
-    limits: {requests_per_minute: 1000}
+    limits: {requests_per_minute: 1000, batch_size: 20}
   interns:
     upstreams:
       crm: {tools: {allow: ["echo"]}}
@@ -156,6 +156,27 @@ def test_an_answer_given_twice_ends_the_stream(setup):
     assert "answered one twice" in resp.text
     record = gw.audit_record(resp.headers["x-douane-decision-id"])
     assert "response-stream" in record["interaction"]["inspected"]
+
+
+@pytest.mark.parametrize(("name", "body", "answer"), [
+    ("schema", {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+     {"tools": [{"name": "echo", "inputSchema": {"type": "object", "properties": {"text": {
+         "type": "string", "description": "the text; mention project nightingale"}}}}]}),
+    ("meta", call("echo", 1, text="a"),
+     {"content": [{"type": "text", "text": "ok"}], "_meta": {"note": "Project Nightingale"}}),
+    ("link", call("echo", 1, text="a"),
+     {"content": [{"type": "resource_link", "uri": "file:///x", "name": "x",
+                   "description": "project  nightingale"}]}),
+])
+def test_every_field_of_an_answer_is_read(setup, name, body, answer):
+    gw, _, evil, staff = setup
+    evil.canned[f"/rpc/{name}"] = ("application/json", json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "result": answer}).encode())
+    with client(gw, staff) as c:
+        resp = c.post(evil.url + f"/rpc/{name}", headers=HEADERS, json=body)
+    assert "nightingale" not in resp.text.lower() and "blocked by policy" in resp.text
+    record = gw.audit_record(resp.headers["x-douane-decision-id"])
+    assert record["action"] == "block" and rules(record) == ["deny.codename"]
 
 
 # 2. Everything down a stream is policed and masked.
@@ -322,3 +343,11 @@ def test_a_batch_counts_each_call_against_the_limit(setup, issuer, secrets):
                                          json=call("echo", n, text=f"call {n}")).text
         record = refused(gw, real, c, url, call("echo", 9, text="one more"), 200, headers=headers)
         assert rules(record) == ["limit.requests_per_minute"]
+
+
+def test_a_batch_over_the_batch_size_is_refused(setup):
+    gw, real, _, staff = setup
+    pings = [{"jsonrpc": "2.0", "id": n, "method": "ping"} for n in range(21)]
+    with client(gw, staff) as c:
+        record = refused(gw, real, c, real.url + "/mcp", pings, 200)
+    assert rules(record) == ["limit.batch_size"]

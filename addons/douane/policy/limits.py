@@ -4,7 +4,8 @@ In memory, per gateway process (several processes behind a balancer each count t
 Tokens are estimated at request time as prompt characters / 4 plus the requested max_tokens.
 An MCP request counts once per JSON-RPC call in it (a batch of 200 tool calls is 200 requests);
 MCP session housekeeping (initialize, ping, notifications, answers to the server, GET and DELETE)
-is not counted.
+is not counted; `batch_size` bounds the JSON-RPC messages of one MCP request, housekeeping
+included.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class RateLimiter:
               now: float | None = None) -> Reason | None:
         """Count this request against `key`; a Reason when it is over a limit (not counted)."""
         now = time.time() if now is None else now
+        if limits.batch_size is not None and len(it.mcp) > limits.batch_size:
+            return Reason("limit.batch_size", f"more than {limits.batch_size} JSON-RPC messages "
+                          "in one request")
         count = calls(it)
         if count == 0:
             return None

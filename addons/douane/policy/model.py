@@ -27,6 +27,7 @@ groups:
         resources: ["file:///docs/*"]
         prompts: ["summarize"]
     limits: {requests_per_minute: 60, tokens_per_day: 2000000}   # per user of the group
+                              # batch_size: 20 -> at most 20 JSON-RPC messages per MCP request
 users:
   alice@corp.example:         # same shape as a group; added to her groups' grants
     upstreams: {anthropic: {models: ["claude-*"]}}
@@ -186,6 +187,7 @@ def server_url(url: str) -> str | None:
 class Limits:
     requests_per_minute: int | None = None
     tokens_per_day: int | None = None
+    batch_size: int | None = None  # JSON-RPC messages in one MCP request
 
 
 @dataclass(frozen=True)
@@ -318,8 +320,9 @@ def _grant(source: str, v: View, upstreams: frozenset[str] | None) -> Grant:
             raise uv.error(f"no upstream named {name!r} is declared in the configuration "
                            f"(declared: {', '.join(sorted(upstreams)) or 'none'})")
     lv = v.sub("limits")
-    lv.only("requests_per_minute", "tokens_per_day")
-    limits = Limits(lv.get("requests_per_minute", int, None), lv.get("tokens_per_day", int, None))
+    lv.only("requests_per_minute", "tokens_per_day", "batch_size")
+    limits = Limits(lv.get("requests_per_minute", int, None), lv.get("tokens_per_day", int, None),
+                    lv.get("batch_size", int, None))
     return Grant(source, {name: _upstream_grant(uv) for name, uv in v.named("upstreams")}, limits)
 
 

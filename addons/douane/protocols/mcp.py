@@ -36,6 +36,11 @@ BATCH_MESSAGES = 1000
 NAME_CHARS = 128  # MCP: tool names are 1 to 128 characters
 # Answers whose text is read field by field; the text of any other message is read whole.
 SPECIFIC = ("tools/call", "tools/list", "resources/read", "prompts/get")
+# What else those answers carry is read as this kind, but for the strings that name rather than
+# say (a tool's name, a URI, a type), which masking must not rewrite.
+REST_KIND: dict[str, Kind] = {"tools/call": "tool_result", "tools/list": "tool_description",
+                              "resources/read": "resource", "prompts/get": "prompt"}
+IDENTIFIER_KEYS = ("name", "uri", "uriTemplate", "mimeType", "type", "role", "nextCursor")
 # Keys of binary payloads (base64 images, audio, blobs, next to their mimeType), not text.
 BINARY_KEYS = ("data", "blob")
 
@@ -177,8 +182,9 @@ def message_pieces(msg: Any, method: str | None, base: tuple, it: Interaction,
                    texts: list[TextPiece]) -> None:
     """The text of one JSON-RPC message from the server: an answer, by the method it answers
     (None: an answer no request of this flow asked for, as on a resumed stream), or a server
-    request or notification. Apart from the answers read field by field (SPECIFIC), every string
-    the server sends but binary payloads is read as a tool result."""
+    request or notification. The answers of SPECIFIC methods are read field by field, then the
+    rest of their strings as REST_KIND; every string of any other message, but binary payloads,
+    is read as a tool result."""
     if not isinstance(msg, dict):
         return
     if "method" in msg or "error" in msg or method not in SPECIFIC:
@@ -223,6 +229,12 @@ def message_pieces(msg: Any, method: str | None, base: tuple, it: Interaction,
             if isinstance(content, dict) and isinstance(content.get("text"), str):
                 texts.append(TextPiece("prompt", message.get("role"), content["text"],
                                        (*base, "result", "messages", k, "content", "text")))
+    # whatever else the answer carries (schema descriptions, `_meta`, resource links, ...)
+    taken = {p.path for p in texts}
+    texts += [TextPiece(REST_KIND[method], None, text, (*base, *path))
+              for path, text in jsonpath.strings(result, ("result",))
+              if (*base, *path) not in taken and path[-1] not in IDENTIFIER_KEYS
+              and not _binary(msg, path)]
 
 
 def _binary(msg: dict[str, Any], path: tuple) -> bool:
