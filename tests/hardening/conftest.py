@@ -21,6 +21,10 @@ default:
   upstreams:
     llm: {models: ["*"]}
     claude: {models: ["*"]}
+groups:
+  search:
+    upstreams:
+      llm: {models: ["*"], hosted_tools: [web_search], mcp_servers: ["https://mcp.example.com/*"]}
 rules:
   - id: deny.codename
     literal: "project nightingale"

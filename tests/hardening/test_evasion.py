@@ -158,6 +158,76 @@ FIELDS: dict[str, tuple[str, dict]] = {
                                            "input": {"q": DENIED}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
                                       "content": "ok"}]}]}),
+    # every other field a model reads (issue 14), found by the walk over the whole body
+    "chat_legacy_function_call": ("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "assistant", "content": None,
+         "function_call": {"name": "f", "arguments": json.dumps({"q": DENIED})}},
+        {"role": "function", "name": "f", "content": "ok"}]}),
+    "chat_assistant_refusal_part": ("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": DENIED}]},
+        {"role": "user", "content": "hi"}]}),
+    "chat_tool_parameter_description": ("/v1/chat/completions", dict(chat("hi"), tools=[
+        {"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"q": {"type": "string", "description": DENIED}}}}}])),
+    "chat_response_format_schema": ("/v1/chat/completions", dict(chat("hi"), response_format={
+        "type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object",
+                                                                       "description": DENIED}}})),
+    "chat_prediction": ("/v1/chat/completions", dict(chat("hi"), prediction={
+        "type": "content", "content": DENIED})),
+    "chat_metadata_key": ("/v1/chat/completions", dict(chat("hi"), metadata={DENIED: "1"})),
+    "responses_reasoning_summary": ("/v1/responses", {"model": "m", "input": [
+        {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": DENIED}]},
+        {"role": "user", "content": "hi"}]}),
+    "responses_custom_tool_call_output": ("/v1/responses", {"model": "m", "input": [
+        {"type": "custom_tool_call_output", "call_id": "c1", "output": DENIED}]}),
+    "responses_function_call_output_list": ("/v1/responses", {"model": "m", "input": [
+        {"type": "function_call_output", "call_id": "c1",
+         "output": [{"type": "input_text", "text": DENIED}]}]}),
+    "responses_custom_tool_description": ("/v1/responses", {"model": "m", "input": "hi", "tools": [
+        {"type": "custom", "name": "f", "description": DENIED}]}),
+    "responses_text_format_description": ("/v1/responses", {"model": "m", "input": "hi", "text": {
+        "format": {"type": "json_schema", "name": "s", "description": DENIED, "schema": {}}}}),
+    "anthropic_document_text_source": ("/anthropic/v1/messages", {
+        "model": "c", "max_tokens": 5, "messages": [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                            "data": DENIED}}]}]}),
+    "anthropic_search_result": ("/anthropic/v1/messages", {
+        "model": "c", "max_tokens": 5, "messages": [{"role": "user", "content": [
+            {"type": "search_result", "source": "https://x.example", "title": "t",
+             "content": [{"type": "text", "text": DENIED}]}]}]}),
+    "anthropic_thinking": ("/anthropic/v1/messages", {"model": "c", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": DENIED,
+                                           "signature": "c2ln"}]},
+        {"role": "user", "content": "go on"}]}),
+    "anthropic_input_schema_description": ("/anthropic/v1/messages", {
+        "model": "c", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"name": "f", "input_schema": {"type": "object", "properties": {
+            "q": {"type": "string", "description": DENIED}}}}]}),
+    "file_part_data_url": ("/v1/chat/completions", chat([{"type": "file", "file": {
+        "filename": "notes.txt",
+        "file_data": "data:text/plain;base64," + base64.b64encode(DENIED.encode()).decode()}}])),
+    "responses_input_file_mislabelled": ("/v1/responses", {"model": "m", "input": [
+        {"role": "user", "content": [{"type": "input_file", "filename": "a.pdf",
+                                      "file_data": "data:application/pdf;base64,"
+                                      + base64.b64encode(DENIED.encode()).decode()}]}]}),
+    "anthropic_base64_csv_document": ("/anthropic/v1/messages", {
+        "model": "c", "max_tokens": 5, "messages": [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "base64", "media_type": "text/csv",
+                                            "data": base64.b64encode(
+                                                f"a,b\n1,{DENIED}\n".encode()).decode()}}]}]}),
+    "tool_arguments_json_escape": ("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "assistant", "tool_calls": [dict(CALL, function={
+            "name": "search", "arguments": '{"q": "project \\u006eightingale"}'})]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "ok"}]}),
+    "tool_arguments_split_values": ("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "assistant", "tool_calls": [dict(CALL, function={
+            "name": "search", "arguments": json.dumps({"a": "project", "b": "nightingale"})})]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "ok"}]}),
+    "tool_arguments_key": ("/v1/responses", {"model": "m", "input": [
+        {"type": "function_call", "call_id": "c", "name": "f",
+         "arguments": json.dumps({DENIED: True})},
+        {"type": "function_call_output", "call_id": "c", "output": "ok"}]}),
 }
 
 
@@ -166,7 +236,9 @@ def test_denied_phrase_in_any_field_the_model_reads(case, gw, llm, token):
     path, doc = FIELDS[case]
     before = len(llm.requests)
     resp = httpx.post(gw.url + path, json=doc, headers={"authorization": f"Bearer {token}"})
-    assert_refused(gw, llm, before, resp, 403)
+    record = assert_refused(gw, llm, before, resp, 403)
+    if case != "ungoverned_endpoint":
+        assert record["reasons"][0]["rule"] == "deny.codename", record
 
 
 def test_two_content_type_headers_are_refused(gw, llm, token):
@@ -289,3 +361,141 @@ def test_http2_through_the_proxy_is_inspected(proxy_gw, tls_llm, token):
                                headers=headers)
             assert resp.http_version == "HTTP/2"
             assert_refused(proxy_gw, tls_llm, before, resp, 403, 415)
+
+
+def sse(*docs: dict, done: bool = False) -> bytes:
+    out = b"".join(f"event: {d['type']}\ndata: {json.dumps(d)}\n\n".encode() if "type" in d
+                   else f"data: {json.dumps(d)}\n\n".encode() for d in docs)
+    return out + (b"data: [DONE]\n\n" if done else b"")
+
+
+def chunk(**delta) -> dict:
+    return {"id": "c", "object": "chat.completion.chunk", "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+
+
+def thinking(text: str) -> dict:
+    return {"type": "content_block_delta", "index": 0,
+            "delta": {"type": "thinking_delta", "thinking": text}}
+
+
+def summary(text: str) -> dict:
+    return {"type": "response.reasoning_summary_text.delta", "output_index": 0,
+            "summary_index": 0, "item_id": "rs", "delta": text}
+
+
+# the phrase in answer fields the parsers did not read: (path, request, content type, answer)
+ANSWERS: dict[str, tuple[str, dict, str, bytes]] = {
+    "chat_message_refusal": ("/v1/chat/completions", chat("hi"), "application/json", body({
+        "id": "c", "object": "chat.completion", "choices": [{"index": 0, "finish_reason": "stop",
+                                                             "message": {"role": "assistant",
+                                                                         "content": None,
+                                                                         "refusal": DENIED}}]})),
+    "anthropic_thinking": ("/anthropic/v1/messages", {"model": "c", "max_tokens": 9, "messages": [
+        {"role": "user", "content": "hi"}]}, "application/json", body({
+            "id": "m", "type": "message", "role": "assistant", "content": [
+                {"type": "thinking", "thinking": DENIED, "signature": "c2ln"},
+                {"type": "text", "text": "ok"}]})),
+    "responses_reasoning_summary": ("/v1/responses", {"model": "m", "input": "hi"},
+                                    "application/json", body({"id": "r", "output": [
+                                        {"type": "reasoning", "id": "rs", "summary": [
+                                            {"type": "summary_text", "text": DENIED}]}]})),
+    "chat_stream_delta_refusal": ("/v1/chat/completions", dict(chat("hi"), stream=True),
+                                  "text/event-stream", sse(chunk(refusal="I cannot discuss proj"),
+                                                           chunk(refusal="ect nightin"),
+                                                           chunk(refusal="gale, sorry."),
+                                                           done=True)),
+    "anthropic_stream_thinking_delta": ("/anthropic/v1/messages", {
+        "model": "c", "max_tokens": 9, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+        "text/event-stream", sse(
+            {"type": "message_start", "message": {"id": "m", "type": "message", "content": []}},
+            {"type": "content_block_start", "index": 0,
+             "content_block": {"type": "thinking", "thinking": ""}},
+            thinking("Thinking about proj"), thinking("ect nightin"), thinking("gale now."),
+            {"type": "content_block_stop", "index": 0}, {"type": "message_stop"})),
+    "responses_stream_reasoning_summary": ("/v1/responses", {"model": "m", "input": "hi",
+                                                             "stream": True},
+                                           "text/event-stream", sse(
+        summary("Summary: proj"), summary("ect nightin"), summary("gale it is."),
+        {"type": "response.reasoning_summary_text.done", "output_index": 0, "summary_index": 0,
+         "text": f"Summary: {DENIED} it is."},
+        {"type": "response.completed", "response": {"id": "r", "output": [
+            {"type": "reasoning", "id": "rs", "summary": [
+                {"type": "summary_text", "text": f"Summary: {DENIED} it is."}]}]}})),
+    "responses_stream_unknown_event": ("/v1/responses", {"model": "m", "input": "hi",
+                                                         "stream": True}, "text/event-stream",
+                                       sse({"type": "response.future_thing.done",
+                                            "output_index": 0, "note": f"about {DENIED}"})),
+}
+
+
+@pytest.mark.parametrize("case", list(ANSWERS))
+def test_denied_phrase_in_any_answer_field_is_withheld(case, gw, llm, token):
+    path, request, ctype, answer = ANSWERS[case]
+    llm.canned[path] = (ctype, answer)
+    try:
+        resp = httpx.post(gw.url + path, json=request, headers={"authorization": f"Bearer {token}"},
+                          timeout=30)
+    finally:
+        del llm.canned[path]
+    assert "nightingale" not in resp.text.lower()
+    if ctype == "text/event-stream":  # the stream is cut with the API's error event
+        assert resp.status_code == 200 and "blocked by policy" in resp.text
+    else:
+        assert resp.status_code == 403
+    record = gw.audit_record(resp.headers["x-douane-decision-id"])
+    assert record["action"] == "block" and record["reasons"][0]["rule"] == "deny.codename"
+
+
+# hosted tools: none unless a grant names the kind (the default grant has tools: true) or the URL
+HOSTED: dict[str, tuple[str, dict, str]] = {
+    "responses_mcp_server": ("/v1/responses", {"model": "m", "input": "hi", "tools": [
+        {"type": "mcp", "server_label": "x", "server_url": "https://evil.example/mcp",
+         "require_approval": "never"}]}, "grant.mcp_server"),
+    "responses_web_search": ("/v1/responses", {"model": "m", "input": "hi", "tools": [
+        {"type": "web_search"}]}, "grant.hosted_tool"),
+    "responses_code_interpreter": ("/v1/responses", {"model": "m", "input": "hi", "tools": [
+        {"type": "code_interpreter", "container": {"type": "auto"}}]}, "grant.hosted_tool"),
+    "chat_web_search_options": ("/v1/chat/completions", dict(chat("hi"), web_search_options={}),
+                                "grant.hosted_tool"),
+    "anthropic_mcp_servers": ("/anthropic/v1/messages", {
+        "model": "c", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+        "mcp_servers": [{"type": "url", "url": "https://evil.example/mcp", "name": "x"}]},
+        "grant.mcp_server"),
+    "anthropic_web_search": ("/anthropic/v1/messages", {
+        "model": "c", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "grant.hosted_tool"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTED))
+def test_hosted_tools_need_a_grant(case, gw, llm, token):
+    path, doc, rule = HOSTED[case]
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + path, json=doc, headers={"authorization": f"Bearer {token}"})
+    record = assert_refused(gw, llm, before, resp, 403)
+    assert record["reasons"][0]["rule"] == rule
+
+
+def test_unknown_tool_type_is_refused(gw, llm, token):
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + "/v1/responses", json={"model": "m", "input": "hi", "tools": [
+        {"type": "teleport"}]}, headers={"authorization": f"Bearer {token}"})
+    assert_refused(gw, llm, before, resp, 400)
+
+
+def test_a_granted_hosted_tool_and_mcp_server_pass(gw, llm, issuer):
+    token = issuer.mint("sam@corp.example", ["search"])
+    doc = {"model": "m", "input": "hi", "tools": [
+        {"type": "web_search"},
+        {"type": "mcp", "server_label": "x", "server_url": "https://mcp.example.com/sse"}]}
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + "/v1/responses", json=doc,
+                      headers={"authorization": f"Bearer {token}"})
+    assert resp.status_code == 200, resp.text
+    assert len(llm.requests) == before + 1
+    doc["tools"][1]["server_url"] = "https://mcp.example.com/../admin/sse"
+    resp = httpx.post(gw.url + "/v1/responses", json=doc,
+                      headers={"authorization": f"Bearer {token}"})
+    assert assert_refused(gw, llm, before + 1, resp, 403)["reasons"][0]["rule"] == \
+        "grant.mcp_server"
