@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import time
 
 import anthropic
+import httpx
 import httpx2
 import openai
 import pytest
@@ -150,3 +152,36 @@ def test_event_loop_stays_responsive_while_a_large_answer_is_masked(setup, issue
     # the tiny request finished long before the big one: it did not wait behind the masking
     assert quick_done - started < (slow_done - started) / 3
     assert "maria.garcia@example.com" not in slow_result.choices[0].message.content
+
+
+def test_refusals_thinking_and_reasoning_summaries_are_masked(setup, issuer):
+    """Answer fields no parser named (found by the walk over the body, or streamed as their own
+    delta channels) are masked like the answer text."""
+    gw, llm = setup
+    proxy = gw.proxy_url("u", issuer.mint("alice@corp", ["engineering"]))
+    refusal = {"id": "c", "object": "chat.completion", "choices": [{
+        "index": 0, "finish_reason": "stop",
+        "message": {"role": "assistant", "content": None, "refusal": PII}}]}
+    halves = [PII[:40], PII[40:75], PII[75:]]
+    thinking = b"".join(f"event: {d['type']}\ndata: {json.dumps(d)}\n\n".encode() for d in [
+        {"type": "content_block_start", "index": 0,
+         "content_block": {"type": "thinking", "thinking": ""}},
+        *({"type": "content_block_delta", "index": 0,
+           "delta": {"type": "thinking_delta", "thinking": h}} for h in halves),
+        {"type": "content_block_stop", "index": 0}, {"type": "message_stop"}])
+    summary = {"id": "r", "output": [{"type": "reasoning", "id": "rs", "summary": [
+        {"type": "summary_text", "text": PII}]}]}
+    cases = [("/v1/chat/completions", "application/json", json.dumps(refusal).encode()),
+             ("/anthropic/v1/messages", "text/event-stream", thinking),
+             ("/v1/responses", "application/json", json.dumps(summary).encode())]
+    with httpx.Client(proxy=proxy, timeout=60) as client:
+        for path, ctype, answer in cases:
+            llm.canned[path] = (ctype, answer)
+            try:
+                resp = client.post(llm.url + path, json={"model": "m", "max_tokens": 9, "input": "?",
+                                                         "messages": [{"role": "user",
+                                                                       "content": "?"}]})
+            finally:
+                del llm.canned[path]
+            assert resp.status_code == 200, resp.text
+            assert_masked(resp.text)
