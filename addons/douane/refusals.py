@@ -18,7 +18,7 @@ from typing import Any
 from mitmproxy import http
 
 from douane.flowstate import Action, Reason, state
-from douane.untrusted import escape
+from douane.untrusted import loggable
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
     def refuse_on_error(flow: http.HTTPFlow, error: Exception) -> None:
         st = state(flow)
         logger.error("douane: %s failed on %s (decision %s): %s",
-                     hook.__qualname__, escape(flow.request.pretty_url) if flow.request else "?",
+                     hook.__qualname__, loggable(flow.request.pretty_url) if flow.request else "?",
                      st.decision_id, "".join(traceback.format_exception_only(error)).strip())
         logger.debug("traceback", exc_info=error)
         if flow.live and not (flow.response and flow.response.stream):

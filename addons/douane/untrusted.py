@@ -36,6 +36,11 @@ def escape(value: object, keep: str = "") -> str:
                        f"\\u{ord(m.group(0)):04x}", text)
 
 
+def loggable(value: object, limit: int = 256) -> str:
+    """A value for a log line: scrubbed, cut, escaped (one line, no secret, no escape codes)."""
+    return escape(scrub(str(value), limit))
+
+
 def digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_CHARS]
 

@@ -43,7 +43,7 @@ from douane.policy.engine import _labels
 from douane.refusals import guarded, refuse
 from douane.settings import Settings
 from douane.tokens import TokenVerifier
-from douane.untrusted import escape
+from douane.untrusted import loggable
 
 logger = logging.getLogger(__name__)
 MITMWEB = "mitmweb operator"
@@ -187,7 +187,7 @@ class Approvals:
                     "model": pending.model, "reasons": pending.reasons, "risk": pending.risk,
                     "mode": mode, "timeout_seconds": timeout})
         logger.info("douane: approval %s opened for %s (%s on %s, %s mode)", pending.id,
-                    escape(pending.requester.user), escape(pending.subject), pending.upstream,
+                    loggable(pending.requester.user), loggable(pending.subject), pending.upstream,
                     mode)
         if self.notifier:
             assert self.api
@@ -298,7 +298,7 @@ class Approvals:
                           grant_one_shot=grant.fingerprint is not None)
         self.audit(record)
         logger.info("douane: approval %s %s%s: %s", pending.id, status,
-                    f" by {escape(approver)}" if approver else "", escape(reason))
+                    f" by {loggable(approver)}" if approver else "", loggable(reason))
 
     def _expire(self, pending: Pending) -> None:
         if pending.status == "pending":
