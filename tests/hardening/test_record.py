@@ -126,12 +126,11 @@ def test_absurd_model_and_tool_names_are_refused_at_the_door(gw, upstream, issue
     assert audit.verify(gw.audit_file(), key).ok
 
 
-def test_secrets_sent_as_names_and_headers_are_in_no_record(gw, upstream, issuer):
+def test_secrets_sent_as_names_and_headers_are_in_no_record(gw, issuer):
     token = issuer.mint("sam@corp.example", ["engineering"])
     rows = len(indexed(gw, 0))
-    resp = chat(gw, token, MODEL_KEY, headers=HEADER_KEYS)
-    assert resp.status_code == 200, resp.text  # allowed: the model is the client's business
-    assert MODEL_KEY in upstream.requests[-1].body.decode()
+    resp = chat(gw, token, MODEL_KEY, headers=HEADER_KEYS)  # blocked or not, it is recorded
+    assert resp.status_code in (200, 403), resp.text
     resp = rpc(gw, token, {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
                            "params": {"name": TOOL_TOKEN, "arguments": {}}})
     assert resp.headers["x-douane-decision-id"]
