@@ -21,6 +21,7 @@ from douane.recording.originals import KeepOriginals
 from douane.refusals import KeepRefusals
 from douane.routing import Broker, InjectCredential, Route
 from douane.settings import Settings
+from douane.timeouts import ClientTimeouts
 from douane.websocket import PoliceWebSocket
 
 settings = Settings()
@@ -34,6 +35,7 @@ addons = [
     settings,
     KeepRefusals(),  # first on every response: a refusal is never replaced (server replay)
     LoopMonitor(),
+    ClientTimeouts(settings),
     Route(settings),
     Authenticate(settings),
     Broker(settings),

@@ -329,7 +329,8 @@ def flow_record(flow: http.HTTPFlow, config: Config) -> dict[str, Any]:
         record["policy_version"] = st.policy_version
     if st.masked:
         record["masked"] = dict(st.masked)
-    if flow.response:
+    if flow.response and not ((flow.response.stream or flow.error) and "status" in record):
+        # (a stream refused after its 200 left, an answer cut by mitmproxy: the refusal's status)
         record["status"] = flow.response.status_code
     if flow.error:
         record["error"] = flow.error.msg

@@ -300,11 +300,23 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Bounds on what one client can make the gateway hold or do (sizes are decoded bytes)."""
+
+    answer_size_limit: int = 10 * 1024**2  # a whole (non-streamed) answer
+    stream_size_limit: int = 64 * 1024**2  # one streamed answer, in total
+    max_text_pieces: int = 10_000  # texts in one request (messages, tool results, ...)
+    idle_timeout: int = 60  # seconds a connection may wait, silent, between requests
+    header_timeout: int = 30  # seconds from a request's first byte to its complete headers
+    body_timeout: int = 60  # seconds from a request's headers to its complete body
+
+
+@dataclass(frozen=True)
 class Config:
     file: str
     version: str  # hash of the config file, written into every audit record
     state_dir: Path
-    body_size_limit: int
+    body_size_limit: int  # a request body, decoded
     identity: IdentityConfig
     upstreams: tuple[Upstream, ...]
     passthrough_hosts: tuple[str, ...]
@@ -312,6 +324,7 @@ class Config:
     sections: dict[str, Any] = field(default_factory=dict)
     # secrets an operator command could not resolve: config path -> why (never the value)
     unresolved: dict[str, str] = field(default_factory=dict)
+    limits: Limits = Limits()
 
     def upstream_for(self, host: str, port: int, path: str) -> Upstream | None:
         """The most specific declared upstream for a request (longest path prefix wins)."""
@@ -337,7 +350,8 @@ def load(file: str | os.PathLike[str], gateway: bool = True) -> Config:
     if root.get("version", int, 1) != 1:
         raise root.error("only version 1 is supported", "version")
     gateway = root.sub("gateway")
-    gateway.only("state_dir", "body_size_limit")
+    gateway.only("state_dir", "body_size_limit", "answer_size_limit", "stream_size_limit",
+                 "max_text_pieces", "timeouts")
     state_dir = gateway.path_value("state_dir", doc.resolve(".douane"))
     config = Config(
         file=file,
@@ -349,6 +363,7 @@ def load(file: str | os.PathLike[str], gateway: bool = True) -> Config:
         passthrough_hosts=tuple(h.lower() for h in root.sub("passthrough").strings("hosts", ())),
         audit=_audit(root.sub("audit"), state_dir),
         unresolved=doc.unresolved,
+        limits=_limits(gateway),
     )
     root.sub("passthrough").only("hosts")
     for name, target in SECTIONS.items():
@@ -358,6 +373,28 @@ def load(file: str | os.PathLike[str], gateway: bool = True) -> Config:
         parse: Callable[[View], Any] = getattr(importlib.import_module(module), func)
         config.sections[name] = parse(root.sub(name))
     return config
+
+
+def _limits(gateway: View) -> Limits:
+    default = Limits()
+    timeouts = gateway.sub("timeouts")
+    timeouts.only("idle", "headers", "body")
+    limits = Limits(
+        answer_size_limit=gateway.size("answer_size_limit", default.answer_size_limit),
+        stream_size_limit=gateway.size("stream_size_limit", default.stream_size_limit),
+        max_text_pieces=gateway.get("max_text_pieces", int, default.max_text_pieces),
+        idle_timeout=timeouts.get("idle", int, default.idle_timeout),
+        header_timeout=timeouts.get("headers", int, default.header_timeout),
+        body_timeout=timeouts.get("body", int, default.body_timeout))
+    for key, value in (("answer_size_limit", limits.answer_size_limit),
+                       ("stream_size_limit", limits.stream_size_limit),
+                       ("max_text_pieces", limits.max_text_pieces)):
+        if value < 1:
+            raise gateway.error("must be positive", key)
+    for key in ("idle", "headers", "body"):
+        if timeouts.get(key, int, 1) < 1:
+            raise timeouts.error("must be at least 1 second", key)
+    return limits
 
 
 def _identity(v: View, state_dir: Path) -> IdentityConfig:

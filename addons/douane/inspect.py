@@ -1,10 +1,14 @@
 """Every flow to a declared upstream is understood or refused: never passed through unseen.
 
-Requests: size limit (413, checked on Content-Length before the body is read, then on the body),
-Content-Encoding decoded before parsing (a body that cannot be decoded is refused), JSON only,
-duplicate keys refused, WebSocket upgrades refused unless the upstream allows them. Responses: JSON
-parsed into the interaction; SSE rewritten event by event (`douane.protocols.streams`), also when
-it arrives whole (server replay): then the whole body goes through the same rewriter. The
+Requests: size limit (413, checked on Content-Length before the body is read, then on the body;
+mitmproxy's own `body_size_limit` stops a chunked body at the limit while it arrives),
+Content-Encoding decoded before parsing with the limit on the *decoded* size (a body that cannot
+be decoded is refused), JSON only, duplicate keys refused, at most `max_text_pieces` texts,
+WebSocket upgrades refused unless the upstream allows them. Responses: the same for answers
+(`answer_size_limit`, refused with 502); SSE rewritten event by event (`douane.protocols.streams`)
+up to `stream_size_limit` bytes, also when it arrives whole (server replay): then the whole body
+goes through the same rewriter. A rewritten stream loses the upstream's Content-Length and
+Content-Encoding (its bytes change). Large bodies are decoded and parsed off the event loop. The
 interaction's `inspected` list says truthfully what was looked at.
 """
 
@@ -16,12 +20,16 @@ import logging
 from mitmproxy import ctx, http
 
 from douane import protocols, untrusted
-from douane.flowstate import Reason, state
-from douane.protocols import streams
+from douane.config import Config
+from douane.flowstate import FlowState, Reason, state
+from douane.interaction import Interaction
+from douane.protocols import decoding, streams
 from douane.refusals import guarded, refuse
 from douane.settings import Settings
 
 logger = logging.getLogger(__name__)
+# Bodies over this size (or encoded) are decoded and parsed in a thread: the loop serves others.
+OFF_LOOP_BYTES = 256 * 1024
 
 
 def _refuse_protocol(flow: http.HTTPFlow, error: protocols.ProtocolError) -> None:
@@ -31,9 +39,69 @@ def _refuse_protocol(flow: http.HTTPFlow, error: protocols.ProtocolError) -> Non
            Reason(f"protocol.{error.code}", error.message))
 
 
+def _decoded(message: http.Message, limit: int, what: str, status: int) -> None:
+    try:
+        decoding.decode_body(message, limit)
+    except decoding.TooLarge:
+        raise protocols.ProtocolError(status, f"{what}_too_large", f"the decoded {what} body "
+                                      f"exceeds douane's limit of {limit} bytes") from None
+    except ValueError:
+        encoding = message.headers.get("content-encoding", "")[:40]
+        raise protocols.ProtocolError(415, "undecodable_body", f"the {what} body cannot be "
+                                      f"decoded (Content-Encoding {encoding!r})") from None
+
+
+def read_request(config: Config, flow: http.HTTPFlow) -> Interaction:
+    """The request decoded (bounded) and parsed; blocking for large bodies."""
+    assert flow.request.raw_content is not None
+    _decoded(flow.request, config.body_size_limit, "request", 413)
+    st = state(flow)
+    assert st.upstream
+    it = protocols.parse_request(st.upstream, flow)
+    if len(it.texts) > config.limits.max_text_pieces:
+        raise protocols.ProtocolError(
+            413, "too_many_texts", f"the request holds {len(it.texts)} texts; douane inspects at "
+            f"most {config.limits.max_text_pieces} per request", it)
+    return it
+
+
+def read_response(config: Config, flow: http.HTTPFlow) -> None:
+    """The answer decoded (bounded) and parsed into the interaction; blocking for large bodies."""
+    assert flow.response
+    st = state(flow)
+    assert st.upstream and st.interaction
+    _decoded(flow.response, config.limits.answer_size_limit, "answer", 502)
+    protocols.parse_response(st.upstream, flow, st.interaction)
+
+
+def heavy(message: http.Message) -> bool:
+    encoding = message.headers.get("content-encoding", "identity").strip().lower()
+    return encoding not in ("", "identity") or len(message.raw_content or b"") > OFF_LOOP_BYTES
+
+
+def _stream_refused(st: FlowState, message: str) -> None:
+    """A stream ended with douane's error event is audited as a refusal, whatever the 200 said."""
+    if st.decision and st.decision.action in ("block", "refuse", "error"):
+        st.decision.status = st.decision.status or (403 if st.decision.action == "block" else 502)
+    else:
+        st.decide("refuse", Reason("protocol.stream_ended", message[:200]), status=502)
+
+
 class Inspect:
     def __init__(self, settings: Settings):
         self.settings = settings
+
+    def configure(self, updated: set[str]) -> None:
+        # mitmproxy options douane relies on, put back if changed: a chunked body is counted as it
+        # arrives and cut at the limit (else buffered whole), and no upstream connection opens
+        # before a request was authenticated (eager connects on every client connection).
+        config = self.settings.config
+        wanted = {"body_size_limit": str(max(config.body_size_limit,
+                                             config.limits.answer_size_limit)),
+                  "connection_strategy": "lazy"}
+        changed = {k: v for k, v in wanted.items() if getattr(ctx.options, k) != v}
+        if changed:
+            ctx.options.update(**changed)
 
     def running(self) -> None:
         # Recordings must hold streamed answers as delivered (mitmproxy keeps none by default).
@@ -61,7 +129,7 @@ class Inspect:
         headers["accept-encoding"] = "identity"
 
     @guarded
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
         st = state(flow)
@@ -72,13 +140,17 @@ class Inspect:
             refuse(flow, 413, "the request body could not be inspected", "uninspectable_body",
                    Reason("protocol.uninspectable", "request body was streamed"))
             return
-        limit = self.settings.config.body_size_limit
-        if len(raw) > limit:
-            refuse(flow, 413, f"the request body exceeds douane's limit of {limit} bytes",
-                   "request_too_large", Reason("protocol.too_large", f"{len(raw)} bytes"))
+        config = self.settings.config
+        if len(raw) > config.body_size_limit:
+            refuse(flow, 413, f"the request body exceeds douane's limit of "
+                   f"{config.body_size_limit} bytes", "request_too_large",
+                   Reason("protocol.too_large", f"{len(raw)} bytes"))
             return
         try:
-            st.interaction = protocols.parse_request(st.upstream, flow)
+            if heavy(flow.request):
+                st.interaction = await asyncio.to_thread(read_request, config, flow)
+            else:
+                st.interaction = read_request(config, flow)
         except protocols.ProtocolError as e:
             _refuse_protocol(flow, e)
             return
@@ -101,11 +173,21 @@ class Inspect:
         except protocols.ProtocolError as e:
             _refuse_protocol(flow, e)
             return
-        rewriter = streams.StreamRewriter(fmt, st.interaction, st.decision_id)
-        encoding = flow.response.headers.get("content-encoding", "identity").lower()
+        rewriter = streams.StreamRewriter(
+            fmt, st.interaction, st.decision_id,
+            max_bytes=self.settings.config.limits.stream_size_limit,
+            on_abort=lambda message: _stream_refused(st, message))
+        headers = flow.response.headers
+        encoding = headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
-            rewriter.abort(f"the upstream compressed its stream ({encoding}); douane cannot "
+            rewriter.abort(f"the upstream compressed its stream ({encoding[:40]}); douane cannot "
                            "inspect it")
+        # Re-framed: the rewritten events are not the upstream's bytes (and an error event for a
+        # compressed stream is sent plain).
+        headers.pop("content-length", None)
+        headers.pop("content-encoding", None)
+        if flow.request.http_version == "HTTP/1.1":  # the client's connection
+            headers["transfer-encoding"] = "chunked"
         streams.attach(flow, rewriter)
 
     @guarded
@@ -119,11 +201,29 @@ class Inspect:
             if not rewriter.finished:  # an SSE body that arrived whole (server replay)
                 await asyncio.to_thread(streams.rewrite_whole, flow)
             return
+        config = self.settings.config
+        size = len(flow.response.raw_content or b"")
+        if size > config.limits.answer_size_limit:
+            _refuse_protocol(flow, protocols.ProtocolError(
+                502, "answer_too_large", f"upstream answer refused: {size} bytes exceed douane's "
+                f"limit of {config.limits.answer_size_limit} bytes"))
+            return
         try:
-            protocols.parse_response(st.upstream, flow, st.interaction)
+            if heavy(flow.response):
+                await asyncio.to_thread(read_response, config, flow)
+            else:
+                read_response(config, flow)
         except protocols.ProtocolError as e:
             # The upstream answered something douane cannot inspect: it does not reach the client.
             _refuse_protocol(flow, protocols.ProtocolError(502, e.code, f"upstream answer "
                                                            f"refused: {e.message}"))
             return
         st.interaction.inspected.append("response")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        # mitmproxy cut a body at its `body_size_limit` (set from douane's limits) and answered
+        # the client itself: the audit record says it was refused, and why.
+        msg = flow.error.msg if flow.error else ""
+        if "body_size_limit" in msg and flow.live:
+            status = 413 if msg.startswith("Request") else 502
+            state(flow).decide("refuse", Reason("protocol.too_large", msg), status=status)

@@ -10,6 +10,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -108,7 +109,8 @@ class FakeUpstream:
     SSE when the body asks `stream: true`. `reply` sets the answer text, `chunk_size` and
     `chunk_delay` pace streams. `canned[path] = (content type, body)` answers that path (any
     method) with exactly that body: a misbehaving server. Anything else answers 404 in OpenAI's
-    error shape.
+    error shape. `answer`, when set, writes the whole answer itself, headers too (odd framing or
+    encodings): answer(handler, request document).
     """
 
     def __init__(self, tls: bool = False) -> None:
@@ -117,6 +119,7 @@ class FakeUpstream:
         self.chunk_size = 4
         self.chunk_delay = 0.0
         self.canned: dict[str, tuple[str, bytes]] = {}
+        self.answer: Callable[[BaseHTTPRequestHandler, Any], None] | None = None
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -137,6 +140,9 @@ class FakeUpstream:
                     req = json.loads(body) if body else {}
                 except ValueError:
                     req = {}
+                if upstream.answer is not None:
+                    upstream.answer(self, req)
+                    return
                 model = req.get("model", "fake-model") if isinstance(req, dict) else "fake-model"
                 stream = isinstance(req, dict) and req.get("stream") is True
                 path = self.path.split("?")[0]

@@ -19,7 +19,7 @@ from mitmproxy import http
 
 from douane.config import Upstream
 from douane.interaction import Interaction, JsonPath, TextPiece
-from douane.protocols import anthropic, generic, jsonpath, mcp, openai
+from douane.protocols import anthropic, decoding, generic, jsonpath, mcp, openai
 from douane.protocols.base import ProtocolError, StreamFormat
 
 __all__ = ["ProtocolError", "apply_text_edits", "parse_request", "parse_response",
@@ -45,14 +45,19 @@ def _no_constants(name: str) -> Any:
 
 
 def load_json(message: http.Message, what: str) -> Any:
-    """The decoded body as JSON; a body that cannot be decoded or parsed is refused."""
+    """The decoded body as JSON; a body that cannot be decoded or parsed is refused.
+
+    The gateway decodes bodies before (`decoding.decode_body`, with the configured limits); a body
+    still encoded here (a recording read back) is decoded with `decoding.OFFLINE_LIMIT`."""
+    encoding = message.headers.get("content-encoding", "identity")
     try:
-        raw = message.get_content(strict=True)
+        raw = decoding.decode(message.raw_content or b"", encoding, decoding.OFFLINE_LIMIT)
+    except decoding.TooLarge:
+        raise ProtocolError(413, "body_too_large", f"the decoded {what} body exceeds "
+                            f"{decoding.OFFLINE_LIMIT} bytes") from None
     except ValueError:
-        encoding = message.headers.get("content-encoding", "")
-        raise ProtocolError(415, "undecodable_body",
-                            f"the {what} body cannot be decoded (Content-Encoding {encoding!r})"
-                            ) from None
+        raise ProtocolError(415, "undecodable_body", f"the {what} body cannot be decoded "
+                            f"(Content-Encoding {encoding[:40]!r})") from None
     ctype = message.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise ProtocolError(415, "unsupported_content_type",

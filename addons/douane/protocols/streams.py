@@ -40,18 +40,45 @@ class TextFilter(Protocol):
         """The channel ends; returns everything still held."""
 
 
+class StreamedText(TextPiece):
+    """A channel's text as delivered: appended in parts and joined when read, so a stream of n
+    bytes costs O(n), not O(n²) (`text += delta` copies everything so far on each event)."""
+
+    def __init__(self, kind: Kind, channel: str):
+        self._parts: list[str] = []
+        super().__init__(kind, "assistant", "", ("stream", channel))
+
+    @property  # type: ignore[override]
+    def text(self) -> str:
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._parts = [value] if value else []
+
+    def append(self, text: str) -> None:
+        if text:
+            self._parts.append(text)
+
+
 class StreamRewriter:
-    def __init__(self, fmt: StreamFormat, interaction: Interaction, decision_id: str):
+    def __init__(self, fmt: StreamFormat, interaction: Interaction, decision_id: str, *,
+                 max_bytes: int | None = None, on_abort: Callable[[str], None] | None = None):
         self.format = fmt
         self.interaction = interaction
         self.decision_id = decision_id
+        self.max_bytes = max_bytes  # the whole stream, as received
+        self.received = 0
+        self.on_abort = on_abort  # told when the stream is ended with an error event
         self.filters: list[TextFilter] = []
         # Called with each event's parsed JSON before its text is filtered; may edit it in place
         # (list filtering) or call abort() (a blocked tool result).
         self.message_hooks: list[Callable[[Any], None]] = []
         self.parser = SseParser()
         self.open: dict[str, tuple[Kind, Any]] = {}  # channel -> (kind, last delta event doc)
-        self.sent: dict[str, TextPiece] = {}  # channel -> text emitted so far
+        self.sent: dict[str, StreamedText] = {}  # channel -> text emitted so far
         self.abort_message: str | None = None
         self.ended = False
         self.finished = False  # the final call (b"") was made: the stream went through
@@ -68,6 +95,9 @@ class StreamRewriter:
         if self.ended:
             return b"" if final else []
         out: list[bytes] = []
+        self.received += len(data)
+        if self.max_bytes is not None and self.received > self.max_bytes:
+            self.abort(f"the answer exceeds douane's limit of {self.max_bytes} bytes")
         try:
             if self.abort_message is None:
                 for event in self.parser.feed(data):
@@ -85,6 +115,8 @@ class StreamRewriter:
             message = f"{self.abort_message} (douane decision {self.decision_id})"
             out.append(self.format.error_event(message, "douane_refusal").encode())
             self.ended = True
+            if self.on_abort:
+                self.on_abort(self.abort_message)
         chunk = b"".join(out)
         if final:
             return chunk
@@ -171,9 +203,9 @@ class StreamRewriter:
         """What was delivered, as response text pieces (for policy, audit and recording)."""
         piece = self.sent.get(channel)
         if piece is None:
-            piece = self.sent[channel] = TextPiece(kind, "assistant", "", ("stream", channel))
+            piece = self.sent[channel] = StreamedText(kind, channel)
             self.interaction.response_texts.append(piece)
-        piece.text += text
+        piece.append(text)
 
 
 _rewriters: weakref.WeakKeyDictionary[http.HTTPFlow, StreamRewriter] = weakref.WeakKeyDictionary()

@@ -33,7 +33,7 @@ from mitmproxy import connection, http
 from mitmproxy.io import tnetstring
 
 from douane import protocols, secrets, transcript, untrusted
-from douane.protocols import streams
+from douane.protocols import decoding, streams
 from douane.recording import index, originals
 from douane.recording.config import RecordingSettings
 
@@ -120,6 +120,12 @@ def without_secrets(flow: http.HTTPFlow, streamed: tuple[str, ...] = ()) -> None
     flow.request.path = secrets.redact(flow.request.path, high_entropy=False)
     for message in (flow.request, flow.response):
         if message is None or not message.raw_content:
+            continue
+        try:  # bounded: a compressed body the gateway refused unread may be a bomb
+            decoding.decode_body(message, decoding.OFFLINE_LIMIT)
+        except (decoding.TooLarge, ValueError):
+            del message.headers["content-encoding"]
+            message.content = b""  # it cannot be read, so it cannot be scrubbed: not kept
             continue
         text = message.get_text(strict=False) or ""
         ctype = message.headers.get("content-type", "").lower()

@@ -1,0 +1,344 @@
+"""Bounded in size and time, through a real gateway: decompression bombs (requests and answers),
+chunked bodies, answer and stream limits, rewritten streams re-framed, a refusal mid-stream audited
+as one. Where the case is about resources, the gateway's memory (VmHWM: the most it ever held) and
+the event loop's largest stall during the case (douane's LoopMonitor) are measured and bounded far
+below what the unbounded gateway reached (GBs, seconds); docs/security.md has the figures."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import select
+import socket
+import time
+import zlib
+from pathlib import Path
+
+import anthropic
+import brotli
+import httpx
+import openai
+import pytest
+import zstandard
+
+from tests.conftest import UPSTREAM_KEY
+from tests.hardening.conftest import DENIED, assert_refused, write_policy
+from tests.support.gateway import Gateway, base_config
+from tests.support.upstream import FakeUpstream, _anthropic_events, _openai_chat_events
+
+MIB = 1024**2
+PREFIX = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]'
+# What the unbounded gateway reached is GBs and seconds; these leave room for a loaded machine.
+MAX_GROWTH_MB = 200
+MAX_STALL_MS = 2000
+
+
+def chat(text: str, **extra) -> dict:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}], **extra}
+
+
+@functools.cache
+def bomb(encoding: str, mib: int = 256) -> bytes:
+    """`mib` MiB of JSON whitespace after a valid start, compressed: a few hundred KB at most."""
+    spaces = b" " * MIB
+    if encoding == "br":
+        c = brotli.Compressor(quality=5)
+        return c.process(PREFIX) + b"".join(c.process(spaces) for _ in range(mib)) + c.finish()
+    if encoding == "zstd":
+        z = zstandard.ZstdCompressor(level=3).compressobj()
+        return z.compress(PREFIX) + b"".join(z.compress(spaces) for _ in range(mib)) + z.flush()
+    wbits = 31 if encoding == "gzip" else 15
+    d = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    return d.compress(PREFIX) + b"".join(d.compress(spaces) for _ in range(mib)) + d.flush()
+
+
+class Probe:
+    """The gateway's memory and event-loop figures (from /proc and `douane_loop_stats`)."""
+
+    def __init__(self, gw: Gateway, stats: Path):
+        self.gw, self.stats = gw, stats
+
+    def status_kb(self, field: str) -> int:
+        assert self.gw.proc
+        for line in Path(f"/proc/{self.gw.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise AssertionError(field)
+
+    def __enter__(self) -> Probe:
+        self.t0, self.hwm0 = time.time(), self.status_kb("VmHWM")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(1.3)  # the loop figures are written every second
+        stalls = json.loads(self.stats.read_text())["stalls"]
+        self.stall_ms = max((ms for t, ms in stalls if t >= self.t0), default=0.0)
+        self.growth_mb = (self.status_kb("VmHWM") - self.hwm0) / 1024
+        self.rss_mb = self.status_kb("VmRSS") / 1024
+
+    def assert_bounded(self) -> None:
+        print(f"\nbounds figures: peak memory +{self.growth_mb:.0f} MB (RSS now "
+              f"{self.rss_mb:.0f} MB), largest loop stall {self.stall_ms:.0f} ms")
+        assert self.growth_mb < MAX_GROWTH_MB, f"peak memory grew {self.growth_mb:.0f} MB"
+        assert self.stall_ms < MAX_STALL_MS, f"the event loop stalled {self.stall_ms:.0f} ms"
+
+
+@pytest.fixture(scope="module")
+def llm():
+    upstream = FakeUpstream()
+    yield upstream
+    upstream.close()
+
+
+@pytest.fixture(autouse=True)
+def plain_upstream(llm):
+    yield
+    llm.answer, llm.reply, llm.chunk_size = None, "Hello from the fake upstream.", 4
+
+
+@pytest.fixture(scope="module")
+def gw(issuer, llm, tmp_path_factory):
+    work = tmp_path_factory.mktemp("bounds")
+    config = base_config(issuer.url, llm.url, policy={"files": [write_policy(work)]})
+    config["upstreams"]["claude"] = {"url": llm.url + "/anthropic", "protocol": "anthropic",
+                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
+    config["gateway"] = {"body_size_limit": "1m", "answer_size_limit": "2m",
+                         "stream_size_limit": "1m", "max_text_pieces": 2000}
+    stats = work / "loop.json"
+    with Gateway(config, mode=f"reverse:{llm.url}", workdir=work / "gw",
+                 args=["--set", f"douane_loop_stats={stats}"],
+                 env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}) as gateway:
+        gateway.stats = stats  # type: ignore[attr-defined]
+        yield gateway
+
+
+@pytest.fixture(scope="module")
+def token(issuer, secrets):
+    token = issuer.mint("bea@corp.example", ["engineering"])
+    secrets.add(token)
+    return token
+
+
+def probe(gw: Gateway) -> Probe:
+    return Probe(gw, gw.stats)  # type: ignore[attr-defined]
+
+
+def post(gw: Gateway, token: str, content: bytes, path: str = "/v1/chat/completions",
+         **headers: str) -> httpx.Response:
+    return httpx.post(gw.url + path, content=content, timeout=120,
+                      headers={"authorization": f"Bearer {token}",
+                               "content-type": "application/json", **headers})
+
+
+# --- decompression bombs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+def test_a_request_bomb_is_refused_on_its_decoded_size(gw, llm, token, encoding):
+    body = bomb(encoding)
+    assert len(body) < MIB  # within the wire limit: only the decoded size can refuse it
+    before = len(llm.requests)
+    with probe(gw) as p:
+        resp = post(gw, token, body, **{"content-encoding": encoding})
+    record = assert_refused(gw, llm, before, resp, 413)
+    assert resp.json()["error"]["code"] == "request_too_large"
+    assert record["status"] == 413
+    p.assert_bounded()
+
+
+def test_a_compressed_request_goes_upstream_decoded(gw, llm, token):
+    before = len(llm.requests)
+    resp = post(gw, token, gzip.compress(json.dumps(chat("hello")).encode()),
+                **{"content-encoding": "gzip"})
+    assert resp.status_code == 200, resp.text
+    sent = llm.requests[before]
+    assert "content-encoding" not in sent.headers and sent.json() == chat("hello")
+    assert int(sent.headers["content-length"]) == len(sent.body)
+
+
+def gzip_answer(body: bytes, ctype: str = "application/json"):
+    def answer(handler, _req) -> None:
+        handler.send_response(200)
+        handler.send_header("content-type", ctype)
+        handler.send_header("content-encoding", "gzip")
+        handler.send_header("content-length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+    return answer
+
+
+def test_an_answer_bomb_is_refused_on_its_decoded_size(gw, llm, token):
+    # the upstream ignores `accept-encoding: identity`
+    llm.answer = gzip_answer(bomb("gzip"))
+    with probe(gw) as p:
+        resp = post(gw, token, json.dumps(chat("hello")).encode())
+    assert resp.status_code == 502, resp.text
+    assert resp.json()["error"]["code"] == "answer_too_large"
+    record = gw.audit_record(resp.headers["x-douane-decision-id"])
+    assert record["action"] == "refuse" and record["status"] == 502
+    p.assert_bounded()
+
+
+def test_a_compressed_answer_within_the_limit_is_delivered_decoded(gw, llm, token):
+    doc = {"id": "x", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}]}
+    llm.answer = gzip_answer(gzip.compress(json.dumps(doc).encode()))
+    resp = post(gw, token, json.dumps(chat("hello")).encode())
+    assert resp.status_code == 200 and resp.json() == doc
+    assert "content-encoding" not in resp.headers
+
+
+# --- sizes -----------------------------------------------------------------------------------
+
+
+def chunked_post(gw: Gateway, token: str, total: int, chunk: int = 64 * 1024) -> bytes:
+    """Send a chunked JSON body of `total` bytes, stopping when the gateway answers; the answer
+    (head and Content-Length body)."""
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                     f"authorization: Bearer {token}\r\ncontent-type: application/json\r\n"
+                     f"transfer-encoding: chunked\r\n\r\n".encode())
+        sent, data = 0, PREFIX[:-1] + b" " * (chunk - len(PREFIX))
+        try:
+            while sent < total and not select.select([sock], [], [], 0)[0]:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(data), data))
+                sent += len(data)
+            else:
+                sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the gateway answered and closed while the body was still coming
+        answer = b""
+        while b"\r\n\r\n" not in answer and (part := sock.recv(65536)):
+            answer += part
+        head = answer.split(b"\r\n\r\n")[0].decode().lower()
+        length = int(head.split("content-length:")[1].split()[0]) if "content-length:" in head \
+            else 0
+        while len(answer) < len(head) + 4 + length and (part := sock.recv(65536)):
+            answer += part
+        return answer
+
+
+def test_a_chunked_body_is_cut_at_the_limit_not_buffered(gw, llm, token):
+    before = len(llm.requests)
+    with probe(gw) as p:
+        answer = chunked_post(gw, token, 256 * MIB)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert len(llm.requests) == before
+    gw.audit_where(lambda r: r.get("status") == 413 and r["action"] == "refuse"
+                   and "body_size_limit" in json.dumps(r.get("reasons")))
+    p.assert_bounded()
+
+
+def test_a_chunked_body_between_the_limits_gets_the_api_error(gw, llm, token):
+    # over the request limit (1m), under mitmproxy's cut (2m, the answer limit): douane's 413
+    before = len(llm.requests)
+    answer = chunked_post(gw, token, int(1.5 * MIB))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and b"request_too_large" in body, answer[:300]
+    assert len(llm.requests) == before
+
+
+def test_an_answer_over_the_limit_is_not_delivered(gw, llm, token):
+    llm.reply = "x" * int(1.5 * MIB)  # under the wire cut: douane's 502 in the API's shape
+    resp = post(gw, token, json.dumps(chat("hello")).encode())
+    assert resp.status_code == 200  # control: 1.5 MB is within the 2m answer limit
+    llm.reply = "x" * (3 * MIB)
+    with probe(gw) as p:
+        resp = post(gw, token, json.dumps(chat("hello")).encode())
+    assert resp.status_code == 502 and "xxxx" not in resp.text
+    gw.audit_where(lambda r: r.get("status") == 502 and r["action"] == "refuse"
+                   and "Response body exceeds" in json.dumps(r.get("reasons")))
+    p.assert_bounded()
+
+
+def test_a_stream_is_ended_at_its_total_limit(gw, llm, token):
+    llm.reply, llm.chunk_size = "y" * (2 * MIB), 16 * 1024
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=chat("hi", stream=True),
+                      headers={"authorization": f"Bearer {token}"}, timeout=60) as resp:
+        assert resp.status_code == 200
+        body = resp.read().decode()
+    assert "exceeds douane's limit of 1048576 bytes" in body
+    delivered = sum(len(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
+                    for line in body.splitlines() if line.startswith("data: {\"id\""))
+    assert delivered <= MIB
+    record = gw.audit_record(resp.headers["x-douane-decision-id"])
+    assert record["action"] == "refuse" and record["status"] == 502
+
+
+def test_too_many_texts_are_refused(gw, llm, token):
+    doc = {"model": "m", "messages": [{"role": "user", "content": "a"}] * 2001}
+    before = len(llm.requests)
+    resp = post(gw, token, json.dumps(doc).encode())
+    assert_refused(gw, llm, before, resp, 413)
+    assert resp.json()["error"]["code"] == "too_many_texts"
+
+
+# --- rewritten answers are re-framed, refusals mid-stream audited -------------------------------
+
+
+def sse_answer(events: list[str], encoding: str | None):
+    """An SSE answer with a Content-Length (and optionally compressed), as some upstreams send."""
+    body = "".join(events).encode()
+    if encoding == "gzip":
+        body = gzip.compress(body)
+
+    def answer(handler, _req) -> None:
+        handler.send_response(200)
+        handler.send_header("content-type", "text/event-stream")
+        if encoding:
+            handler.send_header("content-encoding", encoding)
+        handler.send_header("content-length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+    return answer
+
+
+CASES = {"compressed": ("gzip", "Hello there", "compressed its stream", "refuse", 502),
+         "blocked": (None, f"the code is {DENIED} ok", "blocked by policy", "block", 403)}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_openai_sdk_shows_a_refusal_in_a_rewritten_stream(gw, llm, token, case):
+    encoding, text, message, action, status = CASES[case]
+    llm.answer = sse_answer(_openai_chat_events("m", [text[:6], text[6:]]), encoding)
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=token, max_retries=0, timeout=30)
+    stream = client.chat.completions.with_raw_response.create(
+        model="m", stream=True, messages=[{"role": "user", "content": "hi"}])
+    decision_id = stream.headers["x-douane-decision-id"]
+    with pytest.raises(openai.APIError) as err:
+        for _ in stream.parse():
+            pass
+    assert message in str(err.value) and decision_id in str(err.value)
+    record = gw.audit_record(decision_id)
+    assert (record["action"], record["status"]) == (action, status)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_anthropic_sdk_shows_a_refusal_in_a_rewritten_stream(gw, llm, token, case):
+    encoding, text, message, action, status = CASES[case]
+    llm.answer = sse_answer(_anthropic_events("claude", [text[:6], text[6:]]), encoding)
+    client = anthropic.Anthropic(base_url=gw.url + "/anthropic", api_key=token, max_retries=0,
+                                 timeout=30)
+    stream = client.messages.with_raw_response.create(
+        model="claude", max_tokens=50, stream=True, messages=[{"role": "user", "content": "hi"}])
+    decision_id = stream.headers["x-douane-decision-id"]
+    with pytest.raises(anthropic.APIError) as err:
+        for _ in stream.parse():
+            pass
+    assert message in str(err.value) and decision_id in str(err.value)
+    record = gw.audit_record(decision_id)
+    assert (record["action"], record["status"]) == (action, status)
+
+
+def test_a_rewritten_stream_leaves_a_reusable_connection(gw, llm, token):
+    # the upstream's Content-Length no longer frames the rewritten stream: a keep-alive client
+    # reads exactly the stream, then its next request on the same connection works
+    llm.answer = sse_answer(_openai_chat_events("m", ["Hel", "lo"]), None)
+    with httpx.Client(headers={"authorization": f"Bearer {token}"}, timeout=30) as client:
+        first = client.post(gw.url + "/v1/chat/completions", json=chat("hi", stream=True))
+        assert first.status_code == 200 and first.text.endswith("data: [DONE]\n\n")
+        assert "content-length" not in first.headers
+        llm.answer = None
+        second = client.post(gw.url + "/v1/chat/completions", json=chat("hi"))
+        assert second.status_code == 200, second.text
