@@ -92,16 +92,12 @@ class Inspect:
         self.settings = settings
 
     def configure(self, updated: set[str]) -> None:
-        # mitmproxy options douane relies on, put back if changed: a chunked body is counted as it
-        # arrives and cut at the limit (else buffered whole), and no upstream connection opens
-        # before a request was authenticated (eager connects on every client connection).
+        # mitmproxy counts a chunked body as it arrives and cuts it at its own limit (else it
+        # buffers it whole): set from douane's limits, and put back if changed.
         config = self.settings.config
-        wanted = {"body_size_limit": str(max(config.body_size_limit,
-                                             config.limits.answer_size_limit)),
-                  "connection_strategy": "lazy"}
-        changed = {k: v for k, v in wanted.items() if getattr(ctx.options, k) != v}
-        if changed:
-            ctx.options.update(**changed)
+        wire = str(max(config.body_size_limit, config.limits.answer_size_limit))
+        if ctx.options.body_size_limit != wire:
+            ctx.options.update(body_size_limit=wire)
 
     def running(self) -> None:
         # Recordings must hold streamed answers as delivered (mitmproxy keeps none by default).
