@@ -63,6 +63,8 @@ def refused(doc, code: str) -> None:
     (rpc("resources/read", 1, uri="file:///docs/../secret/keys.txt"), "invalid_uri"),
     (rpc("resources/read", 1, uri="file:///docs/%2e%2e/secret/keys.txt"), "invalid_uri"),
     ({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": [1]}, "invalid_body"),
+    (rpc("tools/list", 1) | {"result": {}}, "invalid_body"),
+    (rpc("resources/subscribe", 1, uri="file:///docs/%2e%2e/x"), "invalid_uri"),
     ([rpc("ping", n) for n in range(mcp.BATCH_MESSAGES + 1)], "batch_too_large"),
 ])
 def test_ambiguous_requests_are_refused(doc, code):
@@ -203,6 +205,8 @@ def test_resource_grants_match_within_a_segment(policy):
     assert engine.evaluate(policy, USER, "crm", read).reasons[0].rule == "grant.resource"
     read = mcp.parse_request(rpc("resources/read", 1, uri="file:///docs/readme.txt"), None)
     assert engine.evaluate(policy, USER, "crm", read).action == "allow"
+    subscribe = mcp.parse_request(rpc("resources/subscribe", 1, uri="file:///keys.txt"), None)
+    assert engine.evaluate(policy, USER, "crm", subscribe).reasons[0].rule == "grant.resource"
 
 
 def test_limits_count_calls_not_requests(policy):
@@ -236,6 +240,7 @@ def answer(rid, **result) -> dict:
     {"jsonrpc": "2.0", "id": 1},
     {"id": 1, "result": {}},
     [1],
+    {"jsonrpc": "2.0", "id": 1, "method": "x", "result": {"content": []}},
 ])
 def test_answers_that_pair_with_no_request_are_refused(doc):
     it = call("echo")

@@ -18,7 +18,7 @@ from douane.interaction import Interaction, TextPiece
 from douane.policy import detectors
 from douane.policy.model import Grant, Policy, UpstreamGrant, names_match
 from douane.policy.normalize import Normalized, decoded_base64, normalize
-from douane.protocols.mcp import uri_problem
+from douane.protocols.mcp import RESOURCE_METHODS, uri_problem
 
 LIMITED_OPERATIONS = ("chat.completions", "responses", "messages", "completions")
 # What each API calls its output ceiling, so a refusal names the parameter the caller can set.
@@ -74,7 +74,7 @@ def grant_violations(ug: UpstreamGrant, it: Interaction) -> list[Reason]:
                 if problem:
                     out.append(Reason("grant.argument", f"argument {arg} of {msg.tool} {problem}",
                                       f"arguments.{arg}"))
-        elif msg.method == "resources/read" and msg.uri is not None and \
+        elif msg.method in RESOURCE_METHODS and msg.uri is not None and \
                 not ug.resource_allowed(msg.uri):
             out.append(Reason("grant.resource", f"resource {msg.uri} is not granted", "params.uri"))
         elif msg.method == "prompts/get" and msg.prompt is not None and \

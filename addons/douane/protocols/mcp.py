@@ -35,6 +35,7 @@ URI_CHARS = 2048
 BATCH_MESSAGES = 1000
 NAME_CHARS = 128  # MCP: tool names are 1 to 128 characters
 # Answers whose text is read field by field; the text of any other message is read whole.
+RESOURCE_METHODS = ("resources/read", "resources/subscribe", "resources/unsubscribe")
 SPECIFIC = ("tools/call", "tools/list", "resources/read", "prompts/get")
 # What else those answers carry is read as this kind, but for the strings that name rather than
 # say (a tool's name, a URI, a type), which masking must not rewrite.
@@ -135,6 +136,9 @@ def parse_request(doc: Any, session_id: str | None) -> Interaction:
             continue
         if not isinstance(method, str):
             raise ProtocolError(400, "invalid_body", "a JSON-RPC method must be a string")
+        if "result" in msg or "error" in msg:
+            raise ProtocolError(400, "invalid_body", "a JSON-RPC message is a request or an "
+                                "answer, not both")
         if method not in KNOWN_METHODS and not method.startswith("notifications/"):
             rid = msg.get("id") if id_key(msg.get("id")) else None
             it.mcp.insert(0, McpMessage(method[:NAME_CHARS], rid, {}, session_id))
@@ -159,7 +163,7 @@ def parse_request(doc: Any, session_id: str | None) -> Interaction:
                                           (*base, "params", "arguments")))
             it.texts += [TextPiece("tool_arguments", "user", text, path) for path, text in
                          jsonpath.strings(arguments, (*base, "params", "arguments"))]
-        elif method == "resources/read":
+        elif method in RESOURCE_METHODS:
             uri = params.get("uri")
             problem = "is not a string" if not isinstance(uri, str) else uri_problem(uri)
             if problem:
@@ -269,6 +273,9 @@ class Pairing:
             if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
                 raise ProtocolError(502, "invalid_answer", "the MCP server sent something that "
                                     "is not a JSON-RPC 2.0 message")
+            if "method" in msg and ("result" in msg or "error" in msg):
+                raise ProtocolError(502, "invalid_answer", "the MCP server sent a message that "
+                                    "is both a request and an answer")
             if "method" in msg:
                 continue
             if ("result" in msg) == ("error" in msg):
