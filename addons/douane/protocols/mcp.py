@@ -156,7 +156,7 @@ def parse_request(doc: Any, session_id: str | None) -> Interaction:
         message = McpMessage(method, rid, params, session_id)
         if method == "tools/call":
             message.tool = _name(params, method)
-            arguments = params.get("arguments", {})
+            arguments = {} if params.get("arguments") is None else params["arguments"]
             if not isinstance(arguments, dict):
                 raise ProtocolError(400, "invalid_body", "tool arguments must be an object")
             it.tool_calls.append(ToolCall(message.tool, arguments, rid,
