@@ -18,7 +18,7 @@ from mitmproxy.connection import ConnectionState
 from mitmproxy.test import taddons, tflow
 
 from douane.approvals import notify
-from douane.approvals.addon import MITMWEB, Approvals
+from douane.approvals.addon import MITMWEB, Approvals, preview_pieces
 from douane.approvals.config import Webhook
 from douane.approvals.store import Grant, GrantStore, Pending, new_approval_id
 from douane.audit import AuditTrail
@@ -254,3 +254,19 @@ def test_the_approvers_preview_is_masked_and_withheld_when_masking_fails(tmp_pat
         mask.pool = EmailSpans(fail=True)
         preview = asyncio.run(approvals._preview(st))
     assert "jane.doe" not in json.dumps(preview) and "withheld" in preview[0]["text"]
+
+
+@pytest.mark.parametrize(("fields", "shown"), [
+    (["prompt[0]"], ["p0", "p5", "p6", "p7", "p8", "p9", "p10", "p11"]),
+    (["prompt[2..3]", "tool_result[0]"], ["p2", "p3", "r0", "p7", "p8", "p9", "p10", "p11"]),
+    (["prompt[*]"], [f"p{n}" for n in range(8)]),
+    (["model"], [f"p{n}" for n in range(4, 12)]),  # a reason about no piece: the last ones
+])
+def test_the_preview_leads_with_the_pieces_the_reasons_point_at(fields, shown):
+    texts = [TextPiece("prompt", "user", f"p{n}", ("messages", n)) for n in range(12)]
+    texts.append(TextPiece("tool_result", "tool", "r0", ("messages", 12)))
+    chosen, candidates = preview_pieces(texts, [Reason(f"rule.{f}", "m", f) for f in fields])
+    assert [p.text for p, _ in chosen] == shown
+    assert candidates == 12 + ("tool_result[0]" in fields)
+    assert all(bool(rules) == (p.text in ("p0", "p2", "p3", "r0") or fields == ["prompt[*]"])
+               for p, rules in chosen)

@@ -22,6 +22,7 @@ from douane.flowstate import Reason, peek
 from douane.interaction import JsonPath, Kind, TextPiece
 from douane.policy import engine
 from douane.policy.addon import Enforce, explain
+from douane.untrusted import loggable
 
 logger = logging.getLogger(__name__)
 
@@ -104,4 +105,5 @@ class PoliceWebSocket:
         record.update(event="websocket_message", action="block", reasons=[reason.summary()])
         self.audit_trail.append(record)
         logger.warning("douane: WebSocket to %s stopped (decision %s): %s",
-                       st.upstream.name if st.upstream else "?", st.decision_id, reason.message)
+                       st.upstream.name if st.upstream else "?", st.decision_id,
+                       loggable(reason.message))

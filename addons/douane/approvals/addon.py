@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from typing import Any
 
@@ -39,7 +40,6 @@ from douane.interaction import TextPiece
 from douane.masking import operators
 from douane.masking.addon import Mask
 from douane.policy.addon import explain
-from douane.policy.engine import _labels
 from douane.refusals import guarded, refuse
 from douane.settings import Settings
 from douane.tokens import TokenVerifier
@@ -50,6 +50,7 @@ MITMWEB = "mitmweb operator"
 POLL = 0.5  # how often a held flow checks for a kill in mitmweb or a gone client
 PREVIEW_PIECES, PREVIEW_CHARS = 8, 2000
 PREVIEW_KINDS = ("prompt", "tool_arguments")  # the context shown after the flagged pieces
+FIELD = re.compile(r"(?P<kind>\w+)\[(?:(?P<first>\d+)(?:\.\.(?P<last>\d+))?|\*)\]")
 KEEP_DECIDED = 3600  # seconds a decided request stays visible to `show`
 
 
@@ -368,12 +369,16 @@ class Approvals:
 def preview_pieces(texts: list[TextPiece], reasons: list[Reason]
                    ) -> tuple[list[tuple[TextPiece, list[str]]], int]:
     """The pieces an approver sees, each with the rules pointing at it (a reason's field names
-    a piece as `prompt[2]`, or every piece of a kind as `prompt[*]`): the flagged ones first,
-    then the last prompt pieces or tool arguments, `PREVIEW_PIECES` in all; and how many were
-    candidates."""
+    the n-th piece of a kind as `prompt[2]`, a span as `prompt[2..3]`, all as `prompt[*]`): the
+    flagged ones first, then the last prompt pieces or tool arguments, `PREVIEW_PIECES` in all;
+    and how many were candidates."""
+    spans = [(r.rule, m) for r in reasons if (m := FIELD.fullmatch(r.field or ""))]
     flagged, context = [], []
-    for label, piece in _labels(texts):
-        rules = [r.rule for r in reasons if r.field in (label, f"{piece.kind}[*]")]
+    counts: dict[str, int] = {}
+    for piece in texts:
+        n = counts[piece.kind] = counts.get(piece.kind, -1) + 1
+        rules = [rule for rule, m in spans if m["kind"] == piece.kind and (
+            m["first"] is None or int(m["first"]) <= n <= int(m["last"] or m["first"]))]
         if rules:
             flagged.append((piece, rules))
         elif piece.kind in PREVIEW_KINDS:

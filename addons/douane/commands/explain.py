@@ -13,6 +13,7 @@ from douane import protocols
 from douane.commands import add_config_option, config_file, load_config
 from douane.flowstate import Identity
 from douane.policy import engine
+from douane.untrusted import escape
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         it = protocols.parse_request(upstream, flow)
     except protocols.ProtocolError as e:
-        print(f"decision: refuse ({e.status} {e.code})\n  - {e.message}")
+        print(f"decision: refuse ({e.status} {e.code})\n  - {escape(e.message)}")
         return 0
     identity = Identity(args.user, tuple(g for g in args.groups.split(",") if g), "explain",
                         args.user, "explain")
@@ -59,12 +60,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"decision: {decision.action} (risk {decision.risk:g}; hold at {policy.hold:g}, "
           f"block at {policy.block:g}; policy version {policy.version})")
     print(f"upstream: {upstream.name} ({upstream.protocol}), operation {it.operation}, "
-          f"model {it.model or '-'}")
+          f"model {escape(it.model or '-')}")
     print(f"grant:    {grant.source if grant else 'none covers this request'}")
     for reason in decision.reasons:
         where = f" in {reason.field}" if reason.field else ""
         score = f" +{reason.score:g}" if reason.score else ""
-        print(f"  - {reason.rule}{where}{score}: {reason.message}")
+        print(escape(f"  - {reason.rule}{where}{score}: {reason.message}"))
     if not decision.reasons:
         print("  (no rule matched)")
     return 0
