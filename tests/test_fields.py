@@ -92,6 +92,10 @@ REQUEST_FIELDS = {
     "data_url_percent_encoded": (OPENAI, CHAT, {"model": "m", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:text/plain,project%20nightingale"}}]}]},
         "prompt"),
+    "data_url_binary_looking_text": (OPENAI, CHAT, {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "file", "file": {"file_data": "data:application/octet-stream;base64,"
+                                  + base64.b64encode(b"\x01" + PHRASE.encode()).decode()}}]}]},
+        "prompt"),
     "anthropic_base64_text_document": (ANTHROPIC, MESSAGES, messages(
         {"type": "document", "source": {"type": "base64", "media_type": "text/csv",
                                         "data": B64}}), "prompt"),
@@ -110,7 +114,7 @@ REQUEST_FIELDS = {
 def test_every_request_field_is_a_text_piece(case):
     upstream, path, doc, kind = REQUEST_FIELDS[case]
     it = protocols.parse_request(upstream, flow_for(upstream, path, doc))
-    assert [p.kind for p in it.texts if p.text == PHRASE] == [kind]
+    assert [p.kind for p in it.texts if p.text.strip("\x01") == PHRASE] == [kind]
 
 
 def test_split_tool_argument_values_stay_adjacent():
@@ -146,9 +150,30 @@ def test_images_are_media_not_text():
     assert it.has_media and not [p for p in it.texts if png in p.text]
 
 
+def test_media_without_a_declared_type_is_recognised_and_opaque_blobs_skipped():
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8).decode()
+    doc = {"model": "m", "input": [
+        {"type": "image_generation_call", "id": "ig", "result": png},
+        {"type": "reasoning", "id": "rs", "summary": [], "encrypted_content": PHRASE},
+        {"role": "user", "content": "hi", "encrypted_content": PHRASE}]}
+    it = protocols.parse_request(OPENAI, flow_for(OPENAI, RESPONSES, doc))
+    assert it.has_media and not [p for p in it.texts if png in p.text]
+    # skipped only where the provider verifies it (a reasoning item), read anywhere else
+    assert [p.path for p in it.texts if p.text == PHRASE] == [("input", 2, "encrypted_content")]
+
+
+def file_part(data_url: str) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "file", "file": {"file_data": data_url}}]}]}
+
+
 @pytest.mark.parametrize(("doc", "code"), [
-    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "file", "file": {
-        "file_data": "data:text/plain;base64,not base64!"}}]}]}, "invalid_data_url"),
+    (file_part("data:text/plain;base64,not base64!"), "invalid_data_url"),
+    (file_part("data:application/octet-stream;base64,"
+               + base64.b64encode(b"\xfe\xff" + PHRASE.encode("utf-16-be")).decode()),
+     "undecodable_file"),
+    (file_part("data:text/plain;base64," + base64.b64encode(PHRASE.encode("utf-16")).decode()),
+     "undecodable_file"),
     ({"model": "m", "messages": [{"role": "assistant", "tool_calls": [{
         "id": "c", "type": "function", "function": {"name": "f",
                                                    "arguments": '{"q": "a", "q": "b"}'}}]}]},

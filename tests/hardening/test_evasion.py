@@ -405,6 +405,11 @@ ANSWERS: dict[str, tuple[str, dict, str, bytes]] = {
                                                            chunk(refusal="ect nightin"),
                                                            chunk(refusal="gale, sorry."),
                                                            done=True)),
+    "chat_stream_tool_arguments_escape": ("/v1/chat/completions", dict(chat("hi"), stream=True),
+                                          "text/event-stream", sse(*(chunk(tool_calls=[{
+                                              "index": 0, "function": {"arguments": part}}])
+                                              for part in ['{"q": "proj', 'ect \\u00',
+                                                           '6eightingale"}']), done=True)),
     "anthropic_stream_thinking_delta": ("/anthropic/v1/messages", {
         "model": "c", "max_tokens": 9, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
         "text/event-stream", sse(

@@ -20,7 +20,7 @@ from douane.policy import engine
 from douane.policy.limits import RateLimiter
 from douane.policy.model import Policy
 from douane.policy.store import LivePolicy
-from douane.protocols import jsonpath, mcp, streams
+from douane.protocols import fields, jsonpath, mcp, streams
 from douane.refusals import guarded, refuse
 from douane.settings import Settings
 
@@ -58,8 +58,11 @@ class StreamPolicy:
             return ""
         seen = (self.seen.get(channel, "") + text)[-self.TAIL:]
         self.seen[channel] = seen
-        decision = engine.evaluate_response(
-            self.policy, [TextPiece("completion", "assistant", seen, ("stream", channel))])
+        pieces = [TextPiece("completion", "assistant", seen, ("stream", channel))]
+        if "\\" in seen:  # streamed tool arguments are JSON text: read escapes as the tool will
+            pieces.append(TextPiece("completion", "assistant", fields.unescaped(seen),
+                                    ("stream", channel)))
+        decision = engine.evaluate_response(self.policy, pieces)
         if decision.action != "block":
             return text
         self.st.decide("block", *decision.reasons)

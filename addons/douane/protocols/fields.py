@@ -10,7 +10,8 @@ where it sits (a classifier per API), so deny rules, detectors and masking see i
   decoded; text (whatever the declared type) is inspected, anything else is media (the grant's
   `media` decides);
 - `OPAQUE` provider blobs (thinking signatures, encrypted reasoning) are not text and are skipped:
-  the provider verifies them.
+  the provider verifies them;
+- a file that is neither UTF-8 text nor recognisable media (image, audio, video, PDF) is refused.
 Free text goes first, in document order (a phrase split across messages stays adjacent when a
 kind's texts are joined), keys and structural values after it. Walks are bounded in depth, in the
 number of strings and in decoded size: past a bound the body is refused, never partly inspected.
@@ -38,8 +39,17 @@ STRUCTURAL = frozenset({
     "format", "file_id", "container_id", "server_label", "server_name", "mcp_server_name",
     "effort", "truncation", "verbosity", "tool_choice", "stop_sequence",
 })
-# Provider-verified blobs (not text) and per-event padding: never text pieces.
-OPAQUE = frozenset({"signature", "encrypted_content", "obfuscation"})
+# Provider-verified blobs, by (key, the `type` of the object holding it), and Responses' random
+# per-event padding: not text, never pieces. Anywhere else these keys are inspected as usual.
+OPAQUE = frozenset({("signature", "thinking"), ("signature", "signature_delta"),
+                    ("encrypted_content", "reasoning"), ("encrypted_content", "compaction"),
+                    ("data", "redacted_thinking")})
+PADDING = "obfuscation"  # top level of a stream event only
+MEDIA_TYPES = ("image/", "audio/", "video/", "application/pdf")
+# What media starts with, for payloads that do not say their type: PNG, JPEG, GIF, WebP/WAV/AVI
+# (RIFF), PDF, MP3 (ID3 or frame sync), Ogg, FLAC, MP4/MOV/HEIC (ftyp at offset 4)
+SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"%PDF", b"ID3", b"\xff\xfb",
+              b"\xff\xf3", b"OggS", b"fLaC")
 MAX_DEPTH = 64  # JSON nesting douane walks (tool schemas nest, but not this deep)
 MAX_STRINGS = 100_000  # strings and keys of one body, decoded tool arguments included
 MAX_DECODED = 4 * 1024**2  # characters of text decoded from one data URL or base64 payload
@@ -50,6 +60,19 @@ TEXT_TYPES = ("text/", "application/json", "application/xml", "application/csv",
 DECODED, JSON_STRING = "<decoded>", "<json>"  # path steps of text that is not at a JSON path
 
 Classify = Callable[[JsonPath], tuple[Kind, Role | None]]
+ESCAPE = re.compile(r'\\(?:u([0-9a-fA-F]{4})|(["\\/bfnrt]))')
+ESCAPED = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def unescaped(text: str) -> str:
+    """JSON string escapes read as what they stand for, in JSON text that may be cut anywhere
+    (streamed tool arguments): `\\u006e` is an `n` to a deny rule, as it is to the tool."""
+    def char(m: re.Match[str]) -> str:
+        if m[2]:
+            return ESCAPED[m[2]]
+        code = int(m[1], 16)
+        return "\ufffd" if 0xD800 <= code <= 0xDFFF else chr(code)
+    return ESCAPE.sub(char, text)
 
 
 @dataclass
@@ -99,7 +122,8 @@ def strays(doc: Any, claimed: set[JsonPath]) -> list[tuple[JsonPath, str]]:
             raise ProtocolError(502, "too_deep", f"a stream event nests deeper than {MAX_DEPTH}")
         if isinstance(node, dict):
             for k, v in node.items():
-                if k not in OPAQUE and k not in STRUCTURAL:
+                if k not in STRUCTURAL and (k, node.get("type")) not in OPAQUE and \
+                        (path or k != PADDING):
                     visit(v, (*path, k), k, node, depth + 1)
         elif isinstance(node, list):
             for i, v in enumerate(node):
@@ -108,7 +132,7 @@ def strays(doc: Any, claimed: set[JsonPath]) -> list[tuple[JsonPath, str]]:
             payload = _payload(node, key, parent)
             if payload is None:
                 out.append((path, node))
-            elif _text_of(*payload) is not None:
+            elif _text_of(*payload, explicit=False) is not None:
                 raise ProtocolError(502, "file_in_stream", "the streamed answer carries a text "
                                     "file douane cannot inspect in place")
 
@@ -124,7 +148,7 @@ def _node(walk: _Walk, node: Any, path: JsonPath, key: str | None, parent: dict[
     if isinstance(node, dict):
         for k, v in node.items():
             walk.add((*path, k, "<key>"), k, False, True, (*path, k))
-            if k not in OPAQUE:
+            if (k, node.get("type")) not in OPAQUE:
                 _node(walk, v, (*path, k), k, node, depth + 1)
     elif isinstance(node, list):
         for i, v in enumerate(node):
@@ -135,12 +159,10 @@ def _node(walk: _Walk, node: Any, path: JsonPath, key: str | None, parent: dict[
 
 def _string(walk: _Walk, text: str, path: JsonPath, key: str | None, parent: dict[str, Any],
             depth: int) -> None:
-    if key == "data" and parent.get("type") == "redacted_thinking":
-        return  # encrypted thinking: a provider blob
     payload = _payload(text, key, parent)
     if payload is not None:
-        media_type, raw = payload
-        decoded = _text_of(media_type, raw)
+        media_type, raw, explicit = payload
+        decoded = _text_of(media_type, raw, explicit)
         if decoded is None:
             walk.media = True
         else:
@@ -188,8 +210,10 @@ def _constant(name: str) -> Any:
     raise ValueError(name)
 
 
-def _payload(text: str, key: str | None, parent: dict[str, Any]) -> tuple[str, bytes] | None:
-    """(media type, bytes) when the string carries a file rather than text."""
+def _payload(text: str, key: str | None,
+             parent: dict[str, Any]) -> tuple[str, bytes, bool] | None:
+    """(media type, bytes, given as a file) when the string carries a file rather than text: a
+    data URL or a base64 `data` / `file_data` field (explicit), or a long bare base64 run."""
     if text[:5].lower() == "data:" and "," in text:
         header, _, data = text[5:].partition(",")
         params = header.split(";")
@@ -198,38 +222,42 @@ def _payload(text: str, key: str | None, parent: dict[str, Any]) -> tuple[str, b
             raw = _b64(data)
             if raw is None:
                 raise ProtocolError(400, "invalid_data_url", "a data URL's base64 is invalid")
-            return media_type, raw
-        return media_type, urllib.parse.unquote_to_bytes(data)
+            return media_type, raw, True
+        return media_type, urllib.parse.unquote_to_bytes(data), True
     declared = parent.get("media_type") or parent.get("mime_type") or parent.get("format") or ""
-    declared = declared if isinstance(declared, str) else ""
-    if key in ("data", "file_data") and parent.get("type") != "text" or \
-            len(text) >= ENCODED and BASE64.fullmatch(text):
+    declared = declared.lower() if isinstance(declared, str) else ""
+    explicit = key in ("data", "file_data") and parent.get("type") != "text"
+    if explicit or len(text) >= ENCODED and BASE64.fullmatch(text):
         raw = _b64(text)
         if raw is not None:
-            return declared.lower(), raw
+            return declared, raw, explicit
     return None
 
 
 def _b64(data: str) -> bytes | None:
     try:
-        return base64.b64decode("".join(data.split()), validate=True)
+        return base64.b64decode(data.replace("\r", "").replace("\n", ""), validate=True)
     except (binascii.Error, ValueError):
         return None
 
 
-def _text_of(media_type: str, raw: bytes) -> str | None:
-    """The text a file carries, or None for media. Text is recognised by its bytes too: a
-    mislabelled text file is still read as text."""
+def _text_of(media_type: str, raw: bytes, explicit: bool) -> str | None:
+    """The text a file carries, or None for media. Text is recognised by its bytes too (a
+    mislabelled text file is still read as text); a file that is neither readable text nor
+    recognisable media is refused, never passed unread."""
     texty = media_type.startswith(TEXT_TYPES) or media_type.endswith(("+json", "+xml"))
+    media = media_type.startswith(MEDIA_TYPES) or raw.startswith(SIGNATURES) or \
+        raw[4:8] == b"ftyp"
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        if texty:
-            raise ProtocolError(415, "undecodable_file",
-                                f"a {media_type[:60]} file is not UTF-8 text") from None
+        if texty or explicit and not media:
+            raise ProtocolError(415, "undecodable_file", f"douane cannot read a "
+                                f"{media_type[:60] or 'untyped'} file that is neither UTF-8 "
+                                "text nor an image, audio, video or PDF") from None
         return None
-    if not texty and any(ord(c) < 32 and c not in "\t\n\r\f" for c in text):
-        return None  # binary that happens to be valid UTF-8
+    if media and not texty and any(ord(c) < 32 and c not in "\t\n\r\f" for c in text):
+        return None  # media that happens to be valid UTF-8
     if len(text) > MAX_DECODED:
         raise ProtocolError(413, "file_too_large", f"a text file in the body is longer than "
                             f"{MAX_DECODED} characters, more than douane inspects")
