@@ -86,6 +86,12 @@ TRANSFORMS: dict[str, Callable[[str], str]] = {
     "math_double_struck": double_struck,
     "circled": offset(0x24D0),
     "parenthesised": offset(0x249C),
+    "superscript": per_letter(dict(zip("abcdefghijklmnoprstuvwxyz",
+                                       "ᵃᵇᶜᵈᵉᶠᵍʰⁱʲᵏˡᵐⁿᵒᵖʳˢᵗᵘᵛʷˣʸᶻ", strict=True))),
+    "negative_squared": lambda s: "".join(chr(0x1F170 + ord(c) - 97) if c.isalpha() else c
+                                          for c in s),
+    "negative_circled": lambda s: "".join(chr(0x1F150 + ord(c) - 97) if c.isalpha() else c
+                                          for c in s),
     "regional_indicators": lambda s: "\u200b".join(
         chr(0x1F1E6 + ord(c) - 97) if c.isalpha() else c for c in s),
     "cyrillic": per_letter(CYRILLIC),

@@ -35,8 +35,9 @@ from confusable_homoglyphs.confusables import confusables_data
 # Shown as nothing or a blank space, yet neither whitespace nor a format character.
 BLANKS = "\u115f\u1160\u2800\u3164\uffa0"
 TAGS = range(0xE0000, 0xE0080)
-# Letters the confusables data leaves out, read by their transliteration
-TRANSLITERATED = ("LATIN ", "REGIONAL INDICATOR SYMBOL LETTER")
+# Letters the confusables data leaves out, read by their transliteration: Latin ones (small
+# capitals, letters with a stroke, negative circled and squared letters) and regional indicators
+TRANSLITERATED = re.compile(r"\bLATIN |^REGIONAL INDICATOR SYMBOL LETTER")
 SMALL_CAPITAL = re.compile(r"LATIN LETTER SMALL CAPITAL [A-Z]$")
 SMALL_CAPITAL_SCRIPTS = ("CYRILLIC SMALL LETTER", "GREEK SMALL LETTER", "CHEROKEE SMALL LETTER")
 # Code points worth a table entry: everything but the unified CJK ideographs and Hangul
@@ -98,7 +99,7 @@ def _fold(c: str, depth: int = 0) -> str:
     folded = c.casefold()
     if folded != c and depth < 4:
         return "".join(_fold(d, depth + 1) for d in folded)
-    if unicodedata.name(c, "").startswith(TRANSLITERATED):
+    if TRANSLITERATED.search(unicodedata.name(c, "")):
         ascii_ = anyascii(c).lower()
         if ascii_.isalnum():
             return ascii_
@@ -116,7 +117,7 @@ def _table() -> dict[int, str]:
             if category in ("Cn", "Co", "Cs") or (
                     category in ("Lo", "So") and c not in confusables_data and c not in BLANKS
                     and unicodedata.is_normalized("NFKD", c)
-                    and not unicodedata.name(c, "").startswith(TRANSLITERATED)):
+                    and not TRANSLITERATED.search(unicodedata.name(c, ""))):
                 continue
             folded = _fold(c)
             if folded != c:
