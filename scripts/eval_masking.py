@@ -25,7 +25,7 @@ from masking_corpus import TYPES, Item, corpus
 
 from douane import config as configmod
 from douane.masking.config import SECRET_ENTITIES, MaskingSettings
-from douane.masking.engine import Analyzer, offline_tldextract, quiet_presidio
+from douane.masking.engine import Analyzer, Span, merge, offline_tldextract, quiet_presidio
 from douane.settings import DEFAULT_CONFIG
 
 Prediction = tuple[int, int, str]
@@ -49,13 +49,32 @@ def stock_predictions(items: list[Item]) -> list[list[Prediction]]:
     return out
 
 
-def douane_predictions(settings: MaskingSettings, items: list[Item]) -> list[list[Prediction]]:
+def douane_predictions(settings: MaskingSettings,
+                       items: list[Item]) -> tuple[list[list[Prediction]], list[list[Span]]]:
+    """douane's detections (scored per type, like stock's) and the merged spans it masks."""
     analyzer = Analyzer(settings)
     out: list[list[Prediction]] = []
+    masked: list[list[Span]] = []
     for k in range(0, len(items), 16):
-        for spans in analyzer.analyze_many([i.text for i in items[k:k + 16]]):
+        for spans in analyzer.detections([i.text for i in items[k:k + 16]]):
             out.append([(s.start, s.end, "SECRET" if s.entity in SECRET_ENTITIES else s.entity)
                         for s in spans])
+            masked.append(merge(spans))
+    return out, masked
+
+
+def left_in_clear(items: list[Item], masked: list[list[Span]]) -> dict[str, list[int]]:
+    """Per type: labelled values, and those with any character left unmasked."""
+    out: dict[str, list[int]] = {}
+    for item, spans in zip(items, masked, strict=True):
+        covered = set()
+        for s in spans:
+            covered.update(range(s.start, s.end))
+        for start, end, kind in item.spans:
+            row = out.setdefault(kind, [0, 0])
+            row[0] += 1
+            row[1] += any(k not in covered and not item.text[k].isspace()
+                          for k in range(start, end))
     return out
 
 
@@ -106,7 +125,7 @@ def main() -> int:
     args = parser.parse_args()
     offline_tldextract()
     quiet_presidio()
-    settings = configmod.load(args.config, resolve_secrets=False).sections.get("masking")
+    settings = configmod.load(args.config, gateway=False).sections.get("masking")
     if settings is None:
         print(f"{args.config}: no masking section", file=sys.stderr)
         return 1
@@ -118,7 +137,9 @@ def main() -> int:
     print(f"douane: {args.config}: entities {', '.join(settings.entities)}; threshold "
           f"{settings.score_threshold}; phone regions {', '.join(settings.phone_regions)}")
     start = time.perf_counter()
-    ours = evaluate(items, douane_predictions(settings, items), (*TYPES, "SECRET"), args.misses)
+    predictions, masked = douane_predictions(settings, items)
+    ours = evaluate(items, predictions, (*TYPES, "SECRET"), args.misses)
+    clear = left_in_clear(items, masked)
     print(f"douane: {time.perf_counter() - start:.1f} s")
     results = [("douane", ours)]
     if not args.no_stock:
@@ -137,6 +158,8 @@ def main() -> int:
                 row += f"{'-':>24}"
         print(row)
     print(f"{'micro F2 (8)':<21}" + "".join(f"{micro(s, TYPES):>24.3f}" for _, s in results))
+    print("values with characters left in clear after douane's masking: " + ", ".join(
+        f"{t} {clear[t][1]}/{clear[t][0]}" for t in (*TYPES, "SECRET") if t in clear))
     tp, fp, fn = ours["SECRET"]
     print(f"\nsecret recall {tp / (tp + fn):.4f} ({tp}/{tp + fn}); secret false positives {fp}")
     if len(results) == 2:

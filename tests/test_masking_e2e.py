@@ -16,6 +16,7 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from douane.cli import main
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import Gateway, base_config
 from tests.support.upstream import FakeUpstream
@@ -185,3 +186,63 @@ def test_refusals_thinking_and_reasoning_summaries_are_masked(setup, issuer):
                 del llm.canned[path]
             assert resp.status_code == 200, resp.text
             assert_masked(resp.text)
+
+
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+SECRET_ANSWER = (f"Your keys: aws_access_key_id = AKIAIOSFODNN7EXAMPLE and aws_secret_access_key = "
+                 f"{AWS_SECRET} . The Stripe key is sk_live_51HxYzABCdefGHIjklMNOpqr and the "
+                 "database postgres://app:Sup3r-S3cret@db.internal:5432/app works.")
+SECRET_VALUES = ("AKIAIOSFODNN7EXAMPLE", AWS_SECRET, "sk_live_51HxYzABCdefGHIjklMNOpqr",
+                 "Sup3r-S3cret")
+
+
+def test_a_secret_in_an_answer_is_masked_in_every_api_and_mode(setup, issuer):
+    """What the recording redacts (douane.secrets) never reaches the user either."""
+    gw, llm = setup
+    token = issuer.mint("alice@corp", ["engineering"])
+    llm.reply, llm.chunk_size = SECRET_ANSWER, 5
+    try:
+        c = openai_client(gw, llm, token)
+        ask = [{"role": "user", "content": "?"}]
+        answers = {
+            "chat": c.chat.completions.create(model="m", messages=ask).choices[0].message.content,
+            "chat stream": "".join(ch.choices[0].delta.content or "" for ch in
+                                   c.chat.completions.create(model="m", messages=ask, stream=True)
+                                   if ch.choices),
+            "responses": c.responses.create(model="m", input="?").output_text,
+            "responses stream": "".join(e.delta for e in c.responses.create(
+                model="m", input="?", stream=True) if e.type == "response.output_text.delta"),
+        }
+        a = anthropic.Anthropic(base_url=llm.url + "/anthropic", api_key="unused", max_retries=0,
+                                http_client=anthropic.DefaultHttpxClient(
+                                    proxy=gw.proxy_url("u", token)))
+        answers["messages"] = a.messages.create(model="c", max_tokens=100,
+                                                messages=ask).content[0].text
+        with a.messages.stream(model="c", max_tokens=100, messages=ask) as stream:
+            answers["messages stream"] = "".join(stream.text_stream)
+    finally:
+        llm.reply, llm.chunk_size = PII, 4
+    for mode, text in answers.items():
+        assert not [v for v in SECRET_VALUES if v in text], mode
+        assert "<PASSWORD>" in text and "<API_KEY>" in text, (mode, text)
+        if "stream" not in mode:  # a stream may see the key without its name (masking/streaming)
+            assert "<AWS_SECRET_KEY>" in text, (mode, text)
+
+
+def test_douane_mask_prints_what_the_gateway_answers(setup, issuer, tmp_path, capsys):
+    """`douane mask` with the gateway's config: the same text, the same masked result."""
+    gw, llm = setup
+    sample = ("Hi Natália,\nname,city,ssn\nPellegrino Tosi,Lyon,536-80-4172\nCall +55 11 98765-4321 "
+              f"or write to joao.silva@example.com.br; aws_secret_access_key: {AWS_SECRET}")
+    llm.reply = sample
+    try:
+        c = openai_client(gw, llm, issuer.mint("alice@corp", ["engineering"]))
+        answer = c.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "?"}]).choices[0].message.content
+    finally:
+        llm.reply = PII
+    (tmp_path / "sample.txt").write_text(sample)
+    capsys.readouterr()
+    assert main(["mask", "--config", str(gw.config_file), str(tmp_path / "sample.txt")]) == 0
+    assert capsys.readouterr().out == answer
+    assert "Pellegrino" not in answer and AWS_SECRET not in answer and "98765" not in answer

@@ -20,6 +20,7 @@ COMMANDS = [
     "douane.commands.explain",
     "douane.commands.sessions",
     "douane.commands.approvals",
+    "douane.commands.mask",
 ]
 
 

@@ -90,10 +90,19 @@ DOTTED_QUAD = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 EPOCH = re.compile(r"1\d{9}")
 
 
+def _outranks(o: Span, s: Span) -> bool:
+    """Whether `o`, around `s`, says what `s` is: NER inside a pattern's value (an IPv6 address,
+    a key) is a fragment, a pattern's value inside NER's span is still that value; else the
+    higher score (then the longer span) wins."""
+    if (o.entity in NER_ENTITIES) != (s.entity in NER_ENTITIES):
+        return s.entity in NER_ENTITIES
+    return (o.score, o.end - o.start) > (s.score, s.end - s.start)
+
+
 def refine(text: str, spans: list[Span]) -> list[Span]:
     """Drop what only looks like a phone number, and detections inside a stronger detection of
-    another type (a name NER called a place, inside a field recognised as a place). Linear in
-    the spans but for the ones that overlap."""
+    another type (a name NER called a place, inside a field recognised as a place; NER's
+    "person" inside an IPv6 address). Linear in the spans but for the ones that overlap."""
     kept: list[Span] = []
     active: list[Span] = []  # spans that started before and have not ended
     same = {}  # (start, end) -> the spans of that extent
@@ -110,7 +119,7 @@ def refine(text: str, spans: list[Span]) -> list[Span]:
                 or DOTTED_QUAD.fullmatch(value) or EPOCH.fullmatch(value)
                 or text[max(0, s.start - 1):s.start] in (":", ".")):
             continue
-        if any((o.score, o.end - o.start) > (s.score, s.end - s.start) for o in around):
+        if any(_outranks(o, s) for o in around):
             continue
         kept.append(s)
     return sorted(kept, key=lambda s: (s.start, s.end))
@@ -238,7 +247,12 @@ class Analyzer:
 
     def analyze_many(self, texts: list[str]) -> list[list[Span]]:
         """Texts analysed together: spaCy runs once over the batch (about half the cost per
-        text of separate calls), then each text's recognisers."""
+        text of separate calls), then each text's recognisers; overlaps merged."""
+        return [merge(spans) for spans in self.detections(texts)]
+
+    def detections(self, texts: list[str]) -> list[list[Span]]:
+        """Each text's detections before overlaps are merged (what scripts/eval-masking scores
+        per type)."""
         candidates = [self.candidates(t) for t in texts]
         todo = [i for i, c in enumerate(candidates) if c]
         out: list[list[Span]] = [[] for _ in texts]
@@ -249,8 +263,8 @@ class Analyzer:
                                           score_threshold=self.settings.score_threshold,
                                           allow_list=list(self.settings.allow_list) or None,
                                           nlp_artifacts=nlp_artifacts)
-            out[i] = merge(refine(texts[i], [Span(r.start, r.end, r.entity_type, r.score)
-                                             for r in results]))
+            out[i] = refine(texts[i], [Span(r.start, r.end, r.entity_type, r.score)
+                                       for r in results])
         return out
 
 
