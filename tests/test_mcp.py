@@ -65,6 +65,10 @@ def refused(doc, code: str) -> None:
     ({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": [1]}, "invalid_body"),
     (rpc("tools/list", 1) | {"result": {}}, "invalid_body"),
     (rpc("resources/subscribe", 1, uri="file:///docs/%2e%2e/x"), "invalid_uri"),
+    (rpc("completion/complete", 1, ref={"type": "ref/x"}, argument={}), "invalid_body"),
+    (rpc("completion/complete", 1, ref={"type": "ref/prompt", "name": 1}), "invalid_name"),
+    (rpc("completion/complete", 1, ref={"type": "ref/resource", "uri": "file:///a/../b"}),
+     "invalid_uri"),
     ([rpc("ping", n) for n in range(mcp.BATCH_MESSAGES + 1)], "batch_too_large"),
 ])
 def test_ambiguous_requests_are_refused(doc, code):
@@ -198,6 +202,9 @@ def test_listed_variants_of_denied_tools_are_hidden(policy):
     listed = {"resources": [{"uri": u} for u in ("file:///docs/a", "file:///docs/%2e%2e/b",
                                                   "file:///docs/x/y")]}
     assert engine.hidden_items(policy, USER, "crm", "resources/list", listed) == [1, 2]
+    templates = {"resourceTemplates": [{"uriTemplate": u} for u in ("file:///docs/{name}",
+                                                                    "file:///hr/{name}")]}
+    assert engine.hidden_items(policy, USER, "crm", "resources/templates/list", templates) == [1]
 
 
 def test_resource_grants_match_within_a_segment(policy):
@@ -207,6 +214,19 @@ def test_resource_grants_match_within_a_segment(policy):
     assert engine.evaluate(policy, USER, "crm", read).action == "allow"
     subscribe = mcp.parse_request(rpc("resources/subscribe", 1, uri="file:///keys.txt"), None)
     assert engine.evaluate(policy, USER, "crm", subscribe).reasons[0].rule == "grant.resource"
+
+
+@pytest.mark.parametrize(("ref", "rule"), [
+    ({"type": "ref/prompt", "name": "summarize"}, None),
+    ({"type": "ref/prompt", "name": "payroll"}, "grant.prompt"),
+    ({"type": "ref/resource", "uri": "file:///docs/{name}"}, None),
+    ({"type": "ref/resource", "uri": "file:///hr/{name}"}, "grant.resource"),
+])
+def test_completions_follow_the_grants_of_what_they_complete(policy, ref, rule):
+    it = mcp.parse_request(rpc("completion/complete", 1, ref=ref,
+                               argument={"name": "n", "value": "a"}), None)
+    assert [r.rule for r in engine.evaluate(policy, USER, "crm", it).reasons] == \
+        ([rule] if rule else [])
 
 
 def test_limits_count_calls_not_requests(policy):

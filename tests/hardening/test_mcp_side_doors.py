@@ -315,6 +315,23 @@ def test_resource_uris_that_leave_the_grant_are_refused(setup, uri, status, rule
     assert rules(record) == [rule]
 
 
+@pytest.mark.parametrize(("body", "rule"), [
+    ({"jsonrpc": "2.0", "id": 1, "method": "resources/subscribe",
+      "params": {"uri": "file:///secret/keys.txt"}}, "grant.resource"),
+    ({"jsonrpc": "2.0", "id": 1, "method": "completion/complete",
+      "params": {"ref": {"type": "ref/prompt", "name": "payroll"},
+                 "argument": {"name": "employee", "value": "a"}}}, "grant.prompt"),
+    ({"jsonrpc": "2.0", "id": 1, "method": "completion/complete",
+      "params": {"ref": {"type": "ref/resource", "uri": "file:///secret/{name}"},
+                 "argument": {"name": "name", "value": "k"}}}, "grant.resource"),
+])
+def test_subscriptions_and_completions_follow_the_grants(setup, body, rule):
+    gw, real, _, staff = setup
+    with client(gw, staff) as c:
+        record = refused(gw, real, c, real.url + "/mcp", body, 200)
+    assert rules(record) == [rule]
+
+
 def test_granted_calls_and_reads_still_work(setup):
     gw, real, _, staff = setup
     url = real.url + "/mcp"

@@ -25,7 +25,6 @@ from douane.refusals import guarded, refuse
 from douane.settings import Settings
 
 logger = logging.getLogger(__name__)
-LISTINGS = ("tools/list", "resources/list", "prompts/list")
 
 
 def explain(decision: Decision) -> str:
@@ -176,10 +175,11 @@ class Enforce:
         if not isinstance(result, dict):
             return []
         method = mcp.answered_method(st.interaction, msg)
-        methods = [method] if method else [m for m in LISTINGS if m.split("/")[0] in result]
+        methods = [method] if method else [m for m, (key, _) in engine.LISTINGS.items()
+                                           if key in result]
         paths = []
-        for listing in (m for m in methods if m in LISTINGS):
-            key = listing.split("/")[0]
+        for listing in (m for m in methods if m in engine.LISTINGS):
+            key = engine.LISTINGS[listing][0]
             hidden = engine.hidden_items(self.live.current, st.identity, st.upstream.name,
                                          listing, result)
             if hidden:

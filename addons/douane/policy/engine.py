@@ -18,7 +18,7 @@ from douane.interaction import Interaction, TextPiece
 from douane.policy import detectors
 from douane.policy.model import Grant, Policy, UpstreamGrant, names_match
 from douane.policy.normalize import Normalized, decoded_base64, normalize
-from douane.protocols.mcp import RESOURCE_METHODS, uri_problem
+from douane.protocols.mcp import uri_problem
 
 LIMITED_OPERATIONS = ("chat.completions", "responses", "messages", "completions")
 # What each API calls its output ceiling, so a refusal names the parameter the caller can set.
@@ -74,11 +74,9 @@ def grant_violations(ug: UpstreamGrant, it: Interaction) -> list[Reason]:
                 if problem:
                     out.append(Reason("grant.argument", f"argument {arg} of {msg.tool} {problem}",
                                       f"arguments.{arg}"))
-        elif msg.method in RESOURCE_METHODS and msg.uri is not None and \
-                not ug.resource_allowed(msg.uri):
+        elif msg.uri is not None and not ug.resource_allowed(msg.uri):
             out.append(Reason("grant.resource", f"resource {msg.uri} is not granted", "params.uri"))
-        elif msg.method == "prompts/get" and msg.prompt is not None and \
-                not any(fnmatch.fnmatchcase(msg.prompt, g) for g in ug.prompts):
+        elif msg.prompt is not None and not ug.prompt_allowed(msg.prompt):
             out.append(Reason("grant.prompt", f"prompt {msg.prompt} is not granted", "params.name"))
     return out
 
@@ -239,17 +237,24 @@ def evaluate_response(policy: Policy, pieces: list[TextPiece]) -> Decision:
     return decide(policy, risk(policy, pieces), hold_allowed=False)
 
 
+# MCP listings: the key of their items and the field a grant matches.
+LISTINGS = {"tools/list": ("tools", "name"), "resources/list": ("resources", "uri"),
+            "resources/templates/list": ("resourceTemplates", "uriTemplate"),
+            "prompts/list": ("prompts", "name")}
+
+
 def hidden_items(policy: Policy, identity: Identity, upstream: str, method: str,
                  result: dict[str, Any]) -> list[int]:
-    """Indexes of listed tools, resources or prompts the caller may not use."""
+    """Indexes of listed tools, resources, resource templates or prompts the caller may not
+    use."""
     grants = [g.upstreams[upstream] for g in policy.grants_for(identity.user, identity.groups)
               if upstream in g.upstreams]
-    key, field, allowed = {
-        "tools/list": ("tools", "name", lambda ug, v: ug.tool_allowed(v)),
-        "resources/list": ("resources", "uri",
-                           lambda ug, v: uri_problem(v) is None and ug.resource_allowed(v)),
-        "prompts/list": ("prompts", "name",
-                         lambda ug, v: any(fnmatch.fnmatchcase(v, g) for g in ug.prompts)),
+    key, field = LISTINGS[method]
+    allowed = {
+        "tools/list": lambda ug, v: ug.tool_allowed(v),
+        "resources/list": lambda ug, v: uri_problem(v) is None and ug.resource_allowed(v),
+        "resources/templates/list": lambda ug, v: ug.resource_allowed(v),
+        "prompts/list": lambda ug, v: ug.prompt_allowed(v),
     }[method]
     hidden = []
     for i, item in enumerate(result.get(key) or []):

@@ -159,6 +159,9 @@ class UpstreamGrant:
     def resource_allowed(self, uri: str) -> bool:
         return any(uri_glob(g).fullmatch(uri) for g in self.resources)
 
+    def prompt_allowed(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, g) for g in self.prompts)
+
     def mcp_server_allowed(self, url: str) -> bool:
         target = server_url(url)
         return target is not None and any(uri_glob(g).fullmatch(target)

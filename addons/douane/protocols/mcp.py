@@ -83,6 +83,14 @@ def _name(params: dict[str, Any], method: str) -> str:
     return name
 
 
+def _uri(params: dict[str, Any]) -> str:
+    uri = params.get("uri")
+    problem = "is not a string" if not isinstance(uri, str) else uri_problem(uri)
+    if problem:
+        raise ProtocolError(400, "invalid_uri", f"the resource URI {problem}")
+    return uri
+
+
 def uri_problem(uri: str) -> str | None:
     """Why a resource URI is not in the one form grants are matched on, or None if it is.
 
@@ -164,16 +172,21 @@ def parse_request(doc: Any, session_id: str | None) -> Interaction:
             it.texts += [TextPiece("tool_arguments", "user", text, path) for path, text in
                          jsonpath.strings(arguments, (*base, "params", "arguments"))]
         elif method in RESOURCE_METHODS:
-            uri = params.get("uri")
-            problem = "is not a string" if not isinstance(uri, str) else uri_problem(uri)
-            if problem:
-                raise ProtocolError(400, "invalid_uri", f"the resource URI {problem}")
-            message.uri = uri
+            message.uri = _uri(params)
         elif method == "prompts/get":
             message.prompt = _name(params, method)
             it.texts += [TextPiece("prompt", "user", text, path) for path, text in
                          jsonpath.strings(params.get("arguments"), (*base, "params", "arguments"))]
         else:  # notifications, completions, ...: every string the client sends is inspected
+            if method == "completion/complete":  # completes what a grant names: check it too
+                ref = params.get("ref") if isinstance(params.get("ref"), dict) else {}
+                if ref.get("type") == "ref/prompt":
+                    message.prompt = _name(ref, method)
+                elif ref.get("type") == "ref/resource":
+                    message.uri = _uri(ref)
+                else:
+                    raise ProtocolError(400, "invalid_body", "a completion refers to a prompt "
+                                        "or a resource")
             it.texts += [TextPiece("prompt", "user", text, path) for path, text in
                          jsonpath.strings(params, (*base, "params"))]
         it.mcp.append(message)
