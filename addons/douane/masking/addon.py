@@ -8,9 +8,10 @@ refuses the flow or cuts the stream: nothing unmasked leaves because masking fai
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 
-from mitmproxy import http
+from mitmproxy import exceptions, http
 
 from douane import protocols
 from douane.flowstate import FlowState, Reason, state
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 REQUEST_KINDS = ("prompt", "tool_arguments", "tool_result")
 RESPONSE_KINDS = ("completion", "tool_result", "resource", "tool_arguments")
+WARM_UP_SECONDS = 300
 
 
 class Mask:
@@ -44,10 +46,21 @@ class Mask:
                 self.pool.shutdown()
             self.masking = masking
             self.pool = MaskingPool(masking) if masking else None
+            if self.pool:
+                self._warm_up(self.pool)
 
-    def running(self) -> None:
-        if self.pool:
-            self.pool.warm_up()
+    @staticmethod
+    def _warm_up(pool: MaskingPool) -> None:
+        # Serve only once every worker has loaded its model: on a loaded machine that takes
+        # longer than an analysis may, and the first answers would be refused as timed out.
+        done, pending = concurrent.futures.wait(pool.warm_up(), timeout=WARM_UP_SECONDS)
+        failed = pending or [f for f in done if f.exception() is not None]
+        if failed:
+            pool.shutdown()
+            raise exceptions.OptionsError(
+                "douane: the masking workers did not start within "
+                f"{WARM_UP_SECONDS} s" if pending else
+                f"douane: a masking worker failed to start: {failed[0].exception()}")
 
     def done(self) -> None:
         if self.pool:
