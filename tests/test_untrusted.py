@@ -60,3 +60,14 @@ def test_slug_is_injective_and_bounded():
     assert len(set(slugs)) == len(names)
     assert all(len(s) <= 62 and "/" not in s and not s.startswith((".", "-")) for s in slugs)
     assert slugs[0].startswith("ivan@x--")
+
+
+def test_scrub_all_scans_once_and_still_finds_each_secret():
+    key = "AKIA" + "Q7WERTY2UIOP3ASD"
+    record = {"user": "alice@example.com", "decision_id": "dcn_0123456789abcdef0123",
+              "groups": ["engineering", f"x {key}"], "model": "m" * 2000}
+    clean = untrusted.scrub_all(record)
+    assert clean["groups"][1] == "x <SECRET:detector.secret.aws_access_key>"
+    assert clean["model"].startswith("m" * 1024 + "…[cut: 2000 characters")
+    assert untrusted.scrub_all(record) == clean  # the clean values remembered change nothing
+    assert "alice@example.com" in untrusted._clean and key not in str(untrusted._clean)
