@@ -69,5 +69,9 @@ def test_scrub_all_scans_once_and_still_finds_each_secret():
     clean = untrusted.scrub_all(record)
     assert clean["groups"][1] == "x <SECRET:detector.secret.aws_access_key>"
     assert clean["model"].startswith("m" * 1024 + "…[cut: 2000 characters")
-    assert untrusted.scrub_all(record) == clean  # the clean values remembered change nothing
-    assert "alice@example.com" in untrusted._clean and key not in str(untrusted._clean)
+    assert untrusted.scrub_all(record) == clean
+    assert untrusted.scrub_all({"user": "alice@example.com"}) == {"user": "alice@example.com"}
+    assert "alice@example.com" in untrusted._clean  # not scanned again
+    assert untrusted.scrub_all({"user": "alice@example.com", "k": key}) == {
+        "user": "alice@example.com", "k": "<SECRET:detector.secret.aws_access_key>"}
+    assert key not in untrusted._clean
