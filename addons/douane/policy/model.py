@@ -72,6 +72,7 @@ from douane.policy.normalize import (
 KINDS = ("prompt", "tool_description", "tool_arguments", "tool_result", "resource", "completion")
 
 
+@functools.lru_cache(maxsize=4096)  # names repeat; at most 128 characters each (mcp.NAME_CHARS)
 def name_key(name: str) -> str:
     """A tool name as deny lists, argument constraints and tool risk compare it: normalised as
     deny rules see text (case, width, look-alikes, invisible characters) and stripped."""
