@@ -57,7 +57,8 @@ ENCODED = 1024  # a base64 run this long with no other character is a payload, n
 BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 TEXT_TYPES = ("text/", "application/json", "application/xml", "application/csv",
               "application/x-ndjson", "application/yaml", "application/x-yaml")
-DECODED, JSON_STRING = "<decoded>", "<json>"  # path steps of text that is not at a JSON path
+# path steps of text that is not at a JSON path
+DECODED, JSON_STRING, KEYS = "<decoded>", "<json>", "<keys and ids>"
 
 Classify = Callable[[JsonPath], tuple[Kind, Role | None]]
 ESCAPE = re.compile(r'\\(?:u([0-9a-fA-F]{4})|(["\\/bfnrt]))')
@@ -80,17 +81,27 @@ class _Walk:
     classify: Classify
     named: dict[JsonPath, TextPiece]
     text: list[TextPiece] = field(default_factory=list)  # free text, in document order
-    tail: list[TextPiece] = field(default_factory=list)  # keys and structural values
+    # keys and structural values, by kind: one piece per kind (many short strings would make as
+    # many pieces, each paying the detectors' fixed cost; they are never edited anyway)
+    tail: dict[Kind, list[str]] = field(default_factory=dict)
     media: bool = False
     count: int = 0
 
-    def add(self, path: JsonPath, text: str, editable: bool, tail: bool,
-            classify_at: JsonPath | None = None) -> None:
-        self.count += 1
+    def counted(self, n: int = 1) -> None:
+        self.count += n
         if self.count > MAX_STRINGS:
             raise ProtocolError(413, "too_many_fields",
                                 f"the body holds more than {MAX_STRINGS} strings; douane refuses "
                                 "what it cannot inspect whole")
+
+    def keys(self, kind: Kind, keys: Any) -> None:
+        before = len(tail := self.tail.setdefault(kind, []))
+        tail.extend(keys)
+        self.counted(len(tail) - before)
+
+    def add(self, path: JsonPath, text: str, editable: bool, tail: bool,
+            classify_at: JsonPath | None = None) -> None:
+        self.counted()
         named = self.named.pop(path, None)
         if named is not None:
             self.text.append(named)
@@ -98,7 +109,10 @@ class _Walk:
         if not text:
             return
         kind, role = self.classify(classify_at if classify_at is not None else path)
-        (self.tail if tail else self.text).append(TextPiece(kind, role, text, path, editable))
+        if tail:
+            self.tail.setdefault(kind, []).append(text)
+        else:
+            self.text.append(TextPiece(kind, role, text, path, editable))
 
 
 def cover(it: Interaction, doc: Any, classify: Classify, side: str = "request") -> None:
@@ -106,7 +120,9 @@ def cover(it: Interaction, doc: Any, classify: Classify, side: str = "request") 
     pieces = it.texts if side == "request" else it.response_texts
     walk = _Walk(classify, {p.path: p for p in pieces})
     _node(walk, doc, (), None, {}, 0)
-    pieces[:] = [*walk.text, *walk.named.values(), *walk.tail]
+    pieces[:] = [*walk.text, *walk.named.values(),
+                 *(TextPiece(kind, None, "\n".join(texts), (KEYS,), False)
+                   for kind, texts in walk.tail.items())]
     it.has_media = it.has_media or (walk.media and side == "request")
 
 
@@ -146,9 +162,10 @@ def _node(walk: _Walk, node: Any, path: JsonPath, key: str | None, parent: dict[
         raise ProtocolError(400, "too_deep", f"the body nests deeper than {MAX_DEPTH} levels; "
                             "douane refuses what it cannot inspect whole")
     if isinstance(node, dict):
+        walk.keys(walk.classify(path)[0], node)  # keys are read where their object sits
+        kind = node.get("type")
         for k, v in node.items():
-            walk.add((*path, k, "<key>"), k, False, True, (*path, k))
-            if (k, node.get("type")) not in OPAQUE:
+            if (k, kind) not in OPAQUE:
                 _node(walk, v, (*path, k), k, node, depth + 1)
     elif isinstance(node, list):
         for i, v in enumerate(node):
@@ -177,23 +194,27 @@ def _string(walk: _Walk, text: str, path: JsonPath, key: str | None, parent: dic
         except (ValueError, RecursionError):
             return  # not JSON: the raw string above is what the tool reads
         if isinstance(decoded_args, dict | list):
-            _arguments(walk, decoded_args, (*path, JSON_STRING), path, depth + 1)
+            values: list[str] = []
+            _arguments(walk, decoded_args, values, path, depth + 1)
+            walk.add((*path, JSON_STRING), " ".join(values), False, False, path)
 
 
-def _arguments(walk: _Walk, node: Any, path: JsonPath, at: JsonPath, depth: int) -> None:
-    """Decoded tool arguments: values in order (a phrase split across two stays adjacent), keys
-    after them; all classified where the arguments string sits, none edited in place."""
+def _arguments(walk: _Walk, node: Any, values: list[str], at: JsonPath, depth: int) -> None:
+    """Decoded tool arguments: the values in order, joined into one text (a phrase split across
+    two stays adjacent), keys with the other keys; classified where the arguments string sits,
+    never edited in place."""
     if depth > MAX_DEPTH:
         raise ProtocolError(400, "too_deep", f"tool arguments nest deeper than {MAX_DEPTH} levels")
     if isinstance(node, dict):
-        for k, v in node.items():
-            walk.add((*path, k, "<key>"), k, False, True, at)
-            _arguments(walk, v, (*path, k), at, depth + 1)
+        walk.keys(walk.classify(at)[0], node)
+        for v in node.values():
+            _arguments(walk, v, values, at, depth + 1)
     elif isinstance(node, list):
-        for i, v in enumerate(node):
-            _arguments(walk, v, (*path, i), at, depth + 1)
+        for v in node:
+            _arguments(walk, v, values, at, depth + 1)
     elif isinstance(node, str):
-        walk.add(path, node, False, False, at)
+        walk.counted()
+        values.append(node)
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -214,6 +235,9 @@ def _payload(text: str, key: str | None,
              parent: dict[str, Any]) -> tuple[str, bytes, bool] | None:
     """(media type, bytes, given as a file) when the string carries a file rather than text: a
     data URL or a base64 `data` / `file_data` field (explicit), or a long bare base64 run."""
+    explicit = key in ("data", "file_data") and parent.get("type") != "text"
+    if not explicit and len(text) < ENCODED and text[:1] not in ("d", "D"):
+        return None  # the common case, decided cheaply
     if text[:5].lower() == "data:" and "," in text:
         header, _, data = text[5:].partition(",")
         params = header.split(";")
@@ -224,13 +248,11 @@ def _payload(text: str, key: str | None,
                 raise ProtocolError(400, "invalid_data_url", "a data URL's base64 is invalid")
             return media_type, raw, True
         return media_type, urllib.parse.unquote_to_bytes(data), True
-    declared = parent.get("media_type") or parent.get("mime_type") or parent.get("format") or ""
-    declared = declared.lower() if isinstance(declared, str) else ""
-    explicit = key in ("data", "file_data") and parent.get("type") != "text"
     if explicit or len(text) >= ENCODED and BASE64.fullmatch(text):
         raw = _b64(text)
+        declared = parent.get("media_type") or parent.get("mime_type") or parent.get("format")
         if raw is not None:
-            return declared, raw, explicit
+            return declared.lower() if isinstance(declared, str) else "", raw, explicit
     return None
 
 
