@@ -38,7 +38,7 @@ addons = [
     ClientTimeouts(settings),
     Route(settings),
     Authenticate(settings),
-    Broker(settings),
+    Broker(settings, enforce.policy),  # grants may name operations douane does not parse
     Inspect(settings),
     enforce,
     Approvals(settings, audit_trail, mask),  # right after Enforce: a "hold" waits for an approver

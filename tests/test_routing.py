@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
+from douane import operations
+from douane.config import ConfigError
 from douane.flowstate import Identity, state
+from douane.policy import model
 from douane.refusals import guarded
 from douane.routing import Broker, InjectCredential, Route
 from douane.settings import Settings
@@ -17,7 +20,21 @@ upstreams:
   openai: {url: "https://api.openai.com/v1", protocol: openai, credential: {env: T_OPENAI_KEY}}
   anthropic: {url: "https://api.anthropic.com", protocol: anthropic,
               credential: {env: T_MISSING_KEY, optional: true}}
+  claude: {url: "https://llm.internal/anthropic", protocol: anthropic,
+           credential: {env: T_OPENAI_KEY}}
+  crm: {url: "https://crm.internal/mcp", protocol: mcp, credential: {env: T_OPENAI_KEY}}
 passthrough: {hosts: ["*.example.org"]}
+"""
+
+
+POLICY = """\
+version: 1
+groups:
+  admins:
+    upstreams:
+      openai:
+        operations: ["GET /v1/models", "GET /v1/files/*/content", "DELETE /v1/models/ft:*"]
+      crm: {operations: ["GET /mcp/health/**"]}
 """
 
 
@@ -27,18 +44,22 @@ def gateway(tmp_path, monkeypatch):
     monkeypatch.delenv("T_MISSING_KEY", raising=False)
     path = tmp_path / "douane.yaml"
     path.write_text(CONFIG % {"dir": tmp_path})
+    (tmp_path / "grants.yaml").write_text(POLICY)
+    policy = model.load([tmp_path / "grants.yaml"])
     settings = Settings()
-    route, broker, inject = Route(settings), Broker(settings), InjectCredential()
+    route, broker, inject = Route(settings), Broker(settings, lambda: policy), InjectCredential()
     with taddons.context(settings, route, broker, inject) as tctx:
         tctx.configure(settings, douane_config=str(path))
         yield route, broker, inject
 
 
-def flow_to(host: str, path: str, port: int = 443, **headers: str):
-    f = tflow.tflow(req=tutils.treq(host=host, port=port, path=path.encode(), scheme=b"https"))
+def flow_to(host: str, path: str, port: int = 443, method: str = "POST",
+            groups: tuple[str, ...] = ("eng",), authority: str = "", **headers: str):
+    f = tflow.tflow(req=tutils.treq(host=host, port=port, path=path.encode(), scheme=b"https",
+                                    method=method.encode(), authority=authority.encode()))
     f.request.headers.clear()
     f.request.headers.update(headers)
-    state(f).identity = Identity("alice", ("eng",), "dev", "alice", "bearer")
+    state(f).identity = Identity("alice", groups, "dev", "alice", "bearer")
     return f
 
 
@@ -92,6 +113,12 @@ def test_passthrough_hosts_are_allowed_and_untouched(gateway):
     assert state(f).decision.reasons[0].rule == "route.passthrough"
 
 
+def test_a_pass_through_host_keeps_its_paths(gateway):
+    f = flow_to("docs.example.org", "/a%2Fb/../c")
+    run(gateway, f)
+    assert f.response is None and f.request.path == "/a%2Fb/../c"
+
+
 def test_missing_optional_credential_refuses_in_the_upstream_shape(gateway):
     f = flow_to("api.anthropic.com", "/v1/messages")
     run(gateway, f)
@@ -108,6 +135,178 @@ def test_connect_to_an_undeclared_host_is_refused(gateway):
     ok = tflow.tflow(req=tutils.treq(method=b"CONNECT", host="api.openai.com", port=443, path=b""))
     gateway[1].http_connect(ok)
     assert ok.response is None
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/../admin/keys", "/v1/./chat/completions", "/v1/chat/completions/..",
+    "/v1/%2e%2e/admin/keys", "/v1/%2E%2e/admin/keys", "/v1/.%2e/admin/keys",
+    "/v1/chat%2fcompletions", "/v1/chat%2Fcompletions", "/v1/chat%5ccompletions",
+    "/v1/%252e%252e/admin/keys", "/v1/%25/x", "/v1\\..\\admin", "/v1/chat\\completions",
+    "/v1//chat/completions", "//v1/chat/completions", "/v1/chat/completions%00",
+    "/v1/chat/completions%0a", "/v1/chat\x00/completions", "/v1/chat completions",
+    "/v1/chat\tcompletions", "/v1/chat/completions#frag", "/v1/%zz", "/v1/caf\u00e9",
+    "*", "v1/chat/completions",
+])
+def test_ambiguous_paths_are_refused_before_routing(gateway, path):
+    f = flow_to("api.openai.com", path, authorization="Bearer client.jwt.x")
+    run(gateway, f)
+    assert f.response.status_code == 400
+    body = f.response.json()
+    assert body["error"]["code"] == "ambiguous_path"  # in the OpenAI shape: routed on the raw path
+    assert "sk-upstream" not in f.request.headers.get("authorization", "")
+    assert state(f).decision.action == "refuse"
+
+
+def test_a_dot_segment_cannot_leave_a_path_prefix(gateway):
+    f = flow_to("llm.internal", "/anthropic/../v2/secret")
+    run(gateway, f)
+    assert f.response.status_code == 400 and f.response.json()["type"] == "error"
+    assert "x-api-key" not in f.request.headers
+
+
+def test_unreserved_escapes_are_decoded_and_sent_decoded(gateway):
+    f = flow_to("api.openai.com", "/v1/chat/%63ompletions?api-version=%3a1")
+    run(gateway, f)
+    assert f.response is None
+    assert f.request.path == "/v1/chat/completions?api-version=%3a1"  # the query is left as is
+    assert f.request.headers["authorization"] == "Bearer sk-upstream"
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("DELETE", "/v1/models/ft:gpt-4o:acme:prod"),
+    ("GET", "/v1/chat/completions?limit=100"),  # stored completions of the whole org
+    ("GET", "/v1/files/file-abc/content"),
+    ("GET", "/v1/organization/admin_api_keys"),
+    ("GET", "/v1/models"),
+    ("HEAD", "/v1/models"),
+    ("OPTIONS", "/v1/chat/completions"),
+    ("PUT", "/v1/chat/completions"),
+    ("POST", "/v1/assistants"),
+    ("POST", "/v1/chat/completions/x"),
+    ("get", "/v1/chat/completions"),
+])
+def test_operations_no_parser_reads_are_refused_before_the_credential(gateway, method, path):
+    f = flow_to("api.openai.com", path, method=method, authorization="Bearer client.jwt.x")
+    run(gateway, f)
+    assert f.response.status_code == 403
+    assert f.response.json()["error"]["code"] == "endpoint_not_governed"
+    assert f.request.headers["authorization"] == "Bearer client.jwt.x"  # nothing injected
+    assert state(f).decision.reasons[0].rule == "route.operation"
+    assert state(f).interaction.operation == f"{method.upper()} {path.split('?')[0]}"
+
+
+@pytest.mark.parametrize(("host", "method", "path"), [
+    ("api.anthropic.com", "GET", "/v1/models"),
+    ("api.anthropic.com", "POST", "/v1/messages/batches"),
+    ("llm.internal", "POST", "/anthropic/v1/complete"),
+    ("crm.internal", "PUT", "/mcp"),
+    ("crm.internal", "POST", "/mcp/other"),
+    ("crm.internal", "GET", "/mcp/health/x"),  # granted to admins only
+])
+def test_each_protocol_declares_its_operations(gateway, host, method, path):
+    f = flow_to(host, path, method=method)
+    run(gateway, f)
+    assert f.response.status_code == 403, f.response.content
+
+
+@pytest.mark.parametrize(("host", "method", "path"), [
+    ("api.openai.com", "POST", "/v1/embeddings"),
+    ("api.anthropic.com", "POST", "/v1/messages/count_tokens"),
+    ("llm.internal", "POST", "/anthropic/v1/messages"),
+    ("crm.internal", "POST", "/mcp"), ("crm.internal", "GET", "/mcp"),
+    ("crm.internal", "DELETE", "/mcp/"),
+])
+def test_declared_operations_pass(gateway, host, method, path, monkeypatch):
+    monkeypatch.setenv("T_MISSING_KEY", "x")
+    f = flow_to(host, path, method=method)
+    run(gateway, f)
+    assert f.response is None or f.response.status_code == 503  # anthropic: no key configured
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/models"), ("GET", "/v1/files/file-abc/content"),
+    ("DELETE", "/v1/models/ft:gpt-4o:acme:prod"),
+])
+def test_a_grant_names_extra_operations(gateway, method, path):
+    f = flow_to("api.openai.com", path, method=method, groups=("admins",))
+    run(gateway, f)
+    assert f.response is None
+    assert f.request.headers["authorization"] == "Bearer sk-upstream"
+    assert state(f).granted_operation
+    assert state(f).decision.reasons[0].rule == "grant.operation"
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/files/file-abc/content/x"),  # * stays within one segment
+    ("GET", "/v1/files/content"),
+    ("DELETE", "/v1/models/gpt-4o"),
+    ("HEAD", "/v1/models"),
+    ("GET", "/v1/models/x"),
+])
+def test_a_grant_names_no_more_than_it_says(gateway, method, path):
+    f = flow_to("api.openai.com", path, method=method, groups=("admins",))
+    run(gateway, f)
+    assert f.response.status_code == 403
+
+
+def test_mcp_grant_with_double_star(gateway):
+    f = flow_to("crm.internal", "/mcp/health/a/b", method="GET", groups=("admins",))
+    run(gateway, f)
+    assert f.response is None and state(f).granted_operation
+
+
+def test_absolute_form_and_host_header_name_the_routed_upstream(gateway):
+    # reverse mode keeps an absolute-form request line; in a tunnel the Host header is the
+    # client's: the upstream gets origin form and its own name
+    f = flow_to("api.openai.com", "/v1/chat/completions", authority="evil.example:80")
+    f.request.headers["host"] = "other.internal:8443"
+    run(gateway, f)
+    assert f.response is None
+    assert f.request.authority == "" and f.request.host_header == "api.openai.com"
+    assert f.request.data.authority == b""
+
+
+def test_the_method_is_sent_as_audited(gateway):
+    f = flow_to("api.openai.com", "/v1/chat/completions", method="post")
+    run(gateway, f)
+    assert f.response is None and f.request.data.method == b"POST"
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("GET", "origin form"),
+    ("FETCH /v1/models", "expected METHOD /path"),
+    ("get /v1/models", "expected METHOD /path"),
+    ("GET v1/models", "origin form"),
+    ("GET /v1/models?limit=1", "without a query"),
+    ("GET /v1/../admin", "dot segment"),
+    ("GET /v1/%2e%2e/admin", "encoded"),
+    ("GET /v1//models", "empty segment"),
+    ("GET /v1/%6dodels", "write the path decoded: /v1/models"),
+    ("GET /v1/a**b", "whole segment"),
+])
+def test_operation_patterns_are_validated(text, error):
+    with pytest.raises(ValueError, match=error):
+        operations.parse(text)
+
+
+def test_an_invalid_grant_operation_names_file_and_line(tmp_path):
+    path = tmp_path / "grants.yaml"
+    path.write_text("version: 1\ngroups:\n  a:\n    upstreams:\n      openai:\n"
+                    "        operations:\n          - GET /v1/models\n          - GET /v1/../x\n")
+    with pytest.raises(ConfigError) as err:
+        model.load([path])
+    assert str(err.value).startswith(f"{path}:8 groups.a.upstreams.openai.operations.1: ")
+    assert "dot segment" in str(err.value)
+
+
+@pytest.mark.parametrize("url", ["https://h/v1/../admin", "https://h/v1/%2e%2e", "https://h//v1",
+                                 "https://h/v1?x=1"])
+def test_an_upstream_url_path_must_be_plain(tmp_path, url):
+    from douane import config
+    path = tmp_path / "douane.yaml"
+    path.write_text((CONFIG % {"dir": tmp_path}).replace("https://api.openai.com/v1", url))
+    with pytest.raises(ConfigError, match="upstreams.openai.url: the URL's path must be plain"):
+        config.load(path, resolve_secrets=False)
 
 
 class Exploding:

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from douane import operations
+
 # section name -> "module:function" taking a View and returning the parsed section
 SECTIONS: dict[str, str] = {
     "policy": "douane.policy.store:parse_section",
@@ -285,9 +287,17 @@ class Upstream:
     connect_to: tuple[str, str, int] | None = None
 
     def matches(self, host: str, port: int, path: str) -> bool:
-        return (port == self.port and fnmatch.fnmatchcase(host.lower(), self.host)
-                and (path == self.path_prefix or path.startswith(self.path_prefix.rstrip("/") + "/")
-                     or self.path_prefix in ("", "/")))
+        """`path` is normalised (douane.operations): a prefix match on it cannot be escaped."""
+        return port == self.port and fnmatch.fnmatchcase(host.lower(), self.host) \
+            and self.relative(path) is not None
+
+    def relative(self, path: str) -> str | None:
+        """The path below the prefix ("/" for the prefix itself); None outside of it."""
+        if self.path_prefix == "/":
+            return path
+        if path == self.path_prefix:
+            return "/"
+        return path[len(self.path_prefix):] if path.startswith(self.path_prefix + "/") else None
 
 
 @dataclass(frozen=True)
@@ -449,6 +459,13 @@ def _upstream(name: str, v: View) -> Upstream:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise v.error(f"expected an http(s) URL such as https://api.openai.com, got {url!r}", "url")
+    try:
+        prefix_ok = operations.normalize_target(parts.path or "/") == (parts.path or "/")
+    except operations.PathError:
+        prefix_ok = False
+    if not prefix_ok or parts.query or parts.fragment:
+        raise v.error(f"the URL's path must be plain (no dot segments, //, escapes or query), "
+                      f"got {url!r}", "url")
     protocol = v.get("protocol", str)
     if protocol not in PROTOCOLS:
         raise v.error(f"unknown protocol {protocol!r} (expected one of: {', '.join(PROTOCOLS)})",

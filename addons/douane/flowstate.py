@@ -81,6 +81,7 @@ class FlowState:
     masked: dict[str, int] = field(default_factory=dict)  # entity type -> count, never values
     timings_ms: dict[str, float] = field(default_factory=dict)  # stage -> milliseconds spent
     policy_version: str | None = None
+    granted_operation: bool = False  # an operation no parser reads, named by a grant (Broker)
     audited: bool = False
 
     def decide(self, action: Action, *reasons: Reason, status: int | None = None) -> Decision:

@@ -3,8 +3,9 @@
 Requests: size limit (413, checked on Content-Length before the body is read, then on the body;
 mitmproxy's own `body_size_limit` stops a chunked body at the limit while it arrives),
 Content-Encoding decoded before parsing with the limit on the *decoded* size (a body that cannot
-be decoded is refused), JSON only, duplicate keys refused, at most `max_text_pieces` texts,
-WebSocket upgrades refused unless the upstream allows them. Responses: the same for answers
+be decoded is refused), JSON only, duplicate keys refused, at most `max_text_pieces` texts
+(WebSocket upgrades and operations no parser reads were refused before, by
+`douane.routing.Broker`). Responses: the same for answers
 (`answer_size_limit`, refused with 502); SSE rewritten event by event (`douane.protocols.streams`)
 up to `stream_size_limit` bytes, also when it arrives whole (server replay): then the whole body
 goes through the same rewriter. A rewritten stream loses the upstream's Content-Length and
@@ -57,7 +58,7 @@ def read_request(config: Config, flow: http.HTTPFlow) -> Interaction:
     _decoded(flow.request, config.body_size_limit, "request", 413)
     st = state(flow)
     assert st.upstream
-    it = protocols.parse_request(st.upstream, flow)
+    it = protocols.parse_request(st.upstream, flow, st.granted_operation)
     if len(it.texts) > config.limits.max_text_pieces:
         raise protocols.ProtocolError(
             413, "too_many_texts", f"the request holds {len(it.texts)} texts; douane inspects at "
@@ -65,13 +66,14 @@ def read_request(config: Config, flow: http.HTTPFlow) -> Interaction:
     return it
 
 
-def read_response(config: Config, flow: http.HTTPFlow) -> None:
-    """The answer decoded (bounded) and parsed into the interaction; blocking for large bodies."""
+def read_response(config: Config, flow: http.HTTPFlow) -> bool:
+    """The answer decoded (bounded) and parsed into the interaction; blocking for large bodies.
+    False when it was not inspected (`protocols.parse_response`)."""
     assert flow.response
     st = state(flow)
     assert st.upstream and st.interaction
     _decoded(flow.response, config.limits.answer_size_limit, "answer", 502)
-    protocols.parse_response(st.upstream, flow, st.interaction)
+    return protocols.parse_response(st.upstream, flow, st.interaction)
 
 
 def heavy(message: http.Message) -> bool:
@@ -111,10 +113,6 @@ class Inspect:
         if st.upstream is None:
             return
         headers = flow.request.headers
-        if headers.get("upgrade", "").lower() == "websocket" and not st.upstream.allow_websocket:
-            refuse(flow, 403, f"WebSocket connections to {st.upstream.name} are not allowed",
-                   "websocket_refused", Reason("protocol.websocket", "WebSocket upgrade refused"))
-            return
         limit = self.settings.config.body_size_limit
         length = headers.get("content-length", "0")
         if not length.isdigit() or int(length) > limit:
@@ -206,15 +204,16 @@ class Inspect:
             return
         try:
             if heavy(flow.response):
-                await asyncio.to_thread(read_response, config, flow)
+                inspected = await asyncio.to_thread(read_response, config, flow)
             else:
-                read_response(config, flow)
+                inspected = read_response(config, flow)
         except protocols.ProtocolError as e:
             # The upstream answered something douane cannot inspect: it does not reach the client.
             _refuse_protocol(flow, protocols.ProtocolError(502, e.code, f"upstream answer "
                                                            f"refused: {e.message}"))
             return
-        st.interaction.inspected.append("response")
+        if inspected:
+            st.interaction.inspected.append("response")
 
     def error(self, flow: http.HTTPFlow) -> None:
         # mitmproxy cut a body at its `body_size_limit` (set from douane's limits) and answered

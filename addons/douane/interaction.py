@@ -90,6 +90,9 @@ class Interaction:
     response_texts: list[TextPiece] = field(default_factory=list)
     response_tools: list[ToolDef] = field(default_factory=list)  # MCP tools/list result
     response_tool_calls: list[ToolCall] = field(default_factory=list)
+    # An operation no parser reads ("GET /v1/models"), passed because a grant names it: its JSON
+    # bodies are inspected string by string, other answers are delivered uninspected.
+    granted: bool = False
     # What was actually inspected, stated truthfully in the audit record ("request", "response",
     # "response-stream", ...). A flow to a declared upstream is inspected or refused, never skipped.
     inspected: list[str] = field(default_factory=list)
@@ -113,6 +116,8 @@ class Interaction:
                                                                 for u in self.mcp_servers[:10])})
         if self.tool_calls:
             out["tool_calls"] = [c.name for c in self.tool_calls]
+        if self.granted:
+            out["granted_operation"] = True
         if self.inspected:
             out["inspected"] = list(self.inspected)
         return out

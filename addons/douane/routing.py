@@ -1,20 +1,29 @@
-"""Which upstream a flow is for, and the credential douane injects for it.
+"""Which upstream a flow is for, what operation it is, and the credential douane injects for it.
 
-`Route` matches every flow against the declared upstreams (host, port, path prefix) before
-authentication, so even a refusal is shaped like the target API. `Broker` runs after
-authentication: it refuses flows no upstream declares (unless their host is pass-through) and
-strips every client credential. `InjectCredential`, the request's last step, adds the upstream
-credential douane holds: a request held for an approver, shown in mitmweb or refused on the way
-never carries it. Clients hold no provider key.
+`Route` normalises the request target (`douane.operations`) and matches every flow against the
+declared upstreams (host, port, path prefix) before authentication, so even a refusal is shaped
+like the target API. A routed flow is sent upstream in origin form, on the normalised path, with
+a Host header naming the routed upstream: the upstream sees exactly what the audit records.
+`Broker` runs after authentication: it refuses ambiguous paths (400), flows no upstream declares
+(unless their host is pass-through) and operations no parser reads and no grant names
+(default-deny), and strips every client credential. `InjectCredential`, the request's last step,
+adds the upstream credential douane holds: a request held for an approver, shown in mitmweb or
+refused on the way never carries it. Clients hold no provider key.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from mitmproxy import http
+from mitmproxy.net.http import url
 
+from douane import operations, protocols
 from douane.flowstate import Reason, state
+from douane.interaction import Interaction
+from douane.policy import engine
+from douane.policy.model import Policy
 from douane.refusals import guarded, refuse
 from douane.settings import Settings
 
@@ -32,13 +41,34 @@ class Route:
         if flow.response or flow.error or not flow.live:
             return
         req = flow.request
-        state(flow).upstream = self.settings.config.upstream_for(req.host.lower(), req.port,
-                                                                 req.path.split("?")[0])
+        config = self.settings.config
+        host = req.host.lower()
+        st = state(flow)
+        try:
+            target = operations.normalize_target(req.path)
+        except operations.PathError:
+            # refused by Broker once the caller is known, in the shape of the upstream the raw
+            # path (or else the host) points at; a host only pass-through is left be
+            st.upstream = config.upstream_for(host, req.port, req.path.split("?")[0]) or next(
+                (u for u in config.upstreams if u.matches(host, req.port, u.path_prefix)), None)
+            return
+        st.upstream = config.upstream_for(host, req.port, target.split("?")[0])
+        if st.upstream is None:
+            return  # pass-through or refused by Broker once the caller is known
+        # Reverse mode forwards an absolute-form request line as is; the Host header a client
+        # sends inside a tunnel, too. The upstream sees the target douane routed and audits.
+        if not (req.is_http2 or req.is_http3):
+            req.authority = ""
+        req.host_header = url.hostport(req.scheme, req.host, req.port)
+        req.path = target
+        req.method = req.method  # upper case, as matched
 
 
 class Broker:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings,
+                 policy: Callable[[], Policy | None] = lambda: None):
         self.settings = settings
+        self.policy = policy  # the policy in force, for grants naming operations
 
     @guarded
     def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -67,6 +97,14 @@ class Broker:
                    f"{flow.request.path.split('?')[0]}", "undeclared_upstream",
                    Reason("route.undeclared", "no declared upstream matches"))
             return
+        try:
+            operations.normalize_target(flow.request.path)  # Route sent on what it normalised
+        except operations.PathError as e:
+            refuse(flow, 400, f"{e}; send a plain path", "ambiguous_path",
+                   Reason("route.path", str(e)))
+            return
+        if not self._operation_allowed(flow):
+            return
         for name in CLIENT_CREDENTIAL_HEADERS:
             flow.request.headers.pop(name, None)
         credential = upstream.credential
@@ -81,6 +119,37 @@ class Broker:
             host_header = flow.request.host_header
             flow.request.scheme, flow.request.host, flow.request.port = upstream.connect_to
             flow.request.host_header = host_header
+
+    def _operation_allowed(self, flow: http.HTTPFlow) -> bool:
+        """Default-deny: what no parser reads passes only when a grant names it (refused here,
+        before the credential is injected)."""
+        st, req = state(flow), flow.request
+        assert st.upstream
+        method, path = req.method, req.path.split("?")[0]
+        if protocols.is_websocket(req):
+            if not st.upstream.allow_websocket:
+                refuse(flow, 403, f"WebSocket connections to {st.upstream.name} are not allowed",
+                       "websocket_refused", Reason("protocol.websocket", "WebSocket upgrade refused"))
+                return False
+            if protocols.declared(st.upstream, method, path, websocket=True):
+                return True
+        elif protocols.declared(st.upstream, method, path):
+            return True
+        policy = self.policy()
+        grant = engine.granting_operation(policy, st.identity, st.upstream.name, method, path) \
+            if policy and st.identity else None
+        operation = f"{method} {path}"[:200]
+        if grant is None:
+            st.interaction = Interaction(st.upstream.protocol, operation)  # for the audit record
+            refuse(flow, 403, f"douane does not govern {operation} on {st.upstream.name} and no "
+                   "grant names it", "endpoint_not_governed",
+                   Reason("route.operation", f"{operation} is not declared nor granted",
+                          "operation"))
+            return False
+        st.granted_operation = True
+        st.decide("allow", Reason("grant.operation", f"{operation} is granted by {grant.source}",
+                                  "operation"))
+        return True
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._forget_credential(flow)

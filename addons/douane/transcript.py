@@ -172,7 +172,7 @@ def _request_lines(flow: http.HTTPFlow, upstream: Upstream | None,
     if upstream is None:
         return ["(douane cannot read this API's conversation)"]
     try:
-        it = protocols.parse_request(upstream, flow)
+        it = protocols.parse_request(upstream, flow, granted=True)  # a viewer, not a gate
     except protocols.ProtocolError as e:
         return [f"(request not readable as {upstream.protocol}: {e.message})"]
     lines = [_line(item, masked) for item in _in_order(it.texts, it.tool_calls)]
@@ -191,7 +191,7 @@ def _response_lines(flow: http.HTTPFlow, upstream: Upstream | None,
     if upstream is None:
         return ["(douane cannot read this API's conversation)"]
     try:
-        it = protocols.parse_request(upstream, flow)
+        it = protocols.parse_request(upstream, flow, granted=True)  # a viewer, not a gate
     except protocols.ProtocolError:
         it = Interaction(upstream.protocol, "")  # e.g. a refused unknown MCP method
     if resp.headers.get("content-type", "").startswith("text/event-stream"):

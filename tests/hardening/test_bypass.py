@@ -226,6 +226,52 @@ def test_host_header_inside_a_declared_tunnel_cannot_reach_another_server(gw, ll
         resp = b""
         while chunk := sock.recv(65536):
             resp += chunk
-    # the tunnel's target is the declared server: that is where the request went, nowhere else
+    # the tunnel's target is the declared server: that is where the request went, nowhere else,
+    # under that server's own name
     assert other.requests == []
     assert status_of(resp) == 200 and len(llm.requests) == before + 1
+    assert llm.requests[-1].headers["host"] == f"localhost:{llm.port}"
+
+
+def refused_here(gw: Gateway, llm: FakeUpstream, before: int, resp: bytes, status: int) -> dict:
+    """Refused with `status`, unseen by the upstream, audited as a refusal under its decision id."""
+    assert status_of(resp) == status, resp[:300]
+    assert len(llm.requests) == before
+    record = gw.audit_record(header_of(resp, "x-douane-decision-id"))
+    assert record["action"] == "refuse" and record["user"] == "mallory@corp.example"
+    return record
+
+
+@pytest.mark.parametrize("path", ["/v1/../admin/keys", "/v1/%2e%2e/admin/keys",
+                                  "/v1/chat%2fcompletions", "/v1/%252e%252e/admin/keys",
+                                  "/v1//chat/completions"])
+def test_ambiguous_paths_through_the_proxy_are_refused(gw, llm, token, path):
+    before = len(llm.requests)
+    resp = raw(gw, post(f"http://localhost:{llm.port}{path}".encode(), token))
+    assert refused_here(gw, llm, before, resp, 400)["reasons"][0]["rule"] == "route.path"
+
+
+@pytest.mark.parametrize(("method", "path"), [("DELETE", "/v1/models/ft:gpt-4o:acme:prod"),
+                                              ("GET", "/v1/organization/admin_api_keys")])
+def test_ungoverned_operations_through_the_proxy_are_refused(gw, llm, token, method, path):
+    before = len(llm.requests)
+    target = f"http://localhost:{llm.port}{path}".encode()
+    resp = raw(gw, method.encode() + b" " + target + b" HTTP/1.1\r\nHost: localhost\r\n"
+               + proxy_auth(token) + b"Connection: close\r\n\r\n")
+    record = refused_here(gw, llm, before, resp, 403)
+    assert record["reasons"][0]["rule"] == "route.operation" and b"endpoint_not_governed" in resp
+
+
+def test_ungoverned_operation_inside_a_declared_tunnel_is_refused(gw, llm, token):
+    authority = f"localhost:{llm.port}".encode()
+    before = len(llm.requests)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        sock.sendall(b"CONNECT " + authority + b" HTTP/1.1\r\nHost: " + authority + b"\r\n"
+                     + proxy_auth(token) + b"\r\n")
+        assert status_of(sock.recv(65536)) == 200
+        sock.sendall(b"GET /v1/files/file-abc/content HTTP/1.1\r\nHost: " + authority
+                     + b"\r\nConnection: close\r\n\r\n")
+        resp = b""
+        while chunk := sock.recv(65536):
+            resp += chunk
+    refused_here(gw, llm, before, resp, 403)

@@ -106,8 +106,8 @@ class FakeUpstream:
     """Threaded HTTP(S) server on 127.0.0.1.
 
     Routes: POST /v1/chat/completions, /v1/responses (OpenAI), /v1/messages (Anthropic), JSON or
-    SSE when the body asks `stream: true`. `reply` sets the answer text, `chunk_size` and
-    `chunk_delay` pace streams. `canned[path] = (content type, body)` answers that path (any
+    SSE when the body asks `stream: true`; GET /v1/models lists one model owned by `reply`.
+    `reply` sets the answer text, `chunk_size` and `chunk_delay` pace streams. `canned[path] = (content type, body)` answers that path (any
     method) with exactly that body: a misbehaving server. Anything else answers 404 in OpenAI's
     error shape. `answer`, when set, writes the whole answer itself, headers too (odd framing or
     encodings): answer(handler, request document).
@@ -130,6 +130,9 @@ class FakeUpstream:
 
             def do_POST(self) -> None:
                 self._handle()
+
+            # recorded like the others: a refusal test must see anything that got through
+            do_DELETE = do_PUT = do_PATCH = do_OPTIONS = do_HEAD = do_POST
 
             def _handle(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
@@ -163,6 +166,9 @@ class FakeUpstream:
                 elif path.endswith("/messages"):
                     self._answer(stream, _anthropic(model, upstream.reply),
                                  lambda: _anthropic_events(model, pieces))
+                elif self.command == "GET" and path.endswith("/models"):
+                    self._json(200, {"object": "list", "data": [
+                        {"id": model, "object": "model", "owned_by": upstream.reply}]})
                 else:
                     self._json(404, {"error": {"message": f"no route {path}",
                                                "type": "invalid_request_error"}})

@@ -87,6 +87,10 @@ class Enforce:
                 self.live.stop()
             self.live = LivePolicy(section) if section else None
 
+    def policy(self) -> Policy | None:
+        """The policy in force; None without a `policy:` section."""
+        return self.live.current if self.live else None
+
     def running(self) -> None:
         if self.live:
             self.live.start()

@@ -29,6 +29,8 @@ MAX_TOKENS_PARAMETER = {"responses": "max_output_tokens",
 def grant_violations(ug: UpstreamGrant, it: Interaction) -> list[Reason]:
     """Why this grant does not cover the interaction (empty: it does)."""
     out: list[Reason] = []
+    if it.granted and not ug.grants_operation(*it.operation.split(" ", 1)):
+        out.append(Reason("grant.operation", f"{it.operation[:200]} is not granted", "operation"))
     if it.model and ug.models is not None and not any(fnmatch.fnmatchcase(it.model, m)
                                                       for m in ug.models):
         out.append(Reason("grant.model", f"model {it.model} is not granted", "model"))
@@ -97,6 +99,15 @@ def granting(policy: Policy, identity: Identity, upstream: str,
     if not reasons:
         reasons = [Reason("grant.upstream", f"no grant for upstream {upstream}", "upstream")]
     return None, reasons
+
+
+def granting_operation(policy: Policy, identity: Identity, upstream: str, method: str,
+                       path: str) -> Grant | None:
+    """The first grant naming this operation (one no parser reads) on this upstream."""
+    return next((g for g in policy.grants_for(identity.user, identity.groups)
+                 if upstream in g.upstreams and g.upstreams[upstream].grants_operation(method,
+                                                                                        path)),
+                None)
 
 
 def _labels(pieces: Iterable[TextPiece]) -> Iterable[tuple[str, TextPiece]]:

@@ -17,6 +17,7 @@ groups:
         mcp_servers: ["https://mcp.example.com/*"]   # remote MCP servers a model may use; default none
         media: true                 # images, audio, files; default true
         temperature: [0, 1.2]       # allowed range; default any
+        operations: ["GET /v1/models", "GET /v1/files/*/content"]  # what douane does not parse
       crm:                          # an MCP upstream
         tools:
           allow: ["lookup_*", "delete_records"]
@@ -59,8 +60,10 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+from douane import operations
 from douane.config import ConfigError, Document, View
 from douane.interaction import HOSTED_TOOLS
+from douane.operations import Operation
 from douane.policy.normalize import (
     Normalized,
     fold_pattern,
@@ -146,6 +149,10 @@ class UpstreamGrant:
     prompts: tuple[str, ...]
     hosted_tools: tuple[str, ...] = ()  # HOSTED_TOOLS kinds; none unless named
     mcp_servers: tuple[str, ...] = ()  # URL globs of remote MCP servers; none unless named
+    operations: tuple[Operation, ...] = ()  # operations no parser reads, allowed by name
+
+    def grants_operation(self, method: str, path: str) -> bool:
+        return any(op.matches(method, path) for op in self.operations)
 
     def tool_allowed(self, name: str) -> bool:
         """Allow globs match the name as sent (a variant of an allowed name is not allowed);
@@ -332,7 +339,13 @@ def _grant(source: str, v: View, upstreams: frozenset[str] | None) -> Grant:
 
 def _upstream_grant(v: View) -> UpstreamGrant:
     v.only("models", "max_tokens", "stream", "tools", "media", "temperature", "resources",
-           "prompts", "hosted_tools", "mcp_servers")
+           "prompts", "hosted_tools", "mcp_servers", "operations")
+    ops = []
+    for n, text in enumerate(v.strings("operations", ())):
+        try:
+            ops.append(operations.parse(text))
+        except ValueError as e:
+            raise View(v.data, v.path + ("operations", str(n)), v.doc).error(str(e)) from None
     tools = v.data.get("tools", True)
     allow: tuple[str, ...] = ("*",)
     deny: tuple[str, ...] = ()
@@ -371,7 +384,7 @@ def _upstream_grant(v: View) -> UpstreamGrant:
         temperature=tuple(temperature) if temperature else None,
         tools_allow=allow, tools_deny=deny, arguments=arguments,
         resources=v.strings("resources", ("*",)), prompts=v.strings("prompts", ("*",)),
-        hosted_tools=hosted, mcp_servers=servers)
+        hosted_tools=hosted, mcp_servers=servers, operations=tuple(ops))
 
 
 def _constraint(v: View) -> ArgConstraint:

@@ -1,6 +1,8 @@
 """Wire formats: every flow to a declared upstream becomes one `Interaction`, or is refused.
 
 Public API for the other stages:
+- `declared(upstream, method, path, websocket)`: the endpoint douane parses `method path` as,
+  None when no parser understands it (then only a grant naming the operation lets it pass).
 - `parse_request(upstream, flow)` / `parse_response(upstream, flow, interaction)`: raise
   `ProtocolError` (status, code, message) when the body cannot be understood.
 - `stream_format(upstream, interaction)`: the `StreamFormat` of an SSE response.
@@ -17,17 +19,31 @@ from typing import Any, Literal
 
 from mitmproxy import http
 
+from douane import operations
 from douane.config import Upstream
 from douane.interaction import Interaction, JsonPath, TextPiece
 from douane.protocols import anthropic, decoding, generic, jsonpath, mcp, openai
 from douane.protocols.base import ProtocolError, StreamFormat
 
-__all__ = ["ProtocolError", "apply_text_edits", "parse_request", "parse_response",
+__all__ = ["ProtocolError", "apply_text_edits", "declared", "parse_request", "parse_response",
            "remove_paths", "stream_format"]
 
 Side = Literal["request", "response"]
 OPENAI_ENDPOINTS = ("chat/completions", "responses", "embeddings", "completions", "moderations")
 ANTHROPIC_ENDPOINTS = ("messages/count_tokens", "messages")
+WEBSOCKET = "websocket"
+# The operations each protocol's parser reads, as patterns relative to the upstream's path prefix,
+# with the endpoint the parser reads them as ("" for generic: the path itself). Everything else is
+# refused before the credential is injected, unless a grant names it (douane.routing.Broker).
+DECLARED: dict[str, tuple[tuple[operations.Operation, str], ...]] = {
+    "openai": tuple((operations.parse(f"POST {base}/{e}"), e) for e in OPENAI_ENDPOINTS
+                    for base in ("", "/v1", "/deployments/*")),  # Azure: url .../openai
+    "anthropic": tuple((operations.parse(f"POST {base}/{e}"), e) for e in ANTHROPIC_ENDPOINTS
+                       for base in ("", "/v1")),
+    # Streamable HTTP: the upstream's URL is the MCP endpoint itself
+    "mcp": tuple((operations.parse(f"{method} /"), "mcp") for method in ("POST", "GET", "DELETE")),
+    "generic": ((operations.parse("POST /**"), ""),),
+}
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -69,38 +85,70 @@ def load_json(message: http.Message, what: str) -> Any:
         raise ProtocolError(400, "invalid_json", f"the {what} body is not valid JSON") from None
 
 
-def _endpoint(path: str, known: tuple[str, ...]) -> str:
-    path = path.split("?")[0].rstrip("/")
-    return next((e for e in known if path.endswith("/" + e)), path.lstrip("/"))
+def declared(upstream: Upstream, method: str, path: str, websocket: bool = False) -> str | None:
+    """The endpoint douane's parser reads `method path` (a normalised path, no query) as, or None.
+    A WebSocket upgrade is declared on an upstream that allows WebSockets (every message is then
+    policed by `douane.websocket`)."""
+    if websocket:
+        return WEBSOCKET if upstream.allow_websocket and method == "GET" else None
+    rest = upstream.relative(path)
+    if rest is None:
+        return None
+    return next(((endpoint or path) for op, endpoint in DECLARED[upstream.protocol]
+                 if op.matches(method, rest)), None)
 
 
-def parse_request(upstream: Upstream, flow: http.HTTPFlow) -> Interaction:
+def is_websocket(req: http.Request) -> bool:
+    return req.headers.get("upgrade", "").lower() == "websocket"
+
+
+def parse_request(upstream: Upstream, flow: http.HTTPFlow, granted: bool = False) -> Interaction:
+    """`granted`: a grant names this operation, so one douane does not parse may pass (its JSON
+    body, if any, is inspected string by string)."""
     req = flow.request
+    path = req.path.split("?")[0]
+    endpoint = declared(upstream, req.method, path, is_websocket(req))
+    if endpoint is None:
+        if not granted:
+            raise ProtocolError(403, "endpoint_not_governed", f"douane does not govern "
+                                f"{req.method} {path[:200]} and no grant names it")
+        it = Interaction(upstream.protocol, f"{req.method} {path}", granted=True)
+        if req.raw_content:
+            it.texts = [TextPiece("prompt", "user", text, p)
+                        for p, text in jsonpath.strings(load_json(req, "request"))]
+        return it
+    if endpoint == WEBSOCKET or (upstream.protocol == "mcp" and req.method != "POST"):
+        if req.raw_content:
+            raise ProtocolError(400, "unexpected_body", f"a {req.method} request has no body")
+        if endpoint == WEBSOCKET:
+            return Interaction(upstream.protocol, f"GET {path}")
+        return Interaction("mcp", f"mcp:{req.method.lower()}")
     if upstream.protocol == "mcp":
-        session = req.headers.get("mcp-session-id")
-        if req.method in ("GET", "DELETE"):
-            it = Interaction("mcp", f"mcp:{req.method.lower()}")
-            return it
-        if req.method != "POST":
-            raise ProtocolError(405, "method_not_allowed", f"MCP does not use {req.method}")
-        return mcp.parse_request(load_json(req, "request"), session)
-    if req.method in ("GET", "HEAD", "DELETE", "OPTIONS") and not req.raw_content:
-        return Interaction(upstream.protocol, f"{req.method} {req.path.split('?')[0]}")
+        return mcp.parse_request(load_json(req, "request"), req.headers.get("mcp-session-id"))
     doc = load_json(req, "request")
     if upstream.protocol == "openai":
-        return openai.parse_request(doc, _endpoint(req.path, OPENAI_ENDPOINTS))
+        return openai.parse_request(doc, endpoint)
     if upstream.protocol == "anthropic":
-        return anthropic.parse_request(doc, _endpoint(req.path, ANTHROPIC_ENDPOINTS))
-    return generic.parse_request(doc, upstream, req.path.split("?")[0])
+        return anthropic.parse_request(doc, endpoint)
+    return generic.parse_request(doc, upstream, endpoint)
 
 
-def parse_response(upstream: Upstream, flow: http.HTTPFlow, it: Interaction) -> None:
+def parse_response(upstream: Upstream, flow: http.HTTPFlow, it: Interaction) -> bool:
+    """Read the answer into the interaction; False when it was not inspected: the non-JSON answer
+    of a granted operation (a file download) is delivered as is."""
     assert flow.response
     if not flow.response.raw_content:
-        return
+        return True
+    if it.granted:
+        ctype = flow.response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            return False
+        it.response_texts = [TextPiece("completion", "assistant", text, p) for p, text in
+                             jsonpath.strings(load_json(flow.response, "response"))]
+        return True
     doc = load_json(flow.response, "response")
     if flow.response.status_code >= 400:
-        return  # an upstream error document carries no model text
+        return True  # an upstream error document carries no model text
     if upstream.protocol == "openai":
         openai.parse_response(doc, it)
     elif upstream.protocol == "anthropic":
@@ -109,6 +157,7 @@ def parse_response(upstream: Upstream, flow: http.HTTPFlow, it: Interaction) -> 
         mcp.parse_response(doc, it)
     else:
         generic.parse_response(doc, upstream, it)
+    return True
 
 
 def stream_format(upstream: Upstream, it: Interaction) -> StreamFormat:

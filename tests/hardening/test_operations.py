@@ -1,0 +1,217 @@
+"""Operations: only what a protocol parses or a grant names reaches an upstream, on the path douane
+routed, in origin form. Through a real gateway in reverse mode (SDK clients) and raw sockets
+where the attack is in the request line; the regular-mode cases are in test_bypass.py."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import UPSTREAM_KEY
+from tests.hardening.conftest import DENIED, POLICY, assert_refused
+from tests.support.gateway import Gateway, base_config
+from tests.support.upstream import DEFAULT_REPLY
+
+ADMINS = """\
+groups:
+  admins:
+    upstreams:
+      llm:
+        operations: ["GET /v1/models", "GET /v1/files/*/content"]
+"""
+CHAT = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+
+
+@pytest.fixture(scope="module")
+def gw(issuer, llm, tmp_path_factory):
+    work = tmp_path_factory.mktemp("operations")
+    (work / "policy.yaml").write_text(POLICY + ADMINS)
+    config = base_config(issuer.url, llm.url + "/v1", policy={"files": [str(work / "policy.yaml")]})
+    config["upstreams"]["claude"] = {"url": llm.url + "/anthropic", "protocol": "anthropic",
+                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
+    with Gateway(config, mode=f"reverse:{llm.url}", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+                 workdir=work) as gateway:
+        yield gateway
+
+
+@pytest.fixture(scope="module")
+def token(issuer, secrets):
+    token = issuer.mint("mallory@corp.example", ["engineering"])
+    secrets.add(token)
+    return token
+
+
+@pytest.fixture(scope="module")
+def admin(issuer, secrets):
+    token = issuer.mint("ada@corp.example", ["admins"])
+    secrets.add(token)
+    return token
+
+
+def raw(gw: Gateway, request_line: bytes, token: str, body: bytes = CHAT,
+        host: bytes = b"localhost") -> tuple[int, dict[str, str], bytes]:
+    """One request sent as bytes (no client library tidies the target): status, headers, body."""
+    data = (request_line + b"\r\nHost: " + host + b"\r\nAuthorization: Bearer " + token.encode()
+            + b"\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(data)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    head, _, content = out.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in lines[1:])}
+    return int(lines[0].split(" ")[1]), headers, content
+
+
+def assert_raw_refused(gw, llm, before, status, headers, content, expected: int) -> dict:
+    assert status == expected, content[:300]
+    assert len(llm.requests) == before, "the upstream received a refused request"
+    decision_id = headers["x-douane-decision-id"]
+    assert decision_id.encode() in content
+    record = gw.audit_record(decision_id)
+    assert record["action"] == "refuse", record
+    return record
+
+
+UNGOVERNED = [
+    ("DELETE", "/v1/models/ft:gpt-4o:acme:prod"),
+    ("GET", "/v1/chat/completions?limit=100"),  # the org's stored completions
+    ("GET", "/v1/files/file-abc/content"),
+    ("GET", "/v1/organization/admin_api_keys"),
+    ("GET", "/v1/models"),
+    ("HEAD", "/v1/models"),
+    ("OPTIONS", "/v1/chat/completions"),
+    ("PUT", "/v1/chat/completions"),
+    ("POST", "/v1/assistants"),
+    ("GET", "/anthropic/v1/models"),
+    ("POST", "/anthropic/v1/messages/batches"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), UNGOVERNED)
+def test_operations_nobody_granted_are_refused_before_the_credential(gw, llm, token, method,
+                                                                     path):
+    before = len(llm.requests)
+    resp = httpx.request(method, gw.url + path, headers={"authorization": f"Bearer {token}"})
+    if method == "HEAD":  # no body to carry the decision id: the header and the record do
+        assert resp.status_code == 403 and len(llm.requests) == before
+        record = gw.audit_record(resp.headers["x-douane-decision-id"])
+    else:
+        record = assert_refused(gw, llm, before, resp, 403)
+        body = resp.json()
+        if path.startswith("/anthropic"):  # each API's own error shape
+            assert body["type"] == "error" and body["error"]["type"] == "permission_error"
+        else:
+            assert body["error"]["code"] == "endpoint_not_governed"
+    assert record["action"] == "refuse" and record["reasons"][0]["rule"] == "route.operation"
+    assert record["interaction"]["operation"] == f"{method} {path.split('?')[0]}"
+    assert record["user"] == "mallory@corp.example"
+
+
+def test_the_sdk_gets_its_usual_error(gw, llm, token):
+    before = len(llm.requests)
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=token, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        client.models.list()
+    with pytest.raises(openai.PermissionDeniedError):
+        client.files.content("file-abc")
+    assert err.value.body["code"] == "endpoint_not_governed"
+    assert len(llm.requests) == before
+
+
+AMBIGUOUS = [
+    b"/v1/../admin/keys", b"/v1/%2e%2e/admin/keys", b"/v1/%2E%2E/admin/keys",
+    b"/v1/.%2e/admin/keys", b"/v1/%252e%252e/admin/keys", b"/v1/chat%2fcompletions",
+    b"/v1/chat%2Fcompletions", b"/v1/chat%5ccompletions", b"/v1\\..\\admin",
+    b"/v1//chat/completions", b"/v1/./chat/completions", b"/v1/chat/completions%00",
+    b"/anthropic/../v2/secret", b"/anthropic/%2e%2e/v1/messages", b"/v1/chat/completions/..",
+]
+
+
+@pytest.mark.parametrize("target", AMBIGUOUS)
+def test_ambiguous_paths_are_refused(gw, llm, token, target):
+    before = len(llm.requests)
+    status, headers, content = raw(gw, b"POST " + target + b" HTTP/1.1", token)
+    record = assert_raw_refused(gw, llm, before, status, headers, content, 400)
+    assert record["reasons"][0]["rule"] == "route.path"
+    assert record["user"] == "mallory@corp.example"  # refused once the caller is known
+
+
+def test_unreserved_escapes_reach_the_upstream_decoded(gw, llm, token):
+    before = len(llm.requests)
+    status, headers, _ = raw(gw, b"POST /v1/chat/%63ompletions HTTP/1.1", token)
+    assert status == 200 and len(llm.requests) == before + 1
+    assert llm.requests[-1].path == "/v1/chat/completions"
+    assert gw.audit_record(headers["x-douane-decision-id"])["path"] == "/v1/chat/completions"
+
+
+@pytest.mark.parametrize("authority", [b"127.0.0.1:{port}", b"evil.example", b"localhost:1"])
+def test_absolute_form_reaches_the_upstream_in_origin_form(gw, llm, token, authority):
+    authority = authority.replace(b"{port}", str(llm.port).encode())
+    before = len(llm.requests)
+    status, headers, _ = raw(gw, b"POST http://" + authority + b"/v1/chat/completions HTTP/1.1",
+                             token, host=b"evil.example")
+    assert status == 200 and len(llm.requests) == before + 1
+    seen = llm.requests[-1]
+    assert seen.path == "/v1/chat/completions"  # what the audit records, in origin form
+    assert seen.headers["host"] == f"127.0.0.1:{llm.port}"
+    record = gw.audit_record(headers["x-douane-decision-id"])
+    assert (record["host"], record["path"]) == ("127.0.0.1", "/v1/chat/completions")
+
+
+def test_absolute_form_is_checked_like_any_path(gw, llm, token):
+    before = len(llm.requests)
+    status, headers, content = raw(
+        gw, f"GET http://127.0.0.1:{llm.port}/v1/organization/admin_api_keys HTTP/1.1".encode(),
+        token, body=b"")
+    assert_raw_refused(gw, llm, before, status, headers, content, 403)
+
+
+def test_a_granted_operation_passes_with_identity_audit_and_inspection(gw, llm, admin):
+    before = len(llm.requests)
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=admin, max_retries=0)
+    page = client.models.with_raw_response.list()
+    assert [m.id for m in page.parse().data] == ["fake-model"]
+    assert len(llm.requests) == before + 1
+    seen = llm.requests[-1]
+    assert (seen.method, seen.path) == ("GET", "/v1/models")
+    assert seen.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"  # the org key, not the JWT
+    record = gw.audit_record(page.headers["x-douane-decision-id"])
+    assert record["action"] == "allow" and record["user"] == "ada@corp.example"
+    assert record["interaction"] == {"protocol": "openai", "operation": "GET /v1/models",
+                                     "granted_operation": True,
+                                     "inspected": ["request", "response"]}
+    assert any(r["rule"] == "grant.operation" and "group admins" in r["message"]
+               for r in record["reasons"])
+
+
+def test_a_granted_operations_answer_is_policed(gw, llm, admin):
+    llm.reply = f"the {DENIED} team"
+    try:
+        resp = httpx.get(gw.url + "/v1/models", headers={"authorization": f"Bearer {admin}"})
+    finally:
+        llm.reply = DEFAULT_REPLY
+    assert resp.status_code == 403 and DENIED not in resp.text
+    record = gw.audit_record(resp.headers["x-douane-decision-id"])
+    assert record["action"] == "block"
+    assert any(r["rule"] == "deny.codename" for r in record["reasons"])
+
+
+def test_a_granted_operations_request_body_is_inspected(gw, llm, admin):
+    before = len(llm.requests)
+    resp = httpx.request("GET", gw.url + "/v1/models", json={"note": [DENIED]},
+                         headers={"authorization": f"Bearer {admin}"})
+    assert_refused(gw, llm, before, resp, 403)
+
+
+def test_a_grant_names_no_more_than_it_says(gw, llm, admin):
+    for method, path in [("DELETE", "/v1/models/ft:x"), ("GET", "/v1/files/f/content/x"),
+                         ("GET", "/v1/models/x"), ("GET", "/anthropic/v1/models")]:
+        before = len(llm.requests)
+        resp = httpx.request(method, gw.url + path, headers={"authorization": f"Bearer {admin}"})
+        assert_refused(gw, llm, before, resp, 403)
