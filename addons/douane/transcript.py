@@ -9,6 +9,7 @@ in flight, or, for a capture douane never saw, the API guessed from the path or 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from typing import Any
@@ -46,8 +47,15 @@ def upstream_of(flow: http.HTTPFlow) -> Upstream | None:
     if protocol not in ("openai", "anthropic", "mcp"):
         return None
     req = flow.request
-    return Upstream(meta.get("upstream") or protocol, req.scheme, req.host, req.port, "/",
-                    protocol, None)
+    upstream = Upstream(meta.get("upstream") or protocol, req.scheme, req.host, req.port, "/",
+                        protocol, None)
+    # A recording does not carry the upstream's path prefix: the shortest under which the path is
+    # an operation the protocol's parser reads.
+    path = req.path.split("?")[0]
+    segments = path.split("/")
+    prefixes = ("/".join(segments[:n]) or "/" for n in range(1, len(segments) + 1))
+    return next((u for u in (dataclasses.replace(upstream, path_prefix=p) for p in prefixes)
+                 if protocols.declared(u, req.method, path)), upstream)
 
 
 def _guess(flow: http.HTTPFlow) -> str | None:
