@@ -239,6 +239,8 @@ def test_a_grant_names_extra_operations(gateway, method, path):
 @pytest.mark.parametrize(("method", "path"), [
     ("GET", "/v1/files/file-abc/content/x"),  # * stays within one segment
     ("GET", "/v1/files/content"),
+    ("GET", "/v1/files/f/content/"),
+    ("DELETE", "/v1/models/ft:x/y"),
     ("DELETE", "/v1/models/gpt-4o"),
     ("HEAD", "/v1/models"),
     ("GET", "/v1/models/x"),

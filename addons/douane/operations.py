@@ -101,6 +101,7 @@ def parse(text: str) -> Operation:
             segments.append(None)
         elif "**" in segment:
             raise ValueError(f"{text!r}: ** must be a whole segment")
-        else:
-            segments.append(re.compile("[^/]*".join(re.escape(p) for p in segment.split("*"))))
+        else:  # a lone `*` names a segment, so it is not empty (a trailing slash)
+            segments.append(re.compile("[^/]+" if segment == "*" else
+                                       "[^/]*".join(re.escape(p) for p in segment.split("*"))))
     return Operation(method, path, tuple(segments))
