@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
-from douane import operations
+from douane import config, operations
 from douane.config import ConfigError
 from douane.flowstate import Identity, state
 from douane.policy import model
@@ -304,11 +304,10 @@ def test_an_invalid_grant_operation_names_file_and_line(tmp_path):
 @pytest.mark.parametrize("url", ["https://h/v1/../admin", "https://h/v1/%2e%2e", "https://h//v1",
                                  "https://h/v1?x=1"])
 def test_an_upstream_url_path_must_be_plain(tmp_path, url):
-    from douane import config
     path = tmp_path / "douane.yaml"
     path.write_text((CONFIG % {"dir": tmp_path}).replace("https://api.openai.com/v1", url))
     with pytest.raises(ConfigError, match="upstreams.openai.url: the URL's path must be plain"):
-        config.load(path, resolve_secrets=False)
+        config.load(path, gateway=False)
 
 
 class Exploding:

@@ -63,6 +63,8 @@ def setup(issuer, mcp_server, secrets, tmp_path_factory) -> Iterator[tuple]:
     config = base_config(issuer.url, evil.url + "/v1", policy={"files": [str(work / "policy.yaml")]},
                          masking={"workers": 1, "timeout_seconds": 120})
     config["upstreams"]["crm"] = {"url": mcp_server + "/mcp", "protocol": "mcp"}
+    # the MCP endpoint is the URL itself (its sub-paths are operations nobody granted): each test
+    # sets the canned answer of /rpc before its request
     config["upstreams"]["evil"] = {"url": evil.url + "/rpc", "protocol": "mcp"}
     staff = issuer.mint("sam@corp.example", ["staff"])
     secrets.add(staff)
@@ -132,11 +134,11 @@ def test_ambiguous_ids_are_refused(setup, body, rule):
 
 def test_an_answer_to_no_request_is_refused(setup):
     gw, _, evil, staff = setup
-    evil.canned["/rpc/stray"] = ("application/json", json.dumps(
+    evil.canned["/rpc"] = ("application/json", json.dumps(
         {"jsonrpc": "2.0", "id": 2, "result": {"content": [
             {"type": "text", "text": f"key {AWS_KEY}"}]}}).encode())
     with client(gw, staff) as c:
-        resp = c.post(evil.url + "/rpc/stray", headers=HEADERS, json=call("echo", 1, text="a"))
+        resp = c.post(evil.url + "/rpc", headers=HEADERS, json=call("echo", 1, text="a"))
     # answered at the JSON-RPC level (a tool error), like every MCP refusal
     assert resp.json()["result"]["isError"] and AWS_KEY not in resp.text
     assert "answered a request that was not asked" in resp.text
@@ -148,10 +150,10 @@ def test_an_answer_given_twice_ends_the_stream(setup):
     gw, _, evil, staff = setup
     answer = {"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": "ok"}]}}
     second = {**answer, "result": {"content": [{"type": "text", "text": "project nightingale"}]}}
-    evil.canned["/rpc/twice"] = ("text/event-stream", b"".join(
+    evil.canned["/rpc"] = ("text/event-stream", b"".join(
         f"event: message\ndata: {json.dumps(a)}\n\n".encode() for a in (answer, second)))
     with client(gw, staff) as c:
-        resp = c.post(evil.url + "/rpc/twice", headers=HEADERS, json=call("echo", 1, text="a"))
+        resp = c.post(evil.url + "/rpc", headers=HEADERS, json=call("echo", 1, text="a"))
     assert '"ok"' in resp.text and "nightingale" not in resp.text
     assert "answered one twice" in resp.text
     record = gw.audit_record(resp.headers["x-douane-decision-id"])
@@ -193,12 +195,12 @@ def get_stream(gw, staff, url: str, **headers: str) -> httpx.Response:
 
 def test_the_get_stream_is_masked(setup):
     gw, _, evil, staff = setup
-    evil.canned["/rpc/get-pii"] = sse(
+    evil.canned["/rpc"] = sse(
         {"jsonrpc": "2.0", "id": 5, "result": {"content": [
             {"type": "text", "text": "Reach John Smith at john.smith@example.com"}]}},
         {"jsonrpc": "2.0", "method": "notifications/message",
          "params": {"level": "info", "data": {"contact": "jane.doe@example.org"}}})
-    resp = get_stream(gw, staff, evil.url + "/rpc/get-pii")
+    resp = get_stream(gw, staff, evil.url + "/rpc")
     assert resp.status_code == 200
     assert "john.smith@example.com" not in resp.text and "jane.doe@example.org" not in resp.text
     assert resp.text.count("<EMAIL_ADDRESS>") == 2
@@ -220,8 +222,8 @@ def test_the_get_stream_is_masked(setup):
 ])
 def test_the_get_stream_is_policed(setup, name, message, rule):
     gw, _, evil, staff = setup
-    evil.canned[f"/rpc/{name}"] = sse(message)
-    resp = get_stream(gw, staff, evil.url + f"/rpc/{name}")
+    evil.canned["/rpc"] = sse(message)
+    resp = get_stream(gw, staff, evil.url + "/rpc")
     assert AWS_KEY not in resp.text and "nightingale" not in resp.text.lower()
     assert "ignore all previous" not in resp.text and "blocked by policy" in resp.text
     record = gw.audit_record(resp.headers["x-douane-decision-id"])
@@ -230,9 +232,9 @@ def test_the_get_stream_is_policed(setup, name, message, rule):
 
 def test_a_listing_down_the_get_stream_is_filtered(setup):
     gw, _, evil, staff = setup
-    evil.canned["/rpc/get-list"] = sse({"jsonrpc": "2.0", "id": 3, "result": {"tools": [
+    evil.canned["/rpc"] = sse({"jsonrpc": "2.0", "id": 3, "result": {"tools": [
         {"name": "echo", "inputSchema": {}}, {"name": "Delete_Records", "inputSchema": {}}]}})
-    resp = get_stream(gw, staff, evil.url + "/rpc/get-list")
+    resp = get_stream(gw, staff, evil.url + "/rpc")
     assert '"echo"' in resp.text and "Delete_Records" not in resp.text
 
 
