@@ -22,7 +22,7 @@ from mitmproxy import http
 from douane import operations
 from douane.config import Upstream
 from douane.interaction import Interaction, JsonPath, TextPiece
-from douane.protocols import anthropic, decoding, generic, jsonpath, mcp, openai
+from douane.protocols import anthropic, decoding, fields, generic, jsonpath, mcp, openai
 from douane.protocols.base import ProtocolError, StreamFormat
 
 __all__ = ["ProtocolError", "apply_text_edits", "declared", "parse_request", "parse_response",
@@ -114,8 +114,7 @@ def parse_request(upstream: Upstream, flow: http.HTTPFlow, granted: bool = False
                                 f"{req.method} {path[:200]} and no grant names it")
         it = Interaction(upstream.protocol, f"{req.method} {path}", granted=True)
         if req.raw_content:
-            it.texts = [TextPiece("prompt", "user", text, p)
-                        for p, text in jsonpath.strings(load_json(req, "request"))]
+            fields.cover(it, load_json(req, "request"), lambda p: ("prompt", "user"))
         return it
     if endpoint == WEBSOCKET or (upstream.protocol == "mcp" and req.method != "POST"):
         if req.raw_content:
@@ -143,8 +142,8 @@ def parse_response(upstream: Upstream, flow: http.HTTPFlow, it: Interaction) -> 
         ctype = flow.response.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json" and not ctype.endswith("+json"):
             return False
-        it.response_texts = [TextPiece("completion", "assistant", text, p) for p, text in
-                             jsonpath.strings(load_json(flow.response, "response"))]
+        fields.cover(it, load_json(flow.response, "response"),
+                     lambda p: ("completion", "assistant"), "response")
         return True
     doc = load_json(flow.response, "response")
     if flow.response.status_code >= 400:
