@@ -9,26 +9,23 @@ import socket
 import httpx
 import openai
 import pytest
+import yaml
 
 from tests.conftest import UPSTREAM_KEY
 from tests.hardening.conftest import DENIED, POLICY, assert_refused
 from tests.support.gateway import Gateway, base_config
 from tests.support.upstream import DEFAULT_REPLY
 
-ADMINS = """\
-groups:
-  admins:
-    upstreams:
-      llm:
-        operations: ["GET /v1/models", "GET /v1/files/*/content"]
-"""
+ADMINS = {"upstreams": {"llm": {"operations": ["GET /v1/models", "GET /v1/files/*/content"]}}}
 CHAT = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
 
 
 @pytest.fixture(scope="module")
 def gw(issuer, llm, tmp_path_factory):
     work = tmp_path_factory.mktemp("operations")
-    (work / "policy.yaml").write_text(POLICY + ADMINS)
+    policy = yaml.safe_load(POLICY)
+    policy.setdefault("groups", {})["admins"] = ADMINS
+    (work / "policy.yaml").write_text(yaml.safe_dump(policy))
     config = base_config(issuer.url, llm.url + "/v1", policy={"files": [str(work / "policy.yaml")]})
     config["upstreams"]["claude"] = {"url": llm.url + "/anthropic", "protocol": "anthropic",
                                      "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
