@@ -172,10 +172,10 @@ def test_an_answer_given_twice_ends_the_stream(setup):
 ])
 def test_every_field_of_an_answer_is_read(setup, name, body, answer):
     gw, _, evil, staff = setup
-    evil.canned[f"/rpc/{name}"] = ("application/json", json.dumps(
+    evil.canned["/rpc"] = ("application/json", json.dumps(
         {"jsonrpc": "2.0", "id": 1, "result": answer}).encode())
     with client(gw, staff) as c:
-        resp = c.post(evil.url + f"/rpc/{name}", headers=HEADERS, json=body)
+        resp = c.post(evil.url + "/rpc", headers=HEADERS, json=body)
     assert "nightingale" not in resp.text.lower() and "blocked by policy" in resp.text
     record = gw.audit_record(resp.headers["x-douane-decision-id"])
     assert record["action"] == "block" and rules(record) == ["deny.codename"]
