@@ -30,12 +30,13 @@ KNOWN_METHODS = {
 # JavaScript's 2**53 == 2**53 + 1), so an answer could be policed as the wrong request.
 ID_CHARS = 128
 SAFE_INTEGER = 2**53 - 1
+NAME_CHARS = 128  # MCP: tool names are 1 to 128 characters
+BATCH_MESSAGES = 1000
 URI_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*:")
 URI_CHARS = 2048
-BATCH_MESSAGES = 1000
-NAME_CHARS = 128  # MCP: tool names are 1 to 128 characters
-# Answers whose text is read field by field; the text of any other message is read whole.
+# Methods that name a resource by its URI, which resource grants must cover.
 RESOURCE_METHODS = ("resources/read", "resources/subscribe", "resources/unsubscribe")
+# Answers whose text is read field by field; the text of any other message is read whole.
 SPECIFIC = ("tools/call", "tools/list", "resources/read", "prompts/get")
 # What else those answers carry is read as this kind, but for the strings that name rather than
 # say (a tool's name, a URI, a type), which masking must not rewrite.
@@ -286,10 +287,10 @@ class Pairing:
             if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
                 raise ProtocolError(502, "invalid_answer", "the MCP server sent something that "
                                     "is not a JSON-RPC 2.0 message")
-            if "method" in msg and ("result" in msg or "error" in msg):
-                raise ProtocolError(502, "invalid_answer", "the MCP server sent a message that "
-                                    "is both a request and an answer")
-            if "method" in msg:
+            if "method" in msg:  # a server request or notification
+                if "result" in msg or "error" in msg:
+                    raise ProtocolError(502, "invalid_answer", "the MCP server sent a message "
+                                        "that is both a request and an answer")
                 continue
             if ("result" in msg) == ("error" in msg):
                 raise ProtocolError(502, "invalid_answer", "a JSON-RPC answer needs a result or "
@@ -311,7 +312,8 @@ def parse_response(doc: Any, it: Interaction) -> None:
 
 
 class McpStream(StreamFormat):
-    """Each SSE event is one whole JSON-RPC message: its text pieces are complete channels."""
+    """Each SSE event is one whole JSON-RPC message (or batch): its text pieces are complete
+    channels. Answers are paired to the flow's requests before any stage reads them."""
 
     complete_events = True
 
