@@ -5,6 +5,7 @@ text in many languages is not. Through a real gateway: tests/hardening/test_deny
 from __future__ import annotations
 
 import itertools
+import random
 import textwrap
 from collections.abc import Callable
 
@@ -12,7 +13,7 @@ import pytest
 
 from douane.interaction import TextPiece
 from douane.policy import engine, model
-from douane.policy.normalize import normalize, skeleton
+from douane.policy.normalize import normalize, readings, skeleton, skeleton_pattern, unseen
 
 PHRASES = {
     "deny.codename": "project nightingale",
@@ -174,6 +175,18 @@ def test_a_phrase_split_anywhere_across_messages_is_matched(policy, rule):
         assert matched(policy, "hello", head, tail) == {rule: "prompt[1..2]"}, (head, tail)
 
 
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_an_obfuscated_phrase_split_at_random_is_matched(policy, transform):
+    rng = random.Random(transform)
+    for rule, phrase in PHRASES.items():
+        text = TRANSFORMS[transform](phrase)
+        cut = rng.randrange(1, len(text))
+        # after a cut inside a letter's marks or selectors, the next piece starts with them
+        assert matched(policy, "hi", text[:cut], text[cut:]) == {rule: "prompt[1..2]"} or \
+            matched(policy, text[:cut]).get(rule) or matched(policy, text[cut:]).get(rule), \
+            (text[:cut], text[cut:])
+
+
 def test_a_phrase_split_across_tool_argument_values_is_matched(policy):
     # MCP tools/call arguments and Anthropic tool_use inputs are one piece per value
     assert matched(policy, "opera", "tion bluebird", kind="tool_arguments") == \
@@ -284,11 +297,35 @@ def test_generated_text_in_20_locales_gains_no_match_from_skeletons(tmp_path):
     assert texts == 500
 
 
+def test_skeleton_screen_and_located_match_agree():
+    """The engine screens literals by skeleton containment and names the field from a regex over
+    the readings: on random texts mixing letters, leetspeak, ambiguous punctuation, separators,
+    marks, tags, look-alikes and lone surrogates, the two agree (and nothing raises)."""
+    rng = random.Random(3)
+    alphabet = "abcdeilnoprst01345789!|@$+ -_.,\n\u200b\u00e9\u0301\u0391\u043e\uab70" \
+        "\U000e0070\ud800\U0001f17f\u00df"
+    positives = 0
+    for _ in range(3000):
+        text = normalize("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))))
+        reading = rng.choice(skeleton(text).split("\n"))
+        if len(reading) >= 4 and rng.random() < 0.7:
+            start = rng.randrange(len(reading) - 3)
+            literal = reading[start:start + rng.randint(4, min(10, len(reading) - start))]
+        else:
+            literal = "".join(rng.choice("abcdeinoprst") for _ in range(rng.randint(4, 8)))
+        screened = literal in skeleton(text)
+        located = any(skeleton_pattern(literal, False).search(r) for r in readings(text))
+        assert screened == located, (text, literal)
+        positives += screened
+    assert positives > 1000
+
+
 def test_normalize_folds_what_a_reader_does_not_see():
     assert normalize("Ｈｅｌｌｏ\u200b  Wоrld") == "hello world"
     assert normalize("caf\u00e9 na\u0308ive \u0130stanbul") == "cafe naive istanbul"
-    # tags read both ways: decoded (as a model that reads them) and unseen (as a person)
-    assert normalize("hi" + tags("Project X")) == "hiproject x hi"
+    # tags decoded (as a model that reads them); `unseen` reads them as a person does
+    assert normalize("hi" + tags("Project X")) == "hiproject x"
+    assert unseen("hi" + tags("Project X")) == "hi" and unseen("hi") is None
     assert normalize("a\u2800b\u3164c") == "a b c"
     assert normalize("\u0661\u0662\u0663 \u09e7") == "123 1"  # Arabic-Indic, Bengali digits
     assert normalize("ΗΕLLO") == "hello"  # Greek capitals imitate Latin ones

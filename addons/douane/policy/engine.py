@@ -17,7 +17,7 @@ from douane.flowstate import Decision, Identity, Reason
 from douane.interaction import Interaction, TextPiece
 from douane.policy import detectors
 from douane.policy.model import Grant, Policy, UpstreamGrant, names_match
-from douane.policy.normalize import Normalized, decoded_base64, normalize
+from douane.policy.normalize import Normalized, decoded_base64, normalize, unseen
 from douane.protocols.mcp import uri_problem
 
 LIMITED_OPERATIONS = ("chat.completions", "responses", "messages", "completions")
@@ -124,28 +124,28 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
     Rules run once over each kind's texts joined (a phrase split across messages, or mid-word
     across two tool argument values, is caught there); a `local` rule that misses the join cannot
     match any single text, so only the rules that hit it are run again per text, to name the
-    field. A match only the join holds names the texts it spans (`prompt[2..3]`)."""
+    field. A match only the join holds names the texts it spans (`prompt[2..3]`). A text holding
+    tag characters is read both with them decoded and without them, alone and in the join."""
     found: dict[str, Reason] = {}
-    normalized: list[Normalized | None] = [None] * len(pieces)
-    joined = _joined(policy, pieces, normalized)
+    readings: list[list[Normalized]] = [[] for _ in pieces]
+    joined = _joined(policy, pieces, readings)
     # per kind, the rules worth running on each text: the local ones that hit the join, the rest
-    todo = {kind: [r for r in policy.rules_by_kind[kind] if not r.local or r.matches(text)]
-            for kind, (text, _) in joined.items()}
+    todo = {kind: [r for r in policy.rules_by_kind[kind] if not r.local or r.matches(joins[0][0])
+                   or (len(joins) > 1 and r.matches(joins[1][0]))]
+            for kind, joins in joined.items()}
     for i, (label, piece) in enumerate(_labels(pieces)):
         hidden: list[Normalized] | None = None
         for rule in todo.get(piece.kind, ()):
             if rule.id in found:
                 continue
-            text = normalized[i]
-            assert text is not None  # a kind with rules has its pieces normalised by _joined
             if not rule.decode_base64:
-                if rule.matches(text):
+                if any(rule.matches(text) for text in readings[i]):
                     found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched", label,
                                             rule.score)
                 continue
             hidden = hidden if hidden is not None else \
                 [Normalized(normalize(t)) for t in decoded_base64(piece.text)]
-            if any(rule.matches(t) for t in (text, *hidden)):
+            if any(rule.matches(t) for t in (*readings[i], *hidden)):
                 found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched", label, rule.score)
         if policy.secrets and piece.kind in ("prompt", "tool_arguments", "tool_result"):
             for secret in secrets.find(piece.text):
@@ -155,51 +155,61 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
                                               "in the text" if kind is secrets.HIGH_ENTROPY_KIND
                                               else "a secret is in the text", label, kind.score)
         if policy.injection and piece.kind in ("tool_result", "resource"):
-            plain = normalized[i].text if normalized[i] else normalize(piece.text)
+            plain = readings[i][0].text if readings[i] else normalize(piece.text)
             for rule_id, pattern, score, hints in detectors.INJECTION:
                 if rule_id not in found and any(h in plain for h in hints) and \
                         pattern.search(plain):
                     found[rule_id] = Reason(rule_id, "prompt-injection phrasing in a tool result",
                                             label, score)
-    for kind, (text, starts) in joined.items():
-        if len(starts) < 2:
-            continue
+    for kind, joins in joined.items():
         for rule in todo[kind]:
-            if rule.id in found or not (rule.local or rule.matches(text)):
-                continue
-            span = rule.span(text)
-            first, last = (bisect.bisect_right(starts, span[0]) - 1,
-                           bisect.bisect_right(starts, span[1] - 1) - 1) if span else (0, 0)
-            field = f"{kind}[{first}..{last}]" if span else f"{kind}[*]"
-            found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched across texts", field,
-                                    rule.score)
+            for text, starts in joins:
+                if len(starts) < 2 or rule.id in found or \
+                        not (rule.local or rule.matches(text)):
+                    continue
+                span = rule.span(text)
+                if span is None:
+                    continue
+                first, last = (bisect.bisect_right(starts, span[0]) - 1,
+                               bisect.bisect_right(starts, span[1] - 1) - 1)
+                found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched across texts",
+                                        f"{kind}[{first}..{last}]", rule.score)
     return list(found.values())
 
 
-def _joined(policy: Policy, pieces: list[TextPiece],
-            normalized: list[Normalized | None]) -> dict[str, tuple[Normalized, list[int]]]:
-    """Per text kind that has rules, its texts normalised (into `normalized`) and joined by
-    spaces, with where each text starts in the join (by its index among the kind's texts)."""
-    texts: dict[str, list[Normalized]] = {}
+def _joined(policy: Policy, pieces: list[TextPiece], readings: list[list[Normalized]]
+            ) -> dict[str, list[tuple[Normalized, list[int]]]]:
+    """Per text kind that has rules: its texts normalised (into `readings`: decoded, and without
+    tag characters when they hold some) and joined by spaces, with where each text starts in the
+    join (by its index among the kind's texts). Two joins when a text holds tags."""
+    texts: dict[str, list[list[Normalized]]] = {}
     for i, piece in enumerate(pieces):
         if policy.rules_by_kind[piece.kind]:
-            normalized[i] = Normalized(normalize(piece.text))
-            texts.setdefault(piece.kind, []).append(normalized[i])
+            without_tags = unseen(piece.text)
+            readings[i] = [Normalized(normalize(piece.text)),
+                           *([Normalized(without_tags)] if without_tags is not None else [])]
+            texts.setdefault(piece.kind, []).append(readings[i])
     out = {}
     for kind, kind_texts in texts.items():
-        if len(kind_texts) == 1:
-            out[kind] = (kind_texts[0], [0])
-            continue
-        parts, starts, at = [], [], 0
-        for text in kind_texts:
-            if parts and not (parts[-1].endswith(" ") or text.text.startswith(" ")):
-                parts.append(" ")
-                at += 1
-            starts.append(at)
-            parts.append(text.text)
-            at += len(text.text)
-        out[kind] = (Normalized("".join(parts)), starts)
+        out[kind] = [_join([r[0] for r in kind_texts])]
+        if any(len(r) > 1 for r in kind_texts):
+            out[kind].append(_join([r[-1] for r in kind_texts]))
     return out
+
+
+def _join(texts: list[Normalized]) -> tuple[Normalized, list[int]]:
+    if len(texts) == 1:
+        return texts[0], [0]
+    parts: list[str] = []
+    starts, at = [], 0
+    for text in texts:
+        if parts and not (parts[-1].endswith(" ") or text.text.startswith(" ")):
+            parts.append(" ")
+            at += 1
+        starts.append(at)
+        parts.append(text.text)
+        at += len(text.text)
+    return Normalized("".join(parts)), starts
 
 
 def tool_risk(policy: Policy, it: Interaction) -> list[Reason]:

@@ -11,7 +11,7 @@ single `str.translate` pass (ASCII text takes CPython's fast path):
   regional indicator letters fall back to their `anyascii` transliteration;
 - decimal digits of every script to ASCII digits;
 - tag characters (U+E0020-E007E) decoded to the ASCII they encode, so a phrase smuggled as tags
-  is read (a text holding tags is also read with them unseen); other invisible characters (format characters: zero-width, bidi, soft hyphen;
+  is read (`unseen` reads a text holding tags without them); other invisible characters (format characters: zero-width, bidi, soft hyphen;
   variation selectors, which are marks; control characters) removed;
 - blank-looking characters that are not whitespace (U+2800, Hangul fillers) made spaces, and
   whitespace collapsed.
@@ -132,16 +132,19 @@ BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
 
 def normalize(text: str) -> str:
     folded = text.translate(FOLD)
-    if not text.isascii() and TAG.search(text):
-        # read both ways: by a model that decodes tags, and by one (or a person) that does not
-        # see them, so tag letters sprinkled inside a visible phrase do not hide it either
-        folded += " " + TAG.sub("", text).translate(FOLD)
     collapsed = " ".join(folded.split())  # whitespace runs made one space, edges kept
     if folded[:1].isspace():
         collapsed = " " + collapsed
     if folded[-1:].isspace() and collapsed != " ":
         collapsed += " "
     return collapsed
+
+
+def unseen(text: str) -> str | None:
+    """For a text holding tag characters, `normalize` of it read without them (as a person, or a
+    model that does not decode tags, reads it: tag letters sprinkled inside a visible phrase do
+    not hide it), else None."""
+    return normalize(TAG.sub("", text)) if not text.isascii() and TAG.search(text) else None
 
 
 def fold_pattern(regex: str) -> str:
