@@ -228,8 +228,8 @@ class Rule:
     # has no multi-pattern engine, so this keeps 100 rules cheap on the common, clean text).
     required: str | None
     # A literal's letters and digits (leetspeak read as letters), also looked for in a text's
-    # skeleton: separators and punctuation between letters do not hide it. A short one must
-    # start and end at word edges (`ssn` is in the skeleton of "class name").
+    # skeleton: separators and punctuation between letters do not hide it. A `bounded` (short)
+    # one must start and end at word edges (`acme merger` is in the skeleton of "pacme-merger").
     skeleton: str | None = None
     bounded: bool = False
 
