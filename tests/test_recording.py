@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
 from douane import audit, transcript, untrusted
@@ -20,7 +21,7 @@ from douane.flowstate import Identity, state
 from douane.recording import index
 from douane.recording.addon import credential_headers, session_path
 from douane.recording.config import RecordingSettings
-from douane.recording.writer import SCRUBBED, scrubbed, without_secrets
+from douane.recording.writer import SCRUBBED, scrubbed, snapshot_of, without_secrets
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import MITMDUMP, Gateway, base_config
 from tests.support.upstream import FakeUpstream
@@ -42,6 +43,21 @@ def test_scrubbing_works_on_a_copy():
     assert copy.response.headers["set-cookie"] == SCRUBBED
     assert "proxyauth" not in copy.metadata
     assert f.request.headers["authorization"] == "Bearer t"  # the live flow is untouched
+
+
+def test_secrets_in_any_header_trailer_websocket_message_or_metadata_are_redacted():
+    key, aws = "sk-proj-" + "Qm7vR2xT9kLp4Wn8" * 3, "AKIA" + "Q7WERTY2UIOP3ASD"
+    f = tflow.twebsocketflow()
+    f.request.headers.update({"x-custom-token": key, "user-agent": f"agent ({aws})"})
+    f.response.trailers = http.Headers(x_checksum=f"k={key}")
+    f.websocket.messages[1].content = f"my key is {key}".encode()
+    f.metadata["douane"] = {"interaction": {"model": key}, "identity": {"user": "u"}}
+    snapshot = f.get_state()
+    written = snapshot_of(scrubbed(snapshot, frozenset()), snapshot)
+    data = repr(written).encode()
+    assert key.encode() not in data and aws.encode() not in data
+    assert written["websocket"]["messages"][1][2] == b"my key is <SECRET:detector.secret.api_key>"
+    assert written["websocket"]["messages"][0] == snapshot["websocket"]["messages"][0]
 
 
 def test_session_paths():

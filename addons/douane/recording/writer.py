@@ -31,6 +31,7 @@ from typing import IO, Any
 
 from mitmproxy import connection, http
 from mitmproxy.io import tnetstring
+from wsproto.frame_protocol import Opcode
 
 from douane import protocols, secrets, transcript, untrusted
 from douane.protocols import decoding, streams
@@ -69,6 +70,8 @@ def scrubbed(snapshot: dict, names: frozenset[str]) -> http.HTTPFlow:
     for message in (copy.request, copy.response):
         if message is not None:
             message.headers.fields = _headers(message.headers.fields, names)
+            if message.trailers:
+                message.trailers.fields = _headers(message.trailers.fields, names)
     # douane's summary quotes what the client sent (model, tool names, claims): bounded, scrubbed
     copy.metadata = untrusted.scrub_all(
         {k: v for k, v in snapshot["metadata"].items() if k in ("douane", "user")})
@@ -95,7 +98,23 @@ def snapshot_of(flow: http.HTTPFlow, snapshot: dict) -> dict:
     return {**snapshot, "request": flow.request.get_state(),
             "response": flow.response.get_state() if flow.response else None,
             "metadata": flow.metadata, "backup": None,
-            "comment": untrusted.scrub(snapshot["comment"], COMMENT_CHARS)}
+            "comment": untrusted.scrub(snapshot["comment"], COMMENT_CHARS),
+            "websocket": _websocket(snapshot["websocket"])}
+
+
+def _websocket(state: dict | None) -> dict | None:
+    """A WebSocket's text messages with their secrets redacted, like bodies."""
+    if not state:
+        return state
+    messages = []
+    for kind, from_client, content, *rest in state["messages"]:
+        if kind == Opcode.TEXT:
+            text = content.decode("utf-8", "surrogateescape")
+            clean = secrets.redact(text)
+            if clean != text:
+                content = clean.encode("utf-8", "surrogateescape")
+        messages.append((kind, from_client, content, *rest))
+    return {**state, "messages": messages}
 
 
 def _json_string(m: re.Match[str]) -> str:
