@@ -265,8 +265,9 @@ def test_the_approvers_preview_is_masked_and_withheld_when_masking_fails(tmp_pat
 def test_the_preview_leads_with_the_pieces_the_reasons_point_at(fields, shown):
     texts = [TextPiece("prompt", "user", f"p{n}", ("messages", n)) for n in range(12)]
     texts.append(TextPiece("tool_result", "tool", "r0", ("messages", 12)))
+    texts.append(TextPiece("prompt", None, "role", ("messages", 11, "role", "<key>"), False))
     chosen, candidates = preview_pieces(texts, [Reason(f"rule.{f}", "m", f) for f in fields])
     assert [p.text for p, _ in chosen] == shown
-    assert candidates == 12 + ("tool_result[0]" in fields)
+    assert candidates == 12 + ("tool_result[0]" in fields)  # a JSON key is no context
     assert all(bool(rules) == (p.text in ("p0", "p2", "p3", "r0") or fields == ["prompt[*]"])
                for p, rules in chosen)

@@ -370,7 +370,8 @@ def preview_pieces(texts: list[TextPiece], reasons: list[Reason]
                    ) -> tuple[list[tuple[TextPiece, list[str]]], int]:
     """The pieces an approver sees, each with the rules pointing at it (a reason's field names
     the n-th piece of a kind as `prompt[2]`, a span as `prompt[2..3]`, all as `prompt[*]`): the
-    flagged ones first, then the last prompt pieces or tool arguments, `PREVIEW_PIECES` in all;
+    flagged ones first, then the last prompt texts or tool arguments (free text: not JSON keys,
+    ids or enums, which policy reads too), `PREVIEW_PIECES` in all;
     and how many were candidates."""
     spans = [(r.rule, m) for r in reasons if (m := FIELD.fullmatch(r.field or ""))]
     flagged, context = [], []
@@ -378,10 +379,11 @@ def preview_pieces(texts: list[TextPiece], reasons: list[Reason]
     for piece in texts:
         n = counts[piece.kind] = counts.get(piece.kind, -1) + 1
         rules = [rule for rule, m in spans if m["kind"] == piece.kind and (
-            m["first"] is None or int(m["first"]) <= n <= int(m["last"] or m["first"]))]
+            piece.editable if m["first"] is None else  # `[*]`: the texts, not their keys
+            int(m["first"]) <= n <= int(m["last"] or m["first"]))]
         if rules:
             flagged.append((piece, rules))
-        elif piece.kind in PREVIEW_KINDS:
+        elif piece.kind in PREVIEW_KINDS and piece.editable:  # free text, not keys or enums
             context.append((piece, rules))
     shown = flagged[:PREVIEW_PIECES]
     room = PREVIEW_PIECES - len(shown)
