@@ -149,8 +149,8 @@ def _in_order(texts: list[TextPiece], calls: list[ToolCall]) -> list[TextOrCall]
         for call in [c for c in pending if _after(piece.path, c.path)]:
             out.append(call)
             pending.remove(call)
-        if piece.kind not in ("tool_arguments", "tool_description"):
-            out.append(piece)
+        if piece.kind not in ("tool_arguments", "tool_description") and piece.editable:
+            out.append(piece)  # keys, ids and decoded copies (douane.protocols.fields) are not
     return out + pending
 
 
