@@ -313,6 +313,19 @@ def test_hosted_tools_and_mcp_servers_are_parsed(case):
     assert (it.hosted_tools, it.mcp_servers, it.tools) == (kinds, servers, [])
 
 
+def test_mcp_server_credentials_are_not_text():
+    token = "sk-" + "Zq8" * 12
+    doc = {"model": "m", "input": "hi", "tools": [
+        {"type": "mcp", "server_label": "x", "server_url": "https://mcp.example.com/a",
+         "headers": {"Authorization": f"Bearer {token}"}, "authorization": token}]}
+    it = protocols.parse_request(OPENAI, flow_for(OPENAI, RESPONSES, doc))
+    anthropic = {"model": "c", "max_tokens": 5, "messages": [USER], "mcp_servers": [
+        {"type": "url", "url": "https://mcp.example.com/a", "name": "x",
+         "authorization_token": token}]}
+    it2 = protocols.parse_request(ANTHROPIC, flow_for(ANTHROPIC, MESSAGES, anthropic))
+    assert not [p for p in it.texts + it2.texts if token in p.text]
+
+
 @pytest.mark.parametrize(("upstream", "path", "doc"), [
     (OPENAI, RESPONSES, {"model": "m", "input": "hi", "tools": [{"type": "teleport"}]}),
     (OPENAI, CHAT, chat(tools=[{"type": "web_search"}])),

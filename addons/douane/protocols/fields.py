@@ -43,7 +43,10 @@ STRUCTURAL = frozenset({
 # per-event padding: not text, never pieces. Anywhere else these keys are inspected as usual.
 OPAQUE = frozenset({("signature", "thinking"), ("signature", "signature_delta"),
                     ("encrypted_content", "reasoning"), ("encrypted_content", "compaction"),
-                    ("data", "redacted_thinking")})
+                    ("data", "redacted_thinking"),
+                    # a remote MCP server's credentials, for a server a grant names by URL (the
+                    # model never reads them; the secret detectors would refuse every such call)
+                    ("authorization_token", "url"), ("headers", "mcp"), ("authorization", "mcp")})
 PADDING = "obfuscation"  # top level of a stream event only
 MEDIA_TYPES = ("image/", "audio/", "video/", "application/pdf")
 # What media starts with, for payloads that do not say their type: PNG, JPEG, GIF, WebP/WAV/AVI
