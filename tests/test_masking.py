@@ -25,6 +25,9 @@ def analyzer() -> Analyzer:
     return Analyzer(SETTINGS)
 
 
+STARTUP = 300  # seconds for worker processes to load spaCy (minutes on a loaded 2-core machine)
+
+
 def masked(analyzer: Analyzer, text: str, settings: MaskingSettings = SETTINGS) -> str:
     return operators.apply(settings, text, analyzer.analyze(text), {})
 
@@ -155,16 +158,16 @@ def test_overlapping_entities_across_the_cut_are_held_whole():
     class Fixed(InlinePool):
         def submit(self, texts, urgent=False):
             future: concurrent.futures.Future = concurrent.futures.Future()
-            # B crosses the proposed cut (43); A, listed first, ends inside B: both stay behind
-            future.set_result([[Span(30, 38, "A", 1.0), Span(35, 50, "B", 1.0)]
+            # B crosses the cut (55); A, listed first, ends inside B: both stay behind
+            future.set_result([[Span(45, 53, "A", 1.0), Span(50, 60, "B", 1.0)]
                                for _ in texts])
             return future
 
     masker = StreamMasker(SETTINGS, Fixed(None))
-    text = "0123456789 " * 7  # 77 characters: the first proposal cuts at the space at 43
+    text = "abcdefghij " * 10  # the first proposal cuts at the 6th word (5 words behind, at 55)
     out = masker.feed("c", text) + masker.feed("c", "")
-    assert out == text[:30]
-    assert masker.channels["c"].pending == text[30:]
+    assert out == text[:45]
+    assert masker.channels["c"].pending == text[45:]
 
 
 def test_the_pool_batches_analyses_while_its_workers_are_busy():
@@ -177,7 +180,7 @@ def test_the_pool_batches_analyses_while_its_workers_are_busy():
     pool._send_to = lambda urgent, texts: (sent.append(len(texts)), send_to(urgent, texts))[1]
     try:
         for future in pool.warm_up():
-            pool.result(future)
+            future.result(timeout=STARTUP)
         sent.clear()
         busy = pool.submit(["Maria Garcia " * 2000])  # takes the only worker for a while
         texts = ["mail maria@example.com", "call 212-555-0147", "nothing here", "John Smith"]
@@ -203,8 +206,8 @@ def test_a_crashed_worker_fails_the_analysis_and_the_pool_recovers(urgent):
     pool = MaskingPool(SETTINGS)
     try:
         with pytest.raises(BrokenProcessPool):
-            pool.result(pool.executor(urgent).submit(engine.crash_worker))
-        (spans,) = pool.result(pool.submit(["mail maria@example.com"], urgent=urgent))
+            pool.executor(urgent).submit(engine.crash_worker).result(timeout=STARTUP)
+        (spans,) = pool.submit(["mail maria@example.com"], urgent=urgent).result(timeout=STARTUP)
         assert [s.entity for s in spans] == ["EMAIL_ADDRESS"]
     finally:
         pool.shutdown()
@@ -247,7 +250,7 @@ def test_a_stream_end_does_not_wait_behind_a_busy_pool(analyzer):
     pool = MaskingPool(SETTINGS)
     try:
         for future in pool.warm_up():
-            pool.result(future)
+            future.result(timeout=STARTUP)
         # every main worker busy for longer than any bound below, other analyses queued behind
         busy = [pool.executor().submit(time.sleep, 8) for _ in range(SETTINGS.workers)]
         queued = [pool.submit([ANSWER * 20]) for _ in range(4)]

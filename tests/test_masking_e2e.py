@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import random
 import time
 
 import anthropic
@@ -20,6 +21,7 @@ from douane.cli import main
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import Gateway, base_config
 from tests.support.upstream import FakeUpstream
+from tests.test_masking_stream import CORPUS
 
 PII = ("Your account manager is Maria Garcia. Reach her at maria.garcia@example.com or "
        "212-555-0147; the card on file is 4111 1111 1111 1111.")
@@ -246,3 +248,46 @@ def test_douane_mask_prints_what_the_gateway_answers(setup, issuer, tmp_path, ca
     assert main(["mask", "--config", str(gw.config_file), str(tmp_path / "sample.txt")]) == 0
     assert capsys.readouterr().out == answer
     assert "Pellegrino" not in answer and AWS_SECRET not in answer and "98765" not in answer
+
+
+def test_a_stream_at_a_models_pace_is_masked_exactly_as_the_whole_answer(setup, issuer):
+    """Through the real gateway: each answer unstreamed, then streamed in 1-8 character deltas a
+    few milliseconds apart (analyses finish between deltas); the client reads the same text."""
+    gw, llm = setup
+    c = openai_client(gw, llm, issuer.mint("alice@corp", ["engineering"]))
+    rng = random.Random(16)
+    texts = [t for t in CORPUS if len(t) < 200]
+    compared = streamed_in = 0
+    try:
+        for text in texts:
+            llm.reply = text
+            whole = c.chat.completions.create(model="gpt-4o", messages=[
+                {"role": "user", "content": "?"}]).choices[0].message.content
+            assert whole != text or "Nothing sensitive" in text
+            llm.chunk_size = [rng.randint(1, 8) for _ in range(64)]
+            llm.chunk_delay = rng.choice([0.002, 0.005, 0.01])
+            stream = c.chat.completions.create(model="gpt-4o", stream=True,
+                                               messages=[{"role": "user", "content": "?"}])
+            deltas = [ch.choices[0].delta.content for ch in stream
+                      if ch.choices and ch.choices[0].delta.content]
+            assert "".join(deltas) == whole, text
+            compared += 1
+            streamed_in += len(deltas) > 3  # released as it came, not in one piece at the end
+            llm.chunk_size, llm.chunk_delay = 4, 0.0
+    finally:
+        llm.reply, llm.chunk_size, llm.chunk_delay = PII, 4, 0.0
+    # at this pace the analyses finish between deltas, so text leaves before the end (how much
+    # depends on the machine's load; test_streamed_answer_is_masked... holds the stream to more)
+    assert compared == len(texts) >= 15 and streamed_in > 0
+
+
+def test_a_full_form_ipv6_in_a_json_answer_is_masked(setup, issuer):
+    gw, llm = setup
+    c = openai_client(gw, llm, issuer.mint("alice@corp", ["engineering"]))
+    llm.reply = '{"client_ip": "2001:0db8:85a3:0000:0000:8a2e:0370:7334"}'
+    try:
+        reply = c.chat.completions.create(model="gpt-4o",
+                                          messages=[{"role": "user", "content": "?"}])
+    finally:
+        llm.reply = PII
+    assert reply.choices[0].message.content == '{"client_ip": "<IP_ADDRESS>"}'

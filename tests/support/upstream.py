@@ -5,12 +5,13 @@ It records every request it receives, so tests can assert what reached it (and w
 
 from __future__ import annotations
 
+import itertools
 import json
 import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -98,8 +99,14 @@ def _anthropic_events(model: str, pieces: list[str]) -> list[str]:
             for name, data in out]
 
 
-def _pieces(text: str, size: int) -> list[str]:
-    return [text[i:i + size] for i in range(0, len(text), size)] or [""]
+def _pieces(text: str, size: int | Sequence[int]) -> list[str]:
+    """`text` in pieces of `size` characters (or of each size in turn)."""
+    sizes, out, i = itertools.cycle([size] if isinstance(size, int) else size), [], 0
+    while i < len(text):
+        n = next(sizes)
+        out.append(text[i:i + n])
+        i += n
+    return out or [""]
 
 
 class FakeUpstream:
@@ -107,16 +114,17 @@ class FakeUpstream:
 
     Routes: POST /v1/chat/completions, /v1/responses (OpenAI), /v1/messages (Anthropic), JSON or
     SSE when the body asks `stream: true`; GET /v1/models lists one model owned by `reply`.
-    `reply` sets the answer text, `chunk_size` and `chunk_delay` pace streams. `canned[path] = (content type, body)` answers that path (any
-    method) with exactly that body: a misbehaving server. Anything else answers 404 in OpenAI's
-    error shape. `answer`, when set, writes the whole answer itself, headers too (odd framing or
-    encodings): answer(handler, request document).
+    `reply` sets the answer text, `chunk_size` (or sizes used in turn) and `chunk_delay` pace
+    streams. `canned[path] = (content type, body)` answers that path (any method) with exactly
+    that body: a misbehaving server. Anything else answers 404 in OpenAI's error shape. `answer`,
+    when set, writes the whole answer itself, headers too (odd framing or encodings):
+    answer(handler, request document).
     """
 
     def __init__(self, tls: bool = False) -> None:
         self.requests: list[ReceivedRequest] = []
         self.reply = DEFAULT_REPLY
-        self.chunk_size = 4
+        self.chunk_size: int | Sequence[int] = 4
         self.chunk_delay = 0.0
         self.canned: dict[str, tuple[str, bytes]] = {}
         self.answer: Callable[[BaseHTTPRequestHandler, Any], None] | None = None

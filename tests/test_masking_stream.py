@@ -1,0 +1,188 @@
+"""A stream masks exactly what the whole answer masks: the release rule of masking/streaming.py
+against the real analyser, over random splits at three paces, and fixed cases at every offset.
+
+The analyser's results are memoised per text (a window analysed once is not analysed again), so
+the 10,000+ splits cost a few thousand real analyses. The pace is a schedule of when each
+analysis finishes relative to the deltas, driven by a seeded random generator: no clock, so a
+loaded machine changes nothing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+
+import pytest
+
+from douane.masking import operators
+from douane.masking.engine import Analyzer, Span
+from douane.masking.streaming import StreamMasker
+from tests.test_masking import SETTINGS
+
+CORPUS = [
+    # the token right after "Bearer " (a cut there used to lose the prefix)
+    "Use this header: Authorization: Bearer abcdefghijklmnopqrstuvwxyz012345 and retry the call.",
+    "curl -H 'Authorization: Bearer eyZ0eXAiOiJKV1QiLCJhbGciOi.x9k2mL7pQrStUvWxYz01' https://api",
+    # rows after their header
+    "name,email,phone\nJohn Smith,john.smith@example.com,212-555-0147\nMaria Garcia,"
+    "maria.garcia@example.org,+44 20 7946 0958\nwei zhang,wei@example.net,415-555-0199\n",
+    " id | full_name      | city\n----+----------------+--------\n  1 | Anna Kowalski  | Warsaw\n"
+    "  2 | Pierre Dubois  | Lyon\n  3 | Ravi Patel     | Leeds\n(3 rows)\n",
+    '{"user": {"id": 42, "display_name": "Olivia Martin", "email": "olivia.martin@example.com",'
+    ' "client_ip": "2001:0db8:85a3:0000:0000:8a2e:0370:7334"}}',
+    "Hi Thomas,\n\nthanks for the update. Could you send the contract to Sarah Johnson before "
+    "Friday? Her number is (212) 555-0183.\n\nBest,\nEmma",
+    "commit 9f2c1e7\nAuthor: Daniel Weber <daniel.weber@example.de>\nDate:   Mon Nov 30\n\n"
+    "    Fix the retry loop\n",
+    "sure! i talked to james yesterday and he said that emily can take the shift, her email is "
+    "emily.r@example.com if you need it",
+    # an SSN inside a PERSON span, cards, IBANs and phones written in groups
+    "Patient John Smith 078-05-1120 was admitted on Tuesday with a fever.",
+    "Employee Jane Roe, SSN 219-09-9999, started on Monday in the Boston office.",
+    "Pay with card 4111 1111 1111 1111 or transfer to GB82 WEST 1234 5698 7654 32 today.",
+    "Wire to LC55 HEMM 0001 0001 0012 0012 0002 3015 and call +1 (212) 555-0147 ext. 12 after.",
+    # network addresses
+    "The gateway is 192.168.10.24, the upstream 2001:db8:85a3:0:0:8a2e:370:7334 and fe80::1.",
+    "Here is the key:\n-----BEGIN RSA PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n"
+    "BKcwggSjAgEAAoIBAQC7VJTUt9Us8cKj\n-----END RSA PRIVATE KEY-----\nKeep it safe.",
+    "Set AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE and OPENAI_API_KEY=sk-proj-abcdefghijklmnopqrstu"
+    "vwxyz0123 in the environment, then run the job as Michael Brown.",
+    # prose and hard negatives
+    "The report by Dr. Aisha Rahman and Carlos Mendoza covers Q3; version 3.12.1 shipped with "
+    "order 550e8400-e29b-41d4-a716-446655440000 on time.",
+    "Meeting notes: Li Wei presented, Sophie Laurent asked about the S3 costs, and Ahmed Khan "
+    "will follow up with the EKS team at 10:30 tomorrow.",
+    "2026-11-30T09:12:44Z INFO login user=kevin.obrien@example.com ip=10.0.4.17 "
+    "agent=Mozilla/5.0 session=7f3a9c1d\n2026-11-30T09:12:45Z WARN retry user=kevin.obrien"
+    "@example.com ip=10.0.4.17\n",
+    "Nothing sensitive here: just a list of steps to restart the service and check its logs.",
+    "Contact: Fatima Al-Sayed, fatima@example.ae, +971 4 123 4567; backup: Jonas Berg.",
+]
+
+
+@pytest.fixture(scope="module")
+def analyse():
+    analyzer = Analyzer(SETTINGS)
+    memo: dict[str, list[Span]] = {}
+
+    def run(text: str) -> list[Span]:
+        if text not in memo:
+            memo[text] = analyzer.analyze(text)
+        return memo[text]
+
+    run.memo = memo  # type: ignore[attr-defined]
+    return run
+
+
+class ScheduledPool:
+    """The pool's interface; each analysis finishes when the pace says so, relative to the
+    deltas (a real one finishes on a worker while the stream callable is not running)."""
+
+    def __init__(self, analyse, pace: str, rng: random.Random):
+        self.analyse, self.pace, self.rng = analyse, pace, rng
+        self.out: list[tuple[str, concurrent.futures.Future, int]] = []
+
+    def submit(self, texts, urgent=False):
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if urgent:
+            future.set_result([self.analyse(t) for t in texts])
+        else:
+            # burst: nothing finishes before the end; model: before the next delta; slow: after
+            # 0 to 4 more deltas (sometimes just before the end, sometimes not)
+            wait = {"burst": 10**9, "model": 0, "slow": self.rng.randint(0, 4)}[self.pace]
+            self.out.append((texts[0], future, wait))
+        return future
+
+    def tick(self) -> None:
+        """Between two deltas: analyses whose time has come finish."""
+        still = []
+        for text, future, wait in self.out:
+            if future.cancelled():
+                continue
+            if wait <= 0:
+                future.set_result([self.analyse(text)])
+            else:
+                still.append((text, future, wait - 1))
+        self.out = still
+
+    def result(self, future):
+        return future.result(timeout=0)
+
+
+def whole(analyse, text: str) -> str:
+    return operators.apply(SETTINGS, text, analyse(text), {})
+
+
+def stream(analyse, deltas: list[str], pace: str, rng: random.Random) -> tuple[str, list[str]]:
+    pool = ScheduledPool(analyse, pace, rng)
+    masker = StreamMasker(SETTINGS, pool)
+    out = []
+    for delta in deltas:
+        pool.tick()
+        out.append(masker.feed("c", delta))
+        if rng.random() < 0.1:
+            out.append(masker.feed("c", ""))  # an event without text (another channel's)
+    if pace != "burst" and rng.random() < 0.5:
+        pool.tick()  # the end comes a moment after the last analysis finished
+        out.append(masker.feed("c", ""))
+    out.append(masker.finish("c"))
+    return "".join(out), out
+
+
+def random_split(text: str, rng: random.Random, most: int) -> list[str]:
+    deltas, i = [], 0
+    while i < len(text):
+        n = rng.randint(1, most)
+        deltas.append(text[i:i + n])
+        i += n
+    return deltas
+
+
+SPLITS_PER_TEXT = 170  # x 20 texts x 3 paces = 10,200 random splits
+
+
+@pytest.mark.parametrize("pace", ["burst", "model", "slow"])
+def test_random_splits_stream_exactly_what_the_whole_answer_masks(analyse, pace):
+    rng = random.Random(f"douane-{pace}")
+    mismatches, released_early = [], 0
+    for text in CORPUS:
+        expected = whole(analyse, text)
+        for _ in range(SPLITS_PER_TEXT):
+            # a model's pace (1-8 characters per delta), or larger pieces now and then
+            deltas = random_split(text, rng, rng.choice([8, 8, 8, 40]))
+            got, pieces = stream(analyse, deltas, pace, rng)
+            if got != expected:
+                mismatches.append((text[:40], deltas))
+            released_early += any(pieces[:-1])
+    assert len(CORPUS) * SPLITS_PER_TEXT == 3400
+    assert not mismatches, mismatches[:3]
+    if pace != "burst":  # still a stream: text leaves before the end
+        assert released_early > 0.9 * len(CORPUS) * SPLITS_PER_TEXT
+
+
+CASES = [
+    (CORPUS[0], "abcdefghij"),
+    (CORPUS[2], "wei zhang"),
+    (CORPUS[4], "Olivia"),
+    (CORPUS[4], "2001:0db8"),
+    (CORPUS[5], "Thomas"),
+    (CORPUS[6], "Daniel Weber"),
+    (CORPUS[8], "078-05"),
+    (CORPUS[8], "1120"),
+    (CORPUS[11], "LC55"),
+]
+
+
+@pytest.mark.parametrize(("text", "value"), CASES)
+def test_a_value_split_at_every_offset_streams_as_whole(analyse, text, value):
+    expected = whole(analyse, text)
+    assert value not in expected, "the case must be one the whole answer masks"
+    rng = random.Random(0)
+    for pace in ("burst", "model", "slow"):
+        for offset in range(1, len(text)):
+            got, _ = stream(analyse, [text[:offset], text[offset:]], pace, rng)
+            assert got == expected, (pace, offset)
+            # one character at a time from the split on, each analysis finishing in between
+            if offset % 7 == 0:
+                deltas = [text[:offset], *text[offset:]]
+                assert stream(analyse, deltas, pace, rng)[0] == expected, (pace, offset)
