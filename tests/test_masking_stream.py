@@ -156,8 +156,9 @@ def test_random_splits_stream_exactly_what_the_whole_answer_masks(analyse, pace)
             released_early += any(pieces[:-1])
     assert len(CORPUS) * SPLITS_PER_TEXT == 3400
     assert not mismatches, mismatches[:3]
-    if pace != "burst":  # still a stream: text leaves before the end
-        assert released_early > 0.9 * len(CORPUS) * SPLITS_PER_TEXT
+    # still a stream: text leaves before the end (when the analyses finish before it)
+    share = {"burst": 0, "model": 0.9, "slow": 0.7}[pace]
+    assert released_early >= share * len(CORPUS) * SPLITS_PER_TEXT
 
 
 CASES = [
