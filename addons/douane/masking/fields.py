@@ -79,34 +79,46 @@ def _cells(line: str, sep: str) -> list[tuple[int, int]]:
     return cells
 
 
-def _tables(text: str) -> Iterator[tuple[int, int, str]]:
-    lines, offset = [], 0
-    for line in text.split("\n"):
-        lines.append((offset, line))
-        offset += len(line) + 1
-    i = 0
-    while i < len(lines):
-        base, header = lines[i]
-        i += 1
+class Tables:
+    """Delimited tables read a line at a time: a header naming fields (CSV, psql, markdown), its
+    rule lines, then rows with as many cells. Whole texts and streams share this state, so a
+    stream knows the header of the table it is in the middle of (streaming.py)."""
+
+    def __init__(self) -> None:
+        self.header = ""  # the header line and its rule lines, while a table is open
+        self.sep = ""
+        self.columns: list[str | None] = []
+        self.rows = 0  # rows read since the header (rule lines are skipped only before one)
+
+    def line(self, line: str) -> list[tuple[int, int, str]]:
+        """The field values among the cells of the next line, as (start, end, entity) in it."""
+        if self.header:
+            if not self.rows and RULE_LINE.match(line) and line.strip():
+                self.header += "\n" + line  # psql's ----+---- and markdown's |---|
+                return []
+            cells = _cells(line, self.sep)
+            if len(cells) == len(self.columns):
+                self.rows += 1
+                return [(s, e, entity) for (s, e), entity in zip(cells, self.columns, strict=True)
+                        if entity and _shaped(entity, line[s:e])]
+            self.header = ""  # the table ended: this line may start another
         for sep in TABLE_SEPARATORS:
-            if header.count(sep) < 1:
+            if line.count(sep) < 1:
                 continue
-            columns = [field_type(header[s:e]) for s, e in _cells(header, sep)]
-            if not any(columns) or not all(re.fullmatch(r"[\w .-]{1,30}", header[s:e])
-                                           for s, e in _cells(header, sep)):
-                continue
-            while i < len(lines) and (RULE_LINE.match(lines[i][1]) and lines[i][1].strip()):
-                i += 1  # psql's ----+---- and markdown's |---|
-            while i < len(lines):
-                row_base, row = lines[i]
-                cells = _cells(row, sep)
-                if len(cells) != len(columns):
-                    break
-                for (s, e), entity in zip(cells, columns, strict=True):
-                    if entity and _shaped(entity, row[s:e]):
-                        yield row_base + s, row_base + e, entity
-                i += 1
-            break
+            cells = _cells(line, sep)
+            columns = [field_type(line[s:e]) for s, e in cells]
+            if any(columns) and all(re.fullmatch(r"[\w .-]{1,30}", line[s:e]) for s, e in cells):
+                self.header, self.sep, self.columns, self.rows = line, sep, columns, 0
+                break
+        return []
+
+
+def _tables(text: str) -> Iterator[tuple[int, int, str]]:
+    tables, base = Tables(), 0
+    for line in text.split("\n"):
+        for start, end, entity in tables.line(line):
+            yield base + start, base + end, entity
+        base += len(line) + 1
 
 
 def find(text: str, entities: set[str]) -> Iterator[tuple[int, int, str]]:

@@ -47,16 +47,18 @@ the API's error event.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 
-from douane.masking import operators
+from douane.masking import fields, operators
 from douane.masking.config import MaskingSettings
 from douane.masking.engine import Span
 from douane.masking.pool import Analysis, MaskingPool
 
 LEFT_WORDS = 8  # words of released text analysed again as left context
-LEFT_CHARS = 128  # ... at most this many characters of it
+LEFT_CHARS = 128  # ... at most this many characters of it (outside a table)
+LINE_CHARS = 4096  # the longest line kept whole for a table's row
 RIGHT_WORDS = 5  # complete words held behind a cut (spaCy's window is 4 tokens)
 RUN_CHARS = 48  # the longest value written in groups (an IBAN is at most 42 with spaces)
 WORD = re.compile(r"\S+")
@@ -68,6 +70,9 @@ DIGIT = re.compile(r"\d")
 @dataclass
 class _Channel:
     released: str = ""  # the tail of the released text (left context for the next analysis)
+    tables: fields.Tables = field(default_factory=fields.Tables)  # fed the released lines
+    rows: list[str] = field(default_factory=list)  # the last complete released lines (2 at most)
+    line: str = ""  # the released part of the current line (`LINE_CHARS` at most)
     pending: str = ""  # received, not yet released
     inflight: Analysis | None = None
     window: str = ""  # the text being analysed: left context + all of `pending` when proposed
@@ -91,7 +96,7 @@ class StreamMasker:
         if ch.inflight is not None and ch.inflight.done():
             out = self._release(ch, self.pool.result(ch.inflight)[0])
         if ch.inflight is None and ch.analysed is None and ch.pending:
-            ch.context = len(context := left_context(ch.released))
+            ch.context = len(context := left_context(ch))
             ch.window = context + ch.pending
             ch.inflight = self.pool.submit([ch.window])
         return out
@@ -109,7 +114,7 @@ class StreamMasker:
             return out
         spans = ch.analysed
         if spans is None:
-            context = left_context(ch.released)
+            context = left_context(ch)
             window = context + ch.pending
             spans = shift(self.pool.result(self.pool.submit([window], urgent=True))[0],
                           len(context), len(window))
@@ -118,27 +123,45 @@ class StreamMasker:
     def _release(self, ch: _Channel, spans: list[Span]) -> str:
         ch.inflight = None
         window, start = ch.window, ch.context
-        cut = release_point(window, start, spans, self.settings.stream_window)
+        cut = release_point(window, start, spans, self.settings.stream_window,
+                            ch.tables if len(ch.line) < LINE_CHARS else None, ch.line)
         released = window[start:cut]
         if len(ch.pending) == len(window) - start:  # nothing arrived since the proposal
             ch.analysed = shift(spans, cut, len(window))
         ch.pending = ch.pending[cut - start:]
         ch.released = (ch.released + released)[-2 * LEFT_CHARS:]
+        *lines, rest = (ch.line + released).split("\n")
+        for line in lines:
+            ch.tables.line(line)
+        ch.rows = [*ch.rows, *lines][-2:]
+        # a line too long to keep whole is no table row (so `release_point` sees no table in it)
+        ch.line = rest if len(rest) < LINE_CHARS else rest[-LINE_CHARS:]
         return operators.apply(self.settings, released, shift(spans, start, cut), self.counts)
 
 
-def left_context(released: str) -> str:
-    """The last words of the released text: `LEFT_WORDS` of them, within `LEFT_CHARS`."""
-    tail = released[-LEFT_CHARS:]
+def left_context(ch: _Channel) -> str:
+    """The released text an analysis reads again: inside an open table, its header and the last
+    rows; otherwise the last `LEFT_WORDS` words within `LEFT_CHARS`, from the line's start when it
+    is among them (a greeting or a `key: value` pair is read from there)."""
+    if ch.tables.header and len(ch.line) < LINE_CHARS:
+        rows = ch.rows[len(ch.rows) - min(ch.tables.rows, len(ch.rows)):]
+        return "\n".join([ch.tables.header, *rows, ch.line])
+    tail = ch.released[-LEFT_CHARS:]
     starts = [m.start() for m in WORD.finditer(tail)]
-    if len(tail) < len(released):  # the first word may be cut: start at the next one
+    if len(tail) < len(ch.released):  # the first word may be cut: start at the next one
         starts = [s for s in starts if s > 0] or [0]
-    return tail[starts[max(0, len(starts) - LEFT_WORDS)]:] if starts else ""
+    if not starts:
+        return ""
+    first = starts[max(0, len(starts) - LEFT_WORDS)]
+    line = tail.rfind("\n", 0, first) + 1
+    return tail[line if line or len(tail) == len(ch.released) else first:]
 
 
-def release_point(window: str, start: int, spans: list[Span], hold: int) -> int:
+def release_point(window: str, start: int, spans: list[Span], hold: int,
+                  tables: fields.Tables | None = None, line: str = "") -> int:
     """Where the release may end in `window`, whose held text begins at `start`: the rule of
-    this module's docstring. `spans` are the window's detections."""
+    this module's docstring. `spans` are the window's detections; `tables` the table state at
+    the start of the current line, of which `line` was released."""
     words = list(WORD.finditer(window, start))
     complete = len(words) - (0 if window[-1:].isspace() else 1)
     cut = start
@@ -150,6 +173,13 @@ def release_point(window: str, start: int, spans: list[Span], hold: int) -> int:
                 i -= 1  # a value in groups may still be growing: its run stays whole
             cut = words[i].start()
             break
+    if tables is not None:  # a row of an open table leaves whole: its cells count together
+        state, pos = copy.copy(tables), start
+        while (end := window.find("\n", pos)) != -1:
+            state.line(line + window[pos:end])
+            line, pos = "", end + 1
+        if state.header:
+            cut = min(cut, pos)
     held = shift(spans, start, len(window))  # a detection reaching back starts at `start`
     while crossing := [s.start for s in held if s.start < cut - start < s.end]:
         cut = start + min(crossing)  # an entity across the cut stays whole, behind it
