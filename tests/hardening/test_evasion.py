@@ -333,6 +333,8 @@ def tls_llm():
 def proxy_gw(issuer, tls_llm, tmp_path_factory):
     work = tmp_path_factory.mktemp("evasion-h2")
     config = base_config(issuer.url, tls_llm.url, policy={"files": [write_policy(work)]})
+    config["upstreams"]["claude"] = {"url": tls_llm.url + "/anthropic", "protocol": "anthropic",
+                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
     # lazy: the client's ALPN (h2) is chosen before the HTTP/1.1-only fake upstream is reached
     with Gateway(config, mode="regular", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
                  args=["--set", "ssl_insecure=true", "--set", "connection_strategy=lazy"],

@@ -95,6 +95,12 @@ class Gateway:
         while time.monotonic() < deadline:
             m = _LISTENING.search(self.log_text())
             if m:
+                # mitmproxy listens before it checks the addons' start-up errors: a gateway
+                # whose configuration failed prints this next, and exits
+                time.sleep(0.3)
+                if "Error logged during startup" in self.log_text():
+                    self.stop()
+                    raise RuntimeError(f"mitmdump failed to start:\n{self.log_text()}")
                 self.port = int(m.group(1))
                 return self
             if self.proc.poll() is not None:
