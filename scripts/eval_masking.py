@@ -13,6 +13,7 @@ predictions are cached under /tmp per corpus (it is the slow half).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -100,6 +101,18 @@ def evaluate(items: list[Item], predictions: list[list[Prediction]], types: tupl
     return stats
 
 
+def recall_where(items: list[Item], predictions: list[list[Prediction]], kind: str,
+                 keep) -> tuple[int, int]:
+    """(found, labelled) for the labelled values of `kind` that `keep(item, value)` selects."""
+    found = total = 0
+    for item, predicted in zip(items, predictions, strict=True):
+        for gs, ge, gt in item.spans:
+            if gt == kind and keep(item, item.text[gs:ge]):
+                total += 1
+                found += any(pt == gt and ps < ge and pe > gs for ps, pe, pt in predicted)
+    return found, total
+
+
 def scores(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
     p = tp / (tp + fp) if tp + fp else 1.0
     r = tp / (tp + fn) if tp + fn else 1.0
@@ -122,6 +135,8 @@ def main() -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--no-stock", action="store_true")
     parser.add_argument("--misses", help="print the misses of TYPE (or FP:TYPE) of douane")
+    parser.add_argument("--sweep", help="comma-separated score thresholds: douane's F2 at each "
+                        "(how the default threshold was chosen, on seed 1)")
     args = parser.parse_args()
     offline_tldextract()
     quiet_presidio()
@@ -136,15 +151,24 @@ def main() -> int:
           f"{sum(not i.spans for i in items)} items without any; seed {args.seed}")
     print(f"douane: {args.config}: entities {', '.join(settings.entities)}; threshold "
           f"{settings.score_threshold}; phone regions {', '.join(settings.phone_regions)}")
+    if args.sweep:
+        for threshold in (float(t) for t in args.sweep.split(",")):
+            stats = evaluate(items, douane_predictions(
+                dataclasses.replace(settings, score_threshold=threshold), items)[0], TYPES)
+            print(f"threshold {threshold:.2f}: micro F2 {micro(stats, TYPES):.3f}; " + ", ".join(
+                f"{t} {scores(*stats[t])[2]:.3f}" for t in TYPES))
+        return 0
     start = time.perf_counter()
     predictions, masked = douane_predictions(settings, items)
     ours = evaluate(items, predictions, (*TYPES, "SECRET"), args.misses)
     clear = left_in_clear(items, masked)
     print(f"douane: {time.perf_counter() - start:.1f} s")
     results = [("douane", ours)]
+    stock = None
     if not args.no_stock:
         start = time.perf_counter()
-        results.insert(0, ("stock Presidio", evaluate(items, stock_predictions(items), TYPES)))
+        stock = stock_predictions(items)
+        results.insert(0, ("stock Presidio", evaluate(items, stock, TYPES)))
         print(f"stock: {time.perf_counter() - start:.1f} s (cached after the first run)")
     print(f"\n{'entity':<15}{'n':>6}" + "".join(f"{name:>24}" for name, _ in results))
     print(f"{'':<21}" + "".join(f"{'P     R    F2':>24}" for _ in results))
@@ -158,6 +182,15 @@ def main() -> int:
                 row += f"{'-':>24}"
         print(row)
     print(f"{'micro F2 (8)':<21}" + "".join(f"{micro(s, TYPES):>24.3f}" for _, s in results))
+    for label, kind, keep in (
+            ("plain 9-digit SSNs", "US_SSN", lambda i, v: v.isdigit()),
+            ("Brazilian phone numbers", "PHONE_NUMBER", lambda i, v: i.locale == "pt_BR"),
+            ("Indian phone numbers", "PHONE_NUMBER", lambda i, v: i.locale == "en_IN")):
+        found, total = recall_where(items, predictions, kind, keep)
+        print(f"recall on {label}: douane {found}/{total}", end="")
+        if stock is not None:
+            print(f", stock {'/'.join(map(str, recall_where(items, stock, kind, keep)))}", end="")
+        print()
     print("values with characters left in clear after douane's masking: " + ", ".join(
         f"{t} {clear[t][1]}/{clear[t][0]}" for t in (*TYPES, "SECRET") if t in clear))
     tp, fp, fn = ours["SECRET"]

@@ -39,9 +39,11 @@ class Found:
     kind: Kind
 
 
-# whole runs only; not Subresource-Integrity digests (`sha512-<base64>`) nor data URIs
-HIGH_ENTROPY = re.compile(r"(?<![A-Za-z0-9+/_=-])(?<!base64,)(?!sha(?:1|256|384|512)-)"
-                          r"[A-Za-z0-9+/_=-]{32,}")
+# whole runs only, the value after a `NAME=` in them; not Subresource-Integrity digests
+# (`sha512-<base64>`) nor data URIs
+HIGH_ENTROPY = re.compile(r"(?<![A-Za-z0-9+/_=-])(?<!base64,)(?:[A-Za-z_][\w.-]{0,40}=(?!=))?"
+                          r"(?P<v>(?!sha(?:1|256|384|512)-)[A-Za-z0-9+/_-]{32,}={0,2})"
+                          r"(?![A-Za-z0-9+/_=-])")
 ENTROPY_BITS = 4.5
 ENCODED_CONTENT = 1024  # high-entropy runs longer than this are encoded content (an image, a file)
 SHORTEST_SECRET = 10  # no kind matches fewer characters (`pwd=Ab3xyz`)
