@@ -19,6 +19,7 @@ from douane.policy.addon import Enforce
 from douane.recording.addon import Record
 from douane.recording.originals import KeepOriginals
 from douane.refusals import KeepRefusals
+from douane.resource import ProtectedResourceMetadata, ResourceAccess
 from douane.routing import Broker, InjectCredential, Route
 from douane.settings import Settings
 from douane.timeouts import ClientTimeouts
@@ -37,7 +38,9 @@ addons = [
     LoopMonitor(),
     ClientTimeouts(settings),
     Route(settings),
+    ProtectedResourceMetadata(settings),  # MCP clients discover where to log in, unauthenticated
     Authenticate(settings),
+    ResourceAccess(),  # an MCP resource's tokens: issued for it, with its scopes
     Broker(settings, enforce.policy),  # grants may name operations douane does not parse
     Inspect(settings),
     enforce,

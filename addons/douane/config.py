@@ -270,6 +270,15 @@ class Credential:
 
 
 @dataclass(frozen=True)
+class ResourceServer:
+    """An MCP upstream's OAuth protected-resource settings (RFC 9728, RFC 8707)."""
+
+    uri: str | None  # the resource identifier; None: the URL the client called
+    scopes: tuple[str, ...]  # advertised, and required of every token
+    audience: bool  # the token's aud must name this resource
+
+
+@dataclass(frozen=True)
 class Upstream:
     name: str
     scheme: str
@@ -285,6 +294,8 @@ class Upstream:
     # (scheme, host, port) of a stand-in that serves this upstream's API (a staging provider, a
     # local model server): flows are routed and decided as this upstream, then sent there
     connect_to: tuple[str, str, int] | None = None
+    resource: ResourceServer | None = None  # MCP: douane as the OAuth resource server
+    origins: tuple[str, ...] = ()  # MCP: browser origins allowed besides the one called
 
     def matches(self, host: str, port: int, path: str) -> bool:
         """`path` is normalised (douane.operations): a prefix match on it cannot be escaped."""
@@ -454,7 +465,7 @@ def _identity(v: View, state_dir: Path) -> IdentityConfig:
 
 def _upstream(name: str, v: View) -> Upstream:
     v.only("url", "protocol", "credential", "allow_websocket", "request_text_paths",
-           "response_text_paths", "connect_to")
+           "response_text_paths", "connect_to", "resource", "origins")
     url = v.get("url", str)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -495,7 +506,39 @@ def _upstream(name: str, v: View) -> Upstream:
         allow_websocket=v.get("allow_websocket", bool, False),
         request_text_paths=request_paths, response_text_paths=response_paths,
         connect_to=_connect_to(v),
+        resource=_resource(v, protocol),
+        origins=_origins(v, protocol),
     )
+
+
+def _resource(v: View, protocol: str) -> ResourceServer | None:
+    if "resource" not in v.data:
+        return None
+    if protocol != "mcp":
+        raise v.error("only an mcp upstream is an OAuth protected resource", "resource")
+    rv = v.sub("resource")
+    rv.only("uri", "scopes", "audience")
+    uri = rv.get("uri", str, None)
+    if uri is not None:
+        parts = urlsplit(uri)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
+                or parts.fragment:
+            raise rv.error(f"expected an absolute URL without query or fragment, got {uri!r}",
+                           "uri")
+    return ResourceServer(uri.rstrip("/") if uri else None, rv.strings("scopes", ()),
+                          rv.get("audience", bool, True))
+
+
+def _origins(v: View, protocol: str) -> tuple[str, ...]:
+    origins = v.strings("origins", ())
+    if origins and protocol != "mcp":
+        raise v.error("origins apply to mcp upstreams", "origins")
+    for origin in origins:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+            raise v.error(f"expected an origin such as https://app.example.com, got {origin!r}",
+                          "origins")
+    return tuple(o.lower() for o in origins)
 
 
 def _connect_to(v: View) -> tuple[str, str, int] | None:

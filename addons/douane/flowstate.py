@@ -30,6 +30,8 @@ class Identity:
     subject: str
     source: str  # where the identity came from: bearer, x-api-key, proxy-authorization, header
     expires_at: int | None = None
+    audiences: tuple[str, ...] = ()  # the token's aud (an MCP resource checks its own URI is there)
+    scopes: tuple[str, ...] = ()  # the token's scope / scp
 
     def summary(self) -> dict[str, Any]:
         return {"user": self.user, "groups": list(self.groups), "issuer": self.issuer,

@@ -26,6 +26,7 @@ from mitmproxy.proxy.mode_specs import RegularMode
 from douane import devissuer
 from douane.flowstate import Identity, Reason, state
 from douane.refusals import guarded, refuse
+from douane.resource import challenge
 from douane.settings import Settings
 from douane.tokens import TokenError, TokenVerifier, looks_like_jwt
 
@@ -156,7 +157,10 @@ class Authenticate:
             headers = {"proxy-authenticate": 'Basic realm="douane"'}
         else:
             description = error.message.replace('"', "'")
-            headers = {"www-authenticate": f'Bearer realm="douane", error="invalid_token", '
+            # an MCP client finds its authorization server from resource_metadata
+            headers = {"www-authenticate": f'Bearer realm="douane"'
+                                          f'{challenge(flow, state(flow).upstream)}, '
+                                          f'error="invalid_token", '
                                           f'error_description="{description}"'}
         refuse(flow, 407 if proxy else 401, error.message, f"identity_{error.code}",
                Reason(f"identity.{error.code}", error.message), headers=headers)

@@ -229,6 +229,12 @@ class TokenVerifier:
             groups = groups.replace(",", " ").split()
         groups = tuple(str(g) for g in groups) if isinstance(groups, list) else ()
         exp = claims.get("exp")
+        aud = claims.get("aud")
+        scope = claims.get("scope", claims.get("scp", ""))
         return Identity(user=user, groups=groups, issuer=issuer.issuer,
                         subject=str(claims.get("sub", "")), source=source,
-                        expires_at=int(exp) if isinstance(exp, int | float) else None)
+                        expires_at=int(exp) if isinstance(exp, int | float) else None,
+                        audiences=tuple(str(a) for a in ([aud] if isinstance(aud, str) else
+                                                         aud if isinstance(aud, list) else [])),
+                        scopes=tuple(str(s) for s in (scope.split() if isinstance(scope, str) else
+                                                      scope if isinstance(scope, list) else [])))
