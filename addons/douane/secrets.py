@@ -146,12 +146,13 @@ CATALOGUE: tuple[Kind, ...] = (
     _kind("basic_auth", "PASSWORD",
           r"(?i:\bbasic)\s+(?P<v>[A-Za-z0-9+/]{8,}={0,2})(?![A-Za-z0-9+/=])", 70, ("basic",),
           _basic_credentials),
+    # up to the last `@` before the host: a password may hold one, unencoded
     _kind("url_password", "PASSWORD",
-          r"\b[A-Za-z][A-Za-z0-9+.-]{1,15}://[^\s:/@\"'<>]{1,64}:(?P<v>[^\s/@\"'<>]{1,128})@", 70,
+          r"\b[A-Za-z][A-Za-z0-9+.-]{1,15}://[^\s:/@\"'<>]{1,64}:(?P<v>[^\s/\"'<>]{1,128})@", 70,
           ("://",), lambda v: not _PLACEHOLDER.search(v)),
     _kind("password", "PASSWORD",
           r"(?i:" + _NAME + _PASSWORD + r")" + _NAME + _SEP
-          + r"(?P<v>[^\s\"'`,;&<>]{6,128})", 50, ("pass", "pwd"), _password_value),
+          + r"(?P<v>[^\s\"'`,;&<>]{6,128})", 40, ("pass", "pwd"), _password_value),
     _kind("credential", "SECRET",
           r"(?i:" + _NAME + _CREDENTIAL + r")" + _NAME + _SEP
           + r"(?P<v>[A-Za-z0-9_\-+/=.~]{16,1024})", 40,
