@@ -184,3 +184,40 @@ def test_openai_sdk_error_for_an_absurd_model_name(gw, issuer):
     with pytest.raises(openai.BadRequestError) as err:
         c.chat.completions.create(model="m" * 1000, messages=[{"role": "user", "content": "x"}])
     assert "model name is 1000 characters long (at most 256)" in str(err.value)
+
+
+def test_a_user_cannot_rotate_their_block_out_of_the_audit_log(issuer, upstream, tmp_path):
+    """A tiny size budget (4 KiB x 1 backup) and a flood of the largest records a client can
+    cause: rotation keeps every record younger than the retention and says so; nothing is lost."""
+    (tmp_path / "policy.yaml").write_text(POLICY + 'rules:\n  - {id: deny.codename, literal: '
+                                          '"project nightingale", score: 90}\n')
+    config = base_config(issuer.url, upstream.url,
+                         policy={"files": [str(tmp_path / "policy.yaml")]},
+                         audit={"max_bytes": "4k", "backups": 1})
+    config["upstreams"]["crm"] = {"url": upstream.url + "/mcp", "protocol": "mcp"}
+    with Gateway(config, mode=f"reverse:{upstream.url}", workdir=tmp_path / "gw",
+                 env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}) as gw:
+        token = issuer.mint("mallory@corp.example", ["engineering"])
+        blocked = httpx.post(gw.url + "/v1/chat/completions", timeout=60, headers={
+            "authorization": f"Bearer {token}"}, json={"model": "m", "messages": [
+                {"role": "user", "content": "tell me about project nightingale"}]})
+        assert blocked.status_code == 403
+        block_id = blocked.headers["x-douane-decision-id"]
+        for _ in range(20):
+            assert chat(gw, token, "m" * 500_000).status_code == 400
+        deadline = time.monotonic() + 30  # every file, rotated ones included
+        while True:
+            files = audit.log_files(gw.audit_file())
+            records = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+            if sum(r.get("event") == "decision" for r in records) == 21 or \
+                    time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert sum(r.get("event") == "decision" for r in records) == 21
+        assert len(files) > 2  # over the budget of 1 backup: kept
+        assert any(r.get("decision_id") == block_id for r in records)
+        assert any(r.get("event") == "audit.over_budget" for r in records)
+        assert not any(r.get("event") == "audit.deleted" for r in records)
+        assert "over its size budget" in gw.log_text()
+        verified = douane(gw, "audit", "verify")
+        assert verified.returncode == 0 and "chain starts at seq 1 (" in verified.stdout
