@@ -9,7 +9,7 @@ import copy
 import json
 
 import pytest
-from mitmproxy.test import tutils
+from mitmproxy.test import tflow, tutils
 
 from douane import protocols
 from douane.config import ConfigError
@@ -17,6 +17,7 @@ from douane.interaction import Interaction
 from douane.policy import engine, model
 from douane.protocols import jsonpath, streams
 from douane.protocols.sse import SseParser
+from douane.recording.writer import without_secrets
 from tests.test_protocols import ANTHROPIC, GENERIC, OPENAI, flow_for
 
 PHRASE = "project nightingale"
@@ -390,3 +391,15 @@ def test_hosted_tool_grants_are_validated_with_file_and_line(tmp_path, grant, me
     with pytest.raises(ConfigError) as err:
         model.load([path])
     assert message in str(err.value) and "grants.yaml:5" in str(err.value)
+
+
+def test_the_recording_redacts_a_key_inside_a_text_file():
+    key = "AKIA" + "Q" * 16
+    f = tflow.tflow(resp=tutils.tresp())
+    f.request.headers["content-type"] = "application/json"
+    inside = base64.b64encode(f"creds: {key}\n".encode()).decode()
+    f.request.text = json.dumps(file_part(f"data:text/plain;base64,{inside}"))
+    without_secrets(f)
+    url = json.loads(f.request.content)["messages"][0]["content"][0]["file"]["file_data"]
+    assert inside not in f.request.text and key not in f.request.text
+    assert base64.b64decode(url.split(",")[1]) == b"creds: <SECRET:detector.secret.aws_access_key>\n"

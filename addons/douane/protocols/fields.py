@@ -159,6 +159,16 @@ def strays(doc: Any, claimed: set[JsonPath]) -> list[tuple[JsonPath, str]]:
     return out
 
 
+def file_text(text: str) -> str | None:
+    """The text a data URL or a bare base64 run carries; None when it is not a file, or not one
+    douane can read as text (for the recording's secret redaction, which must look inside)."""
+    try:
+        payload = _payload(text, None, {})
+        return None if payload is None else _text_of(*payload)
+    except ProtocolError:
+        return None
+
+
 def _node(walk: _Walk, node: Any, path: JsonPath, key: str | None, parent: dict[str, Any],
           depth: int) -> None:
     if depth > MAX_DEPTH:

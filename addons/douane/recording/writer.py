@@ -13,6 +13,7 @@ gateway's to handle: the child drains until `close()` says stop.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import multiprocessing
@@ -34,7 +35,7 @@ from mitmproxy.io import tnetstring
 from wsproto.frame_protocol import Opcode
 
 from douane import protocols, secrets, transcript, untrusted
-from douane.protocols import decoding, streams
+from douane.protocols import decoding, fields, streams
 from douane.recording import index, originals
 from douane.recording.config import RecordingSettings
 
@@ -126,6 +127,10 @@ def _json_string(m: re.Match[str]) -> str:
     except ValueError:
         return literal
     clean = secrets.redact(value)
+    inside = fields.file_text(value) if clean == value else None
+    if inside is not None and secrets.redact(inside) != inside:  # a key inside a text file
+        clean = "data:text/plain;base64," + base64.b64encode(
+            secrets.redact(inside).encode()).decode()
     return literal if clean == value else json.dumps(clean, ensure_ascii=False)
 
 
