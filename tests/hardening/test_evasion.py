@@ -506,3 +506,17 @@ def test_a_granted_hosted_tool_and_mcp_server_pass(gw, llm, issuer):
                       headers={"authorization": f"Bearer {token}"})
     assert assert_refused(gw, llm, before + 1, resp, 403)["reasons"][0]["rule"] == \
         "grant.mcp_server"
+
+
+def test_a_key_in_a_text_file_is_refused_and_not_recorded(gw, llm, token, secrets):
+    """The key is found in the decoded file; test_z_leaks then finds no `sk-` key in any
+    recording, raw or inside base64."""
+    key = "sk-proj-" + "Zq8x" * 8
+    inside = base64.b64encode(f"OPENAI_API_KEY={key}\n".encode()).decode()
+    secrets.update({key, inside})
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + "/v1/chat/completions", json=chat([{"type": "file", "file": {
+        "filename": "env.txt", "file_data": f"data:text/plain;base64,{inside}"}}]),
+        headers={"authorization": f"Bearer {token}"})
+    record = assert_refused(gw, llm, before, resp, 403)
+    assert record["reasons"][0]["rule"].startswith("detector.secret."), record
