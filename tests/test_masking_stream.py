@@ -195,3 +195,24 @@ def test_a_value_split_at_every_offset_streams_as_whole(analyse, text, value):
             if offset % 7 == 0:
                 deltas = [text[:offset], *text[offset:]]
                 assert stream(analyse, deltas, pace, rng)[0] == expected, (pace, offset)
+
+
+def test_what_a_stream_keeps_of_released_text_is_bounded():
+    from douane.masking import streaming
+
+    class NoSpans(ScheduledPool):
+        def __init__(self):
+            super().__init__(lambda text: [], "model", random.Random(0))
+
+    pool = NoSpans()
+    masker = StreamMasker(SETTINGS, pool)
+    text = "word " * 4000 + "\n" + "name,city\n" + "Anna Berg,Oslo\n" * 2000
+    out = []
+    for i in range(0, len(text), 7):
+        pool.tick()
+        out.append(masker.feed("c", text[i:i + 7]))
+        ch = masker.channels["c"]
+        assert len(ch.released) <= 2 * streaming.LEFT_CHARS and len(ch.line) <= streaming.LINE_CHARS
+        assert len(ch.rows) <= 2 and len(ch.window) < 2 * streaming.LINE_CHARS
+    assert "".join(out) + masker.finish("c") == text
+    assert ch.tables.header == "name,city" and ch.tables.rows > 1900

@@ -1,17 +1,21 @@
 """Masking a stream without buffering it: it leaves masked exactly as the whole answer would.
 
 The release rule. For any split of an answer into deltas, at any pace, the client receives the
-text `operators.apply(text, analyze(text))` of the whole answer. The analyser is local: a
-detection depends on a bounded neighbourhood of the text — spaCy's NER reads each token through
-a CNN that sees 4 tokens either side, its entity decisions look at the current token, the previous
-one and the entity's first; the pattern recognisers see their match, one character around it and,
-for context words, the 5 tokens before it. So each analysis covers a *window*:
+text `operators.apply(text, analyze(text))` of the whole answer. The analyser is local, but for
+tables: a detection depends on a bounded neighbourhood of the text — spaCy's NER reads each token
+through a CNN that sees 4 tokens either side, its entity decisions look at the current token, the
+previous one and the entity's first; the pattern recognisers see their match, one character
+around it and, for context words, the 5 tokens before it; the field recognisers
+(`masking.fields`) see a `key: value` line or a greeting; a table's rows are read against its
+header, however far above. So each analysis covers a *window*:
 
-- left context: up to `LEFT_WORDS` words (at most `LEFT_CHARS` characters) of text already
-  released, so what needs the words before it is decided as the whole answer decides it: the
-  token after `Bearer `, a CSV or psql row after its header, `"display_name": "…"`, `Hi …,`,
-  `Author: … <email>`, lower-case names in chat. Released text is never changed; detections
-  that end inside it are ignored.
+- left context, from text already released: the last `LEFT_WORDS` words (at most `LEFT_CHARS`
+  characters, from the start of their line when it is among them); or, while a table is open (the
+  table state, `fields.Tables`, is fed every released line), the table's header and rule lines,
+  its last rows and the current row so far. So what needs the text before it is decided as the
+  whole answer decides it: the token after `Bearer `, a CSV or psql row far below its header,
+  `"display_name": "…"`, `Hi …,`, `Author: … <email>`, lower-case names in chat. Released text is
+  never changed; detections that end inside it are ignored.
 - the held text: every character received and not yet released.
 
 A proposal analyses the window; its result releases the held text up to a cut `c` that
@@ -22,16 +26,22 @@ A proposal analyses the window; its result releases the held text up to a cut `c
 3. does not split a run of value-shaped words ("4111 1111", "+1 (212) 555", "GB82 WEST 1234":
    digits and capitals in groups of a phone, card or IBAN that may still grow and become valid
    only when complete), up to `RUN_CHARS` characters of run;
-4. crosses no detection: a detection across the cut moves it back to the detection's start, so a
+4. does not fall inside the last, incomplete line while a table is open: a row's cells are
+   counted against the header's, so a row leaves only whole;
+5. crosses no detection: a detection across the cut moves it back to the detection's start, so a
    value still arriving (a private key block, a name followed by its surname) stays whole.
 The text before the cut leaves masked with the detections that lie in it. At the channel's end
 the rest is decided by one analysis of the same window (left context + held text). The property
 test (tests/test_masking_stream.py) holds stream == whole over 10,000+ random splits at three
 paces with the real analyser, plus fixed cases at every split offset.
 
-The cost of the rule: each analysis reads the left context again (~60-120 characters, a few ms of
-spaCy per proposal), and the hold is at least `RIGHT_WORDS` words as well as `stream_window`
-characters (in prose the two are about the same; a run of long tokens holds more).
+What is not exact by construction: spaCy's entity state carried from text before the left
+context (an entity open across the window's start; the CNN converges within 4 tokens, so only a
+name longer than the context could differ), and a table row longer than `LINE_CHARS`, which ends
+the table for a stream. The cost of the rule: each analysis reads the left context again (~60-130
+characters, a few ms of spaCy per proposal; a table's header and rows), the hold is at least
+`RIGHT_WORDS` words as well as `stream_window` characters (in prose the two are about the same; a
+run of long tokens holds more), and a table row waits until it is complete.
 
 The stream callable is synchronous, so analysis is submitted to the worker pool from `feed` and its
 result collected by a later `feed`: the event loop never waits for Presidio mid-stream. Each
@@ -133,7 +143,7 @@ class StreamMasker:
         *lines, rest = (ch.line + released).split("\n")
         for line in lines:
             ch.tables.line(line)
-        ch.rows = [*ch.rows, *lines][-2:]
+        ch.rows = [*ch.rows, *(line[-LINE_CHARS:] for line in lines[-2:])][-2:]
         # a line too long to keep whole is no table row (so `release_point` sees no table in it)
         ch.line = rest if len(rest) < LINE_CHARS else rest[-LINE_CHARS:]
         return operators.apply(self.settings, released, shift(spans, start, cut), self.counts)
