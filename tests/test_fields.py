@@ -265,6 +265,13 @@ STREAMS = {
          "text": "project nightingale"},
         {"type": "response.completed", "response": {"output": [{"type": "reasoning", "summary": [
             {"type": "summary_text", "text": "project nightingale"}]}]}})),
+    "media_in_a_stream_is_skipped": (OPENAI, CHAT, b"".join(
+        f"data: {json.dumps(d)}\n\n".encode() for d in [
+            {"id": "x", "choices": [{"index": 0, "delta": {"audio": {
+                "data": base64.b64encode(b"RIFF\x00\x01\xff\xfe").decode()}}}]},
+            {"id": "x", "choices": [{"index": 0, "delta": {"content": "project nightingale"}}]},
+            {"id": "x", "images": ["data:image/png;base64," + base64.b64encode(
+                b"\x89PNG\r\n\x1a\n\xff").decode()]}]) + b"data: [DONE]\n\n"),
     "unknown_event_type": (OPENAI, RESPONSES, sse(
         {"type": "response.future_thing.delta", "output_index": 0, "delta": "project nightingale"})),
 }
@@ -403,3 +410,11 @@ def test_the_recording_redacts_a_key_inside_a_text_file():
     url = json.loads(f.request.content)["messages"][0]["content"][0]["file"]["file_data"]
     assert inside not in f.request.text and key not in f.request.text
     assert base64.b64decode(url.split(",")[1]) == b"creds: <SECRET:detector.secret.aws_access_key>\n"
+
+
+def test_a_text_file_in_a_streamed_answer_ends_the_stream():
+    it = protocols.parse_request(OPENAI, flow_for(OPENAI, CHAT, chat(stream=True)))
+    rewriter = streams.StreamRewriter(protocols.stream_format(OPENAI, it), it, "dcn_f")
+    event = {"id": "x", "choices": [{"index": 0, "delta": {"file": f"data:text/plain;base64,{B64}"}}]}
+    out = b"".join(rewriter(f"data: {json.dumps(event)}\n\n".encode())) + rewriter(b"")
+    assert B64.encode() not in out and b"douane decision dcn_f" in out

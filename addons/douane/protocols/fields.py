@@ -43,7 +43,8 @@ STRUCTURAL = frozenset({
 # per-event padding: not text, never pieces. Anywhere else these keys are inspected as usual.
 OPAQUE = frozenset({("signature", "thinking"), ("signature", "signature_delta"),
                     ("encrypted_content", "reasoning"), ("encrypted_content", "compaction"),
-                    ("data", "redacted_thinking"),
+                    ("data", "redacted_thinking"), ("encrypted_content", "web_search_result"),
+                    ("encrypted_index", "web_search_result_location"),
                     # a remote MCP server's credentials, for a server a grant names by URL (the
                     # model never reads them; the secret detectors would refuse every such call)
                     ("authorization_token", "url"), ("headers", "mcp"), ("authorization", "mcp")})
@@ -151,7 +152,7 @@ def strays(doc: Any, claimed: set[JsonPath]) -> list[tuple[JsonPath, str]]:
             payload = _payload(node, key, parent)
             if payload is None:
                 out.append((path, node))
-            elif _text_of(*payload, explicit=False) is not None:
+            elif _text_of(payload[0], payload[1], False) is not None:
                 raise ProtocolError(502, "file_in_stream", "the streamed answer carries a text "
                                     "file douane cannot inspect in place")
 
