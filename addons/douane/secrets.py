@@ -39,11 +39,11 @@ class Found:
     kind: Kind
 
 
-# whole runs only, the value after a `NAME=` in them; not Subresource-Integrity digests
-# (`sha512-<base64>`) nor data URIs
-HIGH_ENTROPY = re.compile(r"(?<![A-Za-z0-9+/_=-])(?<!base64,)(?:[A-Za-z_][\w.-]{0,40}=(?!=))?"
-                          r"(?P<v>(?!sha(?:1|256|384|512)-)[A-Za-z0-9+/_-]{32,}={0,2})"
-                          r"(?![A-Za-z0-9+/_=-])")
+# the value after a `NAME=` in a run; not Subresource-Integrity digests (`sha512-<base64>`) nor
+# data URIs (`_value_span`)
+HIGH_ENTROPY = re.compile(r"[A-Za-z0-9+/_=-]{32,}")  # greedy from a run's start: whole runs
+_DIGEST = re.compile(r"sha(?:1|256|384|512)-")
+_ASSIGNED = re.compile(r"[A-Za-z_][\w.-]{0,40}=(?!=)")  # `NAME=` leading a run: not the token
 ENTROPY_BITS = 4.5
 ENCODED_CONTENT = 1024  # high-entropy runs longer than this are encoded content (an image, a file)
 SHORTEST_SECRET = 10  # no kind matches fewer characters (`pwd=Ab3xyz`)
@@ -151,10 +151,10 @@ CATALOGUE: tuple[Kind, ...] = (
           r"\b[A-Za-z][A-Za-z0-9+.-]{1,15}://[^\s:/@\"'<>]{1,64}:(?P<v>[^\s/\"'<>]{1,128})@", 70,
           ("://",), lambda v: not _PLACEHOLDER.search(v)),
     _kind("password", "PASSWORD",
-          r"(?i:" + _NAME + _PASSWORD + r")" + _NAME + _SEP
+          r"(?i:" + _PASSWORD + r")" + _NAME + _SEP
           + r"(?P<v>[^\s\"'`,;&<>]{6,128})", 40, ("pass", "pwd"), _password_value),
     _kind("credential", "SECRET",
-          r"(?i:" + _NAME + _CREDENTIAL + r")" + _NAME + _SEP
+          r"(?i:" + _CREDENTIAL + r")" + _NAME + _SEP
           + r"(?P<v>[A-Za-z0-9_\-+/=.~]{16,1024})", 40,
           ("key", "secret", "token", "credential"), _token_value),
 )
@@ -162,33 +162,47 @@ HIGH_ENTROPY_KIND = Kind("detector.secret.high_entropy", "SECRET", HIGH_ENTROPY,
                          credential_like)
 KINDS = (*CATALOGUE, HIGH_ENTROPY_KIND)
 ENTITIES = tuple(dict.fromkeys(k.entity for k in KINDS))
+ORDER = {kind: i for i, kind in enumerate(KINDS)}  # the first kind names merged finds
+HINTS = tuple({h for k in CATALOGUE for h in k.hints})
 
 
 def _value_span(m: re.Match[str]) -> tuple[int, int]:
     for group in ("v", "v2"):
         if group in m.re.groupindex and m.group(group) is not None:
             return m.span(group)
+    if m.re is HIGH_ENTROPY:
+        if _DIGEST.match(m.group()) or m.string.endswith("base64,", 0, m.start()):
+            return m.start(), m.start()
+        if name := _ASSIGNED.match(m.group()):
+            return m.start() + name.end(), m.end()
     return m.span()
+
+
+def _hinted(text: str) -> set[str]:
+    """The hints present in `text` (substring tests: faster than one regex of them all)."""
+    lowered = text.lower()
+    return {h for h in HINTS if h in lowered}
 
 
 def find(text: str, high_entropy: bool = True) -> list[Found]:
     """Every secret in `text`, in order, overlapping finds merged (the first kind names them)."""
-    lowered = text.lower()
+    hinted = _hinted(text)
     found: list[Found] = []
     for kind in KINDS if high_entropy else CATALOGUE:
-        if kind.hints and not any(h in lowered for h in kind.hints):
+        if kind.hints and hinted.isdisjoint(kind.hints):
             continue
         for m in kind.pattern.finditer(text):
             start, end = _value_span(m)
             if start == end or (kind.check and not kind.check(text[start:end])):
                 continue
             found.append(Found(start, end, kind))
-    order = {kind: i for i, kind in enumerate(KINDS)}
+    if len(found) < 2:
+        return found
     merged: list[Found] = []
-    for f in sorted(found, key=lambda f: (f.start, order[f.kind])):
+    for f in sorted(found, key=lambda f: (f.start, ORDER[f.kind])):
         if merged and f.start < merged[-1].end:
             last = merged[-1]
-            winner = last.kind if order[last.kind] <= order[f.kind] else f.kind
+            winner = last.kind if ORDER[last.kind] <= ORDER[f.kind] else f.kind
             merged[-1] = Found(last.start, max(last.end, f.end), winner)
         else:
             merged.append(f)
@@ -197,9 +211,7 @@ def find(text: str, high_entropy: bool = True) -> list[Found]:
 
 def maybe(text: str) -> bool:
     """Whether `find` could find anything: a cheap test before it."""
-    lowered = text.lower()
-    return any(h in lowered for kind in CATALOGUE for h in kind.hints) or \
-        HIGH_ENTROPY.search(text) is not None
+    return bool(_hinted(text)) or HIGH_ENTROPY.search(text) is not None
 
 
 def redact(text: str, high_entropy: bool = True) -> str:
