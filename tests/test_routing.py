@@ -145,7 +145,7 @@ def test_connect_to_an_undeclared_host_is_refused(gateway):
     "/v1//chat/completions", "//v1/chat/completions", "/v1/chat/completions%00",
     "/v1/chat/completions%0a", "/v1/chat\x00/completions", "/v1/chat completions",
     "/v1/chat\tcompletions", "/v1/chat/completions#frag", "/v1/%zz", "/v1/caf\u00e9",
-    "*", "v1/chat/completions",
+    "*", "v1/chat/completions", "/v1/files/%EF%BC%8E%EF%BC%8E/content", "/v1/%C3%A9",
 ])
 def test_ambiguous_paths_are_refused_before_routing(gateway, path):
     f = flow_to("api.openai.com", path, authorization="Bearer client.jwt.x")
@@ -155,6 +155,16 @@ def test_ambiguous_paths_are_refused_before_routing(gateway, path):
     assert body["error"]["code"] == "ambiguous_path"  # in the OpenAI shape: routed on the raw path
     assert "sk-upstream" not in f.request.headers.get("authorization", "")
     assert state(f).decision.action == "refuse"
+
+
+@pytest.mark.parametrize("header", ["X-HTTP-Method-Override", "x-http-method",
+                                    "X-Method-Override"])
+def test_a_method_override_header_is_refused(gateway, header):
+    f = flow_to("api.openai.com", "/v1/chat/completions", **{header: "DELETE"})
+    run(gateway, f)
+    assert f.response.status_code == 400
+    assert f.response.json()["error"]["code"] == "method_override"
+    assert "authorization" not in f.request.headers
 
 
 def test_a_dot_segment_cannot_leave_a_path_prefix(gateway):

@@ -5,7 +5,8 @@ reaches an upstream.
 another path than douane does (dot segments, encoded dots, slashes, backslashes or percent signs,
 empty segments, control characters) is refused; percent-escapes of unreserved characters are
 decoded (RFC 3986 6.2.2.2), so `/v1/%6dodels` is `/v1/models` here and upstream alike.
-`Operation` is a pattern such as `GET /v1/files/*/content`: `*` matches within one path segment,
+Method-override headers (`X-HTTP-Method-Override`, ...) would make one operation another upstream:
+a request carrying one is refused too. `Operation` is a pattern such as `GET /v1/files/*/content`: `*` matches within one path segment,
 a `**` segment matches any number of segments. Protocols declare the operations they parse
 (`douane.protocols.declared`); grants name the others (`operations:` in a policy file).
 """
@@ -17,6 +18,7 @@ import string
 from dataclasses import dataclass
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+METHOD_OVERRIDES = ("x-http-method-override", "x-http-method", "x-method-override")
 UNRESERVED = frozenset(string.ascii_letters + string.digits + "-_~")  # "." is refused, not decoded
 # printable ASCII but space, and never `\` or `#` (a fragment is never sent)
 _TARGET = re.compile(r"[!-~]*")
@@ -53,8 +55,8 @@ def _decoded_escape(m: re.Match[str]) -> str:
         return char
     if char in "./\\%":
         raise PathError(f"the path holds an encoded {char!r} (%{m.group(1)}): refused as ambiguous")
-    if code < 0x20 or code == 0x7F:
-        raise PathError(f"the path holds an encoded control character (%{m.group(1)})")
+    if code < 0x20 or code >= 0x7F:  # some servers fold non-ASCII (U+FF0E `．`) into ASCII
+        raise PathError(f"the path holds an encoded control or non-ASCII byte (%{m.group(1)})")
     return "%" + m.group(1).upper()
 
 

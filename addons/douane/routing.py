@@ -103,6 +103,11 @@ class Broker:
             refuse(flow, 400, f"{e}; send a plain path", "ambiguous_path",
                    Reason("route.path", str(e)))
             return
+        override = next((h for h in operations.METHOD_OVERRIDES if h in flow.request.headers), None)
+        if override:
+            refuse(flow, 400, f"the {override} header would make this request another operation "
+                   "upstream", "method_override", Reason("route.method_override", override))
+            return
         if not self._operation_allowed(flow):
             return
         for name in CLIENT_CREDENTIAL_HEADERS:

@@ -127,6 +127,7 @@ AMBIGUOUS = [
     b"/v1/chat%2Fcompletions", b"/v1/chat%5ccompletions", b"/v1\\..\\admin",
     b"/v1//chat/completions", b"/v1/./chat/completions", b"/v1/chat/completions%00",
     b"/anthropic/../v2/secret", b"/anthropic/%2e%2e/v1/messages", b"/v1/chat/completions/..",
+    b"/v1/%EF%BC%8E%EF%BC%8E/admin/keys",  # full-width dots, folded to ASCII by some servers
 ]
 
 
@@ -137,6 +138,15 @@ def test_ambiguous_paths_are_refused(gw, llm, token, target):
     record = assert_raw_refused(gw, llm, before, status, headers, content, 400)
     assert record["reasons"][0]["rule"] == "route.path"
     assert record["user"] == "mallory@corp.example"  # refused once the caller is known
+
+
+def test_a_method_override_header_is_refused(gw, llm, token):
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + "/v1/chat/completions", content=CHAT, headers={
+        "authorization": f"Bearer {token}", "content-type": "application/json",
+        "x-http-method-override": "DELETE"})
+    record = assert_refused(gw, llm, before, resp, 400)
+    assert record["reasons"][0]["rule"] == "route.method_override"
 
 
 def test_unreserved_escapes_reach_the_upstream_decoded(gw, llm, token):
