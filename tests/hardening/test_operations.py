@@ -222,3 +222,26 @@ def test_a_grant_names_no_more_than_it_says(gw, llm, admin):
         before = len(llm.requests)
         resp = httpx.request(method, gw.url + path, headers={"authorization": f"Bearer {admin}"})
         assert_refused(gw, llm, before, resp, 403)
+
+
+def test_a_granted_download_is_delivered_and_audited_as_uninspected(gw, llm, admin):
+    llm.canned["/v1/files/file-abc/content"] = ("application/octet-stream", b"\x00raw bytes")
+    try:
+        before = len(llm.requests)
+        resp = httpx.get(gw.url + "/v1/files/file-abc/content",
+                         headers={"authorization": f"Bearer {admin}"})
+    finally:
+        del llm.canned["/v1/files/file-abc/content"]
+    assert resp.status_code == 200 and resp.content == b"\x00raw bytes"
+    assert len(llm.requests) == before + 1
+    record = gw.audit_record(resp.headers["x-douane-decision-id"])
+    assert record["action"] == "allow"
+    assert record["interaction"]["inspected"] == ["request"]  # the answer was not read: said so
+
+
+def test_a_granted_operation_with_a_body_douane_cannot_read_is_refused(gw, llm, admin):
+    before = len(llm.requests)
+    resp = httpx.request("GET", gw.url + "/v1/models", content=b"note=project+nightingale",
+                         headers={"authorization": f"Bearer {admin}",
+                                  "content-type": "application/x-www-form-urlencoded"})
+    assert_refused(gw, llm, before, resp, 415)
