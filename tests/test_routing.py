@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
-from douane import config, operations
-from douane.config import ConfigError
+from douane import config, operations, protocols
+from douane.commands import explain
+from douane.config import ConfigError, Upstream
 from douane.flowstate import Identity, state
 from douane.policy import model
 from douane.refusals import guarded
@@ -333,3 +334,15 @@ def test_an_exception_in_a_hook_refuses_the_flow():
     assert f.response.status_code == 500
     assert state(f).decision.action == "error"
     assert state(f).decision_id.encode() in f.response.content
+
+
+@pytest.mark.parametrize(("protocol", "prefix", "path"), [
+    ("openai", "/v1", "/v1/chat/completions"), ("openai", "/", "/v1/chat/completions"),
+    ("openai", "/v1/quick", "/v1/quick/chat/completions"), ("anthropic", "/v1", "/v1/messages"),
+    ("anthropic", "/anthropic", "/anthropic/v1/messages"), ("mcp", "/rpc", "/rpc"),
+    ("generic", "/api", "/api"),
+])
+def test_explain_reads_a_request_at_a_declared_operation(protocol, prefix, path):
+    upstream = Upstream("x", "https", "h", 443, prefix, protocol, None)
+    assert explain.default_path(upstream) == path
+    assert protocols.declared(upstream, "POST", path) is not None

@@ -11,6 +11,7 @@ from mitmproxy.test import tflow, tutils
 
 from douane import protocols
 from douane.commands import add_config_option, config_file, load_config
+from douane.config import Upstream
 from douane.flowstate import Identity
 from douane.policy import engine
 from douane.untrusted import escape
@@ -27,8 +28,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-DEFAULT_PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages", "mcp": "/mcp",
-                 "generic": "/"}
+MAIN_ENDPOINTS = {"openai": "chat/completions", "anthropic": "messages"}
+
+
+def default_path(upstream: Upstream) -> str:
+    """The protocol's main endpoint under the upstream's path prefix, as its SDK sends it."""
+    prefix = upstream.path_prefix.rstrip("/")
+    endpoint = MAIN_ENDPOINTS.get(upstream.protocol)
+    if endpoint is None:  # mcp, generic: the prefix is the endpoint
+        return prefix or "/"
+    if prefix.endswith("/v1") or (upstream.protocol == "openai" and prefix):
+        return f"{prefix}/{endpoint}"  # the OpenAI SDK's base URL carries its version
+    return f"{prefix}/v1/{endpoint}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     # A flow built in memory, parsed by the same code the gateway runs.
     flow = tflow.tflow(req=tutils.treq(method=b"POST", host=upstream.host,
-                                       path=(args.path or DEFAULT_PATHS[upstream.protocol]).encode(),
+                                       path=(args.path or default_path(upstream)).encode(),
                                        content=args.request.read_bytes()))
     flow.request.headers["content-type"] = "application/json"
     try:
