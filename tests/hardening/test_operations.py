@@ -5,6 +5,7 @@ where the attack is in the request line; the regular-mode cases are in test_bypa
 from __future__ import annotations
 
 import socket
+import ssl
 
 import httpx
 import openai
@@ -13,8 +14,9 @@ import yaml
 
 from tests.conftest import UPSTREAM_KEY
 from tests.hardening.conftest import DENIED, POLICY, assert_refused
+from tests.hardening.test_evasion import H2Only
 from tests.support.gateway import Gateway, base_config
-from tests.support.upstream import DEFAULT_REPLY
+from tests.support.upstream import DEFAULT_REPLY, FakeUpstream
 
 ADMINS = {"upstreams": {"llm": {"operations": ["GET /v1/models", "GET /v1/files/*/content"]}}}
 CHAT = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
@@ -245,3 +247,35 @@ def test_a_granted_operation_with_a_body_douane_cannot_read_is_refused(gw, llm, 
                          headers={"authorization": f"Bearer {admin}",
                                   "content-type": "application/x-www-form-urlencoded"})
     assert_refused(gw, llm, before, resp, 415)
+
+
+@pytest.fixture(scope="module")
+def tls_llm():
+    upstream = FakeUpstream(tls=True)
+    yield upstream
+    upstream.close()
+
+
+def test_over_http2_in_a_tunnel_the_same_rules_hold(issuer, tls_llm, token, tmp_path_factory):
+    work = tmp_path_factory.mktemp("operations-h2")
+    config = base_config(issuer.url, tls_llm.url + "/v1")
+    with Gateway(config, mode="regular", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+                 args=["--set", "ssl_insecure=true", "--set", "connection_strategy=lazy"],
+                 workdir=work / "gw") as gw:
+        verify = H2Only(ssl.PROTOCOL_TLS_CLIENT)
+        verify.load_verify_locations(cafile=gw.ca_file)
+        with httpx.Client(http2=True, proxy=gw.proxy_url("m", token), verify=verify) as client:
+            ok = client.post(tls_llm.url + "/v1/chat/%63ompletions", content=CHAT,
+                             headers={"content-type": "application/json"})
+            assert ok.http_version == "HTTP/2" and ok.status_code == 200, ok.text
+            seen = tls_llm.requests[-1]
+            assert seen.path == "/v1/chat/completions"
+            assert seen.headers["host"] == f"127.0.0.1:{tls_llm.port}"
+            before = len(tls_llm.requests)
+            for method, path, status in [("GET", "/v1/organization/admin_api_keys", 403),
+                                         ("DELETE", "/v1/models/ft:x", 403),
+                                         ("POST", "/v1/%2e%2e/admin/keys", 400)]:
+                resp = client.request(method, tls_llm.url + path, content=CHAT,
+                                      headers={"content-type": "application/json"})
+                assert resp.http_version == "HTTP/2"
+                assert_refused(gw, tls_llm, before, resp, status)
