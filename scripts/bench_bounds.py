@@ -4,8 +4,11 @@ A client sends small chat requests one after another while a heavy one goes thro
 messages in 9 MB, or a 9 MB prompt of base64-looking runs (with a `decode_base64` deny rule).
 Printed per case: the heavy request's status and time, the event loop's largest stall during it
 (douane's LoopMonitor), the small requests' worst latency, the gateway's CPU seconds.
+`--streams`: the CPU time the stream rewriter (run on the event loop) spends on 2, 4, 8 and 16 MiB
+answers in 256-character deltas, as it is and with the old `text += delta` accumulation.
 
     .venv/bin/python scripts/bench_bounds.py [--old]   # --old: a config without the new keys
+    .venv/bin/python scripts/bench_bounds.py --streams
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "addons"))
 
 from tests.hardening.conftest import write_policy  # noqa: E402
 from tests.support.gateway import Gateway, base_config  # noqa: E402
@@ -43,11 +47,44 @@ def bodies() -> dict[str, bytes]:
                 {"role": "user", "content": prompt}]}).encode()}
 
 
+def streams() -> None:
+    from douane.interaction import Interaction
+    from douane.protocols import openai, streams
+    from tests.support.upstream import _openai_chat_events
+
+    def quadratic(self: streams.StreamedText, text: str) -> None:
+        self.text = self.text + text  # what `piece.text += text` did
+
+    linear = streams.StreamedText.append
+    for mib in (2, 4, 8, 16):
+        text = "x" * (mib * 1024**2)
+        data = "".join(_openai_chat_events("m", [text[i:i + 256] for i in range(
+            0, len(text), 256)])).encode()
+        figures = []
+        for append in (linear, quadratic):
+            rewriter = streams.StreamRewriter(openai.ChatStream(), Interaction(
+                "openai", "chat.completions"), "bench")
+            streams.StreamedText.append = append  # type: ignore[method-assign]
+            start = time.process_time()
+            for i in range(0, len(data), 16 * 1024):
+                rewriter(data[i:i + 16 * 1024])
+            rewriter(b"")
+            figures.append(time.process_time() - start)
+            assert rewriter.abort_message is None
+        print(f"{mib} MiB stream ({len(data) / 1024**2:.0f} MiB of SSE): {figures[0]:.2f} s "
+              f"(with text += delta: {figures[1]:.2f} s)", flush=True)
+
+
 def main() -> int:
+    if "--streams" in sys.argv:
+        streams()
+        return 0
     old = "--old" in sys.argv
     work = Path(tempfile.mkdtemp(prefix="douane-bench-bounds-"))
     issuer, llm = TestIssuer(), FakeUpstream()
     config = base_config(issuer.url, llm.url, policy={"files": [write_policy(work)]})
+    config["upstreams"]["claude"] = {"url": llm.url + "/anthropic", "protocol": "anthropic",
+                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
     if not old:
         config["gateway"] = {"max_text_pieces": 10_000}
     stats = work / "loop.json"

@@ -59,18 +59,27 @@ _PASSWORD = r"(?:password|passwd|passphrase|(?<![a-z])pwd(?![a-z])|(?<![a-z])pas
 _PLACEHOLDER = re.compile(r"^(?:[$%{<*(\[]|\.\.\.)|^x+$|[(\[]|^(?:none|null|nil|true|false|str|string|"
                           r"required|optional|undefined|redacted|hidden|masked)$", re.I)
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+_DIGIT = re.compile(r"\d")
+
+
+# n·log2(n) for every count a token can hold: entropy without a Python loop per character kind
+# (it runs on every candidate token of every request).
+_NLOGN = [0.0] + [n * math.log2(n) for n in range(1, ENCODED_CONTENT + 1)]
 
 
 def entropy(token: str) -> float:
-    counts = Counter(token)
-    return -sum(n / len(token) * math.log2(n / len(token)) for n in counts.values())
+    size = len(token)
+    if size > ENCODED_CONTENT:
+        counts = Counter(token)
+        return -sum(n / size * math.log2(n / size) for n in counts.values())
+    return math.log2(size) - sum(map(_NLOGN.__getitem__, Counter(token).values())) / size
 
 
 def credential_like(token: str) -> bool:
     """A long token mixing cases and digits with high entropy: likely a credential. Hex digests
     and UUIDs stay below the bar (16 symbols: at most 4 bits per character)."""
-    return (len(token) <= ENCODED_CONTENT and any(c.islower() for c in token)
-            and any(c.isupper() for c in token) and any(c.isdigit() for c in token)
+    return (len(token) <= ENCODED_CONTENT and token.upper() != token  # (string methods, not
+            and token.lower() != token and _DIGIT.search(token) is not None  # a loop per char)
             and entropy(token) >= ENTROPY_BITS)
 
 

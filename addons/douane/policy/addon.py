@@ -7,6 +7,7 @@ inspection still are); the audit record then carries no policy version.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -25,6 +26,7 @@ from douane.refusals import guarded, refuse
 from douane.settings import Settings
 
 logger = logging.getLogger(__name__)
+OFF_LOOP_CHARS = 256 * 1024
 
 
 def explain(decision: Decision) -> str:
@@ -108,7 +110,7 @@ class Enforce:
         return st
 
     @guarded
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:
             return
         st = self._ready(flow)
@@ -127,7 +129,12 @@ class Enforce:
         if over:
             refuse(flow, 429, over.message, "rate_limited", over, action="block")
             return
-        decision = engine.decide(policy, engine.request_risk(policy, st.interaction))
+        # The texts of a large request are matched in a thread: the loop serves the others.
+        if sum(len(p.text) for p in st.interaction.texts) > OFF_LOOP_CHARS:
+            reasons = await asyncio.to_thread(engine.request_risk, policy, st.interaction)
+        else:
+            reasons = engine.request_risk(policy, st.interaction)
+        decision = engine.decide(policy, reasons)
         if decision.action == "block":
             refuse(flow, 403, f"blocked by policy: {explain(decision)}", "policy_denied",
                    *decision.reasons, action="block")

@@ -143,8 +143,9 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
                     found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched", label,
                                             rule.score)
                 continue
+            # one text of every run decoded: linear, where a normalisation per run is not
             hidden = hidden if hidden is not None else \
-                [Normalized(normalize(t)) for t in decoded_base64(piece.text)]
+                [Normalized(normalize(" ".join(decoded_base64(piece.text))))]
             if any(rule.matches(t) for t in (*readings[i], *hidden)):
                 found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched", label, rule.score)
         if policy.secrets and piece.kind in ("prompt", "tool_arguments", "tool_result"):
