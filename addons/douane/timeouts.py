@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from mitmproxy import connection, ctx, http
 
@@ -43,7 +44,6 @@ class ClientTimeouts:
         self.settings = settings
         self.clients: dict[str, _Client] = {}
         self._task: asyncio.Task[None] | None = None
-        self._closing: set[asyncio.Task[None]] = set()
 
     def running(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._watch())
@@ -53,7 +53,8 @@ class ClientTimeouts:
             self._task.cancel()
 
     def client_connected(self, client: connection.Client) -> None:
-        self.clients[client.id] = _Client(client, time.time())
+        # (mitmproxy's own start-up events on the connection count as activity: settle first)
+        self.clients[client.id] = _Client(client, time.time(), settled=False)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.clients.pop(client.id, None)
@@ -93,13 +94,21 @@ class ClientTimeouts:
         while True:
             await asyncio.sleep(TICK)
             try:
-                self._check(time.time())
+                late = self._check(time.time())
             except Exception:  # the watchdog must outlive any one connection's oddity
                 logger.exception("douane: the client timeout watchdog failed a check")
+                continue
+            for handler in late:
+                # One at a time, the loop free between them: a thousand connections opened
+                # together time out together, and their teardowns would be one long stall.
+                await handler.on_timeout()
+                await asyncio.sleep(0)
 
-    def _check(self, now: float) -> None:
+    def _check(self, now: float) -> list[Any]:
+        """The connection handlers to close."""
         limits = self.settings.config.limits
         handlers = ctx.master.addons.get("proxyserver").connections
+        late_handlers = []
         for c in list(self.clients.values()):
             handler = handlers.get(c.conn.id)
             if handler is None or c.exempt:
@@ -125,6 +134,5 @@ class ClientTimeouts:
                 self.clients.pop(c.conn.id, None)
                 logger.info("douane: closing client connection %s: %s",
                             c.conn.peername[0] if c.conn.peername else "?", why)
-                task = asyncio.get_running_loop().create_task(handler.on_timeout())
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+                late_handlers.append(handler)
+        return late_handlers
