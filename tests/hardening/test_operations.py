@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 
 import httpx
 import openai
 import pytest
 import yaml
 
+from douane.recording import index
 from tests.conftest import UPSTREAM_KEY
 from tests.hardening.conftest import DENIED, POLICY, assert_refused
 from tests.hardening.test_evasion import H2Only
@@ -28,7 +30,8 @@ def gw(issuer, llm, tmp_path_factory):
     policy = yaml.safe_load(POLICY)
     policy.setdefault("groups", {})["admins"] = ADMINS
     (work / "policy.yaml").write_text(yaml.safe_dump(policy))
-    config = base_config(issuer.url, llm.url + "/v1", policy={"files": [str(work / "policy.yaml")]})
+    config = base_config(issuer.url, llm.url + "/v1", policy={"files": [str(work / "policy.yaml")]},
+                         recording={})
     config["upstreams"]["claude"] = {"url": llm.url + "/anthropic", "protocol": "anthropic",
                                      "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
     with Gateway(config, mode=f"reverse:{llm.url}", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
@@ -197,6 +200,18 @@ def test_a_granted_operation_passes_with_identity_audit_and_inspection(gw, llm, 
                                      "inspected": ["request", "response"]}
     assert any(r["rule"] == "grant.operation" and "group admins" in r["message"]
                for r in record["reasons"])
+    deadline = time.monotonic() + 20  # and recorded, under the admin's name, like any flow
+    while time.monotonic() < deadline:
+        flows = [f for p in (gw.state_dir / "recordings").rglob("*.mitm")
+                 for _, f in index.read_flows(p)]
+        recorded = [f for f in flows if f.metadata.get("douane", {}).get("decision_id")
+                    == record["decision_id"]]
+        if recorded:
+            break
+        time.sleep(0.2)
+    assert recorded and recorded[0].metadata["user"] == "ada@corp.example"
+    assert recorded[0].request.path == "/v1/models"
+    assert UPSTREAM_KEY not in recorded[0].request.headers.get("authorization", "")
 
 
 def test_a_granted_operations_answer_is_policed(gw, llm, admin):
