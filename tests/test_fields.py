@@ -145,6 +145,10 @@ def test_images_are_media_not_text():
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}]}
     it = protocols.parse_request(OPENAI, flow_for(OPENAI, CHAT, doc))
     assert it.has_media and not [p for p in it.texts if png in p.text]
+    pcm = base64.b64encode(bytes(range(128, 256)) * 4).decode()  # headerless audio
+    doc = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": pcm, "format": "mp3"}}]}]}
+    assert protocols.parse_request(OPENAI, flow_for(OPENAI, CHAT, doc)).has_media
     raw = messages({"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                                 "data": png}})
     it = protocols.parse_request(ANTHROPIC, flow_for(ANTHROPIC, MESSAGES, raw))

@@ -50,6 +50,7 @@ OPAQUE = frozenset({("signature", "thinking"), ("signature", "signature_delta"),
                     ("authorization_token", "url"), ("headers", "mcp"), ("authorization", "mcp")})
 PADDING = "obfuscation"  # top level of a stream event only
 MEDIA_TYPES = ("image/", "audio/", "video/", "application/pdf")
+AUDIO_FORMATS = ("wav", "mp3", "flac", "opus", "aac", "pcm16", "ogg", "webm")  # input_audio
 # What media starts with, for payloads that do not say their type: PNG, JPEG, GIF, WebP/WAV/AVI
 # (RIFF), PDF, MP3 (ID3 or frame sync), Ogg, FLAC, MP4/MOV/HEIC (ftyp at offset 4)
 SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"%PDF", b"ID3", b"\xff\xfb",
@@ -282,8 +283,8 @@ def _text_of(media_type: str, raw: bytes, explicit: bool) -> str | None:
     mislabelled text file is still read as text); a file that is neither readable text nor
     recognisable media is refused, never passed unread."""
     texty = media_type.startswith(TEXT_TYPES) or media_type.endswith(("+json", "+xml"))
-    media = media_type.startswith(MEDIA_TYPES) or raw.startswith(SIGNATURES) or \
-        raw[4:8] == b"ftyp"
+    media = media_type.startswith(MEDIA_TYPES) or media_type in AUDIO_FORMATS or \
+        raw.startswith(SIGNATURES) or raw[4:8] == b"ftyp"
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
