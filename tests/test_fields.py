@@ -422,3 +422,15 @@ def test_a_text_file_in_a_streamed_answer_ends_the_stream():
     event = {"id": "x", "choices": [{"index": 0, "delta": {"file": f"data:text/plain;base64,{B64}"}}]}
     out = b"".join(rewriter(f"data: {json.dumps(event)}\n\n".encode())) + rewriter(b"")
     assert B64.encode() not in out and b"douane decision dcn_f" in out
+
+
+def test_responses_lifecycle_events_echoing_the_request_are_not_filtered_again():
+    it = protocols.parse_request(OPENAI, flow_for(OPENAI, RESPONSES, {"input": "x", "stream": True}))
+    rewriter = streams.StreamRewriter(protocols.stream_format(OPENAI, it), it, "dcn_e")
+    rewriter.filters.append(Upper())
+    data = sse({"type": "response.created", "response": {
+        "id": "r", "instructions": "be brief", "tools": [{"type": "function", "name": "f",
+                                                          "description": "finds things"}],
+        "output": [], "error": {"message": "odd upstream text"}}})
+    out = b"".join(rewriter(data)) + rewriter(b"")
+    assert b"be brief" in out and b"finds things" in out and b"ODD UPSTREAM TEXT" in out

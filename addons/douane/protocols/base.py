@@ -38,6 +38,8 @@ class StreamFormat:
     # Strings no delta or recap names are filtered whole, each on its own (a field or event type
     # the format does not know is still inspected, never passed).
     strays = False
+    # Paths of events that echo the request (already inspected), not filtered again as strays.
+    echoes: tuple[JsonPath, ...] = ()
 
     def check(self, event: Event) -> None:
         """Raise ProtocolError for an event that must end the stream (before it is parsed)."""

@@ -132,8 +132,9 @@ def cover(it: Interaction, doc: Any, classify: Classify, side: str = "request") 
 
 
 def strays(doc: Any, claimed: set[JsonPath]) -> list[tuple[JsonPath, str]]:
-    """The free-text strings of one stream event that no delta or recap claims: a stream format
-    names the fields it knows, and everything else carrying text is still filtered (whole).
+    """The free-text strings of one stream event that no delta or recap claims (a claimed path
+    claims what is under it): a stream format names the fields it knows, and everything else
+    carrying text is still filtered (whole).
     A text file inside a streamed answer cannot be inspected in place and ends the stream."""
     out: list[tuple[JsonPath, str]] = []
 
@@ -141,6 +142,8 @@ def strays(doc: Any, claimed: set[JsonPath]) -> list[tuple[JsonPath, str]]:
               depth: int) -> None:
         if depth > MAX_DEPTH:
             raise ProtocolError(502, "too_deep", f"a stream event nests deeper than {MAX_DEPTH}")
+        if path in claimed:
+            return
         if isinstance(node, dict):
             for k, v in node.items():
                 if k not in STRUCTURAL and (k, node.get("type")) not in OPAQUE and \
@@ -149,7 +152,7 @@ def strays(doc: Any, claimed: set[JsonPath]) -> list[tuple[JsonPath, str]]:
         elif isinstance(node, list):
             for i, v in enumerate(node):
                 visit(v, (*path, i), key, parent, depth + 1)
-        elif isinstance(node, str) and node and path not in claimed:
+        elif isinstance(node, str) and node:
             payload = _payload(node, key, parent)
             if payload is None:
                 out.append((path, node))

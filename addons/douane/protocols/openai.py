@@ -368,6 +368,10 @@ class ResponsesStream(StreamFormat):
     text."""
 
     strays = True
+    # response.created / in_progress / completed repeat the request's settings: inspected there
+    echoes = tuple(("response", key) for key in (
+        "instructions", "tools", "text", "reasoning", "metadata", "prompt", "user",
+        "prompt_cache_key", "safety_identifier", "tool_choice"))
 
     def deltas(self, event: Event, doc: Any) -> list[Delta]:
         found = _streamed(doc, ".delta")

@@ -155,7 +155,7 @@ class StreamRewriter:
         for path, channel in recaps:
             if channel in self.sent:
                 jsonpath.set_(doc, path, self.sent[channel].text)
-        strays = self._strays(doc, {d.path for d in deltas} | {
+        strays = self._strays(doc, {d.path for d in deltas} | set(self.format.echoes) | {
             path for path, channel in recaps if channel in self.sent})
         if deltas or recaps or strays:
             event = Event(json.dumps(doc, ensure_ascii=False), event.event, event.id, event.retry,
