@@ -3,12 +3,13 @@ reaches an upstream.
 
 `normalize_target` validates a request target before routing: what an upstream could read as
 another path than douane does (dot segments, encoded dots, slashes, backslashes or percent signs,
-empty segments, control characters) is refused; percent-escapes of unreserved characters are
-decoded (RFC 3986 6.2.2.2), so `/v1/%6dodels` is `/v1/models` here and upstream alike.
-Method-override headers (`X-HTTP-Method-Override`, ...) would make one operation another upstream:
-a request carrying one is refused too. `Operation` is a pattern such as `GET /v1/files/*/content`: `*` matches within one path segment,
-a `**` segment matches any number of segments. Protocols declare the operations they parse
-(`douane.protocols.declared`); grants name the others (`operations:` in a policy file).
+encoded control or non-ASCII bytes, empty segments, control characters) is refused; escapes of
+unreserved characters are decoded (RFC 3986 6.2.2.2), so `/v1/%6dodels` is `/v1/models` here and
+upstream alike. Method-override headers (`X-HTTP-Method-Override`, ...) would make an operation
+another one upstream: a request carrying one is refused too. `Operation` is a pattern such as
+`GET /v1/files/*/content`: `*` matches within one path segment, a `**` segment matches any number
+of segments. Protocols declare the operations they parse (`douane.protocols.declared`); grants
+name the others (`operations:` in a policy file).
 """
 
 from __future__ import annotations
