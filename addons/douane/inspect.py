@@ -52,12 +52,10 @@ def _decoded(message: http.Message, limit: int, what: str, status: int) -> None:
                                       f"decoded (Content-Encoding {encoding!r})") from None
 
 
-def read_request(config: Config, flow: http.HTTPFlow) -> Interaction:
+def read_request(config: Config, st: FlowState, flow: http.HTTPFlow) -> Interaction:
     """The request decoded (bounded) and parsed; blocking for large bodies."""
-    assert flow.request.raw_content is not None
+    assert flow.request.raw_content is not None and st.upstream
     _decoded(flow.request, config.body_size_limit, "request", 413)
-    st = state(flow)
-    assert st.upstream
     it = protocols.parse_request(st.upstream, flow, st.granted_operation)
     if len(it.texts) > config.limits.max_text_pieces:
         raise protocols.ProtocolError(
@@ -66,12 +64,10 @@ def read_request(config: Config, flow: http.HTTPFlow) -> Interaction:
     return it
 
 
-def read_response(config: Config, flow: http.HTTPFlow) -> bool:
+def read_response(config: Config, st: FlowState, flow: http.HTTPFlow) -> bool:
     """The answer decoded (bounded) and parsed into the interaction; blocking for large bodies.
     False when it was not inspected (`protocols.parse_response`)."""
-    assert flow.response
-    st = state(flow)
-    assert st.upstream and st.interaction
+    assert flow.response and st.upstream and st.interaction
     _decoded(flow.response, config.limits.answer_size_limit, "answer", 502)
     return protocols.parse_response(st.upstream, flow, st.interaction)
 
@@ -142,9 +138,9 @@ class Inspect:
             return
         try:
             if heavy(flow.request):
-                st.interaction = await asyncio.to_thread(read_request, config, flow)
+                st.interaction = await asyncio.to_thread(read_request, config, st, flow)
             else:
-                st.interaction = read_request(config, flow)
+                st.interaction = read_request(config, st, flow)
         except protocols.ProtocolError as e:
             _refuse_protocol(flow, e)
             return
@@ -204,9 +200,9 @@ class Inspect:
             return
         try:
             if heavy(flow.response):
-                inspected = await asyncio.to_thread(read_response, config, flow)
+                inspected = await asyncio.to_thread(read_response, config, st, flow)
             else:
-                inspected = read_response(config, flow)
+                inspected = read_response(config, st, flow)
         except protocols.ProtocolError as e:
             # The upstream answered something douane cannot inspect: it does not reach the client.
             _refuse_protocol(flow, protocols.ProtocolError(502, e.code, f"upstream answer "
