@@ -162,8 +162,8 @@ def test_mcp_client_works_through_douane(mcp_gw, token):
     operations = {r.get("interaction", {}).get("operation") for r in records}
     assert {"mcp:tools/list", "mcp:tools/call", "mcp:resources/read", "mcp:prompts/get"} <= \
         operations
-    # the SDK's discovery probe is refused at the JSON-RPC level and it falls back to initialize
-    assert "mcp:initialize" in operations
+    # the SDK's discovery probe is governed and passed: the client speaks 2026-07-28, statelessly
+    assert "mcp:server/discover" in operations and "mcp:initialize" not in operations
     call = next(r for r in records if r.get("interaction", {}).get("operation") == "mcp:tools/call")
     assert call["interaction"]["tool"] == "echo" and "response" in " ".join(
         call["interaction"]["inspected"])

@@ -18,6 +18,7 @@ from typing import Any
 from mitmproxy import http
 
 from douane.flowstate import Action, Reason, state
+from douane.protocols import mcp
 from douane.untrusted import loggable
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ _TYPES = {
 MCP_UNAUTHORIZED = -32001
 MCP_FORBIDDEN = -32003
 MCP_INVALID = -32600
+# Refusals the MCP specification gives an HTTP status and a JSON-RPC code of their own.
+MCP_ERRORS = {"header_mismatch": (400, -32020)}  # 2026-07-28: HeaderMismatch
+ID_BODY_BYTES = 64 * 1024  # a refusal given before the body arrived reads at most this for the id
 
 # Every refusal douane gave, so `KeepRefusals` can put one back when another addon replaced it.
 _refusals: weakref.WeakKeyDictionary[http.HTTPFlow, http.Response] = weakref.WeakKeyDictionary()
@@ -58,8 +62,9 @@ def error_body(protocol: str, status: int, message: str, code: str, decision_id:
         return {"type": "error", "error": {"type": anthropic_type, "message": text},
                 "request_id": decision_id}
     if protocol == "mcp":
-        rpc_code = {401: MCP_UNAUTHORIZED, 407: MCP_UNAUTHORIZED, 400: MCP_INVALID}.get(
-            status, MCP_FORBIDDEN)
+        rpc_code = MCP_ERRORS[code][1] if code in MCP_ERRORS else {
+            401: MCP_UNAUTHORIZED, 407: MCP_UNAUTHORIZED, 400: MCP_INVALID}.get(status,
+                                                                                MCP_FORBIDDEN)
         return {"jsonrpc": "2.0", "id": rpc_id,
                 "error": {"code": rpc_code, "message": text,
                           "data": {"decision_id": decision_id, "reason": code}}}
@@ -84,7 +89,10 @@ def refuse(flow: http.HTTPFlow, status: int, message: str, code: str, *reasons: 
     The request never reaches the upstream once `flow.response` is set in a request hook.
     MCP: a refused JSON-RPC request is answered at the JSON-RPC level (HTTP 200) so MCP clients
     raise their usual error; a refused `tools/call` becomes a tool result with `isError: true`, which
-    agents show to the model instead of aborting. Authentication failures stay HTTP 401.
+    agents show to the model instead of aborting. Authentication failures stay HTTP 401, and the
+    errors the MCP specification gives a status of their own (`MCP_ERRORS`) keep it. A refusal
+    given before the body arrived (authentication, Origin) names the request's id once it has
+    (`KeepRefusals.request`).
     """
     st = state(flow)
     protocol = st.upstream.protocol if st.upstream else "generic"
@@ -92,12 +100,14 @@ def refuse(flow: http.HTTPFlow, status: int, message: str, code: str, *reasons: 
     first = st.interaction.mcp[0] if st.interaction and st.interaction.mcp else None
     if protocol == "mcp" and first and first.request_id is not None and status not in (401, 407):
         text = f"{message} (douane decision {st.decision_id})"
-        if first.method == "tools/call":
+        if first.method == "tools/call" and code not in MCP_ERRORS:
             doc: dict[str, Any] = {"jsonrpc": "2.0", "id": first.request_id, "result": {
                 "content": [{"type": "text", "text": text}], "isError": True}}
+            if flow.request.headers.get("mcp-protocol-version", "") >= mcp.MODERN:
+                doc["result"]["resultType"] = "complete"  # 2026-07-28: results say their kind
         else:
             doc = error_body("mcp", status, message, code, st.decision_id, first.request_id)
-        flow.response = http.Response.make(200, json.dumps(doc), {
+        flow.response = http.Response.make(MCP_ERRORS.get(code, (200,))[0], json.dumps(doc), {
             "content-type": "application/json", DECISION_HEADER: st.decision_id})
     else:
         flow.response = make_response(protocol, status, message, code=code,
@@ -108,7 +118,25 @@ def refuse(flow: http.HTTPFlow, status: int, message: str, code: str, *reasons: 
 class KeepRefusals:
     """A refusal is final. mitmproxy's server replay (`--server-replay`, used to run tests on
     recordings) answers in its own `request` hook, which runs after douane's and would replace a
-    refusal with the recorded answer; the refusal is put back before any response hook reads it."""
+    refusal with the recorded answer; the refusal is put back before any response hook reads it.
+
+    An MCP refusal given on the request's headers (authentication, Origin, size) answers once the
+    body has arrived (mitmproxy reads it anyway, within its limit): the body is then read for the
+    JSON-RPC id alone, so the client can pair the error with its request. Nothing else of it is
+    looked at, and it goes nowhere."""
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        refusal = _refusals.get(flow)
+        st = state(flow)
+        if refusal is None or flow.response is not refusal or st.interaction is not None \
+                or st.upstream is None or st.upstream.protocol != "mcp":
+            return
+        rid = _request_id(flow.request)
+        if rid is not None:
+            doc = json.loads(refusal.content or b"null")
+            if isinstance(doc, dict) and "id" in doc and doc["id"] is None:
+                doc["id"] = rid
+                refusal.content = json.dumps(doc).encode()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         refusal = _refusals.get(flow)
@@ -117,6 +145,20 @@ class KeepRefusals:
                         "server replay" if flow.is_replay == "response" else "another addon",
                         state(flow).decision_id)
             flow.response = refusal
+
+
+def _request_id(request: http.Request) -> Any:
+    """The id of a single JSON-RPC request in a small, unencoded body, or None."""
+    raw = request.raw_content
+    if not raw or len(raw) > ID_BODY_BYTES or \
+            request.headers.get("content-encoding", "identity").lower() != "identity":
+        return None
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    rid = doc.get("id") if isinstance(doc, dict) and doc.get("jsonrpc") == "2.0" else None
+    return rid if mcp.id_key(rid) is not None else None
 
 
 def guarded(hook: Callable[..., Any]) -> Callable[..., Any]:

@@ -168,14 +168,27 @@ class Enforce:
             doc = json.loads(flow.response.get_content(strict=True))
             removals = [base + path for base, msg in mcp.each(doc)
                         for path in self._hidden(flow, msg)]
-            if removals:
-                protocols.remove_paths(flow, "response", removals)
+            private = [self._listing(flow, msg) and mcp.mark_private(msg)
+                       for _, msg in mcp.each(doc)]
+            if removals or any(private):
+                jsonpath.delete(doc, removals)
+                protocols.write_json(flow, "response", doc)
         decision = engine.evaluate_response(self.live.current, st.interaction.response_texts)
         if decision.action == "block":
             refuse(flow, 403, f"the answer was blocked by policy: {explain(decision)}",
                    "policy_denied_response", *decision.reasons, action="block")
             if st.decision:
                 st.decision.risk = decision.risk
+
+    @staticmethod
+    def _listing(flow: http.HTTPFlow, msg: Any) -> bool:
+        """Whether the message answers a listing, which douane filters per caller."""
+        st = state(flow)
+        assert st.interaction
+        result = msg.get("result") if isinstance(msg, dict) else None
+        method = mcp.answered_method(st.interaction, msg)
+        return isinstance(result, dict) and (method in engine.LISTINGS if method else any(
+            key in result for key, _ in engine.LISTINGS.values()))
 
     def _hidden(self, flow: http.HTTPFlow, msg: Any) -> list[tuple]:
         """Paths of listed items the caller may not use, in one JSON-RPC message. An answer to
@@ -200,16 +213,18 @@ class Enforce:
         return paths
 
     def _police_message(self, flow: http.HTTPFlow, doc: Any,
-                        rewriter: streams.StreamRewriter) -> None:
+                        rewriter: streams.StreamRewriter) -> bool:
         """One SSE event of an MCP stream (a message or a batch): filter listings, police its
         text (answers as the method they answer, server requests and notifications whole)."""
         st = state(flow)
         assert self.live and st.interaction
         pieces: list = []
+        edited = False
         for base, msg in mcp.each(doc):
             hidden = self._hidden(flow, msg)
             if hidden:
                 jsonpath.delete(doc, [base + path for path in hidden])
+            edited |= bool(hidden) | (self._listing(flow, msg) and mcp.mark_private(msg))
             mcp.message_pieces(msg, mcp.answered_method(st.interaction, msg), base,
                                st.interaction, pieces)
         decision = engine.evaluate_response(self.live.current, pieces)
@@ -217,3 +232,4 @@ class Enforce:
             st.decide("block", *decision.reasons)
             st.decision.risk = decision.risk  # type: ignore[union-attr]
             rewriter.abort(f"the answer was blocked by policy: {explain(decision)}")
+        return edited

@@ -3,9 +3,9 @@
 In memory, per gateway process (several processes behind a balancer each count their own share).
 Tokens are estimated at request time as prompt characters / 4 plus the requested max_tokens.
 An MCP request counts once per JSON-RPC call in it (a batch of 200 tool calls is 200 requests);
-MCP session housekeeping (initialize, ping, notifications, answers to the server, GET and DELETE)
-is not counted; `batch_size` bounds the JSON-RPC messages of one MCP request, housekeeping
-included.
+MCP session housekeeping (initialize, server/discover, ping, notifications, answers to the
+server, GET and DELETE) is not counted; `batch_size` bounds the JSON-RPC messages of one MCP
+request, housekeeping included.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from douane.flowstate import Reason
 from douane.interaction import Interaction
 from douane.policy.model import Limits
 
-HOUSEKEEPING = ("initialize", "ping")
+HOUSEKEEPING = ("initialize", "server/discover", "ping")
 
 
 def calls(it: Interaction) -> int:

@@ -8,7 +8,8 @@ Public API for the other stages:
 - `stream_format(upstream, interaction)`: the `StreamFormat` of an SSE response.
 - `apply_text_edits(flow, side, pieces)`: write edited `TextPiece.text` back at their paths and
   re-serialise the body (Content-Encoding and Content-Length stay consistent).
-- `remove_paths(flow, side, paths)`: drop items (e.g. tools a caller may not see from tools/list).
+- `write_json(flow, side, doc)`: replace a body by an edited document (e.g. a tools/list without the
+  tools a caller may not see).
 - `streams.rewriter_of(flow)`: the live SSE rewriter, to append a `streams.TextFilter` or abort.
 """
 
@@ -21,12 +22,12 @@ from mitmproxy import http
 
 from douane import operations
 from douane.config import Upstream
-from douane.interaction import Interaction, JsonPath, TextPiece
+from douane.interaction import Interaction, TextPiece
 from douane.protocols import anthropic, decoding, fields, generic, jsonpath, mcp, openai
 from douane.protocols.base import ProtocolError, StreamFormat
 
 __all__ = ["ProtocolError", "apply_text_edits", "declared", "parse_request", "parse_response",
-           "remove_paths", "stream_format"]
+           "stream_format", "write_json"]
 
 Side = Literal["request", "response"]
 OPENAI_ENDPOINTS = ("chat/completions", "responses", "embeddings", "completions", "moderations")
@@ -123,7 +124,10 @@ def parse_request(upstream: Upstream, flow: http.HTTPFlow, granted: bool = False
             return Interaction(upstream.protocol, f"GET {path}")
         return Interaction("mcp", f"mcp:{req.method.lower()}")
     if upstream.protocol == "mcp":
-        return mcp.parse_request(load_json(req, "request"), req.headers.get("mcp-session-id"))
+        doc = load_json(req, "request")
+        it = mcp.parse_request(doc, req.headers.get("mcp-session-id"))
+        mcp.check_headers(doc, [(k.lower(), v) for k, v in req.headers.items(multi=True)], it)
+        return it
     doc = load_json(req, "request")
     if upstream.protocol == "openai":
         return openai.parse_request(doc, endpoint)
@@ -186,8 +190,5 @@ def apply_text_edits(flow: http.HTTPFlow, side: Side, pieces: list[TextPiece]) -
     message.content = json.dumps(doc, ensure_ascii=False).encode()
 
 
-def remove_paths(flow: http.HTTPFlow, side: Side, paths: list[JsonPath]) -> None:
-    message = _message(flow, side)
-    doc = json.loads(message.get_content(strict=True) or b"null")
-    jsonpath.delete(doc, paths)
-    message.content = json.dumps(doc, ensure_ascii=False).encode()
+def write_json(flow: http.HTTPFlow, side: Side, doc: Any) -> None:
+    _message(flow, side).content = json.dumps(doc, ensure_ascii=False).encode()

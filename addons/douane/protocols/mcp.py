@@ -1,13 +1,18 @@
 """MCP Streamable HTTP: JSON-RPC 2.0 over POST (single or batch), answered with JSON or an SSE
 stream of JSON-RPC messages; GET opens a server-to-client SSE stream; DELETE ends a session.
 
-The legacy HTTP+SSE transport (a GET stream whose first event is `endpoint`) is recognised and
-refused. Methods douane does not know are refused with a JSON-RPC error, which keeps the `mcp`
-SDK's `server/discover` -> `initialize` fallback working.
+Both eras of the transport are governed: the handshake era (`initialize`, `Mcp-Session-Id`, GET
+streams; revisions 2025-03-26 to 2025-11-25) and the 2026-07-28 revision (`server/discover`, every
+request stateless, its metadata mirrored in `Mcp-Method` / `Mcp-Name` / `Mcp-Param-*` headers, which
+must match the body: `check_headers`). The legacy HTTP+SSE transport (a GET stream whose first
+event is `endpoint`) is recognised and refused. Methods douane does not know are refused with a
+JSON-RPC error.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 import unicodedata
@@ -19,7 +24,7 @@ from douane.protocols.base import Delta, ProtocolError, StreamFormat
 from douane.protocols.sse import Event
 
 KNOWN_METHODS = {
-    "initialize", "ping", "tools/list", "tools/call", "resources/list",
+    "initialize", "server/discover", "ping", "tools/list", "tools/call", "resources/list",
     "resources/templates/list", "resources/read", "resources/subscribe", "resources/unsubscribe",
     "prompts/list", "prompts/get", "completion/complete", "logging/setLevel",
 }
@@ -42,7 +47,19 @@ SPECIFIC = ("tools/call", "tools/list", "resources/read", "prompts/get")
 # say (a tool's name, a URI, a type), which masking must not rewrite.
 REST_KIND: dict[str, Kind] = {"tools/call": "tool_result", "tools/list": "tool_description",
                               "resources/read": "resource", "prompts/get": "prompt"}
-IDENTIFIER_KEYS = ("name", "uri", "uriTemplate", "mimeType", "type", "role", "nextCursor")
+IDENTIFIER_KEYS = ("name", "uri", "uriTemplate", "mimeType", "type", "role", "nextCursor",
+                   "resultType", "cacheScope", "requestState")
+# Multi round-trip requests (2026-07-28): the client's answers to the server's input requests
+# (elicitation, sampling, roots) ride on the retried request, with the server's opaque state.
+INPUT_RESPONSES = "inputResponses"
+STATE_CHARS = 64 * 1024
+# The request metadata headers of the 2026-07-28 revision (the body is what douane polices).
+MODERN = "2026-07-28"  # the first revision whose requests carry them
+VERSION_META = "io.modelcontextprotocol/protocolVersion"
+NAMED = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+PARAM_HEADER = "mcp-param-"
+HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
+SENTINEL = re.compile(r"=\?base64\?([A-Za-z0-9+/=]*)\?=")
 # Keys of binary payloads (base64 images, audio, blobs, next to their mimeType), not text.
 BINARY_KEYS = ("data", "blob")
 
@@ -119,6 +136,116 @@ def uri_problem(uri: str) -> str | None:
     return None
 
 
+def _input_responses(params: dict[str, Any], method: str, base: tuple) -> list[TextPiece]:
+    """What the client answers to a server's input requests (an elicited answer, a sampled
+    completion) is read like the client's other answers to the server; the server's
+    `requestState` is opaque (echoed, not read by a model): bounded, not inspected."""
+    state = params.get("requestState")
+    if state is not None and (not isinstance(state, str) or len(state) > STATE_CHARS):
+        raise ProtocolError(400, "invalid_request_state", f"requestState must be a string of at "
+                            f"most {STATE_CHARS} characters")
+    if method not in NAMED:  # the other methods' params are read whole
+        return []
+    return [TextPiece("prompt", "user", text, path) for path, text in
+            jsonpath.strings(params.get(INPUT_RESPONSES), (*base, "params", INPUT_RESPONSES))]
+
+
+def check_headers(doc: Any, headers: list[tuple[str, str]], it: Interaction) -> None:
+    """The 2026-07-28 request metadata headers (`headers`: lower-case names) say what the body
+    says, or the request is refused (400, JSON-RPC `HeaderMismatch`) before policy reads it: a
+    component that routes or counts on a header cannot be told one thing while the server is
+    told another. A request naming a revision from 2026-07-28 on must carry them.
+
+    douane does not know which argument a tool mirrors into which `Mcp-Param-*` header (the tool's
+    schema says, `x-mcp-header`): each such header must carry the value of one of the call's
+    primitive arguments reached through objects only, so no header says what the body does not;
+    the server, which knows the schema, checks the rest."""
+    def mismatch(why: str) -> ProtocolError:
+        return ProtocolError(400, "header_mismatch", f"header mismatch: {why}", it)
+
+    def one(name: str) -> str | None:
+        values = [v for k, v in headers if k == name]
+        if len(values) > 1:
+            raise mismatch(f"{name} appears more than once")
+        return values[0] if values else None
+
+    def decoded(name: str, value: str) -> str:
+        if not HEADER_VALUE.fullmatch(value):
+            raise mismatch(f"{name} holds characters a header may not carry")
+        encoded = SENTINEL.fullmatch(value)
+        if not encoded:
+            return value
+        try:
+            return base64.b64decode(encoded.group(1), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise mismatch(f"{name} is not valid base64-encoded UTF-8") from None
+
+    version, method_h, name_h = one("mcp-protocol-version"), one("mcp-method"), one("mcp-name")
+    mirrored = [(k, v) for k, v in headers if k.startswith(PARAM_HEADER)]
+    msg = doc if isinstance(doc, dict) else {}
+    params = msg.get("params") if isinstance(msg.get("params"), dict) else {}
+    meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+    modern = any(isinstance(v, str) and v >= MODERN for v in (version, meta.get(VERSION_META)))
+    if not (modern or method_h or name_h or mirrored):
+        return  # the handshake era: no request metadata
+    if not isinstance(doc, dict):
+        raise mismatch("a JSON-RPC batch cannot carry request metadata headers")
+    method = doc.get("method")
+    if VERSION_META in meta and meta[VERSION_META] != version:
+        raise mismatch("MCP-Protocol-Version does not match the body's protocol version")
+    request = "id" in doc and method is not None  # notification headers are not defined
+    if method_h is None and modern and request:
+        raise mismatch("Mcp-Method is missing")
+    if method_h is not None and method_h != method:
+        raise mismatch("Mcp-Method does not match the body's method")
+    field = NAMED.get(method or "")
+    if name_h is None and modern and request and field:
+        raise mismatch("Mcp-Name is missing")
+    if name_h is not None:
+        expected = params.get(field) if field else params.get("name", params.get("uri"))
+        if not isinstance(expected, str) or decoded("Mcp-Name", name_h) != expected:
+            raise mismatch("Mcp-Name does not match the body's name or URI")
+    if not mirrored:
+        return
+    if method != "tools/call":
+        raise mismatch("Mcp-Param headers on a request that calls no tool")
+    values = list(_primitives(params.get("arguments")))
+    for name, value in mirrored:
+        text = decoded("an Mcp-Param header", value)
+        if name == PARAM_HEADER or not any(_same(text, v) for v in values):
+            raise mismatch("an Mcp-Param header matches no argument of the call")
+
+
+def _primitives(value: Any) -> Any:
+    """The string, integer and boolean values reached from a tool's arguments through objects."""
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _primitives(item)
+    elif isinstance(value, str | int) and not isinstance(value, float):
+        yield value
+
+
+def _same(header: str, value: str | int) -> bool:
+    if isinstance(value, bool):
+        return header == ("true" if value else "false")
+    if isinstance(value, int):  # compared as numbers: "42.0" is 42
+        try:
+            return abs(value) <= SAFE_INTEGER and float(header) == value
+        except ValueError:
+            return False
+    return header == value
+
+
+def mark_private(msg: Any) -> bool:
+    """Mark an answer's result as meant for its caller alone (2026-07-28 `cacheScope`): a listing
+    douane filtered for one caller must not be served to another from a shared cache."""
+    result = msg.get("result") if isinstance(msg, dict) else None
+    if not isinstance(result, dict) or result.get("cacheScope") == "private":
+        return False
+    result["cacheScope"] = "private"
+    return True
+
+
 def parse_request(doc: Any, session_id: str | None) -> Interaction:
     messages = doc if isinstance(doc, list) else [doc]
     if not messages:
@@ -156,6 +283,7 @@ def parse_request(doc: Any, session_id: str | None) -> Interaction:
                                 f"douane does not govern the MCP method {method[:NAME_CHARS]!r}",
                                 it)
         params = _params(msg, method)
+        it.texts += _input_responses(params, method, base)
         if method.startswith("notifications/"):
             if "id" in msg:
                 raise ProtocolError(400, "invalid_id", "a notification has no id")

@@ -75,7 +75,7 @@ class StreamRewriter:
         self.filters: list[TextFilter] = []
         # Called with each event's parsed JSON before its text is filtered; may edit it in place
         # (list filtering) or call abort() (a blocked tool result).
-        self.message_hooks: list[Callable[[Any], None]] = []
+        self.message_hooks: list[Callable[[Any], bool | None]] = []  # True: edited it
         self.parser = SseParser()
         self.open: dict[str, tuple[Kind, Any]] = {}  # channel -> (kind, last delta event doc)
         self.sent: dict[str, StreamedText] = {}  # channel -> text emitted so far
@@ -132,10 +132,10 @@ class StreamRewriter:
             except ValueError:
                 raise ProtocolError(502, "broken_stream", "the upstream sent an event that is not "
                                     "JSON") from None
+        touched = False  # a hook edited the message in place
         if doc is not None:
             self.format.check_message(doc)
-            for hook in self.message_hooks:
-                hook(doc)
+            touched = any([hook(doc) for hook in self.message_hooks])
             if self.abort_message:
                 return []
         out = self._close(self.format.closes(event, doc))
@@ -157,7 +157,7 @@ class StreamRewriter:
                 jsonpath.set_(doc, path, self.sent[channel].text)
         strays = self._strays(doc, {d.path for d in deltas} | set(self.format.echoes) | {
             path for path, channel in recaps if channel in self.sent})
-        if deltas or recaps or strays:
+        if deltas or recaps or strays or touched:
             event = Event(json.dumps(doc, ensure_ascii=False), event.event, event.id, event.retry,
                           event.comments)
         return [*out, event.encode()]
