@@ -392,6 +392,34 @@ def test_answer_mode_approval_for_this_request_only_passes_the_identical_retry_o
     assert refused_approval(delete()) != approval_id  # used up
 
 
+def test_answer_mode_retries_of_a_denied_request_get_the_denial_and_its_reason(
+        setup, issuer, mcp_server):
+    gw, _, _, api = setup
+    bob, una = issuer.mint("bob@corp", ["approvers"]), issuer.mint("una@corp", ["engineering"])
+    args = {"table": "customers", "where": "1=1"}
+
+    def delete(token=una, arguments=args):
+        return asyncio.run(call_tool(gw, mcp_server, token, "delete_records", arguments))
+
+    approval_id = refused_approval(delete())
+    assert call(api, bob, "POST", f"/approvals/{approval_id}/deny",
+                {"reason": "not the customers table"})[0] == 200
+    for _ in range(2):  # the agent can tell denied from pending, every time it retries
+        retried = delete()
+        assert retried.is_error, retried
+        text = retried.content[0].text
+        assert f"approval {approval_id}: denied by bob@corp: not the customers table" in text
+        assert "the denial stands until" in text and "pending" not in text
+    records = gw.audit_where(lambda r: r.get("user") == "una@corp"
+                             and any(x["rule"] == "approval.denied" for x in r.get("reasons", [])),
+                             count=2)
+    assert all(r["action"] == "block" for r in records)
+    # another request, or the same one by someone else, is a new approval request
+    assert refused_approval(delete(arguments={"table": "sessions", "where": "1=1"})) != approval_id
+    other = issuer.mint("vic@corp", ["engineering"])
+    assert refused_approval(delete(token=other)) != approval_id
+
+
 def test_grants_survive_a_restart_and_pending_requests_are_denied_at_shutdown(
         issuer, mcp_server, tmp_path):
     llm, hook = FakeUpstream(), Receiver()

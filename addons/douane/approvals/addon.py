@@ -7,7 +7,10 @@ tool or model, unexpired) and lets the flow pass on it. Otherwise it opens an ap
   nothing, so other flows keep moving. Approved (API, or resumed in mitmweb) -> the flow goes on
   unchanged with an `approval.granted` reason; denied (API, or killed in mitmweb), timed out ->
   a refusal in the API's shape with the reason; the client disconnected -> abandoned.
-- answer: refuse at once with the approval id; once approved, the retry passes on the grant.
+- answer: refuse at once with the approval id; once approved, the retry passes on the grant;
+  once denied by an approver, a retry of the same request by the same user gets that denial and
+  its reason for `retry_window` after it (the agent can tell denied from pending), not a new
+  approval request. Denials are kept in memory: a restart forgets them.
 """
 
 from __future__ import annotations
@@ -143,6 +146,15 @@ class Approvals:
             return
         wait = self.approvals.wait_for(st.upstream.name, st.upstream.protocol)
         if wait.mode == "answer":
+            denied = self._denied_before(st, fp)
+            if denied is not None:
+                why = f"denied by {denied.approver}: {denied.reason}"
+                until = time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                      time.gmtime(self._stands_until(denied)))
+                refuse(flow, 403, f"approval {denied.id}: {why}; the denial stands until {until}",
+                       "approval_denied", Reason("approval.denied", why), action="block",
+                       headers={"x-douane-approval-id": denied.id})
+                return
             pending = self._open_for_retry(st, fp) or await self._open(flow, st, "answer",
                                                                        wait.timeout)
             refuse(flow, 403, f"this request needs an approver: approval {pending.id} is "
@@ -162,6 +174,19 @@ class Approvals:
         assert st.identity
         return next((p for p in self.open_requests() if p.mode == "answer" and p.fingerprint == fp
                      and p.requester.user == st.identity.user), None)
+
+    def _denied_before(self, st: FlowState, fp: str) -> Pending | None:
+        """An approver's standing denial of this very request by this user (answer mode)."""
+        assert st.identity
+        now = time.time()
+        return next((p for p in self.requests.values() if p.mode == "answer"
+                     and p.status == "denied" and p.approver is not None and p.fingerprint == fp
+                     and p.requester.user == st.identity.user and self._stands_until(p) > now),
+                    None)
+
+    def _stands_until(self, pending: Pending) -> float:
+        assert self.approvals and pending.decided_at is not None
+        return pending.decided_at + self.approvals.retry_window
 
     async def _open(self, flow: http.HTTPFlow, st: FlowState, mode: str, timeout: int) -> Pending:
         assert st.identity and st.upstream and st.interaction and st.decision
@@ -306,8 +331,10 @@ class Approvals:
             self._finish(pending, "timed_out", None, "timed out")
 
     def _forget_old(self, now: float) -> None:
+        assert self.approvals
         for key, p in list(self.requests.items()):
-            if p.decided_at is not None and now - p.decided_at > KEEP_DECIDED:
+            keep = max(KEEP_DECIDED, self.approvals.retry_window if p.status == "denied" else 0)
+            if p.decided_at is not None and now - p.decided_at > keep:
                 del self.requests[key]
 
     def open_requests(self) -> list[Pending]:

@@ -7,7 +7,7 @@ approvals:
   approver_groups: [approvers]    # an approver's token must carry one of these groups
   database: approvals.sqlite3     # time-boxed grants; default <state_dir>/approvals.sqlite3
   max_grant: 7d                   # the longest `approve --for` allowed
-  retry_window: 1h                # answer mode: how long an approval waits for the agent's retry
+  retry_window: 1h                # answer mode: how long an approval waits for the retry (and a denial answers it)
   protocols:                      # defaults per protocol (shown): mode hold | answer, timeout
     openai: {mode: hold, timeout: 5m}
     anthropic: {mode: hold, timeout: 5m}
