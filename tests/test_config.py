@@ -51,6 +51,9 @@ def test_valid_config(tmp_path, monkeypatch):
     (BASE.replace("dev_issuer: {enabled: true}", "issuers:\n    - {issuer: x, audience: a, "
                   "algorithms: [HS256]}"),
      "douane.yaml:4 identity.issuers.0.algorithms: HS256 is not allowed"),
+    (BASE.replace("dev_issuer: {enabled: true}", "issuers:\n    - {issuer: x, audience: a, "
+                  "client_id: cli, resource: https://b}"),
+     "douane.yaml:4 identity.issuers.0.resource: must be one of this issuer's audience"),
     ("version: 1\nidentity: {}\n", "douane.yaml:2 identity: no way to authenticate"),
     ("version: 1\n  bad: [indent\n", "douane.yaml:2: invalid YAML"),
     ("version: 1\nversion: 2\n", "douane.yaml:2 version: duplicate key"),

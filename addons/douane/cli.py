@@ -15,19 +15,26 @@ import sys
 COMMANDS = [
     "douane.commands.check",
     "douane.commands.token",
+    "douane.commands.login",
     "douane.commands.audit",
     "douane.commands.ca",
     "douane.commands.explain",
     "douane.commands.sessions",
     "douane.commands.approvals",
     "douane.commands.mask",
+    "douane.commands.connect",
 ]
+# commands a credential helper or a shell runs often (`douane token` as Claude Code's
+# apiKeyHelper): only their own module is imported, not the gateway's whole machinery
+LIGHT = {"token": "douane.commands.token", "login": "douane.commands.login",
+         "logout": "douane.commands.login", "connect": "douane.commands.connect"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="douane", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMANDS:
+    argv = sys.argv[1:] if argv is None else argv
+    for module in [LIGHT[argv[0]]] if argv and argv[0] in LIGHT else COMMANDS:
         importlib.import_module(module).register(sub)
     args = parser.parse_args(argv)
     try:

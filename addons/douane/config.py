@@ -229,6 +229,9 @@ class Issuer:
     algorithms: tuple[str, ...]
     user_claim: str
     groups_claim: str  # dotted path, e.g. realm_access.roles
+    client_id: str | None = None  # the public client `douane login` uses at this issuer
+    resource: str | None = None  # the resource (RFC 8707) `douane login` asks tokens for
+    scopes: tuple[str, ...] = ()  # what `douane login` asks for besides openid offline_access
 
 
 @dataclass(frozen=True)
@@ -423,7 +426,8 @@ def _identity(v: View, state_dir: Path) -> IdentityConfig:
            "jwks_timeout_seconds")
     issuers = []
     for iv in v.views("issuers"):
-        iv.only("issuer", "audience", "jwks_uri", "algorithms", "user_claim", "groups_claim")
+        iv.only("issuer", "audience", "jwks_uri", "algorithms", "user_claim", "groups_claim",
+                "client_id", "resource", "scopes")
         algorithms = iv.strings("algorithms", ("RS256", "ES256"))
         for alg in algorithms:
             if alg not in ASYMMETRIC_ALGORITHMS:
@@ -436,7 +440,13 @@ def _identity(v: View, state_dir: Path) -> IdentityConfig:
             algorithms=algorithms,
             user_claim=iv.get("user_claim", str, "email"),
             groups_claim=iv.get("groups_claim", str, "groups"),
+            client_id=iv.get("client_id", str, None),
+            resource=iv.get("resource", str, None),
+            scopes=iv.strings("scopes", ()),
         ))
+        if issuers[-1].resource is not None and issuers[-1].resource not in issuers[-1].audiences:
+            # a token asked for another resource would be refused by this very issuer entry
+            raise iv.error("must be one of this issuer's audience", "resource")
     dev = None
     dv = v.sub("dev_issuer")
     dv.only("enabled", "issuer", "audience", "key_file")

@@ -46,19 +46,19 @@ class _Form(HTMLParser):
         a = dict(attrs)
         if tag == "form" and self.action is None:
             self.action = a.get("action") or ""
-        elif tag in ("input", "button") and a.get("name"):
+        elif tag in ("input", "button") and a.get("name") and a.get("name") != "abort":
             self.fields.setdefault(a["name"], a.get("value") or "")
 
 
 class OidcProvider:
-    def __init__(self, groups: dict[str, list[str]]) -> None:
+    def __init__(self, groups: dict[str, list[str]], access_ttl: int = 300) -> None:
         node = require_node()
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.issuer = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([node, str(HERE / "provider.mjs"), str(self.port),
-                                      json.dumps(groups)], stdout=subprocess.DEVNULL,
+                                      json.dumps(groups), str(access_ttl)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -78,12 +78,22 @@ class OidcProvider:
         """Follow the authorization request as a browser would, signing in as `user` and
         consenting, up to the redirect to the client; returns its parameters (code, state,
         iss)."""
+        answer = self._browse(authorization_url, redirect_uri, user)
+        assert answer is not None
+        return answer
+
+    def verify_device(self, verification_uri: str, user: str) -> None:
+        """Confirm a device login's code (the `verification_uri_complete`), sign in as `user`
+        and consent, up to the provider's success page."""
+        self._browse(verification_uri, None, user)
+
+    def _browse(self, url: str, redirect_uri: str | None, user: str) -> dict[str, str] | None:
         with httpx.Client(timeout=30) as browser:
-            resp = browser.get(authorization_url)
+            resp = browser.get(url)
             for _ in range(20):
                 if resp.is_redirect:
                     location = urljoin(str(resp.url), resp.headers["location"])
-                    if location.startswith(redirect_uri):
+                    if redirect_uri and location.startswith(redirect_uri):
                         query = parse_qs(urlsplit(location).query)
                         if "error" in query:
                             raise RuntimeError(f"authorization failed: {query}")
@@ -92,6 +102,8 @@ class OidcProvider:
                     continue
                 form = _Form()
                 form.feed(resp.text)
+                if redirect_uri is None and resp.status_code == 200 and "Sign-in Success" in resp.text:
+                    return None
                 if form.action is None:
                     raise RuntimeError(f"no form at {resp.url}: {resp.status_code} "
                                        f"{re.sub(r'<[^>]+>', ' ', resp.text)[:300]}")

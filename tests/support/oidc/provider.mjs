@@ -1,12 +1,13 @@
 // A real OpenID Provider for douane's end-to-end tests: panva/oidc-provider, certified.
-//   node provider.mjs PORT '{"alice": ["engineering"]}'
+//   node provider.mjs PORT '{"alice": ["engineering"]}' [ACCESS_TOKEN_TTL_SECONDS]
 // Dynamic client registration, authorization code + PKCE, device flow, refresh tokens, and
 // resource indicators (RFC 8707): an access token asked for a resource is a JWT whose aud is that
 // resource, with the user's email and groups. Logins go through oidc-provider's development
 // interactions (any password), which tests drive over HTTP.
 import Provider from 'oidc-provider';
 
-const [, , port, groupsJson] = process.argv;
+const [, , port, groupsJson, accessTtl] = process.argv;
+const ACCESS_TTL = Number(accessTtl || 300);
 const groups = JSON.parse(groupsJson || '{}');
 const issuer = `http://127.0.0.1:${port}`;
 const SCOPES = ['mcp:tools', 'mcp:admin'];
@@ -32,7 +33,7 @@ const provider = new Provider(issuer, {
       getResourceServerInfo: () => ({
         scope: SCOPES.join(' '),
         accessTokenFormat: 'jwt',
-        accessTokenTTL: 300,
+        accessTokenTTL: ACCESS_TTL,
         jwt: { sign: { alg: 'RS256' } },
       }),
     },
@@ -51,7 +52,7 @@ const provider = new Provider(issuer, {
   async issueRefreshToken(ctx, client, code) {
     return client.grantTypeAllowed('refresh_token') && code.scopes.has('offline_access');
   },
-  ttl: { AccessToken: 300, AuthorizationCode: 60, RefreshToken: 3600, DeviceCode: 300,
+  ttl: { AccessToken: ACCESS_TTL, AuthorizationCode: 60, RefreshToken: 3600, DeviceCode: 300,
     Interaction: 300, Session: 3600, Grant: 3600 },
 });
 provider.listen(Number(port), '127.0.0.1', () => console.log(`oidc-provider listening at ${issuer}`));
