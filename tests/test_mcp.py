@@ -425,3 +425,14 @@ def test_listings_are_marked_private():
     assert mcp.mark_private(msg) and msg["result"]["cacheScope"] == "private"
     assert not mcp.mark_private(msg) and not mcp.mark_private({"jsonrpc": "2.0", "id": 1,
                                                                "error": {}})
+
+
+def test_listen_streams_carry_list_changes_only():
+    it = mcp.parse_request(rpc("subscriptions/listen", 9, notifications={
+        "toolsListChanged": True, "resourceSubscriptions": []}), None)
+    assert it.operation == "mcp:subscriptions/listen"
+    refused(rpc("subscriptions/listen", 9, notifications={
+        "resourceSubscriptions": ["file:///secret/keys.txt"]}), "method_not_governed")
+    refused(rpc("subscriptions/listen", 9, notifications={"taskIds": ["t1"]}),
+            "method_not_governed")
+    refused(rpc("subscriptions/listen", 9), "invalid_body")

@@ -165,3 +165,26 @@ def test_refusals_keep_the_request_id(setup, issuer):
                                  "params": {}}, **{"mcp-method": "tasks/list"})
     assert unknown.json()["id"] == "x-9"
     assert unknown.json()["error"]["data"]["reason"] == "method_not_governed"
+
+
+def test_change_notifications_are_listened_to_but_resource_subscriptions_are_refused(
+        setup, issuer, mcp_server):
+    gw = setup
+    token = issuer.mint("lena@corp.example", ["interns"])
+
+    async def run(**wanted):
+        http_client = httpx2.AsyncClient(headers={"authorization": f"Bearer {token}"})
+        async with Client(streamable_http_client(gw.url + "/mcp", http_client=http_client),
+                          mode=MODERN) as client:
+            try:
+                async with client.listen(**wanted) as sub:
+                    return sub.honored
+            except Exception as e:  # the refusal, as the SDK raises it
+                return e
+
+    honored = asyncio.run(run(tools_list_changed=True))
+    assert getattr(honored, "tools_list_changed", None) is True, honored
+    before = received(mcp_server)
+    refused = asyncio.run(run(resource_subscriptions=["file:///secret/keys.txt"]))
+    assert "not resource subscriptions" in str(refused), refused
+    assert received(mcp_server) == before

@@ -27,6 +27,7 @@ KNOWN_METHODS = {
     "initialize", "server/discover", "ping", "tools/list", "tools/call", "resources/list",
     "resources/templates/list", "resources/read", "resources/subscribe", "resources/unsubscribe",
     "prompts/list", "prompts/get", "completion/complete", "logging/setLevel",
+    "subscriptions/listen",
 }
 
 
@@ -148,6 +149,22 @@ def _input_responses(params: dict[str, Any], method: str, base: tuple) -> list[T
         return []
     return [TextPiece("prompt", "user", text, path) for path, text in
             jsonpath.strings(params.get(INPUT_RESPONSES), (*base, "params", INPUT_RESPONSES))]
+
+
+LIST_CHANGES = ("toolsListChanged", "promptsListChanged", "resourcesListChanged")
+
+
+def _listen(params: dict[str, Any]) -> None:
+    """A 2026-07-28 change-notification stream (what the GET stream was): list changes only.
+    Resource subscriptions name URIs one at a time no resource grant is checked against here."""
+    wanted = params.get("notifications")
+    if not isinstance(wanted, dict):
+        raise ProtocolError(400, "invalid_body", "subscriptions/listen needs a notifications "
+                            "filter object")
+    if any(value for key, value in wanted.items() if key not in LIST_CHANGES):
+        raise ProtocolError(403, "method_not_governed", "douane governs list-change "
+                            "notifications on subscriptions/listen, not resource subscriptions "
+                            "or extensions")
 
 
 def check_headers(doc: Any, headers: list[tuple[str, str]], it: Interaction) -> None:
@@ -307,6 +324,8 @@ def parse_request(doc: Any, session_id: str | None) -> Interaction:
             it.texts += [TextPiece("prompt", "user", text, path) for path, text in
                          jsonpath.strings(params.get("arguments"), (*base, "params", "arguments"))]
         else:  # notifications, completions, ...: every string the client sends is inspected
+            if method == "subscriptions/listen":
+                _listen(params)
             if method == "completion/complete":  # completes what a grant names: check it too
                 ref = params.get("ref") if isinstance(params.get("ref"), dict) else {}
                 if ref.get("type") == "ref/prompt":
