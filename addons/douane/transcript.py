@@ -20,7 +20,7 @@ from douane import protocols
 from douane.config import Upstream
 from douane.flowstate import peek, summary
 from douane.interaction import Interaction, TextPiece, ToolCall
-from douane.protocols import streams
+from douane.protocols import decoding, streams
 from douane.protocols.sse import SseError, SseParser
 from douane.untrusted import escape
 
@@ -66,7 +66,7 @@ def _guess(flow: http.HTTPFlow) -> str | None:
         return "openai"
     if flow.request.method == "POST":
         try:
-            doc = json.loads(flow.request.get_content(strict=False) or b"null")
+            doc = json.loads(decoding.content(flow.request) or b"null")
         except ValueError:
             return None
         first = doc[0] if isinstance(doc, list) and doc else doc
@@ -203,7 +203,7 @@ def _response_lines(flow: http.HTTPFlow, upstream: Upstream | None,
     except protocols.ProtocolError:
         it = Interaction(upstream.protocol, "")  # e.g. a refused unknown MCP method
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
-        return _streamed(upstream, it, resp.get_content(strict=False) or b"", masked)
+        return _streamed(upstream, it, decoding.content(resp), masked)
     error = _error_message(resp)
     if error:
         return [f"[{'refused' if 'douane decision' in error else 'error'} {resp.status_code}] "
@@ -222,7 +222,7 @@ def _response_lines(flow: http.HTTPFlow, upstream: Upstream | None,
 def _error_message(resp: http.Response) -> str | None:
     """The message of an error document (OpenAI, Anthropic, JSON-RPC), if the body is one."""
     try:
-        doc = json.loads(resp.get_content(strict=False) or b"null")
+        doc = json.loads(decoding.content(resp) or b"null")
     except ValueError:
         return None
     error = doc.get("error") if isinstance(doc, dict) else None

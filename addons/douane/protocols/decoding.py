@@ -109,6 +109,16 @@ def _unzstd(data: bytes, limit: int) -> bytes:
         raise ValueError(f"broken zstd body: {e}") from None
 
 
+def content(message: http.Message, limit: int = OFFLINE_LIMIT) -> bytes:
+    """For readers of recorded flows: `get_content(strict=False)` bounded, the body decoded, or
+    as it is when it cannot be decoded within `limit`."""
+    raw = message.raw_content or b""
+    try:
+        return decode(raw, message.headers.get("content-encoding", "identity"), limit)
+    except (TooLarge, ValueError):
+        return raw
+
+
 def decode_body(message: http.Message, limit: int) -> None:
     """Replace an encoded body by its decoded bytes (bounded) and drop the Content-Encoding."""
     encoding = message.headers.get("content-encoding", "identity")
