@@ -186,9 +186,17 @@ def test_connect_carries_the_openai_sdk_across_token_expiry(provider, make_gatew
     first = yaml.safe_load(session.read_text())
     proc = cli.start("connect", "--gateway", gw.url)
     try:
-        port = cli.read_until(proc, r"HTTPS_PROXY=http://127\.0\.0\.1:(\d+)").group(1)
+        proxy = cli.read_until(proc, r"HTTPS_PROXY=(http://douane:\S+@127\.0\.0\.1:(\d+))\n")
+        proxy, port = proxy.group(1), proxy.group(2)
+        key_file = cli.home / "connect-key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and key_file.read_text() in proxy
+        # another local user, without the forwarder's key, does not borrow alice's identity
+        for stranger in (f"http://127.0.0.1:{port}", f"http://douane:guess@127.0.0.1:{port}"):
+            with pytest.raises(httpx.ProxyError, match="407"):
+                httpx.get("https://api.openai.com/v1/models", proxy=stranger)
+        assert upstream.requests == []
         # as a person sets it up: the SDK's defaults, two environment variables
-        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("HTTPS_PROXY", proxy)
         monkeypatch.setenv("SSL_CERT_FILE", str(gw.ca_file))
         client = openai.OpenAI(api_key="unused")
         tokens, calls = set(), 0
@@ -208,8 +216,7 @@ def test_connect_carries_the_openai_sdk_across_token_expiry(provider, make_gatew
             ("alice@corp.example", "allow")}
         # plain HTTP through the forwarder: each request its own connection and token
         plain = openai.OpenAI(base_url=upstream.url + "/v1", api_key="unused", max_retries=0,
-                              http_client=openai.DefaultHttpxClient(
-                                  proxy=f"http://127.0.0.1:{port}"))
+                              http_client=openai.DefaultHttpxClient(proxy=proxy))
         assert plain.chat.completions.create(model="gpt-4o-mini", messages=[
             {"role": "user", "content": "hi"}]).choices[0].message.content == DEFAULT_REPLY
         # what is not a proxy request is refused by the forwarder itself

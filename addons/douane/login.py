@@ -33,7 +33,7 @@ from authlib.integrations.base_client.errors import OAuthError
 from authlib.integrations.httpx_client import OAuth2Client
 
 from douane.config import Config, Issuer
-from douane.untrusted import loggable
+from douane.untrusted import escape, loggable
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 TIMEOUT = 30  # seconds, every request to the issuer
@@ -183,7 +183,7 @@ class Login:
                     self.endpoint("authorization_endpoint"), code_verifier=verifier,
                     prompt="consent", **self.extra())
                 print(f"douane: log in at {self.issuer.issuer} in your browser; if it does not "
-                      f"open, visit:\n  {url}", file=out, flush=True)
+                      f"open, visit:\n  {escape(url)}", file=out, flush=True)
                 with suppress(webbrowser.Error):
                     webbrowser.open(url)
                 answer = loopback.wait(time.monotonic() + LOGIN_SECONDS)
@@ -311,6 +311,7 @@ class _Loopback(http.server.HTTPServer):
 
 class _Callback(http.server.BaseHTTPRequestHandler):
     server: _Loopback
+    timeout = 10  # a local client that connects and says nothing does not hold the login
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         url = urlsplit(self.path)

@@ -8,14 +8,21 @@ CONNECT, and refuses requests in it after the token's expiry; so a tunnel whose 
 renewal is closed as soon as it falls quiet after an answer (between requests, judged by the
 pause: a stream that pauses long after its first bytes near the token's expiry can be cut), and
 the client's next request opens a new tunnel with a fresh token.
+
+Other local users can reach 127.0.0.1 too: the forwarder serves only clients that present its key
+(`http://douane:KEY@127.0.0.1:P`, kept in $DOUANE_HOME/connect-key, mode 0600), so nobody else on
+the machine borrows this person's identity.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hmac
 import os
 import re
+import secrets
 import sys
 import time
 from contextlib import suppress
@@ -23,7 +30,8 @@ from urllib.parse import urlsplit
 
 from douane.commands import add_config_option
 from douane.commands.login import add_issuer_option, login_for
-from douane.login import FRESH_MARGIN, Login, LoginError, Session
+from douane.login import FRESH_MARGIN, Login, LoginError, Session, home
+from douane.statefile import create_once
 from douane.untrusted import loggable
 
 MAX_HEAD = 64 * 1024  # bytes of a request head
@@ -64,22 +72,25 @@ def run(args: argparse.Namespace) -> int:
     except LoginError as e:
         print(f"douane: {e}", file=sys.stderr)
         return 1
-    forwarder = Forwarder(login, gateway.hostname, gateway.port or 80)
+    home().mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = create_once(home() / "connect-key", lambda: secrets.token_urlsafe(24).encode()).decode()
+    forwarder = Forwarder(login, gateway.hostname, gateway.port or 80, key)
     with suppress(KeyboardInterrupt):
         asyncio.run(forwarder.serve(args.port))
     return 0
 
 
 class Forwarder:
-    def __init__(self, login: Login, host: str, port: int) -> None:
+    def __init__(self, login: Login, host: str, port: int, key: str) -> None:
         self.login, self.host, self.port = login, host, port
+        self.credentials = f"douane:{key}"
 
     async def serve(self, port: int) -> None:
         server = await asyncio.start_server(self.handle, "127.0.0.1", port, limit=MAX_HEAD)
         bound = server.sockets[0].getsockname()[1]
-        print(f"douane: forwarding http://127.0.0.1:{bound} to the gateway at "
-              f"http://{self.host}:{self.port}\n  export HTTPS_PROXY=http://127.0.0.1:{bound}",
-              file=sys.stderr, flush=True)
+        print(f"douane: forwarding 127.0.0.1:{bound} to the gateway at "
+              f"http://{self.host}:{self.port}\n  export HTTPS_PROXY=http://{self.credentials}"
+              f"@127.0.0.1:{bound}", file=sys.stderr, flush=True)
         async with server:
             await server.serve_forever()
 
@@ -96,6 +107,8 @@ class Forwarder:
             if parsed is None:
                 return await _answer(writer, 400, "not an HTTP/1 proxy request")
             request_line, headers = parsed
+            if not self._authorized(headers):
+                return await _answer(writer, 407, "use the proxy URL `douane connect` printed")
             tunnel = request_line.startswith("CONNECT ")
             try:
                 session = await asyncio.to_thread(self.login.access_token)
@@ -124,6 +137,17 @@ class Forwarder:
                     w.close()
 
 
+    def _authorized(self, headers: list[tuple[str, str]]) -> bool:
+        given = [v for n, v in headers if n.lower() == "proxy-authorization"]
+        scheme, _, value = given[0].partition(" ") if len(given) == 1 else ("", "", "")
+        try:
+            presented = base64.b64decode(value.strip(), validate=True)
+        except ValueError:
+            return False
+        return scheme.lower() == "basic" and hmac.compare_digest(presented,
+                                                                 self.credentials.encode())
+
+
 def _parse(head: bytes) -> tuple[str, list[tuple[str, str]]] | None:
     """The request line and header fields of a proxy request head, or None when it is not one."""
     lines = head.decode("latin-1").split("\r\n")[:-2]
@@ -140,9 +164,11 @@ def _parse(head: bytes) -> tuple[str, list[tuple[str, str]]] | None:
 
 
 async def _answer(writer: asyncio.StreamWriter, status: int, text: str) -> None:
-    reason = {400: "Bad Request", 431: "Request Header Fields Too Large", 502: "Bad Gateway"}
+    reason = {400: "Bad Request", 407: "Proxy Authentication Required",
+              431: "Request Header Fields Too Large", 502: "Bad Gateway"}
     body = f"douane connect: {text}\n".encode()
-    writer.write(f"HTTP/1.1 {status} {reason[status]}\r\ncontent-type: text/plain\r\n"
+    challenge = 'proxy-authenticate: Basic realm="douane connect"\r\n' if status == 407 else ""
+    writer.write(f"HTTP/1.1 {status} {reason[status]}\r\ncontent-type: text/plain\r\n{challenge}"
                  f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
     await writer.drain()
 
