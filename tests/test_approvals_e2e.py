@@ -23,6 +23,7 @@ import openai
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.types import ElicitResult
 
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import MITMDUMP, Gateway, base_config
@@ -418,6 +419,42 @@ def test_answer_mode_retries_of_a_denied_request_get_the_denial_and_its_reason(
     assert refused_approval(delete(arguments={"table": "sessions", "where": "1=1"})) != approval_id
     other = issuer.mint("vic@corp", ["engineering"])
     assert refused_approval(delete(token=other)) != approval_id
+
+
+def test_a_client_taking_url_elicitations_is_shown_the_approval_and_retries_once_approved(
+        setup, issuer, mcp_server):
+    gw, _, _, api = setup
+    bob, kim = issuer.mint("bob@corp", ["approvers"]), issuer.mint("kim@corp", ["engineering"])
+    args = {"table": "orders", "where": "id = 3"}
+    asked: list[Any] = []
+
+    async def elicit(context, params):
+        asked.append(params)
+        # the status page: no token, the link is the capability; no request content on it
+        status = await asyncio.to_thread(call, "", None, "GET", params.url)
+        assert status[0] == 200 and "orders" not in json.dumps(status[1]), status
+        if len(asked) == 1:
+            assert status[1]["status"] == "pending" and status[1]["subject"] == "delete_records"
+            assert await asyncio.to_thread(call, api, bob, "POST",
+                                           f"/approvals/{status[1]['id']}/approve", {})
+        return ElicitResult(action="accept" if len(asked) < 3 else "decline")
+
+    async def run(arguments):
+        http_client = httpx2.AsyncClient(proxy=gw.proxy_url("u", kim))
+        async with Client(streamable_http_client(mcp_server + "/mcp", http_client=http_client),
+                          elicitation_callback=elicit) as c:
+            return await c.call_tool("delete_records", arguments)
+
+    result = asyncio.run(run(args))
+    assert result.content[0].text == "deleted from orders where id = 3"
+    assert len(asked) == 1 and asked[0].mode == "url" and "is pending" in asked[0].message
+    bodies = httpx.get(mcp_server + "/_received").json()["bodies"]
+    assert any("orders" in b for b in bodies)
+    assert not any("douane_approval" in b for b in bodies)  # douane's own answer stayed here
+    # another request: shown the link again, and declining it gets the usual refusal
+    refused = asyncio.run(run({"table": "orders", "where": "1=1"}))
+    assert len(asked) == 3 and refused_approval(refused)
+    assert call(api, bob, "GET", "/status/apr_0000000000000000/" + "0" * 32)[0] == 404
 
 
 def test_grants_survive_a_restart_and_pending_requests_are_denied_at_shutdown(

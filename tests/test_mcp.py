@@ -436,3 +436,18 @@ def test_listen_streams_carry_list_changes_only():
     refused(rpc("subscriptions/listen", 9, notifications={"taskIds": ["t1"]}),
             "method_not_governed")
     refused(rpc("subscriptions/listen", 9), "invalid_body")
+
+
+@pytest.mark.parametrize("answer", [{"action": "maybe"}, {"action": "accept", "content": {"x": 1}},
+                                    "accept", {}])
+def test_the_answer_to_douanes_own_input_request_is_one_checked_word(answer):
+    refused(rpc("tools/call", 6, name="echo", inputResponses={mcp.APPROVAL_INPUT: answer}),
+            "invalid_input_response")
+    it = mcp.parse_request(rpc("tools/call", 6, name="echo", inputResponses={
+        mcp.APPROVAL_INPUT: {"action": "accept"}}), None)
+    assert it.texts == [] and mcp.approval_answer(it.mcp[0]) == "accept"
+    caps = {mcp.CAPABILITIES_META: {"elicitation": {"url": {}}}}
+    assert mcp.asks_by_url(mcp.McpMessage("tools/call", 1, {"_meta": caps}), "2026-07-28")
+    assert not mcp.asks_by_url(mcp.McpMessage("tools/call", 1, {"_meta": caps}), "2025-11-25")
+    assert not mcp.asks_by_url(mcp.McpMessage("tools/list", 1, {"_meta": caps}), "2026-07-28")
+    assert not mcp.asks_by_url(mcp.McpMessage("tools/call", 1, {}), "2026-07-28")

@@ -115,6 +115,23 @@ def refuse(flow: http.HTTPFlow, status: int, message: str, code: str, *reasons: 
     _refusals[flow] = flow.response
 
 
+def input_required(flow: http.HTTPFlow, url: str, message: str, *reasons: Reason) -> None:
+    """A held MCP request answered the 2026-07-28 way: an `InputRequiredResult` asking the client
+    to open `url` (a URL elicitation) and retry. It carries no `requestState`: douane keeps
+    nothing in the client; its retry is decided afresh, and its answer to douane's input request
+    (`mcp.APPROVAL_INPUT`) is one checked word, taken out before the request goes upstream."""
+    st = state(flow)
+    assert st.interaction and st.interaction.mcp
+    st.decide("hold", *reasons, status=200)
+    doc = {"jsonrpc": "2.0", "id": st.interaction.mcp[0].request_id, "result": {
+        "resultType": "input_required", "inputRequests": {mcp.APPROVAL_INPUT: {
+            "method": "elicitation/create", "params": {"mode": "url", "message": message,
+                                                       "url": url}}}}}
+    flow.response = http.Response.make(200, json.dumps(doc), {
+        "content-type": "application/json", DECISION_HEADER: st.decision_id})
+    _refusals[flow] = flow.response
+
+
 class KeepRefusals:
     """A refusal is final. mitmproxy's server replay (`--server-replay`, used to run tests on
     recordings) answers in its own `request` hook, which runs after douane's and would replace a

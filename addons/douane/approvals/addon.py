@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -25,7 +26,7 @@ from typing import Any
 from mitmproxy import ctx, hooks, http
 from mitmproxy.flow import Error
 
-from douane import devissuer
+from douane import devissuer, protocols
 from douane.approvals.api import AdminAPI, ApprovalError
 from douane.approvals.config import ApprovalSettings
 from douane.approvals.notify import Notifier
@@ -43,7 +44,8 @@ from douane.interaction import TextPiece
 from douane.masking import operators
 from douane.masking.addon import Mask
 from douane.policy.addon import explain
-from douane.refusals import guarded, refuse
+from douane.protocols import mcp
+from douane.refusals import guarded, input_required, refuse
 from douane.settings import Settings
 from douane.tokens import TokenVerifier
 from douane.untrusted import loggable
@@ -123,9 +125,15 @@ class Approvals:
 
     @guarded
     async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        await self._held(flow)
+        if flow.response is None and flow.live:
+            _drop_own_input(flow)
+
+    async def _held(self, flow: http.HTTPFlow) -> None:
         st = state(flow)
-        if flow.response or flow.error or not flow.live or st.decision is None \
-                or st.decision.action != "hold":
+        if st.decision is None or st.decision.action != "hold":
             return
         decision = st.decision
         if self.approvals is None or self.store is None:
@@ -157,6 +165,13 @@ class Approvals:
                 return
             pending = self._open_for_retry(st, fp) or await self._open(flow, st, "answer",
                                                                        wait.timeout)
+            if self._by_url(flow, st):
+                assert self.api
+                input_required(flow, self.api.status_url(pending.id),
+                               f"douane: approval {pending.id} is pending (calling "
+                               f"{pending.subject} on {pending.upstream}); open the link to "
+                               "see its status, then accept to retry", *decision.reasons)
+                return
             refuse(flow, 403, f"this request needs an approver: approval {pending.id} is "
                    f"pending; retry after it is approved ({explain(decision)})",
                    "approval_pending", *decision.reasons, action="hold",
@@ -174,6 +189,15 @@ class Approvals:
         assert st.identity
         return next((p for p in self.open_requests() if p.mode == "answer" and p.fingerprint == fp
                      and p.requester.user == st.identity.user), None)
+
+    @staticmethod
+    def _by_url(flow: http.HTTPFlow, st: FlowState) -> bool:
+        """A 2026-07-28 client that takes URL elicitations is answered with the approval's status
+        page in an `InputRequiredResult`, until it declines or cancels it."""
+        assert st.interaction
+        msgs = st.interaction.mcp
+        return len(msgs) == 1 and mcp.approval_answer(msgs[0]) in (None, "accept") and \
+            mcp.asks_by_url(msgs[0], flow.request.headers.get("mcp-protocol-version", ""))
 
     def _denied_before(self, st: FlowState, fp: str) -> Pending | None:
         """An approver's standing denial of this very request by this user (answer mode)."""
@@ -391,6 +415,22 @@ class Approvals:
         pending = self._decidable(approval_id, approver)
         self._finish(pending, "denied", approver.user, reason)
         return pending
+
+
+def _drop_own_input(flow: http.HTTPFlow) -> None:
+    """The client's answer to douane's own input request is douane's: the server never asked."""
+    st = state(flow)
+    if st.interaction is None or st.interaction.protocol != "mcp" or \
+            not any(mcp.approval_answer(m) for m in st.interaction.mcp):
+        return
+    doc = json.loads(flow.request.get_content(strict=True) or b"null")
+    for _, msg in mcp.each(doc):
+        responses = msg.get("params", {}).get(mcp.INPUT_RESPONSES)
+        if isinstance(responses, dict):
+            responses.pop(mcp.APPROVAL_INPUT, None)
+            if not responses:
+                del msg["params"][mcp.INPUT_RESPONSES]
+    protocols.write_json(flow, "request", doc)
 
 
 def preview_pieces(texts: list[TextPiece], reasons: list[Reason]

@@ -5,15 +5,22 @@ default. Tornado ships with mitmproxy and runs on mitmproxy's own event loop.
     GET  /approvals/ID                 one request (also after its outcome)
     POST /approvals/ID/approve         {"for": "1h", "reason": "..."}   (for: optional time box)
     POST /approvals/ID/deny            {"reason": "..."}
+    GET  /status/ID/KEY                the requester's view of one request: its status only
 
 Every call carries `Authorization: Bearer <OIDC token>`, verified like any client token; the
-token's groups must include an approver group, and nobody decides their own request.
+token's groups must include an approver group, and nobody decides their own request. The status
+page is the exception: its URL is the capability (KEY, an HMAC of the id under a key of this
+process), handed to the requester's MCP client in an `InputRequiredResult`; it shows the status,
+the subject and the approver's reason, never the request's content.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import secrets
 from typing import TYPE_CHECKING, Any
 
 import tornado.httpserver
@@ -120,11 +127,31 @@ class DenyHandler(_Handler):
         self.reply(self.api.addon.deny(approval_id, self.approver, reason).summary())
 
 
+class StatusHandler(_Handler):
+    async def prepare(self) -> None:
+        pass  # the URL is the capability (checked in get)
+
+    def get(self, approval_id: str, key: str) -> None:
+        if not hmac.compare_digest(key, self.api.status_key(approval_id)):
+            raise ApprovalError(404, f"no approval request {approval_id}")
+        p = self.api.addon.find(approval_id)
+        self.reply({"id": p.id, "status": p.status, "upstream": p.upstream, "subject": p.subject,
+                    "expires_at": p.expires_at, "reason": p.reason if p.decided_at else None})
+
+
 class AdminAPI:
     def __init__(self, addon: Approvals, settings: ApprovalSettings, verifier: TokenVerifier):
         self.addon, self.settings, self.verifier = addon, settings, verifier
         self.server: tornado.httpserver.HTTPServer | None = None
         self.port: int | None = None
+        self._status_secret = secrets.token_bytes(32)  # status links last as long as the process
+
+    def status_key(self, approval_id: str) -> str:
+        return hmac.new(self._status_secret, approval_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def status_url(self, approval_id: str) -> str:
+        base = self.settings.public_url or f"http://{self.settings.host}:{self.port}"
+        return f"{base.rstrip('/')}/status/{approval_id}/{self.status_key(approval_id)}"
 
     def start(self) -> None:
         app = tornado.web.Application([
@@ -132,6 +159,7 @@ class AdminAPI:
             (rf"/approvals/{ID}", ShowHandler, {"api": self}),
             (rf"/approvals/{ID}/approve", ApproveHandler, {"api": self}),
             (rf"/approvals/{ID}/deny", DenyHandler, {"api": self}),
+            (rf"/status/{ID}/([0-9a-f]{{32}})", StatusHandler, {"api": self}),
         ])
         sockets = tornado.netutil.bind_sockets(self.settings.port, self.settings.host)
         self.port = sockets[0].getsockname()[1]

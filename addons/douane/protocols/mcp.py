@@ -53,6 +53,11 @@ IDENTIFIER_KEYS = ("name", "uri", "uriTemplate", "mimeType", "type", "role", "ne
 # Multi round-trip requests (2026-07-28): the client's answers to the server's input requests
 # (elicitation, sampling, roots) ride on the retried request, with the server's opaque state.
 INPUT_RESPONSES = "inputResponses"
+# douane's own input request: a pending approval's status page, as a URL elicitation. The client's
+# answer to it is one word (accept, decline, cancel), read by douane and never inspected as text.
+APPROVAL_INPUT = "douane_approval"
+APPROVAL_ACTIONS = ("accept", "decline", "cancel")
+CAPABILITIES_META = "io.modelcontextprotocol/clientCapabilities"
 STATE_CHARS = 64 * 1024
 # The request metadata headers of the 2026-07-28 revision (the body is what douane polices).
 MODERN = "2026-07-28"  # the first revision whose requests carry them
@@ -147,8 +152,34 @@ def _input_responses(params: dict[str, Any], method: str, base: tuple) -> list[T
                             f"most {STATE_CHARS} characters")
     if method not in NAMED:  # the other methods' params are read whole
         return []
+    responses = params.get(INPUT_RESPONSES)
+    if isinstance(responses, dict) and APPROVAL_INPUT in responses:
+        answer = responses[APPROVAL_INPUT]
+        if not isinstance(answer, dict) or set(answer) != {"action"} or \
+                answer["action"] not in APPROVAL_ACTIONS:
+            raise ProtocolError(400, "invalid_input_response", f"the answer to douane's "
+                                f"{APPROVAL_INPUT} is an action ({', '.join(APPROVAL_ACTIONS)})")
     return [TextPiece("prompt", "user", text, path) for path, text in
-            jsonpath.strings(params.get(INPUT_RESPONSES), (*base, "params", INPUT_RESPONSES))]
+            jsonpath.strings(responses, (*base, "params", INPUT_RESPONSES))
+            if path[len(base) + 2:len(base) + 3] != (APPROVAL_INPUT,)]
+
+
+def approval_answer(msg: McpMessage) -> str | None:
+    """The client's answer to douane's approval input request, on a retry (None: none)."""
+    responses = msg.params.get(INPUT_RESPONSES)
+    answer = responses.get(APPROVAL_INPUT) if isinstance(responses, dict) else None
+    return answer["action"] if isinstance(answer, dict) else None
+
+
+def asks_by_url(msg: McpMessage, version: str) -> bool:
+    """Whether douane may answer this request with a URL elicitation in an
+    `InputRequiredResult`: a 2026-07-28 multi round-trip carrier from a client that declared
+    URL elicitation."""
+    meta = msg.params.get("_meta")
+    caps = meta.get(CAPABILITIES_META) if isinstance(meta, dict) else None
+    elicitation = caps.get("elicitation") if isinstance(caps, dict) else None
+    return version >= MODERN and msg.method in NAMED and isinstance(elicitation, dict) and \
+        isinstance(elicitation.get("url"), dict)
 
 
 LIST_CHANGES = ("toolsListChanged", "promptsListChanged", "resourcesListChanged")
