@@ -20,6 +20,7 @@ import openai
 import pytest
 import yaml
 
+from douane.commands.connect import _parse
 from tests.support.gateway import base_config
 from tests.support.oidc_provider import OidcProvider
 from tests.support.upstream import DEFAULT_REPLY
@@ -115,8 +116,13 @@ def test_device_login_refresh_and_logout(provider, tmp_path):
     assert cli.token() == first  # still fresh: not renewed
 
     time.sleep(claims["exp"] - ACCESS_TTL / 2 - time.time() + 1)  # past half its life
-    second = cli.token()
-    assert second != first
+    # several credential-helper runs at once renew once: the issuer rotates refresh tokens and
+    # takes a spent one's reuse for theft (it revokes the grant), so they must not race
+    procs = [cli.start("token") for _ in range(3)]
+    renewed = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    [second] = renewed
+    assert second != first and cli.token() == second
     assert verified(provider, second)["email"] == "alice@corp.example"
     refresh_token = yaml.safe_load(session.read_text())["refresh_token"]
 
@@ -240,3 +246,23 @@ def raw(port: str, data: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", int(port)), timeout=30) as sock:
         sock.sendall(data)
         return sock.recv(200)
+
+
+@pytest.mark.parametrize("head", [
+    b"GET http://x/ HTTP/1.1\r\nx: a\r\n folded\r\n\r\n",  # obs-fold
+    b"GET http://x/ HTTP/1.1\r\nx: a\x00b\r\n\r\n",
+    b"GET http://x/ HTTP/1.1\r\nx y: a\r\n\r\n",
+    b"GET http://x/ HTTP/2\r\n\r\n",
+    b"get http://x/ HTTP/1.1\r\n\r\n",
+    b"GET http://x/\x01 HTTP/1.1\r\n\r\n",
+    b"GET http://x/ HTTP/1.1\r\n" + b"x: a\r\n" * 101 + b"\r\n",
+])
+def test_the_forwarder_reads_only_plain_proxy_request_heads(head):
+    assert _parse(head) is None
+
+
+def test_the_forwarder_parses_a_connect():
+    assert _parse(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n"
+                  b"Proxy-Authorization: Basic eA==\r\n\r\n") == (
+        "CONNECT api.openai.com:443 HTTP/1.1",
+        [("Host", "api.openai.com:443"), ("Proxy-Authorization", "Basic eA==")])
