@@ -154,6 +154,15 @@ def test_browser_login_with_pkce_and_a_loopback_redirect(provider, tmp_path):
     assert httpx.get(redirect_uri, params={**answer, "state": "forged"}).status_code == 200
     assert cli.finish(proc) == 1
     assert "does not match" in cli.terminal[-1]
+    # an answer that names another issuer (RFC 9207: a mix-up) is refused too
+    proc = cli.start("login")
+    url = cli.read_until(proc, r"visit:\n\s+(\S+)\n").group(1)
+    redirect_uri = parse_qs(urlsplit(url).query)["redirect_uri"][0]
+    answer = provider.log_in(url, redirect_uri, "alice")
+    assert answer["iss"] == provider.issuer
+    httpx.get(redirect_uri, params={**answer, "iss": "https://evil.example"})
+    assert cli.finish(proc) == 1
+    assert "another issuer" in cli.terminal[-1] and cli.session_files() == []
 
     proc = cli.start("login")
     url = cli.read_until(proc, r"visit:\n\s+(\S+)\n").group(1)
