@@ -133,8 +133,14 @@ def test_headers_must_say_what_the_body_says(setup, issuer, mcp_server):
         doc = refused.json()
         assert doc["id"] == body["id"] and doc["error"]["code"] == -32020
         assert doc["error"]["data"]["reason"] == "header_mismatch"
+    # a GET (the handshake era's server stream) carries no request metadata
+    get = httpx.get(gw.url + "/mcp", headers={"authorization": f"Bearer {token}",
+                                              "accept": "text/event-stream",
+                                              "mcp-method": "tools/call"}, timeout=30)
+    assert get.status_code == 400 and get.json()["error"]["code"] == -32020
     assert received(mcp_server) == before  # the upstream got nothing
-    records = gw.audit_where(lambda r: r.get("user") == "hedy@corp.example", count=len(cases))
+    records = gw.audit_where(lambda r: r.get("user") == "hedy@corp.example",
+                             count=len(cases) + 1)
     assert all(r["status"] == 400 and r["reasons"][0]["rule"] == "protocol.header_mismatch"
                for r in records)
     # headers that match (plain, base64, a mirrored argument) pass, stateless: no session

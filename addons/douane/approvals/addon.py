@@ -128,8 +128,10 @@ class Approvals:
         if flow.response or flow.error or not flow.live:
             return
         await self._held(flow)
-        if flow.response is None and flow.live:
-            _drop_own_input(flow)
+        st = state(flow)
+        if flow.response is None and flow.live and st.interaction and \
+                any(mcp.approval_answer(m) for m in st.interaction.mcp):
+            await asyncio.to_thread(_drop_own_input, flow)  # a large body: off the loop
 
     async def _held(self, flow: http.HTTPFlow) -> None:
         st = state(flow)
@@ -419,10 +421,6 @@ class Approvals:
 
 def _drop_own_input(flow: http.HTTPFlow) -> None:
     """The client's answer to douane's own input request is douane's: the server never asked."""
-    st = state(flow)
-    if st.interaction is None or st.interaction.protocol != "mcp" or \
-            not any(mcp.approval_answer(m) for m in st.interaction.mcp):
-        return
     doc = json.loads(flow.request.get_content(strict=True) or b"null")
     for _, msg in mcp.each(doc):
         responses = msg.get("params", {}).get(mcp.INPUT_RESPONSES)

@@ -122,7 +122,10 @@ def parse_request(upstream: Upstream, flow: http.HTTPFlow, granted: bool = False
             raise ProtocolError(400, "unexpected_body", f"a {req.method} request has no body")
         if endpoint == WEBSOCKET:
             return Interaction(upstream.protocol, f"GET {path}")
-        return Interaction("mcp", f"mcp:{req.method.lower()}")
+        it = Interaction("mcp", f"mcp:{req.method.lower()}")
+        mcp.check_headers(None, [(k.lower(), v) for k, v in req.headers.items(multi=True)
+                                 if k.lower() != "mcp-protocol-version"], it)
+        return it
     if upstream.protocol == "mcp":
         doc = load_json(req, "request")
         it = mcp.parse_request(doc, req.headers.get("mcp-session-id"))

@@ -237,7 +237,8 @@ def check_headers(doc: Any, headers: list[tuple[str, str]], it: Interaction) -> 
     if not (modern or method_h or name_h or mirrored):
         return  # the handshake era: no request metadata
     if not isinstance(doc, dict):
-        raise mismatch("a JSON-RPC batch cannot carry request metadata headers")
+        raise mismatch("only a request of one JSON-RPC message carries request metadata "
+                       "headers (not a batch, a GET or a DELETE)")
     method = doc.get("method")
     if VERSION_META in meta and meta[VERSION_META] != version:
         raise mismatch("MCP-Protocol-Version does not match the body's protocol version")
