@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 
 import httpx
 import httpx2
@@ -38,7 +39,7 @@ def setup(issuer, mcp_server, tmp_path_factory):
     config = {"version": 1,
               "identity": {"issuers": [{"issuer": issuer.url, "audience": "douane-tests"}]},
               "upstreams": {"crm": {"url": mcp_server + "/mcp", "protocol": "mcp"}},
-              "policy": {"files": [str(work / "grants.yaml")]}}
+              "policy": {"files": [str(work / "grants.yaml")]}, "recording": {}}
     with Gateway(config, mode=f"reverse:{mcp_server}", workdir=work / "gw") as gw:
         yield gw
 
@@ -94,6 +95,15 @@ def test_every_client_mode_lists_calls_reads_and_is_refused(setup, issuer, mode)
     assert ("mcp:initialize" in operations) == (mode == "legacy")
     blocked = [r for r in records if r.get("action") == "block"]
     assert len(blocked) == 1 and blocked[0]["interaction"]["tool"] == "lookup_customer"
+    # recorded per user: a stateless client by its connection, a handshake-era one by its
+    # session once it has one (its initialize, by the connection)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        files = {f.name[:4] for f in gw.state_dir.glob(f"recordings/{user}--*/*/*.mitm")}
+        if files == ({"conn", "mcp-"} if mode == "legacy" else {"conn"}):
+            break
+        time.sleep(0.1)
+    assert files == ({"conn", "mcp-"} if mode == "legacy" else {"conn"}), files
 
 
 def modern(gw: Gateway, token: str | None, body: dict, **headers: str) -> httpx.Response:
