@@ -6,7 +6,8 @@ Faster than stock Presidio without losing recall on the configured entities:
   digits, no phone number: the phone recogniser alone is half of stock Presidio's time);
 - phone regions from config instead of every region;
 - spaCy's dependency parser (unused by NER and by Presidio) disabled; spaCy skipped entirely when
-  no NER entity is configured or the text has no capitalised word;
+  no NER entity is configured (not when a text has no capital letter: a stream's window would
+  then decide names differently from the whole answer);
 - texts analysed in a batch per call (spaCy's `pipe`).
 Offline: tldextract uses its bundled public-suffix snapshot, never the network.
 """
@@ -65,7 +66,6 @@ NOT_FOR_NER = ["parser", "senter", "tok2vec", "tagger", "attribute_ruler", "lemm
 DIGITS = re.compile(r"\d")
 # two colons with at most 4 hex digits between: every IPv6 form ("::1", the full 8 groups, mapped)
 IPV6_SHAPE = re.compile(r"[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:")
-CAPITALISED = re.compile(r"\b[A-Z][a-z]")
 # entity -> a cheap test a text must pass for that entity's recogniser to run
 PREFILTERS = {
     "EMAIL_ADDRESS": lambda t, d: "@" in t,
@@ -74,9 +74,11 @@ PREFILTERS = {
     "US_SSN": lambda t, d: d >= 9,
     "IP_ADDRESS": lambda t, d: (d >= 4 and "." in t) or IPV6_SHAPE.search(t) is not None,
     "IBAN_CODE": lambda t, d: d >= 8,
-    "PERSON": lambda t, d: CAPITALISED.search(t) is not None,
-    "LOCATION": lambda t, d: CAPITALISED.search(t) is not None,
-    "NRP": lambda t, d: CAPITALISED.search(t) is not None,
+    # none for NER: whether spaCy runs must not hang on a word anywhere in the text (a capital
+    # letter), or a stream's window and the whole answer would decide a name differently
+    "PERSON": lambda t, d: True,
+    "LOCATION": lambda t, d: True,
+    "NRP": lambda t, d: True,
     **{entity: lambda t, d: secrets.maybe(t) for entity in secrets.ENTITIES},
 }
 
@@ -99,8 +101,12 @@ def _outranks(o: Span, s: Span) -> bool:
     return (o.score, o.end - o.start) > (s.score, s.end - s.start)
 
 
+# a word of letters (`Smith`, `emily`, `Al-Sayed`, `O'Connor`): a name or a place holds one
+LETTERS_WORD = re.compile(r"[^\W\d_]{2,}(?:['’.-][^\W\d_]+)*\.?")
+
+
 def refine(text: str, spans: list[Span]) -> list[Span]:
-    """Drop what only looks like a phone number, and detections inside a stronger detection of
+    """Drop what only looks like a phone number, names and places without a word of letters, and detections inside a stronger detection of
     another type (a name NER called a place, inside a field recognised as a place; NER's
     "person" inside an IPv6 address). Linear in the spans but for the ones that overlap."""
     kept: list[Span] = []
@@ -121,6 +127,9 @@ def refine(text: str, spans: list[Span]) -> list[Span]:
             continue
         if any(_outranks(o, s) for o in around):
             continue
+        if s.entity in NER_ENTITIES and not any(
+                LETTERS_WORD.fullmatch(w.strip(",;:()[]\"'")) for w in value.split()):
+            continue  # spaCy reads `sha256 9f86d0…`, `eu-west-1` as names in lower-case text
         kept.append(s)
     return sorted(kept, key=lambda s: (s.start, s.end))
 
