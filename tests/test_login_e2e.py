@@ -20,7 +20,9 @@ import openai
 import pytest
 import yaml
 
+from douane import config as configmod
 from douane.commands.connect import _parse
+from douane.login import Session, Store
 from tests.support.gateway import base_config
 from tests.support.oidc_provider import OidcProvider
 from tests.support.upstream import DEFAULT_REPLY
@@ -275,3 +277,18 @@ def test_the_forwarder_parses_a_connect():
                   b"Proxy-Authorization: Basic eA==\r\n\r\n") == (
         "CONNECT api.openai.com:443 HTTP/1.1",
         [("Host", "api.openai.com:443"), ("Proxy-Authorization", "Basic eA==")])
+
+
+def test_logout_forgets_the_session_when_the_issuer_is_unreachable(tmp_path, monkeypatch):
+    config = tmp_path / "douane.yaml"
+    config.write_text(yaml.safe_dump({"version": 1, "identity": {"issuers": [{
+        "issuer": "http://127.0.0.1:9", "audience": [RESOURCE], "client_id": "douane-cli"}]}}))
+    cli = Cli(config, tmp_path / "home")
+    monkeypatch.setenv("DOUANE_HOME", str(cli.home))
+    issuer = configmod.load(config, gateway=False).identity.issuers[0]
+    Store(issuer).save(Session(issuer.issuer, "douane-cli", "at", "rt", time.time() - 1, 60))
+    assert len(cli.session_files()) == 1
+    assert "cannot reach" in cli.run("token").stderr  # stale, and no issuer to renew it
+    done = cli.run("logout")
+    assert done.returncode == 0 and "logged out of" in done.stderr
+    assert cli.session_files() == []

@@ -146,9 +146,12 @@ class Login:
                 raise LoginError(f"cannot reach {url}: {type(e).__name__}") from None
             if resp.status_code != 200 or len(resp.content) > MAX_METADATA:
                 raise LoginError(f"{url}: HTTP {resp.status_code}")
-            meta = resp.json()
-            if meta.get("issuer") != self.issuer.issuer:
-                raise LoginError(f"{url} names another issuer")
+            try:
+                meta = resp.json()
+            except ValueError:
+                meta = None
+            if not isinstance(meta, dict) or meta.get("issuer") != self.issuer.issuer:
+                raise LoginError(f"{url} is not this issuer's discovery document")
             self._metadata = meta
         return self._metadata
 
@@ -163,7 +166,10 @@ class Login:
                             scope=self.scope, timeout=TIMEOUT, **kwargs)
 
     def _keep(self, token: dict[str, Any], refresh_token: str | None = None) -> Session:
-        lifetime = float(token.get("expires_in") or 300)
+        try:
+            lifetime = min(max(float(token.get("expires_in") or 300), 1.0), 86400.0)
+        except (TypeError, ValueError):
+            lifetime = 300.0
         session = Session(self.issuer.issuer, str(self.issuer.client_id), token["access_token"],
                           token.get("refresh_token") or refresh_token,
                           time.time() + lifetime, lifetime)
@@ -211,8 +217,8 @@ class Login:
         where = grant.get("verification_uri_complete") or grant.get("verification_uri")
         print(f"douane: to log in, visit {loggable(where, 512)}\n  and enter the code "
               f"{loggable(grant.get('user_code'), 64)}", file=out, flush=True)
-        interval = max(1, min(int(grant.get("interval") or 5), 60))
-        deadline = time.monotonic() + min(int(grant.get("expires_in") or 600), LOGIN_SECONDS)
+        interval = _seconds(grant.get("interval"), 5, 60)
+        deadline = time.monotonic() + _seconds(grant.get("expires_in"), 600, LOGIN_SECONDS)
         with self.client() as client:
             while time.monotonic() < deadline:
                 time.sleep(interval)
@@ -264,7 +270,10 @@ class Login:
             session = self.store.load()
             if session is None:
                 return False
-            revocation = self.metadata().get("revocation_endpoint")
+            try:
+                revocation = self.metadata().get("revocation_endpoint")
+            except LoginError:
+                revocation = None  # unreachable: forgotten here all the same
             if session.refresh_token and isinstance(revocation, str):
                 # forgotten here even if the issuer cannot be reached: it expires there
                 with self.client() as client, suppress(httpx.HTTPError):
@@ -287,6 +296,14 @@ class Login:
         if not isinstance(token.get("access_token"), str):
             raise LoginError("the issuer answered without an access token")
         return dict(token)
+
+
+def _seconds(value: object, default: int, most: int) -> int:
+    """A duration the issuer gave (interval, expires_in), within 1..most seconds."""
+    try:
+        return max(1, min(int(value or default), most))  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return default
 
 
 class _Loopback(http.server.HTTPServer):

@@ -43,6 +43,7 @@ HEAD_SECONDS = 30  # to send a request head, or to reach the gateway
 QUIET_SECONDS = 5.0
 QUIET_FLOOR = 0.2
 CHUNK = 64 * 1024
+MAX_CONNECTIONS = 512  # at once; more are closed at the door
 REQUEST_LINE = re.compile(r"([A-Z]{1,16}) ([!-~]{1,8192}) HTTP/1\.[01]")
 HOP_BY_HOP = {"proxy-authorization", "proxy-connection", "connection", "keep-alive"}
 
@@ -84,6 +85,7 @@ class Forwarder:
     def __init__(self, login: Login, host: str, port: int, key: str) -> None:
         self.login, self.host, self.port = login, host, port
         self.credentials = f"douane:{key}"
+        self.connections = 0
 
     async def serve(self, port: int) -> None:
         server = await asyncio.start_server(self.handle, "127.0.0.1", port, limit=MAX_HEAD)
@@ -95,6 +97,16 @@ class Forwarder:
             await server.serve_forever()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= MAX_CONNECTIONS:
+            writer.close()
+            return
+        self.connections += 1
+        try:
+            await self._forward(reader, writer)
+        finally:
+            self.connections -= 1
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream: asyncio.StreamWriter | None = None
         try:
             try:
