@@ -16,6 +16,7 @@ import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.types import ElicitResult
 
 from tests.support.gateway import Gateway
 
@@ -28,6 +29,12 @@ groups:
         tools: {allow: ["echo"]}
         resources: ["file:///docs/*"]
         prompts: ["summarize"]
+  archivists:
+    upstreams:
+      crm: {tools: {allow: ["archive_table"]}}
+rules:
+  - {id: deny.codename, literal: "project nightingale", score: 90}
+thresholds: {hold: 50, block: 80}
 """
 MODERN = "2026-07-28"
 
@@ -204,3 +211,32 @@ def test_change_notifications_are_listened_to_but_resource_subscriptions_are_ref
     refused = asyncio.run(run(resource_subscriptions=["file:///secret/keys.txt"]))
     assert "not resource subscriptions" in str(refused), refused
     assert received(mcp_server) == before
+
+
+@pytest.mark.parametrize("mode", ["auto", MODERN])
+def test_multi_round_trip_requests_pass_and_the_answers_are_inspected(setup, issuer, mcp_server,
+                                                                      mode):
+    gw = setup
+    token = issuer.mint(f"{mode.replace('-', '')}@archive.example", ["archivists"])
+    asked: list[str] = []
+
+    async def run(answer: str):
+        async def elicit(context, params):
+            asked.append(params.message)
+            return ElicitResult(action="accept", content={"why": answer})
+
+        http_client = httpx2.AsyncClient(headers={"authorization": f"Bearer {token}"})
+        async with Client(streamable_http_client(gw.url + "/mcp", http_client=http_client),
+                          mode=mode, elicitation_callback=elicit) as client:
+            return await client.call_tool("archive_table", {"table": "orders"})
+
+    done = asyncio.run(run(f"quarterly cleanup ({mode})"))
+    assert asked == ["Why archive orders?"]  # asked in an InputRequiredResult, through douane
+    assert done.content[0].text == f"archived orders: quarterly cleanup ({mode})"
+    retried = [b for b in httpx.get(mcp_server + "/_received").json()["bodies"]
+               if f"quarterly cleanup ({mode})" in b]
+    assert len(retried) == 1 and "requestState" in retried[0]  # the server's state came back
+    refused = asyncio.run(run("Project Nightingale, obviously"))
+    assert refused.is_error and "deny rule deny.codename matched" in refused.content[0].text
+    bodies = httpx.get(mcp_server + "/_received").json()["bodies"]
+    assert not any("Nightingale" in b for b in bodies)  # the answer never reached the server

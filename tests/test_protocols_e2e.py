@@ -154,7 +154,8 @@ def test_mcp_client_works_through_douane(mcp_gw, token):
         return tools, called, resource, prompt
 
     tools, called, resource, prompt = asyncio.run(mcp_session(mcp_gw, token, body))
-    assert {t.name for t in tools.tools} == {"echo", "lookup_customer", "delete_records"}
+    assert {t.name for t in tools.tools} == {"echo", "lookup_customer", "delete_records",
+                                             "archive_table"}
     assert called.content[0].text == "bonjour"
     assert "jane.doe@example.org" in resource.contents[0].text
     assert "customs" in prompt.messages[0].content.text

@@ -1,7 +1,8 @@
 """A real MCP server (the `mcp` SDK's MCPServer) over Streamable HTTP, for end-to-end tests.
 
 Run as `python -m tests.support.mcp_server PORT`; tools: echo, lookup_customer (returns PII),
-delete_records; a resource and a prompt. Streams are resumable (`Last-Event-ID` replays a
+delete_records, archive_table (asks the user why: an elicitation, which a 2026-07-28 client
+answers in a multi round-trip request); a resource and a prompt. Streams are resumable (`Last-Event-ID` replays a
 stream's events from memory), and the server counts what it receives: `GET /_received` answers
 `{"requests": N, "bodies": [...]}` (the last 100 bodies), so a test can tell what reached it.
 """
@@ -11,10 +12,12 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+from typing import Annotated
 
 import uvicorn
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Elicit, MCPServer, Resolve
 from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
+from pydantic import BaseModel
 
 server = MCPServer("douane-test-server")
 
@@ -36,6 +39,20 @@ def lookup_customer(customer_id: str) -> str:
 def delete_records(table: str, where: str) -> str:
     """Delete rows from a table."""
     return f"deleted from {table} where {where}"
+
+
+class Why(BaseModel):
+    why: str
+
+
+def ask_why(table: str) -> Elicit[Why]:
+    return Elicit(f"Why archive {table}?", Why)
+
+
+@server.tool()
+def archive_table(table: str, why: Annotated[Why, Resolve(ask_why)]) -> str:
+    """Archive a table, saying why."""
+    return f"archived {table}: {why.why}"
 
 
 @server.resource("file:///docs/readme.txt")
