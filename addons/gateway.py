@@ -7,6 +7,7 @@ decision.
 
 from mitmproxy import contentviews
 
+from douane.admin import Admin, Metrics
 from douane.approvals.addon import Approvals
 from douane.audit import AuditTrail
 from douane.contentview import DouaneContentview
@@ -29,27 +30,35 @@ settings = Settings()
 audit_trail = AuditTrail(settings)
 mask = Mask(settings)
 enforce = Enforce(settings)
+loop_monitor = LoopMonitor()
+authenticate = Authenticate(settings)
+approvals = Approvals(settings, audit_trail, mask)
+record = Record(settings)
+metrics = Metrics()
 
 contentviews.add(DouaneContentview)  # LLM and MCP flows read as conversations
 
 addons = [
     settings,
     KeepRefusals(),  # first on every response: a refusal is never replaced (server replay)
-    LoopMonitor(),
+    loop_monitor,
+    # early: at shutdown /healthz says "draining" while flows finish, before the writers close
+    Admin(settings, metrics, loop_monitor, authenticate, audit_trail, record, approvals),
     ClientTimeouts(settings),
     Route(settings),
     ProtectedResourceMetadata(settings),  # MCP clients discover where to log in, unauthenticated
-    Authenticate(settings),
+    authenticate,
     ResourceAccess(),  # an MCP resource's tokens: issued for it, with its scopes
     Broker(settings, enforce.policy),  # grants may name operations douane does not parse
     Inspect(settings),
     enforce,
-    Approvals(settings, audit_trail, mask),  # right after Enforce: a "hold" waits for an approver
+    approvals,  # right after Enforce: a "hold" waits for an approver
     PoliceWebSocket(enforce, audit_trail),  # allowed WebSockets: every message policed
     KeepOriginals(settings),  # before Mask: the unmasked bodies, when auditors want them
     mask,
     audit_trail,
+    metrics,  # after the audit trail: each flow counted once it is recorded
     Mark(),  # blocked, held, masked flows stand out in mitmweb and in recordings
-    Record(settings),
+    record,
     InjectCredential(),  # last: nothing held, shown or recorded before sending carries the key
 ]

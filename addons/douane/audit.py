@@ -90,6 +90,14 @@ class AuditLog:
         """Queue a record; time, sequence number and chain are added by the writer."""
         self._queue.put(record)
 
+    @property
+    def ready(self) -> bool:
+        return self.healthy and self._thread.is_alive()
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=10)

@@ -349,6 +349,7 @@ class Config:
     # secrets an operator command could not resolve: config path -> why (never the value)
     unresolved: dict[str, str] = field(default_factory=dict)
     limits: Limits = Limits()
+    metrics_listen: str | None = None  # HOST:PORT of /healthz and /metrics; off when None
 
     def upstream_for(self, host: str, port: int, path: str) -> Upstream | None:
         """The most specific declared upstream for a request (longest path prefix wins)."""
@@ -375,7 +376,7 @@ def load(file: str | os.PathLike[str], gateway: bool = True) -> Config:
         raise root.error("only version 1 is supported", "version")
     gateway = root.sub("gateway")
     gateway.only("state_dir", "body_size_limit", "answer_size_limit", "stream_size_limit",
-                 "max_text_pieces", "timeouts")
+                 "max_text_pieces", "timeouts", "metrics_listen")
     state_dir = gateway.path_value("state_dir", doc.resolve(".douane"))
     config = Config(
         file=file,
@@ -388,6 +389,7 @@ def load(file: str | os.PathLike[str], gateway: bool = True) -> Config:
         audit=_audit(root.sub("audit"), state_dir),
         unresolved=doc.unresolved,
         limits=_limits(gateway),
+        metrics_listen=_listen(gateway, "metrics_listen"),
     )
     root.sub("passthrough").only("hosts")
     for name, target in SECTIONS.items():
@@ -397,6 +399,16 @@ def load(file: str | os.PathLike[str], gateway: bool = True) -> Config:
         parse: Callable[[View], Any] = getattr(importlib.import_module(module), func)
         config.sections[name] = parse(root.sub(name))
     return config
+
+
+def _listen(v: View, key: str) -> str | None:
+    listen = v.get(key, str, "")
+    if not listen:
+        return None
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise v.error(f"expected HOST:PORT such as 127.0.0.1:9464, got {listen!r}", key)
+    return listen
 
 
 def _limits(gateway: View) -> Limits:

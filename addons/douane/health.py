@@ -30,6 +30,7 @@ WARN_MS = 100.0
 
 class LoopMonitor:
     def __init__(self) -> None:
+        self.lag_ms = 0.0  # the last sample
         self.max_lag_ms = 0.0
         self.over_10ms = 0
         self.samples = 0
@@ -59,6 +60,7 @@ class LoopMonitor:
             now = time.monotonic()
             lag = (now - start - INTERVAL) * 1000
             self.samples += 1
+            self.lag_ms = lag
             self.max_lag_ms = max(self.max_lag_ms, lag)
             if lag > 10:
                 self.over_10ms += 1

@@ -226,6 +226,11 @@ class RecordingWriter:
     def healthy(self) -> bool:
         return bool(self._healthy.value)
 
+    @property
+    def backlog(self) -> int:
+        """Recordings queued on this side of the pipe."""
+        return self._queue.qsize()
+
     def put(self, relative: Path, snapshot: dict, scrub: frozenset[str],
             original: originals.Original | None = None, streamed: tuple[str, ...] = ()) -> None:
         """`snapshot` is `flow.get_state()`; `scrub` the credential headers to replace."""
