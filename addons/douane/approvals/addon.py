@@ -29,6 +29,7 @@ from mitmproxy.flow import Error
 from douane import devissuer, protocols
 from douane.approvals.api import AdminAPI, ApprovalError
 from douane.approvals.config import ApprovalSettings
+from douane.approvals.inbox import Inbox
 from douane.approvals.notify import Notifier
 from douane.approvals.store import (
     Grant,
@@ -86,6 +87,8 @@ class Approvals:
         identity = self.settings.config.identity
         dev_key = devissuer.public_jwk(identity.dev_issuer) if identity.dev_issuer else None
         self.api = AdminAPI(self, approvals, TokenVerifier(identity, dev_key))
+        if approvals.inbox:
+            Inbox(self.api, approvals.inbox).mount()
         self.notifier = Notifier(approvals.webhook, self.audit) \
             if approvals.webhook and approvals.webhook.url else None
         try:

@@ -47,6 +47,25 @@ class ApprovalError(tornado.web.HTTPError):
         self.message = message
 
 
+def bounded_reason(text: object, default: str = "") -> str:
+    """The approver's reason: it reaches the held client and the audit records, bounded."""
+    reason = str(text or default).strip()
+    if len(reason) > REASON_CHARS:
+        raise ApprovalError(400, f"the reason is {len(reason)} characters long (at most "
+                            f"{REASON_CHARS})")
+    return reason
+
+
+def grant_duration(value: object) -> int | None:
+    """An approval's time box (`for`): None approves this request only."""
+    if value is None or value == "":
+        return None
+    grant = seconds(value) if isinstance(value, int | str) else None
+    if grant is None or grant <= 0:
+        raise ApprovalError(400, f"not a duration: {str(value)[:40]!r} (e.g. 15m, 1h, 1d)")
+    return grant
+
+
 class _Handler(tornado.web.RequestHandler):
     approver: Identity
 
@@ -61,11 +80,10 @@ class _Handler(tornado.web.RequestHandler):
             identity = await self.api.verifier.verify(auth[7:].strip(), "bearer")
         except TokenError as e:
             raise ApprovalError(401, e.message) from None
-        if not set(identity.groups) & set(self.api.settings.approver_groups):
-            self.api.addon.audit_refusal(identity, None, "not in an approver group")
-            raise ApprovalError(403, f"{identity.user} is not an approver (needs one of the "
-                                f"groups {', '.join(self.api.settings.approver_groups)})")
-        self.approver = identity
+        self.approver = self.api.approver(identity)
+
+    def check_xsrf_cookie(self) -> None:
+        pass  # a bearer token, not a cookie, authenticates these calls: no forgery to fear
 
     def body(self) -> dict[str, Any]:
         try:
@@ -77,12 +95,7 @@ class _Handler(tornado.web.RequestHandler):
         return doc
 
     def reason(self, doc: dict[str, Any], default: str = "") -> str:
-        """The approver's reason: it reaches the held client and the audit records, bounded."""
-        reason = str(doc.get("reason") or default).strip()
-        if len(reason) > REASON_CHARS:
-            raise ApprovalError(400, f"the reason is {len(reason)} characters long (at most "
-                                f"{REASON_CHARS})")
-        return reason
+        return bounded_reason(doc.get("reason"), default)
 
     def reply(self, doc: dict[str, Any], status: int = 200) -> None:
         self.set_status(status)
@@ -109,11 +122,7 @@ class ShowHandler(_Handler):
 class ApproveHandler(_Handler):
     async def post(self, approval_id: str) -> None:
         doc = self.body()
-        grant = None
-        if doc.get("for") is not None:
-            grant = seconds(doc["for"])
-            if grant is None or grant <= 0:
-                raise ApprovalError(400, f"not a duration: {doc['for']!r} (e.g. 15m, 1h, 1d)")
+        grant = grant_duration(doc.get("for"))
         pending = await self.api.addon.approve(approval_id, self.approver,
                                                self.reason(doc, "approved"), grant)
         self.reply(pending.summary())
@@ -145,13 +154,23 @@ class AdminAPI:
         self.server: tornado.httpserver.HTTPServer | None = None
         self.port: int | None = None
         self._status_secret = secrets.token_bytes(32)  # status links last as long as the process
+        self.pages: list[Any] = []  # more routes on the same server (the inbox)
+        self.app_settings: dict[str, Any] = {}
 
     def status_key(self, approval_id: str) -> str:
         return hmac.new(self._status_secret, approval_id.encode(), hashlib.sha256).hexdigest()[:32]
 
+    def approver(self, identity: Identity) -> Identity:
+        """`identity` if it may decide approval requests (an approver group), else refused."""
+        if not set(identity.groups) & set(self.settings.approver_groups):
+            self.addon.audit_refusal(identity, None, "not in an approver group")
+            raise ApprovalError(403, f"{identity.user} is not an approver (needs one of the "
+                                f"groups {', '.join(self.settings.approver_groups)})")
+        return identity
+
     def status_url(self, approval_id: str) -> str:
-        base = self.settings.public_url or f"http://{self.settings.host}:{self.port}"
-        return f"{base.rstrip('/')}/status/{approval_id}/{self.status_key(approval_id)}"
+        base = self.settings.base_url(self.port)
+        return f"{base}/status/{approval_id}/{self.status_key(approval_id)}"
 
     def start(self) -> None:
         app = tornado.web.Application([
@@ -160,7 +179,8 @@ class AdminAPI:
             (rf"/approvals/{ID}/approve", ApproveHandler, {"api": self}),
             (rf"/approvals/{ID}/deny", DenyHandler, {"api": self}),
             (rf"/status/{ID}/([0-9a-f]{{32}})", StatusHandler, {"api": self}),
-        ])
+            *self.pages,
+        ], **self.app_settings)
         sockets = tornado.netutil.bind_sockets(self.settings.port, self.settings.host)
         self.port = sockets[0].getsockname()[1]
         self.server = tornado.httpserver.HTTPServer(app, xheaders=False)

@@ -19,6 +19,10 @@ approvals:
     url: https://hooks.slack.com/services/T000/B000/XXXX   # or {env: NAME} / {file: PATH}
     retries: 3                    # attempts after the first, 0.5 s, 1 s, 2 s apart
     timeout: 5s
+  inbox:                          # the approver inbox web page at <public_url>/inbox (OIDC login)
+    client_id: douane-inbox       # its client at the issuer (redirect URI <public_url>/inbox/callback)
+    client_secret: {env: DOUANE_INBOX_CLIENT_SECRET}   # optional: a confidential client
+    issuer: https://idp.corp.example   # optional: default the first identity.issuers entry
 ```
 `timeout` is how long an approval request stays open: in `hold` mode the client waits that long
 (then gets a "timed out" refusal); in `answer` mode the client is refused at once with the approval
@@ -30,6 +34,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from douane.config import PROTOCOLS, View
 
@@ -69,6 +74,15 @@ class Webhook:
 
 
 @dataclass(frozen=True)
+class Inbox:
+    issuer: str
+    client_id: str
+    client_secret: str | None = field(repr=False)  # None: a public client (PKCE alone)
+    resource: str  # what the access token is asked for (RFC 8707): a douane audience
+    scopes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ApprovalSettings:
     host: str
     port: int
@@ -80,6 +94,10 @@ class ApprovalSettings:
     protocols: dict[str, Wait]
     upstreams: dict[str, Wait]
     webhook: Webhook | None
+    inbox: Inbox | None = None
+
+    def base_url(self, port: int | None) -> str:
+        return (self.public_url or f"http://{self.host}:{port}").rstrip("/")
 
     def wait_for(self, upstream: str, protocol: str) -> Wait:
         return self.upstreams.get(upstream) or self.protocols[protocol]
@@ -96,7 +114,7 @@ def _wait(v: View, base: Wait) -> Wait:
 
 def parse(v: View) -> ApprovalSettings:
     v.only("listen", "public_url", "approver_groups", "database", "max_grant", "retry_window",
-           "protocols", "upstreams", "webhook")
+           "protocols", "upstreams", "webhook", "inbox")
     listen = v.get("listen", str, "127.0.0.1:8181")
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
@@ -132,7 +150,36 @@ def parse(v: View) -> ApprovalSettings:
         database=v.path_value("database", state_dir / "approvals.sqlite3"),
         max_grant=_duration(v, "max_grant", 7 * 86400),
         retry_window=_duration(v, "retry_window", 3600),
-        protocols=protocols, upstreams=upstreams, webhook=webhook)
+        protocols=protocols, upstreams=upstreams, webhook=webhook,
+        inbox=_inbox(v.sub("inbox"), v.get("public_url", str, None), host.strip("[]"))
+        if "inbox" in v.data else None)
+
+
+def _inbox(v: View, public_url: str | None, host: str) -> Inbox:
+    v.only("client_id", "client_secret", "issuer")
+    # its session cookie is Secure: browsers keep it over https, or plain http on loopback only
+    base = urlsplit(public_url) if public_url else None
+    loopback = (base.hostname if base else host) in ("127.0.0.1", "::1", "localhost")
+    if not (loopback or (base and base.scheme == "https")):
+        raise v.error("the inbox needs approvals.public_url in https (or a loopback listen)")
+    issuers = [i for i in v.doc.root().sub("identity").get("issuers", list, [])
+               if isinstance(i, dict)]
+    wanted = v.get("issuer", str, None)
+    issuer = next((i for i in issuers if not wanted or i.get("issuer") == wanted), None)
+    if issuer is None:
+        raise v.error("not an identity.issuers entry" if wanted else
+                      "the inbox logs approvers in at an identity.issuers entry: add one",
+                      "issuer" if wanted else None)
+    audiences = issuer.get("audience")
+    resource = issuer.get("resource") or (audiences[0] if isinstance(audiences, list)
+                                          and audiences else audiences)
+    if not isinstance(resource, str):
+        raise v.error(f"{issuer.get('issuer')} has no audience or resource to ask tokens for")
+    scopes = issuer.get("scopes") or []
+    return Inbox(issuer=str(issuer.get("issuer")), client_id=v.get("client_id", str),
+                 client_secret=v.secret("client_secret"), resource=resource,
+                 scopes=tuple(s for s in ([scopes] if isinstance(scopes, str) else scopes)
+                              if isinstance(s, str)))
 
 
 def _declared_upstreams(v: View) -> dict[str, str]:
