@@ -65,6 +65,13 @@ def test_defaults_per_protocol_and_per_upstream_overrides(tmp_path):
      "approvals.protocols.openai.timeout: expected a positive duration"),
     ({"approver_groups": ["a"], "webhook": {"url": "hooks.example"}},
      "approvals.webhook.url: expected an http(s) URL"),
+    # the inbox's Secure cookie: https, or plain http on loopback only
+    ({"approver_groups": ["a"], "listen": "0.0.0.0:8181", "inbox": {"client_id": "c"}},
+     "approvals.inbox: the inbox needs approvals.public_url in https"),
+    ({"approver_groups": ["a"], "public_url": "http://douane.corp.example",
+      "inbox": {"client_id": "c"}}, "approvals.inbox: the inbox needs approvals.public_url"),
+    ({"approver_groups": ["a"], "inbox": {"client_id": "c"}},
+     "approvals.inbox: the inbox logs approvers in at an identity.issuers entry"),
 ])
 def test_config_errors_name_the_line(tmp_path, approvals, error):
     with pytest.raises(ConfigError) as err:

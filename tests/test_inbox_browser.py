@@ -169,7 +169,12 @@ def test_inbox_login_approve_deny_and_refusals(inbox, issuer):
     forged = httpx.post(f"{base}/inbox/{ids['second']}/deny", data={"reason": "forged"},
                         headers={"cookie": f"douane_inbox={session['value']}"})
     assert forged.status_code == 403 and "second" not in outcomes
+    # a login answer this browser did not start (login CSRF) logs nobody in
+    stray = httpx.get(f"{base}/inbox/callback", params={"code": "x", "state": "y"})
+    assert stray.status_code == 400 and not [
+        c for c in stray.headers.get_list("set-cookie") if c.startswith("douane_inbox=")]
     page = httpx.get(base + "/inbox")
+    assert page.status_code == 200 and 'id="login"' in page.text and "apr_" not in page.text
     assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
     assert "default-src 'none'" in page.headers["content-security-policy"]
     assert page.headers["x-frame-options"] == "DENY"
