@@ -321,6 +321,8 @@ def flow_record(flow: http.HTTPFlow, config: Config) -> dict[str, Any]:
         "host": flow.request.host,
         "path": flow.request.path.split("?")[0],
         "upstream": st.upstream.name if st.upstream else None,
+        # which credential went upstream (cost attribution): its source, never its value
+        "credential": st.credential.source if st.credential else None,
         **decision,
         "config_version": config.version,
         "latency_ms": {"total": round((time.monotonic() - st.started) * 1000, 3),

@@ -23,6 +23,7 @@ COMMANDS = [
     "douane.commands.approvals",
     "douane.commands.mask",
     "douane.commands.connect",
+    "douane.commands.credentials",
 ]
 # commands a credential helper or a shell runs often (`douane token` as Claude Code's
 # apiKeyHelper): only their own module is imported, not the gateway's whole machinery

@@ -269,7 +269,7 @@ class IdentityConfig:
 class Credential:
     header: str
     value: str | None = field(repr=False)  # the header value, with the secret; None: not set
-    source: str = ""  # "env OPENAI_API_KEY" — for messages, never the secret
+    source: str = ""  # "env OPENAI_API_KEY" — for messages and the audit record, never the secret
 
 
 @dataclass(frozen=True)
@@ -298,6 +298,12 @@ class Upstream:
     # local model server): flows are routed and decided as this upstream, then sent there
     connect_to: tuple[str, str, int] | None = None
     resource: ResourceServer | None = None  # MCP: douane as the OAuth resource server
+    # credentials.by_group: (group, credential) in config order; the first of the caller's groups
+    # listed wins over `credential` (cost attribution: each team its own provider key)
+    group_credentials: tuple[tuple[str, Credential], ...] = ()
+    # credentials.per_user: (header, format) of a secret each user sets (`douane credentials
+    # set`); a user without one is refused
+    per_user: tuple[str, str] | None = None
     origins: tuple[str, ...] = ()  # MCP: browser origins allowed besides the one called
 
     def matches(self, host: str, port: int, path: str) -> bool:
@@ -350,6 +356,9 @@ class Config:
     unresolved: dict[str, str] = field(default_factory=dict)
     limits: Limits = Limits()
     metrics_listen: str | None = None  # HOST:PORT of /healthz and /metrics; off when None
+    # the Fernet key of the per-user credential store (gateway.credentials_key); None: a key
+    # generated once into state_dir
+    credentials_key: str | None = field(default=None, repr=False)
 
     def upstream_for(self, host: str, port: int, path: str) -> Upstream | None:
         """The most specific declared upstream for a request (longest path prefix wins)."""
@@ -376,7 +385,7 @@ def load(file: str | os.PathLike[str], gateway: bool = True) -> Config:
         raise root.error("only version 1 is supported", "version")
     gateway = root.sub("gateway")
     gateway.only("state_dir", "body_size_limit", "answer_size_limit", "stream_size_limit",
-                 "max_text_pieces", "timeouts", "metrics_listen")
+                 "max_text_pieces", "timeouts", "metrics_listen", "credentials_key")
     state_dir = gateway.path_value("state_dir", doc.resolve(".douane"))
     config = Config(
         file=file,
@@ -390,6 +399,7 @@ def load(file: str | os.PathLike[str], gateway: bool = True) -> Config:
         unresolved=doc.unresolved,
         limits=_limits(gateway),
         metrics_listen=_listen(gateway, "metrics_listen"),
+        credentials_key=gateway.secret("credentials_key"),
     )
     root.sub("passthrough").only("hosts")
     for name, target in SECTIONS.items():
@@ -486,7 +496,7 @@ def _identity(v: View, state_dir: Path) -> IdentityConfig:
 
 
 def _upstream(name: str, v: View) -> Upstream:
-    v.only("url", "protocol", "credential", "allow_websocket", "request_text_paths",
+    v.only("url", "protocol", "credential", "credentials", "allow_websocket", "request_text_paths",
            "response_text_paths", "connect_to", "resource", "origins")
     url = v.get("url", str)
     parts = urlsplit(url)
@@ -503,20 +513,23 @@ def _upstream(name: str, v: View) -> Upstream:
     if protocol not in PROTOCOLS:
         raise v.error(f"unknown protocol {protocol!r} (expected one of: {', '.join(PROTOCOLS)})",
                       "protocol")
-    credential = None
-    if "credential" in v.data:
-        cv = v.sub("credential")
-        default_header, default_format = DEFAULT_CREDENTIAL_HEADER.get(protocol, (None, "{secret}"))
-        header = cv.get("header", str, default_header)
-        if header is None:
-            raise cv.error("a generic upstream needs credential.header", "header")
-        fmt = cv.get("format", str, default_format)
-        if "{secret}" not in fmt:
-            raise cv.error("the format must contain {secret}", "format")
-        secret = v.secret("credential", resolve=v.doc.credentials)
-        source = f"env {cv.data['env']}" if "env" in cv.data else f"file {cv.data.get('file')}"
-        credential = Credential(header.lower(), fmt.replace("{secret}", secret) if secret else None,
-                                source)
+    cv = v.sub("credential")
+    default_header, default_format = DEFAULT_CREDENTIAL_HEADER.get(protocol, (None, "{secret}"))
+    header = cv.get("header", str, default_header)
+    fmt = cv.get("format", str, default_format)
+    if "{secret}" not in fmt:
+        raise cv.error("the format must contain {secret}", "format")
+    credential = _credential(v, "credential", header, fmt) if "credential" in v.data else None
+    sv = v.sub("credentials")
+    sv.only("by_group", "per_user")
+    gv = sv.sub("by_group")
+    groups = tuple((str(group), _credential(gv, str(group), header, fmt)) for group in gv.data)
+    per_user = (header, fmt) if sv.get("per_user", bool, False) else None
+    if (credential or groups or per_user) and header is None:
+        raise cv.error("a generic upstream needs credential.header", "header")
+    if per_user and (credential or groups):
+        raise sv.error("a per-user credential is the only one of its upstream: drop credential "
+                       "and credentials.by_group", "per_user")
     request_paths = v.strings("request_text_paths", ())
     response_paths = v.strings("response_text_paths", ())
     if protocol == "generic" and not (request_paths or response_paths):
@@ -530,7 +543,20 @@ def _upstream(name: str, v: View) -> Upstream:
         connect_to=_connect_to(v),
         resource=_resource(v, protocol),
         origins=_origins(v, protocol),
+        group_credentials=groups,
+        per_user=per_user,
     )
+
+
+def _credential(v: View, key: str, header: str | None, fmt: str) -> Credential:
+    """The credential given as {env:/file:} under `key`, named by its source (never its value)."""
+    secret = v.secret(key, resolve=v.doc.credentials)
+    data = v.data[key]
+    if key != "credential" and ("header" in data or "format" in data):
+        raise v.sub(key).error("header and format are the upstream's (set them in credential)")
+    source = f"env {data['env']}" if "env" in data else f"file {data.get('file')}"
+    return Credential((header or "").lower(), fmt.replace("{secret}", secret) if secret else None,
+                      source)
 
 
 def _resource(v: View, protocol: str) -> ResourceServer | None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from mitmproxy import http
 
-    from douane.config import Upstream
+    from douane.config import Credential, Upstream
     from douane.interaction import Interaction
 
 Action = Literal["allow", "mask", "hold", "block", "refuse", "error"]
@@ -78,6 +78,7 @@ class FlowState:
     started: float  # time.monotonic() at the first hook
     identity: Identity | None = None
     upstream: Upstream | None = None
+    credential: Credential | None = None  # the one InjectCredential adds (Broker chose it)
     interaction: Interaction | None = None
     decision: Decision | None = None
     masked: dict[str, int] = field(default_factory=dict)  # entity type -> count, never values

@@ -6,9 +6,12 @@ like the target API. A routed flow is sent upstream in origin form, on the norma
 a Host header naming the routed upstream: the upstream sees exactly what the audit records.
 `Broker` runs after authentication: it refuses ambiguous paths (400), flows no upstream declares
 (unless their host is pass-through) and operations no parser reads and no grant names
-(default-deny), and strips every client credential. `InjectCredential`, the request's last step,
-adds the upstream credential douane holds: a request held for an approver, shown in mitmweb or
-refused on the way never carries it. Clients hold no provider key.
+(default-deny), strips every client credential and chooses the upstream credential: the user's own
+secret for an upstream acting on the user's behalf (`credentials.per_user`; a user without one is
+refused, told how to set it), else the one of the first of the caller's groups the upstream lists
+(`credentials.by_group`), else the upstream's `credential`. `InjectCredential`, the request's last
+step, adds it: a request held for an approver, shown in mitmweb or refused on the way never carries
+it. Clients hold no provider key.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ from mitmproxy import http
 from mitmproxy.net.http import url
 
 from douane import operations, protocols
+from douane.config import Credential, Upstream
 from douane.flowstate import Reason, state
 from douane.interaction import Interaction
 from douane.policy import engine
 from douane.policy.model import Policy
 from douane.refusals import guarded, refuse
 from douane.settings import Settings
+from douane.untrusted import loggable
+from douane.usersecrets import UserSecrets
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +75,7 @@ class Broker:
                  policy: Callable[[], Policy | None] = lambda: None):
         self.settings = settings
         self.policy = policy  # the policy in force, for grants naming operations
+        self._secrets: tuple[tuple[object, ...], UserSecrets] | None = None
 
     @guarded
     def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -112,11 +119,7 @@ class Broker:
             return
         for name in CLIENT_CREDENTIAL_HEADERS:
             flow.request.headers.pop(name, None)
-        credential = upstream.credential
-        if credential is not None and credential.value is None:
-            refuse(flow, 503, f"upstream {upstream.name} has no credential configured "
-                   f"({credential.source})", "upstream_credential_missing",
-                   Reason("route.no_credential", f"{credential.source} is not set"))
+        if not self._choose_credential(flow, upstream):
             return
         if upstream.connect_to:
             # A stand-in serves this upstream: decided and recorded as the declared upstream,
@@ -124,6 +127,42 @@ class Broker:
             host_header = flow.request.host_header
             flow.request.scheme, flow.request.host, flow.request.port = upstream.connect_to
             flow.request.host_header = host_header
+
+    def _choose_credential(self, flow: http.HTTPFlow, upstream: Upstream) -> bool:
+        st = state(flow)
+        groups = st.identity.groups if st.identity else ()
+        if upstream.per_user:
+            user = st.identity.user if st.identity else None
+            secret = self.user_secrets().get(upstream.name, user) if user else None
+            if secret is None:
+                shown = loggable(user or "your user name", 100)
+                refuse(flow, 403, f"upstream {upstream.name} acts on your behalf and needs your "
+                       f"own credential, which douane does not hold for {shown}: have it set "
+                       f"with `douane credentials set {upstream.name} --user {shown}` on the "
+                       "gateway host", "user_credential_missing",
+                       Reason("route.no_user_credential",
+                              f"no per-user credential for {upstream.name}"))
+                return False
+            header, fmt = upstream.per_user
+            st.credential = Credential(header, fmt.replace("{secret}", secret), "per-user secret")
+            return True
+        credential = next((c for group, c in upstream.group_credentials if group in groups),
+                          upstream.credential)
+        if credential is not None and credential.value is None:
+            refuse(flow, 503, f"upstream {upstream.name} has no credential configured "
+                   f"({credential.source})", "upstream_credential_missing",
+                   Reason("route.no_credential", f"{credential.source} is not set"))
+            return False
+        st.credential = credential
+        return True
+
+    def user_secrets(self) -> UserSecrets:
+        """The per-user store of the config in force (its key read once per config)."""
+        config = self.settings.config
+        key = (config.state_dir, config.credentials_key)
+        if self._secrets is None or self._secrets[0] != key:
+            self._secrets = (key, UserSecrets(config.state_dir, config.credentials_key))
+        return self._secrets[1]
 
     def _operation_allowed(self, flow: http.HTTPFlow) -> bool:
         """Default-deny: what no parser reads passes only when a grant names it (refused here,
@@ -167,8 +206,8 @@ class Broker:
         # The credential has been sent; drop it so no later view of the flow (mitmweb, a
         # recording, a replay) holds it.
         st = state(flow)
-        if st.upstream and st.upstream.credential and flow.request:
-            flow.request.headers.pop(st.upstream.credential.header, None)
+        if st.credential and flow.request:
+            flow.request.headers.pop(st.credential.header, None)
 
 
 class InjectCredential:
@@ -178,6 +217,6 @@ class InjectCredential:
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        upstream = state(flow).upstream
-        if upstream is not None and upstream.credential is not None:
-            flow.request.headers[upstream.credential.header] = upstream.credential.value
+        st = state(flow)
+        if st.upstream is not None and st.credential is not None and st.credential.value:
+            flow.request.headers[st.credential.header] = st.credential.value

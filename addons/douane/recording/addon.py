@@ -35,11 +35,13 @@ SCRUB_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "cookie", 
 
 def credential_headers(flow: http.HTTPFlow, extra: tuple[str, ...]) -> frozenset[str]:
     """The header names to scrub from this flow: the usual ones, the configured ones, and the
-    header carrying its upstream's injected credential."""
+    headers carrying its upstream's credential and the one injected."""
     st = peek(flow)
     names = set(SCRUB_HEADERS + extra)
     if st and st.upstream and st.upstream.credential:
         names.add(st.upstream.credential.header)
+    if st and st.credential:  # a group's or a user's
+        names.add(st.credential.header)
     return frozenset(names)
 
 
