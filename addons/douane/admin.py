@@ -163,7 +163,8 @@ class Admin:
             return
         host, _, port = listen.rpartition(":")
         app = tornado.web.Application([(r"/healthz", _Health, {"admin": self}),
-                                       (r"/metrics", _Metrics, {"admin": self})])
+                                       (r"/metrics", _Metrics, {"admin": self})],
+                                      log_function=lambda _: None)  # probed every second
         try:
             sockets = tornado.netutil.bind_sockets(int(port), host)
         except (OSError, ValueError) as e:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions
@@ -12,6 +14,21 @@ from douane import config as configmod
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
+WORKER_NAME = re.compile(r"[a-z0-9]{1,16}")
+
+
+def for_worker(config: configmod.Config, worker: str) -> configmod.Config:
+    """One of several gateway processes of one machine (`scripts/run --workers N`): each writes its
+    own audit chain (`audit.jsonl` becomes `audit.WORKER.jsonl`, linear per writer) and its own
+    recordings folder (`recordings/WORKER/`, one writer per SQLite index); the CA, keys and the
+    configuration are shared."""
+    audit = config.audit.path
+    sections = dict(config.sections)
+    if sections.get("recording"):
+        sections["recording"] = dataclasses.replace(sections["recording"],
+                                                    dir=sections["recording"].dir / worker)
+    return dataclasses.replace(config, sections=sections, audit=dataclasses.replace(
+        config.audit, path=audit.with_name(f"{audit.stem}.{worker}{audit.suffix}")))
 
 
 class Settings:
@@ -22,13 +39,21 @@ class Settings:
     def load(self, loader) -> None:
         loader.add_option("douane_config", str, str(DEFAULT_CONFIG),
                           "douane's YAML configuration file (identity, upstreams, policies, ...).")
+        loader.add_option("douane_worker", str, "",
+                          "This process's name among several of one machine (scripts/run "
+                          "--workers): its own audit log and recordings folder.")
 
     def configure(self, updated: set[str]) -> None:
-        if "douane_config" in updated or self.config is None:
+        if {"douane_config", "douane_worker"} & updated or self.config is None:
+            worker = ctx.options.douane_worker
+            if worker and not WORKER_NAME.fullmatch(worker):
+                raise exceptions.OptionsError("douane: douane_worker must be 1-16 lower-case "
+                                              "letters or digits")
             try:
-                self.config = configmod.load(ctx.options.douane_config)
+                config = configmod.load(ctx.options.douane_config)
             except configmod.ConfigError as e:
                 raise exceptions.OptionsError(f"douane: {e}") from None
+            self.config = for_worker(config, worker) if worker else config
             logger.info("douane: configuration %s (version %s), %d upstream(s)",
                         self.config.file, self.config.version, len(self.config.upstreams))
 

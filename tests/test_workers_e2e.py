@@ -1,0 +1,123 @@
+"""`scripts/run --workers 2`: two real mitmdump workers behind a real HAProxy on one port."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from douane.config import load
+from douane.settings import for_worker
+from douane.workers import Worker, free_port, haproxy_config, main
+from tests.conftest import UPSTREAM_KEY
+from tests.support.gateway import REPO, base_config
+from tests.support.issuer import TestIssuer
+from tests.support.upstream import FakeUpstream
+from tests.test_admin_e2e import CHAT
+
+pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None,
+                                reason="haproxy missing: scripts/test installs it (as root)")
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for(predicate, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_two_workers_behind_haproxy_share_the_port_and_survive_a_killed_worker(
+        issuer: TestIssuer, llm: FakeUpstream, tmp_path):
+    config = base_config(issuer.url, llm.url)
+    config["gateway"] = {"state_dir": str(tmp_path / "state")}
+    (tmp_path / "douane.yaml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = tmp_path / "run.log"
+    env = {**os.environ, "DOUANE_CONFIG": str(tmp_path / "douane.yaml"),
+           "DOUANE_PORT": str(port), "DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
+    with log.open("wb") as out:
+        run = subprocess.Popen([str(REPO / "scripts" / "run"), "--workers", "2",
+                                "--mode", f"reverse:{llm.url}"], stdout=out,
+                               stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                               start_new_session=True)
+    try:
+        wait_for(lambda: "workers behind HAProxy" in log.read_text() or run.poll() is not None,
+                 "the workers", timeout=600)
+        text = log.read_text()
+        assert run.poll() is None, text
+        pids = dict(re.findall(r"worker (w\d) \(pid (\d+)\)", text))
+        assert set(pids) == {"w1", "w2"}
+        token = issuer.mint("alice@corp.example")
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        headers = {"authorization": f"Bearer {token}"}
+        # each request on a new connection: the balancer spreads connections
+        wait_for(lambda: httpx.post(url, json=CHAT, headers=headers).status_code == 200,
+                 "a first answer through HAProxy")
+        for _ in range(8):
+            assert httpx.post(url, json=CHAT, headers=headers).status_code == 200
+        audit = tmp_path / "state" / "audit"
+        w1, w2 = audit / "audit.w1.jsonl", audit / "audit.w2.jsonl"
+        wait_for(lambda: len(records(w1)) + len(records(w2)) >= 9, "9 audit records")
+        assert records(w1) and records(w2), "both workers get traffic"
+        assert not (audit / "audit.jsonl").exists()
+
+        os.kill(int(pids["w1"]), signal.SIGKILL)  # a crash
+        wait_for(lambda: re.search(r"Server workers/w1 is DOWN", log.read_text()),
+                 "HAProxy to take w1 out")
+        served_by_w1 = len(records(w1))
+        before = len(records(w2))
+        for _ in range(6):
+            assert httpx.post(url, json=CHAT, headers=headers).status_code == 200
+        wait_for(lambda: len(records(w2)) >= before + 6, "w2 to serve every request")
+        assert len(records(w1)) == served_by_w1
+    finally:
+        run.send_signal(signal.SIGTERM)
+        try:
+            run.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert "Traceback" not in log.read_text()
+
+
+def test_haproxy_accepts_the_written_config(tmp_path):
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(haproxy_config("127.0.0.1", free_port(),
+                                  [Worker("w1", 1001, 2001), Worker("w2", 1002, 2002)]))
+    check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "server w2 127.0.0.1:1002 check port 2002" in cfg.read_text()
+
+
+def test_more_than_one_worker_refuses_per_worker_approvals(tmp_path, capsys):
+    file = tmp_path / "douane.yaml"
+    file.write_text(yaml.safe_dump({**base_config(None, "http://127.0.0.1:9"),
+                                    "approvals": {"approver_groups": ["security"]}}))
+    assert main(["--workers", "2", "--config", str(file), "--confdir", str(tmp_path)]) == 2
+    assert "PostgreSQL, not built" in capsys.readouterr().err
+
+
+def test_each_worker_writes_its_own_audit_chain_and_recordings(tmp_path):
+    file = tmp_path / "douane.yaml"
+    file.write_text(yaml.safe_dump({**base_config(None, "http://127.0.0.1:9"),
+                                    "gateway": {"state_dir": str(tmp_path)}, "recording": {}}))
+    config = load(str(file), gateway=False)
+    w2 = for_worker(config, "w2")
+    assert w2.audit.path == tmp_path / "audit" / "audit.w2.jsonl"
+    assert w2.sections["recording"].dir == tmp_path / "recordings" / "w2"
+    assert config.audit.path == tmp_path / "audit" / "audit.jsonl"  # the original is unchanged
+    assert config.sections["recording"].dir == tmp_path / "recordings"
