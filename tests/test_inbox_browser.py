@@ -169,6 +169,13 @@ def test_inbox_login_approve_deny_and_refusals(inbox, issuer):
     forged = httpx.post(f"{base}/inbox/{ids['second']}/deny", data={"reason": "forged"},
                         headers={"cookie": f"douane_inbox={session['value']}"})
     assert forged.status_code == 403 and "second" not in outcomes
+    # another port of this host is same-site: it can plant a known _xsrf cookie next to the
+    # session cookie, and submit a form carrying it; the form's Origin gives it away
+    other = f"http://127.0.0.1:{free_port()}"
+    tossed = httpx.post(f"{base}/inbox/{ids['second']}/deny", data={
+        "reason": "tossed", "_xsrf": "c0ffee"}, headers={
+        "cookie": f"_xsrf=c0ffee; douane_inbox={session['value']}", "origin": other})
+    assert tossed.status_code == 403 and "another origin" in tossed.text
     # a login answer this browser did not start (login CSRF) logs nobody in
     stray = httpx.get(f"{base}/inbox/callback", params={"code": "x", "state": "y"})
     assert stray.status_code == 400 and not [

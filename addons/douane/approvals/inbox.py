@@ -150,8 +150,16 @@ class _Page(tornado.web.RequestHandler):
                         "'self'; frame-ancestors 'none'; base-uri 'none'")
         self.set_header("x-frame-options", "DENY")
         self.set_header("x-content-type-options", "nosniff")
-        self.set_header("referrer-policy", "no-referrer")
+        self.set_header("referrer-policy", "same-origin")  # no-referrer would null Origin
         self.set_header("cache-control", "no-store")
+
+    def check_xsrf_cookie(self) -> None:
+        """Tornado's token, and the form's Origin: another port of the same host is same-site
+        (the Strict cookie goes along) and can plant a known `_xsrf` cookie."""
+        super().check_xsrf_cookie()
+        base = urlsplit(self.inbox.base)
+        if self.request.headers.get("origin") != f"{base.scheme}://{base.netloc}":
+            raise ApprovalError(403, "a form from another origin")
 
     def get_current_user(self) -> Identity | None:
         raw = self.get_signed_cookie(SESSION, max_age_days=SESSION_SECONDS / 86400)
