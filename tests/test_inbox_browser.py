@@ -1,8 +1,9 @@
 """The approver inbox as approvers use it, in a real headless browser (Debian's chromium), logging
 in through a real OpenID Provider (npm oidc-provider): a non-approver sees no inbox, the requester
 cannot decide their own request, an approver approves one held request (the waiting client gets
-its answer) and denies another with a reason (the client gets the refusal and the reason), and the
-audit records name the approver. A `<script>` in a prompt shows as text.
+its answer), denies another with a reason (the client gets the refusal and the reason) and
+approves a third for an hour (the next such request passes on the grant), and the audit records
+name the approver. A `<script>` in a prompt shows as text.
 
 `scripts/test` installs chromium, chromium-driver and the provider's npm packages; without them
 this test fails in CI and is skipped elsewhere.
@@ -15,6 +16,7 @@ import json
 import os
 import shutil
 import threading
+import time
 
 import httpx
 import openai
@@ -207,6 +209,25 @@ def test_inbox_login_approve_deny_and_refusals(inbox, issuer):
     assert approved["approval_id"] == ids["first"] and approved["approver"] == "bob@corp.example"
     assert denied["approval_id"] == ids["second"] and denied["approver"] == "bob@corp.example"
     assert denied["reason"] == "not <b>today</b>"
+
+    # approved for a duration: a time-boxed grant lets the next such request pass at once (the
+    # first, approved for this request only, left none: this one is held)
+    threading.Thread(target=held, args=("third", "third: the launch codes again")).start()
+    third = gw.audit_where(lambda r: r.get("event") == "approval.requested", count=3,
+                           timeout=120)[-1]["approval_id"]
+    browser.get(base + "/inbox")
+    section = wait(browser).until(lambda b: sections(b).get(third))
+    Select(section.find_element(By.NAME, "for")).select_by_value("1h")
+    section.find_element(By.CSS_SELECTOR, "button.approve").click()
+    wait(browser, 120).until(lambda b: "third" in outcomes)
+    assert isinstance(outcomes["third"], str), outcomes
+    grant = gw.audit_where(lambda r: r.get("event") == "approval.approved"
+                           and r.get("approval_id") == third)[0]
+    assert grant["approver"] == "bob@corp.example" and not grant["grant_one_shot"]
+    assert 3000 < grant["grant_expires_at"] - time.time() <= 3600
+    assert chat(gw, token, "fourth: the launch codes, once more")
+    assert gw.audit_where(lambda r: r.get("event") == "approval.grant_used")
+    assert len(gw.audit_where(lambda r: r.get("event") == "approval.requested", count=3)) == 3
     # neither the session cookie nor the client secret is written anywhere
     written = gw.audit_file().read_text() + gw.log_text()
     assert session["value"] not in written and secret not in written
