@@ -134,3 +134,31 @@ def test_metrics_listen_must_be_host_port(listen, tmp_path):
                     f"gateway: {{metrics_listen: '{listen}'}}\n")
     with pytest.raises(configmod.ConfigError, match="metrics_listen"):
         configmod.load(file)
+
+
+def test_metrics_count_each_flow_once_with_bounded_labels():
+    from mitmproxy.test import tflow
+
+    from douane import admin
+    from douane.flowstate import Reason, state
+
+    metrics = admin.Metrics()
+    flows = []
+    for i in range(admin.MAX_SERIES + 5):
+        flow = tflow.tflow(resp=True)
+        st = state(flow)
+        st.decide("refuse", Reason(f"deny.rule{i}", "x"))
+        st.masked = {"EMAIL_ADDRESS": 2}
+        st.audited = True
+        flows.append(flow)
+        metrics.response(flow)
+        metrics.error(flow)  # a second hook on the same flow counts nothing
+    unaudited = tflow.tflow(resp=True)
+    metrics.response(unaudited)  # not recorded (yet): not counted
+    value = metrics.registry.get_sample_value
+    assert value("douane_decisions_total", {"action": "refuse", "rule": "deny.rule0"}) == 1
+    assert value("douane_decisions_total", {"action": "refuse", "rule": "other"}) == 5
+    assert value("douane_masked_entities_total", {"entity": "EMAIL_ADDRESS"}) == \
+        2 * (admin.MAX_SERIES + 5)
+    assert value("douane_request_duration_seconds_count", {"upstream": "none"}) == \
+        admin.MAX_SERIES + 5
