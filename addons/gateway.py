@@ -24,6 +24,7 @@ from douane.resource import ProtectedResourceMetadata, ResourceAccess
 from douane.routing import Broker, InjectCredential, Route
 from douane.settings import Settings
 from douane.timeouts import ClientTimeouts
+from douane.toolpins import PinTools
 from douane.websocket import PoliceWebSocket
 
 settings = Settings()
@@ -35,6 +36,7 @@ authenticate = Authenticate(settings)
 approvals = Approvals(settings, audit_trail, mask)
 record = Record(settings)
 metrics = Metrics()
+pins = PinTools(settings, audit_trail)
 
 contentviews.add(DouaneContentview)  # LLM and MCP flows read as conversations
 
@@ -51,7 +53,9 @@ addons = [
     ResourceAccess(),  # an MCP resource's tokens: issued for it, with its scopes
     Broker(settings, enforce.policy),  # grants may name operations douane does not parse
     Inspect(settings),
+    pins,  # before Enforce: MCP tools are pinned from whole listings, not a caller's share
     enforce,
+    pins.calls,  # after Enforce, before Approvals: a call to a withheld MCP tool is refused
     approvals,  # right after Enforce: a "hold" waits for an approver
     PoliceWebSocket(enforce, audit_trail),  # allowed WebSockets: every message policed
     KeepOriginals(settings),  # before Mask: the unmasked bodies, when auditors want them

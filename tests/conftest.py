@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -59,8 +60,8 @@ def make_gateway(tmp_path) -> Iterator[Callable[..., Gateway]]:
         gw.stop()
 
 
-@pytest.fixture(scope="session")
-def mcp_server() -> Iterator[str]:
+@contextlib.contextmanager
+def mcp_server_of() -> Iterator[str]:
     """A real MCP server (tests/support/mcp_server.py) over Streamable HTTP; yields its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -75,6 +76,15 @@ def mcp_server() -> Iterator[str]:
             break
         except OSError:
             time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    server.kill()
-    server.wait()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture(scope="session")
+def mcp_server() -> Iterator[str]:
+    """The MCP server the tests share (one that no test changes)."""
+    with mcp_server_of() as url:
+        yield url

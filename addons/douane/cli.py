@@ -24,6 +24,7 @@ COMMANDS = [
     "douane.commands.mask",
     "douane.commands.connect",
     "douane.commands.credentials",
+    "douane.commands.tools",
 ]
 # commands a credential helper or a shell runs often (`douane token` as Claude Code's
 # apiKeyHelper): only their own module is imported, not the gateway's whole machinery

@@ -304,6 +304,7 @@ class Upstream:
     # credentials.per_user: (header, format) of a secret each user sets (`douane credentials
     # set`); a user without one is refused
     per_user: tuple[str, str] | None = None
+    tool_changes: str = "hide"  # MCP: a changed or poisoned tool is hidden, or its listing refused
     origins: tuple[str, ...] = ()  # MCP: browser origins allowed besides the one called
 
     def matches(self, host: str, port: int, path: str) -> bool:
@@ -497,7 +498,7 @@ def _identity(v: View, state_dir: Path) -> IdentityConfig:
 
 def _upstream(name: str, v: View) -> Upstream:
     v.only("url", "protocol", "credential", "credentials", "allow_websocket", "request_text_paths",
-           "response_text_paths", "connect_to", "resource", "origins")
+           "response_text_paths", "connect_to", "resource", "origins", "tool_changes")
     url = v.get("url", str)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -545,6 +546,7 @@ def _upstream(name: str, v: View) -> Upstream:
         origins=_origins(v, protocol),
         group_credentials=groups,
         per_user=per_user,
+        tool_changes=_tool_changes(v, protocol),
     )
 
 
@@ -557,6 +559,17 @@ def _credential(v: View, key: str, header: str | None, fmt: str) -> Credential:
     source = f"env {data['env']}" if "env" in data else f"file {data.get('file')}"
     return Credential((header or "").lower(), fmt.replace("{secret}", secret) if secret else None,
                       source)
+
+
+TOOL_CHANGES = ("hide", "refuse")  # what a changed or poisoned MCP tool does to listings
+
+
+def _tool_changes(v: View, protocol: str) -> str:
+    mode = v.get("tool_changes", str, "hide")
+    if mode not in TOOL_CHANGES or ("tool_changes" in v.data and protocol != "mcp"):
+        raise v.error(f"tool_changes is one of {', '.join(TOOL_CHANGES)}, on an mcp upstream",
+                      "tool_changes")
+    return mode
 
 
 def _resource(v: View, protocol: str) -> ResourceServer | None:
