@@ -349,7 +349,7 @@ class PinTools:
         return why is not None
 
     def _audit(self, st: FlowState, record: dict[str, Any]) -> None:
-        record.update(decision_id=st.decision_id, user=st.identity.user if st.identity else None)
+        record.update(flow_decision_id=st.decision_id, user=st.identity.user if st.identity else None)
         self.audit_trail.append(record)
 
 

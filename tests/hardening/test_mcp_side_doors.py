@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from douane.cli import main
 from tests.conftest import UPSTREAM_KEY
 from tests.hardening.conftest import assert_refused
 from tests.support.gateway import Gateway, base_config
@@ -235,7 +236,11 @@ def test_a_listing_down_the_get_stream_is_filtered(setup):
     evil.canned["/rpc"] = sse({"jsonrpc": "2.0", "id": 3, "result": {"tools": [
         {"name": "echo", "inputSchema": {}}, {"name": "Delete_Records", "inputSchema": {}}]}})
     resp = get_stream(gw, staff, evil.url + "/rpc")
-    assert '"echo"' in resp.text and "Delete_Records" not in resp.text
+    assert '"tools": []' in resp.text  # other tests listed other tools: both withheld (pinning)
+    for tool in ("echo", "Delete_Records"):
+        assert main(["tools", "accept", "evil", tool, "--config", str(gw.config_file)]) == 0
+    resp = get_stream(gw, staff, evil.url + "/rpc")
+    assert '"echo"' in resp.text and "Delete_Records" not in resp.text  # not granted
 
 
 def test_a_resumed_stream_is_masked(setup):
