@@ -281,7 +281,8 @@ class PinTools:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         rewriter = streams.rewriter_of(flow)
         if rewriter is not None and self._mcp(flow):
-            rewriter.message_hooks.append(lambda doc: self._police(flow, doc, rewriter.abort))
+            rewriter.message_hooks.append(lambda doc: self._police(flow, doc, lambda why: (
+                state(flow).decide("block", Reason("tools.withheld", why)), rewriter.abort(why))))
 
     @guarded
     def response(self, flow: http.HTTPFlow) -> None:
