@@ -17,19 +17,22 @@ from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import REPO, Gateway, base_config
 from tests.support.issuer import TestIssuer
 from tests.support.upstream import FakeUpstream
+from tests.test_approvals_e2e import api_url
 
 DOUANE = Path(sys.executable).parent / "douane"
 TEAM_A_KEY = "sk-team-a-0123456789abcdefghijklmnopqrstuv"
 TEAM_B_KEY = "sk-team-b-0123456789abcdefghijklmnopqrstuv"
+FRANK_PAT = "ghp_frank0123456789abcdefghijklmnopqrstuvw"
 ALICE_PAT = "ghp_alice0123456789abcdefghijklmnopqrstuvwx"
 BOB_PAT = "ghp_bob0123456789abcdefghijklmnopqrstuvwxyz"
-SECRETS = (UPSTREAM_KEY, TEAM_A_KEY, TEAM_B_KEY, ALICE_PAT, BOB_PAT)
+SECRETS = (UPSTREAM_KEY, TEAM_A_KEY, TEAM_B_KEY, ALICE_PAT, BOB_PAT, FRANK_PAT)
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.fixture(scope="module")
 def gw(issuer: TestIssuer, llm: FakeUpstream, tmp_path_factory) -> Gateway:
-    config = base_config(issuer.url, llm.url, recording={})
+    config = base_config(issuer.url, llm.url, recording={},
+                         approvals={"listen": "127.0.0.1:0", "approver_groups": ["approvers"]})
     config["upstreams"]["llm"]["credentials"] = {
         "by_group": {"team-a": {"env": "T_TEAM_A_KEY"}, "team-b": {"env": "T_TEAM_B_KEY"}}}
     config["upstreams"]["acting"] = {"url": llm.url + "/acting", "protocol": "openai",
@@ -99,12 +102,12 @@ def test_a_user_without_a_secret_is_refused_and_told_how_to_set_it(gw, issuer, l
 
 def test_list_and_delete_name_pairs_never_secrets(gw, issuer, llm):
     douane(gw, "set", "acting", "--user", "erin@corp.example", stdin="ghp_erin_secret_value_01\n")
-    listed = douane(gw, "list").stdout
+    listed = douane(gw, "list", "--all").stdout
     assert "acting\terin@corp.example" in listed and "acting\talice@corp.example" in listed
     assert "ghp_" not in listed
     assert douane(gw, "list", "--user", "erin@corp.example").stdout == "acting\terin@corp.example\n"
     douane(gw, "delete", "acting", "--user", "erin@corp.example")
-    assert "erin" not in douane(gw, "list").stdout
+    assert "erin" not in douane(gw, "list", "--all").stdout
     llm.requests.clear()
     assert post(gw, issuer.mint("erin@corp.example"), "/acting").status_code == 403
     assert llm.requests == []
@@ -125,6 +128,32 @@ def test_a_store_file_renamed_to_another_user_is_no_credential(gw, issuer, llm):
         assert llm.requests == []
     finally:
         alice.write_bytes(saved)
+
+
+def test_a_user_sets_their_own_secret_with_their_token(gw, issuer, llm):
+    """Self-service through the approvals API: only the caller's own entries, any user."""
+    api = api_url(gw)
+    frank, george = issuer.mint("frank@corp.example"), issuer.mint("george@corp.example")
+    as_frank = ("--url", api, "--token", frank)
+    douane(gw, *as_frank, "set", "acting", stdin=FRANK_PAT + "\n")
+    assert douane(gw, *as_frank, "list").stdout == "acting\n"
+    assert douane(gw, "--url", api, "--token", george, "list").stdout == ""
+    llm.requests.clear()
+    assert post(gw, frank, "/acting").status_code == 200
+    assert post(gw, george, "/acting").status_code == 403
+    (received,) = llm.requests
+    assert received.headers["authorization"] == f"Bearer {FRANK_PAT}"
+    # no token, a forged one, an upstream that takes no per-user secret: refused, nothing stored
+    assert httpx.put(f"{api}/credentials/acting", json={"secret": "x"}).status_code == 401
+    assert httpx.put(f"{api}/credentials/acting", json={"secret": "x"},
+                     headers={"authorization": f"Bearer {frank[:-4]}AAAA"}).status_code == 401
+    assert httpx.put(f"{api}/credentials/llm", json={"secret": "x"},
+                     headers={"authorization": f"Bearer {frank}"}).status_code == 404
+    douane(gw, *as_frank, "delete", "acting")
+    assert douane(gw, *as_frank, "list").stdout == ""
+    llm.requests.clear()
+    assert post(gw, frank, "/acting").status_code == 403
+    assert llm.requests == []
 
 
 def test_a_config_for_a_per_user_upstream_is_checked(gw):

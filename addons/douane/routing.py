@@ -22,7 +22,7 @@ from collections.abc import Callable
 from mitmproxy import http
 from mitmproxy.net.http import url
 
-from douane import operations, protocols
+from douane import operations, protocols, usersecrets
 from douane.config import Credential, Upstream
 from douane.flowstate import Reason, state
 from douane.interaction import Interaction
@@ -31,7 +31,6 @@ from douane.policy.model import Policy
 from douane.refusals import guarded, refuse
 from douane.settings import Settings
 from douane.untrusted import loggable
-from douane.usersecrets import UserSecrets
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +74,6 @@ class Broker:
                  policy: Callable[[], Policy | None] = lambda: None):
         self.settings = settings
         self.policy = policy  # the policy in force, for grants naming operations
-        self._secrets: tuple[tuple[object, ...], UserSecrets] | None = None
 
     @guarded
     def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -133,13 +131,17 @@ class Broker:
         groups = st.identity.groups if st.identity else ()
         if upstream.per_user:
             user = st.identity.user if st.identity else None
-            secret = self.user_secrets().get(upstream.name, user) if user else None
+            config = self.settings.config
+            store = usersecrets.store(config.state_dir, config.credentials_key)
+            secret = store.get(upstream.name, user) if user else None
             if secret is None:
                 shown = loggable(user or "your user name", 100)
                 refuse(flow, 403, f"upstream {upstream.name} acts on your behalf and needs your "
-                       f"own credential, which douane does not hold for {shown}: have it set "
-                       f"with `douane credentials set {upstream.name} --user {shown}` on the "
-                       "gateway host", "user_credential_missing",
+                       f"own credential, which douane does not hold for {shown}: set it with "
+                       f"`douane credentials set {upstream.name}` (your token, through the "
+                       f"approvals API) or have the operator run `douane credentials set "
+                       f"{upstream.name} --user {shown}` on the gateway host",
+                       "user_credential_missing",
                        Reason("route.no_user_credential",
                               f"no per-user credential for {upstream.name}"))
                 return False
@@ -155,14 +157,6 @@ class Broker:
             return False
         st.credential = credential
         return True
-
-    def user_secrets(self) -> UserSecrets:
-        """The per-user store of the config in force (its key read once per config)."""
-        config = self.settings.config
-        key = (config.state_dir, config.credentials_key)
-        if self._secrets is None or self._secrets[0] != key:
-            self._secrets = (key, UserSecrets(config.state_dir, config.credentials_key))
-        return self._secrets[1]
 
     def _operation_allowed(self, flow: http.HTTPFlow) -> bool:
         """Default-deny: what no parser reads passes only when a grant names it (refused here,

@@ -9,6 +9,7 @@ written whole (temporary file, then rename), mode 0600.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,6 +22,12 @@ from cryptography.fernet import Fernet, InvalidToken
 from douane import statefile
 
 MAX_SECRET = 16 * 1024  # a provider key or a personal access token, not a file
+
+
+@functools.cache
+def store(state_dir: Path, key: str | None) -> UserSecrets:
+    """The store of a configuration (its key read once), shared by the gateway's addons."""
+    return UserSecrets(state_dir, key)
 
 
 class UserSecrets:

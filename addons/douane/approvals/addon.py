@@ -27,6 +27,7 @@ from mitmproxy import ctx, hooks, http
 from mitmproxy.flow import Error
 
 from douane import devissuer, protocols
+from douane.approvals import credentials
 from douane.approvals.api import AdminAPI, ApprovalError
 from douane.approvals.config import ApprovalSettings
 from douane.approvals.inbox import Inbox
@@ -89,6 +90,7 @@ class Approvals:
         self.api = AdminAPI(self, approvals, TokenVerifier(identity, dev_key))
         if approvals.inbox:
             Inbox(self.api, approvals.inbox).mount()
+        credentials.mount(self.api, self.settings)
         self.notifier = Notifier(approvals.webhook, self.audit) \
             if approvals.webhook and approvals.webhook.url else None
         try:

@@ -73,14 +73,17 @@ class _Handler(tornado.web.RequestHandler):
         self.api = api
 
     async def prepare(self) -> None:
+        self.approver = self.api.approver(await self.caller())
+
+    async def caller(self) -> Identity:
+        """The identity of the caller's bearer token (verified like the gateway's)."""
         auth = self.request.headers.get("authorization", "")
         if auth[:7].lower() != "bearer ":
-            raise ApprovalError(401, "send an approver's OIDC token as Authorization: Bearer")
+            raise ApprovalError(401, "send your OIDC token as Authorization: Bearer")
         try:
-            identity = await self.api.verifier.verify(auth[7:].strip(), "bearer")
+            return await self.api.verifier.verify(auth[7:].strip(), "bearer")
         except TokenError as e:
             raise ApprovalError(401, e.message) from None
-        self.approver = self.api.approver(identity)
 
     def check_xsrf_cookie(self) -> None:
         pass  # a bearer token, not a cookie, authenticates these calls: no forgery to fear
