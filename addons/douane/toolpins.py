@@ -19,6 +19,7 @@ changing them is a change, but no decision of douane reads them.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -110,14 +111,17 @@ def connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None, timeout=5, check_same_thread=False)
     db.row_factory = sqlite3.Row
+    # WAL: a commit is an append (no fsync of the database, readers never wait on a writer)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
     db.executescript(SCHEMA)
     return db
 
 
 class PinStore:
-    """The pins of every MCP upstream. Each operation is one small transaction on a local SQLite
-    file (well under a millisecond), done where the hook runs (the event loop, or the thread a
-    whole stream is rewritten in: hence the lock); `douane tools accept` writes to the same file."""
+    """The pins of every MCP upstream: one small transaction per listing or call on a local
+    SQLite file in WAL mode, done where the hook runs (a thread for a JSON answer, the event loop
+    for a streamed one: hence the lock); `douane tools accept` writes to the same file."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -161,11 +165,13 @@ class PinStore:
                            "name = ?", (out.withheld[name], now, upstream, name))
                 out.events.append(event("tools.changed", upstream, name,
                                         reason=out.withheld[name]))
+            rows = {r["name"]: r for r in db.execute("SELECT * FROM tools WHERE upstream = ?",
+                                                     (upstream,))}
             for tool in named:
                 name = tool["name"]
                 if name in twice:
                     continue
-                why = self._one(db, upstream, name, tool, first, now, out.events)
+                why = self._one(db, upstream, rows.get(name), tool, first, now, out.events)
                 if why:
                     out.withheld[name] = why
             if complete:
@@ -184,13 +190,13 @@ class PinStore:
         return out
 
     @staticmethod
-    def _one(db: sqlite3.Connection, upstream: str, name: str, tool: dict[str, Any],
-             first: bool, now: float, events: list[dict[str, Any]]) -> str | None:
+    def _one(db: sqlite3.Connection, upstream: str, row: sqlite3.Row | None,
+             tool: dict[str, Any], first: bool, now: float,
+             events: list[dict[str, Any]]) -> str | None:
+        name = tool["name"]
         definition = canonical(tool)
         d = digest(definition)
         stored = definition if len(definition) <= DEFINITION_CHARS else None
-        row = db.execute("SELECT * FROM tools WHERE upstream = ? AND name = ?",
-                         (upstream, name)).fetchone()
         if row is not None and row["digest"] == d:  # the accepted definition: listed
             if row["state"] != "pinned":
                 db.execute("UPDATE tools SET state = 'pinned', candidate_digest = NULL, "
@@ -285,7 +291,7 @@ class PinTools:
                 state(flow).decide("block", Reason("tools.withheld", why)), rewriter.abort(why))))
 
     @guarded
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         st = self._mcp(flow)
         if st is None or streams.rewriter_of(flow) or not flow.response or \
                 not flow.response.raw_content or \
@@ -293,7 +299,8 @@ class PinTools:
             return
         doc = json.loads(flow.response.get_content(strict=True))
         refused: list[str] = []
-        if self._police(flow, doc, refused.append):
+        # off the loop: a first listing scans and writes every tool (the flow waits here)
+        if await asyncio.to_thread(self._police, flow, doc, refused.append):
             protocols.write_json(flow, "response", doc)
         if refused:
             refuse(flow, 403, refused[0], "tools_withheld",
