@@ -154,6 +154,9 @@ def test_a_user_sets_their_own_secret_with_their_token(gw, issuer, llm):
     llm.requests.clear()
     assert post(gw, frank, "/acting").status_code == 403
     assert llm.requests == []
+    for event in ("credential.set", "credential.deleted"):
+        (record,) = gw.audit_where(lambda r, e=event: r.get("event") == e)
+        assert (record["user"], record["upstream"]) == ("frank@corp.example", "acting")
 
 
 def test_a_config_for_a_per_user_upstream_is_checked(gw):

@@ -1,6 +1,7 @@
 """Self-service per-user secrets on the approvals API: a user sets, lists and deletes their own
 secrets for `credentials.per_user` upstreams, authenticated with their own token (any user, not
-only approvers; only their own entries). `douane credentials` without `--user` calls these.
+only approvers; only their own entries; each change audited, never the secret). `douane
+credentials` without `--user` calls these.
 
     GET    /credentials              -> {"credentials": [upstream, ...]}  (never a secret)
     PUT    /credentials/UPSTREAM     {"secret": "..."}
@@ -55,12 +56,15 @@ class CredentialsHandler(_Handler):
             await asyncio.to_thread(store.set, upstream, self.user, secret.strip())
         except ValueError as e:
             raise ApprovalError(400, str(e)) from None
+        self.api.addon.audit({"event": "credential.set", "user": self.user, "upstream": upstream})
         self.reply({"upstream": upstream, "user": self.user, "set": True})
 
     async def delete(self, upstream: str) -> None:
         store = self._store(upstream)
         if not await asyncio.to_thread(store.delete, upstream, self.user):
             raise ApprovalError(404, f"you hold no credential for {upstream}")
+        self.api.addon.audit({"event": "credential.deleted", "user": self.user,
+                              "upstream": upstream})
         self.reply({"upstream": upstream, "user": self.user, "deleted": True})
 
 
