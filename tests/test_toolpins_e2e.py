@@ -128,6 +128,8 @@ def test_hidden_instructions_are_found(text):
     assert toolpins.scan({"name": "add", "description": text})
     schema = {"type": "object", "properties": {"a": {"type": "number", "description": text}}}
     assert toolpins.scan({"name": "add", "description": "Adds.", "inputSchema": schema})
+    schema = {"type": "object", "properties": {"a": {"type": "string", "enum": ["x", text]}}}
+    assert toolpins.scan({"name": "add", "description": "Adds.", "inputSchema": schema})
 
 
 @pytest.mark.parametrize("text", [

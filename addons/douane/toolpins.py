@@ -79,10 +79,9 @@ def invisible(text: str) -> bool:
 
 
 def read_texts(item: dict[str, Any]) -> list[str]:
-    """What a model reads of a listed tool or prompt: its description and title, and every
-    description and title in its schemas and arguments."""
-    return [text for path, text in jsonpath.strings(item, ())
-            if path and path[-1] in ("description", "title")]
+    """What a model reads of a listed tool or prompt: every string but its name (descriptions
+    and titles, in its schemas too, but also enum values, defaults, examples, annotations)."""
+    return [text for path, text in jsonpath.strings(item, ()) if path != ("name",)]
 
 
 def scan(item: dict[str, Any]) -> str | None:
