@@ -179,13 +179,17 @@ class Admin:
     async def done(self) -> None:
         self.draining = True
         deadline = time.monotonic() + ctx.options.douane_drain_seconds
-        if self.in_flight:
-            logger.info("douane: draining %d flow(s) in flight", len(self.in_flight))
-        while self.in_flight and time.monotonic() < deadline:
+        if self._draining():
+            logger.info("douane: draining %d flow(s) in flight", len(self._draining()))
+        while self._draining() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.server:
             self.server.stop()
             self.server = None
+
+    def _draining(self) -> list[http.HTTPFlow]:
+        # A flow held for an approver is not waited for: Approvals.done, after this, refuses it.
+        return [f for f in self.in_flight if not f.intercepted]
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.live:
