@@ -63,13 +63,17 @@ def _visual(c: str, depth: int) -> str | None:
             target = "".join(_fold(t, depth + 1) for t in target)
         if not target or not target.isascii() or (alnum and not target.isalnum()):
             continue
-        rank = (not target.islower(), not target.isalpha(), len(target), target)
+        # a capital imitates a capital (Cyrillic І is I, not the l it also resembles)
+        rank = (target.islower() != c.islower(), not target.isalpha(), len(target), target)
         if best is None or rank < best[0]:
             best = (rank, target)
     if best is None and depth == 0 and len(c.upper()) == 1 and c != c.upper() and \
             unicodedata.name(c, "").startswith(SMALL_CAPITAL_SCRIPTS):
         return _visual(c.upper(), depth + 1)
-    return best[1].lower() if best else None
+    if best is None:
+        return None
+    # TR39 reads capital I as l: a capital imitating l imitates I (Cyrillic І, Greek Ι)
+    return "i" if best[1] == "l" and c.isupper() else best[1].lower()
 
 
 def _fold(c: str, depth: int = 0) -> str:
@@ -86,12 +90,17 @@ def _fold(c: str, depth: int = 0) -> str:
         return c.lower()
     if category == "Nd":
         return str(unicodedata.decimal(c))
+    # A styled or full-width form of an ASCII letter or digit is that letter (its compatibility
+    # decomposition says so exactly: the confusables data reads a full-width I as l, which
+    # turned "Ｉgnore previous instructions" into "lgnore ...").
+    decomposed = unicodedata.normalize("NFKD", c)
+    if len(decomposed) == 1 and decomposed.isascii() and decomposed.isalnum():
+        return decomposed.lower()
     # a look-alike letter first (before case folding: a capital eta imitates H, its small form
     # n), then the compatibility decomposition (styled letters, ligatures, letters with marks)
     visual = _visual(c, depth)
     if visual is not None and len(visual) == 1:
         return visual
-    decomposed = unicodedata.normalize("NFKD", c)
     if decomposed != c and depth < 4:
         return "".join(_fold(d, depth + 1) for d in decomposed)
     if visual is not None:
