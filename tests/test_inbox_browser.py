@@ -13,32 +13,21 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
 import threading
 import time
 
 import httpx
 import openai
 import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.conftest import UPSTREAM_KEY
-from tests.support.gateway import Gateway, base_config
+from tests.support.browser import headless_chromium
+from tests.support.gateway import Gateway, base_config, free_port
 from tests.support.oidc_provider import OidcProvider
 from tests.support.upstream import FakeUpstream
-from tests.test_mitmweb_browser import GRANTS, chat, free_port
-
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-if not (CHROMIUM and CHROMEDRIVER):
-    if os.environ.get("CI"):
-        pytest.fail("chromium and chromium-driver are missing (scripts/test installs them)",
-                    pytrace=False)
-    pytest.skip("chromium and chromium-driver are not installed", allow_module_level=True)
-
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+from tests.test_mitmweb_browser import GRANTS, chat
 
 RESOURCE = "https://approvals.douane.test"
 SECRET_ENV = "DOUANE_TEST_INBOX_SECRET"
@@ -71,12 +60,7 @@ def inbox(issuer, tmp_path_factory):
     gw = Gateway(config, mode=f"reverse:{llm.url}", workdir=work / "gw",
                  env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY,
                       SECRET_ENV: client["client_secret"]})
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--window-size=1200,900", "--disable-gpu"):
-        options.add_argument(arg)
-    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    browser = headless_chromium(1200, 900)
     try:
         yield gw, llm, browser, base, client["client_secret"]
     finally:

@@ -6,7 +6,6 @@ OpenID Provider (npm oidc-provider) that it discovers through douane: no token p
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import httpx
 import httpx2
@@ -16,17 +15,11 @@ from mcp.client.auth import AuthorizationCodeResult, OAuthClientProvider
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
 
-from tests.support.gateway import Gateway
+from tests.support.gateway import Gateway, free_port
 from tests.support.oidc_provider import OidcProvider
 
 REDIRECT = "http://127.0.0.1:9/callback"  # never called: the test reads the code from the redirect
 SCOPE = "mcp:tools"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 
 import anthropic
@@ -15,16 +14,10 @@ import pytest
 import yaml
 
 from tests.conftest import UPSTREAM_KEY
-from tests.support.gateway import REPO, base_config
+from tests.support.gateway import REPO, base_config, free_port
 from tests.support.upstream import DEFAULT_REPLY, FakeUpstream
 
 CREDENTIAL = {"env": "DOUANE_TEST_UPSTREAM_KEY"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

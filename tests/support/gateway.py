@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 _LISTENING = re.compile(r"proxy\b[^\n]*? listening at \S*?:(\d+)")  # not mitmweb's web server
+
+
+def free_port() -> int:
+    """A loopback port free now (for a listener whose port a config must name in advance)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def base_config(issuer_url: str | None, upstream_url: str, *, audience: str = "douane-tests",
