@@ -23,11 +23,13 @@ from douane.refusals import KeepRefusals
 from douane.resource import ProtectedResourceMetadata, ResourceAccess
 from douane.routing import Broker, InjectCredential, Route
 from douane.settings import Settings
+from douane.store.addon import SharedStore
 from douane.timeouts import ClientTimeouts
 from douane.toolpins import PinTools
 from douane.websocket import PoliceWebSocket
 
 settings = Settings()
+shared = SharedStore(settings)  # PostgreSQL shared by replicas (`database:`), else None
 audit_trail = AuditTrail(settings)
 mask = Mask(settings)
 enforce = Enforce(settings)
@@ -42,6 +44,7 @@ contentviews.add(DouaneContentview)  # LLM and MCP flows read as conversations
 
 addons = [
     settings,
+    shared,  # the store opens before the concerns that use it
     KeepRefusals(),  # first on every response: a refusal is never replaced (server replay)
     loop_monitor,
     # early: at shutdown /healthz says "draining" while flows finish, before the writers close
@@ -65,4 +68,5 @@ addons = [
     Mark(),  # blocked, held, masked flows stand out in mitmweb and in recordings
     record,
     InjectCredential(),  # last: nothing held, shown or recorded before sending carries the key
+    shared.closer,  # the store closes after every concern's `done`
 ]

@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.gateway import REPO, Gateway
 from tests.support.issuer import TestIssuer
+from tests.support.postgres import PostgresCluster
 from tests.support.upstream import FakeUpstream
 
 UPSTREAM_KEY = "sk-upstream-test-0123456789abcdefghijklmnopqrstuv"
@@ -24,6 +25,16 @@ def issuer() -> Iterator[TestIssuer]:
     issuer = TestIssuer()
     yield issuer
     issuer.close()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A real PostgreSQL 15 cluster for the session (tests/support/postgres.py): each test module
+    takes a database of its own with `postgres.new_database()`; `postgres.outage()` stops it for
+    a block and starts it again."""
+    cluster = PostgresCluster()
+    yield cluster
+    cluster.close()
 
 
 @pytest.fixture

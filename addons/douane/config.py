@@ -343,6 +343,17 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Database:
+    """The shared store (`database:`): PostgreSQL, which every replica of a fleet shares.
+    Without it, each process keeps SQLite files under state_dir (the embedded default)."""
+
+    url: str  # postgresql://USER@HOST[:PORT]/DBNAME, never with its password
+    password: str | None = field(repr=False, default=None)
+    pool_size: int = 10  # connections per process
+    timeout: float = 5.0  # seconds a store call may take before what needs it is refused
+
+
+@dataclass(frozen=True)
 class Config:
     file: str
     version: str  # hash of the config file, written into every audit record
@@ -360,6 +371,7 @@ class Config:
     # the Fernet key of the per-user credential store (gateway.credentials_key); None: a key
     # generated once into state_dir
     credentials_key: str | None = field(default=None, repr=False)
+    database: Database | None = None  # None: SQLite files under state_dir
 
     def upstream_for(self, host: str, port: int, path: str) -> Upstream | None:
         """The most specific declared upstream for a request (longest path prefix wins)."""
@@ -381,7 +393,8 @@ def load(file: str | os.PathLike[str], gateway: bool = True) -> Config:
         raise ConfigError(file, None, "", f"cannot read the config: {e.strerror}") from None
     doc = Document(file, text, gateway)
     root = doc.root()
-    root.only("version", "gateway", "identity", "upstreams", "passthrough", "audit", *SECTIONS)
+    root.only("version", "gateway", "identity", "upstreams", "passthrough", "audit", "database",
+              *SECTIONS)
     if root.get("version", int, 1) != 1:
         raise root.error("only version 1 is supported", "version")
     gateway = root.sub("gateway")
@@ -401,6 +414,7 @@ def load(file: str | os.PathLike[str], gateway: bool = True) -> Config:
         limits=_limits(gateway),
         metrics_listen=_listen(gateway, "metrics_listen"),
         credentials_key=gateway.secret("credentials_key"),
+        database=_database(root),
     )
     root.sub("passthrough").only("hosts")
     for name, target in SECTIONS.items():
@@ -410,6 +424,47 @@ def load(file: str | os.PathLike[str], gateway: bool = True) -> Config:
         parse: Callable[[View], Any] = getattr(importlib.import_module(module), func)
         config.sections[name] = parse(root.sub(name))
     return config
+
+
+DATABASE_FORM = "postgresql://USER@HOST[:PORT]/DBNAME"
+
+
+def _database(root: View) -> Database | None:
+    """`database: postgresql://douane@db.internal/douane`, or a mapping with `url`, `password`
+    ({env:}/{file:}, never in the file), `pool_size` and `timeout` (seconds)."""
+    if root.data.get("database") is None:
+        return None
+    if isinstance(root.data["database"], str):
+        v, url = View({}, ("database",), root.doc), root.data["database"]
+    else:
+        v = root.sub("database")
+        v.only("url", "password", "pool_size", "timeout")
+        url = v.get("url", str)
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("postgresql", "postgres") or port == -1 or \
+            not parts.path.strip("/") or "/" in parts.path.strip("/"):
+        shown = url if parts.password is None else "the URL given"  # never echo a password
+        raise v.error(f"expected {DATABASE_FORM} (the shared PostgreSQL store; leave database "
+                      f"out for the local SQLite default), got {shown}",
+                      "url" if v.data else None)
+    if parts.password is not None:
+        raise v.error("the password does not belong in the URL (the file is not a secret "
+                      "store): give it as database.password: {env: NAME} or {file: PATH}",
+                      "url" if v.data else None)
+    if not (parts.hostname or "host=" in parts.query):
+        raise v.error(f"the URL names no host: expected {DATABASE_FORM}",
+                      "url" if v.data else None)
+    pool_size = v.get("pool_size", int, 10)
+    timeout = v.get("timeout", (int, float), 5.0)
+    if not 1 <= pool_size <= 100:
+        raise v.error("expected 1 to 100 connections", "pool_size")
+    if not 0 < timeout <= 60:
+        raise v.error("expected seconds, more than 0 and at most 60", "timeout")
+    return Database(url, v.secret("password") if v.data else None, pool_size, float(timeout))
 
 
 def _listen(v: View, key: str) -> str | None:
