@@ -1,14 +1,24 @@
-"""What douane costs on the wire, side by side in one run: direct to the upstream, bare mitmdump,
-douane (identity + policy + audit + recording), douane + masking; requests and streams.
+"""What douane costs on the wire, side by side in one run, as ratios to bare mitmdump.
 
-Fixed request counts (bounded); every server on 127.0.0.1; stops by itself. Prints a table and
-ratios against bare mitmdump, and writes docs/benchmarks.md unless --no-write.
-Usage: python scripts/bench_gateway.py [--quick] [--no-write]
+Requests (wrk, a C load generator, for every req/s row): direct to the upstream, bare mitmdump
+(reverse mode), douane (identity, policy, audit, recording), douane + masking (the answers carry
+PII and come back masked); for an OpenAI chat completion, an Anthropic message and an MCP
+`tools/call`; at 1 and 32 connections. Each row: req/s, p50, p99, CPU seconds per 1,000 requests of
+all the proxy's processes (the recording writer and the masking workers included) and its peak RSS.
+Streams (a Python client: it must read SSE events): time to the first token, unmasked vs masked,
+at 50 and 200 tokens/s, and the largest event-loop stall with 32 masked streams ending together.
+Workers (issue 20): 1, 2 and N (one per core) douane processes behind HAProxy vs one bare mitmdump.
+
+Bounded: a fixed duration per row; every server on 127.0.0.1; stops by itself. Writes
+docs/benchmarks.md unless --no-write (the analysis below its marker is kept).
+Usage: scripts/bench [--quick] [--seconds S] [--no-write] [--only requests,streams,workers]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -19,7 +29,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,10 +43,27 @@ from douane import devissuer
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-CHAT = json.dumps({"model": "gpt-4o-mini", "max_tokens": 100,
-                   "messages": [{"role": "user", "content": "Summarise my account."}]}).encode()
-STREAM = json.dumps({"model": "gpt-4o-mini", "max_tokens": 100, "stream": True,
-                     "messages": [{"role": "user", "content": "Summarise my account."}]}).encode()
+PROMPT = [{"role": "user", "content": "Summarise my account."}]
+CHAT = json.dumps({"model": "gpt-4o-mini", "max_tokens": 100, "messages": PROMPT}).encode()
+# (path, body) per protocol; bench_upstream.py answers each with the same text full of PII
+PROTOCOLS: dict[str, tuple[str, bytes]] = {
+    "openai": ("/v1/chat/completions", CHAT),
+    "anthropic": ("/anthropic/v1/messages", json.dumps(
+        {"model": "claude-sonnet-4", "max_tokens": 100, "messages": PROMPT}).encode()),
+    "mcp": ("/mcp", json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "lookup_customer", "arguments": {"customer_id": "42"}}}).encode()),
+}
+PII = b"maria.garcia@example.com"  # in every answer: a masked answer must not carry it
+UPSTREAM_KEY = "sk-bench-upstream"
+
+
+def stream_body(pace: int) -> bytes:
+    """A streamed chat completion; the benchmark upstream reads its pace from the model name."""
+    return json.dumps({"model": f"gpt-4o-pace{pace}", "max_tokens": 100, "stream": True,
+                       "messages": PROMPT}).encode()
+
+
+STREAM = stream_body(50)
 
 
 def free_port() -> int:
@@ -68,48 +97,130 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def proc_stats(pid: int) -> tuple[float, int]:
-    """CPU seconds (user + system) of a process and all its processes, live (the recording
-    writer, the masking workers) or exited, and its peak RSS in KiB."""
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and all its processes, live (the recording writer, the masking
+    workers) or exited and reaped."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     exited = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
-    live = sum(cpu_seconds(child) for child in descendants(pid))
-    hwm = int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
-    return cpu_seconds(pid) + exited + live, hwm
+    return cpu_seconds(pid) + exited + sum(cpu_seconds(c) for c in descendants(pid))
+
+
+def tree_rss(pid: int) -> int:
+    """Resident KiB of a process and its live descendants, now."""
+    total = 0
+    for p in (pid, *descendants(pid)):
+        with contextlib.suppress(OSError, TypeError):  # exited meanwhile
+            total += int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{p}/status").read_text())[1])
+    return total
+
+
+class RssPeak:
+    """Samples tree_rss every 100 ms while the block runs; .peak in KiB."""
+
+    def __init__(self, pid: int | None):
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, tree_rss(self.pid))
+            if self._stop.wait(0.1):
+                return
+
+    def __enter__(self) -> RssPeak:
+        if self.pid:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pid:
+            self._stop.set()
+            self._thread.join()
+
+
+# -- wrk ------------------------------------------------------------------------------------------
+
+def wrk_script(work: Path, body: bytes, token: str | None) -> Path:
+    path = work / f"wrk-{abs(hash((body, token)))}.lua"
+    auth = f'wrk.headers["authorization"] = "Bearer {token}"\n' if token else ""
+    path.write_text(
+        f'wrk.method = "POST"\nwrk.body = [==[{body.decode()}]==]\n'
+        'wrk.headers["content-type"] = "application/json"\n'
+        'wrk.headers["accept"] = "application/json, text/event-stream"\n' + auth
+        # the first refusal is printed: a benchmark of refusals measures nothing
+        + 'shown = false\nresponse = function(status, headers, body)\n'
+        '  if status ~= 200 and not shown then print(status, body) shown = true end\nend\n')
+    return path
+
+
+def wrk_ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1, "s": 1000, "m": 60000}[unit]
+
+
+@dataclass
+class Wrk:
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+def wrk(port: int, path: str, script: Path, connections: int, seconds: float) -> Wrk:
+    out = subprocess.run(["wrk", f"-t{min(2, connections)}", f"-c{connections}",
+                          f"-d{seconds}s", "--timeout", "10s", "--latency", "-s", str(script),
+                          f"http://127.0.0.1:{port}{path}"],
+                         capture_output=True, text=True, check=True).stdout
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out)
+    if bad:
+        raise SystemExit(f"wrk: {bad[0]} on {path}:\n{out}")
+    return Wrk(int(re.search(r"(\d+) requests in", out)[1]),
+               float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1]),
+               wrk_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M)[1]),
+               wrk_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M)[1]))
+
+
+# -- a Python client, where SSE events must be read ----------------------------------------------
+
+FIRST_TOKEN = re.compile(rb'"content":\s*"[^"]')
 
 
 async def one_request(reader, writer, path: str, body: bytes, token: str | None,
-                      stream: bool) -> tuple[float, float]:
-    """(time to first body byte, total) for one keep-alive HTTP/1.1 request."""
+                      stream: bool = False) -> tuple[float, float, bytes]:
+    """(time to the first content delta or the whole body, total, body) for one keep-alive
+    HTTP/1.1 request."""
     auth = f"authorization: Bearer {token}\r\n" if token else ""
     start = time.perf_counter()
     writer.write(f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-                 f"{auth}content-length: {len(body)}\r\n\r\n".encode() + body)
+                 f"accept: application/json, text/event-stream\r\n{auth}"
+                 f"content-length: {len(body)}\r\n\r\n".encode() + body)
     await writer.drain()
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
-    if status != 200:
-        raise RuntimeError(f"status {status}: {head[:200]!r}")
     length = re.search(rb"(?i)content-length: (\d+)", head)
     if length:
-        await reader.readexactly(int(length.group(1)))
+        data = await reader.readexactly(int(length[1]))
         first = time.perf_counter()
-    else:  # chunked: read chunks until the terminator; the first data chunk is the first token
-        first = None
+    else:  # chunked: read chunks until the terminator; the first content delta is the first token
+        first, chunks = None, []
         while True:
             size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-            data = await reader.readexactly(size + 2)
-            if first is None and b'"content": "' in data and b'"content": ""' not in data:
+            chunks.append((await reader.readexactly(size + 2))[:-2])
+            if first is None and FIRST_TOKEN.search(chunks[-1]):
                 first = time.perf_counter()
             if size == 0:
                 break
-        first = first or time.perf_counter()
+        first, data = first or time.perf_counter(), b"".join(chunks)
+    if status != 200:
+        raise RuntimeError(f"status {status}: {head[:200]!r} {data[:300]!r}")
     end = time.perf_counter()
-    return first - start, end - start
+    return first - start, end - start, data
 
 
 async def load(port: int, path: str, body: bytes, token: str | None, total: int,
-               concurrency: int, stream: bool) -> tuple[float, list[float], list[float]]:
+               concurrency: int, stream: bool = False) -> tuple[float, list[float], list[float]]:
+    """(elapsed, latencies, times to first token) of `total` requests over `concurrency`
+    keep-alive connections started together."""
     latencies: list[float] = []
     ttfts: list[float] = []
     remaining = [total]
@@ -118,7 +229,7 @@ async def load(port: int, path: str, body: bytes, token: str | None, total: int,
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         while remaining[0] > 0:
             remaining[0] -= 1
-            ttft, latency = await one_request(reader, writer, path, body, token, stream)
+            ttft, latency, _ = await one_request(reader, writer, path, body, token, stream)
             ttfts.append(ttft)
             latencies.append(latency)
         writer.close()
@@ -128,51 +239,64 @@ async def load(port: int, path: str, body: bytes, token: str | None, total: int,
     return time.perf_counter() - start, latencies, ttfts
 
 
-@dataclass
-class Result:
-    variant: str
-    mode: str
-    concurrency: int
-    requests: int
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    ttft_p50_ms: float
-    cpu_per_1000: float | None
-    rss_mib: float | None
-    loop_max_ms: float | None
+async def fetch(port: int, path: str, body: bytes, token: str | None) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        return (await one_request(reader, writer, path, body, token))[2]
+    finally:
+        writer.close()
 
 
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * q))]
+def ready(port: int, token: str | None, masked: bool, timeout: float = 180) -> None:
+    """Until every protocol answers 200 (masking workers load spaCy first; HAProxy marks workers
+    up after two health checks), then checks what the rows measure: masked answers carry no PII,
+    the others carry it."""
+    deadline = time.monotonic() + timeout
+    for name, (path, body) in PROTOCOLS.items():
+        while True:
+            try:
+                answer = asyncio.run(fetch(port, path, body, token))
+                break
+            except (OSError, RuntimeError, asyncio.IncompleteReadError) as e:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{name} on port {port} never answered: {e}") from e
+                time.sleep(0.5)
+        if (PII in answer) == masked:
+            raise SystemExit(f"{name}: expected a{' masked' if masked else 'n unmasked'} "
+                             f"answer, got {answer[:300]!r}")
+        asyncio.run(load(port, path, body, token, 20, 2))  # warm up
 
+
+# -- the processes --------------------------------------------------------------------------------
 
 class Proxy:
     """A mitmdump process: bare, or with douane and a given config."""
 
-    def __init__(self, name: str, upstream_port: int, work: Path, config: dict | None):
+    def __init__(self, name: str, upstream_port: int, work: Path, config: dict | None,
+                 extra: tuple[str, ...] = ()):
         self.name, self.port, self.work = name, free_port(), work
         self.loop_stats = work / f"{name}-loop.json"
         args = [str(BIN / "mitmdump"), "-q", "--mode", f"reverse:http://127.0.0.1:{upstream_port}",
                 "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
-                "--set", f"confdir={work / 'confdir'}"]
+                "--set", f"confdir={work / 'confdir'}", *extra]
         if config is not None:
             path = work / f"{name}.yaml"
             path.write_text(yaml.safe_dump(config))
             args += ["-s", str(ROOT / "addons" / "gateway.py"), "--set", f"douane_config={path}",
                      "--set", f"douane_loop_stats={self.loop_stats}"]
-        else:  # bare mitmdump buffers whole answers unless told to stream: compare like with like
-            args += ["--set", "stream_large_bodies=1"]
-        env = {**os.environ, "BENCH_UPSTREAM_KEY": "sk-bench-upstream"}
+        env = {**os.environ, "BENCH_UPSTREAM_KEY": UPSTREAM_KEY}
         with open(work / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=log)
         wait_port(self.port)
-        if config is not None and "masking" in config:
-            time.sleep(8)  # let the masking workers load spaCy before measuring
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def stats(self) -> tuple[float, int]:
-        return proc_stats(self.proc.pid)
+        """(CPU seconds of all its processes, peak RSS of the main one in KiB)."""
+        hwm = re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{self.pid}/status").read_text())
+        return tree_cpu(self.pid), int(hwm[1])
 
     def loop_max(self, since: float, until: float) -> float | None:
         """The largest event-loop stall between two wall-clock times (0: none over 10 ms)."""
@@ -191,15 +315,54 @@ class Proxy:
             self.proc.kill()
 
 
+class Workers:
+    """`scripts/run --workers N`: N douane processes behind HAProxy (douane.workers)."""
+
+    def __init__(self, n: int, config: dict, upstream_port: int, work: Path):
+        self.port, path = free_port(), work / f"workers{n}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self.log = work / f"workers{n}.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "douane.workers", "--workers", str(n), "--config",
+                 str(path), "--port", str(self.port), "--confdir", str(work / "confdir"), "--",
+                 "--mode", f"reverse:http://127.0.0.1:{upstream_port}"],
+                stdout=log, stderr=log, start_new_session=True,
+                env={**os.environ, "BENCH_UPSTREAM_KEY": UPSTREAM_KEY})
+        deadline = time.monotonic() + 300
+        while "workers behind HAProxy" not in self.log.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(self.log.read_text())
+            time.sleep(0.2)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
 def bench_config(work: Path, upstream_port: int, masking: bool) -> dict:
-    (work / "grants.yaml").write_text(yaml.safe_dump({
-        "version": 1, "default": {"upstreams": {"llm": {"models": ["gpt-4o*"],
-                                                        "max_tokens": 1000}}}}))
+    """douane in front of the benchmark upstream's three APIs: identity (dev issuer), policy,
+    audit, recording; with `masking`, Presidio masking of the answers (2 workers)."""
+    (work / "grants.yaml").write_text(yaml.safe_dump({"version": 1, "default": {"upstreams": {
+        "llm": {"models": ["gpt-4o*"], "max_tokens": 1000},
+        "claude": {"models": ["claude-*"], "max_tokens": 1000},
+        "crm": {"tools": {"allow": ["lookup_customer"]}}}}}))
+    base = f"http://127.0.0.1:{upstream_port}"
     config = {"version": 1, "gateway": {"state_dir": str(work / "state")},
               "identity": {"dev_issuer": {"enabled": True, "key_file": str(work / "dev.pem")}},
-              "upstreams": {"llm": {"url": f"http://127.0.0.1:{upstream_port}/v1",
-                                    "protocol": "openai",
-                                    "credential": {"env": "BENCH_UPSTREAM_KEY"}}},
+              "upstreams": {
+                  "llm": {"url": f"{base}/v1", "protocol": "openai",
+                          "credential": {"env": "BENCH_UPSTREAM_KEY"}},
+                  "claude": {"url": f"{base}/anthropic", "protocol": "anthropic",
+                             "credential": {"env": "BENCH_UPSTREAM_KEY"}},
+                  "crm": {"url": f"{base}/mcp", "protocol": "mcp"}},
               "policy": {"files": [str(work / "grants.yaml")]},
               "recording": {}}
     if masking:
@@ -207,117 +370,351 @@ def bench_config(work: Path, upstream_port: int, masking: bool) -> dict:
     return config
 
 
-def run(quick: bool) -> list[Result]:
-    counts = {1: 150 if quick else 400, 32: 600 if quick else 2000}
-    stream_counts = {1: 5 if quick else 10, 32: 32 if quick else 64}
+# -- the rows -------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    variant: str
+    protocol: str
+    connections: int
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_per_1k: float | None = None  # CPU seconds per 1,000 requests, all the proxy's processes
+    rss_mib: float | None = None  # peak during the row, all the proxy's processes
+
+
+@dataclass
+class StreamRow:
+    variant: str
+    pace: int  # tokens/s
+    streams: int  # concurrent
+    ttft_p50_ms: float
+    total_p50_ms: float
+    loop_max_ms: float | None
+
+
+@dataclass
+class Memory:
+    variant: str
+    idle_mib: float
+    load_mib: float
+
+
+@dataclass
+class Run:
+    quick: bool
+    seconds: float
+    rows: list[Row]
+    streams: list[StreamRow]
+    memory: list[Memory]
+    workers: list[Row]
+    notes: list[str]
+
+
+def opt(v: float | None, fmt: str) -> str:
+    return format(v, fmt) if v is not None else "-"
+
+
+def print_row(r: Row) -> None:
+    print(f"| {r.variant} | {r.protocol} | {r.connections} | {r.rps:.0f} | {r.p50_ms:.2f} | "
+          f"{r.p99_ms:.2f} | {opt(r.cpu_per_1k, '.2f')} | {opt(r.rss_mib, '.0f')} |", flush=True)
+
+
+def measure_requests(variant: str, port: int, pid: int | None, token: str | None, seconds: float,
+                     work: Path, protocols: list[str], connections=(1, 32)) -> list[Row]:
+    rows = []
+    print("\n| variant | protocol | connections | req/s | p50 ms | p99 ms | CPU s/1k req "
+          "| RSS MiB |\n|---|---|---|---|---|---|---|---|")
+    for name in protocols:
+        path, body = PROTOCOLS[name]
+        script = wrk_script(work, body, token)
+        for c in connections:
+            before = tree_cpu(pid) if pid else None
+            with RssPeak(pid) as rss:
+                result = wrk(port, path, script, c, seconds)
+            cpu = (tree_cpu(pid) - before) / result.requests * 1000 if pid else None
+            rows.append(Row(variant, name, c, result.requests, result.rps, result.p50_ms,
+                            result.p99_ms, cpu, rss.peak / 1024 if pid else None))
+            print_row(rows[-1])
+    return rows
+
+
+def measure_streams(variant: str, proxy: Proxy, token: str | None, quick: bool,
+                    together: bool) -> list[StreamRow]:
+    """c=1 time to first token at 50 and 200 tokens/s; with `together`, 32 streams at 50
+    tokens/s started (and so ending) together, and the largest loop stall meanwhile."""
+    rows = []
+    path = PROTOCOLS["openai"][0]
+    print("\n| variant | tokens/s | streams | TTFT p50 ms | stream p50 ms | loop max ms |\n"
+              "|---|---|---|---|---|---|")
+    plan = [(50, 1, 3 if quick else 8), (200, 1, 5 if quick else 16)]
+    if together:
+        plan.append((50, 32, 32))
+    for pace, concurrency, total in plan:
+        since = time.time()
+        _, latencies, ttfts = asyncio.run(load(proxy.port, path, stream_body(pace), token, total,
+                                               concurrency, stream=True))
+        loop = proxy.loop_max(since, time.time()) if concurrency > 1 else None
+        rows.append(StreamRow(variant, pace, concurrency, statistics.median(ttfts) * 1000,
+                              statistics.median(latencies) * 1000, loop))
+        r = rows[-1]
+        print(f"| {r.variant} | {r.pace} | {r.streams} | {r.ttft_p50_ms:.1f} | "
+              f"{r.total_p50_ms:.0f} | {opt(r.loop_max_ms, '.1f')} |", flush=True)
+    return rows
+
+
+def store_variant(work: Path, upstream_port: int) -> tuple[str, dict] | None:
+    """The shared store (issue 20): douane with `database:` on PostgreSQL, for the cost per
+    request of limits and index writes. None while this tree's config has no `database:`."""
+    if "database" not in configmod.Config.__dataclass_fields__:
+        return None
+    return None  # issue 20: start tests/support/postgres.py's cluster, return its config here
+
+
+def run(quick: bool, only: set[str], seconds: float) -> Run:
     work = Path(tempfile.mkdtemp(prefix="douane-bench-"))
     upstream_port = free_port()
     upstream = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "bench_upstream.py"),
                                  str(upstream_port)])
-    wait_port(upstream_port)
-    config = bench_config(work, upstream_port, masking=False)
-    (work / "cfg.yaml").write_text(yaml.safe_dump(config))
-    dev = configmod.load(work / "cfg.yaml", gateway=False).identity.dev_issuer
-    token = devissuer.mint(dev, "bench@corp", ["bench"], 3600)
-    results: list[Result] = []
-    variants: list[tuple[str, dict | None]] = [
-        ("direct", None), ("bare mitmdump", None),
-        ("douane", config), ("douane + masking", bench_config(work, upstream_port, True))]
+    out = Run(quick, seconds, [], [], [], [], [])
     try:
-        for name, cfg in variants:
-            proxy = None if name == "direct" else Proxy(name.replace(" ", "_").replace("+", ""),
-                                                        upstream_port, work, cfg)
-            port = proxy.port if proxy else upstream_port
-            tok = token if cfg is not None else None
-            asyncio.run(load(port, "/v1/chat/completions", CHAT, tok, 20, 2, False))  # warm up
-            for mode, body, table in (("request", CHAT, counts), ("stream", STREAM,
-                                                                   stream_counts)):
-                for concurrency, total in table.items():
-                    before = proxy.stats() if proxy else None
-                    since = time.time()
-                    elapsed, latencies, ttfts = asyncio.run(
-                        load(port, "/v1/chat/completions", body, tok, total, concurrency,
-                             mode == "stream"))
-                    after = proxy.stats() if proxy else None
-                    results.append(Result(
-                        name, mode, concurrency, total, total / elapsed,
-                        statistics.median(latencies) * 1000, percentile(latencies, 0.99) * 1000,
-                        statistics.median(ttfts) * 1000,
-                        (after[0] - before[0]) / total * 1000 if proxy else None,
-                        after[1] / 1024 if proxy else None,
-                        proxy.loop_max(since, time.time()) if proxy else None))
-                    print(format_row(results[-1]), flush=True)
-            if proxy:
+        wait_port(upstream_port)
+        config = bench_config(work, upstream_port, masking=False)
+        (work / "cfg.yaml").write_text(yaml.safe_dump(config))
+        dev = configmod.load(work / "cfg.yaml", gateway=False).identity.dev_issuer
+        token = devissuer.mint(dev, "bench@corp", ["bench"], 3600)
+        masked = bench_config(work, upstream_port, masking=True)
+        protocols = list(PROTOCOLS)
+        if "requests" in only:
+            ready(upstream_port, None, masked=False)
+            out.rows += measure_requests("direct", upstream_port, None, token, seconds, work,
+                                         protocols)
+        variants: list[tuple[str, dict | None]] = [("bare mitmdump", None), ("douane", config),
+                                                   ("douane + masking", masked)]
+        for variant, cfg in variants:
+            if "requests" not in only and cfg is None:
+                continue
+            proxy = Proxy(variant.replace(" ", "_").replace("+", ""), upstream_port, work, cfg)
+            try:
+                ready(proxy.port, token, masked=variant == "douane + masking")
+                idle = tree_rss(proxy.pid)
+                if "requests" in only:
+                    out.rows += measure_requests(variant, proxy.port, proxy.pid, token, seconds,
+                                                 work, protocols)
+                    out.memory.append(Memory(variant, idle / 1024, max(
+                        r.rss_mib for r in out.rows if r.variant == variant)))
+                if "streams" in only and cfg is not None:
+                    out.streams += measure_streams(variant, proxy, token, quick, together=True)
+            finally:
                 proxy.stop()
+        if "streams" in only:  # bare mitmdump buffers whole answers unless told to stream
+            proxy = Proxy("bare_streaming", upstream_port, work, None,
+                          ("--set", "stream_large_bodies=1"))
+            try:
+                out.streams += measure_streams("bare mitmdump (stream_large_bodies=1)", proxy,
+                                               token, quick, together=False)
+            finally:
+                proxy.stop()
+        if "workers" in only:
+            out.workers = measure_workers(config, upstream_port, work, token, seconds, out)
     finally:
         upstream.terminate()
         upstream.wait()
-    return results
-
-
-HEADER = (f"{'variant':<18} {'mode':<8} {'conc':>4} {'n':>5} {'req/s':>8} {'p50 ms':>8} "
-          f"{'p99 ms':>8} {'ttft ms':>8} {'cpu s/1k':>9} {'rss MiB':>8} {'loop max ms':>11}")
-
-
-def format_row(r: Result) -> str:
-    def opt(v: float | None, fmt: str) -> str:
-        return format(v, fmt) if v is not None else "-"
-
-    return (f"{r.variant:<18} {r.mode:<8} {r.concurrency:>4} {r.requests:>5} {r.rps:>8.1f} "
-            f"{r.p50_ms:>8.1f} {r.p99_ms:>8.1f} {r.ttft_p50_ms:>8.1f} "
-            f"{opt(r.cpu_per_1000, '>9.2f')} {opt(r.rss_mib, '>8.0f')} "
-            f"{opt(r.loop_max_ms, '>11.1f')}")
-
-
-def ratios(results: list[Result]) -> list[str]:
-    out = []
-    for r in results:
-        if r.variant in ("douane", "douane + masking"):
-            bare = next(b for b in results if b.variant == "bare mitmdump" and b.mode == r.mode
-                        and b.concurrency == r.concurrency)
-            out.append(f"{r.variant:<18} {r.mode:<8} c={r.concurrency:<3} req/s "
-                       f"{r.rps / bare.rps:6.1%} of bare, p50 {r.p50_ms - bare.p50_ms:+7.1f} ms, "
-                       f"ttft {r.ttft_p50_ms - bare.ttft_p50_ms:+7.1f} ms")
     return out
 
 
-def main() -> int:
-    quick = "--quick" in sys.argv
-    print(f"{os.cpu_count()} cores, {platform.python_version()}, quick={quick}")
-    print(HEADER, flush=True)
-    results = run(quick)
-    lines = ratios(results)
-    print("\nagainst bare mitmdump (the floor on the same engine):")
-    print("\n".join(lines))
-    if "--no-write" not in sys.argv:
-        write_doc(results, lines, quick)
-    return 0
+def measure_workers(config: dict, upstream_port: int, work: Path, token: str, seconds: float,
+                    out: Run) -> list[Row]:
+    rows = [r for r in out.rows if r.variant == "bare mitmdump" and r.protocol == "openai"
+            and r.connections == 32]
+    if not rows:
+        proxy = Proxy("bare_workers", upstream_port, work, None)
+        try:
+            ready(proxy.port, token, masked=False)
+            rows += measure_requests("bare mitmdump", proxy.port, proxy.pid, token, seconds, work,
+                                     ["openai"], (32,))
+        finally:
+            proxy.stop()
+    counts = sorted({1, 2, os.cpu_count() or 1})
+    variants: list[tuple[str, int, dict]] = [
+        (f"douane, {n} worker{'s' * (n > 1)} behind HAProxy", n, config) for n in counts]
+    store = store_variant(work, upstream_port)
+    if store:
+        variants += [(f"{store[0]}, {n} worker{'s' * (n > 1)}", n, store[1]) for n in counts]
+    else:
+        out.notes.append("Shared store (PostgreSQL) cost per request: not measured, this tree's "
+                         "config has no `database:` yet (bench_gateway.store_variant is the hook).")
+    for name, n, cfg in variants:
+        workers = Workers(n, cfg, upstream_port, work)
+        try:
+            ready(workers.port, token, masked=False)
+            rows += measure_requests(name, workers.port, workers.pid, token, seconds, work,
+                                     ["openai"], (32,))
+        finally:
+            workers.stop()
+    return rows
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+def table(head: list[str], lines: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      *("| " + " | ".join(line) + " |" for line in lines)])
+
+
+def ratio_lines(rows: list[Row], reference: Callable[[Row], Row | None]) -> list[list[str]]:
+    lines = []
+    for r in rows:
+        bare = reference(r)
+        if r.variant == "bare mitmdump" or bare is None:
+            continue
+        cpu = (f"{r.cpu_per_1k / bare.cpu_per_1k:.2f}x" if r.cpu_per_1k and bare.cpu_per_1k
+               else "-")
+        lines.append([r.variant, r.protocol, str(r.connections), f"{r.rps / bare.rps:.1%}",
+                      f"{r.p50_ms - bare.p50_ms:+.2f}", cpu])
+    return lines
+
+
+def targets(run: Run) -> list[list[str]]:
+    """Issues 17 and 18's targets, met or not, in this run."""
+    def bare(r: Row) -> Row | None:
+        return next((b for b in run.rows if b.variant == "bare mitmdump"
+                     and b.protocol == r.protocol and b.connections == r.connections), None)
+
+    lines = []
+    for r in run.rows:
+        b = bare(r)
+        if b is None or r.variant not in ("douane", "douane + masking"):
+            continue
+        where = f"{r.protocol} c={r.connections}"
+        if r.variant == "douane":
+            lines.append(["18", f"douane >= 90% of bare req/s, {where}", f"{r.rps / b.rps:.1%}",
+                          "yes" if r.rps >= 0.9 * b.rps else "no"])
+            lines.append(["18", f"p50 within +0.5 ms of bare, {where}",
+                          f"{r.p50_ms - b.p50_ms:+.2f} ms",
+                          "yes" if r.p50_ms - b.p50_ms <= 0.5 else "no"])
+            if r.cpu_per_1k and b.cpu_per_1k:
+                lines.append(["18", f"CPU/request <= 1.3x bare, {where}",
+                              f"{r.cpu_per_1k / b.cpu_per_1k:.2f}x",
+                              "yes" if r.cpu_per_1k <= 1.3 * b.cpu_per_1k else "no"])
+        else:
+            lines.append(["17", f"masked answers >= 60% of bare req/s, {where}",
+                          f"{r.rps / b.rps:.1%}", "yes" if r.rps >= 0.6 * b.rps else "no"])
+    for pace in (50, 200):
+        plain = next((s for s in run.streams if s.variant == "douane" and s.pace == pace
+                      and s.streams == 1), None)
+        masked = next((s for s in run.streams if s.variant == "douane + masking"
+                       and s.pace == pace and s.streams == 1), None)
+        if plain and masked:
+            delta = masked.ttft_p50_ms - plain.ttft_p50_ms
+            lines.append(["17", f"masked TTFT <= unmasked + 30 ms at {pace} tokens/s",
+                          f"{delta:+.1f} ms", "yes" if delta <= 30 else "no"])
+    stall = next((s for s in run.streams if s.variant == "douane + masking" and s.streams == 32),
+                 None)
+    if stall and stall.loop_max_ms is not None:
+        lines.append(["17", "loop stall <= 10 ms, 32 masked streams ending together",
+                      f"{stall.loop_max_ms:.1f} ms", "yes" if stall.loop_max_ms <= 10 else "no"])
+    return lines
+
+
+def report(run: Run, command: str) -> str:
+    def bare_of(rows: list[Row]) -> Callable[[Row], Row | None]:
+        return lambda r: next((b for b in rows if b.variant == "bare mitmdump"
+                               and b.protocol == r.protocol and b.connections == r.connections),
+                              None)
+
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split()[:2]
+    parts = [
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} cores "
+        f"({platform.processor() or platform.machine()}), Python {platform.python_version()}, "
+        f"with `{command}`. Load generator: `{' '.join(wrk_version)}` for every req/s row "
+        f"({run.seconds:g} s per row, `-t1` at 1 connection, `-t2` at 32, keep-alive, a Lua "
+        "script for the POST body and the bearer token); a Python asyncio client for the stream "
+        "rows (it must read SSE events). The generator, the upstream and the proxy share the "
+        "machine: compare rows of one run, as ratios."]
+    if run.rows:
+        parts += [
+            "## Requests\n\nUpstream: `scripts/bench_upstream.py` (uvicorn, loopback), a JSON "
+            "answer of ~200 characters with PII at once: an OpenAI chat completion, an Anthropic "
+            "message, an MCP `tools/call` result. douane: identity (dev issuer JWT), policy, "
+            "audit log, recording; '+ masking' adds Presidio masking of the answers (2 worker "
+            "processes), checked before measuring (a masked answer must not carry the email). "
+            "'CPU s/1k req' is the CPU seconds per 1,000 requests of the proxy and all its "
+            "processes (the recording writer, the masking workers); 'RSS' is their summed "
+            "resident memory, the peak during the row.",
+            table(["variant", "protocol", "connections", "req/s", "p50 ms", "p99 ms",
+                   "CPU s/1k req", "RSS MiB"],
+                  [[r.variant, r.protocol, str(r.connections), f"{r.rps:.0f}", f"{r.p50_ms:.2f}",
+                    f"{r.p99_ms:.2f}", opt(r.cpu_per_1k, ".2f"), opt(r.rss_mib, ".0f")]
+                   for r in run.rows]),
+            "Against bare mitmdump (same protocol, same connections):",
+            table(["variant", "protocol", "connections", "req/s", "p50 ms", "CPU/request"],
+                  ratio_lines(run.rows, bare_of(run.rows))),
+            "Memory (the proxy and all its processes; idle: after warm-up, before load):",
+            table(["variant", "idle RSS MiB", "under load (peak) MiB"],
+                  [[m.variant, f"{m.idle_mib:.0f}", f"{m.load_mib:.0f}"] for m in run.memory])]
+    if run.streams:
+        parts += [
+            "## Streams\n\nOpenAI chat completion streams of 50 tokens (4 characters each, with "
+            "PII) at 50 and 200 tokens/s. 'TTFT' is the time to the first content delta the "
+            "client reads. The 32-stream rows start 32 streams together, so they end together; "
+            "'loop max' is the largest event-loop stall douane's probe saw meanwhile (0: none "
+            "over 10 ms). Bare mitmdump runs with `stream_large_bodies=1` here, so it streams as "
+            "douane does.",
+            table(["variant", "tokens/s", "streams", "TTFT p50 ms", "stream p50 ms",
+                   "loop max ms"],
+                  [[s.variant, str(s.pace), str(s.streams), f"{s.ttft_p50_ms:.1f}",
+                    f"{s.total_p50_ms:.0f}", opt(s.loop_max_ms, ".1f")] for s in run.streams])]
+    if run.workers:
+        parts += [
+            "## Workers\n\n`scripts/run --workers N` (`python -m douane.workers`: N douane "
+            "processes behind HAProxy on one port) against one bare mitmdump, OpenAI chat "
+            "completions at 32 connections. CPU and RSS count HAProxy and every worker.",
+            table(["variant", "req/s", "p50 ms", "p99 ms", "CPU s/1k req", "RSS MiB",
+                   "req/s vs bare"],
+                  [[r.variant, f"{r.rps:.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
+                    opt(r.cpu_per_1k, ".2f"), opt(r.rss_mib, ".0f"),
+                    f"{r.rps / run.workers[0].rps:.1%}"] for r in run.workers])]
+    lines = targets(run)
+    if lines:
+        parts += ["## Targets in this run", table(["issue", "target", "measured", "met"], lines)]
+    parts += run.notes
+    return "\n\n".join(parts) + "\n"
 
 
 ANALYSIS = "<!-- analysis: kept when scripts/bench rewrites the figures above -->"
 
 
-def write_doc(results: list[Result], lines: list[str], quick: bool) -> None:
+def write_doc(text: str) -> None:
     doc = ROOT / "docs" / "benchmarks.md"
     old = doc.read_text() if doc.exists() else ""
-    analysis = old[old.index(ANALYSIS):] if ANALYSIS in old else ""
-    doc.write_text(
-        "# Benchmarks\n\n"
-        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} cores "
-        f"({platform.processor() or platform.machine()}), Python {platform.python_version()}, "
-        f"with `scripts/bench{' --quick' if quick else ''}`. The load generator, the upstream and "
-        "the proxy share the machine, so absolute figures are low; compare rows of one run.\n\n"
-        "Upstream: uvicorn on loopback; a JSON answer at once, or 50 tokens at 20 ms in OpenAI "
-        "SSE (with PII). douane: identity (dev issuer JWT), policy, audit log, recording; "
-        "'+ masking' adds Presidio masking of the answer (2 worker processes and the urgent one). Bare mitmdump "
-        "runs with `stream_large_bodies=1` so it streams SSE as douane does. 'ttft' is the "
-        "time to the first content delta; 'cpu s/1k' counts the proxy and its processes (the "
-        "recording writer, the masking workers); 'loop max' is the largest event-loop stall inside "
-        "douane during that row's load (0: none over 10 ms).\n\n"
-        "```\n" + HEADER + "\n" + "\n".join(format_row(r) for r in results) + "\n```\n\n"
-        "Against bare mitmdump:\n\n```\n" + "\n".join(lines) + "\n```\n"
-        + ("\n" + analysis if analysis else ""))
+    analysis = old[old.index(ANALYSIS):] if ANALYSIS in old else ANALYSIS + "\n"
+    doc.write_text("# Benchmarks\n\n" + text + "\n" + analysis)
     print(f"wrote {doc}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 s per row (under 3 minutes)")
+    parser.add_argument("--seconds", type=float, help="per req/s row (default 10, quick 2)")
+    parser.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument("--only", default="requests,streams,workers",
+                        help="comma-separated sections: requests, streams, workers")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    if only - {"requests", "streams", "workers"}:
+        parser.error(f"unknown section in --only {args.only!r}")
+    command = "scripts/bench " + " ".join(sys.argv[1:])
+    print(f"{os.cpu_count()} cores, Python {platform.python_version()}: {command}", flush=True)
+    started = time.monotonic()
+    seconds = args.seconds or (2 if args.quick else 10)
+    text = report(run(args.quick, only, seconds), command.strip())
+    print("\n" + text + f"\n({time.monotonic() - started:.0f} s)")
+    if not args.no_write:
+        write_doc(text)
+    return 0
 
 
 if __name__ == "__main__":
