@@ -6,6 +6,9 @@ starting, draining or dead gets none. The workers share the configuration, the C
 the keys; each writes its own audit chain and recordings folder (`douane_worker`, see
 `settings.for_worker`). Approvals and rate limits live in each process's memory: with N > 1 they
 would be per worker, so a configuration with approvals is refused until a shared store exists.
+A worker that exits is started again on its ports (HAProxy takes it back once its /healthz says
+ready), after a delay that doubles while it keeps dying young; one that dies young
+`GIVE_UP` times in a row is left down, and when every worker is, `scripts/run` exits.
 
     python -m douane.workers --workers N|auto --config FILE --host H --port P --confdir DIR \
         [-- mitmdump options]
@@ -32,6 +35,9 @@ from douane import config as configmod
 GATEWAY = Path(__file__).resolve().parents[1] / "gateway.py"
 START_SECONDS = 300  # a worker loads the NER model; the machine may be loaded
 DRAIN_SECONDS = 10
+STABLE_SECONDS = 60  # a worker that ran this long before exiting starts again at once
+RESTART_MAX_DELAY = 30
+GIVE_UP = 5
 
 
 @dataclass
@@ -40,6 +46,13 @@ class Worker:
     port: int
     admin: int
     proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0  # monotonic
+    failures: int = 0  # exits in a row within STABLE_SECONDS of a start
+    restart_at: float | None = None
+
+    @property
+    def given_up(self) -> bool:
+        return self.failures >= GIVE_UP
 
 
 def free_port() -> int:
@@ -95,6 +108,7 @@ def start(worker: Worker, args: argparse.Namespace) -> None:
         "--set", f"douane_metrics_listen=127.0.0.1:{worker.admin}",
         "--set", f"douane_drain_seconds={DRAIN_SECONDS}",
         "--listen-host", "127.0.0.1", "--listen-port", str(worker.port), *args.mitmdump])
+    worker.started = time.monotonic()
     print(f"douane: worker {worker.name} (pid {worker.proc.pid}) on 127.0.0.1:{worker.port}, "
           f"/healthz on 127.0.0.1:{worker.admin}", file=sys.stderr, flush=True)
 
@@ -110,6 +124,30 @@ def wait_started(worker: Worker) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def supervise(worker: Worker, args: argparse.Namespace) -> None:
+    """Start a worker that exited again, on its ports, after a delay (1 s, doubling while it
+    keeps dying young, at most RESTART_MAX_DELAY)."""
+    if worker.proc is None or worker.proc.poll() is None or worker.given_up:
+        return
+    now = time.monotonic()
+    if worker.restart_at is None:
+        young = now - worker.started < STABLE_SECONDS
+        worker.failures = worker.failures + 1 if young else 0
+        if worker.given_up:
+            print(f"douane: worker {worker.name} exited (code {worker.proc.returncode}) "
+                  f"{GIVE_UP} times in a row within {STABLE_SECONDS}s of starting; left down",
+                  file=sys.stderr, flush=True)
+            return
+        delay = min(RESTART_MAX_DELAY, 2 ** max(0, worker.failures - 1))
+        worker.restart_at = now + delay
+        print(f"douane: worker {worker.name} (pid {worker.proc.pid}) exited (code "
+              f"{worker.proc.returncode}); restarting it in {delay}s", file=sys.stderr,
+              flush=True)
+    elif now >= worker.restart_at:
+        worker.restart_at = None
+        start(worker, args)
 
 
 def listening(host: str, port: int, balancer: subprocess.Popen[bytes]) -> bool:
@@ -185,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             if balancer.poll() is not None:
                 print("douane: HAProxy exited; stopping", file=sys.stderr)
                 return 1
-            if all(w.proc and w.proc.poll() is not None for w in workers):
-                print("douane: every worker exited; stopping", file=sys.stderr)
+            for w in workers:
+                supervise(w, args)
+            if all(w.given_up for w in workers):
+                print("douane: every worker keeps exiting; stopping", file=sys.stderr)
                 return 1
             time.sleep(0.5)
         return 0
