@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from douane.cli import main as cli
-from douane.config import load
+from douane.config import ConfigError, load
 from douane.settings import for_worker
 from douane.workers import Worker, free_port, haproxy_config, main
 from tests.conftest import UPSTREAM_KEY
@@ -130,3 +130,17 @@ def test_each_worker_writes_its_own_audit_chain_and_recordings(tmp_path):
     assert w2.sections["recording"].dir == tmp_path / "recordings" / "w2"
     assert config.audit.path == tmp_path / "audit" / "audit.jsonl"  # the original is unchanged
     assert config.sections["recording"].dir == tmp_path / "recordings"
+    assert (w2.replica, config.replica) == (f"{config.host}/w2", config.host)
+
+
+@pytest.mark.parametrize("name, ok", [("gw-1.eu", True), ("a/b", False), ("-x", False),
+                                      ("x" * 64, False)])
+def test_a_replica_is_named_in_the_config(tmp_path, name, ok):
+    file = tmp_path / "douane.yaml"
+    file.write_text(yaml.safe_dump({**base_config(None, "http://127.0.0.1:9"),
+                                    "gateway": {"replica": name}}))
+    if ok:
+        assert load(str(file), gateway=False).replica == name
+    else:
+        with pytest.raises(ConfigError, match="replica"):
+            load(str(file), gateway=False)

@@ -15,6 +15,7 @@ import importlib
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -372,6 +373,15 @@ class Config:
     # generated once into state_dir
     credentials_key: str | None = field(default=None, repr=False)
     database: Database | None = None  # None: SQLite files under state_dir
+    # this gateway among a fleet's (gateway.replica, default the host name) and, with
+    # `scripts/run --workers`, which worker of that host: the rows it writes in a shared store
+    # name it
+    host: str = "local"
+    worker: str = ""
+
+    @property
+    def replica(self) -> str:
+        return f"{self.host}/{self.worker}" if self.worker else self.host
 
     def upstream_for(self, host: str, port: int, path: str) -> Upstream | None:
         """The most specific declared upstream for a request (longest path prefix wins)."""
@@ -399,7 +409,7 @@ def load(file: str | os.PathLike[str], gateway: bool = True) -> Config:
         raise root.error("only version 1 is supported", "version")
     gateway = root.sub("gateway")
     gateway.only("state_dir", "body_size_limit", "answer_size_limit", "stream_size_limit",
-                 "max_text_pieces", "timeouts", "metrics_listen", "credentials_key")
+                 "max_text_pieces", "timeouts", "metrics_listen", "credentials_key", "replica")
     state_dir = gateway.path_value("state_dir", doc.resolve(".douane"))
     config = Config(
         file=file,
@@ -415,6 +425,7 @@ def load(file: str | os.PathLike[str], gateway: bool = True) -> Config:
         metrics_listen=_listen(gateway, "metrics_listen"),
         credentials_key=gateway.secret("credentials_key"),
         database=_database(root),
+        host=_replica(gateway),
     )
     root.sub("passthrough").only("hosts")
     for name, target in SECTIONS.items():
@@ -465,6 +476,20 @@ def _database(root: View) -> Database | None:
     if not 0 < timeout <= 60:
         raise v.error("expected seconds, more than 0 and at most 60", "timeout")
     return Database(url, v.secret("password") if v.data else None, pool_size, float(timeout))
+
+
+REPLICA = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def _replica(gateway: View) -> str:
+    """The name this gateway's rows carry in a shared store: unique in the fleet."""
+    if "replica" in gateway.data:
+        name = gateway.get("replica", str)
+        if not REPLICA.fullmatch(name):
+            raise gateway.error("expected 1-63 letters, digits, dots, dashes or underscores, "
+                                "starting with a letter or digit", "replica")
+        return name
+    return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-._")[:63] or "local"
 
 
 def _listen(v: View, key: str) -> str | None:

@@ -20,14 +20,14 @@ WORKER_NAME = re.compile(r"[a-z0-9]{1,16}")
 def for_worker(config: configmod.Config, worker: str) -> configmod.Config:
     """One of several gateway processes of one machine (`scripts/run --workers N`): each writes its
     own audit chain (`audit.jsonl` becomes `audit.WORKER.jsonl`, linear per writer) and its own
-    recordings folder (`recordings/WORKER/`, one writer per SQLite index); the CA, keys and the
-    configuration are shared."""
+    recordings folder (`recordings/WORKER/`, one writer per SQLite index) and is the replica
+    `HOST/WORKER` in a shared store; the CA, keys and the configuration are shared."""
     audit = config.audit.path
     sections = dict(config.sections)
     if sections.get("recording"):
         sections["recording"] = dataclasses.replace(sections["recording"],
                                                     dir=sections["recording"].dir / worker)
-    return dataclasses.replace(config, sections=sections, audit=dataclasses.replace(
+    return dataclasses.replace(config, sections=sections, worker=worker, audit=dataclasses.replace(
         config.audit, path=audit.with_name(f"{audit.stem}.{worker}{audit.suffix}")))
 
 
