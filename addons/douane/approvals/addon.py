@@ -11,6 +11,12 @@ tool or model, unexpired) and lets the flow pass on it. Otherwise it opens an ap
   once denied by an approver, a retry of the same request by the same user gets that denial and
   its reason for `retry_window` after it (the agent can tell denied from pending), not a new
   approval request. Denials are kept in memory: a restart forgets them.
+
+With a shared store (`database:` PostgreSQL), requests, decisions and grants live in the database
+(`douane.approvals.shared`): any replica's API lists and decides a request held on another, which
+learns of the decision at once (LISTEN/NOTIFY) and catches up after a lost connection; retries of
+an answer-mode request find it (or its denial) on any replica. While the store is down, a held
+request is refused (`store_unavailable`), never let through.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from douane.approvals.api import AdminAPI, ApprovalError
 from douane.approvals.config import ApprovalSettings
 from douane.approvals.inbox import Inbox
 from douane.approvals.notify import Notifier
+from douane.approvals.shared import CHANNEL, SharedApprovals, pending_of
 from douane.approvals.store import (
     Grant,
     GrantStore,
@@ -49,6 +56,8 @@ from douane.policy.addon import explain
 from douane.protocols import mcp
 from douane.refusals import guarded, input_required, refuse
 from douane.settings import Settings
+from douane.store import StoreUnavailable
+from douane.store.addon import SharedStore
 from douane.tokens import TokenVerifier
 from douane.untrusted import loggable
 
@@ -62,15 +71,19 @@ KEEP_DECIDED = 3600  # seconds a decided request stays visible to `show`
 
 
 class Approvals:
-    def __init__(self, settings: Settings, audit_trail: AuditTrail, mask: Mask):
+    def __init__(self, settings: Settings, audit_trail: AuditTrail, mask: Mask,
+                 shared_store: SharedStore | None = None):
         self.settings, self.audit_trail, self.mask = settings, audit_trail, mask
+        self.shared_store = shared_store
         self.approvals: ApprovalSettings | None = None
         self.store: GrantStore | None = None
+        self.shared: SharedApprovals | None = None  # with a shared store: the fleet's approvals
         self.api: AdminAPI | None = None
         self.notifier: Notifier | None = None
         self.requests: dict[str, Pending] = {}
         self.flows: dict[str, http.HTTPFlow] = {}  # held flows by approval id
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -78,13 +91,18 @@ class Approvals:
         if "douane_config" not in updated and self.store is not None:
             return
         approvals = self.settings.config.sections.get("approvals")
-        if approvals == self.approvals:
+        pg = self.shared_store.pg if self.shared_store else None
+        if approvals == self.approvals and pg is (self.shared.pg if self.shared else None):
             return
         self._close("douane's approval settings changed before an approver answered")
         self.approvals = approvals
         if approvals is None:
             return
         self.store = GrantStore(approvals.database)
+        if pg is not None:
+            self.shared = SharedApprovals(pg)
+            pg.subscribe(CHANNEL, self._decided_elsewhere)
+            pg.on_listen.append(self._catch_up)
         identity = self.settings.config.identity
         dev_key = devissuer.public_jwk(identity.dev_issuer) if identity.dev_issuer else None
         self.api = AdminAPI(self, approvals, TokenVerifier(identity, dev_key))
@@ -105,7 +123,13 @@ class Approvals:
 
     async def done(self) -> None:
         # Held clients get their refusal before the loop stops (and before the audit log closes).
-        self._close("douane shut down before an approver answered")
+        why = "douane shut down before an approver answered"
+        if self.shared:  # no other replica lists or decides them any more
+            with contextlib.suppress(StoreUnavailable, TimeoutError):
+                async with asyncio.timeout(3):
+                    for pending in self.open_requests():
+                        await self.shared.decide(pending.id, "denied", None, why, holder=True)
+        self._close(why)
         deadline = time.monotonic() + 5
         held = bool(self.flows)
         while self.flows and time.monotonic() < deadline:
@@ -121,7 +145,7 @@ class Approvals:
             self.api.stop()
         if self.store:
             self.store.close()
-        self.api = self.store = self.notifier = None
+        self.api = self.store = self.notifier = self.shared = None
 
     def audit(self, record: dict[str, Any]) -> None:
         self.audit_trail.append(record)
@@ -132,7 +156,13 @@ class Approvals:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        await self._held(flow)
+        try:
+            await self._held(flow)
+        except StoreUnavailable as e:  # fail closed, and say why
+            refuse(flow, 503, "this request needs an approver, and douane's shared store of "
+                   "approvals is unavailable; retry shortly", "store_unavailable",
+                   Reason("store.unavailable", str(e)))
+            return
         st = state(flow)
         if flow.response is None and flow.live and st.interaction and \
                 any(mcp.approval_answer(m) for m in st.interaction.mcp):
@@ -150,7 +180,9 @@ class Approvals:
         assert st.identity and st.upstream and st.interaction
         subject = subject_of(st.interaction)
         fp = fingerprint(st.upstream.name, st.interaction)
-        grant = await self.store.use(st.identity.user, st.upstream.name, subject, fp)
+        grant = await self.shared.use_grant(st.identity.user, st.upstream.name, subject, fp) \
+            if self.shared else await self.store.use(st.identity.user, st.upstream.name, subject,
+                                                     fp)
         if grant is not None:
             self.audit({"event": "approval.grant_used", "grant_id": grant.id,
                         "approval_id": grant.approval_id, "decision_id": st.decision_id,
@@ -161,7 +193,8 @@ class Approvals:
             return
         wait = self.approvals.wait_for(st.upstream.name, st.upstream.protocol)
         if wait.mode == "answer":
-            denied = self._denied_before(st, fp)
+            earlier = await self._earlier(st, fp)
+            denied = earlier if earlier and earlier.status == "denied" else None
             if denied is not None:
                 why = f"denied by {denied.approver}: {denied.reason}"
                 until = time.strftime("%Y-%m-%d %H:%M:%S UTC",
@@ -170,8 +203,8 @@ class Approvals:
                        "approval_denied", Reason("approval.denied", why), action="block",
                        headers={"x-douane-approval-id": denied.id})
                 return
-            pending = self._open_for_retry(st, fp) or await self._open(flow, st, "answer",
-                                                                       wait.timeout)
+            pending = earlier if earlier and earlier.status == "pending" else \
+                await self._open(flow, st, "answer", wait.timeout)
             if self._by_url(flow, st):
                 assert self.api
                 input_required(flow, self.api.status_url(pending.id),
@@ -191,11 +224,26 @@ class Approvals:
         finally:
             self.flows.pop(pending.id, None)
 
-    def _open_for_retry(self, st: FlowState, fp: str) -> Pending | None:
-        """An agent retrying before anyone acted gets the same approval request, not a new one."""
+    async def _earlier(self, st: FlowState, fp: str) -> Pending | None:
+        """This very request of this user asked before (answer mode): still pending (an agent
+        retrying before anyone acted gets the same approval request, not a new one), or an
+        approver's standing denial; None otherwise."""
         assert st.identity
-        return next((p for p in self.open_requests() if p.mode == "answer" and p.fingerprint == fp
-                     and p.requester.user == st.identity.user), None)
+        if self.shared is None:
+            return next((p for p in self.open_requests() if p.mode == "answer"
+                         and p.fingerprint == fp and p.requester.user == st.identity.user),
+                        None) or self._denied_before(st, fp)
+        row = await self.shared.latest_answer(st.identity.user, fp)
+        if row is None:
+            return None
+        pending = self.requests.get(row["id"]) or pending_of(row)
+        now = time.time()
+        if pending.status == "pending" and pending.expires_at > now:
+            return pending
+        if pending.status == "denied" and pending.approver is not None and \
+                self._stands_until(pending) > now:
+            return pending
+        return None
 
     @staticmethod
     def _by_url(flow: http.HTTPFlow, st: FlowState) -> bool:
@@ -231,6 +279,9 @@ class Approvals:
             decision_id=st.decision_id, mode=mode,
             reasons=[r.summary() for r in st.decision.reasons], risk=st.decision.risk,
             preview=await self._preview(st), created_at=now, expires_at=now + timeout)
+        if self.shared:
+            assert self.approvals
+            await self.shared.open(pending, max(KEEP_DECIDED, self.approvals.retry_window))
         self.requests[pending.id] = pending
         if mode == "hold":
             self.flows[pending.id] = flow
@@ -290,18 +341,18 @@ class Approvals:
             while pending.status in ("pending", "approving"):
                 remaining = pending.expires_at - time.time()
                 if remaining <= 0 and pending.status == "pending":
-                    self._finish(pending, "timed_out", None, "timed out")
+                    await self._settle(pending, "timed_out", None, "timed out")
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(flow.wait_for_resume(), max(0.05, min(POLL, remaining)))
                 if pending.status != "pending":
                     continue  # decided, or an approver's grant is being saved
                 if flow.error and flow.error.msg == Error.KILLED_MESSAGE:
-                    self._finish(pending, "denied", MITMWEB, "killed in mitmweb")
+                    await self._settle(pending, "denied", MITMWEB, "killed in mitmweb")
                 elif not flow.intercepted:
-                    self._finish(pending, "approved", MITMWEB, "resumed in mitmweb")
+                    await self._settle(pending, "approved", MITMWEB, "resumed in mitmweb")
                 elif not flow.client_conn.connected:
-                    self._finish(pending, "abandoned", None, "the client disconnected")
+                    await self._settle(pending, "abandoned", None, "the client disconnected")
         finally:
             if flow.intercepted:
                 flow.resume()
@@ -359,7 +410,61 @@ class Approvals:
 
     def _expire(self, pending: Pending) -> None:
         if pending.status == "pending":
-            self._finish(pending, "timed_out", None, "timed out")
+            self._tasks.add(task := asyncio.get_running_loop().create_task(
+                self._settle(pending, "timed_out", None, "timed out")))
+            task.add_done_callback(self._tasks.discard)
+
+    async def _settle(self, pending: Pending, status: str, approver: str | None,
+                      reason: str) -> None:
+        """An outcome this replica saw (timed out, abandoned, decided in mitmweb). With a shared
+        store it is saved first, unless another replica's decision won: that one applies. A store
+        that is down does not stop it (the row expires for the others)."""
+        if self.shared:
+            try:
+                row = await self.shared.decide(pending.id, status, approver, reason, holder=True)
+                if row is None:
+                    row = await self.shared.get(pending.id)
+                    if row and row["status"] != "pending":
+                        self._apply(pending, row)
+                        return
+            except StoreUnavailable as e:
+                logger.warning("douane: approval %s %s while the store is unavailable: %s",
+                               pending.id, status, e)
+        if pending.status == "pending":
+            self._finish(pending, status, approver, reason)
+
+    def _decided_elsewhere(self, approval_id: str) -> None:
+        """NOTIFY: a request was decided; if held here and not yet known, apply the decision."""
+        pending = self.requests.get(approval_id)
+        if pending is not None and pending.status == "pending" and self.shared:
+            self._tasks.add(task := asyncio.get_running_loop().create_task(self._fetch(pending)))
+            task.add_done_callback(self._tasks.discard)
+
+    def _catch_up(self) -> None:
+        """The listener (re)connected: decisions made while it was away are read once."""
+        for pending in self.open_requests():
+            self._decided_elsewhere(pending.id)
+
+    async def _fetch(self, pending: Pending) -> None:
+        assert self.shared
+        try:
+            row = await self.shared.get(pending.id)
+        except StoreUnavailable:
+            return  # read again when the listener is back (_catch_up)
+        if row and row["status"] != "pending" and pending.status == "pending":
+            self._apply(pending, row)
+
+    def _apply(self, pending: Pending, row: dict[str, Any]) -> None:
+        """Another replica's decision, on the request held here (audited where it was taken)."""
+        pending.decide(row["status"], row["approver"], row["reason"], row["grant_seconds"])
+        timer = self._timers.pop(pending.id, None)
+        if timer:
+            timer.cancel()
+        flow = self.flows.get(pending.id)
+        if flow is not None and flow.intercepted:
+            flow.resume()
+        logger.info("douane: approval %s %s elsewhere%s", pending.id, pending.status,
+                    f" by {loggable(pending.approver)}" if pending.approver else "")
 
     def _forget_old(self, now: float) -> None:
         assert self.approvals
@@ -369,16 +474,36 @@ class Approvals:
                 del self.requests[key]
 
     def open_requests(self) -> list[Pending]:
+        """The requests opened by this replica still waiting for an approver."""
         return [p for p in self.requests.values() if p.status == "pending"]
 
-    def find(self, approval_id: str) -> Pending:
+    async def listing(self) -> list[Pending]:
+        """The requests waiting for an approver: on every replica with a shared store."""
+        if self.shared is None:
+            return self.open_requests()
+        rows = await self._stored(self.shared.open_rows())
+        return [self.requests.get(r["id"]) or pending_of(r) for r in rows]
+
+    async def find(self, approval_id: str) -> Pending:
         pending = self.requests.get(approval_id)
+        if self.shared is not None and (pending is None or pending.status == "pending"):
+            row = await self._stored(self.shared.get(approval_id))  # decided elsewhere, maybe
+            pending = pending_of(row) if row else None
         if pending is None:
             raise ApprovalError(404, f"no approval request {approval_id}")
         return pending
 
-    def _decidable(self, approval_id: str, approver: Identity) -> Pending:
-        pending = self.find(approval_id)
+    @staticmethod
+    async def _stored(call: Any) -> Any:
+        try:
+            return await call
+        except StoreUnavailable as e:
+            raise ApprovalError(503, f"{e}; retry shortly") from None
+
+    async def _decidable(self, approval_id: str, approver: Identity) -> Pending:
+        pending = await self.find(approval_id)
+        if pending.status == "pending" and pending.expires_at <= time.time():
+            raise ApprovalError(409, f"approval {approval_id} is already timed_out")
         if pending.status != "pending":
             raise ApprovalError(409, f"approval {approval_id} is already {pending.status}")
         if approver.user == pending.requester.user:
@@ -393,7 +518,7 @@ class Approvals:
 
     async def approve(self, approval_id: str, approver: Identity, reason: str,
                       grant_seconds: int | None) -> Pending:
-        pending = self._decidable(approval_id, approver)
+        pending = await self._decidable(approval_id, approver)
         assert self.approvals and self.store
         if grant_seconds is not None and grant_seconds > self.approvals.max_grant:
             raise ApprovalError(400, f"a grant lasts at most {self.approvals.max_grant} s "
@@ -409,6 +534,9 @@ class Approvals:
                           uses_left=1 if one_shot else None, created_at=now,
                           expires_at=now + (grant_seconds or self.approvals.retry_window),
                           approval_id=pending.id, approver=approver.user, reason=reason)
+        if self.shared:
+            return await self._decide_shared(pending, "approved", approver, reason, grant)
+        if grant:
             pending.status = "approving"  # nobody else decides it while the grant is saved
             try:
                 await self.store.add(grant)  # persisted before the flow goes on
@@ -418,10 +546,27 @@ class Approvals:
         self._finish(pending, "approved", approver.user, reason, grant)
         return pending
 
-    def deny(self, approval_id: str, approver: Identity, reason: str) -> Pending:
-        pending = self._decidable(approval_id, approver)
+    async def deny(self, approval_id: str, approver: Identity, reason: str) -> Pending:
+        pending = await self._decidable(approval_id, approver)
+        if self.shared:
+            return await self._decide_shared(pending, "denied", approver, reason)
         self._finish(pending, "denied", approver.user, reason)
         return pending
+
+    async def _decide_shared(self, pending: Pending, status: str, approver: Identity,
+                             reason: str, grant: Grant | None = None) -> Pending:
+        """One decision across the fleet: saved (with its grant) only if still pending; the
+        replica holding the request is notified, or applies it here if it is this one."""
+        assert self.shared
+        row = await self._stored(self.shared.decide(pending.id, status, approver.user, reason,
+                                                    grant))
+        if row is None:
+            now = await self.find(pending.id)
+            raise ApprovalError(409, f"approval {pending.id} is already "
+                                f"{'timed_out' if now.status == 'pending' else now.status}")
+        self._finish(self.requests.get(pending.id) or pending, status, approver.user, reason,
+                     grant)
+        return self.requests.get(pending.id) or pending
 
 
 def _drop_own_input(flow: http.HTTPFlow) -> None:

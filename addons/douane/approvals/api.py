@@ -113,13 +113,13 @@ class _Handler(tornado.web.RequestHandler):
 
 
 class ListHandler(_Handler):
-    def get(self) -> None:
-        self.reply({"approvals": [p.summary() for p in self.api.addon.open_requests()]})
+    async def get(self) -> None:
+        self.reply({"approvals": [p.summary() for p in await self.api.addon.listing()]})
 
 
 class ShowHandler(_Handler):
-    def get(self, approval_id: str) -> None:
-        self.reply(self.api.addon.find(approval_id).summary())
+    async def get(self, approval_id: str) -> None:
+        self.reply((await self.api.addon.find(approval_id)).summary())
 
 
 class ApproveHandler(_Handler):
@@ -136,17 +136,17 @@ class DenyHandler(_Handler):
         reason = self.reason(self.body())
         if not reason:
             raise ApprovalError(400, "a denial needs a reason (it is shown to the requester)")
-        self.reply(self.api.addon.deny(approval_id, self.approver, reason).summary())
+        self.reply((await self.api.addon.deny(approval_id, self.approver, reason)).summary())
 
 
 class StatusHandler(_Handler):
     async def prepare(self) -> None:
         pass  # the URL is the capability (checked in get)
 
-    def get(self, approval_id: str, key: str) -> None:
+    async def get(self, approval_id: str, key: str) -> None:
         if not hmac.compare_digest(key, self.api.status_key(approval_id)):
             raise ApprovalError(404, f"no approval request {approval_id}")
-        p = self.api.addon.find(approval_id)
+        p = await self.api.addon.find(approval_id)
         self.reply({"id": p.id, "status": p.status, "upstream": p.upstream, "subject": p.subject,
                     "expires_at": p.expires_at, "reason": p.reason if p.decided_at else None})
 

@@ -138,6 +138,8 @@ class Inbox:
 
 class _Page(tornado.web.RequestHandler):
     nonce: str
+    listed: list[Any] | None = None  # the open requests, read before the page is rendered
+    _unlisted: str | None = None  # why they could not be read
 
     def initialize(self, inbox: Inbox) -> None:
         self.inbox = inbox
@@ -183,9 +185,16 @@ class _Page(tornado.web.RequestHandler):
             reason_chars=1000, error=values.pop("error", None), notice=values.pop("notice", None),
             refresh=values.pop("refresh", False), **values))
 
+    async def list_open(self) -> None:
+        try:
+            self.listed = sorted(await self.api.addon.listing(), key=lambda p: p.created_at)
+        except ApprovalError as e:  # the shared store is down: the page says so
+            self.listed, self._unlisted = [], e.message
+
     def inbox_page(self, approver: Identity, status: int = 200, **values: Any) -> None:
-        approvals = sorted(self.api.addon.open_requests(), key=lambda p: p.created_at)
-        self.page(status, approver=approver, approvals=approvals, **values)
+        if self._unlisted and "error" not in values:
+            values["error"] = self._unlisted
+        self.page(status, approver=approver, approvals=self.listed or [], **values)
 
     def approver(self) -> Identity:
         user = self.current_user
@@ -204,11 +213,13 @@ class _Page(tornado.web.RequestHandler):
 
 
 class PageHandler(_Page):
-    def get(self) -> None:
+    async def get(self) -> None:
         if self.current_user is None:
             self.page()  # a link, not a redirect: a cross-site arrival lacks the Strict cookie
         else:
-            self.inbox_page(self.approver())
+            approver = self.approver()
+            await self.list_open()
+            self.inbox_page(approver)
 
 
 class LoginHandler(_Page):
@@ -272,6 +283,7 @@ class DecideHandler(_Page):
     async def post(self, approval_id: str, action: str) -> None:
         approver = self.approver()
         reason = self.get_body_argument("reason", "")
+        await self.list_open()  # shown with an error too (write_error)
         if action == "approve":
             grant = grant_duration(self.get_body_argument("for", ""))
             pending = await self.api.addon.approve(approval_id, approver,
@@ -279,7 +291,8 @@ class DecideHandler(_Page):
         else:
             if not reason.strip():
                 raise ApprovalError(400, "a denial needs a reason (it is shown to the requester)")
-            pending = self.api.addon.deny(approval_id, approver, bounded_reason(reason))
+            pending = await self.api.addon.deny(approval_id, approver, bounded_reason(reason))
+        await self.list_open()
         self.inbox_page(approver, notice=f"{pending.id} {pending.status}")
 
 

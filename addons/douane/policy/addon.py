@@ -18,12 +18,14 @@ from douane import protocols
 from douane.flowstate import Decision, FlowState, Reason, state
 from douane.interaction import TextPiece
 from douane.policy import engine
-from douane.policy.limits import RateLimiter
+from douane.policy.limits import RateLimiter, SharedRateLimiter
 from douane.policy.model import Policy
 from douane.policy.store import LivePolicy
 from douane.protocols import fields, jsonpath, mcp, streams
 from douane.refusals import guarded, refuse
 from douane.settings import Settings
+from douane.store import StoreUnavailable
+from douane.store.addon import SharedStore
 
 logger = logging.getLogger(__name__)
 OFF_LOOP_CHARS = 256 * 1024
@@ -77,12 +79,16 @@ class StreamPolicy:
 
 
 class Enforce:
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    def __init__(self, settings: Settings, shared: SharedStore | None = None):
+        self.settings, self.shared = settings, shared
         self.live: LivePolicy | None = None
         self.limiter = RateLimiter()
+        self.shared_limiter: SharedRateLimiter | None = None
 
     def configure(self, updated: set[str]) -> None:
+        pg = self.shared.pg if self.shared else None
+        if pg is None or self.shared_limiter is None or self.shared_limiter.pg is not pg:
+            self.shared_limiter = SharedRateLimiter(pg) if pg else None
         if "douane_config" in updated or self.live is None:
             section = self.settings.config.sections.get("policy")
             if self.live:
@@ -124,8 +130,17 @@ class Enforce:
             refuse(flow, 403, f"blocked by policy: {explain(decision)}", "policy_denied",
                    *violations, action="block")
             return
-        over = self.limiter.check(f"{grant.source}|{st.identity.user}", grant.limits,
-                                  st.interaction)
+        key = f"{grant.source}|{st.identity.user}"
+        if self.shared_limiter is None:
+            over = self.limiter.check(key, grant.limits, st.interaction)
+        else:
+            try:
+                over = await self.shared_limiter.check(key, grant.limits, st.interaction)
+            except StoreUnavailable as e:  # fail closed: a limit not counted is not enforced
+                refuse(flow, 503, "douane cannot count this request against its limits now (its "
+                       "shared store is unavailable); retry shortly", "store_unavailable",
+                       Reason("store.unavailable", str(e)))
+                return
         if over:
             refuse(flow, 429, over.message, "rate_limited", over, action="block")
             return

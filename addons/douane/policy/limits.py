@@ -1,6 +1,8 @@
 """Rate and budget limits per user and grant: requests per minute, tokens per day.
 
-In memory, per gateway process (several processes behind a balancer each count their own share).
+In memory, per gateway process, by default (`RateLimiter`). With a shared store (`database:`),
+`SharedRateLimiter` counts in PostgreSQL, one atomic statement per request, so N replicas enforce a
+limit once, not N times; while the store is down the request is refused (`StoreUnavailable`).
 Tokens are estimated at request time as prompt characters / 4 plus the requested max_tokens.
 An MCP request counts once per JSON-RPC call in it (a batch of 200 tool calls is 200 requests);
 MCP session housekeeping (initialize, server/discover, ping, notifications, answers to the
@@ -12,12 +14,17 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from douane.flowstate import Reason
 from douane.interaction import Interaction
 from douane.policy.model import Limits
 
+if TYPE_CHECKING:
+    from douane.store.postgres import PgStore
+
 HOUSEKEEPING = ("initialize", "server/discover", "ping")
+UNLIMITED = 2**62
 
 
 def calls(it: Interaction) -> int:
@@ -32,6 +39,25 @@ def estimated_tokens(it: Interaction) -> int:
     return sum(len(p.text) for p in it.texts) // 4 + (it.max_tokens or 0)
 
 
+def over_batch(limits: Limits, it: Interaction) -> Reason | None:
+    if limits.batch_size is not None and len(it.mcp) > limits.batch_size:
+        return Reason("limit.batch_size", f"more than {limits.batch_size} JSON-RPC messages "
+                      "in one request")
+    return None
+
+
+def over_requests(limits: Limits, it: Interaction) -> Reason:
+    return Reason("limit.requests_per_minute",
+                  f"more than {limits.requests_per_minute} requests per minute (each MCP call "
+                  "counts)" if it.protocol == "mcp" else
+                  f"more than {limits.requests_per_minute} requests per minute")
+
+
+def over_tokens(limits: Limits) -> Reason:
+    return Reason("limit.tokens_per_day", f"the daily budget of {limits.tokens_per_day} tokens "
+                  "is spent")
+
+
 class RateLimiter:
     def __init__(self) -> None:
         self.requests: dict[str, deque[tuple[float, int]]] = {}  # key -> (time, calls)
@@ -42,9 +68,8 @@ class RateLimiter:
               now: float | None = None) -> Reason | None:
         """Count this request against `key`; a Reason when it is over a limit (not counted)."""
         now = time.time() if now is None else now
-        if limits.batch_size is not None and len(it.mcp) > limits.batch_size:
-            return Reason("limit.batch_size", f"more than {limits.batch_size} JSON-RPC messages "
-                          "in one request")
+        if batch := over_batch(limits, it):
+            return batch
         count = calls(it)
         if count == 0:
             return None
@@ -54,18 +79,72 @@ class RateLimiter:
         used_calls = self.counted.setdefault(key, 0)
         if limits.requests_per_minute is not None and \
                 used_calls + count > limits.requests_per_minute:
-            return Reason("limit.requests_per_minute",
-                          f"more than {limits.requests_per_minute} requests per minute (each "
-                          "MCP call counts)" if it.protocol == "mcp" else
-                          f"more than {limits.requests_per_minute} requests per minute")
+            return over_requests(limits, it)
         day, used = self.tokens.get(key, (int(now // 86400), 0))
         if day != int(now // 86400):
             day, used = int(now // 86400), 0
         cost = estimated_tokens(it)
         if limits.tokens_per_day is not None and used + cost > limits.tokens_per_day:
-            return Reason("limit.tokens_per_day", f"the daily budget of {limits.tokens_per_day} "
-                          "tokens is spent")
+            return over_tokens(limits)
         window.append((now, count))
         self.counted[key] = used_calls + count
         self.tokens[key] = (day, used + cost)
         return None
+
+
+# The database's clock, the same for every replica.
+NOW = "extract(epoch FROM statement_timestamp())"
+# Count this request if both limits allow it, in one statement: the row of `key` is locked by the
+# upsert, so concurrent requests of every replica are counted one after the other. `calls` keeps
+# one time per call of the last minute (a sliding window, as in memory; at most the limit long).
+COUNT = f"""
+INSERT INTO limit_usage AS u (key, calls, day, tokens)
+VALUES (%(key)s, array_fill({NOW}, ARRAY[%(calls)s::int]), floor({NOW} / 86400)::bigint,
+        %(cost)s)
+ON CONFLICT (key) DO UPDATE SET
+    calls = ARRAY(SELECT t FROM unnest(u.calls) t WHERE t > {NOW} - 60) || EXCLUDED.calls,
+    tokens = CASE WHEN u.day = EXCLUDED.day THEN u.tokens ELSE 0 END + EXCLUDED.tokens,
+    day = EXCLUDED.day
+WHERE (SELECT count(*) FROM unnest(u.calls) t WHERE t > {NOW} - 60) + %(calls)s <= %(rpm)s
+  AND CASE WHEN u.day = EXCLUDED.day THEN u.tokens ELSE 0 END + EXCLUDED.tokens <= %(tpd)s
+RETURNING 1 AS counted
+"""
+# Which limit refused (on a refusal only).
+USAGE = f"""
+SELECT (SELECT count(*) FROM unnest(calls) t WHERE t > {NOW} - 60) AS calls,
+       CASE WHEN day = floor({NOW} / 86400) THEN tokens ELSE 0 END AS tokens
+FROM limit_usage WHERE key = %s
+"""
+
+
+class SharedRateLimiter:
+    """The same limits as `RateLimiter`, counted in the shared store across replicas."""
+
+    def __init__(self, pg: PgStore):
+        self.pg = pg
+
+    async def check(self, key: str, limits: Limits, it: Interaction) -> Reason | None:
+        """Count this request against `key`; a Reason when it is over a limit (not counted).
+        Raises `StoreUnavailable` when the store cannot count it."""
+        if batch := over_batch(limits, it):
+            return batch
+        count = calls(it)
+        if count == 0:
+            return None
+        rpm, tpd = limits.requests_per_minute, limits.tokens_per_day
+        if rpm is None and tpd is None:
+            return None  # nothing to count: no round trip
+        cost = estimated_tokens(it)
+        if rpm is not None and count > rpm:
+            return over_requests(limits, it)
+        if tpd is not None and cost > tpd:
+            return over_tokens(limits)
+        counted = await self.pg.fetchone(COUNT, {
+            "key": key, "calls": count if rpm is not None else 0, "cost": cost,
+            "rpm": UNLIMITED if rpm is None else rpm, "tpd": UNLIMITED if tpd is None else tpd})
+        if counted:
+            return None
+        usage = await self.pg.fetchone(USAGE, (key,))
+        if rpm is not None and (usage is None or usage["calls"] + count > rpm):
+            return over_requests(limits, it)
+        return over_tokens(limits)
