@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-
-from mitmproxy import ctx
 
 from douane.config import Database
 from douane.settings import Settings
@@ -31,7 +28,7 @@ class SharedStore:
         if self.pg is not None and database == self._database:
             return
         old, self._database = self.pg, database
-        self.pg = PgStore(database, replica_name()) if database else None
+        self.pg = PgStore(database, self.settings.config.replica) if database else None
         with contextlib.suppress(RuntimeError):  # no loop yet: started by running()
             loop = asyncio.get_running_loop()
             if old is not None:
@@ -52,9 +49,3 @@ class _Closer:
             await self.shared.pg.close()
             self.shared.pg = None
 
-
-def replica_name() -> str:
-    """This process among the fleet: the host, and the worker's name under scripts/run."""
-    worker = ctx.options.douane_worker if hasattr(ctx, "options") else ""
-    host = socket.gethostname()[:64]
-    return f"{host}/{worker}" if worker else host
