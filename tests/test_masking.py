@@ -256,7 +256,8 @@ def test_a_stream_end_does_not_wait_behind_a_busy_pool(analyzer):
         queued = [pool.submit([ANSWER * 20]) for _ in range(4)]
         masker = StreamMasker(SETTINGS, pool)
         out = masker.feed("c", ANSWER)  # its proposal is queued behind the busy workers
-        assert masker.channels["c"].inflight is not None and out == ""
+        # only the opening words no value starts in left without analysis
+        assert masker.channels["c"].inflight is not None and out == "Sure. The "
         out += masker.finish("c")
         assert not any(f.done() for f in busy + queued), "finish waited for the main pool"
         assert out == masked(analyzer, ANSWER)

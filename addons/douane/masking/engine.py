@@ -18,6 +18,7 @@ import logging
 import re
 from dataclasses import dataclass
 
+from spacy.lang.en.stop_words import STOP_WORDS
 from spacy.language import Language
 from spacy.tokens import Doc
 
@@ -103,12 +104,46 @@ def _outranks(o: Span, s: Span) -> bool:
 
 # a word of letters (`Smith`, `emily`, `Al-Sayed`, `O'Connor`): a name or a place holds one
 LETTERS_WORD = re.compile(r"[^\W\d_]{2,}(?:['’.-][^\W\d_]+)*\.?")
+# Words no name or place starts with: function words (spaCy's stop words but May and Will, which
+# are names) and the words answers open with. A name or place is trimmed of them at its start
+# ("The Hague" -> "Hague"), so a stream releases them at once (streaming.plain_prefix): whatever
+# follows, no PERSON/LOCATION/NRP span starts in one.
+OPENERS = {"sure", "certainly", "yes", "okay", "hello", "hi", "hey", "thanks", "thank", "great",
+           "absolutely", "sorry", "unfortunately", "let", "following", "below", "based"}
+NOT_A_NAME = frozenset({w for w in STOP_WORDS if w.isascii() and w.isalpha()} - {"may", "will"}
+                       | OPENERS)
+WORD_RUN = re.compile(r"\w+")
+
+
+def not_a_name(word: str) -> bool:
+    """`word` (a run of letters) is one no name or place starts with: lower-case or capitalised,
+    never all capitals (IN, ME, OR, US are places)."""
+    return (word.isascii() and (len(word) == 1 or word[1:].islower())
+            and word.lower() in NOT_A_NAME)
+
+
+def trim_name(text: str, s: Span) -> Span | None:
+    """A name or place without the `NOT_A_NAME` words it starts with (None if nothing is left).
+    Words are whole runs of `text`: a span starting inside a word is judged by that word."""
+    begin = s.start
+    while 0 < begin < len(text) and WORD_RUN.fullmatch(text, begin - 1, begin + 1):
+        begin -= 1  # (both characters are word characters: the span starts inside a word)
+    for m in WORD_RUN.finditer(text, begin):
+        if m.start() >= s.end:
+            break
+        if not not_a_name(m.group()):
+            return s if m.start() <= s.start else Span(m.start(), s.end, s.entity, s.score)
+    return None
 
 
 def refine(text: str, spans: list[Span]) -> list[Span]:
-    """Drop what only looks like a phone number, names and places without a word of letters, and detections inside a stronger detection of
-    another type (a name NER called a place, inside a field recognised as a place; NER's
-    "person" inside an IPv6 address). Linear in the spans but for the ones that overlap."""
+    """Trim names and places of the words they never start with (`trim_name`); drop what only
+    looks like a phone number, names and places without a word of letters, and detections inside
+    a stronger detection of another type (a name NER called a place, inside a field recognised as
+    a place; NER's "person" inside an IPv6 address). Linear in the spans but for the ones that
+    overlap."""
+    spans = [t for s in spans
+             if (t := trim_name(text, s) if s.entity in NER_ENTITIES else s) is not None]
     kept: list[Span] = []
     active: list[Span] = []  # spans that started before and have not ended
     same = {}  # (start, end) -> the spans of that extent

@@ -67,9 +67,10 @@ import copy
 import re
 from dataclasses import dataclass, field
 
+from douane import secrets
 from douane.masking import fields, operators
 from douane.masking.config import MaskingSettings
-from douane.masking.engine import Span
+from douane.masking.engine import Span, not_a_name
 from douane.masking.pool import Analysis, MaskingPool
 
 LEFT_WORDS = 8  # words of released text analysed again as left context
@@ -78,9 +79,13 @@ LINE_CHARS = 4096  # the longest line kept whole for a table's row
 RIGHT_WORDS = 5  # complete words held behind a cut (spaCy's window is 4 tokens)
 RUN_CHARS = 48  # the longest value written in groups (an IBAN is at most 42 with spaces)
 WORD = re.compile(r"\S+")
+SPACES = re.compile(r"\s*")
 # a group of a number or code written in groups: digits and capitals, with a phone's punctuation
 VALUE_GROUP = re.compile(r"[+(]?[0-9A-Z][0-9A-Z().\-/]*[,;.]?")
 DIGIT = re.compile(r"\d")
+# a word released without analysis: letters (one of `engine.NOT_A_NAME`), then punctuation
+PLAIN_WORD = re.compile(r"([A-Za-z]{1,16})[.,!?;]{0,3}")
+SECRET_SEPARATORS = tuple(":=>\"'`|/\\")  # what the word before a secret's value ends with
 
 
 @dataclass
@@ -93,6 +98,7 @@ class _Channel:
     inflight: Analysis | None = None
     window: str = ""  # the text being analysed: left context + all of `pending` when proposed
     context: int = 0  # the length of the left context in `window`
+    skipped: int = 0  # characters of the window's held text released since, without analysis
     analysed: list[Span] | None = None  # the spans of `pending`, while no text arrived since
 
 
@@ -111,9 +117,11 @@ class StreamMasker:
         out = ""
         if ch.inflight is not None and ch.inflight.done():
             out = self._release(ch, self.pool.result(ch.inflight)[0])
+        out += self._release_plain(ch, end=False)
         if ch.inflight is None and ch.analysed is None and ch.pending:
             ch.context = len(context := left_context(ch))
             ch.window = context + ch.pending
+            ch.skipped = 0
             ch.inflight = self.pool.submit([ch.window])
         return out
 
@@ -126,6 +134,7 @@ class StreamMasker:
             out = self._release(ch, self.pool.result(ch.inflight)[0])
         elif ch.inflight is not None:
             ch.inflight.cancel()  # its window is a prefix of the one analysed below
+        out += self._release_plain(ch, end=True)
         if not ch.pending:
             return out
         spans = ch.analysed
@@ -139,12 +148,32 @@ class StreamMasker:
     def _release(self, ch: _Channel, spans: list[Span]) -> str:
         ch.inflight = None
         window, start = ch.window, ch.context
-        cut = release_point(window, start, spans, self.settings.stream_window,
-                            ch.tables if len(ch.line) < LINE_CHARS else None, ch.line)
-        released = window[start:cut]
-        if len(ch.pending) == len(window) - start:  # nothing arrived since the proposal
+        done = start + ch.skipped  # released without analysis since the proposal
+        cut = max(done, release_point(window, start, spans, self.settings.stream_window,
+                                      ch.tables if len(ch.line) < LINE_CHARS else None, ch.line))
+        if len(ch.pending) == len(window) - done:  # nothing arrived since the proposal
             ch.analysed = shift(spans, cut, len(window))
-        ch.pending = ch.pending[cut - start:]
+        released = window[done:cut]
+        ch.pending = ch.pending[cut - done:]
+        self._released(ch, released)
+        return operators.apply(self.settings, released, shift(spans, done, cut), self.counts)
+
+    def _release_plain(self, ch: _Channel, end: bool) -> str:
+        """Release at once the held words no value can start in (`plain_prefix`)."""
+        n = plain_prefix(ch.released, ch.pending, end)
+        if ch.analysed is not None:  # (no known span starts there either: keep them in step)
+            n = min([n, *(s.start for s in ch.analysed)])
+            ch.analysed = shift(ch.analysed, n, len(ch.pending))
+        if not n:
+            return ""
+        released, ch.pending = ch.pending[:n], ch.pending[n:]
+        if ch.inflight is not None:
+            ch.skipped += n
+        self._released(ch, released)
+        return released
+
+    def _released(self, ch: _Channel, released: str) -> None:
+        """Keep what the next analyses read of the text now released."""
         ch.released = (ch.released + released)[-2 * LEFT_CHARS:]
         *lines, rest = (ch.line + released).split("\n")
         for line in lines:
@@ -152,7 +181,44 @@ class StreamMasker:
         ch.rows = [*ch.rows, *(line[-LINE_CHARS:] for line in lines[-2:])][-2:]
         # a line too long to keep whole is no table row (so `release_point` sees no table in it)
         ch.line = rest if len(rest) < LINE_CHARS else rest[-LINE_CHARS:]
-        return operators.apply(self.settings, released, shift(spans, start, cut), self.counts)
+
+
+def plain_prefix(before: str, held: str, end: bool) -> int:
+    """How much of `held` (received after the released `before`) may leave without analysis: the
+    whole words, with the whitespace after them, in which no value of the whole answer can start,
+    whatever follows. Such a word is a `PLAIN_WORD` of letters no name or place starts with
+    (engine.trim_name: NER and field recognisers), with no `@`, digit, colon, `+` or `(` (emails,
+    phones, cards, SSNs, IBANs, IP addresses), shorter than any secret but a password, and not
+    after what a password's value follows (`password:`, `is`, `bearer`: the word before it holds
+    no secret hint and ends with no separator). Whitespace leaves but after a `"` (a JSON field's
+    value may start with spaces). Text released before `before` is never crossed by a value:
+    the text released so far ends where no value does (a cut of `release_point`, or this)."""
+    word = ""  # the word before
+    if before:
+        tail = before[-LEFT_CHARS:]
+        last = [*WORD.finditer(tail)][-1:]
+        if not tail[-1].isspace() or not last or (last[0].start() == 0 and tail != before):
+            return 0  # the word before is unknown, cut, or the held text starts inside it
+        word = last[0].group()
+    pos = 0
+    while True:
+        after = SPACES.match(held, pos).end()
+        if after > pos and (held[pos - 1] if pos else before[-1:]) == '"':
+            return pos
+        pos = after
+        m = WORD.match(held, pos)
+        if m is None or (m.end() == len(held) and not end):
+            return pos  # all released, or the last word may still grow
+        if not _plain(m.group(), word):
+            return pos
+        pos, word = m.end(), m.group()
+
+
+def _plain(word: str, before: str) -> bool:
+    m = PLAIN_WORD.fullmatch(word)
+    return (m is not None and not_a_name(m.group(1)) and not secrets.maybe(word)
+            and not (before and (secrets.maybe(before) or before.endswith(SECRET_SEPARATORS)
+                                 or before.lower() in ("is", "was"))))
 
 
 def left_context(ch: _Channel) -> str:
