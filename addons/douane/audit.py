@@ -30,6 +30,7 @@ from typing import Any
 from mitmproxy import http
 
 from douane import untrusted
+from douane.chainheads import ChainHeads
 from douane.config import AuditConfig, Config
 from douane.flowstate import Reason, peek, publish, state
 from douane.refusals import DECISION_HEADER, guarded, refuse
@@ -72,13 +73,15 @@ def log_files(path: Path) -> list[Path]:
 class AuditLog:
     """Append-only, hash-chained JSON lines written by one thread."""
 
-    def __init__(self, config: AuditConfig, key: bytes):
-        self.config, self.key = config, key
+    def __init__(self, config: AuditConfig, key: bytes, heads: ChainHeads | None = None):
+        self.config, self.key, self.heads = config, key, heads
         self.path = config.path
         self.healthy = True
         self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._seq, self._prev, torn = self._resume()
+        if heads and self._seq:
+            heads.update(self._seq, self._prev)
         self._file = self.path.open("ab")
         self._thread = threading.Thread(target=self._run, name="douane-audit", daemon=True)
         self._thread.start()
@@ -101,6 +104,8 @@ class AuditLog:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=10)
+        if self.heads:
+            self.heads.close()
 
     def _resume(self) -> tuple[int, str, int]:
         """Continue the chain from the last complete record; cut a torn last line."""
@@ -165,6 +170,8 @@ class AuditLog:
             self._forget_unwritten(good)
             raise
         self._seq, self._prev = record["seq"], record["mac"]
+        if self.heads:
+            self.heads.update(self._seq, self._prev)
 
     def _forget_unwritten(self, good: int) -> None:
         """Drop a record the disk refused: left in the buffer, it would be flushed later, after a
@@ -241,6 +248,8 @@ class Verification:
     first_seq: int | None = None  # where the surviving chain starts
     first_file: Path | None = None
     deleted_by: int | None = None  # seq of the audit.deleted record accounting for 1..first-1
+    last_seq: int | None = None
+    mac_at: str | None = None  # the MAC of the record `verify(at=...)` asked for, if present
 
     @property
     def ok(self) -> bool:
@@ -257,10 +266,11 @@ class Verification:
         return text
 
 
-def verify(path: Path, key: bytes) -> Verification:
+def verify(path: Path, key: bytes, at: int | None = None) -> Verification:
     """Check the chain across rotated files, stopping at the first bad record. A chain whose
     first surviving record is not seq 1 verifies only if a later record in it, `audit.deleted`,
-    says rotation deleted the records before it (past retention)."""
+    says rotation deleted the records before it (past retention). `at`: a seq whose MAC to
+    report (a chain head kept in the shared store)."""
     files = log_files(path)
     count, seq, prev = 0, None, None
     result = Verification(0, len(files), None)
@@ -287,8 +297,10 @@ def verify(path: Path, key: bytes) -> Verification:
             if record.get("event") == "audit.deleted" and result.first_seq is not None and \
                     record.get("last_seq") == result.first_seq - 1:
                 result.deleted_by = rseq
+            if rseq == at:
+                result.mac_at = mac
             seq, prev, count = rseq, mac, count + 1
-    result.records = count
+    result.records, result.last_seq = count, seq
     if result.first_seq is not None and result.first_seq > 1 and result.deleted_by is None:
         result.error = (f"{result.first_file}:1: the chain starts at seq {result.first_seq}: "
                         f"records 1-{result.first_seq - 1} are gone and no audit.deleted record "
@@ -360,7 +372,9 @@ class AuditTrail:
             if self.log is None or self.log.path != config.audit.path:
                 if self.log:
                     self.log.close()
-                self.log = AuditLog(config.audit, hmac_key(config))
+                heads = ChainHeads(config.database, config.replica, config.host,
+                                   str(config.audit.path)) if config.database else None
+                self.log = AuditLog(config.audit, hmac_key(config), heads)
 
     def done(self) -> None:
         if self.log:

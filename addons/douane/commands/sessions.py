@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from mitmproxy import http, io
 
 from douane import config as configmod
-from douane import transcript
+from douane import store, transcript
 from douane.audit import AuditConfig, AuditLog, hmac_key
 from douane.commands import add_config_option, config_file, load_config
 from douane.recording import index, originals, replay
@@ -85,29 +85,44 @@ def duration(text: str) -> float:
     return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
 
 
+def _index(config, recording):
+    """The shared store's index (every replica's flows) or this gateway's SQLite file."""
+    if config.database is None:
+        return index.connect(recording.index_path)
+    try:
+        return store.connect(config.database, autocommit=True)
+    except Exception as e:
+        raise SystemExit(escape(f"cannot reach the shared store ({type(e).__name__}: "
+                                f"{str(e)[:200]})")) from None
+
+
 def list_(args: argparse.Namespace) -> int:
-    _, recording = _load(args)
-    db = index.connect(recording.index_path)
+    config, recording = _load(args)
+    db = _index(config, recording)
     since = time.time() - duration(args.since) if args.since else None
     rows = index.query(db, args.user, since, args.decision, args.tool, args.limit)
+    shared = config.database is not None
     print(f"{'time (UTC)':<20} {'user':<24} {'upstream':<10} {'operation':<22} "
-          f"{'decision':<8} {'status':>6} {'masked':>6}  decision id")
+          f"{'decision':<8} {'status':>6} {'masked':>6}  decision id"
+          + (f"{'':<16}  replica" if shared else ""))
     for r in rows:
         when = datetime.fromtimestamp(r["ts"], UTC).strftime("%Y-%m-%d %H:%M:%S")
         r = {k: escape(v) if isinstance(v, str) else v for k, v in r.items()}
         op = (r["operation"] or "-") + (f" {r['tool']}" if r["tool"] else "")
         print(f"{when:<20} {r['user'][:24]:<24} {(r['upstream'] or '-')[:10]:<10} {op[:22]:<22} "
               f"{r['decision']:<8} {r['status'] or '-':>6} {r['masked'] or 0:>6}  "
-              f"{r['decision_id']}")
+              f"{r['decision_id']}" + (f"  {r['replica']}" if shared else ""))
     print(f"({len(rows)} flow(s))")
     return 0
 
 
-def _flow(recording, ident: str) -> tuple[dict, http.HTTPFlow]:
-    db = index.connect(recording.index_path)
-    r = index.find(db, ident)
+def _flow(config, recording, ident: str) -> tuple[dict, http.HTTPFlow]:
+    r = index.find(_index(config, recording), ident)
     if r is None:
         raise SystemExit(f"no recorded flow {escape(ident)}")
+    if not index.local(r.get("replica"), config.host):
+        raise SystemExit(escape(f"flow {ident} was recorded by replica {r['replica']}: its "
+                                f"recording is on that host; run this command there"))
     return r, _read(recording, r)
 
 
@@ -119,7 +134,7 @@ def _read(recording, r: dict) -> http.HTTPFlow:
 
 def show_(args: argparse.Namespace) -> int:
     config, recording = _load(args)
-    r, flow = _flow(recording, args.id)
+    r, flow = _flow(config, recording, args.id)
     print(_transcript(config, r, flow, marked=True))
     return 0
 
@@ -133,12 +148,12 @@ def _transcript(config, r: dict, flow: http.HTTPFlow, marked: bool) -> str:
 
 
 def export_(args: argparse.Namespace) -> int:
-    _, recording = _load(args)
+    config, recording = _load(args)
     if args.user is not None:
-        return _export_user(args, recording)
+        return _export_user(args, config, recording)
     if args.id is None:
         raise SystemExit("give a decision or flow id, or --user")
-    r, flow = _flow(recording, args.id)
+    r, flow = _flow(config, recording, args.id)
     if args.session:
         args.output.write_bytes((recording.dir / r["file"]).read_bytes())
     else:
@@ -148,23 +163,32 @@ def export_(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_user(args: argparse.Namespace, recording) -> int:
-    """A user's flows from every session file (their folder's name is a slug and a hash)."""
+def _export_user(args: argparse.Namespace, config, recording) -> int:
+    """A user's flows from every session file (their folder's name is a slug and a hash). With
+    a shared store, those of this host's replicas; the others are counted, per replica."""
     since = time.time() - duration(args.since) if args.since else None
-    rows = index.query(index.connect(recording.index_path), user=args.user, since=since,
-                       limit=-1)
+    rows = index.query(_index(config, recording), user=args.user, since=since, limit=-1)
+    elsewhere: dict[str, int] = {}
     with args.output.open("wb") as f:
         writer = io.FlowWriter(f)
         for r in reversed(rows):
-            writer.add(_read(recording, r))
-    print(f"wrote {len(rows)} flow(s) of {escape(args.user)} to {args.output}")
-    return 0
+            if index.local(r.get("replica"), config.host):
+                writer.add(_read(recording, r))
+            else:
+                elsewhere[r["replica"]] = elsewhere.get(r["replica"], 0) + 1
+    print(f"wrote {len(rows) - sum(elsewhere.values())} flow(s) of {escape(args.user)} to "
+          f"{args.output}")
+    for replica, n in sorted(elsewhere.items()):
+        print(escape(f"not written: {n} flow(s) recorded by replica {replica}, on its host: "
+                     "run this command there"))
+    return 1 if elsewhere else 0
 
 
 def reindex_(args: argparse.Namespace) -> int:
-    _, recording = _load(args)
-    db = index.connect(recording.index_path)
-    print(f"indexed {index.reindex(db, recording.dir)} flow(s) from {recording.dir}")
+    config, recording = _load(args)
+    db = _index(config, recording)
+    print(f"indexed {index.reindex(db, recording.dir, config.host)} flow(s) from "
+          f"{recording.dir}")
     return 0
 
 
@@ -179,11 +203,11 @@ def _operator_log(config) -> AuditLog:
 
 
 def replay_(args: argparse.Namespace) -> int:
-    _, recording = _load(args)
+    config, recording = _load(args)
     token = args.token or os.environ.get("DOUANE_TOKEN")
     if not token:
         raise SystemExit("give a token with --token or DOUANE_TOKEN: recordings hold none")
-    r, flow = _flow(recording, args.id)
+    r, flow = _flow(config, recording, args.id)
     flows = [f for _, f in index.read_flows(recording.dir / r["file"])] if args.session \
         else [flow]
     failed = 0
@@ -201,7 +225,7 @@ def replay_(args: argparse.Namespace) -> int:
 
 def reveal_(args: argparse.Namespace) -> int:
     config, recording = _load(args)
-    r, flow = _flow(recording, args.id)
+    r, flow = _flow(config, recording, args.id)
     sealed = originals.find((recording.dir / r["file"]).with_suffix(originals.SUFFIX),
                             r["flow_id"])
     outcome, error = "revealed", None
@@ -252,14 +276,14 @@ def prune_(args: argparse.Namespace) -> int:
             doomed.append(path)
             total -= path.stat().st_size
     log = _operator_log(config)
-    db = index.connect(recording.index_path)
+    db = _index(config, recording)
     for path in doomed:
         relative = str(path.relative_to(recording.dir))
         sealed = path.with_suffix(originals.SUFFIX)  # its originals go with it
         size = path.stat().st_size + (sealed.stat().st_size if sealed.exists() else 0)
         path.unlink()
         sealed.unlink(missing_ok=True)
-        db.execute("DELETE FROM flows WHERE file = ?", (relative,))
+        index.delete_file(db, relative, index.replica_of(Path(relative), config.host))
         log.append({"event": "recording.deleted", "file": relative, "bytes": size,
                     "reason": "retention"})
     db.commit()

@@ -25,7 +25,7 @@ from douane.flowstate import Reason, peek, publish, state
 from douane.protocols import streams
 from douane.recording import originals
 from douane.recording.config import RecordingSettings
-from douane.recording.writer import RecordingWriter
+from douane.recording.writer import RecordingWriter, SharedIndex
 from douane.refusals import guarded, refuse
 from douane.settings import Settings
 
@@ -98,20 +98,24 @@ class Record:
         self.settings = settings
         self.recording: RecordingSettings | None = None
         self.writer: RecordingWriter | None = None
+        self.shared: SharedIndex | None = None
 
     def configure(self, updated: set[str]) -> None:
         if "douane_config" not in updated and self.writer is not None:
             return
-        recording = self.settings.config.sections.get("recording")
-        if recording == self.recording and (self.writer or not recording):
+        config = self.settings.config
+        recording = config.sections.get("recording")
+        shared = SharedIndex(config.database, config.replica, config.worker) \
+            if config.database else None
+        if (recording, shared) == (self.recording, self.shared) and (self.writer or not recording):
             return
         if self.writer:
             self.writer.close()
             self.writer = None
-        self.recording = recording  # without a writer, traffic follows on_error
+        self.recording, self.shared = recording, shared  # without a writer: on_error
         if recording:
             try:
-                self.writer = RecordingWriter(recording)
+                self.writer = RecordingWriter(recording, shared)
             except RuntimeError as e:
                 raise exceptions.OptionsError(f"douane: {e}") from None
 

@@ -1,8 +1,17 @@
-"""The SQLite index of recordings: one row per flow, rebuildable from the `.mitm` files."""
+"""The index of recordings: one row per flow, rebuildable from the `.mitm` files.
+
+Embedded default: a SQLite file beside the recordings, one per writer. With a shared store
+(`database:`), one `flows` table in PostgreSQL for the whole fleet (schema in douane.store.schema):
+each row also names the replica that holds the recording, and its `file` is relative to the
+configured `recording.dir` on that replica's host (a worker's `wN/` folder included), so
+`douane sessions` on any host lists every replica's flows and reads the files of its own host.
+The same functions serve both: `db` is a sqlite3 or a psycopg connection.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +32,24 @@ CREATE INDEX IF NOT EXISTS flows_decision_id ON flows (decision_id);
 COLUMNS = ("flow_id", "decision_id", "ts", "user", "groups", "upstream", "model", "operation",
            "tool", "decision", "risk", "masked", "masked_types", "status", "latency_ms", "file",
            "offset")
+STORE_COLUMNS = (*COLUMNS, "replica")
+
+
+def _store(db: Any) -> bool:
+    return not isinstance(db, sqlite3.Connection)
+
+
+def _columns(db: Any) -> tuple[str, ...]:
+    return STORE_COLUMNS if _store(db) else COLUMNS
+
+
+def _sql(db: Any, text: str) -> str:
+    """`?` placeholders as the connection's driver wants them (psycopg: %s)."""
+    return text.replace("?", "%s") if _store(db) else text
+
+
+def _names(columns: tuple[str, ...]) -> str:
+    return ", ".join(f'"{c}"' for c in columns)  # "user" and "offset" are reserved in SQL
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -55,11 +82,21 @@ def row(flow: http.HTTPFlow, file: str, offset: int) -> dict[str, Any]:
     }
 
 
-def insert(db: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
-    db.executemany(f"INSERT OR REPLACE INTO flows ({', '.join(COLUMNS)}) VALUES "
-                   f"({', '.join('?' for _ in COLUMNS)})",
-                   [tuple(r[c] for c in COLUMNS) for r in rows])
-    db.commit()
+def insert(db: Any, rows: list[dict[str, Any]]) -> None:
+    """Store rows carry `replica` too."""
+    columns = _columns(db)
+    verb = "INSERT" if _store(db) else "INSERT OR REPLACE"
+    conflict = " ON CONFLICT (flow_id) DO UPDATE SET " + ", ".join(
+        f'"{c}" = excluded."{c}"' for c in columns[1:]) if _store(db) else ""
+    with _transaction(db):
+        db.cursor().executemany(
+            _sql(db, f"{verb} INTO flows ({_names(columns)}) VALUES "
+                     f"({', '.join('?' for _ in columns)}){conflict}"),
+            [tuple(r[c] for c in columns) for r in rows])
+
+
+def _transaction(db: Any) -> Any:
+    return db.transaction() if _store(db) else db  # sqlite3: `with db` commits
 
 
 def read_flows(path: Path) -> Iterator[tuple[int, http.HTTPFlow]]:
@@ -79,37 +116,71 @@ def read_flows(path: Path) -> Iterator[tuple[int, http.HTTPFlow]]:
                 yield offset, flow
 
 
-def reindex(db: sqlite3.Connection, root: Path) -> int:
-    """Rebuild the index from every .mitm file under `root`."""
-    db.execute("DELETE FROM flows")
+WORKER_FOLDER = re.compile(r"w\d{1,3}")  # `scripts/run --workers`: recordings/wN/
+
+
+def replica_of(relative: Path, host: str) -> str:
+    """The replica of this host that wrote a recording file (relative to `recording.dir`)."""
+    worker = relative.parts[0] if len(relative.parts) > 1 else ""
+    return f"{host}/{worker}" if WORKER_FOLDER.fullmatch(worker) else host
+
+
+def local(replica: str | None, host: str) -> bool:
+    """Whether a row's recording is on this host (its own or one of its workers')."""
+    return replica is None or replica == host or replica.startswith(host + "/")
+
+
+def reindex(db: Any, root: Path, host: str = "") -> int:
+    """Rebuild the index from every .mitm file under `root`. In a shared store, only this host's
+    rows: its own (`host`) and its workers' (`host/wN`, the files under `root/wN/`)."""
     count = 0
+    with _transaction(db):
+        if _store(db):
+            db.execute("DELETE FROM flows WHERE replica = %s OR left(replica, %s) = %s",
+                       (host, len(host) + 1, host + "/"))
+        else:
+            db.execute("DELETE FROM flows")
     for path in sorted(root.rglob("*.mitm")):
-        rows = [row(flow, str(path.relative_to(root)), offset)
+        relative = path.relative_to(root)
+        rows = [{**row(flow, str(relative), offset), "replica": replica_of(relative, host)}
                 for offset, flow in read_flows(path)]
         insert(db, rows)
         count += len(rows)
     return count
 
 
-def query(db: sqlite3.Connection, user: str | None = None, since: float | None = None,
+def query(db: Any, user: str | None = None, since: float | None = None,
           decision: str | None = None, tool: str | None = None,
           limit: int = 100) -> list[dict[str, Any]]:
+    """Newest first; limit < 0: all."""
     where, args = [], []
-    for clause, value in (("user = ?", user), ("ts >= ?", since), ("decision = ?", decision),
+    for clause, value in (('"user" = ?', user), ("ts >= ?", since), ("decision = ?", decision),
                           ("tool = ?", tool)):
         if value is not None:
             where.append(clause)
             args.append(value)
-    sql = f"SELECT {', '.join(COLUMNS)} FROM flows"
+    columns = _columns(db)
+    sql = f"SELECT {_names(columns)} FROM flows"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY ts DESC LIMIT ?"
-    return [dict(zip(COLUMNS, r, strict=True)) for r in db.execute(sql, (*args, limit))]
+    limit_arg = None if limit < 0 and _store(db) else limit  # PostgreSQL: LIMIT NULL is all
+    return [dict(zip(columns, r, strict=True))
+            for r in db.execute(_sql(db, sql), (*args, limit_arg)).fetchall()]
 
 
-def find(db: sqlite3.Connection, ident: str) -> dict[str, Any] | None:
+def find(db: Any, ident: str) -> dict[str, Any] | None:
     """A flow by decision id or flow id."""
-    r = db.execute(f"SELECT {', '.join(COLUMNS)} FROM flows WHERE decision_id = ? OR "
-                   f"flow_id = ?", (ident, ident)).fetchone()
-    return dict(zip(COLUMNS, r, strict=True)) if r else None
+    columns = _columns(db)
+    r = db.execute(_sql(db, f"SELECT {_names(columns)} FROM flows WHERE decision_id = ? OR "
+                            f"flow_id = ?"), (ident, ident)).fetchone()
+    return dict(zip(columns, r, strict=True)) if r else None
+
+
+def delete_file(db: Any, file: str, replica: str | None = None) -> None:
+    """The rows of a deleted recording file (of this replica, in a shared store)."""
+    if _store(db):
+        db.execute('DELETE FROM flows WHERE file = %s AND replica = %s', (file, replica))
+    else:
+        db.execute("DELETE FROM flows WHERE file = ?", (file,))
 

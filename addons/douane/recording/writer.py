@@ -21,23 +21,26 @@ import os
 import queue
 import re
 import signal
-import sqlite3
 import sys
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from mitmproxy import connection, http
 from mitmproxy.io import tnetstring
 from wsproto.frame_protocol import Opcode
 
-from douane import protocols, secrets, transcript, untrusted
+from douane import protocols, secrets, store, transcript, untrusted
 from douane.protocols import decoding, fields, streams
 from douane.recording import index, originals
 from douane.recording.config import RecordingSettings
+
+if TYPE_CHECKING:
+    from douane.config import Database
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ COMMENT_CHARS = 4096  # the flow's comment: douane's decision and its reasons' m
 OPEN_FILES = 32  # session files kept open: one per active connection or MCP session
 BATCH_ROWS = 500  # index rows per commit at most, under a load that never lets the queue drain
 BATCH_SECONDS = 1.0  # ... and the oldest uncommitted row waits no longer than this
+PENDING_ROWS = 100_000  # rows kept for a shared store that is down; older ones are dropped
 STARTING = -1  # the shared health flag before the child runs
 STARTUP_SECONDS = 60
 WRITER_NICENESS = 10
@@ -56,6 +60,16 @@ WRITER_NICENESS = 10
 _CLIENT = connection.Client(peername=("", 0), sockname=("", 0))  # see `scrubbed`
 _SERVER = connection.Server(address=None)
 Item = tuple[Path, dict, frozenset[str], originals.Original | None, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class SharedIndex:
+    """The fleet's index in the shared store instead of the SQLite file: this replica's name, and
+    its folder under `recording.dir` (a worker's `wN`, else empty)."""
+
+    database: Database
+    replica: str
+    folder: str = ""
 
 
 def scrubbed(snapshot: dict, names: frozenset[str]) -> http.HTTPFlow:
@@ -198,13 +212,13 @@ class RecordingWriter:
     """The gateway's end: `put` from the event loop (never blocks), `healthy` read by the
     request hook, `close` drains and joins."""
 
-    def __init__(self, settings: RecordingSettings):
+    def __init__(self, settings: RecordingSettings, shared: SharedIndex | None = None):
         # spawn: forking a process that runs an asyncio loop and threads is unsafe
         context = multiprocessing.get_context("spawn")
         # set by the child: 1 once it runs, 0 after a failed write, 1 after one that succeeds
         self._healthy = context.RawValue("b", STARTING)
         receiver, self._sender = context.Pipe(duplex=False)
-        self._process = context.Process(target=serve, args=(receiver, settings, self._healthy),
+        self._process = context.Process(target=serve, args=(receiver, settings, self._healthy, shared),
                                         name="douane-recording", daemon=True)
         self._process.start()
         receiver.close()  # the child's alone: the gateway's death is its EOF
@@ -267,7 +281,8 @@ class RecordingWriter:
             item = self._queue.get()
 
 
-def serve(receiver: Connection, settings: RecordingSettings, healthy: Any) -> None:
+def serve(receiver: Connection, settings: RecordingSettings, healthy: Any,
+          shared: SharedIndex | None = None) -> None:
     """The child process: writes what arrives until the gateway's sentinel or its death."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Behind the gateway for the CPU: a request never waits for an earlier flow's recording
@@ -276,11 +291,13 @@ def serve(receiver: Connection, settings: RecordingSettings, healthy: Any) -> No
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, datefmt="%H:%M:%S",
                         format="[%(asctime)s.%(msecs)03d] douane recording writer "
                                f"(pid {os.getpid()}): %(message)s")
-    writer = _Writer(settings, healthy)
+    writer = _Writer(settings, healthy, shared)
     try:
         while True:
             if writer.rows and (not receiver.poll() or writer.overdue()):
                 writer.commit()  # before blocking: the index is never behind for long
+            if writer.rows and not receiver.poll(BATCH_SECONDS):
+                continue  # rows the shared store did not take yet: retried without a new flow
             try:
                 item = receiver.recv()
             except EOFError:
@@ -294,15 +311,21 @@ def serve(receiver: Connection, settings: RecordingSettings, healthy: Any) -> No
 
 
 class _Writer:
-    def __init__(self, settings: RecordingSettings, healthy: Any):
-        self.settings, self.healthy = settings, healthy
+    def __init__(self, settings: RecordingSettings, healthy: Any,
+                 shared: SharedIndex | None = None):
+        self.settings, self.healthy, self.shared = settings, healthy, shared
         self.key = originals.public_key(settings.originals_key) \
             if settings.originals_key else None
         self.files: OrderedDict[Path, IO[bytes]] = OrderedDict()  # least recently used first
-        self.db: sqlite3.Connection | None = None
+        self.db: Any = None  # sqlite3, or psycopg with a shared store
         self.rows: list[dict[str, Any]] = []
         self.since = 0.0  # when the oldest uncommitted row was written
         self.last_ok = True
+        self.unindexed = 0  # rows dropped while the shared store was down
+        self.retry_at = 0.0  # monotonic: the shared store failed; not tried again before
+        if shared:  # the files are the record; rows wait (bounded) while the store is down
+            healthy.value = 1
+            return
         try:
             self.db = index.connect(settings.index_path)
             healthy.value = 1
@@ -325,6 +348,9 @@ class _Writer:
                     sealed.write(originals.seal(
                         self.key, flow.id, flow.metadata["douane"].get("decision_id"), original))
             row = index.row(flow, str(relative), offset)
+            if self.shared:
+                row.update(replica=self.shared.replica,
+                           file=str(Path(self.shared.folder) / relative))
         except Exception:
             self.failed(path, offset)
             logger.exception("douane: cannot record flow %s to %s", flow_id, relative)
@@ -372,6 +398,9 @@ class _Writer:
         return len(self.rows) >= BATCH_ROWS or time.monotonic() - self.since >= BATCH_SECONDS
 
     def commit(self) -> None:
+        if self.shared:
+            self.commit_shared()
+            return
         rows, self.rows = self.rows, []
         try:
             self.db = self.db or index.connect(self.settings.index_path)
@@ -387,6 +416,38 @@ class _Writer:
             return
         if self.last_ok:
             self.healthy.value = 1
+
+    def commit_shared(self) -> None:
+        """Rows go to the store; while it is down they stay queued (at most PENDING_ROWS, then
+        the oldest are dropped: `douane sessions reindex` restores them from the files), and
+        recording goes on: the files, not the index, are the record."""
+        assert self.shared
+        if time.monotonic() < self.retry_at:
+            return
+        try:
+            self.db = self.db or store.connect(self.shared.database, autocommit=True)
+            for start in range(0, len(self.rows), BATCH_ROWS):
+                index.insert(self.db, self.rows[start:start + BATCH_ROWS])
+        except Exception as e:
+            if self.db is not None:
+                self.db.close()
+                self.db = None
+            over = len(self.rows) - PENDING_ROWS
+            if over > 0:
+                self.unindexed += over
+                del self.rows[:over]
+            if not self.retry_at:
+                logger.error("douane: cannot index flows in the shared store (%s); kept and "
+                             "retried every %ss (at most %d, then `douane sessions reindex` "
+                             "restores the oldest)", type(e).__name__, BATCH_SECONDS,
+                             PENDING_ROWS)
+            self.retry_at = time.monotonic() + BATCH_SECONDS
+            return
+        if self.retry_at:
+            logger.info("douane: the shared store indexes flows again (%d dropped meanwhile)",
+                        self.unindexed)
+            self.retry_at = 0.0
+        self.rows = []
 
     def close(self) -> None:
         if self.rows:

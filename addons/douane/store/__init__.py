@@ -3,6 +3,24 @@ config). Without a database, each process keeps its state as before (SQLite file
 state_dir, counters in memory): the embedded default.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from douane.config import Database
+
 
 class StoreUnavailable(Exception):
     """The shared store cannot answer now: what needs it is refused, never let through."""
+
+
+def connect(database: Database, **kwargs: Any) -> psycopg.Connection[Any]:
+    """A plain (blocking) connection, for what never runs on the event loop: the recording
+    writer's process, the audit chain-head thread, operator commands."""
+    import psycopg  # the embedded default never loads the driver
+    return psycopg.connect(database.url, password=database.password,
+                           connect_timeout=max(1, round(database.timeout)),
+                           application_name="douane", **kwargs)

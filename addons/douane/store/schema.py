@@ -67,4 +67,25 @@ CREATE TABLE limit_usage (
     day bigint NOT NULL,                -- days since the epoch of `tokens`
     tokens bigint NOT NULL);
 """),
+    Migration(2, "session index and audit chain heads", """
+CREATE TABLE flows (                    -- one row per recorded flow, of every replica
+    flow_id text PRIMARY KEY,
+    decision_id text, ts double precision, "user" text, groups text, upstream text, model text,
+    operation text, tool text, decision text, risk double precision, masked integer,
+    masked_types text, status integer, latency_ms double precision,
+    file text,                          -- under recording.dir on the replica's host
+    "offset" bigint,
+    replica text NOT NULL);             -- the replica that holds the recording
+CREATE INDEX flows_user_ts ON flows ("user", ts);
+CREATE INDEX flows_ts ON flows (ts);
+CREATE INDEX flows_decision_id ON flows (decision_id);
+
+CREATE TABLE audit_heads (              -- each replica's audit chain: its newest record
+    replica text PRIMARY KEY,
+    host text NOT NULL,                 -- gateway.replica of its host (replica = host/worker)
+    path text NOT NULL,                 -- its log, on that host
+    seq bigint NOT NULL,
+    mac text NOT NULL,
+    updated_at double precision NOT NULL);
+"""),
 )
