@@ -3,6 +3,7 @@ thousand synthetic interactions; prints p50/p99 microseconds per evaluation."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 import statistics
 import sys
@@ -79,16 +80,18 @@ def main() -> int:
         engine.evaluate(policy, identity, upstream, it)
     timings = []
     actions: dict[str, int] = {}
+    digest = hashlib.sha256()  # every decision and its reasons: equal digests, equal decisions
     for identity, upstream, it in cases:
         start = time.perf_counter_ns()
         decision = engine.evaluate(policy, identity, upstream, it)
         timings.append((time.perf_counter_ns() - start) / 1000)
         actions[decision.action] = actions.get(decision.action, 0) + 1
+        digest.update(repr(decision.summary()).encode())
     timings.sort()
     p50, p99 = statistics.median(timings), timings[int(len(timings) * 0.99) - 1]
     print(f"policy: {len(policy.rules)} rules, {len(policy.groups)} groups, 50 tools; "
           f"{n} interactions (avg prompt {sum(len(i.prompt_text()) for *_, i in cases) // n} chars)")
-    print(f"decisions: {actions}")
+    print(f"decisions: {actions}, digest {digest.hexdigest()[:16]}")
     print(f"per evaluation: p50 {p50:.1f} us, p99 {p99:.1f} us, max {timings[-1]:.1f} us "
           f"(targets: p50 < 100 us, p99 < 1000 us)")
     return 0
