@@ -1,7 +1,7 @@
 """The audit trail: one JSON line per decision, hash-chained and HMAC'd so tampering shows.
 
 Each record carries `seq` (consecutive across rotated files), `prev` (the previous record's `mac`)
-and `mac` = HMAC-SHA256(key, canonical JSON of the record without `mac`). `douane audit verify`
+and, last on its line, `mac` = HMAC-SHA256(key, canonical JSON of the record without `mac`). `douane audit verify`
 recomputes the chain and names the first edited, deleted, inserted or reordered record. Records are
 written by a thread (the event loop only enqueues), flushed per record, rotated by size. A torn last
 line left by a crash is cut at start-up and the cut is itself recorded.
@@ -150,8 +150,11 @@ class AuditLog:
         # what a client sent, and never keeps a key it put in a model name or a header
         record = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
                   **untrusted.scrub_all(record), "seq": self._seq + 1, "prev": self._prev}
-        record["mac"] = sign(record, self.key)
-        return canonical(record) + b"\n", record
+        record.pop("mac", None)
+        # one encoding, signed as it is written: the mac goes last, after what it covers
+        body = canonical(record)
+        record["mac"] = hmac.new(self.key, body, hashlib.sha256).hexdigest()
+        return body[:-1] + b',"mac":"' + record["mac"].encode() + b'"}\n', record
 
     def _write(self, record: dict[str, Any]) -> None:
         line, signed = self._line(record)

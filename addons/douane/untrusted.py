@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from anyascii import anyascii
@@ -73,40 +73,36 @@ def scrub_all(value: Any, limit: int = FIELD_CHARS) -> Any:
     Cheap in the usual case, where there is no secret: values seen clean before (the same user,
     model, path in every record) are not scanned again, and the others are scanned once, joined
     by newlines (which no secret's value spans), instead of one pass of the detectors each."""
-    cut = _mapped(value, lambda text: text if len(text) <= limit else scrub(text, limit))
-    fresh = [t for t in _strings(cut)
-             if len(t) >= SHORTEST_SECRET and t not in _clean and not IDS.fullmatch(t)]
+    fresh: list[str] = []
+
+    def cut(text: str) -> str:
+        text = text if len(text) <= limit else scrub(text, limit)
+        if len(text) >= SHORTEST_SECRET and text not in _clean and not IDS.fullmatch(text):
+            fresh.append(text)
+        return text
+
+    kept = _mapped(value, cut)  # one walk: cut, and the strings to scan collected
     joined = "\n".join(fresh)
     if fresh and redact(joined) != joined:
         return _mapped(value, lambda text: scrub(text, limit))
     if len(_clean) > CLEAN_VALUES:
         _clean.clear()
     _clean.update(t for t in fresh if len(t) <= NAME_CHARS)
-    return cut
+    return kept
 
 
 def _mapped(value: Any, func: Callable[[str], str]) -> Any:
     if isinstance(value, str):
         return func(value)
-    if isinstance(value, dict):
-        return {k: _mapped(v, func) for k, v in value.items()}
+    if isinstance(value, dict):  # (strings and scalars in place: records are mostly flat)
+        return {k: func(v) if type(v) is str else v if v is None or type(v) in (int, float, bool)
+                else _mapped(v, func) for k, v in value.items()}
     if isinstance(value, list | tuple):
         items = [_mapped(v, func) for v in value[:LIST_ITEMS]]
         if len(value) > LIST_ITEMS:
             items.append(f"…[cut: {len(value)} items]")
         return items
     return value
-
-
-def _strings(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
 
 
 def slug(name: str, chars: int = 48) -> str:
