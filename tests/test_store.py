@@ -9,6 +9,9 @@ import psycopg
 import pytest
 
 from douane import config as configmod
+from douane.interaction import Interaction, McpMessage, TextPiece
+from douane.policy.limits import SharedRateLimiter
+from douane.policy.model import Limits
 from douane.store import StoreUnavailable
 from douane.store.postgres import PgStore
 from douane.store.schema import MIGRATIONS, Migration
@@ -182,5 +185,70 @@ def test_listen_notify_reaches_another_store(postgres):
         assert await asyncio.wait_for(got.get(), 10) == "hello"
         await a.close()
         await b.close()
+
+    asyncio.run(run())
+
+
+def test_limits_are_counted_once_across_replicas(postgres):
+    """Two replicas' limiters on one database: 40 concurrent requests under a limit of 15 a
+    minute pass 15 times; the daily token budget and an oversized batch refuse as in memory."""
+    url = postgres.new_database()
+    chat = Interaction("openai", "chat.completions", model="m", max_tokens=100,
+                       texts=[TextPiece("prompt", "user", "x" * 400, ("messages", 0))])
+
+    async def run() -> None:
+        stores = [await started(PgStore(database(url), f"r{i}")) for i in range(2)]
+        limiters = [SharedRateLimiter(s) for s in stores]
+        per_minute = Limits(requests_per_minute=15)
+        results = await asyncio.gather(*(limiters[i % 2].check("g|alice", per_minute, chat)
+                                         for i in range(40)))
+        assert results.count(None) == 15
+        assert {r.rule for r in results if r} == {"limit.requests_per_minute"}
+        assert await limiters[0].check("g|bob", per_minute, chat) is None  # a key of its own
+        # 200 tokens a request (400 characters / 4 + max_tokens 100): a budget of 500 is 2
+        budget = Limits(tokens_per_day=500)
+        assert [getattr(await lim.check("g|carol", budget, chat), "rule", None)
+                for lim in limiters * 2] == [None, None, "limit.tokens_per_day",
+                                             "limit.tokens_per_day"]
+        assert (await limiters[0].check("g|dan", Limits(tokens_per_day=199), chat)).rule == \
+            "limit.tokens_per_day"
+        batch = Interaction("mcp", "tools/call", mcp=[McpMessage("tools/call", i, {})
+                                                      for i in range(3)])
+        assert (await limiters[0].check("g|erin", Limits(batch_size=2), batch)).rule == \
+            "limit.batch_size"
+        # a batch of 3 calls counts 3 against the minute
+        assert await limiters[0].check("g|erin", Limits(requests_per_minute=4), batch) is None
+        assert (await limiters[1].check("g|erin", Limits(requests_per_minute=4), batch)).rule \
+            == "limit.requests_per_minute"
+        for s in stores:
+            await s.close()
+
+    asyncio.run(run())
+    with psycopg.connect(url) as conn:  # the window is kept per second, not per call
+        (seconds,) = conn.execute("SELECT cardinality(seconds) FROM limit_usage WHERE key = "
+                                  "'g|alice'").fetchone()
+        assert 1 <= seconds <= 2
+
+
+def test_the_minute_slides(postgres):
+    """A call leaves the window 60 s after its second (the stored seconds are moved back: the
+    database's clock is the one that counts)."""
+    url = postgres.new_database()
+    chat = Interaction("openai", "chat.completions", model="m")
+
+    async def run() -> None:
+        store = await started(PgStore(database(url), "r"))
+        limiter, limits = SharedRateLimiter(store), Limits(requests_per_minute=2)
+        assert await limiter.check("k", limits, chat) is None
+        assert await limiter.check("k", limits, chat) is None
+        assert await limiter.check("k", limits, chat) is not None
+        now = "floor(extract(epoch FROM statement_timestamp()))::bigint"
+        await store.fetchone(f"UPDATE limit_usage SET seconds = ARRAY[{now} - 58], "
+                             "counts = ARRAY[2] RETURNING 1")
+        assert await limiter.check("k", limits, chat) is not None  # 58 s ago: still counted
+        await store.fetchone(f"UPDATE limit_usage SET seconds = ARRAY[{now} - 60], "
+                             "counts = ARRAY[2] RETURNING 1")
+        assert await limiter.check("k", limits, chat) is None  # 60 s ago: out of the window
+        await store.close()
 
     asyncio.run(run())

@@ -2,7 +2,8 @@
 
 In memory, per gateway process, by default (`RateLimiter`). With a shared store (`database:`),
 `SharedRateLimiter` counts in PostgreSQL, one atomic statement per request, so N replicas enforce a
-limit once, not N times; while the store is down the request is refused (`StoreUnavailable`).
+limit once, not N times (its minute slides by whole seconds of the database's clock); while the
+store is down the request is refused (`StoreUnavailable`).
 Tokens are estimated at request time as prompt characters / 4 plus the requested max_tokens.
 An MCP request counts once per JSON-RPC call in it (a batch of 200 tool calls is 200 requests);
 MCP session housekeeping (initialize, server/discover, ping, notifications, answers to the
@@ -92,28 +93,32 @@ class RateLimiter:
         return None
 
 
-# The database's clock, the same for every replica.
-NOW = "extract(epoch FROM statement_timestamp())"
-# Count this request if both limits allow it, in one statement: the row of `key` is locked by the
-# upsert, so concurrent requests of every replica are counted one after the other. `calls` keeps
-# one time per call of the last minute (a sliding window, as in memory; at most the limit long).
+# The database's clock, the same for every replica, in whole seconds.
+SECOND = "floor(extract(epoch FROM statement_timestamp()))::bigint"
+# The calls of the sliding minute: this second and the 59 before it.
+RECENT = f"SELECT s, c FROM unnest(u.seconds, u.counts) AS w(s, c) WHERE s > {SECOND} - 60"
+# Count this request if both limits allow it, in one statement: the upsert locks the row of `key`,
+# so concurrent requests of every replica are counted one after the other. The row keeps the
+# calls per second of the last minute (at most 60 pairs, whatever the limit).
 COUNT = f"""
-INSERT INTO limit_usage AS u (key, calls, day, tokens)
-VALUES (%(key)s, array_fill({NOW}, ARRAY[%(calls)s::int]), floor({NOW} / 86400)::bigint,
-        %(cost)s)
+INSERT INTO limit_usage AS u (key, seconds, counts, day, tokens)
+VALUES (%(key)s, ARRAY[{SECOND}], ARRAY[%(calls)s::int], {SECOND} / 86400, %(cost)s)
 ON CONFLICT (key) DO UPDATE SET
-    calls = ARRAY(SELECT t FROM unnest(u.calls) t WHERE t > {NOW} - 60) || EXCLUDED.calls,
+    (seconds, counts) = (SELECT coalesce(array_agg(s ORDER BY s), '{{}}'),
+                                coalesce(array_agg(c ORDER BY s), '{{}}')
+                         FROM (SELECT s, sum(c)::int AS c FROM ({RECENT} UNION ALL
+                               SELECT {SECOND}, %(calls)s::int) x GROUP BY s) y),
     tokens = CASE WHEN u.day = EXCLUDED.day THEN u.tokens ELSE 0 END + EXCLUDED.tokens,
     day = EXCLUDED.day
-WHERE (SELECT count(*) FROM unnest(u.calls) t WHERE t > {NOW} - 60) + %(calls)s <= %(rpm)s
+WHERE (SELECT coalesce(sum(c), 0) FROM ({RECENT}) r) + %(calls)s <= %(rpm)s
   AND CASE WHEN u.day = EXCLUDED.day THEN u.tokens ELSE 0 END + EXCLUDED.tokens <= %(tpd)s
 RETURNING 1 AS counted
 """
 # Which limit refused (on a refusal only).
 USAGE = f"""
-SELECT (SELECT count(*) FROM unnest(calls) t WHERE t > {NOW} - 60) AS calls,
-       CASE WHEN day = floor({NOW} / 86400) THEN tokens ELSE 0 END AS tokens
-FROM limit_usage WHERE key = %s
+SELECT (SELECT coalesce(sum(c), 0) FROM ({RECENT}) r) AS calls,
+       CASE WHEN day = {SECOND} / 86400 THEN tokens ELSE 0 END AS tokens
+FROM limit_usage AS u WHERE key = %s
 """
 
 

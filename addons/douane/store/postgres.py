@@ -28,6 +28,12 @@ logger = logging.getLogger(__name__)
 RETRY_SECONDS = (0.2, 0.5, 1, 2)  # reconnecting the listener, retrying the migration
 
 
+class Stale(StoreUnavailable):
+    """The connection was found broken (the database restarted: the statement did not run; a
+    network cut mid-statement may have run it, and a second try then counts twice: a refusal,
+    never a pass)."""
+
+
 class PgStore:
     def __init__(self, database: Database, replica: str):
         self.database, self.replica = database, replica
@@ -36,11 +42,10 @@ class PgStore:
         self._channels: dict[str, Callable[[str], None]] = {}
         self.on_listen: list[Callable[[], None]] = []  # after each (re)connection of the listener
         self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
         self.pool = psycopg_pool.AsyncConnectionPool(
             database.url, kwargs=self._connect_kwargs(), min_size=1,
             max_size=database.pool_size, open=False, timeout=database.timeout,
-            # a connection broken by an outage is found and replaced before it fails a request
-            check=psycopg_pool.AsyncConnectionPool.check_connection,
             reconnect_timeout=365 * 86400, name="douane-store")
 
     def _connect_kwargs(self) -> dict[str, Any]:
@@ -58,8 +63,9 @@ class PgStore:
     def start(self) -> None:
         """Open the pool and migrate in the background: a replica starts while the database is
         down, refuses what needs it, and is ready as soon as the database answers."""
-        if self._tasks:
+        if self._started:
             return
+        self._started = True
         self._tasks.append(asyncio.get_running_loop().create_task(self._start()))
 
     async def _start(self) -> None:
@@ -118,10 +124,12 @@ class PgStore:
     async def connection(self, transaction: bool = False) -> AsyncIterator[
             psycopg.AsyncConnection[dict[str, Any]]]:
         """A pooled connection (in a transaction if asked), bounded by the store's timeout;
-        any failure to reach the database is `StoreUnavailable`."""
+        any failure to reach the database is `StoreUnavailable` (`Stale` when the connection
+        was found broken, as after a restart of the database: worth one more try)."""
         if not self.ready:
             raise StoreUnavailable("douane's store is not ready (the database has not answered "
                                    "since start-up)")
+        conn = None
         try:
             async with asyncio.timeout(self.database.timeout), \
                     self.pool.connection() as conn:
@@ -131,15 +139,40 @@ class PgStore:
                 else:
                     yield conn
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout, TimeoutError, OSError) as e:
+            if conn is not None and conn.broken:
+                self._check_pool()  # the other idle connections are likely broken too
+                raise Stale(f"douane's store is unavailable: {_short(e)}") from None
             raise StoreUnavailable(f"douane's store is unavailable: {_short(e)}") from None
 
+    def _check_pool(self) -> None:
+        """Drop the pool's broken idle connections (in the background, one check at a time):
+        no request pays a round trip to test its connection first."""
+        if not any(t.get_name() == "douane-store-check" and not t.done() for t in self._tasks):
+            self._tasks = [t for t in self._tasks if not t.done()]
+            self._tasks.append(asyncio.get_running_loop().create_task(
+                self.pool.check(), name="douane-store-check"))
+
     async def fetchone(self, query: str, params: Any = ()) -> dict[str, Any] | None:
-        async with self.connection() as conn:
-            return await (await conn.execute(query, params)).fetchone()
+        """One statement's first row; tried again once on a connection found broken (the
+        statement did not run)."""
+        for retry in (True, False):
+            try:
+                async with self.connection() as conn:
+                    return await (await conn.execute(query, params)).fetchone()
+            except Stale:
+                if not retry:
+                    raise
+        raise AssertionError("unreachable")
 
     async def fetchall(self, query: str, params: Any = ()) -> list[dict[str, Any]]:
-        async with self.connection() as conn:
-            return await (await conn.execute(query, params)).fetchall()
+        for retry in (True, False):
+            try:
+                async with self.connection() as conn:
+                    return await (await conn.execute(query, params)).fetchall()
+            except Stale:
+                if not retry:
+                    raise
+        raise AssertionError("unreachable")
 
     # --- LISTEN/NOTIFY -----------------------------------------------------------------------
 

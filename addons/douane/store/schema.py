@@ -63,7 +63,8 @@ CREATE INDEX grants_lookup ON grants (username, upstream, subject);
 
 CREATE TABLE limit_usage (
     key text PRIMARY KEY,               -- grant source | user
-    calls double precision[] NOT NULL,  -- one epoch time per call in the last minute
+    seconds bigint[] NOT NULL,          -- the epoch seconds of the last minute with calls,
+    counts integer[] NOT NULL,          -- and the calls of each (at most 60 pairs)
     day bigint NOT NULL,                -- days since the epoch of `tokens`
     tokens bigint NOT NULL);
 """),
