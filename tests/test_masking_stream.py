@@ -10,14 +10,24 @@ loaded machine changes nothing.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import random
+import sys
+from pathlib import Path
 
 import pytest
 
+from douane import protocols
 from douane.masking import operators
-from douane.masking.engine import Analyzer, Span
-from douane.masking.streaming import StreamMasker
+from douane.masking.engine import Analyzer, Span, trim_name
+from douane.masking.streaming import StreamMasker, plain_prefix
+from douane.protocols import streams
+from tests.support import upstream
 from tests.test_masking import SETTINGS
+from tests.test_protocols import ANTHROPIC, OPENAI, events, flow_for, streamed_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from masking_corpus import corpus  # noqa: E402
 
 CORPUS = [
     # the token right after "Bearer " (a cut there used to lose the prefix)
@@ -94,7 +104,8 @@ class ScheduledPool:
         else:
             # burst: nothing finishes before the end; model: before the next delta; slow: after
             # 0 to 4 more deltas (sometimes just before the end, sometimes not)
-            wait = {"burst": 10**9, "model": 0, "slow": self.rng.randint(0, 4)}[self.pace]
+            wait = {"burst": 10**9, "model": 0, "slow": self.rng.randint(0, 4),
+                    "mixed": self.rng.choice([0, 0, 1, 2, 3, 6, 10**9])}[self.pace]
             self.out.append((texts[0], future, wait))
         return future
 
@@ -216,3 +227,111 @@ def test_what_a_stream_keeps_of_released_text_is_bounded():
         assert len(ch.rows) <= 2 and len(ch.window) < 2 * streaming.LINE_CHARS
     assert "".join(out) + masker.finish("c") == text
     assert ch.tables.header == "name,city" and ch.tables.rows > 1900
+
+
+# -- the same property through the stream rewriter, in each API's own events --------------------
+
+API_STREAMS = {
+    "chat": (OPENAI, "/v1/chat/completions", {"messages": [], "stream": True},
+             upstream._openai_chat_events),
+    "responses": (OPENAI, "/v1/responses", {"input": "x", "stream": True},
+                  upstream._responses_events),
+    "anthropic": (ANTHROPIC, "/v1/messages", {"messages": [], "stream": True},
+                  upstream._anthropic_events),
+}
+
+
+def api_texts() -> list[tuple[str, list[str]]]:
+    """(text, its labelled values): the fixed corpus and the labelled corpus's kinds (names,
+    places, emails, phones, cards, SSNs, IBANs, IPs, keys of the secret catalogue, CSV and psql
+    rows, JSON tool results, logs, code) in several locales."""
+    items = [(text, []) for text in CORPUS]
+    return items + [(item.text, [item.text[s:e] for s, e, _ in item.spans])
+                    for item in corpus(36, seed=17)]
+
+
+def strings(doc) -> list[str]:
+    if isinstance(doc, dict):
+        return [s for v in doc.values() for s in strings(v)]
+    if isinstance(doc, list):
+        return [s for v in doc for s in strings(v)]
+    return [doc] if isinstance(doc, str) else []
+
+
+@pytest.mark.parametrize("api", list(API_STREAMS))
+def test_each_api_streams_exactly_what_the_whole_answer_masks(analyse, api):
+    """Each text streamed as the API's events in 1-8 character deltas, the SSE bytes cut at
+    random places (an event split, several in one read), each analysis finishing 0-6 reads after
+    it started or only at the end: what the client reads is the whole answer masked, and no value
+    the whole answer masks is in any string of any event (the recaps of Responses too)."""
+    rng = random.Random(f"douane-api-{api}")
+    upstream_, path, request, events_of = API_STREAMS[api]
+    mismatches = []
+    for text, labelled in api_texts():
+        expected = whole(analyse, text)
+        masked_values = [v for v in {*labelled, *(text[s.start:s.end] for s in analyse(text))}
+                         if v.strip() and v not in expected]
+        for _ in range(2):
+            data = "".join(events_of("m", random_split(text, rng, 8))).encode()
+            pool = ScheduledPool(analyse, "mixed", rng)
+            it = protocols.parse_request(upstream_, flow_for(upstream_, path, request))
+            rewriter = streams.StreamRewriter(protocols.stream_format(upstream_, it), it, "dcn_t")
+            rewriter.filters.append(StreamMasker(SETTINGS, pool))
+            out, i = [], 0
+            while i < len(data):
+                n = rng.randint(1, 160)
+                pool.tick()
+                out += rewriter(data[i:i + n])
+                i += n
+            if rng.random() < 0.5:
+                pool.tick()  # the end comes a moment after the last analysis finished
+            out.append(rewriter(b""))
+            body = b"".join(out)
+            leaked = [v for e in sse_events(body) for s in strings(e) for v in masked_values
+                      if v in s]
+            if streamed_text(api, body) != expected or leaked or rewriter.abort_message:
+                mismatches.append((api, text[:40], leaked[:2], rewriter.abort_message))
+    assert not mismatches, mismatches[:3]
+
+
+def sse_events(body: bytes) -> list:
+    return [json.loads(payload) for _, payload in events(body)
+            if payload.strip() not in ("", "[DONE]")]
+
+
+# -- what leaves without analysis ------------------------------------------------------------------
+
+@pytest.mark.parametrize(("before", "held", "end", "released"), [
+    ("", "Sure", False, ""),  # the word may still grow ("Suresh")
+    ("", "Sure. Th", False, "Sure. "),
+    ("", "\n\nCertainly! Here is the", False, "\n\nCertainly! Here is "),
+    ("", "I can help you", False, "I can "),  # "help" may be a name as far as this rule knows
+    ("", "I can do it", True, "I can do it"),  # at the channel's end the last word is whole
+    ("", "The Smiths are", False, "The "),
+    ("Dear ", "the team", False, "the "),  # a greeting's name never starts with "the"
+    ("", "IN a", False, ""),  # all capitals: a place (Indiana), not the word "in"
+    ("", "May I", False, ""),  # a name too
+    # what a secret's value follows: the value may be any word of two character classes
+    ("password is ", "Certainly so", False, ""),
+    ("password: ", "Certainly so", False, ""),
+    ("PASSWORD=", "Certainly so", False, ""),
+    ("Authorization: Bearer ", "the rest", False, ""),
+    ("basic ", "the rest", False, ""),
+    ('"name": "', "  The x", False, ""),  # a JSON value may start with spaces
+    ("her email ", "is john@x.com", False, "is "),
+    ("call ", "on +1 212", False, "on "),
+    ("Maria", " the", False, ""),  # the held text starts inside a word
+    ("word " * 60, "the end", False, "the "),
+    ("y" * 300 + " ", "the end", False, ""),  # the word before is cut: unknown
+])
+def test_only_words_no_value_can_start_in_leave_without_analysis(before, held, end, released):
+    assert held[:plain_prefix(before, held, end)] == released
+
+
+def test_names_and_places_never_start_with_a_word_that_leaves_unanalysed():
+    text = "Sure. The Hague, Theodore, IN, Will Smith and May Chen. the james"
+    spans = [Span(text.index(v), text.index(v) + len(v), "LOCATION", 0.85)
+             for v in ("Sure", "The Hague", "Theodore", "eodore", "IN", "Will Smith", "May Chen",
+                       "the james")]
+    assert [text[s.start:s.end] if s else None for s in (trim_name(text, s) for s in spans)] == [
+        None, "Hague", "Theodore", "eodore", "IN", "Will Smith", "May Chen", "james"]
