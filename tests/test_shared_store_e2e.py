@@ -245,3 +245,49 @@ def test_outage_refuses_clearly_then_recovers_by_itself(fleet, issuer, postgres)
                 assert time.monotonic() < deadline, "the replica did not recover"
                 time.sleep(0.2)
     assert call(api_a, bob, "GET", "/approvals")[0] == 200
+
+
+def test_a_request_held_through_an_outage_is_released_once_approved_after_it(
+        fleet, issuer, postgres):
+    """The holder's notifications connection is cut by the outage; it reconnects by itself and
+    the approval given on B after the database is back still releases the flow on A at once."""
+    a, b, llm, _, api_b = fleet
+    bob = issuer.mint("bob@corp", ["approvers"])
+    before = len(llm.requests)
+    held = Background(lambda: ask(client(a, llm, issuer.mint("hal@corp", ["engineering"])),
+                                  HELD))
+    pending = pending_for(api_b, bob, "hal@corp")
+    with postgres.outage():
+        wait_for_log(a, "store notifications interrupted")
+        assert not held.future.done()
+    deadline = time.monotonic() + 30
+    while (status := call(api_b, bob, "POST", f"/approvals/{pending['id']}/approve",
+                          {"reason": "after the outage"})[0]) == 503:
+        assert time.monotonic() < deadline, "B's API did not recover"
+        time.sleep(0.2)
+    assert status == 200
+    assert held.result() == DEFAULT_REPLY
+    assert len(llm.requests) == before + 1
+
+
+def test_a_replica_shutting_down_denies_its_held_requests_for_the_fleet(fleet, issuer):
+    """Its held client gets a refusal, and the other replicas see the request denied, not
+    pending forever."""
+    _, b, llm, _, api_b = fleet
+    bob = issuer.mint("bob@corp", ["approvers"])
+    c = Gateway(b.config_file.read_text().replace(str(b.state_dir), str(b.dir / "state-c")),
+                env=b.env, workdir=b.dir.parent / "c")
+    try:
+        wait_for_log(c, "store .* ready")
+        held = Background(lambda: ask(client(c, llm, issuer.mint("ida@corp", ["engineering"])),
+                                      HELD))
+        pending = pending_for(api_b, bob, "ida@corp")
+    finally:
+        c.stop()
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        held.result()
+    assert "douane shut down before an approver answered" in str(e.value)
+    status, doc = call(api_b, bob, "GET", f"/approvals/{pending['id']}")
+    assert status == 200 and doc["status"] == "denied"
+    assert pending["id"] not in [p["id"] for p in call(api_b, bob, "GET", "/approvals")[1]
+                                 ["approvals"]]

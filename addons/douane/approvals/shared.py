@@ -42,7 +42,7 @@ class SharedApprovals:
 
     async def open(self, pending: Pending, keep: float) -> None:
         """Save a new request; requests decided more than `keep` seconds ago are dropped."""
-        async with self.pg.connection(transaction=True) as conn:
+        async def insert(conn: Any) -> None:
             await conn.execute("DELETE FROM approvals WHERE coalesce(decided_at, expires_at) < %s",
                                (time.time() - keep,))
             await conn.execute(
@@ -51,6 +51,7 @@ class SharedApprovals:
                 (pending.id, self.pg.replica, pending.status, pending.mode, pending.requester.user,
                  pending.fingerprint, Jsonb(pending.summary()), pending.created_at,
                  pending.expires_at))
+        await self.pg.run(insert, transaction=True)
 
     async def get(self, approval_id: str) -> dict[str, Any] | None:
         return await self.pg.fetchone("SELECT * FROM approvals WHERE id = %s", (approval_id,))
@@ -74,7 +75,8 @@ class SharedApprovals:
         now = time.time()
         seconds = round(grant.expires_at - grant.created_at) \
             if grant and grant.fingerprint is None else None
-        async with self.pg.connection(transaction=True) as conn:
+
+        async def update(conn: Any) -> dict[str, Any] | None:
             row = await (await conn.execute(
                 "UPDATE approvals SET status = %s, approver = %s, reason = %s, decided_at = %s, "
                 "grant_seconds = %s WHERE id = %s AND status = 'pending' AND "
@@ -95,6 +97,7 @@ class SharedApprovals:
                      grant.approver, grant.reason))
             await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, approval_id))
             return row
+        return await self.pg.run(update, transaction=True)
 
     async def use_grant(self, user: str, upstream: str, subject: str, fp: str) -> Grant | None:
         """`GrantStore.use` across replicas: the matching unexpired grant, one use of a one-shot

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
@@ -26,6 +26,7 @@ from douane.store.schema import LOCK_ID, MIGRATIONS, VERSION_TABLE
 
 logger = logging.getLogger(__name__)
 RETRY_SECONDS = (0.2, 0.5, 1, 2)  # reconnecting the listener, retrying the migration
+T = TypeVar("T")
 
 
 class Stale(StoreUnavailable):
@@ -152,27 +153,26 @@ class PgStore:
             self._tasks.append(asyncio.get_running_loop().create_task(
                 self.pool.check(), name="douane-store-check"))
 
+    async def run(self, body: Callable[[psycopg.AsyncConnection[dict[str, Any]]], Awaitable[T]],
+                  transaction: bool = False) -> T:
+        """`body(conn)` on a pooled connection (in a transaction if asked); run again once on a
+        connection found broken (it did not run, or its transaction did not commit)."""
+        try:
+            async with self.connection(transaction) as conn:
+                return await body(conn)
+        except Stale:
+            async with self.connection(transaction) as conn:
+                return await body(conn)
+
     async def fetchone(self, query: str, params: Any = ()) -> dict[str, Any] | None:
-        """One statement's first row; tried again once on a connection found broken (the
-        statement did not run)."""
-        for retry in (True, False):
-            try:
-                async with self.connection() as conn:
-                    return await (await conn.execute(query, params)).fetchone()
-            except Stale:
-                if not retry:
-                    raise
-        raise AssertionError("unreachable")
+        async def one(conn: psycopg.AsyncConnection[dict[str, Any]]) -> dict[str, Any] | None:
+            return await (await conn.execute(query, params)).fetchone()
+        return await self.run(one)
 
     async def fetchall(self, query: str, params: Any = ()) -> list[dict[str, Any]]:
-        for retry in (True, False):
-            try:
-                async with self.connection() as conn:
-                    return await (await conn.execute(query, params)).fetchall()
-            except Stale:
-                if not retry:
-                    raise
-        raise AssertionError("unreachable")
+        async def rows(conn: psycopg.AsyncConnection[dict[str, Any]]) -> list[dict[str, Any]]:
+            return await (await conn.execute(query, params)).fetchall()
+        return await self.run(rows)
 
     # --- LISTEN/NOTIFY -----------------------------------------------------------------------
 
