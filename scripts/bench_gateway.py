@@ -7,11 +7,12 @@ PII and come back masked); for an OpenAI chat completion, an Anthropic message a
 all the proxy's processes (the recording writer and the masking workers included) and its peak RSS.
 Streams (a Python client: it must read SSE events): time to the first token, unmasked vs masked,
 at 50 and 200 tokens/s, and the largest event-loop stall with 32 masked streams ending together.
-Workers (issue 20): 1, 2 and N (one per core) douane processes behind HAProxy vs one bare mitmdump.
+Workers (issue 20): 1, 2 and N (one per core) douane processes behind HAProxy vs one bare mitmdump;
+the shared store (PostgreSQL) against the default one, per request, and workers sharing it.
 
 Bounded: a fixed duration per row; every server on 127.0.0.1; stops by itself. Writes
 docs/benchmarks.md unless --no-write (the analysis below its marker is kept).
-Usage: scripts/bench [--quick] [--seconds S] [--no-write] [--only requests,streams,workers]
+Usage: scripts/bench [--quick] [--seconds S] [--no-write] [--only requests,streams,workers,store]
 """
 
 from __future__ import annotations
@@ -259,7 +260,8 @@ def ready(port: int, token: str | None, masked: bool, timeout: float = 180) -> N
                 break
             except (OSError, RuntimeError, asyncio.IncompleteReadError) as e:
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"{name} on port {port} never answered: {e}") from e
+                    raise SystemExit(f"{name} on port {port} never answered: {e} (its log: "
+                                     "the bench's temporary folder)") from e
                 time.sleep(0.5)
         if (PII in answer) == masked:
             raise SystemExit(f"{name}: expected a{' masked' if masked else 'n unmasked'} "
@@ -347,13 +349,20 @@ class Workers:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def bench_config(work: Path, upstream_port: int, masking: bool) -> dict:
+def bench_config(work: Path, upstream_port: int, masking: bool = False,
+                 database: str | None = None) -> dict:
     """douane in front of the benchmark upstream's three APIs: identity (dev issuer), policy,
-    audit, recording; with `masking`, Presidio masking of the answers (2 workers)."""
-    (work / "grants.yaml").write_text(yaml.safe_dump({"version": 1, "default": {"upstreams": {
+    audit, recording; with `masking`, Presidio masking of the answers (2 workers); with
+    `database` (a PostgreSQL URL, its password in $BENCH_PG_PASSWORD), the shared store and a rate
+    limit it counts (too high to refuse anything), for the store's cost per request."""
+    default: dict = {"upstreams": {
         "llm": {"models": ["gpt-4o*"], "max_tokens": 1000},
         "claude": {"models": ["claude-*"], "max_tokens": 1000},
-        "crm": {"tools": {"allow": ["lookup_customer"]}}}}}))
+        "crm": {"tools": {"allow": ["lookup_customer"]}}}}
+    if database:
+        default["limits"] = {"requests_per_minute": 10_000_000}
+    grants = work / f"grants{'-db' if database else ''}.yaml"
+    grants.write_text(yaml.safe_dump({"version": 1, "default": default}))
     base = f"http://127.0.0.1:{upstream_port}"
     config = {"version": 1, "gateway": {"state_dir": str(work / "state")},
               "identity": {"dev_issuer": {"enabled": True, "key_file": str(work / "dev.pem")}},
@@ -363,10 +372,12 @@ def bench_config(work: Path, upstream_port: int, masking: bool) -> dict:
                   "claude": {"url": f"{base}/anthropic", "protocol": "anthropic",
                              "credential": {"env": "BENCH_UPSTREAM_KEY"}},
                   "crm": {"url": f"{base}/mcp", "protocol": "mcp"}},
-              "policy": {"files": [str(work / "grants.yaml")]},
+              "policy": {"files": [str(grants)]},
               "recording": {}}
     if masking:
         config["masking"] = {"workers": 2}
+    if database:
+        config["database"] = {"url": database, "password": {"env": "BENCH_PG_PASSWORD"}}
     return config
 
 
@@ -410,6 +421,7 @@ class Run:
     streams: list[StreamRow]
     memory: list[Memory]
     workers: list[Row]
+    store: list[Row]
     notes: list[str]
 
 
@@ -423,7 +435,10 @@ def print_row(r: Row) -> None:
 
 
 def measure_requests(variant: str, port: int, pid: int | None, token: str | None, seconds: float,
-                     work: Path, protocols: list[str], connections=(1, 32)) -> list[Row]:
+                     work: Path, protocols: list[str], connections=(1, 32),
+                     also: Callable[[], float] = lambda: 0.0) -> list[Row]:
+    """wrk rows; CPU counts the process `pid` and its processes, and `also` (CPU seconds of
+    another server the proxy uses, e.g. PostgreSQL)."""
     rows = []
     print("\n| variant | protocol | connections | req/s | p50 ms | p99 ms | CPU s/1k req "
           "| RSS MiB |\n|---|---|---|---|---|---|---|---|")
@@ -431,10 +446,10 @@ def measure_requests(variant: str, port: int, pid: int | None, token: str | None
         path, body = PROTOCOLS[name]
         script = wrk_script(work, body, token)
         for c in connections:
-            before = tree_cpu(pid) if pid else None
+            before = tree_cpu(pid) + also() if pid else 0.0
             with RssPeak(pid) as rss:
                 result = wrk(port, path, script, c, seconds)
-            cpu = (tree_cpu(pid) - before) / result.requests * 1000 if pid else None
+            cpu = (tree_cpu(pid) + also() - before) / result.requests * 1000 if pid else None
             rows.append(Row(variant, name, c, result.requests, result.rps, result.p50_ms,
                             result.p99_ms, cpu, rss.peak / 1024 if pid else None))
             print_row(rows[-1])
@@ -465,12 +480,55 @@ def measure_streams(variant: str, proxy: Proxy, token: str | None, quick: bool,
     return rows
 
 
-def store_variant(work: Path, upstream_port: int) -> tuple[str, dict] | None:
-    """The shared store (issue 20): douane with `database:` on PostgreSQL, for the cost per
-    request of limits and index writes. None while this tree's config has no `database:`."""
-    if "database" not in configmod.Config.__dataclass_fields__:
-        return None
-    return None  # issue 20: start tests/support/postgres.py's cluster, return its config here
+def measure_store(upstream_port: int, work: Path, token: str, seconds: float, quick: bool,
+                  out: Run) -> None:
+    """Issue 20: the shared store's cost per request. douane with a rate limit and the default
+    store (SQLite, limits in memory) against the same with `database:` on a PostgreSQL 15 cluster
+    of its own (tests/support/postgres.py; its server processes' CPU counted too); then workers
+    sharing it (not in --quick)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.support import postgres
+
+    if "database" not in configmod.Config.__dataclass_fields__ or not postgres.available():
+        out.notes.append("Shared store: not measured (no `database:` in this tree's config, or "
+                         f"no PostgreSQL binaries under {postgres.BIN}).")
+        return
+    cluster = postgres.PostgresCluster()
+    os.environ["BENCH_PG_PASSWORD"] = postgres.PASSWORD
+    try:
+        def pg_cpu() -> float:
+            return tree_cpu(int((cluster.data / "postmaster.pid").read_text().split()[0]))
+
+        # the password goes in $BENCH_PG_PASSWORD: douane refuses it in the URL
+        database = cluster.url(cluster.new_database().rsplit("/", 1)[1]).replace(
+            f":{postgres.PASSWORD}@", "@")
+        variants: list[tuple[str, dict, Callable[[], float]]] = [
+            ("douane + limit, default store", bench_config(work, upstream_port), lambda: 0.0),
+            ("douane + limit, PostgreSQL store",
+             bench_config(work, upstream_port, database=database), pg_cpu)]
+        variants[0][1]["policy"] = variants[1][1]["policy"]  # the same grants, with the limit
+        for name, cfg, also in variants:
+            proxy = Proxy(name.split(",")[1].strip().replace(" ", "_"), upstream_port, work, cfg)
+            try:
+                ready(proxy.port, token, masked=False)
+                out.store += measure_requests(name, proxy.port, proxy.pid, token, seconds, work,
+                                              ["openai"], also=also)
+            finally:
+                proxy.stop()
+        if quick:
+            return
+        config = bench_config(work, upstream_port, database=database)
+        for n in sorted({1, 2, os.cpu_count() or 1}):
+            workers = Workers(n, config, upstream_port, work)
+            try:
+                ready(workers.port, token, masked=False)
+                out.store += measure_requests(
+                    f"douane + limit, PostgreSQL store, {n} worker{'s' * (n > 1)} behind HAProxy",
+                    workers.port, workers.pid, token, seconds, work, ["openai"], (32,), pg_cpu)
+            finally:
+                workers.stop()
+    finally:
+        cluster.close()
 
 
 def run(quick: bool, only: set[str], seconds: float) -> Run:
@@ -478,7 +536,7 @@ def run(quick: bool, only: set[str], seconds: float) -> Run:
     upstream_port = free_port()
     upstream = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "bench_upstream.py"),
                                  str(upstream_port)])
-    out = Run(quick, seconds, [], [], [], [], [])
+    out = Run(quick, seconds, [], [], [], [], [], [])
     try:
         wait_port(upstream_port)
         config = bench_config(work, upstream_port, masking=False)
@@ -519,6 +577,8 @@ def run(quick: bool, only: set[str], seconds: float) -> Run:
                 proxy.stop()
         if "workers" in only:
             out.workers = measure_workers(config, upstream_port, work, token, seconds, out)
+        if "store" in only:
+            measure_store(upstream_port, work, token, seconds, quick, out)
     finally:
         upstream.terminate()
         upstream.wait()
@@ -540,12 +600,6 @@ def measure_workers(config: dict, upstream_port: int, work: Path, token: str, se
     counts = sorted({1, 2, os.cpu_count() or 1})
     variants: list[tuple[str, int, dict]] = [
         (f"douane, {n} worker{'s' * (n > 1)} behind HAProxy", n, config) for n in counts]
-    store = store_variant(work, upstream_port)
-    if store:
-        variants += [(f"{store[0]}, {n} worker{'s' * (n > 1)}", n, store[1]) for n in counts]
-    else:
-        out.notes.append("Shared store (PostgreSQL) cost per request: not measured, this tree's "
-                         "config has no `database:` yet (bench_gateway.store_variant is the hook).")
     for name, n, cfg in variants:
         workers = Workers(n, cfg, upstream_port, work)
         try:
@@ -677,6 +731,23 @@ def report(run: Run, command: str) -> str:
                   [[r.variant, f"{r.rps:.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}",
                     opt(r.cpu_per_1k, ".2f"), opt(r.rss_mib, ".0f"),
                     f"{r.rps / run.workers[0].rps:.1%}"] for r in run.workers])]
+    if run.store:
+        plain, pg = (next(r for r in run.store if r.variant == v and r.connections == 1)
+                     for v in ("douane + limit, default store", "douane + limit, PostgreSQL store"))
+        parts += [
+            "## Shared store\n\nThe same douane with a rate limit on the OpenAI grant (too high "
+            "to refuse), with the default store (SQLite files, limits in memory) and with "
+            "`database:` on a PostgreSQL 15 cluster on the same machine (fsync off); OpenAI chat "
+            "completions. CPU counts the PostgreSQL server's processes too. What goes through "
+            "the store is what this tree sends there (limits, index, approvals as they land).",
+            table(["variant", "connections", "req/s", "p50 ms", "p99 ms", "CPU s/1k req",
+                   "RSS MiB"],
+                  [[r.variant, str(r.connections), f"{r.rps:.0f}", f"{r.p50_ms:.2f}",
+                    f"{r.p99_ms:.2f}", opt(r.cpu_per_1k, ".2f"), opt(r.rss_mib, ".0f")]
+                   for r in run.store]),
+            f"Cost of the shared store per request (c=1): {pg.p50_ms - plain.p50_ms:+.2f} ms p50, "
+            f"{(pg.cpu_per_1k or 0) - (plain.cpu_per_1k or 0):+.2f} ms of CPU (all processes), "
+            f"{pg.rps / plain.rps:.1%} of the default store's req/s."]
     lines = targets(run)
     if lines:
         parts += ["## Targets in this run", table(["issue", "target", "measured", "met"], lines)]
@@ -684,6 +755,7 @@ def report(run: Run, command: str) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+SECTIONS = ("requests", "streams", "workers", "store")
 ANALYSIS = "<!-- analysis: kept when scripts/bench rewrites the figures above -->"
 
 
@@ -698,13 +770,13 @@ def write_doc(text: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 s per row (under 3 minutes)")
-    parser.add_argument("--seconds", type=float, help="per req/s row (default 10, quick 2)")
+    parser.add_argument("--seconds", type=int, help="per req/s row (default 10, quick 2)")
     parser.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.md")
-    parser.add_argument("--only", default="requests,streams,workers",
-                        help="comma-separated sections: requests, streams, workers")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections: {', '.join(SECTIONS)}")
     args = parser.parse_args()
     only = set(args.only.split(","))
-    if only - {"requests", "streams", "workers"}:
+    if only - set(SECTIONS):
         parser.error(f"unknown section in --only {args.only!r}")
     command = "scripts/bench " + " ".join(sys.argv[1:])
     print(f"{os.cpu_count()} cores, Python {platform.python_version()}: {command}", flush=True)
