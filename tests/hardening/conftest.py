@@ -51,6 +51,14 @@ def write_policy(folder: Path) -> str:
     return str(path)
 
 
+def with_claude(config: dict, base_url: str) -> dict:
+    """Declares the `claude` upstream POLICY grants: Anthropic under `base_url`/anthropic, with the
+    tests' upstream key (the gateway's env must carry DOUANE_TEST_UPSTREAM_KEY)."""
+    config["upstreams"]["claude"] = {"url": base_url + "/anthropic", "protocol": "anthropic",
+                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
+    return config
+
+
 def assert_refused(gw: Gateway, upstream: FakeUpstream, before: int, resp: httpx.Response,
                    *statuses: int) -> dict:
     """The response is a refusal with one of `statuses`, the upstream saw nothing new, and the

@@ -27,7 +27,7 @@ import pytest
 import zstandard
 
 from tests.conftest import UPSTREAM_KEY
-from tests.hardening.conftest import DENIED, assert_refused, write_policy
+from tests.hardening.conftest import DENIED, assert_refused, with_claude, write_policy
 from tests.support.gateway import Gateway, base_config
 from tests.support.upstream import FakeUpstream, _anthropic_events, _openai_chat_events
 
@@ -107,8 +107,7 @@ def plain_upstream(llm):
 def gw(issuer, llm, tmp_path_factory):
     work = tmp_path_factory.mktemp("bounds")
     config = base_config(issuer.url, llm.url, policy={"files": [write_policy(work)]})
-    config["upstreams"]["claude"] = {"url": llm.url + "/anthropic", "protocol": "anthropic",
-                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
+    with_claude(config, llm.url)
     config["gateway"] = {"body_size_limit": "1m", "answer_size_limit": "2m",
                          "stream_size_limit": "1m", "max_text_pieces": 2000}
     stats = work / "loop.json"
@@ -357,8 +356,7 @@ def test_a_rewritten_stream_leaves_a_reusable_connection(gw, llm, token):
 def default_gw(issuer, llm, tmp_path_factory):
     work = tmp_path_factory.mktemp("bounds-defaults")
     config = base_config(issuer.url, llm.url, policy={"files": [write_policy(work)]})
-    config["upstreams"]["claude"] = {"url": llm.url + "/anthropic", "protocol": "anthropic",
-                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
+    with_claude(config, llm.url)
     config["gateway"] = {"timeouts": {"idle": 3, "headers": 3, "body": 3}}
     stats = work / "loop.json"
     with Gateway(config, mode=f"reverse:{llm.url}", workdir=work / "gw",

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import UPSTREAM_KEY
-from tests.hardening.conftest import POLICY, assert_refused
+from tests.hardening.conftest import POLICY, assert_refused, with_claude
 from tests.support.gateway import Gateway, base_config
 
 
@@ -24,8 +24,7 @@ def gw(issuer, llm, tmp_path_factory):
     # the suite's policy (one rule: deny.codename), with the MCP upstream granted too
     policy.write_text(POLICY.replace("    claude: {", "    crm: {}\n    claude: {"))
     config = base_config(issuer.url, llm.url, policy={"files": [str(policy)]})
-    config["upstreams"]["claude"] = {"url": llm.url + "/anthropic", "protocol": "anthropic",
-                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
+    with_claude(config, llm.url)
     config["upstreams"]["crm"] = {"url": llm.url + "/mcp", "protocol": "mcp"}
     with Gateway(config, mode=f"reverse:{llm.url}", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
                  workdir=work / "gw") as gateway:

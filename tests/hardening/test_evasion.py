@@ -20,7 +20,7 @@ import pytest
 import zstandard
 
 from tests.conftest import UPSTREAM_KEY
-from tests.hardening.conftest import DENIED, assert_refused, write_policy
+from tests.hardening.conftest import DENIED, assert_refused, with_claude, write_policy
 from tests.support.gateway import Gateway, base_config
 from tests.support.upstream import FakeUpstream
 
@@ -30,8 +30,7 @@ def gw(issuer, llm, tmp_path_factory):
     work = tmp_path_factory.mktemp("evasion")
     config = base_config(issuer.url, llm.url, policy={"files": [write_policy(work)]},
                          recording={})
-    config["upstreams"]["claude"] = {"url": llm.url + "/anthropic", "protocol": "anthropic",
-                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
+    with_claude(config, llm.url)
     with Gateway(config, mode=f"reverse:{llm.url}", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
                  workdir=work / "gw") as gateway:
         yield gateway
@@ -333,8 +332,7 @@ def tls_llm():
 def proxy_gw(issuer, tls_llm, tmp_path_factory):
     work = tmp_path_factory.mktemp("evasion-h2")
     config = base_config(issuer.url, tls_llm.url, policy={"files": [write_policy(work)]})
-    config["upstreams"]["claude"] = {"url": tls_llm.url + "/anthropic", "protocol": "anthropic",
-                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
+    with_claude(config, tls_llm.url)
     # lazy: the client's ALPN (h2) is chosen before the HTTP/1.1-only fake upstream is reached
     with Gateway(config, mode="regular", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
                  args=["--set", "ssl_insecure=true", "--set", "connection_strategy=lazy"],

@@ -25,6 +25,7 @@ from tests.hardening.conftest import (
     FAULT_ENV,
     FAULT_SCRIPT,
     assert_refused,
+    with_claude,
     write_policy,
 )
 from tests.support.gateway import Gateway, base_config
@@ -56,8 +57,7 @@ def gw(issuer, llm, dead_issuer, tmp_path_factory):
     config = base_config(issuer.url, llm.url, policy={"files": [write_policy(work)]},
                          masking={"workers": 1, "requests": True, "timeout_seconds": 120})
     config["identity"]["issuers"].append({"issuer": dead_issuer, "audience": "douane-tests"})
-    config["upstreams"]["claude"] = {"url": llm.url + "/anthropic", "protocol": "anthropic",
-                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
+    with_claude(config, llm.url)
     with Gateway(config, mode=f"reverse:{llm.url}", args=["-s", str(FAULT_SCRIPT)],
                  env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY, **FAULT_ENV},
                  workdir=work / "gw") as gateway:

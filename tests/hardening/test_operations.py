@@ -15,7 +15,7 @@ import yaml
 
 from douane.recording import index
 from tests.conftest import UPSTREAM_KEY
-from tests.hardening.conftest import DENIED, POLICY, assert_refused
+from tests.hardening.conftest import DENIED, POLICY, assert_refused, with_claude
 from tests.hardening.test_evasion import H2Only
 from tests.support.gateway import Gateway, base_config
 from tests.support.upstream import DEFAULT_REPLY, FakeUpstream
@@ -32,8 +32,7 @@ def gw(issuer, llm, tmp_path_factory):
     (work / "policy.yaml").write_text(yaml.safe_dump(policy))
     config = base_config(issuer.url, llm.url + "/v1", policy={"files": [str(work / "policy.yaml")]},
                          recording={})
-    config["upstreams"]["claude"] = {"url": llm.url + "/anthropic", "protocol": "anthropic",
-                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
+    with_claude(config, llm.url)
     with Gateway(config, mode=f"reverse:{llm.url}", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
                  workdir=work) as gateway:
         yield gateway

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from tests.conftest import UPSTREAM_KEY
-from tests.hardening.conftest import COOKIE, DENIED, write_policy
+from tests.hardening.conftest import COOKIE, DENIED, with_claude, write_policy
 from tests.support.gateway import Gateway, base_config
 from tests.support.upstream import FakeUpstream
 
@@ -39,8 +39,7 @@ def traffic(issuer, secrets, tmp_path_factory):
     llm = FakeUpstream()
     config = base_config(issuer.url, llm.url, policy={"files": [write_policy(work)]},
                          recording={})
-    config["upstreams"]["claude"] = {"url": llm.url + "/anthropic", "protocol": "anthropic",
-                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
+    with_claude(config, llm.url)
     env = {"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
     token = issuer.mint("lea@corp.example", ["engineering"])
     forged = token[:-6] + "AAAAAA"
