@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from douane.commands import add_config_option, config_file, load_config
-from douane.masking import operators
 from douane.masking.config import MaskingSettings
-from douane.masking.engine import Analyzer, Span
 from douane.untrusted import escape
+
+if TYPE_CHECKING:
+    from douane.masking.engine import Span
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -72,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"douane mask: {e}", file=sys.stderr)
         return 2
+    # imported here: spaCy takes seconds to import, and every `douane` command registers this one
+    from douane.masking import operators
+    from douane.masking.engine import Analyzer
+
     analyzer = Analyzer(settings)
     results = analyzer.analyze_many(texts)
     counts: dict[str, int] = {}

@@ -20,7 +20,7 @@ from douane import config as configmod
 from douane import store, transcript
 from douane.audit import AuditConfig, AuditLog, hmac_key
 from douane.commands import add_config_option, config_file, load_config
-from douane.recording import index, originals, replay
+from douane.recording import index, originals
 from douane.untrusted import escape
 
 
@@ -203,6 +203,8 @@ def _operator_log(config) -> AuditLog:
 
 
 def replay_(args: argparse.Namespace) -> int:
+    from douane.recording import replay  # mitmproxy's dump machinery: seconds to import
+
     config, recording = _load(args)
     token = args.token or os.environ.get("DOUANE_TOKEN")
     if not token:
