@@ -1,8 +1,9 @@
 """douane's mitmproxy script: `mitmdump -s addons/gateway.py --set douane_config=FILE`.
 
-mitmproxy calls each hook on these addons in this order, so a flow is routed (for the shape of any
-refusal), authenticated, brokered, inspected, decided and masked before the audit trail records the
-decision.
+One addon, the `Checkpoint`, receives mitmproxy's per-flow events and calls each concern's step in
+the order below: a flow is routed (for the shape of any refusal), authenticated, brokered,
+inspected, decided, held and masked before the audit trail records the decision, then marked and
+recorded; the upstream credential is added last.
 """
 
 from mitmproxy import contentviews
@@ -16,6 +17,7 @@ from douane.identity import Authenticate
 from douane.inspect import Inspect
 from douane.marks import Mark
 from douane.masking.addon import Mask
+from douane.pipeline import Checkpoint, Order
 from douane.policy.addon import Enforce
 from douane.recording.addon import Record
 from douane.recording.originals import KeepOriginals
@@ -39,34 +41,100 @@ approvals = Approvals(settings, audit_trail, mask, shared)
 record = Record(settings)
 metrics = Metrics()
 pins = PinTools(settings, audit_trail)
+keep_refusals = KeepRefusals()
+# /healthz says "draining" at shutdown while flows finish, before the writers close
+admin = Admin(settings, metrics, loop_monitor, authenticate, audit_trail, record, approvals)
+timeouts = ClientTimeouts(settings)
+route = Route(settings)
+resource_metadata = ProtectedResourceMetadata(settings)
+resource_access = ResourceAccess()
+broker = Broker(settings, enforce.policy)
+inspect = Inspect(settings)
+police_websocket = PoliceWebSocket(enforce, audit_trail)
+originals = KeepOriginals(settings)
+mark = Mark()
+inject_credential = InjectCredential()
 
 contentviews.add(DouaneContentview)  # LLM and MCP flows read as conversations
 
-addons = [
-    settings,
-    shared,  # the store opens before the concerns that use it
-    KeepRefusals(),  # first on every response: a refusal is never replaced (server replay)
-    loop_monitor,
-    # early: at shutdown /healthz says "draining" while flows finish, before the writers close
-    Admin(settings, metrics, loop_monitor, authenticate, audit_trail, record, approvals),
-    ClientTimeouts(settings),
-    Route(settings),
-    ProtectedResourceMetadata(settings),  # MCP clients discover where to log in, unauthenticated
-    authenticate,
-    ResourceAccess(),  # an MCP resource's tokens: issued for it, with its scopes
-    Broker(settings, enforce.policy),  # grants may name operations douane does not parse
-    Inspect(settings),
-    pins,  # before Enforce: MCP tools are pinned from whole listings, not a caller's share
-    enforce,
-    pins.calls,  # after Enforce, before Approvals: a call to a withheld MCP tool is refused
-    approvals,  # right after Enforce: a "hold" waits for an approver
-    PoliceWebSocket(enforce, audit_trail),  # allowed WebSockets: every message policed
-    KeepOriginals(settings),  # before Mask: the unmasked bodies, when auditors want them
-    mask,
-    audit_trail,
-    metrics,  # after the audit trail: each flow counted once it is recorded
-    Mark(),  # blocked, held, masked flows stand out in mitmweb and in recordings
-    record,
-    InjectCredential(),  # last: nothing held, shown or recorded before sending carries the key
-    shared.closer,  # the store closes after every concern's `done`
-]
+# Load, configure, running and done reach these in this order: settings first, then the shared
+# store (before the concerns that use it), admin early; the store closes after every other `done`.
+CONCERNS = (settings, shared, keep_refusals, loop_monitor, admin, timeouts, route,
+            resource_metadata, authenticate, resource_access, broker, inspect, pins, enforce,
+            pins.calls, approvals, police_websocket, originals, mask, audit_trail, metrics, mark,
+            record, inject_credential, shared.closer)
+
+ORDER = Order(
+    http_connect=(
+        timeouts.http_connect,
+        authenticate.http_connect,
+        broker.http_connect,  # refuses tunnels to undeclared hosts before any TLS
+        audit_trail.http_connect,  # a refused CONNECT is a decision
+        metrics.http_connect,
+        mark.http_connect,
+        record.http_connect,
+    ),
+    requestheaders=(
+        admin.requestheaders,  # in flight, for draining
+        timeouts.requestheaders,
+        route.requestheaders,  # first: a refusal has the upstream's shape
+        resource_metadata.requestheaders,  # MCP clients discover where to log in, unauthenticated
+        authenticate.requestheaders,
+        resource_access.requestheaders,  # an MCP resource's tokens: issued for it, its scopes
+        broker.requestheaders,  # grants may name operations douane does not parse
+        inspect.requestheaders,
+        audit_trail.requestheaders,  # no request goes on while the audit log cannot be written
+        record.requestheaders,
+    ),
+    request=(
+        keep_refusals.request,  # an MCP refusal given on the headers names the request's id
+        timeouts.request,
+        inspect.request,  # the body is parsed once, here; every later step reads the interaction
+        enforce.request,
+        pins.calls.request,  # after Enforce: a call to a withheld MCP tool is refused
+        approvals.request,  # a "hold" waits for an approver
+        originals.request,  # before masking: the unmasked bodies, when auditors want them
+        mask.request,
+        inject_credential.request,  # last: nothing held, shown or recorded carries the key
+    ),
+    responseheaders=(
+        keep_refusals.responseheaders,  # first: a refusal is never replaced (server replay)
+        broker.responseheaders,  # the credential has been sent: forgotten
+        inspect.responseheaders,  # an SSE answer is rewritten event by event; filters follow
+        pins.responseheaders,
+        enforce.responseheaders,
+        originals.responseheaders,
+        mask.responseheaders,
+        audit_trail.responseheaders,  # the decision id on the answer
+    ),
+    response=(
+        admin.response,
+        timeouts.response,
+        inspect.response,
+        pins.response,  # before Enforce: MCP tools are pinned from whole listings
+        enforce.response,
+        originals.response,
+        mask.response,
+        audit_trail.response,
+        metrics.response,  # each flow counted once it is recorded
+        mark.response,  # blocked, held, masked flows stand out in mitmweb and in recordings
+        record.response,
+    ),
+    error=(
+        admin.error,
+        timeouts.error,
+        broker.error,
+        inspect.error,
+        audit_trail.error,
+        metrics.error,
+        mark.error,
+        record.error,
+    ),
+    websocket_start=(timeouts.websocket_start,),
+    websocket_message=(police_websocket.websocket_message,),  # every message policed
+    websocket_end=(police_websocket.websocket_end,),
+    client_connected=(timeouts.client_connected,),
+    client_disconnected=(timeouts.client_disconnected,),
+)
+
+addons = [Checkpoint(CONCERNS, ORDER)]

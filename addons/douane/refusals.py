@@ -178,24 +178,27 @@ def _request_id(request: http.Request) -> Any:
     return rid if mcp.id_key(rid) is not None else None
 
 
-def guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
-    """Fail closed: an exception in a flow hook refuses the flow instead of letting it through.
+def fail_closed(flow: http.HTTPFlow, where: str, error: Exception) -> None:
+    """An exception in a flow step refuses the flow instead of letting it through.
 
     mitmproxy logs a raising hook as "Addon error" and carries on delivering the flow; this turns
-    that into a 500 in the API's shape, logged with the decision id.
+    that into a 500 in the API's shape (or cuts a stream already on its way), logged with the
+    decision id.
     """
+    st = state(flow)
+    logger.error("douane: %s failed on %s (decision %s): %s",
+                 where, loggable(flow.request.pretty_url) if flow.request else "?",
+                 st.decision_id, "".join(traceback.format_exception_only(error)).strip())
+    logger.debug("traceback", exc_info=error)
+    if flow.live and not (flow.response and flow.response.stream):
+        refuse(flow, 500, "douane could not evaluate this request and refused it",
+               "gateway_error", Reason("gateway.error", type(error).__name__), action="error")
+    elif flow.live:
+        flow.kill()
 
-    def refuse_on_error(flow: http.HTTPFlow, error: Exception) -> None:
-        st = state(flow)
-        logger.error("douane: %s failed on %s (decision %s): %s",
-                     hook.__qualname__, loggable(flow.request.pretty_url) if flow.request else "?",
-                     st.decision_id, "".join(traceback.format_exception_only(error)).strip())
-        logger.debug("traceback", exc_info=error)
-        if flow.live and not (flow.response and flow.response.stream):
-            refuse(flow, 500, "douane could not evaluate this request and refused it",
-                   "gateway_error", Reason("gateway.error", type(error).__name__), action="error")
-        elif flow.live:
-            flow.kill()
+
+def guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """Fail closed (`fail_closed`) when the hook raises."""
 
     if inspect.iscoroutinefunction(hook):
         @functools.wraps(hook)
@@ -203,7 +206,7 @@ def guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 return await hook(self, flow)
             except Exception as e:
-                refuse_on_error(flow, e)
+                fail_closed(flow, hook.__qualname__, e)
         return run_async
 
     @functools.wraps(hook)
@@ -211,5 +214,5 @@ def guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return hook(self, flow)
         except Exception as e:
-            refuse_on_error(flow, e)
+            fail_closed(flow, hook.__qualname__, e)
     return run

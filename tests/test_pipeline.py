@@ -1,0 +1,163 @@
+"""The Checkpoint: one addon calling each concern's steps in the declared order."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import inspect
+
+import pytest
+from mitmproxy import http
+from mitmproxy.proxy.layers.http import HttpRequestHook
+from mitmproxy.test import taddons, tflow
+
+from douane.flowstate import state
+from douane.pipeline import EVENTS, LIFECYCLE, Checkpoint, Order
+from tests.support.gateway import REPO
+
+
+def load_gateway():
+    spec = importlib.util.spec_from_file_location("douane_gateway_script", REPO / "addons" /
+                                                  "gateway.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_step_of_every_concern_is_in_the_order():
+    """A concern's flow step left out of the order would silently never run (and one listed
+    for another concern's event would run at the wrong time)."""
+    gateway = load_gateway()
+    [checkpoint] = gateway.addons
+    assert isinstance(checkpoint, Checkpoint)
+    listed = {event: list(getattr(gateway.ORDER, event)) for event in EVENTS}
+    for concern in gateway.CONCERNS:
+        for event in EVENTS:
+            method = getattr(concern, event, None)
+            if method is not None:
+                assert listed[event].count(method) == 1, f"{type(concern).__name__}.{event}"
+    for event, steps in listed.items():
+        for step in steps:
+            assert step.__name__ == event and step.__self__ in gateway.CONCERNS, step
+
+
+def test_concerns_are_not_mitmproxy_addons_of_their_own():
+    """Only the Checkpoint is handed to mitmproxy: a concern registered too would see each event
+    twice."""
+    gateway = load_gateway()
+    assert len(gateway.addons) == 1 and not hasattr(gateway.addons[0], "addons")
+    assert not set(map(id, gateway.addons)) & set(map(id, gateway.CONCERNS))
+
+
+class Log:
+    """Concerns that write what ran into one list."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def concern(self, name: str, *, refuse: bool = False, fail: bool = False,
+                asynchronous: bool = False):
+        log = self
+
+        def body(flow):
+            log.calls.append(f"{name}{' (answered)' if flow.response else ''}")
+            if fail:
+                raise RuntimeError("bug")
+            if refuse and not flow.response:
+                flow.response = http.Response.make(403, b"no")
+
+        class Concern:
+            if asynchronous:
+                async def request(self, flow):
+                    await asyncio.sleep(0)
+                    body(flow)
+            else:
+                def request(self, flow):
+                    body(flow)
+        Concern.__name__ = name
+        return Concern()
+
+
+def test_steps_run_in_order_async_ones_awaited_in_place():
+    log = Log()
+    a, b, c = log.concern("a"), log.concern("b", asynchronous=True), log.concern("c")
+    checkpoint = Checkpoint([a, b, c], Order(request=(a.request, b.request, c.request)))
+    asyncio.run(checkpoint.request(tflow.tflow()))
+    assert log.calls == ["a", "b", "c"]
+
+
+def test_a_refusal_leaves_the_later_steps_called_as_mitmproxy_calls_later_addons():
+    """mitmproxy calls every addon's `request` hook even after one set `flow.response`; each
+    concern stands aside itself. The Checkpoint keeps exactly that."""
+    mitm, ours = Log(), Log()
+    names = [("a", False), ("refuser", True), ("c", False)]
+    chain = [mitm.concern(n, refuse=r) for n, r in names]
+    with taddons.context(*chain) as tctx:
+        asyncio.run(tctx.master.addons.trigger_event(HttpRequestHook(tflow.tflow())))
+    concerns = [ours.concern(n, refuse=r) for n, r in names]
+    checkpoint = Checkpoint(concerns, Order(request=tuple(c.request for c in concerns)))
+    asyncio.run(checkpoint.request(tflow.tflow()))
+    assert ours.calls == mitm.calls == ["a", "refuser", "c (answered)"]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_an_exception_in_a_step_fails_closed_and_later_steps_still_run(asynchronous):
+    log = Log()
+    a, bad, audit = log.concern("a"), log.concern("bad", fail=True, asynchronous=asynchronous), \
+        log.concern("audit")
+    checkpoint = Checkpoint([a, bad, audit], Order(request=(a.request, bad.request,
+                                                            audit.request)))
+    f = tflow.tflow()
+    asyncio.run(checkpoint.request(f))
+    assert f.response is not None and f.response.status_code == 500
+    assert state(f).decision.action == "error"
+    assert state(f).decision_id.encode() in f.response.content
+    assert log.calls == ["a", "bad", "audit (answered)"]  # the audit trail records the failure
+
+
+def test_an_exception_on_a_websocket_message_drops_it():
+    class Broken:
+        def websocket_message(self, flow):
+            raise RuntimeError("bug")
+
+    broken = Broken()
+    f = tflow.twebsocketflow()
+    checkpoint = Checkpoint([broken], Order(websocket_message=(broken.websocket_message,)))
+    asyncio.run(checkpoint.websocket_message(f))
+    assert f.websocket.messages[-1].dropped
+
+
+def test_lifecycle_reaches_the_concerns_in_their_order_and_done_is_awaited():
+    calls = []
+
+    class Sync:
+        def load(self, loader):
+            calls.append(("sync", "load"))
+
+        def configure(self, updated):
+            calls.append(("sync", "configure"))
+
+        def running(self):
+            calls.append(("sync", "running"))
+
+        def done(self):
+            calls.append(("sync", "done"))
+
+    class Draining:
+        def configure(self, updated):
+            calls.append(("draining", "configure"))
+
+        async def done(self):
+            await asyncio.sleep(0.01)
+            calls.append(("draining", "done"))
+
+    checkpoint = Checkpoint([Draining(), Sync()], Order())
+    checkpoint.load(None)
+    checkpoint.configure(set())
+    checkpoint.running()
+    asyncio.run(checkpoint.done())
+    assert calls == [("sync", "load"), ("draining", "configure"), ("sync", "configure"),
+                     ("sync", "running"), ("draining", "done"), ("sync", "done")]
+    assert not inspect.iscoroutinefunction(Checkpoint.configure)  # mitmproxy calls it in sync
+    assert set(LIFECYCLE) == {"load", "configure", "running", "done"}
