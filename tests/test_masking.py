@@ -222,6 +222,7 @@ def test_an_analyser_failure_refuses_the_answer():
     from douane.flowstate import Identity, state
     from douane.interaction import Interaction, TextPiece
     from douane.masking.addon import Mask
+    from douane.pipeline import Checkpoint, Order
     from douane.settings import Settings
 
     class DeadPool:
@@ -236,8 +237,8 @@ def test_an_analyser_failure_refuses_the_answer():
     st.upstream = Upstream("openai", "https", "api.openai.com", 443, "/v1", "openai", None)
     st.interaction = Interaction("openai", "chat.completions", response_texts=[
         TextPiece("completion", "assistant", "maria@example.com", ("choices", 0))])
-    with taddons.context():
-        asyncio.run(mask.response(flow))
+    with taddons.context():  # through the Checkpoint, the one fail-closed point
+        asyncio.run(Checkpoint([mask], Order(response=(mask.response,))).response(flow))
     assert flow.response.status_code == 500 and b"maria" not in flow.response.content
     assert st.decision.action == "error"
 

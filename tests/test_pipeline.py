@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import inspect
+import json
 
 import pytest
 from mitmproxy import http
 from mitmproxy.proxy.layers.http import HttpRequestHook
 from mitmproxy.test import taddons, tflow
 
-from douane.flowstate import state
+from douane import protocols
+from douane.flowstate import peek, state
 from douane.pipeline import EVENTS, LIFECYCLE, Checkpoint, Order
 from tests.support.gateway import REPO
 
@@ -161,3 +163,41 @@ def test_lifecycle_reaches_the_concerns_in_their_order_and_done_is_awaited():
                      ("sync", "running"), ("draining", "done"), ("sync", "done")]
     assert not inspect.iscoroutinefunction(Checkpoint.configure)  # mitmproxy calls it in sync
     assert set(LIFECYCLE) == {"load", "configure", "running", "done"}
+
+
+def json_flow(body: bytes):
+    f = tflow.tflow()
+    f.request.headers["content-type"] = "application/json"
+    f.request.content = body
+    return f
+
+
+def test_a_body_is_parsed_once_for_the_steps_of_its_event(monkeypatch):
+    parses = []
+    real = protocols.load_json
+    monkeypatch.setattr(protocols, "load_json", lambda m, what: parses.append(what) or real(m, what))
+    f = json_flow(b'{"messages": [{"role": "user", "content": "hi"}]}')
+    state(f)  # a live flow of the gateway
+    doc = protocols.document(f, "request")
+    assert protocols.document(f, "request") is doc and parses == ["request"]
+    doc["messages"][0]["content"] = "edited"
+    protocols.write_json(f, "request", doc)  # an edit written back: the next step reads it
+    assert protocols.document(f, "request") is doc and parses == ["request"]
+    assert json.loads(f.request.content)["messages"][0]["content"] == "edited"
+    f.request.content = b'{"other": 1}'  # bytes changed by other means: parsed afresh
+    assert protocols.document(f, "request") == {"other": 1} and len(parses) == 2
+
+
+def test_parsed_bodies_are_let_go_after_the_event():
+    f = json_flow(b'{"a": 1}')
+    state(f)
+    protocols.document(f, "request")
+    assert state(f).documents
+    asyncio.run(Checkpoint([], Order()).request(f))
+    assert not state(f).documents
+
+
+def test_a_flow_read_back_keeps_no_parsed_body():
+    f = json_flow(b'{"a": 1}')
+    assert protocols.document(f, "request") == {"a": 1}
+    assert peek(f) is None  # the viewer and the commands do not give it a gateway state

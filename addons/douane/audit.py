@@ -33,7 +33,7 @@ from douane import untrusted
 from douane.chainheads import ChainHeads
 from douane.config import AuditConfig, Config
 from douane.flowstate import Reason, peek, publish, state
-from douane.refusals import DECISION_HEADER, guarded, refuse
+from douane.refusals import DECISION_HEADER, refuse
 from douane.settings import Settings
 from douane.statefile import create_once
 
@@ -388,7 +388,6 @@ class AuditTrail:
         assert self.log
         self.log.append(record)
 
-    @guarded
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Fail closed: no request goes upstream while its decision cannot be recorded.
         if self.log and not self.log.healthy and not flow.response and flow.live:

@@ -85,6 +85,9 @@ class FlowState:
     timings_ms: dict[str, float] = field(default_factory=dict)  # stage -> milliseconds spent
     policy_version: str | None = None
     granted_operation: bool = False  # an operation no parser reads, named by a grant (Broker)
+    # side -> (the body's bytes, their JSON): parsed once for the steps of one event
+    # (`protocols.document`), let go when the event's steps are done (`Checkpoint`)
+    documents: dict[str, tuple[bytes | None, Any]] = field(default_factory=dict)
     audited: bool = False
 
     def decide(self, action: Action, *reasons: Reason, status: int | None = None) -> Decision:

@@ -25,7 +25,7 @@ from mitmproxy.proxy.mode_specs import RegularMode
 
 from douane import devissuer
 from douane.flowstate import Identity, Reason, state
-from douane.refusals import guarded, refuse
+from douane.refusals import refuse
 from douane.resource import challenge
 from douane.settings import Settings
 from douane.tokens import TokenError, TokenVerifier, looks_like_jwt
@@ -63,7 +63,6 @@ class Authenticate:
         assert self.verifier
         await asyncio.gather(*(k.refresh() for k in self.verifier.keysets.values()))
 
-    @guarded
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response or not flow.live:
             return
@@ -77,7 +76,6 @@ class Authenticate:
             self.tunnels[flow.client_conn] = identity
             state(flow).identity = identity
 
-    @guarded
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return

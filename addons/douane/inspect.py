@@ -25,7 +25,7 @@ from douane.config import Config
 from douane.flowstate import FlowState, Reason, state
 from douane.interaction import Interaction
 from douane.protocols import decoding, streams
-from douane.refusals import guarded, refuse
+from douane.refusals import refuse
 from douane.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,6 @@ class Inspect:
         # Recordings must hold streamed answers as delivered (mitmproxy keeps none by default).
         ctx.options.update(store_streamed_bodies=True)
 
-    @guarded
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
@@ -118,7 +117,6 @@ class Inspect:
         # SSE answers must arrive uncompressed to be rewritten event by event.
         headers["accept-encoding"] = "identity"
 
-    @guarded
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
@@ -150,7 +148,6 @@ class Inspect:
             return
         st.interaction.inspected.append("request")
 
-    @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         st = state(flow)
         if st.interaction is None or st.upstream is None or not flow.response:
@@ -180,7 +177,6 @@ class Inspect:
             headers["transfer-encoding"] = "chunked"
         streams.attach(flow, rewriter)
 
-    @guarded
     async def response(self, flow: http.HTTPFlow) -> None:
         st = state(flow)
         if (st.interaction is None or st.upstream is None or not flow.response

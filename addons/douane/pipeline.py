@@ -20,7 +20,7 @@ from typing import Any
 
 from mitmproxy import connection, http
 
-from douane.flowstate import state
+from douane.flowstate import peek, state
 from douane.refusals import fail_closed
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,14 @@ EVENTS = tuple(f.name for f in fields(Order))
 
 def _compiled(steps: Sequence[Step]) -> tuple[tuple[Step, bool], ...]:
     return tuple((step, inspect.iscoroutinefunction(step)) for step in steps)
+
+
+def _release_documents(flow: http.HTTPFlow) -> None:
+    """A body's JSON is shared by the steps of the event that parsed it (`protocols.document`),
+    then let go: a flow kept in memory (mitmweb) does not keep its parsed bodies."""
+    st = peek(flow)
+    if st is not None and st.documents:
+        st.documents.clear()
 
 
 def _fail_websocket(flow: http.HTTPFlow, event: str, where: str, error: Exception) -> None:
@@ -114,12 +122,14 @@ class Checkpoint:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         await self._run("request", flow)
+        _release_documents(flow)
 
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
         await self._run("responseheaders", flow)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         await self._run("response", flow)
+        _release_documents(flow)
 
     async def error(self, flow: http.HTTPFlow) -> None:
         await self._run("error", flow)

@@ -6,13 +6,10 @@ finds the audit record.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import logging
 import traceback
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import http
@@ -179,7 +176,8 @@ def _request_id(request: http.Request) -> Any:
 
 
 def fail_closed(flow: http.HTTPFlow, where: str, error: Exception) -> None:
-    """An exception in a flow step refuses the flow instead of letting it through.
+    """An exception in a flow step refuses the flow instead of letting it through (the
+    `douane.pipeline.Checkpoint` calls this for every step).
 
     mitmproxy logs a raising hook as "Addon error" and carries on delivering the flow; this turns
     that into a 500 in the API's shape (or cuts a stream already on its way), logged with the
@@ -195,24 +193,3 @@ def fail_closed(flow: http.HTTPFlow, where: str, error: Exception) -> None:
                "gateway_error", Reason("gateway.error", type(error).__name__), action="error")
     elif flow.live:
         flow.kill()
-
-
-def guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
-    """Fail closed (`fail_closed`) when the hook raises."""
-
-    if inspect.iscoroutinefunction(hook):
-        @functools.wraps(hook)
-        async def run_async(self: Any, flow: http.HTTPFlow) -> Any:
-            try:
-                return await hook(self, flow)
-            except Exception as e:
-                fail_closed(flow, hook.__qualname__, e)
-        return run_async
-
-    @functools.wraps(hook)
-    def run(self: Any, flow: http.HTTPFlow) -> Any:
-        try:
-            return hook(self, flow)
-        except Exception as e:
-            fail_closed(flow, hook.__qualname__, e)
-    return run

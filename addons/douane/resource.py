@@ -25,7 +25,7 @@ from mitmproxy import http
 
 from douane.config import Upstream
 from douane.flowstate import Reason, state
-from douane.refusals import DECISION_HEADER, guarded, refuse
+from douane.refusals import DECISION_HEADER, refuse
 from douane.settings import Settings
 
 WELL_KNOWN = "/.well-known/oauth-protected-resource"
@@ -67,7 +67,6 @@ class ProtectedResourceMetadata:
     def __init__(self, settings: Settings):
         self.settings = settings
 
-    @guarded
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
@@ -120,7 +119,6 @@ class ProtectedResourceMetadata:
 class ResourceAccess:
     """After authentication: the token was issued for this resource and carries its scopes."""
 
-    @guarded
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return

@@ -28,7 +28,7 @@ from douane.flowstate import Reason, state
 from douane.interaction import Interaction
 from douane.policy import engine
 from douane.policy.model import Policy
-from douane.refusals import guarded, refuse
+from douane.refusals import refuse
 from douane.settings import Settings
 from douane.untrusted import loggable
 
@@ -41,7 +41,6 @@ class Route:
     def __init__(self, settings: Settings):
         self.settings = settings
 
-    @guarded
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
@@ -75,7 +74,6 @@ class Broker:
         self.settings = settings
         self.policy = policy  # the policy in force, for grants naming operations
 
-    @guarded
     def http_connect(self, flow: http.HTTPFlow) -> None:
         """Refuse tunnels to hosts douane does not govern before any TLS is set up."""
         if flow.response or not flow.live:
@@ -87,7 +85,6 @@ class Broker:
             refuse(flow, 403, f"no upstream is declared for {host}:{port}", "undeclared_upstream",
                    Reason("route.undeclared", f"CONNECT to undeclared {host}:{port}"))
 
-    @guarded
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
@@ -207,7 +204,6 @@ class Broker:
 class InjectCredential:
     """The upstream credential, added when every other step has let the request go."""
 
-    @guarded
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return

@@ -40,7 +40,7 @@ from douane.flowstate import FlowState, Reason, state
 from douane.policy import detectors
 from douane.policy.normalize import BLANKS, TAGS, normalize, unseen
 from douane.protocols import jsonpath, mcp, streams
-from douane.refusals import guarded, refuse
+from douane.refusals import refuse
 from douane.settings import Settings
 from douane.untrusted import escape
 
@@ -282,21 +282,19 @@ class PinTools:
             st.interaction is not None and flow.live
         return st if ok else None
 
-    @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         rewriter = streams.rewriter_of(flow)
         if rewriter is not None and self._mcp(flow):
             rewriter.message_hooks.append(lambda doc: self._police(flow, doc, lambda why: (
                 state(flow).decide("block", Reason("tools.withheld", why)), rewriter.abort(why))))
 
-    @guarded
     async def response(self, flow: http.HTTPFlow) -> None:
         st = self._mcp(flow)
         if st is None or streams.rewriter_of(flow) or not flow.response or \
                 not flow.response.raw_content or \
                 (st.decision and st.decision.action in ("block", "refuse", "error", "hold")):
             return
-        doc = json.loads(flow.response.get_content(strict=True))
+        doc = protocols.document(flow, "response")
         refused: list[str] = []
         # off the loop: a first listing scans and writes every tool (the flow waits here)
         if await asyncio.to_thread(self._police, flow, doc, refused.append):
@@ -373,7 +371,6 @@ class PinnedCalls:
     def __init__(self, pins: PinTools):
         self.pins = pins
 
-    @guarded
     def request(self, flow: http.HTTPFlow) -> None:
         st = PinTools._mcp(flow)
         if st is None or flow.response or flow.error or self.pins.store is None:

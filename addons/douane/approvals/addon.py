@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import time
@@ -54,7 +53,7 @@ from douane.masking import operators
 from douane.masking.addon import Mask
 from douane.policy.addon import explain
 from douane.protocols import mcp
-from douane.refusals import guarded, input_required, refuse
+from douane.refusals import input_required, refuse
 from douane.settings import Settings
 from douane.store import StoreUnavailable
 from douane.store.addon import SharedStore
@@ -152,7 +151,6 @@ class Approvals:
 
     # --- the hook ------------------------------------------------------------------------------
 
-    @guarded
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
@@ -571,7 +569,7 @@ class Approvals:
 
 def _drop_own_input(flow: http.HTTPFlow) -> None:
     """The client's answer to douane's own input request is douane's: the server never asked."""
-    doc = json.loads(flow.request.get_content(strict=True) or b"null")
+    doc = protocols.document(flow, "request")
     for _, msg in mcp.each(doc):
         responses = msg.get("params", {}).get(mcp.INPUT_RESPONSES)
         if isinstance(responses, dict):

@@ -21,7 +21,6 @@ from douane.masking.config import MaskingSettings
 from douane.masking.pool import MaskingPool
 from douane.masking.streaming import StreamMasker
 from douane.protocols import streams
-from douane.refusals import guarded
 from douane.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -92,7 +91,6 @@ class Mask:
         if count:
             st.decide("mask", Reason(f"mask.{where}", f"{count} value(s) masked in the {where}"))
 
-    @guarded
     async def request(self, flow: http.HTTPFlow) -> None:
         st = self._applies(flow)
         if st is None or flow.response or not self.masking or not self.masking.requests:
@@ -105,7 +103,6 @@ class Mask:
             protocols.apply_text_edits(flow, "request", changed)
         self._record(st, "request", sum(st.masked.values()) - before)
 
-    @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         st = self._applies(flow)
         rewriter = streams.rewriter_of(flow)
@@ -114,7 +111,6 @@ class Mask:
         assert self.pool
         rewriter.filters.append(StreamMasker(self.masking, self.pool, st.masked))
 
-    @guarded
     async def response(self, flow: http.HTTPFlow) -> None:
         st = self._applies(flow)
         if st is None or not flow.response or not self.masking or not self.masking.responses:

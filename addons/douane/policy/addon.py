@@ -8,7 +8,6 @@ inspection still are); the audit record then carries no policy version.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any
 
@@ -22,7 +21,7 @@ from douane.policy.limits import RateLimiter, SharedRateLimiter
 from douane.policy.model import Policy
 from douane.policy.store import LivePolicy
 from douane.protocols import fields, jsonpath, mcp, streams
-from douane.refusals import guarded, refuse
+from douane.refusals import refuse
 from douane.settings import Settings
 from douane.store import StoreUnavailable
 from douane.store.addon import SharedStore
@@ -36,7 +35,7 @@ def explain(decision: Decision) -> str:
 
 
 def hold(flow: http.HTTPFlow, decision: Decision, approvals: bool) -> None:
-    """A request that needs a human approver: left for the `Approvals` addon (next in the chain)
+    """A request that needs a human approver: left for `Approvals` (a later step)
     when an `approvals:` section is configured, else refused (fail closed)."""
     if approvals:
         state(flow).decide("hold", *decision.reasons)
@@ -115,7 +114,6 @@ class Enforce:
         st.policy_version = self.live.current.version
         return st
 
-    @guarded
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error:
             return
@@ -160,7 +158,6 @@ class Enforce:
         if st.decision:
             st.decision.risk = decision.risk
 
-    @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         st = self._ready(flow)
         rewriter = streams.rewriter_of(flow)
@@ -172,7 +169,6 @@ class Enforce:
         elif self.live.current.rules_by_kind["completion"]:
             rewriter.filters.append(StreamPolicy(self.live.current, st, rewriter))
 
-    @guarded
     def response(self, flow: http.HTTPFlow) -> None:
         st = self._ready(flow)
         if st is None or streams.rewriter_of(flow) or not flow.response or \
@@ -180,7 +176,7 @@ class Enforce:
             return
         assert st.interaction
         if st.interaction.protocol == "mcp" and flow.response.raw_content:
-            doc = json.loads(flow.response.get_content(strict=True))
+            doc = protocols.document(flow, "response")
             removals = [base + path for base, msg in mcp.each(doc)
                         for path in self._hidden(flow, msg)]
             private = [self._listing(flow, msg) and mcp.mark_private(msg)

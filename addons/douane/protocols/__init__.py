@@ -6,6 +6,7 @@ Public API for the other stages:
 - `parse_request(upstream, flow)` / `parse_response(upstream, flow, interaction)`: raise
   `ProtocolError` (status, code, message) when the body cannot be understood.
 - `stream_format(upstream, interaction)`: the `StreamFormat` of an SSE response.
+- `document(flow, side)`: the body's JSON, parsed once and shared by every step that reads it.
 - `apply_text_edits(flow, side, pieces)`: write edited `TextPiece.text` back at their paths and
   re-serialise the body (Content-Encoding and Content-Length stay consistent).
 - `write_json(flow, side, doc)`: replace a body by an edited document (e.g. a tools/list without the
@@ -22,12 +23,13 @@ from mitmproxy import http
 
 from douane import operations
 from douane.config import Upstream
+from douane.flowstate import peek
 from douane.interaction import Interaction, TextPiece
 from douane.protocols import anthropic, decoding, fields, generic, jsonpath, mcp, openai
 from douane.protocols.base import ProtocolError, StreamFormat
 
-__all__ = ["ProtocolError", "apply_text_edits", "declared", "parse_request", "parse_response",
-           "stream_format", "write_json"]
+__all__ = ["ProtocolError", "apply_text_edits", "declared", "document", "parse_request",
+           "parse_response", "stream_format", "write_json"]
 
 Side = Literal["request", "response"]
 OPENAI_ENDPOINTS = ("chat/completions", "responses", "embeddings", "completions", "moderations")
@@ -86,6 +88,24 @@ def load_json(message: http.Message, what: str) -> Any:
         raise ProtocolError(400, "invalid_json", f"the {what} body is not valid JSON") from None
 
 
+def document(flow: http.HTTPFlow, side: Side) -> Any:
+    """The body of one side as JSON (`load_json`), parsed once per body: on a live flow every step
+    reads the same document while the body is unchanged (`FlowState.documents`). A step that
+    edits the document writes it back (`write_json`, `apply_text_edits`), which keeps the edited
+    document for the next."""
+    message = _message(flow, side)
+    st = peek(flow)
+    if st is None:  # a flow read back or shown: parsed, not kept
+        return load_json(message, side)
+    raw = message.raw_content
+    cached = st.documents.get(side)
+    if cached is not None and cached[0] is raw:
+        return cached[1]
+    doc = load_json(message, side)
+    st.documents[side] = (raw, doc)
+    return doc
+
+
 def declared(upstream: Upstream, method: str, path: str, websocket: bool = False) -> str | None:
     """The endpoint douane's parser reads `method path` (a normalised path, no query) as, or None.
     A WebSocket upgrade is declared on an upstream that allows WebSockets (every message is then
@@ -115,7 +135,7 @@ def parse_request(upstream: Upstream, flow: http.HTTPFlow, granted: bool = False
                                 f"{req.method} {path[:200]} and no grant names it")
         it = Interaction(upstream.protocol, f"{req.method} {path}", granted=True)
         if req.raw_content:
-            fields.cover(it, load_json(req, "request"), lambda p: ("prompt", "user"))
+            fields.cover(it, document(flow, "request"), lambda p: ("prompt", "user"))
         return it
     if endpoint == WEBSOCKET or (upstream.protocol == "mcp" and req.method != "POST"):
         if req.raw_content:
@@ -127,11 +147,11 @@ def parse_request(upstream: Upstream, flow: http.HTTPFlow, granted: bool = False
                                  if k.lower() != "mcp-protocol-version"], it)
         return it
     if upstream.protocol == "mcp":
-        doc = load_json(req, "request")
+        doc = document(flow, "request")
         it = mcp.parse_request(doc, req.headers.get("mcp-session-id"))
         mcp.check_headers(doc, [(k.lower(), v) for k, v in req.headers.items(multi=True)], it)
         return it
-    doc = load_json(req, "request")
+    doc = document(flow, "request")
     if upstream.protocol == "openai":
         return openai.parse_request(doc, endpoint)
     if upstream.protocol == "anthropic":
@@ -149,10 +169,10 @@ def parse_response(upstream: Upstream, flow: http.HTTPFlow, it: Interaction) -> 
         ctype = flow.response.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json" and not ctype.endswith("+json"):
             return False
-        fields.cover(it, load_json(flow.response, "response"),
+        fields.cover(it, document(flow, "response"),
                      lambda p: ("completion", "assistant"), "response")
         return True
-    doc = load_json(flow.response, "response")
+    doc = document(flow, "response")
     if flow.response.status_code >= 400:
         return True  # an upstream error document carries no model text
     if upstream.protocol == "openai":
@@ -186,12 +206,15 @@ def _message(flow: http.HTTPFlow, side: Side) -> http.Message:
 
 
 def apply_text_edits(flow: http.HTTPFlow, side: Side, pieces: list[TextPiece]) -> None:
-    message = _message(flow, side)
-    doc = json.loads(message.get_content(strict=True) or b"null")
+    doc = document(flow, side)
     for piece in pieces:
         jsonpath.set_(doc, piece.path, piece.text)
-    message.content = json.dumps(doc, ensure_ascii=False).encode()
+    write_json(flow, side, doc)
 
 
 def write_json(flow: http.HTTPFlow, side: Side, doc: Any) -> None:
-    _message(flow, side).content = json.dumps(doc, ensure_ascii=False).encode()
+    message = _message(flow, side)
+    message.content = json.dumps(doc, ensure_ascii=False).encode()
+    st = peek(flow)
+    if st is not None:
+        st.documents[side] = (message.raw_content, doc)

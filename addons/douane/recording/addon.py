@@ -26,7 +26,7 @@ from douane.protocols import streams
 from douane.recording import originals
 from douane.recording.config import RecordingSettings
 from douane.recording.writer import RecordingWriter, SharedIndex
-from douane.refusals import guarded, refuse
+from douane.refusals import refuse
 from douane.settings import Settings
 
 SCRUB_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "cookie", "set-cookie",
@@ -123,7 +123,6 @@ class Record:
         if self.writer:
             self.writer.close()
 
-    @guarded
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Fail closed by default: while recordings cannot be written, traffic is refused.
         if self.recording and self.recording.on_error == "refuse" and \

@@ -26,7 +26,6 @@ from mitmproxy import http
 
 from douane.flowstate import peek
 from douane.protocols import streams
-from douane.refusals import guarded
 from douane.settings import Settings
 
 OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
@@ -104,7 +103,7 @@ def _b64(data: bytes | None) -> str | None:
 
 
 class KeepOriginals:
-    """Captures bodies before masking touches them. Sits just before `Mask` in the addon order;
+    """Captures bodies before masking touches them. Runs just before `Mask` (`addons/gateway.py`);
     does nothing (masking's hot path is untouched) unless originals are configured."""
 
     def __init__(self, settings: Settings):
@@ -115,7 +114,6 @@ class KeepOriginals:
         recording = self.settings.config.sections.get("recording")
         self.enabled = recording is not None and recording.originals_key is not None
 
-    @guarded
     def request(self, flow: http.HTTPFlow) -> None:
         st = peek(flow)
         if not self.enabled or flow.response or not flow.live or st is None \
@@ -123,7 +121,6 @@ class KeepOriginals:
             return
         _originals[flow] = Original(request=flow.request.raw_content)
 
-    @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         original = _originals.get(flow) if self.enabled else None
         rewriter = streams.rewriter_of(flow)
@@ -137,7 +134,6 @@ class KeepOriginals:
 
         flow.response.stream = tee
 
-    @guarded
     def response(self, flow: http.HTTPFlow) -> None:
         original = _originals.get(flow) if self.enabled else None
         if original is not None and flow.response and streams.rewriter_of(flow) is None:
