@@ -1,0 +1,94 @@
+"""The engine's fast paths find what the slow paths they replace find (masking/engine.py)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import sys
+from pathlib import Path
+
+import phonenumbers
+import pytest
+from presidio_analyzer.predefined_recognizers import PhoneRecognizer
+
+from douane.masking.config import DEFAULT_PHONE_REGIONS
+from douane.masking.engine import PHONE_MIN_DIGITS, phone_min_digits, phone_recognizer
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+from masking_corpus import corpus  # noqa: E402
+
+
+def test_no_number_has_fewer_digits_than_the_phone_bound():
+    """What the fast phone matcher skips unparsed could not be a valid number."""
+    strings = ["".join(p) for n in range(1, PHONE_MIN_DIGITS)
+               for p in itertools.product("0123456789", repeat=n)]
+    for region in DEFAULT_PHONE_REGIONS:
+        for s in strings:
+            for candidate in (s, "+" + s):
+                try:
+                    number = phonenumbers.parse(candidate, region)
+                except phonenumbers.NumberParseException:
+                    continue
+                assert not phonenumbers.is_valid_number(number), (region, candidate)
+
+
+@pytest.mark.parametrize("region", DEFAULT_PHONE_REGIONS)
+def test_no_number_of_the_region_is_shorter_than_its_bound(region):
+    """Every example number phonenumbers knows, national and international, has at least the
+    digits the fast matcher asks of a candidate."""
+    international, national = phone_min_digits(region)
+    cc = phonenumbers.country_code_for_region(region)
+    for r in phonenumbers.region_codes_for_country_code(cc):
+        for kind in phonenumbers.PhoneNumberType.values():
+            example = phonenumbers.example_number_for_type(r, kind)
+            if example is None:
+                continue
+            nsn = phonenumbers.national_significant_number(example)
+            assert len(nsn) >= national, (region, r, kind, nsn)
+            assert len(str(cc)) + len(nsn) >= international
+
+
+def _phone_text(rng: random.Random) -> str:
+    """Text dense in what the phone matcher reads: digit groups, separators, `+`, extensions,
+    brackets, letters and dates around them."""
+    pieces = []
+    for _ in range(rng.randint(1, 12)):
+        kind = rng.random()
+        if kind < 0.5:
+            groups = [str(rng.randint(0, 10 ** rng.randint(1, 5)))
+                      for _ in range(rng.randint(1, 5))]
+            sep = rng.choice([" ", "-", ".", "", "/", " - "])
+            piece = rng.choice(["", "+", "(", "00", "011 ", "+1 ", "0"]) + sep.join(groups)
+            if rng.random() < 0.2:
+                piece += rng.choice([" ext. ", " x", " #"]) + str(rng.randint(1, 9999))
+            if rng.random() < 0.2:
+                piece = rng.choice(["(", "[", ""]) + piece + rng.choice([")", "]", ""])
+        elif kind < 0.7:
+            piece = rng.choice(["call", "phone:", "tel", "abc", "Tél.", "v", "$", "%", "ORD-",
+                                "é", "x"])
+        else:
+            piece = rng.choice(["+44 20 7946 0958", "(415) 555-0132", "030 1234567",
+                                "+33 1 42 68 53 00", "+55 11 91234-5678", "98765 43210",
+                                "2024-05-01", "10:22:33", "1.2.3", "+683 4002", "0612345678"])
+        pieces.append(piece)
+        pieces.append(rng.choice([" ", ", ", "\n", "", ": ", " and "]))
+    return "".join(pieces)
+
+
+def _spans(recognizer, text: str) -> list[tuple[int, int, float]]:
+    return sorted((r.start, r.end, r.score) for r in recognizer.analyze(text, ["PHONE_NUMBER"]))
+
+
+def test_the_fast_phone_matcher_finds_what_presidios_finds():
+    """Property: on random digit-dense texts and on labelled corpus texts, the same matches."""
+    fast = phone_recognizer(DEFAULT_PHONE_REGIONS)
+    stock = PhoneRecognizer(supported_regions=DEFAULT_PHONE_REGIONS)
+    rng = random.Random(17)
+    texts = [_phone_text(rng) for _ in range(300)]
+    texts += [item.text for item in corpus(60, seed=5)]
+    found = 0
+    for text in texts:
+        expected = _spans(stock, text)
+        assert _spans(fast, text) == expected, text
+        found += len(expected)
+    assert found > 100  # the texts hold numbers: the comparison is not between empty results
