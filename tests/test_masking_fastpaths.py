@@ -12,7 +12,7 @@ import pytest
 from presidio_analyzer.predefined_recognizers import PhoneRecognizer
 
 from douane.masking.config import DEFAULT_PHONE_REGIONS
-from douane.masking.engine import PHONE_MIN_DIGITS, phone_min_digits, phone_recognizer
+from douane.masking.phone import MIN_DIGITS, min_digits, phone_recognizer
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
 from masking_corpus import corpus  # noqa: E402
@@ -20,7 +20,7 @@ from masking_corpus import corpus  # noqa: E402
 
 def test_no_number_has_fewer_digits_than_the_phone_bound():
     """What the fast phone matcher skips unparsed could not be a valid number."""
-    strings = ["".join(p) for n in range(1, PHONE_MIN_DIGITS)
+    strings = ["".join(p) for n in range(1, MIN_DIGITS)
                for p in itertools.product("0123456789", repeat=n)]
     for region in DEFAULT_PHONE_REGIONS:
         for s in strings:
@@ -36,7 +36,7 @@ def test_no_number_has_fewer_digits_than_the_phone_bound():
 def test_no_number_of_the_region_is_shorter_than_its_bound(region):
     """Every example number phonenumbers knows, national and international, has at least the
     digits the fast matcher asks of a candidate."""
-    international, national = phone_min_digits(region)
+    international, national = min_digits(region)
     cc = phonenumbers.country_code_for_region(region)
     for r in phonenumbers.region_codes_for_country_code(cc):
         for kind in phonenumbers.PhoneNumberType.values():

@@ -25,6 +25,7 @@ from spacy.tokens import Doc
 from douane import secrets
 from douane.masking import fields
 from douane.masking.config import NER_ENTITIES, MaskingSettings
+from douane.masking.phone import phone_recognizer
 
 logger = logging.getLogger(__name__)
 
@@ -178,80 +179,6 @@ def lower_case_lemmas(doc: Doc) -> Doc:
     return doc
 
 
-# No region's numbers are shorter than 4 digits (tests/test_masking.py checks phonenumbers'
-# metadata): a candidate with fewer characters a number's digits can come from (digits, letters
-# of a vanity number or an extension) is no number, whatever the region.
-PHONE_MIN_DIGITS = 4
-NOT_ALNUM = re.compile(r"[\W_]+")
-
-
-def phone_min_digits(region: str) -> tuple[int, int]:
-    """(fewest digits of a number written with `+`, fewest of one written otherwise in `region`):
-    an international number holds a country code and a national number; a national one, one of
-    its country code's national numbers (any region of it: +1 is the US and Canada's), or the
-    region's international prefix and an international number. Where parsing rewrites a national
-    prefix into digits (Antigua's 7-digit numbers get 268 in front), those digits need not be
-    written."""
-    from phonenumbers import PhoneMetadata
-    from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
-
-    def shortest(cc: int) -> int:
-        lengths = []
-        for r in COUNTRY_CODE_TO_REGION_CODE[cc]:
-            md = PhoneMetadata.metadata_for_region_or_calling_code(cc, r)
-            if md is None:
-                return 1
-            added = len(re.sub(r"\\\d", "", md.national_prefix_transform_rule or ""))
-            lengths += [n - added for n in md.general_desc.possible_length if n > 0] or [1]
-        return min(lengths)
-
-    international = max(PHONE_MIN_DIGITS, min(len(str(cc)) + shortest(cc)
-                                              for cc in COUNTRY_CODE_TO_REGION_CODE))
-    md = PhoneMetadata.metadata_for_region(region)
-    if md is None or not md.international_prefix:
-        return international, PHONE_MIN_DIGITS
-    prefix = re._parser.parse(md.international_prefix).getwidth()[0]  # its shortest match
-    return international, max(PHONE_MIN_DIGITS,
-                              min(shortest(md.country_code), prefix + international))
-
-
-def phone_recognizer(regions: tuple[str, ...]):
-    """Presidio's phone recogniser with the same matches at a fraction of the cost: its matcher
-    parses every digit run of the text (a date's `05`, a version's `3`) in every region, most of
-    its time. A candidate with too few digits to be a number of the region is dropped before it
-    is parsed (its inner matches have fewer still)."""
-    from phonenumbers.phonenumbermatcher import PhoneNumberMatcher
-    from presidio_analyzer import EntityRecognizer
-    from presidio_analyzer.predefined_recognizers import PhoneRecognizer
-
-    class Matcher(PhoneNumberMatcher):
-        bounds = (PHONE_MIN_DIGITS, PHONE_MIN_DIGITS)
-
-        def _short(self, candidate: str) -> bool:
-            plus = "+" in candidate or "\uff0b" in candidate
-            return len(NOT_ALNUM.sub("", candidate)) < self.bounds[0 if plus else 1]
-
-        # a candidate, then the inner candidates of one that fails
-        def _extract_match(self, candidate, offset):
-            return None if self._short(candidate) else super()._extract_match(candidate, offset)
-
-        def _parse_and_verify(self, candidate, offset):
-            return None if self._short(candidate) else super()._parse_and_verify(candidate,
-                                                                                 offset)
-
-    matchers = {r: type(f"Matcher{r}", (Matcher,), {"bounds": phone_min_digits(r)})
-                for r in regions}
-
-    class FastPhoneRecognizer(PhoneRecognizer):
-        def analyze(self, text, entities, nlp_artifacts=None):
-            results = [self._get_recognizer_result(match, text, region, nlp_artifacts)
-                       for region in self.supported_regions
-                       for match in matchers[region](text, region, leniency=self.leniency)]
-            return EntityRecognizer.remove_duplicates(results)
-
-    return FastPhoneRecognizer(supported_regions=regions)
-
-
 def secret_recognizer(entities: list[str]):
     """The secret catalogue (`douane.secrets`) as a Presidio recogniser: what the policy flags
     and the recording redacts is what an answer masks."""
@@ -282,6 +209,26 @@ def field_recognizer(entities: list[str]):
                     for start, end, entity in fields.find(text, set(entities))]
 
     return FieldRecognizer(supported_entities=entities, name="douane_fields")
+
+
+def context_enhancer():
+    """Presidio's context enhancer, given only the results a context word can raise: it deep-copies
+    every result it is given, and names, fields and secrets (most results) have no context words."""
+    from presidio_analyzer import RecognizerResult
+    from presidio_analyzer.context_aware_enhancers import LemmaContextAwareEnhancer
+
+    key = RecognizerResult.RECOGNIZER_IDENTIFIER_KEY
+
+    class ContextEnhancer(LemmaContextAwareEnhancer):
+        def enhance_using_context(self, text, raw_results, nlp_artifacts, recognizers,
+                                  context=None):
+            raisable = {r.id for r in recognizers if r.context}
+            fixed = [r for r in raw_results if r.recognition_metadata.get(key) not in raisable]
+            return fixed + super().enhance_using_context(
+                text, [r for r in raw_results if r.recognition_metadata.get(key) in raisable],
+                nlp_artifacts, recognizers, context)
+
+    return ContextEnhancer()
 
 
 def offline_tldextract() -> None:
@@ -353,7 +300,8 @@ class Analyzer:
         if ner and settings.model:
             registry.add_recognizer(SpacyRecognizer(supported_entities=ner))
         self.engine = AnalyzerEngine(registry=registry, nlp_engine=nlp_engine,
-                                     supported_languages=["en"])
+                                     supported_languages=["en"],
+                                     context_aware_enhancer=context_enhancer())
 
     def candidates(self, text: str) -> list[str]:
         digits = len(DIGITS.findall(text))
