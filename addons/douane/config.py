@@ -458,11 +458,13 @@ def _database(root: View) -> Database | None:
         port = -1
     if parts.scheme not in ("postgresql", "postgres") or port == -1 or \
             not parts.path.strip("/") or "/" in parts.path.strip("/"):
-        shown = url if parts.password is None else "the URL given"  # never echo a password
+        # never echo a password
+        shown = url if parts.password is None and "password" not in parts.query.lower() \
+            else "the URL given"
         raise v.error(f"expected {DATABASE_FORM} (the shared PostgreSQL store; leave database "
                       f"out for the local SQLite default), got {shown}",
                       "url" if v.data else None)
-    if parts.password is not None:
+    if parts.password is not None or "password" in parts.query.lower():
         raise v.error("the password does not belong in the URL (the file is not a secret "
                       "store): give it as database.password: {env: NAME} or {file: PATH}",
                       "url" if v.data else None)
