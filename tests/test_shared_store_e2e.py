@@ -198,6 +198,16 @@ def test_grants_pass_on_every_replica_and_a_one_shot_grant_once(fleet, issuer):
             replies.append(refusal(e)[1])
     assert replies == [DEFAULT_REPLY, "approval_pending"]
     assert len(llm.requests) == before + 1
+    # denied on A: a retry on B gets the denial and its reason, not a new approval request
+    again = pending_for(api_a, bob, "erin@corp", besides=(pending["id"],))
+    assert call(api_a, bob, "POST", f"/approvals/{again['id']}/deny",
+                {"reason": "not this week"})[0] == 200
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        ask(client(b, llm, erin, "/v1/quick"), HELD)
+    assert refusal(e.value)[1] == "approval_denied" and "not this week" in str(e.value)
+    assert not [p for p in call(api_b, bob, "GET", "/approvals")[1]["approvals"]
+                if p["user"] == "erin@corp"]
+    assert len(llm.requests) == before + 1
     # a time-boxed grant given on A lets the held request pass on B without an approver
     frank = issuer.mint("frank@corp", ["engineering"])
     held = Background(lambda: ask(client(b, llm, frank), HELD))
