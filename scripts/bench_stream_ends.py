@@ -2,16 +2,18 @@
 
 Feeds the benchmark upstream's answer (scripts/bench_upstream.py, 50 tokens) to N masked streams
 round-robin at 20 ms per token from one thread, as the gateway's event loop does, then ends every
-stream back to back. Prints the worst `feed`, each `finish`'s blocking time with the characters it
-still held, and their sum (what a lag probe sees when all N streams end in one burst).
+stream back to back: at once, or `--gap` ms after the last token (a model's finish event comes a
+token later: the benchmark upstream sleeps 20 ms). Prints the worst `feed`, each `finish`'s
+blocking time with the characters it still held, and their sum (what a lag probe sees when all N
+streams end in one burst).
 
-Usage: python scripts/bench_stream_ends.py [N streams, default 32]
+Usage: python scripts/bench_stream_ends.py [N streams, default 32] [--gap MS, default 0]
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
-import sys
 import time
 
 from bench_upstream import TOKENS
@@ -26,11 +28,11 @@ SETTINGS = MaskingSettings(  # as scripts/bench_gateway.py configures the gatewa
     responses=True, exempt_groups=(), workers=2, stream_window=32, timeout_seconds=30)
 
 
-def main(n: int) -> None:
+def main(n: int, gap: float) -> None:
     pool = MaskingPool(SETTINGS)
     try:
         for future in pool.warm_up():
-            pool.result(future)
+            future.result(timeout=300)  # loading spaCy takes long on a loaded machine
         maskers = [StreamMasker(SETTINGS, pool) for _ in range(n)]
         worst_feed = 0.0
         for token in TOKENS:
@@ -40,6 +42,7 @@ def main(n: int) -> None:
                 masker.feed("c", token)
                 worst_feed = max(worst_feed, time.perf_counter() - t0)
             time.sleep(max(0.0, 0.02 - (time.perf_counter() - tick)))
+        time.sleep(gap / 1000)
         ends = []
         for masker in maskers:
             held = len(masker.channels["c"].pending)
@@ -49,7 +52,7 @@ def main(n: int) -> None:
     finally:
         pool.shutdown()
     ms = [e[0] for e in ends]
-    print(f"{n} streams, workers={SETTINGS.workers}")
+    print(f"{n} streams, workers={SETTINGS.workers}, end {gap:g} ms after the last token")
     print(f"worst feed ms      {worst_feed * 1000:8.1f}")
     print(f"finish ms max      {max(ms):8.1f}")
     print(f"finish ms median   {statistics.median(ms):8.1f}")
@@ -58,4 +61,8 @@ def main(n: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 32)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("n", nargs="?", type=int, default=32)
+    parser.add_argument("--gap", type=float, default=0.0)
+    args = parser.parse_args()
+    main(args.n, args.gap)

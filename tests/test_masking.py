@@ -243,6 +243,29 @@ def test_an_analyser_failure_refuses_the_answer():
     assert st.decision.action == "error"
 
 
+def test_a_text_with_no_word_a_value_starts_in_is_not_sent_to_the_workers():
+    import asyncio
+
+    from douane.flowstate import FlowState
+    from douane.interaction import TextPiece
+    from douane.masking.addon import Mask
+    from douane.settings import Settings
+
+    class Pool:
+        sent: list[str] = []
+
+        async def analyze(self, texts):
+            self.sent += texts
+            return [[Span(0, 4, "PERSON", 0.85)] for _ in texts]
+
+    mask = Mask(Settings())
+    mask.masking, mask.pool = SETTINGS, Pool()
+    pieces = [TextPiece("completion", "assistant", text, ("x", i))
+              for i, text in enumerate(["Sure, here it is.", "", "Okay.\n", "Anna is here."])]
+    changed = asyncio.run(mask._mask(FlowState("dcn_t", 0.0), pieces))
+    assert Pool.sent == ["Anna is here."] and [p.text for p in changed] == ["<PERSON> is here."]
+
+
 def test_a_stream_end_does_not_wait_behind_a_busy_pool(analyzer):
     import time
 

@@ -91,7 +91,9 @@ def analyse():
 
 class ScheduledPool:
     """The pool's interface; each analysis finishes when the pace says so, relative to the
-    deltas (a real one finishes on a worker while the stream callable is not running)."""
+    deltas (a real one finishes on a worker while the stream callable is not running). An
+    analysis waits in the queue (it may be cancelled) until a tick sends it to a worker, now or
+    later; waiting for one on a worker (`result`) finishes it."""
 
     def __init__(self, analyse, pace: str, rng: random.Random):
         self.analyse, self.pace, self.rng = analyse, pace, rng
@@ -110,11 +112,13 @@ class ScheduledPool:
         return future
 
     def tick(self) -> None:
-        """Between two deltas: analyses whose time has come finish."""
+        """Between two deltas: analyses whose time has come finish, queued ones may start."""
         still = []
         for text, future, wait in self.out:
-            if future.cancelled():
+            if future.done():  # cancelled, or waited for
                 continue
+            if not future.running() and (wait <= 0 or self.rng.random() < 0.5):
+                future.set_running_or_notify_cancel()
             if wait <= 0:
                 future.set_result([self.analyse(text)])
             else:
@@ -122,6 +126,9 @@ class ScheduledPool:
         self.out = still
 
     def result(self, future):
+        if future.running():
+            text = next(t for t, f, _ in self.out if f is future)
+            future.set_result([self.analyse(text)])
         return future.result(timeout=0)
 
 

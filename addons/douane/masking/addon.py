@@ -19,7 +19,7 @@ from douane.interaction import TextPiece
 from douane.masking import operators
 from douane.masking.config import MaskingSettings
 from douane.masking.pool import MaskingPool
-from douane.masking.streaming import StreamMasker
+from douane.masking.streaming import StreamMasker, plain
 from douane.protocols import streams
 from douane.settings import Settings
 
@@ -77,6 +77,7 @@ class Mask:
     async def _mask(self, st: FlowState, pieces: list[TextPiece]) -> list[TextPiece]:
         """Mask the pieces in place; returns the ones that changed."""
         assert self.pool and self.masking
+        pieces = [p for p in pieces if not plain(p.text)]  # no round trip for those
         if not pieces:
             return []
         results = await self.pool.analyze([p.text for p in pieces])

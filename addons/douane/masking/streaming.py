@@ -114,6 +114,8 @@ class StreamMasker:
         if text:
             ch.pending += text
             ch.analysed = None
+            if ch.inflight is not None and ch.inflight.cancel():
+                ch.inflight = None  # still queued: a proposal of all the held text replaces it
         out = ""
         if ch.inflight is not None and ch.inflight.done():
             out = self._release(ch, self.pool.result(ch.inflight)[0])
@@ -130,6 +132,9 @@ class StreamMasker:
         if ch is None:
             return ""
         out = ""
+        if ch.inflight is not None and ch.inflight.running() \
+                and len(ch.pending) == len(ch.window) - ch.context - ch.skipped:
+            self.pool.result(ch.inflight)  # on a worker with all the held text: no new analysis
         if ch.inflight is not None and ch.inflight.done():
             out = self._release(ch, self.pool.result(ch.inflight)[0])
         elif ch.inflight is not None:
@@ -212,6 +217,11 @@ def plain_prefix(before: str, held: str, end: bool) -> int:
         if not _plain(m.group(), word):
             return pos
         pos, word = m.end(), m.group()
+
+
+def plain(text: str) -> bool:
+    """Whether a whole text is only words no value can start in (nothing to analyse)."""
+    return plain_prefix("", text, end=True) == len(text)
 
 
 def _plain(word: str, before: str) -> bool:
