@@ -201,3 +201,18 @@ def test_a_flow_read_back_keeps_no_parsed_body():
     f = json_flow(b'{"a": 1}')
     assert protocols.document(f, "request") == {"a": 1}
     assert peek(f) is None  # the viewer and the commands do not give it a gateway state
+
+
+def test_a_concern_failing_to_stop_does_not_keep_the_next_from_closing():
+    closed = []
+
+    class Broken:
+        async def done(self):
+            raise RuntimeError("bug")
+
+    class Writer:
+        def done(self):
+            closed.append(True)
+
+    asyncio.run(Checkpoint([Broken(), Writer()], Order()).done())
+    assert closed == [True]

@@ -7,7 +7,8 @@ that answers the flow (`flow.response` set, a refusal) leaves it to the later on
 stand aside, as each does (`if flow.response ...`). An exception in a step fails closed (a refusal
 in the API's shape, or a dropped WebSocket message) and the later steps still run: the audit trail
 records the failure. Lifecycle events (load, configure, running, done) reach the concerns in their
-listed order; `done` awaits each (Admin drains the flows in flight before the writers close).
+listed order; `done` awaits each (Admin drains the flows in flight before the writers close), and
+one that fails does not keep the next from stopping.
 """
 
 from __future__ import annotations
@@ -94,10 +95,14 @@ class Checkpoint:
             hook()
 
     async def done(self) -> None:
+        # Each concern stops even when one before it failed to: the writers still flush and close.
         for hook in self._lifecycle["done"]:
-            result = hook()
-            if inspect.isawaitable(result):
-                await result
+            try:
+                result = hook()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception("douane: %s failed", hook.__qualname__)
 
     # --- per-flow events ------------------------------------------------------------------------
 
