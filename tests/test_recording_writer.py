@@ -79,6 +79,20 @@ def test_a_flow_is_written_as_flowwriter_writes_it_scrubbed(tmp_path):
     assert (tmp_path / "rec" / relative).read_bytes() == expected.read_bytes()
 
 
+class _Text(str):
+    pass
+
+
+@pytest.mark.parametrize("value", [
+    tflow.tflow(resp=True, err=True).get_state(), tflow.twebsocketflow().get_state(),
+    {"b": [1, -2, 2.5, 1e-05, None, True, False, "é\n", b"\x00", (1, "x")], "a": {}, "": []},
+    _Text("sub"), 10**30, float("inf")])
+def test_tnetstring_of_writes_what_mitmproxy_writes(value):
+    assert writer.tnetstring_of(value) == tnetstring.dumps(value)
+    with pytest.raises(ValueError):
+        writer.tnetstring_of({"x": object()})
+
+
 def test_open_session_files_stay_in_order_past_the_lru_and_a_prune(tmp_path):
     healthy = ctypes.c_byte(writer.STARTING)
     w = writer._Writer(settings(tmp_path), healthy)
@@ -108,17 +122,24 @@ def test_a_torn_write_is_cut_back_and_health_returns_after_the_next_write(tmp_pa
     first, torn, last = item("conn-1"), item("conn-1"), item("conn-1")
     expected = [first[1]["id"], last[1]["id"]]
     w.write(first)
-    dump = tnetstring.dump
+    session_file = w.file
 
-    def disk_full(value, file):  # half a record reaches the file, then the disk is full
-        file.write(b"123456:{half a flow")
-        file.flush()
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def disk_full(path: Path):
+        f = session_file(path)
 
-    monkeypatch.setattr(tnetstring, "dump", disk_full)
+        class Half:  # half a record reaches the file, then the disk is full
+            tell = f.tell
+
+            def write(self, data: bytes) -> None:
+                f.write(data[:len(data) // 2])
+                f.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return Half()
+
+    monkeypatch.setattr(w, "file", disk_full)
     w.write(torn)
     assert healthy.value == 0
-    monkeypatch.setattr(tnetstring, "dump", dump)
+    monkeypatch.setattr(w, "file", session_file)
     w.write(last)
     assert healthy.value == 0  # healthy again once the flow is indexed too
     w.commit()

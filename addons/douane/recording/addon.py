@@ -13,10 +13,12 @@ When configured, the unmasked originals are sealed for auditors beside it (`orig
 from __future__ import annotations
 
 import copy
+import functools
 import time
 import weakref
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from mitmproxy import connection, exceptions, http, version
 
@@ -69,7 +71,7 @@ def snapshot(flow: http.HTTPFlow) -> dict:
         "client_conn": connection_state(flow.client_conn),
         "server_conn": connection_state(flow.server_conn),
         "intercepted": flow.intercepted, "is_replay": flow.is_replay, "marked": flow.marked,
-        "metadata": copy.deepcopy(flow.metadata), "comment": flow.comment,
+        "metadata": _copied(flow.metadata), "comment": flow.comment,
         "timestamp_created": flow.timestamp_created, "backup": None,
         "request": flow.request.get_state(),
         "response": flow.response.get_state() if flow.response else None,
@@ -77,10 +79,28 @@ def snapshot(flow: http.HTTPFlow) -> dict:
     }
 
 
+def _copied(value: Any) -> Any:
+    """A deep copy of JSON-like metadata (what recordings can hold), a third of `deepcopy`'s
+    cost; anything else another addon put there is deep-copied as before."""
+    kind = type(value)
+    if kind is dict:
+        return {k: _copied(v) for k, v in value.items()}
+    if kind is list:
+        return [_copied(v) for v in value]
+    if kind in (str, int, float, bool, bytes) or value is None:
+        return value
+    return copy.deepcopy(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _user_folder(user: str) -> str:
+    return untrusted.slug(user)
+
+
 def session_path(flow: http.HTTPFlow, settings: RecordingSettings) -> Path:
     st = state(flow)
     # one folder per exact user name (a slug and a hash: no two users share one), no separators
-    user = untrusted.slug(st.identity.user) if st.identity else "anonymous"
+    user = _user_folder(st.identity.user) if st.identity else "anonymous"
     started = datetime.fromtimestamp(flow.request.timestamp_start, UTC)
     mcp_session = flow.request.headers.get("mcp-session-id")
     if mcp_session:
