@@ -108,6 +108,9 @@ REQUEST_FIELDS = {
          "arguments": json.dumps({PHRASE: 1})}]}, "tool_arguments"),
     "generic_unlisted_field": (GENERIC, "/generate", {"prompt": "hi", "extra": {"x": [PHRASE]}},
                                "prompt"),
+    # a `type` that is not a string names no opaque blob (it broke the walk: a 500, not a read)
+    "generic_object_type": (GENERIC, "/generate", {"prompt": "hi", "extra": {
+        "type": {"x": 1}, "signature": PHRASE}}, "prompt"),
 }
 
 

@@ -106,8 +106,10 @@ class _Walk:
 
     def add(self, path: JsonPath, text: str, editable: bool, tail: bool,
             classify_at: JsonPath | None = None) -> None:
-        self.counted()
-        named = self.named.pop(path, None)
+        self.count += 1
+        if self.count > MAX_STRINGS:
+            self.counted(0)
+        named = self.named.pop(path, None) if self.named else None
         if named is not None:
             self.text.append(named)
             return
@@ -146,7 +148,7 @@ def strays(doc: Any, claimed: set[JsonPath]) -> list[tuple[JsonPath, str]]:
             return
         if isinstance(node, dict):
             for k, v in node.items():
-                if k not in STRUCTURAL and (k, node.get("type")) not in OPAQUE and \
+                if k not in STRUCTURAL and (k, _type(node)) not in OPAQUE and \
                         (path or k != PADDING):
                     visit(v, (*path, k), k, node, depth + 1)
         elif isinstance(node, list):
@@ -174,6 +176,12 @@ def file_text(text: str) -> str | None:
         return None
 
 
+def _type(node: dict[str, Any]) -> str | None:
+    """An object's `type`, when it is a string (`{"type": {}}` must not break the walk)."""
+    kind = node.get("type")
+    return kind if isinstance(kind, str) else None
+
+
 def _node(walk: _Walk, node: Any, path: JsonPath, key: str | None, parent: dict[str, Any],
           depth: int) -> None:
     if depth > MAX_DEPTH:
@@ -181,9 +189,13 @@ def _node(walk: _Walk, node: Any, path: JsonPath, key: str | None, parent: dict[
                             "douane refuses what it cannot inspect whole")
     if isinstance(node, dict):
         walk.keys(walk.classify(path)[0], node)  # keys are read where their object sits
-        kind = node.get("type")
+        kind = _type(node)
         for k, v in node.items():
-            if (k, kind) not in OPAQUE:
+            if (k, kind) in OPAQUE:
+                continue
+            if type(v) is str and depth < MAX_DEPTH:  # most values: no call to learn it
+                _string(walk, v, (*path, k), k, node, depth + 1)
+            elif v is not None or depth >= MAX_DEPTH:
                 _node(walk, v, (*path, k), k, node, depth + 1)
     elif isinstance(node, list):
         for i, v in enumerate(node):
@@ -194,7 +206,9 @@ def _node(walk: _Walk, node: Any, path: JsonPath, key: str | None, parent: dict[
 
 def _string(walk: _Walk, text: str, path: JsonPath, key: str | None, parent: dict[str, Any],
             depth: int) -> None:
-    payload = _payload(text, key, parent)
+    # (the test `_payload` starts with, to spare most strings a call)
+    payload = _payload(text, key, parent) if key in ("data", "file_data") or \
+        len(text) >= ENCODED or text[:1] in ("d", "D") else None
     if payload is not None:
         media_type, raw, explicit = payload
         decoded = _text_of(media_type, raw, explicit)
