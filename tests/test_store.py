@@ -255,3 +255,18 @@ def test_the_minute_slides(postgres):
         await store.close()
 
     asyncio.run(run())
+
+
+def test_a_secret_is_created_once_for_every_replica(postgres):
+    """The approval status links' key: the replicas asking together all get the first one's."""
+    url = postgres.new_database()
+
+    async def run() -> None:
+        stores = [await started(PgStore(database(url), f"r{i}")) for i in range(3)]
+        keys = await asyncio.gather(*(s.secret("approval_status") for s in stores * 2))
+        assert len(set(keys)) == 1 and len(keys[0]) == 32
+        assert await stores[0].secret("other") != keys[0]
+        for s in stores:
+            await s.close()
+
+    asyncio.run(run())

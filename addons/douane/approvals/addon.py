@@ -105,6 +105,8 @@ class Approvals:
         identity = self.settings.config.identity
         dev_key = devissuer.public_jwk(identity.dev_issuer) if identity.dev_issuer else None
         self.api = AdminAPI(self, approvals, TokenVerifier(identity, dev_key))
+        if pg is not None:
+            self.api.shared_secret = lambda: pg.secret("approval_status")
         if approvals.inbox:
             Inbox(self.api, approvals.inbox).mount()
         credentials.mount(self.api, self.settings)
@@ -205,7 +207,7 @@ class Approvals:
                 await self._open(flow, st, "answer", wait.timeout)
             if self._by_url(flow, st):
                 assert self.api
-                input_required(flow, self.api.status_url(pending.id),
+                input_required(flow, await self.api.status_url(pending.id),
                                f"douane: approval {pending.id} is pending (calling "
                                f"{pending.subject} on {pending.upstream}); open the link to "
                                "see its status, then accept to retry", *decision.reasons)

@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import tornado.httpserver
@@ -29,6 +30,7 @@ import tornado.web
 
 from douane.approvals.config import ApprovalSettings, seconds
 from douane.flowstate import Identity
+from douane.store import StoreUnavailable
 from douane.tokens import TokenError, TokenVerifier
 
 if TYPE_CHECKING:
@@ -144,7 +146,11 @@ class StatusHandler(_Handler):
         pass  # the URL is the capability (checked in get)
 
     async def get(self, approval_id: str, key: str) -> None:
-        if not hmac.compare_digest(key, self.api.status_key(approval_id)):
+        try:
+            expected = await self.api.status_key(approval_id)
+        except StoreUnavailable as e:
+            raise ApprovalError(503, f"{e}; retry shortly") from None
+        if not hmac.compare_digest(key, expected):
             raise ApprovalError(404, f"no approval request {approval_id}")
         p = await self.api.addon.find(approval_id)
         self.reply({"id": p.id, "status": p.status, "upstream": p.upstream, "subject": p.subject,
@@ -157,10 +163,15 @@ class AdminAPI:
         self.server: tornado.httpserver.HTTPServer | None = None
         self.port: int | None = None
         self._status_secret = secrets.token_bytes(32)  # status links last as long as the process
+        # with a shared store: the fleet's key, so a link answers on every replica
+        self.shared_secret: Callable[[], Awaitable[bytes]] | None = None
         self.pages: list[Any] = []  # more routes on the same server (the inbox)
         self.app_settings: dict[str, Any] = {}
 
-    def status_key(self, approval_id: str) -> str:
+    async def status_key(self, approval_id: str) -> str:
+        if self.shared_secret is not None:  # read once; StoreUnavailable until it is
+            self._status_secret = await self.shared_secret()
+            self.shared_secret = None
         return hmac.new(self._status_secret, approval_id.encode(), hashlib.sha256).hexdigest()[:32]
 
     def approver(self, identity: Identity) -> Identity:
@@ -171,9 +182,9 @@ class AdminAPI:
                                 f"groups {', '.join(self.settings.approver_groups)})")
         return identity
 
-    def status_url(self, approval_id: str) -> str:
+    async def status_url(self, approval_id: str) -> str:
         base = self.settings.base_url(self.port)
-        return f"{base}/status/{approval_id}/{self.status_key(approval_id)}"
+        return f"{base}/status/{approval_id}/{await self.status_key(approval_id)}"
 
     def start(self) -> None:
         app = tornado.web.Application([

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -173,6 +174,16 @@ class PgStore:
         async def rows(conn: psycopg.AsyncConnection[dict[str, Any]]) -> list[dict[str, Any]]:
             return await (await conn.execute(query, params)).fetchall()
         return await self.run(rows)
+
+    async def secret(self, name: str) -> bytes:
+        """A random secret every replica shares, created by the first one that asks."""
+        row = await self.fetchone(
+            "WITH ins AS (INSERT INTO douane_secrets VALUES (%(name)s, %(value)s) ON CONFLICT "
+            "(name) DO NOTHING RETURNING value) SELECT value FROM ins UNION ALL "
+            "SELECT value FROM douane_secrets WHERE name = %(name)s LIMIT 1",
+            {"name": name, "value": secrets.token_bytes(32)})
+        assert row is not None
+        return bytes(row["value"])
 
     # --- LISTEN/NOTIFY -----------------------------------------------------------------------
 

@@ -89,4 +89,9 @@ CREATE TABLE audit_heads (              -- each replica's audit chain: its newes
     mac text NOT NULL,
     updated_at double precision NOT NULL);
 """),
+    Migration(3, "secrets every replica shares", """
+CREATE TABLE douane_secrets (
+    name text PRIMARY KEY,              -- e.g. approval_status: the key of status page links
+    value bytea NOT NULL);
+"""),
 )
