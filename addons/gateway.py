@@ -11,6 +11,7 @@ from mitmproxy import contentviews
 from douane.admin import Admin, Metrics
 from douane.approvals.addon import Approvals
 from douane.audit import AuditTrail
+from douane.builtins import DropIdleBuiltins
 from douane.contentview import DouaneContentview
 from douane.health import LoopMonitor
 from douane.identity import Authenticate
@@ -137,4 +138,4 @@ ORDER = Order(
     client_disconnected=(timeouts.client_disconnected,),
 )
 
-addons = [Checkpoint(CONCERNS, ORDER)]
+addons = [Checkpoint(CONCERNS, ORDER), DropIdleBuiltins()]  # mitmproxy's idle built-ins out

@@ -10,17 +10,17 @@ from mitmproxy.addons import default_addons
 from mitmproxy.hooks import RunningHook
 from mitmproxy.tools.dump import DumpMaster
 
+from douane import builtins
 from douane.builtins import DropIdleBuiltins
 
 
-def started(**opts) -> tuple[DumpMaster, DropIdleBuiltins]:
+def started(**opts) -> DumpMaster:
     """A mitmdump master with its default addons and douane's, after `running`."""
     master = DumpMaster(options.Options(), with_termlog=False)
-    drop = DropIdleBuiltins()
-    master.addons.add(drop)
+    master.addons.add(DropIdleBuiltins())
     master.options.update(**opts)
     master.addons.trigger(RunningHook())  # (the master is mitmproxy's ctx.master)
-    return master, drop
+    return master
 
 
 def chain(master: DumpMaster) -> set[str]:
@@ -29,8 +29,8 @@ def chain(master: DumpMaster) -> set[str]:
 
 def test_idle_builtins_leave_the_chain_and_guards_stay():
     async def scenario() -> None:
-        master, drop = started(flow_detail=0, mode=["reverse:http://127.0.0.1:1"])
-        assert {"maplocal", "dumper", "onboarding"} <= drop.dropped.keys()
+        master = started(flow_detail=0, mode=["reverse:http://127.0.0.1:1"])
+        assert {"maplocal", "dumper", "onboarding"} <= builtins._dropped[master].keys()
         names = chain(master)
         assert not names & {"maplocal", "modifyheaders", "stickycookie", "proxyauth", "save",
                             "savehar", "dumper", "onboarding", "cut", "export", "blocklist"}
@@ -44,17 +44,22 @@ def test_idle_builtins_leave_the_chain_and_guards_stay():
 
 def test_a_feature_on_at_start_keeps_its_addon():
     async def scenario() -> None:
-        master, _ = started(map_local=["|example.com/x|/tmp"], flow_detail=1,
-                            modify_headers=["/~q/x-a/b"])
+        master = started(map_local=["|example.com/x|/tmp"], flow_detail=1,
+                         modify_headers=["/~q/x-a/b"])
         assert {"maplocal", "modifyheaders", "dumper", "onboarding"} <= chain(master)
     asyncio.run(scenario())
 
 
 def test_turning_a_dropped_feature_on_later_is_refused():
     async def scenario() -> None:
-        master, _ = started(flow_detail=0)
+        master = started(flow_detail=0)
         with pytest.raises(exceptions.OptionsError, match="restart"):
             master.options.update(map_local=["|example.com/x|/tmp"])
         assert master.options.map_local == []  # rolled back, not silently ignored
         master.options.update(map_local=[])  # still off: fine
+        # the script reloaded: its new instance still refuses
+        master.addons.remove(master.addons.get("dropidlebuiltins"))
+        master.addons.add(DropIdleBuiltins())
+        with pytest.raises(exceptions.OptionsError, match="restart"):
+            master.options.update(stickycookie=".*")
     asyncio.run(scenario())

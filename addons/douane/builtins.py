@@ -12,7 +12,9 @@ What guards traffic stays: block (block_global), disable_h2c, update_alt_svc, TL
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 from mitmproxy import ctx, exceptions
 from mitmproxy.options import Options
@@ -47,22 +49,23 @@ IDLE: dict[str, tuple[str | None, Callable[[Options], bool]]] = {
 }
 
 
-class DropIdleBuiltins:
-    def __init__(self) -> None:
-        self.dropped: dict[str, str | None] = {}  # addon name -> the option that would need it
+# Per master, addon name -> the option that would need it: the instance a reloaded script makes
+# still refuses what an earlier one took out.
+_dropped: weakref.WeakKeyDictionary[Any, dict[str, str | None]] = weakref.WeakKeyDictionary()
 
+
+class DropIdleBuiltins:
     def running(self) -> None:
-        addons = ctx.master.addons
+        addons, dropped = ctx.master.addons, _dropped.setdefault(ctx.master, {})
         for name, (option, idle) in IDLE.items():
             addon = addons.get(name)
             if addon is not None and idle(ctx.options):
                 addons.remove(addon)
-                self.dropped[name] = option
-        logger.debug("douane: mitmproxy addons out of the event chain: %s",
-                     ", ".join(self.dropped))
+                dropped[name] = option
+        logger.debug("douane: mitmproxy addons out of the event chain: %s", ", ".join(dropped))
 
     def configure(self, updated: set[str]) -> None:
-        for name, option in self.dropped.items():
+        for name, option in _dropped.get(ctx.master, {}).items():
             if option in updated and not IDLE[name][1](ctx.options):
                 raise exceptions.OptionsError(
                     f"{option}: mitmproxy's {name} addon was idle at start and douane took it "
