@@ -14,18 +14,19 @@ Offline: tldextract uses its bundled public-suffix snapshot, never the network.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
-
-from spacy.lang.en.stop_words import STOP_WORDS
-from spacy.language import Language
-from spacy.tokens import Doc
+from typing import TYPE_CHECKING
 
 from douane import secrets
 from douane.masking import fields
 from douane.masking.config import NER_ENTITIES, MaskingSettings
 from douane.masking.phone import phone_recognizer
+
+if TYPE_CHECKING:
+    from spacy.tokens import Doc
 
 logger = logging.getLogger(__name__)
 
@@ -111,20 +112,28 @@ LETTERS_WORD = re.compile(r"[^\W\d_]{2,}(?:['’.-][^\W\d_]+)*\.?")
 # follows, no PERSON/LOCATION/NRP span starts in one.
 OPENERS = {"sure", "certainly", "yes", "okay", "hello", "hi", "hey", "thanks", "thank", "great",
            "absolutely", "sorry", "unfortunately", "let", "following", "below", "based"}
-NOT_A_NAME = frozenset({w for w in STOP_WORDS if w.isascii() and w.isalpha()} - {"may", "will"}
-                       | OPENERS)
 WORD_RUN = re.compile(r"\w+")
+
+
+@functools.cache
+def not_a_name_words() -> frozenset[str]:
+    # spaCy is imported here, not with the module: every gateway and `douane` command imports
+    # this module, and spaCy takes over a second of CPU to import
+    from spacy.lang.en.stop_words import STOP_WORDS
+
+    return frozenset({w for w in STOP_WORDS if w.isascii() and w.isalpha()} - {"may", "will"}
+                     | OPENERS)
 
 
 def not_a_name(word: str) -> bool:
     """`word` (a run of letters) is one no name or place starts with: lower-case or capitalised,
     never all capitals (IN, ME, OR, US are places)."""
     return (word.isascii() and (len(word) == 1 or word[1:].islower())
-            and word.lower() in NOT_A_NAME)
+            and word.lower() in not_a_name_words())
 
 
 def trim_name(text: str, s: Span) -> Span | None:
-    """A name or place without the `NOT_A_NAME` words it starts with (None if nothing is left).
+    """A name or place without the `not_a_name` words it starts with (None if nothing is left).
     Words are whole runs of `text`: a span starting inside a word is judged by that word."""
     begin = s.start
     while 0 < begin < len(text) and WORD_RUN.fullmatch(text, begin - 1, begin + 1):
@@ -170,7 +179,6 @@ def refine(text: str, spans: list[Span]) -> list[Span]:
     return sorted(kept, key=lambda s: (s.start, s.end))
 
 
-@Language.component("douane_lemmas")
 def lower_case_lemmas(doc: Doc) -> Doc:
     """Presidio's context words ("ssn", "phone", "card") are compared with lemmas, which the
     lemmatizer left out above would set: without this no context ever raises a score."""
@@ -275,6 +283,10 @@ class Analyzer:
             import spacy
 
             nlp_engine.nlp = {"en": spacy.blank("en")}
+        from spacy.language import Language
+
+        if not Language.has_factory("douane_lemmas"):
+            Language.component("douane_lemmas", func=lower_case_lemmas)
         nlp_engine.nlp["en"].add_pipe("douane_lemmas")
         self.nlp_engine = nlp_engine
         registry = RecognizerRegistry(supported_languages=["en"])

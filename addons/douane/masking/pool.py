@@ -56,7 +56,9 @@ class MaskingPool:
         return self._executors[urgent]
 
     def warm_up(self) -> list[Analysis]:
-        """Start every worker now, so the first request does not wait for spaCy to load."""
+        """Start every worker now, so the first request does not wait for spaCy to load; load
+        here what streams read in this process (spaCy's stop words), not on the event loop."""
+        engine.not_a_name_words()
         return [*(self.submit(["warm up"]) for _ in range(self.settings.workers)),
                 self.submit(["warm up"], urgent=True)]
 

@@ -83,7 +83,7 @@ SPACES = re.compile(r"\s*")
 # a group of a number or code written in groups: digits and capitals, with a phone's punctuation
 VALUE_GROUP = re.compile(r"[+(]?[0-9A-Z][0-9A-Z().\-/]*[,;.]?")
 DIGIT = re.compile(r"\d")
-# a word released without analysis: letters (one of `engine.NOT_A_NAME`), then punctuation
+# a word released without analysis: letters (`engine.not_a_name`), then punctuation
 PLAIN_WORD = re.compile(r"([A-Za-z]{1,16})[.,!?;]{0,3}")
 SECRET_SEPARATORS = tuple(":=>\"'`|/\\")  # what the word before a secret's value ends with
 
