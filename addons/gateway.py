@@ -44,7 +44,8 @@ metrics = Metrics()
 pins = PinTools(settings, audit_trail)
 keep_refusals = KeepRefusals()
 # /healthz says "draining" at shutdown while flows finish, before the writers close
-admin = Admin(settings, metrics, loop_monitor, authenticate, audit_trail, record, approvals)
+admin = Admin(settings, metrics, loop_monitor, authenticate, audit_trail, record, approvals,
+              shared)
 timeouts = ClientTimeouts(settings)
 route = Route(settings)
 resource_metadata = ProtectedResourceMetadata(settings)

@@ -79,16 +79,18 @@ def test_ready_and_metrics_move_with_traffic(issuer: TestIssuer, llm: FakeUpstre
         assert "douane_decisions_total" not in httpx.get(gw.url + "/metrics").text
 
 
-def test_not_ready_without_signing_keys(llm: FakeUpstream, tmp_path):
+def test_not_ready_without_signing_keys_or_store(llm: FakeUpstream, tmp_path):
     with socket.socket() as s:  # an issuer that answers nothing: its keys cannot be fetched
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     config = base_config(dead, llm.url)
     config["identity"]["issuers"][0]["jwks_uri"] = dead + "/jwks"
+    config["database"] = f"postgresql://douane@{dead.removeprefix('http://')}/douane"
     with start(config, llm, tmp_path, "nokeys") as gw:
         health = httpx.get(admin_url(gw) + "/healthz")
         assert health.status_code == 503
         assert f"keys: the signing keys of issuer {dead} are not fetched yet" in health.text
+        assert "store: the shared store has not answered since start-up" in health.text
         assert metric(httpx.get(admin_url(gw) + "/metrics").text, "douane_ready") == 0
 
 

@@ -106,10 +106,12 @@ def test_two_workers_behind_haproxy_share_the_port_and_restart_a_killed_worker(
 def test_haproxy_accepts_the_written_config(tmp_path):
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(haproxy_config("127.0.0.1", free_port(),
-                                  [Worker("w1", 1001, 2001), Worker("w2", 1002, 2002)]))
+                                  [Worker("w1", 1001, 2001, 3001), Worker("w2", 1002, 2002, 3002)],
+                                  ("127.0.0.1", free_port())))
     check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "server w2 127.0.0.1:1002 check port 2002" in cfg.read_text()
+    assert "server w2 127.0.0.1:3002 check port 2002" in cfg.read_text()  # its approvals API
 
 
 def test_more_than_one_worker_refuses_per_worker_approvals(tmp_path, capsys):
@@ -117,19 +119,23 @@ def test_more_than_one_worker_refuses_per_worker_approvals(tmp_path, capsys):
     file.write_text(yaml.safe_dump({**base_config(None, "http://127.0.0.1:9"),
                                     "approvals": {"approver_groups": ["security"]}}))
     assert main(["--workers", "2", "--config", str(file), "--confdir", str(tmp_path)]) == 2
-    assert "PostgreSQL, not built" in capsys.readouterr().err
+    assert "no database (PostgreSQL)" in capsys.readouterr().err
 
 
 def test_each_worker_writes_its_own_audit_chain_and_recordings(tmp_path):
     file = tmp_path / "douane.yaml"
     file.write_text(yaml.safe_dump({**base_config(None, "http://127.0.0.1:9"),
-                                    "gateway": {"state_dir": str(tmp_path)}, "recording": {}}))
+                                    "gateway": {"state_dir": str(tmp_path)}, "recording": {},
+                                    "approvals": {"approver_groups": ["security"],
+                                                  "listen": "0.0.0.0:8181"}}))
     config = load(str(file), gateway=False)
-    w2 = for_worker(config, "w2")
+    w2 = for_worker(config, "w2", approvals_port=3002)
     assert w2.audit.path == tmp_path / "audit" / "audit.w2.jsonl"
     assert w2.sections["recording"].dir == tmp_path / "recordings" / "w2"
     assert config.audit.path == tmp_path / "audit" / "audit.jsonl"  # the original is unchanged
     assert config.sections["recording"].dir == tmp_path / "recordings"
+    assert (w2.sections["approvals"].host, w2.sections["approvals"].port) == ("127.0.0.1", 3002)
+    assert w2.sections["approvals"].public_url == "http://0.0.0.0:8181"  # links: the balancer
     assert (w2.replica, config.replica) == (f"{config.host}/w2", config.host)
 
 

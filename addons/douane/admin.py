@@ -2,8 +2,8 @@
 balancer and `/metrics` for Prometheus, never on the proxy port.
 
 `/healthz` answers 200 only when the configuration is loaded, every issuer's signing keys are
-fetched (or kept from an earlier fetch), the audit writer runs and, when recording is on, the
-recording writer runs; otherwise 503 with the reasons. At shutdown it answers 503 "draining" while
+fetched (or kept from an earlier fetch), the shared store (if any) has answered since start-up,
+the audit writer runs and, when recording is on, the recording writer runs; otherwise 503 with the reasons. At shutdown it answers 503 "draining" while
 the flows in flight finish (at most `douane_drain_seconds`), so a balancer stops sending new ones.
 
 `Metrics` counts each flow once, after its audit record is written. Its labels are bounded: an
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from douane.identity import Authenticate
     from douane.recording.addon import Record
     from douane.settings import Settings
+    from douane.store.addon import SharedStore
 
 logger = logging.getLogger(__name__)
 MAX_SERIES = 200  # distinct values per label; more are counted as "other"
@@ -122,8 +123,8 @@ class Admin:
 
     def __init__(self, settings: Settings, metrics: Metrics, loop: LoopMonitor,
                  authenticate: Authenticate, audit: AuditTrail, record: Record,
-                 approvals: Approvals):
-        self.settings, self.metrics, self.loop = settings, metrics, loop
+                 approvals: Approvals, shared: SharedStore):
+        self.settings, self.metrics, self.loop, self.shared = settings, metrics, loop, shared
         self.authenticate, self.audit, self.record = authenticate, audit, record
         self.server: tornado.httpserver.HTTPServer | None = None
         self.port: int | None = None
@@ -212,6 +213,10 @@ class Admin:
         for issuer, keyset in (verifier.keysets.items() if verifier else ()):
             if not keyset.keys:
                 out.append(f"keys: the signing keys of issuer {issuer} are not fetched yet")
+        # not during a later outage: every replica would leave the balancer, and clients would
+        # get closed connections instead of clear refusals
+        if self.shared.pg is not None and not self.shared.pg.ready:
+            out.append("store: the shared store has not answered since start-up")
         if self.audit.log is None or not self.audit.log.ready:
             out.append("audit: the audit log cannot be written")
         if self.record.recording and (self.record.writer is None or

@@ -90,7 +90,7 @@ class ChainHeads:
                     db.close()
                     db = None
                 if not failing:
-                    logger.error("douane: cannot keep the audit chain's head in the shared "
+                    logger.warning("douane: cannot keep the audit chain's head in the shared "
                                  "store (%s); retrying every %ss", type(e).__name__,
                                  RETRY_SECONDS)
                 failing = True

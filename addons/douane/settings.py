@@ -17,13 +17,20 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "policies" / "default.yam
 WORKER_NAME = re.compile(r"[a-z0-9]{1,16}")
 
 
-def for_worker(config: configmod.Config, worker: str) -> configmod.Config:
+def for_worker(config: configmod.Config, worker: str, approvals_port: int = 0) -> configmod.Config:
     """One of several gateway processes of one machine (`scripts/run --workers N`): each writes its
     own audit chain (`audit.jsonl` becomes `audit.WORKER.jsonl`, linear per writer) and its own
     recordings folder (`recordings/WORKER/`, one writer per SQLite index) and is the replica
-    `HOST/WORKER` in a shared store; the CA, keys and the configuration are shared."""
+    `HOST/WORKER` in a shared store; the CA, keys and the configuration are shared. Its approvals
+    API listens on `approvals_port` of loopback, behind the balancer's `approvals.listen` (the
+    address its links name)."""
     audit = config.audit.path
     sections = dict(config.sections)
+    approvals = sections.get("approvals")
+    if approvals and approvals_port:
+        sections["approvals"] = dataclasses.replace(
+            approvals, host="127.0.0.1", port=approvals_port,
+            public_url=approvals.public_url or approvals.base_url(approvals.port))
     if sections.get("recording"):
         sections["recording"] = dataclasses.replace(sections["recording"],
                                                     dir=sections["recording"].dir / worker)
@@ -42,9 +49,13 @@ class Settings:
         loader.add_option("douane_worker", str, "",
                           "This process's name among several of one machine (scripts/run "
                           "--workers): its own audit log and recordings folder.")
+        loader.add_option("douane_worker_approvals", int, 0,
+                          "With douane_worker: the loopback port of this worker's approvals "
+                          "API (the balancer listens on approvals.listen).")
 
     def configure(self, updated: set[str]) -> None:
-        if {"douane_config", "douane_worker"} & updated or self.config is None:
+        if {"douane_config", "douane_worker", "douane_worker_approvals"} & updated or \
+                self.config is None:
             worker = ctx.options.douane_worker
             if worker and not WORKER_NAME.fullmatch(worker):
                 raise exceptions.OptionsError("douane: douane_worker must be 1-16 lower-case "
@@ -53,7 +64,8 @@ class Settings:
                 config = configmod.load(ctx.options.douane_config)
             except configmod.ConfigError as e:
                 raise exceptions.OptionsError(f"douane: {e}") from None
-            self.config = for_worker(config, worker) if worker else config
+            self.config = for_worker(config, worker, ctx.options.douane_worker_approvals) \
+                if worker else config
             logger.info("douane: configuration %s (version %s), %d upstream(s)",
                         self.config.file, self.config.version, len(self.config.upstreams))
 

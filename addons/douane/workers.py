@@ -4,8 +4,11 @@ Each worker is a mitmdump on a loopback port with its own admin listener (/healt
 mode) balances new connections over the workers whose /healthz answers 200, so a worker that is
 starting, draining or dead gets none. The workers share the configuration, the CA (certs/) and
 the keys; each writes its own audit chain and recordings folder (`douane_worker`, see
-`settings.for_worker`). Approvals and rate limits live in each process's memory: with N > 1 they
-would be per worker, so a configuration with approvals is refused until a shared store exists.
+`settings.for_worker`). With a shared store (`database:`, PostgreSQL) the workers share approvals,
+grants, limits, the session index and the audit chain heads; each worker's approvals API listens
+on a loopback port of its own, behind a second HAProxy frontend on `approvals.listen`. Without
+one, approvals and limits would live in each process's memory: with N > 1 a configuration with
+approvals is refused.
 A worker that exits is started again on its ports (HAProxy takes it back once its /healthz says
 ready), after a delay that doubles while it keeps dying young; one that dies young
 `GIVE_UP` times in a row is left down, and when every worker is, `scripts/run` exits.
@@ -45,6 +48,7 @@ class Worker:
     name: str
     port: int
     admin: int
+    approvals: int = 0  # its approvals API's port, when the config has approvals
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0  # monotonic
     failures: int = 0  # exits in a row within STABLE_SECONDS of a start
@@ -61,10 +65,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def haproxy_config(host: str, port: int, workers: list[Worker]) -> str:
-    """TCP balancing (TLS and CONNECT pass through untouched) with HTTP checks of /healthz."""
+def haproxy_config(host: str, port: int, workers: list[Worker],
+                   approvals: tuple[str, int] | None = None) -> str:
+    """TCP balancing (TLS and CONNECT pass through untouched) with HTTP checks of /healthz; the
+    approvals APIs behind `approvals` (HOST, PORT), by client address (an approver's browser stays
+    on one worker: the inbox's login and status links are a process's own)."""
     servers = "\n".join(f"    server {w.name} 127.0.0.1:{w.port} check port {w.admin}"
                         for w in workers)
+    api = "" if approvals is None else f"""
+frontend approvals
+    bind {approvals[0]}:{approvals[1]}
+    default_backend approvals
+
+backend approvals
+    balance source
+    option httpchk GET /healthz
+    http-check expect status 200
+    default-server inter 1s fall 2 rise 2
+""" + "\n".join(f"    server {w.name} 127.0.0.1:{w.approvals} check port {w.admin}"
+                for w in workers) + "\n"
     return f"""# written by douane (scripts/run --workers); regenerated at every start
 global
     maxconn 4000
@@ -87,7 +106,7 @@ backend workers
     http-check expect status 200
     default-server inter 1s fall 2 rise 2
 {servers}
-"""
+{api}"""
 
 
 def healthz(worker: Worker) -> int | None:
@@ -107,10 +126,12 @@ def start(worker: Worker, args: argparse.Namespace) -> None:
         "--set", f"douane_worker={worker.name}",
         "--set", f"douane_metrics_listen=127.0.0.1:{worker.admin}",
         "--set", f"douane_drain_seconds={DRAIN_SECONDS}",
+        *(["--set", f"douane_worker_approvals={worker.approvals}"] if worker.approvals else []),
         "--listen-host", "127.0.0.1", "--listen-port", str(worker.port), *args.mitmdump])
     worker.started = time.monotonic()
+    api = f", approvals API on 127.0.0.1:{worker.approvals}" if worker.approvals else ""
     print(f"douane: worker {worker.name} (pid {worker.proc.pid}) on 127.0.0.1:{worker.port}, "
-          f"/healthz on 127.0.0.1:{worker.admin}", file=sys.stderr, flush=True)
+          f"/healthz on 127.0.0.1:{worker.admin}{api}", file=sys.stderr, flush=True)
 
 
 def wait_started(worker: Worker) -> bool:
@@ -180,19 +201,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.mitmdump[:1] == ["--"]:
         args.mitmdump = args.mitmdump[1:]
     config = configmod.load(args.config, gateway=False)
-    if args.workers > 1 and "approvals" in config.sections:
-        print("douane: approvals need one store shared by the workers (PostgreSQL, not built "
-              "yet); with --workers > 1 a flow held on one worker could not be approved through "
-              "another. Run one worker, or take the approvals section out.", file=sys.stderr)
+    approvals = config.sections.get("approvals")
+    if args.workers > 1 and approvals and config.database is None:
+        print("douane: approvals need one store shared by the workers: with --workers > 1 and "
+              "no database (PostgreSQL), a flow held on one worker could not be approved through "
+              "another. Configure database:, run one worker, or take the approvals section out.",
+              file=sys.stderr)
         return 2
     haproxy = shutil.which("haproxy")
     if haproxy is None:
         print("douane: --workers needs HAProxy (Debian package haproxy)", file=sys.stderr)
         return 2
-    workers = [Worker(f"w{i + 1}", free_port(), free_port()) for i in range(args.workers)]
+    workers = [Worker(f"w{i + 1}", free_port(), free_port(), free_port() if approvals else 0)
+               for i in range(args.workers)]
     run_dir = Path(tempfile.mkdtemp(prefix="douane-haproxy-"))
     cfg = run_dir / "haproxy.cfg"
-    cfg.write_text(haproxy_config(args.host, args.port, workers))
+    cfg.write_text(haproxy_config(args.host, args.port, workers,
+                                  (approvals.host, approvals.port) if approvals else None))
     balancer: subprocess.Popen[bytes] | None = None
     stopping = False
 

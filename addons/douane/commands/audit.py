@@ -47,7 +47,7 @@ def verify(args: argparse.Namespace) -> int:
     if config.database is None:
         return _verify(path, key)
     try:
-        with store.connect(config.database, autocommit=True) as db:
+        with store.connect_for(config, autocommit=True) as db:
             heads = {h.replica: h for h in chainheads.heads(db)}
     except Exception as e:
         print(escape(f"FAIL: cannot read the chain heads from the shared store "

@@ -90,7 +90,7 @@ def _index(config, recording):
     if config.database is None:
         return index.connect(recording.index_path)
     try:
-        return store.connect(config.database, autocommit=True)
+        return store.connect_for(config, autocommit=True)
     except Exception as e:
         raise SystemExit(escape(f"cannot reach the shared store ({type(e).__name__}: "
                                 f"{str(e)[:200]})")) from None

@@ -10,11 +10,19 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import psycopg
 
-    from douane.config import Database
+    from douane.config import Config, Database
 
 
 class StoreUnavailable(Exception):
     """The shared store cannot answer now: what needs it is refused, never let through."""
+
+
+def connect_for(config: Config, **kwargs: Any) -> psycopg.Connection[Any]:
+    """An operator command's connection: its password must have been resolved."""
+    assert config.database
+    if "database.password" in config.unresolved:
+        raise StoreUnavailable(f"database.password: {config.unresolved['database.password']}")
+    return connect(config.database, **kwargs)
 
 
 def connect(database: Database, **kwargs: Any) -> psycopg.Connection[Any]:
