@@ -177,13 +177,15 @@ class PgStore:
 
     async def secret(self, name: str) -> bytes:
         """A random secret every replica shares, created by the first one that asks."""
-        row = await self.fetchone(
-            "WITH ins AS (INSERT INTO douane_secrets VALUES (%(name)s, %(value)s) ON CONFLICT "
-            "(name) DO NOTHING RETURNING value) SELECT value FROM ins UNION ALL "
-            "SELECT value FROM douane_secrets WHERE name = %(name)s LIMIT 1",
-            {"name": name, "value": secrets.token_bytes(32)})
-        assert row is not None
-        return bytes(row["value"])
+        for _ in range(3):
+            row = await self.fetchone(
+                "WITH ins AS (INSERT INTO douane_secrets VALUES (%(name)s, %(value)s) ON CONFLICT "
+                "(name) DO NOTHING RETURNING value) SELECT value FROM ins UNION ALL "
+                "SELECT value FROM douane_secrets WHERE name = %(name)s LIMIT 1",
+                {"name": name, "value": secrets.token_bytes(32)})
+            if row is not None:  # None: another replica's insert committed after this snapshot
+                return bytes(row["value"])
+        raise StoreUnavailable(f"the shared secret {name} could not be read")
 
     # --- LISTEN/NOTIFY -----------------------------------------------------------------------
 
