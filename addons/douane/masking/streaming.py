@@ -31,7 +31,17 @@ A proposal analyses the window; its result releases the held text up to a cut `c
 5. crosses no detection: a detection across the cut moves it back to the detection's start, so a
    value still arriving (a private key block, a name followed by its surname) stays whole.
 The text before the cut leaves masked with the detections that lie in it. At the channel's end
-the rest is decided by one analysis of the same window (left context + held text). The property
+the rest is decided by one analysis of the same window (left context + held text).
+
+Words no value can start in leave at once, before any analysis (`plain_prefix`), so the first
+token of an answer is not held for the window: a whole word of letters that no name or place
+starts with (`engine.NOT_A_NAME`: function words and answer openers; NER and field spans are
+trimmed of them at their start, in every analysis), followed by whitespace, with none of the
+characters the pattern recognisers' values start with or need (digits, `@`, `:`, `+`, `(`),
+shorter than any secret but a password, and not after what a password's or a token's value
+follows (a word ending in `:`/`=`/a quote, `is`/`was`, a secret hint such as `bearer`). The text
+released so far ends where no value of the whole answer does (by induction: a cut of
+`release_point`, or the end of such a word), so no value can cross into the word either. The property
 test (tests/test_masking_stream.py) holds stream == whole over 10,000+ random splits at three
 paces with the real analyser, plus fixed cases at every split offset.
 
@@ -50,7 +60,8 @@ characters, a few ms of spaCy per proposal; a table's header and rows), the hold
 run of long tokens holds more), and a table row waits until it is complete.
 
 The stream callable is synchronous, so analysis is submitted to the worker pool from `feed` and its
-result collected by a later `feed`: the event loop never waits for Presidio mid-stream. Each
+result collected by a later `feed`: the event loop never waits for Presidio mid-stream. A proposal
+still queued when more text arrives is replaced by one of all the held text. Each
 proposal analyses all the held text, so once no text has arrived since the last one, the spans of
 what is held are already known. Only `finish` (a channel's end) may have to wait: when the held
 text's analysis is known (the usual case when the end comes a moment after the last delta, as a
@@ -132,9 +143,6 @@ class StreamMasker:
         if ch is None:
             return ""
         out = ""
-        if ch.inflight is not None and ch.inflight.running() \
-                and len(ch.pending) == len(ch.window) - ch.context - ch.skipped:
-            self.pool.result(ch.inflight)  # on a worker with all the held text: no new analysis
         if ch.inflight is not None and ch.inflight.done():
             out = self._release(ch, self.pool.result(ch.inflight)[0])
         elif ch.inflight is not None:
