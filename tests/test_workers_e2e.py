@@ -120,6 +120,12 @@ def test_more_than_one_worker_refuses_per_worker_approvals(tmp_path, capsys):
                                     "approvals": {"approver_groups": ["security"]}}))
     assert main(["--workers", "2", "--config", str(file), "--confdir", str(tmp_path)]) == 2
     assert "no database (PostgreSQL)" in capsys.readouterr().err
+    file.write_text(yaml.safe_dump({**base_config(None, "http://127.0.0.1:9"),
+                                    "approvals": {"approver_groups": ["security"],
+                                                  "listen": "127.0.0.1:0"},
+                                    "database": "postgresql://douane@127.0.0.1:9/douane"}))
+    assert main(["--workers", "2", "--config", str(file), "--confdir", str(tmp_path)]) == 2
+    assert "approvals.listen needs a fixed port" in capsys.readouterr().err
 
 
 def test_each_worker_writes_its_own_audit_chain_and_recordings(tmp_path):

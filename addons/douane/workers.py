@@ -208,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
               "another. Configure database:, run one worker, or take the approvals section out.",
               file=sys.stderr)
         return 2
+    if approvals and approvals.port == 0:
+        print("douane: with --workers, approvals.listen needs a fixed port: the balancer listens "
+              "there for every worker's approvals API", file=sys.stderr)
+        return 2
     haproxy = shutil.which("haproxy")
     if haproxy is None:
         print("douane: --workers needs HAProxy (Debian package haproxy)", file=sys.stderr)
