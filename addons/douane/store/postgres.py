@@ -55,7 +55,11 @@ class PgStore:
         kwargs: dict[str, Any] = {
             "autocommit": True, "row_factory": dict_row, "application_name": "douane",
             "connect_timeout": max(1, round(self.database.timeout)),
-            "options": f"-c statement_timeout={ms} -c lock_timeout={ms}"}
+            "options": f"-c statement_timeout={ms} -c lock_timeout={ms}",
+            # a peer gone without a word (a host down, a cut network) is noticed within ~30 s:
+            # the listener then reconnects instead of waiting forever for notifications
+            "keepalives": 1, "keepalives_idle": 15, "keepalives_interval": 5,
+            "keepalives_count": 3, "tcp_user_timeout": 30_000}
         if self.database.password is not None:
             kwargs["password"] = self.database.password
         return kwargs
