@@ -72,6 +72,7 @@ class Fleet:
     state: Path
     llm: FakeUpstream
     database: str
+    approvals: str  # the balancer's frontend for the approvals APIs
     workers: dict[str, Worker] = field(default_factory=dict)
 
     def text(self) -> str:
@@ -111,9 +112,10 @@ def fleet(issuer, postgres, tmp_path_factory):
     database = postgres.new_database()
     llm = FakeUpstream()
     (work / "grants.yaml").write_text(METERED)
+    approvals = f"127.0.0.1:{free_port()}"
     config = base_config(
         issuer.url, llm.url + "/v1", policy={"files": [str(work / "grants.yaml")]},
-        approvals={"listen": f"127.0.0.1:{free_port()}", "approver_groups": ["approvers"]},
+        approvals={"listen": approvals, "approver_groups": ["approvers"]},
         database={"url": database.replace(f":{PASSWORD}@", "@"), "timeout": 2,
                   "password": {"env": "DOUANE_TEST_DB_PASSWORD"}},
         recording={}, gateway={"state_dir": str(work / "state"), "replica": REPLICA})
@@ -128,7 +130,8 @@ def fleet(issuer, postgres, tmp_path_factory):
         run = subprocess.Popen([str(REPO / "scripts" / "run"), "--workers", "3"], stdout=out,
                                stderr=subprocess.STDOUT, env=env, cwd=work,
                                start_new_session=True)
-    fleet = Fleet(run, log, port, work / "douane.yaml", work / "state", llm, database)
+    fleet = Fleet(run, log, port, work / "douane.yaml", work / "state", llm, database,
+                  f"http://{approvals}")
     os.environ["DOUANE_TEST_DB_PASSWORD"] = PASSWORD  # for the operator commands run here
     try:
         wait_for(lambda: "workers behind HAProxy" in fleet.text() or run.poll() is not None,
@@ -158,7 +161,7 @@ def test_held_on_one_replica_approved_through_another_reaches_the_upstream_once(
     before = len(fleet.llm.requests)
     held = Background(lambda: ask(fleet.client(issuer.mint("alice@corp", ["engineering"]),
                                                w1.port), HELD))
-    pending = pending_for(w2.api, bob, "alice@corp")
+    pending = pending_for(fleet.approvals, bob, "alice@corp")  # listed through the balancer
     assert len(fleet.llm.requests) == before
     status, doc = call(w2.api, bob, "POST", f"/approvals/{pending['id']}/approve",
                        {"reason": "fine"})

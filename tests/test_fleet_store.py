@@ -53,7 +53,7 @@ def flow_row(flow_id: str, replica: str, file: str, ts: float = 1000.0) -> dict:
             "replica": replica}
 
 
-def test_one_index_for_every_replica(url, tmp_path, monkeypatch):
+def test_one_index_for_every_replica(url, tmp_path, monkeypatch, capsys):
     config = fleet_config(tmp_path, url, "gw-a", monkeypatch)
     with store.connect(config.database, autocommit=True) as db:
         db.execute("DELETE FROM flows")
@@ -73,6 +73,15 @@ def test_one_index_for_every_replica(url, tmp_path, monkeypatch):
         # reindex rebuilds this host's rows from its files, never another host's
         assert index.reindex(db, tmp_path / "empty", "gw-a") == 0
         assert {r["flow_id"] for r in index.query(db)} == {"f3"}
+    # a flow recorded on another host: said where, never read from a file of this host
+    with pytest.raises(SystemExit, match="recorded by replica gw-b: its recording is on that"):
+        main(["sessions", "--config", config.file, "show", "dcn_f3"])
+    out = tmp_path / "alice.mitm"
+    assert main(["sessions", "--config", config.file, "export", "--user", "alice@corp",
+                 "-o", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "wrote 0 flow(s)" in printed
+    assert "not written: 1 flow(s) recorded by replica gw-b, on its host" in printed
 
 
 def verify(config: configmod.Config, *args: str) -> int:
