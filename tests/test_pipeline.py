@@ -197,10 +197,12 @@ def test_parsed_bodies_are_let_go_after_the_event():
     assert not state(f).documents
 
 
-def test_a_flow_read_back_keeps_no_parsed_body():
+def test_a_flow_read_back_or_shown_once_decided_keeps_no_parsed_body():
     f = json_flow(b'{"a": 1}')
     assert protocols.document(f, "request") == {"a": 1}
     assert peek(f) is None  # the viewer and the commands do not give it a gateway state
+    state(f).audited = True  # a live flow, decided, opened in mitmweb's Douane view
+    assert protocols.document(f, "request") == {"a": 1} and not state(f).documents
 
 
 def test_a_concern_failing_to_stop_does_not_keep_the_next_from_closing():

@@ -95,7 +95,7 @@ def document(flow: http.HTTPFlow, side: Side) -> Any:
     document for the next."""
     message = _message(flow, side)
     st = peek(flow)
-    if st is None:  # a flow read back or shown: parsed, not kept
+    if st is None or st.audited:  # a flow read back, or shown once decided: parsed, not kept
         return load_json(message, side)
     raw = message.raw_content
     cached = st.documents.get(side)
