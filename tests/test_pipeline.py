@@ -10,7 +10,7 @@ import json
 import pytest
 from mitmproxy import http
 from mitmproxy.proxy.layers.http import HttpRequestHook
-from mitmproxy.test import taddons, tflow
+from mitmproxy.test import taddons, tflow, tutils
 
 from douane import protocols
 from douane.flowstate import peek, state
@@ -218,3 +218,64 @@ def test_a_concern_failing_to_stop_does_not_keep_the_next_from_closing():
 
     asyncio.run(Checkpoint([Broken(), Writer()], Order()).done())
     assert closed == [True]
+
+
+def test_an_mcp_listing_is_parsed_once_by_inspection_pins_and_policy(tmp_path, monkeypatch):
+    """The real concerns through the real order, in-process: Inspect parses the answer, the tool
+    pins and the policy read (and edit) the same document, nothing parses it again."""
+    import yaml
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    from douane import config as configmod
+    from douane import devissuer
+
+    (tmp_path / "grants.yaml").write_text(yaml.safe_dump({"version": 1, "default": {
+        "upstreams": {"crm": {"tools": {"allow": ["lookup"]}}}}}))
+    path = tmp_path / "douane.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1, "gateway": {"state_dir": str(tmp_path / "state")},
+        "identity": {"dev_issuer": {"enabled": True, "key_file": str(tmp_path / "dev.pem")}},
+        "upstreams": {"crm": {"url": "http://crm.internal/mcp", "protocol": "mcp"}},
+        "policy": {"files": [str(tmp_path / "grants.yaml")]}}))
+    token = devissuer.mint(configmod.load(path, gateway=False).identity.dev_issuer, "alice",
+                           ["eng"], 600)
+    gateway = load_gateway()
+    [checkpoint] = gateway.addons
+    parses = []  # every JSON parse of either body, by whatever code
+    decode = json.JSONDecoder.decode
+
+    def counted(self, text, *args, **kwargs):
+        parses.extend(side for side, mark in (("request", "tools/list"), ("response", "drop_"))
+                      if mark in text)
+        return decode(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(json.JSONDecoder, "decode", counted)
+    listing = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [
+        {"name": "lookup", "description": "Find a customer", "inputSchema": {"type": "object"}},
+        {"name": "drop_tables", "description": "Drop them", "inputSchema": {"type": "object"}}]}}
+    with taddons.context(Proxyserver(), checkpoint) as tctx:  # (mitmproxy's body_size_limit)
+        tctx.configure(checkpoint, douane_config=str(path))
+        f = tflow.tflow(req=tutils.treq(host="crm.internal", port=80, scheme=b"http",
+                                        path=b"/mcp", method=b"POST",
+                                        content=json.dumps({"jsonrpc": "2.0", "id": 1,
+                                                            "method": "tools/list"}).encode()))
+        f.request.headers.clear()
+        f.request.headers.update({"content-type": "application/json", "accept":
+                                  "application/json, text/event-stream",
+                                  "authorization": f"Bearer {token}",
+                                  "content-length": str(len(f.request.content))})
+
+        async def through() -> None:
+            await checkpoint.requestheaders(f)
+            await checkpoint.request(f)
+            assert f.response is None, f.response and f.response.content
+            f.response = tutils.tresp(content=json.dumps(listing).encode())
+            f.response.headers["content-type"] = "application/json"
+            await checkpoint.responseheaders(f)
+            await checkpoint.response(f)
+
+        asyncio.run(through())
+    assert parses == ["request", "response"]
+    tools = json.loads(f.response.content)["result"]["tools"]
+    assert [t["name"] for t in tools] == ["lookup"]  # the policy's edit, on the pins' document
+    assert not state(f).documents
