@@ -64,7 +64,8 @@ contentviews.add(DouaneContentview)  # LLM and MCP flows read as conversations
 CONCERNS = (settings, shared, keep_refusals, loop_monitor, admin, timeouts, route,
             resource_metadata, authenticate, resource_access, broker, inspect, pins, enforce,
             pins.calls, approvals, police_websocket, originals, mask, audit_trail, metrics, mark,
-            record, inject_credential, shared.closer)
+            record, inject_credential, shared.closer,
+            DropIdleBuiltins())  # at running: mitmproxy's idle built-ins leave the event chain
 
 ORDER = Order(
     http_connect=(
@@ -139,4 +140,4 @@ ORDER = Order(
     client_disconnected=(timeouts.client_disconnected,),
 )
 
-addons = [Checkpoint(CONCERNS, ORDER), DropIdleBuiltins()]  # mitmproxy's idle built-ins out
+addons = [Checkpoint(CONCERNS, ORDER)]
