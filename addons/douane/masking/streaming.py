@@ -35,7 +35,7 @@ the rest is decided by one analysis of the same window (left context + held text
 
 Words no value can start in leave at once, before any analysis (`plain_prefix`), so the first
 token of an answer is not held for the window: a whole word of letters that no name or place
-starts with (`engine.NOT_A_NAME`: function words and answer openers; NER and field spans are
+starts with (`engine.not_a_name`: function words and answer openers; NER and field spans are
 trimmed of them at their start, in every analysis), followed by whitespace, with none of the
 characters the pattern recognisers' values start with or need (digits, `@`, `:`, `+`, `(`),
 shorter than any secret but a password, and not after what a password's or a token's value
@@ -61,7 +61,8 @@ run of long tokens holds more), and a table row waits until it is complete.
 
 The stream callable is synchronous, so analysis is submitted to the worker pool from `feed` and its
 result collected by a later `feed`: the event loop never waits for Presidio mid-stream. A proposal
-still queued when more text arrives is replaced by one of all the held text. Each
+still queued when more text arrives is replaced by one of all the held text; none is made while the
+held text is only the start of a word that may yet leave without analysis (`growing_plain`). Each
 proposal analyses all the held text, so once no text has arrived since the last one, the spans of
 what is held are already known. Only `finish` (a channel's end) may have to wait: when the held
 text's analysis is known (the usual case when the end comes a moment after the last delta, as a
@@ -75,13 +76,14 @@ the API's error event.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from dataclasses import dataclass, field
 
 from douane import secrets
 from douane.masking import fields, operators
 from douane.masking.config import MaskingSettings
-from douane.masking.engine import Span, not_a_name
+from douane.masking.engine import Span, not_a_name, not_a_name_words
 from douane.masking.pool import Analysis, MaskingPool
 
 LEFT_WORDS = 8  # words of released text analysed again as left context
@@ -96,6 +98,7 @@ VALUE_GROUP = re.compile(r"[+(]?[0-9A-Z][0-9A-Z().\-/]*[,;.]?")
 DIGIT = re.compile(r"\d")
 # a word released without analysis: letters (`engine.not_a_name`), then punctuation
 PLAIN_WORD = re.compile(r"([A-Za-z]{1,16})[.,!?;]{0,3}")
+PARTIAL_WORD = re.compile(r"[A-Za-z]{1,16}")
 SECRET_SEPARATORS = tuple(":=>\"'`|/\\")  # what the word before a secret's value ends with
 
 
@@ -131,7 +134,8 @@ class StreamMasker:
         if ch.inflight is not None and ch.inflight.done():
             out = self._release(ch, self.pool.result(ch.inflight)[0])
         out += self._release_plain(ch, end=False)
-        if ch.inflight is None and ch.analysed is None and ch.pending:
+        if ch.inflight is None and ch.analysed is None and ch.pending \
+                and not growing_plain(ch.released, ch.pending):
             ch.context = len(context := left_context(ch))
             ch.window = context + ch.pending
             ch.skipped = 0
@@ -225,6 +229,19 @@ def plain_prefix(before: str, held: str, end: bool) -> int:
         if not _plain(m.group(), word):
             return pos
         pos, word = m.end(), m.group()
+
+
+def growing_plain(before: str, held: str) -> bool:
+    """Whether `held` is one word still arriving that may yet leave without analysis (the start
+    of a word no value starts in, where such a word may leave): no analysis is proposed for it
+    until it is complete or cannot be one any more."""
+    return (PARTIAL_WORD.fullmatch(held) is not None and (len(held) == 1 or held[1:].islower())
+            and held.lower() in _prefixes() and plain_prefix(before, "a ", False) == 2)
+
+
+@functools.cache
+def _prefixes() -> frozenset[str]:
+    return frozenset(w[:i] for w in not_a_name_words() for i in range(1, len(w) + 1))
 
 
 def plain(text: str) -> bool:
