@@ -485,7 +485,12 @@ class _Writer:
 
     def close(self) -> None:
         if self.rows:
+            if self.retry_at:
+                self.retry_at = 1e-9  # one last attempt now, still counted as failing
             self.commit()
+        if self.rows:  # the shared store is down at shutdown
+            logger.error("douane: %d flow(s) not indexed in the shared store (`douane sessions "
+                         "reindex` restores them from the files)", len(self.rows))
         for f in self.files.values():
             try:
                 f.close()
