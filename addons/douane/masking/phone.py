@@ -110,13 +110,12 @@ class NationalShapes:
 class Matcher(PhoneNumberMatcher):
     """phonenumbers' matcher for one region, dropping hopeless candidates unparsed."""
 
-    bounds = (MIN_DIGITS, MIN_DIGITS)
+    bounds = (MIN_DIGITS, MIN_DIGITS)  # (national, international): `min_digits` reversed
     shapes: NationalShapes
     international: dict  # (offset, candidate) -> match, for candidates written with `+`
 
     def _short(self, candidate: str) -> bool:
-        plus = "+" in candidate or "\uff0b" in candidate
-        return len(NOT_ALNUM.sub("", candidate)) < self.bounds[0 if plus else 1]
+        return len(NOT_ALNUM.sub("", candidate)) < self.bounds[_international(candidate)]
 
     # a candidate, then (if it fails) the inner candidates it holds
     def _extract_match(self, candidate, offset):
@@ -125,8 +124,7 @@ class Matcher(PhoneNumberMatcher):
     def _parse_and_verify(self, candidate, offset):
         if self._short(candidate) or self.shapes.hopeless(candidate):
             return None
-        first = FIRST.search(candidate)
-        if first is None or first.group().isdigit():
+        if not _international(candidate):
             return super()._parse_and_verify(candidate, offset)
         key = (offset, candidate)
         if key not in self.international:
@@ -134,11 +132,17 @@ class Matcher(PhoneNumberMatcher):
         return self.international[key]
 
 
+def _international(candidate: str) -> bool:
+    """Written with `+`: parsing reads from the first `+` or digit."""
+    first = FIRST.search(candidate)
+    return first is not None and not first.group().isdigit()
+
+
 def phone_recognizer(regions: tuple[str, ...]):
     from presidio_analyzer import EntityRecognizer
     from presidio_analyzer.predefined_recognizers import PhoneRecognizer
 
-    matchers = {r: type(f"Matcher{r}", (Matcher,), {"bounds": min_digits(r),
+    matchers = {r: type(f"Matcher{r}", (Matcher,), {"bounds": min_digits(r)[::-1],
                                                     "shapes": NationalShapes(r)})
                 for r in regions}
 
