@@ -31,6 +31,27 @@ def reverse_gw(issuer: TestIssuer, llm: FakeUpstream, tmp_path_factory) -> Gatew
         yield gw
 
 
+@pytest.fixture(scope="module")
+def tls_llm() -> FakeUpstream:
+    upstream = FakeUpstream(tls=True)
+    yield upstream
+    upstream.close()
+
+
+@pytest.fixture(scope="module")
+def regular_gw(issuer: TestIssuer, llm: FakeUpstream, tls_llm: FakeUpstream,
+               tmp_path_factory) -> Gateway:
+    """The proxy-mode tests' gateway: `llm` in plain HTTP, `tls_llm` through a CONNECT tunnel
+    (ssl_insecure: the fake's certificate is self-signed)."""
+    config = base_config(issuer.url, llm.url)
+    config["upstreams"]["tls"] = {"url": tls_llm.url, "protocol": "openai",
+                                  "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
+    with Gateway(config, mode="regular", args=["--set", "ssl_insecure=true"],
+                 env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+                 workdir=tmp_path_factory.mktemp("regular")) as gw:
+        yield gw
+
+
 def chat(gw: Gateway, token: str, base_url: str | None = None, **client_args) -> str:
     client = openai.OpenAI(base_url=base_url or gw.url + "/v1", api_key=token, max_retries=0,
                            **client_args)
@@ -159,55 +180,47 @@ def test_anthropic_sdk_sends_the_token_as_x_api_key(issuer, make_gateway):
         llm.close()
 
 
-def test_regular_proxy_mode_plain_http(issuer, make_gateway):
-    llm = FakeUpstream()
-    try:
-        gw = make_gateway(base_config(issuer.url, llm.url), mode="regular")
-        token = issuer.mint("erin@corp.example")
-        proxied = openai.DefaultHttpxClient(proxy=gw.proxy_url("erin", token))
-        assert chat(gw, token="unused-by-proxy-mode", http_client=proxied,
-                    base_url=llm.url + "/v1") == DEFAULT_REPLY
-        assert llm.requests[0].headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
-        assert "proxy-authorization" not in llm.requests[0].headers
-        bare = openai.DefaultHttpxClient(proxy=gw.proxy_url())
-        with pytest.raises(openai.APIStatusError) as err:
-            chat(gw, token="unused", http_client=bare, base_url=llm.url + "/v1")
-        assert err.value.status_code == 407
-        assert len(llm.requests) == 1
-    finally:
-        llm.close()
+def test_regular_proxy_mode_plain_http(issuer, regular_gw, llm):
+    llm.requests.clear()
+    gw = regular_gw
+    token = issuer.mint("erin@corp.example")
+    proxied = openai.DefaultHttpxClient(proxy=gw.proxy_url("erin", token))
+    assert chat(gw, token="unused-by-proxy-mode", http_client=proxied,
+                base_url=llm.url + "/v1") == DEFAULT_REPLY
+    assert llm.requests[0].headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert "proxy-authorization" not in llm.requests[0].headers
+    bare = openai.DefaultHttpxClient(proxy=gw.proxy_url())
+    with pytest.raises(openai.APIStatusError) as err:
+        chat(gw, token="unused", http_client=bare, base_url=llm.url + "/v1")
+    assert err.value.status_code == 407
+    assert len(llm.requests) == 1
 
 
-def test_regular_proxy_mode_connect_tunnel_with_tls(issuer, make_gateway):
-    llm = FakeUpstream(tls=True)
-    try:
-        gw = make_gateway(base_config(issuer.url, llm.url), mode="regular",
-                          args=["--set", "ssl_insecure=true"])
-        token = issuer.mint("frank@corp.example", ["engineering"])
-        tunnel = openai.DefaultHttpxClient(proxy=gw.proxy_url("frank", token),
-                                           verify=ssl.create_default_context(cafile=gw.ca_file))
-        assert chat(gw, token="unused", http_client=tunnel,
-                    base_url=llm.url + "/v1") == DEFAULT_REPLY
-        assert llm.requests[0].headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
-        records = gw.audit_records(wait_for=1)
-        assert records[-1]["user"] == "frank@corp.example"
-        # a CONNECT with a bad token is refused before any TLS is set up
-        bad = openai.DefaultHttpxClient(proxy=gw.proxy_url("frank", token[:-5] + "AAAAA"),
-                                        verify=ssl.create_default_context(cafile=gw.ca_file))
-        with pytest.raises(openai.APIConnectionError):
-            chat(gw, token="unused", http_client=bad, base_url=llm.url + "/v1")
-        assert len(llm.requests) == 1
-        assert any(r.get("status") == 407 for r in gw.audit_records(wait_for=2))
-    finally:
-        llm.close()
+def test_regular_proxy_mode_connect_tunnel_with_tls(issuer, regular_gw, tls_llm):
+    gw, llm = regular_gw, tls_llm
+    llm.requests.clear()
+    token = issuer.mint("frank@corp.example", ["engineering"])
+    tunnel = openai.DefaultHttpxClient(proxy=gw.proxy_url("frank", token),
+                                       verify=ssl.create_default_context(cafile=gw.ca_file))
+    assert chat(gw, token="unused", http_client=tunnel,
+                base_url=llm.url + "/v1") == DEFAULT_REPLY
+    assert llm.requests[0].headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    gw.audit_where(lambda r: r.get("user") == "frank@corp.example" and r.get("status") == 200)
+    # a CONNECT with a bad token is refused before any TLS is set up
+    refusals = len([r for r in gw.audit_records() if r.get("status") == 407])
+    bad = openai.DefaultHttpxClient(proxy=gw.proxy_url("frank", token[:-5] + "AAAAA"),
+                                    verify=ssl.create_default_context(cafile=gw.ca_file))
+    with pytest.raises(openai.APIConnectionError):
+        chat(gw, token="unused", http_client=bad, base_url=llm.url + "/v1")
+    assert len(llm.requests) == 1
+    gw.audit_where(lambda r: r.get("status") == 407, count=refusals + 1)
 
 
-def test_undeclared_host_is_refused(issuer, make_gateway, upstream):
-    gw = make_gateway(base_config(issuer.url, upstream.url), mode="regular")
+def test_undeclared_host_is_refused(issuer, regular_gw):
     token = issuer.mint("gina@corp.example")
     other = FakeUpstream()
     try:
-        with httpx.Client(proxy=gw.proxy_url("gina", token)) as client:
+        with httpx.Client(proxy=regular_gw.proxy_url("gina", token)) as client:
             resp = client.post(other.url + "/v1/chat/completions", json={})
         assert resp.status_code == 403
         assert resp.json()["error"]["code"] == "undeclared_upstream"
