@@ -14,7 +14,7 @@ from douane import store
 from douane.audit import AuditLog
 from douane.chainheads import ChainHeads, heads
 from douane.cli import main
-from douane.recording import index
+from douane.recording import index, writer
 from douane.store.postgres import PgStore
 from tests.support.gateway import base_config
 from tests.support.postgres import PASSWORD
@@ -151,3 +151,22 @@ def test_a_store_down_delays_the_head_never_the_log(postgres, tmp_path):
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT count(*) FROM pg_tables WHERE tablename = 'audit_heads'"
                             ).fetchone() == (0,)
+
+
+def test_index_rows_wait_for_a_store_that_is_down(url, postgres, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(writer, "PENDING_ROWS", 3)
+    down = configmod.Database(f"postgresql://nobody@127.0.0.1:{postgres.port + 1}/none",
+                              timeout=1.0)
+    indexer = writer._SharedIndexer(writer.SharedIndex(down, "gw-e"))
+    indexer.put([flow_row(f"e{i}", "gw-e", "alice/s.mitm") for i in range(5)])
+    indexer.close(timeout=3)
+    assert [r["flow_id"] for r in indexer.rows] == ["e2", "e3", "e4"] and indexer.dropped == 2
+    assert "3 flow(s) not indexed in the shared store" in caplog.text
+    # the store up: the rows go in, in batches, and close() returns once they are in
+    config = fleet_config(tmp_path, url, "gw-e", monkeypatch)
+    indexer = writer._SharedIndexer(writer.SharedIndex(config.database, "gw-e"))
+    indexer.put([flow_row(f"e{i}", "gw-e", "alice/s.mitm") for i in range(3)])
+    indexer.close()
+    with store.connect(config.database) as db:
+        assert {r["flow_id"] for r in index.query(db) if r["replica"] == "gw-e"} == \
+            {"e0", "e1", "e2"}

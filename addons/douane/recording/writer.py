@@ -330,8 +330,6 @@ def serve(receiver: Connection, settings: RecordingSettings, healthy: Any,
         while True:
             if writer.rows and (not receiver.poll() or writer.overdue()):
                 writer.commit()  # before blocking: the index is never behind for long
-            if writer.rows and not receiver.poll(BATCH_SECONDS):
-                continue  # rows the shared store did not take yet: retried without a new flow
             try:
                 item = receiver.recv()
             except EOFError:
@@ -355,9 +353,8 @@ class _Writer:
         self.rows: list[dict[str, Any]] = []
         self.since = 0.0  # when the oldest uncommitted row was written
         self.last_ok = True
-        self.unindexed = 0  # rows dropped while the shared store was down
-        self.retry_at = 0.0  # monotonic: the shared store failed; not tried again before
-        if shared:  # the files are the record; rows wait (bounded) while the store is down
+        self.indexer = _SharedIndexer(shared) if shared else None
+        if self.indexer:  # the files are the record; rows wait (bounded) while the store is down
             healthy.value = 1
             return
         try:
@@ -432,8 +429,9 @@ class _Writer:
         return len(self.rows) >= BATCH_ROWS or time.monotonic() - self.since >= BATCH_SECONDS
 
     def commit(self) -> None:
-        if self.shared:
-            self.commit_shared()
+        if self.indexer:
+            self.indexer.put(self.rows)
+            self.rows = []
             return
         rows, self.rows = self.rows, []
         try:
@@ -451,46 +449,11 @@ class _Writer:
         if self.last_ok:
             self.healthy.value = 1
 
-    def commit_shared(self) -> None:
-        """Rows go to the store; while it is down they stay queued (at most PENDING_ROWS, then
-        the oldest are dropped: `douane sessions reindex` restores them from the files), and
-        recording goes on: the files, not the index, are the record."""
-        assert self.shared
-        if time.monotonic() < self.retry_at:
-            return
-        try:
-            self.db = self.db or store.connect(self.shared.database, autocommit=True)
-            for start in range(0, len(self.rows), BATCH_ROWS):
-                index.insert(self.db, self.rows[start:start + BATCH_ROWS])
-        except Exception as e:
-            if self.db is not None:
-                self.db.close()
-                self.db = None
-            over = len(self.rows) - PENDING_ROWS
-            if over > 0:
-                self.unindexed += over
-                del self.rows[:over]
-            if not self.retry_at:
-                logger.error("douane: cannot index flows in the shared store (%s); kept and "
-                             "retried every %ss (at most %d, then `douane sessions reindex` "
-                             "restores the oldest)", type(e).__name__, BATCH_SECONDS,
-                             PENDING_ROWS)
-            self.retry_at = time.monotonic() + BATCH_SECONDS
-            return
-        if self.retry_at:
-            logger.info("douane: the shared store indexes flows again (%d dropped meanwhile)",
-                        self.unindexed)
-            self.retry_at = 0.0
-        self.rows = []
-
     def close(self) -> None:
         if self.rows:
-            if self.retry_at:
-                self.retry_at = 1e-9  # one last attempt now, still counted as failing
             self.commit()
-        if self.rows:  # the shared store is down at shutdown
-            logger.error("douane: %d flow(s) not indexed in the shared store (`douane sessions "
-                         "reindex` restores them from the files)", len(self.rows))
+        if self.indexer:
+            self.indexer.close()
         for f in self.files.values():
             try:
                 f.close()
@@ -498,3 +461,71 @@ class _Writer:
                 logger.exception("douane: cannot close %s", f.name)
         if self.db is not None:
             self.db.close()
+
+
+class _SharedIndexer:
+    """Index rows to the shared store from a thread of the writer's process: a store that is
+    down, slow or unreachable never holds up the recordings. Rows wait while it is down (at most
+    PENDING_ROWS, then the oldest are dropped: `douane sessions reindex` restores them from the
+    files) and are retried every BATCH_SECONDS."""
+
+    def __init__(self, shared: SharedIndex):
+        self.shared = shared
+        self.rows: list[dict[str, Any]] = []
+        self.dropped = 0
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="douane-index", daemon=True)
+        self._thread.start()
+
+    def put(self, rows: list[dict[str, Any]], front: bool = False) -> None:
+        with self._wake:
+            self.rows = rows + self.rows if front else self.rows + rows
+            if len(self.rows) > PENDING_ROWS:
+                self.dropped += len(self.rows) - PENDING_ROWS
+                del self.rows[:len(self.rows) - PENDING_ROWS]
+            self._wake.notify()
+
+    def close(self, timeout: float = 5) -> None:
+        """The rows left are written if the store takes them within `timeout`."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(timeout)
+        with self._wake:
+            if self.rows:
+                logger.error("douane: %d flow(s) not indexed in the shared store (`douane "
+                             "sessions reindex` restores them from the files)", len(self.rows))
+
+    def _run(self) -> None:
+        db, failing = None, False
+        while True:
+            with self._wake:
+                while not self.rows and not self._closing:
+                    self._wake.wait()
+                rows, self.rows = self.rows[:BATCH_ROWS], self.rows[BATCH_ROWS:]
+                closing = self._closing
+            if not rows:
+                break
+            try:
+                db = db or store.connect(self.shared.database, autocommit=True)
+                index.insert(db, rows)
+            except Exception as e:
+                self.put(rows, front=True)
+                if db is not None:
+                    db.close()
+                    db = None
+                if not failing:
+                    logger.error("douane: cannot index flows in the shared store (%s); kept and "
+                                 "retried every %ss", type(e).__name__, BATCH_SECONDS)
+                failing = True
+                if closing:
+                    break
+                time.sleep(BATCH_SECONDS)
+                continue
+            if failing:
+                logger.info("douane: the shared store indexes flows again (%d dropped meanwhile)",
+                            self.dropped)
+            failing = False
+        if db is not None:
+            db.close()
