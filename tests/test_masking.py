@@ -213,6 +213,23 @@ def test_a_crashed_worker_fails_the_analysis_and_the_pool_recovers(urgent):
         pool.shutdown()
 
 
+def test_a_failing_job_fails_only_its_caller_and_the_workers_go_on():
+    """An exception in a worker reaches the future of the job that raised it; the worker serves
+    the next job (the pipes to the workers carry errors as answers)."""
+    from douane.masking import engine
+    from douane.masking.pool import MaskingPool
+
+    pool = MaskingPool(SETTINGS)
+    try:
+        failing = pool.executor().submit(engine.analyze_batch, None)  # not a list of texts
+        with pytest.raises(TypeError):
+            failing.result(timeout=STARTUP)
+        (spans,) = pool.result(pool.submit(["call 212-555-0147"]))
+        assert [s.entity for s in spans] == ["PHONE_NUMBER"]
+    finally:
+        pool.shutdown()
+
+
 def test_an_analyser_failure_refuses_the_answer():
     import asyncio
 

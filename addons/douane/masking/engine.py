@@ -353,10 +353,32 @@ _analyzer: Analyzer | None = None
 
 
 def init_worker(settings: MaskingSettings) -> None:
-    """ProcessPoolExecutor initializer: build the pipeline once per worker."""
+    """Build the pipeline once per worker."""
     global _analyzer
     _analyzer = Analyzer(settings)
     _analyzer.analyze("warm up John Smith john@example.com 212-555-0147")
+
+
+def serve(conn, settings: MaskingSettings) -> None:
+    """A worker process (`pool.Workers`): jobs `(id, function, args)` in, `(id, ok, result or
+    exception)` out, until None or the pipe closes."""
+    init_worker(settings)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        job, fn, args = message
+        try:
+            answer = (job, True, fn(*args))
+        except Exception as e:  # the caller's future carries it
+            answer = (job, False, e)
+        try:
+            conn.send(answer)
+        except OSError:  # the pool stopped reading: it was shut down
+            return
 
 
 def analyze_batch(texts: list[str]) -> list[list[Span]]:
