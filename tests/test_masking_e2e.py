@@ -291,3 +291,32 @@ def test_a_full_form_ipv6_in_a_json_answer_is_masked(setup, issuer):
     finally:
         llm.reply = PII
     assert reply.choices[0].message.content == '{"client_ip": "<IP_ADDRESS>"}'
+
+
+def test_the_first_words_of_a_masked_stream_leave_without_waiting_for_the_window(setup, issuer):
+    """A model streaming 4 characters a second: `Sure. ` reaches the client as soon as the
+    second token shows the word is complete, not once 32 more characters and 5 words arrived
+    (the window the rest waits for: 10 tokens here). The answer is still masked whole."""
+    gw, llm = setup
+    c = openai_client(gw, llm, issuer.mint("alice@corp", ["engineering"]))
+    text = "Sure. The account belongs to Maria Garcia, maria.garcia@example.com."
+    try:
+        llm.reply = text
+        whole = c.chat.completions.create(model="gpt-4o", messages=[
+            {"role": "user", "content": "?"}]).choices[0].message.content
+        llm.chunk_size, llm.chunk_delay = 4, 1.0
+        start = time.monotonic()
+        stream = c.chat.completions.create(model="gpt-4o", stream=True,
+                                           messages=[{"role": "user", "content": "?"}])
+        deltas = []
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                if not deltas:
+                    first = time.monotonic() - start
+                    llm.chunk_delay = 0.0  # the rest at once: only the first delta is timed
+                deltas.append(chunk.choices[0].delta.content)
+    finally:
+        llm.reply, llm.chunk_size, llm.chunk_delay = PII, 4, 0.0
+    # the upstream sent "Sure" at once and ". Th" a second later; the fourth token comes after 3 s
+    assert deltas[0] == "Sure. " and first < 3.0, (deltas[:2], first)
+    assert "".join(deltas) == whole and "Maria" not in whole
