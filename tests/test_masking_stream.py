@@ -342,3 +342,17 @@ def test_names_and_places_never_start_with_a_word_that_leaves_unanalysed():
                        "the james")]
     assert [text[s.start:s.end] if s else None for s in (trim_name(text, s) for s in spans)] == [
         None, "Hague", "Theodore", "eodore", "IN", "Will Smith", "May Chen", "james"]
+
+
+@pytest.mark.parametrize("text, first", [
+    ("Else Lasker wrote the poem.", "Else"),
+    ("She moved to Great Britain in 2019.", "Great"),
+])
+def test_a_name_that_starts_with_a_function_word_is_masked_whole(analyse, text, first):
+    """Per, Else, Ever are given names, Great and Front start places: a name is not trimmed of
+    them (the whole answer and a stream would leave the first name in clear)."""
+    masked = whole(analyse, text)
+    assert first not in masked, masked
+    rng = random.Random(text)
+    for pace in ("burst", "model", "slow"):
+        assert stream(analyse, random_split(text, rng, 4), pace, rng)[0] == masked

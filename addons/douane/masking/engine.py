@@ -110,12 +110,14 @@ def _outranks(o: Span, s: Span) -> bool:
 
 # a word of letters (`Smith`, `emily`, `Al-Sayed`, `O'Connor`): a name or a place holds one
 LETTERS_WORD = re.compile(r"[^\W\d_]{2,}(?:['’.-][^\W\d_]+)*\.?")
-# Words no name or place starts with: function words (spaCy's stop words but May and Will, which
-# are names) and the words answers open with. A name or place is trimmed of them at its start
+# Words no name or place starts with: function words (spaCy's stop words but those a name or a
+# place starts with: May, Will, Per, Else, Ever, Front Royal) and the words answers open with
+# (not Great: Great Britain). A name or place is trimmed of them at its start
 # ("The Hague" -> "Hague"), so a stream releases them at once (streaming.plain_prefix): whatever
 # follows, no PERSON/LOCATION/NRP span starts in one.
-OPENERS = {"sure", "certainly", "yes", "okay", "hello", "hi", "hey", "thanks", "thank", "great",
+OPENERS = {"sure", "certainly", "yes", "okay", "hello", "hi", "hey", "thanks", "thank",
            "absolutely", "sorry", "unfortunately", "let", "following", "below", "based"}
+NAME_STARTS = {"may", "will", "per", "else", "ever", "front"}
 WORD_RUN = re.compile(r"\w+")
 
 
@@ -125,7 +127,7 @@ def not_a_name_words() -> frozenset[str]:
     # this module, and spaCy takes over a second of CPU to import
     from spacy.lang.en.stop_words import STOP_WORDS
 
-    return frozenset({w for w in STOP_WORDS if w.isascii() and w.isalpha()} - {"may", "will"}
+    return frozenset({w for w in STOP_WORDS if w.isascii() and w.isalpha()} - NAME_STARTS
                      | OPENERS)
 
 
