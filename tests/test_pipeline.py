@@ -279,3 +279,28 @@ def test_an_mcp_listing_is_parsed_once_by_inspection_pins_and_policy(tmp_path, m
     tools = json.loads(f.response.content)["result"]["tools"]
     assert [t["name"] for t in tools] == ["lookup"]  # the policy's edit, on the pins' document
     assert not state(f).documents
+
+
+def test_an_exception_after_a_refusal_keeps_the_refusal_and_its_reasons():
+    """A step failing after another refused the flow leaves that refusal (its status, body and
+    reasons) and adds the failure to the decision the audit records."""
+    from douane.flowstate import Reason
+    from douane.refusals import refuse
+
+    class Refuser:
+        def request(self, flow):
+            refuse(flow, 403, "denied by policy", "policy_denied", Reason("rule.x", "no"))
+
+    class Broken:
+        def request(self, flow):
+            raise RuntimeError("bug")
+
+    refuser, broken = Refuser(), Broken()
+    checkpoint = Checkpoint([refuser, broken], Order(request=(refuser.request, broken.request)))
+    f = tflow.tflow()
+    asyncio.run(checkpoint.request(f))
+    assert f.response is not None and f.response.status_code == 403
+    assert b"policy_denied" in f.response.content
+    decision = state(f).decision
+    assert decision.action == "refuse"
+    assert [r.rule for r in decision.reasons] == ["rule.x", "gateway.error"]

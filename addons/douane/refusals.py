@@ -181,15 +181,19 @@ def fail_closed(flow: http.HTTPFlow, where: str, error: Exception) -> None:
 
     mitmproxy logs a raising hook as "Addon error" and carries on delivering the flow; this turns
     that into a 500 in the API's shape (or cuts a stream already on its way), logged with the
-    decision id.
+    decision id. A refusal douane already gave stands (the audit keeps its reasons and names the
+    failure too): a later step's bug does not turn a policy's 403 into a 500.
     """
     st = state(flow)
     logger.error("douane: %s failed on %s (decision %s): %s",
                  where, loggable(flow.request.pretty_url) if flow.request else "?",
                  st.decision_id, "".join(traceback.format_exception_only(error)).strip())
     logger.debug("traceback", exc_info=error)
-    if flow.live and not (flow.response and flow.response.stream):
+    reason = Reason("gateway.error", type(error).__name__)
+    if flow.response is not None and _refusals.get(flow) is flow.response and st.decision:
+        st.decision.reasons.append(reason)  # a refusal already given stands, with its reasons
+    elif flow.live and not (flow.response and flow.response.stream):
         refuse(flow, 500, "douane could not evaluate this request and refused it",
-               "gateway_error", Reason("gateway.error", type(error).__name__), action="error")
+               "gateway_error", reason, action="error")
     elif flow.live:
         flow.kill()
