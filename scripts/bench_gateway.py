@@ -10,9 +10,10 @@ at 50 and 200 tokens/s, and the largest event-loop stall with 32 masked streams 
 Workers (issue 20): 1, 2 and N (one per core) douane processes behind HAProxy vs one bare mitmdump;
 the shared store (PostgreSQL) against the default one, per request, and workers sharing it.
 
-Bounded: a fixed duration per row; every server on 127.0.0.1; stops by itself. Writes
-docs/benchmarks.md unless --no-write (the analysis below its marker is kept).
-Usage: scripts/bench [--quick] [--seconds S] [--no-write] [--only requests,streams,workers,store]
+Bounded: a fixed number of fixed-length wrk runs per row; every server on 127.0.0.1; stops by
+itself. Writes docs/benchmarks.md unless --no-write (the analysis below its marker is kept).
+Usage: scripts/bench [--quick] [--seconds S] [--rounds N] [--no-write]
+                     [--only requests,streams,workers,store]
 """
 
 from __future__ import annotations
@@ -281,7 +282,9 @@ class Proxy:
         args = [str(BIN / "mitmdump"), "-q", "--mode", f"reverse:http://127.0.0.1:{upstream_port}",
                 "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
                 "--set", f"confdir={work / 'confdir'}", *extra]
-        if config is not None:
+        if config is not None:  # a state folder of its own: variants run side by side
+            config = {**config, "gateway": {**config.get("gateway", {}),
+                                            "state_dir": str(work / f"state-{name}")}}
             path = work / f"{name}.yaml"
             path.write_text(yaml.safe_dump(config))
             args += ["-s", str(ROOT / "addons" / "gateway.py"), "--set", f"douane_config={path}",
@@ -322,7 +325,8 @@ class Workers:
 
     def __init__(self, n: int, config: dict, upstream_port: int, work: Path):
         self.port, path = free_port(), work / f"workers{n}.yaml"
-        path.write_text(yaml.safe_dump(config))
+        path.write_text(yaml.safe_dump({**config, "gateway": {
+            **config.get("gateway", {}), "state_dir": str(work / f"state-workers{n}")}}))
         self.log = work / f"workers{n}.log"
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
@@ -416,7 +420,8 @@ class Memory:
 @dataclass
 class Run:
     quick: bool
-    seconds: float
+    seconds: int
+    rounds: int
     rows: list[Row]
     streams: list[StreamRow]
     memory: list[Memory]
@@ -434,25 +439,49 @@ def print_row(r: Row) -> None:
           f"{r.p99_ms:.2f} | {opt(r.cpu_per_1k, '.2f')} | {opt(r.rss_mib, '.0f')} |", flush=True)
 
 
-def measure_requests(variant: str, port: int, pid: int | None, token: str | None, seconds: float,
-                     work: Path, protocols: list[str], connections=(1, 32),
-                     also: Callable[[], float] = lambda: 0.0) -> list[Row]:
-    """wrk rows; CPU counts the process `pid` and its processes, and `also` (CPU seconds of
-    another server the proxy uses, e.g. PostgreSQL)."""
-    rows = []
+@dataclass
+class Target:
+    """What wrk loads: a port, and the process whose CPU and memory count (None: direct)."""
+    variant: str
+    port: int
+    pid: int | None
+    also: Callable[[], float] = lambda: 0.0  # CPU seconds of a server it uses (PostgreSQL)
+
+
+def measure_requests(targets: list[Target], token: str | None, seconds: int, work: Path,
+                     protocols: list[str], connections=(1, 32), rounds: int = 1) -> list[Row]:
+    """wrk rows, interleaved: each round runs every (protocol, connections) cell on every target
+    in turn, the order rotated each round, so load from elsewhere on the machine falls on every
+    variant alike. A row: the median of its rounds' req/s, p50 and p99; CPU over all its
+    requests; the peak RSS."""
+    runs: dict[tuple[str, str, int], list[tuple[Wrk, float, int]]] = {}
+    for r in range(rounds):
+        for name in protocols:
+            path, body = PROTOCOLS[name]
+            script = wrk_script(work, body, token)
+            for c in connections:
+                for t in targets[r % len(targets):] + targets[:r % len(targets)]:
+                    before = tree_cpu(t.pid) + t.also() if t.pid else 0.0
+                    with RssPeak(t.pid) as rss:
+                        result = wrk(t.port, path, script, c, seconds)
+                    cpu = tree_cpu(t.pid) + t.also() - before if t.pid else 0.0
+                    runs.setdefault((t.variant, name, c), []).append((result, cpu, rss.peak))
+        print(f"round {r + 1}/{rounds} done", flush=True)
     print("\n| variant | protocol | connections | req/s | p50 ms | p99 ms | CPU s/1k req "
           "| RSS MiB |\n|---|---|---|---|---|---|---|---|")
-    for name in protocols:
-        path, body = PROTOCOLS[name]
-        script = wrk_script(work, body, token)
-        for c in connections:
-            before = tree_cpu(pid) + also() if pid else 0.0
-            with RssPeak(pid) as rss:
-                result = wrk(port, path, script, c, seconds)
-            cpu = (tree_cpu(pid) + also() - before) / result.requests * 1000 if pid else None
-            rows.append(Row(variant, name, c, result.requests, result.rps, result.p50_ms,
-                            result.p99_ms, cpu, rss.peak / 1024 if pid else None))
-            print_row(rows[-1])
+    rows = []
+    for t in targets:
+        for name in protocols:
+            for c in connections:
+                cell = runs[t.variant, name, c]
+                requests = sum(w.requests for w, _, _ in cell)
+                rows.append(Row(
+                    t.variant, name, c, requests, statistics.median(w.rps for w, _, _ in cell),
+                    statistics.median(w.p50_ms for w, _, _ in cell),
+                    statistics.median(w.p99_ms for w, _, _ in cell),
+                    sum(cpu for _, cpu, _ in cell) / requests * 1000 if t.pid else None,
+                    max(peak for _, _, peak in cell) / 1024 if t.pid else None))
+                print_row(rows[-1])
     return rows
 
 
@@ -480,8 +509,8 @@ def measure_streams(variant: str, proxy: Proxy, token: str | None, quick: bool,
     return rows
 
 
-def measure_store(upstream_port: int, work: Path, token: str, seconds: float, quick: bool,
-                  out: Run) -> None:
+def measure_store(upstream_port: int, work: Path, token: str, seconds: int, rounds: int,
+                  quick: bool, out: Run) -> None:
     """Issue 20: the shared store's cost per request. douane with a rate limit and the default
     store (SQLite, limits in memory) against the same with `database:` on a PostgreSQL 15 cluster
     of its own (tests/support/postgres.py; its server processes' CPU counted too); then workers
@@ -507,13 +536,18 @@ def measure_store(upstream_port: int, work: Path, token: str, seconds: float, qu
             ("douane + limit, PostgreSQL store",
              bench_config(work, upstream_port, database=database), pg_cpu)]
         variants[0][1]["policy"] = variants[1][1]["policy"]  # the same grants, with the limit
-        for name, cfg, also in variants:
-            proxy = Proxy(name.split(",")[1].strip().replace(" ", "_"), upstream_port, work, cfg)
-            try:
-                ready(proxy.port, token, masked=False)
-                out.store += measure_requests(name, proxy.port, proxy.pid, token, seconds, work,
-                                              ["openai"], also=also)
-            finally:
+        proxies = []
+        try:  # both at once, measured interleaved
+            for name, cfg, _ in variants:
+                proxies.append(Proxy(name.split(",")[1].strip().replace(" ", "_"), upstream_port,
+                                     work, cfg))
+                ready(proxies[-1].port, token, masked=False)
+            out.store += measure_requests(
+                [Target(name, proxy.port, proxy.pid, also)
+                 for (name, _, also), proxy in zip(variants, proxies, strict=True)],
+                token, seconds, work, ["openai"], rounds=rounds)
+        finally:
+            for proxy in proxies:
                 proxy.stop()
         if quick:
             return
@@ -522,21 +556,22 @@ def measure_store(upstream_port: int, work: Path, token: str, seconds: float, qu
             workers = Workers(n, config, upstream_port, work)
             try:
                 ready(workers.port, token, masked=False)
-                out.store += measure_requests(
+                out.store += measure_requests([Target(
                     f"douane + limit, PostgreSQL store, {n} worker{'s' * (n > 1)} behind HAProxy",
-                    workers.port, workers.pid, token, seconds, work, ["openai"], (32,), pg_cpu)
+                    workers.port, workers.pid, pg_cpu)], token, seconds, work, ["openai"], (32,),
+                    rounds)
             finally:
                 workers.stop()
     finally:
         cluster.close()
 
 
-def run(quick: bool, only: set[str], seconds: float) -> Run:
+def run(quick: bool, only: set[str], seconds: int, rounds: int) -> Run:
     work = Path(tempfile.mkdtemp(prefix="douane-bench-"))
     upstream_port = free_port()
     upstream = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "bench_upstream.py"),
                                  str(upstream_port)])
-    out = Run(quick, seconds, [], [], [], [], [], [])
+    out = Run(quick, seconds, rounds, [], [], [], [], [], [])
     try:
         wait_port(upstream_port)
         config = bench_config(work, upstream_port, masking=False)
@@ -545,27 +580,31 @@ def run(quick: bool, only: set[str], seconds: float) -> Run:
         token = devissuer.mint(dev, "bench@corp", ["bench"], 3600)
         masked = bench_config(work, upstream_port, masking=True)
         protocols = list(PROTOCOLS)
-        if "requests" in only:
-            ready(upstream_port, None, masked=False)
-            out.rows += measure_requests("direct", upstream_port, None, token, seconds, work,
-                                         protocols)
-        variants: list[tuple[str, dict | None]] = [("bare mitmdump", None), ("douane", config),
+        variants: list[tuple[str, dict | None]] = [("douane", config),
                                                    ("douane + masking", masked)]
-        for variant, cfg in variants:
-            if "requests" not in only and cfg is None:
-                continue
-            proxy = Proxy(variant.replace(" ", "_").replace("+", ""), upstream_port, work, cfg)
-            try:
-                ready(proxy.port, token, masked=variant == "douane + masking")
-                idle = tree_rss(proxy.pid)
-                if "requests" in only:
-                    out.rows += measure_requests(variant, proxy.port, proxy.pid, token, seconds,
-                                                 work, protocols)
-                    out.memory.append(Memory(variant, idle / 1024, max(
-                        r.rss_mib for r in out.rows if r.variant == variant)))
-                if "streams" in only and cfg is not None:
-                    out.streams += measure_streams(variant, proxy, token, quick, together=True)
-            finally:
+        if "requests" in only:
+            variants.insert(0, ("bare mitmdump", None))
+        proxies: dict[str, Proxy] = {}
+        try:  # every variant runs at once: their rows are measured interleaved
+            for variant, cfg in variants if only & {"requests", "streams"} else []:
+                proxies[variant] = Proxy(variant.replace(" ", "_").replace("+", ""),
+                                         upstream_port, work, cfg)
+                ready(proxies[variant].port, token, masked=variant == "douane + masking")
+            idle = {variant: tree_rss(proxy.pid) for variant, proxy in proxies.items()}
+            if "requests" in only:
+                ready(upstream_port, None, masked=False)
+                out.rows += measure_requests(
+                    [Target("direct", upstream_port, None)] +
+                    [Target(variant, proxy.port, proxy.pid) for variant, proxy in proxies.items()],
+                    token, seconds, work, protocols, rounds=rounds)
+                out.memory += [Memory(variant, idle[variant] / 1024, max(
+                    r.rss_mib for r in out.rows if r.variant == variant)) for variant in proxies]
+            if "streams" in only:
+                for variant in ("douane", "douane + masking"):
+                    out.streams += measure_streams(variant, proxies[variant], token, quick,
+                                                   together=True)
+        finally:
+            for proxy in proxies.values():
                 proxy.stop()
         if "streams" in only:  # bare mitmdump buffers whole answers unless told to stream
             proxy = Proxy("bare_streaming", upstream_port, work, None,
@@ -576,25 +615,26 @@ def run(quick: bool, only: set[str], seconds: float) -> Run:
             finally:
                 proxy.stop()
         if "workers" in only:
-            out.workers = measure_workers(config, upstream_port, work, token, seconds, out)
+            out.workers = measure_workers(config, upstream_port, work, token, seconds, rounds,
+                                          out)
         if "store" in only:
-            measure_store(upstream_port, work, token, seconds, quick, out)
+            measure_store(upstream_port, work, token, seconds, rounds, quick, out)
     finally:
         upstream.terminate()
         upstream.wait()
     return out
 
 
-def measure_workers(config: dict, upstream_port: int, work: Path, token: str, seconds: float,
-                    out: Run) -> list[Row]:
+def measure_workers(config: dict, upstream_port: int, work: Path, token: str, seconds: int,
+                    rounds: int, out: Run) -> list[Row]:
     rows = [r for r in out.rows if r.variant == "bare mitmdump" and r.protocol == "openai"
             and r.connections == 32]
     if not rows:
         proxy = Proxy("bare_workers", upstream_port, work, None)
         try:
             ready(proxy.port, token, masked=False)
-            rows += measure_requests("bare mitmdump", proxy.port, proxy.pid, token, seconds, work,
-                                     ["openai"], (32,))
+            rows += measure_requests([Target("bare mitmdump", proxy.port, proxy.pid)], token,
+                                     seconds, work, ["openai"], (32,), rounds)
         finally:
             proxy.stop()
     counts = sorted({1, 2, os.cpu_count() or 1})
@@ -604,8 +644,8 @@ def measure_workers(config: dict, upstream_port: int, work: Path, token: str, se
         workers = Workers(n, cfg, upstream_port, work)
         try:
             ready(workers.port, token, masked=False)
-            rows += measure_requests(name, workers.port, workers.pid, token, seconds, work,
-                                     ["openai"], (32,))
+            rows += measure_requests([Target(name, workers.port, workers.pid)], token, seconds,
+                                     work, ["openai"], (32,), rounds)
         finally:
             workers.stop()
     return rows
@@ -684,10 +724,12 @@ def report(run: Run, command: str) -> str:
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} cores "
         f"({platform.processor() or platform.machine()}), Python {platform.python_version()}, "
         f"with `{command}`. Load generator: `{' '.join(wrk_version)}` for every req/s row "
-        f"({run.seconds:g} s per row, `-t1` at 1 connection, `-t2` at 32, keep-alive, a Lua "
-        "script for the POST body and the bearer token); a Python asyncio client for the stream "
-        "rows (it must read SSE events). The generator, the upstream and the proxy share the "
-        "machine: compare rows of one run, as ratios."]
+        f"(`-t1` at 1 connection, `-t2` at 32, keep-alive, a Lua script for the POST body and the "
+        f"bearer token); each row is the median of {run.rounds} runs of {run.seconds} s, "
+        "interleaved: every variant runs at once and each round loads them in turn (the order "
+        "rotated), so load from elsewhere falls on all alike. A Python asyncio client for the "
+        "stream rows (it must read SSE events). The generator, the upstream and the proxies share "
+        "the machine: compare rows of one run, as ratios."]
     if run.rows:
         parts += [
             "## Requests\n\nUpstream: `scripts/bench_upstream.py` (uvicorn, loopback), a JSON "
@@ -769,8 +811,10 @@ def write_doc(text: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 s per row (under 3 minutes)")
-    parser.add_argument("--seconds", type=int, help="per req/s row (default 10, quick 2)")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (under 3 min)")
+    parser.add_argument("--seconds", type=int, help="per wrk run (default 3)")
+    parser.add_argument("--rounds", type=int, help="interleaved wrk runs per row (default 3, "
+                        "quick 1); a row is their median")
     parser.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.md")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections: {', '.join(SECTIONS)}")
@@ -781,8 +825,9 @@ def main() -> int:
     command = "scripts/bench " + " ".join(sys.argv[1:])
     print(f"{os.cpu_count()} cores, Python {platform.python_version()}: {command}", flush=True)
     started = time.monotonic()
-    seconds = args.seconds or (2 if args.quick else 10)
-    text = report(run(args.quick, only, seconds), command.strip())
+    seconds = args.seconds or 3
+    rounds = args.rounds or (1 if args.quick else 3)
+    text = report(run(args.quick, only, seconds, rounds), command.strip())
     print("\n" + text + f"\n({time.monotonic() - started:.0f} s)")
     if not args.no_write:
         write_doc(text)
