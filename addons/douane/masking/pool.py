@@ -57,6 +57,7 @@ class Workers:
         self._pending: list[dict[int, concurrent.futures.Future]] = []
         self._conns: list[multiprocessing.connection.Connection] = []
         self._processes: list[multiprocessing.process.BaseProcess] = []
+        self._sending: list[threading.Lock] = []  # one writer at a time on each pipe
         self._broken: BaseException | None = None
         for i in range(size):
             conn, child = context.Pipe()
@@ -66,6 +67,7 @@ class Workers:
             child.close()
             self._conns.append(conn)
             self._processes.append(process)
+            self._sending.append(threading.Lock())
             self._pending.append({})
             threading.Thread(target=self._read, args=(i,), name=f"{name}-{i}-reader",
                              daemon=True).start()
@@ -79,11 +81,14 @@ class Workers:
             i = min(range(len(self._conns)), key=lambda k: len(self._pending[k]))
             job = next(self._ids)
             self._pending[i][job] = future
-            try:
+        try:
+            # not under the set's lock: a large job waits for a busy worker to read it
+            with self._sending[i]:
                 self._conns[i].send((job, fn, args))
-            except (OSError, ValueError) as e:  # the process is gone (its reader says so too)
-                self._pending[i].pop(job)
-                raise BrokenProcessPool(f"a masking worker is gone: {e}") from e
+        except (OSError, ValueError) as e:  # the process is gone (its reader says so too)
+            with self._lock:
+                self._pending[i].pop(job, None)
+            raise BrokenProcessPool(f"a masking worker is gone: {e}") from e
         return future
 
     def _read(self, i: int) -> None:
@@ -95,7 +100,7 @@ class Workers:
                 job, ok, value = conn.recv()
             except (EOFError, OSError):
                 self._break(BrokenProcessPool("a masking worker process terminated abruptly"))
-                with self._lock:
+                with self._sending[i]:
                     conn.close()
                 return
             with self._lock:
@@ -120,10 +125,9 @@ class Workers:
     def _stop(self) -> None:
         """Each process exits after the job it is on (nobody reads its answer); its reader then
         sees the pipe end and closes it."""
-        with self._lock:
-            for conn in self._conns:
-                with contextlib.suppress(OSError, ValueError):  # gone already, or closed
-                    conn.send(None)
+        for conn, sending in zip(self._conns, self._sending, strict=True):
+            with sending, contextlib.suppress(OSError, ValueError):  # gone already, or closed
+                conn.send(None)
 
 
 class MaskingPool:
