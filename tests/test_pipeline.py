@@ -304,3 +304,25 @@ def test_an_exception_after_a_refusal_keeps_the_refusal_and_its_reasons():
     decision = state(f).decision
     assert decision.action == "refuse"
     assert [r.rule for r in decision.reasons] == ["rule.x", "gateway.error"]
+
+
+def test_an_exception_on_a_connection_closes_it_and_later_steps_still_run():
+    """mitmproxy would log the error and serve the client without what the step sets up (its
+    idle and body deadlines): the connection is closed instead (`client.error`)."""
+    calls = []
+
+    class Broken:
+        def client_connected(self, client):
+            raise RuntimeError("bug")
+
+    class After:
+        def client_connected(self, client):
+            calls.append(client)
+
+    broken, after = Broken(), After()
+    checkpoint = Checkpoint([broken, after], Order(client_connected=(broken.client_connected,
+                                                                     after.client_connected)))
+    client = tflow.tclient_conn()
+    checkpoint.client_connected(client)
+    assert client.error and "Broken.client_connected failed" in client.error
+    assert calls == [client]

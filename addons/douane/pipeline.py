@@ -5,10 +5,10 @@ mitmproxy walks every addon object for every event; one addon calling plain meth
 Each step is called whatever an earlier one did, as mitmproxy would call the next addon: a step
 that answers the flow (`flow.response` set, a refusal) leaves it to the later ones to see it and
 stand aside, as each does (`if flow.response ...`). An exception in a step fails closed (a refusal
-in the API's shape, or a dropped WebSocket message) and the later steps still run: the audit trail
-records the failure. Lifecycle events (load, configure, running, done) reach the concerns in their
-listed order; `done` awaits each (Admin drains the flows in flight before the writers close), and
-one that fails does not keep the next from stopping.
+in the API's shape, a dropped WebSocket message, a closed client connection) and the later steps
+still run: the audit trail records the failure. Lifecycle events (load, configure, running, done)
+reach the concerns in their listed order; `done` awaits each (Admin drains the flows in flight
+before the writers close), and one that fails does not keep the next from stopping.
 """
 
 from __future__ import annotations
@@ -149,9 +149,19 @@ class Checkpoint:
         await self._run("websocket_end", flow)
 
     def client_connected(self, client: connection.Client) -> None:
-        for step, _ in self._steps["client_connected"]:
-            step(client)
+        self._run_client("client_connected", client)
 
     def client_disconnected(self, client: connection.Client) -> None:
-        for step, _ in self._steps["client_disconnected"]:
-            step(client)
+        self._run_client("client_disconnected", client)
+
+    def _run_client(self, event: str, client: connection.Client) -> None:
+        """A step failing on a connection closes it (`client.error`: a client whose bounds
+        douane failed to set up is not served without them); later steps still run."""
+        for step, _ in self._steps[event]:
+            try:
+                step(client)
+            except Exception as e:
+                logger.error("douane: %s failed on a connection: %s", step.__qualname__,
+                             type(e).__name__)
+                logger.debug("traceback", exc_info=e)
+                client.error = f"douane: {step.__qualname__} failed"
