@@ -114,3 +114,42 @@ def test_without_a_token_the_upgrade_is_refused(setup):
     assert client.status == 401
     assert len(upstream.headers) == before
     client.close()
+
+
+@pytest.fixture(scope="module")
+def masked(issuer, tmp_path_factory):
+    """The same upstream behind a gateway that masks answers (auditors exempt)."""
+    upstream = RealtimeUpstream()
+    work = tmp_path_factory.mktemp("websocket-masked")
+    (work / "grants.yaml").write_text(GRANTS)
+    config = base_config(issuer.url, upstream.url + "/v1/realtime",
+                         policy={"files": [str(work / "grants.yaml")]},
+                         masking={"workers": 1, "entities": ["EMAIL_ADDRESS"],
+                                  "exempt_groups": ["auditors"], "timeout_seconds": 120})
+    config["upstreams"]["realtime"] = config["upstreams"].pop("llm")
+    config["upstreams"]["realtime"]["allow_websocket"] = True
+    with Gateway(config, mode=f"reverse:{upstream.url}",
+                 env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, workdir=work / "gw") as gw:
+        yield gw, upstream
+    upstream.close()
+
+
+def test_while_answers_are_masked_the_upgrade_is_refused_but_for_exempt_groups(masked, issuer):
+    """Masking reads no WebSocket message: a Realtime answer would leave unmasked, so the upgrade
+    is refused (nothing reaches the upstream, the audit names why); exempt groups, whose answers
+    are never masked, connect."""
+    gw, upstream = masked
+    client = WsClient(gw.port, "/v1/realtime?model=gpt-realtime",
+                      {"authorization": f"Bearer {issuer.mint('alice@corp.example', ['engineering'])}"})
+    assert client.status == 403
+    client.close()
+    assert upstream.headers == []
+    [record] = gw.audit_where(lambda r: any(x.get("rule") == "protocol.websocket_unmasked"
+                                            for x in r.get("reasons", [])))
+    assert record["action"] == "refuse" and record["user"] == "alice@corp.example"
+    client = WsClient(gw.port, "/v1/realtime?model=gpt-realtime",
+                      {"authorization": f"Bearer {issuer.mint('ann@corp.example', ['auditors'])}"})
+    assert client.status == 101
+    client.send(item("hello"))
+    assert client.receive()["delta"] == upstream.reply
+    client.close()

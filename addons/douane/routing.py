@@ -166,6 +166,15 @@ class Broker:
                 refuse(flow, 403, f"WebSocket connections to {st.upstream.name} are not allowed",
                        "websocket_refused", Reason("protocol.websocket", "WebSocket upgrade refused"))
                 return False
+            masking = self.settings.config.sections.get("masking")
+            if masking and st.identity and not set(st.identity.groups) & set(
+                    masking.exempt_groups):
+                # masking does not read WebSocket messages: its answers would leave unmasked
+                refuse(flow, 403, f"WebSocket connections to {st.upstream.name} are not allowed "
+                       "while douane masks answers (it does not mask WebSocket messages)",
+                       "websocket_refused", Reason("protocol.websocket_unmasked",
+                                                   "WebSocket upgrade refused: masking applies"))
+                return False
             if protocols.declared(st.upstream, method, path, websocket=True):
                 return True
         elif protocols.declared(st.upstream, method, path):
