@@ -213,6 +213,39 @@ def test_a_crashed_worker_fails_the_analysis_and_the_pool_recovers(urgent):
         pool.shutdown()
 
 
+class _Unreadable:
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
+def _refuse_to_load():
+    raise RuntimeError("an answer that cannot be read back")
+
+
+def unreadable_answer():
+    """Run in a worker: an answer whose unpickling raises in the gateway's reader thread."""
+    return _Unreadable()
+
+
+def test_an_answer_that_cannot_be_read_fails_the_analyses_and_the_pool_recovers():
+    """The reader thread of a worker used to die on it: that worker's analyses then never
+    finished (each waited for the timeout, every later one too)."""
+    import concurrent.futures
+    from concurrent.futures.process import BrokenProcessPool
+
+    from douane.masking.pool import MaskingPool
+
+    pool = MaskingPool(SETTINGS)
+    try:
+        concurrent.futures.wait(pool.warm_up(), timeout=STARTUP)
+        with pytest.raises(BrokenProcessPool):
+            pool.executor().submit(unreadable_answer).result(timeout=60)
+        (spans,) = pool.submit(["mail maria@example.com"]).result(timeout=STARTUP)
+        assert [s.entity for s in spans] == ["EMAIL_ADDRESS"]
+    finally:
+        pool.shutdown()
+
+
 def test_a_failing_job_fails_only_its_caller_and_the_workers_go_on():
     """An exception in a worker reaches the future of the job that raised it; the worker serves
     the next job (the pipes to the workers carry errors as answers)."""

@@ -103,6 +103,11 @@ class Workers:
                 with self._sending[i]:
                     conn.close()
                 return
+            except Exception as e:  # an answer that cannot be read back (unpickling raised):
+                # whose job it was is unknown, so the set breaks; this thread reads on to the end
+                self._break(BrokenProcessPool(f"a masking worker's answer could not be read "
+                                              f"({type(e).__name__})"))
+                continue
             with self._lock:
                 future = self._pending[i].pop(job, None)
             if future is not None:
