@@ -320,3 +320,26 @@ def test_the_first_words_of_a_masked_stream_leave_without_waiting_for_the_window
     # the upstream sent "Sure" at once and ". Th" a second later; the fourth token comes after 3 s
     assert deltas[0] == "Sure. " and first < 3.0, (deltas[:2], first)
     assert "".join(deltas) == whole and "Maria" not in whole
+
+
+def test_a_stream_douane_cannot_read_is_refused_without_the_upstreams_body(setup, issuer):
+    """An SSE answer to an operation douane has no stream format for (legacy completions) is
+    refused on its headers: mitmproxy then still reads the upstream's body into the response, so
+    the refusal carried the unmasked answer to the client with the refusal's status."""
+    gw, llm = setup
+    event = json.dumps({"id": "c", "object": "text_completion", "choices": [
+        {"index": 0, "text": PII, "finish_reason": None}]})
+    llm.canned["/v1/completions"] = ("text/event-stream",
+                                     f"data: {event}\n\ndata: [DONE]\n\n".encode())
+    try:
+        resp = httpx.post(llm.url + "/v1/completions", timeout=60,
+                          json={"model": "gpt-3.5-turbo-instruct", "prompt": "?", "stream": True},
+                          proxy=gw.proxy_url("u", issuer.mint("alice@corp", ["engineering"])))
+    finally:
+        del llm.canned["/v1/completions"]
+    assert resp.status_code == 502, resp.text[:300]
+    for value in SECRETS:
+        assert value not in resp.text
+    assert "unsupported_stream" in resp.text
+    record = gw.audit_record(resp.headers["x-douane-decision-id"])
+    assert record["action"] == "refuse"

@@ -93,6 +93,10 @@ def refuse(flow: http.HTTPFlow, status: int, message: str, code: str, *reasons: 
     """
     st = state(flow)
     protocol = st.upstream.protocol if st.upstream else "generic"
+    # the upstream's headers arrived, its body not yet: mitmproxy would read that body into
+    # whatever response the flow has by then, this refusal
+    body_to_come = flow.response is not None and flow.response.raw_content is None \
+        and not flow.response.stream
     st.decide(action, *(reasons or (Reason(code, message),)), status=status)
     first = st.interaction.mcp[0] if st.interaction and st.interaction.mcp else None
     if protocol == "mcp" and first and first.request_id is not None and status not in (401, 407):
@@ -109,7 +113,23 @@ def refuse(flow: http.HTTPFlow, status: int, message: str, code: str, *reasons: 
     else:
         flow.response = make_response(protocol, status, message, code=code,
                                       decision_id=st.decision_id, rpc_id=None, headers=headers)
+    if body_to_come:
+        flow.response.stream = _InsteadOfBody(flow.response.content or b"")
     _refusals[flow] = flow.response
+
+
+class _InsteadOfBody:
+    """A refusal's stream while the upstream's body is still to come: that body is read and
+    dropped, the refusal's body is sent at its end."""
+
+    def __init__(self, body: bytes):
+        self.body: bytes | None = body
+
+    def __call__(self, data: bytes) -> bytes | list[bytes]:
+        if data or self.body is None:
+            return [] if data else b""
+        body, self.body = self.body, None
+        return body
 
 
 def input_required(flow: http.HTTPFlow, url: str, message: str, *reasons: Reason) -> None:
