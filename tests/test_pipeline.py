@@ -326,3 +326,22 @@ def test_an_exception_on_a_connection_closes_it_and_later_steps_still_run():
     checkpoint.client_connected(client)
     assert client.error and "Broken.client_connected failed" in client.error
     assert calls == [client]
+
+
+@pytest.mark.parametrize("filtered", [False, True])
+def test_a_refusal_on_the_upstreams_headers_never_carries_its_body(filtered):
+    """mitmproxy reads the upstream's body into the flow's response after responseheaders: a
+    refusal given then (a stream filter already attached or not) drops that body and sends its
+    own."""
+    from douane.refusals import refuse
+
+    f = tflow.tflow()
+    f.response = tutils.tresp(content=None)
+    if filtered:
+        f.response.stream = lambda data: [data]
+    refuse(f, 502, "cannot read this stream", "unsupported_stream")
+    body = f.response.content
+    stream = f.response.stream
+    assert callable(stream)
+    assert stream(b"data: the upstream's answer\n\n") == []
+    assert stream(b"") == body and b"unsupported_stream" in body

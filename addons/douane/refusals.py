@@ -93,10 +93,9 @@ def refuse(flow: http.HTTPFlow, status: int, message: str, code: str, *reasons: 
     """
     st = state(flow)
     protocol = st.upstream.protocol if st.upstream else "generic"
-    # the upstream's headers arrived, its body not yet: mitmproxy would read that body into
-    # whatever response the flow has by then, this refusal
-    body_to_come = flow.response is not None and flow.response.raw_content is None \
-        and not flow.response.stream
+    # the upstream's headers arrived, its body not yet (a stream filter attached or not):
+    # mitmproxy would read that body into whatever response the flow has by then, this refusal
+    body_to_come = flow.response is not None and flow.response.raw_content is None
     st.decide(action, *(reasons or (Reason(code, message),)), status=status)
     first = st.interaction.mcp[0] if st.interaction and st.interaction.mcp else None
     if protocol == "mcp" and first and first.request_id is not None and status not in (401, 407):
