@@ -29,7 +29,7 @@ from tests.support.upstream import DEFAULT_REPLY
 
 DOUANE = Path(sys.executable).parent / "douane"
 RESOURCE = "https://llm.douane.test"
-ACCESS_TTL = 60  # seconds: `douane token` renews past half of it (30 s)
+ACCESS_TTL = 40  # seconds: `douane token` renews past half of it (20 s)
 
 
 @pytest.fixture(scope="module")
