@@ -389,12 +389,7 @@ class Approvals:
                 grant: Grant | None = None) -> None:
         pending.decide(status, approver, reason, round(grant.expires_at - grant.created_at)
                        if grant and grant.fingerprint is None else None)
-        timer = self._timers.pop(pending.id, None)
-        if timer:
-            timer.cancel()
-        flow = self.flows.get(pending.id)
-        if flow is not None and flow.intercepted:
-            flow.resume()
+        self._release(pending)
         record: dict[str, Any] = {"event": f"approval.{status}", "approval_id": pending.id,
                                   "decision_id": pending.decision_id,
                                   "user": pending.requester.user, "upstream": pending.upstream,
@@ -454,15 +449,19 @@ class Approvals:
         if row and row["status"] != "pending" and pending.status == "pending":
             self._apply(pending, row)
 
-    def _apply(self, pending: Pending, row: dict[str, Any]) -> None:
-        """Another replica's decision, on the request held here (audited where it was taken)."""
-        pending.decide(row["status"], row["approver"], row["reason"], row["grant_seconds"])
+    def _release(self, pending: Pending) -> None:
+        """A decided request's timeout is cancelled and its flow, if held here, goes on."""
         timer = self._timers.pop(pending.id, None)
         if timer:
             timer.cancel()
         flow = self.flows.get(pending.id)
         if flow is not None and flow.intercepted:
             flow.resume()
+
+    def _apply(self, pending: Pending, row: dict[str, Any]) -> None:
+        """Another replica's decision, on the request held here (audited where it was taken)."""
+        pending.decide(row["status"], row["approver"], row["reason"], row["grant_seconds"])
+        self._release(pending)
         logger.info("douane: approval %s %s elsewhere%s", pending.id, pending.status,
                     f" by {loggable(pending.approver)}" if pending.approver else "")
 
