@@ -31,7 +31,7 @@ import yaml
 
 from douane.cli import main as cli
 from tests.conftest import UPSTREAM_KEY
-from tests.support.gateway import REPO, base_config, free_port
+from tests.support.gateway import REPO, base_config, free_port, terminate_group
 from tests.support.postgres import PASSWORD
 from tests.support.upstream import DEFAULT_REPLY, FakeUpstream
 from tests.test_approvals_e2e import HELD, Background, ask, call, pending_for
@@ -144,12 +144,7 @@ def fleet(issuer, postgres, tmp_path_factory):
         yield fleet
     finally:
         del os.environ["DOUANE_TEST_DB_PASSWORD"]
-        run.send_signal(signal.SIGTERM)
-        try:
-            run.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait()
+        terminate_group(run)
         llm.close()
     assert PASSWORD not in fleet.text()
     assert "Traceback" not in fleet.text(), fleet.text()

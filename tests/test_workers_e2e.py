@@ -20,7 +20,7 @@ from douane.config import ConfigError, load
 from douane.settings import for_worker
 from douane.workers import Worker, free_port, haproxy_config, main
 from tests.conftest import UPSTREAM_KEY
-from tests.support.gateway import REPO, base_config
+from tests.support.gateway import REPO, base_config, terminate_group
 from tests.support.issuer import TestIssuer
 from tests.support.upstream import FakeUpstream
 from tests.test_admin_e2e import CHAT
@@ -94,12 +94,7 @@ def test_two_workers_behind_haproxy_share_the_port_and_restart_a_killed_worker(
         assert cli(["audit", "verify", "--config", str(tmp_path / "douane.yaml"),
                     "--log", str(w1)]) == 0
     finally:
-        run.send_signal(signal.SIGTERM)
-        try:
-            run.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait()
+        terminate_group(run)
     assert "Traceback" not in log.read_text()
 
 

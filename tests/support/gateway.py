@@ -29,6 +29,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def terminate_group(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM to a process started in its own group (`scripts/run`), SIGKILL to the group if it
+    has not stopped within `timeout`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def base_config(issuer_url: str | None, upstream_url: str, *, audience: str = "douane-tests",
                 protocol: str = "openai", key_env: str = "DOUANE_TEST_UPSTREAM_KEY",
                 **sections: Any) -> dict[str, Any]:
