@@ -343,3 +343,53 @@ def test_a_stream_douane_cannot_read_is_refused_without_the_upstreams_body(setup
     assert "unsupported_stream" in resp.text
     record = gw.audit_record(resp.headers["x-douane-decision-id"])
     assert record["action"] == "refuse"
+
+
+def test_a_value_behind_json_escapes_in_tool_arguments_is_masked(setup, issuer):
+    """Tool arguments are JSON text: `maria.garcia\\u0040example.com` is the address to the tool
+    that parses them. Whole answers (chat, Responses), a stream whose escape is cut between two
+    deltas, and (masking requests) the arguments of the history sent upstream: the client and
+    the upstream parse no address out of them. Before, each passed unmasked."""
+    gw, llm = setup
+    email, escaped = "maria.garcia@example.com", "maria.garcia\\u0040example.com"
+    args = '{"to": "' + escaped + '", "cc": "' + "".join(f"\\u{ord(c):04x}" for c in email) + '"}'
+    chat = {"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": [{
+        "index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": None, "tool_calls": [{
+                "id": "t", "type": "function", "function": {"name": "send", "arguments": args}}]}}]}
+    responses = {"id": "r", "object": "response", "created_at": 0, "status": "completed",
+                 "model": "m", "output": [{"type": "function_call", "id": "fc", "call_id": "t",
+                                           "name": "send", "arguments": args}]}
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+    pieces = ['{"to": "maria.garcia\\u00', '40example.com', '"}']  # the escape cut in two
+    events = [{**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [
+        {"index": 0, "id": "t", "type": "function",
+         "function": {"name": "send", "arguments": ""}}]}}]}]
+    events += [{**chunk, "choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "function": {"arguments": p}}]}}]} for p in pieces]
+    events += [{**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}]
+    stream = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + b"data: [DONE]\n\n"
+    c = openai_client(gw, llm, issuer.mint("alice@corp", ["engineering"]))
+    ask = [{"role": "user", "content": "?"}]
+    llm.canned["/v1/chat/completions"] = ("application/json", json.dumps(chat).encode())
+    llm.canned["/v1/responses"] = ("application/json", json.dumps(responses).encode())
+    try:
+        got = [c.chat.completions.create(model="m", messages=ask).choices[0].message
+               .tool_calls[0].function.arguments,
+               c.responses.create(model="m", input="?").output[0].arguments]
+        llm.canned["/v1/chat/completions"] = ("text/event-stream", stream)
+        got.append("".join(ch.choices[0].delta.tool_calls[0].function.arguments or ""
+                           for ch in c.chat.completions.create(model="m", messages=ask,
+                                                               stream=True)
+                           if ch.choices and ch.choices[0].delta.tool_calls))
+    finally:
+        del llm.canned["/v1/chat/completions"], llm.canned["/v1/responses"]
+    for text in got:
+        assert email not in json.dumps(json.loads(text), ensure_ascii=False), text
+        assert "<EMAIL_ADDRESS>" in text, text
+    before = len(llm.requests)
+    c.chat.completions.create(model="m", messages=[*ask, chat["choices"][0]["message"], {
+        "role": "tool", "tool_call_id": "t", "content": "sent"}])
+    (sent,) = llm.requests[before:]
+    history = sent.json()["messages"][1]["tool_calls"][0]["function"]["arguments"]
+    assert email not in json.dumps(json.loads(history), ensure_ascii=False), history

@@ -81,6 +81,37 @@ def unescaped(text: str) -> str:
     return ESCAPE.sub(char, text)
 
 
+# JSON escapes that stand for a character a string may hold as is (`\u0040` is `@`, `\/` is
+# `/`); a `\\` pair is matched first, so the backslash it escapes is never read as an escape.
+_PLAIN_ESCAPE = re.compile(r'(\\\\)|\\u([0-9a-fA-F]{4})|\\/')
+_ESCAPE_TAIL = re.compile(r'\\(?:u[0-9a-fA-F]{0,3})?$')
+
+
+def readable(json_text: str) -> str:
+    """JSON text written with its plain characters unescaped: the same JSON to whoever parses
+    it, but a value spelled `maria\u0040example.com` is an email address to masking too (which
+    edits the text, not the value). Quotes, backslashes, controls and surrogates stay escaped."""
+    if "\\" not in json_text:
+        return json_text
+
+    def char(m: re.Match[str]) -> str:
+        if m[1] or m[2] is None:
+            return m[1] or "/"
+        c = chr(int(m[2], 16))
+        return m[0] if c < " " or c in '"\\' or 0xD800 <= ord(c) <= 0xDFFF else c
+    return _PLAIN_ESCAPE.sub(char, json_text)
+
+
+def escape_tail(json_text: str) -> int:
+    """Where an escape cut off at the end of streamed JSON text starts (len: none), so it is
+    held until the next delta completes it."""
+    m = _ESCAPE_TAIL.search(json_text)
+    if m is None:
+        return len(json_text)
+    before = json_text[:m.start()]
+    return m.start() if (len(before) - len(before.rstrip("\\"))) % 2 == 0 else len(json_text)
+
+
 @dataclass
 class _Walk:
     classify: Classify
@@ -105,21 +136,23 @@ class _Walk:
         self.counted(len(tail) - before)
 
     def add(self, path: JsonPath, text: str, editable: bool, tail: bool,
-            classify_at: JsonPath | None = None) -> None:
+            classify_at: JsonPath | None = None) -> TextPiece | None:
         self.count += 1
         if self.count > MAX_STRINGS:
             self.counted(0)
         named = self.named.pop(path, None) if self.named else None
         if named is not None:
             self.text.append(named)
-            return
+            return named
         if not text:
-            return
+            return None
         kind, role = self.classify(classify_at if classify_at is not None else path)
         if tail:
             self.tail.setdefault(kind, []).append(text)
-        else:
-            self.text.append(TextPiece(kind, role, text, path, editable))
+            return None
+        piece = TextPiece(kind, role, text, path, editable)
+        self.text.append(piece)
+        return piece
 
 
 def cover(it: Interaction, doc: Any, classify: Classify, side: str = "request") -> None:
@@ -219,12 +252,14 @@ def _string(walk: _Walk, text: str, path: JsonPath, key: str | None, parent: dic
         if path in walk.named or decoded is None and len(text) < ENCODED:
             walk.add(path, text, False, False)  # named as text, or too short to be a real file
         return
-    walk.add(path, text, key not in STRUCTURAL, key in STRUCTURAL)
+    piece = walk.add(path, text, key not in STRUCTURAL, key in STRUCTURAL)
     if key == "arguments":
         try:
             decoded_args = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant)
         except (ValueError, RecursionError):
             return  # not JSON: the raw string above is what the tool reads
+        if piece is not None and piece.editable:
+            piece.text = readable(piece.text)  # masked as the tool will read it
         if isinstance(decoded_args, dict | list):
             values: list[str] = []
             _arguments(walk, decoded_args, values, path, depth + 1)

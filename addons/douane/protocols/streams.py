@@ -79,6 +79,7 @@ class StreamRewriter:
         self.parser = SseParser()
         self.open: dict[str, tuple[Kind, Any]] = {}  # channel -> (kind, last delta event doc)
         self.sent: dict[str, StreamedText] = {}  # channel -> text emitted so far
+        self.cut: dict[str, str] = {}  # channel -> a JSON escape cut at its last delta's end
         self.abort_message: str | None = None
         self.ended = False
         self.finished = False  # the final call (b"") was made: the stream went through
@@ -144,6 +145,10 @@ class StreamRewriter:
             text = jsonpath.get(doc, delta.path)
             if not isinstance(text, str):
                 continue
+            if delta.kind == "tool_arguments":  # JSON text: filtered as the tool will read it
+                text = self.cut.pop(delta.channel, "") + text
+                end = fields.escape_tail(text)
+                text, self.cut[delta.channel] = fields.readable(text[:end]), text[end:]
             emitted = self._feed(delta.channel, text)
             if getattr(self.format, "complete_events", False):
                 emitted += self._finish(delta.channel)
@@ -179,7 +184,7 @@ class StreamRewriter:
         return text
 
     def _finish(self, channel: str) -> str:
-        rest = ""
+        rest = self.cut.pop(channel, "")
         for f in self.filters:
             rest = f.feed(channel, rest) if rest else rest
             rest += f.finish(channel)
