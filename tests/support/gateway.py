@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from tests.support.ready import READY
+
 REPO = Path(__file__).resolve().parents[2]
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 _LISTENING = re.compile(r"proxy\b[^\n]*? listening at \S*?:(\d+)")  # not mitmweb's web server
@@ -104,7 +106,7 @@ class Gateway:
         return [str(self.tool), "-s", str(REPO / "addons" / "gateway.py"),
                 "--set", f"douane_config={self.config_file}", "--set", f"confdir={self.confdir}",
                 "--mode", self.mode, "--listen-host", "127.0.0.1", "--listen-port", "0",
-                *self.args]
+                *self.args, "-s", str(REPO / "tests" / "support" / "ready.py")]
 
     def start(self) -> Gateway:
         log = self.log_file.open("ab")
@@ -112,19 +114,16 @@ class Gateway:
                                      env=self.env, cwd=self.dir, start_new_session=True)
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
-            m = _LISTENING.search(self.log_text())
-            if m:
-                # mitmproxy listens before it checks the addons' start-up errors: a gateway
-                # whose configuration failed prints this next, and exits
-                time.sleep(0.3)
-                if "Error logged during startup" in self.log_text():
-                    self.stop()
-                    raise RuntimeError(f"mitmdump failed to start:\n{self.log_text()}")
+            # mitmproxy listens before it checks the addons' start-up errors: READY comes after
+            # that check (tests/support/ready.py), a gateway whose configuration failed exits
+            text = self.log_text()
+            m = _LISTENING.search(text)
+            if m and READY in text:
                 self.port = int(m.group(1))
                 return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mitmdump exited with {self.proc.returncode}:\n{self.log_text()}")
-            time.sleep(0.05)
+            time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"mitmdump did not start within {self.timeout}s:\n{self.log_text()}")
 
