@@ -1,7 +1,8 @@
 """Text as a rule should see it: obfuscation folded away before matching.
 
-`normalize` maps each character through one table built at import, so a text is folded in a
-single `str.translate` pass (ASCII text takes CPython's fast path):
+`normalize` maps each character through one table built at import (or read from where the last
+build left it, see `_cached_table`), so a text is folded in a single `str.translate` pass (ASCII
+text takes CPython's fast path):
 - compatibility decomposition (NFKD: full-width, mathematical, circled and parenthesised
   letters, ligatures), then every combining mark removed (accents, U+0336 strike-through, ...);
 - case folding;
@@ -24,11 +25,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
+import hashlib
+import importlib.util
+import json
+import os
 import re
+import sys
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 
+import anyascii as anyascii_package
+import confusable_homoglyphs
 from anyascii import anyascii
 from confusable_homoglyphs.confusables import confusables_data
 
@@ -134,7 +144,30 @@ def _table() -> dict[int, str]:
     return table
 
 
-FOLD = _table()
+def _cached_table() -> dict[int, str]:
+    """`_table()`, kept beside this module's bytecode (trusted as the bytecode is) for the same
+    source, Python and Unicode data: building it costs ~0.5 s of CPU at each start of a gateway,
+    a worker or a CLI run."""
+    key = hashlib.sha256(Path(__file__).read_bytes() + repr((
+        sys.version_info[:2], unicodedata.unidata_version, confusable_homoglyphs.__version__,
+        anyascii_package.__version__)).encode()).hexdigest()[:16]
+    folder = Path(importlib.util.cache_from_source(__file__)).parent
+    cache = folder / f"normalize.fold-{key}.json"
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        return {int(cp): str(folded) for cp, folded in json.loads(cache.read_text())}
+    table = _table()
+    if not sys.dont_write_bytecode:
+        with contextlib.suppress(OSError):
+            folder.mkdir(parents=True, exist_ok=True)
+            for stale in folder.glob("normalize.fold-*.json"):
+                stale.unlink(missing_ok=True)
+            partial = cache.with_suffix(f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(list(table.items())))
+            partial.replace(cache)  # whole or not at all, for processes starting meanwhile
+    return table
+
+
+FOLD = _cached_table()
 TAG = re.compile("[\U000e0000-\U000e007f]")
 BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
 
