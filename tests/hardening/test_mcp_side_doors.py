@@ -170,6 +170,17 @@ def test_an_answer_given_twice_ends_the_stream(setup):
     ("link", call("echo", 1, text="a"),
      {"content": [{"type": "resource_link", "uri": "file:///x", "name": "x",
                    "description": "project  nightingale"}]}),
+    # names and keys a model reads too (red team: they were not inspected)
+    ("link name", call("echo", 1, text="a"),
+     {"content": [{"type": "resource_link", "uri": "file:///x", "name": "Project Nightingale"}]}),
+    ("link uri", call("echo", 1, text="a"),
+     {"content": [{"type": "resource_link", "uri": "file:///project nightingale.txt",
+                   "name": "x"}]}),
+    ("structured key", call("echo", 1, text="a"),
+     {"content": [], "structuredContent": {"project nightingale": "launch date"}}),
+    ("schema key", {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+     {"tools": [{"name": "echo", "inputSchema": {"type": "object", "properties": {
+         "project_nightingale": {"type": "string"}}}}]}),
 ])
 def test_every_field_of_an_answer_is_read(setup, name, body, answer):
     gw, _, evil, staff = setup
@@ -277,6 +288,34 @@ def test_client_notifications_are_inspected(setup, body, rule):
     with client(gw, staff) as c:
         record = refused(gw, real, c, real.url + "/mcp", body, 403, 200)
     assert record["action"] == "block" and rule in rules(record)
+
+
+@pytest.mark.parametrize("body", [
+    call("echo", 1, text="a", **{"Project Nightingale": "go"}),
+    call("echo", 1, text="a", options={"project-nightingale": True}),
+    {"jsonrpc": "2.0", "id": 1, "method": "prompts/get",
+     "params": {"name": "summarize", "arguments": {"project nightingale": "x"}}},
+    {"jsonrpc": "2.0", "method": "notifications/message",
+     "params": {"level": "info", "data": {"project nightingale": 1}}},
+])
+def test_keys_the_server_reads_are_inspected(setup, body):
+    """Red team: MCP request keys were never read (only values), so a denied phrase written as
+    an argument's name reached the server."""
+    gw, real, _, staff = setup
+    with client(gw, staff) as c:
+        record = refused(gw, real, c, real.url + "/mcp", body, 403, 200)
+    assert record["action"] == "block" and rules(record) == ["deny.codename"]
+
+
+def test_keys_and_names_down_a_stream_are_policed(setup):
+    gw, _, evil, staff = setup
+    evil.canned["/rpc"] = sse({"jsonrpc": "2.0", "id": 1, "result": {"content": [
+        {"type": "resource_link", "uri": "file:///x", "name": "Project Nightingale"}]}})
+    with client(gw, staff) as c:
+        resp = c.post(evil.url + "/rpc", headers=HEADERS, json=call("echo", 1, text="a"))
+    assert "nightingale" not in resp.text.lower() and "blocked by policy" in resp.text
+    record = gw.audit_record(resp.headers["x-douane-decision-id"])
+    assert record["action"] == "block" and rules(record) == ["deny.codename"]
 
 
 # 4. Tool names: strings only, compared normalised.

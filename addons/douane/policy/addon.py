@@ -238,7 +238,7 @@ class Enforce:
             edited |= bool(hidden) | (self._listing(flow, msg) and mcp.mark_private(msg))
             mcp.message_pieces(msg, mcp.answered_method(st.interaction, msg), base,
                                st.interaction, pieces)
-        decision = engine.evaluate_response(self.live.current, pieces)
+        decision = engine.evaluate_response(self.live.current, mcp.free_text_first(pieces))
         if decision.action == "block":
             st.decide("block", *decision.reasons)
             st.decision.risk = decision.risk  # type: ignore[union-attr]

@@ -63,3 +63,12 @@ def strings(doc: Any, path: JsonPath = ()) -> list[tuple[JsonPath, str]]:
     if isinstance(doc, list):
         return [leaf for i, v in enumerate(doc) for leaf in strings(v, path + (i,))]
     return []
+
+
+def keys(doc: Any) -> list[str]:
+    """Every object key under `doc`, in document order."""
+    if isinstance(doc, dict):
+        return [key for k, v in doc.items() for key in (k, *keys(v))]
+    if isinstance(doc, list):
+        return [key for v in doc for key in keys(v)]
+    return []

@@ -18,9 +18,10 @@ import re
 import unicodedata
 from typing import Any
 
-from douane.interaction import Interaction, Kind, McpMessage, TextPiece, ToolCall, ToolDef
+from douane.interaction import Interaction, Kind, McpMessage, Role, TextPiece, ToolCall, ToolDef
 from douane.protocols import jsonpath
 from douane.protocols.base import Delta, ProtocolError, StreamFormat
+from douane.protocols.fields import KEYS
 from douane.protocols.sse import Event
 
 KNOWN_METHODS = {
@@ -50,6 +51,8 @@ REST_KIND: dict[str, Kind] = {"tools/call": "tool_result", "tools/list": "tool_d
                               "resources/read": "resource", "prompts/get": "prompt"}
 IDENTIFIER_KEYS = ("name", "uri", "uriTemplate", "mimeType", "type", "role", "nextCursor",
                    "resultType", "cacheScope", "requestState")
+# Of those, the values a model never reads (opaque to all but the server): not inspected.
+OPAQUE_KEYS = ("nextCursor", "requestState", "cacheScope", "resultType")
 # Multi round-trip requests (2026-07-28): the client's answers to the server's input requests
 # (elicitation, sampling, roots) ride on the retried request, with the server's opaque state.
 INPUT_RESPONSES = "inputResponses"
@@ -142,6 +145,24 @@ def uri_problem(uri: str) -> str | None:
     return None
 
 
+def _names(kind: Kind, role: Role | None, node: Any, base: tuple,
+           identifiers: bool = False) -> list[TextPiece]:
+    """The object keys under `node` (a tool reads `{"Project Nightingale": 1}` too), and with
+    `identifiers` the names, URIs and types a model reads in an answer: one piece for policy,
+    never edited by masking (an edited key or URI would not be the same one)."""
+    found = jsonpath.keys(node)
+    if identifiers:
+        found += [text for path, text in jsonpath.strings(node)
+                  if path and path[-1] in IDENTIFIER_KEYS and path[-1] not in OPAQUE_KEYS]
+    return [TextPiece(kind, role, "\n".join(found), (*base, KEYS), False)] if found else []
+
+
+def free_text_first(pieces: list[TextPiece]) -> list[TextPiece]:
+    """Free text in document order, then the keys and names (as `fields.cover` orders them): a
+    phrase split across two messages stays adjacent when a kind's texts are joined."""
+    return [p for p in pieces if p.editable] + [p for p in pieces if not p.editable]
+
+
 def _input_responses(params: dict[str, Any], method: str, base: tuple) -> list[TextPiece]:
     """What the client answers to a server's input requests (an elicited answer, a sampled
     completion) is read like the client's other answers to the server; the server's
@@ -161,7 +182,9 @@ def _input_responses(params: dict[str, Any], method: str, base: tuple) -> list[T
                                 f"{APPROVAL_INPUT} is an action ({', '.join(APPROVAL_ACTIONS)})")
     return [TextPiece("prompt", "user", text, path) for path, text in
             jsonpath.strings(responses, (*base, "params", INPUT_RESPONSES))
-            if path[len(base) + 2:len(base) + 3] != (APPROVAL_INPUT,)]
+            if path[len(base) + 2:len(base) + 3] != (APPROVAL_INPUT,)] + \
+        _names("prompt", "user", {k: v for k, v in responses.items() if k != APPROVAL_INPUT}
+               if isinstance(responses, dict) else responses, base)
 
 
 def approval_answer(msg: McpMessage) -> str | None:
@@ -318,6 +341,7 @@ def parse_request(doc: Any, session_id: str | None) -> Interaction:
             it.mcp.append(McpMessage(None, rid, {}, session_id))
             it.texts += [TextPiece("prompt", "user", text, path) for key in ("result", "error")
                          for path, text in jsonpath.strings(msg.get(key), (*base, key))]
+            it.texts += _names("prompt", "user", msg.get("result", msg.get("error")), base)
             continue
         if not isinstance(method, str):
             raise ProtocolError(400, "invalid_body", "a JSON-RPC method must be a string")
@@ -349,12 +373,14 @@ def parse_request(doc: Any, session_id: str | None) -> Interaction:
                                           (*base, "params", "arguments")))
             it.texts += [TextPiece("tool_arguments", "user", text, path) for path, text in
                          jsonpath.strings(arguments, (*base, "params", "arguments"))]
+            it.texts += _names("tool_arguments", "user", arguments, base)
         elif method in RESOURCE_METHODS:
             message.uri = _uri(params)
         elif method == "prompts/get":
             message.prompt = _name(params, method)
             it.texts += [TextPiece("prompt", "user", text, path) for path, text in
                          jsonpath.strings(params.get("arguments"), (*base, "params", "arguments"))]
+            it.texts += _names("prompt", "user", params.get("arguments"), base)
         else:  # notifications, completions, ...: every string the client sends is inspected
             if method == "subscriptions/listen":
                 _listen(params)
@@ -369,7 +395,9 @@ def parse_request(doc: Any, session_id: str | None) -> Interaction:
                                         "or a resource")
             it.texts += [TextPiece("prompt", "user", text, path) for path, text in
                          jsonpath.strings(params, (*base, "params"))]
+            it.texts += _names("prompt", "user", params, base)
         it.mcp.append(message)
+    it.texts[:] = free_text_first(it.texts)
     methods = [m.method or "response" for m in it.mcp]
     it.operation = "mcp:" + (methods[0] if len(methods) == 1 else "batch")
     return it
@@ -388,6 +416,7 @@ def message_pieces(msg: Any, method: str | None, base: tuple, it: Interaction,
         key = "params" if "method" in msg else "error" if "error" in msg else "result"
         texts += [TextPiece("tool_result", "tool", text, (*base, *path)) for path, text in
                   jsonpath.strings(msg.get(key), (key,)) if not _binary(msg, path)]
+        texts += _names("tool_result", "tool", msg.get(key), base)
         return
     result = msg.get("result")
     if not isinstance(result, dict):
@@ -432,6 +461,7 @@ def message_pieces(msg: Any, method: str | None, base: tuple, it: Interaction,
               for path, text in jsonpath.strings(result, ("result",))
               if (*base, *path) not in taken and path[-1] not in IDENTIFIER_KEYS
               and not _binary(msg, path)]
+    texts += _names(REST_KIND[method], None, result, base, identifiers=True)
 
 
 def _binary(msg: dict[str, Any], path: tuple) -> bool:
@@ -488,6 +518,7 @@ def parse_response(doc: Any, it: Interaction) -> None:
     Pairing(it).check(doc)
     for base, msg in each(doc):
         message_pieces(msg, answered_method(it, msg), base, it, it.response_texts)
+    it.response_texts[:] = free_text_first(it.response_texts)
 
 
 class McpStream(StreamFormat):
@@ -516,7 +547,9 @@ class McpStream(StreamFormat):
         for base, msg in each(doc):
             message_pieces(msg, answered_method(self.interaction, msg), base, self.interaction,
                            pieces)
-        return [Delta(f"msg{self.count}.{k}", p.kind, p.path) for k, p in enumerate(pieces)]
+        # keys and names are policed (`_police_message`), never masked: no channel of their own
+        return [Delta(f"msg{self.count}.{k}", p.kind, p.path) for k, p in enumerate(pieces)
+                if p.editable]
 
     def synthesize(self, channel: str, kind: Kind, text: str, template: Any) -> Event:
         raise AssertionError("MCP events are complete: nothing is held across events")
