@@ -1,6 +1,6 @@
-"""Recording redaction benchmark: what `without_secrets` costs the recording writer process per flow
-(JSON prompts and answers, a streamed answer of 4-character deltas, a base64 image, and a stream
-whose secret is split across deltas and is rewritten)."""
+"""Recording redaction benchmark: what `recording_of` (scrubbing a flow's state and redacting its
+secrets) costs the recording writer process per flow (JSON prompts and answers, a streamed answer of
+4-character deltas, a base64 image, and a stream whose secret is split across deltas and is rewritten)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mitmproxy.test import tflow, tutils
 
-from douane.recording.writer import without_secrets
+from douane.recording.writer import recording_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.upstream import _openai_chat_events, _pieces  # noqa: E402
@@ -31,8 +31,9 @@ def bench(name: str, request: str, ctype: str, response: str, runs: int = 20,
         f.request.text = request
         f.response.headers["content-type"] = ctype
         f.response.text = response
+        snapshot = f.get_state()
         start = time.perf_counter()
-        without_secrets(f, streamed)
+        recording_of(snapshot, frozenset(), streamed)
         times.append(time.perf_counter() - start)
     times.sort()
     print(f"{name:<46} {len(request) + len(response):>9} bytes  p50 "

@@ -18,13 +18,13 @@ from douane import audit, transcript, untrusted
 from douane.cli import main
 from douane.config import Credential, Upstream
 from douane.flowstate import Identity, state
-from douane.recording import index
+from douane.recording import index, writer
 from douane.recording.addon import credential_headers, session_path
 from douane.recording.config import RecordingSettings
-from douane.recording.writer import SCRUBBED, scrubbed, snapshot_of, without_secrets
+from douane.recording.writer import SCRUBBED, recording_of
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import MITMDUMP, Gateway, base_config
-from tests.support.upstream import FakeUpstream
+from tests.support.upstream import FakeUpstream, _openai_chat_events, _pieces
 
 SETTINGS = RecordingSettings(Path("/tmp/rec"), "connection", 60, ("x-trace",), "refuse", 30, 10**9)
 
@@ -37,7 +37,8 @@ def test_scrubbing_works_on_a_copy():
     f.metadata["proxyauth"] = ("user", "token")
     state(f).upstream = Upstream("u", "https", "h", 443, "/", "generic", Credential(
         "x-upstream-key", "secret"), request_text_paths=("p",))
-    copy = scrubbed(f.get_state(), credential_headers(f, SETTINGS.scrub_headers))
+    copy = http.HTTPFlow.from_state(recording_of(f.get_state(),
+                                             credential_headers(f, SETTINGS.scrub_headers)))
     for name in ("authorization", "cookie", "x-trace", "x-upstream-key"):
         assert copy.request.headers[name] == SCRUBBED
     assert copy.response.headers["set-cookie"] == SCRUBBED
@@ -53,7 +54,7 @@ def test_secrets_in_any_header_trailer_websocket_message_or_metadata_are_redacte
     f.websocket.messages[1].content = f"my key is {key}".encode()
     f.metadata["douane"] = {"interaction": {"model": key}, "identity": {"user": "u"}}
     snapshot = f.get_state()
-    written = snapshot_of(scrubbed(snapshot, frozenset()), snapshot)
+    written = recording_of(snapshot, frozenset())
     data = repr(written).encode()
     assert key.encode() not in data and aws.encode() not in data
     assert written["websocket"]["messages"][1][2] == b"my key is <SECRET:detector.secret.api_key>"
@@ -219,7 +220,7 @@ def test_secrets_are_replaced_in_json_string_values_only():
     f.request.path = f"/v1/chat?key={AWS_KEY}"
     f.response.headers["content-type"] = "text/event-stream"
     f.response.text = f'data: {{"delta": "key {AWS_KEY}"}}\n\nevent: x\ndata: [DONE]\n\n'
-    without_secrets(f)
+    f = http.HTTPFlow.from_state(recording_of(f.get_state(), frozenset()))
     doc = json.loads(f.request.content)
     assert doc["messages"][0]["content"] == (
         "\u0000<SECRET:detector.secret.aws_access_key>\t<SECRET:detector.secret.jwt>")
@@ -228,6 +229,68 @@ def test_secrets_are_replaced_in_json_string_values_only():
     assert f.request.path == "/v1/chat?key=<SECRET:detector.secret.aws_access_key>"
     assert f.response.text == ('data: {"delta": "key <SECRET:detector.secret.aws_access_key>"}'
                                '\n\nevent: x\ndata: [DONE]\n\n')
+
+
+PROJECT_KEY = "sk-proj-" + "Qm7vR2xT9kLp4Wn8" * 3
+
+
+def _leaky_flow(case: str) -> http.HTTPFlow:
+    """A flow with a secret where the gateway's inspection of the request body does not look."""
+    key = PROJECT_KEY
+    f = tflow.tflow(resp=tutils.tresp())
+    f.metadata["douane"] = {"interaction": {"protocol": "openai"}}
+    f.request.path = "/v1/chat/completions"
+    f.request.headers["content-type"] = f.response.headers["content-type"] = "application/json"
+    f.request.text = json.dumps({"model": "m", "max_tokens": 9, "messages": [
+        {"role": "user", "content": "hi"}]})
+    f.response.text = json.dumps({"choices": [{"message": {"content": "fine"}}],
+                                  "usage": {"prompt_tokens": 5}})
+    if case == "response body":
+        f.response.text = json.dumps({"choices": [{"message": {"content": f"use {key}"}}]})
+    elif case == "escaped":  # the key's letters as JSON escapes: not in the raw text
+        f.response.text = '{"content": "' + "".join(f"\\u{ord(c):04x}" for c in key) + '"}'
+    elif case == "slash escaped":  # `\/` joins what the raw text splits
+        f.request.text = '{"url": "postgres:\\/\\/admin:Hunter2pass@db.corp\\/x"}'
+    elif case == "non-ascii":
+        f.request.text = json.dumps({"content": f"clé générée : {key} ✓"}, ensure_ascii=False)
+    elif case == "utf-16":
+        f.response.headers["content-type"] = "text/plain; charset=utf-16"
+        f.response.content = f"la clé {AWS_KEY}".encode("utf-16")
+    elif case == "gzip":
+        f.response.headers["content-encoding"] = "gzip"
+        f.response.text = json.dumps({"content": f"key {AWS_KEY}"})
+    elif case == "percent data url":  # `file_text` reads it: the raw text shows no key
+        f.request.text = json.dumps({"file": "data:text/plain,%41KIA" + AWS_KEY[4:]})
+    elif case == "header":
+        f.response.headers["x-debug"] = f"token={JWT}"
+    elif case == "query":
+        f.request.path = f"/v1/chat/completions?api_key={AWS_KEY}"
+    elif case == "cookie":
+        f.request.headers["cookie"] = f"session={JWT}"
+    elif case == "split across deltas":
+        text = "the key is " + key
+        f.response.headers["content-type"] = "text/event-stream"
+        f.response.text = "".join(_openai_chat_events("m", _pieces(text, 4)))
+    return f
+
+
+LEAKS = ("response body", "escaped", "slash escaped", "non-ascii", "utf-16", "gzip",
+         "percent data url", "header", "query", "cookie", "split across deltas")
+
+
+@pytest.mark.parametrize("case", LEAKS)
+def test_no_secret_survives_the_writer_wherever_it_is(case, monkeypatch):
+    f = _leaky_flow(case)
+    streamed = ("the key is " + PROJECT_KEY,) if case == "split across deltas" else ()
+    written = recording_of(f.get_state(), frozenset({"cookie"}), streamed)
+    data = writer.tnetstring_of(written)
+    for secret in ("Qm7vR2xT9kLp4Wn8", AWS_KEY[4:], JWT.split(".")[2], "Hunter2pass"):
+        assert secret.encode() not in data and secret.encode("utf-16-le") not in data
+    http.HTTPFlow.from_state(written)  # mitmproxy reads it
+    # the one-scan shortcut for clean bodies changes nothing: the same as every value scanned
+    monkeypatch.setattr(writer.secrets, "matches", lambda text: True)
+    assert writer.tnetstring_of(recording_of(f.get_state(), frozenset({"cookie"}), streamed)) \
+        == data
 
 
 def test_sessions_commands(recorded, capsys):

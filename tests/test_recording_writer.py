@@ -33,7 +33,7 @@ def settings(tmp_path: Path) -> RecordingSettings:
 
 
 def item(session: str) -> writer.Item:
-    return Path("alice") / "2026-01-01" / f"{session}.mitm", tflow.tflow(resp=True).get_state(), \
+    return f"alice/2026-01-01/{session}.mitm", tflow.tflow(resp=True).get_state(), \
         frozenset({"authorization"}), None, ()
 
 
@@ -73,9 +73,37 @@ def test_a_flow_is_written_as_flowwriter_writes_it_scrubbed(tmp_path):
     with expected.open("wb") as out:
         mitmio.FlowWriter(out).add(full)
     w = writer._Writer(settings(tmp_path), ctypes.c_byte(writer.STARTING))
-    relative = Path("alice") / "conn-1.mitm"
+    relative = "alice/conn-1.mitm"
     w.write((relative, f.get_state(), frozenset({"authorization", "set-cookie"}), None, ()))
     w.close()
+    assert (tmp_path / "rec" / relative).read_bytes() == expected.read_bytes()
+
+
+def test_connection_states_cross_once_and_are_written_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer, "CONNECTION_STATES", 2)  # both ends keep the last two
+    sent, w = writer._Sent(), writer._Writer(settings(tmp_path), ctypes.c_byte(writer.STARTING))
+    relative, referred = "alice/conn-1.mitm", []
+    client, server = tflow.tclient_conn(), tflow.tserver_conn()
+    first = client, server
+    expected = tmp_path / "expected.mitm"
+    with expected.open("wb") as out:
+        for i in range(12):
+            if i == 4:  # mitmproxy replaced a field: the state is computed again, sent again
+                client.timestamp_end = 1234.5
+            if i >= 6:  # a connection per flow: the first ones leave both ends' memory
+                client, server = tflow.tclient_conn(), tflow.tserver_conn()
+            if i >= 9:  # ... and back to one whose serial the writer no longer keeps
+                client, server = first
+            f = tflow.tflow(client_conn=client, server_conn=server, resp=True)
+            f.metadata = {"douane": {"decision_id": f"dcn_{i}"}, "user": "alice"}
+            item = (relative, snapshot(f), frozenset(), None, ())
+            sent.refer(item[1])
+            if isinstance(item[1]["client_conn"], int):
+                referred.append(i)
+            w.write(item)
+            mitmio.FlowWriter(out).add(f)
+    w.close()
+    assert referred == [1, 2, 3, 5, 10, 11]
     assert (tmp_path / "rec" / relative).read_bytes() == expected.read_bytes()
 
 
@@ -124,8 +152,8 @@ def test_a_torn_write_is_cut_back_and_health_returns_after_the_next_write(tmp_pa
     w.write(first)
     session_file = w.file
 
-    def disk_full(path: Path):
-        f = session_file(path)
+    def disk_full(relative: str):
+        f = session_file(relative)
 
         class Half:  # half a record reaches the file, then the disk is full
             tell = f.tell

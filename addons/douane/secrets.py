@@ -243,6 +243,16 @@ def maybe(text: str) -> bool:
     return bool(_hinted(text)) or _long_run(text)
 
 
+def matches(text: str) -> bool:
+    """Whether any pattern `find` would try matches somewhere in `text`, its checks aside. False
+    also clears every part of `text` set apart by characters no pattern consumes across (the
+    values of a JSON text without escapes, between their quotes): each part holds only hints
+    and runs the whole holds, and a pattern matching a part matches the whole at the same place."""
+    hinted = _hinted(text)
+    return any(kind.pattern.search(text) for kind in (KINDS if _long_run(text) else CATALOGUE)
+               if not kind.hints or not hinted.isdisjoint(kind.hints))
+
+
 def redact(text: str, high_entropy: bool = True) -> str:
     """`text` with every secret replaced by `<SECRET:rule id>`."""
     out, last = [], 0

@@ -101,16 +101,23 @@ def session_path(flow: http.HTTPFlow, settings: RecordingSettings) -> Path:
     st = state(flow)
     # one folder per exact user name (a slug and a hash: no two users share one), no separators
     user = _user_folder(st.identity.user) if st.identity else "anonymous"
-    started = datetime.fromtimestamp(flow.request.timestamp_start, UTC)
+    day, second = divmod(int(flow.request.timestamp_start), 86400)  # UTC
     mcp_session = flow.request.headers.get("mcp-session-id")
     if mcp_session:
         session = "mcp-" + untrusted.slug(mcp_session, 32)
     elif settings.session == "window":
-        minute = started.hour * 60 + started.minute
+        minute = second // 60
         session = f"window-{minute // settings.window_minutes * settings.window_minutes:04d}"
     else:
         session = f"conn-{flow.client_conn.id[:8]}"
-    return Path(user) / started.strftime("%Y-%m-%d") / f"{session}.mitm"
+    return _session_file(user, day, session)
+
+
+@functools.lru_cache(maxsize=1024)
+def _session_file(user: str, day: int, session: str) -> Path:
+    """The same few files for every flow: built once (a path costs more than a snapshot)."""
+    date = datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d")
+    return Path(user) / date / f"{session}.mitm"
 
 
 class Record:
@@ -167,7 +174,8 @@ class Record:
         if self.writer is None or self.recording is None or st is None or \
                 flow.metadata.get("douane_recorded"):
             return  # not a live flow of this gateway, or already written
-        publish(flow)
+        if not st.audited:  # else the audit trail published it, just before in this event
+            publish(flow)
         flow.metadata["douane"]["latency_ms"] = round((time.monotonic() - st.started) * 1000, 3)
         decision = flow.metadata["douane"].get("decision", {}).get("action", "allow")
         flow.comment = f"douane {decision}: " + "; ".join(
@@ -177,6 +185,6 @@ class Record:
         # a streamed answer's text, per channel, as delivered (checked by the writer)
         streamed = tuple(p.text for p in st.interaction.response_texts) \
             if st.interaction and streams.rewriter_of(flow) else ()
-        self.writer.put(session_path(flow, self.recording), snapshot(flow),
+        self.writer.put(str(session_path(flow, self.recording)), snapshot(flow),
                         credential_headers(flow, self.recording.scrub_headers),
                         original if st.masked else None, streamed)

@@ -63,22 +63,33 @@ def connect(path: Path) -> sqlite3.Connection:
 
 def row(flow: http.HTTPFlow, file: str, offset: int) -> dict[str, Any]:
     """The index row of a recorded flow, from the metadata douane put on it."""
-    meta = flow.metadata.get("douane", {})
+    return _row(flow.id, flow.request.timestamp_start, flow.metadata,
+                flow.response.status_code if flow.response else None, file, offset)
+
+
+def state_row(state: dict[str, Any], file: str, offset: int) -> dict[str, Any]:
+    """`row` of the flow whose state (`flow.get_state()`) the writer wrote."""
+    return _row(state["id"], state["request"]["timestamp_start"], state["metadata"],
+                state["response"]["status_code"] if state["response"] else None, file, offset)
+
+
+def _row(flow_id: str, ts: float, metadata: dict[str, Any], status: int | None, file: str,
+         offset: int) -> dict[str, Any]:
+    meta = metadata.get("douane", {})
     identity = meta.get("identity", {})
     interaction = meta.get("interaction", {})
     decision = meta.get("decision", {})
     masked = meta.get("masked", {})
     tool = interaction.get("tool")
     return {
-        "flow_id": flow.id, "decision_id": meta.get("decision_id"),
-        "ts": flow.request.timestamp_start, "user": identity.get("user", "anonymous"),
+        "flow_id": flow_id, "decision_id": meta.get("decision_id"), "ts": ts,
+        "user": identity.get("user", "anonymous"),
         "groups": ",".join(identity.get("groups", [])), "upstream": meta.get("upstream"),
         "model": interaction.get("model"), "operation": interaction.get("operation"),
         "tool": tool if isinstance(tool, str) else json.dumps(tool) if tool else None,
         "decision": decision.get("action", "allow"), "risk": decision.get("risk", 0.0),
         "masked": sum(masked.values()), "masked_types": json.dumps(masked) if masked else None,
-        "status": flow.response.status_code if flow.response else None,
-        "latency_ms": meta.get("latency_ms"), "file": file, "offset": offset,
+        "status": status, "latency_ms": meta.get("latency_ms"), "file": file, "offset": offset,
     }
 
 

@@ -1,14 +1,15 @@
 """The recording writer: a process of its own, so that scrubbing, redacting, serialising and
-indexing a flow (about 0.5 ms of CPU each) takes neither the gateway's GIL nor its core.
+indexing a flow takes neither the gateway's GIL nor its core.
 
 The gateway's event loop hands `RecordingWriter.put` a `flow.get_state()` snapshot; a feeder
-thread pickles it into a one-way pipe; the child rebuilds the flow's messages, scrubs their
-credential headers, redacts the secrets in their bodies, appends the flow to its session file
-(kept open, flushed per flow, so a crash loses at most the flows in flight), seals the originals
-and indexes it (one commit per burst of flows). One child, one pipe: flows are written in the
-order they were put. The child holds only the pipe's read end, so when the gateway dies (kill -9)
-it reads EOF, writes what was sent and exits; Ctrl-C (sent to the whole process group) is the
-gateway's to handle: the child drains until `close()` says stop.
+thread pickles it into a one-way pipe (a keep-alive connection's state crosses once, then by
+serial number); the child scrubs the credential headers and redacts the secrets on the state
+itself (a message is rebuilt only when its body must change), appends the flow to its session
+file (kept open, flushed per flow, so a crash loses at most the flows in flight), seals the
+originals and indexes it (one commit per burst of flows). One child, one pipe: flows are written
+in the order they were put. The child holds only the pipe's read end, so when the gateway dies
+(kill -9) it reads EOF, writes what was sent and exits; Ctrl-C (sent to the whole process group)
+is the gateway's to handle: the child drains until `close()` says stop.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from mitmproxy import connection, http
+from mitmproxy.net import encoding
+from mitmproxy.net.http.headers import infer_content_encoding
 from wsproto.frame_protocol import Opcode
 
 from douane import protocols, secrets, store, transcript, untrusted
@@ -54,11 +57,16 @@ BATCH_SECONDS = 1.0  # ... and the oldest uncommitted row waits no longer than t
 PENDING_ROWS = 100_000  # rows kept for a shared store that is down; older ones are dropped
 STARTING = -1  # the shared health flag before the child runs
 STARTUP_SECONDS = 60
+# A keep-alive connection's state is the same for each of its flows: it crosses the pipe once
+# (then a serial number) and is serialised once. Both ends count the states sent alike and keep
+# the last CONNECTION_STATES of them.
+CONNECTION_STATES = 1024
+CONNECTIONS = ("client_conn", "server_conn")
 WRITER_NICENESS = 10
 
 _CLIENT = connection.Client(peername=("", 0), sockname=("", 0))  # see `scrubbed`
 _SERVER = connection.Server(address=None)
-Item = tuple[Path, dict, frozenset[str], originals.Original | None, tuple[str, ...]]
+Item = tuple[str, dict, frozenset[str], originals.Original | None, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -71,25 +79,61 @@ class SharedIndex:
     folder: str = ""
 
 
-def scrubbed(snapshot: dict, names: frozenset[str]) -> http.HTTPFlow:
-    """The flow of a `flow.get_state()` snapshot with every credential header replaced. Only its
-    messages and douane's metadata are rebuilt: the connections, half the cost of rebuilding a
-    flow and read by nothing here, are placeholders, and `snapshot_of` writes them back as they
-    were. The live flow is untouched."""
-    copy = http.HTTPFlow(_CLIENT, _SERVER)
-    copy.id = snapshot["id"]
-    copy.request = http.Request.from_state(snapshot["request"])
-    copy.response = http.Response.from_state(snapshot["response"]) \
+def recording_of(snapshot: dict, names: frozenset[str], streamed: tuple[str, ...] = ()) -> dict:
+    """What `FlowWriter` would write for the flow of a `flow.get_state()` snapshot once scrubbed:
+    every credential header replaced (`names`), the secrets in any other header, the request's
+    query, the bodies and WebSocket text redacted, douane's metadata bounded, no backup (an
+    unscrubbed earlier request). Worked on the state itself: a message is rebuilt only when its
+    body must change (a compressed or secret-carrying one), the connections never are.
+    `streamed`: a streamed answer's text as delivered, per channel, where a secret split across
+    deltas shows."""
+    request = _message(snapshot["request"], names, http.Request)
+    path = request["path"].decode("utf-8", "surrogateescape")  # as `Request.path` reads it
+    clean = secrets.redact(path, high_entropy=False)
+    if clean != path:
+        request["path"] = clean.encode("utf-8", "surrogateescape")
+    response = _message(snapshot["response"], names, http.Response) \
         if snapshot["response"] else None
-    for message in (copy.request, copy.response):
-        if message is not None:
-            message.headers.fields = _headers(message.headers.fields, names)
-            if message.trailers:
-                message.trailers.fields = _headers(message.trailers.fields, names)
     # douane's summary quotes what the client sent (model, tool names, claims): bounded, scrubbed
-    copy.metadata = untrusted.scrub_all(
+    metadata = untrusted.scrub_all(
         {k: v for k, v in snapshot["metadata"].items() if k in ("douane", "user")})
-    return copy
+    if response and any(secrets.redact(text) != text for text in streamed):
+        flow = http.HTTPFlow(_CLIENT, _SERVER)
+        flow.id, flow.metadata = snapshot["id"], metadata
+        flow.request = http.Request.from_state(request)
+        flow.response = http.Response.from_state(response)
+        _split_secrets(flow)
+        response = flow.response.get_state()
+    return {**snapshot, "request": request, "response": response, "metadata": metadata,
+            "backup": None, "comment": untrusted.scrub(snapshot["comment"], COMMENT_CHARS),
+            "websocket": _websocket(snapshot["websocket"])}
+
+
+def _message(state: dict, names: frozenset[str], cls: type[http.Message]) -> dict:
+    """A message's state (a copy) with its headers and trailers scrubbed and its body redacted."""
+    state = {**state, "headers": _headers(state["headers"], names)}
+    if state["trailers"]:
+        state["trailers"] = _headers(state["trailers"], names)
+    if not state["content"]:
+        return state
+    headers = http.Headers(state["headers"])
+    ctype = headers.get("content-type", "")
+    if headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+        message = cls.from_state(state)
+        _decoded_and_redacted(message)
+        return message.get_state()
+    # what `message.get_text(strict=False)` reads from a body with no encoding
+    raw = state["content"]
+    try:
+        text = encoding.decode(raw, infer_content_encoding(ctype, raw))
+    except ValueError:
+        text = raw.decode("utf8", "surrogateescape")
+    clean = _redacted(text, ctype.lower())
+    if clean == text:
+        return state
+    message = cls.from_state(state)
+    message.text = clean
+    return message.get_state()
 
 
 def _headers(fields: tuple[tuple[bytes, bytes], ...],
@@ -106,22 +150,38 @@ def _headers(fields: tuple[tuple[bytes, bytes], ...],
                  for (k, _), text in zip(fields, values, strict=True))
 
 
-def tnetstring_of(value: Any) -> bytes:
+# Encoded once: the same few dozen keys (mitmproxy's state, douane's metadata) in every flow.
+_KEYS: dict[str, bytes] = {}
+KEYS_CACHED = 4096
+
+
+def tnetstring_of(value: Any, raw: dict[str, bytes] | None = None) -> bytes:
     """mitmproxy's `tnetstring.dumps`, byte for byte (a dict's items last first, as it writes
-    them), in half the time: each value's bytes built at once, not pushed fragment by fragment
-    onto a deque (a third of the writer's CPU was there). Exact types first, then its checks."""
+    them), in a third of the time: each value's bytes built at once, not pushed fragment by
+    fragment onto a deque; keys encoded once; a container's bytes, strings, None and floats
+    written inline. Exact types first, then its checks. `raw`: a dict's values already
+    serialised, by key (connections)."""
     kind = type(value)
+    if kind is dict:
+        parts = []
+        for k, v in reversed(value.items()):
+            key = _KEYS.get(k) if type(k) is str else None
+            if key is None:
+                key = tnetstring_of(k)
+                if type(k) is str and len(_KEYS) < KEYS_CACHED:
+                    _KEYS[k] = key
+            parts.append(key)
+            parts.append(raw[k] if raw is not None and k in raw else _inline(v))
+        body = b"".join(parts)
+        return b"%d:%s}" % (len(body), body)
+    if kind is list or kind is tuple:
+        body = b"".join([_inline(v) for v in value])
+        return b"%d:%s]" % (len(body), body)
     if kind is str:
         data = value.encode("utf8")
         return b"%d:%s;" % (len(data), data)
     if kind is bytes:
         return b"%d:%s," % (len(value), value)
-    if kind is dict:
-        body = b"".join([tnetstring_of(k) + tnetstring_of(v) for k, v in reversed(value.items())])
-        return b"%d:%s}" % (len(body), body)
-    if kind is list or kind is tuple:
-        body = b"".join([tnetstring_of(v) for v in value])
-        return b"%d:%s]" % (len(body), body)
     if value is None:
         return b"0:~"
     if value is True:
@@ -141,14 +201,20 @@ def tnetstring_of(value: Any) -> bytes:
     raise ValueError(f"unserializable object: {value} ({type(value)})")
 
 
-def snapshot_of(flow: http.HTTPFlow, snapshot: dict) -> dict:
-    """What `FlowWriter` would write for the flow with its real connections: the snapshot with
-    the flow's scrubbed messages and metadata. No backup (an unscrubbed earlier request)."""
-    return {**snapshot, "request": flow.request.get_state(),
-            "response": flow.response.get_state() if flow.response else None,
-            "metadata": flow.metadata, "backup": None,
-            "comment": untrusted.scrub(snapshot["comment"], COMMENT_CHARS),
-            "websocket": _websocket(snapshot["websocket"])}
+def _inline(v: Any) -> bytes:
+    """`tnetstring_of` of a container's item: the usual leaves without another call of it."""
+    kind = type(v)
+    if kind is bytes:
+        return b"%d:%s," % (len(v), v)
+    if kind is str:
+        data = v.encode("utf8")
+        return b"%d:%s;" % (len(data), data)
+    if v is None:
+        return b"0:~"
+    if kind is float:
+        data = repr(v).encode()
+        return b"%d:%s^" % (len(data), data)
+    return tnetstring_of(v)
 
 
 def _websocket(state: dict | None) -> dict | None:
@@ -182,33 +248,39 @@ def _json_string(m: re.Match[str]) -> str:
     return literal if clean == value else json.dumps(clean, ensure_ascii=False)
 
 
-def without_secrets(flow: http.HTTPFlow, streamed: tuple[str, ...] = ()) -> None:
-    """Every credential the secret detectors find in the bodies (and a request path's query)
-    replaced by `<SECRET:rule id>`, in place: a prompt blocked for carrying a key must not keep it.
-    JSON and SSE bodies are edited one decoded string value at a time, so they stay valid and
-    byte-identical elsewhere (a recorded request without secrets still matches in server replay).
-    `streamed`: a streamed answer's text as delivered, per channel, where a secret split across
-    deltas shows. Regexes over whole bodies: the writer process calls this, never the gateway."""
-    flow.request.path = secrets.redact(flow.request.path, high_entropy=False)
-    for message in (flow.request, flow.response):
-        if message is None or not message.raw_content:
-            continue
-        try:  # bounded: a compressed body the gateway refused unread may be a bomb
-            decoding.decode_body(message, decoding.OFFLINE_LIMIT)
-        except (decoding.TooLarge, ValueError):
-            del message.headers["content-encoding"]
-            message.content = b""  # it cannot be read, so it cannot be scrubbed: not kept
-            continue
-        text = message.get_text(strict=False) or ""
-        ctype = message.headers.get("content-type", "").lower()
-        if "json" in ctype or "event-stream" in ctype or text.lstrip()[:1] in ("{", "["):
-            clean = JSON_STRING.sub(_json_string, text)
-        else:
-            clean = secrets.redact(text)
-        if clean != text:
-            message.text = clean
-    if any(secrets.redact(text) != text for text in streamed):
-        _split_secrets(flow)
+_DATA_URL = re.compile("data:", re.IGNORECASE)
+
+
+def _redacted(text: str, ctype: str) -> str:
+    """A body's text with its secrets replaced by `<SECRET:rule id>`. JSON and SSE bodies are
+    edited one decoded string value at a time, so they stay valid and byte-identical elsewhere (a
+    recorded request without secrets still matches in server replay)."""
+    # The usual, clean body in one scan of each pattern its hints call for: with no escape (each
+    # JSON value is then the text between two quotes) and no data URL (`file_text` looks inside
+    # those), a value can hold a secret only where the whole text matches a pattern.
+    if "\\" not in text and not _DATA_URL.search(text) and not secrets.matches(text):
+        return text
+    if "json" in ctype or "event-stream" in ctype or text.lstrip()[:1] in ("{", "["):
+        return JSON_STRING.sub(_json_string, text)
+    return secrets.redact(text)
+
+
+def _decoded_and_redacted(message: http.Message) -> None:
+    """A compressed body decoded and its secrets replaced by `<SECRET:rule id>`, in place (bounded: a compressed body the gateway refused unread may be a
+    bomb; one that cannot be read cannot be scrubbed, so it is not kept). Regexes over whole
+    bodies: the writer process calls this, never the gateway."""
+    if not message.raw_content:
+        return
+    try:
+        decoding.decode_body(message, decoding.OFFLINE_LIMIT)
+    except (decoding.TooLarge, ValueError):
+        del message.headers["content-encoding"]
+        message.content = b""
+        return
+    text = message.get_text(strict=False) or ""
+    clean = _redacted(text, message.headers.get("content-type", "").lower())
+    if clean != text:
+        message.text = clean
 
 
 class _HoldAndRedact:
@@ -240,6 +312,29 @@ def _split_secrets(flow: http.HTTPFlow) -> None:
     body = b"".join(rewriter(flow.response.get_content(strict=False))) + rewriter(b"")
     if rewriter.abort_message is None:
         flow.response.content = body
+
+
+class _Sent:
+    """The gateway's end of CONNECTION_STATES: a connection state sent before, and kept by the
+    writer still, is replaced by its serial."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, tuple[dict, int]] = {}  # id -> (the state, kept alive; serial)
+        self.serial = 0  # the next one's
+
+    def refer(self, snapshot: dict) -> None:
+        for name in CONNECTIONS:
+            state = snapshot[name]
+            known = self.states.pop(id(state), None)
+            if known is not None and known[0] is state and \
+                    self.serial - known[1] <= CONNECTION_STATES:
+                snapshot[name] = known[1]
+            else:
+                known = state, self.serial
+                self.serial += 1
+            self.states[id(state)] = known
+            if len(self.states) > CONNECTION_STATES:
+                del self.states[next(iter(self.states))]
 
 
 class RecordingWriter:
@@ -279,9 +374,10 @@ class RecordingWriter:
         """Recordings queued on this side of the pipe."""
         return self._queue.qsize()
 
-    def put(self, relative: Path, snapshot: dict, scrub: frozenset[str],
+    def put(self, relative: str, snapshot: dict, scrub: frozenset[str],
             original: originals.Original | None = None, streamed: tuple[str, ...] = ()) -> None:
-        """`snapshot` is `flow.get_state()`; `scrub` the credential headers to replace."""
+        """`relative`: the session file under `recording.dir`; `snapshot` is `flow.get_state()`,
+        the writer's from now on; `scrub` the credential headers to replace."""
         self._queue.put((relative, snapshot, scrub, original, streamed))
 
     def close(self, timeout: float = 10) -> None:
@@ -298,8 +394,11 @@ class RecordingWriter:
 
     def _feed(self) -> None:
         """Pickles and sends in this thread: the event loop only appends to a queue."""
+        connections = _Sent()
         item = self._queue.get()
         while True:
+            if item is not None:
+                connections.refer(item[1])
             try:
                 self._sender.send(item)
             except OSError:  # the child died
@@ -348,9 +447,12 @@ class _Writer:
         self.settings, self.healthy, self.shared = settings, healthy, shared
         self.key = originals.public_key(settings.originals_key) \
             if settings.originals_key else None
-        self.files: OrderedDict[Path, IO[bytes]] = OrderedDict()  # least recently used first
+        self.files: OrderedDict[str, IO[bytes]] = OrderedDict()  # by relative path, least
+        # recently used first
         self.db: Any = None  # sqlite3, or psycopg with a shared store
         self.rows: list[dict[str, Any]] = []
+        self.connections: dict[int, bytes] = {}  # serial -> serialised state (see CONNECTIONS)
+        self.serial = 0
         self.since = 0.0  # when the oldest uncommitted row was written
         self.last_ok = True
         self.indexer = _SharedIndexer(shared) if shared else None
@@ -366,24 +468,26 @@ class _Writer:
 
     def write(self, item: Item) -> None:
         relative, snapshot, scrub, original, streamed = item
-        path, offset, flow_id = self.settings.dir / relative, None, snapshot.get("id")
+        offset, flow_id = None, snapshot.get("id")
         try:
-            flow = scrubbed(snapshot, scrub)
-            without_secrets(flow, streamed)
-            f = self.file(path)
+            connections = {name: self.connection(snapshot[name]) for name in CONNECTIONS}
+            state = recording_of(snapshot, scrub, streamed)
+            f = self.file(relative)
             offset = f.tell()
-            f.write(tnetstring_of(snapshot_of(flow, snapshot)))
+            f.write(tnetstring_of(state, connections))
             f.flush()
             if original is not None and self.key is not None:
-                with path.with_suffix(originals.SUFFIX).open("ab") as sealed:
+                sealed_path = (self.settings.dir / relative).with_suffix(originals.SUFFIX)
+                with sealed_path.open("ab") as sealed:
                     sealed.write(originals.seal(
-                        self.key, flow.id, flow.metadata["douane"].get("decision_id"), original))
-            row = index.row(flow, str(relative), offset)
+                        self.key, state["id"], state["metadata"]["douane"].get("decision_id"),
+                        original))
+            row = index.state_row(state, relative, offset)
             if self.shared:
                 row.update(replica=self.shared.replica,
                            file=str(Path(self.shared.folder) / relative))
         except Exception:
-            self.failed(path, offset)
+            self.failed(relative, offset)
             logger.exception("douane: cannot record flow %s to %s", flow_id, relative)
             return
         if not self.rows:
@@ -391,13 +495,23 @@ class _Writer:
         self.rows.append(row)
         self.last_ok = True
 
-    def file(self, path: Path) -> IO[bytes]:
+    def connection(self, state: dict | int) -> bytes:
+        """A connection's serialised state: sent now, or by the serial of an earlier flow's."""
+        if isinstance(state, int):
+            return self.connections[state]
+        data = self.connections[self.serial] = tnetstring_of(state)
+        self.connections.pop(self.serial - CONNECTION_STATES, None)
+        self.serial += 1
+        return data
+
+    def file(self, relative: str) -> IO[bytes]:
         """The session file, kept open; reopened if `douane sessions prune` deleted it."""
-        f = self.files.pop(path, None)
+        f = self.files.pop(relative, None)
         if f is not None and os.fstat(f.fileno()).st_nlink == 0:
             f.close()
             f = None
         if f is None:
+            path = self.settings.dir / relative
             try:
                 f = path.open("ab")
             except FileNotFoundError:
@@ -405,15 +519,15 @@ class _Writer:
                 f = path.open("ab")
             if len(self.files) >= OPEN_FILES:
                 self.files.popitem(last=False)[1].close()
-        self.files[path] = f
+        self.files[relative] = f
         return f
 
-    def failed(self, path: Path, offset: int | None) -> None:
+    def failed(self, relative: str, offset: int | None) -> None:
         """A failed write (a full disk): the file is closed and cut back to its last whole flow,
         so the flows written after it stay readable."""
         self.healthy.value = 0
         self.last_ok = False
-        f = self.files.pop(path, None)
+        f = self.files.pop(relative, None)
         try:
             if f is not None:
                 f.close()
@@ -421,9 +535,9 @@ class _Writer:
             pass  # the rest of its buffer could not be written either: cut below
         if offset is not None:
             try:
-                os.truncate(path, offset)
+                os.truncate(self.settings.dir / relative, offset)
             except OSError:
-                logger.exception("douane: cannot cut %s back to its last whole flow", path)
+                logger.exception("douane: cannot cut %s back to its last whole flow", relative)
 
     def overdue(self) -> bool:
         return len(self.rows) >= BATCH_ROWS or time.monotonic() - self.since >= BATCH_SECONDS
