@@ -29,7 +29,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from douane import untrusted
+from douane import headerfields, untrusted
 from douane.chainheads import ChainHeads
 from douane.config import AuditConfig, Config
 from douane.flowstate import Reason, peek, publish, state
@@ -40,6 +40,7 @@ from douane.statefile import create_once
 logger = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
+DECISION_HEADER_NAME = DECISION_HEADER.encode()
 EDGE_BYTES = 1 << 20  # the tail read for a file's last record (records are bounded)
 
 
@@ -410,8 +411,10 @@ class AuditTrail:
 
     @staticmethod
     def _tag(flow: http.HTTPFlow) -> None:
-        if flow.response and peek(flow):
-            flow.response.headers[DECISION_HEADER] = state(flow).decision_id
+        st = peek(flow)
+        if flow.response and st and headerfields.get(flow.response.headers,
+                                                     DECISION_HEADER_NAME) != st.decision_id:
+            flow.response.headers[DECISION_HEADER] = st.decision_id
 
     def _record(self, flow: http.HTTPFlow) -> None:
         st = peek(flow)

@@ -7,8 +7,8 @@ metadata must stay serialisable for `.mitm` files. `publish()` mirrors a seriali
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -111,7 +111,7 @@ _states: weakref.WeakKeyDictionary[http.HTTPFlow, FlowState] = weakref.WeakKeyDi
 
 
 def new_decision_id() -> str:
-    return "dcn_" + uuid.uuid4().hex[:20]
+    return "dcn_" + os.urandom(10).hex()  # 80 random bits (a uuid4 object costs 7x more)
 
 
 def state(flow: http.HTTPFlow) -> FlowState:

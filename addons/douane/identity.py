@@ -23,7 +23,8 @@ import weakref
 from mitmproxy import connection, http
 from mitmproxy.proxy.mode_specs import RegularMode
 
-from douane import devissuer
+from douane import devissuer, headerfields
+from douane.config import TrustedHeaders
 from douane.flowstate import Identity, Reason, state
 from douane.refusals import refuse
 from douane.resource import challenge
@@ -31,6 +32,13 @@ from douane.settings import Settings
 from douane.tokens import TokenError, TokenVerifier, looks_like_jwt
 
 logger = logging.getLogger(__name__)
+
+
+PROXY_AUTHORIZATION = b"proxy-authorization"
+
+
+def _lower(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape").lower()  # as mitmproxy compares names
 
 
 class Authenticate:
@@ -41,8 +49,11 @@ class Authenticate:
         self.tunnels: weakref.WeakKeyDictionary[connection.Client, Identity] = \
             weakref.WeakKeyDictionary()
         self._prefetch: asyncio.Task[None] | None = None
+        self._stripped: frozenset[bytes] = frozenset()  # the identity headers no request keeps
 
     def configure(self, updated: set[str]) -> None:
+        trusted = self.settings.config.identity.trusted_headers
+        self._stripped = frozenset({*map(_lower, trusted.names()), PROXY_AUTHORIZATION})
         if "douane_config" not in updated and self.verifier is not None:
             return
         identity = self.settings.config.identity
@@ -80,8 +91,11 @@ class Authenticate:
         if flow.response or flow.error or not flow.live:
             return
         st = state(flow)
-        trusted = self._trusted_header_identity(flow)  # strips those headers from everyone
-        proxy_auth = flow.request.headers.pop("proxy-authorization", None)
+        config = self.settings.config.identity.trusted_headers
+        # one pass: the trusted headers (stripped from everyone) and Proxy-Authorization
+        taken = headerfields.pop(flow.request.headers, self._stripped)
+        trusted = self._trusted_header_identity(flow, config, taken)
+        proxy_auth = taken.get(PROXY_AUTHORIZATION)
         tunnel = self.tunnels.get(flow.client_conn)
         if tunnel is not None:
             if tunnel.expires_at is not None and tunnel.expires_at < time.time():
@@ -110,9 +124,9 @@ class Authenticate:
 
     async def _from_request_headers(self, flow: http.HTTPFlow) -> Identity | None:
         headers = flow.request.headers
-        auth = headers.get("authorization", "")
+        auth = headerfields.get(headers, b"authorization", "")
         token, source = (auth[7:].strip(), "bearer") if auth[:7].lower() == "bearer " else \
-            (headers.get("x-api-key", "").strip(), "x-api-key")
+            (headerfields.get(headers, b"x-api-key", "").strip(), "x-api-key")
         # Through a regular proxy, SDKs still send a placeholder api key: ask for proxy auth.
         in_proxy = isinstance(flow.client_conn.proxy_mode, RegularMode)
         if not token or (in_proxy and not looks_like_jwt(token)):
@@ -136,9 +150,10 @@ class Authenticate:
             self._refuse(flow, e, proxy)
             return None
 
-    def _trusted_header_identity(self, flow: http.HTTPFlow) -> Identity | None:
-        config = self.settings.config.identity.trusted_headers
-        values = {name: flow.request.headers.pop(name, None) for name in config.names()}
+    @staticmethod
+    def _trusted_header_identity(flow: http.HTTPFlow, config: TrustedHeaders,
+                                 taken: dict[bytes, str]) -> Identity | None:
+        values = {name: taken.get(_lower(name)) for name in config.names()}
         user = values[config.user] or values[config.email]
         if not user or not config.sources:
             return None

@@ -20,7 +20,7 @@ import logging
 
 from mitmproxy import ctx, http
 
-from douane import protocols, untrusted
+from douane import headerfields, protocols, untrusted
 from douane.config import Config
 from douane.flowstate import FlowState, Reason, state
 from douane.interaction import Interaction
@@ -73,7 +73,7 @@ def read_response(config: Config, st: FlowState, flow: http.HTTPFlow) -> bool:
 
 
 def heavy(message: http.Message) -> bool:
-    encoding = message.headers.get("content-encoding", "identity").strip().lower()
+    encoding = headerfields.get(message.headers, b"content-encoding", "identity").strip().lower()
     return encoding not in ("", "identity") or len(message.raw_content or b"") > OFF_LOOP_BYTES
 
 
@@ -109,13 +109,14 @@ class Inspect:
             return
         headers = flow.request.headers
         limit = self.settings.config.body_size_limit
-        length = headers.get("content-length", "0")
+        length = headerfields.get(headers, b"content-length", "0")
         if not length.isdigit() or int(length) > limit:
             refuse(flow, 413, f"the request body exceeds douane's limit of {limit} bytes",
                    "request_too_large", Reason("protocol.too_large", f"Content-Length {length}"))
             return
         # SSE answers must arrive uncompressed to be rewritten event by event.
-        headers["accept-encoding"] = "identity"
+        if headerfields.get(headers, b"accept-encoding") != "identity":
+            headers["accept-encoding"] = "identity"
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
@@ -152,8 +153,8 @@ class Inspect:
         st = state(flow)
         if st.interaction is None or st.upstream is None or not flow.response:
             return
-        ctype = flow.response.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "text/event-stream":
+        ctype = headerfields.get(flow.response.headers, b"content-type", "")
+        if ctype.split(";")[0].strip().lower() != "text/event-stream":
             return
         try:
             fmt = protocols.stream_format(st.upstream, st.interaction)

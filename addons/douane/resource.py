@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from mitmproxy import http
 
+from douane import headerfields
 from douane.config import Upstream
 from douane.flowstate import Reason, state
 from douane.refusals import DECISION_HEADER, refuse
@@ -76,8 +77,10 @@ class ProtectedResourceMetadata:
             self._serve(flow, path[len(WELL_KNOWN):] or "/")
             return
         upstream = state(flow).upstream
-        origin = req.headers.get("origin")
-        if upstream is None or upstream.protocol != "mcp" or origin is None:
+        if upstream is None or upstream.protocol != "mcp":
+            return
+        origin = headerfields.get(req.headers, b"origin")
+        if origin is None:
             return
         allowed = {_origin(f"{'https' if flow.client_conn.tls_established else 'http'}://"
                            f"{req.host_header or req.pretty_host}"), *upstream.origins}

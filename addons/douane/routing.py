@@ -22,7 +22,7 @@ from collections.abc import Callable
 from mitmproxy import http
 from mitmproxy.net.http import url
 
-from douane import operations, protocols, usersecrets
+from douane import headerfields, operations, protocols, usersecrets
 from douane.config import Credential, Upstream
 from douane.flowstate import Reason, state
 from douane.interaction import Interaction
@@ -34,7 +34,8 @@ from douane.untrusted import loggable
 
 logger = logging.getLogger(__name__)
 
-CLIENT_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "proxy-authorization")
+CLIENT_CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"proxy-authorization"})
+METHOD_OVERRIDES = frozenset(h.encode() for h in operations.METHOD_OVERRIDES)
 
 
 class Route:
@@ -61,9 +62,13 @@ class Route:
             return  # pass-through or refused by Broker once the caller is known
         # Reverse mode forwards an absolute-form request line as is; the Host header a client
         # sends inside a tunnel, too. The upstream sees the target douane routed and audits.
-        if not (req.is_http2 or req.is_http3):
-            req.authority = ""
-        req.host_header = url.hostport(req.scheme, req.host, req.port)
+        host_header = url.hostport(req.scheme, req.host, req.port)
+        if req.is_http2 or req.is_http3:
+            req.host_header = host_header
+        else:
+            req.authority = b""
+            if headerfields.get(req.headers, b"host") != host_header:  # (a costly rewrite)
+                req.host_header = host_header
         req.path = target
         req.method = req.method  # upper case, as matched
 
@@ -105,15 +110,15 @@ class Broker:
             refuse(flow, 400, f"{e}; send a plain path", "ambiguous_path",
                    Reason("route.path", str(e)))
             return
-        override = next((h for h in operations.METHOD_OVERRIDES if h in flow.request.headers), None)
-        if override:
+        overrides = headerfields.present(flow.request.headers, METHOD_OVERRIDES)
+        if overrides:
+            override = overrides[0].decode()
             refuse(flow, 400, f"the {override} header would make this request another operation "
                    "upstream", "method_override", Reason("route.method_override", override))
             return
         if not self._operation_allowed(flow):
             return
-        for name in CLIENT_CREDENTIAL_HEADERS:
-            flow.request.headers.pop(name, None)
+        headerfields.pop(flow.request.headers, CLIENT_CREDENTIAL_HEADERS)
         if not self._choose_credential(flow, upstream):
             return
         if upstream.connect_to:
@@ -207,7 +212,7 @@ class Broker:
         # recording, a replay) holds it.
         st = state(flow)
         if st.credential and flow.request:
-            flow.request.headers.pop(st.credential.header, None)
+            headerfields.pop(flow.request.headers, (st.credential.header.lower().encode(),))
 
 
 class InjectCredential:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from mitmproxy import http
 
-from douane import operations
+from douane import headerfields, operations
 from douane.config import Upstream
 from douane.flowstate import peek
 from douane.interaction import Interaction, TextPiece
@@ -68,7 +68,7 @@ def load_json(message: http.Message, what: str) -> Any:
 
     The gateway decodes bodies before (`decoding.decode_body`, with the configured limits); a body
     still encoded here (a recording read back) is decoded with `decoding.OFFLINE_LIMIT`."""
-    encoding = message.headers.get("content-encoding", "identity")
+    encoding = headerfields.get(message.headers, b"content-encoding", "identity")
     try:
         raw = decoding.decode(message.raw_content or b"", encoding, decoding.OFFLINE_LIMIT)
     except decoding.TooLarge:
@@ -77,7 +77,7 @@ def load_json(message: http.Message, what: str) -> Any:
     except ValueError:
         raise ProtocolError(415, "undecodable_body", f"the {what} body cannot be decoded "
                             f"(Content-Encoding {encoding[:40]!r})") from None
-    ctype = message.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = headerfields.get(message.headers, b"content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise ProtocolError(415, "unsupported_content_type",
                             f"douane inspects JSON {what}s only, not {ctype or 'an untyped body'!r}")
@@ -120,7 +120,7 @@ def declared(upstream: Upstream, method: str, path: str, websocket: bool = False
 
 
 def is_websocket(req: http.Request) -> bool:
-    return req.headers.get("upgrade", "").lower() == "websocket"
+    return headerfields.get(req.headers, b"upgrade", "").lower() == "websocket"
 
 
 def parse_request(upstream: Upstream, flow: http.HTTPFlow, granted: bool = False) -> Interaction:

@@ -15,6 +15,8 @@ import brotli
 import zstandard
 from mitmproxy import http
 
+from douane import headerfields
+
 STEP = 64 * 1024  # compressed bytes fed per round to brotli (its output is bounded per round)
 ZSTD_STEP = 256  # zstd's output is not: 256 bytes inflate to 8 MB at most (32,000:1)
 # RFC 9659: a zstd content coding needs at most an 8 MB window; larger ones only cost memory.
@@ -121,7 +123,7 @@ def content(message: http.Message, limit: int = OFFLINE_LIMIT) -> bytes:
 
 def decode_body(message: http.Message, limit: int) -> None:
     """Replace an encoded body by its decoded bytes (bounded) and drop the Content-Encoding."""
-    encoding = message.headers.get("content-encoding", "identity")
+    encoding = headerfields.get(message.headers, b"content-encoding", "identity")
     if encoding.strip().lower() in ("", "identity"):
         return
     body = decode(message.raw_content or b"", encoding, limit)

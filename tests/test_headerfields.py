@@ -1,0 +1,43 @@
+"""douane.headerfields reads and strips headers as mitmproxy's `Headers` does, in one pass."""
+
+from __future__ import annotations
+
+import pytest
+from mitmproxy.http import Headers
+
+from douane import headerfields
+
+FIELDS = [(b"Host", b"api.example"), (b"Authorization", b"Bearer a"), (b"X-Api-Key", b"k1"),
+          (b"authorization", b"Bearer b"), (b"Content-Type", b"application/json"),
+          (b"X-Odd", b"caf\xc3\xa9 \xff")]
+
+
+@pytest.mark.parametrize("name", ["authorization", "x-api-key", "content-type", "x-odd",
+                                  "absent"])
+def test_get_is_mitmproxys_get(name):
+    headers = Headers(FIELDS)
+    assert headerfields.get(headers, name.encode()) == headers.get(name)
+    assert headerfields.get(headers, name.encode(), "dflt") == headers.get(name, "dflt")
+
+
+def test_pop_is_mitmproxys_pop_for_each_name_and_leaves_the_rest_in_order():
+    names = {b"authorization", b"x-api-key", b"proxy-authorization"}
+    ours, theirs = Headers(FIELDS), Headers(FIELDS)
+    removed = headerfields.pop(ours, names)
+    assert removed == {name: v for name in names
+                       if (v := theirs.pop(name.decode(), None)) is not None}
+    assert removed[b"authorization"] == "Bearer a, Bearer b"  # every field of a name, folded
+    assert ours.fields == theirs.fields
+
+
+def test_pop_of_absent_names_leaves_the_fields_untouched():
+    headers = Headers(FIELDS)
+    before = headers.fields
+    assert headerfields.pop(headers, {b"proxy-authorization"}) == {}
+    assert headers.fields is before
+
+
+def test_present_names_each_once_in_field_order():
+    headers = Headers(FIELDS)
+    assert headerfields.present(headers, {b"x-api-key", b"authorization", b"absent"}) == \
+        [b"authorization", b"x-api-key"]
