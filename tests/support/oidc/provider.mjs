@@ -55,4 +55,7 @@ const provider = new Provider(issuer, {
   ttl: { AccessToken: ACCESS_TTL, AuthorizationCode: 60, RefreshToken: 3600, DeviceCode: 300,
     Interaction: 300, Session: 3600, Grant: 3600 },
 });
+// A device login polls every second (RFC 8628's default, without an interval, is 5 s): the tests
+// wait for the CLI, not for its poll
+provider.on('device_authorization.success', (ctx, body) => { body.interval = 1; });
 provider.listen(Number(port), '127.0.0.1', () => console.log(`oidc-provider listening at ${issuer}`));
