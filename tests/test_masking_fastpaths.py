@@ -79,12 +79,16 @@ def _spans(recognizer, text: str) -> list[tuple[int, int, float]]:
     return sorted((r.start, r.end, r.score) for r in recognizer.analyze(text, ["PHONE_NUMBER"]))
 
 
-def test_the_fast_phone_matcher_finds_what_presidios_finds():
+@pytest.mark.parametrize(("regions", "n"), [
+    (DEFAULT_PHONE_REGIONS, 300),
+    # national-prefix rewrites (AG adds digits, AR and BR rewrite), other prefixes and lengths
+    (("AG", "AR", "BR", "JP", "CN", "RU", "US"), 120)])
+def test_the_fast_phone_matcher_finds_what_presidios_finds(regions, n):
     """Property: on random digit-dense texts and on labelled corpus texts, the same matches."""
-    fast = phone_recognizer(DEFAULT_PHONE_REGIONS)
-    stock = PhoneRecognizer(supported_regions=DEFAULT_PHONE_REGIONS)
+    fast = phone_recognizer(regions)
+    stock = PhoneRecognizer(supported_regions=regions)
     rng = random.Random(17)
-    texts = [_phone_text(rng) for _ in range(300)]
+    texts = [_phone_text(rng) for _ in range(n)]
     texts += [item.text for item in corpus(60, seed=5)]
     found = 0
     for text in texts:

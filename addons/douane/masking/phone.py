@@ -1,32 +1,60 @@
 """Presidio's phone recogniser with the same matches at a fraction of the cost.
 
-Its matcher (phonenumbers') takes every run of digits and phone punctuation in the text as a
-candidate (a date, an IP address, a card number, a version's `3`) and parses it, then parts of
-it, in each configured region: most of what stock Presidio spends on a text. A candidate is
-dropped before it is parsed when no number of the region can come from it:
-- it has fewer digits than the region's shortest number (`min_digits`);
+Presidio runs phonenumbers' matcher once per configured region: each run scans the text for
+every run of digits and phone punctuation (a date, an IP address, a card number, a version's
+`3`), cuts each into inner groups, and parses the candidate and its groups in that region. The
+scan and the cuts do not depend on the region: `PhoneScanner` does them once per text and
+replays phonenumbers' walk for each region over them (the same candidates in the same order,
+the same tries budget), parsing only what can be a number of the region:
+- a group with fewer digits than the region's shortest number is none (`min_digits`);
 - written without `+` or the region's international prefix, and with nothing but digits and
-  phone punctuation, no ending of its digits is shaped like a national number of the region's
-  country code (`NationalShapes`): parsing a national number only strips leading digits (a
-  national prefix, the country code), so a valid number is such an ending.
-And a candidate written with `+` is parsed once, not once per region: the region is not read.
-Where parsing may rewrite digits (a national prefix turned into an area code) or read more than
-digits (an extension, letters of a vanity number) the candidate is parsed. Property-tested
-against Presidio's recogniser (tests/test_masking_fastpaths.py).
+  phone punctuation, a group is a number of the region only if one of the national significant
+  numbers parsing can make of its digits (them, without the country code, without the national
+  prefix: `_maybe_strip_national_prefix_carrier_code` itself) has a length and a pattern of the
+  region's country code (`NationalShapes`);
+- a group written with `+` is parsed once, not once per region: the region is not read;
+- a candidate none of whose groups can be a number of any region costs each region its tries
+  without a parse.
+Where parsing reads more than digits (an extension, letters of a vanity number) the group is
+parsed. Property-tested against Presidio's recogniser (tests/test_masking_fastpaths.py).
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
 import re
+from dataclasses import dataclass
 
-from phonenumbers import PhoneMetadata, normalize_digits_only
-from phonenumbers.phonenumbermatcher import PhoneNumberMatcher
-from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
+from phonenumbers import PhoneMetadata, normalize_digits_only, parse
+from phonenumbers.phonenumbermatcher import (
+    _INNER_MATCHES,
+    _LEAD_PATTERN,
+    _MATCHING_BRACKETS,
+    _PATTERN,
+    _PUB_PAGES,
+    _SECOND_NUMBER_START_PATTERN,
+    _SLASH_SEPARATED_DATES,
+    _TIME_STAMPS,
+    _TIME_STAMPS_SUFFIX,
+    _UNWANTED_END_CHAR_PATTERN,
+    Leniency,
+    PhoneNumberMatcher,
+    _verify,
+)
+from phonenumbers.phonenumberutil import (
+    COUNTRY_CODE_TO_REGION_CODE,
+    NumberParseException,
+    _maybe_strip_national_prefix_carrier_code,
+)
+from phonenumbers.re_util import fullmatch
 
 # No region's numbers are shorter than 4 digits (tests/test_masking_fastpaths.py checks it): a
 # candidate with fewer characters a number's digits can come from (digits, letters of a vanity
 # number or an extension) is no number, whatever the region.
 MIN_DIGITS = 4
+MAX_TRIES = 65535  # phonenumbers' default: invalid candidates tried before giving up on a text
 NOT_ALNUM = re.compile(r"[\W_]+")
 NOT_DIGIT = re.compile(r"\D+")
 # what a national number written plainly is made of: no `+`, extension, letters or separators
@@ -35,14 +63,14 @@ PLAIN = re.compile(r"[\d\s().\-/\[\]]+")
 FIRST = re.compile(r"[+\uff0b\d]")  # where parsing starts reading a number
 
 
-def _added_digits(md) -> int:
-    """Digits the region's national-prefix rewrite may add (Antigua's 7 digits get 268)."""
-    return len(re.sub(r"\\\d", "", md.national_prefix_transform_rule or ""))
-
-
 def _regions(cc: int) -> list:
     return [PhoneMetadata.metadata_for_region_or_calling_code(cc, r)
             for r in COUNTRY_CODE_TO_REGION_CODE[cc]]
+
+
+def _added_digits(md) -> int:
+    """Digits the region's national-prefix rewrite may add (Antigua's 7 digits get 268)."""
+    return len(re.sub(r"\\\d", "", md.national_prefix_transform_rule or ""))
 
 
 def _shortest(cc: int) -> int:
@@ -71,8 +99,9 @@ def min_digits(region: str) -> tuple[int, int]:
 
 class NationalShapes:
     """Whether a plainly written candidate could be a national number of `region`'s country
-    code: an ending of its digits of a possible length matching that length's pattern (the
-    union over the country code's regions). None where parsing may rewrite digits."""
+    code: one of the national significant numbers parsing can make of its digits has a possible
+    length of the country code and matches that length's pattern (the union over the country
+    code's regions)."""
 
     def __init__(self, region: str):
         md = PhoneMetadata.metadata_for_region(region)
@@ -82,54 +111,52 @@ class NationalShapes:
         regions = _regions(md.country_code)
         main = PhoneMetadata.metadata_for_region(COUNTRY_CODE_TO_REGION_CODE[md.country_code][0])
         if any(r is None or not r.general_desc.possible_length or not
-               r.general_desc.national_number_pattern for r in regions) \
-                or _added_digits(md) or main is None or _added_digits(main):
+               r.general_desc.national_number_pattern for r in regions) or main is None:
             self.usable = False
             return
+        # parsing strips national prefixes by the region's metadata, or the main region's
+        # of its country code once the code was read from the digits (CA's number -> US)
+        self.metadata = (md,) if main is md else (md, main)
+        self.cc = str(md.country_code)
         self.international = re.compile(md.international_prefix)
         by_length: dict[int, list[str]] = {}
         for r in regions:
             for n in r.general_desc.possible_length:
                 if n > 0:
                     by_length.setdefault(n, []).append(r.general_desc.national_number_pattern)
-        self.shapes = [(n, re.compile("|".join(f"(?:{p})" for p in patterns)))
-                       for n, patterns in sorted(by_length.items())]
+        self.shapes = {n: re.compile("|".join(f"(?:{p})" for p in patterns))
+                       for n, patterns in by_length.items()}
+        # without a rewrite rule, parsing only strips leading digits: a number is an ending
+        self.endings = not any(m.national_prefix_transform_rule for m in self.metadata)
 
-    def hopeless(self, candidate: str) -> bool:
-        if not self.usable or PLAIN.fullmatch(candidate) is None:
+    def national_numbers(self, digits: str) -> set[str]:
+        """Every national significant number parsing may make of `digits` (a superset): them
+        or them without the country code, then without a national prefix, at most twice."""
+        out = {digits}
+        if digits.startswith(self.cc):
+            out.add(digits[len(self.cc):])
+        for _ in range(2):
+            out |= {_maybe_strip_national_prefix_carrier_code(n, md)[1]
+                    for n in out for md in self.metadata}
+        return out
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (one per region, for the process's life)
+    def hopeless(self, digits: str) -> bool:
+        """`digits`, of a candidate written plainly, are no number of the region."""
+        if not self.usable or self.international.match(digits):
             return False
-        digits = NOT_DIGIT.sub("", candidate)
-        if not digits.isascii():  # another script's digits
-            digits = normalize_digits_only(digits)
-        if self.international.match(digits):
-            return False
-        return not any(n <= len(digits) and shape.fullmatch(digits[-n:])
-                       for n, shape in self.shapes)
+        if self.endings and not any(n <= len(digits) and shape.fullmatch(digits[-n:])
+                                    for n, shape in self.shapes.items()):
+            return True
+        return not any((shape := self.shapes.get(len(n))) and shape.fullmatch(n)
+                       for n in self.national_numbers(digits))
 
 
-class Matcher(PhoneNumberMatcher):
-    """phonenumbers' matcher for one region, dropping hopeless candidates unparsed."""
-
-    bounds = (MIN_DIGITS, MIN_DIGITS)  # (national, international): `min_digits` reversed
+@dataclass(frozen=True)
+class Region:
+    code: str
+    bounds: tuple[int, int]  # fewest alphanumerics of a (national, international) group
     shapes: NationalShapes
-    international: dict  # (offset, candidate) -> match, for candidates written with `+`
-
-    def _short(self, candidate: str) -> bool:
-        return len(NOT_ALNUM.sub("", candidate)) < self.bounds[_international(candidate)]
-
-    # a candidate, then (if it fails) the inner candidates it holds
-    def _extract_match(self, candidate, offset):
-        return None if self._short(candidate) else super()._extract_match(candidate, offset)
-
-    def _parse_and_verify(self, candidate, offset):
-        if self._short(candidate) or self.shapes.hopeless(candidate):
-            return None
-        if not _international(candidate):
-            return super()._parse_and_verify(candidate, offset)
-        key = (offset, candidate)
-        if key not in self.international:
-            self.international[key] = super()._parse_and_verify(candidate, offset)
-        return self.international[key]
 
 
 def _international(candidate: str) -> bool:
@@ -138,23 +165,216 @@ def _international(candidate: str) -> bool:
     return first is not None and not first.group().isdigit()
 
 
+def _known_country_code(group: str) -> bool:
+    """Written with `+` and a country code: parsing does not read the region (it does, as a
+    national number, when the digits after `+` start with no country code)."""
+    if not _international(group):
+        return False
+    digits = normalize_digits_only(group)
+    return digits[:1] != "0" and any(int(digits[:n] or 0) in COUNTRY_CODE_TO_REGION_CODE for n in (1, 2, 3))
+
+
+def _trim(pattern: re.Pattern, candidate: str) -> str:
+    m = pattern.search(candidate)
+    return candidate[:m.start()] if m else candidate
+
+
+class _Text:
+    """One text's candidates, their groups and their parses, shared by the regions' walks."""
+
+    def __init__(self, scanner: PhoneScanner, text: str):
+        self.scanner = scanner
+        self.text = text
+        self.found: dict[int, tuple[int, str] | None] = {}  # search index -> (start, candidate)
+        self.steps: dict[tuple, list | None] = {}  # (start, candidate) -> its groups or None
+        self.shapes: dict[str, tuple[int, bool, str | None]] = {}  # group -> `shape`
+        self.lives: dict[tuple, tuple[frozenset, int]] = {}  # (start, candidate) -> `live`
+        self.parsed: dict[tuple[int, str, str], bool] = {}  # (offset, group, region) -> valid
+
+    def candidate(self, index: int) -> tuple[int, str] | None:
+        if index not in self.found:
+            m = _PATTERN.search(self.text, index)
+            self.found[index] = None if m is None else (
+                m.start(), _trim(_SECOND_NUMBER_START_PATTERN, m.group()))
+        return self.found[index]
+
+    def groups(self, start: int, candidate: str) -> list | None:
+        """What `_extract_match` tries, in its order: the candidate, then per inner pattern its
+        matches as (the text before the first one or None, the group, its offset). None: a date
+        or a timestamp, tried no further."""
+        key = (start, candidate)
+        if key in self.steps:
+            return self.steps[key]
+        steps = None
+        if not _SLASH_SEPARATED_DATES.search(candidate) and not (
+                _TIME_STAMPS.search(candidate)
+                and _TIME_STAMPS_SUFFIX.match(self.text, start + len(candidate))):
+            steps = []
+            for pattern in _INNER_MATCHES:
+                m = pattern.search(candidate)
+                first = True
+                while m:
+                    before = (_trim(_UNWANTED_END_CHAR_PATTERN, candidate[:m.start()])
+                              if first else None)
+                    steps.append((before, _trim(_UNWANTED_END_CHAR_PATTERN, m.group(1)),
+                                  start + m.start(1), first))
+                    first = False
+                    m = pattern.search(candidate, m.start() + 1)
+        self.steps[key] = steps
+        return steps
+
+    def shape(self, group: str) -> tuple[int, bool, str | None]:
+        """(its alphanumerics, written with `+`, its digits if written plainly)."""
+        if group not in self.shapes:
+            international = _international(group)
+            digits = None
+            if not international and PLAIN.fullmatch(group):
+                digits = NOT_DIGIT.sub("", group)
+                if not digits.isascii():  # another script's digits
+                    digits = normalize_digits_only(digits)
+            self.shapes[group] = (len(NOT_ALNUM.sub("", group)), international, digits)
+        return self.shapes[group]
+
+    def may_parse(self, group: str, k: int) -> bool:
+        alnum, international, digits = self.shape(group)
+        region = self.scanner.regions[k]
+        return alnum >= region.bounds[international] and (
+            digits is None or not region.shapes.hopeless(digits))
+
+    def live(self, start: int, candidate: str) -> tuple[frozenset, int]:
+        """(the regions #k in which some group of the candidate may be a number, the tries its
+        inner groups cost a region in which none is)."""
+        key = (start, candidate)
+        if key not in self.lives:
+            steps = self.groups(start, candidate)
+            if steps is None:  # a date or a timestamp: not tried
+                self.lives[key] = (frozenset(), 0)
+                return self.lives[key]
+            cost = sum(2 if first else 1 for *_, first in steps)
+            if self.shape(candidate)[0] < self.scanner.fewest:  # nor any group in it
+                self.lives[key] = (frozenset(), cost)
+                return self.lives[key]
+            groups = [candidate] + [g for before, group, _, _ in steps
+                                    for g in (before, group) if g is not None]
+            self.lives[key] = (
+                frozenset(k for k in range(len(self.scanner.regions))
+                          if any(self.may_parse(g, k) for g in groups)), cost)
+        return self.lives[key]
+
+    def valid(self, group: str, offset: int, k: int) -> bool:
+        """phonenumbers' `_parse_and_verify` of `group` at `offset` in region #k."""
+        if not self.may_parse(group, k):
+            return False
+        region = self.scanner.regions[k].code
+        key = (offset, group, "" if _known_country_code(group) else region)
+        if key not in self.parsed:
+            self.parsed[key] = self._parse_and_verify(group, offset, region)
+        return self.parsed[key]
+
+    def _parse_and_verify(self, group: str, offset: int, region: str) -> bool:
+        if not fullmatch(_MATCHING_BRACKETS, group) or _PUB_PAGES.search(group):
+            return False
+        text = self.text
+        if offset > 0 and not _LEAD_PATTERN.match(group) and _bad_neighbour(text[offset - 1]):
+            return False
+        end = offset + len(group)
+        if end < len(text) and _bad_neighbour(text[end]):
+            return False
+        try:
+            number = parse(group, region, keep_raw_input=True)
+        except NumberParseException:
+            return False
+        return _verify(Leniency.VALID, number, group, None)
+
+
+def _bad_neighbour(char: str) -> bool:
+    return (PhoneNumberMatcher._is_invalid_punctuation_symbol(char)
+            or PhoneNumberMatcher._is_latin_letter(char))
+
+
+class PhoneScanner:
+    """phonenumbers' matches (leniency VALID) in each of `regions`, as (start, end, region)."""
+
+    def __init__(self, regions: tuple[str, ...]):
+        self.regions = [Region(r, min_digits(r)[::-1], NationalShapes(r)) for r in regions]
+        self.fewest = min((b for r in self.regions for b in r.bounds), default=MIN_DIGITS)
+
+    def matches(self, text: str) -> list[tuple[int, int, str]]:
+        t = _Text(self, text)
+        # the candidates a region meets while it matches nothing, each one's search index; a
+        # region skips those in which it has no group to parse (their tries at once)
+        chain = []
+        index = 0
+        while (c := t.candidate(index)) is not None and c[1]:
+            chain.append((index, *c, *t.live(*c)))
+            index = c[0] + len(c[1])
+        at = {entry[0]: p for p, entry in enumerate(chain)}
+        spent = list(itertools.accumulate((entry[4] + 1 for entry in chain), initial=0))
+        out = []
+        for k, region in enumerate(self.regions):
+            lives = [p for p, entry in enumerate(chain) if k in entry[3]]
+            index, tries = 0, MAX_TRIES
+            while True:
+                p = at.get(index)
+                if p is not None:
+                    i = bisect.bisect_left(lives, p)
+                    q = lives[i] if i < len(lives) else len(chain)
+                    if tries > spent[q] - spent[p]:  # the budget lasts: skip them
+                        tries -= spent[q] - spent[p]
+                        if q == len(chain):
+                            break
+                        index = chain[q][0]
+                c = t.candidate(index)
+                if c is None or not c[1] or tries <= 0:
+                    break
+                start, candidate = c
+                match, tries = self._extract(t, k, start, candidate, tries)
+                if match is not None:
+                    out.append((*match, region.code))
+                    index = match[1]
+                else:
+                    tries -= 1
+                    index = start + len(candidate)
+        return out
+
+    def _extract(self, t: _Text, k: int, start: int, candidate: str, tries: int):
+        live, cost = t.live(start, candidate)
+        if k not in live and tries > cost:
+            return None, tries - cost
+        steps = t.groups(start, candidate)
+        if steps is None:
+            return None, tries
+        if t.valid(candidate, start, k):
+            return (start, start + len(candidate)), tries
+        for before, group, offset, first in steps:
+            if tries <= 0:  # phonenumbers checks its budget before each inner match
+                break
+            if first:
+                if t.valid(before, start, k):
+                    return (start, start + len(before)), tries
+                tries -= 1
+            if t.valid(group, offset, k):
+                return (offset, offset + len(group)), tries
+            tries -= 1
+        return None, tries
+
+
 def phone_recognizer(regions: tuple[str, ...]):
     from presidio_analyzer import EntityRecognizer
     from presidio_analyzer.predefined_recognizers import PhoneRecognizer
 
-    matchers = {r: type(f"Matcher{r}", (Matcher,), {"bounds": min_digits(r)[::-1],
-                                                    "shapes": NationalShapes(r)})
-                for r in regions}
+    scanner = PhoneScanner(regions)
 
     class FastPhoneRecognizer(PhoneRecognizer):
         def analyze(self, text, entities, nlp_artifacts=None):
-            international: dict = {}
-            results = []
-            for region in self.supported_regions:
-                matcher = matchers[region](text, region, leniency=self.leniency)
-                matcher.international = international
-                results += [self._get_recognizer_result(match, text, region, nlp_artifacts)
-                            for match in matcher]
-            return EntityRecognizer.remove_duplicates(results)
+            return EntityRecognizer.remove_duplicates([
+                self._get_recognizer_result(_Match(start, end), text, region, nlp_artifacts)
+                for start, end, region in scanner.matches(text)])
 
     return FastPhoneRecognizer(supported_regions=regions)
+
+
+@dataclass(frozen=True)
+class _Match:
+    start: int
+    end: int
