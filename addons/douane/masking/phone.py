@@ -10,8 +10,8 @@ the same tries budget), parsing only what can be a number of the region:
 - written without `+` or the region's international prefix, and with nothing but digits and
   phone punctuation, a group is a number of the region only if one of the national significant
   numbers parsing can make of its digits (them, without the country code, without the national
-  prefix: `_maybe_strip_national_prefix_carrier_code` itself) has a length and a pattern of the
-  region's country code (`NationalShapes`);
+  prefix: `_maybe_strip_national_prefix_carrier_code` itself) is valid in a region of the
+  country code by phonenumbers' own type check (`NationalShapes`);
 - a group written with `+` is parsed once, not once per region: the region is not read;
 - a candidate none of whose groups can be a number of any region costs each region its tries
   without a parse.
@@ -27,7 +27,7 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from phonenumbers import PhoneMetadata, normalize_digits_only, parse
+from phonenumbers import PhoneMetadata, PhoneNumberType, normalize_digits_only, parse
 from phonenumbers.phonenumbermatcher import (
     _INNER_MATCHES,
     _LEAD_PATTERN,
@@ -47,6 +47,7 @@ from phonenumbers.phonenumberutil import (
     COUNTRY_CODE_TO_REGION_CODE,
     NumberParseException,
     _maybe_strip_national_prefix_carrier_code,
+    _number_type_helper,
 )
 from phonenumbers.re_util import fullmatch
 
@@ -108,7 +109,7 @@ class NationalShapes:
         self.usable = md is not None and md.international_prefix is not None
         if not self.usable:
             return
-        regions = _regions(md.country_code)
+        self.regions = regions = _regions(md.country_code)
         main = PhoneMetadata.metadata_for_region(COUNTRY_CODE_TO_REGION_CODE[md.country_code][0])
         if any(r is None or not r.general_desc.possible_length or not
                r.general_desc.national_number_pattern for r in regions) or main is None:
@@ -149,6 +150,8 @@ class NationalShapes:
                                     for n, shape in self.shapes.items()):
             return True
         return not any((shape := self.shapes.get(len(n))) and shape.fullmatch(n)
+                       and any(_number_type_helper(n, md) != PhoneNumberType.UNKNOWN
+                               for md in self.regions)
                        for n in self.national_numbers(digits))
 
 
