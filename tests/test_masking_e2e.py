@@ -393,3 +393,30 @@ def test_a_value_behind_json_escapes_in_tool_arguments_is_masked(setup, issuer):
     (sent,) = llm.requests[before:]
     history = sent.json()["messages"][1]["tool_calls"][0]["function"]["arguments"]
     assert email not in json.dumps(json.loads(history), ensure_ascii=False), history
+
+
+def test_sse_comments_carry_no_text_and_a_keep_alive_stays_one(setup, issuer):
+    """An SSE comment line (`: text`) is read by no stage: its text reached the client unmasked.
+    A comment-only block (a keep-alive) was re-sent with an empty `data:` line, an event the
+    openai SDK fails to parse. Now a comment is a bare `:` and no data is added."""
+    gw, llm = setup
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+
+    def event(text: str) -> str:
+        return "data: " + json.dumps({**chunk, "choices": [
+            {"index": 0, "delta": {"content": text}, "finish_reason": None}]}) + "\n\n"
+    body = event("Hello") + ": maria.garcia@example.com\n\n" + event(" there") + \
+        ": keep-alive\n\n" + "data: [DONE]\n\n"
+    llm.canned["/v1/chat/completions"] = ("text/event-stream", body.encode())
+    token = issuer.mint("alice@corp", ["engineering"])
+    ask = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "?"}]}
+    try:
+        raw = httpx.post(llm.url + "/v1/chat/completions", json=ask, timeout=60,
+                         proxy=gw.proxy_url("u", token)).text
+        c = openai_client(gw, llm, token)
+        text = "".join(ch.choices[0].delta.content or "" for ch in
+                       c.chat.completions.create(**ask) if ch.choices)
+    finally:
+        del llm.canned["/v1/chat/completions"]
+    assert "maria.garcia" not in raw and "keep-alive" not in raw and "\n:\n" in raw
+    assert text == "Hello there"

@@ -16,16 +16,20 @@ class Event:
     id: str | None = None
     retry: str | None = None
     comments: tuple[str, ...] = ()
+    has_data: bool = True  # False: the block had no data field (a client dispatches no event)
 
     def encode(self) -> bytes:
-        lines = [f":{c}" for c in self.comments]
+        # A comment is sent as a bare `:`: it still keeps the connection alive, but its text,
+        # which no stage inspects or masks, never reaches the client.
+        lines = [":" for _ in self.comments]
         if self.event is not None:
             lines.append(f"event: {self.event}")
         if self.id is not None:
             lines.append(f"id: {self.id}")
         if self.retry is not None:
             lines.append(f"retry: {self.retry}")
-        lines += [f"data: {line}" for line in self.data.split("\n")]
+        if self.has_data:  # `data: ` would make a keep-alive an empty event (SDKs parse it)
+            lines += [f"data: {line}" for line in self.data.split("\n")]
         return ("\n".join(lines) + "\n\n").encode()
 
 
@@ -96,4 +100,4 @@ class SseParser:
             return fields[name][-1] if name in fields else None
 
         return [Event(data="\n".join(fields.get("data", [])), event=last("event"), id=last("id"),
-                      retry=last("retry"), comments=tuple(comments))]
+                      retry=last("retry"), comments=tuple(comments), has_data="data" in fields)]
