@@ -16,8 +16,8 @@ from mitmproxy import exceptions, http
 from douane import protocols
 from douane.flowstate import FlowState, Reason, state
 from douane.interaction import TextPiece
-from douane.masking import operators
-from douane.masking.config import MaskingSettings
+from douane.masking import engine, operators
+from douane.masking.config import NER_ENTITIES, MaskingSettings
 from douane.masking.pool import MaskingPool
 from douane.masking.streaming import StreamMasker, plain
 from douane.protocols import streams
@@ -28,6 +28,19 @@ logger = logging.getLogger(__name__)
 REQUEST_KINDS = ("prompt", "tool_arguments", "tool_result")
 RESPONSE_KINDS = ("completion", "tool_result", "resource", "tool_arguments")
 WARM_UP_SECONDS = 300
+
+
+def could_hold_a_value(text: str, entities: tuple[str, ...]) -> bool:
+    """Whether the analyser could find anything in `text`; when not, it is not sent. A name or a
+    place (NER's or a field's) needs a run of two letters: the engine drops every such span
+    without a word of letters (`engine.refine`); each pattern entity needs its pre-filter
+    (`engine.PREFILTERS`: an `@`, enough digits, a secret's hint or long run). So numbers, dates,
+    amounts and codes with no two letters together are not analysed
+    (tests/test_masking_path.py holds the real analyser to it)."""
+    if engine.LETTERS_WORD.search(text) and any(e in NER_ENTITIES for e in entities):
+        return True
+    digits = len(engine.DIGITS.findall(text))
+    return any(engine.PREFILTERS[e](text, digits) for e in entities if e not in NER_ENTITIES)
 
 
 class Mask:
@@ -75,14 +88,19 @@ class Mask:
         return st
 
     async def _mask(self, st: FlowState, pieces: list[TextPiece]) -> list[TextPiece]:
-        """Mask the pieces in place; returns the ones that changed."""
+        """Mask the pieces in place; returns the ones that changed. Texts nothing could be found
+        in make no round trip; a text that is in several pieces is analysed once."""
         assert self.pool and self.masking
-        pieces = [p for p in pieces if not plain(p.text)]  # no round trip for those
+        entities = self.masking.entities
+        pieces = [p for p in pieces
+                  if could_hold_a_value(p.text, entities) and not plain(p.text)]
         if not pieces:
             return []
-        results = await self.pool.analyze([p.text for p in pieces])
+        texts = list(dict.fromkeys(p.text for p in pieces))
+        found = dict(zip(texts, await self.pool.analyze(texts), strict=True))
         changed = []
-        for piece, spans in zip(pieces, results, strict=True):
+        for piece in pieces:
+            spans = found[piece.text]
             if spans:
                 piece.text = operators.apply(self.masking, piece.text, spans, st.masked)
                 changed.append(piece)
