@@ -117,3 +117,25 @@ def test_what_the_recording_redacts_the_answer_masks_on_a_corpus(analyzer):
         assert all(any(kind == "SECRET" and f.start < end and start < f.end
                        for start, end, kind in item.spans) for f in finds), item.text
     assert labelled > 30 and found / labelled >= 0.99
+
+
+# A match starting its kind's `lead` characters before its hint (the most each pattern allows)
+AT_THE_LEAD = [
+    'sharedaccesskey = "Ab3dEf6hIj9kLm2nOp5qRs"',
+    "aws" + "_x" * 15 + "secret = " + AWS_SECRET,
+    "abcdefghijklmnop://admin:Xy9mQ2zz@db.internal",
+    "password: Xy9!mQ2z", "Bearer " + "Ab3dEf6hIj9kLm2nOp5q" * 2, "Basic YWxpY2U6czNjcjN0",
+]
+
+
+@pytest.mark.parametrize("text", [t for t, *_ in POSITIVES] + AT_THE_LEAD)
+def test_matches_sees_what_find_finds_however_far_from_the_start(text):
+    """`matches` searches a pattern with a `lead` from its first hint on: a secret at the lead's
+    limit, behind other text and before the same hint again, is still seen."""
+    assert secrets.find(text)
+    for padded in (text, "x " * 40 + text, "x " * 40 + text + " token key secret ://"):
+        assert secrets.matches(padded)
+    if text in AT_THE_LEAD:  # the sample starts exactly `lead` characters before the hint
+        assert any(kind.pattern.search(text).start() == min(
+            i for h in kind.hints if (i := text.lower().find(h)) >= 0) - kind.lead
+            for kind in secrets.KINDS if kind.lead is not None and kind.pattern.search(text))

@@ -30,6 +30,7 @@ class Kind:
     score: float
     hints: tuple[str, ...]
     check: Callable[[str], bool] | None = None
+    lead: int | None = None  # the most characters a match holds before its hint (None: any)
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,8 @@ def _basic_credentials(value: str) -> bool:
 
 
 def _kind(rule: str, entity: str, pattern: str, score: float, hints: tuple[str, ...],
-          check: Callable[[str], bool] | None = None) -> Kind:
-    return Kind(f"detector.secret.{rule}", entity, re.compile(pattern), score, hints, check)
+          check: Callable[[str], bool] | None = None, lead: int | None = None) -> Kind:
+    return Kind(f"detector.secret.{rule}", entity, re.compile(pattern), score, hints, check, lead)
 
 
 CATALOGUE: tuple[Kind, ...] = (
@@ -129,7 +130,7 @@ CATALOGUE: tuple[Kind, ...] = (
           r"(?i:aws" + _NAME + r"secret|secret[_-]?access[_-]?key|secretaccesskey)" + _NAME
           + _SEP + r"(?P<v>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"
           r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}[\s,;:|/\"']{1,4}(?P<v2>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])",
-          90, ("secret", "akia", "asia")),
+          90, ("secret", "akia", "asia"), lead=3 + 30),  # `aws`, a name, `secret`
     _kind("jwt", "JWT",
           r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", 80, ("eyj",)),
     _kind("api_key", "API_KEY",
@@ -151,21 +152,22 @@ CATALOGUE: tuple[Kind, ...] = (
     _kind("google_api_key", "API_KEY", r"\bAIza[0-9A-Za-z_-]{35}\b", 90, ("aiza",)),
     _kind("google_oauth_secret", "API_KEY", r"\bGOCSPX-[A-Za-z0-9_-]{28}\b", 90, ("gocspx-",)),
     _kind("bearer", "BEARER_TOKEN", r"(?i:\bbearer)\s+(?P<v>[A-Za-z0-9._~+/-]{20,}=*)", 70,
-          ("bearer",)),
+          ("bearer",), lead=0),
     _kind("basic_auth", "PASSWORD",
           r"(?i:\bbasic)\s+(?P<v>[A-Za-z0-9+/]{8,}={0,2})(?![A-Za-z0-9+/=])", 70, ("basic",),
-          _basic_credentials),
+          _basic_credentials, lead=0),
     # up to the last `@` before the host: a password may hold one, unencoded
     _kind("url_password", "PASSWORD",
           r"\b[A-Za-z][A-Za-z0-9+.-]{1,15}://[^\s:/@\"'<>]{1,64}:(?P<v>[^\s/\"'<>]{1,128})@", 70,
-          ("://",), lambda v: not _PLACEHOLDER.search(v)),
+          ("://",), lambda v: not _PLACEHOLDER.search(v), lead=16),  # the scheme
     _kind("password", "PASSWORD",
           r"(?i:" + _PASSWORD + r")" + _NAME + _SEP
-          + r"(?P<v>[^\s\"'`,;&<>]{6,128})", 40, ("pass", "pwd"), _password_value),
+          + r"(?P<v>[^\s\"'`,;&<>]{6,128})", 40, ("pass", "pwd"), _password_value, lead=0),
     _kind("credential", "SECRET",
           r"(?i:" + _CREDENTIAL + r")" + _NAME + _SEP
           + r"(?P<v>[A-Za-z0-9_\-+/=.~]{16,1024})", 40,
-          ("key", "secret", "token", "credential"), _token_value),
+          ("key", "secret", "token", "credential"), _token_value,
+          lead=len("sharedaccess")),
 )
 HIGH_ENTROPY_KIND = Kind("detector.secret.high_entropy", "SECRET", HIGH_ENTROPY, 40, (),
                          credential_like)
@@ -247,10 +249,20 @@ def matches(text: str) -> bool:
     """Whether any pattern `find` would try matches somewhere in `text`, its checks aside. False
     also clears every part of `text` set apart by characters no pattern consumes across (the
     values of a JSON text without escapes, between their quotes): each part holds only hints
-    and runs the whole holds, and a pattern matching a part matches the whole at the same place."""
+    and runs the whole holds, and a pattern matching a part matches the whole at the same place.
+    A pattern with a `lead` is searched from its first hint on: in ASCII text (where `lower()`
+    keeps places and only ASCII letters match case-insensitively) no match starts earlier."""
     hinted = _hinted(text)
-    return any(kind.pattern.search(text) for kind in (KINDS if _long_run(text) else CATALOGUE)
-               if not kind.hints or not hinted.isdisjoint(kind.hints))
+    lowered = text.lower() if text.isascii() else None
+    for kind in KINDS if _long_run(text) else CATALOGUE:
+        if kind.hints and hinted.isdisjoint(kind.hints):
+            continue
+        start = 0
+        if kind.lead is not None and lowered is not None:
+            start = max(0, min(lowered.find(h) for h in kind.hints if h in hinted) - kind.lead)
+        if kind.pattern.search(text, start):
+            return True
+    return False
 
 
 def redact(text: str, high_entropy: bool = True) -> str:
