@@ -353,12 +353,15 @@ class Analyzer:
         candidates = [self.candidates(t) for t in texts]
         todo = [i for i, c in enumerate(candidates) if c]
         out: list[list[Span]] = [[] for _ in texts]
-        artifacts = self.nlp_engine.process_batch([texts[i] for i in todo], language="en",
-                                                  batch_size=max(1, len(todo)))
-        for i, (_, nlp_artifacts) in zip(todo, artifacts, strict=True):
-            results = self.presidio(texts[i], candidates[i], nlp_artifacts)
-            out[i] = refine(texts[i], [Span(r.start, r.end, r.entity_type, r.score)
-                                       for r in results])
+        # spaCy keeps every new word it reads (its vocabulary and strings grow with each id, hash
+        # and number for the worker's life): what this batch adds is freed at the zone's end
+        with self.nlp_engine.nlp["en"].memory_zone():
+            artifacts = self.nlp_engine.process_batch([texts[i] for i in todo], language="en",
+                                                      batch_size=max(1, len(todo)))
+            for i, (_, nlp_artifacts) in zip(todo, artifacts, strict=True):
+                results = self.presidio(texts[i], candidates[i], nlp_artifacts)
+                out[i] = refine(texts[i], [Span(r.start, r.end, r.entity_type, r.score)
+                                           for r in results])
         return out
 
     def presidio(self, text: str, entities: list[str], nlp_artifacts) -> list:

@@ -27,6 +27,7 @@ import itertools
 import re
 from dataclasses import dataclass
 
+import phonenumbers
 from phonenumbers import PhoneMetadata, PhoneNumberType, normalize_digits_only, parse
 from phonenumbers.phonenumbermatcher import (
     _INNER_MATCHES,
@@ -100,16 +101,15 @@ def min_digits(region: str) -> tuple[int, int]:
 
 class NationalShapes:
     """Whether a plainly written candidate could be a national number of `region`'s country
-    code: one of the national significant numbers parsing can make of its digits has a possible
-    length of the country code and matches that length's pattern (the union over the country
-    code's regions)."""
+    code: one of the national significant numbers parsing can make of its digits is valid in a
+    region of the country code (a possible length, the general pattern, a type's pattern)."""
 
     def __init__(self, region: str):
         md = PhoneMetadata.metadata_for_region(region)
         self.usable = md is not None and md.international_prefix is not None
         if not self.usable:
             return
-        self.regions = regions = _regions(md.country_code)
+        regions = _regions(md.country_code)
         main = PhoneMetadata.metadata_for_region(COUNTRY_CODE_TO_REGION_CODE[md.country_code][0])
         if any(r is None or not r.general_desc.possible_length or not
                r.general_desc.national_number_pattern for r in regions) or main is None:
@@ -120,13 +120,14 @@ class NationalShapes:
         self.metadata = (md,) if main is md else (md, main)
         self.cc = str(md.country_code)
         self.international = re.compile(md.international_prefix)
-        by_length: dict[int, list[str]] = {}
+        self.by_length: dict[int, list] = {}  # length -> the regions whose numbers have it
         for r in regions:
             for n in r.general_desc.possible_length:
                 if n > 0:
-                    by_length.setdefault(n, []).append(r.general_desc.national_number_pattern)
-        self.shapes = {n: re.compile("|".join(f"(?:{p})" for p in patterns))
-                       for n, patterns in by_length.items()}
+                    self.by_length.setdefault(n, []).append(r)
+        self.shapes = {n: re.compile("|".join(f"(?:{r.general_desc.national_number_pattern})"
+                                              for r in rs))
+                       for n, rs in self.by_length.items()}
         # without a rewrite rule, parsing only strips leading digits: a number is an ending
         self.endings = not any(m.national_prefix_transform_rule for m in self.metadata)
 
@@ -151,7 +152,7 @@ class NationalShapes:
             return True
         return not any((shape := self.shapes.get(len(n))) and shape.fullmatch(n)
                        and any(_number_type_helper(n, md) != PhoneNumberType.UNKNOWN
-                               for md in self.regions)
+                               for md in self.by_length[len(n)])
                        for n in self.national_numbers(digits))
 
 
@@ -299,6 +300,7 @@ class PhoneScanner:
     """phonenumbers' matches (leniency VALID) in each of `regions`, as (start, end, region)."""
 
     def __init__(self, regions: tuple[str, ...]):
+        phonenumbers.enable_pattern_cache()  # its metadata's patterns overflow `re`'s cache
         self.regions = [Region(r, min_digits(r)[::-1], NationalShapes(r)) for r in regions]
         self.fewest = min((b for r in self.regions for b in r.bounds), default=MIN_DIGITS)
 
