@@ -71,6 +71,13 @@ def digest(definition: str) -> str:
     return hashlib.sha256(definition.encode()).hexdigest()
 
 
+def _lists(doc: Any) -> bool:
+    """Whether a JSON-RPC body holds a result listing tools or prompts (what `_police` reads)."""
+    return any(isinstance(result := msg.get("result"), dict) and (
+        isinstance(result.get("tools"), list) or isinstance(result.get("prompts"), list))
+        for _, msg in mcp.each(doc) if isinstance(msg, dict))
+
+
 def invisible(text: str) -> bool:
     """Characters a reader does not see: format characters (zero-width, bidi controls), tag
     characters, and blanks that are neither."""
@@ -295,6 +302,8 @@ class PinTools:
                 (st.decision and st.decision.action in ("block", "refuse", "error", "hold")):
             return
         doc = protocols.document(flow, "response")
+        if not _lists(doc):
+            return  # nothing to pin or scan (a tool's result): no thread hop for it
         refused: list[str] = []
         # off the loop: a first listing scans and writes every tool (the flow waits here)
         if await asyncio.to_thread(self._police, flow, doc, refused.append):
