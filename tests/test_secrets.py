@@ -139,3 +139,22 @@ def test_matches_sees_what_find_finds_however_far_from_the_start(text):
         assert any(kind.pattern.search(text).start() == min(
             i for h in kind.hints if (i := text.lower().find(h)) >= 0) - kind.lead
             for kind in secrets.KINDS if kind.lead is not None and kind.pattern.search(text))
+
+
+def test_kinds_gated_on_an_assignment_find_what_they_would_find_ungated(monkeypatch):
+    """`find` skips the kinds built on `_SEP` in a text without `:`, `=` or ` is `/` was `: on
+    texts mixing their names, separators and values, it finds what it finds with every hinted
+    kind run."""
+    import random
+
+    assert {k.rule for k in secrets.CATALOGUE if k.assigned} == {
+        "detector.secret.password", "detector.secret.credential"}
+    words = ["token", "api_key", "Password", "pwd", "secret", " is ", " was ", "\tis\n", ":",
+             "=", "=>", "'", '"', "\n", "max_tokens", "hunter2hunter2", "IS",
+             "abcdefghijklmnopqrstuvwxyz0123"]
+    rnd = random.Random(7)
+    texts = ["".join(rnd.choice(words) for _ in range(rnd.randint(1, 6))) for _ in range(3000)]
+    gated = [(secrets.find(t), secrets.matches(t)) for t in texts]
+    monkeypatch.setattr(secrets, "_assigns", lambda text: True)
+    assert gated == [(secrets.find(t), secrets.matches(t)) for t in texts]
+    assert sum(bool(found) for found, _ in gated) > 150  # the texts hold secrets

@@ -31,6 +31,7 @@ class Kind:
     hints: tuple[str, ...]
     check: Callable[[str], bool] | None = None
     lead: int | None = None  # the most characters a match holds before its hint (None: any)
+    assigned: bool = False  # every match holds a `_SEP`: it runs only on a text `_assigns`
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ SHORTEST_SECRET = 10  # no kind matches fewer characters (`pwd=Ab3xyz`)
 # separator and an opening quote. `token` but not `tokenizer`; `pass` but not `bypass`.
 _NAME = r"[\w.-]{0,30}?"
 _SEP = r"""["']?\s*(?:[:=]|:=|=>|\s(?:is|was)\s)\s*["']?"""
+_IS_WAS = re.compile(r"\s(?:is|was)\s")  # `_SEP`'s words
 _CREDENTIAL = (r"(?:api[_-]?key|apikey|access[_-]?key|secret|token(?!iz)|credential|auth[_-]?key|"
                r"account[_-]?key|private[_-]?key|signing[_-]?key|encryption[_-]?key|"
                r"master[_-]?key|sharedaccesskey)")
@@ -115,8 +117,10 @@ def _basic_credentials(value: str) -> bool:
 
 
 def _kind(rule: str, entity: str, pattern: str, score: float, hints: tuple[str, ...],
-          check: Callable[[str], bool] | None = None, lead: int | None = None) -> Kind:
-    return Kind(f"detector.secret.{rule}", entity, re.compile(pattern), score, hints, check, lead)
+          check: Callable[[str], bool] | None = None, lead: int | None = None,
+          assigned: bool = False) -> Kind:
+    return Kind(f"detector.secret.{rule}", entity, re.compile(pattern), score, hints, check, lead,
+                assigned)
 
 
 CATALOGUE: tuple[Kind, ...] = (
@@ -162,12 +166,13 @@ CATALOGUE: tuple[Kind, ...] = (
           ("://",), lambda v: not _PLACEHOLDER.search(v), lead=16),  # the scheme
     _kind("password", "PASSWORD",
           r"(?i:" + _PASSWORD + r")" + _NAME + _SEP
-          + r"(?P<v>[^\s\"'`,;&<>]{6,128})", 40, ("pass", "pwd"), _password_value, lead=0),
+          + r"(?P<v>[^\s\"'`,;&<>]{6,128})", 40, ("pass", "pwd"), _password_value, lead=0,
+          assigned=True),
     _kind("credential", "SECRET",
           r"(?i:" + _CREDENTIAL + r")" + _NAME + _SEP
           + r"(?P<v>[A-Za-z0-9_\-+/=.~]{16,1024})", 40,
           ("key", "secret", "token", "credential"), _token_value,
-          lead=len("sharedaccess")),
+          lead=len("sharedaccess"), assigned=True),
 )
 HIGH_ENTROPY_KIND = Kind("detector.secret.high_entropy", "SECRET", HIGH_ENTROPY, 40, (),
                          credential_like)
@@ -175,6 +180,7 @@ KINDS = (*CATALOGUE, HIGH_ENTROPY_KIND)
 ENTITIES = tuple(dict.fromkeys(k.entity for k in KINDS))
 ORDER = {kind: i for i, kind in enumerate(KINDS)}  # the first kind names merged finds
 HINTS = tuple({h for k in CATALOGUE for h in k.hints})
+_BY_HINT = {h: tuple(k for k in CATALOGUE if h in k.hints) for h in HINTS}
 # Hints grouped by a separator they hold: a text without `_` skips the fifteen `_` hints at the
 # cost of one scan; the rest are tested one by one.
 _GATES = "_-."
@@ -212,6 +218,22 @@ def _long_run(text: str) -> bool:
     return _RUN in text.encode("utf-8", "surrogatepass").translate(_TOKEN_BYTES)
 
 
+def _assigns(text: str) -> bool:
+    """Whether `text` holds what a `_SEP` match needs: `:`, `=`, or ` is ` / ` was `."""
+    return ":" in text or "=" in text or \
+        ("is" in text or "was" in text) and _IS_WAS.search(text) is not None
+
+
+def _runnable(text: str, hinted: set[str], entropy_too: bool) -> list[Kind]:
+    """The kinds whose pattern could match `text`, in catalogue order: a hint of theirs occurs in
+    it, and an assignment when they need one (the commonest hint, `token`, is in every
+    `max_tokens` key, and keys hold no assignment)."""
+    kinds = sorted({k for h in hinted for k in _BY_HINT[h]}, key=ORDER.__getitem__)
+    if any(k.assigned for k in kinds) and not _assigns(text):
+        kinds = [k for k in kinds if not k.assigned]
+    return [*kinds, HIGH_ENTROPY_KIND] if entropy_too else kinds
+
+
 def find(text: str, high_entropy: bool = True) -> list[Found]:
     """Every secret in `text`, in order, overlapping finds merged (the first kind names them)."""
     hinted = _hinted(text)
@@ -219,9 +241,7 @@ def find(text: str, high_entropy: bool = True) -> list[Found]:
     if not hinted and not entropy_too:  # every catalogue kind has hints: the common, clean text
         return []
     found: list[Found] = []
-    for kind in KINDS if entropy_too else CATALOGUE:
-        if kind.hints and hinted.isdisjoint(kind.hints):
-            continue
+    for kind in _runnable(text, hinted, entropy_too):
         for m in kind.pattern.finditer(text):
             start, end = _value_span(m)
             if start == end or (kind.check and not kind.check(text[start:end])):
@@ -254,9 +274,7 @@ def matches(text: str) -> bool:
     keeps places and only ASCII letters match case-insensitively) no match starts earlier."""
     hinted = _hinted(text)
     lowered = text.lower() if text.isascii() else None
-    for kind in KINDS if _long_run(text) else CATALOGUE:
-        if kind.hints and hinted.isdisjoint(kind.hints):
-            continue
+    for kind in _runnable(text, hinted, _long_run(text)):
         start = 0
         if kind.lead is not None and lowered is not None:
             start = max(0, min(lowered.find(h) for h in kind.hints if h in hinted) - kind.lead)
