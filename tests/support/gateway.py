@@ -25,7 +25,7 @@ from tests.support.ready import READY
 
 REPO = Path(__file__).resolve().parents[2]
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
-_LISTENING = re.compile(r"proxy\b[^\n]*? listening at \S*?:(\d+)")  # not mitmweb's web server
+_READY = re.compile(re.escape(READY) + r" on ports ([\d ]+)")  # not mitmweb's web server
 
 
 def free_port() -> int:
@@ -132,10 +132,9 @@ class Gateway:
         while time.monotonic() < deadline:
             # mitmproxy listens before it checks the addons' start-up errors: READY comes after
             # that check (tests/support/ready.py), a gateway whose configuration failed exits
-            text = self.log_text()
-            m = _LISTENING.search(text)
-            if m and READY in text:
-                self.port = int(m.group(1))
+            m = _READY.search(self.log_text())
+            if m:
+                self.port = int(m.group(1).split()[0])  # the first --mode's listener
                 return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mitmdump exited with {self.proc.returncode}:\n{self.log_text()}")
