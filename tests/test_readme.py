@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import UPSTREAM_KEY
-from tests.support.gateway import REPO, Gateway
+from tests.support.gateway import REPO, Gateway, free_port
 from tests.support.upstream import DEFAULT_REPLY, FakeUpstream
 
 README = (REPO / "README.md").read_text()
@@ -45,9 +45,11 @@ def default_gateway(tmp_path_factory):
     for upstream in config["upstreams"].values():
         upstream["connect_to"] = stand_in.url
     env = {"OPENAI_API_KEY": UPSTREAM_KEY, "ANTHROPIC_API_KEY": UPSTREAM_KEY}
-    with Gateway(config, mode="reverse:https://api.openai.com", env=env,
-                 workdir=work / "gw") as gw:
-        yield gw, stand_in
+    # and a second listener in regular (proxy) mode, as `scripts/run` starts it
+    proxy_port = free_port()
+    with Gateway(config, mode="reverse:https://api.openai.com", env=env, workdir=work / "gw",
+                 args=["--mode", f"regular@{proxy_port}"]) as gw:
+        yield gw, stand_in, proxy_port
     stand_in.close()
 
 
@@ -57,7 +59,7 @@ def douane(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_quick_tour_as_written(default_gateway, tmp_path):
-    gw, stand_in = default_gateway
+    gw, stand_in, _ = default_gateway
     # 2. Get a token
     token = douane(gw, "token", "alice@example.com", "--groups", "engineering", "--ttl", "1h")
     assert token.returncode == 0, token.stderr
@@ -92,19 +94,16 @@ def test_the_quick_tour_as_written(default_gateway, tmp_path):
 
 
 def test_the_quick_start_proxy_command_as_written(default_gateway, tmp_path):
-    gw, stand_in = default_gateway
+    gw, stand_in, proxy_port = default_gateway
     token = douane(gw, "token", "alice@example.com", "--groups", "engineering").stdout.strip()
     # the reader's `python` has the openai package: here, the test environment's
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("OPENAI_BASE_URL", None)
-    # one gateway, a second listener in regular (proxy) mode, as `scripts/run` starts it
-    proxy = Gateway(gw.config_file.read_text(), mode="regular", workdir=tmp_path / "proxy",
-                    env={"OPENAI_API_KEY": UPSTREAM_KEY, "ANTHROPIC_API_KEY": UPSTREAM_KEY})
-    with proxy:
-        env["HTTPS_PROXY"] = proxy.proxy_url("alice", token)
-        env["SSL_CERT_FILE"] = str(proxy.ca_file)
-        run = subprocess.run(["bash", "-c", quick_start_command()], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=120)
+    # the gateway's proxy-mode listener
+    env["HTTPS_PROXY"] = f"http://alice:{token}@127.0.0.1:{proxy_port}"
+    env["SSL_CERT_FILE"] = str(gw.ca_file)
+    run = subprocess.run(["bash", "-c", quick_start_command()], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert DEFAULT_REPLY in run.stdout
     assert stand_in.requests[-1].headers["host"] == "api.openai.com"
