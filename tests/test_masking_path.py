@@ -128,3 +128,31 @@ def test_value_free_and_repeated_texts_make_no_round_trip(analyzer):
     _, pool = mask(analyzer, [TextPiece("completion", None, t, ("x", i))
                               for i, t in enumerate(VALUE_FREE)])
     assert pool.sent == []
+
+
+def test_a_chat_history_is_analysed_once_across_turns(analyzer):
+    """With `requests: true` each turn re-sends the earlier messages: only the new one is sent to
+    the workers, and every turn is masked as if analysed whole. Answers are always analysed."""
+    from douane.masking import addon
+
+    m = Mask(Settings())
+    m.masking, m.pool = SETTINGS, AnalyzerPool(analyzer)
+    history = ["My name is Maria Garcia.", "Write to maria.garcia@example.com", "Call 212-555-0147"]
+    turns = []
+    for n in range(1, len(history) + 1):
+        pieces = [TextPiece("prompt", "user", t, ("messages", i)) for i, t in
+                  enumerate(history[:n])]
+        asyncio.run(m._mask(FlowState("dcn_t", 0.0), pieces, m.recent))
+        turns.append([p.text for p in pieces])
+    assert m.pool.sent == [[t] for t in history]
+    assert turns[-1] == ["My name is <PERSON>.", "Write to <EMAIL_ADDRESS>", "Call <PHONE_NUMBER>"]
+    assert turns[1] == turns[-1][:2]
+    for _ in range(2):
+        asyncio.run(m._mask(FlowState("dcn_t", 0.0), [TextPiece("completion", None, history[0],
+                                                                ("x",))]))
+    assert m.pool.sent[-2:] == [[history[0]], [history[0]]]
+    recent = addon.Recent()
+    for i in range(addon.RECENT + 1):
+        recent.put(recent.digest(str(i)), [])
+    assert recent.get(recent.digest("0")) is None and recent.get(recent.digest("1")) == []
+    assert recent.digest("a") != addon.Recent().digest("a"), "a key of its own per start"

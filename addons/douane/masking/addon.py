@@ -8,8 +8,11 @@ refuses the flow or cuts the stream: nothing unmasked leaves because masking fai
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import hashlib
 import logging
+import os
 
 from mitmproxy import exceptions, http
 
@@ -18,6 +21,7 @@ from douane.flowstate import FlowState, Reason, state
 from douane.interaction import TextPiece
 from douane.masking import engine, operators
 from douane.masking.config import NER_ENTITIES, MaskingSettings
+from douane.masking.engine import Span
 from douane.masking.pool import MaskingPool
 from douane.masking.streaming import StreamMasker, plain
 from douane.protocols import streams
@@ -28,6 +32,7 @@ logger = logging.getLogger(__name__)
 REQUEST_KINDS = ("prompt", "tool_arguments", "tool_result")
 RESPONSE_KINDS = ("completion", "tool_result", "resource", "tool_arguments")
 WARM_UP_SECONDS = 300
+RECENT = 4096  # prompt texts whose analysis is remembered (`Recent`)
 
 
 def could_hold_a_value(text: str, entities: tuple[str, ...]) -> bool:
@@ -43,11 +48,38 @@ def could_hold_a_value(text: str, entities: tuple[str, ...]) -> bool:
     return any(engine.PREFILTERS[e](text, digits) for e in entities if e not in NER_ENTITIES)
 
 
+class Recent:
+    """The analyses of the last `RECENT` prompt texts, by keyed digest. A chat re-sends its whole
+    history with every turn: with `requests: true`, each earlier message was analysed again at
+    every turn. No text is kept: a BLAKE2b-256 digest under a key drawn at start names no value to
+    anyone without the key. Used on the event loop only; made anew with the pool (the spans
+    depend on the settings)."""
+
+    def __init__(self) -> None:
+        self._key = os.urandom(32)
+        self._spans: collections.OrderedDict[bytes, list[Span]] = collections.OrderedDict()
+
+    def digest(self, text: str) -> bytes:
+        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), key=self._key).digest()
+
+    def get(self, digest: bytes) -> list[Span] | None:
+        spans = self._spans.get(digest)
+        if spans is not None:
+            self._spans.move_to_end(digest)
+        return spans
+
+    def put(self, digest: bytes, spans: list[Span]) -> None:
+        self._spans[digest] = spans
+        if len(self._spans) > RECENT:
+            self._spans.popitem(last=False)
+
+
 class Mask:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.masking: MaskingSettings | None = None
         self.pool: MaskingPool | None = None
+        self.recent = Recent()
 
     def configure(self, updated: set[str]) -> None:
         if "douane_config" not in updated and self.pool is not None:
@@ -58,6 +90,7 @@ class Mask:
                 self.pool.shutdown()
             self.masking = masking
             self.pool = MaskingPool(masking) if masking else None
+            self.recent = Recent()
             if self.pool:
                 self._warm_up(self.pool)
 
@@ -87,9 +120,11 @@ class Mask:
             return None
         return st
 
-    async def _mask(self, st: FlowState, pieces: list[TextPiece]) -> list[TextPiece]:
+    async def _mask(self, st: FlowState, pieces: list[TextPiece],
+                    recent: Recent | None = None) -> list[TextPiece]:
         """Mask the pieces in place; returns the ones that changed. Texts nothing could be found
-        in make no round trip; a text that is in several pieces is analysed once."""
+        in make no round trip; a text that is in several pieces is analysed once, and, with
+        `recent`, a text analysed lately is not analysed again."""
         assert self.pool and self.masking
         entities = self.masking.entities
         pieces = [p for p in pieces
@@ -97,7 +132,14 @@ class Mask:
         if not pieces:
             return []
         texts = list(dict.fromkeys(p.text for p in pieces))
-        found = dict(zip(texts, await self.pool.analyze(texts), strict=True))
+        digests = {t: recent.digest(t) for t in texts} if recent else {}
+        found = {t: spans for t, d in digests.items() if (spans := recent.get(d)) is not None}
+        todo = [t for t in texts if t not in found]
+        if todo:
+            found.update(zip(todo, await self.pool.analyze(todo), strict=True))
+            if recent:
+                for t in todo:
+                    recent.put(digests[t], found[t])
         changed = []
         for piece in pieces:
             spans = found[piece.text]
@@ -117,7 +159,7 @@ class Mask:
         assert st.interaction
         before = sum(st.masked.values())
         changed = await self._mask(st, [p for p in st.interaction.texts
-                                        if p.kind in REQUEST_KINDS and p.editable])
+                                        if p.kind in REQUEST_KINDS and p.editable], self.recent)
         if changed:
             protocols.apply_text_edits(flow, "request", changed)
         self._record(st, "request", sum(st.masked.values()) - before)
