@@ -420,3 +420,51 @@ def test_sse_comments_carry_no_text_and_a_keep_alive_stays_one(setup, issuer):
         del llm.canned["/v1/chat/completions"]
     assert "maria.garcia" not in raw and "keep-alive" not in raw and "\n:\n" in raw
     assert text == "Hello there"
+
+
+def test_log_probabilities_never_leave_however_asked_or_sent(setup, issuer):
+    """Log probabilities repeat the answer token by token (`Maria`, ` Garcia`): masking reads
+    each token alone and finds no name. `logprobs: 0` asks for them on legacy completions (the
+    sampled tokens), and was let through as falsy; an upstream may send them unasked. Both are
+    refused (the request before the upstream, the answer before the client)."""
+    gw, llm = setup
+    proxy = gw.proxy_url("u", issuer.mint("alice@corp", ["engineering"]))
+    tokens = ["Maria", " Garcia", " at", " maria", ".g", "arcia", "@", "example", ".com"]
+    logprobs = {"tokens": tokens, "token_logprobs": [-0.1] * len(tokens),
+                "top_logprobs": [{t: -0.1} for t in tokens], "text_offset": list(range(len(tokens)))}
+    chat_logprobs = {"content": [{"token": t, "logprob": -0.1, "bytes": list(t.encode()),
+                                  "top_logprobs": []} for t in tokens]}
+    completion = {"id": "c", "object": "text_completion", "created": 0, "model": "m", "choices": [
+        {"index": 0, "text": "".join(tokens), "finish_reason": "stop", "logprobs": logprobs}]}
+    chat = {"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+        {"index": 0, "finish_reason": "stop", "logprobs": chat_logprobs,
+         "message": {"role": "assistant", "content": "".join(tokens)}}]}
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+    stream = "".join("data: " + json.dumps({**chunk, "choices": [{
+        "index": 0, "delta": {"content": t}, "finish_reason": None,
+        "logprobs": {"content": [{"token": t, "logprob": -0.1, "bytes": list(t.encode()),
+                                  "top_logprobs": []}]}}]}) + "\n\n" for t in tokens)
+    with httpx.Client(proxy=proxy, timeout=60) as client:
+        before = len(llm.requests)
+        resp = client.post(llm.url + "/v1/completions",
+                           json={"model": "gpt-3.5-turbo-instruct", "prompt": "?", "logprobs": 0})
+        assert resp.status_code == 400 and len(llm.requests) == before, resp.text[:300]
+        record = gw.audit_record(resp.headers["x-douane-decision-id"])
+        assert record["action"] == "refuse" and \
+            [r["rule"] for r in record["reasons"]] == ["protocol.logprobs_refused"]
+        answers = [("/v1/completions", "application/json", json.dumps(completion),
+                    {"model": "gpt-3.5-turbo-instruct", "prompt": "?"}),
+                   ("/v1/chat/completions", "application/json", json.dumps(chat),
+                    {"model": "m", "messages": [{"role": "user", "content": "?"}]}),
+                   ("/v1/chat/completions", "text/event-stream", stream + "data: [DONE]\n\n",
+                    {"model": "m", "stream": True,
+                     "messages": [{"role": "user", "content": "?"}]})]
+        for path, ctype, answer, ask in answers:
+            llm.canned[path] = (ctype, answer.encode())
+            try:
+                resp = client.post(llm.url + path, json=ask)
+            finally:
+                del llm.canned[path]
+            assert "arcia" not in resp.text and "log probabilities" in resp.text, resp.text[:300]
+            record = gw.audit_record(resp.headers["x-douane-decision-id"])
+            assert record["action"] == "refuse", record

@@ -23,6 +23,9 @@ from douane.protocols.base import (
 from douane.protocols.sse import Event
 
 TEXT_PARTS = ("text", "input_text", "output_text")
+LOGPROBS = ("logprobs", "top_logprobs")
+LOGPROBS_REFUSED = "douane does not pass log probabilities (they repeat the answer token by " \
+    "token, unmasked)"
 MEDIA_PARTS = ("image_url", "input_image", "input_audio", "file", "input_file", "image")
 
 
@@ -56,11 +59,12 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
         raise ProtocolError(403, "endpoint_not_governed",
                             f"douane does not inspect POST /{endpoint} and refuses it")
     include = doc.get("include") if isinstance(doc.get("include"), list) else []
-    if doc.get("logprobs") or doc.get("top_logprobs") or "message.output_text.logprobs" in include:
+    logprobs = doc.get("logprobs")  # `0` too: legacy completions then return the sampled tokens
+    if logprobs is not None and logprobs is not False or doc.get("top_logprobs") or \
+            "message.output_text.logprobs" in include:
         # each token of the answer again, one by one: masking and deny rules cannot see a value
         # split across tokens, so the answer would leave unmasked
-        raise ProtocolError(400, "logprobs_refused", "douane does not pass log probabilities "
-                            "(they repeat the answer token by token, unmasked)", it)
+        raise ProtocolError(400, "logprobs_refused", LOGPROBS_REFUSED, it)
     it.model = doc.get("model") if isinstance(doc.get("model"), str) else None
     it.stream = doc.get("stream") is True
     max_tokens = optional_number(doc, "max_completion_tokens", "max_tokens", "max_output_tokens")
@@ -220,9 +224,27 @@ def _responses_input(doc: dict[str, Any], it: Interaction) -> None:
             it.texts.append(TextPiece("tool_result", "tool", item["output"], ("input", i, "output")))
 
 
+def carries_logprobs(node: Any) -> bool:
+    """Whether an answer (or a stream event) holds log probabilities anywhere, asked or not: a
+    `logprobs` / `top_logprobs` with a non-empty list in it (not `null`, `[]`, `{"content":
+    null}`, nor the `top_logprobs: 0` setting a Responses object repeats)."""
+    if isinstance(node, dict):
+        return any(k in LOGPROBS and _has_items(v) or isinstance(v, dict | list) and
+                   carries_logprobs(v) for k, v in node.items())
+    return isinstance(node, list) and any(carries_logprobs(v) for v in node)
+
+
+def _has_items(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_has_items(v) for v in value.values())
+    return isinstance(value, list) and bool(value)
+
+
 def parse_response(doc: Any, it: Interaction) -> None:
     if not isinstance(doc, dict):
         raise ProtocolError(502, "invalid_upstream_response", "the upstream answer is not JSON")
+    if carries_logprobs(doc.get("choices")) or carries_logprobs(doc.get("output")):
+        raise ProtocolError(502, "logprobs_refused", LOGPROBS_REFUSED, it)
     if it.operation == "chat.completions":
         for i, choice in enumerate(doc.get("choices") or []):
             msg = choice.get("message") or {}
@@ -283,6 +305,10 @@ class ChatStream(StreamFormat):
     """`data: {chunk}` events with `choices[].delta`, ended by `data: [DONE]`."""
 
     strays = True
+
+    def check_message(self, doc: Any) -> None:
+        if isinstance(doc, dict) and carries_logprobs(doc.get("choices")):
+            raise ProtocolError(502, "logprobs_refused", LOGPROBS_REFUSED)
 
     def deltas(self, event: Event, doc: Any) -> list[Delta]:
         out = []
@@ -372,6 +398,10 @@ class ResponsesStream(StreamFormat):
     echoes = tuple(("response", key) for key in (
         "instructions", "tools", "text", "reasoning", "metadata", "prompt", "user",
         "prompt_cache_key", "safety_identifier", "tool_choice"))
+
+    def check_message(self, doc: Any) -> None:
+        if carries_logprobs(doc):
+            raise ProtocolError(502, "logprobs_refused", LOGPROBS_REFUSED)
 
     def deltas(self, event: Event, doc: Any) -> list[Delta]:
         found = _streamed(doc, ".delta")
