@@ -267,6 +267,10 @@ def _leaky_flow(case: str) -> http.HTTPFlow:
         f.request.path = f"/v1/chat/completions?api_key={AWS_KEY}"
     elif case == "cookie":
         f.request.headers["cookie"] = f"session={JWT}"
+    elif case == "data url in a stream":  # SSE lines start `data:` too: the URL still shows
+        f.response.headers["content-type"] = "text/event-stream"
+        f.response.text = "".join(_openai_chat_events("m", [
+            "a file: ", "DATA:text/plain,%41KIA" + AWS_KEY[4:]]))
     elif case == "split across deltas":
         text = "the key is " + key
         f.response.headers["content-type"] = "text/event-stream"
@@ -275,7 +279,8 @@ def _leaky_flow(case: str) -> http.HTTPFlow:
 
 
 LEAKS = ("response body", "escaped", "slash escaped", "non-ascii", "utf-16", "gzip",
-         "percent data url", "header", "query", "cookie", "split across deltas")
+         "percent data url", "data url in a stream", "header", "query", "cookie",
+         "split across deltas")
 
 
 @pytest.mark.parametrize("case", LEAKS)

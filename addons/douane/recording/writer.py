@@ -251,7 +251,7 @@ def _json_string(m: re.Match[str]) -> str:
     return literal if clean == value else json.dumps(clean, ensure_ascii=False)
 
 
-_DATA_URL = re.compile("data:", re.IGNORECASE)
+_DATA_URL = re.compile('"data:', re.IGNORECASE)  # a value that is one (not an SSE `data:` line)
 
 
 def _redacted(text: str, ctype: str) -> str:
