@@ -75,8 +75,16 @@ class Probe:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        time.sleep(1.3)  # the loop figures are written every second
-        stalls = json.loads(self.stats.read_text())["stalls"]
+        # the loop figures are written every second: wait for a write after the probed block
+        # (file times lag the clock by a tick at most, never lead it)
+        end, deadline = time.time(), time.monotonic() + 60
+        while True:
+            with contextlib.suppress(ValueError):  # read between the truncation and the write
+                if self.stats.stat().st_mtime > end:
+                    stalls = json.loads(self.stats.read_text())["stalls"]
+                    break
+            assert time.monotonic() < deadline, "no loop figures written for 60 s"
+            time.sleep(0.05)
         self.stalls = [(round(t - self.t0, 1), ms) for t, ms in stalls if t >= self.t0]
         self.stall_ms = max((ms for _, ms in self.stalls), default=0.0)
         self.growth_mb = (self.status_kb("VmHWM") - self.hwm0) / 1024
