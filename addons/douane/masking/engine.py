@@ -19,6 +19,7 @@ Offline: tldextract uses its bundled public-suffix snapshot, never the network.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
@@ -70,6 +71,7 @@ def _union(group: list[Span], end: int) -> Span:
 # spaCy components the NER of the en_core_web_sm family does not use (its `ner` has a tok2vec of
 # its own): loading without them gives the same entities at about 2.6x the speed. Presidio's
 # context enhancement compares lemmas: `douane_lemmas` below gives it the lower-cased words.
+VOCABULARY = 20_000  # words a worker's spaCy keeps for its life (see Analyzer.detections)
 NOT_FOR_NER = ["parser", "senter", "tok2vec", "tagger", "attribute_ruler", "lemmatizer"]
 DIGITS = re.compile(r"\d")
 # two colons with at most 4 hex digits between: every IPv6 form ("::1", the full 8 groups, mapped)
@@ -257,6 +259,35 @@ def context_enhancer():
     return ContextEnhancer()
 
 
+def nlp_engine_class():
+    """Presidio's spaCy engine whose artifacts compute their keywords (a stop-word lookup per
+    token, read only by the context enhancer, for the few results it can raise) on first use."""
+    from presidio_analyzer.nlp_engine import NlpArtifacts, SpacyNlpEngine
+
+    class Artifacts(NlpArtifacts):
+        def __init__(self, *, nlp_engine, language, **kwargs):
+            super().__init__(nlp_engine=None, language=language, **kwargs)  # no keywords yet
+            del self.keywords
+            self.nlp_engine, self.language = nlp_engine, language
+
+        def __getattr__(self, name):
+            if name != "keywords":
+                raise AttributeError(name)
+            self.keywords = self.set_keywords(self.nlp_engine, self.lemmas, self.language)
+            return self.keywords
+
+    class NlpEngine(SpacyNlpEngine):
+        def _doc_to_nlp_artifact(self, doc, language):
+            entities, scores = self._get_updated_entities(
+                self._get_entities(doc), self._get_scores_for_entities(doc))
+            return Artifacts(entities=entities, tokens=doc,
+                             tokens_indices=[token.idx for token in doc],
+                             lemmas=[token.lemma_ for token in doc], nlp_engine=self,
+                             language=language, scores=scores)
+
+    return NlpEngine
+
+
 def offline_tldextract() -> None:
     """Presidio's email recogniser calls tldextract, which downloads the suffix list by default."""
     import tldextract
@@ -276,7 +307,6 @@ class Analyzer:
 
     def __init__(self, settings: MaskingSettings):
         from presidio_analyzer import AnalyzerEngine, Pattern
-        from presidio_analyzer.nlp_engine import SpacyNlpEngine
         from presidio_analyzer.predefined_recognizers import (
             CreditCardRecognizer,
             EmailRecognizer,
@@ -291,7 +321,7 @@ class Analyzer:
         quiet_presidio()
         self.settings = settings
         self.entities = settings.entities
-        nlp_engine = SpacyNlpEngine(models=[{"lang_code": "en",
+        nlp_engine = nlp_engine_class()(models=[{"lang_code": "en",
                                              "model_name": settings.model or "blank"}])
         if settings.model:
             import spacy
@@ -332,6 +362,7 @@ class Analyzer:
         self.engine = AnalyzerEngine(registry=registry, nlp_engine=nlp_engine,
                                      supported_languages=["en"],
                                      context_aware_enhancer=context_enhancer())
+        self.learning = True  # words read are kept in spaCy's vocabulary (see `detections`)
         self.recognizers = {e: [r for r in registry.recognizers if e in r.supported_entities]
                             for e in self.entities}
 
@@ -353,9 +384,13 @@ class Analyzer:
         candidates = [self.candidates(t) for t in texts]
         todo = [i for i, c in enumerate(candidates) if c]
         out: list[list[Span]] = [[] for _ in texts]
-        # spaCy keeps every new word it reads (its vocabulary and strings grow with each id, hash
-        # and number for the worker's life): what this batch adds is freed at the zone's end
-        with self.nlp_engine.nlp["en"].memory_zone():
+        # spaCy keeps every new word it reads (its vocabulary and strings would grow with each
+        # id, hash and number for the worker's life): the first VOCABULARY words are kept (the
+        # common ones, met again and again: a new word costs spaCy ~10 us to describe), then
+        # what a batch adds is freed at the end of its zone
+        nlp = self.nlp_engine.nlp["en"]
+        self.learning = self.learning and len(nlp.vocab) < VOCABULARY
+        with contextlib.nullcontext() if self.learning else nlp.memory_zone():
             artifacts = self.nlp_engine.process_batch([texts[i] for i in todo], language="en",
                                                       batch_size=max(1, len(todo)))
             for i, (_, nlp_artifacts) in zip(todo, artifacts, strict=True):
