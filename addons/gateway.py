@@ -133,6 +133,7 @@ ORDER = Order(
         mark.error,
         record.error,
     ),
+    douane_stream_wait=(mask.douane_stream_wait,),  # a masked stream's end, analysed off the loop
     websocket_start=(timeouts.websocket_start,),
     websocket_message=(police_websocket.websocket_message,),  # every message policed
     websocket_end=(police_websocket.websocket_end,),

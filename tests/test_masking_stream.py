@@ -148,6 +148,9 @@ def stream(analyse, deltas: list[str], pace: str, rng: random.Random) -> tuple[s
     if pace != "burst" and rng.random() < 0.5:
         pool.tick()  # the end comes a moment after the last analysis finished
         out.append(masker.feed("c", ""))
+    if rng.random() < 0.5:  # the end's layer waits for what `ready` names (protocols.streamwait)
+        while (waited := masker.ready("c")) is not None:
+            pool.result(waited)
     out.append(masker.finish("c"))
     return "".join(out), out
 
@@ -269,8 +272,10 @@ def strings(doc) -> list[str]:
 def test_each_api_streams_exactly_what_the_whole_answer_masks(analyse, api):
     """Each text streamed as the API's events in 1-8 character deltas, the SSE bytes cut at
     random places (an event split, several in one read), each analysis finishing 0-6 reads after
-    it started or only at the end: what the client reads is the whole answer masked, and no value
-    the whole answer masks is in any string of any event (the recaps of Responses too)."""
+    it started or only at the end, a channel's end waiting in the rewriter's backlog for its
+    analysis (the layer pausing) or not: what the client reads is the whole answer masked, and
+    no value the whole answer masks is in any string of any event (the recaps of Responses too).
+    """
     rng = random.Random(f"douane-api-{api}")
     upstream_, path, request, events_of = API_STREAMS[api]
     mismatches = []
@@ -284,14 +289,18 @@ def test_each_api_streams_exactly_what_the_whole_answer_masks(analyse, api):
             it = protocols.parse_request(upstream_, flow_for(upstream_, path, request))
             rewriter = streams.StreamRewriter(protocols.stream_format(upstream_, it), it, "dcn_t")
             rewriter.filters.append(StreamMasker(SETTINGS, pool))
-            out, i = [], 0
+            out, i, pausing = [], 0, rng.random() < 0.5
             while i < len(data):
                 n = rng.randint(1, 160)
                 pool.tick()
                 out += rewriter(data[i:i + n])
+                if pausing:
+                    out += paused(rewriter, pool, end=False)
                 i += n
             if rng.random() < 0.5:
                 pool.tick()  # the end comes a moment after the last analysis finished
+            if pausing:
+                out += paused(rewriter, pool, end=True)
             out.append(rewriter(b""))
             body = b"".join(out)
             leaked = [v for e in sse_events(body) for s in strings(e) for v in masked_values
@@ -299,6 +308,17 @@ def test_each_api_streams_exactly_what_the_whole_answer_masks(analyse, api):
             if streamed_text(api, body) != expected or leaked or rewriter.abort_message:
                 mismatches.append((api, text[:40], leaked[:2], rewriter.abort_message))
     assert not mismatches, mismatches[:3]
+
+
+def paused(rewriter: streams.StreamRewriter, pool: ScheduledPool, end: bool) -> list[bytes]:
+    """What the stream's layer does (protocols.streamwait): while the rewriter waits for
+    analyses, they finish (the layer is paused on its hook), then it resumes."""
+    out = []
+    while (waiting := rewriter.waits(end)) or rewriter.backlog:
+        for future in waiting:
+            pool.result(future)
+        out.append(rewriter.resume())
+    return out
 
 
 def sse_events(body: bytes) -> list:

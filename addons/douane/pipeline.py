@@ -44,6 +44,8 @@ class Order:
     websocket_start: tuple[Step, ...] = ()
     websocket_message: tuple[Step, ...] = ()
     websocket_end: tuple[Step, ...] = ()
+    # douane's own: a rewritten stream's layer waits for its filters (`protocols.streamwait`)
+    douane_stream_wait: tuple[Step, ...] = ()
     client_connected: tuple[ClientStep, ...] = ()
     client_disconnected: tuple[ClientStep, ...] = ()
 
@@ -147,6 +149,9 @@ class Checkpoint:
 
     async def websocket_end(self, flow: http.HTTPFlow) -> None:
         await self._run("websocket_end", flow)
+
+    async def douane_stream_wait(self, flow: http.HTTPFlow) -> None:
+        await self._run("douane_stream_wait", flow)
 
     def client_connected(self, client: connection.Client) -> None:
         self._run_client("client_connected", client)

@@ -126,6 +126,7 @@ class FakeUpstream:
         self.reply = DEFAULT_REPLY
         self.chunk_size: int | Sequence[int] = 4
         self.chunk_delay = 0.0
+        self.stream_ends: list[float] = []  # time.monotonic() when each stream's last byte left
         self.canned: dict[str, tuple[str, bytes]] = {}
         self.answer: Callable[[BaseHTTPRequestHandler, Any], None] | None = None
         upstream = self
@@ -198,6 +199,7 @@ class FakeUpstream:
                         time.sleep(upstream.chunk_delay)
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
+                upstream.stream_ends.append(time.monotonic())
 
             def _json(self, status: int, doc: dict) -> None:
                 data = json.dumps(doc).encode()
@@ -210,7 +212,7 @@ class FakeUpstream:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.scheme = "https" if tls else "http"
@@ -227,6 +229,12 @@ class FakeUpstream:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class _Server(ThreadingHTTPServer):
+    # one thread accepts (and shakes hands over TLS): with the default backlog of 5, connections
+    # opened together past it wait for a SYN retry (1 s, then 3 s)
+    request_queue_size = 64
 
 
 def _tls_context() -> ssl.SSLContext:

@@ -8,6 +8,7 @@ refuses the flow or cuts the stream: nothing unmasked leaves because masking fai
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import hashlib
@@ -24,7 +25,7 @@ from douane.masking.config import NER_ENTITIES, MaskingSettings
 from douane.masking.engine import Span
 from douane.masking.pool import MaskingPool
 from douane.masking.streaming import StreamMasker, plain
-from douane.protocols import streams
+from douane.protocols import streams, streamwait
 from douane.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,11 @@ class Mask:
         if masking != self.masking:
             if self.pool:
                 self.pool.shutdown()
+            if masking:
+                try:
+                    streamwait.install()
+                except ValueError as e:
+                    raise exceptions.OptionsError(str(e)) from None
             self.masking = masking
             self.pool = MaskingPool(masking) if masking else None
             self.recent = Recent()
@@ -171,6 +177,26 @@ class Mask:
             return
         assert self.pool
         rewriter.filters.append(StreamMasker(self.masking, self.pool, st.masked))
+
+    async def douane_stream_wait(self, flow: http.HTTPFlow) -> None:
+        """A masked stream's channel ends before its held text's analysis is done: its layer is
+        paused on this hook (`protocols.streamwait`) while the analysis finishes on the pool;
+        every other flow goes on. Past the timeout the stream ends with the API's error event,
+        as for a failed analysis: the held text never leaves unanalysed."""
+        rewriter = streams.rewriter_of(flow)
+        if rewriter is None or not rewriter.waiting:
+            return
+        timeout = self.masking.timeout_seconds if self.masking else 0
+        waiting = [asyncio.wrap_future(f) for f in rewriter.waiting]
+        done, pending = await asyncio.wait(waiting, timeout=timeout)
+        for f in done:
+            f.cancelled() or f.exception()  # retrieved here; the rewriter raises it when resumed
+        if pending:
+            for f in pending:
+                f.cancel()  # one still queued is not analysed for nothing
+            logger.error("douane: a stream's masking analysis took over %s s (decision %s)",
+                         timeout, state(flow).decision_id)
+            rewriter.abort("douane could not inspect this stream and ended it")
 
     async def response(self, flow: http.HTTPFlow) -> None:
         st = self._applies(flow)

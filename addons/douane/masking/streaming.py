@@ -64,13 +64,18 @@ result collected by a later `feed`: the event loop never waits for Presidio mid-
 still queued when more text arrives is replaced by one of all the held text; none is made while the
 held text is only the start of a word that may yet leave without analysis (`growing_plain`). Each
 proposal analyses all the held text, so once no text has arrived since the last one, the spans of
-what is held are already known. Only `finish` (a channel's end) may have to wait: when the held
-text's analysis is known (the usual case when the end comes a moment after the last delta, as a
-model's finish event does), it is applied at once; otherwise the proposal still in flight (queued
-behind every other stream's analyses) is dropped and the window goes as one analysis to the
-pool's urgent worker, so the loop waits for that analysis alone, bounded by the configured
-timeout. An analyser failure or timeout raises, and the stream rewriter then ends the stream with
-the API's error event.
+what is held are already known.
+
+A channel's end needs the held text's analysis. When it is known (the usual case when the end
+comes a moment after the last delta, as a model's finish event does), it is applied at once.
+Otherwise the stream's layer waits for it off the loop: the rewriter asks `ready` before the
+event that ends the channel, which proposes the end's analysis to the pool's urgent worker (a
+proposal still queued behind every other stream's is dropped for it; one already on a worker is
+waited for), and mitmproxy's layer for that stream pauses on a hook while it runs
+(`protocols.streamwait`); every other flow goes on. `finish` then applies it without waiting.
+Called without that pause (a whole body rewritten off the loop), `finish` waits for the urgent
+analysis itself, bounded by the configured timeout. An analyser failure or timeout ends the
+stream with the API's error event: nothing unanalysed leaves.
 """
 
 from __future__ import annotations
@@ -114,6 +119,7 @@ class _Channel:
     context: int = 0  # the length of the left context in `window`
     skipped: int = 0  # characters of the window's held text released since, without analysis
     analysed: list[Span] | None = None  # the spans of `pending`, while no text arrived since
+    early: str = ""  # released by `ready`, emitted with the next output
 
 
 @dataclass
@@ -130,25 +136,43 @@ class StreamMasker:
             ch.analysed = None
             if ch.inflight is not None and ch.inflight.cancel():
                 ch.inflight = None  # still queued: a proposal of all the held text replaces it
-        out = ""
+        out, ch.early = ch.early, ""
         if ch.inflight is not None and ch.inflight.done():
-            out = self._release(ch, self.pool.result(ch.inflight)[0])
+            out += self._release(ch, self.pool.result(ch.inflight)[0])
         out += self._release_plain(ch, end=False)
         if ch.inflight is None and ch.analysed is None and ch.pending \
                 and not growing_plain(ch.released, ch.pending):
-            ch.context = len(context := left_context(ch))
-            ch.window = context + ch.pending
-            ch.skipped = 0
-            ch.inflight = self.pool.submit([ch.window])
+            self._propose(ch)
         return out
+
+    def ready(self, channel: str) -> Analysis | None:
+        """Before the channel's end, without blocking: the analysis `finish` would wait for,
+        proposed now if it is not under way (None: `finish` can answer at once). Whoever ends the
+        channel awaits it (the stream's layer pauses, `protocols.streamwait`) and asks again; what
+        this releases meanwhile leaves with the next output. The end is then decided as when it
+        comes a moment after the last analysis: the held text's spans are known."""
+        ch = self.channels.get(channel)
+        if ch is None:
+            return None
+        if ch.inflight is not None and not ch.inflight.done():
+            if not ch.inflight.cancel():
+                return ch.inflight  # on a worker now
+            ch.inflight = None  # queued behind other streams': the urgent worker takes the end
+        if ch.inflight is not None:
+            ch.early += self._release(ch, self.pool.result(ch.inflight)[0])
+        ch.early += self._release_plain(ch, end=True)
+        if not ch.pending or ch.analysed is not None:
+            return None
+        self._propose(ch, urgent=True)
+        return ch.inflight
 
     def finish(self, channel: str) -> str:
         ch = self.channels.pop(channel, None)
         if ch is None:
             return ""
-        out = ""
+        out = ch.early
         if ch.inflight is not None and ch.inflight.done():
-            out = self._release(ch, self.pool.result(ch.inflight)[0])
+            out += self._release(ch, self.pool.result(ch.inflight)[0])
         elif ch.inflight is not None:
             ch.inflight.cancel()  # its window is a prefix of the one analysed below
         out += self._release_plain(ch, end=True)
@@ -161,6 +185,12 @@ class StreamMasker:
             spans = shift(self.pool.result(self.pool.submit([window], urgent=True))[0],
                           len(context), len(window))
         return out + operators.apply(self.settings, ch.pending, spans, self.counts)
+
+    def _propose(self, ch: _Channel, urgent: bool = False) -> None:
+        ch.context = len(context := left_context(ch))
+        ch.window = context + ch.pending
+        ch.skipped = 0
+        ch.inflight = self.pool.submit([ch.window], urgent=urgent)
 
     def _release(self, ch: _Channel, spans: list[Span]) -> str:
         ch.inflight = None

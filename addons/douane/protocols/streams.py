@@ -9,14 +9,20 @@ text (`*.done` events) are rewritten to what was actually sent.
 
 The callable is synchronous (mitmproxy calls it from the event loop): filters must not block.
 Returning `[]` holds data back; `b""` is only returned on the final call (see docs: an empty chunk
-ends an HTTP/1.1 chunked body).
+ends an HTTP/1.1 chunked body). A filter whose channel end needs an analysis not done yet says so
+(`ready`): the events from the one that closes that channel wait in `backlog`, and the stream's
+layer pauses while the analysis runs (`waits`, then `resume`: `protocols.streamwait`), so the end
+never blocks the event loop. The final call still processes everything, blocking if it must
+(a caller with no layer to pause, such as `rewrite_whole` off the loop, gets the same bytes).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -28,6 +34,7 @@ from douane.protocols.base import ALL, ProtocolError, StreamFormat
 from douane.protocols.sse import Event, SseError, SseParser
 
 logger = logging.getLogger(__name__)
+_UNPARSED = object()
 
 
 class TextFilter(Protocol):
@@ -38,6 +45,8 @@ class TextFilter(Protocol):
 
     def finish(self, channel: str) -> str:
         """The channel ends; returns everything still held."""
+
+    # optional: `ready(channel) -> Future | None`, what `finish` would wait for (see `waits`)
 
 
 class StreamedText(TextPiece):
@@ -77,6 +86,9 @@ class StreamRewriter:
         # (list filtering) or call abort() (a blocked tool result).
         self.message_hooks: list[Callable[[Any], bool | None]] = []  # True: edited it
         self.parser = SseParser()
+        self.backlog: deque[Event] = deque()  # received, waiting for a filter's analysis
+        self.head: Any = _UNPARSED  # the first backlog event's parsed JSON (`_UNPARSED`: not yet)
+        self.waiting: list[concurrent.futures.Future] = []  # what `waits` last found
         self.open: dict[str, tuple[Kind, Any]] = {}  # channel -> (kind, last delta event doc)
         self.sent: dict[str, StreamedText] = {}  # channel -> text emitted so far
         self.cut: dict[str, str] = {}  # channel -> a JSON escape cut at its last delta's end
@@ -93,49 +105,99 @@ class StreamRewriter:
     def __call__(self, data: bytes) -> bytes | Iterable[bytes]:
         final = data == b""
         self.finished = self.finished or final
+        chunk = self._process(data, final)
+        if final:
+            return chunk
+        return [chunk] if chunk else []
+
+    def waits(self, end: bool) -> list[concurrent.futures.Future]:
+        """The filters' analyses the next event (or at `end`, the stream's end) would block on,
+        started now; empty when it can be processed at once. Never blocks."""
+        self.waiting = []
+        if self.ended or self.abort_message is not None:
+            return self.waiting
+        try:
+            if self.backlog:
+                self.waiting = self._needs(*self._parsed())
+            elif end:
+                self.waiting = self._ready(list(self.open))
+        except Exception as e:  # the event or a filter failed: `resume` ends the stream
+            self._failed(e)
+            self.waiting = []
+        return self.waiting
+
+    def resume(self) -> bytes:
+        """After `waits`: the waiting events, processed as far as they go without blocking."""
+        return self._process(b"", final=False)
+
+    def _process(self, data: bytes, final: bool) -> bytes:
         if self.ended:
-            return b"" if final else []
+            return b""
         out: list[bytes] = []
         self.received += len(data)
         if self.max_bytes is not None and self.received > self.max_bytes:
             self.abort(f"the answer exceeds douane's limit of {self.max_bytes} bytes")
         try:
             if self.abort_message is None:
-                for event in self.parser.feed(data):
-                    out += self._event(event)
-                    if self.abort_message:
-                        break
+                if data or final:  # (b"" tells the parser the stream ended)
+                    self.backlog.extend(self.parser.feed(data))
+                while self.backlog and self.abort_message is None:
+                    event, doc = self._parsed()
+                    if not final and self._needs(event, doc):
+                        break  # its channel's end waits for an analysis: not on the loop
+                    self.backlog.popleft()
+                    self.head = _UNPARSED
+                    out += self._event(event, doc)
             if final and self.abort_message is None:
                 out += self._close([ALL])
-        except (SseError, ProtocolError, UnicodeDecodeError) as e:
-            self.abort(e.message if isinstance(e, ProtocolError) else f"broken stream: {e}")
-        except Exception as e:  # a filter failed: never send what it did not approve
-            logger.error("douane: stream processing failed (decision %s): %r", self.decision_id, e)
-            self.abort("douane could not inspect this stream and ended it")
+        except Exception as e:
+            self._failed(e)
         if self.abort_message is not None:
             message = f"{self.abort_message} (douane decision {self.decision_id})"
             out.append(self.format.error_event(message, "douane_refusal").encode())
             self.ended = True
+            self.backlog.clear()
             if self.on_abort:
                 self.on_abort(self.abort_message)
-        chunk = b"".join(out)
-        if final:
-            return chunk
-        return [chunk] if chunk else []
+        return b"".join(out)
 
-    def _event(self, event: Event) -> list[bytes]:
-        self.format.check(event)
-        if not event.data.strip() or event.data.strip() == "[DONE]":
+    def _failed(self, e: Exception) -> None:
+        if isinstance(e, (SseError, ProtocolError, UnicodeDecodeError)):
+            self.abort(e.message if isinstance(e, ProtocolError) else f"broken stream: {e}")
+            return
+        # a filter failed: never send what it did not approve
+        logger.error("douane: stream processing failed (decision %s): %r", self.decision_id, e)
+        self.abort("douane could not inspect this stream and ended it")
+
+    def _parsed(self) -> tuple[Event, Any]:
+        """The first backlog event and its JSON (None: no JSON), checked, parsed once."""
+        event = self.backlog[0]
+        if self.head is _UNPARSED:
+            self.format.check(event)
             doc = None
-        else:
-            try:
-                doc = json.loads(event.data)
-            except ValueError:
-                raise ProtocolError(502, "broken_stream", "the upstream sent an event that is not "
-                                    "JSON") from None
+            if event.data.strip() and event.data.strip() != "[DONE]":
+                try:
+                    doc = json.loads(event.data)
+                except ValueError:
+                    raise ProtocolError(502, "broken_stream", "the upstream sent an event that "
+                                        "is not JSON") from None
+                self.format.check_message(doc)
+            self.head = doc
+        return event, self.head
+
+    def _needs(self, event: Event, doc: Any) -> list[concurrent.futures.Future]:
+        """The analyses the channels this event closes wait for (see `TextFilter`)."""
+        closes = self.format.closes(event, doc)
+        return self._ready(list(self.open) if ALL in closes else
+                           [c for c in closes if c in self.open]) if closes else []
+
+    def _ready(self, channels: list[str]) -> list[concurrent.futures.Future]:
+        return [f for c in channels for flt in self.filters if hasattr(flt, "ready")
+                if (f := flt.ready(c)) is not None]
+
+    def _event(self, event: Event, doc: Any) -> list[bytes]:
         touched = False  # a hook edited the message in place
         if doc is not None:
-            self.format.check_message(doc)
             touched = any([hook(doc) for hook in self.message_hooks])
             if self.abort_message:
                 return []

@@ -1,0 +1,200 @@
+"""Masked streams ending together do not stall the gateway: 32 streams through a real mitmdump at a
+model's pace (50 events a second), over HTTP/1.1 and HTTP/2, end while the masking analysis of
+their held tails is slow (the gateway's masking workers are stopped for `HOLD` seconds from the
+moment the first upstream has sent all of its answer). Meanwhile the gateway keeps answering
+other flows: requests it refuses itself, from another process, each within `REFUSAL_SECONDS`,
+and over HTTP/2 requests on a connection whose streams are waiting. Every stream still reads
+exactly the whole answer masked, and no masked value is in any event.
+
+Before the stream's layer paused on the wait (`protocols.streamwait`), the first end in the hold
+blocked the event loop until the workers came back: every flow of the process waited with it.
+Slowness comes from stopped processes, not from CPU, so a loaded machine does not make the
+difference: it can only make the refusals slower, never the old stall shorter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import UPSTREAM_KEY
+from tests.hardening.test_evasion import H2Only
+from tests.support.gateway import Gateway, base_config
+from tests.support.upstream import FakeUpstream
+from tests.test_masking_stream import CORPUS
+
+ANSWER = "\n\n".join(CORPUS[i] for i in (6, 8, 9, 10, 11, 16, 17, 20))  # 900 characters
+VALUES = ("Sarah Johnson", "(212) 555-0183", "emily.r@example.com", "078-05-1120", "219-09-9999",
+          "4111 1111 1111 1111", "fatima@example.ae")
+STREAMS = 32
+HOLD = 4.0  # seconds the masking workers are stopped
+REFUSAL_SECONDS = 2.0  # a refusal's answer, while they are
+
+
+@pytest.fixture(scope="module")
+def setup(issuer, tmp_path_factory):
+    llm, probe = FakeUpstream(tls=True), FakeUpstream(tls=True)
+    llm.reply, llm.chunk_size, llm.chunk_delay = ANSWER, 16, 0.02  # 50 events a second
+    probe.reply = "Yes."  # nothing to analyse: the probe waits for no worker
+    config = base_config(issuer.url, llm.url, masking={
+        "workers": 1, "requests": False, "timeout_seconds": 120})
+    config["upstreams"]["probe"] = {"url": probe.url + "/v1", "protocol": "openai",
+                                    "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
+    with Gateway(config, mode="regular", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+                 args=["--set", "ssl_insecure=true"],
+                 workdir=tmp_path_factory.mktemp("stream-ends")) as gw:
+        yield gw, llm, probe
+    llm.close()
+    probe.close()
+
+
+def chat(stream: bool) -> dict:
+    return {"model": "gpt-4o", "stream": stream, "messages": [{"role": "user", "content": "?"}]}
+
+
+def strings(doc) -> list[str]:
+    if isinstance(doc, dict):
+        return [s for v in doc.values() for s in strings(v)]
+    if isinstance(doc, list):
+        return [s for v in doc for s in strings(v)]
+    return [doc] if isinstance(doc, str) else []
+
+
+def masking_workers(gateway_pid: int) -> list[int]:
+    """The gateway's child processes that loaded spaCy."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == gateway_pid and "spacy" in (proc / "maps").read_text():
+                found.append(int(proc.name))
+    return found
+
+
+def holding(workers: list[int], llm: FakeUpstream, held: list[float]) -> None:
+    """Stop the workers once the first upstream has sent all of its answer, for `HOLD` s."""
+    deadline = time.monotonic() + 120
+    while not llm.stream_ends and time.monotonic() < deadline:
+        time.sleep(0.005)
+    held.append(time.monotonic())
+    try:
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(HOLD)
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+        held.append(time.monotonic())
+
+
+def refusing(gw, token: str, stop: threading.Event, out: list[tuple[float, float]]) -> None:
+    """A flow the gateway answers itself (an undeclared host is refused), from another process
+    (curl): how long it takes is the gateway's, not this test's."""
+    while not stop.is_set():
+        start = time.monotonic()
+        done = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-x",
+                               gw.proxy_url("u", token), "http://undeclared.invalid/v1/models"],
+                              capture_output=True, timeout=120)
+        out.append((start, time.monotonic()))
+        assert done.stdout == b"403", done.stdout
+        stop.wait(0.05)
+
+
+async def ends_together(gw, llm, probe, token: str, h2: bool) -> dict:
+    """32 streams at once (over HTTP/1.1 a connection each; over HTTP/2 4 on each of 8
+    connections: httpx keeps about 5 streams of a connection open at once), the workers stopped
+    as they end; until they have ended, a refusal every 50 ms and (on the first connection) a
+    probe every 50 ms."""
+    verify = H2Only(ssl.PROTOCOL_TLS_CLIENT) if h2 else ssl.create_default_context()
+    verify.load_verify_locations(cafile=gw.ca_file)
+    clients = [httpx.AsyncClient(http2=h2, proxy=gw.proxy_url("u", token), verify=verify,
+                                 timeout=180, limits=httpx.Limits(max_connections=64))
+               for _ in range(8 if h2 else 1)]
+    version = "HTTP/2" if h2 else "HTTP/1.1"
+    out: dict = {"probes": [], "refusals": [], "held": []}
+    streaming = True
+
+    async def probing(client: httpx.AsyncClient) -> None:
+        while streaming:
+            start = time.monotonic()
+            resp = await client.post(probe.url + "/v1/chat/completions", json=chat(False))
+            out["probes"].append((start, time.monotonic()))
+            assert resp.status_code == 200 and resp.http_version == version, resp.text
+            await asyncio.sleep(0.05)
+
+    async def one(client: httpx.AsyncClient) -> tuple[list, float]:
+        events = []
+        async with client.stream("POST", llm.url + "/v1/chat/completions",
+                                 json=chat(True)) as resp:
+            assert resp.http_version == version
+            async for line in resp.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append(json.loads(line.removeprefix("data: ")))
+        return events, time.monotonic()
+
+    try:
+        answers = await asyncio.gather(*(c.post(llm.url + "/v1/chat/completions",
+                                                json=chat(False)) for c in clients))
+        out["whole"] = answers[0].json()["choices"][0]["message"]["content"]
+        out["workers"] = masking_workers(gw.proc.pid)
+        llm.stream_ends.clear()
+        stop = threading.Event()
+        threads = [threading.Thread(target=holding, args=(out["workers"], llm, out["held"])),
+                   threading.Thread(target=refusing, args=(gw, token, stop, out["refusals"]))]
+        for thread in threads:
+            thread.start()
+        prober = asyncio.create_task(probing(clients[0]))
+        try:
+            out["streams"] = await asyncio.gather(*(one(clients[n % len(clients)])
+                                                    for n in range(STREAMS)))
+        finally:
+            streaming = False
+            stop.set()
+            await prober
+            for thread in threads:
+                await asyncio.to_thread(thread.join)
+    finally:
+        for client in clients:
+            await client.aclose()
+    return out
+
+
+@pytest.mark.parametrize("h2", [False, True], ids=["http1", "http2"])
+def test_masked_streams_ending_together_leave_the_gateway_serving(setup, issuer, h2):
+    gw, llm, probe = setup
+    token = issuer.mint("alice@corp", ["engineering"])
+    out = asyncio.run(ends_together(gw, llm, probe, token, h2))
+    whole, streams, (held, resumed) = out["whole"], out["streams"], out["held"]
+    assert not [v for v in VALUES if v in whole] and "<PERSON>" in whole
+    for events, _ in streams:
+        text = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+        assert text == whole
+        assert not [v for e in events for s in strings(e) for v in VALUES if v in s]
+    assert len(out["workers"]) == 2 and len(llm.stream_ends) == STREAMS  # main + urgent
+
+    def ending(t: float) -> int:  # streams the upstream had ended whose client had not read it
+        return sum(e <= t for e in llm.stream_ends) - sum(end <= t for _, end in streams)
+
+    def meanwhile(calls: list[tuple[float, float]]) -> list[float]:
+        return [end - start for start, end in calls if start < resumed and end > held]
+
+    most = max(ending(t) for t in [held, *llm.stream_ends] if held <= t <= resumed)
+    refusals = meanwhile(out["refusals"])
+    print(f"{most} streams ending at once while the workers were stopped; "
+          f"{len(refusals)} refusals meanwhile, the slowest {max(refusals, default=0):.2f} s, "
+          f"{len(meanwhile(out['probes']))} probes")
+    assert refusals and max(refusals) < REFUSAL_SECONDS
+    assert most >= 8, "the streams did not end together"
+    # on the connection of streams that wait, a request is answered too
+    assert meanwhile(out["probes"])
