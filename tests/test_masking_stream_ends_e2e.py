@@ -2,8 +2,8 @@
 model's pace (50 events a second), over HTTP/1.1 and HTTP/2, end while the masking analysis of
 their held tails is slow (the gateway's masking workers are stopped for `HOLD` seconds from the
 moment the first upstream has sent all of its answer). Meanwhile the gateway keeps answering
-other flows: requests it refuses itself, from another process, each within `REFUSAL_SECONDS`,
-and over HTTP/2 requests on a connection whose streams are waiting. Every stream still reads
+other flows: requests it refuses itself, from another process, none waiting `REFUSAL_SECONDS`
+of the hold, and over HTTP/2 requests on a connection whose streams are waiting. Every stream still reads
 exactly the whole answer masked, and no masked value is in any event.
 
 Before the stream's layer paused on the wait (`protocols.streamwait`), the first end in the hold
@@ -38,8 +38,8 @@ ANSWER = "\n\n".join(CORPUS[i] for i in (6, 8, 9, 10, 11, 16, 17, 20))  # 900 ch
 VALUES = ("Sarah Johnson", "(212) 555-0183", "emily.r@example.com", "078-05-1120", "219-09-9999",
           "4111 1111 1111 1111", "fatima@example.ae")
 STREAMS = 32
-HOLD = 4.0  # seconds the masking workers are stopped
-REFUSAL_SECONDS = 2.0  # a refusal's answer, while they are
+HOLD = 6.0  # seconds the masking workers are stopped
+REFUSAL_SECONDS = 3.0  # the longest a refusal waits for its answer while they are
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,8 @@ def test_masked_streams_ending_together_leave_the_gateway_serving(setup, issuer,
         return sum(e <= t for e in llm.stream_ends) - sum(end <= t for _, end in streams)
 
     def meanwhile(calls: list[tuple[float, float]]) -> list[float]:
-        return [end - start for start, end in calls if start < resumed and end > held]
+        """How long each call waited while the workers were stopped."""
+        return [end - max(start, held) for start, end in calls if start < resumed and end > held]
 
     most = max(ending(t) for t in [held, *llm.stream_ends] if held <= t <= resumed)
     refusals = meanwhile(out["refusals"])
