@@ -28,6 +28,21 @@ def analyzer() -> Analyzer:
 STARTUP = 300  # seconds for worker processes to load spaCy (minutes on a loaded 2-core machine)
 
 
+@pytest.fixture(scope="module")
+def pool():
+    """A started pool for the tests that leave it working (each worker's spaCy load costs
+    seconds); those that break it or test its start make their own."""
+    from douane.masking.pool import MaskingPool
+
+    pool = MaskingPool(SETTINGS)
+    try:
+        for future in pool.warm_up():
+            future.result(timeout=STARTUP)
+        yield pool
+    finally:
+        pool.shutdown()
+
+
 def masked(analyzer: Analyzer, text: str, settings: MaskingSettings = SETTINGS) -> str:
     return operators.apply(settings, text, analyzer.analyze(text), {})
 
@@ -170,30 +185,22 @@ def test_overlapping_entities_across_the_cut_are_held_whole():
     assert masker.channels["c"].pending == text[45:]
 
 
-def test_the_pool_batches_analyses_while_its_workers_are_busy():
-    from douane.masking.pool import MaskingPool
-
-    settings = SETTINGS.__class__(**{**SETTINGS.__dict__, "workers": 1})
-    pool = MaskingPool(settings)
+def test_the_pool_batches_analyses_while_its_workers_are_busy(pool, monkeypatch):
+    assert pool.settings.workers == 1
     sent: list[int] = []
     send_to = pool._send_to
-    pool._send_to = lambda urgent, texts: (sent.append(len(texts)), send_to(urgent, texts))[1]
-    try:
-        for future in pool.warm_up():
-            future.result(timeout=STARTUP)
-        sent.clear()
-        busy = pool.submit(["Maria Garcia " * 2000])  # takes the only worker for a while
-        texts = ["mail maria@example.com", "call 212-555-0147", "nothing here", "John Smith"]
-        futures = [pool.submit([t]) for t in texts]
-        dropped = pool.submit(["cancelled before it left"])
-        assert dropped.cancel()
-        results = [pool.result(f)[0] for f in futures]
-        assert [[s.entity for s in spans] for spans in results] == \
-            [["EMAIL_ADDRESS"], ["PHONE_NUMBER"], [], ["PERSON"]]
-        assert pool.result(busy)[0]  # the long analysis, delivered to its own caller
-        assert sent == [1, 4], "the analyses that waited left together, the cancelled one not"
-    finally:
-        pool.shutdown()
+    monkeypatch.setattr(pool, "_send_to", lambda urgent, texts: (
+        sent.append(len(texts)), send_to(urgent, texts))[1])
+    busy = pool.submit(["Maria Garcia " * 2000])  # takes the only worker for a while
+    texts = ["mail maria@example.com", "call 212-555-0147", "nothing here", "John Smith"]
+    futures = [pool.submit([t]) for t in texts]
+    dropped = pool.submit(["cancelled before it left"])
+    assert dropped.cancel()
+    results = [pool.result(f)[0] for f in futures]
+    assert [[s.entity for s in spans] for spans in results] == \
+        [["EMAIL_ADDRESS"], ["PHONE_NUMBER"], [], ["PERSON"]]
+    assert pool.result(busy)[0]  # the long analysis, delivered to its own caller
+    assert sent == [1, 4], "the analyses that waited left together, the cancelled one not"
 
 
 @pytest.mark.parametrize("urgent", [False, True])
@@ -246,21 +253,18 @@ def test_an_answer_that_cannot_be_read_fails_the_analyses_and_the_pool_recovers(
         pool.shutdown()
 
 
-def test_a_failing_job_fails_only_its_caller_and_the_workers_go_on():
+def test_a_failing_job_fails_only_its_caller_and_the_workers_go_on(pool):
     """An exception in a worker reaches the future of the job that raised it; the worker serves
     the next job (the pipes to the workers carry errors as answers)."""
     from douane.masking import engine
-    from douane.masking.pool import MaskingPool
 
-    pool = MaskingPool(SETTINGS)
-    try:
-        failing = pool.executor().submit(engine.analyze_batch, None)  # not a list of texts
-        with pytest.raises(TypeError):
-            failing.result(timeout=STARTUP)
-        (spans,) = pool.result(pool.submit(["call 212-555-0147"]))
-        assert [s.entity for s in spans] == ["PHONE_NUMBER"]
-    finally:
-        pool.shutdown()
+    workers = pool.executor()
+    failing = workers.submit(engine.analyze_batch, None)  # not a list of texts
+    with pytest.raises(TypeError):
+        failing.result(timeout=STARTUP)
+    (spans,) = pool.result(pool.submit(["call 212-555-0147"]))
+    assert [s.entity for s in spans] == ["PHONE_NUMBER"]
+    assert pool.executor() is workers, "the same workers, not a new set"
 
 
 def test_an_analyser_failure_refuses_the_answer():
@@ -316,27 +320,19 @@ def test_a_text_with_no_word_a_value_starts_in_is_not_sent_to_the_workers():
     assert Pool.sent == ["Anna is here."] and [p.text for p in changed] == ["<PERSON> is here."]
 
 
-def test_a_stream_end_does_not_wait_behind_a_busy_pool(analyzer):
+def test_a_stream_end_does_not_wait_behind_a_busy_pool(analyzer, pool):
     import time
 
-    from douane.masking.pool import MaskingPool
-
-    pool = MaskingPool(SETTINGS)
-    try:
-        for future in pool.warm_up():
-            future.result(timeout=STARTUP)
-        # every main worker busy for longer than any bound below, other analyses queued behind
-        busy = [pool.executor().submit(time.sleep, 8) for _ in range(SETTINGS.workers)]
-        queued = [pool.submit([ANSWER * 20]) for _ in range(4)]
-        masker = StreamMasker(SETTINGS, pool)
-        out = masker.feed("c", ANSWER)  # its proposal is queued behind the busy workers
-        # only the opening words no value starts in left without analysis
-        assert masker.channels["c"].inflight is not None and out == "Sure. The "
-        out += masker.finish("c")
-        assert not any(f.done() for f in busy + queued), "finish waited for the main pool"
-        assert out == masked(analyzer, ANSWER)
-    finally:
-        pool.shutdown()
+    # every main worker busy for longer than any bound below, other analyses queued behind
+    busy = [pool.executor().submit(time.sleep, 8) for _ in range(SETTINGS.workers)]
+    queued = [pool.submit([ANSWER * 20]) for _ in range(4)]
+    masker = StreamMasker(SETTINGS, pool)
+    out = masker.feed("c", ANSWER)  # its proposal is queued behind the busy workers
+    # only the opening words no value starts in left without analysis
+    assert masker.channels["c"].inflight is not None and out == "Sure. The "
+    out += masker.finish("c")
+    assert not any(f.done() for f in busy + queued), "finish waited for the main pool"
+    assert out == masked(analyzer, ANSWER)
 
 
 def test_overlapping_detections_mask_their_union(analyzer):
