@@ -468,3 +468,37 @@ def test_log_probabilities_never_leave_however_asked_or_sent(setup, issuer):
             assert "arcia" not in resp.text and "log probabilities" in resp.text, resp.text[:300]
             record = gw.audit_record(resp.headers["x-douane-decision-id"])
             assert record["action"] == "refuse", record
+
+
+def test_a_value_split_across_an_answers_blocks_is_masked(setup, issuer):
+    """An answer's text blocks are read as one text (Anthropic splits an answer into blocks
+    around its citations; Responses into parts): `maria.garcia@` | `example.com`, `212-555` |
+    `-0147` reached the client unmasked, each block analysed alone."""
+    gw, llm = setup
+    blocks = ["Write to maria.garcia@", "example.com or call 212-555", "-0147 today."]
+    message = {"id": "m", "type": "message", "role": "assistant", "model": "c",
+               "stop_reason": "end_turn", "content": [{"type": "text", "text": b}
+                                                      for b in blocks]}
+    response = {"id": "r", "object": "response", "created_at": 0, "status": "completed",
+                "model": "m", "output": [{"type": "message", "id": "o", "role": "assistant",
+                                          "status": "completed", "content": [
+                                              {"type": "output_text", "text": b, "annotations": []}
+                                              for b in blocks]}]}
+    token = issuer.mint("alice@corp", ["engineering"])
+    cases = [("/anthropic/v1/messages", message, lambda d: [b["text"] for b in d["content"]]),
+             ("/v1/responses", response,
+              lambda d: [p["text"] for p in d["output"][0]["content"]])]
+    with httpx.Client(proxy=gw.proxy_url("u", token), timeout=60) as client:
+        for path, answer, texts in cases:
+            llm.canned[path] = ("application/json", json.dumps(answer).encode())
+            try:
+                resp = client.post(llm.url + path, json={
+                    "model": "m", "max_tokens": 9, "input": "?",
+                    "messages": [{"role": "user", "content": "?"}]})
+            finally:
+                del llm.canned[path]
+            got = texts(resp.json())
+            assert len(got) == 3 and got[0].startswith("Write to ") and got[2].endswith(" today.")
+            whole = "".join(got)
+            assert "garcia" not in whole and "example.com" not in whole and "0147" not in whole
+            assert "<EMAIL_ADDRESS>" in whole and "<PHONE_NUMBER>" in whole, whole

@@ -24,7 +24,7 @@ from douane.masking import engine, operators
 from douane.masking.config import NER_ENTITIES, MaskingSettings
 from douane.masking.engine import Span
 from douane.masking.pool import MaskingPool
-from douane.masking.streaming import StreamMasker, plain
+from douane.masking.streaming import StreamMasker, plain, shift
 from douane.protocols import streams, streamwait
 from douane.settings import Settings
 
@@ -47,6 +47,28 @@ def could_hold_a_value(text: str, entities: tuple[str, ...]) -> bool:
         return True
     digits = len(engine.DIGITS.findall(text))
     return any(engine.PREFILTERS[e](text, digits) for e in entities if e not in NER_ENTITIES)
+
+
+def read_together(pieces: list[TextPiece]) -> list[list[TextPiece]]:
+    """The pieces in runs a reader reads as one text: the text blocks or parts of an answer in a
+    row (their paths alike but for the block's index, each the next), so a value the upstream
+    split across two blocks (`maria.garcia@` | `example.com`) is found whole. Tool arguments are
+    each a JSON document of their own."""
+    runs: list[list[TextPiece]] = []
+    for piece in pieces:
+        last = runs[-1][-1] if runs else None
+        if last is not None and last.kind == piece.kind != "tool_arguments" and \
+                _next_block(last.path, piece.path):
+            runs[-1].append(piece)
+        else:
+            runs.append([piece])
+    return runs
+
+
+def _next_block(a: tuple, b: tuple) -> bool:
+    steps = [(x, y) for x, y in zip(a, b, strict=False) if x != y]
+    return len(a) == len(b) and len(steps) == 1 and isinstance(steps[0][0], int) and \
+        isinstance(steps[0][1], int) and steps[0][1] == steps[0][0] + 1
 
 
 class Recent:
@@ -126,18 +148,21 @@ class Mask:
             return None
         return st
 
-    async def _mask(self, st: FlowState, pieces: list[TextPiece],
-                    recent: Recent | None = None) -> list[TextPiece]:
+    async def _mask(self, st: FlowState, pieces: list[TextPiece], recent: Recent | None = None,
+                    together: bool = False) -> list[TextPiece]:
         """Mask the pieces in place; returns the ones that changed. Texts nothing could be found
         in make no round trip; a text that is in several pieces is analysed once, and, with
-        `recent`, a text analysed lately is not analysed again."""
+        `recent`, a text analysed lately is not analysed again. `together`: an answer's blocks
+        are analysed as the runs a reader reads (`read_together`)."""
         assert self.pool and self.masking
         entities = self.masking.entities
-        pieces = [p for p in pieces
-                  if could_hold_a_value(p.text, entities) and not plain(p.text)]
-        if not pieces:
+        runs = [(text, run) for run in (read_together(pieces) if together else
+                                        [[p] for p in pieces])
+                if could_hold_a_value(text := "".join(p.text for p in run), entities)
+                and not plain(text)]
+        if not runs:
             return []
-        texts = list(dict.fromkeys(p.text for p in pieces))
+        texts = list(dict.fromkeys(text for text, _ in runs))
         digests = {t: recent.digest(t) for t in texts} if recent else {}
         found = {t: spans for t, d in digests.items() if (spans := recent.get(d)) is not None}
         todo = [t for t in texts if t not in found]
@@ -147,11 +172,15 @@ class Mask:
                 for t in todo:
                     recent.put(digests[t], found[t])
         changed = []
-        for piece in pieces:
-            spans = found[piece.text]
-            if spans:
-                piece.text = operators.apply(self.masking, piece.text, spans, st.masked)
-                changed.append(piece)
+        for text, run in runs:
+            start = 0
+            for piece in run:  # each piece masked with the part of each value it holds
+                end = start + len(piece.text)
+                spans = shift(found[text], start, end)
+                start = end
+                if spans:
+                    piece.text = operators.apply(self.masking, piece.text, spans, st.masked)
+                    changed.append(piece)
         return changed
 
     def _record(self, st: FlowState, where: str, count: int) -> None:
@@ -210,7 +239,8 @@ class Mask:
             return  # douane's own refusal: nothing from the upstream is in it
         before = sum(st.masked.values())
         changed = await self._mask(st, [p for p in st.interaction.response_texts
-                                        if p.kind in RESPONSE_KINDS and p.editable])
+                                        if p.kind in RESPONSE_KINDS and p.editable],
+                                   together=True)
         if changed:
             protocols.apply_text_edits(flow, "response", changed)
         self._record(st, "response", sum(st.masked.values()) - before)
