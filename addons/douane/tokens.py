@@ -20,7 +20,7 @@ import logging
 import time
 import urllib.request
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from jose import jwk, jws
@@ -133,15 +133,16 @@ class TokenVerifier:
                                          identity.jwks_timeout_seconds) for i in identity.issuers}
         self.dev = identity.dev_issuer
         self.dev_key = dev_public_jwk
-        # token -> (claims, issuer, when its signature was verified)
-        self._verified: OrderedDict[str, tuple[dict[str, Any], Issuer, float]] = OrderedDict()
+        # token -> (claims, issuer, when its signature was verified, the identity they make)
+        self._verified: OrderedDict[str, tuple[dict[str, Any], Issuer, float, Identity]] = \
+            OrderedDict()
 
     async def verify(self, token: str, source: str) -> Identity:
         cached = self._verified.get(token)
         if cached and time.monotonic() - cached[2] < VERIFIED_CACHE_SECONDS:
-            claims, issuer, _ = cached
+            claims, issuer, _, identity = cached
             self._check_claims(claims, issuer)
-            return self._identity(claims, issuer, source)
+            return identity if identity.source == source else replace(identity, source=source)
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenError("oversized", "the token is too large")
         parts = token.split(".")
@@ -177,7 +178,7 @@ class TokenVerifier:
             raise TokenError("bad_signature", "the token's signature is invalid") from None
         self._check_claims(claims, issuer)
         identity = self._identity(claims, issuer, source)
-        self._verified[token] = (claims, issuer, time.monotonic())
+        self._verified[token] = (claims, issuer, time.monotonic(), identity)
         if len(self._verified) > VERIFIED_CACHE_SIZE:
             self._verified.popitem(last=False)
         return identity

@@ -48,6 +48,8 @@ OPAQUE = frozenset({("signature", "thinking"), ("signature", "signature_delta"),
                     # a remote MCP server's credentials, for a server a grant names by URL (the
                     # model never reads them; the secret detectors would refuse every such call)
                     ("authorization_token", "url"), ("headers", "mcp"), ("authorization", "mcp")})
+OPAQUE_KEYS = frozenset(k for k, _ in OPAQUE)
+SCALARS = frozenset({str, int, float, bool, type(None)})  # JSON leaves (a str is walked)
 PADDING = "obfuscation"  # top level of a stream event only
 MEDIA_TYPES = ("image/", "audio/", "video/", "application/pdf")
 AUDIO_FORMATS = ("wav", "mp3", "flac", "opus", "aac", "pcm16", "ogg", "webm")  # input_audio
@@ -224,15 +226,21 @@ def _node(walk: _Walk, node: Any, path: JsonPath, key: str | None, parent: dict[
         walk.keys(walk.classify(path)[0], node)  # keys are read where their object sits
         kind = _type(node)
         for k, v in node.items():
-            if (k, kind) in OPAQUE:
+            if k in OPAQUE_KEYS and (k, kind) in OPAQUE:
                 continue
-            if type(v) is str and depth < MAX_DEPTH:  # most values: no call to learn it
-                _string(walk, v, (*path, k), k, node, depth + 1)
-            elif v is not None or depth >= MAX_DEPTH:
+            # most values: no call to learn what they are (past the depth bound, _node refuses)
+            if depth < MAX_DEPTH and type(v) in SCALARS:
+                if type(v) is str:
+                    _string(walk, v, (*path, k), k, node, depth + 1)
+            else:
                 _node(walk, v, (*path, k), k, node, depth + 1)
     elif isinstance(node, list):
         for i, v in enumerate(node):
-            _node(walk, v, (*path, i), key, parent, depth + 1)
+            if depth < MAX_DEPTH and type(v) in SCALARS:
+                if type(v) is str:
+                    _string(walk, v, (*path, i), key, parent, depth + 1)
+            else:
+                _node(walk, v, (*path, i), key, parent, depth + 1)
     elif isinstance(node, str):
         _string(walk, node, path, key, parent, depth)
 
