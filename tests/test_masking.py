@@ -30,8 +30,8 @@ STARTUP = 300  # seconds for worker processes to load spaCy (minutes on a loaded
 
 @pytest.fixture(scope="module")
 def pool():
-    """A started pool for the tests that leave it working (each worker's spaCy load costs
-    seconds); those that break it or test its start make their own."""
+    """A started pool the pool tests share (each worker's spaCy load costs seconds): those that
+    break its workers check that it rebuilds them, so the next test finds it working."""
     from douane.masking.pool import MaskingPool
 
     pool = MaskingPool(SETTINGS)
@@ -204,20 +204,15 @@ def test_the_pool_batches_analyses_while_its_workers_are_busy(pool, monkeypatch)
 
 
 @pytest.mark.parametrize("urgent", [False, True])
-def test_a_crashed_worker_fails_the_analysis_and_the_pool_recovers(urgent):
+def test_a_crashed_worker_fails_the_analysis_and_the_pool_recovers(pool, urgent):
     from concurrent.futures.process import BrokenProcessPool
 
     from douane.masking import engine
-    from douane.masking.pool import MaskingPool
 
-    pool = MaskingPool(SETTINGS)
-    try:
-        with pytest.raises(BrokenProcessPool):
-            pool.executor(urgent).submit(engine.crash_worker).result(timeout=STARTUP)
-        (spans,) = pool.submit(["mail maria@example.com"], urgent=urgent).result(timeout=STARTUP)
-        assert [s.entity for s in spans] == ["EMAIL_ADDRESS"]
-    finally:
-        pool.shutdown()
+    with pytest.raises(BrokenProcessPool):
+        pool.executor(urgent).submit(engine.crash_worker).result(timeout=STARTUP)
+    (spans,) = pool.submit(["mail maria@example.com"], urgent=urgent).result(timeout=STARTUP)
+    assert [s.entity for s in spans] == ["EMAIL_ADDRESS"]
 
 
 class _Unreadable:
@@ -234,23 +229,15 @@ def unreadable_answer():
     return _Unreadable()
 
 
-def test_an_answer_that_cannot_be_read_fails_the_analyses_and_the_pool_recovers():
+def test_an_answer_that_cannot_be_read_fails_the_analyses_and_the_pool_recovers(pool):
     """The reader thread of a worker used to die on it: that worker's analyses then never
     finished (each waited for the timeout, every later one too)."""
-    import concurrent.futures
     from concurrent.futures.process import BrokenProcessPool
 
-    from douane.masking.pool import MaskingPool
-
-    pool = MaskingPool(SETTINGS)
-    try:
-        concurrent.futures.wait(pool.warm_up(), timeout=STARTUP)
-        with pytest.raises(BrokenProcessPool):
-            pool.executor().submit(unreadable_answer).result(timeout=60)
-        (spans,) = pool.submit(["mail maria@example.com"]).result(timeout=STARTUP)
-        assert [s.entity for s in spans] == ["EMAIL_ADDRESS"]
-    finally:
-        pool.shutdown()
+    with pytest.raises(BrokenProcessPool):
+        pool.executor().submit(unreadable_answer).result(timeout=60)
+    (spans,) = pool.submit(["mail maria@example.com"]).result(timeout=STARTUP)
+    assert [s.entity for s in spans] == ["EMAIL_ADDRESS"]
 
 
 def test_a_failing_job_fails_only_its_caller_and_the_workers_go_on(pool):
