@@ -156,37 +156,3 @@ def test_a_chat_history_is_analysed_once_across_turns(analyzer):
         recent.put(recent.digest(str(i)), [])
     assert recent.get(recent.digest("0")) is None and recent.get(recent.digest("1")) == []
     assert recent.digest("a") != addon.Recent().digest("a"), "a key of its own per start"
-
-
-def test_texts_leaving_while_workers_are_free_are_split_among_them():
-    """An answer of several texts at low load is analysed on every free worker, in runs of about
-    equal size, and each caller gets its own spans in order; while a worker is busy, what leaves
-    goes whole to the free one."""
-    from douane.masking import pool as poolmod
-    from douane.masking.pool import MaskingPool
-    from tests.test_masking import STARTUP
-
-    assert poolmod.runs(["a" * 200, "b" * 10, "c" * 10], 2) == [["a" * 200], ["b" * 10, "c" * 10]]
-    assert poolmod.runs(["ab"] * 4, 2) == [["ab"] * 2, ["ab"] * 2]
-    assert poolmod.runs(["ab"], 2) == [["ab"]]
-    pool = MaskingPool(SETTINGS.__class__(**{**SETTINGS.__dict__, "workers": 2}))
-    sent: list[int] = []
-    send_to = pool._send_to
-    pool._send_to = lambda urgent, texts: (sent.append(len(texts)), send_to(urgent, texts))[1]
-    try:
-        for future in pool.warm_up():
-            future.result(timeout=STARTUP)
-        sent.clear()
-        texts = ["mail maria@example.com", "call 212-555-0147", "nothing here", "John Smith"]
-        results = pool.result(pool.submit(texts))
-        assert [[s.entity for s in spans] for spans in results] == \
-            [["EMAIL_ADDRESS"], ["PHONE_NUMBER"], [], ["PERSON"]]
-        assert sent == [2, 2]
-        sent.clear()
-        busy = pool.submit(["Maria Garcia " * 2000])  # takes one worker for a while
-        assert [len(s) for s in pool.result(pool.submit(texts))] == [1, 1, 0, 1]
-        assert pool.result(busy)[0]
-        assert sent == [1, 4]
-        assert pool._batches_out == 0, "every worker taken is given back"
-    finally:
-        pool.shutdown()

@@ -14,10 +14,7 @@ per analysis: 0.23 ms at p50 and 3.3 ms at p90 for an echo on the loaded 2-core 
 0.08 and 0.15 ms over a pipe.
 
 Main-pool analyses are batched by load: while a main worker is free, an analysis goes at once;
-while every one is busy, analyses gather and leave together when one frees up. What leaves while
-several workers are free is split among them (in runs of about equal characters, in order), so
-an answer of many texts at low load is analysed in parallel, not on one worker while the other
-idles. spaCy runs once over
+while every one is busy, analyses gather and leave together when one frees up. spaCy runs once over
 a batch, so its cost per text falls as the load rises (`scripts/bench-masking`: 1.5x the chars/s
 in batches of 16), and 32 streams' proposals cost a few batches instead of 32 separate analyses.
 Processes, not threads: spaCy's NER holds the GIL (2 threads ran it at 0.9-1.2x one thread's
@@ -37,7 +34,6 @@ import multiprocessing.connection
 import multiprocessing.process
 import threading
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 
 from douane.masking import engine
 from douane.masking.config import MaskingSettings
@@ -46,27 +42,6 @@ from douane.masking.engine import Span
 logger = logging.getLogger(__name__)
 
 Analysis = concurrent.futures.Future[list[list[Span]]]
-Batch = list[tuple[list[str], Analysis]]
-
-
-def runs(texts: list[str], n: int) -> list[list[str]]:
-    """`texts` in at most `n` consecutive runs of about equal characters."""
-    total, out, run, size = sum(map(len, texts)), [], [], 0
-    for text in texts:
-        if run and len(out) < n - 1 and size >= total * (len(out) + 1) / n:
-            out.append(run)
-            run = []
-        run.append(text)
-        size += len(text)
-    return [*out, run]
-
-
-@dataclass
-class _Sent:
-    """A batch on the workers, in parts: its analyses are answered when the last part is."""
-    batch: Batch
-    parts: list[Analysis]
-    left: int
 
 
 class Workers:
@@ -196,9 +171,9 @@ class MaskingPool:
         future: Analysis = concurrent.futures.Future()
         with self._lock:
             self._waiting.append((texts, future))
-            batch, parts = self._take_batch()
+            batch = self._take_batch()
         if batch:
-            self._send_batch(batch, parts)
+            self._send_batch(batch)
         return future
 
     def result(self, future: Analysis) -> list[list[Span]]:
@@ -220,60 +195,44 @@ class MaskingPool:
             executor.shutdown()
         self._executors.clear()
 
-    def _take_batch(self) -> tuple[Batch, int]:
-        """Under the lock: every waiting analysis, if a main worker is free to take them, and
-        the number of free workers it takes (at most one per text)."""
-        free = self.settings.workers - self._batches_out
-        if self._closed or not self._waiting or free <= 0:
-            return [], 0
+    def _take_batch(self) -> list[tuple[list[str], Analysis]]:
+        """Under the lock: every waiting analysis, if a main worker is free to take them."""
+        if self._closed or not self._waiting or self._batches_out >= self.settings.workers:
+            return []
         batch, self._waiting = self._waiting, []
-        parts = max(1, min(free, sum(len(texts) for texts, _ in batch)))
-        self._batches_out += parts
-        return batch, parts
+        self._batches_out += 1
+        return batch
 
-    def _send_batch(self, batch: Batch, parts: int) -> None:
+    def _send_batch(self, batch: list[tuple[list[str], Analysis]]) -> None:
         """Outside the lock (submitting may wait for the executor's lock)."""
         batch = [(texts, f) for texts, f in batch if f.set_running_or_notify_cancel()]
-        chunks = runs([text for texts, _ in batch for text in texts], parts) if batch else []
-        self._free(parts - len(chunks))  # every one was cancelled, or fewer texts are left
-        sent: list[Analysis] = []
+        if not batch:  # every one was cancelled before it left
+            self._batch_done([], None)
+            return
         try:
-            for chunk in chunks:
-                sent.append(self._send_to(False, chunk))
+            sent = self._send_to(False, [text for texts, _ in batch for text in texts])
         except Exception as e:  # the executor could not even be rebuilt: fail these analyses
-            self._free(len(chunks) - len(sent))
-            for part in sent:
-                part.add_done_callback(lambda _: self._free(1))
+            for _, future in batch:
+                future.set_exception(e)
+            self._batch_done([], None)
+            return
+        sent.add_done_callback(functools.partial(self._batch_done, batch))
+
+    def _batch_done(self, batch: list[tuple[list[str], Analysis]],
+                    sent: Analysis | None) -> None:
+        with self._lock:
+            self._batches_out -= 1
+            self._lock.notify()
+        if sent is None:
+            return
+        try:
+            results = sent.result()
+        except BaseException as e:  # a crashed worker, a failed analysis, a shutdown
             for _, future in batch:
                 future.set_exception(e)
             return
-        if sent:
-            whole = _Sent(batch, sent, len(sent))
-            for part in sent:
-                part.add_done_callback(functools.partial(self._part_done, whole))
-
-    def _free(self, workers: int) -> None:
-        if workers:
-            with self._lock:
-                self._batches_out -= workers
-                self._lock.notify()
-
-    def _part_done(self, sent: _Sent, _part: Analysis) -> None:
-        with self._lock:
-            self._batches_out -= 1
-            sent.left -= 1
-            last = sent.left == 0
-            self._lock.notify()
-        if not last:
-            return
-        try:
-            results = [spans for part in sent.parts for spans in part.result()]
-        except BaseException as e:  # a crashed worker, a failed analysis, a shutdown
-            for _, future in sent.batch:
-                future.set_exception(e)
-            return
         start = 0
-        for texts, future in sent.batch:
+        for texts, future in batch:
             future.set_result(results[start:start + len(texts)])
             start += len(texts)
 
@@ -283,8 +242,8 @@ class MaskingPool:
                 self._lock.wait_for(lambda: self._closed or self._take_ready())
                 if self._closed:
                     return
-                batch, parts = self._take_batch()
-            self._send_batch(batch, parts)
+                batch = self._take_batch()
+            self._send_batch(batch)
 
     def _take_ready(self) -> bool:
         return bool(self._waiting) and self._batches_out < self.settings.workers
