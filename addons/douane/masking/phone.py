@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 
 import phonenumbers
-from phonenumbers import PhoneMetadata, PhoneNumberType, normalize_digits_only, parse
+from phonenumbers import PhoneMetadata, normalize_digits_only, parse
 from phonenumbers.phonenumbermatcher import (
     _INNER_MATCHES,
     _LEAD_PATTERN,
@@ -48,7 +48,6 @@ from phonenumbers.phonenumberutil import (
     COUNTRY_CODE_TO_REGION_CODE,
     NumberParseException,
     _maybe_strip_national_prefix_carrier_code,
-    _number_type_helper,
 )
 from phonenumbers.re_util import fullmatch
 
@@ -68,6 +67,16 @@ FIRST = re.compile(r"[+\uff0b\d]")  # where parsing starts reading a number
 def _regions(cc: int) -> list:
     return [PhoneMetadata.metadata_for_region_or_calling_code(cc, r)
             for r in COUNTRY_CODE_TO_REGION_CODE[cc]]
+
+
+TYPES = ("premium_rate", "toll_free", "shared_cost", "voip", "personal_number", "pager", "uan",
+         "voicemail", "fixed_line", "mobile")
+
+
+def _types(md) -> list:
+    """The region's number types that have numbers (a pattern)."""
+    return [d for d in (getattr(md, t) for t in TYPES) if d is not None
+            and d.national_number_pattern and d.possible_length != (-1,)]
 
 
 def _added_digits(md) -> int:
@@ -120,14 +129,18 @@ class NationalShapes:
         self.metadata = (md,) if main is md else (md, main)
         self.cc = str(md.country_code)
         self.international = re.compile(md.international_prefix)
-        self.by_length: dict[int, list] = {}  # length -> the regions whose numbers have it
+        by_length: dict[int, list[str]] = {}  # length -> per region: general and a type
         for r in regions:
             for n in r.general_desc.possible_length:
-                if n > 0:
-                    self.by_length.setdefault(n, []).append(r)
-        self.shapes = {n: re.compile("|".join(f"(?:{r.general_desc.national_number_pattern})"
-                                              for r in rs))
-                       for n, rs in self.by_length.items()}
+                if n > 0 and (types := [d.national_number_pattern for d in _types(r)
+                                        if not d.possible_length or n in d.possible_length]):
+                    by_length.setdefault(n, []).append(
+                        f"(?=(?:{r.general_desc.national_number_pattern})\\Z)"
+                        f"(?:{'|'.join(f'(?:{t})' for t in types)})")
+        # a national number valid in a region of the country code matches its length's shape:
+        # the general pattern and a type's (phonenumbers' `_number_type_helper`, in one regex)
+        self.shapes = {n: re.compile("|".join(f"(?:{a})" for a in alternatives))
+                       for n, alternatives in by_length.items()}
         # without a rewrite rule, parsing only strips leading digits: a number is an ending
         self.endings = not any(m.national_prefix_transform_rule for m in self.metadata)
 
@@ -151,8 +164,6 @@ class NationalShapes:
                                     for n, shape in self.shapes.items()):
             return True
         return not any((shape := self.shapes.get(len(n))) and shape.fullmatch(n)
-                       and any(_number_type_helper(n, md) != PhoneNumberType.UNKNOWN
-                               for md in self.by_length[len(n)])
                        for n in self.national_numbers(digits))
 
 
