@@ -115,7 +115,11 @@ def slug(name: str, chars: int = 48) -> str:
 
 def absurd_name(it: Interaction) -> str | None:
     """Why the interaction's model or a tool it names is refused at the door, or None."""
-    names = [("model name", it.model), *(("tool name", n) for n in (
-        *(m.tool for m in it.mcp), *(c.name for c in it.tool_calls), *(t.name for t in it.tools)))]
-    return next((problem for what, name in names if name is not None
-                 if (problem := bad_name(what, str(name)))), None)
+    if it.model is not None and (problem := bad_name("model name", str(it.model))):
+        return problem
+    for names in ([m.tool for m in it.mcp], [c.name for c in it.tool_calls],
+                  [t.name for t in it.tools]):
+        for name in names:
+            if name is not None and (problem := bad_name("tool name", str(name))):
+                return problem
+    return None
