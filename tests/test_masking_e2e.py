@@ -502,3 +502,27 @@ def test_a_value_split_across_an_answers_blocks_is_masked(setup, issuer):
             whole = "".join(got)
             assert "garcia" not in whole and "example.com" not in whole and "0147" not in whole
             assert "<EMAIL_ADDRESS>" in whole and "<PHONE_NUMBER>" in whole, whole
+
+
+def test_the_last_text_of_a_chunk_that_ends_the_choice_is_masked_with_the_rest(setup, issuer):
+    """Servers other than OpenAI's send a choice's last text and its `finish_reason` in one
+    chunk. The channel was closed first (its held text released as a whole answer), then that
+    text fed alone: `maria.garcia` | `@example.com` reached the client unmasked."""
+    gw, llm = setup
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+
+    def event(text: str, finish: str | None = None) -> str:
+        return "data: " + json.dumps({**chunk, "choices": [
+            {"index": 0, "delta": {"content": text}, "finish_reason": finish}]}) + "\n\n"
+    body = event("Write to maria.garcia") + event("@example.com or 212-555-0147.", "stop") + \
+        "data: [DONE]\n\n"
+    llm.canned["/v1/chat/completions"] = ("text/event-stream", body.encode())
+    try:
+        c = openai_client(gw, llm, issuer.mint("alice@corp", ["engineering"]))
+        chunks = [ch for ch in c.chat.completions.create(
+            model="m", stream=True, messages=[{"role": "user", "content": "?"}]) if ch.choices]
+    finally:
+        del llm.canned["/v1/chat/completions"]
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert text == "Write to <EMAIL_ADDRESS> or <PHONE_NUMBER>.", text
+    assert chunks[-1].choices[0].finish_reason == "stop"  # the end still comes last

@@ -48,6 +48,11 @@ class StreamFormat:
         """Raise ProtocolError for a parsed event that must end the stream (before any stage
         reads it)."""
 
+    def split(self, event: Event, doc: Any) -> list[Event] | None:
+        """The events to process in place of one that closes a channel it also carries text
+        for (its text first, then the close), or None: each is then taken as it comes."""
+        return None
+
     def deltas(self, event: Event, doc: Any) -> list[Delta]:
         return []
 

@@ -310,6 +310,27 @@ class ChatStream(StreamFormat):
         if isinstance(doc, dict) and carries_logprobs(doc.get("choices")):
             raise ProtocolError(502, "logprobs_refused", LOGPROBS_REFUSED)
 
+    def split(self, event: Event, doc: Any) -> list[Event] | None:
+        """A chunk that ends a choice and carries its last text (servers other than OpenAI's
+        send both in one): the text as a chunk of its own, then the end. Taken whole, the
+        channel was closed before its last text was fed, which was then masked alone
+        (`maria.garcia` | `@example.com` left unmasked)."""
+        choices = doc.get("choices") if isinstance(doc, dict) else None
+        both = [n for n, c in enumerate(choices if isinstance(choices, list) else [])
+                if isinstance(c, dict) and c.get("finish_reason") and
+                isinstance(c.get("delta"), dict) and c["delta"].get("content")]
+        if not both:
+            return None
+        text = copy.deepcopy(doc)
+        text.pop("usage", None)
+        for n in both:
+            text["choices"][n]["finish_reason"] = None
+        end = {k: v for k, v in doc.items() if k != "choices"}
+        end["choices"] = [{**choices[n], "delta": {}} for n in both]
+        return [Event(json.dumps(text, ensure_ascii=False), event.event, None, event.retry,
+                      event.comments),
+                Event(json.dumps(end, ensure_ascii=False), event.event, event.id, event.retry)]
+
     def deltas(self, event: Event, doc: Any) -> list[Delta]:
         out = []
         for n, choice in enumerate(doc.get("choices") or [] if isinstance(doc, dict) else []):

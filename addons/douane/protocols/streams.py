@@ -182,6 +182,11 @@ class StreamRewriter:
                     raise ProtocolError(502, "broken_stream", "the upstream sent an event that "
                                         "is not JSON") from None
                 self.format.check_message(doc)
+                parts = self.format.split(event, doc)
+                if parts:  # the event's text joins its channel before the channel ends
+                    self.backlog.popleft()
+                    self.backlog.extendleft(reversed(parts))
+                    return self._parsed()
             self.head = doc
         return event, self.head
 
