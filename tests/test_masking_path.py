@@ -156,3 +156,21 @@ def test_a_chat_history_is_analysed_once_across_turns(analyzer):
         recent.put(recent.digest(str(i)), [])
     assert recent.get(recent.digest("0")) is None and recent.get(recent.digest("1")) == []
     assert recent.digest("a") != addon.Recent().digest("a"), "a key of its own per start"
+
+
+def test_a_text_another_user_sent_lately_is_analysed_again(analyzer):
+    """Red team: the recent analyses were shared by every user, so a prompt answered sooner told
+    its sender that someone had sent the same text lately (a timing oracle across users). Each
+    user's texts are now their own; one user's history still is analysed once."""
+    from douane.flowstate import Identity
+
+    m = Mask(Settings())
+    m.masking, m.pool = SETTINGS, AnalyzerPool(analyzer)
+    text = "My name is Maria Garcia, call 212-555-0147"
+    for user in ("alice@corp", "alice@corp", "mallory@corp", "alice@corp"):
+        st = FlowState("dcn_t", 0.0)
+        st.identity = Identity(user, (), "issuer", user, "bearer")
+        pieces = [TextPiece("prompt", "user", text, ("messages", 0))]
+        asyncio.run(m._mask(st, pieces, m.recent))
+        assert pieces[0].text == "My name is <PERSON>, call <PHONE_NUMBER>"
+    assert m.pool.sent == [[text], [text]]  # alice's, then mallory's own

@@ -75,15 +75,17 @@ class Recent:
     """The analyses of the last `RECENT` prompt texts, by keyed digest. A chat re-sends its whole
     history with every turn: with `requests: true`, each earlier message was analysed again at
     every turn. No text is kept: a BLAKE2b-256 digest under a key drawn at start names no value to
-    anyone without the key. Used on the event loop only; made anew with the pool (the spans
-    depend on the settings)."""
+    anyone without the key. Each user's texts are their own (the digest holds the user): a hit
+    answers sooner, and another user must not learn from that what someone sent lately. Used on
+    the event loop only; made anew with the pool (the spans depend on the settings)."""
 
     def __init__(self) -> None:
         self._key = os.urandom(32)
         self._spans: collections.OrderedDict[bytes, list[Span]] = collections.OrderedDict()
 
-    def digest(self, text: str) -> bytes:
-        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), key=self._key).digest()
+    def digest(self, text: str, user: str = "") -> bytes:
+        return hashlib.blake2b(f"{len(user)}:{user}{text}".encode("utf-8", "surrogatepass"),
+                               key=self._key).digest()
 
     def get(self, digest: bytes) -> list[Span] | None:
         spans = self._spans.get(digest)
@@ -163,7 +165,8 @@ class Mask:
         if not runs:
             return []
         texts = list(dict.fromkeys(text for text, _ in runs))
-        digests = {t: recent.digest(t) for t in texts} if recent else {}
+        user = st.identity.user if st.identity else ""
+        digests = {t: recent.digest(t, user) for t in texts} if recent else {}
         found = {t: spans for t, d in digests.items() if (spans := recent.get(d)) is not None}
         todo = [t for t in texts if t not in found]
         if todo:
