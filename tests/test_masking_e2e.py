@@ -526,3 +526,28 @@ def test_the_last_text_of_a_chunk_that_ends_the_choice_is_masked_with_the_rest(s
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
     assert text == "Write to <EMAIL_ADDRESS> or <PHONE_NUMBER>.", text
     assert chunks[-1].choices[0].finish_reason == "stop"  # the end still comes last
+
+
+def test_text_after_a_choice_ended_ends_the_stream(setup, issuer):
+    """An upstream that sends more text for a choice after its `finish_reason`: that text was
+    masked on a fresh channel with no context (`maria.garcia` | end | `@example.com`), and the
+    client, which joins every delta, read the address. Now the stream ends with the API's error
+    event before it, audited as a refusal."""
+    gw, llm = setup
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+
+    def event(text: str, finish: str | None = None) -> str:
+        return "data: " + json.dumps({**chunk, "choices": [
+            {"index": 0, "delta": {"content": text}, "finish_reason": finish}]}) + "\n\n"
+    body = event("Write to maria.garcia") + event("", "stop") + event("@example.com today") + \
+        "data: [DONE]\n\n"
+    llm.canned["/v1/chat/completions"] = ("text/event-stream", body.encode())
+    try:
+        resp = httpx.post(llm.url + "/v1/chat/completions", timeout=60, json={
+            "model": "m", "stream": True, "messages": [{"role": "user", "content": "?"}]},
+            proxy=gw.proxy_url("u", issuer.mint("alice@corp", ["engineering"])))
+    finally:
+        del llm.canned["/v1/chat/completions"]
+    assert "example.com" not in resp.text and "it had ended" in resp.text, resp.text[-300:]
+    record = gw.audit_record(resp.headers["x-douane-decision-id"])
+    assert record["action"] == "refuse", record

@@ -90,6 +90,7 @@ class StreamRewriter:
         self.head: Any = _UNPARSED  # the first backlog event's parsed JSON (`_UNPARSED`: not yet)
         self.waiting: list[concurrent.futures.Future] = []  # what `waits` last found
         self.open: dict[str, tuple[Kind, Any]] = {}  # channel -> (kind, last delta event doc)
+        self.closed: set[str] = set()  # channels an event ended: no more text may come on them
         self.sent: dict[str, StreamedText] = {}  # channel -> text emitted so far
         self.cut: dict[str, str] = {}  # channel -> a JSON escape cut at its last delta's end
         self.abort_message: str | None = None
@@ -212,6 +213,9 @@ class StreamRewriter:
             text = jsonpath.get(doc, delta.path)
             if not isinstance(text, str):
                 continue
+            if text and delta.channel in self.closed:  # it would be filtered with no context
+                raise ProtocolError(502, "reopened_channel", "the upstream sent more text for a "
+                                    "part of the answer it had ended")
             if delta.kind == "tool_arguments":  # JSON text: filtered as the tool will read it
                 text = self.cut.pop(delta.channel, "") + text
                 end = fields.escape_tail(text)
@@ -265,6 +269,7 @@ class StreamRewriter:
             if channel not in self.open:
                 continue
             kind, template = self.open.pop(channel)
+            self.closed.add(channel)
             rest = self._finish(channel)
             if rest:
                 self._sent(channel, kind, rest)
