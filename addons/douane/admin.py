@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import tornado.httpserver
 import tornado.netutil
@@ -71,6 +71,8 @@ class Metrics:
                               registry=self.registry)
         self._rule, self._upstream, self._entity = _Bounded(), _Bounded(), _Bounded()
         self._metered: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        # (metric, label values) -> its series: looked up once (labels are `_Bounded`: so is this)
+        self._series: dict[tuple[Any, ...], Any] = {}
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         self._count(flow)
@@ -89,11 +91,18 @@ class Metrics:
         decision = st.decision
         action = decision.action if decision else "allow"
         rule = decision.reasons[0].rule if decision and decision.reasons else "none"
-        self.decisions.labels(action, self._rule(rule)).inc()
+        self._labelled(self.decisions, action, self._rule(rule)).inc()
         upstream = st.upstream.name if st.upstream else "none"
-        self.latency.labels(self._upstream(upstream)).observe(time.monotonic() - st.started)
+        self._labelled(self.latency, self._upstream(upstream)).observe(
+            time.monotonic() - st.started)
         for entity, count in st.masked.items():
-            self.masked.labels(self._entity(entity)).inc(count)
+            self._labelled(self.masked, self._entity(entity)).inc(count)
+
+    def _labelled(self, metric: Any, *labels: str) -> Any:
+        series = self._series.get((metric, *labels))
+        if series is None:
+            series = self._series[(metric, *labels)] = metric.labels(*labels)
+        return series
 
 
 class _Health(tornado.web.RequestHandler):
