@@ -32,6 +32,7 @@ from tests.conftest import UPSTREAM_KEY
 from tests.hardening.test_evasion import H2Only
 from tests.support.gateway import Gateway, base_config
 from tests.support.upstream import FakeUpstream
+from tests.test_admin_e2e import admin_url, metric
 from tests.test_masking_stream import CORPUS
 
 ANSWER = "\n\n".join(CORPUS[i] for i in (6, 8, 9, 10, 11, 16, 17, 20))  # 900 characters
@@ -48,7 +49,8 @@ def setup(issuer, tmp_path_factory):
     llm.reply, llm.chunk_size, llm.chunk_delay = ANSWER, 16, 0.02  # 50 events a second
     probe.reply = "Yes."  # nothing to analyse: the probe waits for no worker
     config = base_config(issuer.url, llm.url, masking={
-        "workers": 1, "requests": False, "timeout_seconds": 120})
+        "workers": 1, "requests": False, "timeout_seconds": 120},
+        gateway={"metrics_listen": "127.0.0.1:0"})  # flows in flight
     config["upstreams"]["probe"] = {"url": probe.url + "/v1", "protocol": "openai",
                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
     with Gateway(config, mode="regular", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
@@ -199,3 +201,69 @@ def test_masked_streams_ending_together_leave_the_gateway_serving(setup, issuer,
     assert most >= 8, "the streams did not end together"
     # on the connection of streams that wait, a request is answered too
     assert meanwhile(out["probes"])
+
+
+async def left_while_ending(gw, llm, token: str, h2: bool) -> list[str]:
+    """4 streams on one connection, the workers stopped; once the upstream has sent all of every
+    answer (each stream's end waits for its analysis), the client goes (its connection closed),
+    then the workers come back. What the client had read by then."""
+    verify = H2Only(ssl.PROTOCOL_TLS_CLIENT) if h2 else ssl.create_default_context()
+    verify.load_verify_locations(cafile=gw.ca_file)
+    read: list[str] = []
+
+    async def one(client: httpx.AsyncClient) -> None:
+        async with client.stream("POST", llm.url + "/v1/chat/completions",
+                                 json=chat(True)) as resp:
+            async for line in resp.aiter_lines():
+                read.append(line)
+
+    workers = masking_workers(gw.proc.pid)
+    llm.stream_ends.clear()
+    client = httpx.AsyncClient(http2=h2, proxy=gw.proxy_url("u", token), verify=verify,
+                               timeout=180, limits=httpx.Limits(max_connections=1))
+    try:
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        tasks = [asyncio.create_task(one(client)) for _ in range(4 if h2 else 1)]
+        deadline = time.monotonic() + 120
+        while len(llm.stream_ends) < len(tasks) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # the last events reached the gateway
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.aclose()
+        await asyncio.sleep(0.5)  # the gateway saw the connection close
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    return read
+
+
+@pytest.mark.parametrize("h2", [False, True], ids=["http1", "http2"])
+def test_a_client_gone_while_its_streams_wait_leaves_nothing_behind(setup, issuer, h2):
+    """The client closes its connection while its streams' ends wait for their analyses: once
+    those are done, the flows end (none left in flight), the held tails go nowhere, nothing
+    fails, and the next stream is masked as before."""
+    gw, llm, probe = setup
+    token = issuer.mint("alice@corp", ["engineering"])
+    whole = httpx.post(llm.url + "/v1/chat/completions", json=chat(False), verify=False,
+                       proxy=gw.proxy_url("u", token), timeout=120).json()[
+        "choices"][0]["message"]["content"]
+    log_before = len(gw.log_text())
+    read = asyncio.run(left_while_ending(gw, llm, token, h2))
+    assert "4111" not in "".join(read) and "Sarah Johnson" not in "".join(read)
+    admin, deadline = admin_url(gw), time.monotonic() + 60
+    while metric(httpx.get(admin + "/metrics").text, "douane_flows_in_flight") and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(httpx.get(admin + "/metrics").text, "douane_flows_in_flight") == 0
+    log = gw.log_text()[log_before:]
+    assert not [w for w in ("Traceback", "crashed", "Addon error", "Task was destroyed")
+                if w in log], log[-3000:]
+    with httpx.Client(proxy=gw.proxy_url("u", token), verify=False, timeout=120) as client, \
+            client.stream("POST", llm.url + "/v1/chat/completions", json=chat(True)) as resp:
+        events = [json.loads(line.removeprefix("data: ")) for line in resp.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert "".join(c["delta"].get("content") or "" for e in events
+                   for c in e["choices"]) == whole
