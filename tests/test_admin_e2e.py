@@ -49,7 +49,10 @@ def start(config: dict, llm: FakeUpstream, tmp_path, name: str) -> Gateway:
 def test_ready_and_metrics_move_with_traffic(issuer: TestIssuer, llm: FakeUpstream, tmp_path):
     with start(base_config(issuer.url, llm.url), llm, tmp_path, "gw") as gw:
         admin = admin_url(gw)
-        health = httpx.get(admin + "/healthz")
+        deadline = time.monotonic() + 30  # ready once the issuer's keys are fetched
+        while (health := httpx.get(admin + "/healthz")).status_code != 200 \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert health.status_code == 200 and health.text == "ready\n"
         before = httpx.get(admin + "/metrics").text
         assert metric(before, "douane_ready") == 1
