@@ -204,9 +204,10 @@ def test_masked_streams_ending_together_leave_the_gateway_serving(setup, issuer,
 
 
 async def left_while_ending(gw, llm, token: str, h2: bool) -> list[str]:
-    """4 streams on one connection, the workers stopped; once the upstream has sent all of every
-    answer (each stream's end waits for its analysis), the client goes (its connection closed),
-    then the workers come back. What the client had read by then."""
+    """Streams on one connection (4 over HTTP/2), the workers stopped once the upstream has
+    every request; once it has sent all of every answer (each stream's end waits for its
+    analysis), the client goes (its connection closed), then the workers come back. What the
+    client had read by then."""
     verify = H2Only(ssl.PROTOCOL_TLS_CLIENT) if h2 else ssl.create_default_context()
     verify.load_verify_locations(cafile=gw.ca_file)
     read: list[str] = []
@@ -218,16 +219,20 @@ async def left_while_ending(gw, llm, token: str, h2: bool) -> list[str]:
                 read.append(line)
 
     workers = masking_workers(gw.proc.pid)
-    llm.stream_ends.clear()
     client = httpx.AsyncClient(http2=h2, proxy=gw.proxy_url("u", token), verify=verify,
                                timeout=180, limits=httpx.Limits(max_connections=1))
+    llm.stream_ends.clear()
+    asked, deadline = len(llm.requests), time.monotonic() + 60
+    tasks = [asyncio.create_task(one(client)) for _ in range(4 if h2 else 1)]
+    # (httpx opens one stream of a new HTTP/2 connection, the others once it has ended)
+    while len(llm.requests) - asked < len(tasks) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
     try:
         for pid in workers:
             os.kill(pid, signal.SIGSTOP)
-        tasks = [asyncio.create_task(one(client)) for _ in range(4 if h2 else 1)]
-        deadline = time.monotonic() + 120
         while len(llm.stream_ends) < len(tasks) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        assert len(llm.stream_ends) == len(tasks), "not every answer was sent by the upstream"
         await asyncio.sleep(0.2)  # the last events reached the gateway
         for task in tasks:
             task.cancel()
