@@ -33,7 +33,7 @@ from tests.hardening.test_evasion import H2Only
 from tests.support.gateway import Gateway, base_config
 from tests.support.upstream import FakeUpstream
 from tests.test_admin_e2e import admin_url, metric
-from tests.test_masking_stream import CORPUS
+from tests.test_masking_stream import CORPUS, strings
 
 ANSWER = "\n\n".join(CORPUS[i] for i in (6, 8, 9, 10, 11, 16, 17, 20))  # 900 characters
 VALUES = ("Sarah Johnson", "(212) 555-0183", "emily.r@example.com", "078-05-1120", "219-09-9999",
@@ -63,14 +63,6 @@ def setup(issuer, tmp_path_factory):
 
 def chat(stream: bool) -> dict:
     return {"model": "gpt-4o", "stream": stream, "messages": [{"role": "user", "content": "?"}]}
-
-
-def strings(doc) -> list[str]:
-    if isinstance(doc, dict):
-        return [s for v in doc.values() for s in strings(v)]
-    if isinstance(doc, list):
-        return [s for v in doc for s in strings(v)]
-    return [doc] if isinstance(doc, str) else []
 
 
 def masking_workers(gateway_pid: int) -> list[int]:
