@@ -25,19 +25,23 @@ thresholds: {hold: 50, block: 80}
 """
 
 
-@pytest.fixture(scope="module")
-def setup(issuer, tmp_path_factory):
+def realtime_gateway(issuer, work, **extra):
+    """A gateway in front of a RealtimeUpstream whose upstream allows WebSocket."""
     upstream = RealtimeUpstream()
-    work = tmp_path_factory.mktemp("websocket")
     (work / "grants.yaml").write_text(GRANTS)
     config = base_config(issuer.url, upstream.url + "/v1/realtime",
-                         policy={"files": [str(work / "grants.yaml")]})
+                         policy={"files": [str(work / "grants.yaml")]}, **extra)
     config["upstreams"]["realtime"] = config["upstreams"].pop("llm")
     config["upstreams"]["realtime"]["allow_websocket"] = True
     with Gateway(config, mode=f"reverse:{upstream.url}",
                  env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, workdir=work / "gw") as gw:
         yield gw, upstream
     upstream.close()
+
+
+@pytest.fixture(scope="module")
+def setup(issuer, tmp_path_factory):
+    yield from realtime_gateway(issuer, tmp_path_factory.mktemp("websocket"))
 
 
 def connect(gw: Gateway, token: str) -> WsClient:
@@ -119,19 +123,9 @@ def test_without_a_token_the_upgrade_is_refused(setup):
 @pytest.fixture(scope="module")
 def masked(issuer, tmp_path_factory):
     """The same upstream behind a gateway that masks answers (auditors exempt)."""
-    upstream = RealtimeUpstream()
-    work = tmp_path_factory.mktemp("websocket-masked")
-    (work / "grants.yaml").write_text(GRANTS)
-    config = base_config(issuer.url, upstream.url + "/v1/realtime",
-                         policy={"files": [str(work / "grants.yaml")]},
-                         masking={"workers": 1, "entities": ["EMAIL_ADDRESS"],
-                                  "exempt_groups": ["auditors"], "timeout_seconds": 120})
-    config["upstreams"]["realtime"] = config["upstreams"].pop("llm")
-    config["upstreams"]["realtime"]["allow_websocket"] = True
-    with Gateway(config, mode=f"reverse:{upstream.url}",
-                 env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, workdir=work / "gw") as gw:
-        yield gw, upstream
-    upstream.close()
+    yield from realtime_gateway(issuer, tmp_path_factory.mktemp("websocket-masked"),
+                                masking={"workers": 1, "entities": ["EMAIL_ADDRESS"],
+                                         "exempt_groups": ["auditors"], "timeout_seconds": 120})
 
 
 def test_while_answers_are_masked_the_upgrade_is_refused_but_for_exempt_groups(masked, issuer):
