@@ -79,7 +79,9 @@ class Probe:
         # (file times lag the clock by a tick at most, never lead it)
         end, deadline = time.time(), time.monotonic() + 60
         while True:
-            with contextlib.suppress(ValueError):  # read between the truncation and the write
+            # not written yet (a gateway's first write comes a second after it starts), or read
+            # between the truncation and the write
+            with contextlib.suppress(FileNotFoundError, ValueError):
                 if self.stats.stat().st_mtime > end:
                     stalls = json.loads(self.stats.read_text())["stalls"]
                     break
