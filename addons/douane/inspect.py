@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
 
 from douane import headerfields, protocols, untrusted
 from douane.config import Config
 from douane.flowstate import FlowState, Reason, state
 from douane.interaction import Interaction
-from douane.protocols import decoding, streams
+from douane.protocols import decoding, streams, trailers
 from douane.refusals import refuse
 from douane.settings import Settings
 
@@ -90,6 +90,10 @@ class Inspect:
         self.settings = settings
 
     def configure(self, updated: set[str]) -> None:
+        try:
+            trailers.install()
+        except ValueError as e:
+            raise exceptions.OptionsError(str(e)) from None
         # mitmproxy counts a chunked body as it arrives and cuts it at its own limit (else it
         # buffers it whole): set from douane's limits, and put back if changed.
         config = self.settings.config
@@ -123,6 +127,10 @@ class Inspect:
             return
         st = state(flow)
         if st.upstream is None:
+            return
+        if flow.request.trailers:  # header fields after the body: no parser reads them
+            refuse(flow, 400, "douane refuses requests with trailer fields", "request_trailers",
+                   Reason("protocol.trailers", f"{len(flow.request.trailers)} trailer fields"))
             return
         raw = flow.request.raw_content
         if raw is None:  # streamed past the hooks: nothing was seen, so nothing may pass
@@ -179,6 +187,8 @@ class Inspect:
         streams.attach(flow, rewriter)
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        if flow.response and flow.response.trailers:  # fields after the answer nobody reads
+            flow.response.trailers = None
         st = state(flow)
         if (st.interaction is None or st.upstream is None or not flow.response
                 or (st.decision and st.decision.action in ("refuse", "block", "error"))):

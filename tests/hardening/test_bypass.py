@@ -10,6 +10,7 @@ Also proven elsewhere (cited in docs/security.md): an undeclared host over HTTPS
 from __future__ import annotations
 
 import base64
+import json
 import re
 import socket
 
@@ -275,3 +276,41 @@ def test_ungoverned_operation_inside_a_declared_tunnel_is_refused(gw, llm, token
         while chunk := sock.recv(65536):
             resp += chunk
     refused_here(gw, llm, before, resp, 403)
+
+
+@pytest.mark.parametrize("declared", [b"", b"Trailer: X-Checksum\r\n"], ids=["undeclared", "declared"])
+def test_request_trailers_are_refused_with_a_record(gw, llm, token, declared):
+    # mitmproxy 12.2 cannot read HTTP/1.1 trailers: its connection handler raised before any hook,
+    # the client waited for the idle timeout and nothing was audited
+    before = len(llm.requests)
+    target = f"http://localhost:{llm.port}/v1/chat/completions".encode()
+    resp = raw(gw, b"POST " + target + b" HTTP/1.1\r\nHost: localhost\r\n" + proxy_auth(token)
+               + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n" + declared
+               + b"\r\n" + b"%x\r\n" % len(CHAT) + CHAT + b"\r\n0\r\nX-Checksum: sk-trailer\r\n\r\n",
+               timeout=10)
+    assert status_of(resp) == 400, resp[:300]
+    assert len(llm.requests) == before
+    record = gw.audit_record(header_of(resp, "x-douane-decision-id"))
+    assert record["action"] == "refuse" and record["status"] == 400
+
+
+def test_answer_trailers_are_dropped(gw, llm, token):
+    # the same reader read the upstream's answer: a trailer section killed the connection
+    def answer(handler, _doc):
+        data = json.dumps({"id": "c", "object": "chat.completion", "model": "m", "choices": [
+            {"index": 0, "finish_reason": "stop",
+             "message": {"role": "assistant", "content": "fine"}}]}).encode()
+        handler.send_response(200)
+        handler.send_header("content-type", "application/json")
+        handler.send_header("transfer-encoding", "chunked")
+        handler.end_headers()
+        handler.wfile.write(b"%x\r\n%s\r\n0\r\nX-Note: project nightingale\r\n\r\n"
+                            % (len(data), data))
+    llm.answer = answer
+    try:
+        target = f"http://localhost:{llm.port}/v1/chat/completions".encode()
+        resp = raw(gw, post(target, token), timeout=10, first_only=False)
+    finally:
+        llm.answer = None
+    assert status_of(resp) == 200, resp[:300]
+    assert resp.endswith(b"0\r\n\r\n") and b"nightingale" not in resp, resp[-300:]

@@ -4,10 +4,13 @@ where the attack is in the request line; the regular-mode cases are in test_bypa
 
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
 import time
 
+import h2.connection
+import h2.events
 import httpx
 import openai
 import pytest
@@ -293,3 +296,39 @@ def test_over_http2_in_a_tunnel_the_same_rules_hold(issuer, tls_llm, token, tmp_
                                       headers={"content-type": "application/json"})
                 assert resp.http_version == "HTTP/2"
                 assert_refused(gw, tls_llm, before, resp, status)
+            status, headers = h2_with_trailers(gw, token, tls_llm.port)
+            assert status == 400 and headers["x-douane-decision-id"]
+            assert len(tls_llm.requests) == before  # the trailers went nowhere
+            record = gw.audit_record(headers["x-douane-decision-id"])
+            assert record["action"] == "refuse" and record["status"] == 400
+
+
+def h2_with_trailers(gw: Gateway, token: str, port: int) -> tuple[int, dict[str, str]]:
+    """A chat request over HTTP/2 through the proxy whose trailer fields carry a credential-like
+    header (no client library sends trailers): the status and headers of the answer."""
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    auth = base64.b64encode(f"m:{token}".encode())
+    sock.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                 b"Proxy-Authorization: Basic %s\r\n\r\n" % (port, port, auth))
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    context = ssl.create_default_context(cafile=gw.ca_file)
+    context.set_alpn_protocols(["h2"])
+    with context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+        conn = h2.connection.H2Connection()
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":scheme", "https"),
+                              (":authority", f"127.0.0.1:{port}"),
+                              (":path", "/v1/chat/completions"),
+                              ("content-type", "application/json")])
+        conn.send_data(1, CHAT)
+        conn.send_headers(1, [("x-api-key", "sk-trailer-0000"), ("x-note", DENIED)],
+                          end_stream=True)
+        tls.sendall(conn.data_to_send())
+        while True:
+            data = tls.recv(65536)
+            assert data, "the gateway closed the connection without an answer"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    headers = {k.decode(): v.decode() for k, v in event.headers}
+                    return int(headers.pop(":status")), headers
+            tls.sendall(conn.data_to_send())
