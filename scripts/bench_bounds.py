@@ -120,7 +120,7 @@ def main() -> int:
             cpu = cpu_seconds(gw.proc.pid) - cpu0
             time.sleep(1.3)
             stalls = json.loads(stats.read_text())["stalls"]
-            stall = max((ms for t, ms in stalls if t >= t0), default=0.0)
+            stall = max((ms for t, ms, *_ in stalls if t >= t0), default=0.0)
             print(f"{name} ({len(body) / 1024**2:.1f} MB): {resp.status_code} in {took:.2f} s; "
                   f"largest loop stall {stall:.0f} ms; other clients' worst latency "
                   f"{max(latencies) * 1000:.0f} ms over {len(latencies)} requests; gateway CPU "

@@ -276,7 +276,7 @@ class Proxy:
     """A mitmdump process: bare, or with douane and a given config."""
 
     def __init__(self, name: str, upstream_port: int, work: Path, config: dict | None,
-                 extra: tuple[str, ...] = ()):
+                 extra: tuple[str, ...] = (), probe: bool = False):
         self.name, self.port, self.work = name, free_port(), work
         self.loop_stats = work / f"{name}-loop.json"
         args = [str(BIN / "mitmdump"), "-q", "--mode", f"reverse:http://127.0.0.1:{upstream_port}",
@@ -288,6 +288,9 @@ class Proxy:
             path = work / f"{name}.yaml"
             path.write_text(yaml.safe_dump(config))
             args += ["-s", str(ROOT / "addons" / "gateway.py"), "--set", f"douane_config={path}",
+                     "--set", f"douane_loop_stats={self.loop_stats}"]
+        elif probe:  # bare mitmdump with douane's lag probe alone, to compare stalls
+            args += ["-s", str(ROOT / "addons" / "loopprobe.py"),
                      "--set", f"douane_loop_stats={self.loop_stats}"]
         env = {**os.environ, "BENCH_UPSTREAM_KEY": UPSTREAM_KEY}
         with open(work / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
@@ -303,14 +306,15 @@ class Proxy:
         hwm = re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{self.pid}/status").read_text())
         return tree_cpu(self.pid), int(hwm[1])
 
-    def loop_max(self, since: float, until: float) -> float | None:
-        """The largest event-loop stall between two wall-clock times (0: none over 10 ms)."""
-        time.sleep(1.1)  # the probe writes its figures every second
+    def stalls(self, since: float, until: float) -> list[tuple[float, float, float]] | None:
+        """The event-loop stalls over 10 ms the probe saw wake up between two wall-clock times:
+        (unix time, ms, the main thread's CPU ms meanwhile). Call a second after `until`: the
+        probe writes its figures every second."""
         try:
             stalls = json.loads(self.loop_stats.read_text())["stalls"]
         except (OSError, ValueError, KeyError):
             return None
-        return max((lag for at, lag in stalls if since <= at <= until), default=0.0)
+        return [(at, ms, cpu) for at, ms, cpu in stalls if since <= at <= until]
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
@@ -401,13 +405,26 @@ class Row:
 
 
 @dataclass
+class Stall:
+    ms: float  # how late the probe woke up
+    cpu_ms: float  # the proxy's main thread's CPU time meanwhile (the rest: waiting for a core)
+
+    def __str__(self) -> str:
+        return f"{self.ms:.1f} / {self.cpu_ms:.1f}"
+
+
+PHASES = ("start", "during", "ends")
+BARE_STREAMING = "bare mitmdump (stream_large_bodies=1)"
+
+
+@dataclass
 class StreamRow:
     variant: str
     pace: int  # tokens/s
     streams: int  # concurrent
     ttft_p50_ms: float
     total_p50_ms: float
-    loop_max_ms: float | None
+    loop: dict[str, Stall] | None = None  # per phase of a together run (PHASES)
 
 
 @dataclass
@@ -485,27 +502,89 @@ def measure_requests(targets: list[Target], token: str | None, seconds: int, wor
     return rows
 
 
-def measure_streams(variant: str, proxy: Proxy, token: str | None, quick: bool,
-                    together: bool) -> list[StreamRow]:
-    """c=1 time to first token at 50 and 200 tokens/s; with `together`, 32 streams at 50
-    tokens/s started (and so ending) together, and the largest loop stall meanwhile."""
+@dataclass
+class Streamed:
+    """One stream of a together run, in wall-clock time."""
+    start: float  # its request sent
+    first: float  # its first content delta
+    end: float  # its last byte
+
+
+async def together(port: int, token: str | None, n: int, pace: int) -> list[Streamed]:
+    """`n` streams started together, one connection each (so they also end together)."""
+    async def one() -> Streamed:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            start = time.time()
+            ttft, total, _ = await one_request(reader, writer, PROTOCOLS["openai"][0],
+                                               stream_body(pace), token, stream=True)
+            return Streamed(start, start + ttft, start + total)
+        finally:
+            writer.close()
+
+    return await asyncio.gather(*(one() for _ in range(n)))
+
+
+def phases(stalls: list[tuple[float, float, float]], streams: list[Streamed],
+           pace: int) -> dict[str, Stall]:
+    """Each phase's largest stall (by when the probe woke up): 'start' until every stream has
+    its first token (32 requests read, routed and sent upstream in a few passes of the loop),
+    'ends' from a token's interval before the first stream ended (the finish events, the
+    answers' ends), 'during' between (every stream's tokens arriving at the same tick)."""
+    first, ends = max(s.first for s in streams), min(s.end for s in streams) - 1 / pace
+    out = {phase: Stall(0.0, 0.0) for phase in PHASES}
+    for at, ms, cpu in stalls:
+        phase = "start" if at <= first else "ends" if at >= ends else "during"
+        out[phase] = max(out[phase], Stall(ms, cpu), key=lambda s: s.ms)
+    return out
+
+
+def measure_streams(proxies: dict[str, Proxy], token: str | None, quick: bool,
+                    rounds: int) -> list[StreamRow]:
+    """Per variant: c=1 time to first token at 50 and 200 tokens/s; then 32 streams at 50
+    tokens/s started (and so ending) together, `rounds` times, the variants in turn (the order
+    rotated), each round's largest loop stall per phase (`phases`) by the same probe in every
+    proxy (douane's, or addons/loopprobe.py in bare mitmdump); a row shows the median round's."""
     rows = []
     path = PROTOCOLS["openai"][0]
-    print("\n| variant | tokens/s | streams | TTFT p50 ms | stream p50 ms | loop max ms |\n"
-              "|---|---|---|---|---|---|")
-    plan = [(50, 1, 3 if quick else 8), (200, 1, 5 if quick else 16)]
-    if together:
-        plan.append((50, 32, 32))
-    for pace, concurrency, total in plan:
-        since = time.time()
-        _, latencies, ttfts = asyncio.run(load(proxy.port, path, stream_body(pace), token, total,
-                                               concurrency, stream=True))
-        loop = proxy.loop_max(since, time.time()) if concurrency > 1 else None
-        rows.append(StreamRow(variant, pace, concurrency, statistics.median(ttfts) * 1000,
-                              statistics.median(latencies) * 1000, loop))
+    print("\n| variant | tokens/s | streams | TTFT p50 ms | stream p50 ms |\n|---|---|---|---|---|")
+    for variant, proxy in proxies.items():
+        for pace, total in ((50, 3 if quick else 8), (200, 5 if quick else 16)):
+            _, latencies, ttfts = asyncio.run(load(proxy.port, path, stream_body(pace), token,
+                                                   total, 1, stream=True))
+            rows.append(StreamRow(variant, pace, 1, statistics.median(ttfts) * 1000,
+                                  statistics.median(latencies) * 1000))
+            r = rows[-1]
+            print(f"| {r.variant} | {r.pace} | 1 | {r.ttft_p50_ms:.1f} | {r.total_p50_ms:.0f} |",
+                  flush=True)
+    n, pace, names = 32, 50, list(proxies)
+    runs: dict[str, list[tuple[list[Streamed], dict[str, Stall] | None]]] = {}
+    for r in range(rounds):
+        timed = []
+        for variant in names[r % len(names):] + names[:r % len(names)]:
+            since = time.time()
+            streams = asyncio.run(together(proxies[variant].port, token, n, pace))
+            timed.append((variant, since, time.time(), streams))
+        time.sleep(1.1)  # the probes write their figures every second
+        for variant, since, until, streams in timed:
+            stalls = proxies[variant].stalls(since, until)
+            runs.setdefault(variant, []).append(
+                (streams, phases(stalls, streams, pace) if stalls is not None else None))
+    print(f"\n{n} streams together, {rounds} round(s); loop ms per phase: the median round's "
+          "largest stall / its CPU ms\n| variant | TTFT p50 ms | stream p50 ms | "
+          + " | ".join(PHASES) + " |\n|---|---|---|" + "---|" * len(PHASES))
+    for variant in names:
+        streams = [s for each, _ in runs[variant] for s in each]
+        loops = [loop for _, loop in runs[variant] if loop is not None]
+        loop = {phase: sorted((each[phase] for each in loops), key=lambda s: s.ms)[
+            (len(loops) - 1) // 2] for phase in PHASES} if loops else None
+        rows.append(StreamRow(variant, pace, n,
+                              statistics.median(s.first - s.start for s in streams) * 1000,
+                              statistics.median(s.end - s.start for s in streams) * 1000, loop))
         r = rows[-1]
-        print(f"| {r.variant} | {r.pace} | {r.streams} | {r.ttft_p50_ms:.1f} | "
-              f"{r.total_p50_ms:.0f} | {opt(r.loop_max_ms, '.1f')} |", flush=True)
+        print(f"| {variant} | {r.ttft_p50_ms:.1f} | {r.total_p50_ms:.0f} | "
+              + " | ".join(str(loop[phase]) if loop else "-" for phase in PHASES) + " |",
+              flush=True)
     return rows
 
 
@@ -599,20 +678,17 @@ def run(quick: bool, only: set[str], seconds: int, rounds: int) -> Run:
                     token, seconds, work, protocols, rounds=rounds)
                 out.memory += [Memory(variant, idle[variant] / 1024, max(
                     r.rss_mib for r in out.rows if r.variant == variant)) for variant in proxies]
-            if "streams" in only:
-                for variant in ("douane", "douane + masking"):
-                    out.streams += measure_streams(variant, proxies[variant], token, quick,
-                                                   together=True)
+            if "streams" in only:  # bare mitmdump buffers whole answers unless told to stream
+                streaming = {variant: proxies[variant]
+                             for variant in ("douane", "douane + masking")}
+                bare = BARE_STREAMING
+                proxies[bare] = streaming[bare] = Proxy(
+                    "bare_streaming", upstream_port, work, None,
+                    ("--set", "stream_large_bodies=1"), probe=True)
+                ready(proxies[bare].port, None, masked=False)
+                out.streams += measure_streams(streaming, token, quick, rounds)
         finally:
             for proxy in proxies.values():
-                proxy.stop()
-        if "streams" in only:  # bare mitmdump buffers whole answers unless told to stream
-            proxy = Proxy("bare_streaming", upstream_port, work, None,
-                          ("--set", "stream_large_bodies=1"))
-            try:
-                out.streams += measure_streams("bare mitmdump (stream_large_bodies=1)", proxy,
-                                               token, quick, together=False)
-            finally:
                 proxy.stop()
         if "workers" in only:
             out.workers = measure_workers(config, upstream_port, work, token, seconds, rounds,
@@ -705,11 +781,14 @@ def targets(run: Run) -> list[list[str]]:
             delta = masked.ttft_p50_ms - plain.ttft_p50_ms
             lines.append(["17", f"masked TTFT <= unmasked + 30 ms at {pace} tokens/s",
                           f"{delta:+.1f} ms", "yes" if delta <= 30 else "no"])
-    stall = next((s for s in run.streams if s.variant == "douane + masking" and s.streams == 32),
-                 None)
-    if stall and stall.loop_max_ms is not None:
+    loops = {s.variant: s.loop for s in run.streams if s.streams > 1 and s.loop}
+    if "douane + masking" in loops:
+        ends = loops["douane + masking"]["ends"]
+        bare = loops.get(BARE_STREAMING)
         lines.append(["17", "loop stall <= 10 ms, 32 masked streams ending together",
-                      f"{stall.loop_max_ms:.1f} ms", "yes" if stall.loop_max_ms <= 10 else "no"])
+                      f"{ends.ms:.1f} ms" + (f" (bare mitmdump {bare['ends'].ms:.1f} ms)"
+                                             if bare else ""),
+                      "yes" if ends.ms <= 10 else "no"])
     return lines
 
 
@@ -751,18 +830,32 @@ def report(run: Run, command: str) -> str:
             "Memory (the proxy and all its processes; idle: after warm-up, before load):",
             table(["variant", "idle RSS MiB", "under load (peak) MiB"],
                   [[m.variant, f"{m.idle_mib:.0f}", f"{m.load_mib:.0f}"] for m in run.memory])]
-    if run.streams:
+    alone = [s for s in run.streams if s.streams == 1]
+    burst = [s for s in run.streams if s.streams > 1]
+    if alone:
         parts += [
             "## Streams\n\nOpenAI chat completion streams of 50 tokens (4 characters each, with "
             "PII) at 50 and 200 tokens/s. 'TTFT' is the time to the first content delta the "
-            "client reads. The 32-stream rows start 32 streams together, so they end together; "
-            "'loop max' is the largest event-loop stall douane's probe saw meanwhile (0: none "
-            "over 10 ms). Bare mitmdump runs with `stream_large_bodies=1` here, so it streams as "
+            "client reads. Bare mitmdump runs with `stream_large_bodies=1` here, so it streams as "
             "douane does.",
-            table(["variant", "tokens/s", "streams", "TTFT p50 ms", "stream p50 ms",
-                   "loop max ms"],
+            table(["variant", "tokens/s", "streams", "TTFT p50 ms", "stream p50 ms"],
                   [[s.variant, str(s.pace), str(s.streams), f"{s.ttft_p50_ms:.1f}",
-                    f"{s.total_p50_ms:.0f}", opt(s.loop_max_ms, ".1f")] for s in run.streams])]
+                    f"{s.total_p50_ms:.0f}"] for s in alone])]
+    if burst:
+        parts += [
+            f"{burst[0].streams} streams at {burst[0].pace} tokens/s started together, so "
+            "they end together, in every variant in turn (the order rotated each round). Each "
+            "proxy runs the same event-loop lag probe (douane's `LoopProbe`; in bare mitmdump "
+            "alone, `-s addons/loopprobe.py`). Per phase, the largest stall (ms late, over 10 "
+            "ms; 0: none) / the proxy's main-thread CPU ms during it (the rest is time it waited "
+            "for a core, from the other processes on the machine): 'start' until every stream "
+            "has its first token (32 requests in a few passes of the loop), 'ends' from a "
+            "token's interval before the first stream ended, 'during' between (32 streams' "
+            "tokens arriving at the same tick). Each figure is the median round's; TTFT and "
+            "stream are medians over every stream of every round.",
+            table(["variant", "TTFT p50 ms", "stream p50 ms", *(f"loop ms {p}" for p in PHASES)],
+                  [[s.variant, f"{s.ttft_p50_ms:.1f}", f"{s.total_p50_ms:.0f}",
+                    *(str(s.loop[p]) if s.loop else "-" for p in PHASES)] for s in burst])]
     if run.workers:
         parts += [
             "## Workers\n\n`scripts/run --workers N` (`python -m douane.workers`: N douane "

@@ -1,14 +1,20 @@
-"""`LoopMonitor`: how long the event loop was kept from running (a lag probe).
+"""The event loop's lag probe (`LoopProbe`), and douane's `LoopMonitor` built on it.
 
 A background task sleeps 5 ms at a time and measures how late it wakes up. The largest stall is
 logged at shutdown, a stall over 100 ms is logged when it happens, and with
 `--set douane_loop_stats=FILE` the figures are written to FILE every second (for benchmarks), with
-the time of each of the last 1,000 stalls over 10 ms so a benchmark can tell which of its phases
-(start-up, warm-up, a load) a stall belongs to.
+each of the last 1,000 stalls over 10 ms as `[unix time of the wake-up, ms late, CPU ms]` so a
+benchmark can tell which of its phases (start-up, warm-up, a load's start, middle or end) a stall
+belongs to. The CPU ms is the main thread's own CPU time during that stall: on a loaded machine a
+stall is also time the process waited for a core, which its own work does not explain.
 
-At start the objects alive then (modules, the configuration, the compiled policy, imported
-libraries) are frozen out of the garbage collector's reach (`gc.freeze()`): a full collection then
-scans only what traffic created, instead of pausing the loop for ~100 ms under load.
+The probe alone loads into a bare mitmdump too (`mitmdump -s addons/loopprobe.py`), so a benchmark
+reads bare mitmproxy's stalls with the same instrument as douane's.
+
+douane's `LoopMonitor` adds one thing at start: the objects alive then (modules, the
+configuration, the compiled policy, imported libraries) are frozen out of the garbage collector's
+reach (`gc.freeze()`): a full collection then scans only what traffic created, instead of pausing
+the loop for ~100 ms under load.
 """
 
 from __future__ import annotations
@@ -28,13 +34,14 @@ INTERVAL = 0.005
 WARN_MS = 100.0
 
 
-class LoopMonitor:
+class LoopProbe:
     def __init__(self) -> None:
         self.lag_ms = 0.0  # the last sample
         self.max_lag_ms = 0.0
         self.over_10ms = 0
         self.samples = 0
-        self.stalls: deque[tuple[float, float]] = deque(maxlen=1000)  # (unix time, ms) over 10 ms
+        # (unix time, ms late, CPU ms of the main thread meanwhile) of stalls over 10 ms
+        self.stalls: deque[tuple[float, float, float]] = deque(maxlen=1000)
         self._task: asyncio.Task[None] | None = None
 
     def load(self, loader) -> None:
@@ -42,7 +49,6 @@ class LoopMonitor:
                           "Write event-loop lag figures (JSON) to this file every second.")
 
     def running(self) -> None:
-        gc.freeze()
         self._task = asyncio.get_running_loop().create_task(self._probe())
 
     def done(self) -> None:
@@ -55,7 +61,7 @@ class LoopMonitor:
     async def _probe(self) -> None:
         last_write = time.monotonic()
         while True:
-            start = time.monotonic()
+            start, cpu = time.monotonic(), time.thread_time()
             await asyncio.sleep(INTERVAL)
             now = time.monotonic()
             lag = (now - start - INTERVAL) * 1000
@@ -64,7 +70,8 @@ class LoopMonitor:
             self.max_lag_ms = max(self.max_lag_ms, lag)
             if lag > 10:
                 self.over_10ms += 1
-                self.stalls.append((round(time.time(), 3), round(lag, 1)))
+                self.stalls.append((round(time.time(), 3), round(lag, 1),
+                                    round((time.thread_time() - cpu) * 1000, 1)))
             if lag > WARN_MS:
                 logger.warning("douane: the event loop stalled for %.0f ms", lag)
             if now - last_write >= 1:
@@ -78,3 +85,9 @@ class LoopMonitor:
                                               "over_10ms": self.over_10ms,
                                               "samples": self.samples,
                                               "stalls": list(self.stalls)}))
+
+
+class LoopMonitor(LoopProbe):
+    def running(self) -> None:
+        gc.freeze()
+        super().running()

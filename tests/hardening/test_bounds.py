@@ -87,7 +87,7 @@ class Probe:
                     break
             assert time.monotonic() < deadline, "no loop figures written for 60 s"
             time.sleep(0.05)
-        self.stalls = [(round(t - self.t0, 1), ms) for t, ms in stalls if t >= self.t0]
+        self.stalls = [(round(t - self.t0, 1), ms) for t, ms, *_ in stalls if t >= self.t0]
         self.stall_ms = max((ms for _, ms in self.stalls), default=0.0)
         self.growth_mb = (self.status_kb("VmHWM") - self.hwm0) / 1024
         self.rss_mb = self.status_kb("VmRSS") / 1024
