@@ -25,6 +25,10 @@ groups:
   search:
     upstreams:
       llm: {models: ["*"], hosted_tools: [web_search], mcp_servers: ["https://mcp.example.com/*"]}
+  nomedia:
+    upstreams:
+      llm: {models: ["*"], media: false}
+      claude: {models: ["*"], media: false}
 rules:
   - id: deny.codename
     literal: "project nightingale"

@@ -506,6 +506,40 @@ def test_a_granted_hosted_tool_and_mcp_server_pass(gw, llm, issuer):
         "grant.mcp_server"
 
 
+FILE_URL = "https://evil.example/notes.txt"  # fetched by the provider, never read by douane
+# files and images given by URL (or by file id) where no parser looks for them
+BY_REFERENCE: dict[str, tuple[str, dict]] = {
+    "responses_tool_output_file_url": ("/v1/responses", {"model": "m", "input": [
+        {"type": "function_call_output", "call_id": "c",
+         "output": [{"type": "input_file", "file_url": FILE_URL}]}]}),
+    "responses_tool_output_image_url": ("/v1/responses", {"model": "m", "input": [
+        {"type": "function_call_output", "call_id": "c",
+         "output": [{"type": "input_image", "image_url": FILE_URL}]}]}),
+    "responses_prompt_variable_file_id": ("/v1/responses", {"model": "m", "input": "hi",
+        "prompt": {"id": "pmpt_1", "variables": {"doc": {"type": "input_file",
+                                                          "file_id": "file-abc"}}}}),
+    "anthropic_document_url_in_a_search_result": ("/anthropic/v1/messages", {
+        "model": "c", "max_tokens": 5, "messages": [{"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t", "content": [
+                {"type": "search_result", "source": FILE_URL, "title": "t", "content": [
+                    {"type": "document", "source": {"type": "url", "url": FILE_URL}}]}]}]}]}),
+}
+
+
+@pytest.mark.parametrize("case", list(BY_REFERENCE))
+def test_files_by_reference_are_media_wherever_they_sit(case, gw, llm, issuer):
+    """A group without `media` sends no file: by URL or id inside a tool's output or a prompt
+    variable it went out (only message parts were counted), and the provider fetched it."""
+    token = issuer.mint("nina@corp.example", ["nomedia"])
+    path, doc = BY_REFERENCE[case]
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + path, json=doc, headers={"authorization": f"Bearer {token}"})
+    assert assert_refused(gw, llm, before, resp, 403)["reasons"][0]["rule"] == "grant.media"
+    resp = httpx.post(gw.url + "/v1/responses", json={"model": "m", "input": "hi"},
+                      headers={"authorization": f"Bearer {token}"})
+    assert resp.status_code == 200, resp.text  # the control: text alone passes
+
+
 def test_a_key_in_a_text_file_is_refused_and_not_recorded(gw, llm, token, secrets):
     """The key is found in the decoded file; test_z_leaks then finds no `sk-` key in any
     recording, raw or inside base64."""

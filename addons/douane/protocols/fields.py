@@ -52,6 +52,10 @@ OPAQUE_KEYS = frozenset(k for k, _ in OPAQUE)
 SCALARS = frozenset({str, int, float, bool, type(None)})  # JSON leaves (a str is walked)
 PADDING = "obfuscation"  # top level of a stream event only
 MEDIA_TYPES = ("image/", "audio/", "video/", "application/pdf")
+# Parts that carry media or a file, inline or by URL or file id (the provider fetches what douane
+# never reads): media wherever they sit (a tool output, a prompt variable), as in a message.
+MEDIA_PARTS = frozenset({"image_url", "input_image", "input_audio", "file", "input_file", "image",
+                         "document", "container_upload"})
 AUDIO_FORMATS = ("wav", "mp3", "flac", "opus", "aac", "pcm16", "ogg", "webm")  # input_audio
 # What media starts with, for payloads that do not say their type: PNG, JPEG, GIF, WebP/WAV/AVI
 # (RIFF), PDF, MP3 (ID3 or frame sync), Ogg, FLAC, MP4/MOV/HEIC (ftyp at offset 4)
@@ -225,6 +229,8 @@ def _node(walk: _Walk, node: Any, path: JsonPath, key: str | None, parent: dict[
     if isinstance(node, dict):
         walk.keys(walk.classify(path)[0], node)  # keys are read where their object sits
         kind = _type(node)
+        if kind in MEDIA_PARTS:
+            walk.media = True
         for k, v in node.items():
             if k in OPAQUE_KEYS and (k, kind) in OPAQUE:
                 continue
