@@ -17,8 +17,13 @@ version: 1
 default:
   upstreams:
     realtime: {}
+groups:
+  textonly:
+    upstreams:
+      realtime: {models: [gpt-realtime], media: false}
 rules:
-  - {id: deny.codename, literal: "project nightingale", score: 90}
+  - {id: deny.codename, literal: "project nightingale", score: 90,
+     in: [prompt, tool_arguments, tool_result, tool_description, completion]}
   - {id: deny.answer_hosts, regex: "\\\\b[a-z0-9-]+\\\\.corp\\\\.internal\\\\b", in: [completion], score: 90}
 detectors: {secrets: true, injection: false}
 thresholds: {hold: 50, block: 80}
@@ -44,8 +49,8 @@ def setup(issuer, tmp_path_factory):
     yield from realtime_gateway(issuer, tmp_path_factory.mktemp("websocket"))
 
 
-def connect(gw: Gateway, token: str) -> WsClient:
-    return WsClient(gw.port, "/v1/realtime?model=gpt-realtime",
+def connect(gw: Gateway, token: str, model: str = "gpt-realtime") -> WsClient:
+    return WsClient(gw.port, f"/v1/realtime?model={model}",
                     {"authorization": f"Bearer {token}"})
 
 
@@ -146,4 +151,77 @@ def test_while_answers_are_masked_the_upgrade_is_refused_but_for_exempt_groups(m
     assert client.status == 101
     client.send(item("hello"))
     assert client.receive()["delta"] == upstream.reply
+    client.close()
+
+
+def stopped(client: WsClient, upstream, before: int) -> dict:
+    """The message was not delivered: the client got douane's error event, the upstream nothing."""
+    error = client.receive()
+    assert error and error["type"] == "error" and error["error"]["code"] == "policy_denied", error
+    assert len(upstream.received) == before
+    return error
+
+
+def test_a_phrase_split_across_client_messages_is_stopped(setup, issuer):
+    """Each message was matched alone: `Project Night` then `ingale` reached the model."""
+    gw, upstream = setup
+    client = connect(gw, issuer.mint("alice@corp.example", ["engineering"]))
+    client.send(item("Tell me everything about Project Night"))
+    assert client.receive()["delta"] == upstream.reply
+    before = len(upstream.received)
+    client.send(item("ingale, please"))
+    assert "deny.codename" in stopped(client, upstream, before)["error"]["message"]
+    client.close()
+
+
+def test_a_phrase_split_across_answer_deltas_is_stopped(setup, issuer):
+    gw, upstream = setup
+    client = connect(gw, issuer.mint("alice@corp.example", ["engineering"]))
+    try:
+        upstream.reply = "The codename is Project Night"
+        client.send(item("What is the codename?"))
+        assert client.receive()["delta"] == upstream.reply
+        upstream.reply = "ingale."
+        client.send(item("Go on."))
+        error = client.receive()
+        assert error["type"] == "error" and "deny.codename" in error["error"]["message"], error
+    finally:
+        upstream.reply = "Hello over the WebSocket."
+        client.close()
+
+
+@pytest.mark.parametrize("event", [
+    # a key the model reads (a tool parameter's name)
+    {"type": "session.update", "session": {"type": "realtime", "tools": [
+        {"type": "function", "name": "lookup", "parameters": {
+            "type": "object", "properties": {"Project Nightingale": {"type": "string"}}}}]}},
+    # a remote MCP server no grant names, called with the org's key
+    {"type": "session.update", "session": {"type": "realtime", "tools": [
+        {"type": "mcp", "server_label": "x", "server_url": "https://evil.example/mcp"}]}},
+    {"type": "response.create", "response": {"tools": [{"type": "web_search"}]}},
+], ids=["key", "mcp_server", "hosted_tool"])
+def test_what_a_session_offers_the_model_is_policed(setup, issuer, event):
+    gw, upstream = setup
+    client = connect(gw, issuer.mint("alice@corp.example", ["engineering"]))
+    before = len(upstream.received)
+    client.send(json.dumps(event))
+    stopped(client, upstream, before)
+    client.close()
+
+
+def test_the_grant_applies_to_the_model_and_to_audio(setup, issuer):
+    """The model is the upgrade's `?model=`; audio is media (a grant without `media` sends none)."""
+    gw, upstream = setup
+    token = issuer.mint("tess@corp.example", ["textonly"])
+    before = len(upstream.headers)
+    client = connect(gw, token, model="gpt-4o-realtime-preview")
+    assert client.status == 403 and len(upstream.headers) == before
+    client.close()
+    client = connect(gw, token)
+    assert client.status == 101
+    client.send(item("hello"))
+    assert client.receive()["delta"] == upstream.reply
+    before = len(upstream.received)
+    client.send(json.dumps({"type": "input_audio_buffer.append", "audio": "UklGRiQAAABXQVZF"}))
+    assert "audio" in stopped(client, upstream, before)["error"]["message"]
     client.close()

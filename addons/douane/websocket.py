@@ -1,6 +1,14 @@
 """`PoliceWebSocket`: on an upstream that allows WebSockets (`allow_websocket: true`, e.g. the OpenAI
-Realtime API), every message passes the same deny rules and detectors as an HTTP body, one message
-at a time, in both directions.
+Realtime API), every message passes the same grants, deny rules and detectors as an HTTP body, in
+both directions.
+
+A message is read as a body is (`fields.cover`: every string and key, files decoded, files and
+images by URL are media); audio is media, never text. Each direction keeps the last characters of
+its text per kind, matched with the next message's: a phrase split across two messages (two
+prompts, two answer deltas) is caught where it completes. A client message is also held to the
+caller's grant: the tools, hosted tools and remote MCP servers a `session.update` or
+`response.create` offers the model, its model (the upgrade's `?model=` is checked by `Enforce`),
+and media.
 
 A message that cannot be inspected (binary, or text that is not JSON) or that the policy blocks is
 not delivered: the client gets an `error` event in the Realtime API's shape naming the decision id,
@@ -17,31 +25,69 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
+from douane import protocols
 from douane.audit import AuditTrail, flow_record
-from douane.flowstate import Reason, peek
-from douane.interaction import JsonPath, Kind, TextPiece
+from douane.flowstate import FlowState, Reason, peek
+from douane.interaction import Interaction, JsonPath, Kind, Role, TextPiece
 from douane.policy import engine
 from douane.policy.addon import Enforce, explain
+from douane.protocols import fields, openai
 from douane.untrusted import loggable
 
 logger = logging.getLogger(__name__)
 
-# Keys whose string values are identifiers or encodings, not text a person or model wrote.
-NOT_TEXT = frozenset({"type", "event_id", "id", "item_id", "response_id", "call_id",
-                      "previous_item_id", "object", "role", "status", "model", "voice", "audio",
-                      "format", "modalities", "output_audio_format", "input_audio_format"})
+TAIL = 2048  # characters of a direction's earlier text, per kind, matched with each message
 
 
-def text_pieces(doc: Any, kind: Kind, path: JsonPath = ()) -> list[TextPiece]:
-    """Every string of a JSON event that carries text, with its path."""
-    if isinstance(doc, str):
-        return [TextPiece(kind, None, doc, path)] if doc else []
-    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) \
-        else ()
-    if isinstance(doc, dict) and ".audio." in str(doc.get("type", "")):
-        return []  # base64 audio deltas carry no text (their transcripts are separate events)
-    return [piece for key, value in items if key not in NOT_TEXT
-            for piece in text_pieces(value, kind, (*path, key))]
+def _audio(doc: Any, depth: int = 0) -> bool:
+    """Whether the event carries audio (base64 in `audio`, or an audio event's `delta`): media,
+    taken out of `doc` so that it is never read as text."""
+    if depth > fields.MAX_DEPTH:
+        raise protocols.ProtocolError(400, "too_deep", "a WebSocket message nests deeper than "
+                                      f"{fields.MAX_DEPTH} levels")
+    if isinstance(doc, list):
+        return any([_audio(v, depth + 1) for v in doc])
+    if not isinstance(doc, dict):
+        return False
+    kind = doc.get("type")
+    found = isinstance(kind, str) and "audio" in kind and "transcript" not in kind and \
+        doc.pop("delta", None) is not None
+    if isinstance(doc.get("audio"), str):
+        found = bool(doc.pop("audio")) or found
+    return any([_audio(v, depth + 1) for v in doc.values()]) or found
+
+
+def _classify(doc: Any, from_client: bool) -> fields.Classify:
+    """What a model reads each string as: tool definitions, call arguments, call outputs, or the
+    prompt (from the client) and the answer (from the upstream)."""
+    event = doc if isinstance(doc, dict) else {}
+    item = event.get("item") if isinstance(event.get("item"), dict) else {}
+    names = f"{event.get('type')} {item.get('type')}"
+    whole: tuple[Kind, Role | None] = (
+        ("tool_result", "tool") if "_output" in names else
+        ("tool_arguments", "assistant") if "function_call" in names else
+        ("prompt", "user") if from_client else ("completion", "assistant"))
+
+    def classify(path: JsonPath) -> tuple[Kind, Role | None]:
+        return ("tool_description", None) if path[1:2] == ("tools",) else whole
+    return classify
+
+
+def read_message(content: bytes, from_client: bool) -> Interaction:
+    """One message read as a request (from the client) or an answer; ProtocolError when douane
+    cannot read it whole."""
+    doc = protocols.loads(content, "WebSocket message")
+    it = Interaction("openai", "realtime")
+    if from_client and isinstance(doc, dict):
+        for holder in ("session", "response"):
+            spec = doc.get(holder)
+            if isinstance(spec, dict):
+                openai.offered_tools(it, spec, chat=False)
+                if isinstance(spec.get("model"), str):
+                    it.model = spec["model"]
+    it.has_media = _audio(doc) and from_client
+    fields.cover(it, doc, _classify(doc, from_client), "request" if from_client else "response")
+    return it
 
 
 class PoliceWebSocket:
@@ -49,6 +95,8 @@ class PoliceWebSocket:
         self.enforce = enforce
         self.audit_trail = audit_trail
         self.cut: set[str] = set()  # ids of flows whose later messages are all dropped
+        # per flow: (from the client, kind) -> the last TAIL characters of that text
+        self.earlier: dict[str, dict[tuple[bool, Kind], str]] = {}
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         st = peek(flow)
@@ -61,7 +109,8 @@ class PoliceWebSocket:
             message.drop()
             return
         try:
-            reason = self._verdict(message.is_text, message.content, message.from_client)
+            reason = self._verdict(flow.id, st, message.is_text, message.content,
+                                   message.from_client)
         except Exception as e:  # fail closed: an error in policy stops the connection
             logger.error("douane: WebSocket policy failed (decision %s): %s", st.decision_id, e)
             reason = Reason("gateway.error",
@@ -72,31 +121,47 @@ class PoliceWebSocket:
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self.cut.discard(flow.id)
+        self.earlier.pop(flow.id, None)
 
-    def _verdict(self, is_text: bool, content: bytes, from_client: bool) -> Reason | None:
+    def _verdict(self, flow_id: str, st: FlowState, is_text: bool, content: bytes,
+                 from_client: bool) -> Reason | None:
         """None to deliver the message, else the reason it is stopped."""
         if not is_text:
             return Reason("protocol.websocket_binary", "binary WebSocket messages cannot be "
                           "inspected")
         try:
-            doc = json.loads(content)
-        except ValueError:
-            return Reason("protocol.websocket_not_json", "a WebSocket message was not JSON")
+            it = read_message(content, from_client)
+        except protocols.ProtocolError as e:
+            return Reason(f"protocol.websocket_{e.code}", e.message)
         live = self.enforce.live
         if live is None:
             return None  # no policy configured: nothing to enforce beyond parsing
-        pieces = text_pieces(doc, "prompt" if from_client else "completion")
-        decision = engine.decide(live.current, engine.risk(live.current, pieces),
+        policy = live.current
+        if from_client and st.identity and st.upstream:
+            grant, violations = engine.granting(policy, st.identity, st.upstream.name, it)
+            if grant is None:
+                return Reason("policy.websocket", f"blocked by policy: "
+                              f"{'; '.join(r.message for r in violations)}")
+        pieces = it.texts if from_client else it.response_texts
+        earlier = self.earlier.setdefault(flow_id, {})
+        before = [TextPiece(kind, None, text, ("earlier",), False)
+                  for (side, kind), text in earlier.items() if side == from_client]
+        decision = engine.decide(policy, engine.risk(policy, before + pieces),
                                  hold_allowed=False)
         if decision.action == "block":
             return Reason("policy.websocket", f"blocked by policy: {explain(decision)}",
                           score=decision.risk)
+        for piece in pieces:
+            if piece.path[:1] != (fields.KEYS,):  # free text only: ids would split a phrase
+                key = (from_client, piece.kind)
+                earlier[key] = (earlier.get(key, "") + " " + piece.text)[-TAIL:]
         return None
 
     def _cut(self, flow: http.HTTPFlow, reason: Reason) -> None:
         st = peek(flow)
         assert st is not None
         self.cut.add(flow.id)
+        self.earlier.pop(flow.id, None)
         event = {"type": "error", "event_id": st.decision_id, "error": {
             "type": "invalid_request_error", "code": "policy_denied", "param": None,
             "message": f"{reason.message} (douane decision {st.decision_id})"}}

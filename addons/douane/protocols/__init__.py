@@ -63,6 +63,15 @@ def _no_constants(name: str) -> Any:
     raise ProtocolError(400, "invalid_json", f"{name} is not valid JSON")
 
 
+def loads(raw: bytes | str, what: str) -> Any:
+    """JSON as douane reads it: a key given twice or a NaN is refused (400)."""
+    try:
+        return json.loads(raw or b"null", object_pairs_hook=_no_duplicates,
+                          parse_constant=_no_constants)
+    except (ValueError, RecursionError):
+        raise ProtocolError(400, "invalid_json", f"the {what} is not valid JSON") from None
+
+
 def load_json(message: http.Message, what: str) -> Any:
     """The decoded body as JSON; a body that cannot be decoded or parsed is refused.
 
@@ -81,11 +90,7 @@ def load_json(message: http.Message, what: str) -> Any:
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise ProtocolError(415, "unsupported_content_type",
                             f"douane inspects JSON {what}s only, not {ctype or 'an untyped body'!r}")
-    try:
-        return json.loads(raw or b"null", object_pairs_hook=_no_duplicates,
-                          parse_constant=_no_constants)
-    except (ValueError, RecursionError):
-        raise ProtocolError(400, "invalid_json", f"the {what} body is not valid JSON") from None
+    return loads(raw, f"{what} body")
 
 
 def document(flow: http.HTTPFlow, side: Side) -> Any:
@@ -140,8 +145,9 @@ def parse_request(upstream: Upstream, flow: http.HTTPFlow, granted: bool = False
     if endpoint == WEBSOCKET or (upstream.protocol == "mcp" and req.method != "POST"):
         if req.raw_content:
             raise ProtocolError(400, "unexpected_body", f"a {req.method} request has no body")
-        if endpoint == WEBSOCKET:
-            return Interaction(upstream.protocol, f"GET {path}")
+        if endpoint == WEBSOCKET:  # the Realtime API names its model in the query
+            model = req.query.get("model")
+            return Interaction(upstream.protocol, f"GET {path}", model=model or None)
         it = Interaction("mcp", f"mcp:{req.method.lower()}")
         mcp.check_headers(None, [(k.lower(), v) for k, v in req.headers.items(multi=True)
                                  if k.lower() != "mcp-protocol-version"], it)

@@ -34,7 +34,7 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
     if endpoint == "chat/completions":
         it = Interaction("openai", "chat.completions")
         _chat_messages(doc, it)
-        _tools(it, doc, chat=True)
+        offered_tools(it, doc, chat=True)
         for k, fn in enumerate(_list(doc, "functions")):  # the legacy form of function tools
             _tool_def(it, fn, ("functions", k), ("functions", k, "description"))
         if doc.get("web_search_options") is not None:
@@ -43,7 +43,7 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
     elif endpoint == "responses":
         it = Interaction("openai", "responses")
         _responses_input(doc, it)
-        _tools(it, doc, chat=False)
+        offered_tools(it, doc, chat=False)
         fields.cover(it, doc, _responses_kind(doc))
     elif endpoint in ("embeddings", "completions", "moderations"):
         it = Interaction("openai", endpoint)
@@ -80,7 +80,7 @@ def _list(doc: dict[str, Any], key: str) -> list[dict[str, Any]]:
     return items
 
 
-def _tools(it: Interaction, doc: dict[str, Any], chat: bool) -> None:
+def offered_tools(it: Interaction, doc: dict[str, Any], chat: bool) -> None:
     """Function and custom tools are the grant's `tools`; every other kind is a hosted tool or a
     remote MCP server, granted by name or URL; an unknown type is refused."""
     for k, tool in enumerate(_list(doc, "tools")):
