@@ -41,3 +41,17 @@ def test_present_names_each_once_in_field_order():
     headers = Headers(FIELDS)
     assert headerfields.present(headers, {b"x-api-key", b"authorization", b"absent"}) == \
         [b"authorization", b"x-api-key"]
+
+
+def test_a_read_after_a_change_sees_the_change():
+    headers = Headers(FIELDS)
+    assert headerfields.get(headers, b"x-api-key") == "k1"  # indexed
+    headers["X-Api-Key"] = "k2"
+    assert headerfields.get(headers, b"x-api-key") == "k2"
+    headerfields.pop(headers, {b"x-api-key"})
+    assert headerfields.get(headers, b"x-api-key") is None
+    headers.add("x-api-key", "k3")
+    assert headerfields.present(headers, {b"x-api-key"}) == [b"x-api-key"]
+    headers.fields = ((b"Host", b"other"),)
+    assert headerfields.get(headers, b"authorization") is None
+    assert headerfields.get(headers, b"host") == "other"

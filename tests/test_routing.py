@@ -330,3 +330,42 @@ def test_explain_reads_a_request_at_a_declared_operation(protocol, prefix, path)
     upstream = Upstream("x", "https", "h", 443, prefix, protocol, None)
     assert explain.default_path(upstream) == path
     assert protocols.declared(upstream, "POST", path) is not None
+
+
+def _outcome(f, *args):
+    try:
+        return f(*args)
+    except operations.PathError as e:
+        return ("PathError", str(e))
+
+
+TARGET_ALPHABET = ["/", "a", "Z", "0", ".", "..", "%", "%2e", "%2F", "%41", "%7e", "%3a", "~",
+                   "-", "_", "?", "q=1", "#", "\\", " ", "\u00e9", "//", "%zz", "v1"]
+
+
+def test_the_plain_path_shortcut_normalises_as_the_full_check(monkeypatch):
+    """`normalize_target` takes plain paths as they are without its full check: for every target
+    (random pieces of what makes a path ambiguous), the shortcut's answer is the full check's."""
+    import random
+    import re
+    rng = random.Random(18)
+    targets = ["/", "/v1/chat/completions", "/v1/", "/.well-known/x", "/a.b/c..d", "/a/./b",
+               "/a/../b", "/a//b", "/a/", "/%41", "//"]
+    targets += ["/" + "".join(rng.choice(TARGET_ALPHABET) for _ in range(rng.randint(0, 6)))
+                for _ in range(3000)]
+    fast = [_outcome(operations.normalize_target, t) for t in targets]
+    monkeypatch.setattr(operations, "_PLAIN", re.compile(r"(?!)"))  # never plain: full check
+    assert fast == [_outcome(operations.normalize_target, t) for t in targets]
+
+
+@pytest.mark.parametrize("protocol", list(protocols.DECLARED))
+def test_the_literal_operation_lookup_answers_as_the_scan(monkeypatch, protocol):
+    upstream = Upstream("u", "https", "api.example", 443, "/", protocol, None)
+    paths = ["/", "/chat/completions", "/v1/chat/completions", "/v1/messages",
+             "/v1/messages/count_tokens", "/messages", "/deployments/d/chat/completions",
+             "/v1/responses", "/v1/embeddings", "/v1/chat/completions/", "/v1/models", "/x/y"]
+    cases = [(m, p) for m in ("GET", "POST", "DELETE", "PUT") for p in paths]
+    looked_up = [protocols.declared(upstream, m, p) for m, p in cases]
+    monkeypatch.setattr(protocols, "_LITERAL", {k: {} for k in protocols.DECLARED})
+    assert looked_up == [protocols.declared(upstream, m, p) for m, p in cases]
+    assert any(looked_up)

@@ -1,11 +1,13 @@
-"""Header reads on the per-request path, one pass over a message's fields each.
+"""Header reads on the per-request path, one pass over a message's fields for all of them.
 
 mitmproxy's `Headers.get`, `in` and `pop` each scan every field through several Python calls (and
 `pop` scans three times, a missing name raising KeyError inside): ~30 of them per request cost
 more than most of douane's own steps. These read `headers.fields` directly, with mitmproxy's
 semantics: names are case-insensitive, a name given several times is folded into one value
 joined by ", " (as `Headers.get` folds it), values are decoded as mitmproxy decodes them.
-Nothing is cached: every call reads the fields as they are now.
+The fields are indexed by lower-case name once and the index kept beside the very tuple it was
+built from: every change to a `Headers` replaces its `fields` tuple, so a read after a change
+indexes the new fields (reads always see the fields as they are now).
 """
 
 from __future__ import annotations
@@ -14,30 +16,48 @@ from collections.abc import Collection
 
 from mitmproxy.http import Headers
 
+_INDEX = "_douane_fields"  # (the fields tuple indexed, lower-case name -> its values)
+
+
+def _index(headers: Headers) -> dict[bytes, list[bytes]]:
+    fields = headers.fields
+    cached = headers.__dict__.get(_INDEX)
+    if cached is not None and cached[0] is fields:
+        return cached[1]
+    index: dict[bytes, list[bytes]] = {}
+    for k, v in fields:
+        k = k.lower()
+        if k in index:
+            index[k].append(v)
+        else:
+            index[k] = [v]
+    headers.__dict__[_INDEX] = (fields, index)
+    return index
+
 
 def _text(values: list[bytes]) -> str:
+    if len(values) == 1:
+        return values[0].decode("utf-8", "surrogateescape")
     return ", ".join(v.decode("utf-8", "surrogateescape") for v in values)
 
 
 def get(headers: Headers, name: bytes, default: str | None = None) -> str | None:
     """`headers.get(name, default)`; `name` in lower case."""
-    values = [v for k, v in headers.fields if k.lower() == name]
+    values = _index(headers).get(name)
     return _text(values) if values else default
 
 
 def present(headers: Headers, names: Collection[bytes]) -> list[bytes]:
     """Which of `names` (lower case) the headers carry, in the order of the fields."""
-    found = []
-    for k, _ in headers.fields:
-        k = k.lower()
-        if k in names and k not in found:
-            found.append(k)
-    return found
+    return [k for k in _index(headers) if k in names]
 
 
 def pop(headers: Headers, names: Collection[bytes]) -> dict[bytes, str]:
     """Remove every field named in `names` (lower case); the values removed, by name, folded
     (`headers.pop(name)` for each). The fields are rewritten only when one is removed."""
+    index = _index(headers)
+    if not any(name in index for name in names):
+        return {}
     removed: dict[bytes, list[bytes]] = {}
     kept = []
     for field in headers.fields:

@@ -24,6 +24,8 @@ UNRESERVED = frozenset(string.ascii_letters + string.digits + "-_~")  # "." is r
 # printable ASCII but space, and never `\` or `#` (a fragment is never sent)
 _TARGET = re.compile(r"[!-~]*")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+# A path with nothing to decode or refuse (no escape, query, empty or dot segment): as it is.
+_PLAIN = re.compile(r"/|(?:/[A-Za-z0-9_~-][A-Za-z0-9_.~-]*)+/?")
 
 
 class PathError(ValueError):
@@ -32,6 +34,8 @@ class PathError(ValueError):
 
 def normalize_target(target: str) -> str:
     """The request target (path and query) to route on and send upstream, or PathError."""
+    if _PLAIN.fullmatch(target):
+        return target
     if not _TARGET.fullmatch(target) or "\\" in target or "#" in target:
         raise PathError("the request target holds a control character, space, backslash, "
                         "fragment or non-ASCII character")

@@ -47,6 +47,12 @@ DECLARED: dict[str, tuple[tuple[operations.Operation, str], ...]] = {
     "mcp": tuple((operations.parse(f"{method} /"), "mcp") for method in ("POST", "GET", "DELETE")),
     "generic": ((operations.parse("POST /**"), ""),),
 }
+# The operations without a wildcard, by (method, path): the usual request is one lookup. (The
+# first declared wins, as in the scan; no wildcard operation matches a literal one's path.)
+_LITERAL: dict[str, dict[tuple[str, str], str]] = {
+    protocol: {(op.method, op.path): endpoint for op, endpoint in reversed(ops)
+               if "*" not in op.path}
+    for protocol, ops in DECLARED.items()}
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -120,6 +126,9 @@ def declared(upstream: Upstream, method: str, path: str, websocket: bool = False
     rest = upstream.relative(path)
     if rest is None:
         return None
+    literal = _LITERAL[upstream.protocol].get((method, rest))
+    if literal is not None:
+        return literal or path
     return next(((endpoint or path) for op, endpoint in DECLARED[upstream.protocol]
                  if op.matches(method, rest)), None)
 
