@@ -25,6 +25,9 @@ groups:
   search:
     upstreams:
       llm: {models: ["*"], hosted_tools: [web_search], mcp_servers: ["https://mcp.example.com/*"]}
+  capped:
+    upstreams:
+      llm: {models: ["*"], max_tokens: 100}
   nomedia:
     upstreams:
       llm: {models: ["*"], media: false}

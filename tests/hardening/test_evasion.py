@@ -540,6 +540,32 @@ def test_files_by_reference_are_media_wherever_they_sit(case, gw, llm, issuer):
     assert resp.status_code == 200, resp.text  # the control: text alone passes
 
 
+# (path, body, status): a bound read from one field while the upstream reads another, or a number
+# no JSON parser holds
+CAPPED: dict[str, tuple[str, dict, int]] = {
+    "responses_max_tokens_beside_max_output_tokens": ("/v1/responses", {
+        "model": "m", "input": "hi", "max_tokens": 10, "max_output_tokens": 100000}, 403),
+    "chat_max_completion_tokens_beside_max_tokens": ("/v1/chat/completions", dict(
+        chat("hi"), max_completion_tokens=10, max_tokens=100000), 403),
+    "chat_infinite_max_tokens": ("/v1/chat/completions", dict(chat("hi"), max_tokens=1e999),
+                                 400),
+    "chat_infinite_temperature": ("/v1/chat/completions", dict(
+        chat("hi"), max_tokens=10, temperature=-1e999), 400),
+}
+
+
+@pytest.mark.parametrize("case", list(CAPPED))
+def test_a_token_cap_reads_every_field_the_upstream_may(case, gw, llm, issuer):
+    """`max_tokens: 100`: Responses read `max_output_tokens` while douane read `max_tokens` first
+    (100,000 tokens went out under a 100 cap); `1e999` (infinity to Python) ended in a 500."""
+    token = issuer.mint("cap@corp.example", ["capped"])
+    path, doc, status = CAPPED[case]
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + path, content=body(doc).replace(b"Infinity", b"1e999"),
+                      headers={"authorization": f"Bearer {token}", **JSON})
+    assert_refused(gw, llm, before, resp, status)
+
+
 def test_a_key_in_a_text_file_is_refused_and_not_recorded(gw, llm, token, secrets):
     """The key is found in the decoded file; test_z_leaks then finds no `sk-` key in any
     recording, raw or inside base64."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -78,11 +79,13 @@ def require_object(doc: Any) -> dict[str, Any]:
 
 
 def optional_number(doc: dict[str, Any], *keys: str) -> float | None:
-    for key in keys:
-        value = doc.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return value
-    return None
+    """The largest number given under `keys` (an upstream may read any of them: a grant's bound
+    holds for each), None when none is; a number JSON cannot hold (`1e999`) is refused."""
+    values = [v for v in map(doc.get, keys) if isinstance(v, int | float)
+              and not isinstance(v, bool)]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        raise ProtocolError(400, "invalid_number", f"{'/'.join(keys)} is not a finite number")
+    return max(values, default=None)
 
 
 DATED = re.compile(r"_(?:\d{8}|\d{4}_\d{2}_\d{2})$")  # web_search_20250305, ..._2025_03_11
