@@ -22,6 +22,7 @@ from typing import Any
 from mitmproxy import connection, http
 
 from douane.flowstate import peek, state
+from douane.loopshare import LoopShare
 from douane.refusals import fail_closed
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Checkpoint:
         self._steps = {event: _compiled(getattr(order, event)) for event in EVENTS}
         self._lifecycle = {hook: tuple(getattr(c, hook) for c in self.concerns if hasattr(c, hook))
                            for hook in LIFECYCLE}
+        self._share = LoopShare()  # many flows' steps in one pass of the loop take turns
 
     # --- lifecycle: each concern in its listed order --------------------------------------------
 
@@ -109,6 +111,7 @@ class Checkpoint:
     # --- per-flow events ------------------------------------------------------------------------
 
     async def _run(self, event: str, flow: http.HTTPFlow) -> None:
+        await self._share.turn()
         for step, is_async in self._steps[event]:
             try:
                 if is_async:
