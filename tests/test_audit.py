@@ -198,3 +198,17 @@ def test_verify_command_says_where_the_chain_starts(tmp_path, capsys):
     audit.log_files(loaded.audit.path)[0].unlink()  # the evidence someone wants gone
     assert main(["audit", "verify", "--config", str(config)]) == 1
     assert "are gone and no audit.deleted record" in capsys.readouterr().out
+
+
+def test_a_record_that_cannot_be_written_is_lost_alone_and_the_gap_is_recorded(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = audit.AuditLog(AuditConfig(path, 10**9, 5), KEY)
+    for i in range(6):  # one burst, most likely: its other records are written all the same
+        log.append({"event": "decision", "decision_id": f"dcn_{i}",
+                    **({"unencodable": object()} if i == 2 else {})})
+    log.close()
+    records = [json.loads(line) for line in lines(path)]
+    assert [r.get("decision_id") for r in records] == ["dcn_0", "dcn_1", None, "dcn_3", "dcn_4",
+                                                       "dcn_5"]
+    assert records[2]["event"] == "audit.gap" and records[2]["lost_records"] == 1
+    assert audit.verify(path, KEY).ok

@@ -29,6 +29,7 @@ import psycopg
 import pytest
 import yaml
 
+from douane import bursts
 from douane.cli import main as cli
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import REPO, base_config, free_port, terminate_group
@@ -267,8 +268,10 @@ def test_a_replica_killed_under_load(fleet, issuer):
     recent = {d for at, _, d in load.answers if killed - 2 < at < down + 1}
     wait_for(lambda: answered - recent <= decided(fleet), "the audit records", 15)
     wait_for(lambda: answered - recent <= indexed(fleet), "the index rows", 30)
+    # flows of w2 whose record was still in its writer's last burst (or queued) at the kill
+    last_moment = {d for at, _, d in load.answers if killed - bursts.WINDOW - 0.5 < at}
     missing = answered - decided(fleet)
-    assert len(missing) <= 4, missing  # flows of w2 whose record was still queued at the kill
+    assert missing <= last_moment, missing
 
 
 def test_the_database_stopped_and_restarted_under_load(fleet, issuer, postgres):

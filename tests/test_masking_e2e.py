@@ -64,11 +64,11 @@ def assert_masked(text: str) -> None:
 def test_openai_answer_is_masked(setup, issuer):
     gw, llm = setup
     c = openai_client(gw, llm, issuer.mint("alice@corp", ["engineering"]))
-    reply = c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "?"}])
-    assert_masked(reply.choices[0].message.content)
-    records = gw.audit_records(wait_for=1)
-    masked = [r for r in records if r.get("masked")]
-    assert masked and masked[-1]["masked"]["CREDIT_CARD"] == 1 and masked[-1]["action"] == "mask"
+    raw = c.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "?"}])
+    assert_masked(raw.parse().choices[0].message.content)
+    record = gw.audit_record(raw.headers["x-douane-decision-id"])
+    assert record["masked"]["CREDIT_CARD"] == 1 and record["action"] == "mask"
     assert "4111" not in gw.audit_file().read_text()
 
 

@@ -74,7 +74,7 @@ def test_blocked_prompt_never_reaches_the_upstream(setup, issuer):
     message = str(err.value)
     assert "deny rule deny.codename matched" in message and "douane decision dcn_" in message
     decision_id = err.value.response.headers["x-douane-decision-id"]
-    record = next(r for r in gw.audit_records(wait_for=1) if r["decision_id"] == decision_id)
+    record = gw.audit_record(decision_id)
     assert record["action"] == "block" and record["risk"] == 90 and record["policy_version"]
     assert "nightingale" not in gw.audit_file().read_text().lower().replace("deny.codename", "")
     assert ask(c, "hello") == "Hello from the fake upstream."

@@ -14,7 +14,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
-from douane import audit, transcript, untrusted
+from douane import audit, bursts, transcript, untrusted
 from douane.cli import main
 from douane.config import Credential, Upstream
 from douane.flowstate import Identity, state
@@ -322,7 +322,7 @@ def test_kill_9_leaves_readable_files_and_a_rebuildable_index(issuer, tmp_path):
                  env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, workdir=tmp_path / "gw")
     token = issuer.mint("carol@corp")
     stop = threading.Event()
-    sent = []
+    sent: list[float] = []  # when each answer came
 
     def traffic() -> None:
         with httpx.Client(timeout=2) as client:
@@ -332,7 +332,7 @@ def test_kill_9_leaves_readable_files_and_a_rebuildable_index(issuer, tmp_path):
                                 headers={"authorization": f"Bearer {token}"},
                                 json={"model": "m", "messages": [{"role": "user",
                                                                   "content": "hi"}]})
-                    sent.append(1)
+                    sent.append(time.monotonic())
                 except httpx.HTTPError:
                     return
 
@@ -340,6 +340,7 @@ def test_kill_9_leaves_readable_files_and_a_rebuildable_index(issuer, tmp_path):
     for w in workers:
         w.start()
     time.sleep(2)
+    killed = time.monotonic()
     gw.kill()
     stop.set()
     for w in workers:
@@ -350,7 +351,10 @@ def test_kill_9_leaves_readable_files_and_a_rebuildable_index(issuer, tmp_path):
     live = index.connect(root / "index.sqlite3")
     live_rows = {r[0] for r in live.execute("SELECT flow_id FROM flows")}
     live.close()
-    assert readable >= len(sent) - 8 and readable > 20  # at most the flows in flight are lost
+    # lost at most: the flows in flight and those answered in the writers' last burst window
+    # (with scheduling slack on a loaded machine)
+    settled = sum(1 for t in sent if t < killed - bursts.WINDOW - 0.5)
+    assert readable >= settled and readable > 20, (readable, settled, len(sent))
     config = str(gw.config_file)
     assert main(["sessions", "--config", config, "reindex"]) == 0
     db = index.connect(root / "index.sqlite3")
@@ -360,9 +364,9 @@ def test_kill_9_leaves_readable_files_and_a_rebuildable_index(issuer, tmp_path):
     gw.stop()
     verified = audit.verify(gw.audit_file(), (gw.state_dir / "audit-hmac.key").read_bytes().strip())
     assert verified.ok, verified.error
-    # the audit log and the recordings have writer threads of their own: at a kill either may be
-    # behind by the flows in flight
-    assert verified.records >= readable - 8
+    # the audit log and the recordings have writers of their own: at a kill either may be behind
+    # by the flows in flight and its last burst
+    assert verified.records >= settled
 
 
 def test_prune_deletes_old_recordings_and_audits_each_deletion(tmp_path, capsys):

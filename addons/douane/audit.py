@@ -3,8 +3,9 @@
 Each record carries `seq` (consecutive across rotated files), `prev` (the previous record's `mac`)
 and, last on its line, `mac` = HMAC-SHA256(key, canonical JSON of the record without `mac`). `douane audit verify`
 recomputes the chain and names the first edited, deleted, inserted or reordered record. Records are
-written by a thread (the event loop only enqueues), flushed per record, rotated by size. A torn last
-line left by a crash is cut at start-up and the cut is itself recorded.
+written by a thread a burst at a time (the event loop only appends to a list; the thread wakes once
+per `bursts.WINDOW`, not per record), flushed per burst, rotated by size. A torn last line left by
+a crash is cut at start-up and the cut is itself recorded.
 
 No token, key or cookie is ever put in a record: identities are claims, paths lose their query.
 """
@@ -17,7 +18,6 @@ import hmac
 import json
 import logging
 import os
-import queue
 import secrets
 import threading
 import time
@@ -30,6 +30,7 @@ from typing import Any
 from mitmproxy import http
 
 from douane import headerfields, untrusted
+from douane.bursts import Bursts
 from douane.chainheads import ChainHeads
 from douane.config import AuditConfig, Config
 from douane.flowstate import Reason, peek, publish, state
@@ -78,7 +79,7 @@ class AuditLog:
         self.config, self.key, self.heads = config, key, heads
         self.path = config.path
         self.healthy = True
-        self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._bursts: Bursts[dict[str, Any]] = Bursts()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._seq, self._prev, torn = self._resume()
         if heads and self._seq:
@@ -91,8 +92,8 @@ class AuditLog:
                          "message": "a torn last record (crash during a write) was cut"})
 
     def append(self, record: dict[str, Any]) -> None:
-        """Queue a record; time, sequence number and chain are added by the writer."""
-        self._queue.put(record)
+        """Hand a record over; time, sequence number and chain are added by the writer."""
+        self._bursts.put(record)
 
     @property
     def ready(self) -> bool:
@@ -100,10 +101,10 @@ class AuditLog:
 
     @property
     def backlog(self) -> int:
-        return self._queue.qsize()
+        return len(self._bursts)
 
     def close(self) -> None:
-        self._queue.put(None)
+        self._bursts.close()
         self._thread.join(timeout=10)
         if self.heads:
             self.heads.close()
@@ -132,18 +133,23 @@ class AuditLog:
 
     def _run(self) -> None:
         lost = 0  # records the disk refused since the last good write
-        while (record := self._queue.get()) is not None:
-            try:
-                if lost:  # the chain itself says that records are missing, and how many
-                    self._write({"event": "audit.gap", "lost_records": lost,
-                                 "message": "records could not be written (disk full?)"})
-                    lost = 0
-                self._write(record)
-                self.healthy = True
-            except Exception:
-                lost += 1
-                self.healthy = False
-                logger.exception("douane: cannot write the audit log %s", self.path)
+        while (burst := self._bursts.take()) is not None:
+            if not lost:
+                with contextlib.suppress(Exception):  # what failed is left in `burst`
+                    self._write(burst)
+                    self.healthy = True
+            for record in burst:  # one at a time: only what the disk refuses is lost
+                try:
+                    if lost:  # the chain itself says that records are missing, and how many
+                        self._write([{"event": "audit.gap", "lost_records": lost,
+                                      "message": "records could not be written (disk full?)"}])
+                        lost = 0
+                    self._write([record])
+                    self.healthy = True
+                except Exception:
+                    lost += 1
+                    self.healthy = False
+                    logger.exception("douane: cannot write the audit log %s", self.path)
         self._file.close()
 
     def _line(self, record: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
@@ -157,29 +163,44 @@ class AuditLog:
         record["mac"] = hmac.new(self.key, body, hashlib.sha256).hexdigest()
         return body[:-1] + b',"mac":"' + record["mac"].encode() + b'"}\n', record
 
-    def _write(self, record: dict[str, Any]) -> None:
-        line, signed = self._line(record)
-        if self._file.tell() and self._file.tell() + len(line) > self.config.max_bytes:
-            for note in self._rotate():  # what rotation deleted, or kept, starts the new file
-                self._put(*self._line(note))
-            line, signed = self._line(record)
-        self._put(line, signed)
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        """Chain and write `records`, flushed once at the end (and before a rotation); a record
+        leaves the list once flushed. On an error, what was not flushed is cut from the file, the
+        chain goes on from the last record flushed, and the error is raised."""
+        good, chain, n = self._file.tell(), (self._seq, self._prev), 0  # n: written, not flushed
+        try:
+            while n < len(records):
+                line, signed = self._line(records[n])
+                if self._file.tell() and self._file.tell() + len(line) > self.config.max_bytes:
+                    self._flush()
+                    del records[:n]
+                    n = 0
+                    for note in self._rotate():  # what rotation deleted, or kept, starts the file
+                        self._put(*self._line(note))
+                    self._flush()
+                    good, chain = self._file.tell(), (self._seq, self._prev)
+                    line, signed = self._line(records[0])
+                self._put(line, signed)
+                n += 1
+            self._flush()
+            records.clear()
+        except Exception:
+            self._forget_unwritten(good)
+            self._seq, self._prev = chain
+            raise
 
     def _put(self, line: bytes, record: dict[str, Any]) -> None:
-        good = self._file.tell()
-        try:
-            self._file.write(line)
-            self._file.flush()
-        except OSError:
-            self._forget_unwritten(good)
-            raise
+        self._file.write(line)
         self._seq, self._prev = record["seq"], record["mac"]
+
+    def _flush(self) -> None:
+        self._file.flush()
         if self.heads:
             self.heads.update(self._seq, self._prev)
 
     def _forget_unwritten(self, good: int) -> None:
-        """Drop a record the disk refused: left in the buffer, it would be flushed later, after a
-        record with the same sequence number, and break the chain (a partial line too)."""
+        """Drop records the disk refused: left in the buffer, they would be flushed later, after
+        records with the same sequence numbers, and break the chain (a partial line too)."""
         with contextlib.suppress(OSError):
             self._file.close()  # closes the file even when flushing the refused bytes fails
         with self.path.open("r+b") as f:

@@ -2,8 +2,9 @@
 indexing a flow takes neither the gateway's GIL nor its core.
 
 The gateway's event loop hands `RecordingWriter.put` a `flow.get_state()` snapshot; a feeder
-thread pickles it into a one-way pipe (a keep-alive connection's state crosses once, then by
-serial number); the child scrubs the credential headers and redacts the secrets on the state
+thread takes them a burst at a time (`bursts`: one wake-up for the flows of `bursts.WINDOW`) and
+pickles each burst into a one-way pipe as one message (a keep-alive connection's state crosses
+once, then by serial number), so the child wakes once per burst too; the child scrubs the credential headers and redacts the secrets on the state
 itself (a message is rebuilt only when its body must change), appends the flow to its session
 file (kept open, flushed per flow, so a crash loses at most the flows in flight), seals the
 originals and indexes it (one commit per burst of flows). One child, one pipe: flows are written
@@ -19,7 +20,6 @@ import json
 import logging
 import multiprocessing
 import os
-import queue
 import re
 import signal
 import sys
@@ -37,6 +37,7 @@ from mitmproxy.net.http.headers import infer_content_encoding
 from wsproto.frame_protocol import Opcode
 
 from douane import protocols, secrets, store, transcript, untrusted
+from douane.bursts import Bursts
 from douane.protocols import decoding, fields, streams
 from douane.recording import index, originals
 from douane.recording.config import RecordingSettings
@@ -363,7 +364,7 @@ class RecordingWriter:
                 self._sender.close()
                 raise RuntimeError("the recording writer did not start (exit code "
                                    f"{self._process.exitcode}; its error is logged above)")
-        self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
+        self._bursts: Bursts[Item] = Bursts()
         self._feeder = threading.Thread(target=self._feed, name="douane-recording-feeder",
                                         daemon=True)
         self._feeder.start()
@@ -375,16 +376,16 @@ class RecordingWriter:
     @property
     def backlog(self) -> int:
         """Recordings queued on this side of the pipe."""
-        return self._queue.qsize()
+        return len(self._bursts)
 
     def put(self, relative: str, snapshot: dict, scrub: frozenset[str],
             original: originals.Original | None = None, streamed: tuple[str, ...] = ()) -> None:
         """`relative`: the session file under `recording.dir`; `snapshot` is `flow.get_state()`,
         the writer's from now on; `scrub` the credential headers to replace."""
-        self._queue.put((relative, snapshot, scrub, original, streamed))
+        self._bursts.put((relative, snapshot, scrub, original, streamed), _size(snapshot))
 
     def close(self, timeout: float = 10) -> None:
-        self._queue.put(None)
+        self._bursts.close()
         deadline = time.monotonic() + timeout
         self._feeder.join(timeout)
         self._process.join(max(0.0, deadline - time.monotonic()))
@@ -396,25 +397,35 @@ class RecordingWriter:
         self._sender.close()
 
     def _feed(self) -> None:
-        """Pickles and sends in this thread: the event loop only appends to a queue."""
+        """Pickles and sends in this thread, a burst per message (None: the end): the event
+        loop only appends to a list."""
         connections = _Sent()
-        item = self._queue.get()
         while True:
-            if item is not None:
+            burst = self._bursts.take()
+            for item in burst or ():
                 connections.refer(item[1])
             try:
-                self._sender.send(item)
+                self._sender.send(burst)
             except OSError:  # the child died
                 break
-            if item is None:
+            if burst is None:
                 return
-            item = self._queue.get()
         self._healthy.value = 0
         self._process.join(5)
         logger.error("douane: the recording writer exited (code %s); flows are no longer "
                      "recorded", self._process.exitcode)
-        while item is not None:  # dropped until close()
-            item = self._queue.get()
+        while burst is not None:  # dropped until close()
+            burst = self._bursts.take()
+
+
+def _size(snapshot: dict) -> int:
+    """A flow's bodies and messages: what makes its share of a pipe message large."""
+    size = len(snapshot["request"]["content"] or b"")
+    if snapshot["response"]:
+        size += len(snapshot["response"]["content"] or b"")
+    if snapshot["websocket"]:
+        size += sum(len(m[2]) for m in snapshot["websocket"]["messages"])
+    return size
 
 
 def serve(receiver: Connection, settings: RecordingSettings, healthy: Any,
@@ -433,13 +444,14 @@ def serve(receiver: Connection, settings: RecordingSettings, healthy: Any,
             if writer.rows and (writer.overdue() or not receiver.poll(BATCH_GAP)):
                 writer.commit()  # before blocking: the index is never behind for long
             try:
-                item = receiver.recv()
+                burst = receiver.recv()
             except EOFError:
                 logger.error("douane: the gateway is gone; what it sent is written")
                 break
-            if item is None:
+            if burst is None:
                 break
-            writer.write(item)
+            for item in burst:
+                writer.write(item)
     finally:
         writer.close()
 
