@@ -107,6 +107,23 @@ def tree_cpu(pid: int) -> float:
     return cpu_seconds(pid) + exited + sum(cpu_seconds(c) for c in descendants(pid))
 
 
+def settled_cpu(target: Target, limit: float = 3.0) -> float:
+    """The CPU seconds of a target's processes once they are done with the requests just sent
+    (polled every 0.1 s until one interval spends at most a clock tick, at most `limit` s): the
+    work they defer past wrk's last answer (the recording writer's and the audit thread's
+    backlog) counts in the row that caused it, not in the next row measured on that target,
+    where it moved a row's CPU by up to 0.1-0.15 ms per request after a 32-connection row."""
+    cpu, tick = tree_cpu(target.pid) + target.also(), 1.5 / os.sysconf("SC_CLK_TCK")
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = tree_cpu(target.pid) + target.also()
+        if now - cpu <= tick:
+            return now
+        cpu = now
+    return cpu
+
+
 def tree_rss(pid: int) -> int:
     """Resident KiB of a process and its live descendants, now."""
     total = 0
@@ -469,8 +486,8 @@ def measure_requests(targets: list[Target], token: str | None, seconds: int, wor
                      protocols: list[str], connections=(1, 32), rounds: int = 1) -> list[Row]:
     """wrk rows, interleaved: each round runs every (protocol, connections) cell on every target
     in turn, the order rotated each round, so load from elsewhere on the machine falls on every
-    variant alike. A row: the median of its rounds' req/s, p50 and p99; CPU over all its
-    requests; the peak RSS."""
+    variant alike. A row: the median of its rounds' req/s, p50, p99 and CPU per request (CPU
+    from before wrk starts until the target has settled: `settled_cpu`); the peak RSS."""
     runs: dict[tuple[str, str, int], list[tuple[Wrk, float, int]]] = {}
     for r in range(rounds):
         for name in protocols:
@@ -481,7 +498,7 @@ def measure_requests(targets: list[Target], token: str | None, seconds: int, wor
                     before = tree_cpu(t.pid) + t.also() if t.pid else 0.0
                     with RssPeak(t.pid) as rss:
                         result = wrk(t.port, path, script, c, seconds)
-                    cpu = tree_cpu(t.pid) + t.also() - before if t.pid else 0.0
+                    cpu = settled_cpu(t) - before if t.pid else 0.0
                     runs.setdefault((t.variant, name, c), []).append((result, cpu, rss.peak))
         print(f"round {r + 1}/{rounds} done", flush=True)
     print("\n| variant | protocol | connections | req/s | p50 ms | p99 ms | CPU s/1k req "
@@ -496,7 +513,8 @@ def measure_requests(targets: list[Target], token: str | None, seconds: int, wor
                     t.variant, name, c, requests, statistics.median(w.rps for w, _, _ in cell),
                     statistics.median(w.p50_ms for w, _, _ in cell),
                     statistics.median(w.p99_ms for w, _, _ in cell),
-                    sum(cpu for _, cpu, _ in cell) / requests * 1000 if t.pid else None,
+                    statistics.median(cpu / w.requests for w, cpu, _ in cell) * 1000
+                    if t.pid else None,
                     max(peak for _, _, peak in cell) / 1024 if t.pid else None))
                 print_row(rows[-1])
     return rows
@@ -817,8 +835,9 @@ def report(run: Run, command: str) -> str:
             "audit log, recording; '+ masking' adds Presidio masking of the answers (2 worker "
             "processes), checked before measuring (a masked answer must not carry the email). "
             "'CPU s/1k req' is the CPU seconds per 1,000 requests of the proxy and all its "
-            "processes (the recording writer, the masking workers); 'RSS' is their summed "
-            "resident memory, the peak during the row.",
+            "processes (the recording writer, the masking workers), counted from wrk's start "
+            "until they are idle again (the work they defer counts in its own row), the median "
+            "of the rounds; 'RSS' is their summed resident memory, the peak during the row.",
             table(["variant", "protocol", "connections", "req/s", "p50 ms", "p99 ms",
                    "CPU s/1k req", "RSS MiB"],
                   [[r.variant, r.protocol, str(r.connections), f"{r.rps:.0f}", f"{r.p50_ms:.2f}",
