@@ -55,6 +55,7 @@ from phonenumbers.re_util import fullmatch
 # candidate with fewer characters a number's digits can come from (digits, letters of a vanity
 # number or an extension) is no number, whatever the region.
 MIN_DIGITS = 4
+PARSABLES = 8192  # groups whose regions a scanner keeps (`parsable`), then forgets at once
 MAX_TRIES = 65535  # phonenumbers' default: invalid candidates tried before giving up on a text
 NOT_ALNUM = re.compile(r"[\W_]+")
 NOT_DIGIT = re.compile(r"\D+")
@@ -202,7 +203,6 @@ class _Text:
         self.text = text
         self.found: dict[int, tuple[int, str] | None] = {}  # search index -> (start, candidate)
         self.steps: dict[tuple, list | None] = {}  # (start, candidate) -> its groups or None
-        self.shapes: dict[str, tuple[int, bool, str | None]] = {}  # group -> `shape`
         self.lives: dict[tuple, tuple[frozenset, int]] = {}  # (start, candidate) -> `live`
         self.parsed: dict[tuple[int, str, str], bool] = {}  # (offset, group, region) -> valid
 
@@ -238,23 +238,8 @@ class _Text:
         self.steps[key] = steps
         return steps
 
-    def shape(self, group: str) -> tuple[int, bool, str | None]:
-        """(its alphanumerics, written with `+`, its digits if written plainly)."""
-        if group not in self.shapes:
-            international = _international(group)
-            digits = None
-            if not international and PLAIN.fullmatch(group):
-                digits = NOT_DIGIT.sub("", group)
-                if not digits.isascii():  # another script's digits
-                    digits = normalize_digits_only(digits)
-            self.shapes[group] = (len(NOT_ALNUM.sub("", group)), international, digits)
-        return self.shapes[group]
-
     def may_parse(self, group: str, k: int) -> bool:
-        alnum, international, digits = self.shape(group)
-        region = self.scanner.regions[k]
-        return alnum >= region.bounds[international] and (
-            digits is None or not region.shapes.hopeless(digits))
+        return k in self.scanner.parsable(group)
 
     def live(self, start: int, candidate: str) -> tuple[frozenset, int]:
         """(the regions #k in which some group of the candidate may be a number, the tries its
@@ -266,14 +251,12 @@ class _Text:
                 self.lives[key] = (frozenset(), 0)
                 return self.lives[key]
             cost = sum(2 if first else 1 for *_, first in steps)
-            if self.shape(candidate)[0] < self.scanner.fewest:  # nor any group in it
+            if len(NOT_ALNUM.sub("", candidate)) < self.scanner.fewest:  # nor any group in it
                 self.lives[key] = (frozenset(), cost)
                 return self.lives[key]
-            groups = [candidate] + [g for before, group, _, _ in steps
-                                    for g in (before, group) if g is not None]
-            self.lives[key] = (
-                frozenset(k for k in range(len(self.scanner.regions))
-                          if any(self.may_parse(g, k) for g in groups)), cost)
+            self.lives[key] = (self.scanner.parsable(candidate).union(*(
+                self.scanner.parsable(g) for before, group, _, _ in steps
+                for g in (before, group) if g is not None)), cost)
         return self.lives[key]
 
     def valid(self, group: str, offset: int, k: int) -> bool:
@@ -314,6 +297,27 @@ class PhoneScanner:
         phonenumbers.enable_pattern_cache()  # its metadata's patterns overflow `re`'s cache
         self.regions = [Region(r, min_digits(r)[::-1], NationalShapes(r)) for r in regions]
         self.fewest = min((b for r in self.regions for b in r.bounds), default=MIN_DIGITS)
+        self.parsables: dict[str, frozenset[int]] = {}  # group -> `parsable`
+
+    def parsable(self, group: str) -> frozenset[int]:
+        """The regions #k in which `group` may be a number (by its shape alone, not where it
+        stands: kept across texts, the same groups recur, dates and versions above all)."""
+        regions = self.parsables.get(group)
+        if regions is None:
+            if len(self.parsables) >= PARSABLES:
+                self.parsables.clear()
+            international = _international(group)
+            digits = None
+            if not international and PLAIN.fullmatch(group):
+                digits = NOT_DIGIT.sub("", group)
+                if not digits.isascii():  # another script's digits
+                    digits = normalize_digits_only(digits)
+            alnum = len(NOT_ALNUM.sub("", group))
+            regions = self.parsables[group] = frozenset(
+                k for k, region in enumerate(self.regions)
+                if alnum >= region.bounds[international]
+                and (digits is None or not region.shapes.hopeless(digits)))
+        return regions
 
     def matches(self, text: str) -> list[tuple[int, int, str]]:
         t = _Text(self, text)
