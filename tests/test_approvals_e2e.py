@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import json
 import re
+import socket
 import statistics
 import subprocess
 import threading
@@ -540,3 +541,16 @@ def test_the_preview_leads_with_what_was_flagged_and_claims_cannot_forge_output(
     assert f"no\\x0a{forged}\\x1b[8m" in log  # denied by bob@corp: ...
     records = gw.audit_where(lambda r: r.get("approval_id") == pending["id"], count=2)
     assert all(len(json.dumps(r)) < 10_000 for r in records)
+
+
+def test_an_unauthenticated_body_is_not_read_whole(setup):
+    """The API read a body (up to tornado's 100 MB) before it checked the token: a few callers
+    without one could fill the gateway's memory. A body past 4 MiB is refused on its length."""
+    _, _, _, api = setup
+    host, port = api.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /approvals/apr_0000000000000000/approve HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 104857600\r\n\r\n"
+                     + b"{" * 65536)
+        answer = sock.recv(4096)  # the body never comes: without a bound this waits
+    assert answer.startswith(b"HTTP/1.1 4"), answer[:200]

@@ -79,7 +79,8 @@ def test_session_paths():
     assert all(len(p) <= 62 and "/" not in p and not p.startswith(".") for p in folders)
     assert folders[0] == "ivan@x.example--" + untrusted.digest("иван@x.example")
     f.request.headers["mcp-session-id"] = "abc/123"
-    assert session_path(f, SETTINGS).name.startswith("mcp-abc-123--")
+    assert session_path(f, SETTINGS, {"abc/123"}).name.startswith("mcp-abc-123--")
+    assert session_path(f, SETTINGS).name.startswith("conn-")  # not one an upstream issued
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from mitmproxy import ctx, http
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from douane.approvals.api import SERVER_LIMITS
 from douane.flowstate import peek
 
 if TYPE_CHECKING:
@@ -182,7 +183,7 @@ class Admin:
             ctx.master.shutdown()
             return
         self.port = sockets[0].getsockname()[1]
-        self.server = tornado.httpserver.HTTPServer(app, xheaders=False)
+        self.server = tornado.httpserver.HTTPServer(app, xheaders=False, **SERVER_LIMITS)
         self.server.add_sockets(sockets)
         logger.info("douane: /healthz and /metrics on http://%s:%d", host, self.port)
 

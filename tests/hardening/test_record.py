@@ -221,3 +221,40 @@ def test_a_user_cannot_rotate_their_block_out_of_the_audit_log(issuer, upstream,
         assert "over its size budget" in gw.log_text()
         verified = douane(gw, "audit", "verify")
         assert verified.returncode == 0 and "chain starts at seq 1 (" in verified.stdout
+
+
+def test_made_up_mcp_session_ids_name_no_recording_file(gw, upstream, issuer):
+    """The recording kept one file per `Mcp-Session-Id`, whatever the client sent: 30 made-up ids
+    made 30 files (a client could make as many as it had requests). Only an id the upstream
+    issued names a file now."""
+    def answer(handler, doc):
+        data = json.dumps({"jsonrpc": "2.0", "id": doc.get("id"), "result": {}}).encode()
+        handler.send_response(200)
+        handler.send_header("content-type", "application/json")
+        handler.send_header("content-length", str(len(data)))
+        if doc.get("method") == "initialize":
+            handler.send_header("mcp-session-id", "issued-by-the-server")
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    token = issuer.mint("sid@corp.example", ["engineering"])
+    before = len(indexed(gw, 0))
+    upstream.answer = answer
+    try:
+        for session in ["", "issued-by-the-server", *(f"made-up-{i}" for i in range(30))]:
+            resp = httpx.post(gw.url + "/mcp", timeout=60, headers={
+                "authorization": f"Bearer {token}", "mcp-protocol-version": "2025-06-18",
+                "accept": "application/json, text/event-stream",
+                **({"mcp-session-id": session} if session else {})}, json={
+                "jsonrpc": "2.0", "id": 1, "method": "ping" if session else "initialize",
+                "params": {} if session else {"protocolVersion": "2025-06-18",
+                                              "capabilities": {},
+                                              "clientInfo": {"name": "t", "version": "1"}}})
+            assert resp.status_code == 200, resp.text
+    finally:
+        upstream.answer = None
+    indexed(gw, before + 32)
+    names = {p.name.split("--")[0] for p in
+             (gw.state_dir / "recordings" / untrusted.slug("sid@corp.example")).rglob("*.mitm")}
+    assert "mcp-issued-by-the-server" in names
+    assert not [n for n in names if "made-up" in n], names

@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 ID = r"(apr_[0-9a-f]{16})"
 REASON_CHARS = 1000
+# tornado reads a body (up to 100 MB) before any handler checks the caller's token, and keeps an
+# idle connection an hour: bounds for douane's own HTTP servers
+SERVER_LIMITS: dict[str, Any] = {"max_body_size": 4 * 1024**2, "body_timeout": 30,
+                                 "idle_connection_timeout": 60}
 
 
 class ApprovalError(tornado.web.HTTPError):
@@ -197,7 +201,7 @@ class AdminAPI:
         ], **self.app_settings)
         sockets = tornado.netutil.bind_sockets(self.settings.port, self.settings.host)
         self.port = sockets[0].getsockname()[1]
-        self.server = tornado.httpserver.HTTPServer(app, xheaders=False)
+        self.server = tornado.httpserver.HTTPServer(app, xheaders=False, **SERVER_LIMITS)
         self.server.add_sockets(sockets)
         logger.info("douane: approvals API serving on http://%s:%d", self.settings.host,
                     self.port)

@@ -16,6 +16,8 @@ import copy
 import functools
 import time
 import weakref
+from collections import OrderedDict
+from collections.abc import Container
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from douane.recording.writer import RecordingWriter, SharedIndex
 from douane.refusals import refuse
 from douane.settings import Settings
 
+ISSUED_SESSIONS = 100_000  # MCP session ids issued by upstreams, remembered (the latest)
 SCRUB_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "cookie", "set-cookie",
                  "x-goog-api-key", "api-key")
 
@@ -97,13 +100,16 @@ def _user_folder(user: str) -> str:
     return untrusted.slug(user)
 
 
-def session_path(flow: http.HTTPFlow, settings: RecordingSettings) -> Path:
+def session_path(flow: http.HTTPFlow, settings: RecordingSettings,
+                 issued: Container[str] = ()) -> Path:
+    """`issued`: the MCP session ids upstreams issued; a made-up one names no file (a client
+    could otherwise make one file per request)."""
     st = state(flow)
     # one folder per exact user name (a slug and a hash: no two users share one), no separators
     user = _user_folder(st.identity.user) if st.identity else "anonymous"
     day, second = divmod(int(flow.request.timestamp_start), 86400)  # UTC
     mcp_session = flow.request.headers.get("mcp-session-id")
-    if mcp_session:
+    if mcp_session and mcp_session in issued:
         session = "mcp-" + untrusted.slug(mcp_session, 32)
     elif settings.session == "window":
         minute = second // 60
@@ -126,6 +132,7 @@ class Record:
         self.recording: RecordingSettings | None = None
         self.writer: RecordingWriter | None = None
         self.shared: SharedIndex | None = None
+        self.issued: OrderedDict[str, None] = OrderedDict()
 
     def configure(self, updated: set[str]) -> None:
         if "douane_config" not in updated and self.writer is not None:
@@ -185,6 +192,12 @@ class Record:
         # a streamed answer's text, per channel, as delivered (checked by the writer)
         streamed = tuple(p.text for p in st.interaction.response_texts) \
             if st.interaction and streams.rewriter_of(flow) else ()
-        self.writer.put(str(session_path(flow, self.recording)), snapshot(flow),
+        issued = flow.response.headers.get("mcp-session-id") if flow.response else None
+        if issued:
+            self.issued[issued] = None
+            self.issued.move_to_end(issued)
+            if len(self.issued) > ISSUED_SESSIONS:
+                self.issued.popitem(last=False)
+        self.writer.put(str(session_path(flow, self.recording, self.issued)), snapshot(flow),
                         credential_headers(flow, self.recording.scrub_headers),
                         original if st.masked else None, streamed)
