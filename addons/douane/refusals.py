@@ -206,7 +206,8 @@ def fail_closed(flow: http.HTTPFlow, where: str, error: Exception) -> None:
     st = state(flow)
     logger.error("douane: %s failed on %s (decision %s): %s",
                  where, loggable(flow.request.pretty_url) if flow.request else "?",
-                 st.decision_id, "".join(traceback.format_exception_only(error)).strip())
+                 st.decision_id, loggable("".join(traceback.format_exception_only(error)).strip(),
+                                          1024))
     logger.debug("traceback", exc_info=error)
     reason = Reason("gateway.error", type(error).__name__)
     if flow.response is not None and _refusals.get(flow) is flow.response and st.decision:

@@ -112,7 +112,8 @@ class PoliceWebSocket:
             reason = self._verdict(flow.id, st, message.is_text, message.content,
                                    message.from_client)
         except Exception as e:  # fail closed: an error in policy stops the connection
-            logger.error("douane: WebSocket policy failed (decision %s): %s", st.decision_id, e)
+            logger.error("douane: WebSocket policy failed (decision %s): %s", st.decision_id,
+                         loggable(repr(e)))
             reason = Reason("gateway.error",
                             f"douane could not evaluate a message ({type(e).__name__})")
         if reason is not None:

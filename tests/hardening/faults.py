@@ -5,7 +5,9 @@ to the repository, so the spawned masking workers import this module too (the po
 `analyze_batch` by name). A text carrying a trigger makes that stage fail:
 - FAULT-POLICY: the policy engine raises;
 - FAULT-MASK: the masking analysis raises inside the worker process;
-- FAULT-CRASH: the masking worker process dies (as a segfault would), breaking the pool.
+- FAULT-CRASH: the masking worker process dies (as a segfault would), breaking the pool;
+- FAULT-ECHO: the policy engine raises an error quoting the text (as a KeyError or a parser's
+  error names the value it choked on).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ _analyze_batch = masking_engine.analyze_batch
 def risk(policy, pieces):
     if any("FAULT-POLICY" in p.text for p in pieces):
         raise RuntimeError("injected policy fault")
+    echoed = [p.text for p in pieces if "FAULT-ECHO" in p.text]
+    if echoed:
+        raise ValueError(f"cannot read {echoed[0]}")
     return _risk(policy, pieces)
 
 

@@ -97,6 +97,20 @@ def test_a_failing_stage_refuses_the_request_and_the_gateway_goes_on(gw, llm, to
     assert_serving(gw, llm, token)
 
 
+def test_an_error_quoting_the_request_is_logged_escaped_and_scrubbed(gw, llm, token, secrets):
+    """The failure's message was logged as is: a key the client sent reached the log, and an ESC
+    or a newline in it could forge or hide log lines."""
+    key = "sk-proj-" + "Qm9vTXlLZXlJc0hlcmVBbmRJdElzTG9uZw" * 2
+    secrets.add(key)  # test_z_leaks scans the logs for it too
+    before = len(llm.requests)
+    resp = post(gw, token, chat(f"FAULT-ECHO {key} \x1b[2K\r\n[09:00:00.000] douane: forged"))
+    assert_refused(gw, llm, before, resp, 500)
+    log = gw.log_text()
+    assert "FAULT-ECHO" in log  # the failure is logged...
+    assert key not in log and "\x1b[2K" not in log  # ...its quote scrubbed and escaped
+    assert not any(line.startswith("[09:00:00.000] douane: forged") for line in log.splitlines())
+
+
 def test_a_failing_answer_analysis_withholds_the_answer(gw, llm, token):
     llm.reply = "Your FAULT-MASK record is ready, Maria."
     try:

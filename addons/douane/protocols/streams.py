@@ -32,6 +32,7 @@ from douane.interaction import Interaction, Kind, TextPiece
 from douane.protocols import fields, jsonpath
 from douane.protocols.base import ALL, ProtocolError, StreamFormat
 from douane.protocols.sse import Event, SseError, SseParser
+from douane.untrusted import loggable
 
 logger = logging.getLogger(__name__)
 _UNPARSED = object()
@@ -167,7 +168,8 @@ class StreamRewriter:
             self.abort(e.message if isinstance(e, ProtocolError) else f"broken stream: {e}")
             return
         # a filter failed: never send what it did not approve
-        logger.error("douane: stream processing failed (decision %s): %r", self.decision_id, e)
+        logger.error("douane: stream processing failed (decision %s): %s", self.decision_id,
+                     loggable(repr(e)))
         self.abort("douane could not inspect this stream and ended it")
 
     def _parsed(self) -> tuple[Event, Any]:
