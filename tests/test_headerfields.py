@@ -55,3 +55,13 @@ def test_a_read_after_a_change_sees_the_change():
     headers.fields = ((b"Host", b"other"),)
     assert headerfields.get(headers, b"authorization") is None
     assert headerfields.get(headers, b"host") == "other"
+
+
+@pytest.mark.parametrize("name", ["Authorization", "x-api-key", "X-New", "host"])
+def test_put_is_mitmproxys_setitem(name):
+    ours, theirs = Headers(FIELDS), Headers(FIELDS)
+    headerfields.get(ours, b"host")  # indexed before the change
+    headerfields.put(ours, name, "v\udcff")
+    theirs[name] = "v\udcff"
+    assert ours.fields == theirs.fields
+    assert headerfields.get(ours, name.lower().encode()) == theirs.get(name)

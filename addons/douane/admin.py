@@ -71,7 +71,6 @@ class Metrics:
         self.masked = Counter("douane_masked_entities", "Entities masked, by type", ("entity",),
                               registry=self.registry)
         self._rule, self._upstream, self._entity = _Bounded(), _Bounded(), _Bounded()
-        self._metered: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         # (metric, label values) -> its series: looked up once (labels are `_Bounded`: so is this)
         self._series: dict[tuple[Any, ...], Any] = {}
 
@@ -86,9 +85,9 @@ class Metrics:
 
     def _count(self, flow: http.HTTPFlow) -> None:
         st = peek(flow)
-        if st is None or not st.audited or flow in self._metered:
+        if st is None or not st.audited or st.metered:
             return
-        self._metered.add(flow)
+        st.metered = True
         decision = st.decision
         action = decision.action if decision else "allow"
         rule = decision.reasons[0].rule if decision and decision.reasons else "none"

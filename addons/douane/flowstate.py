@@ -91,6 +91,7 @@ class FlowState:
     # (`protocols.document`), let go when the event's steps are done (`Checkpoint`)
     documents: dict[str, tuple[bytes | None, Any]] = field(default_factory=dict)
     audited: bool = False
+    metered: bool = False  # counted by `admin.Metrics` (once per flow)
 
     def decide(self, action: Action, *reasons: Reason, status: int | None = None) -> Decision:
         """Record a decision; a stricter one already taken is kept (block beats mask beats allow)."""

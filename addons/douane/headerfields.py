@@ -52,6 +52,25 @@ def present(headers: Headers, names: Collection[bytes]) -> list[bytes]:
     return [k for k in _index(headers) if k in names]
 
 
+def put(headers: Headers, name: str, value: str) -> None:
+    """`headers[name] = value`: the first field of that name (any case) takes the value in its
+    place and keeps its spelling, later ones go; a name not there is appended as written."""
+    key, encoded = (name.encode("utf-8", "surrogateescape"),
+                    value.encode("utf-8", "surrogateescape"))
+    lowered = key.lower()
+    if lowered not in _index(headers):
+        headers.fields = (*headers.fields, (key, encoded))
+        return
+    fields, done = [], False
+    for field in headers.fields:
+        if field[0].lower() != lowered:
+            fields.append(field)
+        elif not done:
+            fields.append((field[0], encoded))
+            done = True
+    headers.fields = tuple(fields)
+
+
 def pop(headers: Headers, names: Collection[bytes]) -> dict[bytes, str]:
     """Remove every field named in `names` (lower case); the values removed, by name, folded
     (`headers.pop(name)` for each). The fields are rewritten only when one is removed."""

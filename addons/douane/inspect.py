@@ -120,7 +120,7 @@ class Inspect:
             return
         # SSE answers must arrive uncompressed to be rewritten event by event.
         if headerfields.get(headers, b"accept-encoding") != "identity":
-            headers["accept-encoding"] = "identity"
+            headerfields.put(headers, "accept-encoding", "identity")
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:

@@ -67,8 +67,8 @@ class Route:
             req.host_header = host_header
         else:
             req.authority = b""
-            if headerfields.get(req.headers, b"host") != host_header:  # (a costly rewrite)
-                req.host_header = host_header
+            if headerfields.get(req.headers, b"host") != host_header:
+                headerfields.put(req.headers, "Host", host_header)  # as `req.host_header =`
         req.path = target
         req.method = req.method  # upper case, as matched
 
@@ -223,4 +223,4 @@ class InjectCredential:
             return
         st = state(flow)
         if st.upstream is not None and st.credential is not None and st.credential.value:
-            flow.request.headers[st.credential.header] = st.credential.value
+            headerfields.put(flow.request.headers, st.credential.header, st.credential.value)
