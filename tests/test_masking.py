@@ -215,6 +215,50 @@ def test_a_crashed_worker_fails_the_analysis_and_the_pool_recovers(pool, urgent)
     assert [s.entity for s in spans] == ["EMAIL_ADDRESS"]
 
 
+def knows(word: str) -> bool:
+    """Run in a worker: whether its spaCy has read `word` (its vocabulary keeps the words read)."""
+    from douane.masking import engine
+
+    return word in engine._analyzer.nlp_engine.nlp["en"].vocab.strings
+
+
+def test_workers_are_forked_from_one_zygote_that_holds_nothing_a_user_sent(pool):
+    """A rebuilt worker is a fork of the loaded zygote (no second model load), and starts with
+    nothing another worker read: the zygote never analyses a user's text."""
+    import os
+    from concurrent.futures.process import BrokenProcessPool
+
+    from douane.masking import engine
+
+    zygote = pool.executor().submit(os.getppid).result(timeout=STARTUP)
+    assert zygote != os.getpid()
+    word = "Zqxvbnmirelda"
+    (spans,) = pool.submit([f"{word} wrote to maria@example.com"]).result(timeout=STARTUP)
+    assert pool.executor().submit(knows, word).result(timeout=STARTUP)
+    with pytest.raises(BrokenProcessPool):
+        pool.executor().submit(engine.crash_worker).result(timeout=STARTUP)
+    pool.submit(["warm up"]).result(timeout=STARTUP)  # the set is rebuilt
+    assert pool.executor().submit(os.getppid).result(timeout=STARTUP) == zygote
+    assert not pool.executor().submit(knows, word).result(timeout=STARTUP)
+
+
+def test_a_dead_zygote_is_restarted(pool):
+    import os
+    import signal
+    from concurrent.futures.process import BrokenProcessPool
+
+    from douane.masking import engine
+
+    zygote = pool.executor(urgent=True).submit(os.getppid).result(timeout=STARTUP)
+    os.kill(zygote, signal.SIGKILL)
+    pool._zygote._process.join(STARTUP)  # dead, not dying: a fork asked of it meanwhile fails
+    with pytest.raises(BrokenProcessPool):
+        pool.executor(urgent=True).submit(engine.crash_worker).result(timeout=STARTUP)
+    (spans,) = pool.submit(["mail maria@example.com"], urgent=True).result(timeout=STARTUP)
+    assert [s.entity for s in spans] == ["EMAIL_ADDRESS"]
+    assert pool.executor(urgent=True).submit(os.getppid).result(timeout=STARTUP) != zygote
+
+
 class _Unreadable:
     def __reduce__(self):
         return (_refuse_to_load, ())

@@ -450,13 +450,12 @@ def init_worker(settings: MaskingSettings) -> None:
     _analyzer.analyze("warm up John Smith john@example.com 212-555-0147")
 
 
-def serve(conn, settings: MaskingSettings) -> None:
-    """A worker process (`pool.Workers`): jobs `(id, function, args)` in, `(id, ok, result or
-    exception)` out, until None or the pipe closes. The process then exits without the
-    interpreter's teardown: freeing spaCy's and Presidio's objects one by one costs 1-4 s of CPU,
-    taken from a gateway that is stopping (its recording writer flushing), and nothing here needs
-    it (answers are sent whole; the streams are flushed)."""
-    init_worker(settings)
+def serve(conn) -> None:
+    """A worker process, forked with its analyser built (`pool.Zygote`): jobs `(id, function,
+    args)` in, `(id, ok, result or exception)` out, until None or the pipe closes. The process
+    then exits without the interpreter's teardown: freeing spaCy's and Presidio's objects one by
+    one costs 1-4 s of CPU, taken from a gateway that is stopping (its recording writer
+    flushing), and nothing here needs it (answers are sent whole; the streams are flushed)."""
     _answer_jobs(conn)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -19,6 +19,11 @@ a batch, so its cost per text falls as the load rises (`scripts/bench-masking`: 
 in batches of 16), and 32 streams' proposals cost a few batches instead of 32 separate analyses.
 Processes, not threads: spaCy's NER holds the GIL (2 threads ran it at 0.9-1.2x one thread's
 speed).
+
+Workers are forked from a zygote: one spawned process that builds the analyser once (spaCy, the
+recognisers: ~2.1 s of CPU) and forks each worker from it, its analyser ready; the workers share
+its pages copy-on-write. The zygote analyses only its fixed warm-up text, never a user's: a worker
+starts with nothing anyone sent (what it learns from the texts it reads stays in its own pages).
 """
 
 from __future__ import annotations
@@ -27,11 +32,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import gc
 import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.process
+import multiprocessing.reduction
+import os
+import signal
 import threading
 from concurrent.futures.process import BrokenProcessPool
 
@@ -49,24 +57,16 @@ class Workers:
     fewest in flight. A process that dies breaks the whole set, as a process pool would: its
     jobs and every later submit fail with BrokenProcessPool (the pool then builds a new set)."""
 
-    def __init__(self, size: int, settings: MaskingSettings, name: str):
-        # spawn: forking a process that runs an asyncio loop and threads is unsafe
-        context = multiprocessing.get_context("spawn")
+    def __init__(self, size: int, zygote: Zygote, name: str):
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._pending: list[dict[int, concurrent.futures.Future]] = []
         self._conns: list[multiprocessing.connection.Connection] = []
-        self._processes: list[multiprocessing.process.BaseProcess] = []
         self._sending: list[threading.Lock] = []  # one writer at a time on each pipe
         self._broken: BaseException | None = None
         for i in range(size):
-            conn, child = context.Pipe()
-            process = context.Process(target=engine.serve, args=(child, settings),
-                                      name=f"{name}-{i}", daemon=True)
-            process.start()
-            child.close()
+            conn = zygote.fork()
             self._conns.append(conn)
-            self._processes.append(process)
             self._sending.append(threading.Lock())
             self._pending.append({})
             threading.Thread(target=self._read, args=(i,), name=f"{name}-{i}-reader",
@@ -135,9 +135,75 @@ class Workers:
                 conn.send(None)
 
 
+class Zygote:
+    """The spawned process the workers are forked from (`_zygote`). A fork request does not wait:
+    the new worker's pipe end is passed over the zygote's socket, and jobs sent meanwhile wait in
+    the pipe (the first ones until the zygote has loaded). A zygote that is gone makes `fork`
+    raise BrokenProcessPool."""
+
+    def __init__(self, settings: MaskingSettings):
+        # spawn: forking a process that runs an asyncio loop and threads is unsafe
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_zygote, args=(child, settings),
+                                        name="douane-masking-zygote", daemon=True)
+        self._process.start()
+        child.close()
+        self._lock = threading.Lock()  # one request at a time on the socket
+
+    def fork(self) -> multiprocessing.connection.Connection:
+        """The gateway's end of a new worker's pipe."""
+        conn, child = multiprocessing.Pipe()
+        try:
+            with self._lock:
+                self._conn.send_bytes(b"fork")
+                multiprocessing.reduction.send_handle(self._conn, child.fileno(),
+                                                      self._process.pid)
+        except (OSError, ValueError) as e:
+            conn.close()
+            raise BrokenProcessPool(f"the masking zygote is gone: {e}") from e
+        finally:
+            child.close()  # the zygote has its own copy (in flight or received)
+        return conn
+
+    def shutdown(self) -> None:
+        """The zygote exits at the end of its socket; workers already forked go on until their
+        pipes end."""
+        with self._lock:
+            self._conn.close()
+
+
+def _zygote(conn: multiprocessing.connection.Connection, settings: MaskingSettings) -> None:
+    # Ctrl-C reaches the whole process group: the zygote and its workers end with their pipes
+    # (the pool's shutdown, or the gateway's exit), after the job they are on
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    engine.init_worker(settings)  # its fixed warm-up text only: never a user's
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the workers
+    gc.freeze()  # the analyser's objects out of the collector's reach: their pages stay shared
+    while True:
+        try:
+            conn.recv_bytes()
+            fd = multiprocessing.reduction.recv_handle(conn)
+        except (EOFError, OSError):
+            os._exit(0)
+        if os.fork() == 0:
+            try:  # a worker never returns to this loop
+                conn.close()
+                # nothing of the zygote's but its pipe: the write end of the zygote's exit
+                # sentinel would keep the gateway's join of the zygote waiting for every worker
+                os.closerange(3, fd)
+                os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                engine.serve(multiprocessing.connection.Connection(fd))
+            finally:
+                os._exit(1)
+        os.close(fd)
+
+
 class MaskingPool:
     def __init__(self, settings: MaskingSettings):
         self.settings = settings
+        self._zygote: Zygote | None = None
         self._executors: dict[bool, Workers] = {}  # by urgent
         self._lock = threading.Condition()
         self._waiting: list[tuple[list[str], Analysis]] = []  # main-pool analyses not yet sent
@@ -151,9 +217,17 @@ class MaskingPool:
 
     def executor(self, urgent: bool = False) -> Workers:
         if urgent not in self._executors:
-            self._executors[urgent] = Workers(1 if urgent else self.settings.workers,
-                                              self.settings, "douane-masking-urgent" if urgent
-                                              else "douane-masking")
+            size, name = (1, "douane-masking-urgent") if urgent else (self.settings.workers,
+                                                                      "douane-masking")
+            if self._zygote is None:
+                self._zygote = Zygote(self.settings)
+            try:
+                self._executors[urgent] = Workers(size, self._zygote, name)
+            except BrokenProcessPool:  # the zygote died (its workers go on): a new one
+                logger.error("douane: the masking zygote died; it is restarted")
+                self._zygote.shutdown()
+                self._zygote = Zygote(self.settings)
+                self._executors[urgent] = Workers(size, self._zygote, name)
         return self._executors[urgent]
 
     def warm_up(self) -> list[Analysis]:
@@ -194,6 +268,9 @@ class MaskingPool:
         for executor in self._executors.values():
             executor.shutdown()
         self._executors.clear()
+        if self._zygote is not None:
+            self._zygote.shutdown()
+            self._zygote = None
 
     def _take_batch(self) -> list[tuple[list[str], Analysis]]:
         """Under the lock: every waiting analysis, if a main worker is free to take them."""
