@@ -34,7 +34,10 @@ from douane.untrusted import loggable
 
 logger = logging.getLogger(__name__)
 
-CLIENT_CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"proxy-authorization"})
+# the client's credentials, and the headers choosing what the org's key acts on (OpenAI's
+# organization and project: a user key reaches every one its owner may): douane chooses both
+CLIENT_CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"proxy-authorization",
+                                       b"openai-organization", b"openai-project"})
 METHOD_OVERRIDES = frozenset(h.encode() for h in operations.METHOD_OVERRIDES)
 
 

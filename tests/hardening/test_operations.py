@@ -332,3 +332,16 @@ def h2_with_trailers(gw: Gateway, token: str, port: int) -> tuple[int, dict[str,
                     headers = {k.decode(): v.decode() for k, v in event.headers}
                     return int(headers.pop(":status")), headers
             tls.sendall(conn.data_to_send())
+
+
+def test_the_client_chooses_no_organization_or_project_for_the_orgs_key(gw, llm, token):
+    """`OpenAI-Organization` / `OpenAI-Project` pick what a key acts on (a user key reaches every
+    organization and project its owner may): they went upstream beside the org's key."""
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + "/v1/chat/completions", content=CHAT, headers={
+        "authorization": f"Bearer {token}", "content-type": "application/json",
+        "openai-organization": "org-someone-else", "OpenAI-Project": "proj_finance"})
+    assert resp.status_code == 200, resp.text
+    seen = llm.requests[before].headers
+    assert seen["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert "openai-organization" not in seen and "openai-project" not in seen
