@@ -8,6 +8,7 @@ import time
 import pytest
 from mitmproxy.test import tflow
 
+from douane import loopshare
 from douane.loopshare import LoopShare
 from douane.pipeline import Checkpoint, Order
 
@@ -61,29 +62,42 @@ def test_a_burst_of_flows_is_spread_over_passes_in_arrival_order():
     passes = Passes()
     burst(Checkpoint((), Order(request=(step_of(passes),))), passes)
     assert passes.done == list(range(32))  # each in its turn, none starved or overtaken
-    # 1 ms of work each, a 2 ms share per pass: a few flows per pass, the rest later
-    assert max(passes.per_pass) <= 4, passes.per_pass
+    # 1 ms of CPU each, a 2 ms share per pass: 2 flows per pass (the one that used it up ran)
+    assert max(passes.per_pass) <= 2, passes.per_pass
     assert sum(1 for n in passes.per_pass if n) >= 8
 
 
-def test_without_turns_the_burst_runs_in_one_pass(monkeypatch):
+def test_without_a_share_the_burst_runs_in_one_pass(monkeypatch):
     """The control: what the share prevents."""
-    async def no_turn(self) -> None:
-        pass
-
-    monkeypatch.setattr(LoopShare, "turn", no_turn)
+    monkeypatch.setattr(loopshare, "BUDGET", float("inf"))
     passes = Passes()
     burst(Checkpoint((), Order(request=(step_of(passes),))), passes)
     assert max(passes.per_pass) == 32
 
 
+def test_steps_that_wait_use_no_share():
+    """An analysis or an approval awaited is no work on the loop: 32 such flows all start their
+    steps in the first pass."""
+    passes = Passes()
+
+    async def request(flow) -> None:
+        passes.done.append(flow.metadata["n"])
+        await asyncio.sleep(0.002)
+        busy(0.001)  # after the wait: in a later pass, not counted against the first one
+
+    burst(Checkpoint((), Order(request=(request,))), passes)
+    assert max(passes.per_pass) == 32, passes.per_pass  # all in one pass
+
+
 def test_a_flow_alone_never_waits():
     async def scenario() -> None:
         share = LoopShare()
-        for _ in range(3):  # each in a pass of its own: each opens that pass's share
-            turn = share.turn()
-            with pytest.raises(StopIteration):
-                turn.send(None)  # done without yielding to the loop
-            await asyncio.sleep(0.003)
+        for _ in range(3):
+            entering = share.enter()
+            with pytest.raises(StopIteration) as done:
+                entering.send(None)  # done without yielding to the loop
+            busy(0.003)  # uses this pass's share up
+            share.leave(done.value.value)
+            await asyncio.sleep(0)  # the next pass has a share of its own
 
     asyncio.run(scenario())

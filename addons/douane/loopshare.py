@@ -1,14 +1,18 @@
-"""`LoopShare`: douane's hooks take turns on the event loop instead of running back to back.
+"""`LoopShare`: douane's steps for many flows take turns on the event loop.
 
 asyncio runs every callback that is ready in one pass of its loop before it looks at timers and
-sockets again. When many flows reach the same step in one pass (32 streams that start together,
+sockets again. When many flows reach the same event in one pass (32 streams that start together,
 or end together: every request read, every answer's end arriving at the same tick), mitmproxy
 starts their hooks in that pass, and douane's steps for all of them (~0.3-0.5 ms each: parse,
 policy, audit record, recording snapshot) ran back to back: every other flow, and every timer,
-waited 10-15 ms of douane's work on top of mitmproxy's own. Each hook first takes its `turn`: the
-first hook of a pass opens the pass's share; a hook that finds the share used up (BUDGET of wall
-time since it opened) yields to the loop and runs in a later pass, after the I/O and timers that
-were waiting, in the order the hooks arrived. A flow alone never waits: its hook opens a share.
+waited 10-15 ms of douane's work on top of mitmproxy's own.
+
+Each event's steps run between `enter` and `leave`. The CPU time steps use without
+leaving the pass is counted against it; once BUDGET is used, a flow's steps wait for a later pass
+(after the I/O and timers that were waiting), in the order the flows arrived. CPU time, not wall
+time: a machine busy elsewhere does not make douane wait longer. Steps that wait (an analysis, an
+approval) count only until they wait; what runs after them, and mitmproxy's own work, is not
+douane's share. A flow alone never waits: the first steps of a pass always run.
 """
 
 from __future__ import annotations
@@ -17,25 +21,30 @@ import asyncio
 import time
 
 # douane's share of one pass: a few flows' steps; the rest of the burst goes on in later passes
-BUDGET = 0.002
+BUDGET = 0.002  # CPU seconds
 
 
 class LoopShare:
     def __init__(self) -> None:
-        self._opened: float | None = None  # when this pass's share opened (None: not yet)
+        self._counting = False  # steps ran in this pass (a reset is scheduled for the next one)
+        self._spent = 0.0  # their CPU time
+        self._pass = 0
 
-    async def turn(self) -> None:
-        while True:
-            now = time.perf_counter()
-            if self._opened is None:
-                self._opened = now
-                # runs early in the next pass (before the hooks that yield in this one): the
-                # first of them opens that pass's share
-                asyncio.get_running_loop().call_soon(self._close)
-                return
-            if now - self._opened < BUDGET:
-                return
+    async def enter(self) -> tuple[int, float]:
+        """Waits for a pass with share left; then the flow's steps run (`leave` after them)."""
+        while self._counting and self._spent >= BUDGET:
             await asyncio.sleep(0)
+        if not self._counting:
+            self._counting = True
+            # runs early in the next pass, before the steps that wait in this one
+            asyncio.get_running_loop().call_soon(self._next_pass)
+        return self._pass, time.thread_time()
 
-    def _close(self) -> None:
-        self._opened = None
+    def leave(self, entered: tuple[int, float]) -> None:
+        pass_, cpu = entered
+        if pass_ == self._pass:  # the steps did not wait: all of their time was this pass's
+            self._spent += time.thread_time() - cpu
+
+    def _next_pass(self) -> None:
+        self._counting, self._spent = False, 0.0
+        self._pass += 1

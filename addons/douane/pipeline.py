@@ -111,7 +111,8 @@ class Checkpoint:
     # --- per-flow events ------------------------------------------------------------------------
 
     async def _run(self, event: str, flow: http.HTTPFlow) -> None:
-        await self._share.turn()
+        # a stream's wait only awaits an analysis (the stream's own work follows in its layer)
+        entered = await self._share.enter() if event != "douane_stream_wait" else None
         for step, is_async in self._steps[event]:
             try:
                 if is_async:
@@ -123,6 +124,8 @@ class Checkpoint:
                     _fail_websocket(flow, event, step.__qualname__, e)
                 else:
                     fail_closed(flow, step.__qualname__, e)
+        if entered:
+            self._share.leave(entered)
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         await self._run("http_connect", flow)
