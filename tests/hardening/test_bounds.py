@@ -477,3 +477,24 @@ def test_slow_and_idle_clients_are_closed(default_gw, llm, token):
     default_gw.audit_where(lambda r: any(x["rule"] == "protocol.timeout"
                                          for x in r.get("reasons", [])))
     p.assert_bounded()
+
+
+def test_endless_request_headers_are_cut(gw, llm):
+    """mitmproxy buffers a request head until its blank line, however long (its own FIXME); the
+    header timeout (30 s by default) let a client send GBs first. Cut past 256 KiB with a 431."""
+    before = len(llm.requests)
+    line = b"X-Filler: " + b"a" * 8182 + b"\r\n"
+    with probe(gw) as p, socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        try:
+            for _ in range(300 * MIB // len(line)):  # 300 MiB, never ending the head
+                sock.sendall(line)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    p.assert_bounded()
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert len(llm.requests) == before
