@@ -46,7 +46,8 @@ def realtime_gateway(issuer, work, **extra):
 
 @pytest.fixture(scope="module")
 def setup(issuer, tmp_path_factory):
-    yield from realtime_gateway(issuer, tmp_path_factory.mktemp("websocket"))
+    yield from realtime_gateway(issuer, tmp_path_factory.mktemp("websocket"),
+                                gateway={"body_size_limit": "1m"})
 
 
 def connect(gw: Gateway, token: str, model: str = "gpt-realtime") -> WsClient:
@@ -224,4 +225,14 @@ def test_the_grant_applies_to_the_model_and_to_audio(setup, issuer):
     before = len(upstream.received)
     client.send(json.dumps({"type": "input_audio_buffer.append", "audio": "UklGRiQAAABXQVZF"}))
     assert "audio" in stopped(client, upstream, before)["error"]["message"]
+    client.close()
+
+
+def test_a_message_over_the_body_limit_is_not_parsed_or_sent(setup, issuer):
+    """A message had no bound: 2 MiB (or 200) were parsed and matched on the event loop."""
+    gw, upstream = setup
+    client = connect(gw, issuer.mint("alice@corp.example", ["engineering"]))
+    before = len(upstream.received)
+    client.send(item("x" * (2 * 1024**2)))
+    assert "exceeds douane's limit" in stopped(client, upstream, before)["error"]["message"]
     client.close()

@@ -130,6 +130,11 @@ class PoliceWebSocket:
         if not is_text:
             return Reason("protocol.websocket_binary", "binary WebSocket messages cannot be "
                           "inspected")
+        config = self.enforce.settings.config
+        limit = config.body_size_limit if from_client else config.limits.answer_size_limit
+        if len(content) > limit:  # parsed and matched on the loop: bounded as a body is
+            return Reason("protocol.websocket_too_large", f"a WebSocket message of "
+                          f"{len(content)} bytes exceeds douane's limit of {limit} bytes")
         try:
             it = read_message(content, from_client)
         except protocols.ProtocolError as e:
