@@ -4,6 +4,7 @@ bounds, and nothing put is ever lost."""
 from __future__ import annotations
 
 import threading
+import time
 
 from douane.bursts import Bursts
 
@@ -45,3 +46,17 @@ def test_close_hands_over_what_waits_then_ends():
     waiting.close()  # a thread waiting for a first item is let go
     thread.join(60)
     assert not thread.is_alive() and taken == [None]
+
+
+def test_a_thread_idle_after_an_empty_window_is_woken_by_the_next_put():
+    bursts: Bursts[int] = Bursts(window=0.001)
+    taken: list[list[int] | None] = []
+    thread = threading.Thread(target=lambda: taken.append(bursts.take()))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not bursts._idle:  # the window passed with nothing: it waits for a put alone
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    bursts.put(7)
+    thread.join(60)
+    assert not thread.is_alive() and taken == [[7]]

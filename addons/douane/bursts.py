@@ -1,10 +1,12 @@
 """`Bursts`: what the event loop hands a writer thread, taken a burst at a time.
 
-A thread woken per item costs the event loop a wake-up (and the GIL back) per record. Here the
-loop only appends; the thread wakes on the first item of a burst, lets the burst gather for
-`window` seconds (less once `items` or `size` bytes wait) and takes it whole, so one wake-up
-serves every record of those milliseconds. A burst taken is never more than the bounds (what
-waited beyond them is the next one, taken without waiting); nothing is ever dropped.
+A thread woken per item costs the event loop a wake-up per record: the put that wakes it gives the
+woken thread the core and then the GIL, in the middle of the loop's work. Here the loop only
+appends. The thread takes what waits; when nothing does, it sleeps `window` seconds and takes what
+gathered meanwhile, so under traffic it wakes by its own timer, once per window, and a put wakes it
+only when the bounds are reached (`items`, or `size` bytes) or after a window that brought nothing
+(the thread then sleeps until the next put). A burst taken is never more than the bounds (what
+waited beyond them is the next one, taken at once); nothing is ever dropped.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class Bursts[T]:
         self._waiting: list[tuple[T, int]] = []  # (item, its size)
         self._bytes = 0
         self._closed = False
+        self._idle = False  # the thread sleeps until a put wakes it
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -33,7 +36,8 @@ class Bursts[T]:
             waiting = self._waiting
             waiting.append((item, size))
             self._bytes += size
-            if len(waiting) == 1 or len(waiting) >= self.items or self._bytes >= self.size:
+            if self._idle or len(waiting) >= self.items or self._bytes >= self.size:
+                self._idle = False
                 self._ready.notify()
         finally:
             self._lock.release()
@@ -41,10 +45,12 @@ class Bursts[T]:
     def take(self) -> list[T] | None:
         """The next burst (blocks until there is one); None once closed and drained."""
         with self._lock:
-            while not self._waiting and not self._closed:
-                self._ready.wait()
-            if not self._closed:
+            if not self._waiting and not self._closed:
                 self._ready.wait_for(lambda: self._closed or self._full(), self.window)
+                while not self._waiting and not self._closed:  # a window brought nothing
+                    self._idle = True
+                    self._ready.wait()
+                self._idle = False
             waiting = self._waiting
             if not waiting:
                 return None
