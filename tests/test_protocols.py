@@ -275,3 +275,34 @@ def test_mcp_stream_events_are_complete_and_filtered_whole():
     legacy = streams.StreamRewriter(protocols.stream_format(MCP, it), it, "dcn_y")
     out = b"".join(legacy(b"event: endpoint\ndata: /messages?sessionId=1\n\n")) + legacy(b"")
     assert b"legacy MCP HTTP+SSE transport" in out and b"/messages" not in out
+
+
+JSON_INPUTS = [b'{"a": 1}', b"", "", b"null", '{"a": [1, "x"]}', '{"a": 1, "a": 2}', b"[NaN]",
+               "\ufeff{}", b"\xef\xbb\xbf{}", '{"a": 1}'.encode("utf-16"),
+               '{"a": "\u00e9"}'.encode("utf-16-le"), '["x"]'.encode("utf-32-be"), b"\xff\xfe",
+               b'{"a": "\xff"}', b"[1,", '"\\ud800"', b"[" * 3000 + b"]" * 3000, b" 1 ", b"1 2"]
+
+
+@pytest.mark.parametrize("raw", JSON_INPUTS)
+def test_loads_reads_json_as_json_loads_does(raw):
+    """One decoder serves every body: what it reads, and what it refuses, is `json.loads`'s."""
+    try:
+        expected = json.loads(raw or b"null", object_pairs_hook=protocols._no_duplicates,
+                              parse_constant=protocols._no_constants)
+    except (ValueError, RecursionError, protocols.ProtocolError):
+        with pytest.raises(protocols.ProtocolError):
+            protocols.loads(raw, "body")
+        return
+    assert protocols.loads(raw, "body") == expected
+
+
+@pytest.mark.parametrize("text", ['{"a": 1}', '{"a": 1, "a": 2}', "[NaN]", "\ufeff{}", "[1,", "x"])
+def test_tool_arguments_read_as_json_loads_reads_them(text):
+    from douane.protocols import fields
+    try:
+        expected = json.loads(text, object_pairs_hook=fields._pairs, parse_constant=fields._constant)
+    except (ValueError, protocols.ProtocolError) as e:
+        with pytest.raises(type(e) if isinstance(e, protocols.ProtocolError) else ValueError):
+            fields._ARGUMENTS.decode(text)
+        return
+    assert fields._ARGUMENTS.decode(text) == expected

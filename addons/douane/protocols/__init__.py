@@ -69,11 +69,21 @@ def _no_constants(name: str) -> Any:
     raise ProtocolError(400, "invalid_json", f"{name} is not valid JSON")
 
 
+# One decoder for every body: `json.loads` with hooks builds a decoder and its scanner per call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+
+
 def loads(raw: bytes | str, what: str) -> Any:
-    """JSON as douane reads it: a key given twice or a NaN is refused (400)."""
+    """JSON as douane reads it: a key given twice or a NaN is refused (400). (As `json.loads`
+    reads it: bytes decoded by their detected encoding, a text starting with a BOM refused.)"""
     try:
-        return json.loads(raw or b"null", object_pairs_hook=_no_duplicates,
-                          parse_constant=_no_constants)
+        if not raw:
+            return None
+        if isinstance(raw, str):
+            if raw.startswith("\ufeff"):
+                raise ValueError("BOM")
+            return _DECODER.decode(raw)
+        return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except (ValueError, RecursionError):
         raise ProtocolError(400, "invalid_json", f"the {what} is not valid JSON") from None
 

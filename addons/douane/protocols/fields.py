@@ -269,7 +269,7 @@ def _string(walk: _Walk, text: str, path: JsonPath, key: str | None, parent: dic
     piece = walk.add(path, text, key not in STRUCTURAL, key in STRUCTURAL)
     if key == "arguments":
         try:
-            decoded_args = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant)
+            decoded_args = _ARGUMENTS.decode(text)
         except (ValueError, RecursionError):
             return  # not JSON: the raw string above is what the tool reads
         if piece is not None and piece.editable:
@@ -310,6 +310,11 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _constant(name: str) -> Any:
     raise ValueError(name)
+
+
+# One decoder for every arguments string (`json.loads` with hooks builds one per call); a leading
+# BOM fails to parse here as it does there.
+_ARGUMENTS = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant)
 
 
 def _payload(text: str, key: str | None,
