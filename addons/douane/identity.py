@@ -96,7 +96,7 @@ class Authenticate:
         taken = headerfields.pop(flow.request.headers, self._stripped)
         trusted = self._trusted_header_identity(flow, config, taken)
         proxy_auth = taken.get(PROXY_AUTHORIZATION)
-        tunnel = self.tunnels.get(flow.client_conn)
+        tunnel = self.tunnels.get(flow.client_conn) if self.tunnels else None  # (a weak ref per get)
         if tunnel is not None:
             if tunnel.expires_at is not None and tunnel.expires_at < time.time():
                 self._refuse(flow, TokenError("expired", "the token given on CONNECT has expired; "

@@ -159,7 +159,7 @@ class KeepRefusals:
     looked at, and it goes nowhere."""
 
     def request(self, flow: http.HTTPFlow) -> None:
-        refusal = _refusals.get(flow)
+        refusal = _refusals.get(flow) if _refusals else None  # (a weak reference per get)
         st = state(flow)
         if refusal is None or flow.response is not refusal or st.interaction is not None \
                 or st.upstream is None or st.upstream.protocol != "mcp":
@@ -172,7 +172,7 @@ class KeepRefusals:
                 refusal.content = json.dumps(doc).encode()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        refusal = _refusals.get(flow)
+        refusal = _refusals.get(flow) if _refusals else None
         if refusal is not None and flow.response is not refusal:
             logger.info("douane: %s answered a refused flow (decision %s); the refusal stands",
                         "server replay" if flow.is_replay == "response" else "another addon",
