@@ -43,7 +43,8 @@ MCP_UNAUTHORIZED = -32001
 MCP_FORBIDDEN = -32003
 MCP_INVALID = -32600
 # Refusals the MCP specification gives an HTTP status and a JSON-RPC code of their own.
-MCP_ERRORS = {"header_mismatch": (400, -32020)}  # 2026-07-28: HeaderMismatch
+# 2026-07-28: HeaderMismatch; an unknown session (the code MCP's SDKs answer it with)
+MCP_ERRORS = {"header_mismatch": (400, -32020), "mcp_session_unknown": (404, -32001)}
 ID_BODY_BYTES = 64 * 1024  # a refusal given before the body arrived reads at most this for the id
 
 # Every refusal douane gave, so `KeepRefusals` can put one back when another addon replaced it.

@@ -17,6 +17,7 @@ it. Clients hold no provider key.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
 from mitmproxy import http
@@ -76,11 +77,17 @@ class Route:
         req.method = req.method  # upper case, as matched
 
 
+MCP_SESSIONS = 100_000  # MCP session ids remembered with the user they were issued to (latest)
+
+
 class Broker:
     def __init__(self, settings: Settings,
                  policy: Callable[[], Policy | None] = lambda: None):
         self.settings = settings
         self.policy = policy  # the policy in force, for grants naming operations
+        # (upstream, MCP session id) -> the user it was issued to: the server sees one credential
+        # for every user, so the session id is all it tells them apart by
+        self.mcp_sessions: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         """Refuse tunnels to hosts douane does not govern before any TLS is set up."""
@@ -119,7 +126,7 @@ class Broker:
             refuse(flow, 400, f"the {override} header would make this request another operation "
                    "upstream", "method_override", Reason("route.method_override", override))
             return
-        if not self._operation_allowed(flow):
+        if not self._operation_allowed(flow) or not self._own_mcp_session(flow):
             return
         headerfields.pop(flow.request.headers, CLIENT_CREDENTIAL_HEADERS)
         if not self._choose_credential(flow, upstream):
@@ -203,8 +210,36 @@ class Broker:
                                   "operation"))
         return True
 
+    def _own_mcp_session(self, flow: http.HTTPFlow) -> bool:
+        """An MCP session issued to another user is unknown to this one (404, as the spec has a
+        server answer a session it does not know; the client starts its own). A session this
+        replica did not see issued passes: another replica may have."""
+        st = state(flow)
+        session = headerfields.get(flow.request.headers, b"mcp-session-id")
+        assert st.upstream
+        if not session or st.upstream.protocol != "mcp" or st.identity is None:
+            return True
+        # (given twice, the header is folded: the server may read either id)
+        owners = {self.mcp_sessions.get((st.upstream.name, s.strip()))
+                  for s in (session, *session.split(","))}
+        if owners <= {None, st.identity.user}:
+            return True
+        refuse(flow, 404, "no such MCP session for this user; start a new one",
+               "mcp_session_unknown", Reason("mcp.session_owner", "a session issued to another "
+                                             "user"))
+        return False
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._forget_credential(flow)
+        st = state(flow)
+        issued = headerfields.get(flow.response.headers, b"mcp-session-id") \
+            if flow.response else ""
+        if issued and st.upstream and st.upstream.protocol == "mcp" and st.identity:
+            key = (st.upstream.name, issued)
+            self.mcp_sessions[key] = st.identity.user
+            self.mcp_sessions.move_to_end(key)
+            if len(self.mcp_sessions) > MCP_SESSIONS:
+                self.mcp_sessions.popitem(last=False)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._forget_credential(flow)

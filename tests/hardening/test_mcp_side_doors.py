@@ -414,3 +414,28 @@ def test_a_batch_over_the_batch_size_is_refused(setup):
     with client(gw, staff) as c:
         record = refused(gw, real, c, real.url + "/mcp", pings, 200)
     assert rules(record) == ["limit.batch_size"]
+
+
+def test_one_users_session_is_not_anothers(setup, issuer):
+    """douane sends every user's calls with the same credential: the session id is all the server
+    tells users apart by. Bob, holding Alice's (from a screen, a log, a recording), called tools
+    in her session and could resume her streams. Now refused as the spec's unknown session."""
+    gw, real, _, staff = setup
+    bob = issuer.mint("bob@corp.example", ["staff"])
+    with client(gw, staff) as alice_client, client(gw, bob) as bob_client:
+        alices = session(alice_client, real.url + "/mcp")
+        ok = alice_client.post(real.url + "/mcp", headers=alices, json=call("echo", 1, text="a"))
+        assert ok.status_code == 200 and '"result"' in ok.text, ok.text
+        before = len(real.requests)
+        resp = bob_client.post(real.url + "/mcp", headers=alices, json=call("echo", 2, text="b"))
+        record = assert_refused(gw, real, before, resp, 404)
+        assert rules(record) == ["mcp.session_owner"]
+        resp = bob_client.get(real.url + "/mcp", headers=alices)  # her server-to-client stream
+        assert_refused(gw, real, before, resp, 404)
+        bobs = session(bob_client, real.url + "/mcp")  # his own works
+        ok = bob_client.post(real.url + "/mcp", headers=bobs, json=call("echo", 3, text="c"))
+        assert ok.status_code == 200 and '"result"' in ok.text, ok.text
+        before = len(real.requests)
+        both = [("mcp-session-id", alices["mcp-session-id"]), *bobs.items()]  # header given twice
+        resp = bob_client.post(real.url + "/mcp", headers=both, json=call("echo", 4, text="d"))
+        assert_refused(gw, real, before, resp, 404)
