@@ -346,6 +346,16 @@ def nlp_engine_class():
                              lemmas=[token.lower_ for token in doc], nlp_engine=self,
                              language=language, scores=scores)
 
+        # the flags a word's lexeme would get, without making one for each word not yet in the
+        # vocabulary (Presidio asks `vocab[word].is_stop`: a new lexeme per new word)
+        def is_stopword(self, word: str, language: str) -> bool:
+            return self.nlp[language].vocab.lex_attr_getters[IS_STOP](word)
+
+        def is_punct(self, word: str, language: str) -> bool:
+            return self.nlp[language].vocab.lex_attr_getters[IS_PUNCT](word)
+
+    from spacy.attrs import IS_PUNCT, IS_STOP
+
     return NlpEngine
 
 
