@@ -65,7 +65,7 @@ def _state_stream_response_body(self: HttpStream, event: events.Event
     if isinstance(event, ResponseEndOfMessage) and (yield from _wait(self, stream, end=True)):
         return  # the client left, or the flow was killed, while it waited
     yield from _original(self, event)
-    if isinstance(event, ResponseData):
+    if isinstance(event, ResponseData) and stream.backlog:  # (else nothing waits: every chunk)
         yield from _wait(self, stream, end=False)
 
 
