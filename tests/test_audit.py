@@ -212,3 +212,30 @@ def test_a_record_that_cannot_be_written_is_lost_alone_and_the_gap_is_recorded(t
                                                        "dcn_5"]
     assert records[2]["event"] == "audit.gap" and records[2]["lost_records"] == 1
     assert audit.verify(path, KEY).ok
+
+
+def test_a_rotation_failing_mid_burst_keeps_the_chain(tmp_path, monkeypatch):
+    """A burst's records were flushed to the file, then rotation failed after the rename (here
+    the oldest file cannot be deleted): the error path cut the *new* file at the old file's
+    length (filling it with NUL bytes) and rewound the chain over the records already flushed,
+    so later records reused their sequence numbers. Now only what failed is lost, and said."""
+    path = tmp_path / "audit.jsonl"
+    real_unlink = Path.unlink
+
+    def unlink(self, *args, **kwargs):
+        if self.name.startswith("audit.jsonl."):
+            raise PermissionError(13, "Operation not permitted", str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    log = audit.AuditLog(AuditConfig(path, 1000, 1, retention_days=0), KEY)
+    log._bursts.window = 0.5  # every record below in one burst: rotations happen inside it
+    for i in range(30):
+        log.append({"event": "decision", "decision_id": f"dcn_{i}", "user": "alice"})
+    log.close()
+    files = audit.log_files(path)
+    assert not [f for f in files if b"\x00" in f.read_bytes()]
+    assert audit.verify(path, KEY).ok, audit.verify(path, KEY).error
+    written = {json.loads(line).get("decision_id") for f in files for line in lines(f)}
+    gaps = sum(json.loads(line).get("lost_records", 0) for f in files for line in lines(f))
+    assert len(written & {f"dcn_{i}" for i in range(30)}) + gaps == 30

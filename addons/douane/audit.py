@@ -141,8 +141,7 @@ class AuditLog:
             for record in burst:  # one at a time: only what the disk refuses is lost
                 try:
                     if lost:  # the chain itself says that records are missing, and how many
-                        self._write([{"event": "audit.gap", "lost_records": lost,
-                                      "message": "records could not be written (disk full?)"}])
+                        self._write([_gap(lost)])
                         lost = 0
                     self._write([record])
                     self.healthy = True
@@ -150,6 +149,9 @@ class AuditLog:
                     lost += 1
                     self.healthy = False
                     logger.exception("douane: cannot write the audit log %s", self.path)
+        if lost:  # the last records were refused: the chain still says so, if the disk lets it
+            with contextlib.suppress(Exception):
+                self._write([_gap(lost)])
         self._file.close()
 
     def _line(self, record: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
@@ -167,7 +169,7 @@ class AuditLog:
         """Chain and write `records`, flushed once at the end (and before a rotation); a record
         leaves the list once flushed. On an error, what was not flushed is cut from the file, the
         chain goes on from the last record flushed, and the error is raised."""
-        good, chain, n = self._file.tell(), (self._seq, self._prev), 0  # n: written, not flushed
+        good, chain, n = self._mark(), (self._seq, self._prev), 0  # n: written, not flushed
         try:
             while n < len(records):
                 line, signed = self._line(records[n])
@@ -175,10 +177,12 @@ class AuditLog:
                     self._flush()
                     del records[:n]
                     n = 0
+                    # flushed: kept whatever rotation does (it renames this file, then may fail)
+                    good, chain = self._mark(), (self._seq, self._prev)
                     for note in self._rotate():  # what rotation deleted, or kept, starts the file
                         self._put(*self._line(note))
                     self._flush()
-                    good, chain = self._file.tell(), (self._seq, self._prev)
+                    good, chain = self._mark(), (self._seq, self._prev)
                     line, signed = self._line(records[0])
                 self._put(line, signed)
                 n += 1
@@ -198,13 +202,19 @@ class AuditLog:
         if self.heads:
             self.heads.update(self._seq, self._prev)
 
-    def _forget_unwritten(self, good: int) -> None:
+    def _mark(self) -> tuple[int, int]:
+        """Where the log stands: its file (inode) and the length flushed to it."""
+        return os.fstat(self._file.fileno()).st_ino, self._file.tell()
+
+    def _forget_unwritten(self, good: tuple[int, int]) -> None:
         """Drop records the disk refused: left in the buffer, they would be flushed later, after
-        records with the same sequence numbers, and break the chain (a partial line too)."""
+        records with the same sequence numbers, and break the chain (a partial line too). The
+        log's file is cut back to `good`; a file a failed rotation started holds nothing kept."""
         with contextlib.suppress(OSError):
             self._file.close()  # closes the file even when flushing the refused bytes fails
-        with self.path.open("r+b") as f:
-            f.truncate(good)
+        inode, length = good
+        with self.path.open("ab") as f:  # (created if rotation failed between rename and open)
+            f.truncate(length if os.fstat(f.fileno()).st_ino == inode else 0)
         self._file = self.path.open("ab")
 
     def _rotate(self) -> list[dict[str, Any]]:
@@ -239,6 +249,11 @@ class AuditLog:
                           "message": "rotation deleted records past the retention, beyond the "
                           "size budget"})
         return notes
+
+
+def _gap(lost: int) -> dict[str, Any]:
+    return {"event": "audit.gap", "lost_records": lost,
+            "message": "records could not be written (disk full?)"}
 
 
 def _edge_records(file: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
