@@ -65,3 +65,19 @@ def test_put_is_mitmproxys_setitem(name):
     theirs[name] = "v\udcff"
     assert ours.fields == theirs.fields
     assert headerfields.get(ours, name.lower().encode()) == theirs.get(name)
+
+
+def test_reads_after_puts_and_pops_are_mitmproxys_reads():
+    """`put` and `pop` carry the index over to the fields they write: every read after them is
+    what mitmproxy reads in the same fields."""
+    ours = Headers(FIELDS)
+    headerfields.put(ours, "X-New", "1")
+    headerfields.pop(ours, {b"authorization"})
+    headerfields.put(ours, "x-api-key", "k2")
+    headerfields.put(ours, "Authorization", "Bearer c")
+    headerfields.pop(ours, {b"x-odd", b"absent"})
+    theirs = Headers(ours.fields)
+    for name in ["host", "authorization", "x-api-key", "content-type", "x-odd", "x-new", "absent"]:
+        assert headerfields.get(ours, name.encode()) == theirs.get(name)
+    assert headerfields.present(ours, {b"x-new", b"authorization", b"host"}) == \
+        headerfields.present(theirs, {b"x-new", b"authorization", b"host"})

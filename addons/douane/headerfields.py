@@ -7,7 +7,8 @@ semantics: names are case-insensitive, a name given several times is folded into
 joined by ", " (as `Headers.get` folds it), values are decoded as mitmproxy decodes them.
 The fields are indexed by lower-case name once and the index kept beside the very tuple it was
 built from: every change to a `Headers` replaces its `fields` tuple, so a read after a change
-indexes the new fields (reads always see the fields as they are now).
+indexes the new fields (reads always see the fields as they are now); `put` and `pop` index
+what they write.
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ def put(headers: Headers, name: str, value: str) -> None:
     key, encoded = (name.encode("utf-8", "surrogateescape"),
                     value.encode("utf-8", "surrogateescape"))
     lowered = key.lower()
-    if lowered not in _index(headers):
+    index = _index(headers)
+    if lowered not in index:
         headers.fields = (*headers.fields, (key, encoded))
+        headers.__dict__[_INDEX] = (headers.fields, {**index, lowered: [encoded]})
         return
     fields, done = [], False
     for field in headers.fields:
@@ -77,14 +80,8 @@ def pop(headers: Headers, names: Collection[bytes]) -> dict[bytes, str]:
     index = _index(headers)
     if not any(name in index for name in names):
         return {}
-    removed: dict[bytes, list[bytes]] = {}
-    kept = []
-    for field in headers.fields:
-        k = field[0].lower()
-        if k in names:
-            removed.setdefault(k, []).append(field[1])
-        else:
-            kept.append(field)
-    if removed:
-        headers.fields = tuple(kept)
+    removed = {name: index[name] for name in index if name in names}
+    headers.fields = tuple(field for field in headers.fields if field[0].lower() not in names)
+    # the index of what is left is the index without those names
+    headers.__dict__[_INDEX] = (headers.fields, {k: v for k, v in index.items() if k not in names})
     return {k: _text(v) for k, v in removed.items()}
