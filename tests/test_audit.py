@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -239,3 +241,28 @@ def test_a_rotation_failing_mid_burst_keeps_the_chain(tmp_path, monkeypatch):
     written = {json.loads(line).get("decision_id") for f in files for line in lines(f)}
     gaps = sum(json.loads(line).get("lost_records", 0) for f in files for line in lines(f))
     assert len(written & {f"dcn_{i}" for i in range(30)}) + gaps == 30
+
+
+def test_a_writer_that_falls_behind_stops_new_traffic_until_it_catches_up(tmp_path, monkeypatch):
+    """Records wait in memory for the writer thread: with a disk slower than the traffic they
+    piled up without bound while requests went on. Past the bound the log is not ready (the
+    gateway refuses new requests 503, /healthz says so) until the writer catches up."""
+    monkeypatch.setattr(audit, "MAX_BACKLOG", 50)
+    entered, slow = threading.Event(), threading.Event()
+    log = audit.AuditLog(AuditConfig(tmp_path / "audit.jsonl", 10**9, 5), KEY)
+    write = log._write
+    monkeypatch.setattr(log, "_write",
+                        lambda records: (entered.set(), slow.wait(), write(records)))
+    log.append({"event": "decision", "decision_id": "dcn_first"})
+    assert entered.wait(10)  # the writer is busy with the first record: the rest waits
+    assert log.ready
+    for i in range(59):
+        log.append({"event": "decision", "decision_id": f"dcn_{i}"})
+    assert log.backlog == 59 and not log.ready
+    slow.set()
+    deadline = time.monotonic() + 10
+    while not log.ready and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert log.ready
+    log.close()
+    assert audit.verify(tmp_path / "audit.jsonl", KEY).records == 60

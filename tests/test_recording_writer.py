@@ -8,6 +8,7 @@ import ctypes
 import errno
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -187,6 +188,45 @@ def test_index_rows_are_committed_per_burst_not_per_flow(tmp_path):
     w.commit()
     assert reader.execute("SELECT count(*) FROM flows").fetchone()[0] == 5
     w.close()
+
+
+def test_a_writer_that_falls_behind_is_not_healthy_until_it_catches_up(tmp_path, monkeypatch):
+    """Flows (bodies and all) waited in memory for the pipe to the niced writer process: with a
+    disk slower than the traffic they piled up without bound. Past the bound the writer is not
+    healthy (new requests refused 503 under `on_error: refuse`, /healthz says so)."""
+    monkeypatch.setattr(writer, "MAX_BACKLOG", 5)
+    w = writer.RecordingWriter(settings(tmp_path), None)
+    entered, slow = threading.Event(), threading.Event()
+
+    class SlowPipe:
+        def __init__(self, pipe):
+            self.pipe = pipe
+
+        def send(self, burst):
+            entered.set()
+            slow.wait()
+            self.pipe.send(burst)
+
+        def close(self):
+            self.pipe.close()
+
+    w._sender = SlowPipe(w._sender)
+    try:
+        w.put(*item("first"))
+        assert entered.wait(10)  # the feeder is sending the first: the rest waits
+        assert w.healthy
+        for n in range(5):
+            w.put(*item(f"s{n}"))
+        assert w.backlog == 5 and not w.healthy
+        slow.set()
+        deadline = time.monotonic() + 10
+        while not w.healthy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert w.healthy
+    finally:
+        slow.set()
+        w.close()
+    assert len(list((tmp_path / "rec").rglob("*.mitm"))) == 6
 
 
 def children(pid: int) -> list[int]:

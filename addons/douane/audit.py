@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 GENESIS = "0" * 64
 DECISION_HEADER_NAME = DECISION_HEADER.encode()
 EDGE_BYTES = 1 << 20  # the tail read for a file's last record (records are bounded)
+MAX_BACKLOG = 10_000  # records waiting for the writer thread before new requests are refused
 
 
 def canonical(record: dict[str, Any]) -> bytes:
@@ -97,7 +98,10 @@ class AuditLog:
 
     @property
     def ready(self) -> bool:
-        return self.healthy and self._thread.is_alive()
+        """Writable, and keeping up: past `MAX_BACKLOG` records waiting (a disk slower than the
+        traffic), new requests wait for it rather than the gateway's memory growing without
+        bound."""
+        return self.healthy and self._thread.is_alive() and len(self._bursts) < MAX_BACKLOG
 
     @property
     def backlog(self) -> int:
@@ -427,9 +431,10 @@ class AuditTrail:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Fail closed: no request goes upstream while its decision cannot be recorded.
-        if self.log and not self.log.healthy and not flow.response and flow.live:
-            refuse(flow, 503, "the audit log cannot be written; douane refuses traffic until it "
-                   "can", "audit_unavailable", Reason("audit.unavailable", "audit log not writable"))
+        if self.log and not self.log.ready and not flow.response and flow.live:
+            refuse(flow, 503, "the audit log cannot be written now; douane refuses traffic until "
+                   "it can", "audit_unavailable", Reason("audit.unavailable",
+                                                         "audit log not writable or behind"))
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response:  # a refused CONNECT is a decision; an accepted one is not yet

@@ -29,6 +29,10 @@ class Bursts[T]:
     def __len__(self) -> int:
         return len(self._waiting)
 
+    @property
+    def waiting_bytes(self) -> int:
+        return self._bytes
+
     def put(self, item: T, size: int = 0) -> None:
         """From any thread; never blocks for longer than another put or take's list swap."""
         self._lock.acquire()  # (a third of `with`'s cost on CPython 3.13)

@@ -59,6 +59,9 @@ BATCH_SECONDS = 1.0  # ... and the oldest uncommitted row waits no longer than t
 # (a commit per flow at concurrency 1 was a sixth of the writer's CPU).
 BATCH_GAP = 0.05
 PENDING_ROWS = 100_000  # rows kept for a shared store that is down; older ones are dropped
+# flows (and their bytes) waiting for the pipe before the writer counts as not keeping up
+MAX_BACKLOG = 10_000
+MAX_BACKLOG_BYTES = 256 * 1024**2
 STARTING = -1  # the shared health flag before the child runs
 STARTUP_SECONDS = 60
 # A keep-alive connection's state is the same for each of its flows: it crosses the pipe once
@@ -371,7 +374,12 @@ class RecordingWriter:
 
     @property
     def healthy(self) -> bool:
-        return bool(self._healthy.value)
+        """Running, and keeping up: past `MAX_BACKLOG` flows or `MAX_BACKLOG_BYTES` waiting on
+        this side of the pipe (a disk, or a niced process, slower than the traffic), the writer
+        is not healthy until it catches up, rather than the gateway's memory growing without
+        bound."""
+        return bool(self._healthy.value) and len(self._bursts) < MAX_BACKLOG and \
+            self._bursts.waiting_bytes < MAX_BACKLOG_BYTES
 
     @property
     def backlog(self) -> int:
