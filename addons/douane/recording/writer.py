@@ -20,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
 import re
 import signal
 import sys
@@ -406,14 +407,16 @@ class RecordingWriter:
 
     def _feed(self) -> None:
         """Pickles and sends in this thread, a burst per message (None: the end): the event
-        loop only appends to a list."""
+        loop only appends to a list. Each flow is pickled on its own: one `dumps` of a whole
+        burst would hold the GIL, and the loop, for all of its flows at once."""
         connections = _Sent()
         while True:
             burst = self._bursts.take()
             for item in burst or ():
                 connections.refer(item[1])
             try:
-                self._sender.send(burst)
+                self._sender.send(burst and [pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
+                                             for item in burst])
             except OSError:  # the child died
                 break
             if burst is None:
@@ -459,7 +462,7 @@ def serve(receiver: Connection, settings: RecordingSettings, healthy: Any,
             if burst is None:
                 break
             for item in burst:
-                writer.write(item)
+                writer.write(pickle.loads(item))
     finally:
         writer.close()
 
