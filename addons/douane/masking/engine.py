@@ -13,7 +13,9 @@ Faster than stock Presidio without losing recall on the configured entities:
 - spaCy's dependency parser (unused by NER and by Presidio) disabled; spaCy skipped entirely when
   no NER entity is configured (not when a text has no capital letter: a stream's window would
   then decide names differently from the whole answer);
-- texts analysed in a batch per call (spaCy's `pipe`).
+- texts analysed in a batch per call (spaCy's `pipe`);
+- NER's products on numpy's OpenBLAS, one thread, with row-major transposed weights
+  (`load_ner`, `inference_ops`), and no flags computed for new words that nothing reads.
 Offline: tldextract uses its bundled public-suffix snapshot, never the network.
 """
 
