@@ -504,6 +504,80 @@ def test_a_value_split_across_an_answers_blocks_is_masked(setup, issuer):
             assert "<EMAIL_ADDRESS>" in whole and "<PHONE_NUMBER>" in whole, whole
 
 
+BLOCKS = ["Sure. Please email maria.garcia", "@example.com or call 212-555", "-0147 today."]
+MASKED_BLOCKS = ["Sure. Please email <EMAIL_ADDRESS>", "<EMAIL_ADDRESS> or call <PHONE_NUMBER>",
+                 "<PHONE_NUMBER> today."]
+CITATION = {"type": "char_location", "cited_text": "Office hours are 9 to 5.", "document_index": 0,
+            "document_title": "Handbook", "start_char_index": 0, "end_char_index": 24}
+MESSAGE = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-test",
+           "stop_reason": "tool_use", "stop_sequence": None,
+           "usage": {"input_tokens": 5, "output_tokens": 7}, "content": [
+               {"type": "thinking", "thinking": "The user asks how to reach us.",
+                "signature": "c2lnbmF0dXJl"},
+               {"type": "text", "text": BLOCKS[0]},
+               {"type": "text", "text": BLOCKS[1], "citations": [CITATION]},
+               {"type": "text", "text": BLOCKS[2]},
+               {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"q": "hours"}},
+               {"type": "text", "text": "Thanks!"}]}
+RESPONSE = {"id": "resp_1", "object": "response", "created_at": 0, "status": "completed",
+            "model": "m", "output": [
+                {"type": "reasoning", "id": "rs_1", "summary": [
+                    {"type": "summary_text", "text": "The user asks how to reach us."}]},
+                {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                 "content": [{"type": "output_text", "text": t, "annotations": []}
+                             for t in BLOCKS[:2]]},
+                {"type": "message", "id": "msg_2", "role": "assistant", "status": "completed",
+                 "content": [{"type": "output_text", "text": BLOCKS[2], "annotations": []}]},
+                {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "lookup",
+                 "arguments": '{"q": "hours"}', "status": "completed"}]}
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.01], ids=["burst", "model pace"])
+def test_a_value_split_across_streamed_blocks_is_masked(setup, issuer, delay):
+    """An Anthropic stream's text blocks in a row (around a citation) and a Responses stream's
+    output parts and messages in a row carry `maria.garcia` | `@example.com`, `212-555` |
+    `-0147`: each block was its own channel, its held tail released at its end, so both
+    values reached the client. Now the official SDKs read each block masked with its share of
+    the value, exactly as the whole answer through the gateway; blocks, indexes, tool calls,
+    thinking and citations are the upstream's."""
+    gw, llm = setup
+    token = issuer.mint("alice@corp", ["engineering"])
+    proxy = gw.proxy_url("u", token)
+    claude = anthropic.Anthropic(base_url=llm.url + "/anthropic", api_key="unused", max_retries=0,
+                                 http_client=anthropic.DefaultHttpxClient(proxy=proxy))
+    gpt = openai_client(gw, llm, token)
+    ask = {"model": "m", "max_tokens": 99, "messages": [{"role": "user", "content": "?"}]}
+    llm.chunk_size, llm.chunk_delay = 3, delay
+    try:
+        llm.document = MESSAGE
+        whole = claude.messages.create(**ask).model_dump()
+        with claude.messages.stream(**ask) as stream:
+            deltas = "".join(stream.text_stream)
+            streamed = stream.get_final_message().model_dump()
+        llm.document = RESPONSE
+        whole_r = gpt.responses.create(model="m", input="?").model_dump()
+        with gpt.responses.stream(model="m", input="?") as stream:
+            deltas_r = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+            streamed_r = stream.get_final_response().model_dump()
+    finally:
+        llm.document, llm.chunk_size, llm.chunk_delay = None, 4, 0.0
+    texts = [b["text"] for b in whole["content"] if b["type"] == "text"]
+    assert texts == [*MASKED_BLOCKS, "Thanks!"], texts
+    assert [b["type"] for b in whole["content"]] == [b["type"] for b in MESSAGE["content"]]
+    assert streamed["content"] == whole["content"]  # citations, thinking, tool input too
+    assert deltas == "".join(texts)
+    parts = [p["text"] for item in whole_r["output"] if item["type"] == "message"
+             for p in item["content"]]
+    assert parts == MASKED_BLOCKS, parts
+    def items(response: dict) -> list:  # (a streamed response's parts have `parsed: None`)
+        return [(i["type"], i.get("summary"), i.get("arguments"),
+                 [p["text"] for p in i.get("content") or []]) for i in response["output"]]
+    assert items(streamed_r) == items(whole_r) and deltas_r == "".join(parts)
+    assert [i[0] for i in items(streamed_r)] == [i["type"] for i in RESPONSE["output"]]
+    records = [r for r in gw.audit_records() if r.get("masked")][-4:]
+    assert all(r["masked"] == {"EMAIL_ADDRESS": 2, "PHONE_NUMBER": 2} for r in records), records
+
+
 def test_the_last_text_of_a_chunk_that_ends_the_choice_is_masked_with_the_rest(setup, issuer):
     """Servers other than OpenAI's send a choice's last text and its `finish_reason` in one
     chunk. The channel was closed first (its held text released as a whole answer), then that

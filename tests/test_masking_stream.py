@@ -10,6 +10,7 @@ loaded machine changes nothing.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import random
 import sys
@@ -19,10 +20,12 @@ import pytest
 
 from douane import protocols
 from douane.masking import operators
+from douane.masking.addon import RESPONSE_KINDS, read_together
 from douane.masking.engine import Analyzer, Span, trim_name
-from douane.masking.streaming import StreamMasker, plain_prefix
-from douane.protocols import streams
+from douane.masking.streaming import StreamMasker, plain_prefix, shift
+from douane.protocols import anthropic, openai, streams
 from tests.support import upstream
+from tests.support.upstream import anthropic_stream, responses_stream
 from tests.test_masking import SETTINGS
 from tests.test_protocols import ANTHROPIC, OPENAI, events, flow_for, streamed_text
 
@@ -218,6 +221,20 @@ def test_a_value_split_at_every_offset_streams_as_whole(analyse, text, value):
                 assert stream(analyse, deltas, pace, rng)[0] == expected, (pace, offset)
 
 
+def test_a_text_that_starts_with_spaces_streams_as_whole(analyse):
+    """The spaces that start a text leave at once; the analyses read them again (a block of an
+    answer often starts with one): spaCy tags `Lívia` a place in `Ana Lívia for the fix in
+    1691196117.`, not in ` Ana Lívia ...`, and the stream masked what the whole answer did not."""
+    text = (" Ana Lívia for the fix in 1691196117. Ramos will send the signed copy to "
+            "ramos@outlook.com.br by Friday.")
+    expected = whole(analyse, text)
+    assert "Lívia" in expected
+    rng = random.Random(0)
+    for pace in ("burst", "model", "slow"):
+        for _ in range(20):
+            assert stream(analyse, random_split(text, rng, 8), pace, rng)[0] == expected, pace
+
+
 def test_what_a_stream_keeps_of_released_text_is_bounded():
     from douane.masking import streaming
 
@@ -277,7 +294,7 @@ def test_each_api_streams_exactly_what_the_whole_answer_masks(analyse, api):
     no value the whole answer masks is in any string of any event (the recaps of Responses too).
     """
     rng = random.Random(f"douane-api-{api}")
-    upstream_, path, request, events_of = API_STREAMS[api]
+    _, _, _, events_of = API_STREAMS[api]
     mismatches = []
     for text, labelled in api_texts():
         expected = whole(analyse, text)
@@ -285,29 +302,52 @@ def test_each_api_streams_exactly_what_the_whole_answer_masks(analyse, api):
                          if v.strip() and v not in expected]
         for _ in range(2):
             data = "".join(events_of("m", random_split(text, rng, 8))).encode()
-            pool = ScheduledPool(analyse, "mixed", rng)
-            it = protocols.parse_request(upstream_, flow_for(upstream_, path, request))
-            rewriter = streams.StreamRewriter(protocols.stream_format(upstream_, it), it, "dcn_t")
-            rewriter.filters.append(StreamMasker(SETTINGS, pool))
-            out, i, pausing = [], 0, rng.random() < 0.5
-            while i < len(data):
-                n = rng.randint(1, 160)
-                pool.tick()
-                out += rewriter(data[i:i + n])
-                if pausing:
-                    out += paused(rewriter, pool, end=False)
-                i += n
-            if rng.random() < 0.5:
-                pool.tick()  # the end comes a moment after the last analysis finished
-            if pausing:
-                out += paused(rewriter, pool, end=True)
-            out.append(rewriter(b""))
-            body = b"".join(out)
+            body, rewriter, _ = rewritten(analyse, api, data, rng, "mixed")
             leaked = [v for e in sse_events(body) for s in strings(e) for v in masked_values
                       if v in s]
             if streamed_text(api, body) != expected or leaked or rewriter.abort_message:
                 mismatches.append((api, text[:40], leaked[:2], rewriter.abort_message))
     assert not mismatches, mismatches[:3]
+
+
+def rewritten(analyse, api: str, data: bytes, rng: random.Random,
+              pace: str) -> tuple[bytes, streams.StreamRewriter, bytes]:
+    """The SSE bytes through the API's rewriter and a masker, cut at random places (an event
+    split, several in one read), each analysis finishing at `pace`, a channel's end waiting in
+    the rewriter's backlog for its analysis (the layer pausing) or not: (what the client gets,
+    the rewriter, what it got before the upstream's last byte)."""
+    upstream_, path, request, _ = API_STREAMS[api]
+    pool = ScheduledPool(analyse, pace, rng)
+    it = protocols.parse_request(upstream_, flow_for(upstream_, path, request))
+    rewriter = streams.StreamRewriter(protocols.stream_format(upstream_, it), it, "dcn_t")
+    if rng.random() < 0.5:
+        rewriter.filters.append(Passing())  # the policy's filter comes before the masker
+    rewriter.filters.append(StreamMasker(SETTINGS, pool))
+    out, i, pausing = [], 0, rng.random() < 0.5
+    while i < len(data):
+        n = rng.randint(1, 160)
+        pool.tick()
+        out += rewriter(data[i:i + n])
+        if pausing:
+            out += paused(rewriter, pool, end=False)
+        i += n
+    early = b"".join(out)
+    if rng.random() < 0.5:
+        pool.tick()  # the end comes a moment after the last analysis finished
+    if pausing:
+        out += paused(rewriter, pool, end=True)
+    out.append(rewriter(b""))
+    return b"".join(out), rewriter, early
+
+
+class Passing:
+    """A filter that holds nothing (as the policy's `StreamPolicy`): the masker after it."""
+
+    def feed(self, channel: str, text: str) -> str:
+        return text
+
+    def finish(self, channel: str) -> str:
+        return ""
 
 
 def paused(rewriter: streams.StreamRewriter, pool: ScheduledPool, end: bool) -> list[bytes]:
@@ -324,6 +364,194 @@ def paused(rewriter: streams.StreamRewriter, pool: ScheduledPool, end: bool) -> 
 def sse_events(body: bytes) -> list:
     return [json.loads(payload) for _, payload in events(body)
             if payload.strip() not in ("", "[DONE]")]
+
+
+# -- an answer in several blocks: read as one text where the whole answer reads them so -------------
+
+# what providers send between two text blocks (Anthropic), or between two message parts
+# (Responses): the whole answer reads the texts on either side apart, and so must a stream
+BETWEEN = {
+    "anthropic": [
+        {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"q": "Oslo office"}},
+        {"type": "thinking", "thinking": "The user wants the contact.", "signature": "c2lnbmF0"},
+        {"type": "redacted_thinking", "data": "ZW5jcnlwdGVkIHRoaW5raW5n"},
+        {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search",
+         "input": {"query": "office hours"}},
+        {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": [
+            {"type": "web_search_result", "url": "https://example.org/hours", "title": "Hours",
+             "encrypted_content": "ZW5jcnlwdGVk", "page_age": None}]},
+    ],
+    "responses": [
+        {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "lookup",
+         "arguments": '{"q": "Oslo office"}', "status": "completed"},
+        {"type": "reasoning", "id": "rs_1", "summary": [
+            {"type": "summary_text", "text": "The user wants the contact."}]},
+    ],
+}
+CITATION = {"type": "char_location", "cited_text": "Office hours are 9 to 5.", "document_index": 0,
+            "document_title": "Handbook", "start_char_index": 0, "end_char_index": 24}
+
+
+def answer_in_blocks(api: str, texts: list[str], between: dict[int, dict],
+                     rng: random.Random) -> dict:
+    """The whole answer with `texts` in blocks in a row (Anthropic text blocks, some with a
+    citation; Responses output parts of one message, or messages of one part each), and before
+    text `n` the block `between[n]` (a tool call, thinking, ...)."""
+    if api == "anthropic":
+        content: list[dict] = []
+        for n, text in enumerate(texts):
+            content += [between[n]] if n in between else []
+            cited = {"citations": [CITATION]} if rng.random() < 0.3 else {}
+            content.append({"type": "text", "text": text, **cited})
+        return {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                "content": content, "stop_reason": "end_turn", "stop_sequence": None,
+                "usage": {"input_tokens": 5, "output_tokens": 7}}
+    items: list[dict] = []
+    one_message = rng.random() < 0.5
+    for n, text in enumerate(texts):
+        part = {"type": "output_text", "text": text, "annotations": []}
+        if n in between or not one_message or not items or items[-1]["type"] != "message":
+            items += [between[n]] if n in between else []
+            items.append({"type": "message", "id": f"msg_{n}", "role": "assistant",
+                          "status": "completed", "content": [part]})
+        else:
+            items[-1]["content"].append(part)
+    return {"id": "resp_1", "object": "response", "created_at": 0, "status": "completed",
+            "model": "m", "output": items}
+
+
+def whole_blocks(analyse, api: str, answer: dict) -> list[str]:
+    """The answer's text blocks as the gateway masks the whole answer (`Mask._mask`): read in
+    the runs `read_together` makes, each block masked with its share of each value."""
+    upstream_, path, request, _ = API_STREAMS[api]
+    it = protocols.parse_request(upstream_, flow_for(upstream_, path, request))
+    (anthropic if api == "anthropic" else openai).parse_response(answer, it)
+    masked = {}
+    for run in read_together([p for p in it.response_texts
+                              if p.kind in RESPONSE_KINDS and p.editable]):
+        spans, start = analyse("".join(p.text for p in run)), 0
+        for piece in run:
+            end = start + len(piece.text)
+            masked[piece.path] = operators.apply(SETTINGS, piece.text, shift(spans, start, end),
+                                                 {})
+            start = end
+    if api == "anthropic":
+        return [masked[("content", i, "text")] for i, b in enumerate(answer["content"])
+                if b["type"] == "text"]
+    return [masked[("output", o, "content", c, "text")] for o, item in enumerate(answer["output"])
+            if item["type"] == "message" for c in range(len(item["content"]))]
+
+
+def streamed_blocks(api: str, body: bytes) -> list[str]:
+    """The text of each text block as the client reads it, checking the stream's structure on
+    the way: a block's text only between its start and its end, each end repeating exactly what
+    was streamed (Responses' `.done` events, `response.completed`)."""
+    texts: dict[tuple, str] = {}
+    opened: set[tuple] = set()
+    for e in sse_events(body):
+        if api == "anthropic":
+            key: tuple = (e.get("index"),)
+            if e["type"] == "content_block_start":
+                opened.add(key)
+            elif e["type"] == "content_block_stop":
+                opened.discard(key)
+            elif e["type"] == "content_block_delta" and e["delta"]["type"] == "text_delta":
+                assert key in opened, e
+                texts[key] = texts.get(key, "") + e["delta"]["text"]
+            continue
+        key = (e.get("output_index"), e.get("content_index"))
+        if e["type"] == "response.content_part.added":
+            opened.add(key)
+        elif e["type"] == "response.output_text.delta":
+            assert key in opened, e
+            texts[key] = texts.get(key, "") + e["delta"]
+        elif e["type"] == "response.output_text.done":
+            opened.discard(key)
+            assert e["text"] == texts.get(key, ""), (e, texts)
+        elif e["type"] == "response.content_part.done" and e["part"]["type"] == "output_text":
+            assert e["part"]["text"] == texts.get(key, ""), (e, texts)
+        elif e["type"] in ("response.output_item.done", "response.completed"):
+            items = [(e["output_index"], e["item"])] if "item" in e else \
+                enumerate(e["response"]["output"])
+            for o, item in items:
+                for c, part in enumerate(item.get("content") or []):
+                    if item["type"] == "message":
+                        assert part["text"] == texts.get((o, c), ""), (e, texts)
+    assert not opened
+    return list(texts.values())
+
+
+def skeleton(api: str, body: bytes) -> list[tuple]:
+    """The events but text deltas, with their indexes: what must stay as the upstream sent it."""
+    return [(e["type"], e.get("index"), e.get("output_index"), e.get("content_index"))
+            for e in sse_events(body) if not e["type"].endswith(".delta") and not (
+                e["type"] == "content_block_delta" and e["delta"]["type"] in anthropic.DELTAS)]
+
+
+def blocks_case(analyse, api: str, text: str, cuts: list[int], between: dict[int, dict],
+                rng: random.Random, pace: str = "mixed") -> tuple[str, list, list, bytes]:
+    """`text` cut into text blocks at `cuts`, streamed in 1-8 character deltas and rewritten
+    at `pace`: (the labels of what went wrong, if anything; streamed blocks; whole blocks; what
+    the client got before the upstream's last byte)."""
+    bounds = [0, *cuts, len(text)]
+    texts = [text[a:b] for a, b in itertools.pairwise(bounds)]
+    answer = answer_in_blocks(api, texts, between, rng)
+    events_of = anthropic_stream if api == "anthropic" else responses_stream
+    data = "".join(events_of(answer, lambda t: random_split(t, rng, 8) or [""])).encode()
+    body, rewriter, early = rewritten(analyse, api, data, rng, pace)
+    expected = whole_blocks(analyse, api, answer)
+    got = streamed_blocks(api, body)
+    wrong = [what for what, bad in [
+        ("aborted", rewriter.abort_message), ("blocks differ", got != expected),
+        ("structure changed", skeleton(api, body) != skeleton(api, data))] if bad]
+    return ", ".join(wrong), got, expected, early
+
+
+@pytest.mark.parametrize("api", ["anthropic", "responses"])
+def test_blocks_in_a_row_stream_exactly_what_the_whole_answer_masks(analyse, api):
+    """The texts of the API property test above, each cut into 2-3 blocks (mostly inside a
+    value), sometimes with a tool call, thinking, redacted thinking or server tool result
+    between: each block the client reads is the whole answer's block masked (a value across
+    two blocks in a row masked in both, as the whole answer masks it; across a tool call
+    neither reads them together), the events and indexes are the upstream's, and no value the
+    whole answer masks is in any string of any event."""
+    rng = random.Random(f"douane-blocks-{api}")
+    mismatches, across = [], 0
+    for text, labelled in api_texts():
+        inside = [i for s in analyse(text) for i in range(s.start + 1, s.end)]
+        for _ in range(3):
+            cuts = sorted({rng.choice(inside) if inside and rng.random() < 0.7 else
+                           rng.randint(1, len(text) - 1) for _ in range(rng.choice([1, 1, 2]))})
+            between = {n: rng.choice(BETWEEN[api]) for n in range(1, len(cuts) + 1)
+                       if rng.random() < 0.25}
+            wrong, got, expected, _ = blocks_case(analyse, api, text, cuts, between, rng)
+            across += not between and any(i in inside for i in cuts)
+            leaked = [v for v in {*labelled, *(text[s.start:s.end] for s in analyse(text))}
+                      if v.strip() and v not in "".join(expected) and
+                      any(v in "".join(got[i:i + 2]) for i in range(len(got)))]
+            if wrong or leaked:
+                mismatches.append((wrong, leaked[:2], cuts, text[:60]))
+    assert not mismatches, mismatches[:3]
+    assert across >= 60  # cuts through a value between two text blocks in a row
+
+
+@pytest.mark.parametrize("api", ["anthropic", "responses"])
+def test_a_value_split_across_two_blocks_streams_as_whole_at_every_offset(analyse, api):
+    """The red team's case: `...email maria.garcia` | `@example.com...` (and a phone number)
+    in two blocks in a row, cut at every offset through the values, at every pace. At a model's
+    pace the first block's end leaves with the second block's first words, not at the end."""
+    text = ("Sure, please email maria.garcia@example.com or call 212-555-0147 today. We will get "
+            "back to you within two business days with the signed contract and the invoice.")
+    start, end = text.index("maria"), text.index(" today")
+    end_of_first = {"anthropic": b'"content_block_stop", "index": 0',
+                    "responses": b'"response.output_text.done"'}[api]
+    rng = random.Random(api)
+    for pace in ("burst", "model", "slow"):
+        for cut in range(start, end + 1):
+            wrong, got, expected, early = blocks_case(analyse, api, text, [cut], {}, rng, pace)
+            assert not wrong, (wrong, pace, cut, got, expected)
+            assert not any(v in "".join(got) for v in ("garcia", "example.com", "0147")), got
+            assert pace != "model" or end_of_first in early, cut  # still a stream
 
 
 # -- what leaves without analysis ------------------------------------------------------------------

@@ -99,6 +99,77 @@ def _anthropic_events(model: str, pieces: list[str]) -> list[str]:
             for name, data in out]
 
 
+def anthropic_stream(message: dict[str, Any], split: Callable[[str], list[str]]) -> list[str]:
+    """A whole Messages answer as Anthropic streams it, block by block: a text block's citations
+    (`citations_delta`) then its text, a thinking block's thinking then its signature, a tool's
+    input JSON, each text in `split` pieces; other blocks (redacted thinking, server tool
+    results) whole in their start event."""
+    out = [("message_start", {"message": {**message, "content": [], "stop_reason": None}})]
+    for i, block in enumerate(message["content"]):
+        head, deltas = block, []
+        if block["type"] == "text":
+            head = {"type": "text", "text": "", **({"citations": []} if "citations" in block
+                                                   else {})}
+            deltas = [{"type": "citations_delta", "citation": c}
+                      for c in block.get("citations") or []]
+            deltas += [{"type": "text_delta", "text": p} for p in split(block["text"])]
+        elif block["type"] == "thinking":
+            head = {"type": "thinking", "thinking": "", "signature": ""}
+            deltas = [{"type": "thinking_delta", "thinking": p} for p in split(block["thinking"])]
+            deltas.append({"type": "signature_delta", "signature": block["signature"]})
+        elif block["type"] in ("tool_use", "server_tool_use"):
+            head = {**block, "input": {}}
+            deltas = [{"type": "input_json_delta", "partial_json": p}
+                      for p in split(json.dumps(block["input"]))]
+        out.append(("content_block_start", {"index": i, "content_block": head}))
+        out += [("content_block_delta", {"index": i, "delta": d}) for d in deltas]
+        out.append(("content_block_stop", {"index": i}))
+    out += [("message_delta", {"delta": {"stop_reason": message.get("stop_reason") or "end_turn",
+                                         "stop_sequence": None}, "usage": {"output_tokens": 7}}),
+            ("message_stop", {})]
+    return [f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n"
+            for name, data in out]
+
+
+def responses_stream(response: dict[str, Any], split: Callable[[str], list[str]]) -> list[str]:
+    """A whole Responses answer as the API streams it, item by item: each message part's text
+    (or refusal), reasoning summaries and function call arguments in `split` pieces, then
+    `response.completed` with the whole answer."""
+    out: list[tuple[str, dict]] = [("response.created", {"response": {
+        **response, "status": "in_progress", "output": []}})]
+    for o, item in enumerate(response["output"]):
+        ids = {"item_id": item["id"], "output_index": o}
+        empty = {"message": {"content": []}, "function_call": {"arguments": ""},
+                 "reasoning": {"summary": []}}.get(item["type"], {})
+        out.append(("response.output_item.added", {"output_index": o, "item": {
+            **item, "status": "in_progress", **empty}}))
+        if item["type"] == "function_call":
+            out += [("response.function_call_arguments.delta", {**ids, "delta": p})
+                    for p in split(item["arguments"])]
+            out.append(("response.function_call_arguments.done",
+                        {**ids, "arguments": item["arguments"]}))
+        for c, part in enumerate(item.get("content") or [] if item["type"] == "message" else []):
+            field = "refusal" if part["type"] == "refusal" else "text"
+            at = {**ids, "content_index": c}
+            out.append(("response.content_part.added", {**at, "part": {**part, field: ""}}))
+            out += [(f"response.{part['type']}.delta", {**at, "delta": p})
+                    for p in split(part[field])]
+            out.append((f"response.{part['type']}.done", {**at, field: part[field]}))
+            out.append(("response.content_part.done", {**at, "part": part}))
+        for n, part in enumerate(item.get("summary") or []):
+            at = {**ids, "summary_index": n}
+            out.append(("response.reasoning_summary_part.added",
+                        {**at, "part": {**part, "text": ""}}))
+            out += [("response.reasoning_summary_text.delta", {**at, "delta": p})
+                    for p in split(part["text"])]
+            out.append(("response.reasoning_summary_text.done", {**at, "text": part["text"]}))
+            out.append(("response.reasoning_summary_part.done", {**at, "part": part}))
+        out.append(("response.output_item.done", {"output_index": o, "item": item}))
+    out.append(("response.completed", {"response": response}))
+    return [f"event: {name}\ndata: {json.dumps({'type': name, 'sequence_number': i, **data})}\n\n"
+            for i, (name, data) in enumerate(out)]
+
+
 def _pieces(text: str, size: int | Sequence[int]) -> list[str]:
     """`text` in pieces of `size` characters (or of each size in turn)."""
     sizes, out, i = itertools.cycle([size] if isinstance(size, int) else size), [], 0
@@ -115,7 +186,9 @@ class FakeUpstream:
     Routes: POST /v1/chat/completions, /v1/responses (OpenAI), /v1/messages (Anthropic), JSON or
     SSE when the body asks `stream: true`; GET /v1/models lists one model owned by `reply`.
     `reply` sets the answer text, `chunk_size` (or sizes used in turn) and `chunk_delay` pace
-    streams. `canned[path] = (content type, body)` answers that path (any method) with exactly
+    streams; `document`, when set, is the whole answer of /v1/messages or /v1/responses (blocks,
+    parts, items of any kind), streamed from it as the API does (`anthropic_stream`,
+    `responses_stream`). `canned[path] = (content type, body)` answers that path (any method) with exactly
     that body: a misbehaving server. Anything else answers 404 in OpenAI's error shape. `answer`,
     when set, writes the whole answer itself, headers too (odd framing or encodings):
     answer(handler, request document).
@@ -128,6 +201,7 @@ class FakeUpstream:
         self.chunk_delay = 0.0
         self.stream_ends: list[float] = []  # time.monotonic() when each stream's last byte left
         self.canned: dict[str, tuple[str, bytes]] = {}
+        self.document: dict[str, Any] | None = None
         self.answer: Callable[[BaseHTTPRequestHandler, Any], None] | None = None
         upstream = self
 
@@ -166,6 +240,11 @@ class FakeUpstream:
                     self.send_header("transfer-encoding", "chunked")
                     self.end_headers()
                     self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+                elif upstream.document is not None and path.endswith(("/messages", "/responses")):
+                    doc = upstream.document
+                    events = anthropic_stream if path.endswith("/messages") else responses_stream
+                    self._answer(stream, doc, lambda: events(
+                        doc, lambda text: _pieces(text, upstream.chunk_size)))
                 elif path.endswith("/chat/completions"):
                     self._answer(stream, _openai_chat(model, upstream.reply),
                                  lambda: _openai_chat_events(model, pieces))

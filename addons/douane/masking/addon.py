@@ -51,24 +51,30 @@ def could_hold_a_value(text: str, entities: tuple[str, ...]) -> bool:
 
 def read_together(pieces: list[TextPiece]) -> list[list[TextPiece]]:
     """The pieces in runs a reader reads as one text: the text blocks or parts of an answer in a
-    row (their paths alike but for the block's index, each the next), so a value the upstream
-    split across two blocks (`maria.garcia@` | `example.com`) is found whole. Tool arguments are
-    each a JSON document of their own."""
+    row (their paths alike but for the block's index, each the next: `streams.next_block`, as a
+    stream reads them), so a value the upstream split across two blocks (`maria.garcia@` |
+    `example.com`) is found whole. A string inside the last block (a citation's `cited_text`) is
+    read apart and does not end the run. Tool arguments are each a JSON document of their own."""
     runs: list[list[TextPiece]] = []
+    run: list[TextPiece] = []  # the run the next block may continue
     for piece in pieces:
-        last = runs[-1][-1] if runs else None
+        last = run[-1] if run else None
         if last is not None and last.kind == piece.kind != "tool_arguments" and \
-                _next_block(last.path, piece.path):
-            runs[-1].append(piece)
+                streams.next_block(last.path, piece.path):
+            run.append(piece)
+            continue
+        if last is not None and _inside(piece.path, last.path):
+            runs.append([piece])  # read apart; the next block may still go on with the run
         else:
-            runs.append([piece])
+            run = [piece]
+            runs.append(run)
     return runs
 
 
-def _next_block(a: tuple, b: tuple) -> bool:
-    steps = [(x, y) for x, y in zip(a, b, strict=False) if x != y]
-    return len(a) == len(b) and len(steps) == 1 and isinstance(steps[0][0], int) and \
-        isinstance(steps[0][1], int) and steps[0][1] == steps[0][0] + 1
+def _inside(path: tuple, text: tuple) -> bool:
+    """Whether `path` lies in the block that holds the text at `text` (under its last index)."""
+    block = text[:max((i for i, step in enumerate(text) if type(step) is int), default=-1) + 1]
+    return bool(block) and path[:len(block)] == block and path != text
 
 
 class Recent:

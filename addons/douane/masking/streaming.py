@@ -59,6 +59,12 @@ characters, a few ms of spaCy per proposal; a table's header and rows), the hold
 `RIGHT_WORDS` words as well as `stream_window` characters (in prose the two are about the same; a
 run of long tokens holds more), and a table row waits until it is complete.
 
+An answer's blocks in a row (Anthropic text blocks, Responses output parts: `streams.next_block`)
+are one text, as the whole answer reads them: when the stream says a block's text goes on in the
+next (`follow`), the next block's channel takes over the held text and its state, and the
+earlier block's share of each release leaves masked with its share of each value, through `take`,
+before that block's end (the stream's rewriter holds the end until then).
+
 The stream callable is synchronous, so analysis is submitted to the worker pool from `feed` and its
 result collected by a later `feed`: the event loop never waits for Presidio mid-stream. A proposal
 still queued when more text arrives is replaced by one of all the held text; none is made while the
@@ -108,6 +114,15 @@ SECRET_SEPARATORS = tuple(":=>\"'`|/\\")  # what the word before a secret's valu
 
 
 @dataclass
+class _Share:
+    """An earlier block of a channel's text (`StreamMasker.follow`): how much of it is still held
+    (at the front of the held text), and what of it was released and not yet taken."""
+    channel: str
+    held: int
+    out: str = ""
+
+
+@dataclass
 class _Channel:
     released: str = ""  # the tail of the released text (left context for the next analysis)
     tables: fields.Tables = field(default_factory=fields.Tables)  # fed the released lines
@@ -120,6 +135,7 @@ class _Channel:
     skipped: int = 0  # characters of the window's held text released since, without analysis
     analysed: list[Span] | None = None  # the spans of `pending`, while no text arrived since
     early: str = ""  # released by `ready`, emitted with the next output
+    earlier: list[_Share] = field(default_factory=list)  # earlier blocks still held, in order
 
 
 @dataclass
@@ -128,6 +144,7 @@ class StreamMasker:
     pool: MaskingPool
     counts: dict[str, int] = field(default_factory=dict)
     channels: dict[str, _Channel] = field(default_factory=dict)
+    shares: dict[str, _Share] = field(default_factory=dict)  # earlier blocks not all taken
 
     def feed(self, channel: str, text: str) -> str:
         ch = self.channels.setdefault(channel, _Channel())
@@ -184,7 +201,49 @@ class StreamMasker:
             window = context + ch.pending
             spans = shift(self.pool.result(self.pool.submit([window], urgent=True))[0],
                           len(context), len(window))
-        return out + operators.apply(self.settings, ch.pending, spans, self.counts)
+        return out + self._out(ch, ch.pending, spans)
+
+    def follow(self, channel: str, previous: str) -> None:
+        """`channel`'s text continues `previous`'s, which an event ended: the next block of one
+        text (`streams.next_block`). They are analysed as one text, as the whole answer reads
+        them; what `previous` still holds leaves later, masked with its share of each value (a
+        value across the two is masked in both), through `take`."""
+        ch = self.channels.pop(previous, None) or _Channel()
+        share = _Share(previous, len(ch.pending) - sum(s.held for s in ch.earlier), ch.early)
+        ch.early = ""
+        if share.held:
+            ch.earlier.append(share)
+        self.shares[previous] = share
+        self.channels[channel] = ch
+
+    def take(self, previous: str) -> tuple[str, bool]:
+        """What was released of an earlier block (`follow`) since last asked, and whether all of
+        it has left."""
+        share = self.shares.get(previous)
+        if share is None:
+            return "", True
+        out, share.out = share.out, ""
+        if not share.held:
+            del self.shares[previous]
+        return out, not share.held
+
+    def _out(self, ch: _Channel, text: str, spans: list[Span]) -> str:
+        """Released text (the front of the held text), masked block by block with each block's
+        share of each value, as the whole answer masks its blocks: earlier blocks' parts are
+        kept for `take`, the channel's own is returned."""
+        start = 0
+        while ch.earlier and start < len(text):
+            share = ch.earlier[0]
+            end = start + min(share.held, len(text) - start)
+            share.out += operators.apply(self.settings, text[start:end], shift(spans, start, end),
+                                         self.counts)
+            share.held -= end - start
+            start = end
+            if not share.held:
+                ch.earlier.pop(0)
+        if start:
+            text, spans = text[start:], shift(spans, start, len(text))
+        return operators.apply(self.settings, text, spans, self.counts) if spans else text
 
     def _propose(self, ch: _Channel, urgent: bool = False) -> None:
         ch.context = len(context := left_context(ch))
@@ -203,7 +262,7 @@ class StreamMasker:
         released = window[done:cut]
         ch.pending = ch.pending[cut - done:]
         self._released(ch, released)
-        return operators.apply(self.settings, released, shift(spans, done, cut), self.counts)
+        return self._out(ch, released, shift(spans, done, cut))
 
     def _release_plain(self, ch: _Channel, end: bool) -> str:
         """Release at once the held words no value can start in (`plain_prefix`)."""
@@ -217,7 +276,7 @@ class StreamMasker:
         if ch.inflight is not None:
             ch.skipped += n
         self._released(ch, released)
-        return released
+        return self._out(ch, released, [])
 
     def _released(self, ch: _Channel, released: str) -> None:
         """Keep what the next analyses read of the text now released."""
@@ -297,8 +356,8 @@ def left_context(ch: _Channel) -> str:
     starts = [m.start() for m in WORD.finditer(tail)]
     if len(tail) < len(ch.released):  # the first word may be cut: start at the next one
         starts = [s for s in starts if s > 0] or [0]
-    if not starts:
-        return ""
+    if not starts:  # only spaces so far: the whole answer's analysis reads them too (spaCy
+        return tail  # tokenises ` Ana Lívia` and `Ana Lívia` apart, and tags them apart)
     first = starts[max(0, len(starts) - LEFT_WORDS)]
     line = tail.rfind("\n", 0, first) + 1
     return tail[line if line or len(tail) == len(ch.released) else first:]

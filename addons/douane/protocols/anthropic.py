@@ -159,7 +159,9 @@ class MessagesStream(StreamFormat):
         delta = doc.get("delta") or {}
         if delta.get("type") in DELTAS:
             field, kind = DELTAS[delta["type"]]
-            return [Delta(f"block{doc.get('index')}", kind, ("delta", field))]
+            index = doc.get("index")
+            block = None if kind == "tool_arguments" else ("content", index, field)
+            return [Delta(f"block{index}", kind, ("delta", field), block)]
         return []
 
     def closes(self, event: Event, doc: Any) -> list[str]:

@@ -28,6 +28,9 @@ class Delta:
     channel: str  # one independent text stream (a choice, a content block, a tool call's args)
     kind: Kind
     path: JsonPath  # where the text sits in the event's JSON data
+    # where the channel's text sits in the whole answer, when the blocks of an answer in a row
+    # are read as one text (`streams.next_block`); None: read alone (a choice, tool arguments)
+    block: JsonPath | None = None
 
 
 ALL = "*"  # closes(): every open channel

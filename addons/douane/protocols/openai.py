@@ -428,7 +428,16 @@ class ResponsesStream(StreamFormat):
         found = _streamed(doc, ".delta")
         if found is None or not isinstance(doc.get("delta"), str):
             return []
-        return [Delta(found[0], found[2], ("delta",))]
+        channel, field, kind = found
+        # where the whole answer keeps the text (`output/0/content/1/text`), so parts in a row
+        # are read as one text; tool arguments never are
+        block: tuple | None = ("output", doc.get("output_index"), "content",
+                               doc.get("content_index"), field)
+        if kind == "tool_arguments":
+            block = None
+        elif doc["type"] == "response.reasoning_summary_text.delta":
+            block = ("output", doc.get("output_index"), "summary", doc.get("summary_index"), "text")
+        return [Delta(channel, kind, ("delta",), block)]
 
     def closes(self, event: Event, doc: Any) -> list[str]:
         kind = doc.get("type") if isinstance(doc, dict) else None

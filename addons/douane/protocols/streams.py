@@ -7,6 +7,16 @@ channel; before the event that closes that channel (and at the end) the held tex
 extra delta event of that channel in the API's own format, and fields that repeat a channel's whole
 text (`*.done` events) are rewritten to what was actually sent.
 
+An answer's blocks in a row are one text to a reader (Anthropic splits an answer into text blocks
+around its citations; Responses into output parts): the whole answer is masked reading them as one
+(`next_block`), and so is a stream. When an event ends a block whose text the next block may
+continue, the last filter keeps its held tail (`follow`): the block's end and every event after it
+wait (`parked`) until the next event says whether the next block continues it. If it does, the
+filter reads both as one text and lets the earlier block's tail out as that block's own delta
+(`take`), then its end and the events behind it leave, in order; if not, the block ends as any
+other. Nothing waits longer than the filter holds text, and every block keeps its events, index
+and end.
+
 The callable is synchronous (mitmproxy calls it from the event loop): filters must not block.
 Returning `[]` holds data back; `b""` is only returned on the final call (see docs: an empty chunk
 ends an HTTP/1.1 chunked body). A filter whose channel end needs an analysis not done yet says so
@@ -24,13 +34,14 @@ import logging
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mitmproxy import http
 
-from douane.interaction import Interaction, Kind, TextPiece
+from douane.interaction import Interaction, JsonPath, Kind, TextPiece
 from douane.protocols import fields, jsonpath
-from douane.protocols.base import ALL, ProtocolError, StreamFormat
+from douane.protocols.base import ALL, Delta, ProtocolError, StreamFormat
 from douane.protocols.sse import Event, SseError, SseParser
 from douane.untrusted import loggable
 
@@ -48,6 +59,42 @@ class TextFilter(Protocol):
         """The channel ends; returns everything still held."""
 
     # optional: `ready(channel) -> Future | None`, what `finish` would wait for (see `waits`)
+    # optional, for the chain's last filter: `follow(channel, previous)`, `channel`'s text
+    # continues `previous`'s (ended, not finished: the next block of one text), and
+    # `take(previous) -> (text, all out)`, what it released of `previous` since (it leaves as is)
+
+
+def next_block(a: JsonPath, b: JsonPath) -> bool:
+    """Whether `b` is where the whole answer keeps the text of the block after `a`'s: the paths
+    alike but for one index, the next, and the indexes under it starting over (`content/3/text`
+    after `content/2/text`; `output/1/content/0/text` after `output/0/content/2/text`, the next
+    message's first part). Such blocks in a row are read as one text (masking, whole and
+    streamed)."""
+    steps = [(x, y) for x, y in zip(a, b, strict=False) if x != y]
+    return len(a) == len(b) and bool(steps) and type(steps[0][0]) is int and \
+        type(steps[0][1]) is int and steps[0][1] == steps[0][0] + 1 and \
+        all(type(x) is int and y == 0 and type(y) is int for x, y in steps[1:])
+
+
+@dataclass
+class _Later:
+    """An event that repeats channels' whole texts: encoded when it leaves, after those texts."""
+    event: Event
+    doc: Any
+    recaps: list[tuple[JsonPath, str]]
+
+
+@dataclass
+class _Parked:
+    """A channel an event ended while the next block may continue its text: its end and the
+    events after it (`items`) wait until all its text has left."""
+    channel: str
+    kind: Kind
+    template: Any
+    block: JsonPath
+    items: list[bytes | _Later] = field(default_factory=list)  # from its end on, in order
+    followed: bool = False  # the next block continues it: its text leaves through `take`
+    rest: str | None = None  # it was finished: its last text
 
 
 class StreamedText(TextPiece):
@@ -91,6 +138,9 @@ class StreamRewriter:
         self.head: Any = _UNPARSED  # the first backlog event's parsed JSON (`_UNPARSED`: not yet)
         self.waiting: list[concurrent.futures.Future] = []  # what `waits` last found
         self.open: dict[str, tuple[Kind, Any]] = {}  # channel -> (kind, last delta event doc)
+        self.blocks: dict[str, JsonPath] = {}  # open channel -> where the whole answer has it
+        self.parked: list[_Parked] = []  # ended channels whose text has not all left, in order
+        self.out: list[bytes] = []  # what leaves from this call
         self.closed: set[str] = set()  # channels an event ended: no more text may come on them
         self.sent: dict[str, StreamedText] = {}  # channel -> text emitted so far
         self.cut: dict[str, str] = {}  # channel -> a JSON escape cut at its last delta's end
@@ -122,7 +172,7 @@ class StreamRewriter:
             if self.backlog:
                 self.waiting = self._needs(*self._parsed())
             elif end:
-                self.waiting = self._ready(list(self.open))
+                self.waiting = self._ready(self._fate([ALL], [])[0])
         except Exception as e:  # the event or a filter failed: `resume` ends the stream
             self._failed(e)
             self.waiting = []
@@ -135,7 +185,7 @@ class StreamRewriter:
     def _process(self, data: bytes, final: bool) -> bytes:
         if self.ended:
             return b""
-        out: list[bytes] = []
+        self.out = []
         self.received += len(data)
         if self.max_bytes is not None and self.received > self.max_bytes:
             self.abort(f"the answer exceeds douane's limit of {self.max_bytes} bytes")
@@ -149,16 +199,20 @@ class StreamRewriter:
                         break  # its channel's end waits for an analysis: not on the loop
                     self.backlog.popleft()
                     self.head = _UNPARSED
-                    out += self._event(event, doc)
+                    self._event(event, doc)
             if final and self.abort_message is None:
-                out += self._close([ALL])
+                self._close(self._fate([ALL], [])[0])
+                if self.parked:  # (never: every block was finished) fail closed all the same
+                    raise RuntimeError("a block's end was still held at the stream's end")
         except Exception as e:
             self._failed(e)
+        out, self.out = self.out, []
         if self.abort_message is not None:
             message = f"{self.abort_message} (douane decision {self.decision_id})"
             out.append(self.format.error_event(message, "douane_refusal").encode())
             self.ended = True
             self.backlog.clear()
+            self.parked.clear()  # what waited behind a block's end never leaves
             if self.on_abort:
                 self.on_abort(self.abort_message)
         return b"".join(out)
@@ -194,23 +248,69 @@ class StreamRewriter:
         return event, self.head
 
     def _needs(self, event: Event, doc: Any) -> list[concurrent.futures.Future]:
-        """The analyses the channels this event closes wait for (see `TextFilter`)."""
+        """The analyses the channels this event ends wait for (see `TextFilter`)."""
         closes = self.format.closes(event, doc)
-        return self._ready(list(self.open) if ALL in closes else
-                           [c for c in closes if c in self.open]) if closes else []
+        if not closes and not self._waiting():
+            return []
+        deltas = self.format.deltas(event, doc) if doc is not None else []
+        return self._ready(self._fate(closes, deltas)[0])
+
+    def _waiting(self) -> _Parked | None:
+        """The ended channel the next text may continue, not known yet."""
+        last = self.parked[-1] if self.parked else None
+        return last if last and not last.followed and last.rest is None else None
+
+    def _fate(self, closes: list[str], deltas: list[Delta]) -> tuple[list[str], str | None,
+                                                                     Delta | None]:
+        """What an event does to the channels: those it ends, in order (the waiting one among
+        them); the one it parks (`_Parked`); the delta whose channel continues the parked one."""
+        if not closes and not self.parked:
+            return [], None, None  # (most events)
+        waiting = [p.channel for p in [self._waiting()] if p]
+        if ALL in closes:
+            return [*waiting, *self.open], None, None
+        ends: list[str] = []
+        park = None
+        for channel in dict.fromkeys(c for c in closes if c in self.open):
+            ends += waiting + [park] if park else waiting  # an end decides the waiting one
+            waiting, park = [], None
+            if self.blocks.get(channel) is not None and self.filters and \
+                    hasattr(self.filters[-1], "follow"):
+                park = channel
+            else:
+                ends.append(channel)
+        candidate = park or (waiting[0] if waiting else None)
+        if candidate is None or not deltas:
+            return ends, park, None
+        if self._continues(candidate, deltas[0]):
+            return ends, park, deltas[0]
+        return [*ends, candidate], None, None
+
+    def _continues(self, channel: str, delta: Delta) -> bool:
+        kind, _ = self.open.get(channel) or (self.parked[-1].kind, None)
+        block = self.blocks.get(channel) or self.parked[-1].block
+        return delta.kind == kind and delta.block is not None and \
+            next_block(block, delta.block) and delta.channel not in self.open and \
+            delta.channel not in self.closed
 
     def _ready(self, channels: list[str]) -> list[concurrent.futures.Future]:
         return [f for c in channels for flt in self.filters if hasattr(flt, "ready")
                 if (f := flt.ready(c)) is not None]
 
-    def _event(self, event: Event, doc: Any) -> list[bytes]:
+    def _event(self, event: Event, doc: Any) -> None:
         touched = False  # a hook edited the message in place
         if doc is not None:
             touched = any([hook(doc) for hook in self.message_hooks])
             if self.abort_message:
-                return []
-        out = self._close(self.format.closes(event, doc))
+                return
         deltas = self.format.deltas(event, doc) if doc is not None else []
+        ends, park, join = self._fate(self.format.closes(event, doc), deltas)
+        self._close(ends)
+        if park is not None:
+            self._park(park)
+        if join is not None:
+            self.filters[-1].follow(join.channel, self.parked[-1].channel)  # type: ignore
+            self.parked[-1].followed = True
         for delta in deltas:
             text = jsonpath.get(doc, delta.path)
             if not isinstance(text, str):
@@ -223,22 +323,81 @@ class StreamRewriter:
                 end = fields.escape_tail(text)
                 text, self.cut[delta.channel] = fields.readable(text[:end]), text[end:]
             emitted = self._feed(delta.channel, text)
+            self._drain()
             if getattr(self.format, "complete_events", False):
                 emitted += self._finish(delta.channel)
             else:
                 self.open[delta.channel] = (delta.kind, doc)
+                if delta.block is not None:
+                    self.blocks[delta.channel] = delta.block
             self._sent(delta.channel, delta.kind, emitted)
             jsonpath.set_(doc, delta.path, emitted)
-        recaps = self.format.recaps(event, doc) if doc is not None else []
-        for path, channel in recaps:
-            if channel in self.sent:
-                jsonpath.set_(doc, path, self.sent[channel].text)
+        recaps = [(path, channel) for path, channel in
+                  (self.format.recaps(event, doc) if doc is not None else [])
+                  if channel in self.sent]
         strays = self._strays(doc, {d.path for d in deltas} | set(self.format.echoes) | {
-            path for path, channel in recaps if channel in self.sent})
-        if deltas or recaps or strays or touched:
-            event = Event(json.dumps(doc, ensure_ascii=False), event.event, event.id, event.retry,
-                          event.comments)
-        return [*out, event.encode()]
+            path for path, _ in recaps})
+        if recaps:
+            self._put(_Later(event, doc, recaps))  # set when it leaves, after the texts
+        elif deltas or strays or touched:
+            self._put(self._encode(event, doc))
+        else:
+            self._put(event.encode())
+
+    @staticmethod
+    def _encode(event: Event, doc: Any) -> bytes:
+        return Event(json.dumps(doc, ensure_ascii=False), event.event, event.id, event.retry,
+                     event.comments).encode()
+
+    def _put(self, item: bytes | _Later) -> None:
+        """An event leaves now, or after a parked block's text: behind the latest block's end."""
+        if self.parked:
+            self.parked[-1].items.append(item)
+        else:
+            self.out.append(self._encoded(item))
+
+    def _encoded(self, item: bytes | _Later) -> bytes:
+        if isinstance(item, bytes):
+            return item
+        for path, channel in item.recaps:  # the channels' texts have all left by now
+            jsonpath.set_(item.doc, path, self.sent[channel].text)
+        return self._encode(item.event, item.doc)
+
+    def _park(self, channel: str) -> None:
+        """An event ends `channel`, and the next block may continue its text: the earlier filters
+        finish it, the last keeps what it holds of it, and its end waits (`_Parked`)."""
+        kind, template = self.open.pop(channel)
+        self.closed.add(channel)
+        rest = self.cut.pop(channel, "")
+        for f in self.filters[:-1]:
+            rest = f.feed(channel, rest) if rest else rest
+            rest += f.finish(channel)
+        rest = self.filters[-1].feed(channel, rest) if rest else ""
+        self._drain()
+        if rest:
+            self._sent(channel, kind, rest)
+            self._put(self.format.synthesize(channel, kind, rest, template).encode())
+        self.parked.append(_Parked(channel, kind, template, self.blocks.pop(channel)))
+
+    def _drain(self) -> None:
+        """The parked blocks' text the last filter let out, oldest first, each as a delta of its
+        own block; once all of a block's text is out, its end and the events behind it leave."""
+        while self.parked:
+            p = self.parked[0]
+            if p.rest is not None:
+                text, done = p.rest, True
+            elif p.followed:
+                text, done = self.filters[-1].take(p.channel)  # type: ignore[attr-defined]
+            else:
+                return
+            if text:
+                self._sent(p.channel, p.kind, text)
+                self.out.append(self.format.synthesize(p.channel, p.kind, text,
+                                                       p.template).encode())
+            if not done:
+                return
+            self.parked.pop(0)
+            self.out += [self._encoded(item) for item in p.items]
 
     def _strays(self, doc: Any, claimed: set[tuple]) -> bool:
         """Filter the event's other strings in place, each as a whole text of its own channel
@@ -263,20 +422,24 @@ class StreamRewriter:
             rest += f.finish(channel)
         return rest
 
-    def _close(self, channels: list[str]) -> list[bytes]:
-        if ALL in channels:
-            channels = list(self.open)
-        out = []
+    def _close(self, channels: list[str]) -> None:
+        """End channels (`_fate`): an open one, or the parked one waiting for the next block."""
         for channel in channels:
+            waiting = self._waiting()
+            if waiting is not None and waiting.channel == channel:
+                waiting.rest = self.filters[-1].finish(channel)
+                self._drain()
+                continue
             if channel not in self.open:
                 continue
             kind, template = self.open.pop(channel)
+            self.blocks.pop(channel, None)
             self.closed.add(channel)
             rest = self._finish(channel)
+            self._drain()
             if rest:
                 self._sent(channel, kind, rest)
-                out.append(self.format.synthesize(channel, kind, rest, template).encode())
-        return out
+                self._put(self.format.synthesize(channel, kind, rest, template).encode())
 
     def _sent(self, channel: str, kind: Kind, text: str) -> None:
         """What was delivered, as response text pieces (for policy, audit and recording)."""
