@@ -369,23 +369,26 @@ def sse_events(body: bytes) -> list:
 # -- an answer in several blocks: read as one text where the whole answer reads them so -------------
 
 # what providers send between two text blocks (Anthropic), or between two message parts
-# (Responses): the whole answer reads the texts on either side apart, and so must a stream
+# (Responses): the whole answer reads the texts on either side apart, and so must a stream; the
+# address in them is masked wherever it is (tool input, thinking, a search result's title)
+ADDRESS = "ana.souza@example.org"
 BETWEEN = {
     "anthropic": [
-        {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"q": "Oslo office"}},
-        {"type": "thinking", "thinking": "The user wants the contact.", "signature": "c2lnbmF0"},
+        {"type": "tool_use", "id": "toolu_1", "name": "mail", "input": {"to": ADDRESS}},
+        {"type": "thinking", "thinking": f"The user wants to write to {ADDRESS}.",
+         "signature": "c2lnbmF0"},
         {"type": "redacted_thinking", "data": "ZW5jcnlwdGVkIHRoaW5raW5n"},
         {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search",
-         "input": {"query": "office hours"}},
+         "input": {"query": f"who is {ADDRESS}"}},
         {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": [
-            {"type": "web_search_result", "url": "https://example.org/hours", "title": "Hours",
-             "encrypted_content": "ZW5jcnlwdGVk", "page_age": None}]},
+            {"type": "web_search_result", "url": "https://example.org/team",
+             "title": f"Team: {ADDRESS}", "encrypted_content": "ZW5jcnlwdGVk", "page_age": None}]},
     ],
     "responses": [
-        {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "lookup",
-         "arguments": '{"q": "Oslo office"}', "status": "completed"},
+        {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "mail",
+         "arguments": json.dumps({"to": ADDRESS}), "status": "completed"},
         {"type": "reasoning", "id": "rs_1", "summary": [
-            {"type": "summary_text", "text": "The user wants the contact."}]},
+            {"type": "summary_text", "text": f"The user wants to write to {ADDRESS}."}]},
     ],
 }
 CITATION = {"type": "char_location", "cited_text": "Office hours are 9 to 5.", "document_index": 0,
@@ -503,7 +506,8 @@ def blocks_case(analyse, api: str, text: str, cuts: list[int], between: dict[int
     got = streamed_blocks(api, body)
     wrong = [what for what, bad in [
         ("aborted", rewriter.abort_message), ("blocks differ", got != expected),
-        ("structure changed", skeleton(api, body) != skeleton(api, data))] if bad]
+        ("structure changed", skeleton(api, body) != skeleton(api, data)),
+        ("address left", any(ADDRESS in s for e in sse_events(body) for s in strings(e)))] if bad]
     return ", ".join(wrong), got, expected, early
 
 
