@@ -558,6 +558,36 @@ def test_a_value_split_across_two_blocks_streams_as_whole_at_every_offset(analys
             assert pace != "model" or end_of_first in early, cut  # still a stream
 
 
+def test_what_waits_behind_a_blocks_end_is_bounded_by_the_text_held(analyse):
+    """An answer in 150 blocks of 1-6 characters in a row, at a model's pace: what waits behind
+    the blocks' ends (the parked ends and the events after them) is never more than the text the
+    masker holds, which stays within its usual window; and every block is the whole answer's."""
+    rng = random.Random(5)
+    text = "Thanks for asking, we will write to maria.garcia@example.com today. " * 10
+    bounds = [0]
+    while bounds[-1] < len(text):
+        bounds.append(min(len(text), bounds[-1] + rng.randint(1, 6)))
+    answer = answer_in_blocks("anthropic", [text[a:b] for a, b in itertools.pairwise(bounds)],
+                              {}, rng)
+    upstream_, path, request, _ = API_STREAMS["anthropic"]
+    pool = ScheduledPool(analyse, "model", rng)
+    it = protocols.parse_request(upstream_, flow_for(upstream_, path, request))
+    rewriter = streams.StreamRewriter(protocols.stream_format(upstream_, it), it, "dcn_t")
+    masker = StreamMasker(SETTINGS, pool)
+    rewriter.filters.append(masker)
+    out, most = [], 0
+    for event in anthropic_stream(answer, lambda t: random_split(t, rng, 3)):
+        pool.tick()
+        out += rewriter(event.encode())
+        held = sum(len(ch.pending) for ch in masker.channels.values())
+        waiting = sum(len(p.items) for p in rewriter.parked)
+        assert len(rewriter.parked) <= held + 1 and waiting <= 3 * held + 3, (held, waiting)
+        most = max(most, held)
+    out.append(rewriter(b""))
+    assert most < 100 and len(answer["content"]) > 100
+    assert streamed_blocks("anthropic", b"".join(out)) == whole_blocks(analyse, "anthropic", answer)
+
+
 # -- what leaves without analysis ------------------------------------------------------------------
 
 @pytest.mark.parametrize(("before", "held", "end", "released"), [

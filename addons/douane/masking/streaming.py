@@ -136,6 +136,7 @@ class _Channel:
     analysed: list[Span] | None = None  # the spans of `pending`, while no text arrived since
     early: str = ""  # released by `ready`, emitted with the next output
     earlier: list[_Share] = field(default_factory=list)  # earlier blocks still held, in order
+    behind: int = 0  # the characters of `pending` that are theirs
 
 
 @dataclass
@@ -209,10 +210,11 @@ class StreamMasker:
         them; what `previous` still holds leaves later, masked with its share of each value (a
         value across the two is masked in both), through `take`."""
         ch = self.channels.pop(previous, None) or _Channel()
-        share = _Share(previous, len(ch.pending) - sum(s.held for s in ch.earlier), ch.early)
+        share = _Share(previous, len(ch.pending) - ch.behind, ch.early)
         ch.early = ""
         if share.held:
             ch.earlier.append(share)
+            ch.behind += share.held
         self.shares[previous] = share
         self.channels[channel] = ch
 
@@ -238,6 +240,7 @@ class StreamMasker:
             share.out += operators.apply(self.settings, text[start:end], shift(spans, start, end),
                                          self.counts)
             share.held -= end - start
+            ch.behind -= end - start
             start = end
             if not share.held:
                 ch.earlier.pop(0)
