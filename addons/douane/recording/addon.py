@@ -181,8 +181,11 @@ class Record:
         if self.writer is None or self.recording is None or st is None or \
                 flow.metadata.get("douane_recorded"):
             return  # not a live flow of this gateway, or already written
-        if self.recording.on_error == "continue" and not self.writer.healthy:
-            return  # traffic goes on unrecorded, as configured: nothing piles up meanwhile
+        if self.writer.congested and (self.recording.on_error == "continue" or (
+                st.decision and any(r.rule == "recording.unavailable"
+                                    for r in st.decision.reasons))):
+            # unrecorded as configured, or refused for it (audited): nothing piles up meanwhile
+            return
         if not st.audited:  # else the audit trail published it, just before in this event
             publish(flow)
         flow.metadata["douane"]["latency_ms"] = round((time.monotonic() - st.started) * 1000, 3)

@@ -375,12 +375,16 @@ class RecordingWriter:
 
     @property
     def healthy(self) -> bool:
-        """Running, and keeping up: past `MAX_BACKLOG` flows or `MAX_BACKLOG_BYTES` waiting on
-        this side of the pipe (a disk, or a niced process, slower than the traffic), the writer
-        is not healthy until it catches up, rather than the gateway's memory growing without
-        bound."""
-        return bool(self._healthy.value) and len(self._bursts) < MAX_BACKLOG and \
-            self._bursts.waiting_bytes < MAX_BACKLOG_BYTES
+        """Writing, and keeping up (not `congested`)."""
+        return bool(self._healthy.value) and not self.congested
+
+    @property
+    def congested(self) -> bool:
+        """Past `MAX_BACKLOG` flows or `MAX_BACKLOG_BYTES` waiting on this side of the pipe (a
+        disk, or a niced process, slower than the traffic): not healthy until the writer catches
+        up, rather than the gateway's memory growing without bound."""
+        return len(self._bursts) >= MAX_BACKLOG or \
+            self._bursts.waiting_bytes >= MAX_BACKLOG_BYTES
 
     @property
     def backlog(self) -> int:
