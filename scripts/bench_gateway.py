@@ -516,8 +516,8 @@ def measure_requests(targets: list[Target], token: str | None, seconds: int, wor
                     t.variant, name, c, requests, statistics.median(w.rps for w, _, _ in cell),
                     statistics.median(w.p50_ms for w, _, _ in cell),
                     statistics.median(w.p99_ms for w, _, _ in cell),
-                    statistics.median(cpu / w.requests for w, cpu, _ in cell) * 1000
-                    if t.pid else None,
+                    statistics.median(cpu / w.requests * 1000 for w, cpu, _ in cell
+                                      if w.requests) if t.pid and requests else None,
                     max(peak for _, _, peak in cell) / 1024 if t.pid else None))
                 print_row(rows[-1])
     return rows
