@@ -10,9 +10,10 @@ waited 10-15 ms of douane's work on top of mitmproxy's own.
 Each event's steps run between `enter` and `leave`. The CPU time steps use without
 leaving the pass is counted against it; once BUDGET is used, a flow's steps wait for a later pass
 (after the I/O and timers that were waiting), in the order the flows arrived. CPU time, not wall
-time: a machine busy elsewhere does not make douane wait longer. Steps that wait (an analysis, an
-approval) count only until they wait; what runs after them, and mitmproxy's own work, is not
-douane's share. A flow alone never waits: the first steps of a pass always run.
+time: a machine busy elsewhere does not make douane wait longer. A flow whose steps wait (an
+analysis, an approval) is not counted: its CPU time cannot be told from that of what ran
+meanwhile (its work before the wait is mostly small). mitmproxy's own work is not douane's share.
+A flow alone never waits: the first steps of a pass always run.
 """
 
 from __future__ import annotations
