@@ -109,7 +109,7 @@ def recorded(issuer, tmp_path_factory):
     httpx.post(gw.url + "/v1/chat/completions", json={},
                headers={"authorization": "Bearer not.a.valid-token-at-all-xxxxxxxx",
                         "cookie": "session=chocolate-chip-secret"})
-    time.sleep(1)
+    written(gw, 6)
     yield gw, work, [alice, bob]
     gw.stop()
     llm.close()
@@ -117,6 +117,27 @@ def recorded(issuer, tmp_path_factory):
 
 def recordings(gw: Gateway) -> Path:
     return gw.state_dir / "recordings"
+
+
+def written(gw: Gateway, flows: int, timeout: float = 30) -> None:
+    """Until `flows` flows are in the session files and the index (the writer takes them a
+    burst at a time, after the answers have left)."""
+    db_path = recordings(gw) / "index.sqlite3"
+
+    def rows() -> int:
+        if not db_path.exists():
+            return 0
+        db = index.connect(db_path)
+        try:
+            return len(index.query(db, limit=-1))
+        finally:
+            db.close()
+
+    deadline = time.monotonic() + timeout
+    while sum(1 for p in recordings(gw).rglob("*.mitm") for _ in index.read_flows(p)) < flows or \
+            rows() < flows:
+        assert time.monotonic() < deadline, f"fewer than {flows} flows recorded"
+        time.sleep(0.1)
 
 
 def test_recordings_per_user_open_with_mitmproxy(recorded):
