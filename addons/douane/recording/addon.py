@@ -4,8 +4,9 @@
 What is written is what crossed the wire after masking, scrubbed of credentials (a copy is
 scrubbed; the live flow is untouched): credential headers replaced, and every secret the policy's
 detectors find in the bodies replaced by a `<SECRET:rule id>` marker. The event loop takes only a
-snapshot of the flow; a writer process (`writer`) does the rest and flushes per flow, so a crash
-loses at most the flows in flight. Streamed answers are recorded as delivered (the Inspect addon
+snapshot of the flow; a writer process (`writer`), handed the flows a burst at a time
+(`bursts.WINDOW`), does the rest and flushes per flow, so a crash loses at most the flows in flight
+and those of the last window. Streamed answers are recorded as delivered (the Inspect addon
 turns on `store_streamed_bodies`). Flows read back (`-r`) or replayed are not recorded again.
 When configured, the unmasked originals are sealed for auditors beside it (`originals`).
 """

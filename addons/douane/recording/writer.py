@@ -3,10 +3,11 @@ indexing a flow takes neither the gateway's GIL nor its core.
 
 The gateway's event loop hands `RecordingWriter.put` a `flow.get_state()` snapshot; a feeder
 thread takes them a burst at a time (`bursts`: one wake-up for the flows of `bursts.WINDOW`) and
-pickles each burst into a one-way pipe as one message (a keep-alive connection's state crosses
-once, then by serial number), so the child wakes once per burst too; the child scrubs the credential headers and redacts the secrets on the state
-itself (a message is rebuilt only when its body must change), appends the flow to its session
-file (kept open, flushed per flow, so a crash loses at most the flows in flight), seals the
+sends each burst into a one-way pipe as one message (a keep-alive connection's state crosses once,
+then by serial number), so the child wakes once per burst too; the child scrubs the credential
+headers and redacts the secrets on the state itself (a message is rebuilt only when its body must
+change), appends the flow to its session file (kept open, flushed per flow, so a crash of the
+gateway loses at most the flows in flight and those of the last window), seals the
 originals and indexes it (one commit per burst of flows). One child, one pipe: flows are written
 in the order they were put. The child holds only the pipe's read end, so when the gateway dies
 (kill -9) it reads EOF, writes what was sent and exits; Ctrl-C (sent to the whole process group)
