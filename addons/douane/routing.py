@@ -17,7 +17,6 @@ it. Clients hold no provider key.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 
 from mitmproxy import http
@@ -27,6 +26,7 @@ from douane import headerfields, operations, protocols, usersecrets
 from douane.config import Credential, Upstream
 from douane.flowstate import Reason, state
 from douane.interaction import Interaction
+from douane.owners import Owners
 from douane.policy import engine
 from douane.policy.model import Policy
 from douane.refusals import refuse
@@ -77,17 +77,12 @@ class Route:
         req.method = req.method  # upper case, as matched
 
 
-MCP_SESSIONS = 100_000  # MCP session ids remembered with the user they were issued to (latest)
-
-
 class Broker:
     def __init__(self, settings: Settings,
                  policy: Callable[[], Policy | None] = lambda: None):
         self.settings = settings
         self.policy = policy  # the policy in force, for grants naming operations
-        # (upstream, MCP session id) -> the user it was issued to: the server sees one credential
-        # for every user, so the session id is all it tells them apart by
-        self.mcp_sessions: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self.mcp_sessions = Owners()  # each MCP session id with the user it was issued to
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         """Refuse tunnels to hosts douane does not govern before any TLS is set up."""
@@ -220,9 +215,8 @@ class Broker:
         if not session or st.upstream.protocol != "mcp" or st.identity is None:
             return True
         # (given twice, the header is folded: the server may read either id)
-        owners = {self.mcp_sessions.get((st.upstream.name, s.strip()))
-                  for s in (session, *session.split(","))}
-        if owners <= {None, st.identity.user}:
+        if not self.mcp_sessions.foreign(st.upstream.name, [session, *(
+                s.strip() for s in session.split(","))], st.identity.user):
             return True
         refuse(flow, 404, "no such MCP session for this user; start a new one",
                "mcp_session_unknown", Reason("mcp.session_owner", "a session issued to another "
@@ -235,11 +229,7 @@ class Broker:
         issued = headerfields.get(flow.response.headers, b"mcp-session-id") \
             if flow.response else ""
         if issued and st.upstream and st.upstream.protocol == "mcp" and st.identity:
-            key = (st.upstream.name, issued)
-            self.mcp_sessions[key] = st.identity.user
-            self.mcp_sessions.move_to_end(key)
-            if len(self.mcp_sessions) > MCP_SESSIONS:
-                self.mcp_sessions.popitem(last=False)
+            self.mcp_sessions.claim(st.upstream.name, issued, st.identity.user)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._forget_credential(flow)

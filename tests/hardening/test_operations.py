@@ -345,3 +345,25 @@ def test_the_client_chooses_no_organization_or_project_for_the_orgs_key(gw, llm,
     seen = llm.requests[before].headers
     assert seen["authorization"] == f"Bearer {UPSTREAM_KEY}"
     assert "openai-organization" not in seen and "openai-project" not in seen
+
+
+def test_a_stored_answer_is_continued_by_its_user_only(gw, llm, token, admin):
+    """Responses are stored upstream under ids of the organisation's: with the one org key, a
+    user holding another's `previous_response_id` continued that conversation (the model reads
+    all of it). Refused now as the API refuses an id it does not know; the owner continues it."""
+    def responses(who: str, stream: bool = False, **doc) -> httpx.Response:
+        return httpx.post(gw.url + "/v1/responses", timeout=60, json={
+            "model": "m", "input": "hi", "stream": stream, **doc},
+            headers={"authorization": f"Bearer {who}"})
+
+    for stream in (False, True):
+        first = responses(token, stream)  # the fake upstream answers every one as `resp_fake`
+        assert first.status_code == 200 and "resp_fake" in first.text, first.text
+        before = len(llm.requests)
+        resp = responses(admin, stream, previous_response_id="resp_fake")
+        record = assert_refused(gw, llm, before, resp, 404)
+        assert record["reasons"][0]["rule"] == "owner.response"
+        ok = responses(token, stream, previous_response_id="resp_fake")
+        assert ok.status_code == 200, ok.text
+    # an id this gateway never saw issued passes (another replica, or before a restart)
+    assert responses(admin, previous_response_id="resp_elsewhere").status_code == 200
