@@ -349,6 +349,9 @@ class Passing:
     def finish(self, channel: str) -> str:
         return ""
 
+    def follow(self, channel: str, previous: str) -> None:
+        pass
+
 
 def paused(rewriter: streams.StreamRewriter, pool: ScheduledPool, end: bool) -> list[bytes]:
     """What the stream's layer does (protocols.streamwait): while the rewriter waits for

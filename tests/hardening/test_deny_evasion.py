@@ -22,7 +22,7 @@ def gw(issuer, llm, tmp_path_factory):
     work = tmp_path_factory.mktemp("deny-evasion")
     policy = work / "policy.yaml"
     # the suite's policy (one rule: deny.codename), with the MCP upstream granted too
-    policy.write_text(POLICY.replace("    claude: {", "    crm: {}\n    claude: {"))
+    policy.write_text(POLICY.replace("\n    claude: {", "\n    crm: {}\n    claude: {", 1))
     config = base_config(issuer.url, llm.url, policy={"files": [str(policy)]})
     with_claude(config, llm.url)
     config["upstreams"]["crm"] = {"url": llm.url + "/mcp", "protocol": "mcp"}
@@ -148,6 +148,35 @@ def test_a_leetspeak_answer_streamed_in_pieces_is_cut(gw, llm, token):
     finally:
         llm.reply, llm.chunk_size = "Hello from the fake upstream.", 4
     assert "quiet" not in text and "blocked by policy" in text
+    record = gw.audit_record(decision_id)
+    assert record["action"] == "block" and record["reasons"][0]["rule"] == "deny.codename"
+
+
+@pytest.mark.parametrize("path", ["/anthropic/v1/messages", "/v1/responses"])
+def test_a_phrase_split_across_streamed_blocks_is_cut(gw, llm, token, path):
+    """`The codename is Project Night` | `ingale, keep it quiet.` in two text blocks in a row (an
+    Anthropic stream's blocks, a Responses stream's parts): each block was matched alone, so the
+    phrase reached the client; the blocks are now matched as one text, as in the whole answer."""
+    blocks = ["The codename is Project Night", "ingale, keep it quiet."]
+    llm.chunk_size = 3
+    llm.document = {"id": "m1", "type": "message", "role": "assistant", "model": "c",
+                    "stop_reason": "end_turn", "content": [{"type": "text", "text": b}
+                                                           for b in blocks]} \
+        if path.startswith("/anthropic") else \
+        {"id": "r1", "object": "response", "created_at": 0, "status": "completed", "model": "m",
+         "output": [{"type": "message", "id": "o1", "role": "assistant", "status": "completed",
+                     "content": [{"type": "output_text", "text": b, "annotations": []}
+                                 for b in blocks]}]}
+    try:
+        with httpx.stream("POST", gw.url + path, json={
+                "model": "m", "max_tokens": 50, "stream": True, "input": "codename?",
+                "messages": [{"role": "user", "content": "codename?"}]},
+                headers={"authorization": f"Bearer {token}"}, timeout=30) as resp:
+            assert resp.status_code == 200
+            text, decision_id = resp.read().decode(), resp.headers["x-douane-decision-id"]
+    finally:
+        llm.document, llm.chunk_size = None, 4
+    assert "quiet" not in text and "blocked by policy" in text, text[-400:]
     record = gw.audit_record(decision_id)
     assert record["action"] == "block" and record["reasons"][0]["rule"] == "deny.codename"
 

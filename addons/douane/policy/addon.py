@@ -76,6 +76,11 @@ class StreamPolicy:
         self.seen.pop(channel, None)
         return ""
 
+    def follow(self, channel: str, previous: str) -> None:
+        """The next block of one text (`streams.next_block`): matched with the one before, as
+        the whole answer's blocks are."""
+        self.seen[channel] = self.seen.pop(previous, "")
+
 
 class Enforce:
     def __init__(self, settings: Settings, shared: SharedStore | None = None):

@@ -10,11 +10,11 @@ text (`*.done` events) are rewritten to what was actually sent.
 An answer's blocks in a row are one text to a reader (Anthropic splits an answer into text blocks
 around its citations; Responses into output parts): the whole answer is masked reading them as one
 (`next_block`), and so is a stream. When an event ends a block whose text the next block may
-continue, the last filter keeps its held tail (`follow`): the block's end and every event after it
-wait (`parked`) until the next event says whether the next block continues it. If it does, the
-filter reads both as one text and lets the earlier block's tail out as that block's own delta
-(`take`), then its end and the events behind it leave, in order; if not, the block ends as any
-other. Nothing waits longer than the filter holds text, and every block keeps its events, index
+continue, the filters keep it open: the block's end and every event after it wait (`parked`)
+until the next event says whether the next block continues it. If it does, the filters read both
+as one text (`follow`: masking, deny rules) and the last lets the earlier block's held tail out as
+that block's own delta (`take`), then its end and the events behind it leave, in order; if not,
+the block ends as any other. Nothing waits longer than the filter holds text, and every block keeps its events, index
 and end.
 
 The callable is synchronous (mitmproxy calls it from the event loop): filters must not block.
@@ -59,9 +59,10 @@ class TextFilter(Protocol):
         """The channel ends; returns everything still held."""
 
     # optional: `ready(channel) -> Future | None`, what `finish` would wait for (see `waits`)
-    # optional, for the chain's last filter: `follow(channel, previous)`, `channel`'s text
-    # continues `previous`'s (ended, not finished: the next block of one text), and
-    # `take(previous) -> (text, all out)`, what it released of `previous` since (it leaves as is)
+    # optional: `follow(channel, previous)`, `channel`'s text continues `previous`'s (ended, not
+    # finished: the next block of one text); blocks are followed only when every filter can. The
+    # chain's last filter may hold text of `previous` past its end and give it through
+    # `take(previous) -> (text, all out)` (it leaves as is); the others hold none of it.
 
 
 def next_block(a: JsonPath, b: JsonPath) -> bool:
@@ -275,7 +276,7 @@ class StreamRewriter:
             ends += waiting + [park] if park else waiting  # an end decides the waiting one
             waiting, park = [], None
             if self.blocks.get(channel) is not None and self.filters and \
-                    hasattr(self.filters[-1], "follow"):
+                    all(hasattr(f, "follow") for f in self.filters):
                 park = channel
             else:
                 ends.append(channel)
@@ -309,7 +310,8 @@ class StreamRewriter:
         if park is not None:
             self._park(park)
         if join is not None:
-            self.filters[-1].follow(join.channel, self.parked[-1].channel)  # type: ignore
+            for f in self.filters:
+                f.follow(join.channel, self.parked[-1].channel)  # type: ignore[attr-defined]
             self.parked[-1].followed = True
         for delta in deltas:
             text = jsonpath.get(doc, delta.path)
@@ -364,19 +366,10 @@ class StreamRewriter:
         return self._encode(item.event, item.doc)
 
     def _park(self, channel: str) -> None:
-        """An event ends `channel`, and the next block may continue its text: the earlier filters
-        finish it, the last keeps what it holds of it, and its end waits (`_Parked`)."""
+        """An event ends `channel`, and the next block may continue its text: the filters keep it
+        open, and its end waits (`_Parked`)."""
         kind, template = self.open.pop(channel)
         self.closed.add(channel)
-        rest = self.cut.pop(channel, "")
-        for f in self.filters[:-1]:
-            rest = f.feed(channel, rest) if rest else rest
-            rest += f.finish(channel)
-        rest = self.filters[-1].feed(channel, rest) if rest else ""
-        self._drain()
-        if rest:
-            self._sent(channel, kind, rest)
-            self._put(self.format.synthesize(channel, kind, rest, template).encode())
         self.parked.append(_Parked(channel, kind, template, self.blocks.pop(channel)))
 
     def _drain(self) -> None:
@@ -387,7 +380,8 @@ class StreamRewriter:
             if p.rest is not None:
                 text, done = p.rest, True
             elif p.followed:
-                text, done = self.filters[-1].take(p.channel)  # type: ignore[attr-defined]
+                take = getattr(self.filters[-1], "take", None)
+                text, done = take(p.channel) if take else ("", True)
             else:
                 return
             if text:
@@ -427,7 +421,7 @@ class StreamRewriter:
         for channel in channels:
             waiting = self._waiting()
             if waiting is not None and waiting.channel == channel:
-                waiting.rest = self.filters[-1].finish(channel)
+                waiting.rest = self._finish(channel)
                 self._drain()
                 continue
             if channel not in self.open:
