@@ -125,16 +125,20 @@ def settled_cpu(target: Target, limit: float = 3.0) -> float:
 
 
 def tree_rss(pid: int) -> int:
-    """Resident KiB of a process and its live descendants, now."""
+    """Resident KiB of a process and its live descendants, now, as PSS: a page several of them
+    share (the masking workers share their zygote's analyser) counts once, not once per process
+    as summed RSS would."""
     total = 0
     for p in (pid, *descendants(pid)):
         with contextlib.suppress(OSError, TypeError):  # exited meanwhile
-            total += int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{p}/status").read_text())[1])
+            total += int(re.search(r"^Pss:\s+(\d+)", Path(f"/proc/{p}/smaps_rollup").read_text(),
+                                   re.M)[1])
     return total
 
 
 class RssPeak:
-    """Samples tree_rss every 100 ms while the block runs; .peak in KiB."""
+    """Samples tree_rss every second while the block runs (reading PSS walks each process's
+    pages: ~4 ms per masking worker); .peak in KiB."""
 
     def __init__(self, pid: int | None):
         self.pid, self.peak, self._stop = pid, 0, threading.Event()
@@ -142,7 +146,7 @@ class RssPeak:
     def _run(self) -> None:
         while True:
             self.peak = max(self.peak, tree_rss(self.pid))
-            if self._stop.wait(0.1):
+            if self._stop.wait(1):
                 return
 
     def __enter__(self) -> RssPeak:
@@ -842,7 +846,8 @@ def report(run: Run, command: str) -> str:
             "'CPU s/1k req' is the CPU seconds per 1,000 requests of the proxy and all its "
             "processes (the recording writer, the masking workers), counted from wrk's start "
             "until they are idle again (the work they defer counts in its own row), the median "
-            "of the rounds; 'RSS' is their summed resident memory, the peak during the row.",
+            "of the rounds; 'RSS' is their summed resident memory (PSS: a page they share counts "
+            "once), the peak during the row.",
             table(["variant", "protocol", "connections", "req/s", "p50 ms", "p99 ms",
                    "CPU s/1k req", "RSS MiB"],
                   [[r.variant, r.protocol, str(r.connections), f"{r.rps:.0f}", f"{r.p50_ms:.2f}",

@@ -299,7 +299,8 @@ class MaskingPool:
                     sent: Analysis | None) -> None:
         with self._lock:
             self._batches_out -= 1
-            self._lock.notify()
+            if self._waiting:  # else no wake-up: the next submit finds the worker free itself
+                self._lock.notify()
         if sent is None:
             return
         try:
