@@ -9,6 +9,7 @@ here the encodings carry the denied phrase itself.
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import json
 import ssl
@@ -22,7 +23,7 @@ import zstandard
 from tests.conftest import UPSTREAM_KEY
 from tests.hardening.conftest import DENIED, assert_refused, with_claude, write_policy
 from tests.support.gateway import Gateway, base_config
-from tests.support.upstream import FakeUpstream
+from tests.support.upstream import FakeUpstream, _pieces, anthropic_stream, responses_stream
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +309,59 @@ def test_denied_answer_split_across_sse_events_is_cut(gw, llm, token, path):
     assert "blocked by policy" in text and decision_id in text
     record = gw.audit_record(decision_id)
     assert record["action"] == "block" and record["reasons"][0]["rule"] == "deny.codename"
+
+
+TWO_BLOCKS = ("The codename is Project Night", "ingale, keep it quiet.")
+
+
+def sse_answer(events: list[str]):
+    def answer(handler, _doc) -> None:
+        handler.send_response(200)
+        handler.send_header("content-type", "text/event-stream")
+        handler.send_header("transfer-encoding", "chunked")
+        handler.end_headers()
+        for event in events:
+            data = event.encode()
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            handler.wfile.flush()
+        handler.wfile.write(b"0\r\n\r\n")
+    return answer
+
+
+@pytest.mark.parametrize("api", ["anthropic", "responses"])
+def test_denied_answer_split_across_two_streamed_blocks_is_cut(gw, llm, token, api):
+    """Deny rules matched each streamed block (an Anthropic content block, a Responses output
+    part) alone: `Project Night` ending one and `ingale` starting the next reached the client,
+    which shows them as one text (a whole answer joins them and is blocked)."""
+    split = functools.partial(_pieces, size=3)
+    if api == "anthropic":
+        message = {"id": "msg_x", "type": "message", "role": "assistant", "model": "c",
+                   "content": [{"type": "text", "text": t} for t in TWO_BLOCKS],
+                   "stop_reason": "end_turn", "stop_sequence": None,
+                   "usage": {"input_tokens": 5, "output_tokens": 7}}
+        path, doc = "/anthropic/v1/messages", {"model": "c", "max_tokens": 50, "stream": True,
+                                               "messages": [{"role": "user", "content": "?"}]}
+        events = anthropic_stream(message, split)
+    else:
+        response = {"id": "resp_x", "object": "response", "status": "completed", "model": "m",
+                    "output": [{"id": "msg_x", "type": "message", "role": "assistant",
+                                "status": "completed", "content": [
+                                    {"type": "output_text", "text": t, "annotations": []}
+                                    for t in TWO_BLOCKS]}]}
+        path, doc = "/v1/responses", {"model": "m", "input": "?", "stream": True}
+        events = responses_stream(response, split)
+    llm.answer = sse_answer(events)
+    try:
+        text, decision_id = read_stream(gw, token, path, doc)
+    finally:
+        llm.answer = None
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    shown = "".join(e["delta"]["text"] if e["type"] == "content_block_delta" else e["delta"]
+                    for e in events if e["type"] in ("content_block_delta",
+                                                     "response.output_text.delta"))
+    assert shown.startswith("The codename is") and "ingale" not in shown, shown
+    assert "blocked by policy" in text and decision_id in text
+    assert gw.audit_record(decision_id)["reasons"][0]["rule"] == "deny.codename"
 
 
 def test_denied_answer_is_caught_in_a_plain_response(gw, llm, token):

@@ -47,18 +47,21 @@ def hold(flow: http.HTTPFlow, decision: Decision, approvals: bool) -> None:
 class StreamPolicy:
     """Deny rules on a streamed answer, as a stream filter: each channel's text so far is matched
     as it grows, so a phrase split across SSE events is caught and the event completing it is
-    never sent (the stream ends with the API's error event instead)."""
+    never sent (the stream ends with the API's error event instead). A channel starts with the
+    tail of the one that ended last: an answer's blocks in a row (Anthropic text blocks,
+    Responses output parts) are one text to a reader, and a whole answer is matched as one."""
 
     TAIL = 2048  # characters of a channel's text matched again with each delta
 
     def __init__(self, policy: Policy, st: FlowState, rewriter: streams.StreamRewriter):
         self.policy, self.st, self.rewriter = policy, st, rewriter
         self.seen: dict[str, str] = {}
+        self.last = ""  # the tail of the channel that ended last
 
     def feed(self, channel: str, text: str) -> str:
         if self.rewriter.abort_message:
             return ""
-        seen = (self.seen.get(channel, "") + text)[-self.TAIL:]
+        seen = (self.seen.get(channel, self.last) + text)[-self.TAIL:]
         self.seen[channel] = seen
         pieces = [TextPiece("completion", "assistant", seen, ("stream", channel))]
         if "\\" in seen:  # streamed tool arguments are JSON text: read escapes as the tool will
@@ -73,7 +76,7 @@ class StreamPolicy:
         return ""
 
     def finish(self, channel: str) -> str:
-        self.seen.pop(channel, None)
+        self.last = self.seen.pop(channel, self.last)
         return ""
 
     def follow(self, channel: str, previous: str) -> None:
