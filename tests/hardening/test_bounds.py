@@ -498,3 +498,22 @@ def test_endless_request_headers_are_cut(gw, llm):
     p.assert_bounded()
     assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
     assert len(llm.requests) == before
+
+
+def test_bytes_sent_while_an_answer_is_awaited_are_not_buffered_without_bound(gw, llm, token):
+    """mitmproxy buffers what a client sends after a request until that request's answer is
+    done (HTTP/1.1 pipelining): 300 MiB sent while a slow stream is answered were held."""
+    llm.reply, llm.chunk_size, llm.chunk_delay = "slow " * 100, 5, 0.1  # a 10 s answer
+    body = json.dumps(chat("hello", stream=True)).encode()
+    try:
+        with probe(gw) as p, socket.create_connection(("127.0.0.1", gw.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                         + token.encode() + b"\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            junk = b"x" * MIB
+            with contextlib.suppress(OSError):
+                for _ in range(300):
+                    sock.sendall(junk)
+    finally:
+        llm.chunk_delay = 0.0
+    p.assert_bounded()

@@ -1,11 +1,15 @@
 """Where mitmproxy 12.2's HTTP/1 reader has no bound, or fails before any hook.
 
 Why this touches mitmproxy:
-- A request head is buffered until its blank line, however long (mitmproxy's own "FIXME: protect
-  against header size DoS"), and searched again with each read: 300 MiB of a head that never ends,
-  sent within douane's header timeout, grew the gateway by 1.5 GB and stalled its loop 12 s,
-  before any hook or authentication. A client's head longer than `MAX_HEAD` is answered 431 and
-  its connection closed (no flow exists yet: nothing to audit, as for mitmproxy's own 400s).
+- What a client sends is buffered until it is read, however long: a request head until its blank
+  line (mitmproxy's own "FIXME: protect against header size DoS"), searched again with each read
+  (300 MiB of a head that never ends, sent within douane's header timeout, grew the gateway by
+  1.5 GB and stalled its loop 12 s, before any hook or authentication); a chunk-size line or a
+  trailer section until its end; and everything sent after a request until its answer is done
+  (pipelining: 300 MiB sent while a stream was answered were all held). Past `MAX_BUFFERED`
+  bytes: a head is answered 431 and its connection closed (no flow exists yet: nothing to audit,
+  as for mitmproxy's own 400s); otherwise the connection is closed and the request in progress
+  fails as if the client had left.
 - A chunked body's trailer section raises `NotImplementedError`, before any hook: the connection
   handler dies, the client waits for douane's idle timeout and nothing is audited. HTTP/2's reader
   sets trailers on the message instead; the HTTP/1 body reader now does the same (the body ends
@@ -22,6 +26,7 @@ import inspect
 import h11
 from mitmproxy import http, version
 from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.layers.http import ErrorCode, ReceiveHttp, RequestProtocolError
 from mitmproxy.proxy.layers.http._http1 import (
     Http1Client,
     Http1Connection,
@@ -30,15 +35,15 @@ from mitmproxy.proxy.layers.http._http1 import (
 )
 
 VERSION = "12.2."
-MAX_HEAD = 256 * 1024  # bytes of a request's line and headers (a 40 KB token fits)
+MAX_BUFFERED = 256 * 1024  # bytes of a client's connection buffered (a 40 KB token fits a head)
 # sha256 of the source of each function wrapped
 EXPECTED = {
     "read_body": "aece271029af36e4b7eaf84aa17ddcf4ee0efb35e7f04c842c2a7333804a71f1",
-    "read_headers": "3fe0945216bcf7bc505e296e44dd33908b19aa900d4157e977499bf7164027d6",
+    "_handle_event": "2ac8db3e43ae743fd21f78709327091ff712e8c0addf4466f1f1f972c24750d2",
 }
 
 _read_body = Http1Connection.read_body
-_read_headers = Http1Server.read_headers
+_handle_event = Http1Connection._handle_event
 
 
 class _KeepTrailers:
@@ -67,18 +72,26 @@ def read_body(self: Http1Connection, event: events.Event) -> layer.CommandGenera
     return (yield from _read_body(self, event))
 
 
-def read_headers(self: Http1Server, event: events.ConnectionEvent
-                 ) -> layer.CommandGenerator[None]:
-    yield from _read_headers(self, event)
-    if getattr(self.state, "__func__", None) is read_headers and len(self.buf) > MAX_HEAD:
+def handle_event(self: Http1Server, event: events.Event) -> layer.CommandGenerator[None]:
+    yield from _handle_event(self, event)
+    state = getattr(self.state, "__func__", None)
+    if len(self.buf) <= MAX_BUFFERED or state in (Http1Server.passthrough, Http1Server.done):
+        return
+    if state is Http1Server.read_headers:
         yield commands.SendData(self.conn, make_error_response(
-            431, f"the request's headers exceed douane's limit of {MAX_HEAD} bytes"))
+            431, f"the request's headers exceed douane's limit of {MAX_BUFFERED} bytes"))
         yield commands.CloseConnection(self.conn)
-        self.state = self.done
+    else:  # a chunk line or trailers without end, or bytes sent ahead of the answer
+        yield commands.CloseConnection(self.conn)
+        yield ReceiveHttp(RequestProtocolError(
+            self.stream_id, f"douane: the client sent more than {MAX_BUFFERED} bytes it could "
+            "not be read yet", code=ErrorCode.CLIENT_DISCONNECTED))
+    self.buf.clear()
+    self.state = self.done
 
 
 def _digest(name: str) -> str:
-    function = _read_body if name == "read_body" else _read_headers
+    function = _read_body if name == "read_body" else _handle_event
     return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
 
 
@@ -89,7 +102,7 @@ def install() -> None:
     if not version.VERSION.startswith(VERSION) or wrong:
         raise ValueError(
             f"douane: HTTP/1 needs mitmproxy {VERSION}x as douane knows it (its reader has no "
-            f"bound on a request's head and fails on trailers); this is mitmproxy "
+            f"bound on what it buffers and fails on trailers); this is mitmproxy "
             f"{version.VERSION}" + (f", with a different {', '.join(wrong)}" if wrong else ""))
     Http1Connection.read_body = read_body  # type: ignore[method-assign]
-    Http1Server.read_headers = read_headers  # type: ignore[method-assign]
+    Http1Server._handle_event = handle_event  # type: ignore[method-assign]
