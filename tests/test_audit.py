@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from douane import audit, untrusted
 from douane.config import AuditConfig
+from tests.support.waiting import until
 
 KEY = b"k" * 32
 
@@ -260,9 +260,6 @@ def test_a_writer_that_falls_behind_stops_new_traffic_until_it_catches_up(tmp_pa
         log.append({"event": "decision", "decision_id": f"dcn_{i}"})
     assert log.backlog == 59 and not log.ready
     slow.set()
-    deadline = time.monotonic() + 10
-    while not log.ready and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert log.ready
+    assert until(lambda: log.ready)
     log.close()
     assert audit.verify(tmp_path / "audit.jsonl", KEY).records == 60

@@ -4,9 +4,9 @@ bounds, and nothing put is ever lost."""
 from __future__ import annotations
 
 import threading
-import time
 
 from douane.bursts import Bursts
+from tests.support.waiting import until
 
 
 def test_a_burst_is_everything_put_within_the_bounds():
@@ -53,10 +53,8 @@ def test_a_thread_idle_after_an_empty_window_is_woken_by_the_next_put():
     taken: list[list[int] | None] = []
     thread = threading.Thread(target=lambda: taken.append(bursts.take()))
     thread.start()
-    deadline = time.monotonic() + 60
-    while not bursts._idle:  # the window passed with nothing: it waits for a put alone
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    # the window passed with nothing: it waits for a put alone
+    assert until(lambda: bursts._idle, 60)
     bursts.put(7)
     thread.join(60)
     assert not thread.is_alive() and taken == [[7]]

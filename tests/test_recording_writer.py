@@ -25,6 +25,7 @@ from douane.recording.config import RecordingSettings
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import Gateway, base_config
 from tests.support.upstream import FakeUpstream
+from tests.support.waiting import until
 
 GRANTS = "version: 1\ngroups:\n  eng:\n    upstreams:\n      llm: {models: ['*']}\n"
 
@@ -219,10 +220,7 @@ def test_a_writer_that_falls_behind_is_not_healthy_until_it_catches_up(tmp_path,
             w.put(*item(f"s{n}"))
         assert w.backlog == 5 and not w.healthy
         slow.set()
-        deadline = time.monotonic() + 10
-        while not w.healthy and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert w.healthy
+        assert until(lambda: w.healthy)
     finally:
         slow.set()
         w.close()
@@ -235,13 +233,9 @@ def children(pid: int) -> list[int]:
 
 
 def gone(pids: list[int], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(Path(f"/proc/{p}").exists() and
-                   Path(f"/proc/{p}/stat").read_text().split(") ")[1][0] != "Z" for p in pids):
-            return True
-        time.sleep(0.05)
-    return False
+    return until(lambda: not any(Path(f"/proc/{p}").exists() and
+                                 Path(f"/proc/{p}/stat").read_text().split(") ")[1][0] != "Z"
+                                 for p in pids), timeout, step=0.05)
 
 
 @pytest.fixture
