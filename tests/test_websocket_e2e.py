@@ -236,3 +236,18 @@ def test_a_message_over_the_body_limit_is_not_parsed_or_sent(setup, issuer):
     client.send(item("x" * (2 * 1024**2)))
     assert "exceeds douane's limit" in stopped(client, upstream, before)["error"]["message"]
     client.close()
+
+
+def test_no_compression_is_negotiated_for_a_message_to_inflate(setup, issuer):
+    """With permessage-deflate, mitmproxy inflates each message whole before any hook: a few KB
+    of a client's deflate bomb become gigabytes in the gateway. The client's offer is not passed
+    on, so the upstream agrees to none."""
+    gw, upstream = setup
+    client = WsClient(gw.port, "/v1/realtime?model=gpt-realtime", {
+        "authorization": f"Bearer {issuer.mint('alice@corp.example', ['engineering'])}",
+        "sec-websocket-extensions": "permessage-deflate; client_max_window_bits"})
+    assert client.status == 101
+    assert upstream.extensions[-1] == []
+    client.send(item("hello"))
+    assert client.receive()["delta"] == upstream.reply
+    client.close()

@@ -124,6 +124,10 @@ class Broker:
         if not self._operation_allowed(flow) or not self._own_mcp_session(flow):
             return
         headerfields.pop(flow.request.headers, CLIENT_CREDENTIAL_HEADERS)
+        if protocols.is_websocket(flow.request):
+            # no permessage-deflate: mitmproxy inflates a message whole, unbounded, before any
+            # hook (a client's deflate bomb)
+            headerfields.pop(flow.request.headers, (b"sec-websocket-extensions",))
         if not self._choose_credential(flow, upstream):
             return
         if upstream.connect_to:

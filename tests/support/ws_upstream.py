@@ -26,6 +26,7 @@ class RealtimeUpstream:
     def __init__(self) -> None:
         self.received: list[str | bytes] = []
         self.headers: list[dict[str, str]] = []
+        self.extensions: list[list[str]] = []  # the extensions each upgrade offered
         self.reply = "Hello over the WebSocket."
         upstream = self
 
@@ -41,6 +42,7 @@ class RealtimeUpstream:
                         if isinstance(event, Request):
                             upstream.headers.append({k.decode().lower(): v.decode()
                                                      for k, v in event.extra_headers})
+                            upstream.extensions.append([str(x) for x in event.extensions])
                             self.request.sendall(ws.send(AcceptConnection()))
                         elif isinstance(event, Message):
                             upstream.received.append(event.data)
