@@ -4,7 +4,9 @@ inspected or is blocked never arrives."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -251,3 +253,31 @@ def test_no_compression_is_negotiated_for_a_message_to_inflate(setup, issuer):
     client.send(item("hello"))
     assert client.receive()["delta"] == upstream.reply
     client.close()
+
+
+def test_a_message_is_not_buffered_past_the_limit_while_it_arrives(setup, issuer):
+    """mitmproxy joins a message's frames until its last one, whatever their total: 300 MiB of
+    frames that never finish grew the gateway by as much before any hook could refuse it."""
+    gw, upstream = setup
+    client = connect(gw, issuer.mint("alice@corp.example", ["engineering"]))
+    before = len(upstream.received)
+    pid = gw.proc.pid
+
+    def peak() -> int:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+                   .split()[1])
+
+    start = peak()
+    chunk = b"x" * (1024 * 1024)
+    # text frame, not final, then continuation frames: each masked with a zero key (the same bytes)
+    frame = b"\x01\xff" + len(chunk).to_bytes(8, "big") + b"\0\0\0\0" + chunk
+    more = b"\x00\xff" + len(chunk).to_bytes(8, "big") + b"\0\0\0\0" + chunk
+    with contextlib.suppress(OSError):
+        client.sock.sendall(frame)
+        for _ in range(300):
+            client.sock.sendall(more)
+    grown_mb = (peak() - start) / 1024
+    client.close()
+    assert grown_mb < 100, f"the gateway grew {grown_mb:.0f} MB"
+    assert len(upstream.received) == before

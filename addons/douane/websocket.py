@@ -15,15 +15,29 @@ not delivered: the client gets an `error` event in the Realtime API's shape nami
 the event is audited, and every later message of that connection is dropped (mitmproxy cannot
 close a WebSocket from an addon, so the connection is left with nothing passing through it).
 A message cannot be held for an approver: at the hold threshold it is blocked.
+
+Why this touches mitmproxy: mitmproxy 12.2 joins a message's frames until its last one, however
+many (300 MiB of frames that never finish grew the gateway by as much), before any hook can see
+the message. Its WebSocket layer is wrapped (checked against its version and source at start,
+like `protocols.streamwait`): past mitmproxy's `body_size_limit` (which douane sets from its own
+limits) of one message, both connections are closed and the flow ends with an error. No
+compression is negotiated (`routing.Broker` drops the client's offer): mitmproxy would inflate a
+message whole.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import logging
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http, version
+from mitmproxy.flow import Error as FlowError
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.layers.websocket import WebsocketEndHook, WebsocketLayer
+from mitmproxy.utils import human
 
 from douane import protocols
 from douane.audit import AuditTrail, flow_record
@@ -37,6 +51,37 @@ from douane.untrusted import loggable
 logger = logging.getLogger(__name__)
 
 TAIL = 2048  # characters of a direction's earlier text, per kind, matched with each message
+VERSION = "12.2."
+EXPECTED = "2d451252c7287da0d392ab91ede1d881954ad2fa101513e1857db9492b4582ca"  # relay_messages
+
+_relay_messages = WebsocketLayer.relay_messages
+
+
+def _relay_bounded(self: WebsocketLayer, event: events.Event) -> layer.CommandGenerator[None]:
+    yield from _relay_messages(self, event)
+    limit = human.parse_size(self.context.options.body_size_limit)
+    if getattr(self._handle_event, "__func__", None) is not _relay_bounded or limit is None or \
+            all(sum(map(len, ws.frame_buf)) <= limit for ws in (self.client_ws, self.server_ws)):
+        return
+    assert self.flow.websocket
+    self.flow.error = FlowError(f"douane: a WebSocket message exceeds {limit} bytes")
+    for ws in (self.client_ws, self.server_ws):
+        ws.frame_buf = [b""]
+        yield commands.CloseConnection(ws.conn)
+    yield WebsocketEndHook(self.flow)
+    self.flow.live = False
+    self._handle_event = self.done
+
+
+def install() -> None:
+    """Wrap mitmproxy's WebSocket relay (once); ValueError when this mitmproxy is not the one the
+    wrap was written for."""
+    digest = hashlib.sha256(inspect.getsource(_relay_messages).encode()).hexdigest()
+    if not version.VERSION.startswith(VERSION) or digest != EXPECTED:
+        raise ValueError(f"douane: WebSockets need mitmproxy {VERSION}x as douane knows it (it "
+                         f"buffers a message without bound); this is mitmproxy {version.VERSION}"
+                         + ("" if digest == EXPECTED else ", with a different relay_messages"))
+    WebsocketLayer.relay_messages = _relay_bounded  # type: ignore[method-assign]
 
 
 def _audio(doc: Any, depth: int = 0) -> bool:
@@ -97,6 +142,12 @@ class PoliceWebSocket:
         self.cut: set[str] = set()  # ids of flows whose later messages are all dropped
         # per flow: (from the client, kind) -> the last TAIL characters of that text
         self.earlier: dict[str, dict[tuple[bool, Kind], str]] = {}
+
+    def configure(self, updated: set[str]) -> None:
+        try:
+            install()
+        except ValueError as e:
+            raise exceptions.OptionsError(str(e)) from None
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         st = peek(flow)
