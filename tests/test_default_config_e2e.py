@@ -43,6 +43,20 @@ def test_the_embedded_default_masks_answers(upstream, tmp_path):
             model="gpt-4o-mini", max_tokens=100,
             messages=[{"role": "user", "content": "who owns it?"}]).choices[0].message.content
         records = gw.audit_records(wait_for=1, timeout=10)
+        # an address split across two streamed parts, through the shipped policy and masking
+        upstream.document, upstream.chunk_size = {
+            "id": "r", "object": "response", "created_at": 0, "status": "completed",
+            "model": "gpt-4o-mini", "output": [
+                {"type": "message", "id": "m", "role": "assistant", "status": "completed",
+                 "content": [{"type": "output_text", "text": t, "annotations": []}
+                             for t in ("Write to maria.garcia", "@example.com today.")]}]}, 3
+        try:
+            with client.responses.stream(model="gpt-4o-mini", max_output_tokens=100,
+                                         input="who owns it?") as stream:
+                parts = [p.text for p in stream.get_final_response().output[0].content]
+        finally:
+            upstream.document, upstream.chunk_size = None, 4
+    assert parts == ["Write to <EMAIL_ADDRESS>", "<EMAIL_ADDRESS> today."], parts
     assert [v for v in VALUES if v in answer] == [], answer
     for tag in ("<PERSON>", "<EMAIL_ADDRESS>", "<PHONE_NUMBER>", "<LOCATION>", "<US_SSN>",
                 "<AWS_SECRET_KEY>", "<CREDIT_CARD>"):

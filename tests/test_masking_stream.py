@@ -341,16 +341,14 @@ def rewritten(analyse, api: str, data: bytes, rng: random.Random,
 
 
 class Passing:
-    """A filter that holds nothing (as the policy's `StreamPolicy`): the masker after it."""
+    """A filter that holds nothing and cannot follow a block into the next (the policy's could
+    not): the masker after it still reads blocks in a row as one text."""
 
     def feed(self, channel: str, text: str) -> str:
         return text
 
     def finish(self, channel: str) -> str:
         return ""
-
-    def follow(self, channel: str, previous: str) -> None:
-        pass
 
 
 def paused(rewriter: streams.StreamRewriter, pool: ScheduledPool, end: bool) -> list[bytes]:

@@ -60,9 +60,10 @@ class TextFilter(Protocol):
 
     # optional: `ready(channel) -> Future | None`, what `finish` would wait for (see `waits`)
     # optional: `follow(channel, previous)`, `channel`'s text continues `previous`'s (ended, not
-    # finished: the next block of one text); blocks are followed only when every filter can. The
-    # chain's last filter may hold text of `previous` past its end and give it through
-    # `take(previous) -> (text, all out)` (it leaves as is); the others hold none of it.
+    # finished: the next block of one text); blocks are followed when the chain's last filter
+    # can (the others that cannot finish `previous` at its end). The last may hold text of
+    # `previous` past its end and give it through `take(previous) -> (text, all out)` (it leaves
+    # as is); the others hold none of it.
 
 
 def next_block(a: JsonPath, b: JsonPath) -> bool:
@@ -276,7 +277,7 @@ class StreamRewriter:
             ends += waiting + [park] if park else waiting  # an end decides the waiting one
             waiting, park = [], None
             if self.blocks.get(channel) is not None and self.filters and \
-                    all(hasattr(f, "follow") for f in self.filters):
+                    hasattr(self.filters[-1], "follow"):
                 park = channel
             else:
                 ends.append(channel)
@@ -311,7 +312,8 @@ class StreamRewriter:
             self._park(park)
         if join is not None:
             for f in self.filters:
-                f.follow(join.channel, self.parked[-1].channel)  # type: ignore[attr-defined]
+                if hasattr(f, "follow"):
+                    f.follow(join.channel, self.parked[-1].channel)
             self.parked[-1].followed = True
         for delta in deltas:
             text = jsonpath.get(doc, delta.path)
@@ -366,10 +368,19 @@ class StreamRewriter:
         return self._encode(item.event, item.doc)
 
     def _park(self, channel: str) -> None:
-        """An event ends `channel`, and the next block may continue its text: the filters keep it
-        open, and its end waits (`_Parked`)."""
+        """An event ends `channel`, and the next block may continue its text: the filters that
+        can follow keep it open, the others finish it (what they release goes on through the
+        later ones), and its end waits (`_Parked`)."""
         kind, template = self.open.pop(channel)
         self.closed.add(channel)
+        rest = ""
+        for f in self.filters:
+            rest = f.feed(channel, rest) if rest else rest
+            rest += "" if hasattr(f, "follow") else f.finish(channel)
+        self._drain()
+        if rest:
+            self._sent(channel, kind, rest)
+            self._put(self.format.synthesize(channel, kind, rest, template).encode())
         self.parked.append(_Parked(channel, kind, template, self.blocks.pop(channel)))
 
     def _drain(self) -> None:
@@ -409,9 +420,13 @@ class StreamRewriter:
             text = f.feed(channel, text)
         return text
 
-    def _finish(self, channel: str) -> str:
+    def _finish(self, channel: str, following: bool = False) -> str:
+        """The channel's end through the filters (`following`: a parked one, which only those
+        that can follow still hold open)."""
         rest = self.cut.pop(channel, "")
         for f in self.filters:
+            if following and not hasattr(f, "follow"):
+                continue
             rest = f.feed(channel, rest) if rest else rest
             rest += f.finish(channel)
         return rest
@@ -421,7 +436,7 @@ class StreamRewriter:
         for channel in channels:
             waiting = self._waiting()
             if waiting is not None and waiting.channel == channel:
-                waiting.rest = self._finish(channel)
+                waiting.rest = self._finish(channel, following=True)
                 self._drain()
                 continue
             if channel not in self.open:
