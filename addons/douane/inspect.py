@@ -158,6 +158,11 @@ class Inspect:
         st.interaction.inspected.append("request")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if http1.cut_short(flow.response):  # the upstream's head never ended (`protocols.http1`)
+            _refuse_protocol(flow, protocols.ProtocolError(
+                502, "answer_head_too_large", f"upstream answer refused: its head exceeds "
+                f"douane's limit of {http1.MAX_BUFFERED} bytes"))
+            return
         st = state(flow)
         if st.interaction is None or st.upstream is None or not flow.response:
             return
@@ -219,9 +224,10 @@ class Inspect:
             st.interaction.inspected.append("response")
 
     def error(self, flow: http.HTTPFlow) -> None:
-        # mitmproxy cut a body at its `body_size_limit` (set from douane's limits) and answered
-        # the client itself: the audit record says it was refused, and why.
+        # mitmproxy cut a body at its `body_size_limit` (set from douane's limits), or douane's
+        # reader an upstream's line that never ended, and answered the client itself: the audit
+        # record says it was refused, and why.
         msg = flow.error.msg if flow.error else ""
-        if "body_size_limit" in msg and flow.live:
+        if ("body_size_limit" in msg or msg.startswith(http1.UPSTREAM_OVERFLOW)) and flow.live:
             status = 413 if msg.startswith("Request") else 502
             state(flow).decide("refuse", Reason("protocol.too_large", msg), status=status)

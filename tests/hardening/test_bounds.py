@@ -517,3 +517,50 @@ def test_bytes_sent_while_an_answer_is_awaited_are_not_buffered_without_bound(gw
     finally:
         llm.chunk_delay = 0.0
     p.assert_bounded()
+
+
+def endless_head(line: bytes):
+    """An upstream answer whose head never ends: `line` repeated for 300 MiB (or until the
+    gateway hangs up)."""
+    def answer(handler, _req) -> None:
+        with contextlib.suppress(OSError):
+            handler.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n")
+            for _ in range(300 * MIB // len(line)):
+                handler.wfile.write(line)
+        handler.close_connection = True
+    return answer
+
+
+@pytest.mark.parametrize("line", [b"X-Filler: " + b"a" * 8182 + b"\r\n", b"a" * MIB],
+                         ids=["header-lines", "one-endless-line"])
+def test_an_upstream_head_that_never_ends_is_cut(gw, llm, token, line):
+    """mitmproxy buffers an answer's head until its blank line, however long (the client side
+    is cut at 256 KiB above). Past 256 KiB: 502 in the API's shape, audited."""
+    llm.answer = endless_head(line)
+    with probe(gw) as p:
+        resp = post(gw, token, json.dumps(chat("hello")).encode())
+    p.assert_bounded()
+    assert resp.status_code == 502, resp.text[:300]
+    assert resp.json()["error"]["code"] == "answer_head_too_large"
+    decision_id = resp.headers["x-douane-decision-id"]
+    assert decision_id in resp.text
+    record = gw.audit_record(decision_id)
+    assert record["action"] == "refuse" and record["status"] == 502
+    assert record["reasons"][0]["rule"] == "protocol.answer_head_too_large"
+
+
+def test_an_upstream_chunk_line_that_never_ends_is_cut(gw, llm, token):
+    def answer(handler, _req) -> None:
+        with contextlib.suppress(OSError):
+            handler.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                b"transfer-encoding: chunked\r\n\r\n1")
+            for _ in range(300):
+                handler.wfile.write(b"0" * MIB)  # a chunk size that never ends
+        handler.close_connection = True
+    llm.answer = answer
+    with probe(gw) as p:
+        resp = post(gw, token, json.dumps(chat("hello")).encode())
+    p.assert_bounded()
+    assert resp.status_code == 502, resp.text[:300]
+    gw.audit_where(lambda r: r.get("status") == 502 and r["action"] == "refuse"
+                   and "the upstream sent more than 262144" in json.dumps(r.get("reasons")))

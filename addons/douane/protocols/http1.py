@@ -10,6 +10,11 @@ Why this touches mitmproxy:
   bytes: a head is answered 431 and its connection closed (no flow exists yet: nothing to audit,
   as for mitmproxy's own 400s); otherwise the connection is closed and the request in progress
   fails as if the client had left.
+- What an upstream sends is buffered the same way: an answer's head until its blank line, a
+  chunk-size line or trailer section until its end. Past `MAX_BUFFERED` bytes the upstream's
+  connection is closed; a head that never ended becomes an empty answer marked `cut_short`, which
+  `Inspect` replaces with its 502 in the API's shape (a flow exists: it is audited); otherwise the
+  answer fails as if the upstream had left.
 - A chunked body's trailer section raises `NotImplementedError`, before any hook: the connection
   handler dies, the client waits for douane's idle timeout and nothing is audited. HTTP/2's reader
   sets trailers on the message instead; the HTTP/1 body reader now does the same (the body ends
@@ -22,11 +27,19 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import weakref
 
 import h11
 from mitmproxy import http, version
 from mitmproxy.proxy import commands, events, layer
-from mitmproxy.proxy.layers.http import ErrorCode, ReceiveHttp, RequestProtocolError
+from mitmproxy.proxy.layers.http import (
+    ErrorCode,
+    ReceiveHttp,
+    RequestProtocolError,
+    ResponseEndOfMessage,
+    ResponseHeaders,
+    ResponseProtocolError,
+)
 from mitmproxy.proxy.layers.http._http1 import (
     Http1Client,
     Http1Connection,
@@ -35,7 +48,8 @@ from mitmproxy.proxy.layers.http._http1 import (
 )
 
 VERSION = "12.2."
-MAX_BUFFERED = 256 * 1024  # bytes of a client's connection buffered (a 40 KB token fits a head)
+MAX_BUFFERED = 256 * 1024  # bytes of a connection buffered (a 40 KB token fits a head)
+UPSTREAM_OVERFLOW = "douane: the upstream sent more than"  # its answer's error, audited
 # sha256 of the source of each function wrapped
 EXPECTED = {
     "read_body": "aece271029af36e4b7eaf84aa17ddcf4ee0efb35e7f04c842c2a7333804a71f1",
@@ -44,6 +58,13 @@ EXPECTED = {
 
 _read_body = Http1Connection.read_body
 _handle_event = Http1Connection._handle_event
+# the answers standing for an upstream head cut at MAX_BUFFERED (an upstream cannot forge one)
+_cut_short: weakref.WeakSet[http.Response] = weakref.WeakSet()
+
+
+def cut_short(response: http.Response | None) -> bool:
+    """Whether `response` stands for an upstream's answer head that exceeded `MAX_BUFFERED`."""
+    return response is not None and response in _cut_short
 
 
 class _KeepTrailers:
@@ -72,12 +93,15 @@ def read_body(self: Http1Connection, event: events.Event) -> layer.CommandGenera
     return (yield from _read_body(self, event))
 
 
-def handle_event(self: Http1Server, event: events.Event) -> layer.CommandGenerator[None]:
+def handle_event(self: Http1Connection, event: events.Event) -> layer.CommandGenerator[None]:
     yield from _handle_event(self, event)
     state = getattr(self.state, "__func__", None)
-    if len(self.buf) <= MAX_BUFFERED or state in (Http1Server.passthrough, Http1Server.done):
+    if len(self.buf) <= MAX_BUFFERED or state in (Http1Connection.passthrough,
+                                                  Http1Connection.done):
         return
-    if state is Http1Server.read_headers:
+    if isinstance(self, Http1Client):
+        yield from _upstream_overflow(self, state is Http1Client.read_headers)
+    elif state is Http1Server.read_headers:
         yield commands.SendData(self.conn, make_error_response(
             431, f"the request's headers exceed douane's limit of {MAX_BUFFERED} bytes"))
         yield commands.CloseConnection(self.conn)
@@ -88,6 +112,22 @@ def handle_event(self: Http1Server, event: events.Event) -> layer.CommandGenerat
             "not be read yet", code=ErrorCode.CLIENT_DISCONNECTED))
     self.buf.clear()
     self.state = self.done
+
+
+def _upstream_overflow(self: Http1Client, in_head: bool) -> layer.CommandGenerator[None]:
+    yield commands.CloseConnection(self.conn)
+    if self.stream_id is None:
+        return  # nothing asked (mitmproxy closes such a connection on its first byte)
+    if in_head:  # an empty answer whose body is still to come: `Inspect` puts its refusal there
+        self.response = http.Response.make(502, b"")
+        self.response.data.content = None
+        _cut_short.add(self.response)
+        yield ReceiveHttp(ResponseHeaders(self.stream_id, self.response, False))
+        yield ReceiveHttp(ResponseEndOfMessage(self.stream_id))
+    else:
+        yield ReceiveHttp(ResponseProtocolError(
+            self.stream_id, f"{UPSTREAM_OVERFLOW} {MAX_BUFFERED} bytes it could not be read yet",
+            code=ErrorCode.GENERIC_SERVER_ERROR))
 
 
 def _digest(name: str) -> str:
@@ -105,4 +145,4 @@ def install() -> None:
             f"bound on what it buffers and fails on trailers); this is mitmproxy "
             f"{version.VERSION}" + (f", with a different {', '.join(wrong)}" if wrong else ""))
     Http1Connection.read_body = read_body  # type: ignore[method-assign]
-    Http1Server._handle_event = handle_event  # type: ignore[method-assign]
+    Http1Connection._handle_event = handle_event  # type: ignore[method-assign]
