@@ -18,7 +18,7 @@ from douane.identity import Authenticate
 from douane.inspect import Inspect
 from douane.marks import Mark
 from douane.masking.addon import Mask
-from douane.owners import StoredResponses
+from douane.owners import StoredObjects
 from douane.pipeline import Checkpoint, Order
 from douane.policy.addon import Enforce
 from douane.recording.addon import Record
@@ -53,7 +53,7 @@ resource_metadata = ProtectedResourceMetadata(settings)
 resource_access = ResourceAccess()
 broker = Broker(settings, enforce.policy)
 inspect = Inspect(settings)
-stored_responses = StoredResponses()
+stored_objects = StoredObjects()
 police_websocket = PoliceWebSocket(enforce, audit_trail)
 originals = KeepOriginals(settings)
 mark = Mark()
@@ -64,7 +64,7 @@ contentviews.add(DouaneContentview)  # LLM and MCP flows read as conversations
 # Load, configure, running and done reach these in this order: settings first, then the shared
 # store (before the concerns that use it), admin early; the store closes after every other `done`.
 CONCERNS = (settings, shared, keep_refusals, loop_monitor, admin, timeouts, route,
-            resource_metadata, authenticate, resource_access, broker, inspect, stored_responses,
+            resource_metadata, authenticate, resource_access, broker, inspect, stored_objects,
             pins, enforce,
             pins.calls, approvals, police_websocket, originals, mask, audit_trail, metrics, mark,
             record, inject_credential, shared.closer,
@@ -96,7 +96,7 @@ ORDER = Order(
         keep_refusals.request,  # an MCP refusal given on the headers names the request's id
         timeouts.request,
         inspect.request,  # the body is parsed once, here; every later step reads the interaction
-        stored_responses.request,  # a stored answer another user was given is not continued
+        stored_objects.request,  # a stored answer or conversation of another user is unknown
         enforce.request,
         pins.calls.request,  # after Enforce: a call to a withheld MCP tool is refused
         approvals.request,  # a "hold" waits for an approver
@@ -118,7 +118,7 @@ ORDER = Order(
         admin.response,
         timeouts.response,
         inspect.response,
-        stored_responses.response,  # whose stored answer this is
+        stored_objects.response,  # whose stored answer (conversation, completion) this is
         pins.response,  # before Enforce: MCP tools are pinned from whole listings
         enforce.response,
         originals.response,

@@ -1,18 +1,23 @@
 """State an upstream keeps for one user, named by an id it issued: an MCP session, a stored
-Responses answer (`previous_response_id` continues it, the whole conversation with it).
+Responses answer (`previous_response_id` continues it, the whole conversation with it), a
+conversation (`conversation` in a Responses request, the Conversations API), a stored chat
+completion.
 
 douane sends every user's requests to an upstream with one credential, so such an id is all the
 upstream tells users apart by: another user holding it (from a screen, a log, a recording) would
 continue that conversation or act in that session. Each id is remembered with the user it was
 issued to (per replica, the latest `SIZE`), and another user naming it is refused as the upstream
-refuses an id it does not know. An id this replica did not see issued passes (another replica, or
-one before a restart, may have).
+refuses an id it does not know. A `previous_response_id` or MCP session this replica did not see
+issued passes (another replica, or one before a restart, may have); a conversation, or a stored
+object named in a granted operation's path, must have been issued here to the caller (those ids
+are new to douane: nothing in use relies on them passing).
 """
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from mitmproxy import http
 
@@ -21,9 +26,36 @@ from douane.flowstate import Reason, state
 from douane.refusals import refuse
 
 SIZE = 100_000
-# a stored answer's id: the first `"id"` of its JSON or of its stream (`response.created`)
-RESPONSE_ID = re.compile(rb'"id"\s*:\s*"(resp_[A-Za-z0-9_-]{1,200})"')
-RESPONSE_ID_BYTES = 64 * 1024  # where a stream says it (its first event)
+ISSUED_BYTES = 64 * 1024  # where an answer names its id (a stream: its first event)
+
+
+@dataclass(frozen=True)
+class Kind:
+    prefix: str  # of the ids the upstream issues
+    noun: str
+    code: str  # the refusal's, as the API answers an id it does not know
+    rule: str
+
+
+# Stored objects by the path segment naming them.
+KINDS = {"responses": Kind("resp_", "stored response", "response_not_found", "owner.response"),
+         "conversations": Kind("conv_", "conversation", "conversation_not_found",
+                               "owner.conversation"),
+         "chat/completions": Kind("chatcmpl-", "stored chat completion", "not_found",
+                                  "owner.chat_completion")}
+# An id in a granted operation's path (`GET /v1/responses/{id}`,
+# `/v1/conversations/{id}/items/{item}`, `/v1/chat/completions/{id}/messages`); the endpoints
+# named there that are not ids.
+STORED_PATH = re.compile(r"/(responses|conversations|chat/completions)/([^/]+)", re.IGNORECASE)
+NOT_IDS = frozenset({("responses", "input_tokens"), ("responses", "compact")})
+
+
+def _issued(prefix: str) -> re.Pattern[bytes]:
+    # the first `"id"` of an answer's JSON or of its stream (`response.created`, a chunk)
+    return re.compile(rb'"id"\s*:\s*"(' + re.escape(prefix.encode()) + rb'[A-Za-z0-9_-]{1,200})"')
+
+
+ISSUED = {name: _issued(kind.prefix) for name, kind in KINDS.items()}
 
 
 class Owners:
@@ -40,37 +72,78 @@ class Owners:
         """Whether one of `keys` was issued to another user."""
         return any(self._owner.get((upstream, k), user) != user for k in keys)
 
+    def issued_to(self, upstream: str, key: str, user: str) -> bool:
+        """Whether `key` was issued to `user` (here, among the latest `SIZE`)."""
+        return self._owner.get((upstream, key)) == user
 
-class StoredResponses:
-    """`previous_response_id` names an answer issued to the caller, or one this replica never
-    saw issued."""
+
+class StoredObjects:
+    """Answers, conversations and chat completions an upstream stores are named by the user they
+    were issued to only."""
 
     def __init__(self) -> None:
         self.owners = Owners()
 
     def request(self, flow: http.HTTPFlow) -> None:
         st = state(flow)
-        if flow.response or flow.error or not self._responses(flow):
+        if flow.response or flow.error or not self._governed(flow):
             return
-        assert st.upstream and st.identity
-        previous = protocols.document(flow, "request").get("previous_response_id")
-        if isinstance(previous, str) and self.owners.foreign(st.upstream.name, [previous],
-                                                             st.identity.user):
-            refuse(flow, 404, "no such stored response for this user", "response_not_found",
-                   Reason("owner.response", "previous_response_id names an answer issued to "
-                                            "another user"))
+        assert st.upstream and st.identity and st.interaction
+        upstream, user = st.upstream.name, st.identity.user
+        if st.interaction.granted:
+            for m in STORED_PATH.finditer(flow.request.path.split("?")[0]):
+                kind = m[1].lower()
+                if (kind, m[2]) not in NOT_IDS and not self.owners.issued_to(upstream, m[2], user):
+                    self._refuse(flow, kind, "the path names one not issued to this user")
+                    return
+            return
+        if st.interaction.operation != "responses":
+            return
+        doc = protocols.document(flow, "request")
+        previous = doc.get("previous_response_id")
+        if isinstance(previous, str) and self.owners.foreign(upstream, [previous], user):
+            self._refuse(flow, "responses", "previous_response_id names an answer issued to "
+                                            "another user")
+            return
+        conversation = doc.get("conversation")
+        named = conversation.get("id") if isinstance(conversation, dict) else conversation
+        if conversation is not None and not (isinstance(named, str) and  # `{"id": "conv_..."}`
+                                             self.owners.issued_to(upstream, named, user)):
+            self._refuse(flow, "conversations", "conversation names one not issued to this user")
 
     def response(self, flow: http.HTTPFlow) -> None:
         st = state(flow)
-        if not self._responses(flow) or not flow.response or flow.response.status_code != 200:
+        if not self._governed(flow) or not flow.response or flow.response.status_code != 200:
             return
-        assert st.upstream and st.identity
-        found = RESPONSE_ID.search(flow.response.raw_content or b"", 0, RESPONSE_ID_BYTES)
+        assert st.upstream and st.identity and st.interaction
+        kind = self._issuing(flow)
+        found = ISSUED[kind].search(flow.response.raw_content or b"", 0, ISSUED_BYTES) \
+            if kind else None
         if found:
             self.owners.claim(st.upstream.name, found[1].decode(), st.identity.user)
 
     @staticmethod
-    def _responses(flow: http.HTTPFlow) -> bool:
+    def _issuing(flow: http.HTTPFlow) -> str | None:
+        """The kind of stored object this (allowed) request creates, if any."""
+        it = state(flow).interaction
+        assert it
+        if it.operation == "responses":
+            return "responses"
+        if it.operation == "chat.completions" and \
+                protocols.document(flow, "request").get("store") is True:
+            return "chat/completions"
+        if it.granted and flow.request.method == "POST" and \
+                flow.request.path.split("?")[0].endswith("/conversations"):
+            return "conversations"
+        return None
+
+    @staticmethod
+    def _refuse(flow: http.HTTPFlow, name: str, why: str) -> None:
+        kind = KINDS[name]
+        refuse(flow, 404, f"no such {kind.noun} for this user", kind.code, Reason(kind.rule, why))
+
+    @staticmethod
+    def _governed(flow: http.HTTPFlow) -> bool:
         st = state(flow)
-        return bool(st.interaction and st.interaction.operation == "responses" and st.upstream
+        return bool(st.interaction and st.upstream and st.upstream.protocol == "openai"
                     and st.identity and flow.live)

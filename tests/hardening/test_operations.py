@@ -23,7 +23,15 @@ from tests.hardening.test_evasion import H2Only
 from tests.support.gateway import Gateway, base_config
 from tests.support.upstream import DEFAULT_REPLY, FakeUpstream
 
-ADMINS = {"upstreams": {"llm": {"operations": ["GET /v1/models", "GET /v1/files/*/content"]}}}
+# the stored objects' operations (test_a_conversation_is_its_users_only)
+STORED = ["POST /v1/conversations", "GET /v1/conversations/*", "POST /v1/conversations/*",
+          "DELETE /v1/conversations/*", "GET /v1/conversations/*/items",
+          "POST /v1/conversations/*/items", "GET /v1/conversations/*/items/*",
+          "DELETE /v1/conversations/*/items/*", "GET /v1/responses/*", "DELETE /v1/responses/*",
+          "GET /v1/responses/*/input_items", "POST /v1/responses/input_tokens",
+          "GET /v1/chat/completions/*", "GET /v1/chat/completions/*/messages"]
+ADMINS = {"upstreams": {"llm": {"operations": ["GET /v1/models", "GET /v1/files/*/content",
+                                               *STORED]}}}
 CHAT = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
 
 
@@ -51,6 +59,13 @@ def token(issuer, secrets):
 @pytest.fixture(scope="module")
 def admin(issuer, secrets):
     token = issuer.mint("ada@corp.example", ["admins"])
+    secrets.add(token)
+    return token
+
+
+@pytest.fixture(scope="module")
+def other_admin(issuer, secrets):
+    token = issuer.mint("grace@corp.example", ["admins"])
     secrets.add(token)
     return token
 
@@ -367,3 +382,55 @@ def test_a_stored_answer_is_continued_by_its_user_only(gw, llm, token, admin):
         assert ok.status_code == 200, ok.text
     # an id this gateway never saw issued passes (another replica, or before a restart)
     assert responses(admin, previous_response_id="resp_elsewhere").status_code == 200
+
+
+def test_a_conversation_is_its_users_only(gw, llm, admin, other_admin, token):
+    """Conversations, stored answers and stored chat completions are kept upstream under ids of
+    the organisation's: with the one org key, another user holding an id read, continued,
+    changed or deleted them. Each is now unknown (404, as the API answers an id it does not know)
+    to all but the user it was issued to, and an id douane did not see issued is unknown to all."""
+    ada, grace, mallory = (openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+                           for key in (admin, other_admin, token))
+    assert ada.conversations.create().id == "conv_fake"
+    assert ada.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                       store=True).id == "chatcmpl-fake"
+    uses = {  # each way to name one, and the rule refusing it to another user
+        "owner.conversation": [
+            lambda c, i: c.responses.create(model="m", input="hi", conversation=i),
+            lambda c, i: c.responses.create(model="m", input="hi", conversation={"id": i}),
+            lambda c, i: list(c.responses.create(model="m", input="hi", conversation=i,
+                                                 stream=True)),
+            lambda c, i: c.conversations.retrieve(i),
+            lambda c, i: c.conversations.update(i, metadata={"k": "v"}),
+            lambda c, i: c.conversations.items.list(i),
+            lambda c, i: c.conversations.items.create(i, items=[
+                {"type": "message", "role": "user", "content": "hi"}]),
+            lambda c, i: c.conversations.items.retrieve("msg_1", conversation_id=i),
+            lambda c, i: c.conversations.items.delete("msg_1", conversation_id=i),
+            lambda c, i: c.conversations.delete(i)],
+        "owner.response": [
+            lambda c, i: c.responses.retrieve(i),
+            lambda c, i: c.responses.input_items.list(i),
+            lambda c, i: c.responses.delete(i)],
+        "owner.chat_completion": [
+            lambda c, i: c.chat.completions.retrieve(i),
+            lambda c, i: c.chat.completions.messages.list(i)]}
+    ids = {"owner.conversation": ("conv_fake", "conv_elsewhere"),  # (issued, not seen issued)
+           "owner.response": ("resp_fake", "resp_elsewhere"),
+           "owner.chat_completion": ("chatcmpl-fake", "chatcmpl-elsewhere")}
+    for rule, calls in uses.items():
+        issued, unseen = ids[rule]
+        for use in calls:
+            for client, object_id in ((grace, issued), (ada, unseen)):
+                before = len(llm.requests)
+                with pytest.raises(openai.NotFoundError) as err:
+                    use(client, object_id)
+                record = assert_refused(gw, llm, before, err.value.response, 404)
+                assert any(r["rule"] == rule for r in record["reasons"]), record
+            use(ada, issued)  # the user it was issued to keeps it
+    with pytest.raises(openai.NotFoundError):  # without the Conversations API's grant too
+        mallory.responses.create(model="m", input="hi", conversation="conv_fake")
+    # a named endpoint under the same path is no id
+    count = httpx.post(gw.url + "/v1/responses/input_tokens", json={"model": "m", "input": "hi"},
+                       headers={"authorization": f"Bearer {admin}"})
+    assert count.status_code == 200, count.text

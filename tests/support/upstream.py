@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import ssl
 import tempfile
 import threading
@@ -37,6 +38,30 @@ def _openai_chat(model: str, text: str) -> dict[str, Any]:
                                          "message": {"role": "assistant", "content": text,
                                                      "refusal": None}}],
             "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}
+
+
+# a stored object read, changed or deleted by id: `/v1/conversations/{id}[/items[/{item}]]`,
+# `/v1/responses/{id}[/input_items]`, `/v1/chat/completions/{id}[/messages]`
+STORED = re.compile(r"/(conversations|responses|chat/completions)/([^/]+)(/[^/]+)?")
+
+
+def _conversation(conversation_id: str) -> dict[str, Any]:
+    return {"id": conversation_id, "object": "conversation", "created_at": int(time.time()),
+            "metadata": {}}
+
+
+def _stored(method: str, stored: re.Match[str], model: str, text: str) -> dict[str, Any]:
+    kind, object_id, below = stored.groups()
+    if below in ("/items", "/input_items", "/messages") and method == "GET":
+        return {"object": "list", "data": [], "first_id": None, "last_id": None,
+                "has_more": False}
+    if method == "DELETE":
+        return {"id": object_id, "object": f"{kind}.deleted", "deleted": True}
+    if kind == "conversations":
+        return _conversation(object_id)
+    if kind == "responses":
+        return {**_responses(model, text), "id": object_id}
+    return {**_openai_chat(model, text), "id": object_id}
 
 
 def _openai_chat_events(model: str, pieces: list[str]) -> list[str]:
@@ -184,7 +209,9 @@ class FakeUpstream:
     """Threaded HTTP(S) server on 127.0.0.1.
 
     Routes: POST /v1/chat/completions, /v1/responses (OpenAI), /v1/messages (Anthropic), JSON or
-    SSE when the body asks `stream: true`; GET /v1/models lists one model owned by `reply`.
+    SSE when the body asks `stream: true`; GET /v1/models lists one model owned by `reply`;
+    POST /v1/conversations issues `conv_fake`; a stored conversation (its items), response (its
+    input items) or chat completion (its messages) is read, changed or deleted by any id.
     `reply` sets the answer text, `chunk_size` (or sizes used in turn) and `chunk_delay` pace
     streams; `document`, when set, is the whole answer of /v1/messages or /v1/responses (blocks,
     parts, items of any kind), streamed from it as the API does (`anthropic_stream`,
@@ -257,6 +284,10 @@ class FakeUpstream:
                 elif self.command == "GET" and path.endswith("/models"):
                     self._json(200, {"object": "list", "data": [
                         {"id": model, "object": "model", "owned_by": upstream.reply}]})
+                elif self.command == "POST" and path.endswith("/conversations"):
+                    self._json(200, _conversation("conv_fake"))
+                elif stored := STORED.search(path):
+                    self._json(200, _stored(self.command, stored, model, upstream.reply))
                 else:
                     self._json(404, {"error": {"message": f"no route {path}",
                                                "type": "invalid_request_error"}})
