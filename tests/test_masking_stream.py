@@ -20,7 +20,7 @@ import pytest
 
 from douane import protocols
 from douane.masking import operators
-from douane.masking.addon import RESPONSE_KINDS, read_together
+from douane.masking.addon import RESPONSE_KINDS
 from douane.masking.engine import Analyzer, Span, trim_name
 from douane.masking.streaming import StreamMasker, plain_prefix, shift
 from douane.protocols import anthropic, openai, streams
@@ -426,13 +426,13 @@ def answer_in_blocks(api: str, texts: list[str], between: dict[int, dict],
 
 def whole_blocks(analyse, api: str, answer: dict) -> list[str]:
     """The answer's text blocks as the gateway masks the whole answer (`Mask._mask`): read in
-    the runs `read_together` makes, each block masked with its share of each value."""
+    the runs `streams.read_together` makes, each block masked with its share of each value."""
     upstream_, path, request, _ = API_STREAMS[api]
     it = protocols.parse_request(upstream_, flow_for(upstream_, path, request))
     (anthropic if api == "anthropic" else openai).parse_response(answer, it)
     masked = {}
-    for run in read_together([p for p in it.response_texts
-                              if p.kind in RESPONSE_KINDS and p.editable]):
+    for run in streams.read_together([p for p in it.response_texts
+                                      if p.kind in RESPONSE_KINDS and p.editable]):
         spans, start = analyse("".join(p.text for p in run)), 0
         for piece in run:
             end = start + len(piece.text)

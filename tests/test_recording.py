@@ -14,17 +14,26 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
-from douane import audit, bursts, transcript, untrusted
+from douane import audit, bursts, protocols, transcript, untrusted
 from douane.cli import main
 from douane.config import Credential, Upstream
 from douane.flowstate import Identity, state
+from douane.protocols import streams
 from douane.recording import index, writer
 from douane.recording.addon import credential_headers, session_path
 from douane.recording.config import RecordingSettings
 from douane.recording.writer import SCRUBBED, recording_of
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import MITMDUMP, Gateway, base_config
-from tests.support.upstream import FakeUpstream, _openai_chat_events, _pieces
+from tests.support.upstream import (
+    FakeUpstream,
+    _anthropic,
+    _openai_chat_events,
+    _pieces,
+    _responses,
+    anthropic_stream,
+    responses_stream,
+)
 
 SETTINGS = RecordingSettings(Path("/tmp/rec"), "connection", 60, ("x-trace",), "refuse", 30, 10**9)
 
@@ -254,6 +263,53 @@ def test_secrets_are_replaced_in_json_string_values_only():
 
 
 PROJECT_KEY = "sk-proj-" + "Qm7vR2xT9kLp4Wn8" * 3
+# The key split across two blocks in a row, around a citation: neither share is a secret alone.
+SHARES = ("the key is " + PROJECT_KEY[:19], PROJECT_KEY[19:] + " for that.")
+CITATION = {"type": "char_location", "cited_text": "keys rotate", "document_index": 0,
+            "document_title": "ops", "start_char_index": 0, "end_char_index": 11}
+
+
+def _blocks_in_a_row(f: http.HTTPFlow, case: str) -> None:
+    """An Anthropic answer's text blocks in a row, or a Responses answer's output parts, whole
+    or streamed (3 characters an event) as the APIs stream them."""
+    if case.startswith("anthropic"):
+        f.metadata["douane"] = {"interaction": {"protocol": "anthropic"}}
+        f.request.path = "/v1/messages"
+        f.request.text = json.dumps({"model": "m", "max_tokens": 9, "messages": [
+            {"role": "user", "content": "which key?"}]})
+        answer = _anthropic("m", "")
+        answer["content"] = [{"type": "text", "text": SHARES[0], "citations": [CITATION]},
+                             {"type": "text", "text": SHARES[1]}]
+        events = anthropic_stream
+    else:
+        f.metadata["douane"] = {"interaction": {"protocol": "openai"}}
+        f.request.path = "/v1/responses"
+        f.request.text = json.dumps({"model": "m", "input": "which key?"})
+        answer = _responses("m", "")
+        answer["output"][0]["content"] = [
+            {"type": "output_text", "text": text, "annotations": []} for text in SHARES]
+        events = responses_stream
+    if case.endswith("streamed"):
+        f.response.headers["content-type"] = "text/event-stream"
+        f.response.text = "".join(events(answer, lambda text: _pieces(text, 3)))
+    else:
+        f.response.text = json.dumps(answer)
+
+
+def _texts_read(f: http.HTTPFlow) -> tuple[str, ...]:
+    """What the gateway hands the writer (`writer.texts_read`): the flow parsed as it parses it,
+    a stream through its rewriter."""
+    upstream = transcript.upstream_of(f)
+    assert upstream is not None
+    it = protocols.parse_request(upstream, f)
+    stream = f.response.headers["content-type"] == "text/event-stream"
+    if stream:
+        rewriter = streams.StreamRewriter(protocols.stream_format(upstream, it), it, "d")
+        rewriter(f.response.content)
+        rewriter(b"")
+    else:
+        protocols.parse_response(upstream, f, it)
+    return writer.texts_read(it, stream)
 
 
 def _leaky_flow(case: str) -> http.HTTPFlow:
@@ -261,7 +317,7 @@ def _leaky_flow(case: str) -> http.HTTPFlow:
     key = PROJECT_KEY
     f = tflow.tflow(resp=tutils.tresp())
     f.metadata["douane"] = {"interaction": {"protocol": "openai"}}
-    f.request.path = "/v1/chat/completions"
+    f.request.method, f.request.path = "POST", "/v1/chat/completions"
     f.request.headers["content-type"] = f.response.headers["content-type"] = "application/json"
     f.request.text = json.dumps({"model": "m", "max_tokens": 9, "messages": [
         {"role": "user", "content": "hi"}]})
@@ -297,23 +353,37 @@ def _leaky_flow(case: str) -> http.HTTPFlow:
         text = "the key is " + key
         f.response.headers["content-type"] = "text/event-stream"
         f.response.text = "".join(_openai_chat_events("m", _pieces(text, 4)))
+    elif case in BLOCKS_IN_A_ROW:
+        _blocks_in_a_row(f, case)
     return f
+
+
+BLOCKS_IN_A_ROW = ("anthropic blocks in a row", "anthropic blocks in a row, streamed",
+                   "responses parts in a row", "responses parts in a row, streamed")
 
 
 LEAKS = ("response body", "escaped", "slash escaped", "non-ascii", "utf-16", "gzip",
          "percent data url", "data url in a stream", "header", "query", "cookie",
-         "split across deltas")
+         "split across deltas", *BLOCKS_IN_A_ROW)
 
 
 @pytest.mark.parametrize("case", LEAKS)
 def test_no_secret_survives_the_writer_wherever_it_is(case, monkeypatch):
     f = _leaky_flow(case)
-    streamed = ("the key is " + PROJECT_KEY,) if case == "split across deltas" else ()
+    streamed = ("the key is " + PROJECT_KEY,) if case == "split across deltas" else \
+        _texts_read(f) if case in BLOCKS_IN_A_ROW else ()
     written = recording_of(f.get_state(), frozenset({"cookie"}), streamed)
     data = writer.tnetstring_of(written)
-    for secret in ("Qm7vR2xT9kLp4Wn8", AWS_KEY[4:], JWT.split(".")[2], "Hunter2pass"):
+    for secret in ("Qm7vR2xT9kLp4Wn8", "Qm7vR2x", AWS_KEY[4:], JWT.split(".")[2], "Hunter2pass"):
         assert secret.encode() not in data and secret.encode("utf-16-le") not in data
-    http.HTTPFlow.from_state(written)  # mitmproxy reads it
+    recorded = http.HTTPFlow.from_state(written)  # mitmproxy reads it
+    # as read: a stream's deltas joined
+    assert not any(secret in transcript.render(recorded) for secret in ("Qm7vR2x", "Hunter2"))
+    if case in BLOCKS_IN_A_ROW:  # each block keeps its place, redacted with its share
+        marker = "<SECRET:detector.secret.api_key>"
+        assert transcript.render(recorded).count(marker) == 2
+        if not case.endswith("streamed"):
+            assert marker + " for that." in recorded.response.text
     # the one-scan shortcut for clean bodies changes nothing: the same as every value scanned
     monkeypatch.setattr(writer.secrets, "matches", lambda text: True)
     assert writer.tnetstring_of(recording_of(f.get_state(), frozenset({"cookie"}), streamed)) \

@@ -291,3 +291,25 @@ def redact(text: str, high_entropy: bool = True) -> str:
         last = f.end
     out.append(text[last:])
     return "".join(out)
+
+
+def redact_run(texts: list[str]) -> list[str]:
+    """Texts a reader reads as one (an answer's blocks in a row), each with its share of every
+    secret of their join replaced by `<SECRET:rule id>`: a secret split across two is replaced in
+    both, and each text stays in its place. One text: `redact`'s."""
+    joined = "".join(texts)
+    found = find(joined)
+    if not found:
+        return texts
+    out, start = [], 0
+    for text in texts:
+        end = start + len(text)
+        parts, last = [], start
+        for f in found:
+            if f.end <= start or f.start >= end:
+                continue
+            parts += [joined[last:max(f.start, start)], f"<SECRET:{f.kind.rule}>"]
+            last = min(f.end, end)
+        out.append("".join([*parts, joined[last:end]]))
+        start = end
+    return out

@@ -49,34 +49,6 @@ def could_hold_a_value(text: str, entities: tuple[str, ...]) -> bool:
     return any(engine.PREFILTERS[e](text, digits) for e in entities if e not in NER_ENTITIES)
 
 
-def read_together(pieces: list[TextPiece]) -> list[list[TextPiece]]:
-    """The pieces in runs a reader reads as one text: the text blocks or parts of an answer in a
-    row (their paths alike but for the block's index, each the next: `streams.next_block`, as a
-    stream reads them), so a value the upstream split across two blocks (`maria.garcia@` |
-    `example.com`) is found whole. A string inside the last block (a citation's `cited_text`) is
-    read apart and does not end the run. Tool arguments are each a JSON document of their own."""
-    runs: list[list[TextPiece]] = []
-    run: list[TextPiece] = []  # the run the next block may continue
-    for piece in pieces:
-        last = run[-1] if run else None
-        if last is not None and last.kind == piece.kind != "tool_arguments" and \
-                streams.next_block(last.path, piece.path):
-            run.append(piece)
-            continue
-        if last is not None and _inside(piece.path, last.path):
-            runs.append([piece])  # read apart; the next block may still go on with the run
-        else:
-            run = [piece]
-            runs.append(run)
-    return runs
-
-
-def _inside(path: tuple, text: tuple) -> bool:
-    """Whether `path` lies in the block that holds the text at `text` (under its last index)."""
-    block = text[:max((i for i, step in enumerate(text) if type(step) is int), default=-1) + 1]
-    return bool(block) and path[:len(block)] == block and path != text
-
-
 class Recent:
     """The analyses of the last `RECENT` prompt texts, by keyed digest. A chat re-sends its whole
     history with every turn: with `requests: true`, each earlier message was analysed again at
@@ -161,10 +133,10 @@ class Mask:
         """Mask the pieces in place; returns the ones that changed. Texts nothing could be found
         in make no round trip; a text that is in several pieces is analysed once, and, with
         `recent`, a text analysed lately is not analysed again. `together`: an answer's blocks
-        are analysed as the runs a reader reads (`read_together`)."""
+        are analysed as the runs a reader reads (`streams.read_together`)."""
         assert self.pool and self.masking
         entities = self.masking.entities
-        runs = [(text, run) for run in (read_together(pieces) if together else
+        runs = [(text, run) for run in (streams.read_together(pieces) if together else
                                         [[p] for p in pieces])
                 if could_hold_a_value(text := "".join(p.text for p in run), entities)
                 and not plain(text)]

@@ -78,6 +78,34 @@ def next_block(a: JsonPath, b: JsonPath) -> bool:
         all(type(x) is int and y == 0 and type(y) is int for x, y in steps[1:])
 
 
+def read_together(pieces: list[TextPiece]) -> list[list[TextPiece]]:
+    """The pieces in runs a reader reads as one text: the text blocks or parts of an answer in a
+    row (their paths alike but for the block's index, each the next: `next_block`, as a stream
+    reads them), so a value the upstream split across two blocks (`maria.garcia@` |
+    `example.com`) is found whole (masking, the recording's secrets). A string inside the last block (a citation's `cited_text`) is
+    read apart and does not end the run. Tool arguments are each a JSON document of their own."""
+    runs: list[list[TextPiece]] = []
+    run: list[TextPiece] = []  # the run the next block may continue
+    for piece in pieces:
+        last = run[-1] if run else None
+        if last is not None and last.kind == piece.kind != "tool_arguments" and \
+                next_block(last.path, piece.path):
+            run.append(piece)
+            continue
+        if last is not None and _inside(piece.path, last.path):
+            runs.append([piece])  # read apart; the next block may still go on with the run
+        else:
+            run = [piece]
+            runs.append(run)
+    return runs
+
+
+def _inside(path: tuple, text: tuple) -> bool:
+    """Whether `path` lies in the block that holds the text at `text` (under its last index)."""
+    block = text[:max((i for i, step in enumerate(text) if type(step) is int), default=-1) + 1]
+    return bool(block) and path[:len(block)] == block and path != text
+
+
 @dataclass
 class _Later:
     """An event that repeats channels' whole texts: encoded when it leaves, after those texts."""

@@ -30,7 +30,7 @@ from douane.flowstate import Reason, peek, publish, state
 from douane.protocols import streams
 from douane.recording import originals
 from douane.recording.config import RecordingSettings
-from douane.recording.writer import RecordingWriter, SharedIndex
+from douane.recording.writer import RecordingWriter, SharedIndex, texts_read
 from douane.refusals import refuse
 from douane.settings import Settings
 
@@ -195,9 +195,9 @@ class Record:
             r["message"] for r in flow.metadata["douane"].get("decision", {}).get("reasons", []))
         flow.metadata["douane_recorded"] = True
         original = originals.take(flow)
-        # a streamed answer's text, per channel, as delivered (checked by the writer)
-        streamed = tuple(p.text for p in st.interaction.response_texts) \
-            if st.interaction and streams.rewriter_of(flow) else ()
+        # the answer's texts as read (a stream's as delivered), checked by the writer
+        streamed = texts_read(st.interaction, streams.rewriter_of(flow) is not None) \
+            if st.interaction else ()
         issued = flow.response.headers.get("mcp-session-id") if flow.response else None
         if issued:
             self.issued[issued] = None

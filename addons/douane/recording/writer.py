@@ -40,6 +40,7 @@ from wsproto.frame_protocol import Opcode
 
 from douane import protocols, secrets, store, transcript, untrusted
 from douane.bursts import Bursts
+from douane.interaction import Interaction
 from douane.protocols import decoding, fields, streams
 from douane.recording import index, originals
 from douane.recording.config import RecordingSettings
@@ -94,28 +95,47 @@ def recording_of(snapshot: dict, names: frozenset[str], streamed: tuple[str, ...
     query, the bodies and WebSocket text redacted, douane's metadata bounded, no backup (an
     unscrubbed earlier request). Worked on the state itself: a message is rebuilt only when its
     body must change (a compressed or secret-carrying one), the connections never are.
-    `streamed`: a streamed answer's text as delivered, per channel, where a secret split across
-    deltas shows."""
+    `streamed`: the answer's texts as a reader reads them (`texts_read`), where a secret split
+    across a stream's deltas, or across blocks in a row, shows."""
     request = _message(snapshot["request"], names, http.Request)
     path = request["path"].decode("utf-8", "surrogateescape")  # as `Request.path` reads it
     clean = secrets.redact(path, high_entropy=False)
     if clean != path:
         request["path"] = clean.encode("utf-8", "surrogateescape")
-    response = _message(snapshot["response"], names, http.Response) \
-        if snapshot["response"] else None
     # douane's summary quotes what the client sent (model, tool names, claims): bounded, scrubbed
     metadata = untrusted.scrub_all(
         {k: v for k, v in snapshot["metadata"].items() if k in ("douane", "user")})
-    if response and any(secrets.redact(text) != text for text in streamed):
-        flow = http.HTTPFlow(_CLIENT, _SERVER)
+    response = snapshot["response"]
+    if response and _split(streamed):  # before each value is redacted alone (a share of it
+        flow = http.HTTPFlow(_CLIENT, _SERVER)  # would then be left)
         flow.id, flow.metadata = snapshot["id"], metadata
         flow.request = http.Request.from_state(request)
         flow.response = http.Response.from_state(response)
         _split_secrets(flow)
         response = flow.response.get_state()
+    if response:
+        response = _message(response, names, http.Response)
     return {**snapshot, "request": request, "response": response, "metadata": metadata,
             "backup": None, "comment": untrusted.scrub(snapshot["comment"], COMMENT_CHARS),
             "websocket": _websocket(snapshot["websocket"])}
+
+
+def texts_read(it: Interaction, stream: bool) -> tuple[str, ...]:
+    """What the writer checks for a secret no single JSON value shows (`recording_of`): a
+    stream's texts, each channel as delivered (their join is checked too); a whole answer's
+    blocks in a row (`streams.read_together`), each run joined (a lone block is each value)."""
+    if stream:
+        return tuple(p.text for p in it.response_texts)
+    return tuple("".join(p.text for p in run) for run in streams.read_together(it.response_texts)
+                 if len(run) > 1)
+
+
+def _split(texts: tuple[str, ...]) -> bool:
+    """Whether a secret shows in one of `texts`, or in their join (a stream's channels are in
+    the order they started: blocks in a row are next to each other)."""
+    joined = "".join(texts)
+    return any(secrets.find(text) for text in texts) or \
+        len(texts) > 1 and bool(secrets.find(joined))
 
 
 def _message(state: dict, names: frozenset[str], cls: type[http.Message]) -> dict:
@@ -293,33 +313,69 @@ def _decoded_and_redacted(message: http.Message) -> None:
 
 
 class _HoldAndRedact:
-    """A stream filter that keeps each channel whole and releases it, redacted, at its end."""
+    """A stream filter that keeps each channel whole and releases it, redacted, at its end. Blocks
+    in a row (`follow`: the rewriter's `streams.next_block`) are one text: each keeps its share,
+    redacted with its share of each secret (`secrets.redact_run`), and an earlier block's leaves
+    through `take` once the last block of the run ends."""
 
     def __init__(self) -> None:
-        self.held: dict[str, str] = {}
+        self.held: dict[str, list[tuple[str, str]]] = {}  # channel -> its run: (block, text)
+        self.shares: dict[str, str] = {}  # an earlier block of a finished run -> its text
+        self.changed = False
 
     def feed(self, channel: str, text: str) -> str:
-        self.held[channel] = self.held.get(channel, "") + text
+        run = self.held.setdefault(channel, [(channel, "")])
+        run[-1] = (channel, run[-1][1] + text)
         return ""
 
+    def follow(self, channel: str, previous: str) -> None:
+        self.held[channel] = [*self.held.pop(previous, [(previous, "")]), (channel, "")]
+
+    def take(self, previous: str) -> tuple[str, bool]:
+        if previous not in self.shares:
+            return "", False
+        return self.shares.pop(previous), True
+
     def finish(self, channel: str) -> str:
-        return secrets.redact(self.held.pop(channel, ""))
+        run = self.held.pop(channel, [(channel, "")])
+        texts = [text for _, text in run]
+        clean = secrets.redact_run(texts)
+        self.changed = self.changed or clean != texts
+        self.shares.update(zip([block for block, _ in run[:-1]], clean, strict=False))
+        return clean[-1]
 
 
 def _split_secrets(flow: http.HTTPFlow) -> None:
-    """A secret split across a stream's deltas (no single JSON value shows it): the stream goes
-    through the same rewriter the gateway uses, each channel released whole and redacted."""
+    """A secret no single JSON value shows (split across a stream's deltas or across blocks in a
+    row): a stream goes through the same rewriter the gateway uses, each channel (each run of
+    blocks) released whole and redacted; a whole answer's blocks in a row are redacted as one
+    text (`streams.read_together`). Unchanged when there is no such secret."""
     upstream = transcript.upstream_of(flow)
     if upstream is None or flow.response is None or not flow.response.raw_content:
         return
     try:
         it = protocols.parse_request(upstream, flow)
+        if "event-stream" not in flow.response.headers.get("content-type", "").lower():
+            protocols.parse_response(upstream, flow, it)
+            edited = []
+            for run in streams.read_together(it.response_texts):
+                texts = [p.text for p in run]
+                clean = secrets.redact_run(texts)
+                if len(run) > 1 and clean != [secrets.redact(t) for t in texts]:  # else each
+                    for piece, text in zip(run, clean, strict=True):  # value's own redaction
+                        if text != piece.text:
+                            piece.text = text
+                            edited.append(piece)
+            if edited:
+                protocols.apply_text_edits(flow, "response", edited)
+            return
         rewriter = streams.StreamRewriter(protocols.stream_format(upstream, it), it, "recording")
     except protocols.ProtocolError:
-        return  # not a stream douane can read: each JSON value was redacted on its own
-    rewriter.filters.append(_HoldAndRedact())
+        return  # not an answer douane can read: each JSON value is redacted on its own
+    redact = _HoldAndRedact()
+    rewriter.filters.append(redact)
     body = b"".join(rewriter(flow.response.get_content(strict=False))) + rewriter(b"")
-    if rewriter.abort_message is None:
+    if rewriter.abort_message is None and redact.changed:
         flow.response.content = body
 
 
