@@ -230,6 +230,15 @@ class Broker:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._forget_credential(flow)
         st = state(flow)
+        status = flow.response.status_code if flow.response else 0
+        if protocols.is_websocket(flow.request) and st.upstream and status not in (0, 101) and \
+                status < 400:
+            # an upgrade passes on any path: answered as a plain GET, it would be an operation
+            # nobody granted (`/v1/conversations/{id}`, an admin listing) with the org's key
+            refuse(flow, 502, f"{st.upstream.name} answered a WebSocket upgrade without "
+                   "upgrading", "websocket_not_upgraded",
+                   Reason("protocol.websocket_not_upgraded", f"the upstream answered {status}"))
+            return
         issued = headerfields.get(flow.response.headers, b"mcp-session-id") \
             if flow.response else ""
         if issued and st.upstream and st.upstream.protocol == "mcp" and st.identity:

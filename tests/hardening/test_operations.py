@@ -434,3 +434,28 @@ def test_a_conversation_is_its_users_only(gw, llm, admin, other_admin, token):
     count = httpx.post(gw.url + "/v1/responses/input_tokens", json={"model": "m", "input": "hi"},
                        headers={"authorization": f"Bearer {admin}"})
     assert count.status_code == 200, count.text
+
+
+def test_an_upgrade_answered_as_a_plain_get_is_not_delivered(issuer, tmp_path):
+    """On an upstream allowing WebSockets an upgrade passes on any path (its messages are
+    policed): an upstream ignoring `Upgrade` answered it as the GET nobody granted, with the org's
+    key (another user's conversation, an admin listing). Only a 101 or an error is delivered."""
+    llm = FakeUpstream()
+    config = base_config(issuer.url, llm.url + "/v1")
+    config["upstreams"]["llm"]["allow_websocket"] = True
+    token = issuer.mint("bob@corp.example", ["engineering"])
+    upgrade = {"authorization": f"Bearer {token}", "upgrade": "websocket",
+               "connection": "Upgrade", "sec-websocket-version": "13",
+               "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    try:
+        with Gateway(config, mode=f"reverse:{llm.url}", workdir=tmp_path,
+                     env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}) as gateway:
+            resp = httpx.get(gateway.url + "/v1/conversations/conv_alice", headers=upgrade)
+            assert resp.status_code == 502 and "conv_alice" not in resp.text, resp.text
+            record = gateway.audit_record(resp.headers["x-douane-decision-id"])
+            assert record["action"] == "refuse"
+            assert record["reasons"][-1]["rule"] == "protocol.websocket_not_upgraded"
+            resp = httpx.get(gateway.url + "/v1/no/such/route", headers=upgrade)
+            assert resp.status_code == 404  # the upstream's error is its own
+    finally:
+        llm.close()
