@@ -73,8 +73,11 @@ class Owners:
         return any(self._owner.get((upstream, k), user) != user for k in keys)
 
     def issued_to(self, upstream: str, key: str, user: str) -> bool:
-        """Whether `key` was issued to `user` (here, among the latest `SIZE`)."""
-        return self._owner.get((upstream, key)) == user
+        """Whether `key` was issued to `user` (here, among the latest `SIZE` issued or used)."""
+        if self._owner.get((upstream, key)) != user:
+            return False
+        self._owner.move_to_end((upstream, key))  # in use: kept, as it is refused once dropped
+        return True
 
 
 class StoredObjects:
@@ -82,7 +85,8 @@ class StoredObjects:
     were issued to only."""
 
     def __init__(self) -> None:
-        self.owners = Owners()
+        # a table per kind: answers, far more frequent, do not push conversations out
+        self.owners = {name: Owners() for name in KINDS}
 
     def request(self, flow: http.HTTPFlow) -> None:
         st = state(flow)
@@ -92,23 +96,25 @@ class StoredObjects:
         upstream, user = st.upstream.name, st.identity.user
         if st.interaction.granted:
             for m in STORED_PATH.finditer(flow.request.path.split("?")[0]):
-                kind = m[1].lower()
-                if (kind, m[2]) not in NOT_IDS and not self.owners.issued_to(upstream, m[2], user):
+                kind, named = m[1].lower(), m[2]
+                if (kind, named) not in NOT_IDS and \
+                        not self.owners[kind].issued_to(upstream, named, user):
                     self._refuse(flow, kind, "the path names one not issued to this user")
                     return
             return
         if st.interaction.operation != "responses":
             return
+        responses, conversations = self.owners["responses"], self.owners["conversations"]
         doc = protocols.document(flow, "request")
         previous = doc.get("previous_response_id")
-        if isinstance(previous, str) and self.owners.foreign(upstream, [previous], user):
+        if isinstance(previous, str) and responses.foreign(upstream, [previous], user):
             self._refuse(flow, "responses", "previous_response_id names an answer issued to "
                                             "another user")
             return
         conversation = doc.get("conversation")
         named = conversation.get("id") if isinstance(conversation, dict) else conversation
         if conversation is not None and not (isinstance(named, str) and  # `{"id": "conv_..."}`
-                                             self.owners.issued_to(upstream, named, user)):
+                                             conversations.issued_to(upstream, named, user)):
             self._refuse(flow, "conversations", "conversation names one not issued to this user")
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -120,7 +126,7 @@ class StoredObjects:
         found = ISSUED[kind].search(flow.response.raw_content or b"", 0, ISSUED_BYTES) \
             if kind else None
         if found:
-            self.owners.claim(st.upstream.name, found[1].decode(), st.identity.user)
+            self.owners[kind].claim(st.upstream.name, found[1].decode(), st.identity.user)
 
     @staticmethod
     def _issuing(flow: http.HTTPFlow) -> str | None:
