@@ -101,11 +101,15 @@ class StoredObjects:
                         not self.owners[kind].issued_to(upstream, named, user):
                     self._refuse(flow, kind, "the path names one not issued to this user")
                     return
+            if not flow.request.raw_content:
+                return
+        elif st.interaction.operation != "responses":
             return
-        if st.interaction.operation != "responses":
-            return
+        # a granted operation's body may name them too (`POST /v1/responses/input_tokens`)
         responses, conversations = self.owners["responses"], self.owners["conversations"]
         doc = protocols.document(flow, "request")
+        if not isinstance(doc, dict):
+            return
         previous = doc.get("previous_response_id")
         if isinstance(previous, str) and responses.foreign(upstream, [previous], user):
             self._refuse(flow, "responses", "previous_response_id names an answer issued to "

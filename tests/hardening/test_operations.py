@@ -430,10 +430,17 @@ def test_a_conversation_is_its_users_only(gw, llm, admin, other_admin, token):
             use(ada, issued)  # the user it was issued to keeps it
     with pytest.raises(openai.NotFoundError):  # without the Conversations API's grant too
         mallory.responses.create(model="m", input="hi", conversation="conv_fake")
-    # a named endpoint under the same path is no id
-    count = httpx.post(gw.url + "/v1/responses/input_tokens", json={"model": "m", "input": "hi"},
-                       headers={"authorization": f"Bearer {admin}"})
-    assert count.status_code == 200, count.text
+    # a named endpoint under the same path is no id; a granted operation's body names them too
+    for field, value, rule in (("conversation", "conv_fake", "owner.conversation"),
+                               ("previous_response_id", "resp_fake", "owner.response")):
+        body = {"model": "m", "input": "hi", field: value}
+        before = len(llm.requests)
+        resp = httpx.post(gw.url + "/v1/responses/input_tokens", json=body,
+                          headers={"authorization": f"Bearer {other_admin}"})
+        record = assert_refused(gw, llm, before, resp, 404)
+        assert any(r["rule"] == rule for r in record["reasons"]), record
+        assert httpx.post(gw.url + "/v1/responses/input_tokens", json=body,
+                          headers={"authorization": f"Bearer {admin}"}).status_code == 200
 
 
 def test_an_upgrade_answered_as_a_plain_get_is_not_delivered(issuer, tmp_path):
