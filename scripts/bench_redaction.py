@@ -1,6 +1,8 @@
 """Recording redaction benchmark: what `recording_of` (scrubbing a flow's state and redacting its
 secrets) costs the recording writer process per flow (JSON prompts and answers, a streamed answer of
-4-character deltas, a base64 image, and a stream whose secret is split across deltas and is rewritten)."""
+4-character deltas, a base64 image, a stream whose secret is split across deltas and is rewritten,
+and an Anthropic answer of text blocks in a row, whole and streamed, clean or with a secret split
+across two blocks; `streamed` is what the gateway hands the writer, `writer.texts_read`)."""
 
 from __future__ import annotations
 
@@ -14,19 +16,25 @@ from mitmproxy.test import tflow, tutils
 from douane.recording.writer import recording_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.support.upstream import _openai_chat_events, _pieces  # noqa: E402
+from tests.support.upstream import (  # noqa: E402
+    _anthropic,
+    _openai_chat_events,
+    _pieces,
+    anthropic_stream,
+)
 
 WORDS = "The quarterly report shows revenue grew in every region except the north. "
 KEY = "AKIA" + "Q3VJ7XK2MZP4WT6B"  # fake
 
 
 def bench(name: str, request: str, ctype: str, response: str, runs: int = 20,
-          streamed: tuple[str, ...] = ()) -> None:
+          streamed: tuple[str, ...] = (), protocol: str = "openai") -> None:
     times = []
     for _ in range(runs):
         f = tflow.tflow(resp=tutils.tresp())
-        f.request.path = "/v1/chat/completions"
-        f.metadata["douane"] = {"interaction": {"protocol": "openai"}}
+        f.request.method = "POST"
+        f.request.path = "/v1/messages" if protocol == "anthropic" else "/v1/chat/completions"
+        f.metadata["douane"] = {"interaction": {"protocol": protocol}}
         f.request.headers["content-type"] = "application/json"
         f.request.text = request
         f.response.headers["content-type"] = ctype
@@ -57,6 +65,18 @@ def main() -> int:
     leaky = "".join(_openai_chat_events("m", _pieces(text + KEY, 4)))
     bench("same stream, a secret split across deltas", prompt, "text/event-stream", leaky,
           streamed=(text + KEY,))
+    ask = json.dumps({"model": "m", "max_tokens": 99, "messages": [
+        {"role": "user", "content": WORDS * 4}]})
+    for label, blocks in (("clean", [WORDS * 8] * 3),
+                          ("a secret split across two", [WORDS * 8 + KEY[:9], KEY[9:] + " " + WORDS * 8,
+                                                         WORDS * 8])):
+        message = _anthropic("m", "")
+        message["content"] = [{"type": "text", "text": b} for b in blocks]
+        bench(f"Anthropic, 3 blocks in a row, {label}", ask, "application/json",
+              json.dumps(message), streamed=("".join(blocks),), protocol="anthropic")
+        stream = "".join(anthropic_stream(message, lambda t: _pieces(t, 4)))
+        bench(f"  the same streamed ({label})", ask, "text/event-stream", stream,
+              streamed=tuple(blocks), protocol="anthropic")
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 import subprocess
 import threading
 import time
@@ -269,17 +271,17 @@ CITATION = {"type": "char_location", "cited_text": "keys rotate", "document_inde
             "document_title": "ops", "start_char_index": 0, "end_char_index": 11}
 
 
-def _blocks_in_a_row(f: http.HTTPFlow, case: str) -> None:
-    """An Anthropic answer's text blocks in a row, or a Responses answer's output parts, whole
-    or streamed (3 characters an event) as the APIs stream them."""
+def _blocks_in_a_row(f: http.HTTPFlow, case: str, texts: tuple[str, ...] = SHARES) -> None:
+    """An Anthropic answer's text blocks in a row (`texts`), or a Responses answer's output
+    parts, whole or streamed (3 characters an event) as the APIs stream them."""
     if case.startswith("anthropic"):
         f.metadata["douane"] = {"interaction": {"protocol": "anthropic"}}
         f.request.path = "/v1/messages"
         f.request.text = json.dumps({"model": "m", "max_tokens": 9, "messages": [
             {"role": "user", "content": "which key?"}]})
         answer = _anthropic("m", "")
-        answer["content"] = [{"type": "text", "text": SHARES[0], "citations": [CITATION]},
-                             {"type": "text", "text": SHARES[1]}]
+        answer["content"] = [{"type": "text", "text": texts[0], "citations": [CITATION]},
+                             *({"type": "text", "text": text} for text in texts[1:])]
         events = anthropic_stream
     else:
         f.metadata["douane"] = {"interaction": {"protocol": "openai"}}
@@ -287,7 +289,7 @@ def _blocks_in_a_row(f: http.HTTPFlow, case: str) -> None:
         f.request.text = json.dumps({"model": "m", "input": "which key?"})
         answer = _responses("m", "")
         answer["output"][0]["content"] = [
-            {"type": "output_text", "text": text, "annotations": []} for text in SHARES]
+            {"type": "output_text", "text": text, "annotations": []} for text in texts]
         events = responses_stream
     if case.endswith("streamed"):
         f.response.headers["content-type"] = "text/event-stream"
@@ -388,6 +390,84 @@ def test_no_secret_survives_the_writer_wherever_it_is(case, monkeypatch):
     monkeypatch.setattr(writer.secrets, "matches", lambda text: True)
     assert writer.tnetstring_of(recording_of(f.get_state(), frozenset({"cookie"}), streamed)) \
         == data
+
+
+@pytest.mark.parametrize("case", BLOCKS_IN_A_ROW)
+def test_a_secret_cut_anywhere_across_blocks_is_redacted_and_a_clean_answer_kept(case):
+    """Random cuts (seeded): the key in 2 or 3 blocks in a row, one cut inside it and any other
+    anywhere, is in no recording, as stored or as read; each block keeps its place, its share
+    redacted, the blocks read as the whole text redacted. The same blocks without a key are
+    recorded byte for byte."""
+    rng = random.Random(26)
+    text = "the key is " + PROJECT_KEY + " for that."
+    plain = ("the sky is " + "blue and " * 9)[:len(text) - 1] + "."  # cut where `text` is
+    marker = "<SECRET:detector.secret.api_key>"
+    for _ in range(12):
+        inside = rng.randrange(len("the key is ") + 1, len("the key is ") + len(PROJECT_KEY))
+        cuts = sorted({inside, *rng.sample(range(1, len(text)), rng.choice((0, 1)))})
+        for source in (text, plain):
+            blocks = tuple(source[a:b] for a, b in zip([0, *cuts], [*cuts, len(source)],
+                                                        strict=True))
+            f = _leaky_flow("response body")
+            _blocks_in_a_row(f, case, blocks)
+            written = recording_of(f.get_state(), frozenset(), _texts_read(f))
+            if source == plain:
+                assert written["response"] == f.get_state()["response"], cuts
+                continue
+            data = writer.tnetstring_of(written)
+            recorded = http.HTTPFlow.from_state(written)
+            read = transcript.render(recorded)
+            for i in range(len(PROJECT_KEY) - 4):
+                share = PROJECT_KEY[i:i + 5]
+                assert share.encode() not in data and share not in read, (cuts, share)
+            if not case.endswith("streamed"):
+                doc = json.loads(recorded.response.content)
+                parts = doc["content"] if "content" in doc else doc["output"][0]["content"]
+                assert len(parts) == len(blocks), cuts
+                joined = "".join(p["text"] for p in parts)
+                assert re.sub(f"(?:{re.escape(marker)})+", marker, joined) == \
+                    f"the key is {marker} for that.", (cuts, joined)
+
+
+@pytest.mark.parametrize("protocol", ["anthropic", "openai"])
+def test_a_key_split_across_blocks_is_in_no_recording_through_a_gateway(issuer, tmp_path,
+                                                                         protocol):
+    """Through a real gateway, no masking: the key split across an Anthropic answer's text blocks
+    (around a citation) or a Responses answer's output parts, whole and streamed. The client gets
+    it; no recording keeps a share of it, as stored or as read."""
+    llm = FakeUpstream()
+    f = tflow.tflow(resp=tutils.tresp())
+    _blocks_in_a_row(f, f"{'anthropic' if protocol == 'anthropic' else 'responses'} whole")
+    llm.document = json.loads(f.response.content)
+    gw = Gateway(base_config(issuer.url, llm.url, recording={}, protocol=protocol),
+                 mode=f"reverse:{llm.url}", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+                 workdir=tmp_path / "gw")
+    token = issuer.mint("dan@corp")
+    path, ask = ("/v1/messages", {"model": "m", "max_tokens": 9, "messages": [
+        {"role": "user", "content": "which key?"}]}) if protocol == "anthropic" else \
+        ("/v1/responses", {"model": "m", "input": "which key?"})
+    try:
+        for stream in (False, True):
+            answer = httpx.post(gw.url + path, json={**ask, "stream": stream}, timeout=30,
+                                headers={"authorization": f"Bearer {token}"})
+            assert answer.status_code == 200, answer.text
+            assert stream or all(share in answer.text for share in SHARES)  # the client's
+        written(gw, 2)
+    finally:
+        gw.stop()
+        llm.close()
+    flows = [f for p in recordings(gw).rglob("*.mitm") for _, f in index.read_flows(p)]
+    assert len(flows) == 2
+    for flow in flows:
+        read = transcript.render(flow)
+        assert "<SECRET:detector.secret.api_key>" in read
+        for i in range(len(PROJECT_KEY) - 4):
+            assert PROJECT_KEY[i:i + 5] not in read, read
+    for path_ in recordings(gw).rglob("*"):
+        if path_.is_file():
+            data = path_.read_bytes()
+            assert not any(PROJECT_KEY[i:i + 7].encode() in data
+                           for i in range(len(PROJECT_KEY) - 6)), path_
 
 
 def test_sessions_commands(recorded, capsys):
