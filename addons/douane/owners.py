@@ -6,11 +6,11 @@ completion.
 douane sends every user's requests to an upstream with one credential, so such an id is all the
 upstream tells users apart by: another user holding it (from a screen, a log, a recording) would
 continue that conversation or act in that session. Each id is remembered with the user it was
-issued to (per replica, the latest `SIZE`), and another user naming it is refused as the upstream
-refuses an id it does not know. A `previous_response_id` or MCP session this replica did not see
-issued passes (another replica, or one before a restart, may have); a conversation, or a stored
-object named in a granted operation's path, must have been issued here to the caller (those ids
-are new to douane: nothing in use relies on them passing).
+issued to (per replica, per kind the latest `SIZE` issued or used), and another user naming it is
+refused as the upstream refuses an id it does not know. A `previous_response_id` or MCP session
+this replica did not see issued passes (another replica, or one before a restart, may have); a
+conversation, or a stored object named in a granted operation's path, must have been issued here
+to the caller (those ids are new to douane: nothing in use relies on them passing).
 """
 
 from __future__ import annotations
