@@ -7,10 +7,10 @@ douane sends every user's requests to an upstream with one credential, so such a
 upstream tells users apart by: another user holding it (from a screen, a log, a recording) would
 continue that conversation or act in that session. Each id is remembered with the user it was
 issued to (per replica, per kind the latest `SIZE` issued or used), and another user naming it is
-refused as the upstream refuses an id it does not know. A `previous_response_id` or MCP session
-this replica did not see issued passes (another replica, or one before a restart, may have); a
-conversation, or a stored object named in a granted operation's path, must have been issued here
-to the caller (those ids are new to douane: nothing in use relies on them passing).
+refused as the upstream refuses an id it does not know. An id this replica did not see issued
+passes, whatever its kind: another replica (without sticky routing, a user's next connection may
+reach any worker) or this one before a restart issued it, and conversations live for weeks;
+refusing those would refuse every user their own conversations after each restart.
 """
 
 from __future__ import annotations
@@ -69,15 +69,15 @@ class Owners:
             self._owner.popitem(last=False)
 
     def foreign(self, upstream: str, keys: list[str], user: str) -> bool:
-        """Whether one of `keys` was issued to another user."""
-        return any(self._owner.get((upstream, k), user) != user for k in keys)
-
-    def issued_to(self, upstream: str, key: str, user: str) -> bool:
-        """Whether `key` was issued to `user` (here, among the latest `SIZE` issued or used)."""
-        if self._owner.get((upstream, key)) != user:
-            return False
-        self._owner.move_to_end((upstream, key))  # in use: kept, as it is refused once dropped
-        return True
+        """Whether one of `keys` was issued to another user (here, among the latest `SIZE` issued
+        or used)."""
+        for key in keys:
+            owner = self._owner.get((upstream, key))
+            if owner is not None and owner != user:
+                return True
+            if owner is not None:
+                self._owner.move_to_end((upstream, key))  # in use: kept, so it stays its user's
+        return False
 
 
 class StoredObjects:
@@ -98,8 +98,8 @@ class StoredObjects:
             for m in STORED_PATH.finditer(flow.request.path.split("?")[0]):
                 kind, named = m[1].lower(), m[2]
                 if (kind, named) not in NOT_IDS and \
-                        not self.owners[kind].issued_to(upstream, named, user):
-                    self._refuse(flow, kind, "the path names one not issued to this user")
+                        self.owners[kind].foreign(upstream, [named], user):
+                    self._refuse(flow, kind, "the path names one issued to another user")
                     return
             if not flow.request.raw_content:
                 return
@@ -117,9 +117,10 @@ class StoredObjects:
             return
         conversation = doc.get("conversation")
         named = conversation.get("id") if isinstance(conversation, dict) else conversation
-        if conversation is not None and not (isinstance(named, str) and  # `{"id": "conv_..."}`
-                                             conversations.issued_to(upstream, named, user)):
-            self._refuse(flow, "conversations", "conversation names one not issued to this user")
+        if conversation is not None and not isinstance(named, str):  # `{"id": "conv_..."}`
+            self._refuse(flow, "conversations", "conversation names no id douane can read")
+        elif conversation is not None and conversations.foreign(upstream, [named], user):
+            self._refuse(flow, "conversations", "conversation names one issued to another user")
 
     def response(self, flow: http.HTTPFlow) -> None:
         st = state(flow)
