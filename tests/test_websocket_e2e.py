@@ -85,9 +85,9 @@ def test_a_denied_prompt_never_reaches_the_upstream_and_the_connection_is_cut(se
     client.send(item("and now something harmless"))  # nothing passes a cut connection
     assert client.receive(timeout=1) is None
     assert len(upstream.received) == before
-    records = [r for r in gw.audit_records(wait_for=1)
-               if r.get("event") == "websocket_message" and r["decision_id"] == decision]
-    assert records and records[0]["action"] == "block"
+    records = gw.audit_where(lambda r: r.get("event") == "websocket_message"
+                             and r["decision_id"] == decision)
+    assert records[0]["action"] == "block"
     assert records[0]["reasons"][0]["rule"] == "policy.websocket"
     client.close()
 
