@@ -106,8 +106,10 @@ def recording_of(snapshot: dict, names: frozenset[str], streamed: tuple[str, ...
     metadata = untrusted.scrub_all(
         {k: v for k, v in snapshot["metadata"].items() if k in ("douane", "user")})
     response = snapshot["response"]
-    if response and _split(streamed):  # before each value is redacted alone (a share of it
-        flow = http.HTTPFlow(_CLIENT, _SERVER)  # would then be left)
+    # Before each value is redacted alone: a share of a split secret that is one alone would be
+    # replaced, and the rest of it, in the next value, left.
+    if response and _split(streamed):
+        flow = http.HTTPFlow(_CLIENT, _SERVER)
         flow.id, flow.metadata = snapshot["id"], metadata
         flow.request = http.Request.from_state(request)
         flow.response = http.Response.from_state(response)
@@ -133,9 +135,8 @@ def texts_read(it: Interaction, stream: bool) -> tuple[str, ...]:
 def _split(texts: tuple[str, ...]) -> bool:
     """Whether a secret shows in one of `texts`, or in their join (a stream's channels are in
     the order they started: blocks in a row are next to each other)."""
-    joined = "".join(texts)
     return any(secrets.find(text) for text in texts) or \
-        len(texts) > 1 and bool(secrets.find(joined))
+        len(texts) > 1 and bool(secrets.find("".join(texts)))
 
 
 def _message(state: dict, names: frozenset[str], cls: type[http.Message]) -> dict:
