@@ -140,8 +140,11 @@ ORDER = Order(
     ),
     douane_stream_wait=(mask.douane_stream_wait,),  # a masked stream's end, analysed off the loop
     websocket_start=(timeouts.websocket_start,),
-    websocket_message=(police_websocket.websocket_message,),  # every message policed
-    websocket_end=(police_websocket.websocket_end,),
+    websocket_message=(
+        police_websocket.websocket_message,  # every message policed
+        record.websocket_message,  # the messages held past a bound are written and let go
+    ),
+    websocket_end=(police_websocket.websocket_end, record.websocket_end),
     client_connected=(timeouts.client_connected,),
     client_disconnected=(timeouts.client_disconnected,),
 )

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from douane.recording import index
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import Gateway, base_config
 from tests.support.ws_upstream import RealtimeUpstream, WsClient
@@ -279,5 +281,70 @@ def test_a_message_is_not_buffered_past_the_limit_while_it_arrives(setup, issuer
             client.sock.sendall(more)
     grown_mb = (peak() - start) / 1024
     client.close()
-    assert grown_mb < 100, f"the gateway grew {grown_mb:.0f} MB"
+    # +266 MB before; now +83-87 MB: the messages are let go, but something else still grows
+    # about 20 KB per message of this size (not found yet: docs/security.md, stop 26)
+    assert grown_mb < 150, f"the gateway grew {grown_mb:.0f} MB"
     assert len(upstream.received) == before
+
+
+@pytest.fixture(scope="module")
+def recorded(issuer, tmp_path_factory):
+    yield from realtime_gateway(issuer, tmp_path_factory.mktemp("websocket_recorded"),
+                                gateway={"body_size_limit": "1m"}, recording={})
+
+
+def recorded_messages(gw: Gateway) -> list[tuple[int, bytes]]:
+    """The WebSocket messages in the session files, as (part, content), in file order."""
+    found = []
+    for path in sorted((gw.state_dir / "recordings").rglob("*.mitm")):
+        for _, flow in index.read_flows(path):
+            part = flow.metadata.get("douane", {}).get("websocket_part", 0)
+            found += [(part, m.content) for m in (flow.websocket.messages if flow.websocket else [])]
+    return found
+
+
+def peak_kb(gw: Gateway) -> int:
+    status = Path(f"/proc/{gw.proc.pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+
+
+def test_a_long_session_is_not_held_in_memory(setup, issuer):
+    """mitmproxy keeps every message of a WebSocket in its flow until the connection ends: 4,000
+    prompts of 64 KiB (250 MiB) grew the gateway by as much. Past 1,000 messages or 8 MiB held,
+    they are let go (written to the recording first when there is one: next test)."""
+    gw, upstream = setup
+    client = connect(gw, issuer.mint("alice@corp.example", ["engineering"]))
+    start = peak_kb(gw)
+    for i in range(4000):
+        client.send(item(f"prompt {i} " + "x" * (64 * 1024)))
+        assert client.receive(timeout=30)["delta"] == upstream.reply  # a model's pace
+    grown_mb = (peak_kb(gw) - start) / 1024
+    client.close()
+    print(f"\nwebsocket figures: 4,000 prompts of 64 KiB, peak memory +{grown_mb:.0f} MB")
+    # +266 MB before; now +83-87 MB: the messages are let go, but something else still grows
+    # about 20 KB per message of this size (not found yet: docs/security.md, stop 26)
+    assert grown_mb < 150, f"the gateway grew {grown_mb:.0f} MB"
+
+
+def test_a_long_session_is_recorded_whole_in_parts(recorded, issuer):
+    """The messages let go are in the recording first (douane recorded a WebSocket at its
+    upgrade, without any message): every message once, in order, parts written while the
+    session is open."""
+    gw, upstream = recorded
+    client = connect(gw, issuer.mint("alice@corp.example", ["engineering"]))
+    sent = [item(f"prompt {i}") for i in range(1200)]
+    for message in sent:
+        client.send(message)
+        assert client.receive(timeout=30)["delta"] == upstream.reply
+    deadline = time.monotonic() + 60
+    while not any(part for part, _ in recorded_messages(gw)):  # written while still open
+        assert time.monotonic() < deadline, "no part of the open session was recorded"
+        time.sleep(0.2)
+    client.close()
+    deadline = time.monotonic() + 60
+    while len(found := recorded_messages(gw)) < 2 * len(sent):
+        assert time.monotonic() < deadline, f"{len(found)} messages recorded"
+        time.sleep(0.2)
+    assert len(found) == 2 * len(sent)
+    assert [c.decode() for _, c in found if c.startswith(b'{"type": "conv')] == sent
+    assert sorted({part for part, _ in found}) == [1, 2, 3]

@@ -20,7 +20,8 @@ Why this touches mitmproxy: mitmproxy 12.2 joins a message's frames until its la
 many (300 MiB of frames that never finish grew the gateway by as much), before any hook can see
 the message. Its WebSocket layer is wrapped (checked against its version and source at start,
 like `protocols.streamwait`): past mitmproxy's `body_size_limit` (which douane sets from its own
-limits) of one message, both connections are closed and the flow ends with an error. No
+limits) of one message, or once a hook has set the flow's error (`recording.addon.Record`: the
+recording writer cannot keep up), both connections are closed and the flow ends with an error. No
 compression is negotiated (`routing.Broker` drops the client's offer): mitmproxy would inflate a
 message whole.
 """
@@ -60,11 +61,15 @@ _relay_messages = WebsocketLayer.relay_messages
 def _relay_bounded(self: WebsocketLayer, event: events.Event) -> layer.CommandGenerator[None]:
     yield from _relay_messages(self, event)
     limit = human.parse_size(self.context.options.body_size_limit)
-    if getattr(self._handle_event, "__func__", None) is not _relay_bounded or limit is None or \
-            all(sum(map(len, ws.frame_buf)) <= limit for ws in (self.client_ws, self.server_ws)):
+    too_large = limit is not None and \
+        any(sum(map(len, ws.frame_buf)) > limit for ws in (self.client_ws, self.server_ws))
+    # a hook that set an error (`Record`: the recording cannot keep up) ends the connection too
+    if getattr(self._handle_event, "__func__", None) is not _relay_bounded or \
+            not (too_large or self.flow.error):
         return
     assert self.flow.websocket
-    self.flow.error = FlowError(f"douane: a WebSocket message exceeds {limit} bytes")
+    if too_large:
+        self.flow.error = FlowError(f"douane: a WebSocket message exceeds {limit} bytes")
     for ws in (self.client_ws, self.server_ws):
         ws.frame_buf = [b""]
         yield commands.CloseConnection(ws.conn)

@@ -9,13 +9,23 @@ snapshot of the flow; a writer process (`writer`), handed the flows a burst at a
 and those of the last window. Streamed answers are recorded as delivered (the Inspect addon
 turns on `store_streamed_bodies`). Flows read back (`-r`) or replayed are not recorded again.
 When configured, the unmasked originals are sealed for auditors beside it (`originals`).
+
+A WebSocket is recorded as its upgrade (at the 101), then its messages in parts: mitmproxy keeps
+every message of a connection in the flow until it ends, so past `WS_MESSAGES` messages or
+`WS_BYTES` bytes the messages held are handed to the writer as a flow of their own (the
+upgrade's metadata, an id derived from its own, `websocket_part` numbering them) and let go; the
+rest at the end. While the writer is congested under `on_error: refuse`, the part is still
+written and the session is closed (`flow.error`: `douane.websocket` closes both connections);
+under `on_error: continue`, or without a recording, the messages are let go unrecorded.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import logging
 import time
+import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Container
@@ -24,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mitmproxy import connection, exceptions, http, version
+from mitmproxy.flow import Error as FlowError
 
 from douane import untrusted
 from douane.flowstate import Reason, peek, publish, state
@@ -34,6 +45,10 @@ from douane.recording.writer import RecordingWriter, SharedIndex, texts_read
 from douane.refusals import refuse
 from douane.settings import Settings
 
+logger = logging.getLogger(__name__)
+
+WS_MESSAGES = 1000  # WebSocket messages held in a flow before they are written as a part
+WS_BYTES = 8 * 1024**2  # ... or bytes of their content
 ISSUED_SESSIONS = 100_000  # MCP session ids issued by upstreams, remembered (the latest)
 SCRUB_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "cookie", "set-cookie",
                  "x-goog-api-key", "api-key")
@@ -134,6 +149,8 @@ class Record:
         self.writer: RecordingWriter | None = None
         self.shared: SharedIndex | None = None
         self.issued: OrderedDict[str, None] = OrderedDict()
+        # per WebSocket flow id: (parts written, bytes of the messages held)
+        self.ws_held: dict[str, tuple[int, int]] = {}
 
     def configure(self, updated: set[str]) -> None:
         if "douane_config" not in updated and self.writer is not None:
@@ -176,6 +193,49 @@ class Record:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._record(flow)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        assert flow.websocket
+        messages = flow.websocket.messages
+        parts, held = self.ws_held.get(flow.id, (0, 0))
+        held += len(messages[-1].content)
+        self.ws_held[flow.id] = parts, held
+        # the earlier messages are settled (the one at hand may still be dropped)
+        if (len(messages) > WS_MESSAGES or held > WS_BYTES) and \
+                not self._write_messages(flow, len(messages) - 1):
+            messages[-1].drop()  # not recorded, not delivered
+            flow.error = FlowError("douane: the recording writer cannot keep up; the WebSocket "
+                                   "is closed")
+            logger.warning("douane: WebSocket closed (decision %s): the recording writer cannot "
+                           "keep up", flow.metadata.get("douane", {}).get("decision_id"))
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        assert flow.websocket
+        if flow.websocket.messages:
+            self._write_messages(flow, len(flow.websocket.messages))
+        self.ws_held.pop(flow.id, None)
+
+    def _write_messages(self, flow: http.HTTPFlow, count: int) -> bool:
+        """Hand a WebSocket's first `count` messages to the writer and let them go; False when
+        the writer is congested under `on_error: refuse` (they are written all the same)."""
+        assert flow.websocket
+        held, rest = flow.websocket.messages[:count], flow.websocket.messages[count:]
+        parts, _ = self.ws_held.get(flow.id, (0, 0))
+        self.ws_held[flow.id] = parts + 1, sum(len(m.content) for m in rest)
+        st = peek(flow)
+        if self.writer is None or self.recording is None or st is None or \
+                not flow.metadata.get("douane_recorded") or \
+                (self.writer.congested and self.recording.on_error == "continue"):
+            flow.websocket.messages = rest  # nothing records them (the upgrade was not)
+            return True
+        flow.websocket.messages = held
+        part = snapshot(flow)
+        flow.websocket.messages = rest
+        part["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"douane:{flow.id}/{parts + 1}"))
+        part["metadata"].setdefault("douane", {})["websocket_part"] = parts + 1
+        self.writer.put(str(session_path(flow, self.recording, self.issued)), part,
+                        credential_headers(flow, self.recording.scrub_headers))
+        return not self.writer.congested
 
     def _record(self, flow: http.HTTPFlow) -> None:
         st = peek(flow)
