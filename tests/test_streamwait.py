@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from mitmproxy.proxy.layers.http import HttpStream
 
-from douane.protocols import streamwait
+from douane.protocols import mitmpatch, streamwait
 
 
 def test_install_wraps_mitmproxys_stream_state_once():
@@ -17,7 +17,7 @@ def test_install_wraps_mitmproxys_stream_state_once():
 
 
 def test_another_mitmproxy_version_refuses_to_start(monkeypatch):
-    monkeypatch.setattr(streamwait.version, "VERSION", "13.0.0")
+    monkeypatch.setattr(mitmpatch.version, "VERSION", "13.0.0")
     with pytest.raises(ValueError, match="this is mitmproxy 13.0.0"):
         streamwait.install()
 

@@ -28,13 +28,11 @@ message whole.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
 import logging
 from typing import Any
 
-from mitmproxy import ctx, exceptions, http, version
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.flow import Error as FlowError
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.websocket import WebsocketEndHook, WebsocketLayer
@@ -46,14 +44,14 @@ from douane.flowstate import FlowState, Reason, peek
 from douane.interaction import Interaction, JsonPath, Kind, Role, TextPiece
 from douane.policy import engine
 from douane.policy.addon import Enforce, explain
-from douane.protocols import fields, openai
+from douane.protocols import fields, mitmpatch, openai
 from douane.untrusted import loggable
 
 logger = logging.getLogger(__name__)
 
 TAIL = 2048  # characters of a direction's earlier text, per kind, matched with each message
-VERSION = "12.2."
-EXPECTED = "2d451252c7287da0d392ab91ede1d881954ad2fa101513e1857db9492b4582ca"  # relay_messages
+EXPECTED = {"relay_messages":
+            "2d451252c7287da0d392ab91ede1d881954ad2fa101513e1857db9492b4582ca"}
 
 _relay_messages = WebsocketLayer.relay_messages
 
@@ -81,11 +79,8 @@ def _relay_bounded(self: WebsocketLayer, event: events.Event) -> layer.CommandGe
 def install() -> None:
     """Wrap mitmproxy's WebSocket relay (once); ValueError when this mitmproxy is not the one the
     wrap was written for."""
-    digest = hashlib.sha256(inspect.getsource(_relay_messages).encode()).hexdigest()
-    if not version.VERSION.startswith(VERSION) or digest != EXPECTED:
-        raise ValueError(f"douane: WebSockets need mitmproxy {VERSION}x as douane knows it (it "
-                         f"buffers a message without bound); this is mitmproxy {version.VERSION}"
-                         + ("" if digest == EXPECTED else ", with a different relay_messages"))
+    mitmpatch.check("WebSockets need", "it buffers a message without bound",
+                    {"relay_messages": _relay_messages}, EXPECTED)
     WebsocketLayer.relay_messages = _relay_bounded  # type: ignore[method-assign]
 
 

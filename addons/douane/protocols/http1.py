@@ -25,12 +25,10 @@ The wraps are checked against mitmproxy's version and source at start, like `str
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import weakref
 
 import h11
-from mitmproxy import http, version
+from mitmproxy import http
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
     ErrorCode,
@@ -47,7 +45,8 @@ from mitmproxy.proxy.layers.http._http1 import (
     make_error_response,
 )
 
-VERSION = "12.2."
+from douane.protocols import mitmpatch
+
 MAX_BUFFERED = 256 * 1024  # bytes of a connection buffered (a 40 KB token fits a head)
 UPSTREAM_OVERFLOW = "douane: the upstream sent more than"  # its answer's error, audited
 # sha256 of the source of each function wrapped
@@ -130,19 +129,10 @@ def _upstream_overflow(self: Http1Client, in_head: bool) -> layer.CommandGenerat
             code=ErrorCode.GENERIC_SERVER_ERROR))
 
 
-def _digest(name: str) -> str:
-    function = _read_body if name == "read_body" else _handle_event
-    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
-
-
 def install() -> None:
     """Wrap mitmproxy's HTTP/1 reading (once); ValueError when this mitmproxy is not the one the
     wraps were written for."""
-    wrong = [name for name, digest in EXPECTED.items() if _digest(name) != digest]
-    if not version.VERSION.startswith(VERSION) or wrong:
-        raise ValueError(
-            f"douane: HTTP/1 needs mitmproxy {VERSION}x as douane knows it (its reader has no "
-            f"bound on what it buffers and fails on trailers); this is mitmproxy "
-            f"{version.VERSION}" + (f", with a different {', '.join(wrong)}" if wrong else ""))
+    mitmpatch.check("HTTP/1 needs", "its reader has no bound on what it buffers and fails on "
+                    "trailers", {"read_body": _read_body, "_handle_event": _handle_event}, EXPECTED)
     Http1Connection.read_body = read_body  # type: ignore[method-assign]
     Http1Connection._handle_event = handle_event  # type: ignore[method-assign]

@@ -23,11 +23,9 @@ the loop again, or lose its wait).
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 from dataclasses import dataclass
 
-from mitmproxy import http, version
+from mitmproxy import http
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
     HttpStream,
@@ -36,10 +34,10 @@ from mitmproxy.proxy.layers.http import (
     SendHttp,
 )
 
+from douane.protocols import mitmpatch
 from douane.protocols.streams import StreamRewriter
 
 # mitmproxy's code this module was written against (sha256 of each function's source)
-VERSION = "12.2."
 EXPECTED = {
     "state_stream_response_body":
         "3fb6320300d3ddd5569cfe3c04720b339cd64e400956b7d55b5d31fdcaf22e49",
@@ -92,18 +90,10 @@ def _wait(self: HttpStream, stream: StreamRewriter, end: bool) -> layer.CommandG
             stream.abort("douane could not finish inspecting this stream and ended it")
 
 
-def _digest(name: str) -> str:
-    function = _original if name == "state_stream_response_body" else getattr(HttpStream, name)
-    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
-
-
 def install() -> None:
     """Wrap mitmproxy's streaming state (once); ValueError when this mitmproxy is not the one
     the wrap was written for."""
-    wrong = [name for name, digest in EXPECTED.items() if _digest(name) != digest]
-    if not version.VERSION.startswith(VERSION) or wrong:
-        raise ValueError(
-            f"douane: masked streams need mitmproxy {VERSION}x as douane knows it (its stream "
-            f"layer is paused while an answer's end is analysed); this is mitmproxy "
-            f"{version.VERSION}" + (f", with a different {', '.join(wrong)}" if wrong else ""))
+    mitmpatch.check("masked streams need", "its stream layer is paused while an answer's end is "
+                    "analysed", {"state_stream_response_body": _original,
+                                 "check_killed": HttpStream.check_killed}, EXPECTED)
     HttpStream.state_stream_response_body = _state_stream_response_body  # type: ignore
