@@ -53,7 +53,7 @@ resource_metadata = ProtectedResourceMetadata(settings)
 resource_access = ResourceAccess()
 broker = Broker(settings, enforce.policy)
 inspect = Inspect(settings)
-stored_objects = StoredObjects()
+stored_objects = StoredObjects(settings, shared)  # ids bound to their users, in the store
 police_websocket = PoliceWebSocket(enforce, audit_trail)
 originals = KeepOriginals(settings)
 mark = Mark()
@@ -88,6 +88,7 @@ ORDER = Order(
         authenticate.requestheaders,
         resource_access.requestheaders,  # an MCP resource's tokens: issued for it, its scopes
         broker.requestheaders,  # grants may name operations douane does not parse
+        stored_objects.requestheaders,  # an MCP session of another user is unknown
         inspect.requestheaders,
         audit_trail.requestheaders,  # no request goes on while the audit log cannot be written
         record.requestheaders,
@@ -107,6 +108,7 @@ ORDER = Order(
     responseheaders=(
         keep_refusals.responseheaders,  # first: a refusal is never replaced (server replay)
         broker.responseheaders,  # the credential has been sent: forgotten
+        stored_objects.responseheaders,  # an MCP session is bound before its id leaves
         inspect.responseheaders,  # an SSE answer is rewritten event by event; filters follow
         pins.responseheaders,
         enforce.responseheaders,

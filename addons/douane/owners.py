@@ -5,28 +5,62 @@ completion.
 
 douane sends every user's requests to an upstream with one credential, so such an id is all the
 upstream tells users apart by: another user holding it (from a screen, a log, a recording) would
-continue that conversation or act in that session. Each id is remembered with the user it was
-issued to (per replica, per kind the latest `SIZE` issued or used), and another user naming it is
-refused as the upstream refuses an id it does not know. An id this replica did not see issued
-passes, whatever its kind: another replica (without sticky routing, a user's next connection may
-reach any worker) or this one before a restart issued it, and conversations live for weeks;
-refusing those would refuse every user their own conversations after each restart.
+continue that conversation or act in that session. Each id is bound to the user it was issued to,
+in douane's store (`<state_dir>/owners.sqlite3`, shared by the workers of a host; the shared
+PostgreSQL with `database:`), so a binding holds on every replica and across restarts; each
+process keeps the latest it used in memory. Another user naming a bound id is refused as the
+upstream refuses an id it does not know. The store keeps a digest of each id (never the id), a
+binding unused for `TTL_SECONDS`, and a user's oldest past `PER_USER` per kind, are forgotten.
+
+An id the store does not hold (unseen):
+- an MCP session is refused (404, as the spec has a server answer a session it does not know: the
+  client starts a new one). douane writes each session's binding before its id reaches the
+  client, so an unseen session was never issued through douane (a forged id, one from before
+  douane, one forgotten): nobody is refused their own.
+- a stored answer, conversation or chat completion goes upstream and, when the upstream answers
+  it (so it exists), is bound to that user: adopted. Ids issued before douane was deployed live
+  for weeks (conversations for good) and are named by no binding; refusing them would take every
+  user's earlier conversations away, passing them would leave them to anyone for good. Adopted,
+  each is its first user's from then on. An id never answered (a guess) grows no row.
+A store that cannot answer refuses what needs it (503 `store_unavailable`, `store.unavailable`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
 import re
+import sqlite3
+import time
+import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from mitmproxy import http
 
-from douane import protocols
+from douane import headerfields, protocols
 from douane.flowstate import Reason, state
 from douane.refusals import refuse
+from douane.settings import Settings
+from douane.store import StoreUnavailable
+from douane.store.addon import SharedStore
+from douane.store.postgres import PgStore
 
-SIZE = 100_000
+logger = logging.getLogger(__name__)
+
+SIZE = 100_000  # bindings each process keeps in memory, per kind
+TTL_SECONDS = 90 * 86400  # a binding unused this long is forgotten
+TOUCH_SECONDS = 3600  # a binding in use is marked used in the store at most this often
+PER_USER = 10_000  # bindings kept per user, upstream and kind (their least recently used go)
+PRUNE_SECONDS = 600  # how often a process forgets the expired and the excess
+SESSION_IDS = 8  # values of a folded `Mcp-Session-Id` douane reads; more is refused
 ISSUED_BYTES = 64 * 1024  # where an answer names its id (a stream: its first event)
+MCP = "mcp"
 
 
 @dataclass(frozen=True)
@@ -58,80 +92,345 @@ def _issued(prefix: str) -> re.Pattern[bytes]:
 ISSUED = {name: _issued(kind.prefix) for name, kind in KINDS.items()}
 
 
-class Owners:
+def digest(upstream: str, kind: str, object_id: str) -> str:
+    """What the store keeps of an id: bounded whatever its length, and no id to steal."""
+    return hashlib.sha256(f"{upstream}\0{kind}\0{object_id}".encode(errors="replace")
+                          ).hexdigest()[:32]
+
+
+# --- the store: the same statements on SQLite and PostgreSQL ----------------------------------
+
+SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS owners (
+    key TEXT PRIMARY KEY, kind TEXT NOT NULL, username TEXT NOT NULL, upstream TEXT NOT NULL,
+    used_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS owners_user ON owners (username, upstream, kind, used_at);
+CREATE INDEX IF NOT EXISTS owners_used ON owners (used_at);
+"""
+_BIND = ("INSERT INTO owners (key, kind, username, upstream, used_at) VALUES (%s, %s, %s, %s, %s) "
+         "ON CONFLICT (key) DO UPDATE SET username = excluded.username, used_at = excluded.used_at")
+BIND = _BIND  # issued: the upstream's word is the last
+ADOPT = _BIND + " WHERE owners.used_at <= %s"  # unseen (or forgotten): the first user's
+TOUCH = "UPDATE owners SET used_at = %s WHERE key = %s AND used_at < %s"
+EXPIRE = "DELETE FROM owners WHERE used_at <= %s"
+EXCESS = ("DELETE FROM owners WHERE key IN (SELECT key FROM (SELECT key, row_number() OVER ("
+          "PARTITION BY username, upstream, kind ORDER BY used_at DESC) AS n FROM owners) AS r "
+          "WHERE n > %s)")
+
+
+def _owners_of(n: int) -> str:
+    return f"SELECT key, username, used_at FROM owners WHERE key IN ({', '.join(['%s'] * n)}) " \
+           "AND used_at > %s"
+
+
+@dataclass(frozen=True)
+class Binding:
+    user: str
+    used_at: float
+
+
+class SqliteBindings:
+    """The embedded default: a SQLite file in WAL mode (the workers of a host share it), every
+    call on one thread of its own (the event loop only awaits)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, "douane-owners-db")
+        self._db: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=5,
+                                 check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SQLITE_SCHEMA)
+            self._db = db
+        return self._db
+
+    async def _run(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[tuple]:
+        def run() -> list[tuple]:
+            rows: list[tuple] = []
+            for query, params in statements:
+                rows += self._conn().execute(query.replace("%s", "?"), params).fetchall()
+            return rows
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"douane's store of owners is unavailable: {e}") from None
+
+    async def owners(self, keys: list[str], now: float) -> dict[str, Binding]:
+        rows = await self._run([(_owners_of(len(keys)), [*keys, now - TTL_SECONDS])])
+        found = {key: Binding(user, used) for key, user, used in rows}
+        touch = [(TOUCH, (now, key, now - TOUCH_SECONDS)) for key, b in found.items()
+                 if b.used_at < now - TOUCH_SECONDS]
+        if touch:
+            await self._run(touch)
+        return found
+
+    async def execute(self, query: str, params: Sequence[Any]) -> None:
+        await self._run([(query, params)])
+
+    def close(self) -> None:
+        def close_db() -> None:
+            if self._db:
+                self._db.close()
+        self._executor.submit(close_db)
+        self._executor.shutdown(wait=True)
+
+
+class PgBindings:
+    """The fleet's: the shared PostgreSQL (`owners`, migration 4), on the event loop's pool."""
+
+    def __init__(self, pg: PgStore):
+        self.pg = pg
+
+    async def owners(self, keys: list[str], now: float) -> dict[str, Binding]:
+        rows = await self.pg.fetchall(_owners_of(len(keys)), [*keys, now - TTL_SECONDS])
+        found = {r["key"]: Binding(r["username"], r["used_at"]) for r in rows}
+        for key, b in found.items():
+            if b.used_at < now - TOUCH_SECONDS:
+                await self.execute(TOUCH, (now, key, now - TOUCH_SECONDS))
+        return found
+
+    async def execute(self, query: str, params: Sequence[Any]) -> None:
+        await self.pg.run(lambda conn: conn.execute(query, params))
+
+    def close(self) -> None:
+        pass  # the shared store's pool is closed by `SharedStore`
+
+
+class Bindings:
+    """Every kind's bindings: the store, and the latest used in memory (a binding cached and
+    marked used within `TOUCH_SECONDS` costs no round trip)."""
+
     def __init__(self) -> None:
-        self._owner: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self.store: SqliteBindings | PgBindings | None = None
+        self._cache: dict[str, OrderedDict[str, Binding]] = {}
+        self._pruned = 0.0
+        self._pruning: asyncio.Task[None] | None = None
 
-    def claim(self, upstream: str, key: str, user: str) -> None:
-        self._owner[upstream, key] = user
-        self._owner.move_to_end((upstream, key))
-        if len(self._owner) > SIZE:
-            self._owner.popitem(last=False)
+    def use(self, store: SqliteBindings | PgBindings) -> None:
+        if self.store is not None:
+            self.store.close()
+        self.store, self._cache = store, {}
 
-    def foreign(self, upstream: str, keys: list[str], user: str) -> bool:
-        """Whether one of `keys` was issued to another user (here, among the latest `SIZE` issued
-        or used)."""
-        for key in keys:
-            owner = self._owner.get((upstream, key))
-            if owner is not None and owner != user:
-                return True
-            if owner is not None:
-                self._owner.move_to_end((upstream, key))  # in use: kept, so it stays its user's
-        return False
+    def close(self) -> None:
+        if self._pruning is not None:
+            self._pruning.cancel()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def _cached(self, kind: str) -> OrderedDict[str, Binding]:
+        return self._cache.setdefault(kind, OrderedDict())
+
+    def _remember(self, kind: str, key: str, binding: Binding) -> None:
+        cache = self._cached(kind)
+        cache[key] = binding
+        cache.move_to_end(key)
+        if len(cache) > SIZE:
+            cache.popitem(last=False)
+
+    async def owners(self, upstream: str, kind: str, ids: Sequence[str]) -> list[str | None]:
+        """The user each id was issued to (None: unseen). Raises `StoreUnavailable`."""
+        assert self.store is not None
+        now = time.time()
+        keys = [digest(upstream, kind, i) for i in ids]
+        cache = self._cached(kind)
+        fresh = {k: b for k in keys if (b := cache.get(k)) and b.used_at > now - TOUCH_SECONDS}
+        missing = sorted(set(keys) - fresh.keys())
+        if missing:
+            found = await self.store.owners(missing, now)
+            for key, binding in found.items():
+                fresh[key] = Binding(binding.user, now)
+                self._remember(kind, key, fresh[key])
+        return [fresh[k].user if k in fresh else None for k in keys]
+
+    async def bind(self, upstream: str, kind: str, object_id: str, user: str,
+                   adopt: bool = False) -> None:
+        """`object_id` is `user`'s: issued to them, or (`adopt`) unseen and answered for them.
+        Raises `StoreUnavailable`."""
+        assert self.store is not None
+        now = time.time()
+        key = digest(upstream, kind, object_id)
+        params = (key, kind, user, upstream, now)
+        if adopt:
+            await self.store.execute(ADOPT, (*params, now - TTL_SECONDS))
+            self._cached(kind).pop(key, None)  # another's adoption may have won: read it again
+        else:
+            await self.store.execute(BIND, params)
+            self._remember(kind, key, Binding(user, now))
+        if now - self._pruned > PRUNE_SECONDS and (self._pruning is None or self._pruning.done()):
+            self._pruned = now
+            self._pruning = asyncio.get_running_loop().create_task(self.prune(now))
+
+    async def prune(self, now: float) -> None:
+        """Forget the bindings unused for `TTL_SECONDS`, and each user's past `PER_USER`."""
+        store = self.store
+        assert store is not None
+        try:
+            await store.execute(EXPIRE, (now - TTL_SECONDS,))
+            await store.execute(EXCESS, (PER_USER,))
+        except StoreUnavailable as e:
+            logger.warning("douane: forgetting expired owner bindings failed (%s)", e)
+
+
+def unavailable(flow: http.HTTPFlow, error: StoreUnavailable) -> None:
+    refuse(flow, 503, "douane cannot tell whose this id is now (its store of owners is "
+           "unavailable); retry shortly", "store_unavailable",
+           Reason("store.unavailable", str(error)))
 
 
 class StoredObjects:
-    """Answers, conversations and chat completions an upstream stores are named by the user they
-    were issued to only."""
+    """MCP sessions, and the answers, conversations and chat completions an upstream stores, are
+    named by the user they were issued to only."""
 
-    def __init__(self) -> None:
-        # a table per kind: answers, far more frequent, do not push conversations out
-        self.owners = {name: Owners() for name in KINDS}
+    def __init__(self, settings: Settings, shared: SharedStore | None = None):
+        self.settings, self.shared = settings, shared
+        self.bindings = Bindings()
+        self._pg: PgStore | None = None
+        self._path: Path | None = None
+        # ids a request named that the store did not hold: adopted if the upstream answers
+        self._unseen: weakref.WeakKeyDictionary[http.HTTPFlow, list[tuple[str, str]]] = \
+            weakref.WeakKeyDictionary()
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def configure(self, updated: set[str]) -> None:
+        pg = self.shared.pg if self.shared else None
+        path = self.settings.config.state_dir / "owners.sqlite3"
+        if self.bindings.store is not None and pg is self._pg and (pg or path == self._path):
+            return
+        self._pg, self._path = pg, path
+        self.bindings.use(PgBindings(pg) if pg else SqliteBindings(path))
+
+    def done(self) -> None:
+        self.bindings.close()
+
+    # --- MCP sessions ---------------------------------------------------------------------------
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """An MCP session the store does not bind to this user is unknown to them (404, as the
+        spec has a server answer a session it does not know; the client starts its own)."""
+        st = state(flow)
+        if flow.response or flow.error or not flow.live or st.upstream is None or \
+                st.upstream.protocol != "mcp" or st.identity is None:
+            return
+        session = headerfields.get(flow.request.headers, b"mcp-session-id")
+        if not session:
+            return
+        # given twice, the header is folded: the server may read either id
+        ids = list(dict.fromkeys([session, *(s.strip() for s in session.split(","))]))
+        if len(ids) > SESSION_IDS + 1:
+            why = "the Mcp-Session-Id header names too many sessions"
+        else:
+            try:
+                owners = await self.bindings.owners(st.upstream.name, MCP, ids)
+            except StoreUnavailable as e:
+                unavailable(flow, e)
+                return
+            if all(owner == st.identity.user for owner in owners):
+                return
+            why = "a session issued to another user" if any(owners) else \
+                "a session douane did not see issued"
+        refuse(flow, 404, "no such MCP session for this user; start a new one",
+               "mcp_session_unknown", Reason("mcp.session_owner", why))
+
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """A session's binding is written before its id reaches the client: its next request,
+        through any replica, finds it."""
+        st = state(flow)
+        if not flow.response or not flow.live or st.upstream is None or \
+                st.upstream.protocol != "mcp" or st.identity is None or \
+                (st.decision and st.decision.action == "refuse"):
+            return
+        issued = headerfields.get(flow.response.headers, b"mcp-session-id")
+        if not issued:
+            return
+        try:
+            await self.bindings.bind(st.upstream.name, MCP, issued, st.identity.user)
+        except StoreUnavailable as e:
+            unavailable(flow, e)
+
+    # --- stored objects -------------------------------------------------------------------------
+
+    async def request(self, flow: http.HTTPFlow) -> None:
         st = state(flow)
         if flow.response or flow.error or not self._governed(flow):
             return
         assert st.upstream and st.identity and st.interaction
+        named = self._named(flow)
+        if isinstance(named, str):
+            self._refuse(flow, "conversations", named)
+            return
         upstream, user = st.upstream.name, st.identity.user
+        unseen: list[tuple[str, str]] = []
+        for kind, object_id, where in named:
+            try:
+                owner = (await self.bindings.owners(upstream, kind, [object_id]))[0]
+            except StoreUnavailable as e:
+                unavailable(flow, e)
+                return
+            if owner is None:
+                unseen.append((kind, object_id))
+            elif owner != user:
+                self._refuse(flow, kind, f"{where} names one issued to another user")
+                return
+        if unseen:
+            self._unseen[flow] = unseen
+
+    def _named(self, flow: http.HTTPFlow) -> list[tuple[str, str, str]] | str:
+        """The stored objects a request names: (kind, id, where); a reason to refuse if it names
+        one douane cannot read."""
+        st = state(flow)
+        assert st.interaction
+        named: list[tuple[str, str, str]] = []
         if st.interaction.granted:
             for m in STORED_PATH.finditer(flow.request.path.split("?")[0]):
-                kind, named = m[1].lower(), m[2]
-                if (kind, named) not in NOT_IDS and \
-                        self.owners[kind].foreign(upstream, [named], user):
-                    self._refuse(flow, kind, "the path names one issued to another user")
-                    return
+                kind, object_id = m[1].lower(), m[2]
+                if (kind, object_id) not in NOT_IDS:
+                    named.append((kind, object_id, "the path"))
             if not flow.request.raw_content:
-                return
+                return named
         elif st.interaction.operation != "responses":
-            return
+            return named
         # a granted operation's body may name them too (`POST /v1/responses/input_tokens`)
-        responses, conversations = self.owners["responses"], self.owners["conversations"]
         doc = protocols.document(flow, "request")
         if not isinstance(doc, dict):
-            return
+            return named
         previous = doc.get("previous_response_id")
-        if isinstance(previous, str) and responses.foreign(upstream, [previous], user):
-            self._refuse(flow, "responses", "previous_response_id names an answer issued to "
-                                            "another user")
-            return
+        if isinstance(previous, str):
+            named.append(("responses", previous, "previous_response_id"))
         conversation = doc.get("conversation")
-        named = conversation.get("id") if isinstance(conversation, dict) else conversation
-        if conversation is not None and not isinstance(named, str):  # `{"id": "conv_..."}`
-            self._refuse(flow, "conversations", "conversation names no id douane can read")
-        elif conversation is not None and conversations.foreign(upstream, [named], user):
-            self._refuse(flow, "conversations", "conversation names one issued to another user")
+        if conversation is not None:
+            conversation_id = conversation.get("id") if isinstance(conversation, dict) \
+                else conversation
+            if not isinstance(conversation_id, str):  # `"conv_..."` or `{"id": "conv_..."}`
+                return "conversation names no id douane can read"
+            named.append(("conversations", conversation_id, "conversation"))
+        return named
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         st = state(flow)
-        if not self._governed(flow) or not flow.response or flow.response.status_code != 200:
+        unseen = self._unseen.pop(flow, [])
+        if not self._governed(flow) or not flow.response or flow.response.status_code != 200 or \
+                (st.decision and st.decision.action == "refuse"):
             return
         assert st.upstream and st.identity and st.interaction
+        upstream, user = st.upstream.name, st.identity.user
         kind = self._issuing(flow)
         found = ISSUED[kind].search(flow.response.raw_content or b"", 0, ISSUED_BYTES) \
             if kind else None
-        if found:
-            self.owners[kind].claim(st.upstream.name, found[1].decode(), st.identity.user)
+        try:
+            for named_kind, object_id in unseen:  # the upstream knows it: its first user's
+                await self.bindings.bind(upstream, named_kind, object_id, user, adopt=True)
+            if kind and found:
+                await self.bindings.bind(upstream, kind, found[1].decode(), user)
+        except StoreUnavailable as e:
+            if flow.response.stream:  # a stream has left: its id stays unbound (adopted later)
+                logger.warning("douane: a stored object's owner was not recorded (%s)", e)
+            else:
+                unavailable(flow, e)
 
     @staticmethod
     def _issuing(flow: http.HTTPFlow) -> str | None:

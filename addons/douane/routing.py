@@ -26,7 +26,6 @@ from douane import headerfields, operations, protocols, usersecrets
 from douane.config import Credential, Upstream
 from douane.flowstate import Reason, state
 from douane.interaction import Interaction
-from douane.owners import Owners
 from douane.policy import engine
 from douane.policy.model import Policy
 from douane.refusals import refuse
@@ -82,7 +81,6 @@ class Broker:
                  policy: Callable[[], Policy | None] = lambda: None):
         self.settings = settings
         self.policy = policy  # the policy in force, for grants naming operations
-        self.mcp_sessions = Owners()  # each MCP session id with the user it was issued to
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         """Refuse tunnels to hosts douane does not govern before any TLS is set up."""
@@ -121,7 +119,7 @@ class Broker:
             refuse(flow, 400, f"the {override} header would make this request another operation "
                    "upstream", "method_override", Reason("route.method_override", override))
             return
-        if not self._operation_allowed(flow) or not self._own_mcp_session(flow):
+        if not self._operation_allowed(flow):
             return
         headerfields.pop(flow.request.headers, CLIENT_CREDENTIAL_HEADERS)
         if protocols.is_websocket(flow.request):
@@ -209,24 +207,6 @@ class Broker:
                                   "operation"))
         return True
 
-    def _own_mcp_session(self, flow: http.HTTPFlow) -> bool:
-        """An MCP session issued to another user is unknown to this one (404, as the spec has a
-        server answer a session it does not know; the client starts its own). A session this
-        replica did not see issued passes: another replica may have."""
-        st = state(flow)
-        session = headerfields.get(flow.request.headers, b"mcp-session-id")
-        assert st.upstream
-        if not session or st.upstream.protocol != "mcp" or st.identity is None:
-            return True
-        # (given twice, the header is folded: the server may read either id)
-        if not self.mcp_sessions.foreign(st.upstream.name, [session, *(
-                s.strip() for s in session.split(","))], st.identity.user):
-            return True
-        refuse(flow, 404, "no such MCP session for this user; start a new one",
-               "mcp_session_unknown", Reason("mcp.session_owner", "a session issued to another "
-                                             "user"))
-        return False
-
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._forget_credential(flow)
         st = state(flow)
@@ -238,11 +218,6 @@ class Broker:
             refuse(flow, 502, f"{st.upstream.name} answered a WebSocket upgrade without "
                    "upgrading", "websocket_not_upgraded",
                    Reason("protocol.websocket_not_upgraded", f"the upstream answered {status}"))
-            return
-        issued = headerfields.get(flow.response.headers, b"mcp-session-id") \
-            if flow.response else ""
-        if issued and st.upstream and st.upstream.protocol == "mcp" and st.identity:
-            self.mcp_sessions.claim(st.upstream.name, issued, st.identity.user)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._forget_credential(flow)

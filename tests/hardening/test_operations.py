@@ -380,7 +380,13 @@ def test_a_stored_answer_is_continued_by_its_user_only(gw, llm, token, admin):
         assert record["reasons"][0]["rule"] == "owner.response"
         ok = responses(token, stream, previous_response_id="resp_fake")
         assert ok.status_code == 200, ok.text
-    # an id this gateway never saw issued passes (another replica, or before a restart)
+    # an id douane never saw issued (from before douane) goes to the first user it is answered
+    # for, and is theirs from then on
+    assert responses(admin, previous_response_id="resp_elsewhere").status_code == 200
+    before = len(llm.requests)
+    record = assert_refused(gw, llm, before,
+                            responses(token, previous_response_id="resp_elsewhere"), 404)
+    assert record["reasons"][0]["rule"] == "owner.response"
     assert responses(admin, previous_response_id="resp_elsewhere").status_code == 200
 
 
@@ -388,8 +394,8 @@ def test_a_conversation_is_its_users_only(gw, llm, admin, other_admin, token):
     """Conversations, stored answers and stored chat completions are kept upstream under ids of
     the organisation's: with the one org key, another user holding an id read, continued,
     changed or deleted them. Each is now unknown (404, as the API answers an id it does not know)
-    to all but the user it was issued to; an id douane did not see issued passes (another replica
-    or this one before a restart issued it: refusing it would refuse users their own)."""
+    to all but the user it was issued to; an id douane did not see issued (from before douane)
+    is adopted by the first user the upstream answers it for."""
     ada, grace, mallory = (openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
                            for key in (admin, other_admin, token))
     assert ada.conversations.create().id == "conv_fake"
@@ -428,9 +434,14 @@ def test_a_conversation_is_its_users_only(gw, llm, admin, other_admin, token):
             record = assert_refused(gw, llm, before, err.value.response, 404)
             assert any(r["rule"] == rule for r in record["reasons"]), record
             use(ada, issued)  # the user it was issued to keeps it
-            # not seen issued here: passes, as previous_response_id does (ada: the fake upstream
-            # issues every answer as resp_fake, which would become grace's)
+            # not seen issued: passes, adopted by ada (ada: the fake upstream issues every answer
+            # as resp_fake, which would become grace's)
             use(ada, unseen)
+        before = len(llm.requests)
+        with pytest.raises(openai.NotFoundError) as err:  # adopted: ada's from then on
+            calls[0](grace, unseen)
+        record = assert_refused(gw, llm, before, err.value.response, 404)
+        assert any(r["rule"] == rule for r in record["reasons"]), record
     with pytest.raises(openai.NotFoundError):  # without the Conversations API's grant too
         mallory.responses.create(model="m", input="hi", conversation="conv_fake")
     # a named endpoint under the same path is no id; a granted operation's body names them too

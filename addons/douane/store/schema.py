@@ -94,4 +94,14 @@ CREATE TABLE douane_secrets (
     name text PRIMARY KEY,              -- e.g. approval_status: the key of status page links
     value bytea NOT NULL);
 """),
+    Migration(4, "owners of the ids upstreams issue", """
+CREATE TABLE owners (                   -- each MCP session, stored answer, conversation, chat
+    key text PRIMARY KEY,               -- completion with its user: a digest of upstream, kind
+    kind text NOT NULL,                 -- and id (never the id itself; douane/owners.py)
+    username text NOT NULL,
+    upstream text NOT NULL,
+    used_at double precision NOT NULL);
+CREATE INDEX owners_user ON owners (username, upstream, kind, used_at);
+CREATE INDEX owners_used ON owners (used_at);
+"""),
 )
