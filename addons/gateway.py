@@ -140,6 +140,7 @@ ORDER = Order(
         mark.error,
         record.error,
     ),
+    douane_head_refused=(audit_trail.douane_head_refused,),  # no flow: its record alone
     douane_stream_wait=(mask.douane_stream_wait,),  # a masked stream's end, analysed off the loop
     websocket_start=(timeouts.websocket_start,),
     websocket_message=(

@@ -34,6 +34,7 @@ from douane.bursts import Bursts
 from douane.chainheads import ChainHeads
 from douane.config import AuditConfig, Config
 from douane.flowstate import Reason, peek, publish, state
+from douane.protocols.http1 import HeadRefusal
 from douane.refusals import DECISION_HEADER, refuse
 from douane.settings import Settings
 from douane.statefile import create_once
@@ -403,6 +404,19 @@ def flow_record(flow: http.HTTPFlow, config: Config) -> dict[str, Any]:
     return record
 
 
+def head_record(refusal: HeadRefusal, config: Config) -> dict[str, Any]:
+    """The audit record of a request head refused before any flow existed (`protocols.http1`):
+    nobody authenticated, the peer, the request line's method and path if it was read."""
+    record: dict[str, Any] = {
+        "event": "decision", "decision_id": refusal.decision_id, "flow_id": None,
+        "client": refusal.client, "action": "refuse",
+        "reasons": [Reason(refusal.rule, refusal.message).summary()], "status": refusal.status,
+        "config_version": config.version}
+    if refusal.method is not None:
+        record.update(method=refusal.method, path=refusal.path)
+    return record
+
+
 class AuditTrail:
     """Writes exactly one audit record per flow decision and tags responses with the decision id."""
 
@@ -428,6 +442,10 @@ class AuditTrail:
         """An audit record for an event that is not a flow decision (approvals, retention...)."""
         assert self.log
         self.log.append(record)
+
+    def douane_head_refused(self, refusal: HeadRefusal) -> None:
+        if self.log:
+            self.log.append(head_record(refusal, self.settings.config))
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Fail closed: no request goes upstream while its decision cannot be recorded.

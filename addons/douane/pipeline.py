@@ -23,6 +23,7 @@ from mitmproxy import connection, http
 
 from douane.flowstate import peek, state
 from douane.loopshare import LoopShare
+from douane.protocols.http1 import HeadRefusal
 from douane.refusals import fail_closed
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class Order:
     websocket_end: tuple[Step, ...] = ()
     # douane's own: a rewritten stream's layer waits for its filters (`protocols.streamwait`)
     douane_stream_wait: tuple[Step, ...] = ()
+    # douane's own: a request head refused before any flow existed (`protocols.http1`)
+    douane_head_refused: tuple[Callable[[HeadRefusal], Any], ...] = ()
     client_connected: tuple[ClientStep, ...] = ()
     client_disconnected: tuple[ClientStep, ...] = ()
 
@@ -158,6 +161,15 @@ class Checkpoint:
 
     async def douane_stream_wait(self, flow: http.HTTPFlow) -> None:
         await self._run("douane_stream_wait", flow)
+
+    def douane_head_refused(self, refusal: HeadRefusal) -> None:
+        for step, _ in self._steps["douane_head_refused"]:
+            try:
+                step(refusal)
+            except Exception as e:  # the refusal has left; its record is what failed
+                logger.error("douane: %s failed on refusal %s: %s", step.__qualname__,
+                             refusal.decision_id, type(e).__name__)
+                logger.debug("traceback", exc_info=e)
 
     def client_connected(self, client: connection.Client) -> None:
         self._run_client("client_connected", client)

@@ -498,6 +498,66 @@ def test_endless_request_headers_are_cut(gw, llm):
     p.assert_bounded()
     assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
     assert len(llm.requests) == before
+    assert_pre_flow_refusal(gw, answer, 431, "protocol.head_too_large", "POST",
+                            "/v1/chat/completions")
+    assert "mitmproxy has crashed" not in gw.log_text()  # (it did, after each 431, until now)
+
+
+def pre_flow_answer(gw: Gateway, head: bytes) -> bytes:
+    """What the gateway answers a raw `head` sent on a fresh connection (read until it closes)."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as sock:
+        with contextlib.suppress(OSError):
+            sock.sendall(head)
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    return answer
+
+
+def assert_pre_flow_refusal(gw: Gateway, answer: bytes, status: int, rule: str,
+                            method: str | None, path: str | None) -> dict:
+    """A refusal given before any flow existed names its decision id (header and body, in the
+    API's error shape) and that id finds its audit record: who (nobody authenticated, the peer's
+    address), what (method, path without its query) and why."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    headers = dict(line.decode().lower().split(": ", 1) for line in head.split(b"\r\n")[1:])
+    decision_id = headers["x-douane-decision-id"]
+    assert headers["connection"] == "close"
+    assert json.loads(body)["error"]["decision_id"] == decision_id
+    record = gw.audit_record(decision_id)
+    assert record["action"] == "refuse" and record["status"] == status, record
+    assert [r["rule"] for r in record["reasons"]] == [rule], record
+    assert record["client"] == "127.0.0.1" and "user" not in record, record
+    assert record.get("method") == method and record.get("path") == path, record
+    assert record["flow_id"] is None
+    return record
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /v1/models?key=sk-proj-abc HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    b"NOT HTTP AT ALL\r\n\r\n",
+    b"GET /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+], ids=["bad-header-line", "not-http", "bad-length"])
+def test_a_head_douane_cannot_read_is_refused_with_a_record(gw, llm, head):
+    """mitmproxy answers a head it cannot read with its own 400 (HTML, no decision id) before
+    any flow exists: nothing was audited. Now in the API's shape, with a record."""
+    before = len(llm.requests)
+    answer = pre_flow_answer(gw, head)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert len(llm.requests) == before
+    readable = head.startswith(b"GET")
+    assert_pre_flow_refusal(gw, answer, 400, "protocol.bad_head", "GET" if readable else None,
+                            "/v1/models" if readable else None)
+
+
+def test_an_endless_request_line_is_refused_with_a_bounded_record(gw, llm):
+    """A request line that never ends (1 MiB, no CRLF): 431, audited, nothing of it kept but
+    its length."""
+    answer = pre_flow_answer(gw, b"GET /" + b"a" * MIB)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    record = assert_pre_flow_refusal(gw, answer, 431, "protocol.head_too_large", None, None)
+    assert len(json.dumps(record)) < 2048
 
 
 def test_bytes_sent_while_an_answer_is_awaited_are_not_buffered_without_bound(gw, llm, token):

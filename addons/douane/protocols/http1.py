@@ -7,9 +7,12 @@ Why this touches mitmproxy:
   1.5 GB and stalled its loop 12 s, before any hook or authentication); a chunk-size line or a
   trailer section until its end; and everything sent after a request until its answer is done
   (pipelining: 300 MiB sent while a stream was answered were all held). Past `MAX_BUFFERED`
-  bytes: a head is answered 431 and its connection closed (no flow exists yet: nothing to audit,
-  as for mitmproxy's own 400s); otherwise the connection is closed and the request in progress
-  fails as if the client had left.
+  bytes: a head is answered 431 and its connection closed; otherwise the connection is closed and
+  the request in progress fails as if the client had left.
+- A head refused before any flow exists (431 above; mitmproxy's own 400 for a head it cannot
+  read) reached no hook, so it had no decision id and no audit record. It is answered in the API
+  error shape with a decision id, and `DouaneHeadRefusedHook` hands the audit trail its record
+  (nobody authenticated: the peer's address, the method and path if the request line was read).
 - What an upstream sends is buffered the same way: an answer's head until its blank line, a
   chunk-size line or trailer section until its end. Past `MAX_BUFFERED` bytes the upstream's
   connection is closed; a head that never ended becomes an empty answer marked `cut_short`, which
@@ -26,9 +29,11 @@ The wraps are checked against mitmproxy's version and source at start, like `str
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import h11
 from mitmproxy import http
+from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
     ErrorCode,
@@ -42,12 +47,14 @@ from mitmproxy.proxy.layers.http._http1 import (
     Http1Client,
     Http1Connection,
     Http1Server,
-    make_error_response,
 )
 
+from douane.flowstate import new_decision_id
 from douane.protocols import mitmpatch
+from douane.refusals import make_response
 
 MAX_BUFFERED = 256 * 1024  # bytes of a connection buffered (a 40 KB token fits a head)
+REQUEST_LINE = 8192  # bytes of a refused head read for its method and path (mitmproxy's limit)
 UPSTREAM_OVERFLOW = "douane: the upstream sent more than"  # its answer's error, audited
 # sha256 of the source of each function wrapped
 EXPECTED = {
@@ -59,6 +66,30 @@ _read_body = Http1Connection.read_body
 _handle_event = Http1Connection._handle_event
 # the answers standing for an upstream head cut at MAX_BUFFERED (an upstream cannot forge one)
 _cut_short: weakref.WeakSet[http.Response] = weakref.WeakSet()
+# a client connection's current head: its first bytes (to `REQUEST_LINE` or the first line's end)
+_starts: weakref.WeakKeyDictionary[Http1Connection, bytes] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class HeadRefusal:
+    """A request head refused before any flow existed: what its audit record says."""
+
+    decision_id: str
+    client: str | None  # the peer's address
+    status: int
+    rule: str
+    message: str
+    method: str | None  # from the request line, when it was read (bounded by the audit writer)
+    path: str | None
+
+
+@dataclass
+class DouaneHeadRefusedHook(commands.StartHook):
+    """A head refused by the reader (`HeadRefusal`), for the audit trail. The refusal has left
+    already: the layer does not wait for it."""
+
+    refusal: HeadRefusal
+    blocking = False
 
 
 def cut_short(response: http.Response | None) -> bool:
@@ -93,7 +124,15 @@ def read_body(self: Http1Connection, event: events.Event) -> layer.CommandGenera
 
 
 def handle_event(self: Http1Connection, event: events.Event) -> layer.CommandGenerator[None]:
-    yield from _handle_event(self, event)
+    if getattr(self.state, "__func__", None) is Http1Server.read_headers and \
+            isinstance(event, events.DataReceived):
+        # a head's first bytes, for a refusal's record (kept once per head, not copied per read)
+        start = _starts.get(self, b"") if self.buf else b""
+        if len(start) < REQUEST_LINE and b"\r\n" not in start:
+            start = _starts[self] = (start + event.data)[:REQUEST_LINE]
+        yield from _read_head(self, event, start)
+    else:
+        yield from _handle_event(self, event)
     state = getattr(self.state, "__func__", None)
     if len(self.buf) <= MAX_BUFFERED or state in (Http1Connection.passthrough,
                                                   Http1Connection.done):
@@ -101,16 +140,55 @@ def handle_event(self: Http1Connection, event: events.Event) -> layer.CommandGen
     if isinstance(self, Http1Client):
         yield from _upstream_overflow(self, state is Http1Client.read_headers)
     elif state is Http1Server.read_headers:
-        yield commands.SendData(self.conn, make_error_response(
-            431, f"the request's headers exceed douane's limit of {MAX_BUFFERED} bytes"))
-        yield commands.CloseConnection(self.conn)
+        yield from _refuse_head(self, _starts.get(self, b""), 431,
+                                "protocol.head_too_large", "request_head_too_large",
+                                f"the request's head exceeds douane's limit of {MAX_BUFFERED} "
+                                "bytes")
     else:  # a chunk line or trailers without end, or bytes sent ahead of the answer
         yield commands.CloseConnection(self.conn)
         yield ReceiveHttp(RequestProtocolError(
             self.stream_id, f"douane: the client sent more than {MAX_BUFFERED} bytes it could "
             "not be read yet", code=ErrorCode.CLIENT_DISCONNECTED))
-    self.buf.clear()
+    self.buf.maybe_extract_at_most(len(self.buf))  # (h11's buffer has no `clear`)
     self.state = self.done
+
+
+def _read_head(self: Http1Connection, event: events.DataReceived, start: bytes
+               ) -> layer.CommandGenerator[None]:
+    """mitmproxy's reading of a head, with its 400 for a head it cannot read replaced by douane's
+    refusal, and the flow it then makes of the head's request line (or of the connection's
+    previous request) dropped: the refusal is the decision. (That 400 is the only data sent while
+    a head is read; none of the commands there waits for an answer, so they are relayed as they
+    come.)"""
+    refused = False
+    for command in _handle_event(self, event):
+        if isinstance(command, commands.SendData) and command.connection is self.conn:
+            refused = True
+            yield from _refuse_head(self, start, 400, "protocol.bad_head", "bad_request_head",
+                                    "douane could not read this request's head as HTTP/1.1",
+                                    close=False)
+        elif not (refused and isinstance(command, ReceiveHttp)):
+            yield command
+
+
+def _refuse_head(self: Http1Connection, start: bytes, status: int, rule: str, code: str,
+                 message: str, close: bool = True) -> layer.CommandGenerator[None]:
+    """Answer a head no flow exists for with a refusal naming its decision id, close (unless the
+    caller's code does), and hand its audit record over."""
+    decision_id = new_decision_id()
+    response = make_response("generic", status, message, code=code, decision_id=decision_id,
+                             headers={"connection": "close"})
+    yield commands.SendData(self.conn, http1.assemble_response(response))
+    if close:
+        yield commands.CloseConnection(self.conn)
+    method = path = None
+    line, ended, _ = start.partition(b"\r\n")
+    parts = line.split(b" ")
+    if ended and len(parts) == 3 and parts[2].startswith(b"HTTP/"):
+        method, path = parts[0].decode("latin-1"), parts[1].decode("latin-1").split("?")[0]
+    peer = self.conn.peername
+    yield DouaneHeadRefusedHook(HeadRefusal(decision_id, peer[0] if peer else None, status, rule,
+                                            message, method, path))
 
 
 def _upstream_overflow(self: Http1Client, in_head: bool) -> layer.CommandGenerator[None]:
