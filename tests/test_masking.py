@@ -242,6 +242,19 @@ def test_workers_are_forked_from_one_zygote_that_holds_nothing_a_user_sent(pool)
     assert not pool.executor().submit(knows, word).result(timeout=STARTUP)
 
 
+def test_workers_run_behind_the_event_loop_for_the_cpu(pool):
+    """Niced, main and urgent workers alike; the gateway's process keeps its priority."""
+    import os
+
+    from douane.masking.pool import WORKER_NICENESS
+
+    gateway = os.nice(0)
+    expected = min(19, gateway + WORKER_NICENESS)
+    for urgent in (False, True):
+        assert pool.executor(urgent).submit(os.nice, 0).result(timeout=STARTUP) == expected
+    assert os.nice(0) == gateway
+
+
 def test_a_dead_zygote_is_restarted(pool):
     import os
     import signal
