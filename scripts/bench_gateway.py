@@ -297,7 +297,8 @@ class Proxy:
     """A mitmdump process: bare, or with douane and a given config."""
 
     def __init__(self, name: str, upstream_port: int, work: Path, config: dict | None,
-                 extra: tuple[str, ...] = (), probe: bool = False):
+                 extra: tuple[str, ...] = (), probe: bool = False, root: Path = ROOT):
+        """`root`: the tree whose douane runs (another checkout, to compare two trees)."""
         self.name, self.port, self.work = name, free_port(), work
         self.loop_stats = work / f"{name}-loop.json"
         args = [str(BIN / "mitmdump"), "-q", "--mode", f"reverse:http://127.0.0.1:{upstream_port}",
@@ -308,12 +309,14 @@ class Proxy:
                                             "state_dir": str(work / f"state-{name}")}}
             path = work / f"{name}.yaml"
             path.write_text(yaml.safe_dump(config))
-            args += ["-s", str(ROOT / "addons" / "gateway.py"), "--set", f"douane_config={path}",
+            args += ["-s", str(root / "addons" / "gateway.py"), "--set", f"douane_config={path}",
                      "--set", f"douane_loop_stats={self.loop_stats}"]
         elif probe:  # bare mitmdump with douane's lag probe alone, to compare stalls
             args += ["-s", str(ROOT / "addons" / "loopprobe.py"),
                      "--set", f"douane_loop_stats={self.loop_stats}"]
         env = {**os.environ, "BENCH_UPSTREAM_KEY": UPSTREAM_KEY}
+        if root != ROOT:  # its douane before this tree's (installed in the venv)
+            env["PYTHONPATH"] = str(root / "addons")
         with open(work / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=log)
         wait_port(self.port)

@@ -1,15 +1,21 @@
-"""What recording costs the request path: bare mitmdump, douane without recording, douane with
-recording; requests at concurrency 1 and 32, and each gateway's start time.
+"""What recording and audit cost per request, process by process: bare mitmdump, douane without
+recording, douane (audit and recording), and optionally douane from another tree (`--base`, a
+checkout such as main's, to compare two trees in one run); wrk at 1 and 32 connections.
 
-The component method of docs/benchmarks.md, with the CPU of the gateway's own process ("parent")
-and of its live child processes (the recording writer) counted apart: the children are running,
-so /proc's cumulative child times (reaped children only) would miss them.
-Usage: python scripts/bench_recording.py [requests at concurrency 1] [requests at 32]
+Each row splits the CPU per request (µs) of all the gateway's processes: its main thread (the
+event loop: hooks, the snapshot and the hand-offs), its other threads (the audit writer, the
+recording feeder), and its child processes (the recording writer); counted from wrk's start until
+they are idle again (what a writer defers counts in the row that caused it). Interleaved: each
+round runs every variant in turn (the order rotated), so load from elsewhere on the machine falls
+on all alike; a row is the median of the rounds. The load average is printed before and after.
+Usage: scripts/bench-recording [--rounds N] [--seconds S] [--protocols openai,anthropic,mcp]
+                               [--base TREE] [--connections 1,32]
 """
 
 from __future__ import annotations
 
-import asyncio
+import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -19,67 +25,126 @@ from pathlib import Path
 
 import yaml
 from bench_gateway import (
-    CHAT,
+    PROTOCOLS,
     ROOT,
     Proxy,
     bench_config,
     cpu_seconds,
     descendants,
     free_port,
-    load,
+    ready,
     wait_port,
+    wrk,
+    wrk_script,
 )
 
 from douane import config as configmod
 from douane import devissuer
 
+PARTS = ("main thread", "other threads", "children")
 
-def cpu(pid: int) -> tuple[float, float]:
-    """(CPU seconds of the process itself, of its live descendants)."""
-    return cpu_seconds(pid), sum(cpu_seconds(c) for c in descendants(pid))
+
+def thread_seconds(pid: int, tid: int) -> float:
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def parts(pid: int) -> tuple[float, float, float]:
+    """CPU seconds of (the main thread, the process's other threads, its live descendants)."""
+    main, whole = thread_seconds(pid, pid), cpu_seconds(pid)
+    return main, whole - main, sum(cpu_seconds(c) for c in descendants(pid))
+
+
+def settled(pid: int, limit: float = 3.0) -> tuple[float, float, float]:
+    """`parts` once the processes are idle again (a tenth of a second spending at most a tick)."""
+    now, tick = parts(pid), 1.5 / os.sysconf("SC_CLK_TCK")
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        later = parts(pid)
+        if sum(later) - sum(now) <= tick:
+            return later
+        now = later
+    return now
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def main() -> int:
-    counts = {1: int(sys.argv[1]) if len(sys.argv) > 1 else 600,
-              32: int(sys.argv[2]) if len(sys.argv) > 2 else 2000}
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=3)
+    ap.add_argument("--protocols", default="openai")
+    ap.add_argument("--connections", default="1,32")
+    ap.add_argument("--base", type=Path, help="another tree's douane, measured beside this one")
+    ap.add_argument("--only", default="", help="variants to run, comma-separated: bare, "
+                    "norec, douane, base (default: all)")
+    args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="douane-bench-rec-"))
     upstream_port = free_port()
     upstream = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "bench_upstream.py"),
                                  str(upstream_port)])
     wait_port(upstream_port)
     config = bench_config(work, upstream_port, masking=False)
-    without = {k: v for k, v in config.items() if k != "recording"}
     (work / "cfg.yaml").write_text(yaml.safe_dump(config))
     dev = configmod.load(work / "cfg.yaml", gateway=False).identity.dev_issuer
     token = devissuer.mint(dev, "bench@corp", ["bench"], 3600)
-    print(f"{'variant':<22} {'conc':>4} {'n':>5} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'cpu/req ms':>10} {'child cpu/req ms':>16} {'start s':>7}", flush=True)
+    variants: list[tuple[str, dict | None, Path]] = [
+        ("bare", None, ROOT), ("norec", {k: v for k, v in config.items() if k != "recording"},
+                               ROOT), ("douane", config, ROOT)]
+    if args.base:
+        variants.append(("base", config, args.base.resolve()))
+    if args.only:
+        variants = [v for v in variants if v[0] in args.only.split(",")]
+    protocols = args.protocols.split(",")
+    connections = [int(c) for c in args.connections.split(",")]
+    print(f"load average before: {loadavg()}", flush=True)
+    proxies: dict[str, Proxy] = {}
     try:
-        for name, cfg in (("bare mitmdump", None), ("douane, no recording", without),
-                          ("douane", config)):
-            started = time.perf_counter()
-            proxy = Proxy(name.replace(" ", "_").replace(",", ""), upstream_port, work, cfg)
-            start = time.perf_counter() - started
-            tok = token if cfg is not None else None
-            asyncio.run(load(proxy.port, "/v1/chat/completions", CHAT, tok, 50, 2, False))
-            time.sleep(1)  # the writer's start-up CPU is not the requests'
-            for concurrency, total in counts.items():
-                before = cpu(proxy.proc.pid)
-                elapsed, latencies, _ = asyncio.run(load(
-                    proxy.port, "/v1/chat/completions", CHAT, tok, total, concurrency, False))
-                time.sleep(0.5)  # what the writer still has queued is the requests' CPU too
-                after = cpu(proxy.proc.pid)
-                latencies.sort()
-                print(f"{name:<22} {concurrency:>4} {total:>5} {total / elapsed:>7.1f} "
-                      f"{statistics.median(latencies) * 1000:>7.2f} "
-                      f"{latencies[int(len(latencies) * 0.99)] * 1000:>7.2f} "
-                      f"{(after[0] - before[0]) / total * 1000:>10.2f} "
-                      f"{(after[1] - before[1]) / total * 1000:>16.2f} {start:>7.2f}",
-                      flush=True)
-            proxy.stop()
+        for name, cfg, root in variants:
+            proxies[name] = Proxy(name, upstream_port, work, cfg, root=root)
+            ready(proxies[name].port, token if cfg else None, False)
+        runs: dict[tuple[str, str, int], list[tuple[float, tuple[float, ...], float]]] = {}
+        for r in range(args.rounds):
+            for protocol in protocols:
+                path, body = PROTOCOLS[protocol]
+                for c in connections:
+                    order = variants[r % len(variants):] + variants[:r % len(variants)]
+                    for name, cfg, _ in order:
+                        proxy = proxies[name]
+                        script = wrk_script(work, body, token if cfg else None)
+                        before = settled(proxy.pid)
+                        result = wrk(proxy.port, path, script, c, args.seconds)
+                        after = settled(proxy.pid)
+                        per = tuple((a - b) / result.requests * 1e6
+                                    for a, b in zip(after, before, strict=True))
+                        runs.setdefault((name, protocol, c), []).append(
+                            (result.rps, per, result.p50_ms))
+            print(f"round {r + 1}/{args.rounds} done (load average {loadavg()})", flush=True)
     finally:
+        for proxy in proxies.values():
+            proxy.stop()
         upstream.terminate()
         upstream.wait()
+    print(f"\nload average after: {loadavg()}; medians of {args.rounds} rounds of "
+          f"{args.seconds} s; CPU in µs per request")
+    print(f"| variant | protocol | conns | req/s | p50 ms | {' | '.join(PARTS)} | all | "
+          "all vs bare |\n|---|---|---|---|---|---|---|---|---|---|")
+    for protocol in protocols:
+        for c in connections:
+            bare = runs.get(("bare", protocol, c))
+            bare_all = statistics.median(sum(p) for _, p, _ in bare) if bare else None
+            for name, _, _ in variants:
+                cell = runs[name, protocol, c]
+                split = [statistics.median(p[i] for _, p, _ in cell) for i in range(len(PARTS))]
+                total = statistics.median(sum(p) for _, p, _ in cell)
+                ratio = f"{total / bare_all:.2f}x" if bare_all else "-"
+                print(f"| {name} | {protocol} | {c} | "
+                      f"{statistics.median(rps for rps, _, _ in cell):.0f} | "
+                      f"{statistics.median(p50 for _, _, p50 in cell):.2f} | "
+                      f"{' | '.join(f'{v:.0f}' for v in split)} | {total:.0f} | {ratio} |")
     return 0
 
 

@@ -113,10 +113,18 @@ class _Text(str):
     pass
 
 
+class _Int(int):
+    pass
+
+
 @pytest.mark.parametrize("value", [
     tflow.tflow(resp=True, err=True).get_state(), tflow.twebsocketflow().get_state(),
     {"b": [1, -2, 2.5, 1e-05, None, True, False, "é\n", b"\x00", (1, "x")], "a": {}, "": []},
-    _Text("sub"), 10**30, float("inf")])
+    _Text("sub"), 10**30, float("inf"),
+    # each kind of item inside a dict and a list (written in the container's own loop)
+    {"h": ((b"k", b"v"), (b"", b""), [b"a", b"b"], (b"a", "s"), (b"a", b"b", b"c"), (b"a",)),
+     "i": 3, "n": -7, "f": 0.1, "t": True, "u": None, "s": _Text("x"), "big": 10**30,
+     "e": _Int(5), "l": [3, 2.5, _Int(1), _Text("y"), {"x": b"y"}, False, b"z", "é"]}])
 def test_tnetstring_of_writes_what_mitmproxy_writes(value):
     assert writer.tnetstring_of(value) == tnetstring.dumps(value)
     with pytest.raises(ValueError):

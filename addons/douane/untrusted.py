@@ -73,22 +73,32 @@ def scrub_all(value: Any, limit: int = FIELD_CHARS) -> Any:
     Cheap in the usual case, where there is no secret: values seen clean before (the same user,
     model, path in every record) are not scanned again, and the others are scanned once, joined
     by newlines (which no secret's value spans), instead of one pass of the detectors each."""
-    fresh: list[str] = []
+    texts: list[str] = []
 
     def cut(text: str) -> str:
         text = text if len(text) <= limit else scrub(text, limit)
-        if len(text) >= SHORTEST_SECRET and text not in _clean and not IDS.fullmatch(text):
-            fresh.append(text)
+        texts.append(text)
         return text
 
     kept = _mapped(value, cut)  # one walk: cut, and the strings to scan collected
+    return kept if clean(texts) else _mapped(value, lambda text: scrub(text, limit))
+
+
+def clean(texts: list[str]) -> bool:
+    """Whether none of `texts` holds a secret. Values seen clean before are not scanned again;
+    the others are scanned once, joined by newlines (which no secret's value spans), and the
+    short ones among them are then known clean."""
+    fresh = [t for t in texts
+             if len(t) >= SHORTEST_SECRET and t not in _clean and not IDS.fullmatch(t)]
+    if not fresh:
+        return True
     joined = "\n".join(fresh)
-    if fresh and redact(joined) != joined:
-        return _mapped(value, lambda text: scrub(text, limit))
+    if redact(joined) != joined:
+        return False
     if len(_clean) > CLEAN_VALUES:
         _clean.clear()
     _clean.update(t for t in fresh if len(t) <= NAME_CHARS)
-    return kept
+    return True
 
 
 def _mapped(value: Any, func: Callable[[str], str]) -> Any:
