@@ -173,3 +173,84 @@ def test_the_embedded_store_keeps_bindings_across_a_restart(issuer, mcp_server, 
         with proxied(gw, alice) as c:
             ok = c.post(mcp_server + "/mcp", headers=alices, json=call("echo", 2, text="mine"))
             assert ok.status_code == 200 and "mine" in ok.text, ok.text
+
+
+LISTING_GRANTS = """\
+version: 1
+groups:
+  staff:
+    upstreams:
+      llm:
+        operations: &listings ["GET /v1/chat/completions", "GET /v1/files",
+                               "GET /v1/vector_stores/*/files", "GET /v1/models"]
+  auditors:
+    upstreams:
+      llm: {operations: *listings, org_listings: true}
+"""
+
+
+class Listings:
+    """An upstream storing chat completions (`chatcmpl-N`, listed by `GET /v1/chat/completions`)
+    and listing files, a vector store's files and models: every user's, as the org key sees."""
+
+    def __init__(self) -> None:
+        self.issued: list[str] = []
+
+    def __call__(self, handler, req) -> None:
+        path = handler.path.split("?")[0]
+        if handler.command == "POST" and path == "/v1/chat/completions":
+            self.issued.append(f"chatcmpl-{len(self.issued)}")
+            handler._json(200, {"id": self.issued[-1], "object": "chat.completion",
+                                "created": 0, "model": "m", "choices": [{
+                                    "index": 0, "finish_reason": "stop", "message": {
+                                        "role": "assistant", "content": "ok"}}]})
+        elif path == "/v1/chat/completions":
+            ids = self.issued
+            handler._json(200, {"object": "list", "data": [
+                {"id": i, "object": "chat.completion", "model": "m", "choices": []} for i in ids],
+                "first_id": ids[0], "last_id": ids[-1], "has_more": False})
+        else:
+            handler._json(200, {"object": "list", "data": [{"id": "x-1", "object": "x"}],
+                                "has_more": False})
+
+
+def test_listings_show_the_callers_own_or_are_refused(issuer, tmp_path):
+    llm = FakeUpstream()
+    llm.answer = Listings()
+    (tmp_path / "grants.yaml").write_text(LISTING_GRANTS)
+    config = base_config(issuer.url, llm.url + "/v1",
+                         policy={"files": [str(tmp_path / "grants.yaml")]})
+    alice, bob = (issuer.mint(f"{n}@corp", ["staff"]) for n in ("alice", "bob"))
+    auditor = issuer.mint("audrey@corp", ["auditors"])
+    try:
+        with Gateway(config, env=ENV, workdir=tmp_path / "gw") as gw:
+            def get(token: str, path: str) -> httpx.Response:
+                with proxied(gw, token) as c:
+                    return c.get(llm.url + path)
+
+            for token in (alice, bob, alice):
+                with proxied(gw, token) as c:
+                    assert c.post(llm.url + "/v1/chat/completions", json={
+                        "model": "m", "store": True,
+                        "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+            mine = get(alice, "/v1/chat/completions?limit=20").json()
+            assert [i["id"] for i in mine["data"]] == ["chatcmpl-0", "chatcmpl-2"]
+            assert (mine["first_id"], mine["last_id"]) == ("chatcmpl-0", "chatcmpl-2")
+            assert [i["id"] for i in get(bob, "/v1/chat/completions").json()["data"]] == \
+                ["chatcmpl-1"]
+            every = get(auditor, "/v1/chat/completions").json()["data"]  # org_listings
+            assert [i["id"] for i in every] == ["chatcmpl-0", "chatcmpl-1", "chatcmpl-2"]
+            # what douane never sees issued: refused before the upstream
+            before = len(llm.requests)
+            record = assert_refused(gw, llm, before, get(alice, "/v1/files"), 403)
+            assert reason(record)["rule"] == "owner.listing"
+            assert get(auditor, "/v1/files").json()["data"] == [{"id": "x-1", "object": "x"}]
+            # a listing douane does not name, read from its answer: withheld
+            resp = get(bob, "/v1/vector_stores/vs_1/files")
+            assert resp.status_code == 403 and "x-1" not in resp.text
+            record = gw.audit_record(resp.headers["x-douane-decision-id"])
+            assert reason(record)["rule"] == "owner.listing"
+            assert get(auditor, "/v1/vector_stores/vs_1/files").status_code == 200
+            assert get(bob, "/v1/models").status_code == 200  # the org's models: everyone's
+    finally:
+        llm.close()

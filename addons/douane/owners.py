@@ -23,6 +23,10 @@ An id the store does not hold (unseen):
   user's earlier conversations away, passing them would leave them to anyone for good. Adopted,
   each is its first user's from then on. An id never answered (a guess) grows no row.
 A store that cannot answer refuses what needs it (503 `store_unavailable`, `store.unavailable`).
+
+A granted listing of the org's stored objects is the caller's own: filtered for the kinds douane
+binds, refused for the others (`BOUND_LISTING`, `ORG_LISTING`), unless a grant naming it says
+`org_listings: true`.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import sqlite3
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ from mitmproxy import http
 
 from douane import headerfields, protocols
 from douane.flowstate import Reason, state
+from douane.policy.model import Policy
 from douane.refusals import refuse
 from douane.settings import Settings
 from douane.store import StoreUnavailable
@@ -82,6 +87,17 @@ KINDS = {"responses": Kind("resp_", "stored response", "response_not_found", "ow
 # named there that are not ids.
 STORED_PATH = re.compile(r"/(responses|conversations|chat/completions)/([^/]+)", re.IGNORECASE)
 NOT_IDS = frozenset({("responses", "input_tokens"), ("responses", "compact")})
+# Listings of what an upstream stores for the org (a granted `GET`), by the path's end: those of
+# the kinds douane binds are filtered to the caller's own; the others (files, batches, ...) douane
+# never sees issued, so it cannot tell whose each is: refused. Any other granted answer that
+# reads as a listing is refused alike (the org's models excepted; a listing inside a bound object,
+# `/conversations/{id}/items`, is its owner's). A grant with `org_listings: true` lists every
+# user's, unfiltered (auditors, administrators).
+BOUND_LISTING = re.compile(r"/(responses|conversations|chat/completions)/?$", re.IGNORECASE)
+ORG_LISTING = re.compile(r"/(files|batches|vector_stores|assistants|fine_tuning/jobs|uploads|"
+                         r"containers|evals|messages/batches|skills|videos)/?$", re.IGNORECASE)
+SHARED_LISTING = re.compile(r"/models/?$", re.IGNORECASE)  # the same for every user
+LISTING_ITEMS = 1000  # a longer page is refused, not looked up
 
 
 def _issued(prefix: str) -> re.Pattern[bytes]:
@@ -287,14 +303,17 @@ class StoredObjects:
     """MCP sessions, and the answers, conversations and chat completions an upstream stores, are
     named by the user they were issued to only."""
 
-    def __init__(self, settings: Settings, shared: SharedStore | None = None):
-        self.settings, self.shared = settings, shared
+    def __init__(self, settings: Settings, shared: SharedStore | None = None,
+                 policy: Callable[[], Policy | None] = lambda: None):
+        self.settings, self.shared, self.policy = settings, shared, policy
         self.bindings = Bindings()
         self._pg: PgStore | None = None
         self._path: Path | None = None
         # ids a request named that the store did not hold: adopted if the upstream answers
         self._unseen: weakref.WeakKeyDictionary[http.HTTPFlow, list[tuple[str, str]]] = \
             weakref.WeakKeyDictionary()
+        self._listings: weakref.WeakKeyDictionary[http.HTTPFlow, str] = \
+            weakref.WeakKeyDictionary()  # the kind a listing is filtered to the caller's own of
 
     def configure(self, updated: set[str]) -> None:
         pg = self.shared.pg if self.shared else None
@@ -356,9 +375,20 @@ class StoredObjects:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         st = state(flow)
-        if flow.response or flow.error or not self._governed(flow):
+        if flow.response or flow.error or not self._governed(flow, "openai", "anthropic"):
             return
         assert st.upstream and st.identity and st.interaction
+        if st.interaction.granted and flow.request.method == "GET":
+            path = flow.request.path.split("?")[0]
+            listing = BOUND_LISTING.search(path)
+            if (listing or ORG_LISTING.search(path)) and not self._org_listings(flow):
+                if listing and st.upstream.protocol == "openai":
+                    self._listings[flow] = listing[1].lower()
+                else:
+                    self._refuse_listing(flow)
+                    return
+        if st.upstream.protocol != "openai":
+            return
         named = self._named(flow)
         if isinstance(named, str):
             self._refuse(flow, "conversations", named)
@@ -413,10 +443,20 @@ class StoredObjects:
     async def response(self, flow: http.HTTPFlow) -> None:
         st = state(flow)
         unseen = self._unseen.pop(flow, [])
-        if not self._governed(flow) or not flow.response or flow.response.status_code != 200 or \
+        listing = self._listings.pop(flow, None)
+        if not self._governed(flow, "openai", "anthropic") or not flow.response or \
+                flow.response.status_code != 200 or \
                 (st.decision and st.decision.action == "refuse"):
             return
         assert st.upstream and st.identity and st.interaction
+        if listing:
+            await self._own_only(flow, listing)
+            return
+        if st.interaction.granted and flow.request.method == "GET" and self._lists(flow):
+            self._refuse_listing(flow)
+            return
+        if st.upstream.protocol != "openai":
+            return
         upstream, user = st.upstream.name, st.identity.user
         kind = self._issuing(flow)
         found = ISSUED[kind].search(flow.response.raw_content or b"", 0, ISSUED_BYTES) \
@@ -431,6 +471,68 @@ class StoredObjects:
                 logger.warning("douane: a stored object's owner was not recorded (%s)", e)
             else:
                 unavailable(flow, e)
+
+    async def _own_only(self, flow: http.HTTPFlow, kind: str) -> None:
+        """A listing of a kind douane binds, narrowed to the caller's own objects (its cursors
+        too: they name the first and last listed). What douane cannot read is refused."""
+        st = state(flow)
+        assert st.upstream and st.identity and flow.response
+        try:
+            doc = protocols.document(flow, "response")
+        except protocols.ProtocolError:
+            doc = None
+        items = doc.get("data") if isinstance(doc, dict) else None
+        if not isinstance(items, list) or len(items) > LISTING_ITEMS or \
+                not all(isinstance(i, dict) and isinstance(i.get("id"), str) for i in items):
+            refuse(flow, 502, "douane cannot tell whose each listed object is in this answer",
+                   "listing_unreadable", Reason("owner.listing", "the listing is not a page of "
+                                                "objects with ids douane reads"))
+            return
+        try:
+            owners = await self.bindings.owners(st.upstream.name, kind,
+                                                [i["id"] for i in items]) if items else []
+        except StoreUnavailable as e:
+            unavailable(flow, e)
+            return
+        own = [i for i, owner in zip(items, owners, strict=True) if owner == st.identity.user]
+        if len(own) == len(items):
+            return
+        doc["data"] = own
+        for cursor, at in (("first_id", 0), ("last_id", -1)):
+            if cursor in doc:
+                doc[cursor] = own[at]["id"] if own else None
+        protocols.write_json(flow, "response", doc)
+
+    def _lists(self, flow: http.HTTPFlow) -> bool:
+        """Whether a granted answer lists objects of the org's that douane cannot tell apart."""
+        path = flow.request.path.split("?")[0]
+        if SHARED_LISTING.search(path) or any((m[1].lower(), m[2]) not in NOT_IDS
+                                              for m in STORED_PATH.finditer(path)):
+            return False  # the org's models; a bound object's own listing
+        try:
+            doc = protocols.document(flow, "response")
+        except protocols.ProtocolError:
+            return False  # not JSON: a file's content, delivered uninspected
+        return isinstance(doc, dict) and isinstance(doc.get("data"), list) and \
+            (doc.get("object") == "list" or "has_more" in doc) and not self._org_listings(flow)
+
+    def _org_listings(self, flow: http.HTTPFlow) -> bool:
+        """Whether one of the caller's grants naming this operation may list every user's."""
+        st, policy = state(flow), self.policy()
+        assert st.upstream and st.identity
+        if policy is None:
+            return False
+        method, path = flow.request.method, flow.request.path.split("?")[0]
+        return any(grant.org_listings and grant.grants_operation(method, path)
+                   for g in policy.grants_for(st.identity.user, st.identity.groups)
+                   if (grant := g.upstreams.get(st.upstream.name)))
+
+    @staticmethod
+    def _refuse_listing(flow: http.HTTPFlow) -> None:
+        refuse(flow, 403, "this listing would show every user's objects, and douane cannot tell "
+               "whose each is; a grant with org_listings: true may list them",
+               "listing_not_scoped", Reason("owner.listing", "a listing of the org's stored "
+                                            "objects, and no grant naming it has org_listings"))
 
     @staticmethod
     def _issuing(flow: http.HTTPFlow) -> str | None:
@@ -453,7 +555,7 @@ class StoredObjects:
         refuse(flow, 404, f"no such {kind.noun} for this user", kind.code, Reason(kind.rule, why))
 
     @staticmethod
-    def _governed(flow: http.HTTPFlow) -> bool:
+    def _governed(flow: http.HTTPFlow, *kinds: str) -> bool:
         st = state(flow)
-        return bool(st.interaction and st.upstream and st.upstream.protocol == "openai"
+        return bool(st.interaction and st.upstream and st.upstream.protocol in kinds
                     and st.identity and flow.live)

@@ -150,6 +150,7 @@ class UpstreamGrant:
     hosted_tools: tuple[str, ...] = ()  # HOSTED_TOOLS kinds; none unless named
     mcp_servers: tuple[str, ...] = ()  # URL globs of remote MCP servers; none unless named
     operations: tuple[Operation, ...] = ()  # operations no parser reads, allowed by name
+    org_listings: bool = False  # its operations may list every user's stored objects
 
     def grants_operation(self, method: str, path: str) -> bool:
         return any(op.matches(method, path) for op in self.operations)
@@ -339,7 +340,7 @@ def _grant(source: str, v: View, upstreams: frozenset[str] | None) -> Grant:
 
 def _upstream_grant(v: View) -> UpstreamGrant:
     v.only("models", "max_tokens", "stream", "tools", "media", "temperature", "resources",
-           "prompts", "hosted_tools", "mcp_servers", "operations")
+           "prompts", "hosted_tools", "mcp_servers", "operations", "org_listings")
     ops = []
     for n, text in enumerate(v.strings("operations", ())):
         try:
@@ -384,7 +385,8 @@ def _upstream_grant(v: View) -> UpstreamGrant:
         temperature=tuple(temperature) if temperature else None,
         tools_allow=allow, tools_deny=deny, arguments=arguments,
         resources=v.strings("resources", ("*",)), prompts=v.strings("prompts", ("*",)),
-        hosted_tools=hosted, mcp_servers=servers, operations=tuple(ops))
+        hosted_tools=hosted, mcp_servers=servers, operations=tuple(ops),
+        org_listings=v.get("org_listings", bool, False))
 
 
 def _constraint(v: View) -> ArgConstraint:
