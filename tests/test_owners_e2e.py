@@ -173,6 +173,9 @@ def test_the_embedded_store_keeps_bindings_across_a_restart(issuer, mcp_server, 
         with proxied(gw, alice) as c:
             ok = c.post(mcp_server + "/mcp", headers=alices, json=call("echo", 2, text="mine"))
             assert ok.status_code == 200 and "mine" in ok.text, ok.text
+        # an answer not stored (`store: false`) binds nothing: resp_fake stays Alice's
+        assert responses(gw, llm, bob, store=False).json()["id"] == "resp_fake"
+        assert responses(gw, llm, alice, previous_response_id="resp_fake").status_code == 200
 
 
 LISTING_GRANTS = """\

@@ -129,9 +129,9 @@ BIND = _BIND  # issued: the upstream's word is the last
 ADOPT = _BIND + " WHERE owners.used_at <= %s"  # unseen (or forgotten): the first user's
 TOUCH = "UPDATE owners SET used_at = %s WHERE key = %s AND used_at < %s"
 EXPIRE = "DELETE FROM owners WHERE used_at <= %s"
-EXCESS = ("DELETE FROM owners WHERE key IN (SELECT key FROM (SELECT key, row_number() OVER ("
-          "PARTITION BY username, upstream, kind ORDER BY used_at DESC) AS n FROM owners) AS r "
-          "WHERE n > %s)")
+# one user's bindings of a kind past PER_USER, by the index on (username, upstream, kind, used_at)
+EXCESS = ("DELETE FROM owners WHERE key IN (SELECT key FROM owners WHERE username = %s AND "
+          "upstream = %s AND kind = %s ORDER BY used_at DESC LIMIT %s OFFSET %s)")
 
 
 def _owners_of(n: int) -> str:
@@ -226,6 +226,7 @@ class Bindings:
         self._cache: dict[str, OrderedDict[str, Binding]] = {}
         self._pruned = 0.0
         self._pruning: asyncio.Task[None] | None = None
+        self._binders: set[tuple[str, str, str]] = set()  # who bound since the last pruning
 
     def use(self, store: SqliteBindings | PgBindings) -> None:
         if self.store is not None:
@@ -278,19 +279,25 @@ class Bindings:
         else:
             await self.store.execute(BIND, params)
             self._remember(kind, key, Binding(user, now))
+        if len(self._binders) < SIZE:  # more: their excess waits for a pruning that sees them
+            self._binders.add((user, upstream, kind))
         if now - self._pruned > PRUNE_SECONDS and (self._pruning is None or self._pruning.done()):
             self._pruned = now
             self._pruning = asyncio.get_running_loop().create_task(self.prune(now))
 
     async def prune(self, now: float) -> None:
-        """Forget the bindings unused for `TTL_SECONDS`, and each user's past `PER_USER`."""
+        """Forget the bindings unused for `TTL_SECONDS`, and the excess past `PER_USER` of each
+        user who bound one since the last pruning (a statement each: none holds the store long)."""
         store = self.store
         assert store is not None
+        binders, self._binders = self._binders, set()
         try:
             await store.execute(EXPIRE, (now - TTL_SECONDS,))
-            await store.execute(EXCESS, (PER_USER,))
-        except StoreUnavailable as e:
-            logger.warning("douane: forgetting expired owner bindings failed (%s)", e)
+            for user, upstream, kind in binders:
+                await store.execute(EXCESS, (user, upstream, kind, SIZE * 100, PER_USER))
+        except Exception as e:  # housekeeping: tried again at the next pruning
+            logger.warning("douane: forgetting expired owner bindings failed (%s)",
+                           str(e)[:300] or type(e).__name__)
 
 
 def unavailable(flow: http.HTTPFlow, error: StoreUnavailable) -> None:
@@ -539,8 +546,9 @@ class StoredObjects:
         """The kind of stored object this (allowed) request creates, if any."""
         it = state(flow).interaction
         assert it
-        if it.operation == "responses":
-            return "responses"
+        if it.operation == "responses":  # stored unless it says `store: false`
+            doc = protocols.document(flow, "request")
+            return None if isinstance(doc, dict) and doc.get("store") is False else "responses"
         if it.operation == "chat.completions" and \
                 protocols.document(flow, "request").get("store") is True:
             return "chat/completions"
