@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 import sys
@@ -99,10 +100,11 @@ def test_the_fast_phone_matcher_finds_what_presidios_finds(regions, n):
 
 
 def test_the_direct_presidio_path_returns_what_the_analyzer_engine_returns():
-    """`Analyzer.presidio` (recognisers called directly, context raised in place) against
-    Presidio's `AnalyzerEngine.analyze` with its stock context enhancer, same recognisers,
+    """`Analyzer.presidio` (recognisers called directly, pattern recognisers without their
+    explanations, context raised in place) against Presidio's `AnalyzerEngine.analyze` with its
+    stock context enhancer and pattern matching, same recognisers,
     threshold and allow list, on corpus texts and on texts the allow list and context change."""
-    from presidio_analyzer import AnalyzerEngine
+    from presidio_analyzer import AnalyzerEngine, PatternRecognizer
 
     from douane.masking.config import DEFAULT_ENTITIES, MaskingSettings
     from douane.masking.engine import Analyzer
@@ -113,7 +115,14 @@ def test_the_direct_presidio_path_returns_what_the_analyzer_engine_returns():
         requests=False, responses=True, exempt_groups=(), workers=1, stream_window=32,
         timeout_seconds=10)
     analyzer = Analyzer(settings)
-    stock = AnalyzerEngine(registry=analyzer.engine.registry, nlp_engine=analyzer.nlp_engine,
+    # the same recognisers with Presidio's own `analyze` (not `engine.plain_patterns`'s)
+    registry = copy.copy(analyzer.engine.registry)
+    registry.recognizers = [copy.copy(r) for r in registry.recognizers]
+    for r in registry.recognizers:
+        r.__dict__.pop("analyze", None)
+    assert sum(r.analyze.__func__ is PatternRecognizer.analyze
+               for r in registry.recognizers) == 4  # e-mail, card, SSN, IP
+    stock = AnalyzerEngine(registry=registry, nlp_engine=analyzer.nlp_engine,
                            supported_languages=["en"])
     texts = [item.text for item in corpus(80, seed=6)] + [
         "Buckets: S3 and EKS in us-east-1, owner Maria Garcia",
