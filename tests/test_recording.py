@@ -560,3 +560,101 @@ def test_prune_deletes_old_recordings_and_audits_each_deletion(tmp_path, capsys)
     log = state_dir / "audit" / "operator-audit.jsonl"
     assert "recording.deleted" in log.read_text() and "conn-1.mitm" in log.read_text()
     assert audit.verify(log, (state_dir / "audit-hmac.key").read_bytes().strip()).ok
+
+
+def _request_parts(f: http.HTTPFlow, case: str, texts: tuple[str, ...]) -> None:
+    """A request whose parts in a row are `texts`: a chat message's content parts, chat messages
+    in a row, a Responses input message's parts, Responses input items, Anthropic blocks."""
+    f.metadata["douane"] = {"interaction": {"protocol": "openai"}}
+    parts = [{"type": "text", "text": text} for text in texts]
+    if case == "chat parts":
+        doc: dict = {"model": "m", "messages": [{"role": "user", "content": parts}]}
+    elif case == "chat messages":
+        doc = {"model": "m", "messages": [{"role": "user", "content": t} for t in texts]}
+    elif case == "responses parts":
+        f.request.path = "/v1/responses"
+        doc = {"model": "m", "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": text} for text in texts]}]}
+    elif case == "responses items":
+        f.request.path = "/v1/responses"
+        doc = {"model": "m", "input": [{"role": "user", "content": t} for t in texts]}
+    else:
+        f.metadata["douane"] = {"interaction": {"protocol": "anthropic"}}
+        f.request.path = "/v1/messages"
+        doc = {"model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": parts}]}
+    f.request.text = json.dumps(doc)
+
+
+def _parts_read(f: http.HTTPFlow) -> tuple[str, ...]:
+    """What the gateway hands the writer for the request (`writer.parts_read`)."""
+    upstream = transcript.upstream_of(f)
+    assert upstream is not None
+    return writer.parts_read(protocols.parse_request(upstream, f))
+
+
+REQUEST_CASES = ["chat parts", "chat messages", "responses parts", "responses items",
+                 "anthropic blocks"]
+
+
+@pytest.mark.parametrize("case", REQUEST_CASES)
+def test_a_secret_cut_anywhere_across_a_requests_parts_is_redacted(case):
+    """Each part of a request was redacted alone: a key split across two parts in a row (which
+    the model reads as one text) was recorded in clear. Seeded random cuts through the key; an
+    unsplit key's redaction, and a clean request, are as before byte for byte."""
+    rng = random.Random(27)
+    marker = "<SECRET:detector.secret.api_key>"
+    text = f"the key is {PROJECT_KEY} for that."
+    for _ in range(12):
+        inside = rng.randrange(len("the key is ") + 1, len("the key is ") + len(PROJECT_KEY))
+        cuts = sorted({inside, *rng.sample(range(1, len(text)), rng.choice((0, 1)))})
+        parts = tuple(text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True))
+        f = _leaky_flow("clean")
+        _request_parts(f, case, parts)
+        written = recording_of(f.get_state(), frozenset(), (), _parts_read(f))
+        data = writer.tnetstring_of(written)
+        for i in range(len(PROJECT_KEY) - 4):
+            assert PROJECT_KEY[i:i + 5].encode() not in data, (cuts, PROJECT_KEY[i:i + 5])
+        recorded = http.HTTPFlow.from_state(written)
+        assert "<SECRET:" in transcript.render(recorded)
+        doc = json.loads(recorded.request.content)
+        texts = [text for item in doc.get("messages") or doc["input"] for text in (
+            [item["content"]] if isinstance(item["content"], str) else
+            [p["text"] for p in item["content"]])]
+        assert len(texts) == len(parts), cuts  # every part in its place
+        assert re.sub(f"(?:{re.escape(marker)})+", marker, "".join(texts)) == \
+            f"the key is {marker} for that.", (cuts, texts)
+    for parts in ((f"the key is {PROJECT_KEY}", " for that."), ("the sky is", " blue.")):
+        f = _leaky_flow("clean")  # unsplit: each part's own redaction, as before
+        _request_parts(f, case, parts)
+        assert writer.tnetstring_of(recording_of(f.get_state(), frozenset(), (), _parts_read(f))) \
+            == writer.tnetstring_of(recording_of(f.get_state(), frozenset()))
+
+
+@pytest.mark.parametrize("case", ["chat parts", "responses items"])
+def test_a_key_split_across_a_requests_parts_is_in_no_recording_through_a_gateway(
+        issuer, tmp_path, case):
+    """Through a real gateway, no policy (nothing refuses the key): the request reaches the
+    upstream whole; no recording keeps a share of the key, as stored or as read."""
+    llm = FakeUpstream()
+    gw = Gateway(base_config(issuer.url, llm.url, recording={}), mode=f"reverse:{llm.url}",
+                 env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, workdir=tmp_path / "gw")
+    f = _leaky_flow("clean")
+    _request_parts(f, case, SHARES)
+    try:
+        answer = httpx.post(gw.url + f.request.path, content=f.request.content, timeout=30,
+                            headers={"authorization": f"Bearer {issuer.mint('dan@corp')}",
+                                     "content-type": "application/json"})
+        assert answer.status_code == 200, answer.text
+        assert all(share.encode() in llm.requests[-1].body for share in SHARES)
+        written(gw, 1)
+    finally:
+        gw.stop()
+        llm.close()
+    flows = [f for p in recordings(gw).rglob("*.mitm") for _, f in index.read_flows(p)]
+    assert len(flows) == 1
+    assert "<SECRET:detector.secret.api_key>" in transcript.render(flows[0])
+    for path_ in recordings(gw).rglob("*"):
+        if path_.is_file():
+            data = path_.read_bytes()
+            assert not any(PROJECT_KEY[i:i + 7].encode() in data
+                           for i in range(len(PROJECT_KEY) - 6)), path_

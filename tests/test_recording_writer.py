@@ -36,7 +36,7 @@ def settings(tmp_path: Path) -> RecordingSettings:
 
 def item(session: str) -> writer.Item:
     return f"alice/2026-01-01/{session}.mitm", tflow.tflow(resp=True).get_state(), \
-        frozenset({"authorization"}), None, ()
+        frozenset({"authorization"}), None, (), ()
 
 
 def flow_ids(path: Path) -> list[str]:
@@ -76,7 +76,7 @@ def test_a_flow_is_written_as_flowwriter_writes_it_scrubbed(tmp_path):
         mitmio.FlowWriter(out).add(full)
     w = writer._Writer(settings(tmp_path), ctypes.c_byte(writer.STARTING))
     relative = "alice/conn-1.mitm"
-    w.write((relative, f.get_state(), frozenset({"authorization", "set-cookie"}), None, ()))
+    w.write((relative, f.get_state(), frozenset({"authorization", "set-cookie"}), None, (), ()))
     w.close()
     assert (tmp_path / "rec" / relative).read_bytes() == expected.read_bytes()
 
@@ -98,7 +98,7 @@ def test_connection_states_cross_once_and_are_written_whole(tmp_path, monkeypatc
                 client, server = first
             f = tflow.tflow(client_conn=client, server_conn=server, resp=True)
             f.metadata = {"douane": {"decision_id": f"dcn_{i}"}, "user": "alice"}
-            item = (relative, snapshot(f), frozenset(), None, ())
+            item = (relative, snapshot(f), frozenset(), None, (), ())
             sent.refer(item[1])
             if isinstance(item[1]["client_conn"], int):
                 referred.append(i)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import math
 import re
 from collections import Counter
@@ -291,6 +292,24 @@ def redact(text: str, high_entropy: bool = True) -> str:
         last = f.end
     out.append(text[last:])
     return "".join(out)
+
+
+def find_across(texts: list[str]) -> list[tuple[Found, int, int]]:
+    """The secrets of texts a reader reads as one (parts or blocks in a row) that no text holds
+    alone: each with the first and last text it spans."""
+    if len(texts) < 2:
+        return []
+    starts, at = [], 0
+    for text in texts:
+        starts.append(at)
+        at += len(text)
+    out = []
+    for f in find("".join(texts)):
+        first = bisect.bisect_right(starts, f.start) - 1
+        last = bisect.bisect_right(starts, f.end - 1) - 1
+        if first != last:
+            out.append((f, first, last))
+    return out
 
 
 def redact_run(texts: list[str]) -> list[str]:

@@ -632,3 +632,38 @@ def test_a_key_in_a_text_file_is_refused_and_not_recorded(gw, llm, token, secret
         headers={"authorization": f"Bearer {token}"})
     record = assert_refused(gw, llm, before, resp, 403)
     assert record["reasons"][0]["rule"].startswith("detector.secret."), record
+
+
+SPLIT_KEY = "sk-proj-" + "Hv3nQ8wLr5Tz" * 3
+# the key cut inside its value: neither share is a secret alone, their join is
+KEY_SHARES = ("the key is " + SPLIT_KEY[:18], SPLIT_KEY[18:] + " for the deploy.")
+SPLIT_PARTS: dict[str, tuple[str, dict]] = {
+    "chat content parts": ("/v1/chat/completions", chat(
+        [{"type": "text", "text": text} for text in KEY_SHARES])),
+    "chat messages in a row": ("/v1/chat/completions", chat(*KEY_SHARES)),
+    "responses input parts": ("/v1/responses", {"model": "m", "input": [{
+        "role": "user", "content": [{"type": "input_text", "text": t} for t in KEY_SHARES]}]}),
+    "responses input items": ("/v1/responses", {"model": "m", "input": [
+        {"role": "user", "content": text} for text in KEY_SHARES]}),
+    "anthropic content blocks": ("/anthropic/v1/messages", {
+        "model": "claude-sonnet-4-5", "max_tokens": 9, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": text} for text in KEY_SHARES]}]}),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_PARTS))
+def test_a_key_split_across_a_requests_parts_is_refused(case, gw, llm, token, secrets):
+    """The secrets detector read each part alone: a key split across two parts in a row (which
+    the model reads as one text) reached the upstream. Parts in a row are read together, as an
+    answer's blocks are (`streams.read_together`)."""
+    secrets.add(SPLIT_KEY)
+    path, doc = SPLIT_PARTS[case]
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + path, json=doc, headers={"authorization": f"Bearer {token}"})
+    record = assert_refused(gw, llm, before, resp, 403)
+    reason = record["reasons"][0]
+    assert reason["rule"] == "detector.secret.api_key" and ".." in reason["field"], record
+    harmless = json.loads(json.dumps(doc).replace(SPLIT_KEY[:18], "sk-proj").replace(
+        SPLIT_KEY[18:], " and more"))  # the control: the same parts, no key across them
+    resp = httpx.post(gw.url + path, json=harmless, headers={"authorization": f"Bearer {token}"})
+    assert resp.status_code == 200, resp.text

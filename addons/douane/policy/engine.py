@@ -18,8 +18,10 @@ from douane.interaction import Interaction, TextPiece
 from douane.policy import detectors
 from douane.policy.model import Grant, Policy, UpstreamGrant, names_match
 from douane.policy.normalize import Normalized, decoded_base64, normalize, unseen
+from douane.protocols import streams
 from douane.protocols.mcp import uri_problem
 
+SECRET_KINDS = ("prompt", "tool_arguments", "tool_result")  # where the secrets detector looks
 LIMITED_OPERATIONS = ("chat.completions", "responses", "messages", "completions")
 # What each API calls its output ceiling, so a refusal names the parameter the caller can set.
 MAX_TOKENS_PARAMETER = {"responses": "max_output_tokens",
@@ -148,7 +150,7 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
                 [Normalized(normalize(" ".join(decoded_base64(piece.text))))]
             if any(rule.matches(t) for t in (*readings[i], *hidden)):
                 found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched", label, rule.score)
-        if policy.secrets and piece.kind in ("prompt", "tool_arguments", "tool_result"):
+        if policy.secrets and piece.kind in SECRET_KINDS:
             for secret in secrets.find(piece.text):
                 kind = secret.kind
                 if kind.rule not in found:
@@ -162,6 +164,8 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
                         pattern.search(plain):
                     found[rule_id] = Reason(rule_id, "prompt-injection phrasing in a tool result",
                                             label, score)
+    if policy.secrets:
+        _split_secrets(pieces, found)
     for kind, joins in joined.items():
         for rule in todo[kind]:
             for text, starts in joins:
@@ -176,6 +180,22 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
                 found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched across texts",
                                         f"{kind}[{first}..{last}]", rule.score)
     return list(found.values())
+
+
+def _split_secrets(pieces: list[TextPiece], found: dict[str, Reason]) -> None:
+    """A secret split across parts in a row (a message's content parts, messages or Responses
+    input items in a row): the model reads them as one text, as an answer's blocks are read
+    (`streams.read_together`; the recording redacts the same runs)."""
+    runs = [run for run in streams.read_together([p for p in pieces if p.kind in SECRET_KINDS])
+            if len(run) > 1]
+    labels = {id(piece): label for label, piece in _labels(pieces)} if runs else {}  # `prompt[2]`
+    for run in runs:
+        for secret, first, last in secrets.find_across([p.text for p in run]):
+            rule = secret.kind.rule
+            if rule not in found:  # `prompt[2..3]`
+                span = labels[id(run[first])][:-1] + ".." + labels[id(run[last])].split("[")[1]
+                found[rule] = Reason(rule, "a secret is in the text, split across its parts",
+                                     span, secret.kind.score)
 
 
 def _joined(policy: Policy, pieces: list[TextPiece], readings: list[list[Normalized]]

@@ -41,7 +41,7 @@ from douane.flowstate import Reason, peek, publish, state
 from douane.protocols import streams
 from douane.recording import originals
 from douane.recording.config import RecordingSettings
-from douane.recording.writer import RecordingWriter, SharedIndex, texts_read
+from douane.recording.writer import RecordingWriter, SharedIndex, parts_read, texts_read
 from douane.refusals import refuse
 from douane.settings import Settings
 
@@ -258,6 +258,7 @@ class Record:
         # the answer's texts as read (a stream's as delivered), checked by the writer
         streamed = texts_read(st.interaction, streams.rewriter_of(flow) is not None) \
             if st.interaction else ()
+        prompted = parts_read(st.interaction) if st.interaction else ()
         issued = flow.response.headers.get("mcp-session-id") if flow.response else None
         if issued:
             self.issued[issued] = None
@@ -266,4 +267,4 @@ class Record:
                 self.issued.popitem(last=False)
         self.writer.put(str(session_path(flow, self.recording, self.issued)), snapshot(flow),
                         credential_headers(flow, self.recording.scrub_headers),
-                        original if st.masked else None, streamed)
+                        original if st.masked else None, streamed, prompted)

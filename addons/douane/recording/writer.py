@@ -40,7 +40,7 @@ from wsproto.frame_protocol import Opcode
 
 from douane import protocols, secrets, store, transcript, untrusted
 from douane.bursts import Bursts
-from douane.interaction import Interaction
+from douane.interaction import Interaction, TextPiece
 from douane.protocols import decoding, fields, streams
 from douane.recording import index, originals
 from douane.recording.config import RecordingSettings
@@ -77,7 +77,8 @@ WRITER_NICENESS = 10
 
 _CLIENT = connection.Client(peername=("", 0), sockname=("", 0))  # see `scrubbed`
 _SERVER = connection.Server(address=None)
-Item = tuple[str, dict, frozenset[str], originals.Original | None, tuple[str, ...]]
+Item = tuple[str, dict, frozenset[str], originals.Original | None, tuple[str, ...],
+             tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -90,32 +91,36 @@ class SharedIndex:
     folder: str = ""
 
 
-def recording_of(snapshot: dict, names: frozenset[str], streamed: tuple[str, ...] = ()) -> dict:
+def recording_of(snapshot: dict, names: frozenset[str], streamed: tuple[str, ...] = (),
+                 prompted: tuple[str, ...] = ()) -> dict:
     """What `FlowWriter` would write for the flow of a `flow.get_state()` snapshot once scrubbed:
     every credential header replaced (`names`), the secrets in any other header, the request's
     query, the bodies and WebSocket text redacted, douane's metadata bounded, no backup (an
     unscrubbed earlier request). Worked on the state itself: a message is rebuilt only when its
     body must change (a compressed or secret-carrying one), the connections never are.
     `streamed`: the answer's texts as a reader reads them (`texts_read`), where a secret split
-    across a stream's deltas, or across blocks in a row, shows."""
-    request = _message(snapshot["request"], names, http.Request)
+    across a stream's deltas, or across blocks in a row, shows; `prompted`: the request's parts
+    in a row, joined (`parts_read`)."""
+    # douane's summary quotes what the client sent (model, tool names, claims): bounded, scrubbed
+    metadata = untrusted.scrub_all(
+        {k: v for k, v in snapshot["metadata"].items() if k in ("douane", "user")})
+    request, response = snapshot["request"], snapshot["response"]
+    # Before each value is redacted alone: a share of a split secret that is one alone would be
+    # replaced, and the rest of it, in the next value, left.
+    in_request, in_response = _split(prompted), bool(response) and _split(streamed)
+    if in_request or in_response:
+        flow = http.HTTPFlow(_CLIENT, _SERVER)
+        flow.id, flow.metadata = snapshot["id"], metadata
+        flow.request = http.Request.from_state(request)
+        flow.response = http.Response.from_state(response) if response else None
+        _split_secrets(flow, in_request, in_response)
+        request = flow.request.get_state()
+        response = flow.response.get_state() if flow.response else None
+    request = _message(request, names, http.Request)
     path = request["path"].decode("utf-8", "surrogateescape")  # as `Request.path` reads it
     clean = secrets.redact(path, high_entropy=False)
     if clean != path:
         request["path"] = clean.encode("utf-8", "surrogateescape")
-    # douane's summary quotes what the client sent (model, tool names, claims): bounded, scrubbed
-    metadata = untrusted.scrub_all(
-        {k: v for k, v in snapshot["metadata"].items() if k in ("douane", "user")})
-    response = snapshot["response"]
-    # Before each value is redacted alone: a share of a split secret that is one alone would be
-    # replaced, and the rest of it, in the next value, left.
-    if response and _split(streamed):
-        flow = http.HTTPFlow(_CLIENT, _SERVER)
-        flow.id, flow.metadata = snapshot["id"], metadata
-        flow.request = http.Request.from_state(request)
-        flow.response = http.Response.from_state(response)
-        _split_secrets(flow)
-        response = flow.response.get_state()
     if response:
         response = _message(response, names, http.Response)
     return {**snapshot, "request": request, "response": response, "metadata": metadata,
@@ -130,6 +135,14 @@ def texts_read(it: Interaction, stream: bool) -> tuple[str, ...]:
     if stream:
         return tuple(p.text for p in it.response_texts)
     return tuple("".join(p.text for p in run) for run in streams.read_together(it.response_texts)
+                 if len(run) > 1)
+
+
+def parts_read(it: Interaction) -> tuple[str, ...]:
+    """What the writer checks for a secret split across a request's parts (`recording_of`): its
+    parts in a row (`streams.read_together`: a message's content parts, messages or Responses
+    input items in a row, as the model reads them), each run joined."""
+    return tuple("".join(p.text for p in run) for run in streams.read_together(it.texts)
                  if len(run) > 1)
 
 
@@ -386,38 +399,50 @@ class _HoldAndRedact:
         return clean[-1]
 
 
-def _split_secrets(flow: http.HTTPFlow) -> None:
-    """A secret no single JSON value shows (split across a stream's deltas or across blocks in a
-    row): a stream goes through the same rewriter the gateway uses, each channel (each run of
-    blocks) released whole and redacted; a whole answer's blocks in a row are redacted as one
-    text (`streams.read_together`). Unchanged when there is no such secret."""
+def _split_secrets(flow: http.HTTPFlow, request: bool, response: bool) -> None:
+    """A secret no single JSON value shows (split across a request's parts in a row, a stream's
+    deltas or an answer's blocks in a row): parts and a whole answer's blocks in a row are
+    redacted as one text (`streams.read_together`); a stream goes through the same rewriter the
+    gateway uses, each channel (each run of blocks) released whole and redacted. Unchanged when
+    there is no such secret."""
     upstream = transcript.upstream_of(flow)
-    if upstream is None or flow.response is None or not flow.response.raw_content:
+    if upstream is None:
         return
     try:
         it = protocols.parse_request(upstream, flow)
+        if request:
+            _redact_runs(flow, "request", it.texts)
+        if not response or flow.response is None or not flow.response.raw_content:
+            return
         if "event-stream" not in flow.response.headers.get("content-type", "").lower():
             protocols.parse_response(upstream, flow, it)
-            edited = []
-            for run in streams.read_together(it.response_texts):
-                texts = [p.text for p in run]
-                clean = secrets.redact_run(texts)
-                if len(run) > 1 and clean != [secrets.redact(t) for t in texts]:  # else each
-                    for piece, text in zip(run, clean, strict=True):  # value's own redaction
-                        if text != piece.text:
-                            piece.text = text
-                            edited.append(piece)
-            if edited:
-                protocols.apply_text_edits(flow, "response", edited)
+            _redact_runs(flow, "response", it.response_texts)
             return
         rewriter = streams.StreamRewriter(protocols.stream_format(upstream, it), it, "recording")
     except protocols.ProtocolError:
-        return  # not an answer douane can read: each JSON value is redacted on its own
+        return  # not a flow douane can read: each JSON value is redacted on its own
     redact = _HoldAndRedact()
     rewriter.filters.append(redact)
     body = b"".join(rewriter(flow.response.get_content(strict=False))) + rewriter(b"")
     if rewriter.abort_message is None and redact.changed:
         flow.response.content = body
+
+
+def _redact_runs(flow: http.HTTPFlow, side: str, pieces: list[TextPiece]) -> None:
+    """Each run of `pieces` read as one text, each piece redacted with its share of every secret
+    of the run (`secrets.redact_run`), where that differs from redacting each alone (a secret
+    within one piece is left to that)."""
+    edited = []
+    for run in streams.read_together(pieces):
+        texts = [p.text for p in run]
+        clean = secrets.redact_run(texts)
+        if len(run) > 1 and clean != [secrets.redact(t) for t in texts]:
+            for piece, text in zip(run, clean, strict=True):
+                if text != piece.text:
+                    piece.text = text
+                    edited.append(piece)
+    if edited:
+        protocols.apply_text_edits(flow, side, edited)
 
 
 class _Sent:
@@ -490,10 +515,12 @@ class RecordingWriter:
         return len(self._bursts)
 
     def put(self, relative: str, snapshot: dict, scrub: frozenset[str],
-            original: originals.Original | None = None, streamed: tuple[str, ...] = ()) -> None:
+            original: originals.Original | None = None, streamed: tuple[str, ...] = (),
+            prompted: tuple[str, ...] = ()) -> None:
         """`relative`: the session file under `recording.dir`; `snapshot` is `flow.get_state()`,
         the writer's from now on; `scrub` the credential headers to replace."""
-        self._bursts.put((relative, snapshot, scrub, original, streamed), _size(snapshot))
+        self._bursts.put((relative, snapshot, scrub, original, streamed, prompted),
+                         _size(snapshot))
 
     def close(self, timeout: float = 10) -> None:
         self._bursts.close()
@@ -595,11 +622,11 @@ class _Writer:
             logger.exception("douane: cannot open the recordings index %s", settings.index_path)
 
     def write(self, item: Item) -> None:
-        relative, snapshot, scrub, original, streamed = item
+        relative, snapshot, scrub, original, streamed, prompted = item
         offset, flow_id = None, snapshot.get("id")
         try:
             connections = {name: self.connection(snapshot[name]) for name in CONNECTIONS}
-            state = recording_of(snapshot, scrub, streamed)
+            state = recording_of(snapshot, scrub, streamed, prompted)
             f = self.file(relative)
             offset = f.tell()
             f.write(tnetstring_of(state, connections))
