@@ -185,7 +185,8 @@ groups:
     upstreams:
       llm:
         operations: &listings ["GET /v1/chat/completions", "GET /v1/files",
-                               "GET /v1/vector_stores/*/files", "GET /v1/models"]
+                               "GET /v1/vector_stores/*/files", "GET /v1/models",
+                               "GET /v1/conversations/**"]
   auditors:
     upstreams:
       llm: {operations: *listings, org_listings: true}
@@ -255,5 +256,10 @@ def test_listings_show_the_callers_own_or_are_refused(issuer, tmp_path):
             assert reason(record)["rule"] == "owner.listing"
             assert get(auditor, "/v1/vector_stores/vs_1/files").status_code == 200
             assert get(bob, "/v1/models").status_code == 200  # the org's models: everyone's
+            # a path naming ids without end is not looked up id by id
+            before = len(llm.requests)
+            record = assert_refused(gw, llm, before, get(bob, "/v1" + "/conversations/c" * 17),
+                                    404)
+            assert reason(record)["message"] == "the request names too many stored objects"
     finally:
         llm.close()

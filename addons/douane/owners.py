@@ -64,6 +64,7 @@ TOUCH_SECONDS = 3600  # a binding in use is marked used in the store at most thi
 PER_USER = 10_000  # bindings kept per user, upstream and kind (their least recently used go)
 PRUNE_SECONDS = 600  # how often a process forgets the expired and the excess
 SESSION_IDS = 8  # values of a folded `Mcp-Session-Id` douane reads; more is refused
+NAMED_IDS = 16  # stored objects one request may name (its path and body)
 ISSUED_BYTES = 64 * 1024  # where an answer names its id (a stream: its first event)
 MCP = "mcp"
 
@@ -401,18 +402,24 @@ class StoredObjects:
             self._refuse(flow, "conversations", named)
             return
         upstream, user = st.upstream.name, st.identity.user
+        if len(named) > NAMED_IDS:  # a granted `**` path naming ids without end
+            self._refuse(flow, named[0][0], "the request names too many stored objects")
+            return
         unseen: list[tuple[str, str]] = []
-        for kind, object_id, where in named:
+        for kind in KINDS:  # one round trip per kind named
+            ids = [(object_id, where) for k, object_id, where in named if k == kind]
             try:
-                owner = (await self.bindings.owners(upstream, kind, [object_id]))[0]
+                owners = await self.bindings.owners(upstream, kind, [i for i, _ in ids]) \
+                    if ids else []
             except StoreUnavailable as e:
                 unavailable(flow, e)
                 return
-            if owner is None:
-                unseen.append((kind, object_id))
-            elif owner != user:
-                self._refuse(flow, kind, f"{where} names one issued to another user")
-                return
+            for (object_id, where), owner in zip(ids, owners, strict=True):
+                if owner is None:
+                    unseen.append((kind, object_id))
+                elif owner != user:
+                    self._refuse(flow, kind, f"{where} names one issued to another user")
+                    return
         if unseen:
             self._unseen[flow] = unseen
 
