@@ -4,6 +4,7 @@ request-side masking, exemptions, fail-closed, and a responsive event loop."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import json
 import random
@@ -112,6 +113,50 @@ def test_mcp_tool_result_is_masked(setup, issuer, mcp_server):
     text = asyncio.run(run()).content[0].text
     assert "john.smith@example.com" not in text and "4111 1111 1111 1111" not in text
     assert "<EMAIL_ADDRESS>" in text and "Customer 42" in text
+
+
+def test_an_answer_in_speech_is_refused_while_masking_applies(setup, issuer):
+    """`modalities: ["audio"]`: the model says the answer (names, card numbers) in an audio file
+    no analyser hears; only its transcript was masked (red team, stop 27). Refused before the
+    upstream; an exempt group may ask for it."""
+    gw, llm = setup
+    c = openai_client(gw, llm, issuer.mint("alice@corp", ["engineering"]))
+    before = len(llm.requests)
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        c.chat.completions.create(model="gpt-4o-audio-preview", modalities=["text", "audio"],
+                                  audio={"voice": "alloy", "format": "wav"},
+                                  messages=[{"role": "user", "content": "?"}])
+    assert len(llm.requests) == before
+    record = gw.audit_record(caught.value.response.headers["x-douane-decision-id"])
+    assert record["reasons"][0]["rule"] == "mask.spoken", record
+    exempt = openai_client(gw, llm, issuer.mint("pat@corp", ["privacy-officers"]))
+    exempt.chat.completions.create(model="gpt-4o-audio-preview", modalities=["text", "audio"],
+                                   audio={"voice": "alloy", "format": "wav"},
+                                   messages=[{"role": "user", "content": "?"}])
+    assert len(llm.requests) == before + 1
+
+
+def test_a_text_file_in_an_answer_holding_a_value_is_refused(setup, issuer):
+    """An answer that is a text file (a data URL) holding an address: policy read the decoded
+    text, masking skipped it (it edits text in place, and a file's is base64), so the address
+    left unmasked (red team, stop 27). Refused now; a file holding no value passes."""
+    gw, llm = setup
+    c = openai_client(gw, llm, issuer.mint("alice@corp", ["engineering"]))
+    file = "data:text/plain;base64," + base64.b64encode(
+        b"Reach John Smith at john.smith@example.com").decode()
+    llm.reply = file
+    try:
+        with pytest.raises(openai.APIStatusError) as caught:
+            c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "?"}])
+        assert caught.value.status_code == 502 and file not in caught.value.response.text
+        record = gw.audit_record(caught.value.response.headers["x-douane-decision-id"])
+        assert record["reasons"][0]["rule"] == "mask.file", record
+        llm.reply = "data:text/plain;base64," + base64.b64encode(b"nothing to see").decode()
+        reply = c.chat.completions.create(model="gpt-4o",
+                                          messages=[{"role": "user", "content": "?"}])
+        assert reply.choices[0].message.content == llm.reply
+    finally:
+        llm.reply = PII
 
 
 def test_exempt_group_sees_the_original(setup, issuer):

@@ -80,7 +80,8 @@ class Interaction:
     stream: bool = False
     max_tokens: int | None = None
     temperature: float | None = None
-    has_media: bool = False  # images, audio or files in the prompt
+    has_media: bool = False  # images, audio or files in the prompt (or asked of the model)
+    spoken: bool = False  # the answer is asked for in speech (chat `modalities: [audio]`)
     texts: list[TextPiece] = field(default_factory=list)  # request side
     tools: list[ToolDef] = field(default_factory=list)  # tools offered to a model
     hosted_tools: list[str] = field(default_factory=list)  # HOSTED_TOOLS kinds requested

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
@@ -178,6 +179,11 @@ class PoliceWebSocket:
     def _verdict(self, flow_id: str, st: FlowState, is_text: bool, content: bytes,
                  from_client: bool) -> Reason | None:
         """None to deliver the message, else the reason it is stopped."""
+        if from_client and st.identity and st.identity.expires_at is not None and \
+                st.identity.expires_at < time.time():
+            # each message is a new prompt: the token of the upgrade does not outlive itself
+            return Reason("identity.expired", "the token this session was opened with has "
+                          "expired; open a new session")
         if not is_text:
             return Reason("protocol.websocket_binary", "binary WebSocket messages cannot be "
                           "inspected")

@@ -569,9 +569,6 @@ BY_REFERENCE: dict[str, tuple[str, dict]] = {
     "responses_tool_output_image_url": ("/v1/responses", {"model": "m", "input": [
         {"type": "function_call_output", "call_id": "c",
          "output": [{"type": "input_image", "image_url": FILE_URL}]}]}),
-    "responses_prompt_variable_file_id": ("/v1/responses", {"model": "m", "input": "hi",
-        "prompt": {"id": "pmpt_1", "variables": {"doc": {"type": "input_file",
-                                                          "file_id": "file-abc"}}}}),
     "anthropic_document_url_in_a_search_result": ("/anthropic/v1/messages", {
         "model": "c", "max_tokens": 5, "messages": [{"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": "t", "content": [
@@ -583,7 +580,8 @@ BY_REFERENCE: dict[str, tuple[str, dict]] = {
 @pytest.mark.parametrize("case", list(BY_REFERENCE))
 def test_files_by_reference_are_media_wherever_they_sit(case, gw, llm, issuer):
     """A group without `media` sends no file: by URL or id inside a tool's output or a prompt
-    variable it went out (only message parts were counted), and the provider fetched it."""
+    variable it went out (only message parts were counted), and the provider fetched it. (A
+    stored prompt's variables are refused with the stored prompt since: test_differentials.py.)"""
     token = issuer.mint("nina@corp.example", ["nomedia"])
     path, doc = BY_REFERENCE[case]
     before = len(llm.requests)

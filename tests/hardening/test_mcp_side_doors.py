@@ -7,6 +7,7 @@ A refusal counts only when the upstream received nothing and the audit record na
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 
@@ -439,3 +440,50 @@ def test_one_users_session_is_not_anothers(setup, issuer):
         both = [("mcp-session-id", alices["mcp-session-id"]), *bobs.items()]  # header given twice
         resp = bob_client.post(real.url + "/mcp", headers=both, json=call("echo", 4, text="d"))
         assert_refused(gw, real, before, resp, 404)
+
+
+# Red team, stop 27: text in base64.
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@pytest.mark.parametrize(("name", "answer"), [
+    ("embedded resource blob", {"content": [{"type": "resource", "resource": {
+        "uri": "file:///notes.txt", "mimeType": "text/plain",
+        "blob": b64("The plan is Project Nightingale.")}}]}),
+    ("resources/read blob", {"contents": [{"uri": "file:///docs/a.md", "mimeType": "text/markdown",
+                                           "blob": b64("The plan is Project Nightingale.")}]}),
+    ("blob typed as an image", {"content": [{"type": "image", "mimeType": "image/png",
+                                             "data": b64("The plan is Project Nightingale.")}]}),
+])
+def test_text_in_a_blob_is_read(setup, name, answer):
+    """An MCP `blob` (or `data`) next to a `mimeType` was skipped as binary, whatever it held:
+    a text resource sent as base64 carried the denied phrase to the client (and its model),
+    unread. A blob that decodes to text is read as the text it is."""
+    gw, _, evil, staff = setup
+    evil.canned["/rpc"] = ("application/json", json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "result": answer}).encode())
+    with client(gw, staff) as c:
+        resp = c.post(evil.url + "/rpc", headers=HEADERS, json=call("echo", 1, text="a"))
+    assert b64("The plan is Project Nightingale.") not in resp.text
+    assert "blocked by policy" in resp.text, resp.text[:300]
+    record = gw.audit_record(resp.headers["x-douane-decision-id"])
+    assert record["action"] == "block" and rules(record) == ["deny.codename"]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_pii_in_a_text_blob_is_not_delivered(setup, streamed):
+    """Masking reads text, and a text file's values cannot be masked inside its base64: the
+    answer is refused, the stream cut (it left as is before: masking skipped what it could not
+    edit)."""
+    gw, _, evil, staff = setup
+    answer = {"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "resource", "resource": {
+        "uri": "file:///contacts.txt", "mimeType": "text/plain",
+        "blob": b64("Reach John Smith at john.smith@example.com")}}]}}
+    evil.canned["/rpc"] = sse(answer) if streamed else ("application/json",
+                                                        json.dumps(answer).encode())
+    with client(gw, staff) as c:
+        resp = c.post(evil.url + "/rpc", headers=HEADERS, json=call("echo", 1, text="a"))
+    assert b64("Reach John Smith at john.smith@example.com") not in resp.text
+    record = gw.audit_record(resp.headers["x-douane-decision-id"])
+    assert rules(record) == ["protocol.stream_ended" if streamed else "mask.file"], record

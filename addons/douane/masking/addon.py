@@ -25,7 +25,8 @@ from douane.masking.config import NER_ENTITIES, MaskingSettings
 from douane.masking.engine import Span
 from douane.masking.pool import MaskingPool
 from douane.masking.streaming import StreamMasker, plain, shift
-from douane.protocols import streams, streamwait
+from douane.protocols import fields, streams, streamwait
+from douane.refusals import refuse
 from douane.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -170,9 +171,17 @@ class Mask:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         st = self._applies(flow)
-        if st is None or flow.response or not self.masking or not self.masking.requests:
+        if st is None or flow.response or not self.masking:
             return
         assert st.interaction
+        if st.interaction.spoken and self.masking.responses:
+            # speech says the values masking would mask in text, and no analyser hears it
+            refuse(flow, 403, "douane masks answers and cannot mask one in speech: ask for "
+                   "text", "spoken_answer_refused", Reason("mask.spoken", "an answer in speech "
+                                                            "cannot be masked"))
+            return
+        if not self.masking.requests:
+            return
         before = sum(st.masked.values())
         changed = await self._mask(st, [p for p in st.interaction.texts
                                         if p.kind in REQUEST_KINDS and p.editable], self.recent)
@@ -218,6 +227,14 @@ class Mask:
             return
         if st.decision and st.decision.action in ("block", "refuse", "error", "hold"):
             return  # douane's own refusal: nothing from the upstream is in it
+        files = [p for p in st.interaction.response_texts if p.kind in RESPONSE_KINDS and
+                 not p.editable and fields.DECODED in p.path]
+        if files and await self._mask(st, files):
+            # a text file (base64, a data URL, an MCP blob) is read, never rewritten in place
+            refuse(flow, 502, "the answer carries a file holding values douane masks, and it "
+                   "cannot mask them inside the file", "unmaskable_file",
+                   Reason("mask.file", "values found in a text file of the answer"))
+            return
         before = sum(st.masked.values())
         changed = await self._mask(st, [p for p in st.interaction.response_texts
                                         if p.kind in RESPONSE_KINDS and p.editable],

@@ -23,6 +23,7 @@ from douane.protocols.mcp import uri_problem
 
 SECRET_KINDS = ("prompt", "tool_arguments", "tool_result")  # where the secrets detector looks
 LIMITED_OPERATIONS = ("chat.completions", "responses", "messages", "completions")
+MODEL_OPERATIONS = (*LIMITED_OPERATIONS, "embeddings")
 # What each API calls its output ceiling, so a refusal names the parameter the caller can set.
 MAX_TOKENS_PARAMETER = {"responses": "max_output_tokens",
                         "chat.completions": "max_completion_tokens (or max_tokens)"}
@@ -33,8 +34,13 @@ def grant_violations(ug: UpstreamGrant, it: Interaction) -> list[Reason]:
     out: list[Reason] = []
     if it.granted and not ug.grants_operation(*it.operation.split(" ", 1)):
         out.append(Reason("grant.operation", f"{it.operation[:200]} is not granted", "operation"))
-    if it.model and ug.models is not None and not any(fnmatch.fnmatchcase(it.model, m)
-                                                      for m in ug.models):
+    if ug.models is not None and not it.model and it.operation in MODEL_OPERATIONS and \
+            "*" not in ug.models:
+        # the upstream picks one (a deployment's, a stored prompt's): name it to be held to it
+        out.append(Reason("grant.model", "name the model: the grant allows some models only",
+                          "model"))
+    elif it.model and ug.models is not None and not any(fnmatch.fnmatchcase(it.model, m)
+                                                        for m in ug.models):
         out.append(Reason("grant.model", f"model {it.model} is not granted", "model"))
     if ug.max_tokens is not None and it.operation in LIMITED_OPERATIONS:
         parameter = MAX_TOKENS_PARAMETER.get(it.operation, "max_tokens")

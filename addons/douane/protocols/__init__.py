@@ -102,10 +102,19 @@ def load_json(message: http.Message, what: str) -> Any:
     except ValueError:
         raise ProtocolError(415, "undecodable_body", f"the {what} body cannot be decoded "
                             f"(Content-Encoding {encoding[:40]!r})") from None
-    ctype = headerfields.get(message.headers, b"content-type", "").split(";")[0].strip().lower()
+    ctype, *params = headerfields.get(message.headers, b"content-type", "").split(";")
+    ctype = ctype.strip().lower()
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise ProtocolError(415, "unsupported_content_type",
                             f"douane inspects JSON {what}s only, not {ctype or 'an untyped body'!r}")
+    for param in params:
+        # A server decoding by the declared charset reads other text than douane: UTF-7 spells
+        # `n` as `+AG4-`, a Shift_JIS lead byte swallows the quote after it. UTF-8 only.
+        name, _, value = param.partition("=")
+        value = value.strip().strip('"').lower()
+        if name.strip().lower() == "charset" and value not in ("utf-8", "utf8"):
+            raise ProtocolError(415, "unsupported_charset", f"douane reads JSON {what}s in "
+                                f"UTF-8 only, not charset {value[:40]!r}")
     return loads(raw, f"{what} body")
 
 
@@ -178,7 +187,12 @@ def parse_request(upstream: Upstream, flow: http.HTTPFlow, granted: bool = False
         return it
     doc = document(flow, "request")
     if upstream.protocol == "openai":
-        return openai.parse_request(doc, endpoint)
+        it = openai.parse_request(doc, endpoint)
+        rest = upstream.relative(path) or ""
+        if rest.startswith("/deployments/"):
+            # Azure serves the deployment the path names and ignores the body's model
+            it.model = rest.split("/")[2]
+        return it
     if upstream.protocol == "anthropic":
         return anthropic.parse_request(doc, endpoint)
     return generic.parse_request(doc, upstream, endpoint)

@@ -83,10 +83,12 @@ def require_object(doc: Any) -> dict[str, Any]:
 
 def optional_number(doc: dict[str, Any], *keys: str) -> float | None:
     """The largest number given under `keys` (an upstream may read any of them: a grant's bound
-    holds for each), None when none is; a number JSON cannot hold (`1e999`) is refused."""
-    values = [v for v in map(doc.get, keys) if isinstance(v, int | float)
-              and not isinstance(v, bool)]
-    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+    holds for each), None when none is; a number JSON cannot hold (`1e999`) is refused, and so
+    is a value that is not a number (`"100000"`, `true`: a server with lax typing reads them as
+    numbers douane did not check)."""
+    values = [v for v in map(doc.get, keys) if v is not None]
+    if any(not isinstance(v, int | float) or isinstance(v, bool) or
+           isinstance(v, float) and not math.isfinite(v) for v in values):
         raise ProtocolError(400, "invalid_number", f"{'/'.join(keys)} is not a finite number")
     return max(values, default=None)
 

@@ -215,6 +215,15 @@ def file_text(text: str) -> str | None:
         return None
 
 
+def blob_text(data: str, media_type: Any) -> str | None:
+    """The text an MCP base64 `blob` / `data` payload carries (by its `mimeType` or its bytes),
+    None for media or other binary; refused when it is declared text and is not."""
+    raw = _b64(data)
+    if raw is None:
+        raise ProtocolError(502, "invalid_blob", "a base64 payload of the answer is invalid")
+    return _text_of(media_type.lower() if isinstance(media_type, str) else "", raw, False)
+
+
 def _type(node: dict[str, Any]) -> str | None:
     """An object's `type`, when it is a string (`{"type": {}}` must not break the walk)."""
     kind = node.get("type")

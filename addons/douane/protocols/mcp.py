@@ -16,10 +16,11 @@ import binascii
 import json
 import re
 import unicodedata
+from collections.abc import Iterable
 from typing import Any
 
 from douane.interaction import Interaction, Kind, McpMessage, Role, TextPiece, ToolCall, ToolDef
-from douane.protocols import jsonpath
+from douane.protocols import fields, jsonpath
 from douane.protocols.base import Delta, ProtocolError, StreamFormat
 from douane.protocols.fields import KEYS
 from douane.protocols.sse import Event
@@ -414,8 +415,7 @@ def message_pieces(msg: Any, method: str | None, base: tuple, it: Interaction,
         return
     if "method" in msg or "error" in msg or method not in SPECIFIC:
         key = "params" if "method" in msg else "error" if "error" in msg else "result"
-        texts += [TextPiece("tool_result", "tool", text, (*base, *path)) for path, text in
-                  jsonpath.strings(msg.get(key), (key,)) if not _binary(msg, path)]
+        texts += _pieces("tool_result", "tool", msg, base, jsonpath.strings(msg.get(key), (key,)))
         texts += _names("tool_result", "tool", msg.get(key), base)
         return
     result = msg.get("result")
@@ -457,15 +457,26 @@ def message_pieces(msg: Any, method: str | None, base: tuple, it: Interaction,
                                        (*base, "result", "messages", k, "content", "text")))
     # whatever else the answer carries (schema descriptions, `_meta`, resource links, ...)
     taken = {p.path for p in texts}
-    texts += [TextPiece(REST_KIND[method], None, text, (*base, *path))
-              for path, text in jsonpath.strings(result, ("result",))
-              if (*base, *path) not in taken and path[-1] not in IDENTIFIER_KEYS
-              and not _binary(msg, path)]
+    texts += _pieces(REST_KIND[method], None, msg, base, [
+        (path, text) for path, text in jsonpath.strings(result, ("result",))
+        if (*base, *path) not in taken and path[-1] not in IDENTIFIER_KEYS])
     texts += _names(REST_KIND[method], None, result, base, identifiers=True)
 
 
-def _binary(msg: dict[str, Any], path: tuple) -> bool:
-    return path[-1] in BINARY_KEYS and "mimeType" in jsonpath.get(msg, path[:-1])
+def _pieces(kind: Kind, role: Role | None, msg: dict[str, Any], base: tuple,
+            strings: Iterable[tuple[tuple, str]]) -> list[TextPiece]:
+    """Pieces of a message's strings; a binary payload is read as the text it decodes to (a
+    text resource sent as base64), never edited; media is not text."""
+    out = []
+    for path, text in strings:
+        holder = jsonpath.get(msg, path[:-1])
+        if path[-1] in BINARY_KEYS and "mimeType" in holder:
+            decoded = fields.blob_text(text, holder["mimeType"])
+            if decoded is not None:
+                out.append(TextPiece(kind, role, decoded, (*base, *path, fields.DECODED), False))
+        else:
+            out.append(TextPiece(kind, role, text, (*base, *path)))
+    return out
 
 
 def each(doc: Any) -> list[tuple[tuple, Any]]:
@@ -547,6 +558,10 @@ class McpStream(StreamFormat):
         for base, msg in each(doc):
             message_pieces(msg, answered_method(self.interaction, msg), base, self.interaction,
                            pieces)
+        if any(fields.DECODED in p.path for p in pieces):
+            # as in a model's stream: masking edits text in place, and a file's is not in place
+            raise ProtocolError(502, "file_in_stream", "the stream carries a text file douane "
+                                "cannot inspect in place")
         # keys and names are policed (`_police_message`), never masked: no channel of their own
         return [Delta(f"msg{self.count}.{k}", p.kind, p.path) for k, p in enumerate(pieces)
                 if p.editable]

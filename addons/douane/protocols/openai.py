@@ -39,9 +39,20 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
             _tool_def(it, fn, ("functions", k), ("functions", k, "description"))
         if doc.get("web_search_options") is not None:
             it.hosted_tools.append("web_search")
+        modalities = doc.get("modalities")
+        # an answer in speech: media, and no deny rule or masking reads it
+        it.spoken = doc.get("audio") is not None or isinstance(modalities, list) and \
+            "audio" in modalities
+        it.has_media = it.has_media or it.spoken
         fields.cover(it, doc, _chat_kind(doc))
     elif endpoint == "responses":
         it = Interaction("openai", "responses")
+        if doc.get("prompt") is not None:
+            # a prompt stored upstream adds its model, instructions and tools (hosted tools, MCP
+            # servers, vector stores) where douane cannot read them
+            raise ProtocolError(403, "stored_prompt", "douane does not pass a stored prompt "
+                                "(`prompt`): its model, instructions and tools are unseen here; "
+                                "send them in the request", it)
         _responses_input(doc, it)
         offered_tools(it, doc, chat=False)
         fields.cover(it, doc, _responses_kind(doc))
