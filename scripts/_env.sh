@@ -29,12 +29,20 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "douane: creating .venv with $PY ($("$PY" --version))" >&2
   "$PY" -m venv "$VENV"
 fi
+# installed once per content of the lock and pyproject.toml (a checkout or rebase that rewrites
+# them unchanged reinstalls nothing); --no-compile: compiling every installed module (spaCy's
+# languages, Faker's locales...) was three quarters of the install's CPU, and Python compiles
+# what is imported on first use
 STAMP="$VENV/.douane-installed"
-if [ ! -f "$STAMP" ] || [ "$ROOT/scripts/requirements.lock" -nt "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
+WANT="$(cat "$ROOT/scripts/requirements.lock" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "douane: installing pinned dependencies (scripts/requirements.lock)" >&2
-  "$VENV/bin/python" -m pip install -q --upgrade pip >&2
-  "$VENV/bin/python" -m pip install -q -r "$ROOT/scripts/requirements.lock" >&2
-  "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT" >&2
-  touch "$STAMP"
+  "$VENV/bin/python" -m pip install -q --no-compile --upgrade pip >&2
+  "$VENV/bin/python" -m pip install -q --no-compile -r "$ROOT/scripts/requirements.lock" >&2
+  "$VENV/bin/python" -m pip install -q --no-compile --no-deps -e "$ROOT" >&2
+  echo "$WANT" > "$STAMP"
 fi
+# bytecode written once, on first import, not compiled anew in every process (the suite starts
+# hundreds: gateways, CLI runs, workers) where the environment says PYTHONDONTWRITEBYTECODE
+unset PYTHONDONTWRITEBYTECODE
 export PATH="$VENV/bin:$PATH"
