@@ -22,11 +22,13 @@ UPSTREAM_KEY = "sk-upstream-test-0123456789abcdefghijklmnopqrstuv"
 SCRIPTS_RUN = {"test_fleet_e2e.py", "test_operator_e2e.py", "test_workers_e2e.py"}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under `scripts/test` (pytest-xdist, `--dist loadgroup`) the unit a worker takes whole, in
     order: a module (its module-scoped gateways start once); the hardening suite (test_z_leaks
     scans what the other hardening modules wrote under this process's basetemp, after them);
     the modules that run `scripts/run` (two first starts at once would race to make certs/)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return  # a venv from before the lock had pytest-xdist: its marker is not registered
     for item in items:
         path = item.path.relative_to(REPO / "tests")
         group = "hardening" if path.parts[0] == "hardening" else \
