@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 
 import pytest
 from mitmproxy import exceptions, options
+from mitmproxy.addonmanager import AddonManager
 from mitmproxy.addons import default_addons
-from mitmproxy.hooks import RunningHook
+from mitmproxy.hooks import RunningHook, UpdateHook
+from mitmproxy.proxy.layers.http import HttpRequestHook as RequestHook
+from mitmproxy.test import tflow
 from mitmproxy.tools.dump import DumpMaster
 
 from douane import builtins
@@ -62,4 +67,81 @@ def test_turning_a_dropped_feature_on_later_is_refused():
         master.addons.add(DropIdleBuiltins())
         with pytest.raises(exceptions.OptionsError, match="restart"):
             master.options.update(stickycookie=".*")
+    asyncio.run(scenario())
+
+
+class Hooked:
+    """An addon whose `request` hook notes each call (or raises, or halts the walk)."""
+
+    def __init__(self, name: str, calls: list[str], fail: type[Exception] | None = None):
+        self.name, self.calls, self.fail = name, calls, fail
+
+    def request(self, flow) -> None:
+        self.calls.append(self.name)
+        if self.fail:
+            raise self.fail(self.name)
+
+
+class Plain:
+    """No hook of its own; its children may have some (as a script under ScriptLoader)."""
+
+    def __init__(self, name: str, children: list[object] = ()):
+        self.name, self.addons = name, list(children)
+
+
+async def walked(walk, chain: list[object], flow) -> tuple[list[str], list[str]]:
+    """(the hooks called, the errors logged) when `walk` sends a `request` event to `chain`."""
+    master = DumpMaster(options.Options(), with_termlog=False)
+    for addon in chain:
+        master.addons.add(addon)
+    errors: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: errors.append(re.sub(" at 0x[0-9a-f]+", "", record.getMessage()))
+    logging.getLogger("mitmproxy.addonmanager").addHandler(handler)
+    try:
+        calls: list[str] = chain[0].calls
+        await walk(master.addons, RequestHook(flow))
+        await walk(master.addons, UpdateHook([flow]))  # nobody has an `update` hook
+    finally:
+        logging.getLogger("mitmproxy.addonmanager").removeHandler(handler)
+    return calls, errors
+
+
+def test_the_walk_calls_every_hook_mitmproxys_walk_calls():
+    """Same hooks, same order, same errors logged, as mitmproxy's own walk: hooks at any depth,
+    an addon without one, one raising (logged, the walk goes on), a non-callable attribute named
+    like the event (logged), `AddonHalt` (the walk ends)."""
+    async def scenario() -> None:
+        flow = tflow.tflow()
+
+        def chain() -> list[object]:
+            calls: list[str] = []
+            odd = Plain("odd")
+            odd.request = "not callable"
+            return [Hooked("first", calls), Plain("empty"),
+                    Plain("loader", [Plain("script", [Hooked("deep", calls)])]),
+                    Hooked("failing", calls, ValueError), odd,
+                    Plain("nested", [Hooked("child", calls), Plain("leaf")]),
+                    Hooked("halting", calls, exceptions.AddonHalt), Hooked("never", calls)]
+
+        ours = await walked(builtins._walk, chain(), flow)
+        theirs = await walked(builtins._original_walk, chain(), flow)
+        assert ours == theirs
+        calls, errors = ours
+        assert calls == ["first", "deep", "failing", "child", "halting"]
+        assert any("failing" in e for e in errors) and any("not callable" in e for e in errors)
+    asyncio.run(scenario())
+
+
+def test_the_walk_is_installed_once_and_only_on_the_mitmproxy_it_was_written_for(monkeypatch):
+    async def scenario() -> None:
+        started(flow_detail=0)
+        assert AddonManager.trigger_event is builtins._walk
+        builtins.install_walk()  # checked against mitmproxy's own, not against itself
+        monkeypatch.setitem(builtins.EXPECTED, "_iter_hooks", "0" * 64)
+        with pytest.raises(ValueError, match="with a different _iter_hooks"):
+            builtins.install_walk()
+        monkeypatch.setattr(AddonManager, "trigger_event", builtins._original_walk)
+        with pytest.raises(exceptions.OptionsError, match="different _iter_hooks"):
+            started(flow_detail=0)
     asyncio.run(scenario())

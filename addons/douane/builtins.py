@@ -7,6 +7,15 @@ an option that is off (map_local, modify_headers, stickycookie, proxyauth, -w...
 only offer commands (cut, export, comment, browser). Their options and commands stay registered.
 Turning one of those features on later is refused (restart with the option set), never ignored.
 What guards traffic stays: block (block_global), disable_h2c, update_alt_svc, TLS, the proxy.
+
+The addons that stay are still walked for every event, and for the `update` event mitmproxy sends
+after each flow event (8 walks per request): a coroutine, a context manager and a generator per
+addon, ~20 µs per walk, most finding nothing. `install_walk` replaces mitmproxy's walk by the same
+walk that steps over an addon in which it would find no hook for the event (no attribute of that
+name in the addon or its children): a hook that exists is called exactly as mitmproxy calls it
+(in order, its errors logged and the walk going on, `AddonHalt` ending it). It cannot skip
+douane's steps: they are attributes of the `Checkpoint`. It is checked against mitmproxy's source
+at start, as douane's other wraps (`protocols.mitmpatch`).
 """
 
 from __future__ import annotations
@@ -16,8 +25,11 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from mitmproxy import ctx, exceptions
+from mitmproxy import ctx, exceptions, hooks
+from mitmproxy.addonmanager import AddonManager, safecall, traverse
 from mitmproxy.options import Options
+
+from douane.protocols import mitmpatch
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +66,42 @@ IDLE: dict[str, tuple[str | None, Callable[[Options], bool]]] = {
 _dropped: weakref.WeakKeyDictionary[Any, dict[str, str | None]] = weakref.WeakKeyDictionary()
 
 
+# What the walk below relies on: mitmproxy's walk calls, for each addon of the chain, each
+# attribute named like the event that is truthy in the addon or its children (`traverse`).
+EXPECTED = {
+    "trigger_event": "b763c59bc4992e33030d38fe5a62368b0437ad4f327ea609b0664db32286a4d9",
+    "invoke_addon": "13180532440359de4072c45e3f24aa3ad3b75292ef1ebfa5caa6385160a0be12",
+    "_iter_hooks": "350b419ab7284091f6341cbeb463bf6071dca027396ab37d0615789def57e7c0",
+    "traverse": "bad3d9f88bdf9269a3a1380948222f64da429fcfa2801a38bbed467289d7bd60",
+}
+_original_walk = AddonManager.trigger_event
+
+
+async def _walk(self: AddonManager, event: hooks.Hook) -> None:
+    """mitmproxy's `AddonManager.trigger_event`, stepping over the addons it would call nothing
+    in (their `invoke_addon` would find no truthy attribute named like the event)."""
+    name = event.name
+    for addon in self.chain:
+        if not getattr(addon, name, None) and not (
+                hasattr(addon, "addons") and any(getattr(a, name, None)
+                                                 for a in traverse(addon.addons))):
+            continue
+        try:
+            with safecall():
+                await self.invoke_addon(addon, event)
+        except exceptions.AddonHalt:
+            return
+
+
+def install_walk() -> None:
+    """Replace mitmproxy's event walk (once); ValueError when this mitmproxy is not the one the
+    walk was written for."""
+    mitmpatch.check("the event walk needs", "it walks every addon for every event", {
+        "trigger_event": _original_walk, "invoke_addon": AddonManager.invoke_addon,
+        "_iter_hooks": AddonManager._iter_hooks, "traverse": traverse}, EXPECTED)
+    AddonManager.trigger_event = _walk  # type: ignore[method-assign]
+
+
 class DropIdleBuiltins:
     def running(self) -> None:
         addons, dropped = ctx.master.addons, _dropped.setdefault(ctx.master, {})
@@ -65,6 +113,11 @@ class DropIdleBuiltins:
         logger.debug("douane: mitmproxy addons out of the event chain: %s", ", ".join(dropped))
 
     def configure(self, updated: set[str]) -> None:
+        if AddonManager.trigger_event is not _walk:
+            try:
+                install_walk()
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from None
         for name, option in _dropped.get(ctx.master, {}).items():
             if option in updated and not IDLE[name][1](ctx.options):
                 raise exceptions.OptionsError(
