@@ -3,6 +3,8 @@ absurd names refused, folder names injective."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from douane import untrusted
@@ -75,3 +77,13 @@ def test_scrub_all_scans_once_and_still_finds_each_secret():
     assert untrusted.scrub_all({"user": "alice@example.com", "k": key}) == {
         "user": "alice@example.com", "k": "<SECRET:detector.secret.aws_access_key>"}
     assert key not in untrusted._clean
+
+
+def test_a_match_across_two_values_hides_no_secret_in_the_second():
+    """Red team, stop 27: joined by a newline, `the password is` + `[x]password=...` read as one
+    password whose value looks like a placeholder; the secret behind it went unseen, and the
+    value was remembered clean for later records too."""
+    values = ["the password is", "[x]password=Hunter2!x-4f9q"]
+    assert not untrusted.clean(values)
+    assert not untrusted.clean(values[1:])
+    assert "Hunter2" not in json.dumps(untrusted.scrub_all({"a": values[0], "b": values[1]}))

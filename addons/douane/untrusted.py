@@ -13,7 +13,7 @@ from typing import Any
 from anyascii import anyascii
 
 from douane.interaction import Interaction
-from douane.secrets import SHORTEST_SECRET, redact
+from douane.secrets import SHORTEST_SECRET, matches, redact
 
 # C0, DEL, C1, the Arabic letter mark, LRM/RLM, line and paragraph separators, bidi embeddings,
 # overrides and isolates: what moves a terminal's cursor, colours or hides text, or reorders it.
@@ -86,14 +86,16 @@ def scrub_all(value: Any, limit: int = FIELD_CHARS) -> Any:
 
 def clean(texts: list[str]) -> bool:
     """Whether none of `texts` holds a secret. Values seen clean before are not scanned again;
-    the others are scanned once, joined by newlines (which no secret's value spans), and the
-    short ones among them are then known clean."""
+    the others are searched once, joined by newlines, for any pattern's match: where none is,
+    none is in any of them (a match in one is a match in the joined text), and the short ones
+    are then known clean. Where one is, each is redacted alone: a pattern's separator spans a
+    newline, so a match across two values that fails its check (`the password is` +
+    `[x]password=...` reads as a placeholder) would hide the secret behind it."""
     fresh = [t for t in texts
              if len(t) >= SHORTEST_SECRET and t not in _clean and not IDS.fullmatch(t)]
     if not fresh:
         return True
-    joined = "\n".join(fresh)
-    if redact(joined) != joined:
+    if matches("\n".join(fresh)) and any(redact(t) != t for t in fresh):
         return False
     if len(_clean) > CLEAN_VALUES:
         _clean.clear()

@@ -258,3 +258,27 @@ def test_made_up_mcp_session_ids_name_no_recording_file(gw, upstream, issuer):
              (gw.state_dir / "recordings" / untrusted.slug("sid@corp.example")).rglob("*.mitm")}
     assert "mcp-issued-by-the-server" in names
     assert not [n for n in names if "made-up" in n], names
+
+
+def test_a_secret_after_a_header_that_ends_in_its_name_is_in_no_record(gw, issuer):
+    """Red team, stop 27: the recording writer scans a flow's header values (and the audit its
+    record's strings) once, joined by newlines, and remembers the short ones it found clean. But
+    a pattern's separator spans a newline: `X-Note: the password is` then `X-Db:
+    [x]password=Hunter2!x` read as one password whose value `[x]password=...` looks like a
+    placeholder, so the match failed its check and hid the real one behind it: the password was
+    recorded, and, remembered clean, in every later flow carrying that header alone."""
+    token = issuer.mint("hal@corp.example", ["engineering"])
+    leaked = "Hunter2!x-4f9q"
+    headers = {"x-note": "the password is", "x-db": f"[x]password={leaked}"}
+    for extra in (headers, {"x-db": headers["x-db"]}):
+        assert chat(gw, token, headers=extra).status_code == 200
+    gw.audit_where(lambda r: r.get("user") == "hal@corp.example", count=2)
+    folder = gw.state_dir / "recordings" / untrusted.slug("hal@corp.example")
+    deadline = time.monotonic() + 10
+    while True:
+        found = [p for p in folder.rglob("*.mitm") if b"x-db" in p.read_bytes()]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert found, "no recording of the flows"
+    assert not any(leaked.encode() in p.read_bytes() for p in found)
