@@ -101,3 +101,26 @@ def test_memory_is_bounded_per_kind(tmp_path, monkeypatch):
         return size
 
     assert asyncio.run(run()) == 3
+
+
+def test_a_binding_in_use_is_kept_past_the_ttl(tmp_path, monkeypatch):
+    """Each use marks it (at most once per TOUCH_SECONDS): only an unused one expires."""
+    clock = [1_000_000_000.0]
+    monkeypatch.setattr(owners.time, "time", lambda: clock[0])
+
+    async def run() -> list[str | None]:
+        b = bindings(tmp_path)
+        b._pruned = clock[0]
+        await b.bind("llm", "conversations", "conv_used", "ada")
+        await b.bind("llm", "conversations", "conv_idle", "ada")
+        clock[0] += owners.TTL_SECONDS - 60
+        assert await b.owners("llm", "conversations", ["conv_used"]) == ["ada"]  # marked used
+        clock[0] += 120  # past the TTL of the idle one
+        await b.prune(clock[0])
+        fresh = bindings(tmp_path)
+        got = await fresh.owners("llm", "conversations", ["conv_used", "conv_idle"])
+        b.close()
+        fresh.close()
+        return got
+
+    assert asyncio.run(run()) == ["ada", None]

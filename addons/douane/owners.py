@@ -128,7 +128,6 @@ _BIND = ("INSERT INTO owners (key, kind, username, upstream, used_at) VALUES (%s
          "ON CONFLICT (key) DO UPDATE SET username = excluded.username, used_at = excluded.used_at")
 BIND = _BIND  # issued: the upstream's word is the last
 ADOPT = _BIND + " WHERE owners.used_at <= %s"  # unseen (or forgotten): the first user's
-TOUCH = "UPDATE owners SET used_at = %s WHERE key = %s AND used_at < %s"
 EXPIRE = "DELETE FROM owners WHERE used_at <= %s"
 # one user's bindings of a kind past PER_USER, by the index on (username, upstream, kind, used_at)
 EXCESS = ("DELETE FROM owners WHERE key IN (SELECT key FROM owners WHERE username = %s AND "
@@ -138,6 +137,16 @@ EXCESS = ("DELETE FROM owners WHERE key IN (SELECT key FROM owners WHERE usernam
 def _owners_of(n: int) -> str:
     return f"SELECT key, username, used_at FROM owners WHERE key IN ({', '.join(['%s'] * n)}) " \
            "AND used_at > %s"
+
+
+def _touch(n: int) -> str:
+    """Mark bindings in use (at most once per `TOUCH_SECONDS` each)."""
+    return f"UPDATE owners SET used_at = %s WHERE key IN ({', '.join(['%s'] * n)}) " \
+           "AND used_at < %s"
+
+
+def _stale(found: dict[str, Binding], now: float) -> list[str]:
+    return [key for key, b in found.items() if b.used_at < now - TOUCH_SECONDS]
 
 
 @dataclass(frozen=True)
@@ -180,10 +189,8 @@ class SqliteBindings:
     async def owners(self, keys: list[str], now: float) -> dict[str, Binding]:
         rows = await self._run([(_owners_of(len(keys)), [*keys, now - TTL_SECONDS])])
         found = {key: Binding(user, used) for key, user, used in rows}
-        touch = [(TOUCH, (now, key, now - TOUCH_SECONDS)) for key, b in found.items()
-                 if b.used_at < now - TOUCH_SECONDS]
-        if touch:
-            await self._run(touch)
+        if stale := _stale(found, now):
+            await self.execute(_touch(len(stale)), (now, *stale, now - TOUCH_SECONDS))
         return found
 
     async def execute(self, query: str, params: Sequence[Any]) -> None:
@@ -206,9 +213,8 @@ class PgBindings:
     async def owners(self, keys: list[str], now: float) -> dict[str, Binding]:
         rows = await self.pg.fetchall(_owners_of(len(keys)), [*keys, now - TTL_SECONDS])
         found = {r["key"]: Binding(r["username"], r["used_at"]) for r in rows}
-        for key, b in found.items():
-            if b.used_at < now - TOUCH_SECONDS:
-                await self.execute(TOUCH, (now, key, now - TOUCH_SECONDS))
+        if stale := _stale(found, now):
+            await self.execute(_touch(len(stale)), (now, *stale, now - TOUCH_SECONDS))
         return found
 
     async def execute(self, query: str, params: Sequence[Any]) -> None:
