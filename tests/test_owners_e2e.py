@@ -126,7 +126,10 @@ def test_bindings_hold_across_replicas_and_a_replaced_replica(issuer, postgres, 
             assert responses(a2, llm, alice, conversation="conv_fake").status_code == 200
             # an id from before douane: adopted by the first user it is answered for, on any
             # replica; the other's is refused on the other replica
-            assert responses(a2, llm, alice, conversation="conv_before").status_code == 200
+            adopting = responses(a2, llm, alice, conversation="conv_before")
+            assert adopting.status_code == 200
+            record = a2.audit_record(adopting.headers["x-douane-decision-id"])
+            assert any(r["rule"] == "owner.adopted" for r in record["reasons"]), record
             before = len(llm.requests)
             record = assert_refused(b, llm, before,
                                     responses(b, llm, bob, conversation="conv_before"), 404)

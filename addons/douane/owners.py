@@ -324,7 +324,7 @@ class StoredObjects:
         self._pg: PgStore | None = None
         self._path: Path | None = None
         # ids a request named that the store did not hold: adopted if the upstream answers
-        self._unseen: weakref.WeakKeyDictionary[http.HTTPFlow, list[tuple[str, str]]] = \
+        self._unseen: weakref.WeakKeyDictionary[http.HTTPFlow, list[tuple[str, str, str]]] = \
             weakref.WeakKeyDictionary()
         self._listings: weakref.WeakKeyDictionary[http.HTTPFlow, str] = \
             weakref.WeakKeyDictionary()  # the kind a listing is filtered to the caller's own of
@@ -411,7 +411,7 @@ class StoredObjects:
         if len(named) > NAMED_IDS:  # a granted `**` path naming ids without end
             self._refuse(flow, named[0][0], "the request names too many stored objects")
             return
-        unseen: list[tuple[str, str]] = []
+        unseen: list[tuple[str, str, str]] = []
         for kind in KINDS:  # one round trip per kind named
             ids = [(object_id, where) for k, object_id, where in named if k == kind]
             try:
@@ -422,7 +422,7 @@ class StoredObjects:
                 return
             for (object_id, where), owner in zip(ids, owners, strict=True):
                 if owner is None:
-                    unseen.append((kind, object_id))
+                    unseen.append((kind, object_id, where))
                 elif owner != user:
                     self._refuse(flow, kind, f"{where} names one issued to another user")
                     return
@@ -482,8 +482,14 @@ class StoredObjects:
         found = ISSUED[kind].search(flow.response.raw_content or b"", 0, ISSUED_BYTES) \
             if kind else None
         try:
-            for named_kind, object_id in unseen:  # the upstream knows it: its first user's
+            for named_kind, object_id, where in unseen:  # the upstream knows it: now theirs
                 await self.bindings.bind(upstream, named_kind, object_id, user, adopt=True)
+                adopted = Reason("owner.adopted", f"{where} named a {KINDS[named_kind].noun} "
+                                 "douane had not seen issued: bound to this user")
+                if st.decision is None:
+                    st.decide("allow", adopted)
+                else:  # (an answer masked, say: the decision stands, the record says it too)
+                    st.decision.reasons.append(adopted)
             if kind and found:
                 await self.bindings.bind(upstream, kind, found[1].decode(), user)
         except StoreUnavailable as e:
