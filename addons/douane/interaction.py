@@ -79,6 +79,7 @@ class Interaction:
     model: str | None = None
     stream: bool = False
     max_tokens: int | None = None
+    choices: int = 1  # answers asked for at once (`n`, `best_of`), each up to max_tokens
     temperature: float | None = None
     has_media: bool = False  # images, audio or files in the prompt (or asked of the model)
     spoken: bool = False  # the answer is asked for in speech (chat `modalities: [audio]`)

@@ -35,6 +35,10 @@ groups:
   nomedia:
     upstreams:
       llm: {models: ["*"], media: false}
+  budget:
+    upstreams:
+      llm: {models: ["*"], max_tokens: 100}
+    limits: {tokens_per_day: 2000}
 rules:
   - id: deny.codename
     literal: "project nightingale"
@@ -187,3 +191,18 @@ def test_controls(gw, llm, eve):
     assert_refused(gw, llm, before, post(gw, eve, "/v1/chat/completions",
                                          chat(f"about {DENIED}")), 403)
     assert post(gw, eve, "/v1/responses", {"model": "m", "input": "hi"}).status_code == 200
+
+
+def test_many_choices_count_against_the_daily_budget(gw, llm, issuer, secrets):
+    """`n: 64` asks for 64 answers of up to `max_tokens` each: the daily token budget counted
+    the request's `max_tokens` once, so a group capped at 100 tokens a request and 2,000 a day
+    had 6,400 tokens generated for the price of 100 (legacy completions' `best_of` too)."""
+    budget = token_of(issuer, secrets, "bud@corp.example", ["budget"])
+    before = len(llm.requests)
+    for path, doc in [("/v1/chat/completions", chat("hi", max_tokens=100, n=64)),
+                      ("/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 100,
+                                           "n": 1, "best_of": 40})]:
+        record = assert_refused(gw, llm, before, post(gw, budget, path, doc), 429)
+        assert record["reasons"][0]["rule"] == "limit.tokens_per_day", record
+    ok = post(gw, budget, "/v1/chat/completions", chat("hi", max_tokens=100, n=2))
+    assert ok.status_code == 200, ok.text

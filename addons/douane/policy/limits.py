@@ -4,7 +4,8 @@ In memory, per gateway process, by default (`RateLimiter`). With a shared store 
 `SharedRateLimiter` counts in PostgreSQL, one atomic statement per request, so N replicas enforce a
 limit once, not N times (its minute slides by whole seconds of the database's clock); while the
 store is down the request is refused (`StoreUnavailable`).
-Tokens are estimated at request time as prompt characters / 4 plus the requested max_tokens.
+Tokens are estimated at request time as prompt characters / 4 plus the requested max_tokens
+(times the answers asked for at once: `n`, `best_of`).
 An MCP request counts once per JSON-RPC call in it (a batch of 200 tool calls is 200 requests);
 MCP session housekeeping (initialize, server/discover, ping, notifications, answers to the
 server, GET and DELETE) is not counted; `batch_size` bounds the JSON-RPC messages of one MCP
@@ -37,7 +38,7 @@ def calls(it: Interaction) -> int:
 
 
 def estimated_tokens(it: Interaction) -> int:
-    return sum(len(p.text) for p in it.texts) // 4 + (it.max_tokens or 0)
+    return sum(len(p.text) for p in it.texts) // 4 + (it.max_tokens or 0) * it.choices
 
 
 def over_batch(limits: Limits, it: Interaction) -> Reason | None:

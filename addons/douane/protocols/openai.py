@@ -81,6 +81,8 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
     max_tokens = optional_number(doc, "max_completion_tokens", "max_tokens", "max_output_tokens")
     it.max_tokens = int(max_tokens) if max_tokens is not None else None
     it.temperature = optional_number(doc, "temperature")
+    choices = optional_number(doc, "n", "best_of")
+    it.choices = max(1, int(choices)) if choices is not None else 1
     return it
 
 
