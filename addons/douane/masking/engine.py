@@ -15,7 +15,10 @@ Faster than stock Presidio without losing recall on the configured entities:
   then decide names differently from the whole answer);
 - texts analysed in a batch per call (spaCy's `pipe`);
 - NER's products on numpy's OpenBLAS, one thread, with row-major transposed weights
-  (`load_ner`, `inference_ops`), and no flags computed for new words that nothing reads.
+  (`load_ner`, `inference_ops`), and no flags computed for new words that nothing reads;
+- NER's token vectors as plain numpy products without thinc's layers, a word's embedding
+  computed once (`TokenVectors`); pattern recognisers without Presidio's per-match explanation
+  (`plain_patterns`); the lemmas and token offsets only the context enhancer reads, on first use.
 Offline: tldextract uses its bundled public-suffix snapshot, never the network.
 """
 
