@@ -176,6 +176,13 @@ def test_the_embedded_store_keeps_bindings_across_a_restart(issuer, mcp_server, 
         with proxied(gw, alice) as c:
             ok = c.post(mcp_server + "/mcp", headers=alices, json=call("echo", 2, text="mine"))
             assert ok.status_code == 200 and "mine" in ok.text, ok.text
+        with proxied(gw, alice) as c:  # her own session among many: not looked up one by one
+            many = ", ".join([alices["mcp-session-id"], *(f"s{n}" for n in range(9))])
+            before = len(mcp.requests)
+            resp = c.post(mcp_server + "/mcp", headers={**alices, "mcp-session-id": many},
+                          json=call("echo", 3, text="x"))
+            assert reason(assert_refused(gw, mcp, before, resp, 404))["message"] == \
+                "the Mcp-Session-Id header names too many sessions"
         # an answer not stored (`store: false`) binds nothing: resp_fake stays Alice's
         assert responses(gw, llm, bob, store=False).json()["id"] == "resp_fake"
         assert responses(gw, llm, alice, previous_response_id="resp_fake").status_code == 200
