@@ -3,12 +3,12 @@ cut back, a batched index; no process left behind when the gateway stops or is k
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import errno
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from mitmproxy import io as mitmio
 from mitmproxy.io import tnetstring
 from mitmproxy.test import tflow, tutils
 
+from douane import bursts
 from douane.recording import index, writer
 from douane.recording.addon import snapshot
 from douane.recording.config import RecordingSettings
@@ -202,37 +203,81 @@ def test_index_rows_are_committed_per_burst_not_per_flow(tmp_path):
 def test_a_writer_that_falls_behind_is_not_healthy_until_it_catches_up(tmp_path, monkeypatch):
     """Flows (bodies and all) waited in memory for the pipe to the niced writer process: with a
     disk slower than the traffic they piled up without bound. Past the bound the writer is not
-    healthy (new requests refused 503 under `on_error: refuse`, /healthz says so)."""
+    healthy (new requests refused 503 under `on_error: refuse`, /healthz says so). Here the
+    writer process is stopped: the pipe fills, the event loop waits for it without blocking,
+    the flows put meanwhile wait; once it runs again, all are written, in order."""
     monkeypatch.setattr(writer, "MAX_BACKLOG", 5)
     w = writer.RecordingWriter(settings(tmp_path), None)
-    entered, slow = threading.Event(), threading.Event()
+    relative = item("slow")[0]
 
-    class SlowPipe:
-        def __init__(self, pipe):
-            self.pipe = pipe
+    def big(n: int) -> writer.Item:
+        f = tflow.tflow(resp=True)
+        f.response.content = os.urandom(8192).hex().encode()  # 16 KiB: a few fill a pipe
+        return relative, snapshot(f), frozenset(), None, (), ()
 
-        def send(self, burst):
-            entered.set()
-            slow.wait()
-            self.pipe.send(burst)
+    async def scenario() -> list[str]:
+        put: list[str] = []
+        os.kill(w._process.pid, signal.SIGSTOP)
+        try:
+            while w.backlog < 5:
+                assert len(put) < 500, "the pipe never filled"
+                flow = big(len(put))
+                put.append(flow[1]["id"])
+                w.put(*flow)
+                assert w.healthy == (w.backlog < 5)
+                await asyncio.sleep(0.005)  # the loop's timer sends what the pipe takes
+            assert not w.healthy and w._selector is not None  # waiting for the pipe, not blocked
+        finally:
+            os.kill(w._process.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while not (w.healthy and w.backlog == 0):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        return put
 
-        def close(self):
-            self.pipe.close()
-
-    w._sender = SlowPipe(w._sender)
     try:
-        w.put(*item("first"))
-        assert entered.wait(10)  # the feeder is sending the first: the rest waits
-        assert w.healthy
-        for n in range(5):
-            w.put(*item(f"s{n}"))
-        assert w.backlog == 5 and not w.healthy
-        slow.set()
-        assert until(lambda: w.healthy)
+        put = asyncio.run(scenario())
     finally:
-        slow.set()
+        os.kill(w._process.pid, signal.SIGCONT)
         w.close()
-    assert len(list((tmp_path / "rec").rglob("*.mitm"))) == 6
+    assert flow_ids(tmp_path / "rec" / relative) == put
+
+
+def test_flows_handed_over_by_the_loop_read_back_as_mitmproxy_writes_them(tmp_path):
+    """The event loop's timer pickles each window's flows at once and the writer process writes
+    them: the session file is byte for byte what mitmproxy's FlowWriter writes for the same
+    flows (nothing to scrub in them), mitmproxy's FlowReader reads them back, and one put
+    outside an event loop is sent at once."""
+    client, server = tflow.tclient_conn(), tflow.tserver_conn()
+    flows = [tflow.tflow(client_conn=client, server_conn=server, resp=True),
+             tflow.tflow(client_conn=client, server_conn=server, resp=True, err=True),
+             tflow.tflow(client_conn=client, server_conn=server),
+             tflow.twebsocketflow(), tflow.tflow(resp=True)]
+    for i, f in enumerate(flows):
+        f.metadata = {"douane": {"decision_id": f"dcn_{i}"}, "user": "alice"}
+    w = writer.RecordingWriter(settings(tmp_path), None)
+    relative = "alice/2026-01-01/conn-1.mitm"
+
+    async def scenario() -> None:
+        for n, f in enumerate(flows[:-1]):
+            w.put(relative, snapshot(f), frozenset())
+            if n % 2:  # two windows' bursts, each of two flows
+                await asyncio.sleep(bursts.WINDOW * 2)
+        assert w.backlog == 0
+
+    asyncio.run(scenario())
+    w.put(relative, snapshot(flows[-1]), frozenset())
+    assert w.backlog == 0  # no loop: sent at once
+    w.close()
+    expected = tmp_path / "expected.mitm"
+    with expected.open("wb") as out:
+        for f in flows:
+            mitmio.FlowWriter(out).add(f)
+    written = tmp_path / "rec" / relative
+    assert written.read_bytes() == expected.read_bytes()
+    with written.open("rb") as f:
+        assert [x.get_state() for x in mitmio.FlowReader(f).stream()] == \
+            [f.get_state() for f in flows]
 
 
 def children(pid: int) -> list[int]:

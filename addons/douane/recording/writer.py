@@ -1,10 +1,10 @@
 """The recording writer: a process of its own, so that scrubbing, redacting, serialising and
 indexing a flow takes neither the gateway's GIL nor its core.
 
-The gateway's event loop hands `RecordingWriter.put` a `flow.get_state()` snapshot; a feeder
-thread takes them a burst at a time (`bursts`: one wake-up for the flows of `bursts.WINDOW`) and
-sends each burst into a one-way pipe as one message (a keep-alive connection's state crosses once,
-then by serial number), so the child wakes once per burst too; the child scrubs the credential
+The gateway's event loop hands `RecordingWriter.put` a `flow.get_state()` snapshot; a timer of
+the loop sends the flows of each `bursts.WINDOW` into a one-way pipe as one message, pickled at
+once (a keep-alive connection's state crosses once, then by serial number), so the child wakes
+once per burst; the child scrubs the credential
 headers and redacts the secrets on the state itself (a message is rebuilt only when its body must
 change), appends the flow to its session file (kept open, flushed per flow, so a crash of the
 gateway loses at most the flows in flight and those of the last window), seals the
@@ -16,14 +16,19 @@ is the gateway's to handle: the child drains until `close()` says stop.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import pickle
 import re
+import select
 import signal
+import struct
 import sys
 import threading
 import time
@@ -38,8 +43,7 @@ from mitmproxy.net import encoding
 from mitmproxy.net.http.headers import infer_content_encoding
 from wsproto.frame_protocol import Opcode
 
-from douane import protocols, secrets, store, transcript, untrusted
-from douane.bursts import Bursts
+from douane import bursts, protocols, secrets, store, transcript, untrusted
 from douane.interaction import Interaction, TextPiece
 from douane.protocols import decoding, fields, streams
 from douane.recording import index, originals
@@ -66,6 +70,8 @@ PENDING_ROWS = 100_000  # rows kept for a shared store that is down; older ones 
 # flows (and their bytes) waiting for the pipe before the writer counts as not keeping up
 MAX_BACKLOG = 10_000
 MAX_BACKLOG_BYTES = 256 * 1024**2
+BURST_FLOWS = 256  # flows in one message to the writer at most
+BURST_BYTES = 1024**2  # ... and bytes of their bodies (a message holds one flow at least)
 STARTING = -1  # the shared health flag before the child runs
 STARTUP_SECONDS = 60
 # A keep-alive connection's state is the same for each of its flows: it crosses the pipe once
@@ -470,7 +476,15 @@ class _Sent:
 
 class RecordingWriter:
     """The gateway's end: `put` from the event loop (never blocks), `healthy` read by the
-    request hook, `close` drains and joins."""
+    request hook, `close` drains and joins.
+
+    No thread of its own: the first flow put in a window arms a timer of the event loop, which
+    `bursts.WINDOW` later pickles the flows put meanwhile (at most BURST_FLOWS or BURST_BYTES of
+    bodies a message; the rest in the next, at once) and writes them to the pipe, non-blocking;
+    a full pipe (the niced writer behind) is waited for by the loop's selector, and flows put
+    meanwhile wait their turn. A feeder thread woken each window cost the gateway a wake-up and
+    a switch of the GIL per burst: more CPU than the pickling it took off the loop (a few µs
+    a flow). Put outside an event loop (a script, a test), flows are sent at once."""
 
     def __init__(self, settings: RecordingSettings, shared: SharedIndex | None = None):
         # spawn: forking a process that runs an asyncio loop and threads is unsafe
@@ -491,10 +505,16 @@ class RecordingWriter:
                 self._sender.close()
                 raise RuntimeError("the recording writer did not start (exit code "
                                    f"{self._process.exitcode}; its error is logged above)")
-        self._bursts: Bursts[Item] = Bursts()
-        self._feeder = threading.Thread(target=self._feed, name="douane-recording-feeder",
-                                        daemon=True)
-        self._feeder.start()
+        self._fd = self._sender.fileno()
+        os.set_blocking(self._fd, False)
+        self._waiting: list[Item] = []  # put, not yet pickled
+        self._waiting_bytes = 0
+        self._out = memoryview(b"")  # a message pickled, not yet wholly in the pipe
+        self._out_flows = self._out_bytes = 0  # ... the flows it holds, their bodies' bytes
+        self._timer: asyncio.TimerHandle | None = None
+        self._selector: asyncio.AbstractEventLoop | None = None  # waiting for a full pipe
+        self._connections = _Sent()
+        self._gone = False  # the child died: flows are dropped until close()
 
     @property
     def healthy(self) -> bool:
@@ -506,26 +526,41 @@ class RecordingWriter:
         """Past `MAX_BACKLOG` flows or `MAX_BACKLOG_BYTES` waiting on this side of the pipe (a
         disk, or a niced process, slower than the traffic): not healthy until the writer catches
         up, rather than the gateway's memory growing without bound."""
-        return len(self._bursts) >= MAX_BACKLOG or \
-            self._bursts.waiting_bytes >= MAX_BACKLOG_BYTES
+        return self.backlog >= MAX_BACKLOG or \
+            self._waiting_bytes + self._out_bytes >= MAX_BACKLOG_BYTES
 
     @property
     def backlog(self) -> int:
         """Recordings queued on this side of the pipe."""
-        return len(self._bursts)
+        return len(self._waiting) + self._out_flows
 
     def put(self, relative: str, snapshot: dict, scrub: frozenset[str],
             original: originals.Original | None = None, streamed: tuple[str, ...] = (),
             prompted: tuple[str, ...] = ()) -> None:
         """`relative`: the session file under `recording.dir`; `snapshot` is `flow.get_state()`,
         the writer's from now on; `scrub` the credential headers to replace."""
-        self._bursts.put((relative, snapshot, scrub, original, streamed, prompted),
-                         _size(snapshot))
+        if self._gone:
+            return
+        self._waiting.append((relative, snapshot, scrub, original, streamed, prompted))
+        self._waiting_bytes += _size(snapshot)
+        if self._timer is None and self._selector is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._send(math.inf)
+                return
+            self._timer = loop.call_later(bursts.WINDOW, self._send)
 
     def close(self, timeout: float = 10) -> None:
-        self._bursts.close()
         deadline = time.monotonic() + timeout
-        self._feeder.join(timeout)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._unselect()
+        if not self._gone and self._send(deadline):  # what waits, then the end
+            self._out = memoryview(_framed(None))
+            self._send(deadline)
+        self._gone = True
         self._process.join(max(0.0, deadline - time.monotonic()))
         if self._process.is_alive():
             logger.error("douane: the recording writer did not finish within %ss; stopped",
@@ -534,28 +569,88 @@ class RecordingWriter:
             self._process.join()
         self._sender.close()
 
-    def _feed(self) -> None:
-        """Pickles and sends in this thread, a burst per message (None: the end): the event
-        loop only appends to a list. Each flow is pickled on its own: one `dumps` of a whole
-        burst would hold the GIL, and the loop, for all of its flows at once."""
-        connections = _Sent()
-        while True:
-            burst = self._bursts.take()
-            for item in burst or ():
-                connections.refer(item[1])
+    def _send(self, deadline: float | None = None) -> bool:
+        """Pickle what waits, a burst per message, and write it to the pipe. Without a
+        `deadline` (the loop's timer): until the pipe is full, then the loop's selector says
+        when to go on; with one, blocking until then. True once all is in the pipe."""
+        self._timer = None
+        while self._out or self._waiting:
+            if not self._out:
+                self._out = memoryview(self._burst())
+                continue
             try:
-                self._sender.send(burst and [pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
-                                             for item in burst])
+                if deadline is not None and not _writable(self._fd, deadline):
+                    return False
+                self._out = self._out[os.write(self._fd, self._out):]
+            except BlockingIOError:
+                if deadline is None:
+                    self._select()
+                    return False
+                continue
             except OSError:  # the child died
-                break
-            if burst is None:
-                return
+                self._died()
+                return False
+            if not self._out:
+                self._out_flows = self._out_bytes = 0
+        return True
+
+    def _burst(self) -> bytes:
+        """The next message: the flows waiting, within the bounds, pickled at once (a burst
+        that cannot be is logged and dropped)."""
+        n, size = 0, 0
+        while n < len(self._waiting) and n < BURST_FLOWS and (n == 0 or size < BURST_BYTES):
+            size += _size(self._waiting[n][1])
+            n += 1
+        burst, self._waiting = self._waiting[:n], self._waiting[n:]
+        self._waiting_bytes -= size
+        for item in burst:
+            self._connections.refer(item[1])
+        try:
+            message = _framed(burst)
+        except Exception:
+            logger.exception("douane: cannot hand %d flow(s) to the recording writer", n)
+            return b""
+        self._out_flows, self._out_bytes = n, size
+        return message
+
+    def _select(self) -> None:
+        if self._selector is None:
+            self._selector = asyncio.get_running_loop()
+            self._selector.add_writer(self._fd, self._drained)
+
+    def _unselect(self) -> None:
+        if self._selector is not None:
+            with contextlib.suppress(Exception):  # (the loop may be closed at shutdown)
+                self._selector.remove_writer(self._fd)
+            self._selector = None
+
+    def _drained(self) -> None:
+        self._unselect()
+        self._send()
+
+    def _died(self) -> None:
+        self._gone = True
+        self._unselect()
         self._healthy.value = 0
-        self._process.join(5)
+        self._waiting, self._waiting_bytes = [], 0
+        self._out, self._out_flows, self._out_bytes = memoryview(b""), 0, 0
+        self._process.join(0)
         logger.error("douane: the recording writer exited (code %s); flows are no longer "
                      "recorded", self._process.exitcode)
-        while burst is not None:  # dropped until close()
-            burst = self._bursts.take()
+
+
+def _framed(burst: list[Item] | None) -> bytes:
+    """A message as `Connection.recv` reads it: its length, then the pickle."""
+    data = pickle.dumps(burst, pickle.HIGHEST_PROTOCOL)
+    if len(data) > 0x7FFFFFFF:
+        return struct.pack("!i", -1) + struct.pack("!Q", len(data)) + data
+    return struct.pack("!i", len(data)) + data
+
+
+def _writable(fd: int, deadline: float) -> bool:
+    """Whether the pipe takes bytes, waiting for it until `deadline`."""
+    return bool(select.select([], [fd], [], None if deadline == math.inf
+                              else max(0.0, deadline - time.monotonic()))[1])
 
 
 def _size(snapshot: dict) -> int:
@@ -591,7 +686,7 @@ def serve(receiver: Connection, settings: RecordingSettings, healthy: Any,
             if burst is None:
                 break
             for item in burst:
-                writer.write(pickle.loads(item))
+                writer.write(item)
     finally:
         writer.close()
 
