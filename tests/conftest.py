@@ -20,20 +20,24 @@ from tests.support.upstream import FakeUpstream
 UPSTREAM_KEY = "sk-upstream-test-0123456789abcdefghijklmnopqrstuv"
 # modules that start `scripts/run`, which makes the repository's certs/ CA on its first start
 SCRIPTS_RUN = {"test_fleet_e2e.py", "test_operator_e2e.py", "test_workers_e2e.py"}
+# the two longest hardening modules write nowhere test_z_leaks scans (its HARDENING_DIRS)
+LEAK_SCAN_FREE = {"test_bounds.py", "test_mcp_side_doors.py"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under `scripts/test` (pytest-xdist, `--dist loadgroup`) the unit a worker takes whole, in
-    order: a module (its module-scoped gateways start once); the hardening suite (test_z_leaks
-    scans what the other hardening modules wrote under this process's basetemp, after them);
-    the modules that run `scripts/run` (two first starts at once would race to make certs/)."""
+    order: a module (its module-scoped gateways start once); the hardening suite but for
+    LEAK_SCAN_FREE (test_z_leaks scans what the other hardening modules wrote under this
+    process's basetemp, after them); the modules that run `scripts/run` (two first starts at
+    once would race to make certs/)."""
     if not config.pluginmanager.hasplugin("xdist"):
         return  # a venv from before the lock had pytest-xdist: its marker is not registered
     for item in items:
         path = item.path.relative_to(REPO / "tests")
-        group = "hardening" if path.parts[0] == "hardening" else \
-            "scripts-run" if path.name in SCRIPTS_RUN else str(path)
+        group = "hardening" if path.parts[0] == "hardening" and path.name not in LEAK_SCAN_FREE \
+            else "scripts-run" if path.name in SCRIPTS_RUN else str(path)
         item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture(scope="session")
 def issuer() -> Iterator[TestIssuer]:
