@@ -410,7 +410,8 @@ def plain_patterns(recognizer):
     """A Presidio pattern recogniser whose `analyze` is `PatternRecognizer`'s (same matches,
     validation, scores, duplicates removed, a pattern that times out skipped) without what
     nothing here reads: two clock reads and a debug line per pattern and text, an explanation
-    object per match (~40% of their time). Not for one that overrides `analyze` (IBAN)."""
+    object per match: ~20% of their time (0.30 -> 0.24 ms per corpus text for e-mail, IP, SSN
+    and card). Not for one that overrides `analyze` (IBAN)."""
     from presidio_analyzer import EntityRecognizer, PatternRecognizer, RecognizerResult
     from presidio_analyzer.pattern_recognizer import REGEX_TIMEOUT_SECONDS, re
 
