@@ -178,6 +178,24 @@ def test_request_side_masking_keeps_the_value_from_the_upstream(setup, issuer):
     assert b"bob.jones" not in llm.received_bytes()
 
 
+def test_a_text_file_in_a_prompt_holding_a_value_is_refused(setup, issuer):
+    """With `masking.requests`, a prompt's text file (a `file` part's data URL) holding an address
+    went to the upstream as sent: masking edits text in place and skipped the decoded file (red
+    team, stop 27). Refused before the upstream now."""
+    gw, llm = setup
+    c = openai_client(gw, llm, issuer.mint("alice@corp", ["engineering"]))
+    data = base64.b64encode(b"Email bob.jones@example.org about it").decode()
+    before = len(llm.requests)
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "summarise"},
+            {"type": "file", "file": {"filename": "a.txt",
+                                      "file_data": f"data:text/plain;base64,{data}"}}]}])
+    assert len(llm.requests) == before
+    record = gw.audit_record(caught.value.response.headers["x-douane-decision-id"])
+    assert record["reasons"][0]["rule"] == "mask.file", record
+
+
 def test_event_loop_stays_responsive_while_a_large_answer_is_masked(setup, issuer):
     gw, llm = setup
     token = issuer.mint("alice@corp", ["engineering"])

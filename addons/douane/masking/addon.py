@@ -165,6 +165,14 @@ class Mask:
                     changed.append(piece)
         return changed
 
+    async def _in_files(self, st: FlowState, pieces: list[TextPiece],
+                        kinds: tuple[str, ...]) -> bool:
+        """Whether masking finds a value in the text of a file (a data URL, base64 `file_data`,
+        an MCP blob): read, never rewritten in place, so what holds one cannot leave."""
+        files = [p for p in pieces if p.kind in kinds and not p.editable
+                 and fields.DECODED in p.path]
+        return bool(files) and bool(await self._mask(st, files))
+
     def _record(self, st: FlowState, where: str, count: int) -> None:
         if count:
             st.decide("mask", Reason(f"mask.{where}", f"{count} value(s) masked in the {where}"))
@@ -181,6 +189,11 @@ class Mask:
                                                             "cannot be masked"))
             return
         if not self.masking.requests:
+            return
+        if await self._in_files(st, st.interaction.texts, REQUEST_KINDS):
+            refuse(flow, 403, "the request carries a file holding values douane masks, and it "
+                   "cannot mask them inside the file", "unmaskable_file",
+                   Reason("mask.file", "values found in a text file of the request"))
             return
         before = sum(st.masked.values())
         changed = await self._mask(st, [p for p in st.interaction.texts
@@ -227,9 +240,7 @@ class Mask:
             return
         if st.decision and st.decision.action in ("block", "refuse", "error", "hold"):
             return  # douane's own refusal: nothing from the upstream is in it
-        files = [p for p in st.interaction.response_texts if p.kind in RESPONSE_KINDS and
-                 not p.editable and fields.DECODED in p.path]
-        if files and await self._mask(st, files):
+        if await self._in_files(st, st.interaction.response_texts, RESPONSE_KINDS):
             # a text file (base64, a data URL, an MCP blob) is read, never rewritten in place
             refuse(flow, 502, "the answer carries a file holding values douane masks, and it "
                    "cannot mask them inside the file", "unmaskable_file",
