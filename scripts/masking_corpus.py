@@ -469,3 +469,60 @@ def corpus(n: int, seed: int = 2) -> list[Item]:
         TEMPLATES[kind][0](gens[locale], b)
         items.append(Item(kind, locale, b.text(), b.spans))
     return items
+
+
+# Locales the corpus above never draws from: a check set built apart from it (`broad`)
+BROAD_LOCALES = ("pl_PL", "tr_TR", "vi_VN", "zh_CN", "ru_RU", "sv_SE", "cs_CZ", "hu_HU", "el_GR",
+                 "fi_FI", "ko_KR", "ja_JP", "ar_AA", "he_IL", "uk_UA", "ro_RO", "da_DK", "no_NO",
+                 "id_ID", "th_TH", "fa_IR", "en_NZ", "en_IE", "es_MX", "pt_PT", "fr_CA", "de_AT",
+                 "it_IT", "nl_BE", "hi_IN")
+
+
+def _broad_item(f: Faker, us: Faker, shape: int, rng: random.Random) -> Text:
+    b = Text()
+    name, first, city = f.name(), f.first_name(), f.city()
+    if shape == 0:  # lower-case chat
+        (b.t("btw ").v("PERSON", name.lower()).t(" said the deploy to ")
+         .v("LOCATION", city.lower()).t(" failed again, ping ").v("PERSON", first.lower())
+         .t(" tomorrow"))
+    elif shape == 1:  # sentence-initial
+        (b.v("PERSON", name).t(" joined the team in ").v("LOCATION", city).t(" last spring. ")
+         .v("PERSON", first).t(" will onboard them."))
+    elif shape == 2:  # after a title
+        (b.t(rng.choice(["Dr. ", "Prof. ", "Mr. ", "Ms. ", "Mrs. "])).v("PERSON", name)
+         .t(" can be reached at ").v("EMAIL_ADDRESS", f.email()).t(" or ")
+         .v("PHONE_NUMBER", us.phone_number()).t("."))
+    elif shape == 3:  # a list
+        (b.t("Attendees:\n- ").v("PERSON", name).t("\n- ").v("PERSON", f.name()).t("\n- ")
+         .v("PERSON", f.name()).t("\nVenue: ").v("LOCATION", city))
+    elif shape == 4:
+        b.t('{"owner": ').j("PERSON", name).t(', "city": ').j("LOCATION", city)
+        b.t(f', "id": "{f.uuid4()}"}}')
+    elif shape == 5:  # all capitals
+        (b.t("SHIP TO: ").v("PERSON", name.upper()).t(", ").v("LOCATION", city.upper())
+         .t(f" — ORDER #{rng.randrange(10**6, 10**7)}"))
+    elif shape == 6:
+        (b.t("Thanks for asking! ").v("PERSON", first).t(" moved from ").v("LOCATION", city)
+         .t(" to ").v("LOCATION", us.city()).t(" in 2019 and now works remotely."))
+    else:  # a markdown table
+        (b.t("| name | email |\n|---|---|\n| ").v("PERSON", name).t(" | ")
+         .v("EMAIL_ADDRESS", f.email()).t(" |\n| ").v("PERSON", f.name()).t(" | ")
+         .v("EMAIL_ADDRESS", f.email()).t(" |"))
+    return b
+
+
+def broad(n: int, seed: int = 77) -> list[Item]:
+    """A check set apart from `corpus` (not used to tune anything): names and cities from 30
+    other locales (Arabic, Chinese, Cyrillic, Greek, Hebrew, Thai, Vietnamese scripts among them)
+    in eight shapes: lower-case chat, sentence-initial, after a title, a list, JSON, all
+    capitals, a plain sentence, a markdown table; with e-mails and US phone numbers."""
+    rng = random.Random(seed)
+    items = []
+    for k in range(n):
+        locale = rng.choice(BROAD_LOCALES)
+        f, us = Faker(locale), Faker("en_US")
+        f.seed_instance(seed * 1000 + k)
+        us.seed_instance(seed * 1000 + k + 7)
+        b = _broad_item(f, us, rng.randrange(8), rng)
+        items.append(Item("broad", locale, b.text(), b.spans))
+    return items
