@@ -124,14 +124,19 @@ def read_message(content: bytes, from_client: bool) -> Interaction:
     cannot read it whole."""
     doc = protocols.loads(content, "WebSocket message")
     it = Interaction("openai", "realtime")
+    speaks = False
     if from_client and isinstance(doc, dict):
         for holder in ("session", "response"):
             spec = doc.get(holder)
             if isinstance(spec, dict):
+                if spec.get("prompt") is not None:  # as in a Responses request's body
+                    raise protocols.ProtocolError(403, "stored_prompt", openai.STORED_PROMPT)
                 openai.offered_tools(it, spec, chat=False)
                 if isinstance(spec.get("model"), str):
                     it.model = spec["model"]
-    it.has_media = _audio(doc) and from_client
+                modalities = spec.get("output_modalities", spec.get("modalities"))
+                speaks = speaks or isinstance(modalities, list) and "audio" in modalities
+    it.has_media = from_client and (_audio(doc) or speaks)  # answers in speech are media too
     fields.cover(it, doc, _classify(doc, from_client), "request" if from_client else "response")
     return it
 

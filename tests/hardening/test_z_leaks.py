@@ -25,7 +25,7 @@ from tests.support.upstream import FakeUpstream
 
 # the folders the hardening modules' gateways write into (under pytest's session basetemp)
 HARDENING_DIRS = ("tokens", "evasion", "bypass", "operations", "failclosed", "record", "test_full_recordings_disk",
-                  "test_load_then_kill", "leaks", "differentials", "long-lived")
+                  "test_load_then_kill", "leaks", "differentials", "websocket-sessions")
 WRITTEN = re.compile(r"\.(mitm|log|jsonl(\.\d+)?|sqlite3(-wal|-shm)?)$")
 JWT = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
 PROVIDER_KEY = re.compile(rb"sk-[A-Za-z0-9_-]{20,}")

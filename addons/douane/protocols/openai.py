@@ -27,6 +27,8 @@ LOGPROBS = ("logprobs", "top_logprobs")
 LOGPROBS_REFUSED = "douane does not pass log probabilities (they repeat the answer token by " \
     "token, unmasked)"
 MEDIA_PARTS = ("image_url", "input_image", "input_audio", "file", "input_file", "image")
+STORED_PROMPT = "douane does not pass a stored prompt (`prompt`): its model, instructions and " \
+    "tools are unseen here; send them in the request"
 
 
 def parse_request(doc: Any, endpoint: str) -> Interaction:
@@ -50,9 +52,7 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
         if doc.get("prompt") is not None:
             # a prompt stored upstream adds its model, instructions and tools (hosted tools, MCP
             # servers, vector stores) where douane cannot read them
-            raise ProtocolError(403, "stored_prompt", "douane does not pass a stored prompt "
-                                "(`prompt`): its model, instructions and tools are unseen here; "
-                                "send them in the request", it)
+            raise ProtocolError(403, "stored_prompt", STORED_PROMPT, it)
         _responses_input(doc, it)
         offered_tools(it, doc, chat=False)
         fields.cover(it, doc, _responses_kind(doc))
