@@ -226,7 +226,8 @@ def test_a_user_cannot_rotate_their_block_out_of_the_audit_log(issuer, upstream,
 def test_made_up_mcp_session_ids_name_no_recording_file(gw, upstream, issuer):
     """The recording kept one file per `Mcp-Session-Id`, whatever the client sent: 30 made-up ids
     made 30 files (a client could make as many as it had requests). Only an id the upstream
-    issued names a file now."""
+    issued names a file now; a made-up one is refused (douane did not see it issued) and
+    recorded in the connection's file."""
     def answer(handler, doc):
         data = json.dumps({"jsonrpc": "2.0", "id": doc.get("id"), "result": {}}).encode()
         handler.send_response(200)
@@ -250,7 +251,8 @@ def test_made_up_mcp_session_ids_name_no_recording_file(gw, upstream, issuer):
                 "params": {} if session else {"protocolVersion": "2025-06-18",
                                               "capabilities": {},
                                               "clientInfo": {"name": "t", "version": "1"}}})
-            assert resp.status_code == 200, resp.text
+            made_up = session.startswith("made-up")
+            assert resp.status_code == (404 if made_up else 200), resp.text
     finally:
         upstream.answer = None
     indexed(gw, before + 32)
