@@ -76,6 +76,25 @@ def _phone_text(rng: random.Random) -> str:
     return "".join(pieces)
 
 
+def test_a_number_written_without_its_required_national_prefix_is_not_parsed():
+    """`NationalShapes.prefix_missing`: Berlin's 030 1234567 without its 0 is no number at
+    phonenumbers' VALID leniency (its format writes the 0), so DE and GB do not parse such
+    groups; with the prefix they do, and the US (whose prefix 1 may be omitted) always does."""
+    from phonenumbers import Leniency, PhoneNumberMatcher
+
+    from douane.masking.phone import NationalShapes
+
+    de, gb, us = NationalShapes("DE"), NationalShapes("GB"), NationalShapes("US")
+    assert de.prefix_missing("301234567") and de.hopeless("301234567")
+    assert not de.hopeless("0301234567")
+    assert gb.prefix_missing("2079460958") and not gb.hopeless("02079460958")
+    assert not us.prefix_missing("2125550147")
+    for text, region, found in (("call 30 1234567 or 030 1234567", "DE", ["030 1234567"]),
+                                ("call 2079460958 or 020 7946 0958", "GB", ["020 7946 0958"])):
+        assert [m.raw_string for m in PhoneNumberMatcher(
+            text, region, leniency=Leniency.VALID)] == found
+
+
 def _spans(recognizer, text: str) -> list[tuple[int, int, float]]:
     return sorted((r.start, r.end, r.score) for r in recognizer.analyze(text, ["PHONE_NUMBER"]))
 

@@ -11,7 +11,8 @@ the same tries budget), parsing only what can be a number of the region:
   phone punctuation, a group is a number of the region only if one of the national significant
   numbers parsing can make of its digits (them, without the country code, without the national
   prefix: `_maybe_strip_national_prefix_carrier_code` itself) is valid in a region of the
-  country code by phonenumbers' own type check (`NationalShapes`);
+  country code by phonenumbers' own type check (`NationalShapes`), and, written without the
+  national prefix, its country's format for it does not require one (`prefix_missing`);
 - a group written with `+` is parsed once, not once per region: the region is not read;
 - a candidate none of whose groups can be a number of any region costs each region its tries
   without a parse.
@@ -42,11 +43,13 @@ from phonenumbers.phonenumbermatcher import (
     _UNWANTED_END_CHAR_PATTERN,
     Leniency,
     PhoneNumberMatcher,
+    _formatting_rule_has_first_group_only,
     _verify,
 )
 from phonenumbers.phonenumberutil import (
     COUNTRY_CODE_TO_REGION_CODE,
     NumberParseException,
+    _choose_formatting_pattern_for_number,
     _maybe_strip_national_prefix_carrier_code,
 )
 from phonenumbers.re_util import fullmatch
@@ -144,6 +147,7 @@ class NationalShapes:
                        for n, alternatives in by_length.items()}
         # without a rewrite rule, parsing only strips leading digits: a number is an ending
         self.endings = not any(m.national_prefix_transform_rule for m in self.metadata)
+        self.formats = main.number_format  # what the national-prefix check formats with
 
     def national_numbers(self, digits: str) -> set[str]:
         """Every national significant number parsing may make of `digits` (a superset): them
@@ -164,8 +168,26 @@ class NationalShapes:
         if self.endings and not any(n <= len(digits) and shape.fullmatch(digits[-n:])
                                     for n, shape in self.shapes.items()):
             return True
-        return not any((shape := self.shapes.get(len(n))) and shape.fullmatch(n)
-                       for n in self.national_numbers(digits))
+        return (not any((shape := self.shapes.get(len(n))) and shape.fullmatch(n)
+                        for n in self.national_numbers(digits))
+                or self.prefix_missing(digits))
+
+    def prefix_missing(self, digits: str) -> bool:
+        """Leniency VALID's `_is_national_prefix_present_if_required` fails whatever parsing
+        makes of `digits` (written plainly, no international prefix): they start with neither
+        the country code nor a national prefix (parsing reads them whole as the national
+        number, FROM_DEFAULT_COUNTRY) nor 0 (a leading zero that is part of it), and the
+        country's format for that number writes a national prefix it may not omit. Most of a
+        text's digit runs in Germany (`0$1` formats): 9 in 10 of the groups DE parsed."""
+        if digits[:1] == "0" or digits.startswith(self.cc) or any(
+                _maybe_strip_national_prefix_carrier_code(digits, md)[2]
+                for md in self.metadata):
+            return False
+        rule = _choose_formatting_pattern_for_number(self.formats, digits)
+        return (rule is not None and bool(rule.national_prefix_formatting_rule)
+                and not rule.national_prefix_optional_when_formatting
+                and not _formatting_rule_has_first_group_only(
+                    rule.national_prefix_formatting_rule))
 
 
 @dataclass(frozen=True)
