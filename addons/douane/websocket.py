@@ -24,13 +24,22 @@ limits) of one message, or once a hook has set the flow's error (`recording.addo
 recording writer cannot keep up), both connections are closed and the flow ends with an error. No
 compression is negotiated (`routing.Broker` drops the client's offer): mitmproxy would inflate a
 message whole.
+
+mitmproxy also reads a connection without backpressure while a layer waits for a hook: every
+message's hook pauses the WebSocket layer, and what both peers send meanwhile is queued in memory
+(`Layer._paused_event_queue`) until the hooks catch up. A peer sending faster than its messages are
+policed (a test client running ahead of its answers: +20 KB per 64 KiB message, 85 MB after 4,000)
+grew the gateway without bound. Past `READ_AHEAD` bytes queued, both connections stop being read
+until the queue is down to a quarter of it (TCP then slows the peer down).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+import weakref
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
@@ -51,10 +60,14 @@ from douane.untrusted import loggable
 logger = logging.getLogger(__name__)
 
 TAIL = 2048  # characters of a direction's earlier text, per kind, matched with each message
+READ_AHEAD = 1 << 20  # bytes read and queued ahead of the messages being policed, at most
 EXPECTED = {"relay_messages":
-            "2d451252c7287da0d392ab91ede1d881954ad2fa101513e1857db9492b4582ca"}
+            "2d451252c7287da0d392ab91ede1d881954ad2fa101513e1857db9492b4582ca",
+            "handle_event": "fd88b0fb09ceddbb1915fe0d588c206e8310d6883a77048a665675e49e43de2b"}
 
 _relay_messages = WebsocketLayer.relay_messages
+_handle_event = layer.Layer.handle_event  # (it queues an event while the layer waits)
+_not_read: weakref.WeakSet[WebsocketLayer] = weakref.WeakSet()  # layers whose reading douane paused
 
 
 def _relay_bounded(self: WebsocketLayer, event: events.Event) -> layer.CommandGenerator[None]:
@@ -77,12 +90,51 @@ def _relay_bounded(self: WebsocketLayer, event: events.Event) -> layer.CommandGe
     self._handle_event = self.done
 
 
+def _handle_event_paced(self: WebsocketLayer, event: events.Event
+                        ) -> layer.CommandGenerator[None]:
+    yield from _handle_event(self, event)
+    if self._paused_event_queue or self in _not_read:
+        _pace(self)
+
+
+def _pace(self: WebsocketLayer) -> None:
+    """Stop reading both peers while more than `READ_AHEAD` bytes wait for the layer (it waits
+    for a message's hook); read again once a quarter of it is left. Called after each event the
+    layer is given (each one queued, each hook's end that drains the queue)."""
+    queued = sum(len(e.data) for e in self._paused_event_queue
+                 if isinstance(e, events.DataReceived))
+    if queued > READ_AHEAD:
+        _not_read.add(self)
+        for reader, transport in _transports(self):
+            transport.pause_reading()
+            # a reader that paused its transport itself (its buffer full) resumes it on its
+            # next read: it now leaves that to douane (and pauses again when it must)
+            reader._paused = False
+    elif self in _not_read and queued <= READ_AHEAD // 4:
+        _not_read.discard(self)
+        for _, transport in _transports(self):
+            transport.resume_reading()
+
+
+def _transports(self: WebsocketLayer) -> list[tuple[asyncio.StreamReader, asyncio.Transport]]:
+    """The layer's two TCP connections' readers and transports (a connection of mitmproxy's Rust
+    modes has neither)."""
+    handler = ctx.master.addons.get("proxyserver").connections.get(self.context.client.id)
+    ios = [handler.transports.get(conn) for conn in (self.context.client, self.context.server)] \
+        if handler else []
+    return [(io.reader, io.writer.transport) for io in ios
+            if io and isinstance(io.reader, asyncio.StreamReader)
+            and isinstance(getattr(io.writer, "transport", None), asyncio.Transport)]
+
+
 def install() -> None:
     """Wrap mitmproxy's WebSocket relay (once); ValueError when this mitmproxy is not the one the
     wrap was written for."""
-    mitmpatch.check("WebSockets need", "it buffers a message without bound",
-                    {"relay_messages": _relay_messages}, EXPECTED)
+    mitmpatch.check("WebSockets need", "it buffers a message, and what peers send while a hook "
+                    "runs, without bound",
+                    {"relay_messages": _relay_messages, "handle_event": _handle_event}, EXPECTED)
     WebsocketLayer.relay_messages = _relay_bounded  # type: ignore[method-assign]
+    WebsocketLayer.handle_event = _handle_event_paced  # type: ignore[method-assign]
 
 
 def _audio(doc: Any, depth: int = 0) -> bool:

@@ -33,6 +33,7 @@ class RealtimeUpstream:
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
                 ws = WSConnection(ConnectionType.SERVER)
+                partial: str | bytes = ""  # a message's frames so far (wsproto gives pieces)
                 while True:
                     data = self.request.recv(65536)
                     if not data:
@@ -44,8 +45,12 @@ class RealtimeUpstream:
                                                      for k, v in event.extra_headers})
                             upstream.extensions.append([str(x) for x in event.extensions])
                             self.request.sendall(ws.send(AcceptConnection()))
-                        elif isinstance(event, Message):
-                            upstream.received.append(event.data)
+                        elif isinstance(event, Message):  # answered once whole
+                            partial = event.data if not partial else partial + event.data
+                            if not event.message_finished:
+                                continue
+                            upstream.received.append(partial)
+                            partial = ""
                             answer = {"type": "response.output_text.delta", "delta": upstream.reply}
                             self.request.sendall(ws.send(TextMessage(json.dumps(answer))))
                         elif isinstance(event, CloseConnection):
@@ -72,7 +77,8 @@ class WsClient:
         self.sock.sendall(self.ws.send(Request(
             host="127.0.0.1", target=path,
             extra_headers=[(k.encode(), v.encode()) for k, v in headers.items()])))
-        self.pending: list[Any] = []
+        self.pending: list[Any] = []  # whole messages received
+        self.partial: str | bytes = ""
         self.status: int | None = None
         while self.status is None:  # the answer's head may come alone or with its body
             for event in self._events():
@@ -87,7 +93,12 @@ class WsClient:
             raise ConnectionError("the proxy closed the connection without answering the upgrade")
         self.ws.receive_data(data or None)
         events = list(self.ws.events())
-        self.pending += [e for e in events if isinstance(e, Message)]
+        for event in events:
+            if isinstance(event, Message):
+                self.partial = event.data if not self.partial else self.partial + event.data
+                if event.message_finished:
+                    self.pending.append(self.partial)
+                    self.partial = ""
         return events
 
     def send(self, message: str | bytes) -> None:
@@ -102,7 +113,7 @@ class WsClient:
                 self._events()
         except TimeoutError:
             return None
-        return json.loads(self.pending.pop(0).data)
+        return json.loads(self.pending.pop(0))
 
     def close(self) -> None:
         self.sock.close()
