@@ -310,15 +310,30 @@ def test_everything_down_a_get_stream_is_read():
          "params": {"level": "info", "data": {"who": "john@example.com"}}},
         {"jsonrpc": "2.0", "id": 9, "method": "sampling/createMessage", "params": {"messages": [
             {"role": "user", "content": {"type": "text", "text": "to john@example.com"}}]}},
-        answer(6, content=[{"type": "image", "data": "am9obkBleGFtcGxlLmNvbQ==",
+        answer(6, content=[{"type": "image", "data": "iVBORw0KGgpqb2huQGV4YW1wbGUuY29t",
                             "mimeType": "image/png"}]),
         {"jsonrpc": "2.0", "method": "notifications/message",
          "params": {"level": "info", "data": "john@example.com"}},
         [answer(7, content=[{"type": "text", "text": "john@example.com"}])],
     ])
     assert b"john@example.com" not in out and out.count(b"<EMAIL>") == 6
-    assert b"am9obkBleGFtcGxlLmNvbQ==" in out  # binary payloads are not text
+    assert b"iVBORw0KGgpqb2huQGV4YW1wbGUuY29t" in out  # binary payloads are not text
     assert all(p.kind == "tool_result" for p in it.response_texts)
+
+
+def test_a_payload_that_is_text_is_read_as_text_and_cuts_a_stream():
+    """An `image` whose bytes are text (red team, stop 27: it was passed as binary, unread) is
+    the text it holds: read by policy, and, as masking cannot rewrite it in place, a stream
+    carrying it ends there."""
+    it = Interaction("mcp", "mcp:get")
+    out = run(it, [answer(6, content=[{"type": "image", "data": "am9obkBleGFtcGxlLmNvbQ==",
+                                        "mimeType": "image/png"}])])
+    assert b"am9obkBleGFtcGxlLmNvbQ==" not in out and b"text file" in out
+    pieces = []
+    mcp.message_pieces(answer(6, content=[{"type": "image", "data": "am9obkBleGFtcGxlLmNvbQ==",
+                                            "mimeType": "image/png"}]), None, (), it, pieces)
+    assert [(p.text, p.editable) for p in pieces if "john" in p.text] == [
+        ("john@example.com", False)]
 
 
 def test_a_post_stream_ends_at_an_unpaired_or_repeated_answer():
