@@ -30,6 +30,7 @@ from douane.settings import Settings
 from douane.store.addon import SharedStore
 from douane.timeouts import ClientTimeouts
 from douane.toolpins import PinTools
+from douane.upstreamerrors import UpstreamErrors
 from douane.websocket import PoliceWebSocket
 
 settings = Settings()
@@ -67,7 +68,7 @@ CONCERNS = (settings, shared, keep_refusals, loop_monitor, admin, timeouts, rout
             resource_metadata, authenticate, resource_access, broker, inspect, stored_objects,
             pins, enforce,
             pins.calls, approvals, police_websocket, originals, mask, audit_trail, metrics, mark,
-            record, inject_credential, shared.closer,
+            record, inject_credential, UpstreamErrors(), shared.closer,
             DropIdleBuiltins())  # at running: mitmproxy's idle built-ins leave the event chain
 
 ORDER = Order(

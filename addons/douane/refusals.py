@@ -42,6 +42,7 @@ _TYPES = {
 MCP_UNAUTHORIZED = -32001
 MCP_FORBIDDEN = -32003
 MCP_INVALID = -32600
+MCP_UPSTREAM = -32000  # the upstream failed or answered what douane refuses to pass
 # Refusals the MCP specification gives an HTTP status and a JSON-RPC code of their own.
 # 2026-07-28: HeaderMismatch; an unknown session (the code MCP's SDKs answer it with)
 MCP_ERRORS = {"header_mismatch": (400, -32020), "mcp_session_unknown": (404, -32001)}
@@ -61,8 +62,8 @@ def error_body(protocol: str, status: int, message: str, code: str, decision_id:
                 "request_id": decision_id}
     if protocol == "mcp":
         rpc_code = MCP_ERRORS[code][1] if code in MCP_ERRORS else {
-            401: MCP_UNAUTHORIZED, 407: MCP_UNAUTHORIZED, 400: MCP_INVALID}.get(status,
-                                                                                MCP_FORBIDDEN)
+            401: MCP_UNAUTHORIZED, 407: MCP_UNAUTHORIZED, 400: MCP_INVALID, 502: MCP_UPSTREAM,
+            504: MCP_UPSTREAM}.get(status, MCP_FORBIDDEN)
         return {"jsonrpc": "2.0", "id": rpc_id,
                 "error": {"code": rpc_code, "message": text,
                           "data": {"decision_id": decision_id, "reason": code}}}

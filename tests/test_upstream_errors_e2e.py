@@ -1,0 +1,170 @@
+"""An upstream that cannot be reached, or fails before its answer's head: the client gets a refusal
+in the API's shape with a decision id (not mitmproxy's HTML page), and the audit record says the
+upstream failed (`douane.upstreamerrors`)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from douane.upstreamerrors import failure
+from tests.conftest import UPSTREAM_KEY
+from tests.support.gateway import Gateway, base_config, free_port
+
+POLICY = """\
+version: 1
+default:
+  upstreams:
+    llm: {models: ["*"]}
+    claude: {models: ["*"]}
+    crm: {tools: {allow: ["echo"]}}
+"""
+
+
+class Failing:
+    """A TCP upstream that reads what it is sent, then closes (`garbage`: after sending bytes that
+    are neither TLS nor HTTP). Counts the connections it accepted."""
+
+    def __init__(self, garbage: bytes = b""):
+        self.garbage = garbage
+        self.accepted = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                    if self.garbage:
+                        conn.sendall(self.garbage)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def closer() -> Iterator[Failing]:
+    server = Failing()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def garbage() -> Iterator[Failing]:
+    server = Failing(b"\x00garbage, not TLS\r\n" * 4)
+    yield server
+    server.close()
+
+
+REFUSED = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+
+
+@pytest.fixture(scope="module")
+def gw(issuer, closer, garbage, tmp_path_factory) -> Iterator[Gateway]:
+    work = tmp_path_factory.mktemp("upstreamerr")
+    (work / "policy.yaml").write_text(POLICY)
+    config = base_config(issuer.url, REFUSED,
+                         policy={"files": [str(work / "policy.yaml")]})
+    config["upstreams"]["claude"] = {"url": f"https://127.0.0.1:{garbage.port}",
+                                     "protocol": "anthropic",
+                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
+    config["upstreams"]["crm"] = {"url": f"http://127.0.0.1:{closer.port}/mcp",
+                                  "protocol": "mcp"}
+    with Gateway(config, env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+                 workdir=work / "gw") as gateway:
+        yield gateway
+
+
+@pytest.fixture(scope="module")
+def client(gw, issuer) -> Iterator[httpx.Client]:
+    token = issuer.mint("una@corp.example", ["engineering"])
+    with httpx.Client(proxy=gw.proxy_url("u", token), timeout=60,
+                      verify=ssl.create_default_context(cafile=gw.ca_file)) as c:
+        yield c
+
+
+def assert_upstream_failed(gw: Gateway, resp: httpx.Response, status: int) -> dict:
+    """A refusal with `status`, nothing of mitmproxy's, and its decision's audit record."""
+    assert resp.status_code == status, (resp.status_code, resp.text[:300])
+    assert resp.headers["content-type"] == "application/json"
+    assert "mitmproxy" not in resp.text.lower()
+    assert all("mitmproxy" not in f"{k}: {v}".lower() for k, v in resp.headers.items())
+    assert "server" not in resp.headers
+    decision_id = resp.headers["x-douane-decision-id"]
+    assert decision_id in resp.text
+    record = gw.audit_record(decision_id)
+    assert record["action"] == "error" and record["status"] == status, record
+    assert record["reasons"][0]["rule"] in ("upstream.unreachable", "upstream.timeout"), record
+    return record
+
+
+def test_connection_refused_is_answered_in_openai_shape(gw, client):
+    resp = client.post(REFUSED + "/v1/chat/completions",
+                       json={"model": "gpt-4o-mini",
+                             "messages": [{"role": "user", "content": "hi"}]})
+    assert_upstream_failed(gw, resp, 502)
+    error = resp.json()["error"]
+    assert error["type"] == "server_error" and error["code"] == "upstream_unreachable"
+    assert "the connection was refused" in error["message"], gw.audit_record(resp.headers["x-douane-decision-id"])
+
+
+def test_a_tls_upstream_speaking_garbage_is_answered_in_anthropic_shape(gw, client, garbage):
+    before = garbage.accepted
+    resp = client.post(f"https://127.0.0.1:{garbage.port}/v1/messages",
+                       json={"model": "claude-sonnet-4-5", "max_tokens": 10,
+                             "messages": [{"role": "user", "content": "hi"}]})
+    assert garbage.accepted > before  # douane did try it
+    record = assert_upstream_failed(gw, resp, 502)
+    doc = resp.json()
+    assert doc["type"] == "error" and doc["error"]["type"] == "api_error", doc
+    assert "garbage" not in resp.text  # what the upstream sent does not reach the client
+    assert len(record["reasons"][0]["message"]) <= 400
+
+
+def test_an_upstream_closing_before_answering_is_a_json_rpc_error(gw, client, closer):
+    before = closer.accepted
+    resp = client.post(f"http://127.0.0.1:{closer.port}/mcp",
+                       headers={"accept": "application/json, text/event-stream"},
+                       json={"jsonrpc": "2.0", "id": 7, "method": "initialize",
+                             "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                                        "clientInfo": {"name": "t", "version": "1"}}})
+    assert closer.accepted > before
+    assert_upstream_failed(gw, resp, 502)
+    doc = resp.json()
+    assert doc["jsonrpc"] == "2.0" and doc["id"] == 7 and doc["error"]["code"] == -32000, doc
+    assert "closed the connection before answering" in doc["error"]["message"]
+
+
+def test_the_gateway_keeps_serving_on_the_same_connection(gw, client):
+    for _ in range(2):
+        resp = client.post(REFUSED + "/v1/chat/completions",
+                           json={"model": "gpt-4o-mini",
+                                 "messages": [{"role": "user", "content": "hi"}]})
+        assert_upstream_failed(gw, resp, 502)
+
+
+@pytest.mark.parametrize(("message", "status", "told"), [
+    ("[Errno 111] Connect call failed ('127.0.0.1', 9)", 502, "the connection was refused"),
+    ("[Errno -2] Name or service not known", 502, "its name could not be resolved"),
+    ("TimeoutError: connection timed out", 504, "timed out"),
+    ("TLS handshake failed: record layer failure", 502, "the TLS handshake failed"),
+    ("server closed connection", 502, "it closed the connection before answering"),
+    ("something else", 502, "it failed"),
+])
+def test_failures_are_told_in_a_few_fixed_words(message, status, told):
+    assert failure(message)[0] == status and failure(message)[2] == told
