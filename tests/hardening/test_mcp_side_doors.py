@@ -487,3 +487,56 @@ def test_pii_in_a_text_blob_is_not_delivered(setup, streamed):
     assert b64("Reach John Smith at john.smith@example.com") not in resp.text
     record = gw.audit_record(resp.headers["x-douane-decision-id"])
     assert rules(record) == ["protocol.stream_ended" if streamed else "mask.file"], record
+
+
+# MCP bodies nest as deep as a model request may (`fields.MAX_DEPTH`), no deeper: at ~990 levels
+# the walk reached Python's recursion limit (a 500 `gateway.error`, not a refusal naming why).
+def nested(levels: int) -> object:
+    value: object = "Customer 7"
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def answer_of(levels: int) -> dict:
+    """An answer to `call(..., 7)` nesting `levels` deep: message, result, structuredContent."""
+    return {"jsonrpc": "2.0", "id": 7, "result": {
+        "content": [{"type": "text", "text": "ok"}], "structuredContent": nested(levels - 2)}}
+
+
+@pytest.mark.parametrize("levels", [64, 65, 990])
+def test_a_request_nests_at_most_64_levels(setup, levels):
+    gw, _, evil, staff = setup
+    evil.canned["/rpc"] = ("application/json", json.dumps(answer_of(4)).encode())
+    body = call("echo", 7, text="a", deep=nested(levels - 3))  # body, params, arguments
+    before = len(evil.requests)
+    with client(gw, staff) as c:
+        resp = c.post(evil.url + "/rpc", headers=HEADERS, content=json.dumps(body))
+    if levels <= 64:
+        assert resp.status_code == 200 and '"ok"' in resp.text, resp.text[:300]
+        assert len(evil.requests) == before + 1
+        return
+    record = assert_refused(gw, evil, before, resp, 200)
+    assert rules(record) == ["protocol.too_deep"], record
+    error = resp.json()
+    assert error["id"] == 7 and error["error"]["code"] == -32600, error
+    assert "nests deeper than 64 levels" in error["error"]["message"]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("levels", [64, 65, 990])
+def test_an_answer_nests_at_most_64_levels(setup, levels, streamed):
+    gw, _, evil, staff = setup
+    answer = answer_of(levels)
+    evil.canned["/rpc"] = sse(answer) if streamed else ("application/json",
+                                                        json.dumps(answer).encode())
+    with client(gw, staff) as c:
+        resp = c.post(evil.url + "/rpc", headers=HEADERS, json=call("echo", 7, text="a"))
+    record = gw.audit_record(resp.headers["x-douane-decision-id"])
+    if levels <= 64:
+        assert resp.status_code == 200 and "Customer 7" in resp.text, resp.text[:300]
+        assert record["action"] == "allow", record
+        return
+    assert "Customer 7" not in resp.text and "nests deeper than 64 levels" in resp.text
+    assert rules(record) == ["protocol.stream_ended" if streamed else "protocol.too_deep"], record
+    assert "nests deeper than 64 levels" in record["reasons"][0]["message"]

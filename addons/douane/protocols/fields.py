@@ -205,6 +205,20 @@ def strays(doc: Any, claimed: set[JsonPath]) -> list[tuple[JsonPath, str]]:
     return out
 
 
+def too_deep(doc: Any, status: int, what: str) -> None:
+    """Refuse a document nesting more than MAX_DEPTH arrays and objects, measured without
+    recursion: for walks that are not depth-bounded themselves (`jsonpath`'s, MCP's), which would
+    otherwise reach Python's recursion limit (an internal error) on a body nested ~1,000 deep."""
+    stack = [(doc, 1)] if type(doc) in (dict, list) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ProtocolError(status, "too_deep", f"the {what} nests deeper than {MAX_DEPTH} "
+                                "levels")
+        stack += [(v, depth + 1) for v in (node.values() if type(node) is dict else node)
+                  if type(v) in (dict, list)]
+
+
 def file_text(text: str) -> str | None:
     """The text a data URL or a bare base64 run carries; None when it is not a file, or not one
     douane can read as text (for the recording's secret redaction, which must look inside)."""

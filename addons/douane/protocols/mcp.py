@@ -327,6 +327,14 @@ def parse_request(doc: Any, session_id: str | None) -> Interaction:
         raise ProtocolError(413, "batch_too_large", f"a JSON-RPC batch holds at most "
                             f"{BATCH_MESSAGES} messages")
     it = Interaction("mcp", "")
+    try:
+        fields.too_deep(doc, 400, "JSON-RPC body")
+    except ProtocolError as e:  # a JSON-RPC error naming the first request's id
+        first = messages[0] if isinstance(messages[0], dict) else {}
+        if id_key(first.get("id")):
+            it.mcp.append(McpMessage(None, first["id"], {}, session_id))
+        e.interaction = it
+        raise
     requests: set[str] = set()
     answers: set[str] = set()
     for n, msg in enumerate(messages):
@@ -526,6 +534,7 @@ class Pairing:
 
 
 def parse_response(doc: Any, it: Interaction) -> None:
+    fields.too_deep(doc, 502, "MCP answer")
     Pairing(it).check(doc)
     for base, msg in each(doc):
         message_pieces(msg, answered_method(it, msg), base, it, it.response_texts)
@@ -550,6 +559,7 @@ class McpStream(StreamFormat):
                                 "use Streamable HTTP")
 
     def check_message(self, doc: Any) -> None:
+        fields.too_deep(doc, 502, "MCP message")
         self.pairing.check(doc)
 
     def deltas(self, event: Event, doc: Any) -> list[Delta]:
