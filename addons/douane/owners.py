@@ -65,6 +65,7 @@ PER_USER = 10_000  # bindings kept per user, upstream and kind (their least rece
 PRUNE_SECONDS = 600  # how often a process forgets the expired and the excess
 SESSION_IDS = 8  # values of a folded `Mcp-Session-Id` douane reads; more is refused
 NAMED_IDS = 16  # stored objects one request may name (its path and body)
+ITEM_IDS = 1024  # Responses items by id one request may name, one answer bind
 ISSUED_BYTES = 64 * 1024  # where an answer names its id (a stream: its first event)
 MCP = "mcp"
 
@@ -75,6 +76,9 @@ class Kind:
     noun: str
     code: str  # the refusal's, as the API answers an id it does not know
     rule: str
+    # an id never seen issued goes upstream and is adopted if answered; else it is refused (ids
+    # issued only in answers douane reads, which nobody had before it had the answer)
+    adopt: bool = True
 
 
 # Stored objects by the path segment naming them.
@@ -82,7 +86,12 @@ KINDS = {"responses": Kind("resp_", "stored response", "response_not_found", "ow
          "conversations": Kind("conv_", "conversation", "conversation_not_found",
                                "owner.conversation"),
          "chat/completions": Kind("chatcmpl-", "stored chat completion", "not_found",
-                                  "owner.chat_completion")}
+                                  "owner.chat_completion"),
+         # a Responses answer's output items (`msg_`, `rs_`, `fc_`, ...: any item named by id in
+         # `input` is read from the answer that issued it), an Anthropic code-execution container
+         "items": Kind("", "item", "item_not_found", "owner.item", adopt=False),
+         "containers": Kind("container_", "container", "not_found_error", "owner.container",
+                            adopt=False)}
 # An id in a granted operation's path (`GET /v1/responses/{id}`,
 # `/v1/conversations/{id}/items/{item}`, `/v1/chat/completions/{id}/messages`); the endpoints
 # named there that are not ids.
@@ -106,7 +115,7 @@ def _issued(prefix: str) -> re.Pattern[bytes]:
     return re.compile(rb'"id"\s*:\s*"(' + re.escape(prefix.encode()) + rb'[A-Za-z0-9_-]{1,200})"')
 
 
-ISSUED = {name: _issued(kind.prefix) for name, kind in KINDS.items()}
+ISSUED = {name: _issued(kind.prefix) for name, kind in KINDS.items() if kind.adopt}
 
 
 def digest(upstream: str, kind: str, object_id: str) -> str:
@@ -124,10 +133,16 @@ CREATE TABLE IF NOT EXISTS owners (
 CREATE INDEX IF NOT EXISTS owners_user ON owners (username, upstream, kind, used_at);
 CREATE INDEX IF NOT EXISTS owners_used ON owners (used_at);
 """
-_BIND = ("INSERT INTO owners (key, kind, username, upstream, used_at) VALUES (%s, %s, %s, %s, %s) "
-         "ON CONFLICT (key) DO UPDATE SET username = excluded.username, used_at = excluded.used_at")
-BIND = _BIND  # issued: the upstream's word is the last
-ADOPT = _BIND + " WHERE owners.used_at <= %s"  # unseen (or forgotten): the first user's
+
+
+def _bind(n: int) -> str:
+    """Bind `n` ids (issued: the upstream's word is the last)."""
+    return "INSERT INTO owners (key, kind, username, upstream, used_at) VALUES " + \
+        ", ".join(["(%s, %s, %s, %s, %s)"] * n) + \
+        " ON CONFLICT (key) DO UPDATE SET username = excluded.username, used_at = excluded.used_at"
+
+
+ADOPT = _bind(1) + " WHERE owners.used_at <= %s"  # unseen (or forgotten): the first user's
 EXPIRE = "DELETE FROM owners WHERE used_at <= %s"
 # one user's bindings of a kind past PER_USER, by the index on (username, upstream, kind, used_at)
 EXCESS = ("DELETE FROM owners WHERE key IN (SELECT key FROM owners WHERE username = %s AND "
@@ -272,20 +287,23 @@ class Bindings:
                 self._remember(kind, key, fresh[key])
         return [fresh[k].user if k in fresh else None for k in keys]
 
-    async def bind(self, upstream: str, kind: str, object_id: str, user: str,
+    async def bind(self, upstream: str, kind: str, object_ids: str | Sequence[str], user: str,
                    adopt: bool = False) -> None:
-        """`object_id` is `user`'s: issued to them, or (`adopt`) unseen and answered for them.
-        Raises `StoreUnavailable`."""
+        """`object_ids` are `user`'s: issued to them (in one statement), or (`adopt`, one id)
+        unseen and answered for them. Raises `StoreUnavailable`."""
         assert self.store is not None
         now = time.time()
-        key = digest(upstream, kind, object_id)
-        params = (key, kind, user, upstream, now)
+        ids = [object_ids] if isinstance(object_ids, str) else list(dict.fromkeys(object_ids))
+        keys = [digest(upstream, kind, i) for i in ids]
         if adopt:
-            await self.store.execute(ADOPT, (*params, now - TTL_SECONDS))
-            self._cached(kind).pop(key, None)  # another's adoption may have won: read it again
+            await self.store.execute(ADOPT, (keys[0], kind, user, upstream, now,
+                                             now - TTL_SECONDS))
+            self._cached(kind).pop(keys[0], None)  # another's adoption may have won: read again
         else:
-            await self.store.execute(BIND, params)
-            self._remember(kind, key, Binding(user, now))
+            await self.store.execute(_bind(len(keys)), [p for key in keys
+                                                        for p in (key, kind, user, upstream, now)])
+            for key in keys:
+                self._remember(kind, key, Binding(user, now))
         if len(self._binders) < SIZE:  # more: their excess waits for a pruning that sees them
             self._binders.add((user, upstream, kind))
         if now - self._pruned > PRUNE_SECONDS and (self._pruning is None or self._pruning.done()):
@@ -311,6 +329,75 @@ def unavailable(flow: http.HTTPFlow, error: StoreUnavailable) -> None:
     refuse(flow, 503, "douane cannot tell whose this id is now (its store of owners is "
            "unavailable); retry shortly", "store_unavailable",
            Reason("store.unavailable", str(error)))
+
+
+def _container(flow: http.HTTPFlow) -> list[tuple[str, str, str]] | tuple[str, str]:
+    """The code-execution container an Anthropic request names (`"container_..."` or `{"id":
+    ...}`; a dict without one asks for a new container)."""
+    doc = protocols.document(flow, "request")
+    container = doc.get("container") if isinstance(doc, dict) else None
+    container_id = container.get("id") if isinstance(container, dict) else container
+    if isinstance(container_id, str):
+        return [("containers", container_id, "container")]
+    if container_id is None and isinstance(container, dict | None):
+        return []
+    return "containers", "container names no id douane can read"
+
+
+def _unbound(flow: http.HTTPFlow, error: StoreUnavailable) -> None:
+    """What an answer issued could not be bound: a stream has left (its ids stay unbound:
+    adopted later, or refused for items and containers); an answer is withheld."""
+    assert flow.response
+    if flow.response.stream:
+        logger.warning("douane: a stored object's owner was not recorded (%s)", error)
+    else:
+        unavailable(flow, error)
+
+
+def _answer(flow: http.HTTPFlow, *events: str) -> Any:
+    """A JSON answer, or a stream's last event of these types (parsed alone: a stream's end
+    says what it issued); None if douane cannot read it."""
+    assert flow.response
+    try:
+        if not flow.response.stream:
+            return protocols.document(flow, "response")
+        body = flow.response.content or b""
+        # quoted and unescaped, the name is an event's type (in text it would read `\"...\"`)
+        at = max(body.rfind(b'"%s"' % e.encode()) for e in events)
+        if at < 0:
+            return None
+        end = body.find(b"\n", at)
+        line = body[body.rfind(b"\n", 0, at) + 1:end if end >= 0 else None].strip()
+        return protocols.loads(line[5:], "response") if line.startswith(b"data:") else None
+    except (ValueError, protocols.ProtocolError):
+        return None
+
+
+def _dig(doc: Any, *keys: str) -> Any:
+    for key in keys:
+        doc = doc.get(key) if isinstance(doc, dict) else None
+    return doc
+
+
+def _issued_items(flow: http.HTTPFlow) -> list[str]:
+    """The ids of a Responses answer's output items (its first `ITEM_IDS`)."""
+    doc = _answer(flow, "response.completed", "response.incomplete", "response.failed")
+    output = _dig(doc, "response", "output") if flow.response and flow.response.stream \
+        else _dig(doc, "output")
+    return [i["id"] for i in output[:ITEM_IDS] if isinstance(i, dict) and
+            isinstance(i.get("id"), str)] if isinstance(output, list) else []
+
+
+def _issued_container(flow: http.HTTPFlow) -> str | None:
+    """The code-execution container an Anthropic answer ran in (`container.id`; streamed: in
+    `message_delta`, or `message_start`)."""
+    assert flow.response
+    if not flow.response.stream:
+        found = _dig(_answer(flow), "container", "id")
+    else:
+        found = _dig(_answer(flow, "message_delta"), "delta", "container", "id") or \
+            _dig(_answer(flow, "message_start"), "message", "container", "id")
+    return found if isinstance(found, str) else None
 
 
 class StoredObjects:
@@ -401,14 +488,13 @@ class StoredObjects:
                 else:
                     self._refuse_listing(flow)
                     return
-        if st.upstream.protocol != "openai":
-            return
         named = self._named(flow)
-        if isinstance(named, str):
-            self._refuse(flow, "conversations", named)
+        if isinstance(named, tuple):
+            self._refuse(flow, *named)
             return
         upstream, user = st.upstream.name, st.identity.user
-        if len(named) > NAMED_IDS:  # a granted `**` path naming ids without end
+        items = sum(kind == "items" for kind, _, _ in named)
+        if len(named) - items > NAMED_IDS or items > ITEM_IDS:  # a `**` path, an endless input
             self._refuse(flow, named[0][0], "the request names too many stored objects")
             return
         unseen: list[tuple[str, str, str]] = []
@@ -421,20 +507,23 @@ class StoredObjects:
                 unavailable(flow, e)
                 return
             for (object_id, where), owner in zip(ids, owners, strict=True):
-                if owner is None:
+                if owner is None and KINDS[kind].adopt:
                     unseen.append((kind, object_id, where))
                 elif owner != user:
-                    self._refuse(flow, kind, f"{where} names one issued to another user")
+                    self._refuse(flow, kind, f"{where} names one issued to another user" if owner
+                                 else f"{where} names one douane did not see issued")
                     return
         if unseen:
             self._unseen[flow] = unseen
 
-    def _named(self, flow: http.HTTPFlow) -> list[tuple[str, str, str]] | str:
-        """The stored objects a request names: (kind, id, where); a reason to refuse if it names
-        one douane cannot read."""
+    def _named(self, flow: http.HTTPFlow) -> list[tuple[str, str, str]] | tuple[str, str]:
+        """The stored objects a request names: (kind, id, where); (kind, why) to refuse if it
+        names one douane cannot read."""
         st = state(flow)
         assert st.interaction
         named: list[tuple[str, str, str]] = []
+        if st.upstream and st.upstream.protocol == "anthropic":
+            return named if st.interaction.granted else _container(flow)
         if st.interaction.granted:
             for m in STORED_PATH.finditer(flow.request.path.split("?")[0]):
                 kind, object_id = m[1].lower(), m[2]
@@ -456,8 +545,19 @@ class StoredObjects:
             conversation_id = conversation.get("id") if isinstance(conversation, dict) \
                 else conversation
             if not isinstance(conversation_id, str):  # `"conv_..."` or `{"id": "conv_..."}`
-                return "conversation names no id douane can read"
+                return "conversations", "conversation names no id douane can read"
             named.append(("conversations", conversation_id, "conversation"))
+        # input items by id: an `item_reference`, or any item carrying the id of one an answer
+        # issued (the upstream may read the stored item, not what the request says of it)
+        for i, item in enumerate(doc.get("input") if isinstance(doc.get("input"), list) else []):
+            if not isinstance(item, dict):
+                continue
+            for field in ("id", "approval_request_id"):
+                item_id = item.get(field)
+                if isinstance(item_id, str):
+                    named.append(("items", item_id, f"input[{i}].{field}"))
+                elif item_id is not None or field == "id" and item.get("type") == "item_reference":
+                    return "items", f"input[{i}] names no id douane can read"
         return named
 
     async def response(self, flow: http.HTTPFlow) -> None:
@@ -475,9 +575,15 @@ class StoredObjects:
         if st.interaction.granted and flow.request.method == "GET" and self._lists(flow):
             self._refuse_listing(flow)
             return
-        if st.upstream.protocol != "openai":
-            return
         upstream, user = st.upstream.name, st.identity.user
+        if st.upstream.protocol != "openai":
+            container = _issued_container(flow) if st.interaction.operation == "messages" else None
+            try:
+                if container:
+                    await self.bindings.bind(upstream, "containers", container, user)
+            except StoreUnavailable as e:
+                _unbound(flow, e)
+            return
         kind = self._issuing(flow)
         found = ISSUED[kind].search(flow.response.raw_content or b"", 0, ISSUED_BYTES) \
             if kind else None
@@ -492,11 +598,10 @@ class StoredObjects:
                     st.decision.reasons.append(adopted)
             if kind and found:
                 await self.bindings.bind(upstream, kind, found[1].decode(), user)
+            if st.interaction.operation == "responses" and (items := _issued_items(flow)):
+                await self.bindings.bind(upstream, "items", items, user)  # stored or not
         except StoreUnavailable as e:
-            if flow.response.stream:  # a stream has left: its id stays unbound (adopted later)
-                logger.warning("douane: a stored object's owner was not recorded (%s)", e)
-            else:
-                unavailable(flow, e)
+            _unbound(flow, e)
 
     async def _own_only(self, flow: http.HTTPFlow, kind: str) -> None:
         """A listing of a kind douane binds, narrowed to the caller's own objects (its cursors

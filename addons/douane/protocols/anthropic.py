@@ -20,6 +20,8 @@ from douane.protocols.base import (
 from douane.protocols.sse import Event
 
 MEDIA_BLOCKS = ("image", "document", "file", "container_upload")
+STORED_SKILL = "douane does not pass skills (`container.skills`): a skill's instructions and " \
+    "code are stored upstream, unseen here"
 
 
 def parse_request(doc: Any, endpoint: str) -> Interaction:
@@ -28,6 +30,10 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
         raise ProtocolError(403, "endpoint_not_governed",
                             f"douane does not inspect POST /v1/{endpoint} and refuses it")
     it = Interaction("anthropic", "messages" if endpoint == "messages" else "count_tokens")
+    container = doc.get("container")
+    if isinstance(container, dict) and container.get("skills") not in (None, []):
+        # as a stored prompt: instructions and code no grant or deny rule reads
+        raise ProtocolError(403, "stored_skill", STORED_SKILL, it)
     it.model = doc.get("model") if isinstance(doc.get("model"), str) else None
     it.stream = doc.get("stream") is True
     max_tokens = optional_number(doc, "max_tokens")
