@@ -1,7 +1,9 @@
 """State an upstream keeps for one user, named by an id it issued: an MCP session, a stored
 Responses answer (`previous_response_id` continues it, the whole conversation with it), a
 conversation (`conversation` in a Responses request, the Conversations API), a stored chat
-completion.
+completion, a Responses answer's output items (named again in `input`: an `item_reference`, any
+item's `id`, an `approval_request_id`), an Anthropic code-execution container (`container`, with
+the files uploaded into it).
 
 douane sends every user's requests to an upstream with one credential, so such an id is all the
 upstream tells users apart by: another user holding it (from a screen, a log, a recording) would
@@ -17,6 +19,10 @@ An id the store does not hold (unseen):
   client starts a new one). douane writes each session's binding before its id reaches the
   client, so an unseen session was never issued through douane (a forged id, one from before
   douane, one forgotten): nobody is refused their own.
+- an output item or a container is refused (404): douane binds every Responses answer's items
+  (stored or not, its first `ITEM_IDS`; a stream's in its `response.completed`) and the container
+  an Anthropic answer names, so nobody had one before douane had the answer. A user's own items
+  from before douane, or forgotten, are resent by content (a new container is started).
 - a stored answer, conversation or chat completion goes upstream and, when the upstream answers
   it (so it exists), is bound to that user: adopted. Ids issued before douane was deployed live
   for weeks (conversations for good) and are named by no binding; refusing them would take every
