@@ -158,3 +158,40 @@ def test_kinds_gated_on_an_assignment_find_what_they_would_find_ungated(monkeypa
     monkeypatch.setattr(secrets, "_assigns", lambda text: True)
     assert gated == [(secrets.find(t), secrets.matches(t)) for t in texts]
     assert sum(bool(found) for found, _ in gated) > 150  # the texts hold secrets
+
+
+def _full_width(text: str) -> str:
+    return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)
+
+
+# Each POSITIVE's value disguised: invisible format characters inside it, or full-width
+DISGUISES = {
+    "zero-width space": lambda v: v[:4] + "\u200b" + v[4:9] + "\u200b" + v[9:],
+    "soft hyphen": lambda v: v[:3] + "\u00ad" + v[3:],
+    "word joiner and bidi marks": lambda v: "\u2060".join(v[:6]) + "\u200e" + v[6:],
+    "full-width": _full_width,
+    "full-width, zero-width joiner": lambda v: _full_width(v[:8]) + "\u200d" + v[8:],
+}
+
+
+@pytest.mark.parametrize("disguise", list(DISGUISES))
+@pytest.mark.parametrize(("text", "value", "entity", "rule"), POSITIVES)
+def test_a_disguised_secret_is_flagged_masked_and_redacted_whole(analyzer, policy, disguise,
+                                                                  text, value, entity, rule):
+    """The patterns read the raw text: a key with a zero-width space inside, or in full-width
+    letters, was no secret (the model reads it as the key). They read its view (NFKC, format
+    characters dropped); the span is the disguised characters, replaced whole."""
+    hidden = DISGUISES[disguise](value)
+    plain, text = text, text.replace(value, hidden)
+    masked = operators.apply(SETTINGS, text, analyzer.analyze(text), {})
+    assert hidden not in masked and f"<{entity}>" in masked, masked
+    assert secrets.redact(text) == secrets.redact(plain)  # the same places, replaced
+    assert f"detector.secret.{rule}" in flagged(policy, text)
+    assert secrets.matches(text) and secrets.maybe(text)
+
+
+@pytest.mark.parametrize("text", [
+    *NEGATIVES, "ｆｕｌｌ－ｗｉｄｔｈ ｔｅｘｔ １２３", "今日は\u3000会議です。", "le café d\u2019été",
+    "soft\u00adhyphen\u200bzero\u200dwidth", "ﬁle ㎏ ½ Ⅻ", *map(_full_width, NEGATIVES)])
+def test_a_texts_view_finds_no_secret_in_ordinary_text(text):
+    assert secrets.find(text) == [] and secrets.redact(text) == text

@@ -9,6 +9,10 @@ of the value. Kinds are tried in order; the first one to claim characters names 
 Shapes that depend on context (an AWS secret access key is 40 base64-ish characters, like many
 other things) are secrets only after a credential name and `:`/`=`; ordinary hashes (hex: 16
 symbols, at most 4 bits per character), UUIDs and versions stay below every bar.
+
+Patterns run on a text's normalised view (`_view`: NFKC, format characters removed), so a key
+written in full-width letters or with a zero-width space inside is found; its span is the
+original characters it came from, which masking and recordings replace.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import binascii
 import bisect
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,6 +201,79 @@ _TOKEN_BYTES = bytes(ord("a") if chr(i) in "+/_=-" or chr(i).isascii() and chr(i
 _RUN = b"a" * 32
 
 
+# Unicode's format characters (category Cf: zero-width space and joiners, soft hyphen, bidi
+# controls, tags): invisible, and gone from the view patterns run on.
+_FORMAT = re.compile("[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e"
+                     "\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
+                     "\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
+                     "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+_ASCII_BYTES = bytes(range(128))
+_SEEN_MOST = 4096  # characters whose view `_Views` keep
+
+
+class _Views(dict):
+    """`str.translate`'s table of each character's view (`uneven`: "" when that is one
+    character, "x" when it is none or several), filled as characters are met."""
+
+    def __init__(self, uneven: bool):
+        super().__init__()
+        self.uneven = uneven
+
+    def __missing__(self, code: int) -> str:
+        c = chr(code)
+        seen = "" if _FORMAT.match(c) else unicodedata.normalize("NFKC", c)
+        value = ("" if len(seen) == 1 else "x") if self.uneven else seen
+        if len(self) < _SEEN_MOST:
+            self[code] = value
+        return value
+
+
+_VIEWS, _UNEVEN = _Views(False), _Views(True)
+
+
+def _plain(text: str) -> bool:
+    """Whether `text` is its own view: tested on its non-ASCII characters only (ASCII ones are
+    their own view; their UTF-8 bytes are dropped at C speed), so mostly-ASCII text with a
+    curly quote or an accent costs little more than ASCII text."""
+    if text.isascii():
+        return True
+    rest = text.encode("utf-8", "surrogatepass").translate(None, _ASCII_BYTES).decode(
+        "utf-8", "surrogatepass")
+    return _plain_stretch(rest)
+
+
+def _plain_stretch(text: str) -> bool:
+    """Whether non-ASCII `text` is its own view (`isprintable`, C speed, rules out format
+    characters but also rejects spaces: the regex, ~10x slower, decides those)."""
+    return unicodedata.is_normalized("NFKC", text) and (text.isprintable() or
+                                                          not _FORMAT.search(text))
+
+
+def _view(text: str) -> tuple[str, list[int] | None] | None:
+    """`text` as the patterns read it (each character NFKC-normalised, format characters
+    dropped) and, for each of its characters, the original's index (None: the same places);
+    None when that is `text` itself (`_plain`: the common case)."""
+    if _plain(text):
+        return None
+    if not text.translate(_UNEVEN):  # one character for one (full-width letters, spaces)
+        return text.translate(_VIEWS), None
+    out: list[str] = []
+    origin: list[int] = []
+    last = 0
+    for m in _NON_ASCII.finditer(text):  # ASCII stretches as they are
+        out.append(text[last:m.start()])
+        origin.extend(range(last, m.start()))
+        for i in range(m.start(), m.end()):
+            seen = text[i].translate(_VIEWS)
+            out.append(seen)
+            origin.extend([i] * len(seen))
+        last = m.end()
+    out.append(text[last:])
+    origin.extend(range(last, len(text)))
+    return "".join(out), origin
+
+
 def _value_span(m: re.Match[str]) -> tuple[int, int]:
     for group in ("v", "v2"):
         if group in m.re.groupindex and m.group(group) is not None:
@@ -236,7 +314,18 @@ def _runnable(text: str, hinted: set[str], entropy_too: bool) -> list[Kind]:
 
 
 def find(text: str, high_entropy: bool = True) -> list[Found]:
-    """Every secret in `text`, in order, overlapping finds merged (the first kind names them)."""
+    """Every secret in `text`, in order, overlapping finds merged (the first kind names them):
+    found in its normalised view, each span the original characters it was read from."""
+    view = _view(text)
+    if view is None:
+        return _find(text, high_entropy)
+    seen, origin = view
+    found = _find(seen, high_entropy)
+    return found if origin is None else \
+        [Found(origin[f.start], origin[f.end - 1] + 1, f.kind) for f in found]
+
+
+def _find(text: str, high_entropy: bool) -> list[Found]:
     hinted = _hinted(text)
     entropy_too = high_entropy and _long_run(text)
     if not hinted and not entropy_too:  # every catalogue kind has hints: the common, clean text
@@ -263,6 +352,7 @@ def find(text: str, high_entropy: bool = True) -> list[Found]:
 
 def maybe(text: str) -> bool:
     """Whether `find` could find anything: a cheap test before it."""
+    text = (_view(text) or (text,))[0]
     return bool(_hinted(text)) or _long_run(text)
 
 
@@ -273,6 +363,7 @@ def matches(text: str) -> bool:
     and runs the whole holds, and a pattern matching a part matches the whole at the same place.
     A pattern with a `lead` is searched from its first hint on: in ASCII text (where `lower()`
     keeps places and only ASCII letters match case-insensitively) no match starts earlier."""
+    text = (_view(text) or (text,))[0]
     hinted = _hinted(text)
     lowered = text.lower() if text.isascii() else None
     for kind in _runnable(text, hinted, _long_run(text)):

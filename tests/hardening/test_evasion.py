@@ -665,3 +665,34 @@ def test_a_key_split_across_a_requests_parts_is_refused(case, gw, llm, token, se
         SPLIT_KEY[18:], " and more"))  # the control: the same parts, no key across them
     resp = httpx.post(gw.url + path, json=harmless, headers={"authorization": f"Bearer {token}"})
     assert resp.status_code == 200, resp.text
+
+
+def _full_width(text: str) -> str:
+    return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)
+
+
+DISGUISES = {  # a text as the model reads it, in characters the patterns did not read
+    "zero-width space": lambda t: t[:10] + "\u200b" + t[10:],
+    "soft hyphen": lambda t: t[:3] + "\u00ad" + t[3:],
+    "word joiners": "\u2060".join,
+    "full-width": _full_width,
+    "full-width, a zero-width joiner": lambda t: _full_width(t[:9]) + "\u200d" + t[9:],
+}
+
+
+@pytest.mark.parametrize("case", list(DISGUISES))
+def test_a_disguised_key_is_refused(case, gw, llm, token, secrets):
+    """The secrets detector matched the raw text: a key with invisible format characters inside,
+    or in full-width letters, passed. It matches the text's view (NFKC, format characters
+    dropped), as deny rules do. The control: an ordinary phrase disguised alike passes."""
+    secrets.add(SPLIT_KEY)
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + "/v1/chat/completions", json=chat(
+        f"deploy with {DISGUISES[case](SPLIT_KEY)} please"),
+        headers={"authorization": f"Bearer {token}"})
+    record = assert_refused(gw, llm, before, resp, 403)
+    assert record["reasons"][0]["rule"] == "detector.secret.api_key", record
+    control = DISGUISES[case]("sk-prolog, the 2024 Hv3 notes and more")
+    resp = httpx.post(gw.url + "/v1/chat/completions", json=chat(f"say {control}"),
+                      headers={"authorization": f"Bearer {token}"})
+    assert resp.status_code == 200, resp.text
