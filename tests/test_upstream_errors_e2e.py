@@ -14,6 +14,7 @@ import pytest
 
 from douane.upstreamerrors import failure
 from tests.conftest import UPSTREAM_KEY
+from tests.hardening.test_evasion import H2Only
 from tests.support.gateway import Gateway, base_config, free_port
 
 POLICY = """\
@@ -23,6 +24,7 @@ default:
     llm: {models: ["*"]}
     claude: {models: ["*"]}
     crm: {tools: {allow: ["echo"]}}
+    raw: {models: ["*"]}
 """
 
 
@@ -75,7 +77,14 @@ REFUSED = f"http://127.0.0.1:{free_port()}"  # nobody listens there
 
 
 @pytest.fixture(scope="module")
-def gw(issuer, closer, garbage, tmp_path_factory) -> Iterator[Gateway]:
+def babbler() -> Iterator[Failing]:
+    server = Failing(b"\x1b[31mnot HTTP at all " + b"\xff" * 2000 + b"\r\n\r\n")
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def gw(issuer, closer, garbage, babbler, tmp_path_factory) -> Iterator[Gateway]:
     work = tmp_path_factory.mktemp("upstreamerr")
     (work / "policy.yaml").write_text(POLICY)
     config = base_config(issuer.url, REFUSED,
@@ -85,6 +94,8 @@ def gw(issuer, closer, garbage, tmp_path_factory) -> Iterator[Gateway]:
                                      "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
     config["upstreams"]["crm"] = {"url": f"http://127.0.0.1:{closer.port}/mcp",
                                   "protocol": "mcp"}
+    config["upstreams"]["raw"] = {"url": f"http://127.0.0.1:{babbler.port}", "protocol": "openai",
+                                  "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
     with Gateway(config, env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
                  workdir=work / "gw") as gateway:
         yield gateway
@@ -148,6 +159,33 @@ def test_an_upstream_closing_before_answering_is_a_json_rpc_error(gw, client, cl
     doc = resp.json()
     assert doc["jsonrpc"] == "2.0" and doc["id"] == 7 and doc["error"]["code"] == -32000, doc
     assert "closed the connection before answering" in doc["error"]["message"]
+
+
+def test_an_unreadable_answer_is_not_relayed(gw, client, babbler):
+    before = babbler.accepted
+    resp = client.post(f"http://127.0.0.1:{babbler.port}/v1/chat/completions",
+                       json={"model": "gpt-4o-mini",
+                             "messages": [{"role": "user", "content": "hi"}]})
+    assert babbler.accepted > before
+    record = assert_upstream_failed(gw, resp, 502)
+    assert "not HTTP" not in resp.text and "its answer could not be read" in resp.text
+    # the audit record has the upstream's bytes bounded and escaped, not raw
+    for text in (record["error"], record["reasons"][0]["message"]):
+        assert len(text) <= 400 and "\x1b" not in text and "\xff" not in text, text
+
+
+def test_an_http2_client_gets_the_same_answer(gw, issuer, garbage):
+    token = issuer.mint("una@corp.example", ["engineering"])
+    verify = H2Only(ssl.PROTOCOL_TLS_CLIENT)
+    verify.load_verify_locations(cafile=gw.ca_file)
+    with httpx.Client(proxy=gw.proxy_url("u", token), timeout=60, http2=True,
+                      verify=verify) as h2:
+        resp = h2.post(f"https://127.0.0.1:{garbage.port}/v1/messages",
+                       json={"model": "claude-sonnet-4-5", "max_tokens": 10,
+                             "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.http_version == "HTTP/2"
+    assert_upstream_failed(gw, resp, 502)
+    assert resp.json()["error"]["type"] == "api_error"
 
 
 def test_the_gateway_keeps_serving_on_the_same_connection(gw, client):
