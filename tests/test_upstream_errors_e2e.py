@@ -25,6 +25,7 @@ default:
     claude: {models: ["*"]}
     crm: {tools: {allow: ["echo"]}}
     raw: {models: ["*"]}
+    cut: {models: ["*"]}
 """
 
 
@@ -84,7 +85,15 @@ def babbler() -> Iterator[Failing]:
 
 
 @pytest.fixture(scope="module")
-def gw(issuer, closer, garbage, babbler, tmp_path_factory) -> Iterator[Gateway]:
+def cutter() -> Iterator[Failing]:
+    server = Failing(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     b"content-length: 1000\r\n\r\n{\"choices\": [")
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def gw(issuer, closer, garbage, babbler, cutter, tmp_path_factory) -> Iterator[Gateway]:
     work = tmp_path_factory.mktemp("upstreamerr")
     (work / "policy.yaml").write_text(POLICY)
     config = base_config(issuer.url, REFUSED,
@@ -94,6 +103,8 @@ def gw(issuer, closer, garbage, babbler, tmp_path_factory) -> Iterator[Gateway]:
                                      "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
     config["upstreams"]["crm"] = {"url": f"http://127.0.0.1:{closer.port}/mcp",
                                   "protocol": "mcp"}
+    config["upstreams"]["cut"] = {"url": f"http://127.0.0.1:{cutter.port}", "protocol": "openai",
+                                  "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
     config["upstreams"]["raw"] = {"url": f"http://127.0.0.1:{babbler.port}", "protocol": "openai",
                                   "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
     with Gateway(config, env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
@@ -172,6 +183,16 @@ def test_an_unreadable_answer_is_not_relayed(gw, client, babbler):
     # the audit record has the upstream's bytes bounded and escaped, not raw
     for text in (record["error"], record["reasons"][0]["message"]):
         assert len(text) <= 400 and "\x1b" not in text and "\xff" not in text, text
+
+
+def test_a_whole_answer_cut_before_its_end_is_not_relayed(gw, client, cutter):
+    before = cutter.accepted
+    resp = client.post(f"http://127.0.0.1:{cutter.port}/v1/chat/completions",
+                       json={"model": "gpt-4o-mini",
+                             "messages": [{"role": "user", "content": "hi"}]})
+    assert cutter.accepted > before
+    assert_upstream_failed(gw, resp, 502)
+    assert "choices" not in resp.text
 
 
 def test_an_http2_client_gets_the_same_answer(gw, issuer, garbage):
