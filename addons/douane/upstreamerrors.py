@@ -13,6 +13,8 @@ The wrap is checked against mitmproxy's version and source at start, like `proto
 
 from __future__ import annotations
 
+import logging
+
 from mitmproxy import exceptions, http
 from mitmproxy.proxy import layer
 from mitmproxy.proxy.layers.http import (
@@ -29,6 +31,8 @@ from douane.flowstate import Reason, state
 from douane.protocols import http1, mitmpatch
 from douane.refusals import make_response
 from douane.untrusted import loggable
+
+logger = logging.getLogger(__name__)
 
 ERROR_CHARS = 200  # of the upstream's error kept in the audit record
 # sha256 of the source of the function wrapped
@@ -91,7 +95,10 @@ def handle_protocol_error(self: HttpStream, event) -> layer.CommandGenerator[Non
         # the error's text is the upstream's (its bytes, for an unreadable answer): bounded
         event = ResponseProtocolError(event.stream_id, loggable(event.message, ERROR_CHARS),
                                       event.code)
-        answer = _answer(self.flow, event.message)
+        try:
+            answer = _answer(self.flow, event.message)
+        except Exception:  # mitmproxy's own 502 still refuses: better than a dead connection
+            logger.exception("douane: an upstream's failure could not be answered in its shape")
     steps = _handle_protocol_error(self, event)
     reply = None
     while True:
