@@ -19,12 +19,15 @@ ENV = {"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
 
 
 def answer(n: int) -> dict:
-    """A Responses answer issuing a reasoning item, a function call and a message."""
+    """A Responses answer issuing a reasoning item, a function call, a code interpreter call (in a
+    container) and a message."""
     return {"id": f"resp_{n}", "object": "response", "created_at": 0, "model": "m",
             "status": "completed", "usage": {"input_tokens": 1, "output_tokens": 1},
             "output": [{"id": f"rs_{n}", "type": "reasoning", "summary": []},
                        {"id": f"fc_{n}", "type": "function_call", "call_id": f"call_{n}",
                         "name": "lookup", "arguments": "{}", "status": "completed"},
+                       {"id": f"ci_{n}", "type": "code_interpreter_call", "code": "1+1",
+                        "container_id": f"cntr_{n}", "outputs": [], "status": "completed"},
                        {"id": f"msg_{n}", "type": "message", "role": "assistant",
                         "status": "completed", "content": [
                             {"type": "output_text", "text": "ok", "annotations": []}]}]}
@@ -97,6 +100,16 @@ def test_items_are_their_users(config, llm, users, tmp_path):
                             "approve": True}, "did not see issued")]:
             before = len(llm.requests)
             refused(gw, llm, ask(bob, item), before, "owner.item", why)
+        # an OpenAI code interpreter's container, named in a tool
+        for container, why in [("cntr_1", "another user"), ("cntr_never", "did not see issued"),
+                               (None, "names no id")]:
+            before = len(llm.requests)
+            refused(gw, llm, ask(bob, tools=[{"type": "code_interpreter", "container": container}]),
+                    before, "owner.container", why)
+        assert ask(alice, tools=[{"type": "code_interpreter", "container": "cntr_1"}]
+                   ).status_code == 200
+        assert ask(bob, tools=[{"type": "code_interpreter", "container": {"type": "auto"}}]
+                   ).status_code == 200  # a new container
         # Alice's own, among many: passes, and the upstream reads them
         before = len(llm.requests)
         mine = [{"type": "item_reference", "id": "msg_1"},

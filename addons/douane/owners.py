@@ -2,8 +2,8 @@
 Responses answer (`previous_response_id` continues it, the whole conversation with it), a
 conversation (`conversation` in a Responses request, the Conversations API), a stored chat
 completion, a Responses answer's output items (named again in `input`: an `item_reference`, any
-item's `id`, an `approval_request_id`), an Anthropic code-execution container (`container`, with
-the files uploaded into it).
+item's `id`, an `approval_request_id`), a code-execution container with the files uploaded into
+it (Anthropic's `container`, an OpenAI `code_interpreter` tool's `container`).
 
 douane sends every user's requests to an upstream with one credential, so such an id is all the
 upstream tells users apart by: another user holding it (from a screen, a log, a recording) would
@@ -20,8 +20,10 @@ An id the store does not hold (unseen):
   client, so an unseen session was never issued through douane (a forged id, one from before
   douane, one forgotten): nobody is refused their own.
 - an output item or a container is refused (404): douane binds every Responses answer's items
-  (stored or not, its first `ITEM_IDS`; a stream's in its `response.completed`) and the container
-  an Anthropic answer names, so nobody had one before douane had the answer. A user's own items
+  (stored or not, its first `ITEM_IDS`; a stream's in its `response.completed`) and the containers
+  an answer names (Anthropic's `container.id`, a `code_interpreter_call`'s `container_id`), so
+  nobody had one before douane had the answer (a container made by a granted `POST /containers`
+  is not bound: refused). A user's own items
   from before douane, or forgotten, are resent by content (a new container is started).
 - a stored answer, conversation or chat completion goes upstream and, when the upstream answers
   it (so it exists), is bound to that user: adopted. Ids issued before douane was deployed live
@@ -385,13 +387,13 @@ def _dig(doc: Any, *keys: str) -> Any:
     return doc
 
 
-def _issued_items(flow: http.HTTPFlow) -> list[str]:
-    """The ids of a Responses answer's output items (its first `ITEM_IDS`)."""
+def _issued_output(flow: http.HTTPFlow) -> list[dict[str, Any]]:
+    """A Responses answer's output items (its first `ITEM_IDS`)."""
     doc = _answer(flow, "response.completed", "response.incomplete", "response.failed")
     output = _dig(doc, "response", "output") if flow.response and flow.response.stream \
         else _dig(doc, "output")
-    return [i["id"] for i in output[:ITEM_IDS] if isinstance(i, dict) and
-            isinstance(i.get("id"), str)] if isinstance(output, list) else []
+    return [i for i in output[:ITEM_IDS] if isinstance(i, dict)] if isinstance(output, list) \
+        else []
 
 
 def _issued_container(flow: http.HTTPFlow) -> str | None:
@@ -553,6 +555,13 @@ class StoredObjects:
             if not isinstance(conversation_id, str):  # `"conv_..."` or `{"id": "conv_..."}`
                 return "conversations", "conversation names no id douane can read"
             named.append(("conversations", conversation_id, "conversation"))
+        # a code interpreter run in a container by id (`{"type": "auto"}` starts a new one)
+        for k, tool in enumerate(doc.get("tools") if isinstance(doc.get("tools"), list) else []):
+            if isinstance(tool, dict) and tool.get("type") == "code_interpreter" and \
+                    not isinstance(tool.get("container"), dict):
+                if not isinstance(tool.get("container"), str):
+                    return "containers", f"tools[{k}].container names no id douane can read"
+                named.append(("containers", tool["container"], f"tools[{k}].container"))
         # input items by id: an `item_reference`, or any item carrying the id of one an answer
         # issued (the upstream may read the stored item, not what the request says of it)
         for i, item in enumerate(doc.get("input") if isinstance(doc.get("input"), list) else []):
@@ -604,8 +613,13 @@ class StoredObjects:
                     st.decision.reasons.append(adopted)
             if kind and found:
                 await self.bindings.bind(upstream, kind, found[1].decode(), user)
-            if st.interaction.operation == "responses" and (items := _issued_items(flow)):
-                await self.bindings.bind(upstream, "items", items, user)  # stored or not
+            output = _issued_output(flow) if st.interaction.operation == "responses" else []
+            # its items (stored or not), and the containers its code interpreter calls ran in
+            for bound, ids in (("items", [i.get("id") for i in output]),
+                               ("containers", [i.get("container_id") for i in output
+                                               if i.get("type") == "code_interpreter_call"])):
+                if ids := [i for i in ids if isinstance(i, str)]:
+                    await self.bindings.bind(upstream, bound, ids, user)
         except StoreUnavailable as e:
             _unbound(flow, e)
 
