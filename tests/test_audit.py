@@ -263,3 +263,29 @@ def test_a_writer_that_falls_behind_stops_new_traffic_until_it_catches_up(tmp_pa
     assert until(lambda: log.ready)
     log.close()
     assert audit.verify(tmp_path / "audit.jsonl", KEY).records == 60
+
+
+def test_unauthenticated_refusals_past_the_bounds_are_counted_not_recorded():
+    """`douane.preauth`: per peer, across peers, and the table of peers, each bounded."""
+    from douane.config import Unauthenticated
+    from douane.preauth import SAMPLE, Budget
+
+    budget = Budget(Unauthenticated(per_peer=2, total=5, window_seconds=60, peers=3))
+    admitted = [budget.admit("10.0.0.1", "identity.missing", f"dcn_a{i}", 100.0 + i)
+                for i in range(50)]
+    assert admitted == [True, True] + [False] * 48
+    assert [budget.admit(f"10.0.1.{i}", "protocol.bad_head", f"dcn_b{i}", 200.0)
+            for i in range(5)] == [True, True, True, False, False]  # 5 across peers; table full
+    assert not budget.due(159.9) and budget.due(160.0)
+    summaries = {s["client"]: s for s in budget.end_window()}
+    one = summaries["10.0.0.1"]
+    assert (one["recorded"], one["counted"], one["rules"]) == (2, 48, {"identity.missing": 48})
+    ids = one["decision_ids"]
+    assert ids["first"] == "dcn_a2" and ids["last"] == "dcn_a49" and len(ids["sample"]) == SAMPLE
+    assert set(ids["sample"]) <= {f"dcn_a{i}" for i in range(3, 50)}
+    assert one["first"] < one["last"] and not one["untracked_peers"]
+    # two more addresses filled the table (recorded: no summary); past it, three share one
+    assert set(summaries) == {"10.0.0.1", None} and summaries[None]["untracked_peers"]
+    assert summaries[None]["counted"] == 2 and summaries[None]["recorded"] == 1
+    assert budget.peers == {} and budget.end_window() == []  # a new window
+    assert budget.admit("10.0.0.1", "identity.missing", "dcn_c", 300.0)

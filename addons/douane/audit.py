@@ -12,6 +12,7 @@ No token, key or cookie is ever put in a record: identities are claims, paths lo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -34,6 +35,7 @@ from douane.bursts import Bursts
 from douane.chainheads import ChainHeads
 from douane.config import AuditConfig, Config
 from douane.flowstate import Reason, peek, publish, state
+from douane.preauth import Budget
 from douane.protocols.http1 import HeadRefusal
 from douane.refusals import DECISION_HEADER, refuse
 from douane.settings import Settings
@@ -423,6 +425,8 @@ class AuditTrail:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.log: AuditLog | None = None
+        self.budget: Budget | None = None  # refusals before authentication (`douane.preauth`)
+        self._window_end: asyncio.TimerHandle | None = None
 
     def configure(self, updated: set[str]) -> None:
         if "douane_config" in updated or self.log is None:
@@ -433,8 +437,12 @@ class AuditTrail:
                 heads = ChainHeads(config.database, config.replica, config.host,
                                    str(config.audit.path)) if config.database else None
                 self.log = AuditLog(config.audit, hmac_key(config), heads)
+            if self.budget is None or self.budget.config != config.audit.unauthenticated:
+                self._end_window()
+                self.budget = Budget(config.audit.unauthenticated)
 
     def done(self) -> None:
+        self._end_window()
         if self.log:
             self.log.close()
 
@@ -444,7 +452,7 @@ class AuditTrail:
         self.log.append(record)
 
     def douane_head_refused(self, refusal: HeadRefusal) -> None:
-        if self.log:
+        if self.log and self._admitted(refusal.client, refusal.rule, refusal.decision_id):
             self.log.append(head_record(refusal, self.settings.config))
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -481,4 +489,30 @@ class AuditTrail:
             return  # not a live flow of this gateway (read back with -r, replayed) or done
         st.audited = True
         publish(flow)
-        self.log.append(flow_record(flow, self.settings.config))
+        record = flow_record(flow, self.settings.config)
+        if st.identity is None and record["action"] == "refuse" and not self._admitted(
+                record["client"], record["reasons"][0]["rule"] if record["reasons"] else "",
+                st.decision_id):
+            return
+        self.log.append(record)
+
+    def _admitted(self, client: str | None, rule: str, decision_id: str) -> bool:
+        """Whether this refusal of a client nobody authenticated is recorded on its own, or
+        counted into its peer's summary, written when the window ends."""
+        assert self.budget
+        now = time.time()
+        if self.budget.due(now):
+            self._end_window()
+        admitted = self.budget.admit(client, rule, decision_id, now)
+        if not admitted and self._window_end is None:
+            left = (self.budget.start or now) + self.budget.config.window_seconds - now
+            self._window_end = asyncio.get_running_loop().call_later(left, self._end_window)
+        return admitted
+
+    def _end_window(self) -> None:
+        if self._window_end:
+            self._window_end.cancel()
+            self._window_end = None
+        if self.budget and self.log:
+            for summary in self.budget.end_window():
+                self.log.append(summary)

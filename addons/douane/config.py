@@ -323,12 +323,25 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class Unauthenticated:
+    """`audit.unauthenticated`: refusals of a client nobody authenticated (a 401, a head douane
+    cannot read) are recorded one by one up to these counts per window, then counted into one
+    summary record per peer address at the window's end (`douane.preauth`)."""
+
+    per_peer: int = 20  # records per peer address per window
+    total: int = 200  # records across all peers per window
+    window_seconds: int = 60
+    peers: int = 1000  # addresses tracked per window; past that they share one summary
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     path: Path
     max_bytes: int
     backups: int
     hmac_key: str | None = field(repr=False, default=None)
     retention_days: int = 30  # rotation never deletes a file holding a younger record
+    unauthenticated: Unauthenticated = Unauthenticated()
 
 
 @dataclass(frozen=True)
@@ -696,11 +709,27 @@ def _connect_to(v: View) -> tuple[str, str, int] | None:
 
 
 def _audit(v: View, state_dir: Path) -> AuditConfig:
-    v.only("path", "max_bytes", "backups", "hmac_key", "retention_days")
+    v.only("path", "max_bytes", "backups", "hmac_key", "retention_days", "unauthenticated")
     retention = v.get("retention_days", int, 30)
     if retention < 0:
         raise v.error("expected a number of days (0 or more)", "retention_days")
     return AuditConfig(path=v.path_value("path", state_dir / "audit" / "audit.jsonl"),
                        max_bytes=v.size("max_bytes", 50 * 1024**2),
                        backups=v.get("backups", int, 20),
-                       hmac_key=v.secret("hmac_key"), retention_days=retention)
+                       hmac_key=v.secret("hmac_key"), retention_days=retention,
+                       unauthenticated=_unauthenticated(v.sub("unauthenticated")))
+
+
+def _unauthenticated(v: View) -> Unauthenticated:
+    v.only("per_peer", "total", "window_seconds", "peers")
+    default = Unauthenticated()
+    bounds = {"per_peer": (0, 1_000_000), "total": (0, 10_000_000), "window_seconds": (1, 86_400),
+              "peers": (1, 100_000)}  # a summary each per window, and ~1 KB of memory each
+    values = {}
+    for key, (low, high) in bounds.items():
+        values[key] = v.get(key, int, getattr(default, key))
+        if not low <= values[key] <= high:
+            raise v.error(f"expected an integer from {low} to {high}", key)
+    if values["total"] < values["per_peer"]:
+        raise v.error("expected at least per_peer", "total")
+    return Unauthenticated(**values)
