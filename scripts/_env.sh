@@ -31,7 +31,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # installed once per content of the lock and pyproject.toml (a checkout or rebase that rewrites
 # them unchanged reinstalls nothing); --no-compile: compiling every installed module (spaCy's
-# languages, Faker's locales...) was three quarters of the install's CPU, and Python compiles
+# languages, Faker's locales...) was 70% of the install's CPU, and Python compiles (once, here)
 # what is imported on first use
 STAMP="$VENV/.douane-installed"
 WANT="$(cat "$ROOT/scripts/requirements.lock" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
