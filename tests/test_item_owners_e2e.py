@@ -160,3 +160,27 @@ def test_containers_are_their_users_and_skills_are_refused(config, llm, users, t
         assert ask(bob, container={}).status_code == 200  # a new container: his
         assert len(llm.requests) == before + 1
     llm.document = None
+
+
+def test_a_conversations_new_items_are_checked_too(issuer, llm, users, tmp_path):
+    """`POST /v1/conversations/{id}/items` (a granted operation) adds items to a conversation:
+    Alice's item by reference into Bob's own conversation is refused as in `input`."""
+    alice, bob = users
+    (tmp_path / "grants.yaml").write_text(
+        "version: 1\ngroups:\n  staff:\n    upstreams:\n      llm: {operations: "
+        '["POST /v1/conversations", "POST /v1/conversations/*/items"]}\n')
+    config = base_config(issuer.url, llm.url + "/v1",
+                         policy={"files": [str(tmp_path / "grants.yaml")]})
+    with Gateway(config, env=ENV, workdir=tmp_path / "gw") as gw:
+        llm.document = answer(5)
+        assert post(gw, alice, llm.url + "/v1/responses", {"model": "m", "input": "hi"}
+                    ).status_code == 200
+        llm.document = None
+        assert post(gw, bob, llm.url + "/v1/conversations", {}).json()["id"] == "conv_fake"
+        for url in ("/v1/conversations/conv_fake/items", "/v1/conversations"):
+            before = len(llm.requests)
+            refused(gw, llm, post(gw, bob, llm.url + url, {"items": [
+                {"type": "item_reference", "id": "msg_5"}]}), before, "owner.item",
+                "items[0].id names one issued to another user")
+        assert post(gw, bob, llm.url + "/v1/conversations/conv_fake/items", {"items": [
+            {"type": "message", "role": "user", "content": "mine"}]}).status_code == 200

@@ -563,16 +563,20 @@ class StoredObjects:
                     return "containers", f"tools[{k}].container names no id douane can read"
                 named.append(("containers", tool["container"], f"tools[{k}].container"))
         # input items by id: an `item_reference`, or any item carrying the id of one an answer
-        # issued (the upstream may read the stored item, not what the request says of it)
-        for i, item in enumerate(doc.get("input") if isinstance(doc.get("input"), list) else []):
-            if not isinstance(item, dict):
-                continue
-            for field in ("id", "approval_request_id"):
-                item_id = item.get(field)
-                if isinstance(item_id, str):
-                    named.append(("items", item_id, f"input[{i}].{field}"))
-                elif item_id is not None or field == "id" and item.get("type") == "item_reference":
-                    return "items", f"input[{i}] names no id douane can read"
+        # issued (the upstream may read the stored item, not what the request says of it); a
+        # conversation's new items alike (`POST /v1/conversations[/{id}/items]`)
+        lists = ("input", "items") if "/conversations" in flow.request.path.lower() else ("input",)
+        for key in lists:
+            for i, item in enumerate(doc.get(key) if isinstance(doc.get(key), list) else []):
+                if not isinstance(item, dict):
+                    continue
+                for field in ("id", "approval_request_id"):
+                    item_id = item.get(field)
+                    if isinstance(item_id, str):
+                        named.append(("items", item_id, f"{key}[{i}].{field}"))
+                    elif item_id is not None or field == "id" and \
+                            item.get("type") == "item_reference":
+                        return "items", f"{key}[{i}] names no id douane can read"
         return named
 
     async def response(self, flow: http.HTTPFlow) -> None:
