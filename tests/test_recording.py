@@ -658,3 +658,60 @@ def test_a_key_split_across_a_requests_parts_is_in_no_recording_through_a_gatewa
             data = path_.read_bytes()
             assert not any(PROJECT_KEY[i:i + 7].encode() in data
                            for i in range(len(PROJECT_KEY) - 6)), path_
+
+
+def _request_in_order(f: http.HTTPFlow, case: str, first: str, second: str) -> None:
+    """A request whose texts `first`, `second` the model reads in sequence, not in a row."""
+    f.metadata["douane"] = {"interaction": {"protocol": "anthropic"}}
+    f.request.path = "/v1/messages"
+    call = {"type": "tool_use", "id": "toolu_1", "name": "deploy"}
+    if case == "around an image":
+        f.metadata["douane"] = {"interaction": {"protocol": "openai"}}
+        f.request.path = "/v1/chat/completions"
+        doc: dict = {"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": first},
+            {"type": "image_url", "image_url": {"url": "https://img.example/cat.png"}},
+            {"type": "text", "text": second}]}]}
+    elif case == "instructions then input":
+        f.metadata["douane"] = {"interaction": {"protocol": "openai"}}
+        f.request.path = "/v1/responses"
+        doc = {"model": "m", "instructions": first, "input": second}
+    elif case == "system then message":
+        doc = {"model": "m", "max_tokens": 9, "system": first,
+               "messages": [{"role": "user", "content": second}]}
+    else:
+        turn = [{"type": "text", "text": first}, {**call, "input": {"note": second}}] \
+            if case == "message then tool call" else [{**call, "input": {"a": first, "b": second}}]
+        doc = {"model": "m", "max_tokens": 9, "messages": [
+            {"role": "user", "content": "go"}, {"role": "assistant", "content": turn}]}
+    f.request.text = json.dumps(doc)
+
+
+@pytest.mark.parametrize("case", ["around an image", "instructions then input",
+                                  "system then message", "message then tool call",
+                                  "two argument values"])
+def test_a_secret_cut_across_texts_read_in_sequence_is_redacted(case):
+    """A key cut between texts the model reads in sequence but not in a row (around an image,
+    instructions and input, system and the first message, a message and its tool call, two
+    argument values) was recorded in clear, a share in each. Seeded cuts through the key; an
+    unsplit key's redaction, and a clean request, are as before byte for byte."""
+    rng = random.Random(27)
+    text = f"the key is {PROJECT_KEY} for that."
+    for _ in range(8):
+        cut = rng.randrange(len("the key is ") + 1, len("the key is ") + len(PROJECT_KEY))
+        f = _leaky_flow("clean")
+        _request_in_order(f, case, text[:cut], text[cut:])
+        prompted = _parts_read(f)
+        assert prompted, cut  # the gateway hands the writer the texts in order
+        written = recording_of(f.get_state(), frozenset(), (), prompted)
+        data = writer.tnetstring_of(written)
+        for i in range(len(PROJECT_KEY) - 4):
+            assert PROJECT_KEY[i:i + 5].encode() not in data, (cut, PROJECT_KEY[i:i + 5])
+        assert "<SECRET:detector.secret.api_key>" in transcript.render(
+            http.HTTPFlow.from_state(written))
+    for parts in ((f"the key is {PROJECT_KEY}", " for that."), ("the sky is", " blue.")):
+        f = _leaky_flow("clean")  # unsplit: each text's own redaction, as before
+        _request_in_order(f, case, *parts)
+        assert _parts_read(f) == ()  # nothing across texts: not copied to the writer
+        assert writer.tnetstring_of(recording_of(f.get_state(), frozenset(), (), _parts_read(f))) \
+            == writer.tnetstring_of(recording_of(f.get_state(), frozenset()))

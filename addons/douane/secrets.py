@@ -385,7 +385,7 @@ def redact(text: str, high_entropy: bool = True) -> str:
     return "".join(out)
 
 
-def find_across(texts: list[str]) -> list[tuple[Found, int, int]]:
+def find_across(texts: list[str], high_entropy: bool = True) -> list[tuple[Found, int, int]]:
     """The secrets of texts a reader reads as one (parts or blocks in a row) that no text holds
     alone: each with the first and last text it spans."""
     if len(texts) < 2:
@@ -395,7 +395,7 @@ def find_across(texts: list[str]) -> list[tuple[Found, int, int]]:
         starts.append(at)
         at += len(text)
     out = []
-    for f in find("".join(texts)):
+    for f in find("".join(texts), high_entropy):
         first = bisect.bisect_right(starts, f.start) - 1
         last = bisect.bisect_right(starts, f.end - 1) - 1
         if first != last:
@@ -403,12 +403,12 @@ def find_across(texts: list[str]) -> list[tuple[Found, int, int]]:
     return out
 
 
-def redact_run(texts: list[str]) -> list[str]:
+def redact_run(texts: list[str], high_entropy: bool = True) -> list[str]:
     """Texts a reader reads as one (an answer's blocks in a row), each with its share of every
     secret of their join replaced by `<SECRET:rule id>`: a secret split across two is replaced in
     both, and each text stays in its place. One text: `redact`'s."""
     joined = "".join(texts)
-    found = find(joined)
+    found = find(joined, high_entropy)
     if not found:
         return texts
     out, start = [], 0

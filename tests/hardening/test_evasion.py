@@ -696,3 +696,69 @@ def test_a_disguised_key_is_refused(case, gw, llm, token, secrets):
     resp = httpx.post(gw.url + "/v1/chat/completions", json=chat(f"say {control}"),
                       headers={"authorization": f"Bearer {token}"})
     assert resp.status_code == 200, resp.text
+
+
+def _tool_turn(assistant: list, answer: str = "done") -> dict:
+    """An Anthropic conversation whose assistant turn is `assistant` (ending in a tool call)."""
+    return {"model": "claude-sonnet-4-5", "max_tokens": 9, "messages": [
+        {"role": "user", "content": "deploy it"}, {"role": "assistant", "content": assistant},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                      "content": answer}]}]}
+
+
+def _call(args: dict) -> dict:
+    return {"type": "tool_use", "id": "toolu_1", "name": "deploy", "input": args}
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "https://img.example/cat.png"}}
+SPLIT_IN_ORDER: dict[str, tuple[str, dict]] = {  # what the model reads in sequence, not in a row
+    "around an image part": ("/v1/chat/completions", chat(
+        [{"type": "text", "text": KEY_SHARES[0]}, IMAGE, {"type": "text", "text": KEY_SHARES[1]}])),
+    "responses instructions then input": ("/v1/responses", {
+        "model": "m", "instructions": KEY_SHARES[0], "input": KEY_SHARES[1]}),
+    "anthropic system then the first message": ("/anthropic/v1/messages", {
+        "model": "claude-sonnet-4-5", "max_tokens": 9, "system": KEY_SHARES[0],
+        "messages": [{"role": "user", "content": KEY_SHARES[1]}]}),
+    "a message then its tool call's arguments": ("/anthropic/v1/messages", _tool_turn(
+        [{"type": "text", "text": KEY_SHARES[0]}, _call({"note": KEY_SHARES[1]})])),
+    "two argument values": ("/anthropic/v1/messages", _tool_turn(
+        [_call({"a": KEY_SHARES[0], "b": KEY_SHARES[1]})])),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_IN_ORDER))
+def test_a_key_split_across_what_the_model_reads_in_sequence_is_refused(case, gw, llm, token,
+                                                                          secrets):
+    """Parts in a row were read together, not texts the model reads in sequence with something
+    between or in other fields: a key cut around an image, across instructions and input,
+    system and the first message, a message and its tool call, two argument values passed.
+    The control: the same documents with no key across the texts."""
+    secrets.add(SPLIT_KEY)
+    path, doc = SPLIT_IN_ORDER[case]
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + path, json=doc, headers={"authorization": f"Bearer {token}"})
+    record = assert_refused(gw, llm, before, resp, 403)
+    reason = record["reasons"][0]
+    assert reason["rule"] == "detector.secret.api_key" and ".." in reason["field"], record
+    harmless = json.loads(json.dumps(doc).replace(SPLIT_KEY[:18], "sk-proj").replace(
+        SPLIT_KEY[18:], " and more"))
+    resp = httpx.post(gw.url + path, json=harmless, headers={"authorization": f"Bearer {token}"})
+    assert resp.status_code == 200, resp.text
+
+
+ORDINARY_NEIGHBOURS: dict[str, tuple[str, dict]] = {  # controls read in sequence: must pass
+    "ids in two argument values": ("/anthropic/v1/messages", _tool_turn([_call({
+        "owner": "AcmeCorp2024Xy", "repo": "WidgetServiceV2Beta9Q", "ref": "Rel3aseQ7mZ"})])),
+    "a base64-ish tail then an id": ("/v1/chat/completions", chat([
+        {"type": "text", "text": "the build id is Xq7Lm2Pz9Kd4Wf8"}, IMAGE,
+        {"type": "text", "text": "Rt5Nw8Hy3Jb6Vc1Gs failed"}])),
+}
+
+
+@pytest.mark.parametrize("case", list(ORDINARY_NEIGHBOURS))
+def test_ordinary_texts_read_in_sequence_are_no_secret(case, gw, llm, token):
+    """Across texts read in sequence but not in a row only a key's shape counts: joined, these
+    make one high-entropy run (`secrets.find_across` finds it), and pass."""
+    path, doc = ORDINARY_NEIGHBOURS[case]
+    resp = httpx.post(gw.url + path, json=doc, headers={"authorization": f"Bearer {token}"})
+    assert resp.status_code == 200, resp.text

@@ -21,7 +21,7 @@ from douane.policy.normalize import Normalized, decoded_base64, normalize, unsee
 from douane.protocols import streams
 from douane.protocols.mcp import uri_problem
 
-SECRET_KINDS = ("prompt", "tool_arguments", "tool_result")  # where the secrets detector looks
+SECRET_KINDS = streams.READ_KINDS  # where the secrets detector looks
 LIMITED_OPERATIONS = ("chat.completions", "responses", "messages", "completions")
 MODEL_OPERATIONS = (*LIMITED_OPERATIONS, "embeddings")
 # What each API calls its output ceiling, so a refusal names the parameter the caller can set.
@@ -191,15 +191,22 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
 def _split_secrets(pieces: list[TextPiece], found: dict[str, Reason]) -> None:
     """A secret split across parts in a row (a message's content parts, messages or Responses
     input items in a row): the model reads them as one text, as an answer's blocks are read
-    (`streams.read_together`; the recording redacts the same runs)."""
-    runs = [run for run in streams.read_together([p for p in pieces if p.kind in SECRET_KINDS])
-            if len(run) > 1]
-    labels = {id(piece): label for label, piece in _labels(pieces)} if runs else {}  # `prompt[2]`
-    for run in runs:
-        for secret, first, last in secrets.find_across([p.text for p in run]):
+    (`streams.read_together`; the recording redacts the same runs). Across what else it reads
+    in sequence (`streams.read_in_order`: around an image, system or instructions then the
+    first message, a message then a tool call's argument values) only a key's shape counts: two
+    ordinary ids side by side make one high-entropy run."""
+    runs = [(run, True) for run in streams.read_together(
+        [p for p in pieces if p.kind in SECRET_KINDS]) if len(run) > 1]
+    runs.append((streams.read_in_order(pieces), False))
+    labels: dict[int, str] = {}
+    for run, high_entropy in runs:
+        for secret, first, last in secrets.find_across([p.text for p in run], high_entropy):
             rule = secret.kind.rule
-            if rule not in found:  # `prompt[2..3]`
-                span = labels[id(run[first])][:-1] + ".." + labels[id(run[last])].split("[")[1]
+            if rule not in found:  # `prompt[2..3]`, `prompt[1]..tool_arguments[0]`
+                labels = labels or {id(piece): label for label, piece in _labels(pieces)}
+                a, b = labels[id(run[first])], labels[id(run[last])]
+                span = a[:-1] + ".." + b.split("[")[1] if a.split("[")[0] == b.split("[")[0] \
+                    else f"{a}..{b}"
                 found[rule] = Reason(rule, "a secret is in the text, split across its parts",
                                      span, secret.kind.score)
 

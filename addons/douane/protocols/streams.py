@@ -100,6 +100,22 @@ def read_together(pieces: list[TextPiece]) -> list[list[TextPiece]]:
     return runs
 
 
+# What a model reads of a request as one sequence (`read_in_order`): the texts users and tools
+# write, not douane's own pieces (`<keys and ids>`, a call's argument values joined `<json>`) nor
+# what an image or file part points to.
+READ_KINDS = ("prompt", "tool_arguments", "tool_result")
+_NOT_READ = frozenset({"image_url", "file_data", "file_url", "source"})
+
+
+def read_in_order(pieces: list[TextPiece]) -> list[TextPiece]:
+    """A request's texts in the order the model reads them, across what `read_together` keeps
+    apart: a text part on each side of an image, Responses `instructions` then `input`,
+    Anthropic `system` then the first message, a message then its tool call's arguments (each
+    argument value, in Anthropic's `input`), one message's last part then the next's first."""
+    return [p for p in pieces if p.kind in READ_KINDS and not any(
+        type(step) is str and (step[:1] == "<" or step in _NOT_READ) for step in p.path)]
+
+
 def _inside(path: tuple, text: tuple) -> bool:
     """Whether `path` lies in the block that holds the text at `text` (under its last index)."""
     block = text[:max((i for i, step in enumerate(text) if type(step) is int), default=-1) + 1]

@@ -147,9 +147,13 @@ def texts_read(it: Interaction, stream: bool) -> tuple[str, ...]:
 def parts_read(it: Interaction) -> tuple[str, ...]:
     """What the writer checks for a secret split across a request's parts (`recording_of`): its
     parts in a row (`streams.read_together`: a message's content parts, messages or Responses
-    input items in a row, as the model reads them), each run joined."""
-    return tuple("".join(p.text for p in run) for run in streams.read_together(it.texts)
+    input items in a row, as the model reads them), each run joined; and its texts in the order
+    the model reads them (`streams.read_in_order`) joined, only when a key spans two of them
+    (they are the whole request: not copied to the writer for nothing)."""
+    runs = tuple("".join(p.text for p in run) for run in streams.read_together(it.texts)
                  if len(run) > 1)
+    texts = [p.text for p in streams.read_in_order(it.texts)]
+    return (*runs, "".join(texts)) if secrets.find_across(texts, high_entropy=False) else runs
 
 
 def _split(texts: tuple[str, ...]) -> bool:
@@ -417,7 +421,7 @@ def _split_secrets(flow: http.HTTPFlow, request: bool, response: bool) -> None:
     try:
         it = protocols.parse_request(upstream, flow)
         if request:
-            _redact_runs(flow, "request", it.texts)
+            _redact_runs(flow, "request", it.texts, in_order=True)
         if not response or flow.response is None or not flow.response.raw_content:
             return
         if "event-stream" not in flow.response.headers.get("content-type", "").lower():
@@ -434,21 +438,27 @@ def _split_secrets(flow: http.HTTPFlow, request: bool, response: bool) -> None:
         flow.response.content = body
 
 
-def _redact_runs(flow: http.HTTPFlow, side: str, pieces: list[TextPiece]) -> None:
+def _redact_runs(flow: http.HTTPFlow, side: str, pieces: list[TextPiece],
+                 in_order: bool = False) -> None:
     """Each run of `pieces` read as one text, each piece redacted with its share of every secret
     of the run (`secrets.redact_run`), where that differs from redacting each alone (a secret
-    within one piece is left to that)."""
-    edited = []
-    for run in streams.read_together(pieces):
+    within one piece is left to that); then, for a request, its texts in the order the model
+    reads them (`in_order`: `streams.read_in_order`), a key's shape only, as the policy reads
+    them."""
+    edited: dict[int, TextPiece] = {}
+    runs = [(run, True) for run in streams.read_together(pieces)]
+    if in_order:
+        runs.append((streams.read_in_order(pieces), False))
+    for run, high_entropy in runs:
         texts = [p.text for p in run]
-        clean = secrets.redact_run(texts)
-        if len(run) > 1 and clean != [secrets.redact(t) for t in texts]:
+        clean = secrets.redact_run(texts, high_entropy)
+        if len(run) > 1 and clean != [secrets.redact(t, high_entropy) for t in texts]:
             for piece, text in zip(run, clean, strict=True):
                 if text != piece.text:
                     piece.text = text
-                    edited.append(piece)
+                    edited[id(piece)] = piece
     if edited:
-        protocols.apply_text_edits(flow, side, edited)
+        protocols.apply_text_edits(flow, side, list(edited.values()))
 
 
 class _Sent:
