@@ -197,7 +197,7 @@ def _split_secrets(pieces: list[TextPiece], found: dict[str, Reason]) -> None:
     ordinary ids side by side make one high-entropy run."""
     runs = [(run, True) for run in streams.read_together(
         [p for p in pieces if p.kind in SECRET_KINDS]) if len(run) > 1]
-    runs.append((streams.read_in_order(pieces), False))
+    runs += [(run, False) for run in streams.read_in_order(pieces)]
     labels: dict[int, str] = {}
     for run, high_entropy in runs:
         for secret, first, last in secrets.find_across([p.text for p in run], high_entropy):

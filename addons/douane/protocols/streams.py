@@ -29,6 +29,7 @@ never blocks the event loop. The final call still processes everything, blocking
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import logging
 import weakref
@@ -107,13 +108,25 @@ READ_KINDS = ("prompt", "tool_arguments", "tool_result")
 _NOT_READ = frozenset({"image_url", "file_data", "file_url", "source"})
 
 
-def read_in_order(pieces: list[TextPiece]) -> list[TextPiece]:
-    """A request's texts in the order the model reads them, across what `read_together` keeps
-    apart: a text part on each side of an image, Responses `instructions` then `input`,
-    Anthropic `system` then the first message, a message then its tool call's arguments (each
-    argument value, in Anthropic's `input`), one message's last part then the next's first."""
-    return [p for p in pieces if p.kind in READ_KINDS and not any(
+def read_in_order(pieces: list[TextPiece]) -> list[list[TextPiece]]:
+    """A request's texts the model reads in sequence that `read_together` keeps apart: a text
+    part on each side of an image, Responses `instructions` then `input`, Anthropic `system`
+    then the first message, a message then its tool call's arguments (each argument value, in
+    Anthropic's `input`), one argument value then the next. Runs of the texts on each side of
+    such a step, chained (a key cut in three across two steps), not what is already read in a
+    row: a plain conversation adds nothing to read."""
+    texts = [p for p in pieces if p.kind in READ_KINDS and not any(
         type(step) is str and (step[:1] == "<" or step in _NOT_READ) for step in p.path)]
+    in_a_row = {(id(a), id(b)) for run in read_together(texts) for a, b in itertools.pairwise(run)}
+    runs: list[list[TextPiece]] = []
+    for a, b in itertools.pairwise(texts):
+        if (id(a), id(b)) in in_a_row:
+            continue
+        if runs and runs[-1][-1] is a:
+            runs[-1].append(b)
+        else:
+            runs.append([a, b])
+    return runs
 
 
 def _inside(path: tuple, text: tuple) -> bool:

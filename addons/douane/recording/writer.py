@@ -147,13 +147,12 @@ def texts_read(it: Interaction, stream: bool) -> tuple[str, ...]:
 def parts_read(it: Interaction) -> tuple[str, ...]:
     """What the writer checks for a secret split across a request's parts (`recording_of`): its
     parts in a row (`streams.read_together`: a message's content parts, messages or Responses
-    input items in a row, as the model reads them), each run joined; and its texts in the order
-    the model reads them (`streams.read_in_order`) joined, only when a key spans two of them
-    (they are the whole request: not copied to the writer for nothing)."""
+    input items in a row, as the model reads them), each run joined; and the texts it reads in
+    sequence apart from those (`streams.read_in_order`), joined only when a key spans two."""
     runs = tuple("".join(p.text for p in run) for run in streams.read_together(it.texts)
                  if len(run) > 1)
-    texts = [p.text for p in streams.read_in_order(it.texts)]
-    return (*runs, "".join(texts)) if secrets.find_across(texts, high_entropy=False) else runs
+    return (*runs, *("".join(texts) for run in streams.read_in_order(it.texts)
+                     if secrets.find_across(texts := [p.text for p in run], high_entropy=False)))
 
 
 def _split(texts: tuple[str, ...]) -> bool:
@@ -448,7 +447,7 @@ def _redact_runs(flow: http.HTTPFlow, side: str, pieces: list[TextPiece],
     edited: dict[int, TextPiece] = {}
     runs = [(run, True) for run in streams.read_together(pieces)]
     if in_order:
-        runs.append((streams.read_in_order(pieces), False))
+        runs += [(run, False) for run in streams.read_in_order(pieces)]
     for run, high_entropy in runs:
         texts = [p.text for p in run]
         clean = secrets.redact_run(texts, high_entropy)
