@@ -222,7 +222,7 @@ class _Views(dict):
 
     def __missing__(self, code: int) -> str:
         c = chr(code)
-        seen = "" if _FORMAT.match(c) else unicodedata.normalize("NFKC", c)
+        seen = "" if _FORMAT.match(c) else c if c.isspace() else unicodedata.normalize("NFKC", c)
         value = ("" if len(seen) == 1 else "x") if self.uneven else seen
         if len(self) < _SEEN_MOST:
             self[code] = value
@@ -234,20 +234,16 @@ _VIEWS, _UNEVEN = _Views(False), _Views(True)
 
 def _plain(text: str) -> bool:
     """Whether `text` is its own view: tested on its non-ASCII characters only (ASCII ones are
-    their own view; their UTF-8 bytes are dropped at C speed), so mostly-ASCII text with a
-    curly quote or an accent costs little more than ASCII text."""
+    their own view; their UTF-8 bytes are dropped at C speed), spaces aside (a view keeps
+    them: `\\s` matches an ideographic or no-break space), so mostly-ASCII text with a curly
+    quote or an accent costs little more than ASCII text. `isprintable` (C speed) rules out
+    format characters; the regex, ~10x slower, decides the other unprintable ones."""
     if text.isascii():
         return True
-    rest = text.encode("utf-8", "surrogatepass").translate(None, _ASCII_BYTES).decode(
-        "utf-8", "surrogatepass")
-    return _plain_stretch(rest)
-
-
-def _plain_stretch(text: str) -> bool:
-    """Whether non-ASCII `text` is its own view (`isprintable`, C speed, rules out format
-    characters but also rejects spaces: the regex, ~10x slower, decides those)."""
-    return unicodedata.is_normalized("NFKC", text) and (text.isprintable() or
-                                                          not _FORMAT.search(text))
+    rest = "".join(text.encode("utf-8", "surrogatepass").translate(None, _ASCII_BYTES).decode(
+        "utf-8", "surrogatepass").split())
+    return unicodedata.is_normalized("NFKC", rest) and (rest.isprintable() or
+                                                          not _FORMAT.search(rest))
 
 
 def _view(text: str) -> tuple[str, list[int] | None] | None:
