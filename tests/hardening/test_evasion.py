@@ -176,7 +176,7 @@ FIELDS: dict[str, tuple[str, dict]] = {
         "type": "content", "content": DENIED})),
     "chat_metadata_key": ("/v1/chat/completions", dict(chat("hi"), metadata={DENIED: "1"})),
     "responses_reasoning_summary": ("/v1/responses", {"model": "m", "input": [
-        {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": DENIED}]},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": DENIED}]},
         {"role": "user", "content": "hi"}]}),
     "responses_custom_tool_call_output": ("/v1/responses", {"model": "m", "input": [
         {"type": "custom_tool_call_output", "call_id": "c1", "output": DENIED}]}),
