@@ -40,7 +40,6 @@ binds, refused for the others (`BOUND_LISTING`, `ORG_LISTING`), unless a grant n
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import hashlib
 import logging
 import re
@@ -60,6 +59,7 @@ from douane.flowstate import Reason, state
 from douane.policy.model import Policy
 from douane.refusals import refuse
 from douane.settings import Settings
+from douane.sqlitethread import SqliteThread
 from douane.store import StoreUnavailable
 from douane.store.addon import SharedStore
 from douane.store.postgres import PgStore
@@ -178,34 +178,30 @@ class Binding:
     used_at: float
 
 
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, timeout=5, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.executescript(SQLITE_SCHEMA)
+    return db
+
+
 class SqliteBindings:
     """The embedded default: a SQLite file in WAL mode (the workers of a host share it), every
     call on one thread of its own (the event loop only awaits)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, "douane-owners-db")
-        self._db: sqlite3.Connection | None = None
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, timeout=5,
-                                 check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(SQLITE_SCHEMA)
-            self._db = db
-        return self._db
+        self._db = SqliteThread(path, "douane-owners-db", _connect)
 
     async def _run(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[tuple]:
         def run() -> list[tuple]:
             rows: list[tuple] = []
             for query, params in statements:
-                rows += self._conn().execute(query.replace("%s", "?"), params).fetchall()
+                rows += self._db.conn().execute(query.replace("%s", "?"), params).fetchall()
             return rows
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+            return await self._db.run(run)
         except sqlite3.Error as e:
             raise StoreUnavailable(f"douane's store of owners is unavailable: {e}") from None
 
@@ -220,11 +216,7 @@ class SqliteBindings:
         await self._run([(query, params)])
 
     def close(self) -> None:
-        def close_db() -> None:
-            if self._db:
-                self._db.close()
-        self._executor.submit(close_db)
-        self._executor.shutdown(wait=True)
+        self._db.close()
 
 
 class PgBindings:

@@ -9,7 +9,6 @@ fingerprint, so the approved retry passes once and an edited retry does not.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import hashlib
 import json
 import secrets
@@ -21,6 +20,7 @@ from typing import Any
 
 from douane.flowstate import Identity
 from douane.interaction import Interaction
+from douane.sqlitethread import SqliteThread
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS grants (
@@ -107,27 +107,22 @@ class Grant:
     reason: str
 
 
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    db.executescript(SCHEMA)
+    return db
+
+
 class GrantStore:
     """SQLite grants, every call run on one dedicated thread (the event loop only awaits)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, "douane-approvals-db")
-        self._db: sqlite3.Connection | None = None
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None)
-            self._db.row_factory = sqlite3.Row
-            self._db.executescript(SCHEMA)
-        return self._db
-
-    async def _run(self, func, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+        self._db = SqliteThread(path, "douane-approvals-db", _connect)
 
     def add_sync(self, grant: Grant) -> None:
-        self._conn().execute("INSERT INTO grants VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
+        self._db.conn().execute("INSERT INTO grants VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
             grant.id, grant.user, grant.upstream, grant.subject, grant.fingerprint,
             grant.uses_left, grant.created_at, grant.expires_at, grant.approval_id,
             grant.approver, grant.reason))
@@ -135,7 +130,7 @@ class GrantStore:
     def use_sync(self, user: str, upstream: str, subject: str, fp: str,
                  now: float) -> Grant | None:
         """The matching unexpired grant, one use of a one-shot grant consumed."""
-        db = self._conn()
+        db = self._db.conn()
         db.execute("DELETE FROM grants WHERE expires_at <= ? OR uses_left = 0", (now,))
         row = db.execute(
             "SELECT * FROM grants WHERE user = ? AND upstream = ? AND subject = ? AND "
@@ -149,23 +144,19 @@ class GrantStore:
         return Grant(**dict(row))
 
     def active_sync(self, now: float) -> list[Grant]:
-        rows = self._conn().execute("SELECT * FROM grants WHERE expires_at > ? AND "
-                                    "(uses_left IS NULL OR uses_left > 0) ORDER BY expires_at",
-                                    (now,)).fetchall()
+        rows = self._db.conn().execute("SELECT * FROM grants WHERE expires_at > ? AND "
+                                       "(uses_left IS NULL OR uses_left > 0) ORDER BY expires_at",
+                                       (now,)).fetchall()
         return [Grant(**dict(r)) for r in rows]
 
     async def add(self, grant: Grant) -> None:
-        await self._run(self.add_sync, grant)
+        await self._db.run(self.add_sync, grant)
 
     async def use(self, user: str, upstream: str, subject: str, fp: str) -> Grant | None:
-        return await self._run(self.use_sync, user, upstream, subject, fp, time.time())
+        return await self._db.run(self.use_sync, user, upstream, subject, fp, time.time())
 
     async def active(self) -> list[Grant]:
-        return await self._run(self.active_sync, time.time())
+        return await self._db.run(self.active_sync, time.time())
 
     def close(self) -> None:
-        def close_db() -> None:
-            if self._db:
-                self._db.close()
-        self._executor.submit(close_db)
-        self._executor.shutdown(wait=True)
+        self._db.close()
