@@ -42,13 +42,6 @@ def message(container: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def llm():
-    upstream = FakeUpstream()
-    yield upstream
-    upstream.close()
-
-
-@pytest.fixture(scope="module")
 def config(issuer, llm, tmp_path_factory):
     config = base_config(issuer.url, llm.url + "/v1",
                          gateway={"state_dir": str(tmp_path_factory.mktemp("items-state"))})
