@@ -655,14 +655,19 @@ def test_a_key_split_across_a_requests_parts_is_refused(case, gw, llm, token, se
     the model reads as one text) reached the upstream. Parts in a row are read together, as an
     answer's blocks are (`streams.read_together`)."""
     secrets.add(SPLIT_KEY)
-    path, doc = SPLIT_PARTS[case]
+    _assert_split_key_refused(gw, llm, token, *SPLIT_PARTS[case])
+
+
+def _assert_split_key_refused(gw, llm, token: str, path: str, doc: dict) -> None:
+    """`doc`, with SPLIT_KEY cut across its texts, is refused for the key; the control (the same
+    texts, no key across them) passes."""
     before = len(llm.requests)
     resp = httpx.post(gw.url + path, json=doc, headers={"authorization": f"Bearer {token}"})
     record = assert_refused(gw, llm, before, resp, 403)
     reason = record["reasons"][0]
     assert reason["rule"] == "detector.secret.api_key" and ".." in reason["field"], record
     harmless = json.loads(json.dumps(doc).replace(SPLIT_KEY[:18], "sk-proj").replace(
-        SPLIT_KEY[18:], " and more"))  # the control: the same parts, no key across them
+        SPLIT_KEY[18:], " and more"))
     resp = httpx.post(gw.url + path, json=harmless, headers={"authorization": f"Bearer {token}"})
     assert resp.status_code == 200, resp.text
 
@@ -734,16 +739,7 @@ def test_a_key_split_across_what_the_model_reads_in_sequence_is_refused(case, gw
     system and the first message, a message and its tool call, two argument values passed.
     The control: the same documents with no key across the texts."""
     secrets.add(SPLIT_KEY)
-    path, doc = SPLIT_IN_ORDER[case]
-    before = len(llm.requests)
-    resp = httpx.post(gw.url + path, json=doc, headers={"authorization": f"Bearer {token}"})
-    record = assert_refused(gw, llm, before, resp, 403)
-    reason = record["reasons"][0]
-    assert reason["rule"] == "detector.secret.api_key" and ".." in reason["field"], record
-    harmless = json.loads(json.dumps(doc).replace(SPLIT_KEY[:18], "sk-proj").replace(
-        SPLIT_KEY[18:], " and more"))
-    resp = httpx.post(gw.url + path, json=harmless, headers={"authorization": f"Bearer {token}"})
-    assert resp.status_code == 200, resp.text
+    _assert_split_key_refused(gw, llm, token, *SPLIT_IN_ORDER[case])
 
 
 ORDINARY_NEIGHBOURS: dict[str, tuple[str, dict]] = {  # controls read in sequence: must pass
