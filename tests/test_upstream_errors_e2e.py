@@ -27,6 +27,7 @@ default:
     raw: {models: ["*"]}
     cut: {models: ["*"]}
 """
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
 class Failing:
@@ -136,9 +137,7 @@ def assert_upstream_failed(gw: Gateway, resp: httpx.Response, status: int) -> di
 
 
 def test_connection_refused_is_answered_in_openai_shape(gw, client):
-    resp = client.post(REFUSED + "/v1/chat/completions",
-                       json={"model": "gpt-4o-mini",
-                             "messages": [{"role": "user", "content": "hi"}]})
+    resp = client.post(REFUSED + "/v1/chat/completions", json=CHAT)
     assert_upstream_failed(gw, resp, 502)
     error = resp.json()["error"]
     assert error["type"] == "server_error" and error["code"] == "upstream_unreachable"
@@ -174,9 +173,7 @@ def test_an_upstream_closing_before_answering_is_a_json_rpc_error(gw, client, cl
 
 def test_an_unreadable_answer_is_not_relayed(gw, client, babbler):
     before = babbler.accepted
-    resp = client.post(f"http://127.0.0.1:{babbler.port}/v1/chat/completions",
-                       json={"model": "gpt-4o-mini",
-                             "messages": [{"role": "user", "content": "hi"}]})
+    resp = client.post(f"http://127.0.0.1:{babbler.port}/v1/chat/completions", json=CHAT)
     assert babbler.accepted > before
     record = assert_upstream_failed(gw, resp, 502)
     assert "not HTTP" not in resp.text and "its answer could not be read" in resp.text
@@ -187,9 +184,7 @@ def test_an_unreadable_answer_is_not_relayed(gw, client, babbler):
 
 def test_a_whole_answer_cut_before_its_end_is_not_relayed(gw, client, cutter):
     before = cutter.accepted
-    resp = client.post(f"http://127.0.0.1:{cutter.port}/v1/chat/completions",
-                       json={"model": "gpt-4o-mini",
-                             "messages": [{"role": "user", "content": "hi"}]})
+    resp = client.post(f"http://127.0.0.1:{cutter.port}/v1/chat/completions", json=CHAT)
     assert cutter.accepted > before
     assert_upstream_failed(gw, resp, 502)
     assert "choices" not in resp.text
@@ -211,9 +206,7 @@ def test_an_http2_client_gets_the_same_answer(gw, issuer, garbage):
 
 def test_the_gateway_keeps_serving_on_the_same_connection(gw, client):
     for _ in range(2):
-        resp = client.post(REFUSED + "/v1/chat/completions",
-                           json={"model": "gpt-4o-mini",
-                                 "messages": [{"role": "user", "content": "hi"}]})
+        resp = client.post(REFUSED + "/v1/chat/completions", json=CHAT)
         assert_upstream_failed(gw, resp, 502)
 
 
