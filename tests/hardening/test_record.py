@@ -18,7 +18,6 @@ from douane import audit, untrusted
 from tests.conftest import UPSTREAM_KEY
 from tests.hardening.conftest import assert_refused
 from tests.support.gateway import MITMDUMP, Gateway, base_config
-from tests.support.upstream import FakeUpstream
 
 DOUANE = MITMDUMP.parent / "douane"
 POLICY = """\
@@ -38,21 +37,14 @@ LEAKED = (MODEL_KEY, TOOL_TOKEN, HEADER_KEYS["x-custom-token"], HEADER_KEYS["x-a
 
 
 @pytest.fixture(scope="module")
-def upstream():
-    llm = FakeUpstream()
-    yield llm
-    llm.close()
-
-
-@pytest.fixture(scope="module")
-def gw(issuer, upstream, tmp_path_factory, secrets):
+def gw(issuer, llm, tmp_path_factory, secrets):
     work = tmp_path_factory.mktemp("record")
     (work / "policy.yaml").write_text(POLICY)
-    config = base_config(issuer.url, upstream.url, policy={"files": [str(work / "policy.yaml")]},
+    config = base_config(issuer.url, llm.url, policy={"files": [str(work / "policy.yaml")]},
                          recording={})
-    config["upstreams"]["crm"] = {"url": upstream.url + "/mcp", "protocol": "mcp"}
+    config["upstreams"]["crm"] = {"url": llm.url + "/mcp", "protocol": "mcp"}
     secrets.update(LEAKED)  # the suite's last module scans every file for them again
-    with Gateway(config, mode=f"reverse:{upstream.url}", workdir=work / "gw",
+    with Gateway(config, mode=f"reverse:{llm.url}", workdir=work / "gw",
                  env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}) as gateway:
         yield gateway
 
@@ -92,7 +84,7 @@ def indexed(gw: Gateway, count: int) -> list[dict]:
         time.sleep(0.1)
 
 
-def test_absurd_model_and_tool_names_are_refused_at_the_door(gw, upstream, issuer):
+def test_absurd_model_and_tool_names_are_refused_at_the_door(gw, llm, issuer):
     token = issuer.mint("mallory@corp.example", ["engineering"])
     key = (gw.state_dir / "audit-hmac.key").read_bytes().strip()
     before_size = gw.audit_file().stat().st_size if gw.audit_file().exists() else 0
@@ -108,15 +100,15 @@ def test_absurd_model_and_tool_names_are_refused_at_the_door(gw, upstream, issue
             {"role": "tool", "tool_call_id": "c1", "content": "ok"}]},
     }
     for what, fields in cases.items():
-        before = len(upstream.requests)
-        record = assert_refused(gw, upstream, before, chat(gw, token, **fields), 400)
+        before = len(llm.requests)
+        record = assert_refused(gw, llm, before, chat(gw, token, **fields), 400)
         assert record["reasons"][0]["rule"] == "protocol.invalid_name", what
         assert len(json.dumps(record)) < 8_000, (what, len(json.dumps(record)))
     # an MCP tool name: refused at the JSON-RPC level, the upstream sees nothing
-    before = len(upstream.requests)
+    before = len(llm.requests)
     resp = rpc(gw, token, {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                            "params": {"name": "t" * 300, "arguments": {}}})
-    assert "invalid_name" in resp.text and len(upstream.requests) == before
+    assert "invalid_name" in resp.text and len(llm.requests) == before
     record = gw.audit_record(resp.headers["x-douane-decision-id"])
     assert record["reasons"][0]["rule"] == "protocol.invalid_name"
     grown = gw.audit_file().stat().st_size - before_size
@@ -186,16 +178,16 @@ def test_openai_sdk_error_for_an_absurd_model_name(gw, issuer):
     assert "model name is 1000 characters long (at most 256)" in str(err.value)
 
 
-def test_a_user_cannot_rotate_their_block_out_of_the_audit_log(issuer, upstream, tmp_path):
+def test_a_user_cannot_rotate_their_block_out_of_the_audit_log(issuer, llm, tmp_path):
     """A tiny size budget (4 KiB x 1 backup) and a flood of the largest records a client can
     cause: rotation keeps every record younger than the retention and says so; nothing is lost."""
     (tmp_path / "policy.yaml").write_text(POLICY + 'rules:\n  - {id: deny.codename, literal: '
                                           '"project nightingale", score: 90}\n')
-    config = base_config(issuer.url, upstream.url,
+    config = base_config(issuer.url, llm.url,
                          policy={"files": [str(tmp_path / "policy.yaml")]},
                          audit={"max_bytes": "4k", "backups": 1})
-    config["upstreams"]["crm"] = {"url": upstream.url + "/mcp", "protocol": "mcp"}
-    with Gateway(config, mode=f"reverse:{upstream.url}", workdir=tmp_path / "gw",
+    config["upstreams"]["crm"] = {"url": llm.url + "/mcp", "protocol": "mcp"}
+    with Gateway(config, mode=f"reverse:{llm.url}", workdir=tmp_path / "gw",
                  env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}) as gw:
         token = issuer.mint("mallory@corp.example", ["engineering"])
         blocked = httpx.post(gw.url + "/v1/chat/completions", timeout=60, headers={
@@ -223,7 +215,7 @@ def test_a_user_cannot_rotate_their_block_out_of_the_audit_log(issuer, upstream,
         assert verified.returncode == 0 and "chain starts at seq 1 (" in verified.stdout
 
 
-def test_made_up_mcp_session_ids_name_no_recording_file(gw, upstream, issuer):
+def test_made_up_mcp_session_ids_name_no_recording_file(gw, llm, issuer):
     """The recording kept one file per `Mcp-Session-Id`, whatever the client sent: 30 made-up ids
     made 30 files (a client could make as many as it had requests). Only an id the upstream
     issued names a file now; a made-up one is refused (douane did not see it issued) and
@@ -240,7 +232,7 @@ def test_made_up_mcp_session_ids_name_no_recording_file(gw, upstream, issuer):
 
     token = issuer.mint("sid@corp.example", ["engineering"])
     before = len(indexed(gw, 0))
-    upstream.answer = answer
+    llm.answer = answer
     try:
         for session in ["", "issued-by-the-server", *(f"made-up-{i}" for i in range(30))]:
             resp = httpx.post(gw.url + "/mcp", timeout=60, headers={
@@ -254,7 +246,7 @@ def test_made_up_mcp_session_ids_name_no_recording_file(gw, upstream, issuer):
             made_up = session.startswith("made-up")
             assert resp.status_code == (404 if made_up else 200), resp.text
     finally:
-        upstream.answer = None
+        llm.answer = None
     indexed(gw, before + 32)
     names = {p.name.split("--")[0] for p in
              (gw.state_dir / "recordings" / untrusted.slug("sid@corp.example")).rglob("*.mitm")}
