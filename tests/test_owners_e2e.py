@@ -37,13 +37,6 @@ def config_for(issuer, llm: FakeUpstream, mcp_server: str, work, **sections) -> 
 
 
 @pytest.fixture(scope="module")
-def llm():
-    upstream = FakeUpstream()
-    yield upstream
-    upstream.close()
-
-
-@pytest.fixture(scope="module")
 def users(issuer):
     return tuple(issuer.mint(f"{name}@corp", ["staff"]) for name in ("alice", "bob"))
 
@@ -55,6 +48,22 @@ def proxied(gw: Gateway, token: str) -> httpx.Client:
 def responses(gw: Gateway, llm: FakeUpstream, token: str, **doc) -> httpx.Response:
     with proxied(gw, token) as c:
         return c.post(llm.url + "/v1/responses", json={"model": "m", "input": "hi", **doc})
+
+
+def only_alice_uses(gw: Gateway, mcp: RealServer, alices: dict[str, str],
+                    users: tuple[str, str], n: int) -> None:
+    """Bob's call on Alice's MCP session is refused, the real server sees nothing; hers passes
+    (JSON-RPC ids `n` and `n + 1`)."""
+    alice, bob = users
+    with proxied(gw, bob) as c:
+        before = len(mcp.requests)
+        resp = c.post(mcp.url + "/mcp", headers=alices, json=call("echo", n, text="b"))
+        record = assert_refused(gw, mcp, before, resp, 404)
+        assert reason(record)["rule"] == "mcp.session_owner"
+        assert reason(record)["message"] == "a session issued to another user"
+    with proxied(gw, alice) as c:
+        ok = c.post(mcp.url + "/mcp", headers=alices, json=call("echo", n + 1, text="hers"))
+        assert ok.status_code == 200 and "hers" in ok.text, ok.text
 
 
 def reason(record: dict) -> dict:
@@ -90,15 +99,7 @@ def test_bindings_hold_across_replicas_and_a_replaced_replica(issuer, postgres, 
             record = assert_refused(b, llm, before, c.get(llm.url + "/v1/conversations/conv_fake"),
                                     404)
             assert reason(record)["rule"] == "owner.conversation"
-            before = len(mcp.requests)
-            resp = c.post(mcp_server + "/mcp", headers=alices, json=call("echo", 1, text="b"))
-            record = assert_refused(b, mcp, before, resp, 404)
-            assert reason(record)["rule"] == "mcp.session_owner"
-            assert reason(record)["message"] == "a session issued to another user"
-        # Alice's own, through B
-        with proxied(b, alice) as c:
-            ok = c.post(mcp_server + "/mcp", headers=alices, json=call("echo", 2, text="hers"))
-            assert ok.status_code == 200 and "hers" in ok.text, ok.text
+        only_alice_uses(b, mcp, alices, users, 1)  # Alice's own, through B
         assert responses(b, llm, alice, previous_response_id="resp_fake").status_code == 200
         # an MCP session douane never saw issued is nobody's: refused, the client starts anew
         with proxied(b, alice) as c:
@@ -115,14 +116,7 @@ def test_bindings_hold_across_replicas_and_a_replaced_replica(issuer, postgres, 
             record = assert_refused(a2, llm, before,
                                     responses(a2, llm, bob, conversation="conv_fake"), 404)
             assert reason(record)["rule"] == "owner.conversation"
-            with proxied(a2, bob) as c:
-                before = len(mcp.requests)
-                resp = c.post(mcp_server + "/mcp", headers=alices, json=call("echo", 4, text="b"))
-                assert reason(assert_refused(a2, mcp, before, resp, 404))["message"] == \
-                    "a session issued to another user"
-            with proxied(a2, alice) as c:
-                ok = c.post(mcp_server + "/mcp", headers=alices, json=call("echo", 5, text="again"))
-                assert ok.status_code == 200 and "again" in ok.text, ok.text
+            only_alice_uses(a2, mcp, alices, users, 4)
             assert responses(a2, llm, alice, conversation="conv_fake").status_code == 200
             # an id from before douane: adopted by the first user it is answered for, on any
             # replica; the other's is refused on the other replica
@@ -168,14 +162,7 @@ def test_the_embedded_store_keeps_bindings_across_a_restart(issuer, mcp_server, 
         record = assert_refused(gw, llm, before,
                                 responses(gw, llm, bob, previous_response_id="resp_fake"), 404)
         assert reason(record)["rule"] == "owner.response"
-        with proxied(gw, bob) as c:
-            before = len(mcp.requests)
-            resp = c.post(mcp_server + "/mcp", headers=alices, json=call("echo", 1, text="b"))
-            assert reason(assert_refused(gw, mcp, before, resp, 404))["rule"] == \
-                "mcp.session_owner"
-        with proxied(gw, alice) as c:
-            ok = c.post(mcp_server + "/mcp", headers=alices, json=call("echo", 2, text="mine"))
-            assert ok.status_code == 200 and "mine" in ok.text, ok.text
+        only_alice_uses(gw, mcp, alices, users, 1)
         with proxied(gw, alice) as c:  # her own session among many: not looked up one by one
             many = ", ".join([alices["mcp-session-id"], *(f"s{n}" for n in range(9))])
             before = len(mcp.requests)
