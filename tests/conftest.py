@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,19 +25,27 @@ SCRIPTS_RUN = {"test_fleet_e2e.py", "test_operator_e2e.py", "test_workers_e2e.py
 LEAK_SCAN_FREE = {"test_bounds.py", "test_mcp_side_doors.py"}
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under `scripts/test` (pytest-xdist, `--dist loadgroup`) the unit a worker takes whole, in
-    order: a module (its module-scoped gateways start once); the hardening suite but for
-    LEAK_SCAN_FREE (test_z_leaks scans what the other hardening modules wrote under this
-    process's basetemp, after them); the modules that run `scripts/run` (two first starts at
-    once would race to make certs/)."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return  # a venv from before the lock had pytest-xdist: its marker is not registered
-    for item in items:
-        path = item.path.relative_to(REPO / "tests")
-        group = "hardening" if path.parts[0] == "hardening" and path.name not in LEAK_SCAN_FREE \
-            else "scripts-run" if path.name in SCRIPTS_RUN else str(path)
-        item.add_marker(pytest.mark.xdist_group(group))
+def xdist_group(nodeid: str) -> str:
+    """The unit a pytest-xdist worker takes whole, in order: a module (its module-scoped gateways
+    start once); the hardening suite but for LEAK_SCAN_FREE (test_z_leaks scans what the other
+    hardening modules wrote under this process's basetemp, after them); the modules that run
+    `scripts/run` (two first starts at once would race to make certs/)."""
+    path = Path(nodeid.split("::")[0]).relative_to("tests")
+    if path.parts[0] == "hardening" and path.name not in LEAK_SCAN_FREE:
+        return "hardening"
+    return "scripts-run" if path.name in SCRIPTS_RUN else str(path)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`scripts/test`'s workers take whole groups (xdist_group); xdist's own loadgroup cannot say
+    them with pytest 9 (it renames item._nodeid, which pytest 9 no longer reads)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+    return GroupScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
