@@ -477,8 +477,8 @@ def _pieces(kind: Kind, role: Role | None, msg: dict[str, Any], base: tuple,
     text resource sent as base64), never edited; media is not text."""
     out = []
     for path, text in strings:
-        holder = jsonpath.get(msg, path[:-1])
-        if path[-1] in BINARY_KEYS and "mimeType" in holder:
+        holder = jsonpath.get(msg, path[:-1]) if path[-1] in BINARY_KEYS else None
+        if holder is not None and "mimeType" in holder:
             decoded = fields.blob_text(text, holder["mimeType"])
             if decoded is not None:
                 out.append(TextPiece(kind, role, decoded, (*base, *path, fields.DECODED), False))
