@@ -202,11 +202,16 @@ _RUN = b"a" * 32
 
 
 # Unicode's format characters (category Cf: zero-width space and joiners, soft hyphen, bidi
-# controls, tags): invisible, and gone from the view patterns run on.
+# controls, tags) and its other default-ignorable code points, shown as nothing yet printable
+# (`_SHOWN`: the combining grapheme joiner, Hangul fillers, Mongolian and other variation
+# selectors): invisible, and gone from the view patterns run on.
+_IGNORED_SHOWN = ("\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180d\u180f\u3164\ufe00-\ufe0f\uffa0"
+                  "\U000e0100-\U000e01ef")
+_SHOWN = re.compile(f"[{_IGNORED_SHOWN}]")
 _FORMAT = re.compile("[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e"
-                     "\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
+                     "\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff0-\ufffb"
                      "\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
-                     "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]")
+                     f"\U0001d173-\U0001d17a\U000e0000-\U000e0fff{_IGNORED_SHOWN}]")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 _ASCII_BYTES = bytes(range(128))
 _SEEN_MOST = 4096  # characters whose view `_Views` keep
@@ -237,13 +242,14 @@ def _plain(text: str) -> bool:
     their own view; their UTF-8 bytes are dropped at C speed), spaces aside (a view keeps
     them: `\\s` matches an ideographic or no-break space), so mostly-ASCII text with a curly
     quote or an accent costs little more than ASCII text. `isprintable` (C speed) rules out
-    format characters; the regex, ~10x slower, decides the other unprintable ones."""
+    format characters, `_SHOWN` the printable ignorable ones; the regex, ~10x slower, decides
+    the other unprintable ones."""
     if text.isascii():
         return True
     rest = "".join(text.encode("utf-8", "surrogatepass").translate(None, _ASCII_BYTES).decode(
         "utf-8", "surrogatepass").split())
-    return unicodedata.is_normalized("NFKC", rest) and (rest.isprintable() or
-                                                          not _FORMAT.search(rest))
+    return unicodedata.is_normalized("NFKC", rest) and (
+        rest.isprintable() and not _SHOWN.search(rest) or not _FORMAT.search(rest))
 
 
 def _view(text: str) -> tuple[str, list[int] | None] | None:

@@ -682,6 +682,11 @@ DISGUISES = {  # a text as the model reads it, in characters the patterns did no
     "word joiners": "\u2060".join,
     "full-width": _full_width,
     "full-width, a zero-width joiner": lambda t: _full_width(t[:9]) + "\u200d" + t[9:],
+    # printable yet shown as nothing (default-ignorable): the view kept them
+    "combining grapheme joiner": lambda t: t[:12] + "\u034f" + t[12:],
+    "Hangul fillers": lambda t: t[:8] + "\u3164" + t[8:16] + "\u115f" + t[16:] + "\uffa0",
+    "variation selectors": lambda t: t[:5] + "\ufe0f" + t[5:11] + "\U000e0101" + t[11:],
+    "Mongolian free variation selector": lambda t: t[:14] + "\u180b" + t[14:],
 }
 
 
