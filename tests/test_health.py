@@ -66,3 +66,24 @@ def test_the_probe_alone_loads_into_bare_mitmproxy(tmp_path):
         asyncio.run(start())
     assert gc.get_freeze_count() == 0
     assert probe.samples >= 1 and json.loads((tmp_path / "loop.json").read_text())["samples"]
+
+
+def test_an_idle_loop_is_not_woken_by_the_probe(tmp_path):
+    """The probe times the loop's passes as they happen: no timer of its own wakes an idle loop
+    (a 5 ms one made 60 passes in 0.3 s), and the figures file's timer runs once a second."""
+    probe = LoopProbe()
+    stats = tmp_path / "loop.json"
+
+    async def scenario() -> None:
+        with taddons.context(probe) as tctx:
+            probe.running()
+            await asyncio.sleep(0.3)
+            idle = probe.samples
+            tctx.configure(probe, douane_loop_stats=str(stats))
+            await asyncio.sleep(1.3)  # one write
+            written = json.loads(stats.read_text())
+            probe.done()
+            assert idle <= 5, idle
+            assert written["samples"] <= idle + 5, written
+
+    asyncio.run(scenario())
