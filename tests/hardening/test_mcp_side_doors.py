@@ -540,3 +540,39 @@ def test_an_answer_nests_at_most_64_levels(setup, levels, streamed):
     assert "Customer 7" not in resp.text and "nests deeper than 64 levels" in resp.text
     assert rules(record) == ["protocol.stream_ended" if streamed else "protocol.too_deep"], record
     assert "nests deeper than 64 levels" in record["reasons"][0]["message"]
+
+
+def _with(body: dict, **params) -> dict:
+    return {**body, "params": {**body["params"], **params}}
+
+
+READ = {"jsonrpc": "2.0", "id": 1, "method": "resources/read",
+        "params": {"uri": "file:///docs/a.md"}}
+PROMPT = {"jsonrpc": "2.0", "id": 1, "method": "prompts/get",
+          "params": {"name": "summarize", "arguments": {"topic": "x"}}}
+
+
+@pytest.mark.parametrize(("body", "rule"), [
+    (_with(call("echo", 1, text="a"), _meta={"progressToken": "t", "note": "project nightingale"}),
+     "deny.codename"),
+    (_with(call("echo", 1, text="a"), _meta={f"my key {AWS_KEY}": 1}),
+     "detector.secret.aws_access_key"),
+    (_with(READ, _meta={"note": "project nightingale"}), "deny.codename"),
+    (_with(PROMPT, _meta={"note": f"my key is {AWS_KEY}"}), "detector.secret.aws_access_key"),
+    (_with(call("echo", 1, text="a"), task={"ttl": 60000, "note": "project nightingale"}),
+     "deny.codename"),
+    (_with(READ, requestState="opaque", extension={"note": f"the key: {AWS_KEY}"}),
+     "detector.secret.aws_access_key"),
+])
+def test_every_param_of_a_named_request_is_inspected(setup, body, rule):
+    """Red team, stop 28: of `tools/call`, `prompts/get` and `resources/read` only the arguments
+    (and the name or URI) were read: `_meta` and any other param reached the server uninspected
+    (a server reads `_meta`: SDKs hand it to the tool)."""
+    gw, real, _, staff = setup
+    with client(gw, staff) as c:
+        headers = session(c, real.url + "/mcp")
+        record = refused(gw, real, c, real.url + "/mcp", body, 403, 200, headers=headers)
+        assert record["action"] == "block" and rule in rules(record), record
+        clean = json.loads(json.dumps(body).replace("project nightingale", "the plan").replace(
+            AWS_KEY, "none"))
+        assert c.post(real.url + "/mcp", headers=headers, json=clean).status_code == 200

@@ -279,3 +279,46 @@ def test_a_secret_after_a_header_that_ends_in_its_name_is_in_no_record(gw, issue
         time.sleep(0.1)
     assert found, "no recording of the flows"
     assert not any(leaked.encode() in p.read_bytes() for p in found)
+
+
+def _tool_call_chunks(pieces: list[str]) -> bytes:
+    base = {"id": "chatcmpl-t", "object": "chat.completion.chunk", "model": "m"}
+    events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [
+        {"index": 0, "id": "call_1", "type": "function",
+         "function": {"name": "deploy", "arguments": ""}}]}, "finish_reason": None}]}]
+    events += [{**base, "choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "function": {"arguments": p}}]}, "finish_reason": None}]} for p in pieces]
+    events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    return "".join(f"data: {json.dumps(e)}\n\n" for e in events).encode() + b"data: [DONE]\n\n"
+
+
+
+@pytest.mark.parametrize("escaped", [False, True])
+def test_a_key_split_across_streamed_tool_arguments_is_in_no_recording(gw, llm, issuer, escaped):
+    """A chat stream's tool call whose `arguments` JSON string carries a key cut between two
+    deltas (as written, or each character a `\\u` escape, cut inside one): the tool reads the
+    key whole; no recording keeps a share of it (held: red team, stop 28)."""
+    user = f"tia-{escaped}@corp.example"
+    key = "sk-proj-" + "Hv3nQ8wLr5Tz" * 3
+    spelled = "".join(f"\\u{ord(c):04x}" for c in key) if escaped else key
+    args = json.dumps({"cmd": "export OPENAI_API_KEY=KEY && deploy"}).replace("KEY", spelled)
+    cut = args.index(spelled) + (6 * 13 + 3 if escaped else 13)
+    llm.canned["/v1/chat/completions"] = ("text/event-stream", _tool_call_chunks(
+        [args[:cut], args[cut:]]))
+    try:
+        resp = chat(gw, issuer.mint(user, ["engineering"]), stream=True)
+    finally:
+        del llm.canned["/v1/chat/completions"]
+    assert resp.status_code == 200 and '"arguments"' in resp.text, resp.text[:300]
+    gw.audit_where(lambda r: r.get("user") == user, count=1)
+    folder = gw.state_dir / "recordings" / untrusted.slug(user)
+    deadline = time.monotonic() + 20
+    while not (found := [p.read_bytes() for p in folder.rglob("*.mitm")]) or \
+            b"text/event-stream" not in b"".join(found):
+        assert time.monotonic() < deadline, "no recording of the stream"
+        time.sleep(0.1)
+    data = b"".join(found)
+    assert b"<SECRET:detector.secret.api_key>" in data
+    shares = {key[i:i + 7] for i in range(len(key) - 6)} | \
+        {spelled[i:i + 30] for i in range(len(spelled) - 29)}
+    assert not [s for s in shares if s.encode() in data]

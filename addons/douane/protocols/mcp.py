@@ -188,6 +188,21 @@ def _input_responses(params: dict[str, Any], method: str, base: tuple) -> list[T
                if isinstance(responses, dict) else responses, base)
 
 
+def _other_params(params: dict[str, Any], method: str, base: tuple) -> list[TextPiece]:
+    """The params of a request read field by field above but for those fields and the opaque
+    `requestState` (`_input_responses`): `_meta` (SDKs hand it to the tool), a task, extensions.
+    The server reads them: inspected like the request's text, never edited."""
+    read = ("arguments", NAMED.get(method, "uri"), "requestState",
+            *((INPUT_RESPONSES,) if method in NAMED else ()))
+    rest = {k: v for k, v in params.items() if k not in read}
+    if not rest:
+        return []
+    kind: Kind = "tool_arguments" if method == "tools/call" else "prompt"
+    return [TextPiece(kind, "user", text, path, False)
+            for path, text in jsonpath.strings(rest, (*base, "params"))] + \
+        _names(kind, "user", rest, base)
+
+
 def approval_answer(msg: McpMessage) -> str | None:
     """The client's answer to douane's approval input request, on a retry (None: none)."""
     responses = msg.params.get(INPUT_RESPONSES)
@@ -390,6 +405,8 @@ def parse_request(doc: Any, session_id: str | None) -> Interaction:
             it.texts += [TextPiece("prompt", "user", text, path) for path, text in
                          jsonpath.strings(params.get("arguments"), (*base, "params", "arguments"))]
             it.texts += _names("prompt", "user", params.get("arguments"), base)
+        if method in NAMED or method in RESOURCE_METHODS:
+            it.texts += _other_params(params, method, base)
         else:  # notifications, completions, ...: every string the client sends is inspected
             if method == "subscriptions/listen":
                 _listen(params)
