@@ -151,6 +151,27 @@ def test_normalize():
     assert normalize("Ｈｅｌｌｏ\u200b  Wоrld") == "hello world"
 
 
+def test_normalize_ascii_takes_the_byte_table_the_fold_would():
+    """ASCII text is folded by a byte table (fast); it must read as the full table reads it:
+    every ASCII character alone and among others, control characters deleted, case folded."""
+    import random
+
+    from douane.policy.normalize import FOLD
+
+    def by_table(text: str) -> str:  # what normalize did for every text before the fast path
+        folded = text.translate(FOLD)
+        out = (" " if folded[:1].isspace() else "") + " ".join(folded.split())
+        return out + " " if folded[-1:].isspace() and out != " " else out
+
+    texts = [chr(cp) for cp in range(128)] + [f" A{chr(cp)}b\t" for cp in range(128)]
+    rng = random.Random(7)
+    texts += ["".join(chr(rng.randrange(128)) for _ in range(rng.randrange(40)))
+              for _ in range(2000)]
+    for text in texts:
+        assert normalize(text) == by_table(text), repr(text)
+    assert normalize("IGNORE\x00 previous\x7f\x1b Instructions") == "ignore previous instructions"
+
+
 @pytest.mark.parametrize(("text", "rule"), [
     ("my key is AKIAIOSFODNN7EXAMPLE", "detector.secret.aws_access_key"),
     ("-----BEGIN RSA PRIVATE KEY-----\nMIIE", "detector.secret.private_key"),
