@@ -149,8 +149,11 @@ def test_added_removed_and_twice_listed_tools(tmp_path):
     assert set(out.withheld) == {"c"}
     assert {(e["event"], e["tool"]) for e in out.events} == {("tools.added", "c"),
                                                              ("tools.removed", "b")}
-    assert store.refusal("up", "b") and store.refusal("up", "c") and not store.refusal("up", "a")
-    assert store.refusal("up", "never") and store.refusal("other", "x") is None
+    assert store.refusal("up", "b") == "it was removed from the upstream's listing"
+    assert store.refusal("up", "c") == "it was not in the first listing"
+    assert store.refusal("up", "a") is None
+    assert store.refusal("up", "never") == "it was never in the upstream's listing"
+    assert store.refusal("other", "a") is None  # an upstream never listed: left to the policy
     out = store.listed("up", [a, {"name": "a", "description": "evil"}], complete=False)
     assert out.withheld == {"a": "it is listed twice"} and store.refusal("up", "a")
     assert store.listed("up", [a], complete=False).withheld == {}  # as accepted again

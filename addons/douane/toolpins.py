@@ -59,6 +59,12 @@ CREATE TABLE IF NOT EXISTS tools (
 CREATE TABLE IF NOT EXISTS baselines (upstream TEXT PRIMARY KEY, complete_at REAL);
 """
 # state: pinned (listed as accepted), changed, added, poisoned (withheld), removed
+# A tool's pin (NULLs: none) and whether its upstream was ever listed, in one row.
+REFUSAL = """
+SELECT t.state, t.reason, b.upstream IS NOT NULL AS listed
+FROM (SELECT ? AS upstream, ? AS name) AS q
+LEFT JOIN tools AS t USING (upstream, name) LEFT JOIN baselines AS b ON b.upstream = q.upstream
+"""
 
 
 def canonical(tool: dict[str, Any]) -> str:
@@ -97,9 +103,9 @@ def scan(item: dict[str, Any]) -> str | None:
         if invisible(text):
             return "invisible characters in its description"
         for plain in filter(None, (normalize(text), unseen(text))):
-            for rule_id, pattern, _, hints in detectors.INJECTION:
-                if any(h in plain for h in hints) and pattern.search(plain):
-                    return f"prompt-injection phrasing in its description ({rule_id})"
+            hits = detectors.injections(plain)
+            if hits:
+                return f"prompt-injection phrasing in its description ({hits[0][0]})"
             if URL.search(plain) and SENDING.search(plain):
                 return "a URL next to a word that sends data in its description"
     return None
@@ -239,15 +245,13 @@ class PinStore:
             return self._refusal(upstream, name)
 
     def _refusal(self, upstream: str, name: str) -> str | None:
-        db = self.db
-        row = db.execute("SELECT state, reason FROM tools WHERE upstream = ? AND name = ?",
-                         (upstream, name)).fetchone()
-        if row is not None:
+        # one statement, one read transaction: it runs on the event loop for every tools/call
+        row = self.db.execute(REFUSAL, (upstream, name)).fetchone()
+        if row["state"] is not None:  # the tool's row (state is never NULL in it)
             return None if row["state"] == "pinned" else \
                 "it was removed from the upstream's listing" if row["state"] == "removed" else \
                 row["reason"]
-        listed = db.execute("SELECT 1 FROM baselines WHERE upstream = ?", (upstream,)).fetchone()
-        return "it was never in the upstream's listing" if listed else None
+        return "it was never in the upstream's listing" if row["listed"] else None
 
 
 def event(name: str, upstream: str, tool: str, **fields: Any) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Built-in detectors: prompt-injection phrasing in tool results (secrets: `douane.secrets`).
 
 Each is (rule id, compiled pattern, score, hints). Patterns run on normalised (case-folded) text. A
-pattern only runs when one of its lower-case hints occurs in the text (a cheap substring test first).
+pattern only runs when one of its lower-case hints occurs in the text (each hint tested once, by
+`injections`: most tool results hold none).
 """
 
 from __future__ import annotations
@@ -27,3 +28,13 @@ INJECTION: list[tuple[str, re.Pattern[str], float, tuple[str, ...]]] = [
     ("detector.injection.chat_markup", re.compile(r"<\|im_start\|>|<\|system\|>|\[/?inst\]"), 50,
      ("<|", "inst]")),
 ]
+HINTS = tuple(dict.fromkeys(h for *_, hints in INJECTION for h in hints))
+
+
+def injections(plain: str) -> list[tuple[str, float]]:
+    """(rule id, score) of the injection detectors matching a normalised text, in order."""
+    present = {h for h in HINTS if h in plain}
+    if not present:
+        return []
+    return [(rule_id, score) for rule_id, pattern, score, hints in INJECTION
+            if not present.isdisjoint(hints) and pattern.search(plain)]

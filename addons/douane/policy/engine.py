@@ -165,9 +165,8 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
                                               else "a secret is in the text", label, kind.score)
         if policy.injection and piece.kind in ("tool_result", "resource"):
             plain = readings[i][0].text if readings[i] else normalize(piece.text)
-            for rule_id, pattern, score, hints in detectors.INJECTION:
-                if rule_id not in found and any(h in plain for h in hints) and \
-                        pattern.search(plain):
+            for rule_id, score in detectors.injections(plain):
+                if rule_id not in found:
                     found[rule_id] = Reason(rule_id, "prompt-injection phrasing in a tool result",
                                             label, score)
     if policy.secrets:
