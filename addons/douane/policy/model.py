@@ -37,7 +37,7 @@ rules:                        # deny rules: each match adds its score
     regex: "\\bcorp-db-[0-9]+\\b"     # or literal: "..."; matched on normalised text
     in: [prompt, tool_arguments]      # text kinds; default [prompt, tool_arguments]
     score: 60
-    decode_base64: false              # also match inside base64 runs
+    decode_base64: false              # also match inside base64 runs and behind escapes (%70, \\u0070, &#112;)
 detectors: {secrets: true, injection: true}   # built-in detectors (scores in detectors.py)
 tool_risk:                    # risk of calling a tool, by name glob
   - {tools: ["delete_*", "exec*", "*_write"], score: 50}

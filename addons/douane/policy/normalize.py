@@ -28,12 +28,14 @@ import binascii
 import contextlib
 import functools
 import hashlib
+import html
 import importlib.util
 import json
 import os
 import re
 import sys
 import unicodedata
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,8 @@ import anyascii as anyascii_package
 import confusable_homoglyphs
 from anyascii import anyascii
 from confusable_homoglyphs.confusables import confusables_data
+
+from douane.protocols import fields
 
 # Shown as nothing or a blank space, yet neither whitespace nor a format character.
 BLANKS = "\u115f\u1160\u2800\u3164\uffa0"
@@ -187,6 +191,7 @@ def _ascii_fold() -> tuple[bytes, bytes]:
 ASCII_FOLD, ASCII_DELETED = _ascii_fold()
 TAG = re.compile("[\U000e0000-\U000e007f]")
 BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
+ESCAPES = re.compile(r"%[0-9A-Fa-f]{2}|\\u[0-9A-Fa-f]{4}|&(?:#[0-9]+|#[xX][0-9A-Fa-f]+|[A-Za-z]+);")
 
 
 def normalize(text: str) -> str:
@@ -278,8 +283,10 @@ class Normalized:
 
 
 def decoded_base64(text: str) -> list[str]:
-    """Readable text hidden in base64 runs of `text`."""
-    found = []
+    """Readable text hidden in base64 runs of `text`, and `text` read through the escapes a model
+    reads through (`%70`, `\\u0070`, `&#112;`, `&#x70;`, `&amp;`) when it holds some."""
+    found = [html.unescape(urllib.parse.unquote(fields.unescaped(text)))] \
+        if ESCAPES.search(text) else []
     for run in BASE64_RUN.findall(text):
         padded = run + "=" * (-len(run) % 4)
         try:
