@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import threading
 from pathlib import Path
@@ -289,3 +291,33 @@ def test_unauthenticated_refusals_past_the_bounds_are_counted_not_recorded():
     assert summaries[None]["counted"] == 2 and summaries[None]["recorded"] == 1
     assert budget.peers == {} and budget.end_window() == []  # a new window
     assert budget.admit("10.0.0.1", "identity.missing", "dcn_c", 300.0)
+
+
+def test_a_log_signed_with_json_encoding_still_verifies(tmp_path):
+    """Records written before orjson's encoding (json.dumps: `1e-05`, `NaN`, where orjson writes
+    `0.00001`, `null`) verify in a chain with records written after it; an edit still shows."""
+    path = tmp_path / "audit.jsonl"
+    prev, out = audit.GENESIS, []
+    for seq, value in enumerate((1e-05, float("nan"), 0.5), 1):
+        record = {"event": "decision", "latency_ms": {"total": value}, "seq": seq, "prev": prev}
+        body = audit.json_canonical(record)
+        prev = hmac.new(KEY, body, hashlib.sha256).hexdigest()
+        out.append(body[:-1] + b',"mac":"' + prev.encode() + b'"}\n')
+    path.write_bytes(b"".join(out))
+    assert audit.canonical({"x": 1e-05}) != audit.json_canonical({"x": 1e-05})
+    write_log(path, 3)  # appended with today's encoding, chained on
+    result = audit.verify(path, KEY)
+    assert result.ok and result.records == 6, result.error
+    path.write_bytes(path.read_bytes().replace(b"1e-05", b"2e-05"))
+    assert audit.verify(path, KEY).error.endswith(":1: record was altered (bad MAC)")
+
+
+def test_canonical_matches_json_for_what_records_hold():
+    """Strings of every code point, integers, nested values, non-ASCII keys: byte for byte as
+    `json.dumps` encoded them, so a verifier re-encoding a parsed record gets the signed bytes."""
+    text = "".join(chr(i) for i in range(0x3000) if not 0xD800 <= i < 0xE000) + "😀\u2028"
+    record = {"é": [1, -2, 2**63 - 1, None, True, 1.5, 0.001], "a": {"z": text, "b": ""},
+              "big": 2**70}
+    assert audit.canonical(record) == audit.json_canonical(record)
+    del record["big"]
+    assert audit.canonical(record) == audit.json_canonical(record)

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 from mitmproxy import http
 
 from douane import headerfields, untrusted
@@ -50,12 +51,34 @@ MAX_BACKLOG = 10_000  # records waiting for the writer thread before new request
 
 
 def canonical(record: dict[str, Any]) -> bytes:
+    """The record's keys sorted, no spaces, UTF-8: orjson's encoding (~20x json's, a quarter of
+    the audit thread's time per record). It writes strings, integers and most floats as
+    `json.dumps` does; not a float below 1e-4 (`0.00001` for `1e-05`) nor NaN (`null`), which
+    a record signed before it may hold (`signed`)."""
+    try:
+        return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # a key that is not a string, an integer beyond 64 bits
+        return json_canonical(record)
+
+
+def json_canonical(record: dict[str, Any]) -> bytes:
+    """The canonical encoding before orjson's (and where orjson cannot encode a record)."""
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def sign(record: dict[str, Any], key: bytes) -> str:
     body = {k: v for k, v in record.items() if k != "mac"}
     return hmac.new(key, canonical(body), hashlib.sha256).hexdigest()
+
+
+def signed(record: dict[str, Any], key: bytes, mac: str) -> bool:
+    """Whether `mac` is the record's, in either canonical encoding (a record written before
+    orjson's, with a float that encodes differently, holds json's)."""
+    if hmac.compare_digest(sign(record, key), mac):
+        return True
+    body = {k: v for k, v in record.items() if k != "mac"}
+    return hmac.compare_digest(
+        hmac.new(key, json_canonical(body), hashlib.sha256).hexdigest(), mac)
 
 
 def hmac_key(config: Config, create: bool = True) -> bytes:
@@ -81,6 +104,7 @@ class AuditLog:
 
     def __init__(self, config: AuditConfig, key: bytes, heads: ChainHeads | None = None):
         self.config, self.key, self.heads = config, key, heads
+        self._hmac = hmac.new(key, digestmod=hashlib.sha256)  # the key's pads, hashed once
         self.path = config.path
         self.healthy = True
         self._bursts: Bursts[dict[str, Any]] = Bursts()
@@ -169,7 +193,9 @@ class AuditLog:
         record.pop("mac", None)
         # one encoding, signed as it is written: the mac goes last, after what it covers
         body = canonical(record)
-        record["mac"] = hmac.new(self.key, body, hashlib.sha256).hexdigest()
+        mac = self._hmac.copy()
+        mac.update(body)
+        record["mac"] = mac.hexdigest()
         return body[:-1] + b',"mac":"' + record["mac"].encode() + b'"}\n', record
 
     def _write(self, records: list[dict[str, Any]]) -> None:
@@ -329,7 +355,7 @@ def verify(path: Path, key: bytes, at: int | None = None) -> Verification:
                 rseq, rprev, mac = record["seq"], record["prev"], record["mac"]
             except (ValueError, KeyError, TypeError):
                 return _failed(result, count, f"{where}: not an audit record")
-            if not hmac.compare_digest(sign(record, key), str(mac)):
+            if not signed(record, key, str(mac)):
                 return _failed(result, count, f"{where}: record was altered (bad MAC)")
             if seq is None:
                 if rseq == 1 and rprev != GENESIS:
