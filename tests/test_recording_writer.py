@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import signal
 import time
@@ -240,6 +241,39 @@ def test_a_writer_that_falls_behind_is_not_healthy_until_it_catches_up(tmp_path,
     finally:
         os.kill(w._process.pid, signal.SIGCONT)
         w.close()
+    assert flow_ids(tmp_path / "rec" / relative) == put
+
+
+def test_flows_in_the_pipe_are_written_when_the_gateway_dies(tmp_path):
+    """The writer reads the pipe a pause at a time (`GATHER_SECONDS`): what the gateway sent
+    meanwhile waits in the pipe, enlarged so that it holds a pause's flows, and outlives the
+    gateway. Here the writer is stopped while flows are sent, then the gateway's end closes
+    without its sentinel (as in a kill -9): every flow sent is written, in order."""
+    w = writer.RecordingWriter(settings(tmp_path), None)
+    if int(Path("/proc/sys/fs/pipe-max-size").read_text()) >= writer.PIPE_BYTES:
+        assert fcntl.fcntl(w._fd, fcntl.F_GETPIPE_SZ) >= writer.PIPE_BYTES
+    relative = item("gathered")[0]
+
+    async def scenario() -> list[str]:
+        put = []
+        for _ in range(200):  # ~1 KiB each, more than the 64 KiB of a default pipe
+            f = tflow.tflow(resp=True)
+            put.append(f.id)
+            w.put(relative, snapshot(f), frozenset())
+        deadline = time.monotonic() + 10
+        while w.backlog:
+            assert time.monotonic() < deadline, "the flows do not fit in the pipe"
+            await asyncio.sleep(0.01)
+        return put
+
+    os.kill(w._process.pid, signal.SIGSTOP)
+    try:
+        put = asyncio.run(scenario())
+        w._sender.close()  # the gateway's end gone, without a sentinel
+    finally:
+        os.kill(w._process.pid, signal.SIGCONT)
+    w._process.join(30)
+    assert w._process.exitcode == 0
     assert flow_ids(tmp_path / "rec" / relative) == put
 
 
