@@ -366,3 +366,51 @@ def test_a_long_session_is_recorded_whole_in_parts(recorded, issuer):
     assert len(found) == 2 * len(sent)
     assert [c.decode() for _, c in found if c.startswith(b'{"type": "conv')] == sent
     assert sorted({part for part, _ in found}) == [1, 2, 3]
+
+
+def test_a_realtime_session_names_only_its_own_items(setup, issuer):
+    """Item ids in client events (`conversation.item.retrieve` / `.delete` / `.truncate`,
+    `previous_item_id`, an `item_reference`) name the session's own items only: another
+    session's id (or a guess) is refused before the upstream, the record saying why."""
+    gw, upstream = setup
+    issued = iter(f"item_up{n}" for n in range(100))
+    upstream.answer = lambda message: {"type": "conversation.item.created",
+                                       "item": {"id": next(issued), "type": "message"}}
+    try:
+        token = issuer.mint("alice@corp.example", ["engineering"])
+        client = connect(gw, token)
+        client.send(item("hi"))
+        given = client.receive()["item"]["id"]
+        mine = json.loads(item("again"))
+        client.send(json.dumps({**mine, "previous_item_id": given, "item": {
+            **mine["item"], "id": "item_mine"}}))
+        assert client.receive()["type"] == "conversation.item.created"
+        for event in ({"type": "conversation.item.retrieve", "item_id": given},
+                      {"type": "conversation.item.truncate", "item_id": "item_mine",
+                       "content_index": 0, "audio_end_ms": 0},
+                      {"type": "response.create", "response": {"input": [
+                          {"type": "item_reference", "id": given}]}},
+                      {**mine, "previous_item_id": "root"}):
+            client.send(json.dumps(event))
+            assert client.receive()["type"] == "conversation.item.created", event
+        client.close()
+        for event, where in [({"type": "conversation.item.delete", "item_id": given}, "item_id"),
+                             ({**mine, "previous_item_id": "item_mine"}, "previous_item_id"),
+                             ({"type": "response.create", "response": {"input": [
+                                 {"type": "item_reference", "id": "item_up0"}]}},
+                              "response.input[0].id"),
+                             ({"type": "conversation.item.retrieve", "item_id": 7}, "item_id")]:
+            other = connect(gw, issuer.mint("bob@corp.example", ["engineering"]))
+            before = len(upstream.received)
+            other.send(json.dumps(event))
+            error = other.receive()
+            assert error["type"] == "error" and error["error"]["code"] == "policy_denied", event
+            assert len(upstream.received) == before
+            decision = error["event_id"]
+            record = gw.audit_where(lambda r, d=decision: r.get("event") == "websocket_message"
+                                    and r["decision_id"] == d)[0]
+            assert record["reasons"][0]["rule"] == "owner.realtime_item", record
+            assert f"names in {where} an item" in record["reasons"][0]["message"], record
+            other.close()
+    finally:
+        upstream.answer = None

@@ -25,6 +25,7 @@ COMMANDS = [
     "douane.commands.connect",
     "douane.commands.credentials",
     "douane.commands.tools",
+    "douane.commands.owners",
 ]
 # commands a credential helper or a shell runs often (`douane token` as Claude Code's
 # apiKeyHelper): only their own module is imported, not the gateway's whole machinery

@@ -2,8 +2,11 @@
 Responses answer (`previous_response_id` continues it, the whole conversation with it), a
 conversation (`conversation` in a Responses request, the Conversations API), a stored chat
 completion, a Responses answer's output items (named again in `input`: an `item_reference`, any
-item's `id`, an `approval_request_id`), a code-execution container with the files uploaded into
-it (Anthropic's `container`, an OpenAI `code_interpreter` tool's `container`).
+item's `id`, an `approval_request_id`) and a conversation's items, a code-execution container with
+the files uploaded into it (Anthropic's `container`, an OpenAI `code_interpreter` tool's
+`container`, `/v1/containers/{id}`), an uploaded file (`/v1/files/{id}`, a `file_id` or
+`file_ids` anywhere in a body), a vector store (`vector_store_ids` of a `file_search` tool), a
+batch, an upload, a fine-tuning job.
 
 douane sends every user's requests to an upstream with one credential, so such an id is all the
 upstream tells users apart by: another user holding it (from a screen, a log, a recording) would
@@ -20,16 +23,19 @@ An id the store does not hold (unseen):
   client, so an unseen session was never issued through douane (a forged id, one from before
   douane, one forgotten): nobody is refused their own.
 - an output item or a container is refused (404): douane binds every Responses answer's items
-  (stored or not, its first `ITEM_IDS`; a stream's in its `response.completed`) and the containers
-  an answer names (Anthropic's `container.id`, a `code_interpreter_call`'s `container_id`), so
-  nobody had one before douane had the answer (a container made by a granted `POST /containers`
-  is not bound: refused). A user's own items
-  from before douane, or forgotten, are resent by content (a new container is started).
-- a stored answer, conversation or chat completion goes upstream and, when the upstream answers
-  it (so it exists), is bound to that user: adopted. Ids issued before douane was deployed live
+  (stored or not, its first `ITEM_IDS`; a stream's in its `response.completed`), a conversation's
+  items it lists or adds, the containers an answer names (Anthropic's `container.id`, a
+  `code_interpreter_call`'s `container_id`) or a granted `POST /v1/containers` made, so nobody had
+  one before douane had the answer. An item below its conversation's path (the conversation is
+  the caller's) is adopted. A user's own items from before douane, or forgotten, are resent by
+  content (a new container is started).
+- any other goes upstream and, when the upstream answers it (so it exists), is bound to that
+  user: adopted. Ids issued before douane was deployed live
   for weeks (conversations for good) and are named by no binding; refusing them would take every
   user's earlier conversations away, passing them would leave them to anyone for good. Adopted,
-  each is its first user's from then on. An id never answered (a guess) grows no row.
+  each is its first user's from then on. An id never answered (a guess) grows no row. Files
+  are always adopted: they are uploaded as multipart bodies, which douane refuses, so it sees
+  none issued but the files a batch, an upload or a fine-tuning job made (bound).
 A store that cannot answer refuses what needs it (503 `store_unavailable`, `store.unavailable`).
 
 A granted listing of the org's stored objects is the caller's own: filtered for the kinds douane
@@ -69,6 +75,7 @@ logger = logging.getLogger(__name__)
 SIZE = 100_000  # bindings each process keeps in memory, per kind
 TTL_SECONDS = 90 * 86400  # a binding unused this long is forgotten
 TOUCH_SECONDS = 3600  # a binding in use is marked used in the store at most this often
+CACHE_SECONDS = 60  # a binding in memory is read again after this (an operator's release holds)
 PER_USER = 10_000  # bindings kept per user, upstream and kind (their least recently used go)
 PRUNE_SECONDS = 600  # how often a process forgets the expired and the excess
 SESSION_IDS = 8  # values of a folded `Mcp-Session-Id` douane reads; more is refused
@@ -80,7 +87,6 @@ MCP = "mcp"
 
 @dataclass(frozen=True)
 class Kind:
-    prefix: str  # of the ids the upstream issues
     noun: str
     code: str  # the refusal's, as the API answers an id it does not know
     rule: str
@@ -90,32 +96,59 @@ class Kind:
 
 
 # Stored objects by the path segment naming them.
-KINDS = {"responses": Kind("resp_", "stored response", "response_not_found", "owner.response"),
-         "conversations": Kind("conv_", "conversation", "conversation_not_found",
-                               "owner.conversation"),
-         "chat/completions": Kind("chatcmpl-", "stored chat completion", "not_found",
-                                  "owner.chat_completion"),
+KINDS = {"responses": Kind("stored response", "response_not_found", "owner.response"),
+         "conversations": Kind("conversation", "conversation_not_found", "owner.conversation"),
+         "chat/completions": Kind("stored chat completion", "not_found", "owner.chat_completion"),
          # a Responses answer's output items (`msg_`, `rs_`, `fc_`, ...: any item named by id in
-         # `input` is read from the answer that issued it), an Anthropic code-execution container
-         "items": Kind("", "item", "item_not_found", "owner.item", adopt=False),
-         "containers": Kind("container_", "container", "not_found_error", "owner.container",
-                            adopt=False)}
-# An id in a granted operation's path (`GET /v1/responses/{id}`,
-# `/v1/conversations/{id}/items/{item}`, `/v1/chat/completions/{id}/messages`); the endpoints
+         # `input` is read from the answer that issued it; a conversation's, from its listing)
+         "items": Kind("item", "item_not_found", "owner.item", adopt=False),
+         # a code-execution container: Anthropic's, an OpenAI code interpreter's, one made by a
+         # granted `POST /v1/containers` (its files are named below it: the container's)
+         "containers": Kind("container", "not_found_error", "owner.container", adopt=False),
+         # uploaded files (OpenAI's and Anthropic's Files API: uploaded as multipart bodies,
+         # which douane refuses, so it never sees one issued but a batch's or an upload's),
+         # and the objects granted operations make with them
+         "files": Kind("file", "not_found", "owner.file"),
+         "vector_stores": Kind("vector store", "not_found", "owner.vector_store"),
+         "batches": Kind("batch", "not_found", "owner.batch"),
+         "uploads": Kind("upload", "not_found", "owner.upload"),
+         "fine_tuning/jobs": Kind("fine-tuning job", "not_found", "owner.fine_tuning_job")}
+_OBJECTS = "responses|conversations|chat/completions|items|containers|files|vector_stores|" \
+    "batches|uploads|fine_tuning/jobs"
+# An id in a granted operation's path (`GET /v1/responses/{id}`, `/v1/files/{id}/content`,
+# `/v1/conversations/{id}/items/{item}`, `/v1/vector_stores/{id}/files/{file}`); the endpoints
 # named there that are not ids.
-STORED_PATH = re.compile(r"/(responses|conversations|chat/completions)/([^/]+)", re.IGNORECASE)
+STORED_PATH = re.compile(rf"/({_OBJECTS})/([^/]+)", re.IGNORECASE)
 NOT_IDS = frozenset({("responses", "input_tokens"), ("responses", "compact")})
 # Listings of what an upstream stores for the org (a granted `GET`), by the path's end: those of
-# the kinds douane binds are filtered to the caller's own; the others (files, batches, ...) douane
-# never sees issued, so it cannot tell whose each is: refused. Any other granted answer that
-# reads as a listing is refused alike (the org's models excepted; a listing inside a bound object,
-# `/conversations/{id}/items`, is its owner's). A grant with `org_listings: true` lists every
-# user's, unfiltered (auditors, administrators).
-BOUND_LISTING = re.compile(r"/(responses|conversations|chat/completions)/?$", re.IGNORECASE)
-ORG_LISTING = re.compile(r"/(files|batches|vector_stores|assistants|fine_tuning/jobs|uploads|"
-                         r"containers|evals|messages/batches|skills|videos)/?$", re.IGNORECASE)
+# the kinds douane binds are filtered to the caller's own; the others douane never sees issued,
+# so it cannot tell whose each is: refused. Any other granted answer that reads as a listing is
+# refused alike (the org's models excepted; a listing inside a bound object,
+# `/conversations/{id}/items`, `/vector_stores/{id}/files`, is its owner's). A grant with
+# `org_listings: true` lists every user's, unfiltered (auditors, administrators).
+BOUND_LISTING = re.compile(r"/(responses|conversations|chat/completions|containers|files|"
+                           r"vector_stores|batches|fine_tuning/jobs)/?$", re.IGNORECASE)
+ORG_LISTING = re.compile(r"/(assistants|evals|messages/batches|skills|videos)/?$", re.IGNORECASE)
 SHARED_LISTING = re.compile(r"/models/?$", re.IGNORECASE)  # the same for every user
 LISTING_ITEMS = 1000  # a longer page is refused, not looked up
+# Fields of a body naming uploaded files or vector stores, wherever they are (a message's
+# `input_file` / `file` part, an Anthropic `document` source, `attachments`, `tool_resources`, a
+# `file_search` tool, a batch's `input_file_id`, a fine-tuning job's files): kind, and whether
+# the field holds a list of ids.
+NAMING = {"file_id": ("files", False), "input_file_id": ("files", False),
+          "training_file": ("files", False), "validation_file": ("files", False),
+          "file_ids": ("files", True), "vector_store_id": ("vector_stores", False),
+          "vector_store_ids": ("vector_stores", True)}
+# an encoded body, or one with an escape (a key may be spelt `file\u005fid`), is read whole
+_MAY_NAME = re.compile(rb"file|vector_store|\\u")
+NOT_NAMING = frozenset({"parameters", "input_schema", "schema", "metadata"})
+# Granted operations that create an object, by the path's end; the answer's `id` is issued.
+CREATES = re.compile(r"/(conversations|containers|vector_stores|batches|uploads|fine_tuning/jobs)"
+                     r"/?$", re.IGNORECASE)
+CONVERSATION_ITEMS = re.compile(r"/conversations/[^/]+/items(/[^/]+)?/?$", re.IGNORECASE)
+# The files an answer of a batch, an upload or a fine-tuning job says were made for it.
+MADE_FILES = {"batch": ("output_file_id", "error_file_id"), "upload": ("file",),
+              "fine_tuning.job": ("result_files",)}
 
 
 def _issued(prefix: str) -> re.Pattern[bytes]:
@@ -123,7 +156,7 @@ def _issued(prefix: str) -> re.Pattern[bytes]:
     return re.compile(rb'"id"\s*:\s*"(' + re.escape(prefix.encode()) + rb'[A-Za-z0-9_-]{1,200})"')
 
 
-ISSUED = {name: _issued(kind.prefix) for name, kind in KINDS.items() if kind.adopt}
+ISSUED = {"responses": _issued("resp_"), "chat/completions": _issued("chatcmpl-")}
 
 
 def digest(upstream: str, kind: str, object_id: str) -> str:
@@ -150,7 +183,11 @@ def _bind(n: int) -> str:
         " ON CONFLICT (key) DO UPDATE SET username = excluded.username, used_at = excluded.used_at"
 
 
-ADOPT = _bind(1) + " WHERE owners.used_at <= %s"  # unseen (or forgotten): the first user's
+def _adopt(n: int) -> str:
+    """Bind `n` ids unseen (or forgotten): the first user's; a live binding is kept."""
+    return _bind(n) + " WHERE owners.used_at <= %s"
+
+
 EXPIRE = "DELETE FROM owners WHERE used_at <= %s"
 # one user's bindings of a kind past PER_USER, by the index on (username, upstream, kind, used_at)
 EXCESS = ("DELETE FROM owners WHERE key IN (SELECT key FROM owners WHERE username = %s AND "
@@ -178,7 +215,7 @@ class Binding:
     used_at: float
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, timeout=5, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
@@ -192,7 +229,7 @@ class SqliteBindings:
 
     def __init__(self, path: Path):
         self.path = path
-        self._db = SqliteThread(path, "douane-owners-db", _connect)
+        self._db = SqliteThread(path, "douane-owners-db", connect)
 
     async def _run(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[tuple]:
         def run() -> list[tuple]:
@@ -278,7 +315,7 @@ class Bindings:
         now = time.time()
         keys = [digest(upstream, kind, i) for i in ids]
         cache = self._cached(kind)
-        fresh = {k: b for k in keys if (b := cache.get(k)) and b.used_at > now - TOUCH_SECONDS}
+        fresh = {k: b for k in keys if (b := cache.get(k)) and b.used_at > now - CACHE_SECONDS}
         missing = sorted(set(keys) - fresh.keys())
         if missing:
             found = await self.store.owners(missing, now)
@@ -289,19 +326,19 @@ class Bindings:
 
     async def bind(self, upstream: str, kind: str, object_ids: str | Sequence[str], user: str,
                    adopt: bool = False) -> None:
-        """`object_ids` are `user`'s: issued to them (in one statement), or (`adopt`, one id)
-        unseen and answered for them. Raises `StoreUnavailable`."""
+        """`object_ids` are `user`'s: issued to them, or (`adopt`) unseen and answered for
+        them (in one statement). Raises `StoreUnavailable`."""
         assert self.store is not None
         now = time.time()
         ids = [object_ids] if isinstance(object_ids, str) else list(dict.fromkeys(object_ids))
         keys = [digest(upstream, kind, i) for i in ids]
+        rows = [p for key in keys for p in (key, kind, user, upstream, now)]
         if adopt:
-            await self.store.execute(ADOPT, (keys[0], kind, user, upstream, now,
-                                             now - TTL_SECONDS))
-            self._cached(kind).pop(keys[0], None)  # another's adoption may have won: read again
+            await self.store.execute(_adopt(len(keys)), [*rows, now - TTL_SECONDS])
+            for key in keys:  # another's adoption may have won: read again
+                self._cached(kind).pop(key, None)
         else:
-            await self.store.execute(_bind(len(keys)), [p for key in keys
-                                                        for p in (key, kind, user, upstream, now)])
+            await self.store.execute(_bind(len(keys)), rows)
             for key in keys:
                 self._remember(kind, key, Binding(user, now))
         if len(self._binders) < SIZE:  # more: their excess waits for a pruning that sees them
@@ -342,6 +379,61 @@ def _container(flow: http.HTTPFlow) -> list[tuple[str, str, str]] | tuple[str, s
     if container_id is None and isinstance(container, dict | None):
         return []
     return "containers", "container names no id douane can read"
+
+
+def _files(flow: http.HTTPFlow) -> list[tuple[str, str, str]]:
+    """The uploaded files and vector stores a request's body names (`NAMING`), wherever they
+    are: only a string can name one (a tool's schema, `metadata`, are not read)."""
+    raw = flow.request.raw_content or b""
+    if "content-encoding" not in flow.request.headers and not _MAY_NAME.search(raw):
+        return []
+    named: list[tuple[str, str, str]] = []
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(protocols.document(flow, "request"), ())]
+    while stack:
+        node, path = stack.pop()
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            if key in NAMING and isinstance(value, str | list):
+                kind, many = NAMING[key]
+                if isinstance(value, str):
+                    named.append((kind, value, _where((*path, key))))
+                elif many:
+                    named += [(kind, v, _where((*path, key, i)))
+                              for i, v in enumerate(value) if isinstance(v, str)]
+            if isinstance(value, dict | list) and key not in NOT_NAMING:
+                stack.append((value, (*path, key)))
+    return named
+
+
+def _where(path: tuple[str | int, ...]) -> str:
+    """A JSON path for the audit record, bounded (its keys are the client's)."""
+    text = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+    return text if len(text) <= 120 else text[:60] + "..." + text[-57:]
+
+
+def _granted_issued(flow: http.HTTPFlow) -> list[tuple[str, list[Any]]]:
+    """What a granted operation's answer issued, by kind: the object a `POST` to a collection
+    made (`CREATES`), the files a batch, an upload or a fine-tuning job made, the items of a
+    conversation listed or added (their conversation is the caller's: checked on the path)."""
+    path, method = flow.request.path.split("?")[0], flow.request.method
+    try:
+        doc = protocols.document(flow, "response")
+    except protocols.ProtocolError:
+        return []  # not JSON: a file's content
+    if not isinstance(doc, dict):
+        return []
+    issued: list[tuple[str, list[Any]]] = []
+    if method == "POST" and (created := CREATES.search(path)):
+        issued.append((created[1].lower(), [doc.get("id")]))
+    for field in MADE_FILES.get(doc.get("object"), ()) if isinstance(doc.get("object"), str) \
+            else ():
+        made = doc.get(field)
+        issued.append(("files", made if isinstance(made, list) else
+                       [made.get("id") if isinstance(made, dict) else made]))
+    if method != "DELETE" and CONVERSATION_ITEMS.search(path):
+        data = doc.get("data")
+        issued.append(("items", [i.get("id") for i in data if isinstance(i, dict)]
+                       if isinstance(data, list) else [doc.get("id")]))
+    return issued
 
 
 def _unbound(flow: http.HTTPFlow, error: StoreUnavailable) -> None:
@@ -483,7 +575,9 @@ class StoredObjects:
             path = flow.request.path.split("?")[0]
             listing = BOUND_LISTING.search(path)
             if (listing or ORG_LISTING.search(path)) and not self._org_listings(flow):
-                if listing and st.upstream.protocol == "openai":
+                # Anthropic's bound objects that are listed: its files and message batches
+                if listing and (st.upstream.protocol == "openai" or
+                                listing[1].lower() in ("files", "batches")):
                     self._listings[flow] = listing[1].lower()
                 else:
                     self._refuse_listing(flow)
@@ -493,8 +587,8 @@ class StoredObjects:
             self._refuse(flow, *named)
             return
         upstream, user = st.upstream.name, st.identity.user
-        items = sum(kind == "items" for kind, _, _ in named)
-        if len(named) - items > NAMED_IDS or items > ITEM_IDS:  # a `**` path, an endless input
+        many = sum(kind in ("items", "files", "vector_stores") for kind, _, _ in named)
+        if len(named) - many > NAMED_IDS or many > ITEM_IDS:  # a `**` path, an endless input
             self._refuse(flow, named[0][0], "the request names too many stored objects")
             return
         unseen: list[tuple[str, str, str]] = []
@@ -507,7 +601,9 @@ class StoredObjects:
                 unavailable(flow, e)
                 return
             for (object_id, where), owner in zip(ids, owners, strict=True):
-                if owner is None and KINDS[kind].adopt:
+                # an item below a conversation's path is listed by it: the conversation's owner's
+                if owner is None and (KINDS[kind].adopt or kind == "items" and
+                                      where == "the path"):
                     unseen.append((kind, object_id, where))
                 elif owner != user:
                     self._refuse(flow, kind, f"{where} names one issued to another user" if owner
@@ -520,23 +616,30 @@ class StoredObjects:
         """The stored objects a request names: (kind, id, where); (kind, why) to refuse if it
         names one douane cannot read."""
         st = state(flow)
-        assert st.interaction
+        assert st.interaction and st.upstream
         named: list[tuple[str, str, str]] = []
-        if st.upstream and st.upstream.protocol == "anthropic":
-            return named if st.interaction.granted else _container(flow)
         if st.interaction.granted:
             for m in STORED_PATH.finditer(flow.request.path.split("?")[0]):
                 kind, object_id = m[1].lower(), m[2]
                 if (kind, object_id) not in NOT_IDS:
                     named.append((kind, object_id, "the path"))
-            if not flow.request.raw_content:
-                return named
-        elif st.interaction.operation != "responses":
+                if kind == "containers":
+                    break  # its files (`cfile_...`) are the container's
+        elif st.upstream.protocol == "anthropic":
+            container = _container(flow)
+            if isinstance(container, tuple):
+                return container
+            named += container
+        if not flow.request.raw_content:
             return named
-        # a granted operation's body may name them too (`POST /v1/responses/input_tokens`)
+        named += _files(flow)
+        if st.upstream.protocol == "anthropic" or \
+                not st.interaction.granted and st.interaction.operation != "responses":
+            return named
         doc = protocols.document(flow, "request")
         if not isinstance(doc, dict):
             return named
+        # a granted operation's body may name them too (`POST /v1/responses/input_tokens`)
         previous = doc.get("previous_response_id")
         if isinstance(previous, str):
             named.append(("responses", previous, "previous_response_id"))
@@ -587,35 +690,39 @@ class StoredObjects:
             self._refuse_listing(flow)
             return
         upstream, user = st.upstream.name, st.identity.user
-        if st.upstream.protocol != "openai":
+        issued: list[tuple[str, list[str]]] = []
+        if st.interaction.granted:
+            issued = _granted_issued(flow)
+        elif st.upstream.protocol == "anthropic":
             container = _issued_container(flow) if st.interaction.operation == "messages" else None
-            try:
-                if container:
-                    await self.bindings.bind(upstream, "containers", container, user)
-            except StoreUnavailable as e:
-                _unbound(flow, e)
-            return
-        kind = self._issuing(flow)
-        found = ISSUED[kind].search(flow.response.raw_content or b"", 0, ISSUED_BYTES) \
-            if kind else None
+            issued = [("containers", [container])] if container else []
+        else:
+            kind = self._issuing(flow)
+            found = ISSUED[kind].search(flow.response.raw_content or b"", 0, ISSUED_BYTES) \
+                if kind else None
+            issued = [(kind, [found[1].decode()])] if kind and found else []
+            output = _issued_output(flow) if st.interaction.operation == "responses" else []
+            # its items (stored or not), and the containers its code interpreter calls ran in
+            issued += [("items", [i.get("id") for i in output]),
+                       ("containers", [i.get("container_id") for i in output
+                                       if i.get("type") == "code_interpreter_call"])]
         try:
-            for named_kind, object_id, where in unseen:  # the upstream knows it: now theirs
-                await self.bindings.bind(upstream, named_kind, object_id, user, adopt=True)
-                adopted = Reason("owner.adopted", f"{where} named a {KINDS[named_kind].noun} "
+            for kind in KINDS:  # the upstream knows what was named unseen: now theirs
+                wheres = [where for k, _, where in unseen if k == kind]
+                if not wheres:
+                    continue
+                await self.bindings.bind(upstream, kind, [i for k, i, _ in unseen if k == kind],
+                                         user, adopt=True)
+                more = f" (and {len(wheres) - 1} more)" if len(wheres) > 1 else ""
+                adopted = Reason("owner.adopted", f"{wheres[0]}{more} named a {KINDS[kind].noun} "
                                  "douane had not seen issued: bound to this user")
                 if st.decision is None:
                     st.decide("allow", adopted)
                 else:  # (an answer masked, say: the decision stands, the record says it too)
                     st.decision.reasons.append(adopted)
-            if kind and found:
-                await self.bindings.bind(upstream, kind, found[1].decode(), user)
-            output = _issued_output(flow) if st.interaction.operation == "responses" else []
-            # its items (stored or not), and the containers its code interpreter calls ran in
-            for bound, ids in (("items", [i.get("id") for i in output]),
-                               ("containers", [i.get("container_id") for i in output
-                                               if i.get("type") == "code_interpreter_call"])):
+            for kind, ids in issued:
                 if ids := [i for i in ids if isinstance(i, str)]:
-                    await self.bindings.bind(upstream, bound, ids, user)
+                    await self.bindings.bind(upstream, kind, ids[:ITEM_IDS], user)
         except StoreUnavailable as e:
             _unbound(flow, e)
 
@@ -692,9 +799,6 @@ class StoredObjects:
         if it.operation == "chat.completions" and \
                 protocols.document(flow, "request").get("store") is True:
             return "chat/completions"
-        if it.granted and flow.request.method == "POST" and \
-                flow.request.path.split("?")[0].endswith("/conversations"):
-            return "conversations"
         return None
 
     @staticmethod

@@ -16,6 +16,12 @@ the event is audited, and every later message of that connection is dropped (mit
 close a WebSocket from an addon, so the connection is left with nothing passing through it).
 A message cannot be held for an approver: at the hold threshold it is blocked.
 
+A Realtime session's items are its own: a client event naming an item by id (`item_id` of
+`conversation.item.retrieve` / `.delete` / `.truncate`, `previous_item_id`, an `item_reference` in
+`response.input`) must name one this session was given (an `item` the upstream sent, or one the
+client created with its id); another id (another session's, a guess) is refused
+(`owner.realtime_item`). A session keeps its latest `SESSION_ITEMS` ids.
+
 Why this touches mitmproxy: mitmproxy 12.2 joins a message's frames until its last one, however
 many (300 MiB of frames that never finish grew the gateway by as much), before any hook can see
 the message. Its WebSocket layer is wrapped (checked against its version and source at start,
@@ -61,6 +67,9 @@ logger = logging.getLogger(__name__)
 
 TAIL = 2048  # characters of a direction's earlier text, per kind, matched with each message
 READ_AHEAD = 1 << 20  # bytes read and queued ahead of the messages being policed, at most
+SESSION_ITEMS = 4096  # item ids a Realtime session keeps (its oldest are forgotten)
+ITEM_ID_CHARS = 200  # a longer id is kept by no session
+NAMING_ITEMS = ("item_id", "previous_item_id")  # fields of a client event naming an item
 EXPECTED = {"relay_messages":
             "2d451252c7287da0d392ab91ede1d881954ad2fa101513e1857db9492b4582ca",
             "handle_event": "fd88b0fb09ceddbb1915fe0d588c206e8310d6883a77048a665675e49e43de2b"}
@@ -171,9 +180,9 @@ def _classify(doc: Any, from_client: bool) -> fields.Classify:
     return classify
 
 
-def read_message(content: bytes, from_client: bool) -> Interaction:
-    """One message read as a request (from the client) or an answer; ProtocolError when douane
-    cannot read it whole."""
+def read_message(content: bytes, from_client: bool) -> tuple[Interaction, Any]:
+    """One message read as a request (from the client) or an answer, and its document (audio
+    taken out); ProtocolError when douane cannot read it whole."""
     doc = protocols.loads(content, "WebSocket message")
     it = Interaction("openai", "realtime")
     speaks = False
@@ -190,7 +199,19 @@ def read_message(content: bytes, from_client: bool) -> Interaction:
                 speaks = speaks or isinstance(modalities, list) and "audio" in modalities
     it.has_media = from_client and (_audio(doc) or speaks)  # answers in speech are media too
     fields.cover(it, doc, _classify(doc, from_client), "request" if from_client else "response")
-    return it
+    return it, doc
+
+
+def _named_items(event: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The items a client event names by id: (where, id)."""
+    named = [(f, event[f]) for f in NAMING_ITEMS if event.get(f) is not None]
+    response = event.get("response")
+    inputs = response.get("input") if isinstance(response, dict) else None
+    named += [(f"response.input[{i}].id", item.get("id"))
+              for i, item in enumerate(inputs if isinstance(inputs, list) else [])
+              if isinstance(item, dict) and item.get("type") == "item_reference"]
+    # `root`: the start of the conversation
+    return [(where, i) for where, i in named if (where, i) != ("previous_item_id", "root")]
 
 
 class PoliceWebSocket:
@@ -200,6 +221,7 @@ class PoliceWebSocket:
         self.cut: set[str] = set()  # ids of flows whose later messages are all dropped
         # per flow: (from the client, kind) -> the last TAIL characters of that text
         self.earlier: dict[str, dict[tuple[bool, Kind], str]] = {}
+        self.items: dict[str, dict[str, None]] = {}  # per flow: its session's item ids, in order
 
     def configure(self, updated: set[str]) -> None:
         try:
@@ -232,6 +254,7 @@ class PoliceWebSocket:
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self.cut.discard(flow.id)
         self.earlier.pop(flow.id, None)
+        self.items.pop(flow.id, None)
 
     def _verdict(self, flow_id: str, st: FlowState, is_text: bool, content: bytes,
                  from_client: bool) -> Reason | None:
@@ -250,9 +273,11 @@ class PoliceWebSocket:
             return Reason("protocol.websocket_too_large", f"a WebSocket message of "
                           f"{len(content)} bytes exceeds douane's limit of {limit} bytes")
         try:
-            it = read_message(content, from_client)
+            it, doc = read_message(content, from_client)
         except protocols.ProtocolError as e:
             return Reason(f"protocol.websocket_{e.code}", e.message)
+        if isinstance(doc, dict) and (reason := self._session_items(flow_id, doc, from_client)):
+            return reason
         live = self.enforce.live
         if live is None:
             return None  # no policy configured: nothing to enforce beyond parsing
@@ -277,11 +302,29 @@ class PoliceWebSocket:
                 earlier[key] = (earlier.get(key, "") + " " + piece.text)[-TAIL:]
         return None
 
+    def _session_items(self, flow_id: str, event: dict[str, Any], from_client: bool
+                       ) -> Reason | None:
+        """Refuse a client event naming an item this session was not given; keep the id of an
+        item an event carries."""
+        items = self.items.setdefault(flow_id, {})
+        for where, item_id in _named_items(event) if from_client else []:
+            if not isinstance(item_id, str) or item_id not in items:
+                return Reason("owner.realtime_item", f"{str(event.get('type'))[:60]} names in "
+                              f"{where} an item this session was not given")
+        item = event.get("item")
+        item_id = item.get("id") if isinstance(item, dict) else None
+        if isinstance(item_id, str) and len(item_id) <= ITEM_ID_CHARS:
+            items[item_id] = None
+            if len(items) > SESSION_ITEMS:
+                del items[next(iter(items))]
+        return None
+
     def _cut(self, flow: http.HTTPFlow, reason: Reason) -> None:
         st = peek(flow)
         assert st is not None
         self.cut.add(flow.id)
         self.earlier.pop(flow.id, None)
+        self.items.pop(flow.id, None)
         event = {"type": "error", "event_id": st.decision_id, "error": {
             "type": "invalid_request_error", "code": "policy_denied", "param": None,
             "message": f"{reason.message} (douane decision {st.decision_id})"}}

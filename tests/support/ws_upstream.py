@@ -8,6 +8,7 @@ import json
 import socket
 import socketserver
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from wsproto import ConnectionType, WSConnection
@@ -28,6 +29,8 @@ class RealtimeUpstream:
         self.headers: list[dict[str, str]] = []
         self.extensions: list[list[str]] = []  # the extensions each upgrade offered
         self.reply = "Hello over the WebSocket."
+        # when set, the event answering each message (given the message)
+        self.answer: Callable[[str | bytes], dict[str, Any]] | None = None
         upstream = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -51,7 +54,8 @@ class RealtimeUpstream:
                                 continue
                             upstream.received.append(partial)
                             partial = ""
-                            answer = {"type": "response.output_text.delta", "delta": upstream.reply}
+                            answer = upstream.answer(partial) if upstream.answer else \
+                                {"type": "response.output_text.delta", "delta": upstream.reply}
                             self.request.sendall(ws.send(TextMessage(json.dumps(answer))))
                         elif isinstance(event, CloseConnection):
                             self.request.sendall(ws.send(event.response()))
