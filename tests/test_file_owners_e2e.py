@@ -193,7 +193,13 @@ def test_files_and_vector_stores_are_their_users(gw, upstream, users):
     resp = httpx.post(gw.url + "/v1/responses", headers={
         "authorization": f"Bearer {users[1]}", "content-type": "application/json"},
         content=b'{"model": "m", "input": [{"role": "user", "content": [{"type": '
-                b'"input_\\u0066ile", "\\u0066ile_id": "file-a"}]}]}')
+                b'"input_\\u0066ile", "\\u0066ile_id": "\\u0066ile-a"}]}]}')
+    assert assert_refused(gw, upstream, before, resp, 404)["reasons"][0]["rule"] == "owner.file"
+    # and in UTF-16 (JSON is read so too)
+    before = len(upstream.requests)
+    resp = httpx.post(gw.url + "/v1/responses", headers={
+        "authorization": f"Bearer {users[1]}", "content-type": "application/json"},
+        content=json.dumps({**ask, "model": "m"}).encode("utf-16-le"))
     assert assert_refused(gw, upstream, before, resp, 404)["reasons"][0]["rule"] == "owner.file"
 
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import re
 import sqlite3
@@ -139,8 +140,8 @@ NAMING = {"file_id": ("files", False), "input_file_id": ("files", False),
           "training_file": ("files", False), "validation_file": ("files", False),
           "file_ids": ("files", True), "vector_store_id": ("vector_stores", False),
           "vector_store_ids": ("vector_stores", True)}
-# an encoded body, or one with an escape (a key may be spelt `file\u005fid`), is read whole
-_MAY_NAME = re.compile(rb"file|vector_store|\\u")
+# An ASCII character escaped: a key may be spelt `file\u005fid`.
+_ESCAPED_ASCII = re.compile(rb"\\u00[0-7]")
 NOT_NAMING = frozenset({"parameters", "input_schema", "schema", "metadata"})
 # Granted operations that create an object, by the path's end; the answer's `id` is issued.
 CREATES = re.compile(r"/(conversations|containers|vector_stores|batches|uploads|fine_tuning/jobs)"
@@ -385,7 +386,12 @@ def _files(flow: http.HTTPFlow) -> list[tuple[str, str, str]]:
     """The uploaded files and vector stores a request's body names (`NAMING`), wherever they
     are: only a string can name one (a tool's schema, `metadata`, are not read)."""
     raw = flow.request.raw_content or b""
-    if "content-encoding" not in flow.request.headers and not _MAY_NAME.search(raw):
+    # walked only if a key may be there (each `in` is one fast scan): as is, or escaped, or in
+    # an encoding or a charset (JSON is read in UTF-16 and UTF-32 too) the scan cannot read
+    if b"file" not in raw and b"vector_store" not in raw and \
+            (b"\\u00" not in raw or not _ESCAPED_ASCII.search(raw)) and \
+            "content-encoding" not in flow.request.headers and \
+            json.detect_encoding(raw[:4]) == "utf-8":
         return []
     named: list[tuple[str, str, str]] = []
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(protocols.document(flow, "request"), ())]
