@@ -146,7 +146,11 @@ def test_the_direct_presidio_path_returns_what_the_analyzer_engine_returns():
     texts = [item.text for item in corpus(80, seed=6)] + [
         "Buckets: S3 and EKS in us-east-1, owner Maria Garcia",
         "my ssn is 078-05-1120, phone number 212 555 0147, card 4111111111111111",
-        "ip 10.0.0.1 and IBAN GB82 WEST 1234 5698 7654 32 for John"]
+        "ip 10.0.0.1 and IBAN GB82 WEST 1234 5698 7654 32 for John",
+        # context words: `call` is a stop word, a keyword only as a word of `call:123` (the
+        # enhancer's `Artifacts.keyword`); a match inside a token; a context word after it
+        "ref call:123, please call 212 555 0147 today", "please call 212 555 0147 today",
+        "tel:2125550147 or phone:212 555 0147", "212 555 0147 is my phone, ssn 078-05-1120"]
     compared = 0
     for text, (_, artifacts) in zip(texts, analyzer.nlp_engine.process_batch(
             texts, language="en", batch_size=16), strict=True):

@@ -77,6 +77,7 @@ def _union(group: list[Span], end: int) -> Span:
 VOCABULARY = 20_000  # words a worker's spaCy keeps for its life (see Analyzer.detections)
 NOT_FOR_NER = ["parser", "senter", "tok2vec", "tagger", "attribute_ruler", "lemmatizer"]
 DIGITS = re.compile(r"\d")
+COLON = re.compile(":")
 # two colons with at most 4 hex digits between: every IPv6 form ("::1", the full 8 groups, mapped)
 IPV6_SHAPE = re.compile(r"[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:")
 # entity -> a cheap test a text must pass for that entity's recogniser to run
@@ -468,7 +469,10 @@ def field_recognizer(entities: list[str]):
 def context_enhancer():
     """Presidio's context enhancer, in place: only results a context word can raise are looked
     at (names, fields and secrets, most results, have no context words), and none is deep-copied
-    (Presidio copies every result it is given; these are fresh per analysis)."""
+    (Presidio copies every result it is given; these are fresh per analysis). The words around a
+    result are Presidio's (`_extract_surrounding_words`) found without its scans of the whole
+    text: the result's token by bisection on the tokens' ends, and whether a word near it is one
+    of the text's keywords from that word (`Artifacts.keyword`), not from a list of them all."""
     from presidio_analyzer import RecognizerResult
     from presidio_analyzer.context_aware_enhancers import LemmaContextAwareEnhancer
 
@@ -483,17 +487,43 @@ def context_enhancer():
                 recognizer = by_id.get(result.recognition_metadata.get(key))
                 if recognizer is None or result.recognition_metadata.get(boosted):
                     continue
-                words = self._extract_surrounding_words(
-                    nlp_artifacts=nlp_artifacts, word=text[result.start:result.end],
-                    start=result.start)
-                if self._find_supportive_word_in_context(words, recognizer.context,
-                                                         self.context_matching_mode):
+                words = self.surrounding_words(nlp_artifacts, text[result.start:result.end],
+                                               result.start)
+                if self.supported(words, recognizer.context):
                     result.score = min(max(result.score + self.context_similarity_factor,
                                            self.min_score_with_context_similarity),
                                        self.MAX_SCORE)
             return raw_results
 
+        def supported(self, words: list[str], context: list[str]) -> bool:
+            """`_find_supportive_word_in_context` found a word (`words` are lower-case)."""
+            if self.context_matching_mode == "substring":
+                return any(c.lower() in w for c in context for w in words)
+            return bool(self._find_supportive_word_in_context(words, context,
+                                                              self.context_matching_mode))
+
+        def surrounding_words(self, artifacts, word: str, start: int) -> list[str]:
+            """What `_extract_surrounding_words` returns (as a list of the same words)."""
+            tokens = artifacts.tokens
+            if not tokens:
+                return [""]
+            index = int(artifacts.token_ends.searchsorted(start, side="right"))
+            if index == len(tokens):  # Presidio's error, for the same case
+                raise ValueError(f"Did not find word {word!r} in the list of tokens")
+            words = set()
+            for n, step in ((self.context_prefix_count, -1), (self.context_suffix_count, 1)):
+                i, remaining = index, n + 1
+                while 0 <= i < len(tokens) and remaining > 0:
+                    if artifacts.keyword(lemma := tokens[i].lower_):
+                        words.add(lemma.lower())
+                        remaining -= 1
+                    i += step
+            return list(words)
+
     return ContextEnhancer()
+
+
+KEPT: dict[str, bool] = {}  # lemma -> `Artifacts.kept`, for the first VOCABULARY lemmas
 
 
 def nlp_engine_class():
@@ -518,10 +548,34 @@ def nlp_engine_class():
                 value = [token.idx for token in self.tokens]
             elif name == "keywords":
                 value = self.set_keywords(self.nlp_engine, self.lemmas, self.language)
+            elif name == "token_ends":  # increasing: tokens are in order, none is empty
+                value = self.tokens.to_array([IDX, LENGTH]).sum(axis=1)
+            elif name == "colon_words":  # the words of the keywords with a colon
+                value = set()
+                for i in {int(self.token_ends.searchsorted(m.start(), side="right"))
+                          for m in COLON.finditer(self.tokens.text)}:
+                    if self.kept(lemma := self.tokens[i].lower_):
+                        value.update(lemma.lower().split(":"))
             else:
                 raise AttributeError(name)
             setattr(self, name, value)
             return value
+
+        def kept(self, lemma: str) -> bool:
+            """`set_keywords` keeps the lemma (its words are keywords)."""
+            kept = KEPT.get(lemma)
+            if kept is None:
+                kept = (lemma not in ("-PRON-", "be") and not self.nlp_engine.is_stopword(
+                    lemma, self.language) and not self.nlp_engine.is_punct(lemma, self.language))
+                if len(KEPT) < VOCABULARY:
+                    KEPT[lemma] = kept
+            return kept
+
+        def keyword(self, lemma: str) -> bool:
+            """`lemma.lower() in self.keywords`, without the text's keywords: a word is one if
+            its lemma is kept, or if it is a word of a kept lemma with a colon (the keywords are
+            the kept lemmas lower-cased, split at colons; a lemma is lower-case already)."""
+            return ":" not in lemma and (self.kept(lemma) or lemma.lower() in self.colon_words)
 
     class NlpEngine(SpacyNlpEngine):
         def _doc_to_nlp_artifact(self, doc, language):
@@ -538,7 +592,7 @@ def nlp_engine_class():
         def is_punct(self, word: str, language: str) -> bool:
             return self.nlp[language].vocab.lex_attr_getters[IS_PUNCT](word)
 
-    from spacy.attrs import IS_PUNCT, IS_STOP
+    from spacy.attrs import IDX, IS_PUNCT, IS_STOP, LENGTH
 
     return NlpEngine
 
