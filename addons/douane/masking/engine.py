@@ -324,10 +324,16 @@ class TokenVectors:
         best = Y[:, :nO]
         for piece in range(1, nP):
             best = np.maximum(best, Y[:, piece * nO:(piece + 1) * nO])
-        Y = best
-        mu = Y.mean(axis=1, keepdims=True)
-        var = Y.var(axis=1, keepdims=True) + 1e-08
-        Y = (Y - mu) * var ** (-1.0 / 2.0)
+        # Y.mean and Y.var as numpy computes them (`_methods._mean`, `_var`: a sum, divided by
+        # the count as a numpy integer), the mean once: the wrappers cost as much for a few rows
+        count = np.intp(best.shape[1])
+        mu = np.add.reduce(best, axis=1, keepdims=True)
+        np.true_divide(mu, count, out=mu, casting="unsafe")
+        centred = np.subtract(best, mu)
+        var = np.add.reduce(np.square(centred), axis=1, keepdims=True)
+        np.true_divide(var, count, out=var, casting="unsafe")
+        var += 1e-08
+        Y = centred * var ** (-1.0 / 2.0)
         Y *= G
         Y += beta
         return Y
