@@ -278,3 +278,19 @@ def test_the_preview_leads_with_the_pieces_the_reasons_point_at(fields, shown):
     assert candidates == 12 + ("tool_result[0]" in fields)  # a JSON key is no context
     assert all(bool(rules) == (p.text in ("p0", "p2", "p3", "r0") or fields == ["prompt[*]"])
                for p, rules in chosen)
+
+
+def test_a_retry_with_a_new_progress_token_or_trace_context_is_the_same_request():
+    """`_meta` values are inspected (red team, stop 28) but a client sets a progress token and
+    trace context anew on each retry: they do not make it another request; its arguments do."""
+    from douane.approvals.store import fingerprint
+    from douane.protocols import mcp
+
+    def fp(meta: dict, text: str = "a") -> str:
+        return fingerprint("crm", mcp.parse_request({
+            "jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+                "name": "delete_records", "arguments": {"text": text}, "_meta": meta}}, None))
+    first = fp({"progressToken": "p-1", "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"})
+    assert fp({"progressToken": "p-2", "traceparent": "00-" + "c" * 32 + "-" + "d" * 16 + "-01"}) \
+        == first
+    assert fp({"progressToken": "p-1"}, "b") != fp({"progressToken": "p-1"})

@@ -38,11 +38,18 @@ def subject_of(it: Interaction) -> str:
 
 
 def fingerprint(upstream: str, it: Interaction) -> str:
-    """Identifies "the same request" across retries (JSON-RPC ids and headers may differ)."""
+    """Identifies "the same request" across retries (JSON-RPC ids, headers and an MCP message's
+    `_meta` values may differ: a client sets a progress token or trace context anew each time;
+    they are inspected all the same)."""
     doc = [upstream, it.operation, it.model, subject_of(it),
            [m.params.get("arguments") for m in it.mcp if m.tool],
-           [(p.kind, p.text) for p in it.texts]]
+           [(p.kind, p.text) for p in it.texts if not _meta(p.path)]]
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _meta(path: tuple) -> bool:
+    at = 1 if path and isinstance(path[0], int) else 0  # a batch's message
+    return path[at:at + 2] == ("params", "_meta")
 
 
 @dataclass
