@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 from mitmproxy import http
 
-from douane import headerfields, untrusted
+from douane import headerfields, untrusted, upstreamerrors
 from douane.bursts import Bursts
 from douane.chainheads import ChainHeads
 from douane.config import AuditConfig, Config
@@ -427,8 +427,9 @@ def flow_record(flow: http.HTTPFlow, config: Config) -> dict[str, Any]:
     if flow.response and not ((flow.response.stream or flow.error) and "status" in record):
         # (a stream refused after its 200 left, an answer cut by mitmproxy: the refusal's status)
         record["status"] = flow.response.status_code
-    if flow.error:
+    if flow.error:  # no answer, or not all of it: how it ended
         record["error"] = flow.error.msg
+        record["ended"] = upstreamerrors.ending(flow)
     return record
 
 

@@ -354,6 +354,9 @@ class Limits:
     idle_timeout: int = 60  # seconds a connection may wait, silent, between requests
     header_timeout: int = 30  # seconds from a request's first byte to its complete headers
     body_timeout: int = 60  # seconds from a request's headers to its complete body
+    answer_head_timeout: int = 600  # seconds from a request leaving to its answer's head
+    answer_silence_timeout: int = 300  # seconds an answer may send nothing, once its head came
+    mcp_silence_timeout: int = 900  # the same for an MCP upstream (its streams may idle)
 
 
 @dataclass(frozen=True)
@@ -520,20 +523,24 @@ def _listen(v: View, key: str) -> str | None:
 def _limits(gateway: View) -> Limits:
     default = Limits()
     timeouts = gateway.sub("timeouts")
-    timeouts.only("idle", "headers", "body")
+    timeouts.only("idle", "headers", "body", "answer_head", "answer_silence", "mcp_silence")
     limits = Limits(
         answer_size_limit=gateway.size("answer_size_limit", default.answer_size_limit),
         stream_size_limit=gateway.size("stream_size_limit", default.stream_size_limit),
         max_text_pieces=gateway.get("max_text_pieces", int, default.max_text_pieces),
         idle_timeout=timeouts.get("idle", int, default.idle_timeout),
         header_timeout=timeouts.get("headers", int, default.header_timeout),
-        body_timeout=timeouts.get("body", int, default.body_timeout))
+        body_timeout=timeouts.get("body", int, default.body_timeout),
+        answer_head_timeout=timeouts.get("answer_head", int, default.answer_head_timeout),
+        answer_silence_timeout=timeouts.get("answer_silence", int,
+                                            default.answer_silence_timeout),
+        mcp_silence_timeout=timeouts.get("mcp_silence", int, default.mcp_silence_timeout))
     for key, value in (("answer_size_limit", limits.answer_size_limit),
                        ("stream_size_limit", limits.stream_size_limit),
                        ("max_text_pieces", limits.max_text_pieces)):
         if value < 1:
             raise gateway.error("must be positive", key)
-    for key in ("idle", "headers", "body"):
+    for key in ("idle", "headers", "body", "answer_head", "answer_silence", "mcp_silence"):
         if timeouts.get(key, int, 1) < 1:
             raise timeouts.error("must be at least 1 second", key)
     return limits

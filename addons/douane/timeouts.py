@@ -6,9 +6,28 @@ then, or none at all, holds its connection for ever. douane's limits (`gateway.t
   or the end of its last answer);
 - headers: a request's headers are complete within this long of its first byte;
 - body: a request's body is complete within this long of its headers.
-Answers may take as long as the upstream needs (the connection is busy then, not idle). A WebSocket
-is left to its own policing. A watchdog task checks every second; its work is one pass over the
-open client connections.
+A WebSocket is left to its own policing.
+
+An upstream that accepts a request and then never answers, or stops in the middle of its answer,
+held the client until mitmproxy's `tcp_timeout` (600 s of silence on the client's connection, any
+flow of it) closed the connection, with no answer and no audit record. Each answer has its own
+deadlines (`gateway.timeouts`):
+- answer_head: from the moment the request leaves douane's checkpoint (after any hold for an
+  approver, which does not count) to its answer's head, connecting and TLS to the upstream
+  included;
+- answer_silence: once the head came, the longest the upstream may send nothing (a chunk of a
+  stream or of a whole answer); a model streaming slowly but steadily is never cut;
+- mcp_silence: the same for an MCP upstream, larger: a long tool call, or a GET stream listening
+  for the server's messages, may idle (any byte, an SSE comment as a keep-alive, counts).
+Time spent in douane's own hooks (an answer masked, a stream's end analysed) does not count.
+Past a deadline the flow is ended inside its own layer (`_Cut`, below): the upstream's connection
+is closed (HTTP/1) or its stream reset (HTTP/2), and `upstreamerrors` answers a 504 in the API's
+shape, or ends a stream already started with the API's error event; the audit record says
+`upstream.timeout`. douane raises mitmproxy's `tcp_timeout` above its longest deadline so its own
+answer comes first.
+
+A watchdog task checks every second; its work is one pass over the open client connections and
+the answers awaited.
 """
 
 from __future__ import annotations
@@ -19,13 +38,64 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mitmproxy import connection, ctx, http
+from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.layers.http import (
+    ErrorCode,
+    GetHttpConnection,
+    HttpLayer,
+    HttpRequestHook,
+    HttpStream,
+    RequestEndOfMessage,
+    RequestProtocolError,
+    ResponseData,
+    ResponseHeaders,
+    ResponseProtocolError,
+    ResponseTrailers,
+    SendHttp,
+)
 
-from douane.flowstate import Reason, state
+from douane import upstreamerrors
+from douane.config import Limits
+from douane.flowstate import Reason, peek, state
+from douane.protocols import mitmpatch
 from douane.settings import Settings
 
 logger = logging.getLogger(__name__)
 TICK = 1.0
+TCP_MARGIN = 30  # seconds mitmproxy's tcp_timeout is kept above douane's longest deadline
+# sha256 of the source of mitmproxy's functions the answer deadlines rely on
+EXPECTED = {
+    "_handle_event": "e3cbfef7310ae81ffa7ed7ecba57f932afabada8cd48921308db363c47dd6c89",
+    "event_to_child": "1095f6e1581d1780afd5e87446b11eee0b12fb196c9be559f0fe15055436c8d7",
+    "handle_event": "fd88b0fb09ceddbb1915fe0d588c206e8310d6883a77048a665675e49e43de2b",
+}
+_PROGRESS = (ResponseHeaders, ResponseData, ResponseTrailers)
+
+
+@dataclass
+class _Answer:
+    """An answer awaited from upstream: the layer that waits for it, and until when."""
+
+    flow: http.HTTPFlow
+    stream: HttpStream
+    deadline: float  # time.monotonic()
+    silence: int  # seconds allowed between two pieces of it, once its head came
+    head: bool = False  # its head came
+
+
+class _Cut(commands.RequestWakeup):
+    """douane's own wake-up of a stream whose answer's deadline passed (`message`: why)."""
+
+    def __init__(self, message: str):
+        super().__init__(0)
+        self.message = message
+
+
+# flow id -> its awaited answer: kept by the stream's layer (`handle_event`), read by the watchdog
+_answers: dict[str, _Answer] = {}
+_limits = Limits()
+_handle_event = HttpStream._handle_event
 
 
 @dataclass
@@ -44,6 +114,20 @@ class ClientTimeouts:
         self.settings = settings
         self.clients: dict[str, _Client] = {}
         self._task: asyncio.Task[None] | None = None
+
+    def configure(self, updated: set[str]) -> None:
+        global _limits
+        try:
+            install()
+        except ValueError as e:
+            raise exceptions.OptionsError(str(e)) from None
+        _limits = self.settings.config.limits
+        # mitmproxy's own timeout closes a silent client connection without an answer: kept above
+        # douane's deadlines, so that douane's answer (and its audit record) comes first
+        longest = max(_limits.answer_head_timeout, _limits.answer_silence_timeout,
+                      _limits.mcp_silence_timeout) + TCP_MARGIN
+        if ctx.options.tcp_timeout < longest:
+            ctx.options.update(tcp_timeout=longest)
 
     def running(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._watch())
@@ -84,6 +168,7 @@ class ClientTimeouts:
             c.exempt = True
 
     def _finished(self, flow: http.HTTPFlow) -> None:
+        _answers.pop(flow.id, None)
         c = self.clients.get(flow.client_conn.id)
         if c is not None:
             c.busy.pop(flow.id, None)
@@ -102,6 +187,12 @@ class ClientTimeouts:
                 # One at a time, the loop free between them: a thousand connections opened
                 # together time out together, and their teardowns would be one long stall.
                 await handler.on_timeout()
+                await asyncio.sleep(0)
+            for answer in _late_answers(time.monotonic()):
+                try:
+                    await _cut(answer)
+                except Exception:
+                    logger.exception("douane: an answer past its deadline could not be ended")
                 await asyncio.sleep(0)
 
     def _check(self, now: float) -> list[Any]:
@@ -136,3 +227,110 @@ class ClientTimeouts:
                             c.conn.peername[0] if c.conn.peername else "?", why)
                 late_handlers.append(handler)
         return late_handlers
+
+
+def _late_answers(now: float) -> list[_Answer]:
+    """The answers past their deadline, let go of; a deadline does not run while the answer's
+    layer waits for douane's own hooks."""
+    late = []
+    for flow_id, answer in list(_answers.items()):
+        if not answer.flow.live or answer.flow.error:
+            del _answers[flow_id]
+        elif answer.deadline < now:
+            paused = answer.stream._paused  # (mitmproxy's: the layer waits for a command's end)
+            if paused is not None and isinstance(paused.command, commands.StartHook):
+                answer.deadline = now + answer.silence
+            else:
+                del _answers[flow_id]
+                late.append(answer)
+    return late
+
+
+async def _cut(answer: _Answer) -> None:
+    """End a late answer inside its own layer: a wake-up only its stream handles (`handle_event`),
+    routed to it as mitmproxy routes any stream's own (each HTTP layer above it knows its way)."""
+    flow, stream = answer.flow, answer.stream
+    handler = ctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)
+    if handler is None:
+        return
+    if answer.head:
+        seconds, what = answer.silence, "sent nothing more of its answer"
+    else:
+        seconds, what = _limits.answer_head_timeout, "did not answer"
+    message = f"douane: the upstream {what} within {seconds} s"
+    logger.info("douane: %s (decision %s)", message, state(flow).decision_id)
+    paused = stream._paused
+    if paused is not None and isinstance(paused.command, GetHttpConnection):
+        # still connecting (or in its TLS handshake): the stream waits for that, not for events
+        for conn, waiting in _http_layer(stream).waiting_for_establishment.items():
+            if paused.command in waiting and conn in handler.transports:
+                upstreamerrors.timed_out(flow, message)
+                handler.close_connection(conn)
+    wakeup = _Cut(message)
+    layers = stream.context.layers
+    for i, above in enumerate(layers[:-1]):
+        if isinstance(above, HttpLayer):
+            above.command_sources[wakeup] = layers[i + 1]
+    await handler.server_event(events.Wakeup(wakeup))
+
+
+def _http_layer(stream: HttpStream) -> HttpLayer:
+    layers = stream.context.layers
+    return layers[layers.index(stream) - 1]
+
+
+def _ended(stream: HttpStream, message: str) -> layer.CommandGenerator[None]:
+    """In the stream's layer: the upstream is told (HTTP/1: its connection closed; HTTP/2: this
+    stream reset) and the failure answered as the upstream's own (`upstreamerrors`)."""
+    done = (HttpStream.state_done, HttpStream.state_errored)
+    if not stream.flow.live or getattr(stream.server_state, "__func__", None) in done:
+        return
+    upstreamerrors.timed_out(stream.flow, message)
+    if stream.context.server in _http_layer(stream).connections:
+        yield SendHttp(RequestProtocolError(stream.stream_id, message, ErrorCode.CANCEL),
+                       stream.context.server)
+    yield from stream.handle_protocol_error(
+        ResponseProtocolError(stream.stream_id, message, ErrorCode.GENERIC_SERVER_ERROR))
+
+
+def handle_event(self: HttpStream, event: events.Event) -> layer.CommandGenerator[None]:
+    if isinstance(event, events.Wakeup) and isinstance(event.command, _Cut):
+        yield from _ended(self, event.command.message)
+    elif isinstance(event, RequestEndOfMessage):
+        yield from _asked(self, event)
+    else:
+        yield from _handle_event(self, event)
+        if isinstance(event, _PROGRESS):
+            answer = _answers.get(self.flow.id)
+            if answer is not None:
+                answer.head = True
+                answer.deadline = time.monotonic() + answer.silence
+
+
+def _asked(self: HttpStream, event: RequestEndOfMessage) -> layer.CommandGenerator[None]:
+    """A request's end: when the `request` hook is done (held, masked, let go), the answer's
+    clock starts, before connecting to the upstream."""
+    steps = _handle_event(self, event)
+    reply = None
+    while True:
+        try:
+            command = steps.send(reply)
+        except StopIteration:
+            return
+        reply = yield command
+        if isinstance(command, HttpRequestHook) and self.flow.live and not self.flow.response \
+                and not self.flow.error:
+            st = peek(self.flow)
+            mcp = st is not None and st.upstream is not None and st.upstream.protocol == "mcp"
+            _answers[self.flow.id] = _Answer(
+                self.flow, self, time.monotonic() + _limits.answer_head_timeout,
+                _limits.mcp_silence_timeout if mcp else _limits.answer_silence_timeout)
+
+
+def install() -> None:
+    """Wrap mitmproxy's stream layer (once); ValueError when this mitmproxy is not the one the
+    wrap was written for."""
+    mitmpatch.check("answer deadlines need", "a stream's layer is woken and ended in place",
+                    {"_handle_event": _handle_event, "event_to_child": HttpLayer.event_to_child,
+                     "handle_event": layer.Layer.handle_event}, EXPECTED)
+    HttpStream._handle_event = handle_event  # type: ignore[method-assign]

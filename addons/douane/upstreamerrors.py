@@ -6,20 +6,33 @@ upstream that closed (or sent something unreadable) before its answer's head, wi
 layer after the `error` hook: no hook can replace it. `HttpStream.handle_protocol_error` is
 wrapped: such a failure is decided (`upstream.unreachable`, or `upstream.timeout` with a 504) and
 answered with a refusal in the upstream's shape naming its decision id, before the `error` hook
-runs, so the audit trail records it. An answer whose head the client already has (a stream cut by
-its upstream) is left to mitmproxy: the client's connection is closed mid-body, as before.
-The wrap is checked against mitmproxy's version and source at start, like `protocols.http1`.
+runs, so the audit trail records it. A stream douane rewrites whose upstream failed after its head
+reached the client (it closed, reset, or missed an answer deadline: `douane.timeouts`) ends with
+the API's own error event naming the decision id (`upstream.cut`, `upstream.timeout`), its end
+sent properly; any other answer cut after its head is left to mitmproxy (the client's connection
+closed mid-body).
+mitmproxy answers a body past its own `body_size_limit` (which douane sets from its limits) with
+its own HTML 413 (a request) or 502 (an answer), after the `error` hook: `HttpStream.
+check_body_size` is wrapped the same way, the page replaced by the refusal in the API's shape
+under the decision `Inspect.error` took (`protocol.too_large`).
+Both wraps see how every failed flow failed before its `error` hook runs: `ending` names it for the
+audit record (the client left or reset its stream, the upstream failed, timed out or reset its
+stream, a body too large, the flow killed), where mitmproxy's error text alone is free prose.
+The wraps are checked against mitmproxy's version and source at start, like `protocols.http1`.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 
 from mitmproxy import exceptions, http
 from mitmproxy.proxy import layer
 from mitmproxy.proxy.layers.http import (
     ErrorCode,
+    HttpErrorHook,
     HttpStream,
+    RequestProtocolError,
     ResponseData,
     ResponseEndOfMessage,
     ResponseHeaders,
@@ -27,8 +40,9 @@ from mitmproxy.proxy.layers.http import (
     SendHttp,
 )
 
-from douane.flowstate import Reason, state
+from douane.flowstate import Reason, peek, state
 from douane.protocols import http1, mitmpatch
+from douane.protocols.streams import StreamRewriter
 from douane.refusals import make_response
 from douane.untrusted import loggable
 
@@ -38,6 +52,7 @@ ERROR_CHARS = 200  # of the upstream's error kept in the audit record
 # sha256 of the source of the function wrapped
 EXPECTED = {
     "handle_protocol_error": "59fc3b2eeeabf63a64d4cce98b4fe4cab5193ebefbd9c32ae186e65c7d25bfe2",
+    "check_body_size": "236ca0a7b9fd4f69a1f75cf6026a5f9c827270f79a90335673e4721afd731a4a",
 }
 # (what the error's text says, in lower case) -> what the client is told
 _KINDS = (("timed out", "timed out"), ("timeout", "timed out"),
@@ -54,6 +69,44 @@ _KINDS = (("timed out", "timed out"), ("timeout", "timed out"),
           ("cannot parse http response", "its answer could not be read"))
 
 _handle_protocol_error = HttpStream.handle_protocol_error
+_check_body_size = HttpStream.check_body_size
+# flows whose answer's deadline passed (`douane.timeouts`) -> what the client is told
+_timed_out: weakref.WeakKeyDictionary[http.HTTPFlow, str] = weakref.WeakKeyDictionary()
+# failed flows -> how they ended (`ending`)
+_endings: weakref.WeakKeyDictionary[http.HTTPFlow, str] = weakref.WeakKeyDictionary()
+_SERVER_ENDINGS = {ErrorCode.CONNECT_FAILED: "upstream_unreachable",
+                   ErrorCode.CANCEL: "upstream_reset", ErrorCode.RESPONSE_TOO_LARGE: "too_large",
+                   ErrorCode.KILL: "killed"}
+_CLIENT_ENDINGS = {ErrorCode.CLIENT_DISCONNECTED: "client_left", ErrorCode.CANCEL: "client_reset",
+                   ErrorCode.REQUEST_TOO_LARGE: "too_large", ErrorCode.KILL: "killed"}
+
+
+def ending(flow: http.HTTPFlow) -> str:
+    """How a failed flow ended: client_left, client_reset, client_error, upstream_unreachable,
+    upstream_failed, upstream_timeout, upstream_reset, too_large, killed, or error."""
+    if flow in _timed_out:
+        return "upstream_timeout"
+    if flow in _endings:
+        return _endings[flow]
+    return "killed" if flow.error and flow.error.msg == flow.error.KILLED_MESSAGE else "error"
+
+
+def _ended(flow: http.HTTPFlow, event: RequestProtocolError | ResponseProtocolError) -> None:
+    if isinstance(event, ResponseProtocolError):
+        _endings[flow] = _SERVER_ENDINGS.get(event.code, "upstream_failed")
+    elif event.code in _CLIENT_ENDINGS:
+        _endings[flow] = _CLIENT_ENDINGS[event.code]
+    else:  # (HTTP/2 calls a reset with another code, or a connection closed under its streams,
+        # a client error: its text says which)
+        said = event.message.lower()
+        _endings[flow] = "client_reset" if "reset" in said else \
+            "client_left" if "closed" in said else "client_error"
+
+
+def timed_out(flow: http.HTTPFlow, message: str) -> None:
+    """The flow's answer missed its deadline: its failure, whatever mitmproxy calls it (a closed
+    connection, a cancelled connect), is a timeout."""
+    _timed_out[flow] = message
 
 
 def failure(message: str) -> tuple[int, str, str]:
@@ -72,49 +125,136 @@ def _before_head(stream: HttpStream) -> bool:
         HttpStream.state_consume_response_body)
 
 
+def _decided(flow: http.HTTPFlow, message: str, rule: str | None = None
+             ) -> tuple[int, str, str]:
+    """Decide the upstream's failure: (status, rule, what the client is told)."""
+    status, found, kind = failure(message)
+    if flow in _timed_out:
+        message = kind = _timed_out[flow]
+        status, found = 504, "upstream.timeout"
+    rule = found if rule is None or found == "upstream.timeout" else rule
+    state(flow).decide("error", Reason(rule, loggable(message, ERROR_CHARS)), status=status)
+    return status, rule, kind
+
+
 def _answer(flow: http.HTTPFlow, message: str) -> http.Response:
     """Decide the failure and put its refusal in `flow.response`."""
     st = state(flow)
-    status, rule, kind = failure(message)
+    status, _, kind = _decided(flow, message)
     name = st.upstream.name if st.upstream else "the upstream"
-    st.decide("error", Reason(rule, loggable(message, ERROR_CHARS)), status=status)
-    first = st.interaction.mcp[0] if st.interaction and st.interaction.mcp else None
-    flow.response = make_response(
-        st.upstream.protocol if st.upstream else "generic", status,
-        f"douane could not get an answer from {loggable(name, 64)}: {kind}",
-        code="upstream_timeout" if status == 504 else "upstream_unreachable",
-        decision_id=st.decision_id, rpc_id=first.request_id if first else None)
+    flow.response = _refusal(
+        flow, status, f"douane could not get an answer from {loggable(name, 64)}: {kind}",
+        "upstream_timeout" if status == 504 else "upstream_unreachable")
     return flow.response
 
 
+def _refusal(flow: http.HTTPFlow, status: int, message: str, code: str) -> http.Response:
+    """A refusal in the flow's upstream's shape, naming its decision id (and JSON-RPC id)."""
+    st = state(flow)
+    first = st.interaction.mcp[0] if st.interaction and st.interaction.mcp else None
+    return make_response(st.upstream.protocol if st.upstream else "generic", status, message,
+                         code=code, decision_id=st.decision_id,
+                         rpc_id=first.request_id if first else None)
+
+
+def _stream_cut(stream: HttpStream, message: str) -> bytes | None:
+    """A rewritten stream whose upstream failed after its head left: the API's error event that
+    ends it (None: not a stream douane rewrites)."""
+    rewriter = stream.flow.response.stream if stream.flow.response else None
+    if not isinstance(rewriter, StreamRewriter) or getattr(
+            stream.server_state, "__func__", None) is not HttpStream.state_stream_response_body:
+        return None
+    _, _, kind = _decided(stream.flow, message, "upstream.cut")
+    rewriter.abort(f"the upstream's answer was cut: {kind}")
+    return rewriter.resume()
+
+
 def handle_protocol_error(self: HttpStream, event) -> layer.CommandGenerator[None]:
-    answer = None
-    if isinstance(event, ResponseProtocolError) and self.flow.live and _before_head(self) and \
+    answer: http.Response | None = None
+    ending: bytes | None = None
+    if self.flow not in _endings:  # the first failure is how it ended
+        _ended(self.flow, event)
+    if isinstance(event, ResponseProtocolError) and self.flow.live and \
             event.code in (ErrorCode.CONNECT_FAILED, ErrorCode.GENERIC_SERVER_ERROR) and \
             not event.message.startswith(http1.UPSTREAM_OVERFLOW):
         # the error's text is the upstream's (its bytes, for an unreadable answer): bounded
         event = ResponseProtocolError(event.stream_id, loggable(event.message, ERROR_CHARS),
                                       event.code)
         try:
-            answer = _answer(self.flow, event.message)
+            if _before_head(self):
+                answer = _answer(self.flow, event.message)
+            else:
+                ending = _stream_cut(self, event.message)
+                if ending is None and self.flow in _timed_out:  # its connection cut mid-body
+                    _decided(self.flow, event.message)
         except Exception:  # mitmproxy's own 502 still refuses: better than a dead connection
             logger.exception("douane: an upstream's failure could not be answered in its shape")
-    steps = _handle_protocol_error(self, event)
+    yield from _replacing(_handle_protocol_error(self, event), self, event, answer, ending)
+
+
+def check_body_size(self: HttpStream, request: bool) -> layer.CommandGenerator[bool]:
+    steps = _check_body_size(self, request)
+    reply = None
+    while True:
+        try:
+            command = steps.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        if isinstance(command, HttpErrorHook):
+            _endings[self.flow] = "too_large"
+        if isinstance(command, SendHttp) and isinstance(command.event, ResponseProtocolError) \
+                and command.event.code in (ErrorCode.REQUEST_TOO_LARGE,
+                                           ErrorCode.RESPONSE_TOO_LARGE):
+            # after the `error` hook: `Inspect.error` decided it; answered in the API's shape
+            answer = _too_large(self.flow, request)
+            if answer is not None:
+                yield from _sent(self, command, answer)
+                if not request:  # (a request's: mitmproxy closes the connection after it)
+                    reply = None
+                    continue
+        reply = yield command
+
+
+def _too_large(flow: http.HTTPFlow, request: bool) -> http.Response | None:
+    st = peek(flow)
+    if st is None or st.decision is None or st.decision.status is None:
+        return None  # not a flow douane decided: mitmproxy's page
+    limit = "request" if request else "answer"
+    response = _refusal(flow, st.decision.status, f"the {limit} exceeds douane's size limit",
+                        f"{limit}_too_large")
+    if request:  # the rest of its body is not read
+        response.headers["connection"] = "close"
+    return response
+
+
+def _replacing(steps, stream: HttpStream, event, answer: http.Response | None,
+               ending: bytes | None) -> layer.CommandGenerator[None]:
+    """mitmproxy's handling of `event`, with what it sends the client about it replaced: by
+    `answer` (its HTML error page), or by the stream's `ending` and end (a cut connection)."""
     reply = None
     while True:
         try:
             command = steps.send(reply)
         except StopIteration:
             return
-        if answer is not None and isinstance(command, SendHttp) and command.event is event:
-            # mitmproxy's HTML error page, replaced by the refusal (its head, body and end)
-            yield SendHttp(ResponseHeaders(self.stream_id, answer, False), command.connection)
-            yield SendHttp(ResponseData(self.stream_id, answer.content or b""),
-                           command.connection)
-            yield SendHttp(ResponseEndOfMessage(self.stream_id), command.connection)
+        if isinstance(command, SendHttp) and command.event is event and answer is not None:
+            yield from _sent(stream, command, answer)
+            reply = None
+        elif isinstance(command, SendHttp) and command.event is event and ending is not None:
+            if ending:
+                yield SendHttp(ResponseData(stream.stream_id, ending), command.connection)
+            yield SendHttp(ResponseEndOfMessage(stream.stream_id), command.connection)
             reply = None
         else:
             reply = yield command
+
+
+def _sent(stream: HttpStream, command: SendHttp, answer: http.Response
+          ) -> layer.CommandGenerator[None]:
+    """The refusal instead of mitmproxy's HTML error page: its head, body and end."""
+    yield SendHttp(ResponseHeaders(stream.stream_id, answer, False), command.connection)
+    yield SendHttp(ResponseData(stream.stream_id, answer.content or b""), command.connection)
+    yield SendHttp(ResponseEndOfMessage(stream.stream_id), command.connection)
 
 
 class UpstreamErrors:
@@ -129,5 +269,7 @@ class UpstreamErrors:
 
 def install() -> None:
     mitmpatch.check("an upstream's failure needs", "it answers it with its own HTML page",
-                    {"handle_protocol_error": _handle_protocol_error}, EXPECTED)
+                    {"handle_protocol_error": _handle_protocol_error,
+                     "check_body_size": _check_body_size}, EXPECTED)
     HttpStream.handle_protocol_error = handle_protocol_error  # type: ignore[method-assign]
+    HttpStream.check_body_size = check_body_size  # type: ignore[method-assign]

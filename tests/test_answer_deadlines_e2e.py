@@ -1,0 +1,294 @@
+"""An upstream that accepts a request and then never answers, or stops in the middle of its answer,
+no longer holds the client for mitmproxy's 600 s: past douane's answer deadlines
+(`gateway.timeouts.answer_head`, `answer_silence`, `mcp_silence`; 3-5 s here) the client gets a
+504 in the API's shape, or a stream already started ends with the API's error event, and the audit
+record says `upstream.timeout` (`douane.timeouts`, `douane.upstreamerrors`). A stream at a slow,
+steady pace is never cut. Bounds are asserted generously: the machine is shared and loaded."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import UPSTREAM_KEY
+from tests.support.gateway import Gateway, base_config
+from tests.support.upstream import FakeUpstream
+
+POLICY = """\
+version: 1
+default:
+  upstreams:
+    llm: {models: ["*"]}
+    claude: {models: ["*"]}
+    crm: {tools: {allow: ["*"]}}
+    tls: {models: ["*"]}
+"""
+HEAD, SILENCE, MCP_SILENCE = 3, 3, 5
+LATE = 40  # seconds: far under mitmproxy's 600, far over the deadlines even on a loaded machine
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+released = threading.Event()  # set at the end: the stalled upstream threads let go
+
+
+def stall() -> None:
+    released.wait(120)
+
+
+def chunk(handler: BaseHTTPRequestHandler, data: bytes) -> None:
+    handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+    handler.wfile.flush()
+
+
+def sse_head(handler: BaseHTTPRequestHandler) -> None:
+    handler.send_response(200)
+    handler.send_header("content-type", "text/event-stream")
+    handler.send_header("transfer-encoding", "chunked")
+    handler.end_headers()
+    handler.wfile.flush()
+
+
+def openai_delta(text: str) -> bytes:
+    return b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 0,
+                                   "model": "m", "choices": [{"index": 0, "delta": {
+                                       "content": text}, "finish_reason": None}]}).encode() + \
+        b"\n\n"
+
+
+def anthropic_event(name: str, doc: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps({'type': name, **doc})}\n\n".encode()
+
+
+def answer(handler: BaseHTTPRequestHandler, req: Any) -> None:
+    """What the upstream does is named by the request's model."""
+    how = req.get("model") if isinstance(req, dict) else None
+    if how == "silent" or handler.path.endswith("/mcp"):  # accepts, reads, never answers
+        stall()
+    elif how == "half-body":  # a head and half a whole answer, then nothing
+        handler.send_response(200)
+        handler.send_header("content-type", "application/json")
+        handler.send_header("content-length", "1000")
+        handler.end_headers()
+        handler.wfile.write(b'{"choices": [')
+        handler.wfile.flush()
+        stall()
+    elif how == "stalls":  # an OpenAI stream that stops after two deltas
+        sse_head(handler)
+        chunk(handler, openai_delta("Hello"))
+        chunk(handler, openai_delta(" there"))
+        stall()
+    elif how == "cut":  # an OpenAI stream whose upstream closes its connection after a delta
+        sse_head(handler)
+        chunk(handler, openai_delta("Partial"))
+        handler.close_connection = True
+        handler.connection.shutdown(socket.SHUT_RDWR)
+    elif how == "claude-stalls":
+        sse_head(handler)
+        message = {"id": "msg", "type": "message", "role": "assistant", "model": "m",
+                   "content": [], "stop_reason": None, "stop_sequence": None,
+                   "usage": {"input_tokens": 1, "output_tokens": 1}}
+        chunk(handler, anthropic_event("message_start", {"message": message}))
+        chunk(handler, anthropic_event("content_block_start", {
+            "index": 0, "content_block": {"type": "text", "text": ""}}))
+        chunk(handler, anthropic_event("content_block_delta", {
+            "index": 0, "delta": {"type": "text_delta", "text": "Bonjour"}}))
+        stall()
+    elif how == "steady":  # slow but steady: a delta every second, longer than the silence
+        sse_head(handler)
+        for i in range(3 * SILENCE):
+            chunk(handler, openai_delta(f"w{i} "))
+            time.sleep(1)
+        chunk(handler, b"data: [DONE]\n\n")
+        handler.wfile.write(b"0\r\n\r\n")
+        handler.wfile.flush()
+    else:
+        raise AssertionError(how)
+
+
+class Mute:
+    """A TCP upstream that accepts connections and never sends a byte (a TLS handshake that
+    never completes)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                self.conns.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def upstreams() -> Iterator[tuple[FakeUpstream, Mute]]:
+    llm, mute = FakeUpstream(), Mute()
+    llm.answer = answer
+    yield llm, mute
+    released.set()
+    llm.close()
+    mute.close()
+
+
+@pytest.fixture(scope="module")
+def gw(issuer, upstreams, tmp_path_factory) -> Iterator[Gateway]:
+    llm, mute = upstreams
+    work = tmp_path_factory.mktemp("deadlines")
+    (work / "policy.yaml").write_text(POLICY)
+    config = base_config(issuer.url, llm.url, policy={"files": [str(work / "policy.yaml")]},
+                         gateway={"timeouts": {"answer_head": HEAD, "answer_silence": SILENCE,
+                                               "mcp_silence": MCP_SILENCE}})
+    config["upstreams"]["claude"] = {"url": llm.url + "/anthropic", "protocol": "anthropic",
+                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
+    config["upstreams"]["crm"] = {"url": llm.url + "/mcp", "protocol": "mcp"}
+    config["upstreams"]["tls"] = {"url": f"https://127.0.0.1:{mute.port}", "protocol": "openai",
+                                  "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
+    with Gateway(config, env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+                 workdir=work / "gw") as gateway:
+        yield gateway
+
+
+@pytest.fixture(scope="module")
+def client(gw, issuer) -> Iterator[httpx.Client]:
+    token = issuer.mint("una@corp.example", ["engineering"])
+    with httpx.Client(proxy=gw.proxy_url("u", token), timeout=120,
+                      verify=ssl.create_default_context(cafile=gw.ca_file)) as c:
+        yield c
+
+
+def timed_out(gw: Gateway, resp: httpx.Response) -> dict:
+    """A 504 in the API's shape naming its decision, whose record says upstream.timeout."""
+    assert resp.status_code == 504, (resp.status_code, resp.text[:300])
+    assert "mitmproxy" not in resp.text.lower()
+    decision_id = resp.headers["x-douane-decision-id"]
+    assert decision_id in resp.text
+    record = gw.audit_record(decision_id)
+    assert record["action"] == "error" and record["status"] == 504, record
+    assert record["reasons"][0]["rule"] == "upstream.timeout", record
+    return record
+
+
+def test_an_upstream_that_never_answers_gets_a_504(gw, client, upstreams):
+    start = time.monotonic()
+    resp = client.post(upstreams[0].url + "/v1/chat/completions", json={**CHAT, "model": "silent"})
+    took = time.monotonic() - start
+    timed_out(gw, resp)
+    assert HEAD - 0.5 < took < LATE, took
+    print(f"\nno head: 504 after {took:.2f} s (answer_head {HEAD} s)")
+    error = resp.json()["error"]
+    assert error["code"] == "upstream_timeout" and f"within {HEAD} s" in error["message"]
+
+
+def test_a_whole_answer_that_stops_midway_gets_a_504(gw, client, upstreams):
+    start = time.monotonic()
+    resp = client.post(upstreams[0].url + "/v1/chat/completions",
+                       json={**CHAT, "model": "half-body"})
+    assert time.monotonic() - start < LATE
+    timed_out(gw, resp)
+    assert "choices" not in resp.text  # nothing of the half answer
+
+
+def test_an_anthropic_upstream_that_never_answers(gw, client, upstreams):
+    resp = client.post(upstreams[0].url + "/anthropic/v1/messages",
+                       json={"model": "silent", "max_tokens": 5,
+                             "messages": [{"role": "user", "content": "hi"}]})
+    timed_out(gw, resp)
+    assert resp.json()["type"] == "error"
+
+
+def test_an_mcp_upstream_that_never_answers_is_a_json_rpc_error(gw, client, upstreams):
+    resp = client.post(upstreams[0].url + "/mcp",
+                       headers={"accept": "application/json, text/event-stream"},
+                       json={"jsonrpc": "2.0", "id": 9, "method": "initialize",
+                             "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                                        "clientInfo": {"name": "t", "version": "1"}}})
+    timed_out(gw, resp)
+    doc = resp.json()
+    assert doc["jsonrpc"] == "2.0" and doc["id"] == 9 and doc["error"]["code"] == -32000, doc
+
+
+def test_a_stream_that_stalls_ends_with_the_api_error_event(gw, client, upstreams):
+    start = time.monotonic()
+    with client.stream("POST", upstreams[0].url + "/v1/chat/completions",
+                       json={**CHAT, "model": "stalls", "stream": True}) as resp:
+        assert resp.status_code == 200
+        body = resp.read().decode()  # ends: no closed connection mid-body
+    took = time.monotonic() - start
+    assert SILENCE - 0.5 < took < LATE
+    print(f"\nstalled stream: error event after {took:.2f} s (answer_silence {SILENCE} s)")
+    assert "Hello" in body and " there" in body  # what came before the stall was delivered
+    decision_id = resp.headers["x-douane-decision-id"]
+    last = [line for line in body.splitlines() if line.startswith("data: ")][-1]
+    error = json.loads(last[6:])["error"]
+    assert decision_id in error["message"] and f"within {SILENCE} s" in error["message"], error
+    record = gw.audit_record(decision_id)
+    assert record["action"] == "error" and record["status"] == 504, record
+    assert record["reasons"][0]["rule"] == "upstream.timeout", record
+
+
+def test_an_anthropic_stream_that_stalls_ends_with_its_error_event(gw, client, upstreams):
+    with client.stream("POST", upstreams[0].url + "/anthropic/v1/messages",
+                       json={"model": "claude-stalls", "max_tokens": 5, "stream": True,
+                             "messages": [{"role": "user", "content": "hi"}]}) as resp:
+        body = resp.read().decode()
+    assert "Bonjour" in body and "event: error" in body, body[-500:]
+    decision_id = resp.headers["x-douane-decision-id"]
+    assert decision_id in body.split("event: error")[-1]
+    assert gw.audit_record(decision_id)["reasons"][0]["rule"] == "upstream.timeout"
+
+
+def test_a_stream_its_upstream_closes_midway_ends_with_the_error_event(gw, client, upstreams):
+    with client.stream("POST", upstreams[0].url + "/v1/chat/completions",
+                       json={**CHAT, "model": "cut", "stream": True}) as resp:
+        body = resp.read().decode()  # properly ended, not a connection closed mid-body
+    decision_id = resp.headers["x-douane-decision-id"]
+    assert "Partial" in body
+    error = json.loads([line for line in body.splitlines() if line.startswith("data: ")][-1][6:])
+    assert decision_id in error["error"]["message"] and "was cut" in error["error"]["message"]
+    record = gw.audit_record(decision_id)
+    assert record["action"] == "error" and record["status"] == 502, record
+    assert record["reasons"][0]["rule"] == "upstream.cut" and record["ended"] == "upstream_failed"
+
+
+def test_a_slow_steady_stream_is_never_cut(gw, client, upstreams):
+    start = time.monotonic()
+    with client.stream("POST", upstreams[0].url + "/v1/chat/completions",
+                       json={**CHAT, "model": "steady", "stream": True}) as resp:
+        body = resp.read().decode()
+    assert f"w{3 * SILENCE - 1} " in body and "[DONE]" in body and "error" not in body, body[-300:]
+    print(f"\nsteady stream: {3 * SILENCE} deltas a second apart, whole in "
+          f"{time.monotonic() - start:.2f} s")
+    record = gw.audit_record(resp.headers["x-douane-decision-id"])
+    assert record["action"] == "allow", record
+
+
+def test_a_tls_handshake_that_never_completes_gets_a_504(gw, client, upstreams):
+    start = time.monotonic()
+    resp = client.post(f"https://127.0.0.1:{upstreams[1].port}/v1/chat/completions", json=CHAT)
+    took = time.monotonic() - start
+    assert took < LATE
+    timed_out(gw, resp)
+    print(f"\nTLS handshake never done: 504 after {took:.2f} s")
+
+
+def test_the_connection_serves_the_next_request(gw, client, upstreams):
+    resp = client.post(upstreams[0].url + "/v1/chat/completions", json={**CHAT, "model": "silent"})
+    timed_out(gw, resp)
+    with client.stream("POST", upstreams[0].url + "/v1/chat/completions",
+                       json={**CHAT, "model": "steady", "stream": True}) as resp:
+        assert "[DONE]" in resp.read().decode()
