@@ -473,3 +473,27 @@ def test_the_answer_to_douanes_own_input_request_is_one_checked_word(answer):
     assert not mcp.asks_by_url(mcp.McpMessage("tools/call", 1, {"_meta": caps}), "2025-11-25")
     assert not mcp.asks_by_url(mcp.McpMessage("tools/list", 1, {"_meta": caps}), "2026-07-28")
     assert not mcp.asks_by_url(mcp.McpMessage("tools/call", 1, {}), "2026-07-28")
+
+
+def test_an_answers_identifiers_are_read_once_as_names_and_its_other_strings_as_text():
+    """A tools/call answer: its text blocks field by field, the rest of its strings as the
+    result's text, and its keys, names, URIs and types in one piece never edited (the result is
+    walked once for both); opaque values (`nextCursor`) are not read."""
+    it = call("echo")
+    mcp.parse_response(answer(1, content=[
+        {"type": "text", "text": "hello"},
+        {"type": "resource_link", "name": "Q3 plan", "uri": "file:///plans/q3",
+         "description": "the plan of john"}],
+        structuredContent={"owner": "ann"}, nextCursor="c-123", _meta={"note": "see x"}), it)
+    texts = [(p.path, p.text, p.editable) for p in it.response_texts]
+    assert texts[:2] == [(("result", "content", 0, "text"), "hello", True),
+                         (("result", "structuredContent", "owner"), "ann", True)]
+    rest = {p[1] for p in texts[2:] if p[2]}
+    assert rest == {"the plan of john", "see x"}
+    names = [p for p in texts if p[0] == (mcp.KEYS,)]
+    assert len(names) == 1 and not names[0][2]
+    read = names[0][1].split("\n")
+    assert {"content", "type", "name", "uri", "structuredContent", "owner", "nextCursor", "_meta",
+            "note", "text", "resource_link", "Q3 plan", "file:///plans/q3",
+            "description"} == set(read)
+    assert "c-123" not in read

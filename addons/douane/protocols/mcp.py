@@ -147,14 +147,14 @@ def uri_problem(uri: str) -> str | None:
 
 
 def _names(kind: Kind, role: Role | None, node: Any, base: tuple,
-           identifiers: bool = False) -> list[TextPiece]:
-    """The object keys under `node` (a tool reads `{"Project Nightingale": 1}` too), and with
-    `identifiers` the names, URIs and types a model reads in an answer: one piece for policy,
-    never edited by masking (an edited key or URI would not be the same one)."""
+           identifiers: Iterable[tuple[tuple, str]] = ()) -> list[TextPiece]:
+    """The object keys under `node` (a tool reads `{"Project Nightingale": 1}` too), and of
+    `identifiers` (its string leaves, when given) the names, URIs and types a model reads in an
+    answer: one piece for policy, never edited by masking (an edited key or URI would not be the
+    same one)."""
     found = jsonpath.keys(node)
-    if identifiers:
-        found += [text for path, text in jsonpath.strings(node)
-                  if path and path[-1] in IDENTIFIER_KEYS and path[-1] not in OPAQUE_KEYS]
+    found += [text for path, text in identifiers
+              if path and path[-1] in IDENTIFIER_KEYS and path[-1] not in OPAQUE_KEYS]
     return [TextPiece(kind, role, "\n".join(found), (*base, KEYS), False)] if found else []
 
 
@@ -482,10 +482,11 @@ def message_pieces(msg: Any, method: str | None, base: tuple, it: Interaction,
                                        (*base, "result", "messages", k, "content", "text")))
     # whatever else the answer carries (schema descriptions, `_meta`, resource links, ...)
     taken = {p.path for p in texts}
+    leaves = jsonpath.strings(result, ("result",))  # walked once for the rest and the names
     texts += _pieces(REST_KIND[method], None, msg, base, [
-        (path, text) for path, text in jsonpath.strings(result, ("result",))
+        (path, text) for path, text in leaves
         if (*base, *path) not in taken and path[-1] not in IDENTIFIER_KEYS])
-    texts += _names(REST_KIND[method], None, result, base, identifiers=True)
+    texts += _names(REST_KIND[method], None, result, base, identifiers=leaves)
 
 
 def _pieces(kind: Kind, role: Role | None, msg: dict[str, Any], base: tuple,
