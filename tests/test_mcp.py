@@ -497,3 +497,34 @@ def test_an_answers_identifiers_are_read_once_as_names_and_its_other_strings_as_
             "note", "text", "resource_link", "Q3 plan", "file:///plans/q3",
             "description"} == set(read)
     assert "c-123" not in read
+
+
+def test_a_batchs_answers_are_paired_by_lookup(monkeypatch):
+    """Each answer of a batch is paired with its request by its id (a tools/list answer is read
+    as a listing, a tools/call answer as a result), in work linear in the batch: id keys were
+    computed for every request per answer, and earlier answers' pieces rescanned per answer (a
+    batch of 1,000 answers: seconds of CPU)."""
+    n = 300
+    batch = [rpc("tools/call", i, name="echo", arguments={"q": "x"}) for i in range(n - 1)]
+    it = mcp.parse_request([*batch, rpc("tools/list", "last")], None)
+    answers = [answer(i, content=[{"type": "text", "text": f"r{i}"}]) for i in range(n - 1)]
+    answers.append(answer("last", tools=[{"name": "t", "description": "lists"}]))
+    calls = 0
+    real = mcp.id_key
+
+    def counted(rid):
+        nonlocal calls
+        calls += 1
+        return real(rid)
+
+    monkeypatch.setattr(mcp, "id_key", counted)
+    mcp.parse_response(answers, it)
+    assert calls <= 4 * n
+    assert [mcp.answered_method(it, a) for a in (answers[0], answers[-1])] == \
+        ["tools/call", "tools/list"]
+    assert [t.name for t in it.response_tools] == ["t"]
+    results = [p for p in it.response_texts if p.path[1:] == ("result", "content", 0, "text")]
+    assert [p.text for p in results] == [f"r{i}" for i in range(n - 1)]
+    assert mcp.answered_method(it, answer(n + 5, content=[])) is None
+    it.mcp.append(mcp.McpMessage("ping", n + 5, {}))  # the index follows the messages
+    assert mcp.answered_method(it, answer(n + 5, content=[])) == "ping"

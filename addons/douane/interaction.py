@@ -98,6 +98,10 @@ class Interaction:
     # What was actually inspected, stated truthfully in the audit record ("request", "response",
     # "response-stream", ...). A flow to a declared upstream is inspected or refused, never skipped.
     inspected: list[str] = field(default_factory=list)
+    # MCP: the requests by their ids' pairing keys, built once for the answers to be paired by
+    # (`mcp.requests_by_id`, with the count of `mcp` it was built from)
+    mcp_requests: tuple[int, dict[str, McpMessage]] | None = field(default=None, repr=False,
+                                                                    compare=False)
 
     def prompt_text(self) -> str:
         return "\n".join(p.text for p in self.texts)

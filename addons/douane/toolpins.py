@@ -328,10 +328,9 @@ class PinTools:
             method = mcp.answered_method(st.interaction, msg)
             if method in ("tools/list", None) and isinstance(result.get("tools"), list):
                 tools = result["tools"]
-                asked = next((m for m in st.interaction.mcp if m.method == "tools/list" and
-                              mcp.id_key(m.request_id) == mcp.id_key(msg.get("id"))), None)
-                complete = asked is not None and not asked.params.get("cursor") and \
-                    not result.get("nextCursor")
+                asked = mcp.requests_by_id(st.interaction).get(mcp.id_key(msg.get("id")) or "")
+                complete = method is not None and asked is not None and \
+                    not asked.params.get("cursor") and not result.get("nextCursor")
                 outcome = self.store.listed(st.upstream.name, tools, complete)
                 for record in outcome.events:
                     self._audit(st, record)
