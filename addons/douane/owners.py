@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import re
 import sqlite3
@@ -64,6 +63,7 @@ from mitmproxy import http
 from douane import headerfields, protocols
 from douane.flowstate import Reason, state
 from douane.policy.model import Policy
+from douane.protocols import fields
 from douane.refusals import refuse
 from douane.settings import Settings
 from douane.sqlitethread import SqliteThread
@@ -140,8 +140,7 @@ NAMING = {"file_id": ("files", False), "input_file_id": ("files", False),
           "training_file": ("files", False), "validation_file": ("files", False),
           "file_ids": ("files", True), "vector_store_id": ("vector_stores", False),
           "vector_store_ids": ("vector_stores", True)}
-# An ASCII character escaped: a key may be spelt `file\u005fid`.
-_ESCAPED_ASCII = re.compile(rb"\\u00[0-7]")
+KEYS = (fields.KEYS,)  # the path of the pieces holding a body's keys
 NOT_NAMING = frozenset({"parameters", "input_schema", "schema", "metadata"})
 # Granted operations that create an object, by the path's end; the answer's `id` is issued.
 CREATES = re.compile(r"/(conversations|containers|vector_stores|batches|uploads|fine_tuning/jobs)"
@@ -385,13 +384,12 @@ def _container(flow: http.HTTPFlow) -> list[tuple[str, str, str]] | tuple[str, s
 def _files(flow: http.HTTPFlow) -> list[tuple[str, str, str]]:
     """The uploaded files and vector stores a request's body names (`NAMING`), wherever they
     are: only a string can name one (a tool's schema, `metadata`, are not read)."""
-    raw = flow.request.raw_content or b""
-    # walked only if a key may be there (each `in` is one fast scan): as is, or escaped, or in
-    # an encoding or a charset (JSON is read in UTF-16 and UTF-32 too) the scan cannot read
-    if b"file" not in raw and b"vector_store" not in raw and \
-            (b"\\u00" not in raw or not _ESCAPED_ASCII.search(raw)) and \
-            "content-encoding" not in flow.request.headers and \
-            json.detect_encoding(raw[:4]) == "utf-8":
+    it = state(flow).interaction
+    assert it
+    # walked only if such a key is in it: Inspect read every key into the interaction (decoded,
+    # however the body spelt or encoded it), apart from the text (`fields.KEYS`)
+    keys = [p.text for p in it.texts if p.path == KEYS]
+    if keys and not any("file" in k or "vector_store" in k for k in keys):
         return []
     named: list[tuple[str, str, str]] = []
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(protocols.document(flow, "request"), ())]
