@@ -536,6 +536,19 @@ def test_hosted_tools_need_a_grant(case, gw, llm, token):
     assert record["reasons"][0]["rule"] == rule
 
 
+@pytest.mark.parametrize("calls", ["x", 1, [None], ["x"], {"id": "c"}, [{"function": 1}]])
+def test_a_malformed_tool_call_in_a_chat_history_is_a_bad_request(gw, llm, token, calls):
+    """Red team, stop 28 (a fuzz of every field with other JSON types): `tool_calls` that were not
+    a list of objects made the parser raise, so the request was refused 500 `gateway_error` (an
+    error record) instead of 400 in the API's shape."""
+    doc = chat("hi")
+    doc["messages"].append({"role": "assistant", "content": None, "tool_calls": calls})
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + "/v1/chat/completions", json=doc,
+                      headers={"authorization": f"Bearer {token}"})
+    assert_refused(gw, llm, before, resp, 400)
+
+
 def test_unknown_tool_type_is_refused(gw, llm, token):
     before = len(llm.requests)
     resp = httpx.post(gw.url + "/v1/responses", json={"model": "m", "input": "hi", "tools": [

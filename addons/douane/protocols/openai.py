@@ -196,8 +196,10 @@ def _chat_messages(doc: dict[str, Any], it: Interaction) -> None:
         role = msg.get("role")
         _content(it, msg.get("content"), "tool_result" if role == "tool" else "prompt", role,
                   ("messages", i, "content"))
-        for j, call in enumerate(msg.get("tool_calls") or []):
-            fn = call.get("function", {}) if isinstance(call, dict) else {}
+        for j, call in enumerate(_list(msg, "tool_calls")):
+            fn = call.get("function", {})
+            if not isinstance(fn, dict):
+                raise ProtocolError(400, "invalid_body", "a tool call's function must be an object")
             path = ("messages", i, "tool_calls", j, "function", "arguments")
             it.tool_calls.append(ToolCall(str(fn.get("name")), _arguments(fn.get("arguments")),
                                           call.get("id"), path))
