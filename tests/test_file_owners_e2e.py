@@ -24,7 +24,9 @@ from douane.cli import main
 from tests.conftest import UPSTREAM_KEY
 from tests.hardening.conftest import assert_refused, with_claude
 from tests.support.gateway import Gateway, base_config
+from tests.support.postgres import PASSWORD
 from tests.support.upstream import FakeUpstream
+from tests.test_shared_store_e2e import wait_for_log
 
 ENV = {"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
 OPERATIONS = ["GET /v1/files", "GET /v1/files/*", "GET /v1/files/*/content", "DELETE /v1/files/*",
@@ -311,3 +313,47 @@ def test_an_operator_lists_transfers_and_releases_bindings(issuer, upstream, use
         assert bob.files.retrieve("file-freed").id == "file-freed"  # released: adopted again
         refused(gw, upstream, lambda: alice.files.retrieve("file-freed"), "owner.file",
                 "another user")
+
+
+def test_on_the_shared_store_every_replica_holds_them_and_an_outage_refuses(
+        issuer, postgres, upstream, users, tmp_path, monkeypatch, capsys):
+    """Two replicas on one PostgreSQL: files adopted (several in one statement) through one are
+    refused to another user through the other; the operator's transfer is read by a replica
+    with no memory of them; with the database stopped, a file no replica holds is refused 503
+    before the upstream (fail closed)."""
+    url = postgres.new_database().replace(f":{PASSWORD}@", "@")
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(POLICY))
+    config = base_config(issuer.url, upstream.url + "/v1",
+                         policy={"files": [str(tmp_path / "policy.yaml")]},
+                         database={"url": url, "password": {"env": "DOUANE_TEST_DB_PASSWORD"},
+                                   "timeout": 2})
+    with_claude(config, upstream.url)
+    env = {**ENV, "DOUANE_TEST_DB_PASSWORD": PASSWORD}
+    with Gateway(config, mode=f"reverse:{upstream.url}", env=env, workdir=tmp_path / "a") as a, \
+            Gateway(config, mode=f"reverse:{upstream.url}", env=env,
+                    workdir=tmp_path / "b") as b:
+        for gw in (a, b):
+            wait_for_log(gw, "store .* ready")
+        vs = client(a, users[0]).vector_stores.create(name="n", file_ids=["file-p1", "file-p2"]).id
+        bob = client(b, users[1])
+        for use, rule in ((lambda: bob.files.retrieve("file-p2"), "owner.file"),
+                          (lambda: bob.vector_stores.retrieve(vs), "owner.vector_store")):
+            refused(b, upstream, use, rule, "issued to another user")
+        monkeypatch.setenv("DOUANE_TEST_DB_PASSWORD", PASSWORD)
+        assert main(["owners", "transfer", "llm", "files", "file-p1", "--to", "bob@corp",
+                     "--config", str(a.config_file)]) == 0
+        assert main(["owners", "list", "bob@corp", "--config", str(a.config_file)]) == 0
+        assert owners.digest("llm", "files", "file-p1") in capsys.readouterr().out
+        with Gateway(config, mode=f"reverse:{upstream.url}", env=env,
+                     workdir=tmp_path / "c") as c:
+            wait_for_log(c, "store .* ready")
+            assert client(c, users[1]).files.retrieve("file-p1").id == "file-p1"
+            refused(c, upstream, lambda: client(c, users[0]).files.retrieve("file-p1"),
+                    "owner.file", "another user")
+        with postgres.outage():
+            before = len(upstream.requests)
+            with pytest.raises(openai.InternalServerError) as err:
+                bob.files.retrieve("file-unknown-yet")
+            record = assert_refused(b, upstream, before, err.value.response, 503)
+            assert err.value.response.json()["error"]["code"] == "store_unavailable"
+            assert record["reasons"][0]["rule"] == "store.unavailable"

@@ -76,11 +76,14 @@ class _Store:
 
 def list_(args: argparse.Namespace) -> int:
     db = _Store(load_config(args))
-    rows, _ = db.run("SELECT key, kind, upstream, used_at FROM owners WHERE username = %s AND "
-                     "(%s IS NULL OR upstream = %s) AND (%s IS NULL OR kind = %s) AND "
-                     "used_at > %s ORDER BY used_at DESC LIMIT %s",
-                     (args.user, args.upstream, args.upstream, args.kind, args.kind,
-                      time.time() - owners.TTL_SECONDS, max(1, min(args.limit, LIST_LIMIT))))
+    where = [(f"{column} = %s", value) for column, value in
+             (("username", args.user), ("upstream", args.upstream), ("kind", args.kind))
+             if value is not None]
+    rows, _ = db.run(f"SELECT key, kind, upstream, used_at FROM owners WHERE "
+                     f"{' AND '.join(c for c, _ in where)} AND used_at > %s "
+                     "ORDER BY used_at DESC LIMIT %s",
+                     (*(v for _, v in where), time.time() - owners.TTL_SECONDS,
+                      max(1, min(args.limit, LIST_LIMIT))))
     print(f"{'key':<32}  {'upstream':<16} {'kind':<18} last used (UTC)")
     for key, kind, upstream, used_at in rows:
         when = datetime.fromtimestamp(used_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
