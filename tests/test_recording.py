@@ -264,6 +264,28 @@ def test_secrets_are_replaced_in_json_string_values_only():
                                '\n\nevent: x\ndata: [DONE]\n\n')
 
 
+@pytest.mark.parametrize("body", [
+    {"model": "gpt-4o", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]},
+    {"choices": [{"message": {"content": "Line one.\nLine two: a \"quote\" and \u00e9."}}],
+     "usage": {"prompt_tokens": 5, "completion_tokens": 50, "total_tokens": 55}},
+    {"content": f"Line one.\nthe key is {AWS_KEY}"}, {"note": "password: hunter2hunter2"},
+    {"api_key": "x", "value": f"{JWT}"}, {f"token {AWS_KEY}": 1},
+    {"text": "a\u200bb", "k": "sk-proj-" + "Qm7vR2xT9kLp4Wn8" * 3},
+    ["token=", "abcdefghijklmnopqrstuvwxyz0123456789ABCD"], {"a": "token", "b": ": v4lue-secret"},
+    {"prompt": "\\" * 10 + "x" * 40}, {"s": "data:text/plain;base64,aGVsbG8gd29ybGQ="}])
+@pytest.mark.parametrize("sse", [False, True])
+def test_a_clean_json_body_is_cleared_in_one_scan_as_each_value_is(body, sse):
+    """`_redacted`'s one scan of a JSON or SSE body's values joined gives what redacting each
+    string value alone gives (`_json_string`, the reference), escapes, keys and splits across
+    values included: unchanged where no value holds a secret, each value redacted where one does."""
+    text = json.dumps(body, ensure_ascii=False)
+    if sse:
+        text = f"data: {text}\n\nevent: x\ndata: {json.dumps(body)}\n\ndata: [DONE]\n\n"
+    reference = writer.JSON_STRING.sub(writer._json_string, text)
+    ctype = "text/event-stream" if sse else "application/json"
+    assert writer._redacted(text, ctype) == reference
+
+
 PROJECT_KEY = "sk-proj-" + "Qm7vR2xT9kLp4Wn8" * 3
 # The key split across two blocks in a row, around a citation: neither share is a secret alone.
 SHARES = ("the key is " + PROJECT_KEY[:19], PROJECT_KEY[19:] + " for that.")

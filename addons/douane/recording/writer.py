@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -356,14 +357,29 @@ def _redacted(text: str, ctype: str) -> str:
     """A body's text with its secrets replaced by `<SECRET:rule id>`. JSON and SSE bodies are
     edited one decoded string value at a time, so they stay valid and byte-identical elsewhere (a
     recorded request without secrets still matches in server replay)."""
-    # The usual, clean body in one scan of each pattern its hints call for: with no escape (each
-    # JSON value is then the text between two quotes) and no data URL (`file_text` looks inside
-    # those), a value can hold a secret only where the whole text matches a pattern.
-    if "\\" not in text and not _DATA_URL.search(text) and not secrets.matches(text):
+    if not ("json" in ctype or "event-stream" in ctype or text.lstrip()[:1] in ("{", "[")):
+        return secrets.redact(text) if secrets.matches(text) else text
+    # The usual, clean body in one scan: its string values (what `_json_string` would redact,
+    # decoded), joined by newlines, which no pattern reads across: where no pattern matches the
+    # join, none matches a value. Neither the keys' `": "` (an assignment to every pattern that
+    # needs one) nor numbers and punctuation are scanned. A data URL is looked inside.
+    if not _DATA_URL.search(text) and not secrets.matches("\n".join(_values(text))):
         return text
-    if "json" in ctype or "event-stream" in ctype or text.lstrip()[:1] in ("{", "["):
-        return JSON_STRING.sub(_json_string, text)
-    return secrets.redact(text)
+    return JSON_STRING.sub(_json_string, text)
+
+
+def _values(text: str) -> Iterator[str]:
+    """The string values of a JSON or SSE text that `_json_string` would redact, decoded."""
+    for literal in JSON_STRING.findall(text):
+        if len(literal) < secrets.SHORTEST_SECRET + 2:
+            continue
+        if "\\" not in literal:
+            yield literal[1:-1]
+            continue
+        try:
+            yield json.loads(literal)
+        except ValueError:
+            continue  # (left as it is by `_json_string` too)
 
 
 def _decoded_and_redacted(message: http.Message) -> None:
