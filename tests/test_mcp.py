@@ -528,3 +528,31 @@ def test_a_batchs_answers_are_paired_by_lookup(monkeypatch):
     assert mcp.answered_method(it, answer(n + 5, content=[])) is None
     it.mcp.append(mcp.McpMessage("ping", n + 5, {}))  # the index follows the messages
     assert mcp.answered_method(it, answer(n + 5, content=[])) == "ping"
+
+
+def test_a_streamed_events_text_is_read_once_by_policy_and_channels(monkeypatch):
+    """An SSE event's pieces are read once (policy reads them in a message hook, after the
+    listings are filtered; the channels then reuse them): a listing's tools are noted once, not
+    once per reader, and every editable piece still goes through the filters."""
+    it = mcp.parse_request(rpc("tools/list", 1), None)
+    rewriter = streams.StreamRewriter(mcp.McpStream(it), it, "dcn_t")
+    rewriter.filters.append(Redact())
+    assert isinstance(rewriter.format, mcp.McpStream)
+    policed: list = []
+    rewriter.message_hooks.append(lambda doc: policed.append(
+        [p.text for p in rewriter.format.pieces(doc)]) and False)
+    reads = 0
+    real = mcp.message_pieces
+
+    def counted(*args):
+        nonlocal reads
+        reads += 1
+        real(*args)
+
+    monkeypatch.setattr(mcp, "message_pieces", counted)
+    listing = answer(1, tools=[{"name": "t", "description": "mails john@example.com"}])
+    out = rewriter(f"event: message\ndata: {json.dumps(listing)}\n\n".encode())
+    out = (out if isinstance(out, bytes) else b"".join(out)) + rewriter(b"")
+    assert reads == 1 and [t.name for t in it.response_tools] == ["t"]
+    assert "mails john@example.com" in policed[0]  # policy read the text as the server sent it
+    assert b"john@example.com" not in out and b"mails <EMAIL>" in out

@@ -236,16 +236,15 @@ class Enforce:
         """One SSE event of an MCP stream (a message or a batch): filter listings, police its
         text (answers as the method they answer, server requests and notifications whole)."""
         st = state(flow)
-        assert self.live and st.interaction
-        pieces: list = []
+        assert self.live and st.interaction and isinstance(rewriter.format, mcp.McpStream)
         edited = False
         for base, msg in mcp.each(doc):
             hidden = self._hidden(flow, msg)
             if hidden:
                 jsonpath.delete(doc, [base + path for path in hidden])
             edited |= bool(hidden) | (self._listing(flow, msg) and mcp.mark_private(msg))
-            mcp.message_pieces(msg, mcp.answered_method(st.interaction, msg), base,
-                               st.interaction, pieces)
+        # read once the listings are filtered; the stream's channels read the same pieces
+        pieces = rewriter.format.pieces(doc)
         decision = engine.evaluate_response(self.live.current, mcp.free_text_first(pieces))
         if decision.action == "block":
             st.decide("block", *decision.reasons)

@@ -580,6 +580,7 @@ class McpStream(StreamFormat):
         self.interaction = interaction
         self.pairing = Pairing(interaction)
         self.count = 0
+        self._read: tuple[Any, list[TextPiece]] | None = None  # the last event's JSON, its pieces
 
     def check(self, event: Event) -> None:
         if event.event == "endpoint":
@@ -591,12 +592,21 @@ class McpStream(StreamFormat):
         fields.too_deep(doc, 502, "MCP message")
         self.pairing.check(doc)
 
+    def pieces(self, doc: Any) -> list[TextPiece]:
+        """The text of one event's messages, read once: its policy (`_police_message`, once the
+        listings are filtered) and its channels read the same pieces (and a listing's tools are
+        noted once)."""
+        if self._read is None or self._read[0] is not doc:  # held: no other doc takes its id
+            pieces: list[TextPiece] = []
+            for base, msg in each(doc):
+                message_pieces(msg, answered_method(self.interaction, msg), base,
+                               self.interaction, pieces)
+            self._read = (doc, pieces)
+        return self._read[1]
+
     def deltas(self, event: Event, doc: Any) -> list[Delta]:
         self.count += 1
-        pieces: list[TextPiece] = []
-        for base, msg in each(doc):
-            message_pieces(msg, answered_method(self.interaction, msg), base, self.interaction,
-                           pieces)
+        pieces = self.pieces(doc)
         if any(fields.DECODED in p.path for p in pieces):
             # as in a model's stream: masking edits text in place, and a file's is not in place
             raise ProtocolError(502, "file_in_stream", "the stream carries a text file douane "
