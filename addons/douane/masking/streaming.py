@@ -305,10 +305,11 @@ def plain_prefix(before: str, held: str, end: bool) -> int:
     word = ""  # the word before
     if before:
         tail = before[-LEFT_CHARS:]
-        last = [*WORD.finditer(tail)][-1:]
-        if not tail[-1].isspace() or not last or (last[0].start() == 0 and tail != before):
+        words = tail.split()  # (str.split's whitespace is WORD's)
+        if not tail[-1].isspace() or not words or (
+                len(words[-1]) == len(tail.rstrip()) and tail != before):
             return 0  # the word before is unknown, cut, or the held text starts inside it
-        word = last[0].group()
+        word = words[-1]
     pos = 0
     while True:
         after = SPACES.match(held, pos).end()
@@ -382,7 +383,9 @@ def release_point(window: str, start: int, spans: list[Span], hold: int,
                 i -= 1  # a value in groups may still be growing: its run stays whole
             cut = words[i].start()
             break
-    if tables is not None:  # a row of an open table leaves whole: its cells count together
+    # a row of an open table leaves whole: its cells count together (no table is open, and
+    # none can open, without a header so far or a line ending in the window)
+    if tables is not None and (tables.header or window.find("\n", start) != -1):
         state, pos = copy.copy(tables), start
         while (end := window.find("\n", pos)) != -1:
             state.line(line + window[pos:end])
