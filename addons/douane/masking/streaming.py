@@ -177,9 +177,11 @@ class StreamMasker:
                 return ch.inflight  # on a worker now
             ch.inflight = None  # queued behind other streams': the urgent worker takes the end
         if ch.inflight is not None:
-            ch.early += self._release(ch, self.pool.result(ch.inflight)[0])
+            ch.early += self._at_end(ch)
+        if ch.analysed is not None:
+            return None
         ch.early += self._release_plain(ch, end=True)
-        if not ch.pending or ch.analysed is not None:
+        if not ch.pending:
             return None
         self._propose(ch, urgent=True)
         return ch.inflight
@@ -190,19 +192,31 @@ class StreamMasker:
             return ""
         out = ch.early
         if ch.inflight is not None and ch.inflight.done():
-            out += self._release(ch, self.pool.result(ch.inflight)[0])
+            out += self._at_end(ch)
         elif ch.inflight is not None:
             ch.inflight.cancel()  # its window is a prefix of the one analysed below
+        if ch.analysed is not None:  # (its words no value starts in have no span either)
+            return out + self._out(ch, ch.pending, ch.analysed)
         out += self._release_plain(ch, end=True)
         if not ch.pending:
             return out
-        spans = ch.analysed
-        if spans is None:
-            context = left_context(ch)
-            window = context + ch.pending
-            spans = shift(self.pool.result(self.pool.submit([window], urgent=True))[0],
-                          len(context), len(window))
+        context = left_context(ch)
+        window = context + ch.pending
+        spans = shift(self.pool.result(self.pool.submit([window], urgent=True))[0],
+                      len(context), len(window))
         return out + self._out(ch, ch.pending, spans)
+
+    def _at_end(self, ch: _Channel) -> str:
+        """The finished analysis under way, at the channel's end. When no text arrived since it
+        was proposed, its spans are all the held text's (`analysed`), which `finish` lets out
+        whole: no cut is needed, no text follows (a release at a cut, then the rest, gives the
+        same text: no span crosses a cut). Otherwise, what it releases, as mid-stream."""
+        spans = self.pool.result(ch.inflight)[0]
+        done = ch.context + ch.skipped
+        if len(ch.pending) != len(ch.window) - done:
+            return self._release(ch, spans)
+        ch.inflight, ch.analysed = None, shift(spans, done, len(ch.window))
+        return ""
 
     def follow(self, channel: str, previous: str) -> None:
         """`channel`'s text continues `previous`'s, which an event ended: the next block of one
