@@ -16,9 +16,11 @@ from douane.interaction import Interaction
 from douane.secrets import SHORTEST_SECRET, matches, redact
 
 # C0, DEL, C1, the Arabic letter mark, LRM/RLM, line and paragraph separators, bidi embeddings,
-# overrides and isolates: what moves a terminal's cursor, colours or hides text, or reorders it.
+# overrides and isolates: what moves a terminal's cursor, colours or hides text, or reorders it;
+# and lone surrogates (a JSON `\ud800`), which no UTF-8 file, terminal or database can hold.
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
-                     "\u2066-\u2069]")
+                     "\u2066-\u2069\ud800-\udfff]")
+SURROGATE = re.compile("[\ud800-\udfff]")
 NAME_CHARS = 256  # a model or tool name longer than this is not a name
 FIELD_CHARS = 1024  # a string kept in a record (audit, index, recording metadata)
 LIST_ITEMS = 64  # items of a list kept in a record
@@ -76,6 +78,8 @@ def scrub_all(value: Any, limit: int = FIELD_CHARS) -> Any:
     texts: list[str] = []
 
     def cut(text: str) -> str:
+        if not text.isascii() and SURROGATE.search(text):  # else the record cannot be written
+            text = SURROGATE.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text)
         text = text if len(text) <= limit else scrub(text, limit)
         texts.append(text)
         return text

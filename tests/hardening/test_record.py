@@ -322,3 +322,26 @@ def test_a_key_split_across_streamed_tool_arguments_is_in_no_recording(gw, llm, 
     shares = {key[i:i + 7] for i in range(len(key) - 6)} | \
         {spelled[i:i + 30] for i in range(len(spelled) - 29)}
     assert not [s for s in shares if s.encode() in data]
+
+
+@pytest.mark.parametrize("where", ["model", "tool call"])
+def test_a_lone_surrogate_in_a_name_erases_no_record_and_stops_no_one(gw, llm, issuer, where):
+    """Red team, stop 28: a model (or a history's tool call) named `gpt\\ud800` (a lone surrogate,
+    valid JSON) passed the door with the org's key; its audit record could not be encoded (no
+    UTF-8 holds a lone surrogate), so it was lost (an `audit.gap` in its place) and the log,
+    unhealthy, refused the next requests of every user with 503 `audit_unavailable`. Now such a
+    name is refused at the door, its record written with the surrogate escaped."""
+    user = f"sur-{where.replace(' ', '-')}@corp.example"
+    token = issuer.mint(user, ["engineering"])
+    call = b', {"role": "assistant", "content": null, "tool_calls": [{"id": "c", "type": ' \
+        b'"function", "function": {"name": "f\\udc00", "arguments": "{}"}}]}'
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}%s]}' % (
+        (b"gpt\\ud800", b"") if where == "model" else (b"m", call))
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + "/v1/chat/completions", content=body, timeout=60, headers={
+        "authorization": f"Bearer {token}", "content-type": "application/json"})
+    record = assert_refused(gw, llm, before, resp, 400)
+    assert "\\ud800" in json.dumps(record) or "\\udc00" in json.dumps(record), record
+    other = issuer.mint("bystander@corp.example", ["engineering"])
+    assert chat(gw, other).status_code == 200
+    assert not [r for r in gw.audit_records() if r.get("event") == "audit.gap"]
