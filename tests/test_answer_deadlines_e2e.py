@@ -22,6 +22,7 @@ import pytest
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import Gateway, base_config
 from tests.support.upstream import FakeUpstream
+from tests.test_approvals_e2e import api_url, call, pending_for
 
 POLICY = """\
 version: 1
@@ -31,6 +32,9 @@ default:
     claude: {models: ["*"]}
     crm: {tools: {allow: ["*"]}}
     tls: {models: ["*"]}
+rules:
+  - {id: hold.kestrel, literal: "kestrel", score: 60}
+thresholds: {hold: 50, block: 80}
 """
 HEAD, SILENCE, MCP_SILENCE = 3, 3, 5
 LATE = 40  # seconds: far under mitmproxy's 600, far over the deadlines even on a loaded machine
@@ -69,7 +73,9 @@ def anthropic_event(name: str, doc: dict[str, Any]) -> bytes:
 def answer(handler: BaseHTTPRequestHandler, req: Any) -> None:
     """What the upstream does is named by the request's model."""
     how = req.get("model") if isinstance(req, dict) else None
-    if how == "silent" or handler.path.endswith("/mcp"):  # accepts, reads, never answers
+    if handler.path.endswith("/mcp"):
+        mcp(handler, req)
+    elif how == "silent":  # accepts, reads, never answers
         stall()
     elif how == "half-body":  # a head and half a whole answer, then nothing
         handler.send_response(200)
@@ -84,6 +90,11 @@ def answer(handler: BaseHTTPRequestHandler, req: Any) -> None:
         chunk(handler, openai_delta("Hello"))
         chunk(handler, openai_delta(" there"))
         stall()
+    elif how == "held":  # answers in a second
+        time.sleep(1)
+        handler._json(200, {"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                            "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                "role": "assistant", "content": "approved answer"}}]})
     elif how == "cut":  # an OpenAI stream whose upstream closes its connection after a delta
         sse_head(handler)
         chunk(handler, openai_delta("Partial"))
@@ -110,6 +121,28 @@ def answer(handler: BaseHTTPRequestHandler, req: Any) -> None:
         handler.wfile.flush()
     else:
         raise AssertionError(how)
+
+
+def mcp(handler: BaseHTTPRequestHandler, req: dict[str, Any]) -> None:
+    """An MCP server answering `initialize` by its id: 9 never answers; 10 streams SSE comments
+    (keep-alives) a second apart, longer than `mcp_silence`, then the result; 11 starts a stream
+    and stops."""
+    if req["id"] == 9:
+        stall()
+        return
+    sse_head(handler)
+    if req["id"] == 11:
+        stall()
+        return
+    for _ in range(MCP_SILENCE + 3):
+        chunk(handler, b": ping\n\n")
+        time.sleep(1)
+    result = {"jsonrpc": "2.0", "id": 10, "result": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "serverInfo": {"name": "slow", "version": "1"}}}
+    chunk(handler, b"event: message\ndata: " + json.dumps(result).encode() + b"\n\n")
+    handler.wfile.write(b"0\r\n\r\n")
+    handler.wfile.flush()
 
 
 class Mute:
@@ -152,7 +185,8 @@ def gw(issuer, upstreams, tmp_path_factory) -> Iterator[Gateway]:
     (work / "policy.yaml").write_text(POLICY)
     config = base_config(issuer.url, llm.url, policy={"files": [str(work / "policy.yaml")]},
                          gateway={"timeouts": {"answer_head": HEAD, "answer_silence": SILENCE,
-                                               "mcp_silence": MCP_SILENCE}})
+                                               "mcp_silence": MCP_SILENCE}},
+                         approvals={"listen": "127.0.0.1:0", "approver_groups": ["approvers"]})
     config["upstreams"]["claude"] = {"url": llm.url + "/anthropic", "protocol": "anthropic",
                                      "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
     config["upstreams"]["crm"] = {"url": llm.url + "/mcp", "protocol": "mcp"}
@@ -211,15 +245,36 @@ def test_an_anthropic_upstream_that_never_answers(gw, client, upstreams):
     assert resp.json()["type"] == "error"
 
 
-def test_an_mcp_upstream_that_never_answers_is_a_json_rpc_error(gw, client, upstreams):
-    resp = client.post(upstreams[0].url + "/mcp",
-                       headers={"accept": "application/json, text/event-stream"},
-                       json={"jsonrpc": "2.0", "id": 9, "method": "initialize",
+def initialize(client: httpx.Client, url: str, rpc_id: int) -> httpx.Response:
+    return client.post(url + "/mcp", headers={"accept": "application/json, text/event-stream"},
+                       json={"jsonrpc": "2.0", "id": rpc_id, "method": "initialize",
                              "params": {"protocolVersion": "2025-06-18", "capabilities": {},
                                         "clientInfo": {"name": "t", "version": "1"}}})
+
+
+def test_an_mcp_upstream_that_never_answers_is_a_json_rpc_error(gw, client, upstreams):
+    resp = initialize(client, upstreams[0].url, 9)
     timed_out(gw, resp)
     doc = resp.json()
     assert doc["jsonrpc"] == "2.0" and doc["id"] == 9 and doc["error"]["code"] == -32000, doc
+
+
+def test_an_mcp_stream_kept_alive_by_comments_is_not_cut(gw, client, upstreams):
+    resp = initialize(client, upstreams[0].url, 10)
+    assert resp.status_code == 200, resp.text[:300]
+    assert '"serverInfo"' in resp.text and '"error"' not in resp.text, resp.text[-300:]
+
+
+def test_an_mcp_stream_that_stalls_ends_with_a_json_rpc_error(gw, client, upstreams):
+    start = time.monotonic()
+    resp = initialize(client, upstreams[0].url, 11)
+    assert MCP_SILENCE - 0.5 < time.monotonic() - start < LATE
+    decision_id = resp.headers["x-douane-decision-id"]
+    data = [line for line in resp.text.splitlines() if line.startswith("data: ")]
+    error = json.loads(data[-1][6:])
+    assert error["id"] == 11 and decision_id in error["error"]["message"], error
+    assert f"within {MCP_SILENCE} s" in error["error"]["message"]
+    assert gw.audit_record(decision_id)["reasons"][0]["rule"] == "upstream.timeout"
 
 
 def test_a_stream_that_stalls_ends_with_the_api_error_event(gw, client, upstreams):
@@ -284,6 +339,23 @@ def test_a_tls_handshake_that_never_completes_gets_a_504(gw, client, upstreams):
     assert took < LATE
     timed_out(gw, resp)
     print(f"\nTLS handshake never done: 504 after {took:.2f} s")
+
+
+def test_the_time_held_for_an_approver_does_not_count(gw, client, upstreams, issuer):
+    api, bob = api_url(gw), issuer.mint("bob@corp", ["approvers"])
+    result: list[httpx.Response] = []
+    asked = threading.Thread(target=lambda: result.append(client.post(
+        upstreams[0].url + "/v1/chat/completions",
+        json={"model": "held", "messages": [{"role": "user", "content": "about kestrel"}]})))
+    asked.start()
+    pending = pending_for(api, bob, "una@corp.example")
+    time.sleep(HEAD + 2)  # held longer than the answer's head deadline
+    status, _ = call(api, bob, "POST", f"/approvals/{pending['id']}/approve", {})
+    assert status == 200
+    asked.join(LATE)
+    resp, = result
+    assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == \
+        "approved answer", resp.text[:300]
 
 
 def test_the_connection_serves_the_next_request(gw, client, upstreams):

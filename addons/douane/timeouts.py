@@ -20,11 +20,15 @@ deadlines (`gateway.timeouts`):
 - mcp_silence: the same for an MCP upstream, larger: a long tool call, or a GET stream listening
   for the server's messages, may idle (any byte, an SSE comment as a keep-alive, counts).
 Time spent in douane's own hooks (an answer masked, a stream's end analysed) does not count.
+`HttpStream.make_server_connection` is wrapped to start the clock (one dict entry per request);
+progress is read at each look from what the layer already keeps (the answer's head, the bytes of a
+whole answer gathered, the bytes a rewritten stream received): nothing is counted per chunk.
 Past a deadline the flow is ended inside its own layer (`_Cut`, below): the upstream's connection
 is closed (HTTP/1) or its stream reset (HTTP/2), and `upstreamerrors` answers a 504 in the API's
 shape, or ends a stream already started with the API's error event; the audit record says
 `upstream.timeout`. douane raises mitmproxy's `tcp_timeout` above its longest deadline so its own
-answer comes first.
+answer comes first. The wrap, and the mitmproxy code the wake-up relies on, are checked against
+mitmproxy's version and source at start, like `protocols.http1`.
 
 A watchdog task checks every second; its work is one pass over the open client connections and
 the answers awaited.
@@ -35,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,21 +49,16 @@ from mitmproxy.proxy.layers.http import (
     ErrorCode,
     GetHttpConnection,
     HttpLayer,
-    HttpRequestHook,
     HttpStream,
-    RequestEndOfMessage,
     RequestProtocolError,
-    ResponseData,
-    ResponseHeaders,
     ResponseProtocolError,
-    ResponseTrailers,
     SendHttp,
 )
 
 from douane import upstreamerrors
 from douane.config import Limits
 from douane.flowstate import Reason, peek, state
-from douane.protocols import mitmpatch
+from douane.protocols import mitmpatch, streams
 from douane.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -66,11 +66,11 @@ TICK = 1.0
 TCP_MARGIN = 30  # seconds mitmproxy's tcp_timeout is kept above douane's longest deadline
 # sha256 of the source of mitmproxy's functions the answer deadlines rely on
 EXPECTED = {
+    "make_server_connection": "ddc7bc72f4d2fbc7d7be17c31ab321035c8e50672160a6fd3b84aec24e7350fb",
     "_handle_event": "e3cbfef7310ae81ffa7ed7ecba57f932afabada8cd48921308db363c47dd6c89",
     "event_to_child": "1095f6e1581d1780afd5e87446b11eee0b12fb196c9be559f0fe15055436c8d7",
     "handle_event": "fd88b0fb09ceddbb1915fe0d588c206e8310d6883a77048a665675e49e43de2b",
 }
-_PROGRESS = (ResponseHeaders, ResponseData, ResponseTrailers)
 
 
 @dataclass
@@ -81,7 +81,7 @@ class _Answer:
     stream: HttpStream
     deadline: float  # time.monotonic()
     silence: int  # seconds allowed between two pieces of it, once its head came
-    head: bool = False  # its head came
+    seen: tuple[bool, int, int] = (False, 0, 0)  # what had come at the last look (`_progress`)
 
 
 class _Cut(commands.RequestWakeup):
@@ -95,7 +95,7 @@ class _Cut(commands.RequestWakeup):
 # flow id -> its awaited answer: kept by the stream's layer (`handle_event`), read by the watchdog
 _answers: dict[str, _Answer] = {}
 _limits = Limits()
-_handle_event = HttpStream._handle_event
+_make_server_connection = HttpStream.make_server_connection
 
 
 @dataclass
@@ -229,31 +229,45 @@ class ClientTimeouts:
         return late_handlers
 
 
+
+def _progress(answer: _Answer) -> tuple[bool, int, int]:
+    """What of the answer has come: its head, the bytes of a whole answer gathered, the bytes of
+    a stream douane rewrites (every stream: SSE) received. Read at each look, not counted per
+    chunk: the layer's own buffers and the rewriter's count say it."""
+    response = answer.flow.response
+    rewriter = streams.rewriter_of(answer.flow) if response is not None else None
+    return (response is not None, len(answer.stream.response_body_buf),
+            rewriter.received if rewriter is not None else 0)
+
+
 def _late_answers(now: float) -> list[_Answer]:
-    """The answers past their deadline, let go of; a deadline does not run while the answer's
-    layer waits for douane's own hooks."""
+    """The answers past their deadline, let go of. An answer that moved since the last look has
+    until `silence` from now; a deadline does not run while the answer's layer waits for
+    douane's own hooks."""
     late = []
     for flow_id, answer in list(_answers.items()):
         if not answer.flow.live or answer.flow.error:
             del _answers[flow_id]
+            continue
+        seen = _progress(answer)
+        paused = answer.stream._paused  # (mitmproxy's: the layer waits for a command's end)
+        if seen != answer.seen or (paused is not None and
+                                   isinstance(paused.command, commands.StartHook)):
+            answer.seen, answer.deadline = seen, now + answer.silence
         elif answer.deadline < now:
-            paused = answer.stream._paused  # (mitmproxy's: the layer waits for a command's end)
-            if paused is not None and isinstance(paused.command, commands.StartHook):
-                answer.deadline = now + answer.silence
-            else:
-                del _answers[flow_id]
-                late.append(answer)
+            del _answers[flow_id]
+            late.append(answer)
     return late
 
 
 async def _cut(answer: _Answer) -> None:
-    """End a late answer inside its own layer: a wake-up only its stream handles (`handle_event`),
+    """End a late answer inside its own layer: a wake-up only its stream handles (`_woken`),
     routed to it as mitmproxy routes any stream's own (each HTTP layer above it knows its way)."""
     flow, stream = answer.flow, answer.stream
     handler = ctx.master.addons.get("proxyserver").connections.get(flow.client_conn.id)
-    if handler is None:
+    if handler is None or "_handle_event" in stream.__dict__:  # (gone, or no longer HTTP)
         return
-    if answer.head:
+    if answer.seen[0]:
         seconds, what = answer.silence, "sent nothing more of its answer"
     else:
         seconds, what = _limits.answer_head_timeout, "did not answer"
@@ -271,7 +285,18 @@ async def _cut(answer: _Answer) -> None:
     for i, above in enumerate(layers[:-1]):
         if isinstance(above, HttpLayer):
             above.command_sources[wakeup] = layers[i + 1]
+    # this stream alone handles its events through `_woken` until the wake-up comes (mitmproxy
+    # switches a stream's handler the same way for a WebSocket); no other stream pays for it
+    stream._handle_event = types.MethodType(_woken, stream)  # type: ignore[method-assign]
     await handler.server_event(events.Wakeup(wakeup))
+
+
+def _woken(self: HttpStream, event: events.Event) -> layer.CommandGenerator[None]:
+    if isinstance(event, events.Wakeup) and isinstance(event.command, _Cut):
+        del self._handle_event  # back to mitmproxy's
+        yield from _ended(self, event.command.message)
+    else:
+        yield from HttpStream._handle_event(self, event)
 
 
 def _http_layer(stream: HttpStream) -> HttpLayer:
@@ -293,44 +318,23 @@ def _ended(stream: HttpStream, message: str) -> layer.CommandGenerator[None]:
         ResponseProtocolError(stream.stream_id, message, ErrorCode.GENERIC_SERVER_ERROR))
 
 
-def handle_event(self: HttpStream, event: events.Event) -> layer.CommandGenerator[None]:
-    if isinstance(event, events.Wakeup) and isinstance(event.command, _Cut):
-        yield from _ended(self, event.command.message)
-    elif isinstance(event, RequestEndOfMessage):
-        yield from _asked(self, event)
-    else:
-        yield from _handle_event(self, event)
-        if isinstance(event, _PROGRESS):
-            answer = _answers.get(self.flow.id)
-            if answer is not None:
-                answer.head = True
-                answer.deadline = time.monotonic() + answer.silence
-
-
-def _asked(self: HttpStream, event: RequestEndOfMessage) -> layer.CommandGenerator[None]:
-    """A request's end: when the `request` hook is done (held, masked, let go), the answer's
-    clock starts, before connecting to the upstream."""
-    steps = _handle_event(self, event)
-    reply = None
-    while True:
-        try:
-            command = steps.send(reply)
-        except StopIteration:
-            return
-        reply = yield command
-        if isinstance(command, HttpRequestHook) and self.flow.live and not self.flow.response \
-                and not self.flow.error:
-            st = peek(self.flow)
-            mcp = st is not None and st.upstream is not None and st.upstream.protocol == "mcp"
-            _answers[self.flow.id] = _Answer(
-                self.flow, self, time.monotonic() + _limits.answer_head_timeout,
-                _limits.mcp_silence_timeout if mcp else _limits.answer_silence_timeout)
+def make_server_connection(self: HttpStream) -> layer.CommandGenerator[bool]:
+    # The request leaves, its `request` hook done (a hold for an approver does not count): its
+    # answer's clock starts, connecting and TLS to the upstream included.
+    st = peek(self.flow)
+    mcp = st is not None and st.upstream is not None and st.upstream.protocol == "mcp"
+    _answers[self.flow.id] = _Answer(
+        self.flow, self, time.monotonic() + _limits.answer_head_timeout,
+        _limits.mcp_silence_timeout if mcp else _limits.answer_silence_timeout)
+    return (yield from _make_server_connection(self))
 
 
 def install() -> None:
     """Wrap mitmproxy's stream layer (once); ValueError when this mitmproxy is not the one the
     wrap was written for."""
     mitmpatch.check("answer deadlines need", "a stream's layer is woken and ended in place",
-                    {"_handle_event": _handle_event, "event_to_child": HttpLayer.event_to_child,
+                    {"make_server_connection": _make_server_connection,
+                     "_handle_event": HttpStream._handle_event,
+                     "event_to_child": HttpLayer.event_to_child,
                      "handle_event": layer.Layer.handle_event}, EXPECTED)
-    HttpStream._handle_event = handle_event  # type: ignore[method-assign]
+    HttpStream.make_server_connection = make_server_connection  # type: ignore[method-assign]
