@@ -94,10 +94,27 @@ def test_a_flow_alone_never_waits():
         share = LoopShare()
         for _ in range(3):
             entering = share.enter()
-            with pytest.raises(StopIteration) as done:
+            with pytest.raises(StopIteration):
                 entering.send(None)  # done without yielding to the loop
             busy(0.003)  # uses this pass's share up
-            share.leave(done.value.value)
             await asyncio.sleep(0)  # the next pass has a share of its own
 
     asyncio.run(scenario())
+
+
+def test_the_cpu_clock_is_read_once_per_pass_for_flows_within_the_share(monkeypatch):
+    """The thread's CPU clock is a system call: a pass's first flow reads it once, later flows
+    of the pass within BUDGET of wall time (which bounds the CPU used) do not read it."""
+    reads = []
+    clock = time.thread_time
+    monkeypatch.setattr(loopshare.time, "thread_time", lambda: reads.append(1) or clock())
+
+    async def scenario() -> None:
+        share = LoopShare()
+        for _ in range(3):  # three passes, four flows in each
+            for _ in range(4):
+                await share.enter()
+            await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    assert len(reads) == 3

@@ -115,7 +115,8 @@ class Checkpoint:
 
     async def _run(self, event: str, flow: http.HTTPFlow) -> None:
         # a stream's wait only awaits an analysis (the stream's own work follows in its layer)
-        entered = await self._share.enter() if event != "douane_stream_wait" else None
+        if event != "douane_stream_wait":
+            await self._share.enter()
         for step, is_async in self._steps[event]:
             try:
                 if is_async:
@@ -127,8 +128,6 @@ class Checkpoint:
                     _fail_websocket(flow, event, step.__qualname__, e)
                 else:
                     fail_closed(flow, step.__qualname__, e)
-        if entered:
-            self._share.leave(entered)
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         await self._run("http_connect", flow)
