@@ -32,6 +32,7 @@ default:
     claude: {models: ["*"]}
     crm: {tools: {allow: ["*"]}}
     tls: {models: ["*"]}
+    secure: {models: ["*"]}
 rules:
   - {id: hold.kestrel, literal: "kestrel", score: 60}
 thresholds: {hold: 50, block: 80}
@@ -169,18 +170,18 @@ class Mute:
 
 
 @pytest.fixture(scope="module")
-def upstreams() -> Iterator[tuple[FakeUpstream, Mute]]:
-    llm, mute = FakeUpstream(), Mute()
-    llm.answer = answer
-    yield llm, mute
+def upstreams() -> Iterator[tuple[FakeUpstream, Mute, FakeUpstream]]:
+    llm, mute, secure = FakeUpstream(), Mute(), FakeUpstream(tls=True)
+    llm.answer = secure.answer = answer
+    yield llm, mute, secure
     released.set()
-    llm.close()
-    mute.close()
+    for server in (llm, mute, secure):
+        server.close()
 
 
 @pytest.fixture(scope="module")
 def gw(issuer, upstreams, tmp_path_factory) -> Iterator[Gateway]:
-    llm, mute = upstreams
+    llm, mute, secure = upstreams
     work = tmp_path_factory.mktemp("deadlines")
     (work / "policy.yaml").write_text(POLICY)
     config = base_config(issuer.url, llm.url, policy={"files": [str(work / "policy.yaml")]},
@@ -192,8 +193,10 @@ def gw(issuer, upstreams, tmp_path_factory) -> Iterator[Gateway]:
     config["upstreams"]["crm"] = {"url": llm.url + "/mcp", "protocol": "mcp"}
     config["upstreams"]["tls"] = {"url": f"https://127.0.0.1:{mute.port}", "protocol": "openai",
                                   "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
+    config["upstreams"]["secure"] = {"url": secure.url, "protocol": "openai",
+                                     "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
     with Gateway(config, env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
-                 workdir=work / "gw") as gateway:
+                 args=["--set", "ssl_insecure=true"], workdir=work / "gw") as gateway:
         yield gateway
 
 
@@ -364,3 +367,37 @@ def test_the_connection_serves_the_next_request(gw, client, upstreams):
     with client.stream("POST", upstreams[0].url + "/v1/chat/completions",
                        json={**CHAT, "model": "steady", "stream": True}) as resp:
         assert "[DONE]" in resp.read().decode()
+
+
+def test_behind_a_connect_tunnel_to_a_tls_upstream(gw, client, upstreams):
+    """The wake-up finds its stream through the tunnel's layers (an HTTP layer above the
+    CONNECT, TLS, the HTTP layer inside)."""
+    secure = upstreams[2]
+    timed_out(gw, client.post(secure.url + "/v1/chat/completions",
+                              json={**CHAT, "model": "silent"}))
+    with client.stream("POST", secure.url + "/v1/chat/completions",
+                       json={**CHAT, "model": "stalls", "stream": True}) as resp:
+        body = resp.read().decode()
+    assert "Hello" in body and f"within {SILENCE} s" in body.splitlines()[-2], body[-300:]
+
+
+def test_in_reverse_mode(issuer, upstreams, tmp_path):
+    secure = upstreams[2]
+    (tmp_path / "policy.yaml").write_text("version: 1\ndefault:\n  upstreams:\n"
+                                          "    llm: {models: [\"*\"]}\n")
+    config = base_config(issuer.url, secure.url,
+                         policy={"files": [str(tmp_path / "policy.yaml")]},
+                         gateway={"timeouts": {"answer_head": HEAD, "answer_silence": SILENCE}})
+    token = issuer.mint("una@corp.example", ["engineering"])
+    with Gateway(config, mode=f"reverse:{secure.url}", args=["--set", "ssl_insecure=true"],
+                 env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}, workdir=tmp_path / "gw") as rgw, \
+            httpx.Client(base_url=rgw.url, timeout=120,
+                         headers={"authorization": f"Bearer {token}"}) as c:
+        timed_out(rgw, c.post("/v1/chat/completions", json={**CHAT, "model": "silent"}))
+        with c.stream("POST", "/v1/chat/completions",
+                      json={**CHAT, "model": "stalls", "stream": True}) as resp:
+            body = resp.read().decode()
+        assert "Hello" in body and f"within {SILENCE} s" in body, body[-300:]
+        # the client's connection goes on
+        assert c.post("/v1/chat/completions",
+                      json={**CHAT, "model": "held"}).status_code == 200

@@ -133,12 +133,14 @@ def assert_upstream_failed(gw: Gateway, resp: httpx.Response, status: int) -> di
     record = gw.audit_record(decision_id)
     assert record["action"] == "error" and record["status"] == status, record
     assert record["reasons"][0]["rule"] in ("upstream.unreachable", "upstream.timeout"), record
+    # how it ended, from mitmproxy's error code: not connected (refused, TLS), or failed after
+    assert record["ended"] in ("upstream_unreachable", "upstream_failed"), record
     return record
 
 
 def test_connection_refused_is_answered_in_openai_shape(gw, client):
     resp = client.post(REFUSED + "/v1/chat/completions", json=CHAT)
-    assert_upstream_failed(gw, resp, 502)
+    assert assert_upstream_failed(gw, resp, 502)["ended"] == "upstream_unreachable"
     error = resp.json()["error"]
     assert error["type"] == "server_error" and error["code"] == "upstream_unreachable"
     assert "the connection was refused" in error["message"], gw.audit_record(resp.headers["x-douane-decision-id"])
@@ -165,7 +167,7 @@ def test_an_upstream_closing_before_answering_is_a_json_rpc_error(gw, client, cl
                              "params": {"protocolVersion": "2025-06-18", "capabilities": {},
                                         "clientInfo": {"name": "t", "version": "1"}}})
     assert closer.accepted > before
-    assert_upstream_failed(gw, resp, 502)
+    assert assert_upstream_failed(gw, resp, 502)["ended"] == "upstream_failed"
     doc = resp.json()
     assert doc["jsonrpc"] == "2.0" and doc["id"] == 7 and doc["error"]["code"] == -32000, doc
     assert "closed the connection before answering" in doc["error"]["message"]
