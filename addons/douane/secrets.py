@@ -234,7 +234,21 @@ class _Views(dict):
         return value
 
 
+class _Decoded(_Views):
+    """The views with tag characters read as the ASCII they encode (U+E0020-E007E): a text, a
+    key, hidden in tags is invisible, yet a model may read it, and anyone may decode it."""
+
+    def __missing__(self, code: int) -> str:
+        if not 0xE0020 <= code <= 0xE007E:
+            return super().__missing__(code)
+        value = "" if self.uneven else chr(code - 0xE0000)
+        self[code] = value
+        return value
+
+
 _VIEWS, _UNEVEN = _Views(False), _Views(True)
+_TAG_VIEWS = _Decoded(False), _Decoded(True)
+_TAGS = re.compile("[\U000e0020-\U000e007e]")
 
 
 def _plain(text: str) -> bool:
@@ -252,14 +266,17 @@ def _plain(text: str) -> bool:
         rest.isprintable() and not _SHOWN.search(rest) or not _FORMAT.search(rest))
 
 
-def _view(text: str) -> tuple[str, list[int] | None] | None:
+def _view(text: str, views: tuple[_Views, _Views] = (_VIEWS, _UNEVEN)
+          ) -> tuple[str, list[int] | None] | None:
     """`text` as the patterns read it (each character NFKC-normalised, format characters
-    dropped) and, for each of its characters, the original's index (None: the same places);
-    None when that is `text` itself (`_plain`: the common case)."""
-    if _plain(text):
+    dropped; `views`: tags decoded instead) and, for each of its characters, the original's
+    index (None: the same places); None when that is `text` itself (`_plain`: the common
+    case)."""
+    if views[0] is _VIEWS and _plain(text):
         return None
-    if not text.translate(_UNEVEN):  # one character for one (full-width letters, spaces)
-        return text.translate(_VIEWS), None
+    table, uneven = views
+    if not text.translate(uneven):  # one character for one (full-width letters, spaces)
+        return text.translate(table), None
     out: list[str] = []
     origin: list[int] = []
     last = 0
@@ -267,7 +284,7 @@ def _view(text: str) -> tuple[str, list[int] | None] | None:
         out.append(text[last:m.start()])
         origin.extend(range(last, m.start()))
         for i in range(m.start(), m.end()):
-            seen = text[i].translate(_VIEWS)
+            seen = text[i].translate(table)
             out.append(seen)
             origin.extend([i] * len(seen))
         last = m.end()
@@ -317,14 +334,30 @@ def _runnable(text: str, hinted: set[str], entropy_too: bool) -> list[Kind]:
 
 def find(text: str, high_entropy: bool = True) -> list[Found]:
     """Every secret in `text`, in order, overlapping finds merged (the first kind names them):
-    found in its normalised view, each span the original characters it was read from."""
-    view = _view(text)
+    found in its normalised view, each span the original characters it was read from; a text
+    holding tag characters is read with them dropped and with them decoded."""
+    found = _found(text, _view(text), high_entropy)
+    if not text.isascii() and _TAGS.search(text):
+        found = _merge(found + _found(text, _view(text, _TAG_VIEWS), high_entropy))
+    return found
+
+
+def _found(text: str, view: tuple[str, list[int] | None] | None,
+           high_entropy: bool) -> list[Found]:
     if view is None:
         return _find(text, high_entropy)
     seen, origin = view
     found = _find(seen, high_entropy)
     return found if origin is None else \
         [Found(origin[f.start], origin[f.end - 1] + 1, f.kind) for f in found]
+
+
+def _readings(text: str) -> list[str]:
+    """The views `find` reads (`maybe`, `matches`)."""
+    seen = [(_view(text) or (text,))[0]]
+    if not text.isascii() and _TAGS.search(text):
+        seen.append((_view(text, _TAG_VIEWS) or (text,))[0])
+    return seen
 
 
 def _find(text: str, high_entropy: bool) -> list[Found]:
@@ -339,6 +372,10 @@ def _find(text: str, high_entropy: bool) -> list[Found]:
             if start == end or (kind.check and not kind.check(text[start:end])):
                 continue
             found.append(Found(start, end, kind))
+    return _merge(found)
+
+
+def _merge(found: list[Found]) -> list[Found]:
     if len(found) < 2:
         return found
     merged: list[Found] = []
@@ -354,8 +391,7 @@ def _find(text: str, high_entropy: bool) -> list[Found]:
 
 def maybe(text: str) -> bool:
     """Whether `find` could find anything: a cheap test before it."""
-    text = (_view(text) or (text,))[0]
-    return bool(_hinted(text)) or _long_run(text)
+    return any(bool(_hinted(seen)) or _long_run(seen) for seen in _readings(text))
 
 
 def matches(text: str) -> bool:
@@ -365,7 +401,10 @@ def matches(text: str) -> bool:
     and runs the whole holds, and a pattern matching a part matches the whole at the same place.
     A pattern with a `lead` is searched from its first hint on: in ASCII text (where `lower()`
     keeps places and only ASCII letters match case-insensitively) no match starts earlier."""
-    text = (_view(text) or (text,))[0]
+    return any(_matches(seen) for seen in _readings(text))
+
+
+def _matches(text: str) -> bool:
     hinted = _hinted(text)
     lowered = text.lower() if text.isascii() else None
     for kind in _runnable(text, hinted, _long_run(text)):

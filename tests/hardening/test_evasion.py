@@ -700,6 +700,9 @@ DISGUISES = {  # a text as the model reads it, in characters the patterns did no
     "Hangul fillers": lambda t: t[:8] + "\u3164" + t[8:16] + "\u115f" + t[16:] + "\uffa0",
     "variation selectors": lambda t: t[:5] + "\ufe0f" + t[5:11] + "\U000e0101" + t[11:],
     "Mongolian free variation selector": lambda t: t[:14] + "\u180b" + t[14:],
+    # invisible: the key written in tag characters (a model may read them, anyone may decode)
+    "tag characters": lambda t: "".join(chr(0xE0000 + ord(c)) for c in t),
+    "a tag character inside": lambda t: t[:12] + "\U000e0021" + t[12:],
 }
 
 

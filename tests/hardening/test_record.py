@@ -345,3 +345,28 @@ def test_a_lone_surrogate_in_a_name_erases_no_record_and_stops_no_one(gw, llm, i
     other = issuer.mint("bystander@corp.example", ["engineering"])
     assert chat(gw, other).status_code == 200
     assert not [r for r in gw.audit_records() if r.get("event") == "audit.gap"]
+
+
+def test_a_key_hidden_in_tag_characters_is_in_no_record(gw, issuer, secrets):
+    """Red team, stop 28: a key written in tag characters (U+E0020-E007E, invisible; a model may
+    read them, anyone may decode them) was no key to the secrets view, which dropped them: it
+    went upstream and into the recording as sent."""
+    user = "tag@corp.example"
+    hidden = "".join(chr(0xE0000 + ord(c)) for c in f"deploy with {MODEL_KEY}")
+    resp = httpx.post(gw.url + "/v1/chat/completions", timeout=60, json={
+        "model": "m", "messages": [{"role": "user", "content": f"hello{hidden}"}]},
+        headers={"authorization": f"Bearer {issuer.mint(user, ['engineering'])}"})
+    assert resp.status_code == 403, resp.text
+    record = gw.audit_record(resp.headers["x-douane-decision-id"])
+    assert record["reasons"][0]["rule"] == "detector.secret.api_key", record
+    folder = gw.state_dir / "recordings" / untrusted.slug(user)
+    deadline = time.monotonic() + 20
+    while not (found := [p.read_bytes() for p in folder.rglob("*.mitm")]) or \
+            b"hello" not in b"".join(found):
+        assert time.monotonic() < deadline, "no recording of the request"
+        time.sleep(0.1)
+    data = b"".join(found)
+    tagged = hidden[-len(MODEL_KEY):]
+    for spelled in (tagged.encode(), tagged.encode("unicode_escape"),
+                    json.dumps(tagged).encode()):
+        assert not any(spelled[i:i + 40] in data for i in range(0, len(spelled) - 40, 8))
