@@ -227,3 +227,26 @@ def test_token_vectors_are_thincs(monkeypatch):
             assert numpy.array_equal(ours, theirs)
         assert numpy.allclose(ours, theirs, rtol=1e-5, atol=1e-5), batch
     assert len(vectors.rows) == 300  # the bound held, and words past it were still right
+
+
+def test_candidates_are_the_prefilters_entities():
+    """`Analyzer.candidates` (the secrets' test made once for all secret entities) keeps the
+    entities each PREFILTERS test keeps, on corpus texts and texts with and without a secret."""
+    from douane.masking.config import DEFAULT_ENTITIES, MaskingSettings
+    from douane.masking.engine import DIGITS, PREFILTERS, Analyzer
+
+    settings = MaskingSettings(
+        model="", entities=DEFAULT_ENTITIES, score_threshold=0.35, phone_regions=("US",),
+        allow_list=(), operators={}, hash_key=b"k" * 32, requests=False, responses=True,
+        exempt_groups=(), workers=1, stream_window=32, timeout_seconds=10)
+    analyzer = Analyzer(settings)
+    texts = [item.text for item in corpus(60, seed=7)] + [
+        "", "no secret here", "Authorization: Bearer abcdefghijklmnopqrstuvwxyz012345",
+        "aws_secret_access_key = " + "A1b2C3d4" * 5, "password: hunter22 and mail a@b.co"]
+    seen = set()  # whether the secret entities were kept: both must occur
+    for text in texts:
+        expected = [e for e in settings.entities
+                    if PREFILTERS[e](text, len(DIGITS.findall(text)))]
+        assert analyzer.candidates(text) == expected, text
+        seen.add("PASSWORD" in expected)
+    assert seen == {True, False}
