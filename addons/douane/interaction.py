@@ -78,6 +78,7 @@ class Interaction:
     operation: str  # e.g. "chat.completions", "responses", "messages", "mcp:tools/call"
     model: str | None = None
     stream: bool = False
+    store: Any = None  # OpenAI's `store` as given (what the answer leaves stored: `douane.owners`)
     max_tokens: int | None = None
     choices: int = 1  # answers asked for at once (`n`, `best_of`), each up to max_tokens
     temperature: float | None = None

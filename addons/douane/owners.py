@@ -798,10 +798,8 @@ class StoredObjects:
         it = state(flow).interaction
         assert it
         if it.operation == "responses":  # stored unless it says `store: false`
-            doc = protocols.document(flow, "request")
-            return None if isinstance(doc, dict) and doc.get("store") is False else "responses"
-        if it.operation == "chat.completions" and \
-                protocols.document(flow, "request").get("store") is True:
+            return None if it.store is False else "responses"
+        if it.operation == "chat.completions" and it.store is True:
             return "chat/completions"
         return None
 

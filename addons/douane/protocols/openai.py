@@ -78,6 +78,7 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
         raise ProtocolError(400, "logprobs_refused", LOGPROBS_REFUSED, it)
     it.model = doc.get("model") if isinstance(doc.get("model"), str) else None
     it.stream = doc.get("stream") is True
+    it.store = doc.get("store")
     max_tokens = optional_number(doc, "max_completion_tokens", "max_tokens", "max_output_tokens")
     it.max_tokens = int(max_tokens) if max_tokens is not None else None
     it.temperature = optional_number(doc, "temperature")
