@@ -37,7 +37,8 @@ OPERATIONS = ["GET /v1/files", "GET /v1/files/*", "GET /v1/files/*/content", "DE
               "POST /v1/containers", "GET /v1/containers/*", "GET /v1/containers/*/files",
               "GET /v1/containers/*/files/*/content", "POST /v1/conversations",
               "POST /v1/conversations/*/items", "GET /v1/conversations/*/items",
-              "GET /v1/conversations/*/items/*", "POST /v1/uploads", "POST /v1/uploads/*/complete"]
+              "GET /v1/conversations/*/items/*", "POST /v1/uploads", "POST /v1/uploads/*/complete",
+              "POST /v1/fine_tuning/jobs", "GET /v1/fine_tuning/jobs/*"]
 POLICY = {"version": 1, "default": {"upstreams": {
     "llm": {"models": ["*"], "hosted_tools": ["file_search", "code_interpreter"],
             "operations": OPERATIONS},
@@ -81,8 +82,10 @@ class Objects:
             doc = {"object": "list", "has_more": False, "first_id": self.issued[0],
                    "last_id": self.issued[-1], "data": [{"id": i, "object": "x"}
                                                         for i in self.issued]}
-        elif m := re.search(r"/(vector_stores|containers|batches|uploads|conversations)$", path):
+        elif m := re.search(r"/(vector_stores|containers|batches|uploads|conversations|"
+                            r"fine_tuning/jobs)$", path):
             prefix, kind = {"vector_stores": ("vs", "vector_store"),
+                            "fine_tuning/jobs": ("ftjob", "fine_tuning.job"),
                             "containers": ("cntr", "container"), "batches": ("batch", "batch"),
                             "uploads": ("upload", "upload"),
                             "conversations": ("conv", "conversation")}[m[1]]
@@ -92,6 +95,9 @@ class Objects:
         elif m := re.search(r"/batches/([^/]+)$", path):
             doc = {"id": m[1], "object": "batch", "status": "completed",
                    "output_file_id": f"file-out{n}", "error_file_id": None}
+        elif m := re.search(r"/fine_tuning/jobs/([^/]+)$", path):
+            doc = {"id": m[1], "object": "fine_tuning.job", "status": "succeeded",
+                   "result_files": [f"file-result{n}"]}
         elif m := re.search(r"/uploads/([^/]+)/complete$", path):
             doc = {"id": m[1], "object": "upload", "status": "completed",
                    "file": {"id": f"file-up{n}", "object": "file"}}
@@ -187,6 +193,8 @@ def test_files_and_vector_stores_are_their_users(gw, upstream, users):
     assert [f.id for f in listed.data] == ["file-a", "file-b"]
     assert [v.id for v in alice.vector_stores.list().data] == [vs]
     assert bob.files.list().data == []
+    # a listing inside her vector store is hers whole (file-c: a file nobody named yet)
+    assert "file-c" in [f.id for f in alice.vector_stores.files.list(vs).data]
     # a file's id in a tool's schema or `metadata` names no file
     assert bob.responses.create(model="m", input="hi", metadata={"file_id": "file-a"}
                                 ).status == "completed"
@@ -220,6 +228,13 @@ def test_batches_uploads_containers_and_items_bind_what_they_make(gw, upstream, 
             "another user")
     made = alice.uploads.complete(upload, part_ids=[]).file.id
     refused(gw, upstream, lambda: bob.files.retrieve(made), "owner.file", "another user")
+    refused(gw, upstream, lambda: bob.fine_tuning.jobs.create(model="m", training_file=made),
+            "owner.file", "training_file")
+    job = alice.fine_tuning.jobs.create(model="m", training_file=made).id
+    refused(gw, upstream, lambda: bob.fine_tuning.jobs.retrieve(job), "owner.fine_tuning_job",
+            "another user")
+    result = alice.fine_tuning.jobs.retrieve(job).result_files[0]
+    refused(gw, upstream, lambda: bob.files.content(result), "owner.file", "another user")
     # a container made by `POST /v1/containers` is hers, its files with it
     container = alice.containers.create(name="c").id
     assert alice.containers.files.list(container).data

@@ -381,6 +381,11 @@ def _container(flow: http.HTTPFlow) -> list[tuple[str, str, str]] | tuple[str, s
     return "containers", "container names no id douane can read"
 
 
+def _below_bound(path: str) -> bool:
+    """Whether a path names a bound object by id (a listing below it is its owner's)."""
+    return any((m[1].lower(), m[2]) not in NOT_IDS for m in STORED_PATH.finditer(path))
+
+
 def _files(flow: http.HTTPFlow) -> list[tuple[str, str, str]]:
     """The uploaded files and vector stores a request's body names (`NAMING`), wherever they
     are: only a string can name one (a tool's schema, `metadata`, are not read)."""
@@ -577,7 +582,8 @@ class StoredObjects:
         assert st.upstream and st.identity and st.interaction
         if st.interaction.granted and flow.request.method == "GET":
             path = flow.request.path.split("?")[0]
-            listing = BOUND_LISTING.search(path)
+            # (a listing inside a bound object, `/vector_stores/{id}/files`, is its owner's)
+            listing = BOUND_LISTING.search(path) if not _below_bound(path) else None
             if (listing or ORG_LISTING.search(path)) and not self._org_listings(flow):
                 # Anthropic's bound objects that are listed: its files and message batches
                 if listing and (st.upstream.protocol == "openai" or
@@ -764,8 +770,7 @@ class StoredObjects:
     def _lists(self, flow: http.HTTPFlow) -> bool:
         """Whether a granted answer lists objects of the org's that douane cannot tell apart."""
         path = flow.request.path.split("?")[0]
-        if SHARED_LISTING.search(path) or any((m[1].lower(), m[2]) not in NOT_IDS
-                                              for m in STORED_PATH.finditer(path)):
+        if SHARED_LISTING.search(path) or _below_bound(path):
             return False  # the org's models; a bound object's own listing
         try:
             doc = protocols.document(flow, "response")
