@@ -35,6 +35,7 @@ default:
     secure: {models: ["*"]}
 rules:
   - {id: hold.kestrel, literal: "kestrel", score: 60}
+  - {id: deny.codename, literal: "project nightingale", in: [completion], score: 90}
 thresholds: {hold: 50, block: 80}
 """
 HEAD, SILENCE, MCP_SILENCE = 3, 3, 5
@@ -96,6 +97,10 @@ def answer(handler: BaseHTTPRequestHandler, req: Any) -> None:
         handler._json(200, {"id": "c", "object": "chat.completion", "created": 0, "model": "m",
                             "choices": [{"index": 0, "finish_reason": "stop", "message": {
                                 "role": "assistant", "content": "approved answer"}}]})
+    elif how == "blocked-stalls":  # a denied phrase, then nothing
+        sse_head(handler)
+        chunk(handler, openai_delta("about project nightingale"))
+        stall()
     elif how == "cut":  # an OpenAI stream whose upstream closes its connection after a delta
         sse_head(handler)
         chunk(handler, openai_delta("Partial"))
@@ -321,6 +326,21 @@ def test_a_stream_its_upstream_closes_midway_ends_with_the_error_event(gw, clien
     record = gw.audit_record(decision_id)
     assert record["action"] == "error" and record["status"] == 502, record
     assert record["reasons"][0]["rule"] == "upstream.cut" and record["ended"] == "upstream_failed"
+
+
+def test_a_stream_blocked_then_stalled_keeps_its_block(gw, client, upstreams):
+    """douane ended the stream with its error event (a deny rule); the upstream then stalls: the
+    client's stream ends at the silence deadline (it waited for the upstream's end before), and
+    the record keeps the block."""
+    start = time.monotonic()
+    with client.stream("POST", upstreams[0].url + "/v1/chat/completions",
+                       json={**CHAT, "model": "blocked-stalls", "stream": True}) as resp:
+        body = resp.read().decode()
+    assert time.monotonic() - start < LATE
+    assert "nightingale" not in body and "blocked" in body, body[-300:]
+    record = gw.audit_record(resp.headers["x-douane-decision-id"])
+    assert record["action"] == "block" and record["status"] == 403, record
+    assert record["ended"] == "upstream_timeout", record
 
 
 def test_a_slow_steady_stream_is_never_cut(gw, client, upstreams):

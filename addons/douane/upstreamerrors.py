@@ -164,6 +164,8 @@ def _stream_cut(stream: HttpStream, message: str) -> bytes | None:
     if not isinstance(rewriter, StreamRewriter) or getattr(
             stream.server_state, "__func__", None) is not HttpStream.state_stream_response_body:
         return None
+    if rewriter.ended:  # douane ended it already (a block, a limit): that decision stands
+        return b""
     _, _, kind = _decided(stream.flow, message, "upstream.cut")
     rewriter.abort(f"the upstream's answer was cut: {kind}")
     return rewriter.resume()
