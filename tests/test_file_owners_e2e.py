@@ -25,7 +25,7 @@ from tests.conftest import UPSTREAM_KEY
 from tests.hardening.conftest import assert_refused, with_claude
 from tests.support.gateway import Gateway, base_config
 from tests.support.postgres import PASSWORD
-from tests.support.upstream import FakeUpstream
+from tests.support.upstream import FakeUpstream, anthropic_stream
 from tests.test_shared_store_e2e import wait_for_log
 
 ENV = {"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
@@ -57,10 +57,20 @@ class Objects:
     def __call__(self, handler, req) -> None:
         path, method = handler.path.split("?")[0], handler.command
         n = next(self.n)
-        if path.endswith("/messages"):  # Anthropic
+        if path.endswith("/messages"):  # Anthropic; asked to `run`, code makes a file
             doc = {"id": "msg_a", "type": "message", "role": "assistant", "model": "m",
                    "content": [{"type": "text", "text": "read"}], "stop_reason": "end_turn",
                    "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}}
+            stream = req.get("stream") is True
+            if '"run"' in json.dumps(req.get("messages")):
+                made = "file_made_streamed" if stream else "file_made"
+                doc["content"].insert(0, {
+                    "type": "bash_code_execution_tool_result", "tool_use_id": "srvtoolu_1",
+                    "content": {"type": "bash_code_execution_result", "stdout": "", "stderr": "",
+                                "return_code": 0, "content": [
+                                    {"type": "bash_code_execution_output", "file_id": made}]}})
+            handler._answer(stream, doc, lambda: anthropic_stream(doc, lambda text: [text]))
+            return
         elif path.endswith("/responses"):
             doc = {"id": f"resp_{n}", "object": "response", "created_at": 0, "model": "m",
                    "status": "completed", "usage": {"input_tokens": 1, "output_tokens": 1},
@@ -284,6 +294,19 @@ def test_anthropic_files_are_their_users(gw, upstream, users):
         record = assert_refused(gw, upstream, before, err.value.response, 404)
         assert record["reasons"][0]["rule"] == "owner.file", record
     assert [f.id for f in alice.beta.files.list().data] == ["file_anth1"]
+    # the files her code execution made (answered whole, or streamed) are hers
+    run = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "run"}]}
+    assert alice.messages.create(**run).content[-1].text == "read"
+    with alice.messages.stream(**run) as events:
+        assert events.get_final_message().content[-1].text == "read"
+    for made in ("file_made", "file_made_streamed"):
+        before = len(upstream.requests)
+        with pytest.raises(anthropic.NotFoundError) as err:
+            bob.beta.files.retrieve_metadata(made)
+        record = assert_refused(gw, upstream, before, err.value.response, 404)
+        assert record["reasons"][0]["rule"] == "owner.file", record
+        assert "issued to another user" in record["reasons"][0]["message"], record
+        assert alice.beta.files.retrieve_metadata(made).id == made
     assert bob.beta.files.list().data == []
 
 

@@ -35,7 +35,8 @@ An id the store does not hold (unseen):
   user's earlier conversations away, passing them would leave them to anyone for good. Adopted,
   each is its first user's from then on. An id never answered (a guess) grows no row. Files
   are always adopted: they are uploaded as multipart bodies, which douane refuses, so it sees
-  none issued but the files a batch, an upload or a fine-tuning job made (bound).
+  none issued but the files a batch, an upload, a fine-tuning job or an Anthropic code execution
+  made (bound).
 A store that cannot answer refuses what needs it (503 `store_unavailable`, `store.unavailable`).
 
 A granted listing of the org's stored objects is the caller's own: filtered for the kinds douane
@@ -489,6 +490,31 @@ def _issued_output(flow: http.HTTPFlow) -> list[dict[str, Any]]:
         else []
 
 
+def _made_by_code(flow: http.HTTPFlow) -> list[str]:
+    """The files an Anthropic answer's code execution made (the `file_id`s of a
+    `*code_execution_tool_result` block's outputs; streamed, in its `content_block_start`)."""
+    assert flow.response
+    if not flow.response.stream:
+        doc = _answer(flow)
+        blocks = doc.get("content") if isinstance(doc, dict) else None
+    else:
+        blocks = []
+        for line in (flow.response.content or b"").splitlines():
+            if line.startswith(b"data:") and b"code_execution_tool_result" in line:
+                try:
+                    blocks.append(_dig(protocols.loads(line[5:], "response"), "content_block"))
+                except protocols.ProtocolError:
+                    continue
+    made: list[str] = []
+    for block in blocks if isinstance(blocks, list) else []:
+        outputs = _dig(block, "content", "content")
+        if isinstance(block, dict) and isinstance(block.get("type"), str) and \
+                block["type"].endswith("code_execution_tool_result") and isinstance(outputs, list):
+            made += [o["file_id"] for o in outputs
+                     if isinstance(o, dict) and isinstance(o.get("file_id"), str)]
+    return made
+
+
 def _issued_container(flow: http.HTTPFlow) -> str | None:
     """The code-execution container an Anthropic answer ran in (`container.id`; streamed: in
     `message_delta`, or `message_start`)."""
@@ -701,11 +727,13 @@ class StoredObjects:
             return
         upstream, user = st.upstream.name, st.identity.user
         issued: list[tuple[str, list[str]]] = []
+        made: list[str] = []
         if st.interaction.granted:
             issued = _granted_issued(flow)
         elif st.upstream.protocol == "anthropic":
             container = _issued_container(flow) if st.interaction.operation == "messages" else None
             issued = [("containers", [container])] if container else []
+            made = _made_by_code(flow) if st.interaction.operation == "messages" else []
         else:
             kind = self._issuing(flow)
             found = ISSUED[kind].search(flow.response.raw_content or b"", 0, ISSUED_BYTES) \
@@ -733,6 +761,8 @@ class StoredObjects:
             for kind, ids in issued:
                 if ids := [i for i in ids if isinstance(i, str)]:
                     await self.bindings.bind(upstream, kind, ids[:ITEM_IDS], user)
+            if made:  # unless already bound (what the sandbox was given may be named there too)
+                await self.bindings.bind(upstream, "files", made[:ITEM_IDS], user, adopt=True)
         except StoreUnavailable as e:
             _unbound(flow, e)
 
