@@ -370,3 +370,26 @@ def test_a_key_hidden_in_tag_characters_is_in_no_record(gw, issuer, secrets):
     for spelled in (tagged.encode(), tagged.encode("unicode_escape"),
                     json.dumps(tagged).encode()):
         assert not any(spelled[i:i + 40] in data for i in range(0, len(spelled) - 40, 8))
+
+
+def test_a_key_beside_a_lone_surrogate_stops_no_recording(gw, issuer):
+    """Red team, stop 28: a prompt holding a key and a lone surrogate (`\\ud800`, valid JSON):
+    the recording writer redacted the key and wrote the value back with the surrogate raw, which
+    no UTF-8 can hold: the flow was lost and the writer, unhealthy, made the gateway refuse every
+    user's requests 503 `recording_unavailable`. The value is written back escaped."""
+    user = "surw@corp.example"
+    token = issuer.mint(user, ["engineering"])
+    body = json.dumps({"model": "m", "messages": [
+        {"role": "user", "content": f"key {MODEL_KEY} \ud800 x"}]}).encode()  # `\\ud800`
+    resp = httpx.post(gw.url + "/v1/chat/completions", content=body, timeout=60, headers={
+        "authorization": f"Bearer {token}", "content-type": "application/json"})
+    assert resp.status_code == 403, resp.text
+    for _ in range(3):
+        assert chat(gw, issuer.mint("next@corp.example", ["engineering"])).status_code == 200
+    folder = gw.state_dir / "recordings" / untrusted.slug(user)
+    deadline = time.monotonic() + 20
+    while not (found := [p.read_bytes() for p in folder.rglob("*.mitm")]) or \
+            b"\\ud800" not in b"".join(found):
+        assert time.monotonic() < deadline, "the flow was not recorded"
+        time.sleep(0.1)
+    assert MODEL_KEY.encode() not in b"".join(found)

@@ -347,7 +347,12 @@ def _json_string(m: re.Match[str]) -> str:
     if inside is not None and secrets.redact(inside) != inside:  # a key inside a text file
         clean = "data:text/plain;base64," + base64.b64encode(
             secrets.redact(inside).encode()).decode()
-    return literal if clean == value else json.dumps(clean, ensure_ascii=False)
+    if clean == value:
+        return literal
+    dumped = json.dumps(clean, ensure_ascii=False)
+    # a lone surrogate (a `\ud800` escape) stays escaped: no UTF-8 text holds one
+    return dumped if dumped.isascii() or not untrusted.SURROGATE.search(dumped) else \
+        json.dumps(clean)
 
 
 _DATA_URL = re.compile('"data:', re.IGNORECASE)  # a value that is one (not an SSE `data:` line)
