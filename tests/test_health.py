@@ -87,3 +87,26 @@ def test_an_idle_loop_is_not_woken_by_the_probe(tmp_path):
             assert written["samples"] <= idle + 5, written
 
     asyncio.run(scenario())
+
+
+def test_the_cpu_clock_is_read_only_for_the_figures_file(tmp_path, monkeypatch):
+    """The thread's CPU clock is a system call: the probe reads it each pass only while the
+    figures file (its only reader) is asked for; lags are timed either way."""
+    probe = LoopProbe()
+    reads = []
+    clock = time.thread_time
+    monkeypatch.setattr(time, "thread_time", lambda: reads.append(1) or clock())
+
+    async def scenario() -> None:
+        with taddons.context(probe) as tctx:
+            probe.running()
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert probe.samples >= 20 and not reads
+            tctx.configure(probe, douane_loop_stats=str(tmp_path / "loop.json"))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            probe.done()
+            assert len(reads) >= 20
+
+    asyncio.run(scenario())
