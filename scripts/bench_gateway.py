@@ -297,8 +297,11 @@ class Proxy:
     """A mitmdump process: bare, or with douane and a given config."""
 
     def __init__(self, name: str, upstream_port: int, work: Path, config: dict | None,
-                 extra: tuple[str, ...] = (), probe: bool = False, root: Path = ROOT):
-        """`root`: the tree whose douane runs (another checkout, to compare two trees)."""
+                 extra: tuple[str, ...] = (), probe: bool = False, root: Path = ROOT,
+                 figures: bool = True):
+        """`root`: the tree whose douane runs (another checkout, to compare two trees);
+        `figures`: douane writes its loop figures (`stalls`; its probe then reads the thread's CPU
+        clock each pass, a system call a deployed gateway does not make)."""
         self.name, self.port, self.work = name, free_port(), work
         self.loop_stats = work / f"{name}-loop.json"
         args = [str(BIN / "mitmdump"), "-q", "--mode", f"reverse:http://127.0.0.1:{upstream_port}",
@@ -309,8 +312,9 @@ class Proxy:
                                             "state_dir": str(work / f"state-{name}")}}
             path = work / f"{name}.yaml"
             path.write_text(yaml.safe_dump(config))
-            args += ["-s", str(root / "addons" / "gateway.py"), "--set", f"douane_config={path}",
-                     "--set", f"douane_loop_stats={self.loop_stats}"]
+            args += ["-s", str(root / "addons" / "gateway.py"), "--set", f"douane_config={path}"]
+            if figures:
+                args += ["--set", f"douane_loop_stats={self.loop_stats}"]
         elif probe:  # bare mitmdump with douane's lag probe alone, to compare stalls
             args += ["-s", str(ROOT / "addons" / "loopprobe.py"),
                      "--set", f"douane_loop_stats={self.loop_stats}"]

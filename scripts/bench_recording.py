@@ -104,7 +104,8 @@ def main() -> int:
     proxies: dict[str, Proxy] = {}
     try:
         for name, cfg, root in variants:
-            proxies[name] = Proxy(name, upstream_port, work, cfg, root=root)
+            # as deployed: no loop figures (bare mitmdump runs no probe either)
+            proxies[name] = Proxy(name, upstream_port, work, cfg, root=root, figures=False)
             ready(proxies[name].port, token if cfg else None, False)
         runs: dict[tuple[str, str, int], list[tuple[float, tuple[float, ...], float]]] = {}
         for r in range(args.rounds):
