@@ -73,7 +73,7 @@ EXPECTED = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class _Answer:
     """An answer awaited from upstream: the layer that waits for it, and until when."""
 
