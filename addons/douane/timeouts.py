@@ -1,4 +1,5 @@
-"""`ClientTimeouts`: a client connection that holds the gateway without making progress is closed.
+"""`ClientTimeouts`: a client connection that holds the gateway without making progress is closed,
+and an answer its upstream does not give in time is ended in the API's shape.
 
 mitmproxy's only timeout is `tcp_timeout` (600 s of silence): a client sending a byte now and
 then, or none at all, holds its connection for ever. douane's limits (`gateway.timeouts`):
@@ -10,7 +11,8 @@ A WebSocket is left to its own policing.
 
 An upstream that accepts a request and then never answers, or stops in the middle of its answer,
 held the client until mitmproxy's `tcp_timeout` (600 s of silence on the client's connection, any
-flow of it) closed the connection, with no answer and no audit record. Each answer has its own
+flow of it) closed the connection, with no answer (its record said only that the client left).
+Each answer has its own
 deadlines (`gateway.timeouts`):
 - answer_head: from the moment the request leaves douane's checkpoint (after any hold for an
   approver, which does not count) to its answer's head, connecting and TLS to the upstream
@@ -92,7 +94,8 @@ class _Cut(commands.RequestWakeup):
         self.message = message
 
 
-# flow id -> its awaited answer: kept by the stream's layer (`handle_event`), read by the watchdog
+# flow id -> its awaited answer: made when the request leaves (`make_server_connection`), dropped
+# at the flow's `response` or `error`, read by the watchdog
 _answers: dict[str, _Answer] = {}
 _limits = Limits()
 _make_server_connection = HttpStream.make_server_connection
