@@ -41,8 +41,7 @@ from mitmproxy.proxy.layers.http import (
 )
 
 from douane.flowstate import Reason, peek, state
-from douane.protocols import http1, mitmpatch
-from douane.protocols.streams import StreamRewriter
+from douane.protocols import http1, mitmpatch, streams
 from douane.refusals import make_response
 from douane.untrusted import loggable
 
@@ -160,8 +159,8 @@ def _refusal(flow: http.HTTPFlow, status: int, message: str, code: str) -> http.
 def _stream_cut(stream: HttpStream, message: str) -> bytes | None:
     """A rewritten stream whose upstream failed after its head left: the API's error event that
     ends it (None: not a stream douane rewrites)."""
-    rewriter = stream.flow.response.stream if stream.flow.response else None
-    if not isinstance(rewriter, StreamRewriter) or getattr(
+    rewriter = streams.rewriter_of(stream.flow)  # (under the originals' tee, if any)
+    if rewriter is None or getattr(
             stream.server_state, "__func__", None) is not HttpStream.state_stream_response_body:
         return None
     if rewriter.ended:  # douane ended it already (a block, a limit): that decision stands
