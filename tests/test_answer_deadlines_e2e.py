@@ -421,3 +421,101 @@ def test_in_reverse_mode(issuer, upstreams, tmp_path):
         # the client's connection goes on
         assert c.post("/v1/chat/completions",
                       json={**CHAT, "model": "held"}).status_code == 200
+
+
+class H2Upstream:
+    """A TLS HTTP/2 upstream (h2 only): a chat request whose model is "silent" is never answered,
+    any other is answered at once; counts the connections it accepted."""
+
+    def __init__(self) -> None:
+        from tests.support.upstream import _tls_context
+        self.context = _tls_context()
+        self.context.set_alpn_protocols(["h2"])
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, raw: socket.socket) -> None:
+        import h2.config
+        import h2.connection
+        import h2.events
+
+        try:
+            tls = self.context.wrap_socket(raw, server_side=True)
+            h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+            h2c.initiate_connection()
+            tls.sendall(h2c.data_to_send())
+            bodies: dict[int, bytes] = {}
+            while data := tls.recv(65536):
+                for event in h2c.receive_data(data):
+                    if isinstance(event, h2.events.DataReceived):
+                        bodies[event.stream_id] = bodies.get(event.stream_id, b"") + event.data
+                        h2c.acknowledge_received_data(event.flow_controlled_length,
+                                                      event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        req = json.loads(bodies.pop(event.stream_id, b"{}") or b"{}")
+                        if req.get("model") == "silent":
+                            continue
+                        body = json.dumps({"id": "c", "object": "chat.completion", "created": 0,
+                                           "model": "m", "choices": [{
+                                               "index": 0, "finish_reason": "stop", "message": {
+                                                   "role": "assistant", "content": "h2 answer"}}]
+                                           }).encode()
+                        h2c.send_headers(event.stream_id, [
+                            (":status", "200"), ("content-type", "application/json"),
+                            ("content-length", str(len(body)))])
+                        h2c.send_data(event.stream_id, body, end_stream=True)
+                tls.sendall(h2c.data_to_send())
+        except (OSError, ssl.SSLError, ValueError):
+            return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_an_http2_upstream_stream_is_reset_alone(issuer, tmp_path):
+    """An HTTP/2 client and upstream: one stream never answered is cut (504, RST_STREAM to the
+    upstream), while the same connection's other streams are answered, before and after."""
+    from tests.hardening.test_evasion import H2Only
+
+    up = H2Upstream()
+    (tmp_path / "policy.yaml").write_text("version: 1\ndefault:\n  upstreams:\n"
+                                          "    llm: {models: [\"*\"]}\n")
+    config = base_config(issuer.url, f"https://127.0.0.1:{up.port}",
+                         policy={"files": [str(tmp_path / "policy.yaml")]},
+                         gateway={"timeouts": {"answer_head": HEAD}})
+    token = issuer.mint("una@corp.example", ["engineering"])
+    verify = H2Only(ssl.PROTOCOL_TLS_CLIENT)
+    url = f"https://127.0.0.1:{up.port}/v1/chat/completions"
+    try:
+        with Gateway(config, args=["--set", "ssl_insecure=true"],
+                     env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+                     workdir=tmp_path / "gw") as h2gw:
+            verify.load_verify_locations(cafile=h2gw.ca_file)
+            with httpx.Client(proxy=h2gw.proxy_url("u", token), timeout=120, http2=True,
+                              verify=verify) as c:
+                assert c.post(url, json=CHAT).http_version == "HTTP/2"
+                result: list[httpx.Response] = []
+                silent = threading.Thread(target=lambda: result.append(
+                    c.post(url, json={**CHAT, "model": "silent"})))
+                silent.start()
+                time.sleep(0.5)
+                during = c.post(url, json=CHAT)  # the same connection, while one waits
+                silent.join(LATE)
+                after = c.post(url, json=CHAT)
+            timed_out(h2gw, result[0])
+            assert during.status_code == after.status_code == 200, (during.text, after.text)
+            assert "h2 answer" in during.text and "h2 answer" in after.text
+            assert up.accepted == 1, up.accepted  # one upstream connection, kept: a stream reset
+    finally:
+        up.close()
