@@ -117,11 +117,11 @@ def answer(handler: BaseHTTPRequestHandler, req: Any) -> None:
         chunk(handler, anthropic_event("content_block_delta", {
             "index": 0, "delta": {"type": "text_delta", "text": "Bonjour"}}))
         stall()
-    elif how == "steady":  # slow but steady: a delta every second, longer than the silence
+    elif how == "steady":  # slow but steady: a delta every half second, 3x the silence in all
         sse_head(handler)
-        for i in range(3 * SILENCE):
+        for i in range(6 * SILENCE):
             chunk(handler, openai_delta(f"w{i} "))
-            time.sleep(1)
+            time.sleep(0.5)
         chunk(handler, b"data: [DONE]\n\n")
         handler.wfile.write(b"0\r\n\r\n")
         handler.wfile.flush()
@@ -348,8 +348,8 @@ def test_a_slow_steady_stream_is_never_cut(gw, client, upstreams):
     with client.stream("POST", upstreams[0].url + "/v1/chat/completions",
                        json={**CHAT, "model": "steady", "stream": True}) as resp:
         body = resp.read().decode()
-    assert f"w{3 * SILENCE - 1} " in body and "[DONE]" in body and "error" not in body, body[-300:]
-    print(f"\nsteady stream: {3 * SILENCE} deltas a second apart, whole in "
+    assert f"w{6 * SILENCE - 1} " in body and "[DONE]" in body and "error" not in body, body[-300:]
+    print(f"\nsteady stream: {6 * SILENCE} deltas half a second apart, whole in "
           f"{time.monotonic() - start:.2f} s")
     record = gw.audit_record(resp.headers["x-douane-decision-id"])
     assert record["action"] == "allow", record
