@@ -393,10 +393,16 @@ def _lines(file: Path) -> Iterator[tuple[int, bytes]]:
                 yield lineno, line
 
 
-def flow_record(flow: http.HTTPFlow, config: Config) -> dict[str, Any]:
-    """The audit record of one flow's decision: claims and facts, never credentials or content."""
+def flow_record(flow: http.HTTPFlow, config: Config,
+                published: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The audit record of one flow's decision: claims and facts, never credentials or content.
+    `published`: the summary `publish` just put in the flow's metadata, whose parts are reused
+    (built once; nothing edits them in place, and the audit thread copies what it writes)."""
     st = state(flow)
-    decision = st.decision.summary() if st.decision else {"action": "allow", "reasons": []}
+    if published is None:
+        published = {"decision": st.decision.summary() if st.decision else None,
+                     "interaction": st.interaction.summary() if st.interaction else None}
+    decision = published.get("decision") or {"action": "allow", "reasons": []}
     record: dict[str, Any] = {
         "event": "decision",
         "decision_id": st.decision_id,
@@ -417,7 +423,7 @@ def flow_record(flow: http.HTTPFlow, config: Config) -> dict[str, Any]:
         record.update(user=st.identity.user, groups=list(st.identity.groups),
                       issuer=st.identity.issuer)
     if st.interaction:
-        record["interaction"] = st.interaction.summary()
+        record["interaction"] = published["interaction"]
         if st.interaction.model:
             record["model"] = st.interaction.model
     if st.policy_version:
@@ -516,7 +522,7 @@ class AuditTrail:
             return  # not a live flow of this gateway (read back with -r, replayed) or done
         st.audited = True
         publish(flow)
-        record = flow_record(flow, self.settings.config)
+        record = flow_record(flow, self.settings.config, flow.metadata["douane"])
         if st.identity is None and record["action"] == "refuse" and not self._admitted(
                 record["client"], record["reasons"][0]["rule"] if record["reasons"] else "",
                 st.decision_id):

@@ -36,7 +36,7 @@ from typing import Any
 from mitmproxy import connection, exceptions, http, version
 from mitmproxy.flow import Error as FlowError
 
-from douane import untrusted
+from douane import headerfields, untrusted
 from douane.flowstate import Reason, peek, publish, state
 from douane.protocols import streams
 from douane.recording import originals
@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 WS_MESSAGES = 1000  # WebSocket messages held in a flow before they are written as a part
 WS_BYTES = 8 * 1024**2  # ... or bytes of their content
 ISSUED_SESSIONS = 100_000  # MCP session ids issued by upstreams, remembered (the latest)
+MCP_SESSION = b"mcp-session-id"
 SCRUB_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "cookie", "set-cookie",
                  "x-goog-api-key", "api-key")
 
@@ -58,12 +59,17 @@ def credential_headers(flow: http.HTTPFlow, extra: tuple[str, ...]) -> frozenset
     """The header names to scrub from this flow: the usual ones, the configured ones, and the
     headers carrying its upstream's credential and the one injected."""
     st = peek(flow)
-    names = set(SCRUB_HEADERS + extra)
-    if st and st.upstream and st.upstream.credential:
-        names.add(st.upstream.credential.header)
-    if st and st.credential:  # a group's or a user's
-        names.add(st.credential.header)
-    return frozenset(names)
+    upstream = st.upstream.credential.header if st and st.upstream and st.upstream.credential \
+        else None
+    injected = st.credential.header if st and st.credential else None  # a group's or a user's
+    return _scrubbed_names(extra, upstream, injected)
+
+
+@functools.lru_cache(maxsize=256)
+def _scrubbed_names(extra: tuple[str, ...], *headers: str | None) -> frozenset[str]:
+    """The same few sets for every flow: built once, and one object, which the burst's pickle
+    writes once (its memo) for all the flows that share it."""
+    return frozenset(SCRUB_HEADERS + extra + tuple(h for h in headers if h))
 
 
 # A connection's state is half the cost of `flow.get_state()`, and on a keep-alive connection it
@@ -120,11 +126,17 @@ def session_path(flow: http.HTTPFlow, settings: RecordingSettings,
                  issued: Container[str] = ()) -> Path:
     """`issued`: the MCP session ids upstreams issued; a made-up one names no file (a client
     could otherwise make one file per request)."""
+    return Path(session_file(flow, settings, issued))
+
+
+def session_file(flow: http.HTTPFlow, settings: RecordingSettings,
+                 issued: Container[str] = ()) -> str:
+    """`session_path` as the writer takes it (a string)."""
     st = state(flow)
     # one folder per exact user name (a slug and a hash: no two users share one), no separators
     user = _user_folder(st.identity.user) if st.identity else "anonymous"
     day, second = divmod(int(flow.request.timestamp_start), 86400)  # UTC
-    mcp_session = flow.request.headers.get("mcp-session-id")
+    mcp_session = headerfields.get(flow.request.headers, MCP_SESSION)
     if mcp_session and mcp_session in issued:
         session = "mcp-" + untrusted.slug(mcp_session, 32)
     elif settings.session == "window":
@@ -136,10 +148,11 @@ def session_path(flow: http.HTTPFlow, settings: RecordingSettings,
 
 
 @functools.lru_cache(maxsize=1024)
-def _session_file(user: str, day: int, session: str) -> Path:
-    """The same few files for every flow: built once (a path costs more than a snapshot)."""
+def _session_file(user: str, day: int, session: str) -> str:
+    """The same few files for every flow: built once (a path costs more than a snapshot), and
+    one string, which the burst's pickle writes once for all its flows."""
     date = datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d")
-    return Path(user) / date / f"{session}.mitm"
+    return str(Path(user) / date / f"{session}.mitm")
 
 
 class Record:
@@ -233,7 +246,7 @@ class Record:
         flow.websocket.messages = rest
         part["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"douane:{flow.id}/{parts + 1}"))
         part["metadata"].setdefault("douane", {})["websocket_part"] = parts + 1
-        self.writer.put(str(session_path(flow, self.recording, self.issued)), part,
+        self.writer.put(session_file(flow, self.recording, self.issued), part,
                         credential_headers(flow, self.recording.scrub_headers))
         return not self.writer.congested
 
@@ -259,12 +272,12 @@ class Record:
         streamed = texts_read(st.interaction, streams.rewriter_of(flow) is not None) \
             if st.interaction else ()
         prompted = parts_read(st.interaction) if st.interaction else ()
-        issued = flow.response.headers.get("mcp-session-id") if flow.response else None
+        issued = headerfields.get(flow.response.headers, MCP_SESSION) if flow.response else None
         if issued:
             self.issued[issued] = None
             self.issued.move_to_end(issued)
             if len(self.issued) > ISSUED_SESSIONS:
                 self.issued.popitem(last=False)
-        self.writer.put(str(session_path(flow, self.recording, self.issued)), snapshot(flow),
+        self.writer.put(session_file(flow, self.recording, self.issued), snapshot(flow),
                         credential_headers(flow, self.recording.scrub_headers),
                         original if st.masked else None, streamed, prompted)

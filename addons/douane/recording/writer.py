@@ -150,6 +150,8 @@ def texts_read(it: Interaction, stream: bool) -> tuple[str, ...]:
     blocks in a row (`streams.read_together`), each run joined (a lone block is each value)."""
     if stream:
         return tuple(p.text for p in it.response_texts)
+    if len(it.response_texts) < 2:  # no run of two
+        return ()
     return tuple("".join(p.text for p in run) for run in streams.read_together(it.response_texts)
                  if len(run) > 1)
 
@@ -159,6 +161,8 @@ def parts_read(it: Interaction) -> tuple[str, ...]:
     parts in a row (`streams.read_together`: a message's content parts, messages or Responses
     input items in a row, as the model reads them), each run joined; and the texts it reads in
     sequence apart from those (`streams.read_in_order`), joined only when a key spans two."""
+    if len(it.texts) < 2:  # nothing read together or in order
+        return ()
     runs = tuple("".join(p.text for p in run) for run in streams.read_together(it.texts)
                  if len(run) > 1)
     return (*runs, *("".join(texts) for run in streams.read_in_order(it.texts)
