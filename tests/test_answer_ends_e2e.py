@@ -90,7 +90,8 @@ def gw(issuer, llm, tmp_path_factory) -> Iterator[Gateway]:
     work = tmp_path_factory.mktemp("ends")
     (work / "policy.yaml").write_text(POLICY)
     config = base_config(issuer.url, llm.url, policy={"files": [str(work / "policy.yaml")]},
-                         gateway={"body_size_limit": "1m", "answer_size_limit": "2m"})
+                         gateway={"body_size_limit": "1m", "answer_size_limit": "2m",
+                                  "timeouts": {"body": 3}})
     with Gateway(config, env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
                  args=["--set", "ssl_insecure=true"], workdir=work / "gw") as gateway:
         yield gateway
@@ -213,3 +214,23 @@ def test_a_chunked_request_past_the_wire_cut_is_refused_in_the_api_shape(gw, llm
     record = gw.audit_record(decision_id)
     assert record["action"] == "refuse" and record["status"] == 413 and \
         record["ended"] == "too_large", record
+
+
+def test_a_body_too_slow_is_a_client_timeout(gw, llm, token):
+    """douane closes a connection whose request body does not come in time (408): the record
+    says so, not that the client left."""
+    body = json.dumps({**CHAT, "model": "slow-body"}).encode()
+    sock = socket.create_connection(("127.0.0.1", gw.port))
+    sock.sendall(f"CONNECT 127.0.0.1:{llm.port} HTTP/1.1\r\nHost: 127.0.0.1:{llm.port}\r\n"
+                 f"Proxy-Authorization: Bearer {token}\r\n\r\n".encode())
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    with ssl.create_default_context(cafile=gw.ca_file).wrap_socket(
+            sock, server_hostname="127.0.0.1") as tls:
+        tls.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{llm.port}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                    .encode() + body[:10])
+        tls.settimeout(40)
+        assert tls.recv(65536) == b""  # closed by douane, past its 3 s
+    record, = gw.audit_where(lambda r: r.get("ended") == "client_timeout")
+    assert record["action"] == "refuse" and record["status"] == 408, record
+    assert record["reasons"][0]["rule"] == "protocol.timeout"

@@ -213,6 +213,7 @@ class ClientTimeouts:
                 for f in late:
                     state(f).decide("refuse", Reason("protocol.timeout", "request body too slow"),
                                     status=408)
+                    upstreamerrors.ended_as(f, "client_timeout")  # (not a client that left)
                 why = "request body not complete in time" if late else None
             elif not c.settled:  # sending the last answer counts as activity too: not a new byte
                 c.ready_since = max(c.ready_since, handler.timeout_watchdog.last_activity)

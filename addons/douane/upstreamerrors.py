@@ -80,9 +80,15 @@ _CLIENT_ENDINGS = {ErrorCode.CLIENT_DISCONNECTED: "client_left", ErrorCode.CANCE
                    ErrorCode.REQUEST_TOO_LARGE: "too_large", ErrorCode.KILL: "killed"}
 
 
+def ended_as(flow: http.HTTPFlow, how: str) -> None:
+    """How the flow is about to end, known before mitmproxy says it (douane closes it)."""
+    _endings[flow] = how
+
+
 def ending(flow: http.HTTPFlow) -> str:
-    """How a failed flow ended: client_left, client_reset, client_error, upstream_unreachable,
-    upstream_failed, upstream_timeout, upstream_reset, too_large, killed, or error."""
+    """How a failed flow ended: client_left, client_reset, client_error, client_timeout,
+    upstream_unreachable, upstream_failed, upstream_timeout, upstream_reset, too_large, killed,
+    or error."""
     if flow in _timed_out:
         return "upstream_timeout"
     if flow in _endings:
