@@ -57,9 +57,13 @@ def test_the_snapshot_is_mitmproxys_state_with_connections_cached(make):
     f.server_conn.sni = "other.example"
     assert snapshot(f) == {**f.get_state(), "backup": None}
     assert snapshot(f)["client_conn"]["timestamp_end"] == 1234.5
+    f.metadata["other"] = {"items": [1]}
     before = snapshot(f)
-    f.metadata["douane"]["decision"]["reasons"].append({"rule": "later"})
-    assert before["metadata"]["douane"]["decision"]["reasons"] == [{"rule": "r"}]
+    f.metadata["other"]["items"].append(2)  # another addon's metadata: deep-copied
+    f.metadata["douane"]["latency_ms"] = 1.0  # set on douane's summary after it
+    f.metadata["douane"] = {"decision": {"reasons": []}}  # a later summary (`publish`)
+    assert before["metadata"] == {"douane": {"decision": {"reasons": [{"rule": "r"}]}},
+                                  "other": {"items": [1]}}
 
 
 def test_a_flow_is_written_as_flowwriter_writes_it_scrubbed(tmp_path):

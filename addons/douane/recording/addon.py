@@ -96,12 +96,20 @@ def snapshot(flow: http.HTTPFlow) -> dict:
         "client_conn": connection_state(flow.client_conn),
         "server_conn": connection_state(flow.server_conn),
         "intercepted": flow.intercepted, "is_replay": flow.is_replay, "marked": flow.marked,
-        "metadata": _copied(flow.metadata), "comment": flow.comment,
+        "metadata": _metadata(flow.metadata), "comment": flow.comment,
         "timestamp_created": flow.timestamp_created, "backup": None,
         "request": flow.request.get_state(),
         "response": flow.response.get_state() if flow.response else None,
         "websocket": flow.websocket.get_state() if flow.websocket else None,
     }
+
+
+def _metadata(metadata: dict) -> dict:
+    """The flow's metadata as it is now. douane's summary is copied at its top level only (the
+    latency and a WebSocket part's number are set on it): `publish` builds its parts afresh for
+    each flow and a later one replaces them whole, never edits them. The rest is deep-copied."""
+    return {k: dict(v) if k == "douane" and type(v) is dict else _copied(v)
+            for k, v in metadata.items()}
 
 
 def _copied(value: Any) -> Any:
