@@ -215,3 +215,27 @@ def test_inbox_login_approve_deny_and_refusals(inbox, issuer):
     # neither the session cookie nor the client secret is written anywhere
     written = gw.audit_file().read_text() + gw.log_text()
     assert session["value"] not in written and secret not in written
+
+
+def test_a_lone_surrogate_in_a_held_prompt_leaves_the_inbox_up(inbox, issuer):
+    """Red team, stop 28: a held prompt holding a lone surrogate (`\\ud800`, valid JSON) made the
+    inbox page fail for every approver (its preview, written raw, cannot be UTF-8): no held
+    request could be decided there until that one timed out. The preview shows it escaped."""
+    gw, llm, browser, base, _ = inbox
+    token = issuer.mint("dave@corp.example", ["engineering"])
+    outcome: list[httpx.Response] = []
+    body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 50, "messages": [  # `\\ud800`
+        {"role": "user", "content": "odd \ud800 byte: the launch codes"}]}).encode()
+    threading.Thread(target=lambda: outcome.append(httpx.post(
+        gw.url + "/v1/chat/completions", content=body, timeout=200, headers={
+            "authorization": f"Bearer {token}", "content-type": "application/json"}))).start()
+    held = gw.audit_where(lambda r: r.get("event") == "approval.requested"
+                          and r.get("user") == "dave@corp.example", timeout=120)
+    approval = held[0]["approval_id"]
+    log_in(browser, base, "bob")
+    section = wait(browser).until(lambda b: sections(b).get(approval))
+    assert "\\ud800" in section.text
+    Select(section.find_element(By.NAME, "for")).select_by_value("")
+    section.find_element(By.CSS_SELECTOR, "button.approve").click()
+    wait(browser, 120).until(lambda b: outcome)
+    assert outcome[0].status_code == 200, outcome[0].text

@@ -43,6 +43,14 @@ def escape(value: object, keep: str = "") -> str:
                        f"\\u{ord(m.group(0)):04x}", text)
 
 
+def encodable(text: str) -> str:
+    """`text` with its lone surrogates written as `\\udXXX`: a record, a page, a database can
+    hold it (no UTF-8 holds a lone surrogate, which a JSON `\\ud800` escape makes)."""
+    if text.isascii() or not SURROGATE.search(text):
+        return text
+    return SURROGATE.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text)
+
+
 def loggable(value: object, limit: int = 256) -> str:
     """A value for a log line: scrubbed, cut, escaped (one line, no secret, no escape codes)."""
     return escape(scrub(str(value), limit))
@@ -78,8 +86,7 @@ def scrub_all(value: Any, limit: int = FIELD_CHARS) -> Any:
     texts: list[str] = []
 
     def cut(text: str) -> str:
-        if not text.isascii() and SURROGATE.search(text):  # else the record cannot be written
-            text = SURROGATE.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text)
+        text = encodable(text)  # else the record cannot be written
         text = text if len(text) <= limit else scrub(text, limit)
         texts.append(text)
         return text

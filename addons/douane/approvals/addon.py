@@ -58,7 +58,7 @@ from douane.settings import Settings
 from douane.store import StoreUnavailable
 from douane.store.addon import SharedStore
 from douane.tokens import TokenVerifier
-from douane.untrusted import loggable
+from douane.untrusted import encodable, loggable
 
 logger = logging.getLogger(__name__)
 MITMWEB = "mitmweb operator"
@@ -321,7 +321,8 @@ class Approvals:
                                                                                    strict=True)]
         out = []
         for (piece, rules), text in zip(chosen, texts, strict=True):
-            shown = {"kind": piece.kind, "where": ".".join(map(str, piece.path)), "text": text}
+            shown = {"kind": piece.kind, "where": encodable(".".join(map(str, piece.path))),
+                     "text": encodable(text)}  # (the inbox's page is UTF-8)
             if rules:
                 shown["flagged"] = ", ".join(rules)
             if len(piece.text) > PREVIEW_CHARS:
