@@ -697,13 +697,17 @@ def run(quick: bool, only: set[str], seconds: int, rounds: int) -> Run:
         if "requests" in only:
             variants.insert(0, ("bare mitmdump", None))
         proxies: dict[str, Proxy] = {}
-        try:  # every variant runs at once: their rows are measured interleaved
-            for variant, cfg in variants if only & {"requests", "streams"} else []:
+
+        def start(figures: bool) -> None:  # every variant at once: their rows interleave
+            for variant, cfg in variants:
                 proxies[variant] = Proxy(variant.replace(" ", "_").replace("+", ""),
-                                         upstream_port, work, cfg)
+                                         upstream_port, work, cfg, figures=figures)
                 ready(proxies[variant].port, token, masked=variant == "douane + masking")
-            idle = {variant: tree_rss(proxy.pid) for variant, proxy in proxies.items()}
-            if "requests" in only:
+
+        try:
+            if "requests" in only:  # as deployed: no loop figures file (its probe then reads
+                start(figures=False)  # the thread's CPU clock every pass, a system call)
+                idle = {variant: tree_rss(proxy.pid) for variant, proxy in proxies.items()}
                 ready(upstream_port, None, masked=False)
                 out.rows += measure_requests(
                     [Target("direct", upstream_port, None)] +
@@ -712,6 +716,11 @@ def run(quick: bool, only: set[str], seconds: int, rounds: int) -> Run:
                 out.memory += [Memory(variant, idle[variant] / 1024, max(
                     r.rss_mib for r in out.rows if r.variant == variant)) for variant in proxies]
             if "streams" in only:  # bare mitmdump buffers whole answers unless told to stream
+                for proxy in proxies.values():
+                    proxy.stop()
+                proxies.clear()
+                variants = [(v, cfg) for v, cfg in variants if cfg is not None]
+                start(figures=True)  # the stalls rows read them
                 streaming = {variant: proxies[variant]
                              for variant in ("douane", "douane + masking")}
                 bare = BARE_STREAMING
@@ -848,7 +857,8 @@ def report(run: Run, command: str) -> str:
             "## Requests\n\nUpstream: `scripts/bench_upstream.py` (uvicorn, loopback), a JSON "
             "answer of ~200 characters with PII at once: an OpenAI chat completion, an Anthropic "
             "message, an MCP `tools/call` result. douane: identity (dev issuer JWT), policy, "
-            "audit log, recording; '+ masking' adds Presidio masking of the answers (2 worker "
+            "audit log, recording, as deployed (no loop figures file: the stream rows' proxies, "
+            "started afresh, write it); '+ masking' adds Presidio masking of the answers (2 worker "
             "processes), checked before measuring (a masked answer must not carry the email). "
             "'CPU s/1k req' is the CPU seconds per 1,000 requests of the proxy and all its "
             "processes (the recording writer, the masking workers), counted from wrk's start "
