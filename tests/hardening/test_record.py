@@ -84,6 +84,17 @@ def indexed(gw: Gateway, count: int) -> list[dict]:
         time.sleep(0.1)
 
 
+def recorded(gw: Gateway, user: str, marker: bytes, what: str) -> bytes:
+    """All of `user`'s recordings once one holds `marker` (the writer hands off in bursts)."""
+    folder = gw.state_dir / "recordings" / untrusted.slug(user)
+    deadline = time.monotonic() + 20
+    while not (found := [p.read_bytes() for p in folder.rglob("*.mitm")]) or \
+            marker not in b"".join(found):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+    return b"".join(found)
+
+
 def test_absurd_model_and_tool_names_are_refused_at_the_door(gw, llm, issuer):
     token = issuer.mint("mallory@corp.example", ["engineering"])
     key = (gw.state_dir / "audit-hmac.key").read_bytes().strip()
@@ -270,15 +281,8 @@ def test_a_secret_after_a_header_that_ends_in_its_name_is_in_no_record(gw, issue
     for extra in (headers, {"x-db": headers["x-db"]}):
         assert chat(gw, token, headers=extra).status_code == 200
     gw.audit_where(lambda r: r.get("user") == "hal@corp.example", count=2)
-    folder = gw.state_dir / "recordings" / untrusted.slug("hal@corp.example")
-    deadline = time.monotonic() + 10
-    while True:
-        found = [p for p in folder.rglob("*.mitm") if b"x-db" in p.read_bytes()]
-        if found or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert found, "no recording of the flows"
-    assert not any(leaked.encode() in p.read_bytes() for p in found)
+    assert leaked.encode() not in recorded(gw, "hal@corp.example", b"x-db",
+                                           "no recording of the flows")
 
 
 def _tool_call_chunks(pieces: list[str]) -> bytes:
@@ -311,13 +315,7 @@ def test_a_key_split_across_streamed_tool_arguments_is_in_no_recording(gw, llm, 
         del llm.canned["/v1/chat/completions"]
     assert resp.status_code == 200 and '"arguments"' in resp.text, resp.text[:300]
     gw.audit_where(lambda r: r.get("user") == user, count=1)
-    folder = gw.state_dir / "recordings" / untrusted.slug(user)
-    deadline = time.monotonic() + 20
-    while not (found := [p.read_bytes() for p in folder.rglob("*.mitm")]) or \
-            b"text/event-stream" not in b"".join(found):
-        assert time.monotonic() < deadline, "no recording of the stream"
-        time.sleep(0.1)
-    data = b"".join(found)
+    data = recorded(gw, user, b"text/event-stream", "no recording of the stream")
     assert b"<SECRET:detector.secret.api_key>" in data
     shares = {key[i:i + 7] for i in range(len(key) - 6)} | \
         {spelled[i:i + 30] for i in range(len(spelled) - 29)}
@@ -359,13 +357,7 @@ def test_a_key_hidden_in_tag_characters_is_in_no_record(gw, issuer, secrets):
     assert resp.status_code == 403, resp.text
     record = gw.audit_record(resp.headers["x-douane-decision-id"])
     assert record["reasons"][0]["rule"] == "detector.secret.api_key", record
-    folder = gw.state_dir / "recordings" / untrusted.slug(user)
-    deadline = time.monotonic() + 20
-    while not (found := [p.read_bytes() for p in folder.rglob("*.mitm")]) or \
-            b"hello" not in b"".join(found):
-        assert time.monotonic() < deadline, "no recording of the request"
-        time.sleep(0.1)
-    data = b"".join(found)
+    data = recorded(gw, user, b"hello", "no recording of the request")
     tagged = hidden[-len(MODEL_KEY):]
     for spelled in (tagged.encode(), tagged.encode("unicode_escape"),
                     json.dumps(tagged).encode()):
@@ -386,10 +378,4 @@ def test_a_key_beside_a_lone_surrogate_stops_no_recording(gw, issuer):
     assert resp.status_code == 403, resp.text
     for _ in range(3):
         assert chat(gw, issuer.mint("next@corp.example", ["engineering"])).status_code == 200
-    folder = gw.state_dir / "recordings" / untrusted.slug(user)
-    deadline = time.monotonic() + 20
-    while not (found := [p.read_bytes() for p in folder.rglob("*.mitm")]) or \
-            b"\\ud800" not in b"".join(found):
-        assert time.monotonic() < deadline, "the flow was not recorded"
-        time.sleep(0.1)
-    assert MODEL_KEY.encode() not in b"".join(found)
+    assert MODEL_KEY.encode() not in recorded(gw, user, b"\\ud800", "the flow was not recorded")
