@@ -64,7 +64,7 @@ from mitmproxy import http
 from douane import headerfields, protocols
 from douane.flowstate import Reason, state
 from douane.policy.model import Policy
-from douane.protocols import fields
+from douane.protocols import fields, mcp
 from douane.refusals import refuse
 from douane.settings import Settings
 from douane.sqlitethread import SqliteThread
@@ -85,6 +85,10 @@ NAMED_IDS = 16  # stored objects one request may name (its path and body)
 ITEM_IDS = 1024  # Responses items by id one request may name, one answer bind
 ISSUED_BYTES = 64 * 1024  # where an answer names its id (a stream: its first event)
 MCP = "mcp"
+# A 2026-07-28 multi round trip's `requestState`: the server's answer issues it to the caller (in
+# their MCP session, if any), and only they echo it back. Anything else is the client's text that
+# no rule reads: refused.
+MCP_STATE = "mcp_state"
 
 
 @dataclass(frozen=True)
@@ -414,6 +418,12 @@ def _files(flow: http.HTTPFlow) -> list[tuple[str, str, str]]:
     return named
 
 
+def _state_id(flow: http.HTTPFlow, request_state: str) -> str:
+    """A state as issued in its MCP session (none: the 2026-07-28 revision is sessionless)."""
+    session = headerfields.get(flow.request.headers, b"mcp-session-id") or ""
+    return f"{session}\0{request_state}"
+
+
 def _where(path: tuple[str | int, ...]) -> str:
     """A JSON path for the audit record, bounded (its keys are the client's)."""
     text = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
@@ -599,10 +609,41 @@ class StoredObjects:
         except StoreUnavailable as e:
             unavailable(flow, e)
 
+    async def _echoed_states(self, flow: http.HTTPFlow) -> None:
+        """A `requestState` is accepted back only from the user (and session) it was issued to."""
+        st = state(flow)
+        assert st.upstream and st.identity and st.interaction
+        echoed = mcp.request_states(st.interaction)
+        if not echoed:
+            return
+        try:
+            owners = await self.bindings.owners(st.upstream.name, MCP_STATE,
+                                                [_state_id(flow, s) for s in echoed])
+        except StoreUnavailable as e:
+            unavailable(flow, e)
+            return
+        if all(owner == st.identity.user for owner in owners):
+            return
+        refuse(flow, 403, "this requestState was not issued to this user by the server; start "
+               "the request again without it", "request_state_unknown",
+               Reason("mcp.request_state", "a requestState issued to another user or session"
+                      if any(owners) else "a requestState douane did not see issued"))
+
+    async def _bind_states(self, flow: http.HTTPFlow) -> None:
+        st = state(flow)
+        assert st.upstream and st.identity and st.interaction
+        if st.interaction.issued_states:
+            await self.bindings.bind(st.upstream.name, MCP_STATE,
+                                     [_state_id(flow, s) for s in st.interaction.issued_states],
+                                     st.identity.user)
+
     # --- stored objects -------------------------------------------------------------------------
 
     async def request(self, flow: http.HTTPFlow) -> None:
         st = state(flow)
+        if not flow.response and not flow.error and self._governed(flow, "mcp"):
+            await self._echoed_states(flow)
+            return
         if flow.response or flow.error or not self._governed(flow, "openai", "anthropic"):
             return
         assert st.upstream and st.identity and st.interaction
@@ -714,9 +755,15 @@ class StoredObjects:
         st = state(flow)
         unseen = self._unseen.pop(flow, [])
         listing = self._listings.pop(flow, None)
-        if not self._governed(flow, "openai", "anthropic") or not flow.response or \
+        if not self._governed(flow, "openai", "anthropic", "mcp") or not flow.response or \
                 flow.response.status_code != 200 or \
                 (st.decision and st.decision.action == "refuse"):
+            return
+        if self._governed(flow, "mcp"):
+            try:
+                await self._bind_states(flow)
+            except StoreUnavailable as e:
+                _unbound(flow, e)
             return
         assert st.upstream and st.identity and st.interaction
         if listing:

@@ -576,3 +576,41 @@ def test_every_param_of_a_named_request_is_inspected(setup, body, rule):
         clean = json.loads(json.dumps(body).replace("project nightingale", "the plan").replace(
             AWS_KEY, "none"))
         assert c.post(real.url + "/mcp", headers=headers, json=clean).status_code == 200
+
+
+# A multi round trip's requestState is the server's: echoed only by the user it was issued to.
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_request_state_is_accepted_only_from_the_user_it_was_issued_to(setup, issuer, streamed):
+    gw, _, evil, staff = setup
+    issued = f"sealed-by-the-server-{streamed}"
+    asking = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {
+        "resultType": "input_required", "requestState": issued, "inputRequests": {
+            "why": {"method": "elicitation/create", "params": {"message": "why?"}}}}})
+    evil.canned["/rpc"] = ("text/event-stream", f"event: message\ndata: {asking}\n\n".encode()) \
+        if streamed else ("application/json", asking.encode())
+    url = evil.url + "/rpc"
+    with client(gw, staff) as c:
+        assert c.post(url, headers=HEADERS, json=call("lookup")).status_code == 200
+    evil.canned["/rpc"] = ("application/json", json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": "done"}]}}
+    ).encode())
+
+    def retry(state: str) -> dict:
+        body = call("lookup")
+        body["params"] |= {"requestState": state,
+                           "inputResponses": {"why": {"action": "accept", "content": {}}}}
+        return body
+
+    other = issuer.mint("eve@corp.example", ["staff"])
+    with client(gw, other) as c:
+        record = refused(gw, evil, c, url, retry(issued), 200, 403)
+    assert rules(record) == ["mcp.request_state"]
+    assert "another user" in record["reasons"][0]["message"]
+    with client(gw, staff) as c:
+        for forged in (issued + "x", issued.upper(), "anything the client likes"):
+            record = refused(gw, evil, c, url, retry(forged), 200, 403)
+            assert rules(record) == ["mcp.request_state"]
+        before = len(evil.requests)
+        passed = c.post(url, headers=HEADERS, json=retry(issued))
+        assert passed.status_code == 200 and "done" in passed.text, passed.text[:300]
+        assert len(evil.requests) == before + 1 and issued.encode() in evil.requests[-1].body

@@ -203,6 +203,12 @@ def _other_params(params: dict[str, Any], method: str, base: tuple) -> list[Text
         _names(kind, "user", rest, base)
 
 
+def request_states(it: Interaction) -> list[str]:
+    """The `requestState`s a request echoes (bounded strings: `_input_responses`)."""
+    return [m.params["requestState"] for m in it.mcp if m.method and
+            isinstance(m.params.get("requestState"), str)]
+
+
 def approval_answer(msg: McpMessage) -> str | None:
     """The client's answer to douane's approval input request, on a retry (None: none)."""
     responses = msg.params.get(INPUT_RESPONSES)
@@ -446,6 +452,8 @@ def message_pieces(msg: Any, method: str | None, base: tuple, it: Interaction,
     result = msg.get("result")
     if not isinstance(result, dict):
         return
+    if isinstance(result.get("requestState"), str) and len(it.issued_states) < BATCH_MESSAGES:
+        it.issued_states.append(result["requestState"])  # bound to the caller: `douane.owners`
     start = len(texts)  # `texts` may hold a batch's earlier messages
     if method == "tools/call":
         for k, block in enumerate(result.get("content") or []):
