@@ -57,11 +57,16 @@ class StreamPolicy:
         self.policy, self.st, self.rewriter = policy, st, rewriter
         self.seen: dict[str, str] = {}
         self.last = ""  # the tail of the channel that ended last
+        self.fed = ""  # the channel that got text last
 
     def feed(self, channel: str, text: str) -> str:
         if self.rewriter.abort_message:
             return ""
-        seen = (self.seen.get(channel, self.last) + text)[-self.TAIL:]
+        if channel not in self.seen:  # it goes on from the text before it, ended or not (a
+            # chat stream's next tool call while the last is open: the whole answer's join)
+            self.seen[channel] = self.seen.get(self.fed, self.last)
+        self.fed = channel
+        seen = (self.seen[channel] + text)[-self.TAIL:]
         self.seen[channel] = seen
         pieces = [TextPiece("completion", "assistant", seen, ("stream", channel))]
         if "\\" in seen:  # streamed tool arguments are JSON text: read escapes as the tool will
@@ -83,6 +88,33 @@ class StreamPolicy:
         """The next block of one text (`streams.next_block`): matched with the one before, as
         the whole answer's blocks are."""
         self.seen[channel] = self.seen.pop(previous, "")
+
+
+class StreamToolNames:
+    """Deny rules on a streamed answer's tool-call names, as a message hook (a name is never
+    edited, so it is no filter's text). The whole answer reads every name (kind
+    `tool_arguments`); streamed, a chat stream's `function.name` comes in pieces the SDKs join
+    per call: matched joined as it grows, so the event completing a denied name is never sent
+    (the stream ends with the API's error event). Names sent whole (Responses call items,
+    Anthropic `tool_use` blocks) are matched alone."""
+
+    def __init__(self, policy: Policy, st: FlowState, rewriter: streams.StreamRewriter):
+        self.policy, self.st, self.rewriter = policy, st, rewriter
+        self.names: dict[str, str] = {}  # call -> its name so far (its last TAIL characters)
+
+    def __call__(self, doc: Any) -> None:
+        for call, piece in self.rewriter.format.tool_names(doc):
+            name = piece if call is None else \
+                (self.names.get(call, "") + piece)[-StreamPolicy.TAIL:]
+            if call is not None:
+                self.names[call] = name
+            decision = engine.evaluate_response(self.policy, [
+                TextPiece("tool_arguments", "assistant", name, ("stream", "name"))])
+            if decision.action == "block":
+                self.st.decide("block", *decision.reasons)
+                self.st.decision.risk = decision.risk  # type: ignore[union-attr]
+                self.rewriter.abort(f"the answer was blocked by policy: {explain(decision)}")
+                return
 
 
 class Enforce:
@@ -174,8 +206,11 @@ class Enforce:
         assert st.interaction
         if st.interaction.protocol == "mcp":
             rewriter.message_hooks.append(lambda doc: self._police_message(flow, doc, rewriter))
-        elif self.live.current.rules_by_kind["completion"]:
-            rewriter.filters.append(StreamPolicy(self.live.current, st, rewriter))
+        else:
+            if self.live.current.rules_by_kind["tool_arguments"]:
+                rewriter.message_hooks.append(StreamToolNames(self.live.current, st, rewriter))
+            if self.live.current.rules_by_kind["completion"]:
+                rewriter.filters.append(StreamPolicy(self.live.current, st, rewriter))
 
     def response(self, flow: http.HTTPFlow) -> None:
         st = self._ready(flow)

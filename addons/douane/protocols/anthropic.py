@@ -170,6 +170,10 @@ class MessagesStream(StreamFormat):
             return [Delta(f"block{index}", kind, ("delta", field), block)]
         return []
 
+    def tool_names(self, doc: Any) -> list[tuple[str | None, str]]:
+        """A tool-use block's name, whole (its `content_block_start`, or `message_start`)."""
+        return fields.named_calls(doc, ("tool_use", "server_tool_use", "mcp_tool_use"))
+
     def closes(self, event: Event, doc: Any) -> list[str]:
         kind = doc.get("type") if isinstance(doc, dict) else None
         if kind == "content_block_stop":

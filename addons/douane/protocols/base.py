@@ -68,6 +68,11 @@ class StreamFormat:
         """Fields of this event that repeat a channel's whole text (rewritten to what was sent)."""
         return []
 
+    def tool_names(self, doc: Any) -> list[tuple[str | None, str]]:
+        """The tool-call names this event carries, each with its call (a name streamed in pieces
+        that a client joins per call) or None (a name sent whole, read alone)."""
+        return []
+
     def synthesize(self, channel: str, kind: Kind, text: str, template: Any) -> Event:
         raise NotImplementedError
 

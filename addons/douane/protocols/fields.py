@@ -172,6 +172,20 @@ def cover(it: Interaction, doc: Any, classify: Classify, side: str = "request") 
     it.has_media = it.has_media or (walk.media and side == "request")
 
 
+def named_calls(node: Any, types: tuple[str, ...], depth: int = 0) -> list[tuple[None, str]]:
+    """The names of the tool calls (objects of one of `types`) anywhere in a stream event, each
+    whole (`StreamFormat.tool_names`)."""
+    if depth > MAX_DEPTH:  # (the event's strays walk refuses deeper ones)
+        return []
+    if isinstance(node, list):
+        return [n for v in node for n in named_calls(v, types, depth + 1)]
+    if not isinstance(node, dict):
+        return []
+    own = [(None, node["name"])] if node.get("type") in types and \
+        isinstance(node.get("name"), str) else []
+    return own + [n for v in node.values() for n in named_calls(v, types, depth + 1)]
+
+
 def strays(doc: Any, claimed: set[JsonPath]) -> list[tuple[JsonPath, str]]:
     """The free-text strings of one stream event that no delta or recap claims (a claimed path
     claims what is under it): a stream format names the fields it knows, and everything else

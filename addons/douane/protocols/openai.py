@@ -368,6 +368,25 @@ class ChatStream(StreamFormat):
                                       "arguments")))
         return out
 
+    def tool_names(self, doc: Any) -> list[tuple[str | None, str]]:
+        """`delta.tool_calls[].function.name` (and the legacy `function_call.name`): pieces the
+        SDKs join per call index, as they join its arguments."""
+        out: list[tuple[str | None, str]] = []
+        for n, choice in enumerate(doc.get("choices") or [] if isinstance(doc, dict) else []):
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(delta, dict):
+                continue
+            i = choice.get("index", n)
+            calls = delta.get("tool_calls") if isinstance(delta.get("tool_calls"), list) else []
+            for m, call in enumerate(calls):
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+                    out.append((f"choice{i}.tool{call.get('index', m)}", fn["name"]))
+            legacy = delta.get("function_call")
+            if isinstance(legacy, dict) and isinstance(legacy.get("name"), str):
+                out.append((f"choice{i}.function", legacy["name"]))
+        return out
+
     def closes(self, event: Event, doc: Any) -> list[str]:
         if event.data.strip() == "[DONE]":
             return [ALL]
@@ -406,6 +425,8 @@ STREAMED: dict[str, tuple[str, Kind]] = {
     "response.mcp_call_arguments": ("arguments", "tool_arguments"),
     "response.code_interpreter_call_code": ("code", "tool_arguments"),
 }
+# Output items that call a tool by name
+CALL_ITEMS = ("function_call", "custom_tool_call", "mcp_call", "mcp_approval_request")
 ITEM_ARGUMENTS = {"function_call": "arguments", "custom_tool_call": "input",
                   "mcp_call": "arguments", "code_interpreter_call": "code"}
 
@@ -467,6 +488,13 @@ class ResponsesStream(StreamFormat):
         if kind in ("response.completed", "response.incomplete", "response.failed", "error"):
             return [ALL]
         return []
+
+    def tool_names(self, doc: Any) -> list[tuple[str | None, str]]:
+        """A call item's name, whole wherever the item is (added, done, the completed response);
+        the response's echo of the request's tools is not a call."""
+        if isinstance(doc, dict) and isinstance(doc.get("response"), dict):
+            doc = {**doc, "response": {k: v for k, v in doc["response"].items() if k != "tools"}}
+        return fields.named_calls(doc, CALL_ITEMS)
 
     def recaps(self, event: Event, doc: Any) -> list[tuple[tuple, str]]:
         kind = doc.get("type") if isinstance(doc, dict) else None
