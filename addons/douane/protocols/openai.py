@@ -490,10 +490,8 @@ class ResponsesStream(StreamFormat):
         return []
 
     def tool_names(self, doc: Any) -> list[tuple[str | None, str]]:
-        """A call item's name, whole wherever the item is (added, done, the completed response);
-        the response's echo of the request's tools is not a call."""
-        if isinstance(doc, dict) and isinstance(doc.get("response"), dict):
-            doc = {**doc, "response": {k: v for k, v in doc["response"].items() if k != "tools"}}
+        """A call item's name, whole wherever the item is (added, done, the completed response;
+        the echo of the request's `tools` holds definitions, of other types)."""
         return fields.named_calls(doc, CALL_ITEMS)
 
     def recaps(self, event: Event, doc: Any) -> list[tuple[tuple, str]]:
