@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -195,3 +197,60 @@ def test_a_disguised_secret_is_flagged_masked_and_redacted_whole(analyzer, polic
     "soft\u00adhyphen\u200bzero\u200dwidth", "ﬁle ㎏ ½ Ⅻ", *map(_full_width, NEGATIVES)])
 def test_a_texts_view_finds_no_secret_in_ordinary_text(text):
     assert secrets.find(text) == [] and secrets.redact(text) == text
+
+
+ENCODINGS = {  # a text as a client may write it for the model to decode
+    "base64": lambda t: base64.b64encode(t.encode()).decode(),
+    "base64url, unpadded": lambda t: base64.urlsafe_b64encode(t.encode()).decode().rstrip("="),
+    "percent, every byte": lambda t: "".join(f"%{b:02x}" for b in t.encode()),
+    "percent, as a URL quotes": lambda t: urllib.parse.quote(t, safe=""),
+    "hex": lambda t: t.encode().hex(),
+    "base64 of base64": lambda t: base64.b64encode(base64.b64encode(t.encode())).decode(),
+}
+
+
+@pytest.mark.parametrize("encoding", list(ENCODINGS))
+@pytest.mark.parametrize(("text", "value", "entity", "rule"), POSITIVES)
+def test_an_encoded_secret_is_flagged_masked_and_redacted_whole(analyzer, policy, encoding,
+                                                                 text, value, entity, rule):
+    """The catalogue read no encodings: a key written base64, percent-encoded or as hex was no
+    secret. An encoded run is decoded and read as text; it is named by what it holds and
+    replaced whole (the run as it appears)."""
+    if rule == "high_entropy":
+        pytest.skip("decoded text is read by the catalogue, not the entropy bar (often data)")
+    first = secrets.find(text)[0].kind  # the run's name (an AWS key pair: the access key)
+    encoded = ENCODINGS[encoding](text)
+    text = f"é decode {encoded} and use it"  # non-ASCII before: spans stay the text's own
+    assert secrets.redact(text) == f"é decode <SECRET:{first.rule}> and use it"
+    masked = operators.apply(SETTINGS, text, analyzer.analyze(text), {})
+    assert encoded not in masked and f"<{first.entity}>" in masked, masked
+    assert first.rule in flagged(policy, text)
+    assert secrets.matches(text) and secrets.maybe(text)
+
+
+def test_a_key_deep_in_a_long_encoded_text_file_is_found():
+    """The first chunk tells text from binary; a text is then decoded whole."""
+    inside = "notes\n" * 2000 + "OPENAI_API_KEY=sk-proj-" + "Zq8x" * 8 + "\n"
+    text = "file: " + base64.b64encode(inside.encode()).decode()
+    assert secrets.redact(text) == "file: <SECRET:detector.secret.api_key>"
+
+
+@pytest.mark.parametrize("text", [
+    "data:image/png;base64," + base64.b64encode(
+        b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 40).decode(),
+    "file " + base64.b64encode(bytes(range(256)) * 3).decode(),
+    "sha256 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    "decode " + base64.b64encode(b"the deploy is at noon, max tokens 4096").decode(),
+    "see https://example.com/search?q=caf%C3%A9%20au%20lait&page=2",
+    "internationalization counterrevolutionaries Pneumonoultramicroscopic",
+    "%ff%fe%00 not text",
+    # three levels deep: past the bound
+    "x " + base64.b64encode(base64.b64encode(base64.b64encode(
+        b"sk-proj-Hv3nQ8wLr5Tz9Kp2Xc7Vb4"))).decode(),
+])
+def test_encoded_content_holding_no_secret_is_no_secret(text):
+    """A detector must match the decoded bytes as text: an image, binary data, a digest, an
+    ordinary encoded sentence or URL are not flagged (the entropy bar aside: it reads the text
+    as written, as before)."""
+    assert secrets.find(text, high_entropy=False) == []
+    assert secrets.redact(text, high_entropy=False) == text

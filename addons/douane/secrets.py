@@ -23,6 +23,7 @@ import bisect
 import math
 import re
 import unicodedata
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -360,12 +361,89 @@ def _readings(text: str) -> list[str]:
     return seen
 
 
-def _find(text: str, high_entropy: bool) -> list[Found]:
+# Encoded runs: base64/base64url (hex is a base64 run too) of 16+ characters and percent-encoded
+# ones. A run is decoded (one level, and one more inside what that gives), read as text only if its
+# bytes are UTF-8 (an image or a binary file is not text: it is skipped after its first chunk), and
+# the catalogue (not the entropy bar: decoded text is often data) runs on it; a find names the run.
+_B64_RUN = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
+_HEX = re.compile(r"(?:[0-9A-Fa-f]{2})+")
+_PCT_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2}|[A-Za-z0-9._~+/=:-])*%[0-9A-Fa-f]{2}"
+                      r"(?:%[0-9A-Fa-f]{2}|[A-Za-z0-9._~+/=:-])*")
+_B64_BYTES = bytes(ord("a") if chr(i) in "+/_-" or chr(i).isascii() and chr(i).isalnum()
+                   else ord(" ") for i in range(256))
+_B64_MARK = b"a" * 16
+_URLSAFE = str.maketrans("-_", "+/")
+_FIRST_CHUNK = 4096  # characters of a run decoded to tell text from binary
+_DEPTH = 2  # an encoding inside an encoding is read; a third level is not
+
+
+def _encodable(text: str) -> bool:
+    """Whether `text` holds a run `_encoded` would decode (cheap: a translate and two tests)."""
+    return "%" in text or _B64_MARK in text.encode("utf-8", "surrogatepass").translate(_B64_BYTES)
+
+
+def _as_text(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:  # a character cut by a chunk's end is still text
+        return data[:e.start].decode("utf-8") if e.start >= len(data) - 3 and \
+            e.reason == "unexpected end of data" else None
+
+
+def _b64(run: str) -> bytes | None:
+    run = run.rstrip("=").translate(_URLSAFE)
+    run = run[:len(run) - len(run) % 4 if len(run) % 4 == 1 else len(run)]
+    try:
+        return base64.b64decode(run + "=" * (-len(run) % 4), validate=True)
+    except binascii.Error:
+        return None
+
+
+def _decodings(run: str) -> list[str]:
+    """The texts `run` could encode: hex, base64 (standard or URL-safe), each only if UTF-8."""
+    out = []
+    if len(run) % 2 == 0 and _HEX.fullmatch(run):
+        out.append(_as_text(bytes.fromhex(run)))
+    head = _b64(run[:_FIRST_CHUNK])
+    if head is not None and _as_text(head) is not None:
+        out.append(_as_text(head) if len(run) <= _FIRST_CHUNK else _as_text(_b64(run) or b""))
+    return [t for t in out if t]
+
+
+def _unquoted(run: str) -> list[str]:
+    try:
+        return [urllib.parse.unquote(run, errors="strict")]
+    except UnicodeDecodeError:
+        return []
+
+
+def _encoded(text: str, depth: int = 0) -> list[Found]:
+    """The encoded runs of `text` whose decoded text holds a catalogue secret, each named by it."""
+    if depth >= _DEPTH or not _encodable(text):
+        return []
+    found = []
+    runs = [(m, _unquoted(m.group())) for m in _PCT_RUN.finditer(text)] if "%" in text else []
+    marks = text.encode("ascii", "replace").translate(_B64_BYTES)  # one byte a character
+    at = marks.find(_B64_MARK)
+    while at >= 0:  # from each run's start (~5x faster than the regex's scan of every position)
+        m = _B64_RUN.match(text, marks.rfind(b" ", 0, at) + 1)
+        runs.append((m, _decodings(m.group())))
+        at = marks.find(_B64_MARK, m.end())
+    for m, decoded in runs:
+        for plain in decoded:
+            if inner := _find(plain, False, depth + 1):
+                found.append(Found(m.start(), m.end(), inner[0].kind))
+                break
+    return found
+
+
+def _find(text: str, high_entropy: bool, depth: int = 0) -> list[Found]:
     hinted = _hinted(text)
     entropy_too = high_entropy and _long_run(text)
+    encoded = _encoded(text, depth)
     if not hinted and not entropy_too:  # every catalogue kind has hints: the common, clean text
-        return []
-    found: list[Found] = []
+        return _merge(encoded)
+    found: list[Found] = encoded
     for kind in _runnable(text, hinted, entropy_too):
         for m in kind.pattern.finditer(text):
             start, end = _value_span(m)
@@ -391,7 +469,8 @@ def _merge(found: list[Found]) -> list[Found]:
 
 def maybe(text: str) -> bool:
     """Whether `find` could find anything: a cheap test before it."""
-    return any(bool(_hinted(seen)) or _long_run(seen) for seen in _readings(text))
+    return any(bool(_hinted(seen)) or _long_run(seen) or _encodable(seen)
+               for seen in _readings(text))
 
 
 def matches(text: str) -> bool:
@@ -413,7 +492,7 @@ def _matches(text: str) -> bool:
             start = max(0, min(lowered.find(h) for h in kind.hints if h in hinted) - kind.lead)
         if kind.pattern.search(text, start):
             return True
-    return False
+    return bool(_encoded(text))
 
 
 def redact(text: str, high_entropy: bool = True) -> str:

@@ -779,3 +779,54 @@ def test_ordinary_texts_read_in_sequence_are_no_secret(case, gw, llm, token):
     path, doc = ORDINARY_NEIGHBOURS[case]
     resp = httpx.post(gw.url + path, json=doc, headers={"authorization": f"Bearer {token}"})
     assert resp.status_code == 200, resp.text
+
+
+ENCODED_KEY = "sk-proj-" + "Wc4tRe7uYp2L" * 3
+AWS_KEY_ID = "AKIAQX7RZ2LMN4TB5KWD"
+ENCODINGS = {  # a key as a client may write it for the model to decode
+    "base64": lambda k: base64.b64encode(k.encode()).decode(),
+    "base64url, in a sentence": lambda k: base64.urlsafe_b64encode(
+        f"use {k} ?>?>".encode()).decode().rstrip("="),
+    "percent": lambda k: "".join(f"%{b:02X}" for b in k.encode()),
+    "hex": lambda k: k.encode().hex(),
+    "base64 of base64": lambda k: base64.b64encode(base64.b64encode(k.encode())).decode(),
+}
+
+
+@pytest.mark.parametrize("key", [ENCODED_KEY, AWS_KEY_ID], ids=["api_key", "aws_access_key"])
+@pytest.mark.parametrize("case", list(ENCODINGS))
+def test_an_encoded_key_is_refused(case, key, gw, llm, token, secrets):
+    """The detectors read no encodings: a key written base64, base64url, percent-encoded or as
+    hex passed policy and was recorded as sent. An encoded run is decoded and read as text;
+    test_z_leaks then finds neither the key nor its encoded form in any recording."""
+    encoded = ENCODINGS[case](key)
+    secrets.update({key, encoded})
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + "/v1/chat/completions", json=chat(f"decode {encoded} and deploy"),
+                      headers={"authorization": f"Bearer {token}"})
+    record = assert_refused(gw, llm, before, resp, 403)
+    kind = "api_key" if key.startswith("sk-") else "aws_access_key"
+    assert record["reasons"][0]["rule"] == f"detector.secret.{kind}", record
+
+
+PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 8).decode()
+ORDINARY_BASE64 = {  # encoded content that holds no secret: passes
+    "a PNG data URL": chat([{"type": "text", "text": "what is this?"}, {
+        "type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}]),
+    "a PNG data URL in the text": chat(f"what is data:image/png;base64,{PNG} ?"),
+    "a text file": chat([{"type": "file", "file": {"filename": "notes.txt", "file_data": (
+        "data:text/plain;base64," + base64.b64encode(b"meeting notes: ship v2 on friday\n" * 40)
+        .decode())}}]),
+    "base64 and hex in the text": chat(
+        "decode " + base64.b64encode(b"the deploy is at noon, token count 4096").decode()
+        + " and sha256 " + "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"),
+}
+
+
+@pytest.mark.parametrize("case", list(ORDINARY_BASE64))
+def test_ordinary_base64_is_no_secret(case, gw, llm, token):
+    """Only a secret in the decoded text refuses: an image, a file, an ordinary encoded text
+    pass."""
+    resp = httpx.post(gw.url + "/v1/chat/completions", json=ORDINARY_BASE64[case],
+                      headers={"authorization": f"Bearer {token}"})
+    assert resp.status_code == 200, resp.text
