@@ -561,7 +561,7 @@ PROMPT = {"jsonrpc": "2.0", "id": 1, "method": "prompts/get",
     (_with(PROMPT, _meta={"note": f"my key is {AWS_KEY}"}), "detector.secret.aws_access_key"),
     (_with(call("echo", 1, text="a"), task={"ttl": 60000, "note": "project nightingale"}),
      "deny.codename"),
-    (_with(READ, requestState="opaque", extension={"note": f"the key: {AWS_KEY}"}),
+    (_with(READ, extension={"note": f"the key: {AWS_KEY}"}),
      "detector.secret.aws_access_key"),
 ])
 def test_every_param_of_a_named_request_is_inspected(setup, body, rule):
@@ -586,11 +586,18 @@ def test_a_request_state_is_accepted_only_from_the_user_it_was_issued_to(setup, 
     asking = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {
         "resultType": "input_required", "requestState": issued, "inputRequests": {
             "why": {"method": "elicitation/create", "params": {"message": "why?"}}}}})
+    url = evil.url + "/rpc"
+    # other tests listed evil's tools: a new one is withheld (pinning) until accepted
+    evil.canned["/rpc"] = ("application/json", json.dumps({"jsonrpc": "2.0", "id": 1, "result": {
+        "tools": [{"name": "lookup", "inputSchema": {"type": "object"}}]}}).encode())
+    with client(gw, staff) as c:
+        c.post(url, headers=HEADERS, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    main(["tools", "accept", "evil", "lookup", "--config", str(gw.config_file)])
     evil.canned["/rpc"] = ("text/event-stream", f"event: message\ndata: {asking}\n\n".encode()) \
         if streamed else ("application/json", asking.encode())
-    url = evil.url + "/rpc"
     with client(gw, staff) as c:
-        assert c.post(url, headers=HEADERS, json=call("lookup")).status_code == 200
+        asked = c.post(url, headers=HEADERS, json=call("lookup"))
+        assert asked.status_code == 200 and issued in asked.text, asked.text[:300]
     evil.canned["/rpc"] = ("application/json", json.dumps(
         {"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": "done"}]}}
     ).encode())
