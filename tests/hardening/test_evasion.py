@@ -13,6 +13,7 @@ import functools
 import gzip
 import json
 import ssl
+import time
 import zlib
 
 import brotli
@@ -807,6 +808,16 @@ def test_an_encoded_key_is_refused(case, key, gw, llm, token, secrets):
     record = assert_refused(gw, llm, before, resp, 403)
     kind = "api_key" if key.startswith("sk-") else "aws_access_key"
     assert record["reasons"][0]["rule"] == f"detector.secret.{kind}", record
+    redacted = f"decode <SECRET:detector.secret.{kind}> and deploy".encode()
+    deadline = time.monotonic() + 30
+    while not any(redacted in p.read_bytes() for p in _recordings(gw)):  # written after the answer
+        assert time.monotonic() < deadline, "the refused request was not recorded"
+        time.sleep(0.2)
+    assert not any(encoded.encode() in p.read_bytes() for p in _recordings(gw))
+
+
+def _recordings(gw: Gateway) -> list:
+    return list((gw.state_dir / "recordings").rglob("*.mitm"))
 
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 8).decode()
