@@ -39,6 +39,14 @@ logger = logging.getLogger(__name__)
 CLIENT_CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"proxy-authorization",
                                        b"openai-organization", b"openai-project"})
 METHOD_OVERRIDES = frozenset(h.encode() for h in operations.METHOD_OVERRIDES)
+# What an MCP server needs of a request: its framing and the Streamable HTTP transport's headers
+# (the 2026-07-28 metadata ones, `Mcp-Param-*` too, must match the body: `mcp.check_headers`).
+# Anything else a client sends (a cookie, a custom x-* header, a user agent) is text no rule reads,
+# handed to the server beside the org's credential: dropped. douane adds its own after this.
+MCP_HEADERS = frozenset({b"host", b"content-length", b"transfer-encoding", b"content-encoding",
+                         b"content-type", b"accept", b"mcp-session-id", b"mcp-protocol-version",
+                         b"mcp-method", b"mcp-name", b"last-event-id"})
+MCP_PARAM_HEADER = protocols.mcp.PARAM_HEADER.encode()
 
 
 class Route:
@@ -119,9 +127,16 @@ class Broker:
             refuse(flow, 400, f"the {override} header would make this request another operation "
                    "upstream", "method_override", Reason("route.method_override", override))
             return
+        if upstream.protocol == "mcp" and "?" in flow.request.path:
+            # no MCP request has a query; the server would read one no rule reads
+            refuse(flow, 400, f"an MCP request to {upstream.name} carries no query string",
+                   "query_refused", Reason("route.query", "a query string on an MCP request"))
+            return
         if not self._operation_allowed(flow):
             return
         headerfields.pop(flow.request.headers, CLIENT_CREDENTIAL_HEADERS)
+        if upstream.protocol == "mcp":
+            _keep_mcp_headers(flow.request.headers)
         if protocols.is_websocket(flow.request):
             # no permessage-deflate: mitmproxy inflates a message whole, unbounded, before any
             # hook (a client's deflate bomb)
@@ -229,6 +244,15 @@ class Broker:
         st = state(flow)
         if st.credential and flow.request:
             headerfields.pop(flow.request.headers, (st.credential.header.lower().encode(),))
+
+
+def _keep_mcp_headers(headers: http.Headers) -> None:
+    # `Expect: 100-continue` is mitmproxy's to answer (it takes it out after this hook)
+    dropped = [k for k, v in headers.fields
+               if k.lower() not in MCP_HEADERS and not k.lower().startswith(MCP_PARAM_HEADER)
+               and (k.lower(), v.lower()) != (b"expect", b"100-continue")]
+    if dropped:
+        headerfields.pop(headers, {k.lower() for k in dropped})
 
 
 class InjectCredential:

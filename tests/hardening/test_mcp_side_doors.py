@@ -621,3 +621,45 @@ def test_a_request_state_is_accepted_only_from_the_user_it_was_issued_to(setup, 
         passed = c.post(url, headers=HEADERS, json=retry(issued))
         assert passed.status_code == 200 and "done" in passed.text, passed.text[:300]
         assert len(evil.requests) == before + 1 and issued.encode() in evil.requests[-1].body
+
+
+# Only what the transport needs reaches the server: no client header beside the org's
+# credential, no query string.
+def test_only_the_transports_headers_reach_the_server(setup):
+    gw, _, evil, staff = setup
+    evil.canned["/rpc"] = ("application/json", json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": "ok"}]}}
+    ).encode())
+    sent = {**HEADERS, "cookie": "sid=project nightingale",
+            "x-note": "project nightingale", "x-aws": AWS_KEY, "user-agent": f"ua {AWS_KEY}",
+            "traceparent": "00-project-nightingale"}
+    before = len(evil.requests)
+    with client(gw, staff) as c:
+        resp = c.post(evil.url + "/rpc", headers=sent, json=call("echo", 1, text="a"))
+    assert resp.status_code == 200 and resp.json()["result"]["content"][0]["text"] == "ok"
+    got = evil.requests[before:]
+    assert len(got) == 1
+    assert {"cookie", "x-note", "x-aws", "user-agent", "traceparent"}.isdisjoint(got[0].headers)
+    assert {k: got[0].headers[k] for k in ("mcp-protocol-version", "content-type", "accept")} == {
+        "mcp-protocol-version": VERSION,
+        "content-type": "application/json", "accept": HEADERS["accept"]}
+    wire = json.dumps(got[0].headers)
+    assert "nightingale" not in wire and AWS_KEY not in wire
+
+
+@pytest.mark.parametrize(("method", "query"), [
+    ("POST", "?note=project+nightingale"), ("POST", "?"), ("GET", f"?k={AWS_KEY}"),
+    ("DELETE", "?x=1")])
+def test_a_query_string_is_refused(setup, method, query):
+    gw, _, evil, staff = setup
+    evil.canned["/rpc"] = ("application/json", b'{"jsonrpc": "2.0", "id": 7, "result": {}}')
+    before = len(evil.requests)
+    body = json.dumps(call("echo", 7, text="a")) if method == "POST" else None
+    with client(gw, staff) as c:
+        resp = c.request(method, evil.url + "/rpc" + query, headers=HEADERS, content=body)
+    record = assert_refused(gw, evil, before, resp, 400)
+    assert rules(record) == ["route.query"]
+    error = resp.json()["error"]
+    assert error["data"]["reason"] == "query_refused"
+    assert resp.json()["id"] == (7 if method == "POST" else None)
+    assert "nightingale" not in json.dumps(record) and AWS_KEY not in json.dumps(record)
