@@ -92,7 +92,7 @@ class Interaction:
     mcp: list[McpMessage] = field(default_factory=list)  # a batch has several
     response_texts: list[TextPiece] = field(default_factory=list)
     response_tools: list[ToolDef] = field(default_factory=list)  # MCP tools/list result
-    # MCP `requestState`s the server's answers issued (2026-07-28 multi round trips)
+    # digests of the `requestState`s an MCP server's answers issued (2026-07-28 multi round trips)
     issued_states: list[str] = field(default_factory=list)
     response_tool_calls: list[ToolCall] = field(default_factory=list)
     # An operation no parser reads ("GET /v1/models"), passed because a grant names it: its JSON

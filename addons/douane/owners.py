@@ -418,10 +418,10 @@ def _files(flow: http.HTTPFlow) -> list[tuple[str, str, str]]:
     return named
 
 
-def _state_id(flow: http.HTTPFlow, request_state: str) -> str:
+def _state_id(flow: http.HTTPFlow, state_digest: str) -> str:
     """A state as issued in its MCP session (none: the 2026-07-28 revision is sessionless)."""
     session = headerfields.get(flow.request.headers, b"mcp-session-id") or ""
-    return f"{session}\0{request_state}"
+    return f"{session}\0{state_digest}"
 
 
 def _where(path: tuple[str | int, ...]) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 import unicodedata
@@ -203,9 +204,14 @@ def _other_params(params: dict[str, Any], method: str, base: tuple) -> list[Text
         _names(kind, "user", rest, base)
 
 
+def state_digest(request_state: str) -> str:
+    """What is kept of a `requestState` (up to 64 KiB each, a thousand to an answer)."""
+    return hashlib.sha256(request_state.encode(errors="replace")).hexdigest()
+
+
 def request_states(it: Interaction) -> list[str]:
-    """The `requestState`s a request echoes (bounded strings: `_input_responses`)."""
-    return [m.params["requestState"] for m in it.mcp if m.method and
+    """The digests of the `requestState`s a request echoes (`_input_responses` checked them)."""
+    return [state_digest(m.params["requestState"]) for m in it.mcp if m.method and
             isinstance(m.params.get("requestState"), str)]
 
 
@@ -453,7 +459,7 @@ def message_pieces(msg: Any, method: str | None, base: tuple, it: Interaction,
     if not isinstance(result, dict):
         return
     if isinstance(result.get("requestState"), str) and len(it.issued_states) < BATCH_MESSAGES:
-        it.issued_states.append(result["requestState"])  # bound to the caller: `douane.owners`
+        it.issued_states.append(state_digest(result["requestState"]))  # bound: `douane.owners`
     start = len(texts)  # `texts` may hold a batch's earlier messages
     if method == "tools/call":
         for k, block in enumerate(result.get("content") or []):
