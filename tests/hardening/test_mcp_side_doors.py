@@ -587,9 +587,11 @@ def test_a_request_state_is_accepted_only_from_the_user_it_was_issued_to(setup, 
         "resultType": "input_required", "requestState": issued, "inputRequests": {
             "why": {"method": "elicitation/create", "params": {"message": "why?"}}}}})
     url = evil.url + "/rpc"
-    # other tests listed evil's tools: a new one is withheld (pinning) until accepted
-    evil.canned["/rpc"] = ("application/json", json.dumps({"jsonrpc": "2.0", "id": 1, "result": {
-        "tools": [{"name": "lookup", "inputSchema": {"type": "object"}}]}}).encode())
+    # other tests listed evil's tools (kept as they accepted them): a new one is withheld
+    # (pinning) until accepted
+    tools = [{"name": name, "inputSchema": {}} for name in ("echo", "Delete_Records", "lookup")]
+    evil.canned["/rpc"] = ("application/json", json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "result": {"tools": tools}}).encode())
     with client(gw, staff) as c:
         c.post(url, headers=HEADERS, json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
     main(["tools", "accept", "evil", "lookup", "--config", str(gw.config_file)])
