@@ -629,16 +629,16 @@ def test_a_request_state_is_accepted_only_from_the_user_it_was_issued_to(setup, 
 # credential, no query string.
 def test_only_the_transports_headers_reach_the_server(setup):
     gw, _, evil, staff = setup
-    evil.canned["/rpc"] = ("application/json", json.dumps(
-        {"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": "ok"}]}}
-    ).encode())
+    # a ping: no tool, so the pins other tests set on evil's listing do not matter here
+    evil.canned["/rpc"] = ("application/json", b'{"jsonrpc": "2.0", "id": 1, "result": {}}')
     sent = {**HEADERS, "cookie": "sid=project nightingale",
             "x-note": "project nightingale", "x-aws": AWS_KEY, "user-agent": f"ua {AWS_KEY}",
             "traceparent": "00-project-nightingale"}
     before = len(evil.requests)
     with client(gw, staff) as c:
-        resp = c.post(evil.url + "/rpc", headers=sent, json=call("echo", 1, text="a"))
-    assert resp.status_code == 200 and resp.json()["result"]["content"][0]["text"] == "ok"
+        resp = c.post(evil.url + "/rpc", headers=sent, json={"jsonrpc": "2.0", "id": 1,
+                                                             "method": "ping"})
+    assert resp.status_code == 200 and resp.json() == {"jsonrpc": "2.0", "id": 1, "result": {}}
     got = evil.requests[before:]
     assert len(got) == 1
     assert {"cookie", "x-note", "x-aws", "user-agent", "traceparent"}.isdisjoint(got[0].headers)
