@@ -375,9 +375,10 @@ _HEX = re.compile(r"(?:[0-9A-Fa-f]{2})+")
 _PCT_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2}|[A-Za-z0-9._~+/=:-])*%[0-9A-Fa-f]{2}"
                       r"(?:%[0-9A-Fa-f]{2}|[A-Za-z0-9._~+/=:-])*")
 _B64_MARK = b"a" * 16
-_URLSAFE = str.maketrans("-_", "+/")
 _FIRST_CHUNK = 4096  # characters of a run decoded to tell text from binary
 _DEPTH = 2  # an encoding inside an encoding is read; a third level is not
+_RUNS_MOST = 1024  # runs decoded in one text (~5 µs each): past them, none is read
+_SPLIT = "\x00"  # between decoded runs read as one text: no pattern's separator or space
 
 
 def _encodable(text: str, tokens: bytes | None = None) -> bool:
@@ -395,10 +396,12 @@ def _as_text(data: bytes) -> str | None:
 
 
 def _b64(run: str) -> bytes | None:
-    run = run.rstrip("=").translate(_URLSAFE)
+    run = run.rstrip("=")
+    if "-" in run or "_" in run:  # URL-safe
+        run = run.replace("-", "+").replace("_", "/")
     run = run[:len(run) - len(run) % 4 if len(run) % 4 == 1 else len(run)]
     try:
-        return base64.b64decode(run + "=" * (-len(run) % 4), validate=True)
+        return binascii.a2b_base64(run + "=" * (-len(run) % 4), strict_mode=True)
     except binascii.Error:
         return None
 
@@ -409,8 +412,8 @@ def _decodings(run: str) -> list[str]:
     if len(run) % 2 == 0 and _HEX.fullmatch(run):
         out.append(_as_text(bytes.fromhex(run)))
     head = _b64(run[:_FIRST_CHUNK])
-    if head is not None and _as_text(head) is not None:
-        out.append(_as_text(head) if len(run) <= _FIRST_CHUNK else _as_text(_b64(run) or b""))
+    if head is not None and (text := _as_text(head)) is not None:
+        out.append(text if len(run) <= _FIRST_CHUNK else _as_text(_b64(run) or b""))
     return [t for t in out if t]
 
 
@@ -426,20 +429,28 @@ def _encoded(text: str, depth: int = 0, tokens: bytes | None = None) -> list[Fou
     tokens = _tokens(text) if tokens is None else tokens
     if depth >= _DEPTH or not _encodable(text, tokens):
         return []
-    found = []
     runs = [(m, _unquoted(m.group())) for m in _PCT_RUN.finditer(text)] if "%" in text else []
     at = tokens.find(_B64_MARK)
-    while at >= 0:  # the regex on token runs only (~5x faster than its scan of every position)
+    while at >= 0 and len(runs) < _RUNS_MOST:  # the regex on token runs only (~5x faster than its scan of every position)
         end = tokens.find(b" ", at)
         end = len(text) if end < 0 else end
         runs += [(m, _decodings(m.group()))
                  for m in _B64_RUN.finditer(text, tokens.rfind(b" ", 0, at) + 1, end)]
         at = tokens.find(_B64_MARK, end)
-    for m, decoded in runs:
-        for plain in decoded:
-            if inner := _find(plain, False, depth + 1):
-                found.append(Found(m.start(), m.end(), inner[0].kind))
-                break
+    # every decoded text read as one (one search, not one a run: a text of many short runs);
+    # a find spanning several names each
+    decoded = [(m, plain) for m, texts in runs for plain in texts]
+    if not decoded:
+        return []
+    starts, at = [], 0
+    for _, plain in decoded:
+        starts.append(at)
+        at += len(plain) + len(_SPLIT)
+    found = []
+    for f in _find(_SPLIT.join(plain for _, plain in decoded), False, depth + 1):
+        first = bisect.bisect_right(starts, f.start) - 1
+        last = bisect.bisect_right(starts, f.end - 1) - 1
+        found += [Found(m.start(), m.end(), f.kind) for m, _ in decoded[first:last + 1]]
     return found
 
 
