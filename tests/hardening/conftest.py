@@ -51,6 +51,13 @@ def secrets() -> set[str]:
     return {UPSTREAM_KEY, COOKIE.split("=", 1)[1]}
 
 
+def token_of(issuer, secrets: set[str], user: str, groups: list[str]) -> str:
+    """A token for `user`, added to what test_z_leaks scans for."""
+    token = issuer.mint(user, groups)
+    secrets.add(token)
+    return token
+
+
 def write_policy(folder: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "policy.yaml"

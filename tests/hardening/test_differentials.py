@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import UPSTREAM_KEY
-from tests.hardening.conftest import DENIED, assert_refused, with_claude
+from tests.hardening.conftest import DENIED, assert_refused, token_of, with_claude
 from tests.support.gateway import Gateway, base_config
 
 POLICY = """\
@@ -60,12 +60,6 @@ def gw(issuer, llm, tmp_path_factory):
     with Gateway(config, mode=f"reverse:{llm.url}", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
                  workdir=work / "gw") as gateway:
         yield gateway
-
-
-def token_of(issuer, secrets, user: str, groups: list[str]) -> str:
-    token = issuer.mint(user, groups)
-    secrets.add(token)
-    return token
 
 
 @pytest.fixture(scope="module")

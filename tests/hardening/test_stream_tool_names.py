@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import UPSTREAM_KEY
-from tests.hardening.conftest import POLICY, with_claude
+from tests.hardening.conftest import POLICY, token_of, with_claude
 from tests.support.gateway import Gateway, base_config
 
 DENIED, BENIGN = "project_nightingale", "lookup_weather_now"
@@ -37,9 +37,7 @@ def gw(issuer, llm, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def token(issuer, secrets):
-    token = issuer.mint("eve@corp.example", ["engineering"])
-    secrets.add(token)
-    return token
+    return token_of(issuer, secrets, "eve@corp.example", ["engineering"])
 
 
 def cuts(text: str, seed: int) -> list[str]:
