@@ -381,10 +381,14 @@ _RUNS_MOST = 1024  # runs decoded in one text (~5 µs each): past them, none is 
 _SPLIT = "\x00"  # between decoded runs read as one text: no pattern's separator or space
 
 
+_PERCENT_BYTE = re.compile("%[0-9A-Fa-f]{2}")  # not "100%": a percent run has one at least
+
+
 def _encodable(text: str, tokens: bytes | None = None) -> bool:
     """Whether `text` may hold a run `_encoded` would decode (`_tokens`' run of 16 also counts
     `=`: a cheap superset, the translate `_long_run` makes)."""
-    return "%" in text or _B64_MARK in (_tokens(text) if tokens is None else tokens)
+    return ("%" in text and _PERCENT_BYTE.search(text) is not None) or \
+        _B64_MARK in (_tokens(text) if tokens is None else tokens)
 
 
 def _as_text(data: bytes) -> str | None:

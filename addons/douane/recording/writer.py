@@ -346,11 +346,12 @@ def _json_string(m: re.Match[str]) -> str:
         value = json.loads(literal) if "\\" in literal else literal[1:-1]
     except ValueError:
         return literal
-    clean = secrets.redact(value)
-    inside = fields.file_text(value) if clean == value else None
-    if inside is not None and secrets.redact(inside) != inside:  # a key inside a text file
-        clean = "data:text/plain;base64," + base64.b64encode(
-            secrets.redact(inside).encode()).decode()
+    # a key inside a text file: redacted inside it, the file kept (not the whole run replaced)
+    inside = fields.file_text(value)
+    if inside is not None and (clean_inside := secrets.redact(inside)) != inside:
+        clean = "data:text/plain;base64," + base64.b64encode(clean_inside.encode()).decode()
+    else:
+        clean = secrets.redact(value)
     if clean == value:
         return literal
     dumped = json.dumps(clean, ensure_ascii=False)
