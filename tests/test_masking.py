@@ -400,3 +400,40 @@ def test_overlapping_detections_mask_their_union(analyzer):
 def test_ipv6_in_every_form_is_masked(analyzer, text):
     out = masked(analyzer, text)
     assert "<IP_ADDRESS>" in out and "2001" not in out and "fe80" not in out and "192.0" not in out
+
+
+def tags(text: str) -> str:
+    """`text` as Unicode tag characters (U+E0020-E007E): invisible, yet a model reads them."""
+    return "".join(chr(0xE0000 + ord(c)) for c in text)
+
+
+@pytest.mark.parametrize("hidden", [
+    "M\u200da\u200dr\u200di\u200da G\u200ba\u200cr\u2060c\ufeffi\u00ada",  # zero-width, soft hyphen
+    f"Ma{tags('x')}ria Gar{tags('q')}cia",  # tag characters between the letters
+    tags("Maria Garcia"),  # the whole name in tag characters
+    "M\u034fa\u034fria Garcia",  # a combining grapheme joiner: shown as nothing
+])
+def test_a_name_hidden_by_invisible_characters_is_found_and_masked_whole(analyzer, hidden):
+    """The NER reads the text as the secrets' patterns do (`secrets.readings`): the name is found
+    and its span covers the invisible characters inside it (none left between the masks)."""
+    text = f"The account belongs to {hidden}, who lives in Ber\u200blin."
+    assert masked(analyzer, text) == "The account belongs to <PERSON>, who lives in <LOCATION>."
+    start = text.index(hidden)
+    assert [(s.start, s.end, s.entity) for s in analyzer.analyze(text)][0] == \
+        (start, start + len(hidden), "PERSON")
+
+
+def test_values_hidden_by_invisible_characters_are_masked_in_a_stream(analyzer):
+    text = (f"Sure. The account belongs to {tags('Maria Garcia')}; write to "
+            "maria\u200d.garcia@example.com or call 212\u200b-555-0147.")
+    expected = "Sure. The account belongs to <PERSON>; write to <EMAIL_ADDRESS> or call " \
+               "<PHONE_NUMBER>."
+    assert masked(analyzer, text) == expected
+    assert run_stream(analyzer, [text[i:i + 3] for i in range(0, len(text), 3)]) == expected
+
+
+def test_text_without_invisible_characters_is_read_as_it_is(analyzer):
+    """A text that is its own view is analysed once, as before (the same spans, scores)."""
+    text = "Meet Maria Garcia at 212-555-0147 in Lisbon."
+    assert analyzer.detections([text, text]) == [analyzer.detections([text])[0]] * 2
+    assert analyzer.detections([text]) == analyzer._detections([text])

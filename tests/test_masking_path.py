@@ -174,3 +174,13 @@ def test_a_text_another_user_sent_lately_is_analysed_again(analyzer):
         asyncio.run(m._mask(st, pieces, m.recent))
         assert pieces[0].text == "My name is <PERSON>, call <PHONE_NUMBER>"
     assert m.pool.sent == [[text], [text]]  # alice's, then mallory's own
+
+
+@pytest.mark.parametrize("hidden", [
+    "".join(chr(0xE0000 + ord(c)) for c in "Maria Garcia"), "M\u200da\u200dr\u200di\u200da"])
+def test_a_name_in_invisible_characters_is_sent(analyzer, hidden):
+    """No two letters stand together in the text as it is, yet the view holds a name: sent."""
+    assert could_hold_a_value(hidden, SETTINGS.entities)
+    pieces = [TextPiece("completion", None, f"It is {hidden}.", ("x", 0))]
+    changed, _ = mask(analyzer, pieces)
+    assert changed == pieces and hidden not in pieces[0].text

@@ -358,12 +358,19 @@ def _found(text: str, view: tuple[str, list[int] | None] | None,
         [Found(origin[f.start], origin[f.end - 1] + 1, f.kind) for f in found]
 
 
+def readings(text: str) -> list[tuple[str, list[int] | None]]:
+    """The views `find` reads, each with the index in `text` of each of its characters (None:
+    the same places): `text` as patterns read it (NFKC, format characters dropped), and with
+    tag characters decoded when it holds some. The masking engine reads the same views."""
+    seen = [_view(text) or (text, None)]
+    if not text.isascii() and _TAGS.search(text):
+        seen.append(_view(text, _TAG_VIEWS) or (text, None))
+    return seen
+
+
 def _readings(text: str) -> list[str]:
     """The views `find` reads (`maybe`, `matches`)."""
-    seen = [(_view(text) or (text,))[0]]
-    if not text.isascii() and _TAGS.search(text):
-        seen.append((_view(text, _TAG_VIEWS) or (text,))[0])
-    return seen
+    return [seen for seen, _ in readings(text)]
 
 
 # Encoded runs: base64/base64url (hex is a base64 run too) of 16+ characters and percent-encoded

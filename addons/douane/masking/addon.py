@@ -17,7 +17,7 @@ import os
 
 from mitmproxy import exceptions, http
 
-from douane import protocols
+from douane import protocols, secrets
 from douane.flowstate import FlowState, Reason, state
 from douane.interaction import TextPiece
 from douane.masking import engine, operators
@@ -43,7 +43,12 @@ def could_hold_a_value(text: str, entities: tuple[str, ...]) -> bool:
     without a word of letters (`engine.refine`); each pattern entity needs its pre-filter
     (`engine.PREFILTERS`: an `@`, enough digits, a secret's hint or long run). So numbers, dates,
     amounts and codes with no two letters together are not analysed
-    (tests/test_masking_path.py holds the real analyser to it)."""
+    (tests/test_masking_path.py holds the real analyser to it). Tested on each view the engine
+    reads (`secrets.readings`: a name spelt with zero-width joiners or in tag characters)."""
+    return any(_could_hold(seen, entities) for seen, _ in secrets.readings(text))
+
+
+def _could_hold(text: str, entities: tuple[str, ...]) -> bool:
     if engine.LETTERS_WORD.search(text) and any(e in NER_ENTITIES for e in entities):
         return True
     digits = len(engine.DIGITS.findall(text))

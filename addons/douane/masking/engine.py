@@ -702,7 +702,22 @@ class Analyzer:
 
     def detections(self, texts: list[str]) -> list[list[Span]]:
         """Each text's detections before overlaps are merged (what scripts/eval-masking scores
-        per type)."""
+        per type). A text is read as the secrets' patterns read it (`secrets.readings`: format
+        characters such as zero-width joiners dropped, NFKC, and tag characters also decoded):
+        a name with invisible characters between its letters is found all the same, its span
+        the original characters it was read from."""
+        views = [(i, seen, origin) for i, text in enumerate(texts)
+                 for seen, origin in secrets.readings(text)]
+        found = self._detections([seen for _, seen, _ in views])
+        out: list[list[Span]] = [[] for _ in texts]
+        for (i, _, origin), spans in zip(views, found, strict=True):
+            out[i] += spans if origin is None else [
+                Span(origin[s.start], origin[s.end - 1] + 1, s.entity, s.score) for s in spans]
+        if len(views) > len(texts):  # a text with tags read twice: each detection once
+            out = [sorted(set(spans), key=lambda s: (s.start, s.end)) for spans in out]
+        return out
+
+    def _detections(self, texts: list[str]) -> list[list[Span]]:
         candidates = [self.candidates(t) for t in texts]
         todo = [i for i, c in enumerate(candidates) if c]
         out: list[list[Span]] = [[] for _ in texts]
