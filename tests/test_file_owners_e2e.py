@@ -43,7 +43,8 @@ POLICY = {"version": 1, "default": {"upstreams": {
     "llm": {"models": ["*"], "hosted_tools": ["file_search", "code_interpreter"],
             "operations": OPERATIONS},
     "claude": {"models": ["*"], "operations": ["GET /anthropic/v1/files/*",
-                                               "GET /anthropic/v1/files"]}}}}
+                                               "GET /anthropic/v1/files"],
+               "betas": ["files-api-*"]}}}}  # the SDK's files calls ask for the Files API beta
 
 
 class Objects:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
-from douane import config, operations, protocols
+from douane import config, forwarding, operations, protocols
 from douane.commands import explain
 from douane.config import ConfigError, Upstream
 from douane.flowstate import Identity, state
@@ -369,3 +369,38 @@ def test_the_literal_operation_lookup_answers_as_the_scan(monkeypatch, protocol)
     monkeypatch.setattr(protocols, "_LITERAL", {k: {} for k in protocols.DECLARED})
     assert looked_up == [protocols.declared(upstream, m, p) for m, p in cases]
     assert any(looked_up)
+
+
+def test_without_a_policy_no_beta_passes(gateway):
+    """`anthropic-beta` values pass only as a grant lists them: with no policy, none does."""
+    gateway[1].policy = lambda: None
+    f = flow_to("llm.internal", "/anthropic/v1/messages",
+                **{"anthropic-beta": "mcp-client-2025-04-04", "anthropic-version": "2023-06-01"})
+    run(gateway, f)
+    assert f.response is not None and f.response.status_code == 403
+    assert state(f).decision.reasons[0].rule == "route.header"
+    plain = flow_to("llm.internal", "/anthropic/v1/messages", **{"anthropic-version": "2023-06-01",
+                                                                  "x-note": "n"})
+    run(gateway, plain)
+    assert plain.response is None and "x-note" not in plain.request.headers
+
+
+@pytest.mark.parametrize(("protocol", "method", "path", "query", "ok"), [
+    ("openai", "GET", "/v1/files", "limit=2&after=f&order=asc&purpose=batch", True),
+    ("openai", "GET", "/openai/deployments/d/files", "api-version=2024-10-21&limit=1", True),
+    ("openai", "GET", "/v1/responses/resp_1", "include[]=a&include[]=b", True),
+    ("openai", "GET", "/v1/chat/completions", "metadata[k]=v&limit=1", True),
+    ("openai", "GET", "/v1/realtime", "model=gpt-realtime", True),
+    ("openai", "GET", "/v1/files", "li%6dit=2", True),  # read decoded, as the server reads it
+    ("openai", "GET", "/v1/files", "limit=1&limit=2", False),
+    ("openai", "GET", "/v1/files", "purpose=batch;x=1", False),
+    ("openai", "GET", "/v1/files/file-1/content", "limit=1", False),
+    ("openai", "POST", "/v1/chat/completions", "stream=true", False),
+    ("openai", "POST", "/v1/files", "purpose=batch", False),  # a GET's parameter, not a POST's
+    ("anthropic", "POST", "/v1/messages", "beta=true", True),
+    ("anthropic", "GET", "/v1/models", "after_id=m&limit=5&beta=true", True),
+    ("anthropic", "GET", "/v1/models", "after=m", False),
+    ("anthropic", "POST", "/v1/messages", "beta=1", False),
+])
+def test_a_query_holds_what_its_operation_documents(protocol, method, path, query, ok):
+    assert (forwarding.query_problem(protocol, method, path, query) is None) is ok

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from mitmproxy import http
 from mitmproxy.net.http import url
 
-from douane import headerfields, operations, protocols, usersecrets
+from douane import forwarding, headerfields, operations, protocols, usersecrets
 from douane.config import Credential, Upstream
 from douane.flowstate import Reason, state
 from douane.interaction import Interaction
@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 # the client's credentials, and the headers choosing what the org's key acts on (OpenAI's
 # organization and project: a user key reaches every one its owner may): douane chooses both
+# (on a model's upstream a client's organization or project is refused: `douane.forwarding`)
 CLIENT_CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"proxy-authorization",
                                        b"openai-organization", b"openai-project"})
 METHOD_OVERRIDES = frozenset(h.encode() for h in operations.METHOD_OVERRIDES)
@@ -132,11 +133,16 @@ class Broker:
             refuse(flow, 400, f"an MCP request to {upstream.name} carries no query string",
                    "query_refused", Reason("route.query", "a query string on an MCP request"))
             return
+        if upstream.protocol in forwarding.FORWARDED and not self._head_allowed(flow, upstream):
+            return
         if not self._operation_allowed(flow):
             return
         headerfields.pop(flow.request.headers, CLIENT_CREDENTIAL_HEADERS)
         if upstream.protocol == "mcp":
-            _keep_mcp_headers(flow.request.headers)
+            forwarding.keep(flow.request.headers, MCP_HEADERS, MCP_PARAM_HEADER)
+        elif upstream.protocol in forwarding.FORWARDED:
+            forwarding.keep(flow.request.headers, forwarding.FORWARDED[upstream.protocol],
+                            forwarding.SDK_PREFIX)
         if protocols.is_websocket(flow.request):
             # no permessage-deflate: mitmproxy inflates a message whole, unbounded, before any
             # hook (a client's deflate bomb)
@@ -149,6 +155,30 @@ class Broker:
             host_header = flow.request.host_header
             flow.request.scheme, flow.request.host, flow.request.port = upstream.connect_to
             flow.request.host_header = host_header
+
+    def _head_allowed(self, flow: http.HTTPFlow, upstream: Upstream) -> bool:
+        """A model API's query holds only the parameters its operation documents, and no header
+        changes the account the org's key bills or turns on a feature nobody granted."""
+        req = flow.request
+        path, _, query = req.path.partition("?")
+        problem = forwarding.query_problem(upstream.protocol, req.method, path, query)
+        if problem:
+            refuse(flow, 400, f"{problem}; douane passes only the parameters an operation "
+                   "documents", "query_refused", Reason("route.query", problem, "query"))
+            return False
+        refused = forwarding.header_problem(upstream.protocol, req.headers)
+        if refused:
+            name, why = refused
+            refuse(flow, 403, f"the {name} header is refused: {why}", "header_refused",
+                   Reason("route.header", f"{name}: {why}", f"headers.{name}"))
+            return False
+        if upstream.protocol == "anthropic" and forwarding.betas(req.headers) and \
+                self.policy() is None:
+            refuse(flow, 403, "anthropic-beta is refused: no policy grants a beta feature",
+                   "header_refused", Reason("route.header", "anthropic-beta: no policy grants a "
+                                            "beta feature", "headers.anthropic-beta"))
+            return False
+        return True
 
     def _choose_credential(self, flow: http.HTTPFlow, upstream: Upstream) -> bool:
         st = state(flow)
@@ -244,15 +274,6 @@ class Broker:
         st = state(flow)
         if st.credential and flow.request:
             headerfields.pop(flow.request.headers, (st.credential.header.lower().encode(),))
-
-
-def _keep_mcp_headers(headers: http.Headers) -> None:
-    # `Expect: 100-continue` is mitmproxy's to answer (it takes it out after this hook)
-    dropped = [k for k, v in headers.fields
-               if k.lower() not in MCP_HEADERS and not k.lower().startswith(MCP_PARAM_HEADER)
-               and (k.lower(), v.lower()) != (b"expect", b"100-continue")]
-    if dropped:
-        headerfields.pop(headers, {k.lower() for k in dropped})
 
 
 class InjectCredential:

@@ -50,6 +50,10 @@ def grant_violations(ug: UpstreamGrant, it: Interaction) -> list[Reason]:
         elif it.max_tokens > ug.max_tokens:
             out.append(Reason("grant.max_tokens", f"the requested {parameter} {it.max_tokens} "
                               f"is above the granted {ug.max_tokens}", "max_tokens"))
+    for beta in it.betas:
+        if not ug.beta_allowed(beta):
+            out.append(Reason("grant.beta", f"anthropic-beta {beta} is not granted",
+                              "headers.anthropic-beta"))
     if it.stream and not ug.stream:
         out.append(Reason("grant.stream", "streaming is not granted", "stream"))
     if it.has_media and not ug.media:

@@ -18,6 +18,7 @@ groups:
         media: true                 # images, audio, files; default true
         temperature: [0, 1.2]       # allowed range; default any
         operations: ["GET /v1/models", "GET /v1/files/*/content"]  # what douane does not parse
+        betas: ["files-api-*"]      # anthropic-beta values (globs) allowed; default none
       crm:                          # an MCP upstream
         tools:
           allow: ["lookup_*", "delete_records"]
@@ -151,6 +152,10 @@ class UpstreamGrant:
     mcp_servers: tuple[str, ...] = ()  # URL globs of remote MCP servers; none unless named
     operations: tuple[Operation, ...] = ()  # operations no parser reads, allowed by name
     org_listings: bool = False  # its operations may list every user's stored objects
+    betas: tuple[str, ...] = ()  # `anthropic-beta` globs (lower case) it allows; none unless named
+
+    def beta_allowed(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, g) for g in self.betas)
 
     def grants_operation(self, method: str, path: str) -> bool:
         return any(op.matches(method, path) for op in self.operations)
@@ -340,7 +345,7 @@ def _grant(source: str, v: View, upstreams: frozenset[str] | None) -> Grant:
 
 def _upstream_grant(v: View) -> UpstreamGrant:
     v.only("models", "max_tokens", "stream", "tools", "media", "temperature", "resources",
-           "prompts", "hosted_tools", "mcp_servers", "operations", "org_listings")
+           "prompts", "hosted_tools", "mcp_servers", "operations", "org_listings", "betas")
     ops = []
     for n, text in enumerate(v.strings("operations", ())):
         try:
@@ -386,7 +391,8 @@ def _upstream_grant(v: View) -> UpstreamGrant:
         tools_allow=allow, tools_deny=deny, arguments=arguments,
         resources=v.strings("resources", ("*",)), prompts=v.strings("prompts", ("*",)),
         hosted_tools=hosted, mcp_servers=servers, operations=tuple(ops),
-        org_listings=v.get("org_listings", bool, False))
+        org_listings=v.get("org_listings", bool, False),
+        betas=tuple(b.lower() for b in v.strings("betas", ())))
 
 
 def _constraint(v: View) -> ArgConstraint:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from mitmproxy import http
 
-from douane import headerfields, operations
+from douane import forwarding, headerfields, operations
 from douane.config import Upstream
 from douane.flowstate import peek
 from douane.interaction import Interaction, TextPiece
@@ -159,6 +159,13 @@ def is_websocket(req: http.Request) -> bool:
 def parse_request(upstream: Upstream, flow: http.HTTPFlow, granted: bool = False) -> Interaction:
     """`granted`: a grant names this operation, so one douane does not parse may pass (its JSON
     body, if any, is inspected string by string)."""
+    it = _parse_request(upstream, flow, granted)
+    if upstream.protocol == "anthropic":  # the features asked for, granted or not by policy
+        it.betas = forwarding.betas(flow.request.headers) or ()
+    return it
+
+
+def _parse_request(upstream: Upstream, flow: http.HTTPFlow, granted: bool) -> Interaction:
     req = flow.request
     path = req.path.split("?")[0]
     endpoint = declared(upstream, req.method, path, is_websocket(req))

@@ -1,0 +1,168 @@
+"""What of a client's request head goes on to a model's provider, beside the org's key.
+
+Headers, per protocol (the official `openai` and `anthropic` SDKs' and httpx's, read from them):
+- framing, the WebSocket handshake, `user-agent`, `idempotency-key`, the SDKs' `x-stainless-*`
+  telemetry and the API version (`anthropic-version`, date-shaped) carry no authority: forwarded;
+- what chooses the account the org's key bills or turns on a feature is governed:
+  `OpenAI-Organization` / `OpenAI-Project` are douane's to choose (a client's is refused),
+  `OpenAI-Beta` passes only as the API versions the SDKs send, each `anthropic-beta` value only
+  as a grant lists it (`betas:`, checked by the policy; none without one);
+- any other header in a provider's own namespace (`openai-*`, `anthropic-*`) may be a switch
+  douane does not know of: refused;
+- any other header (tracing, a cookie, a framework's own) is read by no rule and meant for no
+  provider: dropped, as on an MCP upstream (`routing.MCP_HEADERS`).
+A query passes only with the parameters its operation documents (`QUERIES`), each once.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+
+from mitmproxy.http import Headers
+
+from douane import headerfields
+
+FRAMING = frozenset({b"host", b"content-length", b"transfer-encoding", b"content-encoding",
+                     b"content-type", b"accept", b"accept-encoding", b"connection", b"upgrade",
+                     b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-protocol"})
+CLIENT = frozenset({b"user-agent", b"idempotency-key"})
+SDK_PREFIX = b"x-stainless-"
+FORWARDED = {"openai": FRAMING | CLIENT | {b"openai-beta"},
+             "anthropic": FRAMING | CLIENT | {b"anthropic-version", b"anthropic-beta"}}
+NAMESPACE = {"openai": b"openai-", "anthropic": b"anthropic-"}
+# known, and meant for browsers' CORS checks only: dropped
+HARMLESS = frozenset({b"anthropic-dangerous-direct-browser-access"})
+# the headers choosing whose account and project the org's key acts on: douane's to set
+ACCOUNT = frozenset({b"openai-organization", b"openai-project"})
+# what the openai SDK sends for the Assistants and Realtime betas: API versions, no features
+OPENAI_BETAS = frozenset({"assistants=v2", "realtime=v1"})
+VERSION = re.compile(r"\d{4}-\d{2}-\d{2}")
+BETA = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+MOST_BETAS = 16
+
+_OPS = [  # (method, path below the API's version, parameters), `*` one path segment
+    ("GET", "/models", ()),
+    ("GET", "/files", ("after", "limit", "order", "purpose")),
+    ("GET", "/batches", ("after", "limit")),
+    ("GET", "/uploads", ()),
+    ("GET", "/vector_stores", ("after", "before", "limit", "order")),
+    ("GET", "/vector_stores/*/files", ("after", "before", "filter", "limit", "order")),
+    ("GET", "/vector_stores/*/file_batches/*/files",
+     ("after", "before", "filter", "limit", "order")),
+    ("GET", "/assistants", ("after", "before", "limit", "order")),
+    ("GET", "/threads/*/messages", ("after", "before", "limit", "order", "run_id")),
+    ("GET", "/threads/*/runs", ("after", "before", "limit", "order")),
+    ("POST", "/threads/*/runs", ("include",)),
+    ("GET", "/threads/*/runs/*/steps", ("after", "before", "include", "limit", "order")),
+    ("GET", "/threads/*/runs/*/steps/*", ("include",)),
+    ("GET", "/chat/completions", ("after", "limit", "metadata", "model", "order")),
+    ("GET", "/chat/completions/*/messages", ("after", "limit", "order")),
+    ("GET", "/responses/*", ("include", "include_obfuscation", "starting_after", "stream")),
+    ("GET", "/responses/*/input_items", ("after", "before", "include", "limit", "order")),
+    ("GET", "/conversations/*/items", ("after", "include", "limit", "order")),
+    ("POST", "/conversations/*/items", ("include",)),
+    ("GET", "/conversations/*/items/*", ("include",)),
+    ("GET", "/containers", ("after", "limit", "order")),
+    ("GET", "/containers/*/files", ("after", "limit", "order")),
+    ("GET", "/fine_tuning/jobs", ("after", "limit", "metadata")),
+    ("GET", "/fine_tuning/jobs/*/events", ("after", "limit")),
+    ("GET", "/fine_tuning/jobs/*/checkpoints", ("after", "limit")),
+    ("GET", "/evals", ("after", "limit", "order", "order_by")),
+    ("GET", "/evals/*/runs", ("after", "limit", "order", "status")),
+    ("GET", "/evals/*/runs/*/output_items", ("after", "limit", "order", "status")),
+    ("GET", "/videos", ("after", "limit", "order")),
+    ("GET", "/realtime", ("model", "intent", "deployment")),  # a WebSocket's model
+]
+_ANTHROPIC_LIST = ("after_id", "before_id", "limit")
+_ANTHROPIC_OPS = [
+    ("GET", "/models", _ANTHROPIC_LIST),
+    ("GET", "/files", _ANTHROPIC_LIST),
+    ("GET", "/messages/batches", _ANTHROPIC_LIST),
+    ("GET", "/skills", ("limit", "page", "source")),
+    ("GET", "/skills/*/versions", ("limit", "page")),
+]
+# on every operation: Azure OpenAI's API version; the anthropic SDK's mark of a beta call
+EVERYWHERE = {"openai": ("api-version",), "anthropic": ("beta",)}
+
+
+def _compile(ops: list[tuple[str, str, tuple[str, ...]]]
+             ) -> list[tuple[str, re.Pattern[str], frozenset[str]]]:
+    # below any prefix: `/v1`, an Azure `/openai/deployments/{name}`, an upstream's own path
+    return [(method, re.compile("(?:/.*)?" + re.escape(path).replace(r"\*", "[^/]+")),
+             frozenset(params)) for method, path, params in ops]
+
+
+QUERIES = {"openai": _compile(_OPS), "anthropic": _compile(_ANTHROPIC_OPS)}
+
+
+def parameters(protocol: str, method: str, path: str) -> frozenset[str]:
+    """The query parameters `method path` documents (besides `EVERYWHERE`'s)."""
+    return next((params for m, pattern, params in QUERIES[protocol]
+                 if m == method and pattern.fullmatch(path)), frozenset())
+
+
+def query_problem(protocol: str, method: str, path: str, query: str) -> str | None:
+    """Why a model API's query is refused, or None. A name is read decoded, as servers read it,
+    `include[]` / `metadata[key]` as `include` / `metadata`; no `;` (some servers split on it)."""
+    if not query:
+        return None
+    if ";" in query:
+        return "a ';' in the query string"
+    allowed = parameters(protocol, method, path) | set(EVERYWHERE[protocol])
+    seen: set[str] = set()
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        base = name.split("[", 1)[0] if name.endswith("]") else name
+        shown = repr(base[:40])
+        if base not in allowed:
+            return f"the query parameter {shown} is not one {method} {path[:100]} documents"
+        if name in seen and not name.endswith("[]"):
+            return f"the query parameter {shown} is given twice"
+        if base == "beta" and value != "true":
+            return "the query parameter 'beta' is only ever 'true'"
+        seen.add(name)
+    return None
+
+
+def header_problem(protocol: str, headers: Headers) -> tuple[str, str] | None:
+    """(header, why) for the first header a client may not send a model's provider, or None."""
+    namespace = NAMESPACE[protocol]
+    forwarded = FORWARDED[protocol]
+    for raw in headerfields.present(headers, forwarded | ACCOUNT):
+        name = raw.decode()
+        value = headerfields.get(headers, raw, "") or ""
+        if raw in ACCOUNT:
+            return name, "douane chooses the organization and project the org's key acts on"
+        if raw == b"openai-beta" and not {v.strip() for v in value.split(",")} <= OPENAI_BETAS:
+            return name, f"OpenAI-Beta is only one of {', '.join(sorted(OPENAI_BETAS))}"
+        if raw == b"anthropic-version" and not VERSION.fullmatch(value.strip()):
+            return name, "anthropic-version is a date (YYYY-MM-DD)"
+        if raw == b"anthropic-beta" and betas(headers) is None:
+            return name, f"anthropic-beta is at most {MOST_BETAS} names of letters, digits and -"
+    for raw, _ in headers.fields:
+        lowered = raw.lower()
+        if lowered.startswith(namespace) and lowered not in forwarded and lowered not in HARMLESS:
+            return lowered.decode("ascii", "replace")[:60], \
+                "douane does not know what this header would switch on"
+    return None
+
+
+def betas(headers: Headers) -> tuple[str, ...] | None:
+    """The `anthropic-beta` names asked for (lower case); None when malformed."""
+    value = headerfields.get(headers, b"anthropic-beta")
+    if value is None:
+        return ()
+    names = tuple(n.strip().lower() for n in value.split(",") if n.strip())
+    if len(names) > MOST_BETAS or not all(BETA.fullmatch(n) for n in names):
+        return None
+    return names
+
+
+def keep(headers: Headers, names: frozenset[bytes], prefix: bytes) -> None:
+    """Drop every header but `names` and those starting with `prefix` (all lower case)."""
+    # `Expect: 100-continue` is mitmproxy's to answer (it takes it out after this hook)
+    dropped = {k.lower() for k, v in headers.fields
+               if k.lower() not in names and not k.lower().startswith(prefix)
+               and (k.lower(), v.lower()) != (b"expect", b"100-continue")}
+    if dropped:
+        headerfields.pop(headers, dropped)
