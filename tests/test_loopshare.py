@@ -120,3 +120,29 @@ def test_the_cpu_clock_is_read_only_where_other_flows_may_share_the_pass(monkeyp
         assert len(reads) == 1
 
     asyncio.run(scenario())
+
+
+def test_a_loaded_machine_reads_the_cpu_clock_only_when_its_bound_runs_out(monkeypatch):
+    """Where wall time runs far ahead of the loop's CPU time (other processes take the cores), a
+    reading bounds the next ones (the CPU used is at most what it read plus the wall time since):
+    16 flows in one pass, 0.5 ms of wall time between them and almost no CPU, read the clock
+    once per BUDGET of wall time, not once per flow, and all run in that pass."""
+    reads = []
+    clock = time.thread_time
+    monkeypatch.setattr(loopshare.time, "thread_time", lambda: reads.append(1) or clock())
+    wall = iter(n * 0.0005 for n in range(10_000))
+    monkeypatch.setattr(loopshare.time, "perf_counter", lambda: next(wall))
+    admitted = []
+
+    async def flow(n: int) -> None:
+        await share.enter()
+        admitted.append(n)
+
+    async def scenario() -> None:
+        await asyncio.gather(*(flow(n) for n in range(16)))
+
+    share = LoopShare()
+    asyncio.run(scenario())
+    assert admitted == list(range(16))
+    # 16 flows over ~8 ms of wall time: the first reading, then one per ~2 ms
+    assert 2 <= len(reads) <= 6, len(reads)
