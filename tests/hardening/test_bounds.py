@@ -624,3 +624,25 @@ def test_an_upstream_chunk_line_that_never_ends_is_cut(gw, llm, token):
     assert resp.status_code == 502, resp.text[:300]
     gw.audit_where(lambda r: r.get("status") == 502 and r["action"] == "refuse"
                    and "the upstream sent more than 262144" in json.dumps(r.get("reasons")))
+
+
+# --- texts a detector's regex could take quadratic time on ------------------------------------
+
+PATHOLOGICAL = {  # each under the size a request's texts are matched off the loop at (256 KiB)
+    "a 30k token run, then a percent escape": "A" * 30_000 + " %41",
+    "30k runs glued by dots, then a percent escape": "a." * 15_000 + " %41",
+}
+
+
+@pytest.mark.parametrize("case", PATHOLOGICAL)
+def test_a_text_shaped_against_the_detectors_costs_the_loop_little(gw, llm, token, case):
+    """`secrets._PCT_RUN` was tried at every place of a long token run holding no `%XX` and
+    backtracked over the rest of the run each time: 30k characters then ` %41` stalled the loop
+    52 s (quadratic), in a prompt and in an answer alike."""
+    text = PATHOLOGICAL[case]
+    llm.reply = text
+    with probe(gw) as p:
+        resp = post(gw, token, json.dumps(chat(text)).encode())
+    assert resp.status_code == 200, resp.text[:300]
+    assert resp.json()["choices"][0]["message"]["content"] == text
+    p.assert_bounded()
