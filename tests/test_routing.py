@@ -404,3 +404,35 @@ def test_without_a_policy_no_beta_passes(gateway):
 ])
 def test_a_query_holds_what_its_operation_documents(protocol, method, path, query, ok):
     assert (forwarding.query_problem(protocol, method, path, query) is None) is ok
+
+
+def test_douane_sets_the_organization_and_project_its_key_bills(tmp_path, monkeypatch):
+    """A credential may name the OpenAI organization and project it acts on (a team's credential
+    its own project); they are sent with it, and a client's are refused."""
+    monkeypatch.setenv("T_OPENAI_KEY", "sk-upstream")
+    path = tmp_path / "douane.yaml"
+    path.write_text(CONFIG.replace(
+        "credential: {env: T_OPENAI_KEY}}",
+        "credential: {env: T_OPENAI_KEY, organization: org-acme, project: proj_all},\n"
+        "          credentials: {by_group: {finance: {env: T_OPENAI_KEY, project: proj_fin}}}}",
+        1) % {"dir": tmp_path})
+    settings = Settings()
+    route, broker, inject = Route(settings), Broker(settings), InjectCredential()
+    with taddons.context(settings, route, broker, inject) as tctx:
+        tctx.configure(settings, douane_config=str(path))
+        sent = {}
+        for groups in (("eng",), ("finance",)):
+            f = flow_to("api.openai.com", "/v1/chat/completions", groups=groups)
+            run((route, broker, inject), f)
+            assert f.response is None
+            sent[groups[0]] = (f.request.headers.get("openai-organization"),
+                               f.request.headers.get("openai-project"))
+        assert sent == {"eng": ("org-acme", "proj_all"), "finance": (None, "proj_fin")}
+        f = flow_to("api.openai.com", "/v1/chat/completions", **{"openai-project": "proj_all"})
+        run((route, broker, inject), f)
+        assert f.response is not None and f.response.status_code == 403
+    path.write_text(CONFIG.replace("credential: {env: T_OPENAI_KEY}}",
+                                   "credential: {env: T_OPENAI_KEY, project: 'a b'}}", 1)
+                    % {"dir": tmp_path})
+    with pytest.raises(ConfigError, match="project"):
+        config.load(path)

@@ -126,13 +126,13 @@ class View:
                 raise self.error("expected a mapping", f"{key}.{name}")
             yield str(name), View(item, self.path + (key, str(name)), self.doc)
 
-    def secret(self, key: str, resolve: bool = True) -> str | None:
+    def secret(self, key: str, resolve: bool = True, beside: tuple[str, ...] = ()) -> str | None:
         """A secret given as {env: NAME} or {file: PATH}; never inline in the file. With
-        resolve=False only its form is checked."""
+        resolve=False only its form is checked. `beside`: other keys its mapping may hold."""
         if key not in self.data:
             return None
         src = self.sub(key)
-        src.only("env", "file", "optional", "header", "format")
+        src.only("env", "file", "optional", "header", "format", *beside)
         optional = src.get("optional", bool, False)
         if "env" not in src.data and "file" not in src.data:
             raise src.error("give the secret as env: NAME or file: PATH")
@@ -271,6 +271,9 @@ class Credential:
     header: str
     value: str | None = field(repr=False)  # the header value, with the secret; None: not set
     source: str = ""  # "env OPENAI_API_KEY" — for messages and the audit record, never the secret
+    # sent beside it: OpenAI's `OpenAI-Organization` / `OpenAI-Project`, the account and project
+    # the key bills (a client's own are refused: `douane.forwarding`)
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -622,11 +625,13 @@ def _upstream(name: str, v: View) -> Upstream:
     fmt = cv.get("format", str, default_format)
     if "{secret}" not in fmt:
         raise cv.error("the format must contain {secret}", "format")
-    credential = _credential(v, "credential", header, fmt) if "credential" in v.data else None
+    credential = _credential(v, "credential", header, fmt, protocol) \
+        if "credential" in v.data else None
     sv = v.sub("credentials")
     sv.only("by_group", "per_user")
     gv = sv.sub("by_group")
-    groups = tuple((str(group), _credential(gv, str(group), header, fmt)) for group in gv.data)
+    groups = tuple((str(group), _credential(gv, str(group), header, fmt, protocol))
+                   for group in gv.data)
     per_user = (header, fmt) if sv.get("per_user", bool, False) else None
     if (credential or groups or per_user) and header is None:
         raise cv.error("a generic upstream needs credential.header", "header")
@@ -652,15 +657,28 @@ def _upstream(name: str, v: View) -> Upstream:
     )
 
 
-def _credential(v: View, key: str, header: str | None, fmt: str) -> Credential:
+# what an OpenAI key acts on, set beside it (per credential: each team its own project)
+ACCOUNT_HEADERS = {"organization": "OpenAI-Organization", "project": "OpenAI-Project"}
+ACCOUNT_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
+
+
+def _credential(v: View, key: str, header: str | None, fmt: str, protocol: str) -> Credential:
     """The credential given as {env:/file:} under `key`, named by its source (never its value)."""
-    secret = v.secret(key, resolve=v.doc.credentials)
+    beside = tuple(ACCOUNT_HEADERS) if protocol == "openai" else ()
+    secret = v.secret(key, resolve=v.doc.credentials, beside=beside)
     data = v.data[key]
     if key != "credential" and ("header" in data or "format" in data):
         raise v.sub(key).error("header and format are the upstream's (set them in credential)")
+    account = []
+    for name in beside:
+        value = v.sub(key).get(name, str, None)
+        if value is not None and not ACCOUNT_ID.fullmatch(value):
+            raise v.sub(key).error(f"an OpenAI {name} id is letters, digits, _ and -", name)
+        if value is not None:
+            account.append((ACCOUNT_HEADERS[name], value))
     source = f"env {data['env']}" if "env" in data else f"file {data.get('file')}"
     return Credential((header or "").lower(), fmt.replace("{secret}", secret) if secret else None,
-                      source)
+                      source, tuple(account))
 
 
 TOOL_CHANGES = ("hide", "refuse")  # what a changed or poisoned MCP tool does to listings

@@ -285,3 +285,5 @@ class InjectCredential:
         st = state(flow)
         if st.upstream is not None and st.credential is not None and st.credential.value:
             headerfields.put(flow.request.headers, st.credential.header, st.credential.value)
+            for name, value in st.credential.headers:
+                headerfields.put(flow.request.headers, name, value)
