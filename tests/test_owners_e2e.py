@@ -182,7 +182,7 @@ groups:
     upstreams:
       llm:
         operations: &listings ["GET /v1/chat/completions", "GET /v1/files",
-                               "GET /v1/threads/*/messages", "GET /v1/models",
+                               "GET /v1/chatkit/threads", "GET /v1/models",
                                "GET /v1/conversations/**"]
   auditors:
     upstreams:
@@ -244,13 +244,12 @@ def test_listings_show_the_callers_own_or_are_refused(issuer, tmp_path):
             # files are bound too (adopted when first named): a file nobody named is nobody's
             assert get(alice, "/v1/files").json()["data"] == []
             assert get(auditor, "/v1/files").json()["data"] == [{"id": "x-1", "object": "x"}]
-            # a listing douane does not name (an Assistants thread's), read from its answer:
-            # withheld
-            resp = get(bob, "/v1/threads/thread_1/messages")
+            # a listing douane does not name (ChatKit's threads), read from its answer: withheld
+            resp = get(bob, "/v1/chatkit/threads")
             assert resp.status_code == 403 and "x-1" not in resp.text
             record = gw.audit_record(resp.headers["x-douane-decision-id"])
             assert reason(record)["rule"] == "owner.listing"
-            assert get(auditor, "/v1/threads/thread_1/messages").status_code == 200
+            assert get(auditor, "/v1/chatkit/threads").status_code == 200
             assert get(bob, "/v1/models").status_code == 200  # the org's models: everyone's
             # a path naming ids without end is not looked up id by id
             before = len(llm.requests)

@@ -6,7 +6,9 @@ item's `id`, an `approval_request_id`) and a conversation's items, a code-execut
 the files uploaded into it (Anthropic's `container`, an OpenAI `code_interpreter` tool's
 `container`, `/v1/containers/{id}`), an uploaded file (`/v1/files/{id}`, a `file_id` or
 `file_ids` anywhere in a body), a vector store (`vector_store_ids` of a `file_search` tool), a
-batch, an upload, a fine-tuning job.
+batch, an upload, a fine-tuning job, an assistant (a run's `assistant_id`), an Assistants thread
+(with its messages, runs and run steps), an eval (with its runs), a video, a skill, and an MCP
+`requestState` (bound as the event carrying it is read, when streamed).
 
 douane sends every user's requests to an upstream with one credential, so such an id is all the
 upstream tells users apart by: another user holding it (from a screen, a log, a recording) would
@@ -64,7 +66,7 @@ from mitmproxy import http
 from douane import headerfields, protocols
 from douane.flowstate import Reason, state
 from douane.policy.model import Policy
-from douane.protocols import fields, mcp
+from douane.protocols import fields, mcp, streams
 from douane.refusals import refuse
 from douane.settings import Settings
 from douane.sqlitethread import SqliteThread
@@ -118,23 +120,37 @@ KINDS = {"responses": Kind("stored response", "response_not_found", "owner.respo
          "vector_stores": Kind("vector store", "not_found", "owner.vector_store"),
          "batches": Kind("batch", "not_found", "owner.batch"),
          "uploads": Kind("upload", "not_found", "owner.upload"),
-         "fine_tuning/jobs": Kind("fine-tuning job", "not_found", "owner.fine_tuning_job")}
+         "fine_tuning/jobs": Kind("fine-tuning job", "not_found", "owner.fine_tuning_job"),
+         # the Assistants API's assistants and threads (a thread's messages, runs and run
+         # steps are named below its path: the thread's), evals (their runs below them),
+         # videos (their content and remixes below them), skills (their versions below them)
+         "assistants": Kind("assistant", "not_found", "owner.assistant"),
+         "threads": Kind("thread", "not_found", "owner.thread"),
+         "evals": Kind("eval", "not_found", "owner.eval"),
+         "videos/characters": Kind("video character", "not_found", "owner.video_character"),
+         "videos": Kind("video", "not_found", "owner.video"),
+         "skills": Kind("skill", "not_found", "owner.skill")}
 _OBJECTS = "responses|conversations|chat/completions|items|containers|files|vector_stores|" \
-    "batches|uploads|fine_tuning/jobs"
+    "batches|uploads|fine_tuning/jobs|assistants|threads|evals|videos/characters|videos|skills"
 # An id in a granted operation's path (`GET /v1/responses/{id}`, `/v1/files/{id}/content`,
 # `/v1/conversations/{id}/items/{item}`, `/v1/vector_stores/{id}/files/{file}`); the endpoints
 # named there that are not ids.
 STORED_PATH = re.compile(rf"/({_OBJECTS})/([^/]+)", re.IGNORECASE)
-NOT_IDS = frozenset({("responses", "input_tokens"), ("responses", "compact")})
+NOT_IDS = frozenset({("responses", "input_tokens"), ("responses", "compact"),
+                     ("threads", "runs"),  # `POST /v1/threads/runs`: a new thread and its run
+                     ("videos", "edits"), ("videos", "extensions"),  # new videos
+                     ("videos", "characters")})  # `/v1/videos/characters`: a new character
 # Listings of what an upstream stores for the org (a granted `GET`), by the path's end: those of
 # the kinds douane binds are filtered to the caller's own; the others douane never sees issued,
 # so it cannot tell whose each is: refused. Any other granted answer that reads as a listing is
 # refused alike (the org's models excepted; a listing inside a bound object,
-# `/conversations/{id}/items`, `/vector_stores/{id}/files`, is its owner's). A grant with
-# `org_listings: true` lists every user's, unfiltered (auditors, administrators).
+# `/conversations/{id}/items`, `/vector_stores/{id}/files`, `/threads/{id}/messages`, is its
+# owner's). A grant with `org_listings: true` lists every user's, unfiltered (auditors,
+# administrators).
 BOUND_LISTING = re.compile(r"/(responses|conversations|chat/completions|containers|files|"
-                           r"vector_stores|batches|fine_tuning/jobs)/?$", re.IGNORECASE)
-ORG_LISTING = re.compile(r"/(assistants|evals|messages/batches|skills|videos)/?$", re.IGNORECASE)
+                           r"vector_stores|batches|fine_tuning/jobs|assistants|evals|videos|"
+                           r"skills)/?$", re.IGNORECASE)
+ANTHROPIC_LISTED = ("files", "batches", "skills")  # its bound objects that are listed
 SHARED_LISTING = re.compile(r"/models/?$", re.IGNORECASE)  # the same for every user
 LISTING_ITEMS = 1000  # a longer page is refused, not looked up
 # Fields of a body naming uploaded files or vector stores, wherever they are (a message's
@@ -144,16 +160,26 @@ LISTING_ITEMS = 1000  # a longer page is refused, not looked up
 NAMING = {"file_id": ("files", False), "input_file_id": ("files", False),
           "training_file": ("files", False), "validation_file": ("files", False),
           "file_ids": ("files", True), "vector_store_id": ("vector_stores", False),
-          "vector_store_ids": ("vector_stores", True)}
+          "vector_store_ids": ("vector_stores", True), "assistant_id": ("assistants", False),
+          "skill_id": ("skills", False)}
+NAMING_KEYS = ("file", "vector_store", "assistant_id", "skill_id")  # (in the keys Inspect read)
+# Evals that read the org's stored answers or chat completions (a data source of these types)
+# would give a user every user's: a listing of the org's, refused as one.
+ORG_SOURCES = frozenset({"responses", "stored_completions", "logs"})
+EVALS = re.compile(r"/evals(/[^/]+/runs)?/?$", re.IGNORECASE)
 KEYS = (fields.KEYS,)  # the path of the pieces holding a body's keys
 NOT_NAMING = frozenset({"parameters", "input_schema", "schema", "metadata"})
-# Granted operations that create an object, by the path's end; the answer's `id` is issued.
-CREATES = re.compile(r"/(conversations|containers|vector_stores|batches|uploads|fine_tuning/jobs)"
-                     r"/?$", re.IGNORECASE)
+# Granted operations that create an object, by the path's end; the answer's `id` is issued (a
+# video's remix is a new video).
+CREATES = re.compile(r"/(conversations|containers|vector_stores|batches|uploads|fine_tuning/jobs|"
+                     r"assistants|threads|evals|videos/characters|skills|videos)"
+                     r"(?:(?<=videos)(?:/edits|/extensions|/[^/]+/remix))?/?$",
+                     re.IGNORECASE)
 CONVERSATION_ITEMS = re.compile(r"/conversations/[^/]+/items(/[^/]+)?/?$", re.IGNORECASE)
-# The files an answer of a batch, an upload or a fine-tuning job says were made for it.
-MADE_FILES = {"batch": ("output_file_id", "error_file_id"), "upload": ("file",),
-              "fine_tuning.job": ("result_files",)}
+# What an answer says was made for the caller, by its `object`: the files of a batch, an upload
+# or a fine-tuning job; a run's thread (`POST /v1/threads/runs` makes one).
+MADE = {"batch": ("files", ("output_file_id", "error_file_id")), "upload": ("files", ("file",)),
+        "fine_tuning.job": ("files", ("result_files",)), "thread.run": ("threads", ("thread_id",))}
 
 
 def _issued(prefix: str) -> re.Pattern[bytes]:
@@ -352,6 +378,18 @@ class Bindings:
             self._pruned = now
             self._pruning = asyncio.get_running_loop().create_task(self.prune(now))
 
+    def claim(self, upstream: str, kind: str, object_ids: Sequence[str], user: str
+              ) -> asyncio.Task[None]:
+        """Bind ids issued to `user` now, from code that cannot wait (a stream's event): this
+        process holds them at once, the store once the returned write is done (it raises
+        `StoreUnavailable`; until then, another process refuses them to everyone)."""
+        now = time.time()
+        for object_id in object_ids:
+            self._remember(kind, digest(upstream, kind, object_id), Binding(user, now))
+        task = asyncio.get_running_loop().create_task(self.bind(upstream, kind, object_ids, user))
+        task.add_done_callback(_written)
+        return task
+
     async def prune(self, now: float) -> None:
         """Forget the bindings unused for `TTL_SECONDS`, and the excess past `PER_USER` of each
         user who bound one since the last pruning (a statement each: none holds the store long)."""
@@ -365,6 +403,12 @@ class Bindings:
         except Exception as e:  # housekeeping: tried again at the next pruning
             logger.warning("douane: forgetting expired owner bindings failed (%s)",
                            str(e)[:300] or type(e).__name__)
+
+
+def _written(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:  # (read: never "never retrieved")
+        logger.warning("douane: an MCP requestState's owner was not yet stored (%s); bound "
+                       "again at the stream's end", task.exception())
 
 
 def unavailable(flow: http.HTTPFlow, error: StoreUnavailable) -> None:
@@ -399,13 +443,15 @@ def _files(flow: http.HTTPFlow) -> list[tuple[str, str, str]]:
     # walked only if such a key is in it: Inspect read every key into the interaction (decoded,
     # however the body spelt or encoded it), apart from the text (`fields.KEYS`)
     keys = [p.text for p in it.texts if p.path == KEYS]
-    if keys and not any("file" in k or "vector_store" in k for k in keys):
+    if keys and not any(n in k for k in keys for n in NAMING_KEYS):
         return []
     named: list[tuple[str, str, str]] = []
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(protocols.document(flow, "request"), ())]
     while stack:
         node, path = stack.pop()
         for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            if key == "id" and isinstance(value, str) and node.get("type") == "file_id":
+                named.append(("files", value, _where((*path, key))))  # an eval's data source
             if key in NAMING and isinstance(value, str | list):
                 kind, many = NAMING[key]
                 if isinstance(value, str):
@@ -416,6 +462,17 @@ def _files(flow: http.HTTPFlow) -> list[tuple[str, str, str]]:
             if isinstance(value, dict | list) and key not in NOT_NAMING:
                 stack.append((value, (*path, key)))
     return named
+
+
+def _org_source(doc: Any) -> str | None:
+    """Where an eval (`data_source_config`) or an eval run (`data_source.source`) reads the org's
+    stored answers or chat completions, if it does."""
+    for where, found in (("data_source_config", _dig(doc, "data_source_config")),
+                         ("data_source.source", _dig(doc, "data_source", "source"))):
+        kind = found.get("type") if isinstance(found, dict) else None
+        if kind in ORG_SOURCES:
+            return f"{where} ({kind})"
+    return None
 
 
 def _state_id(flow: http.HTTPFlow, state_digest: str) -> str:
@@ -444,10 +501,11 @@ def _granted_issued(flow: http.HTTPFlow) -> list[tuple[str, list[Any]]]:
     issued: list[tuple[str, list[Any]]] = []
     if method == "POST" and (created := CREATES.search(path)):
         issued.append((created[1].lower(), [doc.get("id")]))
-    for field in MADE_FILES.get(doc.get("object"), ()) if isinstance(doc.get("object"), str) \
-            else ():
+    kind, made_in = MADE.get(doc.get("object"), ("", ())) if isinstance(doc.get("object"), str) \
+        else ("", ())
+    for field in made_in:
         made = doc.get(field)
-        issued.append(("files", made if isinstance(made, list) else
+        issued.append((kind, made if isinstance(made, list) else
                        [made.get("id") if isinstance(made, dict) else made]))
     if method != "DELETE" and CONVERSATION_ITEMS.search(path):
         data = doc.get("data")
@@ -552,6 +610,9 @@ class StoredObjects:
             weakref.WeakKeyDictionary()
         self._listings: weakref.WeakKeyDictionary[http.HTTPFlow, str] = \
             weakref.WeakKeyDictionary()  # the kind a listing is filtered to the caller's own of
+        # a stream's `requestState`s bound as they came, each with its write to the store
+        self._state_writes: weakref.WeakKeyDictionary[
+            http.HTTPFlow, dict[str, asyncio.Task[None]]] = weakref.WeakKeyDictionary()
 
     def configure(self, updated: set[str]) -> None:
         pg = self.shared.pg if self.shared else None
@@ -629,13 +690,39 @@ class StoredObjects:
                Reason("mcp.request_state", "a requestState issued to another user or session"
                       if any(owners) else "a requestState douane did not see issued"))
 
+    def streamed_states(self, flow: http.HTTPFlow) -> None:
+        """A stream's `requestState`s are bound as the event issuing each is read, before it
+        leaves (its retry, or another user's, may come while the stream goes on): in this
+        process at once, in the store as soon as it answers."""
+        st = state(flow)
+        rewriter = streams.rewriter_of(flow)
+        if rewriter is None or not flow.response or not self._governed(flow, "mcp") or \
+                (st.decision and st.decision.action == "refuse"):
+            return
+        assert st.upstream and st.identity and st.interaction
+        it, upstream, user = st.interaction, st.upstream.name, st.identity.user
+        writes = self._state_writes.setdefault(flow, {})
+
+        def bind(doc: Any) -> None:
+            issued = [d for _, msg in mcp.each(doc)
+                      if (d := mcp.issued_state(msg, mcp.answered_method(it, msg)))]
+            ids = [i for i in dict.fromkeys(_state_id(flow, d) for d in issued)
+                   if i not in writes][:mcp.BATCH_MESSAGES - len(writes)]
+            if ids:
+                task = self.bindings.claim(upstream, MCP_STATE, ids, user)
+                writes.update(dict.fromkeys(ids, task))
+        rewriter.message_hooks.append(bind)
+
     async def _bind_states(self, flow: http.HTTPFlow) -> None:
+        """What an answer issued, bound (a stream's: those whose early write failed)."""
         st = state(flow)
         assert st.upstream and st.identity and st.interaction
-        if st.interaction.issued_states:
-            await self.bindings.bind(st.upstream.name, MCP_STATE,
-                                     [_state_id(flow, s) for s in st.interaction.issued_states],
-                                     st.identity.user)
+        writes = self._state_writes.pop(flow, {})
+        await asyncio.gather(*set(writes.values()), return_exceptions=True)  # failed: again
+        ids = [i for i in dict.fromkeys(_state_id(flow, s) for s in st.interaction.issued_states)
+               if i not in writes or writes[i].cancelled() or writes[i].exception() is not None]
+        if ids:
+            await self.bindings.bind(st.upstream.name, MCP_STATE, ids, st.identity.user)
 
     # --- stored objects -------------------------------------------------------------------------
 
@@ -651,14 +738,19 @@ class StoredObjects:
             path = flow.request.path.split("?")[0]
             # (a listing inside a bound object, `/vector_stores/{id}/files`, is its owner's)
             listing = BOUND_LISTING.search(path) if not _below_bound(path) else None
-            if (listing or ORG_LISTING.search(path)) and not self._org_listings(flow):
-                # Anthropic's bound objects that are listed: its files and message batches
-                if listing and (st.upstream.protocol == "openai" or
-                                listing[1].lower() in ("files", "batches")):
+            if listing and not self._org_listings(flow):
+                if st.upstream.protocol == "openai" or listing[1].lower() in ANTHROPIC_LISTED:
                     self._listings[flow] = listing[1].lower()
                 else:
                     self._refuse_listing(flow)
                     return
+        if st.interaction.granted and flow.request.raw_content and \
+                EVALS.search(flow.request.path.split("?")[0]) and not self._org_listings(flow):
+            where = _org_source(protocols.document(flow, "request"))
+            if where:
+                self._refuse_listing(flow, f"{where} reads the org's stored answers or chat "
+                                     "completions")
+                return
         named = self._named(flow)
         if isinstance(named, tuple):
             self._refuse(flow, *named)
@@ -868,11 +960,12 @@ class StoredObjects:
                    if (grant := g.upstreams.get(st.upstream.name)))
 
     @staticmethod
-    def _refuse_listing(flow: http.HTTPFlow) -> None:
+    def _refuse_listing(flow: http.HTTPFlow, why: str = "a listing of the org's stored "
+                        "objects") -> None:
         refuse(flow, 403, "this listing would show every user's objects, and douane cannot tell "
                "whose each is; a grant with org_listings: true may list them",
-               "listing_not_scoped", Reason("owner.listing", "a listing of the org's stored "
-                                            "objects, and no grant naming it has org_listings"))
+               "listing_not_scoped", Reason("owner.listing", f"{why}, and no grant naming it "
+                                            "has org_listings"))
 
     @staticmethod
     def _issuing(flow: http.HTTPFlow) -> str | None:

@@ -24,7 +24,7 @@ from douane.commands import add_config_option, load_config
 from douane.commands.sessions import _operator_log
 from douane.untrusted import escape
 
-KINDS = sorted([owners.MCP, *owners.KINDS])
+KINDS = sorted([owners.MCP, owners.MCP_STATE, *owners.KINDS])
 DONE = {"release": "released", "transfer": "transferred"}
 LIST_LIMIT = 1000
 

@@ -209,6 +209,15 @@ def state_digest(request_state: str) -> str:
     return hashlib.sha256(request_state.encode(errors="replace")).hexdigest()
 
 
+def issued_state(msg: Any, method: str | None) -> str | None:
+    """The digest of the `requestState` a server's answer (to `method`) issues, if any."""
+    if not isinstance(msg, dict) or "method" in msg or "error" in msg or method not in SPECIFIC:
+        return None
+    result = msg.get("result")
+    state = result.get("requestState") if isinstance(result, dict) else None
+    return state_digest(state) if isinstance(state, str) else None
+
+
 def request_states(it: Interaction) -> list[str]:
     """The digests of the `requestState`s a request echoes (`_input_responses` checked them)."""
     return [state_digest(m.params["requestState"]) for m in it.mcp if m.method and
@@ -458,8 +467,9 @@ def message_pieces(msg: Any, method: str | None, base: tuple, it: Interaction,
     result = msg.get("result")
     if not isinstance(result, dict):
         return
-    if isinstance(result.get("requestState"), str) and len(it.issued_states) < BATCH_MESSAGES:
-        it.issued_states.append(state_digest(result["requestState"]))  # bound: `douane.owners`
+    issued = issued_state(msg, method)
+    if issued and len(it.issued_states) < BATCH_MESSAGES:
+        it.issued_states.append(issued)  # bound: `douane.owners`
     start = len(texts)  # `texts` may hold a batch's earlier messages
     if method == "tools/call":
         for k, block in enumerate(result.get("content") or []):
