@@ -111,10 +111,31 @@ class StreamToolNames:
             decision = engine.evaluate_response(self.policy, [
                 TextPiece("tool_arguments", "assistant", name, ("stream", "name"))])
             if decision.action == "block":
-                self.st.decide("block", *decision.reasons)
-                self.st.decision.risk = decision.risk  # type: ignore[union-attr]
-                self.rewriter.abort(f"the answer was blocked by policy: {explain(decision)}")
+                _blocked(self.st, self.rewriter, decision)
                 return
+
+
+class StreamMcpItems:
+    """The policy on the remote MCP items a streamed answer carries whole (an `mcp_call`'s
+    `server_label`, an `mcp_list_tools` item, an Anthropic `mcp_tool_use`'s `server_name`, an
+    `mcp_tool_result`), as a message hook: read as the whole answer reads them (their names and
+    labels are no filter's text; a result is a tool result, not a completion), so the event
+    carrying a denied one is never sent."""
+
+    def __init__(self, policy: Policy, st: FlowState, rewriter: streams.StreamRewriter):
+        self.policy, self.st, self.rewriter = policy, st, rewriter
+
+    def __call__(self, doc: Any) -> None:
+        pieces = self.rewriter.format.whole_items(doc)
+        decision = engine.evaluate_response(self.policy, pieces) if pieces else None
+        if decision and decision.action == "block":
+            _blocked(self.st, self.rewriter, decision)
+
+
+def _blocked(st: FlowState, rewriter: streams.StreamRewriter, decision: Decision) -> None:
+    st.decide("block", *decision.reasons)
+    st.decision.risk = decision.risk  # type: ignore[union-attr]
+    rewriter.abort(f"the answer was blocked by policy: {explain(decision)}")
 
 
 class Enforce:
@@ -209,6 +230,7 @@ class Enforce:
         else:
             if self.live.current.rules_by_kind["tool_arguments"]:
                 rewriter.message_hooks.append(StreamToolNames(self.live.current, st, rewriter))
+            rewriter.message_hooks.append(StreamMcpItems(self.live.current, st, rewriter))
             if self.live.current.rules_by_kind["completion"]:
                 rewriter.filters.append(StreamPolicy(self.live.current, st, rewriter))
 

@@ -153,6 +153,9 @@ DELTAS: dict[str, tuple[str, Kind]] = {"text_delta": ("text", "completion"),
                                        "input_json_delta": ("partial_json", "tool_arguments")}
 
 
+MCP_BLOCKS = ("mcp_tool_use", "mcp_tool_result")  # a remote MCP server's
+
+
 class MessagesStream(StreamFormat):
     """`content_block_delta` events (`text_delta`, `thinking_delta`, `input_json_delta`) per
     block index."""
@@ -173,6 +176,17 @@ class MessagesStream(StreamFormat):
     def tool_names(self, doc: Any) -> list[tuple[str | None, str]]:
         """A tool-use block's name, whole (its `content_block_start`, or `message_start`)."""
         return fields.named_calls(doc, ("tool_use", "server_tool_use", "mcp_tool_use"))
+
+    def whole_items(self, doc: Any) -> list[TextPiece]:
+        """A remote MCP server's blocks (`mcp_tool_use` with its `server_name`, an
+        `mcp_tool_result`), whole (their `content_block_start`, or `message_start`)."""
+        blocks = fields.typed_objects(doc, MCP_BLOCKS) if isinstance(doc, dict) and \
+            doc.get("type") in ("content_block_start", "message_start") else []
+        if not blocks:
+            return []
+        it = Interaction("anthropic", "messages")
+        parse_response({"content": blocks}, it)
+        return it.response_texts
 
     def closes(self, event: Event, doc: Any) -> list[str]:
         kind = doc.get("type") if isinstance(doc, dict) else None

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from douane.interaction import HOSTED_TOOLS, Interaction, JsonPath, Kind
+from douane.interaction import HOSTED_TOOLS, Interaction, JsonPath, Kind, TextPiece
 from douane.protocols.sse import Event
 
 
@@ -71,6 +71,12 @@ class StreamFormat:
     def tool_names(self, doc: Any) -> list[tuple[str | None, str]]:
         """The tool-call names this event carries, each with its call (a name streamed in pieces
         that a client joins per call) or None (a name sent whole, read alone)."""
+        return []
+
+    def whole_items(self, doc: Any) -> list[TextPiece]:
+        """The text of the remote MCP items this event carries whole (a call's server, a
+        server's tool listing, a result), read as the whole answer reads them: their names and
+        labels are no channel's text, and a result's kind is not a completion's."""
         return []
 
     def synthesize(self, channel: str, kind: Kind, text: str, template: Any) -> Event:

@@ -427,6 +427,9 @@ STREAMED: dict[str, tuple[str, Kind]] = {
 }
 # Output items that call a tool by name
 CALL_ITEMS = ("function_call", "custom_tool_call", "mcp_call", "mcp_approval_request")
+MCP_ITEMS = ("mcp_call", "mcp_list_tools", "mcp_approval_request")  # a remote MCP server's
+ITEM_EVENTS = frozenset({"response.output_item.added", "response.output_item.done",
+                         "response.completed", "response.incomplete", "response.failed"})
 ITEM_ARGUMENTS = {"function_call": "arguments", "custom_tool_call": "input",
                   "mcp_call": "arguments", "code_interpreter_call": "code"}
 
@@ -493,6 +496,18 @@ class ResponsesStream(StreamFormat):
         """A call item's name, whole wherever the item is (added, done, the completed response;
         the echo of the request's `tools` holds definitions, of other types)."""
         return fields.named_calls(doc, CALL_ITEMS)
+
+    def whole_items(self, doc: Any) -> list[TextPiece]:
+        """A remote MCP server's items (`mcp_call` with its `server_label`, `mcp_list_tools`
+        with its tools' names, an approval request), whole wherever they are (added, done, the
+        completed response)."""
+        items = fields.typed_objects(doc, MCP_ITEMS) if isinstance(doc, dict) and \
+            doc.get("type") in ITEM_EVENTS else []
+        if not items:
+            return []
+        it = Interaction("openai", "responses")
+        parse_response({"output": items}, it)
+        return it.response_texts
 
     def recaps(self, event: Event, doc: Any) -> list[tuple[tuple, str]]:
         kind = doc.get("type") if isinstance(doc, dict) else None
