@@ -188,6 +188,10 @@ def instrument(checkpoint, times: Times, inner: bool) -> None:
     engine.risk = timed("  engine.risk", engine.risk, times, False)
     engine.evaluate_response = timed("  engine.evaluate_response", engine.evaluate_response,
                                      times, False)
+    from douane import secrets
+    engine._split_secrets = timed("    engine._split_secrets", engine._split_secrets, times, False)
+    engine._joined = timed("    engine._joined", engine._joined, times, False)
+    secrets.find = timed("    secrets.find (all)", secrets.find, times, False)
     untrusted.absurd_name = timed("  untrusted.absurd_name", untrusted.absurd_name, times, False)
     inspect.read_request = timed("  inspect.read_request", inspect.read_request, times, False)
     inspect.read_response = timed("  inspect.read_response", inspect.read_response, times, False)
@@ -217,6 +221,16 @@ async def one(checkpoint, f, answer: bytes) -> None:
     assert f.response.status_code == 200, f.response.content[:300]
 
 
+def report(rows: list, wanted: list[str], n: int) -> None:
+    for name, size, req, ans, t in rows:
+        print(f"\n{name} {size}: request {req} B, answer {ans} B (median µs per request, n={n})")
+        total = sum(statistics.median(v) for k, v in t.items() if not k.startswith(" ")) / 1000
+        for k, v in t.items():
+            if not wanted or k.startswith(" ") or any(w in k for w in wanted):
+                print(f"  {k:<34} {statistics.median(v) / 1000:8.1f}")
+        print(f"  {'all steps':<34} {total:8.1f}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=300)
@@ -226,7 +240,7 @@ def main() -> int:
     ap.add_argument("--steps", default="Inspect,Enforce",
                     help="print the steps whose name holds one of these ('' for all)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         path, token = config(Path(tmp))
         gateway = load_gateway()
         [checkpoint] = gateway.addons
@@ -250,15 +264,7 @@ def main() -> int:
                                 acc[k].append(ns)
                     rows.append((name, size, len(raw), len(raw_answer), dict(acc)))
             loop.close()
-    wanted = [s for s in args.steps.split(",") if s]
-    for name, size, req, ans, t in rows:
-        print(f"\n{name} {size}: request {req} B, answer {ans} B (median µs per request, "
-              f"n={args.n})")
-        total = sum(statistics.median(v) for k, v in t.items() if not k.startswith(" ")) / 1000
-        for k, v in t.items():
-            if not wanted or k.startswith(" ") or any(w in k for w in wanted):
-                print(f"  {k:<34} {statistics.median(v) / 1000:8.1f}")
-        print(f"  {'all steps':<34} {total:8.1f}")
+        report(rows, [s for s in args.steps.split(",") if s], args.n)
     return 0
 
 

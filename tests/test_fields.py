@@ -16,10 +16,18 @@ from douane import protocols
 from douane.config import ConfigError
 from douane.interaction import Interaction
 from douane.policy import engine, model
-from douane.protocols import jsonpath, streams
+from douane.protocols import fields, jsonpath, streams
 from douane.protocols.sse import SseParser
 from douane.recording.writer import recording_of
-from tests.test_protocols import ANTHROPIC, GENERIC, OPENAI, flow_for
+from tests.test_protocols import (
+    ANTHROPIC,
+    ANTHROPIC_REQUEST,
+    CHAT_REQUEST,
+    GENERIC,
+    OPENAI,
+    RESPONSES_REQUEST,
+    flow_for,
+)
 
 PHRASE = "project nightingale"
 B64 = base64.b64encode(PHRASE.encode()).decode()
@@ -438,3 +446,103 @@ def test_responses_lifecycle_events_echoing_the_request_are_not_filtered_again()
         "output": [], "error": {"message": "odd upstream text"}}})
     out = b"".join(rewriter(data)) + rewriter(b"")
     assert b"be brief" in out and b"finds things" in out and b"ODD UPSTREAM TEXT" in out
+
+
+# -- one walk of each body: every field read, each branch classified once -----------------------
+
+# Bodies with a field of every sort (named by the parsers or not, keys, nested, decoded tool
+# arguments, lists of lists), requests and answers of each protocol the walk serves.
+WALKED = {
+    "chat": (OPENAI, CHAT, {**CHAT_REQUEST, "metadata": {"ticket": "T-1", "tags": [["a", "b"]]},
+                            "response_format": {"type": "json_schema", "json_schema": {
+                                "name": "s", "schema": {"properties": {"q": {
+                                    "description": "what to ask"}}}}}}, {
+        "id": "c", "object": "chat.completion", "choices": [{"index": 0, "message": {
+            "role": "assistant", "content": "sunny", "tool_calls": [{
+                "id": "call_2", "type": "function", "function": {
+                    "name": "f", "arguments": json.dumps({"city": "Lyon", "days": ["mon"]})}}]},
+            "finish_reason": "stop"}], "usage": {"prompt_tokens": 1}}),
+    "responses": (OPENAI, RESPONSES, {**RESPONSES_REQUEST, "input": [
+        *RESPONSES_REQUEST["input"], {"type": "reasoning", "id": "rs", "summary": [
+            {"type": "summary_text", "text": "thought about it"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "earlier answer",
+                                           "annotations": [{"title": "a source"}]}]}]}, {
+        "id": "r", "object": "response", "output": [
+            {"type": "message", "role": "assistant", "content": [
+                {"type": "output_text", "text": "here", "annotations": []}]},
+            {"type": "function_call", "call_id": "c9", "name": "g",
+             "arguments": json.dumps({"deep": {"er": ["value in a list"]}})},
+            {"type": "web_search_call", "id": "ws", "action": {"query": "the search"}}]}),
+    "anthropic": (ANTHROPIC, MESSAGES, {**ANTHROPIC_REQUEST, "metadata": {"user_id": "u-7"}}, {
+        "id": "m", "type": "message", "role": "assistant", "content": [
+            {"type": "text", "text": "done", "citations": [{"cited_text": "quoted words"}]},
+            {"type": "tool_use", "id": "tu_2", "name": "find", "input": {"q": ["nested query"]}},
+            {"type": "server_tool_use", "id": "st", "name": "web_search",
+             "input": {"query": "server search"}}],
+        "stop_reason": "end_turn"}),
+    "generic": (GENERIC, "/generate", {"prompt": "hi", "messages": [{"content": "a"}],
+                                       "options": {"style": ["terse", {"tone": "dry"}]}},
+                {"output": {"text": "out", "extra": [{"note": "more"}]}}),
+}
+
+
+def _leaves(node, key=None):
+    """Every string of a document and every key, as a reader would list them (written apart
+    from the walk: a test of it, not a copy); a tool's JSON arguments string also as its keys
+    and its values joined (as the tool reads them, a phrase split across two values kept)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if (k, node.get("type")) in fields.OPAQUE:
+                continue
+            yield k
+            yield from _leaves(v, k)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _leaves(v, key)
+    elif isinstance(node, str) and node.startswith("data:"):  # a file: read is what it holds
+        yield node.partition(",")[2]
+    elif isinstance(node, str) and key == "arguments":
+        yield node
+        inside = list(_leaves(json.loads(node)))
+        keys = set(jsonpath.keys(json.loads(node)))
+        yield from keys
+        yield " ".join(s for s in inside if s not in keys)
+    elif isinstance(node, str):
+        yield node
+
+
+def _read(upstream, path, request, answer_doc):
+    f, it = answer(upstream, path, request, answer_doc)
+    return it
+
+
+@pytest.mark.parametrize("case", list(WALKED))
+def test_the_walk_reads_every_string_and_key_of_both_bodies(case):
+    """Fails if the walk skips a field: every string and key of the request and of the answer is
+    a text piece of its side, or a line of its piece of keys and ids."""
+    upstream, path, request, answer_doc = WALKED[case]
+    it = _read(upstream, path, request, answer_doc)
+    for doc, pieces in ((request, it.texts), (answer_doc, it.response_texts)):
+        read = {p.text for p in pieces} | {line for p in pieces if p.path == (fields.KEYS,)
+                                           for line in p.text.split("\n")}
+        missed = [s for s in _leaves(doc) if s and s not in read]
+        assert not missed, missed
+
+
+@pytest.mark.parametrize("case", [*WALKED, *REQUEST_FIELDS])
+def test_a_branch_classified_once_reads_as_each_string_classified(case, monkeypatch):
+    """`cover(reads=...)` classifies what lies under a path once: the pieces (kind, role, text,
+    path, editable, order) are those of classifying every string and key where it sits."""
+    if case in WALKED:
+        upstream, path, request, answer_doc = WALKED[case]
+    else:
+        upstream, path, request, _ = REQUEST_FIELDS[case]
+        answer_doc = {"choices": [{"index": 0, "message": {"role": "assistant",
+                                                           "content": "x"}}]}
+    fast = _read(upstream, path, request, answer_doc)
+    cover = fields.cover
+    monkeypatch.setattr(fields, "cover", lambda it, doc, classify, side="request", reads=None:
+                        cover(it, doc, classify, side))
+    slow = _read(upstream, path, request, answer_doc)
+    assert fast.texts == slow.texts
+    assert fast.response_texts == slow.response_texts

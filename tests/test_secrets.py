@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import random
+import re
 import sys
 import urllib.parse
 from pathlib import Path
@@ -254,3 +256,24 @@ def test_encoded_content_holding_no_secret_is_no_secret(text):
     as written, as before)."""
     assert secrets.find(text, high_entropy=False) == []
     assert secrets.redact(text, high_entropy=False) == text
+
+
+# the percent-encoded runs' pattern before it was found through `_URL_RUN` (its scan retried
+# every position of every word): the reference the faster way must agree with
+PCT_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2}|[A-Za-z0-9._~+/=:-])*%[0-9A-Fa-f]{2}"
+                     r"(?:%[0-9A-Fa-f]{2}|[A-Za-z0-9._~+/=:-])*")
+
+
+def test_percent_runs_are_the_spans_of_the_one_pattern():
+    """Every run a single `%XX`-demanding pattern finds, and only those, on texts built of what
+    makes the runs ambiguous: `%` before hex or not, `%%41`, `%4%41`, URL characters, spaces."""
+    rng = random.Random(18)
+    alphabet = ["%", "%4", "%41", "%e9", "%zz", "a", "Z", "9", "-", ".", "~", "/", ":", " ",
+                "\n", "é", '"', "%%", "=", "q"]
+    texts = ["see https://example.com/search?q=caf%C3%A9%20au%20lait&page=2", "100% sure",
+             "%%41", "%4%41", "a%41%", "%41", "x" * 50 + "%20"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+              for _ in range(3000)]
+    for text in texts:
+        expected = [m.span() for m in PCT_RUN.finditer(text)]
+        assert [m.span() for m, _ in secrets._percent_runs(text)] == expected, text

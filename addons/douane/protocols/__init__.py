@@ -175,7 +175,7 @@ def _parse_request(upstream: Upstream, flow: http.HTTPFlow, granted: bool) -> In
                                 f"{req.method} {path[:200]} and no grant names it")
         it = Interaction(upstream.protocol, f"{req.method} {path}", granted=True)
         if req.raw_content:
-            fields.cover(it, document(flow, "request"), lambda p: ("prompt", "user"))
+            fields.cover(it, document(flow, "request"), lambda p: ("prompt", "user"), reads=0)
         return it
     if endpoint == WEBSOCKET or (upstream.protocol == "mcp" and req.method != "POST"):
         if req.raw_content:
@@ -216,7 +216,7 @@ def parse_response(upstream: Upstream, flow: http.HTTPFlow, it: Interaction) -> 
         if ctype != "application/json" and not ctype.endswith("+json"):
             return False
         fields.cover(it, document(flow, "response"),
-                     lambda p: ("completion", "assistant"), "response")
+                     lambda p: ("completion", "assistant"), "response", 0)
         return True
     doc = document(flow, "response")
     if flow.response.status_code >= 400:

@@ -68,7 +68,7 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
         elif tool.get("type") != "mcp_toolset":  # an mcp_servers entry's tools, granted by URL
             it.hosted_tools.append(hosted_tool(tool.get("type")))
     it.mcp_servers += [mcp_server(server.get("url")) for server in _list(doc, "mcp_servers")]
-    fields.cover(it, doc, _kind(doc, "prompt"))
+    fields.cover(it, doc, _kind(doc, "prompt"), reads=4)
     return it
 
 
@@ -144,7 +144,7 @@ def parse_response(doc: Any, it: Interaction) -> None:
             it.response_texts += [TextPiece("tool_arguments", "assistant", text, path)
                                   for path, text in jsonpath.strings(block.get("input"),
                                                                      ("content", j, "input"))]
-    fields.cover(it, doc, _kind(doc, "completion"), "response")
+    fields.cover(it, doc, _kind(doc, "completion"), "response", 4)
 
 
 # content_block_delta types that stream a block's text: type -> (field, kind)

@@ -71,7 +71,8 @@ TEXT_TYPES = ("text/", "application/json", "application/xml", "application/csv",
 # path steps of text that is not at a JSON path
 DECODED, JSON_STRING, KEYS = "<decoded>", "<json>", "<keys and ids>"
 
-Classify = Callable[[JsonPath], tuple[Kind, Role | None]]
+Classified = tuple[Kind, Role | None]
+Classify = Callable[[JsonPath], Classified]
 ESCAPE = re.compile(r'\\(?:u([0-9a-fA-F]{4})|(["\\/bfnrt]))')
 ESCAPED = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
@@ -122,6 +123,7 @@ def escape_tail(json_text: str) -> int:
 class _Walk:
     classify: Classify
     named: dict[JsonPath, TextPiece]
+    reads: int | None  # `classify` reads at most this many steps of a path (None: unknown)
     text: list[TextPiece] = field(default_factory=list)  # free text, in document order
     # keys and structural values, by kind: one piece per kind (many short strings would make as
     # many pieces, each paying the detectors' fixed cost; they are never edited anyway)
@@ -142,7 +144,7 @@ class _Walk:
         self.counted(len(tail) - before)
 
     def add(self, path: JsonPath, text: str, editable: bool, tail: bool,
-            classify_at: JsonPath | None = None) -> TextPiece | None:
+            fixed: Classified | None, classify_at: JsonPath | None = None) -> TextPiece | None:
         self.count += 1
         if self.count > MAX_STRINGS:
             self.counted(0)
@@ -152,7 +154,8 @@ class _Walk:
             return named
         if not text:
             return None
-        kind, role = self.classify(classify_at if classify_at is not None else path)
+        kind, role = fixed if fixed is not None else \
+            self.classify(classify_at if classify_at is not None else path)
         if tail:
             self.tail.setdefault(kind, []).append(text)
             return None
@@ -161,11 +164,14 @@ class _Walk:
         return piece
 
 
-def cover(it: Interaction, doc: Any, classify: Classify, side: str = "request") -> None:
-    """Every string of `doc` as a text piece of `it` (the parsers' named pieces kept, in place)."""
+def cover(it: Interaction, doc: Any, classify: Classify, side: str = "request",
+          reads: int | None = None) -> None:
+    """Every string of `doc` as a text piece of `it` (the parsers' named pieces kept, in place).
+    `reads`: `classify` reads at most the first `reads` steps of a path, so what lies deeper is
+    classified once, where its branch reaches that depth (not once per string and object)."""
     pieces = it.texts if side == "request" else it.response_texts
-    walk = _Walk(classify, {p.path: p for p in pieces})
-    _node(walk, doc, (), None, {}, 0)
+    walk = _Walk(classify, {p.path: p for p in pieces}, reads)
+    _node(walk, doc, (), None, {}, 0, None)
     pieces[:] = [*walk.text, *walk.named.values(),
                  *(TextPiece(kind, None, "\n".join(texts), (KEYS,), False)
                    for kind, texts in walk.tail.items())]
@@ -272,12 +278,16 @@ def _type(node: dict[str, Any]) -> str | None:
 
 
 def _node(walk: _Walk, node: Any, path: JsonPath, key: str | None, parent: dict[str, Any],
-          depth: int) -> None:
+          depth: int, fixed: Classified | None) -> None:
+    """`fixed`: what everything under `path` is classified as, once known (`cover`'s `reads`)."""
     if depth > MAX_DEPTH:
         raise ProtocolError(400, "too_deep", f"the body nests deeper than {MAX_DEPTH} levels; "
                             "douane refuses what it cannot inspect whole")
+    if fixed is None and walk.reads is not None and depth >= walk.reads:
+        fixed = walk.classify(path)
     if isinstance(node, dict):
-        walk.keys(walk.classify(path)[0], node)  # keys are read where their object sits
+        # keys are read where their object sits
+        walk.keys((fixed if fixed is not None else walk.classify(path))[0], node)
         kind = _type(node)
         if kind in MEDIA_PARTS:
             walk.media = True
@@ -287,22 +297,24 @@ def _node(walk: _Walk, node: Any, path: JsonPath, key: str | None, parent: dict[
             # most values: no call to learn what they are (past the depth bound, _node refuses)
             if depth < MAX_DEPTH and type(v) in SCALARS:
                 if type(v) is str:
-                    _string(walk, v, (*path, k), k, node, depth + 1)
+                    _string(walk, v, (*path, k), k, node, depth + 1, fixed)
             else:
-                _node(walk, v, (*path, k), k, node, depth + 1)
+                _node(walk, v, (*path, k), k, node, depth + 1, fixed)
     elif isinstance(node, list):
         for i, v in enumerate(node):
             if depth < MAX_DEPTH and type(v) in SCALARS:
                 if type(v) is str:
-                    _string(walk, v, (*path, i), key, parent, depth + 1)
+                    _string(walk, v, (*path, i), key, parent, depth + 1, fixed)
             else:
-                _node(walk, v, (*path, i), key, parent, depth + 1)
+                _node(walk, v, (*path, i), key, parent, depth + 1, fixed)
     elif isinstance(node, str):
-        _string(walk, node, path, key, parent, depth)
+        _string(walk, node, path, key, parent, depth, fixed)
 
 
 def _string(walk: _Walk, text: str, path: JsonPath, key: str | None, parent: dict[str, Any],
-            depth: int) -> None:
+            depth: int, fixed: Classified | None) -> None:
+    if fixed is None and walk.reads is not None and depth >= walk.reads:
+        fixed = walk.classify(path)
     # (the test `_payload` starts with, to spare most strings a call)
     payload = _payload(text, key, parent) if key in ("data", "file_data") or \
         len(text) >= ENCODED or text[:1] in ("d", "D") else None
@@ -312,11 +324,11 @@ def _string(walk: _Walk, text: str, path: JsonPath, key: str | None, parent: dic
         if decoded is None:
             walk.media = True
         else:
-            walk.add((*path, DECODED), decoded, False, False, path)
+            walk.add((*path, DECODED), decoded, False, False, fixed, path)
         if path in walk.named or decoded is None and len(text) < ENCODED:
-            walk.add(path, text, False, False)  # named as text, or too short to be a real file
+            walk.add(path, text, False, False, fixed)  # named as text, or too short to be a file
         return
-    piece = walk.add(path, text, key not in STRUCTURAL, key in STRUCTURAL)
+    piece = walk.add(path, text, key not in STRUCTURAL, key in STRUCTURAL, fixed)
     if key == "arguments":
         try:
             decoded_args = _ARGUMENTS.decode(text)
@@ -326,23 +338,24 @@ def _string(walk: _Walk, text: str, path: JsonPath, key: str | None, parent: dic
             piece.text = readable(piece.text)  # masked as the tool will read it
         if isinstance(decoded_args, dict | list):
             values: list[str] = []
-            _arguments(walk, decoded_args, values, path, depth + 1)
-            walk.add((*path, JSON_STRING), " ".join(values), False, False, path)
+            kind = (fixed if fixed is not None else walk.classify(path))[0]
+            _arguments(walk, decoded_args, values, kind, depth + 1)
+            walk.add((*path, JSON_STRING), " ".join(values), False, False, fixed, path)
 
 
-def _arguments(walk: _Walk, node: Any, values: list[str], at: JsonPath, depth: int) -> None:
+def _arguments(walk: _Walk, node: Any, values: list[str], kind: Kind, depth: int) -> None:
     """Decoded tool arguments: the values in order, joined into one text (a phrase split across
-    two stays adjacent), keys with the other keys; classified where the arguments string sits,
+    two stays adjacent), keys with the other keys (of `kind`: where the arguments string sits),
     never edited in place."""
     if depth > MAX_DEPTH:
         raise ProtocolError(400, "too_deep", f"tool arguments nest deeper than {MAX_DEPTH} levels")
     if isinstance(node, dict):
-        walk.keys(walk.classify(at)[0], node)
+        walk.keys(kind, node)
         for v in node.values():
-            _arguments(walk, v, values, at, depth + 1)
+            _arguments(walk, v, values, kind, depth + 1)
     elif isinstance(node, list):
         for v in node:
-            _arguments(walk, v, values, at, depth + 1)
+            _arguments(walk, v, values, kind, depth + 1)
     elif isinstance(node, str):
         walk.counted()
         values.append(node)

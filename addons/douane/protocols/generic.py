@@ -17,7 +17,7 @@ def parse_request(doc: Any, upstream: Upstream, endpoint: str) -> Interaction:
     for pattern in upstream.request_text_paths:
         it.texts += [TextPiece("prompt", "user", text, path)
                      for path, text in jsonpath.expand(doc, pattern)]
-    fields.cover(it, doc, lambda path: ("prompt", "user"))
+    fields.cover(it, doc, lambda path: ("prompt", "user"), reads=0)
     return it
 
 
@@ -25,4 +25,4 @@ def parse_response(doc: Any, upstream: Upstream, it: Interaction) -> None:
     for pattern in upstream.response_text_paths:
         it.response_texts += [TextPiece("completion", "assistant", text, path)
                               for path, text in jsonpath.expand(doc, pattern)]
-    fields.cover(it, doc, lambda path: ("completion", "assistant"), "response")
+    fields.cover(it, doc, lambda path: ("completion", "assistant"), "response", 0)

@@ -46,7 +46,7 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
         it.spoken = doc.get("audio") is not None or isinstance(modalities, list) and \
             "audio" in modalities
         it.has_media = it.has_media or it.spoken
-        fields.cover(it, doc, _chat_kind(doc))
+        fields.cover(it, doc, _chat_kind(doc), reads=3)
     elif endpoint == "responses":
         it = Interaction("openai", "responses")
         if doc.get("prompt") is not None:
@@ -55,7 +55,7 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
             raise ProtocolError(403, "stored_prompt", STORED_PROMPT, it)
         _responses_input(doc, it)
         offered_tools(it, doc, chat=False)
-        fields.cover(it, doc, _responses_kind(doc))
+        fields.cover(it, doc, _responses_kind(doc), reads=3)
     elif endpoint in ("embeddings", "completions", "moderations"):
         it = Interaction("openai", endpoint)
         key = "prompt" if endpoint == "completions" else "input"
@@ -65,7 +65,7 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
         elif isinstance(value, list):
             it.texts += [TextPiece("prompt", "user", v, (key, i))
                          for i, v in enumerate(value) if isinstance(v, str)]
-        fields.cover(it, doc, lambda path: ("prompt", "user"))
+        fields.cover(it, doc, lambda path: ("prompt", "user"), reads=0)
     else:
         raise ProtocolError(403, "endpoint_not_governed",
                             f"douane does not inspect POST /{endpoint} and refuses it")
@@ -283,7 +283,7 @@ def parse_response(doc: Any, it: Interaction) -> None:
             if isinstance(choice.get("text"), str):
                 it.response_texts.append(TextPiece("completion", "assistant", choice["text"],
                                                    ("choices", i, "text")))
-    fields.cover(it, doc, _answer_kind(doc, it.operation), "response")
+    fields.cover(it, doc, _answer_kind(doc, it.operation), "response", 4)
 
 
 def _answer_kind(doc: dict[str, Any], operation: str) -> fields.Classify:
