@@ -62,6 +62,8 @@ class Objects:
             else:
                 self.known[m[1]].append(f"{prefix}_{n}")
                 doc = {"id": self.known[m[1]][-1], "object": kind, "created_at": 0}
+                if "vector_stores" in str(req.get("tool_resources")):  # made for it
+                    doc["tool_resources"] = {"file_search": {"vector_store_ids": [f"vs_{n}"]}}
         elif path.endswith("/runs") and method == "POST":  # a thread's run, or an eval's
             thread = path.split("/")[3] if "/threads/" in path and path != "/v1/threads/runs" \
                 else f"thread_{n}"
@@ -148,6 +150,9 @@ def test_no_operation_of_theirs_passes_ungranted(gw, upstream, issuer):
 def test_assistants_and_threads_are_their_users(gw, upstream, users):
     alice, bob = (client(gw, t) for t in users)
     assistant = alice.beta.assistants.create(model="m").id  # issued: hers
+    searching = alice.beta.assistants.create(model="m", tool_resources={"file_search": {
+        "vector_stores": [{"file_ids": []}]}})  # a vector store made for it: hers
+    made_store = searching.tool_resources.file_search.vector_store_ids[0]
     thread = alice.beta.threads.create().id
     made = alice.beta.threads.create_and_run(assistant_id=assistant).thread_id  # made: hers
     assert alice.beta.threads.runs.create(thread, assistant_id=assistant).thread_id == thread
@@ -162,13 +167,16 @@ def test_assistants_and_threads_are_their_users(gw, upstream, users):
             (lambda: bob.beta.threads.runs.create(made, assistant_id="asst_bobs"),
              "owner.thread", "the path"),
             (lambda: bob.beta.threads.runs.steps.list("run_1", thread_id=thread),
-             "owner.thread", "the path")]
+             "owner.thread", "the path"),
+            (lambda: bob.beta.threads.create(tool_resources={"file_search": {
+                "vector_store_ids": [made_store]}}), "owner.vector_store",
+             "tool_resources.file_search.vector_store_ids[0]")]
     for use, rule, where in uses:
         record = refused(gw, upstream, use, rule, "issued to another user")
         assert where in record["reasons"][0]["message"], record
     # hers pass; listings are the caller's own (an assistant nobody named yet is nobody's)
     assert alice.beta.threads.runs.steps.list("run_1", thread_id=thread).data
-    assert [a.id for a in alice.beta.assistants.list().data] == [assistant]
+    assert {a.id for a in alice.beta.assistants.list().data} == {assistant, searching.id}
     assert bob.beta.assistants.list().data == []
     # one from before douane: the first user the upstream answers it for adopts it
     assert bob.beta.assistants.retrieve("asst_old").id == "asst_old"

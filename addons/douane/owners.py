@@ -177,7 +177,8 @@ CREATES = re.compile(r"/(conversations|containers|vector_stores|batches|uploads|
                      re.IGNORECASE)
 CONVERSATION_ITEMS = re.compile(r"/conversations/[^/]+/items(/[^/]+)?/?$", re.IGNORECASE)
 # What an answer says was made for the caller, by its `object`: the files of a batch, an upload
-# or a fine-tuning job; a run's thread (`POST /v1/threads/runs` makes one).
+# or a fine-tuning job; a run's thread (`POST /v1/threads/runs` makes one). (An assistant's or a
+# thread's vector stores too: `_granted_issued`.)
 MADE = {"batch": ("files", ("output_file_id", "error_file_id")), "upload": ("files", ("file",)),
         "fine_tuning.job": ("files", ("result_files",)), "thread.run": ("threads", ("thread_id",))}
 
@@ -507,6 +508,10 @@ def _granted_issued(flow: http.HTTPFlow) -> list[tuple[str, list[Any]]]:
         made = doc.get(field)
         issued.append((kind, made if isinstance(made, list) else
                        [made.get("id") if isinstance(made, dict) else made]))
+    if method != "DELETE" and doc.get("object") in ("assistant", "thread"):
+        # the vector stores `tool_resources.file_search.vector_stores` asked it to make
+        stores = _dig(doc, "tool_resources", "file_search", "vector_store_ids")
+        issued.append(("vector_stores", stores if isinstance(stores, list) else []))
     if method != "DELETE" and CONVERSATION_ITEMS.search(path):
         data = doc.get("data")
         issued.append(("items", [i.get("id") for i in data if isinstance(i, dict)]
