@@ -10,6 +10,7 @@ Also proven elsewhere (cited in docs/security.md): an undeclared host over HTTPS
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import socket
@@ -232,6 +233,48 @@ def test_host_header_inside_a_declared_tunnel_cannot_reach_another_server(gw, ll
     assert other.requests == []
     assert status_of(resp) == 200 and len(llm.requests) == before + 1
     assert llm.requests[-1].headers["host"] == f"localhost:{llm.port}"
+
+
+def test_a_connect_inside_a_declared_tunnel_is_refused_with_a_record(gw, llm, other, token):
+    """mitmproxy answered a CONNECT inside a tunnel with its own HTML 400: no decision id, no
+    audit record. Now douane's refusal, in the API's shape, recorded."""
+    authority = f"localhost:{llm.port}".encode()
+    inner = f"127.0.0.1:{other.port}".encode()
+    before = len(llm.requests)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        sock.sendall(b"CONNECT " + authority + b" HTTP/1.1\r\nHost: " + authority + b"\r\n"
+                     + proxy_auth(token) + b"\r\n")
+        assert status_of(sock.recv(65536)) == 200
+        sock.sendall(b"CONNECT " + inner + b" HTTP/1.1\r\nHost: " + inner + b"\r\n\r\n"
+                     b"POST /v1/chat/completions HTTP/1.1\r\nHost: " + inner
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                     + str(len(CHAT)).encode() + b"\r\n\r\n" + CHAT)
+        resp = b""
+        with contextlib.suppress(TimeoutError):
+            while chunk := sock.recv(65536):
+                resp += chunk
+    assert status_of(resp) == 400 and b"nested_connect" in resp, resp[:300]
+    assert other.requests == [] and len(llm.requests) == before
+    record = gw.audit_record(header_of(resp, "x-douane-decision-id"))
+    assert record["action"] == "refuse" and record["status"] == 400
+    assert record["reasons"][0]["rule"] == "protocol.nested_connect"
+    assert record["method"] == "CONNECT" and record["path"] == inner.decode()
+
+
+def test_a_smuggling_refusal_is_douanes_with_a_record(gw, llm, token):
+    """mitmproxy's own 400 for framing it reads but will not pass (Content-Length beside
+    Transfer-Encoding; other framings fail its head reader: `protocol.bad_head`) is douane's
+    refusal now, with a decision id and a record."""
+    framing = b"Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    before = len(llm.requests)
+    target = f"http://localhost:{llm.port}/v1/chat/completions".encode()
+    resp = raw(gw, b"POST " + target + b" HTTP/1.1\r\nHost: localhost\r\n" + proxy_auth(token)
+               + b"Content-Type: application/json\r\n" + framing)
+    assert status_of(resp) == 400 and b"invalid_request" in resp, resp[:300]
+    assert len(llm.requests) == before
+    record = gw.audit_record(header_of(resp, "x-douane-decision-id"))
+    assert record["reasons"][0]["rule"] == "protocol.invalid_request", record
+    assert record["path"] == "/v1/chat/completions"
 
 
 def refused_here(gw: Gateway, llm: FakeUpstream, before: int, resp: bytes, status: int) -> dict:

@@ -13,6 +13,8 @@ Why this touches mitmproxy:
   read) reached no hook, so it had no decision id and no audit record. It is answered in the API
   error shape with a decision id, and `DouaneHeadRefusedHook` hands the audit trail its record
   (nobody authenticated: the peer's address, the method and path if the request line was read).
+  So is mitmproxy's 400 for a request it read but will not pass (a CONNECT inside a tunnel,
+  Content-Length beside Transfer-Encoding, no Host): its HTML in place of any hook's answer.
 - What an upstream sends is buffered the same way: an answer's head until its blank line, a
   chunk-size line or trailer section until its end. Past `MAX_BUFFERED` bytes the upstream's
   connection is closed; a head that never ended becomes an empty answer marked `cut_short`, which
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 
 import h11
 from mitmproxy import http
+from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
@@ -52,10 +55,13 @@ from mitmproxy.proxy.layers.http._http1 import (
 from douane.flowstate import new_decision_id
 from douane.protocols import mitmpatch
 from douane.refusals import make_response
+from douane.untrusted import loggable
 
 MAX_BUFFERED = 256 * 1024  # bytes of a connection buffered (a 40 KB token fits a head)
 REQUEST_LINE = 8192  # bytes of a refused head read for its method and path (mitmproxy's limit)
 UPSTREAM_OVERFLOW = "douane: the upstream sent more than"  # its answer's error, audited
+# mitmproxy's refusals of a request it read (its own HTML 400): douane's in their place
+INVALID = (ErrorCode.REQUEST_VALIDATION_FAILED, ErrorCode.DESTINATION_UNKNOWN)
 # sha256 of the source of each function wrapped
 EXPECTED = {
     "read_body": "aece271029af36e4b7eaf84aa17ddcf4ee0efb35e7f04c842c2a7333804a71f1",
@@ -124,6 +130,11 @@ def read_body(self: Http1Connection, event: events.Event) -> layer.CommandGenera
 
 
 def handle_event(self: Http1Connection, event: events.Event) -> layer.CommandGenerator[None]:
+    if isinstance(event, ResponseProtocolError) and event.code in INVALID and \
+            isinstance(self, Http1Server) and not self.response and self.request and \
+            self.conn.state & ConnectionState.CAN_WRITE:
+        yield from _refuse_invalid(self, event)
+        return
     if getattr(self.state, "__func__", None) is Http1Server.read_headers and \
             isinstance(event, events.DataReceived):
         # a head's first bytes, for a refusal's record (kept once per head, not copied per read)
@@ -189,6 +200,32 @@ def _refuse_head(self: Http1Connection, start: bytes, status: int, rule: str, co
     peer = self.conn.peername
     yield DouaneHeadRefusedHook(HeadRefusal(decision_id, peer[0] if peer else None, status, rule,
                                             message, method, path))
+
+
+def _refuse_invalid(self: Http1Server, event: ResponseProtocolError
+                    ) -> layer.CommandGenerator[None]:
+    """mitmproxy's own HTML 400 for a request it would not pass (a CONNECT inside a tunnel, a
+    smuggling check, no Host), before any douane hook could see it: douane's refusal instead,
+    with its record."""
+    assert self.request
+    request = self.request
+    if request.method == "CONNECT":
+        rule, code, message = ("protocol.nested_connect", "nested_connect",
+                               "a CONNECT inside a tunnel is refused: douane governs the "
+                               "tunnel's own requests")
+        path = request.authority or None
+    else:
+        rule, code, message = ("protocol.invalid_request", "invalid_request",
+                               f"refused: {loggable(event.message, 200)}")
+        path = request.path.split("?")[0]
+    decision_id = new_decision_id()
+    response = make_response("generic", 400, message, code=code, decision_id=decision_id,
+                             headers={"connection": "close"})
+    yield commands.SendData(self.conn, http1.assemble_response(response))
+    yield commands.CloseConnection(self.conn)
+    peer = self.conn.peername
+    yield DouaneHeadRefusedHook(HeadRefusal(decision_id, peer[0] if peer else None, 400, rule,
+                                            message, request.method[:20], path))
 
 
 def _upstream_overflow(self: Http1Client, in_head: bool) -> layer.CommandGenerator[None]:
