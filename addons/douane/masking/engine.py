@@ -24,6 +24,7 @@ Offline: tldextract uses its bundled public-suffix snapshot, never the network.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -80,13 +81,16 @@ DIGITS = re.compile(r"\d")
 COLON = re.compile(":")
 # two colons with at most 4 hex digits between: every IPv6 form ("::1", the full 8 groups, mapped)
 IPV6_SHAPE = re.compile(r"[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:")
+DOTTED_QUAD = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 # entity -> a cheap test a text must pass for that entity's recogniser to run
 PREFILTERS = {
     "EMAIL_ADDRESS": lambda t, d: "@" in t,
     "PHONE_NUMBER": lambda t, d: d >= 7,
     "CREDIT_CARD": lambda t, d: d >= 12,
     "US_SSN": lambda t, d: d >= 9,
-    "IP_ADDRESS": lambda t, d: (d >= 4 and "." in t) or IPV6_SHAPE.search(t) is not None,
+    # every IPv4 form (plain, mapped, embedded) holds a dotted quad, every IPv6 form its shape
+    "IP_ADDRESS": lambda t, d: (d >= 4 and DOTTED_QUAD.search(t) is not None)
+    or IPV6_SHAPE.search(t) is not None,
     "IBAN_CODE": lambda t, d: d >= 8,
     # none for NER: whether spaCy runs must not hang on a word anywhere in the text (a capital
     # letter), or a stream's window and the whole answer would decide a name differently
@@ -102,7 +106,6 @@ CARD_NUMBER = (r"\b(?!1\d{12}(?!\d))((4\d{3})|(5[0-5]\d{2})|(2[2-7]\d{2})|(6\d{3
 # what a phone-number match must not be: part of a stricter value, a dotted quad, a clock's
 # fraction (`23:52:05.939088`), an epoch timestamp (10 bare digits from 1: no area code starts so)
 NOT_PHONE_INSIDE = ("IP_ADDRESS", "US_SSN", "CREDIT_CARD", "IBAN_CODE")
-DOTTED_QUAD = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 EPOCH = re.compile(r"1\d{9}")
 
 
@@ -321,9 +324,9 @@ class TokenVectors:
         W, b, nO, nP, G, beta = layer
         Y = np.matmul(X, W)
         Y += b
-        best = Y[:, :nO]
+        best = Y[:, :nO]  # (the first piece's columns of Y, read no more once compared)
         for piece in range(1, nP):
-            best = np.maximum(best, Y[:, piece * nO:(piece + 1) * nO])
+            np.maximum(best, Y[:, piece * nO:(piece + 1) * nO], out=best)
         # Y.mean and Y.var as numpy computes them (`_methods._mean`, `_var`: a sum, divided by
         # the count as a numpy integer), the mean once: the wrappers cost as much for a few rows
         count = np.intp(best.shape[1])
@@ -333,10 +336,10 @@ class TokenVectors:
         var = np.add.reduce(np.square(centred), axis=1, keepdims=True)
         np.true_divide(var, count, out=var, casting="unsafe")
         var += 1e-08
-        Y = centred * var ** (-1.0 / 2.0)
-        Y *= G
-        Y += beta
-        return Y
+        centred *= var ** (-1.0 / 2.0)
+        centred *= G
+        centred += beta
+        return centred
 
     def embed(self, features):
         """Each token's embedding from its four features (rows of uint64)."""
@@ -370,14 +373,23 @@ class TokenVectors:
         import numpy as np
         from spacy.attrs import NORM, PREFIX, SHAPE, SUFFIX
 
-        vectors = [self.embed(doc.to_array([NORM, PREFIX, SUFFIX, SHAPE]).astype("uint64")
-                              .reshape((-1, 4))) if len(doc) else np.zeros((0, self.table.shape[1]), "float32")
-                   for doc in docs]
-        lengths = self.ops.asarray1i([len(v) for v in vectors])
-        X = self.ops.flatten(vectors, pad=self.pad)
+        # the docs' rows one after the other, `pad` zero rows before, between and after them
+        # (thinc's `flatten` with `pad`, empty docs left out), then only the docs' rows kept
+        # (`unflatten` then `flatten`): one array and one index, not a list of arrays
+        pad, rows, end = self.pad, [], self.pad
+        X = np.zeros((sum(len(doc) + pad for doc in docs) + pad, self.table.shape[1]),
+                     "float32")
+        for doc in docs:
+            if len(doc):
+                X[end:end + len(doc)] = self.embed(doc.to_array(
+                    [NORM, PREFIX, SUFFIX, SHAPE]).astype("uint64").reshape((-1, 4)))
+                rows.append((end, end + len(doc)))
+                end += len(doc) + pad
+        X = X[:end]
         for layer in self.layers[1:]:
-            X = X + self._maxout_norm(self.ops.seq2col(X, 1), layer)
-        X = self.ops.flatten(self.ops.unflatten(X, lengths, pad=self.pad))
+            X += self._maxout_norm(self.ops.seq2col(X, 1), layer)
+        X = X[rows[0][0]:rows[0][1]] if len(rows) == 1 else X[np.concatenate(
+            [np.arange(start, stop) for start, stop in rows] or [np.arange(0)])]
         W, b = self.linear
         Y = np.matmul(X, W)
         Y += b
@@ -673,6 +685,7 @@ class Analyzer:
                                      supported_languages=["en"],
                                      context_aware_enhancer=context_enhancer())
         self.learning = True  # words read are kept in spaCy's vocabulary (see `detections`)
+        self.ner = bool(ner and settings.model)  # whether spaCy's pipeline runs past tokens
         self.recognizers = {e: [r for r in registry.recognizers if e in r.supported_entities]
                             for e in self.entities}
 
@@ -728,9 +741,16 @@ class Analyzer:
         nlp = self.nlp_engine.nlp["en"]
         self.learning = self.learning and len(nlp.vocab) < VOCABULARY
         with contextlib.nullcontext() if self.learning else nlp.memory_zone():
-            artifacts = self.nlp_engine.process_batch([texts[i] for i in todo], language="en",
-                                                      batch_size=max(1, len(todo)))
-            for i, (_, nlp_artifacts) in zip(todo, artifacts, strict=True):
+            docs = [nlp.make_doc(texts[i]) for i in todo]
+            # the pipeline (NER) run on the batch as `nlp.pipe` runs it, without its and
+            # Presidio's per-call work (~0.1 ms), and not on a text without a word of letters:
+            # `refine` drops every name or place without one
+            named = [d for d, i in zip(docs, todo, strict=True)
+                     if self.ner and LETTERS_WORD.search(texts[i])]
+            for _, component in nlp.pipeline if named else ():
+                collections.deque(component.pipe(named, batch_size=len(named)), maxlen=0)
+            for i, doc in zip(todo, docs, strict=True):
+                nlp_artifacts = self.nlp_engine._doc_to_nlp_artifact(doc, "en")
                 results = self.presidio(texts[i], candidates[i], nlp_artifacts)
                 out[i] = refine(texts[i], [Span(r.start, r.end, r.entity_type, r.score)
                                            for r in results])

@@ -129,10 +129,11 @@ def find(text: str, entities: set[str]) -> Iterator[tuple[int, int, str]]:
             if entity in entities and _shaped(entity, m.group("v").strip()):
                 start = m.start("v")
                 yield start, start + len(m.group("v").strip()), entity
+    lines = "\n" in text  # a sign-off's name and a table's rows follow a line break
     if "PERSON" in entities:
-        for pattern in (GREETING, SIGN_OFF):
+        for pattern in (GREETING, SIGN_OFF) if lines else (GREETING,):
             for m in pattern.finditer(text):
                 yield m.start("v"), m.end("v"), "PERSON"
-    for start, end, entity in _tables(text):
+    for start, end, entity in _tables(text) if lines else ():
         if entity in entities:
             yield start, end, entity
