@@ -180,8 +180,16 @@ class MessagesStream(StreamFormat):
     def whole_items(self, doc: Any) -> list[TextPiece]:
         """A remote MCP server's blocks (`mcp_tool_use` with its `server_name`, an
         `mcp_tool_result`), whole (their `content_block_start`, or `message_start`)."""
-        blocks = fields.typed_objects(doc, MCP_BLOCKS) if isinstance(doc, dict) and \
-            doc.get("type") in ("content_block_start", "message_start") else []
+        kind = doc.get("type") if isinstance(doc, dict) else None
+        if kind == "content_block_start":
+            found = [doc.get("content_block")]
+        elif kind == "message_start":
+            content = doc["message"].get("content") if isinstance(doc.get("message"), dict) \
+                else None
+            found = content if isinstance(content, list) else []
+        else:
+            return []
+        blocks = [b for b in found if isinstance(b, dict) and b.get("type") in MCP_BLOCKS]
         if not blocks:
             return []
         it = Interaction("anthropic", "messages")

@@ -192,19 +192,6 @@ def named_calls(node: Any, types: tuple[str, ...], depth: int = 0) -> list[tuple
     return own + [n for v in node.values() for n in named_calls(v, types, depth + 1)]
 
 
-def typed_objects(node: Any, types: tuple[str, ...], depth: int = 0) -> list[dict[str, Any]]:
-    """The objects of one of `types` anywhere in a stream event (not looked into)."""
-    if depth > MAX_DEPTH:  # (the event's strays walk refuses deeper ones)
-        return []
-    if isinstance(node, list):
-        return [o for v in node for o in typed_objects(v, types, depth + 1)]
-    if not isinstance(node, dict):
-        return []
-    if node.get("type") in types:
-        return [node]
-    return [o for v in node.values() for o in typed_objects(v, types, depth + 1)]
-
-
 def strays(doc: Any, claimed: set[JsonPath]) -> list[tuple[JsonPath, str]]:
     """The free-text strings of one stream event that no delta or recap claims (a claimed path
     claims what is under it): a stream format names the fields it knows, and everything else

@@ -428,8 +428,6 @@ STREAMED: dict[str, tuple[str, Kind]] = {
 # Output items that call a tool by name
 CALL_ITEMS = ("function_call", "custom_tool_call", "mcp_call", "mcp_approval_request")
 MCP_ITEMS = ("mcp_call", "mcp_list_tools", "mcp_approval_request")  # a remote MCP server's
-ITEM_EVENTS = frozenset({"response.output_item.added", "response.output_item.done",
-                         "response.completed", "response.incomplete", "response.failed"})
 ITEM_ARGUMENTS = {"function_call": "arguments", "custom_tool_call": "input",
                   "mcp_call": "arguments", "code_interpreter_call": "code"}
 
@@ -501,8 +499,16 @@ class ResponsesStream(StreamFormat):
         """A remote MCP server's items (`mcp_call` with its `server_label`, `mcp_list_tools`
         with its tools' names, an approval request), whole wherever they are (added, done, the
         completed response)."""
-        items = fields.typed_objects(doc, MCP_ITEMS) if isinstance(doc, dict) and \
-            doc.get("type") in ITEM_EVENTS else []
+        kind = doc.get("type") if isinstance(doc, dict) else None
+        if kind in ("response.output_item.added", "response.output_item.done"):
+            found = [doc.get("item")]
+        elif kind in ("response.completed", "response.incomplete", "response.failed"):
+            output = doc["response"].get("output") if isinstance(doc.get("response"), dict) \
+                else None
+            found = output if isinstance(output, list) else []
+        else:
+            return []
+        items = [i for i in found if isinstance(i, dict) and i.get("type") in MCP_ITEMS]
         if not items:
             return []
         it = Interaction("openai", "responses")
