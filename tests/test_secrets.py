@@ -277,3 +277,29 @@ def test_percent_runs_are_the_spans_of_the_one_pattern():
     for text in texts:
         expected = [m.span() for m in PCT_RUN.finditer(text)]
         assert [m.span() for m, _ in secrets._percent_runs(text)] == expected, text
+
+
+@pytest.mark.parametrize("from_hints_only", [False, True])
+def test_a_scan_from_the_hints_finds_what_the_patterns_scan_finds(from_hints_only, monkeypatch):
+    """`_scan` tries a kind's pattern only from `lead` characters before each of its hints: on
+    texts made of the pieces its patterns hold (names, separators, values, schemes, ids) it
+    yields the matches the pattern's own scan yields, in order, for every kind with a lead
+    (`from_hints_only`: never the whole scan, however many hints)."""
+    if from_hints_only:
+        monkeypatch.setattr(secrets, "_TRIED_MOST", 1e-9)
+    rng = random.Random(1818)
+    parts = ["api_key", "API-KEY", "x-access-key", "SharedAccessKey", "secret", "token",
+             "tokenizer", "credential", "aws", "_", "AWS_SECRET_ACCESS_KEY", "password", "pwd",
+             "pass", "bypass", "bearer", "Basic", "basic", "https://", "u:", "@", "host",
+             "postgres://", "AKIA" + "Q" * 16, " ", "\n", "=", ": ", " is ", '"', "'", ",",
+             "Zq8xW3vB7nM2kL9pR4tY6uI1oP5aS0dF", "dXNlcjpwYXNz", "hunter2!", "42", "AbCd" * 5]
+    texts = ["".join(rng.choice(parts) for _ in range(rng.randint(1, 30))) for _ in range(2000)]
+    texts += ["the api_key=Zq8xW3vB7nM2kL9pR4tY6uI1oP5aS0dF token is x" * 40,  # many hints
+              "prose " * 3000 + "password: Hunter2!x " + "prose " * 100]  # few, far apart
+    kinds = [k for k in secrets.KINDS if k.lead is not None]
+    assert {k.rule.split(".")[-1] for k in kinds} >= {"credential", "password", "url_password"}
+    for text in texts:
+        for kind in kinds:
+            expected = [m.span() for m in kind.pattern.finditer(text)]
+            assert [m.span() for m in secrets._scan(kind, text, text.lower())] == expected, \
+                (kind.rule, text)
