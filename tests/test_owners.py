@@ -124,3 +124,22 @@ def test_a_binding_in_use_is_kept_past_the_ttl(tmp_path, monkeypatch):
         return got
 
     assert asyncio.run(run()) == ["ada", None]
+
+
+def test_a_claimed_binding_holds_in_the_process_at_once_and_in_the_store_once_written(tmp_path):
+    """What a stream's event issues is bound before the event leaves (`Bindings.claim`): this
+    process refuses another user at once, with no store round trip; the store holds it once
+    the write is done (another process then too)."""
+    async def run() -> tuple[list, list, list]:
+        b = bindings(tmp_path)
+        task = b.claim("srv", owners.MCP_STATE, ["\0state-1"], "ada")
+        now = await b.owners("srv", owners.MCP_STATE, ["\0state-1"])  # the cache: no await
+        assert not task.done()  # (the write has not even started)
+        await task
+        other = bindings(tmp_path)  # another process: the store's word
+        stored = await other.owners("srv", owners.MCP_STATE, ["\0state-1", "\0state-2"])
+        other.close()
+        b.close()
+        return now, stored, [task.exception()]
+
+    assert asyncio.run(run()) == (["ada"], ["ada", None], [None])

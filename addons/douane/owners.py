@@ -709,6 +709,10 @@ class StoredObjects:
         writes = self._state_writes.setdefault(flow, {})
 
         def bind(doc: Any) -> None:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # a stream that arrived whole, rewritten in a thread (server
+                return  # replay): nothing races it, its states are bound at its end
             issued = [d for _, msg in mcp.each(doc)
                       if (d := mcp.issued_state(msg, mcp.answered_method(it, msg)))]
             ids = [i for i in dict.fromkeys(_state_id(flow, d) for d in issued)
