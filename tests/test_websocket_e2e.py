@@ -414,3 +414,42 @@ def test_a_realtime_session_names_only_its_own_items(setup, issuer):
             other.close()
     finally:
         upstream.answer = None
+
+
+@pytest.fixture(scope="module")
+def quick(issuer, tmp_path_factory):
+    yield from realtime_gateway(issuer, tmp_path_factory.mktemp("websocket_deadline"),
+                                gateway={"timeouts": {"answer_silence": 2}})
+
+
+def test_an_upstream_silent_after_a_message_ends_the_session(quick, issuer):
+    """A WebSocket had no answer deadline: an upstream that received a message and then said
+    nothing held the session until mitmproxy's `tcp_timeout` (630 s). Now `answer_silence`
+    after the client's message the client gets the API's error event and both connections
+    close; the record says `upstream.timeout`. A client that is silent itself is not cut."""
+    gw, upstream = quick
+    client = connect(gw, issuer.mint("alice@corp.example", ["engineering"]))
+    time.sleep(4)  # both sides silent past answer_silence: a session waiting for its user
+    client.send(item("still there?"))
+    assert client.receive()["delta"] == upstream.reply
+    upstream.answer = lambda _message: None
+    try:
+        started = time.monotonic()
+        client.send(item("hello?"))
+        error = client.receive(timeout=30)
+        assert error is not None and error["type"] == "error", error
+        assert error["error"]["code"] == "upstream_timeout"
+        assert 2 <= time.monotonic() - started < 30
+        client.sock.settimeout(10)
+        closed = b""
+        with contextlib.suppress(OSError):
+            while chunk := client.sock.recv(65536):
+                closed += chunk
+        assert not chunk  # the proxy closed the connection (a close frame at most before)
+    finally:
+        upstream.answer = None
+    records = gw.audit_where(lambda r: r.get("event") == "websocket_message"
+                             and r["decision_id"] == error["event_id"])
+    assert records[0]["action"] == "error"
+    assert records[0]["reasons"][0]["rule"] == "upstream.timeout"
+    client.close()

@@ -7,7 +7,8 @@ then, or none at all, holds its connection for ever. douane's limits (`gateway.t
   or the end of its last answer);
 - headers: a request's headers are complete within this long of its first byte;
 - body: a request's body is complete within this long of its headers.
-A WebSocket is left to its own policing.
+A WebSocket is left to its own policing (its upstream's silence after a client's message:
+`douane.websocket`).
 
 An upstream that accepts a request and then never answers, or stops in the middle of its answer,
 held the client until mitmproxy's `tcp_timeout` (600 s of silence on the client's connection, any

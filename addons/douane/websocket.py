@@ -14,7 +14,9 @@ A message that cannot be inspected (binary, or text that is not JSON) or that th
 not delivered: the client gets an `error` event in the Realtime API's shape naming the decision id,
 the event is audited, and every later message of that connection is dropped (mitmproxy cannot
 close a WebSocket from an addon, so the connection is left with nothing passing through it).
-A message cannot be held for an approver: at the hold threshold it is blocked.
+A message cannot be held for an approver: at the hold threshold it is blocked. An upstream that
+sends nothing for `answer_silence` seconds after a client's message ends the session the same
+way (`upstream.timeout`), both connections closed.
 
 A Realtime session's items are its own: a client event naming an item by id (`item_id` of
 `conversation.item.retrieve` / `.delete` / `.truncate`, `previous_item_id`, an `item_reference` in
@@ -222,12 +224,45 @@ class PoliceWebSocket:
         # per flow: (from the client, kind) -> the last TAIL characters of that text
         self.earlier: dict[str, dict[tuple[bool, Kind], str]] = {}
         self.items: dict[str, dict[str, None]] = {}  # per flow: its session's item ids, in order
+        # per flow: since when a client message the upstream received waits for any message back
+        self.waiting: dict[str, tuple[http.HTTPFlow, float]] = {}
+        self._task: asyncio.Task[None] | None = None
 
     def configure(self, updated: set[str]) -> None:
         try:
             install()
         except ValueError as e:
             raise exceptions.OptionsError(str(e)) from None
+
+    def running(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    def done(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    async def _watch(self) -> None:
+        """An upstream silent past `answer_silence` seconds after a client's message (mitmproxy's
+        own limit is `tcp_timeout`, 630 s of silence on both sides) ends the session: the client
+        gets the API's error event, the session's record says `upstream.timeout`."""
+        while True:
+            await asyncio.sleep(1)
+            try:
+                self._late(time.monotonic())
+            except Exception:  # the watchdog must outlive any one session's oddity
+                logger.exception("douane: the WebSocket answer watchdog failed a check")
+
+    def _late(self, now: float) -> None:
+        silence = self.enforce.settings.config.limits.answer_silence_timeout
+        for flow_id, (flow, since) in list(self.waiting.items()):
+            if not flow.live or flow.error or flow_id in self.cut:
+                del self.waiting[flow_id]
+            elif now - since > silence:
+                del self.waiting[flow_id]
+                message = f"the upstream sent nothing within {silence} s of the client's message"
+                # the layer closes both connections once the error event is relayed
+                flow.error = FlowError(f"douane: {message}")
+                self._cut(flow, Reason("upstream.timeout", message), "upstream_timeout", "error")
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         st = peek(flow)
@@ -250,8 +285,13 @@ class PoliceWebSocket:
         if reason is not None:
             message.drop()
             self._cut(flow, reason)
+        elif not message.from_client:
+            self.waiting.pop(flow.id, None)
+        elif flow.id not in self.waiting:
+            self.waiting[flow.id] = (flow, time.monotonic())
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self.waiting.pop(flow.id, None)
         self.cut.discard(flow.id)
         self.earlier.pop(flow.id, None)
         self.items.pop(flow.id, None)
@@ -319,18 +359,20 @@ class PoliceWebSocket:
                 del items[next(iter(items))]
         return None
 
-    def _cut(self, flow: http.HTTPFlow, reason: Reason) -> None:
+    def _cut(self, flow: http.HTTPFlow, reason: Reason, code: str = "policy_denied",
+             action: str = "block") -> None:
         st = peek(flow)
         assert st is not None
         self.cut.add(flow.id)
         self.earlier.pop(flow.id, None)
         self.items.pop(flow.id, None)
+        kind = "server_error" if action == "error" else "invalid_request_error"
         event = {"type": "error", "event_id": st.decision_id, "error": {
-            "type": "invalid_request_error", "code": "policy_denied", "param": None,
+            "type": kind, "code": code, "param": None,
             "message": f"{reason.message} (douane decision {st.decision_id})"}}
         ctx.master.commands.call("inject.websocket", flow, True, json.dumps(event).encode(), True)
         record = flow_record(flow, self.enforce.settings.config)
-        record.update(event="websocket_message", action="block", reasons=[reason.summary()])
+        record.update(event="websocket_message", action=action, reasons=[reason.summary()])
         self.audit_trail.append(record)
         logger.warning("douane: WebSocket to %s stopped (decision %s): %s",
                        st.upstream.name if st.upstream else "?", st.decision_id,

@@ -29,8 +29,8 @@ class RealtimeUpstream:
         self.headers: list[dict[str, str]] = []
         self.extensions: list[list[str]] = []  # the extensions each upgrade offered
         self.reply = "Hello over the WebSocket."
-        # when set, the event answering each message (given the message)
-        self.answer: Callable[[str | bytes], dict[str, Any]] | None = None
+        # when set, the event answering each message (given the message), None for no answer
+        self.answer: Callable[[str | bytes], dict[str, Any] | None] | None = None
         upstream = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -56,7 +56,8 @@ class RealtimeUpstream:
                             partial = ""
                             answer = upstream.answer(partial) if upstream.answer else \
                                 {"type": "response.output_text.delta", "delta": upstream.reply}
-                            self.request.sendall(ws.send(TextMessage(json.dumps(answer))))
+                            if answer is not None:  # None: the upstream says nothing
+                                self.request.sendall(ws.send(TextMessage(json.dumps(answer))))
                         elif isinstance(event, CloseConnection):
                             self.request.sendall(ws.send(event.response()))
                             return
