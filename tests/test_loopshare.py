@@ -146,3 +146,25 @@ def test_a_loaded_machine_reads_the_cpu_clock_only_when_its_bound_runs_out(monke
     assert admitted == list(range(16))
     # 16 flows over ~8 ms of wall time: the first reading, then one per ~2 ms
     assert 2 <= len(reads) <= 6, len(reads)
+
+
+def test_stream_ends_after_their_wait_take_turns():
+    """A masked stream's end: the layer pauses on `douane_stream_wait` and does the end's work
+    as the hook returns. 32 ends in one pass take turns after their wait (none of them waits for
+    an analysis here), so their work is spread over passes like other steps'."""
+    passes = Passes()
+    checkpoint = Checkpoint((), Order(douane_stream_wait=(lambda flow: None,)))
+    flows = [tflow.tflow() for _ in range(32)]
+
+    async def end(n: int, flow) -> None:
+        await checkpoint.douane_stream_wait(flow)
+        busy(0.001)  # the end's work in the stream's layer, as the hook returns
+        passes.done.append(n)
+
+    async def scenario() -> None:
+        passes.start()
+        await asyncio.gather(*(end(n, flow) for n, flow in enumerate(flows)))
+
+    asyncio.run(scenario())
+    assert passes.done == list(range(32))
+    assert max(passes.per_pass) <= 3, passes.per_pass

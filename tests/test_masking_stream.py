@@ -639,3 +639,35 @@ def test_a_name_that_starts_with_a_function_word_is_masked_whole(analyse, text, 
     rng = random.Random(text)
     for pace in ("burst", "model", "slow"):
         assert stream(analyse, random_split(text, rng, 4), pace, rng)[0] == masked
+
+
+def test_a_masked_channels_end_takes_a_turn_even_when_its_analysis_is_known(analyse):
+    """A masked stream's channel end pauses the stream's layer once (`streams.TURN`: the end's
+    work then runs in a turn of the loop's share), even when nothing is left to analyse; the
+    end is let through on resume, with the text masked as the whole answer; a rewriter with no
+    filter that holds text never pauses (its layer is not wrapped without masking)."""
+    upstream_, path, request, events_of = API_STREAMS["chat"]
+    text = "Write to maria.garcia@example.com today please."
+    *deltas, finish, done = events_of("m", [text[:20], text[20:]])
+    for masked in (True, False):
+        pool = ScheduledPool(analyse, "model", random.Random(0))
+        it = protocols.parse_request(upstream_, flow_for(upstream_, path, request))
+        rewriter = streams.StreamRewriter(protocols.stream_format(upstream_, it), it, "dcn_t")
+        rewriter.filters.append(StreamMasker(SETTINGS, pool) if masked else Passing())
+        out = []
+        for event in deltas:
+            pool.tick()
+            out += rewriter(event.encode())
+        pool.tick()  # the held text's analysis is known before the end comes
+        out += rewriter((finish + done).encode())
+        if masked:
+            assert rewriter.backlog and rewriter.waits(False) == [streams.TURN]
+            out.append(rewriter.resume())
+            assert not rewriter.backlog and rewriter.waits(False) == []
+        else:
+            assert not rewriter.backlog and rewriter.waits(False) == []
+        assert rewriter.waits(True) == []
+        out.append(rewriter(b""))
+        body = b"".join(out)
+        assert streamed_text("chat", body) == (whole(analyse, text) if masked else text)
+        assert body.endswith(b"data: [DONE]\n\n")

@@ -114,7 +114,8 @@ class Checkpoint:
     # --- per-flow events ------------------------------------------------------------------------
 
     async def _run(self, event: str, flow: http.HTTPFlow) -> None:
-        # a stream's wait only awaits an analysis (the stream's own work follows in its layer)
+        # a stream's wait only awaits an analysis: its turn comes after it, since the stream's
+        # own work (a channel's end) follows in its layer as the hook returns
         if event != "douane_stream_wait":
             await self._share.enter()
         for step, is_async in self._steps[event]:
@@ -128,6 +129,8 @@ class Checkpoint:
                     _fail_websocket(flow, event, step.__qualname__, e)
                 else:
                     fail_closed(flow, step.__qualname__, e)
+        if event == "douane_stream_wait":
+            await self._share.enter()
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         await self._run("http_connect", flow)

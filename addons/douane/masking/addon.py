@@ -221,8 +221,8 @@ class Mask:
         every other flow goes on. Past the timeout the stream ends with the API's error event,
         as for a failed analysis: the held text never leaves unanalysed."""
         rewriter = streams.rewriter_of(flow)
-        if rewriter is None or not rewriter.waiting:
-            return
+        if rewriter is None or all(f.done() for f in rewriter.waiting):
+            return  # (an end's turn on the loop, `streams.TURN`, waits for nothing here)
         timeout = self.masking.timeout_seconds if self.masking else 0
         waiting = [asyncio.wrap_future(f) for f in rewriter.waiting]
         done, pending = await asyncio.wait(waiting, timeout=timeout)
