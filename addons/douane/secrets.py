@@ -20,6 +20,8 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import contextlib
+import html
 import math
 import re
 import unicodedata
@@ -213,6 +215,9 @@ _FORMAT = re.compile("[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\
                      "\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff0-\ufffb"
                      "\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
                      f"\U0001d173-\U0001d17a\U000e0000-\U000e0fff{_IGNORED_SHOWN}]")
+# Combining marks (the blocks that are not one script's): visible, yet no key holds one, and a
+# model told to ignore accents reads `Qḿ7v` as `Qm7v`: gone from the view like format characters.
+_MARK = re.compile("[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 _ASCII_BYTES = bytes(range(128))
 _SEEN_MOST = 4096  # characters whose view `_Views` keep
@@ -228,7 +233,8 @@ class _Views(dict):
 
     def __missing__(self, code: int) -> str:
         c = chr(code)
-        seen = "" if _FORMAT.match(c) else c if c.isspace() else unicodedata.normalize("NFKC", c)
+        seen = "" if _FORMAT.match(c) or _MARK.match(c) else c if c.isspace() else \
+            unicodedata.normalize("NFKC", c)
         value = ("" if len(seen) == 1 else "x") if self.uneven else seen
         if len(self) < _SEEN_MOST:
             self[code] = value
@@ -263,7 +269,7 @@ def _plain(text: str) -> bool:
         return True
     rest = "".join(text.encode("utf-8", "surrogatepass").translate(None, _ASCII_BYTES).decode(
         "utf-8", "surrogatepass").split())
-    return unicodedata.is_normalized("NFKC", rest) and (
+    return unicodedata.is_normalized("NFKC", rest) and not _MARK.search(rest) and (
         rest.isprintable() and not _SHOWN.search(rest) or not _FORMAT.search(rest))
 
 
@@ -418,6 +424,18 @@ _HEX = re.compile(r"(?:[0-9A-Fa-f]{2})+")
 # found around each `%XX` (`_percent_runs`): one pattern demanding a `%XX` in the middle retried
 # every position of every word of a text (~8 ms in 40 KB of prose).
 _URL_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2}|[A-Za-z0-9._~+/=:-])+")
+# Escapes a model reads through, each kind, percent ones among them: a run holding one that is
+# not a percent escape (`\u0073k-`, `&#115;k-`, `\x73k-`), decoded whole. The lookahead keeps a run
+# from starting inside a `%XX` (a long percent run holding no other escape was tried from each).
+_ESCAPE = (r"\\u[0-9A-Fa-f]{4}|\\x[0-9A-Fa-f]{2}|&#[0-9]{1,7};|&#[xX][0-9A-Fa-f]{1,6};"
+           r"|&[A-Za-z][A-Za-z0-9]{1,31};")
+_ESC_CHAR = rf"(?:{_ESCAPE}|%[0-9A-Fa-f]{{2}}|[A-Za-z0-9._~+/=:-])"
+_ESC_RUN = re.compile(rf"(?<![A-Za-z0-9._~+/=:-])(?!(?<=%)[0-9A-Fa-f]{{2}}){_ESC_CHAR}*"
+                      rf"(?:{_ESCAPE}){_ESC_CHAR}*")
+_ESC_ONE = re.compile(r"\\u([0-9A-Fa-f]{4})|\\x([0-9A-Fa-f]{2})|&[#A-Za-z][A-Za-z0-9]*;")
+# Base64 wrapped in lines (MIME's 76 columns, PEM's 64): read as one run, line breaks dropped.
+_WRAPPED = re.compile(r"[A-Za-z0-9+/_-]{16,}(?:\r?\n[A-Za-z0-9+/_-]+)+={0,2}")
+_BASE32 = re.compile(r"[A-Z2-7]{16,}|[a-z2-7]{16,}")
 _B64_MARK = b"a" * 16
 _FIRST_CHUNK = 4096  # characters of a run decoded to tell text from binary
 _DEPTH = 2  # an encoding inside an encoding is read; a third level is not
@@ -428,10 +446,14 @@ _SPLIT = "\x00"  # between decoded runs read as one text: no pattern's separator
 _PERCENT_BYTE = re.compile("%[0-9A-Fa-f]{2}")  # not "100%": a percent run has one at least
 
 
+def _escaped(text: str) -> bool:
+    return ("\\" in text or "&" in text) and _ESC_ONE.search(text) is not None
+
+
 def _encodable(text: str, tokens: bytes | None = None) -> bool:
     """Whether `text` may hold a run `_encoded` would decode (`_tokens`' run of 16 also counts
     `=`: a cheap superset, the translate `_long_run` makes)."""
-    return ("%" in text and _PERCENT_BYTE.search(text) is not None) or \
+    return ("%" in text and _PERCENT_BYTE.search(text) is not None) or _escaped(text) or \
         _B64_MARK in (_tokens(text) if tokens is None else tokens)
 
 
@@ -455,10 +477,14 @@ def _b64(run: str) -> bytes | None:
 
 
 def _decodings(run: str) -> list[str]:
-    """The texts `run` could encode: hex, base64 (standard or URL-safe), each only if UTF-8."""
+    """The texts `run` could encode: hex, base32, base64 (standard or URL-safe), each only if
+    UTF-8."""
     out = []
     if len(run) % 2 == 0 and _HEX.fullmatch(run):
         out.append(_as_text(bytes.fromhex(run)))
+    if _BASE32.fullmatch(bare := run.rstrip("=")):
+        with contextlib.suppress(binascii.Error):  # a length no base32 text has
+            out.append(_as_text(base64.b32decode(bare + "=" * (-len(bare) % 8), casefold=True)))
     head = _b64(run[:_FIRST_CHUNK])
     if head is not None and (text := _as_text(head)) is not None:
         out.append(text if len(run) <= _FIRST_CHUNK else _as_text(_b64(run) or b""))
@@ -488,18 +514,35 @@ def _percent_runs(text: str) -> list[tuple[re.Match[str], list[str]]]:
     return runs
 
 
+def _escape(m: re.Match[str]) -> str:
+    code = m[1] or m[2]
+    if code is None:
+        return html.unescape(m[0])
+    return "\ufffd" if 0xD800 <= int(code, 16) <= 0xDFFF else chr(int(code, 16))
+
+
+def _unescaped(run: str) -> list[str]:
+    return _unquoted(_ESC_ONE.sub(_escape, run))
+
+
 def _encoded(text: str, depth: int = 0, tokens: bytes | None = None) -> list[Found]:
     """The encoded runs of `text` whose decoded text holds a catalogue secret, each named by it."""
     tokens = _tokens(text) if tokens is None else tokens
     if depth >= _DEPTH or not _encodable(text, tokens):
         return []
     runs = _percent_runs(text)
+    if _escaped(text):
+        runs += [(m, _unescaped(m.group())) for m in _ESC_RUN.finditer(text)]
     at = tokens.find(_B64_MARK)
     while at >= 0 and len(runs) < _RUNS_MOST:  # the regex on token runs only (~5x faster than its scan of every position)
+        start = tokens.rfind(b" ", 0, at) + 1
         end = tokens.find(b" ", at)
         end = len(text) if end < 0 else end
-        runs += [(m, _decodings(m.group()))
-                 for m in _B64_RUN.finditer(text, tokens.rfind(b" ", 0, at) + 1, end)]
+        if text.startswith(("\n", "\r\n"), end) and (m := _WRAPPED.match(text, start)):
+            runs.append((m, _decodings("".join(m.group().split()))))
+            end = m.end()
+        else:
+            runs += [(m, _decodings(m.group())) for m in _B64_RUN.finditer(text, start, end)]
         at = tokens.find(_B64_MARK, end)
     # every decoded text read as one (one search, not one a run: a text of many short runs);
     # a find spanning several names each

@@ -704,6 +704,9 @@ DISGUISES = {  # a text as the model reads it, in characters the patterns did no
     # invisible: the key written in tag characters (a model may read them, anyone may decode)
     "tag characters": lambda t: "".join(chr(0xE0000 + ord(c)) for c in t),
     "a tag character inside": lambda t: t[:12] + "\U000e0021" + t[12:],
+    # visible, yet no key holds one: a model told to drop accents reads the key
+    "a combining accent inside": lambda t: t[:12] + "\u0301" + t[12:],
+    "every character underlined": lambda t: "".join(c + "\u0332" for c in t),
 }
 
 
@@ -791,6 +794,14 @@ ENCODINGS = {  # a key as a client may write it for the model to decode
     "percent": lambda k: "".join(f"%{b:02X}" for b in k.encode()),
     "hex": lambda k: k.encode().hex(),
     "base64 of base64": lambda k: base64.b64encode(base64.b64encode(k.encode())).decode(),
+    # MIME's 76 columns, the key across a line break (each line alone holds no share to decode)
+    "base64 in lines": lambda k: base64.encodebytes(
+        f"{'x' * 44} key {k} end".encode()).decode().strip(),
+    "base32": lambda k: base64.b32encode(k.encode()).decode(),
+    # escapes left in a JSON string's text once it is parsed (`"\\u0073"` is `\u0073`)
+    "json escapes in the text": lambda k: "".join(f"\\u{ord(c):04x}" for c in k),
+    "HTML references": lambda k: "".join(f"&#{ord(c)};" if i % 2 else f"&#x{ord(c):x};"
+                                         for i, c in enumerate(k)),
 }
 
 
