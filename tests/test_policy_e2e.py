@@ -173,3 +173,42 @@ def test_policy_reload_takes_effect_and_a_broken_file_keeps_the_old_policy(setup
     assert "grants.yaml:16 rules.0.regex: invalid regex" in gw.log_text()
     with pytest.raises(openai.PermissionDeniedError):
         ask(c, "tell me about kestrel")  # the previous (valid) version still serves
+
+
+def test_a_grant_taken_away_mid_run_refuses_the_next_request(setup, issuer):
+    """The grants a caller's requests were decided on are remembered per policy version: once
+    the file takes a model away, the next request for it is refused (nothing reaches the
+    upstream, the audit record names the grant), and the models still granted still pass."""
+    gw, llm, grants = setup
+    c = client(gw, llm, issuer.mint("alice@corp", ["engineering"]))
+    grants.write_text(GRANTS)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the file as the other tests left it, reloaded
+        try:
+            if ask(c, "tell me about kestrel", model="gpt-4.1") == "Hello from the fake upstream.":
+                break
+        except openai.PermissionDeniedError:
+            time.sleep(0.2)
+    for _ in range(3):  # decided, then remembered
+        assert ask(c, "hello", model="gpt-4.1") == "Hello from the fake upstream."
+    try:
+        grants.write_text(GRANTS.replace('llm: {models: ["gpt-*"], max_tokens: 1000}',
+                                         'llm: {models: ["gpt-4o-mini"], max_tokens: 1000}'))
+        deadline, refused = time.monotonic() + 10, None
+        while refused is None and time.monotonic() < deadline:
+            before = len(llm.requests)
+            try:
+                ask(c, "hello", model="gpt-4.1")
+                time.sleep(0.2)
+            except openai.PermissionDeniedError as e:
+                refused = e
+                assert len(llm.requests) == before
+        assert refused is not None, "the reloaded grants never applied"
+        record = gw.audit_record(refused.response.headers["x-douane-decision-id"])
+        assert record["action"] == "block" and \
+            [r["rule"] for r in record["reasons"]] == ["grant.model"]
+        with pytest.raises(openai.PermissionDeniedError):  # and every request after it
+            ask(c, "hello", model="gpt-4.1")
+        assert ask(c, "hello", model="gpt-4o-mini") == "Hello from the fake upstream."
+    finally:
+        grants.write_text(GRANTS)

@@ -373,6 +373,9 @@ class Database:
     timeout: float = 5.0  # seconds a store call may take before what needs it is refused
 
 
+ON_HOST_ENTRIES = 1024
+
+
 @dataclass(frozen=True)
 class Config:
     file: str
@@ -402,10 +405,23 @@ class Config:
     def replica(self) -> str:
         return f"{self.host}/{self.worker}" if self.worker else self.host
 
+    # (host, port) -> the upstreams declared there, longest path prefix first: the host globs
+    # are matched once per host, not on every request (bounded: hosts are the clients' choice)
+    _on_host: dict[tuple[str, int], tuple[Upstream, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
+
     def upstream_for(self, host: str, port: int, path: str) -> Upstream | None:
-        """The most specific declared upstream for a request (longest path prefix wins)."""
-        found = [u for u in self.upstreams if u.matches(host, port, path)]
-        return max(found, key=lambda u: len(u.path_prefix), default=None)
+        """The most specific declared upstream for a request (longest path prefix wins; of
+        equal ones, the first declared)."""
+        key = (host.lower(), port)
+        on_host = self._on_host.get(key)
+        if on_host is None:
+            if len(self._on_host) >= ON_HOST_ENTRIES:
+                self._on_host.clear()
+            on_host = self._on_host[key] = tuple(sorted(
+                (u for u in self.upstreams if u.matches(key[0], port, u.path_prefix)),
+                key=lambda u: -len(u.path_prefix)))
+        return next((u for u in on_host if u.relative(path) is not None), None)
 
     def passthrough(self, host: str) -> bool:
         return any(fnmatch.fnmatchcase(host.lower(), pattern) for pattern in self.passthrough_hosts)

@@ -8,7 +8,6 @@ the rule, the field and the score, never the matched text.
 from __future__ import annotations
 
 import bisect
-import fnmatch
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,8 +38,7 @@ def grant_violations(ug: UpstreamGrant, it: Interaction) -> list[Reason]:
         # the upstream picks one (a deployment's, a stored prompt's): name it to be held to it
         out.append(Reason("grant.model", "name the model: the grant allows some models only",
                           "model"))
-    elif it.model and ug.models is not None and not any(fnmatch.fnmatchcase(it.model, m)
-                                                        for m in ug.models):
+    elif it.model and not ug.model_allowed(it.model):
         out.append(Reason("grant.model", f"model {it.model} is not granted", "model"))
     if ug.max_tokens is not None and it.operation in LIMITED_OPERATIONS:
         parameter = MAX_TOKENS_PARAMETER.get(it.operation, "max_tokens")
@@ -98,12 +96,8 @@ def grant_violations(ug: UpstreamGrant, it: Interaction) -> list[Reason]:
 def granting(policy: Policy, identity: Identity, upstream: str,
              it: Interaction) -> tuple[Grant | None, list[Reason]]:
     """The first grant that covers the interaction, or the reasons none does."""
-    grants = policy.grants_for(identity.user, identity.groups)
     reasons: list[Reason] = []
-    for grant in grants:
-        ug = grant.upstreams.get(upstream)
-        if ug is None:
-            continue
+    for grant, ug in policy.upstream_grants(identity.user, identity.groups, upstream):
         violations = grant_violations(ug, it)
         if not violations:
             return grant, []
@@ -116,10 +110,8 @@ def granting(policy: Policy, identity: Identity, upstream: str,
 def granting_operation(policy: Policy, identity: Identity, upstream: str, method: str,
                        path: str) -> Grant | None:
     """The first grant naming this operation (one no parser reads) on this upstream."""
-    return next((g for g in policy.grants_for(identity.user, identity.groups)
-                 if upstream in g.upstreams and g.upstreams[upstream].grants_operation(method,
-                                                                                        path)),
-                None)
+    return next((g for g, ug in policy.upstream_grants(identity.user, identity.groups, upstream)
+                 if ug.grants_operation(method, path)), None)
 
 
 def _labels(pieces: Iterable[TextPiece]) -> Iterable[tuple[str, TextPiece]]:
@@ -305,8 +297,7 @@ def hidden_items(policy: Policy, identity: Identity, upstream: str, method: str,
                  result: dict[str, Any]) -> list[int]:
     """Indexes of listed tools, resources, resource templates or prompts the caller may not
     use."""
-    grants = [g.upstreams[upstream] for g in policy.grants_for(identity.user, identity.groups)
-              if upstream in g.upstreams]
+    grants = [ug for _, ug in policy.upstream_grants(identity.user, identity.groups, upstream)]
     key, field = LISTINGS[method]
     allowed = {
         "tools/list": lambda ug, v: ug.tool_allowed(v),

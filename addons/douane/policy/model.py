@@ -58,7 +58,7 @@ import re
 import re._constants as _constants
 import re._parser as _parser
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from douane import operations
@@ -135,6 +135,9 @@ class ArgConstraint:
         return None
 
 
+REMEMBERED_ANSWERS = 4096  # per grant and per policy
+
+
 @dataclass(frozen=True)
 class UpstreamGrant:
     models: tuple[str, ...] | None  # None: any
@@ -157,14 +160,33 @@ class UpstreamGrant:
     def beta_allowed(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, g) for g in self.betas)
 
+    # the answers below for the names requests repeat (a grant never changes: a new policy
+    # makes new grants); bounded, as the names are the clients'
+    _answers: dict[tuple[str, str], bool] = field(default_factory=dict, init=False, repr=False,
+                                                  compare=False)
+
     def grants_operation(self, method: str, path: str) -> bool:
         return any(op.matches(method, path) for op in self.operations)
+
+    def _remembered(self, what: str, name: str, answer) -> bool:
+        key = (what, name)
+        known = self._answers.get(key)
+        if known is None:
+            if len(self._answers) >= REMEMBERED_ANSWERS:
+                self._answers.clear()
+            known = self._answers[key] = answer(name)
+        return known
+
+    def model_allowed(self, model: str) -> bool:
+        return self.models is None or self._remembered(
+            "model", model, lambda m: any(fnmatch.fnmatchcase(m, g) for g in self.models or ()))
 
     def tool_allowed(self, name: str) -> bool:
         """Allow globs match the name as sent (a variant of an allowed name is not allowed);
         deny globs match it normalised (any variant of a denied name is denied)."""
-        return any(fnmatch.fnmatchcase(name, g) for g in self.tools_allow) and \
-            not names_match(name, self.tools_deny)
+        return self._remembered("tool", name, lambda n: any(
+            fnmatch.fnmatchcase(n, g) for g in self.tools_allow) and not names_match(
+            n, self.tools_deny))
 
     def tool_arguments(self, name: str) -> dict[str, ArgConstraint]:
         """The argument constraints of a tool, by its normalised name."""
@@ -279,6 +301,10 @@ class Policy:
     tool_risk: tuple[tuple[tuple[str, ...], float], ...]
     hold: float
     block: float
+    # (user, groups, upstream) -> `upstream_grants`; bounded (groups come from tokens)
+    _upstream_grants: dict[tuple[str, tuple[str, ...], str],
+                           tuple[tuple[Grant, UpstreamGrant], ...]] = field(
+        default_factory=dict, init=False, repr=False)
 
     @functools.cached_property
     def rules_by_kind(self) -> dict[str, tuple[Rule, ...]]:
@@ -288,6 +314,20 @@ class Policy:
         found = ([self.users[user]] if user in self.users else []) + \
             [self.groups[g] for g in groups if g in self.groups]
         return found or ([self.default] if self.default else [])
+
+    def upstream_grants(self, user: str, groups: tuple[str, ...],
+                        upstream: str) -> tuple[tuple[Grant, UpstreamGrant], ...]:
+        """The caller's grants naming the upstream, in order: decided once per caller and
+        upstream for this policy (a reload makes a new policy, so a new answer)."""
+        key = (user, groups, upstream)
+        found = self._upstream_grants.get(key)
+        if found is None:
+            if len(self._upstream_grants) >= REMEMBERED_ANSWERS:
+                self._upstream_grants.clear()
+            found = self._upstream_grants[key] = tuple(
+                (g, g.upstreams[upstream]) for g in self.grants_for(user, groups)
+                if upstream in g.upstreams)
+        return found
 
 
 def load(files: list[Path], upstreams: frozenset[str] | None = None) -> Policy:
