@@ -22,6 +22,7 @@ import binascii
 import bisect
 import contextlib
 import html
+import itertools
 import math
 import re
 import unicodedata
@@ -273,8 +274,28 @@ def _plain(text: str) -> bool:
         rest.isprintable() and not _SHOWN.search(rest) or not _FORMAT.search(rest))
 
 
+class _Origin:
+    """For each character of a view, the index in the text of the character it was read from:
+    worked out on first use (when something was found), not for every text read: a per-character
+    loop over 240k characters with a zero-width space between letters held the event loop ~0.5 s
+    for each of `maybe`, `find` and `matches`."""
+
+    __slots__ = ("_at", "_table", "_text")
+
+    def __init__(self, text: str, table: _Views):
+        self._text, self._table, self._at = text, table, None
+
+    def __getitem__(self, i: int) -> int:
+        if self._at is None:
+            table = self._table
+            self._at = list(itertools.chain.from_iterable(map(
+                itertools.repeat, range(len(self._text)),
+                [len(table[ord(c)]) for c in self._text])))
+        return self._at[i]
+
+
 def _view(text: str, views: tuple[_Views, _Views] = (_VIEWS, _UNEVEN)
-          ) -> tuple[str, list[int] | None] | None:
+          ) -> tuple[str, _Origin | None] | None:
     """`text` as the patterns read it (each character NFKC-normalised, format characters
     dropped; `views`: tags decoded instead) and, for each of its characters, the original's
     index (None: the same places); None when that is `text` itself (`_plain`: the common
@@ -282,22 +303,8 @@ def _view(text: str, views: tuple[_Views, _Views] = (_VIEWS, _UNEVEN)
     if views[0] is _VIEWS and _plain(text):
         return None
     table, uneven = views
-    if not text.translate(uneven):  # one character for one (full-width letters, spaces)
-        return text.translate(table), None
-    out: list[str] = []
-    origin: list[int] = []
-    last = 0
-    for m in _NON_ASCII.finditer(text):  # ASCII stretches as they are
-        out.append(text[last:m.start()])
-        origin.extend(range(last, m.start()))
-        for i in range(m.start(), m.end()):
-            seen = text[i].translate(table)
-            out.append(seen)
-            origin.extend([i] * len(seen))
-        last = m.end()
-    out.append(text[last:])
-    origin.extend(range(last, len(text)))
-    return "".join(out), origin
+    # one character for one (full-width letters, spaces): the same places
+    return text.translate(table), _Origin(text, table) if text.translate(uneven) else None
 
 
 def _value_span(m: re.Match[str]) -> tuple[int, int]:
@@ -389,7 +396,7 @@ def find(text: str, high_entropy: bool = True) -> list[Found]:
     return found
 
 
-def _found(text: str, view: tuple[str, list[int] | None] | None,
+def _found(text: str, view: tuple[str, _Origin | None] | None,
            high_entropy: bool) -> list[Found]:
     if view is None:
         return _find(text, high_entropy)
@@ -399,7 +406,7 @@ def _found(text: str, view: tuple[str, list[int] | None] | None,
         [Found(origin[f.start], origin[f.end - 1] + 1, f.kind) for f in found]
 
 
-def readings(text: str) -> list[tuple[str, list[int] | None]]:
+def readings(text: str) -> list[tuple[str, _Origin | None]]:
     """The views `find` reads, each with the index in `text` of each of its characters (None:
     the same places): `text` as patterns read it (NFKC, format characters dropped), and with
     tag characters decoded when it holds some. The masking engine reads the same views."""
@@ -482,7 +489,8 @@ def _decodings(run: str) -> list[str]:
     out = []
     if len(run) % 2 == 0 and _HEX.fullmatch(run):
         out.append(_as_text(bytes.fromhex(run)))
-    if _BASE32.fullmatch(bare := run.rstrip("=")):
+    # base32 decodes in Python (~0.4 us a character): a run a key could be hidden in, not a file
+    if len(run) <= _FIRST_CHUNK and _BASE32.fullmatch(bare := run.rstrip("=")):
         with contextlib.suppress(binascii.Error):  # a length no base32 text has
             out.append(_as_text(base64.b32decode(bare + "=" * (-len(bare) % 8), casefold=True)))
     head = _b64(run[:_FIRST_CHUNK])
