@@ -35,6 +35,7 @@ NAMESPACE = {"openai": b"openai-", "anthropic": b"anthropic-"}
 HARMLESS = frozenset({b"anthropic-dangerous-direct-browser-access"})
 # the headers choosing whose account and project the org's key acts on: douane's to set
 ACCOUNT = frozenset({b"openai-organization", b"openai-project"})
+GOVERNED = frozenset({b"openai-beta", b"anthropic-version", b"anthropic-beta"})  # by value
 # what the openai SDK sends for the Assistants and Realtime betas: API versions, no features
 OPENAI_BETAS = frozenset({"assistants=v2", "realtime=v1"})
 VERSION = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -124,26 +125,37 @@ def query_problem(protocol: str, method: str, path: str, query: str) -> str | No
     return None
 
 
-def header_problem(protocol: str, headers: Headers) -> tuple[str, str] | None:
-    """(header, why) for the first header a client may not send a model's provider, or None."""
-    namespace = NAMESPACE[protocol]
-    forwarded = FORWARDED[protocol]
-    for raw in headerfields.present(headers, forwarded | ACCOUNT):
-        name = raw.decode()
-        value = headerfields.get(headers, raw, "") or ""
-        if raw in ACCOUNT:
-            return name, "douane chooses the organization and project the org's key acts on"
-        if raw == b"openai-beta" and not {v.strip() for v in value.split(",")} <= OPENAI_BETAS:
-            return name, f"OpenAI-Beta is only one of {', '.join(sorted(OPENAI_BETAS))}"
-        if raw == b"anthropic-version" and not VERSION.fullmatch(value.strip()):
-            return name, "anthropic-version is a date (YYYY-MM-DD)"
-        if raw == b"anthropic-beta" and betas(headers) is None:
-            return name, f"anthropic-beta is at most {MOST_BETAS} names of letters, digits and -"
-    for raw, _ in headers.fields:
-        lowered = raw.lower()
-        if lowered.startswith(namespace) and lowered not in forwarded and lowered not in HARMLESS:
-            return lowered.decode("ascii", "replace")[:60], \
-                "douane does not know what this header would switch on"
+def screen(protocol: str, headers: Headers) -> tuple[tuple[str, str] | None, set[bytes]]:
+    """(header, why) for the first header a client may not send a model's provider (None when
+    none), and the headers no rule and no provider reads, to drop. One pass over the fields."""
+    forwarded, namespace = FORWARDED[protocol], NAMESPACE[protocol]
+    dropped: set[bytes] = set()
+    for raw, value in headers.fields:
+        name = raw.lower()
+        if name in forwarded:
+            if name in GOVERNED and (why := _governed(name, headers)):
+                return (name.decode(), why), dropped
+        elif name.startswith(SDK_PREFIX):
+            continue
+        elif name in ACCOUNT:
+            return (name.decode(), "douane chooses the organization and project the org's key "
+                    "acts on"), dropped
+        elif name.startswith(namespace) and name not in HARMLESS:
+            return (name.decode("ascii", "replace")[:60],
+                    "douane does not know what this header would switch on"), dropped
+        elif (name, value.lower()) != (b"expect", b"100-continue"):  # mitmproxy's to answer
+            dropped.add(name)
+    return None, dropped
+
+
+def _governed(name: bytes, headers: Headers) -> str | None:
+    value = headerfields.get(headers, name, "") or ""
+    if name == b"openai-beta" and not {v.strip() for v in value.split(",")} <= OPENAI_BETAS:
+        return f"OpenAI-Beta is only one of {', '.join(sorted(OPENAI_BETAS))}"
+    if name == b"anthropic-version" and not VERSION.fullmatch(value.strip()):
+        return "anthropic-version is a date (YYYY-MM-DD)"
+    if name == b"anthropic-beta" and betas(headers) is None:
+        return f"anthropic-beta is at most {MOST_BETAS} names of letters, digits and -"
     return None
 
 

@@ -133,16 +133,17 @@ class Broker:
             refuse(flow, 400, f"an MCP request to {upstream.name} carries no query string",
                    "query_refused", Reason("route.query", "a query string on an MCP request"))
             return
-        if upstream.protocol in forwarding.FORWARDED and not self._head_allowed(flow, upstream):
-            return
+        dropped: set[bytes] = set()
+        if upstream.protocol in forwarding.FORWARDED:
+            screened = self._screened(flow, upstream)
+            if screened is None:
+                return
+            dropped = screened
         if not self._operation_allowed(flow):
             return
-        headerfields.pop(flow.request.headers, CLIENT_CREDENTIAL_HEADERS)
+        headerfields.pop(flow.request.headers, CLIENT_CREDENTIAL_HEADERS | dropped)
         if upstream.protocol == "mcp":
             forwarding.keep(flow.request.headers, MCP_HEADERS, MCP_PARAM_HEADER)
-        elif upstream.protocol in forwarding.FORWARDED:
-            forwarding.keep(flow.request.headers, forwarding.FORWARDED[upstream.protocol],
-                            forwarding.SDK_PREFIX)
         if protocols.is_websocket(flow.request):
             # no permessage-deflate: mitmproxy inflates a message whole, unbounded, before any
             # hook (a client's deflate bomb)
@@ -156,29 +157,30 @@ class Broker:
             flow.request.scheme, flow.request.host, flow.request.port = upstream.connect_to
             flow.request.host_header = host_header
 
-    def _head_allowed(self, flow: http.HTTPFlow, upstream: Upstream) -> bool:
+    def _screened(self, flow: http.HTTPFlow, upstream: Upstream) -> set[bytes] | None:
         """A model API's query holds only the parameters its operation documents, and no header
-        changes the account the org's key bills or turns on a feature nobody granted."""
+        changes the account the org's key bills or turns on a feature nobody granted: the
+        headers to drop (no provider reads them), or None once refused."""
         req = flow.request
         path, _, query = req.path.partition("?")
         problem = forwarding.query_problem(upstream.protocol, req.method, path, query)
         if problem:
             refuse(flow, 400, f"{problem}; douane passes only the parameters an operation "
                    "documents", "query_refused", Reason("route.query", problem, "query"))
-            return False
-        refused = forwarding.header_problem(upstream.protocol, req.headers)
+            return None
+        refused, dropped = forwarding.screen(upstream.protocol, req.headers)
         if refused:
             name, why = refused
             refuse(flow, 403, f"the {name} header is refused: {why}", "header_refused",
                    Reason("route.header", f"{name}: {why}", f"headers.{name}"))
-            return False
+            return None
         if upstream.protocol == "anthropic" and forwarding.betas(req.headers) and \
-                self.policy() is None:
+                (self.policy() is None or state(flow).identity is None):  # no grant to read
             refuse(flow, 403, "anthropic-beta is refused: no policy grants a beta feature",
                    "header_refused", Reason("route.header", "anthropic-beta: no policy grants a "
                                             "beta feature", "headers.anthropic-beta"))
-            return False
-        return True
+            return None
+        return dropped
 
     def _choose_credential(self, flow: http.HTTPFlow, upstream: Upstream) -> bool:
         st = state(flow)
