@@ -75,7 +75,9 @@ class StepTimers:
             *path, attr = name.split(".")
             for part in path:
                 owner = getattr(owner, part)
-            setattr(owner, attr, _timed(spec, getattr(owner, attr)))
+            timed = _timed(spec, getattr(owner, attr))
+            static = isinstance(inspect.getattr_static(owner, attr), staticmethod)
+            setattr(owner, attr, staticmethod(timed) if static else timed)
         from douane.pipeline import Checkpoint
         checkpoint = next((a for a in traverse(ctx.master.addons.chain)
                            if isinstance(a, Checkpoint)), None)
