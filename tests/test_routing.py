@@ -379,6 +379,10 @@ def test_without_a_policy_no_beta_passes(gateway):
     run(gateway, f)
     assert f.response is not None and f.response.status_code == 403
     assert state(f).decision.reasons[0].rule == "route.header"
+    beta = flow_to("api.openai.com", "/v1/chat/completions",
+                   **{"openai-beta": "responses=experimental"})
+    run(gateway, beta)
+    assert beta.response is not None and beta.response.status_code == 403
     plain = flow_to("llm.internal", "/anthropic/v1/messages", **{"anthropic-version": "2023-06-01",
                                                                   "x-note": "n"})
     run(gateway, plain)

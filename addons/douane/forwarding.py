@@ -5,8 +5,8 @@ Headers, per protocol (the official `openai` and `anthropic` SDKs' and httpx's, 
   telemetry and the API version (`anthropic-version`, date-shaped) carry no authority: forwarded;
 - what chooses the account the org's key bills or turns on a feature is governed:
   `OpenAI-Organization` / `OpenAI-Project` are douane's to choose (a client's is refused),
-  `OpenAI-Beta` passes only as the API versions the SDKs send, each `anthropic-beta` value only
-  as a grant lists it (`betas:`, checked by the policy; none without one);
+  each `anthropic-beta` and `OpenAI-Beta` value passes only as a grant lists it (`betas:`,
+  checked by the policy; none without one), but the API versions the openai SDK sends;
 - any other header in a provider's own namespace (`openai-*`, `anthropic-*`) may be a switch
   douane does not know of: refused;
 - any other header (tracing, a cookie, a framework's own) is read by no rule and meant for no
@@ -37,9 +37,11 @@ HARMLESS = frozenset({b"anthropic-dangerous-direct-browser-access"})
 ACCOUNT = frozenset({b"openai-organization", b"openai-project"})
 GOVERNED = frozenset({b"openai-beta", b"anthropic-version", b"anthropic-beta"})  # by value
 # what the openai SDK sends for the Assistants and Realtime betas: API versions, no features
+# (any other `OpenAI-Beta` value, `responses=experimental`, is a beta a grant lists)
 OPENAI_BETAS = frozenset({"assistants=v2", "realtime=v1"})
+BETA_HEADER = {"openai": b"openai-beta", "anthropic": b"anthropic-beta"}
 VERSION = re.compile(r"\d{4}-\d{2}-\d{2}")
-BETA = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+BETA = re.compile(r"[a-z0-9][a-z0-9._=-]{0,63}")
 MOST_BETAS = 16
 
 _OPS = [  # (method, path below the API's version, parameters), `*` one path segment
@@ -150,24 +152,24 @@ def screen(protocol: str, headers: Headers) -> tuple[tuple[str, str] | None, set
 
 def _governed(name: bytes, headers: Headers) -> str | None:
     value = headerfields.get(headers, name, "") or ""
-    if name == b"openai-beta" and not {v.strip() for v in value.split(",")} <= OPENAI_BETAS:
-        return f"OpenAI-Beta is only one of {', '.join(sorted(OPENAI_BETAS))}"
     if name == b"anthropic-version" and not VERSION.fullmatch(value.strip()):
         return "anthropic-version is a date (YYYY-MM-DD)"
-    if name == b"anthropic-beta" and betas(headers) is None:
-        return f"anthropic-beta is at most {MOST_BETAS} names of letters, digits and -"
+    if name in (b"openai-beta", b"anthropic-beta") and betas(headers, name) is None:
+        return f"{name.decode()} is at most {MOST_BETAS} names of letters, digits and -._="
     return None
 
 
-def betas(headers: Headers) -> tuple[str, ...] | None:
-    """The `anthropic-beta` names asked for (lower case); None when malformed."""
-    value = headerfields.get(headers, b"anthropic-beta")
+def betas(headers: Headers, header: bytes) -> tuple[str, ...] | None:
+    """The beta features `header` (`BETA_HEADER`'s) asks for, lower case, for a grant to allow
+    (the openai SDK's own API versions aside); None when malformed."""
+    value = headerfields.get(headers, header)
     if value is None:
         return ()
     names = tuple(n.strip().lower() for n in value.split(",") if n.strip())
     if len(names) > MOST_BETAS or not all(BETA.fullmatch(n) for n in names):
         return None
-    return names
+    return tuple(n for n in names if n not in OPENAI_BETAS) if header == b"openai-beta" \
+        else names
 
 
 def keep(headers: Headers, names: frozenset[bytes], prefix: bytes) -> None:

@@ -88,7 +88,7 @@ class Interaction:
     tools: list[ToolDef] = field(default_factory=list)  # tools offered to a model
     hosted_tools: list[str] = field(default_factory=list)  # HOSTED_TOOLS kinds requested
     mcp_servers: list[str] = field(default_factory=list)  # remote MCP server URLs a model may use
-    betas: tuple[str, ...] = ()  # `anthropic-beta` features asked for (`douane.forwarding`)
+    betas: tuple[str, ...] = ()  # beta features its headers ask for (`douane.forwarding`)
     tool_calls: list[ToolCall] = field(default_factory=list)  # request side (history, MCP call)
     mcp: list[McpMessage] = field(default_factory=list)  # a batch has several
     response_texts: list[TextPiece] = field(default_factory=list)

@@ -174,11 +174,13 @@ class Broker:
             refuse(flow, 403, f"the {name} header is refused: {why}", "header_refused",
                    Reason("route.header", f"{name}: {why}", f"headers.{name}"))
             return None
-        if upstream.protocol == "anthropic" and forwarding.betas(req.headers) and \
+        header = forwarding.BETA_HEADER[upstream.protocol]
+        if forwarding.betas(req.headers, header) and \
                 (self.policy() is None or state(flow).identity is None):  # no grant to read
-            refuse(flow, 403, "anthropic-beta is refused: no policy grants a beta feature",
-                   "header_refused", Reason("route.header", "anthropic-beta: no policy grants a "
-                                            "beta feature", "headers.anthropic-beta"))
+            name = header.decode()
+            refuse(flow, 403, f"{name} is refused: no policy grants a beta feature",
+                   "header_refused", Reason("route.header", f"{name}: no policy grants a beta "
+                                            "feature", f"headers.{name}"))
             return None
         return dropped
 

@@ -20,7 +20,8 @@ from tests.support.gateway import Gateway, base_config
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 MESSAGE = {"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
 BETAS = {"upstreams": {"claude": {"models": ["*"], "betas": ["files-api-*"]},
-                       "llm": {"models": ["*"], "operations": ["GET /v1/models", "GET /v1/files"]}}}
+                       "llm": {"models": ["*"], "operations": ["GET /v1/models", "GET /v1/files"],
+                               "betas": ["responses=experimental"]}}}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_the_sdks_pass_with_their_own_headers_and_nothing_else(gw, llm, token, s
 @pytest.mark.parametrize("name, value, rule", [
     ("OpenAI-Organization", "org-someone-else", "route.header"),
     ("OpenAI-Project", "proj_finance", "route.header"),
-    ("OpenAI-Beta", "assistants=v2, experimental=1", "route.header"),
+    ("OpenAI-Beta", "assistants=v2, responses experimental", "route.header"),  # not a name
     ("OpenAI-Future-Switch", "on", "route.header"),
 ])
 def test_an_openai_header_with_authority_is_refused(gw, llm, token, name, value, rule):
@@ -139,6 +140,25 @@ def test_a_beta_is_the_grants_only(gw, llm, token, granted):
         _anthropic(gw, token).beta.messages.create(betas=["files-api-2025-04-14"], **MESSAGE)
     assert assert_refused(gw, llm, before, err.value.response, 403)["reasons"][0]["rule"] == \
         "grant.beta"
+
+
+def test_an_openai_beta_is_the_grants_only(gw, llm, token, granted):
+    """`OpenAI-Beta` values beyond the SDK's API versions (`assistants=v2`) are betas a grant
+    lists, as Anthropic's are."""
+    beta = {"OpenAI-Beta": "assistants=v2, responses=experimental"}
+    before = len(llm.requests)
+    assert _openai(gw, granted, default_headers=beta).chat.completions.create(**CHAT).choices
+    assert llm.requests[before].headers["openai-beta"] == beta["OpenAI-Beta"]
+    before = len(llm.requests)
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        _openai(gw, token, default_headers=beta).chat.completions.create(**CHAT)
+    reason = assert_refused(gw, llm, before, err.value.response, 403)["reasons"][0]
+    assert reason["rule"] == "grant.beta" and reason["field"] == "headers.openai-beta", reason
+    assert "responses=experimental" in reason["message"]
+    before = len(llm.requests)
+    assert _openai(gw, token, default_headers={"OpenAI-Beta": "assistants=v2"}
+                   ).chat.completions.create(**CHAT).choices  # the SDK's own: no grant needed
+    assert llm.requests[before].headers["openai-beta"] == "assistants=v2"
 
 
 @pytest.mark.parametrize("name, value", [("anthropic-version", "latest"),

@@ -50,8 +50,9 @@ def grant_violations(ug: UpstreamGrant, it: Interaction) -> list[Reason]:
                               f"is above the granted {ug.max_tokens}", "max_tokens"))
     for beta in it.betas:
         if not ug.beta_allowed(beta):
-            out.append(Reason("grant.beta", f"anthropic-beta {beta} is not granted",
-                              "headers.anthropic-beta"))
+            header = "openai-beta" if it.protocol == "openai" else "anthropic-beta"
+            out.append(Reason("grant.beta", f"{header} {beta} is not granted",
+                              f"headers.{header}"))
     if it.stream and not ug.stream:
         out.append(Reason("grant.stream", "streaming is not granted", "stream"))
     if it.has_media and not ug.media:

@@ -18,7 +18,7 @@ groups:
         media: true                 # images, audio, files; default true
         temperature: [0, 1.2]       # allowed range; default any
         operations: ["GET /v1/models", "GET /v1/files/*/content"]  # what douane does not parse
-        betas: ["files-api-*"]      # anthropic-beta values (globs) allowed; default none
+        betas: ["responses=experimental"]  # anthropic-beta / OpenAI-Beta values (globs); default none
       crm:                          # an MCP upstream
         tools:
           allow: ["lookup_*", "delete_records"]
@@ -155,7 +155,7 @@ class UpstreamGrant:
     mcp_servers: tuple[str, ...] = ()  # URL globs of remote MCP servers; none unless named
     operations: tuple[Operation, ...] = ()  # operations no parser reads, allowed by name
     org_listings: bool = False  # its operations may list every user's stored objects
-    betas: tuple[str, ...] = ()  # `anthropic-beta` globs (lower case) it allows; none unless named
+    betas: tuple[str, ...] = ()  # beta header value globs (lower case) it allows; none unless named
 
     def beta_allowed(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, g) for g in self.betas)

@@ -160,8 +160,9 @@ def parse_request(upstream: Upstream, flow: http.HTTPFlow, granted: bool = False
     """`granted`: a grant names this operation, so one douane does not parse may pass (its JSON
     body, if any, is inspected string by string)."""
     it = _parse_request(upstream, flow, granted)
-    if upstream.protocol == "anthropic":  # the features asked for, granted or not by policy
-        it.betas = forwarding.betas(flow.request.headers) or ()
+    header = forwarding.BETA_HEADER.get(upstream.protocol)
+    if header:  # the beta features asked for, granted or not by policy
+        it.betas = forwarding.betas(flow.request.headers, header) or ()
     return it
 
 
