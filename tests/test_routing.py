@@ -440,3 +440,16 @@ def test_douane_sets_the_organization_and_project_its_key_bills(tmp_path, monkey
                     % {"dir": tmp_path})
     with pytest.raises(ConfigError, match="project"):
         config.load(path)
+
+
+@pytest.mark.parametrize(("offered", "ok"), [
+    ("realtime", True), ("realtime, openai-beta.realtime-v1", True),
+    ("realtime, openai-organization.org-other", False), ("openai-project.proj_x", False),
+    ("realtime, openai-insecure-api-key.sk-abc", False), ("chat", False)])
+def test_a_realtime_subprotocol_names_no_account_or_key(offered, ok):
+    """A browser's Realtime client names its key, organization and project as subprotocols."""
+    headers = tutils.treq().headers
+    headers.clear()
+    headers.update({"sec-websocket-protocol": offered, "upgrade": "websocket"})
+    refused, _ = forwarding.screen("openai", headers)
+    assert (refused is None) is ok

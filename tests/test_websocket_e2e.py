@@ -453,3 +453,19 @@ def test_an_upstream_silent_after_a_message_ends_the_session(quick, issuer):
     assert records[0]["action"] == "error"
     assert records[0]["reasons"][0]["rule"] == "upstream.timeout"
     client.close()
+
+
+def test_a_subprotocol_naming_an_organization_is_refused(setup, issuer):
+    """A Realtime browser client names the organization (project, its key) as a subprotocol:
+    refused before the upstream, as the header is."""
+    gw, upstream = setup
+    before = len(upstream.headers)
+    client = WsClient(gw.port, "/v1/realtime?model=gpt-realtime", {
+        "authorization": f"Bearer {issuer.mint('alice@corp.example', ['engineering'])}",
+        "sec-websocket-protocol": "realtime, openai-organization.org-other"})
+    assert client.status == 403
+    assert len(upstream.headers) == before
+    record = gw.audit_where(lambda r: r.get("reasons") and
+                            r["reasons"][0].get("field") == "headers.sec-websocket-protocol")[0]
+    assert record["action"] == "refuse" and record["reasons"][0]["rule"] == "route.header"
+    client.close()

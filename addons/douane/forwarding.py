@@ -35,7 +35,13 @@ NAMESPACE = {"openai": b"openai-", "anthropic": b"anthropic-"}
 HARMLESS = frozenset({b"anthropic-dangerous-direct-browser-access"})
 # the headers choosing whose account and project the org's key acts on: douane's to set
 ACCOUNT = frozenset({b"openai-organization", b"openai-project"})
-GOVERNED = frozenset({b"openai-beta", b"anthropic-version", b"anthropic-beta"})  # by value
+GOVERNED = frozenset({b"openai-beta", b"anthropic-version", b"anthropic-beta",
+                      b"sec-websocket-protocol"})  # by value
+# A Realtime WebSocket's subprotocols: a browser client names its key, organization and project
+# there (`openai-insecure-api-key.`, `openai-organization.`, `openai-project.`): refused as the
+# headers are.
+SUBPROTOCOLS = {"openai": frozenset({"realtime", "openai-beta.realtime-v1"}),
+                "anthropic": frozenset()}
 # what the openai SDK sends for the Assistants and Realtime betas: API versions, no features
 # (any other `OpenAI-Beta` value, `responses=experimental`, is a beta a grant lists)
 OPENAI_BETAS = frozenset({"assistants=v2", "realtime=v1"})
@@ -135,7 +141,7 @@ def screen(protocol: str, headers: Headers) -> tuple[tuple[str, str] | None, set
     for raw, value in headers.fields:
         name = raw.lower()
         if name in forwarded:
-            if name in GOVERNED and (why := _governed(name, headers)):
+            if name in GOVERNED and (why := _governed(name, headers, protocol)):
                 return (name.decode(), why), dropped
         elif name.startswith(SDK_PREFIX):
             continue
@@ -150,8 +156,13 @@ def screen(protocol: str, headers: Headers) -> tuple[tuple[str, str] | None, set
     return None, dropped
 
 
-def _governed(name: bytes, headers: Headers) -> str | None:
+def _governed(name: bytes, headers: Headers, protocol: str) -> str | None:
     value = headerfields.get(headers, name, "") or ""
+    if name == b"sec-websocket-protocol":
+        offered = {v.strip() for v in value.split(",")}
+        if not offered <= SUBPROTOCOLS[protocol]:
+            allowed = ", ".join(sorted(SUBPROTOCOLS[protocol])) or "none"
+            return f"a WebSocket subprotocol is one of: {allowed} (douane sends the credential)"
     if name == b"anthropic-version" and not VERSION.fullmatch(value.strip()):
         return "anthropic-version is a date (YYYY-MM-DD)"
     if name in (b"openai-beta", b"anthropic-beta") and betas(headers, name) is None:
