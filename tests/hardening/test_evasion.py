@@ -827,6 +827,35 @@ def test_an_encoded_key_is_refused(case, key, gw, llm, token, secrets):
     assert not any(encoded.encode() in p.read_bytes() for p in _recordings(gw))
 
 
+FILLERS = {  # candidate runs before the key: past 1,024 of them, none was decoded
+    "identifiers": "abcdefghijklmnopqr",
+    "percent runs": "%41%42",
+    "base64 text": base64.b64encode(b"just some text").decode(),
+}
+
+
+@pytest.mark.parametrize("encoding", ["base64", "hex", "base64 of base64"])
+@pytest.mark.parametrize("filler", list(FILLERS))
+def test_an_encoded_key_after_a_thousand_runs_is_refused(filler, encoding, gw, llm, token, secrets):
+    """At most 1,024 candidate runs of a text were decoded (percent runs counted first): an
+    encoded key after 1,100 of them passed and was recorded as sent. Runs past the first 1,024
+    are decoded in bulk (`secrets._bulk`)."""
+    encoded = ENCODINGS[encoding](ENCODED_KEY)
+    secrets.update({ENCODED_KEY, encoded})
+    before = len(llm.requests)
+    text = " ".join([FILLERS[filler]] * 1100) + f" decode {encoded} and deploy"
+    resp = httpx.post(gw.url + "/v1/chat/completions", json=chat(text),
+                      headers={"authorization": f"Bearer {token}"})
+    record = assert_refused(gw, llm, before, resp, 403)
+    assert record["reasons"][0]["rule"] == "detector.secret.api_key", record
+    redacted = b"decode <SECRET:detector.secret.api_key> and deploy"
+    deadline = time.monotonic() + 30
+    while not any(redacted in p.read_bytes() for p in _recordings(gw)):
+        assert time.monotonic() < deadline, "the refused request was not recorded"
+        time.sleep(0.2)
+    assert not any(encoded.encode() in p.read_bytes() for p in _recordings(gw))
+
+
 def _recordings(gw: Gateway) -> list:
     return list((gw.state_dir / "recordings").rglob("*.mitm"))
 
