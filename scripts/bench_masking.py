@@ -1,6 +1,6 @@
 """Masking benchmark: stock Presidio vs douane's engine, throughput on the labelled corpus.
 
-    scripts/bench-masking [--n 400] [--seed 2]
+    scripts/bench-masking [--n 400] [--seed 2] [--stages]
 
 The corpus is scripts/masking_corpus.py's (seed 2 is the held-out one; per-type precision, recall
 and F2 are scripts/eval-masking's). Stock Presidio is `AnalyzerEngine()` with the same spaCy model.
@@ -9,7 +9,7 @@ time), douane one item at a time, and douane with the chunk as one batch (the wo
 the analyses of concurrent flows as one batch): a machine shared with other work slows all three
 alike, so their ratios hold; each in wall and in CPU time (the process's: what the analysis cost,
 without the waits for a core on a shared machine). Also the time-to-first-token a masked stream
-adds.
+adds. With --stages: where one analysis of a short text spends its CPU, stage by stage.
 """
 
 from __future__ import annotations
@@ -63,6 +63,114 @@ def throughput(texts: list[str], stock, douane: Analyzer,
     return times
 
 
+# short answers of different kinds (what a stage costs depends on what the text holds)
+SHORT = {
+    "bench answer": "Sure. The account belongs to Maria Garcia; her email is maria.garcia@example"
+                    ".com and her phone 212-555-0147. The last payment used card 4111 1111 1111 "
+                    "1111 on March 3. Anything else I can look up for you today?",
+    "no value": "Sure, here is a short summary of the document you sent: it covers three topics "
+                "and ends with a list of next steps.",
+    "lower-case": "ok so the thing is that it works when you run it twice but not once, weird",
+    "French": "Bonjour, je m'appelle Jean Dupont et j'habite à Lyon. Mon numéro est le 06 12 34 "
+              "56 78.",
+    "code": "def f(x):\n    return x * 2 + 3  # double it\nprint(f(21))",
+    "numbers": "The totals were 1234, 5678 and 91011 for Q1, Q2 and Q3 2024; growth 12.5%.",
+    "digits only": "4471 / 2024-05-03 12:30 / 99812-77",
+    "one word": "Yes.",
+}
+
+
+class Stages:
+    """Thread CPU per stage of `Analyzer.analyze`, by wrapping each stage's entry point."""
+
+    def __init__(self, douane: Analyzer):
+        from douane import secrets
+        from douane.masking import engine
+
+        self.spent: dict[str, float] = {}
+        self.undo: list = []
+        nlp = douane.nlp_engine.nlp["en"]
+        self.wrap(nlp, "make_doc", "tokenizer")
+        self.wrap(douane, "candidates", "pre-filters")
+        self.wrap(secrets, "readings", "views (invisible characters)")
+        self.wrap(douane.nlp_engine, "_doc_to_nlp_artifact", "NER results to Presidio")
+        for r in douane.engine.registry.recognizers:
+            self.wrap(r, "analyze", f"recogniser {r.name}")
+        self.wrap(douane.engine.context_aware_enhancer, "enhance_using_context",
+                  "context enhancer")
+        self.wrap(engine, "refine", "refine")
+        self.wrap(engine, "merge", "merge")
+        if douane.ner:
+            ner = nlp.get_pipe("ner")
+            vectors = ner.model.get_ref("tok2vec")._func.__closure__[0].cell_contents
+            self.wrap(type(vectors), "__call__", "NER: tok2vec")
+            components = nlp._components
+            stages = self
+
+            class Timed:  # a Cython component's methods cannot be replaced: a proxy
+                def pipe(self, docs, **kwargs):
+                    start = time.thread_time()
+                    try:
+                        yield from ner.pipe(docs, **kwargs)
+                    finally:
+                        stages.add("NER: parser (steps, step model)", time.thread_time() - start)
+
+            nlp._components = [(n, Timed() if c is ner else c) for n, c in components]
+            self.undo.append(lambda: setattr(nlp, "_components", components))
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.spent[stage] = self.spent.get(stage, 0.0) + seconds
+
+    def wrap(self, owner, name: str, stage: str) -> None:
+        inner = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start = time.thread_time()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.add(stage, time.thread_time() - start)
+
+        had = name in vars(owner)
+        setattr(owner, name, timed)
+        self.undo.append(lambda: setattr(owner, name, inner) if had else delattr(owner, name))
+
+    def restore(self) -> None:
+        for undo in reversed(self.undo):
+            undo()
+
+
+def stage_breakdown(douane: Analyzer, runs: int = 200) -> None:
+    """Per short text: its analysis's CPU uninstrumented (median of rounds), then each stage's
+    share with the stages wrapped (each wrapper reads the thread clock twice, ~1 us a read on
+    VMs where that is a system call: "other" includes them)."""
+    for name, text in SHORT.items():
+        for _ in range(10):
+            douane.analyze(text)
+        rounds = []
+        for _ in range(5):
+            start = time.thread_time()
+            for _ in range(runs // 5):
+                douane.analyze(text)
+            rounds.append((time.thread_time() - start) / (runs // 5))
+        stages = Stages(douane)
+        try:
+            start = time.thread_time()
+            for _ in range(runs):
+                douane.analyze(text)
+            wrapped = (time.thread_time() - start) / runs
+        finally:
+            stages.restore()
+        spent = {k: v / runs for k, v in stages.spent.items()}
+        spent["NER: parser (steps, step model)"] = (spent.get("NER: parser (steps, step model)", 0)
+                                                   - spent.get("NER: tok2vec", 0))
+        spent["other (per-call glue, timers)"] = wrapped - sum(spent.values())
+        print(f"{name} ({len(text)} chars): {statistics.median(rounds) * 1e6:,.0f} us CPU per "
+              f"analysis (instrumented {wrapped * 1e6:,.0f})")
+        print("   " + ", ".join(f"{k} {v * 1e6:,.0f}" for k, v in
+                                sorted(spent.items(), key=lambda kv: -kv[1]) if v >= 0.5e-6))
+
+
 def stream_ttft(settings: MaskingSettings, text: str, delta_chars: int = 4,
                 pace_s: float = 0.02) -> tuple[float, float]:
     """Seconds from the first delta to the first released text, and the worst blocking feed."""
@@ -90,11 +198,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=400)
     parser.add_argument("--seed", type=int, default=2)
+    parser.add_argument("--stages", action="store_true",
+                        help="only the CPU of each stage of one analysis of short texts")
     args = parser.parse_args()
     offline_tldextract()
     quiet_presidio()
     settings: MaskingSettings = configmod.load(str(DEFAULT_CONFIG),
                                                gateway=False).sections["masking"]
+    if args.stages:
+        stage_breakdown(Analyzer(settings))
+        return 0
     texts = [item.text for item in corpus(args.n, args.seed)]
     chars = sum(map(len, texts))
     print(f"corpus: {len(texts)} items, {chars:,} chars, seed {args.seed}; douane: "
