@@ -22,7 +22,13 @@ from douane import protocols
 from douane.masking import operators
 from douane.masking.addon import RESPONSE_KINDS
 from douane.masking.engine import Analyzer, Span, trim_name
-from douane.masking.streaming import StreamMasker, plain_prefix, shift
+from douane.masking.streaming import (
+    StreamMasker,
+    could_release,
+    plain_prefix,
+    release_point,
+    shift,
+)
 from douane.protocols import anthropic, openai, streams
 from tests.support import upstream
 from tests.support.upstream import anthropic_stream, responses_stream
@@ -671,3 +677,25 @@ def test_a_masked_channels_end_takes_a_turn_even_when_its_analysis_is_known(anal
         body = b"".join(out)
         assert streamed_text("chat", body) == (whole(analyse, text) if masked else text)
         assert body.endswith(b"data: [DONE]\n\n")
+
+
+def test_no_proposal_is_made_for_held_text_no_analysis_could_release():
+    """`could_release` is what `release_point` needs for any cut (found or not, a detection
+    only moves a cut back): held text it refuses stays held whatever an analysis finds, so no
+    analysis is proposed for it (the end makes its own). Random held texts of words, value
+    groups, long tokens and spaces, after random left context, at several holds."""
+    rng = random.Random("douane-could-release")
+    words = ["a", "Maria", "4111", "1111", "+1", "(212)", "555-0147", "x" * 40, "e@x.io", "the",
+             "Garcia;", "\n", "  "]
+    released = refused = 0
+    for _ in range(20_000):
+        held = "".join(rng.choice(words) + rng.choice(["", " ", " ", "\n", "  "])
+                       for _ in range(rng.randint(1, 12)))
+        context = "".join(rng.choice(words) + " " for _ in range(rng.randint(0, 4)))
+        hold = rng.choice([0, 8, 32, 64])
+        cut = release_point(context + held, len(context), [], hold)
+        if not could_release(held, hold):
+            assert cut == len(context), (context, held, hold)
+            refused += 1
+        released += cut > len(context)
+    assert released > 1000 and refused > 1000  # neither side is vacuous
