@@ -179,16 +179,13 @@ class MessagesStream(StreamFormat):
 
     def whole_items(self, doc: Any) -> list[TextPiece]:
         """A remote MCP server's blocks (`mcp_tool_use` with its `server_name`, an
-        `mcp_tool_result`), whole (their `content_block_start`, or `message_start`)."""
-        kind = doc.get("type") if isinstance(doc, dict) else None
-        if kind == "content_block_start":
-            found = [doc.get("content_block")]
-        elif kind == "message_start":
-            content = doc["message"].get("content") if isinstance(doc.get("message"), dict) \
-                else None
-            found = content if isinstance(content, list) else []
-        else:
+        `mcp_tool_result`), whole wherever they are: any event's `content_block` (a block's
+        start) and any event's message's `content` (`message_start`)."""
+        if not isinstance(doc, dict):
             return []
+        message = doc.get("message")
+        content = message.get("content") if isinstance(message, dict) else None
+        found = [doc.get("content_block"), *(content if isinstance(content, list) else ())]
         blocks = [b for b in found if isinstance(b, dict) and b.get("type") in MCP_BLOCKS]
         if not blocks:
             return []

@@ -497,17 +497,14 @@ class ResponsesStream(StreamFormat):
 
     def whole_items(self, doc: Any) -> list[TextPiece]:
         """A remote MCP server's items (`mcp_call` with its `server_label`, `mcp_list_tools`
-        with its tools' names, an approval request), whole wherever they are (added, done, the
-        completed response)."""
-        kind = doc.get("type") if isinstance(doc, dict) else None
-        if kind in ("response.output_item.added", "response.output_item.done"):
-            found = [doc.get("item")]
-        elif kind in ("response.completed", "response.incomplete", "response.failed"):
-            output = doc["response"].get("output") if isinstance(doc.get("response"), dict) \
-                else None
-            found = output if isinstance(output, list) else []
-        else:
+        with its tools' names, an approval request), whole wherever they are: any event's
+        `item` (added, done) and any event's response's `output` (completed, and the created,
+        queued and in-progress ones, whose output the API may fill as it goes)."""
+        if not isinstance(doc, dict):
             return []
+        response = doc.get("response")
+        output = response.get("output") if isinstance(response, dict) else None
+        found = [doc.get("item"), *(output if isinstance(output, list) else ())]
         items = [i for i in found if isinstance(i, dict) and i.get("type") in MCP_ITEMS]
         if not items:
             return []
