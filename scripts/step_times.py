@@ -6,8 +6,9 @@ The real gateway (`addons/gateway.py`, the bench's config: identity, policy, aud
 receives flows built in-process (no sockets: mitmproxy's own per-connection work is not in the
 figures), for OpenAI chat, Responses, Anthropic messages and MCP tools/call bodies of several
 sizes, each with an answer of its size. Every step of the `Order` is timed (the thread's CPU
-clock), and a few functions inside them (`--inner`): the body walk, the policy's risk, the name
-checks. A row is the median µs per request over `--n` flows, after a warm-up.
+clock, `scripts/step_timers.py`'s wrappers), and a few functions inside them (`--inner`): the
+body walk, the policy's risk and secret scans, the name checks. A step's figure is its median µs
+over `--n` flows, after a warm-up.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import yaml
@@ -30,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "addons"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import step_timers  # noqa: E402
 from mitmproxy.addons.proxyserver import Proxyserver  # noqa: E402
 from mitmproxy.test import taddons, tflow, tutils  # noqa: E402
 
@@ -41,6 +41,7 @@ TEXT = ("Could you look at the quarterly numbers for the Lyon office and tell me
 ANSWER = ("Sure. The account belongs to Maria Garcia; her email is maria.garcia@example.com and "
           "her phone 212-555-0147. The last payment used card 4111 1111 1111 1111 on March 3. ")
 SIZES = {"s": 1, "m": 8, "l": 60}  # turns (messages, items, argument fields)
+WARM_UP = 30  # flows of each body before the timed ones
 
 
 def _tool_args(n: int) -> dict:
@@ -150,54 +151,10 @@ def config(work: Path) -> tuple[Path, str]:
     return path, token
 
 
-Times = defaultdict[str, int]  # this flow's CPU ns per step
-
-
-def timed(name: str, fn, times: Times, is_async: bool):
-    """`fn` counting its thread CPU ns into `times[name]`."""
-    if is_async:
-        async def step(*args, **kwargs):
-            t = time.thread_time_ns()
-            try:
-                return await fn(*args, **kwargs)
-            finally:
-                times[name] += time.thread_time_ns() - t
-        return step
-
-    def plain(*args, **kwargs):
-        t = time.thread_time_ns()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            times[name] += time.thread_time_ns() - t
-    return plain
-
-
-def instrument(checkpoint, times: Times, inner: bool) -> None:
-    for event, steps in checkpoint._steps.items():
-        if event in ("requestheaders", "request", "responseheaders", "response"):
-            checkpoint._steps[event] = tuple(
-                (timed(f"{step.__qualname__}", step, times, is_async), is_async)
-                for step, is_async in steps)
-    if not inner:
-        return
-    from douane import inspect, untrusted
-    from douane.policy import engine
-    from douane.protocols import fields
-    fields.cover = timed("  fields.cover", fields.cover, times, False)
-    engine.risk = timed("  engine.risk", engine.risk, times, False)
-    engine.evaluate_response = timed("  engine.evaluate_response", engine.evaluate_response,
-                                     times, False)
-    from douane import secrets
-    engine._split_secrets = timed("    engine._split_secrets", engine._split_secrets, times, False)
-    engine._joined = timed("    engine._joined", engine._joined, times, False)
-    secrets.find = timed("    secrets.find (all)", secrets.find, times, False)
-    untrusted.absurd_name = timed("  untrusted.absurd_name", untrusted.absurd_name, times, False)
-    inspect.read_request = timed("  inspect.read_request", inspect.read_request, times, False)
-    inspect.read_response = timed("  inspect.read_response", inspect.read_response, times, False)
-    inspect._decoded = timed("  inspect._decoded", inspect._decoded, times, False)
-    from douane import protocols
-    protocols.load_json = timed("  protocols.load_json", protocols.load_json, times, False)
+# `--inner`: functions inside the steps (`step_timers`' `also`: each call timed)
+INNER = ("douane.inspect:read_request,douane.inspect:read_response,douane.protocols:load_json,"
+         "douane.protocols.fields:cover,douane.untrusted:absurd_name,douane.policy.engine:risk,"
+         "douane.policy.engine:_split_secrets,douane.secrets:find")
 
 
 def flow(host: str, port: int, path: str, body: bytes, token: str):
@@ -222,13 +179,19 @@ async def one(checkpoint, f, answer: bytes) -> None:
 
 
 def report(rows: list, wanted: list[str], n: int) -> None:
-    for name, size, req, ans, t in rows:
-        print(f"\n{name} {size}: request {req} B, answer {ans} B (median µs per request, n={n})")
-        total = sum(statistics.median(v) for k, v in t.items() if not k.startswith(" ")) / 1000
-        for k, v in t.items():
-            if not wanted or k.startswith(" ") or any(w in k for w in wanted):
-                print(f"  {k:<34} {statistics.median(v) / 1000:8.1f}")
-        print(f"  {'all steps':<34} {total:8.1f}", flush=True)
+    """Steps: median CPU µs per call (one call per request); inner functions: calls per request,
+    median µs per call, and their total per request (nested calls counted in each)."""
+    for name, size, req, ans, times in rows:
+        print(f"\n{name} {size}: request {req} B, answer {ans} B (µs per request, n={n})")
+        for key, ((calls, total), samples) in times.items():
+            event, _, step = key.partition(" ")
+            if ":" in key:
+                print(f"    {key:<40} {calls / n:6.1f} calls x {statistics.median(samples) * 1e6:8.1f}"
+                      f" = {total / n * 1e6:8.1f}")
+            elif step == "*" or not wanted or any(w in step for w in wanted):
+                print(f"  {step if step != '*' else event + ', all steps':<42} "
+                      f"{statistics.median(samples) * 1e6:8.1f}")
+        print(flush=True)
 
 
 def main() -> int:
@@ -242,27 +205,25 @@ def main() -> int:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         path, token = config(Path(tmp))
-        gateway = load_gateway()
-        [checkpoint] = gateway.addons
-        times: Times = defaultdict(int)
-        instrument(checkpoint, times, args.inner)
+        [checkpoint] = load_gateway().addons
+        timers = step_timers.StepTimers()
         rows = []
-        with taddons.context(Proxyserver(), checkpoint) as tctx:
-            tctx.configure(checkpoint, douane_config=str(path))
+        with taddons.context(Proxyserver(), checkpoint, timers) as tctx:
+            tctx.configure(checkpoint, douane_config=str(path),
+                           douane_step_timers_also=INNER if args.inner else "")
+            timers.running()  # the steps wrapped
             loop = asyncio.new_event_loop()
             for name in args.only.split(","):
                 for size in args.sizes.split(","):
                     url, body, answer = BODIES[name](SIZES[size])
                     raw, raw_answer = json.dumps(body).encode(), json.dumps(answer).encode()
-                    acc: dict[str, list[int]] = defaultdict(list)
-                    for i in range(args.n + 30):
-                        times.clear()
+                    for i in range(args.n + WARM_UP):
+                        if i == WARM_UP:
+                            step_timers._times.clear()
                         f = flow("127.0.0.1", 9, url, raw, token)
                         loop.run_until_complete(one(checkpoint, f, raw_answer))
-                        if i >= 30:  # after a warm-up
-                            for k, ns in times.items():
-                                acc[k].append(ns)
-                    rows.append((name, size, len(raw), len(raw_answer), dict(acc)))
+                    rows.append((name, size, len(raw), len(raw_answer), dict(step_timers._times)))
+                    step_timers._times.clear()
             loop.close()
         report(rows, [s for s in args.steps.split(",") if s], args.n)
     return 0
