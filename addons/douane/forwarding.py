@@ -21,7 +21,7 @@ import urllib.parse
 
 from mitmproxy.http import Headers
 
-from douane import headerfields
+from douane import headerfields, secrets
 
 FRAMING = frozenset({b"host", b"content-length", b"transfer-encoding", b"content-encoding",
                      b"content-type", b"accept", b"accept-encoding", b"connection", b"upgrade",
@@ -138,13 +138,15 @@ def screen(protocol: str, headers: Headers) -> tuple[tuple[str, str] | None, set
     none), and the headers no rule and no provider reads, to drop. One pass over the fields."""
     forwarded, namespace = FORWARDED[protocol], NAMESPACE[protocol]
     dropped: set[bytes] = set()
+    values: list[tuple[bytes, bytes]] = []  # what goes on, as sent
     for raw, value in headers.fields:
         name = raw.lower()
         if name in forwarded:
             if name in GOVERNED and (why := _governed(name, headers, protocol)):
                 return (name.decode(), why), dropped
+            values.append((name, value))
         elif name.startswith(SDK_PREFIX):
-            continue
+            values.append((name, value))
         elif name in ACCOUNT:
             return (name.decode(), "douane chooses the organization and project the org's key "
                     "acts on"), dropped
@@ -153,7 +155,21 @@ def screen(protocol: str, headers: Headers) -> tuple[tuple[str, str] | None, set
                     "douane does not know what this header would switch on"), dropped
         elif (name, value.lower()) != (b"expect", b"100-continue"):  # mitmproxy's to answer
             dropped.add(name)
-    return None, dropped
+    return _secret(values), dropped
+
+
+def _secret(values: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
+    """The first forwarded header whose value holds a secret of the catalogue (not the entropy
+    bar: idempotency keys are random): a key the body's detectors refuse would reach the provider
+    in a `user-agent` or an `x-stainless-*` value. One test of all the values for a hint first
+    (every catalogue kind has some; an encoded key without one is not looked for here)."""
+    texts = [(name, value.decode("utf-8", "surrogateescape")) for name, value in values]
+    if not secrets.hinted("\n".join(text for _, text in texts)):
+        return None
+    for name, text in texts:
+        if secrets.hinted(text) and (found := secrets.find(text, high_entropy=False)):
+            return name.decode(), f"its value holds a secret ({found[0].kind.rule})"
+    return None
 
 
 def _governed(name: bytes, headers: Headers, protocol: str) -> str | None:

@@ -360,6 +360,11 @@ def _places(lowered: str, hint: str) -> Iterator[int]:
         at = lowered.find(hint, at + 1)
 
 
+def hinted(text: str) -> bool:
+    """Whether a hint of a catalogue kind occurs in `text` (read as is: no view, no decoding)."""
+    return bool(_hinted(text))
+
+
 def _tokens(text: str) -> bytes:
     """`text` mapped to `_TOKEN_BYTES`, one byte a character (non-ASCII ones: `?`, a space)."""
     return text.encode("ascii", "replace").translate(_TOKEN_BYTES)

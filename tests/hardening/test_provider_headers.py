@@ -6,6 +6,7 @@ else is dropped. Through a real gateway in reverse mode, with the official SDKs.
 from __future__ import annotations
 
 import contextlib
+import json
 
 import anthropic
 import httpx
@@ -205,3 +206,29 @@ def test_documented_parameters_pass(gw, llm, granted):
                       headers={"x-api-key": granted})
     assert resp.status_code == 200, resp.text
     assert llm.requests[-1].path == "/anthropic/v1/messages?beta=true"
+
+
+HEADER_KEY = "sk-proj-" + "Hv3nQ8wLr5Tz" * 3
+
+
+@pytest.mark.parametrize("name, value", [
+    ("User-Agent", f"OpenAI/Python 1.99.1 {HEADER_KEY}"),
+    ("X-Stainless-Arch", HEADER_KEY),
+    ("Idempotency-Key", HEADER_KEY),
+    ("Accept", f"application/json; k={HEADER_KEY}"),
+    ("X-Stainless-Note", "AKIAQX7RZ2LMN4TB5KWD"),
+])
+def test_a_secret_in_a_forwarded_header_is_refused(gw, llm, token, secrets, name, value):
+    """Red team, stop 29: the headers that go on to the provider were read by no detector, so a
+    key the body's detectors refuse reached the provider beside the org's key in a user-agent,
+    an x-stainless-* value, an idempotency key or a media type's parameter."""
+    secrets.update({HEADER_KEY, "AKIAQX7RZ2LMN4TB5KWD"})
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + "/v1/chat/completions", json=CHAT,
+                      headers={"authorization": f"Bearer {token}", name: value})
+    record = assert_refused(gw, llm, before, resp, 403)
+    assert resp.json()["error"]["code"] == "header_refused"
+    reason = record["reasons"][0]
+    assert reason["rule"] == "route.header" and "detector.secret." in reason["message"], reason
+    assert reason["field"] == f"headers.{name.lower()}", reason
+    assert HEADER_KEY not in json.dumps(record) and "AKIAQX7RZ2LMN4TB5KWD" not in json.dumps(record)
