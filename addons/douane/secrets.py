@@ -436,15 +436,11 @@ _HEX = re.compile(r"(?:[0-9A-Fa-f]{2})+")
 # found around each `%XX` (`_percent_runs`): one pattern demanding a `%XX` in the middle retried
 # every position of every word of a text (~8 ms in 40 KB of prose).
 _URL_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2}|[A-Za-z0-9._~+/=:-])+")
-# Escapes a model reads through, each kind, percent ones among them: a run holding one that is
-# not a percent escape (`\u0073k-`, `&#115;k-`, `\x73k-`), decoded whole. The lookahead keeps a run
-# from starting inside a `%XX` (a long percent run holding no other escape was tried from each).
-_ESCAPE = (r"\\u[0-9A-Fa-f]{4}|\\x[0-9A-Fa-f]{2}|&#[0-9]{1,7};|&#[xX][0-9A-Fa-f]{1,6};"
-           r"|&[A-Za-z][A-Za-z0-9]{1,31};")
-_ESC_CHAR = rf"(?:{_ESCAPE}|%[0-9A-Fa-f]{{2}}|[A-Za-z0-9._~+/=:-])"
-_ESC_RUN = re.compile(rf"(?<![A-Za-z0-9._~+/=:-])(?!(?<=%)[0-9A-Fa-f]{{2}}){_ESC_CHAR}*"
-                      rf"(?:{_ESCAPE}){_ESC_CHAR}*")
-_ESC_ONE = re.compile(r"\\u([0-9A-Fa-f]{4})|\\x([0-9A-Fa-f]{2})|&[#A-Za-z][A-Za-z0-9]*;")
+# Escapes a model reads through, each kind, percent ones among them: the run around each escape
+# that is not a percent escape (`\u0073k-`, `&#115;k-`, `\x73k-`), decoded whole (`_escape_runs`).
+_ESC_ONE = re.compile(r"\\u([0-9A-Fa-f]{4})|\\x([0-9A-Fa-f]{2})|&(?:#[0-9]{1,7}|#[xX][0-9A-Fa-f]"
+                      r"{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+_ESC_RUN = re.compile(rf"(?:{_ESC_ONE.pattern}|%[0-9A-Fa-f]{{2}}|[A-Za-z0-9._~+/=:-])+")
 # Base64 wrapped in lines (MIME's 76 columns, PEM's 64): read as one run, line breaks dropped.
 _WRAPPED = re.compile(r"[A-Za-z0-9+/_-]{16,}(?:\r?\n[A-Za-z0-9+/_-]+)+={0,2}")
 _BASE32 = re.compile(r"[A-Z2-7]{16,}|[a-z2-7]{16,}")
@@ -534,8 +530,23 @@ def _escape(m: re.Match[str]) -> str:
     return "\ufffd" if 0xD800 <= int(code, 16) <= 0xDFFF else chr(int(code, 16))
 
 
-def _unescaped(run: str) -> list[str]:
-    return _unquoted(_ESC_ONE.sub(_escape, run))
+def _escape_runs(text: str) -> list[tuple[re.Match[str], list[str]]]:
+    """The runs of `text` holding an escape that is not a percent one, each with what it decodes
+    to: the stretch around each such escape, as `_percent_runs` finds its runs (one pattern
+    demanding an escape inside a run retried every position of a text holding one)."""
+    runs: list[tuple[re.Match[str], list[str]]] = []
+    end = 0
+    for esc in _ESC_ONE.finditer(text):
+        at = esc.start()
+        if at < end:  # in the run found last
+            continue
+        start = max(end, text.rfind(" ", end, at) + 1, text.rfind("\n", end, at) + 1)
+        run = next((m for m in _ESC_RUN.finditer(text, start) if m.end() > at), None)
+        if run is None:
+            break
+        runs.append((run, _unquoted(_ESC_ONE.sub(_escape, run.group()))))
+        end = run.end()
+    return runs
 
 
 _URL_SAFE = str.maketrans("-_", "+/")
@@ -575,7 +586,7 @@ def _encoded(text: str, depth: int = 0, tokens: bytes | None = None) -> list[Fou
         return []
     runs = _percent_runs(text)
     if _escaped(text):
-        runs += [(m, _unescaped(m.group())) for m in _ESC_RUN.finditer(text)]
+        runs += _escape_runs(text)
     at = tokens.find(_B64_MARK)
     while at >= 0 and len(runs) < _RUNS_MOST:  # the regex on token runs only (~5x faster than its scan of every position)
         start = tokens.rfind(b" ", 0, at) + 1
