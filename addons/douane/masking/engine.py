@@ -388,8 +388,12 @@ class TokenVectors:
                 rows.append((end, end + len(doc)))
                 end += len(doc) + pad
         X = X[:end]
-        for layer in self.layers[1:]:
-            X += self._maxout_norm(self.ops.seq2col(X, 1), layer)
+        if rows:  # each layer (a window of one) only on the rows the next ones still read: the
+            lo, hi = rows[0][0], rows[-1][1]  # outer padding shrinks by one row per layer, to
+            for depth, layer in enumerate(self.layers[1:], 1):  # one (BLAS takes one row of
+                reach = max(pad - depth, 1)  # a product another way: other floats)
+                a, b = lo - reach, hi + reach
+                X[a:b] += self._maxout_norm(self.ops.seq2col(X[a - 1:b + 1], 1)[1:-1], layer)
         X = X[rows[0][0]:rows[0][1]] if len(rows) == 1 else X[np.concatenate(
             [np.arange(start, stop) for start, stop in rows] or [np.arange(0)])]
         W, b = self.linear
