@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import types
 
 import pytest
 from mitmproxy import exceptions, options
@@ -82,6 +83,12 @@ class Hooked:
             raise self.fail(self.name)
 
 
+class HookedAsync(Hooked):
+    async def request(self, flow) -> None:
+        await asyncio.sleep(0)
+        super().request(flow)
+
+
 class Plain:
     """No hook of its own; its children may have some (as a script under ScriptLoader)."""
 
@@ -118,8 +125,11 @@ def test_the_walk_calls_every_hook_mitmproxys_walk_calls():
             calls: list[str] = []
             odd = Plain("odd")
             odd.request = "not callable"
+            imported = Plain("imported", [Hooked("beside", calls)])
+            imported.request = types  # a module it imported, named like the event: passed over
             return [Hooked("first", calls), Plain("empty"),
                     Plain("loader", [Plain("script", [Hooked("deep", calls)])]),
+                    HookedAsync("awaited", calls), imported,
                     Hooked("failing", calls, ValueError), odd,
                     Plain("nested", [Hooked("child", calls), Plain("leaf")]),
                     Hooked("halting", calls, exceptions.AddonHalt), Hooked("never", calls)]
@@ -128,8 +138,29 @@ def test_the_walk_calls_every_hook_mitmproxys_walk_calls():
         theirs = await walked(builtins._original_walk, chain(), flow)
         assert ours == theirs
         calls, errors = ours
-        assert calls == ["first", "deep", "failing", "child", "halting"]
+        assert calls == ["first", "deep", "awaited", "beside", "failing", "child", "halting"]
         assert any("failing" in e for e in errors) and any("not callable" in e for e in errors)
+    asyncio.run(scenario())
+
+
+def test_the_walk_sees_addons_added_and_children_changed_after_a_walk():
+    """What the walk visits is worked out once per chain: an addon added later, or a script
+    whose children change (reloaded), is called on the next walk; one removed is not."""
+    async def scenario() -> None:
+        flow = tflow.tflow()
+        calls: list[str] = []
+        script = Plain("script", [])
+        master = DumpMaster(options.Options(), with_termlog=False)
+        master.addons.add(script)
+        await builtins._walk(master.addons, RequestHook(flow))
+        later = Hooked("later", calls)
+        master.addons.add(later)
+        script.addons.append(Hooked("reloaded", calls))
+        await builtins._walk(master.addons, RequestHook(flow))
+        assert calls == ["reloaded", "later"]
+        master.addons.remove(later)
+        await builtins._walk(master.addons, RequestHook(flow))
+        assert calls == ["reloaded", "later", "reloaded"]
     asyncio.run(scenario())
 
 

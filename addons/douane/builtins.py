@@ -9,17 +9,21 @@ Turning one of those features on later is refused (restart with the option set),
 What guards traffic stays: block (block_global), disable_h2c, update_alt_svc, TLS, the proxy.
 
 The addons that stay are still walked for every event, and for the `update` event mitmproxy sends
-after each flow event (8 walks per request): a coroutine, a context manager and a generator per
-addon, ~20 µs per walk, most finding nothing. `install_walk` replaces mitmproxy's walk by the same
-walk that steps over an addon in which it would find no hook for the event (no attribute of that
-name in the addon or its children): a hook that exists is called exactly as mitmproxy calls it
-(in order, its errors logged and the walk going on, `AddonHalt` ending it). It cannot skip
-douane's steps: they are attributes of the `Checkpoint`. It is checked against mitmproxy's source
-at start, as douane's other wraps (`protocols.mitmpatch`).
+after each flow event (8 walks per request), mitmproxy's walk costing a coroutine, a context
+manager and a generator per addon, most finding nothing, and the event's arguments built anew for
+each addon it calls. `install_walk` replaces it by the same walk that visits only the addons that
+may have a hook for the event (worked out once per chain, scripts' children looked at each time)
+and calls each hook itself with the arguments built once: a hook that exists is called exactly
+as mitmproxy calls it (in order, async ones awaited, its errors logged by mitmproxy's `safecall`
+and the walk going on, `AddonHalt` ending it); ~45% less than the walk it replaced per request
+(four events and their `update`s, loaded host: 39 µs against 74; mitmproxy's own: ~320). It
+cannot skip douane's steps: they are attributes of the `Checkpoint`. It is checked against
+mitmproxy's source at start, as douane's other wraps (`protocols.mitmpatch`).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import weakref
 from collections.abc import Callable
@@ -77,20 +81,57 @@ EXPECTED = {
 _original_walk = AddonManager.trigger_event
 
 
+# event name -> (the chain it was worked out for, the addons of that chain the walk visits)
+_visits: dict[str, tuple[tuple[object, ...], tuple[object, ...]]] = {}
+
+
+def _visited(chain: list[object], name: str) -> tuple[object, ...]:
+    """The addons of `chain` that may have a hook for the event `name`: those with children
+    (scripts: what they hold changes when one is reloaded, so it is looked at on each walk) and
+    those with a truthy attribute of that name. A chain's built-ins keep their hooks, so this is
+    worked out again only when the chain changes (an addon added or removed)."""
+    now = tuple(chain)
+    known = _visits.get(name)
+    if known is not None and known[0] == now:
+        return known[1]
+    visits = tuple(a for a in now if hasattr(a, "addons") or getattr(a, name, None))
+    _visits[name] = (now, visits)
+    return visits
+
+
 async def _walk(self: AddonManager, event: hooks.Hook) -> None:
     """mitmproxy's `AddonManager.trigger_event`, stepping over the addons it would call nothing
-    in (their `invoke_addon` would find no truthy attribute named like the event)."""
-    name = event.name
-    for addon in self.chain:
-        if not getattr(addon, name, None) and not (
-                hasattr(addon, "addons") and any(getattr(a, name, None)
-                                                 for a in traverse(addon.addons))):
+    in, and calling itself the hooks `invoke_addon` would call (an addon's, then its children's,
+    depth first), with the event's arguments built once per walk where `invoke_addon` builds
+    them anew for each addon; errors are logged by mitmproxy's `safecall`. An addon holding an
+    attribute named like the event that is not callable (an error, or a module it imported) is
+    left to `invoke_addon`."""
+    name, args = event.name, None
+    for addon in _visited(self.chain, name):
+        found = [func for a in traverse((addon,)) if (func := getattr(a, name, None))]
+        if not found:
             continue
+        if not all(callable(f) for f in found):
+            try:
+                with safecall():
+                    await self.invoke_addon(addon, event)
+            except exceptions.AddonHalt:
+                return
+            continue
+        if args is None:
+            args = event.args()
         try:
-            with safecall():
-                await self.invoke_addon(addon, event)
+            for func in found:
+                result = func(*args)
+                if result is not None and inspect.isawaitable(result):
+                    await result
         except exceptions.AddonHalt:
             return
+        except exceptions.OptionsError:
+            raise
+        except Exception:
+            with safecall():  # logged as mitmproxy logs it
+                raise
 
 
 def install_walk() -> None:
