@@ -93,6 +93,10 @@ _ANTHROPIC_OPS = [
 ]
 # on every operation: Azure OpenAI's API version; the anthropic SDK's mark of a beta call
 EVERYWHERE = {"openai": ("api-version",), "anthropic": ("beta",)}
+# the only parameters spelt with brackets: a list (`include[]=a&include[]=b`, the SDKs' way)
+# and a map (`metadata[key]=v`); any other (`limit[]=1&limit[]=2`, `after[x]=`) is a scalar
+# given twice or in a shape a server may read either way
+BRACKETED = {"include": False, "metadata": True}  # named: keyed (a map)
 
 
 def _compile(ops: list[tuple[str, str, tuple[str, ...]]]
@@ -121,10 +125,14 @@ def query_problem(protocol: str, method: str, path: str, query: str) -> str | No
     allowed = parameters(protocol, method, path) | set(EVERYWHERE[protocol])
     seen: set[str] = set()
     for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-        base = name.split("[", 1)[0] if name.endswith("]") else name
+        base, bracket, rest = name.partition("[")
         shown = repr(base[:40])
         if base not in allowed:
             return f"the query parameter {shown} is not one {method} {path[:100]} documents"
+        key = rest[:-1] if rest.endswith("]") else "["
+        if bracket and (base not in BRACKETED or "[" in key or "]" in key
+                        or BRACKETED[base] != bool(key)):
+            return f"the query parameter {shown} is not a list or a map to spell {name[:60]!r}"
         if name in seen and not name.endswith("[]"):
             return f"the query parameter {shown} is given twice"
         if base == "beta" and value != "true":

@@ -828,6 +828,13 @@ class StoredObjects:
             if not isinstance(conversation_id, str):  # `"conv_..."` or `{"id": "conv_..."}`
                 return "conversations", "conversation names no id douane can read"
             named.append(("conversations", conversation_id, "conversation"))
+        # a video edited or extended (`POST /v1/videos/edits`, `/extensions`): `{"id": ...}`
+        if "video" in doc:
+            video = doc["video"]
+            video_id = video.get("id") if isinstance(video, dict) else None
+            if not isinstance(video_id, str):
+                return "videos", "video names no id douane can read"
+            named.append(("videos", video_id, "video.id"))
         # a code interpreter run in a container by id (`{"type": "auto"}` starts a new one)
         for k, tool in enumerate(doc.get("tools") if isinstance(doc.get("tools"), list) else []):
             if isinstance(tool, dict) and tool.get("type") == "code_interpreter" and \

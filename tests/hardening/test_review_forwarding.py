@@ -1,0 +1,86 @@
+"""Review of stop 29's forwarding allowlist (`douane.forwarding`) through a real gateway, with
+requests no SDK writes: a header given twice, folded, a name spelt with a space or a control
+character; a parameter given twice under another spelling."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.parse
+
+import httpx
+import pytest
+
+from tests.hardening.conftest import assert_refused
+from tests.hardening.test_provider_headers import MESSAGE, granted, gw, token  # noqa: F401
+
+
+def raw(gateway, head: bytes, body: bytes = b"") -> httpx.Response:
+    """One request written as is; its answer read back as httpx would."""
+    port = urllib.parse.urlsplit(gateway.url).port
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head + b"\r\n" + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    status, _, rest = data.partition(b"\r\n")
+    headers, _, content = rest.partition(b"\r\n\r\n")
+    fields = [tuple(x.strip() for x in line.split(b":", 1)) for line in headers.split(b"\r\n")]
+    return httpx.Response(int(status.split()[1]), headers=fields, content=content)
+
+
+def message(gateway, user: str, extra: bytes) -> httpx.Response:
+    body = json.dumps(MESSAGE).encode()
+    return raw(gateway, b"POST /anthropic/v1/messages HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+               b"Authorization: Bearer " + user.encode() + b"\r\nContent-Type: application/json"
+               b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n" + extra, body)
+
+
+@pytest.mark.parametrize("extra", [
+    b"anthropic-beta: files-api-2025-04-14\r\nanthropic-beta: mcp-client-2025-04-04\r\n",
+    b"Anthropic-Beta: files-api-2025-04-14\r\nANTHROPIC-BETA: mcp-client-2025-04-04\r\n",
+    b"anthropic-beta: files-api-2025-04-14,\r\n mcp-client-2025-04-04\r\n",
+    b"anthropic-beta: files-api-2025-04-14\r\n\tmcp-client-2025-04-04\r\n",
+    b"anthropic-beta: files-api-2025-04-14, , mcp-client-2025-04-04\r\n",
+    b"anthropic-beta: files-api-2025-04-14, MCP-Client-2025-04-04\r\n",
+], ids=["twice", "twice-cased", "folded", "folded-tab", "empty-between", "upper"])
+def test_a_beta_beside_a_granted_one_is_refused(gw, llm, granted, extra):  # noqa: F811
+    before = len(llm.requests)
+    resp = message(gw, granted, extra)
+    record = assert_refused(gw, llm, before, resp, 403)
+    assert record["reasons"][0]["rule"] in ("grant.beta", "route.header"), record
+
+
+@pytest.mark.parametrize("extra", [b"anthropic-beta : mcp-client-2025-04-04\r\n",
+                                   b"anthropic-beta\t: mcp-client-2025-04-04\r\n",
+                                   b"openai-organization : org-other\r\n"])
+def test_a_name_spelt_with_a_space_never_reaches_the_provider(gw, llm, granted, extra):  # noqa: F811
+    before = len(llm.requests)
+    resp = message(gw, granted, extra)
+    if resp.status_code == 200:
+        seen = llm.requests[before].headers
+        assert not any(k.strip().lower() in ("anthropic-beta", "openai-organization")
+                       for k in seen), seen
+    else:
+        assert len(llm.requests) == before
+
+
+def test_a_refused_name_is_recorded_bounded_and_printable(gw, llm, token):  # noqa: F811
+    name = b"anthropic-\x1b[31mred\x07" + b"x" * 5000
+    before = len(llm.requests)
+    resp = message(gw, token, name + b": 1\r\n")
+    record = assert_refused(gw, llm, before, resp, 400, 403, 431)
+    text = json.dumps(record)
+    assert "\x1b" not in text and "\x07" not in text, record["reasons"]
+    assert len(text) < 5000
+    assert "\x1b" not in gw.log_text()
+
+
+@pytest.mark.parametrize("query", ["limit[]=1&limit[]=2", "after[]=file-a&after[]=file-b",
+                                   "after[x]=file-a", "%6Cimit=1&limit=2",
+                                   "limit=1&limit%5B%5D=2", "purpose=batch&purpose[]=x"])
+def test_a_parameter_given_twice_in_any_spelling_is_refused(gw, llm, granted, query):  # noqa: F811
+    before = len(llm.requests)
+    resp = httpx.get(f"{gw.url}/v1/files?{query}", headers={"authorization": f"Bearer {granted}"})
+    record = assert_refused(gw, llm, before, resp, 400)
+    assert record["reasons"][0]["rule"] == "route.query", record

@@ -1,0 +1,66 @@
+"""Review of stop 29's owner kinds through a real gateway: an id named where the API names it in
+a body is its user's."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import yaml
+
+from tests.hardening.conftest import assert_refused, with_claude
+from tests.support.gateway import Gateway, base_config
+from tests.support.upstream import FakeUpstream
+from tests.test_assistant_owners_e2e import ENV, Objects
+
+POLICY = {"version": 1, "groups": {"staff": {"upstreams": {
+    "llm": {"models": ["*"], "operations": ["GET /v1/videos/*", "POST /v1/videos/edits",
+                                            "POST /v1/videos/extensions"]}}}}}
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    llm = FakeUpstream()
+    llm.answer = Objects()
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def gw(issuer, upstream, tmp_path_factory):
+    work = tmp_path_factory.mktemp("review-owners")
+    (work / "policy.yaml").write_text(yaml.safe_dump(POLICY))
+    config = base_config(issuer.url, upstream.url + "/v1",
+                         policy={"files": [str(work / "policy.yaml")]})
+    with_claude(config, upstream.url)
+    with Gateway(config, mode=f"reverse:{upstream.url}", env=ENV, workdir=work) as gateway:
+        yield gateway
+
+
+@pytest.fixture(scope="module")
+def users(issuer):
+    return tuple({"authorization": f"Bearer {issuer.mint(f'{n}@corp', ['staff'])}"}
+                 for n in ("alice", "bob"))
+
+
+@pytest.mark.parametrize("operation", ["edits", "extensions"])
+def test_a_video_named_in_an_edit_body_is_its_users(gw, upstream, users, operation):
+    """`POST /v1/videos/edits` and `/extensions` name their source video as `{"video": {"id":
+    ...}}` (JSON, as the API documents beside multipart): another user's was edited."""
+    alice, bob = users
+    mine = f"video_{operation}_a"
+    assert httpx.get(f"{gw.url}/v1/videos/{mine}", headers=alice).status_code == 200  # adopted
+    before = len(upstream.requests)
+    resp = httpx.post(f"{gw.url}/v1/videos/{operation}", headers=bob, json={
+        "prompt": "again", "seconds": "4", "video": {"id": mine}})
+    record = assert_refused(gw, upstream, before, resp, 404)
+    assert record["reasons"][0]["rule"] == "owner.video", record
+    assert "video.id" in record["reasons"][0]["message"], record
+    resp = httpx.post(f"{gw.url}/v1/videos/{operation}", headers=alice, json={
+        "prompt": "again", "seconds": "4", "video": {"id": mine}})
+    assert resp.status_code == 200, resp.text
+    # a reference douane cannot read is refused, not passed
+    before = len(upstream.requests)
+    resp = httpx.post(f"{gw.url}/v1/videos/{operation}", headers=bob, json={
+        "prompt": "again", "seconds": "4", "video": mine})
+    record = assert_refused(gw, upstream, before, resp, 400, 403, 404)
+    assert "video names no id" in record["reasons"][0]["message"], record
