@@ -29,10 +29,12 @@ default:
 """
 MODEL_KEY = "sk-proj-" + "Qm7vR2xT9kLp4Wn8" * 3
 TOOL_TOKEN = "ghp_" + "aB3dE5gH7jK9mN1pQ3sT5vW7yZ9bC1dF2hJ4"
-HEADER_KEYS = {"x-custom-token": "sk-" + "Zt4Hq8Lm2Vx6Pc9R" * 2,
-               "x-aws-key": "AKIA" + "Q7WERTY2UIOP3ASD",
+# headers douane forwards (others never reach the upstream nor a recording: `douane.forwarding`)
+HEADER_KEYS = {"x-stainless-custom-token": "sk-" + "Zt4Hq8Lm2Vx6Pc9R" * 2,
+               "x-stainless-aws-key": "AKIA" + "Q7WERTY2UIOP3ASD",
                "user-agent": "agent/1.0 (ghp_" + "Xy2Wv4Ut6Sr8Qp0On2Ml4Kj6Ih8Gf0Ed2Cb4A" + ")"}
-LEAKED = (MODEL_KEY, TOOL_TOKEN, HEADER_KEYS["x-custom-token"], HEADER_KEYS["x-aws-key"],
+LEAKED = (MODEL_KEY, TOOL_TOKEN, HEADER_KEYS["x-stainless-custom-token"],
+          HEADER_KEYS["x-stainless-aws-key"],
           "ghp_Xy2Wv4Ut6Sr8Qp0On2Ml4Kj6Ih8Gf0Ed2Cb4A")
 
 
@@ -132,13 +134,15 @@ def test_absurd_model_and_tool_names_are_refused_at_the_door(gw, llm, issuer):
 def test_secrets_sent_as_names_and_headers_are_in_no_record(gw, issuer):
     token = issuer.mint("sam@corp.example", ["engineering"])
     rows = len(indexed(gw, 0))
-    resp = chat(gw, token, MODEL_KEY, headers=HEADER_KEYS)  # blocked or not, it is recorded
-    assert resp.status_code in (200, 403), resp.text
+    # blocked or not, each is recorded (a header holding a key is refused before the body is
+    # read: the model's key goes in a request of its own)
+    for resp in (chat(gw, token, MODEL_KEY), chat(gw, token, headers=HEADER_KEYS)):
+        assert resp.status_code in (200, 403), resp.text
     resp = rpc(gw, token, {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
                            "params": {"name": TOOL_TOKEN, "arguments": {}}})
     assert resp.headers["x-douane-decision-id"]
-    gw.audit_where(lambda r: r.get("user") == "sam@corp.example", count=2)
-    assert len(indexed(gw, rows + 2)) >= rows + 2
+    gw.audit_where(lambda r: r.get("user") == "sam@corp.example", count=3)
+    assert len(indexed(gw, rows + 3)) >= rows + 3
     files = [p for p in gw.state_dir.rglob("*") if p.is_file() and
              (p.suffix in (".mitm", ".jsonl") or "sqlite3" in p.name)]
     assert {".mitm", ".jsonl"} <= {p.suffix for p in files}
@@ -277,11 +281,13 @@ def test_a_secret_after_a_header_that_ends_in_its_name_is_in_no_record(gw, issue
     recorded, and, remembered clean, in every later flow carrying that header alone."""
     token = issuer.mint("hal@corp.example", ["engineering"])
     leaked = "Hunter2!x-4f9q"
-    headers = {"x-note": "the password is", "x-db": f"[x]password={leaked}"}
-    for extra in (headers, {"x-db": headers["x-db"]}):
-        assert chat(gw, token, headers=extra).status_code == 200
+    # (headers douane forwards: others reach no recording, `douane.forwarding`)
+    headers = {"x-stainless-note": "the password is",
+               "x-stainless-db": f"[x]password={leaked}"}
+    for extra in (headers, {"x-stainless-db": headers["x-stainless-db"]}):
+        assert chat(gw, token, headers=extra).status_code in (200, 403)  # refused: a secret
     gw.audit_where(lambda r: r.get("user") == "hal@corp.example", count=2)
-    assert leaked.encode() not in recorded(gw, "hal@corp.example", b"x-db",
+    assert leaked.encode() not in recorded(gw, "hal@corp.example", b"x-stainless-db",
                                            "no recording of the flows")
 
 
