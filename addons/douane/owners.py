@@ -136,6 +136,9 @@ _OBJECTS = "responses|conversations|chat/completions|items|containers|files|vect
 # `/v1/conversations/{id}/items/{item}`, `/v1/vector_stores/{id}/files/{file}`); the endpoints
 # named there that are not ids.
 STORED_PATH = re.compile(rf"/({_OBJECTS})/([^/]+)", re.IGNORECASE)
+# What any id of either API is spelt with: another character in a path's id (`asst_x;v=1`,
+# `%3B`, `,`, `.mp4`) is a spelling a server may read as the id and a parameter, a new id here
+OBJECT_ID = re.compile(r"[A-Za-z0-9_-]+")
 NOT_IDS = frozenset({("responses", "input_tokens"), ("responses", "compact"),
                      ("threads", "runs"),  # `POST /v1/threads/runs`: a new thread and its run
                      ("videos", "edits"), ("videos", "extensions"),  # new videos
@@ -800,6 +803,8 @@ class StoredObjects:
             for m in STORED_PATH.finditer(flow.request.path.split("?")[0]):
                 kind, object_id = m[1].lower(), m[2]
                 if (kind, object_id) not in NOT_IDS:
+                    if not OBJECT_ID.fullmatch(object_id):
+                        return kind, "the path names an id spelt with characters no id holds"
                     named.append((kind, object_id, "the path"))
                 if kind == "containers":
                     break  # its files (`cfile_...`) are the container's

@@ -64,3 +64,17 @@ def test_a_video_named_in_an_edit_body_is_its_users(gw, upstream, users, operati
         "prompt": "again", "seconds": "4", "video": mine})
     record = assert_refused(gw, upstream, before, resp, 400, 403, 404)
     assert "video names no id" in record["reasons"][0]["message"], record
+
+
+@pytest.mark.parametrize("alias", [";v=1", "%3Bv=1", ",x", "%2Cx", "%3Dx", "%40x", ":x"])
+def test_an_id_spelt_with_a_parameter_in_a_path_is_refused(gw, upstream, users, alias):
+    """`/v1/videos/video_a;v=1` was bound as written, a new id: a provider that reads `;`
+    parameters (or decodes `%3B` then does) would serve another user's `video_a` to whoever
+    adopted the new spelling. No id of either API holds a character outside `[A-Za-z0-9_-]`."""
+    alice, bob = users
+    mine = "video_alias_" + alias.encode().hex()
+    assert httpx.get(f"{gw.url}/v1/videos/{mine}", headers=alice).status_code == 200
+    before = len(upstream.requests)
+    resp = httpx.get(f"{gw.url}/v1/videos/{mine}{alias}", headers=bob)
+    record = assert_refused(gw, upstream, before, resp, 404)
+    assert record["reasons"][0]["rule"] == "owner.video", record
