@@ -16,6 +16,7 @@ A query passes only with the parameters its operation documents (`QUERIES`), eac
 
 from __future__ import annotations
 
+import hashlib
 import re
 import urllib.parse
 
@@ -215,3 +216,18 @@ def keep(headers: Headers, names: frozenset[bytes], prefix: bytes) -> None:
                and (k.lower(), v.lower()) != (b"expect", b"100-continue")}
     if dropped:
         headerfields.pop(headers, dropped)
+
+
+def own_idempotency_key(headers: Headers, user: str | None) -> None:
+    """A client's `Idempotency-Key`, made its user's: a provider keys the answers it replays by
+    the credential, the org's one for every user, so another user sending the same key (seen
+    in a log, a screen) would be served this user's answer. Sent as a digest of the user and
+    the key (bounded, still one per request); dropped where no user is known."""
+    value = headerfields.get(headers, b"idempotency-key")
+    if value is None:
+        return
+    if user is None:
+        headerfields.pop(headers, (b"idempotency-key",))
+        return
+    own = hashlib.sha256(f"{user}\0{value}".encode("utf-8", "surrogateescape")).hexdigest()
+    headerfields.put(headers, "idempotency-key", own[:40])

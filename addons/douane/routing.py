@@ -139,6 +139,8 @@ class Broker:
             if screened is None:
                 return
             dropped = screened
+            forwarding.own_idempotency_key(flow.request.headers, st.identity.user
+                                           if (st := state(flow)).identity else None)
         if not self._operation_allowed(flow):
             return
         headerfields.pop(flow.request.headers, CLIENT_CREDENTIAL_HEADERS | dropped)

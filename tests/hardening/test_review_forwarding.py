@@ -84,3 +84,19 @@ def test_a_parameter_given_twice_in_any_spelling_is_refused(gw, llm, granted, qu
     resp = httpx.get(f"{gw.url}/v1/files?{query}", headers={"authorization": f"Bearer {granted}"})
     record = assert_refused(gw, llm, before, resp, 400)
     assert record["reasons"][0]["rule"] == "route.query", record
+
+
+def test_an_idempotency_key_is_its_users(gw, llm, token, granted):  # noqa: F811
+    """Every user reaches the provider with the org's one credential, which is what a provider
+    keys a replayed answer by: another user sending the same `Idempotency-Key` (seen in a log, a
+    screen) would be served this user's answer. It reaches the provider as the user's own."""
+    sent = []
+    for user in (token, granted, token):
+        before = len(llm.requests)
+        resp = httpx.post(f"{gw.url}/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"authorization": f"Bearer {user}", "idempotency-key": "retry-7f3a"})
+        assert resp.status_code == 200, resp.text
+        sent.append(llm.requests[before].headers.get("idempotency-key"))
+    assert sent[0] == sent[2] and sent[0] != sent[1] and "retry-7f3a" not in sent, sent
+    assert all(s and len(s) <= 64 for s in sent), sent
