@@ -150,6 +150,11 @@ def screen(protocol: str, headers: Headers) -> tuple[tuple[str, str] | None, set
     values: list[tuple[bytes, bytes]] = []  # what goes on, as sent
     for raw, value in headers.fields:
         name = raw.lower()
+        if (b"\n" in value or b"\r" in value) and (name in forwarded or
+                                                   name.startswith(SDK_PREFIX)):
+            # folded onto a continuation line (obs-fold): mitmproxy sends it on folded, and a
+            # server may read the next line as a header of its own (RFC 9112: reject it)
+            return (_shown(name), "its value is folded over several lines"), dropped
         if name in forwarded:
             if name in GOVERNED and (why := _governed(name, headers, protocol)):
                 return (name.decode(), why), dropped
@@ -160,11 +165,16 @@ def screen(protocol: str, headers: Headers) -> tuple[tuple[str, str] | None, set
             return (name.decode(), "douane chooses the organization and project the org's key "
                     "acts on"), dropped
         elif name.startswith(namespace) and name not in HARMLESS:
-            return (name.decode("ascii", "replace")[:60],
-                    "douane does not know what this header would switch on"), dropped
+            return (_shown(name), "douane does not know what this header would switch on"), \
+                dropped
         elif (name, value.lower()) != (b"expect", b"100-continue"):  # mitmproxy's to answer
             dropped.add(name)
     return _secret(values), dropped
+
+
+def _shown(name: bytes) -> str:
+    """A header's name for a refusal (`x-stainless-*` and unknown names are the client's)."""
+    return name.decode("ascii", "replace")[:60]
 
 
 def _secret(values: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
@@ -177,7 +187,7 @@ def _secret(values: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
         return None
     for name, text in texts:
         if secrets.hinted(text) and (found := secrets.find(text, high_entropy=False)):
-            return name.decode(), f"its value holds a secret ({found[0].kind.rule})"
+            return _shown(name), f"its value holds a secret ({found[0].kind.rule})"
     return None
 
 

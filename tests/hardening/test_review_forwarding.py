@@ -100,3 +100,18 @@ def test_an_idempotency_key_is_its_users(gw, llm, token, granted):  # noqa: F811
         sent.append(llm.requests[before].headers.get("idempotency-key"))
     assert sent[0] == sent[2] and sent[0] != sent[1] and "retry-7f3a" not in sent, sent
     assert all(s and len(s) <= 64 for s in sent), sent
+
+
+@pytest.mark.parametrize("extra", [
+    b"x-stainless-lang: python\r\n anthropic-beta: mcp-client-2025-04-04\r\n",
+    b"user-agent: sdk\r\n\tanthropic-beta: mcp-client-2025-04-04\r\n",
+    b"anthropic-version: 2023-06-01\r\n x\r\n"])
+def test_a_folded_value_is_not_forwarded_folded(gw, llm, token, extra):  # noqa: F811
+    """A value folded onto a continuation line went to the provider with its `\\r\\n ` (RFC
+    9112: a gateway rejects an obs-fold or makes it a space): a server reading the next line as
+    a header of its own would take `anthropic-beta` nobody granted."""
+    before = len(llm.requests)
+    resp = message(gw, token, extra)
+    record = assert_refused(gw, llm, before, resp, 400, 403)
+    assert record["reasons"][0]["rule"] == "route.header", record
+
