@@ -21,8 +21,13 @@ def raw(gateway, head: bytes, body: bytes = b"") -> httpx.Response:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(head + b"\r\n" + body)
         data = b""
-        while chunk := s.recv(65536):
+        while chunk := s.recv(65536):  # until closed, or the answer's Content-Length is in
             data += chunk
+            head, ended, rest = data.partition(b"\r\n\r\n")
+            length = [int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")]
+            if ended and length and len(rest) >= length[0]:
+                break
     status, _, rest = data.partition(b"\r\n")
     headers, _, content = rest.partition(b"\r\n\r\n")
     fields = [tuple(x.strip() for x in line.split(b":", 1)) for line in headers.split(b"\r\n")]
@@ -115,3 +120,21 @@ def test_a_folded_value_is_not_forwarded_folded(gw, llm, token, extra):  # noqa:
     record = assert_refused(gw, llm, before, resp, 400, 403)
     assert record["reasons"][0]["rule"] == "route.header", record
 
+
+
+@pytest.mark.parametrize("protocols", [
+    b"Sec-WebSocket-Protocol: realtime\r\nSec-WebSocket-Protocol: openai-insecure-api-key.sk-x\r\n",
+    b"sec-websocket-protocol: realtime,OpenAI-Project.proj_other\r\n",
+    b"sec-websocket-protocol: realtime, openai-beta.realtime-v1,openai-organization.o\r\n",
+    b"sec-websocket-protocol: realtime,\r\n openai-organization.org-other\r\n",
+    b"sec-websocket-protocol: realtime\topenai-organization.org-other\r\n"],
+    ids=["twice", "cased", "third", "folded", "tab"])
+def test_a_realtime_subprotocol_naming_an_account_is_refused_in_any_spelling(
+        gw, llm, token, protocols):  # noqa: F811
+    before = len(llm.requests)
+    resp = raw(gw, b"GET /v1/realtime?model=m HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+               b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               b"Authorization: Bearer " + token.encode() + b"\r\n" + protocols)
+    record = assert_refused(gw, llm, before, resp, 403)
+    assert record["reasons"][0]["rule"] == "route.header", record
