@@ -172,6 +172,13 @@ def screen(protocol: str, headers: Headers) -> tuple[tuple[str, str] | None, set
     return _secret(values), dropped
 
 
+def folded(headers: Headers) -> str | None:
+    """The first header whose value is folded over several lines (obs-fold), if any: mitmproxy
+    sends it on folded, and a server may read the next line as a header of its own (RFC 9112:
+    a gateway rejects it)."""
+    return next((_shown(k) for k, v in headers.fields if b"\n" in v or b"\r" in v), None)
+
+
 def _shown(name: bytes) -> str:
     """A header's name for a refusal (`x-stainless-*` and unknown names are the client's)."""
     return name.decode("ascii", "replace")[:60]

@@ -146,6 +146,12 @@ class Broker:
         headerfields.pop(flow.request.headers, CLIENT_CREDENTIAL_HEADERS | dropped)
         if upstream.protocol == "mcp":
             forwarding.keep(flow.request.headers, MCP_HEADERS, MCP_PARAM_HEADER)
+            if name := forwarding.folded(flow.request.headers):
+                refuse(flow, 403, f"the {name} header is refused: its value is folded over "
+                       "several lines", "header_refused", Reason(
+                           "route.header", f"{name}: its value is folded over several lines",
+                           f"headers.{name}"))
+                return
         if protocols.is_websocket(flow.request):
             # no permessage-deflate: mitmproxy inflates a message whole, unbounded, before any
             # hook (a client's deflate bomb)

@@ -20,14 +20,20 @@ def raw(gateway, head: bytes, body: bytes = b"") -> httpx.Response:
     port = urllib.parse.urlsplit(gateway.url).port
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(head + b"\r\n" + body)
-        data = b""
-        while chunk := s.recv(65536):  # until closed, or the answer's Content-Length is in
-            data += chunk
-            head, ended, rest = data.partition(b"\r\n\r\n")
-            length = [int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:")]
-            if ended and length and len(rest) >= length[0]:
-                break
+        return read_answer(s)
+
+
+def read_answer(s: socket.socket) -> httpx.Response:
+    """An answer read until closed, or its Content-Length is in."""
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+        head, ended, rest = data.partition(b"\r\n\r\n")
+        length = [int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:")]
+        if ended and (length and len(rest) >= length[0] or not length and
+                      b"chunked" in head.lower() and rest.endswith(b"0\r\n\r\n")):
+            break
     status, _, rest = data.partition(b"\r\n")
     headers, _, content = rest.partition(b"\r\n\r\n")
     fields = [tuple(x.strip() for x in line.split(b":", 1)) for line in headers.split(b"\r\n")]
