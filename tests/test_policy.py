@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import textwrap
+import time
 
 import pytest
 
@@ -13,6 +14,7 @@ from douane.cli import main
 from douane.config import ConfigError
 from douane.flowstate import Identity
 from douane.interaction import Interaction, McpMessage, TextPiece, ToolDef
+from douane.policy import addon as policy_addon
 from douane.policy import engine, model
 from douane.policy.limits import RateLimiter
 from douane.policy.normalize import normalize
@@ -336,3 +338,33 @@ def test_rules_that_see_a_texts_edges_are_matched_text_by_text(tmp_path):
               TextPiece("prompt", "user", "nightingale", ("m", 3))]
     reasons = {r.rule: r.field for r in engine.risk(policy, pieces)}
     assert reasons == {"deny.leading_ignore": "prompt[1]", "deny.codename": "prompt[2..3]"}
+
+
+ON_LOOP_MS = 10  # the loop's budget for one request's matching (it serves every other flow)
+COSTLY_SHAPES = {  # texts the detectors read slowly per character (decoded runs, escapes, views)
+    "percent escapes": "%41", "18-character runs": "abcdefghijklmnopqr ",
+    "wrapped base64": "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=\n", "HTML references": "&amp;x",
+    "\\u escapes": "\\u0041", "base32": "MFRGGZDFMZTWQ2LKNNWG23TPOBYXE43UOV3HO6DZPI====== ",
+    "hex": "0123456789abcdef ", "zero-width spaces": "a\u200b", "combining accents": "e\u0301",
+}
+
+
+@pytest.mark.parametrize("shape", COSTLY_SHAPES)
+def test_texts_matched_on_the_loop_cost_it_little(policy, shape):
+    """A request's texts are matched on the event loop under `OFF_LOOP_CHARS`, in a thread past
+    it. The bound was 256k characters: 18-character runs (each decoded as a possible encoded key)
+    cost ~16 ms of CPU per 16k characters in-process, 240k characters of percent escapes stalled a
+    gateway's loop 81 ms. It is set by the costliest shapes, not by prose (~0.05 µs a character)."""
+    unit = COSTLY_SHAPES[shape]
+    size = policy_addon.OFF_LOOP_CHARS if unit.isascii() else policy_addon.OFF_LOOP_CHARS // 4
+    text = (unit * (size // len(unit) + 1))[:size]
+    it = chat(text, "gpt-4o")
+    assert not policy_addon._large(it.texts)  # the largest such text kept on the loop
+    best = min(_cpu(lambda: engine.request_risk(policy, it)) for _ in range(3))
+    assert best * 1000 < ON_LOOP_MS, f"{best * 1000:.1f} ms of the loop's CPU"
+
+
+def _cpu(work) -> float:
+    start = time.thread_time()
+    work()
+    return time.thread_time() - start
