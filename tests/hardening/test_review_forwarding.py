@@ -10,9 +10,12 @@ import urllib.parse
 
 import httpx
 import pytest
+import yaml
 
+from tests.conftest import UPSTREAM_KEY
 from tests.hardening.conftest import assert_refused
 from tests.hardening.test_provider_headers import MESSAGE, granted, gw, token  # noqa: F401
+from tests.support.gateway import Gateway, base_config
 
 
 def raw(gateway, head: bytes, body: bytes = b"") -> httpx.Response:
@@ -144,3 +147,32 @@ def test_a_realtime_subprotocol_naming_an_account_is_refused_in_any_spelling(
                b"Authorization: Bearer " + token.encode() + b"\r\n" + protocols)
     record = assert_refused(gw, llm, before, resp, 403)
     assert record["reasons"][0]["rule"] == "route.header", record
+
+
+
+@pytest.fixture(scope="module")
+def narrow(issuer, llm, tmp_path_factory):
+    """A gateway whose one grant allows the tool `lookup` only; a token of that grant."""
+    work = tmp_path_factory.mktemp("review-tools")
+    policy = {"version": 1, "default": {"upstreams": {"llm": {
+        "models": ["*"], "tools": {"allow": ["lookup"]}}}}}
+    (work / "policy.yaml").write_text(yaml.safe_dump(policy))
+    config = base_config(issuer.url, llm.url + "/v1", policy={"files": [str(work / "policy.yaml")]})
+    with Gateway(config, mode=f"reverse:{llm.url}", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+                 workdir=work) as gateway:
+        yield gateway, issuer.mint("nina@corp.example", ["staff"])
+
+
+@pytest.mark.parametrize("name", ["delete_all", ["delete_all"], {"n": "delete_all"}, None])
+def test_a_tool_is_a_tool_whatever_its_name(narrow, llm, name):
+    """A function tool whose `name` is not a string (or is missing) was not counted as a tool
+    (Anthropic's are), so a grant allowing some tools never read it: it went on."""
+    gateway, user = narrow
+    fn = {"parameters": {"type": "object"}} | ({} if name is None else {"name": name})
+    before = len(llm.requests)
+    resp = httpx.post(f"{gateway.url}/v1/chat/completions", headers={
+        "authorization": f"Bearer {user}"}, json={
+        "model": "m", "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": fn}]})
+    record = assert_refused(gateway, llm, before, resp, 400, 403)
+    assert "grant.tool" in [r["rule"] for r in record["reasons"]], record

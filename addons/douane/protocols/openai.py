@@ -156,12 +156,12 @@ def _role(role: Any) -> Role | None:
 
 
 def _tool_def(it: Interaction, fn: dict[str, Any], path: tuple, description_path: tuple) -> None:
-    name = fn.get("name")
-    if isinstance(name, str):
-        description = fn.get("description") if isinstance(fn.get("description"), str) else ""
-        it.tools.append(ToolDef(name, description, path))
-        if description:
-            it.texts.append(TextPiece("tool_description", None, description, description_path))
+    # a name that is not a string is no name a grant allows (as Anthropic's): still a tool
+    name = fn.get("name") if isinstance(fn.get("name"), str) else ""
+    description = fn.get("description") if isinstance(fn.get("description"), str) else ""
+    it.tools.append(ToolDef(name, description, path))
+    if description:
+        it.texts.append(TextPiece("tool_description", None, description, description_path))
 
 
 def _content(it: Interaction, content: Any, kind: Kind, role: Any, path: tuple) -> None:
