@@ -82,6 +82,9 @@ _OPS = [  # (method, path below the API's version, parameters), `*` one path seg
     ("GET", "/evals/*/runs", ("after", "limit", "order", "status")),
     ("GET", "/evals/*/runs/*/output_items", ("after", "limit", "order", "status")),
     ("GET", "/videos", ("after", "limit", "order")),
+    ("GET", "/videos/*/content", ("variant",)),
+    ("GET", "/skills", ("after", "limit", "order")),
+    ("GET", "/skills/*/versions", ("after", "limit", "order")),
     ("GET", "/realtime", ("model", "intent", "deployment")),  # a WebSocket's model
 ]
 _ANTHROPIC_LIST = ("after_id", "before_id", "limit")

@@ -4,6 +4,7 @@ a body is its user's."""
 from __future__ import annotations
 
 import httpx
+import openai
 import pytest
 import yaml
 
@@ -14,7 +15,9 @@ from tests.test_assistant_owners_e2e import ENV, Objects
 
 POLICY = {"version": 1, "groups": {"staff": {"upstreams": {
     "llm": {"models": ["*"], "operations": ["GET /v1/videos/*", "POST /v1/videos/edits",
-                                            "POST /v1/videos/extensions"]}}}}}
+                                            "POST /v1/videos/extensions", "GET /v1/videos/*/content",
+                                            "GET /v1/skills", "GET /v1/skills/*",
+                                            "GET /v1/skills/*/versions"]}}}}}
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +81,17 @@ def test_an_id_spelt_with_a_parameter_in_a_path_is_refused(gw, upstream, users, 
     resp = httpx.get(f"{gw.url}/v1/videos/{mine}{alias}", headers=bob)
     record = assert_refused(gw, upstream, before, resp, 404)
     assert record["reasons"][0]["rule"] == "owner.video", record
+
+
+def test_the_sdks_documented_parameters_on_the_new_kinds_pass(gw, upstream, users):
+    """The query parameters the openai SDK sends on these kinds' operations reach the provider
+    (they were refused `query_refused`: no entry in `forwarding._OPS`)."""
+    alice, _ = users
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=alice["authorization"][7:],
+                           max_retries=0)
+    assert client.videos.retrieve("video_params").id == "video_params"  # adopted
+    assert client.videos.download_content("video_params", variant="thumbnail").content == b"bytes"
+    assert client.skills.retrieve("skill_params").id == "skill_params"
+    assert [s.id for s in client.skills.list(limit=5, order="asc", after="skill_params")]
+    assert client.skills.versions.list("skill_params", limit=5, order="desc").data
+    assert "variant=thumbnail" in upstream.requests[-4].path, upstream.requests[-4].path
