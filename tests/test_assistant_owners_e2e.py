@@ -15,12 +15,11 @@ import anthropic
 import httpx
 import openai
 import pytest
-import yaml
 
 from douane.cli import main
 from tests.conftest import UPSTREAM_KEY
-from tests.hardening.conftest import assert_refused, with_claude
-from tests.support.gateway import Gateway, base_config
+from tests.hardening.conftest import assert_refused, objects_gateway
+from tests.support.gateway import Gateway
 from tests.support.upstream import FakeUpstream
 
 ENV = {"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
@@ -100,12 +99,7 @@ def upstream():
 
 @pytest.fixture(scope="module")
 def gw(issuer, upstream, tmp_path_factory):
-    work = tmp_path_factory.mktemp("assistant-owners")
-    (work / "policy.yaml").write_text(yaml.safe_dump(POLICY))
-    config = base_config(issuer.url, upstream.url + "/v1",
-                         policy={"files": [str(work / "policy.yaml")]})
-    with_claude(config, upstream.url)
-    with Gateway(config, mode=f"reverse:{upstream.url}", env=ENV, workdir=work) as gateway:
+    with objects_gateway(issuer, upstream, tmp_path_factory.mktemp("assistant-owners"), POLICY) as gateway:
         yield gateway
 
 

@@ -22,7 +22,7 @@ import yaml
 from douane import owners
 from douane.cli import main
 from tests.conftest import UPSTREAM_KEY
-from tests.hardening.conftest import assert_refused, with_claude
+from tests.hardening.conftest import assert_refused, objects_gateway, with_claude
 from tests.support.gateway import Gateway, base_config
 from tests.support.postgres import PASSWORD
 from tests.support.upstream import FakeUpstream, anthropic_stream
@@ -133,12 +133,7 @@ def upstream():
 
 @pytest.fixture(scope="module")
 def gw(issuer, upstream, tmp_path_factory):
-    work = tmp_path_factory.mktemp("file-owners")
-    (work / "policy.yaml").write_text(yaml.safe_dump(POLICY))
-    config = base_config(issuer.url, upstream.url + "/v1",
-                         policy={"files": [str(work / "policy.yaml")]})
-    with_claude(config, upstream.url)
-    with Gateway(config, mode=f"reverse:{upstream.url}", env=ENV, workdir=work) as gateway:
+    with objects_gateway(issuer, upstream, tmp_path_factory.mktemp("file-owners"), POLICY) as gateway:
         yield gateway
 
 

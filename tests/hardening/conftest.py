@@ -4,13 +4,16 @@ seen by the upstream, audited under the decision id the response names."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.conftest import UPSTREAM_KEY
-from tests.support.gateway import REPO, Gateway
+from tests.support.gateway import REPO, Gateway, base_config
 from tests.support.upstream import FakeUpstream
 
 DENIED = "project nightingale"
@@ -71,6 +74,19 @@ def with_claude(config: dict, base_url: str) -> dict:
     config["upstreams"]["claude"] = {"url": base_url + "/anthropic", "protocol": "anthropic",
                                      "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
     return config
+
+
+@contextlib.contextmanager
+def objects_gateway(issuer, upstream: FakeUpstream, work: Path, policy: dict) -> Iterator[Gateway]:
+    """A reverse gateway onto `upstream` (OpenAI, and Anthropic under /anthropic, with the tests'
+    upstream key) under `policy`: the setting of the tests of objects bound to their users."""
+    (work / "policy.yaml").write_text(yaml.safe_dump(policy))
+    config = base_config(issuer.url, upstream.url + "/v1",
+                         policy={"files": [str(work / "policy.yaml")]})
+    with_claude(config, upstream.url)
+    with Gateway(config, mode=f"reverse:{upstream.url}", workdir=work,
+                 env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}) as gateway:
+        yield gateway
 
 
 def assert_refused(gw: Gateway, upstream: FakeUpstream, before: int, resp: httpx.Response,

@@ -6,12 +6,10 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-import yaml
 
-from tests.hardening.conftest import assert_refused, with_claude
-from tests.support.gateway import Gateway, base_config
+from tests.hardening.conftest import assert_refused, objects_gateway
 from tests.support.upstream import FakeUpstream
-from tests.test_assistant_owners_e2e import ENV, Objects
+from tests.test_assistant_owners_e2e import Objects
 
 POLICY = {"version": 1, "groups": {"staff": {"upstreams": {
     "llm": {"models": ["*"], "operations": ["GET /v1/videos/*", "POST /v1/videos/edits",
@@ -30,12 +28,7 @@ def upstream():
 
 @pytest.fixture(scope="module")
 def gw(issuer, upstream, tmp_path_factory):
-    work = tmp_path_factory.mktemp("review-owners")
-    (work / "policy.yaml").write_text(yaml.safe_dump(POLICY))
-    config = base_config(issuer.url, upstream.url + "/v1",
-                         policy={"files": [str(work / "policy.yaml")]})
-    with_claude(config, upstream.url)
-    with Gateway(config, mode=f"reverse:{upstream.url}", env=ENV, workdir=work) as gateway:
+    with objects_gateway(issuer, upstream, tmp_path_factory.mktemp("review-owners"), POLICY) as gateway:
         yield gateway
 
 
