@@ -18,7 +18,7 @@ import pytest
 
 from douane.cli import main
 from tests.conftest import UPSTREAM_KEY
-from tests.hardening.conftest import assert_refused, objects_gateway
+from tests.hardening.conftest import assert_refused, reverse_gateway
 from tests.support.gateway import Gateway
 from tests.support.upstream import FakeUpstream
 
@@ -99,7 +99,7 @@ def upstream():
 
 @pytest.fixture(scope="module")
 def gw(issuer, upstream, tmp_path_factory):
-    with objects_gateway(issuer, upstream, tmp_path_factory.mktemp("assistant-owners"), POLICY) as gateway:
+    with reverse_gateway(issuer, upstream, tmp_path_factory.mktemp("assistant-owners"), POLICY) as gateway:
         yield gateway
 
 

@@ -22,7 +22,7 @@ import yaml
 from douane import owners
 from douane.cli import main
 from tests.conftest import UPSTREAM_KEY
-from tests.hardening.conftest import assert_refused, objects_gateway, with_claude
+from tests.hardening.conftest import assert_refused, reverse_gateway, with_claude
 from tests.support.gateway import Gateway, base_config
 from tests.support.postgres import PASSWORD
 from tests.support.upstream import FakeUpstream, anthropic_stream
@@ -133,7 +133,7 @@ def upstream():
 
 @pytest.fixture(scope="module")
 def gw(issuer, upstream, tmp_path_factory):
-    with objects_gateway(issuer, upstream, tmp_path_factory.mktemp("file-owners"), POLICY) as gateway:
+    with reverse_gateway(issuer, upstream, tmp_path_factory.mktemp("file-owners"), POLICY) as gateway:
         yield gateway
 
 

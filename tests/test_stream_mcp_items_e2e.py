@@ -19,9 +19,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import UPSTREAM_KEY
-from tests.hardening.conftest import with_claude
-from tests.support.gateway import Gateway, base_config
+from tests.hardening.conftest import reverse_gateway
 
 POLICY = """\
 version: 1
@@ -47,12 +45,7 @@ RESULT = "the falcon ledger says 42"  # denied in a tool result only
 
 @pytest.fixture(scope="module")
 def gw(issuer, llm, tmp_path_factory):
-    work = tmp_path_factory.mktemp("stream-mcp-items")
-    (work / "policy.yaml").write_text(POLICY)
-    config = with_claude(base_config(issuer.url, llm.url, policy={
-        "files": [str(work / "policy.yaml")]}), llm.url)
-    with Gateway(config, mode=f"reverse:{llm.url}", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
-                 workdir=work / "gw") as gateway:
+    with reverse_gateway(issuer, llm, tmp_path_factory.mktemp("stream-mcp-items"), POLICY, "") as gateway:
         yield gateway
 
 

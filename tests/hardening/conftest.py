@@ -77,14 +77,16 @@ def with_claude(config: dict, base_url: str) -> dict:
 
 
 @contextlib.contextmanager
-def objects_gateway(issuer, upstream: FakeUpstream, work: Path, policy: dict) -> Iterator[Gateway]:
-    """A reverse gateway onto `upstream` (OpenAI, and Anthropic under /anthropic, with the tests'
-    upstream key) under `policy`: the setting of the tests of objects bound to their users."""
-    (work / "policy.yaml").write_text(yaml.safe_dump(policy))
-    config = base_config(issuer.url, upstream.url + "/v1",
+def reverse_gateway(issuer, upstream: FakeUpstream, work: Path, policy: str | dict,
+                    openai_path: str = "/v1") -> Iterator[Gateway]:
+    """A reverse gateway onto `upstream` (OpenAI under `openai_path`, Anthropic under /anthropic,
+    with the tests' upstream key) under `policy` (YAML text, or a document)."""
+    text = policy if isinstance(policy, str) else yaml.safe_dump(policy)
+    (work / "policy.yaml").write_text(text)
+    config = base_config(issuer.url, upstream.url + openai_path,
                          policy={"files": [str(work / "policy.yaml")]})
     with_claude(config, upstream.url)
-    with Gateway(config, mode=f"reverse:{upstream.url}", workdir=work,
+    with Gateway(config, mode=f"reverse:{upstream.url}", workdir=work / "gw",
                  env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}) as gateway:
         yield gateway
 

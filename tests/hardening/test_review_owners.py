@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from tests.hardening.conftest import assert_refused, objects_gateway
+from tests.hardening.conftest import assert_refused, reverse_gateway
 from tests.support.upstream import FakeUpstream
 from tests.test_assistant_owners_e2e import Objects
 
@@ -28,7 +28,7 @@ def upstream():
 
 @pytest.fixture(scope="module")
 def gw(issuer, upstream, tmp_path_factory):
-    with objects_gateway(issuer, upstream, tmp_path_factory.mktemp("review-owners"), POLICY) as gateway:
+    with reverse_gateway(issuer, upstream, tmp_path_factory.mktemp("review-owners"), POLICY) as gateway:
         yield gateway
 
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import UPSTREAM_KEY
-from tests.hardening.conftest import token_of, with_claude
-from tests.support.gateway import Gateway, base_config
+from tests.hardening.conftest import reverse_gateway, token_of
 from tests.test_stream_mcp_items_e2e import (
     DENIED,
     POLICY,
@@ -25,12 +23,7 @@ from tests.test_stream_mcp_items_e2e import (
 
 @pytest.fixture(scope="module")
 def gw(issuer, llm, tmp_path_factory):
-    work = tmp_path_factory.mktemp("stream-mcp-places")
-    (work / "policy.yaml").write_text(POLICY)
-    config = with_claude(base_config(issuer.url, llm.url, policy={
-        "files": [str(work / "policy.yaml")]}), llm.url)
-    with Gateway(config, mode=f"reverse:{llm.url}", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
-                 workdir=work / "gw") as gateway:
+    with reverse_gateway(issuer, llm, tmp_path_factory.mktemp("stream-mcp-places"), POLICY, "") as gateway:
         yield gateway
 
 
