@@ -72,6 +72,19 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def start_upstream(work: Path) -> tuple[subprocess.Popen, int, dict, str]:
+    """The bench's upstream started, douane's configuration onto it (masking off) written to
+    `work`/cfg.yaml, and a token of its dev issuer."""
+    upstream_port = free_port()
+    upstream = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "bench_upstream.py"),
+                                 str(upstream_port)])
+    wait_port(upstream_port)
+    config = bench_config(work, upstream_port, masking=False)
+    (work / "cfg.yaml").write_text(yaml.safe_dump(config))
+    dev = configmod.load(work / "cfg.yaml", gateway=False).identity.dev_issuer
+    return upstream, upstream_port, config, devissuer.mint(dev, "bench@corp", ["bench"], 3600)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -83,14 +96,7 @@ def main() -> int:
                     "norec, douane, base (default: all)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="douane-bench-rec-"))
-    upstream_port = free_port()
-    upstream = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "bench_upstream.py"),
-                                 str(upstream_port)])
-    wait_port(upstream_port)
-    config = bench_config(work, upstream_port, masking=False)
-    (work / "cfg.yaml").write_text(yaml.safe_dump(config))
-    dev = configmod.load(work / "cfg.yaml", gateway=False).identity.dev_issuer
-    token = devissuer.mint(dev, "bench@corp", ["bench"], 3600)
+    upstream, upstream_port, config, token = start_upstream(work)
     variants: list[tuple[str, dict | None, Path]] = [
         ("bare", None, ROOT), ("norec", {k: v for k, v in config.items() if k != "recording"},
                                ROOT), ("douane", config, ROOT)]

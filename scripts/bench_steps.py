@@ -11,27 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import yaml
 from bench_gateway import (
     PROTOCOLS,
     ROOT,
     Proxy,
-    bench_config,
-    free_port,
     ready,
-    wait_port,
     wrk,
     wrk_script,
 )
-from bench_recording import loadavg
-
-from douane import config as configmod
-from douane import devissuer
+from bench_recording import loadavg, start_upstream
 
 EVENTS = ("requestheaders", "request", "responseheaders", "response")
 
@@ -46,14 +38,7 @@ def main() -> int:
                     "douane_step_timers_also: module:name,...)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="douane-bench-steps-"))
-    upstream_port = free_port()
-    upstream = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "bench_upstream.py"),
-                                 str(upstream_port)])
-    wait_port(upstream_port)
-    config = bench_config(work, upstream_port, masking=False)
-    (work / "cfg.yaml").write_text(yaml.safe_dump(config))
-    dev = configmod.load(work / "cfg.yaml", gateway=False).identity.dev_issuer
-    token = devissuer.mint(dev, "bench@corp", ["bench"], 3600)
+    upstream, upstream_port, config, token = start_upstream(work)
     trees = [("douane", ROOT)] + ([("base", args.base.resolve())] if args.base else [])
     print(f"load average before: {loadavg()}", flush=True)
     figures: dict[tuple[str, str], dict[str, list]] = {}
