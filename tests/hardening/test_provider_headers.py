@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from tests.conftest import UPSTREAM_KEY
-from tests.hardening.conftest import POLICY, assert_refused, with_claude
-from tests.support.gateway import Gateway, base_config
+from tests.hardening.conftest import POLICY, assert_refused, reverse_gateway
+from tests.support.gateway import Gateway
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 MESSAGE = {"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
@@ -27,14 +27,10 @@ BETAS = {"upstreams": {"claude": {"models": ["*"], "betas": ["files-api-*"]},
 
 @pytest.fixture(scope="module")
 def gw(issuer, llm, tmp_path_factory):
-    work = tmp_path_factory.mktemp("provider_headers")
     policy = yaml.safe_load(POLICY)
     policy["groups"]["betas"] = BETAS
-    (work / "policy.yaml").write_text(yaml.safe_dump(policy))
-    config = base_config(issuer.url, llm.url + "/v1", policy={"files": [str(work / "policy.yaml")]})
-    with_claude(config, llm.url)
-    with Gateway(config, mode=f"reverse:{llm.url}", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
-                 workdir=work) as gateway:
+    with reverse_gateway(issuer, llm, tmp_path_factory.mktemp("provider_headers"),
+                         policy) as gateway:
         yield gateway
 
 
