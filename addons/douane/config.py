@@ -310,6 +310,10 @@ class Upstream:
     per_user: tuple[str, str] | None = None
     tool_changes: str = "hide"  # MCP: a changed or poisoned tool is hidden, or its listing refused
     origins: tuple[str, ...] = ()  # MCP: browser origins allowed besides the one called
+    # generic: the client headers (lower case) and query parameters passed on besides framing
+    # (`forward:`; anything else a client sends is dropped, or refused for the query)
+    forward_headers: frozenset[bytes] = frozenset()
+    forward_query: frozenset[str] = frozenset()
 
     def matches(self, host: str, port: int, path: str) -> bool:
         """`path` is normalised (douane.operations): a prefix match on it cannot be escaped."""
@@ -463,6 +467,14 @@ def load(file: str | os.PathLike[str], gateway: bool = True) -> Config:
         host=_replica(gateway),
     )
     root.sub("passthrough").only("hosts")
+    trusted = config.identity.trusted_headers
+    for upstream in config.upstreams:
+        named = upstream.forward_headers & {n.encode() for n in (trusted.user, trusted.groups,
+                                                                 trusted.email)}
+        if named:
+            raise root.sub("upstreams").sub(upstream.name).sub("forward").error(
+                f"{min(named).decode()} names the caller to douane (identity.trusted_headers): "
+                "never passed on from a client", "headers")
     for name, target in SECTIONS.items():
         if name not in root.data:
             continue  # a section that is absent is off; `name: {}` turns it on with defaults
@@ -619,7 +631,7 @@ def _identity(v: View, state_dir: Path) -> IdentityConfig:
 
 def _upstream(name: str, v: View) -> Upstream:
     v.only("url", "protocol", "credential", "credentials", "allow_websocket", "request_text_paths",
-           "response_text_paths", "connect_to", "resource", "origins", "tool_changes")
+           "response_text_paths", "connect_to", "resource", "origins", "tool_changes", "forward")
     url = v.get("url", str)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -658,6 +670,7 @@ def _upstream(name: str, v: View) -> Upstream:
     response_paths = v.strings("response_text_paths", ())
     if protocol == "generic" and not (request_paths or response_paths):
         raise v.error("a generic upstream needs request_text_paths or response_text_paths")
+    forward_headers, forward_query = _forward(v, protocol, header)
     return Upstream(
         name=name, scheme=parts.scheme, host=parts.hostname.lower(),
         port=parts.port or (443 if parts.scheme == "https" else 80),
@@ -670,6 +683,8 @@ def _upstream(name: str, v: View) -> Upstream:
         group_credentials=groups,
         per_user=per_user,
         tool_changes=_tool_changes(v, protocol),
+        forward_headers=forward_headers,
+        forward_query=forward_query,
     )
 
 
@@ -695,6 +710,51 @@ def _credential(v: View, key: str, header: str | None, fmt: str, protocol: str) 
     source = f"env {data['env']}" if "env" in data else f"file {data.get('file')}"
     return Credential((header or "").lower(), fmt.replace("{secret}", secret) if secret else None,
                       source, tuple(account))
+
+
+# never passed on from a client, so never listed in `forward.headers`: hop-by-hop headers (RFC
+# 9110 7.6.1; framing and the WebSocket handshake are douane's and mitmproxy's to send) and
+# credentials (douane injects the upstream's own)
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
+                        "transfer-encoding", "upgrade"})
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key",
+                                "api-key"})
+HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]{1,64}")
+QUERY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MOST_FORWARDED = 64
+
+
+def _forward(v: View, protocol: str, credential_header: str | None
+             ) -> tuple[frozenset[bytes], frozenset[str]]:
+    """`forward: {headers: [...], query: [...]}` of a generic upstream: what of a client's request
+    head goes on besides framing (default: nothing)."""
+    if "forward" not in v.data:
+        return frozenset(), frozenset()
+    if protocol != "generic":
+        raise v.error("forward applies to generic upstreams (douane's own lists govern what "
+                      f"goes to an {protocol} upstream)", "forward")
+    fv = v.sub("forward")
+    fv.only("headers", "query")
+    headers = [h.lower() for h in fv.strings("headers", ())]
+    query = fv.strings("query", ())
+    for key, names in (("headers", headers), ("query", query)):
+        if len(names) > MOST_FORWARDED:
+            raise fv.error(f"at most {MOST_FORWARDED} names", key)
+    for name in headers:
+        if not HEADER_NAME.fullmatch(name):
+            raise fv.error(f"not a header name: {name[:70]!r}", "headers")
+        if name in HOP_BY_HOP or name.startswith("proxy-"):
+            raise fv.error(f"{name} is a hop-by-hop header: never passed on from a client",
+                           "headers")
+        if name in CREDENTIAL_HEADERS or name == (credential_header or "").lower() or \
+                name.startswith("x-douane-"):
+            raise fv.error(f"{name} carries a credential: never passed on from a client "
+                           "(douane injects the upstream's own)", "headers")
+    for name in query:
+        if not QUERY_NAME.fullmatch(name):
+            raise fv.error(f"not a query parameter name (letters, digits, _ . -): "
+                           f"{name[:70]!r}", "query")
+    return frozenset(h.encode() for h in headers), frozenset(query)
 
 
 TOOL_CHANGES = ("hide", "refuse")  # what a changed or poisoned MCP tool does to listings

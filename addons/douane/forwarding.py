@@ -12,6 +12,8 @@ Headers, per protocol (the official `openai` and `anthropic` SDKs' and httpx's, 
 - any other header (tracing, a cookie, a framework's own) is read by no rule and meant for no
   provider: dropped, as on an MCP upstream (`routing.MCP_HEADERS`).
 A query passes only with the parameters its operation documents (`QUERIES`), each once.
+A generic upstream's API is the operator's to describe: framing goes on, and only the headers and
+query parameters its `forward:` lists (`generic_screen`, `generic_query_problem`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 import urllib.parse
+from collections.abc import Collection
 
 from mitmproxy.http import Headers
 
@@ -50,6 +53,13 @@ BETA_HEADER = {"openai": b"openai-beta", "anthropic": b"anthropic-beta"}
 VERSION = re.compile(r"\d{4}-\d{2}-\d{2}")
 BETA = re.compile(r"[a-z0-9][a-z0-9._=-]{0,63}")
 MOST_BETAS = 16
+# A generic (operator-described) upstream: no header of its API is known to douane, so only the
+# framing goes on, the handshake on a WebSocket upgrade, and what its `forward.headers` lists
+# (config.py refuses hop-by-hop and credential names there)
+GENERIC_FRAMING = frozenset({b"host", b"content-length", b"transfer-encoding",
+                             b"content-encoding", b"content-type", b"accept", b"accept-encoding"})
+WEBSOCKET_HANDSHAKE = frozenset({b"connection", b"upgrade", b"sec-websocket-key",
+                                 b"sec-websocket-version", b"sec-websocket-protocol"})
 
 _OPS = [  # (method, path below the API's version, parameters), `*` one path segment
     ("GET", "/models", ()),
@@ -122,25 +132,45 @@ def parameters(protocol: str, method: str, path: str) -> frozenset[str]:
 def query_problem(protocol: str, method: str, path: str, query: str) -> str | None:
     """Why a model API's query is refused, or None. A name is read decoded, as servers read it,
     `include[]` / `metadata[key]` as `include` / `metadata`; no `;` (some servers split on it)."""
+    allowed = parameters(protocol, method, path) | set(EVERYWHERE[protocol])
+    return _query_problem(query, allowed, BRACKETED, f"{method} {path[:100]} documents",
+                          {"beta": "true"})
+
+
+def generic_query_problem(query: str, allowed: frozenset[str]) -> str | None:
+    """Why a generic upstream's query is refused, or None: each parameter its `forward.query`
+    lists, once, spelt without brackets."""
+    return _query_problem(query, allowed, {}, "this upstream's forward.query lists", {})
+
+
+def query_secret(query: str) -> str | None:
+    """The first query parameter whose value (decoded) holds a secret of the catalogue."""
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if secrets.hinted(value) and (found := secrets.find(value, high_entropy=False)):
+            return f"the query parameter {name[:40]!r} holds a secret ({found[0].kind.rule})"
+    return None
+
+
+def _query_problem(query: str, allowed: Collection[str], bracketed: dict[str, bool],
+                   lister: str, fixed: dict[str, str]) -> str | None:
     if not query:
         return None
     if ";" in query:
         return "a ';' in the query string"
-    allowed = parameters(protocol, method, path) | set(EVERYWHERE[protocol])
     seen: set[str] = set()
     for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
         base, bracket, rest = name.partition("[")
         shown = repr(base[:40])
         if base not in allowed:
-            return f"the query parameter {shown} is not one {method} {path[:100]} documents"
+            return f"the query parameter {shown} is not one {lister}"
         key = rest[:-1] if rest.endswith("]") else "["
-        if bracket and (base not in BRACKETED or "[" in key or "]" in key
-                        or BRACKETED[base] != bool(key)):
+        if bracket and (base not in bracketed or "[" in key or "]" in key
+                        or bracketed[base] != bool(key)):
             return f"the query parameter {shown} is not a list or a map to spell {name[:60]!r}"
         if name in seen and not name.endswith("[]"):
             return f"the query parameter {shown} is given twice"
-        if base == "beta" and value != "true":
-            return "the query parameter 'beta' is only ever 'true'"
+        if base in fixed and value != fixed[base]:
+            return f"the query parameter {shown} is only ever {fixed[base]!r}"
         seen.add(name)
     return None
 
@@ -172,6 +202,26 @@ def screen(protocol: str, headers: Headers) -> tuple[tuple[str, str] | None, set
                 dropped
         elif (name, value.lower()) != (b"expect", b"100-continue"):  # mitmproxy's to answer
             dropped.add(name)
+    return _secret(values), dropped
+
+
+def generic_screen(headers: Headers, forward: frozenset[bytes], websocket: bool
+                   ) -> tuple[tuple[str, str] | None, set[bytes]]:
+    """`screen` for a generic upstream: framing, the WebSocket handshake on an upgrade, and what
+    its `forward.headers` lists go on (none of them folded, none holding a secret of the
+    catalogue); every other header is dropped."""
+    kept = GENERIC_FRAMING | forward | (WEBSOCKET_HANDSHAKE if websocket else frozenset())
+    dropped: set[bytes] = set()
+    values: list[tuple[bytes, bytes]] = []
+    for raw, value in headers.fields:
+        name = raw.lower()
+        if name not in kept:
+            if (name, value.lower()) != (b"expect", b"100-continue"):  # mitmproxy's to answer
+                dropped.add(name)
+        elif b"\n" in value or b"\r" in value:
+            return (_shown(name), "its value is folded over several lines"), dropped
+        else:
+            values.append((name, value))
     return _secret(values), dropped
 
 

@@ -134,7 +134,12 @@ class Broker:
                    "query_refused", Reason("route.query", "a query string on an MCP request"))
             return
         dropped: set[bytes] = set()
-        if upstream.protocol in forwarding.FORWARDED:
+        if upstream.protocol == "generic":
+            screened = self._screened_generic(flow, upstream)
+            if screened is None:
+                return
+            dropped = screened
+        elif upstream.protocol in forwarding.FORWARDED:
             screened = self._screened(flow, upstream)
             if screened is None:
                 return
@@ -189,6 +194,28 @@ class Broker:
             refuse(flow, 403, f"{name} is refused: no policy grants a beta feature",
                    "header_refused", Reason("route.header", f"{name}: no policy grants a beta "
                                             "feature", f"headers.{name}"))
+            return None
+        return dropped
+
+    def _screened_generic(self, flow: http.HTTPFlow, upstream: Upstream) -> set[bytes] | None:
+        """A generic upstream gets the parameters and headers its `forward:` lists, no secret in
+        their values: the headers to drop, or None once refused."""
+        req = flow.request
+        query = req.path.partition("?")[2]
+        if problem := forwarding.generic_query_problem(query, upstream.forward_query):
+            refuse(flow, 400, f"{problem}; douane passes only the query parameters the operator "
+                   "listed", "query_refused", Reason("route.query", problem, "query"))
+            return None
+        if problem := forwarding.query_secret(query):
+            refuse(flow, 403, f"{problem}: refused", "query_refused",
+                   Reason("route.query", problem, "query"))
+            return None
+        refused, dropped = forwarding.generic_screen(req.headers, upstream.forward_headers,
+                                                     protocols.is_websocket(req))
+        if refused:
+            name, why = refused
+            refuse(flow, 403, f"the {name} header is refused: {why}", "header_refused",
+                   Reason("route.header", f"{name}: {why}", f"headers.{name}"))
             return None
         return dropped
 

@@ -78,14 +78,16 @@ def with_claude(config: dict, base_url: str) -> dict:
 
 @contextlib.contextmanager
 def reverse_gateway(issuer, upstream: FakeUpstream, work: Path, policy: str | dict,
-                    openai_path: str = "/v1") -> Iterator[Gateway]:
+                    openai_path: str = "/v1", upstreams: dict | None = None) -> Iterator[Gateway]:
     """A reverse gateway onto `upstream` (OpenAI under `openai_path`, Anthropic under /anthropic,
-    with the tests' upstream key) under `policy` (YAML text, or a document)."""
+    with the tests' upstream key, and any more `upstreams` declared) under `policy` (YAML text,
+    or a document)."""
     text = policy if isinstance(policy, str) else yaml.safe_dump(policy)
     (work / "policy.yaml").write_text(text)
     config = base_config(issuer.url, upstream.url + openai_path,
                          policy={"files": [str(work / "policy.yaml")]})
     with_claude(config, upstream.url)
+    config["upstreams"].update(upstreams or {})
     with Gateway(config, mode=f"reverse:{upstream.url}", workdir=work / "gw",
                  env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}) as gateway:
         yield gateway
