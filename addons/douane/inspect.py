@@ -24,7 +24,7 @@ from douane import headerfields, protocols, untrusted
 from douane.config import Config
 from douane.flowstate import FlowState, Reason, state
 from douane.interaction import Interaction
-from douane.protocols import decoding, http1, streams
+from douane.protocols import decoding, http1, http2, streams
 from douane.refusals import refuse
 from douane.settings import Settings
 
@@ -92,6 +92,7 @@ class Inspect:
     def configure(self, updated: set[str]) -> None:
         try:
             http1.install()
+            http2.install()
         except ValueError as e:
             raise exceptions.OptionsError(str(e)) from None
         # mitmproxy counts a chunked body as it arrives and cuts it at its own limit (else it
