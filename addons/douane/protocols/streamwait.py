@@ -69,8 +69,10 @@ def _state_stream_response_body(self: HttpStream, event: events.Event
 
 def _wait(self: HttpStream, stream: StreamRewriter, end: bool) -> layer.CommandGenerator[bool]:
     """While the rewriter waits for an analysis, pause on the hook, then send what it resumes
-    with. True: the flow was killed or the client left meanwhile (mitmproxy ended it)."""
-    resume = bool(stream.backlog)
+    with. True: the flow was killed or the client left meanwhile (mitmproxy ended it). What it
+    waits for is asked first: resuming first would let a channel's end through without its turn
+    (`streams.TURN`), and 32 ends arriving in one read pass ran back to back in it."""
+    resume = False
     while True:
         chunk = stream.resume() if resume else b""
         if chunk:
