@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
-import contextlib
 import html
 import itertools
 import math
@@ -395,9 +394,14 @@ def find(text: str, high_entropy: bool = True) -> list[Found]:
     """Every secret in `text`, in order, overlapping finds merged (the first kind names them):
     found in its normalised view, each span the original characters it was read from; a text
     holding tag characters is read with them dropped and with them decoded."""
-    found = _found(text, _view(text), high_entropy)
-    if not text.isascii() and _TAGS.search(text):
+    view = _view(text)
+    found = _found(text, view, high_entropy)
+    if text.isascii():
+        return found
+    if _TAGS.search(text):
         found = _merge(found + _found(text, _view(text, _TAG_VIEWS), high_entropy))
+    if (folded := _folded(view or (text, None))) is not None:  # the catalogue only, as decoded
+        found = _merge(found + _found(text, folded, False))  # runs: `é`s read as `e`s are data
     return found
 
 
@@ -423,7 +427,45 @@ def readings(text: str) -> list[tuple[str, _Origin | None]]:
 
 def _readings(text: str) -> list[str]:
     """The views `find` reads (`maybe`, `matches`)."""
-    return [seen for seen, _ in readings(text)]
+    views = readings(text)
+    if not text.isascii() and (folded := _folded(views[0])) is not None:
+        views.append(folded)
+    return [seen for seen, _ in views]
+
+
+# Latin letters with a mark or a stroke (`é`, `ñ`, `ø`, `ł`, a dotless `ı`) read as their base
+# letter: NFKC keeps a precomposed one, yet no key holds one, and a model told to drop accents
+# reads `Qé7v` as `Qe7v`. A reading of its own (`_folded`), not the view's: masking reads the
+# view (a name keeps its accents), and a text of many accents is its own view (`_plain`).
+_LATIN = re.compile(r"LATIN (SMALL|CAPITAL) LETTER (?:DOTLESS )?([A-Z])(?: WITH .+)?")
+_LATIN_FOLD = {cp: m[2] if m[1] == "CAPITAL" else m[2].lower()
+               for cp in (*range(0xC0, 0x250), *range(0x1E00, 0x1F00))
+               if (m := _LATIN.fullmatch(unicodedata.name(chr(cp), "")))}
+_FOLDABLE = re.compile("[" + "".join(map(chr, _LATIN_FOLD)) + "]")
+# each character as `_TOKEN_BYTES`, non-ASCII ones as token characters (read in Latin-1, the
+# rest as `?`: an encoding at C speed)
+_TOKEN_OR_OTHER = _TOKEN_BYTES[:63] + b"a" + _TOKEN_BYTES[64:128] + b"a" * 128
+
+
+def _folded(view: tuple[str, _Origin | None]) -> tuple[str, _Origin | None] | None:
+    """A text's view with each foldable Latin letter that sits in a run of 16 token characters
+    (counting non-ASCII ones: a key, cut by the letter) read as its base letter, same places;
+    None when there is none. Prose's accented words are short: only their runs are tested."""
+    seen, origin = view
+    if not _FOLDABLE.search(seen.encode("utf-8", "surrogatepass").translate(  # its non-ASCII
+            None, _ASCII_BYTES).decode("utf-8", "surrogatepass")):  # characters (as `_plain`)
+        return None
+    others = seen.encode("latin-1", "replace").translate(_TOKEN_OR_OTHER)
+    at, parts, last = others.find(_B64_MARK), [], 0
+    while at >= 0:
+        start = others.rfind(b" ", 0, at) + 1
+        end = others.find(b" ", at)
+        end = len(seen) if end < 0 else end
+        if _FOLDABLE.search(seen, start, end):
+            parts += [seen[last:start], seen[start:end].translate(_LATIN_FOLD)]
+            last = end
+        at = others.find(_B64_MARK, end)
+    return ("".join(parts) + seen[last:], origin) if parts else None
 
 
 # Encoded runs: base64/base64url (hex is a base64 run too) of 16+ characters and percent-encoded
@@ -452,6 +494,30 @@ _SPLIT = "\x00"  # between decoded runs read as one text: no pattern's separator
 
 
 _PERCENT_BYTE = re.compile("%[0-9A-Fa-f]{2}")  # not "100%": a percent run has one at least
+# Hex bytes written apart (`73 6b 2d`, `73:6B:2D`, `0x73, 0x6b`), ten at least (a key's
+# shortest): each byte of a key (printable ASCII) is `2`-`7` then a hex digit. Looked for only
+# where ten hex digits are in a row once separators and `x` are deleted (`_PAIR_CLASSES`: a
+# translate and a substring test; the patterns' own scan of every position cost ~15-50 us in
+# 4 KB of prose).
+_PAIRS = (re.compile(r"[2-7][0-9A-Fa-f](?:[ \t:,]{1,2}[2-7][0-9A-Fa-f]){9,}"),
+          re.compile(r"0[xX][2-7][0-9A-Fa-f](?:[ \t:,]{1,2}0[xX][2-7][0-9A-Fa-f]){9,}"))
+_PAIR_CLASSES = bytes(ord("h") if chr(i) in "0123456789abcdefABCDEF" else ord(".")
+                      for i in range(256))
+_PAIR_GATE = b"h" * 10
+_NOT_HEX = re.compile(r"0[xX]|[^0-9A-Fa-f]")
+
+
+def _pairs(text: str) -> bool:
+    """Whether `text` may hold hex bytes written apart (a superset: `_pair_runs` decides);
+    `bytes.find`, not `in` (which costs ~1 us more, through the buffer protocol)."""
+    return text.encode("latin-1", "replace").translate(_PAIR_CLASSES, b" \t:,xX").find(
+        _PAIR_GATE) >= 0
+
+
+def _pair_runs(text: str) -> list[tuple[re.Match[str], list[str]]]:
+    """The runs of hex bytes written apart, each with the text it decodes to (if UTF-8)."""
+    return [(m, [plain] if (plain := _as_text(bytes.fromhex(_NOT_HEX.sub("", m[0])))) else [])
+            for pattern in _PAIRS for m in pattern.finditer(text)]
 
 
 def _escaped(text: str) -> bool:
@@ -462,7 +528,8 @@ def _encodable(text: str, tokens: bytes | None = None) -> bool:
     """Whether `text` may hold a run `_encoded` would decode (`_tokens`' run of 16 also counts
     `=`: a cheap superset, the translate `_long_run` makes)."""
     return ("%" in text and _PERCENT_BYTE.search(text) is not None) or _escaped(text) or \
-        _B64_MARK in (_tokens(text) if tokens is None else tokens)
+        _B64_MARK in (_tokens(text) if tokens is None else tokens) or \
+        _pairs(text)
 
 
 def _as_text(data: bytes) -> str | None:
@@ -484,16 +551,38 @@ def _b64(run: str) -> bytes | None:
         return None
 
 
+# Base32 as a base-32 number (`int`'s digits 0-9a-v): decoded at C speed, a run of any length
+# (`base64.b32decode` loops in Python, ~0.4 us a character).
+_B32_DIGITS = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567abcdefghijklmnopqrstuvwxyz",
+                            "0123456789abcdefghijklmnopqrstuv0123456789abcdefghijklmnop")
+_B32_ENDS = (0, 2, 4, 5, 7)  # what a base32 text's length leaves over 8 characters
+
+
+def _b32_cut(cores: list[str]) -> list[bytes]:
+    """Base32 runs (`_BASE32`, no padding, each of a length a base32 text has) decoded in one
+    call: each padded to whole 8-character groups with zero bits, its bytes cut to its own."""
+    padded = "".join(c + "A" * (-len(c) % 8) for c in cores)
+    raw = int(padded.translate(_B32_DIGITS) or "0", 32).to_bytes(len(padded) * 5 // 8, "big")
+    out, at = [], 0
+    for c in cores:
+        out.append(raw[at:at + len(c) * 5 // 8])
+        at += (len(c) + 7) // 8 * 5
+    return out
+
+
+def _b32(core: str) -> bytes | None:
+    return _b32_cut([core])[0] if len(core) % 8 in _B32_ENDS else None
+
+
 def _decodings(run: str) -> list[str]:
     """The texts `run` could encode: hex, base32, base64 (standard or URL-safe), each only if
     UTF-8."""
     out = []
     if len(run) % 2 == 0 and _HEX.fullmatch(run):
         out.append(_as_text(bytes.fromhex(run)))
-    # base32 decodes in Python (~0.4 us a character): a run a key could be hidden in, not a file
-    if len(run) <= _FIRST_CHUNK and _BASE32.fullmatch(bare := run.rstrip("=")):
-        with contextlib.suppress(binascii.Error):  # a length no base32 text has
-            out.append(_as_text(base64.b32decode(bare + "=" * (-len(bare) % 8), casefold=True)))
+    if _BASE32.fullmatch(bare := run.rstrip("=")) and \
+            (head := _b32(bare[:_FIRST_CHUNK])) is not None and (text := _as_text(head)):
+        out.append(text if len(bare) <= _FIRST_CHUNK else _as_text(_b32(bare) or b""))
     head = _b64(run[:_FIRST_CHUNK])
     if head is not None and (text := _as_text(head)) is not None:
         out.append(text if len(run) <= _FIRST_CHUNK else _as_text(_b64(run) or b""))
@@ -553,13 +642,19 @@ _URL_SAFE = str.maketrans("-_", "+/")
 _HEX_RUN = re.compile(r"(?<![A-Za-z0-9+/_-])(?:[0-9A-Fa-f]{2}){8,}(?![A-Za-z0-9+/_=-])")  # a whole run
 
 
+# A wrapped run from its first line's start (not retried inside a run: linear)
+_WRAPPED_RUN = re.compile(r"(?<![A-Za-z0-9+/_-])" + _WRAPPED.pattern)
+
+
 def _bulk(text: str, start: int, depth: int) -> list[Found]:
-    """The base64 and hex runs of `text` from `start` on, past `_RUNS_MOST`: decoded together (one
-    C call each way, ~1 us a run, not ~5), every run's bytes read as Latin-1 (as text or not: a
-    key, ASCII, reads the same), so an encoded key after a thousand other runs is not skipped.
-    Base32 and line-wrapped runs are not read here."""
+    """The base64, base32, hex and line-wrapped base64 runs of `text` from `start` on, past
+    `_RUNS_MOST`: decoded together (one C call each way, ~1 us a run, not ~5), every run's bytes
+    read as Latin-1 (as text or not: a key, ASCII, reads the same), so an encoded key after a
+    thousand other runs is not skipped."""
     ms = list(_B64_RUN.finditer(text, start))
-    cores = [m[0].rstrip("=") for m in ms]
+    wrapped = list(_WRAPPED_RUN.finditer(text, start)) if "\n" in text else []
+    cores = [m[0].rstrip("=") for m in ms] + ["".join(m[0].split()).rstrip("=") for m in wrapped]
+    ms += wrapped
     sizes = [len(c) * 3 // 4 for c in cores]  # bytes a run's whole characters hold
     # each run padded to whole quads with zero bits, its bytes cut to `sizes`
     raw = binascii.a2b_base64("".join(
@@ -567,8 +662,11 @@ def _bulk(text: str, start: int, depth: int) -> list[Found]:
     ends = list(itertools.accumulate((len(c) + 3) // 4 * 3 for c in cores))
     texts = [raw[end - (len(c) + 3) // 4 * 3:end - (len(c) + 3) // 4 * 3 + size]
              for c, size, end in zip(cores, sizes, ends, strict=True)]
+    b32 = [(m, c) for m, c in zip(ms, cores, strict=True)
+           if len(c) % 8 in _B32_ENDS and _BASE32.fullmatch(c)]
     hexes = list(_HEX_RUN.finditer(text, start))
-    ms += hexes
+    ms += [m for m, _ in b32] + hexes
+    texts += [b.decode("latin-1") for b in _b32_cut([c for _, c in b32])]
     texts += [bytes.fromhex(m[0]).decode("latin-1") for m in hexes]
     starts = [0, *itertools.accumulate(len(t) + len(_SPLIT) for t in texts)]
     found = []
@@ -587,6 +685,8 @@ def _encoded(text: str, depth: int = 0, tokens: bytes | None = None) -> list[Fou
     runs = _percent_runs(text)
     if _escaped(text):
         runs += _escape_runs(text)
+    if _pairs(text):
+        runs += _pair_runs(text)
     at = tokens.find(_B64_MARK)
     while at >= 0 and len(runs) < _RUNS_MOST:  # the regex on token runs only (~5x faster than its scan of every position)
         start = tokens.rfind(b" ", 0, at) + 1

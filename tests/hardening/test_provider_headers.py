@@ -210,14 +210,14 @@ HEADER_KEY = "sk-proj-" + "Hv3nQ8wLr5Tz" * 3
 @pytest.mark.parametrize("name, value", [
     ("User-Agent", f"OpenAI/Python 1.99.1 {HEADER_KEY}"),
     ("X-Stainless-Arch", HEADER_KEY),
-    ("Idempotency-Key", HEADER_KEY),
     ("Accept", f"application/json; k={HEADER_KEY}"),
     ("X-Stainless-Note", "AKIAQX7RZ2LMN4TB5KWD"),
 ])
 def test_a_secret_in_a_forwarded_header_is_refused(gw, llm, token, secrets, name, value):
     """Red team, stop 29: the headers that go on to the provider were read by no detector, so a
     key the body's detectors refuse reached the provider beside the org's key in a user-agent,
-    an x-stainless-* value, an idempotency key or a media type's parameter."""
+    an x-stainless-* value or a media type's parameter (an idempotency key goes on as a digest:
+    test_redteam30_secrets)."""
     secrets.update({HEADER_KEY, "AKIAQX7RZ2LMN4TB5KWD"})
     before = len(llm.requests)
     resp = httpx.post(gw.url + "/v1/chat/completions", json=CHAT,
