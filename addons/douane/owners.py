@@ -54,6 +54,7 @@ import logging
 import re
 import sqlite3
 import time
+import urllib.parse
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -84,6 +85,11 @@ PER_USER = 10_000  # bindings kept per user, upstream and kind (their least rece
 PRUNE_SECONDS = 600  # how often a process forgets the expired and the excess
 SESSION_IDS = 8  # values of a folded `Mcp-Session-Id` douane reads; more is refused
 NAMED_IDS = 16  # stored objects one request may name (its path and body)
+# A filtered listing's cursors (OpenAI's, Anthropic's): each names an object of the listing's kind
+CURSORS = frozenset({"after", "before", "after_id", "before_id"})
+# Anthropic's own skills (`source: anthropic`, `pptx`...) are every user's: bound to this, never
+# to the first user naming one (a user's name never holds a space)
+BUILT_IN = "anthropic built-in"
 ITEM_IDS = 1024  # Responses items by id one request may name, one answer bind
 ISSUED_BYTES = 64 * 1024  # where an answer names its id (a stream: its first event)
 MCP = "mcp"
@@ -178,6 +184,7 @@ CREATES = re.compile(r"/(conversations|containers|vector_stores|batches|uploads|
                      r"assistants|threads|evals|videos/characters|skills|videos)"
                      r"(?:(?<=videos)(?:/edits|/extensions|/[^/]+/remix))?/?$",
                      re.IGNORECASE)
+ANTHROPIC_BELOW_SKILL = re.compile(r"/skills/[^/]+/", re.IGNORECASE)  # its versions
 CONVERSATION_ITEMS = re.compile(r"/conversations/[^/]+/items(/[^/]+)?/?$", re.IGNORECASE)
 # What an answer says was made for the caller, by its `object`: the files of a batch, an upload
 # or a fine-tuning job; a run's thread (`POST /v1/threads/runs` makes one). (An assistant's or a
@@ -432,6 +439,19 @@ def _container(flow: http.HTTPFlow) -> list[tuple[str, str, str]] | tuple[str, s
     if container_id is None and isinstance(container, dict | None):
         return []
     return "containers", "container names no id douane can read"
+
+
+def _built_in_skills(flow: http.HTTPFlow) -> set[str]:
+    """The ids of Anthropic's own skills an answer shows (`source: anthropic`): a skill, or a
+    listing of them."""
+    try:
+        doc = protocols.document(flow, "response")
+    except protocols.ProtocolError:
+        return set()
+    items = doc.get("data") if isinstance(doc, dict) and isinstance(doc.get("data"), list) \
+        else [doc]
+    return {i["id"] for i in items[:LISTING_ITEMS] if isinstance(i, dict) and
+            i.get("source") == "anthropic" and isinstance(i.get("id"), str)}
 
 
 def _below_bound(path: str) -> bool:
@@ -753,6 +773,8 @@ class StoredObjects:
             if listing and not self._org_listings(flow):
                 if st.upstream.protocol == "openai" or listing[1].lower() in ANTHROPIC_LISTED:
                     self._listings[flow] = listing[1].lower()
+                    if not await self._own_cursors(flow, listing[1].lower()):
+                        return
                 else:
                     self._refuse_listing(flow)
                     return
@@ -782,6 +804,16 @@ class StoredObjects:
                 unavailable(flow, e)
                 return
             for (object_id, where), owner in zip(ids, owners, strict=True):
+                if owner == BUILT_IN and kind == "skills" and st.upstream.protocol == "anthropic":
+                    continue
+                if owner is None and kind == "skills" and st.upstream.protocol == "anthropic" \
+                        and where == "the path" and ANTHROPIC_BELOW_SKILL.search(
+                            flow.request.path.split("?")[0]):
+                    # only the skill's own answer says whose it is (`source`): adopting it from
+                    # its versions' would make one of Anthropic's the first caller's
+                    self._refuse(flow, kind, "the path names, below it, a skill douane has not "
+                                 "read yet (GET /v1/skills/{id} first)")
+                    return
                 # an item below a conversation's path is listed by it: the conversation's owner's
                 if owner is None and (KINDS[kind].adopt or kind == "items" and
                                       where == "the path"):
@@ -909,8 +941,15 @@ class StoredObjects:
                 wheres = [where for k, _, where in unseen if k == kind]
                 if not wheres:
                     continue
-                await self.bindings.bind(upstream, kind, [i for k, i, _ in unseen if k == kind],
-                                         user, adopt=True)
+                ids = [i for k, i, _ in unseen if k == kind]
+                if kind == "skills" and st.upstream.protocol == "anthropic" and \
+                        (built_in := _built_in_skills(flow)) & set(ids):
+                    await self.bindings.bind(upstream, kind, sorted(built_in & set(ids)),
+                                             BUILT_IN, adopt=True)
+                    ids = [i for i in ids if i not in built_in]
+                    if not ids:
+                        continue
+                await self.bindings.bind(upstream, kind, ids, user, adopt=True)
                 more = f" (and {len(wheres) - 1} more)" if len(wheres) > 1 else ""
                 adopted = Reason("owner.adopted", f"{wheres[0]}{more} named a {KINDS[kind].noun} "
                                  "douane had not seen issued: bound to this user")
@@ -948,7 +987,17 @@ class StoredObjects:
         except StoreUnavailable as e:
             unavailable(flow, e)
             return
-        own = [i for i, owner in zip(items, owners, strict=True) if owner == st.identity.user]
+        built_in = _built_in_skills(flow) if kind == "skills" and \
+            st.upstream.protocol == "anthropic" else set()
+        own = [i for i, owner in zip(items, owners, strict=True)
+               if owner == st.identity.user or i["id"] in built_in]
+        if unbound := sorted(i for i, owner in zip([i["id"] for i in items], owners, strict=True)
+                             if i in built_in and owner != BUILT_IN):
+            try:  # every user's: their versions are read by anyone from now
+                await self.bindings.bind(st.upstream.name, kind, unbound, BUILT_IN, adopt=True)
+            except StoreUnavailable as e:
+                _unbound(flow, e)
+                return
         if len(own) == len(items):
             return
         doc["data"] = own
@@ -956,6 +1005,31 @@ class StoredObjects:
             if cursor in doc:
                 doc[cursor] = own[at]["id"] if own else None
         protocols.write_json(flow, "response", doc)
+
+    async def _own_cursors(self, flow: http.HTTPFlow, kind: str) -> bool:
+        """A filtered listing's cursors name the caller's own objects (the only ones it lists):
+        one naming another user's, or one douane never saw, is refused alike, so the answer does
+        not tell whether another user's exists. False once refused."""
+        st = state(flow)
+        assert st.upstream and st.identity
+        query = flow.request.path.partition("?")[2]
+        cursors = [(name, value) for name, value in
+                   urllib.parse.parse_qsl(query, keep_blank_values=True) if name in CURSORS]
+        if not cursors:
+            return True
+        try:
+            owners = await self.bindings.owners(st.upstream.name, kind,
+                                                [value for _, value in cursors])
+        except StoreUnavailable as e:
+            unavailable(flow, e)
+            return False
+        for (name, _), owner in zip(cursors, owners, strict=True):
+            if owner != st.identity.user and not (owner == BUILT_IN and kind == "skills"):
+                self._refuse(flow, kind, f"the {name} cursor names one "
+                             + ("issued to another user" if owner else "douane did not see "
+                                "issued"))
+                return False
+        return True
 
     def _lists(self, flow: http.HTTPFlow) -> bool:
         """Whether a granted answer lists objects of the org's that douane cannot tell apart."""
