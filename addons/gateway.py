@@ -144,7 +144,7 @@ ORDER = Order(
     ),
     douane_head_refused=(audit_trail.douane_head_refused,),  # no flow: its record alone
     douane_stream_wait=(mask.douane_stream_wait,),  # a masked stream's end, analysed off the loop
-    websocket_start=(timeouts.websocket_start,),
+    websocket_start=(timeouts.websocket_start, police_websocket.websocket_start),
     websocket_message=(
         police_websocket.websocket_message,  # every message policed
         record.websocket_message,  # the messages held past a bound are written and let go

@@ -364,6 +364,7 @@ class Limits:
     answer_head_timeout: int = 600  # seconds from a request leaving to its answer's head
     answer_silence_timeout: int = 300  # seconds an answer may send nothing, once its head came
     mcp_silence_timeout: int = 900  # the same for an MCP upstream (its streams may idle)
+    websocket_idle_timeout: int = 600  # seconds a WebSocket session may pass with no message
 
 
 @dataclass(frozen=True)
@@ -554,7 +555,8 @@ def _listen(v: View, key: str) -> str | None:
 def _limits(gateway: View) -> Limits:
     default = Limits()
     timeouts = gateway.sub("timeouts")
-    timeouts.only("idle", "headers", "body", "answer_head", "answer_silence", "mcp_silence")
+    timeouts.only("idle", "headers", "body", "answer_head", "answer_silence", "mcp_silence",
+                  "websocket_idle")
     limits = Limits(
         answer_size_limit=gateway.size("answer_size_limit", default.answer_size_limit),
         stream_size_limit=gateway.size("stream_size_limit", default.stream_size_limit),
@@ -565,13 +567,16 @@ def _limits(gateway: View) -> Limits:
         answer_head_timeout=timeouts.get("answer_head", int, default.answer_head_timeout),
         answer_silence_timeout=timeouts.get("answer_silence", int,
                                             default.answer_silence_timeout),
-        mcp_silence_timeout=timeouts.get("mcp_silence", int, default.mcp_silence_timeout))
+        mcp_silence_timeout=timeouts.get("mcp_silence", int, default.mcp_silence_timeout),
+        websocket_idle_timeout=timeouts.get("websocket_idle", int,
+                                            default.websocket_idle_timeout))
     for key, value in (("answer_size_limit", limits.answer_size_limit),
                        ("stream_size_limit", limits.stream_size_limit),
                        ("max_text_pieces", limits.max_text_pieces)):
         if value < 1:
             raise gateway.error("must be positive", key)
-    for key in ("idle", "headers", "body", "answer_head", "answer_silence", "mcp_silence"):
+    for key in ("idle", "headers", "body", "answer_head", "answer_silence", "mcp_silence",
+                "websocket_idle"):
         if timeouts.get(key, int, 1) < 1:
             raise timeouts.error("must be at least 1 second", key)
     return limits

@@ -129,7 +129,7 @@ class ClientTimeouts:
         # mitmproxy's own timeout closes a silent client connection without an answer: kept above
         # douane's deadlines, so that douane's answer (and its audit record) comes first
         longest = max(_limits.answer_head_timeout, _limits.answer_silence_timeout,
-                      _limits.mcp_silence_timeout) + TCP_MARGIN
+                      _limits.mcp_silence_timeout, _limits.websocket_idle_timeout) + TCP_MARGIN
         if ctx.options.tcp_timeout < longest:
             ctx.options.update(tcp_timeout=longest)
 

@@ -16,7 +16,11 @@ the event is audited, and every later message of that connection is dropped (mit
 close a WebSocket from an addon, so the connection is left with nothing passing through it).
 A message cannot be held for an approver: at the hold threshold it is blocked. An upstream that
 sends nothing for `answer_silence` seconds after a client's message ends the session the same
-way (`upstream.timeout`), both connections closed.
+way (`upstream.timeout`), both connections closed; so does one silent as long between two events
+of a Realtime response it has started (`response.created` until `response.done`: its first event
+answered the client, the rest is still owed). A session in which neither side sends anything for
+`websocket_idle` seconds is ended alike (`timeout.websocket_idle`), below mitmproxy's own
+`tcp_timeout`, which would close it with no answer and no record.
 
 A Realtime session's items are its own: a client event naming an item by id (`item_id` of
 `conversation.item.retrieve` / `.delete` / `.truncate`, `previous_item_id`, an `item_reference` in
@@ -225,7 +229,10 @@ class PoliceWebSocket:
         self.earlier: dict[str, dict[tuple[bool, Kind], str]] = {}
         self.items: dict[str, dict[str, None]] = {}  # per flow: its session's item ids, in order
         # per flow: since when a client message the upstream received waits for any message back
+        # (or a Realtime response the upstream started waits for its next event)
         self.waiting: dict[str, tuple[http.HTTPFlow, float]] = {}
+        self.responding: set[str] = set()  # flows whose upstream is within a Realtime response
+        self.last: dict[str, tuple[http.HTTPFlow, float]] = {}  # per flow: its latest message
         self._task: asyncio.Task[None] | None = None
 
     def configure(self, updated: set[str]) -> None:
@@ -253,13 +260,25 @@ class PoliceWebSocket:
                 logger.exception("douane: the WebSocket answer watchdog failed a check")
 
     def _late(self, now: float) -> None:
-        silence = self.enforce.settings.config.limits.answer_silence_timeout
+        limits = self.enforce.settings.config.limits
+        silence, idle = limits.answer_silence_timeout, limits.websocket_idle_timeout
+        for flow_id, (flow, since) in list(self.last.items()):
+            if not flow.live or flow.error or flow_id in self.cut:
+                del self.last[flow_id]
+            elif now - since > idle:
+                del self.last[flow_id]
+                message = f"no message either way for {idle} s: the session is closed"
+                flow.error = FlowError(f"douane: {message}")
+                self._cut(flow, Reason("timeout.websocket_idle", message), "session_idle",
+                          "error")
         for flow_id, (flow, since) in list(self.waiting.items()):
             if not flow.live or flow.error or flow_id in self.cut:
                 del self.waiting[flow_id]
             elif now - since > silence:
                 del self.waiting[flow_id]
-                message = f"the upstream sent nothing within {silence} s of the client's message"
+                message = f"the upstream sent nothing within {silence} s of " + (
+                    "its last event of a response it started" if flow_id in self.responding
+                    else "the client's message")
                 # the layer closes both connections once the error event is relayed
                 flow.error = FlowError(f"douane: {message}")
                 self._cut(flow, Reason("upstream.timeout", message), "upstream_timeout", "error")
@@ -274,9 +293,12 @@ class PoliceWebSocket:
         if flow.id in self.cut:
             message.drop()
             return
+        now = time.monotonic()
+        self.last[flow.id] = (flow, now)
+        event_type = None
         try:
-            reason = self._verdict(flow.id, st, message.is_text, message.content,
-                                   message.from_client)
+            reason, event_type = self._verdict(flow.id, st, message.is_text, message.content,
+                                               message.from_client)
         except Exception as e:  # fail closed: an error in policy stops the connection
             logger.error("douane: WebSocket policy failed (decision %s): %s", st.decision_id,
                          loggable(repr(e)))
@@ -286,47 +308,66 @@ class PoliceWebSocket:
             message.drop()
             self._cut(flow, reason)
         elif not message.from_client:
-            self.waiting.pop(flow.id, None)
+            if event_type == "response.created":
+                self.responding.add(flow.id)
+            elif event_type == "response.done":
+                self.responding.discard(flow.id)
+            if flow.id in self.responding:  # the rest of the response is owed: its next event
+                self.waiting[flow.id] = (flow, now)
+            else:
+                self.waiting.pop(flow.id, None)
         elif flow.id not in self.waiting:
-            self.waiting[flow.id] = (flow, time.monotonic())
+            self.waiting[flow.id] = (flow, now)
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        if (st := peek(flow)) is not None and st.upstream is not None:
+            self.last[flow.id] = (flow, time.monotonic())  # a session never used is idle too
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self.waiting.pop(flow.id, None)
+        self.last.pop(flow.id, None)
+        self.responding.discard(flow.id)
         self.cut.discard(flow.id)
         self.earlier.pop(flow.id, None)
         self.items.pop(flow.id, None)
 
     def _verdict(self, flow_id: str, st: FlowState, is_text: bool, content: bytes,
-                 from_client: bool) -> Reason | None:
-        """None to deliver the message, else the reason it is stopped."""
+                 from_client: bool) -> tuple[Reason | None, str | None]:
+        """(None to deliver the message, else the reason it is stopped; its event's type)."""
+        reason, doc = self._read(flow_id, st, is_text, content, from_client)
+        kind = doc.get("type") if isinstance(doc, dict) else None
+        return reason, kind if isinstance(kind, str) else None
+
+    def _read(self, flow_id: str, st: FlowState, is_text: bool, content: bytes,
+              from_client: bool) -> tuple[Reason | None, Any]:
         if from_client and st.identity and st.identity.expires_at is not None and \
                 st.identity.expires_at < time.time():
             # each message is a new prompt: the token of the upgrade does not outlive itself
             return Reason("identity.expired", "the token this session was opened with has "
-                          "expired; open a new session")
+                          "expired; open a new session"), None
         if not is_text:
             return Reason("protocol.websocket_binary", "binary WebSocket messages cannot be "
-                          "inspected")
+                          "inspected"), None
         config = self.enforce.settings.config
         limit = config.body_size_limit if from_client else config.limits.answer_size_limit
         if len(content) > limit:  # parsed and matched on the loop: bounded as a body is
             return Reason("protocol.websocket_too_large", f"a WebSocket message of "
-                          f"{len(content)} bytes exceeds douane's limit of {limit} bytes")
+                          f"{len(content)} bytes exceeds douane's limit of {limit} bytes"), None
         try:
             it, doc = read_message(content, from_client)
         except protocols.ProtocolError as e:
-            return Reason(f"protocol.websocket_{e.code}", e.message)
+            return Reason(f"protocol.websocket_{e.code}", e.message), None
         if isinstance(doc, dict) and (reason := self._session_items(flow_id, doc, from_client)):
-            return reason
+            return reason, doc
         live = self.enforce.live
         if live is None:
-            return None  # no policy configured: nothing to enforce beyond parsing
+            return None, doc  # no policy configured: nothing to enforce beyond parsing
         policy = live.current
         if from_client and st.identity and st.upstream:
             grant, violations = engine.granting(policy, st.identity, st.upstream.name, it)
             if grant is None:
                 return Reason("policy.websocket", f"blocked by policy: "
-                              f"{'; '.join(r.message for r in violations)}")
+                              f"{'; '.join(r.message for r in violations)}"), doc
         pieces = it.texts if from_client else it.response_texts
         earlier = self.earlier.setdefault(flow_id, {})
         before = [TextPiece(kind, None, text, ("earlier",), False)
@@ -335,12 +376,12 @@ class PoliceWebSocket:
                                  hold_allowed=False)
         if decision.action == "block":
             return Reason("policy.websocket", f"blocked by policy: {explain(decision)}",
-                          score=decision.risk)
+                          score=decision.risk), doc
         for piece in pieces:
             if piece.path[:1] != (fields.KEYS,):  # free text only: ids would split a phrase
                 key = (from_client, piece.kind)
                 earlier[key] = (earlier.get(key, "") + " " + piece.text)[-TAIL:]
-        return None
+        return None, doc
 
     def _session_items(self, flow_id: str, event: dict[str, Any], from_client: bool
                        ) -> Reason | None:
