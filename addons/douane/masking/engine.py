@@ -26,7 +26,6 @@ Offline: tldextract uses its bundled public-suffix snapshot, never the network.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import logging
@@ -217,6 +216,100 @@ def load_ner(model: str):
     lean_tok2vec(nlp.get_pipe("ner").model, ops)
     unused_word_flags(nlp.vocab)
     return nlp
+
+
+class EntityDecoder:
+    """spaCy's greedy NER decoding (`Parser.greedy_parse`: one C step per token, each a few
+    small products and a scan of the 74 moves' validity) as a few numpy products for all the
+    docs' tokens at once, same entities. The NER's state is only whether an entity is open:
+    closed, a token's features are its own vector and padding (`StateC.set_context_tokens`
+    with 3 features: the next token, the open entity's first and the token before), so every
+    token's scores as if closed are one product, and each entity's continuation is computed
+    only where one starts. Validity is `ner.pyx`'s for docs without preset entities or
+    sentence starts past the first token (what `make_doc` gives): closed, O always, U-x and
+    B-x not on a space token, B-x not on the last token; open, I-x but on the last token and
+    L-x, of the open entity's label; the first valid best-scored move wins. The products are
+    blis's, as spaCy's C loop makes them (tests/test_masking_fastpaths.py checks the entities
+    against spaCy's)."""
+
+    def __init__(self, ner):
+        import numpy as np
+
+        model = ner.model
+        tok2vec, lower, upper = model.layers
+        names = [ner.moves.get_class_name(i) for i in range(ner.moves.n_moves)]
+        if (ner.name != "ner" or lower.get_dim("nF") != 3 or not model.attrs["has_upper"]
+                or model.attrs["unseen_classes"] or upper.name != "linear"
+                or any(n != "O" and n[:2] not in ("B-", "I-", "L-", "U-") for n in names)):
+            raise ValueError(f"not the NER of en_core_web_sm: {model.name}")
+        self.tok2vec, self.lower = tok2vec, lower
+        self.W, self.b = upper.get_param("W"), upper.get_param("b")
+        self.bias = lower.get_param("b")
+        self.out = names.index("O")
+        self.moves = [(n[0], n[2:]) for n in names]
+        index = {n: i for i, n in enumerate(names)}
+        self.inside = {label: (index[f"I-{label}"], index[f"L-{label}"])
+                       for move, label in self.moves if move == "B"}
+        begin = np.array([m == "B" for m, _ in self.moves])
+        unit = np.array([m == "U" and bool(label) for m, label in self.moves])
+        out = np.arange(len(names)) == self.out
+        self.closed = np.where(out | unit | begin, 0, -np.inf).astype("float32")
+        self.closed_last = np.where(out | unit, 0, -np.inf).astype("float32")
+
+    def scores(self, hidden):
+        """The upper layer's scores, as `predict_states` computes them (blis, then the bias)."""
+        import blis.py
+
+        scores = blis.py.gemm(hidden, self.W, trans2=True)
+        scores += self.b
+        return scores
+
+    def hidden(self, f0, f1, f2):
+        """Summed features (in `sum_state_features`' order), the bias, then the maxout."""
+        summed = f0 + f1
+        summed += f2
+        summed += self.bias
+        return summed.max(axis=-1)
+
+    def __call__(self, docs) -> None:
+        """Each doc's entities set, as `ner.pipe` sets them."""
+        import numpy as np
+        from spacy.attrs import IS_SPACE
+        from spacy.tokens import Span
+
+        docs = [doc for doc in docs if len(doc)]
+        if not docs:
+            return
+        cached = self.lower.predict(self.tok2vec.predict(docs))  # (tokens + 1, 3, nO, nP)
+        pad, feats = cached[0], cached[1:]
+        closed = self.scores(np.ascontiguousarray(self.hidden(feats[:, 0], pad[1], pad[2])))
+        best = (closed + self.closed).argmax(axis=1)
+        best_last = (closed + self.closed_last).argmax(axis=1)
+        base = 0
+        for doc in docs:
+            n = len(doc)
+            space = doc.to_array(IS_SPACE)
+            ents = []
+            t = 0
+            while t < n:
+                g = base + t
+                a = self.out if space[t] else int(best_last[g] if t == n - 1 else best[g])
+                move, label = self.moves[a]
+                t += 1
+                if move == "U":
+                    ents.append(Span(doc, t - 1, t, label=label))
+                elif move == "B":
+                    start, (i, last) = t - 1, self.inside[label]
+                    while True:  # open: the next token, the entity's first, the one before
+                        g = base + t
+                        s = self.scores(self.hidden(feats[g:g + 1, 0], feats[base + start, 1],
+                                                    feats[g - 1, 2]))[0]
+                        t += 1
+                        if t == n or s[last] > s[i]:
+                            ents.append(Span(doc, start, t, label=label))
+                            break
+            doc.set_ents(ents, default="outside")
+            base += n
 
 
 def lean_tok2vec(parser_model, ops) -> None:
@@ -694,6 +787,12 @@ class Analyzer:
                                      context_aware_enhancer=context_enhancer())
         self.learning = True  # words read are kept in spaCy's vocabulary (see `detections`)
         self.ner = bool(ner and settings.model)  # whether spaCy's pipeline runs past tokens
+        # the NER run as `nlp.pipe` would (the pipeline is the NER alone: load_ner), decoded
+        # without spaCy's per-token C loop and the per-call work of `pipe`
+        self.decode = EntityDecoder(nlp_engine.nlp["en"].get_pipe("ner")) if self.ner else None
+        if self.ner and nlp_engine.nlp["en"].pipe_names != ["ner"]:
+            raise ValueError(f"{settings.model}: only its NER is run, not "
+                             f"{nlp_engine.nlp['en'].pipe_names}")
         self.recognizers = {e: [r for r in registry.recognizers if e in r.supported_entities]
                             for e in self.entities}
 
@@ -755,8 +854,8 @@ class Analyzer:
             # `refine` drops every name or place without one
             named = [d for d, i in zip(docs, todo, strict=True)
                      if self.ner and LETTERS_WORD.search(texts[i])]
-            for _, component in nlp.pipeline if named else ():
-                collections.deque(component.pipe(named, batch_size=len(named)), maxlen=0)
+            if named:
+                self.decode(named)
             for i, doc in zip(todo, docs, strict=True):
                 nlp_artifacts = self.nlp_engine._doc_to_nlp_artifact(doc, "en")
                 results = self.presidio(texts[i], candidates[i], nlp_artifacts)
