@@ -1,6 +1,6 @@
 """Masking benchmark: stock Presidio vs douane's engine, throughput on the labelled corpus.
 
-    scripts/bench-masking [--n 400] [--seed 2] [--stages]
+    scripts/bench-masking [--n 400] [--seed 2] [--base TREE] [--stages]
 
 The corpus is scripts/masking_corpus.py's (seed 2 is the held-out one; per-type precision, recall
 and F2 are scripts/eval-masking's). Stock Presidio is `AnalyzerEngine()` with the same spaCy model.
@@ -41,26 +41,51 @@ def stock_analyzer():
     return lambda text: engine.analyze(text=text, language="en")
 
 
-def throughput(texts: list[str], stock, douane: Analyzer,
+def throughput(texts: list[str], stock, analyzers: dict[str, Analyzer],
                chunk: int = 16) -> dict[str, tuple[list, list]]:
     """Per way of analysing: the wall and CPU seconds of each item (batched: each chunk's share
     per item). CPU time is the process's: on a machine other work shares it is what the
-    analysis itself cost (wall time also counts the waits for a core)."""
-    times: dict[str, tuple[list, list]] = {
-        "stock Presidio": ([], []), "douane": ([], []), "douane, batched": ([], [])}
+    analysis itself cost (wall time also counts the waits for a core). Each chunk is timed by
+    every way in turn, so a machine shared with other work slows them all alike."""
+    times: dict[str, tuple[list, list]] = {"stock Presidio": ([], [])}
+    for name in analyzers:
+        times[name], times[f"{name}, batched"] = ([], []), ([], [])
     for k in range(0, len(texts), chunk):
         part = texts[k:k + chunk]
-        for name, one in (("stock Presidio", stock), ("douane", douane.analyze)):
+        ways = [("stock Presidio", stock), *((n, a.analyze) for n, a in analyzers.items())]
+        for name, one in ways:
             for text in part:
                 start, cpu = time.perf_counter(), time.process_time()
                 one(text)
                 times[name][0].append(time.perf_counter() - start)
                 times[name][1].append(time.process_time() - cpu)
-        start, cpu = time.perf_counter(), time.process_time()
-        douane.analyze_many(part)
-        times["douane, batched"][0].extend([(time.perf_counter() - start) / len(part)] * len(part))
-        times["douane, batched"][1].extend([(time.process_time() - cpu) / len(part)] * len(part))
+        for name, analyzer in analyzers.items():
+            start, cpu = time.perf_counter(), time.process_time()
+            analyzer.analyze_many(part)
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+            times[f"{name}, batched"][0].extend([wall / len(part)] * len(part))
+            times[f"{name}, batched"][1].extend([cpu / len(part)] * len(part))
     return times
+
+
+def base_analyzer(tree: str, settings: MaskingSettings):
+    """The Analyzer of another checkout's `masking/engine.py` and `masking/phone.py` (an A/B
+    in one process, e.g. against the stop's start), loaded beside this one's; the modules they
+    import besides (secrets, fields, config) are this checkout's."""
+    import types
+    from pathlib import Path
+
+    root = Path(tree) / "addons" / "douane" / "masking"
+    modules = {}
+    for name in ("phone", "engine"):
+        source = (root / f"{name}.py").read_text().replace(
+            "douane.masking.phone", "douane_base_phone")
+        module = types.ModuleType(f"douane_base_{name}")
+        module.__file__ = str(root / f"{name}.py")
+        sys.modules[module.__name__] = module
+        exec(compile(source, module.__file__, "exec"), module.__dict__)
+        modules[name] = module
+    return modules["engine"].Analyzer(settings)
 
 
 # short answers of different kinds (what a stage costs depends on what the text holds)
@@ -186,6 +211,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=400)
     parser.add_argument("--seed", type=int, default=2)
+    parser.add_argument("--base", help="another checkout (a base tree) whose engine is timed "
+                        "beside this one's, chunk by chunk in the same run")
     parser.add_argument("--stages", action="store_true",
                         help="only the CPU of each stage of one analysis of short texts")
     args = parser.parse_args()
@@ -200,11 +227,14 @@ def main() -> int:
     chars = sum(map(len, texts))
     print(f"corpus: {len(texts)} items, {chars:,} chars, seed {args.seed}; douane: "
           f"the default config's masking section ({len(settings.entities)} entities)")
-    stock, douane = stock_analyzer(), Analyzer(settings)
-    for text in texts[:8]:  # warm up both
+    stock, analyzers = stock_analyzer(), {"douane": Analyzer(settings)}
+    if args.base:
+        analyzers["base"] = base_analyzer(args.base, settings)
+    for text in texts[:8]:  # warm up all
         stock(text)
-        douane.analyze(text)
-    times = throughput(texts, stock, douane)
+        for analyzer in analyzers.values():
+            analyzer.analyze(text)
+    times = throughput(texts, stock, analyzers)
     base = [chars / sum(times["stock Presidio"][k]) for k in (0, 1)]
     for name, (wall, cpu) in times.items():
         ms = sorted(t * 1000 for t in wall)
@@ -212,6 +242,10 @@ def main() -> int:
         print(f"{name:<16} {rate:>9,.0f} chars/s {rate / base[0]:5.1f}x stock, CPU "
               f"{cpu_rate:>9,.0f} chars/s {cpu_rate / base[1]:5.1f}x;  p50 "
               f"{statistics.median(ms):6.2f} ms   p95 {ms[int(len(ms) * 0.95) - 1]:6.2f} ms per item")
+    if args.base:
+        for way in ("", ", batched"):
+            print(f"douane{way} / base{way}, CPU: "
+                  f"{sum(times[f'base{way}'][1]) / sum(times[f'douane{way}'][1]):.2f}x")
     answer = " ".join(texts[:3])
     ttft, worst = stream_ttft(dataclasses.replace(settings, workers=1), answer)
     print(f"stream (4-char deltas every 20 ms, window {settings.stream_window}): first masked "

@@ -198,7 +198,8 @@ def test_entity_decoder_finds_what_spacys_ner_finds():
     entity's continuation only where one starts) sets the entities and IOB tags spaCy's own
     `ner.pipe` sets, alone and in batches, on corpus and check-set texts, texts of shuffled
     words, and edges: whitespace tokens (no entity starts on one), a one-token text, an empty
-    one, an entity at the last token, a run of capitalised words."""
+    one, an entity at the last token, a run of capitalised words, entities longer than the
+    continuation computed ahead."""
     from masking_corpus import broad
 
     from douane.masking.engine import EntityDecoder, load_ner
@@ -215,7 +216,7 @@ def test_entity_decoder_finds_what_spacys_ner_finds():
         "Prof. Zhang Wei and Mr. Łukasz Wiśniewski met in Kraków last May."]
     words = " ".join(texts).split()
     texts += [" ".join(rng.choice(words) for _ in range(rng.randint(1, 60))) for _ in range(150)]
-    entities = 0
+    entities, longest = 0, 0
     for size in (1, 16):
         for k in range(0, len(texts), size):
             theirs = [nlp.make_doc(t) for t in texts[k:k + size]]
@@ -227,7 +228,9 @@ def test_entity_decoder_finds_what_spacys_ner_finds():
                     (e.start, e.end, e.label_) for e in b.ents], a.text
                 assert [t.ent_iob for t in a] == [t.ent_iob for t in b], a.text
                 entities += len(a.ents)
+                longest = max([longest, *(len(e) for e in a.ents)])
     assert entities > 1000
+    assert longest > EntityDecoder.AHEAD + 1  # an entity continued past the moves computed ahead
 
 
 def test_token_vectors_are_thincs(monkeypatch):

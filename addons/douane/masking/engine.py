@@ -219,18 +219,21 @@ def load_ner(model: str):
 
 
 class EntityDecoder:
-    """spaCy's greedy NER decoding (`Parser.greedy_parse`: one C step per token, each a few
-    small products and a scan of the 74 moves' validity) as a few numpy products for all the
-    docs' tokens at once, same entities. The NER's state is only whether an entity is open:
-    closed, a token's features are its own vector and padding (`StateC.set_context_tokens`
-    with 3 features: the next token, the open entity's first and the token before), so every
-    token's scores as if closed are one product, and each entity's continuation is computed
-    only where one starts. Validity is `ner.pyx`'s for docs without preset entities or
-    sentence starts past the first token (what `make_doc` gives): closed, O always, U-x and
-    B-x not on a space token, B-x not on the last token; open, I-x but on the last token and
-    L-x, of the open entity's label; the first valid best-scored move wins. The products are
-    blis's, as spaCy's C loop makes them (tests/test_masking_fastpaths.py checks the entities
-    against spaCy's)."""
+    """spaCy's greedy NER decoding (`Parser.greedy_parse`: a C step per token, each a few small
+    products and a scan of the 74 moves' validity) as a few numpy products for all the docs'
+    tokens at once, same entities. The NER's state is only whether an entity is open: closed, a
+    token's features are its own vector and padding (`StateC.set_context_tokens` with 3
+    features: the next token, the open entity's first and the token before), so every token's
+    move as if closed comes of one product, and an entity's continuation (its next `AHEAD`
+    tokens: most entities are shorter) of one more, for every token where one may start.
+    Validity is `ner.pyx`'s for docs without preset entities or sentence starts past the first
+    token (what `make_doc` gives): closed, O always, U-x and B-x not on a space token, B-x not
+    on the last token; open, I-x but on the last token, and L-x, of the open entity's label;
+    the first best-scored valid move wins. The products are blis's, as spaCy's C loop makes
+    them, and a row's scores do not depend on the rows beside it (tests/test_masking_fastpaths.py
+    checks the entities against spaCy's)."""
+
+    AHEAD = 4
 
     def __init__(self, ner):
         import numpy as np
@@ -248,12 +251,13 @@ class EntityDecoder:
         self.out = names.index("O")
         self.moves = [(n[0], n[2:]) for n in names]
         index = {n: i for i, n in enumerate(names)}
-        self.inside = {label: (index[f"I-{label}"], index[f"L-{label}"])
-                       for move, label in self.moves if move == "B"}
-        begin = np.array([m == "B" for m, _ in self.moves])
+        # per move: for a B-x, the moves I-x and L-x that continue its entity
+        self.inside = np.array([index.get(f"I-{label}", 0) for _, label in self.moves])
+        self.last = np.array([index.get(f"L-{label}", 0) for _, label in self.moves])
+        self.begins = np.array([m == "B" for m, _ in self.moves])
         unit = np.array([m == "U" and bool(label) for m, label in self.moves])
         out = np.arange(len(names)) == self.out
-        self.closed = np.where(out | unit | begin, 0, -np.inf).astype("float32")
+        self.closed = np.where(out | unit | self.begins, 0, -np.inf).astype("float32")
         self.closed_last = np.where(out | unit, 0, -np.inf).astype("float32")
 
     def scores(self, hidden):
@@ -266,10 +270,15 @@ class EntityDecoder:
 
     def hidden(self, f0, f1, f2):
         """Summed features (in `sum_state_features`' order), the bias, then the maxout."""
+        import numpy as np
+
         summed = f0 + f1
         summed += f2
         summed += self.bias
-        return summed.max(axis=-1)
+        hidden = np.ascontiguousarray(summed[..., 0])
+        for piece in range(1, summed.shape[-1]):  # (a reduction over 2 is 4x slower)
+            np.maximum(hidden, summed[..., piece], out=hidden)
+        return hidden
 
     def __call__(self, docs) -> None:
         """Each doc's entities set, as `ner.pipe` sets them."""
@@ -282,35 +291,58 @@ class EntityDecoder:
             return
         cached = self.lower.predict(self.tok2vec.predict(docs))  # (tokens + 1, 3, nO, nP)
         pad, feats = cached[0], cached[1:]
-        closed = self.scores(np.ascontiguousarray(self.hidden(feats[:, 0], pad[1], pad[2])))
-        best = (closed + self.closed).argmax(axis=1)
-        best_last = (closed + self.closed_last).argmax(axis=1)
+        lengths = [len(doc) for doc in docs]
+        end = np.repeat(np.cumsum(lengths), lengths)  # per token: where its doc ends
+        last = np.arange(len(end)) + 1 == end
+        closed = self.scores(self.hidden(feats[:, 0], pad[1], pad[2]))
+        moves = np.where(last, (closed + self.closed_last).argmax(axis=1),
+                         (closed + self.closed).argmax(axis=1))
+        moves[np.concatenate([doc.to_array(IS_SPACE) for doc in docs]).astype(bool)] = self.out
+        # where an entity may start, whether it ends at each of the next AHEAD tokens
+        start = np.repeat(np.flatnonzero(self.begins[moves]), self.AHEAD)
+        at = start + np.tile(np.arange(1, self.AHEAD + 1), len(start) // self.AHEAD)
+        within = at < end[start]
+        start, at = start[within], at[within]
+        ends = self.ends(feats, moves[start], start, at, end) if len(at) else at
+        known = dict(zip(zip(start.tolist(), at.tolist(), strict=True), ends.tolist(),
+                         strict=True))
+        moves = moves.tolist()
         base = 0
-        for doc in docs:
-            n = len(doc)
-            space = doc.to_array(IS_SPACE)
+        for doc, n in zip(docs, lengths, strict=True):
             ents = []
             t = 0
             while t < n:
-                g = base + t
-                a = self.out if space[t] else int(best_last[g] if t == n - 1 else best[g])
-                move, label = self.moves[a]
+                kind, label = self.moves[moves[base + t]]
                 t += 1
-                if move == "U":
+                if kind == "U":
                     ents.append(Span(doc, t - 1, t, label=label))
-                elif move == "B":
-                    start, (i, last) = t - 1, self.inside[label]
-                    while True:  # open: the next token, the entity's first, the one before
+                elif kind == "B":
+                    first = base + t - 1
+                    while True:
                         g = base + t
-                        s = self.scores(self.hidden(feats[g:g + 1, 0], feats[base + start, 1],
-                                                    feats[g - 1, 2]))[0]
+                        if (first, g) not in known:  # a long entity: its next tokens
+                            at = np.arange(g, min(g + self.AHEAD, base + n))
+                            begin = np.full(len(at), first)
+                            known.update(zip(zip(begin.tolist(), at.tolist(), strict=True),
+                                             self.ends(feats, np.full(len(at), moves[first]),
+                                                       begin, at, end).tolist(), strict=True))
+                        closing = known[first, g]
                         t += 1
-                        if t == n or s[last] > s[i]:
-                            ents.append(Span(doc, start, t, label=label))
+                        if closing:
+                            ents.append(Span(doc, first - base, t, label=label))
                             break
             doc.set_ents(ents, default="outside")
             base += n
 
+    def ends(self, feats, begin, start, at, end):
+        """Per row: whether the entity that move `begin` opened at token `start` ends at token
+        `at` (L rather than I; only L is valid on a doc's last token)."""
+        import numpy as np
+
+        scores = self.scores(self.hidden(feats[at, 0], feats[start, 1], feats[at - 1, 2]))
+        rows = np.arange(len(at))
+        return (scores[rows, self.last[begin]] > scores[rows, self.inside[begin]]) | (
+            at + 1 == end[at])
 
 def lean_tok2vec(parser_model, ops) -> None:
     """The parser's tok2vec replaced by `TokenVectors` (same vectors), as a thinc layer without
