@@ -724,6 +724,9 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "t
                         "transfer-encoding", "upgrade"})
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key",
                                 "api-key"})
+# names that carry a credential by their word (`x-auth-token`, `x-goog-api-key`,
+# `ocp-apim-subscription-key`, `x-client-secret`); an idempotency key is a request's own
+CREDENTIAL_WORDS = re.compile(r"auth|token|secret|passw|cookie|api-?key|(?<!idempotency)-key$")
 HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]{1,64}")
 QUERY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MOST_FORWARDED = 64
@@ -752,7 +755,7 @@ def _forward(v: View, protocol: str, credential_header: str | None
             raise fv.error(f"{name} is a hop-by-hop header: never passed on from a client",
                            "headers")
         if name in CREDENTIAL_HEADERS or name == (credential_header or "").lower() or \
-                name.startswith("x-douane-"):
+                name.startswith("x-douane-") or CREDENTIAL_WORDS.search(name):
             raise fv.error(f"{name} carries a credential: never passed on from a client "
                            "(douane injects the upstream's own)", "headers")
     for name in query:

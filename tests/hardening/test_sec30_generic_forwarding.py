@@ -131,6 +131,10 @@ def load(tmp_path, internal: dict, identity: dict | None = None) -> config.Confi
     ({"headers": ["Cookie"]}, "carries a credential"),
     ({"headers": ["X-Internal-Key"]}, "carries a credential"),  # the upstream's own
     ({"headers": ["x-douane-user"]}, "carries a credential"),
+    ({"headers": ["X-Auth-Token"]}, "carries a credential"),
+    ({"headers": ["x-goog-api-key"]}, "carries a credential"),
+    ({"headers": ["ocp-apim-subscription-key"]}, "carries a credential"),
+    ({"headers": ["x-client-secret"]}, "carries a credential"),
     ({"headers": ["connection"]}, "hop-by-hop"),
     ({"headers": ["TE"]}, "hop-by-hop"),
     ({"headers": ["proxy-anything"]}, "hop-by-hop"),
@@ -145,11 +149,19 @@ def test_a_forward_list_naming_what_never_goes_on_is_a_config_error(tmp_path, fo
     assert "upstreams.internal.forward" in str(e.value)
 
 
+def test_ordinary_names_may_be_listed(tmp_path):
+    names = ["x-tenant", "idempotency-key", "x-request-id", "traceparent", "x-keyboard-layout"]
+    loaded = load(tmp_path, {**INTERNAL, "forward": {"headers": names, "query": ["v", "a.b"]}})
+    upstream = next(u for u in loaded.upstreams if u.name == "internal")
+    assert upstream.forward_headers == {n.encode() for n in names}
+    assert upstream.forward_query == {"v", "a.b"}
+
+
 def test_a_trusted_identity_header_is_never_forwarded(tmp_path):
     identity = {"dev_issuer": {"enabled": True},
-                "trusted_headers": {"sources": ["10.0.0.0/8"], "user": "X-Auth-User"}}
+                "trusted_headers": {"sources": ["10.0.0.0/8"], "user": "X-Remote-User"}}
     with pytest.raises(config.ConfigError, match="names the caller"):
-        load(tmp_path, {**INTERNAL, "forward": {"headers": ["x-auth-user"]}}, identity)
+        load(tmp_path, {**INTERNAL, "forward": {"headers": ["x-remote-user"]}}, identity)
 
 
 def test_forward_is_for_generic_upstreams_only(tmp_path):
