@@ -15,14 +15,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from mitmproxy import http
+from mitmproxy import certs, connection, http
 from mitmproxy import io as mitmio
 from mitmproxy.io import tnetstring
+from mitmproxy.proxy import mode_specs
 from mitmproxy.test import tflow, tutils
 
 from douane import bursts
 from douane.recording import index, writer
-from douane.recording.addon import snapshot
+from douane.recording.addon import snapshot, state_of
 from douane.recording.config import RecordingSettings
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import Gateway, base_config
@@ -64,6 +65,31 @@ def test_the_snapshot_is_mitmproxys_state_with_connections_cached(make):
     f.metadata["douane"] = {"decision": {"reasons": []}}  # a later summary (`publish`)
     assert before["metadata"] == {"douane": {"decision": {"reasons": [{"rule": "r"}]}},
                                   "other": {"items": [1]}}
+
+
+def _tls_client(tmp_path: Path) -> connection.Client:
+    cert = certs.CertStore.from_store(tmp_path, "mitmproxy", 2048).get_cert("a.example", []).cert
+    return connection.Client(
+        peername=("::1", 5000, 0, 0), sockname=("::1", 8080, 0, 0), timestamp_start=1.5,
+        error="gone", tls=True, certificate_list=[cert, cert], alpn=b"h2",
+        alpn_offers=[b"h2", b"http/1.1"], cipher="TLS_AES_128_GCM_SHA256",
+        cipher_list=["a", "b"], tls_version="TLSv1.3", sni="a.example", timestamp_end=2,
+        timestamp_tls_setup=1.75, mitmcert=cert, transport_protocol="udp",
+        proxy_mode=mode_specs.ProxyMode.parse("reverse:https://up.example:8443"))
+
+
+@pytest.mark.parametrize("make", [
+    lambda _: tflow.tclient_conn(), lambda _: tflow.tserver_conn(), _tls_client,
+    lambda _: connection.Server(address=None),
+    lambda _: connection.Server(address=("up.example", 443), via=("https", ("proxy", 3128)),
+                                peername=("10.0.0.1", 443), timestamp_start=3,
+                                tls_version="TLSv1.2", certificate_list=[])])
+def test_a_connection_state_is_mitmproxys(make, tmp_path):
+    conn = make(tmp_path)
+    assert list(state_of(conn).items()) == list(conn.get_state().items())  # in its order
+    conn.timestamp_end = 7  # an int where mitmproxy writes a float
+    assert list(state_of(conn).items()) == list(conn.get_state().items())
+    assert type(state_of(conn)["timestamp_end"]) is float
 
 
 def test_a_flow_is_written_as_flowwriter_writes_it_scrubbed(tmp_path):

@@ -21,14 +21,19 @@ under `on_error: continue`, or without a recording, the messages are let go unre
 
 from __future__ import annotations
 
+import collections.abc
 import copy
+import dataclasses
+import enum
 import functools
 import logging
 import time
+import types
+import typing
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Container
+from collections.abc import Callable, Container
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -83,8 +88,86 @@ def connection_state(conn: connection.Connection) -> dict:
     fields = tuple(vars(conn).values())
     cached = _connection_states.get(conn)
     if cached is None or cached[0] != fields:
-        cached = _connection_states[conn] = fields, conn.get_state()
+        cached = _connection_states[conn] = fields, state_of(conn)
     return cached[1]
+
+
+class _Unplanned(Exception):
+    """A value its field's plan does not take as it is: mitmproxy's `get_state` converts it."""
+
+
+def state_of(conn: connection.Connection) -> dict:
+    """`conn.get_state()` in a tenth of the time (a new connection's, 40 µs each): mitmproxy
+    reads each field's type hints anew for every value; here each field's conversion is planned
+    once from the same hints (`_plan`). A value of another type than the plan's, or a class
+    it cannot plan, takes mitmproxy's own path."""
+    plan = _plan(type(conn))
+    if plan is None:
+        return conn.get_state()
+    try:
+        return {name: convert(getattr(conn, name)) for name, convert in plan}
+    except _Unplanned:
+        return conn.get_state()
+
+
+def _plain(kind: type) -> Callable[[Any], Any]:
+    accepted = (int, float) if kind in (int, float) else kind  # as mitmproxy checks them
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, accepted):
+            return kind(value)
+        raise _Unplanned  # (mitmproxy's ValueError)
+    return plain
+
+
+@functools.cache
+def _plan(cls: type) -> tuple[tuple[str, Callable[[Any], Any]], ...] | None:
+    """Each serialised field of a mitmproxy dataclass and how its value becomes its state, in
+    `SerializableDataclass._process`'s order of cases."""
+    try:
+        hints = typing.get_type_hints(cls)
+        return tuple((f.name, _convert(hints[f.name], f.name)) for f in dataclasses.fields(cls)
+                     if f.metadata.get("serialize", True) is not False)
+    except (TypeError, NameError, KeyError, _Unplanned):
+        return None
+
+
+def _convert(kind: Any, name: str) -> Callable[[Any], Any]:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is typing.Literal:
+        allowed = frozenset(args)
+
+        def literal(value: Any) -> Any:
+            if type(value) is str and value in allowed:
+                return value
+            raise _Unplanned
+        return literal
+    if origin in (types.UnionType, typing.Union):
+        if len(args) != 2 or args[1] is not types.NoneType:
+            raise _Unplanned
+        inner = _convert(args[0], name)
+        return lambda value: None if value is None else inner(value)
+    if hasattr(kind, "get_state"):
+        return lambda value: value.get_state()
+    if origin in (list, collections.abc.Sequence):
+        item = _convert(args[0], name)
+        return lambda value: [item(v) for v in value]
+    if origin is tuple:
+        # mitmproxy's own reading of an address (2 or 4 items)
+        parts = tuple(_convert(k, name) for k in
+                      ((str, int, int, int) if name in ("peername", "sockname") else args))
+
+        def pair(value: Any) -> Any:
+            if type(value) is not tuple or len(value) > len(parts) or \
+                    len(value) != len(parts) and name not in ("peername", "sockname"):
+                raise _Unplanned
+            return tuple(p(v) for p, v in zip(parts, value, strict=False))
+        return pair
+    if kind in (str, bytes, bool, int, float):
+        return _plain(kind)
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return lambda value: value.value
+    raise _Unplanned
 
 
 def snapshot(flow: http.HTTPFlow) -> dict:
@@ -157,10 +240,15 @@ def session_file(flow: http.HTTPFlow, settings: RecordingSettings,
 
 @functools.lru_cache(maxsize=1024)
 def _session_file(user: str, day: int, session: str) -> str:
-    """The same few files for every flow: built once (a path costs more than a snapshot), and
-    one string, which the burst's pickle writes once for all its flows."""
-    date = datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d")
-    return str(Path(user) / date / f"{session}.mitm")
+    """The same few files for every flow: built once, and one string, which the burst's pickle
+    writes once for all its flows. (`user` and `session` are single names: a slug and douane's
+    own prefixes.)"""
+    return f"{user}/{_date(day)}/{session}.mitm"
+
+
+@functools.lru_cache(maxsize=64)
+def _date(day: int) -> str:
+    return datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d")
 
 
 class Record:
