@@ -203,6 +203,83 @@ def test_the_pool_batches_analyses_while_its_workers_are_busy(pool, monkeypatch)
     assert sent == [1, 4], "the analyses that waited left together, the cancelled one not"
 
 
+def test_the_urgent_worker_batches_the_ends_that_arrive_while_it_is_busy(pool, monkeypatch):
+    """Stream ends arriving together (each an urgent analysis) leave in one batch once the
+    urgent worker is free, not one after the other (each paying spaCy's fixed cost per call);
+    one still queued may be cancelled; each result reaches its own caller."""
+    sent: list[tuple[bool, int]] = []
+    send_to = pool._send_to
+    monkeypatch.setattr(pool, "_send_to", lambda urgent, texts: (
+        sent.append((urgent, len(texts))), send_to(urgent, texts))[1])
+    busy = pool.submit(["Maria Garcia " * 2000], urgent=True)
+    texts = ["mail maria@example.com", "call 212-555-0147", "nothing here", "John Smith"]
+    futures = [pool.submit([t], urgent=True) for t in texts]
+    dropped = pool.submit(["cancelled before it left"], urgent=True)
+    assert dropped.cancel()
+    results = [pool.result(f)[0] for f in futures]
+    assert [[s.entity for s in spans] for spans in results] == \
+        [["EMAIL_ADDRESS"], ["PHONE_NUMBER"], [], ["PERSON"]]
+    assert pool.result(busy)[0]
+    assert sent == [(True, 1), (True, 4)]
+
+
+class ManualPool(InlinePool):
+    """Analyses finish when the test says (`finish`); `running` ones cannot be cancelled."""
+
+    def __init__(self, analyzer: Analyzer):
+        super().__init__(analyzer)
+        self.out: list[tuple[str, concurrent.futures.Future]] = []
+
+    def submit(self, texts, urgent=False):
+        self.urgent += urgent
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.out.append((texts[0], future))
+        return future
+
+    def start(self) -> None:
+        for _, future in self.out:
+            if not future.done() and not future.running():
+                future.set_running_or_notify_cancel()
+
+    def finish(self) -> None:
+        for text, future in self.out:
+            if not future.done():
+                future.set_result([self.analyzer.analyze(text)])
+
+
+def test_an_end_after_text_the_analysis_on_a_worker_lacks_is_one_urgent_analysis(analyzer):
+    """At a channel's end, an analysis on a worker that lacks the text arrived after it was
+    proposed is not waited for (then the rest analysed): one urgent analysis of all the held
+    text decides the end; the stream is still the whole answer masked. One that holds all the
+    held text is waited for, and the end's own analysis is never replaced."""
+    pool = ManualPool(analyzer)
+    masker = StreamMasker(SETTINGS, pool)
+    out = masker.feed("c", ANSWER[:100])
+    pool.start()  # the proposal is on a worker
+    running = masker.channels["c"].inflight
+    assert running is not None and running.running()
+    out += masker.feed("c", ANSWER[100:])  # more text: not in the running analysis
+    end = masker.ready("c")
+    assert end is not running and pool.urgent == 1
+    assert masker.ready("c") is end and pool.urgent == 1  # asked again: the same analysis
+    pool.start()
+    pool.finish()
+    assert masker.ready("c") is None  # known now: the end goes on at once
+    out += masker.finish("c")
+    assert out == masked(analyzer, ANSWER) and pool.urgent == 1
+    # all the held text is in the running analysis: the end waits for it
+    pool = ManualPool(analyzer)
+    masker = StreamMasker(SETTINGS, pool)
+    out = masker.feed("c", ANSWER) + masker.feed("c", "")
+    pool.start()
+    running = masker.channels["c"].inflight
+    assert masker.ready("c") is running and pool.urgent == 0
+    pool.finish()
+    assert masker.ready("c") is None
+    out += masker.finish("c")
+    assert out == masked(analyzer, ANSWER) and pool.urgent == 0
+
+
 @pytest.mark.parametrize("urgent", [False, True])
 def test_a_crashed_worker_fails_the_analysis_and_the_pool_recovers(pool, urgent):
     from concurrent.futures.process import BrokenProcessPool

@@ -13,10 +13,12 @@ every job through a manager thread and a queue feeder thread as well, two more t
 per analysis: 0.23 ms at p50 and 3.3 ms at p90 for an echo on the loaded 2-core machine, against
 0.08 and 0.15 ms over a pipe.
 
-Main-pool analyses are batched by load: while a main worker is free, an analysis goes at once;
-while every one is busy, analyses gather and leave together when one frees up. spaCy runs once over
-a batch, so its cost per text falls as the load rises (`scripts/bench-masking`: 1.5x the chars/s
-in batches of 16), and 32 streams' proposals cost a few batches instead of 32 separate analyses.
+Analyses are batched by load, on each executor: while a worker is free, an analysis goes at
+once; while every one is busy, analyses gather and leave together when one frees up. spaCy runs
+once over a batch, so its cost per text falls as the load rises (`scripts/bench-masking`: 1.5x
+the chars/s in batches of 16), and 32 streams' proposals cost a few batches instead of 32
+separate analyses. The urgent worker too: 32 stream ends arriving together were 32 analyses one
+after the other, each paying spaCy's fixed cost per call, the last end waiting for all of them.
 Processes, not threads: spaCy's NER holds the GIL (2 threads ran it at 0.9-1.2x one thread's
 speed).
 
@@ -211,8 +213,9 @@ class MaskingPool:
         self._zygote: Zygote | None = None
         self._executors: dict[bool, Workers] = {}  # by urgent
         self._lock = threading.Condition()
-        self._waiting: list[tuple[list[str], Analysis]] = []  # main-pool analyses not yet sent
-        self._batches_out = 0  # batches on the main workers
+        # by urgent: analyses not yet sent, and batches on the executor's workers
+        self._waiting: dict[bool, list[tuple[list[str], Analysis]]] = {False: [], True: []}
+        self._batches_out = {False: 0, True: 0}
         self._closed = False
         # Sends the batches gathered while every worker was busy. A worker's completion runs in
         # its reader thread, which must not submit (it may hold the executor's lock).
@@ -243,16 +246,14 @@ class MaskingPool:
                 self.submit(["warm up"], urgent=True)]
 
     def submit(self, texts: list[str], urgent: bool = False) -> Analysis:
-        """An analysis of `texts` (one span list per text). Urgent ones go straight to the urgent
-        worker; the others go at once while a main worker is free, else in the next batch."""
-        if urgent:
-            return self._send_to(True, texts)
+        """An analysis of `texts` (one span list per text), on the urgent worker or the main
+        ones: at once while one is free, else in the next batch. Cancellable until it leaves."""
         future: Analysis = concurrent.futures.Future()
         with self._lock:
-            self._waiting.append((texts, future))
-            batch = self._take_batch()
+            self._waiting[urgent].append((texts, future))
+            batch = self._take_batch(urgent)
         if batch:
-            self._send_batch(batch)
+            self._send_batch(urgent, batch)
         return future
 
     def result(self, future: Analysis) -> list[list[Span]]:
@@ -266,9 +267,10 @@ class MaskingPool:
     def shutdown(self) -> None:
         with self._lock:
             self._closed = True
-            waiting, self._waiting = self._waiting, []
+            waiting = [f for each in self._waiting.values() for _, f in each]
+            self._waiting = {False: [], True: []}
             self._lock.notify_all()
-        for _, future in waiting:
+        for future in waiting:
             future.cancel()
         for executor in self._executors.values():
             executor.shutdown()
@@ -277,34 +279,35 @@ class MaskingPool:
             self._zygote.shutdown()
             self._zygote = None
 
-    def _take_batch(self) -> list[tuple[list[str], Analysis]]:
-        """Under the lock: every waiting analysis, if a main worker is free to take them."""
-        if self._closed or not self._waiting or self._batches_out >= self.settings.workers:
+    def _take_batch(self, urgent: bool) -> list[tuple[list[str], Analysis]]:
+        """Under the lock: every waiting analysis of the kind, if a worker is free to take them."""
+        if self._closed or not self._waiting[urgent] or \
+                self._batches_out[urgent] >= (1 if urgent else self.settings.workers):
             return []
-        batch, self._waiting = self._waiting, []
-        self._batches_out += 1
+        batch, self._waiting[urgent] = self._waiting[urgent], []
+        self._batches_out[urgent] += 1
         return batch
 
-    def _send_batch(self, batch: list[tuple[list[str], Analysis]]) -> None:
+    def _send_batch(self, urgent: bool, batch: list[tuple[list[str], Analysis]]) -> None:
         """Outside the lock (submitting may wait for the executor's lock)."""
         batch = [(texts, f) for texts, f in batch if f.set_running_or_notify_cancel()]
         if not batch:  # every one was cancelled before it left
-            self._batch_done([], None)
+            self._batch_done(urgent, [], None)
             return
         try:
-            sent = self._send_to(False, [text for texts, _ in batch for text in texts])
+            sent = self._send_to(urgent, [text for texts, _ in batch for text in texts])
         except Exception as e:  # the executor could not even be rebuilt: fail these analyses
             for _, future in batch:
                 future.set_exception(e)
-            self._batch_done([], None)
+            self._batch_done(urgent, [], None)
             return
-        sent.add_done_callback(functools.partial(self._batch_done, batch))
+        sent.add_done_callback(functools.partial(self._batch_done, urgent, batch))
 
-    def _batch_done(self, batch: list[tuple[list[str], Analysis]],
+    def _batch_done(self, urgent: bool, batch: list[tuple[list[str], Analysis]],
                     sent: Analysis | None) -> None:
         with self._lock:
-            self._batches_out -= 1
-            if self._waiting:  # else no wake-up: the next submit finds the worker free itself
+            self._batches_out[urgent] -= 1
+            if self._waiting[urgent]:  # else no wake-up: the next submit finds it free itself
                 self._lock.notify()
         if sent is None:
             return
@@ -322,14 +325,17 @@ class MaskingPool:
     def _dispatch_forever(self) -> None:
         while True:
             with self._lock:
-                self._lock.wait_for(lambda: self._closed or self._take_ready())
+                self._lock.wait_for(lambda: self._closed or bool(self._ready()))
                 if self._closed:
                     return
-                batch = self._take_batch()
-            self._send_batch(batch)
+                batches = [(urgent, self._take_batch(urgent)) for urgent in self._ready()]
+            for urgent, batch in batches:
+                self._send_batch(urgent, batch)
 
-    def _take_ready(self) -> bool:
-        return bool(self._waiting) and self._batches_out < self.settings.workers
+    def _ready(self) -> list[bool]:
+        """Under the lock: the kinds (urgent or not) with analyses waiting and a worker free."""
+        return [urgent for urgent in (True, False) if self._waiting[urgent] and
+                self._batches_out[urgent] < (1 if urgent else self.settings.workers)]
 
     def _send_to(self, urgent: bool, texts: list[str]) -> Analysis:
         try:

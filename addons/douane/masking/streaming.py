@@ -83,8 +83,11 @@ A channel's end needs the held text's analysis. When it is known (the usual case
 comes a moment after the last delta, as a model's finish event does), it is applied at once.
 Otherwise the stream's layer waits for it off the loop: the rewriter asks `ready` before the
 event that ends the channel, which proposes the end's analysis to the pool's urgent worker (a
-proposal still queued behind every other stream's is dropped for it; one already on a worker is
-waited for), and mitmproxy's layer for that stream pauses on a hook while it runs
+proposal still queued behind every other stream's is dropped for it, and so is one already on a
+worker when text arrived after it was proposed: one analysis of all the held text ends the
+channel sooner than that one then the rest; one on a worker with all the held text is waited
+for; ends arriving together are batched on the urgent worker), and mitmproxy's layer for that
+stream pauses on a hook while it runs
 (`protocols.streamwait`); every other flow goes on. `finish` then applies it without waiting.
 Called without that pause (a whole body rewritten off the loop), `finish` waits for the urgent
 analysis itself, bounded by the configured timeout. An analyser failure or timeout ends the
@@ -138,6 +141,7 @@ class _Channel:
     line: str = ""  # the released part of the current line (`LINE_CHARS` at most)
     pending: str = ""  # received, not yet released
     inflight: Analysis | None = None
+    urgent: bool = False  # `inflight` is the end's own analysis (`ready`): never replaced
     window: str = ""  # the text being analysed: left context + all of `pending` when proposed
     context: int = 0  # the length of the left context in `window`
     skipped: int = 0  # characters of the window's held text released since, without analysis
@@ -182,9 +186,12 @@ class StreamMasker:
         if ch is None:
             return None
         if ch.inflight is not None and not ch.inflight.done():
-            if not ch.inflight.cancel():
-                return ch.inflight  # on a worker now
-            ch.inflight = None  # queued behind other streams': the urgent worker takes the end
+            if ch.urgent or (ch.inflight.running() and _current(ch)):
+                return ch.inflight  # the end's own, or one of all the held text on a worker
+            # queued behind other streams', or text arrived since it left: the urgent worker
+            # takes the end, one analysis of all the held text (not that one, then the rest)
+            ch.inflight.cancel()
+            ch.inflight = None
         if ch.inflight is not None:
             ch.early += self._at_end(ch)
         if ch.analysed is not None:
@@ -221,9 +228,9 @@ class StreamMasker:
         whole: no cut is needed, no text follows (a release at a cut, then the rest, gives the
         same text: no span crosses a cut). Otherwise, what it releases, as mid-stream."""
         spans = self.pool.result(ch.inflight)[0]
-        done = ch.context + ch.skipped
-        if len(ch.pending) != len(ch.window) - done:
+        if not _current(ch):
             return self._release(ch, spans)
+        done = ch.context + ch.skipped
         ch.inflight, ch.analysed = None, shift(spans, done, len(ch.window))
         return ""
 
@@ -275,6 +282,7 @@ class StreamMasker:
         ch.context = len(context := left_context(ch))
         ch.window = context + ch.pending
         ch.skipped = 0
+        ch.urgent = urgent
         ch.inflight = self.pool.submit([ch.window], urgent=urgent)
 
     def _release(self, ch: _Channel, spans: list[Span]) -> str:
@@ -313,6 +321,12 @@ class StreamMasker:
         ch.rows = [*ch.rows, *(line[-LINE_CHARS:] for line in lines[-2:])][-2:]
         # a line too long to keep whole is no table row (so `release_point` sees no table in it)
         ch.line = rest if len(rest) < LINE_CHARS else rest[-LINE_CHARS:]
+
+
+def _current(ch: _Channel) -> bool:
+    """Whether no text arrived since the analysis under way was proposed: its window holds all
+    the held text."""
+    return len(ch.pending) == len(ch.window) - ch.context - ch.skipped
 
 
 def plain_prefix(before: str, held: str, end: bool) -> int:
