@@ -52,6 +52,7 @@ ERROR_CHARS = 200  # of the upstream's error kept in the audit record
 EXPECTED = {
     "handle_protocol_error": "59fc3b2eeeabf63a64d4cce98b4fe4cab5193ebefbd9c32ae186e65c7d25bfe2",
     "check_body_size": "236ca0a7b9fd4f69a1f75cf6026a5f9c827270f79a90335673e4721afd731a4a",
+    "check_invalid": "ef0a126eef45d90335636512729510fffcf67f01e1f0121523f1659ea818824c",
 }
 # (what the error's text says, in lower case) -> what the client is told
 _KINDS = (("timed out", "timed out"), ("timeout", "timed out"),
@@ -69,6 +70,7 @@ _KINDS = (("timed out", "timed out"), ("timeout", "timed out"),
 
 _handle_protocol_error = HttpStream.handle_protocol_error
 _check_body_size = HttpStream.check_body_size
+_check_invalid = HttpStream.check_invalid
 # flows whose answer's deadline passed (`douane.timeouts`) -> what the client is told
 _timed_out: weakref.WeakKeyDictionary[http.HTTPFlow, str] = weakref.WeakKeyDictionary()
 # failed flows -> how they ended (`ending`)
@@ -222,6 +224,26 @@ def check_body_size(self: HttpStream, request: bool) -> layer.CommandGenerator[b
         reply = yield command
 
 
+def check_invalid(self: HttpStream, request: bool) -> layer.CommandGenerator[bool]:
+    """A request mitmproxy read but refuses at its own checks (Content-Length beside
+    Transfer-Encoding, an unknown scheme, a CONNECT in a tunnel) is decided as refused before
+    its `error` hook, so its flow's record says so; the client connection's layer answers it in
+    the API's shape naming that decision (`protocols.http1`, `protocols.http2`)."""
+    steps = _check_invalid(self, request)
+    reply = None
+    while True:
+        try:
+            command = steps.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        if request and isinstance(command, HttpErrorHook) and self.flow.error:
+            st = state(self.flow)
+            rule, _, message = http1.invalid_reason(self.flow.request, self.flow.error.msg)
+            st.decide("refuse", Reason(rule, message), status=400)
+            http1.decided_invalid(self.context.client, self.stream_id, st.decision_id)
+        reply = yield command
+
+
 def _too_large(flow: http.HTTPFlow, request: bool) -> http.Response | None:
     st = peek(flow)
     if st is None or st.decision is None or st.decision.status is None:
@@ -277,6 +299,8 @@ class UpstreamErrors:
 def install() -> None:
     mitmpatch.check("an upstream's failure needs", "it answers it with its own HTML page",
                     {"handle_protocol_error": _handle_protocol_error,
-                     "check_body_size": _check_body_size}, EXPECTED)
+                     "check_body_size": _check_body_size, "check_invalid": _check_invalid},
+                    EXPECTED)
     HttpStream.handle_protocol_error = handle_protocol_error  # type: ignore[method-assign]
     HttpStream.check_body_size = check_body_size  # type: ignore[method-assign]
+    HttpStream.check_invalid = check_invalid  # type: ignore[method-assign]

@@ -258,7 +258,7 @@ def test_a_connect_inside_a_declared_tunnel_is_refused_with_a_record(gw, llm, ot
     record = gw.audit_record(header_of(resp, "x-douane-decision-id"))
     assert record["action"] == "refuse" and record["status"] == 400
     assert record["reasons"][0]["rule"] == "protocol.nested_connect"
-    assert record["method"] == "CONNECT" and record["path"] == inner.decode()
+    assert record["method"] == "CONNECT" and inner.decode() in record["reasons"][0]["message"]
 
 
 def test_a_smuggling_refusal_is_douanes_with_a_record(gw, llm, token):

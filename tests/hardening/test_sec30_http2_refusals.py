@@ -116,6 +116,9 @@ def test_a_request_mitmproxy_will_not_pass_is_refused_with_a_record(gw, tls_llm,
         assert record["action"] == "refuse" and record["status"] == 400, record
         assert record["reasons"][0]["rule"] == "protocol.invalid_request", record
         assert says in record["reasons"][0]["message"], record
+        # its flow's record is this one: no other says the request was allowed
+        assert not [r for r in gw.audit_records() if r.get("action") == "allow"
+                    and says.lower() in str(r.get("error")).lower()]
         # the connection stays usable: the next request on it is governed as any
         status, headers, body = tunnel.request(3, chat_headers(tls_llm.port), CHAT)
         assert status == 200, (status, body[:300])
@@ -147,4 +150,31 @@ def test_a_protocol_error_ends_the_connection_with_a_record(gw, tls_llm, token, 
     record = gw.audit_record(found.group(1).decode())
     assert record["action"] == "refuse" and record["reasons"][0]["rule"] == "protocol.h2_error"
     assert "GOAWAY" in record["reasons"][0]["message"], record
+    assert len(tls_llm.requests) == before
+
+
+def test_over_http1_a_request_refused_at_mitmproxys_checks_has_one_record(gw, tls_llm, token):
+    """The same refusal over HTTP/1 (Content-Length beside Transfer-Encoding in the tunnel): its
+    flow's record was `allow` with an error beside the refusal's; now one record, refused."""
+    before = len(tls_llm.requests)
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    auth = base64.b64encode(f"m:{token}".encode())
+    port = tls_llm.port
+    sock.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                 b"Proxy-Authorization: Basic %s\r\n\r\n" % (port, port, auth))
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    with ssl.create_default_context(cafile=gw.ca_file).wrap_socket(
+            sock, server_hostname="127.0.0.1") as tls:
+        tls.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 5\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" % port)
+        answer = tls.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    decision_id = re.search(rb"x-douane-decision-id: (dcn_[0-9a-f]+)", answer).group(1).decode()
+    record = gw.audit_record(decision_id)
+    assert record["action"] == "refuse" and record["reasons"][0]["rule"] == \
+        "protocol.invalid_request", record
+    assert record["method"] == "POST" and record["path"] == "/v1/chat/completions", record
+    assert not [r for r in gw.audit_records() if r.get("action") == "allow"
+                and "transfer-encoding" in str(r.get("error"))]
     assert len(tls_llm.requests) == before

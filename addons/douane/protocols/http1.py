@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import h11
 from mitmproxy import http
-from mitmproxy.connection import ConnectionState
+from mitmproxy.connection import Client, ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
@@ -74,6 +74,31 @@ _handle_event = Http1Connection._handle_event
 _cut_short: weakref.WeakSet[http.Response] = weakref.WeakSet()
 # a client connection's current head: its first bytes (to `REQUEST_LINE` or the first line's end)
 _starts: weakref.WeakKeyDictionary[Http1Connection, bytes] = weakref.WeakKeyDictionary()
+# the decision id of each request mitmproxy read but refused at its own checks whose flow douane
+# decided (`upstreamerrors.check_invalid`), by client connection and stream: the refusal names it,
+# and that flow's record is the refusal's (no second record)
+_invalid: weakref.WeakKeyDictionary[Client, dict[int, str]] = weakref.WeakKeyDictionary()
+
+
+def invalid_reason(request: http.Request, message: str) -> tuple[str, str, str]:
+    """(rule, code, message) of the refusal of a request mitmproxy would not pass (`message`
+    its reason)."""
+    if request.method == "CONNECT":
+        return ("protocol.nested_connect", "nested_connect", f"a CONNECT to "
+                f"{loggable(request.authority or '?', 200)} inside a tunnel is refused: douane "
+                "governs the tunnel's own requests")
+    return "protocol.invalid_request", "invalid_request", f"refused: {loggable(message, 200)}"
+
+
+def decided_invalid(client: Client, stream_id: int, decision_id: str) -> None:
+    """The request on `stream_id` of `client`, refused by mitmproxy's checks, is decided as
+    `decision_id` (its flow's)."""
+    _invalid.setdefault(client, {})[stream_id] = decision_id
+
+
+def invalid_decision(client: Client, stream_id: int) -> str | None:
+    """The decision id `decided_invalid` gave that request, once (None: no flow decided it)."""
+    return _invalid.get(client, {}).pop(stream_id, None)
 
 
 @dataclass(frozen=True)
@@ -209,20 +234,17 @@ def _refuse_invalid(self: Http1Server, event: ResponseProtocolError
     with its record."""
     assert self.request
     request = self.request
-    if request.method == "CONNECT":
-        rule, code, message = ("protocol.nested_connect", "nested_connect",
-                               "a CONNECT inside a tunnel is refused: douane governs the "
-                               "tunnel's own requests")
-        path = request.authority or None
-    else:
-        rule, code, message = ("protocol.invalid_request", "invalid_request",
-                               f"refused: {loggable(event.message, 200)}")
-        path = request.path.split("?")[0]
-    decision_id = new_decision_id()
+    rule, code, message = invalid_reason(request, event.message)
+    path = (request.authority or None) if request.method == "CONNECT" \
+        else request.path.split("?")[0]
+    decided = invalid_decision(self.conn, event.stream_id)
+    decision_id = decided or new_decision_id()
     response = make_response("generic", 400, message, code=code, decision_id=decision_id,
                              headers={"connection": "close"})
     yield commands.SendData(self.conn, http1.assemble_response(response))
     yield commands.CloseConnection(self.conn)
+    if decided:
+        return  # its flow's record is the refusal's
     peer = self.conn.peername
     yield DouaneHeadRefusedHook(HeadRefusal(decision_id, peer[0] if peer else None, 400, rule,
                                             message, request.method[:20], path))

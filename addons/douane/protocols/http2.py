@@ -28,7 +28,7 @@ from mitmproxy.proxy.layers.http._http2 import (
 )
 
 from douane.flowstate import new_decision_id
-from douane.protocols import mitmpatch
+from douane.protocols import http1, mitmpatch
 from douane.protocols.http1 import INVALID, DouaneHeadRefusedHook, HeadRefusal
 from douane.refusals import make_response
 from douane.untrusted import loggable
@@ -64,7 +64,8 @@ def handle_event(self: Http2Server, event: events.Event) -> layer.CommandGenerat
     if isinstance(event, ResponseProtocolError) and event.code in INVALID and \
             self.is_open_for_us(event.stream_id) and \
             not self.h2_conn.streams[event.stream_id].state_machine.headers_sent:
-        yield from _refuse_stream(self, event.stream_id, None, None, event.message)
+        yield from _refuse_stream(self, event.stream_id, None, None, event.message,
+                                  http1.invalid_decision(self.conn, event.stream_id))
         return
     yield from _handle_event(self, event)
 
@@ -88,8 +89,10 @@ def protocol_error(self: Http2Connection, message: str,
 
 
 def _refuse_stream(self: Http2Server, stream_id: int, method: bytes | None, path: bytes | None,
-                   why: str) -> layer.CommandGenerator[None]:
-    decision_id = new_decision_id()
+                   why: str, decided: str | None = None) -> layer.CommandGenerator[None]:
+    """Answer the stream with douane's 400 naming the decision id; its record unless its flow's
+    (`decided`) is."""
+    decision_id = decided or new_decision_id()
     message = f"refused: {loggable(why, 200)}"
     response = make_response("generic", 400, message, code="invalid_request",
                              decision_id=decision_id)
@@ -97,6 +100,8 @@ def _refuse_stream(self: Http2Server, stream_id: int, method: bytes | None, path
         (name.lower(), value) for name, value in response.headers.fields)])
     self.h2_conn.send_data(stream_id, response.raw_content or b"", end_stream=True)
     yield commands.SendData(self.conn, self.h2_conn.data_to_send())
+    if decided:
+        return
     peer = self.conn.peername
     yield DouaneHeadRefusedHook(HeadRefusal(
         decision_id, peer[0] if peer else None, 400, "protocol.invalid_request", message,
