@@ -203,24 +203,33 @@ def test_the_pool_batches_analyses_while_its_workers_are_busy(pool, monkeypatch)
     assert sent == [1, 4], "the analyses that waited left together, the cancelled one not"
 
 
-def test_the_urgent_worker_batches_the_ends_that_arrive_while_it_is_busy(pool, monkeypatch):
-    """Stream ends arriving together (each an urgent analysis) leave in one batch once the
-    urgent worker is free, not one after the other (each paying spaCy's fixed cost per call);
-    one still queued may be cancelled; each result reaches its own caller."""
+def test_urgent_analyses_take_any_free_worker_and_gather_while_all_are_busy(pool, monkeypatch):
+    """Stream ends arriving together (each an urgent analysis): with the urgent worker busy, the
+    next takes a free main worker at once; with every worker busy, the rest gather and leave in
+    one batch on the first worker free, not one after the other (each paying spaCy's fixed cost
+    per call) but shared out over the workers; one still queued may be cancelled; each result
+    reaches its own caller."""
+    assert pool.settings.workers == 1
     sent: list[tuple[bool, int]] = []
     send_to = pool._send_to
     monkeypatch.setattr(pool, "_send_to", lambda urgent, texts: (
         sent.append((urgent, len(texts))), send_to(urgent, texts))[1])
-    busy = pool.submit(["Maria Garcia " * 2000], urgent=True)
+    busy = [pool.submit(["Maria Garcia " * 2000], urgent=True) for _ in range(2)]
     texts = ["mail maria@example.com", "call 212-555-0147", "nothing here", "John Smith"]
     futures = [pool.submit([t], urgent=True) for t in texts]
+    main = pool.submit(["a main analysis waits for the ends"])
     dropped = pool.submit(["cancelled before it left"], urgent=True)
     assert dropped.cancel()
     results = [pool.result(f)[0] for f in futures]
     assert [[s.entity for s in spans] for spans in results] == \
         [["EMAIL_ADDRESS"], ["PHONE_NUMBER"], [], ["PERSON"]]
-    assert pool.result(busy)[0]
-    assert sent == [(True, 1), (True, 4)]
+    assert all(pool.result(f)[0] for f in busy)
+    assert pool.result(main) == [[]]
+    assert sent[:2] == [(True, 1), (False, 1)], "the second end took the free main worker"
+    # the four that waited left first, in shares of the queue (at most half of the five: two
+    # workers) as the workers freed, the cancelled one not; then the main analysis
+    ends = [n for _, n in sent[2:-1]]
+    assert sum(ends) == 4 and len(ends) >= 2 and max(ends) <= 3 and sent[-1] == (False, 1), sent
 
 
 class ManualPool(InlinePool):
@@ -247,20 +256,16 @@ class ManualPool(InlinePool):
                 future.set_result([self.analyzer.analyze(text)])
 
 
-def test_an_end_after_text_the_analysis_on_a_worker_lacks_is_one_urgent_analysis(analyzer):
-    """At a channel's end, an analysis on a worker that lacks the text arrived after it was
-    proposed is not waited for (then the rest analysed): one urgent analysis of all the held
-    text decides the end; the stream is still the whole answer masked. One that holds all the
-    held text is waited for, and the end's own analysis is never replaced."""
+def test_an_ends_own_analysis_is_never_replaced(analyzer):
+    """At a channel's end, asking again (the layer asks before and after each pause) finds the
+    end's urgent analysis, queued or not: it is never cancelled for a new one (which would put it
+    at the back of the urgent queue, and the hook would have waited for a cancelled one). An
+    analysis on a worker is waited for. The stream is the whole answer masked."""
     pool = ManualPool(analyzer)
     masker = StreamMasker(SETTINGS, pool)
-    out = masker.feed("c", ANSWER[:100])
-    pool.start()  # the proposal is on a worker
-    running = masker.channels["c"].inflight
-    assert running is not None and running.running()
-    out += masker.feed("c", ANSWER[100:])  # more text: not in the running analysis
-    end = masker.ready("c")
-    assert end is not running and pool.urgent == 1
+    out = masker.feed("c", ANSWER[:100]) + masker.feed("c", ANSWER[100:])
+    end = masker.ready("c")  # the proposal was still queued: replaced by the end's own
+    assert end is not None and not end.running() and pool.urgent == 1
     assert masker.ready("c") is end and pool.urgent == 1  # asked again: the same analysis
     pool.start()
     pool.finish()

@@ -251,9 +251,9 @@ class MaskingPool:
         future: Analysis = concurrent.futures.Future()
         with self._lock:
             self._waiting[urgent].append((texts, future))
-            batch = self._take_batch(urgent)
-        if batch:
-            self._send_batch(urgent, batch)
+            taken = self._take_batch()
+        if taken:
+            self._send_batch(*taken)
         return future
 
     def result(self, future: Analysis) -> list[list[Span]]:
@@ -279,14 +279,22 @@ class MaskingPool:
             self._zygote.shutdown()
             self._zygote = None
 
-    def _take_batch(self, urgent: bool) -> list[tuple[list[str], Analysis]]:
-        """Under the lock: every waiting analysis of the kind, if a worker is free to take them."""
-        if self._closed or not self._waiting[urgent] or \
-                self._batches_out[urgent] >= (1 if urgent else self.settings.workers):
-            return []
-        batch, self._waiting[urgent] = self._waiting[urgent], []
-        self._batches_out[urgent] += 1
-        return batch
+    def _take_batch(self) -> tuple[bool, list[tuple[list[str], Analysis]]] | None:
+        """Under the lock: the next batch and the executor (urgent or not) free to take it, if
+        any. Urgent analyses first, on the urgent worker or else on a free main one (a burst of
+        stream ends uses every worker), then the main ones."""
+        if self._closed:
+            return None
+        for kind, urgent in ((True, True), (True, False), (False, False)):
+            waiting = self._waiting[kind]
+            if waiting and self._batches_out[urgent] < (1 if urgent else self.settings.workers):
+                # urgent ones are shared out over every worker: each end waits for its share,
+                # not for all of them on the first worker free while the others stand idle
+                n = -(-len(waiting) // (self.settings.workers + 1)) if kind else len(waiting)
+                batch, self._waiting[kind] = waiting[:n], waiting[n:]
+                self._batches_out[urgent] += 1
+                return urgent, batch
+        return None
 
     def _send_batch(self, urgent: bool, batch: list[tuple[list[str], Analysis]]) -> None:
         """Outside the lock (submitting may wait for the executor's lock)."""
@@ -307,7 +315,7 @@ class MaskingPool:
                     sent: Analysis | None) -> None:
         with self._lock:
             self._batches_out[urgent] -= 1
-            if self._waiting[urgent]:  # else no wake-up: the next submit finds it free itself
+            if any(self._waiting.values()):  # else no wake-up: the next submit finds it free
                 self._lock.notify()
         if sent is None:
             return
@@ -325,17 +333,11 @@ class MaskingPool:
     def _dispatch_forever(self) -> None:
         while True:
             with self._lock:
-                self._lock.wait_for(lambda: self._closed or bool(self._ready()))
+                while not self._closed and (taken := self._take_batch()) is None:
+                    self._lock.wait()
                 if self._closed:
                     return
-                batches = [(urgent, self._take_batch(urgent)) for urgent in self._ready()]
-            for urgent, batch in batches:
-                self._send_batch(urgent, batch)
-
-    def _ready(self) -> list[bool]:
-        """Under the lock: the kinds (urgent or not) with analyses waiting and a worker free."""
-        return [urgent for urgent in (True, False) if self._waiting[urgent] and
-                self._batches_out[urgent] < (1 if urgent else self.settings.workers)]
+            self._send_batch(*taken)
 
     def _send_to(self, urgent: bool, texts: list[str]) -> Analysis:
         try:

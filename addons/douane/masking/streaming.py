@@ -83,11 +83,9 @@ A channel's end needs the held text's analysis. When it is known (the usual case
 comes a moment after the last delta, as a model's finish event does), it is applied at once.
 Otherwise the stream's layer waits for it off the loop: the rewriter asks `ready` before the
 event that ends the channel, which proposes the end's analysis to the pool's urgent worker (a
-proposal still queued behind every other stream's is dropped for it, and so is one already on a
-worker when text arrived after it was proposed: one analysis of all the held text ends the
-channel sooner than that one then the rest; one on a worker with all the held text is waited
-for; ends arriving together are batched on the urgent worker), and mitmproxy's layer for that
-stream pauses on a hook while it runs
+proposal still queued behind every other stream's is dropped for it; one already on a worker is
+waited for; ends arriving together are batched, first on any free worker: `pool`), and
+mitmproxy's layer for that stream pauses on a hook while it runs
 (`protocols.streamwait`); every other flow goes on. `finish` then applies it without waiting.
 Called without that pause (a whole body rewritten off the loop), `finish` waits for the urgent
 analysis itself, bounded by the configured timeout. An analyser failure or timeout ends the
@@ -186,12 +184,9 @@ class StreamMasker:
         if ch is None:
             return None
         if ch.inflight is not None and not ch.inflight.done():
-            if ch.urgent or (ch.inflight.running() and _current(ch)):
-                return ch.inflight  # the end's own, or one of all the held text on a worker
-            # queued behind other streams', or text arrived since it left: the urgent worker
-            # takes the end, one analysis of all the held text (not that one, then the rest)
-            ch.inflight.cancel()
-            ch.inflight = None
+            if ch.urgent or not ch.inflight.cancel():
+                return ch.inflight  # the end's own, or one on a worker now
+            ch.inflight = None  # queued behind other streams': the urgent worker takes the end
         if ch.inflight is not None:
             ch.early += self._at_end(ch)
         if ch.analysed is not None:
