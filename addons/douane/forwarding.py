@@ -23,6 +23,7 @@ import re
 import urllib.parse
 from collections.abc import Collection
 
+from mitmproxy import http
 from mitmproxy.http import Headers
 
 from douane import headerfields, secrets
@@ -296,6 +297,17 @@ def keep(headers: Headers, names: frozenset[bytes], prefix: bytes) -> None:
                and (k.lower(), v.lower()) != (b"expect", b"100-continue")}
     if dropped:
         headerfields.pop(headers, dropped)
+
+
+def frame_body(request: http.Request) -> None:
+    """An HTTP/2 or HTTP/3 request's body needs no length header on its own connection, but
+    mitmproxy hands the head on as is to an HTTP/1 upstream: a body under neither Content-Length
+    nor Transfer-Encoding is read there as the next request (the upstream sees the real one
+    without its body, then the body as a request of its own, its answers shifted onto the next
+    request of the connection). douane holds the whole body: its length goes with it."""
+    if (request.is_http2 or request.is_http3) and request.raw_content and not \
+            headerfields.present(request.headers, (b"content-length", b"transfer-encoding")):
+        headerfields.put(request.headers, "content-length", str(len(request.raw_content)))
 
 
 def own_idempotency_key(headers: Headers, user: str | None) -> None:

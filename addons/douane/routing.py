@@ -321,6 +321,7 @@ class InjectCredential:
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
+        forwarding.frame_body(flow.request)
         st = state(flow)
         if st.upstream is not None and st.credential is not None and st.credential.value:
             headerfields.put(flow.request.headers, st.credential.header, st.credential.value)

@@ -178,3 +178,20 @@ def test_over_http1_a_request_refused_at_mitmproxys_checks_has_one_record(gw, tl
     assert not [r for r in gw.audit_records() if r.get("action") == "allow"
                 and "transfer-encoding" in str(r.get("error"))]
     assert len(tls_llm.requests) == before
+
+
+def test_an_http2_body_without_a_length_reaches_an_http1_upstream_whole(gw, tls_llm, token):
+    """HTTP/2 needs no content-length; mitmproxy handed the head on as is to this HTTP/1
+    upstream, which read the request without its body, then the body as a request of its own
+    (a smuggled request, the answers shifted). douane now sends the body's length with it."""
+    before = len(tls_llm.requests)
+    tunnel = Tunnel(gw, token, tls_llm.port)
+    try:
+        for stream_id in (1, 3):  # the second on the same upstream connection: not shifted
+            status, _, body = tunnel.request(stream_id, chat_headers(tls_llm.port), CHAT)
+            assert status == 200 and json.loads(body)["object"] == "chat.completion", body[:300]
+    finally:
+        tunnel.close()
+    seen = tls_llm.requests[before:]
+    assert [r.body for r in seen] == [CHAT, CHAT], seen
+    assert all(r.headers["content-length"] == str(len(CHAT)) for r in seen)
