@@ -153,19 +153,23 @@ class Stages:
             undo()
 
 
-def stage_breakdown(douane: Analyzer, runs: int = 200) -> None:
-    """Per short text: its analysis's CPU uninstrumented (median of rounds), then each stage's
-    share with the stages wrapped (each wrapper reads the thread clock twice, ~1 us a read on
-    VMs where that is a system call: "other" includes them)."""
+def stage_breakdown(douane: Analyzer, runs: int = 200, base=None) -> None:
+    """Per short text: its analysis's CPU uninstrumented (median of rounds; with `base`, another
+    checkout's analyser timed in alternate rounds), then each stage's share with the stages
+    wrapped (each wrapper reads the thread clock twice, ~1 us a read on VMs where that is a
+    system call: "other" includes them)."""
     for name, text in SHORT.items():
+        analyzers = {"douane": douane, **({"base": base} if base else {})}
+        rounds: dict[str, list[float]] = {k: [] for k in analyzers}
         for _ in range(10):
-            douane.analyze(text)
-        rounds = []
+            for analyzer in analyzers.values():
+                analyzer.analyze(text)
         for _ in range(5):
-            start = time.thread_time()
-            for _ in range(runs // 5):
-                douane.analyze(text)
-            rounds.append((time.thread_time() - start) / (runs // 5))
+            for k, analyzer in analyzers.items():
+                start = time.thread_time()
+                for _ in range(runs // 5):
+                    analyzer.analyze(text)
+                rounds[k].append((time.thread_time() - start) / (runs // 5))
         stages = Stages(douane)
         try:
             start = time.thread_time()
@@ -178,8 +182,9 @@ def stage_breakdown(douane: Analyzer, runs: int = 200) -> None:
         decoding = "NER: decoding (lower layer, moves)"
         spent[decoding] = spent.get(decoding, 0) - spent.get("NER: tok2vec", 0)
         spent["other (per-call glue, timers)"] = wrapped - sum(spent.values())
-        print(f"{name} ({len(text)} chars): {statistics.median(rounds) * 1e6:,.0f} us CPU per "
-              f"analysis (instrumented {wrapped * 1e6:,.0f})")
+        against = f"; base {statistics.median(rounds['base']) * 1e6:,.0f}" if base else ""
+        print(f"{name} ({len(text)} chars): {statistics.median(rounds['douane']) * 1e6:,.0f} us "
+              f"CPU per analysis (instrumented {wrapped * 1e6:,.0f}{against})")
         print("   " + ", ".join(f"{k} {v * 1e6:,.0f}" for k, v in
                                 sorted(spent.items(), key=lambda kv: -kv[1]) if v >= 0.5e-6))
 
@@ -221,7 +226,8 @@ def main() -> int:
     settings: MaskingSettings = configmod.load(str(DEFAULT_CONFIG),
                                                gateway=False).sections["masking"]
     if args.stages:
-        stage_breakdown(Analyzer(settings))
+        stage_breakdown(Analyzer(settings),
+                        base=base_analyzer(args.base, settings) if args.base else None)
         return 0
     texts = [item.text for item in corpus(args.n, args.seed)]
     chars = sum(map(len, texts))

@@ -245,7 +245,12 @@ class EntityDecoder:
                 or model.attrs["unseen_classes"] or upper.name != "linear"
                 or any(n != "O" and n[:2] not in ("B-", "I-", "L-", "U-") for n in names)):
             raise ValueError(f"not the NER of en_core_web_sm: {model.name}")
-        self.tok2vec, self.lower = tok2vec, lower
+        self.tok2vec, self.ops = tok2vec, lower.ops
+        # the lower layer's product as `_precomputable_affine.forward` makes it (its ops, its
+        # weights' view), without its output's padding row and backward closure
+        self.shape = (lower.get_dim("nF"), lower.get_dim("nO"), lower.get_dim("nP"))
+        self.lower = lower.get_param("W").reshape((-1, lower.get_dim("nI")))
+        self.pad = lower.get_param("pad")[0]
         self.W, self.b = upper.get_param("W"), upper.get_param("b")
         self.bias = lower.get_param("b")
         self.out = names.index("O")
@@ -289,8 +294,9 @@ class EntityDecoder:
         docs = [doc for doc in docs if len(doc)]
         if not docs:
             return
-        cached = self.lower.predict(self.tok2vec.predict(docs))  # (tokens + 1, 3, nO, nP)
-        pad, feats = cached[0], cached[1:]
+        feats = self.ops.gemm(self.tok2vec.predict(docs), self.lower, trans2=True).reshape(
+            (-1, *self.shape))  # per token: its features' share of each hidden unit's pieces
+        pad = self.pad
         lengths = [len(doc) for doc in docs]
         end = np.repeat(np.cumsum(lengths), lengths)  # per token: where its doc ends
         last = np.arange(len(end)) + 1 == end
