@@ -19,8 +19,11 @@ Faster than stock Presidio without losing recall on the configured entities:
 - NER's products on numpy's OpenBLAS, one thread, with row-major transposed weights
   (`load_ner`, `inference_ops`), and no flags computed for new words that nothing reads;
 - NER's token vectors as plain numpy products without thinc's layers, a word's embedding
-  computed once (`TokenVectors`); pattern recognisers without Presidio's per-match explanation
-  (`plain_patterns`); the lemmas and token offsets only the context enhancer reads, on first use.
+  computed once (`TokenVectors`); its moves decoded by one product for every token's entity-free
+  state and one for the continuations of the entities that may start, not spaCy's C loop of a
+  step per token (`EntityDecoder`, same entities); pattern recognisers without Presidio's
+  per-match explanation (`plain_patterns`); the lemmas and token offsets only the context
+  enhancer reads, on first use.
 Offline: tldextract uses its bundled public-suffix snapshot, never the network.
 """
 
