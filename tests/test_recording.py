@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,10 +18,11 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
-from douane import audit, bursts, protocols, transcript, untrusted
+from douane import audit, bursts, protocols, secrets, transcript, untrusted
 from douane.cli import main
 from douane.config import Credential, Upstream
 from douane.flowstate import Identity, state
+from douane.policy import engine, model
 from douane.protocols import streams
 from douane.recording import index, writer
 from douane.recording.addon import credential_headers, session_path
@@ -408,10 +411,95 @@ def test_no_secret_survives_the_writer_wherever_it_is(case, monkeypatch):
         assert transcript.render(recorded).count(marker) == 2
         if not case.endswith("streamed"):
             assert marker + " for that." in recorded.response.text
+    # A verdict (the texts the policy found no secret in) for every text of the flow it could
+    # have read clean changes nothing: the secret, wherever it is, is redacted all the same.
+    verdict = _every_clean_text(f) | _verdict(f)
+    assert verdict
+    assert writer.tnetstring_of(recording_of(f.get_state(), frozenset({"cookie"}), streamed,
+                                             (), verdict)) == data
     # the one-scan shortcut for clean bodies changes nothing: the same as every value scanned
     monkeypatch.setattr(writer.secrets, "matches", lambda text: True)
     assert writer.tnetstring_of(recording_of(f.get_state(), frozenset({"cookie"}), streamed)) \
         == data
+
+
+POLICY_TEXT = "version: 1\n"  # the secrets detector on, as by default
+
+
+def _verdict(f: http.HTTPFlow) -> frozenset[str]:
+    """What the gateway hands the writer (`Record`): the texts its policy read, as Inspect
+    parses them, and found no secret in (`TextPiece.secret_free`)."""
+    upstream = transcript.upstream_of(f)
+    assert upstream is not None
+    policy = _policy()
+    try:
+        it = protocols.parse_request(upstream, f)
+        engine.risk(policy, it.texts)
+        if f.response and "event-stream" not in f.response.headers.get("content-type", ""):
+            protocols.parse_response(upstream, f, it)
+            engine.risk(policy, it.response_texts)
+    except protocols.ProtocolError:
+        return frozenset()  # read by no parser: no verdict
+    return frozenset(p.secret_free for p in (*it.texts, *it.response_texts)
+                     if p.secret_free is not None)
+
+
+def _every_clean_text(f: http.HTTPFlow) -> frozenset[str]:
+    """The widest honest verdict: every string value of the flow's bodies (decoded) in which
+    `secrets.find` finds nothing."""
+    texts = [m.get_text(strict=False) or "" for m in (f.request, f.response) if m]
+    return frozenset(v for text in texts for v in (text, *writer._values(text))
+                     if not secrets.find(v))
+
+
+@functools.cache
+def _policy() -> model.Policy:
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "grants.yaml").write_text(POLICY_TEXT)
+        return model.load([Path(tmp) / "grants.yaml"])
+
+
+def test_the_policys_verdict_is_the_very_text_it_read_and_found_clean():
+    """A text edited after the policy read it (masking, an addon) is scanned again by the
+    writer: the verdict is the exact string found clean, not a flag on the body or the piece.
+    A text the policy found a secret in has none; what the writer skips is only a value equal
+    to a text found clean."""
+    prompt = "Summarise the notes of Tuesday's meeting for the Lyon office, please."
+    f = tflow.tflow(resp=tutils.tresp())
+    f.metadata["douane"] = {"interaction": {"protocol": "openai"}}
+    f.request.method, f.request.path = "POST", "/v1/chat/completions"
+    f.request.headers["content-type"] = f.response.headers["content-type"] = "application/json"
+    f.request.text = json.dumps({"model": "m", "messages": [
+        {"role": "user", "content": prompt}, {"role": "user", "content": f"key {AWS_KEY}"}]})
+    it = protocols.parse_request(transcript.upstream_of(f), f)
+    assert {r.rule for r in engine.risk(_policy(), it.texts)} == \
+        {"detector.secret.aws_access_key"}
+    [clean_piece] = [p for p in it.texts if p.text == prompt]
+    [leaky_piece] = [p for p in it.texts if AWS_KEY in p.text]
+    assert clean_piece.secret_free == prompt and leaky_piece.secret_free is None
+    verdict = frozenset({clean_piece.secret_free})
+    clean_piece.text = prompt + " " + AWS_KEY  # edited since: the verdict names the old text
+    assert clean_piece.secret_free == prompt
+    f.request.text = json.dumps({"model": "m", "messages": [
+        {"role": "user", "content": clean_piece.text}, {"role": "user", "content": "hi"}]})
+    written = recording_of(f.get_state(), frozenset(), (), (), verdict)
+    assert AWS_KEY[4:].encode() not in writer.tnetstring_of(written)
+    assert written["request"]["content"].count(b"<SECRET:detector.secret.aws_access_key>") == 1
+    # the body as read: its clean text is not scanned again, the rest is
+    f.request.text = json.dumps({"model": "gpt-4o-mini", "messages": [
+        {"role": "user", "content": prompt}]})
+    scanned: list[str] = []
+    matches = writer.secrets.matches
+
+    def spied(text: str) -> bool:
+        scanned.append(text)
+        return matches(text)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(writer.secrets, "matches", spied)
+        spared = writer.tnetstring_of(recording_of(f.get_state(), frozenset(), (), (), verdict))
+        assert scanned and not any(prompt in text for text in scanned)
+        assert spared == writer.tnetstring_of(recording_of(f.get_state(), frozenset()))
+        assert any(prompt in text for text in scanned)
 
 
 @pytest.mark.parametrize("case", BLOCKS_IN_A_ROW)

@@ -39,7 +39,7 @@ def settings(tmp_path: Path) -> RecordingSettings:
 
 def item(session: str) -> writer.Item:
     return f"alice/2026-01-01/{session}.mitm", tflow.tflow(resp=True).get_state(), \
-        frozenset({"authorization"}), None, (), ()
+        frozenset({"authorization"}), None, (), (), frozenset()
 
 
 def flow_ids(path: Path) -> list[str]:
@@ -108,7 +108,8 @@ def test_a_flow_is_written_as_flowwriter_writes_it_scrubbed(tmp_path):
         mitmio.FlowWriter(out).add(full)
     w = writer._Writer(settings(tmp_path), ctypes.c_byte(writer.STARTING))
     relative = "alice/conn-1.mitm"
-    w.write((relative, f.get_state(), frozenset({"authorization", "set-cookie"}), None, (), ()))
+    w.write((relative, f.get_state(), frozenset({"authorization", "set-cookie"}), None, (), (),
+             frozenset()))
     w.close()
     assert (tmp_path / "rec" / relative).read_bytes() == expected.read_bytes()
 
@@ -130,7 +131,7 @@ def test_connection_states_cross_once_and_are_written_whole(tmp_path, monkeypatc
                 client, server = first
             f = tflow.tflow(client_conn=client, server_conn=server, resp=True)
             f.metadata = {"douane": {"decision_id": f"dcn_{i}"}, "user": "alice"}
-            item = (relative, snapshot(f), frozenset(), None, (), ())
+            item = (relative, snapshot(f), frozenset(), None, (), (), frozenset())
             sent.refer(item[1])
             if isinstance(item[1]["client_conn"], int):
                 referred.append(i)
@@ -244,7 +245,7 @@ def test_a_writer_that_falls_behind_is_not_healthy_until_it_catches_up(tmp_path,
     def big(n: int) -> writer.Item:
         f = tflow.tflow(resp=True)
         f.response.content = os.urandom(8192).hex().encode()  # 16 KiB: a few fill a pipe
-        return relative, snapshot(f), frozenset(), None, (), ()
+        return relative, snapshot(f), frozenset(), None, (), (), frozenset()
 
     async def scenario() -> list[str]:
         put: list[str] = []

@@ -40,6 +40,10 @@ class TextPiece:
     # Masking may rewrite it at `path`: free text. Keys, ids, enums and text decoded from inside
     # a string (tool arguments, files) are inspected by policy but never edited.
     editable: bool = True
+    # The text as the policy's secrets detector found nothing in it (`secrets.find`): the very
+    # string, so that a text edited since (masking, an addon) is not taken for it; the recording
+    # writer does not scan a value equal to it again.
+    secret_free: str | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

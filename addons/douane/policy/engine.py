@@ -154,7 +154,11 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
             if any(rule.matches(t) for t in (*readings[i], *hidden)):
                 found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched", label, rule.score)
         if policy.secrets and piece.kind in SECRET_KINDS:
-            for secret in secrets.find(piece.text):
+            text = piece.text
+            found_in = secrets.find(text)
+            if not found_in:
+                piece.secret_free = text  # the recording's writer trusts it (`secret_free`)
+            for secret in found_in:
                 kind = secret.kind
                 if kind.rule not in found:
                     found[kind.rule] = Reason(kind.rule, "a high-entropy token (credential?) is "

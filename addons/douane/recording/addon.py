@@ -368,6 +368,10 @@ class Record:
         streamed = texts_read(st.interaction, streams.rewriter_of(flow) is not None) \
             if st.interaction else ()
         prompted = parts_read(st.interaction) if st.interaction else ()
+        # the texts the policy found no secret in, as it read them: not scanned again
+        clean = frozenset(p.secret_free for p in (*st.interaction.texts,
+                                                   *st.interaction.response_texts)
+                          if p.secret_free is not None) if st.interaction else frozenset()
         issued = headerfields.get(flow.response.headers, MCP_SESSION) if flow.response else None
         if issued:
             self.issued[issued] = None
@@ -376,4 +380,4 @@ class Record:
                 self.issued.popitem(last=False)
         self.writer.put(session_file(flow, self.recording, self.issued), snapshot(flow),
                         credential_headers(flow, self.recording.scrub_headers),
-                        original if st.masked else None, streamed, prompted)
+                        original if st.masked else None, streamed, prompted, clean)

@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -94,7 +94,7 @@ PIPE_BYTES = 1024**2
 _CLIENT = connection.Client(peername=("", 0), sockname=("", 0))  # see `scrubbed`
 _SERVER = connection.Server(address=None)
 Item = tuple[str, dict, frozenset[str], originals.Original | None, tuple[str, ...],
-             tuple[str, ...]]
+             tuple[str, ...], frozenset[str]]
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class SharedIndex:
 
 
 def recording_of(snapshot: dict, names: frozenset[str], streamed: tuple[str, ...] = (),
-                 prompted: tuple[str, ...] = ()) -> dict:
+                 prompted: tuple[str, ...] = (), clean: Container[str] = frozenset()) -> dict:
     """What `FlowWriter` would write for the flow of a `flow.get_state()` snapshot once scrubbed:
     every credential header replaced (`names`), the secrets in any other header, the request's
     query, the bodies and WebSocket text redacted, douane's metadata bounded, no backup (an
@@ -116,14 +116,16 @@ def recording_of(snapshot: dict, names: frozenset[str], streamed: tuple[str, ...
     body must change (a compressed or secret-carrying one), the connections never are.
     `streamed`: the answer's texts as a reader reads them (`texts_read`), where a secret split
     across a stream's deltas, or across blocks in a row, shows; `prompted`: the request's parts
-    in a row, joined (`parts_read`)."""
+    in a row, joined (`parts_read`); `clean`: texts the policy's secrets detector found nothing
+    in (`secret_free`), by the same definition: a value equal to one is not scanned again (its
+    redaction is itself), any other is, whatever the policy read."""
     # douane's summary quotes what the client sent (model, tool names, claims): bounded, scrubbed
     metadata = untrusted.scrub_all(
         {k: v for k, v in snapshot["metadata"].items() if k in ("douane", "user")})
     request, response = snapshot["request"], snapshot["response"]
     # Before each value is redacted alone: a share of a split secret that is one alone would be
     # replaced, and the rest of it, in the next value, left.
-    in_request, in_response = _split(prompted), bool(response) and _split(streamed)
+    in_request, in_response = _split(prompted, clean), bool(response) and _split(streamed, clean)
     if in_request or in_response:
         flow = http.HTTPFlow(_CLIENT, _SERVER)
         flow.id, flow.metadata = snapshot["id"], metadata
@@ -132,13 +134,14 @@ def recording_of(snapshot: dict, names: frozenset[str], streamed: tuple[str, ...
         _split_secrets(flow, in_request, in_response)
         request = flow.request.get_state()
         response = flow.response.get_state() if flow.response else None
-    request = _message(request, names, http.Request)
+    request = _message(request, names, http.Request, clean)
     path = request["path"].decode("utf-8", "surrogateescape")  # as `Request.path` reads it
-    clean = secrets.redact(path, high_entropy=False)
-    if clean != path:
-        request["path"] = clean.encode("utf-8", "surrogateescape")
+    # (the same few paths in every flow: known clean, not scanned again)
+    if not untrusted.clean([path]) and \
+            (redacted := secrets.redact(path, high_entropy=False)) != path:
+        request["path"] = redacted.encode("utf-8", "surrogateescape")
     if response:
-        response = _message(response, names, http.Response)
+        response = _message(response, names, http.Response, clean)
     return {**snapshot, "request": request, "response": response, "metadata": metadata,
             "backup": None, "comment": untrusted.scrub(snapshot["comment"], COMMENT_CHARS),
             "websocket": _websocket(snapshot["websocket"])}
@@ -169,14 +172,15 @@ def parts_read(it: Interaction) -> tuple[str, ...]:
                      if secrets.find_across(texts := [p.text for p in run], high_entropy=False)))
 
 
-def _split(texts: tuple[str, ...]) -> bool:
-    """Whether a secret shows in one of `texts`, or in their join (a stream's channels are in
-    the order they started: blocks in a row are next to each other)."""
-    return any(secrets.find(text) for text in texts) or \
+def _split(texts: tuple[str, ...], clean: Container[str]) -> bool:
+    """Whether a secret shows in one of `texts` (but those known `clean`), or in their join (a
+    stream's channels are in the order they started: blocks in a row are next to each other)."""
+    return any(secrets.find(text) for text in texts if text not in clean) or \
         len(texts) > 1 and bool(secrets.find("".join(texts)))
 
 
-def _message(state: dict, names: frozenset[str], cls: type[http.Message]) -> dict:
+def _message(state: dict, names: frozenset[str], cls: type[http.Message],
+             clean: Container[str] = frozenset()) -> dict:
     """A message's state (a copy) with its headers and trailers scrubbed and its body redacted."""
     state = {**state, "headers": _headers(state["headers"], names)}
     if state["trailers"]:
@@ -187,7 +191,7 @@ def _message(state: dict, names: frozenset[str], cls: type[http.Message]) -> dic
     if _field(state["headers"], b"content-encoding", "identity").strip().lower() not in \
             ("", "identity"):
         message = cls.from_state(state)
-        _decoded_and_redacted(message)
+        _decoded_and_redacted(message, clean)
         return message.get_state()
     # what `message.get_text(strict=False)` reads from a body with no encoding
     raw = state["content"]
@@ -195,11 +199,11 @@ def _message(state: dict, names: frozenset[str], cls: type[http.Message]) -> dic
         text = encoding.decode(raw, infer_content_encoding(ctype, raw))
     except ValueError:
         text = raw.decode("utf8", "surrogateescape")
-    clean = _redacted(text, ctype.lower())
-    if clean == text:
+    redacted = _redacted(text, ctype.lower(), clean)
+    if redacted == text:
         return state
     message = cls.from_state(state)
-    message.text = clean
+    message.text = redacted
     return message.get_state()
 
 
@@ -363,17 +367,20 @@ def _json_string(m: re.Match[str]) -> str:
 _DATA_URL = re.compile('"data:', re.IGNORECASE)  # a value that is one (not an SSE `data:` line)
 
 
-def _redacted(text: str, ctype: str) -> str:
+def _redacted(text: str, ctype: str, clean: Container[str] = frozenset()) -> str:
     """A body's text with its secrets replaced by `<SECRET:rule id>`. JSON and SSE bodies are
     edited one decoded string value at a time, so they stay valid and byte-identical elsewhere (a
-    recorded request without secrets still matches in server replay)."""
+    recorded request without secrets still matches in server replay). `clean`: see
+    `recording_of`."""
     if not ("json" in ctype or "event-stream" in ctype or text.lstrip()[:1] in ("{", "[")):
-        return secrets.redact(text) if secrets.matches(text) else text
+        return secrets.redact(text) if text not in clean and secrets.matches(text) else text
     # The usual, clean body in one scan: its string values (what `_json_string` would redact,
     # decoded), joined by newlines, which no pattern reads across: where no pattern matches the
     # join, none matches a value. Neither the keys' `": "` (an assignment to every pattern that
-    # needs one) nor numbers and punctuation are scanned. A data URL is looked inside.
-    if not _DATA_URL.search(text) and not secrets.matches("\n".join(_values(text))):
+    # needs one) nor numbers and punctuation are scanned, nor the values the policy found clean
+    # (their redaction is themselves). A data URL is looked inside.
+    if not _DATA_URL.search(text) and \
+            not secrets.matches("\n".join(v for v in _values(text) if v not in clean)):
         return text
     return JSON_STRING.sub(_json_string, text)
 
@@ -392,7 +399,7 @@ def _values(text: str) -> Iterator[str]:
             continue  # (left as it is by `_json_string` too)
 
 
-def _decoded_and_redacted(message: http.Message) -> None:
+def _decoded_and_redacted(message: http.Message, clean: Container[str] = frozenset()) -> None:
     """A compressed body decoded and its secrets replaced by `<SECRET:rule id>`, in place (bounded: a compressed body the gateway refused unread may be a
     bomb; one that cannot be read cannot be scrubbed, so it is not kept). Regexes over whole
     bodies: the writer process calls this, never the gateway."""
@@ -405,9 +412,9 @@ def _decoded_and_redacted(message: http.Message) -> None:
         message.content = b""
         return
     text = message.get_text(strict=False) or ""
-    clean = _redacted(text, message.headers.get("content-type", "").lower())
-    if clean != text:
-        message.text = clean
+    redacted = _redacted(text, message.headers.get("content-type", "").lower(), clean)
+    if redacted != text:
+        message.text = redacted
 
 
 class _HoldAndRedact:
@@ -582,12 +589,12 @@ class RecordingWriter:
 
     def put(self, relative: str, snapshot: dict, scrub: frozenset[str],
             original: originals.Original | None = None, streamed: tuple[str, ...] = (),
-            prompted: tuple[str, ...] = ()) -> None:
+            prompted: tuple[str, ...] = (), clean: frozenset[str] = frozenset()) -> None:
         """`relative`: the session file under `recording.dir`; `snapshot` is `flow.get_state()`,
         the writer's from now on; `scrub` the credential headers to replace."""
         if self._gone:
             return
-        self._waiting.append((relative, snapshot, scrub, original, streamed, prompted))
+        self._waiting.append((relative, snapshot, scrub, original, streamed, prompted, clean))
         self._waiting_bytes += _size(snapshot)
         if self._timer is None and self._selector is None:
             try:
@@ -768,11 +775,11 @@ class _Writer:
             logger.exception("douane: cannot open the recordings index %s", settings.index_path)
 
     def write(self, item: Item) -> None:
-        relative, snapshot, scrub, original, streamed, prompted = item
+        relative, snapshot, scrub, original, streamed, prompted, clean = item
         offset, flow_id = None, snapshot.get("id")
         try:
             connections = {name: self.connection(snapshot[name]) for name in CONNECTIONS}
-            state = recording_of(snapshot, scrub, streamed, prompted)
+            state = recording_of(snapshot, scrub, streamed, prompted, clean)
             f = self.file(relative)
             offset = f.tell()
             f.write(tnetstring_of(state, connections))
