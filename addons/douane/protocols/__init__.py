@@ -57,11 +57,10 @@ _LITERAL: dict[str, dict[tuple[str, str], str]] = {
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # A key given twice may be read differently upstream than here: refuse the ambiguity.
-    doc: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in doc:
-            raise ProtocolError(400, "duplicate_json_key", f"the JSON key {key[:40]!r} appears twice")
-        doc[key] = value
+    doc = dict(pairs)
+    key = fields.repeated(pairs, doc)
+    if key is not None:
+        raise ProtocolError(400, "duplicate_json_key", f"the JSON key {key[:40]!r} appears twice")
     return doc
 
 

@@ -3,7 +3,8 @@
 The per-API parsers name the fields they understand (roles, tool calls, ids); `cover` then walks
 the whole JSON document and turns every other string into a `TextPiece` too, with the text kind of
 where it sits (a classifier per API), so deny rules, detectors and masking see it:
-- object keys, and string values under ids and enums (`STRUCTURAL`): inspected, never edited;
+- object keys, and string values under ids and enums (`STRUCTURAL`): inspected (as their
+  object's text kind), never edited;
 - tool `arguments` given as a JSON string: parsed and walked too, keys and decoded values (a
   `\\u006e` escape or a phrase split across two values is read as the tool will read it);
 - data URLs and base64 payloads (`data:text/plain;base64,...`, `file_data`, base64 `source`s):
@@ -25,7 +26,6 @@ import json
 import re
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from douane.interaction import Interaction, JsonPath, Kind, Role, TextPiece
@@ -50,6 +50,9 @@ OPAQUE = frozenset({("signature", "thinking"), ("signature", "signature_delta"),
                     ("authorization_token", "url"), ("headers", "mcp"), ("authorization", "mcp")})
 OPAQUE_KEYS = frozenset(k for k, _ in OPAQUE)
 SCALARS = frozenset({str, int, float, bool, type(None)})  # JSON leaves (a str is walked)
+# Keys whose strings may hold a file or JSON tool arguments (`_string`); any other string shorter
+# than ENCODED that cannot start a data URL is plain text, read inline by `_node`
+_LONG_WAY = frozenset({"data", "file_data", "arguments"})
 PADDING = "obfuscation"  # top level of a stream event only
 MEDIA_TYPES = ("image/", "audio/", "video/", "application/pdf")
 # Parts that carry media or a file, inline or by URL or file id (the provider fetches what douane
@@ -119,17 +122,22 @@ def escape_tail(json_text: str) -> int:
     return m.start() if (len(before) - len(before.rstrip("\\"))) % 2 == 0 else len(json_text)
 
 
-@dataclass
 class _Walk:
-    classify: Classify
-    named: dict[JsonPath, TextPiece]
-    reads: int | None  # `classify` reads at most this many steps of a path (None: unknown)
-    text: list[TextPiece] = field(default_factory=list)  # free text, in document order
-    # keys and structural values, by kind: one piece per kind (many short strings would make as
-    # many pieces, each paying the detectors' fixed cost; they are never edited anyway)
-    tail: dict[Kind, list[str]] = field(default_factory=dict)
-    media: bool = False
-    count: int = 0
+    """One body's walk: free text in document order; keys and structural values by kind."""
+
+    __slots__ = ("classify", "count", "media", "named", "reads", "tail", "text")
+
+    def __init__(self, classify: Classify, named: dict[JsonPath, TextPiece],
+                 reads: int | None) -> None:
+        self.classify = classify
+        self.named = named
+        self.reads = reads  # `classify` reads at most this many steps of a path (None: unknown)
+        self.text: list[TextPiece] = []
+        # keys and structural values, by kind: one piece per kind (many short strings would make
+        # as many pieces, each paying the detectors' fixed cost; they are never edited anyway)
+        self.tail: dict[Kind, list[str]] = {}
+        self.media = False
+        self.count = 0
 
     def counted(self, n: int = 1) -> None:
         self.count += n
@@ -273,29 +281,53 @@ def _node(walk: _Walk, node: Any, path: JsonPath, key: str | None, parent: dict[
     if fixed is None and walk.reads is not None and depth >= walk.reads:
         fixed = walk.classify(path)
     if isinstance(node, dict):
-        # keys are read where their object sits
-        walk.keys((fixed if fixed is not None else walk.classify(path))[0], node)
+        # keys are read where their object sits, and so are its ids, names and enums
+        here = fixed if fixed is not None else walk.classify(path)
+        walk.keys(here[0], node)
         kind = _type(node)
         if kind in MEDIA_PARTS:
             walk.media = True
-        for k, v in node.items():
+        items: Any = node.items()
+        members, parent = True, node
+    elif isinstance(node, list):
+        items, members, here = enumerate(node), False, None
+    else:
+        if isinstance(node, str):
+            _string(walk, node, path, key, parent, depth, fixed)
+        return
+    named, deeper, leaf = walk.named, depth + 1, depth < MAX_DEPTH
+    for k, v in items:
+        if members:  # an object's (a list's items keep the list's key)
             if k in OPAQUE_KEYS and (k, kind) in OPAQUE:
                 continue
-            # most values: no call to learn what they are (past the depth bound, _node refuses)
-            if depth < MAX_DEPTH and type(v) in SCALARS:
-                if type(v) is str:
-                    _string(walk, v, (*path, k), k, node, depth + 1, fixed)
-            else:
-                _node(walk, v, (*path, k), k, node, depth + 1, fixed)
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            if depth < MAX_DEPTH and type(v) in SCALARS:
-                if type(v) is str:
-                    _string(walk, v, (*path, i), key, parent, depth + 1, fixed)
-            else:
-                _node(walk, v, (*path, i), key, parent, depth + 1, fixed)
-    elif isinstance(node, str):
-        _string(walk, node, path, key, parent, depth, fixed)
+            key = k
+        if type(v) is not str or not leaf:
+            # past the depth bound even a scalar is refused (by _node)
+            if not leaf or type(v) not in SCALARS:
+                _node(walk, v, (*path, k), key, parent, deeper, fixed)
+            continue
+        structural = key in STRUCTURAL
+        if key in _LONG_WAY or len(v) >= ENCODED or v[:1] in ("d", "D"):
+            _string(walk, v, (*path, k), key, parent, deeper,
+                    here if members and structural else fixed)
+            continue
+        # the usual string, `walk.add`'s work inline: one piece, or a line of the keys' piece
+        walk.count += 1
+        if walk.count > MAX_STRINGS:
+            walk.counted(0)
+        at = (*path, k)
+        if named and (piece := named.pop(at, None)) is not None:
+            walk.text.append(piece)
+            continue
+        if not v:
+            continue
+        if structural:
+            what = here[0] if here is not None else \
+                (fixed if fixed is not None else walk.classify(at))[0]
+            walk.tail.setdefault(what, []).append(v)
+        else:
+            what, role = fixed if fixed is not None else walk.classify(at)
+            walk.text.append(TextPiece(what, role, v, at, True))
 
 
 def _string(walk: _Walk, text: str, path: JsonPath, key: str | None, parent: dict[str, Any],
@@ -348,13 +380,21 @@ def _arguments(walk: _Walk, node: Any, values: list[str], kind: Kind, depth: int
         values.append(node)
 
 
+def repeated(pairs: list[tuple[str, Any]], doc: dict[str, Any]) -> str | None:
+    """The first key given twice among an object's `pairs` (`doc`: their dict, built in C: the
+    key is looked for only when it came out shorter)."""
+    if len(doc) == len(pairs):
+        return None
+    seen: set[str] = set()
+    return next(k for k, _ in pairs if k in seen or seen.add(k))
+
+
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in doc:  # the tool may read either value: refuse the ambiguity
-            raise ProtocolError(400, "duplicate_json_key",
-                                f"the tool arguments give the key {key[:40]!r} twice")
-        doc[key] = value
+    doc = dict(pairs)
+    key = repeated(pairs, doc)
+    if key is not None:  # the tool may read either value: refuse the ambiguity
+        raise ProtocolError(400, "duplicate_json_key",
+                            f"the tool arguments give the key {key[:40]!r} twice")
     return doc
 
 
