@@ -145,9 +145,10 @@ def generic_query_problem(query: str, allowed: frozenset[str]) -> str | None:
 
 
 def query_secret(query: str) -> str | None:
-    """The first query parameter whose value (decoded) holds a secret of the catalogue."""
+    """The first query parameter whose value (decoded) holds a secret of the catalogue (tested
+    first for what `find` could find, as header values are: a base64 key has no hint)."""
     for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-        if secrets.hinted(value) and (found := secrets.find(value, high_entropy=False)):
+        if secrets.maybe(value) and (found := secrets.find(value, high_entropy=False)):
             return f"the query parameter {name[:40]!r} holds a secret ({found[0].kind.rule})"
     return None
 

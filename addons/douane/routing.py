@@ -181,6 +181,10 @@ class Broker:
             refuse(flow, 400, f"{problem}; douane passes only the parameters an operation "
                    "documents", "query_refused", Reason("route.query", problem, "query"))
             return None
+        if query and (problem := forwarding.query_secret(query)):  # goes on to the provider
+            refuse(flow, 403, f"{problem}: refused", "query_refused",
+                   Reason("route.query", problem, "query"))
+            return None
         refused, dropped = forwarding.screen(upstream.protocol, req.headers)
         if refused:
             name, why = refused
