@@ -176,3 +176,29 @@ def test_the_walk_is_installed_once_and_only_on_the_mitmproxy_it_was_written_for
         with pytest.raises(exceptions.OptionsError, match="different _iter_hooks"):
             started(flow_detail=0)
     asyncio.run(scenario())
+
+
+def test_messages_are_built_without_the_debug_type_check_and_leave_no_cycle(monkeypatch):
+    import gc
+
+    from mitmproxy import http
+
+    async def scenario() -> None:
+        started(flow_detail=0)
+        assert http.MessageData.__post_init__ is builtins._unchecked
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(10):  # as mitmproxy's HTTP/1 reader and the upstream's answer make them
+                http.Request("example.com", 443, b"POST", b"https", b"", b"/v1/x", b"HTTP/1.1",
+                             http.Headers(host="example.com"), None, None, 1.0, None)
+                http.Response(b"HTTP/1.1", 200, b"OK", http.Headers(), None, None, 1.0, None)
+            assert gc.collect() == 0  # (the check's caught TypeErrors were cycles: ~40 objects)
+        finally:
+            gc.enable()
+        # only on the mitmproxy it was written for
+        monkeypatch.setattr(http.MessageData, "__post_init__", builtins._message_check)
+        monkeypatch.setattr(builtins, "MESSAGE_CHECK", "0" * 64)
+        with pytest.raises(exceptions.OptionsError, match="different MessageData.__post_init__"):
+            started(flow_detail=0)
+    asyncio.run(scenario())
