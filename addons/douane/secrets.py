@@ -756,6 +756,20 @@ def maybe(text: str) -> bool:
                for seen in _readings(text))
 
 
+def quiet(text: str) -> bool:
+    """Whether `find` finds nothing in `text`, proven without its scan: in every reading no kind
+    could run (no hint, or only hints of kinds needing an assignment where none is) and nothing
+    is encoded."""
+    return not any(_runnable(seen, _hinted(seen), False) or _encodable(seen)
+                   for seen in ([text] if text.isascii() else _readings(text)))
+
+
+def all_quiet(texts: list[str]) -> bool:
+    """Whether `find` finds nothing in each of `texts` (not in their join): one `quiet` test of
+    them joined by `_SPLIT`, which joins no hint, run or escape (one test, not one a text)."""
+    return quiet(_SPLIT.join(texts))
+
+
 def matches(text: str) -> bool:
     """Whether any pattern `find` would try matches somewhere in `text`, its checks aside. False
     also clears every part of `text` set apart by characters no pattern consumes across (the

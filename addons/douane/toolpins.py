@@ -48,6 +48,7 @@ NAME_CHARS = mcp.NAME_CHARS
 PINNED_FIELDS = ("name", "description", "inputSchema", "outputSchema", "annotations")
 DEFINITION_CHARS = 64 * 1024  # a larger definition is withheld, never stored
 REASON_CHARS = 200
+REFUSALS_KEPT = 4096  # tools' refusals `PinStore` keeps between two changes of the file
 URL = re.compile(r"\b(?:https?|ftp|wss?)://|\bwww\.")
 SENDING = re.compile(r"\b(?:send|sends|sent|collect|post|upload|forward|exfiltrate|transmit|"
                      r"email|report)\b")
@@ -139,6 +140,10 @@ class PinStore:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self.lock = threading.Lock()
+        # each tool's refusal as last read, while the file holds no other connection's commit
+        # (`PRAGMA data_version`: ~3x cheaper than the query) nor one of ours (`listed`)
+        self._refusals: dict[tuple[str, str], str | None] = {}
+        self._version: int | None = None
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -154,6 +159,7 @@ class PinStore:
     def listed(self, upstream: str, tools: list[Any], complete: bool) -> Outcome:
         """Record one listing (a page of it unless `complete`) and say what it withholds."""
         with self.lock:
+            self._refusals.clear()
             return self._listed(upstream, tools, complete)
 
     def _listed(self, upstream: str, tools: list[Any], complete: bool) -> Outcome:
@@ -245,7 +251,17 @@ class PinStore:
             return self._refusal(upstream, name)
 
     def _refusal(self, upstream: str, name: str) -> str | None:
-        # one statement, one read transaction: it runs on the event loop for every tools/call
+        # it runs on the event loop for every tools/call: one statement when nothing changed
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version or len(self._refusals) >= REFUSALS_KEPT:
+            self._refusals.clear()
+            self._version = version
+        key = (upstream, name)
+        if key not in self._refusals:
+            self._refusals[key] = self._read_refusal(upstream, name)
+        return self._refusals[key]
+
+    def _read_refusal(self, upstream: str, name: str) -> str | None:
         row = self.db.execute(REFUSAL, (upstream, name)).fetchone()
         if row["state"] is not None:  # the tool's row (state is never NULL in it)
             return None if row["state"] == "pinned" else \
