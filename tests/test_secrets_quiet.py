@@ -31,6 +31,7 @@ def _encodings(text: str) -> list[str]:
             base64.b32encode(raw).decode(), base64.b32encode(raw).decode().lower(),
             "".join(f"\\u{ord(c):04x}" for c in text), "".join(f"\\x{b:02x}" for b in raw),
             "".join(f"&#{ord(c)};" for c in text), " ".join(f"{b:02x}" for b in raw),
+            ":".join(f"{b:02X}" for b in raw), ", ".join(f"0x{b:02x}" for b in raw),
             urllib.parse.quote(text)]
 
 
@@ -110,3 +111,19 @@ def test_the_policy_decides_as_the_full_scan_does(policy, monkeypatch):
     monkeypatch.setattr(secrets, "all_quiet", lambda texts: False)
     assert fast == verdicts()
     assert sum(bool(v) for v in fast) > 300  # the requests hold secrets
+
+
+def test_the_hex_pairs_gate_lets_every_run_through():
+    """`_pairs` (the gate before `_pair_runs`' scans) passes every text those scans match in:
+    random hex bytes written apart, among card and phone numbers."""
+    rnd = random.Random(7)
+    for _ in range(2000):
+        raw = bytes(rnd.randrange(0x20, 0x80) for _ in range(rnd.randint(8, 14)))
+        sep = rnd.choice([" ", ":", ", ", "\t", "  ", ",", ": "])
+        prefix = rnd.choice(["", "0x", "0X"])
+        digits = rnd.choice(["{:02x}", "{:02X}"])
+        run = sep.join(prefix + digits.format(b) for b in raw)
+        text = rnd.choice(["", "card 4111 1111 1111 1111 ", "call 212-555-0147 "]) + run + \
+            rnd.choice(["", " 20261201", " done"])
+        assert not secrets._pair_runs(text) or secrets._pairs(text), text
+    assert not secrets._pairs("card 4111 1111 1111 1111, order 20261201123456")
