@@ -85,6 +85,8 @@ def test_no_cached_keys_and_idp_down_is_a_clear_refusal(fresh_issuer):
     ({"email": None}, "no_user"),
     ({"exp": "tomorrow"}, "malformed"),
     ({"iat": 4102444800}, "issued_in_future"),
+    ({"nbf": 4102444800}, "not_yet_valid"),
+    ({"nbf": "later"}, "malformed"),
     ({"aud": ["other", "more"]}, "wrong_audience"),
 ])
 def test_claim_checks(fresh_issuer, claims, code):

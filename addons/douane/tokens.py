@@ -140,8 +140,8 @@ class TokenVerifier:
     async def verify(self, token: str, source: str) -> Identity:
         cached = self._verified.get(token)
         if cached and time.monotonic() - cached[2] < VERIFIED_CACHE_SECONDS:
-            claims, issuer, _, identity = cached
-            self._check_claims(claims, issuer)
+            claims, _, _, identity = cached
+            self._check_times(claims)  # (the rest of its claims do not change with the clock)
             return identity if identity.source == source else replace(identity, source=source)
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenError("oversized", "the token is too large")
@@ -183,6 +183,17 @@ class TokenVerifier:
             self._verified.popitem(last=False)
         return identity
 
+    def _check_times(self, claims: dict[str, Any]) -> None:
+        """The claims that expire with the clock, of claims whose types `_check_claims` checked."""
+        now, leeway = time.time(), self.identity.leeway_seconds
+        if claims["exp"] < now - leeway:
+            raise TokenError("expired", "the token has expired")
+        nbf, iat = claims.get("nbf"), claims.get("iat")
+        if nbf is not None and nbf > now + leeway:
+            raise TokenError("not_yet_valid", "the token is not valid yet (nbf)")
+        if iat is not None and iat > now + leeway:
+            raise TokenError("issued_in_future", "the token was issued in the future (iat)")
+
     @staticmethod
     def _dev_issuer(dev: DevIssuer) -> Issuer:
         return Issuer(dev.issuer, (dev.audience,), None, ("RS256",), "sub", "groups")
@@ -194,8 +205,6 @@ class TokenVerifier:
                                               f"allowed (allowed: {', '.join(issuer.algorithms)})")
 
     def _check_claims(self, claims: dict[str, Any], issuer: Issuer) -> None:
-        now, leeway = time.time(), self.identity.leeway_seconds
-
         def number(name: str) -> float | None:
             value = claims.get(name)
             if value is None:
@@ -204,15 +213,10 @@ class TokenVerifier:
                 raise TokenError("malformed", f"the token's {name} claim is not a number")
             return value
 
-        exp, nbf, iat = number("exp"), number("nbf"), number("iat")
+        exp, _, _ = number("exp"), number("nbf"), number("iat")  # each a number if present
         if exp is None:
             raise TokenError("no_expiry", "the token has no expiry (exp)")
-        if exp < now - leeway:
-            raise TokenError("expired", "the token has expired")
-        if nbf is not None and nbf > now + leeway:
-            raise TokenError("not_yet_valid", "the token is not valid yet (nbf)")
-        if iat is not None and iat > now + leeway:
-            raise TokenError("issued_in_future", "the token was issued in the future (iat)")
+        self._check_times(claims)
         aud = claims.get("aud")
         auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
         if not set(auds) & set(issuer.audiences):
