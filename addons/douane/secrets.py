@@ -452,9 +452,6 @@ def _folded(view: tuple[str, _Origin | None]) -> tuple[str, _Origin | None] | No
     (counting non-ASCII ones: a key, cut by the letter) read as its base letter, same places;
     None when there is none. Prose's accented words are short: only their runs are tested."""
     seen, origin = view
-    if not _FOLDABLE.search(seen.encode("utf-8", "surrogatepass").translate(  # its non-ASCII
-            None, _ASCII_BYTES).decode("utf-8", "surrogatepass")):  # characters (as `_plain`)
-        return None
     others = seen.encode("latin-1", "replace").translate(_TOKEN_OR_OTHER)
     at, parts, last = others.find(_B64_MARK), [], 0
     while at >= 0:
