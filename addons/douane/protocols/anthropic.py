@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from douane.interaction import Interaction, JsonPath, Kind, Role, TextPiece, ToolCall, ToolDef
@@ -37,7 +38,7 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
     it.model = doc.get("model") if isinstance(doc.get("model"), str) else None
     it.stream = doc.get("stream") is True
     max_tokens = optional_number(doc, "max_tokens")
-    it.max_tokens = int(max_tokens) if max_tokens is not None else None
+    it.max_tokens = math.ceil(max_tokens) if max_tokens is not None else None  # (as OpenAI's)
     it.temperature = optional_number(doc, "temperature")
     system = doc.get("system")
     if isinstance(system, str):

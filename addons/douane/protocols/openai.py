@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from typing import Any
 
 from douane.interaction import Interaction, JsonPath, Kind, Role, TextPiece, ToolCall, ToolDef
@@ -80,10 +81,11 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
     it.stream = doc.get("stream") is True
     it.store = doc.get("store")
     max_tokens = optional_number(doc, "max_completion_tokens", "max_tokens", "max_output_tokens")
-    it.max_tokens = int(max_tokens) if max_tokens is not None else None
+    # a fraction counts up: a server rounding it reads more than `int` would say
+    it.max_tokens = math.ceil(max_tokens) if max_tokens is not None else None
     it.temperature = optional_number(doc, "temperature")
     choices = optional_number(doc, "n", "best_of")
-    it.choices = max(1, int(choices)) if choices is not None else 1
+    it.choices = max(1, math.ceil(choices)) if choices is not None else 1
     return it
 
 
