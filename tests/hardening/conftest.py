@@ -93,6 +93,18 @@ def reverse_gateway(issuer, upstream: FakeUpstream, work: Path, policy: str | di
         yield gateway
 
 
+@contextlib.contextmanager
+def recording_gateway(issuer, upstream: FakeUpstream, work: Path) -> Iterator[Gateway]:
+    """A reverse gateway onto `upstream` (OpenAI, Anthropic under /anthropic) under POLICY, with
+    recording on (the files under `gateway.state_dir / "recordings"`)."""
+    config = base_config(issuer.url, upstream.url, policy={"files": [write_policy(work)]},
+                         recording={})
+    with_claude(config, upstream.url)
+    with Gateway(config, mode=f"reverse:{upstream.url}", workdir=work / "gw",
+                 env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}) as gateway:
+        yield gateway
+
+
 def assert_refused(gw: Gateway, upstream: FakeUpstream, before: int, resp: httpx.Response,
                    *statuses: int) -> dict:
     """The response is a refusal with one of `statuses`, the upstream saw nothing new, and the

@@ -12,20 +12,14 @@ import unicodedata
 import httpx
 import pytest
 
-from tests.conftest import UPSTREAM_KEY
-from tests.hardening.conftest import assert_refused, with_claude, write_policy
+from tests.hardening.conftest import assert_refused, recording_gateway
 from tests.hardening.test_evasion import ENCODED_KEY, FILLERS, _recordings, chat
-from tests.support.gateway import Gateway, base_config
+from tests.support.gateway import Gateway
 
 
 @pytest.fixture(scope="module")
 def gw(issuer, llm, tmp_path_factory):
-    work = tmp_path_factory.mktemp("redteam30")
-    config = base_config(issuer.url, llm.url, policy={"files": [write_policy(work)]},
-                         recording={})
-    with_claude(config, llm.url)
-    with Gateway(config, mode=f"reverse:{llm.url}", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
-                 workdir=work / "gw") as gateway:
+    with recording_gateway(issuer, llm, tmp_path_factory.mktemp("redteam30")) as gateway:
         yield gateway
 
 
