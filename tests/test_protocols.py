@@ -11,7 +11,7 @@ from mitmproxy.test import tflow, tutils
 
 from douane import protocols
 from douane.config import Upstream
-from douane.protocols import jsonpath, streams
+from douane.protocols import jsonpath, openai, streams
 from douane.protocols.sse import SseParser
 from tests.support import upstream as samples
 
@@ -306,3 +306,15 @@ def test_tool_arguments_read_as_json_loads_reads_them(text):
             fields._ARGUMENTS.decode(text)
         return
     assert fields._ARGUMENTS.decode(text) == expected
+
+
+@pytest.mark.parametrize(("doc", "carries"), [
+    ({"choices": [{"index": 0, "logprobs": {"content": [{"token": "a", "logprob": -1}]}}]}, True),
+    ({"output": [{"content": [{"type": "output_text", "logprobs": [{"token": "a"}]}]}]}, True),
+    ([{"x": [[{"top_logprobs": [1]}]]}], True),
+    ({"choices": [{"logprobs": None}, {"logprobs": []}, {"logprobs": {"content": None}}]}, False),
+    ({"top_logprobs": 0, "output": [{"logprobs": {"content": [], "refusal": {}}}]}, False),
+    ({"choices": ["logprobs", 1, None, {"text": "logprobs"}]}, False),
+])
+def test_log_probabilities_are_found_anywhere_in_an_answer(doc, carries):
+    assert openai.carries_logprobs(doc) is carries

@@ -82,7 +82,10 @@ def loads(raw: bytes | str, what: str) -> Any:
             if raw.startswith("\ufeff"):
                 raise ValueError("BOM")
             return _DECODER.decode(raw)
-        return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+        # (an object's opening brace then a non-zero byte: what `detect_encoding` reads as UTF-8)
+        utf8 = raw[:1] == b"{" and raw[1:2] != b"\0"
+        return _DECODER.decode(raw.decode("utf-8" if utf8 else json.detect_encoding(raw),
+                                          "surrogatepass"))
     except (ValueError, RecursionError):
         raise ProtocolError(400, "invalid_json", f"the {what} is not valid JSON") from None
 

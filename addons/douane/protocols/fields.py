@@ -283,14 +283,21 @@ def _node(walk: _Walk, node: Any, path: JsonPath, key: str | None, parent: dict[
     if isinstance(node, dict):
         # keys are read where their object sits, and so are its ids, names and enums
         here = fixed if fixed is not None else walk.classify(path)
-        walk.keys(here[0], node)
-        kind = _type(node)
-        if kind in MEDIA_PARTS:
+        if (lines := walk.tail.get(here[0])) is None:
+            lines = walk.tail[here[0]] = []
+        lines.extend(node)
+        walk.count += len(node)
+        if walk.count > MAX_STRINGS:
+            walk.counted(0)
+        kind = node.get("type")
+        if type(kind) is not str:  # (`{"type": {}}` must not break the walk)
+            kind = None
+        elif kind in MEDIA_PARTS:
             walk.media = True
         items: Any = node.items()
         members, parent = True, node
     elif isinstance(node, list):
-        items, members, here = enumerate(node), False, None
+        items, members, lines, here = enumerate(node), False, None, None
     else:
         if isinstance(node, str):
             _string(walk, node, path, key, parent, depth, fixed)
@@ -309,7 +316,7 @@ def _node(walk: _Walk, node: Any, path: JsonPath, key: str | None, parent: dict[
         structural = key in STRUCTURAL
         if key in _LONG_WAY or len(v) >= ENCODED or v[:1] in ("d", "D"):
             _string(walk, v, (*path, k), key, parent, deeper,
-                    here if members and structural else fixed)
+                    here if lines is not None and structural else fixed)
             continue
         # the usual string, `walk.add`'s work inline: one piece, or a line of the keys' piece
         walk.count += 1
@@ -321,10 +328,11 @@ def _node(walk: _Walk, node: Any, path: JsonPath, key: str | None, parent: dict[
             continue
         if not v:
             continue
-        if structural:
-            what = here[0] if here is not None else \
-                (fixed if fixed is not None else walk.classify(at))[0]
-            walk.tail.setdefault(what, []).append(v)
+        if structural and lines is not None:
+            lines.append(v)  # with its object's keys
+        elif structural:
+            walk.tail.setdefault((fixed if fixed is not None else walk.classify(at))[0],
+                                 []).append(v)
         else:
             what, role = fixed if fixed is not None else walk.classify(at)
             walk.text.append(TextPiece(what, role, v, at, True))

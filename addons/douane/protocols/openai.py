@@ -246,10 +246,16 @@ def carries_logprobs(node: Any) -> bool:
     """Whether an answer (or a stream event) holds log probabilities anywhere, asked or not: a
     `logprobs` / `top_logprobs` with a non-empty list in it (not `null`, `[]`, `{"content":
     null}`, nor the `top_logprobs: 0` setting a Responses object repeats)."""
-    if isinstance(node, dict):
-        return any(k in LOGPROBS and _has_items(v) or isinstance(v, dict | list) and
-                   carries_logprobs(v) for k, v in node.items())
-    return isinstance(node, list) and any(carries_logprobs(v) for v in node)
+    if isinstance(node, dict):  # (loops, not any() over generators: every answer pays it)
+        for k, v in node.items():
+            if k in LOGPROBS and _has_items(v) or \
+                    isinstance(v, dict | list) and carries_logprobs(v):
+                return True
+    elif isinstance(node, list):
+        for v in node:
+            if isinstance(v, dict | list) and carries_logprobs(v):
+                return True
+    return False
 
 
 def _has_items(value: Any) -> bool:
