@@ -132,9 +132,10 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
     field. A match only the join holds names the texts it spans (`prompt[2..3]`). A text holding
     tag characters is read both with them decoded and without them, alone and in the join."""
     found: dict[str, Reason] = {}
-    # most requests hold no secret: one test of every text read proves it for each at once
-    scan = policy.secrets and not secrets.all_quiet(
-        [p.text for p in pieces if p.kind in SECRET_KINDS])
+    # most requests hold no secret: one test of every text read proves it for each at once;
+    # else each text is tested before its scan (a JSON body's keys, often not quiet, apart)
+    read = [p.text for p in pieces if p.kind in SECRET_KINDS] if policy.secrets else []
+    scan = bool(read) and not secrets.all_quiet(read)
     readings: list[list[Normalized]] = [[] for _ in pieces]
     joined = _joined(policy, pieces, readings)
     # per kind, the rules worth running on each text: the local ones that hit the join, the rest
@@ -158,7 +159,7 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
                 found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched", label, rule.score)
         if policy.secrets and piece.kind in SECRET_KINDS:
             text = piece.text
-            found_in = secrets.find(text) if scan else []
+            found_in = secrets.find(text) if scan and not secrets.quiet(text) else []
             if not found_in:
                 piece.secret_free = text  # the recording's writer trusts it (`secret_free`)
             for secret in found_in:
