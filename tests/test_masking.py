@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
+import functools
+import threading
 
 import pytest
 
@@ -230,6 +234,64 @@ def test_urgent_analyses_take_any_free_worker_and_gather_while_all_are_busy(pool
     # workers) as the workers freed, the cancelled one not; then the main analysis
     ends = [n for _, n in sent[2:-1]]
     assert sum(ends) == 4 and len(ends) >= 2 and max(ends) <= 3 and sent[-1] == (False, 1), sent
+
+
+def test_answers_finished_before_the_loop_runs_wake_it_once():
+    """Awaited analyses that finish before the event loop runs again (a batch's answers, set one
+    after the other by the worker's reader thread) are handed over in one wake-up of the loop,
+    each to its own waiter: results, errors and cancellations alike."""
+    from douane.masking.pool import _Wakes
+
+    loop = asyncio.new_event_loop()
+    try:
+        wakes_ = _Wakes(loop)
+        calls = []
+        original = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (calls.append(a), original(*a))[1]
+        waiters = [loop.create_future() for _ in range(8)]
+        futures = [concurrent.futures.Future() for _ in range(8)]
+        for waiter, future in zip(waiters, futures, strict=True):
+            future.add_done_callback(functools.partial(wakes_.add, waiter))
+        finish = threading.Thread(target=lambda: [
+            f.set_result([[Span(0, n, "PERSON", 1.0)]]) if n < 6 else
+            f.set_exception(ValueError("analysis failed")) if n == 6 else f.cancel()
+            for n, f in enumerate(futures)])
+        finish.start()
+        finish.join()
+        assert len(calls) == 1  # the loop has not run yet: one wake-up for the eight
+        loop.run_until_complete(asyncio.wait(waiters))
+        assert [w.result()[0][0].end for w in waiters[:6]] == list(range(6))
+        assert isinstance(waiters[6].exception(), ValueError) and waiters[7].cancelled()
+    finally:
+        loop.close()
+
+
+def test_an_awaited_analysis_left_early_is_not_analysed_for_nothing(pool, monkeypatch):
+    """The loop's `analyze`: its answer, each its own; a caller that stops waiting (a timeout, a
+    client gone) cancels the analysis while it is still queued."""
+    submitted: list[concurrent.futures.Future] = []
+    submit = pool.submit
+    monkeypatch.setattr(pool, "submit", lambda *a, **k: (submitted.append(f := submit(*a, **k)),
+                                                         f)[1])
+
+    async def scenario() -> None:
+        with pool._lock:  # every main worker taken: what is submitted now waits in the queue
+            pool._batches_out[False] += pool.settings.workers
+        answers = asyncio.gather(*(pool.analyze([t]) for t in ("mail maria@example.com",
+                                                                "nothing here")))
+        gone = asyncio.ensure_future(pool.analyze(["the caller leaves"]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+        assert submitted[-1].cancelled() and not any(f.done() for f in submitted[:2])
+        with pool._lock:  # the workers free again: the queue leaves
+            pool._batches_out[False] -= pool.settings.workers
+            pool._lock.notify()
+        assert [[s.entity for s in spans] for (spans,) in await answers] == \
+            [["EMAIL_ADDRESS"], []]
+
+    asyncio.run(scenario())
 
 
 class ManualPool(InlinePool):

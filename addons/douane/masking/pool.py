@@ -44,6 +44,7 @@ import multiprocessing.reduction
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 
 from douane.masking import engine
@@ -207,6 +208,58 @@ def _zygote(conn: multiprocessing.connection.Connection, settings: MaskingSettin
         os.close(fd)
 
 
+class _Wakes:
+    """Answers for one event loop's awaited analyses, handed over in one wake-up of the loop for
+    all that finish before it runs, and for all of a batch (`held`): `asyncio.wrap_future` makes
+    one per answer, a write to the loop's self-pipe from the worker's reader thread each, which
+    also hands the loop the GIL in the middle of the batch's answers."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._done: list[tuple[asyncio.Future, Analysis]] = []
+        self._held = 0  # batches being answered: the wake-up waits for their end
+        self._asked = False  # a wake-up is on its way
+
+    def add(self, waiter: asyncio.Future, future: Analysis) -> None:
+        """`future`'s done callback, in whichever thread finished it."""
+        with self._lock:
+            self._done.append((waiter, future))
+        self._wake()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held -= 1
+            self._wake()
+
+    def _wake(self) -> None:
+        with self._lock:
+            wake = self._done and not self._held and not self._asked
+            self._asked = self._asked or bool(wake)
+        if wake:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody awaits
+                self.loop.call_soon_threadsafe(self._settle)
+
+    def _settle(self) -> None:
+        with self._lock:
+            done, self._done, self._asked = self._done, [], False
+        for waiter, future in done:
+            if waiter.done():  # timed out, or its task was cancelled
+                continue
+            if future.cancelled():
+                waiter.cancel()
+            elif (error := future.exception()) is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(future.result())
+
+
 class MaskingPool:
     def __init__(self, settings: MaskingSettings):
         self.settings = settings
@@ -216,6 +269,7 @@ class MaskingPool:
         # by urgent: analyses not yet sent, and batches on the executor's workers
         self._waiting: dict[bool, list[tuple[list[str], Analysis]]] = {False: [], True: []}
         self._batches_out = {False: 0, True: 0}
+        self._wakes: _Wakes | None = None  # the awaiting loop's, made on it
         self._closed = False
         # Sends the batches gathered while every worker was busy. A worker's completion runs in
         # its reader thread, which must not submit (it may hold the executor's lock).
@@ -261,8 +315,15 @@ class MaskingPool:
         return future.result(timeout=self.settings.timeout_seconds)
 
     async def analyze(self, texts: list[str]) -> list[list[Span]]:
-        return await asyncio.wait_for(asyncio.wrap_future(self.submit(texts)),
-                                      self.settings.timeout_seconds)
+        loop = asyncio.get_running_loop()
+        if self._wakes is None or self._wakes.loop is not loop:
+            self._wakes = _Wakes(loop)
+        future, waiter = self.submit(texts), loop.create_future()
+        future.add_done_callback(functools.partial(self._wakes.add, waiter))
+        try:
+            return await asyncio.wait_for(waiter, self.settings.timeout_seconds)
+        finally:
+            future.cancel()  # one still queued is not analysed for nothing (else a no-op)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -326,9 +387,10 @@ class MaskingPool:
                 future.set_exception(e)
             return
         start = 0
-        for texts, future in batch:
-            future.set_result(results[start:start + len(texts)])
-            start += len(texts)
+        with self._wakes.held() if self._wakes else contextlib.nullcontext():
+            for texts, future in batch:
+                future.set_result(results[start:start + len(texts)])
+                start += len(texts)
 
     def _dispatch_forever(self) -> None:
         while True:
