@@ -305,9 +305,17 @@ def frame_body(request: http.Request) -> None:
     mitmproxy hands the head on as is to an HTTP/1 upstream: a body under neither Content-Length
     nor Transfer-Encoding is read there as the next request (the upstream sees the real one
     without its body, then the body as a request of its own, its answers shifted onto the next
-    request of the connection). douane holds the whole body: its length goes with it."""
-    if (request.is_http2 or request.is_http3) and request.raw_content and not \
-            headerfields.present(request.headers, (b"content-length", b"transfer-encoding")):
+    request of the connection). douane holds the whole body: its length goes with it. So does
+    a chunked HTTP/1 body's: mitmproxy would send it chunked under the client's spelling of
+    `Transfer-Encoding` (`Chunked`), which an upstream reading only `chunked` takes for no body,
+    then reads the chunks as the next request."""
+    if request.raw_content is None:
+        return
+    if headerfields.present(request.headers, (b"transfer-encoding",)):
+        headerfields.pop(request.headers, (b"transfer-encoding", b"content-length"))
+        headerfields.put(request.headers, "content-length", str(len(request.raw_content)))
+    elif (request.is_http2 or request.is_http3) and request.raw_content and not \
+            headerfields.present(request.headers, (b"content-length",)):
         headerfields.put(request.headers, "content-length", str(len(request.raw_content)))
 
 

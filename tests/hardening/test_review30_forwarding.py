@@ -1,6 +1,7 @@
 """Review, stop 30: what a client's query carries on to an upstream beside douane's credential
-(16f2e9c's generic forwarding, the model routes' documented parameters). Through a real
-gateway: refused before the upstream, audited naming the query."""
+(16f2e9c's generic forwarding, the model routes' documented parameters), and how its body is
+framed there (fc34089). Through a real gateway: refused before the upstream, audited naming the
+query; a body sent whole with its length."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from tests.hardening.conftest import POLICY, assert_refused, reverse_gateway
+from tests.hardening.test_review_forwarding import raw
 from tests.hardening.test_sec30_generic_forwarding import INTERNAL, PATH
 
 KEY = "sk-proj-" + "Lp8Vd3Xc6Qn1" * 3
@@ -80,3 +82,23 @@ def test_ordinary_query_values_pass(gw, llm, token):
     resp = httpx.post(gw.url + PATH + "?version=" + "2026-11-30.preview-Zq7Lm2Pz9Kd4",
                       json={"prompt": "hello"}, headers={"authorization": f"Bearer {token}"})
     assert resp.status_code == 200, resp.text
+
+
+@pytest.mark.parametrize("spelling", [b"chunked", b"Chunked"])
+def test_a_chunked_body_reaches_the_upstream_with_its_length(spelling, gw, llm, token):
+    """Review of fc34089 (an HTTP/2 body sent with its length): an HTTP/1 chunked body went on
+    chunked under the client's spelling of Transfer-Encoding, which an upstream reading only
+    `chunked` takes for no body, then reads the chunks as the next request on its connection (the
+    fake upstream, which reads Content-Length only, received b""). douane holds the whole body:
+    it goes with its length."""
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    before = len(llm.requests)
+    resp = raw(gw, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+               + token.encode() + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: "
+               + spelling + b"\r\nConnection: close\r\n",
+               b"%x\r\n" % 20 + body[:20] + b"\r\n%x\r\n" % (len(body) - 20) + body[20:]
+               + b"\r\n0\r\n\r\n")
+    assert resp.status_code == 200, resp.text
+    seen = llm.requests[before]
+    assert "transfer-encoding" not in seen.headers and seen.headers["content-length"] == \
+        str(len(body)) and seen.body == body, (seen.headers, seen.body[:80])
