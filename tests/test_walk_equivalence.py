@@ -193,3 +193,21 @@ def test_the_walk_refuses_as_the_frozen_walk_past_its_bounds(protocol, monkeypat
     for extra in ({"deep": deep}, {"many": many}, {"list": list(range(5000)) + ["tail"]}):
         _compare((upstream, path, {**request, **extra}, answer_doc), monkeypatch)
         _compare((upstream, path, request, {**answer_doc, **extra}), monkeypatch)
+
+
+@pytest.mark.parametrize("root", [dict, list])
+def test_nesting_is_measured_to_the_bound_and_refused_past_it(root):
+    """`too_deep` (the MCP parser's bound): MAX_DEPTH arrays and objects pass (the root is one),
+    one more is refused, wherever the deepest branch is among shallow ones."""
+    def nested(levels: int, as_dict: bool):
+        if levels == 1:
+            return {"leaf": "x"} if as_dict else ["x"]
+        inner = nested(levels - 1, not as_dict)
+        return {"a": 1, "wide": [], "k": inner} if as_dict else [{}, inner, 0]
+    for levels, refused in ((fields.MAX_DEPTH, False), (fields.MAX_DEPTH + 1, True)):
+        doc = nested(levels, root is dict)
+        if refused:
+            with pytest.raises(protocols.ProtocolError, match="nests deeper"):
+                fields.too_deep(doc, 400, "body")
+        else:
+            fields.too_deep(doc, 400, "body")

@@ -237,14 +237,17 @@ def too_deep(doc: Any, status: int, what: str) -> None:
     """Refuse a document nesting more than MAX_DEPTH arrays and objects, measured without
     recursion: for walks that are not depth-bounded themselves (`jsonpath`'s, MCP's), which would
     otherwise reach Python's recursion limit (an internal error) on a body nested ~1,000 deep."""
-    stack = [(doc, 1)] if type(doc) in (dict, list) else []
-    while stack:
-        node, depth = stack.pop()
+    level, depth = [doc] if type(doc) in (dict, list) else [], 1
+    while level:  # the arrays and objects `depth` deep
         if depth > MAX_DEPTH:
             raise ProtocolError(status, "too_deep", f"the {what} nests deeper than {MAX_DEPTH} "
                                 "levels")
-        stack += [(v, depth + 1) for v in (node.values() if type(node) is dict else node)
-                  if type(v) in (dict, list)]
+        deeper = []
+        for node in level:
+            for v in node.values() if type(node) is dict else node:
+                if type(v) is dict or type(v) is list:
+                    deeper.append(v)
+        level, depth = deeper, depth + 1
 
 
 def file_text(text: str) -> str | None:
