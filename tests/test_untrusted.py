@@ -87,3 +87,23 @@ def test_a_match_across_two_values_hides_no_secret_in_the_second():
     assert not untrusted.clean(values)
     assert not untrusted.clean(values[1:])
     assert "Hunter2" not in json.dumps(untrusted.scrub_all({"a": values[0], "b": values[1]}))
+
+
+
+@pytest.mark.parametrize(("record", "as_is"), [
+    ({"user": "alice", "n": 1, "f": 0.5, "ok": True, "none": None, "groups": ["eng"],
+      "latency_ms": {"total": 1.2}, "reasons": [{"rule": "r", "message": "m"}]}, True),
+    ({"model": "gpt\ud800", "user": "alice"}, False),  # a lone surrogate: written escaped
+    ({"nested": {"deep": ["x" * 1025]}}, False),  # a string past the limit: cut
+    ({"groups": [f"g{i}" for i in range(untrusted.LIST_ITEMS + 1)]}, False),  # too many items
+    ({"pair": ("a", "b\udc80")}, False),  # in a tuple
+    ({"user": "alice", "k": "AKIA" + "Q7WERTY2UIOP3ASD"}, False),  # a secret
+    ({"user": "alice", "raw": b"AKIA"}, False),  # a value the walk does not know: it decides
+])
+def test_scrub_all_keeps_a_record_as_the_full_walk_does(record, as_is):
+    """A dict nothing in which changes is returned as it is (no copy, no call per string); any
+    other is what the full walk makes of it (the walk of a list holding it: never the shortcut)."""
+    kept = untrusted.scrub_all(record)
+    walked = untrusted.scrub_all([record])[0]
+    assert json.dumps(kept, default=repr) == json.dumps(walked, default=repr)
+    assert (kept is record) is as_is

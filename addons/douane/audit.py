@@ -105,6 +105,7 @@ class AuditLog:
     def __init__(self, config: AuditConfig, key: bytes, heads: ChainHeads | None = None):
         self.config, self.key, self.heads = config, key, heads
         self._hmac = hmac.new(key, digestmod=hashlib.sha256)  # the key's pads, hashed once
+        self._ts: tuple[int, str] = (-1, "")  # (epoch ms, its ISO text): `_now`
         self.path = config.path
         self.healthy = True
         self._bursts: Bursts[dict[str, Any]] = Bursts()
@@ -188,8 +189,8 @@ class AuditLog:
     def _line(self, record: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         # every value bounded and scrubbed here, off the event loop: a record never grows with
         # what a client sent, and never keeps a key it put in a model name or a header
-        record = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                  **untrusted.scrub_all(record), "seq": self._seq + 1, "prev": self._prev}
+        record = {"ts": self._now(), **untrusted.scrub_all(record), "seq": self._seq + 1,
+                  "prev": self._prev}
         record.pop("mac", None)
         # one encoding, signed as it is written: the mac goes last, after what it covers
         body = canonical(record)
@@ -197,6 +198,15 @@ class AuditLog:
         mac.update(body)
         record["mac"] = mac.hexdigest()
         return body[:-1] + b',"mac":"' + record["mac"].encode() + b'"}\n', record
+
+    def _now(self) -> str:
+        """The time, to the millisecond, as `datetime.now(UTC).isoformat(timespec=
+        "milliseconds")` writes it: formatted once per millisecond, not per record."""
+        ms = time.time_ns() // 1_000_000
+        if ms != self._ts[0]:
+            self._ts = (ms, datetime.fromtimestamp(ms // 1000, UTC).replace(
+                microsecond=ms % 1000 * 1000).isoformat(timespec="milliseconds"))
+        return self._ts[1]
 
     def _write(self, records: list[dict[str, Any]]) -> None:
         """Chain and write `records`, flushed once at the end (and before a rotation); a record
@@ -514,7 +524,8 @@ class AuditTrail:
         st = peek(flow)
         if flow.response and st and headerfields.get(flow.response.headers,
                                                      DECISION_HEADER_NAME) != st.decision_id:
-            flow.response.headers[DECISION_HEADER] = st.decision_id
+            # (`put` keeps the fields' index: the check at `response` reads it, not the fields)
+            headerfields.put(flow.response.headers, DECISION_HEADER, st.decision_id)
 
     def _record(self, flow: http.HTTPFlow) -> None:
         st = peek(flow)

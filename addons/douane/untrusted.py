@@ -82,8 +82,12 @@ def scrub_all(value: Any, limit: int = FIELD_CHARS) -> Any:
     """`scrub` on every string of a JSON-like value, and lists cut at `LIST_ITEMS` items.
     Cheap in the usual case, where there is no secret: values seen clean before (the same user,
     model, path in every record) are not scanned again, and the others are scanned once, joined
-    by newlines (which no secret's value spans), instead of one pass of the detectors each."""
+    by newlines (which no secret's value spans), instead of one pass of the detectors each.
+    A dict nothing in which changes is returned as it is, not copied (an audit record, usually)."""
     texts: list[str] = []
+    if type(value) is dict and _as_is(value, limit, texts) and clean(texts):
+        return value
+    texts = []
 
     def cut(text: str) -> str:
         text = encodable(text)  # else the record cannot be written
@@ -111,6 +115,25 @@ def clean(texts: list[str]) -> bool:
     if len(_clean) > CLEAN_VALUES:
         _clean.clear()
     _clean.update(t for t in fresh if len(t) <= NAME_CHARS)
+    return True
+
+
+def _as_is(value: dict[Any, Any] | list[Any] | tuple[Any, ...], limit: int,
+           texts: list[str]) -> bool:
+    """Whether `scrub_all`'s walk would keep `value` as it is, secrets aside: every string
+    encodable and within `limit`, every list within `LIST_ITEMS` (anything else: the walk
+    decides). Its strings are appended to `texts`, for `clean`. No copy, no call per string."""
+    for v in value.values() if type(value) is dict else value:
+        t = type(v)
+        if t is str:
+            if len(v) > limit or not (v.isascii() or not SURROGATE.search(v)):
+                return False
+            texts.append(v)
+        elif t is dict or t is list or t is tuple:
+            if (t is not dict and len(v) > LIST_ITEMS) or not _as_is(v, limit, texts):
+                return False
+        elif v is not None and t is not int and t is not float and t is not bool:
+            return False
     return True
 
 
