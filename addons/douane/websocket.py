@@ -65,7 +65,7 @@ from douane.audit import AuditTrail, flow_record
 from douane.flowstate import FlowState, Reason, peek
 from douane.interaction import Interaction, JsonPath, Kind, Role, TextPiece
 from douane.policy import engine
-from douane.policy.addon import Enforce, explain
+from douane.policy.addon import Enforce, _large, explain
 from douane.protocols import fields, mitmpatch, openai
 from douane.untrusted import loggable
 
@@ -283,7 +283,7 @@ class PoliceWebSocket:
                 flow.error = FlowError(f"douane: {message}")
                 self._cut(flow, Reason("upstream.timeout", message), "upstream_timeout", "error")
 
-    def websocket_message(self, flow: http.HTTPFlow) -> None:
+    async def websocket_message(self, flow: http.HTTPFlow) -> None:
         st = peek(flow)
         if st is None or st.upstream is None or flow.websocket is None:
             return  # not a flow of this gateway (read back, replayed) or not governed
@@ -297,8 +297,8 @@ class PoliceWebSocket:
         self.last[flow.id] = (flow, now)
         event_type = None
         try:
-            reason, event_type = self._verdict(flow.id, st, message.is_text, message.content,
-                                               message.from_client)
+            reason, event_type = await self._verdict(flow.id, st, message.is_text,
+                                                     message.content, message.from_client)
         except Exception as e:  # fail closed: an error in policy stops the connection
             logger.error("douane: WebSocket policy failed (decision %s): %s", st.decision_id,
                          loggable(repr(e)))
@@ -331,15 +331,15 @@ class PoliceWebSocket:
         self.earlier.pop(flow.id, None)
         self.items.pop(flow.id, None)
 
-    def _verdict(self, flow_id: str, st: FlowState, is_text: bool, content: bytes,
-                 from_client: bool) -> tuple[Reason | None, str | None]:
+    async def _verdict(self, flow_id: str, st: FlowState, is_text: bool, content: bytes,
+                       from_client: bool) -> tuple[Reason | None, str | None]:
         """(None to deliver the message, else the reason it is stopped; its event's type)."""
-        reason, doc = self._read(flow_id, st, is_text, content, from_client)
+        reason, doc = await self._read(flow_id, st, is_text, content, from_client)
         kind = doc.get("type") if isinstance(doc, dict) else None
         return reason, kind if isinstance(kind, str) else None
 
-    def _read(self, flow_id: str, st: FlowState, is_text: bool, content: bytes,
-              from_client: bool) -> tuple[Reason | None, Any]:
+    async def _read(self, flow_id: str, st: FlowState, is_text: bool, content: bytes,
+                    from_client: bool) -> tuple[Reason | None, Any]:
         if from_client and st.identity and st.identity.expires_at is not None and \
                 st.identity.expires_at < time.time():
             # each message is a new prompt: the token of the upgrade does not outlive itself
@@ -372,8 +372,12 @@ class PoliceWebSocket:
         earlier = self.earlier.setdefault(flow_id, {})
         before = [TextPiece(kind, None, text, ("earlier",), False)
                   for (side, kind), text in earlier.items() if side == from_client]
-        decision = engine.decide(policy, engine.risk(policy, before + pieces),
-                                 hold_allowed=False)
+        read = before + pieces
+        # past the policy's size a message's texts are matched in a thread, as a body's are (a
+        # 1 MB message held the loop ~0.1 s, one at the 10 MB limit ~1 s)
+        reasons = await asyncio.to_thread(engine.risk, policy, read) if _large(read) else \
+            engine.risk(policy, read)
+        decision = engine.decide(policy, reasons, hold_allowed=False)
         if decision.action == "block":
             return Reason("policy.websocket", f"blocked by policy: {explain(decision)}",
                           score=decision.risk), doc

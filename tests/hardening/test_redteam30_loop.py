@@ -3,7 +3,12 @@ cost of walking its strings. Inspect parsed and walked a body on the loop below 
 it held; the walk costs each string ~1-4 us whatever its length, so 4,000 one-character
 messages (136 KB) stalled a gateway's loop 104 ms, 9,000 one-character content parts 140 ms,
 9,000 schema properties 113 ms (douane_loop_stats, loaded host). A body of many strings is now
-read in a thread, as a large one is: 12, 24 and 11 ms."""
+read in a thread, as a large one is: 12, 24 and 11 ms.
+
+A WebSocket (Realtime) message's texts were matched on the loop whatever their size, up to the
+body limit (10 MB by default): `engine.risk` on a 1 MB message costs ~107 ms of CPU (in-process,
+load average 11), ~1 s at the limit. Past the policy's size they are matched in a thread, as a
+body's are."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import pytest
 from mitmproxy.test import tutils
 
 from douane import inspect
+from tests.test_websocket_e2e import connect, item, realtime_gateway
 
 MANY = {  # each under 256 KB, each ~100 ms of the loop before
     "4,000 one-character messages": {"model": "m", "messages": [
@@ -46,3 +52,30 @@ def test_an_ordinary_body_is_read_on_the_loop():
                      "name": "lookup", "arguments": json.dumps({"id": "42", "notes": ["a"] * 3})}}]},
              {"role": "tool", "tool_call_id": "call_1", "content": "The account is fine."}] * 60
     assert not inspect.heavy(_request({"model": "m", "messages": turns}))
+
+
+@pytest.fixture(scope="module")
+def realtime(issuer, tmp_path_factory):
+    yield from realtime_gateway(issuer, tmp_path_factory.mktemp("redteam30-realtime"))
+
+
+KEY = "sk-proj-" + "Rz2Wq9Lm4Xv7" * 3
+PROSE = "The quarterly review covered shipping timelines, hiring plans and the budget. " * 13_000
+
+
+def test_a_large_websocket_message_is_matched_whole_off_the_loop(realtime, issuer, secrets):
+    """A 1 MB message is matched in a thread: a key at its end still ends the session with the
+    API's error event (nothing upstream), a clean one of the same size is delivered."""
+    gw, upstream = realtime
+    token = issuer.mint("wes@corp.example", ["engineering"])
+    secrets.update({token, KEY})
+    client = connect(gw, token)
+    assert client.status == 101
+    client.send(item(PROSE))
+    assert client.receive()["delta"] == upstream.reply
+    before = len(upstream.received)
+    client.send(item(PROSE + " deploy with " + KEY))
+    error = client.receive()
+    assert error is not None and error["type"] == "error", error
+    assert len(upstream.received) == before
+    client.close()
