@@ -58,9 +58,9 @@ _LITERAL: dict[str, dict[tuple[str, str], str]] = {
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # A key given twice may be read differently upstream than here: refuse the ambiguity.
     doc = dict(pairs)
-    key = fields.repeated(pairs, doc)
-    if key is not None:
-        raise ProtocolError(400, "duplicate_json_key", f"the JSON key {key[:40]!r} appears twice")
+    if len(doc) != len(pairs):
+        raise ProtocolError(400, "duplicate_json_key", f"the JSON key "
+                            f"{fields.repeated(pairs)[:40]!r} appears twice")
     return doc
 
 

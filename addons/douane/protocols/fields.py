@@ -391,21 +391,18 @@ def _arguments(walk: _Walk, node: Any, values: list[str], kind: Kind, depth: int
         values.append(node)
 
 
-def repeated(pairs: list[tuple[str, Any]], doc: dict[str, Any]) -> str | None:
-    """The first key given twice among an object's `pairs` (`doc`: their dict, built in C: the
-    key is looked for only when it came out shorter)."""
-    if len(doc) == len(pairs):
-        return None
+def repeated(pairs: list[tuple[str, Any]]) -> str:
+    """The first key an object's `pairs` give twice (looked for once their dict, built in C,
+    came out shorter than they are)."""
     seen: set[str] = set()
     return next(k for k, _ in pairs if k in seen or seen.add(k))
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     doc = dict(pairs)
-    key = repeated(pairs, doc)
-    if key is not None:  # the tool may read either value: refuse the ambiguity
-        raise ProtocolError(400, "duplicate_json_key",
-                            f"the tool arguments give the key {key[:40]!r} twice")
+    if len(doc) != len(pairs):  # the tool may read either value: refuse the ambiguity
+        raise ProtocolError(400, "duplicate_json_key", f"the tool arguments give the key "
+                            f"{repeated(pairs)[:40]!r} twice")
     return doc
 
 
