@@ -493,16 +493,16 @@ _SPLIT = "\x00"  # between decoded runs read as one text: no pattern's separator
 _PERCENT_BYTE = re.compile("%[0-9A-Fa-f]{2}")  # not "100%": a percent run has one at least
 # Hex bytes written apart (`73 6b 2d`, `73:6B:2D`, `0x73, 0x6b`), ten at least (a key's
 # shortest): each byte of a key (printable ASCII) is `2`-`7` then a hex digit. Looked for only
-# where ten hex digits are in a row once separators and `x` are deleted (`_PAIR_CLASSES`: a
+# where twenty hex digits are in a row once separators and `x` are deleted (`_PAIR_CLASSES`: a
 # translate and a substring test; the patterns' own scan of every position cost ~15-50 us in
 # 4 KB of prose).
 _PAIRS = (re.compile(r"[2-7][0-9A-Fa-f](?:[ \t:,]{1,2}[2-7][0-9A-Fa-f]){9,}"),
           re.compile(r"0[xX][2-7][0-9A-Fa-f](?:[ \t:,]{1,2}0[xX][2-7][0-9A-Fa-f]){9,}"))
 _PAIR_CLASSES = bytes(ord("h") if chr(i) in "0123456789abcdefABCDEF" else ord(".")
                       for i in range(256))
-_PAIR_GATE = b"h" * 10
-# ... then only where they can be pairs: `2`-`7` (`p`) then a hex digit, ten times (`0x` read as
-# `0`, a hex digit: `h`); card, phone and order numbers end there, not in `_PAIRS`' scans
+_PAIR_GATE = b"h" * 20  # ten pairs (a card number's sixteen digits stop here)
+# ... then, from there, only where they can be pairs: `2`-`7` (`p`) then a hex digit, ten times
+# (`0x` read as `0`, a hex digit: `h`); digests and long numbers end there, not in `_PAIRS`' scans
 _PAIR_DIGITS = bytes(ord("p") if chr(i) in "234567" else c for i, c in enumerate(_PAIR_CLASSES))
 _PAIR_SHAPES = re.compile(rb"(?:p[ph]){10}|(?:hp[ph]){10}")
 _NOT_HEX = re.compile(r"0[xX]|[^0-9A-Fa-f]")
@@ -512,8 +512,8 @@ def _pairs(text: str) -> bool:
     """Whether `text` may hold hex bytes written apart (a superset: `_pair_runs` decides);
     `bytes.find`, not `in` (which costs ~1 us more, through the buffer protocol)."""
     raw = text.encode("latin-1", "replace")
-    return raw.translate(_PAIR_CLASSES, b" \t:,xX").find(_PAIR_GATE) >= 0 and \
-        _PAIR_SHAPES.search(raw.translate(_PAIR_DIGITS, b" \t:,xX")) is not None
+    at = raw.translate(_PAIR_CLASSES, b" \t:,xX").find(_PAIR_GATE)  # (the same places as:)
+    return at >= 0 and _PAIR_SHAPES.search(raw.translate(_PAIR_DIGITS, b" \t:,xX"), at) is not None
 
 
 def _pair_runs(text: str) -> list[tuple[re.Match[str], list[str]]]:
