@@ -1,5 +1,6 @@
 """Review (stop 30, second round) of the masking pool's urgent batching and the stream-wait turn:
-masked streams through a real mitmdump (masking on, two main workers and the urgent one), each
+masked streams through a real mitmdump (HTTP/1.1, and HTTP/2: several
+streams of a connection) (masking on, two main workers and the urgent one), each
 answer split at random (cuts inside the values forced), each event sent after a random pause, and
 every stream's last event held until all the others have sent theirs, so that the ends arrive
 together and their analyses go out in batches over the workers. Property: every stream reads
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import ssl
 import threading
 import time
 
@@ -22,6 +24,7 @@ import httpx
 import pytest
 
 from tests.conftest import UPSTREAM_KEY
+from tests.hardening.test_evasion import H2Only
 from tests.support.gateway import Gateway, base_config
 from tests.support.upstream import FakeUpstream, _openai_chat_events
 from tests.test_masking_stream import CORPUS
@@ -94,7 +97,7 @@ class PacedUpstream:
                     self.waiting += 1
                     if self.waiting >= self.expected:
                         together.set()
-                together.wait(120)
+                together.wait(60)
             data = event.encode()
             handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             handler.wfile.flush()
@@ -105,12 +108,12 @@ class PacedUpstream:
 
 @pytest.fixture(scope="module")
 def setup(issuer, tmp_path_factory):
-    llm = FakeUpstream()
+    llm = FakeUpstream(tls=True)
     paced = PacedUpstream(llm)
     config = base_config(issuer.url, llm.url, masking={
         "workers": 2, "requests": False, "timeout_seconds": 120})
     with Gateway(config, mode="regular", env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
-                 workdir=tmp_path_factory.mktemp("review30b-pace")) as gw:
+                 args=["--set", "ssl_insecure=true"], workdir=tmp_path_factory.mktemp("review30b-pace")) as gw:
         yield gw, llm, paced
     llm.close()
 
@@ -128,36 +131,51 @@ def strings(doc) -> list[str]:
     return [doc] if isinstance(doc, str) else []
 
 
-async def run_round(gw, llm, token: str, seed: int) -> tuple[dict, list]:
-    async with httpx.AsyncClient(proxy=gw.proxy_url("u", token), timeout=180,
-                                 limits=httpx.Limits(max_connections=64)) as client:
+async def run_round(gw, llm, token: str, seed: int, h2: bool) -> tuple[dict, list]:
+    """The whole answers, then STREAMS streams at once (over HTTP/2, 3 on each of 8 connections:
+    httpx keeps about 5 streams of a connection open at once, and every stream must be open for
+    the ends to come together)."""
+    verify = H2Only(ssl.PROTOCOL_TLS_CLIENT) if h2 else ssl.create_default_context()
+    verify.load_verify_locations(cafile=gw.ca_file)
+    clients = [httpx.AsyncClient(proxy=gw.proxy_url("u", token), timeout=180, http2=h2,
+                                 verify=verify, limits=httpx.Limits(max_connections=64))
+               for _ in range(8 if h2 else 1)]
+    try:
         wholes = {}
         for case in range(len(TEXTS)):
-            resp = await client.post(llm.url + "/v1/chat/completions", json=chat(case, 0, False))
+            resp = await clients[0].post(llm.url + "/v1/chat/completions",
+                                         json=chat(case, 0, False))
             assert resp.status_code == 200, resp.text
             wholes[case] = resp.json()["choices"][0]["message"]["content"]
 
         async def one(n: int) -> tuple[int, list]:
             case = (seed + n) % len(TEXTS)
             events = []
-            async with client.stream("POST", llm.url + "/v1/chat/completions",
-                                     json=chat(case, seed * 1000 + n, True)) as resp:
+            async with clients[n % len(clients)].stream(
+                    "POST", llm.url + "/v1/chat/completions",
+                    json=chat(case, seed * 1000 + n, True)) as resp:
                 assert resp.status_code == 200
+                assert resp.http_version == ("HTTP/2" if h2 else "HTTP/1.1")
                 async for line in resp.aiter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]":
                         events.append(json.loads(line.removeprefix("data: ")))
             return case, events
 
         return wholes, await asyncio.gather(*(one(n) for n in range(STREAMS)))
+    finally:
+        for client in clients:
+            await client.aclose()
 
 
-def test_masked_streams_at_random_paces_ending_together_stream_the_whole_answer(setup, issuer):
+@pytest.mark.parametrize("h2", [False, True], ids=["http1", "http2"])
+def test_masked_streams_at_random_paces_ending_together_stream_the_whole_answer(setup, issuer,
+                                                                                 h2):
     gw, llm, paced = setup
     token = issuer.mint("alice@corp", ["engineering"])
     compared = 0
     for seed in range(1, ROUNDS + 1):
         paced.reset()
-        wholes, streams = asyncio.run(run_round(gw, llm, token, seed))
+        wholes, streams = asyncio.run(run_round(gw, llm, token, seed + 10 * h2, h2))
         assert paced.together.is_set(), "the streams' ends did not come together"
         for case, whole in wholes.items():
             assert not [v for v in VALUES if v in whole], whole  # the values are masked
