@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,18 @@ def test_clean_log_verifies(tmp_path):
     result = audit.verify(path, KEY)
     assert result.ok and result.records == 5
     assert not audit.verify(path, b"wrong key").ok
+
+
+def test_a_record_is_timed_to_the_millisecond_it_is_written(tmp_path):
+    """The time is formatted once per millisecond (`AuditLog._now`), as datetime writes it."""
+    path = tmp_path / "audit.jsonl"
+    before = datetime.now(UTC).isoformat(timespec="milliseconds")
+    write_log(path, 300)
+    after = datetime.now(UTC).isoformat(timespec="milliseconds")
+    stamps = [json.loads(line)["ts"] for line in lines(path)]
+    assert stamps == sorted(stamps) and before <= stamps[0] and stamps[-1] <= after
+    assert all(datetime.fromisoformat(ts).isoformat(timespec="milliseconds") == ts and
+               ts.endswith("+00:00") for ts in stamps)
 
 
 def test_chain_survives_restart_and_rotation(tmp_path):

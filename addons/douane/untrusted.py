@@ -122,13 +122,15 @@ def _as_is(value: dict[Any, Any] | list[Any] | tuple[Any, ...], limit: int,
            texts: list[str]) -> bool:
     """Whether `scrub_all`'s walk would keep `value` as it is, secrets aside: every string
     encodable and within `limit`, every list within `LIST_ITEMS` (anything else: the walk
-    decides). Its strings are appended to `texts`, for `clean`. No copy, no call per string."""
+    decides). Its strings `clean` would scan are appended to `texts` (not the short ones nor
+    those known clean: `clean` would skip them). No copy, no call per string."""
     for v in value.values() if type(value) is dict else value:
         t = type(v)
         if t is str:
             if len(v) > limit or not (v.isascii() or not SURROGATE.search(v)):
                 return False
-            texts.append(v)
+            if len(v) >= SHORTEST_SECRET and v not in _clean:
+                texts.append(v)
         elif t is dict or t is list or t is tuple:
             if (t is not dict and len(v) > LIST_ITEMS) or not _as_is(v, limit, texts):
                 return False
