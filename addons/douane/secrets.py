@@ -496,8 +496,10 @@ _PERCENT_BYTE = re.compile("%[0-9A-Fa-f]{2}")  # not "100%": a percent run has o
 # where twenty hex digits are in a row once separators and `x` are deleted (`_PAIR_CLASSES`: a
 # translate and a substring test; the patterns' own scan of every position cost ~15-50 us in
 # 4 KB of prose).
-_PAIRS = (re.compile(r"[2-7][0-9A-Fa-f](?:[ \t:,]{1,2}[2-7][0-9A-Fa-f]){9,}"),
-          re.compile(r"0[xX][2-7][0-9A-Fa-f](?:[ \t:,]{1,2}0[xX][2-7][0-9A-Fa-f]){9,}"))
+_PAIR_APART = "[ \t\r\n:,;.-]{1,2}"  # (one a line, `-`, `.` too: `73-6b-2d`)
+_PAIRS = (re.compile(rf"[2-7][0-9A-Fa-f](?:{_PAIR_APART}[2-7][0-9A-Fa-f]){{9,}}"),
+          re.compile(rf"0[xX][2-7][0-9A-Fa-f](?:{_PAIR_APART}0[xX][2-7][0-9A-Fa-f]){{9,}}"))
+_PAIR_DELETED = b" \t\r\n:,;.-xX"  # what the gate reads past
 _PAIR_CLASSES = bytes(ord("h") if chr(i) in "0123456789abcdefABCDEF" else ord(".")
                       for i in range(256))
 _PAIR_GATE = b"h" * 20  # ten pairs (a card number's sixteen digits stop here)
@@ -512,8 +514,9 @@ def _pairs(text: str) -> bool:
     """Whether `text` may hold hex bytes written apart (a superset: `_pair_runs` decides);
     `bytes.find`, not `in` (which costs ~1 us more, through the buffer protocol)."""
     raw = text.encode("latin-1", "replace")
-    at = raw.translate(_PAIR_CLASSES, b" \t:,xX").find(_PAIR_GATE)  # (the same places as:)
-    return at >= 0 and _PAIR_SHAPES.search(raw.translate(_PAIR_DIGITS, b" \t:,xX"), at) is not None
+    at = raw.translate(_PAIR_CLASSES, _PAIR_DELETED).find(_PAIR_GATE)  # (the same places as:)
+    return at >= 0 and \
+        _PAIR_SHAPES.search(raw.translate(_PAIR_DIGITS, _PAIR_DELETED), at) is not None
 
 
 def _pair_runs(text: str) -> list[tuple[re.Match[str], list[str]]]:

@@ -64,6 +64,8 @@ DISGUISES = {  # what the model reads as the key; how the client wrote it
     "hex bytes apart": _hex_apart(" "),
     "hex bytes with colons, upper case": lambda k: ":".join(f"{b:02X}" for b in k.encode()),
     "0x bytes with commas": _hex_apart(", ", "0x"),
+    "hex bytes with dashes": _hex_apart("-"),
+    "hex bytes one a line": _hex_apart("\n"),
     # a precomposed letter is its own NFKC form: the view kept it, and the key was cut
     "an é inside": lambda k: _accent(k, "é"),
     "an ñ inside": lambda k: _accent(k, "ñ"),
