@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 
 import pytest
 from mitmproxy.test import tflow, tutils
@@ -318,3 +319,64 @@ def test_tool_arguments_read_as_json_loads_reads_them(text):
 ])
 def test_log_probabilities_are_found_anywhere_in_an_answer(doc, carries):
     assert openai.carries_logprobs(doc) is carries
+
+
+# An answer (and a request) whose fields have other JSON types than their API gives them.
+ODD_VALUES = [None, 1, 1.5, -3, True, "x", "", [], {}, [1], ["a"], {"a": 1}, [None], [[]], [{}]]
+ANSWERS = {
+    "/v1/chat/completions": {"id": "c", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": "hi", "tool_calls": [
+            {"id": "t", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]}}]},
+    "/v1/responses": {"id": "r", "output": [
+        {"type": "message", "content": [{"type": "output_text", "text": "hi"}]},
+        {"type": "function_call", "name": "f", "arguments": "{}", "call_id": "c"}]},
+    "/v1/messages": {"id": "m", "content": [{"type": "text", "text": "hi"},
+                                            {"type": "tool_use", "id": "t", "name": "f",
+                                             "input": {"a": "b"}}]},
+    "/mcp": {"jsonrpc": "2.0", "id": 3, "result": {"content": [{"type": "text", "text": "ok"}],
+                                                   "structuredContent": {"a": 1}}},
+    "/generate": {"text": "hi", "choices": [{"text": "a"}]},
+}
+
+
+def _with_odd_values(doc, rng):
+    doc = copy.deepcopy(doc)
+    for _ in range(rng.randint(1, 3)):
+        paths, todo = [], [((), doc)]
+        while todo:
+            path, node = todo.pop()
+            items = node.items() if isinstance(node, dict) else \
+                enumerate(node) if isinstance(node, list) else ()
+            for k, v in items:
+                paths.append((*path, k))
+                todo.append(((*path, k), v))
+        if not paths:
+            break
+        *parent_path, last = rng.choice(paths)
+        parent = doc
+        for k in parent_path:
+            parent = parent[k]
+        parent[last] = copy.deepcopy(rng.choice(ODD_VALUES))
+    return doc
+
+
+@pytest.mark.parametrize(("upstream", "path", "doc", "texts"), CASES)
+def test_fields_of_unexpected_types_are_refused_as_protocol_errors(upstream, path, doc, texts):
+    """Whatever type a field of a request or an answer has, reading it raises a ProtocolError
+    (the provider-shaped 400 or 502), never another exception (an internal error)."""
+    rng = random.Random(path)
+    refused = 0
+    for _ in range(300):
+        f = flow_for(upstream, path, _with_odd_values(doc, rng))
+        try:
+            it = protocols.parse_request(upstream, f)
+        except protocols.ProtocolError:
+            continue
+        f.response = tutils.tresp(content=json.dumps(_with_odd_values(ANSWERS[path], rng)).encode())
+        f.response.headers["content-type"] = "application/json"
+        try:
+            protocols.parse_response(upstream, f, it)
+        except protocols.ProtocolError as e:
+            assert e.status == 502
+            refused += 1
+    assert path == "/generate" or refused > 0  # the odd answers did reach the parsers

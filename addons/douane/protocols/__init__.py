@@ -17,6 +17,7 @@ Public API for the other stages:
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Literal
 
 from mitmproxy import http
@@ -27,6 +28,8 @@ from douane.flowstate import peek
 from douane.interaction import Interaction, TextPiece
 from douane.protocols import anthropic, decoding, fields, generic, jsonpath, mcp, openai
 from douane.protocols.base import ProtocolError, StreamFormat
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ProtocolError", "apply_text_edits", "declared", "document", "parse_request",
            "parse_response", "stream_format", "write_json"]
@@ -224,14 +227,21 @@ def parse_response(upstream: Upstream, flow: http.HTTPFlow, it: Interaction) -> 
     doc = document(flow, "response")
     if flow.response.status_code >= 400:
         return True  # an upstream error document carries no model text
-    if upstream.protocol == "openai":
-        openai.parse_response(doc, it)
-    elif upstream.protocol == "anthropic":
-        anthropic.parse_response(doc, it)
-    elif upstream.protocol == "mcp":
-        mcp.parse_response(doc, it)
-    else:
-        generic.parse_response(doc, upstream, it)
+    try:
+        if upstream.protocol == "openai":
+            openai.parse_response(doc, it)
+        elif upstream.protocol == "anthropic":
+            anthropic.parse_response(doc, it)
+        elif upstream.protocol == "mcp":
+            mcp.parse_response(doc, it)
+        else:
+            generic.parse_response(doc, upstream, it)
+    except (TypeError, AttributeError) as e:
+        # the parsers read an answer's documented shape: a field of another JSON type (a number
+        # where a list of choices belongs) is the upstream's error, answered as one, not douane's
+        logger.debug("douane: an answer of an unexpected shape", exc_info=e)
+        raise ProtocolError(502, "invalid_upstream_response", "a field of the upstream answer "
+                            "has a type its API does not give it", it) from None
     return True
 
 
