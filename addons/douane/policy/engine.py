@@ -21,6 +21,7 @@ from douane.protocols import streams
 from douane.protocols.mcp import uri_problem
 
 SECRET_KINDS = streams.READ_KINDS  # where the secrets detector looks
+QUIET_CHARS = 2048  # a request's texts tested as one (`risk`) up to this many characters
 LIMITED_OPERATIONS = ("chat.completions", "responses", "messages", "completions")
 MODEL_OPERATIONS = (*LIMITED_OPERATIONS, "embeddings")
 # What each API calls its output ceiling, so a refusal names the parameter the caller can set.
@@ -132,10 +133,10 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
     field. A match only the join holds names the texts it spans (`prompt[2..3]`). A text holding
     tag characters is read both with them decoded and without them, alone and in the join."""
     found: dict[str, Reason] = {}
-    # most requests hold no secret: one test of every text read proves it for each at once;
-    # else each text is tested before its scan (a JSON body's keys, often not quiet, apart)
+    # most small requests hold no secret: one test of every text read proves it for each at once
+    # (a larger one's joined texts seldom pass it: each is scanned, as the test would cost more)
     read = [p.text for p in pieces if p.kind in SECRET_KINDS] if policy.secrets else []
-    scan = bool(read) and not secrets.all_quiet(read)
+    scan = bool(read) and (sum(map(len, read)) > QUIET_CHARS or not secrets.all_quiet(read))
     readings: list[list[Normalized]] = [[] for _ in pieces]
     joined = _joined(policy, pieces, readings)
     # per kind, the rules worth running on each text: the local ones that hit the join, the rest
@@ -159,7 +160,7 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
                 found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched", label, rule.score)
         if policy.secrets and piece.kind in SECRET_KINDS:
             text = piece.text
-            found_in = secrets.find(text) if scan and not secrets.quiet(text) else []
+            found_in = secrets.find(text) if scan else []
             if not found_in:
                 piece.secret_free = text  # the recording's writer trusts it (`secret_free`)
             for secret in found_in:
