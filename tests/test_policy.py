@@ -359,7 +359,7 @@ def test_texts_matched_on_the_loop_cost_it_little(policy, shape):
     size = policy_addon.OFF_LOOP_CHARS if unit.isascii() else policy_addon.OFF_LOOP_CHARS // 4
     text = (unit * (size // len(unit) + 1))[:size]
     it = chat(text, "gpt-4o")
-    assert not policy_addon._large(it.texts)  # the largest such text kept on the loop
+    assert not policy_addon.large(it.texts)  # the largest such text kept on the loop
     best = min(_cpu(lambda: engine.request_risk(policy, it)) for _ in range(3))
     assert best * 1000 < ON_LOOP_MS, f"{best * 1000:.1f} ms of the loop's CPU"
 

@@ -825,3 +825,44 @@ def test_a_secret_cut_across_texts_read_in_sequence_is_redacted(case):
         assert _parts_read(f) == ()  # nothing across texts: not copied to the writer
         assert writer.tnetstring_of(recording_of(f.get_state(), frozenset(), (), _parts_read(f))) \
             == writer.tnetstring_of(recording_of(f.get_state(), frozenset()))
+
+
+class _Writer:
+    """What `Record` hands the writer, kept (the writer's process is not this test's)."""
+
+    congested, healthy = False, True
+
+    def __init__(self):
+        self.put_with: list[tuple] = []
+
+    def put(self, relative, snapshot, scrub, original=None, streamed=(), prompted=(), clean=()):
+        self.put_with.append((streamed, prompted))
+
+
+@pytest.mark.parametrize("messages", [3, 4000])
+def test_the_parts_read_together_are_joined_off_the_loop_when_many(monkeypatch, messages):
+    """A request of 4,000 messages had its parts joined and scanned for split secrets on the loop
+    (~19 ms, red team stop 30): past the policy's size for matching in a thread, in a thread; an
+    ordinary request on the loop. The writer gets the same runs either way."""
+    import asyncio
+
+    from douane.recording import addon
+
+    openai_upstream = Upstream("openai", "https", "api.openai.com", 443, "/v1", "openai", None)
+    doc = {"model": "m", "messages": [{"role": "user", "content": f"part {i} of the key sk-"}
+                                      for i in range(messages)]}
+    f = tflow.tflow(resp=True, req=tutils.treq(host="api.openai.com", path=b"/v1/chat/completions",
+                                                content=json.dumps(doc).encode(), method=b"POST"))
+    f.request.headers["content-type"] = "application/json"
+    st = state(f)
+    st.identity = Identity("alice@corp.example", (), "t", "a", "bearer")
+    st.interaction = protocols.parse_request(openai_upstream, f)
+    threads = []
+    monkeypatch.setattr(addon, "parts_read", lambda it: (
+        threads.append(threading.current_thread()), writer.parts_read(it))[1])
+    record = addon.Record.__new__(addon.Record)
+    record.writer, record.recording, record.issued = _Writer(), SETTINGS, {}
+    asyncio.run(record.response(f))
+    [(_, prompted)] = record.writer.put_with
+    assert prompted == writer.parts_read(st.interaction)
+    assert (threads == [threading.main_thread()]) == (messages == 3), threads

@@ -65,7 +65,7 @@ from douane.audit import AuditTrail, flow_record
 from douane.flowstate import FlowState, Reason, peek
 from douane.interaction import Interaction, JsonPath, Kind, Role, TextPiece
 from douane.policy import engine
-from douane.policy.addon import Enforce, _large, explain
+from douane.policy.addon import Enforce, explain, large
 from douane.protocols import fields, mitmpatch, openai
 from douane.untrusted import loggable
 
@@ -375,7 +375,7 @@ class PoliceWebSocket:
         read = before + pieces
         # past the policy's size a message's texts are matched in a thread, as a body's are (a
         # 1 MB message held the loop ~0.1 s, one at the 10 MB limit ~1 s)
-        reasons = await asyncio.to_thread(engine.risk, policy, read) if _large(read) else \
+        reasons = await asyncio.to_thread(engine.risk, policy, read) if large(read) else \
             engine.risk(policy, read)
         decision = engine.decide(policy, reasons, hold_allowed=False)
         if decision.action == "block":

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 OFF_LOOP_CHARS = 8 * 1024
 
 
-def _large(pieces: list[TextPiece]) -> bool:
+def large(pieces: list[TextPiece]) -> bool:
     """Whether texts are matched in a thread. A character outside ASCII costs the views and folds
     ~4x one inside it (240k characters with a zero-width space between letters held the loop
     ~0.26 s, as many ASCII ones ~0.07)."""
@@ -213,7 +213,7 @@ class Enforce:
             refuse(flow, 429, over.message, "rate_limited", over, action="block")
             return
         # The texts of a large request are matched in a thread: the loop serves the others.
-        if _large(st.interaction.texts):
+        if large(st.interaction.texts):
             reasons = await asyncio.to_thread(engine.request_risk, policy, st.interaction)
         else:
             reasons = engine.request_risk(policy, st.interaction)
@@ -259,7 +259,7 @@ class Enforce:
                 jsonpath.delete(doc, removals)
                 protocols.write_json(flow, "response", doc)
         pieces = st.interaction.response_texts
-        if _large(pieces):  # as a request's (a 4 MB answer held the loop ~0.6 s)
+        if large(pieces):  # as a request's (a 4 MB answer held the loop ~0.6 s)
             decision = await asyncio.to_thread(engine.evaluate_response, self.live.current, pieces)
         else:
             decision = engine.evaluate_response(self.live.current, pieces)
