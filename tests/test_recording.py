@@ -839,17 +839,19 @@ class _Writer:
         self.put_with.append((streamed, prompted))
 
 
-@pytest.mark.parametrize("messages", [3, 4000])
-def test_the_parts_read_together_are_joined_off_the_loop_when_many(monkeypatch, messages):
+@pytest.mark.parametrize(("messages", "text"), [(3, "part {} of the key sk-"),
+                                               (4000, "part {} of the key sk-"), (4000, "x")])
+def test_the_parts_read_together_are_joined_off_the_loop_when_many(monkeypatch, messages, text):
     """A request of 4,000 messages had its parts joined and scanned for split secrets on the loop
-    (~19 ms, red team stop 30): past the policy's size for matching in a thread, in a thread; an
-    ordinary request on the loop. The writer gets the same runs either way."""
+    (~19 ms, red team stop 30): past the policy's size or number of texts for matching in a
+    thread, in a thread (one-character messages too); an ordinary request on the loop. The writer
+    gets the same runs either way."""
     import asyncio
 
     from douane.recording import addon
 
     openai_upstream = Upstream("openai", "https", "api.openai.com", 443, "/v1", "openai", None)
-    doc = {"model": "m", "messages": [{"role": "user", "content": f"part {i} of the key sk-"}
+    doc = {"model": "m", "messages": [{"role": "user", "content": text.format(i)}
                                       for i in range(messages)]}
     f = tflow.tflow(resp=True, req=tutils.treq(host="api.openai.com", path=b"/v1/chat/completions",
                                                 content=json.dumps(doc).encode(), method=b"POST"))

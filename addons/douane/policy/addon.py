@@ -29,14 +29,16 @@ from douane.store.addon import SharedStore
 logger = logging.getLogger(__name__)
 # Set by the costliest texts per character (decoded runs, escapes): ~5 ms of CPU at this size.
 OFF_LOOP_CHARS = 8 * 1024
+# ... and by their number: each text costs a few µs whatever its length (~5 ms per 1,000)
+OFF_LOOP_PIECES = 1024
 
 
 def large(pieces: list[TextPiece]) -> bool:
     """Whether texts are matched in a thread. A character outside ASCII costs the views and folds
     ~4x one inside it (240k characters with a zero-width space between letters held the loop
     ~0.26 s, as many ASCII ones ~0.07)."""
-    return sum(len(p.text) if p.text.isascii() else 4 * len(p.text)
-               for p in pieces) > OFF_LOOP_CHARS
+    return len(pieces) > OFF_LOOP_PIECES or sum(
+        len(p.text) if p.text.isascii() else 4 * len(p.text) for p in pieces) > OFF_LOOP_CHARS
 
 
 def explain(decision: Decision) -> str:
