@@ -30,6 +30,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from confusable_homoglyphs.confusables import confusables_data
+
 
 @dataclass(frozen=True)
 class Kind:
@@ -434,14 +436,22 @@ def _readings(text: str) -> list[str]:
 
 
 # Latin letters with a mark or a stroke (`é`, `ñ`, `ø`, `ł`, a dotless `ı`) read as their base
-# letter: NFKC keeps a precomposed one, yet no key holds one, and a model told to drop accents
+# letter (and look-alikes from other scripts, below): NFKC keeps a precomposed one, yet no key holds one, and a model told to drop accents
 # reads `Qé7v` as `Qe7v`. A reading of its own (`_folded`), not the view's: masking reads the
 # view (a name keeps its accents), and a text of many accents is its own view (`_plain`).
 _LATIN = re.compile(r"LATIN (SMALL|CAPITAL) LETTER (?:DOTLESS )?([A-Z])(?: WITH .+)?")
 _LATIN_FOLD = {cp: m[2] if m[1] == "CAPITAL" else m[2].lower()
                for cp in (*range(0xC0, 0x250), *range(0x1E00, 0x1F00))
                if (m := _LATIN.fullmatch(unicodedata.name(chr(cp), "")))}
-_FOLDABLE = re.compile("[" + "".join(map(chr, _LATIN_FOLD)) + "]")
+# Letters of other scripts drawn as a Latin letter or digit (`sk-рroj-` with a Cyrillic `р`):
+# NFKC keeps them, a reader (or a model asked to fix the typo) reads them as Latin. Unicode's
+# confusables data (TR39), which the deny rules read too (`policy.normalize`), with case kept.
+_LOOKALIKES = {ord(c): seen[0]["c"] for c, seen in confusables_data.items()
+               if len(c) == 1 and not c.isascii() and seen and len(seen[0]["c"]) == 1 and
+               seen[0]["c"].isascii() and seen[0]["c"].isalnum()}
+_LATIN_FOLD |= _LOOKALIKES
+_FOLDABLE = re.compile("[" + "".join(re.escape(chr(c)) for c in _LATIN_FOLD) + "]")
+_ASCII_ALNUM = re.compile("[A-Za-z0-9]")
 # each character as `_TOKEN_BYTES`, non-ASCII ones as token characters (read in Latin-1, the
 # rest as `?`: an encoding at C speed)
 _TOKEN_OR_OTHER = _TOKEN_BYTES[:63] + b"a" + _TOKEN_BYTES[64:128] + b"a" * 128
@@ -458,7 +468,8 @@ def _folded(view: tuple[str, _Origin | None]) -> tuple[str, _Origin | None] | No
         start = others.rfind(b" ", 0, at) + 1
         end = others.find(b" ", at)
         end = len(seen) if end < 0 else end
-        if _FOLDABLE.search(seen, start, end):
+        # (a key holds Latin letters or digits as written: a word all Cyrillic or Greek is prose)
+        if _ASCII_ALNUM.search(seen, start, end) and _FOLDABLE.search(seen, start, end):
             parts += [seen[last:start], seen[start:end].translate(_LATIN_FOLD)]
             last = end
         at = others.find(_B64_MARK, end)

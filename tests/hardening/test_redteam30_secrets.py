@@ -72,6 +72,11 @@ DISGUISES = {  # what the model reads as the key; how the client wrote it
     "an ø inside (a stroke, no decomposition)": lambda k: _accent(k, "ø"),
     "a dotless ı inside": lambda k: _accent(k, "ı"),
     "an é inside the prefix": lambda k: "sk-pr\u00e9j" + k[7:],
+    # letters of other scripts drawn as Latin ones are their own NFKC form too (lead, stop 30)
+    "a Cyrillic р in the prefix": lambda k: "sk-\u0440roj" + k[7:],
+    "a Cyrillic ѕ as the first letter": lambda k: "\u0455" + k[1:],
+    "a Greek ο inside": lambda k: k[:14] + "\u03bf" + k[15:],
+    "every look-alike Cyrillic": lambda k: k.translate(str.maketrans("aeopcxyTMKH", "аеорсхуТМКН")),
 }
 
 
@@ -98,6 +103,9 @@ CONTROLS = {  # look like the disguises above, hold no key: pass
     "a hex dump of text": "dump: " + " ".join(f"{b:02x}" for b in b"hello, the build passed"),
     "numbers apart": "scores 21 34 55 89 44 23 67 45 32 76 54 and 23",
     "base32 of text": base64.b32encode(b"meeting notes: ship v2 on friday " * 200).decode(),
+    "Russian prose of long words": "Достопримечательности Санкт-Петербурга, "
+    "высокопроизводительный сервер2026 и переосвидетельствование",
+    "Greek prose": "Η Ακρόπολη είναι στην Αθήνα· ΚΑΛΗΜΕΡΑ ΣΑΣ, ραντεβού στο γραφείο ΑΒΓ-2026",
 }
 
 
