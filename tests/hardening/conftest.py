@@ -54,6 +54,12 @@ def secrets() -> set[str]:
     return {UPSTREAM_KEY, COOKIE.split("=", 1)[1]}
 
 
+@pytest.fixture(scope="module")
+def token(issuer, secrets: set[str]) -> str:
+    """An ordinary caller's token (mallory, in engineering: the default grant)."""
+    return token_of(issuer, secrets, "mallory@corp.example", ["engineering"])
+
+
 def token_of(issuer, secrets: set[str], user: str, groups: list[str]) -> str:
     """A token for `user`, added to what test_z_leaks scans for."""
     token = issuer.mint(user, groups)

@@ -44,13 +44,6 @@ def gw(issuer, llm, tmp_path_factory):
         yield gateway
 
 
-@pytest.fixture(scope="module")
-def token(issuer, secrets):
-    token = issuer.mint("mallory@corp.example", ["engineering"])
-    secrets.add(token)
-    return token
-
-
 def proxy_auth(token: str) -> bytes:
     return b"Proxy-Authorization: Basic " + base64.b64encode(f"m:{token}".encode()) + b"\r\n"
 

@@ -50,13 +50,6 @@ def gw(issuer, llm, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def token(issuer, secrets):
-    token = issuer.mint("mallory@corp.example", ["engineering"])
-    secrets.add(token)
-    return token
-
-
-@pytest.fixture(scope="module")
 def admin(issuer, secrets):
     token = issuer.mint("ada@corp.example", ["admins"])
     secrets.add(token)

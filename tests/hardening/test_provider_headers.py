@@ -35,13 +35,6 @@ def gw(issuer, llm, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def token(issuer, secrets):
-    token = issuer.mint("mallory@corp.example", ["engineering"])  # the default grant: no betas
-    secrets.add(token)
-    return token
-
-
-@pytest.fixture(scope="module")
 def granted(issuer, secrets):
     token = issuer.mint("bob@corp.example", ["betas"])
     secrets.add(token)

@@ -15,28 +15,7 @@ from tests.hardening.test_sec30_http2_refusals import (  # noqa: F401 (fixtures)
     chat_headers,
     gw,
     tls_llm,
-    token,
 )
-
-
-def answer(tunnel: Tunnel, stream_id: int):
-    """The status, headers and body of `stream_id`'s answer (or how the connection ended)."""
-    status, fields, data = 0, {}, b""
-    while True:
-        chunk = tunnel.tls.recv(65536)
-        assert chunk, "the gateway closed the connection"
-        for event in tunnel.conn.receive_data(chunk):
-            if isinstance(event, h2.events.ConnectionTerminated):
-                return event
-            if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream_id:
-                fields = {k.decode(): v.decode() for k, v in event.headers}
-                status = int(fields.pop(":status"))
-            elif isinstance(event, h2.events.DataReceived) and event.stream_id == stream_id:
-                data += event.data
-                tunnel.conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
-            elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream_id:
-                return status, fields, data
-        tunnel.tls.sendall(tunnel.conn.data_to_send())
 
 
 @pytest.mark.parametrize("then", ["data", "trailers", "reset"])
@@ -47,7 +26,7 @@ def test_what_follows_on_a_refused_stream_leaves_the_connection_governed(
     try:
         tunnel.conn.send_headers(1, chat_headers(tls_llm.port, **{":authority": "a!b:443"}))
         tunnel.tls.sendall(tunnel.conn.data_to_send())
-        status, headers, _ = answer(tunnel, 1)
+        status, headers, _ = tunnel.answer(1)
         assert status == 400 and headers["x-douane-decision-id"]
         if then == "data":
             tunnel.conn.send_data(1, CHAT, end_stream=True)
@@ -60,7 +39,7 @@ def test_what_follows_on_a_refused_stream_leaves_the_connection_governed(
         tunnel.conn.send_headers(3, chat_headers(tls_llm.port))
         tunnel.conn.send_data(3, CHAT, end_stream=True)
         tunnel.tls.sendall(tunnel.conn.data_to_send())
-        got = answer(tunnel, 3)
+        got = tunnel.answer(3)
         assert not isinstance(got, h2.events.ConnectionTerminated), got
         assert got[0] == 200, got
     finally:

@@ -14,7 +14,7 @@ import yaml
 
 from tests.conftest import UPSTREAM_KEY
 from tests.hardening.conftest import assert_refused
-from tests.hardening.test_provider_headers import MESSAGE, granted, gw, token  # noqa: F401
+from tests.hardening.test_provider_headers import MESSAGE, granted, gw  # noqa: F401
 from tests.support.gateway import Gateway, base_config
 
 

@@ -63,13 +63,6 @@ def gw(issuer, upstream, tmp_path_factory):
         yield gateway
 
 
-@pytest.fixture(scope="module")
-def token(issuer, secrets):
-    token = issuer.mint("mallory@corp.example", ["engineering"])
-    secrets.add(token)
-    return token
-
-
 REQUESTS = {
     "chat": ("POST", "/v1/chat/completions", CHAT, "application/json", ANSWER),
     "download": ("GET", "/v1/files/file_x/content", None, "application/octet-stream", BINARY),

@@ -42,13 +42,6 @@ def gw(issuer, llm, tmp_path_factory):
         yield gateway
 
 
-@pytest.fixture(scope="module")
-def token(issuer, secrets):
-    token = issuer.mint("mallory@corp.example", ["engineering"])
-    secrets.add(token)
-    return token
-
-
 def post(gw, token: str, query: str = "", **headers: str) -> httpx.Response:
     return httpx.post(gw.url + PATH + query, json={"prompt": "hello"}, timeout=30,
                       headers={"authorization": f"Bearer {token}", **headers})

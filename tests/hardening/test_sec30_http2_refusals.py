@@ -39,13 +39,6 @@ def gw(issuer, tls_llm, tmp_path_factory):
         yield gateway
 
 
-@pytest.fixture(scope="module")
-def token(issuer, secrets):
-    token = issuer.mint("mallory@corp.example", ["engineering"])
-    secrets.add(token)
-    return token
-
-
 class Tunnel:
     """An HTTP/2 connection inside a CONNECT tunnel, writing headers unvalidated."""
 
@@ -71,6 +64,11 @@ class Tunnel:
         if body:
             self.conn.send_data(stream_id, body, end_stream=True)
         self.tls.sendall(self.conn.data_to_send())
+        return self.answer(stream_id)
+
+    def answer(self, stream_id: int) -> tuple[int, dict[str, str], bytes] | \
+            h2.events.ConnectionTerminated:
+        """`stream_id`'s answer: its status, headers and body, or how the connection ended."""
         status, fields, data = 0, {}, b""
         while True:
             chunk = self.tls.recv(65536)
