@@ -55,6 +55,14 @@ def secrets() -> set[str]:
 
 
 @pytest.fixture(scope="module")
+def tls_llm() -> Iterator[FakeUpstream]:
+    """A model API served over TLS (HTTP/2 through the proxy's tunnel)."""
+    upstream = FakeUpstream(tls=True)
+    yield upstream
+    upstream.close()
+
+
+@pytest.fixture(scope="module")
 def token(issuer, secrets: set[str]) -> str:
     """An ordinary caller's token (mallory, in engineering: the default grant)."""
     return token_of(issuer, secrets, "mallory@corp.example", ["engineering"])

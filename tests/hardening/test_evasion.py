@@ -24,7 +24,7 @@ import zstandard
 from tests.conftest import UPSTREAM_KEY
 from tests.hardening.conftest import DENIED, assert_refused, with_claude, write_policy
 from tests.support.gateway import Gateway, base_config
-from tests.support.upstream import FakeUpstream, _pieces, anthropic_stream, responses_stream
+from tests.support.upstream import _pieces, anthropic_stream, responses_stream
 
 
 @pytest.fixture(scope="module")
@@ -374,13 +374,6 @@ def test_denied_answer_is_caught_in_a_plain_response(gw, llm, token):
         llm.reply = "Hello from the fake upstream."
     assert resp.status_code == 403 and "NIGHTINGALE" not in resp.text
     assert gw.audit_record(resp.headers["x-douane-decision-id"])["action"] == "block"
-
-
-@pytest.fixture(scope="module")
-def tls_llm():
-    upstream = FakeUpstream(tls=True)
-    yield upstream
-    upstream.close()
 
 
 @pytest.fixture(scope="module")

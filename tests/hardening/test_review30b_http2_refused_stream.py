@@ -14,7 +14,6 @@ from tests.hardening.test_sec30_http2_refusals import (  # noqa: F401 (fixtures)
     Tunnel,
     chat_headers,
     gw,
-    tls_llm,
 )
 
 

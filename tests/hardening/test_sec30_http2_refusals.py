@@ -17,16 +17,8 @@ import pytest
 
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import Gateway, base_config
-from tests.support.upstream import FakeUpstream
 
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
-
-
-@pytest.fixture(scope="module")
-def tls_llm():
-    upstream = FakeUpstream(tls=True)
-    yield upstream
-    upstream.close()
 
 
 @pytest.fixture(scope="module")
