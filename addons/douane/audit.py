@@ -440,6 +440,8 @@ def flow_record(flow: http.HTTPFlow, config: Config,
         record["policy_version"] = st.policy_version
     if st.masked:
         record["masked"] = dict(st.masked)
+    if st.dropped_headers:
+        record["dropped_headers"] = st.dropped_headers
     if flow.response and not ((flow.response.stream or flow.error) and "status" in record):
         # (a stream refused after its 200 left, an answer cut by mitmproxy: the refusal's status)
         record["status"] = flow.response.status_code

@@ -87,6 +87,8 @@ class FlowState:
     timings_ms: dict[str, float] = field(default_factory=dict)  # stage -> milliseconds spent
     policy_version: str | None = None
     granted_operation: bool = False  # an operation no parser reads, named by a grant (Broker)
+    # a generic upstream's client headers dropped (`forwarding.dropped_names`), for the record
+    dropped_headers: dict[str, Any] | None = None
     # side -> (the body's bytes, their JSON): parsed once for the steps of one event
     # (`protocols.document`), let go when the event's steps are done (`Checkpoint`)
     documents: dict[str, tuple[bytes | None, Any]] = field(default_factory=dict)

@@ -27,6 +27,7 @@ from mitmproxy import http
 from mitmproxy.http import Headers
 
 from douane import headerfields, secrets
+from douane.untrusted import loggable
 
 FRAMING = frozenset({b"host", b"content-length", b"transfer-encoding", b"content-encoding",
                      b"content-type", b"accept", b"accept-encoding", b"connection", b"upgrade",
@@ -210,8 +211,9 @@ def screen(protocol: str, headers: Headers) -> tuple[tuple[str, str] | None, set
 def generic_screen(headers: Headers, forward: frozenset[bytes], websocket: bool
                    ) -> tuple[tuple[str, str] | None, set[bytes]]:
     """`screen` for a generic upstream: framing, the WebSocket handshake on an upgrade, and what
-    its `forward.headers` lists go on (none of them folded, none holding a secret of the
-    catalogue); every other header is dropped."""
+    its `forward.headers` lists go on (none of them folded, none holding a secret as the policy
+    finds one in a prompt, the entropy bar too: no rule of its API says what a value is); every
+    other header is dropped."""
     kept = GENERIC_FRAMING | forward | (WEBSOCKET_HANDSHAKE if websocket else frozenset())
     dropped: set[bytes] = set()
     values: list[tuple[bytes, bytes]] = []
@@ -224,7 +226,18 @@ def generic_screen(headers: Headers, forward: frozenset[bytes], websocket: bool
             return (_shown(name), "its value is folded over several lines"), dropped
         else:
             values.append((name, value))
-    return _secret(values), dropped
+    return _secret(values, high_entropy=True), dropped
+
+
+DROPPED_MOST, DROPPED_CHARS = 32, 60
+
+
+def dropped_names(dropped: set[bytes]) -> dict[str, object]:
+    """What the audit record says of the headers dropped: their names (sorted, at most
+    `DROPPED_MOST`, each cut, scrubbed and escaped: the client chose them) and how many."""
+    names = sorted(dropped)
+    return {"names": [loggable(n.decode("utf-8", "backslashreplace"), DROPPED_CHARS)
+                      for n in names[:DROPPED_MOST]], "count": len(names)}
 
 
 def folded(headers: Headers) -> str | None:
@@ -245,17 +258,20 @@ _CLEAN: set[str] = set()
 CLEAN_MOST, CLEAN_CHARS = 4096, 256
 
 
-def _secret(values: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
-    """The first forwarded header whose value holds a secret of the catalogue (not the entropy
-    bar): a key the body's detectors refuse would reach the provider in a `user-agent` or an
-    `x-stainless-*` value. Values not known clean are tested together first for what `find`
-    could find (`secrets.maybe`: a hint as a model reads the values, a zero-width character cut
-    aside, or a run it would decode: a base64 key has no hint)."""
+def _secret(values: list[tuple[bytes, bytes]], high_entropy: bool = False
+            ) -> tuple[str, str] | None:
+    """The first forwarded header whose value holds a secret of the catalogue (and, with
+    `high_entropy`, a token over the entropy bar): a key the body's detectors refuse would reach
+    the provider in a `user-agent` or an `x-stainless-*` value. Values not known clean are tested
+    together first for what `find` could find (`secrets.maybe`: a hint as a model reads the
+    values, a zero-width character cut aside, or a run it would decode or weigh: a base64 key
+    has no hint). `_CLEAN` holds values clean of the catalogue: the entropy bar reads them all."""
     texts = [(name, text) for name, value in values if name != b"idempotency-key"  # (a digest
-             and (text := value.decode("utf-8", "surrogateescape")) not in _CLEAN]  # goes on)
+             and ((text := value.decode("utf-8", "surrogateescape")) not in _CLEAN  # goes on)
+                  or high_entropy)]
     if texts and secrets.maybe("\n".join(text for _, text in texts)):
         for name, text in texts:
-            if secrets.maybe(text) and (found := secrets.find(text, high_entropy=False)):
+            if secrets.maybe(text) and (found := secrets.find(text, high_entropy)):
                 return _shown(name), f"its value holds a secret ({found[0].kind.rule})"
     if len(_CLEAN) > CLEAN_MOST:
         _CLEAN.clear()

@@ -139,6 +139,8 @@ class Broker:
             if screened is None:
                 return
             dropped = screened
+            if dropped:
+                state(flow).dropped_headers = forwarding.dropped_names(dropped)
         elif upstream.protocol in forwarding.FORWARDED:
             screened = self._screened(flow, upstream)
             if screened is None:
