@@ -90,6 +90,10 @@ CURSORS = frozenset({"after", "before", "after_id", "before_id"})
 # Anthropic's own skills (`source: anthropic`, `pptx`...) are every user's: bound to this, never
 # to the first user naming one (a user's name never holds a space)
 BUILT_IN = "anthropic built-in"
+# Anthropic's pre-built skills (its docs: PowerPoint, Excel, Word, PDF; the org's own are
+# `skill_...`): every user's on read whatever the store says (a first caller adopted them
+# before stop 30 bound built-ins to `BUILT_IN`: such a binding is moved there on that read)
+ANTHROPIC_SKILLS = frozenset({"pptx", "xlsx", "docx", "pdf"})
 ITEM_IDS = 1024  # Responses items by id one request may name, one answer bind
 ISSUED_BYTES = 64 * 1024  # where an answer names its id (a stream: its first event)
 MCP = "mcp"
@@ -795,6 +799,7 @@ class StoredObjects:
             self._refuse(flow, named[0][0], "the request names too many stored objects")
             return
         unseen: list[tuple[str, str, str]] = []
+        adopted_built_ins: list[str] = []
         for kind in KINDS:  # one round trip per kind named
             ids = [(object_id, where) for k, object_id, where in named if k == kind]
             try:
@@ -804,7 +809,10 @@ class StoredObjects:
                 unavailable(flow, e)
                 return
             for (object_id, where), owner in zip(ids, owners, strict=True):
-                if owner == BUILT_IN and kind == "skills" and st.upstream.protocol == "anthropic":
+                if kind == "skills" and st.upstream.protocol == "anthropic" and \
+                        (owner == BUILT_IN or object_id in ANTHROPIC_SKILLS):
+                    if owner not in (None, BUILT_IN):
+                        adopted_built_ins.append(object_id)
                     continue
                 if owner is None and kind == "skills" and st.upstream.protocol == "anthropic" \
                         and where == "the path" and ANTHROPIC_BELOW_SKILL.search(
@@ -824,6 +832,12 @@ class StoredObjects:
                     return
         if unseen:
             self._unseen[flow] = unseen
+        if adopted_built_ins:
+            try:  # (the read is every user's either way: a store down changes nothing of it)
+                await self.bindings.bind(upstream, "skills", adopted_built_ins, BUILT_IN)
+            except StoreUnavailable as e:
+                logger.warning("douane: Anthropic's skills adopted by a user before stop 30 "
+                               "stay so in the store for now (%s)", e)
 
     def _named(self, flow: http.HTTPFlow) -> list[tuple[str, str, str]] | tuple[str, str]:
         """The stored objects a request names: (kind, id, where); (kind, why) to refuse if it
@@ -993,8 +1007,9 @@ class StoredObjects:
                if owner == st.identity.user or i["id"] in built_in]
         if unbound := sorted(i for i, owner in zip([i["id"] for i in items], owners, strict=True)
                              if i in built_in and owner != BUILT_IN):
-            try:  # every user's: their versions are read by anyone from now
-                await self.bindings.bind(st.upstream.name, kind, unbound, BUILT_IN, adopt=True)
+            try:  # every user's (the upstream's word, over a first caller's adoption before stop
+                # 30): their versions are read by anyone from now
+                await self.bindings.bind(st.upstream.name, kind, unbound, BUILT_IN)
             except StoreUnavailable as e:
                 _unbound(flow, e)
                 return
