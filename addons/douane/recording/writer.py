@@ -191,20 +191,37 @@ def _message(state: dict, names: frozenset[str], cls: type[http.Message],
     if _field(state["headers"], b"content-encoding", "identity").strip().lower() not in \
             ("", "identity"):
         message = cls.from_state(state)
-        _decoded_and_redacted(message, clean)
+        _decoded_and_redacted(message, clean, _unread(cls, clean))
         return message.get_state()
-    # what `message.get_text(strict=False)` reads from a body with no encoding
-    raw = state["content"]
-    try:
-        text = encoding.decode(raw, infer_content_encoding(ctype, raw))
-    except ValueError:
-        text = raw.decode("utf8", "surrogateescape")
-    redacted = _redacted(text, ctype.lower(), clean)
+    text = _text(state["content"], ctype)
+    redacted = _redacted(text, ctype.lower(), clean, _unread(cls, clean))
     if redacted == text:
         return state
     message = cls.from_state(state)
     message.text = redacted
     return message.get_state()
+
+
+def _text(raw: bytes, ctype: str) -> str:
+    """What `message.get_text(strict=False)` reads from a body with no encoding, but JSON in
+    UTF-16 or UTF-32 read as the gateway reads it (`protocols.loads`, by its first bytes): read
+    as UTF-8 (NUL bytes are UTF-8), a key in it is NUL-interleaved and no pattern sees it."""
+    if "json" in ctype.lower() and (wide := json.detect_encoding(raw)) in _WIDE:
+        with contextlib.suppress(UnicodeDecodeError):
+            return raw.decode(wide)
+    try:
+        return encoding.decode(raw, infer_content_encoding(ctype, raw))
+    except ValueError:
+        return raw.decode("utf8", "surrogateescape")
+
+
+_WIDE = ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be")
+
+
+def _unread(cls: type[http.Message], clean: Container[str]) -> bool:
+    """Whether a request body may not be JSON though typed so: the policy read none of its texts
+    (a body the gateway parses is JSON: outside its strings lies punctuation only)."""
+    return cls is http.Request and not clean
 
 
 def _field(fields: tuple[tuple[bytes, bytes], ...], name: bytes, default: str) -> str:
@@ -367,11 +384,13 @@ def _json_string(m: re.Match[str]) -> str:
 _DATA_URL = re.compile('"data:', re.IGNORECASE)  # a value that is one (not an SSE `data:` line)
 
 
-def _redacted(text: str, ctype: str, clean: Container[str] = frozenset()) -> str:
+def _redacted(text: str, ctype: str, clean: Container[str] = frozenset(),
+              unread: bool = False) -> str:
     """A body's text with its secrets replaced by `<SECRET:rule id>`. JSON and SSE bodies are
     edited one decoded string value at a time, so they stay valid and byte-identical elsewhere (a
     recorded request without secrets still matches in server replay). `clean`: see
-    `recording_of`."""
+    `recording_of`. `unread`: a body that may not be JSON (`_unread`), whose text outside the
+    string literals is read too (refused unread, it is recorded as sent: a key may sit there)."""
     if not ("json" in ctype or "event-stream" in ctype or text.lstrip()[:1] in ("{", "[")):
         return secrets.redact(text) if text not in clean and secrets.matches(text) else text
     # The usual, clean body in one scan: its string values (what `_json_string` would redact,
@@ -379,10 +398,13 @@ def _redacted(text: str, ctype: str, clean: Container[str] = frozenset()) -> str
     # join, none matches a value. Neither the keys' `": "` (an assignment to every pattern that
     # needs one) nor numbers and punctuation are scanned, nor the values the policy found clean
     # (their redaction is themselves). A data URL is looked inside.
-    if not _DATA_URL.search(text) and \
+    stray = unread and "event-stream" not in ctype and \
+        secrets.matches("\n".join(JSON_STRING.split(text)))
+    if not stray and not _DATA_URL.search(text) and \
             not secrets.matches("\n".join(v for v in _values(text) if v not in clean)):
         return text
-    return JSON_STRING.sub(_json_string, text)
+    redacted = JSON_STRING.sub(_json_string, text)
+    return secrets.redact(redacted) if stray else redacted
 
 
 def _values(text: str) -> Iterator[str]:
@@ -399,7 +421,8 @@ def _values(text: str) -> Iterator[str]:
             continue  # (left as it is by `_json_string` too)
 
 
-def _decoded_and_redacted(message: http.Message, clean: Container[str] = frozenset()) -> None:
+def _decoded_and_redacted(message: http.Message, clean: Container[str] = frozenset(),
+                          unread: bool = False) -> None:
     """A compressed body decoded and its secrets replaced by `<SECRET:rule id>`, in place (bounded: a compressed body the gateway refused unread may be a
     bomb; one that cannot be read cannot be scrubbed, so it is not kept). Regexes over whole
     bodies: the writer process calls this, never the gateway."""
@@ -411,8 +434,9 @@ def _decoded_and_redacted(message: http.Message, clean: Container[str] = frozens
         del message.headers["content-encoding"]
         message.content = b""
         return
-    text = message.get_text(strict=False) or ""
-    redacted = _redacted(text, message.headers.get("content-type", "").lower(), clean)
+    ctype = message.headers.get("content-type", "")
+    text = _text(message.raw_content or b"", ctype)
+    redacted = _redacted(text, ctype.lower(), clean, unread)
     if redacted != text:
         message.text = redacted
 

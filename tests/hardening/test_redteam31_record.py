@@ -1,0 +1,123 @@
+"""Red team, stop 31: bodies the recording writer read another way than the gateway did, so a key
+the policy refused reached the recording as sent. Through a real gateway with recording: the
+request is refused before the upstream, then its recording must hold no part of the key (in any
+encoding), only `<SECRET:…>` where it was."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.hardening.conftest import assert_refused, recording_gateway
+from tests.hardening.test_evasion import _recordings, chat
+
+KEY = "sk-proj-" + "Jd6pXs3Nq9Rf" * 3
+ENCODINGS = ("utf-8", "utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be")
+
+
+@pytest.fixture(scope="module")
+def gw(issuer, llm, tmp_path_factory):
+    with recording_gateway(issuer, llm, tmp_path_factory.mktemp("redteam31_record")) as gateway:
+        yield gateway
+
+
+@pytest.fixture(scope="module")
+def token(issuer, secrets):
+    token = issuer.mint("rowan@corp.example", ["engineering"])
+    secrets.add(token)
+    return token
+
+
+def _recorded(gw, tag: str) -> bytes:
+    """Every recording's bytes once one holds `tag` (in any of ENCODINGS: the body is recorded
+    as sent, or re-encoded once redacted)."""
+    deadline = time.monotonic() + 30
+    while True:
+        data = b"".join(p.read_bytes() for p in _recordings(gw))
+        if any(tag.encode(e) in data for e in ENCODINGS):
+            return data
+        assert time.monotonic() < deadline, f"{tag!r} was not recorded"
+        time.sleep(0.2)
+
+
+def _assert_no_key(data: bytes) -> None:
+    for encoding in ENCODINGS:
+        assert KEY[8:].encode(encoding) not in data, f"the key is recorded in {encoding}"
+
+
+def _in_utf(encoding: str, bom: bytes = b"") -> callable:
+    return lambda tag: bom + json.dumps(chat(f"{tag} deploy with {KEY} now"),
+                                        ensure_ascii=False).encode(encoding)
+
+
+# JSON in UTF-16 or UTF-32 (read so by the gateway, RFC 8259's detection): the writer read it as
+# UTF-8, where the key is NUL-interleaved, and recorded it as sent
+UTF = {
+    "UTF-16 with its BOM": _in_utf("utf-16"),
+    "UTF-16LE without a BOM": _in_utf("utf-16-le"),
+    "UTF-16BE with a BOM": _in_utf("utf-16-be", b"\xfe\xff"),
+    "UTF-32 with its BOM": _in_utf("utf-32"),
+    "UTF-32BE without a BOM": _in_utf("utf-32-be"),
+}
+
+
+@pytest.mark.parametrize("case", list(UTF))
+def test_a_key_in_a_utf16_or_utf32_body_is_in_no_recording(case, gw, llm, token, secrets):
+    """Before: 403, and the recording held the key as sent (UTF-16 both ways)."""
+    secrets.add(KEY)
+    tag = f"rt31-utf-{list(UTF).index(case)}"
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + "/v1/chat/completions", content=UTF[case](tag),
+                      headers={"authorization": f"Bearer {token}",
+                               "content-type": "application/json"})
+    record = assert_refused(gw, llm, before, resp, 403)
+    assert record["reasons"][0]["rule"] == "detector.secret.api_key", record
+    _assert_no_key(_recorded(gw, tag))
+
+
+# Not JSON, though typed so: refused 400 unread, recorded as sent. The writer read only the
+# string literals of a JSON-typed body, and the key sits outside every one.
+MALFORMED = {
+    "a bare word": '{"model": "gpt-4o", "note": "%s", %s}',
+    "a raw newline in a string": '{"model": "gpt-4o", "messages": [{"role": "user", '
+    '"content": "%s %s\n"}]}',
+    "an unterminated string": '{"model": "gpt-4o", "messages": [{"role": "user", '
+    '"content": "%s %s',
+    "a comment": '{"model": "gpt-4o", "note": "%s", /* %s */ "messages": []}',
+    "after the document": '{"model": "gpt-4o", "note": "%s", "messages": []} %s',
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_key_in_a_body_that_is_not_json_is_in_no_recording(case, gw, llm, token, secrets):
+    """Before: 400 `invalid_json`, and the recording held the key (all 5 cases)."""
+    secrets.add(KEY)
+    tag = f"rt31-malformed-{list(MALFORMED).index(case)}"
+    before = len(llm.requests)
+    resp = httpx.post(gw.url + "/v1/chat/completions",
+                      content=(MALFORMED[case] % (tag, KEY)).encode(),
+                      headers={"authorization": f"Bearer {token}",
+                               "content-type": "application/json"})
+    assert_refused(gw, llm, before, resp, 400)
+    data = _recorded(gw, tag)
+    _assert_no_key(data)
+    assert b"<SECRET:" in data
+
+
+def test_clean_bodies_are_recorded_as_sent(gw, llm, token):
+    """A clean UTF-16 request and a clean malformed one keep their bytes."""
+    utf16 = json.dumps(chat("rt31-clean-utf16 how are you")).encode("utf-16")
+    resp = httpx.post(gw.url + "/v1/chat/completions", content=utf16,
+                      headers={"authorization": f"Bearer {token}",
+                               "content-type": "application/json"})
+    assert resp.status_code == 200, resp.text
+    malformed = b'{"model": "gpt-4o", "note": "rt31-clean-malformed", oops}'
+    resp = httpx.post(gw.url + "/v1/chat/completions", content=malformed,
+                      headers={"authorization": f"Bearer {token}",
+                               "content-type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    data = _recorded(gw, "rt31-clean-malformed")
+    assert utf16 in _recorded(gw, "rt31-clean-utf16") and malformed in data
