@@ -142,9 +142,13 @@ class NationalShapes:
                         f"(?=(?:{r.general_desc.national_number_pattern})\\Z)"
                         f"(?:{'|'.join(f'(?:{t})' for t in types)})")
         # a national number valid in a region of the country code matches its length's shape:
-        # the general pattern and a type's (phonenumbers' `_number_type_helper`, in one regex)
-        self.shapes = {n: re.compile("|".join(f"(?:{a})" for a in alternatives))
-                       for n, alternatives in by_length.items()}
+        # the general pattern and a type's (phonenumbers' `_number_type_helper`, in one regex),
+        # every length's behind a lookahead for that length: `match` is a fullmatch of some
+        # length's shape, `search` one of an ending (digits are ASCII; no shape looks behind
+        # or anchors)
+        self.shape = re.compile("|".join(
+            f"(?=\\d{{{n}}}\\Z)(?:{'|'.join(f'(?:{a})' for a in alternatives)})\\Z"
+            for n, alternatives in by_length.items()) or "(?!)")  # (no length: none)
         # without a rewrite rule, parsing only strips leading digits: a number is an ending
         self.endings = not any(m.national_prefix_transform_rule for m in self.metadata)
         self.formats = main.number_format  # what the national-prefix check formats with
@@ -165,11 +169,9 @@ class NationalShapes:
         """`digits`, of a candidate written plainly, are no number of the region."""
         if not self.usable or self.international.match(digits):
             return False
-        if self.endings and not any(n <= len(digits) and shape.fullmatch(digits[-n:])
-                                    for n, shape in self.shapes.items()):
+        if self.endings and not self.shape.search(digits):
             return True
-        return (not any((shape := self.shapes.get(len(n))) and shape.fullmatch(n)
-                        for n in self.national_numbers(digits))
+        return (not any(map(self.shape.match, self.national_numbers(digits)))
                 or self.prefix_missing(digits))
 
     def prefix_missing(self, digits: str) -> bool:
@@ -203,6 +205,7 @@ def _international(candidate: str) -> bool:
     return first is not None and not first.group().isdigit()
 
 
+@functools.lru_cache(maxsize=PARSABLES)  # (asked of a group once per region)
 def _known_country_code(group: str) -> bool:
     """Written with `+` and a country code: parsing does not read the region (it does, as a
     national number, when the digits after `+` start with no country code)."""
