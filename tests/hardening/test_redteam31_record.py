@@ -13,6 +13,7 @@ import pytest
 
 from tests.hardening.conftest import assert_refused, recording_gateway
 from tests.hardening.test_evasion import _recordings, chat
+from tests.test_websocket_e2e import connect, item, realtime_gateway
 
 KEY = "sk-proj-" + "Jd6pXs3Nq9Rf" * 3
 ENCODINGS = ("utf-8", "utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be")
@@ -121,3 +122,29 @@ def test_clean_bodies_are_recorded_as_sent(gw, llm, token):
     assert resp.status_code == 400, resp.text
     data = _recorded(gw, "rt31-clean-malformed")
     assert utf16 in _recorded(gw, "rt31-clean-utf16") and malformed in data
+
+
+@pytest.fixture(scope="module")
+def realtime(issuer, tmp_path_factory):
+    yield from realtime_gateway(issuer, tmp_path_factory.mktemp("redteam31_ws"), recording={})
+
+
+def test_a_key_in_a_binary_websocket_message_is_in_no_recording(realtime, issuer, secrets):
+    """A binary message is refused unread (the session's error event, nothing upstream), and was
+    recorded as sent: the writer redacted text messages only."""
+    gw, upstream = realtime
+    token = issuer.mint("wren@corp.example", ["engineering"])
+    secrets.update({token, KEY})
+    client = connect(gw, token)
+    assert client.status == 101
+    client.send(item("rt31-ws hello"))
+    assert client.receive()["delta"] == upstream.reply
+    before = len(upstream.received)
+    client.send(f"rt31-ws-binary deploy with {KEY}".encode())
+    error = client.receive()
+    assert error is not None and error["type"] == "error", error
+    assert len(upstream.received) == before
+    client.close()
+    data = _recorded(gw, "rt31-ws-binary")
+    _assert_no_key(data)
+    assert b"rt31-ws-binary deploy with <SECRET:detector.secret.api_key>" in data

@@ -345,12 +345,13 @@ def _list(value: list | tuple) -> bytes:
 
 
 def _websocket(state: dict | None) -> dict | None:
-    """A WebSocket's text messages with their secrets redacted, like bodies."""
+    """A WebSocket's messages with their secrets redacted, like bodies: binary ones too (the
+    gateway refuses them unread, and keeps them in the flow: a key sent so is recorded)."""
     if not state:
         return state
     messages = []
     for kind, from_client, content, *rest in state["messages"]:
-        if kind == Opcode.TEXT:
+        if kind in (Opcode.TEXT, Opcode.BINARY):
             text = content.decode("utf-8", "surrogateescape")
             clean = secrets.redact(text)
             if clean != text:
