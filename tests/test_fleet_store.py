@@ -53,6 +53,11 @@ def flow_row(flow_id: str, replica: str, file: str, ts: float = 1000.0) -> dict:
             "replica": replica}
 
 
+def writer_row(flow_id: str, replica: str, file: str) -> tuple:
+    """`flow_row` as the recording writer hands it over (`index.state_row`)."""
+    return tuple(flow_row(flow_id, replica, file)[c] for c in index.STORE_COLUMNS)
+
+
 def test_one_index_for_every_replica(url, tmp_path, monkeypatch, capsys):
     config = fleet_config(tmp_path, url, "gw-a", monkeypatch)
     with store.connect(config.database, autocommit=True) as db:
@@ -158,14 +163,14 @@ def test_index_rows_wait_for_a_store_that_is_down(url, postgres, tmp_path, monke
     down = configmod.Database(f"postgresql://nobody@127.0.0.1:{postgres.port + 1}/none",
                               timeout=1.0)
     indexer = writer._SharedIndexer(writer.SharedIndex(down, "gw-e"))
-    indexer.put([flow_row(f"e{i}", "gw-e", "alice/s.mitm") for i in range(5)])
+    indexer.put([writer_row(f"e{i}", "gw-e", "alice/s.mitm") for i in range(5)])
     indexer.close(timeout=3)
-    assert [r["flow_id"] for r in indexer.rows] == ["e2", "e3", "e4"] and indexer.dropped == 2
+    assert [r[0] for r in indexer.rows] == ["e2", "e3", "e4"] and indexer.dropped == 2
     assert "3 flow(s) not indexed in the shared store" in caplog.text
     # the store up: the rows go in, in batches, and close() returns once they are in
     config = fleet_config(tmp_path, url, "gw-e", monkeypatch)
     indexer = writer._SharedIndexer(writer.SharedIndex(config.database, "gw-e"))
-    indexer.put([flow_row(f"e{i}", "gw-e", "alice/s.mitm") for i in range(3)])
+    indexer.put([writer_row(f"e{i}", "gw-e", "alice/s.mitm") for i in range(3)])
     indexer.close()
     with store.connect(config.database) as db:
         assert {r["flow_id"] for r in index.query(db) if r["replica"] == "gw-e"} == \

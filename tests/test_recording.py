@@ -289,6 +289,30 @@ def test_a_clean_json_body_is_cleared_in_one_scan_as_each_value_is(body, sse):
     assert writer._redacted(text, ctype) == reference
 
 
+def test_a_bodys_short_values_seen_clean_are_not_scanned_again_its_texts_are(monkeypatch):
+    """The keys, model and role names of every flow (`max_tokens` runs the token patterns) are
+    remembered clean once scanned; a value past `KNOWN_CHARS` (a text's content) is scanned in
+    every body, and a secret is never remembered."""
+    monkeypatch.setattr(untrusted, "_clean", set())
+    scanned: list[str] = []
+    matches = untrusted.matches
+    monkeypatch.setattr(untrusted, "matches", lambda text: scanned.append(text) or matches(text))
+    answer = "The quarterly report shows revenue grew in every region except the north one."
+    assert len(answer) > writer.KNOWN_CHARS
+    clean, leaky = (json.dumps({"model": "gpt-4o-mini", "max_tokens": 9, "messages": [
+        {"role": "assistant", "content": answer}, {"role": "user", "content": last}]})
+        for last in ("thanks a lot", f"k {AWS_KEY}"))
+    assert writer._redacted(clean, "application/json") == clean
+    assert "gpt-4o-mini" in "".join(scanned) and "thanks a lot" in untrusted._clean
+    for body in (clean, leaky):
+        scanned.clear()
+        redacted = writer._redacted(body, "application/json")
+        assert any(answer in text for text in scanned)
+        assert not any("gpt-4o-mini" in text or "max_tokens" in text for text in scanned)
+    assert AWS_KEY not in redacted and redacted.count("<SECRET:") == 1
+    assert f"k {AWS_KEY}" not in untrusted._clean and answer not in untrusted._clean
+
+
 PROJECT_KEY = "sk-proj-" + "Qm7vR2xT9kLp4Wn8" * 3
 # The key split across two blocks in a row, around a citation: neither share is a secret alone.
 SHARES = ("the key is " + PROJECT_KEY[:19], PROJECT_KEY[19:] + " for that.")
@@ -496,6 +520,8 @@ def test_the_policys_verdict_is_the_very_text_it_read_and_found_clean():
         return matches(text)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(writer.secrets, "matches", spied)
+        mp.setattr(untrusted, "matches", spied)  # (the body's values: `untrusted.clean`)
+        mp.setattr(untrusted, "_clean", set())  # no value seen clean before
         spared = writer.tnetstring_of(recording_of(f.get_state(), frozenset(), (), (), verdict))
         assert scanned and not any(prompt in text for text in scanned)
         assert spared == writer.tnetstring_of(recording_of(f.get_state(), frozenset()))

@@ -178,6 +178,7 @@ def test_open_session_files_stay_in_order_past_the_lru_and_a_prune(tmp_path):
             it = item(s)
             sent[s].append(it[1]["id"])  # the writer consumes the snapshot
             w.write(it)
+        w.flush()  # the end of a pass
     assert len(w.files) == writer.OPEN_FILES
     w.close()
     for s in sessions:
@@ -190,15 +191,16 @@ def test_open_session_files_stay_in_order_past_the_lru_and_a_prune(tmp_path):
 def test_a_torn_write_is_cut_back_and_health_returns_after_the_next_write(tmp_path, monkeypatch):
     healthy = ctypes.c_byte(writer.STARTING)
     w = writer._Writer(settings(tmp_path), healthy)
-    first, torn, last = item("conn-1"), item("conn-1"), item("conn-1")
+    first, torn, also_torn, last = (item("conn-1") for _ in range(4))
     expected = [first[1]["id"], last[1]["id"]]
     w.write(first)
+    w.flush()
     session_file = w.file
 
     def disk_full(relative: str):
         f = session_file(relative)
 
-        class Half:  # half a record reaches the file, then the disk is full
+        class Half:  # half of what a pass wrote reaches the file, then the disk is full
             tell = f.tell
 
             def write(self, data: bytes) -> None:
@@ -208,15 +210,25 @@ def test_a_torn_write_is_cut_back_and_health_returns_after_the_next_write(tmp_pa
         return Half()
 
     monkeypatch.setattr(w, "file", disk_full)
+    size = (tmp_path / "rec" / first[0]).stat().st_size
     w.write(torn)
+    w.write(also_torn)
+    assert (tmp_path / "rec" / first[0]).stat().st_size == size  # held until the pass ends
+    w.flush()
     assert healthy.value == 0
     monkeypatch.setattr(w, "file", session_file)
     w.write(last)
+    w.flush()
     assert healthy.value == 0  # healthy again once the flow is indexed too
     w.commit()
     assert healthy.value == 1
     w.close()
     assert flow_ids(tmp_path / "rec" / first[0]) == expected
+    offsets = {r["flow_id"]: r["offset"]
+               for r in index.query(index.connect(settings(tmp_path).index_path))}
+    assert set(offsets) == set(expected)  # the torn flows are not indexed
+    assert [offset for offset, _ in index.read_flows(tmp_path / "rec" / first[0])] == \
+        [offsets[i] for i in expected]
 
 
 def test_index_rows_are_committed_per_burst_not_per_flow(tmp_path):

@@ -99,22 +99,23 @@ def scrub_all(value: Any, limit: int = FIELD_CHARS) -> Any:
     return kept if clean(texts) else _mapped(value, lambda text: scrub(text, limit))
 
 
-def clean(texts: list[str]) -> bool:
+def clean(texts: list[str], ids: bool = True, remembered: int = NAME_CHARS) -> bool:
     """Whether none of `texts` holds a secret. Values seen clean before are not scanned again;
     the others are searched once, joined by newlines, for any pattern's match: where none is,
-    none is in any of them (a match in one is a match in the joined text), and the short ones
-    are then known clean. Where one is, each is redacted alone: a pattern's separator spans a
-    newline, so a match across two values that fails its check (`the password is` +
-    `[x]password=...` reads as a placeholder) would hide the secret behind it."""
-    fresh = [t for t in texts
-             if len(t) >= SHORTEST_SECRET and t not in _clean and not IDS.fullmatch(t)]
+    none is in any of them (a match in one is a match in the joined text), and those up to
+    `remembered` characters are then known clean. Where one is, each is redacted alone: a
+    pattern's separator spans a newline, so a match across two values that fails its check
+    (`the password is` + `[x]password=...` reads as a placeholder) would hide the secret behind
+    it. `ids`: douane's own identifiers are known clean (in its records, not in a body)."""
+    fresh = [t for t in texts if len(t) >= SHORTEST_SECRET and t not in _clean
+             and not (ids and IDS.fullmatch(t))]
     if not fresh:
         return True
     if matches("\n".join(fresh)) and any(redact(t) != t for t in fresh):
         return False
     if len(_clean) > CLEAN_VALUES:
         _clean.clear()
-    _clean.update(t for t in fresh if len(t) <= NAME_CHARS)
+    _clean.update(t for t in fresh if len(t) <= remembered)
     return True
 
 

@@ -63,38 +63,44 @@ def connect(path: Path) -> sqlite3.Connection:
 
 def row(flow: http.HTTPFlow, file: str, offset: int) -> dict[str, Any]:
     """The index row of a recorded flow, from the metadata douane put on it."""
-    return _row(flow.id, flow.request.timestamp_start, flow.metadata,
-                flow.response.status_code if flow.response else None, file, offset)
+    return dict(zip(COLUMNS, _row(flow.id, flow.request.timestamp_start, flow.metadata,
+                                  flow.response.status_code if flow.response else None, file,
+                                  offset), strict=True))
 
 
-def state_row(state: dict[str, Any], file: str, offset: int) -> dict[str, Any]:
-    """`row` of the flow whose state (`flow.get_state()`) the writer wrote."""
-    return _row(state["id"], state["request"]["timestamp_start"], state["metadata"],
-                state["response"]["status_code"] if state["response"] else None, file, offset)
+def state_row(state: dict[str, Any], file: str, offset: int,
+              replica: str | None = None) -> tuple:
+    """`row` of the flow whose state (`flow.get_state()`) the writer wrote, as `insert_rows`
+    takes it: its values in COLUMNS' order (then `replica`, in a shared store)."""
+    values = _row(state["id"], state["request"]["timestamp_start"], state["metadata"],
+                  state["response"]["status_code"] if state["response"] else None, file, offset)
+    return values if replica is None else (*values, replica)
 
 
 def _row(flow_id: str, ts: float, metadata: dict[str, Any], status: int | None, file: str,
-         offset: int) -> dict[str, Any]:
+         offset: int) -> tuple:
     meta = metadata.get("douane", {})
     identity = meta.get("identity", {})
     interaction = meta.get("interaction", {})
     decision = meta.get("decision", {})
     masked = meta.get("masked", {})
     tool = interaction.get("tool")
-    return {
-        "flow_id": flow_id, "decision_id": meta.get("decision_id"), "ts": ts,
-        "user": identity.get("user", "anonymous"),
-        "groups": ",".join(identity.get("groups", [])), "upstream": meta.get("upstream"),
-        "model": interaction.get("model"), "operation": interaction.get("operation"),
-        "tool": tool if isinstance(tool, str) else json.dumps(tool) if tool else None,
-        "decision": decision.get("action", "allow"), "risk": decision.get("risk", 0.0),
-        "masked": sum(masked.values()), "masked_types": json.dumps(masked) if masked else None,
-        "status": status, "latency_ms": meta.get("latency_ms"), "file": file, "offset": offset,
-    }
+    return (flow_id, meta.get("decision_id"), ts, identity.get("user", "anonymous"),
+            ",".join(identity.get("groups", [])), meta.get("upstream"), interaction.get("model"),
+            interaction.get("operation"),
+            tool if isinstance(tool, str) else json.dumps(tool) if tool else None,
+            decision.get("action", "allow"), decision.get("risk", 0.0), sum(masked.values()),
+            json.dumps(masked) if masked else None, status, meta.get("latency_ms"), file, offset)
 
 
 def insert(db: Any, rows: list[dict[str, Any]]) -> None:
     """Store rows carry `replica` too."""
+    columns = _columns(db)
+    insert_rows(db, [tuple(r[c] for c in columns) for r in rows])
+
+
+def insert_rows(db: Any, rows: list[tuple]) -> None:
+    """`insert` of rows as tuples, in `_columns(db)`'s order (no dict a row: the writer's)."""
     columns = _columns(db)
     verb = "INSERT" if _store(db) else "INSERT OR REPLACE"
     conflict = " ON CONFLICT (flow_id) DO UPDATE SET " + ", ".join(
@@ -102,8 +108,7 @@ def insert(db: Any, rows: list[dict[str, Any]]) -> None:
     with _transaction(db):
         db.cursor().executemany(
             _sql(db, f"{verb} INTO flows ({_names(columns)}) VALUES "
-                     f"({', '.join('?' for _ in columns)}){conflict}"),
-            [tuple(r[c] for c in columns) for r in rows])
+                     f"({', '.join('?' for _ in columns)}){conflict}"), rows)
 
 
 def _transaction(db: Any) -> Any:

@@ -7,9 +7,10 @@ once (a keep-alive connection's state crosses once, then by serial number); the 
 the pipe at most every `GATHER_SECONDS` (what was sent meanwhile waits in the pipe, which
 outlives the gateway), scrubs the credential
 headers and redacts the secrets on the state itself (a message is rebuilt only when its body must
-change), appends the flow to its session file (kept open, flushed per flow, so a crash of the
-gateway loses at most the flows in flight and those of the last window), seals the
-originals and indexes it (one commit per burst of flows). One child, one pipe: flows are written
+change), serialises the flow for its session file (kept open; what a pass read is written and
+flushed at its end, one write a file, so a crash of the gateway loses at most the flows in flight
+and those of the last window), seals the originals and indexes it (one commit per burst of
+flows). One child, one pipe: flows are written
 in the order they were put. The child holds only the pipe's read end, so when the gateway dies
 (kill -9) it reads EOF, writes what was sent and exits; Ctrl-C (sent to the whole process group)
 is the gateway's to handle: the child drains until `close()` says stop.
@@ -63,6 +64,9 @@ _SCRUBBED = SCRUBBED.encode()
 # full speed (the regex holds the GIL, so a multi-megabyte value must not take long).
 JSON_STRING = re.compile(r'"[^"\\\n]*(?:\\.[^"\\\n]*)*"')
 COMMENT_CHARS = 4096  # the flow's comment: douane's decision and its reasons' messages
+# A body's string values up to this long, once found clean, are not scanned again: its keys and
+# the like (a model's, a role's, a tool's name), the same in every flow; not a text's content.
+KNOWN_CHARS = 64
 OPEN_FILES = 32  # session files kept open: one per active connection or MCP session
 BATCH_ROWS = 500  # index rows per commit at most, under a load that never lets the queue drain
 BATCH_SECONDS = 1.0  # ... and the oldest uncommitted row waits no longer than this
@@ -75,6 +79,7 @@ MAX_BACKLOG = 10_000
 MAX_BACKLOG_BYTES = 256 * 1024**2
 BURST_FLOWS = 256  # flows in one message to the writer at most
 BURST_BYTES = 1024**2  # ... and bytes of their bodies (a message holds one flow at least)
+PENDING_BYTES = 1024**2  # flows serialised and held for their files, written at once past this
 STARTING = -1  # the shared health flag before the child runs
 STARTUP_SECONDS = 60
 # A keep-alive connection's state is the same for each of its flows: it crosses the pipe once
@@ -143,8 +148,14 @@ def recording_of(snapshot: dict, names: frozenset[str], streamed: tuple[str, ...
     if response:
         response = _message(response, names, http.Response, clean)
     return {**snapshot, "request": request, "response": response, "metadata": metadata,
-            "backup": None, "comment": untrusted.scrub(snapshot["comment"], COMMENT_CHARS),
+            "backup": None, "comment": _comment(snapshot["comment"]),
             "websocket": _websocket(snapshot["websocket"])}
+
+
+def _comment(text: str) -> str:
+    """`untrusted.scrub`: the same few decisions' comments in every flow, not redacted again."""
+    return text if len(text) <= COMMENT_CHARS and untrusted.clean([text], False) else \
+        untrusted.scrub(text, COMMENT_CHARS)
 
 
 def texts_read(it: Interaction, stream: bool) -> tuple[str, ...]:
@@ -209,12 +220,16 @@ def _text(raw: bytes, ctype: str) -> str:
     if "json" in ctype.lower() and (wide := json.detect_encoding(raw)) in _WIDE:
         with contextlib.suppress(UnicodeDecodeError):
             return raw.decode(wide)
-    try:
-        return encoding.decode(raw, infer_content_encoding(ctype, raw))
+    try:  # a JSON body's UTF-8 read without mitmproxy's inference (what it infers for one with
+        # no charset and no byte order mark)
+        return raw.decode() if "json" in ctype and ";" not in ctype and raw[:1] not in _BOMS \
+            else encoding.decode(raw, infer_content_encoding(ctype, raw))
     except ValueError:
         return raw.decode("utf8", "surrogateescape")
 
 
+# the first bytes of the byte order marks `infer_content_encoding` reads
+_BOMS = frozenset((b"\x00", b"\xfe", b"\xff", b"\xef"))
 _WIDE = ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be")
 
 
@@ -398,11 +413,13 @@ def _redacted(text: str, ctype: str, clean: Container[str] = frozenset(),
     # decoded), joined by newlines, which no pattern reads across: where no pattern matches the
     # join, none matches a value. Neither the keys' `": "` (an assignment to every pattern that
     # needs one) nor numbers and punctuation are scanned, nor the values the policy found clean
-    # (their redaction is themselves). A data URL is looked inside.
+    # (their redaction is themselves), nor the short ones seen clean before (`untrusted.clean`:
+    # keys, models, roles, finish reasons; `max_tokens` runs the token patterns). A data URL is
+    # looked inside.
     stray = unread and "event-stream" not in ctype and \
         secrets.matches("\n".join(JSON_STRING.split(text)))
     if not stray and not _DATA_URL.search(text) and \
-            not secrets.matches("\n".join(v for v in _values(text) if v not in clean)):
+            untrusted.clean([v for v in _values(text) if v not in clean], False, KNOWN_CHARS):
         return text
     redacted = JSON_STRING.sub(_json_string, text)
     return secrets.redact(redacted) if stray else redacted
@@ -767,6 +784,8 @@ def serve(receiver: Connection, settings: RecordingSettings, healthy: Any,
             except EOFError:
                 logger.error("douane: the gateway is gone; what it sent is written")
                 break
+            finally:
+                writer.flush()
             if burst is None:
                 break
             time.sleep(GATHER_SECONDS)
@@ -783,7 +802,10 @@ class _Writer:
         self.files: OrderedDict[str, IO[bytes]] = OrderedDict()  # by relative path, least
         # recently used first
         self.db: Any = None  # sqlite3, or psycopg with a shared store
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[tuple] = []  # index rows (`index.state_row`) not yet committed
+        # per session file, its flows written since the last flush: (state, record, sealed)
+        self.pending: dict[str, list[tuple[dict, bytes, bytes | None]]] = {}
+        self.pending_bytes = 0
         self.connections: dict[int, bytes] = {}  # serial -> serialised state (see CONNECTIONS)
         self.serial = 0
         self.since = 0.0  # when the oldest uncommitted row was written
@@ -800,33 +822,59 @@ class _Writer:
             logger.exception("douane: cannot open the recordings index %s", settings.index_path)
 
     def write(self, item: Item) -> None:
+        """The flow serialised and held for its session file: written with the others of this
+        pass (`flush`), one write a file, not one a flow."""
         relative, snapshot, scrub, original, streamed, prompted, clean = item
-        offset, flow_id = None, snapshot.get("id")
         try:
             connections = {name: self.connection(snapshot[name]) for name in CONNECTIONS}
             state = recording_of(snapshot, scrub, streamed, prompted, clean)
-            f = self.file(relative)
-            offset = f.tell()
-            f.write(tnetstring_of(state, connections))
-            f.flush()
-            if original is not None and self.key is not None:
-                sealed_path = (self.settings.dir / relative).with_suffix(originals.SUFFIX)
-                with sealed_path.open("ab") as sealed:
-                    sealed.write(originals.seal(
-                        self.key, state["id"], state["metadata"]["douane"].get("decision_id"),
-                        original))
-            row = index.state_row(state, relative, offset)
-            if self.shared:
-                row.update(replica=self.shared.replica,
-                           file=str(Path(self.shared.folder) / relative))
+            data = tnetstring_of(state, connections)
+            sealed = originals.seal(self.key, state["id"],
+                                    state["metadata"]["douane"].get("decision_id"), original) \
+                if original is not None and self.key is not None else None
         except Exception:
-            self.failed(relative, offset)
-            logger.exception("douane: cannot record flow %s to %s", flow_id, relative)
+            self.healthy.value = 0
+            self.last_ok = False
+            logger.exception("douane: cannot record flow %s to %s", snapshot.get("id"), relative)
             return
-        if not self.rows:
-            self.since = time.monotonic()
-        self.rows.append(row)
-        self.last_ok = True
+        self.pending.setdefault(relative, []).append((state, data, sealed))
+        self.pending_bytes += len(data)
+        if self.pending_bytes >= PENDING_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """What `write` holds, to its files (flushed: a crash of the writer loses at most one
+        pass), each flow's row to the index's next commit. A failed write (a full disk) cuts the
+        file back to its last whole flow, so the flows written after it stay readable."""
+        pending, self.pending, self.pending_bytes = self.pending, {}, 0
+        for relative, flows in pending.items():
+            offset = None
+            try:
+                f = self.file(relative)
+                offset = f.tell()
+                f.write(b"".join(data for _, data, _ in flows))
+                f.flush()
+                sealed = [s for _, _, s in flows if s is not None]
+                if sealed:
+                    with (self.settings.dir / relative).with_suffix(originals.SUFFIX) \
+                            .open("ab") as out:
+                        out.write(b"".join(sealed))
+            except Exception:
+                self.failed(relative, offset)
+                logger.exception("douane: cannot record %d flow(s) (the first %s) to %s",
+                                 len(flows), flows[0][0]["id"], relative)
+                continue
+            if not self.rows:
+                self.since = time.monotonic()
+            for state, data, _ in flows:
+                if self.shared:
+                    self.rows.append(index.state_row(
+                        state, str(Path(self.shared.folder) / relative), offset,
+                        self.shared.replica))
+                else:
+                    self.rows.append(index.state_row(state, relative, offset))
+                offset += len(data)
+            self.last_ok = True
 
     def connection(self, state: dict | int) -> bytes:
         """A connection's serialised state: sent now, or by the serial of an earlier flow's."""
@@ -856,8 +904,7 @@ class _Writer:
         return f
 
     def failed(self, relative: str, offset: int | None) -> None:
-        """A failed write (a full disk): the file is closed and cut back to its last whole flow,
-        so the flows written after it stay readable."""
+        """A failed write: the file is closed and cut back to `offset`."""
         self.healthy.value = 0
         self.last_ok = False
         f = self.files.pop(relative, None)
@@ -873,9 +920,11 @@ class _Writer:
                 logger.exception("douane: cannot cut %s back to its last whole flow", relative)
 
     def overdue(self) -> bool:
-        return len(self.rows) >= BATCH_ROWS or time.monotonic() - self.since >= BATCH_SECONDS
+        return len(self.rows) >= BATCH_ROWS or \
+            bool(self.rows) and time.monotonic() - self.since >= BATCH_SECONDS
 
     def commit(self) -> None:
+        self.flush()
         if self.indexer:
             self.indexer.put(self.rows)
             self.rows = []
@@ -883,12 +932,12 @@ class _Writer:
         rows, self.rows = self.rows, []
         try:
             self.db = self.db or index.connect(self.settings.index_path)
-            index.insert(self.db, rows)
+            index.insert_rows(self.db, rows)
         except Exception:
             self.healthy.value = 0
             logger.exception("douane: cannot record flow %s to the index (`douane sessions "
                              "reindex` restores it from the files)",
-                             ", ".join(r["flow_id"] for r in rows))
+                             ", ".join(r[0] for r in rows))
             if self.db is not None:
                 self.db.close()
                 self.db = None
@@ -897,6 +946,7 @@ class _Writer:
             self.healthy.value = 1
 
     def close(self) -> None:
+        self.flush()
         if self.rows:
             self.commit()
         if self.indexer:
@@ -918,14 +968,14 @@ class _SharedIndexer:
 
     def __init__(self, shared: SharedIndex):
         self.shared = shared
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[tuple] = []
         self.dropped = 0
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="douane-index", daemon=True)
         self._thread.start()
 
-    def put(self, rows: list[dict[str, Any]], front: bool = False) -> None:
+    def put(self, rows: list[tuple], front: bool = False) -> None:
         with self._wake:
             self.rows = rows + self.rows if front else self.rows + rows
             if len(self.rows) > PENDING_ROWS:
@@ -956,7 +1006,7 @@ class _SharedIndexer:
                 break
             try:
                 db = db or store.connect(self.shared.database, autocommit=True)
-                index.insert(db, rows)
+                index.insert_rows(db, rows)
             except Exception as e:
                 self.put(rows, front=True)
                 if db is not None:
