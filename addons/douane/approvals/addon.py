@@ -67,6 +67,10 @@ PREVIEW_PIECES, PREVIEW_CHARS = 8, 2000
 PREVIEW_KINDS = ("prompt", "tool_arguments")  # the context shown after the flagged pieces
 FIELD = re.compile(r"(?P<kind>\w+)\[(?:(?P<first>\d+)(?:\.\.(?P<last>\d+))?|\*)\]")
 KEEP_DECIDED = 3600  # seconds a decided request stays visible to `show`
+# Approval requests one user may have waiting on this replica: past them a held request is
+# refused (each held flow keeps its body, each request a preview, every approver's inbox a row;
+# 300 distinct held prompts of one user grew the gateway 170 MB).
+OPEN_PER_USER = 32
 
 
 class Approvals:
@@ -192,6 +196,8 @@ class Approvals:
                                    f"({grant.reason}) until {time.ctime(grant.expires_at)}"))
             return
         wait = self.approvals.wait_for(st.upstream.name, st.upstream.protocol)
+        if self._too_many(flow, st.identity.user, fp, wait.mode, decision):
+            return
         if wait.mode == "answer":
             earlier = await self._earlier(st, fp)
             denied = earlier if earlier and earlier.status == "denied" else None
@@ -223,6 +229,20 @@ class Approvals:
             self._conclude(flow, st, pending)
         finally:
             self.flows.pop(pending.id, None)
+
+    def _too_many(self, flow: http.HTTPFlow, user: str, fp: str, mode: str,
+                  decision: Decision) -> bool:
+        """Refuse a request that would open one approval request more than OPEN_PER_USER for its
+        user (answer mode's retry of one still pending opens none)."""
+        mine = [p for p in self.open_requests() if p.requester.user == user]
+        if len(mine) < OPEN_PER_USER or mode == "answer" and any(
+                p.mode == "answer" and p.fingerprint == fp for p in mine):
+            return False
+        refuse(flow, 429, f"this request needs an approver, and {len(mine)} of your requests "
+               "already wait for one; retry once they are decided", "too_many_approvals",
+               Reason("approval.too_many", f"{len(mine)} approval requests of this user are "
+                      f"open (at most {OPEN_PER_USER})"), *decision.reasons, action="refuse")
+        return True
 
     async def _earlier(self, st: FlowState, fp: str) -> Pending | None:
         """This very request of this user asked before (answer mode): still pending (an agent
