@@ -1013,9 +1013,20 @@ class StoredObjects:
             except StoreUnavailable as e:
                 _unbound(flow, e)
                 return
-        if len(own) == len(items):
+        # `has_more` says whether the caller's own continue: the upstream's counts everyone's
+        # (`after=<my last>&limit=1` would tell whether others made one since). Unknown past
+        # this page: true while it lists any (the next, maybe empty, ends it) but the cursor it
+        # was asked from (an upstream that did not move on: no end otherwise); a page token
+        # (`next_page`, Anthropic's skills) is the upstream's to continue from, kept as is
+        asked = {v for k, v in urllib.parse.parse_qsl(flow.request.path.partition("?")[2])
+                 if k in CURSORS}
+        more = doc.get("has_more") if "next_page" in doc else \
+            bool(own) and not any(i["id"] in asked for i in own)
+        if len(own) == len(items) and doc.get("has_more", more) == more:
             return
         doc["data"] = own
+        if "has_more" in doc:
+            doc["has_more"] = more
         for cursor, at in (("first_id", 0), ("last_id", -1)):
             if cursor in doc:
                 doc[cursor] = own[at]["id"] if own else None
