@@ -54,7 +54,7 @@ def analyzer():
 
 
 def test_the_parts_cover_every_entity_once_with_the_ner_alone_in_its_part(analyzer):
-    first, rest = split.groups(analyzer)
+    first, rest = split.groups(analyzer.entities, analyzer.ner)
     assert sorted(first + rest) == sorted(SETTINGS.entities)
     assert set(first) == {"PERSON", "LOCATION", "US_SSN"}  # the field recogniser's three
     for recognizer in analyzer.engine.registry.recognizers:
@@ -117,13 +117,20 @@ def test_an_idle_pool_on_an_idle_host_splits_an_awaited_analysis(pool, monkeypat
     assert pool._batches_out == {False: 0, True: 0}  # both workers given back
 
 
-@pytest.mark.parametrize("busy", ["host", "pool"])
-def test_a_busy_host_or_pool_analyses_whole(pool, monkeypatch, busy):
+@pytest.mark.parametrize(("busy", "text", "entities"), [
+    ("host", "mail maria@example.com", ["EMAIL_ADDRESS"]),
+    ("pool", "mail maria@example.com", ["EMAIL_ADDRESS"]),
+    # nothing for the patterns' part (no digit, `@`, secret's hint), nothing for the NER's
+    (None, "Thank you, Maria Garcia, see you soon.", ["PERSON"]),
+    (None, "4111 1111 1111 1111 / 212-555-0147", ["CREDIT_CARD", "PHONE_NUMBER"]),
+])
+def test_a_busy_host_or_pool_or_a_text_for_one_part_is_analysed_whole(pool, monkeypatch, busy,
+                                                                      text, entities):
     monkeypatch.setattr(pool.idle, "idle", lambda: 0.2 if busy == "host" else 2.0)
     sent = sent_parts(pool, monkeypatch)
     long = pool.submit(["Maria Garcia " * 500]) if busy == "pool" else None
-    (spans,) = asyncio.run(pool.analyze(["mail maria@example.com"]))
-    assert [s.entity for s in spans] == ["EMAIL_ADDRESS"]
+    (spans,) = asyncio.run(pool.analyze([text]))
+    assert [s.entity for s in spans] == entities
     assert () in sent and (0,) not in sent
     if long:
         assert pool.result(long)[0]

@@ -303,6 +303,7 @@ class MaskingPool:
     def __init__(self, settings: MaskingSettings):
         self.settings = settings
         self.idle = IdleCores()
+        self._parts = split.groups(settings.entities, bool(settings.model))
         self._zygote: Zygote | None = None
         self._executors: dict[bool, Workers] = {}  # by urgent
         self._lock = threading.Condition()
@@ -368,11 +369,13 @@ class MaskingPool:
     def _split(self, texts: list[str]) -> Analysis | None:
         """On an idle pool (nothing waiting, no batch out) of two workers or more, on a host
         with a core to spare (`IdleCores`): the analysis in `split.PARTS` parts at once, one per
-        worker, combined as one analysis gives it (in the reader thread of the last part in);
-        else None. At c=1 a second core would stand by while one worker reads the whole answer;
-        a split costs more CPU in all (each part reads the text: ~0.2 ms for the benchmark's
-        answer), which under load the other flows would pay."""
-        if self.settings.workers < split.PARTS or self.idle.idle() < self.SPLIT_IDLE:
+        worker, combined as one analysis gives it (in the reader thread of the last part in),
+        when each part has something to read (`split.worth`); else None. At c=1 a second core
+        would stand by while one worker reads the whole answer; a split costs more CPU in all
+        (each part reads the text: ~0.5 ms for the benchmark's answer, with the hand-offs),
+        which under load the other flows would pay."""
+        if self.settings.workers < split.PARTS or self.idle.idle() < self.SPLIT_IDLE \
+                or not split.worth(texts, self._parts):
             return None
         with self._lock:
             if self._closed or any(self._waiting.values()) or any(self._batches_out.values()):

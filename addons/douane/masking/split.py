@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 
 from douane import secrets
-from douane.masking import engine
+from douane.masking import engine, fields
 from douane.masking.config import NER_ENTITIES
 from douane.masking.engine import Span
 
@@ -50,18 +50,32 @@ class _Part:
         return self._raw
 
 
-def groups(analyzer: engine.Analyzer) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The NER's entities and those of every recogniser that shares one with them (to a fixed
-    point), then the rest."""
-    first = {e for e in analyzer.entities if e in NER_ENTITIES} if analyzer.ner else set()
-    grown = None
-    while grown != first:
-        grown = set(first)
-        for entity in grown:
-            for recognizer in analyzer.recognizers[entity]:
-                first |= set(recognizer.supported_entities) & set(analyzer.entities)
-    return (tuple(e for e in analyzer.entities if e in first),
-            tuple(e for e in analyzer.entities if e not in first))
+def groups(entities: tuple[str, ...], ner: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The NER's entities with the others of the field recogniser (`fields.ENTITIES`: a name, a
+    place or an SSN by its field), then the rest; all in the second without the NER (nothing
+    to split: the caller does not). tests/test_masking_split.py checks that no recogniser of
+    the engine's has entities in both."""
+    first = {e for e in entities if e in NER_ENTITIES or e in fields.ENTITIES} if ner and any(
+        e in NER_ENTITIES for e in entities) else set()
+    return (tuple(e for e in entities if e in first),
+            tuple(e for e in entities if e not in first))
+
+
+def worth(texts: list[str], parts: tuple[tuple[str, ...], tuple[str, ...]]) -> bool:
+    """Whether each part has something to read in `texts` (a guess on the texts as sent, made
+    before they leave): the NER a word of letters, the rest a pattern's pre-filter passed
+    (`engine.PREFILTERS`). Prose with no digit, `@` or secret's hint would leave the second
+    part nothing to do, and the split would only add a round trip."""
+    first, rest = parts
+    return bool(first and rest) and any(engine.LETTERS_WORD.search(t) for t in texts) and any(
+        _patterns(t, rest) for t in texts)
+
+
+def _patterns(text: str, entities: tuple[str, ...]) -> bool:
+    digits = len(engine.DIGITS.findall(text))
+    return any(engine.PREFILTERS[e](text, digits) for e in entities
+               if e not in secrets.ENTITIES) or (
+        any(e in secrets.ENTITIES for e in entities) and secrets.maybe(text))
 
 
 _parts: list[_Part] = []
@@ -72,7 +86,8 @@ def analyze_part(texts: list[str], part: int) -> list[Part]:
     analyzer = engine._analyzer
     assert analyzer is not None, "worker not initialised"
     if not _parts:
-        _parts.extend(_Part(analyzer, entities) for entities in groups(analyzer))
+        _parts.extend(_Part(analyzer, entities)
+                      for entities in groups(analyzer.entities, analyzer.ner))
     out: list[Part] = []
     for text in texts:
         if secrets.readings(text) != [(text, None)]:
