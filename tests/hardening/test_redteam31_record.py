@@ -5,12 +5,16 @@ encoding), only `<SECRET:…>` where it was."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 
 import httpx
 import pytest
+from mitmproxy.test import tflow
 
+from douane.protocols import decoding
+from douane.recording import writer
 from tests.hardening.conftest import assert_refused, recording_gateway
 from tests.hardening.test_evasion import _recordings, chat
 from tests.test_websocket_e2e import connect, item, realtime_gateway
@@ -148,3 +152,26 @@ def test_a_key_in_a_binary_websocket_message_is_in_no_recording(realtime, issuer
     data = _recorded(gw, "rt31-ws-binary")
     _assert_no_key(data)
     assert b"rt31-ws-binary deploy with <SECRET:detector.secret.api_key>" in data
+
+
+def test_a_compressed_request_refused_unread_is_inflated_within_a_bound(monkeypatch):
+    """The gateway decodes what it reads and drops the encoding: a request body still compressed
+    in the writer was refused unread, and was inflated up to 64 MB there (200 KB of gzip: 222 ms
+    of the writer process per request, five times the gateway's own refusal; the writer falling
+    behind makes the gateway answer everyone 503). In-process: what the writer decodes is
+    bounded by UNREAD_LIMIT, and a bomb's body is not kept."""
+    limits: list[int] = []
+    decode = decoding.decode_body
+    monkeypatch.setattr(decoding, "decode_body",
+                        lambda message, limit: limits.append(limit) or decode(message, limit))
+    f = tflow.tflow(resp=True)
+    f.request.headers.update({"content-type": "application/json", "content-encoding": "gzip"})
+    f.request.raw_content = gzip.compress(b'{"a": "' + b"x" * (8 * 1024**2) + b'"}')
+    recorded = writer.recording_of(f.get_state(), frozenset())
+    assert limits and max(limits) <= 1024**2, limits
+    assert recorded["request"]["content"] == b""
+    # within the bound, it is decoded and redacted as before
+    f.request.headers["content-encoding"] = "gzip"
+    f.request.raw_content = gzip.compress(json.dumps(chat(f"x {KEY}")).encode())
+    recorded = writer.recording_of(f.get_state(), frozenset())
+    assert b"<SECRET:detector.secret.api_key>" in recorded["request"]["content"]
