@@ -2,6 +2,8 @@
 
     scripts/eval-masking [--n 1000] [--seed 2] [--broad] [--config FILE] [--no-stock] [--misses TYPE]
                          [--sentences]
+    scripts/eval-masking --against TREE [--broad | --random N] [--n 1000]
+
 
 douane runs with the `masking:` section of the config (default: the embedded policies/default.yaml,
 as `douane mask` and the gateway would); stock Presidio is `AnalyzerEngine()` with the same spaCy
@@ -9,6 +11,9 @@ model and its defaults. A prediction counts when it overlaps a labelled value of
 Prints per type precision, recall and F2 for both, micro F2 over Presidio's eight types, and the
 secret recall (any secret entity overlapping a labelled secret) and false positives. Stock's
 predictions are cached under /tmp per corpus (it is the slow half).
+With --against, no scores: every text's detections compared with those of another checkout's
+engine (e.g. the stop's start), in batches of 16 and one text at a time; an engine change that
+claims the same results must print 0 differences on the corpus, --broad and --random texts.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from masking_corpus import TYPES, Item, broad, corpus
+from masking_corpus import TYPES, Item, broad, corpus, random_texts
 
 from douane import config as configmod
 from douane.masking.config import SECRET_ENTITIES, MaskingSettings
@@ -169,6 +174,33 @@ def micro(stats: dict[str, list[int]], types: tuple[str, ...]) -> float:
     return scores(*(sum(stats[t][k] for t in types) for k in range(3)))[2]
 
 
+def against(settings: MaskingSettings, tree: str, texts: list[str]) -> int:
+    """Texts whose detections differ between this engine and `tree`'s, printed (the first 5):
+    each batch of 16 analysed together, and every fourth text alone (other batch shapes)."""
+    from bench_masking import base_analyzer
+
+    ours, theirs = Analyzer(settings), base_analyzer(tree, settings)
+
+    def same(a: list, b: list) -> bool:  # (their Span is their module's class)
+        return [(s.start, s.end, s.entity, s.score) for s in a] == [
+            (s.start, s.end, s.entity, s.score) for s in b]
+
+    differ = found = 0
+    for k in range(0, len(texts), 16):
+        part = texts[k:k + 16]
+        pairs = list(zip(part, ours.detections(part), theirs.detections(part), strict=True))
+        pairs += [(t, ours.analyze(t), theirs.analyze(t)) for t in part[::4]]
+        for text, a, b in pairs:
+            found += len(a)
+            if not same(a, b):
+                differ += 1
+                if differ <= 5:
+                    print(f"DIFFERENT {text[:200]!r}:\n  ours   {a}\n  theirs {b}")
+    print(f"{len(texts)} texts, {sum(map(len, texts)):,} chars, {found} detections: {differ} "
+          f"differences from {tree}")
+    return 1 if differ else 0
+
+
 def main() -> int:
     if os.environ.get("PYTHONHASHSEED") != "0":  # some Faker locales draw from sets
         os.execve(sys.executable, [sys.executable, *sys.argv],
@@ -184,6 +216,10 @@ def main() -> int:
     parser.add_argument("--misses", help="print the misses of TYPE (or FP:TYPE) of douane")
     parser.add_argument("--sentences", action="store_true", help="what NER only on sentences "
                         "with a name candidate would lose (recall) and save (characters)")
+    parser.add_argument("--against", metavar="TREE", help="compare each text's detections with "
+                        "another checkout's engine (no scores)")
+    parser.add_argument("--random", type=int, metavar="N", help="with --against: N random texts "
+                        "(masking_corpus.random_texts) instead of the corpus")
     parser.add_argument("--sweep", help="comma-separated score thresholds: douane's F2 at each "
                         "(how the default threshold was chosen, on seed 1)")
     args = parser.parse_args()
@@ -193,6 +229,10 @@ def main() -> int:
     if settings is None:
         print(f"{args.config}: no masking section", file=sys.stderr)
         return 1
+    if args.against:
+        texts = (random_texts(args.random, args.seed) if args.random else
+                 [i.text for i in (broad if args.broad else corpus)(args.n, args.seed)])
+        return against(settings, args.against, texts)
     items = (broad if args.broad else corpus)(args.n, args.seed)
     labels = [s[2] for i in items for s in i.spans]
     print(f"corpus: {len(items)} items, {sum(len(i.text) for i in items):,} chars, "

@@ -526,3 +526,83 @@ def broad(n: int, seed: int = 77) -> list[Item]:
         b = _broad_item(f, us, rng.randrange(8), rng)
         items.append(Item("broad", locale, b.text(), b.spans))
     return items
+
+
+# What `random_texts` draws words from: no labels, only variety (scripts, invisible and other
+# spaces, look-alike digits, punctuation runs) for A/Bs of the engine (scripts/eval-masking
+# --against), where only sameness counts
+FILLER_TEXT = ("the of and to in is it you that he was for on are with as I his they be at one have "
+          "this from or had by word but what some we can out other were all there when up use "
+          "your how said an each she which do their time if will way about many then them would "
+          "like so these her long make see him two has look more day could go come did number "
+          "no most people my over know water than call first who may down side been now find")
+FILLER = FILLER_TEXT.split()
+NAMES = ("John", "Smith", "Maria", "Garcia", "O'Connor", "Al-Sayed", "Jean-Luc", "Müller", "Zoë",
+         "Łukasz", "Ærø", "Dupont", "São Paulo", "New York", "Paris", "Berlin", "Tokyo", "Ngozi",
+         "McDonald", "van der Berg", "D'Angelo", "José", "Straße", "İstanbul", "Ðorđe")
+UNICODE = ("東京", "北京市", "Москва", "Ελλάδα", "שלום", "مرحبا", "नमस्ते", "😀", "👍🏽", "café",
+           "naïve", "ﬁ", "Ⅻ", "①②", "٣٤٥", "１２３", "\u200b", "\u00a0", "\u2028", "—", "–", "…",
+           "«", "»", "“quoted”", "‘x’", "€", "£", "¥", "ß", "ǅ", "\t", "\r\n", "  ")
+SUFFIXES = ("com", "org", "io", "co.uk", "de", "fr", "com.br", "in")
+
+
+def _random_number(r: random.Random) -> str:
+    k = r.random()
+    if k < 0.2:
+        return str(r.randint(0, 10 ** r.randint(1, 12)))
+    if k < 0.35:
+        return f"{r.randint(0, 999)}-{r.randint(0, 999):03d}-{r.randint(0, 9999):04d}"
+    if k < 0.45:
+        return f"{r.randint(1, 9999):,}.{r.randint(0, 99):02d}"
+    if k < 0.55:
+        return ".".join(str(r.randint(0, 255)) for _ in range(4))
+    if k < 0.62:
+        return "fe80::" + ":".join(f"{r.randint(0, 65535):x}" for _ in range(r.randint(1, 4)))
+    if k < 0.7:
+        return f"{r.randint(1900, 2030)}-{r.randint(1, 12):02d}-{r.randint(1, 28):02d}"
+    if k < 0.78:
+        return (f"+{r.choice([1, 33, 44, 49, 55, 91, 971, 683])} {r.randint(10, 999)} "
+                f"{r.randint(100, 9999999)}")
+    if k < 0.85:
+        return " ".join(f"{r.randint(0, 9999):04d}" for _ in range(4))
+    if k < 0.9:
+        return f"{r.randint(100, 999)}-{r.randint(10, 99)}-{r.randint(1000, 9999)}"
+    if k < 0.95:
+        return f"v{r.randint(0, 20)}.{r.randint(0, 99)}.{r.randint(0, 999)}"
+    return "".join(r.choice(string.hexdigits) for _ in range(r.randint(6, 40)))
+
+
+def _random_word(r: random.Random) -> str:
+    k = r.random()
+    if k < 0.45:
+        w = r.choice(FILLER)
+        return w.capitalize() if r.random() < 0.15 else w.upper() if r.random() < 0.03 else w
+    if k < 0.58:
+        return r.choice(NAMES)
+    if k < 0.68:
+        return r.choice(UNICODE)
+    if k < 0.8:
+        return _random_number(r)
+    if k < 0.84:
+        host = ".".join(r.choice(["api", "www", "docs", "example", "x-1", "a"])
+                        for _ in range(r.randint(1, 3)))
+        path = "/".join(r.choice(["v1", "users", "123", "a_b", "%20", "index.html", "q"])
+                        for _ in range(r.randint(0, 4)))
+        query = r.choice(["", "?a=1&b=2", "?q=John+Smith", "#frag", "?id=4111111111111111"])
+        return f"{r.choice(['http', 'https', 'ftp'])}://{host}.{r.choice(SUFFIXES)}/{path}{query}"
+    if k < 0.88:
+        return (r.choice(["john", "maria.garcia", "a_b", "x+tag", "J.Doe", "üser"]) + "@"
+                + r.choice(["example", "mail", "corp-1", "b"]) + "." + r.choice(SUFFIXES))
+    if k < 0.95:
+        return r.choice(".,;:!?()[]{}<>\"'`~@#$%^&*-_=+|\\/") * r.randint(1, 3)
+    return "".join(r.choice(string.ascii_letters + string.digits + "-_.'")
+                   for _ in range(r.randint(1, 14)))
+
+
+def random_texts(n: int, seed: int = 11) -> list[str]:
+    """Texts of 1-60 random words of every kind above (prose, names, other scripts, numbers,
+    URLs, e-mails, punctuation runs, ids) and separators (spaces, tabs, newlines)."""
+    r = random.Random(seed)
+    return ["".join(_random_word(r) + r.choice([" ", " ", " ", "", "\n", ", ", ". ", "  ", "\t",
+                                                  "\n\n", "-"])
+                    for _ in range(r.randint(1, 60))) for _ in range(n)]
