@@ -6,6 +6,7 @@ characters); and the pool splits only when it and the host are idle."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import sys
 from pathlib import Path
@@ -45,12 +46,29 @@ def random_texts(n: int, seed: int) -> list[str]:
                     for _ in range(rng.randint(1, 14))) for _ in range(n)]
 
 
+# fewer entities (no field recogniser's SSN, NRP), a higher threshold, an allow list
+NARROW = MaskingSettings(**{**SETTINGS.__dict__, "entities": (
+    "PERSON", "NRP", "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "API_KEY", "PASSWORD"),
+    "score_threshold": 0.5, "allow_list": ("Maria Garcia",)})
+
+
+@contextlib.contextmanager
+def worker(settings: MaskingSettings):
+    """This process as a worker with `settings`' analyser (what `split.analyze_part` reads),
+    the one before back after."""
+    before = engine._analyzer, split._parts[:]
+    split._parts.clear()
+    engine.init_worker(settings)
+    try:
+        yield engine._analyzer
+    finally:
+        engine._analyzer, split._parts[:] = before
+
+
 @pytest.fixture(scope="module")
 def analyzer():
-    engine.init_worker(SETTINGS)  # what `split.analyze_part` reads, as in a worker
-    yield engine._analyzer
-    split._parts.clear()
-    engine._analyzer = None
+    with worker(SETTINGS) as analyzer:
+        yield analyzer
 
 
 def test_the_parts_cover_every_entity_once_with_the_ner_alone_in_its_part(analyzer):
@@ -76,6 +94,16 @@ def test_a_split_analysis_is_exactly_one_analysis(analyzer, texts):
         assert split.combine([text], parts)[0] == whole, text
         spans += len(whole)
     assert spans > len(items) / 2  # (texts with values in them)
+
+
+def test_a_split_analysis_is_exactly_one_analysis_with_other_settings():
+    with worker(NARROW) as analyzer:
+        assert split.groups(analyzer.entities, analyzer.ner) == (
+            ("PERSON", "NRP"), ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "API_KEY",
+                                "PASSWORD"))
+        for text in random_texts(300, 5):
+            parts = [split.analyze_part([text], part) for part in range(split.PARTS)]
+            assert split.combine([text], parts) == analyzer.analyze_many([text]), text
 
 
 def test_a_split_batch_is_each_text_analysed_alone(analyzer):
