@@ -82,9 +82,13 @@ def read_response(config: Config, st: FlowState, flow: http.HTTPFlow) -> bool:
 
 def heavy(message: http.Message) -> bool:
     encoding = headerfields.get(message.headers, b"content-encoding", "identity").strip().lower()
-    raw = message.raw_content or b""
-    return encoding not in ("", "identity") or len(raw) > OFF_LOOP_BYTES or \
-        raw.count(b'"') > OFF_LOOP_QUOTES or raw.count(b",") > OFF_LOOP_COMMAS
+    return encoding not in ("", "identity") or many(message.raw_content or b"")
+
+
+def many(raw: bytes) -> bool:
+    """Whether JSON text is long, or holds many values, enough to be parsed off the loop."""
+    return len(raw) > OFF_LOOP_BYTES or raw.count(b'"') > OFF_LOOP_QUOTES or \
+        raw.count(b",") > OFF_LOOP_COMMAS
 
 
 def _stream_refused(st: FlowState, message: str) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from douane import inspect
 from tests.hardening.test_redteam30_loop import _request
+from tests.test_websocket_e2e import connect, item, realtime_gateway
 
 VALUES = 60_000  # each body ~120-180 KB
 
@@ -49,3 +50,44 @@ def test_prose_and_a_conversation_stay_on_the_loop():
     prose = "Yes, the build passed, the tests ran, and the deploy, at last, went out. " * 110
     assert not inspect.heavy(_request({"model": "m", "messages": [
         {"role": "user", "content": prose}]}))
+
+
+def _message(values: object, n: int) -> bytes:
+    return json.dumps({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}],
+        "x": [values] * n}}, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("values", [{}, 0, "a"], ids=["empty objects", "zeros", "strings"])
+def test_a_websocket_message_of_many_values_is_read_off_the_loop(values):
+    """A WebSocket message was parsed and walked on the loop whatever it held, up to the body
+    limit (10 MB): 1 MB of `[{}, {}, ...]` in a `conversation.item.create` held it 1.8 s, zeros
+    550 ms, one-character strings 700 ms (`douane_loop_stats`, load ~10; one-off probe). Now read
+    in a thread past the body's bounds (`inspect.many`): 58-120 ms."""
+    assert inspect.many(_message(values, 6000))
+    assert not inspect.many(_message(values, 100))
+
+
+@pytest.fixture(scope="module")
+def realtime(issuer, tmp_path_factory):
+    yield from realtime_gateway(issuer, tmp_path_factory.mktemp("redteam31-realtime"))
+
+
+def test_a_key_after_many_values_in_a_websocket_message_is_still_caught(realtime, issuer, secrets):
+    """Read in a thread, the message is policed as before: a key after 300,000 empty objects ends
+    the session's message with the API's error event, nothing upstream."""
+    gw, upstream = realtime
+    token = issuer.mint("wyn@corp.example", ["engineering"])
+    key = "sk-proj-" + "Hc5tRw8Zp2Lk" * 3
+    secrets.update({token, key})
+    client = connect(gw, token)
+    assert client.status == 101
+    client.send(item("hello"))
+    assert client.receive()["delta"] == upstream.reply
+    before = len(upstream.received)
+    message = json.loads(_message({}, 300_000))
+    message["item"]["content"].append({"type": "input_text", "text": f"deploy with {key}"})
+    client.send(json.dumps(message, separators=(",", ":")))
+    error = client.receive(timeout=60)
+    assert error is not None and error["type"] == "error", error
+    assert len(upstream.received) == before
