@@ -95,12 +95,21 @@ def policy(tmp_path_factory) -> model.Policy:
 
 def test_the_policy_decides_as_the_full_scan_does(policy, monkeypatch):
     """Each request's texts as the parts of one message (read together: a key split across
-    two is found in their join) and as a tool call's arguments."""
+    two is found in their join), as a tool call's arguments then its name (read in order), as
+    a system prompt then messages with douane's keys between, and as tool results; the fast
+    path (one test of the texts and their runs joined) decides as the scan of each."""
     def requests():
         for parts in TEXTS:
             yield [TextPiece("prompt", "user", t, ("messages", 0, "content", i, "text"))
                    for i, t in enumerate(parts)]
-            yield [TextPiece("tool_arguments", "assistant", t, ("params", "arguments", f"a{i}"))
+            yield [*(TextPiece("tool_arguments", "assistant", t, ("params", "arguments", f"a{i}"))
+                     for i, t in enumerate(parts)),
+                   TextPiece("tool_arguments", "user", "lookup_customer", ("params", "name"))]
+            yield [TextPiece("prompt", "system", parts[0], ("system",)),
+                   TextPiece("prompt", "user", "max_tokens\nmodel", ("<keys and ids>",)),
+                   *(TextPiece("prompt", "user", t, ("messages", i, "content"))
+                     for i, t in enumerate(parts[1:]))]
+            yield [TextPiece("tool_result", "tool", t, ("result", "content", i, "text"))
                    for i, t in enumerate(parts)]
 
     def verdicts():
@@ -127,3 +136,19 @@ def test_the_hex_pairs_gate_lets_every_run_through():
             rnd.choice(["", " 20261201", " done"])
         assert not secrets._pair_runs(text) or secrets._pairs(text), text
     assert not secrets._pairs("card 4111 1111 1111 1111, order 20261201123456")
+
+
+@pytest.mark.parametrize("width", [4, 5, 7, 9])
+def test_a_key_cut_into_quiet_parts_is_found_in_their_join(policy, width):
+    """Every key cut into parts none of which holds a hint or a token run alone (each quiet):
+    the fast path's one test reads their join too, so the key is still found across them."""
+    tested = 0
+    for text, *_ in POSITIVES:
+        parts = [text[i:i + width] for i in range(0, len(text), width)]
+        if not secrets.all_quiet(parts):
+            continue
+        tested += 1
+        in_a_row = [TextPiece("prompt", "user", t, ("messages", 0, "content", i, "text"))
+                    for i, t in enumerate(parts)]
+        assert policy_engine.risk(policy, in_a_row), parts
+    assert tested >= 3

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from confusable_homoglyphs.confusables import confusables_data
 
 
-@dataclass(frozen=True)
-class Kind:
+@dataclass(frozen=True, eq=False)  # one object a kind: hashed by identity (a field hash cost
+class Kind:  # ~1.3 µs at each `ORDER` lookup and set of kinds)
     rule: str
     entity: str
     pattern: re.Pattern[str]

@@ -133,10 +133,17 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
     field. A match only the join holds names the texts it spans (`prompt[2..3]`). A text holding
     tag characters is read both with them decoded and without them, alone and in the join."""
     found: dict[str, Reason] = {}
-    # most small requests hold no secret: one test of every text read proves it for each at once
-    # (a larger one's joined texts seldom pass it: each is scanned, as the test would cost more)
+    # most small requests hold no secret: one test of every text read and of every run of texts
+    # read as one (`_secret_runs`) proves it for each at once (a larger one's joined texts seldom
+    # pass it: each is scanned, as the test would cost more)
     read = [p.text for p in pieces if p.kind in SECRET_KINDS] if policy.secrets else []
-    scan = bool(read) and (sum(map(len, read)) > QUIET_CHARS or not secrets.all_quiet(read))
+    runs = _secret_runs(pieces) if read else []
+    run_texts = ["".join([p.text for p in run]) for run, _ in runs]
+    size = sum(map(len, read))
+    quiet = not read or size + sum(map(len, run_texts)) <= QUIET_CHARS and \
+        secrets.all_quiet(read + run_texts)
+    # else the texts alone may still be (a tool call's short argument joined to its name)
+    scan = not quiet and (size > QUIET_CHARS or not secrets.all_quiet(read))
     readings: list[list[Normalized]] = [[] for _ in pieces]
     joined = _joined(policy, pieces, readings)
     # per kind, the rules worth running on each text: the local ones that hit the join, the rest
@@ -175,8 +182,8 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
                 if rule_id not in found:
                     found[rule_id] = Reason(rule_id, "prompt-injection phrasing in a tool result",
                                             label, score)
-    if policy.secrets:
-        _split_secrets(pieces, found)
+    if not quiet:
+        _split_secrets(pieces, runs, found)
     for kind, joins in joined.items():
         for rule in todo[kind]:
             for text, starts in joins:
@@ -193,16 +200,22 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
     return list(found.values())
 
 
-def _split_secrets(pieces: list[TextPiece], found: dict[str, Reason]) -> None:
-    """A secret split across parts in a row (a message's content parts, messages or Responses
-    input items in a row): the model reads them as one text, as an answer's blocks are read
-    (`streams.read_together`; the recording redacts the same runs). Across what else it reads
-    in sequence (`streams.read_in_order`: around an image, system or instructions then the
-    first message, a message then a tool call's argument values) only a key's shape counts: two
+def _secret_runs(pieces: list[TextPiece]) -> list[tuple[list[TextPiece], bool]]:
+    """The runs of texts a secret may be split across (`_split_secrets`), each with whether a
+    high-entropy run counts in it: parts in a row (a message's content parts, messages or
+    Responses input items in a row) the model reads as one text, as an answer's blocks are read
+    (`streams.read_together`; the recording redacts the same runs); and what else it reads in
+    sequence (`streams.read_in_order`: around an image, system or instructions then the first
+    message, a message then a tool call's argument values), where only a key's shape counts: two
     ordinary ids side by side make one high-entropy run."""
     runs = [(run, True) for run in streams.read_together(
         [p for p in pieces if p.kind in SECRET_KINDS]) if len(run) > 1]
-    runs += [(run, False) for run in streams.read_in_order(pieces)]
+    return runs + [(run, False) for run in streams.read_in_order(pieces)]
+
+
+def _split_secrets(pieces: list[TextPiece], runs: list[tuple[list[TextPiece], bool]],
+                   found: dict[str, Reason]) -> None:
+    """A secret split across the texts of a run (`_secret_runs`) that no text holds alone."""
     labels: dict[int, str] = {}
     for run, high_entropy in runs:
         for secret, first, last in secrets.find_across([p.text for p in run], high_entropy):
