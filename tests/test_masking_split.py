@@ -56,13 +56,13 @@ NARROW = MaskingSettings(**{**SETTINGS.__dict__, "entities": (
 def worker(settings: MaskingSettings):
     """This process as a worker with `settings`' analyser (what `split.analyze_part` reads),
     the one before back after."""
-    before = engine._analyzer, split._parts[:]
-    split._parts.clear()
+    before = engine._analyzer, split._parts
     engine.init_worker(settings)
+    split.prepare()
     try:
         yield engine._analyzer
     finally:
-        engine._analyzer, split._parts[:] = before
+        engine._analyzer, split._parts = before
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,28 @@ def test_a_split_analysis_is_exactly_one_analysis_with_other_settings():
         for text in random_texts(300, 5):
             parts = [split.analyze_part([text], part) for part in range(split.PARTS)]
             assert split.combine([text], parts) == analyzer.analyze_many([text]), text
+
+
+def test_parts_that_no_longer_match_the_engine_give_the_whole_analysis(analyzer, monkeypatch):
+    """Should the engine read a text otherwise one day: parts that fail the zygote's check are
+    not used (each text analysed whole in part 0), and a part whose capture goes unused while
+    the engine finds something answers with the whole analysis: slower, never less masked."""
+    texts = random_texts(40, 9)
+    parts = split._parts
+    with monkeypatch.context() as m:
+        m.setattr(split._Part, "raw", lambda self, text: [])  # (parts that find nothing)
+        split.prepare()
+        assert split._parts == []
+        answers = [split.analyze_part(texts, part) for part in range(split.PARTS)]
+        assert all(final for final, _ in answers[0]) and answers[1] == [(False, [])] * 40
+        assert split.combine(texts, answers) == analyzer.analyze_many(texts)
+    split._parts = parts
+    for broken in range(split.PARTS):  # the engine stops calling `presidio` in one part
+        with monkeypatch.context() as m:
+            m.setattr(parts[broken].view, "presidio", analyzer.presidio)
+            answers = [split.analyze_part(texts, part) for part in range(split.PARTS)]
+            assert any(final for final, _ in answers[broken])
+            assert split.combine(texts, answers) == analyzer.analyze_many(texts)
 
 
 def test_a_split_batch_is_each_text_analysed_alone(analyzer):

@@ -186,6 +186,7 @@ def _zygote(conn: multiprocessing.connection.Connection, settings: MaskingSettin
     # (the pool's shutdown, or the gateway's exit), after the job they are on
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     engine.init_worker(settings)  # its fixed warm-up text only: never a user's
+    split.prepare()  # (fixed texts too)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the workers
     gc.freeze()  # the analyser's objects out of the collector's reach: their pages stay shared
     while True:

@@ -11,19 +11,29 @@ name inside a pattern's value: across the parts), then refines and merges as it 
 A text read through another view (`secrets.readings`: format or tag characters) is analysed
 whole in part 0: its spans are refined in the view's places, which the caller does not have.
 tests/test_masking_split.py holds `combine` to the whole analysis on the corpus and random texts.
+The parts lean on how the engine reads a text (`Analyzer._detections` calls `presidio` once per
+text with candidates): the zygote checks them on fixed texts (`prepare`), and a part that finds
+its capture unused answers with the whole analysis. Either way slower, never less masked.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 
 from douane import secrets
 from douane.masking import engine, fields
 from douane.masking.config import NER_ENTITIES
 from douane.masking.engine import Span
 
+logger = logging.getLogger(__name__)
+
 PARTS = 2
 Part = tuple[bool, list[Span]]  # (final: the whole analysis's spans, or the part's raw results)
+CHECKS = ("warm up John Smith john@example.com 212-555-0147",
+          "Sure. Maria Garcia (maria.garcia@example.com, +44 20 7946 0958) paid with card "
+          "4111 1111 1111 1111 from 10.0.0.1; SSN 078-05-1120; key AKIAIOSFODNN7EXAMPLE.",
+          "name: Jean Dupont, city: Lyon, IBAN DE89370400440532013000")
 
 
 class _Part:
@@ -37,17 +47,19 @@ class _Part:
         self.view.ner = analyzer.ner and any(e in NER_ENTITIES for e in entities)
         self.view.presidio = self._presidio
         self._analyzer = analyzer
-        self._raw: list[Span] = []
+        self._raw: list[Span] | None = None
 
     def _presidio(self, text: str, entities: list[str], nlp_artifacts) -> list:
         results = self._analyzer.presidio(text, entities, nlp_artifacts)
         self._raw = [Span(r.start, r.end, r.entity_type, r.score) for r in results]
         return results
 
-    def raw(self, text: str) -> list[Span]:
-        self._raw = []
-        self.view._detections([text])
-        return self._raw
+    def raw(self, text: str) -> list[Span] | None:
+        """None when the engine found something without asking `presidio` (it reads otherwise
+        now): what this part would give is unknown."""
+        self._raw = None
+        found = self.view._detections([text])[0]
+        return self._raw if self._raw is not None else None if found else []
 
 
 def groups(entities: tuple[str, ...], ner: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -78,22 +90,34 @@ def _patterns(text: str, entities: tuple[str, ...]) -> bool:
         any(e in secrets.ENTITIES for e in entities) and secrets.maybe(text))
 
 
-_parts: list[_Part] = []
+_parts: list[_Part] | None = None  # (none: each text analysed whole, in part 0)
+
+
+def prepare() -> None:
+    """In the zygote, its analyser built: the parts, if `combine` gives the whole analysis's
+    spans from them on `CHECKS` (its fixed texts, never a user's)."""
+    global _parts
+    analyzer = engine._analyzer
+    assert analyzer is not None, "worker not initialised"
+    _parts = [_Part(analyzer, entities) for entities in groups(analyzer.entities, analyzer.ner)]
+    if any(combine([t], [analyze_part([t], p) for p in range(PARTS)])
+           != analyzer.analyze_many([t]) for t in CHECKS):
+        logger.error("douane: masking's split analysis does not match the engine's; answers "
+                     "are analysed whole")
+        _parts = []
 
 
 def analyze_part(texts: list[str], part: int) -> list[Part]:
     """In a worker: `part` of each text's analysis."""
+    if _parts is None:
+        prepare()
     analyzer = engine._analyzer
-    assert analyzer is not None, "worker not initialised"
-    if not _parts:
-        _parts.extend(_Part(analyzer, entities)
-                      for entities in groups(analyzer.entities, analyzer.ner))
+    assert analyzer is not None and _parts is not None, "worker not initialised"
     out: list[Part] = []
     for text in texts:
-        if secrets.readings(text) != [(text, None)]:
-            out.append((True, analyzer.analyze_many([text])[0]) if part == 0 else (True, []))
-        else:
-            out.append((False, _parts[part].raw(text)))
+        raw = _parts[part].raw(text) if _parts and secrets.readings(text) == [(text, None)] \
+            else None if part == 0 else []
+        out.append((True, analyzer.analyze_many([text])[0]) if raw is None else (False, raw))
     return out
 
 
@@ -102,8 +126,9 @@ def combine(texts: list[str], parts: list[list[Part]]) -> list[list[Span]]:
     out = []
     for i, text in enumerate(texts):
         mine = [p[i] for p in parts]
-        if mine[0][0]:
-            out.append(mine[0][1])
+        whole = next((spans for final, spans in mine if final), None)
+        if whole is not None:
+            out.append(whole)
             continue
         found = [s for _, spans in mine for s in spans]
         # Presidio's order (`remove_duplicates`: by type and place, then by score and place)
