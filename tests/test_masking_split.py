@@ -116,6 +116,9 @@ def test_parts_that_no_longer_match_the_engine_give_the_whole_analysis(analyzer,
         m.setattr(split._Part, "raw", lambda self, text: [])  # (parts that find nothing)
         split.prepare()
         assert split._parts == []
+        m.setattr(split._Part, "raw", lambda self, text: self.view._gone)  # (an attribute gone)
+        split.prepare()
+        assert split._parts == []
         answers = [split.analyze_part(texts, part) for part in range(split.PARTS)]
         assert all(final for final, _ in answers[0]) and answers[1] == [(False, [])] * 40
         assert split.combine(texts, answers) == analyzer.analyze_many(texts)

@@ -99,9 +99,14 @@ def prepare() -> None:
     global _parts
     analyzer = engine._analyzer
     assert analyzer is not None, "worker not initialised"
-    _parts = [_Part(analyzer, entities) for entities in groups(analyzer.entities, analyzer.ner)]
-    if any(combine([t], [analyze_part([t], p) for p in range(PARTS)])
-           != analyzer.analyze_many([t]) for t in CHECKS):
+    try:
+        _parts = [_Part(analyzer, e) for e in groups(analyzer.entities, analyzer.ner)]
+        same = all(combine([t], [analyze_part([t], p) for p in range(PARTS)])
+                   == analyzer.analyze_many([t]) for t in CHECKS)
+    except Exception:  # (the engine's attributes changed): no parts, the pool still starts
+        logger.exception("douane: masking's split analysis failed on its checks")
+        same = False
+    if not same:
         logger.error("douane: masking's split analysis does not match the engine's; answers "
                      "are analysed whole")
         _parts = []
