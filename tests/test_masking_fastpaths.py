@@ -336,7 +336,9 @@ def test_the_ip_prefilter_keeps_every_text_an_ip_pattern_matches():
 
     recognizer, rng = IpRecognizer(), random.Random(5)
     texts = [_dense_text(rng, "0123456789" * 4 + "....::/% abcfABF") for _ in range(3000)] + [
-        "10.0.0.1", "::", "::1", "::ffff:10.0.0.1", "2001:db8::1", "version 1.2.3", "1.2.3.4.5"]
+        _dense_text(rng, "0123456789abcdefABCDEF" + ":" * 8 + "%/. ") for _ in range(3000)] + [
+        "10.0.0.1", "::", "::1", "::ffff:10.0.0.1", "2001:db8::1", "version 1.2.3", "1.2.3.4.5",
+        "fe80:0:0:0:202:b3ff:fe1e:8329", "1:2:3:4:5:6:10.0.0.1", "at 23:04:41.098516"]
     kept = {True: 0, False: 0}
     for text in texts:
         keep = PREFILTERS["IP_ADDRESS"](text, len(DIGITS.findall(text)))
@@ -419,3 +421,37 @@ def test_the_tail_suffix_search_is_spacys():
     for text in texts + ["ok... so (see: $5.00!!)", "a.\n", "x……", "end..."]:
         assert [(t.text, t.whitespace_) for t in ours_nlp.make_doc(text)] == [
             (t.text, t.whitespace_) for t in stock.make_doc(text)], text
+
+
+@pytest.mark.parametrize("entity", ["US_SSN", "CREDIT_CARD", "IBAN_CODE"])
+def test_the_ssn_card_and_iban_prefilters_keep_every_text_a_recogniser_matches(entity):
+    """A text the SSN, card or IBAN pre-filter keeps back has no value for Presidio's patterns
+    nor (SSN) for the field recogniser, even written under an `ssn` key: random texts dense in
+    digits, separators, letters and other scripts' digits and letters, kept and kept back."""
+    from douane.masking.config import DEFAULT_ENTITIES, MaskingSettings
+    from douane.masking.engine import DIGITS, PREFILTERS, Analyzer
+
+    settings = MaskingSettings(
+        model="", entities=DEFAULT_ENTITIES, score_threshold=0.0, phone_regions=("US",),
+        allow_list=(), operators={}, hash_key=b"k" * 32, requests=False, responses=True,
+        exempt_groups=(), workers=1, stream_window=32, timeout_seconds=10)
+    analyzer = Analyzer(settings)
+    recognizers = [r for r in analyzer.recognizers[entity]]
+    assert len(recognizers) == (2 if entity == "US_SSN" else 1)  # (patterns, fields)
+    rng = random.Random(6)
+    texts = [_dense_text(rng, "0123456789" * 6 + "-- ..//١٢٣") for _ in range(4000)]
+    texts += [_dense_text(rng, "0123456789" * 3 + "GBDEFRXkſK" * 2 + "- ١") for _ in range(3000)]
+    texts += [f"ssn: {t}" for t in texts[:1000]] + [
+        "078-05-1120", "078 05 1120", "078.05.1120", "078051120", "07805-1120", "078-051120",
+        "ssn=١٢٣-٤٥-٦٧٨٩", "4111 1111 1111 1111", "4111-1111-1111-1111", "4111111111111111",
+        "371449635398431", "5555 5555 5555 4444", "2221 0012 3412 3456",
+        "DE89370400440532013000", "IBAN DE89 3704 0044 0532 0130 00.", "DE89-3704-0044-0532-0130-00"]
+    kept = {True: 0, False: 0}
+    for text in texts:
+        keep = PREFILTERS[entity](text, len(DIGITS.findall(text)))
+        kept[keep] += 1
+        if not keep:
+            for recognizer in recognizers:
+                assert not [r for r in recognizer.analyze(text, [entity]) or ()
+                            if r.entity_type == entity], (text, recognizer.name)
+    assert min(kept.values()) > 300, kept

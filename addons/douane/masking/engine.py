@@ -83,19 +83,37 @@ VOCABULARY = 20_000  # words a worker's spaCy keeps for its life (see Analyzer.d
 NOT_FOR_NER = ["parser", "senter", "tok2vec", "tagger", "attribute_ruler", "lemmatizer"]
 DIGITS = re.compile(r"\d")
 COLON = re.compile(":")
-# two colons with at most 4 hex digits between: every IPv6 form ("::1", the full 8 groups, mapped)
-IPV6_SHAPE = re.compile(r"[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:")
+# every IPv6 form Presidio's patterns match holds `::` but the full 8 groups (and 6 groups then a
+# dotted quad, which the IPv4 test keeps): a clock's `23:04:41` is none
+IPV6_SHAPE = re.compile(r"::|(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]")
 DOTTED_QUAD = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
+# What every value a recogniser finds holds: an SSN of Presidio's patterns (`[0-9]{9}`, `5-4`,
+# `3-6`, `[0-9]{3}[- .][0-9]{2}[- .][0-9]{4}`) or of the field recogniser (`fields.SSN`), a card
+# number (CARD_NUMBER), an IBAN (Presidio's `[A-Z]{2}[0-9]{2}(?:[ -]?[A-Z0-9]{4}){2,6}`, case
+# ignored). In the `regex` module Presidio's patterns run in: its digits and letters are at
+# least Python's and its own.
+SHAPES = {"US_SSN": r"\d{3}(?:\d{2}-?\d{4}|-\d{6}|[- .]\d{2}[- .]\d{4})",
+          "CREDIT_CARD": r"\d{4}[- ]?\d{3,4}[- ]?\d{3,4}[- ]?\d{3}",
+          "IBAN_CODE": r"\d{2}[ -]?\w{4}[ -]?\w{4}"}
+
+
+@functools.cache
+def shape(entity: str):
+    import regex  # (Presidio's; imported on first use, as spaCy is)
+
+    return regex.compile(SHAPES[entity])
+
+
 # entity -> a cheap test a text must pass for that entity's recogniser to run
 PREFILTERS = {
     "EMAIL_ADDRESS": lambda t, d: "@" in t,
     "PHONE_NUMBER": lambda t, d: d >= 7,
-    "CREDIT_CARD": lambda t, d: d >= 12,
-    "US_SSN": lambda t, d: d >= 9,
+    "CREDIT_CARD": lambda t, d: d >= 12 and shape("CREDIT_CARD").search(t) is not None,
+    "US_SSN": lambda t, d: d >= 9 and shape("US_SSN").search(t) is not None,
     # every IPv4 form (plain, mapped, embedded) holds a dotted quad, every IPv6 form its shape
     "IP_ADDRESS": lambda t, d: (d >= 4 and DOTTED_QUAD.search(t) is not None)
     or IPV6_SHAPE.search(t) is not None,
-    "IBAN_CODE": lambda t, d: d >= 8,
+    "IBAN_CODE": lambda t, d: d >= 8 and shape("IBAN_CODE").search(t) is not None,
     # none for NER: whether spaCy runs must not hang on a word anywhere in the text (a capital
     # letter), or a stream's window and the whole answer would decide a name differently
     "PERSON": lambda t, d: True,
