@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 Action = Literal["allow", "mask", "hold", "block", "refuse", "error"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Identity:
     user: str
     groups: tuple[str, ...]
@@ -40,7 +40,7 @@ class Identity:
                 "source": self.source}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Reason:
     """Why a decision was taken; never carries the sensitive match itself."""
 
@@ -58,7 +58,7 @@ class Reason:
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class Decision:
     action: Action
     reasons: list[Reason] = field(default_factory=list)
@@ -74,7 +74,7 @@ class Decision:
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class FlowState:
     decision_id: str
     started: float  # time.monotonic() at the first hook

@@ -134,6 +134,8 @@ def parameters(protocol: str, method: str, path: str) -> frozenset[str]:
 def query_problem(protocol: str, method: str, path: str, query: str) -> str | None:
     """Why a model API's query is refused, or None. A name is read decoded, as servers read it,
     `include[]` / `metadata[key]` as `include` / `metadata`; no `;` (some servers split on it)."""
+    if not query:  # (most requests: no parameter to look up)
+        return None
     allowed = parameters(protocol, method, path) | set(EVERYWHERE[protocol])
     return _query_problem(query, allowed, BRACKETED, f"{method} {path[:100]} documents",
                           {"beta": "true"})

@@ -29,7 +29,7 @@ HOSTED_TOOLS = ("web_search", "web_fetch", "file_search", "code_interpreter", "c
                 "text_editor", "memory", "tool_search")
 
 
-@dataclass
+@dataclass(slots=True)
 class TextPiece:
     """One addressable string inside a request or response body."""
 
@@ -46,14 +46,14 @@ class TextPiece:
     secret_free: str | None = field(default=None, repr=False, compare=False)
 
 
-@dataclass
+@dataclass(slots=True)
 class ToolDef:
     name: str
     description: str
     path: JsonPath  # the tool object's location, so a list can be filtered
 
 
-@dataclass
+@dataclass(slots=True)
 class ToolCall:
     name: str
     arguments: dict[str, Any] | str  # str when the arguments are not valid JSON
@@ -61,7 +61,7 @@ class ToolCall:
     path: JsonPath
 
 
-@dataclass
+@dataclass(slots=True)
 class McpMessage:
     """One JSON-RPC message of an MCP exchange."""
 
@@ -74,7 +74,7 @@ class McpMessage:
     prompt: str | None = None  # prompts/get
 
 
-@dataclass
+@dataclass(slots=True)
 class Interaction:
     """A flow understood: who asked what of which upstream, and (later) what came back."""
 

@@ -627,6 +627,12 @@ def _issued_container(flow: http.HTTPFlow) -> str | None:
     return found if isinstance(found, str) else None
 
 
+def _kinds_of(named: list[tuple[str, str, str]]) -> list[str]:
+    """The kinds of (kind, id, where) named, in `KINDS`' order (most requests name none)."""
+    present = {kind for kind, _, _ in named}
+    return [kind for kind in KINDS if kind in present] if present else []
+
+
 class StoredObjects:
     """MCP sessions, and the answers, conversations and chat completions an upstream stores, are
     named by the user they were issued to only."""
@@ -800,11 +806,10 @@ class StoredObjects:
             return
         unseen: list[tuple[str, str, str]] = []
         adopted_built_ins: list[str] = []
-        for kind in KINDS:  # one round trip per kind named
+        for kind in _kinds_of(named):  # one round trip per kind named
             ids = [(object_id, where) for k, object_id, where in named if k == kind]
             try:
-                owners = await self.bindings.owners(upstream, kind, [i for i, _ in ids]) \
-                    if ids else []
+                owners = await self.bindings.owners(upstream, kind, [i for i, _ in ids])
             except StoreUnavailable as e:
                 unavailable(flow, e)
                 return
@@ -912,8 +917,9 @@ class StoredObjects:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         st = state(flow)
-        unseen = self._unseen.pop(flow, [])
-        listing = self._listings.pop(flow, None)
+        # (a weak mapping's `pop` makes a weak reference: most flows are in neither)
+        unseen = self._unseen.pop(flow, []) if self._unseen else []
+        listing = self._listings.pop(flow, None) if self._listings else None
         if not self._governed(flow, "openai", "anthropic", "mcp") or not flow.response or \
                 flow.response.status_code != 200 or \
                 (st.decision and st.decision.action == "refuse"):
@@ -951,10 +957,8 @@ class StoredObjects:
                        ("containers", [i.get("container_id") for i in output
                                        if i.get("type") == "code_interpreter_call"])]
         try:
-            for kind in KINDS:  # the upstream knows what was named unseen: now theirs
+            for kind in _kinds_of(unseen):  # the upstream knows what was named unseen: now theirs
                 wheres = [where for k, _, where in unseen if k == kind]
-                if not wheres:
-                    continue
                 ids = [i for k, i, _ in unseen if k == kind]
                 if kind == "skills" and st.upstream.protocol == "anthropic" and \
                         (built_in := _built_in_skills(flow)) & set(ids):

@@ -20,7 +20,6 @@ import logging
 from collections.abc import Callable
 
 from mitmproxy import http
-from mitmproxy.net.http import url
 
 from douane import forwarding, headerfields, operations, protocols, usersecrets
 from douane.config import Credential, Upstream
@@ -48,6 +47,7 @@ MCP_HEADERS = frozenset({b"host", b"content-length", b"transfer-encoding", b"con
                          b"content-type", b"accept", b"mcp-session-id", b"mcp-protocol-version",
                          b"mcp-method", b"mcp-name", b"last-event-id"})
 MCP_PARAM_HEADER = protocols.mcp.PARAM_HEADER.encode()
+DEFAULT_PORTS = {"http": 80, "https": 443}  # a Host header names no port of these
 
 
 class Route:
@@ -74,15 +74,19 @@ class Route:
             return  # pass-through or refused by Broker once the caller is known
         # Reverse mode forwards an absolute-form request line as is; the Host header a client
         # sends inside a tunnel, too. The upstream sees the target douane routed and audits.
-        host_header = url.hostport(req.scheme, req.host, req.port)
+        host_header = req.host if DEFAULT_PORTS.get(req.scheme) == req.port else \
+            f"{req.host}:{req.port}"  # (as `url.hostport`)
         if req.is_http2 or req.is_http3:
             req.host_header = host_header
         else:
-            req.authority = b""
+            if req.data.authority:
+                req.authority = b""
             if headerfields.get(req.headers, b"host") != host_header:
                 headerfields.put(req.headers, "Host", host_header)  # as `req.host_header =`
-        req.path = target
-        req.method = req.method  # upper case, as matched
+        if target != req.path:
+            req.path = target
+        if not req.data.method.isupper():
+            req.method = req.method  # upper case, as matched
 
 
 class Broker:
