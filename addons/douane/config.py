@@ -365,6 +365,8 @@ class Limits:
     answer_silence_timeout: int = 300  # seconds an answer may send nothing, once its head came
     mcp_silence_timeout: int = 900  # the same for an MCP upstream (its streams may idle)
     websocket_idle_timeout: int = 600  # seconds a WebSocket session may pass with no message
+    websocket_session_timeout: int = 7200  # seconds a WebSocket session may last, however busy
+    websocket_messages: int = 1_000_000  # messages (both ways) one WebSocket session may carry
 
 
 @dataclass(frozen=True)
@@ -449,7 +451,8 @@ def load(file: str | os.PathLike[str], gateway: bool = True) -> Config:
         raise root.error("only version 1 is supported", "version")
     gateway = root.sub("gateway")
     gateway.only("state_dir", "body_size_limit", "answer_size_limit", "stream_size_limit",
-                 "max_text_pieces", "timeouts", "metrics_listen", "credentials_key", "replica")
+                 "max_text_pieces", "websocket_messages", "timeouts", "metrics_listen",
+                 "credentials_key", "replica")
     state_dir = gateway.path_value("state_dir", doc.resolve(".douane"))
     config = Config(
         file=file,
@@ -556,7 +559,7 @@ def _limits(gateway: View) -> Limits:
     default = Limits()
     timeouts = gateway.sub("timeouts")
     timeouts.only("idle", "headers", "body", "answer_head", "answer_silence", "mcp_silence",
-                  "websocket_idle")
+                  "websocket_idle", "websocket_session")
     limits = Limits(
         answer_size_limit=gateway.size("answer_size_limit", default.answer_size_limit),
         stream_size_limit=gateway.size("stream_size_limit", default.stream_size_limit),
@@ -569,14 +572,18 @@ def _limits(gateway: View) -> Limits:
                                             default.answer_silence_timeout),
         mcp_silence_timeout=timeouts.get("mcp_silence", int, default.mcp_silence_timeout),
         websocket_idle_timeout=timeouts.get("websocket_idle", int,
-                                            default.websocket_idle_timeout))
+                                            default.websocket_idle_timeout),
+        websocket_session_timeout=timeouts.get("websocket_session", int,
+                                               default.websocket_session_timeout),
+        websocket_messages=gateway.get("websocket_messages", int, default.websocket_messages))
     for key, value in (("answer_size_limit", limits.answer_size_limit),
                        ("stream_size_limit", limits.stream_size_limit),
-                       ("max_text_pieces", limits.max_text_pieces)):
+                       ("max_text_pieces", limits.max_text_pieces),
+                       ("websocket_messages", limits.websocket_messages)):
         if value < 1:
             raise gateway.error("must be positive", key)
     for key in ("idle", "headers", "body", "answer_head", "answer_silence", "mcp_silence",
-                "websocket_idle"):
+                "websocket_idle", "websocket_session"):
         if timeouts.get(key, int, 1) < 1:
             raise timeouts.error("must be at least 1 second", key)
     return limits

@@ -20,7 +20,12 @@ way (`upstream.timeout`), both connections closed; so does one silent as long be
 of a Realtime response it has started (`response.created` until `response.done`: its first event
 answered the client, the rest is still owed). A session in which neither side sends anything for
 `websocket_idle` seconds is ended alike (`timeout.websocket_idle`), below mitmproxy's own
-`tcp_timeout`, which would close it with no answer and no record.
+`tcp_timeout`, which would close it with no answer and no record; a ping is no message (mitmproxy
+answers it below the hooks): pings alone do not keep a session open. However busy, a session
+lasts at most `websocket_session` seconds (`timeout.websocket_session`) and carries at most
+`websocket_messages` messages both ways (`limit.websocket_messages`): another protocol's
+upstream than Realtime's is followed by no response clock, and a steady stream would otherwise
+hold its connection, its state and an org credential's session for ever.
 
 A Realtime session's items are its own: a client event naming an item by id (`item_id` of
 `conversation.item.retrieve` / `.delete` / `.truncate`, `previous_item_id`, an `item_reference` in
@@ -233,6 +238,8 @@ class PoliceWebSocket:
         self.waiting: dict[str, tuple[http.HTTPFlow, float]] = {}
         self.responding: set[str] = set()  # flows whose upstream is within a Realtime response
         self.last: dict[str, tuple[http.HTTPFlow, float]] = {}  # per flow: its latest message
+        self.opened: dict[str, float] = {}  # per flow: when its session started
+        self.messages: dict[str, int] = {}  # per flow: the messages it carried, both ways
         self._task: asyncio.Task[None] | None = None
 
     def configure(self, updated: set[str]) -> None:
@@ -262,15 +269,27 @@ class PoliceWebSocket:
     def _late(self, now: float) -> None:
         limits = self.enforce.settings.config.limits
         silence, idle = limits.answer_silence_timeout, limits.websocket_idle_timeout
+        longest, most = limits.websocket_session_timeout, limits.websocket_messages
         for flow_id, (flow, since) in list(self.last.items()):
             if not flow.live or flow.error or flow_id in self.cut:
                 del self.last[flow_id]
+                continue
+            if self.messages.get(flow_id, 0) > most:
+                reason, code = Reason("limit.websocket_messages", f"the session carried {most} "
+                                      "messages, douane's most: it is closed"), \
+                    "session_message_limit"
             elif now - since > idle:
-                del self.last[flow_id]
-                message = f"no message either way for {idle} s: the session is closed"
-                flow.error = FlowError(f"douane: {message}")
-                self._cut(flow, Reason("timeout.websocket_idle", message), "session_idle",
-                          "error")
+                reason, code = Reason("timeout.websocket_idle", f"no message either way for "
+                                      f"{idle} s: the session is closed"), "session_idle"
+            elif now - self.opened.get(flow_id, now) > longest:
+                reason, code = Reason("timeout.websocket_session", f"the session lasted "
+                                      f"{longest} s, douane's longest: it is closed"), \
+                    "session_expired"
+            else:
+                continue
+            del self.last[flow_id]
+            flow.error = FlowError(f"douane: {reason.message}")
+            self._cut(flow, reason, code, "error")
         for flow_id, (flow, since) in list(self.waiting.items()):
             if not flow.live or flow.error or flow_id in self.cut:
                 del self.waiting[flow_id]
@@ -295,6 +314,10 @@ class PoliceWebSocket:
             return
         now = time.monotonic()
         self.last[flow.id] = (flow, now)
+        count = self.messages[flow.id] = self.messages.get(flow.id, 0) + 1
+        if count > self.enforce.settings.config.limits.websocket_messages:
+            message.drop()  # and every later one, until the watchdog ends the session (a flow
+            return  # error set in a hook closes it before the error event could be relayed)
         event_type = None
         try:
             reason, event_type = await self._verdict(flow.id, st, message.is_text,
@@ -322,10 +345,13 @@ class PoliceWebSocket:
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         if (st := peek(flow)) is not None and st.upstream is not None:
             self.last[flow.id] = (flow, time.monotonic())  # a session never used is idle too
+            self.opened[flow.id] = self.last[flow.id][1]
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self.waiting.pop(flow.id, None)
         self.last.pop(flow.id, None)
+        self.opened.pop(flow.id, None)
+        self.messages.pop(flow.id, None)
         self.responding.discard(flow.id)
         self.cut.discard(flow.id)
         self.earlier.pop(flow.id, None)
