@@ -253,11 +253,13 @@ class Enforce:
         assert st.interaction
         if st.interaction.protocol == "mcp" and flow.response.raw_content:
             doc = protocols.document(flow, "response")
-            removals = [base + path for base, msg in mcp.each(doc)
-                        for path in self._hidden(flow, msg)]
-            private = [self._listing(flow, msg) and mcp.mark_private(msg)
-                       for _, msg in mcp.each(doc)]
-            if removals or any(private):
+            removals, private = [], False
+            for base, msg in mcp.each(doc):
+                listings = self._listings(st, msg)
+                if listings:  # (a tool's result, the common answer, is none)
+                    removals += [base + path for path in self._hidden(st, msg, listings)]
+                    private |= mcp.mark_private(msg)
+            if removals or private:
                 jsonpath.delete(doc, removals)
                 protocols.write_json(flow, "response", doc)
         pieces = st.interaction.response_texts
@@ -272,28 +274,26 @@ class Enforce:
                 st.decision.risk = decision.risk
 
     @staticmethod
-    def _listing(flow: http.HTTPFlow, msg: Any) -> bool:
-        """Whether the message answers a listing, which douane filters per caller."""
-        st = state(flow)
+    def _listings(st: FlowState, msg: Any) -> list[str]:
+        """The listings (`engine.LISTINGS`) a JSON-RPC message answers, which douane filters per
+        caller: an answer to no request of this flow (a resumed stream) is each listing it looks
+        like."""
         assert st.interaction
-        result = msg.get("result") if isinstance(msg, dict) else None
-        method = mcp.answered_method(st.interaction, msg)
-        return isinstance(result, dict) and (method in engine.LISTINGS if method else any(
-            key in result for key, _ in engine.LISTINGS.values()))
-
-    def _hidden(self, flow: http.HTTPFlow, msg: Any) -> list[tuple]:
-        """Paths of listed items the caller may not use, in one JSON-RPC message. An answer to
-        no request of this flow (a resumed stream) is filtered as every listing it looks like."""
-        st = state(flow)
-        assert self.live and st.identity and st.upstream and st.interaction
         result = msg.get("result") if isinstance(msg, dict) else None
         if not isinstance(result, dict):
             return []
         method = mcp.answered_method(st.interaction, msg)
-        methods = [method] if method else [m for m, (key, _) in engine.LISTINGS.items()
-                                           if key in result]
+        if method:
+            return [method] if method in engine.LISTINGS else []
+        return [m for m, (key, _) in engine.LISTINGS.items() if key in result]
+
+    def _hidden(self, st: FlowState, msg: Any, listings: list[str]) -> list[tuple]:
+        """Paths of listed items the caller may not use, in one JSON-RPC message answering
+        `listings`."""
+        assert self.live and st.identity and st.upstream
+        result = msg["result"]
         paths = []
-        for listing in (m for m in methods if m in engine.LISTINGS):
+        for listing in listings:
             key = engine.LISTINGS[listing][0]
             hidden = engine.hidden_items(self.live.current, st.identity, st.upstream.name,
                                          listing, result)
@@ -311,10 +311,13 @@ class Enforce:
         assert self.live and st.interaction and isinstance(rewriter.format, mcp.McpStream)
         edited = False
         for base, msg in mcp.each(doc):
-            hidden = self._hidden(flow, msg)
+            listings = self._listings(st, msg)
+            if not listings:
+                continue
+            hidden = self._hidden(st, msg, listings)
             if hidden:
                 jsonpath.delete(doc, [base + path for path in hidden])
-            edited |= bool(hidden) | (self._listing(flow, msg) and mcp.mark_private(msg))
+            edited |= bool(hidden) | mcp.mark_private(msg)
         # read once the listings are filtered; the stream's channels read the same pieces
         pieces = rewriter.format.pieces(doc)
         decision = engine.evaluate_response(self.live.current, mcp.free_text_first(pieces))

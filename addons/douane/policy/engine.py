@@ -21,6 +21,7 @@ from douane.protocols import streams
 from douane.protocols.mcp import uri_problem
 
 SECRET_KINDS = streams.READ_KINDS  # where the secrets detector looks
+INJECTION_KINDS = ("tool_result", "resource")  # where the injection detectors look
 QUIET_CHARS = 2048  # a request's texts tested as one (`risk`) up to this many characters
 LIMITED_OPERATIONS = ("chat.completions", "responses", "messages", "completions")
 MODEL_OPERATIONS = (*LIMITED_OPERATIONS, "embeddings")
@@ -144,6 +145,16 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
         secrets.all_quiet(read + run_texts)
     # else the texts alone may still be (a tool call's short argument joined to its name)
     scan = not quiet and (size > QUIET_CHARS or not secrets.all_quiet(read))
+    if not scan and policy.ruled_kinds.isdisjoint([p.kind for p in pieces]) and not (
+            policy.injection and any(p.kind in INJECTION_KINDS and
+                                     detectors.injections(normalize(p.text)) for p in pieces)):
+        # no text to look at alone (the common small request): only what a run's join holds
+        for piece in pieces if read else ():
+            if piece.kind in SECRET_KINDS:
+                piece.secret_free = piece.text  # the recording's writer trusts it
+        if not quiet:
+            _split_secrets(pieces, runs, found)
+        return list(found.values())
     readings: list[list[Normalized]] = [[] for _ in pieces]
     joined = _joined(policy, pieces, readings)
     # per kind, the rules worth running on each text: the local ones that hit the join, the rest
@@ -176,7 +187,7 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
                     found[kind.rule] = Reason(kind.rule, "a high-entropy token (credential?) is "
                                               "in the text" if kind is secrets.HIGH_ENTROPY_KIND
                                               else "a secret is in the text", label, kind.score)
-        if policy.injection and piece.kind in ("tool_result", "resource"):
+        if policy.injection and piece.kind in INJECTION_KINDS:
             plain = readings[i][0].text if readings[i] else normalize(piece.text)
             for rule_id, score in detectors.injections(plain):
                 if rule_id not in found:

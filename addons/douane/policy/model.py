@@ -310,6 +310,11 @@ class Policy:
     def rules_by_kind(self) -> dict[str, tuple[Rule, ...]]:
         return {kind: tuple(r for r in self.rules if kind in r.kinds) for kind in KINDS}
 
+    @functools.cached_property
+    def ruled_kinds(self) -> frozenset[str]:
+        """The text kinds some deny rule reads."""
+        return frozenset(kind for kind, rules in self.rules_by_kind.items() if rules)
+
     def grants_for(self, user: str, groups: tuple[str, ...]) -> list[Grant]:
         found = ([self.users[user]] if user in self.users else []) + \
             [self.groups[g] for g in groups if g in self.groups]
