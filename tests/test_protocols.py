@@ -380,3 +380,25 @@ def test_fields_of_unexpected_types_are_refused_as_protocol_errors(upstream, pat
             assert e.status == 502
             refused += 1
     assert path == "/generate" or refused > 0  # the odd answers did reach the parsers
+
+
+def test_numbers_and_object_lists_as_the_parsers_read_them():
+    from douane.protocols.base import ProtocolError, object_list, optional_number
+    assert optional_number({"n": 2, "best_of": 3.5}, "n", "best_of") == 3.5
+    assert optional_number({"n": None}, "n", "best_of") is None
+    for bad in (True, "100", float("inf"), [1], {}):
+        with pytest.raises(ProtocolError, match="finite number"):  # after a valid one too
+            optional_number({"n": 1, "best_of": bad}, "n", "best_of")
+    for nothing in ({}, {"tools": None}, {"tools": []}, {"tools": 0}, {"tools": ""}):
+        assert object_list(nothing, "tools") == []
+    for bad in ({"tools": {"a": 1}}, {"tools": "x"}, {"tools": [{}, "x"]}, {"tools": [None]}):
+        with pytest.raises(ProtocolError, match="list of objects"):
+            object_list(bad, "tools")
+
+
+def test_jsonpath_strings_and_keys_in_document_order():
+    doc = {"a": ["x", {"b": "y", "c": 1, "d": [None, "z", []]}], "e": {}, "f": "w", "g": True}
+    assert jsonpath.strings(doc, ("p",)) == [(("p", "a", 0), "x"), (("p", "a", 1, "b"), "y"),
+                                             (("p", "a", 1, "d", 1), "z"), (("p", "f"), "w")]
+    assert jsonpath.strings("s") == [((), "s")] and jsonpath.strings(3) == []
+    assert jsonpath.keys(doc) == ["a", "b", "c", "d", "e", "f", "g"]

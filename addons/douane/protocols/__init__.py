@@ -190,13 +190,13 @@ def _parse_request(upstream: Upstream, flow: http.HTTPFlow, granted: bool) -> In
             model = req.query.get("model")
             return Interaction(upstream.protocol, f"GET {path}", model=model or None)
         it = Interaction("mcp", f"mcp:{req.method.lower()}")
-        mcp.check_headers(None, [(k.lower(), v) for k, v in req.headers.items(multi=True)
-                                 if k.lower() != "mcp-protocol-version"], it)
+        mcp.check_headers(None, [(k, v) for k, v in _header_list(req)
+                                 if k != "mcp-protocol-version"], it)
         return it
     if upstream.protocol == "mcp":
         doc = document(flow, "request")
-        it = mcp.parse_request(doc, req.headers.get("mcp-session-id"))
-        mcp.check_headers(doc, [(k.lower(), v) for k, v in req.headers.items(multi=True)], it)
+        it = mcp.parse_request(doc, headerfields.get(req.headers, b"mcp-session-id"))
+        mcp.check_headers(doc, _header_list(req), it)
         return it
     doc = document(flow, "request")
     if upstream.protocol == "openai":
@@ -209,6 +209,13 @@ def _parse_request(upstream: Upstream, flow: http.HTTPFlow, granted: bool) -> In
     if upstream.protocol == "anthropic":
         return anthropic.parse_request(doc, endpoint)
     return generic.parse_request(doc, upstream, endpoint)
+
+
+def _header_list(req: http.Request) -> list[tuple[str, str]]:
+    """Every header field, its name in lower case: `req.headers.items(multi=True)`, decoded as
+    mitmproxy decodes it, without its per-field calls."""
+    return [(k.decode("utf-8", "surrogateescape").lower(), v.decode("utf-8", "surrogateescape"))
+            for k, v in req.headers.fields]
 
 
 def parse_response(upstream: Upstream, flow: http.HTTPFlow, it: Interaction) -> bool:

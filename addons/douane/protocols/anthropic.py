@@ -15,6 +15,7 @@ from douane.protocols.base import (
     StreamFormat,
     hosted_tool,
     mcp_server,
+    object_list,
     optional_number,
     require_object,
 )
@@ -57,7 +58,7 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
             it.texts.append(TextPiece("prompt", role, content, ("messages", i, "content")))
         elif isinstance(content, list):
             _blocks(it, content, role, ("messages", i, "content"))
-    for k, tool in enumerate(_list(doc, "tools")):
+    for k, tool in enumerate(object_list(doc, "tools")):
         if tool.get("type") in (None, "custom"):
             name = tool.get("name") if isinstance(tool.get("name"), str) else ""
             description = tool.get("description") if isinstance(tool.get("description"), str) \
@@ -68,16 +69,9 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
                                           ("tools", k, "description")))
         elif tool.get("type") != "mcp_toolset":  # an mcp_servers entry's tools, granted by URL
             it.hosted_tools.append(hosted_tool(tool.get("type")))
-    it.mcp_servers += [mcp_server(server.get("url")) for server in _list(doc, "mcp_servers")]
+    it.mcp_servers += [mcp_server(server.get("url")) for server in object_list(doc, "mcp_servers")]
     fields.cover(it, doc, _kind(doc, "prompt"), reads=4)
     return it
-
-
-def _list(doc: dict[str, Any], key: str) -> list[dict[str, Any]]:
-    items = doc.get(key) or []
-    if not isinstance(items, list) or not all(isinstance(t, dict) for t in items):
-        raise ProtocolError(400, "invalid_body", f"{key} must be a list of objects")
-    return items
 
 
 def _kind(doc: dict[str, Any], text: Kind) -> fields.Classify:

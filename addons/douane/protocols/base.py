@@ -92,16 +92,35 @@ def require_object(doc: Any) -> dict[str, Any]:
     return doc
 
 
+def object_list(doc: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """`doc[key]`: a list of objects, or nothing (absent, null, empty)."""
+    items = doc.get(key)
+    if not items:
+        return []
+    if not isinstance(items, list):
+        raise ProtocolError(400, "invalid_body", f"{key} must be a list of objects")
+    for item in items:
+        if not isinstance(item, dict):
+            raise ProtocolError(400, "invalid_body", f"{key} must be a list of objects")
+    return items
+
+
 def optional_number(doc: dict[str, Any], *keys: str) -> float | None:
     """The largest number given under `keys` (an upstream may read any of them: a grant's bound
     holds for each), None when none is; a number JSON cannot hold (`1e999`) is refused, and so
     is a value that is not a number (`"100000"`, `true`: a server with lax typing reads them as
     numbers douane did not check)."""
-    values = [v for v in map(doc.get, keys) if v is not None]
-    if any(not isinstance(v, int | float) or isinstance(v, bool) or
-           isinstance(v, float) and not math.isfinite(v) for v in values):
-        raise ProtocolError(400, "invalid_number", f"{'/'.join(keys)} is not a finite number")
-    return max(values, default=None)
+    largest = None
+    for key in keys:  # (a loop: every request pays it, mostly for keys it does not give)
+        value = doc.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or \
+                isinstance(value, float) and not math.isfinite(value):
+            raise ProtocolError(400, "invalid_number", f"{'/'.join(keys)} is not a finite number")
+        if largest is None or value > largest:
+            largest = value
+    return largest
 
 
 DATED = re.compile(r"_(?:\d{8}|\d{4}_\d{2}_\d{2})$")  # web_search_20250305, ..._2025_03_11

@@ -366,7 +366,7 @@ def _string(walk: _Walk, text: str, path: JsonPath, key: str | None, parent: dic
             return  # not JSON: the raw string above is what the tool reads
         if piece is not None and piece.editable:
             piece.text = readable(piece.text)  # masked as the tool will read it
-        if isinstance(decoded_args, dict | list):
+        if isinstance(decoded_args, (dict, list)):
             values: list[str] = []
             kind = (fixed if fixed is not None else walk.classify(path))[0]
             _arguments(walk, decoded_args, values, kind, depth + 1)

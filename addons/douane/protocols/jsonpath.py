@@ -6,6 +6,8 @@ from typing import Any
 
 from douane.interaction import JsonPath
 
+CONTAINERS = (dict, list)
+
 
 def get(doc: Any, path: JsonPath) -> Any:
     for key in path:
@@ -56,19 +58,39 @@ def expand(doc: Any, pattern: str) -> list[tuple[JsonPath, str]]:
 
 def strings(doc: Any, path: JsonPath = ()) -> list[tuple[JsonPath, str]]:
     """Every string leaf under `doc` (tool arguments are free-form JSON)."""
-    if isinstance(doc, str):
-        return [(path, doc)]
-    if isinstance(doc, dict):
-        return [leaf for k, v in doc.items() for leaf in strings(v, path + (k,))]
-    if isinstance(doc, list):
-        return [leaf for i, v in enumerate(doc) for leaf in strings(v, path + (i,))]
-    return []
+    found: list[tuple[JsonPath, str]] = []
+    _strings(doc, path, found)
+    return found
+
+
+def _strings(node: Any, path: JsonPath, found: list[tuple[JsonPath, str]]) -> None:
+    # (one list for the whole walk, leaves read inline: every MCP message pays it)
+    if isinstance(node, str):
+        found.append((path, node))
+        return
+    items = node.items() if isinstance(node, dict) else enumerate(node) \
+        if isinstance(node, list) else ()
+    for k, v in items:
+        if isinstance(v, str):
+            found.append(((*path, k), v))
+        elif isinstance(v, CONTAINERS):
+            _strings(v, (*path, k), found)
 
 
 def keys(doc: Any) -> list[str]:
     """Every object key under `doc`, in document order."""
-    if isinstance(doc, dict):
-        return [key for k, v in doc.items() for key in (k, *keys(v))]
-    if isinstance(doc, list):
-        return [key for v in doc for key in keys(v)]
-    return []
+    found: list[str] = []
+    _keys(doc, found)
+    return found
+
+
+def _keys(node: Any, found: list[str]) -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            found.append(k)
+            if isinstance(v, CONTAINERS):
+                _keys(v, found)
+    elif isinstance(node, list):
+        for v in node:
+            if isinstance(v, CONTAINERS):
+                _keys(v, found)

@@ -17,6 +17,7 @@ from douane.protocols.base import (
     StreamFormat,
     hosted_tool,
     mcp_server,
+    object_list,
     optional_number,
     require_object,
     unknown_tool,
@@ -25,6 +26,7 @@ from douane.protocols.sse import Event
 
 TEXT_PARTS = ("text", "input_text", "output_text")
 LOGPROBS = ("logprobs", "top_logprobs")
+CONTAINERS = (dict, list)
 LOGPROBS_REFUSED = "douane does not pass log probabilities (they repeat the answer token by " \
     "token, unmasked)"
 MEDIA_PARTS = ("image_url", "input_image", "input_audio", "file", "input_file", "image")
@@ -38,7 +40,7 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
         it = Interaction("openai", "chat.completions")
         _chat_messages(doc, it)
         offered_tools(it, doc, chat=True)
-        for k, fn in enumerate(_list(doc, "functions")):  # the legacy form of function tools
+        for k, fn in enumerate(object_list(doc, "functions")):  # the legacy form of function tools
             _tool_def(it, fn, ("functions", k), ("functions", k, "description"))
         if doc.get("web_search_options") is not None:
             it.hosted_tools.append("web_search")
@@ -89,17 +91,10 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
     return it
 
 
-def _list(doc: dict[str, Any], key: str) -> list[dict[str, Any]]:
-    items = doc.get(key) or []
-    if not isinstance(items, list) or not all(isinstance(t, dict) for t in items):
-        raise ProtocolError(400, "invalid_body", f"{key} must be a list of objects")
-    return items
-
-
 def offered_tools(it: Interaction, doc: dict[str, Any], chat: bool) -> None:
     """Function and custom tools are the grant's `tools`; every other kind is a hosted tool or a
     remote MCP server, granted by name or URL; an unknown type is refused."""
-    for k, tool in enumerate(_list(doc, "tools")):
+    for k, tool in enumerate(object_list(doc, "tools")):
         kind = tool.get("type")
         if kind in ("function", "custom"):
             spec = tool.get(kind) if chat else tool
@@ -199,7 +194,7 @@ def _chat_messages(doc: dict[str, Any], it: Interaction) -> None:
         role = msg.get("role")
         _content(it, msg.get("content"), "tool_result" if role == "tool" else "prompt", role,
                   ("messages", i, "content"))
-        for j, call in enumerate(_list(msg, "tool_calls")):
+        for j, call in enumerate(object_list(msg, "tool_calls")):
             fn = call.get("function", {})
             if not isinstance(fn, dict):
                 raise ProtocolError(400, "invalid_body", "a tool call's function must be an object")
@@ -246,14 +241,16 @@ def carries_logprobs(node: Any) -> bool:
     """Whether an answer (or a stream event) holds log probabilities anywhere, asked or not: a
     `logprobs` / `top_logprobs` with a non-empty list in it (not `null`, `[]`, `{"content":
     null}`, nor the `top_logprobs: 0` setting a Responses object repeats)."""
-    if isinstance(node, dict):  # (loops, not any() over generators: every answer pays it)
+    # (loops, not any() over generators, and a tuple of types, not a union built per call:
+    # every answer pays it)
+    if isinstance(node, dict):
         for k, v in node.items():
             if k in LOGPROBS and _has_items(v) or \
-                    isinstance(v, dict | list) and carries_logprobs(v):
+                    isinstance(v, CONTAINERS) and carries_logprobs(v):
                 return True
     elif isinstance(node, list):
         for v in node:
-            if isinstance(v, dict | list) and carries_logprobs(v):
+            if isinstance(v, CONTAINERS) and carries_logprobs(v):
                 return True
     return False
 
