@@ -79,6 +79,7 @@ logger = logging.getLogger(__name__)
 TAIL = 2048  # characters of a direction's earlier text, per kind, matched with each message
 READ_AHEAD = 1 << 20  # bytes read and queued ahead of the messages being policed, at most
 SESSION_ITEMS = 4096  # item ids a Realtime session keeps (its oldest are forgotten)
+RESPONSES = 64  # Realtime responses under way a session follows (its oldest are forgotten)
 ITEM_ID_CHARS = 200  # a longer id is kept by no session
 NAMING_ITEMS = ("item_id", "previous_item_id")  # fields of a client event naming an item
 EXPECTED = {"relay_messages":
@@ -236,7 +237,9 @@ class PoliceWebSocket:
         # per flow: since when a client message the upstream received waits for any message back
         # (or a Realtime response the upstream started waits for its next event)
         self.waiting: dict[str, tuple[http.HTTPFlow, float]] = {}
-        self.responding: set[str] = set()  # flows whose upstream is within a Realtime response
+        # per flow: the Realtime responses its upstream started and has not ended (by id; out
+        # of band ones overlap the conversation's), at most `RESPONSES`
+        self.responding: dict[str, dict[str, None]] = {}
         self.last: dict[str, tuple[http.HTTPFlow, float]] = {}  # per flow: its latest message
         self.opened: dict[str, float] = {}  # per flow: when its session started
         self.messages: dict[str, int] = {}  # per flow: the messages it carried, both ways
@@ -318,10 +321,10 @@ class PoliceWebSocket:
         if count > self.enforce.settings.config.limits.websocket_messages:
             message.drop()  # and every later one, until the watchdog ends the session (a flow
             return  # error set in a hook closes it before the error event could be relayed)
-        event_type = None
+        event_type = response_id = None
         try:
-            reason, event_type = await self._verdict(flow.id, st, message.is_text,
-                                                     message.content, message.from_client)
+            reason, event_type, response_id = await self._verdict(
+                flow.id, st, message.is_text, message.content, message.from_client)
         except Exception as e:  # fail closed: an error in policy stops the connection
             logger.error("douane: WebSocket policy failed (decision %s): %s", st.decision_id,
                          loggable(repr(e)))
@@ -331,16 +334,27 @@ class PoliceWebSocket:
             message.drop()
             self._cut(flow, reason)
         elif not message.from_client:
-            if event_type == "response.created":
-                self.responding.add(flow.id)
-            elif event_type == "response.done":
-                self.responding.discard(flow.id)
-            if flow.id in self.responding:  # the rest of the response is owed: its next event
+            self._follow(flow.id, event_type, response_id)
+            if flow.id in self.responding:  # the rest of a response is owed: its next event
                 self.waiting[flow.id] = (flow, now)
             else:
                 self.waiting.pop(flow.id, None)
         elif flow.id not in self.waiting:
             self.waiting[flow.id] = (flow, now)
+
+    def _follow(self, flow_id: str, event_type: str | None, response_id: str) -> None:
+        """The Realtime responses under way: started by `response.created`, ended by their
+        `response.done` (one without an id, or naming none started, ends the oldest)."""
+        started = self.responding.get(flow_id)
+        if event_type == "response.created":
+            started = self.responding.setdefault(flow_id, {})
+            started[response_id] = None
+            if len(started) > RESPONSES:
+                del started[next(iter(started))]
+        elif event_type == "response.done" and started:
+            del started[response_id if response_id in started else next(iter(started))]
+            if not started:
+                del self.responding[flow_id]
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         if (st := peek(flow)) is not None and st.upstream is not None:
@@ -352,17 +366,22 @@ class PoliceWebSocket:
         self.last.pop(flow.id, None)
         self.opened.pop(flow.id, None)
         self.messages.pop(flow.id, None)
-        self.responding.discard(flow.id)
+        self.responding.pop(flow.id, None)
         self.cut.discard(flow.id)
         self.earlier.pop(flow.id, None)
         self.items.pop(flow.id, None)
 
     async def _verdict(self, flow_id: str, st: FlowState, is_text: bool, content: bytes,
-                       from_client: bool) -> tuple[Reason | None, str | None]:
-        """(None to deliver the message, else the reason it is stopped; its event's type)."""
+                       from_client: bool) -> tuple[Reason | None, str | None, str]:
+        """(None to deliver the message, else the reason it is stopped; its event's type; the
+        id of the Realtime response it is part of, "" when it names none)."""
         reason, doc = await self._read(flow_id, st, is_text, content, from_client)
-        kind = doc.get("type") if isinstance(doc, dict) else None
-        return reason, kind if isinstance(kind, str) else None
+        event = doc if isinstance(doc, dict) else {}
+        kind = event.get("type")
+        response = event.get("response")
+        response_id = response.get("id") if isinstance(response, dict) else None
+        return reason, kind if isinstance(kind, str) else None, \
+            response_id[:ITEM_ID_CHARS] if isinstance(response_id, str) else ""
 
     async def _read(self, flow_id: str, st: FlowState, is_text: bool, content: bytes,
                     from_client: bool) -> tuple[Reason | None, Any]:

@@ -18,13 +18,14 @@ from wsproto.events import Ping
 from douane import config
 from tests.test_websocket_e2e import connect, item, realtime_gateway
 
-IDLE, SESSION, MESSAGES = 4, 8, 40
+SILENCE, IDLE, SESSION, MESSAGES = 2, 5, 8, 40
 
 
 @pytest.fixture(scope="module")
 def bounded(issuer, tmp_path_factory):
     yield from realtime_gateway(issuer, tmp_path_factory.mktemp("sec31_websocket"), gateway={
-        "timeouts": {"websocket_idle": IDLE, "websocket_session": SESSION},
+        "timeouts": {"answer_silence": SILENCE, "websocket_idle": IDLE,
+                     "websocket_session": SESSION},
         "websocket_messages": MESSAGES})
 
 
@@ -97,6 +98,28 @@ def test_pings_alone_do_not_keep_a_session_open(bounded, issuer):
     finally:
         client.close()
     assert IDLE - 1 <= at - started < SESSION, at - started
+
+
+def test_overlapping_responses_are_each_followed_to_their_end(bounded, issuer):
+    """Two Realtime responses under way (an out-of-band one beside the conversation's): the end
+    of the first leaves the second owed, its silence ends the session as any response's."""
+    gw, upstream = bounded
+    events = iter([{"type": "response.created", "response": {"id": "resp_1"}},
+                   {"type": "response.created", "response": {"id": "resp_2"}},
+                   {"type": "response.done", "response": {"id": "resp_1"}}])
+    upstream.answer = lambda _m: next(events, None)
+    client = connect(gw, issuer.mint("grace@corp.example", ["engineering"]))
+    try:
+        for expected in ("response.created", "response.created", "response.done"):
+            client.send(item("go"))
+            assert client.receive(timeout=30)["type"] == expected
+        started = time.monotonic()
+        event, at = until_error(gw, client, "upstream_timeout", "upstream.timeout")
+        assert "a response it started" in event["error"]["message"], event
+        assert at - started >= SILENCE - 1, at - started
+    finally:
+        upstream.answer = None
+        client.close()
 
 
 @pytest.mark.parametrize("gateway, message", [
