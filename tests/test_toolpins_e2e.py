@@ -158,3 +158,27 @@ def test_added_removed_and_twice_listed_tools(tmp_path):
     assert out.withheld == {"a": "it is listed twice"} and store.refusal("up", "a")
     assert store.listed("up", [a], complete=False).withheld == {}  # as accepted again
     assert store.refusal("up", "a") is None
+
+
+def test_a_call_sees_every_commit_of_another_connection_and_reads_nothing_meanwhile(tmp_path):
+    """A tools/call's check runs no statement while the file holds no new commit (the WAL-index
+    header reads as before), and sees each commit of another connection (`douane tools accept`,
+    another replica) at the next call: the same answers as a statement each time."""
+    store = toolpins.PinStore(tmp_path / "tools.sqlite3")
+    store.listed("up", [{"name": "a", "description": "A."}], complete=True)
+    statements: list[str] = []
+    store.db.set_trace_callback(statements.append)
+    other = toolpins.connect(tmp_path / "tools.sqlite3")
+    assert store.refusal("up", "a") is None
+    statements.clear()
+    for _ in range(20):
+        assert store.refusal("up", "a") is None
+    assert statements == []  # nothing committed: nothing read
+    for i in range(40):  # (commits close together, one page rewritten: the header still moves)
+        state = ("changed", "pinned")[i % 2]
+        other.execute("UPDATE tools SET state = ?, reason = ? WHERE name = 'a'", (state, "why"))
+        assert store.refusal("up", "a") == (None if state == "pinned" else "why"), i
+    assert statements  # each commit was read
+    store.close()
+    assert store.refusal("up", "a") is None  # reopened: read again
+    other.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import mmap
 import re
 import sqlite3
 import threading
@@ -49,6 +50,7 @@ PINNED_FIELDS = ("name", "description", "inputSchema", "outputSchema", "annotati
 DEFINITION_CHARS = 64 * 1024  # a larger definition is withheld, never stored
 REASON_CHARS = 200
 REFUSALS_KEPT = 4096  # tools' refusals `PinStore` keeps between two changes of the file
+WAL_HEADER = 96  # the WAL-index header's two copies
 URL = re.compile(r"\b(?:https?|ftp|wss?)://|\bwww\.")
 SENDING = re.compile(r"\b(?:send|sends|sent|collect|post|upload|forward|exfiltrate|transmit|"
                      r"email|report)\b")
@@ -120,6 +122,21 @@ class Outcome:
     withheld: dict[str, str]  # tool name -> why
 
 
+def _wal_index(path: Path) -> mmap.mmap | None:
+    """The database's WAL-index (`-shm`, SQLite's shared memory in WAL mode) mapped read-only,
+    for its header (https://www.sqlite.org/walformat.html: two copies of 48 bytes, each commit
+    writes both); None if it cannot be (every check is then the statement)."""
+    try:
+        with open(f"{path}-shm", "rb") as f:
+            shm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    if len(shm) < WAL_HEADER:
+        shm.close()
+        return None
+    return shm
+
+
 def connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None, timeout=5, check_same_thread=False)
@@ -144,17 +161,24 @@ class PinStore:
         # (`PRAGMA data_version`: ~3x cheaper than the query) nor one of ours (`listed`)
         self._refusals: dict[tuple[str, str], str | None] = {}
         self._version: int | None = None
+        # ... and, before that statement, the WAL-index header as last read (`_changed`)
+        self._shm: mmap.mmap | None = None
+        self._header: bytes | None = None
 
     @property
     def db(self) -> sqlite3.Connection:
         if self._db is None:
             self._db = connect(self.path)
+            self._shm = _wal_index(self.path)
         return self._db
 
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = self._header = None
 
     def listed(self, upstream: str, tools: list[Any], complete: bool) -> Outcome:
         """Record one listing (a page of it unless `complete`) and say what it withholds."""
@@ -250,12 +274,25 @@ class PinStore:
         with self.lock:
             return self._refusal(upstream, name)
 
+    def _changed(self) -> bool:
+        """Whether another connection may have committed since the last call. It runs on the
+        event loop for every tools/call: a statement cost ~25-35 us there (SQLite's code and
+        locks, cold), a read of the WAL-index header (`_wal_index`) ~1: every commit of every
+        connection rewrites it (its frame count and change counter), so while it reads as
+        before, nothing was committed since the statement that followed that read."""
+        db = self.db
+        if self._shm is not None:
+            header = self._shm[:WAL_HEADER]
+            if header == self._header:
+                return False
+            self._header = header
+        version = db.execute("PRAGMA data_version").fetchone()[0]
+        changed, self._version = version != self._version, version
+        return changed
+
     def _refusal(self, upstream: str, name: str) -> str | None:
-        # it runs on the event loop for every tools/call: one statement when nothing changed
-        version = self.db.execute("PRAGMA data_version").fetchone()[0]
-        if version != self._version or len(self._refusals) >= REFUSALS_KEPT:
+        if self._changed() or len(self._refusals) >= REFUSALS_KEPT:
             self._refusals.clear()
-            self._version = version
         key = (upstream, name)
         if key not in self._refusals:
             self._refusals[key] = self._read_refusal(upstream, name)
