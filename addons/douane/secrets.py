@@ -786,6 +786,12 @@ def all_quiet(texts: list[str]) -> bool:
     return quiet(_SPLIT.join(texts))
 
 
+def any_matches(texts: list[str]) -> bool:
+    """`matches` of any of `texts`, in one test of their join by `_SPLIT` (a newline would join
+    two texts' base64 runs into one wrapped run, decoded to other bytes: a key one holds hidden)."""
+    return matches(_SPLIT.join(texts))
+
+
 def matches(text: str) -> bool:
     """Whether any pattern `find` would try matches somewhere in `text`, its checks aside. False
     also clears every part of `text` set apart by characters no pattern consumes across (the

@@ -13,7 +13,7 @@ from typing import Any
 from anyascii import anyascii
 
 from douane.interaction import Interaction
-from douane.secrets import SHORTEST_SECRET, matches, redact
+from douane.secrets import SHORTEST_SECRET, any_matches, redact
 
 # C0, DEL, C1, the Arabic letter mark, LRM/RLM, line and paragraph separators, bidi embeddings,
 # overrides and isolates: what moves a terminal's cursor, colours or hides text, or reorders it;
@@ -82,7 +82,7 @@ def scrub_all(value: Any, limit: int = FIELD_CHARS) -> Any:
     """`scrub` on every string of a JSON-like value, and lists cut at `LIST_ITEMS` items.
     Cheap in the usual case, where there is no secret: values seen clean before (the same user,
     model, path in every record) are not scanned again, and the others are scanned once, joined
-    by newlines (which no secret's value spans), instead of one pass of the detectors each.
+    (`secrets.any_matches`), instead of one pass of the detectors each.
     A dict nothing in which changes is returned as it is, not copied (an audit record, usually)."""
     texts: list[str] = []
     if type(value) is dict and _as_is(value, limit, texts) and clean(texts):
@@ -101,17 +101,16 @@ def scrub_all(value: Any, limit: int = FIELD_CHARS) -> Any:
 
 def clean(texts: list[str], ids: bool = True, remembered: int = NAME_CHARS) -> bool:
     """Whether none of `texts` holds a secret. Values seen clean before are not scanned again;
-    the others are searched once, joined by newlines, for any pattern's match: where none is,
-    none is in any of them (a match in one is a match in the joined text), and those up to
-    `remembered` characters are then known clean. Where one is, each is redacted alone: a
-    pattern's separator spans a newline, so a match across two values that fails its check
-    (`the password is` + `[x]password=...` reads as a placeholder) would hide the secret behind
-    it. `ids`: douane's own identifiers are known clean (in its records, not in a body)."""
+    the others are searched once, joined (`secrets.any_matches`), for any pattern's match: where
+    none is, none is in any of them (a match in one is a match in the joined text), and those up
+    to `remembered` characters are then known clean. Where one is, each is redacted alone: a
+    match across two values that fails its check (`the password is` + `[x]password=...` reads
+    as a placeholder) would hide the secret behind it. `ids`: douane's own identifiers are known clean (in its records, not in a body)."""
     fresh = [t for t in texts if len(t) >= SHORTEST_SECRET and t not in _clean
              and not (ids and IDS.fullmatch(t))]
     if not fresh:
         return True
-    if matches("\n".join(fresh)) and any(redact(t) != t for t in fresh):
+    if any_matches(fresh) and any(redact(t) != t for t in fresh):
         return False
     if len(_clean) > CLEAN_VALUES:
         _clean.clear()

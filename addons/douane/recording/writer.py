@@ -415,8 +415,8 @@ def _redacted(text: str, ctype: str, clean: Container[str] = frozenset(),
     if not ("json" in ctype or "event-stream" in ctype or text.lstrip()[:1] in ("{", "[")):
         return secrets.redact(text) if text not in clean and secrets.matches(text) else text
     # The usual, clean body in one scan: its string values (what `_json_string` would redact,
-    # decoded), joined by newlines, which no pattern reads across: where no pattern matches the
-    # join, none matches a value. Neither the keys' `": "` (an assignment to every pattern that
+    # decoded), joined as no pattern reads across (`untrusted.clean`): where no pattern matches
+    # the join, none matches a value. Neither the keys' `": "` (an assignment to every pattern that
     # needs one) nor numbers and punctuation are scanned, nor the values the policy found clean
     # (their redaction is themselves), nor the short ones seen clean before (`untrusted.clean`:
     # keys, models, roles, finish reasons; `max_tokens` runs the token patterns). A data URL is
