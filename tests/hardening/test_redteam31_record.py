@@ -66,6 +66,11 @@ UTF = {
     "UTF-16BE with a BOM": _in_utf("utf-16-be", b"\xfe\xff"),
     "UTF-32 with its BOM": _in_utf("utf-32"),
     "UTF-32BE without a BOM": _in_utf("utf-32-be"),
+    # a lone surrogate code unit in a string (valid JSON `\ud800`, read so by the gateway):
+    # strict UTF-16 decoding failed, and the writer fell back to UTF-8
+    "UTF-16LE holding a lone surrogate": lambda tag: json.dumps(
+        chat(f"{tag} \ud800 deploy with {KEY} now"), ensure_ascii=False).encode(
+            "utf-16-le", "surrogatepass"),
 }
 
 

@@ -214,7 +214,7 @@ def _message(state: dict, names: frozenset[str], cls: type[http.Message],
     if redacted == text:
         return state
     message = cls.from_state(state)
-    message.text = redacted
+    _write_back(message, redacted, ctype)
     return message.get_state()
 
 
@@ -222,15 +222,31 @@ def _text(raw: bytes, ctype: str) -> str:
     """What `message.get_text(strict=False)` reads from a body with no encoding, but JSON in
     UTF-16 or UTF-32 read as the gateway reads it (`protocols.loads`, by its first bytes): read
     as UTF-8 (NUL bytes are UTF-8), a key in it is NUL-interleaved and no pattern sees it."""
-    if "json" in ctype.lower() and (wide := json.detect_encoding(raw)) in _WIDE:
+    if wide := _wide(raw, ctype):  # (a lone surrogate passes, as there: `\ud800` is JSON)
         with contextlib.suppress(UnicodeDecodeError):
-            return raw.decode(wide)
+            return raw.decode(wide, "surrogatepass")
     try:  # a JSON body's UTF-8 read without mitmproxy's inference (what it infers for one with
         # no charset and no byte order mark)
         return raw.decode() if "json" in ctype and ";" not in ctype and raw[:1] not in _BOMS \
             else encoding.decode(raw, infer_content_encoding(ctype, raw))
     except ValueError:
         return raw.decode("utf8", "surrogateescape")
+
+
+def _wide(raw: bytes, ctype: str) -> str | None:
+    """The UTF-16 or UTF-32 codec a JSON body is in (None: another)."""
+    if "json" in ctype.lower() and (wide := json.detect_encoding(raw)) in _WIDE:
+        return wide
+    return None
+
+
+def _write_back(message: http.Message, text: str, ctype: str) -> None:
+    """A redacted body's text as its body: JSON in UTF-16 or UTF-32 in its own codec (a lone
+    surrogate it held kept: UTF-8 cannot hold one, and the record would be lost)."""
+    if wide := _wide(message.raw_content or b"", ctype):
+        message.content = text.encode(wide, "surrogatepass")
+    else:
+        message.text = text
 
 
 # the first bytes of the byte order marks `infer_content_encoding` reads
@@ -462,7 +478,7 @@ def _decoded_and_redacted(message: http.Message, clean: Container[str] = frozens
     text = _text(message.raw_content or b"", ctype)
     redacted = _redacted(text, ctype.lower(), clean, unread)
     if redacted != text:
-        message.text = redacted
+        _write_back(message, redacted, ctype)
 
 
 class _HoldAndRedact:
