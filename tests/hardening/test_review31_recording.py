@@ -60,3 +60,8 @@ def test_a_key_encoded_before_base64_letters_is_in_no_recording(gw, llm, issuer,
         assert time.monotonic() < deadline, "the refused request was not recorded"
         time.sleep(0.2)
     assert not any(ENCODED.encode() in p.read_bytes() for p in _recordings(gw))
+
+
+def test_a_key_encoded_outside_the_strings_of_a_body_read_unread_is_redacted():
+    body = f'{ENCODED}"x"{AFTER}'  # (typed JSON, refused unread: its text outside quotes read)
+    assert ENCODED not in writer._redacted(body, "application/json", frozenset(), True)

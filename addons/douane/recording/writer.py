@@ -438,7 +438,7 @@ def _redacted(text: str, ctype: str, clean: Container[str] = frozenset(),
     # keys, models, roles, finish reasons; `max_tokens` runs the token patterns). A data URL is
     # looked inside.
     stray = unread and "event-stream" not in ctype and \
-        secrets.matches("\n".join(JSON_STRING.split(text)))
+        secrets.any_matches(JSON_STRING.split(text))
     if not stray and not _DATA_URL.search(text) and \
             untrusted.clean([v for v in _values(text) if v not in clean], False, KNOWN_CHARS):
         return text
