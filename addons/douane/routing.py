@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from mitmproxy import http
 
-from douane import forwarding, headerfields, operations, protocols, usersecrets
+from douane import forwarding, headerfields, operations, protocols, upstreamerrors, usersecrets
 from douane.config import Credential, Upstream
 from douane.flowstate import Reason, state
 from douane.interaction import Interaction
@@ -312,6 +312,9 @@ class Broker:
             refuse(flow, 502, f"{st.upstream.name} answered a WebSocket upgrade without "
                    "upgrading", "websocket_not_upgraded",
                    Reason("protocol.websocket_not_upgraded", f"the upstream answered {status}"))
+        elif st.upstream and (why := upstreamerrors.unframed(flow)):
+            refuse(flow, 502, f"{st.upstream.name}: {why}", "upstream_unframed",
+                   Reason("upstream.unframed", why))
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._forget_credential(flow)

@@ -40,6 +40,7 @@ from mitmproxy.proxy.layers.http import (
     SendHttp,
 )
 
+from douane import headerfields
 from douane.flowstate import Reason, peek, state
 from douane.protocols import http1, mitmpatch, streams
 from douane.refusals import make_response
@@ -80,6 +81,23 @@ _SERVER_ENDINGS = {ErrorCode.CONNECT_FAILED: "upstream_unreachable",
                    ErrorCode.KILL: "killed"}
 _CLIENT_ENDINGS = {ErrorCode.CLIENT_DISCONNECTED: "client_left", ErrorCode.CANCEL: "client_reset",
                    ErrorCode.REQUEST_TOO_LARGE: "too_large", ErrorCode.KILL: "killed"}
+
+
+def unframed(flow: http.HTTPFlow) -> str | None:
+    """Why an HTTP/1 answer framed by its connection's close (no length, no chunks) is refused,
+    unless douane reads its end: a close cutting it reads as its end, so a download cut mid-body
+    would be delivered whole-looking. JSON is parsed whole (a cut one is unreadable) and an event
+    stream's API ends it with its own event: those pass. The APIs douane knows frame every answer."""
+    resp = flow.response
+    if resp is None or not resp.http_version.startswith("HTTP/1") or resp.status_code < 200 or \
+            resp.status_code in (204, 304) or flow.request.method == "HEAD" or \
+            headerfields.present(resp.headers, (b"content-length", b"transfer-encoding")):
+        return None
+    ctype = (headerfields.get(resp.headers, b"content-type", "") or "").split(";")[0].strip().lower()
+    if ctype in ("application/json", "text/event-stream") or ctype.endswith("+json"):
+        return None
+    return "the upstream's answer has no length (framed by its connection's close): a cut " \
+        "could not be told from its end"
 
 
 def ended_as(flow: http.HTTPFlow, how: str) -> None:
