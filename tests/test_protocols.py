@@ -402,3 +402,19 @@ def test_jsonpath_strings_and_keys_in_document_order():
                                              (("p", "a", 1, "d", 1), "z"), (("p", "f"), "w")]
     assert jsonpath.strings("s") == [((), "s")] and jsonpath.strings(3) == []
     assert jsonpath.keys(doc) == ["a", "b", "c", "d", "e", "f", "g"]
+
+
+@pytest.mark.parametrize("text", ['{}', ' {"a": [1, {"b": "c"}]}\r\n\t', '[]', '"s"', 'null',
+                                  '\n1 ', '{"a": "\\ud800"}'])
+def test_bodies_parse_as_json_loads_reads_them(text):
+    assert protocols.loads(text, "body") == json.loads(text)
+    assert protocols.loads(text.encode(), "body") == json.loads(text)
+
+
+@pytest.mark.parametrize("text", ['{"a": 1} x', '{}{}', ' ', '{', '[1,]', '{"a": NaN}',
+                                  '{"a": 1}\x0b', '\x0c{}', '{}\u00a0', '\ufeff{}',
+                                  '{"a": 1, "a": 2}', '{"x": {"a": 1, "a": 1}}'])
+def test_bodies_json_loads_refuses_are_refused(text):
+    with pytest.raises(protocols.ProtocolError) as e:
+        protocols.loads(text, "body")
+    assert e.value.code == ("duplicate_json_key" if '"a": 1, "a"' in text else "invalid_json")

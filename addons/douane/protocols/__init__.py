@@ -73,6 +73,20 @@ def _no_constants(name: str) -> Any:
 
 # One decoder for every body: `json.loads` with hooks builds a decoder and its scanner per call.
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+_SCAN = _DECODER.scan_once
+_SPACE = " \t\n\r"  # JSON's whitespace
+
+
+def _decode(text: str) -> Any:
+    """`_DECODER.decode(text)` without its Python frames and regular expressions: the scanner
+    (C) from the first non-space, and nothing but JSON's whitespace after the value."""
+    try:
+        doc, end = _SCAN(text, len(text) - len(text.lstrip(_SPACE)))
+    except StopIteration:
+        raise ValueError("no JSON value") from None
+    if end != len(text) and text[end:].strip(_SPACE):
+        raise ValueError("extra data after the JSON value")
+    return doc
 
 
 def loads(raw: bytes | str, what: str) -> Any:
@@ -84,11 +98,11 @@ def loads(raw: bytes | str, what: str) -> Any:
         if isinstance(raw, str):
             if raw.startswith("\ufeff"):
                 raise ValueError("BOM")
-            return _DECODER.decode(raw)
+            return _decode(raw)
         # (an object's opening brace then a non-zero byte: what `detect_encoding` reads as UTF-8)
         utf8 = raw[:1] == b"{" and raw[1:2] != b"\0"
-        return _DECODER.decode(raw.decode("utf-8" if utf8 else json.detect_encoding(raw),
-                                          "surrogatepass"))
+        return _decode(raw.decode("utf-8" if utf8 else json.detect_encoding(raw),
+                                  "surrogatepass"))
     except (ValueError, RecursionError):
         raise ProtocolError(400, "invalid_json", f"the {what} is not valid JSON") from None
 

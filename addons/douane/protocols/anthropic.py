@@ -77,16 +77,17 @@ def parse_request(doc: Any, endpoint: str) -> Interaction:
 def _kind(doc: dict[str, Any], text: Kind) -> fields.Classify:
     """Tool definitions, tool inputs, tool results (server tools' too), or text."""
     def classify(path: JsonPath) -> tuple[Kind, Role | None]:
-        if path[:1] == ("tools",):
+        first = path[0] if path else None  # (no slices: called for every object of a body)
+        if first == "tools":
             return "tool_description", None
         role: Role | None = "assistant" if text == "completion" else None
         block = None
-        if path[:1] == ("messages",) and len(path) > 1:
+        if first == "messages" and len(path) > 1:
             msg = doc["messages"][path[1]]
             role = msg.get("role") if msg.get("role") in ("user", "assistant") else None
-            if path[2:3] == ("content",) and len(path) > 3 and isinstance(msg["content"], list):
+            if len(path) > 3 and path[2] == "content" and isinstance(msg["content"], list):
                 block = msg["content"][path[3]]
-        elif path[:1] == ("content",) and len(path) > 1 and isinstance(doc["content"], list):
+        elif first == "content" and len(path) > 1 and isinstance(doc["content"], list):
             block = doc["content"][path[1]]
         kind = block.get("type") if isinstance(block, dict) else None
         if isinstance(kind, str) and kind.endswith("tool_use"):

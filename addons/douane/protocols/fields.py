@@ -180,9 +180,12 @@ def cover(it: Interaction, doc: Any, classify: Classify, side: str = "request",
     pieces = it.texts if side == "request" else it.response_texts
     walk = _Walk(classify, {p.path: p for p in pieces}, reads)
     _node(walk, doc, (), None, {}, 0, None)
-    pieces[:] = [*walk.text, *walk.named.values(),
-                 *(TextPiece(kind, None, "\n".join(texts), (KEYS,), False)
-                   for kind, texts in walk.tail.items())]
+    out = walk.text
+    if walk.named:
+        out.extend(walk.named.values())
+    for kind, texts in walk.tail.items():
+        out.append(TextPiece(kind, None, "\n".join(texts), (KEYS,), False))
+    pieces[:] = out
     it.has_media = it.has_media or (walk.media and side == "request")
 
 
@@ -325,15 +328,16 @@ def _node(walk: _Walk, node: Any, path: JsonPath, key: str | None, parent: dict[
         walk.count += 1
         if walk.count > MAX_STRINGS:
             walk.counted(0)
-        at = (*path, k)
-        if named and (piece := named.pop(at, None)) is not None:
+        if named and (piece := named.pop((*path, k), None)) is not None:
             walk.text.append(piece)
             continue
         if not v:
             continue
         if structural and lines is not None:
             lines.append(v)  # with its object's keys
-        elif structural:
+            continue
+        at = (*path, k)
+        if structural:
             walk.tail.setdefault((fixed if fixed is not None else walk.classify(at))[0],
                                  []).append(v)
         else:

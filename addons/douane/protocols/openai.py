@@ -113,11 +113,12 @@ def offered_tools(it: Interaction, doc: dict[str, Any], chat: bool) -> None:
 
 def _chat_kind(doc: dict[str, Any]) -> fields.Classify:
     def classify(path: JsonPath) -> tuple[Kind, Role | None]:
-        if path[:1] in (("tools",), ("functions",)):
+        first = path[0] if path else None  # (no slices: called for every object of a body)
+        if first == "tools" or first == "functions":
             return "tool_description", None
-        if path[:1] == ("messages",) and len(path) > 1:
+        if first == "messages" and len(path) > 1:
             msg = doc["messages"][path[1]]
-            if path[2:3] in (("tool_calls",), ("function_call",)):
+            if len(path) > 2 and path[2] in ("tool_calls", "function_call"):
                 return "tool_arguments", "assistant"
             if msg.get("role") in ("tool", "function"):
                 return "tool_result", "tool"
@@ -293,11 +294,12 @@ def parse_response(doc: Any, it: Interaction) -> None:
 
 def _answer_kind(doc: dict[str, Any], operation: str) -> fields.Classify:
     def classify(path: JsonPath) -> tuple[Kind, Role | None]:
-        if operation == "responses" and path[:1] == ("output",) and len(path) > 1 and \
+        first = path[0] if path else None
+        if first == "output" and operation == "responses" and len(path) > 1 and \
                 isinstance(doc["output"], list) and isinstance(doc["output"][path[1]], dict):
             return _item_kind(doc["output"][path[1]], path[2:3], "completion")
-        if path[:1] == ("choices",) and path[2:4] in (("message", "tool_calls"),
-                                                     ("message", "function_call")):
+        if first == "choices" and len(path) > 3 and path[2] == "message" and \
+                path[3] in ("tool_calls", "function_call"):
             return "tool_arguments", "assistant"
         return "completion", "assistant"
     return classify
