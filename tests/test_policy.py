@@ -368,3 +368,14 @@ def _cpu(work) -> float:
     start = time.thread_time()
     work()
     return time.thread_time() - start
+
+
+def test_a_grant_without_limits_counts_nothing_and_a_limit_counts_from_its_load():
+    limiter = RateLimiter()
+    for i in range(100):
+        assert limiter.check("k", model.Limits(), chat(), now=float(i)) is None
+    assert not limiter.requests and not limiter.tokens  # nothing kept for an unlimited grant
+    limited = model.Limits(requests_per_minute=2)
+    assert limiter.check("k", limited, chat(), now=100.0) is None
+    assert limiter.check("k", limited, chat(), now=101.0) is None
+    assert limiter.check("k", limited, chat(), now=102.0).rule == "limit.requests_per_minute"

@@ -73,8 +73,8 @@ class RateLimiter:
         if batch := over_batch(limits, it):
             return batch
         count = calls(it)
-        if count == 0:
-            return None
+        if count == 0 or limits.requests_per_minute is None and limits.tokens_per_day is None:
+            return None  # nothing to count (as `SharedRateLimiter`): a limit counts from its load
         window = self.requests.setdefault(key, deque())
         while window and window[0][0] <= now - 60:
             self.counted[key] -= window.popleft()[1]
