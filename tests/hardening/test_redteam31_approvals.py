@@ -20,16 +20,20 @@ from tests.support.gateway import Gateway, base_config
 HELD_POLICY = POLICY.replace("rules:\n", 'rules:\n  - {id: hold.kestrel, literal: "kestrel", score: 60}\n')
 
 
-@pytest.fixture(scope="module")
-def gw(issuer, llm, tmp_path_factory):
-    work = tmp_path_factory.mktemp("redteam31_approvals")
+def held_gateway(issuer, llm, work, **config: object) -> Gateway:
+    """A gateway whose requests naming a kestrel wait for an approver (answer mode)."""
     (work / "policy.yaml").write_text(HELD_POLICY)
     config = base_config(issuer.url, llm.url + "/v1", policy={"files": [str(work / "policy.yaml")]},
                          approvals={"listen": "127.0.0.1:0", "approver_groups": ["approvers"],
-                                    "upstreams": {"llm": {"mode": "answer"}}})
+                                    "upstreams": {"llm": {"mode": "answer"}}}, **config)
     with_claude(config, llm.url)
-    with Gateway(config, mode=f"reverse:{llm.url}", workdir=work / "gw",
-                 env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}) as gateway:
+    return Gateway(config, mode=f"reverse:{llm.url}", workdir=work / "gw",
+                   env={"DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY})
+
+
+@pytest.fixture(scope="module")
+def gw(issuer, llm, tmp_path_factory):
+    with held_gateway(issuer, llm, tmp_path_factory.mktemp("redteam31_approvals")) as gateway:
         yield gateway
 
 

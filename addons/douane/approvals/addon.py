@@ -86,6 +86,7 @@ class Approvals:
         self.requests: dict[str, Pending] = {}
         self.flows: dict[str, http.HTTPFlow] = {}  # held flows by approval id
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._opening: dict[str, int] = {}  # by user: approval requests being opened (`_open`)
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -196,8 +197,6 @@ class Approvals:
                                    f"({grant.reason}) until {time.ctime(grant.expires_at)}"))
             return
         wait = self.approvals.wait_for(st.upstream.name, st.upstream.protocol)
-        if self._too_many(flow, st.identity.user, fp, wait.mode, decision):
-            return
         if wait.mode == "answer":
             earlier = await self._earlier(st, fp)
             denied = earlier if earlier and earlier.status == "denied" else None
@@ -211,6 +210,8 @@ class Approvals:
                 return
             pending = earlier if earlier and earlier.status == "pending" else \
                 await self._open(flow, st, "answer", wait.timeout)
+            if pending is None:
+                return
             if self._by_url(flow, st):
                 assert self.api
                 input_required(flow, await self.api.status_url(pending.id),
@@ -224,23 +225,24 @@ class Approvals:
                    headers={"x-douane-approval-id": pending.id})
             return
         pending = await self._open(flow, st, "hold", wait.timeout)
+        if pending is None:
+            return
         try:
             await self._hold(flow, pending)
             self._conclude(flow, st, pending)
         finally:
             self.flows.pop(pending.id, None)
 
-    def _too_many(self, flow: http.HTTPFlow, user: str, fp: str, mode: str,
-                  decision: Decision) -> bool:
+    def _too_many(self, flow: http.HTTPFlow, user: str, decision: Decision) -> bool:
         """Refuse a request that would open one approval request more than OPEN_PER_USER for its
-        user (answer mode's retry of one still pending opens none)."""
-        mine = [p for p in self.open_requests() if p.requester.user == user]
-        if len(mine) < OPEN_PER_USER or mode == "answer" and any(
-                p.mode == "answer" and p.fingerprint == fp for p in mine):
+        user, counting those being opened (`_open` awaits before its request is listed)."""
+        mine = self._opening.get(user, 0) + sum(
+            p.requester.user == user for p in self.open_requests())
+        if mine < OPEN_PER_USER:
             return False
-        refuse(flow, 429, f"this request needs an approver, and {len(mine)} of your requests "
+        refuse(flow, 429, f"this request needs an approver, and {mine} of your requests "
                "already wait for one; retry once they are decided", "too_many_approvals",
-               Reason("approval.too_many", f"{len(mine)} approval requests of this user are "
+               Reason("approval.too_many", f"{mine} approval requests of this user are "
                       f"open (at most {OPEN_PER_USER})"), *decision.reasons, action="refuse")
         return True
 
@@ -287,22 +289,33 @@ class Approvals:
         assert self.approvals and pending.decided_at is not None
         return pending.decided_at + self.approvals.retry_window
 
-    async def _open(self, flow: http.HTTPFlow, st: FlowState, mode: str, timeout: int) -> Pending:
+    async def _open(self, flow: http.HTTPFlow, st: FlowState, mode: str,
+                    timeout: int) -> Pending | None:
+        """A new approval request for the flow; None when its user has too many (refused)."""
         assert st.identity and st.upstream and st.interaction and st.decision
-        now = time.time()
-        self._forget_old(now)
-        pending = Pending(
-            id=new_approval_id(), requester=st.identity, upstream=st.upstream.name,
-            protocol=st.upstream.protocol, operation=st.interaction.operation,
-            subject=subject_of(st.interaction), model=st.interaction.model,
-            fingerprint=fingerprint(st.upstream.name, st.interaction),
-            decision_id=st.decision_id, mode=mode,
-            reasons=[r.summary() for r in st.decision.reasons], risk=st.decision.risk,
-            preview=await self._preview(st), created_at=now, expires_at=now + timeout)
-        if self.shared:
-            assert self.approvals
-            await self.shared.open(pending, max(KEEP_DECIDED, self.approvals.retry_window))
-        self.requests[pending.id] = pending
+        user = st.identity.user
+        if self._too_many(flow, user, st.decision):
+            return None
+        self._opening[user] = self._opening.get(user, 0) + 1
+        try:
+            now = time.time()
+            self._forget_old(now)
+            pending = Pending(
+                id=new_approval_id(), requester=st.identity, upstream=st.upstream.name,
+                protocol=st.upstream.protocol, operation=st.interaction.operation,
+                subject=subject_of(st.interaction), model=st.interaction.model,
+                fingerprint=fingerprint(st.upstream.name, st.interaction),
+                decision_id=st.decision_id, mode=mode,
+                reasons=[r.summary() for r in st.decision.reasons], risk=st.decision.risk,
+                preview=await self._preview(st), created_at=now, expires_at=now + timeout)
+            if self.shared:
+                assert self.approvals
+                await self.shared.open(pending, max(KEEP_DECIDED, self.approvals.retry_window))
+            self.requests[pending.id] = pending
+        finally:
+            self._opening[user] -= 1
+            if not self._opening[user]:
+                del self._opening[user]
         if mode == "hold":
             self.flows[pending.id] = flow
         else:
