@@ -285,6 +285,8 @@ def _headers(fields: tuple[tuple[bytes, bytes], ...],
 # Encoded once: the same few dozen keys (mitmproxy's state, douane's metadata) in every flow.
 _KEYS: dict[str, bytes] = {}
 KEYS_CACHED = 4096
+PREFIXES = 1024  # a short value's length prefix (`12:`), made once
+_PREFIX = [b"%d:" % n for n in range(PREFIXES)]
 
 
 def tnetstring_of(value: Any, raw: dict[str, bytes] | None = None) -> bytes:
@@ -335,11 +337,17 @@ def _dict(value: dict, raw: dict[str, bytes] | None) -> bytes:
         kind = type(v)
         if raw is not None and k in raw:
             append(raw[k])
-        elif kind is bytes:
-            append(b"%d:%s," % (len(v), v))
+        elif kind is bytes:  # (three items joined once: cheaper than a format each)
+            n = len(v)
+            append(_PREFIX[n] if n < PREFIXES else b"%d:" % n)
+            append(v)
+            append(b",")
         elif kind is str:
             data = v.encode("utf8")
-            append(b"%d:%s;" % (len(data), data))
+            n = len(data)
+            append(_PREFIX[n] if n < PREFIXES else b"%d:" % n)
+            append(data)
+            append(b";")
         elif v is None:
             append(b"0:~")
         elif kind is dict:
