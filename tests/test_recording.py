@@ -242,7 +242,10 @@ def test_no_credential_from_a_body_in_any_file_written(issuer, tmp_path, capsys)
     assert streamed.response.text.endswith("data: [DONE]\n\n")
     written = [p for p in gw.dir.rglob("*") if p.is_file() and not p.name.endswith(".pem")]
     for path in written:
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # SQLite's -shm, gone with the last connection (GC'd here)
+            continue
         for secret in (AWS_KEY, JWT, JWT.split(".")[2]):
             assert secret.encode() not in data, f"{secret[:12]}... leaked into {path}"
 
@@ -295,8 +298,9 @@ def test_a_bodys_short_values_seen_clean_are_not_scanned_again_its_texts_are(mon
     every body, and a secret is never remembered."""
     monkeypatch.setattr(untrusted, "_clean", set())
     scanned: list[str] = []
-    matches = untrusted.matches
-    monkeypatch.setattr(untrusted, "matches", lambda text: scanned.append(text) or matches(text))
+    matches = untrusted.any_matches
+    monkeypatch.setattr(untrusted, "any_matches",
+                        lambda texts: scanned.extend(texts) or matches(texts))
     answer = "The quarterly report shows revenue grew in every region except the north one."
     assert len(answer) > writer.KNOWN_CHARS
     clean, leaky = (json.dumps({"model": "gpt-4o-mini", "max_tokens": 9, "messages": [
@@ -520,7 +524,6 @@ def test_the_policys_verdict_is_the_very_text_it_read_and_found_clean():
         return matches(text)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(writer.secrets, "matches", spied)
-        mp.setattr(untrusted, "matches", spied)  # (the body's values: `untrusted.clean`)
         mp.setattr(untrusted, "_clean", set())  # no value seen clean before
         spared = writer.tnetstring_of(recording_of(f.get_state(), frozenset(), (), (), verdict))
         assert scanned and not any(prompt in text for text in scanned)
