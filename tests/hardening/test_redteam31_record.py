@@ -117,6 +117,21 @@ def test_a_key_in_a_body_that_is_not_json_is_in_no_recording(case, gw, llm, toke
     assert b"<SECRET:" in data
 
 
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_key_in_a_utf16_body_of_another_type_is_in_no_recording(ctype, gw, llm, token,
+                                                                  secrets):
+    """Not JSON: refused unread (415), recorded; without a byte order mark or a charset the
+    writer read it as UTF-8 (before: the key recorded in UTF-16 for all three)."""
+    secrets.add(KEY)
+    tag = f"rt31-plain-{ctype}"
+    before = len(llm.requests)
+    headers = {"authorization": f"Bearer {token}", **({"content-type": ctype} if ctype else {})}
+    resp = httpx.post(gw.url + "/v1/chat/completions", headers=headers,
+                      content=f"{tag} deploy with {KEY} now".encode("utf-16-le"))
+    assert_refused(gw, llm, before, resp, 415)
+    _assert_no_key(_recorded(gw, tag))
+
+
 def test_clean_bodies_are_recorded_as_sent(gw, llm, token):
     """A clean UTF-16 request and a clean malformed one keep their bytes."""
     utf16 = json.dumps(chat("rt31-clean-utf16 how are you")).encode("utf-16")

@@ -234,8 +234,11 @@ def _text(raw: bytes, ctype: str) -> str:
 
 
 def _wide(raw: bytes, ctype: str) -> str | None:
-    """The UTF-16 or UTF-32 codec a JSON body is in (None: another)."""
-    if "json" in ctype.lower() and (wide := json.detect_encoding(raw)) in _WIDE:
+    """The UTF-16 or UTF-32 codec a JSON body is in, or a text body declaring no charset, by its
+    first bytes (None: another). A body the gateway refuses unread (not JSON) is recorded too."""
+    ctype = ctype.lower()
+    if ("json" in ctype or "charset" not in ctype) and \
+            (wide := json.detect_encoding(raw)) in _WIDE:
         return wide
     return None
 
