@@ -263,27 +263,43 @@ class _Wakes:
 
 
 class IdleCores:
-    """How many cores stood idle lately, from the kernel's counters (/proc/stat, read at most
-    every `EVERY` seconds; none where it cannot be read): a split analysis (`MaskingPool._split`)
-    is quicker only where a second core would otherwise wait, and costs CPU that a busy host's
-    other flows would pay."""
+    """How many of the cores this process may run on stood idle lately, from the kernel's
+    counters (/proc/stat's line of each, read at most every `EVERY` seconds; none where they
+    cannot be read): a split analysis (`MaskingPool._split`) is quicker only where a second core
+    would otherwise wait, and costs CPU that a busy host's other flows would pay. Not every
+    core's sum: pinned to 2 cores of a host with 64 idle (a container's cpuset), the 2 may be
+    busy."""
 
     EVERY = 0.2  # (the counters tick every 10 ms: 40 ticks on 2 cores)
+    STAT = "/proc/stat"
 
     def __init__(self) -> None:
         self._at = time.monotonic()
         self._last = self._read()
         self.cores = 0.0
 
-    @staticmethod
-    def _read() -> tuple[int, int] | None:
-        """(idle, all) ticks of every core: idle and iowait, out of user to steal."""
+    @classmethod
+    def _read(cls) -> tuple[int, int, int] | None:
+        """(idle, all) ticks of this process's cores (idle and iowait, out of user to steal),
+        and how many they are."""
+        idle = total = cores = 0
         try:
-            with open("/proc/stat", "rb") as f:
-                ticks = [int(n) for n in f.readline().split()[1:9]]
+            mine = os.sched_getaffinity(0)
+            with open(cls.STAT, "rb") as f:
+                f.readline()  # (every core's sum)
+                for line in f:
+                    if not line.startswith(b"cpu"):
+                        break
+                    name, *fields = line.split()
+                    if int(name[3:]) in mine:
+                        ticks = [int(n) for n in fields[:8]]
+                        if len(ticks) < 8:
+                            return None
+                        idle, total, cores = idle + ticks[3] + ticks[4], total + sum(ticks), \
+                            cores + 1
         except (OSError, ValueError):
             return None
-        return (ticks[3] + ticks[4], sum(ticks)) if len(ticks) == 8 else None
+        return (idle, total, cores) if cores else None
 
     def idle(self) -> float:
         now = time.monotonic()
@@ -291,7 +307,7 @@ class IdleCores:
             counters = self._read()
             if counters and self._last and counters[1] > self._last[1]:
                 idle, total = counters[0] - self._last[0], counters[1] - self._last[1]
-                self.cores = idle / total * (os.cpu_count() or 1)
+                self.cores = idle / total * counters[2]
             self._at, self._last = now, counters
         return self.cores
 
