@@ -36,3 +36,25 @@ def test_a_long_text_of_plain_words_is_not_read_word_by_word_on_the_loop(monkeyp
     short = "we are here and they are there"
     asyncio.run(m._mask(FlowState("dcn_t", 0.0), [TextPiece("prompt", "user", short, ("x",))]))
     assert m.pool.sent == [[long]]  # (a short plain text still makes no round trip)
+
+
+def test_a_long_text_of_digits_goes_to_the_workers_unasked(monkeypatch):
+    asked = []
+    real = addon.could_hold_a_value
+    monkeypatch.setattr(addon, "could_hold_a_value", lambda t, e: asked.append(t) or real(t, e))
+    m = addon.Mask(Settings())
+    m.masking, m.pool = SETTINGS, Pool()
+    long = "0123 4567 " * 100_000  # ~1 MB: ~260 ms of guessing on the loop at load ~10
+    asyncio.run(m._mask(FlowState("dcn_t", 0.0), [TextPiece("prompt", "user", long, ("x",))]))
+    assert m.pool.sent == [[long]] and asked == []
+    short = "42"  # (a short text with no value still makes no round trip)
+    asyncio.run(m._mask(FlowState("dcn_t", 0.0), [TextPiece("prompt", "user", short, ("x",))]))
+    assert m.pool.sent == [[long]] and asked == [short]
+
+
+def test_a_long_analysis_is_not_guessed_for_a_split():
+    from douane.masking import split
+    parts = (("PERSON", "LOCATION"), ("EMAIL_ADDRESS", "PHONE_NUMBER"))
+    text = "Call Maria Garcia at 212-555-0147 or maria@example.com. "
+    assert split.worth([text], parts)
+    assert not split.worth([text * (split.MOST_CHARS // len(text) + 1)], parts)

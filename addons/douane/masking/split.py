@@ -29,6 +29,7 @@ from douane.masking.engine import Span
 logger = logging.getLogger(__name__)
 
 PARTS = 2
+MOST_CHARS = 16_384  # (`worth` reads the texts on the event loop, ~0.15 µs a character: longer read whole)
 Part = tuple[bool, list[Span]]  # (final: the whole analysis's spans, or the part's raw results)
 CHECKS = ("warm up John Smith john@example.com 212-555-0147",
           "Sure. Maria Garcia (maria.garcia@example.com, +44 20 7946 0958) paid with card "
@@ -79,7 +80,7 @@ def worth(texts: list[str], parts: tuple[tuple[str, ...], tuple[str, ...]]) -> b
     (`engine.PREFILTERS`). Prose with no digit, `@` or secret's hint would leave the second
     part nothing to do, and the split would only add a round trip."""
     first, rest = parts
-    return bool(first and rest) and any(engine.LETTERS_WORD.search(t) for t in texts) and any(
+    return bool(first and rest) and sum(map(len, texts)) <= MOST_CHARS and any(engine.LETTERS_WORD.search(t) for t in texts) and any(
         _patterns(t, rest) for t in texts)
 
 
