@@ -242,15 +242,25 @@ def test_an_mcp_listing_is_parsed_once_by_inspection_pins_and_policy(tmp_path, m
                            ["eng"], 600)
     gateway = load_gateway()
     [checkpoint] = gateway.addons
-    parses = []  # every JSON parse of either body, by whatever code
-    decode = json.JSONDecoder.decode
+    from douane import protocols
 
-    def counted(self, text, *args, **kwargs):
+    parses = []  # every JSON parse of either body, by whatever code (json's or douane's scanner)
+    decode, scan = json.JSONDecoder.decode, protocols._decode
+
+    def seen(text: str) -> None:
         parses.extend(side for side, mark in (("request", "tools/list"), ("response", "drop_"))
                       if mark in text)
+
+    def counted(self, text, *args, **kwargs):
+        seen(text)
         return decode(self, text, *args, **kwargs)
 
+    def scanned(text):
+        seen(text)
+        return scan(text)
+
     monkeypatch.setattr(json.JSONDecoder, "decode", counted)
+    monkeypatch.setattr(protocols, "_decode", scanned)
     listing = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [
         {"name": "lookup", "description": "Find a customer", "inputSchema": {"type": "object"}},
         {"name": "drop_tables", "description": "Drop them", "inputSchema": {"type": "object"}}]}}
