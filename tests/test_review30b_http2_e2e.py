@@ -7,7 +7,7 @@ the upstream receiving nothing of it."""
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import json
 import ssl
 
@@ -58,12 +58,40 @@ def setup(issuer, tmp_path_factory):
     llm.close()
 
 
-def client(gw, token: str) -> tuple[httpx.Client, openai.OpenAI]:
+def h2_only(gw) -> ssl.SSLContext:
     verify = H2Only(ssl.PROTOCOL_TLS_CLIENT)
     verify.load_verify_locations(cafile=gw.ca_file)
-    http = httpx.Client(http2=True, proxy=gw.proxy_url("u", token), verify=verify, timeout=120,
-                        limits=httpx.Limits(max_connections=1))
+    return verify
+
+
+def client(gw, token: str) -> tuple[httpx.Client, openai.OpenAI]:
+    http = httpx.Client(http2=True, proxy=gw.proxy_url("u", token), verify=h2_only(gw),
+                        timeout=120, limits=httpx.Limits(max_connections=1))
     return http, openai.OpenAI(api_key="unused", http_client=http, max_retries=0)
+
+
+async def sixteen_at_once(gw, token: str, base_url: str) -> list[tuple[int, str, str]]:
+    """16 requests at once on one connection, half streamed. On asyncio, not threads: httpcore's
+    sync HTTP/2 hands a stream id out unlocked (`get_next_available_stream_id`), so two threads
+    could send their heads on one stream — the protocol error douane then refuses (it did in CI
+    under load: "Trailers must have END_STREAM set")."""
+    async with httpx.AsyncClient(http2=True, proxy=gw.proxy_url("u", token), verify=h2_only(gw),
+                                 timeout=120, limits=httpx.Limits(max_connections=1)) as http:
+        sdk = openai.AsyncOpenAI(api_key="unused", http_client=http, max_retries=0,
+                                 base_url=base_url)
+
+        async def ask(n: int) -> tuple[int, str, str]:
+            messages = [{"role": "user", "content": f"request number {n}"}]
+            if n % 2:
+                chunks = await sdk.chat.completions.create(model="gpt-4o", stream=True,
+                                                           messages=messages)
+                return n, "".join([c.choices[0].delta.content or "" async for c in chunks
+                                   if c.choices]), ""
+            raw = await sdk.chat.completions.with_raw_response.create(model="gpt-4o",
+                                                                      messages=messages)
+            return n, raw.parse().choices[0].message.content, raw.http_response.http_version
+
+        return list(await asyncio.gather(*(ask(n) for n in range(16))))
 
 
 def test_the_openai_sdk_over_http2_goes_through_as_before(setup, issuer):
@@ -92,20 +120,8 @@ def test_the_openai_sdk_over_http2_goes_through_as_before(setup, issuer):
             == big
         assert received[0].headers["content-length"] == str(len(received[0].body))
 
-        def ask(n: int) -> tuple[int, str, str]:
-            if n % 2:
-                chunks = sdk.chat.completions.create(
-                    model="gpt-4o", stream=True,
-                    messages=[{"role": "user", "content": f"request number {n}"}])
-                return n, "".join(c.choices[0].delta.content or "" for c in chunks
-                                  if c.choices), ""
-            raw = sdk.chat.completions.with_raw_response.create(
-                model="gpt-4o", messages=[{"role": "user", "content": f"request number {n}"}])
-            return n, raw.parse().choices[0].message.content, raw.http_response.http_version
-
         before = len(llm.requests)
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            answers = list(pool.map(ask, range(16)))
+        answers = asyncio.run(sixteen_at_once(gw, token, llm.url + "/v1"))
         for n, text, version in answers:
             assert text == f"echo: request number {n}"
             assert version in ("", "HTTP/2")
