@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 PARTS = 2
 MOST_CHARS = 16_384  # (`worth` reads the texts on the event loop, ~0.15 µs a character: longer read whole)
 Part = tuple[bool, list[Span]]  # (final: the whole analysis's spans, or the part's raw results)
+# The self-check's fixed texts: published example values only, no real person's or account's
+# (Visa's test card, the voided SSN 078-05-1120, AWS's documented example key id, Ofcom's drama
+# number, the IBAN standard's example).
 CHECKS = ("warm up John Smith john@example.com 212-555-0147",
           "Sure. Maria Garcia (maria.garcia@example.com, +44 20 7946 0958) paid with card "
           "4111 1111 1111 1111 from 10.0.0.1; SSN 078-05-1120; key AKIAIOSFODNN7EXAMPLE.",
