@@ -43,6 +43,7 @@ class Kind:  # ~1.3 µs at each `ORDER` lookup and set of kinds)
     check: Callable[[str], bool] | None = None
     lead: int | None = None  # the most characters a match holds before its hint (None: any)
     assigned: bool = False  # every match holds a `_SEP`: it runs only on a text `_assigns`
+    glued: re.Pattern[str] | None = None  # `pattern` as decoded text is read (`_glued`)
 
 
 @dataclass(frozen=True)
@@ -127,11 +128,27 @@ def _basic_credentials(value: str) -> bool:
     return ":" in decoded and decoded.isprintable()
 
 
+# What sets a key apart from the letters around it in text a reader sees: word boundaries and
+# "no more key characters" look-aheads. A decoded run's bytes are all the encoder's: one junk byte
+# before or after a key (`base64("x" + key)`, at any of base64's three offsets) glues it to a letter
+# no reader takes for part of it, so decoded text is read without them (`Kind.glued`).
+_APART = re.compile(r"\\b|\(\?!\[A-Za-z0-9[/+]{2}=\]\)")
+# `sk-` glued to a word in decoded text is also `task-`, `risk-`, `desk-`: a key only with a digit
+# and an upper-case letter in its run (every issued key has both; a slug in prose has not)
+_SK_GLUED = r"(?:\b|(?=sk-[\w-]*?[A-Z])(?=sk-[\w-]*?[0-9]))sk-"
+
+
+def _glued(pattern: str) -> str:
+    return _APART.sub("", pattern.replace(r"\bsk-", "\0")).replace("\0", _SK_GLUED)
+
+
 def _kind(rule: str, entity: str, pattern: str, score: float, hints: tuple[str, ...],
           check: Callable[[str], bool] | None = None, lead: int | None = None,
           assigned: bool = False) -> Kind:
-    return Kind(f"detector.secret.{rule}", entity, re.compile(pattern), score, hints, check, lead,
-                assigned)
+    compiled = re.compile(pattern)
+    glued = compiled if _glued(pattern) == pattern else re.compile(_glued(pattern))
+    return Kind(f"detector.secret.{rule}", entity, compiled, score, hints, check, lead,
+                assigned, glued)
 
 
 CATALOGUE: tuple[Kind, ...] = (
@@ -329,24 +346,27 @@ def _hinted(text: str, lowered: str | None = None) -> set[str]:
 _TRIED_MOST = 8  # `_scan` tries at most one place in this many of a text, else scans it all
 
 
-def _scan(kind: Kind, text: str, lowered: str | None) -> Iterator[re.Match[str]]:
-    """`kind.pattern.finditer(text)`, tried only where a match can start: a match holds one of
+def _scan(kind: Kind, text: str, lowered: str | None, decoded: bool = False
+          ) -> Iterator[re.Match[str]]:
+    """`kind.pattern.finditer(text)` (`kind.glued`'s in `decoded` text), tried only where a match
+    can start: a match holds one of
     its hints at most `lead` characters from its start, so in ASCII text (where `lower()` keeps
     places and only ASCII letters match case-insensitively) each place from `lead` before each
     hint on. A regex's scan of 40 KB of prose for the case-insensitive credential names costs
     ~8 ms; the hints' places are found at C speed. Many hints: the scan, as before."""
+    pattern = kind.glued if decoded and kind.glued is not None else kind.pattern
     if kind.lead is None or lowered is None:
-        yield from kind.pattern.finditer(text)
+        yield from pattern.finditer(text)
         return
     places = sorted({i for h in kind.hints for i in _places(lowered, h)})
     if len(places) * (kind.lead + 1) > len(text) // _TRIED_MOST + kind.lead + 1:
-        yield from kind.pattern.finditer(text)
+        yield from pattern.finditer(text)
         return
     at = 0  # where the last match ended: matches do not overlap, as finditer's
     for hint in places:
         start = max(at, hint - kind.lead)
         while start <= hint:
-            m = kind.pattern.match(text, start)
+            m = pattern.match(text, start)
             if m is None:
                 start += 1
                 continue
@@ -744,7 +764,7 @@ def _find(text: str, high_entropy: bool, depth: int = 0) -> list[Found]:
     found: list[Found] = encoded
     ascii_lowered = lowered if text.isascii() else None
     for kind in _runnable(text, hinted, entropy_too):
-        for m in _scan(kind, text, ascii_lowered):
+        for m in _scan(kind, text, ascii_lowered, depth > 0):
             start, end = _value_span(m)
             if start == end or (kind.check and not kind.check(text[start:end])):
                 continue
