@@ -122,6 +122,7 @@ ORDER = Order(
         admin.response,
         timeouts.response,
         inspect.response,
+        broker.response,  # an answer echoing the credential never reaches the caller
         stored_objects.response,  # whose stored answer (conversation, completion) this is
         pins.response,  # before Enforce: MCP tools are pinned from whole listings
         enforce.response,

@@ -274,6 +274,9 @@ class Credential:
     # sent beside it: OpenAI's `OpenAI-Organization` / `OpenAI-Project`, the account and project
     # the key bills (a client's own are refused: `douane.forwarding`)
     headers: tuple[tuple[str, str], ...] = ()
+    # the secret alone (the value is the format around it): an answer echoing it is refused
+    # (`routing.Broker.response`); "" when unset
+    secret: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -721,7 +724,7 @@ def _credential(v: View, key: str, header: str | None, fmt: str, protocol: str) 
             account.append((ACCOUNT_HEADERS[name], value))
     source = f"env {data['env']}" if "env" in data else f"file {data.get('file')}"
     return Credential((header or "").lower(), fmt.replace("{secret}", secret) if secret else None,
-                      source, tuple(account))
+                      source, tuple(account), secret or "")
 
 
 # never passed on from a client, so never listed in `forward.headers`: hop-by-hop headers (RFC

@@ -27,6 +27,7 @@ from douane.flowstate import Reason, state
 from douane.interaction import Interaction
 from douane.policy import engine
 from douane.policy.model import Policy
+from douane.protocols import decoding
 from douane.refusals import refuse
 from douane.settings import Settings
 from douane.untrusted import loggable
@@ -249,7 +250,8 @@ class Broker:
                               f"no per-user credential for {upstream.name}"))
                 return False
             header, fmt = upstream.per_user
-            st.credential = Credential(header, fmt.replace("{secret}", secret), "per-user secret")
+            st.credential = Credential(header, fmt.replace("{secret}", secret), "per-user secret",
+                                       secret=secret)
             return True
         credential = next((c for group, c in upstream.group_credentials if group in groups),
                           upstream.credential)
@@ -305,7 +307,10 @@ class Broker:
         self._forget_credential(flow)
         st = state(flow)
         status = flow.response.status_code if flow.response else 0
-        if protocols.is_websocket(flow.request) and st.upstream and status not in (0, 101) and \
+        if st.credential and flow.response and _echoes(st.credential, b"\n".join(
+                v for _, v in flow.response.headers.fields)):
+            _refuse_echo(flow, "a header")
+        elif protocols.is_websocket(flow.request) and st.upstream and status not in (0, 101) and \
                 status < 400:
             # an upgrade passes on any path: answered as a plain GET, it would be an operation
             # nobody granted (`/v1/conversations/{id}`, an admin listing) with the org's key
@@ -315,6 +320,27 @@ class Broker:
         elif st.upstream and (why := upstreamerrors.unframed(flow)):
             refuse(flow, 502, f"{st.upstream.name}: {why}", "upstream_unframed",
                    Reason("upstream.unframed", why))
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        """An answer whose body holds the credential sent (an upstream echoing its request: an
+        error message quoting the key, an echo service) is refused: the caller would hold the
+        org's key. Read decoded (after `Inspect.response`, which decodes what it reads), bounded;
+        a stream has gone out already (its events are the upstream's, rewritten)."""
+        st = state(flow)
+        if not st.credential or not flow.response or flow.response.stream or \
+                (st.decision and st.decision.action in ("refuse", "block", "error")):
+            return
+        body = flow.response.raw_content or b""
+        encoding = headerfields.get(flow.response.headers, b"content-encoding", "identity")
+        if encoding.strip().lower() not in ("", "identity"):
+            try:
+                body = decoding.decode(body, encoding,
+                                       self.settings.config.limits.answer_size_limit)
+            except (decoding.TooLarge, ValueError):
+                _refuse_echo(flow, "a body that cannot be decoded to be checked for it")
+                return
+        if _echoes(st.credential, body):
+            _refuse_echo(flow, "its body")
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._forget_credential(flow)
@@ -326,6 +352,19 @@ class Broker:
         st = state(flow)
         if st.credential and flow.request:
             headerfields.pop(flow.request.headers, (st.credential.header.lower().encode(),))
+
+
+def _echoes(credential: Credential, data: bytes) -> bool:
+    secret = credential.secret
+    return bool(secret) and secret.encode("utf-8", "surrogateescape") in data
+
+
+def _refuse_echo(flow: http.HTTPFlow, where: str) -> None:
+    name = state(flow).upstream.name if state(flow).upstream else "the upstream"
+    refuse(flow, 502, f"{name} answered with the credential douane sent it; the answer is "
+           "withheld", "upstream_credential_echo",
+           Reason("upstream.credential_echo", f"the upstream's answer holds its credential in "
+                  f"{where}"))
 
 
 class InjectCredential:
