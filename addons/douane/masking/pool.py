@@ -268,24 +268,54 @@ class IdleCores:
     cannot be read): a split analysis (`MaskingPool._split`) is quicker only where a second core
     would otherwise wait, and costs CPU that a busy host's other flows would pay. Not every
     core's sum: pinned to 2 cores of a host with 64 idle (a container's cpuset), the 2 may be
-    busy."""
+    busy. Nor more than a CPU quota leaves (cgroup v2's `cpu.max`, the tightest of this
+    process's cgroup and its ancestors'): a container given 1 CPU of an idle 2-core host has
+    no second core, whatever /proc/stat says; its cgroup's own use (`cpu.stat`) is taken from
+    the quota."""
 
     EVERY = 0.2  # (the counters tick every 10 ms: 40 ticks on 2 cores)
     STAT = "/proc/stat"
+    CGROUP = "/proc/self/cgroup"
+    CGROUPS = "/sys/fs/cgroup"  # cgroup v2's mount
 
     def __init__(self) -> None:
+        self._quota = self._find_quota()
         self._at = time.monotonic()
         self._last = self._read()
         self.cores = 0.0
 
     @classmethod
-    def _read(cls) -> tuple[int, int, int] | None:
+    def _find_quota(cls) -> tuple[float, str] | None:
+        """(cores, the cpu.stat of the cgroup it limits) of the tightest quota, if any."""
+        try:
+            with open(cls.CGROUP) as f:
+                path = next((line[3:].strip() for line in f if line.startswith("0::")), None)
+        except OSError:
+            return None
+        if path is None:
+            return None
+        tightest = None
+        folder = os.path.normpath(cls.CGROUPS + "/" + path)
+        while True:
+            try:
+                with open(os.path.join(folder, "cpu.max")) as f:
+                    quota, period = f.read().split()
+                cores = int(quota) / int(period) if quota != "max" else None
+            except (OSError, ValueError, ZeroDivisionError):  # (the root has none)
+                cores = None
+            if cores is not None and (tightest is None or cores < tightest[0]):
+                tightest = (cores, os.path.join(folder, "cpu.stat"))
+            if len(folder) <= len(os.path.normpath(cls.CGROUPS)):
+                return tightest
+            folder = os.path.dirname(folder)
+
+    def _read(self) -> tuple[int, int, int, float | None] | None:
         """(idle, all) ticks of this process's cores (idle and iowait, out of user to steal),
-        and how many they are."""
+        how many they are, and the CPU seconds the quota's cgroup used (None: no quota)."""
         idle = total = cores = 0
         try:
             mine = os.sched_getaffinity(0)
-            with open(cls.STAT, "rb") as f:
+            with open(self.STAT, "rb") as f:
                 f.readline()  # (every core's sum)
                 for line in f:
                     if not line.startswith(b"cpu"):
@@ -297,9 +327,14 @@ class IdleCores:
                             return None
                         idle, total, cores = idle + ticks[3] + ticks[4], total + sum(ticks), \
                             cores + 1
-        except (OSError, ValueError):
-            return None
-        return (idle, total, cores) if cores else None
+            used = None
+            if self._quota is not None:
+                with open(self._quota[1], "rb") as f:
+                    used = next(int(line.split()[1]) for line in f
+                                if line.startswith(b"usage_usec ")) / 1e6
+        except (OSError, ValueError, IndexError, StopIteration):
+            return None  # (a quota whose use cannot be read: no core counted idle)
+        return (idle, total, cores, used) if cores else None
 
     def idle(self) -> float:
         now = time.monotonic()
@@ -308,6 +343,11 @@ class IdleCores:
             if counters and self._last and counters[1] > self._last[1]:
                 idle, total = counters[0] - self._last[0], counters[1] - self._last[1]
                 self.cores = idle / total * counters[2]
+                if self._quota is not None and counters[3] is not None \
+                        and self._last[3] is not None:
+                    seconds = total / counters[2] / os.sysconf("SC_CLK_TCK")  # of wall time
+                    used = (counters[3] - self._last[3]) / seconds
+                    self.cores = max(0.0, min(self.cores, self._quota[0] - used))
             self._at, self._last = now, counters
         return self.cores
 
