@@ -120,16 +120,35 @@ class ProtectedResourceMetadata:
 
 
 class ResourceAccess:
-    """After authentication: the token was issued for this resource and carries its scopes."""
+    """After authentication: the token was issued for this resource and carries its scopes; a
+    token issued only for MCP resources (every audience of it douane accepts is a resource's
+    `uri`) opens those resources alone, not the model APIs or another MCP server (RFC 8707: the
+    token an MCP client obtained for one server is no token for the rest of the gateway)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._config: object = None
+        self._general: dict[str, frozenset[str]] = {}  # issuer -> its audiences not a resource's
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
         st = state(flow)
         upstream, identity = st.upstream, st.identity
-        if upstream is None or upstream.resource is None or identity is None \
+        if upstream is None or identity is None \
                 or identity.source == "header":  # an auth proxy in front vouches, no token
             return
+        if upstream.resource is None or not upstream.resource.audience:
+            general = self._general_audiences().get(identity.issuer)
+            if general is not None and not any(a in general for a in identity.audiences):
+                refuse(flow, 401, "the token was issued for an MCP resource, not for this "
+                       "upstream: use a token issued for the gateway", "identity_wrong_resource",
+                       Reason("identity.wrong_resource",
+                              "the token's aud names only MCP resources, not this upstream"),
+                       headers={"www-authenticate": 'Bearer realm="douane", error="invalid_token"'})
+                return
+            if upstream.resource is None:
+                return
         uri = resource_uri(flow, upstream)
         params = f'Bearer realm="douane"{challenge(flow, upstream)}'
         if upstream.resource.audience and uri not in identity.audiences:
@@ -144,3 +163,15 @@ class ResourceAccess:
                    "insufficient_scope", Reason("identity.insufficient_scope",
                                                 f"missing scope {' '.join(missing)}"),
                    headers={"www-authenticate": f'{params}, error="insufficient_scope"'})
+
+    def _general_audiences(self) -> dict[str, frozenset[str]]:
+        """Per issuer that accepts a resource's URI as audience, the audiences it accepts that
+        are no resource's (an issuer naming none is absent: every token of it is general)."""
+        config = self.settings.config
+        if config is not self._config:
+            resources = {u.resource.uri for u in config.upstreams
+                         if u.resource and u.resource.audience and u.resource.uri}
+            self._general = {i.issuer: frozenset(i.audiences) - resources
+                             for i in config.identity.issuers if resources & set(i.audiences)}
+            self._config = config
+        return self._general
