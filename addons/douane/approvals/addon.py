@@ -67,9 +67,9 @@ PREVIEW_PIECES, PREVIEW_CHARS = 8, 2000
 PREVIEW_KINDS = ("prompt", "tool_arguments")  # the context shown after the flagged pieces
 FIELD = re.compile(r"(?P<kind>\w+)\[(?:(?P<first>\d+)(?:\.\.(?P<last>\d+))?|\*)\]")
 KEEP_DECIDED = 3600  # seconds a decided request stays visible to `show`
-# Approval requests one user may have waiting on this replica: past them a held request is
-# refused (each held flow keeps its body, each request a preview, every approver's inbox a row;
-# 300 distinct held prompts of one user grew the gateway 170 MB).
+# Approval requests one user may have waiting (on the fleet, with a shared store): past them a
+# held request is refused (each held flow keeps its body, each request a preview, every
+# approver's inbox a row; 300 distinct held prompts of one user grew the gateway 170 MB).
 OPEN_PER_USER = 32
 
 
@@ -240,11 +240,15 @@ class Approvals:
             p.requester.user == user for p in self.open_requests())
         if mine < OPEN_PER_USER:
             return False
+        self._refuse_too_many(flow, mine, decision)
+        return True
+
+    @staticmethod
+    def _refuse_too_many(flow: http.HTTPFlow, mine: int, decision: Decision) -> None:
         refuse(flow, 429, f"this request needs an approver, and {mine} of your requests "
                "already wait for one; retry once they are decided", "too_many_approvals",
                Reason("approval.too_many", f"{mine} approval requests of this user are "
                       f"open (at most {OPEN_PER_USER})"), *decision.reasons, action="refuse")
-        return True
 
     async def _earlier(self, st: FlowState, fp: str) -> Pending | None:
         """This very request of this user asked before (answer mode): still pending (an agent
@@ -308,9 +312,13 @@ class Approvals:
                 decision_id=st.decision_id, mode=mode,
                 reasons=[r.summary() for r in st.decision.reasons], risk=st.decision.risk,
                 preview=await self._preview(st), created_at=now, expires_at=now + timeout)
-            if self.shared:
+            if self.shared:  # the fleet's count decides (this replica's is a cheap first test)
                 assert self.approvals
-                await self.shared.open(pending, max(KEEP_DECIDED, self.approvals.retry_window))
+                fleet = await self.shared.open(
+                    pending, max(KEEP_DECIDED, self.approvals.retry_window), OPEN_PER_USER)
+                if fleet is not None:
+                    self._refuse_too_many(flow, fleet, st.decision)
+                    return None
             self.requests[pending.id] = pending
         finally:
             self._opening[user] -= 1

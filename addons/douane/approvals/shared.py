@@ -19,6 +19,9 @@ from douane.flowstate import Identity
 from douane.store.postgres import PgStore
 
 CHANNEL = "douane_approvals"
+# the first key of a user's lock while their requests are counted (two-key advisory locks do not
+# share the migrations' one-key space)
+USER_LOCK = 0x61707072  # "appr"
 GRANT_COLUMNS = ("id, username AS user, upstream, subject, fingerprint, uses_left, created_at, "
                  "expires_at, approval_id, approver, reason")
 
@@ -40,18 +43,30 @@ class SharedApprovals:
     def __init__(self, pg: PgStore):
         self.pg = pg
 
-    async def open(self, pending: Pending, keep: float) -> None:
-        """Save a new request; requests decided more than `keep` seconds ago are dropped."""
-        async def insert(conn: Any) -> None:
+    async def open(self, pending: Pending, keep: float, most: int) -> int | None:
+        """Save a new request unless its user already has `most` open on the fleet (then that
+        count, and nothing saved); requests decided more than `keep` seconds ago are dropped.
+        The count and the insert hold a lock on the user's name: two replicas opening at once
+        cannot both pass with one slot left."""
+        async def insert(conn: Any) -> int | None:
+            now = time.time()
             await conn.execute("DELETE FROM approvals WHERE coalesce(decided_at, expires_at) < %s",
-                               (time.time() - keep,))
+                               (now - keep,))
+            await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                               (USER_LOCK, pending.requester.user))
+            row = await (await conn.execute(
+                "SELECT count(*) AS n FROM approvals WHERE requester = %s AND status = 'pending' "
+                "AND expires_at > %s", (pending.requester.user, now))).fetchone()
+            if row["n"] >= most:
+                return row["n"]
             await conn.execute(
                 "INSERT INTO approvals (id, replica, status, mode, requester, fingerprint, "
                 "summary, created_at, expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (pending.id, self.pg.replica, pending.status, pending.mode, pending.requester.user,
                  pending.fingerprint, Jsonb(pending.summary()), pending.created_at,
                  pending.expires_at))
-        await self.pg.run(insert, transaction=True)
+            return None
+        return await self.pg.run(insert, transaction=True)
 
     async def get(self, approval_id: str) -> dict[str, Any] | None:
         return await self.pg.fetchone("SELECT * FROM approvals WHERE id = %s", (approval_id,))
