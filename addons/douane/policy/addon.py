@@ -126,6 +126,21 @@ class StreamToolNames:
                 return
 
 
+class StreamFields:
+    """Deny rules on a stream's `event:` and `id:` values (`StreamRewriter.field_hooks`): they
+    reach the client beside the data, read as its text is (a completion, an MCP tool result)."""
+
+    def __init__(self, policy: Policy, st: FlowState, rewriter: streams.StreamRewriter,
+                 kind: str):
+        self.policy, self.st, self.rewriter, self.kind = policy, st, rewriter, kind
+
+    def __call__(self, name: str, value: str) -> None:
+        decision = engine.evaluate_response(self.policy, [
+            TextPiece(self.kind, "assistant", value, ("stream", name))])  # type: ignore[arg-type]
+        if decision.action == "block":
+            _blocked(self.st, self.rewriter, decision)
+
+
 class StreamMcpItems:
     """The policy on the remote MCP items a streamed answer carries whole (an `mcp_call`'s
     `server_label`, an `mcp_list_tools` item, an Anthropic `mcp_tool_use`'s `server_name`, an
@@ -236,6 +251,9 @@ class Enforce:
         if st is None or rewriter is None:
             return
         assert st.interaction
+        kind = "tool_result" if st.interaction.protocol == "mcp" else "completion"
+        if self.live.current.rules_by_kind[kind]:
+            rewriter.field_hooks.append(StreamFields(self.live.current, st, rewriter, kind))
         if st.interaction.protocol == "mcp":
             rewriter.message_hooks.append(lambda doc: self._police_message(flow, doc, rewriter))
         else:

@@ -32,6 +32,7 @@ import concurrent.futures
 import itertools
 import json
 import logging
+import re
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -40,6 +41,7 @@ from typing import Any, Protocol
 
 from mitmproxy import http
 
+from douane import secrets
 from douane.interaction import Interaction, JsonPath, Kind, TextPiece
 from douane.protocols import fields, jsonpath
 from douane.protocols.base import ALL, Delta, ProtocolError, StreamFormat
@@ -53,6 +55,12 @@ _UNPARSED = object()
 # in one pass each ran their end there back to back: a 12-15 ms stall)
 TURN: concurrent.futures.Future = concurrent.futures.Future()
 TURN.set_result(None)
+# An event's `event:` and `id:` reach the client as sent, beside its data: at most this long (a
+# provider's event names are short, an MCP server's ids a stream id and a counter), read for
+# secrets and by the field hooks (deny rules) as its data is, each distinct value once (up to
+# FIELD_VALUES kept a stream)
+FIELD_CHARS, FIELD_VALUES = 256, 64
+_RETRY = re.compile(r"[0-9]{1,10}")
 
 
 class TextFilter(Protocol):
@@ -197,6 +205,9 @@ class StreamRewriter:
         # Called with each event's parsed JSON before its text is filtered; may edit it in place
         # (list filtering) or call abort() (a blocked tool result).
         self.message_hooks: list[Callable[[Any], bool | None]] = []  # True: edited it
+        # Called with each distinct `event:` and `id:` value (`_fields`); may call abort()
+        self.field_hooks: list[Callable[[str, str], None]] = []
+        self.fields_read: set[tuple[str, str]] = set()
         self.parser = SseParser()
         self.backlog: deque[Event] = deque()  # received, waiting for a filter's analysis
         self.head: Any = _UNPARSED  # the first backlog event's parsed JSON (`_UNPARSED`: not yet)
@@ -298,6 +309,7 @@ class StreamRewriter:
         event = self.backlog[0]
         if self.head is _UNPARSED:
             self.format.check(event)
+            self._fields(event)
             doc = None
             if event.data.strip() and event.data.strip() != "[DONE]":
                 try:
@@ -313,6 +325,26 @@ class StreamRewriter:
                     return self._parsed()
             self.head = doc
         return event, self.head
+
+    def _fields(self, event: Event) -> None:
+        """The event's `event:` and `id:` read as its data is (`FIELD_CHARS`): a secret in one
+        ends the stream (it cannot be masked and keep its meaning to the client), a hook may
+        too; a `retry:` that is not a number (a client ignores it) is dropped."""
+        if event.retry is not None and not _RETRY.fullmatch(event.retry):
+            event.retry = None
+        for name, value in (("event", event.event), ("id", event.id)):
+            if value is None or (name, value) in self.fields_read:
+                continue
+            if len(value) > FIELD_CHARS:
+                raise ProtocolError(502, "broken_stream", f"the upstream sent an SSE {name} "
+                                    f"field of {len(value)} characters (at most {FIELD_CHARS})")
+            if not secrets.quiet(value) and (found := secrets.find(value, high_entropy=False)):
+                raise ProtocolError(502, "secret_in_stream", f"the upstream sent a secret "
+                                    f"({found[0].kind.rule}) in an SSE {name} field")
+            for hook in self.field_hooks:
+                hook(name, value)
+            if len(self.fields_read) < FIELD_VALUES:
+                self.fields_read.add((name, value))
 
     def _needs(self, event: Event, doc: Any) -> list[concurrent.futures.Future]:
         """The analyses the channels this event ends wait for (see `TextFilter`)."""
@@ -375,6 +407,8 @@ class StreamRewriter:
                 if (f := flt.ready(c)) is not None]
 
     def _event(self, event: Event, doc: Any) -> None:
+        if self.abort_message:  # a field hook ended the stream (`_fields`)
+            return
         touched = False  # a hook edited the message in place
         if doc is not None:
             touched = any([hook(doc) for hook in self.message_hooks])
