@@ -186,10 +186,7 @@ def file_part(data_url: str) -> dict:
 
 @pytest.mark.parametrize(("doc", "code"), [
     (file_part("data:text/plain;base64,not base64!"), "invalid_data_url"),
-    (file_part("data:application/octet-stream;base64,"
-               + base64.b64encode(b"\xfe\xff" + PHRASE.encode("utf-16-be")).decode()),
-     "undecodable_file"),
-    (file_part("data:text/plain;base64," + base64.b64encode(PHRASE.encode("utf-16")).decode()),
+    (file_part("data:text/plain;base64," + base64.b64encode(b"\xff\xfe\x00\xd8").decode()),
      "undecodable_file"),
     ({"model": "m", "messages": [{"role": "assistant", "tool_calls": [{
         "id": "c", "type": "function", "function": {"name": "f",
@@ -203,6 +200,16 @@ def test_what_cannot_be_inspected_whole_is_refused(doc, code):
     with pytest.raises(protocols.ProtocolError) as err:
         protocols.parse_request(OPENAI, flow_for(OPENAI, CHAT, doc))
     assert err.value.code == code
+
+
+@pytest.mark.parametrize("data", [b"\xfe\xff" + PHRASE.encode("utf-16-be"),
+                                  PHRASE.encode("utf-16"), PHRASE.encode("utf-16-le")])
+def test_a_utf16_file_is_read_as_its_text(data):
+    """Text in UTF-16 (security, stop 32: it was refused as undecodable in a request, and passed
+    unread in an MCP blob) is read as the text it decodes to."""
+    doc = file_part("data:application/octet-stream;base64," + base64.b64encode(data).decode())
+    it = protocols.parse_request(OPENAI, flow_for(OPENAI, CHAT, doc))
+    assert PHRASE in [p.text for p in it.texts]
 
 
 def answer(upstream, path, request, doc):

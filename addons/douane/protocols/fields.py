@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import json
 import re
 import urllib.parse
@@ -451,6 +452,33 @@ def _b64(data: str) -> bytes | None:
         return None
 
 
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _wide(raw: bytes) -> str | None:
+    """Text in UTF-16 or UTF-32 (by its byte-order mark; UTF-16 without one in the byte order
+    its zero bytes say: ASCII's high bytes), when every character of it is printable or white
+    space (random bytes rarely decode so): a key written in UTF-16 in a blob typed
+    `application/octet-stream` was no text to read, and passed unread."""
+    bom = next((c for bom, c in _BOMS if raw.startswith(bom)), None)
+    if bom is not None:
+        tried = [bom]
+    else:
+        tried = ["utf-32-le", "utf-32-be"] if len(raw) % 4 == 0 else []
+        if len(raw) % 2 == 0:
+            le = raw[1::2].count(0) >= raw[0::2].count(0)
+            tried += ["utf-16-le" if le else "utf-16-be"]
+    for codec in tried:
+        try:
+            text = raw.decode(codec)
+        except UnicodeDecodeError:
+            continue
+        if text and "".join(text.split()).isprintable():
+            return text
+    return None
+
+
 def _text_of(media_type: str, raw: bytes, explicit: bool) -> str | None:
     """The text a file carries, or None for media. Text is recognised by its bytes too (a
     mislabelled text file is still read as text); a file that is neither readable text nor
@@ -461,11 +489,17 @@ def _text_of(media_type: str, raw: bytes, explicit: bool) -> str | None:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        if texty or explicit and not media:
-            raise ProtocolError(415, "undecodable_file", f"douane cannot read a "
-                                f"{media_type[:60] or 'untyped'} file that is neither UTF-8 "
-                                "text nor an image, audio, video or PDF") from None
-        return None
+        text = None if media and not texty else _wide(raw)
+        if text is None:
+            if texty or explicit and not media:
+                raise ProtocolError(415, "undecodable_file", f"douane cannot read a "
+                                    f"{media_type[:60] or 'untyped'} file that is neither "
+                                    "UTF-8, UTF-16 or UTF-32 text nor an image, audio, video or "
+                                    "PDF") from None
+            return None
+    else:  # ASCII in UTF-16 is valid UTF-8, a zero byte between its letters
+        if "\x00" in text and not media and (wide := _wide(raw)) is not None:
+            text = wide
     if media and not texty and any(ord(c) < 32 and c not in "\t\n\r\f" for c in text):
         return None  # media that happens to be valid UTF-8
     if len(text) > MAX_DECODED:
