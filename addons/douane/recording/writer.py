@@ -67,9 +67,10 @@ COMMENT_CHARS = 4096  # the flow's comment: douane's decision and its reasons' m
 # A body's string values up to this long, once found clean, are not scanned again: its keys and
 # the like (a model's, a role's, a tool's name), the same in every flow; not a text's content.
 KNOWN_CHARS = 64
-# A request body still compressed here is one the gateway refused unread (it drops the encoding
-# of what it decodes): inflated this far at most, else not kept. 200 KB of gzip inflated to the
-# offline limit (64 MB) cost this process 222 ms each, five times the gateway's refusal.
+# A body still compressed here is one the gateway did not read (it drops the encoding of what it
+# decodes; a request it refused unread): inflated this far at most, else not kept. 200 KB of gzip
+# inflated to the offline limit (64 MB) cost this process 222 ms each, five times the gateway's
+# refusal.
 UNREAD_LIMIT = 1024**2
 OPEN_FILES = 32  # session files kept open: one per active connection or MCP session
 BATCH_ROWS = 500  # index rows per commit at most, under a load that never lets the queue drain
@@ -206,8 +207,7 @@ def _message(state: dict, names: frozenset[str], cls: type[http.Message],
     if _field(state["headers"], b"content-encoding", "identity").strip().lower() not in \
             ("", "identity"):
         message = cls.from_state(state)
-        _decoded_and_redacted(message, clean, _unread(cls, clean),
-                              UNREAD_LIMIT if cls is http.Request else decoding.OFFLINE_LIMIT)
+        _decoded_and_redacted(message, clean, _unread(cls, clean), UNREAD_LIMIT)
         return message.get_state()
     text = _text(state["content"], ctype)
     redacted = _redacted(text, ctype.lower(), clean, _unread(cls, clean))
