@@ -487,6 +487,14 @@ def inference_ops():
 EMBEDDINGS = 20_000  # token vectors a worker keeps, like its vocabulary (see TokenVectors)
 
 
+def row_keys(array) -> list[bytes]:
+    """Each row of a 2-d array as the bytes it is made of (equal rows, equal keys)."""
+    import numpy as np
+
+    array = np.ascontiguousarray(array)
+    return array.view(f"V{array.shape[1] * array.itemsize}").ravel().tolist()
+
+
 class TokenVectors:
     """The NER's tok2vec (spaCy's MultiHashEmbed >> MaxoutWindowEncoder >> Linear) run as a few
     numpy products, with the same operations in the same order as thinc's layers, so the same
@@ -525,7 +533,7 @@ class TokenVectors:
                        linear.get_param("b"))
         width = maxouts[0].get_dim("nO")
         self.table = np.zeros((EMBEDDINGS, width), dtype="float32")
-        self.rows: dict[tuple, int] = {}
+        self.rows: dict[bytes, int] = {}  # `row_keys` of the features -> row of `table`
 
     @staticmethod
     def _piecewise(maxout):
@@ -568,7 +576,9 @@ class TokenVectors:
         """Each token's embedding from its four features (rows of uint64)."""
         import numpy as np
 
-        keys = list(map(tuple, features.tolist()))
+        # a row's four features as one 32-byte key, not a tuple of four ints (a corpus text's
+        # keys and lookups ~6 us instead of ~20)
+        keys = row_keys(features)
         index = [self.rows.get(k, -1) for k in keys]
         missing = [i for i, r in enumerate(index) if r < 0]
         if not missing:
@@ -605,7 +615,7 @@ class TokenVectors:
         for doc in docs:
             if len(doc):
                 X[end:end + len(doc)] = self.embed(doc.to_array(
-                    [NORM, PREFIX, SUFFIX, SHAPE]).astype("uint64").reshape((-1, 4)))
+                    [NORM, PREFIX, SUFFIX, SHAPE]).astype("uint64", copy=False).reshape((-1, 4)))
                 rows.append((end, end + len(doc)))
                 end += len(doc) + pad
         X = X[:end]
