@@ -581,3 +581,30 @@ def test_text_without_invisible_characters_is_read_as_it_is(analyzer):
     text = "Meet Maria Garcia at 212-555-0147 in Lisbon."
     assert analyzer.detections([text, text]) == [analyzer.detections([text])[0]] * 2
     assert analyzer.detections([text]) == analyzer._detections([text])
+
+
+def test_a_workers_answer_reads_back_as_the_same_spans():
+    """A worker pickles its answers itself (`pool._Pipe`: spans as their four fields): what the
+    gateway reads back is the engine's Span, equal, hashable and frozen as one built directly;
+    an exception still reads back as one."""
+    import dataclasses
+    import multiprocessing
+
+    from douane.masking.pool import _Pipe
+
+    gateway, worker = multiprocessing.Pipe()
+    spans = [[Span(39, 51, "PERSON", 0.85), Span(66, 90, "EMAIL_ADDRESS", 1.0)], []]
+    parts = [(False, spans[0]), (True, [])]  # a split analysis's answer
+    for answer in ((1, True, spans), (2, True, parts), (3, False, ValueError("failed"))):
+        _Pipe(worker).send(answer)
+        read = gateway.recv()
+        if isinstance(answer[2], ValueError):
+            assert read[:2] == answer[:2] and read[2].args == ("failed",)
+            continue
+        assert read == answer
+        got = [s for each in read[2] for s in (each[1] if isinstance(each, tuple) else each)]
+        assert got and all(type(s) is Span for s in got)
+        assert {hash(s) for s in got} == {hash(Span(*dataclasses.astuple(s))) for s in got}
+        assert repr(got[0]) == "Span(start=39, end=51, entity='PERSON', score=0.85)"
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            got[0].start = 0
