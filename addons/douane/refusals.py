@@ -16,7 +16,7 @@ from mitmproxy import http
 
 from douane.flowstate import Action, Reason, state
 from douane.protocols import mcp
-from douane.untrusted import loggable
+from douane.untrusted import escape, loggable
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +46,26 @@ MCP_UPSTREAM = -32000  # the upstream failed or answered what douane refuses to 
 # Refusals the MCP specification gives an HTTP status and a JSON-RPC code of their own.
 # 2026-07-28: HeaderMismatch; an unknown session (the code MCP's SDKs answer it with)
 MCP_ERRORS = {"header_mismatch": (400, -32020), "mcp_session_unknown": (404, -32001)}
+MESSAGE_CHARS = 2048  # of a refusal's message (`bounded`)
 ID_BODY_BYTES = 64 * 1024  # a refusal given before the body arrived reads at most this for the id
 
 # Every refusal douane gave, so `KeepRefusals` can put one back when another addon replaced it.
 _refusals: weakref.WeakKeyDictionary[http.HTTPFlow, http.Response] = weakref.WeakKeyDictionary()
 
 
+def bounded(message: str) -> str:
+    """A refusal's message as sent: at most `MESSAGE_CHARS`, no control character. Every value a
+    message quotes from a client is cut where it is quoted (`untrusted.quoted`); this holds for
+    one that was not."""
+    if len(message) > MESSAGE_CHARS:
+        message = f"{message[:MESSAGE_CHARS]}… ({len(message)} characters)"
+    return escape(message)
+
+
 def error_body(protocol: str, status: int, message: str, code: str, decision_id: str,
                rpc_id: Any = None) -> dict[str, Any]:
     """The JSON error document for `protocol` ("openai", "anthropic", "mcp", "generic")."""
-    text = f"{message} (douane decision {decision_id})"
+    text = f"{bounded(message)} (douane decision {decision_id})"
     openai_type, anthropic_type = _TYPES.get(status, ("invalid_request_error", "api_error"))
     if protocol == "anthropic":
         return {"type": "error", "error": {"type": anthropic_type, "message": text},
@@ -101,7 +111,7 @@ def refuse(flow: http.HTTPFlow, status: int, message: str, code: str, *reasons: 
     st.decide(action, *(reasons or (Reason(code, message),)), status=status)
     first = st.interaction.mcp[0] if st.interaction and st.interaction.mcp else None
     if protocol == "mcp" and first and first.request_id is not None and status not in (401, 407):
-        text = f"{message} (douane decision {st.decision_id})"
+        text = f"{bounded(message)} (douane decision {st.decision_id})"
         if first.method == "tools/call" and code not in MCP_ERRORS:
             doc: dict[str, Any] = {"jsonrpc": "2.0", "id": first.request_id, "result": {
                 "content": [{"type": "text", "text": text}], "isError": True}}

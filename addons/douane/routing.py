@@ -30,7 +30,7 @@ from douane.policy.model import Policy
 from douane.protocols import decoding
 from douane.refusals import refuse
 from douane.settings import Settings
-from douane.untrusted import loggable
+from douane.untrusted import loggable, quoted
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ MCP_HEADERS = frozenset({b"host", b"content-length", b"transfer-encoding", b"con
                          b"content-type", b"accept", b"mcp-session-id", b"mcp-protocol-version",
                          b"mcp-method", b"mcp-name", b"last-event-id"})
 MCP_PARAM_HEADER = protocols.mcp.PARAM_HEADER.encode()
+# of a host and path a refusal quotes back (`untrusted.quoted`): a name is longer than a value
+HOST_CHARS = 120
 DEFAULT_PORTS = {"http": 80, "https": 443}  # a Host header names no port of these
 
 
@@ -104,8 +106,9 @@ class Broker:
         host, port = flow.request.host.lower(), flow.request.port
         if not any(u.matches(host, port, u.path_prefix) for u in config.upstreams) \
                 and not config.passthrough(host):
-            refuse(flow, 403, f"no upstream is declared for {host}:{port}", "undeclared_upstream",
-                   Reason("route.undeclared", f"CONNECT to undeclared {host}:{port}"))
+            shown = quoted(f"{host}:{port}", HOST_CHARS)
+            refuse(flow, 403, f"no upstream is declared for {shown}", "undeclared_upstream",
+                   Reason("route.undeclared", f"CONNECT to undeclared {shown}"))
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
@@ -117,8 +120,9 @@ class Broker:
             if self.settings.config.passthrough(host):
                 st.decide("allow", Reason("route.passthrough", f"{host} is pass-through"))
                 return
-            refuse(flow, 403, f"no upstream is declared for {host}:{flow.request.port}"
-                   f"{flow.request.path.split('?')[0]}", "undeclared_upstream",
+            target = f"{host}:{flow.request.port}{flow.request.path.split('?')[0]}"
+            refuse(flow, 403, f"no upstream is declared for {quoted(target, HOST_CHARS)}",
+                   "undeclared_upstream",
                    Reason("route.undeclared", "no declared upstream matches"))
             return
         try:
@@ -293,7 +297,8 @@ class Broker:
         operation = f"{method} {path}"[:200]
         if grant is None:
             st.interaction = Interaction(st.upstream.protocol, operation)  # for the audit record
-            refuse(flow, 403, f"douane does not govern {operation} on {st.upstream.name} and no "
+            refuse(flow, 403, f"douane does not govern {quoted(operation, HOST_CHARS)} on "
+                   f"{st.upstream.name} and no "
                    "grant names it", "endpoint_not_governed",
                    Reason("route.operation", f"{operation} is not declared nor granted",
                           "operation"))

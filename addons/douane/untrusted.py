@@ -25,6 +25,7 @@ NAME_CHARS = 256  # a model or tool name longer than this is not a name
 FIELD_CHARS = 1024  # a string kept in a record (audit, index, recording metadata)
 LIST_ITEMS = 64  # items of a list kept in a record
 SECRET_MARGIN = 512  # redaction looks this far past a cut: a secret straddling it goes whole
+ECHO_CHARS = 40  # of a client's value a refusal quotes back (`quoted`)
 HASH_CHARS = 12  # hex digits of SHA-256 naming a cut value (or a user's folder)
 # douane's own identifiers (decision, approval and grant ids, flow ids): never a secret's shape
 IDS = re.compile(r"(?:dcn|apr|grt)_[0-9a-f]{16,20}|[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}")
@@ -54,6 +55,14 @@ def encodable(text: str) -> str:
 def loggable(value: object, limit: int = 256) -> str:
     """A value for a log line: scrubbed, cut, escaped (one line, no secret, no escape codes)."""
     return escape(scrub(str(value), limit))
+
+
+def quoted(value: str, chars: int = ECHO_CHARS) -> str:
+    """A client's value quoted back in a refusal: cut at `chars` characters (the rest counted)
+    and every control character escaped (`repr`): a 30 KB header is not sent back whole, nor an
+    escape code to the terminal that prints the error."""
+    shown = repr(value[:chars])
+    return shown if len(value) <= chars else f"{shown}… ({len(value)} characters)"
 
 
 def digest(text: str) -> str:

@@ -28,6 +28,7 @@ from douane.flowstate import peek
 from douane.interaction import Interaction, TextPiece
 from douane.protocols import anthropic, decoding, fields, generic, jsonpath, mcp, openai
 from douane.protocols.base import ProtocolError, StreamFormat
+from douane.untrusted import quoted
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     doc = dict(pairs)
     if len(doc) != len(pairs):
         raise ProtocolError(400, "duplicate_json_key", f"the JSON key "
-                            f"{fields.repeated(pairs)[:40]!r} appears twice")
+                            f"{quoted(fields.repeated(pairs))} appears twice")
     return doc
 
 
@@ -120,12 +121,13 @@ def load_json(message: http.Message, what: str) -> Any:
                             f"{decoding.OFFLINE_LIMIT} bytes") from None
     except ValueError:
         raise ProtocolError(415, "undecodable_body", f"the {what} body cannot be decoded "
-                            f"(Content-Encoding {encoding[:40]!r})") from None
+                            f"(Content-Encoding {quoted(encoding)})") from None
     ctype, *params = headerfields.get(message.headers, b"content-type", "").split(";")
     ctype = ctype.strip().lower()
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise ProtocolError(415, "unsupported_content_type",
-                            f"douane inspects JSON {what}s only, not {ctype or 'an untyped body'!r}")
+                            f"douane inspects JSON {what}s only, not "
+                            f"{quoted(ctype) if ctype else 'an untyped body'}")
     for param in params:
         # A server decoding by the declared charset reads other text than douane: UTF-7 spells
         # `n` as `+AG4-`, a Shift_JIS lead byte swallows the quote after it. UTF-8 only.
@@ -133,7 +135,7 @@ def load_json(message: http.Message, what: str) -> Any:
         value = value.strip().strip('"').lower()
         if name.strip().lower() == "charset" and value not in ("utf-8", "utf8"):
             raise ProtocolError(415, "unsupported_charset", f"douane reads JSON {what}s in "
-                                f"UTF-8 only, not charset {value[:40]!r}")
+                                f"UTF-8 only, not charset {quoted(value)}")
     return loads(raw, f"{what} body")
 
 
