@@ -113,7 +113,7 @@ class AuditLog:
         self._seq, self._prev, torn = self._resume()
         if heads and self._seq:
             heads.update(self._seq, self._prev)
-        self._file = self.path.open("ab")
+        self._open()
         self._thread = threading.Thread(target=self._run, name="douane-audit", daemon=True)
         self._thread.start()
         if torn:
@@ -186,7 +186,8 @@ class AuditLog:
                 self._write([_gap(lost)])
         self._file.close()
 
-    def _line(self, record: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    def _line(self, record: dict[str, Any]) -> tuple[bytes, str]:
+        """The next record's line (seq one past the chain's, prev its mac), and its mac."""
         # every value bounded and scrubbed here, off the event loop: a record never grows with
         # what a client sent, and never keeps a key it put in a model name or a header
         record = {"ts": self._now(), **untrusted.scrub_all(record), "seq": self._seq + 1,
@@ -194,10 +195,10 @@ class AuditLog:
         record.pop("mac", None)
         # one encoding, signed as it is written: the mac goes last, after what it covers
         body = canonical(record)
-        mac = self._hmac.copy()
-        mac.update(body)
-        record["mac"] = mac.hexdigest()
-        return body[:-1] + b',"mac":"' + record["mac"].encode() + b'"}\n', record
+        signer = self._hmac.copy()
+        signer.update(body)
+        mac = signer.hexdigest()
+        return body[:-1] + b',"mac":"' + mac.encode() + b'"}\n', mac
 
     def _now(self) -> str:
         """The time, to the millisecond, as `datetime.now(UTC).isoformat(timespec=
@@ -209,56 +210,65 @@ class AuditLog:
         return self._ts[1]
 
     def _write(self, records: list[dict[str, Any]]) -> None:
-        """Chain and write `records`, flushed once at the end (and before a rotation); a record
+        """Chain and write `records` in one write and flush (two around a rotation); a record
         leaves the list once flushed. On an error, what was not flushed is cut from the file, the
-        chain goes on from the last record flushed, and the error is raised."""
-        good, chain, n = self._mark(), (self._seq, self._prev), 0  # n: written, not flushed
+        chain goes on from the last record flushed, and the error is raised. The file's length is
+        counted here, not asked of the kernel: a `tell` (two per record) or `fstat` is a system
+        call that lets go of the GIL, and with the event loop waiting for it each was a hand-over
+        to the loop and a wait to get it back."""
+        chain, lines, size, n = (self._seq, self._prev), [], self._size, 0  # n: not flushed
         try:
             while n < len(records):
-                line, signed = self._line(records[n])
-                if self._file.tell() and self._file.tell() + len(line) > self.config.max_bytes:
-                    self._flush()
+                line, mac = self._line(records[n])
+                if size and size + len(line) > self.config.max_bytes:
+                    self._flush(lines)
                     del records[:n]
-                    n = 0
                     # flushed: kept whatever rotation does (it renames this file, then may fail)
-                    good, chain = self._mark(), (self._seq, self._prev)
+                    lines, n, chain = [], 0, (self._seq, self._prev)
                     for note in self._rotate():  # what rotation deleted, or kept, starts the file
-                        self._put(*self._line(note))
-                    self._flush()
-                    good, chain = self._mark(), (self._seq, self._prev)
-                    line, signed = self._line(records[0])
-                self._put(line, signed)
+                        lines.append(self._chained(*self._line(note)))
+                    self._flush(lines)
+                    lines, size, chain = [], self._size, (self._seq, self._prev)
+                    line, mac = self._line(records[0])
+                lines.append(self._chained(line, mac))
+                size += len(line)
                 n += 1
-            self._flush()
+            self._flush(lines)
             records.clear()
         except Exception:
-            self._forget_unwritten(good)
+            self._forget_unwritten()
             self._seq, self._prev = chain
             raise
 
-    def _put(self, line: bytes, record: dict[str, Any]) -> None:
-        self._file.write(line)
-        self._seq, self._prev = record["seq"], record["mac"]
+    def _chained(self, line: bytes, mac: str) -> bytes:
+        self._seq, self._prev = self._seq + 1, mac
+        return line
 
-    def _flush(self) -> None:
-        self._file.flush()
+    def _flush(self, lines: list[bytes]) -> None:
+        if lines:
+            data = b"".join(lines)
+            self._file.write(data)
+            self._file.flush()
+            self._size += len(data)
         if self.heads:
             self.heads.update(self._seq, self._prev)
 
-    def _mark(self) -> tuple[int, int]:
-        """Where the log stands: its file (inode) and the length flushed to it."""
-        return os.fstat(self._file.fileno()).st_ino, self._file.tell()
+    def _open(self) -> None:
+        """The log's file opened to append, and where it stands: its inode and length."""
+        self._file = self.path.open("ab")
+        stat = os.fstat(self._file.fileno())
+        self._inode, self._size = stat.st_ino, stat.st_size
 
-    def _forget_unwritten(self, good: tuple[int, int]) -> None:
+    def _forget_unwritten(self) -> None:
         """Drop records the disk refused: left in the buffer, they would be flushed later, after
         records with the same sequence numbers, and break the chain (a partial line too). The
-        log's file is cut back to `good`; a file a failed rotation started holds nothing kept."""
+        log's file is cut back to the length last flushed; a file a failed rotation started
+        holds nothing kept."""
         with contextlib.suppress(OSError):
             self._file.close()  # closes the file even when flushing the refused bytes fails
-        inode, length = good
         with self.path.open("ab") as f:  # (created if rotation failed between rename and open)
-            f.truncate(length if os.fstat(f.fileno()).st_ino == inode else 0)
-        self._file = self.path.open("ab")
+            f.truncate(self._size if os.fstat(f.fileno()).st_ino == self._inode else 0)
+        self._open()
 
     def _rotate(self) -> list[dict[str, Any]]:
         """Shift the files up (audit.jsonl becomes .1) and delete the oldest beyond `backups`,
@@ -268,7 +278,7 @@ class AuditLog:
         for older in log_files(self.path)[:-1]:  # highest number first
             older.rename(self.path.with_name(f"{self.path.name}.{int(older.suffix[1:]) + 1}"))
         self.path.rename(self.path.with_name(self.path.name + ".1"))
-        self._file = self.path.open("ab")
+        self._open()
         rotated = log_files(self.path)[:-1]
         horizon = time.time() - self.config.retention_days * 86400
         notes: list[dict[str, Any]] = []
