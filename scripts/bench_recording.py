@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,23 @@ def settled(pid: int, limit: float = 3.0) -> tuple[float, float, float]:
     return now
 
 
+def named_threads(pid: int) -> dict[str, tuple[float, int]]:
+    """Per thread name (the main thread apart): (CPU seconds, voluntary context switches, i.e.
+    sleeps it woke from) summed over the process's live threads of that name."""
+    found: dict[str, tuple[float, int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = "main" if int(task.name) == pid else (task / "comm").read_text().strip()
+            wakes = int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)",
+                                  (task / "status").read_text(), re.M)[1])
+            cpu = thread_seconds(pid, int(task.name))
+        except (OSError, TypeError):  # the thread ended meanwhile
+            continue
+        had = found.get(name, (0.0, 0))
+        found[name] = (had[0] + cpu, had[1] + wakes)
+    return found
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -91,7 +109,11 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--protocols", default="openai")
     ap.add_argument("--connections", default="1,32")
-    ap.add_argument("--base", type=Path, help="another tree's douane, measured beside this one")
+    ap.add_argument("--base", type=Path, action="append", default=[],
+                    help="another tree's douane, measured beside this one (repeatable: the first "
+                    "is the variant `base`, others are named by their folder)")
+    ap.add_argument("--threads", action="store_true", help="also each thread's CPU and wakes "
+                    "(voluntary context switches) per request, by thread name")
     ap.add_argument("--only", default="", help="variants to run, comma-separated: bare, "
                     "norec, douane, base (default: all)")
     args = ap.parse_args()
@@ -100,8 +122,8 @@ def main() -> int:
     variants: list[tuple[str, dict | None, Path]] = [
         ("bare", None, ROOT), ("norec", {k: v for k, v in config.items() if k != "recording"},
                                ROOT), ("douane", config, ROOT)]
-    if args.base:
-        variants.append(("base", config, args.base.resolve()))
+    for i, tree in enumerate(args.base):
+        variants.append(("base" if i == 0 else tree.name, config, tree.resolve()))
     if args.only:
         variants = [v for v in variants if v[0] in args.only.split(",")]
     protocols = args.protocols.split(",")
@@ -111,9 +133,12 @@ def main() -> int:
     try:
         for name, cfg, root in variants:
             # as deployed: no loop figures (bare mitmdump runs no probe either)
-            proxies[name] = Proxy(name, upstream_port, work, cfg, root=root, figures=False)
+            extra = ("-s", str(ROOT / "scripts" / "threadnames.py")) if args.threads else ()
+            proxies[name] = Proxy(name, upstream_port, work, cfg, extra=extra, root=root,
+                                  figures=False)
             ready(proxies[name].port, token if cfg else None, False)
         runs: dict[tuple[str, str, int], list[tuple[float, tuple[float, ...], float]]] = {}
+        threads: dict[tuple[str, str, int], list[dict[str, tuple[float, float]]]] = {}
         for r in range(args.rounds):
             for protocol in protocols:
                 path, body = PROTOCOLS[protocol]
@@ -123,8 +148,13 @@ def main() -> int:
                         proxy = proxies[name]
                         script = wrk_script(work, body, token if cfg else None)
                         before = settled(proxy.pid)
+                        named = named_threads(proxy.pid)
                         result = wrk(proxy.port, path, script, c, args.seconds)
                         after = settled(proxy.pid)
+                        threads.setdefault((name, protocol, c), []).append({
+                            thread: ((cpu - named.get(thread, (0, 0))[0]) / result.requests * 1e6,
+                                     (wakes - named.get(thread, (0, 0))[1]) / result.requests)
+                            for thread, (cpu, wakes) in named_threads(proxy.pid).items()})
                         per = tuple((a - b) / result.requests * 1e6
                                     for a, b in zip(after, before, strict=True))
                         runs.setdefault((name, protocol, c), []).append(
@@ -152,6 +182,15 @@ def main() -> int:
                       f"{statistics.median(rps for rps, _, _ in cell):.0f} | "
                       f"{statistics.median(p50 for _, _, p50 in cell):.2f} | "
                       f"{' | '.join(f'{v:.0f}' for v in split)} | {total:.0f} | {ratio} |")
+    if args.threads:
+        print("\nper thread (medians): CPU µs / wakes per request\n"
+              "| variant | protocol | conns | threads |\n|---|---|---|---|")
+        for (name, protocol, c), cells in threads.items():
+            names = sorted({t for cell in cells for t in cell})
+            print(f"| {name} | {protocol} | {c} | " + ", ".join(
+                f"{t} {statistics.median(cell.get(t, (0, 0))[0] for cell in cells):.0f}/"
+                f"{statistics.median(cell.get(t, (0, 0))[1] for cell in cells):.3f}"
+                for t in names) + " |")
     return 0
 
 
