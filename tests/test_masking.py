@@ -426,13 +426,14 @@ def _refuse_to_load():
 
 
 def unreadable_answer():
-    """Run in a worker: an answer whose unpickling raises in the gateway's reader thread."""
+    """Run in a worker: an answer whose unpickling raises where the gateway reads it."""
     return _Unreadable()
 
 
 def test_an_answer_that_cannot_be_read_fails_the_analyses_and_the_pool_recovers(pool):
     """The reader thread of a worker used to die on it: that worker's analyses then never
-    finished (each waited for the timeout, every later one too)."""
+    finished (each waited for the timeout, every later one too). (Read now by the thread that
+    waits: no loop runs.)"""
     from concurrent.futures.process import BrokenProcessPool
 
     with pytest.raises(BrokenProcessPool):
@@ -608,3 +609,30 @@ def test_a_workers_answer_reads_back_as_the_same_spans():
         assert repr(got[0]) == "Span(start=39, end=51, entity='PERSON', score=0.85)"
         with pytest.raises(dataclasses.FrozenInstanceError):
             got[0].start = 0
+
+
+def test_the_event_loop_reads_the_answers_itself(pool):
+    """No thread reads the workers' pipes: the loop does, and an awaited analysis is answered in
+    its own pass, with no wake-up written to the loop from another thread (a reader thread per
+    pipe made two hand-offs per answer). A thread waiting meanwhile gets its answer from the
+    loop; the loop's own thread, blocking on an analysis (a stream's end rewritten without the
+    pause), reads it itself."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        woken = []
+        original = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a, **k: (woken.append(a), original(*a, **k))[1]
+        (spans,) = await pool.analyze(["mail maria@example.com"])
+        assert [s.entity for s in spans] == ["EMAIL_ADDRESS"]
+        assert not woken, woken
+        assert not [t.name for t in threading.enumerate() if "reader" in t.name]
+        loop.call_soon_threadsafe = original
+        (spans,) = await asyncio.to_thread(pool.result, pool.submit(["call 212-555-0147"]))
+        assert [s.entity for s in spans] == ["PHONE_NUMBER"]
+        (spans,) = pool.result(pool.submit(["Maria Garcia wrote"], urgent=True))  # blocking
+        assert [s.entity for s in spans] == ["PERSON"]
+
+    asyncio.run(scenario())
+    # the loop gone, a caller without one reads its own answer
+    (spans,) = pool.result(pool.submit(["mail maria@example.com"]))
+    assert [s.entity for s in spans] == ["EMAIL_ADDRESS"]

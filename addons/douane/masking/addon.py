@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
+import contextlib
 import hashlib
 import logging
 import os
+import time
 
 from mitmproxy import exceptions, http
 
@@ -122,8 +123,13 @@ class Mask:
     def _warm_up(pool: MaskingPool) -> None:
         # Serve only once every worker has loaded its model: on a loaded machine that takes
         # longer than an analysis may, and the first answers would be refused as timed out.
-        done, pending = concurrent.futures.wait(pool.warm_up(), timeout=WARM_UP_SECONDS)
-        failed = pending or [f for f in done if f.exception() is not None]
+        futures = pool.warm_up()
+        deadline = time.monotonic() + WARM_UP_SECONDS
+        for future in futures:  # (`exception` waits reading the workers' pipes: no loop does)
+            with contextlib.suppress(TimeoutError):
+                future.exception(timeout=max(0.0, deadline - time.monotonic()))
+        pending = [f for f in futures if not f.done()]
+        failed = pending or [f for f in futures if f.exception() is not None]
         if failed:
             pool.shutdown()
             raise exceptions.OptionsError(

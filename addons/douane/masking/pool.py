@@ -8,10 +8,11 @@ every other stream's. A crashed worker breaks its executor: the analyses in flig
 are refused by the caller), and it is rebuilt at the next submit.
 
 An executor (`Workers`) talks to each process over its own pipe: the caller's thread writes the
-job, one reader thread per process resolves its futures. concurrent.futures' process pool routes
-every job through a manager thread and a queue feeder thread as well, two more thread hand-offs
-per analysis: 0.23 ms at p50 and 3.3 ms at p90 for an echo on the loaded 2-core machine, against
-0.08 and 0.15 ms over a pipe.
+job; the event loop reads the answers (`loop.add_reader`) and resolves their futures in its own
+pass, or, where no loop reads, whoever waits for an answer. concurrent.futures' process pool
+routes every job through a manager thread and a queue feeder thread as well, two more thread
+hand-offs per analysis: 0.23 ms at p50 and 3.3 ms at p90 for an echo on the loaded 2-core
+machine, against 0.08 and 0.15 ms over a pipe; a reader thread per pipe cost a hand-off still.
 
 Analyses are batched by load, on each executor: while a worker is free, an analysis goes at
 once; while every one is busy, analyses gather and leave together when one frees up. spaCy runs
@@ -45,9 +46,11 @@ import multiprocessing.reduction
 import os
 import pickle
 import signal
+import socket
+import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 
 from douane.masking import engine, split
@@ -57,6 +60,7 @@ from douane.masking.engine import Span
 logger = logging.getLogger(__name__)
 
 Analysis = concurrent.futures.Future[list[list[Span]]]
+Wait = Callable[[concurrent.futures.Future, float | None], None]
 # Behind the event loop for the CPU, as the recording writer: on 2 cores two busy workers took
 # the core the loop needed (32 masked streams: stalls of 130 ms with 32 ms of the loop's own CPU)
 WORKER_NICENESS = 10
@@ -65,59 +69,94 @@ WORKER_NICENESS = 10
 class Workers:
     """`size` analysis processes, each behind its own pipe; a job goes to the one with the
     fewest in flight. A process that dies breaks the whole set, as a process pool would: its
-    jobs and every later submit fail with BrokenProcessPool (the pool then builds a new set)."""
+    jobs and every later submit fail with BrokenProcessPool (the pool then builds a new set).
 
-    def __init__(self, size: int, zygote: Zygote, name: str):
+    No thread of its own reads the pipes: the pool's event loop does (`attach`), the answer read
+    in the loop's own pass, or whoever waits for an answer where no loop reads (`read_ready`,
+    under the pool's `reading` lock). A reader thread per pipe cost each answer a wake-up of the
+    thread and another of the loop (a write to its self-pipe), and took the GIL from the loop."""
+
+    def __init__(self, size: int, zygote: Zygote, reading: threading.RLock, wait: Wait):
         self._lock = threading.Lock()
+        self._reading, self._wait = reading, wait
         self._ids = itertools.count()
         self._pending: list[dict[int, concurrent.futures.Future]] = []
-        self._conns: list[multiprocessing.connection.Connection] = []
+        self._pipes: list[_Reader] = []
         self._sending: list[threading.Lock] = []  # one writer at a time on each pipe
         self._broken: BaseException | None = None
-        for i in range(size):
-            conn = zygote.fork()
-            self._conns.append(conn)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop that reads the pipes
+        self._closed = False
+        for _ in range(size):
+            self._pipes.append(_Reader(zygote.fork()))
             self._sending.append(threading.Lock())
             self._pending.append({})
-            threading.Thread(target=self._read, args=(i,), name=f"{name}-{i}-reader",
-                             daemon=True).start()
 
     def submit(self, fn, *args) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
+        future: concurrent.futures.Future = _Answer(self._wait)
         future.set_running_or_notify_cancel()
         with self._lock:
             if self._broken is not None:
                 raise BrokenProcessPool(str(self._broken))
-            i = min(range(len(self._conns)), key=lambda k: len(self._pending[k]))
+            i = min(range(len(self._pipes)), key=lambda k: len(self._pending[k]))
             job = next(self._ids)
             self._pending[i][job] = future
         try:
             # not under the set's lock: a large job waits for a busy worker to read it
+            # (the pool sends only to a worker with no job: it reads the job as it comes, and is
+            # writing no answer that its sender, here the loop, would have to read first)
             with self._sending[i]:
-                self._conns[i].send_bytes(pickle.dumps((job, fn, args), pickle.HIGHEST_PROTOCOL))
-        except (OSError, ValueError) as e:  # the process is gone (its reader says so too)
+                self._pipes[i].send(pickle.dumps((job, fn, args), pickle.HIGHEST_PROTOCOL))
+        except OSError as e:  # the process is gone (reading its pipe says so too)
             with self._lock:
                 self._pending[i].pop(job, None)
             raise BrokenProcessPool(f"a masking worker is gone: {e}") from e
         return future
 
-    def _read(self, i: int) -> None:
-        """The only user of the pipe's reading end, and the one that closes the pipe: a pipe closed
-        under a reader could be reused by a new set's pipe and read from the wrong worker."""
-        conn = self._conns[i]
-        while True:
-            try:
-                job, ok, value = conn.recv()
-            except (EOFError, OSError):
-                self._break(BrokenProcessPool("a masking worker process terminated abruptly"))
-                with self._sending[i]:
-                    conn.close()
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On `loop`'s thread: the loop reads the pipes from now on (and no longer an earlier
+        loop, stopped: one loop at a time)."""
+        with self._reading:
+            if self._closed or loop is self._loop:
                 return
-            except Exception as e:  # an answer that cannot be read back (unpickling raised):
-                # whose job it was is unknown, so the set breaks; this thread reads on to the end
-                self._break(BrokenProcessPool(f"a masking worker's answer could not be read "
-                                              f"({type(e).__name__})"))
-                continue
+            self._detach()
+            self._loop = loop
+            for i, pipe in enumerate(self._pipes):
+                loop.add_reader(pipe.fileno(), self._readable, i)
+
+    def _detach(self) -> None:
+        if self._loop is not None:
+            for pipe in self._pipes:
+                self._loop.remove_reader(pipe.fileno())  # (a closed loop has none left)
+            self._loop = None
+
+    def fileno_of(self) -> dict[int, int]:
+        """The pipes' descriptors, by pipe (none once the set is closed)."""
+        return {} if self._closed else {pipe.fileno(): i for i, pipe in enumerate(self._pipes)}
+
+    def _readable(self, i: int) -> None:
+        """The loop's callback. A thread reading the pipes meanwhile (`MaskingPool.wait`, while
+        the loop was not running) reads this answer too."""
+        if self._reading.acquire(blocking=False):
+            try:
+                self.read(i)
+            finally:
+                self._reading.release()
+
+    def read(self, i: int) -> None:
+        """Under the `reading` lock: the answers that came in on pipe `i`, to their futures."""
+        if self._closed:
+            return
+        try:
+            answers = self._pipes[i].read()
+        except Exception as e:  # an answer that cannot be read back (unpickling raised):
+            # whose job it was is unknown, so the set breaks
+            self._break(BrokenProcessPool(f"a masking worker's answer could not be read "
+                                          f"({type(e).__name__})"))
+            return
+        if answers is None:
+            self._break(BrokenProcessPool("a masking worker process terminated abruptly"))
+            return
+        for job, ok, value in answers:
             with self._lock:
                 future = self._pending[i].pop(job, None)
             if future is not None:
@@ -138,11 +177,94 @@ class Workers:
         self._break(BrokenProcessPool("the masking pool was shut down"))
 
     def _stop(self) -> None:
-        """Each process exits after the job it is on (nobody reads its answer); its reader then
-        sees the pipe end and closes it."""
-        for conn, sending in zip(self._conns, self._sending, strict=True):
-            with sending, contextlib.suppress(OSError, ValueError):  # gone already, or closed
-                conn.send(None)
+        """Each process exits after the job it is on (nobody reads its answer), or at its pipe's
+        end. The pipes are closed where they are read: on the loop's thread while it runs (a
+        descriptor closed under its selector could be reused by a new set's pipe)."""
+        for pipe, sending in zip(self._pipes, self._sending, strict=True):
+            with sending, contextlib.suppress(OSError):  # gone already, or closed
+                pipe.send(pickle.dumps(None))
+        loop = self._loop
+        if loop is not None and loop.is_running() and not _on(loop):
+            with contextlib.suppress(RuntimeError):  # (closed meanwhile: nothing reads)
+                loop.call_soon_threadsafe(self._close)
+                return
+        self._close()
+
+    def _close(self) -> None:
+        with self._reading:
+            if self._closed:
+                return
+            self._detach()
+            self._closed = True
+            for pipe, sending in zip(self._pipes, self._sending, strict=True):
+                with sending:
+                    pipe.close()
+
+
+def _on(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether this thread is `loop`'s, running."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+class _Reader:
+    """The gateway's end of a worker's pipe (a socket pair): jobs sent whole, answers read as
+    they come without ever blocking (`MSG_DONTWAIT`; the socket itself stays blocking for
+    sends), each taken once all its bytes are in, framed as `multiprocessing.connection` frames
+    them (the worker's end is one)."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._buffer = bytearray()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def send(self, data: bytes) -> None:
+        n = len(data)
+        header = struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
+        if n <= 16384:
+            self._sock.sendall(header + data)
+        else:  # (not copied)
+            self._sock.sendall(header)
+            self._sock.sendall(data)
+
+    def read(self) -> list | None:
+        """The answers complete now ([] for none yet); None at the pipe's end."""
+        while True:
+            try:
+                data = self._sock.recv(self.CHUNK, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # (reset by a worker that died)
+                return None
+            if not data:
+                return None
+            self._buffer += data
+            if len(data) < self.CHUNK:
+                break
+        answers, taken = [], 0
+        buffer = self._buffer
+        while len(buffer) - taken >= 4:
+            (size,), start = struct.unpack_from("!i", buffer, taken), taken + 4
+            if size == -1:
+                if len(buffer) - taken < 12:
+                    break
+                (size,), start = struct.unpack_from("!Q", buffer, taken + 4), taken + 12
+            if len(buffer) < start + size:
+                break
+            taken = start + size
+            with memoryview(buffer) as view, view[start:taken] as answer:
+                answers.append(pickle.loads(answer))
+        del buffer[:taken]
+        return answers
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 class Zygote:
@@ -161,9 +283,9 @@ class Zygote:
         child.close()
         self._lock = threading.Lock()  # one request at a time on the socket
 
-    def fork(self) -> multiprocessing.connection.Connection:
+    def fork(self) -> socket.socket:
         """The gateway's end of a new worker's pipe."""
-        conn, child = multiprocessing.Pipe()
+        conn, child = socket.socketpair()
         try:
             with self._lock:
                 self._conn.send_bytes(b"fork")
@@ -254,10 +376,11 @@ def _span(start: int, end: int, entity: str, score: float) -> Span:
 
 
 class _Wakes:
-    """Answers for one event loop's awaited analyses, handed over in one wake-up of the loop for
-    all that finish before it runs, and for all of a batch (`held`): `asyncio.wrap_future` makes
-    one per answer, a write to the loop's self-pipe from the worker's reader thread each, which
-    also hands the loop the GIL in the middle of the batch's answers."""
+    """Answers for one event loop's awaited analyses, handed over at once where the loop reads
+    them, else (a thread that read them while waiting, `MaskingPool.wait`) in one wake-up of
+    the loop for all that finish before it runs; for all of a batch together (`held`).
+    `asyncio.wrap_future` makes a wake-up per answer, a write to the loop's self-pipe each,
+    even from the loop's own thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -287,7 +410,9 @@ class _Wakes:
         with self._lock:
             wake = self._done and not self._held and not self._asked
             self._asked = self._asked or bool(wake)
-        if wake:
+        if wake and _on(self.loop):  # (read by the loop: handed over in the same pass)
+            self._settle()
+        elif wake:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody awaits
                 self.loop.call_soon_threadsafe(self._settle)
 
@@ -396,6 +521,7 @@ class IdleCores:
 
 
 class MaskingPool:
+    READ_FOR = 0.05  # seconds a waiting thread reads the pipes at a time, then looks again
     # idle cores an analysis is split at (`_split`): at c=1 on 2 cores the other one is ~0.8
     # idle, at c=32 none
     SPLIT_IDLE = 0.5
@@ -407,6 +533,8 @@ class MaskingPool:
         self._zygote: Zygote | None = None
         self._executors: dict[bool, Workers] = {}  # by urgent
         self._lock = threading.Condition()
+        self._reading = threading.RLock()  # whoever reads the workers' pipes (`Workers`)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop that reads them
         # by urgent: analyses not yet sent, and batches on the executor's workers
         self._waiting: dict[bool, list[tuple[list[str], Analysis]]] = {False: [], True: []}
         self._batches_out = {False: 0, True: 0}
@@ -420,18 +548,61 @@ class MaskingPool:
 
     def executor(self, urgent: bool = False) -> Workers:
         if urgent not in self._executors:
-            size, name = (1, "douane-masking-urgent") if urgent else (self.settings.workers,
-                                                                      "douane-masking")
+            size = 1 if urgent else self.settings.workers
             if self._zygote is None:
                 self._zygote = Zygote(self.settings)
             try:
-                self._executors[urgent] = Workers(size, self._zygote, name)
+                self._executors[urgent] = Workers(size, self._zygote, self._reading, self.wait)
             except BrokenProcessPool:  # the zygote died (its workers go on): a new one
                 logger.error("douane: the masking zygote died; it is restarted")
                 self._zygote.shutdown()
                 self._zygote = Zygote(self.settings)
-                self._executors[urgent] = Workers(size, self._zygote, name)
+                self._executors[urgent] = Workers(size, self._zygote, self._reading, self.wait)
+            loop = self._loop
+            if loop is not None and _on(loop):
+                self._executors[urgent].attach(loop)
+            elif loop is not None:  # (a batch sent by the dispatcher's thread)
+                with contextlib.suppress(RuntimeError):  # closed: the waiters read
+                    loop.call_soon_threadsafe(self._executors[urgent].attach, loop)
         return self._executors[urgent]
+
+    def _attach(self) -> None:
+        """Called on every submit: the running loop, if any, reads the workers' pipes."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if loop is not self._loop:
+            self._loop = loop
+            for executor in list(self._executors.values()):
+                executor.attach(loop)
+
+    def wait(self, future: concurrent.futures.Future, timeout: float | None) -> None:
+        """Until `future` is done or `timeout` passes. The loop, running in another thread,
+        reads its answer; otherwise (no loop, one stopped, or this is the loop's thread, which
+        then reads for every flow) this thread reads the pipes meanwhile."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not future.done():
+            left = self.READ_FOR if deadline is None else min(self.READ_FOR,
+                                                               deadline - time.monotonic())
+            if left <= 0:
+                return
+            loop = self._loop
+            if loop is not None and loop.is_running() and not _on(loop):
+                concurrent.futures.wait([future], left)
+            elif self._reading.acquire(timeout=left):
+                try:
+                    self._read_ready(left)
+                finally:
+                    self._reading.release()
+
+    def _read_ready(self, timeout: float) -> None:
+        """Under the reading lock: the answers that come in on any pipe within `timeout`."""
+        pipes = {fd: (executor, i) for executor in list(self._executors.values())
+                 for fd, i in executor.fileno_of().items()}
+        for fd in multiprocessing.connection.wait(list(pipes), timeout):
+            executor, i = pipes[fd]
+            executor.read(i)
 
     def warm_up(self) -> list[Analysis]:
         """Start every worker now, so the first request does not wait for spaCy to load; load
@@ -443,7 +614,8 @@ class MaskingPool:
     def submit(self, texts: list[str], urgent: bool = False) -> Analysis:
         """An analysis of `texts` (one span list per text), on the urgent worker or the main
         ones: at once while one is free, else in the next batch. Cancellable until it leaves."""
-        future: Analysis = concurrent.futures.Future()
+        self._attach()
+        future: Analysis = _Answer(self.wait)
         with self._lock:
             self._waiting[urgent].append((texts, future))
             taken = self._take_batch()
@@ -459,6 +631,7 @@ class MaskingPool:
         loop = asyncio.get_running_loop()
         if self._wakes is None or self._wakes.loop is not loop:
             self._wakes = _Wakes(loop)
+        self._attach()
         future, waiter = self._split(texts) or self.submit(texts), loop.create_future()
         future.add_done_callback(functools.partial(self._wakes.add, waiter))
         try:
@@ -481,7 +654,7 @@ class MaskingPool:
             if self._closed or any(self._waiting.values()) or any(self._batches_out.values()):
                 return None
             self._batches_out[False] += split.PARTS
-        future: Analysis = concurrent.futures.Future()
+        future: Analysis = _Answer(self.wait)
         future.set_running_or_notify_cancel()  # (parts already sent are not called back)
         parts = _Parts(texts, future)
         for part in range(split.PARTS):
@@ -587,6 +760,23 @@ class MaskingPool:
             logger.error("douane: a masking worker died; its pool is rebuilt")
             self._executors.pop(urgent).shutdown()
             return self.executor(urgent).submit(fn, texts, *args)
+
+
+class _Answer(concurrent.futures.Future):
+    """A future of the pool's whose `result` and `exception` wait through `MaskingPool.wait`:
+    where no event loop reads the workers' pipes, the waiting thread does."""
+
+    def __init__(self, wait: Wait):
+        super().__init__()
+        self._wait = wait
+
+    def result(self, timeout: float | None = None):
+        self._wait(self, timeout)
+        return super().result(timeout=0)
+
+    def exception(self, timeout: float | None = None):
+        self._wait(self, timeout)
+        return super().exception(timeout=0)
 
 
 class _Parts:
