@@ -195,3 +195,36 @@ def test_upstreams_on_a_host_equal_matching_them_anew(tmp_path, monkeypatch):
 def test_of_equal_prefixes_the_first_declared_wins(tmp_path, host):
     config = declared(tmp_path)
     assert config.upstream_for(host, 80, "/v1/messages").name == "d"
+
+
+def _runs_in_full(pieces):
+    """`engine._secret_runs` without its shortcut: every run `streams` makes."""
+    from douane.protocols import streams
+    runs = [(run, True) for run in streams.read_together(
+        [p for p in pieces if p.kind in engine.SECRET_KINDS]) if len(run) > 1]
+    return runs + [(run, False) for run in streams.read_in_order(pieces)]
+
+
+def test_the_runs_a_secret_may_be_split_across_are_all_found_without_walking_one_text():
+    """A request or answer of one text besides its keys (`_secret_runs`' shortcut) has no run, as
+    the full walk finds; with two texts or more the walk is made (random pieces: a shortcut that
+    dropped a run of two texts, say `< 3`, fails here)."""
+    from douane.interaction import TextPiece
+    from douane.protocols import fields
+    rng = random.Random(18)
+    paths = [(fields.KEYS,), ("messages", 0, "content"), ("messages", 1, "content"),
+             ("messages", 2, "content", 0, "text"), ("messages", 2, "content", 1, "text"),
+             ("messages", 2, "content", 1, "image_url", "url"), ("input", 0, "arguments",
+                                                                 fields.JSON_STRING),
+             ("input", 1, "arguments", fields.JSON_STRING), ("system",), ("params", "name"),
+             ("params", "arguments", "a"), ("params", "arguments", "b"),
+             ("content", 0, "source", "data", fields.DECODED), (0, "text"), (1, "text")]
+    kinds = (*engine.SECRET_KINDS, "completion", "resource")
+    shortcut = 0
+    for _ in range(4000):
+        pieces = [TextPiece(rng.choice(kinds), "user", "x", rng.choice(paths))
+                  for _ in range(rng.randint(0, 5))]
+        got, full = engine._secret_runs(pieces), _runs_in_full(pieces)
+        assert got == full, [(p.kind, p.path) for p in pieces]
+        shortcut += not full
+    assert shortcut > 500  # (the shortcut's cases drawn often)

@@ -17,11 +17,12 @@ from douane.interaction import Interaction, TextPiece
 from douane.policy import detectors
 from douane.policy.model import Grant, Policy, UpstreamGrant, names_match
 from douane.policy.normalize import Normalized, decoded_base64, normalize, unseen
-from douane.protocols import streams
+from douane.protocols import fields, streams
 from douane.protocols.mcp import uri_problem
 
 SECRET_KINDS = streams.READ_KINDS  # where the secrets detector looks
 INJECTION_KINDS = ("tool_result", "resource")  # where the injection detectors look
+_KEYS_PATH = (fields.KEYS,)  # the path of a kind's keys and structural values (`fields.cover`)
 QUIET_CHARS = 2048  # a request's texts tested as one (`risk`) up to this many characters
 LIMITED_OPERATIONS = ("chat.completions", "responses", "messages", "completions")
 MODEL_OPERATIONS = (*LIMITED_OPERATIONS, "embeddings")
@@ -219,6 +220,10 @@ def _secret_runs(pieces: list[TextPiece]) -> list[tuple[list[TextPiece], bool]]:
     sequence (`streams.read_in_order`: around an image, system or instructions then the first
     message, a message then a tool call's argument values), where only a key's shape counts: two
     ordinary ids side by side make one high-entropy run."""
+    # a run holds two texts a reader reads, and the keys' piece is in none (`read_together` keeps
+    # it alone, `read_in_order` leaves it out): a one-message request or answer has no run
+    if sum(p.path != _KEYS_PATH for p in pieces if p.kind in SECRET_KINDS) < 2:
+        return []
     runs = [(run, True) for run in streams.read_together(
         [p for p in pieces if p.kind in SECRET_KINDS]) if len(run) > 1]
     return runs + [(run, False) for run in streams.read_in_order(pieces)]
