@@ -118,6 +118,18 @@ def test_the_fast_phone_matcher_finds_what_presidios_finds(regions, n):
     assert found > 100  # the texts hold numbers: the comparison is not between empty results
 
 
+def test_a_number_verified_in_one_text_is_judged_by_its_neighbours_in_the_next():
+    """`PhoneScanner.verified` keeps a group's parse across texts; what touches the group (a
+    letter, a `%`) is still read in each text, as Presidio reads it."""
+    fast = phone_recognizer(("US", "GB"))
+    stock = PhoneRecognizer(supported_regions=("US", "GB"))
+    texts = ["call 212-555-0147 now", "call x212-555-0147 now", "call 212-555-0147% now",
+             "+44 20 7946 0958", "ref +44 20 7946 0958A", "call 212-555-0147 now"]
+    found = [_spans(fast, text) for text in texts]
+    assert found == [_spans(stock, text) for text in texts]
+    assert [bool(f) for f in found] == [True, False, False, True, False, True]
+
+
 def test_the_direct_presidio_path_returns_what_the_analyzer_engine_returns():
     """`Analyzer.presidio` (recognisers called directly, pattern recognisers without their
     explanations, context raised in place) against Presidio's `AnalyzerEngine.analyze` with its
