@@ -9,6 +9,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import random
 import signal
 import time
 from pathlib import Path
@@ -21,7 +22,9 @@ from mitmproxy.io import tnetstring
 from mitmproxy.proxy import mode_specs
 from mitmproxy.test import tflow, tutils
 
-from douane import bursts
+from douane import bursts, secrets
+from douane.interaction import Interaction, TextPiece
+from douane.protocols import streams
 from douane.recording import index, writer
 from douane.recording.addon import snapshot, state_of
 from douane.recording.config import RecordingSettings
@@ -424,3 +427,74 @@ def test_the_writer_exits_when_the_gateway_is_killed(gateway):
     files, rows = recorded(gw)
     assert files == 20 and rows == files  # what was handed to the writer is written
     assert "the gateway is gone" in gw.log_text()
+
+
+KEY = "AKIA" + "Q3VJ7XK2MZP4WT6B"  # fake, assembled so this file holds no key-shaped literal
+
+
+def test_header_fields_known_to_pass_are_scrubbed_under_other_names_and_redacted_when_new():
+    """`_headers` keeps as they are the fields it found kept before (`_passing`), per set of
+    credential names: each result is the one of reading every field (`_scrubbed`), whatever came
+    before. (Fails with one set for all names: a field learnt under one is not scrubbed under
+    another.)"""
+    rnd = random.Random(5)
+    pool = [(b"host", b"example.com"), (b"X-Api-Key", b"k1"), (b"user-agent", b"sdk/1.0"),
+            (b"x-trace", f"trace {KEY}".encode()), (b"cookie", b"s=1"),
+            (b"date", b"Wed, 02 Dec 2026 00:37:09 GMT"),
+            (b"x-douane-decision-id", b"dcn_0123456789abcdef0123"), (b"x-tag", KEY[:10].encode())]
+    names = [frozenset({"x-api-key", "cookie"}), frozenset({"user-agent"}), frozenset()]
+    writer._passing.clear()
+    for _ in range(400):
+        fields = tuple(rnd.sample(pool, rnd.randint(0, len(pool))))
+        scrub = rnd.choice(names)
+        assert writer._headers(fields, scrub) == writer._scrubbed(fields, scrub)
+    fields = ((b"user-agent", b"sdk/1.0"), (b"x-trace", f"trace {KEY}".encode()))
+    assert writer._headers(fields, names[1]) == (
+        (b"user-agent", writer.SCRUBBED.encode()),
+        (b"x-trace", b"trace <SECRET:detector.secret.aws_access_key>"))
+    assert writer._headers(fields[:1], names[2]) == fields[:1]
+
+
+def _runs_read(it: Interaction) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`texts_read` (not a stream) and `parts_read` as written before their runs were kept by
+    shape: from the pieces' own runs."""
+    answer = () if len(it.response_texts) < 2 else tuple(
+        "".join(p.text for p in run) for run in streams.read_together(it.response_texts)
+        if len(run) > 1)
+    if len(it.texts) < 2:
+        return answer, ()
+    runs = tuple("".join(p.text for p in run) for run in streams.read_together(it.texts)
+                 if len(run) > 1)
+    return answer, (*runs, *("".join(texts) for run in streams.read_in_order(it.texts)
+                             if secrets.find_across(texts := [p.text for p in run],
+                                                    high_entropy=False)))
+
+
+def test_the_runs_read_are_the_pieces_own_whatever_shapes_came_before():
+    """`texts_read` and `parts_read` take the runs of a shape of pieces seen before (`_runs`):
+    the texts they join are those the pieces' own runs join (`streams.read_together`,
+    `read_in_order`), shapes repeating with other texts, a key cut across two texts found.
+    (Fails with a shape of kinds alone.)"""
+    rnd = random.Random(7)
+    paths = [("messages", 0, "content"), ("messages", 1, "content"), ("messages", 2, "content"),
+             ("messages", 0, "content", 0, "text"), ("messages", 0, "content", 1, "text"),
+             ("messages", 0, "content", 1, "image_url"), ("system",), ("<keys and ids>",),
+             ("params", "arguments", "q"), ("input", 0, "content", 0, "text")]
+    kinds = ["prompt", "system", "tool_arguments", "tool_result", "completion"]
+    words = ["hello ", "there", KEY[:9], KEY[9:], "bucket", ""]
+    writer._shapes.clear()
+    # the same kinds in other places too (a shape is its kinds and paths): in a row or not
+    shapes = [[(rnd.choice(kinds), rnd.choice(paths)) for _ in range(rnd.randint(0, 6))]
+              for _ in range(8)] + [
+        [("prompt", paths[0]), ("prompt", paths[1]), ("prompt", paths[2])],
+        [("prompt", paths[0]), ("prompt", paths[6]), ("prompt", paths[2])],
+        [("prompt", paths[3]), ("prompt", paths[4]), ("prompt", paths[7])],
+        [("prompt", paths[3]), ("prompt", paths[5]), ("prompt", paths[8])]]
+    for _ in range(300):
+        request, answer = rnd.choice(shapes), rnd.choice(shapes)
+        it = Interaction("openai", "chat.completions",
+                         texts=[TextPiece(k, None, rnd.choice(words), p) for k, p in request],
+                         response_texts=[TextPiece(k, None, rnd.choice(words), p)
+                                         for k, p in answer])
+        assert (writer.texts_read(it, False), writer.parts_read(it)) == _runs_read(it)
+    assert len(writer._shapes) <= 24

@@ -171,8 +171,8 @@ def texts_read(it: Interaction, stream: bool) -> tuple[str, ...]:
         return tuple(p.text for p in it.response_texts)
     if len(it.response_texts) < 2:  # no run of two
         return ()
-    return tuple("".join(p.text for p in run) for run in streams.read_together(it.response_texts)
-                 if len(run) > 1)
+    texts = [p.text for p in it.response_texts]
+    return tuple("".join([texts[i] for i in run]) for run in _runs(it.response_texts, False)[0])
 
 
 def parts_read(it: Interaction) -> tuple[str, ...]:
@@ -182,10 +182,37 @@ def parts_read(it: Interaction) -> tuple[str, ...]:
     sequence apart from those (`streams.read_in_order`), joined only when a key spans two."""
     if len(it.texts) < 2:  # nothing read together or in order
         return ()
-    runs = tuple("".join(p.text for p in run) for run in streams.read_together(it.texts)
-                 if len(run) > 1)
-    return (*runs, *("".join(texts) for run in streams.read_in_order(it.texts)
-                     if secrets.find_across(texts := [p.text for p in run], high_entropy=False)))
+    together, in_order = _runs(it.texts, True)
+    texts = [p.text for p in it.texts]
+    return (*("".join([texts[i] for i in run]) for run in together),
+            *("".join(read) for run in in_order
+              if secrets.find_across(read := [texts[i] for i in run], high_entropy=False)))
+
+
+# The runs of a message's pieces (`streams.read_together`, `read_in_order`) follow from their
+# kinds and paths alone: the same few shapes in every flow (a prompt and douane's keys and ids),
+# each found once, as the pieces' indexes. At most RUN_SHAPES of them, of RUN_PIECES pieces each.
+RUN_SHAPES = 1024
+RUN_PIECES = 64
+Runs = tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]
+_shapes: dict[tuple, Runs] = {}
+
+
+def _runs(pieces: list[TextPiece], in_order: bool) -> Runs:
+    """The runs of two pieces or more read together, and (`in_order`) those read in order."""
+    shape = (in_order, *[(p.kind, p.path) for p in pieces]) if len(pieces) <= RUN_PIECES else None
+    runs = _shapes.get(shape) if shape else None
+    if runs is None:
+        at = {id(p): i for i, p in enumerate(pieces)}
+        runs = (tuple(tuple(at[id(p)] for p in run) for run in streams.read_together(pieces)
+                      if len(run) > 1),
+                tuple(tuple(at[id(p)] for p in run) for run in streams.read_in_order(pieces))
+                if in_order else ())
+        if shape:
+            if len(_shapes) >= RUN_SHAPES:
+                _shapes.clear()
+            _shapes[shape] = runs
+    return runs
 
 
 def _split(texts: tuple[str, ...], clean: Container[str]) -> bool:
@@ -270,12 +297,47 @@ def _field(fields: tuple[tuple[bytes, bytes], ...], name: bytes, default: str) -
     return ", ".join(values) if values else default
 
 
+# Per set of credential header names, the header fields known to be kept as they are (neither
+# scrubbed nor holding a secret): the same host, content type, server in every flow, neither
+# decoded nor looked up again. At most PASSING_FIELDS of them (then forgotten, and learnt again).
+PASSING_FIELDS = 4096
+_passing: dict[frozenset[str], set[tuple[bytes, bytes]]] = {}
+
+
 def _headers(fields: tuple[tuple[bytes, bytes], ...],
              names: frozenset[str]) -> tuple[tuple[bytes, bytes], ...]:
     """Credential headers replaced; in any other value, the secrets redacted (a key in
     `X-Custom-Token` or `User-Agent` is no less a key). The usual case, where there is none, is
-    found by one scan of the values not known clean (`untrusted.clean`: the same host, content
-    type, server in every flow are not scanned again)."""
+    found among the fields not known to pass (`_passing`), by one scan of their values not known
+    clean (`untrusted.clean`)."""
+    if type(fields) is not tuple:  # (a state's are a tuple of pairs)
+        return _scrubbed(fields, names)
+    passing = _passing.get(names)
+    if passing is None:
+        if len(_passing) >= 64:  # (a set a credential header's name: a few)
+            _passing.clear()
+        passing = _passing[names] = set()
+    fresh = [f for f in fields if f not in passing]
+    if not fresh:
+        return fields
+    kept = [(k, v) for k, v in fresh if k.decode("latin-1").lower() not in names]
+    values = [v.decode("utf-8", "surrogateescape") for _, v in kept]
+    if not untrusted.clean(values):
+        return _scrubbed(fields, names)
+    if len(passing) > PASSING_FIELDS:
+        passing.clear()
+    # (not a decision id: a new one each flow)
+    passing.update(f for f, text in zip(kept, values, strict=True)
+                   if len(text) <= KNOWN_CHARS and not untrusted.IDS.fullmatch(text))
+    if len(kept) == len(fresh):
+        return fields
+    return tuple((k, _SCRUBBED) if (k, v) not in passing and k.decode("latin-1").lower() in names
+                 else (k, v) for k, v in fields)
+
+
+def _scrubbed(fields: tuple[tuple[bytes, bytes], ...],
+              names: frozenset[str]) -> tuple[tuple[bytes, bytes], ...]:
+    """`_headers`, each field read."""
     fields = tuple((k, _SCRUBBED if k.decode("latin-1").lower() in names else v)
                    for k, v in fields)
     values = [v.decode("utf-8", "surrogateescape") for _, v in fields]
