@@ -151,6 +151,9 @@ def main() -> int:
                         named = named_threads(proxy.pid)
                         result = wrk(proxy.port, path, script, c, args.seconds)
                         after = settled(proxy.pid)
+                        if not result.requests:  # (a host too loaded: nothing answered in time)
+                            print(f"{name} {protocol} c={c}: no request completed", flush=True)
+                            continue
                         threads.setdefault((name, protocol, c), []).append({
                             thread: ((cpu - named.get(thread, (0, 0))[0]) / result.requests * 1e6,
                                      (wakes - named.get(thread, (0, 0))[1]) / result.requests)
