@@ -287,7 +287,7 @@ def test_an_awaited_analysis_left_early_is_not_analysed_for_nothing(pool, monkey
         assert submitted[-1].cancelled() and not any(f.done() for f in submitted[:2])
         with pool._lock:  # the workers free again: the queue leaves
             pool._batches_out[False] -= pool.settings.workers
-            pool._lock.notify()
+        pool._dispatch()
         assert [[s.entity for s in spans] for (spans,) in await answers] == \
             [["EMAIL_ADDRESS"], []]
 
@@ -636,3 +636,27 @@ def test_the_event_loop_reads_the_answers_itself(pool):
     # the loop gone, a caller without one reads its own answer
     (spans,) = pool.result(pool.submit(["mail maria@example.com"]))
     assert [s.entity for s in spans] == ["EMAIL_ADDRESS"]
+
+
+def test_a_batch_gathered_while_the_workers_were_busy_leaves_from_the_loop(pool, monkeypatch):
+    """The analyses queued behind a busy worker leave as one batch when it answers, sent by the
+    loop that read the answer: a thread of their own, woken for it, waited for the GIL the
+    loop held while the worker stood idle."""
+    assert pool.settings.workers == 1
+    senders: list[tuple[int, int]] = []
+    send_to = pool._send_to
+    monkeypatch.setattr(pool, "_send_to", lambda urgent, texts, *a: (
+        senders.append((threading.get_ident(), len(texts))), send_to(urgent, texts, *a))[1])
+
+    async def scenario() -> None:
+        busy = asyncio.ensure_future(pool.analyze(["Maria Garcia " * 300]))
+        await asyncio.sleep(0)
+        answers = await asyncio.gather(*(pool.analyze([f"mail user{n}@example.com"])
+                                          for n in range(4)))
+        assert all([s.entity for s in spans] == ["EMAIL_ADDRESS"] for (spans,) in answers)
+        assert (await busy)[0]
+
+    asyncio.run(scenario())
+    assert [n for _, n in senders] == [1, 4]  # the long one, then the four together
+    assert {ident for ident, _ in senders} == {threading.get_ident()}
+    assert not [t.name for t in threading.enumerate() if t.name == "douane-masking-batches"]

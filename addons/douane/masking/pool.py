@@ -532,7 +532,7 @@ class MaskingPool:
         self._parts = split.groups(settings.entities, bool(settings.model))
         self._zygote: Zygote | None = None
         self._executors: dict[bool, Workers] = {}  # by urgent
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
         self._reading = threading.RLock()  # whoever reads the workers' pipes (`Workers`)
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop that reads them
         # by urgent: analyses not yet sent, and batches on the executor's workers
@@ -540,11 +540,6 @@ class MaskingPool:
         self._batches_out = {False: 0, True: 0}
         self._wakes: _Wakes | None = None  # the awaiting loop's, made on it
         self._closed = False
-        # Sends the batches gathered while every worker was busy. A worker's completion runs in
-        # its reader thread, which must not submit (it may hold the executor's lock).
-        self._dispatcher = threading.Thread(target=self._dispatch_forever,
-                                            name="douane-masking-batches", daemon=True)
-        self._dispatcher.start()
 
     def executor(self, urgent: bool = False) -> Workers:
         if urgent not in self._executors:
@@ -618,9 +613,7 @@ class MaskingPool:
         future: Analysis = _Answer(self.wait)
         with self._lock:
             self._waiting[urgent].append((texts, future))
-            taken = self._take_batch()
-        if taken:
-            self._send_batch(*taken)
+        self._dispatch()
         return future
 
     def result(self, future: Analysis) -> list[list[Span]]:
@@ -681,7 +674,6 @@ class MaskingPool:
             self._closed = True
             waiting = [f for each in self._waiting.values() for _, f in each]
             self._waiting = {False: [], True: []}
-            self._lock.notify_all()
         for future in waiting:
             future.cancel()
         for executor in self._executors.values():
@@ -708,27 +700,43 @@ class MaskingPool:
                 return urgent, batch
         return None
 
+    def _dispatch(self) -> None:
+        """Sends the batches that can leave now (a submit, a worker given back), in the caller's
+        thread: the event loop's mostly, which reads the answers (`Workers.attach`). A thread of
+        its own took each batch gathered while every worker was busy: woken, it waited for the
+        GIL the loop held, and the worker given back stood idle meanwhile."""
+        while True:
+            with self._lock:
+                taken = self._take_batch()
+            if taken is None:
+                return
+            self._send_batch(*taken)
+
     def _send_batch(self, urgent: bool, batch: list[tuple[list[str], Analysis]]) -> None:
         """Outside the lock (submitting may wait for the executor's lock)."""
         batch = [(texts, f) for texts, f in batch if f.set_running_or_notify_cancel()]
         if not batch:  # every one was cancelled before it left
-            self._batch_done(urgent, [], None)
+            self._give_back(urgent)
             return
         try:
             sent = self._send_to(urgent, [text for texts, _ in batch for text in texts])
         except Exception as e:  # the executor could not even be rebuilt: fail these analyses
             for _, future in batch:
                 future.set_exception(e)
-            self._batch_done(urgent, [], None)
+            self._give_back(urgent)
             return
         sent.add_done_callback(functools.partial(self._batch_done, urgent, batch))
 
-    def _batch_done(self, urgent: bool, batch: list[tuple[list[str], Analysis]],
-                    sent: Analysis | None) -> None:
+    def _give_back(self, urgent: bool) -> None:
         with self._lock:
             self._batches_out[urgent] -= 1
-            if any(self._waiting.values()):  # else no wake-up: the next submit finds it free
-                self._lock.notify()
+
+    def _batch_done(self, urgent: bool, batch: list[tuple[list[str], Analysis]],
+                    sent: Analysis | None) -> None:
+        """A worker given back (`sent`: its batch's answer, None for a split's part): what
+        waits leaves on it before this batch's answers are handed over."""
+        self._give_back(urgent)
+        self._dispatch()
         if sent is None:
             return
         try:
@@ -742,15 +750,6 @@ class MaskingPool:
             for texts, future in batch:
                 future.set_result(results[start:start + len(texts)])
                 start += len(texts)
-
-    def _dispatch_forever(self) -> None:
-        while True:
-            with self._lock:
-                while not self._closed and (taken := self._take_batch()) is None:
-                    self._lock.wait()
-                if self._closed:
-                    return
-            self._send_batch(*taken)
 
     def _send_to(self, urgent: bool, texts: list[str], fn=None, *args) -> Analysis:
         fn = fn or engine.analyze_batch  # (read at the call: a test's fault script replaces it)
