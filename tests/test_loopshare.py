@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import pytest
@@ -171,3 +172,142 @@ def test_stream_ends_after_their_wait_take_turns():
     asyncio.run(scenario())
     assert passes.done == list(range(32))
     assert max(passes.per_pass) <= 3, passes.per_pass
+
+
+class CountingLoop(asyncio.SelectorEventLoop):
+    """Counts the callbacks scheduled on it: a task's every wake-up is one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.callbacks = 0
+
+    def call_soon(self, *args, **kwargs):
+        self.callbacks += 1
+        return super().call_soon(*args, **kwargs)
+
+
+def test_a_waiting_flow_is_woken_about_once_not_on_every_pass():
+    """32 flows in one pass, 2 run per pass: the 30 that wait used to be woken on every pass
+    until their turn (~N^2/4: ~240 wake-ups); parked in a queue, each is called about once."""
+    passes = Passes()
+    checkpoint = Checkpoint((), Order(request=(step_of(passes),)))
+    flows = [tflow.tflow() for _ in range(32)]
+    for i, flow in enumerate(flows):
+        flow.metadata["n"] = i
+    counted = {}
+
+    async def scenario() -> None:
+        passes.start()
+        loop = asyncio.get_running_loop()
+        before = loop.callbacks
+        await asyncio.gather(*(checkpoint.request(flow) for flow in flows))
+        counted["callbacks"] = loop.callbacks - before
+
+    with asyncio.Runner(loop_factory=CountingLoop) as runner:
+        runner.run(scenario())
+    assert passes.done == list(range(32))
+    # per flow: its task's start, the gather's callback, one call; per pass: the share's reset,
+    # the caller and the test's tick; a few calls again for a pass whose share ran out early
+    assert counted["callbacks"] <= 32 * 3 + 3 * len(passes.per_pass) + 8, counted
+
+
+def run_waves(costs: list[list[float]], cancel: dict[int, set[int]] | None = None):
+    """Flows arrive in waves, one wave per pass while earlier ones wait (costs[p]: the CPU each
+    flow of pass p's wave uses); `cancel[p]`: the flows whose tasks are cancelled at pass p.
+    Returns (arrival order, the order their steps ran, steps per pass, the flows cancelled
+    before their steps ran)."""
+    arrived: list[int] = []
+    done: list[int] = []
+    per_pass: list[int] = []
+    cancel = cancel or {}
+    cost: dict[int, float] = {}
+
+    def request(flow) -> None:
+        busy(cost[flow.metadata["n"]])
+        done.append(flow.metadata["n"])
+
+    checkpoint = Checkpoint((), Order(request=(request,)))
+    total = sum(len(wave) for wave in costs)
+
+    async def flow(n: int) -> None:
+        f = tflow.tflow()
+        f.metadata["n"] = n
+        arrived.append(n)
+        await checkpoint.request(f)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        tasks: dict[int, asyncio.Task] = {}
+        seen = 0
+        p = 0
+        while len(done) + sum(t.cancelled() for t in tasks.values()) < total:
+            if p < len(costs):
+                for c in costs[p]:
+                    n = len(tasks)
+                    cost[n] = c
+                    tasks[n] = loop.create_task(flow(n))
+            for n in cancel.get(p, ()):
+                tasks[n].cancel()
+            await asyncio.sleep(0)  # one pass
+            per_pass.append(len(done) - seen)
+            seen = len(done)
+            p += 1
+            assert p < 10_000, "a flow waits forever"
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        gone.update(n for n, task in tasks.items() if task.cancelled())
+
+    gone: set[int] = set()
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    return arrived, done, per_pass, gone
+
+
+def test_order_is_kept_across_many_passes_as_new_flows_arrive():
+    """Waves of new flows arrive while earlier ones wait, their steps of uneven cost (a called
+    flow may find the share used up by those before it): every flow's steps run in the order
+    the flows arrived."""
+    rng = random.Random(18)
+    for _ in range(5):
+        costs = [[rng.choice((0.0001, 0.0004, 0.001, 0.0015)) for _ in range(rng.randrange(9))]
+                 for _ in range(12)]
+        arrived, done, per_pass, _ = run_waves(costs)
+        assert done == arrived, (costs, per_pass)
+        assert len(done) == sum(map(len, costs))
+
+
+@pytest.mark.parametrize("cancelled", [
+    {1: {2}},  # the flow that called itself for the next pass
+    {2: {3}},  # the first of the flows the last one called
+    {2: {4}},  # the last called: its call goes on to the next
+    {1: {10, 11, 12}},  # flows not called yet
+    {1: {2}, 2: {5, 6, 7, 8}, 3: {9}},  # called and not, over several passes
+    {p: {n} for p, n in enumerate(range(8, 31, 3))},  # one a pass
+])
+def test_a_cancelled_flow_loses_no_other_flows_call(cancelled):
+    """A flow cancelled while it waits, called or not, is taken out of the queue: every other
+    flow still gets its turn, in order, and the burst takes no more passes than without it."""
+    arrived, done, per_pass, gone = run_waves([[0.001] * 32], cancelled)
+    assert gone == set().union(*cancelled.values())  # each while it waited
+    assert done == [n for n in arrived if n not in gone]
+    assert len(per_pass) <= 20, per_pass
+
+
+def test_a_flow_alone_after_a_burst_never_waits():
+    """Once a burst's flows have all had their turns, a flow alone runs at once again."""
+
+    async def flow() -> None:
+        await share.enter()
+        busy(0.001)
+
+    async def scenario() -> None:
+        await asyncio.gather(*(flow() for _ in range(8)))  # 2 a pass: 6 wait
+        for _ in range(3):
+            busy(0.003)
+            await asyncio.sleep(0)
+        for _ in range(3):
+            entering = share.enter()
+            with pytest.raises(StopIteration):
+                entering.send(None)
+            await asyncio.sleep(0)
+
+    share = LoopShare()
+    asyncio.run(scenario())
