@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Container, Iterator
+from collections.abc import Container
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -519,18 +519,24 @@ def _redacted(text: str, ctype: str, clean: Container[str] = frozenset(),
     return secrets.redact(redacted) if stray else redacted
 
 
-def _values(text: str) -> Iterator[str]:
+def _values(text: str) -> list[str]:
     """The string values of a JSON or SSE text that `_json_string` would redact, decoded."""
+    if "\\" not in text:  # each literal from a quote to the next, but one across a line
+        inside = text.split('"')[1:-1:2]
+        if "\n" not in "".join(inside):  # (a third of `findall`'s cost)
+            return [v for v in inside if len(v) >= secrets.SHORTEST_SECRET]
+    values = []
     for literal in JSON_STRING.findall(text):
         if len(literal) < secrets.SHORTEST_SECRET + 2:
             continue
         if "\\" not in literal:
-            yield literal[1:-1]
+            values.append(literal[1:-1])
             continue
         try:
-            yield json.loads(literal)
+            values.append(json.loads(literal))
         except ValueError:
             continue  # (left as it is by `_json_string` too)
+    return values
 
 
 def _decoded_and_redacted(message: http.Message, clean: Container[str] = frozenset(),
