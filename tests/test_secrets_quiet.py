@@ -103,8 +103,9 @@ def policy(request, tmp_path_factory) -> model.Policy:
 def test_the_policy_decides_as_the_full_scan_does(policy, monkeypatch):
     """Each request's texts as the parts of one message (read together: a key split across
     two is found in their join), as a tool call's arguments then its name (read in order), as
-    a system prompt then messages with douane's keys between, and as tool results; the fast
-    path (one test of the texts and their runs joined) decides as the scan of each."""
+    a system prompt then messages with douane's keys between, as tool results, and as a body's
+    keys; the fast path (one test of the texts and their runs joined, a keys' piece remembered
+    quiet left out) decides as the scan of each, the first time and again."""
     def requests():
         for parts in TEXTS:
             yield [TextPiece("prompt", "user", t, ("messages", 0, "content", i, "text"))
@@ -118,13 +119,18 @@ def test_the_policy_decides_as_the_full_scan_does(policy, monkeypatch):
                      for i, t in enumerate(parts[1:]))]
             yield [TextPiece("tool_result", "tool", t, ("result", "content", i, "text"))
                    for i, t in enumerate(parts)]
+            # a body's keys (a key, an id or an enum may be a secret): remembered when quiet
+            yield [TextPiece("prompt", "user", parts[-1], ("messages", 0, "content")),
+                   TextPiece("prompt", "user", "\n".join(parts), ("<keys and ids>",))]
 
     def verdicts():
         # (a text the policy found no secret in is not scanned again by the recording's writer)
         return [(sorted((r.rule, r.field) for r in policy_engine.risk(policy, pieces)),
                  [p.secret_free for p in pieces]) for pieces in requests()]
 
+    policy_engine._KNOWN_KEYS.clear()
     fast = verdicts()
+    assert fast == verdicts()  # the keys' pieces now remembered
     monkeypatch.setattr(secrets, "all_quiet", lambda texts: False)
     assert fast == verdicts()
     if policy.secrets:

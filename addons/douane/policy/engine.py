@@ -142,10 +142,13 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
     runs = _secret_runs(pieces) if read else []
     run_texts = ["".join([p.text for p in run]) for run, _ in runs]
     size = sum(map(len, read))
+    # (`all_quiet` holds for texts when it holds for each: a keys' piece known quiet is left out)
+    tested = [p.text for p in pieces if p.kind in SECRET_KINDS and not (
+        p.path == _KEYS_PATH and _quiet_keys(p.text))] if read and size <= QUIET_CHARS else read
     quiet = not read or size + sum(map(len, run_texts)) <= QUIET_CHARS and \
-        secrets.all_quiet(read + run_texts)
+        secrets.all_quiet(tested + run_texts)
     # else the texts alone may still be (a tool call's short argument joined to its name)
-    scan = not quiet and (size > QUIET_CHARS or not secrets.all_quiet(read))
+    scan = not quiet and (size > QUIET_CHARS or not secrets.all_quiet(tested))
     if not scan and policy.ruled_kinds.isdisjoint([p.kind for p in pieces]) and not (
             policy.injection and any(p.kind in INJECTION_KINDS and
                                      detectors.injections(normalize(p.text)) for p in pieces)):
@@ -210,6 +213,21 @@ def risk(policy: Policy, pieces: list[TextPiece]) -> list[Reason]:
                 found[rule.id] = Reason(rule.id, f"deny rule {rule.id} matched across texts",
                                         f"{kind}[{first}..{last}]", rule.score)
     return list(found.values())
+
+
+_KNOWN_KEYS: dict[str, bool] = {}  # a keys' piece (at most QUIET_CHARS) -> `secrets.quiet` of it
+KNOWN_KEYS = 1024  # the keys' pieces remembered (then all forgotten at once)
+
+
+def _quiet_keys(text: str) -> bool:
+    """`secrets.quiet` of a keys' piece (`fields.KEYS`: a body's keys, ids and enums), remembered:
+    a client sends the same keys again and again, whatever its texts say."""
+    known = _KNOWN_KEYS.get(text)
+    if known is None:
+        if len(_KNOWN_KEYS) >= KNOWN_KEYS:
+            _KNOWN_KEYS.clear()
+        known = _KNOWN_KEYS[text] = secrets.quiet(text)
+    return known
 
 
 def _secret_runs(pieces: list[TextPiece]) -> list[tuple[list[TextPiece], bool]]:
