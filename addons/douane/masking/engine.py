@@ -111,8 +111,10 @@ PREFILTERS = {
     "CREDIT_CARD": lambda t, d: d >= 12 and shape("CREDIT_CARD").search(t) is not None,
     "US_SSN": lambda t, d: d >= 9 and shape("US_SSN").search(t) is not None,
     # every IPv4 form (plain, mapped, embedded) holds a dotted quad, every IPv6 form its shape
-    "IP_ADDRESS": lambda t, d: (d >= 4 and DOTTED_QUAD.search(t) is not None)
-    or IPV6_SHAPE.search(t) is not None,
+    # (`::` or seven colons: counted before the searches, which try every position)
+    "IP_ADDRESS": lambda t, d: (d >= 4 and t.count(".") >= 3
+                                and DOTTED_QUAD.search(t) is not None)
+    or "::" in t or (t.count(":") >= 7 and IPV6_SHAPE.search(t) is not None),
     "IBAN_CODE": lambda t, d: d >= 8 and shape("IBAN_CODE").search(t) is not None,
     # none for NER: whether spaCy runs must not hang on a word anywhere in the text (a capital
     # letter), or a stream's window and the whole answer would decide a name differently
@@ -662,6 +664,9 @@ def secret_recognizer(entities: list[str]):
     return SecretRecognizer(supported_entities=entities, name="douane_secrets")
 
 
+CHECKS = 4096  # values whose checks a pattern recogniser keeps, then forgets at once
+
+
 def plain_patterns(recognizer):
     """A Presidio pattern recogniser whose `analyze` is `PatternRecognizer`'s (same matches,
     validation, scores, duplicates removed, a pattern that times out skipped) without what
@@ -675,6 +680,19 @@ def plain_patterns(recognizer):
     metadata = {RecognizerResult.RECOGNIZER_NAME_KEY: recognizer.name,
                 RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: recognizer.id}
     entity, lowest = recognizer.supported_entities[0], EntityRecognizer.MIN_SCORE
+    # value -> (validate_result, invalidate_result): both read the value alone (an e-mail
+    # address's public suffix by tldextract, ~25 us; a card's Luhn sum; an IP's parse), and a
+    # stream's windows, a conversation's turns read the same values again
+    checks: dict[str, tuple] = {}
+
+    def checked(value: str) -> tuple:
+        found = checks.get(value)
+        if found is None:
+            if len(checks) >= CHECKS:
+                checks.clear()
+            found = checks[value] = (recognizer.validate_result(value),
+                                     recognizer.invalidate_result(value))
+        return found
 
     def analyze(text, entities, nlp_artifacts=None, regex_flags=None):
         flags = regex_flags or recognizer.global_regex_flags
@@ -688,11 +706,11 @@ def plain_patterns(recognizer):
                     start, end = match.span()
                     if start == end:
                         continue
-                    value, score = text[start:end], pattern.score
-                    valid = recognizer.validate_result(value)
+                    score = pattern.score
+                    valid, invalid = checked(text[start:end])
                     if valid is not None:
                         score = EntityRecognizer.MAX_SCORE if valid else lowest
-                    if recognizer.invalidate_result(value):
+                    if invalid:
                         score = lowest
                     if score > lowest:
                         results.append(RecognizerResult(entity, start, end, score,
