@@ -334,3 +334,19 @@ def test_canonical_matches_json_for_what_records_hold():
     assert audit.canonical(record) == audit.json_canonical(record)
     del record["big"]
     assert audit.canonical(record) == audit.json_canonical(record)
+
+
+def test_a_refused_record_after_the_file_was_cut_elsewhere_pads_nothing(tmp_path):
+    """The writer cuts what the disk refused back to the length it last flushed; when something
+    else cut the file meanwhile (a `copytruncate` rotation), that cut made the file longer again,
+    padded with NUL bytes up to the old length."""
+    path = tmp_path / "audit.jsonl"
+    log = audit.AuditLog(AuditConfig(path, 10**9, 5), KEY)
+    log.append({"event": "decision", "decision_id": "dcn_0"})
+    assert until(lambda: path.exists() and path.read_bytes().endswith(b"\n"))
+    path.write_bytes(b"")  # cut in place: the same file, empty
+    log.append({"event": "decision", "decision_id": "dcn_1", "unencodable": object()})
+    log.close()
+    data = path.read_bytes()
+    assert b"\x00" not in data
+    assert [json.loads(line)["event"] for line in data.splitlines()] == ["audit.gap"]

@@ -267,7 +267,9 @@ class AuditLog:
         with contextlib.suppress(OSError):
             self._file.close()  # closes the file even when flushing the refused bytes fails
         with self.path.open("ab") as f:  # (created if rotation failed between rename and open)
-            f.truncate(self._size if os.fstat(f.fileno()).st_ino == self._inode else 0)
+            stat = os.fstat(f.fileno())
+            # never past its end: a file cut by someone else meanwhile is not padded with NULs
+            f.truncate(min(self._size, stat.st_size) if stat.st_ino == self._inode else 0)
         self._open()
 
     def _rotate(self) -> list[dict[str, Any]]:
