@@ -202,9 +202,53 @@ CATALOGUE: tuple[Kind, ...] = (
           ("key", "secret", "token", "credential"), _token_value,
           lead=len("sharedaccess"), assigned=True),
 )
+# A field's name (a JSON key, a form or query parameter) that names a credential: the value under
+# it is one, whatever its shape (an opaque refresh token, a short password), where the catalogue
+# reads a value alone and finds no shape. Any case, camelCase, `-`/`.`/`_` or nothing between
+# words; `token` after a word that is not a model's or a listing's (logprobs' `token`, a page's
+# `next_page_token`), `key` after a credential's word (not `idempotency_key`, `prompt_cache_key`).
+KEY_NAME_CHARS = 64  # a longer name is not a credential's
+_KEY_PASSWORD = re.compile(r"(?:password|passwd|passphrase)$|"
+                           r"(?:^|_)(?:pass|pwd|passcode)$")
+_KEY_CREDENTIAL = re.compile(
+    r"secret$|(?:^|_)(?:credentials?|authorization|cookie)$|"
+    r"(?:^|_)(?:api|access|auth|account|private|signing|encryption|master|secret|"
+    r"shared_?access|subscription|client|app|license|service_account)_?key$|"
+    r"^(?!(?:stop|eos|bos|pad|unk|sep|cls|mask|page|next|next_page|prev|previous|pagination|"
+    r"continuation|cancellation|cancel|start|end|special|max|min|progress)_?token$)"
+    r"[a-z0-9_]*?[a-z0-9]_?token$")
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_KEY_SEPARATORS = re.compile(r"[-.\s]+")
+# What every name `credential_key` takes ends with (in lower case): a cheap test before a text's
+# names are read one by one.
+KEY_ENDS = ("pass", "password", "passwd", "pwd", "passcode", "passphrase", "secret", "token", "key",
+            "credential", "credentials", "authorization", "cookie")
+# what a documented or templated value says instead of a credential
+_KEY_PLACEHOLDER = re.compile(r"\$\{[^}]*\}|\$[A-Z_][A-Z0-9_]*|\{\{.*\}\}|<[^<>]*>|\*+|•+|\.\.\.|"
+                              r"x+|X+|(?i:none|null|nil|undefined|redacted|hidden|masked)")
+
+
+def credential_key(name: str) -> Kind | None:
+    """The kind of secret a field named `name` holds (`password`, or `credential`), or None."""
+    if len(name) > KEY_NAME_CHARS or not name.isascii():
+        return None
+    key = _KEY_SEPARATORS.sub("_", _CAMEL.sub("_", name).lower())
+    if _KEY_PASSWORD.search(key):
+        return _PASSWORD_KIND
+    return _CREDENTIAL_KIND if _KEY_CREDENTIAL.search(key) else None
+
+
+def key_value(value: str) -> bool:
+    """Whether the value of a credential-named field is one: not empty nor a placeholder."""
+    value = value.strip()
+    return bool(value) and not _KEY_PLACEHOLDER.fullmatch(value)
+
+
 HIGH_ENTROPY_KIND = Kind("detector.secret.high_entropy", "SECRET", HIGH_ENTROPY, 40, (),
                          credential_like)
 KINDS = (*CATALOGUE, HIGH_ENTROPY_KIND)
+_PASSWORD_KIND = next(k for k in CATALOGUE if k.rule == "detector.secret.password")
+_CREDENTIAL_KIND = next(k for k in CATALOGUE if k.rule == "detector.secret.credential")
 ENTITIES = tuple(dict.fromkeys(k.entity for k in KINDS))
 ORDER = {kind: i for i, kind in enumerate(KINDS)}  # the first kind names merged finds
 HINTS = tuple({h for k in CATALOGUE for h in k.hints})

@@ -35,6 +35,7 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Container
 from dataclasses import dataclass
@@ -145,11 +146,17 @@ def recording_of(snapshot: dict, names: frozenset[str], streamed: tuple[str, ...
         request = flow.request.get_state()
         response = flow.response.get_state() if flow.response else None
     request = _message(request, names, http.Request, clean)
-    path = request["path"].decode("utf-8", "surrogateescape")  # as `Request.path` reads it
+    sent = request["path"].decode("utf-8", "surrogateescape")  # as `Request.path` reads it
+    path = sent
+    if "?" in path:  # a query's fields named as credentials, as a form's
+        target, _, query = path.partition("?")
+        path = f"{target}?{_form_keyed(query)}"
     # (the same few paths in every flow: known clean, not scanned again)
     if not untrusted.clean([path]) and \
             (redacted := secrets.redact(path, high_entropy=False)) != path:
-        request["path"] = redacted.encode("utf-8", "surrogateescape")
+        path = redacted
+    if path != sent:
+        request["path"] = path.encode("utf-8", "surrogateescape")
     if response:
         response = _message(response, names, http.Response, clean)
     return {**snapshot, "request": request, "response": response, "metadata": metadata,
@@ -462,7 +469,7 @@ def _websocket(state: dict | None) -> dict | None:
     for kind, from_client, content, *rest in state["messages"]:
         if kind in (Opcode.TEXT, Opcode.BINARY):
             text = content.decode("utf-8", "surrogateescape")
-            clean = secrets.redact(text)
+            clean = secrets.redact(_keyed(text))
             if clean != text:
                 content = clean.encode("utf-8", "surrogateescape")
         messages.append((kind, from_client, content, *rest))
@@ -491,6 +498,74 @@ def _json_string(m: re.Match[str]) -> str:
         json.dumps(clean)
 
 
+# A JSON string literal and, if it is a key, its string value: read from the text's start, every
+# literal in turn, a value is never taken for a key (`_keyed`).
+_KEYED = re.compile(f"({JSON_STRING.pattern})(?:(\\s*:\\s*)({JSON_STRING.pattern}))?")
+# A key whose name ends as a credential's (`secrets.KEY_ENDS`), its quote escaped or not (JSON in
+# a string, in a string), read in the lower-cased text backwards: one search that starts at each
+# colon (a few us a KB; a search a word was ten times that), before the literals are read.
+_KEY_END = re.compile(r':\s*"\\*(?:' + "|".join(sorted(
+    (e[::-1] for e in secrets.KEY_ENDS), key=len, reverse=True)) + ")")
+_FORM_END = re.compile(r"=(?:" + "|".join(sorted(
+    (e[::-1] for e in secrets.KEY_ENDS), key=len, reverse=True)) + ")")
+_FORM_FIELD = re.compile(r"(?:^|(?<=[&;]))([^=&;]{1,64})=([^&;]*)")
+KEYED_DEPTH = 2  # JSON documents inside string values (a tool call's arguments) read this deep
+
+
+def _keyed(text: str, depth: int = 0) -> str:
+    """`text` (JSON, SSE) with each string value under a credential's name replaced by
+    `<SECRET:rule id>` (`secrets.credential_key`: a refresh token or a password has no shape the
+    catalogue knows alone), in JSON texts inside string values too, `KEYED_DEPTH` deep."""
+    if depth > KEYED_DEPTH or not _KEY_END.search(text.lower()[::-1]):
+        return text
+    return _KEYED.sub(lambda m: _keyed_pair(m, depth), text)
+
+
+def _keyed_pair(m: re.Match[str], depth: int) -> str:
+    literal, between, value = m.group(1, 2, 3)
+    if value is None:  # a value, or a key to a value of another type
+        return _keyed_inside(literal, depth)
+    kind = secrets.credential_key(name) if (name := _plain(literal)) is not None else None
+    if kind is not None and (plain := _plain(value)) is not None and secrets.key_value(plain):
+        return f'{literal}{between}"<SECRET:{kind.rule}>"'
+    return literal + between + _keyed_inside(value, depth)
+
+
+def _keyed_inside(literal: str, depth: int) -> str:
+    """A string value holding a JSON document, its credential-named values replaced."""
+    if '\\"' not in literal or (plain := _plain(literal)) is None or \
+            plain.lstrip()[:1] not in ("{", "[") or (clean := _keyed(plain, depth + 1)) == plain:
+        return literal
+    dumped = json.dumps(clean, ensure_ascii=False)
+    return dumped if dumped.isascii() or not untrusted.SURROGATE.search(dumped) else \
+        json.dumps(clean)
+
+
+def _plain(literal: str) -> str | None:
+    """A JSON string literal's value (None: not a valid one)."""
+    if "\\" not in literal:
+        return literal[1:-1]
+    try:
+        return json.loads(literal)
+    except ValueError:
+        return None
+
+
+def _form_keyed(text: str) -> str:
+    """A form's or a query's fields named as credentials (`_keyed`) with their values replaced."""
+    if not _FORM_END.search(text.lower()[::-1]):
+        return text
+    return _FORM_FIELD.sub(_form_field, text)
+
+
+def _form_field(m: re.Match[str]) -> str:
+    name, value = m.group(1, 2)
+    kind = secrets.credential_key(urllib.parse.unquote_plus(name))
+    if kind is None or not secrets.key_value(urllib.parse.unquote_plus(value)):
+        return m.group(0)
+    return f"{name}=<SECRET:{kind.rule}>"
+
+
 _DATA_URL = re.compile('"data:', re.IGNORECASE)  # a value that is one (not an SSE `data:` line)
 
 
@@ -502,7 +577,10 @@ def _redacted(text: str, ctype: str, clean: Container[str] = frozenset(),
     `recording_of`. `unread`: a body that may not be JSON (`_unread`), whose text outside the
     string literals is read too (refused unread, it is recorded as sent: a key may sit there)."""
     if not ("json" in ctype or "event-stream" in ctype or text.lstrip()[:1] in ("{", "[")):
+        if "x-www-form-urlencoded" in ctype:
+            text = _form_keyed(text)
         return secrets.redact(text) if text not in clean and secrets.matches(text) else text
+    keyed = _keyed(text)
     # The usual, clean body in one scan: its string values (what `_json_string` would redact,
     # decoded), joined as no pattern reads across (`untrusted.clean`): where no pattern matches
     # the join, none matches a value. Neither the keys' `": "` (an assignment to every pattern that
@@ -514,8 +592,8 @@ def _redacted(text: str, ctype: str, clean: Container[str] = frozenset(),
         secrets.any_matches(JSON_STRING.split(text))
     if not stray and not _DATA_URL.search(text) and \
             untrusted.clean([v for v in _values(text) if v not in clean], False, KNOWN_CHARS):
-        return text
-    redacted = JSON_STRING.sub(_json_string, text)
+        return keyed
+    redacted = JSON_STRING.sub(_json_string, keyed)
     return secrets.redact(redacted) if stray else redacted
 
 
