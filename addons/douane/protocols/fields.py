@@ -436,7 +436,10 @@ def _payload(text: str, key: str | None,
             if raw is None:
                 raise ProtocolError(400, "invalid_data_url", "a data URL's base64 is invalid")
             return media_type, raw, True
-        return media_type, urllib.parse.unquote_to_bytes(data), True
+        try:
+            return media_type, urllib.parse.unquote_to_bytes(data), True
+        except UnicodeEncodeError:  # a lone surrogate (a JSON `\ud83d` escape): no text's
+            raise ProtocolError(400, "invalid_data_url", "a data URL's text is invalid") from None
     if explicit or len(text) >= ENCODED and BASE64.fullmatch(text):
         raw = _b64(text)
         declared = parent.get("media_type") or parent.get("mime_type") or parent.get("format")
