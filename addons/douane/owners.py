@@ -759,8 +759,10 @@ class StoredObjects:
         """What an answer issued, bound (a stream's: those whose early write failed)."""
         st = state(flow)
         assert st.upstream and st.identity and st.interaction
-        writes = self._state_writes.pop(flow, {})
-        await asyncio.gather(*set(writes.values()), return_exceptions=True)  # failed: again
+        # (most answers are no stream that bound states: no weak reference made, nothing awaited)
+        writes = self._state_writes.pop(flow, {}) if self._state_writes else {}
+        if writes:
+            await asyncio.gather(*set(writes.values()), return_exceptions=True)  # failed: again
         ids = [i for i in dict.fromkeys(_state_id(flow, s) for s in st.interaction.issued_states)
                if i not in writes or writes[i].cancelled() or writes[i].exception() is not None]
         if ids:
