@@ -24,17 +24,20 @@ bound reaches BUDGET (on a loaded machine, where wall time runs far ahead of the
 every flow of a busy pass read it: the read was a tenth of the loop's samples at 32 masked
 connections), and once the share is used up the flows that come later in the pass read none.
 
-A flow that waits parks in a queue of the flows that wait, oldest first, and a flow that arrives
-while others wait parks behind them. Only the oldest are called (their futures resolved) to run
-in the next pass, as many as the last pass that used its share up admitted (twice as many once
-all those called ran and share was left). Each used to poll instead, every waiting flow woken on
-every pass: a burst of N flows, k a pass, cost ~N^2/2k wake-ups (10.3 a request at 32
-connections). asyncio runs a pass's callbacks in the order they were queued: the caller
-(`_call`) is queued after the flows it calls, so it runs once they have had their turn in the
-next pass, and those refused there (the share used up) have queued their wake-up again (called
-again, in their place): it calls the next ones behind them, and so flows keep their arrival
-order. While any flow waits a caller is queued: none is left parked; a cancelled one is taken out
-of the queue.
+A flow that waits parks in a queue of the flows that wait, oldest first. Only the oldest are
+called (their futures resolved) to run in the next pass: one more than the last pass that used
+its share up admitted (twice as many once all those called ran and share was left). Each used to
+poll instead, every waiting flow woken on every pass: a burst of N flows, k a pass, cost
+~N^2/2k wake-ups (10.3 a request at 32 connections). asyncio runs a pass's callbacks in the
+order they were queued: the caller (`_call`) is queued after the flows it calls, so it runs once
+they have had their turn in the next pass, and those refused there (the share used up) have
+queued their wake-up again (called again, in their place): it calls the next ones behind them,
+and so the flows that wait run in the order they arrived. A flow that arrives while others wait
+parks behind them, unless the caller has run in this pass and share is left: the flows called
+for this pass have had their turn and the others cannot run in it, so it takes share no waiting
+flow could use (parking it too left passes half used: ~1.5x the passes at 32 connections).
+While any flow waits a caller is queued: none is left parked; a cancelled one is taken out of
+the queue.
 """
 
 from __future__ import annotations
@@ -66,17 +69,19 @@ class LoopShare:
         # time since
         self._bound = (0.0, 0.0)
         self._full = False  # the pass's share is used up
+        self._resetting = False  # `_next_pass` is queued
         self._admitted = 0  # flows whose steps ran in this pass
         # the flows that wait, oldest first; the first `_called` of them run in the next pass
         self._waiting: deque[_Turn] = deque()
         self._called = 0
         self._per_pass = 1  # how many to call: as many as a pass takes
         self._calling = False  # `_call` is to run
+        self._front = False  # `_call` has run in this pass: the called flows have had their turn
 
     async def enter(self) -> None:
-        """Waits for a pass with share left, after the flows that wait already; then the flow's
-        steps run."""
-        if not self._waiting and self._admit():
+        """Waits for a pass with share left, after the flows that wait already (or after those
+        called for this pass); then the flow's steps run."""
+        if (not self._waiting or self._front) and self._admit():
             return
         await self._wait()
 
@@ -91,8 +96,7 @@ class LoopShare:
             self._admitted = 1
             self._bound = (time.perf_counter(), 0.0)  # (before the CPU clock: a bound)
             self._cpu = None if alone else time.thread_time()
-            # runs early in the next pass, before the flows called for it
-            loop.call_soon(self._next_pass)
+            self._reset(loop)
             return True
         if not self._full and self._has_share():
             self._admitted += 1
@@ -122,8 +126,10 @@ class LoopShare:
         """Runs after the flows called for this pass (their wake-ups were queued before it):
         calls the next ones for the next pass, after those called again."""
         self._calling = False
-        if self._full:  # the share was used up: a pass takes as many as it admitted
-            self._per_pass = self._admitted
+        loop = asyncio.get_running_loop()
+        self._reset(loop)  # (this pass's share and `_front` are not the next one's)
+        if self._full:  # the share was used up: a pass takes as many as it admitted, and one
+            self._per_pass = self._admitted + 1  # more: refused, it waits at the front
         waiting = self._waiting
         if (not self._full and self._called == 0 and self._per_pass < len(waiting)
                 and self._started and self._has_share()):
@@ -137,9 +143,10 @@ class LoopShare:
             turn.future.set_result(None)
             turn.called = True
             self._called += 1
+        self._front = True
         if waiting:
             self._calling = True
-            asyncio.get_running_loop().call_soon(self._call)
+            loop.call_soon(self._call)
 
     def _has_share(self) -> bool:
         at, used = self._bound
@@ -152,5 +159,12 @@ class LoopShare:
         self._bound = (now, used)
         return used < BUDGET
 
+    def _reset(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Queues `_next_pass` once: it runs early in the next pass, before the flows called for
+        it (queued before they are called)."""
+        if not self._resetting:
+            self._resetting = True
+            loop.call_soon(self._next_pass)
+
     def _next_pass(self) -> None:
-        self._started = self._full = False
+        self._started = self._full = self._front = self._resetting = False
