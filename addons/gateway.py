@@ -111,6 +111,7 @@ ORDER = Order(
         broker.responseheaders,  # the credential has been sent: forgotten
         stored_objects.responseheaders,  # an MCP session is bound before its id leaves
         inspect.responseheaders,  # an SSE answer is rewritten event by event; filters follow
+        broker.streamheaders,  # first of them: a stream echoing the credential ends
         stored_objects.streamed_states,  # an MCP requestState is bound before its event leaves
         pins.responseheaders,
         enforce.responseheaders,

@@ -27,7 +27,7 @@ from douane.flowstate import Reason, state
 from douane.interaction import Interaction
 from douane.policy import engine
 from douane.policy.model import Policy
-from douane.protocols import decoding
+from douane.protocols import decoding, streams
 from douane.refusals import refuse
 from douane.settings import Settings
 from douane.untrusted import loggable, quoted
@@ -326,6 +326,16 @@ class Broker:
             refuse(flow, 502, f"{st.upstream.name}: {why}", "upstream_unframed",
                    Reason("upstream.unframed", why))
 
+    def streamheaders(self, flow: http.HTTPFlow) -> None:
+        """A stream (once `Inspect` rewrites it) is checked for the credential sent as its events
+        pass (`streams.EchoGuard`): the one that holds it, and all after, never leave; the stream
+        ends with the API's error event, and the decision says why."""
+        st = state(flow)
+        rewriter = streams.rewriter_of(flow)
+        if st.credential and st.credential.secret and rewriter is not None:
+            streams.guard_echo(rewriter, st.credential.secret,
+                               lambda where: _stream_echo(flow, rewriter, where))
+
     def response(self, flow: http.HTTPFlow) -> None:
         """An answer whose body holds the credential sent (an upstream echoing its request: an
         error message quoting the key, an echo service) is refused: the caller would hold the
@@ -370,6 +380,15 @@ def _refuse_echo(flow: http.HTTPFlow, where: str) -> None:
            "withheld", "upstream_credential_echo",
            Reason("upstream.credential_echo", f"the upstream's answer holds its credential in "
                   f"{where}"))
+
+
+def _stream_echo(flow: http.HTTPFlow, rewriter: streams.StreamRewriter, where: str) -> None:
+    st = state(flow)
+    name = st.upstream.name if st.upstream else "the upstream"
+    st.decide("refuse", Reason("upstream.credential_echo", f"the upstream's stream holds its "
+                               f"credential in {where}"), status=502)
+    rewriter.abort(f"{name} answered with the credential douane sent it; the rest of the "
+                   "answer is withheld")
 
 
 class InjectCredential:

@@ -71,7 +71,7 @@ from douane.flowstate import FlowState, Reason, peek
 from douane.interaction import Interaction, JsonPath, Kind, Role, TextPiece
 from douane.policy import engine
 from douane.policy.addon import Enforce, explain, large
-from douane.protocols import fields, mitmpatch, openai
+from douane.protocols import fields, mitmpatch, openai, streams
 from douane.untrusted import loggable
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,9 @@ READ_AHEAD = 1 << 20  # bytes read and queued ahead of the messages being police
 SESSION_ITEMS = 4096  # item ids a Realtime session keeps (its oldest are forgotten)
 RESPONSES = 64  # Realtime responses under way a session follows (its oldest are forgotten)
 ITEM_ID_CHARS = 200  # a longer id is kept by no session
+# an upstream message holding the credential douane sent it (whole, or completing it after the
+# text of its earlier messages): dropped, the session ended
+_ECHO = Reason("upstream.credential_echo", "the upstream sent the credential douane sent it")
 NAMING_ITEMS = ("item_id", "previous_item_id")  # fields of a client event naming an item
 EXPECTED = {"relay_messages":
             "2d451252c7287da0d392ab91ede1d881954ad2fa101513e1857db9492b4582ca",
@@ -234,6 +237,8 @@ class PoliceWebSocket:
         # per flow: (from the client, kind) -> the last TAIL characters of that text
         self.earlier: dict[str, dict[tuple[bool, Kind], str]] = {}
         self.items: dict[str, dict[str, None]] = {}  # per flow: its session's item ids, in order
+        # per flow: the end of the upstream's text so far that may begin the credential sent
+        self.echo_tails: dict[str, str] = {}
         # per flow: since when a client message the upstream received waits for any message back
         # (or a Realtime response the upstream started waits for its next event)
         self.waiting: dict[str, tuple[http.HTTPFlow, float]] = {}
@@ -330,7 +335,10 @@ class PoliceWebSocket:
                          loggable(repr(e)))
             reason = Reason("gateway.error",
                             f"douane could not evaluate a message ({type(e).__name__})")
-        if reason is not None:
+        if reason is _ECHO:
+            message.drop()
+            self._cut(flow, reason, "upstream_credential_echo", "refuse")
+        elif reason is not None:
             message.drop()
             self._cut(flow, reason)
         elif not message.from_client:
@@ -370,6 +378,7 @@ class PoliceWebSocket:
         self.cut.discard(flow.id)
         self.earlier.pop(flow.id, None)
         self.items.pop(flow.id, None)
+        self.echo_tails.pop(flow.id, None)
 
     async def _verdict(self, flow_id: str, st: FlowState, is_text: bool, content: bytes,
                        from_client: bool) -> tuple[Reason | None, str | None, str]:
@@ -390,6 +399,9 @@ class PoliceWebSocket:
             # each message is a new prompt: the token of the upgrade does not outlive itself
             return Reason("identity.expired", "the token this session was opened with has "
                           "expired; open a new session"), None
+        secret = st.credential.secret if st.credential and not from_client else ""
+        if secret and secret.encode("utf-8", "surrogateescape") in content:
+            return _ECHO, None
         if not is_text:
             return Reason("protocol.websocket_binary", "binary WebSocket messages cannot be "
                           "inspected"), None
@@ -404,6 +416,8 @@ class PoliceWebSocket:
                 if inspect.many(content) else read_message(content, from_client)
         except protocols.ProtocolError as e:
             return Reason(f"protocol.websocket_{e.code}", e.message), None
+        if secret and self._echoed(flow_id, secret, it):
+            return _ECHO, doc
         if isinstance(doc, dict) and (reason := self._session_items(flow_id, doc, from_client)):
             return reason, doc
         live = self.enforce.live
@@ -433,6 +447,19 @@ class PoliceWebSocket:
                 key = (from_client, piece.kind)
                 earlier[key] = (earlier.get(key, "") + " " + piece.text)[-TAIL:]
         return None, doc
+
+    def _echoed(self, flow_id: str, secret: str, it: Interaction) -> bool:
+        """Whether the upstream's text, read on from its earlier messages, now spells the
+        credential sent (a model repeating it delta by delta): of what came before, only the end
+        that may begin it is kept (shorter than the credential)."""
+        text = self.echo_tails.pop(flow_id, "") + "".join(
+            p.text for p in it.response_texts if p.path[:1] != (fields.KEYS,))  # free text
+        if secret in text:
+            return True
+        tail = text[-(len(secret) - 1):] if len(secret) > 1 else ""
+        if tail := tail[streams.start_of(tail, secret):]:
+            self.echo_tails[flow_id] = tail
+        return False
 
     def _session_items(self, flow_id: str, event: dict[str, Any], from_client: bool
                        ) -> Reason | None:

@@ -207,6 +207,8 @@ class StreamRewriter:
         self.message_hooks: list[Callable[[Any], bool | None]] = []  # True: edited it
         # Called with each distinct `event:` and `id:` value (`_fields`); may call abort()
         self.field_hooks: list[Callable[[str, str], None]] = []
+        # Called with each event as received, before its JSON is read; may call abort()
+        self.event_hooks: list[Callable[[Event], None]] = []
         self.fields_read: set[tuple[str, str]] = set()
         self.parser = SseParser()
         self.backlog: deque[Event] = deque()  # received, waiting for a filter's analysis
@@ -272,6 +274,8 @@ class StreamRewriter:
                     self.backlog.extend(self.parser.feed(data))
                 while self.backlog and self.abort_message is None:
                     event, doc = self._parsed()
+                    if self.abort_message is not None:  # an event hook ended the stream
+                        break
                     if not final and self._needs(event, doc):
                         break  # its channel's end waits for an analysis: not on the loop
                     self.backlog.popleft()
@@ -310,6 +314,10 @@ class StreamRewriter:
         if self.head is _UNPARSED:
             self.format.check(event)
             self._fields(event)
+            for hook in self.event_hooks:
+                hook(event)
+            if self.abort_message is not None:
+                return event, None
             doc = None
             if event.data.strip() and event.data.strip() != "[DONE]":
                 try:
@@ -566,6 +574,59 @@ class StreamRewriter:
             piece = self.sent[channel] = StreamedText(kind, channel)
             self.interaction.response_texts.append(piece)
         piece.append(text)
+
+
+class EchoGuard:
+    """The credential douane sent upstream never leaves in a stream (an upstream reflecting its
+    request, in an error event or a model's text): an event holding it (`event`: its data and
+    fields as received, bounded by the parser's limits), or a channel's text holding it across
+    deltas (`feed`), ends the stream (`found`) before the rest of it leaves. A text filter, first
+    in the chain: of a channel's text it holds back only a tail that may begin the credential (at
+    most its length less one character; in ordinary text none, or a letter or two), until the
+    next delta or the channel's end says."""
+
+    def __init__(self, secret: str, found: Callable[[str], None]):
+        self.secret = secret
+        self.found = found  # told where; ends the stream (`StreamRewriter.abort`)
+        self.held: dict[str, str] = {}
+
+    def event(self, event: Event) -> None:
+        if any(self.secret in v for v in (event.data, event.event, event.id) if v):
+            self.found("a stream event")
+
+    def feed(self, channel: str, text: str) -> str:
+        text = self.held.pop(channel, "") + text if channel in self.held else text
+        at = text.find(self.secret)
+        if at >= 0:
+            self.found("a stream's text")
+            return text[:at]
+        start = start_of(text, self.secret)
+        if start == len(text):
+            return text
+        self.held[channel] = text[start:]
+        return text[:start]
+
+    def finish(self, channel: str) -> str:
+        return self.held.pop(channel, "")
+
+
+def start_of(text: str, secret: str) -> int:
+    """Where the longest end of `text` that `secret` starts with (and is shorter than it)
+    begins; `len(text)` when there is none."""
+    first = secret[0]
+    at = text.find(first, max(0, len(text) - len(secret) + 1))
+    while at >= 0:
+        if secret.startswith(text[at:]):
+            return at
+        at = text.find(first, at + 1)
+    return len(text)
+
+
+def guard_echo(rewriter: StreamRewriter, secret: str, found: Callable[[str], None]) -> None:
+    """`rewriter`'s events and texts checked for `secret` (`EchoGuard`), its first filter."""
+    guard = EchoGuard(secret, found)
+    rewriter.event_hooks.append(guard.event)
+    rewriter.filters.insert(0, guard)
 
 
 _rewriters: weakref.WeakKeyDictionary[http.HTTPFlow, StreamRewriter] = weakref.WeakKeyDictionary()
