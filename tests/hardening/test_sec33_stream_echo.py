@@ -218,3 +218,10 @@ def test_a_websocket_upstream_spelling_the_key_is_cut_before_it_is_whole(realtim
                              and r["decision_id"] == error["event_id"])
     assert records[0]["action"] == "refuse", records
     assert records[0]["reasons"][0]["rule"] == "upstream.credential_echo", records
+
+
+def test_the_echoed_key_is_in_no_file(gw):
+    """Neither the recording nor the audit log holds the key the streams above echoed."""
+    gw.audit_records()  # (read after the cases above)
+    leaks = [p.name for p in gw.state_dir.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
+    assert not leaks, leaks
