@@ -23,7 +23,11 @@ Faster than stock Presidio without losing recall on the configured entities:
   state and one for the continuations of the entities that may start, not spaCy's C loop of a
   step per token (`EntityDecoder`, same entities); pattern recognisers without Presidio's
   per-match explanation (`plain_patterns`); the lemmas and token offsets only the context
-  enhancer reads, on first use.
+  enhancer reads, on first use;
+- what reads a value alone kept across texts (a pattern recogniser's checks, the phone
+  matcher's parses: a stream's windows and a conversation's turns read them again), and the
+  tokenizer without the white-space special cases that kept every word after a text's first
+  line break out of its cache (`uncached_whitespace`).
 Offline: tldextract uses its bundled public-suffix snapshot, never the network.
 """
 
