@@ -176,6 +176,7 @@ NAMING = {"file_id": ("files", False), "input_file_id": ("files", False),
           "vector_store_ids": ("vector_stores", True), "assistant_id": ("assistants", False),
           "skill_id": ("skills", False)}
 NAMING_KEYS = ("file", "vector_store", "assistant_id", "skill_id")  # (in the keys Inspect read)
+_NAMING_KEY = re.compile("|".join(map(re.escape, NAMING_KEYS)))  # any of them, in one search
 # Evals that read the org's stored answers or chat completions (a data source of these types)
 # would give a user every user's: a listing of the org's, refused as one.
 ORG_SOURCES = frozenset({"responses", "stored_completions", "logs"})
@@ -471,7 +472,7 @@ def _files(flow: http.HTTPFlow) -> list[tuple[str, str, str]]:
     # walked only if such a key is in it: Inspect read every key into the interaction (decoded,
     # however the body spelt or encoded it), apart from the text (`fields.KEYS`)
     keys = [p.text for p in it.texts if p.path == KEYS]
-    if keys and not any(n in k for k in keys for n in NAMING_KEYS):
+    if keys and not any(_NAMING_KEY.search(k) for k in keys):
         return []
     named: list[tuple[str, str, str]] = []
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(protocols.document(flow, "request"), ())]
@@ -772,12 +773,14 @@ class StoredObjects:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         st = state(flow)
-        if not flow.response and not flow.error and self._governed(flow, "mcp"):
+        if flow.response or flow.error or not flow.live or st.interaction is None or \
+                st.upstream is None or st.identity is None:
+            return
+        if st.upstream.protocol == "mcp":
             await self._echoed_states(flow)
             return
-        if flow.response or flow.error or not self._governed(flow, "openai", "anthropic"):
+        if st.upstream.protocol not in ("openai", "anthropic"):
             return
-        assert st.upstream and st.identity and st.interaction
         if st.interaction.granted and flow.request.method == "GET":
             path = flow.request.path.split("?")[0]
             # (a listing inside a bound object, `/vector_stores/{id}/files`, is its owner's)
@@ -800,6 +803,8 @@ class StoredObjects:
         named = self._named(flow)
         if isinstance(named, tuple):
             self._refuse(flow, *named)
+            return
+        if not named:  # (most requests)
             return
         upstream, user = st.upstream.name, st.identity.user
         many = sum(kind in ("items", "files", "vector_stores") for kind, _, _ in named)
