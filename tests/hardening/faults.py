@@ -6,6 +6,7 @@ to the repository, so the spawned masking workers import this module too (the po
 - FAULT-POLICY: the policy engine raises;
 - FAULT-MASK: the masking analysis raises inside the worker process;
 - FAULT-CRASH: the masking worker process dies (as a segfault would), breaking the pool;
+- FAULT-HANG: the masking analysis never ends (as a text that makes the engine loop would);
 - FAULT-ECHO: the policy engine raises an error quoting the text (as a KeyError or a parser's
   error names the value it choked on).
 """
@@ -13,6 +14,7 @@ to the repository, so the spawned masking workers import this module too (the po
 from __future__ import annotations
 
 import os
+import time
 
 from douane.masking import engine as masking_engine
 from douane.policy import engine as policy_engine
@@ -33,6 +35,8 @@ def risk(policy, pieces):
 def analyze_batch(texts: list[str]):
     if any("FAULT-CRASH" in t for t in texts):
         os._exit(70)
+    if any("FAULT-HANG" in t for t in texts):
+        time.sleep(3600)
     if any("FAULT-MASK" in t for t in texts):
         raise RuntimeError("injected masking fault")
     return _analyze_batch(texts)

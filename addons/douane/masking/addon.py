@@ -248,6 +248,8 @@ class Mask:
                 f.cancel()  # one still queued is not analysed for nothing
             logger.error("douane: a stream's masking analysis took over %s s (decision %s)",
                          timeout, state(flow).decision_id)
+            if self.pool:
+                self.pool.overran()  # its worker, if hung, is killed and replaced
             rewriter.abort("douane could not inspect this stream and ended it")
 
     async def response(self, flow: http.HTTPFlow) -> None:

@@ -5,7 +5,8 @@ await). Two executors: the main one (`workers` processes) takes every analysis t
 collected later; the urgent one (one more process) takes only analyses the event loop blocks on (a
 stream channel's end, `StreamMasker.finish`), so that wait is its own analysis, never the queue of
 every other stream's. A crashed worker breaks its executor: the analyses in flight on it fail (and
-are refused by the caller), and it is rebuilt at the next submit.
+are refused by the caller), and it is rebuilt at the next submit. A hung worker (an analysis
+past the timeout, `MaskingPool.overran`) is killed, and its executor breaks the same way.
 
 An executor (`Workers`) talks to each process over its own pipe: the caller's thread writes the
 job; the event loop reads the answers (`loop.add_reader`) and resolves their futures in its own
@@ -33,6 +34,7 @@ Workers run niced (`WORKER_NICENESS`): the event loop, which serves every flow, 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -83,6 +85,8 @@ class Workers:
         self._pending: list[dict[int, concurrent.futures.Future]] = []
         self._pipes: list[_Reader] = []
         self._sending: list[threading.Lock] = []  # one writer at a time on each pipe
+        # by pipe: since when its worker has had a job and answered nothing (`hung`)
+        self._busy_since: list[float] = []
         self._broken: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop that reads the pipes
         self._closed = False
@@ -90,6 +94,7 @@ class Workers:
             self._pipes.append(_Reader(zygote.fork()))
             self._sending.append(threading.Lock())
             self._pending.append({})
+            self._busy_since.append(0.0)
 
     def submit(self, fn, *args) -> concurrent.futures.Future:
         future: concurrent.futures.Future = _Answer(self._wait)
@@ -99,6 +104,8 @@ class Workers:
                 raise BrokenProcessPool(str(self._broken))
             i = min(range(len(self._pipes)), key=lambda k: len(self._pending[k]))
             job = next(self._ids)
+            if not self._pending[i]:
+                self._busy_since[i] = time.monotonic()
             self._pending[i][job] = future
         try:
             # not under the set's lock: a large job waits for a busy worker to read it
@@ -156,11 +163,33 @@ class Workers:
         if answers is None:
             self._break(BrokenProcessPool("a masking worker process terminated abruptly"))
             return
+        self._busy_since[i] = time.monotonic()
         for job, ok, value in answers:
             with self._lock:
                 future = self._pending[i].pop(job, None)
             if future is not None:
                 (future.set_result if ok else future.set_exception)(value)
+
+    def hung(self, limit: float) -> list[int]:
+        """The pipes whose worker, started (its pid known), has had a job and answered nothing
+        for over `limit` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            if self._broken is not None:
+                return []
+            return [i for i, pending in enumerate(self._pending)
+                    if pending and self._pipes[i].pid is not None
+                    and now - self._busy_since[i] > limit]
+
+    def kill(self, i: int, error: BaseException) -> int | None:
+        """SIGKILL to pipe `i`'s worker (a hung one reads no pipe's end), and the set breaks as
+        for a worker that died: every analysis in flight on it fails with `error`. Its pid."""
+        pid = self._pipes[i].pid
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):  # (it died meanwhile)
+                os.kill(pid, signal.SIGKILL)
+        self._break(error)
+        return pid
 
     def _break(self, error: BaseException) -> None:
         with self._lock:
@@ -220,6 +249,7 @@ class _Reader:
     def __init__(self, sock: socket.socket):
         self._sock = sock
         self._buffer = bytearray()
+        self.pid: int | None = None  # the worker's, its first message (`_zygote`)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -261,6 +291,8 @@ class _Reader:
             with memoryview(buffer) as view, view[start:taken] as answer:
                 answers.append(pickle.loads(answer))
         del buffer[:taken]
+        if self.pid is None and answers:
+            self.pid = answers.pop(0)
         return answers
 
     def close(self) -> None:
@@ -328,7 +360,9 @@ def _zygote(conn: multiprocessing.connection.Connection, settings: MaskingSettin
                 os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 os.nice(WORKER_NICENESS)
-                engine.serve(_Pipe(multiprocessing.connection.Connection(fd)))
+                worker = multiprocessing.connection.Connection(fd)
+                worker.send_bytes(pickle.dumps(os.getpid()))  # the one the gateway may kill
+                engine.serve(_Pipe(worker))
             finally:
                 os._exit(1)
         os.close(fd)
@@ -525,6 +559,11 @@ class MaskingPool:
     # idle cores an analysis is split at (`_split`): at c=1 on 2 cores the other one is ~0.8
     # idle, at c=32 none
     SPLIT_IDLE = 0.5
+    # a worker that has answered nothing for the timeout is killed this long after an analysis
+    # timed out (`overran`), at most `RESTARTS` times a minute: no fork storm from texts that
+    # hang the analyser, resent
+    GRACE = 1.0
+    RESTARTS = 5
 
     def __init__(self, settings: MaskingSettings):
         self.settings = settings
@@ -540,6 +579,7 @@ class MaskingPool:
         self._batches_out = {False: 0, True: 0}
         self._wakes: _Wakes | None = None  # the awaiting loop's, made on it
         self._closed = False
+        self._kills: collections.deque[float] = collections.deque()  # in the last minute
 
     def executor(self, urgent: bool = False) -> Workers:
         if urgent not in self._executors:
@@ -618,7 +658,11 @@ class MaskingPool:
 
     def result(self, future: Analysis) -> list[list[Span]]:
         """Wait for a submitted analysis (blocking; bounded by the configured timeout)."""
-        return future.result(timeout=self.settings.timeout_seconds)
+        try:
+            return future.result(timeout=self.settings.timeout_seconds)
+        except TimeoutError:
+            self.overran()
+            raise
 
     async def analyze(self, texts: list[str]) -> list[list[Span]]:
         loop = asyncio.get_running_loop()
@@ -629,8 +673,49 @@ class MaskingPool:
         future.add_done_callback(functools.partial(self._wakes.add, waiter))
         try:
             return await asyncio.wait_for(waiter, self.settings.timeout_seconds)
+        except TimeoutError:
+            self.overran()
+            raise
         finally:
             future.cancel()  # one still queued is not analysed for nothing (else a no-op)
+
+    def overran(self) -> None:
+        """An analysis ran past the timeout (and failed closed): `GRACE` seconds later, a worker
+        hung on its job is killed (`_recover`). Not waited for: on the loop, a timer."""
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            with contextlib.suppress(RuntimeError):  # (closed meanwhile)
+                loop.call_soon_threadsafe(loop.call_later, self.GRACE, self._recover)
+                return
+        timer = threading.Timer(self.GRACE, self._recover)
+        timer.daemon = True
+        timer.start()
+
+    def _recover(self) -> None:
+        """Each worker that has had a job and answered nothing for the timeout is killed: its
+        set breaks as for a worker that died (what is in flight on it fails, and is refused),
+        and a new set is forked from the zygote at the next analysis (ready at once: the zygote
+        has loaded). Without it, a hung worker's batch stayed counted as out: with one worker,
+        or once each hung, every masked flow timed out."""
+        limit = self.settings.timeout_seconds
+        for executor in list(self._executors.values()):
+            for i in executor.hung(limit):
+                now = time.monotonic()
+                with self._lock:
+                    while self._kills and now - self._kills[0] > 60:
+                        self._kills.popleft()
+                    refused = len(self._kills) >= self.RESTARTS
+                    if not refused:
+                        self._kills.append(now)
+                if refused:
+                    logger.error("douane: a masking worker has answered nothing for over %s s; "
+                                 "not restarted (%d restarts in the last minute): masking fails "
+                                 "closed until it answers", limit, self.RESTARTS)
+                    continue
+                pid = executor.kill(i, BrokenProcessPool(
+                    f"a masking worker answered nothing for over {limit} s and was killed"))
+                logger.error("douane: a masking worker (pid %s) answered nothing for over %s s: "
+                             "killed, and replaced", pid, limit)
 
     def _split(self, texts: list[str]) -> Analysis | None:
         """On an idle pool (nothing waiting, no batch out) of two workers or more, on a host
