@@ -18,7 +18,7 @@ import yaml
 from douane.cli import main as cli
 from douane.config import ConfigError, load
 from douane.settings import for_worker
-from douane.workers import Worker, free_port, haproxy_config, main
+from douane.workers import Worker, free_ports, haproxy_config, main
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import REPO, base_config, terminate_group
 from tests.support.issuer import TestIssuer
@@ -46,7 +46,7 @@ def test_two_workers_behind_haproxy_share_the_port_and_restart_a_killed_worker(
     config = base_config(issuer.url, llm.url)
     config["gateway"] = {"state_dir": str(tmp_path / "state")}
     (tmp_path / "douane.yaml").write_text(yaml.safe_dump(config))
-    port = free_port()
+    (port,) = free_ports(1)
     log = tmp_path / "run.log"
     env = {**os.environ, "DOUANE_CONFIG": str(tmp_path / "douane.yaml"),
            "DOUANE_PORT": str(port), "DOUANE_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
@@ -98,11 +98,20 @@ def test_two_workers_behind_haproxy_share_the_port_and_restart_a_killed_worker(
     assert "Traceback" not in log.read_text()
 
 
+def test_the_workers_ports_are_distinct():
+    # 9 ports a round for 3 workers, asked 200 times: each port freed before the next was asked
+    # for gave one twice now and then (two workers' admin listeners on one port)
+    for _ in range(200):
+        ports = free_ports(9)
+        assert len(set(ports)) == 9, ports
+
+
 def test_haproxy_accepts_the_written_config(tmp_path):
     cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(haproxy_config("127.0.0.1", free_port(),
+    port, approvals = free_ports(2)
+    cfg.write_text(haproxy_config("127.0.0.1", port,
                                   [Worker("w1", 1001, 2001, 3001), Worker("w2", 1002, 2002, 3002)],
-                                  ("127.0.0.1", free_port())))
+                                  ("127.0.0.1", approvals)))
     check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "server w2 127.0.0.1:1002 check port 2002" in cfg.read_text()

@@ -20,6 +20,7 @@ ready), after a delay that doubles while it keeps dying young; one that dies you
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -59,10 +60,15 @@ class Worker:
         return self.failures >= GIVE_UP
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports. Every socket stays bound until all are: a port asked for,
+    freed and asked for again can come back twice (two workers on one admin port: the second
+    exited at startup, restarted on the same port, forever)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def haproxy_config(host: str, port: int, workers: list[Worker],
@@ -216,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     if haproxy is None:
         print("douane: --workers needs HAProxy (Debian package haproxy)", file=sys.stderr)
         return 2
-    workers = [Worker(f"w{i + 1}", free_port(), free_port(), free_port() if approvals else 0)
+    ports = iter(free_ports(3 * args.workers))
+    workers = [Worker(f"w{i + 1}", next(ports), next(ports), next(ports) if approvals else 0)
                for i in range(args.workers)]
     run_dir = Path(tempfile.mkdtemp(prefix="douane-haproxy-"))
     cfg = run_dir / "haproxy.cfg"
