@@ -17,7 +17,6 @@ from douane.protocols import fields
 from douane.recording import writer
 from tests.hardening.conftest import recording_gateway
 from tests.hardening.test_evasion import _recordings
-from tests.support.upstream import FakeUpstream
 
 PATH = "/v1/chat/completions"
 KEY = "AKIAIOSFODNN7EXAMPLE"
@@ -25,15 +24,8 @@ VALUE = "data:text/plain,\\ud83d" + KEY  # as a JSON literal's text
 
 
 @pytest.fixture(scope="module")
-def upstream():
-    up = FakeUpstream()
-    yield up
-    up.close()
-
-
-@pytest.fixture(scope="module")
-def gw(issuer, upstream, tmp_path_factory):
-    with recording_gateway(issuer, upstream, tmp_path_factory.mktemp("review33")) as gateway:
+def gw(issuer, llm, tmp_path_factory):
+    with recording_gateway(issuer, llm, tmp_path_factory.mktemp("review33")) as gateway:
         yield gateway
 
 
@@ -50,8 +42,8 @@ def test_the_writer_redacts_it():
     assert fields.file_text("data:," + chr(0xD83D) + "x") is None
 
 
-def test_refused_as_the_client_s_error_and_recorded(gw, upstream, token):
-    before = len(upstream.requests)
+def test_refused_as_the_client_s_error_and_recorded(gw, llm, token):
+    before = len(llm.requests)
     body = ('{"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", '
             '"content": "' + VALUE + '"}]}').encode()
     resp = httpx.post(gw.url + PATH, content=body, timeout=60,
@@ -59,7 +51,7 @@ def test_refused_as_the_client_s_error_and_recorded(gw, upstream, token):
                                "content-type": "application/json"})
     assert resp.status_code == 400, (resp.status_code, resp.text[:300])
     assert "invalid_data_url" in resp.text
-    assert len(upstream.requests) == before
+    assert len(llm.requests) == before
     decision_id = resp.headers["x-douane-decision-id"]
     deadline = time.monotonic() + 30
     while decision_id.encode() not in (data := b"".join(p.read_bytes() for p in _recordings(gw))):

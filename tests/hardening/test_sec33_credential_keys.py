@@ -18,7 +18,6 @@ from douane import secrets as catalogue
 from douane.recording import writer
 from tests.hardening.conftest import recording_gateway
 from tests.hardening.test_evasion import _recordings
-from tests.support.upstream import FakeUpstream
 
 PATH = "/v1/chat/completions"
 # no catalogue shape: read alone, none is a secret
@@ -32,15 +31,8 @@ SENT = (REFRESH, PASSWORD, CLIENT_SECRET, API_KEY, ACCESS, ANSWER_SECRET)
 
 
 @pytest.fixture(scope="module")
-def upstream():
-    up = FakeUpstream()
-    yield up
-    up.close()
-
-
-@pytest.fixture(scope="module")
-def gw(issuer, upstream, tmp_path_factory):
-    with recording_gateway(issuer, upstream, tmp_path_factory.mktemp("sec33keys")) as gateway:
+def gw(issuer, llm, tmp_path_factory):
+    with recording_gateway(issuer, llm, tmp_path_factory.mktemp("sec33keys")) as gateway:
         yield gateway
 
 
@@ -72,14 +64,14 @@ def tool_call(arguments: dict) -> dict:
             "function": {"name": "login", "arguments": json.dumps(arguments)}}
 
 
-def test_values_under_credential_names_are_not_recorded(gw, upstream, token):
+def test_values_under_credential_names_are_not_recorded(gw, llm, token):
     """Before (c856cd1): each value in the .mitm file as sent."""
     answer = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
               "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
                   "role": "assistant", "content": None,
                   "tool_calls": [tool_call({"user": "bob", "clientSecret": ANSWER_SECRET})]}}],
               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-    upstream.canned[PATH] = ("application/json", json.dumps(answer).encode())
+    llm.canned[PATH] = ("application/json", json.dumps(answer).encode())
     try:
         resp = httpx.post(gw.url + PATH, timeout=60, headers={"authorization": f"Bearer {token}"},
                           json={"model": "gpt-4o-mini", "max_tokens": 20,
@@ -92,28 +84,28 @@ def test_values_under_credential_names_are_not_recorded(gw, upstream, token):
                                                              "accessToken": ACCESS}})]},
                                     {"role": "tool", "tool_call_id": "call_1", "content": "ok"}]})
     finally:
-        upstream.canned.pop(PATH, None)
+        llm.canned.pop(PATH, None)
     assert resp.status_code == 200, resp.text[:300]
     assert ANSWER_SECRET in resp.text  # delivered: the recording is what changes
-    assert all(v.encode() in upstream.requests[-1].body for v in SENT[:-1])
+    assert all(v.encode() in llm.requests[-1].body for v in SENT[:-1])
     data = recorded(gw, resp.headers["x-douane-decision-id"])
     assert [v for v in SENT if v.encode() in data] == []
     assert b"<SECRET:detector.secret.credential>" in data
     assert b"<SECRET:detector.secret.password>" in data
 
 
-def test_an_sse_event_s_credential_value_is_not_recorded(gw, upstream, token):
+def test_an_sse_event_s_credential_value_is_not_recorded(gw, llm, token):
     event = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
              "model": "gpt-4o-mini", "refresh_token": ANSWER_SECRET,
              "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]}
     body = f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
-    upstream.canned[PATH] = ("text/event-stream", body)
+    llm.canned[PATH] = ("text/event-stream", body)
     try:
         resp = httpx.post(gw.url + PATH, timeout=60, headers={"authorization": f"Bearer {token}"},
                           json={"model": "gpt-4o-mini", "max_tokens": 20, "stream": True,
                                 "messages": [{"role": "user", "content": "hello"}]})
     finally:
-        upstream.canned.pop(PATH, None)
+        llm.canned.pop(PATH, None)
     assert resp.status_code == 200, resp.text[:300]
     data = recorded(gw, resp.headers["x-douane-decision-id"])
     assert ANSWER_SECRET.encode() not in data and b"hi" in data

@@ -17,7 +17,6 @@ from douane.refusals import MESSAGE_CHARS, bounded
 from douane.routing import HOST_CHARS
 from douane.untrusted import ECHO_CHARS
 from tests.hardening.conftest import assert_refused, reverse_gateway
-from tests.support.upstream import FakeUpstream
 
 HUGE = 30_000
 BODY = json.dumps({"model": "gpt-4o-mini", "max_tokens": 5,
@@ -25,16 +24,9 @@ BODY = json.dumps({"model": "gpt-4o-mini", "max_tokens": 5,
 
 
 @pytest.fixture(scope="module")
-def upstream():
-    up = FakeUpstream()
-    yield up
-    up.close()
-
-
-@pytest.fixture(scope="module")
-def gw(issuer, upstream, tmp_path_factory):
+def gw(issuer, llm, tmp_path_factory):
     from tests.hardening.conftest import POLICY
-    with reverse_gateway(issuer, upstream, tmp_path_factory.mktemp("sec33echo"), POLICY) as g:
+    with reverse_gateway(issuer, llm, tmp_path_factory.mktemp("sec33echo"), POLICY) as g:
         yield g
 
 
@@ -80,32 +72,32 @@ def assert_bounded(message: str, value: str, most: int) -> None:
 
 @pytest.mark.parametrize("ctype", ["text/x-" + "a" * HUGE,
                                    "text/" + "\x1b[31m" * (HUGE // 5)])
-def test_a_huge_content_type_is_cut_and_escaped_in_the_415(gw, upstream, token, ctype):
+def test_a_huge_content_type_is_cut_and_escaped_in_the_415(gw, llm, token, ctype):
     """Before: the 415 quoted all 30,000 characters (the escape codes raw once decoded)."""
-    before = len(upstream.requests)
+    before = len(llm.requests)
     resp = send(gw, "/v1/chat/completions", {"authorization": f"Bearer {token}".encode(),
                                              "content-type": ctype.encode()})
-    assert_refused(gw, upstream, before, resp, 415)
+    assert_refused(gw, llm, before, resp, 415)
     message = resp.message()
     assert_bounded(message, ctype, ECHO_CHARS)
     assert f"({len(ctype)} characters)" in message, message
 
 
-def test_a_control_character_in_a_content_type_is_escaped(gw, upstream, token):
-    before = len(upstream.requests)
+def test_a_control_character_in_a_content_type_is_escaped(gw, llm, token):
+    before = len(llm.requests)
     resp = send(gw, "/v1/chat/completions", {"authorization": f"Bearer {token}".encode(),
                                              "content-type": b"text/\x1b[2Jred"})
-    assert_refused(gw, upstream, before, resp, 415)
+    assert_refused(gw, llm, before, resp, 415)
     assert "\x1b" not in resp.message() and "\\x1b[2jred" in resp.message()
 
 
-def test_a_huge_path_to_no_upstream_is_cut_in_the_403(gw, upstream, token):
+def test_a_huge_path_to_no_upstream_is_cut_in_the_403(gw, llm, token):
     """Before: the 403 quoted the whole 30,000-character path."""
-    before = len(upstream.requests)
+    before = len(llm.requests)
     path = "/nowhere/" + "b" * HUGE
     resp = send(gw, path, {"authorization": f"Bearer {token}".encode(),
                            "content-type": b"application/json"})
-    assert_refused(gw, upstream, before, resp, 403)
+    assert_refused(gw, llm, before, resp, 403)
     assert_bounded(resp.message(), path, HOST_CHARS)
 
 
