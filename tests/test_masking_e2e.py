@@ -34,11 +34,11 @@ def setup(issuer, mcp_server, tmp_path_factory):
     llm = FakeUpstream()
     llm.reply = PII
     big = FakeUpstream()
-    big.reply = (PII + " ") * 350  # ~50 KB of text with PII all through it
+    big.reply = (PII + " ") * 1400  # ~190 KB of text with PII all through it: about a second
     config = base_config(issuer.url, llm.url, masking={
         "workers": 2, "requests": True, "exempt_groups": ["privacy-officers"],
         "allow_list": ["S3", "EKS"],
-        "timeout_seconds": 120})  # the 50 KB answer takes seconds on a 2-core CI machine
+        "timeout_seconds": 120})  # the 190 KB answer takes seconds on a loaded 2-core CI machine
     config["upstreams"]["claude"] = {"url": llm.url + "/anthropic", "protocol": "anthropic",
                                      "credential": {"env": "DOUANE_TEST_UPSTREAM_KEY"}}
     config["upstreams"]["crm"] = {"url": mcp_server + "/mcp", "protocol": "mcp"}
@@ -200,10 +200,12 @@ def test_event_loop_stays_responsive_while_a_large_answer_is_masked(setup, issue
     gw, llm = setup
     token = issuer.mint("alice@corp", ["engineering"])
     c = openai_client(gw, llm, token)
+    asked = len(gw.big.requests)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         slow = pool.submit(lambda: openai_client(gw, gw.big, token).chat.completions.create(
             model="gpt-4o", messages=[{"role": "user", "content": "?"}]))
-        time.sleep(0.3)  # the big answer is being analysed now
+        while len(gw.big.requests) == asked:  # answered upstream at once: now being analysed
+            time.sleep(0.005)
         started = time.monotonic()
         llm.reply = "Call 212-555-0147"  # needs analysis too, by the other worker
         try:
@@ -212,10 +214,12 @@ def test_event_loop_stays_responsive_while_a_large_answer_is_masked(setup, issue
         finally:
             llm.reply = PII
         quick_done = time.monotonic()
+        big_still_masked = not slow.done()
         slow_result = slow.result(timeout=120)
         slow_done = time.monotonic()
     assert quick.choices[0].message.content == "Call <PHONE_NUMBER>"
     # the tiny request finished long before the big one: it did not wait behind the masking
+    assert big_still_masked
     assert quick_done - started < (slow_done - started) / 3
     assert "maria.garcia@example.com" not in slow_result.choices[0].message.content
 
