@@ -12,7 +12,7 @@ the shared store (PostgreSQL) against the default one, per request, and workers 
 
 Bounded: a fixed number of fixed-length wrk runs per row; every server on 127.0.0.1; stops by
 itself. Writes docs/benchmarks.md unless --no-write (the analysis below its marker is kept).
-Usage: scripts/bench [--quick] [--seconds S] [--rounds N] [--no-write]
+Usage: scripts/bench [--quick] [--seconds S] [--rounds N] [--no-write] [--twice]
                      [--only requests,streams,workers,store]
 """
 
@@ -430,6 +430,36 @@ class Row:
     p99_ms: float
     cpu_per_1k: float | None = None  # CPU seconds per 1,000 requests, all the proxy's processes
     rss_mib: float | None = None  # peak during the row, all the proxy's processes
+    # each round's req/s and CPU per 1,000 requests, in round order: a ratio to another row of
+    # the same run is taken round by round (`paired`)
+    round_rps: tuple[float, ...] = ()
+    round_cpu: tuple[float, ...] = ()
+
+
+@dataclass
+class Paired:
+    """A ratio of two rows of one run: the median of the rounds' ratios (each round's two figures
+    measured seconds apart: a cell's variants are loaded one after the other), and their least
+    and greatest."""
+    median: float
+    low: float
+    high: float
+
+    def share(self) -> str:
+        return f"{self.median:.1%} ({self.low:.0%}-{self.high:.0%})"
+
+    def times(self) -> str:
+        return f"{self.median:.2f}x ({self.low:.2f}-{self.high:.2f})"
+
+
+def paired(mine: tuple[float, ...], reference: tuple[float, ...]) -> Paired | None:
+    """Round r of one row against round r of the other: load from elsewhere on the machine that
+    moves both variants' figures in a round cancels in its ratio (a ratio of the rows' medians
+    takes each median from a different round). None without rounds on both sides."""
+    ratios = sorted(a / b for a, b in zip(mine, reference, strict=False) if b)
+    if not ratios or len(mine) != len(reference):
+        return None
+    return Paired(statistics.median(ratios), ratios[0], ratios[-1])
 
 
 @dataclass
@@ -482,9 +512,15 @@ def opt(v: float | None, fmt: str) -> str:
     return format(v, fmt) if v is not None else "-"
 
 
+def spread(values: tuple[float, ...], fmt: str) -> str:
+    """The least and greatest of a row's rounds ("" for one round)."""
+    return f" ({min(values):{fmt}}-{max(values):{fmt}})" if len(values) > 1 else ""
+
+
 def print_row(r: Row) -> None:
-    print(f"| {r.variant} | {r.protocol} | {r.connections} | {r.rps:.0f} | {r.p50_ms:.2f} | "
-          f"{r.p99_ms:.2f} | {opt(r.cpu_per_1k, '.2f')} | {opt(r.rss_mib, '.0f')} |", flush=True)
+    print(f"| {r.variant} | {r.protocol} | {r.connections} | {r.rps:.0f}{spread(r.round_rps, '.0f')}"
+          f" | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {opt(r.cpu_per_1k, '.2f')}"
+          f"{spread(r.round_cpu, '.2f')} | {opt(r.rss_mib, '.0f')} |", flush=True)
 
 
 @dataclass
@@ -501,7 +537,8 @@ def measure_requests(targets: list[Target], token: str | None, seconds: int, wor
     """wrk rows, interleaved: each round runs every (protocol, connections) cell on every target
     in turn, the order rotated each round, so load from elsewhere on the machine falls on every
     variant alike. A row: the median of its rounds' req/s, p50, p99 and CPU per request (CPU
-    from before wrk starts until the target has settled: `settled_cpu`); the peak RSS."""
+    from before wrk starts until the target has settled: `settled_cpu`); the peak RSS; and each
+    round's req/s and CPU per request, printed as they come, for ratios taken round by round."""
     runs: dict[tuple[str, str, int], list[tuple[Wrk, float, int]]] = {}
     for r in range(rounds):
         for name in protocols:
@@ -514,6 +551,10 @@ def measure_requests(targets: list[Target], token: str | None, seconds: int, wor
                         result = wrk(t.port, path, script, c, seconds)
                     cpu = settled_cpu(t) - before if t.pid else 0.0
                     runs.setdefault((t.variant, name, c), []).append((result, cpu, rss.peak))
+                    per = f", {cpu / result.requests * 1000:.2f} ms CPU" if t.pid and \
+                        result.requests else ""
+                    print(f"  round {r + 1}: {t.variant}, {name}, c={c}: {result.rps:.0f} req/s"
+                          f"{per}", flush=True)
         print(f"round {r + 1}/{rounds} done", flush=True)
     print("\n| variant | protocol | connections | req/s | p50 ms | p99 ms | CPU s/1k req "
           "| RSS MiB |\n|---|---|---|---|---|---|---|---|")
@@ -529,7 +570,10 @@ def measure_requests(targets: list[Target], token: str | None, seconds: int, wor
                     statistics.median(w.p99_ms for w, _, _ in cell),
                     statistics.median(cpu / w.requests * 1000 for w, cpu, _ in cell
                                       if w.requests) if t.pid and requests else None,
-                    max(peak for _, _, peak in cell) / 1024 if t.pid else None))
+                    max(peak for _, _, peak in cell) / 1024 if t.pid else None,
+                    tuple(w.rps for w, _, _ in cell),
+                    tuple(cpu / w.requests * 1000 for w, cpu, _ in cell)
+                    if t.pid and all(w.requests for w, _, _ in cell) else ()))
                 print_row(rows[-1])
     return rows
 
@@ -678,7 +722,7 @@ def measure_store(upstream_port: int, work: Path, token: str, seconds: int, roun
         cluster.close()
 
 
-def run(quick: bool, only: set[str], seconds: int, rounds: int) -> Run:
+def run(quick: bool, only: set[str], seconds: int, rounds: int, twice: bool = False) -> Run:
     work = Path(tempfile.mkdtemp(prefix="douane-bench-"))
     upstream_port = free_port()
     upstream = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "bench_upstream.py"),
@@ -696,6 +740,9 @@ def run(quick: bool, only: set[str], seconds: int, rounds: int) -> Run:
                                                    ("douane + masking", masked)]
         if "requests" in only:
             variants.insert(0, ("bare mitmdump", None))
+            if twice:  # the same proxies again: their ratios to the first are the method's noise
+                variants[1:1] = [(AGAIN["bare mitmdump"], None)]
+                variants[3:3] = [(AGAIN["douane"], config)]
         proxies: dict[str, Proxy] = {}
 
         def start(figures: bool) -> None:  # every variant at once: their rows interleave
@@ -719,7 +766,8 @@ def run(quick: bool, only: set[str], seconds: int, rounds: int) -> Run:
                 for proxy in proxies.values():
                     proxy.stop()
                 proxies.clear()
-                variants = [(v, cfg) for v, cfg in variants if cfg is not None]
+                variants = [(v, cfg) for v, cfg in variants
+                            if cfg is not None and v not in AGAIN.values()]
                 start(figures=True)  # the stalls rows read them
                 streaming = {variant: proxies[variant]
                              for variant in ("douane", "douane + masking")}
@@ -741,6 +789,9 @@ def run(quick: bool, only: set[str], seconds: int, rounds: int) -> Run:
         upstream.terminate()
         upstream.wait()
     return out
+
+
+AGAIN = {"bare mitmdump": "bare mitmdump again", "douane": "douane again"}  # --twice
 
 
 def measure_workers(config: dict, upstream_port: int, work: Path, token: str, seconds: int,
@@ -776,16 +827,26 @@ def table(head: list[str], lines: list[list[str]]) -> str:
                       *("| " + " | ".join(line) + " |" for line in lines)])
 
 
+def rps_ratio(r: Row, bare: Row) -> Paired:
+    """req/s against bare's, round by round (one round: the rows' own ratio)."""
+    return paired(r.round_rps, bare.round_rps) or Paired(*[r.rps / bare.rps] * 3)
+
+
+def cpu_ratio(r: Row, bare: Row) -> Paired | None:
+    if not (r.cpu_per_1k and bare.cpu_per_1k):
+        return None
+    return paired(r.round_cpu, bare.round_cpu) or Paired(*[r.cpu_per_1k / bare.cpu_per_1k] * 3)
+
+
 def ratio_lines(rows: list[Row], reference: Callable[[Row], Row | None]) -> list[list[str]]:
     lines = []
     for r in rows:
         bare = reference(r)
         if r.variant == "bare mitmdump" or bare is None:
             continue
-        cpu = (f"{r.cpu_per_1k / bare.cpu_per_1k:.2f}x" if r.cpu_per_1k and bare.cpu_per_1k
-               else "-")
-        lines.append([r.variant, r.protocol, str(r.connections), f"{r.rps / bare.rps:.1%}",
-                      f"{r.p50_ms - bare.p50_ms:+.2f}", cpu])
+        cpu = cpu_ratio(r, bare)
+        lines.append([r.variant, r.protocol, str(r.connections), rps_ratio(r, bare).share(),
+                      f"{r.p50_ms - bare.p50_ms:+.2f}", cpu.times() if cpu else "-"])
     return lines
 
 
@@ -801,19 +862,20 @@ def targets(run: Run) -> list[list[str]]:
         if b is None or r.variant not in ("douane", "douane + masking"):
             continue
         where = f"{r.protocol} c={r.connections}"
+        rps = rps_ratio(r, b)
         if r.variant == "douane":
-            lines.append(["18", f"douane >= 90% of bare req/s, {where}", f"{r.rps / b.rps:.1%}",
-                          "yes" if r.rps >= 0.9 * b.rps else "no"])
+            lines.append(["18", f"douane >= 90% of bare req/s, {where}", rps.share(),
+                          "yes" if rps.median >= 0.9 else "no"])
             lines.append(["18", f"p50 within +0.5 ms of bare, {where}",
                           f"{r.p50_ms - b.p50_ms:+.2f} ms",
                           "yes" if r.p50_ms - b.p50_ms <= 0.5 else "no"])
-            if r.cpu_per_1k and b.cpu_per_1k:
-                lines.append(["18", f"CPU/request <= 1.3x bare, {where}",
-                              f"{r.cpu_per_1k / b.cpu_per_1k:.2f}x",
-                              "yes" if r.cpu_per_1k <= 1.3 * b.cpu_per_1k else "no"])
+            cpu = cpu_ratio(r, b)
+            if cpu:
+                lines.append(["18", f"CPU/request <= 1.3x bare, {where}", cpu.times(),
+                              "yes" if cpu.median <= 1.3 else "no"])
         else:
-            lines.append(["17", f"masked answers >= 60% of bare req/s, {where}",
-                          f"{r.rps / b.rps:.1%}", "yes" if r.rps >= 0.6 * b.rps else "no"])
+            lines.append(["17", f"masked answers >= 60% of bare req/s, {where}", rps.share(),
+                          "yes" if rps.median >= 0.6 else "no"])
     for pace in (50, 200):
         plain = next((s for s in run.streams if s.variant == "douane" and s.pace == pace
                       and s.streams == 1), None)
@@ -867,10 +929,15 @@ def report(run: Run, command: str) -> str:
             "once), the peak during the row.",
             table(["variant", "protocol", "connections", "req/s", "p50 ms", "p99 ms",
                    "CPU s/1k req", "RSS MiB"],
-                  [[r.variant, r.protocol, str(r.connections), f"{r.rps:.0f}", f"{r.p50_ms:.2f}",
-                    f"{r.p99_ms:.2f}", opt(r.cpu_per_1k, ".2f"), opt(r.rss_mib, ".0f")]
-                   for r in run.rows]),
-            "Against bare mitmdump (same protocol, same connections):",
+                  [[r.variant, r.protocol, str(r.connections),
+                    f"{r.rps:.0f}{spread(r.round_rps, '.0f')}", f"{r.p50_ms:.2f}",
+                    f"{r.p99_ms:.2f}", opt(r.cpu_per_1k, ".2f") + spread(r.round_cpu, ".2f"),
+                    opt(r.rss_mib, ".0f")] for r in run.rows]),
+            "Against bare mitmdump (same protocol, same connections), round by round: each "
+            "ratio is the median of the rounds' ratios (a round's row against the same round's "
+            "bare row, measured seconds apart), in parentheses the least and greatest of "
+            "them; a target is met on the median. req/s and CPU above: the median of the rounds "
+            "and, in parentheses, their least and greatest.",
             table(["variant", "protocol", "connections", "req/s", "p50 ms", "CPU/request"],
                   ratio_lines(run.rows, bare_of(run.rows))),
             "Memory (the proxy and all its processes; idle: after warm-up, before load):",
@@ -956,6 +1023,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="interleaved wrk runs per row (default 3, "
                         "quick 1); a row is their median")
     parser.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument("--twice", action="store_true", help="requests: a second bare mitmdump "
+                        "and a second douane of this tree, measured in the same rounds (A/A): "
+                        "their ratios to the first show the method's own spread")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections: {', '.join(SECTIONS)}")
     args = parser.parse_args()
@@ -967,7 +1037,7 @@ def main() -> int:
     started = time.monotonic()
     seconds = args.seconds or 3
     rounds = args.rounds or (1 if args.quick else 3)
-    text = report(run(args.quick, only, seconds, rounds), command.strip())
+    text = report(run(args.quick, only, seconds, rounds, args.twice), command.strip())
     print("\n" + text + f"\n({time.monotonic() - started:.0f} s)")
     if not args.no_write:
         write_doc(text)
