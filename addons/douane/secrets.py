@@ -67,6 +67,11 @@ SHORTEST_SECRET = 10  # no kind matches fewer characters (`pwd=Ab3xyz`)
 _NAME = r"[\w.-]{0,30}?"
 _SEP = r"""["']?\s*(?:[:=]|:=|=>|\s(?:is|was)\s)\s*["']?"""
 _IS_WAS = re.compile(r"\s(?:is|was)\s")  # `_SEP`'s words
+# A JSON value's openings before a credential-named key's value (`"api_key": ["`, `"token":
+# {"value": "`): the value under the name is read inside an array or an object, as a string
+# value is (and as the recording's key rule reads it); a bracket only before a JSON value
+# (`password: [redacted]` stays a placeholder), a few deep (bounded).
+_OPENS = r"""(?:\[\s*(?=["\[{])|\{\s*"[\w.-]{0,30}"\s*:\s*){0,3}["']?"""
 _CREDENTIAL = (r"(?:api[_-]?key|apikey|access[_-]?key|secret|token(?!iz)|credential|auth[_-]?key|"
                r"account[_-]?key|private[_-]?key|signing[_-]?key|encryption[_-]?key|"
                r"master[_-]?key|sharedaccesskey)")
@@ -193,11 +198,11 @@ CATALOGUE: tuple[Kind, ...] = (
           r"\b[A-Za-z][A-Za-z0-9+.-]{1,15}://[^\s:/@\"'<>]{1,64}:(?P<v>[^\s/\"'<>]{1,128})@", 70,
           ("://",), lambda v: not _PLACEHOLDER.search(v), lead=16),  # the scheme
     _kind("password", "PASSWORD",
-          r"(?i:" + _PASSWORD + r")" + _NAME + _SEP
+          r"(?i:" + _PASSWORD + r")" + _NAME + _SEP + _OPENS
           + r"(?P<v>[^\s\"'`,;&<>]{6,128})", 40, ("pass", "pwd"), _password_value, lead=0,
           assigned=True),
     _kind("credential", "SECRET",
-          r"(?i:" + _CREDENTIAL + r")" + _NAME + _SEP
+          r"(?i:" + _CREDENTIAL + r")" + _NAME + _SEP + _OPENS
           + r"(?P<v>[A-Za-z0-9_\-+/=.~]{16,1024})", 40,
           ("key", "secret", "token", "credential"), _token_value,
           lead=len("sharedaccess"), assigned=True),

@@ -500,7 +500,11 @@ def _json_string(m: re.Match[str]) -> str:
 
 # A JSON string literal and, if it is a key, its string value: read from the text's start, every
 # literal in turn, a value is never taken for a key (`_keyed`).
-_KEYED = re.compile(f"({JSON_STRING.pattern})(?:(\\s*:\\s*)({JSON_STRING.pattern}))?")
+_KEYED = re.compile(f"({JSON_STRING.pattern})(?:(\\s*:\\s*)({JSON_STRING.pattern}|[-0-9\\[{{]))?")
+# A value of another type under a credential's name: a number, an array or an object is one
+# too (`{"password": 12345678}`, `{"api_key": ["..."]}`, `{"token": {"value": "..."}}`); JSON's
+# true, false and null hold none.
+_DECODER = json.JSONDecoder()
 # A key whose name ends as a credential's (`secrets.KEY_ENDS`), its quote escaped or not (JSON in
 # a string, in a string), read in the lower-cased text backwards: one search that starts at each
 # colon (a few us a KB; a search a word was ten times that), before the literals are read.
@@ -518,17 +522,44 @@ def _keyed(text: str, depth: int = 0) -> str:
     catalogue knows alone), in JSON texts inside string values too, `KEYED_DEPTH` deep."""
     if depth > KEYED_DEPTH or not _KEY_END.search(text.lower()[::-1]):
         return text
-    return _KEYED.sub(lambda m: _keyed_pair(m, depth), text)
+    out, last, at = [], 0, 0
+    while (m := _KEYED.search(text, at)) is not None:
+        literal, between, value = m.group(1, 2, 3)
+        if value is None or value[0] != '"':  # a value, or a key to a value of another type
+            clean = _keyed_inside(literal, depth)
+            if value is not None and (kind := _credential(literal)) is not None:
+                at = _value_end(text, m.start(3))  # the value whole, whatever it holds
+                out += [text[last:m.start()], f'{clean}{between}"<SECRET:{kind.rule}>"']
+                last = at
+                continue
+            end = m.end(1)
+        else:
+            kind = _credential(literal)
+            if kind is not None and (plain := _plain(value)) is not None and \
+                    secrets.key_value(plain):
+                clean = f'{literal}{between}"<SECRET:{kind.rule}>"'
+            else:
+                clean = literal + between + _keyed_inside(value, depth)
+            end = m.end()
+        if clean != text[m.start():end]:
+            out += [text[last:m.start()], clean]
+            last = end
+        at = end
+    return "".join([*out, text[last:]]) if out else text
 
 
-def _keyed_pair(m: re.Match[str], depth: int) -> str:
-    literal, between, value = m.group(1, 2, 3)
-    if value is None:  # a value, or a key to a value of another type
-        return _keyed_inside(literal, depth)
-    kind = secrets.credential_key(name) if (name := _plain(literal)) is not None else None
-    if kind is not None and (plain := _plain(value)) is not None and secrets.key_value(plain):
-        return f'{literal}{between}"<SECRET:{kind.rule}>"'
-    return literal + between + _keyed_inside(value, depth)
+def _credential(literal: str) -> secrets.Kind | None:
+    return secrets.credential_key(name) if (name := _plain(literal)) is not None else None
+
+
+def _value_end(text: str, start: int) -> int:
+    """Where the JSON value at `start` (a number, an array, an object) ends; one that does not
+    parse (an SSE event cut short, a truncated body) runs to its line's end (failing closed)."""
+    try:
+        return _DECODER.raw_decode(text, start)[1]
+    except (ValueError, RecursionError):
+        end = text.find("\n", start)
+        return len(text) if end < 0 else end
 
 
 def _keyed_inside(literal: str, depth: int) -> str:
