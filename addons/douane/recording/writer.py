@@ -224,8 +224,9 @@ def _runs(pieces: list[TextPiece], in_order: bool) -> Runs:
 
 def _split(texts: tuple[str, ...], clean: Container[str]) -> bool:
     """Whether a secret shows in one of `texts` (but those known `clean`), or in their join (a
-    stream's channels are in the order they started: blocks in a row are next to each other)."""
-    return any(secrets.find(text) for text in texts if text not in clean) or \
+    stream's channels are in the order they started: blocks in a row are next to each other),
+    or a value under a credential's name does (`_keyed`: a tool call's arguments, streamed)."""
+    return any(text not in clean and secrets.find(text) or _key_edits(text) for text in texts) or \
         len(texts) > 1 and bool(secrets.find("".join(texts)))
 
 
@@ -517,20 +518,31 @@ KEYED_DEPTH = 2  # JSON documents inside string values (a tool call's arguments)
 
 
 def _keyed(text: str, depth: int = 0) -> str:
-    """`text` (JSON, SSE) with each string value under a credential's name replaced by
+    """`text` (JSON, SSE) with each value under a credential's name replaced by
     `<SECRET:rule id>` (`secrets.credential_key`: a refresh token or a password has no shape the
     catalogue knows alone), in JSON texts inside string values too, `KEYED_DEPTH` deep."""
-    if depth > KEYED_DEPTH or not _KEY_END.search(text.lower()[::-1]):
+    edits = _key_edits(text, depth)
+    if not edits:
         return text
-    out, last, at = [], 0, 0
+    out, last = [], 0
+    for start, end, clean in edits:
+        out += [text[last:start], clean]
+        last = end
+    return "".join([*out, text[last:]])
+
+
+def _key_edits(text: str, depth: int = 0) -> list[tuple[int, int, str]]:
+    """`_keyed`'s replacements of `text`, in order: (start, end, what replaces it)."""
+    if depth > KEYED_DEPTH or not _KEY_END.search(text.lower()[::-1]):
+        return []
+    edits, at = [], 0
     while (m := _KEYED.search(text, at)) is not None:
         literal, between, value = m.group(1, 2, 3)
         if value is None or value[0] != '"':  # a value, or a key to a value of another type
             clean = _keyed_inside(literal, depth)
             if value is not None and (kind := _credential(literal)) is not None:
                 at = _value_end(text, m.start(3))  # the value whole, whatever it holds
-                out += [text[last:m.start()], f'{clean}{between}"<SECRET:{kind.rule}>"']
-                last = at
+                edits.append((m.start(), at, f'{clean}{between}"<SECRET:{kind.rule}>"'))
                 continue
             end = m.end(1)
         else:
@@ -542,10 +554,9 @@ def _keyed(text: str, depth: int = 0) -> str:
                 clean = literal + between + _keyed_inside(value, depth)
             end = m.end()
         if clean != text[m.start():end]:
-            out += [text[last:m.start()], clean]
-            last = end
+            edits.append((m.start(), end, clean))
         at = end
-    return "".join([*out, text[last:]]) if out else text
+    return edits
 
 
 def _credential(literal: str) -> secrets.Kind | None:
@@ -696,10 +707,33 @@ class _HoldAndRedact:
     def finish(self, channel: str) -> str:
         run = self.held.pop(channel, [(channel, "")])
         texts = [text for _, text in run]
-        clean = secrets.redact_run(texts)
+        clean = secrets.redact_run(_keyed_run(texts))
         self.changed = self.changed or clean != texts
         self.shares.update(zip([block for block, _ in run[:-1]], clean, strict=False))
         return clean[-1]
+
+
+def _keyed_run(texts: list[str]) -> list[str]:
+    """Texts read as one (a stream's channel: a tool call's arguments, JSON text, in as many
+    deltas as the upstream sent) with the key rule's replacements of their join (`_keyed`), each
+    text keeping its place: a replacement goes to the text it starts in, the others lose their
+    share of the value (a key named in one delta, its value in the next, is found)."""
+    joined = "".join(texts)
+    edits = _key_edits(joined)
+    if not edits:
+        return texts
+    out, start = [], 0
+    for text in texts:
+        end = start + len(text)
+        parts, last = [], start
+        for first, stop, clean in edits:
+            if stop <= start or first >= end:
+                continue
+            parts += [joined[last:max(first, start)], clean if first >= start else ""]
+            last = min(stop, end)
+        out.append("".join([*parts, joined[last:end]]))
+        start = end
+    return out
 
 
 def _split_secrets(flow: http.HTTPFlow, request: bool, response: bool) -> None:
