@@ -9,6 +9,11 @@ The fields are indexed by lower-case name once and the index kept beside the ver
 built from: every change to a `Headers` replaces its `fields` tuple, so a read after a change
 indexes the new fields (reads always see the fields as they are now); `put` and `pop` index
 what they write.
+
+The index holds a name's value as the field's bytes (a tuple of them for a name given several
+times), in a dict of bytes: the garbage collector does not track it (a list per name made ~10
+tracked objects a request, each kept until the flow's cycle is collected, and traversed by every
+young collection meanwhile), and it is kept as two attributes, not a tuple that would be one more.
 """
 
 from __future__ import annotations
@@ -17,35 +22,45 @@ from collections.abc import Collection
 
 from mitmproxy.http import Headers
 
-_INDEX = "_douane_fields"  # (the fields tuple indexed, lower-case name -> its values)
+_INDEXED = "_douane_indexed"  # the fields tuple indexed
+_INDEX = "_douane_fields"  # its index: lower-case name -> its value, or values (a tuple)
+
+Values = bytes | tuple[bytes, ...]
 
 
-def _index(headers: Headers) -> dict[bytes, list[bytes]]:
+def _index(headers: Headers) -> dict[bytes, Values]:
     fields = headers.fields
-    cached = headers.__dict__.get(_INDEX)
-    if cached is not None and cached[0] is fields:
-        return cached[1]
-    index: dict[bytes, list[bytes]] = {}
+    attributes = headers.__dict__
+    if attributes.get(_INDEXED) is fields:
+        return attributes[_INDEX]
+    index: dict[bytes, Values] = {}
     for k, v in fields:
         k = k.lower()
         if k in index:
-            index[k].append(v)
+            before = index[k]
+            index[k] = (*before, v) if type(before) is tuple else (before, v)
         else:
-            index[k] = [v]
-    headers.__dict__[_INDEX] = (fields, index)
+            index[k] = v
+    _keep(headers, fields, index)
     return index
 
 
-def _text(values: list[bytes]) -> str:
-    if len(values) == 1:
-        return values[0].decode("utf-8", "surrogateescape")
+def _keep(headers: Headers, fields: tuple, index: dict[bytes, Values]) -> None:
+    attributes = headers.__dict__
+    attributes[_INDEXED] = fields
+    attributes[_INDEX] = index
+
+
+def _text(values: Values) -> str:
+    if type(values) is bytes:
+        return values.decode("utf-8", "surrogateescape")
     return ", ".join(v.decode("utf-8", "surrogateescape") for v in values)
 
 
 def get(headers: Headers, name: bytes, default: str | None = None) -> str | None:
     """`headers.get(name, default)`; `name` in lower case."""
     values = _index(headers).get(name)
-    return _text(values) if values else default
+    return default if values is None else _text(values)
 
 
 def present(headers: Headers, names: Collection[bytes]) -> list[bytes]:
@@ -62,7 +77,7 @@ def put(headers: Headers, name: str, value: str) -> None:
     index = _index(headers)
     if lowered not in index:
         headers.fields = (*headers.fields, (key, encoded))
-        headers.__dict__[_INDEX] = (headers.fields, {**index, lowered: [encoded]})
+        _keep(headers, headers.fields, {**index, lowered: encoded})
         return
     fields, done = [], False
     for field in headers.fields:
@@ -83,5 +98,5 @@ def pop(headers: Headers, names: Collection[bytes]) -> dict[bytes, str]:
     removed = {name: index[name] for name in index if name in names}
     headers.fields = tuple(field for field in headers.fields if field[0].lower() not in names)
     # the index of what is left is the index without those names
-    headers.__dict__[_INDEX] = (headers.fields, {k: v for k, v in index.items() if k not in names})
+    _keep(headers, headers.fields, {k: v for k, v in index.items() if k not in names})
     return {k: _text(v) for k, v in removed.items()}
