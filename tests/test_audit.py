@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
+import os
+import signal
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 
 from douane import audit, untrusted
 from douane.config import AuditConfig
+from tests.support.gateway import base_config
 from tests.support.waiting import until
 
 KEY = b"k" * 32
@@ -350,3 +356,50 @@ def test_a_refused_record_after_the_file_was_cut_elsewhere_pads_nothing(tmp_path
     data = path.read_bytes()
     assert b"\x00" not in data
     assert [json.loads(line)["event"] for line in data.splitlines()] == ["audit.gap"]
+
+
+def _open_by(pid: int, path: Path) -> bool:
+    """Whether process `pid` holds `path` open."""
+    try:
+        return any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:  # gone meanwhile, or a descriptor closed while read
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def test_the_gateway_never_writes_its_audit_log_and_a_crash_loses_nothing_it_handed_over(
+        issuer, llm, make_gateway):
+    """Scrubbing, signing and writing a record took the gateway's GIL (~25-50 µs a record, its
+    writer thread convoying with the event loop): the log is written by a process of its own,
+    which holds the file; the gateway only pickles each window's records into a pipe. Killed
+    alone (kill -9 of the gateway, not of its group), what it handed over is still written,
+    the chain intact, and the writer exits (EOF)."""
+    gw = make_gateway(base_config(issuer.url, llm.url), mode=f"reverse:{llm.url}")
+    token = issuer.mint("alice@corp.example", ["engineering"])
+    ids = [httpx.post(gw.url + "/v1/chat/completions", timeout=30,
+                      headers={"authorization": f"Bearer {token}"},
+                      json={"model": "gpt-4o-mini", "messages": [{"role": "user",
+                                                                  "content": f"hi {i}"}]})
+           .headers["x-douane-decision-id"] for i in range(5)]
+    path = gw.audit_file().resolve()
+    assert until(lambda: path.exists())
+    writers = [pid for pid in _children(gw.proc.pid) if _open_by(pid, path)]
+    assert not _open_by(gw.proc.pid, path) and len(writers) == 1
+    time.sleep(0.2)  # past a window: the records are in the pipe, if not written yet
+    os.kill(gw.proc.pid, signal.SIGKILL)
+    gw.proc.wait()
+    assert until(lambda: not Path(f"/proc/{writers[0]}").exists() or
+                 Path(f"/proc/{writers[0]}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                 == "Z", timeout=10)
+    written = {r.get("decision_id") for r in gw.audit_records()}
+    assert set(ids) <= written
+    key = (gw.state_dir / "audit-hmac.key").read_bytes().strip()
+    assert audit.verify(path, key).ok
