@@ -638,6 +638,49 @@ def test_the_event_loop_reads_the_answers_itself(pool):
     assert [s.entity for s in spans] == ["EMAIL_ADDRESS"]
 
 
+def test_stream_ends_answered_together_wake_nothing_but_their_waits(pool):
+    """A masked stream's end waits (`MaskingPool.settled`, the stream's layer paused on
+    `Mask.douane_stream_wait`) for its analysis: answered in one batch with other ends, each is
+    handed over in the pass the loop read the batch, with no write to the loop's self-pipe
+    (`asyncio.wrap_future` wrote one per answer, 32 for 32 ends); a done future (`streams.TURN`)
+    waits for nothing; what is not answered within the timeout says so (the end fails closed)."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        woken = []
+        original = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a, **k: (woken.append(a), original(*a, **k))[1]
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result(None)
+        with pool._lock:  # the workers busy: the ends gather, and leave as batches
+            pool._batches_out[True] += 1
+            pool._batches_out[False] += pool.settings.workers
+        ends = [pool.submit([f"mail user{n}@example.com"], urgent=True) for n in range(6)]
+        waits = [asyncio.ensure_future(pool.settled([done, end], 60)) for end in ends]
+        await asyncio.sleep(0)
+        with pool._lock:
+            pool._batches_out[True] -= 1
+            pool._batches_out[False] -= pool.settings.workers
+        pool._dispatch()
+        assert await asyncio.gather(*waits) == [True] * 6
+        assert all([s.entity for s in end.result()[0]] == ["EMAIL_ADDRESS"] for end in ends)
+        assert await pool.settled([done], 0)
+        assert not woken, woken
+        loop.call_soon_threadsafe = original
+        with pool._lock:
+            pool._batches_out[True] += 1
+            pool._batches_out[False] += pool.settings.workers
+        try:
+            queued = pool.submit(["never sent"], urgent=True)
+            assert not await pool.settled([done, queued], 0.05)
+            assert queued.cancel()
+        finally:
+            with pool._lock:
+                pool._batches_out[True] -= 1
+                pool._batches_out[False] -= pool.settings.workers
+
+    asyncio.run(scenario())
+
+
 def test_a_batch_gathered_while_the_workers_were_busy_leaves_from_the_loop(pool, monkeypatch):
     """The analyses queued behind a busy worker leave as one batch when it answers, sent by the
     loop that read the answer: a thread of their own, woken for it, waited for the GIL the

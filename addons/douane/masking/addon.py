@@ -8,7 +8,6 @@ refuses the flow or cuts the stream: nothing unmasked leaves because masking fai
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import hashlib
@@ -239,13 +238,10 @@ class Mask:
         if rewriter is None or all(f.done() for f in rewriter.waiting):
             return  # (an end's turn on the loop, `streams.TURN`, waits for nothing here)
         timeout = self.masking.timeout_seconds if self.masking else 0
-        waiting = [asyncio.wrap_future(f) for f in rewriter.waiting]
-        done, pending = await asyncio.wait(waiting, timeout=timeout)
-        for f in done:
-            f.cancelled() or f.exception()  # retrieved here; the rewriter raises it when resumed
-        if pending:
-            for f in pending:
-                f.cancel()  # one still queued is not analysed for nothing
+        waiting = rewriter.waiting  # (an error is raised by the rewriter when it resumes)
+        if self.pool is None or not await self.pool.settled(waiting, timeout):
+            for f in waiting:
+                f.cancel()  # one still queued is not analysed for nothing (a done one: no-op)
             logger.error("douane: a stream's masking analysis took over %s s (decision %s)",
                          timeout, state(flow).decision_id)
             if self.pool:

@@ -679,6 +679,38 @@ class MaskingPool:
         finally:
             future.cancel()  # one still queued is not analysed for nothing (else a no-op)
 
+    async def settled(self, futures: list[concurrent.futures.Future], timeout: float) -> bool:
+        """Whether every one of `futures` (the pool's analyses; any done future) is done within
+        `timeout`, on the loop without blocking it (a stream's end, `Mask.douane_stream_wait`).
+        Handed over as `analyze`'s answers are: where the loop reads the answers, in the pass
+        that read them, a batch's ends all at once. `asyncio.wrap_future` and `asyncio.wait` wrote
+        the loop's self-pipe once per answer, even from the loop's own thread, and the answers of
+        a batch woke their ends one callback chain each in the pass after."""
+        pending = [f for f in futures if not f.done()]
+        if not pending:
+            return True
+        loop = asyncio.get_running_loop()
+        if self._wakes is None or self._wakes.loop is not loop:
+            self._wakes = _Wakes(loop)
+        self._attach()
+        waiter, left, lock = loop.create_future(), [len(pending)], threading.Lock()
+        wakes = self._wakes
+
+        def one_done(_: concurrent.futures.Future) -> None:  # in whichever thread finished it
+            with lock:
+                left[0] -= 1
+                last = not left[0]
+            if last:
+                wakes.add(waiter, _SETTLED)
+
+        for future in pending:
+            future.add_done_callback(one_done)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            return False
+        return True
+
     def overran(self) -> None:
         """An analysis ran past the timeout (and failed closed): `GRACE` seconds later, a worker
         hung on its job is killed (`_recover`). Not waited for: on the loop, a timer."""
@@ -844,6 +876,10 @@ class MaskingPool:
             logger.error("douane: a masking worker died; its pool is rebuilt")
             self._executors.pop(urgent).shutdown()
             return self.executor(urgent).submit(fn, texts, *args)
+
+
+_SETTLED: concurrent.futures.Future = concurrent.futures.Future()  # `settled`'s all done
+_SETTLED.set_result(None)
 
 
 class _Answer(concurrent.futures.Future):
