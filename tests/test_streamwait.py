@@ -5,6 +5,7 @@ wait hook."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from types import SimpleNamespace
 
@@ -96,3 +97,49 @@ def test_a_masked_end_pauses_on_the_hook_even_when_its_analysis_is_known(monkeyp
     assert hooks == (1 if masked else 0)
     assert streamed_text("chat", body) == (whole(analyse, text) if masked else text)
     assert body.endswith(b"data: [DONE]\n\n")
+
+
+def test_masked_arrivals_past_the_pass_share_wait_for_a_turn(monkeypatch, analyse):
+    """Many masked streams' reads arriving in one pass of the loop (32 streams ending together):
+    once the pass's share (`streamwait.BUDGET` of the loop's CPU) has gone to them, the next
+    masked stream's data is not processed in that pass: its layer pauses on the wait hook first
+    (a `LoopShare` turn), then processes it and sends what it would have. An unmasked stream, and
+    the first masked arrival of the next pass, go on at once; without a loop, nothing pauses."""
+    monkeypatch.setattr(streamwait, "_original", _mitmproxys)
+    monkeypatch.setattr(streamwait, "BUDGET", 0.0)  # the pass's first arrival uses its share
+    upstream_, path, request, events_of = API_STREAMS["chat"]
+    text = "Write to maria.garcia@example.com today please."
+
+    def layer(masked: bool) -> _Layer:
+        it = protocols.parse_request(upstream_, flow_for(upstream_, path, request))
+        rewriter = streams.StreamRewriter(protocols.stream_format(upstream_, it), it, "dcn_t")
+        rewriter.filters.append(StreamMasker(SETTINGS, ScheduledPool(
+            analyse, "model", random.Random(0))) if masked else Passing())
+        flow = tflow.tflow(resp=True)
+        flow.response.stream = rewriter
+        return _Layer(flow)
+
+    def arrive(layer: _Layer, data: str) -> tuple[bool, bytes]:
+        """(whether it paused before its data was processed, what it sent)"""
+        paused, sent, before = False, [], layer.flow.response.stream.received
+        for command in streamwait._state_stream_response_body(layer, ResponseData(1, data.encode())):
+            if isinstance(command, streamwait.DouaneStreamWaitHook):
+                paused = paused or layer.flow.response.stream.received == before
+            elif isinstance(command, SendHttp):
+                sent.append(command.event.data)
+        return paused, b"".join(sent)
+
+    first = events_of("m", [text])[0]
+    assert arrive(layer(True), first) == arrive(layer(True), first)  # no loop: none pauses
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().call_soon(lambda: None)  # other callbacks share the pass
+        layers = [layer(True), layer(False), layer(True), layer(True)]
+        arrived = [arrive(each, first) for each in layers]
+        assert [paused for paused, _ in arrived] == [False, False, True, True]
+        assert arrived[2][1] == arrived[3][1] == arrived[0][1]  # the same, after its turn
+        await asyncio.sleep(0)  # the next pass
+        asyncio.get_running_loop().call_soon(lambda: None)
+        assert [arrive(each, first)[0] for each in layers] == [False, False, True, True]
+
+    asyncio.run(scenario())

@@ -16,6 +16,15 @@ waits on the loop and nothing unanalysed leaves. A client gone meanwhile is hand
 hook (`check_killed`). Other flows, and streams douane does not rewrite, run mitmproxy's code as
 is.
 
+A masked stream's data also takes turns (`Arrivals`): when many masked streams' reads arrive in
+one pass of the loop (32 streams ending together: each one's end event parsed, its held text's
+analysis proposed or its tail released; or 32 tokens at the same tick), the first ones are
+processed as they come, and once `BUDGET` of the loop's CPU has gone to them in that pass, the
+next ones pause on the same hook before their data is processed: the hook's turn (`LoopShare`,
+after the wait, which has nothing to wait for) spreads them over the next passes, in the order
+they came. Their data leaves as it would have, a few passes later; later data of the same stream
+waits behind it (the layer is paused). A stream alone never pauses for this.
+
 The wrap depends on the exact code it wraps: `install` checks mitmproxy's version and the source
 of the functions it relies on, and refuses to start on any other (masking would otherwise block
 the loop again, or lose its wait).
@@ -23,6 +32,8 @@ the loop again, or lose its wait).
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 
 from mitmproxy import http
@@ -52,6 +63,38 @@ class DouaneStreamWaitHook(commands.StartHook):
     flow: http.HTTPFlow
 
 
+# the loop's CPU a pass gives masked streams' data as it arrives; the rest waits for a turn
+BUDGET = 0.002  # CPU seconds
+
+
+class Arrivals:
+    """How much of this pass of the event loop masked streams' data has used (`crowded`). The
+    thread's CPU clock (a system call) is read from the pass's first arrival only when other
+    callbacks are still to run in the pass (asyncio's ready queue), as `LoopShare` does: alone,
+    nothing can follow it in the pass."""
+
+    def __init__(self) -> None:
+        self._started = False
+        self._cpu: float | None = None  # the CPU clock at the pass's first arrival
+
+    def crowded(self) -> bool:
+        """Whether this arrival comes after the pass's share was used (then it waits a turn)."""
+        if self._started:
+            return self._cpu is not None and time.thread_time() - self._cpu >= BUDGET
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (no loop: a layer driven by hand)
+            return False
+        self._started = True
+        self._cpu = time.thread_time() if getattr(loop, "_ready", True) else None
+        loop.call_soon(self._next_pass)
+        return False
+
+    def _next_pass(self) -> None:
+        self._started = False
+
+
+ARRIVALS = Arrivals()
 _original = HttpStream.state_stream_response_body
 
 
@@ -60,11 +103,21 @@ def _state_stream_response_body(self: HttpStream, event: events.Event
     stream = self.flow.response.stream if self.flow.response else None
     if not isinstance(stream, StreamRewriter):
         return (yield from _original(self, event))
+    if isinstance(event, ResponseData) and _masked(stream) and ARRIVALS.crowded():
+        stream.waiting = []  # (a turn: nothing to wait for)
+        yield DouaneStreamWaitHook(self.flow)
+        if (yield from self.check_killed(True)):
+            return
     if isinstance(event, ResponseEndOfMessage) and (yield from _wait(self, stream, end=True)):
         return  # the client left, or the flow was killed, while it waited
     yield from _original(self, event)
     if isinstance(event, ResponseData) and stream.backlog:  # (else nothing waits: every chunk)
         yield from _wait(self, stream, end=False)
+
+
+def _masked(stream: StreamRewriter) -> bool:
+    """Whether a filter of the stream may hold text back for an analysis (masking)."""
+    return any(hasattr(f, "ready") for f in stream.filters)
 
 
 def _wait(self: HttpStream, stream: StreamRewriter, end: bool) -> layer.CommandGenerator[bool]:
