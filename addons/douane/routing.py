@@ -16,6 +16,7 @@ it. Clients hold no provider key.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -370,8 +371,20 @@ class Broker:
 
 
 def _echoes(credential: Credential, data: bytes) -> bool:
+    """`data` holds the credential, as is or in a form a client decodes back
+    (`streams.EchoForms`: base64, hex, percent, JSON escapes, across lines)."""
     secret = credential.secret
-    return bool(secret) and secret.encode("utf-8", "surrogateescape") in data
+    if not secret:
+        return False
+    if secret.encode("utf-8", "surrogateescape") in data:
+        return True
+    # (Latin-1: every byte one character, so an ASCII form reads the same in any text)
+    return _forms(secret).within(data.decode("latin-1")) if secret.isascii() else False
+
+
+@functools.lru_cache(maxsize=64)
+def _forms(secret: str) -> streams.EchoForms:
+    return streams.EchoForms.of(secret)
 
 
 def _refuse_echo(flow: http.HTTPFlow, where: str) -> None:

@@ -28,6 +28,7 @@ never blocks the event loop. The final call still processes everything, blocking
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import itertools
 import json
@@ -578,35 +579,55 @@ class StreamRewriter:
 
 class EchoGuard:
     """The credential douane sent upstream never leaves in a stream (an upstream reflecting its
-    request, in an error event or a model's text): an event holding it (`event`: its data and
-    fields as received, bounded by the parser's limits), or a channel's text holding it across
-    deltas (`feed`), ends the stream (`found`) before the rest of it leaves. A text filter, first
-    in the chain: of a channel's text it holds back only a tail that may begin the credential (at
-    most its length less one character; in ordinary text none, or a letter or two), until the
-    next delta or the channel's end says."""
+    request, in an error event or a model's text), as is or in a form a client decodes back
+    (`EchoForms`: base64, hex, percent or JSON `\\u` escapes): an event holding it (`event`: its
+    data and fields as received, bounded by the parser's limits, and read with its escapes and
+    its data lines' breaks undone), or a channel's text holding it across deltas (`feed`), ends
+    the stream (`found`) before the rest of it leaves. A text filter, first in the chain: of a
+    channel's text it holds back only a tail that may begin one of the forms (at most its length
+    less one character; in ordinary text none, or a letter or two), until the next delta or the
+    channel's end says. A key written in mixed forms (some characters escaped, others not) is
+    found by the decoded reading of the channel's last `EchoForms.reach` characters, once whole:
+    what of it left before is not held (no form says it would start one)."""
 
     def __init__(self, secret: str, found: Callable[[str], None]):
-        self.secret = secret
+        self.forms = EchoForms.of(secret)
         self.found = found  # told where; ends the stream (`StreamRewriter.abort`)
         self.held: dict[str, str] = {}
+        self.recent: dict[str, str] = {}  # channel -> its last `reach` characters let out
+        self.marked: set[str] = set()  # channels whose recent text holds an escape
 
     def event(self, event: Event) -> None:
-        if any(self.secret in v for v in (event.data, event.event, event.id) if v):
+        if any(self.forms.within(v) for v in (event.data, event.event, event.id) if v):
             self.found("a stream event")
 
     def feed(self, channel: str, text: str) -> str:
         text = self.held.pop(channel, "") + text if channel in self.held else text
-        at = text.find(self.secret)
+        forms = self.forms
+        at = forms.first(text)
+        recent = self.recent.get(channel, "")
+        # its recent text, or this one, holds an escape: mixed forms are read (`decoded`)
+        marked = channel in self.marked or forms.marked(text)
+        if at < 0 and marked and forms.decoded(window := recent + text):
+            at = max(0, forms.decoded_at(window) - len(recent))  # a mixed form, completed now
         if at >= 0:
             self.found("a stream's text")
             return text[:at]
-        start = start_of(text, self.secret)
-        if start == len(text):
-            return text
-        self.held[channel] = text[start:]
-        return text[:start]
+        start = forms.start(text)
+        if start < len(text):
+            self.held[channel] = text[start:]
+            text = text[:start]
+        recent = self.recent[channel] = (recent + text)[-forms.reach:]
+        if marked:
+            if forms.marked(recent):
+                self.marked.add(channel)
+            else:
+                self.marked.discard(channel)
+        return text
 
     def finish(self, channel: str) -> str:
+        self.recent.pop(channel, None)
+        self.marked.discard(channel)
         return self.held.pop(channel, "")
 
 
@@ -620,6 +641,115 @@ def start_of(text: str, secret: str) -> int:
             return at
         at = text.find(first, at + 1)
     return len(text)
+
+
+_B64_URL = str.maketrans("+/", "-_")
+
+
+MIXED_CHARS = 256 * 1024
+
+
+class EchoForms:
+    """A credential as a client may decode it back from an answer: as is; base64 (standard and
+    URL-safe, at each of its three offsets in a longer run: the characters that hold only its
+    bits); hex, percent-encoded and JSON `\\u`-escaped (each byte or character, lower- and
+    upper-case); `decoded` reads a text with its percent and `\\u` escapes undone (mixed forms)."""
+
+    def __init__(self, secret: str, forms: tuple[str, ...]):
+        self.secret, self.forms = secret, forms
+        self.reach = max(map(len, forms))  # the longest form: what a mixed form may span
+        # where a tail of two characters or more may begin a form (its first two, looked for
+        # overlapping), and the forms beginning with each pair; a last character alone
+        pairs = {f[:2] for f in forms if len(f) > 1}
+        self.pairs = re.compile("|".join(map(re.escape, sorted(pairs))))
+        self.by_pair = {p: tuple(f for f in forms if f[:2] == p) for p in pairs}
+        self.lasts = frozenset(f[0] for f in forms if len(f) > 1)
+        self.alphabet = "".join(sorted({c for f in forms for c in f}))  # no space in any form
+        self.shortest = min(map(len, forms))
+
+    @classmethod
+    def of(cls, secret: str) -> EchoForms:
+        raw = secret.encode("utf-8", "surrogateescape")
+        forms = [secret]
+        for offset in range(3):
+            encoded = base64.b64encode(b"\0" * offset + raw).decode()
+            core = encoded[-(-8 * offset // 6):8 * (offset + len(raw)) // 6]
+            if len(core) >= 8:
+                forms += [core, core.translate(_B64_URL)]
+        for hexed in (raw.hex(), raw.hex().upper()):
+            forms += [hexed, "".join("%" + hexed[i:i + 2] for i in range(0, len(hexed), 2))]
+        escaped = "".join(f"\\u{ord(c):04x}" for c in secret)
+        forms += [escaped, escaped.upper().replace("\\U", "\\u")]
+        return cls(secret, tuple(dict.fromkeys(f for f in forms if f)))
+
+    def first(self, text: str) -> int:
+        """Where the first form found in `text` starts (-1: none)."""
+        if len(text) < self.shortest:  # (a delta: most)
+            return -1
+        return min((at for f in self.forms if (at := text.find(f)) >= 0), default=-1)
+
+    def start(self, text: str) -> int:
+        """Where the longest end of `text` that may begin a form (and is shorter than it)
+        starts; `len(text)` when there is none. Only where a form's first two characters are
+        (in ordinary text seldom), or its last character alone."""
+        # only the run of the forms' characters that ends the text (a word, in ordinary text)
+        end = len(text)
+        at = max(len(text.rstrip(self.alphabet)), end - self.reach + 1)
+        by_pair, search = self.by_pair, self.pairs.search
+        while (m := search(text, at)) is not None:
+            at = m.start()
+            tail = text[at:]
+            for form in by_pair[m[0]]:
+                if len(tail) < len(form) and form.startswith(tail):
+                    return at
+            at += 1  # (pairs overlap: `sks`)
+        return len(text) - 1 if text and text[-1] in self.lasts else len(text)
+
+    @staticmethod
+    def marked(text: str) -> bool:
+        """Whether `text` holds an escape of an ASCII character (each search from a literal:
+        the regex engine's fast scan, not a try at every place)."""
+        return ("%" in text and _PERCENT.search(text) is not None) or "\\u00" in text or \
+            "\\/" in text
+
+    def decoded(self, text: str) -> bool:
+        """Whether `text` read with its escapes of ASCII characters undone (JSON's, then
+        percent's) holds it."""
+        plain = _JSON_ESCAPE.sub(_char, text) if "\\u00" in text or "\\/" in text else text
+        if "%" in plain:
+            plain = _PERCENT.sub(_char, plain)
+        return self.secret in plain
+
+    def decoded_at(self, text: str) -> int:
+        """Where the word of `text` that holds it decoded starts (0: none does alone)."""
+        return next((m.start() for m in _WORD.finditer(text) if self.decoded(m[0])), 0)
+
+    def within(self, text: str) -> bool:
+        """Whether `text` (a whole event's field, a body) holds it, in any form, or across its
+        lines (an event's data lines, which the client joins). Mixed forms (`decoded`) are read
+        in a text of at most MIXED_CHARS (a body's decoded reading costs ~20 ns a character on
+        the loop where it is full of escapes)."""
+        if self.first(text) >= 0:
+            return True
+        if len(text) > MIXED_CHARS:
+            return False
+        if "\n" in text or "\r" in text:
+            joined = text.replace("\r", "").replace("\n", "")
+            if self.first(joined) >= 0:
+                return True
+            text = joined
+        return self.marked(text) and self.decoded(text)
+
+
+# the escapes of ASCII characters (a key's): text escaped as non-ASCII (`\u4e2d`), or a `%`
+# before no such byte, costs no call
+_JSON_ESCAPE = re.compile(r"\\(?:u00([0-7][0-9a-fA-F])|(/))")
+_PERCENT = re.compile(r"%([0-7][0-9a-fA-F])")
+_WORD = re.compile(r"[^\s\"'<>]+")
+
+
+def _char(m: re.Match[str]) -> str:
+    return chr(int(m[1], 16)) if m[1] else m[2]
 
 
 def guard_echo(rewriter: StreamRewriter, secret: str, found: Callable[[str], None]) -> None:
