@@ -375,6 +375,14 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie (exited, not yet reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def test_the_gateway_never_writes_its_audit_log_and_a_crash_loses_nothing_it_handed_over(
         issuer, llm, make_gateway):
     """Scrubbing, signing and writing a record took the gateway's GIL (~25-50 µs a record, its
@@ -396,10 +404,35 @@ def test_the_gateway_never_writes_its_audit_log_and_a_crash_loses_nothing_it_han
     time.sleep(0.2)  # past a window: the records are in the pipe, if not written yet
     os.kill(gw.proc.pid, signal.SIGKILL)
     gw.proc.wait()
-    assert until(lambda: not Path(f"/proc/{writers[0]}").exists() or
-                 Path(f"/proc/{writers[0]}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                 == "Z", timeout=10)
+    assert until(lambda: _dead(writers[0]))
     written = {r.get("decision_id") for r in gw.audit_records()}
     assert set(ids) <= written
     key = (gw.state_dir / "audit-hmac.key").read_bytes().strip()
     assert audit.verify(path, key).ok
+
+
+def test_a_dead_audit_writer_refuses_the_next_request(issuer, llm, make_gateway):
+    """The writer process killed: the gateway sees it go at once (its sentinel, on the event
+    loop) and refuses the next request 503 before it goes upstream; it did not know until a
+    write to the pipe failed, after the request it was to record had been served."""
+    gw = make_gateway(base_config(issuer.url, llm.url), mode=f"reverse:{llm.url}")
+    token = issuer.mint("alice@corp.example", ["engineering"])
+
+    def post() -> httpx.Response:
+        return httpx.post(gw.url + "/v1/chat/completions", timeout=30,
+                          headers={"authorization": f"Bearer {token}"},
+                          json={"model": "gpt-4o-mini",
+                                "messages": [{"role": "user", "content": "hi"}]})
+
+    assert post().status_code == 200
+    path = gw.audit_file().resolve()
+    assert until(lambda: path.exists())
+    [writer] = [pid for pid in _children(gw.proc.pid) if _open_by(pid, path)]
+    os.kill(writer, signal.SIGKILL)
+    assert until(lambda: _dead(writer))
+    time.sleep(0.2)  # the event loop's next pass
+    before = len(llm.requests)
+    resp = post()
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "audit_unavailable"
+    assert len(llm.requests) == before
+    assert "the audit writer exited" in gw.log_text()

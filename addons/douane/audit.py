@@ -61,7 +61,8 @@ EDGE_BYTES = 1 << 20  # the tail read for a file's last record (records are boun
 MAX_BACKLOG = 10_000  # records waiting for the writer thread before new requests are refused
 STARTING = -1  # `AuditWriter`'s shared health flag before its process runs
 STARTUP_SECONDS = 60
-BURST_RECORDS = 4096  # records the writer process chains and writes at once at most
+BURST_RECORDS = 256  # records pickled in one message at most (the rest in the next, at once)
+WRITE_RECORDS = 4096  # records the writer process chains and writes at once at most
 PIPE_BYTES = 1024**2  # what the pipe holds: records wait there, where a crash of the gateway
 # does not lose them, rather than in its memory
 
@@ -393,6 +394,7 @@ class AuditWriter:
         self._timer: asyncio.TimerHandle | None = None
         self._selector: asyncio.AbstractEventLoop | None = None  # waiting for a full pipe
         self._gone = False  # the child died: nothing is written, nothing is ready
+        self._watched: asyncio.AbstractEventLoop | None = None  # seeing the child's death
 
     def append(self, record: dict[str, Any]) -> None:
         """Hand a record over; time, sequence number and chain are added by the writer."""
@@ -406,6 +408,9 @@ class AuditWriter:
                 self._send(math.inf)
                 return
             self._timer = loop.call_later(bursts.WINDOW, self._send)
+            if self._watched is None:  # its death seen at once: no request waits for a write
+                self._watched = loop  # to fail before it is refused
+                loop.add_reader(self._process.sentinel, self._died)
 
     @property
     def ready(self) -> bool:
@@ -426,6 +431,7 @@ class AuditWriter:
             self._timer.cancel()
             self._timer = None
         self._unselect()
+        self._unwatch()
         if not self._gone and self._send(deadline):  # what waits, then the end
             with self._lock:
                 self._out = memoryview(_framed(None))
@@ -446,7 +452,8 @@ class AuditWriter:
             self._timer = None
             while self._out or self._waiting:
                 if not self._out:
-                    burst, self._waiting = self._waiting, []
+                    burst = self._waiting[:BURST_RECORDS]  # a bounded pickle on the loop
+                    del self._waiting[:BURST_RECORDS]
                     self._out, self._out_records = memoryview(_burst(burst)), len(burst)
                     continue
                 try:
@@ -480,9 +487,18 @@ class AuditWriter:
         self._unselect()
         self._send()
 
+    def _unwatch(self) -> None:
+        if self._watched is not None:
+            with contextlib.suppress(Exception):  # (the loop may be closed at shutdown)
+                self._watched.remove_reader(self._process.sentinel)
+            self._watched = None
+
     def _died(self) -> None:
+        if self._gone:
+            return
         self._gone = True
         self._unselect()
+        self._unwatch()
         self._waiting, self._out, self._out_records = [], memoryview(b""), 0
         self._process.join(0)
         logger.error("douane: the audit writer exited (code %s); traffic is refused",
@@ -546,7 +562,7 @@ def serve(receiver: multiprocessing.connection.Connection, config: AuditConfig, 
                         ended = True
                         break
                     burst += records
-                    if len(burst) >= BURST_RECORDS or not receiver.poll():
+                    if len(burst) >= WRITE_RECORDS or not receiver.poll():
                         break
             except EOFError:
                 logger.error("douane: the gateway is gone; what it sent is written")
