@@ -108,12 +108,16 @@ def mcp_server_of() -> Iterator[str]:
     sock.close()
     server = subprocess.Popen([sys.executable, "-m", "tests.support.mcp_server", str(port)],
                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 120  # a Python start and its imports, on a loaded host
+    while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             break
         except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"the MCP server did not start (exit {server.poll()})") \
+                    from None
             time.sleep(0.1)
     try:
         yield f"http://127.0.0.1:{port}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import math
 import re
 import socket
 import statistics
@@ -358,20 +359,24 @@ def test_mcp_answers_at_once_and_a_time_boxed_grant_lets_retries_pass_until_it_e
 
     start = time.monotonic()
     approval_id = refused_approval(delete())
-    assert time.monotonic() - start < 10  # answered at once, not held
+    one_call = time.monotonic() - start
+    assert one_call < 10  # answered at once, not held
     assert refused_approval(delete()) == approval_id  # a retry before approval: same request
     shown = call(api, bob, "GET", f"/approvals/{approval_id}")[1]
     assert shown["mode"] == "answer" and shown["subject"] == "delete_records"
     assert {p["text"] for p in shown["preview"]} == {"sessions", "age > 30"}
+    # a grant two calls fit in with room, as long as a call takes on this host (a fixed 3 s did
+    # not hold two MCP sessions at load ~12): 3 s on an idle machine
+    grant = max(3, math.ceil(4 * one_call))
     status, doc = call(api, bob, "POST", f"/approvals/{approval_id}/approve",
-                       {"for": "3s", "reason": "cleanup window"})
-    assert status == 200 and doc["grant_seconds"] == 3
+                       {"for": f"{grant}s", "reason": "cleanup window"})
+    assert status == 200 and doc["grant_seconds"] == grant
     granted_at = time.monotonic()
     assert delete().content[0].text == "deleted from sessions where age > 30"
     # a time-boxed grant covers the tool, whatever the arguments
     assert delete({"table": "cache", "where": "1=1"}).content[0].text.startswith("deleted")
-    assert time.monotonic() - granted_at < 3, "the machine is too slow for a 3 s grant"
-    time.sleep(max(0.0, 3.2 - (time.monotonic() - granted_at)))
+    assert time.monotonic() - granted_at < grant, f"two calls outlasted a {grant} s grant"
+    time.sleep(max(0.0, grant + 0.2 - (time.monotonic() - granted_at)))
     assert refused_approval(delete()) != approval_id  # expired: a new approval request
     used = gw.audit_where(lambda r: r["event"] == "approval.grant_used"
                           and r["approval_id"] == approval_id, count=2)

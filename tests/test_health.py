@@ -30,8 +30,10 @@ def test_probe_measures_a_blocked_loop(tmp_path):
         with taddons.context(monitor) as tctx:
             tctx.configure(monitor, douane_loop_stats=str(stats))
             monitor.running()
-            await asyncio.sleep(0.05)
-            assert monitor.max_lag_ms < 40
+            # idle waiting is no lag: an idle 0.3 s reads far under it (a loaded host's
+            # preemptions, tens of ms, made a 40 ms bound after 0.05 s a race)
+            await asyncio.sleep(0.3)
+            assert monitor.max_lag_ms < 150, monitor.max_lag_ms
             time.sleep(0.06)  # a blocking call on the loop: waiting, not working
             await asyncio.sleep(0.02)
             busy(0.06)  # the loop's own work

@@ -21,7 +21,7 @@ from mcp.client.streamable_http import streamable_http_client
 from douane.cli import main
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import Gateway, base_config
-from tests.support.upstream import FakeUpstream
+from tests.support.upstream import FakeUpstream, Gate
 from tests.test_masking_stream import CORPUS
 
 PII = ("Your account manager is Maria Garcia. Reach her at maria.garcia@example.com or "
@@ -361,31 +361,31 @@ def test_a_full_form_ipv6_in_a_json_answer_is_masked(setup, issuer):
 
 
 def test_the_first_words_of_a_masked_stream_leave_without_waiting_for_the_window(setup, issuer):
-    """A model streaming 4 characters a second: `Sure. ` reaches the client as soon as the
-    second token shows the word is complete, not once 32 more characters and 5 words arrived
-    (the window the rest waits for: 10 tokens here). The answer is still masked whole."""
+    """A model that has sent `Sure` and `. Th` and then nothing yet: `Sure. ` reaches the client
+    as soon as the second token shows the word is complete, not once 32 more characters and 5
+    words arrived (the window the rest waits for: 10 tokens here). The answer is still masked
+    whole."""
     gw, llm = setup
     c = openai_client(gw, llm, issuer.mint("alice@corp", ["engineering"]))
     text = "Sure. The account belongs to Maria Garcia, maria.garcia@example.com."
+    gate = Gate(after=3)  # the role, "Sure", ". Th": the rest once the client has read a word
     try:
         llm.reply = text
         whole = c.chat.completions.create(model="gpt-4o", messages=[
             {"role": "user", "content": "?"}]).choices[0].message.content
-        llm.chunk_size, llm.chunk_delay = 4, 1.0
-        start = time.monotonic()
+        llm.chunk_size, llm.gate = 4, gate
         stream = c.chat.completions.create(model="gpt-4o", stream=True,
                                            messages=[{"role": "user", "content": "?"}])
         deltas = []
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
-                if not deltas:
-                    first = time.monotonic() - start
-                    llm.chunk_delay = 0.0  # the rest at once: only the first delta is timed
+                gate.open()
                 deltas.append(chunk.choices[0].delta.content)
     finally:
-        llm.reply, llm.chunk_size, llm.chunk_delay = PII, 4, 0.0
-    # the upstream sent "Sure" at once and ". Th" a second later; the fourth token comes after 3 s
-    assert deltas[0] == "Sure. " and first < 3.0, (deltas[:2], first)
+        llm.reply, llm.chunk_size, llm.gate = PII, 4, None
+        gate.open()
+    assert gate.reached.is_set() and not gate.late, "the first word waited for more tokens"
+    assert deltas[0] == "Sure. ", deltas[:2]
     assert "".join(deltas) == whole and "Maria" not in whole
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import time
 
 import anthropic
 import httpx
@@ -20,7 +19,7 @@ from mcp.shared.exceptions import MCPError
 
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import Gateway, base_config
-from tests.support.upstream import DEFAULT_REPLY
+from tests.support.upstream import DEFAULT_REPLY, Gate
 from tests.support.waiting import until
 
 
@@ -41,23 +40,24 @@ def token(issuer):
 
 
 def test_openai_chat_stream_stays_a_stream(gw, llm, token):
-    llm.chunk_delay = 0.05
+    # the upstream sends the role and the first words, then holds the rest until the client has
+    # read those words: a gateway that buffered the stream would have the gate time out
+    llm.gate = gate = Gate(after=2)
     try:
         client = openai.OpenAI(base_url=gw.url + "/v1", api_key=token, max_retries=0)
-        started = time.monotonic()
         stream = client.chat.completions.create(
             model="gpt-4o", stream=True, messages=[{"role": "user", "content": "hi"}])
-        first_at, text = None, ""
+        text = ""
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
-                first_at = first_at or time.monotonic() - started
+                gate.open()
                 text += chunk.choices[0].delta.content
-        total = time.monotonic() - started
     finally:
-        llm.chunk_delay = 0.0
+        llm.gate = None
+        gate.open()
     assert text == DEFAULT_REPLY
-    # the first token arrives long before the whole answer (not buffered)
-    assert first_at < total / 2
+    # the first words arrived while the upstream still held the rest (not buffered)
+    assert gate.reached.is_set() and not gate.late
     decision_id = stream.response.headers["x-douane-decision-id"]
     record = gw.audit_record(decision_id)
     assert record["interaction"]["inspected"] == ["request", "response-stream"]

@@ -26,6 +26,9 @@ from tests.support.ready import READY
 REPO = Path(__file__).resolve().parents[2]
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 _READY = re.compile(re.escape(READY) + r" on ports ([\d ]+)")  # not mitmweb's web server
+# seconds a gateway may take to start: one with masking workers took over 60 s at load ~12 on
+# 2 cores (CI shares its host). A start that fails exits and is reported at once, not at this.
+START_SECONDS = 180
 
 
 def free_port() -> int:
@@ -79,7 +82,8 @@ class Gateway:
 
     def __init__(self, config: str | dict[str, Any], *, mode: str = "regular",
                  env: dict[str, str] | None = None, args: list[str] | None = None,
-                 workdir: Path | None = None, start: bool = True, timeout: float = 60,
+                 workdir: Path | None = None, start: bool = True,
+                 timeout: float = START_SECONDS,
                  tool: str = "mitmdump") -> None:
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="douane-gw-"))
         self.dir.mkdir(parents=True, exist_ok=True)

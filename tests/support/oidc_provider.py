@@ -60,7 +60,7 @@ class OidcProvider:
         self.proc = subprocess.Popen([node, str(HERE / "provider.mjs"), str(self.port),
                                       json.dumps(groups), str(access_ttl)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # node's start, on a loaded host
         while time.monotonic() < deadline:
             try:
                 if httpx.get(self.issuer + "/.well-known/openid-configuration").status_code == 200:

@@ -195,6 +195,28 @@ def responses_stream(response: dict[str, Any], split: Callable[[str], list[str]]
             for i, (name, data) in enumerate(out)]
 
 
+class Gate:
+    """Holds a stream after its `after`-th event (1-based) until the test opens it: "the client
+    read X before the upstream sent the rest" holds or fails on the order of events, whatever the
+    machine's load (a fixed pace made it a race against the host). A gateway that holds the stream
+    back never lets the client open the gate: the upstream goes on after `timeout` and `late`
+    says so."""
+
+    def __init__(self, after: int, timeout: float = 30) -> None:
+        self.after, self.timeout = after, timeout
+        self.reached = threading.Event()  # the stream sent its `after` events and waits
+        self._open = threading.Event()
+        self.late = False
+
+    def open(self) -> None:
+        self._open.set()
+
+    def hold(self) -> None:
+        self.reached.set()
+        if not self._open.wait(self.timeout):
+            self.late = True
+
+
 def _pieces(text: str, size: int | Sequence[int]) -> list[str]:
     """`text` in pieces of `size` characters (or of each size in turn)."""
     sizes, out, i = itertools.cycle([size] if isinstance(size, int) else size), [], 0
@@ -213,7 +235,7 @@ class FakeUpstream:
     POST /v1/conversations issues `conv_fake`; a stored conversation (its items), response (its
     input items) or chat completion (its messages) is read, changed or deleted by any id.
     `reply` sets the answer text, `chunk_size` (or sizes used in turn) and `chunk_delay` pace
-    streams; `document`, when set, is the whole answer of /v1/messages or /v1/responses (blocks,
+    streams, `gate` holds one part way; `document`, when set, is the whole answer of /v1/messages or /v1/responses (blocks,
     parts, items of any kind), streamed from it as the API does (`anthropic_stream`,
     `responses_stream`). `canned[path] = (content type, body)` answers that path (any method) with exactly
     that body: a misbehaving server. Anything else answers 404 in OpenAI's error shape. `answer`,
@@ -226,6 +248,7 @@ class FakeUpstream:
         self.reply = DEFAULT_REPLY
         self.chunk_size: int | Sequence[int] = 4
         self.chunk_delay = 0.0
+        self.gate: Gate | None = None  # holds the next stream part way (Gate)
         self.stream_ends: list[float] = []  # time.monotonic() when each stream's last byte left
         self.canned: dict[str, tuple[str, bytes]] = {}
         self.document: dict[str, Any] | None = None
@@ -301,10 +324,13 @@ class FakeUpstream:
                 self.send_header("cache-control", "no-cache")
                 self.send_header("transfer-encoding", "chunked")
                 self.end_headers()
-                for event in events():
+                gate, upstream.gate = upstream.gate, None  # this stream's, once
+                for n, event in enumerate(events(), 1):
                     data = event.encode()
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                     self.wfile.flush()
+                    if gate and n == gate.after:
+                        gate.hold()
                     if upstream.chunk_delay:
                         time.sleep(upstream.chunk_delay)
                 self.wfile.write(b"0\r\n\r\n")
