@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import UPSTREAM_KEY
 from tests.support.gateway import Gateway, base_config
 from tests.support.issuer import TestIssuer
-from tests.support.upstream import FakeUpstream
+from tests.support.upstream import FakeUpstream, Gate
 
 ADMIN = re.compile(r"/healthz and /metrics on http://127\.0\.0\.1:(\d+)")
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -99,7 +99,9 @@ def test_not_ready_without_signing_keys_or_store(llm: FakeUpstream, tmp_path):
 
 def test_draining_on_shutdown_finishes_the_flow_in_flight(issuer: TestIssuer, tmp_path):
     slow = FakeUpstream()
-    slow.chunk_size, slow.chunk_delay = 2, 0.5  # a stream at a model's pace: several seconds
+    # the stream's first words, then the upstream holds the rest until the gateway is draining
+    # (a stream paced for several seconds did it by time)
+    slow.gate = gate = Gate(after=2)
     try:
         gw = start(base_config(issuer.url, slow.url), slow, tmp_path, "drain")
         admin = admin_url(gw)
@@ -115,18 +117,18 @@ def test_draining_on_shutdown_finishes_the_flow_in_flight(issuer: TestIssuer, tm
 
         client = threading.Thread(target=stream)
         client.start()
-        deadline = time.monotonic() + 30
-        while not slow.requests and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert slow.requests, "the stream never reached the upstream"
+        assert gate.reached.wait(30), "the stream never reached the upstream"
         assert gw.proc
         gw.proc.send_signal(signal.SIGTERM)
         draining = httpx.get(admin + "/healthz")
         assert draining.status_code == 503 and draining.text.startswith("draining")
+        gate.open()  # the rest of the answer, after the shutdown began
         client.join(60)
         assert result.get("status") == 200 and b"[DONE]" in result["body"]  # type: ignore[operator]
+        assert not gate.late
         gw.proc.wait(30)
     finally:
+        gate.open()
         gw.stop()
         slow.close()
 
