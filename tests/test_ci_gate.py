@@ -65,7 +65,10 @@ def gate(work: Path, llm: FakeUpstream, prompt: str, *extra: str, key: bool = Tr
                           capture_output=True, text=True, env=env, timeout=180)
 
 
-def test_a_clean_run_passes_and_the_app_never_holds_the_key(setup):
+def test_a_clean_run_passes_and_a_blocked_prompt_then_fails_the_job(setup):
+    """One gateway's state for both runs (a gate start each): the clean run passes and the app
+    never holds the key; a later blocked prompt fails its own job with its decision id, the
+    earlier run not counted against it."""
     work, llm = setup
     run = gate(work, llm, "hello")
     assert run.returncode == 0, run.stderr + (work / "gateway.log").read_text()
@@ -73,11 +76,6 @@ def test_a_clean_run_passes_and_the_app_never_holds_the_key(setup):
     assert "APP KEY: douane-ci-no-key" in run.stdout and UPSTREAM_KEY not in run.stdout
     assert "1 decision(s) in this run: 1 allow" in run.stderr and "ci-gate: ok" in run.stderr
     assert llm.requests[0].headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
-
-
-def test_a_blocked_prompt_fails_the_job_with_its_decision_id(setup):
-    work, llm = setup
-    assert gate(work, llm, "hello").returncode == 0  # earlier runs do not count against later
     run = gate(work, llm, "what is project nightingale?")
     assert "REFUSED: 403" in run.stdout  # the app's own test passed...
     assert run.returncode == 3, run.stderr  # ...the job fails
