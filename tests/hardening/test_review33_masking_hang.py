@@ -71,6 +71,18 @@ def workers(gw: Gateway) -> list[int]:
     return [w for child in children(gw.proc.pid) for w in children(child)]
 
 
+KILLED = "killed, and replaced"
+
+
+def killed(gw: Gateway, before: int) -> None:
+    """Until the watchdog has killed a hung worker since `before` kills were logged (its timer
+    runs GRACE after the timeout; on a loaded host later: a fixed sleep raced it)."""
+    deadline = time.monotonic() + 60
+    while gw.log_text().count(KILLED) <= before:
+        assert time.monotonic() < deadline, "the hung worker was never killed"
+        time.sleep(0.05)
+
+
 def refused_in_time(gw: Gateway, llm, token: str, text: str) -> None:
     before = len(llm.requests)
     started = time.monotonic()
@@ -82,14 +94,16 @@ def refused_in_time(gw: Gateway, llm, token: str, text: str) -> None:
 
 def test_a_hanging_analysis_fails_closed_and_the_next_one_is_served(gw, llm, token):
     assert_masks(gw, llm, token, "Maria Garcia")  # (also waits for the workers)
+    kills = gw.log_text().count(KILLED)
     refused_in_time(gw, llm, token, "please FAULT-HANG now, Maria Garcia")
-    time.sleep(1.5)  # the grace before the kill
+    killed(gw, kills)
     assert_masks(gw, llm, token, "Maria Garcia")
     assert "answered nothing for over 3 s: killed, and replaced" in gw.log_text()
 
 
 def test_a_hanging_stream_analysis_cuts_the_stream_and_the_next_one_is_served(gw, llm, token):
     llm.reply = "Here is the record you asked for: FAULT-HANG belongs to Maria Garcia, done."
+    kills = gw.log_text().count(KILLED)
     try:
         with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=60,
                           json={"model": "gpt-4o-mini", "stream": True,
@@ -100,7 +114,7 @@ def test_a_hanging_stream_analysis_cuts_the_stream_and_the_next_one_is_served(gw
         llm.reply = "Hello from the fake upstream."
     assert "FAULT-HANG" not in body and "Garcia" not in body
     assert "could not inspect this stream" in body
-    time.sleep(1.5)
+    killed(gw, kills)
     assert_masks(gw, llm, token, "Maria Garcia")
 
 
@@ -108,11 +122,12 @@ def test_a_stopped_worker_is_killed_and_replaced(gw, llm, token):
     assert_masks(gw, llm, token, "Jane Doe")
     stopped = workers(gw)
     assert stopped
+    kills = gw.log_text().count(KILLED)
     for pid in stopped:
         os.kill(pid, signal.SIGSTOP)
     try:
         refused_in_time(gw, llm, token, f"Please write to Jane Doe ({time.monotonic_ns()}).")
-        time.sleep(1.5)
+        killed(gw, kills)
         assert_masks(gw, llm, token, "Jane Doe")
     finally:
         for pid in stopped:
