@@ -197,7 +197,7 @@ class Inspect:
         encoding = headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
             rewriter.abort(f"the upstream compressed its stream ({encoding[:40]}); douane cannot "
-                           "inspect it")
+                           "inspect it", 502)
         # Re-framed: the rewritten events are not the upstream's bytes (and an error event for a
         # compressed stream is sent plain).
         headers.pop("content-length", None)

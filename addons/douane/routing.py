@@ -401,7 +401,7 @@ def _stream_echo(flow: http.HTTPFlow, rewriter: streams.StreamRewriter, where: s
     st.decide("refuse", Reason("upstream.credential_echo", f"the upstream's stream holds its "
                                f"credential in {where}"), status=502)
     rewriter.abort(f"{name} answered with the credential douane sent it; the rest of the "
-                   "answer is withheld")
+                   "answer is withheld", 502)
 
 
 class InjectCredential:

@@ -191,8 +191,8 @@ def _stream_cut(stream: HttpStream, message: str) -> bytes | None:
         return None
     if rewriter.ended:  # douane ended it already (a block, a limit): that decision stands
         return b""
-    _, _, kind = _decided(stream.flow, message, "upstream.cut")
-    rewriter.abort(f"the upstream's answer was cut: {kind}")
+    status, _, kind = _decided(stream.flow, message, "upstream.cut")
+    rewriter.abort(f"the upstream's answer was cut: {kind}", status)
     return rewriter.resume()
 
 

@@ -21,6 +21,11 @@ from douane.protocols.base import (
 )
 from douane.protocols.sse import Event
 
+# Anthropic's error type by HTTP status, where it is not `api_error` (5xx) or
+# `invalid_request_error` (4xx)
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+               413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+
 MEDIA_BLOCKS = ("image", "document", "file", "container_upload")
 STORED_SKILL = "douane does not pass skills (`container.skills`): a skill's instructions and " \
     "code are stored upstream, unseen here"
@@ -205,6 +210,9 @@ class MessagesStream(StreamFormat):
         return Event(json.dumps({"type": "content_block_delta", "index": index, "delta": delta}),
                      event="content_block_delta")
 
-    def error_event(self, message: str, code: str) -> Event:
-        return Event(json.dumps({"type": "error", "error": {"type": "permission_error",
-                                                            "message": message}}), event="error")
+    def error_event(self, message: str, code: str, status: int = 403) -> Event:
+        # Anthropic's type for the status (as `refusals` types a refusal): an upstream's
+        # failure is no permission error
+        kind = ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        return Event(json.dumps({"type": "error", "error": {"type": kind, "message": message}}),
+                     event="error")

@@ -82,7 +82,9 @@ class StreamFormat:
     def synthesize(self, channel: str, kind: Kind, text: str, template: Any) -> Event:
         raise NotImplementedError
 
-    def error_event(self, message: str, code: str) -> Event:
+    def error_event(self, message: str, code: str, status: int = 403) -> Event:
+        """The API's error event ending a stream; `status`: the refusal's (403: douane's
+        decision; 5xx: the upstream failed or douane could not inspect it)."""
         raise NotImplementedError
 
 

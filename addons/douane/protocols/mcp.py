@@ -642,7 +642,7 @@ class McpStream(StreamFormat):
     def synthesize(self, channel: str, kind: Kind, text: str, template: Any) -> Event:
         raise AssertionError("MCP events are complete: nothing is held across events")
 
-    def error_event(self, message: str, code: str) -> Event:
+    def error_event(self, message: str, code: str, status: int = 403) -> Event:
         rid = next((m.request_id for m in self.interaction.mcp if m.request_id is not None), None)
         return Event(json.dumps({"jsonrpc": "2.0", "id": rid,
                                  "error": {"code": -32003, "message": message,

@@ -416,7 +416,7 @@ class ChatStream(StreamFormat):
         doc["choices"] = [{"index": index, "delta": delta, "finish_reason": None}]
         return Event(json.dumps(doc))
 
-    def error_event(self, message: str, code: str) -> Event:
+    def error_event(self, message: str, code: str, status: int = 403) -> Event:
         return Event(json.dumps({"error": {"message": message, "type": "douane_refusal",
                                            "code": code, "param": None}}))
 
@@ -543,7 +543,7 @@ class ResponsesStream(StreamFormat):
         doc["delta"] = text
         return Event(json.dumps(doc), event=doc.get("type"))
 
-    def error_event(self, message: str, code: str) -> Event:
+    def error_event(self, message: str, code: str, status: int = 403) -> Event:
         # The API's own `error` event (type, code, message) plus an `error` object: the openai
         # SDK raises APIError with its message on that, where it ends a bare `error` event
         # silently (and `get_final_response()` then fails without douane's reason).

@@ -224,14 +224,18 @@ class StreamRewriter:
         self.sent: dict[str, StreamedText] = {}  # channel -> text emitted so far
         self.cut: dict[str, str] = {}  # channel -> a JSON escape cut at its last delta's end
         self.abort_message: str | None = None
+        self.abort_status = 403
         self.ended = False
         self.finished = False  # the final call (b"") was made: the stream went through
         # Every event passes through here from now on, even if the client leaves early.
         interaction.inspected.append("response-stream")
 
-    def abort(self, message: str) -> None:
-        """Fail closed: end the stream with the API's error event at the next opportunity."""
-        self.abort_message = self.abort_message or message
+    def abort(self, message: str, status: int = 403) -> None:
+        """Fail closed: end the stream with the API's error event at the next opportunity.
+        `status`: the refusal's, which types the event (403: douane refused what it read; 502:
+        the upstream failed; 500: douane could not inspect it)."""
+        if self.abort_message is None:
+            self.abort_message, self.abort_status = message, status
 
     def __call__(self, data: bytes) -> bytes | Iterable[bytes]:
         final = data == b""
@@ -268,7 +272,7 @@ class StreamRewriter:
         self.out = []
         self.received += len(data)
         if self.max_bytes is not None and self.received > self.max_bytes:
-            self.abort(f"the answer exceeds douane's limit of {self.max_bytes} bytes")
+            self.abort(f"the answer exceeds douane's limit of {self.max_bytes} bytes", 502)
         try:
             if self.abort_message is None:
                 if data or final:  # (b"" tells the parser the stream ended)
@@ -292,7 +296,8 @@ class StreamRewriter:
         out, self.out = self.out, []
         if self.abort_message is not None:
             message = f"{self.abort_message} (douane decision {self.decision_id})"
-            out.append(self.format.error_event(message, "douane_refusal").encode())
+            out.append(self.format.error_event(message, "douane_refusal",
+                                               self.abort_status).encode())
             self.ended = True
             self.backlog.clear()
             self.parked.clear()  # what waited behind a block's end never leaves
@@ -302,12 +307,13 @@ class StreamRewriter:
 
     def _failed(self, e: Exception) -> None:
         if isinstance(e, (SseError, ProtocolError, UnicodeDecodeError)):
-            self.abort(e.message if isinstance(e, ProtocolError) else f"broken stream: {e}")
+            self.abort(e.message if isinstance(e, ProtocolError) else f"broken stream: {e}",
+                       e.status if isinstance(e, ProtocolError) else 502)
             return
         # a filter failed: never send what it did not approve
         logger.error("douane: stream processing failed (decision %s): %s", self.decision_id,
                      loggable(repr(e)))
-        self.abort("douane could not inspect this stream and ended it")
+        self.abort("douane could not inspect this stream and ended it", 500)
 
     def _parsed(self) -> tuple[Event, Any]:
         """The first backlog event and its JSON (None: no JSON), checked, parsed once."""
