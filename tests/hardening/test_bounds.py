@@ -35,7 +35,8 @@ MIB = 1024**2
 PREFIX = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]'
 # What the unbounded gateway reached is GBs and seconds; these leave room for a loaded machine.
 MAX_GROWTH_MB = 200
-MAX_STALL_MS = 2000
+MAX_STALL_MS = 2000  # the loop's own CPU in one pass
+MAX_WALL_MS = 10_000  # the pass's length, waiting for a core included
 
 
 def chat(text: str, **extra) -> dict:
@@ -87,17 +88,24 @@ class Probe:
                     break
             assert time.monotonic() < deadline, "no loop figures written for 60 s"
             time.sleep(0.05)
-        self.stalls = [(round(t - self.t0, 1), ms) for t, ms, *_ in stalls if t >= self.t0]
-        self.stall_ms = max((ms for _, ms in self.stalls), default=0.0)
+        # (seconds in, ms long, ms of the loop's own CPU): on a loaded host a pass also waits for
+        # a core (a CI beside other work saw 2.8 s passes); the bound is on the gateway's own work,
+        # and on the wall time only at a multiple of it (a blocking call shows there, not in CPU)
+        self.stalls = [(round(t - self.t0, 1), ms, cpu) for t, ms, cpu in stalls if t >= self.t0]
+        self.stall_ms = max((ms if cpu is None else cpu for _, ms, cpu in self.stalls),
+                            default=0.0)
+        self.wall_ms = max((ms for _, ms, _ in self.stalls), default=0.0)
         self.growth_mb = (self.status_kb("VmHWM") - self.hwm0) / 1024
         self.rss_mb = self.status_kb("VmRSS") / 1024
 
     def assert_bounded(self) -> None:
         print(f"\nbounds figures: peak memory +{self.growth_mb:.0f} MB (RSS now "
-              f"{self.rss_mb:.0f} MB), largest loop stall {self.stall_ms:.0f} ms")
+              f"{self.rss_mb:.0f} MB), largest loop stall {self.stall_ms:.0f} ms of CPU "
+              f"({self.wall_ms:.0f} ms long)")
         assert self.growth_mb < MAX_GROWTH_MB, f"peak memory grew {self.growth_mb:.0f} MB"
-        assert self.stall_ms < MAX_STALL_MS, \
-            f"the event loop stalled {self.stall_ms:.0f} ms (seconds in, ms): {self.stalls[-20:]}"
+        assert self.stall_ms < MAX_STALL_MS and self.wall_ms < MAX_WALL_MS, \
+            f"the event loop stalled {self.stall_ms:.0f} ms of CPU, {self.wall_ms:.0f} ms long " \
+            f"(seconds in, ms long, ms CPU): {self.stalls[-20:]}"
 
 
 @pytest.fixture(scope="module")
