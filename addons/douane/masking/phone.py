@@ -49,8 +49,6 @@ from phonenumbers.phonenumbermatcher import (
 from phonenumbers.phonenumberutil import (
     COUNTRY_CODE_TO_REGION_CODE,
     NumberParseException,
-    _choose_formatting_pattern_for_number,
-    _maybe_strip_national_prefix_carrier_code,
 )
 from phonenumbers.re_util import fullmatch
 
@@ -142,16 +140,33 @@ class NationalShapes:
                         f"(?=(?:{r.general_desc.national_number_pattern})\\Z)"
                         f"(?:{'|'.join(f'(?:{t})' for t in types)})")
         # a national number valid in a region of the country code matches its length's shape:
-        # the general pattern and a type's (phonenumbers' `_number_type_helper`, in one regex),
-        # every length's behind a lookahead for that length: `match` is a fullmatch of some
-        # length's shape, `search` one of an ending (digits are ASCII; no shape looks behind
-        # or anchors)
-        self.shape = re.compile("|".join(
-            f"(?=\\d{{{n}}}\\Z)(?:{'|'.join(f'(?:{a})' for a in alternatives)})\\Z"
-            for n, alternatives in by_length.items()) or "(?!)")  # (no length: none)
-        # without a rewrite rule, parsing only strips leading digits: a number is an ending
+        # the general pattern and a type's (phonenumbers' `_number_type_helper`, in one regex
+        # per length; digits are ASCII; no shape looks behind or anchors)
+        self.by_length = {n: re.compile("|".join(f"(?:{a})" for a in alternatives))
+                          for n, alternatives in by_length.items()}
+        # without a rewrite rule, parsing only strips leading digits: a number is an ending,
+        # and no shorter than the digits without the country code and a national prefix twice
+        # (`national_numbers`; a prefix pattern's widest match: no bound if it has none)
         self.endings = not any(m.national_prefix_transform_rule for m in self.metadata)
-        self.formats = main.number_format  # what the national-prefix check formats with
+        self.stripped = len(self.cc) + 2 * max(
+            (re._parser.parse(m.national_prefix_for_parsing).getwidth()[1]
+             for m in self.metadata if m.national_prefix_for_parsing), default=0)
+        self.lengths = sorted(self.by_length)
+        # phonenumbers' patterns compiled once here: its `re_compile` is a dict lookup and
+        # an isinstance per use, and `national_numbers` and `prefix_missing` use dozens
+        self.prefixes = [Prefix(re.compile(m.national_prefix_for_parsing),
+                                m.national_prefix_transform_rule,
+                                re.compile(m.general_desc.national_number_pattern))
+                         for m in self.metadata if m.national_prefix_for_parsing]
+        # the country's formats, what the national-prefix check formats with, in its order:
+        # (the last leading-digits pattern or None, the pattern, whether it requires a prefix)
+        self.formats = [(re.compile(f.leading_digits_pattern[-1])
+                         if f.leading_digits_pattern else None, re.compile(f.pattern),
+                         bool(f.national_prefix_formatting_rule)
+                         and not f.national_prefix_optional_when_formatting
+                         and not _formatting_rule_has_first_group_only(
+                             f.national_prefix_formatting_rule))
+                        for f in main.number_format]
 
     def national_numbers(self, digits: str) -> set[str]:
         """Every national significant number parsing may make of `digits` (a superset): them
@@ -160,8 +175,8 @@ class NationalShapes:
         if digits.startswith(self.cc):
             out.add(digits[len(self.cc):])
         for _ in range(2):
-            out |= {_maybe_strip_national_prefix_carrier_code(n, md)[1]
-                    for n in out for md in self.metadata}
+            out |= {stripped for n in out for prefix in self.prefixes
+                    if (stripped := prefix.strip(n)) is not None}
         return out
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (one per region, for the process's life)
@@ -169,10 +184,23 @@ class NationalShapes:
         """`digits`, of a candidate written plainly, are no number of the region."""
         if not self.usable or self.international.match(digits):
             return False
-        if self.endings and not self.shape.search(digits):
+        if self.endings and not self.an_ending_shaped(digits):
             return True
-        return (not any(map(self.shape.match, self.national_numbers(digits)))
+        return (not any(map(self.shaped, self.national_numbers(digits)))
                 or self.prefix_missing(digits))
+
+    def shaped(self, number: str) -> bool:
+        """`number` (ASCII digits) is valid in a region of the country code."""
+        pattern = self.by_length.get(len(number))
+        return pattern is not None and pattern.fullmatch(number) is not None
+
+    def an_ending_shaped(self, digits: str) -> bool:
+        """An ending of `digits` parsing could make a national number of (at most `stripped`
+        digits shorter) is `shaped`: a superset of `national_numbers`' tests, one regex per
+        length of the region's numbers within those bounds (none if no length is)."""
+        size = len(digits)
+        return any(self.by_length[n].fullmatch(digits[size - n:]) is not None
+                   for n in self.lengths if size - self.stripped <= n <= size)
 
     def prefix_missing(self, digits: str) -> bool:
         """Leniency VALID's `_is_national_prefix_present_if_required` fails whatever parsing
@@ -182,14 +210,37 @@ class NationalShapes:
         country's format for that number writes a national prefix it may not omit. Most of a
         text's digit runs in Germany (`0$1` formats): 9 in 10 of the groups DE parsed."""
         if digits[:1] == "0" or digits.startswith(self.cc) or any(
-                _maybe_strip_national_prefix_carrier_code(digits, md)[2]
-                for md in self.metadata):
+                prefix.strip(digits) is not None for prefix in self.prefixes):
             return False
-        rule = _choose_formatting_pattern_for_number(self.formats, digits)
-        return (rule is not None and bool(rule.national_prefix_formatting_rule)
-                and not rule.national_prefix_optional_when_formatting
-                and not _formatting_rule_has_first_group_only(
-                    rule.national_prefix_formatting_rule))
+        # `_choose_formatting_pattern_for_number`: the first format that fits the number
+        for leading, pattern, required in self.formats:
+            if (leading is None or leading.match(digits)) and pattern.fullmatch(digits):
+                return required
+        return False
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """A region's national prefix as parsing strips it, its patterns compiled once."""
+
+    pattern: re.Pattern  # national_prefix_for_parsing
+    rule: str | None  # national_prefix_transform_rule
+    general: re.Pattern  # the general description's national number pattern
+
+    def strip(self, number: str) -> str | None:
+        """What `_maybe_strip_national_prefix_carrier_code(number, metadata)` returns as the
+        number when it strips a prefix (its third value true), else None."""
+        m = self.pattern.match(number)
+        if m is None:
+            return None
+        if self.rule and m.groups()[-1] is not None:  # (raises where phonenumbers raises)
+            stripped = self.pattern.sub(self.rule, number, count=1)
+        else:
+            stripped = number[m.end():]
+        # a number that was viable is kept whole if stripping makes it no longer so
+        if self.general.fullmatch(number) and not self.general.fullmatch(stripped):
+            return None
+        return stripped
 
 
 @dataclass(frozen=True)
