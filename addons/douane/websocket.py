@@ -238,7 +238,12 @@ class PoliceWebSocket:
         self.earlier: dict[str, dict[tuple[bool, Kind], str]] = {}
         self.items: dict[str, dict[str, None]] = {}  # per flow: its session's item ids, in order
         # per flow: the end of the upstream's text so far that may begin the credential sent
+        # (delivered: the message it ended was not a delta douane can hold text of)
         self.echo_tails: dict[str, str] = {}
+        # per flow: the end of the upstream's last delta that may begin the credential sent,
+        # held back (not delivered), and that delta's event (to deliver it in if no delta follows)
+        self.echo_held: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._holding: dict[str, str] = {}  # per flow: what `_echoed` found its delta ends with
         # per flow: since when a client message the upstream received waits for any message back
         # (or a Realtime response the upstream started waits for its next event)
         self.waiting: dict[str, tuple[http.HTTPFlow, float]] = {}
@@ -337,11 +342,14 @@ class PoliceWebSocket:
                             f"douane could not evaluate a message ({type(e).__name__})")
         if reason is _ECHO:
             message.drop()
+            self.echo_held.pop(flow.id, None)  # (never delivered)
             self._cut(flow, reason, "upstream_credential_echo", "refuse")
         elif reason is not None:
             message.drop()
+            self._holding.pop(flow.id, None)
             self._cut(flow, reason)
         elif not message.from_client:
+            self._hold(flow, message)
             self._follow(flow.id, event_type, response_id)
             if flow.id in self.responding:  # the rest of a response is owed: its next event
                 self.waiting[flow.id] = (flow, now)
@@ -379,6 +387,8 @@ class PoliceWebSocket:
         self.earlier.pop(flow.id, None)
         self.items.pop(flow.id, None)
         self.echo_tails.pop(flow.id, None)
+        self.echo_held.pop(flow.id, None)
+        self._holding.pop(flow.id, None)
 
     async def _verdict(self, flow_id: str, st: FlowState, is_text: bool, content: bytes,
                        from_client: bool) -> tuple[Reason | None, str | None, str]:
@@ -450,16 +460,50 @@ class PoliceWebSocket:
 
     def _echoed(self, flow_id: str, secret: str, it: Interaction) -> bool:
         """Whether the upstream's text, read on from its earlier messages, now spells the
-        credential sent (a model repeating it delta by delta): of what came before, only the end
-        that may begin it is kept (shorter than the credential)."""
-        text = self.echo_tails.pop(flow_id, "") + "".join(
-            p.text for p in it.response_texts if p.path[:1] != (fields.KEYS,))  # free text
+        credential sent (a model repeating it delta by delta). Of a text delta (an event whose
+        one text is its `delta`), the end that may begin the credential is held back from the
+        client (`_hold`, as a stream's `EchoGuard` holds it); of another message what came before
+        is kept (shorter than the credential) but has been delivered."""
+        held, _ = self.echo_held.get(flow_id, ("", None))
+        texts = [p for p in it.response_texts if p.path[:1] != (fields.KEYS,)]  # free text
+        text = held + self.echo_tails.pop(flow_id, "") + "".join(p.text for p in texts)
         if secret in text:
             return True
         tail = text[-(len(secret) - 1):] if len(secret) > 1 else ""
-        if tail := tail[streams.start_of(tail, secret):]:
+        tail = tail[streams.start_of(tail, secret):]
+        if len(texts) == 1 and texts[0].path == ("delta",):
+            self._holding[flow_id] = tail  # (`_hold` edits the message once it is let through)
+        elif tail:
             self.echo_tails[flow_id] = tail
         return False
+
+    def _hold(self, flow: http.HTTPFlow, message: Any) -> None:
+        """An upstream message let through, its text read by `_echoed`: a delta's end that may
+        begin the credential is taken out of it and held; what was held before goes out first,
+        at the front of this delta or, when this message is none, as a delta of its own (the
+        held one's event with that text) before it."""
+        tail = self._holding.pop(flow.id, None)
+        held, template = self.echo_held.pop(flow.id, ("", None))
+        if tail is None and not held:
+            return
+        if tail is not None:  # a text delta: what was held leads it, its end that may begin
+            doc = json.loads(message.content)  # the credential is held
+            text = held + doc["delta"]
+            if held or tail:
+                doc["delta"] = text[:len(text) - len(tail)]
+                message.content = json.dumps(doc).encode()
+            if tail:
+                self.echo_held[flow.id] = (tail, doc)
+            return
+        # another message: the held text out first, as a delta of its own, then the message
+        # (injected both, in order: an injected message leaves after the one being relayed)
+        assert template is not None
+        content = message.content
+        message.drop()
+        inject = ctx.master.commands.call
+        inject("inject.websocket", flow, True, json.dumps({**template, "delta": held}).encode(),
+               True)
+        inject("inject.websocket", flow, True, content, message.is_text)
 
     def _session_items(self, flow_id: str, event: dict[str, Any], from_client: bool
                        ) -> Reason | None:
