@@ -395,6 +395,7 @@ class AuditWriter:
         self._selector: asyncio.AbstractEventLoop | None = None  # waiting for a full pipe
         self._gone = False  # the child died: nothing is written, nothing is ready
         self._watched: asyncio.AbstractEventLoop | None = None  # seeing the child's death
+        self._watch()
 
     def append(self, record: dict[str, Any]) -> None:
         """Hand a record over; time, sequence number and chain are added by the writer."""
@@ -408,15 +409,15 @@ class AuditWriter:
                 self._send(math.inf)
                 return
             self._timer = loop.call_later(bursts.WINDOW, self._send)
-            if self._watched is None:  # its death seen at once: no request waits for a write
-                self._watched = loop  # to fail before it is refused
-                loop.add_reader(self._process.sentinel, self._died)
+            self._watch()
 
     @property
     def ready(self) -> bool:
         """The writer's last write succeeded, and it keeps up: past `MAX_BACKLOG` records
         waiting on this side of the pipe (the pipe full: a disk slower than the traffic), new
         requests wait for it rather than the gateway's memory growing without bound."""
+        if self._watched is None:
+            self._watch()
         return self._healthy.value == 1 and not self._gone and self.backlog < MAX_BACKLOG
 
     @property
@@ -486,6 +487,21 @@ class AuditWriter:
     def _drained(self) -> None:
         self._unselect()
         self._send()
+
+    def _watch(self) -> None:
+        """The child's death seen at once, from the first record or request on a loop (a writer
+        that died before either, unwatched, left `ready` true: the first request was served and
+        its record lost): no request waits for a write to fail before it is refused."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._gone:
+            return
+        self._watched = loop
+        loop.add_reader(self._process.sentinel, self._died)
+        if not self._process.is_alive():  # (died before: its sentinel is read next pass)
+            self._died()
 
     def _unwatch(self) -> None:
         if self._watched is not None:
