@@ -703,3 +703,36 @@ def test_a_batch_gathered_while_the_workers_were_busy_leaves_from_the_loop(pool,
     assert [n for _, n in senders] == [1, 4]  # the long one, then the four together
     assert {ident for ident, _ in senders} == {threading.get_ident()}
     assert not [t.name for t in threading.enumerate() if t.name == "douane-masking-batches"]
+
+
+@pytest.mark.slow
+def test_a_hung_worker_is_killed_alone_and_the_others_answers_arrive():
+    """A real pool of two workers: one hung past the timeout is killed and replaced
+    (`MaskingPool._recover`); what was in flight on it fails, and the other worker's analysis,
+    in flight at the kill, still gets its answer (the whole set broke, failing it closed too).
+    The pool then serves from both workers."""
+    import dataclasses
+    import time
+    from concurrent.futures.process import BrokenProcessPool
+
+    from douane.masking.pool import MaskingPool
+
+    pool = MaskingPool(dataclasses.replace(SETTINGS, workers=2, timeout_seconds=1))
+    try:
+        for future in pool.warm_up():
+            future.result(timeout=STARTUP)
+        executor = pool.executor()
+        hung = executor.submit(time.sleep, 3600)  # pipe 0: the fewest in flight
+        time.sleep(1.2)  # past the timeout
+        pids = [pipe.pid for pipe in executor._pipes]
+        other = executor.submit(time.sleep, 0.5)  # pipe 1, in flight at the kill
+        pool._recover()
+        with pytest.raises(BrokenProcessPool, match="answered nothing"):
+            hung.result(timeout=5)
+        assert other.result(timeout=STARTUP) is None
+        assert executor._pipes[1].pid == pids[1] and pool.executor() is executor
+        results = [pool.submit([f"mail user{n}@example.com"]) for n in range(4)]
+        assert all([s.entity for s in pool.result(f)[0]] == ["EMAIL_ADDRESS"] for f in results)
+        assert executor._pipes[0].pid not in (None, pids[0])  # the new worker answered
+    finally:
+        pool.shutdown()

@@ -6,7 +6,8 @@ collected later; the urgent one (one more process) takes only analyses the event
 stream channel's end, `StreamMasker.finish`), so that wait is its own analysis, never the queue of
 every other stream's. A crashed worker breaks its executor: the analyses in flight on it fail (and
 are refused by the caller), and it is rebuilt at the next submit. A hung worker (an analysis
-past the timeout, `MaskingPool.overran`) is killed, and its executor breaks the same way.
+past the timeout, `MaskingPool.overran`) is killed and replaced alone: only the analyses in
+flight on it fail.
 
 An executor (`Workers`) talks to each process over its own pipe: the caller's thread writes the
 job; the event loop reads the answers (`loop.add_reader`) and resolves their futures in its own
@@ -90,6 +91,7 @@ class Workers:
         self._broken: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop that reads the pipes
         self._closed = False
+        self._zygote = zygote  # (a killed worker's replacement, `kill`)
         for _ in range(size):
             self._pipes.append(_Reader(zygote.fork()))
             self._sending.append(threading.Lock())
@@ -182,13 +184,43 @@ class Workers:
                     and now - self._busy_since[i] > limit]
 
     def kill(self, i: int, error: BaseException) -> int | None:
-        """SIGKILL to pipe `i`'s worker (a hung one reads no pipe's end), and the set breaks as
-        for a worker that died: every analysis in flight on it fails with `error`. Its pid."""
+        """SIGKILL to pipe `i`'s worker (a hung one reads no pipe's end): the analyses in flight
+        on it fail with `error`, and a worker forked anew from the zygote takes its pipe; the
+        other workers' analyses go on, their answers still arrive. Where its pipe cannot be
+        swapped here (the zygote is gone; a loop running in another thread reads the pipes), the
+        set breaks as for a worker that died: every analysis in flight on it fails. Its pid."""
         pid = self._pipes[i].pid
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):  # (it died meanwhile)
                 os.kill(pid, signal.SIGKILL)
-        self._break(error)
+        loop = self._loop
+        if loop is not None and loop.is_running() and not _on(loop):
+            self._break(error)
+            return pid
+        try:
+            fresh = _Reader(self._zygote.fork())
+        except BrokenProcessPool:
+            self._break(error)
+            return pid
+        with self._reading:  # nobody reads the pipe while it is swapped
+            with self._lock:
+                gone = self._closed or self._broken is not None
+                if not gone:
+                    failed = list(self._pending[i].values())
+                    self._pending[i] = {}
+                    old, self._pipes[i] = self._pipes[i], fresh
+                    self._busy_since[i] = 0.0
+            if gone:
+                fresh.close()  # (its worker exits at its pipe's end)
+                return pid
+            if self._loop is not None:
+                self._loop.remove_reader(old.fileno())
+                self._loop.add_reader(fresh.fileno(), self._readable, i)
+            with self._sending[i]:
+                old.close()
+        for future in failed:
+            if not future.done():
+                future.set_exception(error)
         return pid
 
     def _break(self, error: BaseException) -> None:
@@ -724,10 +756,10 @@ class MaskingPool:
         timer.start()
 
     def _recover(self) -> None:
-        """Each worker that has had a job and answered nothing for the timeout is killed: its
-        set breaks as for a worker that died (what is in flight on it fails, and is refused),
-        and a new set is forked from the zygote at the next analysis (ready at once: the zygote
-        has loaded). Without it, a hung worker's batch stayed counted as out: with one worker,
+        """Each worker that has had a job and answered nothing for the timeout is killed and
+        replaced by a worker forked from the zygote (ready at once: the zygote has loaded): what
+        is in flight on it fails, and is refused; the other workers' analyses go on
+        (`Workers.kill`). Without it, a hung worker's batch stayed counted as out: with one worker,
         or once each hung, every masked flow timed out."""
         limit = self.settings.timeout_seconds
         for executor in list(self._executors.values()):
