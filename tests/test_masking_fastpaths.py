@@ -210,8 +210,8 @@ def test_entity_decoder_finds_what_spacys_ner_finds():
     entity's continuation only where one starts) sets the entities and IOB tags spaCy's own
     `ner.pipe` sets, alone and in batches, on corpus and check-set texts, texts of shuffled
     words, and edges: whitespace tokens (no entity starts on one), a one-token text, an empty
-    one, an entity at the last token, a run of capitalised words, entities longer than the
-    continuation computed ahead."""
+    one, an entity at the last token (where a name's first word would begin one), a run of
+    capitalised words, entities longer than the continuation computed ahead."""
     from masking_corpus import broad
 
     from douane.masking.engine import EntityDecoder, load_ner
@@ -225,7 +225,9 @@ def test_entity_decoder_finds_what_spacys_ner_finds():
         "", " ", "Bob", "  Bob", "\n\nAlice Smith\n", "We met in Paris", "Paris  \n",
         "New York City Hall Park Avenue South Brooklyn Bridge Manhattan Queens Bronx",
         "btw noah said the build failed, ask priya in lisbon",
-        "Prof. Zhang Wei and Mr. Łukasz Wiśniewski met in Kraków last May."]
+        "Prof. Zhang Wei and Mr. Łukasz Wiśniewski met in Kraków last May.",
+        # a name's first word last (where no entity may begin: one token, U- not B-)
+        "Maria", "I met John", "Sent by Maria", "We flew to Los", "Contact Dr. Zhang"]
     words = " ".join(texts).split()
     texts += [" ".join(rng.choice(words) for _ in range(rng.randint(1, 60))) for _ in range(150)]
     entities, longest = 0, 0

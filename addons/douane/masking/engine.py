@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import re
@@ -308,6 +309,7 @@ class EntityDecoder:
         self.inside = np.array([index.get(f"I-{label}", 0) for _, label in self.moves])
         self.last = np.array([index.get(f"L-{label}", 0) for _, label in self.moves])
         self.begins = np.array([m == "B" for m, _ in self.moves])
+        self.steps = np.arange(1, self.AHEAD + 1)
         unit = np.array([m == "U" and bool(label) for m, label in self.moves])
         out = np.arange(len(names)) == self.out
         self.closed = np.where(out | unit | self.begins, 0, -np.inf).astype("float32")
@@ -348,22 +350,33 @@ class EntityDecoder:
             return
         feats = self.ops.gemm(self.tok2vec.predict(docs), self.lower, trans2=True).reshape(
             (-1, *self.shape))  # per token: its features' share of each hidden unit's pieces
+        # (few numpy calls: on an answer's rows each costs about as much as its arithmetic)
         pad = self.pad
         lengths = [len(doc) for doc in docs]
-        end = np.repeat(np.cumsum(lengths), lengths)  # per token: where its doc ends
-        last = np.arange(len(end)) + 1 == end
+        bounds = list(itertools.accumulate(lengths))
+        # per token: where its doc ends
+        end = np.full(bounds[0], bounds[0]) if len(docs) == 1 else np.repeat(bounds, lengths)
+        lasts = [b - 1 for b in bounds]  # each doc's last token
         closed = self.scores(self.hidden(feats[:, 0], pad[1], pad[2]))
-        moves = np.where(last, (closed + self.closed_last).argmax(axis=1),
-                         (closed + self.closed).argmax(axis=1))
-        moves[np.concatenate([doc.to_array(IS_SPACE) for doc in docs]).astype(bool)] = self.out
+        final = (closed[lasts] + self.closed_last).argmax(axis=1)
+        closed += self.closed
+        moves = closed.argmax(axis=1)
+        moves[lasts] = final
+        spaces = docs[0].to_array(IS_SPACE) if len(docs) == 1 else np.concatenate(
+            [doc.to_array(IS_SPACE) for doc in docs])
+        moves[spaces.astype(bool)] = self.out
         # where an entity may start, whether it ends at each of the next AHEAD tokens
-        start = np.repeat(np.flatnonzero(self.begins[moves]), self.AHEAD)
-        at = start + np.tile(np.arange(1, self.AHEAD + 1), len(start) // self.AHEAD)
-        within = at < end[start]
-        start, at = start[within], at[within]
-        ends = self.ends(feats, moves[start], start, at, end) if len(at) else at
-        known = dict(zip(zip(start.tolist(), at.tolist(), strict=True), ends.tolist(),
-                         strict=True))
+        known = {}
+        first = np.flatnonzero(self.begins[moves])
+        if len(first):
+            start = np.repeat(first, self.AHEAD)
+            at = (first[:, None] + self.steps).ravel()
+            within = at < end[start]
+            start, at = start[within], at[within]
+            if len(at):
+                ends = self.ends(feats, moves[start], start, at, end)
+                known = dict(zip(zip(start.tolist(), at.tolist(), strict=True), ends.tolist(),
+                                 strict=True))
         moves = moves.tolist()
         base = 0
         for doc, n in zip(docs, lengths, strict=True):
