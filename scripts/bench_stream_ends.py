@@ -7,7 +7,8 @@ token later: the benchmark upstream sleeps 20 ms). Each stream is what the gatew
 loop: the OpenAI stream's rewriter (`protocols.streams`, its SSE events in and out) with the
 masking filter. Each end is what the gateway does: the `[DONE]` event and the body's end through
 the rewriter (on the loop), and the wait for what they name (off the loop: the stream's layer is
-paused, `protocols.streamwait`). Prints the loop's CPU time (its thread's: on a busy machine wall
+paused, `protocols.streamwait`), on an asyncio event loop that reads the workers' answers
+between the tokens as the gateway's does. Prints the loop's CPU time (its thread's: on a busy machine wall
 time says more about the other processes) for the worst token event and per end, with the
 characters each stream still held, their sum (what a lag probe could see if all N ended in one
 burst), and how long after the burst the last end was done (wall time). `--blocking` measures the old way instead: the
@@ -19,6 +20,7 @@ Usage: python scripts/bench_stream_ends.py [N streams, default 32] [--gap MS] [-
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import json
 import statistics
@@ -64,7 +66,18 @@ def stream(pool: MaskingPool) -> tuple[streams.StreamRewriter, StreamMasker]:
     return rewriter, masker
 
 
-def end(rewriter: streams.StreamRewriter, blocking: bool) -> tuple[float, bytes]:
+async def wait(pool: MaskingPool, waiting: list[concurrent.futures.Future]) -> None:
+    """The stream's layer paused on the wait hook (`Mask.douane_stream_wait`)."""
+    settled = getattr(pool, "settled", None)
+    if settled is not None:
+        await settled(waiting, SETTINGS.timeout_seconds)
+    else:  # (a tree from before MaskingPool.settled)
+        await asyncio.wait([asyncio.wrap_future(f) for f in waiting],
+                           timeout=SETTINGS.timeout_seconds)
+
+
+async def end(pool: MaskingPool, rewriter: streams.StreamRewriter,
+              blocking: bool) -> tuple[float, bytes]:
     """Seconds of the event loop's CPU one end takes, and what the client got of it: the
     `[DONE]` event and the body's end, each after the wait for what the rewriter names (as
     `protocols.streamwait` pauses the stream's layer), or processed at once when `blocking`."""
@@ -77,7 +90,7 @@ def end(rewriter: streams.StreamRewriter, blocking: bool) -> tuple[float, bytes]
             loop += time.thread_time() - t0
             if not waiting:
                 break
-            concurrent.futures.wait(waiting, timeout=SETTINGS.timeout_seconds)
+            await wait(pool, waiting)
             t0 = time.thread_time()
             out.append(rewriter.resume())
         t0 = time.thread_time()
@@ -88,28 +101,33 @@ def end(rewriter: streams.StreamRewriter, blocking: bool) -> tuple[float, bytes]
         [chunk] if isinstance(chunk, bytes) else chunk))
 
 
+async def run(pool: MaskingPool, n: int, gap: float, blocking: bool
+              ) -> tuple[float, list[int], float, list[bytes], list[tuple[float, bytes]]]:
+    """On an event loop, as the gateway: it reads the workers' answers between the tokens."""
+    ends = [stream(pool) for _ in range(n)]
+    sent = [b""] * n
+    worst_feed = 0.0
+    for token in TOKENS:
+        tick = time.perf_counter()
+        for i, (rewriter, _) in enumerate(ends):
+            t0 = time.thread_time()
+            sent[i] += b"".join(rewriter(event(token)))
+            worst_feed = max(worst_feed, time.thread_time() - t0)
+        await asyncio.sleep(max(0.0, 0.02 - (time.perf_counter() - tick)))
+    await asyncio.sleep(gap / 1000)
+    held = [sum(len(ch.pending) for ch in m.channels.values()) for _, m in ends]
+    burst = time.perf_counter()
+    # each end waits on its own (as each stream's layer does); the loop's share is timed
+    timed = await asyncio.gather(*(end(pool, rewriter, blocking) for rewriter, _ in ends))
+    return worst_feed, held, (time.perf_counter() - burst) * 1000, sent, timed
+
+
 def main(n: int, gap: float, blocking: bool) -> None:
     pool = MaskingPool(SETTINGS)
     try:
         for future in pool.warm_up():
             future.result(timeout=300)  # loading spaCy takes long on a loaded machine
-        ends = [stream(pool) for _ in range(n)]
-        sent = [b""] * n
-        worst_feed = 0.0
-        for token in TOKENS:
-            tick = time.perf_counter()
-            for i, (rewriter, _) in enumerate(ends):
-                t0 = time.thread_time()
-                sent[i] += b"".join(rewriter(event(token)))
-                worst_feed = max(worst_feed, time.thread_time() - t0)
-            time.sleep(max(0.0, 0.02 - (time.perf_counter() - tick)))
-        time.sleep(gap / 1000)
-        held = [sum(len(ch.pending) for ch in m.channels.values()) for _, m in ends]
-        burst = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(1 if blocking else n) as ends_:
-            # each end waits on its own (as each stream's layer does); the loop's share is timed
-            timed = list(ends_.map(lambda e: end(e[0], blocking), ends))
-        last = (time.perf_counter() - burst) * 1000
+        worst_feed, held, last, sent, timed = asyncio.run(run(pool, n, gap, blocking))
     finally:
         pool.shutdown()
     bodies = [s + b for s, (_, b) in zip(sent, timed, strict=True)]
