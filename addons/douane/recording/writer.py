@@ -533,7 +533,7 @@ def _keyed(text: str, depth: int = 0) -> str:
 
 def _key_edits(text: str, depth: int = 0) -> list[tuple[int, int, str]]:
     """`_keyed`'s replacements of `text`, in order: (start, end, what replaces it)."""
-    if depth > KEYED_DEPTH or not _KEY_END.search(text.lower()[::-1]):
+    if depth > KEYED_DEPTH or not _named(text):
         return []
     edits, at = [], 0
     while (m := _KEYED.search(text, at)) is not None:
@@ -557,6 +557,28 @@ def _key_edits(text: str, depth: int = 0) -> list[tuple[int, int, str]]:
             edits.append((m.start(), end, clean))
         at = end
     return edits
+
+
+def _named(text: str) -> bool:
+    """Whether a key in `text` may end as a credential's name (`_KEY_END`), read with its
+    escapes of ASCII characters undone too (`"pass\\u0077ord"` is the name `_credential`
+    reads; the raw text alone let its value through)."""
+    lowered = text.lower()
+    if _KEY_END.search(lowered[::-1]):
+        return True
+    if "\\u00" not in lowered or not _LETTER_ESCAPE.search(lowered):
+        return False  # (no escaped letter: a name's last word is letters)
+    # (its backslashes dropped: an escape escaped again, in a string in a string, read too)
+    undone = _ASCII_ESCAPE.sub(_ascii, lowered.replace("\\", ""))
+    return bool(_KEY_END.search(undone.lower()[::-1]))
+
+
+_LETTER_ESCAPE = re.compile(r"\\u00[4-7]")
+_ASCII_ESCAPE = re.compile(r"u00([2-7][0-9a-f])")
+
+
+def _ascii(m: re.Match[str]) -> str:
+    return chr(int(m[1], 16))
 
 
 def _credential(literal: str) -> secrets.Kind | None:
