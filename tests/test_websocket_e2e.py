@@ -312,16 +312,17 @@ def peak_kb(gw: Gateway) -> int:
 
 def test_a_long_session_is_not_held_in_memory(setup, issuer):
     """mitmproxy keeps every message of a WebSocket in its flow until the connection ends: 4,000
-    prompts of 64 KiB (250 MiB) grew the gateway by as much; past 1,000 messages or 8 MiB held,
+    prompts of 64 KiB (250 MiB) grew the gateway by as much (2,000 here: 125 MiB; either fix
+    undone still grows it 120-133 MB); past 1,000 messages or 8 MiB held,
     they are let go (written to the recording first when there is one: next test). And it reads
     both peers without backpressure while each message's hook runs: a client running ahead of
-    its answers (here, all 4,000 sent at once) was queued in memory whole (+85 MB for a client
+    its answers (here, all 2,000 sent at once) was queued in memory whole (+85 MB for a client
     that ran ahead by half a message per answer, as the tests' client did; ~20 KB per message).
     Past 1 MiB queued, neither peer is read until the queue drains."""
     gw, upstream = setup
     client = connect(gw, issuer.mint("alice@corp.example", ["engineering"]))
     start = peak_kb(gw)
-    count, sent = 4000, threading.Event()
+    count, sent = 2000, threading.Event()
 
     def send_all() -> None:  # as fast as TCP takes them (a frame protocol of its own: no
         frames = FrameProtocol(client=True, extensions=[])  # state shared with the reader)
@@ -338,7 +339,7 @@ def test_a_long_session_is_not_held_in_memory(setup, issuer):
     assert sent.is_set()
     grown_mb = (peak_kb(gw) - start) / 1024
     client.close()
-    print(f"\nwebsocket figures: 4,000 prompts of 64 KiB sent ahead, peak memory +{grown_mb:.0f} MB")
+    print(f"\nwebsocket figures: {count:,} prompts of 64 KiB sent ahead, peak memory +{grown_mb:.0f} MB")
     # +266 MB before the messages were let go, +85 MB before the peers' reading was paced; now
     # the messages held (8 MiB), 1 MiB queued and what is in flight
     assert grown_mb < 40, f"the gateway grew {grown_mb:.0f} MB"
