@@ -8,6 +8,7 @@ import hmac
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -436,3 +437,28 @@ def test_a_dead_audit_writer_refuses_the_next_request(issuer, llm, make_gateway)
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "audit_unavailable"
     assert len(llm.requests) == before
     assert "the audit writer exited" in gw.log_text()
+
+
+@pytest.mark.parametrize("started", ["spawned", "multiprocessing"])
+def test_a_writer_process_does_not_run_the_gateways_main_script(tmp_path, monkeypatch, started):
+    """Spawn runs the parent's main script again in the child: the gateway's is mitmdump's,
+    whose import cost each writer process (audit, recording) ~20 MB of memory and most of its
+    start-up. `spawned.start` leaves it out; `Process.start` alone (the control) runs it."""
+    import multiprocessing
+
+    from douane import spawned
+
+    marker = tmp_path / "ran"
+    script = tmp_path / "main_script.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    main = sys.modules["__main__"]
+    monkeypatch.setattr(main, "__spec__", None, raising=False)
+    monkeypatch.setattr(main, "__file__", str(script), raising=False)
+    process = multiprocessing.get_context("spawn").Process(target=os.getpid)
+    if started == "spawned":
+        spawned.start(process)
+    else:
+        process.start()
+    process.join(60)
+    assert process.exitcode == 0 and main.__file__ == str(script)
+    assert marker.exists() == (started == "multiprocessing")

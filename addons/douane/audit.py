@@ -42,7 +42,7 @@ from typing import Any
 import orjson
 from mitmproxy import exceptions, http
 
-from douane import bursts, headerfields, untrusted, upstreamerrors
+from douane import bursts, headerfields, spawned, untrusted, upstreamerrors
 from douane.bursts import Bursts
 from douane.chainheads import ChainHeads
 from douane.config import AuditConfig, Config, Database
@@ -371,7 +371,7 @@ class AuditWriter:
         self._process = context.Process(target=serve, args=(receiver, config, key, heads,
                                                              self._healthy),
                                         name="douane-audit", daemon=True)
-        self._process.start()
+        spawned.start(self._process)
         receiver.close()  # the child's alone: the gateway's death is its EOF
         # No decision before the writer runs: one made then could not be recorded.
         deadline = time.monotonic() + STARTUP_SECONDS

@@ -48,7 +48,7 @@ from mitmproxy.net import encoding
 from mitmproxy.net.http.headers import infer_content_encoding
 from wsproto.frame_protocol import Opcode
 
-from douane import bursts, protocols, secrets, store, transcript, untrusted
+from douane import bursts, protocols, secrets, spawned, store, transcript, untrusted
 from douane.interaction import Interaction, TextPiece
 from douane.protocols import decoding, fields, streams
 from douane.recording import index, originals
@@ -853,7 +853,7 @@ class RecordingWriter:
         receiver, self._sender = context.Pipe(duplex=False)
         self._process = context.Process(target=serve, args=(receiver, settings, self._healthy, shared),
                                         name="douane-recording", daemon=True)
-        self._process.start()
+        spawned.start(self._process)
         receiver.close()  # the child's alone: the gateway's death is its EOF
         # Serve no flow before the writer runs: one answered then would be lost in a crash.
         deadline = time.monotonic() + STARTUP_SECONDS
