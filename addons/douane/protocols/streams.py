@@ -739,8 +739,11 @@ class EchoForms:
             return True
         if len(text) > MIXED_CHARS:
             return False
-        if "\n" in text or "\r" in text:
-            joined = text.replace("\r", "").replace("\n", "")
+        if "\n" in text or "\r" in text or "\\n" in text or "\\r" in text:
+            # (as JSON escapes too: base64 wrapped in lines, as `base64` and PEM write it, in a
+            # JSON string: every base64 decoder skips the breaks)
+            joined = text.replace("\r", "").replace("\n", "").replace("\\r", "").replace(
+                "\\n", "")
             if self.first(joined) >= 0:
                 return True
             text = joined
