@@ -152,3 +152,39 @@ class _Shapes:
 
     def __getattr__(self, name):
         return getattr(self.shapes, name)
+
+
+def _all_groups(text: phone._Text, start: int, candidate: str) -> list | None:
+    """`_Text.groups` without its shortcut for a candidate nothing cuts."""
+    saved = phone.CUTS
+    phone.CUTS = re.compile("")  # (matches every candidate)
+    try:
+        return text.groups(start, candidate)
+    finally:
+        phone.CUTS = saved
+
+
+def test_a_candidate_without_cuts_has_no_inner_group():
+    """`CUTS` holds every character an inner match or the date and time-stamp checks need:
+    for each character of the BMP that `CUTS` lacks, no inner pattern and no date check
+    matches a candidate made of it and digits; and over random candidates dense in phone
+    punctuation, dashes, spaces and dots, `groups` is what it is without the shortcut."""
+    for code in range(0x10000):
+        char = chr(code)
+        if phone.CUTS.search(char):
+            continue
+        for candidate in (f"12{char}34", f"{char}1{char}{char}2", f"2024{char}05{char}01"):
+            assert not any(p.search(candidate) for p in phone._INNER_MATCHES), hex(code)
+            assert not phone._SLASH_SEPARATED_DATES.search(candidate), hex(code)
+            assert not phone._TIME_STAMPS.search(candidate), hex(code)
+    rng = random.Random(5)
+    alphabet = "0123456789" * 3 + " -./()[]+x#,\u2012\u2013\u2014\u2015\uff0d\u00a0\u2009\t:"
+    scanner = phone.PhoneScanner(("US",))
+    shortcut = 0
+    for _ in range(20_000):
+        candidate = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 14)))
+        text = phone._Text(scanner, candidate + " 12")
+        expected = _all_groups(phone._Text(scanner, candidate + " 12"), 0, candidate)
+        assert text.groups(0, candidate) == expected, candidate
+        shortcut += not phone.CUTS.search(candidate)
+    assert shortcut > 1000

@@ -64,6 +64,10 @@ NOT_DIGIT = re.compile(r"\D+")
 # that parsing reads as more than punctuation
 PLAIN = re.compile(r"[\d\s().\-/\[\]]+")
 FIRST = re.compile(r"[+\uff0b\d]")  # where parsing starts reading a number
+# what phonenumbers' inner matches (`_INNER_MATCHES`: `/`, `(`, a space, `-`, a dash, `.`) and
+# its date and time-stamp checks (`/`, a space) each need one of: a candidate without any (most
+# of a text's: `2024`, `15`, `5551234567`) has no inner group and is neither
+CUTS = re.compile(r"[\s/(.\-\u2012-\u2015\uff0d]")
 
 
 def _regions(cc: int) -> list:
@@ -296,7 +300,9 @@ class _Text:
         if key in self.steps:
             return self.steps[key]
         steps = None
-        if not _SLASH_SEPARATED_DATES.search(candidate) and not (
+        if not CUTS.search(candidate):
+            steps = []
+        elif not _SLASH_SEPARATED_DATES.search(candidate) and not (
                 _TIME_STAMPS.search(candidate)
                 and _TIME_STAMPS_SUFFIX.match(self.text, start + len(candidate))):
             steps = []
