@@ -580,8 +580,9 @@ def serve(receiver: multiprocessing.connection.Connection, config: AuditConfig, 
                     burst += records
                     if len(burst) >= WRITE_RECORDS or not receiver.poll():
                         break
-            except EOFError:
-                logger.error("douane: the gateway is gone; what it sent is written")
+            except (EOFError, OSError):  # (OSError: EOF inside a message, the gateway killed
+                # while writing it: what arrived whole before it is still written)
+                logger.error("douane: the gateway is gone; what it sent whole is written")
                 ended = True
             log.write(burst)
             healthy.value = 1 if log.healthy else 0
