@@ -133,6 +133,7 @@ ORDER = Order(
         metrics.response,  # each flow counted once it is recorded
         mark.response,  # blocked, held, masked flows stand out in mitmweb and in recordings
         record.response,
+        timeouts.answered,  # last: the connection idles once its answer leaves
     ),
     error=(
         admin.error,

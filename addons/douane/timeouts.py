@@ -158,6 +158,11 @@ class ClientTimeouts:
             c.busy[flow.id] = (flow, None)
 
     def response(self, flow: http.HTTPFlow) -> None:
+        _answers.pop(flow.id, None)  # the upstream has answered in time
+
+    def answered(self, flow: http.HTTPFlow) -> None:
+        """The last response step: the answer leaves now. Until then (the policy matching a
+        large answer in a thread, masking it) the connection is not idle."""
         self._finished(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
