@@ -118,6 +118,26 @@ def test_a_hanging_stream_analysis_cuts_the_stream_and_the_next_one_is_served(gw
     assert_masks(gw, llm, token, "Maria Garcia")
 
 
+def test_a_hanging_anthropic_stream_ends_with_an_api_error_not_a_permission_error(gw, llm,
+                                                                                  token):
+    """douane could not inspect the stream (500): Anthropic's type for that is api_error; a
+    permission_error would read as a refusal of the caller's permissions (stop 34)."""
+    llm.reply = "Here is the record you asked for: FAULT-HANG belongs to Maria Garcia, done."
+    kills = gw.log_text().count(KILLED)
+    try:
+        with httpx.stream("POST", gw.url + "/anthropic/v1/messages", timeout=60,
+                          json={"model": "claude-sonnet-4-5", "stream": True, "max_tokens": 64,
+                                "messages": [{"role": "user", "content": "hi"}]},
+                          headers={"authorization": f"Bearer {token}"}) as resp:
+            body = resp.read().decode()
+    finally:
+        llm.reply = "Hello from the fake upstream."
+    assert "FAULT-HANG" not in body and "Garcia" not in body
+    assert '"type": "api_error"' in body and "permission_error" not in body, body[-400:]
+    killed(gw, kills)
+    assert_masks(gw, llm, token, "Maria Garcia")
+
+
 def test_a_stopped_worker_is_killed_and_replaced(gw, llm, token):
     assert_masks(gw, llm, token, "Jane Doe")
     stopped = workers(gw)

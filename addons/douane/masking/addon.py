@@ -246,7 +246,7 @@ class Mask:
                          timeout, state(flow).decision_id)
             if self.pool:
                 self.pool.overran()  # its worker, if hung, is killed and replaced
-            rewriter.abort("douane could not inspect this stream and ended it")
+            rewriter.abort("douane could not inspect this stream and ended it", 500)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         st = self._applies(flow)

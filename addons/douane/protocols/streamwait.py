@@ -142,7 +142,7 @@ def _wait(self: HttpStream, stream: StreamRewriter, end: bool) -> layer.CommandG
         if (yield from self.check_killed(True)):
             return True
         if not all(f.done() for f in waiting):  # the hook came back early: fail closed
-            stream.abort("douane could not finish inspecting this stream and ended it")
+            stream.abort("douane could not finish inspecting this stream and ended it", 500)
 
 
 def install() -> None:
