@@ -101,39 +101,31 @@ def test_a_hanging_analysis_fails_closed_and_the_next_one_is_served(gw, llm, tok
     assert "answered nothing for over 3 s: killed, and replaced" in gw.log_text()
 
 
-def test_a_hanging_stream_analysis_cuts_the_stream_and_the_next_one_is_served(gw, llm, token):
+# Each stream ends with its API's error for a stream douane could not inspect (500): for
+# Anthropic api_error, not a permission_error that reads as a refusal of the caller's rights.
+HUNG_STREAMS = [
+    ("/v1/chat/completions", {"model": "gpt-4o-mini"}, "could not inspect this stream"),
+    ("/anthropic/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 64},
+     '"type": "api_error"'),
+]
+
+
+@pytest.mark.parametrize(("path", "fields", "ending"), HUNG_STREAMS, ids=["openai", "anthropic"])
+def test_a_hanging_stream_analysis_cuts_the_stream_and_the_next_one_is_served(gw, llm, token,
+                                                                              path, fields,
+                                                                              ending):
     llm.reply = "Here is the record you asked for: FAULT-HANG belongs to Maria Garcia, done."
     kills = gw.log_text().count(KILLED)
     try:
-        with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=60,
-                          json={"model": "gpt-4o-mini", "stream": True,
+        with httpx.stream("POST", gw.url + path, timeout=60,
+                          json={**fields, "stream": True,
                                 "messages": [{"role": "user", "content": "hi"}]},
                           headers={"authorization": f"Bearer {token}"}) as resp:
             body = resp.read().decode()
     finally:
         llm.reply = "Hello from the fake upstream."
     assert "FAULT-HANG" not in body and "Garcia" not in body
-    assert "could not inspect this stream" in body
-    killed(gw, kills)
-    assert_masks(gw, llm, token, "Maria Garcia")
-
-
-def test_a_hanging_anthropic_stream_ends_with_an_api_error_not_a_permission_error(gw, llm,
-                                                                                  token):
-    """douane could not inspect the stream (500): Anthropic's type for that is api_error; a
-    permission_error would read as a refusal of the caller's permissions (stop 34)."""
-    llm.reply = "Here is the record you asked for: FAULT-HANG belongs to Maria Garcia, done."
-    kills = gw.log_text().count(KILLED)
-    try:
-        with httpx.stream("POST", gw.url + "/anthropic/v1/messages", timeout=60,
-                          json={"model": "claude-sonnet-4-5", "stream": True, "max_tokens": 64,
-                                "messages": [{"role": "user", "content": "hi"}]},
-                          headers={"authorization": f"Bearer {token}"}) as resp:
-            body = resp.read().decode()
-    finally:
-        llm.reply = "Hello from the fake upstream."
-    assert "FAULT-HANG" not in body and "Garcia" not in body
-    assert '"type": "api_error"' in body and "permission_error" not in body, body[-400:]
+    assert ending in body and "permission_error" not in body, body[-400:]
     killed(gw, kills)
     assert_masks(gw, llm, token, "Maria Garcia")
 
