@@ -16,11 +16,14 @@ import pytest
 from douane import secrets
 from douane.interaction import TextPiece
 from douane.masking import operators
-from douane.masking.config import MaskingSettings
-from douane.masking.engine import Analyzer
 from douane.policy import engine as policy_engine
 from douane.policy import model
 from douane.recording import writer
+from tests import test_secrets
+
+# test_secrets' masking settings and its analyser and policy fixtures (module-scoped here too)
+SETTINGS = test_secrets.SETTINGS
+analyzer, policy = test_secrets.analyzer, test_secrets.policy
 
 PASSWORD = "<SECRET:detector.secret.password>"
 CREDENTIAL = "<SECRET:detector.secret.credential>"
@@ -50,24 +53,6 @@ def test_inside_a_json_text_inside_a_string():
     assert "12345678" not in clean and "cs-1" not in clean and "cs-2" not in clean
     assert json.loads(json.loads(clean)["arguments"]) == {
         "password": PASSWORD, "oauth": {"client_secret": CREDENTIAL}}
-
-
-SETTINGS = MaskingSettings(
-    model=None, entities=secrets.ENTITIES, score_threshold=0.35, phone_regions=("US",),
-    allow_list=(), operators={}, hash_key=b"k", requests=False, responses=True,
-    exempt_groups=(), workers=1, stream_window=32, timeout_seconds=10)
-
-
-@pytest.fixture(scope="module")
-def analyzer() -> Analyzer:
-    return Analyzer(SETTINGS)
-
-
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory) -> model.Policy:
-    path = tmp_path_factory.mktemp("policy") / "grants.yaml"
-    path.write_text("version: 1\n")
-    return model.load([path])
 
 
 def flagged(policy: model.Policy, arguments: str) -> set[str]:
